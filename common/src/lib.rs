@@ -1,0 +1,13 @@
+//! Process plumbing shared by `switchyard-coordinator`, `switchyard-worker` and `switchyard`:
+//!
+//! - [`tracing_setup`]: one `init_tracing(format)` for every binary (text or JSON, `RUST_LOG`).
+//! - [`metrics_http`]: the Prometheus `/metrics` endpoint.
+//! - [`transport`]: HTTP/2 windows, frame and message size limits, set alike on servers and clients.
+//! - [`shutdown`]: Ctrl-C / SIGTERM as a future.
+//! - [`ready`]: the line a process prints once it listens, so a parent can find its ports.
+
+pub mod metrics_http;
+pub mod ready;
+pub mod shutdown;
+pub mod tracing_setup;
+pub mod transport;

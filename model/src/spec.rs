@@ -1,0 +1,207 @@
+//! The validated model specification: what every process agrees on about a model's MoE layers.
+
+use switchyard_proto::v1;
+
+/// The expert feed-forward form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Mixtral's `w2(silu(w1 x) * w3 x)`: three matrices.
+    SwiGlu,
+    /// `w2(gelu(w1 x))`: two matrices.
+    Gelu,
+}
+
+impl Activation {
+    /// Number of `[d_ff, d_model]`-sized matrices one expert holds.
+    pub fn matrices(self) -> usize {
+        match self {
+            Activation::SwiGlu => 3,
+            Activation::Gelu => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::SwiGlu => "swiglu",
+            Activation::Gelu => "gelu",
+        }
+    }
+}
+
+impl std::str::FromStr for Activation {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "swiglu" => Ok(Activation::SwiGlu),
+            "gelu" => Ok(Activation::Gelu),
+            other => Err(format!("unknown activation '{other}' (expected swiglu or gelu)")),
+        }
+    }
+}
+
+/// A model whose fields were checked: every size is positive and top-k fits the experts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub layers: u32,
+    pub experts_per_layer: u32,
+    pub d_model: u32,
+    pub d_ff: u32,
+    pub activation: Activation,
+    pub seed: u64,
+    pub top_k: u32,
+    pub capacity_factor: f32,
+}
+
+/// A model spec field that cannot be served; the message names the field.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SpecError {
+    #[error("model spec is missing")]
+    Missing,
+    #[error("model.{field} must be positive, got {value}")]
+    NotPositive { field: &'static str, value: f64 },
+    #[error("model.top_k ({top_k}) must be at most model.experts_per_layer ({experts})")]
+    TopKTooLarge { top_k: u32, experts: u32 },
+    #[error("model.activation is unspecified or unknown ({0})")]
+    Activation(i32),
+}
+
+impl ModelSpec {
+    /// The default synthetic model of the README's main command and of `switchyard local`.
+    pub fn default_synthetic() -> Self {
+        Self {
+            name: "synthetic".to_owned(),
+            layers: 1,
+            experts_per_layer: 8,
+            d_model: 1024,
+            d_ff: 4096,
+            activation: Activation::SwiGlu,
+            seed: 0,
+            top_k: 2,
+            capacity_factor: 1.25,
+        }
+    }
+
+    /// Bytes one expert's weights take in f32.
+    pub fn expert_bytes(&self) -> u64 {
+        self.activation.matrices() as u64 * u64::from(self.d_model) * u64::from(self.d_ff) * 4
+    }
+
+    /// Every `(layer, expert)` of the model, layer-major.
+    pub fn expert_keys(&self) -> impl Iterator<Item = v1::ExpertKey> + '_ {
+        (0..self.layers).flat_map(move |layer| (0..self.experts_per_layer).map(move |expert| v1::ExpertKey::new(layer, expert)))
+    }
+
+    pub fn contains(&self, key: &v1::ExpertKey) -> bool {
+        key.layer < self.layers && key.expert < self.experts_per_layer
+    }
+
+    pub fn to_proto(&self) -> v1::ModelSpec {
+        v1::ModelSpec {
+            name: self.name.clone(),
+            layers: self.layers,
+            experts_per_layer: self.experts_per_layer,
+            d_model: self.d_model,
+            d_ff: self.d_ff,
+            activation: match self.activation {
+                Activation::SwiGlu => v1::Activation::Swiglu,
+                Activation::Gelu => v1::Activation::Gelu,
+            } as i32,
+            seed: self.seed,
+            top_k: self.top_k,
+            capacity_factor: self.capacity_factor,
+        }
+    }
+
+    fn validate(self) -> Result<Self, SpecError> {
+        let sizes = [
+            ("layers", self.layers),
+            ("experts_per_layer", self.experts_per_layer),
+            ("d_model", self.d_model),
+            ("d_ff", self.d_ff),
+            ("top_k", self.top_k),
+        ];
+        for (field, value) in sizes {
+            if value == 0 {
+                return Err(SpecError::NotPositive { field, value: 0.0 });
+            }
+        }
+        if !(self.capacity_factor > 0.0) {
+            return Err(SpecError::NotPositive { field: "capacity_factor", value: f64::from(self.capacity_factor) });
+        }
+        if self.top_k > self.experts_per_layer {
+            return Err(SpecError::TopKTooLarge { top_k: self.top_k, experts: self.experts_per_layer });
+        }
+        Ok(self)
+    }
+}
+
+impl TryFrom<v1::ModelSpec> for ModelSpec {
+    type Error = SpecError;
+
+    fn try_from(wire: v1::ModelSpec) -> Result<Self, Self::Error> {
+        let activation = match v1::Activation::try_from(wire.activation) {
+            Ok(v1::Activation::Swiglu) => Activation::SwiGlu,
+            Ok(v1::Activation::Gelu) => Activation::Gelu,
+            _ => return Err(SpecError::Activation(wire.activation)),
+        };
+        ModelSpec {
+            name: wire.name,
+            layers: wire.layers,
+            experts_per_layer: wire.experts_per_layer,
+            d_model: wire.d_model,
+            d_ff: wire.d_ff,
+            activation,
+            seed: wire.seed,
+            top_k: wire.top_k,
+            capacity_factor: wire.capacity_factor,
+        }
+        .validate()
+    }
+}
+
+impl TryFrom<Option<v1::ModelSpec>> for ModelSpec {
+    type Error = SpecError;
+
+    fn try_from(wire: Option<v1::ModelSpec>) -> Result<Self, Self::Error> {
+        wire.ok_or(SpecError::Missing)?.try_into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_the_wire() {
+        let spec = ModelSpec::default_synthetic();
+        assert_eq!(ModelSpec::try_from(spec.to_proto()), Ok(spec));
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let mut wire = ModelSpec::default_synthetic().to_proto();
+        wire.d_ff = 0;
+        let error = ModelSpec::try_from(wire).unwrap_err();
+        assert_eq!(error.to_string(), "model.d_ff must be positive, got 0");
+
+        let mut wire = ModelSpec::default_synthetic().to_proto();
+        wire.top_k = 9;
+        assert!(ModelSpec::try_from(wire).unwrap_err().to_string().contains("model.top_k (9)"));
+
+        let mut wire = ModelSpec::default_synthetic().to_proto();
+        wire.activation = 0;
+        assert_eq!(ModelSpec::try_from(wire), Err(SpecError::Activation(0)));
+        assert_eq!(ModelSpec::try_from(None), Err(SpecError::Missing));
+    }
+
+    #[test]
+    fn sizes_and_keys() {
+        let spec = ModelSpec { layers: 2, experts_per_layer: 3, d_model: 4, d_ff: 8, ..ModelSpec::default_synthetic() };
+        assert_eq!(spec.expert_bytes(), 3 * 4 * 8 * 4);
+        let keys: Vec<_> = spec.expert_keys().map(|k| (k.layer, k.expert)).collect();
+        assert_eq!(keys, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);
+        assert!(!spec.contains(&v1::ExpertKey::new(0, 3)));
+    }
+}

@@ -1,0 +1,11 @@
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/switchyard/v1/common.proto", "proto/switchyard/v1/coordinator.proto", "proto/switchyard/v1/expert_worker.proto"];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    tonic_prost_build::configure()
+        // Tensor payloads decode as `bytes::Bytes`: a zero-copy slice of the received buffer.
+        .bytes(".switchyard.v1.WireTensor.data")
+        .compile_protos(&protos, &["proto"])?;
+    Ok(())
+}

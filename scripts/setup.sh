@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what Switchyard needs on a fresh Debian machine and builds it. Idempotent: each step is
+# skipped when its result is already there, so running it again costs seconds.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$SWITCHYARD_ROOT"
+
+step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+if ! command -v protoc >/dev/null 2>&1; then
+  step "installing protobuf-compiler (protoc)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+
+torch_ok() {
+  [ -x "$SWITCHYARD_VENV/bin/python" ] &&
+    "$SWITCHYARD_VENV/bin/python" -c "import torch,sys; sys.exit(torch.__version__.split('+')[0] != '$SWITCHYARD_TORCH_VERSION')" 2>/dev/null
+}
+if torch_ok; then
+  step "torch $SWITCHYARD_TORCH_VERSION already in $SWITCHYARD_VENV"
+else
+  step "installing torch==$SWITCHYARD_TORCH_VERSION into $SWITCHYARD_VENV (first time only: a few GB)"
+  python3 -m venv "$SWITCHYARD_VENV"
+  "$SWITCHYARD_VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$SWITCHYARD_TORCH_VERSION" numpy
+  torch_ok || { echo "torch $SWITCHYARD_TORCH_VERSION did not import from $SWITCHYARD_VENV" >&2; exit 1; }
+fi
+source "$SWITCHYARD_ROOT/scripts/env.sh"
+
+step "building (cargo build --release --workspace --bins)"
+cargo build --release --workspace --bins --quiet
