@@ -1,5 +1,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/switchyard/v1/common.proto", "proto/switchyard/v1/coordinator.proto", "proto/switchyard/v1/expert_worker.proto"];
+    let protos = [
+        "proto/switchyard/v1/common.proto",
+        "proto/switchyard/v1/coordinator.proto",
+        "proto/switchyard/v1/expert_worker.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -35,7 +35,9 @@ impl std::str::FromStr for Activation {
         match name {
             "swiglu" => Ok(Activation::SwiGlu),
             "gelu" => Ok(Activation::Gelu),
-            other => Err(format!("unknown activation '{other}' (expected swiglu or gelu)")),
+            other => Err(format!(
+                "unknown activation '{other}' (expected swiglu or gelu)"
+            )),
         }
     }
 }
@@ -90,7 +92,9 @@ impl ModelSpec {
 
     /// Every `(layer, expert)` of the model, layer-major.
     pub fn expert_keys(&self) -> impl Iterator<Item = v1::ExpertKey> + '_ {
-        (0..self.layers).flat_map(move |layer| (0..self.experts_per_layer).map(move |expert| v1::ExpertKey::new(layer, expert)))
+        (0..self.layers).flat_map(move |layer| {
+            (0..self.experts_per_layer).map(move |expert| v1::ExpertKey::new(layer, expert))
+        })
     }
 
     pub fn contains(&self, key: &v1::ExpertKey) -> bool {
@@ -128,10 +132,16 @@ impl ModelSpec {
             }
         }
         if !(self.capacity_factor > 0.0) {
-            return Err(SpecError::NotPositive { field: "capacity_factor", value: f64::from(self.capacity_factor) });
+            return Err(SpecError::NotPositive {
+                field: "capacity_factor",
+                value: f64::from(self.capacity_factor),
+            });
         }
         if self.top_k > self.experts_per_layer {
-            return Err(SpecError::TopKTooLarge { top_k: self.top_k, experts: self.experts_per_layer });
+            return Err(SpecError::TopKTooLarge {
+                top_k: self.top_k,
+                experts: self.experts_per_layer,
+            });
         }
         Ok(self)
     }
@@ -188,7 +198,12 @@ mod tests {
 
         let mut wire = ModelSpec::default_synthetic().to_proto();
         wire.top_k = 9;
-        assert!(ModelSpec::try_from(wire).unwrap_err().to_string().contains("model.top_k (9)"));
+        assert!(
+            ModelSpec::try_from(wire)
+                .unwrap_err()
+                .to_string()
+                .contains("model.top_k (9)")
+        );
 
         let mut wire = ModelSpec::default_synthetic().to_proto();
         wire.activation = 0;
@@ -198,7 +213,13 @@ mod tests {
 
     #[test]
     fn sizes_and_keys() {
-        let spec = ModelSpec { layers: 2, experts_per_layer: 3, d_model: 4, d_ff: 8, ..ModelSpec::default_synthetic() };
+        let spec = ModelSpec {
+            layers: 2,
+            experts_per_layer: 3,
+            d_model: 4,
+            d_ff: 8,
+            ..ModelSpec::default_synthetic()
+        };
         assert_eq!(spec.expert_bytes(), 3 * 4 * 8 * 4);
         let keys: Vec<_> = spec.expert_keys().map(|k| (k.layer, k.expert)).collect();
         assert_eq!(keys, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);

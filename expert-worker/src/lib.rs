@@ -1,0 +1,87 @@
+//! The Switchyard expert worker.
+//!
+//! Request path: [`service`] (gRPC adapter) → [`request`] (validation) → [`worker::ExpertWorker`]
+//! → [`scheduler`] (bounded per-expert queues, batch choice) → [`compute`] (the libtorch thread).
+//! [`membership`] registers with the coordinator and heartbeats; [`metrics`] feeds `/metrics`.
+
+pub mod compute;
+pub mod config;
+pub mod error;
+pub mod membership;
+pub mod metrics;
+pub mod request;
+pub mod scheduler;
+pub mod service;
+pub mod worker;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::Args;
+pub use error::WorkerError;
+pub use worker::{ExpertWorker, WorkerOptions};
+
+/// Serves a worker on `grpc` and `metrics` until `shutdown` resolves, then drains its queues.
+pub async fn run(
+    grpc: TcpListener,
+    metrics_listener: TcpListener,
+    args: Args,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), std::io::Error> {
+    let grpc_addr = grpc.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let device = args.device.resolve();
+    let metrics = metrics::WorkerMetrics::new();
+    let options = WorkerOptions {
+        device,
+        batching: scheduler::BatchingConfig {
+            batch_wait: args.batch_wait(),
+            max_batch_tokens: args.max_batch_tokens,
+        },
+        default_queue_limit_tokens: args.queue_limit_tokens,
+    };
+    let worker = ExpertWorker::start(options, metrics.clone())?;
+    let endpoint = args.advertised_endpoint(grpc_addr);
+    let name = args.name.clone().unwrap_or_else(|| endpoint.clone());
+    let device_name = switchyard_model::device::device_name(device);
+    tracing::info!(%grpc_addr, %metrics_addr, %endpoint, device = %device_name, torch_threads = args.torch_threads, "worker listening");
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<switchyard_proto::v1::expert_worker_server::ExpertWorkerServer<service::ExpertWorkerService>>().await;
+
+    let membership_task = args.coordinator.clone().map(|coordinator_uri| {
+        let membership = membership::Membership {
+            coordinator_uri,
+            name: name.clone(),
+            endpoint: endpoint.clone(),
+            device: device_name.clone(),
+            memory_bytes: args.offered_memory_bytes(),
+        };
+        tokio::spawn(membership::run(worker.clone(), membership))
+    });
+
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = tokio::spawn(switchyard_common::metrics_http::serve(
+        metrics_listener,
+        metrics::registry_with(&metrics),
+        async {
+            let _ = metrics_stopped.await;
+        },
+    ));
+
+    switchyard_common::ready::announce(grpc_addr, metrics_addr);
+    let served = switchyard_common::transport::server()
+        .add_service(health_service)
+        .add_service(service::ExpertWorkerService::new(worker.clone(), name).into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown)
+        .await;
+    if let Some(task) = membership_task {
+        task.abort();
+    }
+    worker.shutdown().await;
+    let _ = stop_metrics.send(());
+    let _ = metrics_task.await;
+    served.map_err(std::io::Error::other)
+}

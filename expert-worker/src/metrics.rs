@@ -1,0 +1,105 @@
+//! The worker's Prometheus metrics. Label sets are bounded: series are per worker, not per expert
+//! (a 48-layer, 128-expert model would otherwise make thousands of series).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Cheap to clone: every field is a handle to shared atomics.
+#[derive(Debug, Clone)]
+pub struct WorkerMetrics {
+    pub admitted_tokens: Counter,
+    pub rejected_tokens: Counter,
+    pub requests: Counter,
+    pub resident_experts: Gauge,
+    pub queued_tokens: Gauge,
+    batch_tokens: Histogram,
+    queue_wait_seconds: Histogram,
+    compute_seconds: Histogram,
+}
+
+impl WorkerMetrics {
+    pub fn new() -> Self {
+        Self {
+            admitted_tokens: Counter::default(),
+            rejected_tokens: Counter::default(),
+            requests: Counter::default(),
+            resident_experts: Gauge::default(),
+            queued_tokens: Gauge::default(),
+            batch_tokens: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            queue_wait_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
+            compute_seconds: Histogram::new(exponential_buckets(1e-5, 2.0, 22)),
+        }
+    }
+
+    /// Registers every metric under the `switchyard_worker_` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let registry = registry.sub_registry_with_prefix("switchyard_worker");
+        registry.register(
+            "admitted_tokens",
+            "Token rows admitted into expert queues",
+            self.admitted_tokens.clone(),
+        );
+        registry.register(
+            "rejected_tokens",
+            "Token rows refused because an expert queue was full",
+            self.rejected_tokens.clone(),
+        );
+        registry.register(
+            "requests",
+            "Forward requests received",
+            self.requests.clone(),
+        );
+        registry.register(
+            "resident_experts",
+            "Experts loaded on this worker",
+            self.resident_experts.clone(),
+        );
+        registry.register(
+            "queued_tokens",
+            "Token rows waiting in all expert queues",
+            self.queued_tokens.clone(),
+        );
+        registry.register(
+            "batch_tokens",
+            "Rows per merged expert forward",
+            self.batch_tokens.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time rows waited in an expert queue",
+            self.queue_wait_seconds.clone(),
+        );
+        registry.register(
+            "compute_seconds",
+            "Time of one merged expert forward",
+            self.compute_seconds.clone(),
+        );
+    }
+
+    pub fn observe_batch(&self, tokens: usize, compute: Duration) {
+        self.batch_tokens.observe(tokens as f64);
+        self.compute_seconds.observe(compute.as_secs_f64());
+    }
+
+    pub fn observe_queue_wait(&self, wait: Duration) {
+        self.queue_wait_seconds.observe(wait.as_secs_f64());
+    }
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A registry holding `metrics`.
+pub fn registry_with(metrics: &WorkerMetrics) -> Arc<Registry> {
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    Arc::new(registry)
+}

@@ -1,0 +1,587 @@
+//! Per-expert bounded queues and the choice of the next batch.
+//!
+//! TGI's queue shape, bounded: one [`ExpertQueue`] per served expert whose limit in tokens is the
+//! expert capacity, enforced across every client. Admission is all-or-nothing per request: a request
+//! whose rows would overflow any of its experts' queues is refused whole and queued work is not
+//! touched. The compute thread asks [`Scheduler::next_work`] for its next job; the decision itself,
+//! [`next_batch`], is a pure function of the queues and the clock, tested without threads.
+//!
+//! The lock is a `std::sync::Mutex` held for microseconds (push, pop, counters), never across an
+//! await or a tensor operation.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use switchyard_model::Expert;
+use switchyard_proto::v1::{Dtype, ExpertKey};
+use tokio::sync::oneshot;
+
+use crate::error::WorkerError;
+use crate::request::ForwardBatch;
+
+/// How the batcher merges queued rows.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchingConfig {
+    /// How long the oldest queued rows may wait for more rows of the same expert to join them.
+    pub batch_wait: Duration,
+    /// Most rows in one forward; rows of one request are never split across forwards.
+    pub max_batch_tokens: usize,
+}
+
+/// One request's rows for one expert, waiting in that expert's queue.
+#[derive(Debug)]
+pub struct QueuedRows {
+    pub dtype: Dtype,
+    pub output_dtype: Dtype,
+    pub tokens: usize,
+    pub data: Bytes,
+    pub enqueued_at: Instant,
+    pub reply: oneshot::Sender<Result<RowsOut, WorkerError>>,
+}
+
+/// The answer for one [`QueuedRows`].
+#[derive(Debug)]
+pub struct RowsOut {
+    pub dtype: Dtype,
+    pub tokens: usize,
+    pub data: Bytes,
+    pub queue_wait: Duration,
+    pub compute: Duration,
+    pub batch_tokens: usize,
+}
+
+/// Counters of one expert queue, for stats and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueCounters {
+    pub admitted_tokens: u64,
+    pub rejected_tokens: u64,
+    pub batches: u64,
+}
+
+#[derive(Debug)]
+pub struct ExpertQueue {
+    d_model: usize,
+    limit_tokens: usize,
+    queued_tokens: usize,
+    entries: VecDeque<QueuedRows>,
+    counters: QueueCounters,
+}
+
+impl ExpertQueue {
+    fn new(d_model: usize, limit_tokens: usize) -> Self {
+        Self {
+            d_model,
+            limit_tokens,
+            queued_tokens: 0,
+            entries: VecDeque::new(),
+            counters: QueueCounters::default(),
+        }
+    }
+
+    /// Drops rows whose caller went away (its request was cancelled): no compute is spent on them.
+    fn drop_abandoned(&mut self) {
+        let before = self.entries.len();
+        self.entries.retain(|entry| !entry.reply.is_closed());
+        if self.entries.len() != before {
+            self.queued_tokens = self.entries.iter().map(|entry| entry.tokens).sum();
+        }
+    }
+}
+
+/// Rows of one expert taken together for one forward.
+#[derive(Debug)]
+pub struct Batch {
+    pub expert: ExpertKey,
+    pub d_model: usize,
+    pub entries: Vec<(QueuedRows, Duration)>,
+}
+
+impl Batch {
+    pub fn tokens(&self) -> usize {
+        self.entries.iter().map(|(entry, _)| entry.tokens).sum()
+    }
+}
+
+/// Work that changes which experts are resident; runs on the compute thread, in order with batches.
+#[derive(Debug)]
+pub enum Command {
+    /// Make these experts resident and open their queues.
+    Install {
+        experts: Vec<(ExpertKey, Expert)>,
+        limit_tokens: usize,
+        done: oneshot::Sender<()>,
+    },
+    /// Close these queues, serve what they hold, then free the experts.
+    Remove {
+        experts: Vec<ExpertKey>,
+        done: oneshot::Sender<Vec<ExpertKey>>,
+    },
+}
+
+/// What the compute thread does next.
+#[derive(Debug)]
+pub enum Work {
+    Command(Command),
+    Batch(Batch),
+    Stop,
+}
+
+/// What [`next_batch`] decided.
+#[derive(Debug)]
+pub enum Decision {
+    Run(Batch),
+    /// Nothing is due before this instant.
+    WaitUntil(Instant),
+    Idle,
+}
+
+/// Picks the expert whose oldest rows waited longest; runs it when its wait bound passed or it holds
+/// a full batch; takes whole requests, oldest first, up to `max_batch_tokens` (at least one).
+pub fn next_batch(
+    queues: &mut HashMap<ExpertKey, ExpertQueue>,
+    now: Instant,
+    config: BatchingConfig,
+) -> Decision {
+    for queue in queues.values_mut() {
+        queue.drop_abandoned();
+    }
+    let oldest = queues
+        .iter()
+        .filter_map(|(key, queue)| queue.entries.front().map(|head| (*key, head.enqueued_at)))
+        .min_by_key(|(_, enqueued_at)| *enqueued_at);
+    let Some((expert, head_enqueued_at)) = oldest else {
+        return Decision::Idle;
+    };
+    let queue = queues
+        .get_mut(&expert)
+        .expect("the oldest head belongs to a queue");
+    let due = head_enqueued_at + config.batch_wait;
+    if now < due && queue.queued_tokens < config.max_batch_tokens {
+        return Decision::WaitUntil(due);
+    }
+    let mut entries = Vec::new();
+    let mut taken_tokens = 0;
+    while let Some(head) = queue.entries.front() {
+        if taken_tokens > 0 && taken_tokens + head.tokens > config.max_batch_tokens {
+            break;
+        }
+        let entry = queue.entries.pop_front().expect("front exists");
+        taken_tokens += entry.tokens;
+        let waited = now.saturating_duration_since(entry.enqueued_at);
+        entries.push((entry, waited));
+    }
+    queue.queued_tokens -= taken_tokens;
+    queue.counters.batches += 1;
+    Decision::Run(Batch {
+        expert,
+        d_model: queue.d_model,
+        entries,
+    })
+}
+
+#[derive(Debug, Default)]
+struct SchedulerState {
+    queues: HashMap<ExpertKey, ExpertQueue>,
+    commands: VecDeque<Command>,
+    stopping: bool,
+}
+
+/// A snapshot of one queue.
+#[derive(Debug, Clone)]
+pub struct QueueSnapshot {
+    pub expert: ExpertKey,
+    pub d_model: usize,
+    pub queued_tokens: usize,
+    pub limit_tokens: usize,
+    pub counters: QueueCounters,
+}
+
+/// The queues, shared by the async request handlers (admission) and the compute thread (batches).
+#[derive(Debug)]
+pub struct Scheduler {
+    state: Mutex<SchedulerState>,
+    wake: Condvar,
+    config: BatchingConfig,
+}
+
+/// Receivers of one admitted request, one per part, in request order.
+pub type Admitted = Vec<oneshot::Receiver<Result<RowsOut, WorkerError>>>;
+
+impl Scheduler {
+    pub fn new(config: BatchingConfig) -> Self {
+        Self {
+            state: Mutex::new(SchedulerState::default()),
+            wake: Condvar::new(),
+            config,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SchedulerState> {
+        // A panic while holding this lock leaves only counters and queues, still consistent.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Admits every part of `batch` or none of them.
+    pub fn admit(&self, batch: ForwardBatch) -> Result<Admitted, WorkerError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        if state.stopping {
+            return Err(WorkerError::Unavailable(
+                "the worker is shutting down".into(),
+            ));
+        }
+        let mut requested: HashMap<ExpertKey, usize> = HashMap::new();
+        for part in &batch.parts {
+            let Some(queue) = state.queues.get(&part.expert) else {
+                return Err(WorkerError::invalid(
+                    format!("{}.expert", part.field()),
+                    format!("{} is not served by this worker", part.expert),
+                ));
+            };
+            if part.width != queue.d_model {
+                return Err(WorkerError::invalid(
+                    format!("{}.rows.shape", part.field()),
+                    format!(
+                        "expected [{}, {}] (d_model {}), got width {}",
+                        part.tokens, queue.d_model, queue.d_model, part.width
+                    ),
+                ));
+            }
+            let asked = requested.entry(part.expert).or_default();
+            *asked += part.tokens;
+            if queue.queued_tokens + *asked > queue.limit_tokens {
+                let (queued, limit, asked) = (queue.queued_tokens, queue.limit_tokens, *asked);
+                let rejected: usize = batch
+                    .parts
+                    .iter()
+                    .filter(|p| p.expert == part.expert)
+                    .map(|p| p.tokens)
+                    .sum();
+                if let Some(queue) = state.queues.get_mut(&part.expert) {
+                    queue.counters.rejected_tokens += rejected as u64;
+                }
+                return Err(WorkerError::QueueFull {
+                    field: part.field(),
+                    expert: part.expert,
+                    queued,
+                    limit,
+                    requested: asked,
+                });
+            }
+        }
+        let mut receivers = Vec::with_capacity(batch.parts.len());
+        for part in batch.parts {
+            let (reply, receiver) = oneshot::channel();
+            receivers.push(receiver);
+            let output_dtype = batch.output_dtype.unwrap_or(part.dtype);
+            if part.tokens == 0 {
+                let _ = reply.send(Ok(RowsOut {
+                    dtype: output_dtype,
+                    tokens: 0,
+                    data: Bytes::new(),
+                    queue_wait: Duration::ZERO,
+                    compute: Duration::ZERO,
+                    batch_tokens: 0,
+                }));
+                continue;
+            }
+            let queue = state.queues.get_mut(&part.expert).expect("checked above");
+            queue.queued_tokens += part.tokens;
+            queue.counters.admitted_tokens += part.tokens as u64;
+            queue.entries.push_back(QueuedRows {
+                dtype: part.dtype,
+                output_dtype,
+                tokens: part.tokens,
+                data: part.data,
+                enqueued_at: now,
+                reply,
+            });
+        }
+        drop(state);
+        self.wake.notify_one();
+        Ok(receivers)
+    }
+
+    /// Queues `command` for the compute thread.
+    pub fn submit(&self, command: Command) {
+        self.lock().commands.push_back(command);
+        self.wake.notify_one();
+    }
+
+    /// Opens (or resizes) the queue of a newly resident expert. Called by the compute thread.
+    pub fn open_queue(&self, expert: ExpertKey, d_model: usize, limit_tokens: usize) {
+        let mut state = self.lock();
+        let queue = state
+            .queues
+            .entry(expert)
+            .or_insert_with(|| ExpertQueue::new(d_model, limit_tokens));
+        queue.d_model = d_model;
+        queue.limit_tokens = limit_tokens;
+    }
+
+    /// Closes a queue to new requests and hands back the rows it still holds.
+    pub fn close_queue(&self, expert: &ExpertKey) -> Option<Vec<QueuedRows>> {
+        let queue = self.lock().queues.remove(expert)?;
+        Some(queue.entries.into())
+    }
+
+    /// Refuses new requests; the compute thread serves what is queued, then stops.
+    pub fn stop(&self) {
+        self.lock().stopping = true;
+        self.wake.notify_all();
+    }
+
+    /// Blocks the compute thread until there is work.
+    pub fn next_work(&self) -> Work {
+        let mut state = self.lock();
+        loop {
+            if let Some(command) = state.commands.pop_front() {
+                return Work::Command(command);
+            }
+            let config = if state.stopping {
+                BatchingConfig {
+                    batch_wait: Duration::ZERO,
+                    ..self.config
+                }
+            } else {
+                self.config
+            };
+            match next_batch(&mut state.queues, Instant::now(), config) {
+                Decision::Run(batch) => return Work::Batch(batch),
+                Decision::Idle if state.stopping => return Work::Stop,
+                Decision::Idle => {
+                    state = self
+                        .wake
+                        .wait(state)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+                Decision::WaitUntil(due) => {
+                    let timeout = due.saturating_duration_since(Instant::now());
+                    state = self
+                        .wake
+                        .wait_timeout(state, timeout)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<QueueSnapshot> {
+        let state = self.lock();
+        let mut snapshot: Vec<_> = state
+            .queues
+            .iter()
+            .map(|(expert, queue)| QueueSnapshot {
+                expert: *expert,
+                d_model: queue.d_model,
+                queued_tokens: queue.queued_tokens,
+                limit_tokens: queue.limit_tokens,
+                counters: queue.counters,
+            })
+            .collect();
+        snapshot.sort_by_key(|queue| (queue.expert.layer, queue.expert.expert));
+        snapshot
+    }
+
+    pub fn queued_tokens(&self) -> usize {
+        self.lock()
+            .queues
+            .values()
+            .map(|queue| queue.queued_tokens)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::ExpertRowsIn;
+
+    const CONFIG: BatchingConfig = BatchingConfig {
+        batch_wait: Duration::from_millis(5),
+        max_batch_tokens: 8,
+    };
+
+    fn rows(index: usize, expert: u32, tokens: usize, width: usize) -> ExpertRowsIn {
+        ExpertRowsIn {
+            index,
+            expert: ExpertKey::new(0, expert),
+            dtype: Dtype::F32,
+            tokens,
+            width,
+            data: Bytes::from(vec![0u8; tokens * width * 4]),
+        }
+    }
+
+    fn request(parts: Vec<ExpertRowsIn>) -> ForwardBatch {
+        ForwardBatch {
+            request_id: 7,
+            parts,
+            output_dtype: None,
+        }
+    }
+
+    fn scheduler_with(limits: &[(u32, usize)]) -> Scheduler {
+        let scheduler = Scheduler::new(CONFIG);
+        for (expert, limit) in limits {
+            scheduler.open_queue(ExpertKey::new(0, *expert), 4, *limit);
+        }
+        scheduler
+    }
+
+    #[test]
+    fn admission_is_all_or_nothing() {
+        let scheduler = scheduler_with(&[(0, 10), (1, 4)]);
+        let _kept = scheduler
+            .admit(request(vec![rows(0, 0, 6, 4), rows(1, 1, 3, 4)]))
+            .expect("fits");
+        let error = scheduler
+            .admit(request(vec![rows(0, 0, 2, 4), rows(1, 1, 2, 4)]))
+            .unwrap_err();
+        assert_eq!(
+            error,
+            WorkerError::QueueFull {
+                field: "batches[1]".into(),
+                expert: ExpertKey::new(0, 1),
+                queued: 3,
+                limit: 4,
+                requested: 2
+            }
+        );
+        let snapshot = scheduler.snapshot();
+        assert_eq!(
+            snapshot[0].queued_tokens, 6,
+            "expert 0 untouched by the refused request"
+        );
+        assert_eq!(snapshot[1].queued_tokens, 3);
+        assert_eq!(snapshot[1].counters.rejected_tokens, 2);
+    }
+
+    #[test]
+    fn one_request_larger_than_the_limit_is_refused_on_an_empty_queue() {
+        let scheduler = scheduler_with(&[(0, 4)]);
+        let error = scheduler
+            .admit(request(vec![rows(0, 0, 3, 4), rows(1, 0, 2, 4)]))
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                WorkerError::QueueFull {
+                    requested: 5,
+                    limit: 4,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_expert_and_wrong_width_name_the_field() {
+        let scheduler = scheduler_with(&[(0, 10)]);
+        let error = scheduler
+            .admit(request(vec![rows(0, 0, 1, 4), rows(1, 9, 1, 4)]))
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "batches[1].expert: layer 0 expert 9 is not served by this worker"
+        );
+        let error = scheduler
+            .admit(request(vec![rows(0, 0, 2, 5)]))
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "batches[0].rows.shape: expected [2, 4] (d_model 4), got width 5"
+        );
+        assert_eq!(scheduler.queued_tokens(), 0);
+    }
+
+    #[test]
+    fn waits_for_the_bound_then_merges_requests_of_one_expert() {
+        let scheduler = scheduler_with(&[(0, 100), (1, 100)]);
+        let _a = scheduler
+            .admit(request(vec![rows(0, 0, 2, 4)]))
+            .expect("fits");
+        let _b = scheduler
+            .admit(request(vec![rows(0, 1, 1, 4), rows(1, 0, 3, 4)]))
+            .expect("fits");
+        let mut state = scheduler.lock();
+        let start = state.queues[&ExpertKey::new(0, 0)].entries[0].enqueued_at;
+        assert!(
+            matches!(next_batch(&mut state.queues, start, CONFIG), Decision::WaitUntil(due) if due == start + CONFIG.batch_wait)
+        );
+        let Decision::Run(batch) = next_batch(&mut state.queues, start + CONFIG.batch_wait, CONFIG)
+        else {
+            panic!("due after the wait bound");
+        };
+        assert_eq!(
+            (batch.expert, batch.tokens(), batch.entries.len()),
+            (ExpertKey::new(0, 0), 5, 2)
+        );
+        assert_eq!(state.queues[&ExpertKey::new(0, 0)].queued_tokens, 0);
+    }
+
+    #[test]
+    fn a_full_batch_runs_at_once_and_never_splits_a_request() {
+        let scheduler = scheduler_with(&[(0, 100)]);
+        let _receivers: Vec<_> = [5, 2, 3]
+            .into_iter()
+            .map(|tokens| {
+                scheduler
+                    .admit(request(vec![rows(0, 0, tokens, 4)]))
+                    .expect("fits")
+            })
+            .collect();
+        let mut state = scheduler.lock();
+        let Decision::Run(batch) = next_batch(&mut state.queues, Instant::now(), CONFIG) else {
+            panic!("10 queued tokens >= max_batch_tokens 8 runs without waiting");
+        };
+        assert_eq!(
+            batch.tokens(),
+            7,
+            "5 + 2 fit in 8, the 3-token request waits"
+        );
+        assert_eq!(state.queues[&ExpertKey::new(0, 0)].queued_tokens, 3);
+    }
+
+    #[test]
+    fn abandoned_rows_are_dropped_before_compute() {
+        let scheduler = scheduler_with(&[(0, 100)]);
+        let abandoned = scheduler
+            .admit(request(vec![rows(0, 0, 4, 4)]))
+            .expect("fits");
+        let _kept = scheduler
+            .admit(request(vec![rows(0, 0, 1, 4)]))
+            .expect("fits");
+        drop(abandoned);
+        let mut state = scheduler.lock();
+        let Decision::Run(batch) = next_batch(
+            &mut state.queues,
+            Instant::now() + CONFIG.batch_wait,
+            CONFIG,
+        ) else {
+            panic!("due");
+        };
+        assert_eq!(batch.tokens(), 1);
+    }
+
+    #[test]
+    fn a_stopping_scheduler_refuses_new_work_and_drains() {
+        let scheduler = scheduler_with(&[(0, 100)]);
+        let _kept = scheduler
+            .admit(request(vec![rows(0, 0, 1, 4)]))
+            .expect("fits");
+        scheduler.stop();
+        assert!(matches!(
+            scheduler.admit(request(vec![rows(0, 0, 1, 4)])),
+            Err(WorkerError::Unavailable(_))
+        ));
+        assert!(matches!(scheduler.next_work(), Work::Batch(batch) if batch.tokens() == 1));
+        assert!(matches!(scheduler.next_work(), Work::Stop));
+    }
+}

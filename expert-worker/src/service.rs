@@ -1,0 +1,211 @@
+//! The gRPC adapter: decode and validate, open the span, call [`ExpertWorker`], encode. No logic.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use switchyard_model::ModelSpec;
+use switchyard_proto::v1::{self, expert_worker_server};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::compute::micros;
+use crate::error::WorkerError;
+use crate::request::ForwardBatch;
+use crate::worker::{ExpertWorker, ForwardOutcome};
+
+/// Metadata key carrying the client's request id across the hop, for tracing.
+pub const REQUEST_ID_METADATA: &str = "x-request-id";
+
+#[derive(Debug, Clone)]
+pub struct ExpertWorkerService {
+    worker: Arc<ExpertWorker>,
+    /// This worker's name, recorded on every span.
+    name: Arc<str>,
+}
+
+impl ExpertWorkerService {
+    pub fn new(worker: Arc<ExpertWorker>, name: impl Into<Arc<str>>) -> Self {
+        Self {
+            worker,
+            name: name.into(),
+        }
+    }
+
+    pub fn into_server(self) -> expert_worker_server::ExpertWorkerServer<Self> {
+        expert_worker_server::ExpertWorkerServer::new(self)
+            .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
+    }
+
+    async fn forward_one(
+        &self,
+        request: v1::ForwardRequest,
+    ) -> Result<v1::ForwardResponse, WorkerError> {
+        let layer = request
+            .batches
+            .first()
+            .and_then(|part| part.expert)
+            .map(|key| key.layer);
+        let span = tracing::debug_span!("forward", request_id = request.request_id, layer, worker = %self.name);
+        async {
+            let batch = ForwardBatch::try_from(request)?;
+            let outcome = self.worker.forward(batch).await?;
+            Ok(encode_outcome(outcome))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn encode_outcome(outcome: ForwardOutcome) -> v1::ForwardResponse {
+    v1::ForwardResponse {
+        request_id: outcome.request_id,
+        outputs: outcome
+            .outputs
+            .into_iter()
+            .map(|rows| v1::ExpertOutput {
+                expert: Some(rows.expert),
+                rows: Some(v1::WireTensor {
+                    dtype: rows.dtype as i32,
+                    shape: vec![rows.tokens as u64, rows.width as u64],
+                    data: rows.data,
+                }),
+                timing: Some(v1::ExpertTiming {
+                    queue_wait_us: micros(rows.queue_wait),
+                    compute_us: micros(rows.compute),
+                    batch_tokens: rows.batch_tokens as u32,
+                }),
+            })
+            .collect(),
+        worker_us: micros(outcome.handler_time),
+        error: None,
+    }
+}
+
+/// Uses the metadata request id when the message carries none.
+fn with_request_id<T>(request: &Request<T>, id_in_message: u64) -> u64 {
+    if id_in_message != 0 {
+        return id_in_message;
+    }
+    request
+        .metadata()
+        .get(REQUEST_ID_METADATA)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
+}
+
+type ForwardResponseStream =
+    Pin<Box<dyn Stream<Item = Result<v1::ForwardResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl expert_worker_server::ExpertWorker for ExpertWorkerService {
+    async fn forward(
+        &self,
+        request: Request<v1::ForwardRequest>,
+    ) -> Result<Response<v1::ForwardResponse>, Status> {
+        let request_id = with_request_id(&request, request.get_ref().request_id);
+        let mut message = request.into_inner();
+        message.request_id = request_id;
+        Ok(Response::new(self.forward_one(message).await?))
+    }
+
+    type ForwardStreamStream = ForwardResponseStream;
+
+    /// Each request on the stream runs concurrently; answers come back as they finish, failures as
+    /// an `error` on that answer so the stream lives on.
+    async fn forward_stream(
+        &self,
+        request: Request<Streaming<v1::ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (answers, receiver) = mpsc::channel(64);
+        let service = self.clone();
+        tokio::spawn(async move {
+            while let Some(message) = incoming.next().await {
+                let message = match message {
+                    Ok(message) => message,
+                    Err(status) => {
+                        let _ = answers.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let service = service.clone();
+                let answers = answers.clone();
+                tokio::spawn(async move {
+                    let request_id = message.request_id;
+                    let answer = service.forward_one(message).await.unwrap_or_else(|error| {
+                        v1::ForwardResponse {
+                            request_id,
+                            error: Some(v1::RequestError {
+                                code: error.code() as i32,
+                                message: error.to_string(),
+                            }),
+                            ..Default::default()
+                        }
+                    });
+                    let _ = answers.send(Ok(answer)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn load_experts(
+        &self,
+        request: Request<v1::LoadExpertsRequest>,
+    ) -> Result<Response<v1::LoadExpertsResponse>, Status> {
+        let request = request.into_inner();
+        let spec = ModelSpec::try_from(request.model)
+            .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        let limit = (request.queue_limit_tokens > 0).then_some(request.queue_limit_tokens as usize);
+        let span = tracing::info_span!("load_experts", worker = %self.name, experts = request.experts.len());
+        let loaded = self
+            .worker
+            .load_experts(spec, request.experts, limit)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(v1::LoadExpertsResponse {
+            loaded,
+            resident_bytes: self.worker.resident_bytes(),
+        }))
+    }
+
+    async fn unload_experts(
+        &self,
+        request: Request<v1::UnloadExpertsRequest>,
+    ) -> Result<Response<v1::UnloadExpertsResponse>, Status> {
+        let unloaded = self
+            .worker
+            .unload_experts(request.into_inner().experts)
+            .await?;
+        Ok(Response::new(v1::UnloadExpertsResponse { unloaded }))
+    }
+
+    async fn get_stats(
+        &self,
+        _request: Request<v1::GetStatsRequest>,
+    ) -> Result<Response<v1::WorkerStats>, Status> {
+        let experts = self
+            .worker
+            .queues()
+            .into_iter()
+            .map(|queue| v1::ExpertStats {
+                expert: Some(queue.expert),
+                queued_tokens: queue.queued_tokens as u64,
+                queue_limit_tokens: queue.limit_tokens as u32,
+                admitted_tokens: queue.counters.admitted_tokens,
+                rejected_tokens: queue.counters.rejected_tokens,
+                batches: queue.counters.batches,
+            })
+            .collect();
+        Ok(Response::new(v1::WorkerStats {
+            device: switchyard_model::device::device_name(self.worker.device()),
+            experts,
+            resident_bytes: self.worker.resident_bytes(),
+        }))
+    }
+}

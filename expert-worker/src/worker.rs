@@ -1,0 +1,268 @@
+//! [`ExpertWorker`]: the worker's logic as a plain struct with no tonic types, so it is tested
+//! without a network. The gRPC service in [`crate::service`] is a thin adapter over it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use switchyard_model::{Expert, ModelSpec};
+use switchyard_proto::v1::{Dtype, ExpertKey};
+use tch::Device;
+use tokio::sync::oneshot;
+
+use crate::compute;
+use crate::error::WorkerError;
+use crate::metrics::WorkerMetrics;
+use crate::request::ForwardBatch;
+use crate::scheduler::{BatchingConfig, Command, QueueSnapshot, Scheduler};
+
+/// What a worker is started with.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub device: Device,
+    pub batching: BatchingConfig,
+    /// Queue limit of experts loaded without one (the coordinator normally sends the capacity).
+    pub default_queue_limit_tokens: usize,
+}
+
+/// One expert's answer to one request.
+#[derive(Debug)]
+pub struct ExpertRowsOut {
+    pub expert: ExpertKey,
+    pub dtype: Dtype,
+    pub tokens: usize,
+    pub width: usize,
+    pub data: Bytes,
+    pub queue_wait: Duration,
+    pub compute: Duration,
+    pub batch_tokens: usize,
+}
+
+/// The answer to one forward request, parts in request order.
+#[derive(Debug)]
+pub struct ForwardOutcome {
+    pub request_id: u64,
+    pub outputs: Vec<ExpertRowsOut>,
+    pub handler_time: Duration,
+}
+
+#[derive(Debug)]
+pub struct ExpertWorker {
+    scheduler: Arc<Scheduler>,
+    options: WorkerOptions,
+    /// The spec each resident expert was built from: a load with another spec rebuilds it.
+    resident: Mutex<HashMap<ExpertKey, ModelSpec>>,
+    metrics: WorkerMetrics,
+    compute_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ExpertWorker {
+    /// Starts the compute thread. Call from inside a tokio runtime.
+    pub fn start(options: WorkerOptions, metrics: WorkerMetrics) -> std::io::Result<Arc<Self>> {
+        let scheduler = Arc::new(Scheduler::new(options.batching));
+        let thread = compute::spawn(scheduler.clone(), options.device, metrics.clone())?;
+        Ok(Arc::new(Self {
+            scheduler,
+            options,
+            resident: Mutex::new(HashMap::new()),
+            metrics,
+            compute_thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    pub fn device(&self) -> Device {
+        self.options.device
+    }
+
+    fn resident(&self) -> std::sync::MutexGuard<'_, HashMap<ExpertKey, ModelSpec>> {
+        self.resident
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs every part of `batch` through its expert; refused whole if any queue is full.
+    pub async fn forward(&self, batch: ForwardBatch) -> Result<ForwardOutcome, WorkerError> {
+        let started = Instant::now();
+        self.metrics.requests.inc();
+        let request_id = batch.request_id;
+        let tokens = batch.total_tokens() as u64;
+        let shapes: Vec<(ExpertKey, usize, usize)> = batch
+            .parts
+            .iter()
+            .map(|part| (part.expert, part.tokens, part.width))
+            .collect();
+        let receivers = match self.scheduler.admit(batch) {
+            Ok(receivers) => receivers,
+            Err(error) => {
+                if matches!(error, WorkerError::QueueFull { .. }) {
+                    self.metrics.rejected_tokens.inc_by(tokens);
+                }
+                return Err(error);
+            }
+        };
+        self.metrics.admitted_tokens.inc_by(tokens);
+        self.metrics
+            .queued_tokens
+            .set(self.scheduler.queued_tokens() as i64);
+        let answers = futures::future::join_all(receivers).await;
+        let mut outputs = Vec::with_capacity(answers.len());
+        for ((expert, tokens, width), answer) in shapes.into_iter().zip(answers) {
+            let rows = answer
+                .map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))??;
+            debug_assert_eq!(rows.tokens, tokens);
+            outputs.push(ExpertRowsOut {
+                expert,
+                dtype: rows.dtype,
+                tokens,
+                width,
+                data: rows.data,
+                queue_wait: rows.queue_wait,
+                compute: rows.compute,
+                batch_tokens: rows.batch_tokens,
+            });
+        }
+        Ok(ForwardOutcome {
+            request_id,
+            outputs,
+            handler_time: started.elapsed(),
+        })
+    }
+
+    /// Makes `experts` of `spec` resident (building missing ones off the async runtime) and opens
+    /// their queues with `queue_limit_tokens` (or the worker's default). Already resident experts of
+    /// the same spec only get their limit updated.
+    pub async fn load_experts(
+        &self,
+        spec: ModelSpec,
+        experts: Vec<ExpertKey>,
+        queue_limit_tokens: Option<usize>,
+    ) -> Result<Vec<ExpertKey>, WorkerError> {
+        if let Some(outside) = experts.iter().find(|key| !spec.contains(key)) {
+            return Err(WorkerError::invalid(
+                "experts",
+                format!(
+                    "{outside} is outside the model ({} layers x {} experts)",
+                    spec.layers, spec.experts_per_layer
+                ),
+            ));
+        }
+        let limit_tokens = queue_limit_tokens.unwrap_or(self.options.default_queue_limit_tokens);
+        let to_build: Vec<ExpertKey> = {
+            let resident = self.resident();
+            experts
+                .iter()
+                .filter(|key| resident.get(key) != Some(&spec))
+                .copied()
+                .collect()
+        };
+        let device = self.options.device;
+        let build_spec = spec.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let _no_grad = tch::no_grad_guard();
+            to_build
+                .into_iter()
+                .map(|key| {
+                    (
+                        key,
+                        Expert::synthetic(&build_spec, key.layer, key.expert, device),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|error| WorkerError::Load {
+            expert: experts[0],
+            reason: error.to_string(),
+        })?;
+        let built_keys: Vec<ExpertKey> = built.iter().map(|(key, _)| *key).collect();
+        // Experts already resident keep serving; they only get their (possibly new) limit.
+        let unchanged: Vec<(ExpertKey, usize)> = experts
+            .iter()
+            .filter(|key| !built_keys.contains(key))
+            .map(|key| (*key, spec.d_model as usize))
+            .collect();
+        let (done, installed) = oneshot::channel();
+        self.scheduler.submit(Command::Install {
+            experts: built,
+            limit_tokens,
+            done,
+        });
+        installed
+            .await
+            .map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))?;
+        for (key, d_model) in unchanged {
+            self.scheduler.open_queue(key, d_model, limit_tokens);
+        }
+        let mut resident = self.resident();
+        for key in &experts {
+            resident.insert(*key, spec.clone());
+        }
+        self.metrics.resident_experts.set(resident.len() as i64);
+        tracing::info!(
+            built = built_keys.len(),
+            experts = experts.len(),
+            limit_tokens,
+            "experts loaded"
+        );
+        Ok(experts)
+    }
+
+    /// Closes the queues of `experts`, serves what they still hold, and frees them.
+    pub async fn unload_experts(
+        &self,
+        experts: Vec<ExpertKey>,
+    ) -> Result<Vec<ExpertKey>, WorkerError> {
+        let (done, removed) = oneshot::channel();
+        self.scheduler.submit(Command::Remove { experts, done });
+        let removed = removed
+            .await
+            .map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))?;
+        let mut resident = self.resident();
+        for key in &removed {
+            resident.remove(key);
+        }
+        self.metrics.resident_experts.set(resident.len() as i64);
+        Ok(removed)
+    }
+
+    pub fn resident_experts(&self) -> Vec<ExpertKey> {
+        let mut keys: Vec<_> = self.resident().keys().copied().collect();
+        keys.sort_by_key(|key| (key.layer, key.expert));
+        keys
+    }
+
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident().values().map(ModelSpec::expert_bytes).sum()
+    }
+
+    pub fn queues(&self) -> Vec<QueueSnapshot> {
+        self.scheduler.snapshot()
+    }
+
+    pub fn queued_tokens(&self) -> usize {
+        self.scheduler.queued_tokens()
+    }
+
+    pub fn tokens_served(&self) -> u64 {
+        self.scheduler
+            .snapshot()
+            .iter()
+            .map(|queue| queue.counters.admitted_tokens)
+            .sum()
+    }
+
+    /// Refuses new requests, serves what is queued, and joins the compute thread.
+    pub async fn shutdown(&self) {
+        self.scheduler.stop();
+        let thread = self
+            .compute_thread
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
