@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use switchyard_model::Expert;
+use switchyard_experts::Expert;
 use switchyard_proto::v1::{Dtype, ExpertKey};
 use tch::{Device, Kind, Tensor};
 

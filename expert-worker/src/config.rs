@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use switchyard_common::tracing_setup::LogFormat;
-use switchyard_model::DeviceChoice;
+use switchyard_experts::DeviceChoice;
 
 /// An expert worker: serves the MoE experts the coordinator assigns to it, with libtorch on CUDA
 /// when present (else CPU), behind one bounded queue per expert whose limit is the expert capacity.

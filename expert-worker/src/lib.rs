@@ -45,7 +45,7 @@ pub async fn run(
     let worker = ExpertWorker::start(options, metrics.clone())?;
     let endpoint = args.advertised_endpoint(grpc_addr);
     let name = args.name.clone().unwrap_or_else(|| endpoint.clone());
-    let device_name = switchyard_model::device::device_name(device);
+    let device_name = switchyard_experts::device::device_name(device);
     tracing::info!(%grpc_addr, %metrics_addr, %endpoint, device = %device_name, torch_threads = args.torch_threads, "worker listening");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -14,7 +14,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use switchyard_model::Expert;
+use switchyard_experts::Expert;
 use switchyard_proto::v1::{Dtype, ExpertKey};
 use tokio::sync::oneshot;
 

@@ -203,7 +203,7 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
             })
             .collect();
         Ok(Response::new(v1::WorkerStats {
-            device: switchyard_model::device::device_name(self.worker.device()),
+            device: switchyard_experts::device::device_name(self.worker.device()),
             experts,
             resident_bytes: self.worker.resident_bytes(),
         }))

@@ -7,7 +7,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use switchyard_model::{Expert, ModelSpec};
+use switchyard_experts::Expert;
+use switchyard_model::ModelSpec;
 use switchyard_proto::v1::{Dtype, ExpertKey};
 use tch::Device;
 use tokio::sync::oneshot;

@@ -1,16 +1,11 @@
-//! The numerical heart of Switchyard, shared by expert workers (which serve experts) and the
-//! router client (whose in-process reference layer recomputes them without a network).
+//! The model every process agrees on, without libtorch (the coordinator links none):
 //!
-//! - [`spec`]: the validated [`ModelSpec`] and its sizes.
+//! - [`spec`]: the validated [`ModelSpec`], its sizes and the expert capacity rule.
 //! - [`synthetic`]: seeded weights that are a pure function of `(seed, layer, expert)`.
-//! - [`expert`]: one expert FFN (SwiGLU or GELU) on a tch device.
-//! - [`device`]: choosing CUDA when present, else CPU.
+//!
+//! The experts themselves, on tch, live in `switchyard-experts`.
 
-pub mod device;
-pub mod expert;
 pub mod spec;
 pub mod synthetic;
 
-pub use device::{DeviceChoice, ParseDeviceError};
-pub use expert::Expert;
-pub use spec::{Activation, ModelSpec, SpecError};
+pub use spec::{Activation, ModelSpec, SpecError, expert_capacity};

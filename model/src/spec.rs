@@ -90,6 +90,21 @@ impl ModelSpec {
         self.activation.matrices() as u64 * u64::from(self.d_model) * u64::from(self.d_ff) * 4
     }
 
+    /// The most assignments one expert takes from a batch of `tokens` tokens:
+    /// `ceil(top_k * tokens / experts * capacity_factor)`.
+    ///
+    /// For top-1 this is Switch Transformer's `ceil(tokens / experts * capacity_factor)`; for top-k it
+    /// counts the `top_k * tokens` assignments, as GShard, DeepSpeed-MoE and Tutel do, so a capacity
+    /// factor of 1.0 means "a perfectly balanced batch just fits" whatever k is.
+    pub fn capacity(&self, tokens: usize) -> usize {
+        expert_capacity(
+            tokens,
+            self.top_k as usize,
+            self.experts_per_layer as usize,
+            self.capacity_factor,
+        )
+    }
+
     /// Every `(layer, expert)` of the model, layer-major.
     pub fn expert_keys(&self) -> impl Iterator<Item = v1::ExpertKey> + '_ {
         (0..self.layers).flat_map(move |layer| {
@@ -145,6 +160,13 @@ impl ModelSpec {
         }
         Ok(self)
     }
+}
+
+/// `ceil(top_k * tokens / experts * capacity_factor)`; see [`ModelSpec::capacity`].
+pub fn expert_capacity(tokens: usize, top_k: usize, experts: usize, capacity_factor: f32) -> usize {
+    let exact = (top_k * tokens) as f64 / experts as f64 * f64::from(capacity_factor);
+    // Guard against 1e-15 overshoots (e.g. 64 * 2 / 8 * 1.0) turning an exact value into one more.
+    (exact - 1e-9).ceil().max(0.0) as usize
 }
 
 impl TryFrom<v1::ModelSpec> for ModelSpec {
@@ -209,6 +231,23 @@ mod tests {
         wire.activation = 0;
         assert_eq!(ModelSpec::try_from(wire), Err(SpecError::Activation(0)));
         assert_eq!(ModelSpec::try_from(None), Err(SpecError::Missing));
+    }
+
+    #[test]
+    fn capacity_follows_switch_for_top_1_and_counts_assignments_for_top_k() {
+        assert_eq!(expert_capacity(64, 1, 8, 1.0), 8);
+        assert_eq!(expert_capacity(64, 1, 8, 1.25), 10);
+        assert_eq!(expert_capacity(64, 2, 8, 1.0), 16);
+        assert_eq!(expert_capacity(10, 1, 8, 1.0), 2, "ceil(1.25)");
+        assert_eq!(expert_capacity(64, 2, 8, 0.5), 8);
+        assert_eq!(expert_capacity(0, 2, 8, 1.0), 0);
+        let spec = ModelSpec {
+            top_k: 2,
+            experts_per_layer: 8,
+            capacity_factor: 1.25,
+            ..ModelSpec::default_synthetic()
+        };
+        assert_eq!(spec.capacity(512), 160);
     }
 
     #[test]

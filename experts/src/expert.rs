@@ -5,8 +5,8 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::spec::{Activation, ModelSpec};
-use crate::synthetic::{self, WeightRole};
+use switchyard_model::synthetic::{self, WeightRole};
+use switchyard_model::{Activation, ModelSpec};
 
 /// An expert's weights, resident on one device. `Send` but not `Sync` (like every tch tensor): it
 /// lives on the thread that computes with it.

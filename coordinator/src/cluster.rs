@@ -1,0 +1,682 @@
+//! [`Cluster`]: the coordinator's logic as a plain struct, tested without a network.
+//!
+//! Membership (register, heartbeat, expiry) updates the state under a short lock. One reconcile
+//! loop owns every change of placement, so changes never interleave: it plans
+//! ([`crate::placement::plan`]), tells workers to load their new experts (outside the lock), then
+//! publishes a new routing table version that only names experts already loaded, and finally
+//! unloads experts a worker no longer serves once a grace period has passed, so clients still on
+//! the previous table are not cut off.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use switchyard_model::ModelSpec;
+use switchyard_proto::PROTOCOL_VERSION;
+use switchyard_proto::v1;
+use tokio::sync::{Notify, watch};
+
+use crate::control::WorkerControl;
+use crate::error::CoordinatorError;
+use crate::metrics::CoordinatorMetrics;
+use crate::placement::{self, ExpertOrd, Placement, WorkerId, WorkerSlot};
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub model: ModelSpec,
+    pub heartbeat_interval: Duration,
+    /// A worker silent for this long is removed and its experts placed on the survivors.
+    pub heartbeat_timeout: Duration,
+    /// Workers to wait for before the first placement (so experts do not all land on the first).
+    pub min_workers: usize,
+    /// Tokens one expert queue admits: the expert capacity of the largest batch clients send.
+    pub queue_limit_tokens: u32,
+    /// How long a worker keeps serving an expert after the table moved it elsewhere.
+    pub unload_grace: Duration,
+}
+
+/// What a worker says about itself when it registers.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub protocol_version: u32,
+    pub name: String,
+    pub endpoint: String,
+    pub device: String,
+    pub memory_bytes: u64,
+    pub loaded_experts: Vec<v1::ExpertKey>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerRecord {
+    pub id: WorkerId,
+    pub name: String,
+    pub endpoint: String,
+    pub device: String,
+    pub memory_bytes: u64,
+    /// Experts the worker holds (reported at registration, then what we told it to load).
+    pub resident: BTreeSet<ExpertOrd>,
+    pub last_heartbeat: Instant,
+    pub queued_tokens: u64,
+    pub tokens_served: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    workers: BTreeMap<WorkerId, WorkerRecord>,
+    /// The placement of the published table.
+    placement: Placement,
+    registrations: u64,
+    placed_once: bool,
+    /// (worker, expert) pairs the table no longer routes to that worker, and since when.
+    retired: BTreeMap<(WorkerId, ExpertOrd), Instant>,
+}
+
+/// One load to issue during a reconcile round.
+struct LoadOrder {
+    worker: WorkerId,
+    endpoint: String,
+    experts: BTreeSet<ExpertOrd>,
+}
+
+#[derive(Debug)]
+pub struct Cluster<C> {
+    config: ClusterConfig,
+    state: Mutex<State>,
+    table: watch::Sender<Arc<v1::RoutingTable>>,
+    wake: Notify,
+    control: C,
+    metrics: CoordinatorMetrics,
+}
+
+impl<C: WorkerControl> Cluster<C> {
+    pub fn new(config: ClusterConfig, control: C, metrics: CoordinatorMetrics) -> Arc<Self> {
+        let empty = v1::RoutingTable {
+            version: 0,
+            model: Some(config.model.to_proto()),
+            routes: Vec::new(),
+            queue_limit_tokens: config.queue_limit_tokens,
+        };
+        let (table, _) = watch::channel(Arc::new(empty));
+        Arc::new(Self {
+            config,
+            state: Mutex::new(State::default()),
+            table,
+            wake: Notify::new(),
+            control,
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// Adds a worker (replacing an earlier record with the same endpoint: a restarted worker).
+    pub fn register(
+        &self,
+        registration: Registration,
+    ) -> Result<(WorkerId, Duration), CoordinatorError> {
+        if registration.protocol_version != PROTOCOL_VERSION {
+            return Err(CoordinatorError::ProtocolMismatch {
+                worker: registration.protocol_version,
+                coordinator: PROTOCOL_VERSION,
+            });
+        }
+        if registration.endpoint.is_empty() {
+            return Err(CoordinatorError::InvalidArgument {
+                field: "endpoint",
+                reason: "must not be empty".into(),
+            });
+        }
+        if registration.memory_bytes == 0 {
+            return Err(CoordinatorError::InvalidArgument {
+                field: "memory_bytes",
+                reason: "must be positive".into(),
+            });
+        }
+        let mut state = self.lock();
+        state
+            .workers
+            .retain(|_, worker| worker.endpoint != registration.endpoint);
+        state.registrations += 1;
+        let id = WorkerId(format!("w{}", state.registrations));
+        let resident = registration
+            .loaded_experts
+            .iter()
+            .filter(|key| self.config.model.contains(key))
+            .map(placement::ord)
+            .collect();
+        tracing::info!(worker_id = %id, name = %registration.name, endpoint = %registration.endpoint, device = %registration.device, "worker registered");
+        state.workers.insert(
+            id.clone(),
+            WorkerRecord {
+                id: id.clone(),
+                name: registration.name,
+                endpoint: registration.endpoint,
+                device: registration.device,
+                memory_bytes: registration.memory_bytes,
+                resident,
+                last_heartbeat: Instant::now(),
+                queued_tokens: 0,
+                tokens_served: 0,
+            },
+        );
+        self.metrics.live_workers.set(state.workers.len() as i64);
+        drop(state);
+        self.wake.notify_one();
+        Ok((id, self.config.heartbeat_interval))
+    }
+
+    pub fn heartbeat(
+        &self,
+        protocol_version: u32,
+        worker_id: &str,
+        queued_tokens: u64,
+        tokens_served: u64,
+    ) -> Result<u64, CoordinatorError> {
+        if protocol_version != PROTOCOL_VERSION {
+            return Err(CoordinatorError::ProtocolMismatch {
+                worker: protocol_version,
+                coordinator: PROTOCOL_VERSION,
+            });
+        }
+        let mut state = self.lock();
+        let worker = state
+            .workers
+            .get_mut(&WorkerId(worker_id.to_owned()))
+            .ok_or_else(|| CoordinatorError::UnknownWorker(worker_id.to_owned()))?;
+        worker.last_heartbeat = Instant::now();
+        worker.queued_tokens = queued_tokens;
+        worker.tokens_served = tokens_served;
+        Ok(self.table.borrow().version)
+    }
+
+    pub fn table(&self) -> Arc<v1::RoutingTable> {
+        self.table.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<v1::RoutingTable>> {
+        self.table.subscribe()
+    }
+
+    pub fn status(&self) -> v1::ClusterStatus {
+        let state = self.lock();
+        let now = Instant::now();
+        let expert_bytes = self.config.model.expert_bytes();
+        let workers = state
+            .workers
+            .values()
+            .map(|worker| {
+                let experts: Vec<_> = state
+                    .placement
+                    .iter()
+                    .filter(|(_, owner)| **owner == worker.id)
+                    .map(|(expert, _)| placement::key(*expert))
+                    .collect();
+                v1::WorkerStatus {
+                    worker_id: worker.id.0.clone(),
+                    name: worker.name.clone(),
+                    endpoint: worker.endpoint.clone(),
+                    device: worker.device.clone(),
+                    memory_bytes: worker.memory_bytes,
+                    assigned_bytes: experts.len() as u64 * expert_bytes,
+                    experts,
+                    millis_since_heartbeat: now.duration_since(worker.last_heartbeat).as_millis()
+                        as u64,
+                    queued_tokens: worker.queued_tokens,
+                }
+            })
+            .collect();
+        let unplaced_experts = self
+            .config
+            .model
+            .expert_keys()
+            .filter(|key| !state.placement.contains_key(&placement::ord(key)))
+            .collect();
+        v1::ClusterStatus {
+            table_version: self.table.borrow().version,
+            model: Some(self.config.model.to_proto()),
+            workers,
+            unplaced_experts,
+        }
+    }
+
+    /// Reconciles until `shutdown` resolves: on every registration, and every heartbeat interval.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            self.reconcile_once().await;
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(self.config.heartbeat_interval) => {}
+            }
+        }
+    }
+
+    /// One round: expire silent workers, plan, load, publish, unload retired experts.
+    pub async fn reconcile_once(&self) {
+        let Some((plan, orders)) = self.plan_round() else {
+            return;
+        };
+        let spec = self.config.model.to_proto();
+        let loads = orders.iter().map(|order| {
+            let request = v1::LoadExpertsRequest {
+                model: Some(spec.clone()),
+                experts: order
+                    .experts
+                    .iter()
+                    .map(|expert| placement::key(*expert))
+                    .collect(),
+                queue_limit_tokens: self.config.queue_limit_tokens,
+            };
+            self.control.load(&order.endpoint, request)
+        });
+        let results = futures::future::join_all(loads).await;
+        let unloads = self.commit_round(plan, orders, results);
+        let unloads = unloads.into_iter().map(|(endpoint, experts)| async move {
+            if let Err(error) = self.control.unload(&endpoint, experts).await {
+                tracing::warn!(%endpoint, %error, "unloading retired experts failed");
+            }
+        });
+        futures::future::join_all(unloads).await;
+    }
+
+    fn plan_round(&self) -> Option<(Placement, Vec<LoadOrder>)> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let timeout = self.config.heartbeat_timeout;
+        let expired: Vec<WorkerId> = state
+            .workers
+            .values()
+            .filter(|worker| now.duration_since(worker.last_heartbeat) > timeout)
+            .map(|worker| worker.id.clone())
+            .collect();
+        for id in expired {
+            if let Some(worker) = state.workers.remove(&id) {
+                tracing::warn!(worker_id = %id, endpoint = %worker.endpoint, "worker missed heartbeats; removing it");
+                self.metrics.worker_expirations.inc();
+            }
+        }
+        self.metrics.live_workers.set(state.workers.len() as i64);
+        if !state.placed_once && state.workers.len() < self.config.min_workers {
+            return None;
+        }
+        let slots: Vec<WorkerSlot> = state
+            .workers
+            .values()
+            .map(|worker| WorkerSlot {
+                id: worker.id.clone(),
+                memory_bytes: worker.memory_bytes,
+                resident: worker.resident.clone(),
+            })
+            .collect();
+        let experts: Vec<ExpertOrd> = self
+            .config
+            .model
+            .expert_keys()
+            .map(|key| placement::ord(&key))
+            .collect();
+        let plan = placement::plan(
+            &experts,
+            self.config.model.expert_bytes(),
+            &slots,
+            &state.placement,
+        );
+        if !plan.unplaced.is_empty() {
+            tracing::warn!(
+                unplaced = plan.unplaced.len(),
+                workers = slots.len(),
+                "not enough worker memory for every expert"
+            );
+        }
+        let orders = state
+            .workers
+            .values()
+            .filter_map(|worker| {
+                let assigned: BTreeSet<ExpertOrd> = plan
+                    .placement
+                    .iter()
+                    .filter(|(_, owner)| **owner == worker.id)
+                    .map(|(expert, _)| *expert)
+                    .collect();
+                let missing = assigned.difference(&worker.resident).next().is_some();
+                missing.then(|| LoadOrder {
+                    worker: worker.id.clone(),
+                    endpoint: worker.endpoint.clone(),
+                    experts: assigned,
+                })
+            })
+            .collect();
+        Some((plan.placement, orders))
+    }
+
+    /// Applies the outcome of a round's loads; returns the unloads that are due.
+    fn commit_round(
+        &self,
+        mut plan: Placement,
+        orders: Vec<LoadOrder>,
+        results: Vec<Result<(), String>>,
+    ) -> Vec<(String, Vec<v1::ExpertKey>)> {
+        let mut state = self.lock();
+        for (order, result) in orders.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    if let Some(worker) = state.workers.get_mut(&order.worker) {
+                        worker.resident.extend(order.experts.iter().copied());
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(worker_id = %order.worker, endpoint = %order.endpoint, %error, "worker failed to load its experts");
+                    // Keep the experts it already had; the rest wait for the next round.
+                    let resident = state
+                        .workers
+                        .get(&order.worker)
+                        .map(|worker| worker.resident.clone())
+                        .unwrap_or_default();
+                    plan.retain(|expert, owner| {
+                        *owner != order.worker || resident.contains(expert)
+                    });
+                }
+            }
+        }
+        // A worker may have expired or re-registered while the loads ran.
+        plan.retain(|_, owner| state.workers.contains_key(owner));
+        if !state.placed_once || plan != state.placement {
+            state.placement = plan;
+            state.placed_once = true;
+            self.publish(&state);
+        }
+        self.due_unloads(&mut state)
+    }
+
+    fn publish(&self, state: &State) {
+        let routes = self
+            .config
+            .model
+            .expert_keys()
+            .map(|key| v1::ExpertRoute {
+                expert: Some(key),
+                endpoints: state
+                    .placement
+                    .get(&placement::ord(&key))
+                    .and_then(|owner| state.workers.get(owner))
+                    .map(|worker| vec![worker.endpoint.clone()])
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let version = self.table.borrow().version + 1;
+        let table = v1::RoutingTable {
+            version,
+            model: Some(self.config.model.to_proto()),
+            routes,
+            queue_limit_tokens: self.config.queue_limit_tokens,
+        };
+        tracing::info!(
+            version,
+            placed = state.placement.len(),
+            workers = state.workers.len(),
+            "routing table published"
+        );
+        self.metrics.table_version.set(version as i64);
+        self.metrics
+            .placed_experts
+            .set(state.placement.len() as i64);
+        self.table.send_replace(Arc::new(table));
+    }
+
+    fn due_unloads(&self, state: &mut State) -> Vec<(String, Vec<v1::ExpertKey>)> {
+        let now = Instant::now();
+        let placement = state.placement.clone();
+        let mut still_retired = BTreeMap::new();
+        let mut due: Vec<(String, Vec<v1::ExpertKey>)> = Vec::new();
+        for worker in state.workers.values_mut() {
+            let surplus: Vec<ExpertOrd> = worker
+                .resident
+                .iter()
+                .filter(|expert| placement.get(expert) != Some(&worker.id))
+                .copied()
+                .collect();
+            let mut unload = Vec::new();
+            for expert in surplus {
+                let since = state
+                    .retired
+                    .get(&(worker.id.clone(), expert))
+                    .copied()
+                    .unwrap_or(now);
+                if now.duration_since(since) >= self.config.unload_grace {
+                    worker.resident.remove(&expert);
+                    unload.push(placement::key(expert));
+                } else {
+                    still_retired.insert((worker.id.clone(), expert), since);
+                }
+            }
+            if !unload.is_empty() {
+                due.push((worker.endpoint.clone(), unload));
+            }
+        }
+        state.retired = still_retired;
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records every call; fails loads to the endpoints in `failing`.
+    #[derive(Debug, Default)]
+    struct FakeControl {
+        loads: Mutex<Vec<(String, Vec<(u32, u32)>)>>,
+        unloads: Mutex<Vec<(String, Vec<(u32, u32)>)>>,
+        failing: Mutex<BTreeSet<String>>,
+    }
+
+    impl WorkerControl for Arc<FakeControl> {
+        async fn load(
+            &self,
+            endpoint: &str,
+            request: v1::LoadExpertsRequest,
+        ) -> Result<(), String> {
+            let experts = request.experts.iter().map(placement::ord).collect();
+            self.loads
+                .lock()
+                .expect("lock")
+                .push((endpoint.to_owned(), experts));
+            if self.failing.lock().expect("lock").contains(endpoint) {
+                Err("out of memory".into())
+            } else {
+                Ok(())
+            }
+        }
+
+        async fn unload(&self, endpoint: &str, experts: Vec<v1::ExpertKey>) -> Result<(), String> {
+            self.unloads.lock().expect("lock").push((
+                endpoint.to_owned(),
+                experts.iter().map(placement::ord).collect(),
+            ));
+            Ok(())
+        }
+    }
+
+    fn config(min_workers: usize) -> ClusterConfig {
+        ClusterConfig {
+            model: ModelSpec {
+                d_model: 8,
+                d_ff: 16,
+                ..ModelSpec::default_synthetic()
+            },
+            heartbeat_interval: Duration::from_millis(10),
+            heartbeat_timeout: Duration::from_millis(200),
+            min_workers,
+            queue_limit_tokens: 64,
+            unload_grace: Duration::ZERO,
+        }
+    }
+
+    fn registration(endpoint: &str) -> Registration {
+        Registration {
+            protocol_version: PROTOCOL_VERSION,
+            name: endpoint.into(),
+            endpoint: endpoint.into(),
+            device: "cpu".into(),
+            memory_bytes: 1 << 30,
+            loaded_experts: Vec::new(),
+        }
+    }
+
+    fn endpoints_by_expert(table: &v1::RoutingTable) -> Vec<String> {
+        table
+            .routes
+            .iter()
+            .map(|route| route.endpoints.join(","))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn waits_for_min_workers_then_places_and_publishes_version_1() {
+        let control = Arc::new(FakeControl::default());
+        let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
+        cluster.register(registration("a")).expect("register");
+        cluster.reconcile_once().await;
+        assert_eq!(
+            cluster.table().version,
+            0,
+            "one of two workers: nothing placed yet"
+        );
+        cluster.register(registration("b")).expect("register");
+        cluster.reconcile_once().await;
+        let table = cluster.table();
+        assert_eq!(table.version, 1);
+        assert_eq!(table.queue_limit_tokens, 64);
+        let owners = endpoints_by_expert(&table);
+        assert_eq!(owners.iter().filter(|owner| *owner == "a").count(), 4);
+        assert_eq!(owners.iter().filter(|owner| *owner == "b").count(), 4);
+        assert_eq!(
+            control.loads.lock().expect("lock").len(),
+            2,
+            "one LoadExperts per worker"
+        );
+        cluster.reconcile_once().await;
+        assert_eq!(
+            cluster.table().version,
+            1,
+            "nothing changed, nothing published"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_worker_is_removed_and_its_experts_move_to_the_survivor() {
+        let control = Arc::new(FakeControl::default());
+        let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
+        let (a, _) = cluster.register(registration("a")).expect("register");
+        cluster.register(registration("b")).expect("register");
+        cluster.reconcile_once().await;
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            cluster
+                .heartbeat(PROTOCOL_VERSION, &a.0, 0, 0)
+                .expect("a is alive");
+        }
+        cluster.reconcile_once().await;
+        let table = cluster.table();
+        assert_eq!(table.version, 2);
+        assert!(endpoints_by_expert(&table).iter().all(|owner| owner == "a"));
+        let loads = control.loads.lock().expect("lock");
+        assert_eq!(
+            loads
+                .last()
+                .map(|(endpoint, experts)| (endpoint.as_str(), experts.len())),
+            Some(("a", 8))
+        );
+        let status = cluster.status();
+        assert_eq!(status.workers.len(), 1);
+        assert!(status.unplaced_experts.is_empty());
+    }
+
+    #[tokio::test]
+    async fn experts_moved_to_a_joiner_are_published_before_the_old_owner_unloads_them() {
+        let control = Arc::new(FakeControl::default());
+        let cluster = Cluster::new(config(1), control.clone(), CoordinatorMetrics::default());
+        cluster.register(registration("a")).expect("register");
+        cluster.reconcile_once().await;
+        assert!(
+            endpoints_by_expert(&cluster.table())
+                .iter()
+                .all(|owner| owner == "a")
+        );
+        cluster.register(registration("b")).expect("register");
+        cluster.reconcile_once().await;
+        let owners = endpoints_by_expert(&cluster.table());
+        assert_eq!(owners.iter().filter(|owner| *owner == "b").count(), 4);
+        let unloads = control.unloads.lock().expect("lock");
+        assert_eq!(unloads.len(), 1);
+        assert_eq!(unloads[0].0, "a");
+        assert_eq!(unloads[0].1, [(0, 4), (0, 5), (0, 6), (0, 7)]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_load_is_not_published_and_is_retried() {
+        let control = Arc::new(FakeControl::default());
+        control.failing.lock().expect("lock").insert("b".into());
+        let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
+        cluster.register(registration("a")).expect("register");
+        cluster.register(registration("b")).expect("register");
+        cluster.reconcile_once().await;
+        let owners = endpoints_by_expert(&cluster.table());
+        assert!(owners.iter().all(|owner| owner == "a" || owner.is_empty()));
+        assert!(
+            owners.iter().any(String::is_empty),
+            "b's share waits unpublished"
+        );
+        control.failing.lock().expect("lock").clear();
+        cluster.reconcile_once().await;
+        assert!(
+            endpoints_by_expert(&cluster.table())
+                .iter()
+                .all(|owner| !owner.is_empty())
+        );
+    }
+
+    #[test]
+    fn registration_and_heartbeat_errors_name_the_field() {
+        let cluster = Cluster::new(
+            config(1),
+            Arc::new(FakeControl::default()),
+            CoordinatorMetrics::default(),
+        );
+        let stale = Registration {
+            protocol_version: 99,
+            ..registration("a")
+        };
+        assert!(
+            cluster
+                .register(stale)
+                .unwrap_err()
+                .to_string()
+                .starts_with("protocol_version")
+        );
+        let empty = Registration {
+            memory_bytes: 0,
+            ..registration("a")
+        };
+        assert!(
+            cluster
+                .register(empty)
+                .unwrap_err()
+                .to_string()
+                .starts_with("memory_bytes")
+        );
+        let error = cluster
+            .heartbeat(PROTOCOL_VERSION, "w404", 0, 0)
+            .unwrap_err();
+        assert_eq!(error, CoordinatorError::UnknownWorker("w404".into()));
+        assert_eq!(tonic::Status::from(error).code(), tonic::Code::NotFound);
+    }
+}

@@ -1,0 +1,181 @@
+//! Command-line flags (each with an environment fallback) and the cluster configuration built from them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use switchyard_common::tracing_setup::LogFormat;
+use switchyard_model::{Activation, ModelSpec, expert_capacity};
+
+use crate::cluster::ClusterConfig;
+
+/// The Switchyard coordinator: accepts expert workers, places the experts of a model across them,
+/// and publishes a versioned routing table that clients watch. It is off the data path: clients
+/// keep working on their last table while it restarts.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "switchyard-coordinator", version)]
+pub struct Args {
+    /// Address the gRPC server binds (port 0 picks a free port; see the SWITCHYARD_READY line).
+    #[arg(
+        long,
+        env = "SWITCHYARD_COORDINATOR_LISTEN",
+        default_value = "0.0.0.0:50051"
+    )]
+    pub listen: SocketAddr,
+
+    /// Address the Prometheus /metrics endpoint binds.
+    #[arg(
+        long,
+        env = "SWITCHYARD_COORDINATOR_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub metrics_listen: SocketAddr,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Largest batch (tokens per layer call) a client sends; each expert queue admits that batch's
+    /// expert capacity, ceil(top_k * tokens / experts * capacity_factor), across all clients.
+    #[arg(long, env = "SWITCHYARD_MAX_BATCH_TOKENS", default_value_t = 8192)]
+    pub max_batch_tokens: usize,
+
+    /// Workers to wait for before placing experts the first time.
+    #[arg(long, env = "SWITCHYARD_MIN_WORKERS", default_value_t = 1)]
+    pub min_workers: usize,
+
+    /// How often workers heartbeat, in milliseconds.
+    #[arg(long, env = "SWITCHYARD_HEARTBEAT_INTERVAL_MS", default_value_t = 500)]
+    pub heartbeat_interval_ms: u64,
+
+    /// A worker silent this long (milliseconds) is removed and its experts placed on the survivors.
+    #[arg(long, env = "SWITCHYARD_HEARTBEAT_TIMEOUT_MS", default_value_t = 3000)]
+    pub heartbeat_timeout_ms: u64,
+
+    /// How long (milliseconds) a worker keeps an expert after the table moved it elsewhere.
+    #[arg(long, env = "SWITCHYARD_UNLOAD_GRACE_MS", default_value_t = 5000)]
+    pub unload_grace_ms: u64,
+
+    /// Log line format.
+    #[arg(
+        long,
+        env = "SWITCHYARD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// The synthetic model to serve. Weights are a pure function of (seed, layer, expert).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Model name shown in status and reports.
+    #[arg(
+        long = "model-name",
+        env = "SWITCHYARD_MODEL_NAME",
+        default_value = "synthetic"
+    )]
+    pub name: String,
+    /// MoE layers.
+    #[arg(long, env = "SWITCHYARD_LAYERS", default_value_t = 1)]
+    pub layers: u32,
+    /// Experts per MoE layer.
+    #[arg(long, env = "SWITCHYARD_EXPERTS", default_value_t = 8)]
+    pub experts: u32,
+    /// Hidden size of the tokens.
+    #[arg(long, env = "SWITCHYARD_D_MODEL", default_value_t = 1024)]
+    pub d_model: u32,
+    /// Inner size of each expert FFN.
+    #[arg(long, env = "SWITCHYARD_D_FF", default_value_t = 4096)]
+    pub d_ff: u32,
+    /// Expert form: swiglu (Mixtral) or gelu.
+    #[arg(long, env = "SWITCHYARD_ACTIVATION", default_value = "swiglu")]
+    pub activation: Activation,
+    /// Seed of the synthetic weights.
+    #[arg(long, env = "SWITCHYARD_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Experts each token is routed to.
+    #[arg(long, env = "SWITCHYARD_TOP_K", default_value_t = 2)]
+    pub top_k: u32,
+    /// Capacity factor clients apply by default.
+    #[arg(long, env = "SWITCHYARD_CAPACITY_FACTOR", default_value_t = 1.25)]
+    pub capacity_factor: f32,
+}
+
+impl ModelArgs {
+    pub fn spec(&self) -> Result<ModelSpec, switchyard_model::SpecError> {
+        ModelSpec {
+            name: self.name.clone(),
+            layers: self.layers,
+            experts_per_layer: self.experts,
+            d_model: self.d_model,
+            d_ff: self.d_ff,
+            activation: self.activation,
+            seed: self.seed,
+            top_k: self.top_k,
+            capacity_factor: self.capacity_factor,
+        }
+        .to_proto()
+        .try_into()
+    }
+}
+
+impl TryFrom<&Args> for ClusterConfig {
+    type Error = String;
+
+    fn try_from(args: &Args) -> Result<Self, Self::Error> {
+        let model = args.model.spec().map_err(|error| error.to_string())?;
+        if args.heartbeat_timeout_ms <= args.heartbeat_interval_ms {
+            return Err(format!(
+                "--heartbeat-timeout-ms ({}) must exceed --heartbeat-interval-ms ({})",
+                args.heartbeat_timeout_ms, args.heartbeat_interval_ms
+            ));
+        }
+        let capacity = expert_capacity(
+            args.max_batch_tokens,
+            model.top_k as usize,
+            model.experts_per_layer as usize,
+            model.capacity_factor,
+        );
+        Ok(ClusterConfig {
+            model,
+            heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
+            heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+            min_workers: args.min_workers.max(1),
+            queue_limit_tokens: capacity.clamp(1, u32::MAX as usize) as u32,
+            unload_grace: Duration::from_millis(args.unload_grace_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn defaults_give_the_default_synthetic_model_and_its_capacity() {
+        let args = Args::try_parse_from(["switchyard-coordinator"]).expect("defaults parse");
+        let config = ClusterConfig::try_from(&args).expect("defaults are valid");
+        assert_eq!(config.model, ModelSpec::default_synthetic());
+        assert_eq!(config.queue_limit_tokens, 2560, "ceil(2 * 8192 / 8 * 1.25)");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_named() {
+        let args =
+            Args::try_parse_from(["switchyard-coordinator", "--top-k", "9"]).expect("parses");
+        assert!(
+            ClusterConfig::try_from(&args)
+                .unwrap_err()
+                .contains("model.top_k")
+        );
+        let args =
+            Args::try_parse_from(["switchyard-coordinator", "--heartbeat-timeout-ms", "100"])
+                .expect("parses");
+        assert!(
+            ClusterConfig::try_from(&args)
+                .unwrap_err()
+                .contains("--heartbeat-timeout-ms")
+        );
+        assert!(Args::try_parse_from(["switchyard-coordinator", "--activation", "relu"]).is_err());
+    }
+}

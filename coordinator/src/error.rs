@@ -1,0 +1,24 @@
+//! The coordinator's one error enum and its one mapping to gRPC status codes.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CoordinatorError {
+    #[error("protocol_version: worker speaks {worker}, this coordinator speaks {coordinator}")]
+    ProtocolMismatch { worker: u32, coordinator: u32 },
+    #[error("worker_id: unknown worker '{0}' (the coordinator may have restarted); register again")]
+    UnknownWorker(String),
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(error: CoordinatorError) -> Self {
+        let code = match &error {
+            CoordinatorError::ProtocolMismatch { .. } => Code::FailedPrecondition,
+            CoordinatorError::UnknownWorker(_) => Code::NotFound,
+            CoordinatorError::InvalidArgument { .. } => Code::InvalidArgument,
+        };
+        Status::new(code, error.to_string())
+    }
+}

@@ -1,0 +1,69 @@
+//! The Switchyard coordinator: membership, expert placement, the versioned routing table.
+//!
+//! [`service`] (gRPC adapter) → [`cluster::Cluster`] (membership and the reconcile loop) →
+//! [`placement`] (pure policy) and [`control`] (telling workers what to load). It never sees a token.
+
+pub mod cluster;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod metrics;
+pub mod placement;
+pub mod service;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::Args;
+
+use crate::cluster::{Cluster, ClusterConfig};
+use crate::control::GrpcWorkerControl;
+
+/// Serves the coordinator on `grpc` and `metrics_listener` until `shutdown` resolves.
+pub async fn run(
+    grpc: TcpListener,
+    metrics_listener: TcpListener,
+    config: ClusterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grpc_addr = grpc.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let metrics = metrics::CoordinatorMetrics::default();
+    let registry = metrics.registry();
+    tracing::info!(%grpc_addr, %metrics_addr, model = ?config.model, queue_limit_tokens = config.queue_limit_tokens, "coordinator listening");
+    let cluster = Cluster::new(config, GrpcWorkerControl::default(), metrics);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<switchyard_proto::v1::coordinator_server::CoordinatorServer<
+            service::CoordinatorService<GrpcWorkerControl>,
+        >>()
+        .await;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait_stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let reconcile = tokio::spawn(cluster.clone().run(wait_stop(stopped.clone())));
+    let metrics_task = tokio::spawn(switchyard_common::metrics_http::serve(
+        metrics_listener,
+        registry,
+        wait_stop(stopped),
+    ));
+
+    switchyard_common::ready::announce(grpc_addr, metrics_addr);
+    let service = switchyard_proto::v1::coordinator_server::CoordinatorServer::new(
+        service::CoordinatorService::new(cluster),
+    );
+    let served = switchyard_common::transport::server()
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown)
+        .await;
+    let _ = stop.send(true);
+    let _ = reconcile.await;
+    let _ = metrics_task.await;
+    served.map_err(std::io::Error::other)
+}

@@ -1,0 +1,291 @@
+//! Expert placement: which live worker holds each expert. A pure function of the experts, the live
+//! workers (with their memory) and the current placement, so every policy decision is unit-tested.
+//!
+//! Policy: keep every expert where it is while its worker lives (moving an expert costs a load);
+//! place each unplaced expert on the worker it is already resident on (a worker rejoining after a
+//! coordinator restart), else on the worker that would be least full; then move experts from the
+//! fullest worker to the emptiest while that lowers the fullest one (a worker that joined later).
+//! "Full" is assigned bytes over offered memory, so equal workers get equal counts and a worker
+//! with twice the memory gets twice the experts. No worker is ever given more than its memory.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use switchyard_proto::v1::ExpertKey;
+
+/// A worker's identity, assigned by the coordinator at registration.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkerId(pub String);
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Ordering key for experts in maps (ExpertKey is a prost message without `Ord`).
+pub type ExpertOrd = (u32, u32);
+
+pub fn ord(key: &ExpertKey) -> ExpertOrd {
+    (key.layer, key.expert)
+}
+
+pub fn key(ord: ExpertOrd) -> ExpertKey {
+    ExpertKey::new(ord.0, ord.1)
+}
+
+/// What placement needs to know about a live worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSlot {
+    pub id: WorkerId,
+    pub memory_bytes: u64,
+    /// Experts the worker reports as already loaded.
+    pub resident: BTreeSet<ExpertOrd>,
+}
+
+/// Expert → the worker that serves it.
+pub type Placement = BTreeMap<ExpertOrd, WorkerId>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub placement: Placement,
+    /// Experts no worker has room for.
+    pub unplaced: Vec<ExpertOrd>,
+}
+
+struct Load {
+    bytes: u64,
+    memory: u64,
+}
+
+impl Load {
+    fn fill_with(&self, extra: u64) -> f64 {
+        (self.bytes + extra) as f64 / self.memory.max(1) as f64
+    }
+
+    fn fits(&self, extra: u64) -> bool {
+        self.bytes + extra <= self.memory
+    }
+}
+
+pub fn plan(
+    experts: &[ExpertOrd],
+    expert_bytes: u64,
+    workers: &[WorkerSlot],
+    current: &Placement,
+) -> Plan {
+    let mut loads: BTreeMap<WorkerId, Load> = workers
+        .iter()
+        .map(|worker| {
+            (
+                worker.id.clone(),
+                Load {
+                    bytes: 0,
+                    memory: worker.memory_bytes,
+                },
+            )
+        })
+        .collect();
+    let mut placement = Placement::new();
+    for expert in experts {
+        if let Some(owner) = current.get(expert)
+            && let Some(load) = loads.get_mut(owner)
+        {
+            load.bytes += expert_bytes;
+            placement.insert(*expert, owner.clone());
+        }
+    }
+
+    let mut unplaced = Vec::new();
+    let homeless: Vec<ExpertOrd> = experts
+        .iter()
+        .filter(|expert| !placement.contains_key(expert))
+        .copied()
+        .collect();
+    for expert in &homeless {
+        let least_full = loads
+            .iter()
+            .filter(|(_, load)| load.fits(expert_bytes))
+            .min_by(|(_, a), (_, b)| {
+                a.fill_with(expert_bytes)
+                    .total_cmp(&b.fill_with(expert_bytes))
+            })
+            .map(|(id, load)| (id.clone(), load.fill_with(expert_bytes)));
+        let Some((least_full, least_fill)) = least_full else {
+            unplaced.push(*expert);
+            continue;
+        };
+        // Prefer a worker that already holds the expert unless that leaves it clearly fuller.
+        let resident_on = workers.iter().find(|worker| {
+            worker.resident.contains(expert)
+                && loads.get(&worker.id).is_some_and(|load| {
+                    load.fits(expert_bytes)
+                        && load.bytes + expert_bytes
+                            <= (least_fill * load.memory as f64) as u64 + expert_bytes
+                })
+        });
+        let owner = resident_on.map_or(least_full, |worker| worker.id.clone());
+        if let Some(load) = loads.get_mut(&owner) {
+            load.bytes += expert_bytes;
+        }
+        placement.insert(*expert, owner);
+    }
+
+    rebalance(&mut placement, &mut loads, expert_bytes);
+    Plan {
+        placement,
+        unplaced,
+    }
+}
+
+/// Moves experts from the fullest to the emptiest worker while that lowers the fullest one.
+fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, expert_bytes: u64) {
+    loop {
+        let fullest = loads
+            .iter()
+            .max_by(|(_, a), (_, b)| a.fill_with(0).total_cmp(&b.fill_with(0)))
+            .map(|(id, _)| id.clone());
+        let emptiest = loads
+            .iter()
+            .min_by(|(_, a), (_, b)| a.fill_with(0).total_cmp(&b.fill_with(0)))
+            .map(|(id, _)| id.clone());
+        let (Some(fullest), Some(emptiest)) = (fullest, emptiest) else {
+            return;
+        };
+        if fullest == emptiest {
+            return;
+        }
+        let (from, to) = (&loads[&fullest], &loads[&emptiest]);
+        let improves = to.fits(expert_bytes) && to.fill_with(expert_bytes) < from.fill_with(0);
+        if !improves {
+            return;
+        }
+        // Move the fullest worker's highest expert: deterministic, and keeps low experts stable.
+        let Some(expert) = placement
+            .iter()
+            .rev()
+            .find(|(_, owner)| **owner == fullest)
+            .map(|(expert, _)| *expert)
+        else {
+            return;
+        };
+        placement.insert(expert, emptiest.clone());
+        if let Some(load) = loads.get_mut(&fullest) {
+            load.bytes -= expert_bytes;
+        }
+        if let Some(load) = loads.get_mut(&emptiest) {
+            load.bytes += expert_bytes;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn experts(count: u32) -> Vec<ExpertOrd> {
+        (0..count).map(|e| (0, e)).collect()
+    }
+
+    fn worker(name: &str, memory: u64) -> WorkerSlot {
+        WorkerSlot {
+            id: WorkerId(name.into()),
+            memory_bytes: memory,
+            resident: BTreeSet::new(),
+        }
+    }
+
+    fn counts(plan: &Plan) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for owner in plan.placement.values() {
+            *counts.entry(owner.0.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn equal_workers_get_equal_counts() {
+        let plan = plan(
+            &experts(8),
+            10,
+            &[worker("a", 1000), worker("b", 1000)],
+            &Placement::new(),
+        );
+        assert_eq!(
+            counts(&plan),
+            BTreeMap::from([("a".into(), 4), ("b".into(), 4)])
+        );
+        assert!(plan.unplaced.is_empty());
+    }
+
+    #[test]
+    fn memory_weights_the_share_and_is_never_exceeded() {
+        let plan = plan(
+            &experts(9),
+            10,
+            &[worker("big", 60), worker("small", 30)],
+            &Placement::new(),
+        );
+        assert_eq!(
+            counts(&plan),
+            BTreeMap::from([("big".into(), 6), ("small".into(), 3)])
+        );
+        let crowded = super::plan(
+            &experts(5),
+            10,
+            &[worker("a", 20), worker("b", 20)],
+            &Placement::new(),
+        );
+        assert_eq!(crowded.placement.len(), 4);
+        assert_eq!(crowded.unplaced, vec![(0, 4)]);
+    }
+
+    #[test]
+    fn a_dead_workers_experts_move_to_the_survivor_and_the_rest_stay() {
+        let both = plan(
+            &experts(8),
+            10,
+            &[worker("a", 1000), worker("b", 1000)],
+            &Placement::new(),
+        );
+        let survivor = plan(&experts(8), 10, &[worker("a", 1000)], &both.placement);
+        assert!(survivor.placement.values().all(|owner| owner.0 == "a"));
+        assert_eq!(survivor.placement.len(), 8);
+    }
+
+    #[test]
+    fn a_late_joiner_takes_half_and_nothing_else_moves() {
+        let alone = plan(&experts(8), 10, &[worker("a", 1000)], &Placement::new());
+        let joined = plan(
+            &experts(8),
+            10,
+            &[worker("a", 1000), worker("b", 1000)],
+            &alone.placement,
+        );
+        assert_eq!(
+            counts(&joined),
+            BTreeMap::from([("a".into(), 4), ("b".into(), 4)])
+        );
+        let again = plan(
+            &experts(8),
+            10,
+            &[worker("a", 1000), worker("b", 1000)],
+            &joined.placement,
+        );
+        assert_eq!(again, joined, "a balanced placement is stable");
+    }
+
+    #[test]
+    fn resident_experts_are_adopted_after_a_coordinator_restart() {
+        let mut a = worker("a", 1000);
+        let mut b = worker("b", 1000);
+        a.resident = [(0, 1), (0, 3)].into();
+        b.resident = [(0, 0), (0, 2)].into();
+        let plan = plan(&experts(4), 10, &[a, b], &Placement::new());
+        let owners: Vec<_> = plan
+            .placement
+            .values()
+            .map(|owner| owner.0.as_str())
+            .collect();
+        assert_eq!(owners, ["b", "a", "b", "a"]);
+    }
+}

@@ -1,0 +1,90 @@
+//! The gRPC adapter over [`Cluster`]: convert, call, map the error. No logic.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use switchyard_proto::v1::{self, coordinator_server};
+use tokio_stream::wrappers::WatchStream;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::{Cluster, Registration};
+use crate::control::WorkerControl;
+
+#[derive(Debug)]
+pub struct CoordinatorService<C> {
+    cluster: Arc<Cluster<C>>,
+}
+
+impl<C: WorkerControl> CoordinatorService<C> {
+    pub fn new(cluster: Arc<Cluster<C>>) -> Self {
+        Self { cluster }
+    }
+}
+
+type TableStream = Pin<Box<dyn Stream<Item = Result<v1::RoutingTable, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C> {
+    async fn register_worker(
+        &self,
+        request: Request<v1::RegisterWorkerRequest>,
+    ) -> Result<Response<v1::RegisterWorkerResponse>, Status> {
+        let request = request.into_inner();
+        let registration = Registration {
+            protocol_version: request.protocol_version,
+            name: request.name,
+            endpoint: request.endpoint,
+            device: request.device,
+            memory_bytes: request.memory_bytes,
+            loaded_experts: request.loaded_experts,
+        };
+        let (worker_id, interval) = self.cluster.register(registration)?;
+        Ok(Response::new(v1::RegisterWorkerResponse {
+            worker_id: worker_id.0,
+            heartbeat_interval_ms: interval.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        let table_version = self.cluster.heartbeat(
+            request.protocol_version,
+            &request.worker_id,
+            request.queued_tokens,
+            request.tokens_served,
+        )?;
+        Ok(Response::new(v1::HeartbeatResponse { table_version }))
+    }
+
+    async fn get_routing_table(
+        &self,
+        _request: Request<v1::GetRoutingTableRequest>,
+    ) -> Result<Response<v1::RoutingTable>, Status> {
+        Ok(Response::new(self.cluster.table().as_ref().clone()))
+    }
+
+    type WatchRoutingTableStream = TableStream;
+
+    /// The current table (if newer than asked), then every new version.
+    async fn watch_routing_table(
+        &self,
+        request: Request<v1::GetRoutingTableRequest>,
+    ) -> Result<Response<Self::WatchRoutingTableStream>, Status> {
+        let newer_than = request.into_inner().newer_than;
+        let tables = WatchStream::new(self.cluster.subscribe())
+            .filter(move |table| std::future::ready(table.version > newer_than))
+            .map(|table| Ok(table.as_ref().clone()));
+        Ok(Response::new(Box::pin(tables)))
+    }
+
+    async fn get_cluster_status(
+        &self,
+        _request: Request<v1::GetClusterStatusRequest>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
+        Ok(Response::new(self.cluster.status()))
+    }
+}
