@@ -4,8 +4,10 @@
 //! - [`metrics_http`]: the Prometheus `/metrics` endpoint.
 //! - [`transport`]: HTTP/2 windows, frame and message size limits, set alike on servers and clients.
 //! - [`shutdown`]: Ctrl-C / SIGTERM as a future.
+//! - [`children`]: child processes that die with their parent, for `switchyard local` and tests.
 //! - [`ready`]: the line a process prints once it listens, so a parent can find its ports.
 
+pub mod children;
 pub mod metrics_http;
 pub mod ready;
 pub mod shutdown;

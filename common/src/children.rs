@@ -1,0 +1,151 @@
+//! Child processes that never outlive their parent: `switchyard local` and the integration tests
+//! start coordinators and workers with [`ChildProcess::spawn`]. A child is killed when its handle is
+//! dropped (a test that fails, a Ctrl-C) and, through `PR_SET_PDEATHSIG`, when the parent dies
+//! without running destructors (SIGKILL).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::ready;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    #[error("starting {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program} exited before it was ready ({status})")]
+    ExitedEarly { program: String, status: String },
+    #[error("{program} printed no readiness line within {after:?}")]
+    NotReady { program: String, after: Duration },
+}
+
+/// A running child process with the addresses it announced.
+#[derive(Debug)]
+pub struct ChildProcess {
+    pub name: String,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    child: Child,
+}
+
+impl ChildProcess {
+    /// Starts `program` with `args`, waits for its readiness line, and forwards its later stdout to
+    /// our stderr. Its stderr (logs) goes to ours, prefixed by nothing: the child's logs carry spans.
+    pub async fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        ready_within: Duration,
+    ) -> Result<Self, ChildError> {
+        let display = program.display().to_string();
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        die_with_parent(&mut command);
+        let mut child = command.spawn().map_err(|source| ChildError::Spawn {
+            program: display.clone(),
+            source,
+        })?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let announced = tokio::time::timeout(ready_within, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addresses) = ready::parse(&line) {
+                    return Some(addresses);
+                }
+            }
+            None
+        })
+        .await;
+        let (grpc, metrics) = match announced {
+            Ok(Some(addresses)) => addresses,
+            Ok(None) => {
+                let status = child
+                    .wait()
+                    .await
+                    .map_or_else(|error| error.to_string(), |status| status.to_string());
+                return Err(ChildError::ExitedEarly {
+                    program: display,
+                    status,
+                });
+            }
+            Err(_) => {
+                return Err(ChildError::NotReady {
+                    program: display,
+                    after: ready_within,
+                });
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            name: name.to_owned(),
+            grpc,
+            metrics,
+            child,
+        })
+    }
+
+    pub fn grpc_uri(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash would: no drain, no goodbye.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then SIGKILL if the child is still there after `grace`.
+    pub async fn stop(&mut self, grace: Duration) {
+        if let Some(pid) = self.child.id() {
+            send_sigterm(pid);
+            if tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
+                return;
+            }
+        }
+        self.kill().await;
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut Command) {}
+
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn send_sigterm(pid: u32) {
+    // SAFETY: kill(2) on a pid we own; a stale pid is at worst an ESRCH error we ignore.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+#[cfg(not(unix))]
+fn send_sigterm(_pid: u32) {}

@@ -1,0 +1,416 @@
+//! [`MoeClient`]: one MoE layer call, distributed. Gate and route here, send each worker its rows
+//! (all workers at once), combine the answers, and say where the time and bytes went.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use switchyard_proto::v1::{self, Dtype, expert_worker_client::ExpertWorkerClient};
+use switchyard_proto::wire;
+use tonic::transport::Channel;
+use tracing::Instrument;
+
+use crate::codec::{accumulate, decode_rows};
+use crate::dispatch::{PlannedRequest, by_worker, pack_requests};
+use crate::error::ClientError;
+use crate::gate::Gate;
+use crate::router::{RoutingConfig, assign, gate_and_route};
+use crate::table::{RoutingTableView, TableReceiver};
+use crate::timing::{ByteCounts, TimeBreakdown};
+
+/// How this client calls layers.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Element type of rows on the wire (both ways).
+    pub wire_dtype: Dtype,
+    /// Deadline of one worker request.
+    pub timeout: Duration,
+    /// A worker's payload above this many bytes is split over several requests.
+    pub split_request_bytes: usize,
+    /// Overrides the model's capacity factor.
+    pub capacity_factor: Option<f32>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            wire_dtype: Dtype::F32,
+            timeout: Duration::from_secs(30),
+            split_request_bytes: switchyard_common::transport::SPLIT_REQUEST_BYTES,
+            capacity_factor: None,
+        }
+    }
+}
+
+/// Routing facts of one call.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RoutingSummary {
+    pub tokens: usize,
+    /// Assignments before capacity (`tokens * top_k`).
+    pub assignments: usize,
+    /// Assignments dropped by capacity: those tokens got no output from that expert.
+    pub dropped: usize,
+    pub capacity: usize,
+    pub tokens_per_expert: Vec<u32>,
+}
+
+/// One worker's share of a call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerCall {
+    pub endpoint: Arc<str>,
+    pub requests: usize,
+    pub rows: usize,
+    /// The RPC as the client saw it.
+    pub rpc: Duration,
+    /// The worker's handler time (its answer's `worker_us`).
+    pub worker: Duration,
+}
+
+/// The answer of one layer call.
+#[derive(Debug, Clone)]
+pub struct LayerOutput {
+    /// `[tokens, d_model]`: `Σ weight · expert(x)` over kept assignments.
+    pub hidden: Vec<f32>,
+    /// `[tokens, experts]`.
+    pub router_logits: Vec<f32>,
+    pub routing: RoutingSummary,
+    pub timing: TimeBreakdown,
+    pub bytes: ByteCounts,
+    pub workers: Vec<WorkerCall>,
+    pub table_version: u64,
+}
+
+/// The distributed MoE layer. Cheap to share (`Arc`) between concurrent callers.
+#[derive(Debug)]
+pub struct MoeClient {
+    tables: TableReceiver,
+    options: ClientOptions,
+    workers: Mutex<HashMap<Arc<str>, ExpertWorkerClient<Channel>>>,
+    gates: Mutex<HashMap<(u32, u64), Arc<Gate>>>,
+    next_request_id: AtomicU64,
+}
+
+impl MoeClient {
+    pub fn new(tables: TableReceiver, options: ClientOptions) -> Self {
+        // Request ids unique across client processes: pid in the high bits.
+        let first_id = (u64::from(std::process::id()) << 32) | 1;
+        Self {
+            tables,
+            options,
+            workers: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
+            next_request_id: AtomicU64::new(first_id),
+        }
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    /// The table calls are routed with right now.
+    pub fn table(&self) -> Option<Arc<RoutingTableView>> {
+        self.tables.borrow().clone()
+    }
+
+    fn gate(&self, table: &RoutingTableView, layer: u32) -> Arc<Gate> {
+        let mut gates = self
+            .gates
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        gates
+            .entry((layer, table.model.seed))
+            .or_insert_with(|| Arc::new(Gate::synthetic(&table.model, layer)))
+            .clone()
+    }
+
+    fn worker(&self, endpoint: &Arc<str>) -> Result<ExpertWorkerClient<Channel>, ClientError> {
+        let mut workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(client) = workers.get(endpoint) {
+            return Ok(client.clone());
+        }
+        let channel = switchyard_common::transport::channel(endpoint).map_err(|error| {
+            ClientError::BadTable {
+                version: 0,
+                reason: format!("endpoint {endpoint}: {error}"),
+            }
+        })?;
+        let client = ExpertWorkerClient::new(channel)
+            .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
+        workers.insert(endpoint.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// Runs `hidden` (`[tokens, d_model]`, row-major) through MoE layer `layer`.
+    pub async fn forward(&self, layer: u32, hidden: &[f32]) -> Result<LayerOutput, ClientError> {
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::debug_span!("layer_forward", request_id, layer);
+        self.forward_inner(request_id, layer, hidden)
+            .instrument(span)
+            .await
+    }
+
+    async fn forward_inner(
+        &self,
+        request_id: u64,
+        layer: u32,
+        hidden: &[f32],
+    ) -> Result<LayerOutput, ClientError> {
+        let started = Instant::now();
+        let table = self.table().ok_or(ClientError::NoTable {
+            coordinator: "(not connected)".into(),
+            waited: Duration::ZERO,
+        })?;
+        let model = &table.model;
+        let d_model = model.d_model as usize;
+        if layer >= model.layers {
+            return Err(ClientError::InvalidInput {
+                field: "layer",
+                reason: format!("{layer} is not below the model's {} layers", model.layers),
+            });
+        }
+        if hidden.is_empty() || hidden.len() % d_model != 0 {
+            return Err(ClientError::InvalidInput {
+                field: "hidden",
+                reason: format!(
+                    "{} values is not a positive multiple of d_model {d_model}",
+                    hidden.len()
+                ),
+            });
+        }
+        let mut config = RoutingConfig::for_model(model);
+        if let Some(capacity_factor) = self.options.capacity_factor {
+            config.capacity_factor = capacity_factor;
+        }
+        let mut timing = TimeBreakdown::default();
+
+        let phase = Instant::now();
+        let (logits, routing) = gate_and_route(&self.gate(&table, layer), hidden, config);
+        timing.gate = phase.elapsed();
+
+        let phase = Instant::now();
+        let routed = assign(logits, routing, config);
+        let workers = by_worker(layer, &routed.groups, &table)?;
+        timing.plan = phase.elapsed();
+
+        let phase = Instant::now();
+        let dtype = self.options.wire_dtype;
+        let mut requests: Vec<PlannedRequest> = workers
+            .iter()
+            .flat_map(|(endpoint, groups)| {
+                pack_requests(
+                    endpoint,
+                    layer,
+                    groups,
+                    &routed.groups,
+                    hidden,
+                    d_model,
+                    dtype,
+                    self.options.split_request_bytes,
+                )
+            })
+            .collect();
+        let mut bytes = ByteCounts::default();
+        for planned in &mut requests {
+            planned.request.request_id = request_id;
+            bytes.payload_sent += planned
+                .request
+                .batches
+                .iter()
+                .map(|b| b.rows.as_ref().map_or(0, |t| t.data.len() as u64))
+                .sum::<u64>();
+            bytes.message_sent += planned.request.encoded_len() as u64 + 5;
+        }
+        timing.encode = phase.elapsed();
+
+        let calls = requests
+            .iter()
+            .map(|planned| self.call(planned, request_id));
+        let answers = futures::future::join_all(calls).await;
+        let mut responses = Vec::with_capacity(answers.len());
+        for answer in answers {
+            responses.push(answer?);
+        }
+
+        // The straggler's RPC is the call's network + queue + compute time.
+        if let Some((response, rpc)) = responses.iter().max_by_key(|(_, rpc)| *rpc) {
+            let worker = Duration::from_micros(response.worker_us).min(*rpc);
+            let compute_us: u64 = response
+                .outputs
+                .iter()
+                .filter_map(|o| o.timing.map(|t| t.compute_us))
+                .sum();
+            let compute = Duration::from_micros(compute_us).min(worker);
+            timing.network = *rpc - worker;
+            timing.compute = compute;
+            timing.queue_wait = worker - compute;
+        }
+
+        let mut output = vec![0.0f32; hidden.len()];
+        let mut scratch = Vec::new();
+        for (planned, (response, _)) in requests.iter().zip(&responses) {
+            bytes.message_received += response.encoded_len() as u64 + 5;
+            if response.outputs.len() != planned.pieces.len() {
+                return Err(ClientError::BadResponse {
+                    endpoint: planned.endpoint.to_string(),
+                    reason: format!(
+                        "{} outputs for {} expert batches",
+                        response.outputs.len(),
+                        planned.pieces.len()
+                    ),
+                });
+            }
+            for (index, (piece, answer)) in planned.pieces.iter().zip(&response.outputs).enumerate()
+            {
+                let group = &routed.groups[piece.group];
+                let rows = piece.end - piece.start;
+                let payload = check_output(
+                    &planned.endpoint,
+                    index,
+                    answer,
+                    layer,
+                    group.expert,
+                    rows,
+                    d_model,
+                )?;
+                bytes.payload_received += payload.data.len() as u64;
+
+                let phase = Instant::now();
+                decode_rows(
+                    &payload.data,
+                    Dtype::try_from(payload.dtype).unwrap_or(Dtype::F32),
+                    &mut scratch,
+                );
+                timing.decode += phase.elapsed();
+
+                let phase = Instant::now();
+                accumulate(
+                    &mut output,
+                    d_model,
+                    &group.tokens[piece.start..piece.end],
+                    &group.weights[piece.start..piece.end],
+                    &scratch,
+                );
+                timing.combine += phase.elapsed();
+            }
+        }
+
+        let mut worker_calls: Vec<WorkerCall> = Vec::new();
+        for (planned, (response, rpc)) in requests.iter().zip(&responses) {
+            let rows = planned
+                .pieces
+                .iter()
+                .map(|piece| piece.end - piece.start)
+                .sum::<usize>();
+            let worker = Duration::from_micros(response.worker_us);
+            match worker_calls
+                .iter_mut()
+                .find(|call| call.endpoint == planned.endpoint)
+            {
+                Some(call) => {
+                    call.requests += 1;
+                    call.rows += rows;
+                    call.rpc = call.rpc.max(*rpc);
+                    call.worker = call.worker.max(worker);
+                }
+                None => worker_calls.push(WorkerCall {
+                    endpoint: planned.endpoint.clone(),
+                    requests: 1,
+                    rows,
+                    rpc: *rpc,
+                    worker,
+                }),
+            }
+        }
+
+        timing.wall = started.elapsed();
+        let routing = RoutingSummary {
+            tokens: routed.routing.tokens,
+            assignments: routed.routing.choices.len(),
+            dropped: routed.capacity.dropped,
+            capacity: routed.capacity.capacity,
+            tokens_per_expert: routed.capacity.tokens_per_expert.clone(),
+        };
+        Ok(LayerOutput {
+            hidden: output,
+            router_logits: routed.logits,
+            routing,
+            timing,
+            bytes,
+            workers: worker_calls,
+            table_version: table.version,
+        })
+    }
+
+    async fn call(
+        &self,
+        planned: &PlannedRequest,
+        request_id: u64,
+    ) -> Result<(v1::ForwardResponse, Duration), ClientError> {
+        let mut client = self.worker(&planned.endpoint)?;
+        let mut request = tonic::Request::new(planned.request.clone());
+        request.set_timeout(self.options.timeout);
+        if let Ok(value) = request_id.to_string().parse() {
+            request.metadata_mut().insert("x-request-id", value);
+        }
+        let started = Instant::now();
+        let answer = tokio::time::timeout(self.options.timeout, client.forward(request)).await;
+        let rpc = started.elapsed();
+        match answer {
+            Ok(Ok(response)) => Ok((response.into_inner(), rpc)),
+            Ok(Err(status)) => Err(ClientError::Worker {
+                endpoint: planned.endpoint.to_string(),
+                code: status.code(),
+                message: status.message().to_owned(),
+            }),
+            Err(_) => Err(ClientError::Timeout {
+                endpoint: planned.endpoint.to_string(),
+                after: self.options.timeout,
+            }),
+        }
+    }
+}
+
+fn check_output<'a>(
+    endpoint: &str,
+    index: usize,
+    answer: &'a v1::ExpertOutput,
+    layer: u32,
+    expert: u32,
+    rows: usize,
+    d_model: usize,
+) -> Result<&'a v1::WireTensor, ClientError> {
+    let bad = |reason: String| ClientError::BadResponse {
+        endpoint: endpoint.to_owned(),
+        reason,
+    };
+    if answer.expert != Some(v1::ExpertKey::new(layer, expert)) {
+        return Err(bad(format!(
+            "outputs[{index}].expert is {:?}, expected layer {layer} expert {expert}",
+            answer.expert
+        )));
+    }
+    let payload = answer
+        .rows
+        .as_ref()
+        .ok_or_else(|| bad(format!("outputs[{index}].rows is missing")))?;
+    let dtype = Dtype::try_from(payload.dtype)
+        .ok()
+        .filter(|dtype| *dtype != Dtype::Unspecified);
+    let expected = dtype
+        .and_then(wire::element_size)
+        .map(|size| rows * d_model * size);
+    if payload.shape != [rows as u64, d_model as u64] || expected != Some(payload.data.len()) {
+        return Err(bad(format!(
+            "outputs[{index}].rows has shape {:?} and {} bytes, expected [{rows}, {d_model}]",
+            payload.shape,
+            payload.data.len()
+        )));
+    }
+    Ok(payload)
+}

@@ -1,0 +1,205 @@
+//! The dispatch plan: the kept assignments grouped by worker, then packed into requests.
+//!
+//! One request per worker carries every expert that worker serves for this call. A worker whose
+//! payload exceeds `split_bytes` gets several requests (an expert's rows are cut by whole rows), so
+//! no batch is ever refused by a message size limit.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use switchyard_proto::v1::{self, Dtype, ExpertKey};
+use switchyard_proto::wire;
+
+use crate::codec::gather_rows;
+use crate::error::ClientError;
+use crate::router::ExpertAssignments;
+use crate::table::RoutingTableView;
+
+/// Rows `start..end` of group `group` (an index into the call's groups) placed in one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub group: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A request ready to send, with how to map its answer back.
+#[derive(Debug, Clone)]
+pub struct PlannedRequest {
+    pub endpoint: Arc<str>,
+    pub request: v1::ForwardRequest,
+    /// Aligned with `request.batches`.
+    pub pieces: Vec<Piece>,
+}
+
+/// Groups `groups` by the worker serving each expert (its first endpoint).
+pub fn by_worker(
+    layer: u32,
+    groups: &[ExpertAssignments],
+    table: &RoutingTableView,
+) -> Result<BTreeMap<Arc<str>, Vec<usize>>, ClientError> {
+    let mut workers: BTreeMap<Arc<str>, Vec<usize>> = BTreeMap::new();
+    for (index, group) in groups.iter().enumerate() {
+        let endpoint =
+            table
+                .endpoints(layer, group.expert)
+                .first()
+                .ok_or(ClientError::Unplaced {
+                    version: table.version,
+                    expert: ExpertKey::new(layer, group.expert),
+                })?;
+        workers.entry(endpoint.clone()).or_default().push(index);
+    }
+    Ok(workers)
+}
+
+/// Packs one worker's groups into requests of at most `split_bytes` payload (at least one row each).
+pub fn pack_requests(
+    endpoint: &Arc<str>,
+    layer: u32,
+    group_indices: &[usize],
+    groups: &[ExpertAssignments],
+    hidden: &[f32],
+    d_model: usize,
+    dtype: Dtype,
+    split_bytes: usize,
+) -> Vec<PlannedRequest> {
+    let row_bytes = d_model * wire::element_size(dtype).unwrap_or(4);
+    let rows_per_request = (split_bytes / row_bytes).max(1);
+    let mut requests = Vec::new();
+    let mut current = new_request(endpoint, dtype);
+    let mut current_rows = 0;
+    for &group_index in group_indices {
+        let group = &groups[group_index];
+        let mut start = 0;
+        while start < group.tokens.len() {
+            if current_rows == rows_per_request {
+                requests.push(std::mem::replace(
+                    &mut current,
+                    new_request(endpoint, dtype),
+                ));
+                current_rows = 0;
+            }
+            let end = group
+                .tokens
+                .len()
+                .min(start + rows_per_request - current_rows);
+            let tokens = &group.tokens[start..end];
+            current.request.batches.push(v1::ExpertRows {
+                expert: Some(ExpertKey::new(layer, group.expert)),
+                rows: Some(v1::WireTensor {
+                    dtype: dtype as i32,
+                    shape: vec![tokens.len() as u64, d_model as u64],
+                    data: gather_rows(hidden, d_model, tokens, dtype),
+                }),
+            });
+            current.pieces.push(Piece {
+                group: group_index,
+                start,
+                end,
+            });
+            current_rows += end - start;
+            start = end;
+        }
+    }
+    if !current.pieces.is_empty() {
+        requests.push(current);
+    }
+    requests
+}
+
+fn new_request(endpoint: &Arc<str>, dtype: Dtype) -> PlannedRequest {
+    PlannedRequest {
+        endpoint: endpoint.clone(),
+        request: v1::ForwardRequest {
+            request_id: 0,
+            batches: Vec::new(),
+            output_dtype: dtype as i32,
+        },
+        pieces: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(expert: u32, tokens: usize) -> ExpertAssignments {
+        ExpertAssignments {
+            expert,
+            tokens: (0..tokens as u32).collect(),
+            weights: vec![1.0; tokens],
+        }
+    }
+
+    #[test]
+    fn small_payloads_travel_in_one_request_per_worker() {
+        let groups = [group(0, 3), group(1, 2)];
+        let hidden = vec![0.5; 3 * 4];
+        let endpoint: Arc<str> = Arc::from("http://a");
+        let requests = pack_requests(
+            &endpoint,
+            0,
+            &[0, 1],
+            &groups,
+            &hidden,
+            4,
+            Dtype::F32,
+            1 << 20,
+        );
+        assert_eq!(requests.len(), 1);
+        assert_eq!(requests[0].request.batches.len(), 2);
+        assert_eq!(
+            requests[0].request.batches[0]
+                .rows
+                .as_ref()
+                .map(|r| r.data.len()),
+            Some(3 * 4 * 4)
+        );
+    }
+
+    #[test]
+    fn large_payloads_split_by_whole_rows_and_cover_every_row_once() {
+        let groups = [group(0, 5), group(1, 4)];
+        let hidden = vec![0.5; 5 * 4];
+        let endpoint: Arc<str> = Arc::from("http://a");
+        // 16 bytes per row (4 x f32); 48 bytes per request = 3 rows.
+        let requests = pack_requests(&endpoint, 0, &[0, 1], &groups, &hidden, 4, Dtype::F32, 48);
+        let pieces: Vec<Vec<Piece>> = requests.iter().map(|r| r.pieces.clone()).collect();
+        assert_eq!(
+            pieces,
+            [
+                vec![Piece {
+                    group: 0,
+                    start: 0,
+                    end: 3
+                }],
+                vec![
+                    Piece {
+                        group: 0,
+                        start: 3,
+                        end: 5
+                    },
+                    Piece {
+                        group: 1,
+                        start: 0,
+                        end: 1
+                    }
+                ],
+                vec![Piece {
+                    group: 1,
+                    start: 1,
+                    end: 4
+                }],
+            ]
+        );
+        assert!(requests.iter().all(|r| {
+            r.request
+                .batches
+                .iter()
+                .map(|b| b.rows.as_ref().map_or(0, |t| t.data.len()))
+                .sum::<usize>()
+                <= 48
+        }));
+    }
+}

@@ -1,0 +1,26 @@
+//! The Switchyard router client: the library a model-serving process links to run MoE layers whose
+//! experts live on other processes, and the `switchyard` command-line tool built on it.
+//!
+//! One layer call ([`MoeClient::forward`]):
+//! [`gate`] (logits) → [`routing`] (policy) → [`capacity`] (overflow) → [`router`] (groups by
+//! expert) → [`dispatch`] (groups by worker, packed into requests) → all workers at once over gRPC →
+//! [`codec`] (decode, weighted combine). [`table`] keeps the routing table current; [`timing`] says
+//! where the time and bytes went; [`reference`] computes the same layer in-process.
+
+pub mod capacity;
+pub mod client;
+pub mod codec;
+pub mod dispatch;
+pub mod error;
+pub mod gate;
+pub mod reference;
+pub mod router;
+pub mod routing;
+pub mod table;
+pub mod timing;
+
+pub use client::{ClientOptions, LayerOutput, MoeClient, RoutingSummary, WorkerCall};
+pub use error::ClientError;
+pub use reference::{ReferenceLayer, relative_frobenius_error};
+pub use table::{RoutingTableView, TableWatcher};
+pub use timing::{ByteCounts, TimeBreakdown};

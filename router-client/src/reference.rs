@@ -1,0 +1,201 @@
+//! The in-process reference layer: the same gate, routing and capacity as [`crate::MoeClient`], the
+//! same experts (rebuilt from the seed), no network. Tests compare the distributed output with it;
+//! benchmarks use it as the baseline that expert parallelism's overhead is measured against.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use switchyard_experts::Expert;
+use switchyard_model::ModelSpec;
+
+use crate::client::RoutingSummary;
+use crate::codec::accumulate;
+use crate::error::ClientError;
+use crate::gate::Gate;
+use crate::router::{RoutingConfig, assign, gate_and_route};
+
+/// The answer of one reference call.
+#[derive(Debug, Clone)]
+pub struct ReferenceOutput {
+    pub hidden: Vec<f32>,
+    pub router_logits: Vec<f32>,
+    pub routing: RoutingSummary,
+    /// Expert forwards only.
+    pub compute: Duration,
+    pub wall: Duration,
+}
+
+/// `Sync`: experts (tch tensors, `Send` only) sit behind a mutex, so calls compute one at a time,
+/// as one worker's compute thread does.
+#[derive(Debug)]
+pub struct ReferenceLayer {
+    model: ModelSpec,
+    gates: Vec<Gate>,
+    experts: Mutex<HashMap<(u32, u32), Expert>>,
+}
+
+impl ReferenceLayer {
+    /// Builds every expert of `layers` of a synthetic model on `device`.
+    pub fn synthetic(model: &ModelSpec, layers: &[u32], device: tch::Device) -> Self {
+        let _no_grad = tch::no_grad_guard();
+        let gates = (0..model.layers)
+            .map(|layer| Gate::synthetic(model, layer))
+            .collect();
+        let experts = layers
+            .iter()
+            .flat_map(|layer| (0..model.experts_per_layer).map(move |expert| (*layer, expert)))
+            .map(|(layer, expert)| {
+                (
+                    (layer, expert),
+                    Expert::synthetic(model, layer, expert, device),
+                )
+            })
+            .collect();
+        Self {
+            model: model.clone(),
+            gates,
+            experts: Mutex::new(experts),
+        }
+    }
+
+    pub fn model(&self) -> &ModelSpec {
+        &self.model
+    }
+
+    /// Runs `hidden` through layer `layer` with `capacity_factor` (or the model's).
+    pub fn forward(
+        &self,
+        layer: u32,
+        hidden: &[f32],
+        capacity_factor: Option<f32>,
+    ) -> Result<ReferenceOutput, ClientError> {
+        let started = Instant::now();
+        let d_model = self.model.d_model as usize;
+        let gate = self
+            .gates
+            .get(layer as usize)
+            .ok_or(ClientError::InvalidInput {
+                field: "layer",
+                reason: format!(
+                    "{layer} is not below the model's {} layers",
+                    self.model.layers
+                ),
+            })?;
+        if hidden.is_empty() || hidden.len() % d_model != 0 {
+            return Err(ClientError::InvalidInput {
+                field: "hidden",
+                reason: format!(
+                    "{} values is not a positive multiple of d_model {d_model}",
+                    hidden.len()
+                ),
+            });
+        }
+        let mut config = RoutingConfig::for_model(&self.model);
+        if let Some(capacity_factor) = capacity_factor {
+            config.capacity_factor = capacity_factor;
+        }
+        let (logits, routing) = gate_and_route(gate, hidden, config);
+        let routed = assign(logits, routing, config);
+        let experts = self
+            .experts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut output = vec![0.0f32; hidden.len()];
+        let mut rows = Vec::new();
+        let mut compute = Duration::ZERO;
+        for group in &routed.groups {
+            let expert = experts
+                .get(&(layer, group.expert))
+                .ok_or(ClientError::InvalidInput {
+                    field: "layer",
+                    reason: format!("the reference layer holds no experts of layer {layer}"),
+                })?;
+            rows.clear();
+            for token in &group.tokens {
+                let start = *token as usize * d_model;
+                rows.extend_from_slice(&hidden[start..start + d_model]);
+            }
+            let phase = Instant::now();
+            let expert_output = expert.forward_f32(&rows);
+            compute += phase.elapsed();
+            accumulate(
+                &mut output,
+                d_model,
+                &group.tokens,
+                &group.weights,
+                &expert_output,
+            );
+        }
+        Ok(ReferenceOutput {
+            hidden: output,
+            routing: RoutingSummary {
+                tokens: routed.routing.tokens,
+                assignments: routed.routing.choices.len(),
+                dropped: routed.capacity.dropped,
+                capacity: routed.capacity.capacity,
+                tokens_per_expert: routed.capacity.tokens_per_expert.clone(),
+            },
+            router_logits: routed.logits,
+            compute,
+            wall: started.elapsed(),
+        })
+    }
+}
+
+/// `‖a − b‖_F / ‖b‖_F`: the numerical contract's measure.
+pub fn relative_frobenius_error(actual: &[f32], expected: &[f32]) -> f64 {
+    let (mut difference, mut norm) = (0.0f64, 0.0f64);
+    for (a, b) in actual.iter().zip(expected) {
+        difference += f64::from(a - b).powi(2);
+        norm += f64::from(*b).powi(2);
+    }
+    (difference / norm.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_sums_weighted_expert_outputs() {
+        let model = ModelSpec {
+            d_model: 8,
+            d_ff: 16,
+            experts_per_layer: 4,
+            top_k: 2,
+            capacity_factor: 4.0,
+            ..ModelSpec::default_synthetic()
+        };
+        let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+        let hidden: Vec<f32> = (0..3 * 8).map(|i| (i as f32 * 0.3).cos()).collect();
+        let output = reference.forward(0, &hidden, None).expect("forward");
+        assert_eq!(output.routing.dropped, 0);
+        // Token 1 by hand: its two experts, each run alone, weighted.
+        let config = RoutingConfig::for_model(&model);
+        let (_, routing) = gate_and_route(&Gate::synthetic(&model, 0), &hidden, config);
+        let row = &hidden[8..16];
+        let mut expected = vec![0.0f32; 8];
+        for (expert, weight) in routing.token_choices(1) {
+            let out = Expert::synthetic(&model, 0, *expert, tch::Device::Cpu).forward_f32(row);
+            for (e, o) in expected.iter_mut().zip(out) {
+                *e += weight * o;
+            }
+        }
+        assert!(relative_frobenius_error(&output.hidden[8..16], &expected) < 1e-6);
+        assert!(
+            reference
+                .forward(3, &hidden, None)
+                .unwrap_err()
+                .to_string()
+                .starts_with("layer")
+        );
+        assert!(
+            reference
+                .forward(0, &hidden[..5], None)
+                .unwrap_err()
+                .to_string()
+                .starts_with("hidden")
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! The routing table as the client uses it, and the watcher that keeps it current.
+//!
+//! [`RoutingTableView`] is the validated domain form of `v1::RoutingTable`. [`TableWatcher`] follows
+//! the coordinator's `WatchRoutingTable` stream in the background and reconnects when it breaks; the
+//! last table stays in force meanwhile, so a coordinator restart never stops the data path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_model::ModelSpec;
+use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::error::ClientError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingTableView {
+    pub version: u64,
+    pub model: ModelSpec,
+    /// `endpoints[layer * experts + expert]`: the workers serving that expert (first is preferred).
+    endpoints: Vec<Vec<Arc<str>>>,
+    pub queue_limit_tokens: u32,
+}
+
+impl RoutingTableView {
+    pub fn endpoints(&self, layer: u32, expert: u32) -> &[Arc<str>] {
+        &self.endpoints[(layer * self.model.experts_per_layer + expert) as usize]
+    }
+
+    /// True when every expert of every layer has a worker.
+    pub fn is_complete(&self) -> bool {
+        self.endpoints.iter().all(|endpoints| !endpoints.is_empty())
+    }
+
+    /// Every distinct worker endpoint in the table.
+    pub fn workers(&self) -> Vec<Arc<str>> {
+        let mut workers: Vec<Arc<str>> = self.endpoints.iter().flatten().cloned().collect();
+        workers.sort();
+        workers.dedup();
+        workers
+    }
+}
+
+impl TryFrom<v1::RoutingTable> for RoutingTableView {
+    type Error = ClientError;
+
+    fn try_from(table: v1::RoutingTable) -> Result<Self, Self::Error> {
+        let bad = |reason: String| ClientError::BadTable {
+            version: table.version,
+            reason,
+        };
+        let model =
+            ModelSpec::try_from(table.model.clone()).map_err(|error| bad(error.to_string()))?;
+        let experts = model.experts_per_layer;
+        let mut endpoints = vec![Vec::new(); (model.layers * experts) as usize];
+        for (index, route) in table.routes.iter().enumerate() {
+            let expert = route
+                .expert
+                .ok_or_else(|| bad(format!("routes[{index}].expert is missing")))?;
+            if !model.contains(&expert) {
+                return Err(bad(format!(
+                    "routes[{index}].expert: {expert} is outside the model"
+                )));
+            }
+            endpoints[(expert.layer * experts + expert.expert) as usize] = route
+                .endpoints
+                .iter()
+                .map(|endpoint| Arc::from(endpoint.as_str()))
+                .collect();
+        }
+        Ok(Self {
+            version: table.version,
+            model,
+            endpoints,
+            queue_limit_tokens: table.queue_limit_tokens,
+        })
+    }
+}
+
+/// Shared handle to the latest routing table.
+pub type TableReceiver = watch::Receiver<Option<Arc<RoutingTableView>>>;
+
+/// Follows the coordinator's table stream until dropped.
+#[derive(Debug)]
+pub struct TableWatcher {
+    coordinator: String,
+    receiver: TableReceiver,
+    task: JoinHandle<()>,
+}
+
+const RECONNECT_DELAY: Duration = Duration::from_millis(250);
+
+impl TableWatcher {
+    /// Starts following `coordinator` (e.g. `http://127.0.0.1:50051`).
+    pub fn start(coordinator: &str) -> Result<Self, ClientError> {
+        let channel = switchyard_common::transport::channel(coordinator).map_err(|error| {
+            ClientError::InvalidInput {
+                field: "coordinator",
+                reason: error.to_string(),
+            }
+        })?;
+        let (sender, receiver) = watch::channel(None);
+        let task = tokio::spawn(follow(
+            CoordinatorClient::new(channel),
+            sender,
+            coordinator.to_owned(),
+        ));
+        Ok(Self {
+            coordinator: coordinator.to_owned(),
+            receiver,
+            task,
+        })
+    }
+
+    pub fn receiver(&self) -> TableReceiver {
+        self.receiver.clone()
+    }
+
+    pub fn current(&self) -> Option<Arc<RoutingTableView>> {
+        self.receiver.borrow().clone()
+    }
+
+    /// Waits until a table satisfying `ready` arrives (e.g. [`RoutingTableView::is_complete`]).
+    pub async fn wait_for(
+        &self,
+        ready: impl Fn(&RoutingTableView) -> bool,
+        within: Duration,
+    ) -> Result<Arc<RoutingTableView>, ClientError> {
+        let mut receiver = self.receiver.clone();
+        let waited = tokio::time::timeout(
+            within,
+            receiver.wait_for(|table| table.as_deref().is_some_and(&ready)),
+        )
+        .await;
+        match waited {
+            Ok(Ok(table)) => Ok(table.clone().expect("checked by wait_for")),
+            _ => Err(ClientError::NoTable {
+                coordinator: self.coordinator.clone(),
+                waited: within,
+            }),
+        }
+    }
+}
+
+impl Drop for TableWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn follow(
+    mut client: CoordinatorClient<tonic::transport::Channel>,
+    sender: watch::Sender<Option<Arc<RoutingTableView>>>,
+    coordinator: String,
+) {
+    loop {
+        let newer_than = sender.borrow().as_ref().map_or(0, |table| table.version);
+        match client
+            .watch_routing_table(v1::GetRoutingTableRequest { newer_than })
+            .await
+        {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(table)) => match RoutingTableView::try_from(table) {
+                            Ok(view) => {
+                                tracing::debug!(version = view.version, "routing table received");
+                                sender.send_replace(Some(Arc::new(view)));
+                            }
+                            Err(error) => {
+                                tracing::error!(%error, "ignoring a malformed routing table")
+                            }
+                        },
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(
+                                message = status.message(),
+                                "routing table stream broke"
+                            );
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) => {
+                tracing::debug!(%coordinator, message = status.message(), "coordinator unreachable; keeping the last table")
+            }
+        }
+        tokio::time::sleep(RECONNECT_DELAY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire_table() -> v1::RoutingTable {
+        let model = ModelSpec {
+            experts_per_layer: 2,
+            layers: 1,
+            ..ModelSpec::default_synthetic()
+        };
+        v1::RoutingTable {
+            version: 3,
+            model: Some(model.to_proto()),
+            routes: vec![
+                v1::ExpertRoute {
+                    expert: Some(v1::ExpertKey::new(0, 1)),
+                    endpoints: vec!["http://b".into()],
+                },
+                v1::ExpertRoute {
+                    expert: Some(v1::ExpertKey::new(0, 0)),
+                    endpoints: vec!["http://a".into()],
+                },
+            ],
+            queue_limit_tokens: 8,
+        }
+    }
+
+    #[test]
+    fn validates_and_indexes_routes() {
+        let view = RoutingTableView::try_from(wire_table()).expect("valid");
+        assert_eq!(&*view.endpoints(0, 0)[0], "http://a");
+        assert_eq!(&*view.endpoints(0, 1)[0], "http://b");
+        assert!(view.is_complete());
+        assert_eq!(view.workers().len(), 2);
+        let mut outside = wire_table();
+        outside.routes[0].expert = Some(v1::ExpertKey::new(0, 5));
+        let error = RoutingTableView::try_from(outside).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "routing table version 3 is malformed: routes[0].expert: layer 0 expert 5 is outside the model"
+        );
+        let mut partial = wire_table();
+        partial.routes[1].endpoints.clear();
+        assert!(
+            !RoutingTableView::try_from(partial)
+                .expect("valid")
+                .is_complete()
+        );
+    }
+}

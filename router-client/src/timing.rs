@@ -1,0 +1,95 @@
+//! Where the time and the bytes of one layer call went.
+//!
+//! The phases follow the critical path, so they add up to the call's wall time: the client's own
+//! steps run one after another, and of the concurrent worker calls only the slowest one (the
+//! straggler) delays the answer. Its time splits into network (its RPC time less the worker's own
+//! handler time: transfer, framing, encode/decode in tonic), queue wait and expert compute.
+
+use std::ops::AddAssign;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TimeBreakdown {
+    /// Gate logits and the routing policy.
+    pub gate: Duration,
+    /// Capacity, grouping by expert and by worker.
+    pub plan: Duration,
+    /// Gathering rows into wire payloads.
+    pub encode: Duration,
+    /// Straggler RPC time not spent inside the worker.
+    pub network: Duration,
+    /// Straggler worker time not spent computing (queue wait, batching).
+    pub queue_wait: Duration,
+    /// Straggler worker expert compute.
+    pub compute: Duration,
+    /// Turning answer payloads into f32 rows.
+    pub decode: Duration,
+    /// Weighted sum into the output.
+    pub combine: Duration,
+    /// The whole call, measured by the caller's clock.
+    pub wall: Duration,
+}
+
+impl TimeBreakdown {
+    pub const PHASES: [&'static str; 8] = [
+        "gate",
+        "plan",
+        "encode",
+        "network",
+        "queue_wait",
+        "compute",
+        "decode",
+        "combine",
+    ];
+
+    pub fn phases(&self) -> [Duration; 8] {
+        [
+            self.gate,
+            self.plan,
+            self.encode,
+            self.network,
+            self.queue_wait,
+            self.compute,
+            self.decode,
+            self.combine,
+        ]
+    }
+
+    /// Wall time the phases do not account for (task scheduling, joins).
+    pub fn unaccounted(&self) -> Duration {
+        self.wall.saturating_sub(self.phases().iter().sum())
+    }
+}
+
+impl AddAssign for TimeBreakdown {
+    fn add_assign(&mut self, other: Self) {
+        self.gate += other.gate;
+        self.plan += other.plan;
+        self.encode += other.encode;
+        self.network += other.network;
+        self.queue_wait += other.queue_wait;
+        self.compute += other.compute;
+        self.decode += other.decode;
+        self.combine += other.combine;
+        self.wall += other.wall;
+    }
+}
+
+/// Bytes of one call. `payload` counts tensor bytes; `message` counts the encoded protobuf messages
+/// plus gRPC's 5-byte frame header (HTTP/2 framing adds 9 bytes per 1 MiB frame beyond that).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ByteCounts {
+    pub payload_sent: u64,
+    pub payload_received: u64,
+    pub message_sent: u64,
+    pub message_received: u64,
+}
+
+impl AddAssign for ByteCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.payload_sent += other.payload_sent;
+        self.payload_received += other.payload_received;
+        self.message_sent += other.message_sent;
+        self.message_received += other.message_received;
+    }
+}
