@@ -16,11 +16,7 @@ fn main() {
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{torch_lib}");
     let link_cuda = std::env::var("SWITCHYARD_LINK_CUDA").is_ok_and(|value| value == "1");
-    if link_cuda
-        && std::path::Path::new(&torch_lib)
-            .join("libtorch_cuda.so")
-            .exists()
-    {
+    if link_cuda && std::path::Path::new(&torch_lib).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-L{torch_lib},-ltorch_cuda,--as-needed");
     }
 }

@@ -16,10 +16,7 @@ use crate::ready;
 #[derive(Debug, thiserror::Error)]
 pub enum ChildError {
     #[error("starting {program}: {source}")]
-    Spawn {
-        program: String,
-        source: std::io::Error,
-    },
+    Spawn { program: String, source: std::io::Error },
     #[error("{program} exited before it was ready ({status})")]
     ExitedEarly { program: String, status: String },
     #[error("{program} printed no readiness line within {after:?}")]
@@ -36,27 +33,26 @@ pub struct ChildProcess {
 }
 
 impl ChildProcess {
-    /// Starts `program` with `args`, waits for its readiness line, and forwards its later stdout to
-    /// our stderr. Its stderr (logs) goes to ours, prefixed by nothing: the child's logs carry spans.
+    /// Starts `program` with `args` and `envs`, waits for its readiness line, then drains its stdout.
+    /// Its stderr (logs) goes to ours.
     pub async fn spawn(
         name: &str,
         program: &Path,
         args: &[String],
+        envs: &[(String, String)],
         ready_within: Duration,
     ) -> Result<Self, ChildError> {
         let display = program.display().to_string();
         let mut command = Command::new(program);
         command
             .args(args)
+            .envs(envs.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
         die_with_parent(&mut command);
-        let mut child = command.spawn().map_err(|source| ChildError::Spawn {
-            program: display.clone(),
-            source,
-        })?;
+        let mut child = command.spawn().map_err(|source| ChildError::Spawn { program: display.clone(), source })?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
         let announced = tokio::time::timeout(ready_within, async {
@@ -71,29 +67,15 @@ impl ChildProcess {
         let (grpc, metrics) = match announced {
             Ok(Some(addresses)) => addresses,
             Ok(None) => {
-                let status = child
-                    .wait()
-                    .await
-                    .map_or_else(|error| error.to_string(), |status| status.to_string());
-                return Err(ChildError::ExitedEarly {
-                    program: display,
-                    status,
-                });
+                let status = child.wait().await.map_or_else(|error| error.to_string(), |status| status.to_string());
+                return Err(ChildError::ExitedEarly { program: display, status });
             }
             Err(_) => {
-                return Err(ChildError::NotReady {
-                    program: display,
-                    after: ready_within,
-                });
+                return Err(ChildError::NotReady { program: display, after: ready_within });
             }
         };
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self {
-            name: name.to_owned(),
-            grpc,
-            metrics,
-            child,
-        })
+        Ok(Self { name: name.to_owned(), grpc, metrics, child })
     }
 
     pub fn grpc_uri(&self) -> String {

@@ -12,12 +12,8 @@ pub async fn serve(
     registry: Arc<Registry>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(render))
-        .with_state(registry);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = Router::new().route("/metrics", get(render)).with_state(registry);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 async fn render(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
@@ -25,11 +21,5 @@ async fn render(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
     if let Err(error) = prometheus_client::encoding::text::encode(&mut body, &registry) {
         tracing::error!(%error, "metrics encoding failed");
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
 }

@@ -40,9 +40,6 @@ mod tests {
         assert_eq!(grpc.port(), 5000);
         assert_eq!(metrics.port(), 5001);
         assert_eq!(parse("2026-11-23 INFO listening"), None);
-        assert_eq!(
-            parse("SWITCHYARD_READY grpc=nonsense metrics=127.0.0.1:1"),
-            None
-        );
+        assert_eq!(parse("SWITCHYARD_READY grpc=nonsense metrics=127.0.0.1:1"), None);
     }
 }

@@ -69,6 +69,8 @@ struct State {
     placed_once: bool,
     /// (worker, expert) pairs the table no longer routes to that worker, and since when.
     retired: BTreeMap<(WorkerId, ExpertOrd), Instant>,
+    /// Unplaced experts at the last round, so the warning is logged on change, not every round.
+    unplaced: usize,
 }
 
 /// One load to issue during a reconcile round.
@@ -97,20 +99,11 @@ impl<C: WorkerControl> Cluster<C> {
             queue_limit_tokens: config.queue_limit_tokens,
         };
         let (table, _) = watch::channel(Arc::new(empty));
-        Arc::new(Self {
-            config,
-            state: Mutex::new(State::default()),
-            table,
-            wake: Notify::new(),
-            control,
-            metrics,
-        })
+        Arc::new(Self { config, state: Mutex::new(State::default()), table, wake: Notify::new(), control, metrics })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn config(&self) -> &ClusterConfig {
@@ -118,10 +111,7 @@ impl<C: WorkerControl> Cluster<C> {
     }
 
     /// Adds a worker (replacing an earlier record with the same endpoint: a restarted worker).
-    pub fn register(
-        &self,
-        registration: Registration,
-    ) -> Result<(WorkerId, Duration), CoordinatorError> {
+    pub fn register(&self, registration: Registration) -> Result<(WorkerId, Duration), CoordinatorError> {
         if registration.protocol_version != PROTOCOL_VERSION {
             return Err(CoordinatorError::ProtocolMismatch {
                 worker: registration.protocol_version,
@@ -129,21 +119,13 @@ impl<C: WorkerControl> Cluster<C> {
             });
         }
         if registration.endpoint.is_empty() {
-            return Err(CoordinatorError::InvalidArgument {
-                field: "endpoint",
-                reason: "must not be empty".into(),
-            });
+            return Err(CoordinatorError::InvalidArgument { field: "endpoint", reason: "must not be empty".into() });
         }
         if registration.memory_bytes == 0 {
-            return Err(CoordinatorError::InvalidArgument {
-                field: "memory_bytes",
-                reason: "must be positive".into(),
-            });
+            return Err(CoordinatorError::InvalidArgument { field: "memory_bytes", reason: "must be positive".into() });
         }
         let mut state = self.lock();
-        state
-            .workers
-            .retain(|_, worker| worker.endpoint != registration.endpoint);
+        state.workers.retain(|_, worker| worker.endpoint != registration.endpoint);
         state.registrations += 1;
         let id = WorkerId(format!("w{}", state.registrations));
         let resident = registration
@@ -181,10 +163,7 @@ impl<C: WorkerControl> Cluster<C> {
         tokens_served: u64,
     ) -> Result<u64, CoordinatorError> {
         if protocol_version != PROTOCOL_VERSION {
-            return Err(CoordinatorError::ProtocolMismatch {
-                worker: protocol_version,
-                coordinator: PROTOCOL_VERSION,
-            });
+            return Err(CoordinatorError::ProtocolMismatch { worker: protocol_version, coordinator: PROTOCOL_VERSION });
         }
         let mut state = self.lock();
         let worker = state
@@ -227,18 +206,13 @@ impl<C: WorkerControl> Cluster<C> {
                     memory_bytes: worker.memory_bytes,
                     assigned_bytes: experts.len() as u64 * expert_bytes,
                     experts,
-                    millis_since_heartbeat: now.duration_since(worker.last_heartbeat).as_millis()
-                        as u64,
+                    millis_since_heartbeat: now.duration_since(worker.last_heartbeat).as_millis() as u64,
                     queued_tokens: worker.queued_tokens,
                 }
             })
             .collect();
-        let unplaced_experts = self
-            .config
-            .model
-            .expert_keys()
-            .filter(|key| !state.placement.contains_key(&placement::ord(key)))
-            .collect();
+        let unplaced_experts =
+            self.config.model.expert_keys().filter(|key| !state.placement.contains_key(&placement::ord(key))).collect();
         v1::ClusterStatus {
             table_version: self.table.borrow().version,
             model: Some(self.config.model.to_proto()),
@@ -269,11 +243,7 @@ impl<C: WorkerControl> Cluster<C> {
         let loads = orders.iter().map(|order| {
             let request = v1::LoadExpertsRequest {
                 model: Some(spec.clone()),
-                experts: order
-                    .experts
-                    .iter()
-                    .map(|expert| placement::key(*expert))
-                    .collect(),
+                experts: order.experts.iter().map(|expert| placement::key(*expert)).collect(),
                 queue_limit_tokens: self.config.queue_limit_tokens,
             };
             self.control.load(&order.endpoint, request)
@@ -317,24 +287,15 @@ impl<C: WorkerControl> Cluster<C> {
                 resident: worker.resident.clone(),
             })
             .collect();
-        let experts: Vec<ExpertOrd> = self
-            .config
-            .model
-            .expert_keys()
-            .map(|key| placement::ord(&key))
-            .collect();
-        let plan = placement::plan(
-            &experts,
-            self.config.model.expert_bytes(),
-            &slots,
-            &state.placement,
-        );
-        if !plan.unplaced.is_empty() {
-            tracing::warn!(
-                unplaced = plan.unplaced.len(),
-                workers = slots.len(),
-                "not enough worker memory for every expert"
-            );
+        let experts: Vec<ExpertOrd> = self.config.model.expert_keys().map(|key| placement::ord(&key)).collect();
+        let plan = placement::plan(&experts, self.config.model.expert_bytes(), &slots, &state.placement);
+        if plan.unplaced.len() != state.unplaced {
+            state.unplaced = plan.unplaced.len();
+            match (plan.unplaced.len(), slots.len()) {
+                (0, _) => tracing::info!("every expert has a worker again"),
+                (unplaced, 0) => tracing::warn!(unplaced, "no live workers: no expert can be served"),
+                (unplaced, workers) => tracing::warn!(unplaced, workers, "not enough worker memory for every expert"),
+            }
         }
         let orders = state
             .workers
@@ -375,14 +336,9 @@ impl<C: WorkerControl> Cluster<C> {
                 Err(error) => {
                     tracing::error!(worker_id = %order.worker, endpoint = %order.endpoint, %error, "worker failed to load its experts");
                     // Keep the experts it already had; the rest wait for the next round.
-                    let resident = state
-                        .workers
-                        .get(&order.worker)
-                        .map(|worker| worker.resident.clone())
-                        .unwrap_or_default();
-                    plan.retain(|expert, owner| {
-                        *owner != order.worker || resident.contains(expert)
-                    });
+                    let resident =
+                        state.workers.get(&order.worker).map(|worker| worker.resident.clone()).unwrap_or_default();
+                    plan.retain(|expert, owner| *owner != order.worker || resident.contains(expert));
                 }
             }
         }
@@ -425,9 +381,7 @@ impl<C: WorkerControl> Cluster<C> {
             "routing table published"
         );
         self.metrics.table_version.set(version as i64);
-        self.metrics
-            .placed_experts
-            .set(state.placement.len() as i64);
+        self.metrics.placed_experts.set(state.placement.len() as i64);
         self.table.send_replace(Arc::new(table));
     }
 
@@ -437,19 +391,11 @@ impl<C: WorkerControl> Cluster<C> {
         let mut still_retired = BTreeMap::new();
         let mut due: Vec<(String, Vec<v1::ExpertKey>)> = Vec::new();
         for worker in state.workers.values_mut() {
-            let surplus: Vec<ExpertOrd> = worker
-                .resident
-                .iter()
-                .filter(|expert| placement.get(expert) != Some(&worker.id))
-                .copied()
-                .collect();
+            let surplus: Vec<ExpertOrd> =
+                worker.resident.iter().filter(|expert| placement.get(expert) != Some(&worker.id)).copied().collect();
             let mut unload = Vec::new();
             for expert in surplus {
-                let since = state
-                    .retired
-                    .get(&(worker.id.clone(), expert))
-                    .copied()
-                    .unwrap_or(now);
+                let since = state.retired.get(&(worker.id.clone(), expert)).copied().unwrap_or(now);
                 if now.duration_since(since) >= self.config.unload_grace {
                     worker.resident.remove(&expert);
                     unload.push(placement::key(expert));
@@ -479,39 +425,24 @@ mod tests {
     }
 
     impl WorkerControl for Arc<FakeControl> {
-        async fn load(
-            &self,
-            endpoint: &str,
-            request: v1::LoadExpertsRequest,
-        ) -> Result<(), String> {
+        async fn load(&self, endpoint: &str, request: v1::LoadExpertsRequest) -> Result<(), String> {
             let experts = request.experts.iter().map(placement::ord).collect();
-            self.loads
-                .lock()
-                .expect("lock")
-                .push((endpoint.to_owned(), experts));
-            if self.failing.lock().expect("lock").contains(endpoint) {
-                Err("out of memory".into())
-            } else {
-                Ok(())
-            }
+            self.loads.lock().expect("lock").push((endpoint.to_owned(), experts));
+            if self.failing.lock().expect("lock").contains(endpoint) { Err("out of memory".into()) } else { Ok(()) }
         }
 
         async fn unload(&self, endpoint: &str, experts: Vec<v1::ExpertKey>) -> Result<(), String> {
-            self.unloads.lock().expect("lock").push((
-                endpoint.to_owned(),
-                experts.iter().map(placement::ord).collect(),
-            ));
+            self.unloads
+                .lock()
+                .expect("lock")
+                .push((endpoint.to_owned(), experts.iter().map(placement::ord).collect()));
             Ok(())
         }
     }
 
     fn config(min_workers: usize) -> ClusterConfig {
         ClusterConfig {
-            model: ModelSpec {
-                d_model: 8,
-                d_ff: 16,
-                ..ModelSpec::default_synthetic()
-            },
+            model: ModelSpec { d_model: 8, d_ff: 16, ..ModelSpec::default_synthetic() },
             heartbeat_interval: Duration::from_millis(10),
             heartbeat_timeout: Duration::from_millis(200),
             min_workers,
@@ -532,11 +463,7 @@ mod tests {
     }
 
     fn endpoints_by_expert(table: &v1::RoutingTable) -> Vec<String> {
-        table
-            .routes
-            .iter()
-            .map(|route| route.endpoints.join(","))
-            .collect()
+        table.routes.iter().map(|route| route.endpoints.join(",")).collect()
     }
 
     #[tokio::test]
@@ -545,11 +472,7 @@ mod tests {
         let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
         cluster.register(registration("a")).expect("register");
         cluster.reconcile_once().await;
-        assert_eq!(
-            cluster.table().version,
-            0,
-            "one of two workers: nothing placed yet"
-        );
+        assert_eq!(cluster.table().version, 0, "one of two workers: nothing placed yet");
         cluster.register(registration("b")).expect("register");
         cluster.reconcile_once().await;
         let table = cluster.table();
@@ -558,17 +481,9 @@ mod tests {
         let owners = endpoints_by_expert(&table);
         assert_eq!(owners.iter().filter(|owner| *owner == "a").count(), 4);
         assert_eq!(owners.iter().filter(|owner| *owner == "b").count(), 4);
-        assert_eq!(
-            control.loads.lock().expect("lock").len(),
-            2,
-            "one LoadExperts per worker"
-        );
+        assert_eq!(control.loads.lock().expect("lock").len(), 2, "one LoadExperts per worker");
         cluster.reconcile_once().await;
-        assert_eq!(
-            cluster.table().version,
-            1,
-            "nothing changed, nothing published"
-        );
+        assert_eq!(cluster.table().version, 1, "nothing changed, nothing published");
     }
 
     #[tokio::test]
@@ -580,21 +495,14 @@ mod tests {
         cluster.reconcile_once().await;
         for _ in 0..30 {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            cluster
-                .heartbeat(PROTOCOL_VERSION, &a.0, 0, 0)
-                .expect("a is alive");
+            cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0).expect("a is alive");
         }
         cluster.reconcile_once().await;
         let table = cluster.table();
         assert_eq!(table.version, 2);
         assert!(endpoints_by_expert(&table).iter().all(|owner| owner == "a"));
         let loads = control.loads.lock().expect("lock");
-        assert_eq!(
-            loads
-                .last()
-                .map(|(endpoint, experts)| (endpoint.as_str(), experts.len())),
-            Some(("a", 8))
-        );
+        assert_eq!(loads.last().map(|(endpoint, experts)| (endpoint.as_str(), experts.len())), Some(("a", 8)));
         let status = cluster.status();
         assert_eq!(status.workers.len(), 1);
         assert!(status.unplaced_experts.is_empty());
@@ -606,11 +514,7 @@ mod tests {
         let cluster = Cluster::new(config(1), control.clone(), CoordinatorMetrics::default());
         cluster.register(registration("a")).expect("register");
         cluster.reconcile_once().await;
-        assert!(
-            endpoints_by_expert(&cluster.table())
-                .iter()
-                .all(|owner| owner == "a")
-        );
+        assert!(endpoints_by_expert(&cluster.table()).iter().all(|owner| owner == "a"));
         cluster.register(registration("b")).expect("register");
         cluster.reconcile_once().await;
         let owners = endpoints_by_expert(&cluster.table());
@@ -631,51 +535,20 @@ mod tests {
         cluster.reconcile_once().await;
         let owners = endpoints_by_expert(&cluster.table());
         assert!(owners.iter().all(|owner| owner == "a" || owner.is_empty()));
-        assert!(
-            owners.iter().any(String::is_empty),
-            "b's share waits unpublished"
-        );
+        assert!(owners.iter().any(String::is_empty), "b's share waits unpublished");
         control.failing.lock().expect("lock").clear();
         cluster.reconcile_once().await;
-        assert!(
-            endpoints_by_expert(&cluster.table())
-                .iter()
-                .all(|owner| !owner.is_empty())
-        );
+        assert!(endpoints_by_expert(&cluster.table()).iter().all(|owner| !owner.is_empty()));
     }
 
     #[test]
     fn registration_and_heartbeat_errors_name_the_field() {
-        let cluster = Cluster::new(
-            config(1),
-            Arc::new(FakeControl::default()),
-            CoordinatorMetrics::default(),
-        );
-        let stale = Registration {
-            protocol_version: 99,
-            ..registration("a")
-        };
-        assert!(
-            cluster
-                .register(stale)
-                .unwrap_err()
-                .to_string()
-                .starts_with("protocol_version")
-        );
-        let empty = Registration {
-            memory_bytes: 0,
-            ..registration("a")
-        };
-        assert!(
-            cluster
-                .register(empty)
-                .unwrap_err()
-                .to_string()
-                .starts_with("memory_bytes")
-        );
-        let error = cluster
-            .heartbeat(PROTOCOL_VERSION, "w404", 0, 0)
-            .unwrap_err();
+        let cluster = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+        let stale = Registration { protocol_version: 99, ..registration("a") };
+        assert!(cluster.register(stale).unwrap_err().to_string().starts_with("protocol_version"));
+        let empty = Registration { memory_bytes: 0, ..registration("a") };
+        assert!(cluster.register(empty).unwrap_err().to_string().starts_with("memory_bytes"));
+        let error = cluster.heartbeat(PROTOCOL_VERSION, "w404", 0, 0).unwrap_err();
         assert_eq!(error, CoordinatorError::UnknownWorker("w404".into()));
         assert_eq!(tonic::Status::from(error).code(), tonic::Code::NotFound);
     }

@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use switchyard_common::tracing_setup::LogFormat;
-use switchyard_model::{Activation, ModelSpec, expert_capacity};
+use switchyard_model::cli::ModelArgs;
+use switchyard_model::expert_capacity;
 
 use crate::cluster::ClusterConfig;
 
@@ -15,19 +16,11 @@ use crate::cluster::ClusterConfig;
 #[command(name = "switchyard-coordinator", version)]
 pub struct Args {
     /// Address the gRPC server binds (port 0 picks a free port; see the SWITCHYARD_READY line).
-    #[arg(
-        long,
-        env = "SWITCHYARD_COORDINATOR_LISTEN",
-        default_value = "0.0.0.0:50051"
-    )]
+    #[arg(long, env = "SWITCHYARD_COORDINATOR_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
 
     /// Address the Prometheus /metrics endpoint binds.
-    #[arg(
-        long,
-        env = "SWITCHYARD_COORDINATOR_METRICS_LISTEN",
-        default_value = "0.0.0.0:9090"
-    )]
+    #[arg(long, env = "SWITCHYARD_COORDINATOR_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: SocketAddr,
 
     #[command(flatten)]
@@ -55,67 +48,8 @@ pub struct Args {
     pub unload_grace_ms: u64,
 
     /// Log line format.
-    #[arg(
-        long,
-        env = "SWITCHYARD_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-}
-
-/// The synthetic model to serve. Weights are a pure function of (seed, layer, expert).
-#[derive(Debug, Clone, clap::Args)]
-pub struct ModelArgs {
-    /// Model name shown in status and reports.
-    #[arg(
-        long = "model-name",
-        env = "SWITCHYARD_MODEL_NAME",
-        default_value = "synthetic"
-    )]
-    pub name: String,
-    /// MoE layers.
-    #[arg(long, env = "SWITCHYARD_LAYERS", default_value_t = 1)]
-    pub layers: u32,
-    /// Experts per MoE layer.
-    #[arg(long, env = "SWITCHYARD_EXPERTS", default_value_t = 8)]
-    pub experts: u32,
-    /// Hidden size of the tokens.
-    #[arg(long, env = "SWITCHYARD_D_MODEL", default_value_t = 1024)]
-    pub d_model: u32,
-    /// Inner size of each expert FFN.
-    #[arg(long, env = "SWITCHYARD_D_FF", default_value_t = 4096)]
-    pub d_ff: u32,
-    /// Expert form: swiglu (Mixtral) or gelu.
-    #[arg(long, env = "SWITCHYARD_ACTIVATION", default_value = "swiglu")]
-    pub activation: Activation,
-    /// Seed of the synthetic weights.
-    #[arg(long, env = "SWITCHYARD_SEED", default_value_t = 0)]
-    pub seed: u64,
-    /// Experts each token is routed to.
-    #[arg(long, env = "SWITCHYARD_TOP_K", default_value_t = 2)]
-    pub top_k: u32,
-    /// Capacity factor clients apply by default.
-    #[arg(long, env = "SWITCHYARD_CAPACITY_FACTOR", default_value_t = 1.25)]
-    pub capacity_factor: f32,
-}
-
-impl ModelArgs {
-    pub fn spec(&self) -> Result<ModelSpec, switchyard_model::SpecError> {
-        ModelSpec {
-            name: self.name.clone(),
-            layers: self.layers,
-            experts_per_layer: self.experts,
-            d_model: self.d_model,
-            d_ff: self.d_ff,
-            activation: self.activation,
-            seed: self.seed,
-            top_k: self.top_k,
-            capacity_factor: self.capacity_factor,
-        }
-        .to_proto()
-        .try_into()
-    }
 }
 
 impl TryFrom<&Args> for ClusterConfig {
@@ -150,6 +84,7 @@ impl TryFrom<&Args> for ClusterConfig {
 mod tests {
     use super::*;
     use clap::Parser;
+    use switchyard_model::ModelSpec;
 
     #[test]
     fn defaults_give_the_default_synthetic_model_and_its_capacity() {
@@ -161,21 +96,10 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_the_flag_named() {
-        let args =
-            Args::try_parse_from(["switchyard-coordinator", "--top-k", "9"]).expect("parses");
-        assert!(
-            ClusterConfig::try_from(&args)
-                .unwrap_err()
-                .contains("model.top_k")
-        );
-        let args =
-            Args::try_parse_from(["switchyard-coordinator", "--heartbeat-timeout-ms", "100"])
-                .expect("parses");
-        assert!(
-            ClusterConfig::try_from(&args)
-                .unwrap_err()
-                .contains("--heartbeat-timeout-ms")
-        );
+        let args = Args::try_parse_from(["switchyard-coordinator", "--top-k", "9"]).expect("parses");
+        assert!(ClusterConfig::try_from(&args).unwrap_err().contains("model.top_k"));
+        let args = Args::try_parse_from(["switchyard-coordinator", "--heartbeat-timeout-ms", "100"]).expect("parses");
+        assert!(ClusterConfig::try_from(&args).unwrap_err().contains("--heartbeat-timeout-ms"));
         assert!(Args::try_parse_from(["switchyard-coordinator", "--activation", "relu"]).is_err());
     }
 }

@@ -14,16 +14,8 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 const UNLOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub trait WorkerControl: Send + Sync + 'static {
-    fn load(
-        &self,
-        endpoint: &str,
-        request: v1::LoadExpertsRequest,
-    ) -> impl Future<Output = Result<(), String>> + Send;
-    fn unload(
-        &self,
-        endpoint: &str,
-        experts: Vec<v1::ExpertKey>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    fn load(&self, endpoint: &str, request: v1::LoadExpertsRequest) -> impl Future<Output = Result<(), String>> + Send;
+    fn unload(&self, endpoint: &str, experts: Vec<v1::ExpertKey>) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// Calls each worker's LoadExperts / UnloadExperts, one cached channel per endpoint.
@@ -34,10 +26,7 @@ pub struct GrpcWorkerControl {
 
 impl GrpcWorkerControl {
     fn client(&self, endpoint: &str) -> Result<ExpertWorkerClient<Channel>, String> {
-        let mut channels = self
-            .channels
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(channel) = channels.get(endpoint) {
             return Ok(ExpertWorkerClient::new(channel.clone()));
         }
@@ -53,21 +42,13 @@ impl WorkerControl for GrpcWorkerControl {
         let mut client = self.client(endpoint)?;
         let mut request = tonic::Request::new(request);
         request.set_timeout(LOAD_TIMEOUT);
-        client
-            .load_experts(request)
-            .await
-            .map(|_| ())
-            .map_err(|status| status.message().to_owned())
+        client.load_experts(request).await.map(|_| ()).map_err(|status| status.message().to_owned())
     }
 
     async fn unload(&self, endpoint: &str, experts: Vec<v1::ExpertKey>) -> Result<(), String> {
         let mut client = self.client(endpoint)?;
         let mut request = tonic::Request::new(v1::UnloadExpertsRequest { experts });
         request.set_timeout(UNLOAD_TIMEOUT);
-        client
-            .unload_experts(request)
-            .await
-            .map(|_| ())
-            .map_err(|status| status.message().to_owned())
+        client.unload_experts(request).await.map(|_| ()).map_err(|status| status.message().to_owned())
     }
 }

@@ -47,16 +47,18 @@ pub async fn run(
         let _ = stopped.wait_for(|stop| *stop).await;
     };
     let reconcile = tokio::spawn(cluster.clone().run(wait_stop(stopped.clone())));
-    let metrics_task = tokio::spawn(switchyard_common::metrics_http::serve(
-        metrics_listener,
-        registry,
-        wait_stop(stopped),
-    ));
+    let metrics_task =
+        tokio::spawn(switchyard_common::metrics_http::serve(metrics_listener, registry, wait_stop(stopped.clone())));
 
     switchyard_common::ready::announce(grpc_addr, metrics_addr);
-    let service = switchyard_proto::v1::coordinator_server::CoordinatorServer::new(
-        service::CoordinatorService::new(cluster),
-    );
+    let service = switchyard_proto::v1::coordinator_server::CoordinatorServer::new(service::CoordinatorService::new(
+        cluster, stopped,
+    ));
+    let stop_streams = stop.clone();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_streams.send(true);
+    };
     let served = switchyard_common::transport::server()
         .add_service(health_service)
         .add_service(service)

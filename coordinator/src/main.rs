@@ -7,16 +7,11 @@ use switchyard_coordinator::cluster::ClusterConfig;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     switchyard_common::tracing_setup::init_tracing(args.log_format);
-    let config = ClusterConfig::try_from(&args)
-        .map_err(anyhow::Error::msg)
-        .context("invalid configuration")?;
-    let grpc = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let config = ClusterConfig::try_from(&args).map_err(anyhow::Error::msg).context("invalid configuration")?;
+    let grpc = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("binding {}", args.metrics_listen))?;
-    switchyard_coordinator::run(grpc, metrics, config, switchyard_common::shutdown::signal())
-        .await?;
+    switchyard_coordinator::run(grpc, metrics, config, switchyard_common::shutdown::signal()).await?;
     Ok(())
 }

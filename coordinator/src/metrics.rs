@@ -18,26 +18,10 @@ impl CoordinatorMetrics {
     pub fn registry(&self) -> Arc<Registry> {
         let mut registry = Registry::default();
         let sub = registry.sub_registry_with_prefix("switchyard_coordinator");
-        sub.register(
-            "live_workers",
-            "Workers whose heartbeats are current",
-            self.live_workers.clone(),
-        );
-        sub.register(
-            "table_version",
-            "Version of the published routing table",
-            self.table_version.clone(),
-        );
-        sub.register(
-            "placed_experts",
-            "Experts the published table routes to a worker",
-            self.placed_experts.clone(),
-        );
-        sub.register(
-            "worker_expirations",
-            "Workers removed for missing heartbeats",
-            self.worker_expirations.clone(),
-        );
+        sub.register("live_workers", "Workers whose heartbeats are current", self.live_workers.clone());
+        sub.register("table_version", "Version of the published routing table", self.table_version.clone());
+        sub.register("placed_experts", "Experts the published table routes to a worker", self.placed_experts.clone());
+        sub.register("worker_expirations", "Workers removed for missing heartbeats", self.worker_expirations.clone());
         Arc::new(registry)
     }
 }

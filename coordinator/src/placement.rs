@@ -67,24 +67,9 @@ impl Load {
     }
 }
 
-pub fn plan(
-    experts: &[ExpertOrd],
-    expert_bytes: u64,
-    workers: &[WorkerSlot],
-    current: &Placement,
-) -> Plan {
-    let mut loads: BTreeMap<WorkerId, Load> = workers
-        .iter()
-        .map(|worker| {
-            (
-                worker.id.clone(),
-                Load {
-                    bytes: 0,
-                    memory: worker.memory_bytes,
-                },
-            )
-        })
-        .collect();
+pub fn plan(experts: &[ExpertOrd], expert_bytes: u64, workers: &[WorkerSlot], current: &Placement) -> Plan {
+    let mut loads: BTreeMap<WorkerId, Load> =
+        workers.iter().map(|worker| (worker.id.clone(), Load { bytes: 0, memory: worker.memory_bytes })).collect();
     let mut placement = Placement::new();
     for expert in experts {
         if let Some(owner) = current.get(expert)
@@ -96,19 +81,12 @@ pub fn plan(
     }
 
     let mut unplaced = Vec::new();
-    let homeless: Vec<ExpertOrd> = experts
-        .iter()
-        .filter(|expert| !placement.contains_key(expert))
-        .copied()
-        .collect();
+    let homeless: Vec<ExpertOrd> = experts.iter().filter(|expert| !placement.contains_key(expert)).copied().collect();
     for expert in &homeless {
         let least_full = loads
             .iter()
             .filter(|(_, load)| load.fits(expert_bytes))
-            .min_by(|(_, a), (_, b)| {
-                a.fill_with(expert_bytes)
-                    .total_cmp(&b.fill_with(expert_bytes))
-            })
+            .min_by(|(_, a), (_, b)| a.fill_with(expert_bytes).total_cmp(&b.fill_with(expert_bytes)))
             .map(|(id, load)| (id.clone(), load.fill_with(expert_bytes)));
         let Some((least_full, least_fill)) = least_full else {
             unplaced.push(*expert);
@@ -119,8 +97,7 @@ pub fn plan(
             worker.resident.contains(expert)
                 && loads.get(&worker.id).is_some_and(|load| {
                     load.fits(expert_bytes)
-                        && load.bytes + expert_bytes
-                            <= (least_fill * load.memory as f64) as u64 + expert_bytes
+                        && load.bytes + expert_bytes <= (least_fill * load.memory as f64) as u64 + expert_bytes
                 })
         });
         let owner = resident_on.map_or(least_full, |worker| worker.id.clone());
@@ -131,23 +108,16 @@ pub fn plan(
     }
 
     rebalance(&mut placement, &mut loads, expert_bytes);
-    Plan {
-        placement,
-        unplaced,
-    }
+    Plan { placement, unplaced }
 }
 
 /// Moves experts from the fullest to the emptiest worker while that lowers the fullest one.
 fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, expert_bytes: u64) {
     loop {
-        let fullest = loads
-            .iter()
-            .max_by(|(_, a), (_, b)| a.fill_with(0).total_cmp(&b.fill_with(0)))
-            .map(|(id, _)| id.clone());
-        let emptiest = loads
-            .iter()
-            .min_by(|(_, a), (_, b)| a.fill_with(0).total_cmp(&b.fill_with(0)))
-            .map(|(id, _)| id.clone());
+        let fullest =
+            loads.iter().max_by(|(_, a), (_, b)| a.fill_with(0).total_cmp(&b.fill_with(0))).map(|(id, _)| id.clone());
+        let emptiest =
+            loads.iter().min_by(|(_, a), (_, b)| a.fill_with(0).total_cmp(&b.fill_with(0))).map(|(id, _)| id.clone());
         let (Some(fullest), Some(emptiest)) = (fullest, emptiest) else {
             return;
         };
@@ -160,11 +130,7 @@ fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, ex
             return;
         }
         // Move the fullest worker's highest expert: deterministic, and keeps low experts stable.
-        let Some(expert) = placement
-            .iter()
-            .rev()
-            .find(|(_, owner)| **owner == fullest)
-            .map(|(expert, _)| *expert)
+        let Some(expert) = placement.iter().rev().find(|(_, owner)| **owner == fullest).map(|(expert, _)| *expert)
         else {
             return;
         };
@@ -187,11 +153,7 @@ mod tests {
     }
 
     fn worker(name: &str, memory: u64) -> WorkerSlot {
-        WorkerSlot {
-            id: WorkerId(name.into()),
-            memory_bytes: memory,
-            resident: BTreeSet::new(),
-        }
+        WorkerSlot { id: WorkerId(name.into()), memory_bytes: memory, resident: BTreeSet::new() }
     }
 
     fn counts(plan: &Plan) -> BTreeMap<String, usize> {
@@ -204,49 +166,23 @@ mod tests {
 
     #[test]
     fn equal_workers_get_equal_counts() {
-        let plan = plan(
-            &experts(8),
-            10,
-            &[worker("a", 1000), worker("b", 1000)],
-            &Placement::new(),
-        );
-        assert_eq!(
-            counts(&plan),
-            BTreeMap::from([("a".into(), 4), ("b".into(), 4)])
-        );
+        let plan = plan(&experts(8), 10, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
+        assert_eq!(counts(&plan), BTreeMap::from([("a".into(), 4), ("b".into(), 4)]));
         assert!(plan.unplaced.is_empty());
     }
 
     #[test]
     fn memory_weights_the_share_and_is_never_exceeded() {
-        let plan = plan(
-            &experts(9),
-            10,
-            &[worker("big", 60), worker("small", 30)],
-            &Placement::new(),
-        );
-        assert_eq!(
-            counts(&plan),
-            BTreeMap::from([("big".into(), 6), ("small".into(), 3)])
-        );
-        let crowded = super::plan(
-            &experts(5),
-            10,
-            &[worker("a", 20), worker("b", 20)],
-            &Placement::new(),
-        );
+        let plan = plan(&experts(9), 10, &[worker("big", 60), worker("small", 30)], &Placement::new());
+        assert_eq!(counts(&plan), BTreeMap::from([("big".into(), 6), ("small".into(), 3)]));
+        let crowded = super::plan(&experts(5), 10, &[worker("a", 20), worker("b", 20)], &Placement::new());
         assert_eq!(crowded.placement.len(), 4);
         assert_eq!(crowded.unplaced, vec![(0, 4)]);
     }
 
     #[test]
     fn a_dead_workers_experts_move_to_the_survivor_and_the_rest_stay() {
-        let both = plan(
-            &experts(8),
-            10,
-            &[worker("a", 1000), worker("b", 1000)],
-            &Placement::new(),
-        );
+        let both = plan(&experts(8), 10, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
         let survivor = plan(&experts(8), 10, &[worker("a", 1000)], &both.placement);
         assert!(survivor.placement.values().all(|owner| owner.0 == "a"));
         assert_eq!(survivor.placement.len(), 8);
@@ -255,22 +191,9 @@ mod tests {
     #[test]
     fn a_late_joiner_takes_half_and_nothing_else_moves() {
         let alone = plan(&experts(8), 10, &[worker("a", 1000)], &Placement::new());
-        let joined = plan(
-            &experts(8),
-            10,
-            &[worker("a", 1000), worker("b", 1000)],
-            &alone.placement,
-        );
-        assert_eq!(
-            counts(&joined),
-            BTreeMap::from([("a".into(), 4), ("b".into(), 4)])
-        );
-        let again = plan(
-            &experts(8),
-            10,
-            &[worker("a", 1000), worker("b", 1000)],
-            &joined.placement,
-        );
+        let joined = plan(&experts(8), 10, &[worker("a", 1000), worker("b", 1000)], &alone.placement);
+        assert_eq!(counts(&joined), BTreeMap::from([("a".into(), 4), ("b".into(), 4)]));
+        let again = plan(&experts(8), 10, &[worker("a", 1000), worker("b", 1000)], &joined.placement);
         assert_eq!(again, joined, "a balanced placement is stable");
     }
 
@@ -281,11 +204,7 @@ mod tests {
         a.resident = [(0, 1), (0, 3)].into();
         b.resident = [(0, 0), (0, 2)].into();
         let plan = plan(&experts(4), 10, &[a, b], &Placement::new());
-        let owners: Vec<_> = plan
-            .placement
-            .values()
-            .map(|owner| owner.0.as_str())
-            .collect();
+        let owners: Vec<_> = plan.placement.values().map(|owner| owner.0.as_str()).collect();
         assert_eq!(owners, ["b", "a", "b", "a"]);
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use switchyard_proto::v1::{self, coordinator_server};
+use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
@@ -14,11 +15,13 @@ use crate::control::WorkerControl;
 #[derive(Debug)]
 pub struct CoordinatorService<C> {
     cluster: Arc<Cluster<C>>,
+    /// Becomes true at shutdown: table streams end then, or graceful shutdown would wait on them forever.
+    stopping: watch::Receiver<bool>,
 }
 
 impl<C: WorkerControl> CoordinatorService<C> {
-    pub fn new(cluster: Arc<Cluster<C>>) -> Self {
-        Self { cluster }
+    pub fn new(cluster: Arc<Cluster<C>>, stopping: watch::Receiver<bool>) -> Self {
+        Self { cluster, stopping }
     }
 }
 
@@ -75,9 +78,14 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
         request: Request<v1::GetRoutingTableRequest>,
     ) -> Result<Response<Self::WatchRoutingTableStream>, Status> {
         let newer_than = request.into_inner().newer_than;
+        let mut stopping = self.stopping.clone();
+        let stopped = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
         let tables = WatchStream::new(self.cluster.subscribe())
             .filter(move |table| std::future::ready(table.version > newer_than))
-            .map(|table| Ok(table.as_ref().clone()));
+            .map(|table| Ok(table.as_ref().clone()))
+            .take_until(stopped);
         Ok(Response::new(Box::pin(tables)))
     }
 

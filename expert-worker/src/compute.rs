@@ -29,87 +29,57 @@ pub fn tch_kind(dtype: Dtype) -> Kind {
 }
 
 /// Starts the compute thread; it returns once [`Scheduler::stop`] was called and the queues drained.
-pub fn spawn(
-    scheduler: Arc<Scheduler>,
-    device: Device,
-    metrics: WorkerMetrics,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("switchyard-compute".into())
-        .spawn(move || {
-            let _no_grad = tch::no_grad_guard();
-            let mut experts: HashMap<ExpertKey, Expert> = HashMap::new();
-            loop {
-                match scheduler.next_work() {
-                    Work::Batch(batch) => run_batch(&experts, batch, device, &metrics),
-                    Work::Command(Command::Install {
-                        experts: loaded,
-                        limit_tokens,
-                        done,
-                    }) => {
-                        for (key, expert) in loaded {
-                            let d_model = expert_width(&expert);
-                            experts.insert(key, expert);
-                            scheduler.open_queue(key, d_model, limit_tokens);
-                        }
-                        let _ = done.send(());
+pub fn spawn(scheduler: Arc<Scheduler>, device: Device, metrics: WorkerMetrics) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("switchyard-compute".into()).spawn(move || {
+        let _no_grad = tch::no_grad_guard();
+        let mut experts: HashMap<ExpertKey, Expert> = HashMap::new();
+        loop {
+            match scheduler.next_work() {
+                Work::Batch(batch) => run_batch(&experts, batch, device, &metrics),
+                Work::Command(Command::Install { experts: loaded, limit_tokens, done }) => {
+                    for (key, expert) in loaded {
+                        let d_model = expert_width(&expert);
+                        experts.insert(key, expert);
+                        scheduler.open_queue(key, d_model, limit_tokens);
                     }
-                    Work::Command(Command::Remove {
-                        experts: keys,
-                        done,
-                    }) => {
-                        let mut removed = Vec::new();
-                        for key in keys {
-                            if let Some(pending) = scheduler.close_queue(&key) {
-                                let d_model = experts.get(&key).map_or(0, expert_width);
-                                let now = Instant::now();
-                                let entries = pending
-                                    .into_iter()
-                                    .map(|entry| {
-                                        let waited = now - entry.enqueued_at;
-                                        (entry, waited)
-                                    })
-                                    .collect();
-                                run_batch(
-                                    &experts,
-                                    Batch {
-                                        expert: key,
-                                        d_model,
-                                        entries,
-                                    },
-                                    device,
-                                    &metrics,
-                                );
-                            }
-                            if experts.remove(&key).is_some() {
-                                removed.push(key);
-                            }
-                        }
-                        let _ = done.send(removed);
-                    }
-                    Work::Stop => break,
+                    let _ = done.send(());
                 }
+                Work::Command(Command::Remove { experts: keys, done }) => {
+                    let mut removed = Vec::new();
+                    for key in keys {
+                        if let Some(pending) = scheduler.close_queue(&key) {
+                            let d_model = experts.get(&key).map_or(0, expert_width);
+                            let now = Instant::now();
+                            let entries = pending
+                                .into_iter()
+                                .map(|entry| {
+                                    let waited = now - entry.enqueued_at;
+                                    (entry, waited)
+                                })
+                                .collect();
+                            run_batch(&experts, Batch { expert: key, d_model, entries }, device, &metrics);
+                        }
+                        if experts.remove(&key).is_some() {
+                            removed.push(key);
+                        }
+                    }
+                    let _ = done.send(removed);
+                }
+                Work::Stop => break,
             }
-            tracing::info!("compute thread stopped");
-        })
+        }
+        tracing::info!("compute thread stopped");
+    })
 }
 
 fn expert_width(expert: &Expert) -> usize {
     expert.d_model() as usize
 }
 
-fn run_batch(
-    experts: &HashMap<ExpertKey, Expert>,
-    batch: Batch,
-    device: Device,
-    metrics: &WorkerMetrics,
-) {
+fn run_batch(experts: &HashMap<ExpertKey, Expert>, batch: Batch, device: Device, metrics: &WorkerMetrics) {
     let Some(expert) = experts.get(&batch.expert) else {
         for (entry, _) in batch.entries {
-            let _ = entry.reply.send(Err(WorkerError::Unavailable(format!(
-                "{} was unloaded",
-                batch.expert
-            ))));
+            let _ = entry.reply.send(Err(WorkerError::Unavailable(format!("{} was unloaded", batch.expert))));
         }
         return;
     };
@@ -151,33 +121,16 @@ fn run_batch(
 fn forward_rows(expert: &Expert, batch: &Batch, device: Device) -> Vec<Bytes> {
     let d_model = batch.d_model as i64;
     let to_tensor = |entry: &QueuedRows| {
-        Tensor::from_data_size(
-            &entry.data,
-            &[entry.tokens as i64, d_model],
-            tch_kind(entry.dtype),
-        )
-        .to_kind(Kind::Float)
+        Tensor::from_data_size(&entry.data, &[entry.tokens as i64, d_model], tch_kind(entry.dtype)).to_kind(Kind::Float)
     };
     let input = match &batch.entries[..] {
         [(only, _)] => to_tensor(only),
-        entries => Tensor::cat(
-            &entries
-                .iter()
-                .map(|(entry, _)| to_tensor(entry))
-                .collect::<Vec<_>>(),
-            0,
-        ),
+        entries => Tensor::cat(&entries.iter().map(|(entry, _)| to_tensor(entry)).collect::<Vec<_>>(), 0),
     };
-    let output = expert
-        .forward(&input.to_device(device))
-        .to_device(Device::Cpu);
+    let output = expert.forward(&input.to_device(device)).to_device(Device::Cpu);
 
     let first_dtype = batch.entries[0].0.output_dtype;
-    if batch
-        .entries
-        .iter()
-        .all(|(entry, _)| entry.output_dtype == first_dtype)
-    {
+    if batch.entries.iter().all(|(entry, _)| entry.output_dtype == first_dtype) {
         // The common case: one conversion and one copy for the whole batch, then zero-copy slices.
         let whole = tensor_bytes(&output.to_kind(tch_kind(first_dtype)));
         let row_bytes = batch.d_model * whole.len() / (batch.tokens() * batch.d_model).max(1);
@@ -197,9 +150,7 @@ fn forward_rows(expert: &Expert, batch: &Batch, device: Device) -> Vec<Bytes> {
         .entries
         .iter()
         .map(|(entry, _)| {
-            let rows = output
-                .narrow(0, start, entry.tokens as i64)
-                .to_kind(tch_kind(entry.output_dtype));
+            let rows = output.narrow(0, start, entry.tokens as i64).to_kind(tch_kind(entry.output_dtype));
             start += entry.tokens as i64;
             tensor_bytes(&rows)
         })

@@ -13,19 +13,11 @@ use switchyard_experts::DeviceChoice;
 #[command(name = "switchyard-worker", version)]
 pub struct Args {
     /// Address the gRPC server binds (port 0 picks a free port; see the SWITCHYARD_READY line).
-    #[arg(
-        long,
-        env = "SWITCHYARD_WORKER_LISTEN",
-        default_value = "0.0.0.0:50061"
-    )]
+    #[arg(long, env = "SWITCHYARD_WORKER_LISTEN", default_value = "0.0.0.0:50061")]
     pub listen: SocketAddr,
 
     /// Address the Prometheus /metrics endpoint binds.
-    #[arg(
-        long,
-        env = "SWITCHYARD_WORKER_METRICS_LISTEN",
-        default_value = "0.0.0.0:9091"
-    )]
+    #[arg(long, env = "SWITCHYARD_WORKER_METRICS_LISTEN", default_value = "0.0.0.0:9091")]
     pub metrics_listen: SocketAddr,
 
     /// Endpoint the coordinator and clients dial, e.g. http://worker-0.workers:50061.
@@ -69,12 +61,7 @@ pub struct Args {
     pub memory_bytes: u64,
 
     /// Log line format.
-    #[arg(
-        long,
-        env = "SWITCHYARD_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
 
@@ -88,11 +75,7 @@ impl Args {
         if let Some(endpoint) = &self.advertise {
             return endpoint.clone();
         }
-        let host = if bound.ip().is_unspecified() {
-            "127.0.0.1".to_owned()
-        } else {
-            bound.ip().to_string()
-        };
+        let host = if bound.ip().is_unspecified() { "127.0.0.1".to_owned() } else { bound.ip().to_string() };
         format!("http://{host}:{}", bound.port())
     }
 
@@ -106,9 +89,7 @@ impl Args {
 
 fn available_memory_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo
-        .lines()
-        .find(|line| line.starts_with("MemAvailable:"))?;
+    let line = meminfo.lines().find(|line| line.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -124,14 +105,8 @@ mod tests {
         let bound: SocketAddr = "0.0.0.0:43210".parse().expect("address");
         assert_eq!(args.advertised_endpoint(bound), "http://127.0.0.1:43210");
         assert!(args.offered_memory_bytes() > 0);
-        let args = Args::try_parse_from([
-            "switchyard-worker",
-            "--advertise",
-            "http://w-0:1",
-            "--device",
-            "cpu",
-        ])
-        .expect("valid");
+        let args = Args::try_parse_from(["switchyard-worker", "--advertise", "http://w-0:1", "--device", "cpu"])
+            .expect("valid");
         assert_eq!(args.advertised_endpoint(bound), "http://w-0:1");
         assert!(Args::try_parse_from(["switchyard-worker", "--device", "tpu"]).is_err());
     }

@@ -9,16 +9,8 @@ pub enum WorkerError {
     #[error("{field}: {reason}")]
     InvalidArgument { field: String, reason: String },
     /// The expert's queue cannot take these tokens now: it is the expert capacity, shared by all clients.
-    #[error(
-        "{field}: expert queue full for {expert}: {queued} of {limit} tokens queued, {requested} more asked"
-    )]
-    QueueFull {
-        field: String,
-        expert: ExpertKey,
-        queued: usize,
-        limit: usize,
-        requested: usize,
-    },
+    #[error("{field}: expert queue full for {expert}: {queued} of {limit} tokens queued, {requested} more asked")]
+    QueueFull { field: String, expert: ExpertKey, queued: usize, limit: usize, requested: usize },
     /// The worker is stopping or lost its compute thread.
     #[error("worker unavailable: {0}")]
     Unavailable(String),
@@ -32,10 +24,7 @@ pub enum WorkerError {
 
 impl WorkerError {
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        WorkerError::InvalidArgument {
-            field: field.into(),
-            reason: reason.into(),
-        }
+        WorkerError::InvalidArgument { field: field.into(), reason: reason.into() }
     }
 
     pub fn code(&self) -> Code {

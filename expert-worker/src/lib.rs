@@ -36,10 +36,7 @@ pub async fn run(
     let metrics = metrics::WorkerMetrics::new();
     let options = WorkerOptions {
         device,
-        batching: scheduler::BatchingConfig {
-            batch_wait: args.batch_wait(),
-            max_batch_tokens: args.max_batch_tokens,
-        },
+        batching: scheduler::BatchingConfig { batch_wait: args.batch_wait(), max_batch_tokens: args.max_batch_tokens },
         default_queue_limit_tokens: args.queue_limit_tokens,
     };
     let worker = ExpertWorker::start(options, metrics.clone())?;
@@ -49,7 +46,9 @@ pub async fn run(
     tracing::info!(%grpc_addr, %metrics_addr, %endpoint, device = %device_name, torch_threads = args.torch_threads, "worker listening");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<switchyard_proto::v1::expert_worker_server::ExpertWorkerServer<service::ExpertWorkerService>>().await;
+    health_reporter
+        .set_serving::<switchyard_proto::v1::expert_worker_server::ExpertWorkerServer<service::ExpertWorkerService>>()
+        .await;
 
     let membership_task = args.coordinator.clone().map(|coordinator_uri| {
         let membership = membership::Membership {

@@ -7,13 +7,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     switchyard_common::tracing_setup::init_tracing(args.log_format);
     tch::set_num_threads(args.torch_threads as i32);
-    let grpc = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let grpc = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("binding {}", args.metrics_listen))?;
-    switchyard_expert_worker::run(grpc, metrics, args, switchyard_common::shutdown::signal())
-        .await?;
+    switchyard_expert_worker::run(grpc, metrics, args, switchyard_common::shutdown::signal()).await?;
     Ok(())
 }

@@ -59,21 +59,14 @@ async fn register(
         match client.register_worker(request).await {
             Ok(response) => {
                 let response = response.into_inner();
-                let interval =
-                    Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(50)));
+                let interval = Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(50)));
                 tracing::info!(worker_id = %response.worker_id, ?interval, "registered with the coordinator");
                 return (response.worker_id, interval);
             }
             Err(status) if status.code() == Code::FailedPrecondition => {
-                tracing::error!(
-                    message = status.message(),
-                    "coordinator refused registration; retrying"
-                );
+                tracing::error!(message = status.message(), "coordinator refused registration; retrying");
             }
-            Err(status) => tracing::warn!(
-                message = status.message(),
-                "coordinator unreachable; retrying"
-            ),
+            Err(status) => tracing::warn!(message = status.message(), "coordinator unreachable; retrying"),
         }
         tokio::time::sleep(RETRY_DELAY).await;
     }
@@ -98,10 +91,7 @@ async fn heartbeat_until_forgotten(
         match client.heartbeat(request).await {
             Ok(_) => {}
             Err(status) if status.code() == Code::NotFound => return,
-            Err(status) => tracing::debug!(
-                message = status.message(),
-                "heartbeat failed; still serving"
-            ),
+            Err(status) => tracing::debug!(message = status.message(), "heartbeat failed; still serving"),
         }
     }
 }

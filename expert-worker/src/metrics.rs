@@ -39,46 +39,18 @@ impl WorkerMetrics {
     /// Registers every metric under the `switchyard_worker_` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let registry = registry.sub_registry_with_prefix("switchyard_worker");
-        registry.register(
-            "admitted_tokens",
-            "Token rows admitted into expert queues",
-            self.admitted_tokens.clone(),
-        );
+        registry.register("admitted_tokens", "Token rows admitted into expert queues", self.admitted_tokens.clone());
         registry.register(
             "rejected_tokens",
             "Token rows refused because an expert queue was full",
             self.rejected_tokens.clone(),
         );
-        registry.register(
-            "requests",
-            "Forward requests received",
-            self.requests.clone(),
-        );
-        registry.register(
-            "resident_experts",
-            "Experts loaded on this worker",
-            self.resident_experts.clone(),
-        );
-        registry.register(
-            "queued_tokens",
-            "Token rows waiting in all expert queues",
-            self.queued_tokens.clone(),
-        );
-        registry.register(
-            "batch_tokens",
-            "Rows per merged expert forward",
-            self.batch_tokens.clone(),
-        );
-        registry.register(
-            "queue_wait_seconds",
-            "Time rows waited in an expert queue",
-            self.queue_wait_seconds.clone(),
-        );
-        registry.register(
-            "compute_seconds",
-            "Time of one merged expert forward",
-            self.compute_seconds.clone(),
-        );
+        registry.register("requests", "Forward requests received", self.requests.clone());
+        registry.register("resident_experts", "Experts loaded on this worker", self.resident_experts.clone());
+        registry.register("queued_tokens", "Token rows waiting in all expert queues", self.queued_tokens.clone());
+        registry.register("batch_tokens", "Rows per merged expert forward", self.batch_tokens.clone());
+        registry.register("queue_wait_seconds", "Time rows waited in an expert queue", self.queue_wait_seconds.clone());
+        registry.register("compute_seconds", "Time of one merged expert forward", self.compute_seconds.clone());
     }
 
     pub fn observe_batch(&self, tokens: usize, compute: Duration) {

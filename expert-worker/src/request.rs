@@ -44,21 +44,14 @@ impl ForwardBatch {
 fn parse_dtype(value: i32, field: &str) -> Result<Dtype, WorkerError> {
     match Dtype::try_from(value) {
         Ok(dtype) if dtype != Dtype::Unspecified => Ok(dtype),
-        _ => Err(WorkerError::invalid(
-            field,
-            format!("unsupported dtype {value} (expected f32, f16 or bf16)"),
-        )),
+        _ => Err(WorkerError::invalid(field, format!("unsupported dtype {value} (expected f32, f16 or bf16)"))),
     }
 }
 
 fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, WorkerError> {
     let field = format!("batches[{index}]");
-    let expert = part
-        .expert
-        .ok_or_else(|| WorkerError::invalid(format!("{field}.expert"), "missing"))?;
-    let rows = part
-        .rows
-        .ok_or_else(|| WorkerError::invalid(format!("{field}.rows"), "missing"))?;
+    let expert = part.expert.ok_or_else(|| WorkerError::invalid(format!("{field}.expert"), "missing"))?;
+    let rows = part.rows.ok_or_else(|| WorkerError::invalid(format!("{field}.rows"), "missing"))?;
     let dtype = parse_dtype(rows.dtype, &format!("{field}.rows.dtype"))?;
     let [tokens, width] = rows.shape[..] else {
         return Err(WorkerError::invalid(
@@ -67,9 +60,7 @@ fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, Worker
         ));
     };
     let element_size = wire::element_size(dtype).unwrap_or(4) as u64;
-    let expected_bytes = tokens
-        .checked_mul(width)
-        .and_then(|n| n.checked_mul(element_size));
+    let expected_bytes = tokens.checked_mul(width).and_then(|n| n.checked_mul(element_size));
     if expected_bytes != Some(rows.data.len() as u64) {
         return Err(WorkerError::invalid(
             format!("{field}.rows.data"),
@@ -82,14 +73,7 @@ fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, Worker
             ),
         ));
     }
-    Ok(ExpertRowsIn {
-        index,
-        expert,
-        dtype,
-        tokens: tokens as usize,
-        width: width as usize,
-        data: rows.data,
-    })
+    Ok(ExpertRowsIn { index, expert, dtype, tokens: tokens as usize, width: width as usize, data: rows.data })
 }
 
 impl TryFrom<v1::ForwardRequest> for ForwardBatch {
@@ -106,11 +90,7 @@ impl TryFrom<v1::ForwardRequest> for ForwardBatch {
             .enumerate()
             .map(|(index, part)| parse_rows(index, part))
             .collect::<Result<_, _>>()?;
-        Ok(ForwardBatch {
-            request_id: request.request_id,
-            parts,
-            output_dtype,
-        })
+        Ok(ForwardBatch { request_id: request.request_id, parts, output_dtype })
     }
 }
 
@@ -123,11 +103,7 @@ mod tests {
             request_id: 1,
             batches: vec![v1::ExpertRows {
                 expert: Some(ExpertKey::new(0, 1)),
-                rows: Some(v1::WireTensor {
-                    dtype,
-                    shape,
-                    data: Bytes::from(vec![0u8; bytes]),
-                }),
+                rows: Some(v1::WireTensor { dtype, shape, data: Bytes::from(vec![0u8; bytes]) }),
             }],
             output_dtype: 0,
         }
@@ -139,26 +115,16 @@ mod tests {
 
     #[test]
     fn accepts_a_well_formed_batch() {
-        let batch =
-            ForwardBatch::try_from(request(Dtype::Bf16 as i32, vec![3, 8], 48)).expect("valid");
+        let batch = ForwardBatch::try_from(request(Dtype::Bf16 as i32, vec![3, 8], 48)).expect("valid");
         assert_eq!(batch.total_tokens(), 3);
-        assert_eq!(
-            (batch.parts[0].width, batch.parts[0].dtype),
-            (8, Dtype::Bf16)
-        );
+        assert_eq!((batch.parts[0].width, batch.parts[0].dtype), (8, Dtype::Bf16));
     }
 
     #[test]
     fn rejections_name_the_field() {
-        assert!(
-            rejection(request(0, vec![1, 4], 16))
-                .starts_with("batches[0].rows.dtype: unsupported dtype 0")
-        );
+        assert!(rejection(request(0, vec![1, 4], 16)).starts_with("batches[0].rows.dtype: unsupported dtype 0"));
         assert!(rejection(request(9, vec![1, 4], 16)).starts_with("batches[0].rows.dtype"));
-        assert!(
-            rejection(request(1, vec![16], 16))
-                .starts_with("batches[0].rows.shape: expected [tokens, d_model]")
-        );
+        assert!(rejection(request(1, vec![16], 16)).starts_with("batches[0].rows.shape: expected [tokens, d_model]"));
         assert_eq!(
             rejection(request(1, vec![2, 4], 30)),
             "batches[0].rows.data: shape [2, 4] of f32 needs 32 bytes, got 30"

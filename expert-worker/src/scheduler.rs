@@ -71,13 +71,7 @@ pub struct ExpertQueue {
 
 impl ExpertQueue {
     fn new(d_model: usize, limit_tokens: usize) -> Self {
-        Self {
-            d_model,
-            limit_tokens,
-            queued_tokens: 0,
-            entries: VecDeque::new(),
-            counters: QueueCounters::default(),
-        }
+        Self { d_model, limit_tokens, queued_tokens: 0, entries: VecDeque::new(), counters: QueueCounters::default() }
     }
 
     /// Drops rows whose caller went away (its request was cancelled): no compute is spent on them.
@@ -108,16 +102,9 @@ impl Batch {
 #[derive(Debug)]
 pub enum Command {
     /// Make these experts resident and open their queues.
-    Install {
-        experts: Vec<(ExpertKey, Expert)>,
-        limit_tokens: usize,
-        done: oneshot::Sender<()>,
-    },
+    Install { experts: Vec<(ExpertKey, Expert)>, limit_tokens: usize, done: oneshot::Sender<()> },
     /// Close these queues, serve what they hold, then free the experts.
-    Remove {
-        experts: Vec<ExpertKey>,
-        done: oneshot::Sender<Vec<ExpertKey>>,
-    },
+    Remove { experts: Vec<ExpertKey>, done: oneshot::Sender<Vec<ExpertKey>> },
 }
 
 /// What the compute thread does next.
@@ -139,11 +126,7 @@ pub enum Decision {
 
 /// Picks the expert whose oldest rows waited longest; runs it when its wait bound passed or it holds
 /// a full batch; takes whole requests, oldest first, up to `max_batch_tokens` (at least one).
-pub fn next_batch(
-    queues: &mut HashMap<ExpertKey, ExpertQueue>,
-    now: Instant,
-    config: BatchingConfig,
-) -> Decision {
+pub fn next_batch(queues: &mut HashMap<ExpertKey, ExpertQueue>, now: Instant, config: BatchingConfig) -> Decision {
     for queue in queues.values_mut() {
         queue.drop_abandoned();
     }
@@ -154,9 +137,7 @@ pub fn next_batch(
     let Some((expert, head_enqueued_at)) = oldest else {
         return Decision::Idle;
     };
-    let queue = queues
-        .get_mut(&expert)
-        .expect("the oldest head belongs to a queue");
+    let queue = queues.get_mut(&expert).expect("the oldest head belongs to a queue");
     let due = head_enqueued_at + config.batch_wait;
     if now < due && queue.queued_tokens < config.max_batch_tokens {
         return Decision::WaitUntil(due);
@@ -174,11 +155,7 @@ pub fn next_batch(
     }
     queue.queued_tokens -= taken_tokens;
     queue.counters.batches += 1;
-    Decision::Run(Batch {
-        expert,
-        d_model: queue.d_model,
-        entries,
-    })
+    Decision::Run(Batch { expert, d_model: queue.d_model, entries })
 }
 
 #[derive(Debug, Default)]
@@ -211,18 +188,12 @@ pub type Admitted = Vec<oneshot::Receiver<Result<RowsOut, WorkerError>>>;
 
 impl Scheduler {
     pub fn new(config: BatchingConfig) -> Self {
-        Self {
-            state: Mutex::new(SchedulerState::default()),
-            wake: Condvar::new(),
-            config,
-        }
+        Self { state: Mutex::new(SchedulerState::default()), wake: Condvar::new(), config }
     }
 
     fn lock(&self) -> MutexGuard<'_, SchedulerState> {
         // A panic while holding this lock leaves only counters and queues, still consistent.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Admits every part of `batch` or none of them.
@@ -230,9 +201,7 @@ impl Scheduler {
         let now = Instant::now();
         let mut state = self.lock();
         if state.stopping {
-            return Err(WorkerError::Unavailable(
-                "the worker is shutting down".into(),
-            ));
+            return Err(WorkerError::Unavailable("the worker is shutting down".into()));
         }
         let mut requested: HashMap<ExpertKey, usize> = HashMap::new();
         for part in &batch.parts {
@@ -255,12 +224,7 @@ impl Scheduler {
             *asked += part.tokens;
             if queue.queued_tokens + *asked > queue.limit_tokens {
                 let (queued, limit, asked) = (queue.queued_tokens, queue.limit_tokens, *asked);
-                let rejected: usize = batch
-                    .parts
-                    .iter()
-                    .filter(|p| p.expert == part.expert)
-                    .map(|p| p.tokens)
-                    .sum();
+                let rejected: usize = batch.parts.iter().filter(|p| p.expert == part.expert).map(|p| p.tokens).sum();
                 if let Some(queue) = state.queues.get_mut(&part.expert) {
                     queue.counters.rejected_tokens += rejected as u64;
                 }
@@ -315,10 +279,7 @@ impl Scheduler {
     /// Opens (or resizes) the queue of a newly resident expert. Called by the compute thread.
     pub fn open_queue(&self, expert: ExpertKey, d_model: usize, limit_tokens: usize) {
         let mut state = self.lock();
-        let queue = state
-            .queues
-            .entry(expert)
-            .or_insert_with(|| ExpertQueue::new(d_model, limit_tokens));
+        let queue = state.queues.entry(expert).or_insert_with(|| ExpertQueue::new(d_model, limit_tokens));
         queue.d_model = d_model;
         queue.limit_tokens = limit_tokens;
     }
@@ -342,30 +303,17 @@ impl Scheduler {
             if let Some(command) = state.commands.pop_front() {
                 return Work::Command(command);
             }
-            let config = if state.stopping {
-                BatchingConfig {
-                    batch_wait: Duration::ZERO,
-                    ..self.config
-                }
-            } else {
-                self.config
-            };
+            let config =
+                if state.stopping { BatchingConfig { batch_wait: Duration::ZERO, ..self.config } } else { self.config };
             match next_batch(&mut state.queues, Instant::now(), config) {
                 Decision::Run(batch) => return Work::Batch(batch),
                 Decision::Idle if state.stopping => return Work::Stop,
                 Decision::Idle => {
-                    state = self
-                        .wake
-                        .wait(state)
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    state = self.wake.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
                 }
                 Decision::WaitUntil(due) => {
                     let timeout = due.saturating_duration_since(Instant::now());
-                    state = self
-                        .wake
-                        .wait_timeout(state, timeout)
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .0;
+                    state = self.wake.wait_timeout(state, timeout).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
                 }
             }
         }
@@ -389,11 +337,7 @@ impl Scheduler {
     }
 
     pub fn queued_tokens(&self) -> usize {
-        self.lock()
-            .queues
-            .values()
-            .map(|queue| queue.queued_tokens)
-            .sum()
+        self.lock().queues.values().map(|queue| queue.queued_tokens).sum()
     }
 }
 
@@ -402,10 +346,7 @@ mod tests {
     use super::*;
     use crate::request::ExpertRowsIn;
 
-    const CONFIG: BatchingConfig = BatchingConfig {
-        batch_wait: Duration::from_millis(5),
-        max_batch_tokens: 8,
-    };
+    const CONFIG: BatchingConfig = BatchingConfig { batch_wait: Duration::from_millis(5), max_batch_tokens: 8 };
 
     fn rows(index: usize, expert: u32, tokens: usize, width: usize) -> ExpertRowsIn {
         ExpertRowsIn {
@@ -419,11 +360,7 @@ mod tests {
     }
 
     fn request(parts: Vec<ExpertRowsIn>) -> ForwardBatch {
-        ForwardBatch {
-            request_id: 7,
-            parts,
-            output_dtype: None,
-        }
+        ForwardBatch { request_id: 7, parts, output_dtype: None }
     }
 
     fn scheduler_with(limits: &[(u32, usize)]) -> Scheduler {
@@ -437,12 +374,8 @@ mod tests {
     #[test]
     fn admission_is_all_or_nothing() {
         let scheduler = scheduler_with(&[(0, 10), (1, 4)]);
-        let _kept = scheduler
-            .admit(request(vec![rows(0, 0, 6, 4), rows(1, 1, 3, 4)]))
-            .expect("fits");
-        let error = scheduler
-            .admit(request(vec![rows(0, 0, 2, 4), rows(1, 1, 2, 4)]))
-            .unwrap_err();
+        let _kept = scheduler.admit(request(vec![rows(0, 0, 6, 4), rows(1, 1, 3, 4)])).expect("fits");
+        let error = scheduler.admit(request(vec![rows(0, 0, 2, 4), rows(1, 1, 2, 4)])).unwrap_err();
         assert_eq!(
             error,
             WorkerError::QueueFull {
@@ -454,10 +387,7 @@ mod tests {
             }
         );
         let snapshot = scheduler.snapshot();
-        assert_eq!(
-            snapshot[0].queued_tokens, 6,
-            "expert 0 untouched by the refused request"
-        );
+        assert_eq!(snapshot[0].queued_tokens, 6, "expert 0 untouched by the refused request");
         assert_eq!(snapshot[1].queued_tokens, 3);
         assert_eq!(snapshot[1].counters.rejected_tokens, 2);
     }
@@ -465,64 +395,34 @@ mod tests {
     #[test]
     fn one_request_larger_than_the_limit_is_refused_on_an_empty_queue() {
         let scheduler = scheduler_with(&[(0, 4)]);
-        let error = scheduler
-            .admit(request(vec![rows(0, 0, 3, 4), rows(1, 0, 2, 4)]))
-            .unwrap_err();
-        assert!(
-            matches!(
-                error,
-                WorkerError::QueueFull {
-                    requested: 5,
-                    limit: 4,
-                    ..
-                }
-            ),
-            "{error:?}"
-        );
+        let error = scheduler.admit(request(vec![rows(0, 0, 3, 4), rows(1, 0, 2, 4)])).unwrap_err();
+        assert!(matches!(error, WorkerError::QueueFull { requested: 5, limit: 4, .. }), "{error:?}");
     }
 
     #[test]
     fn unknown_expert_and_wrong_width_name_the_field() {
         let scheduler = scheduler_with(&[(0, 10)]);
-        let error = scheduler
-            .admit(request(vec![rows(0, 0, 1, 4), rows(1, 9, 1, 4)]))
-            .unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "batches[1].expert: layer 0 expert 9 is not served by this worker"
-        );
-        let error = scheduler
-            .admit(request(vec![rows(0, 0, 2, 5)]))
-            .unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "batches[0].rows.shape: expected [2, 4] (d_model 4), got width 5"
-        );
+        let error = scheduler.admit(request(vec![rows(0, 0, 1, 4), rows(1, 9, 1, 4)])).unwrap_err();
+        assert_eq!(error.to_string(), "batches[1].expert: layer 0 expert 9 is not served by this worker");
+        let error = scheduler.admit(request(vec![rows(0, 0, 2, 5)])).unwrap_err();
+        assert_eq!(error.to_string(), "batches[0].rows.shape: expected [2, 4] (d_model 4), got width 5");
         assert_eq!(scheduler.queued_tokens(), 0);
     }
 
     #[test]
     fn waits_for_the_bound_then_merges_requests_of_one_expert() {
         let scheduler = scheduler_with(&[(0, 100), (1, 100)]);
-        let _a = scheduler
-            .admit(request(vec![rows(0, 0, 2, 4)]))
-            .expect("fits");
-        let _b = scheduler
-            .admit(request(vec![rows(0, 1, 1, 4), rows(1, 0, 3, 4)]))
-            .expect("fits");
+        let _a = scheduler.admit(request(vec![rows(0, 0, 2, 4)])).expect("fits");
+        let _b = scheduler.admit(request(vec![rows(0, 1, 1, 4), rows(1, 0, 3, 4)])).expect("fits");
         let mut state = scheduler.lock();
         let start = state.queues[&ExpertKey::new(0, 0)].entries[0].enqueued_at;
         assert!(
             matches!(next_batch(&mut state.queues, start, CONFIG), Decision::WaitUntil(due) if due == start + CONFIG.batch_wait)
         );
-        let Decision::Run(batch) = next_batch(&mut state.queues, start + CONFIG.batch_wait, CONFIG)
-        else {
+        let Decision::Run(batch) = next_batch(&mut state.queues, start + CONFIG.batch_wait, CONFIG) else {
             panic!("due after the wait bound");
         };
-        assert_eq!(
-            (batch.expert, batch.tokens(), batch.entries.len()),
-            (ExpertKey::new(0, 0), 5, 2)
-        );
+        assert_eq!((batch.expert, batch.tokens(), batch.entries.len()), (ExpertKey::new(0, 0), 5, 2));
         assert_eq!(state.queues[&ExpertKey::new(0, 0)].queued_tokens, 0);
     }
 
@@ -531,40 +431,24 @@ mod tests {
         let scheduler = scheduler_with(&[(0, 100)]);
         let _receivers: Vec<_> = [5, 2, 3]
             .into_iter()
-            .map(|tokens| {
-                scheduler
-                    .admit(request(vec![rows(0, 0, tokens, 4)]))
-                    .expect("fits")
-            })
+            .map(|tokens| scheduler.admit(request(vec![rows(0, 0, tokens, 4)])).expect("fits"))
             .collect();
         let mut state = scheduler.lock();
         let Decision::Run(batch) = next_batch(&mut state.queues, Instant::now(), CONFIG) else {
             panic!("10 queued tokens >= max_batch_tokens 8 runs without waiting");
         };
-        assert_eq!(
-            batch.tokens(),
-            7,
-            "5 + 2 fit in 8, the 3-token request waits"
-        );
+        assert_eq!(batch.tokens(), 7, "5 + 2 fit in 8, the 3-token request waits");
         assert_eq!(state.queues[&ExpertKey::new(0, 0)].queued_tokens, 3);
     }
 
     #[test]
     fn abandoned_rows_are_dropped_before_compute() {
         let scheduler = scheduler_with(&[(0, 100)]);
-        let abandoned = scheduler
-            .admit(request(vec![rows(0, 0, 4, 4)]))
-            .expect("fits");
-        let _kept = scheduler
-            .admit(request(vec![rows(0, 0, 1, 4)]))
-            .expect("fits");
+        let abandoned = scheduler.admit(request(vec![rows(0, 0, 4, 4)])).expect("fits");
+        let _kept = scheduler.admit(request(vec![rows(0, 0, 1, 4)])).expect("fits");
         drop(abandoned);
         let mut state = scheduler.lock();
-        let Decision::Run(batch) = next_batch(
-            &mut state.queues,
-            Instant::now() + CONFIG.batch_wait,
-            CONFIG,
-        ) else {
+        let Decision::Run(batch) = next_batch(&mut state.queues, Instant::now() + CONFIG.batch_wait, CONFIG) else {
             panic!("due");
         };
         assert_eq!(batch.tokens(), 1);
@@ -573,14 +457,9 @@ mod tests {
     #[test]
     fn a_stopping_scheduler_refuses_new_work_and_drains() {
         let scheduler = scheduler_with(&[(0, 100)]);
-        let _kept = scheduler
-            .admit(request(vec![rows(0, 0, 1, 4)]))
-            .expect("fits");
+        let _kept = scheduler.admit(request(vec![rows(0, 0, 1, 4)])).expect("fits");
         scheduler.stop();
-        assert!(matches!(
-            scheduler.admit(request(vec![rows(0, 0, 1, 4)])),
-            Err(WorkerError::Unavailable(_))
-        ));
+        assert!(matches!(scheduler.admit(request(vec![rows(0, 0, 1, 4)])), Err(WorkerError::Unavailable(_))));
         assert!(matches!(scheduler.next_work(), Work::Batch(batch) if batch.tokens() == 1));
         assert!(matches!(scheduler.next_work(), Work::Stop));
     }

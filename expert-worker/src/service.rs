@@ -28,10 +28,7 @@ pub struct ExpertWorkerService {
 
 impl ExpertWorkerService {
     pub fn new(worker: Arc<ExpertWorker>, name: impl Into<Arc<str>>) -> Self {
-        Self {
-            worker,
-            name: name.into(),
-        }
+        Self { worker, name: name.into() }
     }
 
     pub fn into_server(self) -> expert_worker_server::ExpertWorkerServer<Self> {
@@ -40,15 +37,8 @@ impl ExpertWorkerService {
             .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
     }
 
-    async fn forward_one(
-        &self,
-        request: v1::ForwardRequest,
-    ) -> Result<v1::ForwardResponse, WorkerError> {
-        let layer = request
-            .batches
-            .first()
-            .and_then(|part| part.expert)
-            .map(|key| key.layer);
+    async fn forward_one(&self, request: v1::ForwardRequest) -> Result<v1::ForwardResponse, WorkerError> {
+        let layer = request.batches.first().and_then(|part| part.expert).map(|key| key.layer);
         let span = tracing::debug_span!("forward", request_id = request.request_id, layer, worker = %self.name);
         async {
             let batch = ForwardBatch::try_from(request)?;
@@ -98,15 +88,11 @@ fn with_request_id<T>(request: &Request<T>, id_in_message: u64) -> u64 {
         .unwrap_or(0)
 }
 
-type ForwardResponseStream =
-    Pin<Box<dyn Stream<Item = Result<v1::ForwardResponse, Status>> + Send>>;
+type ForwardResponseStream = Pin<Box<dyn Stream<Item = Result<v1::ForwardResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl expert_worker_server::ExpertWorker for ExpertWorkerService {
-    async fn forward(
-        &self,
-        request: Request<v1::ForwardRequest>,
-    ) -> Result<Response<v1::ForwardResponse>, Status> {
+    async fn forward(&self, request: Request<v1::ForwardRequest>) -> Result<Response<v1::ForwardResponse>, Status> {
         let request_id = with_request_id(&request, request.get_ref().request_id);
         let mut message = request.into_inner();
         message.request_id = request_id;
@@ -137,15 +123,10 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
                 let answers = answers.clone();
                 tokio::spawn(async move {
                     let request_id = message.request_id;
-                    let answer = service.forward_one(message).await.unwrap_or_else(|error| {
-                        v1::ForwardResponse {
-                            request_id,
-                            error: Some(v1::RequestError {
-                                code: error.code() as i32,
-                                message: error.to_string(),
-                            }),
-                            ..Default::default()
-                        }
+                    let answer = service.forward_one(message).await.unwrap_or_else(|error| v1::ForwardResponse {
+                        request_id,
+                        error: Some(v1::RequestError { code: error.code() as i32, message: error.to_string() }),
+                        ..Default::default()
                     });
                     let _ = answers.send(Ok(answer)).await;
                 });
@@ -159,36 +140,22 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
         request: Request<v1::LoadExpertsRequest>,
     ) -> Result<Response<v1::LoadExpertsResponse>, Status> {
         let request = request.into_inner();
-        let spec = ModelSpec::try_from(request.model)
-            .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        let spec = ModelSpec::try_from(request.model).map_err(|error| Status::invalid_argument(error.to_string()))?;
         let limit = (request.queue_limit_tokens > 0).then_some(request.queue_limit_tokens as usize);
         let span = tracing::info_span!("load_experts", worker = %self.name, experts = request.experts.len());
-        let loaded = self
-            .worker
-            .load_experts(spec, request.experts, limit)
-            .instrument(span)
-            .await?;
-        Ok(Response::new(v1::LoadExpertsResponse {
-            loaded,
-            resident_bytes: self.worker.resident_bytes(),
-        }))
+        let loaded = self.worker.load_experts(spec, request.experts, limit).instrument(span).await?;
+        Ok(Response::new(v1::LoadExpertsResponse { loaded, resident_bytes: self.worker.resident_bytes() }))
     }
 
     async fn unload_experts(
         &self,
         request: Request<v1::UnloadExpertsRequest>,
     ) -> Result<Response<v1::UnloadExpertsResponse>, Status> {
-        let unloaded = self
-            .worker
-            .unload_experts(request.into_inner().experts)
-            .await?;
+        let unloaded = self.worker.unload_experts(request.into_inner().experts).await?;
         Ok(Response::new(v1::UnloadExpertsResponse { unloaded }))
     }
 
-    async fn get_stats(
-        &self,
-        _request: Request<v1::GetStatsRequest>,
-    ) -> Result<Response<v1::WorkerStats>, Status> {
+    async fn get_stats(&self, _request: Request<v1::GetStatsRequest>) -> Result<Response<v1::WorkerStats>, Status> {
         let experts = self
             .worker
             .queues()

@@ -78,9 +78,7 @@ impl ExpertWorker {
     }
 
     fn resident(&self) -> std::sync::MutexGuard<'_, HashMap<ExpertKey, ModelSpec>> {
-        self.resident
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.resident.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs every part of `batch` through its expert; refused whole if any queue is full.
@@ -89,11 +87,8 @@ impl ExpertWorker {
         self.metrics.requests.inc();
         let request_id = batch.request_id;
         let tokens = batch.total_tokens() as u64;
-        let shapes: Vec<(ExpertKey, usize, usize)> = batch
-            .parts
-            .iter()
-            .map(|part| (part.expert, part.tokens, part.width))
-            .collect();
+        let shapes: Vec<(ExpertKey, usize, usize)> =
+            batch.parts.iter().map(|part| (part.expert, part.tokens, part.width)).collect();
         let receivers = match self.scheduler.admit(batch) {
             Ok(receivers) => receivers,
             Err(error) => {
@@ -104,14 +99,11 @@ impl ExpertWorker {
             }
         };
         self.metrics.admitted_tokens.inc_by(tokens);
-        self.metrics
-            .queued_tokens
-            .set(self.scheduler.queued_tokens() as i64);
+        self.metrics.queued_tokens.set(self.scheduler.queued_tokens() as i64);
         let answers = futures::future::join_all(receivers).await;
         let mut outputs = Vec::with_capacity(answers.len());
         for ((expert, tokens, width), answer) in shapes.into_iter().zip(answers) {
-            let rows = answer
-                .map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))??;
+            let rows = answer.map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))??;
             debug_assert_eq!(rows.tokens, tokens);
             outputs.push(ExpertRowsOut {
                 expert,
@@ -124,11 +116,7 @@ impl ExpertWorker {
                 batch_tokens: rows.batch_tokens,
             });
         }
-        Ok(ForwardOutcome {
-            request_id,
-            outputs,
-            handler_time: started.elapsed(),
-        })
+        Ok(ForwardOutcome { request_id, outputs, handler_time: started.elapsed() })
     }
 
     /// Makes `experts` of `spec` resident (building missing ones off the async runtime) and opens
@@ -143,20 +131,13 @@ impl ExpertWorker {
         if let Some(outside) = experts.iter().find(|key| !spec.contains(key)) {
             return Err(WorkerError::invalid(
                 "experts",
-                format!(
-                    "{outside} is outside the model ({} layers x {} experts)",
-                    spec.layers, spec.experts_per_layer
-                ),
+                format!("{outside} is outside the model ({} layers x {} experts)", spec.layers, spec.experts_per_layer),
             ));
         }
         let limit_tokens = queue_limit_tokens.unwrap_or(self.options.default_queue_limit_tokens);
         let to_build: Vec<ExpertKey> = {
             let resident = self.resident();
-            experts
-                .iter()
-                .filter(|key| resident.get(key) != Some(&spec))
-                .copied()
-                .collect()
+            experts.iter().filter(|key| resident.get(key) != Some(&spec)).copied().collect()
         };
         let device = self.options.device;
         let build_spec = spec.clone();
@@ -164,35 +145,18 @@ impl ExpertWorker {
             let _no_grad = tch::no_grad_guard();
             to_build
                 .into_iter()
-                .map(|key| {
-                    (
-                        key,
-                        Expert::synthetic(&build_spec, key.layer, key.expert, device),
-                    )
-                })
+                .map(|key| (key, Expert::synthetic(&build_spec, key.layer, key.expert, device)))
                 .collect::<Vec<_>>()
         })
         .await
-        .map_err(|error| WorkerError::Load {
-            expert: experts[0],
-            reason: error.to_string(),
-        })?;
+        .map_err(|error| WorkerError::Load { expert: experts[0], reason: error.to_string() })?;
         let built_keys: Vec<ExpertKey> = built.iter().map(|(key, _)| *key).collect();
         // Experts already resident keep serving; they only get their (possibly new) limit.
-        let unchanged: Vec<(ExpertKey, usize)> = experts
-            .iter()
-            .filter(|key| !built_keys.contains(key))
-            .map(|key| (*key, spec.d_model as usize))
-            .collect();
+        let unchanged: Vec<(ExpertKey, usize)> =
+            experts.iter().filter(|key| !built_keys.contains(key)).map(|key| (*key, spec.d_model as usize)).collect();
         let (done, installed) = oneshot::channel();
-        self.scheduler.submit(Command::Install {
-            experts: built,
-            limit_tokens,
-            done,
-        });
-        installed
-            .await
-            .map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))?;
+        self.scheduler.submit(Command::Install { experts: built, limit_tokens, done });
+        installed.await.map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))?;
         for (key, d_model) in unchanged {
             self.scheduler.open_queue(key, d_model, limit_tokens);
         }
@@ -201,25 +165,15 @@ impl ExpertWorker {
             resident.insert(*key, spec.clone());
         }
         self.metrics.resident_experts.set(resident.len() as i64);
-        tracing::info!(
-            built = built_keys.len(),
-            experts = experts.len(),
-            limit_tokens,
-            "experts loaded"
-        );
+        tracing::info!(built = built_keys.len(), experts = experts.len(), limit_tokens, "experts loaded");
         Ok(experts)
     }
 
     /// Closes the queues of `experts`, serves what they still hold, and frees them.
-    pub async fn unload_experts(
-        &self,
-        experts: Vec<ExpertKey>,
-    ) -> Result<Vec<ExpertKey>, WorkerError> {
+    pub async fn unload_experts(&self, experts: Vec<ExpertKey>) -> Result<Vec<ExpertKey>, WorkerError> {
         let (done, removed) = oneshot::channel();
         self.scheduler.submit(Command::Remove { experts, done });
-        let removed = removed
-            .await
-            .map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))?;
+        let removed = removed.await.map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))?;
         let mut resident = self.resident();
         for key in &removed {
             resident.remove(key);
@@ -247,21 +201,13 @@ impl ExpertWorker {
     }
 
     pub fn tokens_served(&self) -> u64 {
-        self.scheduler
-            .snapshot()
-            .iter()
-            .map(|queue| queue.counters.admitted_tokens)
-            .sum()
+        self.scheduler.snapshot().iter().map(|queue| queue.counters.admitted_tokens).sum()
     }
 
     /// Refuses new requests, serves what is queued, and joins the compute thread.
     pub async fn shutdown(&self) {
         self.scheduler.stop();
-        let thread = self
-            .compute_thread
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
+        let thread = self.compute_thread.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }

@@ -56,26 +56,11 @@ mod tests {
 
     #[test]
     fn parses_every_form() {
-        assert_eq!(
-            "auto".parse::<DeviceChoice>().ok(),
-            Some(DeviceChoice::Auto)
-        );
+        assert_eq!("auto".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Auto));
         assert_eq!("cpu".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Cpu));
-        assert_eq!(
-            "cuda".parse::<DeviceChoice>().ok(),
-            Some(DeviceChoice::Cuda(0))
-        );
-        assert_eq!(
-            "cuda:3".parse::<DeviceChoice>().ok(),
-            Some(DeviceChoice::Cuda(3))
-        );
-        assert!(
-            "gpu"
-                .parse::<DeviceChoice>()
-                .unwrap_err()
-                .to_string()
-                .contains("'gpu'")
-        );
+        assert_eq!("cuda".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Cuda(3)));
+        assert!("gpu".parse::<DeviceChoice>().unwrap_err().to_string().contains("'gpu'"));
         assert_eq!(device_name(DeviceChoice::Cpu.resolve()), "cpu");
     }
 }

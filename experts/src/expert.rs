@@ -28,21 +28,12 @@ impl Expert {
         let (d_model, d_ff) = (spec.d_model as usize, spec.d_ff as usize);
         let build = |role, rows, cols| {
             let values = synthetic::matrix(spec.seed, layer, expert, role, rows, cols);
-            Tensor::from_slice(&values)
-                .view([rows as i64, cols as i64])
-                .to_device(device)
+            Tensor::from_slice(&values).view([rows as i64, cols as i64]).to_device(device)
         };
         let w1 = build(WeightRole::W1, d_ff, d_model);
         let w2 = build(WeightRole::W2, d_model, d_ff);
-        let w3 =
-            (spec.activation == Activation::SwiGlu).then(|| build(WeightRole::W3, d_ff, d_model));
-        Self {
-            activation: spec.activation,
-            w1,
-            w2,
-            w3,
-            d_model: d_model as i64,
-        }
+        let w3 = (spec.activation == Activation::SwiGlu).then(|| build(WeightRole::W3, d_ff, d_model));
+        Self { activation: spec.activation, w1, w2, w3, d_model: d_model as i64 }
     }
 
     /// Bytes of weights this expert holds.
@@ -74,14 +65,8 @@ impl Expert {
     /// Convenience for host-side callers: f32 rows in, f32 rows out.
     pub fn forward_f32(&self, rows: &[f32]) -> Vec<f32> {
         let tokens = rows.len() as i64 / self.d_model;
-        let input = Tensor::from_slice(rows)
-            .view([tokens, self.d_model])
-            .to_device(self.device());
-        let output = self
-            .forward(&input)
-            .to_device(Device::Cpu)
-            .to_kind(Kind::Float)
-            .contiguous();
+        let input = Tensor::from_slice(rows).view([tokens, self.d_model]).to_device(self.device());
+        let output = self.forward(&input).to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         let mut values = vec![0.0; rows.len()];
         output.copy_data(&mut values, rows.len());
         values
@@ -93,13 +78,7 @@ mod tests {
     use super::*;
 
     fn tiny_spec(activation: Activation) -> ModelSpec {
-        ModelSpec {
-            d_model: 4,
-            d_ff: 6,
-            activation,
-            seed: 3,
-            ..ModelSpec::default_synthetic()
-        }
+        ModelSpec { d_model: 4, d_ff: 6, activation, seed: 3, ..ModelSpec::default_synthetic() }
     }
 
     /// The SwiGLU formula written out by hand, element by element, against the tch forward.
@@ -119,9 +98,7 @@ mod tests {
                 silu * dot(&w3[j * 4..j * 4 + 4], &x)
             })
             .collect();
-        let expected: Vec<f32> = (0..4)
-            .map(|i| dot(&w2[i * 6..i * 6 + 6], &hidden))
-            .collect();
+        let expected: Vec<f32> = (0..4).map(|i| dot(&w2[i * 6..i * 6 + 6], &hidden)).collect();
         let got = expert.forward_f32(&x);
         for (want, have) in expected.iter().zip(&got) {
             assert!((want - have).abs() < 1e-6, "{expected:?} vs {got:?}");

@@ -5,6 +5,8 @@
 //!
 //! The experts themselves, on tch, live in `switchyard-experts`.
 
+#[cfg(feature = "clap")]
+pub mod cli;
 pub mod spec;
 pub mod synthetic;
 

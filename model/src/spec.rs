@@ -35,9 +35,7 @@ impl std::str::FromStr for Activation {
         match name {
             "swiglu" => Ok(Activation::SwiGlu),
             "gelu" => Ok(Activation::Gelu),
-            other => Err(format!(
-                "unknown activation '{other}' (expected swiglu or gelu)"
-            )),
+            other => Err(format!("unknown activation '{other}' (expected swiglu or gelu)")),
         }
     }
 }
@@ -97,19 +95,13 @@ impl ModelSpec {
     /// counts the `top_k * tokens` assignments, as GShard, DeepSpeed-MoE and Tutel do, so a capacity
     /// factor of 1.0 means "a perfectly balanced batch just fits" whatever k is.
     pub fn capacity(&self, tokens: usize) -> usize {
-        expert_capacity(
-            tokens,
-            self.top_k as usize,
-            self.experts_per_layer as usize,
-            self.capacity_factor,
-        )
+        expert_capacity(tokens, self.top_k as usize, self.experts_per_layer as usize, self.capacity_factor)
     }
 
     /// Every `(layer, expert)` of the model, layer-major.
     pub fn expert_keys(&self) -> impl Iterator<Item = v1::ExpertKey> + '_ {
-        (0..self.layers).flat_map(move |layer| {
-            (0..self.experts_per_layer).map(move |expert| v1::ExpertKey::new(layer, expert))
-        })
+        (0..self.layers)
+            .flat_map(move |layer| (0..self.experts_per_layer).map(move |expert| v1::ExpertKey::new(layer, expert)))
     }
 
     pub fn contains(&self, key: &v1::ExpertKey) -> bool {
@@ -147,16 +139,10 @@ impl ModelSpec {
             }
         }
         if !(self.capacity_factor > 0.0) {
-            return Err(SpecError::NotPositive {
-                field: "capacity_factor",
-                value: f64::from(self.capacity_factor),
-            });
+            return Err(SpecError::NotPositive { field: "capacity_factor", value: f64::from(self.capacity_factor) });
         }
         if self.top_k > self.experts_per_layer {
-            return Err(SpecError::TopKTooLarge {
-                top_k: self.top_k,
-                experts: self.experts_per_layer,
-            });
+            return Err(SpecError::TopKTooLarge { top_k: self.top_k, experts: self.experts_per_layer });
         }
         Ok(self)
     }
@@ -220,12 +206,7 @@ mod tests {
 
         let mut wire = ModelSpec::default_synthetic().to_proto();
         wire.top_k = 9;
-        assert!(
-            ModelSpec::try_from(wire)
-                .unwrap_err()
-                .to_string()
-                .contains("model.top_k (9)")
-        );
+        assert!(ModelSpec::try_from(wire).unwrap_err().to_string().contains("model.top_k (9)"));
 
         let mut wire = ModelSpec::default_synthetic().to_proto();
         wire.activation = 0;
@@ -241,24 +222,14 @@ mod tests {
         assert_eq!(expert_capacity(10, 1, 8, 1.0), 2, "ceil(1.25)");
         assert_eq!(expert_capacity(64, 2, 8, 0.5), 8);
         assert_eq!(expert_capacity(0, 2, 8, 1.0), 0);
-        let spec = ModelSpec {
-            top_k: 2,
-            experts_per_layer: 8,
-            capacity_factor: 1.25,
-            ..ModelSpec::default_synthetic()
-        };
+        let spec =
+            ModelSpec { top_k: 2, experts_per_layer: 8, capacity_factor: 1.25, ..ModelSpec::default_synthetic() };
         assert_eq!(spec.capacity(512), 160);
     }
 
     #[test]
     fn sizes_and_keys() {
-        let spec = ModelSpec {
-            layers: 2,
-            experts_per_layer: 3,
-            d_model: 4,
-            d_ff: 8,
-            ..ModelSpec::default_synthetic()
-        };
+        let spec = ModelSpec { layers: 2, experts_per_layer: 3, d_model: 4, d_ff: 8, ..ModelSpec::default_synthetic() };
         assert_eq!(spec.expert_bytes(), 3 * 4 * 8 * 4);
         let keys: Vec<_> = spec.expert_keys().map(|k| (k.layer, k.expert)).collect();
         assert_eq!(keys, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);

@@ -53,14 +53,7 @@ fn stream_start(seed: u64, layer: u32, expert: u32, role: WeightRole) -> u64 {
 }
 
 /// A row-major `[rows, cols]` matrix (`cols` is the fan-in) of seeded uniform values.
-pub fn matrix(
-    seed: u64,
-    layer: u32,
-    expert: u32,
-    role: WeightRole,
-    rows: usize,
-    cols: usize,
-) -> Vec<f32> {
+pub fn matrix(seed: u64, layer: u32, expert: u32, role: WeightRole, rows: usize, cols: usize) -> Vec<f32> {
     let bound = 1.0 / (cols as f32).sqrt();
     let mut generator = SplitMix64(stream_start(seed, layer, expert, role));
     (0..rows * cols)
@@ -74,14 +67,7 @@ pub fn matrix(
 
 /// The router weights `W_g [experts, d_model]` of one layer.
 pub fn gate_weights(seed: u64, layer: u32, experts: u32, d_model: u32) -> Vec<f32> {
-    matrix(
-        seed,
-        layer,
-        u32::MAX,
-        WeightRole::Gate,
-        experts as usize,
-        d_model as usize,
-    )
+    matrix(seed, layer, u32::MAX, WeightRole::Gate, experts as usize, d_model as usize)
 }
 
 #[cfg(test)]
@@ -97,10 +83,7 @@ mod tests {
         assert_ne!(a, matrix(7, 1, 3, WeightRole::W1, 4, 16));
         assert_ne!(a, matrix(7, 1, 2, WeightRole::W3, 4, 16));
         // Swapping layer and expert must not give the same stream.
-        assert_ne!(
-            matrix(7, 1, 2, WeightRole::W1, 4, 16),
-            matrix(7, 2, 1, WeightRole::W1, 4, 16)
-        );
+        assert_ne!(matrix(7, 1, 2, WeightRole::W1, 4, 16), matrix(7, 2, 1, WeightRole::W1, 4, 16));
     }
 
     #[test]

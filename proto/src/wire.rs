@@ -113,10 +113,7 @@ mod tests {
             assert_eq!(bytes.len(), values.len() * 2);
             let decoded = decode_f32(&bytes, dtype);
             for (original, back) in values.iter().zip(&decoded) {
-                assert!(
-                    (original - back).abs() <= original.abs() * relative_step,
-                    "{dtype:?}: {original} -> {back}"
-                );
+                assert!((original - back).abs() <= original.abs() * relative_step, "{dtype:?}: {original} -> {back}");
             }
         }
     }

@@ -34,12 +34,7 @@ pub fn apply_capacity(routing: &Routing, capacity: usize) -> CapacityOutcome {
             }
         }
     }
-    CapacityOutcome {
-        capacity,
-        kept,
-        tokens_per_expert,
-        dropped,
-    }
+    CapacityOutcome { capacity, kept, tokens_per_expert, dropped }
 }
 
 #[cfg(test)]
@@ -48,23 +43,13 @@ mod tests {
 
     fn routing(choices: Vec<(u32, f32)>, top_k: usize, experts: usize) -> Routing {
         let tokens = choices.len() / top_k;
-        Routing {
-            tokens,
-            experts,
-            top_k,
-            choices,
-            probabilities: vec![0.0; tokens * experts],
-        }
+        Routing { tokens, experts, top_k, choices, probabilities: vec![0.0; tokens * experts] }
     }
 
     #[test]
     fn first_choices_outrank_second_choices_and_later_tokens_overflow() {
         // Three tokens, top-2. Expert 0 is everyone's first choice; capacity 2.
-        let routing = routing(
-            vec![(0, 0.6), (1, 0.4), (0, 0.7), (2, 0.3), (0, 0.5), (1, 0.5)],
-            2,
-            3,
-        );
+        let routing = routing(vec![(0, 0.6), (1, 0.4), (0, 0.7), (2, 0.3), (0, 0.5), (1, 0.5)], 2, 3);
         let outcome = apply_capacity(&routing, 2);
         assert_eq!(outcome.kept, [true, true, true, true, false, true]);
         assert_eq!(outcome.tokens_per_expert, [2, 2, 1]);
@@ -75,9 +60,6 @@ mod tests {
     fn a_large_capacity_keeps_everything() {
         let routing = routing(vec![(1, 1.0), (1, 1.0)], 1, 2);
         let outcome = apply_capacity(&routing, 10);
-        assert_eq!(
-            (outcome.dropped, outcome.tokens_per_expert.clone()),
-            (0, vec![0, 2])
-        );
+        assert_eq!((outcome.dropped, outcome.tokens_per_expert.clone()), (0, vec![0, 2]));
     }
 }

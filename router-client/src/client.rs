@@ -115,30 +115,17 @@ impl MoeClient {
     }
 
     fn gate(&self, table: &RoutingTableView, layer: u32) -> Arc<Gate> {
-        let mut gates = self
-            .gates
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        gates
-            .entry((layer, table.model.seed))
-            .or_insert_with(|| Arc::new(Gate::synthetic(&table.model, layer)))
-            .clone()
+        let mut gates = self.gates.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        gates.entry((layer, table.model.seed)).or_insert_with(|| Arc::new(Gate::synthetic(&table.model, layer))).clone()
     }
 
     fn worker(&self, endpoint: &Arc<str>) -> Result<ExpertWorkerClient<Channel>, ClientError> {
-        let mut workers = self
-            .workers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(client) = workers.get(endpoint) {
             return Ok(client.clone());
         }
-        let channel = switchyard_common::transport::channel(endpoint).map_err(|error| {
-            ClientError::BadTable {
-                version: 0,
-                reason: format!("endpoint {endpoint}: {error}"),
-            }
-        })?;
+        let channel = switchyard_common::transport::channel(endpoint)
+            .map_err(|error| ClientError::BadTable { version: 0, reason: format!("endpoint {endpoint}: {error}") })?;
         let client = ExpertWorkerClient::new(channel)
             .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
@@ -150,22 +137,14 @@ impl MoeClient {
     pub async fn forward(&self, layer: u32, hidden: &[f32]) -> Result<LayerOutput, ClientError> {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("layer_forward", request_id, layer);
-        self.forward_inner(request_id, layer, hidden)
-            .instrument(span)
-            .await
+        self.forward_inner(request_id, layer, hidden).instrument(span).await
     }
 
-    async fn forward_inner(
-        &self,
-        request_id: u64,
-        layer: u32,
-        hidden: &[f32],
-    ) -> Result<LayerOutput, ClientError> {
+    async fn forward_inner(&self, request_id: u64, layer: u32, hidden: &[f32]) -> Result<LayerOutput, ClientError> {
         let started = Instant::now();
-        let table = self.table().ok_or(ClientError::NoTable {
-            coordinator: "(not connected)".into(),
-            waited: Duration::ZERO,
-        })?;
+        let table = self
+            .table()
+            .ok_or(ClientError::NoTable { coordinator: "(not connected)".into(), waited: Duration::ZERO })?;
         let model = &table.model;
         let d_model = model.d_model as usize;
         if layer >= model.layers {
@@ -177,10 +156,7 @@ impl MoeClient {
         if hidden.is_empty() || hidden.len() % d_model != 0 {
             return Err(ClientError::InvalidInput {
                 field: "hidden",
-                reason: format!(
-                    "{} values is not a positive multiple of d_model {d_model}",
-                    hidden.len()
-                ),
+                reason: format!("{} values is not a positive multiple of d_model {d_model}", hidden.len()),
             });
         }
         let mut config = RoutingConfig::for_model(model);
@@ -218,19 +194,13 @@ impl MoeClient {
         let mut bytes = ByteCounts::default();
         for planned in &mut requests {
             planned.request.request_id = request_id;
-            bytes.payload_sent += planned
-                .request
-                .batches
-                .iter()
-                .map(|b| b.rows.as_ref().map_or(0, |t| t.data.len() as u64))
-                .sum::<u64>();
+            bytes.payload_sent +=
+                planned.request.batches.iter().map(|b| b.rows.as_ref().map_or(0, |t| t.data.len() as u64)).sum::<u64>();
             bytes.message_sent += planned.request.encoded_len() as u64 + 5;
         }
         timing.encode = phase.elapsed();
 
-        let calls = requests
-            .iter()
-            .map(|planned| self.call(planned, request_id));
+        let calls = requests.iter().map(|planned| self.call(planned, request_id));
         let answers = futures::future::join_all(calls).await;
         let mut responses = Vec::with_capacity(answers.len());
         for answer in answers {
@@ -240,11 +210,7 @@ impl MoeClient {
         // The straggler's RPC is the call's network + queue + compute time.
         if let Some((response, rpc)) = responses.iter().max_by_key(|(_, rpc)| *rpc) {
             let worker = Duration::from_micros(response.worker_us).min(*rpc);
-            let compute_us: u64 = response
-                .outputs
-                .iter()
-                .filter_map(|o| o.timing.map(|t| t.compute_us))
-                .sum();
+            let compute_us: u64 = response.outputs.iter().filter_map(|o| o.timing.map(|t| t.compute_us)).sum();
             let compute = Duration::from_micros(compute_us).min(worker);
             timing.network = *rpc - worker;
             timing.compute = compute;
@@ -258,34 +224,17 @@ impl MoeClient {
             if response.outputs.len() != planned.pieces.len() {
                 return Err(ClientError::BadResponse {
                     endpoint: planned.endpoint.to_string(),
-                    reason: format!(
-                        "{} outputs for {} expert batches",
-                        response.outputs.len(),
-                        planned.pieces.len()
-                    ),
+                    reason: format!("{} outputs for {} expert batches", response.outputs.len(), planned.pieces.len()),
                 });
             }
-            for (index, (piece, answer)) in planned.pieces.iter().zip(&response.outputs).enumerate()
-            {
+            for (index, (piece, answer)) in planned.pieces.iter().zip(&response.outputs).enumerate() {
                 let group = &routed.groups[piece.group];
                 let rows = piece.end - piece.start;
-                let payload = check_output(
-                    &planned.endpoint,
-                    index,
-                    answer,
-                    layer,
-                    group.expert,
-                    rows,
-                    d_model,
-                )?;
+                let payload = check_output(&planned.endpoint, index, answer, layer, group.expert, rows, d_model)?;
                 bytes.payload_received += payload.data.len() as u64;
 
                 let phase = Instant::now();
-                decode_rows(
-                    &payload.data,
-                    Dtype::try_from(payload.dtype).unwrap_or(Dtype::F32),
-                    &mut scratch,
-                );
+                decode_rows(&payload.data, Dtype::try_from(payload.dtype).unwrap_or(Dtype::F32), &mut scratch);
                 timing.decode += phase.elapsed();
 
                 let phase = Instant::now();
@@ -302,16 +251,9 @@ impl MoeClient {
 
         let mut worker_calls: Vec<WorkerCall> = Vec::new();
         for (planned, (response, rpc)) in requests.iter().zip(&responses) {
-            let rows = planned
-                .pieces
-                .iter()
-                .map(|piece| piece.end - piece.start)
-                .sum::<usize>();
+            let rows = planned.pieces.iter().map(|piece| piece.end - piece.start).sum::<usize>();
             let worker = Duration::from_micros(response.worker_us);
-            match worker_calls
-                .iter_mut()
-                .find(|call| call.endpoint == planned.endpoint)
-            {
+            match worker_calls.iter_mut().find(|call| call.endpoint == planned.endpoint) {
                 Some(call) => {
                     call.requests += 1;
                     call.rows += rows;
@@ -368,10 +310,7 @@ impl MoeClient {
                 code: status.code(),
                 message: status.message().to_owned(),
             }),
-            Err(_) => Err(ClientError::Timeout {
-                endpoint: planned.endpoint.to_string(),
-                after: self.options.timeout,
-            }),
+            Err(_) => Err(ClientError::Timeout { endpoint: planned.endpoint.to_string(), after: self.options.timeout }),
         }
     }
 }
@@ -385,26 +324,16 @@ fn check_output<'a>(
     rows: usize,
     d_model: usize,
 ) -> Result<&'a v1::WireTensor, ClientError> {
-    let bad = |reason: String| ClientError::BadResponse {
-        endpoint: endpoint.to_owned(),
-        reason,
-    };
+    let bad = |reason: String| ClientError::BadResponse { endpoint: endpoint.to_owned(), reason };
     if answer.expert != Some(v1::ExpertKey::new(layer, expert)) {
         return Err(bad(format!(
             "outputs[{index}].expert is {:?}, expected layer {layer} expert {expert}",
             answer.expert
         )));
     }
-    let payload = answer
-        .rows
-        .as_ref()
-        .ok_or_else(|| bad(format!("outputs[{index}].rows is missing")))?;
-    let dtype = Dtype::try_from(payload.dtype)
-        .ok()
-        .filter(|dtype| *dtype != Dtype::Unspecified);
-    let expected = dtype
-        .and_then(wire::element_size)
-        .map(|size| rows * d_model * size);
+    let payload = answer.rows.as_ref().ok_or_else(|| bad(format!("outputs[{index}].rows is missing")))?;
+    let dtype = Dtype::try_from(payload.dtype).ok().filter(|dtype| *dtype != Dtype::Unspecified);
+    let expected = dtype.and_then(wire::element_size).map(|size| rows * d_model * size);
     if payload.shape != [rows as u64, d_model as u64] || expected != Some(payload.data.len()) {
         return Err(bad(format!(
             "outputs[{index}].rows has shape {:?} and {} bytes, expected [{rows}, {d_model}]",

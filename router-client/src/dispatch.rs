@@ -40,14 +40,10 @@ pub fn by_worker(
 ) -> Result<BTreeMap<Arc<str>, Vec<usize>>, ClientError> {
     let mut workers: BTreeMap<Arc<str>, Vec<usize>> = BTreeMap::new();
     for (index, group) in groups.iter().enumerate() {
-        let endpoint =
-            table
-                .endpoints(layer, group.expert)
-                .first()
-                .ok_or(ClientError::Unplaced {
-                    version: table.version,
-                    expert: ExpertKey::new(layer, group.expert),
-                })?;
+        let endpoint = table
+            .endpoints(layer, group.expert)
+            .first()
+            .ok_or(ClientError::Unplaced { version: table.version, expert: ExpertKey::new(layer, group.expert) })?;
         workers.entry(endpoint.clone()).or_default().push(index);
     }
     Ok(workers)
@@ -74,16 +70,10 @@ pub fn pack_requests(
         let mut start = 0;
         while start < group.tokens.len() {
             if current_rows == rows_per_request {
-                requests.push(std::mem::replace(
-                    &mut current,
-                    new_request(endpoint, dtype),
-                ));
+                requests.push(std::mem::replace(&mut current, new_request(endpoint, dtype)));
                 current_rows = 0;
             }
-            let end = group
-                .tokens
-                .len()
-                .min(start + rows_per_request - current_rows);
+            let end = group.tokens.len().min(start + rows_per_request - current_rows);
             let tokens = &group.tokens[start..end];
             current.request.batches.push(v1::ExpertRows {
                 expert: Some(ExpertKey::new(layer, group.expert)),
@@ -93,11 +83,7 @@ pub fn pack_requests(
                     data: gather_rows(hidden, d_model, tokens, dtype),
                 }),
             });
-            current.pieces.push(Piece {
-                group: group_index,
-                start,
-                end,
-            });
+            current.pieces.push(Piece { group: group_index, start, end });
             current_rows += end - start;
             start = end;
         }
@@ -111,11 +97,7 @@ pub fn pack_requests(
 fn new_request(endpoint: &Arc<str>, dtype: Dtype) -> PlannedRequest {
     PlannedRequest {
         endpoint: endpoint.clone(),
-        request: v1::ForwardRequest {
-            request_id: 0,
-            batches: Vec::new(),
-            output_dtype: dtype as i32,
-        },
+        request: v1::ForwardRequest { request_id: 0, batches: Vec::new(), output_dtype: dtype as i32 },
         pieces: Vec::new(),
     }
 }
@@ -125,11 +107,7 @@ mod tests {
     use super::*;
 
     fn group(expert: u32, tokens: usize) -> ExpertAssignments {
-        ExpertAssignments {
-            expert,
-            tokens: (0..tokens as u32).collect(),
-            weights: vec![1.0; tokens],
-        }
+        ExpertAssignments { expert, tokens: (0..tokens as u32).collect(), weights: vec![1.0; tokens] }
     }
 
     #[test]
@@ -137,25 +115,10 @@ mod tests {
         let groups = [group(0, 3), group(1, 2)];
         let hidden = vec![0.5; 3 * 4];
         let endpoint: Arc<str> = Arc::from("http://a");
-        let requests = pack_requests(
-            &endpoint,
-            0,
-            &[0, 1],
-            &groups,
-            &hidden,
-            4,
-            Dtype::F32,
-            1 << 20,
-        );
+        let requests = pack_requests(&endpoint, 0, &[0, 1], &groups, &hidden, 4, Dtype::F32, 1 << 20);
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].request.batches.len(), 2);
-        assert_eq!(
-            requests[0].request.batches[0]
-                .rows
-                .as_ref()
-                .map(|r| r.data.len()),
-            Some(3 * 4 * 4)
-        );
+        assert_eq!(requests[0].request.batches[0].rows.as_ref().map(|r| r.data.len()), Some(3 * 4 * 4));
     }
 
     #[test]
@@ -169,37 +132,13 @@ mod tests {
         assert_eq!(
             pieces,
             [
-                vec![Piece {
-                    group: 0,
-                    start: 0,
-                    end: 3
-                }],
-                vec![
-                    Piece {
-                        group: 0,
-                        start: 3,
-                        end: 5
-                    },
-                    Piece {
-                        group: 1,
-                        start: 0,
-                        end: 1
-                    }
-                ],
-                vec![Piece {
-                    group: 1,
-                    start: 1,
-                    end: 4
-                }],
+                vec![Piece { group: 0, start: 0, end: 3 }],
+                vec![Piece { group: 0, start: 3, end: 5 }, Piece { group: 1, start: 0, end: 1 }],
+                vec![Piece { group: 1, start: 1, end: 4 }],
             ]
         );
         assert!(requests.iter().all(|r| {
-            r.request
-                .batches
-                .iter()
-                .map(|b| b.rows.as_ref().map_or(0, |t| t.data.len()))
-                .sum::<usize>()
-                <= 48
+            r.request.batches.iter().map(|b| b.rows.as_ref().map_or(0, |t| t.data.len())).sum::<usize>() <= 48
         }));
     }
 }

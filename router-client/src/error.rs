@@ -10,20 +10,13 @@ pub enum ClientError {
     #[error("{field}: {reason}")]
     InvalidInput { field: &'static str, reason: String },
     #[error("no routing table received from the coordinator at {coordinator} within {waited:?}")]
-    NoTable {
-        coordinator: String,
-        waited: Duration,
-    },
+    NoTable { coordinator: String, waited: Duration },
     #[error("routing table version {version} has no worker for {expert}")]
     Unplaced { version: u64, expert: ExpertKey },
     #[error("routing table version {version} is malformed: {reason}")]
     BadTable { version: u64, reason: String },
     #[error("worker {endpoint}: {code:?}: {message}")]
-    Worker {
-        endpoint: String,
-        code: tonic::Code,
-        message: String,
-    },
+    Worker { endpoint: String, code: tonic::Code, message: String },
     #[error("worker {endpoint} did not answer within {after:?}")]
     Timeout { endpoint: String, after: Duration },
     #[error("worker {endpoint} sent a malformed answer: {reason}")]
@@ -34,9 +27,7 @@ impl ClientError {
     /// The gRPC code this failure is reported under in load-test summaries.
     pub fn code(&self) -> tonic::Code {
         match self {
-            ClientError::InvalidInput { .. } | ClientError::BadTable { .. } => {
-                tonic::Code::InvalidArgument
-            }
+            ClientError::InvalidInput { .. } | ClientError::BadTable { .. } => tonic::Code::InvalidArgument,
             ClientError::NoTable { .. } | ClientError::Unplaced { .. } => tonic::Code::Unavailable,
             ClientError::Worker { code, .. } => *code,
             ClientError::Timeout { .. } => tonic::Code::DeadlineExceeded,

@@ -17,26 +17,13 @@ pub struct Gate {
 impl Gate {
     /// The seeded gate of `layer` of a synthetic model.
     pub fn synthetic(spec: &ModelSpec, layer: u32) -> Self {
-        let weights =
-            synthetic::gate_weights(spec.seed, layer, spec.experts_per_layer, spec.d_model);
-        Self::from_weights(
-            weights,
-            spec.experts_per_layer as usize,
-            spec.d_model as usize,
-        )
+        let weights = synthetic::gate_weights(spec.seed, layer, spec.experts_per_layer, spec.d_model);
+        Self::from_weights(weights, spec.experts_per_layer as usize, spec.d_model as usize)
     }
 
     pub fn from_weights(weights: Vec<f32>, experts: usize, d_model: usize) -> Self {
-        assert_eq!(
-            weights.len(),
-            experts * d_model,
-            "gate weights must be [experts, d_model]"
-        );
-        Self {
-            experts,
-            d_model,
-            weights,
-        }
+        assert_eq!(weights.len(), experts * d_model, "gate weights must be [experts, d_model]");
+        Self { experts, d_model, weights }
     }
 
     pub fn experts(&self) -> usize {
@@ -49,11 +36,7 @@ impl Gate {
         logits.clear();
         logits.reserve(tokens * self.experts);
         for row in hidden.chunks_exact(self.d_model) {
-            logits.extend(
-                self.weights
-                    .chunks_exact(self.d_model)
-                    .map(|expert_row| dot(row, expert_row)),
-            );
+            logits.extend(self.weights.chunks_exact(self.d_model).map(|expert_row| dot(row, expert_row)));
         }
     }
 
@@ -68,12 +51,7 @@ impl Gate {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in a_chunks.zip(b_chunks) {
         for lane in 0..8 {
             lanes[lane] += x[lane] * y[lane];
@@ -89,10 +67,7 @@ mod tests {
     #[test]
     fn logits_are_row_dot_products() {
         let gate = Gate::from_weights(vec![1.0, 0.0, 0.0, 2.0, -1.0, 1.0], 3, 2);
-        assert_eq!(
-            gate.logits(&[3.0, 4.0, 0.5, -1.0]),
-            [3.0, 8.0, 1.0, 0.5, -2.0, -1.5]
-        );
+        assert_eq!(gate.logits(&[3.0, 4.0, 0.5, -1.0]), [3.0, 8.0, 1.0, 0.5, -2.0, -1.5]);
     }
 
     #[test]

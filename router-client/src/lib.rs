@@ -5,7 +5,8 @@
 //! [`gate`] (logits) → [`routing`] (policy) → [`capacity`] (overflow) → [`router`] (groups by
 //! expert) → [`dispatch`] (groups by worker, packed into requests) → all workers at once over gRPC →
 //! [`codec`] (decode, weighted combine). [`table`] keeps the routing table current; [`timing`] says
-//! where the time and bytes went; [`reference`] computes the same layer in-process.
+//! where the time and bytes went; [`reference`] computes the same layer in-process;
+//! [`local_cluster`] starts a coordinator and workers as child processes.
 
 pub mod capacity;
 pub mod client;
@@ -13,6 +14,8 @@ pub mod codec;
 pub mod dispatch;
 pub mod error;
 pub mod gate;
+pub mod loadtest;
+pub mod local_cluster;
 pub mod reference;
 pub mod router;
 pub mod routing;

@@ -1,1 +1,13 @@
-fn main() {}
+//! `switchyard`: run a local cluster, load-test a cluster, show its status.
+
+mod cli;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = cli::Cli::parse();
+    switchyard_common::tracing_setup::init_tracing(cli.log_format);
+    tch::set_num_threads(cli.torch_threads as i32);
+    cli::run(cli).await
+}

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use switchyard_experts::Expert;
 use switchyard_model::ModelSpec;
@@ -14,6 +14,7 @@ use crate::codec::accumulate;
 use crate::error::ClientError;
 use crate::gate::Gate;
 use crate::router::{RoutingConfig, assign, gate_and_route};
+use crate::timing::TimeBreakdown;
 
 /// The answer of one reference call.
 #[derive(Debug, Clone)]
@@ -21,9 +22,8 @@ pub struct ReferenceOutput {
     pub hidden: Vec<f32>,
     pub router_logits: Vec<f32>,
     pub routing: RoutingSummary,
-    /// Expert forwards only.
-    pub compute: Duration,
-    pub wall: Duration,
+    /// Gate, plan (capacity, grouping), encode (gathering rows), compute, combine; no network.
+    pub timing: TimeBreakdown,
 }
 
 /// `Sync`: experts (tch tensors, `Send` only) sit behind a mutex, so calls compute one at a time,
@@ -39,24 +39,13 @@ impl ReferenceLayer {
     /// Builds every expert of `layers` of a synthetic model on `device`.
     pub fn synthetic(model: &ModelSpec, layers: &[u32], device: tch::Device) -> Self {
         let _no_grad = tch::no_grad_guard();
-        let gates = (0..model.layers)
-            .map(|layer| Gate::synthetic(model, layer))
-            .collect();
+        let gates = (0..model.layers).map(|layer| Gate::synthetic(model, layer)).collect();
         let experts = layers
             .iter()
             .flat_map(|layer| (0..model.experts_per_layer).map(move |expert| (*layer, expert)))
-            .map(|(layer, expert)| {
-                (
-                    (layer, expert),
-                    Expert::synthetic(model, layer, expert, device),
-                )
-            })
+            .map(|(layer, expert)| ((layer, expert), Expert::synthetic(model, layer, expert, device)))
             .collect();
-        Self {
-            model: model.clone(),
-            gates,
-            experts: Mutex::new(experts),
-        }
+        Self { model: model.clone(), gates, experts: Mutex::new(experts) }
     }
 
     pub fn model(&self) -> &ModelSpec {
@@ -72,61 +61,50 @@ impl ReferenceLayer {
     ) -> Result<ReferenceOutput, ClientError> {
         let started = Instant::now();
         let d_model = self.model.d_model as usize;
-        let gate = self
-            .gates
-            .get(layer as usize)
-            .ok_or(ClientError::InvalidInput {
-                field: "layer",
-                reason: format!(
-                    "{layer} is not below the model's {} layers",
-                    self.model.layers
-                ),
-            })?;
+        let gate = self.gates.get(layer as usize).ok_or(ClientError::InvalidInput {
+            field: "layer",
+            reason: format!("{layer} is not below the model's {} layers", self.model.layers),
+        })?;
         if hidden.is_empty() || hidden.len() % d_model != 0 {
             return Err(ClientError::InvalidInput {
                 field: "hidden",
-                reason: format!(
-                    "{} values is not a positive multiple of d_model {d_model}",
-                    hidden.len()
-                ),
+                reason: format!("{} values is not a positive multiple of d_model {d_model}", hidden.len()),
             });
         }
         let mut config = RoutingConfig::for_model(&self.model);
         if let Some(capacity_factor) = capacity_factor {
             config.capacity_factor = capacity_factor;
         }
+        let mut timing = TimeBreakdown::default();
+        let phase = Instant::now();
         let (logits, routing) = gate_and_route(gate, hidden, config);
+        timing.gate = phase.elapsed();
+        let phase = Instant::now();
         let routed = assign(logits, routing, config);
-        let experts = self
-            .experts
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        timing.plan = phase.elapsed();
+        let experts = self.experts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut output = vec![0.0f32; hidden.len()];
         let mut rows = Vec::new();
-        let mut compute = Duration::ZERO;
         for group in &routed.groups {
-            let expert = experts
-                .get(&(layer, group.expert))
-                .ok_or(ClientError::InvalidInput {
-                    field: "layer",
-                    reason: format!("the reference layer holds no experts of layer {layer}"),
-                })?;
+            let expert = experts.get(&(layer, group.expert)).ok_or(ClientError::InvalidInput {
+                field: "layer",
+                reason: format!("the reference layer holds no experts of layer {layer}"),
+            })?;
+            let phase = Instant::now();
             rows.clear();
             for token in &group.tokens {
                 let start = *token as usize * d_model;
                 rows.extend_from_slice(&hidden[start..start + d_model]);
             }
+            timing.encode += phase.elapsed();
             let phase = Instant::now();
             let expert_output = expert.forward_f32(&rows);
-            compute += phase.elapsed();
-            accumulate(
-                &mut output,
-                d_model,
-                &group.tokens,
-                &group.weights,
-                &expert_output,
-            );
+            timing.compute += phase.elapsed();
+            let phase = Instant::now();
+            accumulate(&mut output, d_model, &group.tokens, &group.weights, &expert_output);
+            timing.combine += phase.elapsed();
         }
+        timing.wall = started.elapsed();
         Ok(ReferenceOutput {
             hidden: output,
             routing: RoutingSummary {
@@ -137,8 +115,7 @@ impl ReferenceLayer {
                 tokens_per_expert: routed.capacity.tokens_per_expert.clone(),
             },
             router_logits: routed.logits,
-            compute,
-            wall: started.elapsed(),
+            timing,
         })
     }
 }
@@ -183,19 +160,7 @@ mod tests {
             }
         }
         assert!(relative_frobenius_error(&output.hidden[8..16], &expected) < 1e-6);
-        assert!(
-            reference
-                .forward(3, &hidden, None)
-                .unwrap_err()
-                .to_string()
-                .starts_with("layer")
-        );
-        assert!(
-            reference
-                .forward(0, &hidden[..5], None)
-                .unwrap_err()
-                .to_string()
-                .starts_with("hidden")
-        );
+        assert!(reference.forward(3, &hidden, None).unwrap_err().to_string().starts_with("layer"));
+        assert!(reference.forward(0, &hidden[..5], None).unwrap_err().to_string().starts_with("hidden"));
     }
 }

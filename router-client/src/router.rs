@@ -26,10 +26,7 @@ impl RoutingConfig {
     /// The model's own: top-k with Mixtral's renormalisation, its capacity factor.
     pub fn for_model(model: &ModelSpec) -> Self {
         Self {
-            policy: RoutingPolicy::TopK {
-                k: model.top_k as usize,
-                renormalize: true,
-            },
+            policy: RoutingPolicy::TopK { k: model.top_k as usize, renormalize: true },
             capacity_factor: model.capacity_factor,
         }
     }
@@ -54,21 +51,13 @@ pub fn gate_and_route(gate: &Gate, hidden: &[f32], config: RoutingConfig) -> (Ve
 
 /// Applies capacity and groups the kept assignments by expert.
 pub fn assign(logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> Routed {
-    let capacity = switchyard_model::expert_capacity(
-        routing.tokens,
-        routing.top_k,
-        routing.experts,
-        config.capacity_factor,
-    );
+    let capacity =
+        switchyard_model::expert_capacity(routing.tokens, routing.top_k, routing.experts, config.capacity_factor);
     let capacity = apply_capacity(&routing, capacity);
     let mut groups: Vec<ExpertAssignments> = (0..routing.experts as u32)
         .map(|expert| {
             let kept = capacity.tokens_per_expert[expert as usize] as usize;
-            ExpertAssignments {
-                expert,
-                tokens: Vec::with_capacity(kept),
-                weights: Vec::with_capacity(kept),
-            }
+            ExpertAssignments { expert, tokens: Vec::with_capacity(kept), weights: Vec::with_capacity(kept) }
         })
         .collect();
     for token in 0..routing.tokens {
@@ -81,12 +70,7 @@ pub fn assign(logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> Rout
         }
     }
     groups.retain(|group| !group.tokens.is_empty());
-    Routed {
-        logits,
-        routing,
-        capacity,
-        groups,
-    }
+    Routed { logits, routing, capacity, groups }
 }
 
 #[cfg(test)]
@@ -98,25 +82,13 @@ mod tests {
         // Gate rows pick expert 0 for tokens whose first feature is large, expert 1 otherwise.
         let gate = Gate::from_weights(vec![1.0, 0.0, 0.0, 1.0], 2, 2);
         let hidden = [5.0, 0.0, 0.0, 5.0, 6.0, 0.0];
-        let config = RoutingConfig {
-            policy: RoutingPolicy::TopK {
-                k: 1,
-                renormalize: true,
-            },
-            capacity_factor: 1.0,
-        };
+        let config = RoutingConfig { policy: RoutingPolicy::TopK { k: 1, renormalize: true }, capacity_factor: 1.0 };
         let (logits, routing) = gate_and_route(&gate, &hidden, config);
         let routed = assign(logits, routing, config);
         assert_eq!(routed.capacity.capacity, 2, "ceil(1 * 3 / 2 * 1.0)");
         assert_eq!(routed.groups.len(), 2);
-        assert_eq!(
-            (routed.groups[0].expert, routed.groups[0].tokens.clone()),
-            (0, vec![0, 2])
-        );
-        assert_eq!(
-            (routed.groups[1].expert, routed.groups[1].tokens.clone()),
-            (1, vec![1])
-        );
+        assert_eq!((routed.groups[0].expert, routed.groups[0].tokens.clone()), (0, vec![0, 2]));
+        assert_eq!((routed.groups[1].expert, routed.groups[1].tokens.clone()), (1, vec![1]));
         assert_eq!(routed.groups[0].weights, [1.0, 1.0]);
     }
 }

@@ -50,29 +50,12 @@ pub fn route(logits: &[f32], experts: usize, policy: RoutingPolicy) -> Routing {
         order.clear();
         order.extend(0..experts as u32);
         // Highest probability first; ties go to the lower expert index, as torch.topk does on CPU.
-        order.sort_by(|a, b| {
-            row_probabilities[*b as usize]
-                .total_cmp(&row_probabilities[*a as usize])
-                .then(a.cmp(b))
-        });
+        order.sort_by(|a, b| row_probabilities[*b as usize].total_cmp(&row_probabilities[*a as usize]).then(a.cmp(b)));
         let kept = &order[..k];
-        let total: f32 = if renormalize {
-            kept.iter().map(|e| row_probabilities[*e as usize]).sum()
-        } else {
-            1.0
-        };
-        choices.extend(
-            kept.iter()
-                .map(|e| (*e, row_probabilities[*e as usize] / total)),
-        );
+        let total: f32 = if renormalize { kept.iter().map(|e| row_probabilities[*e as usize]).sum() } else { 1.0 };
+        choices.extend(kept.iter().map(|e| (*e, row_probabilities[*e as usize] / total)));
     }
-    Routing {
-        tokens,
-        experts,
-        top_k: k,
-        choices,
-        probabilities,
-    }
+    Routing { tokens, experts, top_k: k, choices, probabilities }
 }
 
 /// Numerically stable softmax of `row`, appended to `out`.
@@ -93,52 +76,25 @@ mod tests {
     #[test]
     fn top_2_renormalised_as_mixtral() {
         let logits = [1.0f32, 3.0, 2.0, 0.0];
-        let routing = route(
-            &logits,
-            4,
-            RoutingPolicy::TopK {
-                k: 2,
-                renormalize: true,
-            },
-        );
+        let routing = route(&logits, 4, RoutingPolicy::TopK { k: 2, renormalize: true });
         let e: Vec<f32> = logits.iter().map(|l| l.exp()).collect();
         let (p1, p2) = (e[1] / (e[1] + e[2]), e[2] / (e[1] + e[2]));
         assert_eq!(routing.choices[0].0, 1);
         assert_eq!(routing.choices[1].0, 2);
-        assert!(
-            (routing.choices[0].1 - p1).abs() < 1e-6 && (routing.choices[1].1 - p2).abs() < 1e-6
-        );
+        assert!((routing.choices[0].1 - p1).abs() < 1e-6 && (routing.choices[1].1 - p2).abs() < 1e-6);
     }
 
     #[test]
     fn without_renormalisation_weights_are_softmax_probabilities() {
         let logits = [0.0f32, 0.0, 0.0, 0.0];
-        let routing = route(
-            &logits,
-            4,
-            RoutingPolicy::TopK {
-                k: 2,
-                renormalize: false,
-            },
-        );
-        assert_eq!(
-            routing.choices,
-            [(0, 0.25), (1, 0.25)],
-            "ties go to the lower index"
-        );
+        let routing = route(&logits, 4, RoutingPolicy::TopK { k: 2, renormalize: false });
+        assert_eq!(routing.choices, [(0, 0.25), (1, 0.25)], "ties go to the lower index");
         assert!((routing.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
 
     #[test]
     fn large_logits_do_not_overflow() {
-        let routing = route(
-            &[1000.0, 999.0],
-            2,
-            RoutingPolicy::TopK {
-                k: 1,
-                renormalize: true,
-            },
-        );
+        let routing = route(&[1000.0, 999.0], 2, RoutingPolicy::TopK { k: 1, renormalize: true });
         assert_eq!(routing.choices, [(0, 1.0)]);
         assert!(routing.probabilities.iter().all(|p| p.is_finite()));
     }

@@ -46,35 +46,19 @@ impl TryFrom<v1::RoutingTable> for RoutingTableView {
     type Error = ClientError;
 
     fn try_from(table: v1::RoutingTable) -> Result<Self, Self::Error> {
-        let bad = |reason: String| ClientError::BadTable {
-            version: table.version,
-            reason,
-        };
-        let model =
-            ModelSpec::try_from(table.model.clone()).map_err(|error| bad(error.to_string()))?;
+        let bad = |reason: String| ClientError::BadTable { version: table.version, reason };
+        let model = ModelSpec::try_from(table.model.clone()).map_err(|error| bad(error.to_string()))?;
         let experts = model.experts_per_layer;
         let mut endpoints = vec![Vec::new(); (model.layers * experts) as usize];
         for (index, route) in table.routes.iter().enumerate() {
-            let expert = route
-                .expert
-                .ok_or_else(|| bad(format!("routes[{index}].expert is missing")))?;
+            let expert = route.expert.ok_or_else(|| bad(format!("routes[{index}].expert is missing")))?;
             if !model.contains(&expert) {
-                return Err(bad(format!(
-                    "routes[{index}].expert: {expert} is outside the model"
-                )));
+                return Err(bad(format!("routes[{index}].expert: {expert} is outside the model")));
             }
-            endpoints[(expert.layer * experts + expert.expert) as usize] = route
-                .endpoints
-                .iter()
-                .map(|endpoint| Arc::from(endpoint.as_str()))
-                .collect();
+            endpoints[(expert.layer * experts + expert.expert) as usize] =
+                route.endpoints.iter().map(|endpoint| Arc::from(endpoint.as_str())).collect();
         }
-        Ok(Self {
-            version: table.version,
-            model,
-            endpoints,
-            queue_limit_tokens: table.queue_limit_tokens,
-        })
+        Ok(Self { version: table.version, model, endpoints, queue_limit_tokens: table.queue_limit_tokens })
     }
 }
 
@@ -94,23 +78,11 @@ const RECONNECT_DELAY: Duration = Duration::from_millis(250);
 impl TableWatcher {
     /// Starts following `coordinator` (e.g. `http://127.0.0.1:50051`).
     pub fn start(coordinator: &str) -> Result<Self, ClientError> {
-        let channel = switchyard_common::transport::channel(coordinator).map_err(|error| {
-            ClientError::InvalidInput {
-                field: "coordinator",
-                reason: error.to_string(),
-            }
-        })?;
+        let channel = switchyard_common::transport::channel(coordinator)
+            .map_err(|error| ClientError::InvalidInput { field: "coordinator", reason: error.to_string() })?;
         let (sender, receiver) = watch::channel(None);
-        let task = tokio::spawn(follow(
-            CoordinatorClient::new(channel),
-            sender,
-            coordinator.to_owned(),
-        ));
-        Ok(Self {
-            coordinator: coordinator.to_owned(),
-            receiver,
-            task,
-        })
+        let task = tokio::spawn(follow(CoordinatorClient::new(channel), sender, coordinator.to_owned()));
+        Ok(Self { coordinator: coordinator.to_owned(), receiver, task })
     }
 
     pub fn receiver(&self) -> TableReceiver {
@@ -128,17 +100,11 @@ impl TableWatcher {
         within: Duration,
     ) -> Result<Arc<RoutingTableView>, ClientError> {
         let mut receiver = self.receiver.clone();
-        let waited = tokio::time::timeout(
-            within,
-            receiver.wait_for(|table| table.as_deref().is_some_and(&ready)),
-        )
-        .await;
+        let waited =
+            tokio::time::timeout(within, receiver.wait_for(|table| table.as_deref().is_some_and(&ready))).await;
         match waited {
             Ok(Ok(table)) => Ok(table.clone().expect("checked by wait_for")),
-            _ => Err(ClientError::NoTable {
-                coordinator: self.coordinator.clone(),
-                waited: within,
-            }),
+            _ => Err(ClientError::NoTable { coordinator: self.coordinator.clone(), waited: within }),
         }
     }
 }
@@ -156,10 +122,7 @@ async fn follow(
 ) {
     loop {
         let newer_than = sender.borrow().as_ref().map_or(0, |table| table.version);
-        match client
-            .watch_routing_table(v1::GetRoutingTableRequest { newer_than })
-            .await
-        {
+        match client.watch_routing_table(v1::GetRoutingTableRequest { newer_than }).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
                 loop {
@@ -175,10 +138,7 @@ async fn follow(
                         },
                         Ok(None) => break,
                         Err(status) => {
-                            tracing::debug!(
-                                message = status.message(),
-                                "routing table stream broke"
-                            );
+                            tracing::debug!(message = status.message(), "routing table stream broke");
                             break;
                         }
                     }
@@ -197,23 +157,13 @@ mod tests {
     use super::*;
 
     fn wire_table() -> v1::RoutingTable {
-        let model = ModelSpec {
-            experts_per_layer: 2,
-            layers: 1,
-            ..ModelSpec::default_synthetic()
-        };
+        let model = ModelSpec { experts_per_layer: 2, layers: 1, ..ModelSpec::default_synthetic() };
         v1::RoutingTable {
             version: 3,
             model: Some(model.to_proto()),
             routes: vec![
-                v1::ExpertRoute {
-                    expert: Some(v1::ExpertKey::new(0, 1)),
-                    endpoints: vec!["http://b".into()],
-                },
-                v1::ExpertRoute {
-                    expert: Some(v1::ExpertKey::new(0, 0)),
-                    endpoints: vec!["http://a".into()],
-                },
+                v1::ExpertRoute { expert: Some(v1::ExpertKey::new(0, 1)), endpoints: vec!["http://b".into()] },
+                v1::ExpertRoute { expert: Some(v1::ExpertKey::new(0, 0)), endpoints: vec!["http://a".into()] },
             ],
             queue_limit_tokens: 8,
         }
@@ -235,10 +185,6 @@ mod tests {
         );
         let mut partial = wire_table();
         partial.routes[1].endpoints.clear();
-        assert!(
-            !RoutingTableView::try_from(partial)
-                .expect("valid")
-                .is_complete()
-        );
+        assert!(!RoutingTableView::try_from(partial).expect("valid").is_complete());
     }
 }

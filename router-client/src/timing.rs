@@ -31,28 +31,11 @@ pub struct TimeBreakdown {
 }
 
 impl TimeBreakdown {
-    pub const PHASES: [&'static str; 8] = [
-        "gate",
-        "plan",
-        "encode",
-        "network",
-        "queue_wait",
-        "compute",
-        "decode",
-        "combine",
-    ];
+    pub const PHASES: [&'static str; 8] =
+        ["gate", "plan", "encode", "network", "queue_wait", "compute", "decode", "combine"];
 
     pub fn phases(&self) -> [Duration; 8] {
-        [
-            self.gate,
-            self.plan,
-            self.encode,
-            self.network,
-            self.queue_wait,
-            self.compute,
-            self.decode,
-            self.combine,
-        ]
+        [self.gate, self.plan, self.encode, self.network, self.queue_wait, self.compute, self.decode, self.combine]
     }
 
     /// Wall time the phases do not account for (task scheduling, joins).

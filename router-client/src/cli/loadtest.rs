@@ -1,0 +1,61 @@
+//! `switchyard loadtest`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use switchyard_model::cli::ModelArgs;
+use switchyard_router_client::loadtest::{self, Target};
+use switchyard_router_client::{ClientOptions, MoeClient, ReferenceLayer, TableWatcher};
+
+use super::load_args::LoadArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct LoadtestArgs {
+    /// Coordinator of the cluster to drive, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "SWITCHYARD_COORDINATOR", required_unless_present = "reference")]
+    pub coordinator: Option<String>,
+
+    /// Drive the in-process reference layer instead of a cluster (the baseline; uses the model flags).
+    #[arg(long)]
+    pub reference: bool,
+
+    #[command(flatten)]
+    pub load: LoadArgs,
+
+    /// The model of --reference (a cluster's model comes from its routing table).
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
+    let report = if args.reference {
+        let model = args.model.spec()?;
+        eprintln!("building the in-process reference layer ({} experts)...", model.experts_per_layer);
+        let reference = ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu);
+        let name = format!("in-process reference ({torch_threads} torch threads)");
+        loadtest::run(Target::Reference(Arc::new(reference)), args.load.spec(), &name).await?
+    } else {
+        let coordinator = args.coordinator.context("--coordinator is required")?;
+        let (client, workers) = connect(&coordinator, &args.load).await?;
+        loadtest::run(Target::Distributed(client), args.load.spec(), &format!("distributed ({workers} workers)"))
+            .await?
+    };
+    print!("{}", report.render());
+    Ok(())
+}
+
+/// A client following `coordinator`'s routing table, once every expert is placed.
+pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<MoeClient>, usize)> {
+    let watcher = TableWatcher::start(coordinator)?;
+    let table = watcher.wait_for(|table| table.is_complete(), Duration::from_secs(120)).await?;
+    let options = ClientOptions {
+        wire_dtype: load.wire_dtype,
+        capacity_factor: load.call_capacity_factor,
+        ..ClientOptions::default()
+    };
+    let client = Arc::new(MoeClient::new(watcher.receiver(), options));
+    // The watcher task lives as long as the process: the client keeps following new tables.
+    std::mem::forget(watcher);
+    Ok((client, table.workers().len()))
+}

@@ -1,0 +1,97 @@
+//! `switchyard local`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use switchyard_model::cli::ModelArgs;
+use switchyard_router_client::ReferenceLayer;
+use switchyard_router_client::loadtest::{self, Target};
+use switchyard_router_client::local_cluster::{LocalCluster, LocalClusterConfig};
+
+use super::load_args::LoadArgs;
+use super::loadtest::connect;
+
+#[derive(Debug, clap::Args)]
+pub struct LocalArgs {
+    /// Expert workers to start.
+    #[arg(long, env = "SWITCHYARD_LOCAL_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+
+    /// libtorch threads per worker (give each process its share of the cores).
+    #[arg(long, env = "SWITCHYARD_WORKER_TORCH_THREADS", default_value_t = 1)]
+    pub worker_torch_threads: u32,
+
+    /// Batch wait bound of the workers, in microseconds.
+    #[arg(long, env = "SWITCHYARD_BATCH_WAIT_US", default_value_t = 100)]
+    pub batch_wait_us: u64,
+
+    /// Run a load test against the cluster, print its report, stop the cluster and exit.
+    #[arg(long)]
+    pub loadtest: bool,
+
+    /// With --loadtest: then run the same load through the in-process reference layer, for comparison.
+    #[arg(long, requires = "loadtest")]
+    pub compare_reference: bool,
+
+    #[command(flatten)]
+    pub load: LoadArgs,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
+    let model = args.model.spec()?;
+    let me = std::env::current_exe().context("locating the switchyard binary")?;
+    let mut config = LocalClusterConfig::next_to(&me, model.clone(), args.workers);
+    config.torch_threads = args.worker_torch_threads;
+    config.worker_args = vec!["--batch-wait-us".into(), args.batch_wait_us.to_string()];
+    if std::env::var_os("RUST_LOG").is_none() {
+        config.log_filter = Some("warn".into());
+    }
+    eprintln!(
+        "starting a coordinator and {} workers on 127.0.0.1 (model: {} layer(s) x {} experts, d_model {}, d_ff {}, top-{})...",
+        args.workers, model.layers, model.experts_per_layer, model.d_model, model.d_ff, model.top_k
+    );
+    let mut cluster = LocalCluster::start(config).await?;
+    let (client, workers) = connect(&cluster.coordinator_uri(), &args.load).await?;
+    eprintln!("cluster ready: coordinator {} with {workers} workers", cluster.coordinator_uri());
+    for worker in &cluster.workers {
+        eprintln!("  {} grpc {} metrics http://{}/metrics", worker.name, worker.grpc_uri(), worker.metrics);
+    }
+
+    if !args.loadtest {
+        println!("coordinator {}", cluster.coordinator_uri());
+        eprintln!("press Ctrl-C to stop");
+        switchyard_common::shutdown::signal().await;
+        cluster.stop(Duration::from_secs(5)).await;
+        return Ok(());
+    }
+
+    eprintln!(
+        "load test: {} s measured after {} s warm-up...",
+        args.load.duration.as_secs_f64(),
+        args.load.warmup.as_secs_f64()
+    );
+    let report =
+        loadtest::run(Target::Distributed(client), args.load.spec(), &format!("distributed ({workers} workers)")).await;
+    let report = match report {
+        Ok(report) => report,
+        Err(error) => {
+            cluster.stop(Duration::from_secs(5)).await;
+            return Err(error.into());
+        }
+    };
+    print!("{}", report.render());
+    cluster.stop(Duration::from_secs(5)).await;
+
+    if args.compare_reference {
+        eprintln!("same load through the in-process reference layer...");
+        let reference = ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu);
+        let name = format!("in-process reference ({} torch threads)", tch::get_num_threads());
+        let baseline = loadtest::run(Target::Reference(Arc::new(reference)), args.load.spec(), &name).await?;
+        print!("{}", baseline.render());
+    }
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! The `switchyard` command line: flags here, work in the library.
+
+mod load_args;
+mod loadtest;
+mod local;
+mod status;
+
+use switchyard_common::tracing_setup::LogFormat;
+
+/// Switchyard: a distributed expert-parallel runtime for Mixture-of-Experts layers.
+///
+/// Start a local cluster (`switchyard local --loadtest` runs a short load test on it and prints the
+/// report), load-test a running cluster, or show what the coordinator placed where.
+#[derive(Debug, clap::Parser)]
+#[command(name = "switchyard", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log line format (logs go to stderr; reports to stdout).
+    #[arg(long, global = true, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// libtorch intra-op threads of this process (the reference layer's experts).
+    #[arg(long, global = true, env = "SWITCHYARD_TORCH_THREADS", default_value_t = 1)]
+    pub torch_threads: u32,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Start a coordinator and N expert workers on 127.0.0.1; stop them all on Ctrl-C or exit.
+    Local(local::LocalArgs),
+    /// Drive a running cluster (or the in-process reference layer) with concurrent callers.
+    Loadtest(loadtest::LoadtestArgs),
+    /// Show the coordinator's workers, placement and routing table version.
+    Status(status::StatusArgs),
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Local(args) => local::run(args).await,
+        Command::Loadtest(args) => loadtest::run(args, cli.torch_threads).await,
+        Command::Status(args) => status::run(args).await,
+    }
+}

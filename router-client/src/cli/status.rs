@@ -1,0 +1,46 @@
+//! `switchyard status`.
+
+use anyhow::Context;
+use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Coordinator to ask, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
+    pub coordinator: String,
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let channel = switchyard_common::transport::channel(&args.coordinator)?;
+    let status = CoordinatorClient::new(channel)
+        .get_cluster_status(v1::GetClusterStatusRequest {})
+        .await
+        .with_context(|| format!("asking {} for its status", args.coordinator))?
+        .into_inner();
+    println!("routing table version {}", status.table_version);
+    if let Some(model) = &status.model {
+        println!(
+            "model {}: {} layer(s) x {} experts, d_model {}, d_ff {}, top-{}",
+            model.name, model.layers, model.experts_per_layer, model.d_model, model.d_ff, model.top_k
+        );
+    }
+    for worker in &status.workers {
+        let experts: Vec<String> = worker.experts.iter().map(|key| format!("{}/{}", key.layer, key.expert)).collect();
+        println!(
+            "{} {} ({}) {} experts [{}], {} MiB of {} MiB, heartbeat {} ms ago, {} tokens queued",
+            worker.worker_id,
+            worker.endpoint,
+            worker.device,
+            worker.experts.len(),
+            experts.join(" "),
+            worker.assigned_bytes >> 20,
+            worker.memory_bytes >> 20,
+            worker.millis_since_heartbeat,
+            worker.queued_tokens
+        );
+    }
+    if !status.unplaced_experts.is_empty() {
+        println!("{} experts have no worker", status.unplaced_experts.len());
+    }
+    Ok(())
+}

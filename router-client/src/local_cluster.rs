@@ -1,0 +1,145 @@
+//! A coordinator and N expert workers as child processes on 127.0.0.1, each on a port it picked
+//! itself (port 0) and announced. Used by `switchyard local` and by the integration tests. Every
+//! child dies with this handle (drop) and with this process (even on SIGKILL).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use switchyard_common::children::{ChildError, ChildProcess};
+use switchyard_model::ModelSpec;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LocalClusterConfig {
+    pub coordinator_bin: PathBuf,
+    pub worker_bin: PathBuf,
+    pub workers: usize,
+    pub model: ModelSpec,
+    /// Tokens per call the cluster is sized for: the expert queue limit is this batch's capacity.
+    pub max_batch_tokens: usize,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    /// libtorch threads per worker.
+    pub torch_threads: u32,
+    /// More flags for every worker (e.g. `--batch-wait-us`).
+    pub worker_args: Vec<String>,
+    /// `RUST_LOG` for the children; `None` passes ours through.
+    pub log_filter: Option<String>,
+}
+
+impl LocalClusterConfig {
+    /// Finds the coordinator and worker binaries next to `sibling` (normally the running binary).
+    pub fn next_to(sibling: &Path, model: ModelSpec, workers: usize) -> Self {
+        let dir = sibling.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self {
+            coordinator_bin: dir.join("switchyard-coordinator"),
+            worker_bin: dir.join("switchyard-worker"),
+            workers,
+            model,
+            max_batch_tokens: 8192,
+            heartbeat_interval: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(3),
+            torch_threads: 1,
+            worker_args: Vec::new(),
+            log_filter: None,
+        }
+    }
+}
+
+impl LocalClusterConfig {
+    fn envs(&self) -> Vec<(String, String)> {
+        self.log_filter.iter().map(|filter| ("RUST_LOG".to_owned(), filter.clone())).collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalClusterError {
+    #[error("{0} not found: build the workspace first (cargo build --release --workspace --bins)")]
+    MissingBinary(String),
+    #[error(transparent)]
+    Child(#[from] ChildError),
+}
+
+#[derive(Debug)]
+pub struct LocalCluster {
+    pub coordinator: ChildProcess,
+    pub workers: Vec<ChildProcess>,
+    config: LocalClusterConfig,
+}
+
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+impl LocalCluster {
+    /// Starts the coordinator, then the workers; returns once each announced its ports.
+    pub async fn start(config: LocalClusterConfig) -> Result<Self, LocalClusterError> {
+        for binary in [&config.coordinator_bin, &config.worker_bin] {
+            if !binary.exists() {
+                return Err(LocalClusterError::MissingBinary(binary.display().to_string()));
+            }
+        }
+        let mut args = vec![
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--metrics-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--min-workers".to_owned(),
+            config.workers.to_string(),
+            "--max-batch-tokens".to_owned(),
+            config.max_batch_tokens.to_string(),
+            "--heartbeat-interval-ms".to_owned(),
+            config.heartbeat_interval.as_millis().to_string(),
+            "--heartbeat-timeout-ms".to_owned(),
+            config.heartbeat_timeout.as_millis().to_string(),
+        ];
+        args.extend(switchyard_model::cli::flags_for(&config.model));
+        let coordinator =
+            ChildProcess::spawn("coordinator", &config.coordinator_bin, &args, &config.envs(), READY_WITHIN).await?;
+        let mut cluster = Self { coordinator, workers: Vec::new(), config };
+        for index in 0..cluster.config.workers {
+            cluster.add_worker(index).await?;
+        }
+        Ok(cluster)
+    }
+
+    async fn add_worker(&mut self, index: usize) -> Result<(), LocalClusterError> {
+        let mut args = vec![
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--metrics-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--coordinator".to_owned(),
+            self.coordinator.grpc_uri(),
+            "--name".to_owned(),
+            format!("worker-{index}"),
+            "--torch-threads".to_owned(),
+            self.config.torch_threads.to_string(),
+        ];
+        args.extend(self.config.worker_args.iter().cloned());
+        let worker = ChildProcess::spawn(
+            &format!("worker-{index}"),
+            &self.config.worker_bin,
+            &args,
+            &self.config.envs(),
+            READY_WITHIN,
+        )
+        .await?;
+        self.workers.push(worker);
+        Ok(())
+    }
+
+    pub fn coordinator_uri(&self) -> String {
+        self.coordinator.grpc_uri()
+    }
+
+    pub fn model(&self) -> &ModelSpec {
+        &self.config.model
+    }
+
+    /// SIGTERM to every child (workers first, so they drain), SIGKILL after `grace`.
+    pub async fn stop(&mut self, grace: Duration) {
+        for worker in &mut self.workers {
+            worker.stop(grace).await;
+        }
+        self.coordinator.stop(grace).await;
+    }
+}
