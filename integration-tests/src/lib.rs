@@ -1,0 +1,59 @@
+//! [`TestCluster`]: a coordinator and workers as real processes on 127.0.0.1, plus a client that
+//! follows their routing table. Every process is killed when the cluster is dropped, also when a
+//! test fails, and dies with the test process even if that is SIGKILLed.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which `scripts/test.sh` does).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use switchyard_model::ModelSpec;
+use switchyard_router_client::local_cluster::{LocalCluster, LocalClusterConfig};
+use switchyard_router_client::{ClientOptions, MoeClient, RoutingTableView, TableWatcher};
+
+/// The directory holding the workspace binaries of the profile these tests were built with.
+pub fn binaries_dir() -> PathBuf {
+    // Test executables live in target/<profile>/deps; binaries in target/<profile>.
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>").to_path_buf()
+}
+
+/// The reference model: one layer, 8 experts, top-2, d_model 256, d_ff 512.
+pub fn small_model(capacity_factor: f32) -> ModelSpec {
+    ModelSpec { d_model: 256, d_ff: 512, capacity_factor, seed: 42, ..ModelSpec::default_synthetic() }
+}
+
+/// `[tokens, d_model]` of seeded values with unit-ish variance.
+pub fn hidden_states(tokens: usize, d_model: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..tokens * d_model).map(|_| rng.random_range(-1.7f32..1.7)).collect()
+}
+
+pub struct TestCluster {
+    pub processes: LocalCluster,
+    pub watcher: TableWatcher,
+    pub client: Arc<MoeClient>,
+}
+
+impl TestCluster {
+    /// Starts `workers` workers serving `model`, and waits for a complete routing table.
+    pub async fn start(model: ModelSpec, workers: usize, tune: impl FnOnce(&mut LocalClusterConfig)) -> Self {
+        let dir = binaries_dir();
+        let mut config = LocalClusterConfig::next_to(&dir.join("switchyard"), model, workers);
+        config.heartbeat_interval = Duration::from_millis(200);
+        config.heartbeat_timeout = Duration::from_secs(2);
+        config.worker_args = vec!["--batch-wait-us".into(), "0".into()];
+        tune(&mut config);
+        let processes = LocalCluster::start(config).await.expect("cluster processes start");
+        let watcher = TableWatcher::start(&processes.coordinator_uri()).expect("watcher");
+        watcher.wait_for(RoutingTableView::is_complete, Duration::from_secs(60)).await.expect("every expert placed");
+        let client = Arc::new(MoeClient::new(watcher.receiver(), ClientOptions::default()));
+        Self { processes, watcher, client }
+    }
+
+    pub fn table(&self) -> Arc<RoutingTableView> {
+        self.watcher.current().expect("a table was received")
+    }
+}

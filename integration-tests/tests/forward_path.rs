@@ -1,0 +1,198 @@
+//! The forward path with real processes: one coordinator, two workers, the real client.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
+use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
+use switchyard_proto::wire;
+use switchyard_router_client::{ReferenceLayer, relative_frobenius_error};
+use tonic::Code;
+
+#[tokio::test]
+async fn distributed_output_equals_the_in_process_reference() {
+    let model = small_model(2.0);
+    let cluster = TestCluster::start(model.clone(), 2, |_| {}).await;
+    assert_eq!(cluster.table().workers().len(), 2, "experts are spread over both workers");
+    let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+    let hidden = hidden_states(64, 256, 7);
+
+    let distributed = cluster.client.forward(0, &hidden).await.expect("distributed forward");
+    let expected = reference.forward(0, &hidden, None).expect("reference forward");
+    let error = relative_frobenius_error(&distributed.hidden, &expected.hidden);
+    assert!(error < 1e-5, "relative Frobenius error {error:e}");
+    assert_eq!(distributed.routing, expected.routing);
+    assert_eq!(distributed.routing.dropped, 0, "capacity factor 2 keeps every assignment here");
+    assert_eq!(distributed.workers.len(), 2, "one request to each worker");
+    assert!(distributed.bytes.payload_sent == 64 * 2 * 256 * 4, "every kept assignment's row sent once in f32");
+    let t = distributed.timing;
+    assert!(t.compute > Duration::ZERO && t.network > Duration::ZERO && t.wall >= t.phases().iter().sum::<Duration>());
+}
+
+#[tokio::test]
+async fn overflowed_tokens_are_dropped_alike_and_counted() {
+    let model = small_model(0.5);
+    let cluster = TestCluster::start(model.clone(), 2, |_| {}).await;
+    let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+    let hidden = hidden_states(64, 256, 8);
+
+    let distributed = cluster.client.forward(0, &hidden).await.expect("distributed forward");
+    let expected = reference.forward(0, &hidden, None).expect("reference forward");
+    assert_eq!(distributed.routing.capacity, 8, "ceil(2 * 64 / 8 * 0.5)");
+    assert!(distributed.routing.dropped >= 64, "capacity 8 x 8 experts keeps at most 64 of 128 assignments");
+    assert_eq!(distributed.routing.dropped, expected.routing.dropped);
+    assert!(distributed.routing.tokens_per_expert.iter().all(|kept| *kept <= 8));
+    let error = relative_frobenius_error(&distributed.hidden, &expected.hidden);
+    assert!(error < 1e-5, "relative Frobenius error {error:e}");
+}
+
+#[tokio::test]
+async fn a_killed_worker_is_replaced_and_the_next_forward_matches() {
+    let model = small_model(2.0);
+    let mut cluster = TestCluster::start(model, 2, |_| {}).await;
+    let hidden = hidden_states(64, 256, 9);
+    let before = cluster.client.forward(0, &hidden).await.expect("forward before the kill");
+    let first_table = cluster.table();
+
+    // Keep calls in flight while the worker dies.
+    let client = cluster.client.clone();
+    let load = hidden_states(512, 256, 10);
+    let in_flight = tokio::spawn(async move {
+        let mut outcomes = Vec::new();
+        for _ in 0..20 {
+            let outcome = tokio::time::timeout(Duration::from_secs(15), client.forward(0, &load)).await;
+            outcomes.push(outcome);
+        }
+        outcomes
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let dead = cluster.processes.workers[0].grpc_uri();
+    let killed_at = Instant::now();
+    cluster.processes.workers[0].kill().await;
+
+    let table = cluster
+        .watcher
+        .wait_for(|table| table.is_complete() && table.workers().iter().all(|w| **w != *dead), Duration::from_secs(10))
+        .await
+        .expect("the coordinator re-placed the dead worker's experts within 10 s");
+    let replaced_after = killed_at.elapsed();
+    assert!(table.version > first_table.version);
+    assert_eq!(table.workers().len(), 1);
+
+    let after = cluster.client.forward(0, &hidden).await.expect("forward after the kill");
+    let error = switchyard_router_client::relative_frobenius_error(&after.hidden, &before.hidden);
+    assert!(error < 1e-5, "same output as before the kill: relative error {error:e}");
+
+    for outcome in in_flight.await.expect("load task") {
+        let outcome = outcome.expect("no call hangs: each ends within its deadline");
+        if let Err(error) = outcome {
+            let message = error.to_string();
+            assert!(message.contains("worker http://127.0.0.1") || message.contains("no worker"), "clear error: {message}");
+        }
+    }
+    eprintln!("experts re-placed {replaced_after:?} after the kill");
+}
+
+#[tokio::test]
+async fn the_client_keeps_working_while_the_coordinator_is_down() {
+    let model = small_model(2.0);
+    let mut cluster = TestCluster::start(model, 2, |_| {}).await;
+    let hidden = hidden_states(16, 256, 11);
+    let before = cluster.client.forward(0, &hidden).await.expect("forward");
+    cluster.processes.coordinator.kill().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = cluster.client.forward(0, &hidden).await.expect("forward on the last table");
+    assert_eq!(after.table_version, before.table_version);
+    assert!(switchyard_router_client::relative_frobenius_error(&after.hidden, &before.hidden) < 1e-6);
+}
+
+fn rows_request(expert: u32, tokens: usize, width: usize) -> v1::ForwardRequest {
+    v1::ForwardRequest {
+        request_id: 5,
+        batches: vec![v1::ExpertRows {
+            expert: Some(ExpertKey::new(0, expert)),
+            rows: Some(v1::WireTensor {
+                dtype: Dtype::F32 as i32,
+                shape: vec![tokens as u64, width as u64],
+                data: wire::encode_f32(&hidden_states(tokens, width, 3), Dtype::F32),
+            }),
+        }],
+        output_dtype: 0,
+    }
+}
+
+#[tokio::test]
+async fn a_worker_refuses_over_capacity_and_malformed_batches_and_keeps_serving() {
+    // max_batch_tokens 64 gives each expert queue ceil(2 * 64 / 8 * 1.25) = 20 tokens.
+    let model = small_model(1.25);
+    let cluster = TestCluster::start(model, 2, |config| config.max_batch_tokens = 64).await;
+    assert_eq!(cluster.table().queue_limit_tokens, 20);
+    let endpoint = cluster.table().endpoints(0, 3)[0].to_string();
+    let channel = switchyard_common::transport::channel(&endpoint).expect("channel");
+    let mut worker = ExpertWorkerClient::new(channel);
+
+    let status = worker.forward(rows_request(3, 21, 256)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("layer 0 expert 3"), "{}", status.message());
+
+    let mut wrong_width = rows_request(3, 2, 128);
+    assert_eq!(worker.forward(wrong_width.clone()).await.unwrap_err().code(), Code::InvalidArgument);
+    if let Some(rows) = wrong_width.batches[0].rows.as_mut() {
+        rows.shape = vec![2, 256];
+        rows.dtype = 0;
+    }
+    let status = worker.forward(wrong_width).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("batches[0].rows.dtype"), "{}", status.message());
+    let mut truncated = rows_request(3, 2, 256);
+    if let Some(rows) = truncated.batches[0].rows.as_mut() {
+        rows.data = Bytes::from(vec![0u8; 10]);
+    }
+    let status = worker.forward(truncated).await.unwrap_err();
+    assert!(status.message().starts_with("batches[0].rows.data"), "{}", status.message());
+    let not_here = (0..8).find(|e| cluster.table().endpoints(0, *e)[0].as_ref() != endpoint).expect("an expert elsewhere");
+    let status = worker.forward(rows_request(not_here, 2, 256)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("batches[0].expert"), "{}", status.message());
+
+    let answer = worker.forward(rows_request(3, 20, 256)).await.expect("a batch at the limit is served").into_inner();
+    assert_eq!(answer.outputs[0].rows.as_ref().map(|rows| rows.shape.clone()), Some(vec![20, 256]));
+    let hidden = hidden_states(64, 256, 12);
+    cluster.client.forward(0, &hidden).await.expect("the cluster still serves");
+}
+
+#[tokio::test]
+async fn every_process_serves_health_and_metrics() {
+    let cluster = TestCluster::start(small_model(2.0), 2, |_| {}).await;
+    let hidden = hidden_states(32, 256, 13);
+    let output = cluster.client.forward(0, &hidden).await.expect("forward");
+    let processes = std::iter::once(&cluster.processes.coordinator).chain(&cluster.processes.workers);
+    let mut admitted = 0u64;
+    for process in processes {
+        let channel = switchyard_common::transport::channel(&process.grpc_uri()).expect("channel");
+        let health = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .expect("health check")
+            .into_inner();
+        assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+        let body = http_get(process.metrics, "/metrics").await;
+        assert!(body.contains("# EOF"), "OpenMetrics text from {}", process.name);
+        if let Some(line) = body.lines().find(|line| line.starts_with("switchyard_worker_admitted_tokens_total ")) {
+            admitted += line.rsplit(' ').next().and_then(|value| value.parse::<u64>().ok()).expect("a counter value");
+        }
+    }
+    let kept: u32 = output.routing.tokens_per_expert.iter().sum();
+    assert_eq!(admitted, u64::from(kept), "workers admitted exactly the rows the client sent");
+}
+
+/// A minimal HTTP/1.0 GET, enough for /metrics.
+async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to /metrics");
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    assert!(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
