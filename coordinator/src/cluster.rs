@@ -416,11 +416,14 @@ impl<C: WorkerControl> Cluster<C> {
 mod tests {
     use super::*;
 
+    /// (endpoint, experts) of one recorded call.
+    type Call = (String, Vec<ExpertOrd>);
+
     /// Records every call; fails loads to the endpoints in `failing`.
     #[derive(Debug, Default)]
     struct FakeControl {
-        loads: Mutex<Vec<(String, Vec<(u32, u32)>)>>,
-        unloads: Mutex<Vec<(String, Vec<(u32, u32)>)>>,
+        loads: Mutex<Vec<Call>>,
+        unloads: Mutex<Vec<Call>>,
         failing: Mutex<BTreeSet<String>>,
     }
 

@@ -87,7 +87,10 @@ async fn a_killed_worker_is_replaced_and_the_next_forward_matches() {
         let outcome = outcome.expect("no call hangs: each ends within its deadline");
         if let Err(error) = outcome {
             let message = error.to_string();
-            assert!(message.contains("worker http://127.0.0.1") || message.contains("no worker"), "clear error: {message}");
+            assert!(
+                message.contains("worker http://127.0.0.1") || message.contains("no worker"),
+                "clear error: {message}"
+            );
         }
     }
     eprintln!("experts re-placed {replaced_after:?} after the kill");
@@ -150,7 +153,8 @@ async fn a_worker_refuses_over_capacity_and_malformed_batches_and_keeps_serving(
     }
     let status = worker.forward(truncated).await.unwrap_err();
     assert!(status.message().starts_with("batches[0].rows.data"), "{}", status.message());
-    let not_here = (0..8).find(|e| cluster.table().endpoints(0, *e)[0].as_ref() != endpoint).expect("an expert elsewhere");
+    let not_here =
+        (0..8).find(|e| cluster.table().endpoints(0, *e)[0].as_ref() != endpoint).expect("an expert elsewhere");
     let status = worker.forward(rows_request(not_here, 2, 256)).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("batches[0].expert"), "{}", status.message());

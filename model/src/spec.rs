@@ -138,7 +138,7 @@ impl ModelSpec {
                 return Err(SpecError::NotPositive { field, value: 0.0 });
             }
         }
-        if !(self.capacity_factor > 0.0) {
+        if self.capacity_factor.is_nan() || self.capacity_factor <= 0.0 {
             return Err(SpecError::NotPositive { field: "capacity_factor", value: f64::from(self.capacity_factor) });
         }
         if self.top_k > self.experts_per_layer {

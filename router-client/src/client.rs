@@ -13,10 +13,10 @@ use tonic::transport::Channel;
 use tracing::Instrument;
 
 use crate::codec::{accumulate, decode_rows};
-use crate::dispatch::{PlannedRequest, by_worker, pack_requests};
+use crate::dispatch::{CallRows, PlannedRequest, by_worker, pack_requests};
 use crate::error::ClientError;
 use crate::gate::Gate;
-use crate::router::{RoutingConfig, assign, gate_and_route};
+use crate::router::{assign, check_call, config_for_call, gate_and_route};
 use crate::table::{RoutingTableView, TableReceiver};
 use crate::timing::{ByteCounts, TimeBreakdown};
 
@@ -147,22 +147,8 @@ impl MoeClient {
             .ok_or(ClientError::NoTable { coordinator: "(not connected)".into(), waited: Duration::ZERO })?;
         let model = &table.model;
         let d_model = model.d_model as usize;
-        if layer >= model.layers {
-            return Err(ClientError::InvalidInput {
-                field: "layer",
-                reason: format!("{layer} is not below the model's {} layers", model.layers),
-            });
-        }
-        if hidden.is_empty() || hidden.len() % d_model != 0 {
-            return Err(ClientError::InvalidInput {
-                field: "hidden",
-                reason: format!("{} values is not a positive multiple of d_model {d_model}", hidden.len()),
-            });
-        }
-        let mut config = RoutingConfig::for_model(model);
-        if let Some(capacity_factor) = self.options.capacity_factor {
-            config.capacity_factor = capacity_factor;
-        }
+        check_call(model, layer, hidden)?;
+        let config = config_for_call(model, self.options.capacity_factor);
         let mut timing = TimeBreakdown::default();
 
         let phase = Instant::now();
@@ -175,21 +161,16 @@ impl MoeClient {
         timing.plan = phase.elapsed();
 
         let phase = Instant::now();
-        let dtype = self.options.wire_dtype;
+        let call = CallRows {
+            layer,
+            hidden,
+            d_model,
+            dtype: self.options.wire_dtype,
+            split_bytes: self.options.split_request_bytes,
+        };
         let mut requests: Vec<PlannedRequest> = workers
             .iter()
-            .flat_map(|(endpoint, groups)| {
-                pack_requests(
-                    endpoint,
-                    layer,
-                    groups,
-                    &routed.groups,
-                    hidden,
-                    d_model,
-                    dtype,
-                    self.options.split_request_bytes,
-                )
-            })
+            .flat_map(|(endpoint, groups)| pack_requests(endpoint, groups, &routed.groups, call))
             .collect();
         let mut bytes = ByteCounts::default();
         for planned in &mut requests {

@@ -49,17 +49,26 @@ pub fn by_worker(
     Ok(workers)
 }
 
+/// What every request of one layer call shares.
+#[derive(Debug, Clone, Copy)]
+pub struct CallRows<'a> {
+    pub layer: u32,
+    /// The call's `[tokens, d_model]` input.
+    pub hidden: &'a [f32],
+    pub d_model: usize,
+    pub dtype: Dtype,
+    /// Most payload bytes in one request.
+    pub split_bytes: usize,
+}
+
 /// Packs one worker's groups into requests of at most `split_bytes` payload (at least one row each).
 pub fn pack_requests(
     endpoint: &Arc<str>,
-    layer: u32,
     group_indices: &[usize],
     groups: &[ExpertAssignments],
-    hidden: &[f32],
-    d_model: usize,
-    dtype: Dtype,
-    split_bytes: usize,
+    call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
+    let CallRows { layer, hidden, d_model, dtype, split_bytes } = call;
     let row_bytes = d_model * wire::element_size(dtype).unwrap_or(4);
     let rows_per_request = (split_bytes / row_bytes).max(1);
     let mut requests = Vec::new();
@@ -115,7 +124,8 @@ mod tests {
         let groups = [group(0, 3), group(1, 2)];
         let hidden = vec![0.5; 3 * 4];
         let endpoint: Arc<str> = Arc::from("http://a");
-        let requests = pack_requests(&endpoint, 0, &[0, 1], &groups, &hidden, 4, Dtype::F32, 1 << 20);
+        let call = CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: Dtype::F32, split_bytes: 1 << 20 };
+        let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].request.batches.len(), 2);
         assert_eq!(requests[0].request.batches[0].rows.as_ref().map(|r| r.data.len()), Some(3 * 4 * 4));
@@ -127,7 +137,8 @@ mod tests {
         let hidden = vec![0.5; 5 * 4];
         let endpoint: Arc<str> = Arc::from("http://a");
         // 16 bytes per row (4 x f32); 48 bytes per request = 3 rows.
-        let requests = pack_requests(&endpoint, 0, &[0, 1], &groups, &hidden, 4, Dtype::F32, 48);
+        let call = CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: Dtype::F32, split_bytes: 48 };
+        let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
         let pieces: Vec<Vec<Piece>> = requests.iter().map(|r| r.pieces.clone()).collect();
         assert_eq!(
             pieces,

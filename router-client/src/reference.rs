@@ -13,7 +13,7 @@ use crate::client::RoutingSummary;
 use crate::codec::accumulate;
 use crate::error::ClientError;
 use crate::gate::Gate;
-use crate::router::{RoutingConfig, assign, gate_and_route};
+use crate::router::{assign, check_call, config_for_call, gate_and_route};
 use crate::timing::TimeBreakdown;
 
 /// The answer of one reference call.
@@ -61,20 +61,9 @@ impl ReferenceLayer {
     ) -> Result<ReferenceOutput, ClientError> {
         let started = Instant::now();
         let d_model = self.model.d_model as usize;
-        let gate = self.gates.get(layer as usize).ok_or(ClientError::InvalidInput {
-            field: "layer",
-            reason: format!("{layer} is not below the model's {} layers", self.model.layers),
-        })?;
-        if hidden.is_empty() || hidden.len() % d_model != 0 {
-            return Err(ClientError::InvalidInput {
-                field: "hidden",
-                reason: format!("{} values is not a positive multiple of d_model {d_model}", hidden.len()),
-            });
-        }
-        let mut config = RoutingConfig::for_model(&self.model);
-        if let Some(capacity_factor) = capacity_factor {
-            config.capacity_factor = capacity_factor;
-        }
+        check_call(&self.model, layer, hidden)?;
+        let gate = &self.gates[layer as usize];
+        let config = config_for_call(&self.model, capacity_factor);
         let mut timing = TimeBreakdown::default();
         let phase = Instant::now();
         let (logits, routing) = gate_and_route(gate, hidden, config);
@@ -149,7 +138,7 @@ mod tests {
         let output = reference.forward(0, &hidden, None).expect("forward");
         assert_eq!(output.routing.dropped, 0);
         // Token 1 by hand: its two experts, each run alone, weighted.
-        let config = RoutingConfig::for_model(&model);
+        let config = crate::router::RoutingConfig::for_model(&model);
         let (_, routing) = gate_and_route(&Gate::synthetic(&model, 0), &hidden, config);
         let row = &hidden[8..16];
         let mut expected = vec![0.0f32; 8];

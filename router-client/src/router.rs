@@ -4,6 +4,7 @@
 use switchyard_model::ModelSpec;
 
 use crate::capacity::{CapacityOutcome, apply_capacity};
+use crate::error::ClientError;
 use crate::gate::Gate;
 use crate::routing::{Routing, RoutingPolicy, route};
 
@@ -40,6 +41,33 @@ pub struct Routed {
     pub capacity: CapacityOutcome,
     /// Experts with at least one kept assignment, ascending.
     pub groups: Vec<ExpertAssignments>,
+}
+
+/// Checks a layer call's arguments against `model`, naming the bad one.
+pub fn check_call(model: &ModelSpec, layer: u32, hidden: &[f32]) -> Result<(), ClientError> {
+    if layer >= model.layers {
+        return Err(ClientError::InvalidInput {
+            field: "layer",
+            reason: format!("{layer} is not below the model's {} layers", model.layers),
+        });
+    }
+    let d_model = model.d_model as usize;
+    if hidden.is_empty() || !hidden.len().is_multiple_of(d_model) {
+        return Err(ClientError::InvalidInput {
+            field: "hidden",
+            reason: format!("{} values is not a positive multiple of d_model {d_model}", hidden.len()),
+        });
+    }
+    Ok(())
+}
+
+/// The routing of a call: the model's, with the caller's capacity factor if it gives one.
+pub fn config_for_call(model: &ModelSpec, capacity_factor: Option<f32>) -> RoutingConfig {
+    let mut config = RoutingConfig::for_model(model);
+    if let Some(capacity_factor) = capacity_factor {
+        config.capacity_factor = capacity_factor;
+    }
+    config
 }
 
 /// Runs the gate and the policy. Split from [`assign`] so callers can time them apart.

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls this): set-up, format and lint checks, then
+# unit, in-process and integration tests (which start real processes on 127.0.0.1).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+"$SWITCHYARD_ROOT/scripts/setup.sh"
+cd "$SWITCHYARD_ROOT"
+echo "==> cargo fmt --check" >&2
+cargo fmt --all --check
+echo "==> cargo clippy -D warnings" >&2
+cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+echo "==> cargo test" >&2
+# Release profile: shares the build the set-up made, and the integration tests run its binaries.
+cargo test --release --workspace
