@@ -37,7 +37,7 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
         loadtest::run(Target::Reference(Arc::new(reference)), args.load.spec(), &name).await?
     } else {
         let coordinator = args.coordinator.context("--coordinator is required")?;
-        let (client, workers) = connect(&coordinator, &args.load).await?;
+        let (client, _watcher, workers) = connect(&coordinator, &args.load).await?;
         loadtest::run(Target::Distributed(client), args.load.spec(), &format!("distributed ({workers} workers)"))
             .await?
     };
@@ -45,8 +45,9 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A client following `coordinator`'s routing table, once every expert is placed.
-pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<MoeClient>, usize)> {
+/// A client following `coordinator`'s routing table, once every expert is placed. The client keeps
+/// following new tables while the returned watcher lives.
+pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<MoeClient>, TableWatcher, usize)> {
     let watcher = TableWatcher::start(coordinator)?;
     let table = watcher.wait_for(|table| table.is_complete(), Duration::from_secs(120)).await?;
     let options = ClientOptions {
@@ -55,7 +56,5 @@ pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<
         ..ClientOptions::default()
     };
     let client = Arc::new(MoeClient::new(watcher.receiver(), options));
-    // The watcher task lives as long as the process: the client keeps following new tables.
-    std::mem::forget(watcher);
-    Ok((client, table.workers().len()))
+    Ok((client, watcher, table.workers().len()))
 }

@@ -55,7 +55,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         args.workers, model.layers, model.experts_per_layer, model.d_model, model.d_ff, model.top_k
     );
     let mut cluster = LocalCluster::start(config).await?;
-    let (client, workers) = connect(&cluster.coordinator_uri(), &args.load).await?;
+    let (client, _watcher, workers) = connect(&cluster.coordinator_uri(), &args.load).await?;
     eprintln!("cluster ready: coordinator {} with {workers} workers", cluster.coordinator_uri());
     for worker in &cluster.workers {
         eprintln!("  {} grpc {} metrics http://{}/metrics", worker.name, worker.grpc_uri(), worker.metrics);
