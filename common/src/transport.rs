@@ -44,3 +44,21 @@ pub fn channel(uri: &str) -> Result<Channel, tonic::transport::Error> {
         .keep_alive_while_idle(true)
         .connect_lazy())
 }
+
+/// The connections accepted on `listener`, each with `TCP_NODELAY` set.
+///
+/// `Server::tcp_nodelay` only applies to listeners tonic binds itself; servers here are handed
+/// pre-bound listeners (port 0, tests, `switchyard local`), and without this every small answer
+/// waits for Nagle's algorithm and the peer's delayed ACK: ~40 ms per call.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::warn!(%error, "could not set TCP_NODELAY");
+            }
+        })
+    })
+}

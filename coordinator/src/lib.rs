@@ -14,7 +14,6 @@ pub mod service;
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::Args;
 
@@ -62,7 +61,7 @@ pub async fn run(
     let served = switchyard_common::transport::server()
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown)
+        .serve_with_incoming_shutdown(switchyard_common::transport::incoming(grpc), shutdown)
         .await;
     let _ = stop.send(true);
     let _ = reconcile.await;

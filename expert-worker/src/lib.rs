@@ -17,7 +17,6 @@ pub mod worker;
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::Args;
 pub use error::WorkerError;
@@ -74,7 +73,7 @@ pub async fn run(
     let served = switchyard_common::transport::server()
         .add_service(health_service)
         .add_service(service::ExpertWorkerService::new(worker.clone(), name).into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown)
+        .serve_with_incoming_shutdown(switchyard_common::transport::incoming(grpc), shutdown)
         .await;
     if let Some(task) = membership_task {
         task.abort();
