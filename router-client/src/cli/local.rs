@@ -30,7 +30,8 @@ pub struct LocalArgs {
     #[arg(long)]
     pub loadtest: bool,
 
-    /// With --loadtest: then run the same load through the in-process reference layer, for comparison.
+    /// With --loadtest: then run the same load through the in-process reference layer, for comparison
+    /// (with as many libtorch threads as all workers had together).
     #[arg(long, requires = "loadtest")]
     pub compare_reference: bool,
 
@@ -87,9 +88,12 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     cluster.stop(Duration::from_secs(5)).await;
 
     if args.compare_reference {
-        eprintln!("same load through the in-process reference layer...");
+        // A fair baseline: as many libtorch threads as all the workers had together.
+        let threads = (args.workers as u32 * args.worker_torch_threads).max(1);
+        tch::set_num_threads(threads as i32);
+        eprintln!("same load through the in-process reference layer ({threads} torch threads)...");
         let reference = ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu);
-        let name = format!("in-process reference ({} torch threads)", tch::get_num_threads());
+        let name = format!("in-process reference ({threads} torch threads)");
         let baseline = loadtest::run(Target::Reference(Arc::new(reference)), args.load.spec(), &name).await?;
         print!("{}", baseline.render());
     }
