@@ -6,5 +6,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$SWITCHYARD_ROOT/scripts/setup.sh"
+# Again: on a fresh clone the venv (and so the torch library path) exists only now.
+source "$SWITCHYARD_ROOT/scripts/env.sh"
 exec "$SWITCHYARD_ROOT/target/release/switchyard" local --workers 2 --loadtest --compare-reference \
   --duration 10s --warmup 2s --concurrency 4 --tokens 64 "$@"

@@ -4,6 +4,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$SWITCHYARD_ROOT/scripts/setup.sh"
+# Again: on a fresh clone the venv (and so the torch library path) exists only now.
+source "$SWITCHYARD_ROOT/scripts/env.sh"
 cd "$SWITCHYARD_ROOT"
 echo "==> cargo fmt --check" >&2
 cargo fmt --all --check
