@@ -6,7 +6,7 @@ use bytes::Bytes;
 use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
 use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
 use switchyard_proto::wire;
-use switchyard_router_client::{ClientOptions, MoeClient, ReferenceLayer, relative_frobenius_error};
+use switchyard_router_client::{ClientOptions, MoeClient, ReferenceLayer, RoutingOverrides, relative_frobenius_error};
 use tonic::Code;
 
 #[tokio::test]
@@ -18,7 +18,7 @@ async fn distributed_output_equals_the_in_process_reference() {
     let hidden = hidden_states(64, 256, 7);
 
     let distributed = cluster.client.forward(0, &hidden).await.expect("distributed forward");
-    let expected = reference.forward(0, &hidden, None).expect("reference forward");
+    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).expect("reference forward");
     let error = relative_frobenius_error(&distributed.hidden, &expected.hidden);
     assert!(error < 1e-5, "relative Frobenius error {error:e}");
     assert_eq!(distributed.routing, expected.routing);
@@ -46,7 +46,7 @@ async fn overflowed_tokens_are_dropped_alike_and_counted() {
     let hidden = hidden_states(64, 256, 8);
 
     let distributed = cluster.client.forward(0, &hidden).await.expect("distributed forward");
-    let expected = reference.forward(0, &hidden, None).expect("reference forward");
+    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).expect("reference forward");
     assert_eq!(distributed.routing.capacity, 8, "ceil(2 * 64 / 8 * 0.5)");
     assert!(distributed.routing.dropped >= 64, "capacity 8 x 8 experts keeps at most 64 of 128 assignments");
     assert_eq!(distributed.routing.dropped, expected.routing.dropped);

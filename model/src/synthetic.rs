@@ -16,6 +16,10 @@ pub enum WeightRole {
     W2,
     /// `w3 [d_ff, d_model]`: the linear branch of SwiGLU.
     W3,
+    /// The noisy router's `W_noise [experts, d_model]`.
+    GateNoise,
+    /// The group-limited router's score-correction bias `[experts]`.
+    GateBias,
 }
 
 impl WeightRole {
@@ -25,6 +29,8 @@ impl WeightRole {
             WeightRole::W1 => 0x7731,
             WeightRole::W2 => 0x7732,
             WeightRole::W3 => 0x7733,
+            WeightRole::GateNoise => 0x6e6f_6973,
+            WeightRole::GateBias => 0x6269_6173,
         }
     }
 }
@@ -68,6 +74,18 @@ pub fn matrix(seed: u64, layer: u32, expert: u32, role: WeightRole, rows: usize,
 /// The router weights `W_g [experts, d_model]` of one layer.
 pub fn gate_weights(seed: u64, layer: u32, experts: u32, d_model: u32) -> Vec<f32> {
     matrix(seed, layer, u32::MAX, WeightRole::Gate, experts as usize, d_model as usize)
+}
+
+/// The noisy router's `W_noise [experts, d_model]` of one layer.
+pub fn gate_noise_weights(seed: u64, layer: u32, experts: u32, d_model: u32) -> Vec<f32> {
+    matrix(seed, layer, u32::MAX, WeightRole::GateNoise, experts as usize, d_model as usize)
+}
+
+/// A small score-correction bias `[experts]` in [-0.05, 0.05), as a trained DeepSeek-V3 router has.
+pub fn gate_bias(seed: u64, layer: u32, experts: u32) -> Vec<f32> {
+    // matrix() scales by 1/sqrt(cols): with cols = 400 the bound is 0.05.
+    let unit = matrix(seed, layer, u32::MAX, WeightRole::GateBias, experts as usize, 400);
+    unit.chunks_exact(400).map(|row| row[0]).collect()
 }
 
 #[cfg(test)]

@@ -1,65 +1,178 @@
-//! Expert capacity: each expert takes at most `capacity` assignments per batch; the rest overflow
-//! and contribute nothing (the token keeps its residual path).
+//! Expert capacity: each expert takes at most `capacity` assignments per batch. What happens to an
+//! assignment past it is the overflow policy:
 //!
-//! Order of admission, as GShard: every token's first choice (in token order) before any second
-//! choice, so a token's best expert outranks another token's fallback.
+//! - [`OverflowPolicy::Drop`] (Switch, GShard): it contributes nothing; the token keeps its residual
+//!   path. Admission order: every token's first choice (in token order) before any second choice.
+//! - [`OverflowPolicy::Reroute`]: it goes to the token's next-preferred expert (by router
+//!   probability) that has room and that the token does not already use; dropped if none has room.
+//! - [`OverflowPolicy::BatchPrioritized`] (V-MoE, Riquelme et al. 2021): as Drop, but tokens are
+//!   admitted in order of their top gate weight, so the least confident tokens are the ones dropped.
+//!
+//! [`expert_choice`] inverts the matching: each expert takes its best `capacity` tokens, so nothing
+//! overflows (some tokens may get no expert).
 
 use crate::routing::Routing;
 
-/// Which assignments survived capacity.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CapacityOutcome {
-    pub capacity: usize,
-    /// Aligned with `Routing::choices`.
-    pub kept: Vec<bool>,
-    /// Assignments kept per expert.
-    pub tokens_per_expert: Vec<u32>,
-    /// Assignments dropped by capacity.
-    pub dropped: usize,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverflowPolicy {
+    #[default]
+    Drop,
+    Reroute,
+    BatchPrioritized,
 }
 
-pub fn apply_capacity(routing: &Routing, capacity: usize) -> CapacityOutcome {
-    let mut kept = vec![false; routing.choices.len()];
-    let mut tokens_per_expert = vec![0u32; routing.experts];
-    let mut dropped = 0;
-    for rank in 0..routing.top_k {
-        for token in 0..routing.tokens {
-            let index = token * routing.top_k + rank;
-            let expert = routing.choices[index].0 as usize;
-            if (tokens_per_expert[expert] as usize) < capacity {
-                tokens_per_expert[expert] += 1;
-                kept[index] = true;
-            } else {
-                dropped += 1;
-            }
+/// One kept assignment: token `token`'s output gets `weight · expert(x_token)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Assignment {
+    pub token: u32,
+    pub expert: u32,
+    pub weight: f32,
+}
+
+/// What survived capacity.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CapacityOutcome {
+    pub capacity: usize,
+    pub kept: Vec<Assignment>,
+    pub tokens_per_expert: Vec<u32>,
+    /// Assignments (token choice) or tokens (expert choice) that got no expert.
+    pub dropped: usize,
+    /// Assignments moved to another expert by [`OverflowPolicy::Reroute`].
+    pub rerouted: usize,
+}
+
+/// Applies `capacity` to a token-choice `routing` under `policy`.
+pub fn apply_capacity(routing: &Routing, capacity: usize, policy: OverflowPolicy) -> CapacityOutcome {
+    let mut token_order: Vec<u32> = (0..routing.tokens as u32).collect();
+    if policy == OverflowPolicy::BatchPrioritized {
+        // Highest top gate weight first; equal weights keep token order (a stable sort).
+        let top_weight = |token: u32| routing.token_choices(token as usize).first().map_or(0.0, |choice| choice.1);
+        token_order.sort_by(|a, b| top_weight(*b).total_cmp(&top_weight(*a)));
+    }
+    let mut outcome = CapacityOutcome { capacity, tokens_per_expert: vec![0; routing.experts], ..Default::default() };
+    // Experts each token already uses, so a re-routed assignment never lands on one of them.
+    let mut used: Vec<Vec<u32>> = vec![Vec::new(); if policy == OverflowPolicy::Reroute { routing.tokens } else { 0 }];
+    if policy == OverflowPolicy::Reroute {
+        for (token, experts) in used.iter_mut().enumerate() {
+            experts.extend(routing.token_choices(token).iter().map(|(expert, _)| *expert));
         }
     }
-    CapacityOutcome { capacity, kept, tokens_per_expert, dropped }
+    for rank in 0..routing.top_k {
+        for &token in &token_order {
+            let (expert, weight) = routing.token_choices(token as usize)[rank];
+            if (outcome.tokens_per_expert[expert as usize] as usize) < capacity {
+                outcome.tokens_per_expert[expert as usize] += 1;
+                outcome.kept.push(Assignment { token, expert, weight });
+                continue;
+            }
+            if policy == OverflowPolicy::Reroute
+                && let Some(assignment) =
+                    reroute(routing, token, expert, weight, &used[token as usize], &outcome, capacity)
+            {
+                outcome.tokens_per_expert[assignment.expert as usize] += 1;
+                used[token as usize].push(assignment.expert);
+                outcome.kept.push(assignment);
+                outcome.rerouted += 1;
+                continue;
+            }
+            outcome.dropped += 1;
+        }
+    }
+    outcome
+}
+
+/// The token's best expert with room that it does not use yet. Its weight is its router
+/// probability scaled as the overflowed choice's was (so renormalised policies stay renormalised).
+fn reroute(
+    routing: &Routing,
+    token: u32,
+    full_expert: u32,
+    full_weight: f32,
+    used: &[u32],
+    outcome: &CapacityOutcome,
+    capacity: usize,
+) -> Option<Assignment> {
+    let probabilities = routing.token_probabilities(token as usize);
+    let scale = full_weight / probabilities[full_expert as usize].max(f32::MIN_POSITIVE);
+    let mut candidates: Vec<u32> = (0..routing.experts as u32)
+        .filter(|expert| !used.contains(expert) && (outcome.tokens_per_expert[*expert as usize] as usize) < capacity)
+        .collect();
+    candidates.sort_by(|a, b| probabilities[*b as usize].total_cmp(&probabilities[*a as usize]).then(a.cmp(b)));
+    let expert = *candidates.first()?;
+    Some(Assignment { token, expert, weight: probabilities[expert as usize] * scale })
+}
+
+/// Expert choice (Zhou et al. 2022): each expert takes the `capacity` tokens with the highest
+/// router probability for it (ties to the lower token index); the weight is that probability.
+pub fn expert_choice(routing: &Routing, capacity: usize) -> CapacityOutcome {
+    let mut outcome = CapacityOutcome { capacity, tokens_per_expert: vec![0; routing.experts], ..Default::default() };
+    let mut served = vec![false; routing.tokens];
+    let mut order: Vec<u32> = Vec::with_capacity(routing.tokens);
+    for expert in 0..routing.experts {
+        let score = |token: u32| routing.probabilities[token as usize * routing.experts + expert];
+        order.clear();
+        order.extend(0..routing.tokens as u32);
+        order.sort_by(|a, b| score(*b).total_cmp(&score(*a)).then(a.cmp(b)));
+        for &token in order.iter().take(capacity) {
+            outcome.kept.push(Assignment { token, expert: expert as u32, weight: score(token) });
+            served[token as usize] = true;
+        }
+        outcome.tokens_per_expert[expert] = order.len().min(capacity) as u32;
+    }
+    outcome.dropped = served.iter().filter(|served| !**served).count();
+    outcome
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn routing(choices: Vec<(u32, f32)>, top_k: usize, experts: usize) -> Routing {
+    fn routing(choices: Vec<(u32, f32)>, top_k: usize, probabilities: Vec<f32>) -> Routing {
         let tokens = choices.len() / top_k;
-        Routing { tokens, experts, top_k, choices, probabilities: vec![0.0; tokens * experts] }
+        let experts = probabilities.len() / tokens;
+        Routing { tokens, experts, top_k, choices, probabilities }
+    }
+
+    fn kept(outcome: &CapacityOutcome) -> Vec<(u32, u32)> {
+        outcome.kept.iter().map(|a| (a.token, a.expert)).collect()
+    }
+
+    /// Three tokens, top-2 over 3 experts; expert 0 is everyone's first choice.
+    fn crowded() -> Routing {
+        let probabilities = vec![0.6, 0.3, 0.1, 0.7, 0.1, 0.2, 0.5, 0.4, 0.1];
+        routing(vec![(0, 0.6), (1, 0.3), (0, 0.7), (2, 0.2), (0, 0.5), (1, 0.4)], 2, probabilities)
     }
 
     #[test]
-    fn first_choices_outrank_second_choices_and_later_tokens_overflow() {
-        // Three tokens, top-2. Expert 0 is everyone's first choice; capacity 2.
-        let routing = routing(vec![(0, 0.6), (1, 0.4), (0, 0.7), (2, 0.3), (0, 0.5), (1, 0.5)], 2, 3);
-        let outcome = apply_capacity(&routing, 2);
-        assert_eq!(outcome.kept, [true, true, true, true, false, true]);
-        assert_eq!(outcome.tokens_per_expert, [2, 2, 1]);
+    fn drop_admits_first_choices_before_second_choices_in_token_order() {
+        let outcome = apply_capacity(&crowded(), 2, OverflowPolicy::Drop);
+        assert_eq!(kept(&outcome), [(0, 0), (1, 0), (0, 1), (1, 2), (2, 1)]);
+        assert_eq!((outcome.tokens_per_expert.clone(), outcome.dropped), (vec![2, 2, 1], 1));
+    }
+
+    #[test]
+    fn reroute_sends_the_overflow_to_the_next_choice_with_room() {
+        let outcome = apply_capacity(&crowded(), 2, OverflowPolicy::Reroute);
+        // Token 2's expert 0 is full; its next unused choice is expert 2 (expert 1 it already uses).
+        assert_eq!(outcome.kept[2], Assignment { token: 2, expert: 2, weight: 0.1 });
+        assert_eq!((outcome.rerouted, outcome.dropped), (1, 0));
+        assert_eq!(outcome.tokens_per_expert, [2, 2, 2]);
+    }
+
+    #[test]
+    fn batch_prioritized_drops_the_least_confident_token() {
+        let outcome = apply_capacity(&crowded(), 2, OverflowPolicy::BatchPrioritized);
+        // Priority by top weight: token 1 (0.7), token 0 (0.6), token 2 (0.5): token 2's first choice drops.
+        assert_eq!(&kept(&outcome)[..2], [(1, 0), (0, 0)]);
+        assert!(!outcome.kept.iter().any(|a| a.token == 2 && a.expert == 0));
         assert_eq!(outcome.dropped, 1);
     }
 
     #[test]
-    fn a_large_capacity_keeps_everything() {
-        let routing = routing(vec![(1, 1.0), (1, 1.0)], 1, 2);
-        let outcome = apply_capacity(&routing, 10);
-        assert_eq!((outcome.dropped, outcome.tokens_per_expert.clone()), (0, vec![0, 2]));
+    fn expert_choice_lets_each_expert_pick_its_best_tokens() {
+        let outcome = expert_choice(&crowded(), 1);
+        assert_eq!(kept(&outcome), [(1, 0), (2, 1), (1, 2)]);
+        assert_eq!(outcome.kept[0].weight, 0.7);
+        assert_eq!(outcome.dropped, 1, "token 0 is nobody's best");
     }
 }

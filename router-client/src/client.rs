@@ -16,7 +16,7 @@ use crate::codec::{accumulate, decode_rows};
 use crate::dispatch::{CallRows, PlannedRequest, by_worker, pack_requests};
 use crate::error::ClientError;
 use crate::gate::Gate;
-use crate::router::{assign, check_call, config_for_call, gate_and_route};
+use crate::router::{RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route};
 use crate::table::{RoutingTableView, TableReceiver};
 use crate::timing::{ByteCounts, TimeBreakdown};
 
@@ -29,8 +29,8 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// A worker's payload above this many bytes is split over several requests.
     pub split_request_bytes: usize,
-    /// Overrides the model's capacity factor.
-    pub capacity_factor: Option<f32>,
+    /// Changes to the model's routing (policy, overflow, capacity factor).
+    pub routing: RoutingOverrides,
 }
 
 impl Default for ClientOptions {
@@ -39,21 +39,9 @@ impl Default for ClientOptions {
             wire_dtype: Dtype::F32,
             timeout: Duration::from_secs(30),
             split_request_bytes: switchyard_common::transport::SPLIT_REQUEST_BYTES,
-            capacity_factor: None,
+            routing: RoutingOverrides::default(),
         }
     }
-}
-
-/// Routing facts of one call.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct RoutingSummary {
-    pub tokens: usize,
-    /// Assignments before capacity (`tokens * top_k`).
-    pub assignments: usize,
-    /// Assignments dropped by capacity: those tokens got no output from that expert.
-    pub dropped: usize,
-    pub capacity: usize,
-    pub tokens_per_expert: Vec<u32>,
 }
 
 /// One worker's share of a call.
@@ -148,7 +136,7 @@ impl MoeClient {
         let model = &table.model;
         let d_model = model.d_model as usize;
         check_call(model, layer, hidden)?;
-        let config = config_for_call(model, self.options.capacity_factor);
+        let config = config_for_call(model, &self.options.routing);
         let mut timing = TimeBreakdown::default();
 
         let phase = Instant::now();
@@ -252,13 +240,7 @@ impl MoeClient {
         }
 
         timing.wall = started.elapsed();
-        let routing = RoutingSummary {
-            tokens: routed.routing.tokens,
-            assignments: routed.routing.choices.len(),
-            dropped: routed.capacity.dropped,
-            capacity: routed.capacity.capacity,
-            tokens_per_expert: routed.capacity.tokens_per_expert.clone(),
-        };
+        let routing = RoutingSummary::from_routed(&routed);
         Ok(LayerOutput {
             hidden: output,
             router_logits: routed.logits,

@@ -12,18 +12,37 @@ pub struct Gate {
     d_model: usize,
     /// `[experts, d_model]`, row-major.
     weights: Vec<f32>,
+    /// `W_noise [experts, d_model]` of noisy top-k gating.
+    noise_weights: Option<Vec<f32>>,
+    /// The score-correction bias `[experts]` of group-limited routing.
+    bias: Option<Vec<f32>>,
 }
 
 impl Gate {
-    /// The seeded gate of `layer` of a synthetic model.
+    /// The seeded gate of `layer` of a synthetic model, with seeded noise weights and bias.
     pub fn synthetic(spec: &ModelSpec, layer: u32) -> Self {
-        let weights = synthetic::gate_weights(spec.seed, layer, spec.experts_per_layer, spec.d_model);
-        Self::from_weights(weights, spec.experts_per_layer as usize, spec.d_model as usize)
+        let (experts, d_model) = (spec.experts_per_layer, spec.d_model);
+        let weights = synthetic::gate_weights(spec.seed, layer, experts, d_model);
+        let mut gate = Self::from_weights(weights, experts as usize, d_model as usize);
+        gate.noise_weights = Some(synthetic::gate_noise_weights(spec.seed, layer, experts, d_model));
+        gate.bias = Some(synthetic::gate_bias(spec.seed, layer, experts));
+        gate
     }
 
     pub fn from_weights(weights: Vec<f32>, experts: usize, d_model: usize) -> Self {
         assert_eq!(weights.len(), experts * d_model, "gate weights must be [experts, d_model]");
-        Self { experts, d_model, weights }
+        Self { experts, d_model, weights, noise_weights: None, bias: None }
+    }
+
+    /// `x · W_noiseᵀ`, when this gate has noise weights.
+    pub fn noise_logits(&self, hidden: &[f32]) -> Option<Vec<f32>> {
+        let mut logits = Vec::new();
+        project_into(self.noise_weights.as_ref()?, self.d_model, hidden, &mut logits);
+        Some(logits)
+    }
+
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
     }
 
     pub fn experts(&self) -> usize {
@@ -32,18 +51,23 @@ impl Gate {
 
     /// Writes the logits of every row of `hidden` (`[tokens, d_model]`) into `logits`.
     pub fn logits_into(&self, hidden: &[f32], logits: &mut Vec<f32>) {
-        let tokens = hidden.len() / self.d_model;
-        logits.clear();
-        logits.reserve(tokens * self.experts);
-        for row in hidden.chunks_exact(self.d_model) {
-            logits.extend(self.weights.chunks_exact(self.d_model).map(|expert_row| dot(row, expert_row)));
-        }
+        project_into(&self.weights, self.d_model, hidden, logits);
     }
 
     pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
         let mut logits = Vec::new();
         self.logits_into(hidden, &mut logits);
         logits
+    }
+}
+
+/// `out = hidden · weightsᵀ` for row-major `hidden [tokens, d_model]` and `weights [rows, d_model]`.
+fn project_into(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut Vec<f32>) {
+    let rows = weights.len() / d_model;
+    out.clear();
+    out.reserve(hidden.len() / d_model * rows);
+    for row in hidden.chunks_exact(d_model) {
+        out.extend(weights.chunks_exact(d_model).map(|weight_row| dot(row, weight_row)));
     }
 }
 

@@ -19,11 +19,13 @@ pub mod local_cluster;
 pub mod reference;
 pub mod router;
 pub mod routing;
+pub mod stats;
 pub mod table;
 pub mod timing;
 
-pub use client::{ClientOptions, LayerOutput, MoeClient, RoutingSummary, WorkerCall};
+pub use client::{ClientOptions, LayerOutput, MoeClient, WorkerCall};
 pub use error::ClientError;
 pub use reference::{ReferenceLayer, relative_frobenius_error};
+pub use router::{RoutingConfig, RoutingOverrides, RoutingSummary};
 pub use table::{RoutingTableView, TableWatcher};
 pub use timing::{ByteCounts, TimeBreakdown};

@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 
-use crate::client::{MoeClient, RoutingSummary};
+use crate::client::MoeClient;
 use crate::error::ClientError;
 use crate::reference::ReferenceLayer;
+use crate::router::{RoutingOverrides, RoutingSummary};
+use crate::stats::RouterStats;
 use crate::timing::{ByteCounts, TimeBreakdown};
 
 /// What load to apply.
@@ -29,7 +31,7 @@ pub struct LoadSpec {
     pub warmup: Duration,
     /// Seed of the generated hidden states.
     pub seed: u64,
-    pub capacity_factor: Option<f32>,
+    pub routing: RoutingOverrides,
 }
 
 /// Where calls go.
@@ -51,18 +53,20 @@ impl Target {
         &self,
         layer: u32,
         hidden: Arc<Vec<f32>>,
-        capacity_factor: Option<f32>,
+        routing: RoutingOverrides,
     ) -> Result<CallOutcome, ClientError> {
         match self {
+            // The distributed client carries its overrides in its options.
             Target::Distributed(client) => {
                 let output = client.forward(layer, &hidden).await?;
                 Ok(CallOutcome { routing: output.routing, timing: output.timing, bytes: output.bytes })
             }
             Target::Reference(reference) => {
                 let reference = reference.clone();
-                let output = tokio::task::spawn_blocking(move || reference.forward(layer, &hidden, capacity_factor))
-                    .await
-                    .map_err(|error| ClientError::InvalidInput { field: "reference", reason: error.to_string() })??;
+                let output =
+                    tokio::task::spawn_blocking(move || reference.forward(layer, &hidden, &routing)).await.map_err(
+                        |error| ClientError::InvalidInput { field: "reference", reason: error.to_string() },
+                    )??;
                 Ok(CallOutcome { routing: output.routing, timing: output.timing, bytes: ByteCounts::default() })
             }
         }
@@ -89,6 +93,9 @@ pub struct LoadReport {
     pub tokens: u64,
     pub assignments: u64,
     pub dropped: u64,
+    pub rerouted: u64,
+    /// Router statistics summed over calls (see [`LoadReport::mean_router_stats`]).
+    pub router_stats_total: RouterStats,
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
     pub timing_total: TimeBreakdown,
@@ -129,6 +136,18 @@ impl LoadReport {
         }
     }
 
+    /// Router statistics averaged over successful calls.
+    pub fn mean_router_stats(&self) -> RouterStats {
+        let calls = self.calls.max(1) as f32;
+        let total = self.router_stats_total;
+        RouterStats {
+            switch_aux_loss: total.switch_aux_loss / calls,
+            importance_cv2: total.importance_cv2 / calls,
+            z_loss: total.z_loss / calls,
+            imbalance: total.imbalance / calls,
+        }
+    }
+
     /// The human-readable summary.
     pub fn render(&self) -> String {
         let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
@@ -162,8 +181,13 @@ impl LoadReport {
         ));
         let dropped_share = 100.0 * self.dropped as f64 / self.assignments.max(1) as f64;
         text.push_str(&format!(
-            "  overflow    {} of {} assignments dropped ({dropped_share:.2}%)\n",
-            self.dropped, self.assignments
+            "  overflow    {} of {} assignments dropped ({dropped_share:.2}%), {} re-routed\n",
+            self.dropped, self.assignments, self.rerouted
+        ));
+        let stats = self.mean_router_stats();
+        text.push_str(&format!(
+            "  router      imbalance {:.3} (max/mean load) | switch aux loss {:.5} | importance CV² {:.4} | z-loss {:.4}\n",
+            stats.imbalance, stats.switch_aux_loss, stats.importance_cv2, stats.z_loss
         ));
         if self.bytes_total.message_sent > 0 {
             text.push_str(&format!(
@@ -211,6 +235,8 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         tokens: 0,
         assignments: 0,
         dropped: 0,
+        rerouted: 0,
+        router_stats_total: RouterStats::default(),
         latency: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
         timing_total: TimeBreakdown::default(),
         bytes_total: ByteCounts::default(),
@@ -238,7 +264,7 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
                 }
                 let hidden = inputs[call_index % inputs.len()].clone();
                 call_index += 1;
-                let outcome = target.call(spec.layer, hidden, spec.capacity_factor).await;
+                let outcome = target.call(spec.layer, hidden, spec.routing).await;
                 if !measured {
                     continue;
                 }
@@ -250,6 +276,12 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
                         report.tokens += outcome.routing.tokens as u64;
                         report.assignments += outcome.routing.assignments as u64;
                         report.dropped += outcome.routing.dropped as u64;
+                        report.rerouted += outcome.routing.rerouted as u64;
+                        let (total, call) = (&mut report.router_stats_total, outcome.routing.stats);
+                        total.switch_aux_loss += call.switch_aux_loss;
+                        total.importance_cv2 += call.importance_cv2;
+                        total.z_loss += call.z_loss;
+                        total.imbalance += call.imbalance;
                         report.timing_total += outcome.timing;
                         report.bytes_total += outcome.bytes;
                         let micros = latency.as_micros().clamp(1, 600_000_000) as u64;

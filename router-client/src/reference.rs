@@ -9,11 +9,10 @@ use std::time::Instant;
 use switchyard_experts::Expert;
 use switchyard_model::ModelSpec;
 
-use crate::client::RoutingSummary;
 use crate::codec::accumulate;
 use crate::error::ClientError;
 use crate::gate::Gate;
-use crate::router::{assign, check_call, config_for_call, gate_and_route};
+use crate::router::{RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route};
 use crate::timing::TimeBreakdown;
 
 /// The answer of one reference call.
@@ -52,18 +51,18 @@ impl ReferenceLayer {
         &self.model
     }
 
-    /// Runs `hidden` through layer `layer` with `capacity_factor` (or the model's).
+    /// Runs `hidden` through layer `layer`, routed as the model says with `overrides` applied.
     pub fn forward(
         &self,
         layer: u32,
         hidden: &[f32],
-        capacity_factor: Option<f32>,
+        overrides: &RoutingOverrides,
     ) -> Result<ReferenceOutput, ClientError> {
         let started = Instant::now();
         let d_model = self.model.d_model as usize;
         check_call(&self.model, layer, hidden)?;
         let gate = &self.gates[layer as usize];
-        let config = config_for_call(&self.model, capacity_factor);
+        let config = config_for_call(&self.model, overrides);
         let mut timing = TimeBreakdown::default();
         let phase = Instant::now();
         let (logits, routing) = gate_and_route(gate, hidden, config);
@@ -96,13 +95,7 @@ impl ReferenceLayer {
         timing.wall = started.elapsed();
         Ok(ReferenceOutput {
             hidden: output,
-            routing: RoutingSummary {
-                tokens: routed.routing.tokens,
-                assignments: routed.routing.choices.len(),
-                dropped: routed.capacity.dropped,
-                capacity: routed.capacity.capacity,
-                tokens_per_expert: routed.capacity.tokens_per_expert.clone(),
-            },
+            routing: RoutingSummary::from_routed(&routed),
             router_logits: routed.logits,
             timing,
         })
@@ -135,7 +128,7 @@ mod tests {
         };
         let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
         let hidden: Vec<f32> = (0..3 * 8).map(|i| (i as f32 * 0.3).cos()).collect();
-        let output = reference.forward(0, &hidden, None).expect("forward");
+        let output = reference.forward(0, &hidden, &RoutingOverrides::default()).expect("forward");
         assert_eq!(output.routing.dropped, 0);
         // Token 1 by hand: its two experts, each run alone, weighted.
         let config = crate::router::RoutingConfig::for_model(&model);
@@ -149,7 +142,15 @@ mod tests {
             }
         }
         assert!(relative_frobenius_error(&output.hidden[8..16], &expected) < 1e-6);
-        assert!(reference.forward(3, &hidden, None).unwrap_err().to_string().starts_with("layer"));
-        assert!(reference.forward(0, &hidden[..5], None).unwrap_err().to_string().starts_with("hidden"));
+        assert!(
+            reference.forward(3, &hidden, &RoutingOverrides::default()).unwrap_err().to_string().starts_with("layer")
+        );
+        assert!(
+            reference
+                .forward(0, &hidden[..5], &RoutingOverrides::default())
+                .unwrap_err()
+                .to_string()
+                .starts_with("hidden")
+        );
     }
 }

@@ -1,12 +1,13 @@
 //! The routing step both the distributed client and the reference layer run, so they cannot drift:
-//! gate → policy → capacity → assignments grouped by expert.
+//! gate → policy → capacity (or expert choice) → assignments grouped by expert, with statistics.
 
-use switchyard_model::ModelSpec;
+use switchyard_model::{ModelSpec, expert_capacity};
 
-use crate::capacity::{CapacityOutcome, apply_capacity};
+use crate::capacity::{CapacityOutcome, OverflowPolicy, apply_capacity, expert_choice};
 use crate::error::ClientError;
 use crate::gate::Gate;
-use crate::routing::{Routing, RoutingPolicy, route};
+use crate::routing::{GateScores, Routing, RoutingPolicy, route};
+use crate::stats::{RouterStats, router_stats};
 
 /// The kept assignments of one expert, in token order.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,14 +21,16 @@ pub struct ExpertAssignments {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoutingConfig {
     pub policy: RoutingPolicy,
+    pub overflow: OverflowPolicy,
     pub capacity_factor: f32,
 }
 
 impl RoutingConfig {
-    /// The model's own: top-k with Mixtral's renormalisation, its capacity factor.
+    /// The model's own: top-k with Mixtral's renormalisation, overflow dropped, its capacity factor.
     pub fn for_model(model: &ModelSpec) -> Self {
         Self {
             policy: RoutingPolicy::TopK { k: model.top_k as usize, renormalize: true },
+            overflow: OverflowPolicy::Drop,
             capacity_factor: model.capacity_factor,
         }
     }
@@ -41,6 +44,36 @@ pub struct Routed {
     pub capacity: CapacityOutcome,
     /// Experts with at least one kept assignment, ascending.
     pub groups: Vec<ExpertAssignments>,
+    pub stats: RouterStats,
+}
+
+/// Routing facts of one call, as callers and reports see them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RoutingSummary {
+    pub tokens: usize,
+    /// Assignments the policy made before capacity (`tokens * top_k` for token choice).
+    pub assignments: usize,
+    /// Assignments (token choice) or tokens (expert choice) left without an expert by capacity.
+    pub dropped: usize,
+    /// Assignments moved to a token's next choice by overflow re-routing.
+    pub rerouted: usize,
+    pub capacity: usize,
+    pub tokens_per_expert: Vec<u32>,
+    pub stats: RouterStats,
+}
+
+impl RoutingSummary {
+    pub fn from_routed(routed: &Routed) -> Self {
+        Self {
+            tokens: routed.routing.tokens,
+            assignments: routed.routing.choices.len(),
+            dropped: routed.capacity.dropped,
+            rerouted: routed.capacity.rerouted,
+            capacity: routed.capacity.capacity,
+            tokens_per_expert: routed.capacity.tokens_per_expert.clone(),
+            stats: routed.stats,
+        }
+    }
 }
 
 /// Checks a layer call's arguments against `model`, naming the bad one.
@@ -61,44 +94,65 @@ pub fn check_call(model: &ModelSpec, layer: u32, hidden: &[f32]) -> Result<(), C
     Ok(())
 }
 
-/// The routing of a call: the model's, with the caller's capacity factor if it gives one.
-pub fn config_for_call(model: &ModelSpec, capacity_factor: Option<f32>) -> RoutingConfig {
-    let mut config = RoutingConfig::for_model(model);
-    if let Some(capacity_factor) = capacity_factor {
-        config.capacity_factor = capacity_factor;
+/// What a caller changes of the model's routing; `None` keeps the model's.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RoutingOverrides {
+    pub policy: Option<RoutingPolicy>,
+    pub overflow: Option<OverflowPolicy>,
+    pub capacity_factor: Option<f32>,
+}
+
+/// The routing of a call: the model's, with the caller's overrides.
+pub fn config_for_call(model: &ModelSpec, overrides: &RoutingOverrides) -> RoutingConfig {
+    let model_config = RoutingConfig::for_model(model);
+    RoutingConfig {
+        policy: overrides.policy.unwrap_or(model_config.policy),
+        overflow: overrides.overflow.unwrap_or(model_config.overflow),
+        capacity_factor: overrides.capacity_factor.unwrap_or(model_config.capacity_factor),
     }
-    config
 }
 
 /// Runs the gate and the policy. Split from [`assign`] so callers can time them apart.
 pub fn gate_and_route(gate: &Gate, hidden: &[f32], config: RoutingConfig) -> (Vec<f32>, Routing) {
     let logits = gate.logits(hidden);
-    let routing = route(&logits, gate.experts(), config.policy);
+    let noise_logits = match config.policy {
+        RoutingPolicy::NoisyTopK { .. } => gate.noise_logits(hidden),
+        _ => None,
+    };
+    let scores = GateScores { logits: &logits, noise_logits: noise_logits.as_deref(), bias: gate.bias() };
+    let routing = route(scores, gate.experts(), config.policy);
     (logits, routing)
 }
 
-/// Applies capacity and groups the kept assignments by expert.
+/// Applies capacity (or lets experts choose) and groups the kept assignments by expert.
 pub fn assign(logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> Routed {
-    let capacity =
-        switchyard_model::expert_capacity(routing.tokens, routing.top_k, routing.experts, config.capacity_factor);
-    let capacity = apply_capacity(&routing, capacity);
-    let mut groups: Vec<ExpertAssignments> = (0..routing.experts as u32)
+    let (tokens, experts) = (routing.tokens, routing.experts);
+    let capacity = match config.policy {
+        RoutingPolicy::ExpertChoice => {
+            expert_choice(&routing, expert_capacity(tokens, 1, experts, config.capacity_factor))
+        }
+        _ => apply_capacity(
+            &routing,
+            expert_capacity(tokens, routing.top_k, experts, config.capacity_factor),
+            config.overflow,
+        ),
+    };
+    let mut groups: Vec<ExpertAssignments> = (0..experts as u32)
         .map(|expert| {
             let kept = capacity.tokens_per_expert[expert as usize] as usize;
             ExpertAssignments { expert, tokens: Vec::with_capacity(kept), weights: Vec::with_capacity(kept) }
         })
         .collect();
-    for token in 0..routing.tokens {
-        for (rank, (expert, weight)) in routing.token_choices(token).iter().enumerate() {
-            if capacity.kept[token * routing.top_k + rank] {
-                let group = &mut groups[*expert as usize];
-                group.tokens.push(token as u32);
-                group.weights.push(*weight);
-            }
-        }
+    let mut kept = capacity.kept.clone();
+    kept.sort_by_key(|assignment| (assignment.expert, assignment.token));
+    for assignment in kept {
+        let group = &mut groups[assignment.expert as usize];
+        group.tokens.push(assignment.token);
+        group.weights.push(assignment.weight);
     }
     groups.retain(|group| !group.tokens.is_empty());
-    Routed { logits, routing, capacity, groups }
+    let stats = router_stats(&logits, &routing, &capacity);
+    Routed { logits, routing, capacity, groups, stats }
 }
 
 #[cfg(test)]
@@ -110,7 +164,11 @@ mod tests {
         // Gate rows pick expert 0 for tokens whose first feature is large, expert 1 otherwise.
         let gate = Gate::from_weights(vec![1.0, 0.0, 0.0, 1.0], 2, 2);
         let hidden = [5.0, 0.0, 0.0, 5.0, 6.0, 0.0];
-        let config = RoutingConfig { policy: RoutingPolicy::TopK { k: 1, renormalize: true }, capacity_factor: 1.0 };
+        let config = RoutingConfig {
+            policy: RoutingPolicy::TopK { k: 1, renormalize: true },
+            overflow: OverflowPolicy::Drop,
+            capacity_factor: 1.0,
+        };
         let (logits, routing) = gate_and_route(&gate, &hidden, config);
         let routed = assign(logits, routing, config);
         assert_eq!(routed.capacity.capacity, 2, "ceil(1 * 3 / 2 * 1.0)");

@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use switchyard_proto::v1::Dtype;
+use switchyard_router_client::RoutingOverrides;
+use switchyard_router_client::capacity::OverflowPolicy;
 use switchyard_router_client::loadtest::LoadSpec;
+use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
@@ -31,12 +34,35 @@ pub struct LoadArgs {
     /// Capacity factor of the calls (default: the model's).
     #[arg(long = "call-capacity-factor", env = "SWITCHYARD_LOAD_CAPACITY_FACTOR")]
     pub call_capacity_factor: Option<f32>,
+    /// Routing policy: top-k (softmax, top-k, renormalised: Mixtral), top-k-softmax (no
+    /// renormalisation: Qwen2-MoE, GShard), noisy-top-k, dense, expert-choice, group-limited (DeepSeek-V3).
+    #[arg(long, env = "SWITCHYARD_POLICY", default_value = "top-k", value_parser = parse_policy_name)]
+    pub policy: PolicyName,
+    /// Experts per token for the token-choice policies (default: the model's top-k).
+    #[arg(long, env = "SWITCHYARD_ROUTE_TOP_K")]
+    pub route_top_k: Option<usize>,
+    /// What happens past an expert's capacity: drop, reroute (to the next choice with room) or
+    /// batch-prioritized (V-MoE: the least confident tokens are dropped).
+    #[arg(long, env = "SWITCHYARD_OVERFLOW", default_value = "drop", value_parser = parse_overflow)]
+    pub overflow: OverflowPolicy,
+    /// Seed of noisy top-k's noise (noise is off unless --policy noisy-top-k).
+    #[arg(long, env = "SWITCHYARD_NOISE_SEED", default_value_t = 0)]
+    pub noise_seed: u64,
+    /// group-limited: expert groups, and how many of them each token may use.
+    #[arg(long, env = "SWITCHYARD_EXPERT_GROUPS", default_value_t = 4)]
+    pub expert_groups: usize,
+    #[arg(long, env = "SWITCHYARD_TOP_GROUPS", default_value_t = 2)]
+    pub top_groups: usize,
+    /// group-limited: routed_scaling_factor.
+    #[arg(long, env = "SWITCHYARD_ROUTED_SCALING", default_value_t = 1.0)]
+    pub routed_scaling: f32,
     /// Element type of rows on the wire: f32, f16 or bf16.
     #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "f32", value_parser = parse_dtype)]
     pub wire_dtype: Dtype,
 }
 
 impl LoadArgs {
+    /// The load, without routing (see [`LoadArgs::routing`]).
     pub fn spec(&self) -> LoadSpec {
         LoadSpec {
             concurrency: self.concurrency,
@@ -46,8 +72,82 @@ impl LoadArgs {
             layer: self.layer,
             warmup: self.warmup,
             seed: self.input_seed,
-            capacity_factor: self.call_capacity_factor,
+            routing: RoutingOverrides::default(),
         }
+    }
+
+    /// The routing these flags ask for, for a model with `model_top_k` and `experts`.
+    pub fn routing(&self, model_top_k: u32, experts: u32) -> anyhow::Result<RoutingOverrides> {
+        let k = self.route_top_k.unwrap_or(model_top_k as usize);
+        anyhow::ensure!(
+            (1..=experts as usize).contains(&k),
+            "--route-top-k {k} must be between 1 and the model's {experts} experts"
+        );
+        let policy = match self.policy {
+            PolicyName::TopK => RoutingPolicy::TopK { k, renormalize: true },
+            PolicyName::TopKSoftmax => RoutingPolicy::TopK { k, renormalize: false },
+            PolicyName::NoisyTopK => RoutingPolicy::NoisyTopK { k, seed: self.noise_seed },
+            PolicyName::Dense => RoutingPolicy::Dense,
+            PolicyName::ExpertChoice => RoutingPolicy::ExpertChoice,
+            PolicyName::GroupLimited => {
+                let (groups, top_groups) = (self.expert_groups, self.top_groups);
+                anyhow::ensure!(
+                    groups > 0 && (experts as usize).is_multiple_of(groups),
+                    "--expert-groups {groups} must divide the model's {experts} experts"
+                );
+                anyhow::ensure!(
+                    (1..=groups).contains(&top_groups) && k <= top_groups * (experts as usize / groups),
+                    "--top-groups {top_groups} must be in 1..={groups} and hold at least k = {k} experts"
+                );
+                RoutingPolicy::GroupLimited(GroupLimited {
+                    k,
+                    groups,
+                    top_groups,
+                    renormalize: true,
+                    scaling: self.routed_scaling,
+                })
+            }
+        };
+        Ok(RoutingOverrides {
+            policy: Some(policy),
+            overflow: Some(self.overflow),
+            capacity_factor: self.call_capacity_factor,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyName {
+    TopK,
+    TopKSoftmax,
+    NoisyTopK,
+    Dense,
+    ExpertChoice,
+    GroupLimited,
+}
+
+pub fn parse_policy_name(text: &str) -> Result<PolicyName, String> {
+    Ok(match text {
+        "top-k" => PolicyName::TopK,
+        "top-k-softmax" => PolicyName::TopKSoftmax,
+        "noisy-top-k" => PolicyName::NoisyTopK,
+        "dense" => PolicyName::Dense,
+        "expert-choice" => PolicyName::ExpertChoice,
+        "group-limited" => PolicyName::GroupLimited,
+        other => {
+            return Err(format!(
+                "unknown policy '{other}' (use top-k, top-k-softmax, noisy-top-k, dense, expert-choice or group-limited)"
+            ));
+        }
+    })
+}
+
+pub fn parse_overflow(text: &str) -> Result<OverflowPolicy, String> {
+    match text {
+        "drop" => Ok(OverflowPolicy::Drop),
+        "reroute" => Ok(OverflowPolicy::Reroute),
+        "batch-prioritized" => Ok(OverflowPolicy::BatchPrioritized),
+        other => Err(format!("unknown overflow policy '{other}' (use drop, reroute or batch-prioritized)")),
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchyard_model::cli::ModelArgs;
-use switchyard_router_client::loadtest::{self, Target};
+use switchyard_router_client::loadtest::{self, LoadSpec, Target};
 use switchyard_router_client::{ClientOptions, MoeClient, ReferenceLayer, TableWatcher};
 
 use super::load_args::LoadArgs;
@@ -34,12 +34,13 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
         eprintln!("building the in-process reference layer ({} experts)...", model.experts_per_layer);
         let reference = ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu);
         let name = format!("in-process reference ({torch_threads} torch threads)");
-        loadtest::run(Target::Reference(Arc::new(reference)), args.load.spec(), &name).await?
+        let spec = LoadSpec { routing: args.load.routing(model.top_k, model.experts_per_layer)?, ..args.load.spec() };
+        loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?
     } else {
         let coordinator = args.coordinator.context("--coordinator is required")?;
         let (client, _watcher, workers) = connect(&coordinator, &args.load).await?;
-        loadtest::run(Target::Distributed(client), args.load.spec(), &format!("distributed ({workers} workers)"))
-            .await?
+        let spec = LoadSpec { routing: client.options().routing, ..args.load.spec() };
+        loadtest::run(Target::Distributed(client), spec, &format!("distributed ({workers} workers)")).await?
     };
     print!("{}", report.render());
     Ok(())
@@ -50,11 +51,8 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
 pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<MoeClient>, TableWatcher, usize)> {
     let watcher = TableWatcher::start(coordinator)?;
     let table = watcher.wait_for(|table| table.is_complete(), Duration::from_secs(120)).await?;
-    let options = ClientOptions {
-        wire_dtype: load.wire_dtype,
-        capacity_factor: load.call_capacity_factor,
-        ..ClientOptions::default()
-    };
+    let routing = load.routing(table.model.top_k, table.model.experts_per_layer)?;
+    let options = ClientOptions { wire_dtype: load.wire_dtype, routing, ..ClientOptions::default() };
     let client = Arc::new(MoeClient::new(watcher.receiver(), options));
     Ok((client, watcher, table.workers().len()))
 }

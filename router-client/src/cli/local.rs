@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use switchyard_model::cli::ModelArgs;
 use switchyard_router_client::ReferenceLayer;
-use switchyard_router_client::loadtest::{self, Target};
+use switchyard_router_client::loadtest::{self, LoadSpec, Target};
 use switchyard_router_client::local_cluster::{LocalCluster, LocalClusterConfig};
 
 use super::load_args::LoadArgs;
@@ -75,8 +75,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         args.load.duration.as_secs_f64(),
         args.load.warmup.as_secs_f64()
     );
-    let report =
-        loadtest::run(Target::Distributed(client), args.load.spec(), &format!("distributed ({workers} workers)")).await;
+    let spec = LoadSpec { routing: client.options().routing, ..args.load.spec() };
+    let name =
+        format!("distributed ({workers} workers), {}", spec.routing.policy.map_or("top-k", |policy| policy.name()));
+    let report = loadtest::run(Target::Distributed(client), spec.clone(), &name).await;
     let report = match report {
         Ok(report) => report,
         Err(error) => {
@@ -94,7 +96,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         eprintln!("same load through the in-process reference layer ({threads} torch threads)...");
         let reference = ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu);
         let name = format!("in-process reference ({threads} torch threads)");
-        let baseline = loadtest::run(Target::Reference(Arc::new(reference)), args.load.spec(), &name).await?;
+        let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?;
         print!("{}", baseline.render());
     }
     Ok(())

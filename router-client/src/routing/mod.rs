@@ -1,32 +1,71 @@
 //! Routing policies: from gate logits to each token's chosen experts and their weights.
 //!
-//! Top-k softmax as Mixtral (and Hugging Face's `MixtralSparseMoeBlock`) defines it: softmax over
-//! all experts, keep the k largest, and optionally renormalise the k weights to sum to one.
+//! Token-choice policies give every token `k` ranked choices ([`Routing`]); capacity then decides
+//! which survive ([`crate::capacity`]). Expert choice inverts it: each expert picks its tokens, so
+//! nothing overflows.
+//!
+//! | policy | published form |
+//! | --- | --- |
+//! | [`RoutingPolicy::TopK`] | softmax over all experts, top-k; renormalised (Mixtral) or not (Qwen2-MoE `norm_topk_prob = false`, GShard) |
+//! | [`RoutingPolicy::NoisyTopK`] | Shazeer et al. 2017: `H = x·W_g + N(0,1)·softplus(x·W_noise)`, KeepTopK, softmax over the k kept |
+//! | [`RoutingPolicy::Dense`] | every expert, softmax weights |
+//! | [`RoutingPolicy::ExpertChoice`] | Zhou et al. 2022: each expert takes its top-C tokens by softmax score |
+//! | [`RoutingPolicy::GroupLimited`] | DeepSeek-V3: sigmoid scores, a bias that steers selection only, top groups then top-k |
 
-/// How tokens choose experts.
+mod deepseek;
+mod noisy;
+mod softmax_topk;
+
+pub use deepseek::GroupLimited;
+pub use noisy::noise;
+
+/// How tokens and experts are matched.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RoutingPolicy {
-    /// Softmax over all experts, top-k; `renormalize` rescales the k weights to sum to one
-    /// (Mixtral), otherwise they stay softmax probabilities (Qwen2-MoE's `norm_topk_prob = false`).
+    /// Softmax over all experts, top-k; `renormalize` rescales the k weights to sum to one.
     TopK { k: usize, renormalize: bool },
+    /// Noisy top-k gating, seeded: the noise of `(seed, token, expert)` is a pure function of them.
+    NoisyTopK { k: usize, seed: u64 },
+    /// Every token to every expert, weighted by the softmax.
+    Dense,
+    /// Each expert picks its `capacity` best tokens by softmax score.
+    ExpertChoice,
+    /// DeepSeek-V3's group-limited routing.
+    GroupLimited(GroupLimited),
 }
 
 impl RoutingPolicy {
-    pub fn top_k(self) -> usize {
+    /// Choices per token of a token-choice policy (0 for expert choice).
+    pub fn top_k(self, experts: usize) -> usize {
         match self {
-            RoutingPolicy::TopK { k, .. } => k,
+            RoutingPolicy::TopK { k, .. } | RoutingPolicy::NoisyTopK { k, .. } => k,
+            RoutingPolicy::GroupLimited(group_limited) => group_limited.k,
+            RoutingPolicy::Dense => experts,
+            RoutingPolicy::ExpertChoice => 0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RoutingPolicy::TopK { renormalize: true, .. } => "top-k (renormalised)",
+            RoutingPolicy::TopK { renormalize: false, .. } => "top-k (softmax weights)",
+            RoutingPolicy::NoisyTopK { .. } => "noisy top-k",
+            RoutingPolicy::Dense => "dense",
+            RoutingPolicy::ExpertChoice => "expert choice",
+            RoutingPolicy::GroupLimited(_) => "group-limited (DeepSeek-V3)",
         }
     }
 }
 
-/// Each token's choices, best first: `choices[t * k + rank] = (expert, weight)`.
+/// Each token's choices, best first: `choices[t * top_k + rank] = (expert, weight)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
     pub tokens: usize,
     pub experts: usize,
     pub top_k: usize,
     pub choices: Vec<(u32, f32)>,
-    /// Softmax probabilities `[tokens, experts]`, kept for router statistics.
+    /// Router probabilities `[tokens, experts]` (softmax; sigmoid scores for group-limited), for
+    /// statistics and for re-routing overflow to a token's next choice.
     pub probabilities: Vec<f32>,
 }
 
@@ -34,32 +73,48 @@ impl Routing {
     pub fn token_choices(&self, token: usize) -> &[(u32, f32)] {
         &self.choices[token * self.top_k..(token + 1) * self.top_k]
     }
+
+    pub fn token_probabilities(&self, token: usize) -> &[f32] {
+        &self.probabilities[token * self.experts..(token + 1) * self.experts]
+    }
 }
 
-/// Applies `policy` to `logits` (`[tokens, experts]`).
-pub fn route(logits: &[f32], experts: usize, policy: RoutingPolicy) -> Routing {
-    let RoutingPolicy::TopK { k, renormalize } = policy;
-    let tokens = logits.len() / experts;
-    let mut probabilities = Vec::with_capacity(logits.len());
-    let mut choices = Vec::with_capacity(tokens * k);
-    let mut order: Vec<u32> = Vec::with_capacity(experts);
-    for row in logits.chunks_exact(experts) {
-        let start = probabilities.len();
-        softmax_into(row, &mut probabilities);
-        let row_probabilities = &probabilities[start..];
-        order.clear();
-        order.extend(0..experts as u32);
-        // Highest probability first; ties go to the lower expert index, as torch.topk does on CPU.
-        order.sort_by(|a, b| row_probabilities[*b as usize].total_cmp(&row_probabilities[*a as usize]).then(a.cmp(b)));
-        let kept = &order[..k];
-        let total: f32 = if renormalize { kept.iter().map(|e| row_probabilities[*e as usize]).sum() } else { 1.0 };
-        choices.extend(kept.iter().map(|e| (*e, row_probabilities[*e as usize] / total)));
+/// What the gate computed for one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct GateScores<'a> {
+    /// `x · W_gᵀ`, `[tokens, experts]`.
+    pub logits: &'a [f32],
+    /// `x · W_noiseᵀ`, for noisy top-k.
+    pub noise_logits: Option<&'a [f32]>,
+    /// The score-correction bias, for group-limited routing.
+    pub bias: Option<&'a [f32]>,
+}
+
+/// Applies a token-choice `policy`. Expert choice is not a token choice: it is routed by
+/// [`crate::capacity::expert_choice`], and here behaves as top-1 so callers need no special case.
+pub fn route(scores: GateScores<'_>, experts: usize, policy: RoutingPolicy) -> Routing {
+    let logits = scores.logits;
+    match policy {
+        RoutingPolicy::TopK { k, renormalize } => softmax_topk::route(logits, experts, k, renormalize),
+        RoutingPolicy::Dense => softmax_topk::route(logits, experts, experts, false),
+        RoutingPolicy::ExpertChoice => softmax_topk::route(logits, experts, 1, false),
+        RoutingPolicy::NoisyTopK { k, seed } => {
+            let zeros;
+            let noise_logits = match scores.noise_logits {
+                Some(noise_logits) => noise_logits,
+                None => {
+                    zeros = vec![0.0; logits.len()];
+                    &zeros
+                }
+            };
+            noisy::route(logits, noise_logits, experts, k, seed)
+        }
+        RoutingPolicy::GroupLimited(group_limited) => group_limited.route(logits, experts, scores.bias.unwrap_or(&[])),
     }
-    Routing { tokens, experts, top_k: k, choices, probabilities }
 }
 
 /// Numerically stable softmax of `row`, appended to `out`.
-fn softmax_into(row: &[f32], out: &mut Vec<f32>) {
+pub(crate) fn softmax_into(row: &[f32], out: &mut Vec<f32>) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let start = out.len();
     out.extend(row.iter().map(|logit| (logit - max).exp()));
@@ -69,33 +124,9 @@ fn softmax_into(row: &[f32], out: &mut Vec<f32>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn top_2_renormalised_as_mixtral() {
-        let logits = [1.0f32, 3.0, 2.0, 0.0];
-        let routing = route(&logits, 4, RoutingPolicy::TopK { k: 2, renormalize: true });
-        let e: Vec<f32> = logits.iter().map(|l| l.exp()).collect();
-        let (p1, p2) = (e[1] / (e[1] + e[2]), e[2] / (e[1] + e[2]));
-        assert_eq!(routing.choices[0].0, 1);
-        assert_eq!(routing.choices[1].0, 2);
-        assert!((routing.choices[0].1 - p1).abs() < 1e-6 && (routing.choices[1].1 - p2).abs() < 1e-6);
-    }
-
-    #[test]
-    fn without_renormalisation_weights_are_softmax_probabilities() {
-        let logits = [0.0f32, 0.0, 0.0, 0.0];
-        let routing = route(&logits, 4, RoutingPolicy::TopK { k: 2, renormalize: false });
-        assert_eq!(routing.choices, [(0, 0.25), (1, 0.25)], "ties go to the lower index");
-        assert!((routing.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-    }
-
-    #[test]
-    fn large_logits_do_not_overflow() {
-        let routing = route(&[1000.0, 999.0], 2, RoutingPolicy::TopK { k: 1, renormalize: true });
-        assert_eq!(routing.choices, [(0, 1.0)]);
-        assert!(routing.probabilities.iter().all(|p| p.is_finite()));
-    }
+/// Indices of `scores` ordered best first; ties go to the lower index, as `torch.topk` does on CPU.
+pub(crate) fn ranked(scores: &[f32], order: &mut Vec<u32>) {
+    order.clear();
+    order.extend(0..scores.len() as u32);
+    order.sort_by(|a, b| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b)));
 }

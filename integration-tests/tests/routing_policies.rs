@@ -1,0 +1,88 @@
+//! Every routing policy, distributed over real processes, against the in-process reference, on
+//! inputs where the capacity-based policies overflow.
+
+use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
+use switchyard_router_client::capacity::OverflowPolicy;
+use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
+use switchyard_router_client::{ClientOptions, MoeClient, ReferenceLayer, RoutingOverrides, relative_frobenius_error};
+
+struct Case {
+    name: &'static str,
+    policy: RoutingPolicy,
+    overflow: OverflowPolicy,
+    capacity_factor: f32,
+}
+
+fn cases() -> Vec<Case> {
+    let case = |name, policy, overflow, capacity_factor| Case { name, policy, overflow, capacity_factor };
+    let top2 = RoutingPolicy::TopK { k: 2, renormalize: true };
+    let deepseek = GroupLimited { k: 2, groups: 4, top_groups: 2, renormalize: true, scaling: 2.5 };
+    vec![
+        case("top-2 renormalised (Mixtral)", top2, OverflowPolicy::Drop, 0.5),
+        case(
+            "top-2 softmax weights (Qwen2-MoE, GShard)",
+            RoutingPolicy::TopK { k: 2, renormalize: false },
+            OverflowPolicy::Drop,
+            0.5,
+        ),
+        case("top-1 (Switch)", RoutingPolicy::TopK { k: 1, renormalize: true }, OverflowPolicy::Drop, 0.5),
+        case("noisy top-2", RoutingPolicy::NoisyTopK { k: 2, seed: 17 }, OverflowPolicy::Drop, 0.5),
+        case("dense", RoutingPolicy::Dense, OverflowPolicy::Drop, 0.5),
+        case("top-2 with re-routing", top2, OverflowPolicy::Reroute, 1.0),
+        case("top-2 batch-prioritized (V-MoE)", top2, OverflowPolicy::BatchPrioritized, 0.5),
+        case("expert choice", RoutingPolicy::ExpertChoice, OverflowPolicy::Drop, 1.0),
+        case("group-limited (DeepSeek-V3)", RoutingPolicy::GroupLimited(deepseek), OverflowPolicy::Drop, 0.5),
+    ]
+}
+
+#[tokio::test]
+async fn every_policy_matches_the_reference_where_capacity_overflows() {
+    let model = small_model(1.0);
+    let cluster = TestCluster::start(model.clone(), 2, |_| {}).await;
+    let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+    let hidden = hidden_states(64, 256, 21);
+    for case in cases() {
+        let overrides = RoutingOverrides {
+            policy: Some(case.policy),
+            overflow: Some(case.overflow),
+            capacity_factor: Some(case.capacity_factor),
+        };
+        let client = MoeClient::new(
+            cluster.watcher.receiver(),
+            ClientOptions { routing: overrides, ..ClientOptions::default() },
+        );
+        let distributed = client.forward(0, &hidden).await.unwrap_or_else(|error| panic!("{}: {error}", case.name));
+        let expected = reference.forward(0, &hidden, &overrides).expect("reference");
+        let error = relative_frobenius_error(&distributed.hidden, &expected.hidden);
+        assert!(error < 1e-5, "{}: relative Frobenius error {error:e}", case.name);
+        assert_eq!(distributed.routing, expected.routing, "{}: same routing decisions", case.name);
+        let routing = &distributed.routing;
+        match (case.policy, case.overflow) {
+            (RoutingPolicy::ExpertChoice, _) => {
+                assert!(
+                    routing.tokens_per_expert.iter().all(|load| *load as usize == routing.capacity),
+                    "{}",
+                    case.name
+                );
+                assert_eq!(routing.stats.imbalance, 1.0, "expert choice is balanced by construction");
+            }
+            (_, OverflowPolicy::Reroute) => {
+                let dropping = RoutingOverrides { overflow: Some(OverflowPolicy::Drop), ..overrides };
+                let dropped_without = reference.forward(0, &hidden, &dropping).expect("reference").routing.dropped;
+                assert!(routing.rerouted > 0, "{}: overflow was re-routed", case.name);
+                assert!(
+                    routing.dropped < dropped_without,
+                    "{}: {} dropped with re-routing, {dropped_without} without",
+                    case.name,
+                    routing.dropped
+                );
+            }
+            _ => assert!(routing.dropped > 0, "{}: capacity factor {} overflows", case.name, case.capacity_factor),
+        }
+        assert!(routing.tokens_per_expert.iter().all(|load| *load as usize <= routing.capacity), "{}", case.name);
+        eprintln!(
+            "{:45} dropped {:3} rerouted {:3} imbalance {:.2} error {error:.1e}",
+            case.name, routing.dropped, routing.rerouted, routing.stats.imbalance
+        );
+    }
+}
