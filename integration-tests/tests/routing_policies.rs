@@ -32,6 +32,7 @@ fn cases() -> Vec<Case> {
         case("top-2 batch-prioritized (V-MoE)", top2, OverflowPolicy::BatchPrioritized, 0.5),
         case("expert choice", RoutingPolicy::ExpertChoice, OverflowPolicy::Drop, 1.0),
         case("group-limited (DeepSeek-V3)", RoutingPolicy::GroupLimited(deepseek), OverflowPolicy::Drop, 0.5),
+        case("soft MoE, 2 slots per expert", RoutingPolicy::SoftMoe { slots: 2 }, OverflowPolicy::Drop, 1.0),
     ]
 }
 
@@ -58,6 +59,10 @@ async fn every_policy_matches_the_reference_where_capacity_overflows() {
         assert_eq!(distributed.routing, expected.routing, "{}: same routing decisions", case.name);
         let routing = &distributed.routing;
         match (case.policy, case.overflow) {
+            (RoutingPolicy::SoftMoe { slots }, _) => {
+                assert_eq!((routing.dropped, routing.capacity), (0, slots), "{}: nothing dropped", case.name);
+                assert!(distributed.bytes.payload_sent == 8 * 2 * 256 * 4, "{}: 16 slot rows sent", case.name);
+            }
             (RoutingPolicy::ExpertChoice, _) => {
                 assert!(
                     routing.tokens_per_expert.iter().all(|load| *load as usize == routing.capacity),

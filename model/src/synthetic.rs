@@ -20,6 +20,8 @@ pub enum WeightRole {
     GateNoise,
     /// The group-limited router's score-correction bias `[experts]`.
     GateBias,
+    /// Soft MoE's slot parameters `Φ [experts * slots, d_model]`.
+    SoftSlots,
 }
 
 impl WeightRole {
@@ -31,6 +33,7 @@ impl WeightRole {
             WeightRole::W3 => 0x7733,
             WeightRole::GateNoise => 0x6e6f_6973,
             WeightRole::GateBias => 0x6269_6173,
+            WeightRole::SoftSlots => 0x736c_6f74,
         }
     }
 }
@@ -79,6 +82,11 @@ pub fn gate_weights(seed: u64, layer: u32, experts: u32, d_model: u32) -> Vec<f3
 /// The noisy router's `W_noise [experts, d_model]` of one layer.
 pub fn gate_noise_weights(seed: u64, layer: u32, experts: u32, d_model: u32) -> Vec<f32> {
     matrix(seed, layer, u32::MAX, WeightRole::GateNoise, experts as usize, d_model as usize)
+}
+
+/// Soft MoE's slot parameters `Φ [experts * slots, d_model]` of one layer.
+pub fn soft_slot_weights(seed: u64, layer: u32, experts: u32, slots: u32, d_model: u32) -> Vec<f32> {
+    matrix(seed, layer, u32::MAX, WeightRole::SoftSlots, (experts * slots) as usize, d_model as usize)
 }
 
 /// A small score-correction bias `[experts]` in [-0.05, 0.05), as a trained DeepSeek-V3 router has.

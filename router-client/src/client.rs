@@ -12,7 +12,7 @@ use switchyard_proto::wire;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-use crate::codec::{accumulate, decode_rows};
+use crate::codec::decode_rows;
 use crate::dispatch::{CallRows, PlannedRequest, by_worker, pack_requests};
 use crate::error::ClientError;
 use crate::gate::Gate;
@@ -144,7 +144,7 @@ impl MoeClient {
         timing.gate = phase.elapsed();
 
         let phase = Instant::now();
-        let routed = assign(logits, routing, config);
+        let routed = assign(hidden, logits, routing, config);
         let workers = by_worker(layer, &routed.groups, &table)?;
         timing.plan = phase.elapsed();
 
@@ -207,13 +207,7 @@ impl MoeClient {
                 timing.decode += phase.elapsed();
 
                 let phase = Instant::now();
-                accumulate(
-                    &mut output,
-                    d_model,
-                    &group.tokens[piece.start..piece.end],
-                    &group.weights[piece.start..piece.end],
-                    &scratch,
-                );
+                routed.combine_rows(group, piece.start..piece.end, &scratch, d_model, &mut output);
                 timing.combine += phase.elapsed();
             }
         }

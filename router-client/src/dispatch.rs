@@ -76,20 +76,24 @@ pub fn pack_requests(
     let mut current_rows = 0;
     for &group_index in group_indices {
         let group = &groups[group_index];
+        let group_rows = group.rows(d_model);
         let mut start = 0;
-        while start < group.tokens.len() {
+        while start < group_rows {
             if current_rows == rows_per_request {
                 requests.push(std::mem::replace(&mut current, new_request(endpoint, dtype)));
                 current_rows = 0;
             }
-            let end = group.tokens.len().min(start + rows_per_request - current_rows);
-            let tokens = &group.tokens[start..end];
+            let end = group_rows.min(start + rows_per_request - current_rows);
+            let data = match &group.slots {
+                Some(slots) => wire::encode_f32(&slots.inputs[start * d_model..end * d_model], dtype),
+                None => gather_rows(hidden, d_model, &group.tokens[start..end], dtype),
+            };
             current.request.batches.push(v1::ExpertRows {
                 expert: Some(ExpertKey::new(layer, group.expert)),
                 rows: Some(v1::WireTensor {
                     dtype: dtype as i32,
-                    shape: vec![tokens.len() as u64, d_model as u64],
-                    data: gather_rows(hidden, d_model, tokens, dtype),
+                    shape: vec![(end - start) as u64, d_model as u64],
+                    data,
                 }),
             });
             current.pieces.push(Piece { group: group_index, start, end });
@@ -116,7 +120,7 @@ mod tests {
     use super::*;
 
     fn group(expert: u32, tokens: usize) -> ExpertAssignments {
-        ExpertAssignments { expert, tokens: (0..tokens as u32).collect(), weights: vec![1.0; tokens] }
+        ExpertAssignments { expert, tokens: (0..tokens as u32).collect(), weights: vec![1.0; tokens], slots: None }
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! Plain Rust, not libtorch: it is `experts` dot products per token, small next to the experts, and
 //! keeping it here makes the client's routing path free of tch and `Sync`.
 
+use std::sync::OnceLock;
+
 use switchyard_model::ModelSpec;
 use switchyard_model::synthetic;
 
@@ -16,6 +18,10 @@ pub struct Gate {
     noise_weights: Option<Vec<f32>>,
     /// The score-correction bias `[experts]` of group-limited routing.
     bias: Option<Vec<f32>>,
+    /// The synthetic model this gate came from, so Soft MoE slot parameters can be built on demand.
+    synthetic: Option<(ModelSpec, u32)>,
+    /// Soft MoE's `Φ [experts * slots, d_model]`, built for the first slot count asked.
+    soft_slots: OnceLock<(usize, Vec<f32>)>,
 }
 
 impl Gate {
@@ -26,12 +32,47 @@ impl Gate {
         let mut gate = Self::from_weights(weights, experts as usize, d_model as usize);
         gate.noise_weights = Some(synthetic::gate_noise_weights(spec.seed, layer, experts, d_model));
         gate.bias = Some(synthetic::gate_bias(spec.seed, layer, experts));
+        gate.synthetic = Some((spec.clone(), layer));
         gate
     }
 
     pub fn from_weights(weights: Vec<f32>, experts: usize, d_model: usize) -> Self {
         assert_eq!(weights.len(), experts * d_model, "gate weights must be [experts, d_model]");
-        Self { experts, d_model, weights, noise_weights: None, bias: None }
+        Self {
+            experts,
+            d_model,
+            weights,
+            noise_weights: None,
+            bias: None,
+            synthetic: None,
+            soft_slots: OnceLock::new(),
+        }
+    }
+
+    pub fn d_model(&self) -> usize {
+        self.d_model
+    }
+
+    /// Soft MoE's slot logits `x · Φᵀ`, `[tokens, experts * slots]`. A synthetic gate has seeded slot
+    /// parameters; any other gate uses its router row of expert e for each slot of expert e.
+    pub fn slot_logits(&self, hidden: &[f32], slots: usize) -> Vec<f32> {
+        let build = || match &self.synthetic {
+            Some((spec, layer)) => {
+                synthetic::soft_slot_weights(spec.seed, *layer, spec.experts_per_layer, slots as u32, spec.d_model)
+            }
+            None => self.weights.chunks_exact(self.d_model).flat_map(|row| row.repeat(slots)).collect(),
+        };
+        let cached = self.soft_slots.get_or_init(|| (slots, build()));
+        let rebuilt;
+        let weights = if cached.0 == slots {
+            &cached.1
+        } else {
+            rebuilt = build();
+            &rebuilt
+        };
+        let mut logits = Vec::new();
+        project_into(weights, self.d_model, hidden, &mut logits);
+        logits
     }
 
     /// `x · W_noiseᵀ`, when this gate has noise weights.

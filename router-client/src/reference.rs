@@ -9,7 +9,6 @@ use std::time::Instant;
 use switchyard_experts::Expert;
 use switchyard_model::ModelSpec;
 
-use crate::codec::accumulate;
 use crate::error::ClientError;
 use crate::gate::Gate;
 use crate::router::{RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route};
@@ -68,7 +67,7 @@ impl ReferenceLayer {
         let (logits, routing) = gate_and_route(gate, hidden, config);
         timing.gate = phase.elapsed();
         let phase = Instant::now();
-        let routed = assign(logits, routing, config);
+        let routed = assign(hidden, logits, routing, config);
         timing.plan = phase.elapsed();
         let experts = self.experts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut output = vec![0.0f32; hidden.len()];
@@ -80,16 +79,14 @@ impl ReferenceLayer {
             })?;
             let phase = Instant::now();
             rows.clear();
-            for token in &group.tokens {
-                let start = *token as usize * d_model;
-                rows.extend_from_slice(&hidden[start..start + d_model]);
-            }
+            let group_rows = group.rows(d_model);
+            group.input_rows(hidden, d_model, 0..group_rows, &mut rows);
             timing.encode += phase.elapsed();
             let phase = Instant::now();
             let expert_output = expert.forward_f32(&rows);
             timing.compute += phase.elapsed();
             let phase = Instant::now();
-            accumulate(&mut output, d_model, &group.tokens, &group.weights, &expert_output);
+            routed.combine_rows(group, 0..group_rows, &expert_output, d_model, &mut output);
             timing.combine += phase.elapsed();
         }
         timing.wall = started.elapsed();
@@ -152,5 +149,32 @@ mod tests {
                 .to_string()
                 .starts_with("hidden")
         );
+    }
+
+    #[test]
+    fn soft_moe_of_one_token_mixes_every_expert_by_its_slots_combine_mass() {
+        let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
+        let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+        let x: Vec<f32> = (0..8).map(|i| (i as f32 * 0.7).sin()).collect();
+        let soft = RoutingOverrides {
+            policy: Some(crate::routing::RoutingPolicy::SoftMoe { slots: 2 }),
+            ..Default::default()
+        };
+        let output = reference.forward(0, &x, &soft).expect("forward");
+        // One token: each slot's input is the token itself; C is a softmax over all 8 slot logits.
+        let logits = Gate::synthetic(&model, 0).slot_logits(&x, 2);
+        let max = logits.iter().copied().fold(f32::MIN, f32::max);
+        let total: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        let mut expected = vec![0.0f32; 8];
+        for expert in 0..4u32 {
+            let mass: f32 =
+                logits[expert as usize * 2..expert as usize * 2 + 2].iter().map(|l| (l - max).exp() / total).sum();
+            let out = Expert::synthetic(&model, 0, expert, tch::Device::Cpu).forward_f32(&x);
+            for (e, o) in expected.iter_mut().zip(out) {
+                *e += mass * o;
+            }
+        }
+        assert!(relative_frobenius_error(&output.hidden, &expected) < 1e-5);
+        assert_eq!(output.routing.dropped, 0);
     }
 }

@@ -1,20 +1,58 @@
 //! The routing step both the distributed client and the reference layer run, so they cannot drift:
 //! gate → policy → capacity (or expert choice) → assignments grouped by expert, with statistics.
 
+use std::ops::Range;
+
 use switchyard_model::{ModelSpec, expert_capacity};
 
 use crate::capacity::{CapacityOutcome, OverflowPolicy, apply_capacity, expert_choice};
+use crate::codec::accumulate;
 use crate::error::ClientError;
 use crate::gate::Gate;
-use crate::routing::{GateScores, Routing, RoutingPolicy, route};
+use crate::routing::{GateScores, Routing, RoutingPolicy, route, soft};
 use crate::stats::{RouterStats, router_stats};
 
-/// The kept assignments of one expert, in token order.
+/// What one expert computes in a call: rows of the input (one per kept assignment, in token
+/// order, with its weight) or, for Soft MoE, its slot inputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExpertAssignments {
     pub expert: u32,
     pub tokens: Vec<u32>,
     pub weights: Vec<f32>,
+    /// Soft MoE only (then `tokens` is empty).
+    pub slots: Option<SlotRows>,
+}
+
+/// Soft MoE slot inputs of one expert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotRows {
+    /// Column of this expert's first slot in the combine weights.
+    pub first_slot: usize,
+    /// `[slots, d_model]`.
+    pub inputs: Vec<f32>,
+}
+
+impl ExpertAssignments {
+    /// Rows this expert computes.
+    pub fn rows(&self, d_model: usize) -> usize {
+        match &self.slots {
+            Some(slots) => slots.inputs.len() / d_model,
+            None => self.tokens.len(),
+        }
+    }
+
+    /// Appends the f32 input rows `range` of this group to `out`.
+    pub fn input_rows(&self, hidden: &[f32], d_model: usize, range: Range<usize>, out: &mut Vec<f32>) {
+        match &self.slots {
+            Some(slots) => out.extend_from_slice(&slots.inputs[range.start * d_model..range.end * d_model]),
+            None => {
+                for token in &self.tokens[range] {
+                    let start = *token as usize * d_model;
+                    out.extend_from_slice(&hidden[start..start + d_model]);
+                }
+            }
+        }
+    }
 }
 
 /// How a layer call is routed.
@@ -45,6 +83,34 @@ pub struct Routed {
     /// Experts with at least one kept assignment, ascending.
     pub groups: Vec<ExpertAssignments>,
     pub stats: RouterStats,
+    /// Soft MoE's combine weights `[tokens, experts * slots]`.
+    pub soft_combine: Option<Vec<f32>>,
+}
+
+impl Routed {
+    /// Adds `rows`, the expert outputs of `group`'s rows `range`, into `output` (`[tokens, d_model]`).
+    pub fn combine_rows(
+        &self,
+        group: &ExpertAssignments,
+        range: Range<usize>,
+        rows: &[f32],
+        d_model: usize,
+        output: &mut [f32],
+    ) {
+        let (Some(slots), Some(combine)) = (&group.slots, &self.soft_combine) else {
+            accumulate(output, d_model, &group.tokens[range.clone()], &group.weights[range], rows);
+            return;
+        };
+        let columns = combine.len() / self.routing.tokens;
+        for (token, out) in output.chunks_exact_mut(d_model).enumerate() {
+            let weights = &combine[token * columns + slots.first_slot + range.start..];
+            for (weight, row) in weights.iter().zip(rows.chunks_exact(d_model)) {
+                for (value, expert_value) in out.iter_mut().zip(row) {
+                    *value += weight * expert_value;
+                }
+            }
+        }
+    }
 }
 
 /// Routing facts of one call, as callers and reports see them.
@@ -113,7 +179,14 @@ pub fn config_for_call(model: &ModelSpec, overrides: &RoutingOverrides) -> Routi
 }
 
 /// Runs the gate and the policy. Split from [`assign`] so callers can time them apart.
+/// For Soft MoE the logits are the slot logits `[tokens, experts * slots]`.
 pub fn gate_and_route(gate: &Gate, hidden: &[f32], config: RoutingConfig) -> (Vec<f32>, Routing) {
+    if let RoutingPolicy::SoftMoe { slots } = config.policy {
+        let logits = gate.slot_logits(hidden, slots);
+        let tokens = hidden.len() / gate.d_model();
+        let combine = soft::weights(&logits, tokens).combine;
+        return (logits, soft::routing(&combine, tokens, gate.experts()));
+    }
     let logits = gate.logits(hidden);
     let noise_logits = match config.policy {
         RoutingPolicy::NoisyTopK { .. } => gate.noise_logits(hidden),
@@ -124,9 +197,12 @@ pub fn gate_and_route(gate: &Gate, hidden: &[f32], config: RoutingConfig) -> (Ve
     (logits, routing)
 }
 
-/// Applies capacity (or lets experts choose) and groups the kept assignments by expert.
-pub fn assign(logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> Routed {
+/// Applies capacity (or lets experts choose, or mixes slots) and groups the work by expert.
+pub fn assign(hidden: &[f32], logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> Routed {
     let (tokens, experts) = (routing.tokens, routing.experts);
+    if let RoutingPolicy::SoftMoe { slots } = config.policy {
+        return assign_soft(hidden, logits, routing, slots);
+    }
     let capacity = match config.policy {
         RoutingPolicy::ExpertChoice => {
             expert_choice(&routing, expert_capacity(tokens, 1, experts, config.capacity_factor))
@@ -140,7 +216,12 @@ pub fn assign(logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> Rout
     let mut groups: Vec<ExpertAssignments> = (0..experts as u32)
         .map(|expert| {
             let kept = capacity.tokens_per_expert[expert as usize] as usize;
-            ExpertAssignments { expert, tokens: Vec::with_capacity(kept), weights: Vec::with_capacity(kept) }
+            ExpertAssignments {
+                expert,
+                tokens: Vec::with_capacity(kept),
+                weights: Vec::with_capacity(kept),
+                slots: None,
+            }
         })
         .collect();
     let mut kept = capacity.kept.clone();
@@ -152,7 +233,28 @@ pub fn assign(logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> Rout
     }
     groups.retain(|group| !group.tokens.is_empty());
     let stats = router_stats(&logits, &routing, &capacity);
-    Routed { logits, routing, capacity, groups, stats }
+    Routed { logits, routing, capacity, groups, stats, soft_combine: None }
+}
+
+fn assign_soft(hidden: &[f32], logits: Vec<f32>, routing: Routing, slots: usize) -> Routed {
+    let (tokens, experts) = (routing.tokens, routing.experts);
+    let d_model = hidden.len() / tokens;
+    let weights = soft::weights(&logits, tokens);
+    let inputs = soft::slot_inputs(&weights.dispatch, hidden, d_model);
+    let groups = inputs
+        .chunks_exact(slots * d_model)
+        .enumerate()
+        .map(|(expert, expert_inputs)| ExpertAssignments {
+            expert: expert as u32,
+            tokens: Vec::new(),
+            weights: Vec::new(),
+            slots: Some(SlotRows { first_slot: expert * slots, inputs: expert_inputs.to_vec() }),
+        })
+        .collect();
+    let capacity =
+        CapacityOutcome { capacity: slots, tokens_per_expert: vec![slots as u32; experts], ..Default::default() };
+    let stats = router_stats(&logits, &routing, &capacity);
+    Routed { logits, routing, capacity, groups, stats, soft_combine: Some(weights.combine) }
 }
 
 #[cfg(test)]
@@ -170,7 +272,7 @@ mod tests {
             capacity_factor: 1.0,
         };
         let (logits, routing) = gate_and_route(&gate, &hidden, config);
-        let routed = assign(logits, routing, config);
+        let routed = assign(&hidden, logits, routing, config);
         assert_eq!(routed.capacity.capacity, 2, "ceil(1 * 3 / 2 * 1.0)");
         assert_eq!(routed.groups.len(), 2);
         assert_eq!((routed.groups[0].expert, routed.groups[0].tokens.clone()), (0, vec![0, 2]));

@@ -44,8 +44,9 @@ pub fn router_stats(logits: &[f32], routing: &Routing, capacity: &CapacityOutcom
     }
     let switch_aux_loss =
         SWITCH_AUX_ALPHA * experts as f32 * first_choice.iter().zip(&mean_probability).map(|(f, p)| f * p).sum::<f32>();
+    // Soft MoE's logits are per slot: a row is whatever one token has.
     let z_loss = logits
-        .chunks_exact(experts)
+        .chunks_exact(logits.len() / tokens)
         .map(|row| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let logsumexp = max + row.iter().map(|logit| (logit - max).exp()).sum::<f32>().ln();

@@ -35,7 +35,8 @@ pub struct LoadArgs {
     #[arg(long = "call-capacity-factor", env = "SWITCHYARD_LOAD_CAPACITY_FACTOR")]
     pub call_capacity_factor: Option<f32>,
     /// Routing policy: top-k (softmax, top-k, renormalised: Mixtral), top-k-softmax (no
-    /// renormalisation: Qwen2-MoE, GShard), noisy-top-k, dense, expert-choice, group-limited (DeepSeek-V3).
+    /// renormalisation: Qwen2-MoE, GShard), noisy-top-k, dense, expert-choice, group-limited (DeepSeek-V3),
+    /// soft-moe.
     #[arg(long, env = "SWITCHYARD_POLICY", default_value = "top-k", value_parser = parse_policy_name)]
     pub policy: PolicyName,
     /// Experts per token for the token-choice policies (default: the model's top-k).
@@ -53,6 +54,9 @@ pub struct LoadArgs {
     pub expert_groups: usize,
     #[arg(long, env = "SWITCHYARD_TOP_GROUPS", default_value_t = 2)]
     pub top_groups: usize,
+    /// soft-moe: slots per expert.
+    #[arg(long, env = "SWITCHYARD_SOFT_SLOTS", default_value_t = 1)]
+    pub slots: usize,
     /// group-limited: routed_scaling_factor.
     #[arg(long, env = "SWITCHYARD_ROUTED_SCALING", default_value_t = 1.0)]
     pub routed_scaling: f32,
@@ -89,6 +93,10 @@ impl LoadArgs {
             PolicyName::NoisyTopK => RoutingPolicy::NoisyTopK { k, seed: self.noise_seed },
             PolicyName::Dense => RoutingPolicy::Dense,
             PolicyName::ExpertChoice => RoutingPolicy::ExpertChoice,
+            PolicyName::SoftMoe => {
+                anyhow::ensure!(self.slots > 0, "--slots must be positive");
+                RoutingPolicy::SoftMoe { slots: self.slots }
+            }
             PolicyName::GroupLimited => {
                 let (groups, top_groups) = (self.expert_groups, self.top_groups);
                 anyhow::ensure!(
@@ -124,6 +132,7 @@ pub enum PolicyName {
     Dense,
     ExpertChoice,
     GroupLimited,
+    SoftMoe,
 }
 
 pub fn parse_policy_name(text: &str) -> Result<PolicyName, String> {
@@ -134,9 +143,10 @@ pub fn parse_policy_name(text: &str) -> Result<PolicyName, String> {
         "dense" => PolicyName::Dense,
         "expert-choice" => PolicyName::ExpertChoice,
         "group-limited" => PolicyName::GroupLimited,
+        "soft-moe" => PolicyName::SoftMoe,
         other => {
             return Err(format!(
-                "unknown policy '{other}' (use top-k, top-k-softmax, noisy-top-k, dense, expert-choice or group-limited)"
+                "unknown policy '{other}' (use top-k, top-k-softmax, noisy-top-k, dense, expert-choice, group-limited or soft-moe)"
             ));
         }
     })

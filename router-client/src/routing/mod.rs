@@ -11,9 +11,11 @@
 //! | [`RoutingPolicy::Dense`] | every expert, softmax weights |
 //! | [`RoutingPolicy::ExpertChoice`] | Zhou et al. 2022: each expert takes its top-C tokens by softmax score |
 //! | [`RoutingPolicy::GroupLimited`] | DeepSeek-V3: sigmoid scores, a bias that steers selection only, top groups then top-k |
+//! | [`RoutingPolicy::SoftMoe`] | Puigcerver et al. 2023: experts process slots, each a softmax-over-tokens mix of the inputs; outputs mixed back by a softmax over slots |
 
 mod deepseek;
 mod noisy;
+pub mod soft;
 mod softmax_topk;
 
 pub use deepseek::GroupLimited;
@@ -32,6 +34,8 @@ pub enum RoutingPolicy {
     ExpertChoice,
     /// DeepSeek-V3's group-limited routing.
     GroupLimited(GroupLimited),
+    /// Soft MoE with `slots` slots per expert.
+    SoftMoe { slots: usize },
 }
 
 impl RoutingPolicy {
@@ -41,7 +45,7 @@ impl RoutingPolicy {
             RoutingPolicy::TopK { k, .. } | RoutingPolicy::NoisyTopK { k, .. } => k,
             RoutingPolicy::GroupLimited(group_limited) => group_limited.k,
             RoutingPolicy::Dense => experts,
-            RoutingPolicy::ExpertChoice => 0,
+            RoutingPolicy::ExpertChoice | RoutingPolicy::SoftMoe { .. } => 0,
         }
     }
 
@@ -53,6 +57,7 @@ impl RoutingPolicy {
             RoutingPolicy::Dense => "dense",
             RoutingPolicy::ExpertChoice => "expert choice",
             RoutingPolicy::GroupLimited(_) => "group-limited (DeepSeek-V3)",
+            RoutingPolicy::SoftMoe { .. } => "soft MoE",
         }
     }
 }
@@ -92,11 +97,12 @@ pub struct GateScores<'a> {
 
 /// Applies a token-choice `policy`. Expert choice is not a token choice: it is routed by
 /// [`crate::capacity::expert_choice`], and here behaves as top-1 so callers need no special case.
+/// Soft MoE is routed by [`soft`] from slot logits; here it behaves as dense.
 pub fn route(scores: GateScores<'_>, experts: usize, policy: RoutingPolicy) -> Routing {
     let logits = scores.logits;
     match policy {
         RoutingPolicy::TopK { k, renormalize } => softmax_topk::route(logits, experts, k, renormalize),
-        RoutingPolicy::Dense => softmax_topk::route(logits, experts, experts, false),
+        RoutingPolicy::Dense | RoutingPolicy::SoftMoe { .. } => softmax_topk::route(logits, experts, experts, false),
         RoutingPolicy::ExpertChoice => softmax_topk::route(logits, experts, 1, false),
         RoutingPolicy::NoisyTopK { k, seed } => {
             let zeros;

@@ -1,0 +1,85 @@
+//! Soft MoE (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts").
+//!
+//! With slot logits `L = X · Φᵀ` (`[tokens, experts * slots]`): dispatch weights `D` are a softmax
+//! over tokens (each slot column sums to one), combine weights `C` a softmax over slots (each token
+//! row sums to one). Slot inputs are `X̃ = Dᵀ X`; expert e processes its `slots` rows of `X̃`; the
+//! output is `Y = C · Ỹ`. No token is dropped and every expert gets exactly `slots` rows.
+
+use super::{Routing, softmax_into};
+
+/// Soft MoE's weights for one batch, both `[tokens, experts * slots]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SoftWeights {
+    pub dispatch: Vec<f32>,
+    pub combine: Vec<f32>,
+}
+
+pub fn weights(slot_logits: &[f32], tokens: usize) -> SoftWeights {
+    let columns = slot_logits.len() / tokens;
+    let mut combine = Vec::with_capacity(slot_logits.len());
+    for row in slot_logits.chunks_exact(columns) {
+        softmax_into(row, &mut combine);
+    }
+    let mut dispatch = vec![0.0f32; slot_logits.len()];
+    let mut column = Vec::with_capacity(tokens);
+    let mut normalised = Vec::with_capacity(tokens);
+    for slot in 0..columns {
+        column.clear();
+        column.extend((0..tokens).map(|token| slot_logits[token * columns + slot]));
+        normalised.clear();
+        softmax_into(&column, &mut normalised);
+        for (token, weight) in normalised.iter().enumerate() {
+            dispatch[token * columns + slot] = *weight;
+        }
+    }
+    SoftWeights { dispatch, combine }
+}
+
+/// Slot inputs `X̃ = Dᵀ X`, `[experts * slots, d_model]`.
+pub fn slot_inputs(dispatch: &[f32], hidden: &[f32], d_model: usize) -> Vec<f32> {
+    let tokens = hidden.len() / d_model;
+    let columns = dispatch.len() / tokens;
+    let mut inputs = vec![0.0f32; columns * d_model];
+    for (token, row) in hidden.chunks_exact(d_model).enumerate() {
+        for slot in 0..columns {
+            let weight = dispatch[token * columns + slot];
+            for (out, value) in inputs[slot * d_model..(slot + 1) * d_model].iter_mut().zip(row) {
+                *out += weight * value;
+            }
+        }
+    }
+    inputs
+}
+
+/// The routing record of a soft batch: each token's probability of expert e is the combine mass of
+/// e's slots in its output (for statistics); there are no discrete choices.
+pub fn routing(combine: &[f32], tokens: usize, experts: usize) -> Routing {
+    let slots = combine.len() / tokens / experts;
+    let probabilities = combine.chunks_exact(slots).map(|expert_slots| expert_slots.iter().sum()).collect();
+    Routing { tokens, experts, top_k: 0, choices: Vec::new(), probabilities }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispatch_columns_and_combine_rows_sum_to_one() {
+        let logits = [0.1f32, 2.0, -1.0, 0.5, 0.3, 0.0];
+        let soft = weights(&logits, 3);
+        for slot in 0..2 {
+            let column: f32 = (0..3).map(|token| soft.dispatch[token * 2 + slot]).sum();
+            assert!((column - 1.0).abs() < 1e-6);
+        }
+        for row in soft.combine.chunks_exact(2) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn slot_inputs_are_dispatch_weighted_sums_of_tokens() {
+        // Two tokens, one slot: equal logits give the mean of the tokens.
+        let inputs = slot_inputs(&[0.5, 0.5], &[2.0, 4.0, 6.0, 8.0], 2);
+        assert_eq!(inputs, [4.0, 6.0]);
+    }
+}
