@@ -31,6 +31,8 @@ pub struct ClusterConfig {
     pub min_workers: usize,
     /// Tokens one expert queue admits: the expert capacity of the largest batch clients send.
     pub queue_limit_tokens: u32,
+    /// Tokens a shared expert's queue admits: the largest batch itself (every token goes there).
+    pub shared_queue_limit_tokens: u32,
     /// How long a worker keeps serving an expert after the table moved it elsewhere.
     pub unload_grace: Duration,
 }
@@ -187,7 +189,6 @@ impl<C: WorkerControl> Cluster<C> {
     pub fn status(&self) -> v1::ClusterStatus {
         let state = self.lock();
         let now = Instant::now();
-        let expert_bytes = self.config.model.expert_bytes();
         let workers = state
             .workers
             .values()
@@ -204,7 +205,7 @@ impl<C: WorkerControl> Cluster<C> {
                     endpoint: worker.endpoint.clone(),
                     device: worker.device.clone(),
                     memory_bytes: worker.memory_bytes,
-                    assigned_bytes: experts.len() as u64 * expert_bytes,
+                    assigned_bytes: experts.iter().map(|key| self.config.model.expert_bytes_of(key.expert)).sum(),
                     experts,
                     millis_since_heartbeat: now.duration_since(worker.last_heartbeat).as_millis() as u64,
                     queued_tokens: worker.queued_tokens,
@@ -245,6 +246,7 @@ impl<C: WorkerControl> Cluster<C> {
                 model: Some(spec.clone()),
                 experts: order.experts.iter().map(|expert| placement::key(*expert)).collect(),
                 queue_limit_tokens: self.config.queue_limit_tokens,
+                shared_queue_limit_tokens: self.config.shared_queue_limit_tokens,
             };
             self.control.load(&order.endpoint, request)
         });
@@ -288,7 +290,8 @@ impl<C: WorkerControl> Cluster<C> {
             })
             .collect();
         let experts: Vec<ExpertOrd> = self.config.model.expert_keys().map(|key| placement::ord(&key)).collect();
-        let plan = placement::plan(&experts, self.config.model.expert_bytes(), &slots, &state.placement);
+        let model = &self.config.model;
+        let plan = placement::plan(&experts, &|expert| model.expert_bytes_of(expert.1), &slots, &state.placement);
         if plan.unplaced.len() != state.unplaced {
             state.unplaced = plan.unplaced.len();
             match (plan.unplaced.len(), slots.len()) {
@@ -450,6 +453,7 @@ mod tests {
             heartbeat_timeout: Duration::from_millis(200),
             min_workers,
             queue_limit_tokens: 64,
+            shared_queue_limit_tokens: 256,
             unload_grace: Duration::ZERO,
         }
     }

@@ -75,6 +75,7 @@ impl TryFrom<&Args> for ClusterConfig {
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
             min_workers: args.min_workers.max(1),
             queue_limit_tokens: capacity.clamp(1, u32::MAX as usize) as u32,
+            shared_queue_limit_tokens: args.max_batch_tokens.clamp(1, u32::MAX as usize) as u32,
             unload_grace: Duration::from_millis(args.unload_grace_ms),
         })
     }

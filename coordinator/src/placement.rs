@@ -2,8 +2,8 @@
 //! workers (with their memory) and the current placement, so every policy decision is unit-tested.
 //!
 //! Policy: keep every expert where it is while its worker lives (moving an expert costs a load);
-//! place each unplaced expert on the worker it is already resident on (a worker rejoining after a
-//! coordinator restart), else on the worker that would be least full; then move experts from the
+//! place each unplaced expert, largest first, on the worker it is already resident on (a worker
+//! rejoining after a coordinator restart), else on the worker that would be least full; then move experts from the
 //! fullest worker to the emptiest while that lowers the fullest one (a worker that joined later).
 //! "Full" is assigned bytes over offered memory, so equal workers get equal counts and a worker
 //! with twice the memory gets twice the experts. No worker is ever given more than its memory.
@@ -67,7 +67,13 @@ impl Load {
     }
 }
 
-pub fn plan(experts: &[ExpertOrd], expert_bytes: u64, workers: &[WorkerSlot], current: &Placement) -> Plan {
+/// `bytes_of` gives each expert's size (shared experts may differ from routed ones).
+pub fn plan(
+    experts: &[ExpertOrd],
+    bytes_of: &dyn Fn(ExpertOrd) -> u64,
+    workers: &[WorkerSlot],
+    current: &Placement,
+) -> Plan {
     let mut loads: BTreeMap<WorkerId, Load> =
         workers.iter().map(|worker| (worker.id.clone(), Load { bytes: 0, memory: worker.memory_bytes })).collect();
     let mut placement = Placement::new();
@@ -75,14 +81,18 @@ pub fn plan(experts: &[ExpertOrd], expert_bytes: u64, workers: &[WorkerSlot], cu
         if let Some(owner) = current.get(expert)
             && let Some(load) = loads.get_mut(owner)
         {
-            load.bytes += expert_bytes;
+            load.bytes += bytes_of(*expert);
             placement.insert(*expert, owner.clone());
         }
     }
 
     let mut unplaced = Vec::new();
-    let homeless: Vec<ExpertOrd> = experts.iter().filter(|expert| !placement.contains_key(expert)).copied().collect();
+    let mut homeless: Vec<ExpertOrd> =
+        experts.iter().filter(|expert| !placement.contains_key(expert)).copied().collect();
+    // Largest first (LPT): a big shared expert placed last would land on an already loaded worker.
+    homeless.sort_by_key(|expert| std::cmp::Reverse(bytes_of(*expert)));
     for expert in &homeless {
+        let expert_bytes = bytes_of(*expert);
         let least_full = loads
             .iter()
             .filter(|(_, load)| load.fits(expert_bytes))
@@ -107,12 +117,12 @@ pub fn plan(experts: &[ExpertOrd], expert_bytes: u64, workers: &[WorkerSlot], cu
         placement.insert(*expert, owner);
     }
 
-    rebalance(&mut placement, &mut loads, expert_bytes);
+    rebalance(&mut placement, &mut loads, bytes_of);
     Plan { placement, unplaced }
 }
 
 /// Moves experts from the fullest to the emptiest worker while that lowers the fullest one.
-fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, expert_bytes: u64) {
+fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, bytes_of: &dyn Fn(ExpertOrd) -> u64) {
     loop {
         let fullest =
             loads.iter().max_by(|(_, a), (_, b)| a.fill_with(0).total_cmp(&b.fill_with(0))).map(|(id, _)| id.clone());
@@ -124,16 +134,17 @@ fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, ex
         if fullest == emptiest {
             return;
         }
+        // The fullest worker's highest expert whose move helps: deterministic, keeps low experts stable.
         let (from, to) = (&loads[&fullest], &loads[&emptiest]);
-        let improves = to.fits(expert_bytes) && to.fill_with(expert_bytes) < from.fill_with(0);
-        if !improves {
-            return;
-        }
-        // Move the fullest worker's highest expert: deterministic, and keeps low experts stable.
-        let Some(expert) = placement.iter().rev().find(|(_, owner)| **owner == fullest).map(|(expert, _)| *expert)
-        else {
+        let movable =
+            placement.iter().rev().filter(|(_, owner)| **owner == fullest).map(|(expert, _)| *expert).find(|expert| {
+                let expert_bytes = bytes_of(*expert);
+                to.fits(expert_bytes) && to.fill_with(expert_bytes) < from.fill_with(0)
+            });
+        let Some(expert) = movable else {
             return;
         };
+        let expert_bytes = bytes_of(expert);
         placement.insert(expert, emptiest.clone());
         if let Some(load) = loads.get_mut(&fullest) {
             load.bytes -= expert_bytes;
@@ -166,35 +177,46 @@ mod tests {
 
     #[test]
     fn equal_workers_get_equal_counts() {
-        let plan = plan(&experts(8), 10, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
+        let plan = plan(&experts(8), &|_| 10, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
         assert_eq!(counts(&plan), BTreeMap::from([("a".into(), 4), ("b".into(), 4)]));
         assert!(plan.unplaced.is_empty());
     }
 
     #[test]
     fn memory_weights_the_share_and_is_never_exceeded() {
-        let plan = plan(&experts(9), 10, &[worker("big", 60), worker("small", 30)], &Placement::new());
+        let plan = plan(&experts(9), &|_| 10, &[worker("big", 60), worker("small", 30)], &Placement::new());
         assert_eq!(counts(&plan), BTreeMap::from([("big".into(), 6), ("small".into(), 3)]));
-        let crowded = super::plan(&experts(5), 10, &[worker("a", 20), worker("b", 20)], &Placement::new());
+        let crowded = super::plan(&experts(5), &|_| 10, &[worker("a", 20), worker("b", 20)], &Placement::new());
         assert_eq!(crowded.placement.len(), 4);
         assert_eq!(crowded.unplaced, vec![(0, 4)]);
     }
 
     #[test]
     fn a_dead_workers_experts_move_to_the_survivor_and_the_rest_stay() {
-        let both = plan(&experts(8), 10, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
-        let survivor = plan(&experts(8), 10, &[worker("a", 1000)], &both.placement);
+        let both = plan(&experts(8), &|_| 10, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
+        let survivor = plan(&experts(8), &|_| 10, &[worker("a", 1000)], &both.placement);
         assert!(survivor.placement.values().all(|owner| owner.0 == "a"));
         assert_eq!(survivor.placement.len(), 8);
     }
 
     #[test]
     fn a_late_joiner_takes_half_and_nothing_else_moves() {
-        let alone = plan(&experts(8), 10, &[worker("a", 1000)], &Placement::new());
-        let joined = plan(&experts(8), 10, &[worker("a", 1000), worker("b", 1000)], &alone.placement);
+        let alone = plan(&experts(8), &|_| 10, &[worker("a", 1000)], &Placement::new());
+        let joined = plan(&experts(8), &|_| 10, &[worker("a", 1000), worker("b", 1000)], &alone.placement);
         assert_eq!(counts(&joined), BTreeMap::from([("a".into(), 4), ("b".into(), 4)]));
-        let again = plan(&experts(8), 10, &[worker("a", 1000), worker("b", 1000)], &joined.placement);
+        let again = plan(&experts(8), &|_| 10, &[worker("a", 1000), worker("b", 1000)], &joined.placement);
         assert_eq!(again, joined, "a balanced placement is stable");
+    }
+
+    #[test]
+    fn a_large_shared_expert_counts_by_its_bytes() {
+        // Expert 4 is a shared expert four times the size of the others.
+        let bytes_of = |expert: ExpertOrd| if expert.1 == 4 { 40 } else { 10 };
+        let plan = plan(&experts(5), &bytes_of, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
+        let bytes = |name: &str| {
+            plan.placement.iter().filter(|(_, owner)| owner.0 == name).map(|(e, _)| bytes_of(*e)).sum::<u64>()
+        };
+        assert_eq!((bytes("a"), bytes("b")), (40, 40), "the big expert alone balances four small ones");
     }
 
     #[test]
@@ -203,7 +225,7 @@ mod tests {
         let mut b = worker("b", 1000);
         a.resident = [(0, 1), (0, 3)].into();
         b.resident = [(0, 0), (0, 2)].into();
-        let plan = plan(&experts(4), 10, &[a, b], &Placement::new());
+        let plan = plan(&experts(4), &|_| 10, &[a, b], &Placement::new());
         let owners: Vec<_> = plan.placement.values().map(|owner| owner.0.as_str()).collect();
         assert_eq!(owners, ["b", "a", "b", "a"]);
     }

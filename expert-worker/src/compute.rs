@@ -36,8 +36,8 @@ pub fn spawn(scheduler: Arc<Scheduler>, device: Device, metrics: WorkerMetrics) 
         loop {
             match scheduler.next_work() {
                 Work::Batch(batch) => run_batch(&experts, batch, device, &metrics),
-                Work::Command(Command::Install { experts: loaded, limit_tokens, done }) => {
-                    for (key, expert) in loaded {
+                Work::Command(Command::Install { experts: loaded, done }) => {
+                    for (key, expert, limit_tokens) in loaded {
                         let d_model = expert_width(&expert);
                         experts.insert(key, expert);
                         scheduler.open_queue(key, d_model, limit_tokens);

@@ -101,8 +101,8 @@ impl Batch {
 /// Work that changes which experts are resident; runs on the compute thread, in order with batches.
 #[derive(Debug)]
 pub enum Command {
-    /// Make these experts resident and open their queues.
-    Install { experts: Vec<(ExpertKey, Expert)>, limit_tokens: usize, done: oneshot::Sender<()> },
+    /// Make these experts resident and open their queues, each with its token limit.
+    Install { experts: Vec<(ExpertKey, Expert, usize)>, done: oneshot::Sender<()> },
     /// Close these queues, serve what they hold, then free the experts.
     Remove { experts: Vec<ExpertKey>, done: oneshot::Sender<Vec<ExpertKey>> },
 }

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use crate::compute::micros;
 use crate::error::WorkerError;
 use crate::request::ForwardBatch;
-use crate::worker::{ExpertWorker, ForwardOutcome};
+use crate::worker::{ExpertWorker, ForwardOutcome, QueueLimits};
 
 /// Metadata key carrying the client's request id across the hop, for tracing.
 pub const REQUEST_ID_METADATA: &str = "x-request-id";
@@ -141,7 +141,9 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
     ) -> Result<Response<v1::LoadExpertsResponse>, Status> {
         let request = request.into_inner();
         let spec = ModelSpec::try_from(request.model).map_err(|error| Status::invalid_argument(error.to_string()))?;
-        let limit = (request.queue_limit_tokens > 0).then_some(request.queue_limit_tokens as usize);
+        let limit = |tokens: u32| (tokens > 0).then_some(tokens as usize);
+        let limit =
+            QueueLimits { routed: limit(request.queue_limit_tokens), shared: limit(request.shared_queue_limit_tokens) };
         let span = tracing::info_span!("load_experts", worker = %self.name, experts = request.experts.len());
         let loaded = self.worker.load_experts(spec, request.experts, limit).instrument(span).await?;
         Ok(Response::new(v1::LoadExpertsResponse { loaded, resident_bytes: self.worker.resident_bytes() }))

@@ -28,6 +28,14 @@ pub struct WorkerOptions {
     pub default_queue_limit_tokens: usize,
 }
 
+/// Queue limits of a load: routed experts take `routed`, shared experts `shared` (falling back to
+/// `routed`); `None` keeps the worker's default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueLimits {
+    pub routed: Option<usize>,
+    pub shared: Option<usize>,
+}
+
 /// One expert's answer to one request.
 #[derive(Debug)]
 pub struct ExpertRowsOut {
@@ -120,13 +128,13 @@ impl ExpertWorker {
     }
 
     /// Makes `experts` of `spec` resident (building missing ones off the async runtime) and opens
-    /// their queues with `queue_limit_tokens` (or the worker's default). Already resident experts of
-    /// the same spec only get their limit updated.
+    /// their queues with `limits` (or the worker's default). Already resident experts of the same
+    /// spec only get their limit updated.
     pub async fn load_experts(
         &self,
         spec: ModelSpec,
         experts: Vec<ExpertKey>,
-        queue_limit_tokens: Option<usize>,
+        limits: QueueLimits,
     ) -> Result<Vec<ExpertKey>, WorkerError> {
         if let Some(outside) = experts.iter().find(|key| !spec.contains(key)) {
             return Err(WorkerError::invalid(
@@ -134,7 +142,11 @@ impl ExpertWorker {
                 format!("{outside} is outside the model ({} layers x {} experts)", spec.layers, spec.experts_per_layer),
             ));
         }
-        let limit_tokens = queue_limit_tokens.unwrap_or(self.options.default_queue_limit_tokens);
+        let default_limit = self.options.default_queue_limit_tokens;
+        let limit_of = |key: &ExpertKey| {
+            let shared = if spec.is_shared(key.expert) { limits.shared } else { None };
+            shared.or(limits.routed).unwrap_or(default_limit)
+        };
         let to_build: Vec<ExpertKey> = {
             let resident = self.resident();
             experts.iter().filter(|key| resident.get(key) != Some(&spec)).copied().collect()
@@ -151,21 +163,20 @@ impl ExpertWorker {
         .await
         .map_err(|error| WorkerError::Load { expert: experts[0], reason: error.to_string() })?;
         let built_keys: Vec<ExpertKey> = built.iter().map(|(key, _)| *key).collect();
-        // Experts already resident keep serving; they only get their (possibly new) limit.
-        let unchanged: Vec<(ExpertKey, usize)> =
-            experts.iter().filter(|key| !built_keys.contains(key)).map(|key| (*key, spec.d_model as usize)).collect();
+        let built = built.into_iter().map(|(key, expert)| (key, expert, limit_of(&key))).collect();
         let (done, installed) = oneshot::channel();
-        self.scheduler.submit(Command::Install { experts: built, limit_tokens, done });
+        self.scheduler.submit(Command::Install { experts: built, done });
         installed.await.map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))?;
-        for (key, d_model) in unchanged {
-            self.scheduler.open_queue(key, d_model, limit_tokens);
+        // Experts already resident keep serving; they only get their (possibly new) limit.
+        for key in experts.iter().filter(|key| !built_keys.contains(key)) {
+            self.scheduler.open_queue(*key, spec.d_model as usize, limit_of(key));
         }
         let mut resident = self.resident();
         for key in &experts {
             resident.insert(*key, spec.clone());
         }
         self.metrics.resident_experts.set(resident.len() as i64);
-        tracing::info!(built = built_keys.len(), experts = experts.len(), limit_tokens, "experts loaded");
+        tracing::info!(built = built_keys.len(), experts = experts.len(), ?limits, "experts loaded");
         Ok(experts)
     }
 
@@ -189,7 +200,7 @@ impl ExpertWorker {
     }
 
     pub fn resident_bytes(&self) -> u64 {
-        self.resident().values().map(ModelSpec::expert_bytes).sum()
+        self.resident().iter().map(|(key, spec)| spec.expert_bytes_of(key.expert)).sum()
     }
 
     pub fn queues(&self) -> Vec<QueueSnapshot> {

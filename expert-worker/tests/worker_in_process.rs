@@ -5,6 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use switchyard_expert_worker::request::{ExpertRowsIn, ForwardBatch};
 use switchyard_expert_worker::scheduler::BatchingConfig;
+use switchyard_expert_worker::worker::QueueLimits;
 use switchyard_expert_worker::{Args, ExpertWorker, WorkerError, WorkerOptions};
 use switchyard_experts::Expert;
 use switchyard_model::ModelSpec;
@@ -38,7 +39,10 @@ async fn started(batch_wait: Duration, limit: usize) -> std::sync::Arc<ExpertWor
         default_queue_limit_tokens: limit,
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
-    worker.load_experts(tiny_model(), (0..4).map(|e| ExpertKey::new(0, e)).collect(), None).await.expect("load");
+    worker
+        .load_experts(tiny_model(), (0..4).map(|e| ExpertKey::new(0, e)).collect(), QueueLimits::default())
+        .await
+        .expect("load");
     worker
 }
 
@@ -130,7 +134,12 @@ async fn grpc_worker(limit: u32) -> (ExpertWorkerClient<tonic::transport::Channe
     let channel = switchyard_common::transport::channel(&format!("http://{address}")).expect("channel");
     let mut client = ExpertWorkerClient::new(channel);
     let experts = (0..4).map(|e| ExpertKey::new(0, e)).collect();
-    let load = v1::LoadExpertsRequest { model: Some(tiny_model().to_proto()), experts, queue_limit_tokens: limit };
+    let load = v1::LoadExpertsRequest {
+        model: Some(tiny_model().to_proto()),
+        experts,
+        queue_limit_tokens: limit,
+        shared_queue_limit_tokens: 0,
+    };
     let mut attempts = 0;
     while let Err(status) = client.load_experts(load.clone()).await {
         attempts += 1;

@@ -25,7 +25,7 @@ pub struct Expert {
 impl Expert {
     /// Builds expert `(layer, expert)` of `spec` from its seed, on `device`.
     pub fn synthetic(spec: &ModelSpec, layer: u32, expert: u32, device: Device) -> Self {
-        let (d_model, d_ff) = (spec.d_model as usize, spec.d_ff as usize);
+        let (d_model, d_ff) = (spec.d_model as usize, spec.d_ff_of(expert) as usize);
         let build = |role, rows, cols| {
             let values = synthetic::matrix(spec.seed, layer, expert, role, rows, cols);
             Tensor::from_slice(&values).view([rows as i64, cols as i64]).to_device(device)

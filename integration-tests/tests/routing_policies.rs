@@ -91,3 +91,45 @@ async fn every_policy_matches_the_reference_where_capacity_overflows() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_gated_shared_expert_takes_every_token_and_adds_its_output() {
+    let model = switchyard_model::ModelSpec {
+        shared_experts: 1,
+        shared_d_ff: 384,
+        shared_expert_gate: true,
+        ..small_model(2.0)
+    };
+    let cluster = TestCluster::start(model.clone(), 2, |_| {}).await;
+    let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+    let hidden = hidden_states(32, 256, 23);
+    let distributed = cluster.client.forward(0, &hidden).await.expect("distributed forward");
+    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).expect("reference");
+    let error = relative_frobenius_error(&distributed.hidden, &expected.hidden);
+    assert!(error < 1e-5, "relative Frobenius error {error:e}");
+    assert_eq!(
+        distributed.bytes.payload_sent,
+        (32 * 2 + 32) * 256 * 4,
+        "routed rows plus every token for the shared expert"
+    );
+
+    // Independently: the output less the routed-only output is sigmoid(x · w_gate) · shared(x).
+    let routed_only =
+        switchyard_model::ModelSpec { shared_experts: 0, shared_d_ff: 0, shared_expert_gate: false, ..model.clone() };
+    let without = ReferenceLayer::synthetic(&routed_only, &[0], tch::Device::Cpu)
+        .forward(0, &hidden, &RoutingOverrides::default())
+        .expect("routed-only reference");
+    let shared = switchyard_experts::Expert::synthetic(&model, 0, 8, tch::Device::Cpu).forward_f32(&hidden);
+    let gate = switchyard_model::synthetic::shared_gate_weights(model.seed, 0, 1, 256);
+    let mut contribution = vec![0.0f32; hidden.len()];
+    for (token, (x, out)) in hidden.chunks_exact(256).zip(shared.chunks_exact(256)).enumerate() {
+        let logit: f32 = x.iter().zip(&gate).map(|(a, b)| a * b).sum();
+        let weight = 1.0 / (1.0 + (-logit).exp());
+        for (c, o) in contribution[token * 256..(token + 1) * 256].iter_mut().zip(out) {
+            *c = weight * o;
+        }
+    }
+    let difference: Vec<f32> = distributed.hidden.iter().zip(&without.hidden).map(|(a, b)| a - b).collect();
+    let error = relative_frobenius_error(&difference, &contribution);
+    assert!(error < 1e-4, "shared contribution: relative error {error:e}");
+}

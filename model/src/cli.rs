@@ -32,6 +32,15 @@ pub struct ModelArgs {
     /// Capacity factor clients apply by default.
     #[arg(long, env = "SWITCHYARD_CAPACITY_FACTOR", default_value_t = 1.25)]
     pub capacity_factor: f32,
+    /// Always-on shared experts per layer (Qwen2-MoE, DeepSeek).
+    #[arg(long, env = "SWITCHYARD_SHARED_EXPERTS", default_value_t = 0)]
+    pub shared_experts: u32,
+    /// Inner size of each shared expert (default: d_ff).
+    #[arg(long, env = "SWITCHYARD_SHARED_D_FF")]
+    pub shared_d_ff: Option<u32>,
+    /// Scale shared experts by sigmoid(x · w_gate), as Qwen2-MoE's shared_expert_gate does.
+    #[arg(long, env = "SWITCHYARD_SHARED_EXPERT_GATE")]
+    pub shared_expert_gate: bool,
 }
 
 impl ModelArgs {
@@ -46,6 +55,9 @@ impl ModelArgs {
             seed: self.seed,
             top_k: self.top_k,
             capacity_factor: self.capacity_factor,
+            shared_experts: self.shared_experts,
+            shared_d_ff: if self.shared_experts > 0 { self.shared_d_ff.unwrap_or(self.d_ff) } else { 0 },
+            shared_expert_gate: self.shared_expert_gate,
         }
         .to_proto()
         .try_into()
@@ -64,9 +76,12 @@ pub fn flags_for(spec: &ModelSpec) -> Vec<String> {
         ("--seed", spec.seed.to_string()),
         ("--top-k", spec.top_k.to_string()),
         ("--capacity-factor", spec.capacity_factor.to_string()),
+        ("--shared-experts", spec.shared_experts.to_string()),
     ]
     .into_iter()
+    .chain((spec.shared_experts > 0).then(|| ("--shared-d-ff", spec.shared_d_ff.to_string())))
     .flat_map(|(flag, value)| [flag.to_owned(), value])
+    .chain(spec.shared_expert_gate.then(|| "--shared-expert-gate".to_owned()))
     .collect()
 }
 

@@ -52,6 +52,11 @@ pub struct ModelSpec {
     pub seed: u64,
     pub top_k: u32,
     pub capacity_factor: f32,
+    /// Always-on experts per layer, keyed `experts_per_layer + i`.
+    pub shared_experts: u32,
+    pub shared_d_ff: u32,
+    /// Scale shared experts by a sigmoid gate (Qwen2-MoE).
+    pub shared_expert_gate: bool,
 }
 
 /// A model spec field that cannot be served; the message names the field.
@@ -80,7 +85,25 @@ impl ModelSpec {
             seed: 0,
             top_k: 2,
             capacity_factor: 1.25,
+            shared_experts: 0,
+            shared_d_ff: 0,
+            shared_expert_gate: false,
         }
+    }
+
+    /// True for the keys of shared (always-on) experts.
+    pub fn is_shared(&self, expert: u32) -> bool {
+        expert >= self.experts_per_layer
+    }
+
+    /// Inner size of expert `expert` (routed or shared).
+    pub fn d_ff_of(&self, expert: u32) -> u32 {
+        if self.is_shared(expert) { self.shared_d_ff } else { self.d_ff }
+    }
+
+    /// Bytes of expert `expert`'s weights in f32.
+    pub fn expert_bytes_of(&self, expert: u32) -> u64 {
+        self.activation.matrices() as u64 * u64::from(self.d_model) * u64::from(self.d_ff_of(expert)) * 4
     }
 
     /// Bytes one expert's weights take in f32.
@@ -98,14 +121,14 @@ impl ModelSpec {
         expert_capacity(tokens, self.top_k as usize, self.experts_per_layer as usize, self.capacity_factor)
     }
 
-    /// Every `(layer, expert)` of the model, layer-major.
+    /// Every `(layer, expert)` of the model, routed then shared, layer-major.
     pub fn expert_keys(&self) -> impl Iterator<Item = v1::ExpertKey> + '_ {
-        (0..self.layers)
-            .flat_map(move |layer| (0..self.experts_per_layer).map(move |expert| v1::ExpertKey::new(layer, expert)))
+        let per_layer = self.experts_per_layer + self.shared_experts;
+        (0..self.layers).flat_map(move |layer| (0..per_layer).map(move |expert| v1::ExpertKey::new(layer, expert)))
     }
 
     pub fn contains(&self, key: &v1::ExpertKey) -> bool {
-        key.layer < self.layers && key.expert < self.experts_per_layer
+        key.layer < self.layers && key.expert < self.experts_per_layer + self.shared_experts
     }
 
     pub fn to_proto(&self) -> v1::ModelSpec {
@@ -122,6 +145,9 @@ impl ModelSpec {
             seed: self.seed,
             top_k: self.top_k,
             capacity_factor: self.capacity_factor,
+            shared_experts: self.shared_experts,
+            shared_d_ff: self.shared_d_ff,
+            shared_expert_gate: self.shared_expert_gate,
         }
     }
 
@@ -140,6 +166,9 @@ impl ModelSpec {
         }
         if self.capacity_factor.is_nan() || self.capacity_factor <= 0.0 {
             return Err(SpecError::NotPositive { field: "capacity_factor", value: f64::from(self.capacity_factor) });
+        }
+        if self.shared_experts > 0 && self.shared_d_ff == 0 {
+            return Err(SpecError::NotPositive { field: "shared_d_ff", value: 0.0 });
         }
         if self.top_k > self.experts_per_layer {
             return Err(SpecError::TopKTooLarge { top_k: self.top_k, experts: self.experts_per_layer });
@@ -174,6 +203,9 @@ impl TryFrom<v1::ModelSpec> for ModelSpec {
             seed: wire.seed,
             top_k: wire.top_k,
             capacity_factor: wire.capacity_factor,
+            shared_experts: wire.shared_experts,
+            shared_d_ff: wire.shared_d_ff,
+            shared_expert_gate: wire.shared_expert_gate,
         }
         .validate()
     }
@@ -234,5 +266,11 @@ mod tests {
         let keys: Vec<_> = spec.expert_keys().map(|k| (k.layer, k.expert)).collect();
         assert_eq!(keys, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);
         assert!(!spec.contains(&v1::ExpertKey::new(0, 3)));
+        let shared = ModelSpec { shared_experts: 1, shared_d_ff: 16, ..spec };
+        assert_eq!(shared.expert_keys().count(), 8);
+        assert!(shared.contains(&v1::ExpertKey::new(1, 3)) && shared.is_shared(3) && !shared.is_shared(2));
+        assert_eq!(shared.expert_bytes_of(3), 3 * 4 * 16 * 4);
+        let missing_size = ModelSpec { shared_d_ff: 0, ..shared };
+        assert!(ModelSpec::try_from(missing_size.to_proto()).unwrap_err().to_string().contains("shared_d_ff"));
     }
 }

@@ -22,6 +22,8 @@ pub enum WeightRole {
     GateBias,
     /// Soft MoE's slot parameters `Φ [experts * slots, d_model]`.
     SoftSlots,
+    /// Shared experts' gates `[shared_experts, d_model]` (Qwen2-MoE's `shared_expert_gate`).
+    SharedGate,
 }
 
 impl WeightRole {
@@ -34,6 +36,7 @@ impl WeightRole {
             WeightRole::GateNoise => 0x6e6f_6973,
             WeightRole::GateBias => 0x6269_6173,
             WeightRole::SoftSlots => 0x736c_6f74,
+            WeightRole::SharedGate => 0x7368_6172,
         }
     }
 }
@@ -87,6 +90,11 @@ pub fn gate_noise_weights(seed: u64, layer: u32, experts: u32, d_model: u32) -> 
 /// Soft MoE's slot parameters `Φ [experts * slots, d_model]` of one layer.
 pub fn soft_slot_weights(seed: u64, layer: u32, experts: u32, slots: u32, d_model: u32) -> Vec<f32> {
     matrix(seed, layer, u32::MAX, WeightRole::SoftSlots, (experts * slots) as usize, d_model as usize)
+}
+
+/// The shared experts' gate weights `[shared_experts, d_model]` of one layer.
+pub fn shared_gate_weights(seed: u64, layer: u32, shared_experts: u32, d_model: u32) -> Vec<f32> {
+    matrix(seed, layer, u32::MAX, WeightRole::SharedGate, shared_experts as usize, d_model as usize)
 }
 
 /// A small score-correction bias `[experts]` in [-0.05, 0.05), as a trained DeepSeek-V3 router has.

@@ -140,11 +140,12 @@ impl MoeClient {
         let mut timing = TimeBreakdown::default();
 
         let phase = Instant::now();
-        let (logits, routing) = gate_and_route(&self.gate(&table, layer), hidden, config);
+        let gate = self.gate(&table, layer);
+        let (logits, routing) = gate_and_route(&gate, hidden, config);
         timing.gate = phase.elapsed();
 
         let phase = Instant::now();
-        let routed = assign(hidden, logits, routing, config);
+        let routed = assign(&gate, hidden, logits, routing, config);
         let workers = by_worker(layer, &routed.groups, &table)?;
         timing.plan = phase.elapsed();
 

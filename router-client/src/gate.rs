@@ -22,6 +22,8 @@ pub struct Gate {
     synthetic: Option<(ModelSpec, u32)>,
     /// Soft MoE's `Φ [experts * slots, d_model]`, built for the first slot count asked.
     soft_slots: OnceLock<(usize, Vec<f32>)>,
+    /// Shared experts' sigmoid gates `[shared_experts, d_model]`, when the model gates them.
+    shared_gate: Option<Vec<f32>>,
 }
 
 impl Gate {
@@ -33,6 +35,9 @@ impl Gate {
         gate.noise_weights = Some(synthetic::gate_noise_weights(spec.seed, layer, experts, d_model));
         gate.bias = Some(synthetic::gate_bias(spec.seed, layer, experts));
         gate.synthetic = Some((spec.clone(), layer));
+        if spec.shared_experts > 0 && spec.shared_expert_gate {
+            gate.shared_gate = Some(synthetic::shared_gate_weights(spec.seed, layer, spec.shared_experts, d_model));
+        }
         gate
     }
 
@@ -46,6 +51,7 @@ impl Gate {
             bias: None,
             synthetic: None,
             soft_slots: OnceLock::new(),
+            shared_gate: None,
         }
     }
 
@@ -80,6 +86,17 @@ impl Gate {
         let mut logits = Vec::new();
         project_into(self.noise_weights.as_ref()?, self.d_model, hidden, &mut logits);
         Some(logits)
+    }
+
+    /// Each token's weight for each of `shared_experts` shared experts, `[tokens, shared_experts]`:
+    /// `sigmoid(x · w_gate)` when the model gates them, else 1.
+    pub fn shared_weights(&self, hidden: &[f32], shared_experts: usize) -> Vec<f32> {
+        let Some(gate) = &self.shared_gate else {
+            return vec![1.0; hidden.len() / self.d_model * shared_experts];
+        };
+        let mut logits = Vec::new();
+        project_into(gate, self.d_model, hidden, &mut logits);
+        logits.iter().map(|logit| 1.0 / (1.0 + (-logit).exp())).collect()
     }
 
     pub fn bias(&self) -> Option<&[f32]> {

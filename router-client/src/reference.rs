@@ -38,9 +38,10 @@ impl ReferenceLayer {
     pub fn synthetic(model: &ModelSpec, layers: &[u32], device: tch::Device) -> Self {
         let _no_grad = tch::no_grad_guard();
         let gates = (0..model.layers).map(|layer| Gate::synthetic(model, layer)).collect();
+        let per_layer = model.experts_per_layer + model.shared_experts;
         let experts = layers
             .iter()
-            .flat_map(|layer| (0..model.experts_per_layer).map(move |expert| (*layer, expert)))
+            .flat_map(|layer| (0..per_layer).map(move |expert| (*layer, expert)))
             .map(|(layer, expert)| ((layer, expert), Expert::synthetic(model, layer, expert, device)))
             .collect();
         Self { model: model.clone(), gates, experts: Mutex::new(experts) }
@@ -67,7 +68,7 @@ impl ReferenceLayer {
         let (logits, routing) = gate_and_route(gate, hidden, config);
         timing.gate = phase.elapsed();
         let phase = Instant::now();
-        let routed = assign(hidden, logits, routing, config);
+        let routed = assign(&gate, hidden, logits, routing, config);
         timing.plan = phase.elapsed();
         let experts = self.experts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut output = vec![0.0f32; hidden.len()];

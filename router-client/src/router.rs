@@ -61,6 +61,8 @@ pub struct RoutingConfig {
     pub policy: RoutingPolicy,
     pub overflow: OverflowPolicy,
     pub capacity_factor: f32,
+    /// Always-on experts after the routed ones (the model's, not a caller's choice).
+    pub shared_experts: usize,
 }
 
 impl RoutingConfig {
@@ -70,6 +72,7 @@ impl RoutingConfig {
             policy: RoutingPolicy::TopK { k: model.top_k as usize, renormalize: true },
             overflow: OverflowPolicy::Drop,
             capacity_factor: model.capacity_factor,
+            shared_experts: model.shared_experts as usize,
         }
     }
 }
@@ -80,7 +83,7 @@ pub struct Routed {
     pub logits: Vec<f32>,
     pub routing: Routing,
     pub capacity: CapacityOutcome,
-    /// Experts with at least one kept assignment, ascending.
+    /// Experts with at least one kept assignment, ascending, then the shared experts.
     pub groups: Vec<ExpertAssignments>,
     pub stats: RouterStats,
     /// Soft MoE's combine weights `[tokens, experts * slots]`.
@@ -175,6 +178,7 @@ pub fn config_for_call(model: &ModelSpec, overrides: &RoutingOverrides) -> Routi
         policy: overrides.policy.unwrap_or(model_config.policy),
         overflow: overrides.overflow.unwrap_or(model_config.overflow),
         capacity_factor: overrides.capacity_factor.unwrap_or(model_config.capacity_factor),
+        shared_experts: model_config.shared_experts,
     }
 }
 
@@ -197,12 +201,30 @@ pub fn gate_and_route(gate: &Gate, hidden: &[f32], config: RoutingConfig) -> (Ve
     (logits, routing)
 }
 
-/// Applies capacity (or lets experts choose, or mixes slots) and groups the work by expert.
-pub fn assign(hidden: &[f32], logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> Routed {
-    let (tokens, experts) = (routing.tokens, routing.experts);
-    if let RoutingPolicy::SoftMoe { slots } = config.policy {
-        return assign_soft(hidden, logits, routing, slots);
+/// Applies capacity (or lets experts choose, or mixes slots), groups the work by expert, and adds
+/// the shared experts, which take every token.
+pub fn assign(gate: &Gate, hidden: &[f32], logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> Routed {
+    let mut routed = match config.policy {
+        RoutingPolicy::SoftMoe { slots } => assign_soft(hidden, logits, routing, slots),
+        _ => assign_routed(logits, routing, config),
+    };
+    if config.shared_experts > 0 {
+        let tokens = routed.routing.tokens;
+        let weights = gate.shared_weights(hidden, config.shared_experts);
+        for shared in 0..config.shared_experts {
+            routed.groups.push(ExpertAssignments {
+                expert: (routed.routing.experts + shared) as u32,
+                tokens: (0..tokens as u32).collect(),
+                weights: weights.iter().skip(shared).step_by(config.shared_experts).copied().collect(),
+                slots: None,
+            });
+        }
     }
+    routed
+}
+
+fn assign_routed(logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> Routed {
+    let (tokens, experts) = (routing.tokens, routing.experts);
     let capacity = match config.policy {
         RoutingPolicy::ExpertChoice => {
             expert_choice(&routing, expert_capacity(tokens, 1, experts, config.capacity_factor))
@@ -270,9 +292,10 @@ mod tests {
             policy: RoutingPolicy::TopK { k: 1, renormalize: true },
             overflow: OverflowPolicy::Drop,
             capacity_factor: 1.0,
+            shared_experts: 0,
         };
         let (logits, routing) = gate_and_route(&gate, &hidden, config);
-        let routed = assign(&hidden, logits, routing, config);
+        let routed = assign(&gate, &hidden, logits, routing, config);
         assert_eq!(routed.capacity.capacity, 2, "ceil(1 * 3 / 2 * 1.0)");
         assert_eq!(routed.groups.len(), 2);
         assert_eq!((routed.groups[0].expert, routed.groups[0].tokens.clone()), (0, vec![0, 2]));

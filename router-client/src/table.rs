@@ -18,14 +18,15 @@ use crate::error::ClientError;
 pub struct RoutingTableView {
     pub version: u64,
     pub model: ModelSpec,
-    /// `endpoints[layer * experts + expert]`: the workers serving that expert (first is preferred).
+    /// `endpoints[layer * (experts + shared) + expert]`: the workers serving that expert (first is preferred).
     endpoints: Vec<Vec<Arc<str>>>,
     pub queue_limit_tokens: u32,
 }
 
 impl RoutingTableView {
     pub fn endpoints(&self, layer: u32, expert: u32) -> &[Arc<str>] {
-        &self.endpoints[(layer * self.model.experts_per_layer + expert) as usize]
+        let per_layer = self.model.experts_per_layer + self.model.shared_experts;
+        &self.endpoints[(layer * per_layer + expert) as usize]
     }
 
     /// True when every expert of every layer has a worker.
@@ -48,7 +49,7 @@ impl TryFrom<v1::RoutingTable> for RoutingTableView {
     fn try_from(table: v1::RoutingTable) -> Result<Self, Self::Error> {
         let bad = |reason: String| ClientError::BadTable { version: table.version, reason };
         let model = ModelSpec::try_from(table.model.clone()).map_err(|error| bad(error.to_string()))?;
-        let experts = model.experts_per_layer;
+        let experts = model.experts_per_layer + model.shared_experts;
         let mut endpoints = vec![Vec::new(); (model.layers * experts) as usize];
         for (index, route) in table.routes.iter().enumerate() {
             let expert = route.expert.ok_or_else(|| bad(format!("routes[{index}].expert is missing")))?;
