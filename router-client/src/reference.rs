@@ -68,7 +68,7 @@ impl ReferenceLayer {
         let (logits, routing) = gate_and_route(gate, hidden, config);
         timing.gate = phase.elapsed();
         let phase = Instant::now();
-        let routed = assign(&gate, hidden, logits, routing, config);
+        let routed = assign(gate, hidden, logits, routing, config);
         timing.plan = phase.elapsed();
         let experts = self.experts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut output = vec![0.0f32; hidden.len()];
