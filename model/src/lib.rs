@@ -2,11 +2,13 @@
 //!
 //! - [`spec`]: the validated [`ModelSpec`], its sizes and the expert capacity rule.
 //! - [`synthetic`]: seeded weights that are a pure function of `(seed, layer, expert)`.
+//! - [`safetensors`]: reading single tensors of a (sharded) safetensors checkpoint by their offsets.
 //!
 //! The experts themselves, on tch, live in `switchyard-experts`.
 
 #[cfg(feature = "clap")]
 pub mod cli;
+pub mod safetensors;
 pub mod spec;
 pub mod synthetic;
 

@@ -1,0 +1,261 @@
+//! Reading single tensors out of safetensors files, without loading the files.
+//!
+//! A safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor
+//! name to its dtype, shape and byte range, then the data. [`TensorFiles`] reads each file's header
+//! once and then seeks to exactly the bytes of the tensors asked for, so a worker holding 4 of 64
+//! experts reads 4/64 of the weights. Sharded checkpoints are found through
+//! `model.safetensors.index.json` (`weight_map`: tensor name → file). Every error names the tensor
+//! and the file.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TensorFileError {
+    #[error("{file}: {source}")]
+    Io { file: PathBuf, source: std::io::Error },
+    #[error("{file}: malformed safetensors header: {reason}")]
+    Header { file: PathBuf, reason: String },
+    #[error("tensor {tensor} not found (looked in {looked_in})")]
+    Missing { tensor: String, looked_in: String },
+    #[error("tensor {tensor} in {file} has shape {found:?}, expected {expected:?}")]
+    Shape { tensor: String, file: PathBuf, expected: Vec<usize>, found: Vec<usize> },
+    #[error("tensor {tensor} in {file} has dtype {dtype}; supported: F32, F16, BF16")]
+    Dtype { tensor: String, file: PathBuf, dtype: String },
+    #[error("tensor {tensor} in {file} needs bytes up to {needed} but the file has {size} (truncated?)")]
+    Truncated { tensor: String, file: PathBuf, needed: u64, size: u64 },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct TensorEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+#[derive(Debug)]
+struct Header {
+    tensors: HashMap<String, TensorEntry>,
+    data_start: u64,
+    file_size: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Index {
+    weight_map: HashMap<String, String>,
+}
+
+/// The tensors of a checkpoint directory: one `model.safetensors`, or shards listed by
+/// `model.safetensors.index.json`.
+#[derive(Debug)]
+pub struct TensorFiles {
+    dir: PathBuf,
+    /// Tensor name → file, from the index (empty for a single-file checkpoint).
+    weight_map: HashMap<String, PathBuf>,
+    headers: Mutex<HashMap<PathBuf, Arc<Header>>>,
+}
+
+const SINGLE_FILE: &str = "model.safetensors";
+const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Refuse absurd header lengths before allocating them.
+const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+
+impl TensorFiles {
+    pub fn open(dir: &Path) -> Result<Self, TensorFileError> {
+        let index_path = dir.join(INDEX_FILE);
+        let weight_map = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|source| TensorFileError::Io { file: index_path.clone(), source })?;
+            let index: Index = serde_json::from_str(&text)
+                .map_err(|error| TensorFileError::Header { file: index_path.clone(), reason: error.to_string() })?;
+            index.weight_map.into_iter().map(|(tensor, file)| (tensor, dir.join(file))).collect()
+        } else {
+            HashMap::new()
+        };
+        Ok(Self { dir: dir.to_path_buf(), weight_map, headers: Mutex::new(HashMap::new()) })
+    }
+
+    fn file_of(&self, tensor: &str) -> Result<PathBuf, TensorFileError> {
+        if self.weight_map.is_empty() {
+            return Ok(self.dir.join(SINGLE_FILE));
+        }
+        self.weight_map.get(tensor).cloned().ok_or_else(|| TensorFileError::Missing {
+            tensor: tensor.to_owned(),
+            looked_in: self.dir.join(INDEX_FILE).display().to_string(),
+        })
+    }
+
+    fn header(&self, file: &Path) -> Result<Arc<Header>, TensorFileError> {
+        let mut headers = self.headers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(header) = headers.get(file) {
+            return Ok(header.clone());
+        }
+        let header = Arc::new(read_header(file)?);
+        headers.insert(file.to_path_buf(), header.clone());
+        Ok(header)
+    }
+
+    /// The shape of `tensor`, from its file's header.
+    pub fn shape(&self, tensor: &str) -> Result<Vec<usize>, TensorFileError> {
+        let file = self.file_of(tensor)?;
+        let header = self.header(&file)?;
+        let entry = header.tensors.get(tensor).ok_or_else(|| TensorFileError::Missing {
+            tensor: tensor.to_owned(),
+            looked_in: file.display().to_string(),
+        })?;
+        Ok(entry.shape.clone())
+    }
+
+    /// Reads `tensor`, checks it has `expected_shape`, and converts it to f32 (row-major).
+    pub fn read_f32(&self, tensor: &str, expected_shape: &[usize]) -> Result<Vec<f32>, TensorFileError> {
+        let file = self.file_of(tensor)?;
+        let header = self.header(&file)?;
+        let entry = header.tensors.get(tensor).ok_or_else(|| TensorFileError::Missing {
+            tensor: tensor.to_owned(),
+            looked_in: file.display().to_string(),
+        })?;
+        if entry.shape != expected_shape {
+            return Err(TensorFileError::Shape {
+                tensor: tensor.to_owned(),
+                file,
+                expected: expected_shape.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        let element_size = match entry.dtype.as_str() {
+            "F32" => 4,
+            "F16" | "BF16" => 2,
+            other => return Err(TensorFileError::Dtype { tensor: tensor.to_owned(), file, dtype: other.to_owned() }),
+        };
+        let [begin, end] = entry.data_offsets;
+        let count: usize = entry.shape.iter().product();
+        if end < begin || end - begin != (count * element_size) as u64 {
+            return Err(TensorFileError::Header {
+                file,
+                reason: format!("{tensor}: data_offsets {begin}..{end} do not hold {count} {} values", entry.dtype),
+            });
+        }
+        let needed = header.data_start + end;
+        if needed > header.file_size {
+            return Err(TensorFileError::Truncated { tensor: tensor.to_owned(), file, needed, size: header.file_size });
+        }
+        let mut bytes = vec![0u8; (end - begin) as usize];
+        let io = |source| TensorFileError::Io { file: file.clone(), source };
+        let mut handle = File::open(&file).map_err(io)?;
+        handle.seek(SeekFrom::Start(header.data_start + begin)).map_err(io)?;
+        handle.read_exact(&mut bytes).map_err(io)?;
+        Ok(match entry.dtype.as_str() {
+            "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            "F16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            _ => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        })
+    }
+}
+
+fn read_header(file: &Path) -> Result<Header, TensorFileError> {
+    let io = |source| TensorFileError::Io { file: file.to_path_buf(), source };
+    let malformed = |reason: String| TensorFileError::Header { file: file.to_path_buf(), reason };
+    let mut handle = File::open(file).map_err(io)?;
+    let file_size = handle.metadata().map_err(io)?.len();
+    let mut length = [0u8; 8];
+    handle.read_exact(&mut length).map_err(|_| malformed(format!("{file_size} bytes is too short for a header")))?;
+    let length = u64::from_le_bytes(length);
+    if length > MAX_HEADER_BYTES || 8 + length > file_size {
+        return Err(malformed(format!("header length {length} does not fit a {file_size}-byte file")));
+    }
+    let mut json = vec![0u8; length as usize];
+    handle.read_exact(&mut json).map_err(io)?;
+    let mut entries: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|error| malformed(error.to_string()))?;
+    entries.remove("__metadata__");
+    let tensors = entries
+        .into_iter()
+        .map(|(name, value)| {
+            serde_json::from_value::<TensorEntry>(value)
+                .map(|entry| (name.clone(), entry))
+                .map_err(|error| malformed(format!("{name}: {error}")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Header { tensors, data_start: 8 + length, file_size })
+}
+
+/// Writes `tensors` (name, shape, f32 values) as one F32 safetensors file: for tests and tools.
+pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (name, shape, values) in tensors {
+        let end = offset + 4 * values.len() as u64;
+        header.insert(
+            (*name).to_owned(),
+            serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, end] }),
+        );
+        offset = end;
+    }
+    let json = serde_json::Value::Object(header).to_string();
+    let mut out = std::io::BufWriter::new(File::create(path)?);
+    out.write_all(&(json.len() as u64).to_le_bytes())?;
+    out.write_all(json.as_bytes())?;
+    for (_, _, values) in tensors {
+        for value in *values {
+            out.write_all(&value.to_le_bytes())?;
+        }
+    }
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_one_tensor_by_its_offsets_and_checks_its_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let a: Vec<f32> = (0..6).map(|i| i as f32).collect();
+        write_f32(&dir.path().join(SINGLE_FILE), &[("a", vec![2, 3], &a), ("b", vec![2], &[7.0, 8.0])]).unwrap();
+        let files = TensorFiles::open(dir.path()).unwrap();
+        assert_eq!(files.read_f32("b", &[2]).unwrap(), [7.0, 8.0]);
+        assert_eq!(files.read_f32("a", &[2, 3]).unwrap(), a);
+        let error = files.read_f32("a", &[3, 2]).unwrap_err().to_string();
+        assert!(error.starts_with("tensor a in ") && error.ends_with("has shape [2, 3], expected [3, 2]"), "{error}");
+        let error = files.read_f32("c", &[1]).unwrap_err().to_string();
+        assert!(error.starts_with("tensor c not found (looked in ") && error.contains(SINGLE_FILE), "{error}");
+    }
+
+    #[test]
+    fn sharded_checkpoints_follow_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        write_f32(&dir.path().join("part-1.safetensors"), &[("x", vec![1], &[1.5])]).unwrap();
+        write_f32(&dir.path().join("part-2.safetensors"), &[("y", vec![1], &[2.5])]).unwrap();
+        let index = r#"{"metadata": {}, "weight_map": {"x": "part-1.safetensors", "y": "part-2.safetensors"}}"#;
+        std::fs::write(dir.path().join(INDEX_FILE), index).unwrap();
+        let files = TensorFiles::open(dir.path()).unwrap();
+        assert_eq!((files.read_f32("x", &[1]).unwrap(), files.read_f32("y", &[1]).unwrap()), (vec![1.5], vec![2.5]));
+        assert!(files.read_f32("z", &[1]).unwrap_err().to_string().contains(INDEX_FILE));
+    }
+
+    #[test]
+    fn truncated_files_and_unknown_dtypes_name_tensor_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SINGLE_FILE);
+        write_f32(&path, &[("w", vec![4], &[1.0, 2.0, 3.0, 4.0])]).unwrap();
+        let length = std::fs::metadata(&path).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(length - 4).unwrap();
+        let error = TensorFiles::open(dir.path()).unwrap().read_f32("w", &[4]).unwrap_err().to_string();
+        assert!(error.starts_with("tensor w in ") && error.contains("truncated"), "{error}");
+
+        let json = r#"{"q":{"dtype":"I8","shape":[2],"data_offsets":[0,2]}}"#;
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(json.as_bytes());
+        bytes.extend_from_slice(&[1, 2]);
+        std::fs::write(&path, bytes).unwrap();
+        let error = TensorFiles::open(dir.path()).unwrap().read_f32("q", &[2]).unwrap_err().to_string();
+        assert!(error.contains("has dtype I8"), "{error}");
+    }
+}
