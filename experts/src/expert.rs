@@ -5,6 +5,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use switchyard_model::checkpoint::ExpertMatrices;
 use switchyard_model::synthetic::{self, WeightRole};
 use switchyard_model::{Activation, ModelSpec};
 
@@ -34,6 +35,20 @@ impl Expert {
         let w2 = build(WeightRole::W2, d_model, d_ff);
         let w3 = (spec.activation == Activation::SwiGlu).then(|| build(WeightRole::W3, d_ff, d_model));
         Self { activation: spec.activation, w1, w2, w3, d_model: d_model as i64 }
+    }
+
+    /// Builds an expert from checkpoint matrices (`nn.Linear` layout), on `device`.
+    pub fn from_matrices(matrices: &ExpertMatrices, d_model: usize, d_ff: usize, device: Device) -> Self {
+        let build = |values: &[f32], rows: usize, cols: usize| {
+            Tensor::from_slice(values).view([rows as i64, cols as i64]).to_device(device)
+        };
+        Self {
+            activation: Activation::SwiGlu,
+            w1: build(&matrices.w1, d_ff, d_model),
+            w2: build(&matrices.w2, d_model, d_ff),
+            w3: Some(build(&matrices.w3, d_ff, d_model)),
+            d_model: d_model as i64,
+        }
     }
 
     /// Bytes of weights this expert holds.

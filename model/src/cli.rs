@@ -58,6 +58,7 @@ impl ModelArgs {
             shared_experts: self.shared_experts,
             shared_d_ff: if self.shared_experts > 0 { self.shared_d_ff.unwrap_or(self.d_ff) } else { 0 },
             shared_expert_gate: self.shared_expert_gate,
+            norm_topk_prob: true,
         }
         .to_proto()
         .try_into()

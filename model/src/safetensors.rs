@@ -55,6 +55,8 @@ struct Index {
 #[derive(Debug)]
 pub struct TensorFiles {
     dir: PathBuf,
+    /// The file of a checkpoint without an index.
+    single_file: PathBuf,
     /// Tensor name → file, from the index (empty for a single-file checkpoint).
     weight_map: HashMap<String, PathBuf>,
     headers: Mutex<HashMap<PathBuf, Arc<Header>>>,
@@ -77,12 +79,19 @@ impl TensorFiles {
         } else {
             HashMap::new()
         };
-        Ok(Self { dir: dir.to_path_buf(), weight_map, headers: Mutex::new(HashMap::new()) })
+        let single_file = dir.join(SINGLE_FILE);
+        Ok(Self { dir: dir.to_path_buf(), single_file, weight_map, headers: Mutex::new(HashMap::new()) })
+    }
+
+    /// One safetensors file on its own (no index).
+    pub fn open_file(file: &Path) -> Self {
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self { dir, single_file: file.to_path_buf(), weight_map: HashMap::new(), headers: Mutex::new(HashMap::new()) }
     }
 
     fn file_of(&self, tensor: &str) -> Result<PathBuf, TensorFileError> {
         if self.weight_map.is_empty() {
-            return Ok(self.dir.join(SINGLE_FILE));
+            return Ok(self.single_file.clone());
         }
         self.weight_map.get(tensor).cloned().ok_or_else(|| TensorFileError::Missing {
             tensor: tensor.to_owned(),

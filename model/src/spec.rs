@@ -57,6 +57,8 @@ pub struct ModelSpec {
     pub shared_d_ff: u32,
     /// Scale shared experts by a sigmoid gate (Qwen2-MoE).
     pub shared_expert_gate: bool,
+    /// Renormalise the k routing weights to sum to one (Mixtral; Qwen2-MoE's `norm_topk_prob`).
+    pub norm_topk_prob: bool,
 }
 
 /// A model spec field that cannot be served; the message names the field.
@@ -88,6 +90,7 @@ impl ModelSpec {
             shared_experts: 0,
             shared_d_ff: 0,
             shared_expert_gate: false,
+            norm_topk_prob: true,
         }
     }
 
@@ -148,6 +151,7 @@ impl ModelSpec {
             shared_experts: self.shared_experts,
             shared_d_ff: self.shared_d_ff,
             shared_expert_gate: self.shared_expert_gate,
+            keep_topk_softmax_weights: !self.norm_topk_prob,
         }
     }
 
@@ -206,6 +210,7 @@ impl TryFrom<v1::ModelSpec> for ModelSpec {
             shared_experts: wire.shared_experts,
             shared_d_ff: wire.shared_d_ff,
             shared_expert_gate: wire.shared_expert_gate,
+            norm_topk_prob: !wire.keep_topk_softmax_weights,
         }
         .validate()
     }

@@ -6,6 +6,7 @@
 use std::sync::OnceLock;
 
 use switchyard_model::ModelSpec;
+use switchyard_model::checkpoint::{Checkpoint, CheckpointError};
 use switchyard_model::synthetic;
 
 #[derive(Debug, Clone)]
@@ -53,6 +54,15 @@ impl Gate {
             soft_slots: OnceLock::new(),
             shared_gate: None,
         }
+    }
+
+    /// The router of `layer` of a checkpoint, with its shared-expert gate if it has one.
+    pub fn from_checkpoint(checkpoint: &Checkpoint, layer: u32) -> Result<Self, CheckpointError> {
+        let spec = &checkpoint.spec;
+        let mut gate =
+            Self::from_weights(checkpoint.gate_weights(layer)?, spec.experts_per_layer as usize, spec.d_model as usize);
+        gate.shared_gate = checkpoint.shared_gate_weights(layer)?;
+        Ok(gate)
     }
 
     pub fn d_model(&self) -> usize {

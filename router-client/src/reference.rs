@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use switchyard_experts::Expert;
 use switchyard_model::ModelSpec;
+use switchyard_model::checkpoint::{Checkpoint, CheckpointError};
 
 use crate::error::ClientError;
 use crate::gate::Gate;
@@ -45,6 +46,27 @@ impl ReferenceLayer {
             .map(|(layer, expert)| ((layer, expert), Expert::synthetic(model, layer, expert, device)))
             .collect();
         Self { model: model.clone(), gates, experts: Mutex::new(experts) }
+    }
+
+    /// Builds `layers` of a checkpoint (every expert, routed and shared) on `device`.
+    pub fn from_checkpoint(
+        checkpoint: &Checkpoint,
+        layers: &[u32],
+        device: tch::Device,
+    ) -> Result<Self, CheckpointError> {
+        let _no_grad = tch::no_grad_guard();
+        let model = &checkpoint.spec;
+        let gates =
+            (0..model.layers).map(|layer| Gate::from_checkpoint(checkpoint, layer)).collect::<Result<_, _>>()?;
+        let mut experts = HashMap::new();
+        for layer in layers {
+            for expert in 0..model.experts_per_layer + model.shared_experts {
+                let matrices = checkpoint.expert_matrices(*layer, expert)?;
+                let (d_model, d_ff) = (model.d_model as usize, model.d_ff_of(expert) as usize);
+                experts.insert((*layer, expert), Expert::from_matrices(&matrices, d_model, d_ff, device));
+            }
+        }
+        Ok(Self { model: model.clone(), gates, experts: Mutex::new(experts) })
     }
 
     pub fn model(&self) -> &ModelSpec {

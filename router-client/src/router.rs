@@ -66,10 +66,11 @@ pub struct RoutingConfig {
 }
 
 impl RoutingConfig {
-    /// The model's own: top-k with Mixtral's renormalisation, overflow dropped, its capacity factor.
+    /// The model's own: top-k (renormalised or not, as the model says), overflow dropped, its
+    /// capacity factor.
     pub fn for_model(model: &ModelSpec) -> Self {
         Self {
-            policy: RoutingPolicy::TopK { k: model.top_k as usize, renormalize: true },
+            policy: RoutingPolicy::TopK { k: model.top_k as usize, renormalize: model.norm_topk_prob },
             overflow: OverflowPolicy::Drop,
             capacity_factor: model.capacity_factor,
             shared_experts: model.shared_experts as usize,
