@@ -60,6 +60,9 @@ pub struct WorkerRecord {
     pub last_heartbeat: Instant,
     pub queued_tokens: u64,
     pub tokens_served: u64,
+    /// Consecutive failed loads, and when the next may be tried (doubling, up to a minute).
+    pub load_failures: u32,
+    pub retry_load_after: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +77,9 @@ struct State {
     /// Unplaced experts at the last round, so the warning is logged on change, not every round.
     unplaced: usize,
 }
+
+/// The longest wait before a worker whose loads keep failing is asked again.
+const MAX_LOAD_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 /// One load to issue during a reconcile round.
 struct LoadOrder {
@@ -149,6 +155,8 @@ impl<C: WorkerControl> Cluster<C> {
                 last_heartbeat: Instant::now(),
                 queued_tokens: 0,
                 tokens_served: 0,
+                load_failures: 0,
+                retry_load_after: None,
             },
         );
         self.metrics.live_workers.set(state.workers.len() as i64);
@@ -311,7 +319,8 @@ impl<C: WorkerControl> Cluster<C> {
                     .map(|(expert, _)| *expert)
                     .collect();
                 let missing = assigned.difference(&worker.resident).next().is_some();
-                missing.then(|| LoadOrder {
+                let backing_off = worker.retry_load_after.is_some_and(|after| now < after);
+                (missing && !backing_off).then(|| LoadOrder {
                     worker: worker.id.clone(),
                     endpoint: worker.endpoint.clone(),
                     experts: assigned,
@@ -334,10 +343,19 @@ impl<C: WorkerControl> Cluster<C> {
                 Ok(()) => {
                     if let Some(worker) = state.workers.get_mut(&order.worker) {
                         worker.resident.extend(order.experts.iter().copied());
+                        worker.load_failures = 0;
+                        worker.retry_load_after = None;
                     }
                 }
                 Err(error) => {
-                    tracing::error!(worker_id = %order.worker, endpoint = %order.endpoint, %error, "worker failed to load its experts");
+                    let mut retry_in = Duration::ZERO;
+                    if let Some(worker) = state.workers.get_mut(&order.worker) {
+                        worker.load_failures += 1;
+                        let doublings = worker.load_failures.min(10) - 1;
+                        retry_in = (self.config.heartbeat_interval * 2u32.pow(doublings)).min(MAX_LOAD_RETRY_DELAY);
+                        worker.retry_load_after = Some(Instant::now() + retry_in);
+                    }
+                    tracing::error!(worker_id = %order.worker, endpoint = %order.endpoint, %error, ?retry_in, "worker failed to load its experts");
                     // Keep the experts it already had; the rest wait for the next round.
                     let resident =
                         state.workers.get(&order.worker).map(|worker| worker.resident.clone()).unwrap_or_default();
@@ -544,6 +562,9 @@ mod tests {
         assert!(owners.iter().all(|owner| owner == "a" || owner.is_empty()));
         assert!(owners.iter().any(String::is_empty), "b's share waits unpublished");
         control.failing.lock().expect("lock").clear();
+        cluster.reconcile_once().await;
+        assert_eq!(control.loads.lock().expect("lock").len(), 2, "b is backing off: not asked again at once");
+        tokio::time::sleep(Duration::from_millis(15)).await;
         cluster.reconcile_once().await;
         assert!(endpoints_by_expert(&cluster.table()).iter().all(|owner| !owner.is_empty()));
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use switchyard_experts::Expert;
 use switchyard_model::ModelSpec;
+use switchyard_model::checkpoint::Checkpoint;
 use switchyard_proto::v1::{Dtype, ExpertKey};
 use tch::Device;
 use tokio::sync::oneshot;
@@ -26,6 +27,33 @@ pub struct WorkerOptions {
     pub batching: BatchingConfig,
     /// Queue limit of experts loaded without one (the coordinator normally sends the capacity).
     pub default_queue_limit_tokens: usize,
+}
+
+/// Builds `keys` of `spec` on `device`: from its checkpoint (reading only these experts' tensors)
+/// or from the seed. All or nothing: the first failure names the expert, the tensor and the file.
+fn build_experts(
+    spec: &ModelSpec,
+    keys: Vec<ExpertKey>,
+    device: Device,
+) -> Result<Vec<(ExpertKey, Expert)>, WorkerError> {
+    let _no_grad = tch::no_grad_guard();
+    let Some(dir) = &spec.checkpoint else {
+        return Ok(keys.into_iter().map(|key| (key, Expert::synthetic(spec, key.layer, key.expert, device))).collect());
+    };
+    let Some(first) = keys.first().copied() else {
+        return Ok(Vec::new());
+    };
+    let checkpoint = Checkpoint::open(std::path::Path::new(dir))
+        .map_err(|error| WorkerError::Load { expert: first, reason: error.to_string() })?;
+    keys.into_iter()
+        .map(|key| {
+            let matrices = checkpoint
+                .expert_matrices(key.layer, key.expert)
+                .map_err(|error| WorkerError::Load { expert: key, reason: error.to_string() })?;
+            let (d_model, d_ff) = (spec.d_model as usize, spec.d_ff_of(key.expert) as usize);
+            Ok((key, Expert::from_matrices(&matrices, d_model, d_ff, device)))
+        })
+        .collect()
 }
 
 /// Queue limits of a load: routed experts take `routed`, shared experts `shared` (falling back to
@@ -153,15 +181,9 @@ impl ExpertWorker {
         };
         let device = self.options.device;
         let build_spec = spec.clone();
-        let built = tokio::task::spawn_blocking(move || {
-            let _no_grad = tch::no_grad_guard();
-            to_build
-                .into_iter()
-                .map(|key| (key, Expert::synthetic(&build_spec, key.layer, key.expert, device)))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|error| WorkerError::Load { expert: experts[0], reason: error.to_string() })?;
+        let built = tokio::task::spawn_blocking(move || build_experts(&build_spec, to_build, device))
+            .await
+            .map_err(|error| WorkerError::Load { expert: experts[0], reason: error.to_string() })??;
         let built_keys: Vec<ExpertKey> = built.iter().map(|(key, _)| *key).collect();
         let built = built.into_iter().map(|(key, expert)| (key, expert, limit_of(&key))).collect();
         let (done, installed) = oneshot::channel();

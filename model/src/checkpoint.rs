@@ -131,6 +131,7 @@ impl Checkpoint {
             shared_d_ff,
             shared_expert_gate: shared_d_ff > 0,
             norm_topk_prob,
+            checkpoint: Some(dir.display().to_string()),
         }
         .to_proto()
         .try_into()

@@ -5,6 +5,11 @@ use crate::{Activation, ModelSpec, SpecError};
 /// The synthetic model to serve. Weights are a pure function of (seed, layer, expert).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
+    /// Serve a Mixtral or Qwen2-MoE safetensors checkpoint directory (config.json, *.safetensors)
+    /// instead of a synthetic model: sizes, experts, top-k and normalisation come from it, and the
+    /// synthetic model flags below are ignored (except --capacity-factor).
+    #[arg(long, env = "SWITCHYARD_CHECKPOINT")]
+    pub checkpoint: Option<std::path::PathBuf>,
     /// Model name shown in status and reports.
     #[arg(long = "model-name", env = "SWITCHYARD_MODEL_NAME", default_value = "synthetic")]
     pub name: String,
@@ -43,8 +48,26 @@ pub struct ModelArgs {
     pub shared_expert_gate: bool,
 }
 
+/// Why the model flags describe no servable model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelArgsError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+}
+
 impl ModelArgs {
-    pub fn spec(&self) -> Result<ModelSpec, SpecError> {
+    pub fn spec(&self) -> Result<ModelSpec, ModelArgsError> {
+        if let Some(dir) = &self.checkpoint {
+            let mut spec = crate::checkpoint::Checkpoint::open(dir)?.spec;
+            spec.capacity_factor = self.capacity_factor;
+            return Ok(spec);
+        }
+        Ok(self.synthetic_spec()?)
+    }
+
+    fn synthetic_spec(&self) -> Result<ModelSpec, SpecError> {
         ModelSpec {
             name: self.name.clone(),
             layers: self.layers,
@@ -59,6 +82,7 @@ impl ModelArgs {
             shared_d_ff: if self.shared_experts > 0 { self.shared_d_ff.unwrap_or(self.d_ff) } else { 0 },
             shared_expert_gate: self.shared_expert_gate,
             norm_topk_prob: true,
+            checkpoint: None,
         }
         .to_proto()
         .try_into()
@@ -67,6 +91,10 @@ impl ModelArgs {
 
 /// The flags that make `ModelArgs` describe `spec` (for starting a coordinator as a child process).
 pub fn flags_for(spec: &ModelSpec) -> Vec<String> {
+    if let Some(checkpoint) = &spec.checkpoint {
+        let flags = [("--checkpoint", checkpoint.clone()), ("--capacity-factor", spec.capacity_factor.to_string())];
+        return flags.into_iter().flat_map(|(flag, value)| [flag.to_owned(), value]).collect();
+    }
     [
         ("--model-name", spec.name.clone()),
         ("--layers", spec.layers.to_string()),
@@ -104,6 +132,6 @@ mod tests {
         let mut argv = vec!["wrapper".to_owned()];
         argv.extend(flags_for(&spec));
         let parsed = Wrapper::try_parse_from(argv).expect("flags parse");
-        assert_eq!(parsed.model.spec(), Ok(spec));
+        assert_eq!(parsed.model.spec().ok(), Some(spec));
     }
 }

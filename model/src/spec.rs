@@ -59,6 +59,8 @@ pub struct ModelSpec {
     pub shared_expert_gate: bool,
     /// Renormalise the k routing weights to sum to one (Mixtral; Qwen2-MoE's `norm_topk_prob`).
     pub norm_topk_prob: bool,
+    /// Where the weights come from: a checkpoint directory, or `None` for seeded synthetic weights.
+    pub checkpoint: Option<String>,
 }
 
 /// A model spec field that cannot be served; the message names the field.
@@ -91,6 +93,7 @@ impl ModelSpec {
             shared_d_ff: 0,
             shared_expert_gate: false,
             norm_topk_prob: true,
+            checkpoint: None,
         }
     }
 
@@ -152,6 +155,7 @@ impl ModelSpec {
             shared_d_ff: self.shared_d_ff,
             shared_expert_gate: self.shared_expert_gate,
             keep_topk_softmax_weights: !self.norm_topk_prob,
+            checkpoint: self.checkpoint.clone().unwrap_or_default(),
         }
     }
 
@@ -211,6 +215,7 @@ impl TryFrom<v1::ModelSpec> for ModelSpec {
             shared_d_ff: wire.shared_d_ff,
             shared_expert_gate: wire.shared_expert_gate,
             norm_topk_prob: !wire.keep_topk_softmax_weights,
+            checkpoint: (!wire.checkpoint.is_empty()).then_some(wire.checkpoint),
         }
         .validate()
     }

@@ -19,6 +19,7 @@ use crate::gate::Gate;
 use crate::router::{RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route};
 use crate::table::{RoutingTableView, TableReceiver};
 use crate::timing::{ByteCounts, TimeBreakdown};
+use switchyard_model::checkpoint::Checkpoint;
 
 /// How this client calls layers.
 #[derive(Debug, Clone)]
@@ -70,13 +71,21 @@ pub struct LayerOutput {
     pub table_version: u64,
 }
 
+/// Which gate: a layer of a synthetic model (by seed) or of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct GateKey {
+    layer: u32,
+    seed: u64,
+    checkpoint: Option<String>,
+}
+
 /// The distributed MoE layer. Cheap to share (`Arc`) between concurrent callers.
 #[derive(Debug)]
 pub struct MoeClient {
     tables: TableReceiver,
     options: ClientOptions,
     workers: Mutex<HashMap<Arc<str>, ExpertWorkerClient<Channel>>>,
-    gates: Mutex<HashMap<(u32, u64), Arc<Gate>>>,
+    gates: Mutex<HashMap<GateKey, Arc<Gate>>>,
     next_request_id: AtomicU64,
 }
 
@@ -102,9 +111,22 @@ impl MoeClient {
         self.tables.borrow().clone()
     }
 
-    fn gate(&self, table: &RoutingTableView, layer: u32) -> Arc<Gate> {
+    /// The gate of `layer`: seeded for a synthetic model, read once from a checkpoint otherwise.
+    fn gate(&self, table: &RoutingTableView, layer: u32) -> Result<Arc<Gate>, ClientError> {
+        let key = GateKey { layer, seed: table.model.seed, checkpoint: table.model.checkpoint.clone() };
         let mut gates = self.gates.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        gates.entry((layer, table.model.seed)).or_insert_with(|| Arc::new(Gate::synthetic(&table.model, layer))).clone()
+        if let Some(gate) = gates.get(&key) {
+            return Ok(gate.clone());
+        }
+        let gate = match &table.model.checkpoint {
+            None => Gate::synthetic(&table.model, layer),
+            Some(dir) => Checkpoint::open(std::path::Path::new(dir))
+                .and_then(|checkpoint| Gate::from_checkpoint(&checkpoint, layer))
+                .map_err(|error| ClientError::Checkpoint { reason: error.to_string() })?,
+        };
+        let gate = Arc::new(gate);
+        gates.insert(key, gate.clone());
+        Ok(gate)
     }
 
     fn worker(&self, endpoint: &Arc<str>) -> Result<ExpertWorkerClient<Channel>, ClientError> {
@@ -140,7 +162,7 @@ impl MoeClient {
         let mut timing = TimeBreakdown::default();
 
         let phase = Instant::now();
-        let gate = self.gate(&table, layer);
+        let gate = self.gate(&table, layer)?;
         let (logits, routing) = gate_and_route(&gate, hidden, config);
         timing.gate = phase.elapsed();
 

@@ -19,6 +19,8 @@ pub enum ClientError {
     Worker { endpoint: String, code: tonic::Code, message: String },
     #[error("worker {endpoint} did not answer within {after:?}")]
     Timeout { endpoint: String, after: Duration },
+    #[error("checkpoint: {reason}")]
+    Checkpoint { reason: String },
     #[error("worker {endpoint} sent a malformed answer: {reason}")]
     BadResponse { endpoint: String, reason: String },
 }
@@ -32,6 +34,7 @@ impl ClientError {
             ClientError::Worker { code, .. } => *code,
             ClientError::Timeout { .. } => tonic::Code::DeadlineExceeded,
             ClientError::BadResponse { .. } => tonic::Code::Internal,
+            ClientError::Checkpoint { .. } => tonic::Code::FailedPrecondition,
         }
     }
 }
