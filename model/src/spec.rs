@@ -127,6 +127,19 @@ impl ModelSpec {
         expert_capacity(tokens, self.top_k as usize, self.experts_per_layer as usize, self.capacity_factor)
     }
 
+    /// Parameters of the MoE layers (experts, shared experts, gates): `(total, active per token)`.
+    pub fn moe_parameters(&self) -> (u64, u64) {
+        let (d_model, matrices) = (u64::from(self.d_model), self.activation.matrices() as u64);
+        let routed = matrices * d_model * u64::from(self.d_ff);
+        let shared = u64::from(self.shared_experts) * matrices * d_model * u64::from(self.shared_d_ff);
+        let shared_gates = if self.shared_expert_gate { u64::from(self.shared_experts) * d_model } else { 0 };
+        let gates = u64::from(self.experts_per_layer) * d_model + shared_gates;
+        let layers = u64::from(self.layers);
+        let total = layers * (u64::from(self.experts_per_layer) * routed + shared + gates);
+        let active = layers * (u64::from(self.top_k) * routed + shared + gates);
+        (total, active)
+    }
+
     /// Every `(layer, expert)` of the model, routed then shared, layer-major.
     pub fn expert_keys(&self) -> impl Iterator<Item = v1::ExpertKey> + '_ {
         let per_layer = self.experts_per_layer + self.shared_experts;
@@ -267,6 +280,24 @@ mod tests {
         let spec =
             ModelSpec { top_k: 2, experts_per_layer: 8, capacity_factor: 1.25, ..ModelSpec::default_synthetic() };
         assert_eq!(spec.capacity(512), 160);
+    }
+
+    #[test]
+    fn moe_parameters_count_experts_shared_experts_and_gates() {
+        // Qwen2-MoE-like: 2 layers, 4 experts (d 32, ff 48), top-2, one gated shared expert (ff 80).
+        let spec = ModelSpec {
+            layers: 2,
+            experts_per_layer: 4,
+            d_model: 32,
+            d_ff: 48,
+            top_k: 2,
+            shared_experts: 1,
+            shared_d_ff: 80,
+            shared_expert_gate: true,
+            ..ModelSpec::default_synthetic()
+        };
+        // Per layer: 4 * 3*32*48 + 3*32*80 + (4*32 + 32) = 18432 + 7680 + 160; active: 2 experts.
+        assert_eq!(spec.moe_parameters(), (2 * 26_272, 2 * (9_216 + 7_680 + 160)));
     }
 
     #[test]

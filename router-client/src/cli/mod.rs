@@ -1,8 +1,10 @@
 //! The `switchyard` command line: flags here, work in the library.
 
+mod forward;
 mod load_args;
 mod loadtest;
 mod local;
+mod model_info;
 mod status;
 
 use switchyard_common::tracing_setup::LogFormat;
@@ -34,6 +36,11 @@ pub enum Command {
     Loadtest(loadtest::LoadtestArgs),
     /// Show the coordinator's workers, placement and routing table version.
     Status(status::StatusArgs),
+    /// Run `hidden_states` from a safetensors file through one layer of a running cluster; write
+    /// `out` and `router_logits`, print the router statistics.
+    Forward(forward::ForwardArgs),
+    /// Layers, experts, total and active parameters per token of a checkpoint or synthetic model.
+    ModelInfo(model_info::ModelInfoArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,5 +48,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Local(args) => local::run(args).await,
         Command::Loadtest(args) => loadtest::run(args, cli.torch_threads).await,
         Command::Status(args) => status::run(args).await,
+        Command::Forward(args) => forward::run(args).await,
+        Command::ModelInfo(args) => model_info::run(args),
     }
 }

@@ -1,0 +1,63 @@
+//! `switchyard forward`: one layer call of a running cluster on a tensor file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use switchyard_model::safetensors::{TensorFiles, write_f32};
+use switchyard_router_client::{ClientOptions, MoeClient, RoutingTableView, TableWatcher};
+
+#[derive(Debug, clap::Args)]
+pub struct ForwardArgs {
+    /// Coordinator of the cluster, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
+    pub coordinator: String,
+    /// MoE layer to run.
+    #[arg(long, default_value_t = 0)]
+    pub layer: u32,
+    /// safetensors file holding `hidden_states` [tokens, d_model] (F32, F16 or BF16).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// safetensors file to write: `out` [tokens, d_model] and `router_logits` [tokens, experts], F32.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Capacity factor of the call (default: the model's).
+    #[arg(long)]
+    pub capacity_factor: Option<f32>,
+}
+
+pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
+    let watcher = TableWatcher::start(&args.coordinator)?;
+    let table = watcher.wait_for(RoutingTableView::is_complete, Duration::from_secs(60)).await?;
+    let d_model = table.model.d_model as usize;
+    let input = TensorFiles::open_file(&args.input);
+    let shape = input.shape("hidden_states").with_context(|| format!("reading {}", args.input.display()))?;
+    anyhow::ensure!(
+        shape.len() == 2 && shape[1] == d_model,
+        "hidden_states in {} has shape {shape:?}, expected [tokens, {d_model}]",
+        args.input.display()
+    );
+    let hidden = input.read_f32("hidden_states", &shape)?;
+    let mut options = ClientOptions::default();
+    options.routing.capacity_factor = args.capacity_factor;
+    let client = MoeClient::new(watcher.receiver(), options);
+    let output = client.forward(args.layer, &hidden).await?;
+    let experts = output.router_logits.len() / shape[0];
+    write_f32(
+        &args.output,
+        &[("out", shape.clone(), &output.hidden), ("router_logits", vec![shape[0], experts], &output.router_logits)],
+    )
+    .with_context(|| format!("writing {}", args.output.display()))?;
+    let routing = &output.routing;
+    println!("layer {} of {} ({} tokens) -> {}", args.layer, table.model.name, routing.tokens, args.output.display());
+    println!(
+        "  tokens per expert {:?} (capacity {}), dropped {}",
+        routing.tokens_per_expert, routing.capacity, routing.dropped
+    );
+    println!(
+        "  imbalance {:.3} | switch aux loss {:.5} | importance CV² {:.4} | z-loss {:.4}",
+        routing.stats.imbalance, routing.stats.switch_aux_loss, routing.stats.importance_cv2, routing.stats.z_loss
+    );
+    println!("  wall {:.3} ms", output.timing.wall.as_secs_f64() * 1e3);
+    Ok(())
+}
