@@ -356,15 +356,12 @@ impl<C: WorkerControl> Cluster<C> {
                         worker.retry_load_after = Some(Instant::now() + retry_in);
                     }
                     tracing::error!(worker_id = %order.worker, endpoint = %order.endpoint, %error, ?retry_in, "worker failed to load its experts");
-                    // Keep the experts it already had; the rest wait for the next round.
-                    let resident =
-                        state.workers.get(&order.worker).map(|worker| worker.resident.clone()).unwrap_or_default();
-                    plan.retain(|expert, owner| *owner != order.worker || resident.contains(expert));
                 }
             }
         }
-        // A worker may have expired or re-registered while the loads ran.
-        plan.retain(|_, owner| state.workers.contains_key(owner));
+        // The invariant, enforced here once: the table routes an expert only to a live worker that
+        // holds it (a load failed, was not tried while backing off, or the worker left meanwhile).
+        plan.retain(|expert, owner| state.workers.get(owner).is_some_and(|worker| worker.resident.contains(expert)));
         if !state.placed_once || plan != state.placement {
             state.placement = plan;
             state.placed_once = true;
