@@ -1,6 +1,6 @@
 //! `switchyard forward`: one layer call of a running cluster on a tensor file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,6 +12,9 @@ pub struct ForwardArgs {
     /// Coordinator of the cluster, e.g. http://127.0.0.1:50051.
     #[arg(long, env = "SWITCHYARD_COORDINATOR")]
     pub coordinator: String,
+    /// The checkpoint the cluster should be serving; the call is refused if it serves another.
+    #[arg(long, env = "SWITCHYARD_CHECKPOINT")]
+    pub checkpoint: Option<PathBuf>,
     /// MoE layer to run.
     #[arg(long, default_value_t = 0)]
     pub layer: u32,
@@ -29,6 +32,16 @@ pub struct ForwardArgs {
 pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let watcher = TableWatcher::start(&args.coordinator)?;
     let table = watcher.wait_for(RoutingTableView::is_complete, Duration::from_secs(60)).await?;
+    if let Some(expected) = &args.checkpoint {
+        let expected = expected.canonicalize().with_context(|| format!("--checkpoint {}", expected.display()))?;
+        let served = table.model.checkpoint.as_deref().map(|dir| Path::new(dir).canonicalize().ok());
+        anyhow::ensure!(
+            served == Some(Some(expected.clone())),
+            "--checkpoint {}: the cluster serves {}",
+            expected.display(),
+            table.model.checkpoint.as_deref().unwrap_or("a synthetic model")
+        );
+    }
     let d_model = table.model.d_model as usize;
     let input = TensorFiles::open_file(&args.input);
     let shape = input.shape("hidden_states").with_context(|| format!("reading {}", args.input.display()))?;
