@@ -109,25 +109,25 @@ impl TensorFiles {
         Ok(header)
     }
 
-    /// The shape of `tensor`, from its file's header.
-    pub fn shape(&self, tensor: &str) -> Result<Vec<usize>, TensorFileError> {
+    /// The file holding `tensor`, its header, and its entry there.
+    fn locate(&self, tensor: &str) -> Result<(PathBuf, Arc<Header>, TensorEntry), TensorFileError> {
         let file = self.file_of(tensor)?;
         let header = self.header(&file)?;
-        let entry = header.tensors.get(tensor).ok_or_else(|| TensorFileError::Missing {
+        let entry = header.tensors.get(tensor).cloned().ok_or_else(|| TensorFileError::Missing {
             tensor: tensor.to_owned(),
             looked_in: file.display().to_string(),
         })?;
-        Ok(entry.shape.clone())
+        Ok((file, header, entry))
+    }
+
+    /// The shape of `tensor`, from its file's header.
+    pub fn shape(&self, tensor: &str) -> Result<Vec<usize>, TensorFileError> {
+        Ok(self.locate(tensor)?.2.shape)
     }
 
     /// Reads `tensor`, checks it has `expected_shape`, and converts it to f32 (row-major).
     pub fn read_f32(&self, tensor: &str, expected_shape: &[usize]) -> Result<Vec<f32>, TensorFileError> {
-        let file = self.file_of(tensor)?;
-        let header = self.header(&file)?;
-        let entry = header.tensors.get(tensor).ok_or_else(|| TensorFileError::Missing {
-            tensor: tensor.to_owned(),
-            looked_in: file.display().to_string(),
-        })?;
+        let (file, header, entry) = self.locate(tensor)?;
         if entry.shape != expected_shape {
             return Err(TensorFileError::Shape {
                 tensor: tensor.to_owned(),

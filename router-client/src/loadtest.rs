@@ -121,31 +121,12 @@ impl LoadReport {
 
     /// Mean time breakdown of a successful call.
     pub fn mean_timing(&self) -> TimeBreakdown {
-        let calls = self.calls.max(1) as u32;
-        let t = self.timing_total;
-        TimeBreakdown {
-            gate: t.gate / calls,
-            plan: t.plan / calls,
-            encode: t.encode / calls,
-            network: t.network / calls,
-            queue_wait: t.queue_wait / calls,
-            compute: t.compute / calls,
-            decode: t.decode / calls,
-            combine: t.combine / calls,
-            wall: t.wall / calls,
-        }
+        self.timing_total.mean_of(self.calls)
     }
 
     /// Router statistics averaged over successful calls.
     pub fn mean_router_stats(&self) -> RouterStats {
-        let calls = self.calls.max(1) as f32;
-        let total = self.router_stats_total;
-        RouterStats {
-            switch_aux_loss: total.switch_aux_loss / calls,
-            importance_cv2: total.importance_cv2 / calls,
-            z_loss: total.z_loss / calls,
-            imbalance: total.imbalance / calls,
-        }
+        self.router_stats_total.mean_of(self.calls)
     }
 
     /// The human-readable summary.
@@ -277,11 +258,7 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
                         report.assignments += outcome.routing.assignments as u64;
                         report.dropped += outcome.routing.dropped as u64;
                         report.rerouted += outcome.routing.rerouted as u64;
-                        let (total, call) = (&mut report.router_stats_total, outcome.routing.stats);
-                        total.switch_aux_loss += call.switch_aux_loss;
-                        total.importance_cv2 += call.importance_cv2;
-                        total.z_loss += call.z_loss;
-                        total.imbalance += call.imbalance;
+                        report.router_stats_total += outcome.routing.stats;
                         report.timing_total += outcome.timing;
                         report.bytes_total += outcome.bytes;
                         let micros = latency.as_micros().clamp(1, 600_000_000) as u64;

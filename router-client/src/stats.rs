@@ -23,6 +23,28 @@ pub struct RouterStats {
     pub imbalance: f32,
 }
 
+impl std::ops::AddAssign for RouterStats {
+    fn add_assign(&mut self, other: Self) {
+        self.switch_aux_loss += other.switch_aux_loss;
+        self.importance_cv2 += other.importance_cv2;
+        self.z_loss += other.z_loss;
+        self.imbalance += other.imbalance;
+    }
+}
+
+impl RouterStats {
+    /// Every statistic divided by `count` (the mean of `count` summed calls).
+    pub fn mean_of(self, count: u64) -> Self {
+        let count = count.max(1) as f32;
+        Self {
+            switch_aux_loss: self.switch_aux_loss / count,
+            importance_cv2: self.importance_cv2 / count,
+            z_loss: self.z_loss / count,
+            imbalance: self.imbalance / count,
+        }
+    }
+}
+
 pub fn router_stats(logits: &[f32], routing: &Routing, capacity: &CapacityOutcome) -> RouterStats {
     let (tokens, experts) = (routing.tokens, routing.experts);
     if tokens == 0 || experts == 0 {

@@ -38,6 +38,14 @@ impl TimeBreakdown {
         [self.gate, self.plan, self.encode, self.network, self.queue_wait, self.compute, self.decode, self.combine]
     }
 
+    /// Every phase divided by `count` (the mean of `count` summed calls).
+    pub fn mean_of(self, count: u64) -> Self {
+        let count = count.clamp(1, u64::from(u32::MAX)) as u32;
+        let [gate, plan, encode, network, queue_wait, compute, decode, combine] =
+            self.phases().map(|phase| phase / count);
+        Self { gate, plan, encode, network, queue_wait, compute, decode, combine, wall: self.wall / count }
+    }
+
     /// Wall time the phases do not account for (task scheduling, joins).
     pub fn unaccounted(&self) -> Duration {
         self.wall.saturating_sub(self.phases().iter().sum())
