@@ -21,7 +21,9 @@ use crate::timing::{ByteCounts, TimeBreakdown};
 /// What load to apply.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
+    /// Closed-loop callers (ignored by an open-loop [`Arrival`]).
     pub concurrency: usize,
+    pub arrival: Arrival,
     /// Measured time, after the warm-up. The test ends at whichever of duration and requests comes first.
     pub duration: Duration,
     /// Most measured calls in total.
@@ -32,6 +34,29 @@ pub struct LoadSpec {
     /// Seed of the generated hidden states.
     pub seed: u64,
     pub routing: RoutingOverrides,
+}
+
+/// How calls are started.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Arrival {
+    /// `concurrency` callers, each starting its next call when the last one answered.
+    #[default]
+    Closed,
+    /// Calls start on a seeded Poisson schedule at `rate` per second, whether or not earlier ones
+    /// answered; latency counts from the scheduled start, so queueing is not hidden (no coordinated
+    /// omission).
+    Open { rate: f64 },
+}
+
+/// Offsets from the start of a Poisson process of `rate` events per second (exponential gaps).
+pub fn poisson_arrivals(rate: f64, seed: u64) -> impl Iterator<Item = Duration> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut at = 0.0f64;
+    std::iter::from_fn(move || {
+        let uniform: f64 = rng.random_range(f64::EPSILON..1.0);
+        at += -uniform.ln() / rate;
+        Some(Duration::from_secs_f64(at))
+    })
 }
 
 /// Where calls go.
@@ -84,6 +109,7 @@ struct CallOutcome {
 pub struct LoadReport {
     pub target: String,
     pub concurrency: usize,
+    pub arrival: Arrival,
     pub tokens_per_call: usize,
     pub measured: Duration,
     pub calls: u64,
@@ -134,11 +160,14 @@ impl LoadReport {
         let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
         let mut text = String::new();
         let calls = self.calls.max(1);
+        let load = match self.arrival {
+            Arrival::Closed => format!("closed loop, concurrency {}", self.concurrency),
+            Arrival::Open { rate } => format!("open loop, {rate} calls/s Poisson"),
+        };
         text.push_str(&format!(
-            "{}: {} tokens/call, concurrency {}, measured {:.1} s\n",
+            "{}: {} tokens/call, {load}, measured {:.1} s\n",
             self.target,
             self.tokens_per_call,
-            self.concurrency,
             self.measured.as_secs_f64()
         ));
         text.push_str(&format!("  calls       {} ok, {} failed\n", self.calls, self.failed()));
@@ -201,6 +230,36 @@ struct Shared {
     claimed: AtomicU64,
 }
 
+impl Shared {
+    /// Counts one measured call that took `latency`.
+    fn record(&self, outcome: Result<CallOutcome, ClientError>, latency: Duration) {
+        let mut report = self.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match outcome {
+            Ok(outcome) => {
+                report.calls += 1;
+                report.tokens += outcome.routing.tokens as u64;
+                report.assignments += outcome.routing.assignments as u64;
+                report.dropped += outcome.routing.dropped as u64;
+                report.rerouted += outcome.routing.rerouted as u64;
+                report.router_stats_total += outcome.routing.stats;
+                report.timing_total += outcome.timing;
+                report.bytes_total += outcome.bytes;
+                let micros = latency.as_micros().clamp(1, 600_000_000) as u64;
+                let _ = report.latency.record(micros);
+            }
+            Err(error) => {
+                *report.errors.entry(format!("{:?}", error.code())).or_default() += 1;
+                report.first_error.get_or_insert_with(|| error.to_string());
+            }
+        }
+    }
+
+    /// True while the request budget (if any) allows one more measured call.
+    fn claim(&self, requests: Option<u64>) -> bool {
+        requests.is_none_or(|limit| self.claimed.fetch_add(1, Ordering::Relaxed) < limit)
+    }
+}
+
 /// Runs `spec` against `target`; `name` labels the report.
 pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadReport, ClientError> {
     let d_model =
@@ -208,6 +267,7 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
     let report = LoadReport {
         target: name.to_owned(),
         concurrency: spec.concurrency,
+        arrival: spec.arrival,
         tokens_per_call: spec.tokens_per_call,
         measured: Duration::ZERO,
         calls: 0,
@@ -226,6 +286,10 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
     let started = Instant::now();
     let measure_from = started + spec.warmup;
     let deadline = measure_from + spec.duration;
+    if let Arrival::Open { rate } = spec.arrival {
+        run_open_loop(&target, &spec, &shared, d_model, rate, started, measure_from, deadline).await;
+        return Ok(finish(&shared, measure_from, deadline));
+    }
     let callers = (0..spec.concurrency.max(1)).map(|caller| {
         let (target, spec, shared) = (target.clone(), spec.clone(), shared.clone());
         tokio::spawn(async move {
@@ -237,10 +301,7 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
                     return;
                 }
                 let measured = call_started >= measure_from;
-                if measured
-                    && let Some(limit) = spec.requests
-                    && shared.claimed.fetch_add(1, Ordering::Relaxed) >= limit
-                {
+                if measured && !shared.claim(spec.requests) {
                     return;
                 }
                 let hidden = inputs[call_index % inputs.len()].clone();
@@ -249,31 +310,98 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
                 if !measured {
                     continue;
                 }
-                let latency = call_started.elapsed();
-                let mut report = shared.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                match outcome {
-                    Ok(outcome) => {
-                        report.calls += 1;
-                        report.tokens += outcome.routing.tokens as u64;
-                        report.assignments += outcome.routing.assignments as u64;
-                        report.dropped += outcome.routing.dropped as u64;
-                        report.rerouted += outcome.routing.rerouted as u64;
-                        report.router_stats_total += outcome.routing.stats;
-                        report.timing_total += outcome.timing;
-                        report.bytes_total += outcome.bytes;
-                        let micros = latency.as_micros().clamp(1, 600_000_000) as u64;
-                        let _ = report.latency.record(micros);
-                    }
-                    Err(error) => {
-                        *report.errors.entry(format!("{:?}", error.code())).or_default() += 1;
-                        report.first_error.get_or_insert_with(|| error.to_string());
-                    }
-                }
+                shared.record(outcome, call_started.elapsed());
             }
         })
     });
     futures::future::join_all(callers).await;
+    Ok(finish(&shared, measure_from, deadline))
+}
+
+fn finish(shared: &Shared, measure_from: Instant, deadline: Instant) -> LoadReport {
     let mut report = shared.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
     report.measured = Instant::now().min(deadline).saturating_duration_since(measure_from);
-    Ok(report)
+    report
+}
+
+/// Starts calls on a Poisson schedule until `deadline`, each measured from its scheduled start.
+#[allow(clippy::too_many_arguments)]
+async fn run_open_loop(
+    target: &Target,
+    spec: &LoadSpec,
+    shared: &Arc<Shared>,
+    d_model: usize,
+    rate: f64,
+    started: Instant,
+    measure_from: Instant,
+    deadline: Instant,
+) {
+    let inputs = batches(spec.seed, spec.tokens_per_call, d_model);
+    let mut calls = tokio::task::JoinSet::new();
+    for (index, offset) in poisson_arrivals(rate, spec.seed).enumerate() {
+        let scheduled = started + offset;
+        if scheduled >= deadline {
+            break;
+        }
+        let measured = scheduled >= measure_from;
+        if measured && !shared.claim(spec.requests) {
+            break;
+        }
+        tokio::time::sleep_until(scheduled.into()).await;
+        let (target, shared, hidden) = (target.clone(), shared.clone(), inputs[index % inputs.len()].clone());
+        let (layer, routing) = (spec.layer, spec.routing);
+        calls.spawn(async move {
+            let outcome = target.call(layer, hidden, routing).await;
+            if measured {
+                shared.record(outcome, scheduled.elapsed());
+            }
+        });
+        // Reap finished calls as we go so the set stays small.
+        while calls.try_join_next().is_some() {}
+    }
+    while calls.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_model::ModelSpec;
+
+    #[test]
+    fn poisson_arrivals_have_the_asked_rate_and_exponential_gaps() {
+        let offsets: Vec<Duration> =
+            poisson_arrivals(500.0, 3).take_while(|at| *at < Duration::from_secs(20)).collect();
+        // 10,000 expected; Poisson standard deviation 100.
+        assert!((9_600..=10_400).contains(&offsets.len()), "{} arrivals in 20 s at 500/s", offsets.len());
+        let gaps: Vec<f64> = offsets.windows(2).map(|pair| (pair[1] - pair[0]).as_secs_f64()).collect();
+        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        let variance = gaps.iter().map(|gap| (gap - mean).powi(2)).sum::<f64>() / gaps.len() as f64;
+        assert!((mean - 0.002).abs() < 0.0001, "mean gap {mean}");
+        // An exponential distribution's standard deviation equals its mean.
+        assert!((variance.sqrt() / mean - 1.0).abs() < 0.05, "coefficient of variation {}", variance.sqrt() / mean);
+        assert_eq!(offsets[..5], poisson_arrivals(500.0, 3).take(5).collect::<Vec<_>>()[..], "seeded");
+    }
+
+    #[tokio::test]
+    async fn the_open_loop_sends_at_the_asked_rate() {
+        let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
+        let reference = Arc::new(ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu));
+        let spec = LoadSpec {
+            concurrency: 1,
+            arrival: Arrival::Open { rate: 200.0 },
+            duration: Duration::from_secs(2),
+            requests: None,
+            tokens_per_call: 4,
+            layer: 0,
+            warmup: Duration::ZERO,
+            seed: 5,
+            routing: RoutingOverrides::default(),
+        };
+        let report = run(Target::Reference(reference), spec, "reference").await.expect("load test");
+        // The schedule itself holds exactly this many arrivals in the window.
+        let scheduled = poisson_arrivals(200.0, 5).take_while(|at| *at < Duration::from_secs(2)).count() as u64;
+        assert_eq!(report.calls + report.failed(), scheduled, "every scheduled call was sent and counted");
+        assert!((320..=480).contains(&scheduled), "{scheduled} arrivals for 400 expected");
+        assert!(report.latency.max() < 1_000_000, "tiny calls answer well within a second");
+    }
 }

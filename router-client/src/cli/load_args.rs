@@ -5,7 +5,7 @@ use std::time::Duration;
 use switchyard_proto::v1::Dtype;
 use switchyard_router_client::RoutingOverrides;
 use switchyard_router_client::capacity::OverflowPolicy;
-use switchyard_router_client::loadtest::LoadSpec;
+use switchyard_router_client::loadtest::{Arrival, LoadSpec};
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -13,6 +13,10 @@ pub struct LoadArgs {
     /// Concurrent callers, each in a closed loop (the next call starts when the last one answered).
     #[arg(long, env = "SWITCHYARD_LOAD_CONCURRENCY", default_value_t = 4)]
     pub concurrency: usize,
+    /// Open loop: start calls at this many per second (Poisson arrivals), whatever the answers'
+    /// pace; latency counts from each call's scheduled start. Without it: closed loop.
+    #[arg(long, env = "SWITCHYARD_LOAD_RATE")]
+    pub rate: Option<f64>,
     /// Measured time, e.g. 10s, 500ms, 2m (after the warm-up).
     #[arg(long, env = "SWITCHYARD_LOAD_DURATION", default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
@@ -70,6 +74,7 @@ impl LoadArgs {
     pub fn spec(&self) -> LoadSpec {
         LoadSpec {
             concurrency: self.concurrency,
+            arrival: self.rate.map_or(Arrival::Closed, |rate| Arrival::Open { rate }),
             duration: self.duration,
             requests: self.requests,
             tokens_per_call: self.tokens,
