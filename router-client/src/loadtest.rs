@@ -84,7 +84,8 @@ impl Target {
             // The distributed client carries its overrides in its options.
             Target::Distributed(client) => {
                 let output = client.forward(layer, &hidden).await?;
-                Ok(CallOutcome { routing: output.routing, timing: output.timing, bytes: output.bytes })
+                let worker_rows = output.workers.iter().map(|call| (call.endpoint.clone(), call.rows)).collect();
+                Ok(CallOutcome { routing: output.routing, timing: output.timing, bytes: output.bytes, worker_rows })
             }
             Target::Reference(reference) => {
                 let reference = reference.clone();
@@ -92,7 +93,13 @@ impl Target {
                     tokio::task::spawn_blocking(move || reference.forward(layer, &hidden, &routing)).await.map_err(
                         |error| ClientError::InvalidInput { field: "reference", reason: error.to_string() },
                     )??;
-                Ok(CallOutcome { routing: output.routing, timing: output.timing, bytes: ByteCounts::default() })
+                let worker_rows = Vec::new();
+                Ok(CallOutcome {
+                    routing: output.routing,
+                    timing: output.timing,
+                    bytes: ByteCounts::default(),
+                    worker_rows,
+                })
             }
         }
     }
@@ -102,6 +109,8 @@ struct CallOutcome {
     routing: RoutingSummary,
     timing: TimeBreakdown,
     bytes: ByteCounts,
+    /// Rows each worker computed for this call.
+    worker_rows: Vec<(Arc<str>, usize)>,
 }
 
 /// Everything a load test measured.
@@ -124,6 +133,12 @@ pub struct LoadReport {
     pub router_stats_total: RouterStats,
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
+    /// Per phase of [`TimeBreakdown::PHASES`], microseconds per call.
+    pub phase_histograms: Vec<Histogram<u64>>,
+    /// Kept assignments per expert, summed over calls.
+    pub expert_load: Vec<u64>,
+    /// Rows per worker endpoint, summed over calls.
+    pub worker_load: BTreeMap<String, u64>,
     pub timing_total: TimeBreakdown,
     pub bytes_total: ByteCounts,
 }
@@ -153,6 +168,66 @@ impl LoadReport {
     /// Router statistics averaged over successful calls.
     pub fn mean_router_stats(&self) -> RouterStats {
         self.router_stats_total.mean_of(self.calls)
+    }
+
+    /// Every scalar figure, in a fixed order (the CSV columns).
+    pub fn figures(&self) -> Vec<(String, serde_json::Value)> {
+        use serde_json::json;
+        let ms = |duration: Duration| json!(duration.as_secs_f64() * 1e3);
+        let calls = self.calls.max(1);
+        let (arrival, rate) = match self.arrival {
+            Arrival::Closed => ("closed", serde_json::Value::Null),
+            Arrival::Open { rate } => ("open", json!(rate)),
+        };
+        let stats = self.mean_router_stats();
+        let mean = self.mean_timing();
+        let mut figures = vec![
+            ("target".to_owned(), json!(self.target)),
+            ("arrival".to_owned(), json!(arrival)),
+            ("concurrency".to_owned(), json!(self.concurrency)),
+            ("rate_calls_per_s".to_owned(), rate),
+            ("tokens_per_call".to_owned(), json!(self.tokens_per_call)),
+            ("measured_s".to_owned(), json!(self.measured.as_secs_f64())),
+            ("calls".to_owned(), json!(self.calls)),
+            ("failed".to_owned(), json!(self.failed())),
+            ("tokens_per_s".to_owned(), json!(self.tokens_per_second())),
+            ("calls_per_s".to_owned(), json!(self.calls_per_second())),
+            ("latency_p50_ms".to_owned(), ms(self.latency_at(0.50))),
+            ("latency_p90_ms".to_owned(), ms(self.latency_at(0.90))),
+            ("latency_p99_ms".to_owned(), ms(self.latency_at(0.99))),
+            ("latency_p999_ms".to_owned(), ms(self.latency_at(0.999))),
+            ("latency_max_ms".to_owned(), ms(Duration::from_micros(self.latency.max()))),
+            ("assignments".to_owned(), json!(self.assignments)),
+            ("dropped".to_owned(), json!(self.dropped)),
+            ("dropped_fraction".to_owned(), json!(self.dropped as f64 / self.assignments.max(1) as f64)),
+            ("rerouted".to_owned(), json!(self.rerouted)),
+            ("imbalance".to_owned(), json!(stats.imbalance)),
+            ("switch_aux_loss".to_owned(), json!(stats.switch_aux_loss)),
+            ("importance_cv2".to_owned(), json!(stats.importance_cv2)),
+            ("z_loss".to_owned(), json!(stats.z_loss)),
+            ("message_bytes_sent_per_call".to_owned(), json!(self.bytes_total.message_sent / calls)),
+            ("payload_bytes_sent_per_call".to_owned(), json!(self.bytes_total.payload_sent / calls)),
+            ("message_bytes_received_per_call".to_owned(), json!(self.bytes_total.message_received / calls)),
+            ("payload_bytes_received_per_call".to_owned(), json!(self.bytes_total.payload_received / calls)),
+            ("wall_mean_ms".to_owned(), ms(mean.wall)),
+        ];
+        for ((name, phase_mean), histogram) in
+            TimeBreakdown::PHASES.iter().zip(mean.phases()).zip(&self.phase_histograms)
+        {
+            figures.push((format!("{name}_mean_ms"), ms(phase_mean)));
+            figures.push((format!("{name}_p99_ms"), ms(Duration::from_micros(histogram.value_at_quantile(0.99)))));
+        }
+        figures
+    }
+
+    /// Every figure as JSON, with the errors by code and the per-expert and per-worker loads.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut object: serde_json::Map<String, serde_json::Value> = self.figures().into_iter().collect();
+        object.insert("errors".into(), serde_json::json!(self.errors));
+        object.insert("first_error".into(), serde_json::json!(self.first_error));
+        object.insert("expert_load".into(), serde_json::json!(self.expert_load));
+        object.insert("worker_load".into(), serde_json::json!(self.worker_load));
+        serde_json::Value::Object(object)
     }
 
     /// The human-readable summary.
@@ -215,8 +290,51 @@ impl LoadReport {
             .map(|(name, time)| format!("{name} {}", ms(time)))
             .collect();
         text.push_str(&format!("  time/call   {} | wall {}\n", phases.join(" | "), ms(mean.wall)));
+        let p99: Vec<String> = TimeBreakdown::PHASES
+            .iter()
+            .zip(&self.phase_histograms)
+            .map(|(name, histogram)| format!("{name} {}", ms(Duration::from_micros(histogram.value_at_quantile(0.99)))))
+            .collect();
+        text.push_str(&format!("  p99/phase   {}\n", p99.join(" | ")));
+        if !self.expert_load.is_empty() {
+            let loads: Vec<String> = self.expert_load.iter().map(u64::to_string).collect();
+            text.push_str(&format!("  per expert  {} assignments\n", loads.join(" ")));
+        }
+        for (endpoint, rows) in &self.worker_load {
+            text.push_str(&format!("  per worker  {endpoint}: {rows} rows\n"));
+        }
         text
     }
+}
+
+/// Reports as CSV: a header of [`LoadReport::figures`] names, then one row per report.
+pub fn to_csv(reports: &[LoadReport]) -> String {
+    let Some(first) = reports.first() else { return String::new() };
+    let header: Vec<String> = first.figures().into_iter().map(|(name, _)| name).collect();
+    let mut csv = header.join(",") + "\n";
+    for report in reports {
+        let cells: Vec<String> = report
+            .figures()
+            .into_iter()
+            .map(|(_, value)| match value {
+                serde_json::Value::String(text) => format!("\"{}\"", text.replace('"', "\"\"")),
+                serde_json::Value::Null => String::new(),
+                other => other.to_string(),
+            })
+            .collect();
+        csv.push_str(&cells.join(","));
+        csv.push('\n');
+    }
+    csv
+}
+
+/// Microseconds from 1 µs to 10 minutes, 3 significant digits.
+fn micros_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn micros(duration: Duration) -> u64 {
+    duration.as_micros().clamp(1, 600_000_000) as u64
 }
 
 /// Generated hidden states: a few distinct batches per caller, reused, so generation is not measured.
@@ -244,8 +362,20 @@ impl Shared {
                 report.router_stats_total += outcome.routing.stats;
                 report.timing_total += outcome.timing;
                 report.bytes_total += outcome.bytes;
-                let micros = latency.as_micros().clamp(1, 600_000_000) as u64;
-                let _ = report.latency.record(micros);
+                let _ = report.latency.record(micros(latency));
+                for (histogram, phase) in report.phase_histograms.iter_mut().zip(outcome.timing.phases()) {
+                    let _ = histogram.record(micros(phase));
+                }
+                let loads = &outcome.routing.tokens_per_expert;
+                if report.expert_load.len() < loads.len() {
+                    report.expert_load.resize(loads.len(), 0);
+                }
+                for (total, load) in report.expert_load.iter_mut().zip(loads) {
+                    *total += u64::from(*load);
+                }
+                for (endpoint, rows) in &outcome.worker_rows {
+                    *report.worker_load.entry(endpoint.to_string()).or_default() += *rows as u64;
+                }
             }
             Err(error) => {
                 *report.errors.entry(format!("{:?}", error.code())).or_default() += 1;
@@ -278,7 +408,10 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         dropped: 0,
         rerouted: 0,
         router_stats_total: RouterStats::default(),
-        latency: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
+        latency: micros_histogram(),
+        phase_histograms: TimeBreakdown::PHASES.iter().map(|_| micros_histogram()).collect(),
+        expert_load: Vec::new(),
+        worker_load: BTreeMap::new(),
         timing_total: TimeBreakdown::default(),
         bytes_total: ByteCounts::default(),
     };
@@ -380,6 +513,40 @@ mod tests {
         // An exponential distribution's standard deviation equals its mean.
         assert!((variance.sqrt() / mean - 1.0).abs() < 0.05, "coefficient of variation {}", variance.sqrt() / mean);
         assert_eq!(offsets[..5], poisson_arrivals(500.0, 3).take(5).collect::<Vec<_>>()[..], "seeded");
+    }
+
+    #[tokio::test]
+    async fn json_and_csv_carry_every_figure() {
+        let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
+        let reference = Arc::new(ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu));
+        let spec = LoadSpec {
+            concurrency: 2,
+            arrival: Arrival::Closed,
+            duration: Duration::from_secs(10),
+            requests: Some(20),
+            tokens_per_call: 8,
+            layer: 0,
+            warmup: Duration::ZERO,
+            seed: 1,
+            routing: RoutingOverrides::default(),
+        };
+        let report = run(Target::Reference(reference), spec, "reference \"tiny\"").await.expect("load test");
+        assert_eq!(report.calls, 20, "the request budget ends the test");
+        let json = report.to_json();
+        assert_eq!(json["calls"], 20);
+        assert_eq!(json["expert_load"].as_array().map(Vec::len), Some(4));
+        assert_eq!(
+            json["expert_load"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+            20 * 8 * 2 - report.dropped
+        );
+        assert!(json["compute_p99_ms"].as_f64().unwrap() > 0.0);
+        let csv = to_csv(&[report.clone(), report]);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let columns = lines[0].split(',').count();
+        assert!(lines[0].starts_with("target,arrival,concurrency,rate_calls_per_s,"));
+        assert!(lines[1].starts_with("\"reference \"\"tiny\"\"\",\"closed\",2,,8,"), "{}", lines[1]);
+        assert_eq!(lines[1].split(',').count(), columns, "every row has every column");
     }
 
     #[tokio::test]

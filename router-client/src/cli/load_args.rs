@@ -5,7 +5,7 @@ use std::time::Duration;
 use switchyard_proto::v1::Dtype;
 use switchyard_router_client::RoutingOverrides;
 use switchyard_router_client::capacity::OverflowPolicy;
-use switchyard_router_client::loadtest::{Arrival, LoadSpec};
+use switchyard_router_client::loadtest::{self, Arrival, LoadReport, LoadSpec};
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -64,6 +64,12 @@ pub struct LoadArgs {
     /// group-limited: routed_scaling_factor.
     #[arg(long, env = "SWITCHYARD_ROUTED_SCALING", default_value_t = 1.0)]
     pub routed_scaling: f32,
+    /// Also write every figure as JSON to this file (an array: one object per report).
+    #[arg(long, env = "SWITCHYARD_LOAD_JSON")]
+    pub json: Option<std::path::PathBuf>,
+    /// Also write every figure as CSV to this file (a header, then one row per report).
+    #[arg(long, env = "SWITCHYARD_LOAD_CSV")]
+    pub csv: Option<std::path::PathBuf>,
     /// Element type of rows on the wire: f32, f16 or bf16.
     #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "f32", value_parser = parse_dtype)]
     pub wire_dtype: Dtype,
@@ -83,6 +89,20 @@ impl LoadArgs {
             seed: self.input_seed,
             routing: RoutingOverrides::default(),
         }
+    }
+
+    /// Writes `reports` to the --json and --csv files, if asked.
+    pub fn write_reports(&self, reports: &[LoadReport]) -> anyhow::Result<()> {
+        use anyhow::Context;
+        if let Some(path) = &self.json {
+            let json = serde_json::Value::Array(reports.iter().map(LoadReport::to_json).collect());
+            std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(path) = &self.csv {
+            std::fs::write(path, loadtest::to_csv(reports)).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
     }
 
     /// The routing these flags ask for, for a model with `model_top_k` and `experts`.

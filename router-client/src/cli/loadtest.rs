@@ -43,7 +43,7 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
         loadtest::run(Target::Distributed(client), spec, &format!("distributed ({workers} workers)")).await?
     };
     print!("{}", report.render());
-    Ok(())
+    args.load.write_reports(std::slice::from_ref(&report))
 }
 
 /// A client following `coordinator`'s routing table, once every expert is placed. The client keeps

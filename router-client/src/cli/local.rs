@@ -98,6 +98,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         let name = format!("in-process reference ({threads} torch threads)");
         let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?;
         print!("{}", baseline.render());
+        return args.load.write_reports(&[report, baseline]);
     }
-    Ok(())
+    args.load.write_reports(&[report])
 }
