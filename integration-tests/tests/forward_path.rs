@@ -209,3 +209,20 @@ async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     assert!(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
+
+#[tokio::test]
+async fn the_time_breakdown_adds_up_to_the_wall_time() {
+    let cluster = TestCluster::start(small_model(2.0), 2, |_| {}).await;
+    let hidden = hidden_states(256, 256, 14);
+    cluster.client.forward(0, &hidden).await.expect("warm-up forward");
+    let (mut wall, mut phases) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..20 {
+        let output = cluster.client.forward(0, &hidden).await.expect("forward");
+        wall += output.timing.wall;
+        phases += output.timing.phases().iter().sum::<Duration>();
+    }
+    let unaccounted = wall.saturating_sub(phases).as_secs_f64() / wall.as_secs_f64();
+    eprintln!("phases cover {:.2}% of the wall time", 100.0 * (1.0 - unaccounted));
+    assert!(phases <= wall, "phases never exceed the wall time");
+    assert!(unaccounted < 0.05, "phases leave {:.2}% of the wall time unaccounted", 100.0 * unaccounted);
+}
