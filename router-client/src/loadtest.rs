@@ -34,6 +34,8 @@ pub struct LoadSpec {
     /// Seed of the generated hidden states.
     pub seed: u64,
     pub routing: RoutingOverrides,
+    /// Show a live progress line on stderr (hidden when stderr is not a terminal).
+    pub progress: bool,
 }
 
 /// How calls are started.
@@ -419,9 +421,13 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
     let started = Instant::now();
     let measure_from = started + spec.warmup;
     let deadline = measure_from + spec.duration;
+    let progress = spec.progress.then(|| {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        (stop, tokio::spawn(show_progress(shared.clone(), measure_from, deadline, stopped)))
+    });
     if let Arrival::Open { rate } = spec.arrival {
         run_open_loop(&target, &spec, &shared, d_model, rate, started, measure_from, deadline).await;
-        return Ok(finish(&shared, measure_from, deadline));
+        return Ok(finish(&shared, measure_from, deadline, progress));
     }
     let callers = (0..spec.concurrency.max(1)).map(|caller| {
         let (target, spec, shared) = (target.clone(), spec.clone(), shared.clone());
@@ -448,13 +454,62 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         })
     });
     futures::future::join_all(callers).await;
-    Ok(finish(&shared, measure_from, deadline))
+    Ok(finish(&shared, measure_from, deadline, progress))
 }
 
-fn finish(shared: &Shared, measure_from: Instant, deadline: Instant) -> LoadReport {
+fn finish(
+    shared: &Shared,
+    measure_from: Instant,
+    deadline: Instant,
+    progress: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+) -> LoadReport {
+    if let Some((stop, _cleared_on_stop)) = progress {
+        let _ = stop.send(());
+    }
     let mut report = shared.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
     report.measured = Instant::now().min(deadline).saturating_duration_since(measure_from);
     report
+}
+
+/// Redraws one status line four times a second: phase, calls, current throughput and p99.
+async fn show_progress(
+    shared: Arc<Shared>,
+    measure_from: Instant,
+    deadline: Instant,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let bar = indicatif::ProgressBar::new(deadline.saturating_duration_since(measure_from).as_millis() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut stop => {
+                bar.finish_and_clear();
+                return;
+            }
+        }
+        let now = Instant::now();
+        let (tokens, calls, failed, p99) = {
+            let report = shared.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            (report.tokens, report.calls, report.failed(), report.latency_at(0.99))
+        };
+        let rate = (tokens - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-3);
+        last = (now, tokens);
+        if now < measure_from {
+            bar.set_message("warming up");
+            continue;
+        }
+        bar.set_position(now.saturating_duration_since(measure_from).as_millis() as u64);
+        bar.set_message(format!(
+            "{calls} calls, {failed} failed, {rate:.0} tokens/s now, p99 {:.1} ms",
+            p99.as_secs_f64() * 1e3
+        ));
+    }
 }
 
 /// Starts calls on a Poisson schedule until `deadline`, each measured from its scheduled start.
@@ -529,6 +584,7 @@ mod tests {
             warmup: Duration::ZERO,
             seed: 1,
             routing: RoutingOverrides::default(),
+            progress: true,
         };
         let report = run(Target::Reference(reference), spec, "reference \"tiny\"").await.expect("load test");
         assert_eq!(report.calls, 20, "the request budget ends the test");
@@ -563,6 +619,7 @@ mod tests {
             warmup: Duration::ZERO,
             seed: 5,
             routing: RoutingOverrides::default(),
+            progress: false,
         };
         let report = run(Target::Reference(reference), spec, "reference").await.expect("load test");
         // The schedule itself holds exactly this many arrivals in the window.

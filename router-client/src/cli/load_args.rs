@@ -88,6 +88,7 @@ impl LoadArgs {
             warmup: self.warmup,
             seed: self.input_seed,
             routing: RoutingOverrides::default(),
+            progress: true,
         }
     }
 
