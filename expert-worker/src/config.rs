@@ -60,6 +60,11 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_WORKER_MEMORY_BYTES", default_value_t = 0)]
     pub memory_bytes: u64,
 
+    /// Serve identity experts (each answers with its input, no compute, no weights) to measure
+    /// dispatch and combine alone, as DeepEP's benchmarks do.
+    #[arg(long, env = "SWITCHYARD_IDENTITY_EXPERTS")]
+    pub identity_experts: bool,
+
     /// Log line format.
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -37,6 +37,7 @@ pub async fn run(
         device,
         batching: scheduler::BatchingConfig { batch_wait: args.batch_wait(), max_batch_tokens: args.max_batch_tokens },
         default_queue_limit_tokens: args.queue_limit_tokens,
+        identity_experts: args.identity_experts,
     };
     let worker = ExpertWorker::start(options, metrics.clone())?;
     let endpoint = args.advertised_endpoint(grpc_addr);

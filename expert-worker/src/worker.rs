@@ -27,16 +27,23 @@ pub struct WorkerOptions {
     pub batching: BatchingConfig,
     /// Queue limit of experts loaded without one (the coordinator normally sends the capacity).
     pub default_queue_limit_tokens: usize,
+    /// Serve identity experts (input back, no compute) instead of the model's: pure communication.
+    pub identity_experts: bool,
 }
 
 /// Builds `keys` of `spec` on `device`: from its checkpoint (reading only these experts' tensors)
-/// or from the seed. All or nothing: the first failure names the expert, the tensor and the file.
+/// or from the seed, or as identity experts. All or nothing: the first failure names the expert,
+/// the tensor and the file.
 fn build_experts(
     spec: &ModelSpec,
     keys: Vec<ExpertKey>,
     device: Device,
+    identity: bool,
 ) -> Result<Vec<(ExpertKey, Expert)>, WorkerError> {
     let _no_grad = tch::no_grad_guard();
+    if identity {
+        return Ok(keys.into_iter().map(|key| (key, Expert::identity(spec.d_model as usize, device))).collect());
+    }
     let Some(dir) = &spec.checkpoint else {
         return Ok(keys.into_iter().map(|key| (key, Expert::synthetic(spec, key.layer, key.expert, device))).collect());
     };
@@ -181,7 +188,8 @@ impl ExpertWorker {
         };
         let device = self.options.device;
         let build_spec = spec.clone();
-        let built = tokio::task::spawn_blocking(move || build_experts(&build_spec, to_build, device))
+        let identity = self.options.identity_experts;
+        let built = tokio::task::spawn_blocking(move || build_experts(&build_spec, to_build, device, identity))
             .await
             .map_err(|error| WorkerError::Load { expert: experts[0], reason: error.to_string() })??;
         let built_keys: Vec<ExpertKey> = built.iter().map(|(key, _)| *key).collect();

@@ -37,6 +37,7 @@ async fn started(batch_wait: Duration, limit: usize) -> std::sync::Arc<ExpertWor
         device: tch::Device::Cpu,
         batching: BatchingConfig { batch_wait, max_batch_tokens: 1024 },
         default_queue_limit_tokens: limit,
+        identity_experts: false,
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     worker

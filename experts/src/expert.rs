@@ -13,6 +13,14 @@ use switchyard_model::{Activation, ModelSpec};
 /// lives on the thread that computes with it.
 #[derive(Debug)]
 pub struct Expert {
+    /// `None` for an identity expert (pure-communication measurements: same bytes back, no compute).
+    ffn: Option<Ffn>,
+    d_model: i64,
+    device: Device,
+}
+
+#[derive(Debug)]
+struct Ffn {
     activation: Activation,
     /// `[d_ff, d_model]`.
     w1: Tensor,
@@ -20,7 +28,6 @@ pub struct Expert {
     w2: Tensor,
     /// `[d_ff, d_model]`; SwiGLU only.
     w3: Option<Tensor>,
-    d_model: i64,
 }
 
 impl Expert {
@@ -34,7 +41,13 @@ impl Expert {
         let w1 = build(WeightRole::W1, d_ff, d_model);
         let w2 = build(WeightRole::W2, d_model, d_ff);
         let w3 = (spec.activation == Activation::SwiGlu).then(|| build(WeightRole::W3, d_ff, d_model));
-        Self { activation: spec.activation, w1, w2, w3, d_model: d_model as i64 }
+        Self { ffn: Some(Ffn { activation: spec.activation, w1, w2, w3 }), d_model: d_model as i64, device }
+    }
+
+    /// An expert that answers with its input: dispatch and combine measured alone, as DeepEP's
+    /// benchmarks do.
+    pub fn identity(d_model: usize, device: Device) -> Self {
+        Self { ffn: None, d_model: d_model as i64, device }
     }
 
     /// Builds an expert from checkpoint matrices (`nn.Linear` layout), on `device`.
@@ -42,19 +55,19 @@ impl Expert {
         let build = |values: &[f32], rows: usize, cols: usize| {
             Tensor::from_slice(values).view([rows as i64, cols as i64]).to_device(device)
         };
-        Self {
+        let ffn = Ffn {
             activation: Activation::SwiGlu,
             w1: build(&matrices.w1, d_ff, d_model),
             w2: build(&matrices.w2, d_model, d_ff),
             w3: Some(build(&matrices.w3, d_ff, d_model)),
-            d_model: d_model as i64,
-        }
+        };
+        Self { ffn: Some(ffn), d_model: d_model as i64, device }
     }
 
     /// Bytes of weights this expert holds.
     pub fn resident_bytes(&self) -> u64 {
         let bytes = |tensor: &Tensor| (tensor.numel() * tensor.kind().elt_size_in_bytes()) as u64;
-        bytes(&self.w1) + bytes(&self.w2) + self.w3.as_ref().map_or(0, bytes)
+        self.ffn.as_ref().map_or(0, |ffn| bytes(&ffn.w1) + bytes(&ffn.w2) + ffn.w3.as_ref().map_or(0, bytes))
     }
 
     pub fn d_model(&self) -> i64 {
@@ -62,18 +75,21 @@ impl Expert {
     }
 
     pub fn device(&self) -> Device {
-        self.w1.device()
+        self.device
     }
 
     /// `x [n, d_model]` (on this expert's device, f32) to `[n, d_model]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let Some(ffn) = &self.ffn else {
+            return x.shallow_clone();
+        };
         tch::no_grad(|| {
-            let hidden = x.linear::<Tensor>(&self.w1, None);
-            let hidden = match (&self.activation, &self.w3) {
+            let hidden = x.linear::<Tensor>(&ffn.w1, None);
+            let hidden = match (&ffn.activation, &ffn.w3) {
                 (Activation::SwiGlu, Some(w3)) => hidden.silu() * x.linear::<Tensor>(w3, None),
                 _ => hidden.gelu("none"),
             };
-            hidden.linear::<Tensor>(&self.w2, None)
+            hidden.linear::<Tensor>(&ffn.w2, None)
         })
     }
 
@@ -119,6 +135,13 @@ mod tests {
             assert!((want - have).abs() < 1e-6, "{expected:?} vs {got:?}");
         }
         assert_eq!(expert.resident_bytes(), spec.expert_bytes());
+    }
+
+    #[test]
+    fn an_identity_expert_answers_with_its_input_and_holds_nothing() {
+        let expert = Expert::identity(4, Device::Cpu);
+        assert_eq!(expert.forward_f32(&[1.0, -2.0, 3.5, 0.25]), [1.0, -2.0, 3.5, 0.25]);
+        assert_eq!(expert.resident_bytes(), 0);
     }
 
     #[test]

@@ -226,3 +226,18 @@ async fn the_time_breakdown_adds_up_to_the_wall_time() {
     assert!(phases <= wall, "phases never exceed the wall time");
     assert!(unaccounted < 0.05, "phases leave {:.2}% of the wall time unaccounted", 100.0 * unaccounted);
 }
+
+#[tokio::test]
+async fn identity_experts_send_the_same_bytes_back_and_compute_nothing() {
+    let cluster = TestCluster::start(small_model(2.0), 2, |config| {
+        config.worker_args.push("--identity-experts".into());
+    })
+    .await;
+    let hidden = hidden_states(64, 256, 15);
+    let output = cluster.client.forward(0, &hidden).await.expect("forward");
+    // Renormalised top-2 weights sum to one and nothing overflows at capacity factor 2: Y = X.
+    assert_eq!(output.routing.dropped, 0);
+    let error = relative_frobenius_error(&output.hidden, &hidden);
+    assert!(error < 1e-6, "identity experts return the rows: relative error {error:e}");
+    assert_eq!(output.bytes.payload_sent, output.bytes.payload_received, "same bytes back");
+}
