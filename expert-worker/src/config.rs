@@ -65,6 +65,11 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_IDENTITY_EXPERTS")]
     pub identity_experts: bool,
 
+    /// Also export per-expert Prometheus series (admitted and refused tokens per layer and expert).
+    /// Off by default: a large model makes thousands of series.
+    #[arg(long, env = "SWITCHYARD_PER_EXPERT_METRICS")]
+    pub per_expert_metrics: bool,
+
     /// Log line format.
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

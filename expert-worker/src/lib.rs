@@ -33,6 +33,7 @@ pub async fn run(
     let metrics_addr = metrics_listener.local_addr()?;
     let device = args.device.resolve();
     let metrics = metrics::WorkerMetrics::new();
+    let metrics = if args.per_expert_metrics { metrics.with_per_expert_series() } else { metrics };
     let options = WorkerOptions {
         device,
         batching: scheduler::BatchingConfig { batch_wait: args.batch_wait(), max_batch_tokens: args.max_batch_tokens },

@@ -1,10 +1,13 @@
-//! The worker's Prometheus metrics. Label sets are bounded: series are per worker, not per expert
-//! (a 48-layer, 128-expert model would otherwise make thousands of series).
+//! The worker's Prometheus metrics. Label sets are bounded: series are per worker by default; the
+//! per-expert series (`--per-expert-metrics`) are opt-in, since a 48-layer, 128-expert model would
+//! make thousands of them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -20,6 +23,20 @@ pub struct WorkerMetrics {
     batch_tokens: Histogram,
     queue_wait_seconds: Histogram,
     compute_seconds: Histogram,
+    /// Admitted and rejected tokens per expert, only with `--per-expert-metrics`.
+    per_expert: Option<PerExpert>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExpertLabels {
+    pub layer: u32,
+    pub expert: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PerExpert {
+    admitted_tokens: Family<ExpertLabels, Counter>,
+    rejected_tokens: Family<ExpertLabels, Counter>,
 }
 
 impl WorkerMetrics {
@@ -33,6 +50,21 @@ impl WorkerMetrics {
             batch_tokens: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             queue_wait_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
             compute_seconds: Histogram::new(exponential_buckets(1e-5, 2.0, 22)),
+            per_expert: None,
+        }
+    }
+
+    /// Also keeps per-expert series.
+    pub fn with_per_expert_series(mut self) -> Self {
+        self.per_expert = Some(PerExpert::default());
+        self
+    }
+
+    /// Counts `tokens` admitted (or rejected) for one expert, when per-expert series are on.
+    pub fn observe_expert(&self, layer: u32, expert: u32, tokens: u64, admitted: bool) {
+        if let Some(per_expert) = &self.per_expert {
+            let family = if admitted { &per_expert.admitted_tokens } else { &per_expert.rejected_tokens };
+            family.get_or_create(&ExpertLabels { layer, expert }).inc_by(tokens);
         }
     }
 
@@ -51,6 +83,18 @@ impl WorkerMetrics {
         registry.register("batch_tokens", "Rows per merged expert forward", self.batch_tokens.clone());
         registry.register("queue_wait_seconds", "Time rows waited in an expert queue", self.queue_wait_seconds.clone());
         registry.register("compute_seconds", "Time of one merged expert forward", self.compute_seconds.clone());
+        if let Some(per_expert) = &self.per_expert {
+            registry.register(
+                "expert_admitted_tokens",
+                "Token rows admitted per expert",
+                per_expert.admitted_tokens.clone(),
+            );
+            registry.register(
+                "expert_rejected_tokens",
+                "Token rows refused per expert",
+                per_expert.rejected_tokens.clone(),
+            );
+        }
     }
 
     pub fn observe_batch(&self, tokens: usize, compute: Duration) {

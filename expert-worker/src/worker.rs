@@ -132,7 +132,13 @@ impl ExpertWorker {
         let tokens = batch.total_tokens() as u64;
         let shapes: Vec<(ExpertKey, usize, usize)> =
             batch.parts.iter().map(|part| (part.expert, part.tokens, part.width)).collect();
-        let receivers = match self.scheduler.admit(batch) {
+        let admitted = self.scheduler.admit(batch);
+        if admitted.is_ok() || matches!(admitted, Err(WorkerError::QueueFull { .. })) {
+            for (expert, rows, _) in &shapes {
+                self.metrics.observe_expert(expert.layer, expert.expert, *rows as u64, admitted.is_ok());
+            }
+        }
+        let receivers = match admitted {
             Ok(receivers) => receivers,
             Err(error) => {
                 if matches!(error, WorkerError::QueueFull { .. }) {

@@ -213,3 +213,39 @@ async fn the_stream_answers_every_request_and_survives_a_failing_one() {
     seen.sort();
     assert_eq!(seen, [1, 2, 3, 4]);
 }
+
+#[tokio::test]
+async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
+    use switchyard_expert_worker::metrics::{WorkerMetrics, registry_with};
+    let render = |metrics: &WorkerMetrics| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry_with(metrics)).expect("encode");
+        text
+    };
+    assert!(!render(&WorkerMetrics::new()).contains("expert_admitted_tokens"), "off by default");
+
+    let metrics = WorkerMetrics::new().with_per_expert_series();
+    let options = WorkerOptions {
+        device: tch::Device::Cpu,
+        batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: 1024 },
+        default_queue_limit_tokens: 6,
+        identity_experts: false,
+    };
+    let worker = ExpertWorker::start(options, metrics.clone()).expect("compute thread");
+    worker
+        .load_experts(tiny_model(), (0..4).map(|e| ExpertKey::new(0, e)).collect(), QueueLimits::default())
+        .await
+        .expect("load");
+    let (five, three, seven) = (rows(5, 16, 0.1), rows(3, 16, 0.2), rows(7, 16, 0.3));
+    let batch = |parts| ForwardBatch { request_id: 1, parts, output_dtype: None };
+    worker
+        .forward(batch(vec![part(0, 1, &five, 16, Dtype::F32), part(1, 3, &three, 16, Dtype::F32)]))
+        .await
+        .expect("fits");
+    assert!(worker.forward(batch(vec![part(0, 1, &seven, 16, Dtype::F32)])).await.is_err(), "7 rows > limit 6");
+    let text = render(&metrics);
+    assert!(text.contains("switchyard_worker_expert_admitted_tokens_total{layer=\"0\",expert=\"1\"} 5"), "{text}");
+    assert!(text.contains("switchyard_worker_expert_admitted_tokens_total{layer=\"0\",expert=\"3\"} 3"), "{text}");
+    assert!(text.contains("switchyard_worker_expert_rejected_tokens_total{layer=\"0\",expert=\"1\"} 7"), "{text}");
+    worker.shutdown().await;
+}
