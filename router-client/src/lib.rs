@@ -19,6 +19,7 @@ pub mod local_cluster;
 pub mod reference;
 pub mod router;
 pub mod routing;
+pub mod skew;
 pub mod stats;
 pub mod table;
 pub mod timing;

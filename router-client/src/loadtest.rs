@@ -15,8 +15,10 @@ use crate::client::MoeClient;
 use crate::error::ClientError;
 use crate::reference::ReferenceLayer;
 use crate::router::{RoutingOverrides, RoutingSummary};
+use crate::skew::{Inputs, Skew, gate_rows};
 use crate::stats::RouterStats;
 use crate::timing::{ByteCounts, TimeBreakdown};
+use switchyard_model::ModelSpec;
 
 /// What load to apply.
 #[derive(Debug, Clone)]
@@ -36,6 +38,8 @@ pub struct LoadSpec {
     pub routing: RoutingOverrides,
     /// Show a live progress line on stderr (hidden when stderr is not a terminal).
     pub progress: bool,
+    /// Which experts the generated inputs make hot.
+    pub skew: Skew,
 }
 
 /// How calls are started.
@@ -69,10 +73,10 @@ pub enum Target {
 }
 
 impl Target {
-    fn d_model(&self) -> Option<usize> {
+    fn model(&self) -> Option<ModelSpec> {
         match self {
-            Target::Distributed(client) => client.table().map(|table| table.model.d_model as usize),
-            Target::Reference(reference) => Some(reference.model().d_model as usize),
+            Target::Distributed(client) => client.table().map(|table| table.model.clone()),
+            Target::Reference(reference) => Some(reference.model().clone()),
         }
     }
 
@@ -339,12 +343,6 @@ fn micros(duration: Duration) -> u64 {
     duration.as_micros().clamp(1, 600_000_000) as u64
 }
 
-/// Generated hidden states: a few distinct batches per caller, reused, so generation is not measured.
-fn batches(seed: u64, tokens: usize, d_model: usize) -> Vec<Arc<Vec<f32>>> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..4).map(|_| Arc::new((0..tokens * d_model).map(|_| rng.random_range(-1.7f32..1.7)).collect())).collect()
-}
-
 struct Shared {
     report: Mutex<LoadReport>,
     claimed: AtomicU64,
@@ -394,8 +392,11 @@ impl Shared {
 
 /// Runs `spec` against `target`; `name` labels the report.
 pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadReport, ClientError> {
-    let d_model =
-        target.d_model().ok_or(ClientError::NoTable { coordinator: "(load test)".into(), waited: Duration::ZERO })?;
+    let model =
+        target.model().ok_or(ClientError::NoTable { coordinator: "(load test)".into(), waited: Duration::ZERO })?;
+    let gate = gate_rows(&model, spec.layer)?;
+    let (experts, d_model) = (model.experts_per_layer as usize, model.d_model as usize);
+    let inputs_for = |seed: u64| Inputs::generate(&spec.skew, &gate, experts, spec.tokens_per_call, d_model, seed);
     let report = LoadReport {
         target: name.to_owned(),
         concurrency: spec.concurrency,
@@ -426,13 +427,13 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         (stop, tokio::spawn(show_progress(shared.clone(), measure_from, deadline, stopped)))
     });
     if let Arrival::Open { rate } = spec.arrival {
-        run_open_loop(&target, &spec, &shared, d_model, rate, started, measure_from, deadline).await;
+        run_open_loop(&target, &spec, &shared, inputs_for(spec.seed), rate, started, measure_from, deadline).await;
         return Ok(finish(&shared, measure_from, deadline, progress));
     }
     let callers = (0..spec.concurrency.max(1)).map(|caller| {
         let (target, spec, shared) = (target.clone(), spec.clone(), shared.clone());
+        let inputs = inputs_for(spec.seed.wrapping_add(caller as u64));
         tokio::spawn(async move {
-            let inputs = batches(spec.seed.wrapping_add(caller as u64), spec.tokens_per_call, d_model);
             let mut call_index = 0usize;
             loop {
                 let call_started = Instant::now();
@@ -443,7 +444,7 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
                 if measured && !shared.claim(spec.requests) {
                     return;
                 }
-                let hidden = inputs[call_index % inputs.len()].clone();
+                let hidden = inputs.pick(call_index, call_started.duration_since(started));
                 call_index += 1;
                 let outcome = target.call(spec.layer, hidden, spec.routing).await;
                 if !measured {
@@ -518,13 +519,12 @@ async fn run_open_loop(
     target: &Target,
     spec: &LoadSpec,
     shared: &Arc<Shared>,
-    d_model: usize,
+    inputs: Inputs,
     rate: f64,
     started: Instant,
     measure_from: Instant,
     deadline: Instant,
 ) {
-    let inputs = batches(spec.seed, spec.tokens_per_call, d_model);
     let mut calls = tokio::task::JoinSet::new();
     for (index, offset) in poisson_arrivals(rate, spec.seed).enumerate() {
         let scheduled = started + offset;
@@ -536,7 +536,7 @@ async fn run_open_loop(
             break;
         }
         tokio::time::sleep_until(scheduled.into()).await;
-        let (target, shared, hidden) = (target.clone(), shared.clone(), inputs[index % inputs.len()].clone());
+        let (target, shared, hidden) = (target.clone(), shared.clone(), inputs.pick(index, offset));
         let (layer, routing) = (spec.layer, spec.routing);
         calls.spawn(async move {
             let outcome = target.call(layer, hidden, routing).await;
@@ -553,7 +553,6 @@ async fn run_open_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_model::ModelSpec;
 
     #[test]
     fn poisson_arrivals_have_the_asked_rate_and_exponential_gaps() {
@@ -585,6 +584,7 @@ mod tests {
             seed: 1,
             routing: RoutingOverrides::default(),
             progress: true,
+            skew: Skew::Zipf { exponent: 1.2 },
         };
         let report = run(Target::Reference(reference), spec, "reference \"tiny\"").await.expect("load test");
         assert_eq!(report.calls, 20, "the request budget ends the test");
@@ -620,6 +620,7 @@ mod tests {
             seed: 5,
             routing: RoutingOverrides::default(),
             progress: false,
+            skew: Skew::Uniform,
         };
         let report = run(Target::Reference(reference), spec, "reference").await.expect("load test");
         // The schedule itself holds exactly this many arrivals in the window.

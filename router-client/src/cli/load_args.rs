@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use switchyard_proto::v1::Dtype;
-use switchyard_router_client::RoutingOverrides;
 use switchyard_router_client::capacity::OverflowPolicy;
 use switchyard_router_client::loadtest::{self, Arrival, LoadReport, LoadSpec};
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
+use switchyard_router_client::skew::Skew;
+use switchyard_router_client::{RoutingOverrides, RoutingTableView};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
@@ -64,6 +65,11 @@ pub struct LoadArgs {
     /// group-limited: routed_scaling_factor.
     #[arg(long, env = "SWITCHYARD_ROUTED_SCALING", default_value_t = 1.0)]
     pub routed_scaling: f32,
+    /// Hot experts: uniform, zipf:S (expert e gets tokens ∝ 1/(e+1)^S), hot-worker (every token
+    /// to the first worker's experts; a cluster only) or rotating:PERIOD (one hot expert, the next
+    /// every PERIOD, e.g. rotating:2s).
+    #[arg(long, env = "SWITCHYARD_LOAD_SKEW", default_value = "uniform", value_parser = parse_skew)]
+    pub skew: SkewArg,
     /// Also write every figure as JSON to this file (an array: one object per report).
     #[arg(long, env = "SWITCHYARD_LOAD_JSON")]
     pub json: Option<std::path::PathBuf>,
@@ -89,6 +95,7 @@ impl LoadArgs {
             seed: self.input_seed,
             routing: RoutingOverrides::default(),
             progress: true,
+            skew: Skew::Uniform,
         }
     }
 
@@ -148,6 +155,52 @@ impl LoadArgs {
             capacity_factor: self.call_capacity_factor,
         })
     }
+}
+
+/// The --skew flag, before `hot-worker` is resolved against a routing table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SkewArg {
+    Skew(Skew),
+    HotWorker,
+}
+
+impl SkewArg {
+    /// The skew, with `hot-worker` meaning the experts of `layer` that the table's first worker serves.
+    pub fn resolve(&self, table: Option<&RoutingTableView>, layer: u32) -> anyhow::Result<Skew> {
+        match self {
+            SkewArg::Skew(skew) => Ok(skew.clone()),
+            SkewArg::HotWorker => {
+                let table =
+                    table.ok_or_else(|| anyhow::anyhow!("--skew hot-worker needs a cluster, not --reference"))?;
+                let first = table
+                    .workers()
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("the routing table has no worker"))?;
+                let experts = (0..table.model.experts_per_layer)
+                    .filter(|e| table.endpoints(layer, *e).first() == Some(&first))
+                    .collect();
+                Ok(Skew::HotExperts(experts))
+            }
+        }
+    }
+}
+
+pub fn parse_skew(text: &str) -> Result<SkewArg, String> {
+    if text == "uniform" {
+        return Ok(SkewArg::Skew(Skew::Uniform));
+    }
+    if text == "hot-worker" {
+        return Ok(SkewArg::HotWorker);
+    }
+    if let Some(exponent) = text.strip_prefix("zipf:") {
+        let exponent: f64 = exponent.parse().map_err(|_| format!("--skew {text}: zipf:S needs a number S"))?;
+        return Ok(SkewArg::Skew(Skew::Zipf { exponent }));
+    }
+    if let Some(period) = text.strip_prefix("rotating:") {
+        return Ok(SkewArg::Skew(Skew::Rotating { period: parse_duration(period)? }));
+    }
+    Err(format!("unknown skew '{text}' (use uniform, zipf:S, hot-worker or rotating:PERIOD)"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +275,10 @@ mod tests {
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5h").unwrap_err().contains("'h'"));
         assert_eq!(parse_dtype("bf16"), Ok(Dtype::Bf16));
+        assert_eq!(parse_skew("zipf:1.5"), Ok(SkewArg::Skew(Skew::Zipf { exponent: 1.5 })));
+        assert_eq!(parse_skew("rotating:2s"), Ok(SkewArg::Skew(Skew::Rotating { period: Duration::from_secs(2) })));
+        assert_eq!(parse_skew("hot-worker"), Ok(SkewArg::HotWorker));
+        assert!(parse_skew("zipf:x").unwrap_err().contains("zipf:S"));
         assert!(parse_dtype("fp8").is_err());
     }
 }

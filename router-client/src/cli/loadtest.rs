@@ -34,12 +34,17 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
         eprintln!("building the in-process reference layer ({} experts)...", model.experts_per_layer);
         let reference = ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu);
         let name = format!("in-process reference ({torch_threads} torch threads)");
-        let spec = LoadSpec { routing: args.load.routing(model.top_k, model.experts_per_layer)?, ..args.load.spec() };
+        let spec = LoadSpec {
+            routing: args.load.routing(model.top_k, model.experts_per_layer)?,
+            skew: args.load.skew.resolve(None, args.load.layer)?,
+            ..args.load.spec()
+        };
         loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?
     } else {
         let coordinator = args.coordinator.context("--coordinator is required")?;
         let (client, _watcher, workers) = connect(&coordinator, &args.load).await?;
-        let spec = LoadSpec { routing: client.options().routing, ..args.load.spec() };
+        let skew = args.load.skew.resolve(client.table().as_deref(), args.load.layer)?;
+        let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec() };
         loadtest::run(Target::Distributed(client), spec, &format!("distributed ({workers} workers)")).await?
     };
     print!("{}", report.render());

@@ -75,7 +75,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         args.load.duration.as_secs_f64(),
         args.load.warmup.as_secs_f64()
     );
-    let spec = LoadSpec { routing: client.options().routing, ..args.load.spec() };
+    let skew = args.load.skew.resolve(client.table().as_deref(), args.load.layer)?;
+    let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec() };
     let name =
         format!("distributed ({workers} workers), {}", spec.routing.policy.map_or("top-k", |policy| policy.name()));
     let report = loadtest::run(Target::Distributed(client), spec.clone(), &name).await;
