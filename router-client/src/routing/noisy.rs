@@ -32,6 +32,7 @@ pub fn route(logits: &[f32], noise_logits: &[f32], experts: usize, k: usize, see
     let mut choices = Vec::with_capacity(tokens * k);
     let mut noisy = Vec::with_capacity(experts);
     let mut order = Vec::with_capacity(experts);
+    let mut kept_logits = Vec::with_capacity(k);
     let mut kept_weights = Vec::with_capacity(k);
     for token in 0..tokens {
         let row = &logits[token * experts..(token + 1) * experts];
@@ -41,7 +42,8 @@ pub fn route(logits: &[f32], noise_logits: &[f32], experts: usize, k: usize, see
         // The probabilities reported for statistics are the softmax of the noisy logits.
         softmax_into(&noisy, &mut probabilities);
         ranked(&noisy, &mut order);
-        let kept_logits: Vec<f32> = order[..k].iter().map(|e| noisy[*e as usize]).collect();
+        kept_logits.clear();
+        kept_logits.extend(order[..k].iter().map(|e| noisy[*e as usize]));
         kept_weights.clear();
         softmax_into(&kept_logits, &mut kept_weights);
         choices.extend(order[..k].iter().zip(&kept_weights).map(|(expert, weight)| (*expert, *weight)));
