@@ -82,10 +82,6 @@ impl ChildProcess {
         format!("http://{}", self.grpc)
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
     /// SIGKILL, as a crash would: no drain, no goodbye.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;

@@ -114,10 +114,6 @@ impl<C: WorkerControl> Cluster<C> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn config(&self) -> &ClusterConfig {
-        &self.config
-    }
-
     /// Adds a worker (replacing an earlier record with the same endpoint: a restarted worker).
     pub fn register(&self, registration: Registration) -> Result<(WorkerId, Duration), CoordinatorError> {
         if registration.protocol_version != PROTOCOL_VERSION {

@@ -197,7 +197,10 @@ impl ExpertWorker {
         let identity = self.options.identity_experts;
         let built = tokio::task::spawn_blocking(move || build_experts(&build_spec, to_build, device, identity))
             .await
-            .map_err(|error| WorkerError::Load { expert: experts[0], reason: error.to_string() })??;
+            .map_err(|error| WorkerError::Load {
+                expert: experts.first().copied().unwrap_or_default(),
+                reason: error.to_string(),
+            })??;
         let built_keys: Vec<ExpertKey> = built.iter().map(|(key, _)| *key).collect();
         let built = built.into_iter().map(|(key, expert)| (key, expert, limit_of(&key))).collect();
         let (done, installed) = oneshot::channel();

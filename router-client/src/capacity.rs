@@ -94,11 +94,10 @@ fn reroute(
 ) -> Option<Assignment> {
     let probabilities = routing.token_probabilities(token as usize);
     let scale = full_weight / probabilities[full_expert as usize].max(f32::MIN_POSITIVE);
-    let mut candidates: Vec<u32> = (0..routing.experts as u32)
+    // The most probable eligible expert; on equal probability the lower index (max_by keeps the last).
+    let expert = (0..routing.experts as u32)
         .filter(|expert| !used.contains(expert) && (outcome.tokens_per_expert[*expert as usize] as usize) < capacity)
-        .collect();
-    candidates.sort_by(|a, b| probabilities[*b as usize].total_cmp(&probabilities[*a as usize]).then(a.cmp(b)));
-    let expert = *candidates.first()?;
+        .max_by(|a, b| probabilities[*a as usize].total_cmp(&probabilities[*b as usize]).then(b.cmp(a)))?;
     Some(Assignment { token, expert, weight: probabilities[expert as usize] * scale })
 }
 

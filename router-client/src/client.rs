@@ -129,13 +129,15 @@ impl MoeClient {
         Ok(gate)
     }
 
-    fn worker(&self, endpoint: &Arc<str>) -> Result<ExpertWorkerClient<Channel>, ClientError> {
+    fn worker(&self, endpoint: &Arc<str>, table_version: u64) -> Result<ExpertWorkerClient<Channel>, ClientError> {
         let mut workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(client) = workers.get(endpoint) {
             return Ok(client.clone());
         }
-        let channel = switchyard_common::transport::channel(endpoint)
-            .map_err(|error| ClientError::BadTable { version: 0, reason: format!("endpoint {endpoint}: {error}") })?;
+        let channel = switchyard_common::transport::channel(endpoint).map_err(|error| ClientError::BadTable {
+            version: table_version,
+            reason: format!("endpoint {endpoint}: {error}"),
+        })?;
         let client = ExpertWorkerClient::new(channel)
             .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
@@ -192,7 +194,7 @@ impl MoeClient {
         }
         timing.encode = phase.elapsed();
 
-        let calls = requests.iter().map(|planned| self.call(planned, request_id));
+        let calls = requests.iter().map(|planned| self.call(planned, request_id, table.version));
         let answers = futures::future::join_all(calls).await;
         let mut responses = Vec::with_capacity(answers.len());
         for answer in answers {
@@ -273,8 +275,9 @@ impl MoeClient {
         &self,
         planned: &PlannedRequest,
         request_id: u64,
+        table_version: u64,
     ) -> Result<(v1::ForwardResponse, Duration), ClientError> {
-        let mut client = self.worker(&planned.endpoint)?;
+        let mut client = self.worker(&planned.endpoint, table_version)?;
         let mut request = tonic::Request::new(planned.request.clone());
         request.set_timeout(self.options.timeout);
         if let Ok(value) = request_id.to_string().parse() {

@@ -45,11 +45,6 @@ impl TimeBreakdown {
             self.phases().map(|phase| phase / count);
         Self { gate, plan, encode, network, queue_wait, compute, decode, combine, wall: self.wall / count }
     }
-
-    /// Wall time the phases do not account for (task scheduling, joins).
-    pub fn unaccounted(&self) -> Duration {
-        self.wall.saturating_sub(self.phases().iter().sum())
-    }
 }
 
 impl AddAssign for TimeBreakdown {

@@ -39,16 +39,6 @@ pub enum RoutingPolicy {
 }
 
 impl RoutingPolicy {
-    /// Choices per token of a token-choice policy (0 for expert choice).
-    pub fn top_k(self, experts: usize) -> usize {
-        match self {
-            RoutingPolicy::TopK { k, .. } | RoutingPolicy::NoisyTopK { k, .. } => k,
-            RoutingPolicy::GroupLimited(group_limited) => group_limited.k,
-            RoutingPolicy::Dense => experts,
-            RoutingPolicy::ExpertChoice | RoutingPolicy::SoftMoe { .. } => 0,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             RoutingPolicy::TopK { renormalize: true, .. } => "top-k (renormalised)",
