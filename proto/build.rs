@@ -3,6 +3,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/switchyard/v1/common.proto",
         "proto/switchyard/v1/coordinator.proto",
         "proto/switchyard/v1/expert_worker.proto",
+        "proto/switchyard/v1/wire_bench.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
@@ -10,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Tensor payloads decode as `bytes::Bytes`: a zero-copy slice of the received buffer.
         .bytes(".switchyard.v1.WireTensor.data")
+        .bytes(".switchyard.v1.EchoMessage.payload")
         .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

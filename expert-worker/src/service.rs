@@ -38,12 +38,16 @@ impl ExpertWorkerService {
     }
 
     async fn forward_one(&self, request: v1::ForwardRequest) -> Result<v1::ForwardResponse, WorkerError> {
+        let received_unix_nanos = switchyard_common::clock::unix_nanos();
         let layer = request.batches.first().and_then(|part| part.expert).map(|key| key.layer);
         let span = tracing::debug_span!("forward", request_id = request.request_id, layer, worker = %self.name);
         async {
             let batch = ForwardBatch::try_from(request)?;
             let outcome = self.worker.forward(batch).await?;
-            Ok(encode_outcome(outcome))
+            let mut response = encode_outcome(outcome);
+            response.received_unix_nanos = received_unix_nanos;
+            response.replied_unix_nanos = switchyard_common::clock::unix_nanos();
+            Ok(response)
         }
         .instrument(span)
         .await
@@ -71,7 +75,7 @@ fn encode_outcome(outcome: ForwardOutcome) -> v1::ForwardResponse {
             })
             .collect(),
         worker_us: micros(outcome.handler_time),
-        error: None,
+        ..Default::default()
     }
 }
 

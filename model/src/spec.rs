@@ -172,7 +172,8 @@ impl ModelSpec {
         }
     }
 
-    fn validate(self) -> Result<Self, SpecError> {
+    /// The spec, if every size is positive and top-k fits the experts.
+    pub fn validate(self) -> Result<Self, SpecError> {
         let sizes = [
             ("layers", self.layers),
             ("experts_per_layer", self.experts_per_layer),

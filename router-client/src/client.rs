@@ -18,7 +18,11 @@ use crate::error::ClientError;
 use crate::gate::Gate;
 use crate::router::{RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route};
 use crate::table::{RoutingTableView, TableReceiver};
-use crate::timing::{ByteCounts, TimeBreakdown};
+use crate::ledger::{RpcTiming, WorkerCall, response_compute};
+use crate::metrics::ClientMetrics;
+use crate::timing::{ByteCounts, GRPC_FRAME_PREFIX, TimeBreakdown};
+use switchyard_common::clock::unix_nanos;
+use switchyard_common::transport::WireCounters;
 use switchyard_model::checkpoint::Checkpoint;
 
 /// How this client calls layers.
@@ -43,18 +47,6 @@ impl Default for ClientOptions {
             routing: RoutingOverrides::default(),
         }
     }
-}
-
-/// One worker's share of a call.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkerCall {
-    pub endpoint: Arc<str>,
-    pub requests: usize,
-    pub rows: usize,
-    /// The RPC as the client saw it.
-    pub rpc: Duration,
-    /// The worker's handler time (its answer's `worker_us`).
-    pub worker: Duration,
 }
 
 /// The answer of one layer call.
@@ -84,7 +76,8 @@ struct GateKey {
 pub struct MoeClient {
     tables: TableReceiver,
     options: ClientOptions,
-    workers: Mutex<HashMap<Arc<str>, ExpertWorkerClient<Channel>>>,
+    workers: Mutex<HashMap<Arc<str>, (ExpertWorkerClient<Channel>, Arc<WireCounters>)>>,
+    metrics: ClientMetrics,
     gates: Mutex<HashMap<GateKey, Arc<Gate>>>,
     next_request_id: AtomicU64,
 }
@@ -97,6 +90,7 @@ impl MoeClient {
             tables,
             options,
             workers: Mutex::new(HashMap::new()),
+            metrics: ClientMetrics::default(),
             gates: Mutex::new(HashMap::new()),
             next_request_id: AtomicU64::new(first_id),
         }
@@ -104,6 +98,22 @@ impl MoeClient {
 
     pub fn options(&self) -> &ClientOptions {
         &self.options
+    }
+
+    /// The time-breakdown histograms and byte counters of every call so far, for `/metrics`.
+    pub fn metrics(&self) -> &ClientMetrics {
+        &self.metrics
+    }
+
+    /// Bytes each worker connection wrote and read on its socket so far: `(endpoint, sent, received)`.
+    pub fn wire_bytes(&self) -> Vec<(Arc<str>, u64, u64)> {
+        let workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut bytes: Vec<_> = workers
+            .iter()
+            .map(|(endpoint, (_, counters))| (endpoint.clone(), counters.sent(), counters.received()))
+            .collect();
+        bytes.sort();
+        bytes
     }
 
     /// The table calls are routed with right now.
@@ -131,17 +141,18 @@ impl MoeClient {
 
     fn worker(&self, endpoint: &Arc<str>, table_version: u64) -> Result<ExpertWorkerClient<Channel>, ClientError> {
         let mut workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(client) = workers.get(endpoint) {
+        if let Some((client, _)) = workers.get(endpoint) {
             return Ok(client.clone());
         }
-        let channel = switchyard_common::transport::channel(endpoint).map_err(|error| ClientError::BadTable {
+        let counters = Arc::new(WireCounters::default());
+        let channel = switchyard_common::transport::counted_channel(endpoint, counters.clone()).map_err(|error| ClientError::BadTable {
             version: table_version,
             reason: format!("endpoint {endpoint}: {error}"),
         })?;
         let client = ExpertWorkerClient::new(channel)
             .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
-        workers.insert(endpoint.clone(), client.clone());
+        workers.insert(endpoint.clone(), (client.clone(), counters));
         Ok(client)
     }
 
@@ -149,7 +160,9 @@ impl MoeClient {
     pub async fn forward(&self, layer: u32, hidden: &[f32]) -> Result<LayerOutput, ClientError> {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("layer_forward", request_id, layer);
-        self.forward_inner(request_id, layer, hidden).instrument(span).await
+        let output = self.forward_inner(request_id, layer, hidden).instrument(span).await;
+        self.metrics.observe(&output);
+        output
     }
 
     async fn forward_inner(&self, request_id: u64, layer: u32, hidden: &[f32]) -> Result<LayerOutput, ClientError> {
@@ -173,7 +186,6 @@ impl MoeClient {
         let workers = by_worker(layer, &routed.groups, &table)?;
         timing.plan = phase.elapsed();
 
-        let phase = Instant::now();
         let call = CallRows {
             layer,
             hidden,
@@ -181,18 +193,31 @@ impl MoeClient {
             dtype: self.options.wire_dtype,
             split_bytes: self.options.split_request_bytes,
         };
-        let mut requests: Vec<PlannedRequest> = workers
-            .iter()
-            .flat_map(|(endpoint, groups)| pack_requests(endpoint, groups, &routed.groups, call))
-            .collect();
-        let mut bytes = ByteCounts::default();
-        for planned in &mut requests {
-            planned.request.request_id = request_id;
-            bytes.payload_sent +=
-                planned.request.batches.iter().map(|b| b.rows.as_ref().map_or(0, |t| t.data.len() as u64)).sum::<u64>();
-            bytes.message_sent += planned.request.encoded_len() as u64 + 5;
+        let mut requests: Vec<PlannedRequest> = Vec::new();
+        let mut worker_calls: Vec<WorkerCall> = Vec::with_capacity(workers.len());
+        for (endpoint, groups) in &workers {
+            let phase = Instant::now();
+            let packed = pack_requests(endpoint, groups, &routed.groups, call);
+            let mut worker_call = WorkerCall::new(endpoint.clone());
+            for planned in &packed {
+                worker_call.requests += 1;
+                worker_call.rows += planned.pieces.iter().map(|piece| piece.end - piece.start).sum::<usize>();
+                worker_call.bytes.payload_sent += planned
+                    .request
+                    .batches
+                    .iter()
+                    .map(|b| b.rows.as_ref().map_or(0, |t| t.data.len() as u64))
+                    .sum::<u64>();
+                worker_call.bytes.message_sent += planned.request.encoded_len() as u64 + GRPC_FRAME_PREFIX;
+            }
+            worker_call.encode = phase.elapsed();
+            timing.encode += worker_call.encode;
+            requests.extend(packed.into_iter().map(|mut planned| {
+                planned.request.request_id = request_id;
+                planned
+            }));
+            worker_calls.push(worker_call);
         }
-        timing.encode = phase.elapsed();
 
         let calls = requests.iter().map(|planned| self.call(planned, request_id, table.version));
         let answers = futures::future::join_all(calls).await;
@@ -202,19 +227,21 @@ impl MoeClient {
         }
 
         // The straggler's RPC is the call's network + queue + compute time.
-        if let Some((response, rpc)) = responses.iter().max_by_key(|(_, rpc)| *rpc) {
-            let worker = Duration::from_micros(response.worker_us).min(*rpc);
-            let compute_us: u64 = response.outputs.iter().filter_map(|o| o.timing.map(|t| t.compute_us)).sum();
-            let compute = Duration::from_micros(compute_us).min(worker);
-            timing.network = *rpc - worker;
+        if let Some((response, rpc)) = responses.iter().max_by_key(|(_, rpc)| rpc.elapsed) {
+            let worker = Duration::from_micros(response.worker_us).min(rpc.elapsed);
+            let compute = response_compute(response).min(worker);
+            timing.network = rpc.elapsed - worker;
             timing.compute = compute;
             timing.queue_wait = worker - compute;
         }
 
         let mut output = vec![0.0f32; hidden.len()];
         let mut scratch = Vec::new();
-        for (planned, (response, _)) in requests.iter().zip(&responses) {
-            bytes.message_received += response.encoded_len() as u64 + 5;
+        for (planned, (response, rpc)) in requests.iter().zip(&responses) {
+            let Some(worker_call) = worker_calls.iter_mut().find(|call| call.endpoint == planned.endpoint) else {
+                continue;
+            };
+            worker_call.record_answer(response, rpc);
             if response.outputs.len() != planned.pieces.len() {
                 return Err(ClientError::BadResponse {
                     endpoint: planned.endpoint.to_string(),
@@ -225,37 +252,24 @@ impl MoeClient {
                 let group = &routed.groups[piece.group];
                 let rows = piece.end - piece.start;
                 let payload = check_output(&planned.endpoint, index, answer, layer, group.expert, rows, d_model)?;
-                bytes.payload_received += payload.data.len() as u64;
+                worker_call.bytes.payload_received += payload.data.len() as u64;
 
                 let phase = Instant::now();
                 decode_rows(&payload.data, Dtype::try_from(payload.dtype).unwrap_or(Dtype::F32), &mut scratch);
-                timing.decode += phase.elapsed();
+                let decode = phase.elapsed();
+                worker_call.decode += decode;
+                timing.decode += decode;
 
                 let phase = Instant::now();
                 routed.combine_rows(group, piece.start..piece.end, &scratch, d_model, &mut output);
-                timing.combine += phase.elapsed();
+                let combine = phase.elapsed();
+                worker_call.combine += combine;
+                timing.combine += combine;
             }
         }
-
-        let mut worker_calls: Vec<WorkerCall> = Vec::new();
-        for (planned, (response, rpc)) in requests.iter().zip(&responses) {
-            let rows = planned.pieces.iter().map(|piece| piece.end - piece.start).sum::<usize>();
-            let worker = Duration::from_micros(response.worker_us);
-            match worker_calls.iter_mut().find(|call| call.endpoint == planned.endpoint) {
-                Some(call) => {
-                    call.requests += 1;
-                    call.rows += rows;
-                    call.rpc = call.rpc.max(*rpc);
-                    call.worker = call.worker.max(worker);
-                }
-                None => worker_calls.push(WorkerCall {
-                    endpoint: planned.endpoint.clone(),
-                    requests: 1,
-                    rows,
-                    rpc: *rpc,
-                    worker,
-                }),
-            }
+        let mut bytes = ByteCounts::default();
+        for worker_call in &worker_calls {
+            bytes += worker_call.bytes;
         }
 
         timing.wall = started.elapsed();
@@ -276,16 +290,17 @@ impl MoeClient {
         planned: &PlannedRequest,
         request_id: u64,
         table_version: u64,
-    ) -> Result<(v1::ForwardResponse, Duration), ClientError> {
+    ) -> Result<(v1::ForwardResponse, RpcTiming), ClientError> {
         let mut client = self.worker(&planned.endpoint, table_version)?;
         let mut request = tonic::Request::new(planned.request.clone());
         request.set_timeout(self.options.timeout);
         if let Ok(value) = request_id.to_string().parse() {
             request.metadata_mut().insert("x-request-id", value);
         }
+        let sent_unix_nanos = unix_nanos();
         let started = Instant::now();
         let answer = tokio::time::timeout(self.options.timeout, client.forward(request)).await;
-        let rpc = started.elapsed();
+        let rpc = RpcTiming { elapsed: started.elapsed(), sent_unix_nanos, answered_unix_nanos: unix_nanos() };
         match answer {
             Ok(Ok(response)) => Ok((response.into_inner(), rpc)),
             Ok(Err(status)) => Err(ClientError::Worker {

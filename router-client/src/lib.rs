@@ -4,18 +4,21 @@
 //! One layer call ([`MoeClient::forward`]):
 //! [`gate`] (logits) → [`routing`] (policy) → [`capacity`] (overflow) → [`router`] (groups by
 //! expert) → [`dispatch`] (groups by worker, packed into requests) → all workers at once over gRPC →
-//! [`codec`] (decode, weighted combine). [`table`] keeps the routing table current; [`timing`] says
-//! where the time and bytes went; [`reference`] computes the same layer in-process;
+//! [`codec`] (decode, weighted combine). [`table`] keeps the routing table current; [`timing`] and
+//! [`ledger`] say where the time and bytes went ([`metrics`] exports them); [`reference`] computes the same layer in-process;
 //! [`local_cluster`] starts a coordinator and workers as child processes.
 
+pub mod bench;
 pub mod capacity;
 pub mod client;
 pub mod codec;
 pub mod dispatch;
 pub mod error;
 pub mod gate;
+pub mod ledger;
 pub mod loadtest;
 pub mod local_cluster;
+pub mod metrics;
 pub mod reference;
 pub mod router;
 pub mod routing;
@@ -24,7 +27,8 @@ pub mod stats;
 pub mod table;
 pub mod timing;
 
-pub use client::{ClientOptions, LayerOutput, MoeClient, WorkerCall};
+pub use client::{ClientOptions, LayerOutput, MoeClient};
+pub use ledger::{CommLedger, WorkerCall};
 pub use error::ClientError;
 pub use reference::{ReferenceLayer, relative_frobenius_error};
 pub use router::{RoutingConfig, RoutingOverrides, RoutingSummary};

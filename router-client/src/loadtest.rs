@@ -12,6 +12,7 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 
 use crate::client::MoeClient;
+use crate::ledger::{CommLedger, WorkerCall};
 use crate::error::ClientError;
 use crate::reference::ReferenceLayer;
 use crate::router::{RoutingOverrides, RoutingSummary};
@@ -73,6 +74,14 @@ pub enum Target {
 }
 
 impl Target {
+    /// Socket bytes so far per worker endpoint: `(endpoint, sent, received)`.
+    fn wire_bytes(&self) -> Vec<(Arc<str>, u64, u64)> {
+        match self {
+            Target::Distributed(client) => client.wire_bytes(),
+            Target::Reference(_) => Vec::new(),
+        }
+    }
+
     fn model(&self) -> Option<ModelSpec> {
         match self {
             Target::Distributed(client) => client.table().map(|table| table.model.clone()),
@@ -90,8 +99,12 @@ impl Target {
             // The distributed client carries its overrides in its options.
             Target::Distributed(client) => {
                 let output = client.forward(layer, &hidden).await?;
-                let worker_rows = output.workers.iter().map(|call| (call.endpoint.clone(), call.rows)).collect();
-                Ok(CallOutcome { routing: output.routing, timing: output.timing, bytes: output.bytes, worker_rows })
+                Ok(CallOutcome {
+                    routing: output.routing,
+                    timing: output.timing,
+                    bytes: output.bytes,
+                    workers: output.workers,
+                })
             }
             Target::Reference(reference) => {
                 let reference = reference.clone();
@@ -99,12 +112,11 @@ impl Target {
                     tokio::task::spawn_blocking(move || reference.forward(layer, &hidden, &routing)).await.map_err(
                         |error| ClientError::InvalidInput { field: "reference", reason: error.to_string() },
                     )??;
-                let worker_rows = Vec::new();
                 Ok(CallOutcome {
                     routing: output.routing,
                     timing: output.timing,
                     bytes: ByteCounts::default(),
-                    worker_rows,
+                    workers: Vec::new(),
                 })
             }
         }
@@ -115,8 +127,8 @@ struct CallOutcome {
     routing: RoutingSummary,
     timing: TimeBreakdown,
     bytes: ByteCounts,
-    /// Rows each worker computed for this call.
-    worker_rows: Vec<(Arc<str>, usize)>,
+    /// Each worker's share of this call.
+    workers: Vec<WorkerCall>,
 }
 
 /// Everything a load test measured.
@@ -147,6 +159,12 @@ pub struct LoadReport {
     pub worker_load: BTreeMap<String, u64>,
     pub timing_total: TimeBreakdown,
     pub bytes_total: ByteCounts,
+    /// Per (layer, worker): bytes, encode/decode, dispatch, queue, compute, the straggler view.
+    pub ledger: CommLedger,
+    /// Per call, the slowest worker's request transfer (client → worker handler), summed over calls.
+    pub dispatch_total: Duration,
+    /// Per call, the slowest worker's answer transfer (worker reply → client), summed over calls.
+    pub combine_transfer_total: Duration,
 }
 
 impl LoadReport {
@@ -233,6 +251,7 @@ impl LoadReport {
         object.insert("first_error".into(), serde_json::json!(self.first_error));
         object.insert("expert_load".into(), serde_json::json!(self.expert_load));
         object.insert("worker_load".into(), serde_json::json!(self.worker_load));
+        object.insert("ledger".into(), self.ledger.to_json());
         serde_json::Value::Object(object)
     }
 
@@ -306,8 +325,9 @@ impl LoadReport {
             let loads: Vec<String> = self.expert_load.iter().map(u64::to_string).collect();
             text.push_str(&format!("  per expert  {} assignments\n", loads.join(" ")));
         }
-        for (endpoint, rows) in &self.worker_load {
-            text.push_str(&format!("  per worker  {endpoint}: {rows} rows\n"));
+        if !self.ledger.pairs.is_empty() {
+            text.push_str("  ledger      per (layer → worker), means per call:\n");
+            text.push_str(&self.ledger.render());
         }
         text
     }
@@ -350,7 +370,7 @@ struct Shared {
 
 impl Shared {
     /// Counts one measured call that took `latency`.
-    fn record(&self, outcome: Result<CallOutcome, ClientError>, latency: Duration) {
+    fn record(&self, layer: u32, outcome: Result<CallOutcome, ClientError>, latency: Duration) {
         let mut report = self.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match outcome {
             Ok(outcome) => {
@@ -373,9 +393,13 @@ impl Shared {
                 for (total, load) in report.expert_load.iter_mut().zip(loads) {
                     *total += u64::from(*load);
                 }
-                for (endpoint, rows) in &outcome.worker_rows {
-                    *report.worker_load.entry(endpoint.to_string()).or_default() += *rows as u64;
+                for call in &outcome.workers {
+                    *report.worker_load.entry(call.endpoint.to_string()).or_default() += call.rows as u64;
                 }
+                report.ledger.record(layer, &outcome.workers);
+                report.dispatch_total += outcome.workers.iter().map(|call| call.dispatch).max().unwrap_or_default();
+                report.combine_transfer_total +=
+                    outcome.workers.iter().map(|call| call.combine_transfer).max().unwrap_or_default();
             }
             Err(error) => {
                 *report.errors.entry(format!("{:?}", error.code())).or_default() += 1;
@@ -417,6 +441,9 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         worker_load: BTreeMap::new(),
         timing_total: TimeBreakdown::default(),
         bytes_total: ByteCounts::default(),
+        ledger: CommLedger::default(),
+        dispatch_total: Duration::ZERO,
+        combine_transfer_total: Duration::ZERO,
     };
     let shared = Arc::new(Shared { report: Mutex::new(report), claimed: AtomicU64::new(0) });
     let started = Instant::now();
@@ -426,9 +453,24 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         let (stop, stopped) = tokio::sync::oneshot::channel();
         (stop, tokio::spawn(show_progress(shared.clone(), measure_from, deadline, stopped)))
     });
+    // Without a warm-up the counters are read before the first call, not by a task that may run late.
+    let wire_now = spec.warmup.is_zero().then(|| target.wire_bytes());
+    let wire_at_start = {
+        let target = target.clone();
+        tokio::spawn(async move {
+            match wire_now {
+                Some(bytes) => bytes,
+                None => {
+                    tokio::time::sleep_until(measure_from.into()).await;
+                    target.wire_bytes()
+                }
+            }
+        })
+    };
+    let window = Window { target: &target, layer: spec.layer, measure_from, deadline, wire_at_start };
     if let Arrival::Open { rate } = spec.arrival {
         run_open_loop(&target, &spec, &shared, inputs_for(spec.seed), rate, started, measure_from, deadline).await;
-        return Ok(finish(&shared, measure_from, deadline, progress));
+        return Ok(finish(&shared, window, progress).await);
     }
     let callers = (0..spec.concurrency.max(1)).map(|caller| {
         let (target, spec, shared) = (target.clone(), spec.clone(), shared.clone());
@@ -450,25 +492,48 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
                 if !measured {
                     continue;
                 }
-                shared.record(outcome, call_started.elapsed());
+                shared.record(spec.layer, outcome, call_started.elapsed());
             }
         })
     });
     futures::future::join_all(callers).await;
-    Ok(finish(&shared, measure_from, deadline, progress))
+    Ok(finish(&shared, window, progress).await)
 }
 
-fn finish(
-    shared: &Shared,
+/// The measured window of a run, and the socket byte counts when it opened.
+struct Window<'a> {
+    target: &'a Target,
+    layer: u32,
     measure_from: Instant,
     deadline: Instant,
+    wire_at_start: tokio::task::JoinHandle<Vec<(Arc<str>, u64, u64)>>,
+}
+
+async fn finish(
+    shared: &Shared,
+    window: Window<'_>,
     progress: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
 ) -> LoadReport {
     if let Some((stop, _cleared_on_stop)) = progress {
         let _ = stop.send(());
     }
+    let wire_at_end = window.target.wire_bytes();
+    // A run that ends before its warm-up does counts its sockets from the start.
+    let wire_at_start = if window.wire_at_start.is_finished() {
+        window.wire_at_start.await.unwrap_or_default()
+    } else {
+        window.wire_at_start.abort();
+        Vec::new()
+    };
     let mut report = shared.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
-    report.measured = Instant::now().min(deadline).saturating_duration_since(measure_from);
+    report.measured = Instant::now().min(window.deadline).saturating_duration_since(window.measure_from);
+    for (endpoint, sent, received) in wire_at_end {
+        let (sent_before, received_before) = wire_at_start
+            .iter()
+            .find(|(before, _, _)| *before == endpoint)
+            .map_or((0, 0), |(_, sent, received)| (*sent, *received));
+        report.ledger.set_socket_bytes(window.layer, &endpoint, sent - sent_before, received - received_before);
+    }
     report
 }
 
@@ -541,7 +606,7 @@ async fn run_open_loop(
         calls.spawn(async move {
             let outcome = target.call(layer, hidden, routing).await;
             if measured {
-                shared.record(outcome, scheduled.elapsed());
+                shared.record(layer, outcome, scheduled.elapsed());
             }
         });
         // Reap finished calls as we go so the set stays small.

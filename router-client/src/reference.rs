@@ -48,6 +48,19 @@ impl ReferenceLayer {
         Self { model: model.clone(), gates, experts: Mutex::new(experts) }
     }
 
+    /// The layer of a synthetic model with identity experts (each returns its input): the in-process
+    /// counterpart of workers started with `--identity-experts`.
+    pub fn identity(model: &ModelSpec, layers: &[u32], device: tch::Device) -> Self {
+        let gates = (0..model.layers).map(|layer| Gate::synthetic(model, layer)).collect();
+        let per_layer = model.experts_per_layer + model.shared_experts;
+        let experts = layers
+            .iter()
+            .flat_map(|layer| (0..per_layer).map(move |expert| (*layer, expert)))
+            .map(|key| (key, Expert::identity(model.d_model as usize, device)))
+            .collect();
+        Self { model: model.clone(), gates, experts: Mutex::new(experts) }
+    }
+
     /// Builds `layers` of a checkpoint (every expert, routed and shared) on `device`.
     pub fn from_checkpoint(
         checkpoint: &Checkpoint,

@@ -61,6 +61,9 @@ impl AddAssign for TimeBreakdown {
     }
 }
 
+/// gRPC's length-prefix of every message: a compression flag and a 4-byte length.
+pub const GRPC_FRAME_PREFIX: u64 = 5;
+
 /// Bytes of one call. `payload` counts tensor bytes; `message` counts the encoded protobuf messages
 /// plus gRPC's 5-byte frame header (HTTP/2 framing adds 9 bytes per 1 MiB frame beyond that).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

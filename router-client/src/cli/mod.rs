@@ -1,5 +1,6 @@
 //! The `switchyard` command line: flags here, work in the library.
 
+mod bench;
 mod forward;
 mod load_args;
 mod loadtest;
@@ -39,6 +40,10 @@ pub enum Command {
     /// Run `hidden_states` from a safetensors file through one layer of a running cluster; write
     /// `out` and `router_logits`, print the router statistics.
     Forward(forward::ForwardArgs),
+    /// Measure what expert parallelism costs: a sweep over cluster shapes, tokens per call and wire
+    /// dtypes (each point also run in-process), DeepEP's dispatch/combine settings, and a report
+    /// folder with Markdown, JSON and SVG charts.
+    Bench(bench::BenchArgs),
     /// Layers, experts, total and active parameters per token of a checkpoint or synthetic model.
     ModelInfo(model_info::ModelInfoArgs),
 }
@@ -50,5 +55,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => status::run(args).await,
         Command::Forward(args) => forward::run(args).await,
         Command::ModelInfo(args) => model_info::run(args),
+        Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -1,0 +1,550 @@
+//! `switchyard bench`: what expert parallelism costs, point by point.
+//!
+//! For each cluster shape ([`plan`]) the sweep starts a local coordinator and workers, then runs
+//! every point (tokens per call × wire dtype) through the distributed layer and, in the same run,
+//! through the in-process reference layer with the same inputs and routing: the communication
+//! overhead is a ratio of two times measured minutes apart on one machine. The DeepEP presets
+//! measure dispatch and combine alone (identity experts, bf16 both ways) beside this machine's raw
+//! TCP and gRPC baselines ([`wire`]). [`report`] writes the Markdown, JSON and SVG charts.
+
+pub mod charts;
+pub mod plan;
+pub mod report;
+pub mod wire;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_model::ModelSpec;
+use switchyard_proto::v1::Dtype;
+
+use crate::client::{ClientOptions, MoeClient};
+use crate::error::ClientError;
+use crate::loadtest::{self, Arrival, LoadReport, LoadSpec, Target};
+use crate::local_cluster::{LocalCluster, LocalClusterConfig, LocalClusterError};
+use crate::reference::{ReferenceLayer, relative_frobenius_error};
+use crate::router::RoutingOverrides;
+use crate::skew::{Inputs, Skew, gate_rows};
+use crate::table::TableWatcher;
+use plan::{ClusterShape, Point};
+
+/// How each point is measured.
+#[derive(Debug, Clone)]
+pub struct BenchSettings {
+    /// Measured calls per point (fewer if `point_time` runs out first).
+    pub calls: u64,
+    /// Unmeasured calls before each point's measured ones.
+    pub warmup_calls: u64,
+    /// Most measured time per point and target.
+    pub point_time: Duration,
+    /// Closed-loop callers. 1 keeps every call's ledger exact (no two calls share a socket or a batch).
+    pub concurrency: usize,
+    /// Workers answer with their input: no compute, the same bytes back.
+    pub identity_experts: bool,
+    pub worker_torch_threads: u32,
+    pub batch_wait_us: u64,
+    pub capacity_factor: f32,
+    /// Model fields the sweep does not vary (activation, seed).
+    pub model: ModelSpec,
+    /// Repeats of each wire baseline.
+    pub baseline_repeats: u32,
+    pub coordinator_bin: PathBuf,
+    pub worker_bin: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Cluster(#[from] LocalClusterError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("wire baseline: {0}")]
+    Wire(#[from] std::io::Error),
+    #[error("model: {0}")]
+    Model(String),
+}
+
+/// One point, measured both ways.
+#[derive(Debug, Clone)]
+pub struct PointResult {
+    pub point: Point,
+    pub identity_experts: bool,
+    /// Expert FLOPs of one kept row (2 per multiply-add), 0 for identity experts.
+    pub flops_per_row: f64,
+    pub distributed: LoadReport,
+    pub reference: Option<LoadReport>,
+    /// Relative Frobenius error of one distributed call's output against the reference's (same input).
+    pub wire_error: Option<f64>,
+}
+
+impl PointResult {
+    fn mean_wall_ms(report: &LoadReport) -> f64 {
+        report.mean_timing().wall.as_secs_f64() * 1e3
+    }
+
+    pub fn distributed_ms(&self) -> f64 {
+        Self::mean_wall_ms(&self.distributed)
+    }
+
+    pub fn reference_ms(&self) -> Option<f64> {
+        self.reference.as_ref().map(Self::mean_wall_ms)
+    }
+
+    /// Distributed mean call time over in-process mean call time.
+    pub fn overhead_ratio(&self) -> Option<f64> {
+        self.reference_ms().map(|reference| self.distributed_ms() / reference.max(1e-9))
+    }
+
+    /// Wire bytes (both directions) per token: tensor payload, encoded messages, socket bytes.
+    pub fn bytes_per_token(&self) -> (f64, f64, f64) {
+        let report = &self.distributed;
+        let tokens = report.tokens.max(1) as f64;
+        let bytes = report.bytes_total;
+        let socket: u64 = report.ledger.pairs.values().map(|pair| pair.socket_sent + pair.socket_received).sum();
+        (
+            (bytes.payload_sent + bytes.payload_received) as f64 / tokens,
+            (bytes.message_sent + bytes.message_received) as f64 / tokens,
+            socket as f64 / tokens,
+        )
+    }
+
+    /// Each phase's share of the mean wall time, in [`crate::TimeBreakdown::PHASES`] order.
+    pub fn phase_shares(&self) -> Vec<f64> {
+        let mean = self.distributed.mean_timing();
+        let wall = mean.wall.as_secs_f64().max(1e-12);
+        mean.phases().iter().map(|phase| phase.as_secs_f64() / wall).collect()
+    }
+
+    fn flops(report: &LoadReport, flops_per_row: f64) -> f64 {
+        report.expert_load.iter().sum::<u64>() as f64 * flops_per_row
+    }
+
+    /// Expert GFLOP/s over the workers' compute time (None for identity experts).
+    pub fn distributed_gflops(&self) -> Option<f64> {
+        let compute: f64 = self.distributed.ledger.pairs.values().map(|pair| pair.compute.as_secs_f64()).sum();
+        (self.flops_per_row > 0.0 && compute > 0.0)
+            .then(|| Self::flops(&self.distributed, self.flops_per_row) / compute / 1e9)
+    }
+
+    /// Expert GFLOP/s of the in-process reference over its compute time.
+    pub fn reference_gflops(&self) -> Option<f64> {
+        let reference = self.reference.as_ref()?;
+        let compute = reference.timing_total.compute.as_secs_f64();
+        (self.flops_per_row > 0.0 && compute > 0.0).then(|| Self::flops(reference, self.flops_per_row) / compute / 1e9)
+    }
+
+    /// Mean per call of the slowest worker's dispatch and combine transfers, in microseconds.
+    pub fn transfer_us(&self) -> (f64, f64) {
+        let calls = self.distributed.calls.max(1) as f64;
+        (
+            self.distributed.dispatch_total.as_secs_f64() * 1e6 / calls,
+            self.distributed.combine_transfer_total.as_secs_f64() * 1e6 / calls,
+        )
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let (payload, message, socket) = self.bytes_per_token();
+        let (dispatch_us, combine_us) = self.transfer_us();
+        let shares: serde_json::Map<String, serde_json::Value> = crate::TimeBreakdown::PHASES
+            .iter()
+            .zip(self.phase_shares())
+            .map(|(name, share)| (name.to_string(), serde_json::json!(share)))
+            .collect();
+        serde_json::json!({
+            "point": self.point,
+            "identity_experts": self.identity_experts,
+            "distributed_mean_ms": self.distributed_ms(),
+            "reference_mean_ms": self.reference_ms(),
+            "overhead_ratio": self.overhead_ratio(),
+            "payload_bytes_per_token": payload,
+            "message_bytes_per_token": message,
+            "socket_bytes_per_token": socket,
+            "phase_shares": shares,
+            "distributed_expert_gflops": self.distributed_gflops(),
+            "reference_expert_gflops": self.reference_gflops(),
+            "wire_error": self.wire_error,
+            "dispatch_transfer_us": dispatch_us,
+            "combine_transfer_us": combine_us,
+            "distributed": self.distributed.to_json(),
+            "reference": self.reference.as_ref().map(LoadReport::to_json),
+        })
+    }
+}
+
+/// A DeepEP setting: pure communication, bf16 both ways, beside the wire baselines.
+#[derive(Debug, Clone)]
+pub struct PresetResult {
+    pub name: &'static str,
+    pub result: PointResult,
+    /// Baselines at the size of one dispatch request.
+    pub baselines: wire::WireBaselines,
+}
+
+impl PresetResult {
+    /// Dispatch and combine, each as (microseconds, GB/s): the slowest worker's transfer per call
+    /// and the call's payload bytes in that direction over it.
+    pub fn transfers(&self) -> [(f64, f64); 2] {
+        let report = &self.result.distributed;
+        let calls = report.calls.max(1) as f64;
+        let (dispatch_us, combine_us) = self.result.transfer_us();
+        let rate = |bytes: u64, us: f64| bytes as f64 / calls / (us * 1e-6).max(1e-12) / 1e9;
+        [
+            (dispatch_us, rate(report.bytes_total.payload_sent, dispatch_us)),
+            (combine_us, rate(report.bytes_total.payload_received, combine_us)),
+        ]
+    }
+
+    /// The client's whole dispatch (encode + transfer) and combine (transfer + decode + weighted sum),
+    /// as DeepEP's kernels count them, in microseconds per call.
+    pub fn end_to_end_us(&self) -> (f64, f64) {
+        let mean = self.result.distributed.mean_timing();
+        let (dispatch, combine) = self.result.transfer_us();
+        let us = |duration: Duration| duration.as_secs_f64() * 1e6;
+        (us(mean.encode) + dispatch, combine + us(mean.decode) + us(mean.combine))
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let [(dispatch_us, dispatch_gbps), (combine_us, combine_gbps)] = self.transfers();
+        let (dispatch_total_us, combine_total_us) = self.end_to_end_us();
+        serde_json::json!({
+            "preset": self.name,
+            "dispatch_transfer_us": dispatch_us,
+            "dispatch_gb_per_s": dispatch_gbps,
+            "combine_transfer_us": combine_us,
+            "combine_gb_per_s": combine_gbps,
+            "dispatch_with_encode_us": dispatch_total_us,
+            "combine_with_decode_and_sum_us": combine_total_us,
+            "baselines": self.baselines,
+            "result": self.result.to_json(),
+        })
+    }
+}
+
+/// DeepEP's published settings: hidden 7168, top-8 of 256 experts (DeepSeek-V3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// 4096 tokens per call (the normal, throughput-oriented kernels).
+    DeepEpNormal,
+    /// 128 tokens per call (the low-latency decoding kernels).
+    DeepEpLowLatency,
+}
+
+impl Preset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::DeepEpNormal => "deepep-normal",
+            Preset::DeepEpLowLatency => "deepep-low-latency",
+        }
+    }
+
+    pub fn tokens(self) -> usize {
+        match self {
+            Preset::DeepEpNormal => 4096,
+            Preset::DeepEpLowLatency => 128,
+        }
+    }
+
+    /// The cluster: identity experts need no real d_ff; capacity never drops (DeepEP does not).
+    pub fn shape(self, workers: usize) -> ClusterShape {
+        ClusterShape { workers, experts: 256, top_k: 8, d_model: 7168, d_ff: 64 }
+    }
+}
+
+/// What `run` measures.
+#[derive(Debug, Clone)]
+pub struct BenchPlan {
+    pub axes: plan::Axes,
+    pub grid: bool,
+    /// Skip the sweep (presets only).
+    pub sweep: bool,
+    pub presets: Vec<Preset>,
+    pub preset_workers: usize,
+}
+
+/// Everything a bench run measured.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    pub settings_summary: serde_json::Value,
+    pub points: Vec<PointResult>,
+    pub presets: Vec<PresetResult>,
+    /// CPU, cores, CUDA: where the figures were measured.
+    pub machine: String,
+}
+
+fn model_of(shape: ClusterShape, settings: &BenchSettings, capacity_factor: f32) -> Result<ModelSpec, BenchError> {
+    let model = ModelSpec {
+        layers: 1,
+        experts_per_layer: shape.experts,
+        d_model: shape.d_model,
+        d_ff: shape.d_ff,
+        top_k: shape.top_k,
+        capacity_factor,
+        ..settings.model.clone()
+    };
+    model.validate().map_err(|error| BenchError::Model(error.to_string()))
+}
+
+/// A running local cluster of one shape, with a routing-table watcher.
+struct ShapeCluster {
+    cluster: LocalCluster,
+    watcher: TableWatcher,
+    model: ModelSpec,
+}
+
+impl ShapeCluster {
+    async fn start(model: ModelSpec, workers: usize, max_tokens: usize, settings: &BenchSettings) -> Result<Self, BenchError> {
+        let mut config = LocalClusterConfig::next_to(&settings.worker_bin, model.clone(), workers);
+        config.coordinator_bin = settings.coordinator_bin.clone();
+        config.worker_bin = settings.worker_bin.clone();
+        config.max_batch_tokens = max_tokens;
+        config.torch_threads = settings.worker_torch_threads;
+        config.worker_args = vec!["--batch-wait-us".into(), settings.batch_wait_us.to_string()];
+        if settings.identity_experts {
+            config.worker_args.push("--identity-experts".into());
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            config.log_filter = Some("warn".into());
+        }
+        let mut cluster = LocalCluster::start(config).await?;
+        let connected = async {
+            let watcher = TableWatcher::start(&cluster.coordinator_uri())?;
+            watcher.wait_for(|table| table.is_complete(), Duration::from_secs(120)).await?;
+            Ok::<_, ClientError>(watcher)
+        }
+        .await;
+        match connected {
+            Ok(watcher) => Ok(Self { cluster, watcher, model }),
+            Err(error) => {
+                cluster.stop(Duration::from_secs(2)).await;
+                Err(error.into())
+            }
+        }
+    }
+
+    fn client(&self, wire_dtype: Dtype) -> Arc<MoeClient> {
+        let options = ClientOptions { wire_dtype, ..ClientOptions::default() };
+        Arc::new(MoeClient::new(self.watcher.receiver(), options))
+    }
+
+    async fn stop(mut self) {
+        self.cluster.stop(Duration::from_secs(5)).await;
+    }
+}
+
+/// `requests` calls of `tokens` by `concurrency` closed-loop callers, for at most `duration`.
+fn load_spec(concurrency: usize, duration: Duration, tokens: usize, requests: u64, seed: u64) -> LoadSpec {
+    LoadSpec {
+        concurrency: concurrency.max(1),
+        arrival: Arrival::Closed,
+        duration,
+        requests: Some(requests),
+        tokens_per_call: tokens,
+        layer: 0,
+        warmup: Duration::ZERO,
+        seed,
+        routing: RoutingOverrides::default(),
+        progress: false,
+        skew: Skew::Uniform,
+    }
+}
+
+/// Warm-up calls, then the measured ones (so the socket counters cover exactly the measured calls).
+async fn measure(target: Target, settings: &BenchSettings, tokens: usize, name: &str) -> Result<LoadReport, BenchError> {
+    if settings.warmup_calls > 0 {
+        let spec = load_spec(settings.concurrency, settings.point_time, tokens, settings.warmup_calls, 1);
+        loadtest::run(target.clone(), spec, "warm-up").await?;
+    }
+    let spec = load_spec(settings.concurrency, settings.point_time, tokens, settings.calls, 1);
+    Ok(loadtest::run(target, spec, name).await?)
+}
+
+/// A few calls of the largest batch through both targets, so every expert has run (libtorch's first
+/// forward of each is slow) before anything is measured.
+async fn warm_up_every_expert(
+    cluster: &ShapeCluster,
+    reference: &Arc<ReferenceLayer>,
+    axes: &plan::Axes,
+) -> Result<(), BenchError> {
+    let tokens = axes.tokens.iter().copied().max().unwrap_or(1);
+    let spec = load_spec(1, Duration::from_secs(60), tokens, 3, 2);
+    for dtype in &axes.wire_dtypes {
+        loadtest::run(Target::Distributed(cluster.client(*dtype)), spec.clone(), "warm-up").await?;
+    }
+    loadtest::run(Target::Reference(reference.clone()), spec, "warm-up").await?;
+    Ok(())
+}
+
+/// One call through both, on the same input: how far the wire dtype moves the output.
+async fn wire_error(client: &MoeClient, reference: &ReferenceLayer, tokens: usize) -> Result<f64, BenchError> {
+    let model = reference.model();
+    let gate = gate_rows(model, 0)?;
+    let inputs = Inputs::generate(&Skew::Uniform, &gate, model.experts_per_layer as usize, tokens, model.d_model as usize, 7);
+    let hidden = inputs.pick(0, Duration::ZERO);
+    let distributed = client.forward(0, &hidden).await?;
+    let expected = reference.forward(0, &hidden, &RoutingOverrides::default())?;
+    Ok(relative_frobenius_error(&distributed.hidden, &expected.hidden))
+}
+
+/// Called after each point with (points done, points in all, the point's one-line summary).
+pub type Progress<'a> = &'a (dyn Fn(usize, usize, &str) + Sync);
+
+/// Runs `plan`: the sweep, then the presets.
+pub async fn run(plan: &BenchPlan, settings: &BenchSettings, progress: Progress<'_>) -> Result<BenchReport, BenchError> {
+    let shapes = if plan.sweep { plan.axes.shapes(plan.grid) } else { Vec::new() };
+    let total = shapes.iter().map(|shape| plan.axes.points_of(*shape).len()).sum::<usize>() + plan.presets.len();
+    let mut done = 0;
+    let mut points = Vec::new();
+    let max_tokens = plan.axes.tokens.iter().copied().max().unwrap_or(1);
+    for shape in shapes {
+        let model = model_of(shape, settings, settings.capacity_factor)?;
+        let cluster = ShapeCluster::start(model.clone(), shape.workers, max_tokens, settings).await?;
+        let measured = measure_shape(&cluster, &plan.axes, shape, settings, &mut done, total, progress).await;
+        cluster.stop().await;
+        points.extend(measured?);
+    }
+    let mut presets = Vec::new();
+    for preset in &plan.presets {
+        let shape = preset.shape(plan.preset_workers);
+        // Capacity = every token: DeepEP never drops.
+        let capacity_factor = shape.experts as f32 / shape.top_k as f32;
+        let identity = BenchSettings { identity_experts: true, ..settings.clone() };
+        let model = model_of(shape, &identity, capacity_factor)?;
+        let cluster = ShapeCluster::start(model.clone(), shape.workers, preset.tokens(), &identity).await?;
+        let measured = measure_preset(&cluster, *preset, shape, &identity).await;
+        cluster.stop().await;
+        let measured = measured?;
+        done += 1;
+        progress(done, total, &preset_line(&measured));
+        presets.push(measured);
+    }
+    Ok(BenchReport { settings_summary: settings_json(settings, plan), points, presets, machine: machine_summary() })
+}
+
+async fn measure_shape(
+    cluster: &ShapeCluster,
+    axes: &plan::Axes,
+    shape: ClusterShape,
+    settings: &BenchSettings,
+    done: &mut usize,
+    total: usize,
+    progress: Progress<'_>,
+) -> Result<Vec<PointResult>, BenchError> {
+    let threads = (shape.workers as u32 * settings.worker_torch_threads).max(1);
+    tch::set_num_threads(threads as i32);
+    let reference = Arc::new(if settings.identity_experts {
+        ReferenceLayer::identity(&cluster.model, &[0], reference_device())
+    } else {
+        ReferenceLayer::synthetic(&cluster.model, &[0], reference_device())
+    });
+    warm_up_every_expert(cluster, &reference, axes).await?;
+    let mut results = Vec::new();
+    for point in axes.points_of(shape) {
+        let client = cluster.client(point.wire_dtype);
+        let error = wire_error(&client, &reference, point.tokens).await?;
+        let distributed = measure(Target::Distributed(client), settings, point.tokens, "distributed").await?;
+        let in_process = measure(Target::Reference(reference.clone()), settings, point.tokens, "in-process").await?;
+        let result = PointResult {
+            point,
+            identity_experts: settings.identity_experts,
+            flops_per_row: flops_per_row(&cluster.model, settings.identity_experts),
+            distributed,
+            reference: Some(in_process),
+            wire_error: Some(error),
+        };
+        *done += 1;
+        progress(*done, total, &point_line(&result));
+        results.push(result);
+    }
+    Ok(results)
+}
+
+async fn measure_preset(
+    cluster: &ShapeCluster,
+    preset: Preset,
+    shape: ClusterShape,
+    settings: &BenchSettings,
+) -> Result<PresetResult, BenchError> {
+    let point = Point { shape, tokens: preset.tokens(), wire_dtype: Dtype::Bf16 };
+    let client = cluster.client(Dtype::Bf16);
+    let distributed = measure(Target::Distributed(client), settings, point.tokens, preset.name()).await?;
+    // The baselines move what one dispatch request carried.
+    let requests: u64 = distributed.ledger.pairs.values().map(|pair| pair.requests).sum();
+    let request_bytes = distributed.bytes_total.payload_sent / requests.max(1);
+    let baselines = wire::measure(request_bytes.max(1) as usize, settings.baseline_repeats).await?;
+    let result = PointResult {
+        point,
+        identity_experts: true,
+        flops_per_row: 0.0,
+        distributed,
+        reference: None,
+        wire_error: None,
+    };
+    Ok(PresetResult { name: preset.name(), result, baselines })
+}
+
+/// The reference runs where the workers' experts would: CUDA when present.
+fn reference_device() -> tch::Device {
+    tch::Device::cuda_if_available()
+}
+
+/// FLOPs of one row through one expert: 2 per multiply-add, one `d_model × d_ff` product per matrix.
+pub fn flops_per_row(model: &ModelSpec, identity: bool) -> f64 {
+    if identity {
+        return 0.0;
+    }
+    2.0 * model.activation.matrices() as f64 * f64::from(model.d_model) * f64::from(model.d_ff)
+}
+
+fn point_line(result: &PointResult) -> String {
+    let shape = result.point.shape;
+    format!(
+        "{} workers, {} experts, top-{}, d {}x{}, {} tokens, {}: {:.2} ms distributed, {} in-process",
+        shape.workers,
+        shape.experts,
+        shape.top_k,
+        shape.d_model,
+        shape.d_ff,
+        result.point.tokens,
+        plan::dtype_name(result.point.wire_dtype),
+        result.distributed_ms(),
+        result.reference_ms().map_or("-".into(), |ms| format!("{ms:.2} ms")),
+    )
+}
+
+fn preset_line(preset: &PresetResult) -> String {
+    let [(dispatch_us, dispatch_gbps), (combine_us, combine_gbps)] = preset.transfers();
+    format!(
+        "{}: dispatch {dispatch_us:.0} µs ({dispatch_gbps:.2} GB/s), combine {combine_us:.0} µs ({combine_gbps:.2} GB/s)",
+        preset.name
+    )
+}
+
+fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Value {
+    serde_json::json!({
+        "calls_per_point": settings.calls,
+        "warmup_calls": settings.warmup_calls,
+        "point_time_s": settings.point_time.as_secs_f64(),
+        "concurrency": settings.concurrency,
+        "identity_experts": settings.identity_experts,
+        "worker_torch_threads": settings.worker_torch_threads,
+        "batch_wait_us": settings.batch_wait_us,
+        "capacity_factor": settings.capacity_factor,
+        "activation": format!("{:?}", settings.model.activation),
+        "grid": plan.grid,
+        "preset_workers": plan.preset_workers,
+    })
+}
+
+/// CPU model and core count, for the report's header.
+fn machine_summary() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find(|line| line.starts_with("model name")).and_then(|line| line.split(':').nth(1)).map(|name| name.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let cuda = if tch::Cuda::is_available() { "CUDA available" } else { "no CUDA" };
+    format!("{cpu}, {cores} cores available, {cuda}")
+}

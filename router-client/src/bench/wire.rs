@@ -1,0 +1,161 @@
+//! The limits of this machine's wire, measured in the same run as the expert dispatch: raw TCP on
+//! loopback and a plain gRPC echo of the same bytes, with the same transport settings. Each server
+//! runs on its own threads (its own Tokio runtime for gRPC), as a worker process would.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use switchyard_proto::v1::wire_echo_client::WireEchoClient;
+use switchyard_proto::v1::wire_echo_server::{WireEcho, WireEchoServer};
+use switchyard_proto::v1::EchoMessage;
+use tonic::{Request, Response, Status};
+
+/// One transfer pattern at one message size: the mean over `repeats` after one unmeasured round.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct WireFigure {
+    pub bytes: u64,
+    pub repeats: u32,
+    /// Mean time of one transfer (one-way: until the 1-byte or empty acknowledgement is back).
+    pub mean_us: f64,
+    /// Bytes moved (both directions for an echo) per second, in GB/s (10⁹).
+    pub gb_per_s: f64,
+}
+
+impl WireFigure {
+    fn from_times(bytes: u64, moved: u64, times: &[Duration]) -> Self {
+        let mean = times.iter().sum::<Duration>().as_secs_f64() / times.len().max(1) as f64;
+        Self { bytes, repeats: times.len() as u32, mean_us: mean * 1e6, gb_per_s: moved as f64 / mean.max(1e-12) / 1e9 }
+    }
+}
+
+/// The four baselines at one size.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct WireBaselines {
+    pub tcp_one_way: WireFigure,
+    pub tcp_echo: WireFigure,
+    pub grpc_one_way: WireFigure,
+    pub grpc_echo: WireFigure,
+}
+
+/// Measures all four baselines for messages of `bytes`.
+pub async fn measure(bytes: usize, repeats: u32) -> std::io::Result<WireBaselines> {
+    let (tcp_one_way, tcp_echo) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        Ok((tcp(bytes, repeats, false)?, tcp(bytes, repeats, true)?))
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    let (grpc_one_way, grpc_echo) = grpc(bytes, repeats).await?;
+    Ok(WireBaselines { tcp_one_way, tcp_echo, grpc_one_way, grpc_echo })
+}
+
+/// Blocking TCP on 127.0.0.1: the client writes `bytes`; the server answers them back (`echo`) or
+/// with one byte.
+fn tcp(bytes: usize, repeats: u32, echo: bool) -> std::io::Result<WireFigure> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?;
+    let answer_bytes = if echo { bytes } else { 1 };
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut socket, _) = listener.accept()?;
+        socket.set_nodelay(true)?;
+        let mut buffer = vec![0u8; bytes];
+        for _ in 0..=repeats {
+            socket.read_exact(&mut buffer)?;
+            socket.write_all(&buffer[..answer_bytes])?;
+        }
+        Ok(())
+    });
+    let mut socket = TcpStream::connect(address)?;
+    socket.set_nodelay(true)?;
+    let payload = vec![0x5au8; bytes];
+    let mut answer = vec![0u8; answer_bytes];
+    let mut times = Vec::with_capacity(repeats as usize);
+    for round in 0..=repeats {
+        let started = Instant::now();
+        socket.write_all(&payload)?;
+        socket.read_exact(&mut answer)?;
+        if round > 0 {
+            times.push(started.elapsed());
+        }
+    }
+    server.join().map_err(|_| std::io::Error::other("the TCP echo server panicked"))??;
+    Ok(WireFigure::from_times(bytes as u64, (bytes + answer_bytes) as u64, &times))
+}
+
+struct Echo;
+
+#[tonic::async_trait]
+impl WireEcho for Echo {
+    async fn echo(&self, request: Request<EchoMessage>) -> Result<Response<EchoMessage>, Status> {
+        let message = request.into_inner();
+        let payload = if message.discard { Bytes::new() } else { message.payload };
+        Ok(Response::new(EchoMessage { payload, discard: false }))
+    }
+}
+
+/// A gRPC echo server on its own runtime thread, and a client with the project's transport settings.
+async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFigure)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let service = WireEchoServer::new(Echo)
+                .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
+            switchyard_common::transport::server()
+                .add_service(service)
+                .serve_with_incoming_shutdown(switchyard_common::transport::incoming(listener), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .map_err(std::io::Error::other)
+        })
+    });
+    let channel = switchyard_common::transport::channel(&format!("http://{address}")).map_err(std::io::Error::other)?;
+    let mut client = WireEchoClient::new(channel)
+        .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
+    let payload = Bytes::from(vec![0x5au8; bytes]);
+    let mut figures = Vec::new();
+    for discard in [true, false] {
+        let mut times = Vec::with_capacity(repeats as usize);
+        for round in 0..=repeats {
+            let started = Instant::now();
+            let answer = client
+                .echo(EchoMessage { payload: payload.clone(), discard })
+                .await
+                .map_err(|status| std::io::Error::other(status.to_string()))?;
+            if round > 0 {
+                times.push(started.elapsed());
+            }
+            debug_assert_eq!(answer.get_ref().payload.len(), if discard { 0 } else { bytes });
+        }
+        let moved = if discard { bytes } else { 2 * bytes } as u64;
+        figures.push(WireFigure::from_times(bytes as u64, moved, &times));
+    }
+    let _ = stop.send(());
+    server.join().map_err(|_| std::io::Error::other("the gRPC echo server panicked"))??;
+    Ok((figures[0], figures[1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_baseline_moves_its_bytes_and_reports_a_rate() {
+        let baselines = measure(256 * 1024, 3).await.expect("loopback baselines");
+        for figure in [baselines.tcp_one_way, baselines.tcp_echo, baselines.grpc_one_way, baselines.grpc_echo] {
+            assert_eq!((figure.bytes, figure.repeats), (256 * 1024, 3));
+            assert!(figure.mean_us > 0.0 && figure.gb_per_s > 0.0, "{figure:?}");
+        }
+        // An echo moves twice the bytes of a one-way transfer.
+        let implied = |figure: WireFigure| figure.gb_per_s * figure.mean_us;
+        assert!((implied(baselines.tcp_echo) / implied(baselines.tcp_one_way) - 2.0).abs() < 0.01);
+    }
+}

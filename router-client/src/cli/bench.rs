@@ -1,0 +1,206 @@
+//! `switchyard bench`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use switchyard_model::ModelSpec;
+use switchyard_model::spec::Activation;
+use switchyard_proto::v1::Dtype;
+use switchyard_router_client::bench::plan::Axes;
+use switchyard_router_client::bench::{self, BenchPlan, BenchSettings, Preset};
+
+use super::load_args::{parse_dtype, parse_duration};
+
+/// Sweeps cluster shapes, tokens per call and wire dtypes on local clusters; each point runs
+/// distributed and through the in-process reference in the same run. Writes report.md,
+/// report.json and SVG charts to --out.
+///
+/// Lists are comma-separated; the first value of each cluster axis (--workers, --experts, --top-k,
+/// --dims) is the base, and each axis is varied alone around it (--grid: every combination). Every
+/// cluster runs every --tokens x --wire-dtypes combination.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Report folder (created; files in it are replaced).
+    #[arg(long, env = "SWITCHYARD_BENCH_OUT", default_value = "bench-report")]
+    pub out: PathBuf,
+
+    /// What to run: sweep, deepep (both DeepEP presets), deepep-normal, deepep-low-latency, all.
+    #[arg(long, env = "SWITCHYARD_BENCH_RUN", default_value = "all", value_parser = parse_run)]
+    pub run: RunWhat,
+
+    /// Tokens per layer call.
+    #[arg(long, env = "SWITCHYARD_BENCH_TOKENS", value_delimiter = ',', default_value = "1,16,64,256")]
+    pub tokens: Vec<usize>,
+
+    /// Element types of rows on the wire: f32, f16, bf16.
+    #[arg(long, env = "SWITCHYARD_BENCH_WIRE_DTYPES", value_delimiter = ',', default_value = "f32,bf16", value_parser = parse_dtype)]
+    pub wire_dtypes: Vec<Dtype>,
+
+    /// Expert workers per cluster.
+    #[arg(long, env = "SWITCHYARD_BENCH_WORKERS", value_delimiter = ',', default_value = "2,1,3")]
+    pub workers: Vec<usize>,
+
+    /// Routed experts per layer.
+    #[arg(long, env = "SWITCHYARD_BENCH_EXPERTS", value_delimiter = ',', default_value = "8,16")]
+    pub experts: Vec<u32>,
+
+    /// Experts per token.
+    #[arg(long, env = "SWITCHYARD_BENCH_TOP_K", value_delimiter = ',', default_value = "2,1,4")]
+    pub top_k: Vec<u32>,
+
+    /// Model sizes as d_modelxd_ff.
+    #[arg(long, env = "SWITCHYARD_BENCH_DIMS", value_delimiter = ',', default_value = "512x1024,1024x4096", value_parser = parse_dims)]
+    pub dims: Vec<(u32, u32)>,
+
+    /// Every combination of the cluster axes instead of one axis at a time.
+    #[arg(long, env = "SWITCHYARD_BENCH_GRID")]
+    pub grid: bool,
+
+    /// Measured calls per point and target (fewer if --point-time runs out first).
+    #[arg(long, env = "SWITCHYARD_BENCH_CALLS", default_value_t = 20)]
+    pub calls: u64,
+
+    /// Unmeasured calls before each point's measured ones.
+    #[arg(long, env = "SWITCHYARD_BENCH_WARMUP_CALLS", default_value_t = 3)]
+    pub warmup_calls: u64,
+
+    /// Most measured time per point and target.
+    #[arg(long, env = "SWITCHYARD_BENCH_POINT_TIME", default_value = "3s", value_parser = parse_duration)]
+    pub point_time: Duration,
+
+    /// Concurrent callers (1 keeps each call's ledger exact).
+    #[arg(long, env = "SWITCHYARD_BENCH_CONCURRENCY", default_value_t = 1)]
+    pub concurrency: usize,
+
+    /// Sweep with identity experts too (pure communication); the presets always use them.
+    #[arg(long, env = "SWITCHYARD_BENCH_IDENTITY_EXPERTS")]
+    pub identity_experts: bool,
+
+    /// Workers of the DeepEP presets.
+    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_WORKERS", default_value_t = 2)]
+    pub preset_workers: usize,
+
+    /// libtorch threads per worker; the in-process reference gets workers x this many.
+    #[arg(long, env = "SWITCHYARD_WORKER_TORCH_THREADS", default_value_t = 1)]
+    pub worker_torch_threads: u32,
+
+    /// Workers' batch wait bound in microseconds (0: a lone caller never waits for company).
+    #[arg(long, env = "SWITCHYARD_BATCH_WAIT_US", default_value_t = 0)]
+    pub batch_wait_us: u64,
+
+    /// Capacity factor of the sweep's models.
+    #[arg(long, env = "SWITCHYARD_BENCH_CAPACITY_FACTOR", default_value_t = 1.25)]
+    pub capacity_factor: f32,
+
+    /// Expert activation of the sweep's models: swiglu or gelu.
+    #[arg(long, env = "SWITCHYARD_BENCH_ACTIVATION", default_value = "swiglu", value_parser = parse_activation)]
+    pub activation: Activation,
+
+    /// Repeats of each TCP and gRPC baseline.
+    #[arg(long, env = "SWITCHYARD_BENCH_BASELINE_REPEATS", default_value_t = 10)]
+    pub baseline_repeats: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunWhat {
+    sweep: bool,
+    presets: Vec<Preset>,
+}
+
+fn parse_run(text: &str) -> Result<RunWhat, String> {
+    let both = vec![Preset::DeepEpNormal, Preset::DeepEpLowLatency];
+    Ok(match text {
+        "all" => RunWhat { sweep: true, presets: both },
+        "sweep" => RunWhat { sweep: true, presets: Vec::new() },
+        "deepep" => RunWhat { sweep: false, presets: both },
+        "deepep-normal" => RunWhat { sweep: false, presets: vec![Preset::DeepEpNormal] },
+        "deepep-low-latency" => RunWhat { sweep: false, presets: vec![Preset::DeepEpLowLatency] },
+        other => {
+            return Err(format!(
+                "unknown run '{other}' (use all, sweep, deepep, deepep-normal or deepep-low-latency)"
+            ));
+        }
+    })
+}
+
+fn parse_dims(text: &str) -> Result<(u32, u32), String> {
+    let (d_model, d_ff) = text.split_once('x').ok_or_else(|| format!("--dims {text}: expected d_modelxd_ff, e.g. 512x1024"))?;
+    let number = |value: &str| value.parse::<u32>().ok().filter(|n| *n > 0);
+    match (number(d_model), number(d_ff)) {
+        (Some(d_model), Some(d_ff)) => Ok((d_model, d_ff)),
+        _ => Err(format!("--dims {text}: both sizes must be positive integers")),
+    }
+}
+
+fn parse_activation(text: &str) -> Result<Activation, String> {
+    text.parse()
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    for (flag, empty) in [
+        ("--tokens", args.tokens.is_empty()),
+        ("--wire-dtypes", args.wire_dtypes.is_empty()),
+        ("--workers", args.workers.is_empty()),
+        ("--experts", args.experts.is_empty()),
+        ("--top-k", args.top_k.is_empty()),
+        ("--dims", args.dims.is_empty()),
+    ] {
+        anyhow::ensure!(!empty, "{flag} needs at least one value");
+    }
+    anyhow::ensure!(args.tokens.iter().all(|t| *t > 0), "--tokens must be positive");
+    anyhow::ensure!(args.workers.iter().all(|w| *w > 0) && args.preset_workers > 0, "workers must be positive");
+    anyhow::ensure!(args.calls > 0, "--calls must be positive");
+    let me = std::env::current_exe().context("locating the switchyard binary")?;
+    let dir = me.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let settings = BenchSettings {
+        calls: args.calls,
+        warmup_calls: args.warmup_calls,
+        point_time: args.point_time,
+        concurrency: args.concurrency,
+        identity_experts: args.identity_experts,
+        worker_torch_threads: args.worker_torch_threads,
+        batch_wait_us: args.batch_wait_us,
+        capacity_factor: args.capacity_factor,
+        model: ModelSpec { activation: args.activation, ..ModelSpec::default_synthetic() },
+        baseline_repeats: args.baseline_repeats,
+        coordinator_bin: dir.join("switchyard-coordinator"),
+        worker_bin: dir.join("switchyard-worker"),
+    };
+    let plan = BenchPlan {
+        axes: Axes {
+            tokens: args.tokens.clone(),
+            wire_dtypes: args.wire_dtypes.clone(),
+            workers: args.workers.clone(),
+            experts: args.experts.clone(),
+            top_k: args.top_k.clone(),
+            dims: args.dims.clone(),
+        },
+        grid: args.grid,
+        sweep: args.run.sweep,
+        presets: args.run.presets.clone(),
+        preset_workers: args.preset_workers,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} points, {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress = |done: usize, total: usize, line: &str| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.println(line);
+    };
+    let report = bench::run(&plan, &settings, &progress).await?;
+    bar.finish_and_clear();
+    let command = std::env::args()
+        .map(|arg| if arg.contains(' ') { format!("'{arg}'") } else { arg })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let written = bench::report::write(&report, &command, &args.out)?;
+    print!("{}", bench::report::render_markdown(&report, &command));
+    for path in written {
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

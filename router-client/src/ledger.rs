@@ -1,0 +1,253 @@
+//! The communication ledger: where every byte and microsecond of each (client → worker) hop went.
+//!
+//! [`WorkerCall`] is one worker's share of one layer call; [`CommLedger`] sums them per
+//! (layer, worker) over many calls and keeps the straggler view: which worker the call waited for,
+//! and by how much it trailed the next slowest.
+//!
+//! Dispatch is the time from the client handing a request to gRPC until the worker's handler has
+//! it (protobuf encode, HTTP/2 transfer, decode); combine-transfer is the way back, from the
+//! worker's reply until the client holds the decoded message. Both come from wall clocks on two
+//! processes, so they are exact on one host and as good as the clock sync across hosts.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_proto::v1;
+
+use crate::timing::{ByteCounts, GRPC_FRAME_PREFIX};
+
+/// One RPC as the client timed it.
+#[derive(Debug, Clone, Copy)]
+pub struct RpcTiming {
+    pub elapsed: Duration,
+    pub sent_unix_nanos: u64,
+    pub answered_unix_nanos: u64,
+}
+
+/// One worker's share of one layer call (summed over its requests when the payload was split).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WorkerCall {
+    pub endpoint: Arc<str>,
+    pub requests: usize,
+    pub rows: usize,
+    pub bytes: ByteCounts,
+    /// Client CPU time gathering and converting this worker's rows.
+    pub encode: Duration,
+    /// Client CPU time converting this worker's answers to f32.
+    pub decode: Duration,
+    /// Client time adding this worker's answers into the output.
+    pub combine: Duration,
+    /// The slowest of this worker's RPCs, as the client saw it.
+    pub rpc: Duration,
+    /// The worker's handler time (its answer's `worker_us`), slowest request.
+    pub worker: Duration,
+    /// Request transfer: client send → worker handler (slowest request).
+    pub dispatch: Duration,
+    /// Answer transfer: worker reply → client has it (slowest request).
+    pub combine_transfer: Duration,
+    /// Handler time not spent computing (queue wait, batching), slowest request.
+    pub queue_wait: Duration,
+    /// Expert compute of this worker's batches, summed.
+    pub compute: Duration,
+}
+
+impl WorkerCall {
+    pub fn new(endpoint: Arc<str>) -> Self {
+        Self { endpoint, ..Self::default() }
+    }
+
+    /// Adds one answered request of this worker.
+    pub fn record_answer(&mut self, response: &v1::ForwardResponse, rpc: &RpcTiming) {
+        use prost::Message;
+        self.bytes.message_received += response.encoded_len() as u64 + GRPC_FRAME_PREFIX;
+        self.rpc = self.rpc.max(rpc.elapsed);
+        self.worker = self.worker.max(Duration::from_micros(response.worker_us));
+        let gap = |from: u64, to: u64| match (from, to) {
+            (0, _) | (_, 0) => Duration::ZERO,
+            (from, to) => Duration::from_nanos(to.saturating_sub(from)),
+        };
+        self.dispatch = self.dispatch.max(gap(rpc.sent_unix_nanos, response.received_unix_nanos));
+        self.combine_transfer = self.combine_transfer.max(gap(response.replied_unix_nanos, rpc.answered_unix_nanos));
+        let compute = response_compute(response);
+        self.queue_wait = self.queue_wait.max(Duration::from_micros(response.worker_us).saturating_sub(compute));
+        self.compute += compute;
+    }
+}
+
+/// The expert compute of one answer: the sum over its expert batches.
+pub fn response_compute(response: &v1::ForwardResponse) -> Duration {
+    Duration::from_micros(response.outputs.iter().filter_map(|output| output.timing.map(|t| t.compute_us)).sum())
+}
+
+/// Sums of one (layer, worker) pair over many calls.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PairTotals {
+    pub calls: u64,
+    pub requests: u64,
+    pub rows: u64,
+    pub bytes: ByteCounts,
+    /// Bytes its connection wrote and read on the socket (framing included), when known.
+    pub socket_sent: u64,
+    pub socket_received: u64,
+    pub encode: Duration,
+    pub decode: Duration,
+    pub combine: Duration,
+    pub rpc: Duration,
+    pub dispatch: Duration,
+    pub combine_transfer: Duration,
+    pub queue_wait: Duration,
+    pub compute: Duration,
+    /// Calls that waited for this worker last.
+    pub straggler_calls: u64,
+    /// Summed time by which this worker trailed the next slowest, over the calls it was the straggler.
+    pub straggler_margin: Duration,
+}
+
+impl PairTotals {
+    fn add(&mut self, call: &WorkerCall) {
+        self.calls += 1;
+        self.requests += call.requests as u64;
+        self.rows += call.rows as u64;
+        self.bytes += call.bytes;
+        self.encode += call.encode;
+        self.decode += call.decode;
+        self.combine += call.combine;
+        self.rpc += call.rpc;
+        self.dispatch += call.dispatch;
+        self.combine_transfer += call.combine_transfer;
+        self.queue_wait += call.queue_wait;
+        self.compute += call.compute;
+    }
+
+}
+
+/// Per (layer, worker) totals of many calls.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommLedger {
+    pub pairs: BTreeMap<(u32, String), PairTotals>,
+}
+
+impl CommLedger {
+    /// Adds one layer call's worker shares, and marks its straggler.
+    pub fn record(&mut self, layer: u32, calls: &[WorkerCall]) {
+        for call in calls {
+            self.pairs.entry((layer, call.endpoint.to_string())).or_default().add(call);
+        }
+        let mut by_rpc: Vec<&WorkerCall> = calls.iter().collect();
+        by_rpc.sort_by_key(|call| std::cmp::Reverse(call.rpc));
+        if let Some(slowest) = by_rpc.first() {
+            let runner_up = by_rpc.get(1).map_or(Duration::ZERO, |call| call.rpc);
+            let pair = self.pairs.entry((layer, slowest.endpoint.to_string())).or_default();
+            pair.straggler_calls += 1;
+            pair.straggler_margin += slowest.rpc.saturating_sub(runner_up);
+        }
+    }
+
+    /// Attributes socket byte counts (deltas over the measured window) to every pair of `layer`.
+    pub fn set_socket_bytes(&mut self, layer: u32, endpoint: &str, sent: u64, received: u64) {
+        let pair = self.pairs.entry((layer, endpoint.to_owned())).or_default();
+        pair.socket_sent = sent;
+        pair.socket_received = received;
+    }
+
+    /// Every pair as JSON: totals divided by calls (per call means), microseconds and bytes.
+    pub fn to_json(&self) -> serde_json::Value {
+        let pairs: Vec<serde_json::Value> = self
+            .pairs
+            .iter()
+            .map(|((layer, endpoint), pair)| {
+                let calls = pair.calls.max(1);
+                let us = |total: Duration| total.as_secs_f64() * 1e6 / calls as f64;
+                serde_json::json!({
+                    "layer": layer,
+                    "worker": endpoint,
+                    "calls": pair.calls,
+                    "requests_per_call": pair.requests as f64 / calls as f64,
+                    "rows_per_call": pair.rows as f64 / calls as f64,
+                    "payload_bytes_sent_per_call": pair.bytes.payload_sent / calls,
+                    "payload_bytes_received_per_call": pair.bytes.payload_received / calls,
+                    "message_bytes_sent_per_call": pair.bytes.message_sent / calls,
+                    "message_bytes_received_per_call": pair.bytes.message_received / calls,
+                    "socket_bytes_sent_per_call": pair.socket_sent / calls,
+                    "socket_bytes_received_per_call": pair.socket_received / calls,
+                    "encode_us": us(pair.encode),
+                    "decode_us": us(pair.decode),
+                    "combine_us": us(pair.combine),
+                    "rpc_us": us(pair.rpc),
+                    "dispatch_us": us(pair.dispatch),
+                    "combine_transfer_us": us(pair.combine_transfer),
+                    "queue_wait_us": us(pair.queue_wait),
+                    "compute_us": us(pair.compute),
+                    "straggler_calls": pair.straggler_calls,
+                    "straggler_margin_mean_us": pair.straggler_margin.as_secs_f64() * 1e6 / pair.straggler_calls.max(1) as f64,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(pairs)
+    }
+
+    /// The ledger as text lines, one per pair, per-call means.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        for ((layer, endpoint), pair) in &self.pairs {
+            let calls = pair.calls.max(1);
+            let us = |total: Duration| format!("{:.0}", total.as_secs_f64() * 1e6 / calls as f64);
+            text.push_str(&format!(
+                "  layer {layer} → {endpoint}: {} rows | sent {} B payload, {} B message, {} B socket | received {} B payload, {} B message, {} B socket\n",
+                pair.rows / calls,
+                pair.bytes.payload_sent / calls,
+                pair.bytes.message_sent / calls,
+                pair.socket_sent / calls,
+                pair.bytes.payload_received / calls,
+                pair.bytes.message_received / calls,
+                pair.socket_received / calls,
+            ));
+            text.push_str(&format!(
+                "      µs/call: encode {} | dispatch {} | queue {} | compute {} | combine-transfer {} | decode {} | combine {} | rpc {} | straggler in {} of {} calls (by {:.0} µs)\n",
+                us(pair.encode),
+                us(pair.dispatch),
+                us(pair.queue_wait),
+                us(pair.compute),
+                us(pair.combine_transfer),
+                us(pair.decode),
+                us(pair.combine),
+                us(pair.rpc),
+                pair.straggler_calls,
+                pair.calls,
+                pair.straggler_margin.as_secs_f64() * 1e6 / pair.straggler_calls.max(1) as f64,
+            ));
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(endpoint: &str, rpc_ms: u64, rows: usize) -> WorkerCall {
+        WorkerCall {
+            endpoint: Arc::from(endpoint),
+            requests: 1,
+            rows,
+            rpc: Duration::from_millis(rpc_ms),
+            dispatch: Duration::from_millis(1),
+            ..WorkerCall::default()
+        }
+    }
+
+    #[test]
+    fn the_straggler_is_the_slowest_worker_and_its_margin_is_over_the_runner_up() {
+        let mut ledger = CommLedger::default();
+        ledger.record(0, &[call("a", 10, 4), call("b", 4, 2), call("c", 7, 1)]);
+        ledger.record(0, &[call("a", 5, 4), call("b", 9, 2), call("c", 7, 1)]);
+        let a = &ledger.pairs[&(0, "a".to_owned())];
+        let b = &ledger.pairs[&(0, "b".to_owned())];
+        let c = &ledger.pairs[&(0, "c".to_owned())];
+        assert_eq!((a.straggler_calls, a.straggler_margin), (1, Duration::from_millis(3)));
+        assert_eq!((b.straggler_calls, b.straggler_margin), (1, Duration::from_millis(2)));
+        assert_eq!(c.straggler_calls, 0);
+        assert_eq!((a.calls, a.rows, a.rpc, a.dispatch), (2, 8, Duration::from_millis(15), Duration::from_millis(2)));
+    }
+}
