@@ -18,7 +18,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::control::WorkerControl;
 use crate::error::CoordinatorError;
-use crate::metrics::CoordinatorMetrics;
+use crate::metrics::{CoordinatorMetrics, OutcomeLabels, WorkerLabels};
 use crate::placement::{self, ExpertOrd, Placement, WorkerId, WorkerSlot};
 
 #[derive(Debug, Clone)]
@@ -335,9 +335,13 @@ impl<C: WorkerControl> Cluster<C> {
     ) -> Vec<(String, Vec<v1::ExpertKey>)> {
         let mut state = self.lock();
         for (order, result) in orders.into_iter().zip(results) {
+            let outcome = if result.is_ok() { "ok" } else { "failed" };
+            self.metrics.load_orders.get_or_create(&OutcomeLabels { outcome }).inc();
             match result {
                 Ok(()) => {
                     if let Some(worker) = state.workers.get_mut(&order.worker) {
+                        let new = order.experts.iter().filter(|expert| !worker.resident.contains(expert)).count();
+                        self.metrics.experts_loaded.inc_by(new as u64);
                         worker.resident.extend(order.experts.iter().copied());
                         worker.load_failures = 0;
                         worker.retry_load_after = None;
@@ -396,6 +400,15 @@ impl<C: WorkerControl> Cluster<C> {
         );
         self.metrics.table_version.set(version as i64);
         self.metrics.placed_experts.set(state.placement.len() as i64);
+        // Only live workers keep a series, so the label set stays bounded by the cluster size.
+        self.metrics.worker_placed_experts.clear();
+        for worker in state.workers.values() {
+            let placed = state.placement.values().filter(|owner| **owner == worker.id).count();
+            self.metrics
+                .worker_placed_experts
+                .get_or_create(&WorkerLabels { worker: worker.id.to_string() })
+                .set(placed as i64);
+        }
         self.table.send_replace(Arc::new(table));
     }
 
@@ -412,6 +425,7 @@ impl<C: WorkerControl> Cluster<C> {
                 let since = state.retired.get(&(worker.id.clone(), expert)).copied().unwrap_or(now);
                 if now.duration_since(since) >= self.config.unload_grace {
                     worker.resident.remove(&expert);
+                    self.metrics.experts_unloaded.inc();
                     unload.push(placement::key(expert));
                 } else {
                     still_retired.insert((worker.id.clone(), expert), since);
@@ -526,10 +540,18 @@ mod tests {
         assert!(status.unplaced_experts.is_empty());
     }
 
+    /// The metrics as Prometheus text.
+    fn scrape(metrics: &CoordinatorMetrics) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry()).expect("encode");
+        text
+    }
+
     #[tokio::test]
     async fn experts_moved_to_a_joiner_are_published_before_the_old_owner_unloads_them() {
         let control = Arc::new(FakeControl::default());
-        let cluster = Cluster::new(config(1), control.clone(), CoordinatorMetrics::default());
+        let metrics = CoordinatorMetrics::default();
+        let cluster = Cluster::new(config(1), control.clone(), metrics.clone());
         cluster.register(registration("a")).expect("register");
         cluster.reconcile_once().await;
         assert!(endpoints_by_expert(&cluster.table()).iter().all(|owner| owner == "a"));
@@ -541,19 +563,35 @@ mod tests {
         assert_eq!(unloads.len(), 1);
         assert_eq!(unloads[0].0, "a");
         assert_eq!(unloads[0].1, [(0, 4), (0, 5), (0, 6), (0, 7)]);
+        let text = scrape(&metrics);
+        for line in [
+            "switchyard_coordinator_experts_loaded_total 12",
+            "switchyard_coordinator_experts_unloaded_total 4",
+            "switchyard_coordinator_load_orders_total{outcome=\"ok\"} 2",
+            "switchyard_coordinator_placed_experts 8",
+            "switchyard_coordinator_table_version 2",
+        ] {
+            assert!(text.lines().any(|metric| metric == line), "{line} in\n{text}");
+        }
+        let per_worker: Vec<&str> =
+            text.lines().filter(|line| line.starts_with("switchyard_coordinator_worker_placed_experts{")).collect();
+        assert_eq!(per_worker.len(), 2, "{per_worker:?}");
+        assert!(per_worker.iter().all(|line| line.ends_with(" 4")), "{per_worker:?}");
     }
 
     #[tokio::test]
     async fn a_failed_load_is_not_published_and_is_retried() {
         let control = Arc::new(FakeControl::default());
         control.failing.lock().expect("lock").insert("b".into());
-        let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
+        let metrics = CoordinatorMetrics::default();
+        let cluster = Cluster::new(config(2), control.clone(), metrics.clone());
         cluster.register(registration("a")).expect("register");
         cluster.register(registration("b")).expect("register");
         cluster.reconcile_once().await;
         let owners = endpoints_by_expert(&cluster.table());
         assert!(owners.iter().all(|owner| owner == "a" || owner.is_empty()));
         assert!(owners.iter().any(String::is_empty), "b's share waits unpublished");
+        assert!(scrape(&metrics).contains("switchyard_coordinator_load_orders_total{outcome=\"failed\"} 1\n"));
         control.failing.lock().expect("lock").clear();
         cluster.reconcile_once().await;
         assert_eq!(control.loads.lock().expect("lock").len(), 2, "b is backing off: not asked again at once");

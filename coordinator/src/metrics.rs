@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -12,6 +14,23 @@ pub struct CoordinatorMetrics {
     pub table_version: Gauge,
     pub placed_experts: Gauge,
     pub worker_expirations: Counter,
+    /// LoadExperts orders by outcome (`ok`, `failed`).
+    pub load_orders: Family<OutcomeLabels, Counter>,
+    /// Experts loaded onto workers (placements made), and unloaded after their grace period.
+    pub experts_loaded: Counter,
+    pub experts_unloaded: Counter,
+    /// Experts the published table routes to each worker: one series per live worker.
+    pub worker_placed_experts: Family<WorkerLabels, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: String,
 }
 
 impl CoordinatorMetrics {
@@ -22,6 +41,14 @@ impl CoordinatorMetrics {
         sub.register("table_version", "Version of the published routing table", self.table_version.clone());
         sub.register("placed_experts", "Experts the published table routes to a worker", self.placed_experts.clone());
         sub.register("worker_expirations", "Workers removed for missing heartbeats", self.worker_expirations.clone());
+        sub.register("load_orders", "LoadExperts orders sent to workers, by outcome", self.load_orders.clone());
+        sub.register("experts_loaded", "Experts loaded onto workers by placement", self.experts_loaded.clone());
+        sub.register("experts_unloaded", "Experts unloaded after their grace period", self.experts_unloaded.clone());
+        sub.register(
+            "worker_placed_experts",
+            "Experts the published routing table routes to each worker",
+            self.worker_placed_experts.clone(),
+        );
         Arc::new(registry)
     }
 }

@@ -4,7 +4,7 @@
 //! the worker answers in the dtype the request asks for. These functions convert whole buffers at
 //! once (one allocation per tensor, never per token).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use half::{bf16, f16};
 
 use crate::v1::Dtype;
@@ -29,27 +29,32 @@ pub fn dtype_name(dtype: Dtype) -> &'static str {
 }
 
 /// Appends `values` to `out` encoded as `dtype` (which must be specified).
+///
+/// The bytes are written into a slice grown once, not appended value by value: the per-value
+/// capacity checks of `BufMut::put_*` kept the loop from vectorising and made bf16 encoding the
+/// largest client cost of a 7168-wide dispatch.
 pub fn encode_f32_into(values: &[f32], dtype: Dtype, out: &mut BytesMut) {
+    let size = element_size(dtype).expect("encode_f32_into needs a specified dtype");
+    let start = out.len();
+    out.resize(start + values.len() * size, 0);
+    let target = &mut out[start..];
     match dtype {
         Dtype::F32 => {
-            out.reserve(values.len() * 4);
-            for value in values {
-                out.put_f32_le(*value);
+            for (chunk, value) in target.chunks_exact_mut(4).zip(values) {
+                chunk.copy_from_slice(&value.to_le_bytes());
             }
         }
         Dtype::F16 => {
-            out.reserve(values.len() * 2);
-            for value in values {
-                out.put_u16_le(f16::from_f32(*value).to_bits());
+            for (chunk, value) in target.chunks_exact_mut(2).zip(values) {
+                chunk.copy_from_slice(&f16::from_f32(*value).to_bits().to_le_bytes());
             }
         }
         Dtype::Bf16 => {
-            out.reserve(values.len() * 2);
-            for value in values {
-                out.put_u16_le(bf16::from_f32(*value).to_bits());
+            for (chunk, value) in target.chunks_exact_mut(2).zip(values) {
+                chunk.copy_from_slice(&bf16::from_f32(*value).to_bits().to_le_bytes());
             }
         }
-        Dtype::Unspecified => panic!("encode_f32_into needs a specified dtype"),
+        Dtype::Unspecified => unreachable!("checked above"),
     }
 }
 

@@ -16,10 +16,10 @@ use crate::codec::decode_rows;
 use crate::dispatch::{CallRows, PlannedRequest, by_worker, pack_requests};
 use crate::error::ClientError;
 use crate::gate::Gate;
-use crate::router::{RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route};
-use crate::table::{RoutingTableView, TableReceiver};
 use crate::ledger::{RpcTiming, WorkerCall, response_compute};
 use crate::metrics::ClientMetrics;
+use crate::router::{RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route};
+use crate::table::{RoutingTableView, TableReceiver};
 use crate::timing::{ByteCounts, GRPC_FRAME_PREFIX, TimeBreakdown};
 use switchyard_common::clock::unix_nanos;
 use switchyard_common::transport::WireCounters;
@@ -71,12 +71,15 @@ struct GateKey {
     checkpoint: Option<String>,
 }
 
+/// A worker's gRPC client and the byte counters of its connection.
+type WorkerConnection = (ExpertWorkerClient<Channel>, Arc<WireCounters>);
+
 /// The distributed MoE layer. Cheap to share (`Arc`) between concurrent callers.
 #[derive(Debug)]
 pub struct MoeClient {
     tables: TableReceiver,
     options: ClientOptions,
-    workers: Mutex<HashMap<Arc<str>, (ExpertWorkerClient<Channel>, Arc<WireCounters>)>>,
+    workers: Mutex<HashMap<Arc<str>, WorkerConnection>>,
     metrics: ClientMetrics,
     gates: Mutex<HashMap<GateKey, Arc<Gate>>>,
     next_request_id: AtomicU64,
@@ -145,9 +148,8 @@ impl MoeClient {
             return Ok(client.clone());
         }
         let counters = Arc::new(WireCounters::default());
-        let channel = switchyard_common::transport::counted_channel(endpoint, counters.clone()).map_err(|error| ClientError::BadTable {
-            version: table_version,
-            reason: format!("endpoint {endpoint}: {error}"),
+        let channel = switchyard_common::transport::counted_channel(endpoint, counters.clone()).map_err(|error| {
+            ClientError::BadTable { version: table_version, reason: format!("endpoint {endpoint}: {error}") }
         })?;
         let client = ExpertWorkerClient::new(channel)
             .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)

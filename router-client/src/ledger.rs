@@ -119,7 +119,6 @@ impl PairTotals {
         self.queue_wait += call.queue_wait;
         self.compute += call.compute;
     }
-
 }
 
 /// Per (layer, worker) totals of many calls.

@@ -28,8 +28,8 @@ pub mod table;
 pub mod timing;
 
 pub use client::{ClientOptions, LayerOutput, MoeClient};
-pub use ledger::{CommLedger, WorkerCall};
 pub use error::ClientError;
+pub use ledger::{CommLedger, WorkerCall};
 pub use reference::{ReferenceLayer, relative_frobenius_error};
 pub use router::{RoutingConfig, RoutingOverrides, RoutingSummary};
 pub use table::{RoutingTableView, TableWatcher};

@@ -12,8 +12,8 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 
 use crate::client::MoeClient;
-use crate::ledger::{CommLedger, WorkerCall};
 use crate::error::ClientError;
+use crate::ledger::{CommLedger, WorkerCall};
 use crate::reference::ReferenceLayer;
 use crate::router::{RoutingOverrides, RoutingSummary};
 use crate::skew::{Inputs, Skew, gate_rows};
@@ -632,6 +632,47 @@ mod tests {
         // An exponential distribution's standard deviation equals its mean.
         assert!((variance.sqrt() / mean - 1.0).abs() < 0.05, "coefficient of variation {}", variance.sqrt() / mean);
         assert_eq!(offsets[..5], poisson_arrivals(500.0, 3).take(5).collect::<Vec<_>>()[..], "seeded");
+    }
+
+    /// Records `n` values at the quantiles `(i + 0.5) / n` of a distribution (its inverse CDF), so
+    /// every percentile of the recorded set is known exactly.
+    fn histogram_of(n: usize, inverse_cdf: impl Fn(f64) -> f64) -> Histogram<u64> {
+        let mut histogram = micros_histogram();
+        for i in 0..n {
+            histogram.record(inverse_cdf((i as f64 + 0.5) / n as f64).round() as u64).expect("in range");
+        }
+        histogram
+    }
+
+    fn assert_quantile(histogram: &Histogram<u64>, quantile: f64, expected: f64, name: &str) {
+        let measured = histogram.value_at_quantile(quantile) as f64;
+        // Three significant digits: HDR buckets are at most 0.1% wide (plus rounding to whole µs).
+        let error = (measured - expected).abs() / expected;
+        assert!(error < 0.002, "{name} p{}: {measured} µs for {expected:.1} µs expected", quantile * 100.0);
+    }
+
+    #[test]
+    fn percentiles_match_known_distributions() {
+        let n = 200_000;
+        // Uniform on [1 ms, 101 ms]: the q-quantile is 1 ms + q x 100 ms.
+        let uniform = histogram_of(n, |q| 1_000.0 + q * 100_000.0);
+        for quantile in [0.5, 0.9, 0.99, 0.999] {
+            assert_quantile(&uniform, quantile, 1_000.0 + quantile * 100_000.0, "uniform");
+        }
+        // Exponential with a 2 ms mean: the q-quantile is -2 ms x ln(1 - q); the mean is 2 ms.
+        let exponential = histogram_of(n, |q| -2_000.0 * (1.0 - q).ln());
+        for quantile in [0.5, 0.9, 0.99, 0.999] {
+            assert_quantile(&exponential, quantile, -2_000.0 * (1.0f64 - quantile).ln(), "exponential");
+        }
+        assert!((exponential.mean() / 2_000.0 - 1.0).abs() < 0.01, "mean {}", exponential.mean());
+        // A bimodal tail: 95% of calls at 1 ms, 5% at 250 ms. p50 and p90 do not see the tail; p99 does.
+        let bimodal = histogram_of(n, |q| if q < 0.95 { 1_000.0 } else { 250_000.0 });
+        assert_quantile(&bimodal, 0.5, 1_000.0, "bimodal");
+        assert_quantile(&bimodal, 0.9, 1_000.0, "bimodal");
+        assert_quantile(&bimodal, 0.99, 250_000.0, "bimodal");
+        // Durations are clamped into the histogram's range rather than dropped.
+        assert_eq!(micros(Duration::ZERO), 1);
+        assert_eq!(micros(Duration::from_secs(3600)), 600_000_000);
     }
 
     #[tokio::test]

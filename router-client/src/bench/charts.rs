@@ -12,7 +12,10 @@ use super::PointResult;
 use super::plan::dtype_name;
 use crate::timing::TimeBreakdown;
 
-type ChartResult = Result<(), Box<dyn std::error::Error>>;
+pub type ChartResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Draws one chart of the points into an SVG file.
+pub type DrawChart = fn(&[PointResult], &Path) -> ChartResult;
 
 /// One color per phase of [`TimeBreakdown::PHASES`], and per line.
 const PALETTE: [RGBColor; 8] = [
@@ -98,9 +101,8 @@ fn lines(
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let all = series.iter().flat_map(|(_, points)| points.iter());
-    let (x_min, x_max, y_max) = all.fold((f64::MAX, f64::MIN, 0.0f64), |(lo, hi, top), (x, y)| {
-        (lo.min(*x), hi.max(*x), top.max(*y))
-    });
+    let (x_min, x_max, y_max) =
+        all.fold((f64::MAX, f64::MIN, 0.0f64), |(lo, hi, top), (x, y)| (lo.min(*x), hi.max(*x), top.max(*y)));
     let (x_min, x_max) = if x_min <= x_max { (x_min, x_max.max(x_min * 1.01 + 1e-9)) } else { (1.0, 2.0) };
     let y_range = 0.0..(y_max * 1.15).max(1e-9);
     let mut builder = ChartBuilder::on(&root);
@@ -146,7 +148,7 @@ where
 }
 
 /// The points of series `name`, created empty on first use.
-fn series_entry<'a>(series: &'a mut Vec<(String, Vec<(f64, f64)>)>, name: String) -> &'a mut Vec<(f64, f64)> {
+fn series_entry(series: &mut Vec<(String, Vec<(f64, f64)>)>, name: String) -> &mut Vec<(f64, f64)> {
     let index = match series.iter().position(|(existing, _)| *existing == name) {
         Some(index) => index,
         None => {
@@ -176,13 +178,7 @@ pub fn overhead(points: &[PointResult], path: &Path) -> ChartResult {
         series_entry(&mut series, name).push((result.point.tokens as f64, ratio));
     }
     series.retain(|(_, points)| points.len() > 1);
-    lines(
-        path,
-        "Distributed over in-process time per call",
-        ("tokens per call", "overhead ratio (x)"),
-        &series,
-        true,
-    )
+    lines(path, "Distributed over in-process time per call", ("tokens per call", "overhead ratio (x)"), &series, true)
 }
 
 /// Tokens per second against workers, for the points that differ from the base only in workers:
@@ -192,7 +188,9 @@ pub fn throughput_by_workers(points: &[PointResult], path: &Path) -> ChartResult
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for result in points {
         let shape = result.point.shape;
-        if (shape.experts, shape.top_k, shape.d_model, shape.d_ff) != (base.experts, base.top_k, base.d_model, base.d_ff) {
+        if (shape.experts, shape.top_k, shape.d_model, shape.d_ff)
+            != (base.experts, base.top_k, base.d_model, base.d_ff)
+        {
             continue;
         }
         let name = format!("{} tokens/call, {}", result.point.tokens, dtype_name(result.point.wire_dtype));

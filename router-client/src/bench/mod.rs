@@ -293,7 +293,12 @@ struct ShapeCluster {
 }
 
 impl ShapeCluster {
-    async fn start(model: ModelSpec, workers: usize, max_tokens: usize, settings: &BenchSettings) -> Result<Self, BenchError> {
+    async fn start(
+        model: ModelSpec,
+        workers: usize,
+        max_tokens: usize,
+        settings: &BenchSettings,
+    ) -> Result<Self, BenchError> {
         let mut config = LocalClusterConfig::next_to(&settings.worker_bin, model.clone(), workers);
         config.coordinator_bin = settings.coordinator_bin.clone();
         config.worker_bin = settings.worker_bin.clone();
@@ -350,7 +355,12 @@ fn load_spec(concurrency: usize, duration: Duration, tokens: usize, requests: u6
 }
 
 /// Warm-up calls, then the measured ones (so the socket counters cover exactly the measured calls).
-async fn measure(target: Target, settings: &BenchSettings, tokens: usize, name: &str) -> Result<LoadReport, BenchError> {
+async fn measure(
+    target: Target,
+    settings: &BenchSettings,
+    tokens: usize,
+    name: &str,
+) -> Result<LoadReport, BenchError> {
     if settings.warmup_calls > 0 {
         let spec = load_spec(settings.concurrency, settings.point_time, tokens, settings.warmup_calls, 1);
         loadtest::run(target.clone(), spec, "warm-up").await?;
@@ -379,7 +389,8 @@ async fn warm_up_every_expert(
 async fn wire_error(client: &MoeClient, reference: &ReferenceLayer, tokens: usize) -> Result<f64, BenchError> {
     let model = reference.model();
     let gate = gate_rows(model, 0)?;
-    let inputs = Inputs::generate(&Skew::Uniform, &gate, model.experts_per_layer as usize, tokens, model.d_model as usize, 7);
+    let inputs =
+        Inputs::generate(&Skew::Uniform, &gate, model.experts_per_layer as usize, tokens, model.d_model as usize, 7);
     let hidden = inputs.pick(0, Duration::ZERO);
     let distributed = client.forward(0, &hidden).await?;
     let expected = reference.forward(0, &hidden, &RoutingOverrides::default())?;
@@ -390,7 +401,11 @@ async fn wire_error(client: &MoeClient, reference: &ReferenceLayer, tokens: usiz
 pub type Progress<'a> = &'a (dyn Fn(usize, usize, &str) + Sync);
 
 /// Runs `plan`: the sweep, then the presets.
-pub async fn run(plan: &BenchPlan, settings: &BenchSettings, progress: Progress<'_>) -> Result<BenchReport, BenchError> {
+pub async fn run(
+    plan: &BenchPlan,
+    settings: &BenchSettings,
+    progress: Progress<'_>,
+) -> Result<BenchReport, BenchError> {
     let shapes = if plan.sweep { plan.axes.shapes(plan.grid) } else { Vec::new() };
     let total = shapes.iter().map(|shape| plan.axes.points_of(*shape).len()).sum::<usize>() + plan.presets.len();
     let mut done = 0;
@@ -541,7 +556,10 @@ fn machine_summary() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
-            info.lines().find(|line| line.starts_with("model name")).and_then(|line| line.split(':').nth(1)).map(|name| name.trim().to_owned())
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|name| name.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, usize::from);

@@ -41,11 +41,11 @@ pub fn write(report: &BenchReport, command: &str, dir: &Path) -> Result<Vec<Path
     std::fs::write(&json, text).map_err(io(&json))?;
     written.push(json);
     if !report.points.is_empty() {
-        let draws: [fn(&[PointResult], &Path) -> Result<(), Box<dyn std::error::Error>>; 3] =
-            [charts::breakdown, charts::overhead, charts::throughput_by_workers];
+        let draws: [charts::DrawChart; 3] = [charts::breakdown, charts::overhead, charts::throughput_by_workers];
         for ((file, _), draw) in CHARTS.iter().zip(draws) {
             let path = dir.join(file);
-            draw(&report.points, &path).map_err(|error| ReportError::Chart { path: path.clone(), reason: error.to_string() })?;
+            draw(&report.points, &path)
+                .map_err(|error| ReportError::Chart { path: path.clone(), reason: error.to_string() })?;
             written.push(path);
         }
     }
@@ -143,7 +143,9 @@ pub fn preset_table(presets: &[PresetResult]) -> String {
 
 /// A ledger as a Markdown table: per (layer → worker), means per call.
 pub fn ledger_table(ledger: &CommLedger) -> String {
-    let mut text = String::from("| layer → worker | rows | payload B sent / received | message B sent / received | socket B sent / received | encode µs | dispatch µs | queue µs | compute µs | combine-transfer µs | decode µs | combine µs | straggler in |\n");
+    let mut text = String::from(
+        "| layer → worker | rows | payload B sent / received | message B sent / received | socket B sent / received | encode µs | dispatch µs | queue µs | compute µs | combine-transfer µs | decode µs | combine µs | straggler in |\n",
+    );
     text.push_str(&format!("| --- |{}\n", " ---: |".repeat(12)));
     for ((layer, endpoint), pair) in &ledger.pairs {
         let calls = pair.calls.max(1);

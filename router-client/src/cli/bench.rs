@@ -117,15 +117,14 @@ fn parse_run(text: &str) -> Result<RunWhat, String> {
         "deepep-normal" => RunWhat { sweep: false, presets: vec![Preset::DeepEpNormal] },
         "deepep-low-latency" => RunWhat { sweep: false, presets: vec![Preset::DeepEpLowLatency] },
         other => {
-            return Err(format!(
-                "unknown run '{other}' (use all, sweep, deepep, deepep-normal or deepep-low-latency)"
-            ));
+            return Err(format!("unknown run '{other}' (use all, sweep, deepep, deepep-normal or deepep-low-latency)"));
         }
     })
 }
 
 fn parse_dims(text: &str) -> Result<(u32, u32), String> {
-    let (d_model, d_ff) = text.split_once('x').ok_or_else(|| format!("--dims {text}: expected d_modelxd_ff, e.g. 512x1024"))?;
+    let (d_model, d_ff) =
+        text.split_once('x').ok_or_else(|| format!("--dims {text}: expected d_modelxd_ff, e.g. 512x1024"))?;
     let number = |value: &str| value.parse::<u32>().ok().filter(|n| *n > 0);
     match (number(d_model), number(d_ff)) {
         (Some(d_model), Some(d_ff)) => Ok((d_model, d_ff)),

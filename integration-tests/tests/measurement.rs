@@ -1,0 +1,124 @@
+//! The measurements researchers rely on, checked against real processes: the communication
+//! ledger accounts for every byte and microsecond, the client's metrics count what it sent, and
+//! `switchyard bench` writes a complete report folder.
+
+use std::time::Duration;
+
+use switchyard_integration_tests::{TestCluster, binaries_dir, hidden_states, small_model};
+use switchyard_router_client::CommLedger;
+
+#[tokio::test]
+async fn the_ledger_accounts_for_every_byte_and_the_client_metrics_count_them() {
+    let cluster = TestCluster::start(small_model(2.0), 2, |_| {}).await;
+    let hidden = hidden_states(128, 256, 21);
+    cluster.client.forward(0, &hidden).await.expect("warm-up forward");
+    let before = cluster.client.wire_bytes();
+    let calls_before = cluster.client.metrics().calls();
+
+    let mut ledger = CommLedger::default();
+    let (mut kept_rows, mut payload_sent, mut requests) = (0u64, 0u64, 0u64);
+    const CALLS: u64 = 10;
+    for _ in 0..CALLS {
+        let output = cluster.client.forward(0, &hidden).await.expect("forward");
+        kept_rows += output.routing.tokens_per_expert.iter().map(|rows| u64::from(*rows)).sum::<u64>();
+        payload_sent += output.bytes.payload_sent;
+        requests += output.workers.iter().map(|call| call.requests as u64).sum::<u64>();
+        for call in &output.workers {
+            // Transfers and the worker's own time happen inside the RPC (1 ms slack for the two clocks' reads).
+            let inside = call.dispatch + call.worker + call.combine_transfer;
+            assert!(inside <= call.rpc + Duration::from_millis(1), "{call:?}");
+            assert!(call.compute > Duration::ZERO && call.dispatch > Duration::ZERO, "{call:?}");
+        }
+        ledger.record(0, &output.workers);
+    }
+    let after = cluster.client.wire_bytes();
+    assert_eq!(ledger.pairs.len(), 2, "one ledger row per worker");
+    assert_eq!(ledger.pairs.values().map(|pair| pair.rows).sum::<u64>(), kept_rows, "every kept row has a worker");
+    assert_eq!(ledger.pairs.values().map(|pair| pair.straggler_calls).sum::<u64>(), CALLS, "one straggler per call");
+    for ((_, endpoint), pair) in &ledger.pairs {
+        let (_, sent_before, received_before) =
+            before.iter().find(|(e, _, _)| e.as_ref() == endpoint).expect("connection counted").clone();
+        let (_, sent_after, received_after) =
+            after.iter().find(|(e, _, _)| e.as_ref() == endpoint).expect("connection counted").clone();
+        let (socket_sent, socket_received) = (sent_after - sent_before, received_after - received_before);
+        // payload <= message <= socket, and framing (HTTP/2 headers, frame headers) stays small.
+        assert!(
+            pair.bytes.payload_sent < pair.bytes.message_sent && pair.bytes.message_sent <= socket_sent,
+            "{pair:?}"
+        );
+        assert!(pair.bytes.payload_received < pair.bytes.message_received, "{pair:?}");
+        assert!(pair.bytes.message_received <= socket_received, "{pair:?}: {socket_received}");
+        let framing = (socket_sent - pair.bytes.message_sent) as f64 / pair.requests as f64;
+        assert!(framing < 400.0, "{framing:.0} bytes of HTTP/2 framing per request to {endpoint}");
+    }
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    cluster.client.metrics().register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode metrics");
+    let value = |prefix: &str| -> f64 {
+        let line = text.lines().find(|line| line.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} in\n{text}"));
+        line.rsplit(' ').next().and_then(|value| value.parse().ok()).expect("a number")
+    };
+    assert_eq!(cluster.client.metrics().calls() - calls_before, CALLS);
+    assert_eq!(value("switchyard_client_layer_calls_total "), (CALLS + 1) as f64);
+    assert_eq!(value("switchyard_client_phase_seconds_count{phase=\"network\"} "), (CALLS + 1) as f64);
+    let sent_payload = value("switchyard_client_bytes_total{direction=\"sent\",kind=\"payload\"} ");
+    assert_eq!(sent_payload as u64, payload_sent * (CALLS + 1) / CALLS, "the warm-up call sent the same bytes");
+    assert!(requests >= 2 * CALLS);
+}
+
+#[tokio::test]
+async fn switchyard_bench_writes_a_report_folder() {
+    let out = tempfile::tempdir().expect("temp dir");
+    let status = tokio::process::Command::new(binaries_dir().join("switchyard"))
+        .args(["bench", "--run", "sweep", "--tokens", "8,32", "--wire-dtypes", "f32,bf16", "--workers", "2,1"])
+        .args(["--experts", "4", "--top-k", "2", "--dims", "64x128", "--calls", "4", "--warmup-calls", "1"])
+        .arg("--out")
+        .arg(out.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .expect("switchyard bench runs");
+    assert!(status.success(), "switchyard bench exited with {status}");
+    for file in ["report.md", "report.json", "breakdown.svg", "overhead.svg", "workers.svg"] {
+        assert!(out.path().join(file).is_file(), "{file} written");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).expect("report.json"))
+            .expect("valid JSON");
+    let points = json["points"].as_array().expect("points");
+    assert_eq!(points.len(), 2 * 2 * 2, "2 cluster shapes x 2 token counts x 2 dtypes");
+    for point in points {
+        let shares: f64 = point["phase_shares"].as_object().expect("shares").values().filter_map(|v| v.as_f64()).sum();
+        assert!((0.9..=1.0001).contains(&shares), "phases add up to the wall time: {shares}");
+        assert!(point["overhead_ratio"].as_f64().is_some_and(|ratio| ratio > 0.0), "{point}");
+        let (payload, socket) =
+            (point["payload_bytes_per_token"].as_f64().unwrap(), point["socket_bytes_per_token"].as_f64().unwrap());
+        assert!(payload > 0.0 && socket > payload, "socket bytes include framing: {payload} vs {socket}");
+        let error = point["wire_error"].as_f64().expect("wire error");
+        match point["point"]["wire_dtype"].as_str() {
+            Some("f32") => assert!(error < 1e-5, "f32 on the wire: {error}"),
+            Some("bf16") => assert!(error > 1e-4 && error < 2e-2, "bf16 rounds: {error}"),
+            other => panic!("unexpected dtype {other:?}"),
+        }
+        assert!(point["distributed"]["ledger"].as_array().is_some_and(|pairs| !pairs.is_empty()));
+    }
+    // bf16 halves the tensor bytes of the same point.
+    let payload_of = |dtype: &str| {
+        points
+            .iter()
+            .find(|p| {
+                p["point"]["wire_dtype"] == dtype && p["point"]["tokens"] == 32 && p["point"]["shape"]["workers"] == 2
+            })
+            .and_then(|p| p["payload_bytes_per_token"].as_f64())
+            .expect("point")
+    };
+    assert!((payload_of("f32") / payload_of("bf16") - 2.0).abs() < 0.01);
+    let markdown = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    assert!(markdown.contains("| 2 | 4 | 2 | 64x128 | 32 | bf16 |"), "{markdown}");
+    let chart = std::fs::read_to_string(out.path().join("breakdown.svg")).expect("breakdown.svg");
+    assert!(chart.starts_with("<svg") && chart.contains("2w 4e k2 64x128 32t bf16"), "labelled bars");
+}
