@@ -30,7 +30,11 @@ pub fn tch_kind(dtype: Dtype) -> Kind {
 
 /// Starts the compute thread; it returns once [`Scheduler::stop`] was called and the queues drained.
 pub fn spawn(scheduler: Arc<Scheduler>, device: Device, metrics: WorkerMetrics) -> std::io::Result<JoinHandle<()>> {
+    let threads = tch::get_num_threads();
     std::thread::Builder::new().name("switchyard-compute".into()).spawn(move || {
+        // The BLAS thread count is per thread: set on `main` only, this thread's matrix products
+        // would use every core.
+        tch::set_num_threads(threads);
         let _no_grad = tch::no_grad_guard();
         let mut experts: HashMap<ExpertKey, Expert> = HashMap::new();
         loop {

@@ -32,6 +32,8 @@ pub struct ReferenceLayer {
     model: ModelSpec,
     gates: Vec<Gate>,
     experts: Mutex<HashMap<(u32, u32), Expert>>,
+    /// libtorch threads of each forward, applied on the thread that runs it.
+    threads: Option<i32>,
 }
 
 impl ReferenceLayer {
@@ -45,7 +47,7 @@ impl ReferenceLayer {
             .flat_map(|layer| (0..per_layer).map(move |expert| (*layer, expert)))
             .map(|(layer, expert)| ((layer, expert), Expert::synthetic(model, layer, expert, device)))
             .collect();
-        Self { model: model.clone(), gates, experts: Mutex::new(experts) }
+        Self { model: model.clone(), gates, experts: Mutex::new(experts), threads: None }
     }
 
     /// The layer of a synthetic model with identity experts (each returns its input): the in-process
@@ -58,7 +60,7 @@ impl ReferenceLayer {
             .flat_map(|layer| (0..per_layer).map(move |expert| (*layer, expert)))
             .map(|key| (key, Expert::identity(model.d_model as usize, device)))
             .collect();
-        Self { model: model.clone(), gates, experts: Mutex::new(experts) }
+        Self { model: model.clone(), gates, experts: Mutex::new(experts), threads: None }
     }
 
     /// Builds `layers` of a checkpoint (every expert, routed and shared) on `device`.
@@ -79,11 +81,19 @@ impl ReferenceLayer {
                 experts.insert((*layer, expert), Expert::from_matrices(&matrices, d_model, d_ff, device));
             }
         }
-        Ok(Self { model: model.clone(), gates, experts: Mutex::new(experts) })
+        Ok(Self { model: model.clone(), gates, experts: Mutex::new(experts), threads: None })
     }
 
     pub fn model(&self) -> &ModelSpec {
         &self.model
+    }
+
+    /// Computes with `threads` libtorch threads. The BLAS thread count is per OS thread, so it is
+    /// set on whichever thread runs each forward; without this a forward on a fresh thread uses
+    /// every core, whatever `tch::set_num_threads` said elsewhere.
+    pub fn with_threads(mut self, threads: u32) -> Self {
+        self.threads = Some(threads.max(1) as i32);
+        self
     }
 
     /// Runs `hidden` through layer `layer`, routed as the model says with `overrides` applied.
@@ -93,6 +103,9 @@ impl ReferenceLayer {
         hidden: &[f32],
         overrides: &RoutingOverrides,
     ) -> Result<ReferenceOutput, ClientError> {
+        if let Some(threads) = self.threads {
+            tch::set_num_threads(threads);
+        }
         let started = Instant::now();
         let d_model = self.model.d_model as usize;
         check_call(&self.model, layer, hidden)?;

@@ -260,6 +260,10 @@ pub struct BenchPlan {
     pub sweep: bool,
     pub presets: Vec<Preset>,
     pub preset_workers: usize,
+    /// Measured calls of each preset, and the most time they may take (a DeepEP-normal call moves
+    /// ~470 MB each way: seconds, not milliseconds, on one CPU host).
+    pub preset_calls: u64,
+    pub preset_time: Duration,
 }
 
 /// Everything a bench run measured.
@@ -423,7 +427,13 @@ pub async fn run(
         let shape = preset.shape(plan.preset_workers);
         // Capacity = every token: DeepEP never drops.
         let capacity_factor = shape.experts as f32 / shape.top_k as f32;
-        let identity = BenchSettings { identity_experts: true, ..settings.clone() };
+        let identity = BenchSettings {
+            identity_experts: true,
+            calls: plan.preset_calls,
+            point_time: plan.preset_time,
+            warmup_calls: settings.warmup_calls.min(1),
+            ..settings.clone()
+        };
         let model = model_of(shape, &identity, capacity_factor)?;
         let cluster = ShapeCluster::start(model.clone(), shape.workers, preset.tokens(), &identity).await?;
         let measured = measure_preset(&cluster, *preset, shape, &identity).await;
@@ -445,13 +455,14 @@ async fn measure_shape(
     total: usize,
     progress: Progress<'_>,
 ) -> Result<Vec<PointResult>, BenchError> {
+    // As many libtorch threads as all the workers have together.
     let threads = (shape.workers as u32 * settings.worker_torch_threads).max(1);
-    tch::set_num_threads(threads as i32);
-    let reference = Arc::new(if settings.identity_experts {
+    let reference = if settings.identity_experts {
         ReferenceLayer::identity(&cluster.model, &[0], reference_device())
     } else {
         ReferenceLayer::synthetic(&cluster.model, &[0], reference_device())
-    });
+    };
+    let reference = Arc::new(reference.with_threads(threads));
     warm_up_every_expert(cluster, &reference, axes).await?;
     let mut results = Vec::new();
     for point in axes.points_of(shape) {
@@ -548,6 +559,8 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "activation": format!("{:?}", settings.model.activation),
         "grid": plan.grid,
         "preset_workers": plan.preset_workers,
+        "preset_calls": plan.preset_calls,
+        "preset_time_s": plan.preset_time.as_secs_f64(),
     })
 }
 

@@ -81,6 +81,14 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_PRESET_WORKERS", default_value_t = 2)]
     pub preset_workers: usize,
 
+    /// Measured calls of each DeepEP preset (after one warm-up call).
+    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_CALLS", default_value_t = 5)]
+    pub preset_calls: u64,
+
+    /// Most measured time of each DeepEP preset.
+    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_TIME", default_value = "180s", value_parser = parse_duration)]
+    pub preset_time: Duration,
+
     /// libtorch threads per worker; the in-process reference gets workers x this many.
     #[arg(long, env = "SWITCHYARD_WORKER_TORCH_THREADS", default_value_t = 1)]
     pub worker_torch_threads: u32,
@@ -179,6 +187,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         sweep: args.run.sweep,
         presets: args.run.presets.clone(),
         preset_workers: args.preset_workers,
+        preset_calls: args.preset_calls,
+        preset_time: args.preset_time,
     };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -188,7 +198,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let progress = |done: usize, total: usize, line: &str| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-        bar.println(line);
+        // A hidden bar (stderr is not a terminal) drops println: say it plainly instead.
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
     };
     let report = bench::run(&plan, &settings, &progress).await?;
     bar.finish_and_clear();

@@ -32,7 +32,8 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
     let report = if args.reference {
         let model = args.model.spec()?;
         eprintln!("building the in-process reference layer ({} experts)...", model.experts_per_layer);
-        let reference = ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu);
+        let reference =
+            ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu).with_threads(torch_threads);
         let name = format!("in-process reference ({torch_threads} torch threads)");
         let spec = LoadSpec {
             routing: args.load.routing(model.top_k, model.experts_per_layer)?,

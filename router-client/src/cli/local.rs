@@ -95,7 +95,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         let threads = (args.workers as u32 * args.worker_torch_threads).max(1);
         tch::set_num_threads(threads as i32);
         eprintln!("same load through the in-process reference layer ({threads} torch threads)...");
-        let reference = ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu);
+        let reference = ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu).with_threads(threads);
         let name = format!("in-process reference ({threads} torch threads)");
         let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?;
         print!("{}", baseline.render());

@@ -1,0 +1,106 @@
+{{/* Names, labels and shared pod pieces of the Switchyard chart. */}}
+
+{{- define "switchyard.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* <release>-<chart>, or the release name alone when it already contains the chart name. */}}
+{{- define "switchyard.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "switchyard.coordinator.fullname" -}}
+{{- printf "%s-coordinator" (include "switchyard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "switchyard.workers.fullname" -}}
+{{- printf "%s-worker" (include "switchyard.fullname" .) | trunc 52 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "switchyard.config.fullname" -}}
+{{- printf "%s-config" (include "switchyard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "switchyard.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "switchyard.labels" -}}
+helm.sh/chart: {{ include "switchyard.chart" . }}
+{{ include "switchyard.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: switchyard
+{{- end }}
+
+{{- define "switchyard.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "switchyard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector labels of one component: coordinator, worker or loadtest. */}}
+{{- define "switchyard.componentSelectorLabels" -}}
+{{ include "switchyard.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "switchyard.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "switchyard.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The image, with the -cuda variant when GPUs are enabled. */}}
+{{- define "switchyard.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.gpu.enabled }}
+{{- $tag = printf "%s-cuda" $tag }}
+{{- end }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/* The coordinator's in-cluster gRPC address. */}}
+{{- define "switchyard.coordinator.uri" -}}
+{{- printf "http://%s.%s.svc:%d" (include "switchyard.coordinator.fullname" .) .Release.Namespace (int .Values.coordinator.grpcPort) }}
+{{- end }}
+
+{{/* Environment every container shares: logs, and the model and routing from the ConfigMap. */}}
+{{- define "switchyard.commonEnv" -}}
+- name: RUST_LOG
+  value: {{ .Values.logLevel | quote }}
+{{- end }}
+
+{{/* The checkpoint volume's mount, when a checkpoint is served. */}}
+{{- define "switchyard.checkpointMount" -}}
+{{- if .Values.model.checkpoint.enabled }}
+- name: checkpoint
+  mountPath: {{ .Values.model.checkpoint.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "switchyard.checkpointVolume" -}}
+{{- if .Values.model.checkpoint.enabled }}
+- name: checkpoint
+  {{- if .Values.model.checkpoint.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.model.checkpoint.existingClaim }}
+    readOnly: true
+  {{- else }}
+  hostPath:
+    path: {{ .Values.model.checkpoint.hostPath }}
+    type: Directory
+  {{- end }}
+{{- end }}
+{{- end }}
