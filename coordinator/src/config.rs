@@ -50,6 +50,11 @@ pub struct Args {
     /// Log line format.
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Check the flags and environment, print the configuration they make and exit without
+    /// binding a port (used by the Helm chart's tests; exit status 2 names a bad flag).
+    #[arg(long, env = "SWITCHYARD_CHECK_CONFIG")]
+    pub check_config: bool,
 }
 
 impl TryFrom<&Args> for ClusterConfig {

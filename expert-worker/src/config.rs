@@ -73,9 +73,34 @@ pub struct Args {
     /// Log line format.
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Check the flags and environment, print the configuration they make and exit without
+    /// binding a port or loading libtorch's device (used by the Helm chart's tests).
+    #[arg(long, env = "SWITCHYARD_CHECK_CONFIG")]
+    pub check_config: bool,
 }
 
 impl Args {
+    /// Checks what clap cannot: endpoints are http(s) URIs with a host, sizes are positive. The
+    /// error names the flag.
+    pub fn check(&self) -> Result<(), String> {
+        for (flag, uri) in [("--advertise", &self.advertise), ("--coordinator", &self.coordinator)] {
+            if let Some(uri) = uri {
+                check_endpoint(uri).map_err(|reason| format!("{flag} {uri}: {reason}"))?;
+            }
+        }
+        for (flag, value) in [
+            ("--torch-threads", self.torch_threads as usize),
+            ("--max-batch-tokens", self.max_batch_tokens),
+            ("--queue-limit-tokens", self.queue_limit_tokens),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
     pub fn batch_wait(&self) -> Duration {
         Duration::from_micros(self.batch_wait_us)
     }
@@ -95,6 +120,17 @@ impl Args {
         }
         available_memory_bytes().unwrap_or(8 << 30)
     }
+}
+
+fn check_endpoint(uri: &str) -> Result<(), String> {
+    let parsed: tonic::transport::Uri = uri.parse().map_err(|error| format!("not a URI ({error})"))?;
+    if !matches!(parsed.scheme_str(), Some("http" | "https")) {
+        return Err("the scheme must be http or https".into());
+    }
+    if parsed.host().is_none_or(str::is_empty) {
+        return Err("a host is missing".into());
+    }
+    Ok(())
 }
 
 fn available_memory_bytes() -> Option<u64> {

@@ -5,6 +5,11 @@ use switchyard_expert_worker::Args;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    args.check().map_err(anyhow::Error::msg).context("invalid configuration")?;
+    if args.check_config {
+        println!("configuration ok: {args:#?}");
+        return Ok(());
+    }
     switchyard_common::tracing_setup::init_tracing(args.log_format);
     tch::set_num_threads(args.torch_threads as i32);
     let grpc = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;

@@ -104,3 +104,18 @@ app.kubernetes.io/component: {{ .component }}
   {{- end }}
 {{- end }}
 {{- end }}
+
+{{- /* Who may call a component's gRPC port: the listed components of this release, and clients. */ -}}
+{{- define "switchyard.networkPolicy.grpcPeers" -}}
+{{- range .components }}
+- podSelector:
+    matchLabels:
+      {{- include "switchyard.componentSelectorLabels" (dict "root" $.root "component" .) | nindent 6 }}
+{{- end }}
+- podSelector:
+    {{- toYaml .root.Values.networkPolicy.clientPodSelector | nindent 4 }}
+  {{- with .root.Values.networkPolicy.clientNamespaceSelector }}
+  namespaceSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}

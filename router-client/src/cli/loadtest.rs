@@ -26,9 +26,23 @@ pub struct LoadtestArgs {
     /// The model of --reference (a cluster's model comes from its routing table).
     #[command(flatten)]
     pub model: ModelArgs,
+
+    /// Check the flags and environment against the model flags, print what would run and exit
+    /// without connecting (used by the Helm chart's tests).
+    #[arg(long, env = "SWITCHYARD_CHECK_CONFIG")]
+    pub check_config: bool,
 }
 
 pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
+    if args.check_config {
+        let model = args.model.spec()?;
+        let routing = args.load.routing(model.top_k, model.experts_per_layer)?;
+        if let Some(coordinator) = &args.coordinator {
+            coordinator.parse::<tonic::transport::Uri>().with_context(|| format!("--coordinator {coordinator}"))?;
+        }
+        println!("configuration ok: {:#?}\n{routing:#?}", args.load.spec());
+        return Ok(());
+    }
     let report = if args.reference {
         let model = args.model.spec()?;
         eprintln!("building the in-process reference layer ({} experts)...", model.experts_per_layer);
