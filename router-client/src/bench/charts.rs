@@ -9,16 +9,67 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::PointResult;
-use super::plan::dtype_name;
+use super::plan::{ClusterShape, dtype_name};
 use crate::timing::TimeBreakdown;
 
 pub type ChartResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Draws one chart of the points into an SVG file.
-pub type DrawChart = fn(&[PointResult], &Path) -> ChartResult;
+pub type DrawChart = fn(&[ChartPoint], &Path) -> ChartResult;
+
+/// What the charts need of one point: built from a measured point, or read back from a report's
+/// JSON (`switchyard bench --replot`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChartPoint {
+    pub shape: ClusterShape,
+    pub tokens: usize,
+    pub wire: String,
+    /// Shares of the wall time in [`TimeBreakdown::PHASES`] order.
+    pub phase_shares: Vec<f64>,
+    pub overhead_ratio: Option<f64>,
+    pub tokens_per_s: f64,
+}
+
+impl From<&PointResult> for ChartPoint {
+    fn from(result: &PointResult) -> Self {
+        Self {
+            shape: result.point.shape,
+            tokens: result.point.tokens,
+            wire: dtype_name(result.point.wire_dtype).to_owned(),
+            phase_shares: result.phase_shares(),
+            overhead_ratio: result.overhead_ratio(),
+            tokens_per_s: result.distributed.tokens_per_second(),
+        }
+    }
+}
+
+impl ChartPoint {
+    /// One entry of report.json's `points`; `None` if a field is missing.
+    pub fn from_json(point: &serde_json::Value) -> Option<Self> {
+        let shape = &point["point"]["shape"];
+        let number = |value: &serde_json::Value| value.as_u64();
+        Some(Self {
+            shape: ClusterShape {
+                workers: number(&shape["workers"])? as usize,
+                experts: number(&shape["experts"])? as u32,
+                top_k: number(&shape["top_k"])? as u32,
+                d_model: number(&shape["d_model"])? as u32,
+                d_ff: number(&shape["d_ff"])? as u32,
+            },
+            tokens: number(&point["point"]["tokens"])? as usize,
+            wire: point["point"]["wire_dtype"].as_str()?.to_owned(),
+            phase_shares: TimeBreakdown::PHASES
+                .iter()
+                .map(|phase| point["phase_shares"][*phase].as_f64())
+                .collect::<Option<_>>()?,
+            overhead_ratio: point["overhead_ratio"].as_f64(),
+            tokens_per_s: point["distributed"]["tokens_per_s"].as_f64()?,
+        })
+    }
+}
 
 /// One color per phase of [`TimeBreakdown::PHASES`], and per line.
-const PALETTE: [RGBColor; 8] = [
+const PALETTE: [RGBColor; 16] = [
     RGBColor(0x4e, 0x79, 0xa7),
     RGBColor(0xf2, 0x8e, 0x2b),
     RGBColor(0xe1, 0x57, 0x59),
@@ -27,25 +78,27 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(0xed, 0xc9, 0x48),
     RGBColor(0xb0, 0x7a, 0xa1),
     RGBColor(0x9c, 0x75, 0x5f),
+    RGBColor(0x1b, 0x1b, 0x1b),
+    RGBColor(0xff, 0x9d, 0xa7),
+    RGBColor(0x2c, 0x5f, 0x2d),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0x6a, 0x3d, 0x9a),
+    RGBColor(0x17, 0xbe, 0xcf),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x99, 0x99, 0x99),
 ];
 
 /// A short label of a point: what differs between points.
-pub fn point_label(result: &PointResult) -> String {
-    let shape = result.point.shape;
+pub fn point_label(result: &ChartPoint) -> String {
+    let shape = result.shape;
     format!(
         "{}w {}e k{} {}x{} {}t {}",
-        shape.workers,
-        shape.experts,
-        shape.top_k,
-        shape.d_model,
-        shape.d_ff,
-        result.point.tokens,
-        dtype_name(result.point.wire_dtype)
+        shape.workers, shape.experts, shape.top_k, shape.d_model, shape.d_ff, result.tokens, result.wire
     )
 }
 
 /// Horizontal bars, one per point (first at the top): each phase's share of the mean call time.
-pub fn breakdown(points: &[PointResult], path: &Path) -> ChartResult {
+pub fn breakdown(points: &[ChartPoint], path: &Path) -> ChartResult {
     let rows = points.len().max(1);
     let height = 110 + 26 * rows as u32;
     let root = SVGBackend::new(path, (1100, height)).into_drawing_area();
@@ -68,7 +121,7 @@ pub fn breakdown(points: &[PointResult], path: &Path) -> ChartResult {
     for (phase_index, name) in TimeBreakdown::PHASES.iter().enumerate() {
         let color = PALETTE[phase_index % PALETTE.len()];
         let bars = points.iter().enumerate().map(|(index, result)| {
-            let shares = result.phase_shares();
+            let shares = &result.phase_shares;
             let start: f64 = shares[..phase_index].iter().sum::<f64>() * 100.0;
             let end = start + shares[phase_index] * 100.0;
             let row = row_of(index);
@@ -98,14 +151,16 @@ fn lines(
     series: &[(String, Vec<(f64, f64)>)],
     log_x: bool,
 ) -> ChartResult {
-    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    // The right part of the canvas holds the legend, clear of the lines.
+    let root = SVGBackend::new(path, (1200, 560)).into_drawing_area();
     root.fill(&WHITE)?;
+    let (plot, legend) = root.split_horizontally(760);
     let all = series.iter().flat_map(|(_, points)| points.iter());
     let (x_min, x_max, y_max) =
         all.fold((f64::MAX, f64::MIN, 0.0f64), |(lo, hi, top), (x, y)| (lo.min(*x), hi.max(*x), top.max(*y)));
     let (x_min, x_max) = if x_min <= x_max { (x_min, x_max.max(x_min * 1.01 + 1e-9)) } else { (1.0, 2.0) };
     let y_range = 0.0..(y_max * 1.15).max(1e-9);
-    let mut builder = ChartBuilder::on(&root);
+    let mut builder = ChartBuilder::on(&plot);
     builder.caption(caption, ("sans-serif", 18)).margin(12).x_label_area_size(40).y_label_area_size(60);
     if log_x {
         let mut chart = builder.build_cartesian_2d((x_min * 0.8..x_max * 1.25).log_scale(), y_range)?;
@@ -113,6 +168,13 @@ fn lines(
     } else {
         let mut chart = builder.build_cartesian_2d(x_min - 0.5..x_max + 0.5, y_range)?;
         draw_lines(&mut chart, series, x_desc, y_desc)?;
+    }
+    let text = ("sans-serif", 13).into_font();
+    for (index, (name, _)) in series.iter().enumerate() {
+        let color = PALETTE[index % PALETTE.len()];
+        let y = 60 + 22 * index as i32;
+        legend.draw(&PathElement::new(vec![(10, y), (34, y)], color.stroke_width(3)))?;
+        legend.draw(&Text::new(name.clone(), (42, y - 7), text.clone()))?;
     }
     root.present()?;
     Ok(())
@@ -135,15 +197,11 @@ where
         .x_label_formatter(&|x| if (x - x.round()).abs() < 1e-9 { format!("{x:.0}") } else { String::new() })
         .y_label_formatter(&|y| if y.abs() >= 100.0 { format!("{y:.0}") } else { format!("{y:.2}") })
         .draw()?;
-    for (index, (name, points)) in series.iter().enumerate() {
+    for (index, (_, points)) in series.iter().enumerate() {
         let color = PALETTE[index % PALETTE.len()];
-        chart
-            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))?
-            .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+        chart.draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))?;
         chart.draw_series(points.iter().map(|point| Circle::new(*point, 4, color.filled())))?;
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.9)).border_style(BLACK).draw()?;
     Ok(())
 }
 
@@ -161,21 +219,16 @@ fn series_entry(series: &mut Vec<(String, Vec<(f64, f64)>)>, name: String) -> &m
 
 /// Overhead ratio (distributed ÷ in-process) against tokens per call: one line per cluster shape
 /// and wire dtype.
-pub fn overhead(points: &[PointResult], path: &Path) -> ChartResult {
+pub fn overhead(points: &[ChartPoint], path: &Path) -> ChartResult {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for result in points {
-        let Some(ratio) = result.overhead_ratio() else { continue };
-        let shape = result.point.shape;
+        let Some(ratio) = result.overhead_ratio else { continue };
+        let shape = result.shape;
         let name = format!(
             "{} workers, {} experts, top-{}, {}x{}, {}",
-            shape.workers,
-            shape.experts,
-            shape.top_k,
-            shape.d_model,
-            shape.d_ff,
-            dtype_name(result.point.wire_dtype)
+            shape.workers, shape.experts, shape.top_k, shape.d_model, shape.d_ff, result.wire
         );
-        series_entry(&mut series, name).push((result.point.tokens as f64, ratio));
+        series_entry(&mut series, name).push((result.tokens as f64, ratio));
     }
     series.retain(|(_, points)| points.len() > 1);
     lines(path, "Distributed over in-process time per call", ("tokens per call", "overhead ratio (x)"), &series, true)
@@ -183,18 +236,18 @@ pub fn overhead(points: &[PointResult], path: &Path) -> ChartResult {
 
 /// Tokens per second against workers, for the points that differ from the base only in workers:
 /// one line per tokens-per-call and wire dtype.
-pub fn throughput_by_workers(points: &[PointResult], path: &Path) -> ChartResult {
-    let Some(base) = points.first().map(|result| result.point.shape) else { return Ok(()) };
+pub fn throughput_by_workers(points: &[ChartPoint], path: &Path) -> ChartResult {
+    let Some(base) = points.first().map(|result| result.shape) else { return Ok(()) };
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for result in points {
-        let shape = result.point.shape;
+        let shape = result.shape;
         if (shape.experts, shape.top_k, shape.d_model, shape.d_ff)
             != (base.experts, base.top_k, base.d_model, base.d_ff)
         {
             continue;
         }
-        let name = format!("{} tokens/call, {}", result.point.tokens, dtype_name(result.point.wire_dtype));
-        series_entry(&mut series, name).push((shape.workers as f64, result.distributed.tokens_per_second()));
+        let name = format!("{} tokens/call, {}", result.tokens, result.wire);
+        series_entry(&mut series, name).push((shape.workers as f64, result.tokens_per_s));
     }
     for (_, points) in &mut series {
         points.sort_by(|a, b| a.0.total_cmp(&b.0));

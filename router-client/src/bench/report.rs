@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::charts::ChartPoint;
 use super::plan::dtype_name;
 use super::{BenchReport, PointResult, PresetResult, charts};
 use crate::ledger::CommLedger;
@@ -21,6 +22,8 @@ pub const CHARTS: [(&str, &str); 3] = [
 pub enum ReportError {
     #[error("writing {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("reading {path}: {reason}")]
+    Json { path: PathBuf, reason: String },
     #[error("drawing {path}: {reason}")]
     Chart { path: PathBuf, reason: String },
 }
@@ -40,16 +43,38 @@ pub fn write(report: &BenchReport, command: &str, dir: &Path) -> Result<Vec<Path
     let text = serde_json::to_string_pretty(&to_json(report, command)).unwrap_or_default() + "\n";
     std::fs::write(&json, text).map_err(io(&json))?;
     written.push(json);
-    if !report.points.is_empty() {
-        let draws: [charts::DrawChart; 3] = [charts::breakdown, charts::overhead, charts::throughput_by_workers];
-        for ((file, _), draw) in CHARTS.iter().zip(draws) {
-            let path = dir.join(file);
-            draw(&report.points, &path)
-                .map_err(|error| ReportError::Chart { path: path.clone(), reason: error.to_string() })?;
-            written.push(path);
-        }
+    let points: Vec<ChartPoint> = report.points.iter().map(ChartPoint::from).collect();
+    written.extend(draw_charts(&points, dir)?);
+    Ok(written)
+}
+
+/// Draws the charts of `points` into `dir`; none without points.
+fn draw_charts(points: &[ChartPoint], dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
+    if points.is_empty() {
+        return Ok(Vec::new());
+    }
+    let draws: [charts::DrawChart; 3] = [charts::breakdown, charts::overhead, charts::throughput_by_workers];
+    let mut written = Vec::new();
+    for ((file, _), draw) in CHARTS.iter().zip(draws) {
+        let path = dir.join(file);
+        draw(points, &path).map_err(|error| ReportError::Chart { path: path.clone(), reason: error.to_string() })?;
+        written.push(path);
     }
     Ok(written)
+}
+
+/// Redraws the charts of the report folder `dir` from its report.json.
+pub fn replot(dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
+    let path = dir.join("report.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| ReportError::Io { path: path.clone(), source })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|error| ReportError::Json { path: path.clone(), reason: error.to_string() })?;
+    let points = json["points"]
+        .as_array()
+        .map(|points| points.iter().map(ChartPoint::from_json).collect::<Option<Vec<_>>>())
+        .unwrap_or_default()
+        .ok_or_else(|| ReportError::Json { path: path.clone(), reason: "a point lacks a charted field".into() })?;
+    draw_charts(&points, dir)
 }
 
 pub fn to_json(report: &BenchReport, command: &str) -> serde_json::Value {
@@ -194,7 +219,8 @@ pub fn render_markdown(report: &BenchReport, command: &str) -> String {
             let _ = writeln!(text, "![{title}]({file})\n");
         }
         if let Some(base) = report.points.first() {
-            let _ = writeln!(text, "### Ledger of the first point ({})\n", charts::point_label(base));
+            let _ =
+                writeln!(text, "### Ledger of the first point ({})\n", charts::point_label(&ChartPoint::from(base)));
             text.push_str(&ledger_table(&base.distributed.ledger));
             text.push('\n');
         }

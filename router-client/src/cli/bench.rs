@@ -105,6 +105,10 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_ACTIVATION", default_value = "swiglu", value_parser = parse_activation)]
     pub activation: Activation,
 
+    /// Only redraw the SVG charts of the report folder --out from its report.json, then exit.
+    #[arg(long, env = "SWITCHYARD_BENCH_REPLOT")]
+    pub replot: bool,
+
     /// Repeats of each TCP and gRPC baseline.
     #[arg(long, env = "SWITCHYARD_BENCH_BASELINE_REPEATS", default_value_t = 10)]
     pub baseline_repeats: u32,
@@ -145,6 +149,12 @@ fn parse_activation(text: &str) -> Result<Activation, String> {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.replot {
+        for path in bench::report::replot(&args.out)? {
+            eprintln!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
     for (flag, empty) in [
         ("--tokens", args.tokens.is_empty()),
         ("--wire-dtypes", args.wire_dtypes.is_empty()),

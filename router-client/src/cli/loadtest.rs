@@ -27,6 +27,11 @@ pub struct LoadtestArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
+    /// Serve the client's Prometheus metrics (time breakdown histograms, bytes, calls) on this
+    /// address, e.g. 0.0.0.0:9092, while the test runs.
+    #[arg(long, env = "SWITCHYARD_LOADTEST_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// Check the flags and environment against the model flags, print what would run and exit
     /// without connecting (used by the Helm chart's tests).
     #[arg(long, env = "SWITCHYARD_CHECK_CONFIG")]
@@ -58,12 +63,32 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
     } else {
         let coordinator = args.coordinator.context("--coordinator is required")?;
         let (client, _watcher, workers) = connect(&coordinator, &args.load).await?;
+        let _metrics = match args.metrics_listen {
+            Some(address) => Some(serve_metrics(&client, address).await?),
+            None => None,
+        };
         let skew = args.load.skew.resolve(client.table().as_deref(), args.load.layer)?;
         let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec() };
         loadtest::run(Target::Distributed(client), spec, &format!("distributed ({workers} workers)")).await?
     };
     print!("{}", report.render());
     args.load.write_reports(std::slice::from_ref(&report))
+}
+
+/// Serves `client`'s metrics on `address` until the returned sender is dropped.
+async fn serve_metrics(
+    client: &MoeClient,
+    address: std::net::SocketAddr,
+) -> anyhow::Result<tokio::sync::oneshot::Sender<()>> {
+    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
+    eprintln!("client metrics on http://{}/metrics", listener.local_addr()?);
+    let mut registry = prometheus_client::registry::Registry::default();
+    client.metrics().register(&mut registry);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(switchyard_common::metrics_http::serve(listener, Arc::new(registry), async {
+        let _ = stopped.await;
+    }));
+    Ok(stop)
 }
 
 /// A client following `coordinator`'s routing table, once every expert is placed. The client keeps
