@@ -312,6 +312,22 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(result.returncode, 2, result.stderr)
         self.assertIn("--queue-limit", result.stderr)
 
+    def test_notes_say_how_to_reach_the_cluster_and_run_a_load_test(self):
+        for name, values in [("default", {}), ("loadtest", {"loadtest": {"enabled": True}})]:
+            chart = helm_python.Chart.load(str(CHART))
+            try:
+                rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+            finally:
+                chart.close()
+            notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+            with self.subTest(scenario=name):
+                self.assertIn(f"http://{RELEASE}-switchyard-coordinator.{NAMESPACE}.svc:50051", notes)
+                self.assertIn("switchyard status --coordinator", notes)
+                if name == "loadtest":
+                    self.assertIn(f"logs -f job/{RELEASE}-switchyard-loadtest-1", notes)
+                else:
+                    self.assertIn("switchyard loadtest --coordinator", notes)
+
     def test_the_default_image_is_the_one_the_dockerfile_builds(self):
         dockerfile = (ROOT / "Dockerfile").read_text()
         chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
