@@ -4,6 +4,7 @@
 //! every cluster shape costs a restart.
 
 use switchyard_proto::v1::Dtype;
+pub use switchyard_proto::wire::dtype_name;
 
 /// The shape of one cluster: what a restart changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -26,15 +27,6 @@ pub struct Point {
 
 fn serialize_dtype<S: serde::Serializer>(dtype: &Dtype, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(dtype_name(*dtype))
-}
-
-pub fn dtype_name(dtype: Dtype) -> &'static str {
-    match dtype {
-        Dtype::F32 => "f32",
-        Dtype::F16 => "f16",
-        Dtype::Bf16 => "bf16",
-        Dtype::Unspecified => "unspecified",
-    }
 }
 
 /// The lists a sweep draws from; the first value of each is the base.

@@ -102,19 +102,22 @@ async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFi
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::spawn(move || -> std::io::Result<()> {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            let service = WireEchoServer::new(Echo)
-                .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
+        let listener = {
+            let _entered = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let service = WireEchoServer::new(Echo)
+            .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
+        runtime.spawn(
             switchyard_common::transport::server()
                 .add_service(service)
-                .serve_with_incoming_shutdown(switchyard_common::transport::incoming(listener), async {
-                    let _ = stopped.await;
-                })
-                .await
-                .map_err(std::io::Error::other)
-        })
+                .serve_with_incoming(switchyard_common::transport::incoming(listener)),
+        );
+        let _ = runtime.block_on(stopped);
+        // Not graceful: a graceful stop would wait for the client's connection to time out.
+        runtime.shutdown_background();
+        Ok(())
     });
     let channel = switchyard_common::transport::channel(&format!("http://{address}")).map_err(std::io::Error::other)?;
     let mut client = WireEchoClient::new(channel)
