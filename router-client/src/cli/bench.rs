@@ -12,13 +12,7 @@ use switchyard_router_client::bench::{self, BenchPlan, BenchSettings, Preset};
 
 use super::load_args::{parse_dtype, parse_duration};
 
-/// Sweeps cluster shapes, tokens per call and wire dtypes on local clusters; each point runs
-/// distributed and through the in-process reference in the same run. Writes report.md,
-/// report.json and SVG charts to --out.
-///
-/// Lists are comma-separated; the first value of each cluster axis (--workers, --experts, --top-k,
-/// --dims) is the base, and each axis is varied alone around it (--grid: every combination). Every
-/// cluster runs every --tokens x --wire-dtypes combination.
+/// The flags of `switchyard bench` (the command's help text is on `Command::Bench`).
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Report folder (created; files in it are replaced).

@@ -43,6 +43,13 @@ pub enum Command {
     /// Measure what expert parallelism costs: a sweep over cluster shapes, tokens per call and wire
     /// dtypes (each point also run in-process), DeepEP's dispatch/combine settings, and a report
     /// folder with Markdown, JSON and SVG charts.
+    ///
+    /// Lists are comma-separated. The first value of each cluster axis (--workers, --experts,
+    /// --top-k, --dims) is the base; each axis varies alone around it (--grid: every combination),
+    /// each shape on a fresh local cluster, and every cluster runs every --tokens x --wire-dtypes
+    /// point, distributed and through the in-process reference layer with as many libtorch threads
+    /// as its workers have together. The DeepEP presets (--run deepep) use identity experts and bf16
+    /// both ways and measure raw TCP and a plain gRPC echo of the same bytes in the same run.
     Bench(bench::BenchArgs),
     /// Layers, experts, total and active parameters per token of a checkpoint or synthetic model.
     ModelInfo(model_info::ModelInfoArgs),
