@@ -130,14 +130,27 @@ impl Gate {
 }
 
 /// `out = hidden · weightsᵀ` for row-major `hidden [tokens, d_model]` and `weights [rows, d_model]`.
+///
+/// Tokens go in blocks of [`TOKEN_BLOCK`], each weight row read once per block: a 256 x 7168 router
+/// (7 MB) does not fit in cache, and reading it once per token made memory traffic, not arithmetic,
+/// the gate's cost at DeepEP's sizes.
 fn project_into(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut Vec<f32>) {
     let rows = weights.len() / d_model;
+    let tokens = hidden.len() / d_model;
     out.clear();
-    out.reserve(hidden.len() / d_model * rows);
-    for row in hidden.chunks_exact(d_model) {
-        out.extend(weights.chunks_exact(d_model).map(|weight_row| dot(row, weight_row)));
+    out.resize(tokens * rows, 0.0);
+    for (block_index, block) in hidden.chunks(TOKEN_BLOCK * d_model).enumerate() {
+        let first_token = block_index * TOKEN_BLOCK;
+        for (row, weight_row) in weights.chunks_exact(d_model).enumerate() {
+            for (offset, token) in block.chunks_exact(d_model).enumerate() {
+                out[(first_token + offset) * rows + row] = dot(token, weight_row);
+            }
+        }
     }
 }
+
+/// Tokens whose rows stay in cache while the gate's weight rows stream past them.
+const TOKEN_BLOCK: usize = 16;
 
 /// Dot product with eight independent accumulators, so the compiler vectorises it.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -160,6 +173,23 @@ mod tests {
     fn logits_are_row_dot_products() {
         let gate = Gate::from_weights(vec![1.0, 0.0, 0.0, 2.0, -1.0, 1.0], 3, 2);
         assert_eq!(gate.logits(&[3.0, 4.0, 0.5, -1.0]), [3.0, 8.0, 1.0, 0.5, -2.0, -1.5]);
+    }
+
+    #[test]
+    fn blocked_projection_equals_the_token_by_token_one() {
+        // 37 tokens: two full blocks and a partial one; d_model 19 exercises the dot's tail.
+        let (tokens, experts, d_model) = (37, 5, 19);
+        let value = |i: usize| ((i * 7919) % 101) as f32 / 50.0 - 1.0;
+        let hidden: Vec<f32> = (0..tokens * d_model).map(value).collect();
+        let weights: Vec<f32> = (0..experts * d_model).map(|i| value(i + 13)).collect();
+        let gate = Gate::from_weights(weights.clone(), experts, d_model);
+        let logits = gate.logits(&hidden);
+        assert_eq!(logits.len(), tokens * experts);
+        for (t, token) in hidden.chunks_exact(d_model).enumerate() {
+            for (e, row) in weights.chunks_exact(d_model).enumerate() {
+                assert_eq!(logits[t * experts + e], dot(token, row), "token {t} expert {e}");
+            }
+        }
     }
 
     #[test]
