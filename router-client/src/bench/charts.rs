@@ -155,6 +155,17 @@ fn lines(
     let root = SVGBackend::new(path, (1200, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let (plot, legend) = root.split_horizontally(760);
+    if series.is_empty() {
+        // Say why the chart is blank rather than draw empty axes.
+        plot.draw(&Text::new(caption.to_owned(), (60, 30), ("sans-serif", 18).into_font()))?;
+        plot.draw(&Text::new(
+            "no series with two or more points in this run (vary the axis to fill it)".to_owned(),
+            (60, 260),
+            ("sans-serif", 15).into_font(),
+        ))?;
+        root.present()?;
+        return Ok(());
+    }
     let all = series.iter().flat_map(|(_, points)| points.iter());
     let (x_min, x_max, y_max) =
         all.fold((f64::MAX, f64::MIN, 0.0f64), |(lo, hi, top), (x, y)| (lo.min(*x), hi.max(*x), top.max(*y)));
