@@ -43,7 +43,11 @@ impl ExpertWorkerService {
         let span = tracing::debug_span!("forward", request_id = request.request_id, layer, worker = %self.name);
         async {
             let batch = ForwardBatch::try_from(request)?;
-            let outcome = self.worker.forward(batch).await?;
+            let rows = batch.total_tokens();
+            let outcome = self.worker.forward(batch).await.inspect_err(|error| {
+                tracing::debug!(%error, "forward refused");
+            })?;
+            tracing::debug!(rows, handler_us = micros(outcome.handler_time), "forward answered");
             let mut response = encode_outcome(outcome);
             response.received_unix_nanos = received_unix_nanos;
             response.replied_unix_nanos = switchyard_common::clock::unix_nanos();

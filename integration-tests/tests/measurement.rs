@@ -2,9 +2,13 @@
 //! ledger accounts for every byte and microsecond, the client's metrics count what it sent, and
 //! `switchyard bench` writes a complete report folder.
 
+use std::path::Path;
 use std::time::Duration;
 
+use switchyard_common::children::ChildProcess;
 use switchyard_integration_tests::{TestCluster, binaries_dir, hidden_states, small_model};
+use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
+use switchyard_proto::wire;
 use switchyard_router_client::CommLedger;
 
 #[tokio::test]
@@ -123,4 +127,66 @@ async fn switchyard_bench_writes_a_report_folder() {
     assert!(markdown.contains("| 2 | 4 | 2 | 64x128 | 32 | bf16 |"), "{markdown}");
     let chart = std::fs::read_to_string(out.path().join("breakdown.svg")).expect("breakdown.svg");
     assert!(chart.starts_with("<svg") && chart.contains("2w 4e k2 64x128 32t bf16"), "labelled bars");
+}
+
+#[tokio::test]
+async fn the_clients_request_id_reaches_the_workers_spans() {
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let worker_bin = binaries_dir().join("switchyard-worker");
+    // The worker's JSON logs go to a file (sh execs the worker: same process, same kill-on-drop).
+    let args: Vec<String> = [
+        "-c",
+        "exec \"$0\" \"$@\" 2>\"$WORKER_LOG\"",
+        worker_bin.to_str().expect("utf-8 path"),
+        "--listen=127.0.0.1:0",
+        "--metrics-listen=127.0.0.1:0",
+        "--name=traced-worker",
+        "--log-format=json",
+    ]
+    .map(String::from)
+    .to_vec();
+    let envs = [
+        ("RUST_LOG".to_owned(), "switchyard_expert_worker=debug".to_owned()),
+        ("WORKER_LOG".to_owned(), log.path().display().to_string()),
+    ];
+    let mut worker = ChildProcess::spawn("traced-worker", Path::new("/bin/sh"), &args, &envs, Duration::from_secs(60))
+        .await
+        .expect("worker starts");
+    let channel = switchyard_common::transport::channel(&worker.grpc_uri()).expect("channel");
+    let mut client = ExpertWorkerClient::new(channel);
+    let model = small_model(2.0);
+    client
+        .load_experts(v1::LoadExpertsRequest {
+            model: Some(model.to_proto()),
+            experts: vec![ExpertKey::new(0, 0)],
+            queue_limit_tokens: 64,
+            shared_queue_limit_tokens: 0,
+        })
+        .await
+        .expect("experts load");
+    let rows = v1::ExpertRows {
+        expert: Some(ExpertKey::new(0, 0)),
+        rows: Some(v1::WireTensor {
+            dtype: Dtype::F32 as i32,
+            shape: vec![3, 256],
+            data: wire::encode_f32(&hidden_states(3, 256, 4), Dtype::F32),
+        }),
+    };
+    // The id travels only in metadata, as MoeClient sends it.
+    let mut request = tonic::Request::new(v1::ForwardRequest { request_id: 0, batches: vec![rows], output_dtype: 0 });
+    request.metadata_mut().insert("x-request-id", "4242".parse().expect("metadata value"));
+    let answer = client.forward(request).await.expect("forward").into_inner();
+    assert_eq!(answer.request_id, 4242, "the worker adopted the metadata id");
+    worker.stop(Duration::from_secs(5)).await;
+
+    let text = std::fs::read_to_string(log.path()).expect("worker log");
+    let answered = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["fields"]["message"] == "forward answered")
+        .unwrap_or_else(|| panic!("no 'forward answered' event in\n{text}"));
+    assert_eq!(answered["span"]["request_id"], 4242, "{answered}");
+    assert_eq!(answered["span"]["worker"], "traced-worker", "{answered}");
+    assert_eq!(answered["span"]["layer"], 0, "{answered}");
+    assert_eq!(answered["fields"]["rows"], 3, "{answered}");
 }
