@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import unittest
 from pathlib import Path
@@ -354,6 +355,10 @@ class ChartTest(unittest.TestCase):
 
         missing = [path for path in leaves(values) if f"| `{path}` |" not in readme]
         self.assertEqual(missing, [], "values without a row in charts/switchyard/README.md")
+        generated = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "chart-values-table.py")], capture_output=True, text=True, check=True
+        ).stdout
+        self.assertIn(generated, readme, "regenerate the table: scripts/chart-values-table.py")
 
     @staticmethod
     def expand(text, env):

@@ -133,11 +133,32 @@ fn check_endpoint(uri: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What this process may use: the node's available memory, capped by the container's memory limit
+/// (cgroup v2 `memory.max`, or v1 `memory.limit_in_bytes`). In a pod `/proc/meminfo` shows the
+/// whole node, and a worker that offered that would be given experts until the kernel killed it.
 fn available_memory_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let node = read("/proc/meminfo").and_then(|meminfo| mem_available(&meminfo));
+    let limit = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .and_then(|text| cgroup_limit(&text));
+    match (node, limit) {
+        (Some(node), Some(limit)) => Some(node.min(limit)),
+        (node, limit) => node.or(limit),
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
     let line = meminfo.lines().find(|line| line.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// A cgroup memory limit in bytes; `None` for "max" (v2) or v1's page-rounded "no limit" value.
+fn cgroup_limit(text: &str) -> Option<u64> {
+    const V1_UNLIMITED: u64 = 1 << 62;
+    text.trim().parse::<u64>().ok().filter(|limit| *limit < V1_UNLIMITED)
 }
 
 #[cfg(test)]
@@ -155,5 +176,17 @@ mod tests {
             .expect("valid");
         assert_eq!(args.advertised_endpoint(bound), "http://w-0:1");
         assert!(Args::try_parse_from(["switchyard-worker", "--device", "tpu"]).is_err());
+    }
+
+    #[test]
+    fn memory_is_the_smaller_of_the_nodes_available_and_the_containers_limit() {
+        let meminfo = "MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(mem_available(meminfo), Some(20_000_000 * 1024));
+        assert_eq!(cgroup_limit("8589934592\n"), Some(8 << 30), "a v2 or v1 limit");
+        assert_eq!(cgroup_limit("max\n"), None, "v2 without a limit");
+        assert_eq!(cgroup_limit("9223372036854771712\n"), None, "v1 without a limit");
+        let offered = Args::try_parse_from(["switchyard-worker"]).expect("defaults").offered_memory_bytes();
+        let node = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| mem_available(&m));
+        assert!(node.is_none_or(|node| offered <= node), "never more than the node has");
     }
 }
