@@ -121,6 +121,55 @@ impl PairTotals {
     }
 }
 
+/// A pair's totals divided by its calls: whole bytes and microseconds per call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairMeans {
+    pub requests: f64,
+    pub rows: f64,
+    pub payload_sent: u64,
+    pub payload_received: u64,
+    pub message_sent: u64,
+    pub message_received: u64,
+    pub socket_sent: u64,
+    pub socket_received: u64,
+    pub encode_us: f64,
+    pub decode_us: f64,
+    pub combine_us: f64,
+    pub rpc_us: f64,
+    pub dispatch_us: f64,
+    pub combine_transfer_us: f64,
+    pub queue_wait_us: f64,
+    pub compute_us: f64,
+    /// Mean lead over the next slowest worker, over the calls this one was the straggler.
+    pub straggler_margin_us: f64,
+}
+
+impl PairTotals {
+    pub fn per_call(&self) -> PairMeans {
+        let calls = self.calls.max(1);
+        let us = |total: Duration| total.as_secs_f64() * 1e6 / calls as f64;
+        PairMeans {
+            requests: self.requests as f64 / calls as f64,
+            rows: self.rows as f64 / calls as f64,
+            payload_sent: self.bytes.payload_sent / calls,
+            payload_received: self.bytes.payload_received / calls,
+            message_sent: self.bytes.message_sent / calls,
+            message_received: self.bytes.message_received / calls,
+            socket_sent: self.socket_sent / calls,
+            socket_received: self.socket_received / calls,
+            encode_us: us(self.encode),
+            decode_us: us(self.decode),
+            combine_us: us(self.combine),
+            rpc_us: us(self.rpc),
+            dispatch_us: us(self.dispatch),
+            combine_transfer_us: us(self.combine_transfer),
+            queue_wait_us: us(self.queue_wait),
+            compute_us: us(self.compute),
+            straggler_margin_us: self.straggler_margin.as_secs_f64() * 1e6 / self.straggler_calls.max(1) as f64,
+        }
+    }
+}
+
 /// Per (layer, worker) totals of many calls.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CommLedger {
@@ -133,53 +182,61 @@ impl CommLedger {
         for call in calls {
             self.pairs.entry((layer, call.endpoint.to_string())).or_default().add(call);
         }
-        let mut by_rpc: Vec<&WorkerCall> = calls.iter().collect();
-        by_rpc.sort_by_key(|call| std::cmp::Reverse(call.rpc));
-        if let Some(slowest) = by_rpc.first() {
-            let runner_up = by_rpc.get(1).map_or(Duration::ZERO, |call| call.rpc);
+        // The slowest worker and the next slowest RPC, in one pass.
+        let mut slowest: Option<&WorkerCall> = None;
+        let mut runner_up = Duration::ZERO;
+        for call in calls {
+            match slowest {
+                Some(current) if call.rpc <= current.rpc => runner_up = runner_up.max(call.rpc),
+                _ => {
+                    runner_up = slowest.map_or(runner_up, |previous| previous.rpc.max(runner_up));
+                    slowest = Some(call);
+                }
+            }
+        }
+        if let Some(slowest) = slowest {
             let pair = self.pairs.entry((layer, slowest.endpoint.to_string())).or_default();
             pair.straggler_calls += 1;
             pair.straggler_margin += slowest.rpc.saturating_sub(runner_up);
         }
     }
 
-    /// Attributes socket byte counts (deltas over the measured window) to every pair of `layer`.
+    /// Sets the socket byte counts (deltas over the measured window) of the pair (`layer`, `endpoint`).
     pub fn set_socket_bytes(&mut self, layer: u32, endpoint: &str, sent: u64, received: u64) {
         let pair = self.pairs.entry((layer, endpoint.to_owned())).or_default();
         pair.socket_sent = sent;
         pair.socket_received = received;
     }
 
-    /// Every pair as JSON: totals divided by calls (per call means), microseconds and bytes.
+    /// Every pair as JSON: per-call means, microseconds and bytes.
     pub fn to_json(&self) -> serde_json::Value {
         let pairs: Vec<serde_json::Value> = self
             .pairs
             .iter()
             .map(|((layer, endpoint), pair)| {
-                let calls = pair.calls.max(1);
-                let us = |total: Duration| total.as_secs_f64() * 1e6 / calls as f64;
+                let mean = pair.per_call();
                 serde_json::json!({
                     "layer": layer,
                     "worker": endpoint,
                     "calls": pair.calls,
-                    "requests_per_call": pair.requests as f64 / calls as f64,
-                    "rows_per_call": pair.rows as f64 / calls as f64,
-                    "payload_bytes_sent_per_call": pair.bytes.payload_sent / calls,
-                    "payload_bytes_received_per_call": pair.bytes.payload_received / calls,
-                    "message_bytes_sent_per_call": pair.bytes.message_sent / calls,
-                    "message_bytes_received_per_call": pair.bytes.message_received / calls,
-                    "socket_bytes_sent_per_call": pair.socket_sent / calls,
-                    "socket_bytes_received_per_call": pair.socket_received / calls,
-                    "encode_us": us(pair.encode),
-                    "decode_us": us(pair.decode),
-                    "combine_us": us(pair.combine),
-                    "rpc_us": us(pair.rpc),
-                    "dispatch_us": us(pair.dispatch),
-                    "combine_transfer_us": us(pair.combine_transfer),
-                    "queue_wait_us": us(pair.queue_wait),
-                    "compute_us": us(pair.compute),
+                    "requests_per_call": mean.requests,
+                    "rows_per_call": mean.rows,
+                    "payload_bytes_sent_per_call": mean.payload_sent,
+                    "payload_bytes_received_per_call": mean.payload_received,
+                    "message_bytes_sent_per_call": mean.message_sent,
+                    "message_bytes_received_per_call": mean.message_received,
+                    "socket_bytes_sent_per_call": mean.socket_sent,
+                    "socket_bytes_received_per_call": mean.socket_received,
+                    "encode_us": mean.encode_us,
+                    "decode_us": mean.decode_us,
+                    "combine_us": mean.combine_us,
+                    "rpc_us": mean.rpc_us,
+                    "dispatch_us": mean.dispatch_us,
+                    "combine_transfer_us": mean.combine_transfer_us,
+                    "queue_wait_us": mean.queue_wait_us,
+                    "compute_us": mean.compute_us,
                     "straggler_calls": pair.straggler_calls,
-                    "straggler_margin_mean_us": pair.straggler_margin.as_secs_f64() * 1e6 / pair.straggler_calls.max(1) as f64,
+                    "straggler_margin_mean_us": mean.straggler_margin_us,
                 })
             })
             .collect();
@@ -190,34 +247,42 @@ impl CommLedger {
     pub fn render(&self) -> String {
         let mut text = String::new();
         for ((layer, endpoint), pair) in &self.pairs {
-            let calls = pair.calls.max(1);
-            let us = |total: Duration| format!("{:.0}", total.as_secs_f64() * 1e6 / calls as f64);
+            let mean = pair.per_call();
             text.push_str(&format!(
-                "  layer {layer} → {endpoint}: {} rows | sent {} B payload, {} B message, {} B socket | received {} B payload, {} B message, {} B socket\n",
-                pair.rows / calls,
-                pair.bytes.payload_sent / calls,
-                pair.bytes.message_sent / calls,
-                pair.socket_sent / calls,
-                pair.bytes.payload_received / calls,
-                pair.bytes.message_received / calls,
-                pair.socket_received / calls,
+                "  layer {layer} → {endpoint}: {:.0} rows | sent {} B payload, {} B message, {} B socket | received {} B payload, {} B message, {} B socket\n",
+                mean.rows,
+                mean.payload_sent,
+                mean.message_sent,
+                mean.socket_sent,
+                mean.payload_received,
+                mean.message_received,
+                mean.socket_received,
             ));
             text.push_str(&format!(
-                "      µs/call: encode {} | dispatch {} | queue {} | compute {} | combine-transfer {} | decode {} | combine {} | rpc {} | straggler in {} of {} calls (by {:.0} µs)\n",
-                us(pair.encode),
-                us(pair.dispatch),
-                us(pair.queue_wait),
-                us(pair.compute),
-                us(pair.combine_transfer),
-                us(pair.decode),
-                us(pair.combine),
-                us(pair.rpc),
+                "      µs/call: encode {:.0} | dispatch {:.0} | queue {:.0} | compute {:.0} | combine-transfer {:.0} | decode {:.0} | combine {:.0} | rpc {:.0} | straggler in {} of {} calls (by {:.0} µs)\n",
+                mean.encode_us,
+                mean.dispatch_us,
+                mean.queue_wait_us,
+                mean.compute_us,
+                mean.combine_transfer_us,
+                mean.decode_us,
+                mean.combine_us,
+                mean.rpc_us,
                 pair.straggler_calls,
                 pair.calls,
-                pair.straggler_margin.as_secs_f64() * 1e6 / pair.straggler_calls.max(1) as f64,
+                mean.straggler_margin_us,
             ));
         }
         text
+    }
+
+    /// Rows each worker computed, summed over layers.
+    pub fn rows_by_worker(&self) -> BTreeMap<String, u64> {
+        let mut rows = BTreeMap::new();
+        for ((_, endpoint), pair) in &self.pairs {
+            *rows.entry(endpoint.clone()).or_default() += pair.rows;
+        }
+        rows
     }
 }
 

@@ -155,8 +155,6 @@ pub struct LoadReport {
     pub phase_histograms: Vec<Histogram<u64>>,
     /// Kept assignments per expert, summed over calls.
     pub expert_load: Vec<u64>,
-    /// Rows per worker endpoint, summed over calls.
-    pub worker_load: BTreeMap<String, u64>,
     pub timing_total: TimeBreakdown,
     pub bytes_total: ByteCounts,
     /// Per (layer, worker): bytes, encode/decode, dispatch, queue, compute, the straggler view.
@@ -250,7 +248,7 @@ impl LoadReport {
         object.insert("errors".into(), serde_json::json!(self.errors));
         object.insert("first_error".into(), serde_json::json!(self.first_error));
         object.insert("expert_load".into(), serde_json::json!(self.expert_load));
-        object.insert("worker_load".into(), serde_json::json!(self.worker_load));
+        object.insert("worker_load".into(), serde_json::json!(self.ledger.rows_by_worker()));
         object.insert("ledger".into(), self.ledger.to_json());
         serde_json::Value::Object(object)
     }
@@ -393,9 +391,6 @@ impl Shared {
                 for (total, load) in report.expert_load.iter_mut().zip(loads) {
                     *total += u64::from(*load);
                 }
-                for call in &outcome.workers {
-                    *report.worker_load.entry(call.endpoint.to_string()).or_default() += call.rows as u64;
-                }
                 report.ledger.record(layer, &outcome.workers);
                 report.dispatch_total += outcome.workers.iter().map(|call| call.dispatch).max().unwrap_or_default();
                 report.combine_transfer_total +=
@@ -438,7 +433,6 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         latency: micros_histogram(),
         phase_histograms: TimeBreakdown::PHASES.iter().map(|_| micros_histogram()).collect(),
         expert_load: Vec::new(),
-        worker_load: BTreeMap::new(),
         timing_total: TimeBreakdown::default(),
         bytes_total: ByteCounts::default(),
         ledger: CommLedger::default(),

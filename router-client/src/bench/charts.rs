@@ -234,11 +234,7 @@ pub fn overhead(points: &[ChartPoint], path: &Path) -> ChartResult {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for result in points {
         let Some(ratio) = result.overhead_ratio else { continue };
-        let shape = result.shape;
-        let name = format!(
-            "{} workers, {} experts, top-{}, {}x{}, {}",
-            shape.workers, shape.experts, shape.top_k, shape.d_model, shape.d_ff, result.wire
-        );
+        let name = format!("{}, {}", result.shape, result.wire);
         series_entry(&mut series, name).push((result.tokens as f64, ratio));
     }
     series.retain(|(_, points)| points.len() > 1);

@@ -523,14 +523,9 @@ pub fn flops_per_row(model: &ModelSpec, identity: bool) -> f64 {
 }
 
 fn point_line(result: &PointResult) -> String {
-    let shape = result.point.shape;
     format!(
-        "{} workers, {} experts, top-{}, d {}x{}, {} tokens, {}: {:.2} ms distributed, {} in-process",
-        shape.workers,
-        shape.experts,
-        shape.top_k,
-        shape.d_model,
-        shape.d_ff,
+        "{}, {} tokens, {}: {:.2} ms distributed, {} in-process",
+        result.point.shape,
         result.point.tokens,
         plan::dtype_name(result.point.wire_dtype),
         result.distributed_ms(),

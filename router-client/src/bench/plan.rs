@@ -16,6 +16,16 @@ pub struct ClusterShape {
     pub d_ff: u32,
 }
 
+impl std::fmt::Display for ClusterShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} workers, {} experts, top-{}, {}x{}",
+            self.workers, self.experts, self.top_k, self.d_model, self.d_ff
+        )
+    }
+}
+
 /// One measured point: a cluster shape, tokens per call and the wire dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Point {

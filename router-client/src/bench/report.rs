@@ -3,7 +3,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use super::charts::ChartPoint;
 use super::plan::dtype_name;
@@ -173,28 +172,27 @@ pub fn ledger_table(ledger: &CommLedger) -> String {
     );
     text.push_str(&format!("| --- |{}\n", " ---: |".repeat(12)));
     for ((layer, endpoint), pair) in &ledger.pairs {
-        let calls = pair.calls.max(1);
-        let us = |total: Duration| format!("{:.0}", total.as_secs_f64() * 1e6 / calls as f64);
+        let mean = pair.per_call();
         let _ = writeln!(
             text,
-            "| {layer} → {endpoint} | {} | {} / {} | {} / {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} of {} calls (by {:.0} µs) |",
-            pair.rows / calls,
-            pair.bytes.payload_sent / calls,
-            pair.bytes.payload_received / calls,
-            pair.bytes.message_sent / calls,
-            pair.bytes.message_received / calls,
-            pair.socket_sent / calls,
-            pair.socket_received / calls,
-            us(pair.encode),
-            us(pair.dispatch),
-            us(pair.queue_wait),
-            us(pair.compute),
-            us(pair.combine_transfer),
-            us(pair.decode),
-            us(pair.combine),
+            "| {layer} → {endpoint} | {:.0} | {} / {} | {} / {} | {} / {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} of {} calls (by {:.0} µs) |",
+            mean.rows,
+            mean.payload_sent,
+            mean.payload_received,
+            mean.message_sent,
+            mean.message_received,
+            mean.socket_sent,
+            mean.socket_received,
+            mean.encode_us,
+            mean.dispatch_us,
+            mean.queue_wait_us,
+            mean.compute_us,
+            mean.combine_transfer_us,
+            mean.decode_us,
+            mean.combine_us,
             pair.straggler_calls,
             pair.calls,
-            pair.straggler_margin.as_secs_f64() * 1e6 / pair.straggler_calls.max(1) as f64,
+            mean.straggler_margin_us,
         );
     }
     text

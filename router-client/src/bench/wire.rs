@@ -136,7 +136,13 @@ async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFi
             if round > 0 {
                 times.push(started.elapsed());
             }
-            debug_assert_eq!(answer.get_ref().payload.len(), if discard { 0 } else { bytes });
+            let expected = if discard { 0 } else { bytes };
+            if answer.get_ref().payload.len() != expected {
+                return Err(std::io::Error::other(format!(
+                    "the gRPC echo answered {} bytes for {expected}",
+                    answer.get_ref().payload.len()
+                )));
+            }
         }
         let moved = if discard { bytes } else { 2 * bytes } as u64;
         figures.push(WireFigure::from_times(bytes as u64, moved, &times));
