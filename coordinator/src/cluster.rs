@@ -29,10 +29,11 @@ pub struct ClusterConfig {
     pub heartbeat_timeout: Duration,
     /// Workers to wait for before the first placement (so experts do not all land on the first).
     pub min_workers: usize,
-    /// Tokens one expert queue admits: the expert capacity of the largest batch clients send.
+    /// Tokens one routed expert's queue admits: the expert capacity of the largest batch clients
+    /// send (the largest batch itself when the model is dropless).
     pub queue_limit_tokens: u32,
-    /// Tokens a shared expert's queue admits: the largest batch itself (every token goes there).
-    pub shared_queue_limit_tokens: u32,
+    /// The largest batch a client sends; also a shared expert's queue limit (every token goes there).
+    pub max_batch_tokens: u32,
     /// How long a worker keeps serving an expert after the table moved it elsewhere.
     pub unload_grace: Duration,
 }
@@ -105,6 +106,7 @@ impl<C: WorkerControl> Cluster<C> {
             model: Some(config.model.to_proto()),
             routes: Vec::new(),
             queue_limit_tokens: config.queue_limit_tokens,
+            max_batch_tokens: config.max_batch_tokens,
         };
         let (table, _) = watch::channel(Arc::new(empty));
         Arc::new(Self { config, state: Mutex::new(State::default()), table, wake: Notify::new(), control, metrics })
@@ -250,7 +252,7 @@ impl<C: WorkerControl> Cluster<C> {
                 model: Some(spec.clone()),
                 experts: order.experts.iter().map(|expert| placement::key(*expert)).collect(),
                 queue_limit_tokens: self.config.queue_limit_tokens,
-                shared_queue_limit_tokens: self.config.shared_queue_limit_tokens,
+                shared_queue_limit_tokens: self.config.max_batch_tokens,
             };
             self.control.load(&order.endpoint, request)
         });
@@ -391,6 +393,7 @@ impl<C: WorkerControl> Cluster<C> {
             model: Some(self.config.model.to_proto()),
             routes,
             queue_limit_tokens: self.config.queue_limit_tokens,
+            max_batch_tokens: self.config.max_batch_tokens,
         };
         tracing::info!(
             version,
@@ -478,7 +481,7 @@ mod tests {
             heartbeat_timeout: Duration::from_millis(200),
             min_workers,
             queue_limit_tokens: 64,
-            shared_queue_limit_tokens: 256,
+            max_batch_tokens: 256,
             unload_grace: Duration::ZERO,
         }
     }

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use switchyard_common::tracing_setup::LogFormat;
 use switchyard_model::cli::ModelArgs;
-use switchyard_model::expert_capacity;
+
+use switchyard_model::{CapacityPolicy, ModelSpec};
 
 use crate::cluster::ClusterConfig;
 
@@ -27,7 +28,8 @@ pub struct Args {
     pub model: ModelArgs,
 
     /// Largest batch (tokens per layer call) a client sends; each expert queue admits that batch's
-    /// expert capacity, ceil(top_k * tokens / experts * capacity_factor), across all clients.
+    /// expert capacity, ceil(top_k * tokens / experts * capacity_factor), across all clients, or the
+    /// whole batch when the model is dropless or has a per-sequence expert capacity.
     #[arg(long, env = "SWITCHYARD_MAX_BATCH_TOKENS", default_value_t = 8192)]
     pub max_batch_tokens: usize,
 
@@ -68,29 +70,34 @@ impl TryFrom<&Args> for ClusterConfig {
                 args.heartbeat_timeout_ms, args.heartbeat_interval_ms
             ));
         }
-        let capacity = expert_capacity(
-            args.max_batch_tokens,
-            model.top_k as usize,
-            model.experts_per_layer as usize,
-            model.capacity_factor,
-        );
         Ok(ClusterConfig {
+            queue_limit_tokens: queue_limit(&model, args.max_batch_tokens),
             model,
             heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
             min_workers: args.min_workers.max(1),
-            queue_limit_tokens: capacity.clamp(1, u32::MAX as usize) as u32,
-            shared_queue_limit_tokens: args.max_batch_tokens.clamp(1, u32::MAX as usize) as u32,
+            max_batch_tokens: args.max_batch_tokens.clamp(1, u32::MAX as usize) as u32,
             unload_grace: Duration::from_millis(args.unload_grace_ms),
         })
     }
+}
+
+/// Tokens a routed expert's queue admits across all clients. With a capacity factor it is the
+/// capacity of the largest batch. A dropless model must admit every row a batch may send one expert,
+/// which is the whole batch; with a per-sequence capacity the client enforces it per call and the
+/// queue bounds the worker at the largest batch too.
+fn queue_limit(model: &ModelSpec, max_batch_tokens: usize) -> u32 {
+    let limit = match model.capacity {
+        CapacityPolicy::Factor(_) => model.capacity(max_batch_tokens).unwrap_or(max_batch_tokens),
+        CapacityPolicy::Dropless | CapacityPolicy::PerSequence(_) => max_batch_tokens,
+    };
+    limit.clamp(1, u32::MAX as usize) as u32
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
-    use switchyard_model::ModelSpec;
 
     #[test]
     fn defaults_give_the_default_synthetic_model_and_its_capacity() {
@@ -98,6 +105,16 @@ mod tests {
         let config = ClusterConfig::try_from(&args).expect("defaults are valid");
         assert_eq!(config.model, ModelSpec::default_synthetic());
         assert_eq!(config.queue_limit_tokens, 2560, "ceil(2 * 8192 / 8 * 1.25)");
+        assert_eq!(config.max_batch_tokens, 8192);
+    }
+
+    #[test]
+    fn a_dropless_model_admits_the_largest_batch_into_every_queue() {
+        let args = Args::try_parse_from(["switchyard-coordinator", "--dropless", "--max-batch-tokens", "512"])
+            .expect("parses");
+        let config = ClusterConfig::try_from(&args).expect("valid");
+        assert_eq!(config.model.capacity, CapacityPolicy::Dropless);
+        assert_eq!((config.queue_limit_tokens, config.max_batch_tokens), (512, 512));
     }
 
     #[test]
@@ -106,6 +123,6 @@ mod tests {
         assert!(ClusterConfig::try_from(&args).unwrap_err().contains("model.top_k"));
         let args = Args::try_parse_from(["switchyard-coordinator", "--heartbeat-timeout-ms", "100"]).expect("parses");
         assert!(ClusterConfig::try_from(&args).unwrap_err().contains("--heartbeat-timeout-ms"));
-        assert!(Args::try_parse_from(["switchyard-coordinator", "--activation", "relu"]).is_err());
+        assert!(Args::try_parse_from(["switchyard-coordinator", "--activation", "tanh"]).is_err());
     }
 }

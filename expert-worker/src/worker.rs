@@ -54,11 +54,11 @@ fn build_experts(
         .map_err(|error| WorkerError::Load { expert: first, reason: error.to_string() })?;
     keys.into_iter()
         .map(|key| {
-            let matrices = checkpoint
-                .expert_matrices(key.layer, key.expert)
+            let weights = checkpoint
+                .expert_weights(key.layer, key.expert)
                 .map_err(|error| WorkerError::Load { expert: key, reason: error.to_string() })?;
             let (d_model, d_ff) = (spec.d_model as usize, spec.d_ff_of(key.expert) as usize);
-            Ok((key, Expert::from_matrices(&matrices, d_model, d_ff, device)))
+            Ok((key, Expert::from_weights(&weights, spec.activation, d_model, d_ff, device)))
         })
         .collect()
 }
@@ -180,7 +180,11 @@ impl ExpertWorker {
         if let Some(outside) = experts.iter().find(|key| !spec.contains(key)) {
             return Err(WorkerError::invalid(
                 "experts",
-                format!("{outside} is outside the model ({} layers x {} experts)", spec.layers, spec.experts_per_layer),
+                format!(
+                    "{outside} is outside the model (MoE layers {}, {} experts)",
+                    spec.describe_layers(),
+                    spec.experts_per_layer + spec.shared_experts
+                ),
             ));
         }
         let default_limit = self.options.default_queue_limit_tokens;

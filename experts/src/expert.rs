@@ -1,11 +1,14 @@
 //! One expert feed-forward network on a tch device.
 //!
 //! Weights follow PyTorch's `nn.Linear` layout (`[out_features, in_features]`), which is also the
-//! layout of the public Mixtral and Qwen2-MoE checkpoints, so `x · wᵀ` is `F.linear(x, w)`.
+//! layout of most public checkpoints (the checkpoint reader converts the others), so `x · wᵀ + b`
+//! is `F.linear(x, w, b)`. Each family's expert is an [`Activation`] variant, not a special case:
+//! SwiGLU (Mixtral, Qwen, OLMoE, DeepSeek, Granite), GELU or ReLU two-matrix FFNs (Switch
+//! Transformers), GPT-OSS's clamped SwiGLU with biases.
 
 use tch::{Device, Kind, Tensor};
 
-use switchyard_model::checkpoint::ExpertMatrices;
+use switchyard_model::checkpoint::ExpertWeights;
 use switchyard_model::synthetic::{self, WeightRole};
 use switchyard_model::{Activation, ModelSpec};
 
@@ -26,8 +29,12 @@ struct Ffn {
     w1: Tensor,
     /// `[d_model, d_ff]`.
     w2: Tensor,
-    /// `[d_ff, d_model]`; SwiGLU only.
+    /// `[d_ff, d_model]`; the SwiGLU forms only.
     w3: Option<Tensor>,
+    /// `[d_ff]`, `[d_model]`, `[d_ff]`: the biases of w1, w2 and w3, when the family has them.
+    b1: Option<Tensor>,
+    b2: Option<Tensor>,
+    b3: Option<Tensor>,
 }
 
 impl Expert {
@@ -38,10 +45,19 @@ impl Expert {
             let values = synthetic::matrix(spec.seed, layer, expert, role, rows, cols);
             Tensor::from_slice(&values).view([rows as i64, cols as i64]).to_device(device)
         };
-        let w1 = build(WeightRole::W1, d_ff, d_model);
-        let w2 = build(WeightRole::W2, d_model, d_ff);
-        let w3 = (spec.activation == Activation::SwiGlu).then(|| build(WeightRole::W3, d_ff, d_model));
-        Self { ffn: Some(Ffn { activation: spec.activation, w1, w2, w3 }), d_model: d_model as i64, device }
+        let three_matrices = spec.activation.matrices() == 3;
+        let biased = spec.expert_bias && !spec.is_shared(expert);
+        let bias = |role, size: usize| build(role, 1, size).view([size as i64]);
+        let ffn = Ffn {
+            activation: spec.activation,
+            w1: build(WeightRole::W1, d_ff, d_model),
+            w2: build(WeightRole::W2, d_model, d_ff),
+            w3: three_matrices.then(|| build(WeightRole::W3, d_ff, d_model)),
+            b1: biased.then(|| bias(WeightRole::B1, d_ff)),
+            b2: biased.then(|| bias(WeightRole::B2, d_model)),
+            b3: (biased && three_matrices).then(|| bias(WeightRole::B3, d_ff)),
+        };
+        Self { ffn: Some(ffn), d_model: d_model as i64, device }
     }
 
     /// An expert that answers with its input: dispatch and combine measured alone, as DeepEP's
@@ -50,24 +66,42 @@ impl Expert {
         Self { ffn: None, d_model: d_model as i64, device }
     }
 
-    /// Builds an expert from checkpoint matrices (`nn.Linear` layout), on `device`.
-    pub fn from_matrices(matrices: &ExpertMatrices, d_model: usize, d_ff: usize, device: Device) -> Self {
-        let build = |values: &[f32], rows: usize, cols: usize| {
-            Tensor::from_slice(values).view([rows as i64, cols as i64]).to_device(device)
-        };
+    /// Builds an expert of form `activation` from checkpoint weights (`nn.Linear` layout), on `device`.
+    pub fn from_weights(
+        weights: &ExpertWeights,
+        activation: Activation,
+        d_model: usize,
+        d_ff: usize,
+        device: Device,
+    ) -> Self {
+        let build = |values: &[f32], shape: &[i64]| Tensor::from_slice(values).view(shape).to_device(device);
+        let (d, f) = (d_model as i64, d_ff as i64);
+        let biases = weights.biases.as_ref();
         let ffn = Ffn {
-            activation: Activation::SwiGlu,
-            w1: build(&matrices.w1, d_ff, d_model),
-            w2: build(&matrices.w2, d_model, d_ff),
-            w3: Some(build(&matrices.w3, d_ff, d_model)),
+            activation,
+            w1: build(&weights.w1, &[f, d]),
+            w2: build(&weights.w2, &[d, f]),
+            w3: weights.w3.as_deref().map(|w3| build(w3, &[f, d])),
+            b1: biases.map(|b| build(&b.b1, &[f])),
+            b2: biases.map(|b| build(&b.b2, &[d])),
+            b3: biases.and_then(|b| b.b3.as_deref()).map(|b3| build(b3, &[f])),
         };
+        debug_assert_eq!(ffn.w3.is_some(), activation.matrices() == 3, "{activation} with w3: {}", ffn.w3.is_some());
         Self { ffn: Some(ffn), d_model: d_model as i64, device }
     }
 
     /// Bytes of weights this expert holds.
     pub fn resident_bytes(&self) -> u64 {
         let bytes = |tensor: &Tensor| (tensor.numel() * tensor.kind().elt_size_in_bytes()) as u64;
-        self.ffn.as_ref().map_or(0, |ffn| bytes(&ffn.w1) + bytes(&ffn.w2) + ffn.w3.as_ref().map_or(0, bytes))
+        let optional = |tensor: &Option<Tensor>| tensor.as_ref().map_or(0, bytes);
+        self.ffn.as_ref().map_or(0, |ffn| {
+            bytes(&ffn.w1)
+                + bytes(&ffn.w2)
+                + optional(&ffn.w3)
+                + optional(&ffn.b1)
+                + optional(&ffn.b2)
+                + optional(&ffn.b3)
+        })
     }
 
     pub fn d_model(&self) -> i64 {
@@ -84,12 +118,20 @@ impl Expert {
             return x.shallow_clone();
         };
         tch::no_grad(|| {
-            let hidden = x.linear::<Tensor>(&ffn.w1, None);
-            let hidden = match (&ffn.activation, &ffn.w3) {
-                (Activation::SwiGlu, Some(w3)) => hidden.silu() * x.linear::<Tensor>(w3, None),
-                _ => hidden.gelu("none"),
+            let gate = x.linear(&ffn.w1, ffn.b1.as_ref());
+            let up = || ffn.w3.as_ref().map(|w3| x.linear(w3, ffn.b3.as_ref()));
+            let hidden = match (ffn.activation, up()) {
+                (Activation::SwiGlu, Some(up)) => gate.silu() * up,
+                (Activation::ClampedSwiGlu { alpha, limit }, Some(up)) => {
+                    let (alpha, limit) = (f64::from(alpha), f64::from(limit));
+                    let gate = gate.clamp_max(limit);
+                    let glu = &gate * (&gate * alpha).sigmoid();
+                    (up.clamp(-limit, limit) + 1.0) * glu
+                }
+                (Activation::Relu, _) => gate.relu(),
+                _ => gate.gelu("none"),
             };
-            hidden.linear::<Tensor>(&ffn.w2, None)
+            hidden.linear(&ffn.w2, ffn.b2.as_ref())
         })
     }
 
@@ -142,6 +184,59 @@ mod tests {
         let expert = Expert::identity(4, Device::Cpu);
         assert_eq!(expert.forward_f32(&[1.0, -2.0, 3.5, 0.25]), [1.0, -2.0, 3.5, 0.25]);
         assert_eq!(expert.resident_bytes(), 0);
+    }
+
+    /// GPT-OSS's clamped SwiGLU with biases, written out by hand, against the tch forward: inputs
+    /// large enough that both clamps act.
+    #[test]
+    fn clamped_swiglu_matches_gpt_oss_formula() {
+        let (alpha, limit) = (1.702f32, 0.5f32);
+        let (d, f) = (3usize, 2usize);
+        let weights = ExpertWeights {
+            w1: vec![1.0, -0.5, 0.0, -1.0, 0.25, 2.0],
+            w2: vec![0.5, -1.0, 1.5, 0.25, -0.75, 1.0],
+            w3: Some(vec![-0.5, 1.0, 0.75, 2.0, -1.5, 0.5]),
+            biases: Some(switchyard_model::checkpoint::ExpertBiases {
+                b1: vec![0.1, -0.2],
+                b2: vec![0.05, 0.0, -0.05],
+                b3: Some(vec![0.3, -0.1]),
+            }),
+        };
+        let expert = Expert::from_weights(&weights, Activation::ClampedSwiGlu { alpha, limit }, d, f, Device::Cpu);
+        let x = [1.0f32, -2.0, 0.5];
+        let linear = |w: &[f32], b: &[f32], input: &[f32], outputs: usize| -> Vec<f32> {
+            (0..outputs)
+                .map(|o| b[o] + (0..input.len()).map(|i| w[o * input.len() + i] * input[i]).sum::<f32>())
+                .collect()
+        };
+        let biases = weights.biases.as_ref().unwrap();
+        let gate = linear(&weights.w1, &biases.b1, &x, f);
+        let up = linear(weights.w3.as_ref().unwrap(), biases.b3.as_ref().unwrap(), &x, f);
+        let hidden: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(g, u)| {
+                let g = g.min(limit);
+                let u = u.clamp(-limit, limit);
+                (u + 1.0) * g / (1.0 + (-alpha * g).exp())
+            })
+            .collect();
+        let expected = linear(&weights.w2, &biases.b2, &hidden, d);
+        assert!(gate.iter().any(|g| *g > limit) && up.iter().any(|u| u.abs() > limit), "both clamps act");
+        let got = expert.forward_f32(&x);
+        for (want, have) in expected.iter().zip(&got) {
+            assert!((want - have).abs() < 1e-6, "{expected:?} vs {got:?}");
+        }
+        assert_eq!(expert.resident_bytes(), 4 * (3 * 6 + 2 + 3 + 2));
+    }
+
+    #[test]
+    fn relu_expert_zeroes_negative_pre_activations() {
+        let weights = ExpertWeights { w1: vec![1.0, -1.0], w2: vec![2.0, 3.0], w3: None, biases: None };
+        let expert = Expert::from_weights(&weights, Activation::Relu, 1, 2, Device::Cpu);
+        // x = 1.5: pre-activations [1.5, -1.5] -> [1.5, 0] -> 2 * 1.5.
+        assert_eq!(expert.forward_f32(&[1.5]), [3.0]);
+        assert_eq!(expert.forward_f32(&[-1.0]), [3.0], "pre-activations [-1, 1] -> [0, 1] -> 3 * 1");
     }
 
     #[test]

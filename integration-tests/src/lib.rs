@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use switchyard_model::ModelSpec;
+use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_router_client::local_cluster::{LocalCluster, LocalClusterConfig};
 use switchyard_router_client::{ClientOptions, MoeClient, RoutingTableView, TableWatcher};
 
@@ -22,7 +22,13 @@ pub fn binaries_dir() -> PathBuf {
 
 /// The reference model: one layer, 8 experts, top-2, d_model 256, d_ff 512.
 pub fn small_model(capacity_factor: f32) -> ModelSpec {
-    ModelSpec { d_model: 256, d_ff: 512, capacity_factor, seed: 42, ..ModelSpec::default_synthetic() }
+    ModelSpec {
+        d_model: 256,
+        d_ff: 512,
+        capacity: CapacityPolicy::Factor(capacity_factor),
+        seed: 42,
+        ..ModelSpec::default_synthetic()
+    }
 }
 
 /// `[tokens, d_model]` of seeded values with unit-ish variance.

@@ -1,56 +1,161 @@
 //! Real checkpoints served by real processes: a coordinator and two workers serving the small
-//! Mixtral and Qwen2-MoE fixtures reproduce Hugging Face transformers' outputs; a truncated
-//! checkpoint never puts a half-loaded expert into the routing table.
+//! checkpoint of every family, started with the default flags, driven by the `switchyard forward`
+//! command, reproduce Hugging Face transformers' MoE blocks on inputs where a 1.25 capacity factor
+//! would drop; a dropless checkpoint cannot drop; a truncated checkpoint never puts a half-loaded
+//! expert into the routing table.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use switchyard_integration_tests::{TestCluster, binaries_dir};
 use switchyard_model::checkpoint::Checkpoint;
-use switchyard_model::safetensors::TensorFiles;
+use switchyard_model::safetensors::{TensorFiles, write_f32};
+use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
 use switchyard_router_client::local_cluster::{LocalCluster, LocalClusterConfig};
-use switchyard_router_client::{ClientOptions, MoeClient, RoutingOverrides, relative_frobenius_error};
-
-const TOKENS: usize = 16;
+use switchyard_router_client::{ClientError, RoutingOverrides, relative_frobenius_error};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name).canonicalize().expect("fixture exists")
 }
 
+/// The spec `--checkpoint DIR` alone gives: the architecture's own capacity policy.
+fn default_spec(dir: &Path) -> ModelSpec {
+    Checkpoint::open(dir).expect("checkpoint").spec
+}
+
+/// Runs `switchyard forward` on layer `layer`, returns its stdout and `(out, router_logits)`.
+fn switchyard_forward(coordinator: &str, dir: &Path, layer: u32, output: &Path) -> (String, TensorFiles) {
+    let result = Command::new(binaries_dir().join("switchyard"))
+        .args(["forward", "--coordinator", coordinator, "--layer", &layer.to_string()])
+        .arg("--checkpoint")
+        .arg(dir)
+        .arg("--input")
+        .arg(dir.join("expected.safetensors"))
+        .arg("--output")
+        .arg(output)
+        .output()
+        .expect("switchyard forward runs");
+    let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
+    assert!(result.status.success(), "switchyard forward failed: {stdout}{}", String::from_utf8_lossy(&result.stderr));
+    (stdout, TensorFiles::open_file(output))
+}
+
 async fn serves_like_transformers(name: &str) {
     let dir = fixture(name);
-    let spec = Checkpoint::open(&dir).expect("checkpoint").spec;
+    let spec = default_spec(&dir);
     let cluster = TestCluster::start(spec.clone(), 2, |_| {}).await;
     assert_eq!(cluster.table().workers().len(), 2);
-    // transformers applies no capacity: a capacity factor of E/k makes room for every assignment.
-    let routing = RoutingOverrides {
-        capacity_factor: Some(spec.experts_per_layer as f32 / spec.top_k as f32),
-        ..Default::default()
-    };
-    let client = MoeClient::new(cluster.watcher.receiver(), ClientOptions { routing, ..ClientOptions::default() });
     let expected = TensorFiles::open_file(&dir.join("expected.safetensors"));
-    let read =
-        |tensor: &str, width: u32| expected.read_f32(tensor, &[TOKENS, width as usize]).expect("expected tensor");
-    let hidden = read("hidden_states", spec.d_model);
-    for layer in 0..spec.layers {
-        let output = client.forward(layer, &hidden).await.expect("distributed forward");
-        let out_error = relative_frobenius_error(&output.hidden, &read(&format!("layers.{layer}.out"), spec.d_model));
-        let logits = read(&format!("layers.{layer}.router_logits"), spec.experts_per_layer);
-        let logits_error = relative_frobenius_error(&output.router_logits, &logits);
+    let tokens = expected.shape("hidden_states").expect("hidden_states")[0];
+    let (d_model, experts) = (spec.d_model as usize, spec.experts_per_layer as usize);
+    let read = |files: &TensorFiles, tensor: &str, width: usize| {
+        files.read_f32(tensor, &[tokens, width]).unwrap_or_else(|error| panic!("{tensor}: {error}"))
+    };
+    let scratch = tempfile::tempdir().expect("temp dir");
+    for &layer in &spec.moe_layers {
+        let output = scratch.path().join(format!("layer-{layer}.safetensors"));
+        let (stdout, answer) = switchyard_forward(&cluster.processes.coordinator_uri(), &dir, layer, &output);
+        let out_error = relative_frobenius_error(
+            &read(&answer, "out", d_model),
+            &read(&expected, &format!("layers.{layer}.out"), d_model),
+        );
+        let logits_error = relative_frobenius_error(
+            &read(&answer, "router_logits", experts),
+            &read(&expected, &format!("layers.{layer}.router_logits"), experts),
+        );
+        eprintln!("{name} layer {layer}: out error {out_error:.1e}, router_logits error {logits_error:.1e}\n{stdout}");
         assert!(out_error < 1e-5, "{name} layer {layer}: out relative error {out_error:e}");
         assert!(logits_error < 1e-5, "{name} layer {layer}: router_logits relative error {logits_error:e}");
+        match spec.capacity {
+            CapacityPolicy::Dropless => assert!(stdout.contains("(dropless), dropped 0"), "{name}: {stdout}"),
+            // Switch Transformers drops what transformers drops: the outputs above agree, zero rows included.
+            _ => assert!(!stdout.contains("dropped 0"), "{name}: the skewed inputs overflow its capacity: {stdout}"),
+        }
     }
 }
 
-#[tokio::test]
-async fn a_cluster_serving_mixtral_matches_transformers() {
-    serves_like_transformers("mixtral-tiny").await;
+macro_rules! family_tests {
+    ($($test:ident => $fixture:literal),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $test() {
+                serves_like_transformers($fixture).await;
+            }
+        )*
+    };
 }
 
+family_tests! {
+    a_cluster_serving_mixtral_matches_transformers => "mixtral-tiny",
+    a_cluster_serving_qwen2_moe_matches_transformers => "qwen2-moe-tiny",
+    a_cluster_serving_qwen3_moe_matches_transformers => "qwen3-moe-tiny",
+    a_cluster_serving_olmoe_matches_transformers => "olmoe-tiny",
+    a_cluster_serving_deepseek_v2_lite_matches_transformers => "deepseek-v2-lite-tiny",
+    a_cluster_serving_deepseek_v3_matches_transformers => "deepseek-v3-tiny",
+    a_cluster_serving_gpt_oss_matches_transformers => "gpt-oss-tiny",
+    a_cluster_serving_granite_moe_matches_transformers => "granitemoe-tiny",
+    a_cluster_serving_switch_transformers_matches_transformers => "switch-transformers-tiny",
+}
+
+/// Every token of a call routed to the same two experts: each takes the whole batch, which the
+/// dropless queue limit (the largest batch) admits, so nothing is dropped and every row equals the
+/// single-token answer. A call larger than the largest batch is refused with the flag named,
+/// never silently cut.
 #[tokio::test]
-async fn a_cluster_serving_qwen2_moe_matches_transformers() {
-    serves_like_transformers("qwen2-moe-tiny").await;
+async fn a_dropless_checkpoint_never_drops_even_when_every_token_picks_the_same_experts() {
+    let dir = fixture("mixtral-tiny");
+    let spec = default_spec(&dir);
+    let max_batch = 32;
+    let cluster = TestCluster::start(spec.clone(), 2, |config| config.max_batch_tokens = max_batch).await;
+    assert_eq!(cluster.table().queue_limit_tokens, max_batch as u32, "dropless: a queue admits the largest batch");
+    let d_model = spec.d_model as usize;
+    let expected = TensorFiles::open_file(&dir.join("expected.safetensors"));
+    let one_token = expected.read_f32("hidden_states", &[32, d_model]).expect("hidden_states")[..d_model].to_vec();
+    let single = cluster.client.forward(0, &one_token).await.expect("one token");
+    let same_token: Vec<f32> = one_token.repeat(max_batch);
+    let crowded = cluster.client.forward(0, &same_token).await.expect("a crowded batch is served");
+    assert_eq!(crowded.routing.dropped, 0);
+    assert_eq!(crowded.routing.tokens_per_expert.iter().filter(|n| **n == max_batch as u32).count(), 2);
+    for row in crowded.hidden.chunks_exact(d_model) {
+        assert!(relative_frobenius_error(row, &single.hidden) < 1e-6);
+    }
+    let too_many = one_token.repeat(max_batch + 1);
+    let error = cluster.client.forward(0, &too_many).await.unwrap_err();
+    assert!(matches!(error, ClientError::InvalidInput { field: "hidden", .. }), "{error}");
+    assert!(error.to_string().contains("--max-batch-tokens"), "{error}");
+    let dense = cluster.client.forward(7, &one_token).await.unwrap_err().to_string();
+    assert_eq!(dense, "layer: 7 is not a MoE layer of mixtral-tiny; its MoE layers are [0, 1]");
+    // The operator may still ask for a capacity; then drops are possible and reported.
+    let capped = RoutingOverrides { capacity: Some(CapacityPolicy::Factor(1.25)), ..Default::default() };
+    let client = switchyard_router_client::MoeClient::new(
+        cluster.watcher.receiver(),
+        switchyard_router_client::ClientOptions { routing: capped, ..Default::default() },
+    );
+    assert!(client.forward(0, &same_token).await.expect("capped call").routing.dropped > 0);
+}
+
+/// `--layer` is the checkpoint's numbering: DeepSeek-V3's layer 0 is dense and refused by name.
+#[tokio::test]
+async fn switchyard_forward_refuses_a_dense_layer_naming_the_moe_layers() {
+    let dir = fixture("deepseek-v3-tiny");
+    let cluster = TestCluster::start(default_spec(&dir), 1, |_| {}).await;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let input = scratch.path().join("input.safetensors");
+    let hidden = vec![0.5f32; 4 * 32];
+    write_f32(&input, &[("hidden_states", vec![4, 32], &hidden)]).expect("input written");
+    let result = Command::new(binaries_dir().join("switchyard"))
+        .args(["forward", "--coordinator", &cluster.processes.coordinator_uri(), "--layer", "0"])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(scratch.path().join("out.safetensors"))
+        .output()
+        .expect("switchyard forward runs");
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success());
+    assert!(stderr.contains("layer: 0 is not a MoE layer of deepseek-v3-tiny; its MoE layers are [1, 2]"), "{stderr}");
 }
 
 #[tokio::test]
@@ -60,10 +165,24 @@ async fn a_truncated_checkpoint_keeps_its_experts_out_of_the_table() {
         let entry = entry.expect("entry");
         std::fs::copy(entry.path(), broken.path().join(entry.file_name())).expect("copy");
     }
-    let shard = broken.path().join("model-00002-of-00002.safetensors");
-    let length = std::fs::metadata(&shard).expect("shard").len();
-    std::fs::OpenOptions::new().write(true).open(&shard).expect("open").set_len(length / 2).expect("truncate");
-    let spec = Checkpoint::open(broken.path()).expect("config.json and the index are intact").spec;
+    // Truncate every shard holding layer 1's experts.
+    let index = std::fs::read_to_string(broken.path().join("model.safetensors.index.json")).expect("index");
+    let index: serde_json::Value = serde_json::from_str(&index).expect("index json");
+    let mut shards: Vec<&str> = index["weight_map"]
+        .as_object()
+        .expect("weight_map")
+        .iter()
+        .filter(|(tensor, _)| tensor.starts_with("model.layers.1.block_sparse_moe.experts."))
+        .filter_map(|(_, shard)| shard.as_str())
+        .collect();
+    shards.sort();
+    shards.dedup();
+    for shard in shards {
+        let shard = broken.path().join(shard);
+        let length = std::fs::metadata(&shard).expect("shard").len();
+        std::fs::OpenOptions::new().write(true).open(&shard).expect("open").set_len(length / 2).expect("truncate");
+    }
+    let spec = default_spec(broken.path());
 
     let mut config = LocalClusterConfig::next_to(&binaries_dir().join("switchyard"), spec, 1);
     config.heartbeat_interval = Duration::from_millis(200);

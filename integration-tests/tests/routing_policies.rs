@@ -2,6 +2,7 @@
 //! inputs where the capacity-based policies overflow.
 
 use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
+use switchyard_model::CapacityPolicy;
 use switchyard_router_client::capacity::OverflowPolicy;
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
 use switchyard_router_client::{ClientOptions, MoeClient, ReferenceLayer, RoutingOverrides, relative_frobenius_error};
@@ -16,7 +17,7 @@ struct Case {
 fn cases() -> Vec<Case> {
     let case = |name, policy, overflow, capacity_factor| Case { name, policy, overflow, capacity_factor };
     let top2 = RoutingPolicy::TopK { k: 2, renormalize: true };
-    let deepseek = GroupLimited { k: 2, groups: 4, top_groups: 2, renormalize: true, scaling: 2.5 };
+    let deepseek = GroupLimited { scaling: 2.5, ..GroupLimited::deepseek_v3(2, 4, 2) };
     vec![
         case("top-2 renormalised (Mixtral)", top2, OverflowPolicy::Drop, 0.5),
         case(
@@ -46,7 +47,7 @@ async fn every_policy_matches_the_reference_where_capacity_overflows() {
         let overrides = RoutingOverrides {
             policy: Some(case.policy),
             overflow: Some(case.overflow),
-            capacity_factor: Some(case.capacity_factor),
+            capacity: Some(CapacityPolicy::Factor(case.capacity_factor)),
         };
         let client = MoeClient::new(
             cluster.watcher.receiver(),

@@ -1,17 +1,26 @@
 //! The model every process agrees on, without libtorch (the coordinator links none):
 //!
-//! - [`spec`]: the validated [`ModelSpec`], its sizes and the expert capacity rule.
+//! - [`spec`]: the validated [`ModelSpec`] and its sizes.
+//! - [`family`]: the published architectures served, and the capacity policy each implies.
+//! - [`capacity`]: the capacity policies (dropless, factor, per-sequence) and the capacity rule.
+//! - [`router_spec`]: what a model's router computes (scores, groups, scaling, biases).
 //! - [`synthetic`]: seeded weights that are a pure function of `(seed, layer, expert)`.
-//! - [`checkpoint`]: Mixtral and Qwen2-MoE checkpoints by their public tensor names.
+//! - [`checkpoint`]: checkpoints of every family by their public tensor names and `config.json`.
 //! - [`safetensors`]: reading single tensors of a (sharded) safetensors checkpoint by their offsets.
 //!
 //! The experts themselves, on tch, live in `switchyard-experts`.
 
+pub mod capacity;
 pub mod checkpoint;
 #[cfg(feature = "clap")]
 pub mod cli;
+pub mod family;
+pub mod router_spec;
 pub mod safetensors;
 pub mod spec;
 pub mod synthetic;
 
-pub use spec::{Activation, ModelSpec, SpecError, expert_capacity};
+pub use capacity::{CapacityPolicy, expert_capacity};
+pub use family::Family;
+pub use router_spec::{GroupScore, RouterSpec, Scoring};
+pub use spec::{Activation, DEFAULT_CAPACITY_FACTOR, ModelSpec, SpecError};

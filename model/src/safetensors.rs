@@ -127,6 +127,33 @@ impl TensorFiles {
 
     /// Reads `tensor`, checks it has `expected_shape`, and converts it to f32 (row-major).
     pub fn read_f32(&self, tensor: &str, expected_shape: &[usize]) -> Result<Vec<f32>, TensorFileError> {
+        let count = expected_shape.iter().product();
+        self.read_f32_elements(tensor, expected_shape, 0, count)
+    }
+
+    /// Reads slab `index` of `tensor` along its first dimension (e.g. one expert of a fused
+    /// `[experts, rows, cols]` tensor), after checking the whole tensor has `expected_shape`: only
+    /// that slab's bytes are read.
+    pub fn read_f32_slab(
+        &self,
+        tensor: &str,
+        expected_shape: &[usize],
+        index: usize,
+    ) -> Result<Vec<f32>, TensorFileError> {
+        let (&slabs, rest) = expected_shape.split_first().unwrap_or((&1, &[]));
+        let slab: usize = rest.iter().product();
+        debug_assert!(index < slabs, "slab {index} of {slabs}");
+        self.read_f32_elements(tensor, expected_shape, index * slab, slab)
+    }
+
+    /// Elements `first..first + count` of `tensor` (row-major), as f32.
+    fn read_f32_elements(
+        &self,
+        tensor: &str,
+        expected_shape: &[usize],
+        first: usize,
+        count: usize,
+    ) -> Result<Vec<f32>, TensorFileError> {
         let (file, header, entry) = self.locate(tensor)?;
         if entry.shape != expected_shape {
             return Err(TensorFileError::Shape {
@@ -136,27 +163,34 @@ impl TensorFiles {
                 found: entry.shape.clone(),
             });
         }
-        let element_size = match entry.dtype.as_str() {
+        let element_size: u64 = match entry.dtype.as_str() {
             "F32" => 4,
             "F16" | "BF16" => 2,
             other => return Err(TensorFileError::Dtype { tensor: tensor.to_owned(), file, dtype: other.to_owned() }),
         };
         let [begin, end] = entry.data_offsets;
-        let count: usize = entry.shape.iter().product();
-        if end < begin || end - begin != (count * element_size) as u64 {
-            return Err(TensorFileError::Header {
+        let total = entry.shape.iter().try_fold(1u64, |product, dim| product.checked_mul(*dim as u64));
+        let malformed = |reason: String| TensorFileError::Header { file: file.clone(), reason };
+        if total.and_then(|total| total.checked_mul(element_size)) != end.checked_sub(begin) {
+            return Err(malformed(format!(
+                "{tensor}: data_offsets {begin}..{end} do not hold {:?} {} values",
+                entry.shape, entry.dtype
+            )));
+        }
+        let needed = header.data_start.checked_add(end);
+        if needed.is_none_or(|needed| needed > header.file_size) {
+            return Err(TensorFileError::Truncated {
+                tensor: tensor.to_owned(),
                 file,
-                reason: format!("{tensor}: data_offsets {begin}..{end} do not hold {count} {} values", entry.dtype),
+                needed: needed.unwrap_or(u64::MAX),
+                size: header.file_size,
             });
         }
-        let needed = header.data_start + end;
-        if needed > header.file_size {
-            return Err(TensorFileError::Truncated { tensor: tensor.to_owned(), file, needed, size: header.file_size });
-        }
-        let mut bytes = vec![0u8; (end - begin) as usize];
+        let start = header.data_start + begin + first as u64 * element_size;
+        let mut bytes = vec![0u8; count * element_size as usize];
         let io = |source| TensorFileError::Io { file: file.clone(), source };
         let mut handle = File::open(&file).map_err(io)?;
-        handle.seek(SeekFrom::Start(header.data_start + begin)).map_err(io)?;
+        handle.seek(SeekFrom::Start(start)).map_err(io)?;
         handle.read_exact(&mut bytes).map_err(io)?;
         Ok(match entry.dtype.as_str() {
             "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -234,6 +268,17 @@ mod tests {
         assert!(error.starts_with("tensor a in ") && error.ends_with("has shape [2, 3], expected [3, 2]"), "{error}");
         let error = files.read_f32("c", &[1]).unwrap_err().to_string();
         assert!(error.starts_with("tensor c not found (looked in ") && error.contains(SINGLE_FILE), "{error}");
+    }
+
+    #[test]
+    fn a_slab_is_one_index_of_the_first_dimension() {
+        let dir = tempfile::tempdir().unwrap();
+        let fused: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        write_f32(&dir.path().join(SINGLE_FILE), &[("fused", vec![3, 2, 2], &fused)]).unwrap();
+        let files = TensorFiles::open(dir.path()).unwrap();
+        assert_eq!(files.read_f32_slab("fused", &[3, 2, 2], 1).unwrap(), [4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(files.read_f32_slab("fused", &[3, 2, 2], 2).unwrap(), [8.0, 9.0, 10.0, 11.0]);
+        assert!(files.read_f32_slab("fused", &[3, 4], 0).unwrap_err().to_string().contains("expected [3, 4]"));
     }
 
     #[test]

@@ -2,21 +2,30 @@
 
 use switchyard_proto::v1;
 
+use crate::capacity::CapacityPolicy;
+use crate::family::Family;
+use crate::router_spec::RouterSpec;
+
 /// The expert feed-forward form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {
     /// Mixtral's `w2(silu(w1 x) * w3 x)`: three matrices.
     SwiGlu,
     /// `w2(gelu(w1 x))`: two matrices.
     Gelu,
+    /// `w2(relu(w1 x))`: two matrices (Switch Transformers' `DenseActDense` with `dense_act_fn = relu`).
+    Relu,
+    /// GPT-OSS's SwiGLU: `g = min(w1 x, limit)`, `u = clamp(w3 x, -limit, limit)`,
+    /// `w2((u + 1) * g * sigmoid(alpha * g))`; three matrices, with biases in GPT-OSS.
+    ClampedSwiGlu { alpha: f32, limit: f32 },
 }
 
 impl Activation {
     /// Number of `[d_ff, d_model]`-sized matrices one expert holds.
     pub fn matrices(self) -> usize {
         match self {
-            Activation::SwiGlu => 3,
-            Activation::Gelu => 2,
+            Activation::SwiGlu | Activation::ClampedSwiGlu { .. } => 3,
+            Activation::Gelu | Activation::Relu => 2,
         }
     }
 
@@ -24,6 +33,20 @@ impl Activation {
         match self {
             Activation::SwiGlu => "swiglu",
             Activation::Gelu => "gelu",
+            Activation::Relu => "relu",
+            Activation::ClampedSwiGlu { .. } => "clamped-swiglu",
+        }
+    }
+
+    /// GPT-OSS's constants.
+    pub const GPT_OSS: Activation = Activation::ClampedSwiGlu { alpha: 1.702, limit: 7.0 };
+}
+
+impl std::fmt::Display for Activation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Activation::ClampedSwiGlu { alpha, limit } => write!(f, "clamped-swiglu (alpha {alpha}, limit {limit})"),
+            other => f.write_str(other.name()),
         }
     }
 }
@@ -35,30 +58,42 @@ impl std::str::FromStr for Activation {
         match name {
             "swiglu" => Ok(Activation::SwiGlu),
             "gelu" => Ok(Activation::Gelu),
-            other => Err(format!("unknown activation '{other}' (expected swiglu or gelu)")),
+            "relu" => Ok(Activation::Relu),
+            "clamped-swiglu" => Ok(Activation::GPT_OSS),
+            other => Err(format!("unknown activation '{other}' (expected swiglu, gelu, relu or clamped-swiglu)")),
         }
     }
 }
 
-/// A model whose fields were checked: every size is positive and top-k fits the experts.
+/// The capacity factor of synthetic models: GShard's and Switch Transformer's usual 1.25.
+pub const DEFAULT_CAPACITY_FACTOR: f32 = 1.25;
+
+/// A model whose fields were checked: every size is positive, top-k fits the experts, the router's
+/// groups divide them, the MoE layers are numbered in ascending order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     pub name: String,
-    pub layers: u32,
+    /// The architecture whose MoE block this model reproduces.
+    pub family: Family,
+    /// The MoE layers' numbers as the checkpoint numbers them, ascending (synthetic: `0..layers`).
+    /// Expert keys and layer calls use these numbers; dense layers in between are not served.
+    pub moe_layers: Vec<u32>,
     pub experts_per_layer: u32,
     pub d_model: u32,
     pub d_ff: u32,
     pub activation: Activation,
+    /// The experts' linear layers have biases (GPT-OSS).
+    pub expert_bias: bool,
     pub seed: u64,
     pub top_k: u32,
-    pub capacity_factor: f32,
+    pub router: RouterSpec,
+    /// How many assignments an expert takes per call; the queue limit follows from it.
+    pub capacity: CapacityPolicy,
     /// Always-on experts per layer, keyed `experts_per_layer + i`.
     pub shared_experts: u32,
     pub shared_d_ff: u32,
     /// Scale shared experts by a sigmoid gate (Qwen2-MoE).
     pub shared_expert_gate: bool,
-    /// Renormalise the k routing weights to sum to one (Mixtral; Qwen2-MoE's `norm_topk_prob`).
-    pub norm_topk_prob: bool,
     /// Where the weights come from: a checkpoint directory, or `None` for seeded synthetic weights.
     pub checkpoint: Option<String>,
 }
@@ -74,6 +109,8 @@ pub enum SpecError {
     TopKTooLarge { top_k: u32, experts: u32 },
     #[error("model.activation is unspecified or unknown ({0})")]
     Activation(i32),
+    #[error("model.{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
 }
 
 impl ModelSpec {
@@ -81,20 +118,47 @@ impl ModelSpec {
     pub fn default_synthetic() -> Self {
         Self {
             name: "synthetic".to_owned(),
-            layers: 1,
+            family: Family::Synthetic,
+            moe_layers: vec![0],
             experts_per_layer: 8,
             d_model: 1024,
             d_ff: 4096,
             activation: Activation::SwiGlu,
+            expert_bias: false,
             seed: 0,
             top_k: 2,
-            capacity_factor: 1.25,
+            router: RouterSpec::softmax_top_k(true),
+            capacity: CapacityPolicy::Factor(DEFAULT_CAPACITY_FACTOR),
             shared_experts: 0,
             shared_d_ff: 0,
             shared_expert_gate: false,
-            norm_topk_prob: true,
             checkpoint: None,
         }
+    }
+
+    /// The same model with `layers` MoE layers numbered `0..layers`.
+    pub fn with_layers(self, layers: u32) -> Self {
+        Self { moe_layers: (0..layers).collect(), ..self }
+    }
+
+    /// Number of MoE layers.
+    pub fn layer_count(&self) -> u32 {
+        self.moe_layers.len() as u32
+    }
+
+    /// Position of MoE layer `layer` among the MoE layers, or `None` when it is not one.
+    pub fn layer_index(&self, layer: u32) -> Option<usize> {
+        self.moe_layers.binary_search(&layer).ok()
+    }
+
+    /// The first MoE layer: where a load test goes unless told otherwise.
+    pub fn first_layer(&self) -> u32 {
+        self.moe_layers.first().copied().unwrap_or(0)
+    }
+
+    /// `[a, b, c]` for messages.
+    pub fn describe_layers(&self) -> String {
+        format!("{:?}", self.moe_layers)
     }
 
     /// True for the keys of shared (always-on) experts.
@@ -107,35 +171,41 @@ impl ModelSpec {
         if self.is_shared(expert) { self.shared_d_ff } else { self.d_ff }
     }
 
+    /// Parameters of expert `expert`: its matrices and, with biases, one per output.
+    pub fn expert_parameters_of(&self, expert: u32) -> u64 {
+        let (d_model, d_ff) = (u64::from(self.d_model), u64::from(self.d_ff_of(expert)));
+        let matrices = self.activation.matrices() as u64;
+        // Shared experts are plain MLPs without biases in every family served.
+        let biases = if self.expert_bias && !self.is_shared(expert) { (matrices - 1) * d_ff + d_model } else { 0 };
+        matrices * d_model * d_ff + biases
+    }
+
     /// Bytes of expert `expert`'s weights in f32.
     pub fn expert_bytes_of(&self, expert: u32) -> u64 {
-        self.activation.matrices() as u64 * u64::from(self.d_model) * u64::from(self.d_ff_of(expert)) * 4
+        self.expert_parameters_of(expert) * 4
     }
 
-    /// Bytes one expert's weights take in f32.
+    /// Bytes one routed expert's weights take in f32.
     pub fn expert_bytes(&self) -> u64 {
-        self.activation.matrices() as u64 * u64::from(self.d_model) * u64::from(self.d_ff) * 4
+        self.expert_bytes_of(0)
     }
 
-    /// The most assignments one expert takes from a batch of `tokens` tokens:
-    /// `ceil(top_k * tokens / experts * capacity_factor)`.
-    ///
-    /// For top-1 this is Switch Transformer's `ceil(tokens / experts * capacity_factor)`; for top-k it
-    /// counts the `top_k * tokens` assignments, as GShard, DeepSpeed-MoE and Tutel do, so a capacity
-    /// factor of 1.0 means "a perfectly balanced batch just fits" whatever k is.
-    pub fn capacity(&self, tokens: usize) -> usize {
-        expert_capacity(tokens, self.top_k as usize, self.experts_per_layer as usize, self.capacity_factor)
+    /// The most assignments one expert takes from a call of `tokens` tokens, `None` when dropless.
+    pub fn capacity(&self, tokens: usize) -> Option<usize> {
+        self.capacity.capacity(tokens, self.top_k as usize, self.experts_per_layer as usize)
     }
 
-    /// Parameters of the MoE layers (experts, shared experts, gates): `(total, active per token)`.
+    /// Parameters of the MoE layers (experts, shared experts, routers): `(total, active per token)`.
     pub fn moe_parameters(&self) -> (u64, u64) {
-        let (d_model, matrices) = (u64::from(self.d_model), self.activation.matrices() as u64);
-        let routed = matrices * d_model * u64::from(self.d_ff);
-        let shared = u64::from(self.shared_experts) * matrices * d_model * u64::from(self.shared_d_ff);
+        let d_model = u64::from(self.d_model);
+        let experts = u64::from(self.experts_per_layer);
+        let routed = self.expert_parameters_of(0);
+        let shared: u64 = (0..self.shared_experts).map(|i| self.expert_parameters_of(self.experts_per_layer + i)).sum();
         let shared_gates = if self.shared_expert_gate { u64::from(self.shared_experts) * d_model } else { 0 };
-        let gates = u64::from(self.experts_per_layer) * d_model + shared_gates;
-        let layers = u64::from(self.layers);
-        let total = layers * (u64::from(self.experts_per_layer) * routed + shared + gates);
+        let router_bias = if self.router.logit_bias { experts } else { 0 };
+        let gates = experts * d_model + router_bias + shared_gates;
+        let layers = u64::from(self.layer_count());
+        let total = layers * (experts * routed + shared + gates);
         let active = layers * (u64::from(self.top_k) * routed + shared + gates);
         (total, active)
     }
@@ -143,39 +213,62 @@ impl ModelSpec {
     /// Every `(layer, expert)` of the model, routed then shared, layer-major.
     pub fn expert_keys(&self) -> impl Iterator<Item = v1::ExpertKey> + '_ {
         let per_layer = self.experts_per_layer + self.shared_experts;
-        (0..self.layers).flat_map(move |layer| (0..per_layer).map(move |expert| v1::ExpertKey::new(layer, expert)))
+        self.moe_layers
+            .iter()
+            .flat_map(move |layer| (0..per_layer).map(move |expert| v1::ExpertKey::new(*layer, expert)))
     }
 
     pub fn contains(&self, key: &v1::ExpertKey) -> bool {
-        key.layer < self.layers && key.expert < self.experts_per_layer + self.shared_experts
+        self.layer_index(key.layer).is_some() && key.expert < self.experts_per_layer + self.shared_experts
     }
 
     pub fn to_proto(&self) -> v1::ModelSpec {
+        let (alpha, limit) = match self.activation {
+            Activation::ClampedSwiGlu { alpha, limit } => (alpha, limit),
+            _ => (0.0, 0.0),
+        };
         v1::ModelSpec {
             name: self.name.clone(),
-            layers: self.layers,
+            layers: self.layer_count(),
+            moe_layers: self.moe_layers.clone(),
+            family: self.family.to_proto() as i32,
             experts_per_layer: self.experts_per_layer,
             d_model: self.d_model,
             d_ff: self.d_ff,
             activation: match self.activation {
                 Activation::SwiGlu => v1::Activation::Swiglu,
                 Activation::Gelu => v1::Activation::Gelu,
+                Activation::Relu => v1::Activation::Relu,
+                Activation::ClampedSwiGlu { .. } => v1::Activation::ClampedSwiglu,
             } as i32,
+            swiglu_alpha: alpha,
+            swiglu_limit: limit,
+            expert_bias: self.expert_bias,
             seed: self.seed,
             top_k: self.top_k,
-            capacity_factor: self.capacity_factor,
+            router: Some(self.router.to_proto()),
+            keep_topk_softmax_weights: !self.router.renormalize,
+            capacity_factor: match self.capacity {
+                CapacityPolicy::Factor(factor) => factor,
+                _ => 0.0,
+            },
+            dropless: self.capacity == CapacityPolicy::Dropless,
+            expert_capacity: match self.capacity {
+                CapacityPolicy::PerSequence(capacity) => capacity,
+                _ => 0,
+            },
             shared_experts: self.shared_experts,
             shared_d_ff: self.shared_d_ff,
             shared_expert_gate: self.shared_expert_gate,
-            keep_topk_softmax_weights: !self.norm_topk_prob,
             checkpoint: self.checkpoint.clone().unwrap_or_default(),
         }
     }
 
-    /// The spec, if every size is positive and top-k fits the experts.
+    /// The spec, if every size is positive, top-k fits the experts, the router's groups divide them
+    /// and the MoE layers ascend.
     pub fn validate(self) -> Result<Self, SpecError> {
         let sizes = [
-            ("layers", self.layers),
+            ("layers", self.layer_count()),
             ("experts_per_layer", self.experts_per_layer),
             ("d_model", self.d_model),
             ("d_ff", self.d_ff),
@@ -186,8 +279,18 @@ impl ModelSpec {
                 return Err(SpecError::NotPositive { field, value: 0.0 });
             }
         }
-        if self.capacity_factor.is_nan() || self.capacity_factor <= 0.0 {
-            return Err(SpecError::NotPositive { field: "capacity_factor", value: f64::from(self.capacity_factor) });
+        if self.moe_layers.windows(2).any(|pair| pair[0] >= pair[1]) {
+            let reason = format!("{} must ascend without repeats", self.describe_layers());
+            return Err(SpecError::Invalid { field: "moe_layers", reason });
+        }
+        match self.capacity {
+            CapacityPolicy::Factor(factor) if !(factor > 0.0 && factor.is_finite()) => {
+                return Err(SpecError::NotPositive { field: "capacity_factor", value: f64::from(factor) });
+            }
+            CapacityPolicy::PerSequence(0) => {
+                return Err(SpecError::NotPositive { field: "expert_capacity", value: 0.0 });
+            }
+            _ => {}
         }
         if self.shared_experts > 0 && self.shared_d_ff == 0 {
             return Err(SpecError::NotPositive { field: "shared_d_ff", value: 0.0 });
@@ -195,15 +298,37 @@ impl ModelSpec {
         if self.top_k > self.experts_per_layer {
             return Err(SpecError::TopKTooLarge { top_k: self.top_k, experts: self.experts_per_layer });
         }
+        if let Activation::ClampedSwiGlu { alpha, limit } = self.activation
+            && !(alpha.is_finite() && limit > 0.0 && limit.is_finite())
+        {
+            let reason = format!("alpha {alpha} and limit {limit} must be finite, the limit positive");
+            return Err(SpecError::Invalid { field: "swiglu_limit", reason });
+        }
+        self.validate_router()?;
         Ok(self)
     }
-}
 
-/// `ceil(top_k * tokens / experts * capacity_factor)`; see [`ModelSpec::capacity`].
-pub fn expert_capacity(tokens: usize, top_k: usize, experts: usize, capacity_factor: f32) -> usize {
-    let exact = (top_k * tokens) as f64 / experts as f64 * f64::from(capacity_factor);
-    // Guard against 1e-15 overshoots (e.g. 64 * 2 / 8 * 1.0) turning an exact value into one more.
-    (exact - 1e-9).ceil().max(0.0) as usize
+    fn validate_router(&self) -> Result<(), SpecError> {
+        let router = &self.router;
+        let invalid = |reason: String| Err(SpecError::Invalid { field: "router", reason });
+        if !(router.scaling > 0.0 && router.scaling.is_finite()) {
+            return invalid(format!("scaling {} must be positive", router.scaling));
+        }
+        if router.groups == 0 || router.top_groups == 0 || router.top_groups > router.groups {
+            return invalid(format!("top_groups {} must be in 1..={} (groups)", router.top_groups, router.groups));
+        }
+        if !self.experts_per_layer.is_multiple_of(router.groups) {
+            return invalid(format!("{} groups do not divide {} experts", router.groups, self.experts_per_layer));
+        }
+        let selectable = router.top_groups * (self.experts_per_layer / router.groups);
+        if selectable < self.top_k {
+            return invalid(format!(
+                "the best {} groups hold {selectable} experts, fewer than top_k {}",
+                router.top_groups, self.top_k
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl TryFrom<v1::ModelSpec> for ModelSpec {
@@ -213,22 +338,56 @@ impl TryFrom<v1::ModelSpec> for ModelSpec {
         let activation = match v1::Activation::try_from(wire.activation) {
             Ok(v1::Activation::Swiglu) => Activation::SwiGlu,
             Ok(v1::Activation::Gelu) => Activation::Gelu,
+            Ok(v1::Activation::Relu) => Activation::Relu,
+            Ok(v1::Activation::ClampedSwiglu) => {
+                Activation::ClampedSwiGlu { alpha: wire.swiglu_alpha, limit: wire.swiglu_limit }
+            }
             _ => return Err(SpecError::Activation(wire.activation)),
+        };
+        let family = Family::from_proto(wire.family).ok_or_else(|| SpecError::Invalid {
+            field: "family",
+            reason: format!("unspecified or unknown ({})", wire.family),
+        })?;
+        let router = RouterSpec::from_proto(wire.router, !wire.keep_topk_softmax_weights).map_err(|value| {
+            SpecError::Invalid { field: "router", reason: format!("unknown scoring or group score ({value})") }
+        })?;
+        let capacity = match (wire.dropless, wire.expert_capacity) {
+            (true, 0) => CapacityPolicy::Dropless,
+            (false, 0) => CapacityPolicy::Factor(wire.capacity_factor),
+            (false, capacity) => CapacityPolicy::PerSequence(capacity),
+            (true, capacity) => {
+                return Err(SpecError::Invalid {
+                    field: "dropless",
+                    reason: format!("a dropless model cannot also have expert_capacity {capacity}"),
+                });
+            }
+        };
+        let moe_layers = if wire.moe_layers.is_empty() {
+            (0..wire.layers).collect()
+        } else if wire.moe_layers.len() == wire.layers as usize {
+            wire.moe_layers
+        } else {
+            return Err(SpecError::Invalid {
+                field: "moe_layers",
+                reason: format!("{} numbers for {} layers", wire.moe_layers.len(), wire.layers),
+            });
         };
         ModelSpec {
             name: wire.name,
-            layers: wire.layers,
+            family,
+            moe_layers,
             experts_per_layer: wire.experts_per_layer,
             d_model: wire.d_model,
             d_ff: wire.d_ff,
             activation,
+            expert_bias: wire.expert_bias,
             seed: wire.seed,
             top_k: wire.top_k,
-            capacity_factor: wire.capacity_factor,
+            router,
+            capacity,
             shared_experts: wire.shared_experts,
             shared_d_ff: wire.shared_d_ff,
             shared_expert_gate: wire.shared_expert_gate,
-            norm_topk_prob: !wire.keep_topk_softmax_weights,
             checkpoint: (!wire.checkpoint.is_empty()).then_some(wire.checkpoint),
         }
         .validate()
@@ -246,11 +405,54 @@ impl TryFrom<Option<v1::ModelSpec>> for ModelSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router_spec::{GroupScore, Scoring};
+
+    /// A DeepSeek-V3-like spec: numbered layers, sigmoid group-limited router, dropless.
+    fn deepseek_like() -> ModelSpec {
+        ModelSpec {
+            family: Family::DeepseekV3,
+            moe_layers: vec![1, 2, 5],
+            experts_per_layer: 8,
+            router: RouterSpec {
+                scoring: Scoring::Sigmoid,
+                groups: 4,
+                top_groups: 2,
+                group_score: GroupScore::TopTwoSum,
+                scaling: 2.5,
+                correction_bias: true,
+                ..RouterSpec::softmax_top_k(true)
+            },
+            capacity: CapacityPolicy::Dropless,
+            shared_experts: 1,
+            shared_d_ff: 64,
+            ..ModelSpec::default_synthetic()
+        }
+    }
 
     #[test]
     fn round_trips_through_the_wire() {
         let spec = ModelSpec::default_synthetic();
         assert_eq!(ModelSpec::try_from(spec.to_proto()), Ok(spec));
+        let deepseek = deepseek_like();
+        assert_eq!(ModelSpec::try_from(deepseek.to_proto()), Ok(deepseek));
+        let gpt_oss = ModelSpec {
+            family: Family::GptOss,
+            activation: Activation::ClampedSwiGlu { alpha: 1.702, limit: 7.0 },
+            expert_bias: true,
+            router: RouterSpec { logit_bias: true, ..RouterSpec::softmax_top_k(true) },
+            ..ModelSpec::default_synthetic()
+        };
+        assert_eq!(ModelSpec::try_from(gpt_oss.to_proto()), Ok(gpt_oss));
+        let switch = ModelSpec {
+            family: Family::SwitchTransformers,
+            activation: Activation::Relu,
+            top_k: 1,
+            capacity: CapacityPolicy::PerSequence(64),
+            moe_layers: vec![1, 3],
+            router: RouterSpec::softmax_top_k(false),
+            ..ModelSpec::default_synthetic()
+        };
+        assert_eq!(ModelSpec::try_from(switch.to_proto()), Ok(switch));
     }
 
     #[test]
@@ -268,26 +470,47 @@ mod tests {
         wire.activation = 0;
         assert_eq!(ModelSpec::try_from(wire), Err(SpecError::Activation(0)));
         assert_eq!(ModelSpec::try_from(None), Err(SpecError::Missing));
+
+        let mut wire = ModelSpec::default_synthetic().to_proto();
+        wire.family = 0;
+        assert!(ModelSpec::try_from(wire).unwrap_err().to_string().starts_with("model.family"));
+
+        let mut wire = deepseek_like().to_proto();
+        wire.moe_layers = vec![2, 1, 5];
+        assert!(ModelSpec::try_from(wire).unwrap_err().to_string().starts_with("model.moe_layers: [2, 1, 5]"));
+
+        let mut wire = deepseek_like().to_proto();
+        wire.router.as_mut().expect("router").groups = 3;
+        assert!(ModelSpec::try_from(wire).unwrap_err().to_string().contains("3 groups do not divide 8 experts"));
+
+        let mut wire = deepseek_like().to_proto();
+        wire.expert_capacity = 4;
+        assert!(ModelSpec::try_from(wire).unwrap_err().to_string().starts_with("model.dropless"));
     }
 
     #[test]
-    fn capacity_follows_switch_for_top_1_and_counts_assignments_for_top_k() {
-        assert_eq!(expert_capacity(64, 1, 8, 1.0), 8);
-        assert_eq!(expert_capacity(64, 1, 8, 1.25), 10);
-        assert_eq!(expert_capacity(64, 2, 8, 1.0), 16);
-        assert_eq!(expert_capacity(10, 1, 8, 1.0), 2, "ceil(1.25)");
-        assert_eq!(expert_capacity(64, 2, 8, 0.5), 8);
-        assert_eq!(expert_capacity(0, 2, 8, 1.0), 0);
-        let spec =
-            ModelSpec { top_k: 2, experts_per_layer: 8, capacity_factor: 1.25, ..ModelSpec::default_synthetic() };
-        assert_eq!(spec.capacity(512), 160);
+    fn layers_keep_the_checkpoints_numbers() {
+        let spec = deepseek_like();
+        assert_eq!(spec.layer_count(), 3);
+        assert_eq!((spec.layer_index(2), spec.layer_index(3)), (Some(1), None));
+        assert_eq!(spec.first_layer(), 1);
+        assert!(spec.contains(&v1::ExpertKey::new(5, 8)) && !spec.contains(&v1::ExpertKey::new(0, 0)));
+        let layers: Vec<u32> = spec.expert_keys().map(|key| key.layer).step_by(9).collect();
+        assert_eq!(layers, [1, 2, 5]);
+        assert_eq!(ModelSpec::default_synthetic().with_layers(3).moe_layers, [0, 1, 2]);
+    }
+
+    #[test]
+    fn capacity_follows_the_policy() {
+        let spec = ModelSpec { top_k: 2, experts_per_layer: 8, ..ModelSpec::default_synthetic() };
+        assert_eq!(spec.capacity(512), Some(160));
+        assert_eq!(deepseek_like().capacity(512), None);
     }
 
     #[test]
     fn moe_parameters_count_experts_shared_experts_and_gates() {
         // Qwen2-MoE-like: 2 layers, 4 experts (d 32, ff 48), top-2, one gated shared expert (ff 80).
         let spec = ModelSpec {
-            layers: 2,
             experts_per_layer: 4,
             d_model: 32,
             d_ff: 48,
@@ -296,14 +519,29 @@ mod tests {
             shared_d_ff: 80,
             shared_expert_gate: true,
             ..ModelSpec::default_synthetic()
-        };
+        }
+        .with_layers(2);
         // Per layer: 4 * 3*32*48 + 3*32*80 + (4*32 + 32) = 18432 + 7680 + 160; active: 2 experts.
         assert_eq!(spec.moe_parameters(), (2 * 26_272, 2 * (9_216 + 7_680 + 160)));
+        // GPT-OSS-like experts carry 2*ff + d biases each; the router a bias per expert.
+        let biased = ModelSpec {
+            experts_per_layer: 4,
+            d_model: 8,
+            d_ff: 6,
+            activation: Activation::GPT_OSS,
+            expert_bias: true,
+            router: RouterSpec { logit_bias: true, ..RouterSpec::softmax_top_k(true) },
+            ..ModelSpec::default_synthetic()
+        };
+        let expert = 3 * 8 * 6 + 2 * 6 + 8;
+        assert_eq!(biased.expert_parameters_of(0), expert);
+        assert_eq!(biased.moe_parameters().0, 4 * expert + 4 * 8 + 4);
     }
 
     #[test]
     fn sizes_and_keys() {
-        let spec = ModelSpec { layers: 2, experts_per_layer: 3, d_model: 4, d_ff: 8, ..ModelSpec::default_synthetic() };
+        let spec =
+            ModelSpec { experts_per_layer: 3, d_model: 4, d_ff: 8, ..ModelSpec::default_synthetic() }.with_layers(2);
         assert_eq!(spec.expert_bytes(), 3 * 4 * 8 * 4);
         let keys: Vec<_> = spec.expert_keys().map(|k| (k.layer, k.expert)).collect();
         assert_eq!(keys, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);

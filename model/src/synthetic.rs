@@ -24,6 +24,10 @@ pub enum WeightRole {
     SoftSlots,
     /// Shared experts' gates `[shared_experts, d_model]` (Qwen2-MoE's `shared_expert_gate`).
     SharedGate,
+    /// Expert biases of w1, w2 and w3 (experts with biases, as GPT-OSS's).
+    B1,
+    B2,
+    B3,
 }
 
 impl WeightRole {
@@ -37,6 +41,9 @@ impl WeightRole {
             WeightRole::GateBias => 0x6269_6173,
             WeightRole::SoftSlots => 0x736c_6f74,
             WeightRole::SharedGate => 0x7368_6172,
+            WeightRole::B1 => 0x6231,
+            WeightRole::B2 => 0x6232,
+            WeightRole::B3 => 0x6233,
         }
     }
 }

@@ -41,6 +41,22 @@ pub struct CapacityOutcome {
     pub rerouted: usize,
 }
 
+/// Keeps every choice of a token-choice `routing`: the dropless policy. Nothing can overflow, so
+/// this path has no capacity to compare with and never drops; `capacity` reports the batch size.
+pub fn keep_every_choice(routing: &Routing) -> CapacityOutcome {
+    let mut outcome =
+        CapacityOutcome { capacity: routing.tokens, tokens_per_expert: vec![0; routing.experts], ..Default::default() };
+    outcome.kept.reserve(routing.choices.len());
+    for rank in 0..routing.top_k {
+        for token in 0..routing.tokens {
+            let (expert, weight) = routing.token_choices(token)[rank];
+            outcome.tokens_per_expert[expert as usize] += 1;
+            outcome.kept.push(Assignment { token: token as u32, expert, weight });
+        }
+    }
+    outcome
+}
+
 /// Applies `capacity` to a token-choice `routing` under `policy`.
 pub fn apply_capacity(routing: &Routing, capacity: usize, policy: OverflowPolicy) -> CapacityOutcome {
     let mut token_order: Vec<u32> = (0..routing.tokens as u32).collect();
@@ -165,6 +181,21 @@ mod tests {
         assert_eq!(&kept(&outcome)[..2], [(1, 0), (0, 0)]);
         assert!(!outcome.kept.iter().any(|a| a.token == 2 && a.expert == 0));
         assert_eq!(outcome.dropped, 1);
+    }
+
+    #[test]
+    fn dropless_keeps_every_choice_however_crowded() {
+        // Every token's both choices land on expert 0 or 1: any capacity below 3 would drop.
+        let probabilities = vec![0.6, 0.4, 0.0, 0.7, 0.3, 0.0, 0.5, 0.5, 0.0];
+        let crowded = routing(vec![(0, 0.6), (1, 0.4), (0, 0.7), (1, 0.3), (0, 0.5), (1, 0.5)], 2, probabilities);
+        let outcome = keep_every_choice(&crowded);
+        assert_eq!((outcome.dropped, outcome.kept.len()), (0, 6));
+        assert_eq!(outcome.tokens_per_expert, [3, 3, 0]);
+        assert_eq!(
+            kept(&outcome),
+            [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)],
+            "GShard's order, like apply_capacity"
+        );
     }
 
     #[test]

@@ -175,6 +175,17 @@ impl MoeClient {
         let model = &table.model;
         let d_model = model.d_model as usize;
         check_call(model, layer, hidden)?;
+        let tokens = hidden.len() / d_model;
+        if table.max_batch_tokens > 0 && tokens > table.max_batch_tokens as usize {
+            return Err(ClientError::InvalidInput {
+                field: "hidden",
+                reason: format!(
+                    "{tokens} tokens exceed the cluster's largest batch, {} tokens (the coordinator's --max-batch-tokens): \
+                     the expert queues are sized for it",
+                    table.max_batch_tokens
+                ),
+            });
+        }
         let config = config_for_call(model, &self.options.routing);
         let mut timing = TimeBreakdown::default();
 

@@ -1,4 +1,4 @@
-//! The router's linear layer: `logits = x · W_gᵀ`, `[tokens, experts]`.
+//! The router's linear layer: `logits = x · W_gᵀ (+ b)`, `[tokens, experts]`.
 //!
 //! Plain Rust, not libtorch: it is `experts` dot products per token, small next to the experts, and
 //! keeping it here makes the client's routing path free of tch and `Sync`.
@@ -17,8 +17,10 @@ pub struct Gate {
     weights: Vec<f32>,
     /// `W_noise [experts, d_model]` of noisy top-k gating.
     noise_weights: Option<Vec<f32>>,
-    /// The score-correction bias `[experts]` of group-limited routing.
-    bias: Option<Vec<f32>>,
+    /// The router's learned logit bias `[experts]` (GPT-OSS; Switch Transformers with `router_bias`).
+    logit_bias: Option<Vec<f32>>,
+    /// The score-correction bias `[experts]` of group-limited routing (DeepSeek-V3).
+    correction_bias: Option<Vec<f32>>,
     /// The synthetic model this gate came from, so Soft MoE slot parameters can be built on demand.
     synthetic: Option<(ModelSpec, u32)>,
     /// Soft MoE's `Φ [experts * slots, d_model]`, built for the first slot count asked.
@@ -34,7 +36,7 @@ impl Gate {
         let weights = synthetic::gate_weights(spec.seed, layer, experts, d_model);
         let mut gate = Self::from_weights(weights, experts as usize, d_model as usize);
         gate.noise_weights = Some(synthetic::gate_noise_weights(spec.seed, layer, experts, d_model));
-        gate.bias = Some(synthetic::gate_bias(spec.seed, layer, experts));
+        gate.correction_bias = Some(synthetic::gate_bias(spec.seed, layer, experts));
         gate.synthetic = Some((spec.clone(), layer));
         if spec.shared_experts > 0 && spec.shared_expert_gate {
             gate.shared_gate = Some(synthetic::shared_gate_weights(spec.seed, layer, spec.shared_experts, d_model));
@@ -49,18 +51,21 @@ impl Gate {
             d_model,
             weights,
             noise_weights: None,
-            bias: None,
+            logit_bias: None,
+            correction_bias: None,
             synthetic: None,
             soft_slots: OnceLock::new(),
             shared_gate: None,
         }
     }
 
-    /// The router of `layer` of a checkpoint, with its shared-expert gate if it has one.
+    /// The router of `layer` of a checkpoint, with its biases and its shared-expert gate if it has them.
     pub fn from_checkpoint(checkpoint: &Checkpoint, layer: u32) -> Result<Self, CheckpointError> {
         let spec = &checkpoint.spec;
         let mut gate =
             Self::from_weights(checkpoint.gate_weights(layer)?, spec.experts_per_layer as usize, spec.d_model as usize);
+        gate.logit_bias = checkpoint.gate_bias(layer)?;
+        gate.correction_bias = checkpoint.correction_bias(layer)?;
         gate.shared_gate = checkpoint.shared_gate_weights(layer)?;
         Ok(gate)
     }
@@ -109,17 +114,26 @@ impl Gate {
         logits.iter().map(|logit| 1.0 / (1.0 + (-logit).exp())).collect()
     }
 
-    pub fn bias(&self) -> Option<&[f32]> {
-        self.bias.as_deref()
+    /// The score-correction bias of group-limited routing, when this gate has one.
+    pub fn correction_bias(&self) -> Option<&[f32]> {
+        self.correction_bias.as_deref()
     }
 
     pub fn experts(&self) -> usize {
         self.experts
     }
 
-    /// Writes the logits of every row of `hidden` (`[tokens, d_model]`) into `logits`.
+    /// Writes the router's raw logits `x · W_gᵀ (+ bias)` of every row of `hidden`
+    /// (`[tokens, d_model]`) into `logits`.
     pub fn logits_into(&self, hidden: &[f32], logits: &mut Vec<f32>) {
         project_into(&self.weights, self.d_model, hidden, logits);
+        if let Some(bias) = &self.logit_bias {
+            for row in logits.chunks_exact_mut(self.experts) {
+                for (logit, bias) in row.iter_mut().zip(bias) {
+                    *logit += bias;
+                }
+            }
+        }
     }
 
     pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {

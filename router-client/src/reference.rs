@@ -40,7 +40,7 @@ impl ReferenceLayer {
     /// Builds every expert of `layers` of a synthetic model on `device`.
     pub fn synthetic(model: &ModelSpec, layers: &[u32], device: tch::Device) -> Self {
         let _no_grad = tch::no_grad_guard();
-        let gates = (0..model.layers).map(|layer| Gate::synthetic(model, layer)).collect();
+        let gates = model.moe_layers.iter().map(|layer| Gate::synthetic(model, *layer)).collect();
         let per_layer = model.experts_per_layer + model.shared_experts;
         let experts = layers
             .iter()
@@ -53,7 +53,7 @@ impl ReferenceLayer {
     /// The layer of a synthetic model with identity experts (each returns its input): the in-process
     /// counterpart of workers started with `--identity-experts`.
     pub fn identity(model: &ModelSpec, layers: &[u32], device: tch::Device) -> Self {
-        let gates = (0..model.layers).map(|layer| Gate::synthetic(model, layer)).collect();
+        let gates = model.moe_layers.iter().map(|layer| Gate::synthetic(model, *layer)).collect();
         let per_layer = model.experts_per_layer + model.shared_experts;
         let experts = layers
             .iter()
@@ -63,25 +63,36 @@ impl ReferenceLayer {
         Self { model: model.clone(), gates, experts: Mutex::new(experts), threads: None }
     }
 
-    /// Builds `layers` of a checkpoint (every expert, routed and shared) on `device`.
+    /// Builds `layers` (the checkpoint's MoE layer numbers) of a checkpoint, every expert, routed
+    /// and shared, on `device`; routed with `model`, the checkpoint's spec with the operator's
+    /// capacity policy.
     pub fn from_checkpoint(
         checkpoint: &Checkpoint,
+        model: &ModelSpec,
         layers: &[u32],
         device: tch::Device,
     ) -> Result<Self, CheckpointError> {
         let _no_grad = tch::no_grad_guard();
-        let model = &checkpoint.spec;
         let gates =
-            (0..model.layers).map(|layer| Gate::from_checkpoint(checkpoint, layer)).collect::<Result<_, _>>()?;
+            model.moe_layers.iter().map(|layer| Gate::from_checkpoint(checkpoint, *layer)).collect::<Result<_, _>>()?;
         let mut experts = HashMap::new();
         for layer in layers {
             for expert in 0..model.experts_per_layer + model.shared_experts {
-                let matrices = checkpoint.expert_matrices(*layer, expert)?;
+                let weights = checkpoint.expert_weights(*layer, expert)?;
                 let (d_model, d_ff) = (model.d_model as usize, model.d_ff_of(expert) as usize);
-                experts.insert((*layer, expert), Expert::from_matrices(&matrices, d_model, d_ff, device));
+                experts
+                    .insert((*layer, expert), Expert::from_weights(&weights, model.activation, d_model, d_ff, device));
             }
         }
         Ok(Self { model: model.clone(), gates, experts: Mutex::new(experts), threads: None })
+    }
+
+    /// The reference layer of `model`'s MoE layers `layers`: from its checkpoint, or seeded.
+    pub fn for_model(model: &ModelSpec, layers: &[u32], device: tch::Device) -> Result<Self, CheckpointError> {
+        match &model.checkpoint {
+            Some(dir) => Self::from_checkpoint(&Checkpoint::open(std::path::Path::new(dir))?, model, layers, device),
+            None => Ok(Self::synthetic(model, layers, device)),
+        }
     }
 
     pub fn model(&self) -> &ModelSpec {
@@ -109,7 +120,11 @@ impl ReferenceLayer {
         let started = Instant::now();
         let d_model = self.model.d_model as usize;
         check_call(&self.model, layer, hidden)?;
-        let gate = &self.gates[layer as usize];
+        let gate = self
+            .model
+            .layer_index(layer)
+            .map(|index| &self.gates[index])
+            .ok_or(ClientError::InvalidInput { field: "layer", reason: format!("{layer} is not a MoE layer") })?;
         let config = config_for_call(&self.model, overrides);
         let mut timing = TimeBreakdown::default();
         let phase = Instant::now();
@@ -169,7 +184,7 @@ mod tests {
             d_ff: 16,
             experts_per_layer: 4,
             top_k: 2,
-            capacity_factor: 4.0,
+            capacity: switchyard_model::CapacityPolicy::Dropless,
             ..ModelSpec::default_synthetic()
         };
         let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
@@ -188,9 +203,8 @@ mod tests {
             }
         }
         assert!(relative_frobenius_error(&output.hidden[8..16], &expected) < 1e-6);
-        assert!(
-            reference.forward(3, &hidden, &RoutingOverrides::default()).unwrap_err().to_string().starts_with("layer")
-        );
+        let error = reference.forward(3, &hidden, &RoutingOverrides::default()).unwrap_err().to_string();
+        assert_eq!(error, "layer: 3 is not a MoE layer of synthetic; its MoE layers are [0]");
         assert!(
             reference
                 .forward(0, &hidden[..5], &RoutingOverrides::default())

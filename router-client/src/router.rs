@@ -3,13 +3,13 @@
 
 use std::ops::Range;
 
-use switchyard_model::{ModelSpec, expert_capacity};
+use switchyard_model::{CapacityPolicy, ModelSpec, expert_capacity};
 
-use crate::capacity::{CapacityOutcome, OverflowPolicy, apply_capacity, expert_choice};
+use crate::capacity::{CapacityOutcome, OverflowPolicy, apply_capacity, expert_choice, keep_every_choice};
 use crate::codec::accumulate;
 use crate::error::ClientError;
 use crate::gate::Gate;
-use crate::routing::{GateScores, Routing, RoutingPolicy, route, soft};
+use crate::routing::{GateScores, GroupLimited, Routing, RoutingPolicy, route, soft};
 use crate::stats::{RouterStats, router_stats};
 
 /// What one expert computes in a call: rows of the input (one per kept assignment, in token
@@ -60,19 +60,34 @@ impl ExpertAssignments {
 pub struct RoutingConfig {
     pub policy: RoutingPolicy,
     pub overflow: OverflowPolicy,
-    pub capacity_factor: f32,
+    pub capacity: CapacityPolicy,
     /// Always-on experts after the routed ones (the model's, not a caller's choice).
     pub shared_experts: usize,
 }
 
 impl RoutingConfig {
-    /// The model's own: top-k (renormalised or not, as the model says), overflow dropped, its
-    /// capacity factor.
+    /// The model's own: its router (softmax top-k, renormalised or not; DeepSeek's group-limited
+    /// sigmoid or softmax), overflow dropped, its capacity policy.
     pub fn for_model(model: &ModelSpec) -> Self {
+        let router = model.router;
+        let k = model.top_k as usize;
+        let policy = if router.is_softmax_top_k() {
+            RoutingPolicy::TopK { k, renormalize: router.renormalize }
+        } else {
+            RoutingPolicy::GroupLimited(GroupLimited {
+                k,
+                groups: router.groups as usize,
+                top_groups: router.top_groups as usize,
+                renormalize: router.renormalize,
+                scaling: router.scaling,
+                scoring: router.scoring,
+                group_score: router.group_score,
+            })
+        };
         Self {
-            policy: RoutingPolicy::TopK { k: model.top_k as usize, renormalize: model.norm_topk_prob },
+            policy,
             overflow: OverflowPolicy::Drop,
-            capacity_factor: model.capacity_factor,
+            capacity: model.capacity,
             shared_experts: model.shared_experts as usize,
         }
     }
@@ -148,10 +163,14 @@ impl RoutingSummary {
 
 /// Checks a layer call's arguments against `model`, naming the bad one.
 pub fn check_call(model: &ModelSpec, layer: u32, hidden: &[f32]) -> Result<(), ClientError> {
-    if layer >= model.layers {
+    if model.layer_index(layer).is_none() {
         return Err(ClientError::InvalidInput {
             field: "layer",
-            reason: format!("{layer} is not below the model's {} layers", model.layers),
+            reason: format!(
+                "{layer} is not a MoE layer of {}; its MoE layers are {}",
+                model.name,
+                model.describe_layers()
+            ),
         });
     }
     let d_model = model.d_model as usize;
@@ -169,7 +188,7 @@ pub fn check_call(model: &ModelSpec, layer: u32, hidden: &[f32]) -> Result<(), C
 pub struct RoutingOverrides {
     pub policy: Option<RoutingPolicy>,
     pub overflow: Option<OverflowPolicy>,
-    pub capacity_factor: Option<f32>,
+    pub capacity: Option<CapacityPolicy>,
 }
 
 /// The routing of a call: the model's, with the caller's overrides.
@@ -178,7 +197,7 @@ pub fn config_for_call(model: &ModelSpec, overrides: &RoutingOverrides) -> Routi
     RoutingConfig {
         policy: overrides.policy.unwrap_or(model_config.policy),
         overflow: overrides.overflow.unwrap_or(model_config.overflow),
-        capacity_factor: overrides.capacity_factor.unwrap_or(model_config.capacity_factor),
+        capacity: overrides.capacity.unwrap_or(model_config.capacity),
         shared_experts: model_config.shared_experts,
     }
 }
@@ -197,7 +216,7 @@ pub fn gate_and_route(gate: &Gate, hidden: &[f32], config: RoutingConfig) -> (Ve
         RoutingPolicy::NoisyTopK { .. } => gate.noise_logits(hidden),
         _ => None,
     };
-    let scores = GateScores { logits: &logits, noise_logits: noise_logits.as_deref(), bias: gate.bias() };
+    let scores = GateScores { logits: &logits, noise_logits: noise_logits.as_deref(), bias: gate.correction_bias() };
     let routing = route(scores, gate.experts(), config.policy);
     (logits, routing)
 }
@@ -227,14 +246,15 @@ pub fn assign(gate: &Gate, hidden: &[f32], logits: Vec<f32>, routing: Routing, c
 fn assign_routed(logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> Routed {
     let (tokens, experts) = (routing.tokens, routing.experts);
     let capacity = match config.policy {
-        RoutingPolicy::ExpertChoice => {
-            expert_choice(&routing, expert_capacity(tokens, 1, experts, config.capacity_factor))
-        }
-        _ => apply_capacity(
+        // Expert choice needs a capacity by nature; a dropless model gives each expert an even share.
+        RoutingPolicy::ExpertChoice => expert_choice(
             &routing,
-            expert_capacity(tokens, routing.top_k, experts, config.capacity_factor),
-            config.overflow,
+            config.capacity.capacity(tokens, 1, experts).unwrap_or_else(|| expert_capacity(tokens, 1, experts, 1.0)),
         ),
+        _ => match config.capacity.capacity(tokens, routing.top_k, experts) {
+            None => keep_every_choice(&routing),
+            Some(capacity) => apply_capacity(&routing, capacity, config.overflow),
+        },
     };
     let mut groups: Vec<ExpertAssignments> = (0..experts as u32)
         .map(|expert| {
@@ -292,7 +312,7 @@ mod tests {
         let config = RoutingConfig {
             policy: RoutingPolicy::TopK { k: 1, renormalize: true },
             overflow: OverflowPolicy::Drop,
-            capacity_factor: 1.0,
+            capacity: CapacityPolicy::Factor(1.0),
             shared_experts: 0,
         };
         let (logits, routing) = gate_and_route(&gate, &hidden, config);

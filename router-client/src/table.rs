@@ -18,15 +18,22 @@ use crate::error::ClientError;
 pub struct RoutingTableView {
     pub version: u64,
     pub model: ModelSpec,
-    /// `endpoints[layer * (experts + shared) + expert]`: the workers serving that expert (first is preferred).
+    /// `endpoints[layer_index * (experts + shared) + expert]`, where `layer_index` is the MoE layer's
+    /// position among the model's MoE layers: the workers serving that expert (first is preferred).
     endpoints: Vec<Vec<Arc<str>>>,
     pub queue_limit_tokens: u32,
+    /// The largest batch a client may send (the coordinator's `--max-batch-tokens`); 0 if not told.
+    pub max_batch_tokens: u32,
 }
 
 impl RoutingTableView {
+    /// The workers serving `expert` of MoE layer `layer`; empty for a layer the model does not have.
     pub fn endpoints(&self, layer: u32, expert: u32) -> &[Arc<str>] {
         let per_layer = self.model.experts_per_layer + self.model.shared_experts;
-        &self.endpoints[(layer * per_layer + expert) as usize]
+        match self.model.layer_index(layer) {
+            Some(index) => &self.endpoints[index * per_layer as usize + expert as usize],
+            None => &[],
+        }
     }
 
     /// True when every expert of every layer has a worker.
@@ -49,17 +56,23 @@ impl TryFrom<v1::RoutingTable> for RoutingTableView {
     fn try_from(table: v1::RoutingTable) -> Result<Self, Self::Error> {
         let bad = |reason: String| ClientError::BadTable { version: table.version, reason };
         let model = ModelSpec::try_from(table.model.clone()).map_err(|error| bad(error.to_string()))?;
-        let experts = model.experts_per_layer + model.shared_experts;
-        let mut endpoints = vec![Vec::new(); (model.layers * experts) as usize];
+        let experts = (model.experts_per_layer + model.shared_experts) as usize;
+        let mut endpoints = vec![Vec::new(); model.moe_layers.len() * experts];
         for (index, route) in table.routes.iter().enumerate() {
             let expert = route.expert.ok_or_else(|| bad(format!("routes[{index}].expert is missing")))?;
-            if !model.contains(&expert) {
+            let Some(layer_index) = model.layer_index(expert.layer).filter(|_| model.contains(&expert)) else {
                 return Err(bad(format!("routes[{index}].expert: {expert} is outside the model")));
-            }
-            endpoints[(expert.layer * experts + expert.expert) as usize] =
+            };
+            endpoints[layer_index * experts + expert.expert as usize] =
                 route.endpoints.iter().map(|endpoint| Arc::from(endpoint.as_str())).collect();
         }
-        Ok(Self { version: table.version, model, endpoints, queue_limit_tokens: table.queue_limit_tokens })
+        Ok(Self {
+            version: table.version,
+            model,
+            endpoints,
+            queue_limit_tokens: table.queue_limit_tokens,
+            max_batch_tokens: table.max_batch_tokens,
+        })
     }
 }
 
@@ -158,7 +171,7 @@ mod tests {
     use super::*;
 
     fn wire_table() -> v1::RoutingTable {
-        let model = ModelSpec { experts_per_layer: 2, layers: 1, ..ModelSpec::default_synthetic() };
+        let model = ModelSpec { experts_per_layer: 2, ..ModelSpec::default_synthetic() };
         v1::RoutingTable {
             version: 3,
             model: Some(model.to_proto()),
@@ -167,7 +180,30 @@ mod tests {
                 v1::ExpertRoute { expert: Some(v1::ExpertKey::new(0, 0)), endpoints: vec!["http://a".into()] },
             ],
             queue_limit_tokens: 8,
+            max_batch_tokens: 64,
         }
+    }
+
+    #[test]
+    fn layers_are_indexed_by_their_checkpoint_numbers() {
+        let model =
+            ModelSpec { experts_per_layer: 1, moe_layers: vec![1, 3], top_k: 1, ..ModelSpec::default_synthetic() };
+        let table = v1::RoutingTable {
+            version: 1,
+            model: Some(model.to_proto()),
+            routes: vec![
+                v1::ExpertRoute { expert: Some(v1::ExpertKey::new(3, 0)), endpoints: vec!["http://b".into()] },
+                v1::ExpertRoute { expert: Some(v1::ExpertKey::new(1, 0)), endpoints: vec!["http://a".into()] },
+            ],
+            queue_limit_tokens: 8,
+            max_batch_tokens: 8,
+        };
+        let view = RoutingTableView::try_from(table.clone()).expect("valid");
+        assert_eq!((&*view.endpoints(1, 0)[0], &*view.endpoints(3, 0)[0]), ("http://a", "http://b"));
+        assert!(view.endpoints(2, 0).is_empty(), "layer 2 is dense");
+        let mut dense = table;
+        dense.routes[0].expert = Some(v1::ExpertKey::new(2, 0));
+        assert!(RoutingTableView::try_from(dense).unwrap_err().to_string().contains("layer 2 expert 0 is outside"));
     }
 
     #[test]

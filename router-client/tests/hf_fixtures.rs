@@ -1,46 +1,174 @@
-//! The reference layer built from small random Mixtral and Qwen2-MoE checkpoints (public tensor
-//! names) against the outputs of Hugging Face transformers' own sparse MoE blocks, recorded by
-//! `fixtures/generate_hf_moe.py`. No Python at test time.
+//! The in-process reference layer built from small random checkpoints of every served family
+//! (saved by transformers itself, public tensor names, sharded) against the outputs of each
+//! family's own MoE block, recorded by `fixtures/generate_hf_moe.py`. No Python at test time.
+//!
+//! Every fixture's inputs are skewed so that a capacity factor of 1.25 would drop tokens: with the
+//! default flags (the checkpoint's own capacity policy) the dropless families drop nothing and
+//! Switch Transformers drops exactly what transformers drops.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::safetensors::TensorFiles;
+use switchyard_model::{CapacityPolicy, Family, ModelSpec, expert_capacity};
 use switchyard_router_client::{ReferenceLayer, RoutingOverrides, relative_frobenius_error};
 
-const TOKENS: usize = 16;
+const FAMILIES: [&str; 9] = [
+    "mixtral-tiny",
+    "qwen2-moe-tiny",
+    "qwen3-moe-tiny",
+    "olmoe-tiny",
+    "deepseek-v2-lite-tiny",
+    "deepseek-v3-tiny",
+    "gpt-oss-tiny",
+    "granitemoe-tiny",
+    "switch-transformers-tiny",
+];
 
-fn check(fixture: &str) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(fixture);
-    let checkpoint = Checkpoint::open(&dir).expect("checkpoint opens");
-    let spec = checkpoint.spec.clone();
-    let reference = ReferenceLayer::from_checkpoint(&checkpoint, &[0, 1], tch::Device::Cpu).expect("experts load");
-    let expected = TensorFiles::open_file(&dir.join("expected.safetensors"));
-    let read = |name: &str, width: u32| expected.read_f32(name, &[TOKENS, width as usize]).expect("expected tensor");
-    let hidden = read("hidden_states", spec.d_model);
-    // transformers applies no capacity: a capacity factor of E/k makes room for every assignment.
-    let no_capacity = RoutingOverrides {
-        capacity_factor: Some(spec.experts_per_layer as f32 / spec.top_k as f32),
-        ..Default::default()
-    };
-    for layer in 0..2u32 {
-        let output = reference.forward(layer, &hidden, &no_capacity).expect("forward");
-        assert_eq!(output.routing.dropped, 0);
-        let out_error = relative_frobenius_error(&output.hidden, &read(&format!("layers.{layer}.out"), spec.d_model));
-        let logits = read(&format!("layers.{layer}.router_logits"), spec.experts_per_layer);
-        let logits_error = relative_frobenius_error(&output.router_logits, &logits);
-        eprintln!("{fixture} layer {layer}: out error {out_error:.1e}, router_logits error {logits_error:.1e}");
-        assert!(out_error < 1e-5, "{fixture} layer {layer}: out relative error {out_error:e}");
-        assert!(logits_error < 1e-5, "{fixture} layer {layer}: router_logits relative error {logits_error:e}");
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name)
+}
+
+/// What transformers computed for one fixture.
+struct Expected {
+    files: TensorFiles,
+    tokens: usize,
+    d_model: usize,
+    experts: usize,
+}
+
+impl Expected {
+    fn open(dir: &Path, spec: &ModelSpec) -> Self {
+        let files = TensorFiles::open_file(&dir.join("expected.safetensors"));
+        let shape = files.shape("hidden_states").expect("hidden_states");
+        Self { files, tokens: shape[0], d_model: spec.d_model as usize, experts: spec.experts_per_layer as usize }
+    }
+
+    fn read(&self, name: &str, width: usize) -> Vec<f32> {
+        self.files.read_f32(name, &[self.tokens, width]).unwrap_or_else(|error| panic!("{name}: {error}"))
+    }
+
+    fn hidden(&self) -> Vec<f32> {
+        self.read("hidden_states", self.d_model)
+    }
+
+    fn out(&self, layer: u32) -> Vec<f32> {
+        self.read(&format!("layers.{layer}.out"), self.d_model)
+    }
+
+    fn router_logits(&self, layer: u32) -> Vec<f32> {
+        self.read(&format!("layers.{layer}.router_logits"), self.experts)
+    }
+
+    /// Tokens each expert received in transformers' block.
+    fn tokens_per_expert(&self, layer: u32) -> Vec<u32> {
+        let dispatched = self.read(&format!("layers.{layer}.dispatched"), self.experts);
+        (0..self.experts).map(|e| dispatched.iter().skip(e).step_by(self.experts).sum::<f32>() as u32).collect()
     }
 }
 
 #[test]
-fn mixtral_matches_transformers() {
-    check("mixtral-tiny");
+fn every_family_matches_transformers_with_its_default_capacity_policy() {
+    for name in FAMILIES {
+        let dir = fixture(name);
+        let checkpoint = Checkpoint::open(&dir).expect("checkpoint opens");
+        let spec = checkpoint.spec.clone();
+        assert_eq!(spec.layer_count(), 2, "{name}: two MoE layers");
+        let reference = ReferenceLayer::from_checkpoint(&checkpoint, &spec, &spec.moe_layers, tch::Device::Cpu)
+            .expect("experts load");
+        let expected = Expected::open(&dir, &spec);
+        let hidden = expected.hidden();
+        for &layer in &spec.moe_layers {
+            let output = reference.forward(layer, &hidden, &RoutingOverrides::default()).expect("forward");
+            let out_error = relative_frobenius_error(&output.hidden, &expected.out(layer));
+            let logits_error = relative_frobenius_error(&output.router_logits, &expected.router_logits(layer));
+            eprintln!("{name} layer {layer}: out error {out_error:.1e}, router_logits error {logits_error:.1e}");
+            assert!(out_error < 1e-5, "{name} layer {layer}: out relative error {out_error:e}");
+            assert!(logits_error < 1e-5, "{name} layer {layer}: router_logits relative error {logits_error:e}");
+            assert_eq!(output.routing.tokens_per_expert, expected.tokens_per_expert(layer), "{name} layer {layer}");
+            let busiest = *output.routing.tokens_per_expert.iter().max().expect("experts") as usize;
+            let at_1_25 = expert_capacity(expected.tokens, spec.top_k as usize, expected.experts, 1.25);
+            match spec.capacity {
+                CapacityPolicy::Dropless => {
+                    assert_eq!(output.routing.dropped, 0, "{name} layer {layer}");
+                    assert!(busiest > at_1_25, "{name} layer {layer}: busiest {busiest} must pass 1.25x ({at_1_25})");
+                }
+                CapacityPolicy::PerSequence(capacity) => {
+                    assert_eq!(spec.family, Family::SwitchTransformers);
+                    assert!(output.routing.dropped > 0, "{name} layer {layer}: the skewed inputs overflow");
+                    assert_eq!(busiest, capacity as usize, "{name} layer {layer}");
+                }
+                CapacityPolicy::Factor(_) => panic!("{name}: a checkpoint's default is never a factor"),
+            }
+        }
+    }
 }
 
 #[test]
-fn qwen2_moe_with_its_gated_shared_expert_matches_transformers() {
-    check("qwen2-moe-tiny");
+fn the_families_are_read_as_their_configs_say() {
+    let spec = |name: &str| Checkpoint::open(&fixture(name)).expect("opens").spec;
+    let deepseek = spec("deepseek-v3-tiny");
+    assert_eq!((deepseek.family, deepseek.moe_layers.clone()), (Family::DeepseekV3, vec![1, 2]));
+    assert_eq!((deepseek.router.groups, deepseek.router.top_groups, deepseek.router.scaling), (4, 2, 2.5));
+    assert_eq!((deepseek.shared_experts, deepseek.shared_d_ff), (1, 24));
+    let v2 = spec("deepseek-v2-lite-tiny");
+    assert_eq!(
+        (v2.shared_experts, v2.shared_d_ff, v2.router.renormalize),
+        (1, 48, false),
+        "2 shared experts as one MLP"
+    );
+    let gpt_oss = spec("gpt-oss-tiny");
+    assert!(gpt_oss.expert_bias && gpt_oss.router.logit_bias);
+    assert_eq!(gpt_oss.activation, switchyard_model::Activation::ClampedSwiGlu { alpha: 1.702, limit: 1.0 });
+    let switch = spec("switch-transformers-tiny");
+    assert_eq!((switch.moe_layers.clone(), switch.top_k), (vec![1, 3], 1));
+    for name in FAMILIES {
+        let model = spec(name);
+        let expected = if model.family == Family::SwitchTransformers {
+            CapacityPolicy::PerSequence(10)
+        } else {
+            CapacityPolicy::Dropless
+        };
+        assert_eq!(model.capacity, expected, "{name}");
+    }
+}
+
+/// Why dropless matters: the same Mixtral forward with a 1.25 capacity factor drops assignments
+/// and no longer equals transformers.
+#[test]
+fn a_capacity_factor_on_a_dropless_checkpoint_changes_the_model() {
+    let dir = fixture("mixtral-tiny");
+    let checkpoint = Checkpoint::open(&dir).expect("checkpoint opens");
+    let spec = checkpoint.spec.clone();
+    let reference = ReferenceLayer::from_checkpoint(&checkpoint, &spec, &[0], tch::Device::Cpu).expect("experts load");
+    let expected = Expected::open(&dir, &spec);
+    let capped = RoutingOverrides { capacity: Some(CapacityPolicy::Factor(1.25)), ..Default::default() };
+    let output = reference.forward(0, &expected.hidden(), &capped).expect("forward");
+    let error = relative_frobenius_error(&output.hidden, &expected.out(0));
+    assert!(output.routing.dropped > 0 && error > 1e-3, "dropped {}, error {error:e}", output.routing.dropped);
+}
+
+/// Switch Transformers drops the tokens past `expert_capacity` in token order within the
+/// sequence: a dropped token's block output is zero, exactly where transformers' is.
+#[test]
+fn switch_transformers_drops_exactly_the_tokens_transformers_drops() {
+    let dir = fixture("switch-transformers-tiny");
+    let checkpoint = Checkpoint::open(&dir).expect("checkpoint opens");
+    let spec = checkpoint.spec.clone();
+    let reference =
+        ReferenceLayer::from_checkpoint(&checkpoint, &spec, &spec.moe_layers, tch::Device::Cpu).expect("experts load");
+    let expected = Expected::open(&dir, &spec);
+    for &layer in &spec.moe_layers {
+        let output = reference.forward(layer, &expected.hidden(), &RoutingOverrides::default()).expect("forward");
+        let dispatched = expected.read(&format!("layers.{layer}.dispatched"), expected.experts);
+        let dropped_by_transformers: Vec<usize> = (0..expected.tokens)
+            .filter(|t| dispatched[t * expected.experts..][..expected.experts].iter().all(|d| *d == 0.0))
+            .collect();
+        let zero_rows: Vec<usize> = (0..expected.tokens)
+            .filter(|t| output.hidden[t * expected.d_model..][..expected.d_model].iter().all(|v| *v == 0.0))
+            .collect();
+        assert!(!dropped_by_transformers.is_empty(), "layer {layer}: the fixture overflows");
+        assert_eq!(zero_rows, dropped_by_transformers, "layer {layer}");
+        assert_eq!(output.routing.dropped, dropped_by_transformers.len(), "layer {layer}");
+    }
 }

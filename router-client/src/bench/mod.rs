@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_model::ModelSpec;
+use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_proto::v1::Dtype;
 
 use crate::client::{ClientOptions, MoeClient};
@@ -276,14 +276,14 @@ pub struct BenchReport {
     pub machine: String,
 }
 
-fn model_of(shape: ClusterShape, settings: &BenchSettings, capacity_factor: f32) -> Result<ModelSpec, BenchError> {
+fn model_of(shape: ClusterShape, settings: &BenchSettings, capacity: CapacityPolicy) -> Result<ModelSpec, BenchError> {
     let model = ModelSpec {
-        layers: 1,
+        moe_layers: vec![0],
         experts_per_layer: shape.experts,
         d_model: shape.d_model,
         d_ff: shape.d_ff,
         top_k: shape.top_k,
-        capacity_factor,
+        capacity,
         ..settings.model.clone()
     };
     model.validate().map_err(|error| BenchError::Model(error.to_string()))
@@ -416,7 +416,7 @@ pub async fn run(
     let mut points = Vec::new();
     let max_tokens = plan.axes.tokens.iter().copied().max().unwrap_or(1);
     for shape in shapes {
-        let model = model_of(shape, settings, settings.capacity_factor)?;
+        let model = model_of(shape, settings, CapacityPolicy::Factor(settings.capacity_factor))?;
         let cluster = ShapeCluster::start(model.clone(), shape.workers, max_tokens, settings).await?;
         let measured = measure_shape(&cluster, &plan.axes, shape, settings, &mut done, total, progress).await;
         cluster.stop().await;
@@ -425,8 +425,6 @@ pub async fn run(
     let mut presets = Vec::new();
     for preset in &plan.presets {
         let shape = preset.shape(plan.preset_workers);
-        // Capacity = every token: DeepEP never drops.
-        let capacity_factor = shape.experts as f32 / shape.top_k as f32;
         let identity = BenchSettings {
             identity_experts: true,
             calls: plan.preset_calls,
@@ -434,7 +432,8 @@ pub async fn run(
             warmup_calls: settings.warmup_calls.min(1),
             ..settings.clone()
         };
-        let model = model_of(shape, &identity, capacity_factor)?;
+        // DeepEP never drops.
+        let model = model_of(shape, &identity, CapacityPolicy::Dropless)?;
         let cluster = ShapeCluster::start(model.clone(), shape.workers, preset.tokens(), &identity).await?;
         let measured = measure_preset(&cluster, *preset, shape, &identity).await;
         cluster.stop().await;

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use switchyard_model::CapacityPolicy;
 use switchyard_model::safetensors::{TensorFiles, write_f32};
 use switchyard_router_client::{ClientOptions, MoeClient, RoutingTableView, TableWatcher};
 
@@ -15,18 +16,24 @@ pub struct ForwardArgs {
     /// The checkpoint the cluster should be serving; the call is refused if it serves another.
     #[arg(long, env = "SWITCHYARD_CHECKPOINT")]
     pub checkpoint: Option<PathBuf>,
-    /// MoE layer to run.
-    #[arg(long, default_value_t = 0)]
-    pub layer: u32,
+    /// MoE layer to run, numbered as the checkpoint numbers it (model.layers.{L}; Switch
+    /// Transformers' encoder.block.{B}); a dense layer is refused. Default: the first MoE layer.
+    #[arg(long)]
+    pub layer: Option<u32>,
     /// safetensors file holding `hidden_states` [tokens, d_model] (F32, F16 or BF16).
     #[arg(long)]
     pub input: PathBuf,
-    /// safetensors file to write: `out` [tokens, d_model] and `router_logits` [tokens, experts], F32.
+    /// safetensors file to write: `out` [tokens, d_model] (the MoE block's output) and
+    /// `router_logits` [tokens, experts] (the router's raw output, as transformers' router module
+    /// returns it: with GPT-OSS's bias, before DeepSeek-V3's sigmoid and correction bias), F32.
     #[arg(long)]
     pub output: PathBuf,
-    /// Capacity factor of the call (default: the model's).
-    #[arg(long)]
+    /// Give the call a capacity factor (default: the model's capacity policy).
+    #[arg(long, conflicts_with = "dropless")]
     pub capacity_factor: Option<f32>,
+    /// Run the call without capacity, whatever the model's policy.
+    #[arg(long)]
+    pub dropless: bool,
 }
 
 pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
@@ -52,9 +59,11 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     );
     let hidden = input.read_f32("hidden_states", &shape)?;
     let mut options = ClientOptions::default();
-    options.routing.capacity_factor = args.capacity_factor;
+    options.routing.capacity =
+        if args.dropless { Some(CapacityPolicy::Dropless) } else { args.capacity_factor.map(CapacityPolicy::Factor) };
     let client = MoeClient::new(watcher.receiver(), options);
-    let output = client.forward(args.layer, &hidden).await?;
+    let layer = args.layer.unwrap_or_else(|| table.model.first_layer());
+    let output = client.forward(layer, &hidden).await?;
     let experts = output.router_logits.len() / shape[0];
     write_f32(
         &args.output,
@@ -62,15 +71,22 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("writing {}", args.output.display()))?;
     let routing = &output.routing;
-    println!("layer {} of {} ({} tokens) -> {}", args.layer, table.model.name, routing.tokens, args.output.display());
-    println!(
-        "  tokens per expert {:?} (capacity {}), dropped {}",
-        routing.tokens_per_expert, routing.capacity, routing.dropped
-    );
+    println!("layer {layer} of {} ({} tokens) -> {}", table.model.name, routing.tokens, args.output.display());
+    let capacity = match options_capacity(&client) {
+        CapacityPolicy::Dropless => "dropless".to_owned(),
+        _ => format!("capacity {}", routing.capacity),
+    };
+    println!("  tokens per expert {:?} ({capacity}), dropped {}", routing.tokens_per_expert, routing.dropped);
     println!(
         "  imbalance {:.3} | switch aux loss {:.5} | importance CV² {:.4} | z-loss {:.4}",
         routing.stats.imbalance, routing.stats.switch_aux_loss, routing.stats.importance_cv2, routing.stats.z_loss
     );
     println!("  wall {:.3} ms", output.timing.wall.as_secs_f64() * 1e3);
     Ok(())
+}
+
+/// The capacity policy the client's calls run with.
+fn options_capacity(client: &MoeClient) -> CapacityPolicy {
+    let table_capacity = client.table().map_or(CapacityPolicy::Dropless, |table| table.model.capacity);
+    client.options().routing.capacity.unwrap_or(table_capacity)
 }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_proto::v1::Dtype;
 use switchyard_router_client::capacity::OverflowPolicy;
 use switchyard_router_client::loadtest::{self, Arrival, LoadReport, LoadSpec};
@@ -27,9 +28,9 @@ pub struct LoadArgs {
     /// Tokens per layer call.
     #[arg(long, env = "SWITCHYARD_LOAD_TOKENS", default_value_t = 64)]
     pub tokens: usize,
-    /// MoE layer the calls go to.
-    #[arg(long, env = "SWITCHYARD_LOAD_LAYER", default_value_t = 0)]
-    pub layer: u32,
+    /// MoE layer the calls go to, numbered as the checkpoint numbers it (default: the first MoE layer).
+    #[arg(long, env = "SWITCHYARD_LOAD_LAYER")]
+    pub layer: Option<u32>,
     /// Unmeasured warm-up before the measured time.
     #[arg(long, env = "SWITCHYARD_LOAD_WARMUP", default_value = "1s", value_parser = parse_duration)]
     pub warmup: Duration,
@@ -39,13 +40,13 @@ pub struct LoadArgs {
     /// Capacity factor of the calls (default: the model's).
     #[arg(long = "call-capacity-factor", env = "SWITCHYARD_LOAD_CAPACITY_FACTOR")]
     pub call_capacity_factor: Option<f32>,
-    /// Routing policy: top-k (softmax, top-k, renormalised: Mixtral), top-k-softmax (no
-    /// renormalisation: Qwen2-MoE, GShard), noisy-top-k, dense, expert-choice, group-limited (DeepSeek-V3),
-    /// soft-moe.
-    #[arg(long, env = "SWITCHYARD_POLICY", default_value = "top-k", value_parser = parse_policy_name)]
-    pub policy: PolicyName,
-    /// Experts per token for the token-choice policies (default: the model's top-k).
-    #[arg(long, env = "SWITCHYARD_ROUTE_TOP_K")]
+    /// Route with another policy than the model's own router (the default): top-k (softmax, top-k,
+    /// renormalised: Mixtral), top-k-softmax (no renormalisation: Qwen2-MoE, GShard), noisy-top-k,
+    /// dense, expert-choice, group-limited (DeepSeek-V3), soft-moe.
+    #[arg(long, env = "SWITCHYARD_POLICY", value_parser = parse_policy_name)]
+    pub policy: Option<PolicyName>,
+    /// Experts per token for the token-choice policies of --policy (default: the model's top-k).
+    #[arg(long, env = "SWITCHYARD_ROUTE_TOP_K", requires = "policy")]
     pub route_top_k: Option<usize>,
     /// What happens past an expert's capacity: drop, reroute (to the next choice with room) or
     /// batch-prioritized (V-MoE: the least confident tokens are dropped).
@@ -82,15 +83,20 @@ pub struct LoadArgs {
 }
 
 impl LoadArgs {
-    /// The load, without routing (see [`LoadArgs::routing`]).
-    pub fn spec(&self) -> LoadSpec {
+    /// The MoE layer the calls go to: `--layer`, or the model's first MoE layer.
+    pub fn layer(&self, model: &ModelSpec) -> u32 {
+        self.layer.unwrap_or_else(|| model.first_layer())
+    }
+
+    /// The load on `model`, without routing (see [`LoadArgs::routing`]).
+    pub fn spec(&self, model: &ModelSpec) -> LoadSpec {
         LoadSpec {
             concurrency: self.concurrency,
             arrival: self.rate.map_or(Arrival::Closed, |rate| Arrival::Open { rate }),
             duration: self.duration,
             requests: self.requests,
             tokens_per_call: self.tokens,
-            layer: self.layer,
+            layer: self.layer(model),
             warmup: self.warmup,
             seed: self.input_seed,
             routing: RoutingOverrides::default(),
@@ -113,14 +119,23 @@ impl LoadArgs {
         Ok(())
     }
 
-    /// The routing these flags ask for, for a model with `model_top_k` and `experts`.
-    pub fn routing(&self, model_top_k: u32, experts: u32) -> anyhow::Result<RoutingOverrides> {
+    /// The routing these flags ask for on `model`: its own router unless --policy names another.
+    pub fn routing(&self, model: &ModelSpec) -> anyhow::Result<RoutingOverrides> {
+        let (model_top_k, experts) = (model.top_k, model.experts_per_layer);
+        let overrides = RoutingOverrides {
+            policy: None,
+            overflow: Some(self.overflow),
+            capacity: self.call_capacity_factor.map(CapacityPolicy::Factor),
+        };
+        let Some(policy) = self.policy else {
+            return Ok(overrides);
+        };
         let k = self.route_top_k.unwrap_or(model_top_k as usize);
         anyhow::ensure!(
             (1..=experts as usize).contains(&k),
             "--route-top-k {k} must be between 1 and the model's {experts} experts"
         );
-        let policy = match self.policy {
+        let policy = match policy {
             PolicyName::TopK => RoutingPolicy::TopK { k, renormalize: true },
             PolicyName::TopKSoftmax => RoutingPolicy::TopK { k, renormalize: false },
             PolicyName::NoisyTopK => RoutingPolicy::NoisyTopK { k, seed: self.noise_seed },
@@ -141,19 +156,12 @@ impl LoadArgs {
                     "--top-groups {top_groups} must be in 1..={groups} and hold at least k = {k} experts"
                 );
                 RoutingPolicy::GroupLimited(GroupLimited {
-                    k,
-                    groups,
-                    top_groups,
-                    renormalize: true,
                     scaling: self.routed_scaling,
+                    ..GroupLimited::deepseek_v3(k, groups, top_groups)
                 })
             }
         };
-        Ok(RoutingOverrides {
-            policy: Some(policy),
-            overflow: Some(self.overflow),
-            capacity_factor: self.call_capacity_factor,
-        })
+        Ok(RoutingOverrides { policy: Some(policy), ..overrides })
     }
 }
 

@@ -41,23 +41,23 @@ pub struct LoadtestArgs {
 pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
     if args.check_config {
         let model = args.model.spec()?;
-        let routing = args.load.routing(model.top_k, model.experts_per_layer)?;
+        let routing = args.load.routing(&model)?;
         if let Some(coordinator) = &args.coordinator {
             coordinator.parse::<tonic::transport::Uri>().with_context(|| format!("--coordinator {coordinator}"))?;
         }
-        println!("configuration ok: {:#?}\n{routing:#?}", args.load.spec());
+        println!("configuration ok: {:#?}\n{routing:#?}", args.load.spec(&model));
         return Ok(());
     }
     let report = if args.reference {
         let model = args.model.spec()?;
         eprintln!("building the in-process reference layer ({} experts)...", model.experts_per_layer);
-        let reference =
-            ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu).with_threads(torch_threads);
+        let layer = args.load.layer(&model);
+        let reference = ReferenceLayer::for_model(&model, &[layer], tch::Device::Cpu)?.with_threads(torch_threads);
         let name = format!("in-process reference ({torch_threads} torch threads)");
         let spec = LoadSpec {
-            routing: args.load.routing(model.top_k, model.experts_per_layer)?,
-            skew: args.load.skew.resolve(None, args.load.layer)?,
-            ..args.load.spec()
+            routing: args.load.routing(&model)?,
+            skew: args.load.skew.resolve(None, layer)?,
+            ..args.load.spec(&model)
         };
         loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?
     } else {
@@ -67,8 +67,9 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
             Some(address) => Some(serve_metrics(&client, address).await?),
             None => None,
         };
-        let skew = args.load.skew.resolve(client.table().as_deref(), args.load.layer)?;
-        let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec() };
+        let table = client.table().context("no routing table")?;
+        let skew = args.load.skew.resolve(Some(&table), args.load.layer(&table.model))?;
+        let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec(&table.model) };
         loadtest::run(Target::Distributed(client), spec, &format!("distributed ({workers} workers)")).await?
     };
     print!("{}", report.render());
@@ -96,7 +97,7 @@ async fn serve_metrics(
 pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<MoeClient>, TableWatcher, usize)> {
     let watcher = TableWatcher::start(coordinator)?;
     let table = watcher.wait_for(|table| table.is_complete(), Duration::from_secs(120)).await?;
-    let routing = load.routing(table.model.top_k, table.model.experts_per_layer)?;
+    let routing = load.routing(&table.model)?;
     let options = ClientOptions { wire_dtype: load.wire_dtype, routing, ..ClientOptions::default() };
     let client = Arc::new(MoeClient::new(watcher.receiver(), options));
     Ok((client, watcher, table.workers().len()))

@@ -52,8 +52,16 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         config.log_filter = Some("warn".into());
     }
     eprintln!(
-        "starting a coordinator and {} workers on 127.0.0.1 (model: {} layer(s) x {} experts, d_model {}, d_ff {}, top-{})...",
-        args.workers, model.layers, model.experts_per_layer, model.d_model, model.d_ff, model.top_k
+        "starting a coordinator and {} workers on 127.0.0.1 (model: {} {}, MoE layers {} x {} experts, d_model {}, d_ff {}, top-{}, {})...",
+        args.workers,
+        model.family,
+        model.name,
+        model.describe_layers(),
+        model.experts_per_layer,
+        model.d_model,
+        model.d_ff,
+        model.top_k,
+        model.capacity
     );
     let mut cluster = LocalCluster::start(config).await?;
     let (client, _watcher, workers) = connect(&cluster.coordinator_uri(), &args.load).await?;
@@ -75,10 +83,13 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         args.load.duration.as_secs_f64(),
         args.load.warmup.as_secs_f64()
     );
-    let skew = args.load.skew.resolve(client.table().as_deref(), args.load.layer)?;
-    let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec() };
-    let name =
-        format!("distributed ({workers} workers), {}", spec.routing.policy.map_or("top-k", |policy| policy.name()));
+    let layer = args.load.layer(&model);
+    let skew = args.load.skew.resolve(client.table().as_deref(), layer)?;
+    let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec(&model) };
+    let name = format!(
+        "distributed ({workers} workers), {}",
+        spec.routing.policy.map_or("the model's router", |policy| policy.name())
+    );
     let report = loadtest::run(Target::Distributed(client), spec.clone(), &name).await;
     let report = match report {
         Ok(report) => report,
@@ -95,7 +106,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         let threads = (args.workers as u32 * args.worker_torch_threads).max(1);
         tch::set_num_threads(threads as i32);
         eprintln!("same load through the in-process reference layer ({threads} torch threads)...");
-        let reference = ReferenceLayer::synthetic(&model, &[args.load.layer], tch::Device::Cpu).with_threads(threads);
+        let reference = ReferenceLayer::for_model(&model, &[layer], tch::Device::Cpu)?.with_threads(threads);
         let name = format!("in-process reference ({threads} torch threads)");
         let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?;
         print!("{}", baseline.render());

@@ -11,34 +11,36 @@ pub struct ModelInfoArgs {
 pub fn run(args: ModelInfoArgs) -> anyhow::Result<()> {
     let spec = args.model.spec()?;
     let (total, active) = spec.moe_parameters();
-    let layers = u64::from(spec.layers);
+    let layers = u64::from(spec.layer_count());
     println!("model          {}", spec.name);
+    println!("family         {} (model_type {})", spec.family, spec.family.model_type());
     if let Some(checkpoint) = &spec.checkpoint {
         println!("checkpoint     {checkpoint}");
     }
-    println!("MoE layers     {}", spec.layers);
-    println!(
-        "experts        {} routed per layer (top-{}, {}), {} shared",
-        spec.experts_per_layer,
-        spec.top_k,
-        if spec.norm_topk_prob { "weights renormalised" } else { "softmax weights" },
-        spec.shared_experts
-    );
-    println!(
-        "sizes          d_model {}, d_ff {}, shared d_ff {}, {}",
-        spec.d_model,
-        spec.d_ff,
-        spec.shared_d_ff,
-        spec.activation.name()
-    );
+    println!("MoE layers     {} {} (as the checkpoint numbers them)", spec.layer_count(), spec.describe_layers());
+    println!("experts        {} routed per layer, {} shared", spec.experts_per_layer, spec.shared_experts);
+    println!("router         {}", spec.router.describe(spec.top_k));
+    let shared = if spec.shared_experts > 0 {
+        format!(", shared d_ff {}{}", spec.shared_d_ff, if spec.shared_expert_gate { " (sigmoid-gated)" } else { "" })
+    } else {
+        String::new()
+    };
+    let biases = if spec.expert_bias { " with biases" } else { "" };
+    println!("expert form    {}{biases}, d_model {}, d_ff {}{shared}", spec.activation, spec.d_model, spec.d_ff);
+    let source = match (args.model.capacity_override(), spec.checkpoint.is_some()) {
+        (Some(_), _) => "set by flag",
+        (None, true) => "the architecture's own",
+        (None, false) => "the synthetic model's default",
+    };
+    println!("capacity       {} [{source}]", spec.capacity);
     println!("parameters     {} in the MoE layers ({} per layer)", human(total), human(total / layers.max(1)));
     println!(
         "active/token   {} ({:.1}% of the MoE parameters)",
         human(active),
         100.0 * active as f64 / total.max(1) as f64
     );
-    println!("expert memory  {} MiB in f32 (routed expert {} MiB)", (total * 4) >> 20, spec.expert_bytes() >> 20);
-    println!("(attention, embeddings and norms are not counted: Switchyard serves the MoE layers)");
+    println!("expert memory  {} MiB in f32 (routed expert {} KiB)", (total * 4) >> 20, spec.expert_bytes() >> 10);
+    println!("(attention, embeddings, norms and dense layers are not counted: Switchyard serves the MoE layers)");
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `switchyard status`.
 
 use anyhow::Context;
+use switchyard_model::ModelSpec;
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
 
 #[derive(Debug, clap::Args)]
@@ -18,10 +19,17 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .with_context(|| format!("asking {} for its status", args.coordinator))?
         .into_inner();
     println!("routing table version {}", status.table_version);
-    if let Some(model) = &status.model {
+    if let Some(model) = status.model.clone().and_then(|model| ModelSpec::try_from(model).ok()) {
         println!(
-            "model {}: {} layer(s) x {} experts, d_model {}, d_ff {}, top-{}",
-            model.name, model.layers, model.experts_per_layer, model.d_model, model.d_ff, model.top_k
+            "model {} ({}): MoE layers {} x {} experts, d_model {}, d_ff {}, top-{}, {}",
+            model.name,
+            model.family,
+            model.describe_layers(),
+            model.experts_per_layer,
+            model.d_model,
+            model.d_ff,
+            model.top_k,
+            model.capacity
         );
     }
     for worker in &status.workers {

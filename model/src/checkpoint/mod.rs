@@ -1,0 +1,352 @@
+//! Real checkpoints: safetensors directories (sharded or not, F32, F16 or BF16) of every family
+//! Switchyard serves, read by their public tensor names, with sizes, layers, router and expert form
+//! from `config.json` ([`config`]).
+//!
+//! | family | MoE block of layer L | router | experts |
+//! | --- | --- | --- | --- |
+//! | Mixtral | `model.layers.L.block_sparse_moe` | `gate.weight` | `experts.{e}.w1 / w3 / w2.weight` |
+//! | Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 | `model.layers.L.mlp` | `gate.weight` (V3: + `gate.e_score_correction_bias`) | `experts.{e}.gate_proj / up_proj / down_proj.weight` |
+//! | GPT-OSS | `model.layers.L.mlp` | `router.weight`, `router.bias` | fused: `experts.gate_up_proj [E, d, 2ff]` (gate and up interleaved) and `_bias`, `experts.down_proj [E, ff, d]` and `_bias` |
+//! | Granite-MoE | `model.layers.L.block_sparse_moe` | `router.layer.weight` | fused: `input_linear.weight [E, 2ff, d]` (gate rows, then up rows), `output_linear.weight [E, d, ff]` |
+//! | Switch Transformers | `encoder.block.B.layer.1.mlp` | `router.classifier.weight` (and `.bias` with `router_bias`) | `experts.expert_{e}.wi / wo.weight` |
+//!
+//! Shared experts: Qwen2-MoE's `shared_expert.{gate,up,down}_proj.weight` gated by
+//! `shared_expert_gate.weight`; DeepSeek's `shared_experts.{gate,up,down}_proj.weight`, ungated.
+//! Fused layouts are read one expert's slab at a time, so a worker reads only its experts' bytes.
+
+mod config;
+
+use std::path::{Path, PathBuf};
+
+use crate::family::Family;
+use crate::safetensors::{TensorFileError, TensorFiles};
+use crate::spec::ModelSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{file}: {reason}")]
+    Config { file: PathBuf, reason: String },
+    #[error(transparent)]
+    Tensor(#[from] TensorFileError),
+    #[error("layer {layer} of {family} checkpoint {dir} is not a MoE layer; its MoE layers are {moe_layers}")]
+    NotMoeLayer { layer: u32, family: Family, dir: PathBuf, moe_layers: String },
+    #[error("expert {expert} is not in {dir}: it has {routed} routed and {shared} shared experts per layer")]
+    NoSuchExpert { expert: u32, dir: PathBuf, routed: u32, shared: u32 },
+}
+
+/// The weights of one expert, in `nn.Linear` layout (`[out_features, in_features]`).
+#[derive(Debug, Clone)]
+pub struct ExpertWeights {
+    /// `[d_ff, d_model]`: the (gated) input projection (Mixtral w1, gate_proj, Switch wi).
+    pub w1: Vec<f32>,
+    /// `[d_model, d_ff]`: the down projection (w2, down_proj, Switch wo).
+    pub w2: Vec<f32>,
+    /// `[d_ff, d_model]`: the linear branch of the SwiGLU forms (w3, up_proj).
+    pub w3: Option<Vec<f32>>,
+    /// The linear layers' biases, when the family has them (GPT-OSS).
+    pub biases: Option<ExpertBiases>,
+}
+
+/// Biases of an expert's linear layers.
+#[derive(Debug, Clone)]
+pub struct ExpertBiases {
+    /// `[d_ff]`.
+    pub b1: Vec<f32>,
+    /// `[d_model]`.
+    pub b2: Vec<f32>,
+    /// `[d_ff]`, three-matrix forms only.
+    pub b3: Option<Vec<f32>>,
+}
+
+/// An opened checkpoint directory. Only `config.json` and the safetensors headers are read up front.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub family: Family,
+    pub spec: ModelSpec,
+    files: TensorFiles,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
+        let file = dir.join("config.json");
+        let config_error = |reason: String| CheckpointError::Config { file: file.clone(), reason };
+        let text = std::fs::read_to_string(&file).map_err(|error| config_error(error.to_string()))?;
+        let config = config::HfConfig::parse(&text).map_err(config_error)?;
+        let family = config.family().map_err(config_error)?;
+        let name = dir.file_name().map_or_else(|| "checkpoint".to_owned(), |name| name.to_string_lossy().into_owned());
+        let spec = config
+            .spec(family, name, dir.display().to_string())
+            .map_err(config_error)?
+            .validate()
+            .map_err(|error| config_error(error.to_string()))?;
+        Ok(Self { dir: dir.to_path_buf(), family, spec, files: TensorFiles::open(dir)? })
+    }
+
+    /// Refuses a layer that is not one of the MoE layers, naming the ones that are.
+    pub fn check_layer(&self, layer: u32) -> Result<(), CheckpointError> {
+        if self.spec.layer_index(layer).is_some() {
+            return Ok(());
+        }
+        Err(CheckpointError::NotMoeLayer {
+            layer,
+            family: self.family,
+            dir: self.dir.clone(),
+            moe_layers: self.spec.describe_layers(),
+        })
+    }
+
+    /// The prefix of layer `layer`'s MoE block.
+    fn block(&self, layer: u32) -> String {
+        match self.family {
+            Family::Mixtral | Family::GraniteMoe => format!("model.layers.{layer}.block_sparse_moe"),
+            Family::SwitchTransformers => format!("encoder.block.{layer}.layer.1.mlp"),
+            _ => format!("model.layers.{layer}.mlp"),
+        }
+    }
+
+    fn router_name(&self) -> &'static str {
+        match self.family {
+            Family::GptOss => "router",
+            Family::GraniteMoe => "router.layer",
+            Family::SwitchTransformers => "router.classifier",
+            _ => "gate",
+        }
+    }
+
+    /// The router `W_g [experts, d_model]` of `layer`.
+    pub fn gate_weights(&self, layer: u32) -> Result<Vec<f32>, CheckpointError> {
+        self.check_layer(layer)?;
+        let shape = [self.spec.experts_per_layer as usize, self.spec.d_model as usize];
+        Ok(self.files.read_f32(&format!("{}.{}.weight", self.block(layer), self.router_name()), &shape)?)
+    }
+
+    /// The router's logit bias `[experts]` of `layer` (GPT-OSS; Switch Transformers with `router_bias`).
+    pub fn gate_bias(&self, layer: u32) -> Result<Option<Vec<f32>>, CheckpointError> {
+        if !self.spec.router.logit_bias {
+            return Ok(None);
+        }
+        self.check_layer(layer)?;
+        let shape = [self.spec.experts_per_layer as usize];
+        Ok(Some(self.files.read_f32(&format!("{}.{}.bias", self.block(layer), self.router_name()), &shape)?))
+    }
+
+    /// DeepSeek-V3's score-correction bias `[experts]` of `layer`.
+    pub fn correction_bias(&self, layer: u32) -> Result<Option<Vec<f32>>, CheckpointError> {
+        if !self.spec.router.correction_bias {
+            return Ok(None);
+        }
+        self.check_layer(layer)?;
+        let shape = [self.spec.experts_per_layer as usize];
+        Ok(Some(self.files.read_f32(&format!("{}.gate.e_score_correction_bias", self.block(layer)), &shape)?))
+    }
+
+    /// The shared experts' gate `[shared_experts, d_model]` of `layer`, if the model has one.
+    pub fn shared_gate_weights(&self, layer: u32) -> Result<Option<Vec<f32>>, CheckpointError> {
+        if !self.spec.shared_expert_gate {
+            return Ok(None);
+        }
+        self.check_layer(layer)?;
+        let shape = [1, self.spec.d_model as usize];
+        Ok(Some(self.files.read_f32(&format!("{}.shared_expert_gate.weight", self.block(layer)), &shape)?))
+    }
+
+    /// The weights of expert `expert` of `layer` (indices past the routed experts are shared experts).
+    pub fn expert_weights(&self, layer: u32, expert: u32) -> Result<ExpertWeights, CheckpointError> {
+        self.check_layer(layer)?;
+        if expert >= self.spec.experts_per_layer + self.spec.shared_experts {
+            return Err(CheckpointError::NoSuchExpert {
+                expert,
+                dir: self.dir.clone(),
+                routed: self.spec.experts_per_layer,
+                shared: self.spec.shared_experts,
+            });
+        }
+        let (d_model, d_ff) = (self.spec.d_model as usize, self.spec.d_ff_of(expert) as usize);
+        let block = self.block(layer);
+        if self.spec.is_shared(expert) {
+            let shared = if self.family == Family::Qwen2Moe { "shared_expert" } else { "shared_experts" };
+            return self.swiglu_by_name(
+                &format!("{block}.{shared}"),
+                ["gate_proj", "up_proj", "down_proj"],
+                d_model,
+                d_ff,
+            );
+        }
+        match self.family {
+            Family::Mixtral => {
+                self.swiglu_by_name(&format!("{block}.experts.{expert}"), ["w1", "w3", "w2"], d_model, d_ff)
+            }
+            Family::SwitchTransformers => {
+                let base = format!("{block}.experts.expert_{expert}");
+                Ok(ExpertWeights {
+                    w1: self.files.read_f32(&format!("{base}.wi.weight"), &[d_ff, d_model])?,
+                    w2: self.files.read_f32(&format!("{base}.wo.weight"), &[d_model, d_ff])?,
+                    w3: None,
+                    biases: None,
+                })
+            }
+            Family::GraniteMoe => self.granite_expert(&block, expert as usize, d_model, d_ff),
+            Family::GptOss => self.gpt_oss_expert(&block, expert as usize, d_model, d_ff),
+            _ => self.swiglu_by_name(
+                &format!("{block}.experts.{expert}"),
+                ["gate_proj", "up_proj", "down_proj"],
+                d_model,
+                d_ff,
+            ),
+        }
+    }
+
+    /// A SwiGLU expert stored as three `nn.Linear` weights named `[gate, up, down]` under `base`.
+    fn swiglu_by_name(
+        &self,
+        base: &str,
+        [gate, up, down]: [&str; 3],
+        d_model: usize,
+        d_ff: usize,
+    ) -> Result<ExpertWeights, CheckpointError> {
+        let read = |name: &str, shape: [usize; 2]| self.files.read_f32(&format!("{base}.{name}.weight"), &shape);
+        Ok(ExpertWeights {
+            w1: read(gate, [d_ff, d_model])?,
+            w2: read(down, [d_model, d_ff])?,
+            w3: Some(read(up, [d_ff, d_model])?),
+            biases: None,
+        })
+    }
+
+    /// Granite-MoE: `input_linear.weight [E, 2ff, d]` holds the gate rows then the up rows (the
+    /// forward chunks its output in two), `output_linear.weight [E, d, ff]` the down projection.
+    fn granite_expert(
+        &self,
+        block: &str,
+        expert: usize,
+        d_model: usize,
+        d_ff: usize,
+    ) -> Result<ExpertWeights, CheckpointError> {
+        let experts = self.spec.experts_per_layer as usize;
+        let mut gate_up =
+            self.files.read_f32_slab(&format!("{block}.input_linear.weight"), &[experts, 2 * d_ff, d_model], expert)?;
+        let up = gate_up.split_off(d_ff * d_model);
+        let down =
+            self.files.read_f32_slab(&format!("{block}.output_linear.weight"), &[experts, d_model, d_ff], expert)?;
+        Ok(ExpertWeights { w1: gate_up, w2: down, w3: Some(up), biases: None })
+    }
+
+    /// GPT-OSS: `x @ gate_up_proj[e] + bias` with `gate_up_proj [E, d, 2ff]` whose even columns are
+    /// the gate and odd columns the up projection; `h @ down_proj[e] + bias` with `[E, ff, d]`.
+    /// Transposed and de-interleaved here into `nn.Linear` layout, once, at load.
+    fn gpt_oss_expert(
+        &self,
+        block: &str,
+        expert: usize,
+        d_model: usize,
+        d_ff: usize,
+    ) -> Result<ExpertWeights, CheckpointError> {
+        let experts = self.spec.experts_per_layer as usize;
+        let base = format!("{block}.experts");
+        let gate_up =
+            self.files.read_f32_slab(&format!("{base}.gate_up_proj"), &[experts, d_model, 2 * d_ff], expert)?;
+        let gate_up_bias =
+            self.files.read_f32_slab(&format!("{base}.gate_up_proj_bias"), &[experts, 2 * d_ff], expert)?;
+        let down = self.files.read_f32_slab(&format!("{base}.down_proj"), &[experts, d_ff, d_model], expert)?;
+        let down_bias = self.files.read_f32_slab(&format!("{base}.down_proj_bias"), &[experts, d_model], expert)?;
+        let column = |parity: usize| -> Vec<f32> {
+            let mut rows = Vec::with_capacity(d_ff * d_model);
+            for j in 0..d_ff {
+                rows.extend((0..d_model).map(|i| gate_up[i * 2 * d_ff + 2 * j + parity]));
+            }
+            rows
+        };
+        let mut w2 = Vec::with_capacity(d_model * d_ff);
+        for i in 0..d_model {
+            w2.extend((0..d_ff).map(|j| down[j * d_model + i]));
+        }
+        Ok(ExpertWeights {
+            w1: column(0),
+            w2,
+            w3: Some(column(1)),
+            biases: Some(ExpertBiases {
+                b1: gate_up_bias.iter().step_by(2).copied().collect(),
+                b2: down_bias,
+                b3: Some(gate_up_bias.iter().skip(1).step_by(2).copied().collect()),
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name)
+    }
+
+    #[test]
+    fn reads_the_config_of_each_family() {
+        let mixtral = Checkpoint::open(&fixture("mixtral-tiny")).unwrap();
+        assert_eq!(mixtral.family, Family::Mixtral);
+        let spec = &mixtral.spec;
+        assert_eq!(
+            (spec.layer_count(), spec.experts_per_layer, spec.d_model, spec.d_ff, spec.top_k),
+            (2, 4, 32, 64, 2)
+        );
+        assert!(spec.router.renormalize && spec.shared_experts == 0 && spec.capacity.is_dropless());
+        let qwen = Checkpoint::open(&fixture("qwen2-moe-tiny")).unwrap();
+        let spec = &qwen.spec;
+        assert_eq!(spec.moe_layers, [0, 2], "layer 1 is in mlp_only_layers");
+        assert_eq!((spec.experts_per_layer, spec.d_ff, spec.shared_experts, spec.shared_d_ff), (4, 48, 1, 80));
+        assert!(!spec.router.renormalize && spec.shared_expert_gate);
+        assert_eq!(qwen.expert_weights(2, 4).unwrap().w2.len(), 32 * 80, "expert 4 is the shared expert");
+        assert_eq!(qwen.gate_weights(0).unwrap().len(), 4 * 32);
+        let switch = Checkpoint::open(&fixture("switch-transformers-tiny")).unwrap();
+        assert_eq!(switch.spec.moe_layers, [1, 3]);
+        assert_eq!(switch.spec.capacity, crate::CapacityPolicy::PerSequence(10));
+    }
+
+    #[test]
+    fn fused_layouts_are_read_one_expert_at_a_time() {
+        let granite = Checkpoint::open(&fixture("granitemoe-tiny")).unwrap();
+        let weights = granite.expert_weights(1, 3).unwrap();
+        assert_eq!(
+            (weights.w1.len(), weights.w2.len(), weights.w3.map(|w| w.len())),
+            (40 * 32, 32 * 40, Some(40 * 32))
+        );
+        let gpt_oss = Checkpoint::open(&fixture("gpt-oss-tiny")).unwrap();
+        let weights = gpt_oss.expert_weights(0, 2).unwrap();
+        let biases = weights.biases.expect("GPT-OSS experts have biases");
+        assert_eq!((biases.b1.len(), biases.b2.len(), weights.w2.len()), (24, 32, 32 * 24));
+        assert!(gpt_oss.gate_bias(1).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_missing_tensor_a_dense_layer_or_a_bad_config_is_named() {
+        let mixtral = Checkpoint::open(&fixture("mixtral-tiny")).unwrap();
+        let error = mixtral.expert_weights(0, 9).unwrap_err().to_string();
+        assert!(error.starts_with("expert 9 is not in") && error.ends_with("4 routed and 0 shared experts per layer"));
+        let copy = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(fixture("mixtral-tiny")).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        }
+        let index = copy.path().join("model.safetensors.index.json");
+        let text = std::fs::read_to_string(&index).unwrap();
+        std::fs::write(&index, text.replace("model.layers.0.block_sparse_moe.experts.3.w1.weight", "renamed")).unwrap();
+        let error = Checkpoint::open(copy.path()).unwrap().expert_weights(0, 3).unwrap_err().to_string();
+        assert!(
+            error.contains("model.layers.0.block_sparse_moe.experts.3.w1.weight") && error.contains("index.json"),
+            "{error}"
+        );
+        let deepseek = Checkpoint::open(&fixture("deepseek-v3-tiny")).unwrap();
+        let error = deepseek.gate_weights(0).unwrap_err().to_string();
+        assert!(error.contains("layer 0 of DeepSeek-V3") && error.ends_with("its MoE layers are [1, 2]"), "{error}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_experts_per_tok": 1}"#,
+        )
+        .unwrap();
+        let error = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("config.json") && error.contains("model_type \"llama\""), "{error}");
+    }
+}
