@@ -55,6 +55,7 @@ SCENARIOS = {
     "checkpoint-host-path": {"model": {"checkpoint": {"enabled": True, "hostPath": "/data/models"}}},
     "no-service-account": {"serviceAccount": {"create": False}},
     "identity-experts": {"workers": {"identityExperts": True, "perExpertMetrics": True, "replicas": 4}},
+    "dropless": {"model": {"dropless": True}, "routing": {"policy": "group-limited"}, "loadtest": {"enabled": True}},
     "everything": {
         "loadtest": {"enabled": True},
         "metrics": {"serviceMonitor": {"enabled": True}},
@@ -224,8 +225,19 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(flag(coordinator, "max-batch-tokens"), "4096")
         config = one(docs, "ConfigMap")["data"]
         self.assertEqual(config["SWITCHYARD_CAPACITY_FACTOR"], "1.5")
+        self.assertNotIn("SWITCHYARD_DROPLESS", config)
         self.assertEqual(one(docs, "Service", "worker")["spec"]["clusterIP"], "None")
         self.assertEqual(workers["spec"]["serviceName"], one(docs, "Service", "worker")["metadata"]["name"])
+
+    def test_a_checkpoint_keeps_its_own_capacity_policy_unless_asked(self):
+        config = one(self.renders["checkpoint-pvc"], "ConfigMap")["data"]
+        for key in ("SWITCHYARD_CAPACITY_FACTOR", "SWITCHYARD_DROPLESS", "SWITCHYARD_POLICY"):
+            self.assertNotIn(key, config, "the architecture decides: dropless for Mixtral, its own router")
+        config = one(render_helm3({"model": {"dropless": True}}), "ConfigMap")["data"]
+        self.assertEqual(config["SWITCHYARD_DROPLESS"], "true")
+        with self.assertRaises(RenderError) as raised:
+            render_helm3({"model": {"dropless": True, "capacityFactor": 1.25}})
+        self.assertIn("model.dropless and model.capacityFactor exclude each other", str(raised.exception))
 
     def test_probes_use_the_grpc_health_service(self):
         docs = self.renders["everything"]
@@ -262,7 +274,7 @@ class ChartTest(unittest.TestCase):
         bad = {
             "workers.replicas": {"workers": {"replicas": 0}},
             "coordinator.replicas": {"coordinator": {"replicas": 2}},
-            "model.activation": {"model": {"activation": "relu"}},
+            "model.activation": {"model": {"activation": "tanh"}},
             "routing.wireDtype": {"routing": {"wireDtype": "f64"}},
             "workers.replica": {"workers": {"replica": 3}},
             "loadtest.duration": {"loadtest": {"duration": "ten seconds"}},

@@ -136,6 +136,59 @@ async fn a_dropless_checkpoint_never_drops_even_when_every_token_picks_the_same_
     assert!(client.forward(0, &same_token).await.expect("capped call").routing.dropped > 0);
 }
 
+/// `switchyard model-info --checkpoint DIR` says what each fixture is: family, numbered MoE layers,
+/// experts, shared experts, parameters (counted from the tensors in the model crate's tests) and
+/// the capacity policy in force.
+#[test]
+fn model_info_describes_every_family() {
+    for (name, family, layers, capacity) in [
+        ("mixtral-tiny", "Mixtral", "[0, 1]", "dropless"),
+        ("qwen2-moe-tiny", "Qwen2-MoE", "[0, 2]", "dropless"),
+        ("qwen3-moe-tiny", "Qwen3-MoE", "[0, 1]", "dropless"),
+        ("olmoe-tiny", "OLMoE", "[0, 1]", "dropless"),
+        ("deepseek-v2-lite-tiny", "DeepSeek-V2", "[1, 2]", "dropless"),
+        ("deepseek-v3-tiny", "DeepSeek-V3", "[1, 2]", "dropless"),
+        ("gpt-oss-tiny", "GPT-OSS", "[0, 1]", "dropless"),
+        ("granitemoe-tiny", "Granite-MoE", "[0, 1]", "dropless"),
+        ("switch-transformers-tiny", "Switch Transformers", "[1, 3]", "expert capacity 10 per expert per sequence"),
+    ] {
+        let dir = fixture(name);
+        let spec = default_spec(&dir);
+        let result = Command::new(binaries_dir().join("switchyard"))
+            .args(["model-info", "--checkpoint"])
+            .arg(&dir)
+            .output()
+            .expect("switchyard model-info runs");
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        assert!(result.status.success(), "{name}: {}", String::from_utf8_lossy(&result.stderr));
+        let line = |label: &str| {
+            stdout
+                .lines()
+                .find(|line| line.starts_with(label))
+                .unwrap_or_else(|| panic!("{name}: no {label} line"))
+                .to_owned()
+        };
+        assert!(line("family").contains(family), "{name}: {stdout}");
+        assert!(line("MoE layers").starts_with(&format!("MoE layers     2 {layers}")), "{name}: {stdout}");
+        let experts = format!("{} routed per layer, {} shared", spec.experts_per_layer, spec.shared_experts);
+        assert!(line("experts").ends_with(&experts), "{name}: {stdout}");
+        let (total, active) = spec.moe_parameters();
+        assert!(line("parameters").contains(&format!("({total})")), "{name}: {stdout}");
+        assert!(line("active/token").contains(&format!("({active})")), "{name}: {stdout}");
+        assert!(
+            line("capacity").contains(capacity) && line("capacity").ends_with("[the architecture's own]"),
+            "{name}"
+        );
+    }
+    let overridden = Command::new(binaries_dir().join("switchyard"))
+        .args(["model-info", "--capacity-factor", "1.25", "--checkpoint"])
+        .arg(fixture("mixtral-tiny"))
+        .output()
+        .expect("switchyard model-info runs");
+    let stdout = String::from_utf8_lossy(&overridden.stdout);
+    assert!(stdout.contains("capacity       capacity factor 1.25") && stdout.contains("[set by flag]"), "{stdout}");
+}
+
 /// `--layer` is the checkpoint's numbering: DeepSeek-V3's layer 0 is dense and refused by name.
 #[tokio::test]
 async fn switchyard_forward_refuses_a_dense_layer_naming_the_moe_layers() {

@@ -120,6 +120,17 @@ impl TensorFiles {
         Ok((file, header, entry))
     }
 
+    /// Every tensor's name: the index's, or the single file's header's.
+    pub fn names(&self) -> Result<Vec<String>, TensorFileError> {
+        let mut names: Vec<String> = if self.weight_map.is_empty() {
+            self.header(&self.single_file)?.tensors.keys().cloned().collect()
+        } else {
+            self.weight_map.keys().cloned().collect()
+        };
+        names.sort();
+        Ok(names)
+    }
+
     /// The shape of `tensor`, from its file's header.
     pub fn shape(&self, tensor: &str) -> Result<Vec<usize>, TensorFileError> {
         Ok(self.locate(tensor)?.2.shape)

@@ -83,6 +83,16 @@ impl Checkpoint {
         Ok(Self { dir: dir.to_path_buf(), family, spec, files: TensorFiles::open(dir)? })
     }
 
+    /// The names of every tensor of the checkpoint.
+    pub fn tensor_names(&self) -> Result<Vec<String>, CheckpointError> {
+        Ok(self.files.names()?)
+    }
+
+    /// The shape of `tensor`.
+    pub fn tensor_shape(&self, tensor: &str) -> Result<Vec<usize>, CheckpointError> {
+        Ok(self.files.shape(tensor)?)
+    }
+
     /// Refuses a layer that is not one of the MoE layers, naming the ones that are.
     pub fn check_layer(&self, layer: u32) -> Result<(), CheckpointError> {
         if self.spec.layer_index(layer).is_some() {
@@ -97,7 +107,7 @@ impl Checkpoint {
     }
 
     /// The prefix of layer `layer`'s MoE block.
-    fn block(&self, layer: u32) -> String {
+    pub fn block(&self, layer: u32) -> String {
         match self.family {
             Family::Mixtral | Family::GraniteMoe => format!("model.layers.{layer}.block_sparse_moe"),
             Family::SwitchTransformers => format!("encoder.block.{layer}.layer.1.mlp"),
@@ -302,6 +312,36 @@ mod tests {
         let switch = Checkpoint::open(&fixture("switch-transformers-tiny")).unwrap();
         assert_eq!(switch.spec.moe_layers, [1, 3]);
         assert_eq!(switch.spec.capacity, crate::CapacityPolicy::PerSequence(10));
+    }
+
+    /// The spec's parameter count (what `switchyard model-info` prints) against the tensors the
+    /// checkpoint actually holds under each MoE block (buffers such as DeepSeek-V3's correction bias
+    /// are not parameters).
+    #[test]
+    fn moe_parameters_equal_the_tensors_of_the_moe_blocks() {
+        for name in [
+            "mixtral-tiny",
+            "qwen2-moe-tiny",
+            "qwen3-moe-tiny",
+            "olmoe-tiny",
+            "deepseek-v2-lite-tiny",
+            "deepseek-v3-tiny",
+            "gpt-oss-tiny",
+            "granitemoe-tiny",
+            "switch-transformers-tiny",
+        ] {
+            let checkpoint = Checkpoint::open(&fixture(name)).unwrap();
+            let names = checkpoint.tensor_names().unwrap();
+            let mut counted = 0u64;
+            for layer in &checkpoint.spec.moe_layers {
+                let prefix = format!("{}.", checkpoint.block(*layer));
+                for tensor in names.iter().filter(|t| t.starts_with(&prefix) && !t.ends_with("e_score_correction_bias"))
+                {
+                    counted += checkpoint.tensor_shape(tensor).unwrap().iter().product::<usize>() as u64;
+                }
+            }
+            assert_eq!(checkpoint.spec.moe_parameters().0, counted, "{name}");
+        }
     }
 
     #[test]

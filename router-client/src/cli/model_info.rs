@@ -13,11 +13,21 @@ pub fn run(args: ModelInfoArgs) -> anyhow::Result<()> {
     let (total, active) = spec.moe_parameters();
     let layers = u64::from(spec.layer_count());
     println!("model          {}", spec.name);
-    println!("family         {} (model_type {})", spec.family, spec.family.model_type());
-    if let Some(checkpoint) = &spec.checkpoint {
-        println!("checkpoint     {checkpoint}");
+    match &spec.checkpoint {
+        Some(checkpoint) => {
+            println!("family         {} (model_type {})", spec.family, spec.family.model_type());
+            println!("checkpoint     {checkpoint}");
+            println!(
+                "MoE layers     {} {} (as the checkpoint numbers them)",
+                spec.layer_count(),
+                spec.describe_layers()
+            );
+        }
+        None => {
+            println!("family         {} (seeded weights)", spec.family);
+            println!("MoE layers     {} {}", spec.layer_count(), spec.describe_layers());
+        }
     }
-    println!("MoE layers     {} {} (as the checkpoint numbers them)", spec.layer_count(), spec.describe_layers());
     println!("experts        {} routed per layer, {} shared", spec.experts_per_layer, spec.shared_experts);
     println!("router         {}", spec.router.describe(spec.top_k));
     let shared = if spec.shared_experts > 0 {
@@ -33,15 +43,23 @@ pub fn run(args: ModelInfoArgs) -> anyhow::Result<()> {
         (None, false) => "the synthetic model's default",
     };
     println!("capacity       {} [{source}]", spec.capacity);
-    println!("parameters     {} in the MoE layers ({} per layer)", human(total), human(total / layers.max(1)));
+    println!("parameters     {} ({total}) in the MoE layers, {} per layer", human(total), human(total / layers.max(1)));
     println!(
-        "active/token   {} ({:.1}% of the MoE parameters)",
+        "active/token   {} ({active}), {:.1}% of the MoE parameters",
         human(active),
         100.0 * active as f64 / total.max(1) as f64
     );
-    println!("expert memory  {} MiB in f32 (routed expert {} KiB)", (total * 4) >> 20, spec.expert_bytes() >> 10);
+    println!("expert memory  {} in f32 (a routed expert: {})", bytes(total * 4), bytes(spec.expert_bytes()));
     println!("(attention, embeddings, norms and dense layers are not counted: Switchyard serves the MoE layers)");
     Ok(())
+}
+
+fn bytes(count: u64) -> String {
+    match count {
+        0..1_048_576 => format!("{:.1} KiB", count as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1} MiB", count as f64 / 1_048_576.0),
+        _ => format!("{:.2} GiB", count as f64 / 1_073_741_824.0),
+    }
 }
 
 fn human(count: u64) -> String {
