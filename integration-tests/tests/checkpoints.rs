@@ -95,6 +95,7 @@ family_tests! {
     a_cluster_serving_deepseek_v2_lite_matches_transformers => "deepseek-v2-lite-tiny",
     a_cluster_serving_deepseek_v3_matches_transformers => "deepseek-v3-tiny",
     a_cluster_serving_gpt_oss_matches_transformers => "gpt-oss-tiny",
+    a_cluster_serving_gpt_oss_in_mxfp4_matches_transformers => "gpt-oss-mxfp4-tiny",
     a_cluster_serving_granite_moe_matches_transformers => "granitemoe-tiny",
     a_cluster_serving_switch_transformers_matches_transformers => "switch-transformers-tiny",
 }
@@ -149,6 +150,7 @@ fn model_info_describes_every_family() {
         ("deepseek-v2-lite-tiny", "DeepSeek-V2", "[1, 2]", "dropless"),
         ("deepseek-v3-tiny", "DeepSeek-V3", "[1, 2]", "dropless"),
         ("gpt-oss-tiny", "GPT-OSS", "[0, 1]", "dropless"),
+        ("gpt-oss-mxfp4-tiny", "GPT-OSS", "[0, 1]", "dropless"),
         ("granitemoe-tiny", "Granite-MoE", "[0, 1]", "dropless"),
         ("switch-transformers-tiny", "Switch Transformers", "[1, 3]", "expert capacity 10 per expert per sequence"),
     ] {

@@ -6,6 +6,7 @@
 //! - [`router_spec`]: what a model's router computes (scores, groups, scaling, biases).
 //! - [`synthetic`]: seeded weights that are a pure function of `(seed, layer, expert)`.
 //! - [`checkpoint`]: checkpoints of every family by their public tensor names and `config.json`.
+//! - [`mxfp4`]: dequantizing GPT-OSS's MXFP4 experts.
 //! - [`safetensors`]: reading single tensors of a (sharded) safetensors checkpoint by their offsets.
 //!
 //! The experts themselves, on tch, live in `switchyard-experts`.
@@ -15,6 +16,7 @@ pub mod checkpoint;
 #[cfg(feature = "clap")]
 pub mod cli;
 pub mod family;
+pub mod mxfp4;
 pub mod router_spec;
 pub mod safetensors;
 pub mod spec;

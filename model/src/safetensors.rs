@@ -25,8 +25,8 @@ pub enum TensorFileError {
     Missing { tensor: String, looked_in: String },
     #[error("tensor {tensor} in {file} has shape {found:?}, expected {expected:?}")]
     Shape { tensor: String, file: PathBuf, expected: Vec<usize>, found: Vec<usize> },
-    #[error("tensor {tensor} in {file} has dtype {dtype}; supported: F32, F16, BF16")]
-    Dtype { tensor: String, file: PathBuf, dtype: String },
+    #[error("tensor {tensor} in {file} has dtype {dtype}; supported here: {supported}")]
+    Dtype { tensor: String, file: PathBuf, dtype: String, supported: String },
     #[error("tensor {tensor} in {file} needs bytes up to {needed} but the file has {size} (truncated?)")]
     Truncated { tensor: String, file: PathBuf, needed: u64, size: u64 },
 }
@@ -157,6 +157,18 @@ impl TensorFiles {
         self.read_f32_elements(tensor, expected_shape, index * slab, slab)
     }
 
+    /// Slab `index` of a `U8` tensor along its first dimension, as raw bytes (MXFP4 blocks and scales).
+    pub fn read_u8_slab(
+        &self,
+        tensor: &str,
+        expected_shape: &[usize],
+        index: usize,
+    ) -> Result<Vec<u8>, TensorFileError> {
+        let slab: usize = expected_shape.iter().skip(1).product();
+        let (_, bytes) = self.read_elements(tensor, expected_shape, index * slab, slab, &["U8"])?;
+        Ok(bytes)
+    }
+
     /// Elements `first..first + count` of `tensor` (row-major), as f32.
     fn read_f32_elements(
         &self,
@@ -165,6 +177,24 @@ impl TensorFiles {
         first: usize,
         count: usize,
     ) -> Result<Vec<f32>, TensorFileError> {
+        let (dtype, bytes) = self.read_elements(tensor, expected_shape, first, count, &["F32", "F16", "BF16"])?;
+        Ok(match dtype {
+            "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            "F16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            _ => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        })
+    }
+
+    /// The bytes of elements `first..first + count` of `tensor`, whose dtype must be one of
+    /// `dtypes`, after checking its shape, its offsets and the file's length.
+    fn read_elements(
+        &self,
+        tensor: &str,
+        expected_shape: &[usize],
+        first: usize,
+        count: usize,
+        dtypes: &[&'static str],
+    ) -> Result<(&'static str, Vec<u8>), TensorFileError> {
         let (file, header, entry) = self.locate(tensor)?;
         if entry.shape != expected_shape {
             return Err(TensorFileError::Shape {
@@ -174,10 +204,18 @@ impl TensorFiles {
                 found: entry.shape.clone(),
             });
         }
-        let element_size: u64 = match entry.dtype.as_str() {
+        let Some(dtype) = dtypes.iter().copied().find(|dtype| *dtype == entry.dtype) else {
+            return Err(TensorFileError::Dtype {
+                tensor: tensor.to_owned(),
+                file,
+                dtype: entry.dtype.clone(),
+                supported: dtypes.join(", "),
+            });
+        };
+        let element_size: u64 = match dtype {
             "F32" => 4,
             "F16" | "BF16" => 2,
-            other => return Err(TensorFileError::Dtype { tensor: tensor.to_owned(), file, dtype: other.to_owned() }),
+            _ => 1,
         };
         let [begin, end] = entry.data_offsets;
         let total = entry.shape.iter().try_fold(1u64, |product, dim| product.checked_mul(*dim as u64));
@@ -203,11 +241,7 @@ impl TensorFiles {
         let mut handle = File::open(&file).map_err(io)?;
         handle.seek(SeekFrom::Start(start)).map_err(io)?;
         handle.read_exact(&mut bytes).map_err(io)?;
-        Ok(match entry.dtype.as_str() {
-            "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            "F16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            _ => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        })
+        Ok((dtype, bytes))
     }
 }
 

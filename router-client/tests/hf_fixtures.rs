@@ -13,7 +13,7 @@ use switchyard_model::safetensors::TensorFiles;
 use switchyard_model::{CapacityPolicy, Family, ModelSpec, expert_capacity};
 use switchyard_router_client::{ReferenceLayer, RoutingOverrides, relative_frobenius_error};
 
-const FAMILIES: [&str; 9] = [
+const FAMILIES: [&str; 10] = [
     "mixtral-tiny",
     "qwen2-moe-tiny",
     "qwen3-moe-tiny",
@@ -21,6 +21,7 @@ const FAMILIES: [&str; 9] = [
     "deepseek-v2-lite-tiny",
     "deepseek-v3-tiny",
     "gpt-oss-tiny",
+    "gpt-oss-mxfp4-tiny",
     "granitemoe-tiny",
     "switch-transformers-tiny",
 ];
@@ -119,6 +120,7 @@ fn the_families_are_read_as_their_configs_say() {
     );
     let gpt_oss = spec("gpt-oss-tiny");
     assert!(gpt_oss.expert_bias && gpt_oss.router.logit_bias);
+    assert!(Checkpoint::open(&fixture("gpt-oss-mxfp4-tiny")).expect("opens").mxfp4_experts);
     assert_eq!(gpt_oss.activation, switchyard_model::Activation::ClampedSwiGlu { alpha: 1.702, limit: 1.0 });
     let switch = spec("switch-transformers-tiny");
     assert_eq!((switch.moe_layers.clone(), switch.top_k), (vec![1, 3], 1));

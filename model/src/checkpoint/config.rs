@@ -98,6 +98,22 @@ impl HfConfig {
         })
     }
 
+    /// True when the experts are MXFP4-quantized (GPT-OSS's published checkpoints); any other
+    /// quantization is refused by name.
+    pub(crate) fn mxfp4_experts(&self, family: Family) -> Result<bool, String> {
+        let Some(quantization) = self.present("quantization_config") else {
+            return Ok(false);
+        };
+        let method = quantization.get("quant_method").and_then(Value::as_str).unwrap_or("unnamed");
+        match (method, family) {
+            ("mxfp4", Family::GptOss) => Ok(true),
+            _ => Err(format!(
+                "quantization_config.quant_method {method}: {family} checkpoints are served unquantized{}",
+                if family == Family::GptOss { " or in mxfp4" } else { "" }
+            )),
+        }
+    }
+
     fn require_silu(&self, family: Family) -> Result<(), String> {
         match self.str_or("hidden_act", "silu")? {
             "silu" => Ok(()),
@@ -319,6 +335,20 @@ mod tests {
             (1, Activation::Relu, CapacityPolicy::PerSequence(64))
         );
         assert!(!spec.router.renormalize);
+    }
+
+    #[test]
+    fn only_gpt_oss_mxfp4_quantization_is_read() {
+        let gpt_oss =
+            HfConfig::parse(r#"{"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}"#).unwrap();
+        assert_eq!(gpt_oss.mxfp4_experts(Family::GptOss), Ok(true));
+        let awq =
+            HfConfig::parse(r#"{"model_type": "mixtral", "quantization_config": {"quant_method": "awq"}}"#).unwrap();
+        assert_eq!(
+            awq.mxfp4_experts(Family::Mixtral).unwrap_err(),
+            "quantization_config.quant_method awq: Mixtral checkpoints are served unquantized"
+        );
+        assert_eq!(HfConfig::parse(r#"{"model_type": "mixtral"}"#).unwrap().mxfp4_experts(Family::Mixtral), Ok(false));
     }
 
     #[test]

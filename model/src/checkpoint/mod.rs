@@ -6,7 +6,7 @@
 //! | --- | --- | --- | --- |
 //! | Mixtral | `model.layers.L.block_sparse_moe` | `gate.weight` | `experts.{e}.w1 / w3 / w2.weight` |
 //! | Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 | `model.layers.L.mlp` | `gate.weight` (V3: + `gate.e_score_correction_bias`) | `experts.{e}.gate_proj / up_proj / down_proj.weight` |
-//! | GPT-OSS | `model.layers.L.mlp` | `router.weight`, `router.bias` | fused: `experts.gate_up_proj [E, d, 2ff]` (gate and up interleaved) and `_bias`, `experts.down_proj [E, ff, d]` and `_bias` |
+//! | GPT-OSS | `model.layers.L.mlp` | `router.weight`, `router.bias` | fused: `experts.gate_up_proj [E, d, 2ff]` (gate and up interleaved) and `_bias`, `experts.down_proj [E, ff, d]` and `_bias`; or MXFP4 (`quant_method mxfp4`, as published): `gate_up_proj_blocks [E, 2ff, d/32, 16]` and `_scales [E, 2ff, d/32]`, `down_proj_blocks [E, d, ff/32, 16]` and `_scales` |
 //! | Granite-MoE | `model.layers.L.block_sparse_moe` | `router.layer.weight` | fused: `input_linear.weight [E, 2ff, d]` (gate rows, then up rows), `output_linear.weight [E, d, ff]` |
 //! | Switch Transformers | `encoder.block.B.layer.1.mlp` | `router.classifier.weight` (and `.bias` with `router_bias`) | `experts.expert_{e}.wi / wo.weight` |
 //!
@@ -19,6 +19,7 @@ mod config;
 use std::path::{Path, PathBuf};
 
 use crate::family::Family;
+use crate::mxfp4;
 use crate::safetensors::{TensorFileError, TensorFiles};
 use crate::spec::ModelSpec;
 
@@ -64,6 +65,8 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     pub family: Family,
     pub spec: ModelSpec,
+    /// The experts are MXFP4-quantized (GPT-OSS as published); dequantized to f32 at load.
+    pub mxfp4_experts: bool,
     files: TensorFiles,
 }
 
@@ -74,13 +77,14 @@ impl Checkpoint {
         let text = std::fs::read_to_string(&file).map_err(|error| config_error(error.to_string()))?;
         let config = config::HfConfig::parse(&text).map_err(config_error)?;
         let family = config.family().map_err(config_error)?;
+        let mxfp4_experts = config.mxfp4_experts(family).map_err(config_error)?;
         let name = dir.file_name().map_or_else(|| "checkpoint".to_owned(), |name| name.to_string_lossy().into_owned());
         let spec = config
             .spec(family, name, dir.display().to_string())
             .map_err(config_error)?
             .validate()
             .map_err(|error| config_error(error.to_string()))?;
-        Ok(Self { dir: dir.to_path_buf(), family, spec, files: TensorFiles::open(dir)? })
+        Ok(Self { dir: dir.to_path_buf(), family, spec, mxfp4_experts, files: TensorFiles::open(dir)? })
     }
 
     /// The names of every tensor of the checkpoint.
@@ -254,27 +258,28 @@ impl Checkpoint {
     ) -> Result<ExpertWeights, CheckpointError> {
         let experts = self.spec.experts_per_layer as usize;
         let base = format!("{block}.experts");
-        let gate_up =
-            self.files.read_f32_slab(&format!("{base}.gate_up_proj"), &[experts, d_model, 2 * d_ff], expert)?;
         let gate_up_bias =
             self.files.read_f32_slab(&format!("{base}.gate_up_proj_bias"), &[experts, 2 * d_ff], expert)?;
-        let down = self.files.read_f32_slab(&format!("{base}.down_proj"), &[experts, d_ff, d_model], expert)?;
         let down_bias = self.files.read_f32_slab(&format!("{base}.down_proj_bias"), &[experts, d_model], expert)?;
-        let column = |parity: usize| -> Vec<f32> {
-            let mut rows = Vec::with_capacity(d_ff * d_model);
-            for j in 0..d_ff {
-                rows.extend((0..d_model).map(|i| gate_up[i * 2 * d_ff + 2 * j + parity]));
-            }
-            rows
+        // Both forms to `nn.Linear` layout: gate_up `[2ff, d]` (gate and up rows interleaved), down `[d, ff]`.
+        let (gate_up, w2) = if self.mxfp4_experts {
+            (
+                self.mxfp4_slab(&format!("{base}.gate_up_proj"), experts, 2 * d_ff, d_model, expert)?,
+                self.mxfp4_slab(&format!("{base}.down_proj"), experts, d_model, d_ff, expert)?,
+            )
+        } else {
+            let gate_up =
+                self.files.read_f32_slab(&format!("{base}.gate_up_proj"), &[experts, d_model, 2 * d_ff], expert)?;
+            let down = self.files.read_f32_slab(&format!("{base}.down_proj"), &[experts, d_ff, d_model], expert)?;
+            (transpose(&gate_up, d_model, 2 * d_ff), transpose(&down, d_ff, d_model))
         };
-        let mut w2 = Vec::with_capacity(d_model * d_ff);
-        for i in 0..d_model {
-            w2.extend((0..d_ff).map(|j| down[j * d_model + i]));
-        }
+        let rows = |parity: usize| -> Vec<f32> {
+            gate_up.chunks_exact(d_model).skip(parity).step_by(2).flatten().copied().collect()
+        };
         Ok(ExpertWeights {
-            w1: column(0),
+            w1: rows(0),
             w2,
-            w3: Some(column(1)),
+            w3: Some(rows(1)),
             biases: Some(ExpertBiases {
                 b1: gate_up_bias.iter().step_by(2).copied().collect(),
                 b2: down_bias,
@@ -282,6 +287,34 @@ impl Checkpoint {
             }),
         })
     }
+}
+
+impl Checkpoint {
+    /// Expert `expert` of the MXFP4 tensor pair `{name}_blocks` / `{name}_scales`, dequantized to a
+    /// `[rows, cols]` matrix (`nn.Linear` layout: `cols` is the input size).
+    fn mxfp4_slab(
+        &self,
+        name: &str,
+        experts: usize,
+        rows: usize,
+        cols: usize,
+        expert: usize,
+    ) -> Result<Vec<f32>, CheckpointError> {
+        let groups = cols.div_ceil(mxfp4::BLOCK);
+        let blocks =
+            self.files.read_u8_slab(&format!("{name}_blocks"), &[experts, rows, groups, mxfp4::BLOCK / 2], expert)?;
+        let scales = self.files.read_u8_slab(&format!("{name}_scales"), &[experts, rows, groups], expert)?;
+        Ok(mxfp4::dequantize(&blocks, &scales, rows, groups * mxfp4::BLOCK))
+    }
+}
+
+/// The `[cols, rows]` transpose of a row-major `[rows, cols]` matrix.
+fn transpose(matrix: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(matrix.len());
+    for col in 0..cols {
+        out.extend((0..rows).map(|row| matrix[row * cols + col]));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -316,7 +349,7 @@ mod tests {
 
     /// The spec's parameter count (what `switchyard model-info` prints) against the tensors the
     /// checkpoint actually holds under each MoE block (buffers such as DeepSeek-V3's correction bias
-    /// are not parameters).
+    /// are not parameters; an MXFP4 checkpoint holds bytes, not parameters, so it is not listed).
     #[test]
     fn moe_parameters_equal_the_tensors_of_the_moe_blocks() {
         for name in [
@@ -342,6 +375,30 @@ mod tests {
             }
             assert_eq!(checkpoint.spec.moe_parameters().0, counted, "{name}");
         }
+    }
+
+    #[test]
+    fn mxfp4_experts_dequantize_to_the_values_transformers_computed_with() {
+        // Every dequantized weight is an E2M1 value times a power of two; that the layer computes with
+        // exactly transformers' dequantized weights is shown by the hf_fixtures and checkpoints tests.
+        let mxfp4 = Checkpoint::open(&fixture("gpt-oss-mxfp4-tiny")).unwrap();
+        assert!(mxfp4.mxfp4_experts);
+        let weights = mxfp4.expert_weights(1, 3).unwrap();
+        assert_eq!((weights.w1.len(), weights.w2.len()), (32 * 32, 32 * 32));
+        let fp4 = [0.0f32, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+        for value in weights.w1.iter().chain(&weights.w2) {
+            let (mantissa, _) = frexp(value.abs());
+            assert!(*value == 0.0 || fp4.iter().any(|m| frexp(*m).0 == mantissa), "{value} is not an FP4 value x 2^k");
+        }
+    }
+
+    /// `x = m * 2^e` with `m` in [0.5, 1).
+    fn frexp(x: f32) -> (f32, i32) {
+        if x == 0.0 {
+            return (0.0, 0);
+        }
+        let exponent = x.log2().floor() as i32 + 1;
+        (x / 2f32.powi(exponent), exponent)
     }
 
     #[test]
