@@ -191,6 +191,45 @@ fn model_info_describes_every_family() {
     assert!(stdout.contains("capacity       capacity factor 1.25") && stdout.contains("[set by flag]"), "{stdout}");
 }
 
+/// `switchyard forward` on a `[sequences, tokens, d_model]` input applies Switch Transformers'
+/// capacity to each sequence, as transformers does for a batch.
+#[tokio::test]
+async fn switchyard_forward_of_a_batch_of_sequences_matches_transformers() {
+    let dir = fixture("switch-transformers-tiny");
+    let spec = default_spec(&dir);
+    let cluster = TestCluster::start(spec.clone(), 2, |_| {}).await;
+    let expected = TensorFiles::open_file(&dir.join("expected.safetensors"));
+    let (d_model, experts) = (spec.d_model as usize, spec.experts_per_layer as usize);
+    let batch = expected.shape("batched.hidden_states").expect("a batched input");
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let input = scratch.path().join("batch.safetensors");
+    let hidden = expected.read_f32("batched.hidden_states", &batch).expect("batched input");
+    write_f32(&input, &[("hidden_states", batch.clone(), &hidden)]).expect("input written");
+    for &layer in &spec.moe_layers {
+        let output = scratch.path().join(format!("out-{layer}.safetensors"));
+        let result = Command::new(binaries_dir().join("switchyard"))
+            .args(["forward", "--coordinator", &cluster.processes.coordinator_uri(), "--layer", &layer.to_string()])
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .expect("switchyard forward runs");
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        let answer = TensorFiles::open_file(&output);
+        let logits_shape = [batch[0], batch[1], experts];
+        let out_error = relative_frobenius_error(
+            &answer.read_f32("out", &batch).expect("out has the input's shape"),
+            &expected.read_f32(&format!("layers.{layer}.batched.out"), &[batch[0], batch[1], d_model]).expect("out"),
+        );
+        let logits_error = relative_frobenius_error(
+            &answer.read_f32("router_logits", &logits_shape).expect("router_logits [sequences, tokens, experts]"),
+            &expected.read_f32(&format!("layers.{layer}.batched.router_logits"), &logits_shape).expect("logits"),
+        );
+        assert!(out_error < 1e-5 && logits_error < 1e-5, "layer {layer}: errors {out_error:e}, {logits_error:e}");
+    }
+}
+
 /// `--layer` is the checkpoint's numbering: DeepSeek-V3's layer 0 is dense and refused by name.
 #[tokio::test]
 async fn switchyard_forward_refuses_a_dense_layer_naming_the_moe_layers() {

@@ -48,6 +48,7 @@ async fn every_policy_matches_the_reference_where_capacity_overflows() {
             policy: Some(case.policy),
             overflow: Some(case.overflow),
             capacity: Some(CapacityPolicy::Factor(case.capacity_factor)),
+            ..Default::default()
         };
         let client = MoeClient::new(
             cluster.watcher.receiver(),

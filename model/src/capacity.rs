@@ -13,7 +13,7 @@ pub enum CapacityPolicy {
     /// `ceil(top_k * tokens / experts * factor)` per call.
     Factor(f32),
     /// A fixed number of assignments per expert and sequence (Switch Transformers' `expert_capacity`);
-    /// a layer call is one sequence.
+    /// a call is one sequence unless it says how it splits into sequences of equal length.
     PerSequence(u32),
 }
 
@@ -40,7 +40,7 @@ impl std::fmt::Display for CapacityPolicy {
                 write!(f, "capacity factor {factor}: ceil(top_k x tokens / experts x {factor}) per expert per call")
             }
             CapacityPolicy::PerSequence(capacity) => {
-                write!(f, "expert capacity {capacity} per expert per sequence (a call is one sequence)")
+                write!(f, "expert capacity {capacity} per expert per sequence, tokens past it dropped in order")
             }
         }
     }

@@ -47,7 +47,7 @@ pub struct ModelArgs {
     #[arg(long, env = "SWITCHYARD_DROPLESS", conflicts_with = "expert_capacity")]
     pub dropless: bool,
     /// Give each expert a fixed capacity of N tokens per sequence, as Switch Transformers'
-    /// expert_capacity does (a layer call is one sequence).
+    /// expert_capacity does (a call is one sequence unless it says how it splits into sequences).
     #[arg(long, env = "SWITCHYARD_EXPERT_CAPACITY")]
     pub expert_capacity: Option<u32>,
     /// Always-on shared experts per layer (Qwen2-MoE, DeepSeek).

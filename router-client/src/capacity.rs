@@ -57,8 +57,21 @@ pub fn keep_every_choice(routing: &Routing) -> CapacityOutcome {
     outcome
 }
 
-/// Applies `capacity` to a token-choice `routing` under `policy`.
+/// Applies `capacity` to a token-choice `routing` under `policy`, the whole call as one group.
 pub fn apply_capacity(routing: &Routing, capacity: usize, policy: OverflowPolicy) -> CapacityOutcome {
+    apply_capacity_in_groups(routing, capacity, policy, routing.tokens)
+}
+
+/// Applies `capacity` to each group of `group_tokens` consecutive tokens on its own: an expert takes
+/// up to `capacity` assignments from every group. A group is a sequence for Switch Transformers,
+/// whose capacity counts tokens in order within each sequence of the batch.
+pub fn apply_capacity_in_groups(
+    routing: &Routing,
+    capacity: usize,
+    policy: OverflowPolicy,
+    group_tokens: usize,
+) -> CapacityOutcome {
+    let group_tokens = group_tokens.max(1);
     let mut token_order: Vec<u32> = (0..routing.tokens as u32).collect();
     if policy == OverflowPolicy::BatchPrioritized {
         // Highest top gate weight first; equal weights keep token order (a stable sort).
@@ -66,6 +79,9 @@ pub fn apply_capacity(routing: &Routing, capacity: usize, policy: OverflowPolicy
         token_order.sort_by(|a, b| top_weight(*b).total_cmp(&top_weight(*a)));
     }
     let mut outcome = CapacityOutcome { capacity, tokens_per_expert: vec![0; routing.experts], ..Default::default() };
+    // Assignments each (group, expert) took so far.
+    let mut load = vec![0usize; routing.tokens.div_ceil(group_tokens) * routing.experts];
+    let slot = |token: u32, expert: u32| (token as usize / group_tokens) * routing.experts + expert as usize;
     // Experts each token already uses, so a re-routed assignment never lands on one of them.
     let mut used: Vec<Vec<u32>> = vec![Vec::new(); if policy == OverflowPolicy::Reroute { routing.tokens } else { 0 }];
     if policy == OverflowPolicy::Reroute {
@@ -76,22 +92,26 @@ pub fn apply_capacity(routing: &Routing, capacity: usize, policy: OverflowPolicy
     for rank in 0..routing.top_k {
         for &token in &token_order {
             let (expert, weight) = routing.token_choices(token as usize)[rank];
-            if (outcome.tokens_per_expert[expert as usize] as usize) < capacity {
-                outcome.tokens_per_expert[expert as usize] += 1;
-                outcome.kept.push(Assignment { token, expert, weight });
+            let assignment = if load[slot(token, expert)] < capacity {
+                Some(Assignment { token, expert, weight })
+            } else if policy == OverflowPolicy::Reroute {
+                let has_room = |candidate: u32| load[slot(token, candidate)] < capacity;
+                let rerouted = reroute(routing, token, expert, weight, &used[token as usize], has_room);
+                if let Some(assignment) = rerouted {
+                    used[token as usize].push(assignment.expert);
+                    outcome.rerouted += 1;
+                }
+                rerouted
+            } else {
+                None
+            };
+            let Some(assignment) = assignment else {
+                outcome.dropped += 1;
                 continue;
-            }
-            if policy == OverflowPolicy::Reroute
-                && let Some(assignment) =
-                    reroute(routing, token, expert, weight, &used[token as usize], &outcome, capacity)
-            {
-                outcome.tokens_per_expert[assignment.expert as usize] += 1;
-                used[token as usize].push(assignment.expert);
-                outcome.kept.push(assignment);
-                outcome.rerouted += 1;
-                continue;
-            }
-            outcome.dropped += 1;
+            };
+            load[slot(token, assignment.expert)] += 1;
+            outcome.tokens_per_expert[assignment.expert as usize] += 1;
+            outcome.kept.push(assignment);
         }
     }
     outcome
@@ -105,14 +125,13 @@ fn reroute(
     full_expert: u32,
     full_weight: f32,
     used: &[u32],
-    outcome: &CapacityOutcome,
-    capacity: usize,
+    has_room: impl Fn(u32) -> bool,
 ) -> Option<Assignment> {
     let probabilities = routing.token_probabilities(token as usize);
     let scale = full_weight / probabilities[full_expert as usize].max(f32::MIN_POSITIVE);
     // The most probable eligible expert; on equal probability the lower index (max_by keeps the last).
     let expert = (0..routing.experts as u32)
-        .filter(|expert| !used.contains(expert) && (outcome.tokens_per_expert[*expert as usize] as usize) < capacity)
+        .filter(|expert| !used.contains(expert) && has_room(*expert))
         .max_by(|a, b| probabilities[*a as usize].total_cmp(&probabilities[*b as usize]).then(b.cmp(a)))?;
     Some(Assignment { token, expert, weight: probabilities[expert as usize] * scale })
 }
@@ -181,6 +200,19 @@ mod tests {
         assert_eq!(&kept(&outcome)[..2], [(1, 0), (0, 0)]);
         assert!(!outcome.kept.iter().any(|a| a.token == 2 && a.expert == 0));
         assert_eq!(outcome.dropped, 1);
+    }
+
+    #[test]
+    fn each_group_has_its_own_capacity() {
+        // Four tokens, top-1, all to expert 0: with capacity 1 the whole call keeps one, two
+        // sequences of two tokens keep the first token of each.
+        let all_to_zero = routing(vec![(0, 0.9); 4], 1, [0.9, 0.1].repeat(4));
+        assert_eq!(kept(&apply_capacity(&all_to_zero, 1, OverflowPolicy::Drop)), [(0, 0)]);
+        let per_sequence = apply_capacity_in_groups(&all_to_zero, 1, OverflowPolicy::Drop, 2);
+        assert_eq!(kept(&per_sequence), [(0, 0), (2, 0)]);
+        assert_eq!((per_sequence.tokens_per_expert.clone(), per_sequence.dropped), (vec![2, 0], 2));
+        let rerouted = apply_capacity_in_groups(&all_to_zero, 1, OverflowPolicy::Reroute, 2);
+        assert_eq!(kept(&rerouted), [(0, 0), (1, 1), (2, 0), (3, 1)], "the overflow moves within its sequence");
     }
 
     #[test]

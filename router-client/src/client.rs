@@ -187,6 +187,7 @@ impl MoeClient {
             });
         }
         let config = config_for_call(model, &self.options.routing);
+        config.check_tokens(hidden.len() / d_model)?;
         let mut timing = TimeBreakdown::default();
 
         let phase = Instant::now();

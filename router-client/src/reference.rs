@@ -126,6 +126,7 @@ impl ReferenceLayer {
             .map(|index| &self.gates[index])
             .ok_or(ClientError::InvalidInput { field: "layer", reason: format!("{layer} is not a MoE layer") })?;
         let config = config_for_call(&self.model, overrides);
+        config.check_tokens(hidden.len() / d_model)?;
         let mut timing = TimeBreakdown::default();
         let phase = Instant::now();
         let (logits, routing) = gate_and_route(gate, hidden, config);

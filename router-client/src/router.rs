@@ -5,7 +5,9 @@ use std::ops::Range;
 
 use switchyard_model::{CapacityPolicy, ModelSpec, expert_capacity};
 
-use crate::capacity::{CapacityOutcome, OverflowPolicy, apply_capacity, expert_choice, keep_every_choice};
+use crate::capacity::{
+    CapacityOutcome, OverflowPolicy, apply_capacity, apply_capacity_in_groups, expert_choice, keep_every_choice,
+};
 use crate::codec::accumulate;
 use crate::error::ClientError;
 use crate::gate::Gate;
@@ -61,6 +63,9 @@ pub struct RoutingConfig {
     pub policy: RoutingPolicy,
     pub overflow: OverflowPolicy,
     pub capacity: CapacityPolicy,
+    /// Tokens per sequence when a call holds several sequences of equal length: a per-sequence
+    /// capacity (Switch Transformers) then applies to each. `None`: the call is one sequence.
+    pub sequence_tokens: Option<usize>,
     /// Always-on experts after the routed ones (the model's, not a caller's choice).
     pub shared_experts: usize,
 }
@@ -88,7 +93,20 @@ impl RoutingConfig {
             policy,
             overflow: OverflowPolicy::Drop,
             capacity: model.capacity,
+            sequence_tokens: None,
             shared_experts: model.shared_experts as usize,
+        }
+    }
+
+    /// Checks that a call of `tokens` tokens is a whole number of this config's sequences.
+    pub fn check_tokens(&self, tokens: usize) -> Result<(), ClientError> {
+        match self.sequence_tokens {
+            Some(0) => Err(ClientError::InvalidInput { field: "sequence_tokens", reason: "must be positive".into() }),
+            Some(sequence) if !tokens.is_multiple_of(sequence) => Err(ClientError::InvalidInput {
+                field: "hidden",
+                reason: format!("{tokens} tokens are not a whole number of sequences of {sequence} tokens"),
+            }),
+            _ => Ok(()),
         }
     }
 }
@@ -189,6 +207,8 @@ pub struct RoutingOverrides {
     pub policy: Option<RoutingPolicy>,
     pub overflow: Option<OverflowPolicy>,
     pub capacity: Option<CapacityPolicy>,
+    /// The call holds sequences of this many tokens each (see [`RoutingConfig::sequence_tokens`]).
+    pub sequence_tokens: Option<usize>,
 }
 
 /// The routing of a call: the model's, with the caller's overrides.
@@ -198,6 +218,7 @@ pub fn config_for_call(model: &ModelSpec, overrides: &RoutingOverrides) -> Routi
         policy: overrides.policy.unwrap_or(model_config.policy),
         overflow: overrides.overflow.unwrap_or(model_config.overflow),
         capacity: overrides.capacity.unwrap_or(model_config.capacity),
+        sequence_tokens: overrides.sequence_tokens,
         shared_experts: model_config.shared_experts,
     }
 }
@@ -251,9 +272,12 @@ fn assign_routed(logits: Vec<f32>, routing: Routing, config: RoutingConfig) -> R
             &routing,
             config.capacity.capacity(tokens, 1, experts).unwrap_or_else(|| expert_capacity(tokens, 1, experts, 1.0)),
         ),
-        _ => match config.capacity.capacity(tokens, routing.top_k, experts) {
-            None => keep_every_choice(&routing),
-            Some(capacity) => apply_capacity(&routing, capacity, config.overflow),
+        _ => match (config.capacity, config.capacity.capacity(tokens, routing.top_k, experts)) {
+            (_, None) => keep_every_choice(&routing),
+            (CapacityPolicy::PerSequence(_), Some(capacity)) => {
+                apply_capacity_in_groups(&routing, capacity, config.overflow, config.sequence_tokens.unwrap_or(tokens))
+            }
+            (_, Some(capacity)) => apply_capacity(&routing, capacity, config.overflow),
         },
     };
     let mut groups: Vec<ExpertAssignments> = (0..experts as u32)
@@ -313,6 +337,7 @@ mod tests {
             policy: RoutingPolicy::TopK { k: 1, renormalize: true },
             overflow: OverflowPolicy::Drop,
             capacity: CapacityPolicy::Factor(1.0),
+            sequence_tokens: None,
             shared_experts: 0,
         };
         let (logits, routing) = gate_and_route(&gate, &hidden, config);

@@ -174,3 +174,38 @@ fn switch_transformers_drops_exactly_the_tokens_transformers_drops() {
         assert_eq!(output.routing.dropped, dropped_by_transformers.len(), "layer {layer}");
     }
 }
+
+/// A batch of sequences: Switch Transformers' capacity counts tokens within each sequence, so the
+/// same 32 tokens as two sequences of 16 drop other tokens than as one sequence; both equal
+/// transformers when the call says where the sequences are.
+#[test]
+fn switch_transformers_capacity_applies_to_each_sequence_of_a_batch() {
+    let dir = fixture("switch-transformers-tiny");
+    let checkpoint = Checkpoint::open(&dir).expect("checkpoint opens");
+    let spec = checkpoint.spec.clone();
+    let reference =
+        ReferenceLayer::from_checkpoint(&checkpoint, &spec, &spec.moe_layers, tch::Device::Cpu).expect("experts load");
+    let expected = Expected::open(&dir, &spec);
+    let sequence = expected.tokens / 2;
+    let batched = expected.files.read_f32("batched.hidden_states", &[2, sequence, expected.d_model]).expect("batch");
+    assert_eq!(batched, expected.hidden(), "the same tokens, in the same order");
+    let two_sequences = RoutingOverrides { sequence_tokens: Some(sequence), ..Default::default() };
+    for &layer in &spec.moe_layers {
+        let read = |name: &str, width: usize| {
+            expected.files.read_f32(&format!("layers.{layer}.batched.{name}"), &[2, sequence, width]).expect(name)
+        };
+        let output = reference.forward(layer, &batched, &two_sequences).expect("forward");
+        let error = relative_frobenius_error(&output.hidden, &read("out", expected.d_model));
+        assert!(error < 1e-5, "layer {layer}: out relative error {error:e}");
+        let dispatched: f32 = read("dispatched", expected.experts).iter().sum();
+        assert_eq!(output.routing.dropped, expected.tokens - dispatched as usize, "layer {layer}");
+        let one_sequence = reference.forward(layer, &batched, &RoutingOverrides::default()).expect("forward");
+        assert!(
+            one_sequence.routing.dropped > output.routing.dropped,
+            "layer {layer}: 10 of 32 drops more than 10 of 16 twice"
+        );
+    }
+    let ragged = RoutingOverrides { sequence_tokens: Some(5), ..Default::default() };
+    let error = reference.forward(1, &batched, &ragged).unwrap_err().to_string();
+    assert_eq!(error, "hidden: 32 tokens are not a whole number of sequences of 5 tokens");
+}

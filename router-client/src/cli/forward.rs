@@ -20,11 +20,13 @@ pub struct ForwardArgs {
     /// Transformers' encoder.block.{B}); a dense layer is refused. Default: the first MoE layer.
     #[arg(long)]
     pub layer: Option<u32>,
-    /// safetensors file holding `hidden_states` [tokens, d_model] (F32, F16 or BF16).
+    /// safetensors file holding `hidden_states` [tokens, d_model], or [sequences, tokens, d_model]
+    /// for a batch of equal-length sequences (a per-sequence capacity, as Switch Transformers',
+    /// then applies to each), in F32, F16 or BF16.
     #[arg(long)]
     pub input: PathBuf,
-    /// safetensors file to write: `out` [tokens, d_model] (the MoE block's output) and
-    /// `router_logits` [tokens, experts] (the router's raw output, as transformers' router module
+    /// safetensors file to write: `out` (the MoE block's output, shaped as the input) and
+    /// `router_logits` [..., experts] (the router's raw output, as transformers' router module
     /// returns it: with GPT-OSS's bias, before DeepSeek-V3's sigmoid and correction bias), F32.
     #[arg(long)]
     pub output: PathBuf,
@@ -53,21 +55,25 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let input = TensorFiles::open_file(&args.input);
     let shape = input.shape("hidden_states").with_context(|| format!("reading {}", args.input.display()))?;
     anyhow::ensure!(
-        shape.len() == 2 && shape[1] == d_model,
-        "hidden_states in {} has shape {shape:?}, expected [tokens, {d_model}]",
+        matches!(shape.len(), 2 | 3) && shape.last() == Some(&d_model) && !shape.contains(&0),
+        "hidden_states in {} has shape {shape:?}, expected [tokens, {d_model}] or [sequences, tokens, {d_model}]",
         args.input.display()
     );
     let hidden = input.read_f32("hidden_states", &shape)?;
     let mut options = ClientOptions::default();
     options.routing.capacity =
         if args.dropless { Some(CapacityPolicy::Dropless) } else { args.capacity_factor.map(CapacityPolicy::Factor) };
+    options.routing.sequence_tokens = (shape.len() == 3).then(|| shape[1]);
     let client = MoeClient::new(watcher.receiver(), options);
     let layer = args.layer.unwrap_or_else(|| table.model.first_layer());
     let output = client.forward(layer, &hidden).await?;
-    let experts = output.router_logits.len() / shape[0];
+    let mut logits_shape = shape.clone();
+    if let Some(last) = logits_shape.last_mut() {
+        *last = table.model.experts_per_layer as usize;
+    }
     write_f32(
         &args.output,
-        &[("out", shape.clone(), &output.hidden), ("router_logits", vec![shape[0], experts], &output.router_logits)],
+        &[("out", shape.clone(), &output.hidden), ("router_logits", logits_shape, &output.router_logits)],
     )
     .with_context(|| format!("writing {}", args.output.display()))?;
     let routing = &output.routing;

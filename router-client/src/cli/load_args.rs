@@ -126,6 +126,7 @@ impl LoadArgs {
             policy: None,
             overflow: Some(self.overflow),
             capacity: self.call_capacity_factor.map(CapacityPolicy::Factor),
+            sequence_tokens: None,
         };
         let Some(policy) = self.policy else {
             return Ok(overrides);
