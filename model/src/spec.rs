@@ -161,6 +161,21 @@ impl ModelSpec {
         format!("{:?}", self.moe_layers)
     }
 
+    /// One line for status output: family, name, layers, experts, sizes, top-k, capacity policy.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} {}: MoE layers {} x {} experts, d_model {}, d_ff {}, top-{}, {}",
+            self.family,
+            self.name,
+            self.describe_layers(),
+            self.experts_per_layer,
+            self.d_model,
+            self.d_ff,
+            self.top_k,
+            self.capacity
+        )
+    }
+
     /// True for the keys of shared (always-on) experts.
     pub fn is_shared(&self, expert: u32) -> bool {
         expert >= self.experts_per_layer

@@ -30,7 +30,7 @@ pub mod timing;
 pub use client::{ClientOptions, LayerOutput, MoeClient};
 pub use error::ClientError;
 pub use ledger::{CommLedger, WorkerCall};
-pub use reference::{ReferenceLayer, relative_frobenius_error};
+pub use reference::{ReferenceLayer, ReferenceOutput, relative_frobenius_error};
 pub use router::{RoutingConfig, RoutingOverrides, RoutingSummary};
 pub use table::{RoutingTableView, TableWatcher};
 pub use timing::{ByteCounts, TimeBreakdown};

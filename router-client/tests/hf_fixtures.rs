@@ -11,23 +11,46 @@ use std::path::{Path, PathBuf};
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::safetensors::TensorFiles;
 use switchyard_model::{CapacityPolicy, Family, ModelSpec, expert_capacity};
-use switchyard_router_client::{ReferenceLayer, RoutingOverrides, relative_frobenius_error};
-
-const FAMILIES: [&str; 10] = [
-    "mixtral-tiny",
-    "qwen2-moe-tiny",
-    "qwen3-moe-tiny",
-    "olmoe-tiny",
-    "deepseek-v2-lite-tiny",
-    "deepseek-v3-tiny",
-    "gpt-oss-tiny",
-    "gpt-oss-mxfp4-tiny",
-    "granitemoe-tiny",
-    "switch-transformers-tiny",
-];
+use switchyard_router_client::{ReferenceLayer, ReferenceOutput, RoutingOverrides, relative_frobenius_error};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name)
+}
+
+/// Every checkpoint in `fixtures/`, by directory name; checked to cover every served family.
+fn fixture_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixture(""))
+        .expect("fixtures/")
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.path().join("config.json").exists())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// One fixture: its checkpoint, the reference layer of all its MoE layers, and transformers' outputs.
+struct Fixture {
+    name: String,
+    spec: ModelSpec,
+    reference: ReferenceLayer,
+    expected: Expected,
+}
+
+impl Fixture {
+    fn load(name: &str) -> Self {
+        let dir = fixture(name);
+        let checkpoint = Checkpoint::open(&dir).unwrap_or_else(|error| panic!("{name}: {error}"));
+        let spec = checkpoint.spec.clone();
+        let reference = ReferenceLayer::from_checkpoint(&checkpoint, &spec, &spec.moe_layers, tch::Device::Cpu)
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        let expected = Expected::open(&dir, &spec);
+        Self { name: name.to_owned(), spec, reference, expected }
+    }
+
+    fn forward(&self, layer: u32, hidden: &[f32], overrides: &RoutingOverrides) -> ReferenceOutput {
+        self.reference.forward(layer, hidden, overrides).unwrap_or_else(|error| panic!("{}: {error}", self.name))
+    }
 }
 
 /// What transformers computed for one fixture.
@@ -70,17 +93,15 @@ impl Expected {
 
 #[test]
 fn every_family_matches_transformers_with_its_default_capacity_policy() {
-    for name in FAMILIES {
-        let dir = fixture(name);
-        let checkpoint = Checkpoint::open(&dir).expect("checkpoint opens");
-        let spec = checkpoint.spec.clone();
+    let mut families = Vec::new();
+    for name in fixture_names() {
+        let fixture = Fixture::load(&name);
+        let (spec, expected) = (&fixture.spec, &fixture.expected);
+        families.push(spec.family);
         assert_eq!(spec.layer_count(), 2, "{name}: two MoE layers");
-        let reference = ReferenceLayer::from_checkpoint(&checkpoint, &spec, &spec.moe_layers, tch::Device::Cpu)
-            .expect("experts load");
-        let expected = Expected::open(&dir, &spec);
         let hidden = expected.hidden();
         for &layer in &spec.moe_layers {
-            let output = reference.forward(layer, &hidden, &RoutingOverrides::default()).expect("forward");
+            let output = fixture.forward(layer, &hidden, &RoutingOverrides::default());
             let out_error = relative_frobenius_error(&output.hidden, &expected.out(layer));
             let logits_error = relative_frobenius_error(&output.router_logits, &expected.router_logits(layer));
             eprintln!("{name} layer {layer}: out error {out_error:.1e}, router_logits error {logits_error:.1e}");
@@ -103,11 +124,15 @@ fn every_family_matches_transformers_with_its_default_capacity_policy() {
             }
         }
     }
+    families.sort_by_key(|family| family.model_type());
+    families.dedup();
+    assert_eq!(families.len(), Family::CHECKPOINT_FAMILIES.len(), "a fixture for every served family: {families:?}");
 }
 
 #[test]
 fn the_families_are_read_as_their_configs_say() {
     let spec = |name: &str| Checkpoint::open(&fixture(name)).expect("opens").spec;
+    let names = fixture_names();
     let deepseek = spec("deepseek-v3-tiny");
     assert_eq!((deepseek.family, deepseek.moe_layers.clone()), (Family::DeepseekV3, vec![1, 2]));
     assert_eq!((deepseek.router.groups, deepseek.router.top_groups, deepseek.router.scaling), (4, 2, 2.5));
@@ -124,7 +149,7 @@ fn the_families_are_read_as_their_configs_say() {
     assert_eq!(gpt_oss.activation, switchyard_model::Activation::ClampedSwiGlu { alpha: 1.702, limit: 1.0 });
     let switch = spec("switch-transformers-tiny");
     assert_eq!((switch.moe_layers.clone(), switch.top_k), (vec![1, 3], 1));
-    for name in FAMILIES {
+    for name in &names {
         let model = spec(name);
         let expected = if model.family == Family::SwitchTransformers {
             CapacityPolicy::PerSequence(10)
@@ -139,14 +164,10 @@ fn the_families_are_read_as_their_configs_say() {
 /// and no longer equals transformers.
 #[test]
 fn a_capacity_factor_on_a_dropless_checkpoint_changes_the_model() {
-    let dir = fixture("mixtral-tiny");
-    let checkpoint = Checkpoint::open(&dir).expect("checkpoint opens");
-    let spec = checkpoint.spec.clone();
-    let reference = ReferenceLayer::from_checkpoint(&checkpoint, &spec, &[0], tch::Device::Cpu).expect("experts load");
-    let expected = Expected::open(&dir, &spec);
+    let mixtral = Fixture::load("mixtral-tiny");
     let capped = RoutingOverrides { capacity: Some(CapacityPolicy::Factor(1.25)), ..Default::default() };
-    let output = reference.forward(0, &expected.hidden(), &capped).expect("forward");
-    let error = relative_frobenius_error(&output.hidden, &expected.out(0));
+    let output = mixtral.forward(0, &mixtral.expected.hidden(), &capped);
+    let error = relative_frobenius_error(&output.hidden, &mixtral.expected.out(0));
     assert!(output.routing.dropped > 0 && error > 1e-3, "dropped {}, error {error:e}", output.routing.dropped);
 }
 
@@ -154,14 +175,10 @@ fn a_capacity_factor_on_a_dropless_checkpoint_changes_the_model() {
 /// sequence: a dropped token's block output is zero, exactly where transformers' is.
 #[test]
 fn switch_transformers_drops_exactly_the_tokens_transformers_drops() {
-    let dir = fixture("switch-transformers-tiny");
-    let checkpoint = Checkpoint::open(&dir).expect("checkpoint opens");
-    let spec = checkpoint.spec.clone();
-    let reference =
-        ReferenceLayer::from_checkpoint(&checkpoint, &spec, &spec.moe_layers, tch::Device::Cpu).expect("experts load");
-    let expected = Expected::open(&dir, &spec);
-    for &layer in &spec.moe_layers {
-        let output = reference.forward(layer, &expected.hidden(), &RoutingOverrides::default()).expect("forward");
+    let switch = Fixture::load("switch-transformers-tiny");
+    let expected = &switch.expected;
+    for &layer in &switch.spec.moe_layers {
+        let output = switch.forward(layer, &expected.hidden(), &RoutingOverrides::default());
         let dispatched = expected.read(&format!("layers.{layer}.dispatched"), expected.experts);
         let dropped_by_transformers: Vec<usize> = (0..expected.tokens)
             .filter(|t| dispatched[t * expected.experts..][..expected.experts].iter().all(|d| *d == 0.0))
@@ -180,32 +197,28 @@ fn switch_transformers_drops_exactly_the_tokens_transformers_drops() {
 /// transformers when the call says where the sequences are.
 #[test]
 fn switch_transformers_capacity_applies_to_each_sequence_of_a_batch() {
-    let dir = fixture("switch-transformers-tiny");
-    let checkpoint = Checkpoint::open(&dir).expect("checkpoint opens");
-    let spec = checkpoint.spec.clone();
-    let reference =
-        ReferenceLayer::from_checkpoint(&checkpoint, &spec, &spec.moe_layers, tch::Device::Cpu).expect("experts load");
-    let expected = Expected::open(&dir, &spec);
+    let switch = Fixture::load("switch-transformers-tiny");
+    let expected = &switch.expected;
     let sequence = expected.tokens / 2;
     let batched = expected.files.read_f32("batched.hidden_states", &[2, sequence, expected.d_model]).expect("batch");
     assert_eq!(batched, expected.hidden(), "the same tokens, in the same order");
     let two_sequences = RoutingOverrides { sequence_tokens: Some(sequence), ..Default::default() };
-    for &layer in &spec.moe_layers {
+    for &layer in &switch.spec.moe_layers {
         let read = |name: &str, width: usize| {
             expected.files.read_f32(&format!("layers.{layer}.batched.{name}"), &[2, sequence, width]).expect(name)
         };
-        let output = reference.forward(layer, &batched, &two_sequences).expect("forward");
+        let output = switch.forward(layer, &batched, &two_sequences);
         let error = relative_frobenius_error(&output.hidden, &read("out", expected.d_model));
         assert!(error < 1e-5, "layer {layer}: out relative error {error:e}");
         let dispatched: f32 = read("dispatched", expected.experts).iter().sum();
         assert_eq!(output.routing.dropped, expected.tokens - dispatched as usize, "layer {layer}");
-        let one_sequence = reference.forward(layer, &batched, &RoutingOverrides::default()).expect("forward");
+        let one_sequence = switch.forward(layer, &batched, &RoutingOverrides::default());
         assert!(
             one_sequence.routing.dropped > output.routing.dropped,
             "layer {layer}: 10 of 32 drops more than 10 of 16 twice"
         );
     }
     let ragged = RoutingOverrides { sequence_tokens: Some(5), ..Default::default() };
-    let error = reference.forward(1, &batched, &ragged).unwrap_err().to_string();
+    let error = switch.reference.forward(1, &batched, &ragged).unwrap_err().to_string();
     assert_eq!(error, "hidden: 32 tokens are not a whole number of sequences of 5 tokens");
 }

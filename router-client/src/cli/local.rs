@@ -51,18 +51,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_none() {
         config.log_filter = Some("warn".into());
     }
-    eprintln!(
-        "starting a coordinator and {} workers on 127.0.0.1 (model: {} {}, MoE layers {} x {} experts, d_model {}, d_ff {}, top-{}, {})...",
-        args.workers,
-        model.family,
-        model.name,
-        model.describe_layers(),
-        model.experts_per_layer,
-        model.d_model,
-        model.d_ff,
-        model.top_k,
-        model.capacity
-    );
+    eprintln!("starting a coordinator and {} workers on 127.0.0.1 (model {})...", args.workers, model.summary());
     let mut cluster = LocalCluster::start(config).await?;
     let (client, _watcher, workers) = connect(&cluster.coordinator_uri(), &args.load).await?;
     eprintln!("cluster ready: coordinator {} with {workers} workers", cluster.coordinator_uri());

@@ -20,17 +20,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .into_inner();
     println!("routing table version {}", status.table_version);
     if let Some(model) = status.model.clone().and_then(|model| ModelSpec::try_from(model).ok()) {
-        println!(
-            "model {} ({}): MoE layers {} x {} experts, d_model {}, d_ff {}, top-{}, {}",
-            model.name,
-            model.family,
-            model.describe_layers(),
-            model.experts_per_layer,
-            model.d_model,
-            model.d_ff,
-            model.top_k,
-            model.capacity
-        );
+        println!("model {}", model.summary());
     }
     for worker in &status.workers {
         let experts: Vec<String> = worker.experts.iter().map(|key| format!("{}/{}", key.layer, key.expert)).collect();
