@@ -6,7 +6,8 @@ use bytes::Bytes;
 use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
 use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
 use switchyard_proto::wire;
-use switchyard_router_client::{ClientOptions, MoeClient, ReferenceLayer, RoutingOverrides, relative_frobenius_error};
+use switchyard_reference::{ReferenceLayer, relative_frobenius_error};
+use switchyard_router_client::{ClientOptions, MoeClient, RoutingOverrides};
 use tonic::Code;
 
 #[tokio::test]
@@ -89,7 +90,7 @@ async fn a_killed_worker_is_replaced_and_the_next_forward_matches() {
     assert_eq!(table.workers().len(), 1);
 
     let after = cluster.client.forward(0, &hidden).await.expect("forward after the kill");
-    let error = switchyard_router_client::relative_frobenius_error(&after.hidden, &before.hidden);
+    let error = switchyard_reference::relative_frobenius_error(&after.hidden, &before.hidden);
     assert!(error < 1e-5, "same output as before the kill: relative error {error:e}");
 
     let mut failed = 0;
@@ -115,7 +116,7 @@ async fn the_client_keeps_working_while_the_coordinator_is_down() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = cluster.client.forward(0, &hidden).await.expect("forward on the last table");
     assert_eq!(after.table_version, before.table_version);
-    assert!(switchyard_router_client::relative_frobenius_error(&after.hidden, &before.hidden) < 1e-6);
+    assert!(switchyard_reference::relative_frobenius_error(&after.hidden, &before.hidden) < 1e-6);
 }
 
 fn rows_request(expert: u32, tokens: usize, width: usize) -> v1::ForwardRequest {

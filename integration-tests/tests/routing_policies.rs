@@ -3,9 +3,10 @@
 
 use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
 use switchyard_model::CapacityPolicy;
+use switchyard_reference::{ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::capacity::OverflowPolicy;
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
-use switchyard_router_client::{ClientOptions, MoeClient, ReferenceLayer, RoutingOverrides, relative_frobenius_error};
+use switchyard_router_client::{ClientOptions, MoeClient, RoutingOverrides};
 
 struct Case {
     name: &'static str,

@@ -5,10 +5,10 @@ use std::time::Duration;
 use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_proto::v1::Dtype;
 use switchyard_router_client::capacity::OverflowPolicy;
-use switchyard_router_client::loadtest::{self, Arrival, LoadReport, LoadSpec};
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
-use switchyard_router_client::skew::Skew;
 use switchyard_router_client::{RoutingOverrides, RoutingTableView};
+use switchyard_tools::loadtest::{self, Arrival, LoadReport, LoadSpec};
+use switchyard_tools::skew::Skew;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {

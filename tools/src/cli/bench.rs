@@ -7,8 +7,8 @@ use anyhow::Context;
 use switchyard_model::ModelSpec;
 use switchyard_model::spec::Activation;
 use switchyard_proto::v1::Dtype;
-use switchyard_router_client::bench::plan::Axes;
-use switchyard_router_client::bench::{self, BenchPlan, BenchSettings, Preset};
+use switchyard_tools::bench::plan::Axes;
+use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset};
 
 use super::load_args::{parse_dtype, parse_duration};
 

@@ -11,15 +11,15 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 
-use crate::client::MoeClient;
-use crate::error::ClientError;
-use crate::ledger::{CommLedger, WorkerCall};
-use crate::reference::ReferenceLayer;
-use crate::router::{RoutingOverrides, RoutingSummary};
 use crate::skew::{Inputs, Skew, gate_rows};
-use crate::stats::RouterStats;
-use crate::timing::{ByteCounts, TimeBreakdown};
 use switchyard_model::ModelSpec;
+use switchyard_reference::ReferenceLayer;
+use switchyard_router_client::client::MoeClient;
+use switchyard_router_client::error::ClientError;
+use switchyard_router_client::ledger::{CommLedger, WorkerCall};
+use switchyard_router_client::router::{RoutingOverrides, RoutingSummary};
+use switchyard_router_client::stats::RouterStats;
+use switchyard_router_client::timing::{ByteCounts, TimeBreakdown};
 
 /// What load to apply.
 #[derive(Debug, Clone)]

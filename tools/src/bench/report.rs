@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use super::charts::ChartPoint;
 use super::plan::dtype_name;
 use super::{BenchReport, PointResult, PresetResult, charts};
-use crate::ledger::CommLedger;
-use crate::timing::TimeBreakdown;
+use switchyard_router_client::ledger::CommLedger;
+use switchyard_router_client::timing::TimeBreakdown;
 
 /// The files a report folder holds.
 pub const CHARTS: [(&str, &str); 3] = [

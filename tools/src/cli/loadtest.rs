@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchyard_model::cli::ModelArgs;
-use switchyard_router_client::loadtest::{self, LoadSpec, Target};
-use switchyard_router_client::{ClientOptions, MoeClient, ReferenceLayer, TableWatcher};
+use switchyard_reference::ReferenceLayer;
+use switchyard_router_client::{ClientOptions, MoeClient, TableWatcher};
+use switchyard_tools::loadtest::{self, LoadSpec, Target};
 
 use super::load_args::LoadArgs;
 

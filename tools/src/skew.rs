@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use switchyard_model::ModelSpec;
 use switchyard_model::checkpoint::Checkpoint;
 
-use crate::error::ClientError;
+use switchyard_router_client::error::ClientError;
 
 /// How far a token moves along its target expert's (normalised) gate row.
 pub const PULL: f32 = 6.0;
@@ -116,9 +116,9 @@ pub fn gate_rows(model: &ModelSpec, layer: u32) -> Result<Vec<f32>, ClientError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::Gate;
-    use crate::router::{RoutingConfig, gate_and_route};
-    use crate::routing::RoutingPolicy;
+    use switchyard_router_client::gate::Gate;
+    use switchyard_router_client::router::{RoutingConfig, gate_and_route};
+    use switchyard_router_client::routing::RoutingPolicy;
 
     /// Share of tokens whose first choice is each expert.
     fn first_choice_shares(inputs: &Inputs, elapsed: Duration, model: &ModelSpec) -> Vec<f64> {

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::safetensors::TensorFiles;
 use switchyard_model::{CapacityPolicy, Family, ModelSpec, expert_capacity};
-use switchyard_router_client::{ReferenceLayer, ReferenceOutput, RoutingOverrides, relative_frobenius_error};
+use switchyard_reference::{ReferenceLayer, ReferenceOutput, relative_frobenius_error};
+use switchyard_router_client::RoutingOverrides;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name)

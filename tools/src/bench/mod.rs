@@ -19,15 +19,15 @@ use std::time::Duration;
 use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_proto::v1::Dtype;
 
-use crate::client::{ClientOptions, MoeClient};
-use crate::error::ClientError;
 use crate::loadtest::{self, Arrival, LoadReport, LoadSpec, Target};
 use crate::local_cluster::{LocalCluster, LocalClusterConfig, LocalClusterError};
-use crate::reference::{ReferenceLayer, relative_frobenius_error};
-use crate::router::RoutingOverrides;
 use crate::skew::{Inputs, Skew, gate_rows};
-use crate::table::TableWatcher;
 use plan::{ClusterShape, Point};
+use switchyard_reference::{ReferenceLayer, relative_frobenius_error};
+use switchyard_router_client::client::{ClientOptions, MoeClient};
+use switchyard_router_client::error::ClientError;
+use switchyard_router_client::router::RoutingOverrides;
+use switchyard_router_client::table::TableWatcher;
 
 /// How each point is measured.
 #[derive(Debug, Clone)]
@@ -109,7 +109,7 @@ impl PointResult {
         )
     }
 
-    /// Each phase's share of the mean wall time, in [`crate::TimeBreakdown::PHASES`] order.
+    /// Each phase's share of the mean wall time, in [`switchyard_router_client::TimeBreakdown::PHASES`] order.
     pub fn phase_shares(&self) -> Vec<f64> {
         let mean = self.distributed.mean_timing();
         let wall = mean.wall.as_secs_f64().max(1e-12);
@@ -146,7 +146,7 @@ impl PointResult {
     pub fn to_json(&self) -> serde_json::Value {
         let (payload, message, socket) = self.bytes_per_token();
         let (dispatch_us, combine_us) = self.transfer_us();
-        let shares: serde_json::Map<String, serde_json::Value> = crate::TimeBreakdown::PHASES
+        let shares: serde_json::Map<String, serde_json::Value> = switchyard_router_client::TimeBreakdown::PHASES
             .iter()
             .zip(self.phase_shares())
             .map(|(name, share)| (name.to_string(), serde_json::json!(share)))

@@ -10,7 +10,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::PointResult;
 use super::plan::{ClusterShape, dtype_name};
-use crate::timing::TimeBreakdown;
+use switchyard_router_client::timing::TimeBreakdown;
 
 pub type ChartResult = Result<(), Box<dyn std::error::Error>>;
 

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchyard_model::cli::ModelArgs;
-use switchyard_router_client::ReferenceLayer;
-use switchyard_router_client::loadtest::{self, LoadSpec, Target};
-use switchyard_router_client::local_cluster::{LocalCluster, LocalClusterConfig};
+use switchyard_reference::ReferenceLayer;
+use switchyard_tools::loadtest::{self, LoadSpec, Target};
+use switchyard_tools::local_cluster::{LocalCluster, LocalClusterConfig};
 
 use super::load_args::LoadArgs;
 use super::loadtest::connect;

@@ -1,4 +1,5 @@
-//! The in-process reference layer: the same gate, routing and capacity as [`crate::MoeClient`], the
+//! The in-process reference layer: the same gate, routing and capacity as the distributed
+//! [`switchyard_router_client::MoeClient`], the
 //! same experts (rebuilt from the seed), no network. Tests compare the distributed output with it;
 //! benchmarks use it as the baseline that expert parallelism's overhead is measured against.
 
@@ -10,10 +11,12 @@ use switchyard_experts::Expert;
 use switchyard_model::ModelSpec;
 use switchyard_model::checkpoint::{Checkpoint, CheckpointError};
 
-use crate::error::ClientError;
-use crate::gate::Gate;
-use crate::router::{RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route};
-use crate::timing::TimeBreakdown;
+use switchyard_router_client::error::ClientError;
+use switchyard_router_client::gate::Gate;
+use switchyard_router_client::router::{
+    RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route,
+};
+use switchyard_router_client::timing::TimeBreakdown;
 
 /// The answer of one reference call.
 #[derive(Debug, Clone)]
@@ -193,7 +196,7 @@ mod tests {
         let output = reference.forward(0, &hidden, &RoutingOverrides::default()).expect("forward");
         assert_eq!(output.routing.dropped, 0);
         // Token 1 by hand: its two experts, each run alone, weighted.
-        let config = crate::router::RoutingConfig::for_model(&model);
+        let config = switchyard_router_client::router::RoutingConfig::for_model(&model);
         let (_, routing) = gate_and_route(&Gate::synthetic(&model, 0), &hidden, config);
         let row = &hidden[8..16];
         let mut expected = vec![0.0f32; 8];
@@ -221,7 +224,7 @@ mod tests {
         let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
         let x: Vec<f32> = (0..8).map(|i| (i as f32 * 0.7).sin()).collect();
         let soft = RoutingOverrides {
-            policy: Some(crate::routing::RoutingPolicy::SoftMoe { slots: 2 }),
+            policy: Some(switchyard_router_client::routing::RoutingPolicy::SoftMoe { slots: 2 }),
             ..Default::default()
         };
         let output = reference.forward(0, &x, &soft).expect("forward");
