@@ -11,15 +11,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use switchyard_model::ModelSpec;
+use switchyard_model::{ExpertId, ModelSpec};
 use switchyard_proto::PROTOCOL_VERSION;
 use switchyard_proto::v1;
 use tokio::sync::{Notify, watch};
 
-use crate::control::WorkerControl;
+use crate::control::{ControlError, ExpertLoad, WorkerControl};
 use crate::error::CoordinatorError;
 use crate::metrics::{CoordinatorMetrics, OutcomeLabels, WorkerLabels};
-use crate::placement::{self, ExpertOrd, Placement, WorkerId, WorkerSlot};
+use crate::placement::{self, Placement, WorkerId, WorkerSlot};
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -46,7 +46,7 @@ pub struct Registration {
     pub endpoint: String,
     pub device: String,
     pub memory_bytes: u64,
-    pub loaded_experts: Vec<v1::ExpertKey>,
+    pub loaded_experts: Vec<ExpertId>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ pub struct WorkerRecord {
     pub device: String,
     pub memory_bytes: u64,
     /// Experts the worker holds (reported at registration, then what we told it to load).
-    pub resident: BTreeSet<ExpertOrd>,
+    pub resident: BTreeSet<ExpertId>,
     pub last_heartbeat: Instant,
     pub queued_tokens: u64,
     pub tokens_served: u64,
@@ -74,7 +74,7 @@ struct State {
     registrations: u64,
     placed_once: bool,
     /// (worker, expert) pairs the table no longer routes to that worker, and since when.
-    retired: BTreeMap<(WorkerId, ExpertOrd), Instant>,
+    retired: BTreeMap<(WorkerId, ExpertId), Instant>,
     /// Unplaced experts at the last round, so the warning is logged on change, not every round.
     unplaced: usize,
 }
@@ -86,7 +86,7 @@ const MAX_LOAD_RETRY_DELAY: Duration = Duration::from_secs(60);
 struct LoadOrder {
     worker: WorkerId,
     endpoint: String,
-    experts: BTreeSet<ExpertOrd>,
+    experts: BTreeSet<ExpertId>,
 }
 
 #[derive(Debug)]
@@ -134,12 +134,8 @@ impl<C: WorkerControl> Cluster<C> {
         state.workers.retain(|_, worker| worker.endpoint != registration.endpoint);
         state.registrations += 1;
         let id = WorkerId(format!("w{}", state.registrations));
-        let resident = registration
-            .loaded_experts
-            .iter()
-            .filter(|key| self.config.model.contains(key))
-            .map(placement::ord)
-            .collect();
+        let resident =
+            registration.loaded_experts.iter().filter(|key| self.config.model.contains(key)).copied().collect();
         tracing::info!(worker_id = %id, name = %registration.name, endpoint = %registration.endpoint, device = %registration.device, "worker registered");
         state.workers.insert(
             id.clone(),
@@ -203,7 +199,7 @@ impl<C: WorkerControl> Cluster<C> {
                     .placement
                     .iter()
                     .filter(|(_, owner)| **owner == worker.id)
-                    .map(|(expert, _)| placement::key(*expert))
+                    .map(|(expert, _)| *expert)
                     .collect();
                 v1::WorkerStatus {
                     worker_id: worker.id.0.clone(),
@@ -212,14 +208,14 @@ impl<C: WorkerControl> Cluster<C> {
                     device: worker.device.clone(),
                     memory_bytes: worker.memory_bytes,
                     assigned_bytes: experts.iter().map(|key| self.config.model.expert_bytes_of(key.expert)).sum(),
-                    experts,
+                    experts: experts.into_iter().map(Into::into).collect(),
                     millis_since_heartbeat: now.duration_since(worker.last_heartbeat).as_millis() as u64,
                     queued_tokens: worker.queued_tokens,
                 }
             })
             .collect();
         let unplaced_experts =
-            self.config.model.expert_keys().filter(|key| !state.placement.contains_key(&placement::ord(key))).collect();
+            self.config.model.expert_keys().filter(|key| !state.placement.contains_key(key)).map(Into::into).collect();
         v1::ClusterStatus {
             table_version: self.table.borrow().version,
             model: Some(self.config.model.to_proto()),
@@ -246,15 +242,14 @@ impl<C: WorkerControl> Cluster<C> {
         let Some((plan, orders)) = self.plan_round() else {
             return;
         };
-        let spec = self.config.model.to_proto();
         let loads = orders.iter().map(|order| {
-            let request = v1::LoadExpertsRequest {
-                model: Some(spec.clone()),
-                experts: order.experts.iter().map(|expert| placement::key(*expert)).collect(),
+            let load = ExpertLoad {
+                model: &self.config.model,
+                experts: order.experts.iter().copied().collect(),
                 queue_limit_tokens: self.config.queue_limit_tokens,
                 shared_queue_limit_tokens: self.config.max_batch_tokens,
             };
-            self.control.load(&order.endpoint, request)
+            self.control.load(&order.endpoint, load)
         });
         let results = futures::future::join_all(loads).await;
         let unloads = self.commit_round(plan, orders, results);
@@ -295,9 +290,9 @@ impl<C: WorkerControl> Cluster<C> {
                 resident: worker.resident.clone(),
             })
             .collect();
-        let experts: Vec<ExpertOrd> = self.config.model.expert_keys().map(|key| placement::ord(&key)).collect();
+        let experts: Vec<ExpertId> = self.config.model.expert_keys().collect();
         let model = &self.config.model;
-        let plan = placement::plan(&experts, &|expert| model.expert_bytes_of(expert.1), &slots, &state.placement);
+        let plan = placement::plan(&experts, &|expert| model.expert_bytes_of(expert.expert), &slots, &state.placement);
         if plan.unplaced.len() != state.unplaced {
             state.unplaced = plan.unplaced.len();
             match (plan.unplaced.len(), slots.len()) {
@@ -310,7 +305,7 @@ impl<C: WorkerControl> Cluster<C> {
             .workers
             .values()
             .filter_map(|worker| {
-                let assigned: BTreeSet<ExpertOrd> = plan
+                let assigned: BTreeSet<ExpertId> = plan
                     .placement
                     .iter()
                     .filter(|(_, owner)| **owner == worker.id)
@@ -333,8 +328,8 @@ impl<C: WorkerControl> Cluster<C> {
         &self,
         mut plan: Placement,
         orders: Vec<LoadOrder>,
-        results: Vec<Result<(), String>>,
-    ) -> Vec<(String, Vec<v1::ExpertKey>)> {
+        results: Vec<Result<(), ControlError>>,
+    ) -> Vec<(String, Vec<ExpertId>)> {
         let mut state = self.lock();
         for (order, result) in orders.into_iter().zip(results) {
             let outcome = if result.is_ok() { "ok" } else { "failed" };
@@ -378,10 +373,10 @@ impl<C: WorkerControl> Cluster<C> {
             .model
             .expert_keys()
             .map(|key| v1::ExpertRoute {
-                expert: Some(key),
+                expert: Some(key.into()),
                 endpoints: state
                     .placement
-                    .get(&placement::ord(&key))
+                    .get(&key)
                     .and_then(|owner| state.workers.get(owner))
                     .map(|worker| vec![worker.endpoint.clone()])
                     .unwrap_or_default(),
@@ -415,13 +410,13 @@ impl<C: WorkerControl> Cluster<C> {
         self.table.send_replace(Arc::new(table));
     }
 
-    fn due_unloads(&self, state: &mut State) -> Vec<(String, Vec<v1::ExpertKey>)> {
+    fn due_unloads(&self, state: &mut State) -> Vec<(String, Vec<ExpertId>)> {
         let now = Instant::now();
         let placement = state.placement.clone();
         let mut still_retired = BTreeMap::new();
-        let mut due: Vec<(String, Vec<v1::ExpertKey>)> = Vec::new();
+        let mut due: Vec<(String, Vec<ExpertId>)> = Vec::new();
         for worker in state.workers.values_mut() {
-            let surplus: Vec<ExpertOrd> =
+            let surplus: Vec<ExpertId> =
                 worker.resident.iter().filter(|expert| placement.get(expert) != Some(&worker.id)).copied().collect();
             let mut unload = Vec::new();
             for expert in surplus {
@@ -429,7 +424,7 @@ impl<C: WorkerControl> Cluster<C> {
                 if now.duration_since(since) >= self.config.unload_grace {
                     worker.resident.remove(&expert);
                     self.metrics.experts_unloaded.inc();
-                    unload.push(placement::key(expert));
+                    unload.push(expert);
                 } else {
                     still_retired.insert((worker.id.clone(), expert), since);
                 }
@@ -448,7 +443,7 @@ mod tests {
     use super::*;
 
     /// (endpoint, experts) of one recorded call.
-    type Call = (String, Vec<ExpertOrd>);
+    type Call = (String, Vec<ExpertId>);
 
     /// Records every call; fails loads to the endpoints in `failing`.
     #[derive(Debug, Default)]
@@ -459,17 +454,21 @@ mod tests {
     }
 
     impl WorkerControl for Arc<FakeControl> {
-        async fn load(&self, endpoint: &str, request: v1::LoadExpertsRequest) -> Result<(), String> {
-            let experts = request.experts.iter().map(placement::ord).collect();
-            self.loads.lock().expect("lock").push((endpoint.to_owned(), experts));
-            if self.failing.lock().expect("lock").contains(endpoint) { Err("out of memory".into()) } else { Ok(()) }
+        async fn load(&self, endpoint: &str, load: ExpertLoad<'_>) -> Result<(), ControlError> {
+            self.loads.lock().expect("lock").push((endpoint.to_owned(), load.experts));
+            if self.failing.lock().expect("lock").contains(endpoint) {
+                Err(ControlError::Refused {
+                    endpoint: endpoint.to_owned(),
+                    code: tonic::Code::FailedPrecondition,
+                    message: "out of memory".into(),
+                })
+            } else {
+                Ok(())
+            }
         }
 
-        async fn unload(&self, endpoint: &str, experts: Vec<v1::ExpertKey>) -> Result<(), String> {
-            self.unloads
-                .lock()
-                .expect("lock")
-                .push((endpoint.to_owned(), experts.iter().map(placement::ord).collect()));
+        async fn unload(&self, endpoint: &str, experts: Vec<ExpertId>) -> Result<(), ControlError> {
+            self.unloads.lock().expect("lock").push((endpoint.to_owned(), experts));
             Ok(())
         }
     }
@@ -565,7 +564,7 @@ mod tests {
         let unloads = control.unloads.lock().expect("lock");
         assert_eq!(unloads.len(), 1);
         assert_eq!(unloads[0].0, "a");
-        assert_eq!(unloads[0].1, [(0, 4), (0, 5), (0, 6), (0, 7)]);
+        assert_eq!(unloads[0].1, (4..8).map(|e| ExpertId::new(0, e)).collect::<Vec<_>>());
         let text = scrape(&metrics);
         for line in [
             "switchyard_coordinator_experts_loaded_total 12",

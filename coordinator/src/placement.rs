@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use switchyard_proto::v1::ExpertKey;
+use switchyard_model::ExpertId;
 
 /// A worker's identity, assigned by the coordinator at registration.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -22,34 +22,23 @@ impl std::fmt::Display for WorkerId {
     }
 }
 
-/// Ordering key for experts in maps (ExpertKey is a prost message without `Ord`).
-pub type ExpertOrd = (u32, u32);
-
-pub fn ord(key: &ExpertKey) -> ExpertOrd {
-    (key.layer, key.expert)
-}
-
-pub fn key(ord: ExpertOrd) -> ExpertKey {
-    ExpertKey::new(ord.0, ord.1)
-}
-
 /// What placement needs to know about a live worker.
 #[derive(Debug, Clone)]
 pub struct WorkerSlot {
     pub id: WorkerId,
     pub memory_bytes: u64,
     /// Experts the worker reports as already loaded.
-    pub resident: BTreeSet<ExpertOrd>,
+    pub resident: BTreeSet<ExpertId>,
 }
 
 /// Expert → the worker that serves it.
-pub type Placement = BTreeMap<ExpertOrd, WorkerId>;
+pub type Placement = BTreeMap<ExpertId, WorkerId>;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub placement: Placement,
     /// Experts no worker has room for.
-    pub unplaced: Vec<ExpertOrd>,
+    pub unplaced: Vec<ExpertId>,
 }
 
 struct Load {
@@ -69,8 +58,8 @@ impl Load {
 
 /// `bytes_of` gives each expert's size (shared experts may differ from routed ones).
 pub fn plan(
-    experts: &[ExpertOrd],
-    bytes_of: &dyn Fn(ExpertOrd) -> u64,
+    experts: &[ExpertId],
+    bytes_of: &dyn Fn(ExpertId) -> u64,
     workers: &[WorkerSlot],
     current: &Placement,
 ) -> Plan {
@@ -87,7 +76,7 @@ pub fn plan(
     }
 
     let mut unplaced = Vec::new();
-    let mut homeless: Vec<ExpertOrd> =
+    let mut homeless: Vec<ExpertId> =
         experts.iter().filter(|expert| !placement.contains_key(expert)).copied().collect();
     // Largest first (LPT): a big shared expert placed last would land on an already loaded worker.
     homeless.sort_by_key(|expert| std::cmp::Reverse(bytes_of(*expert)));
@@ -122,7 +111,7 @@ pub fn plan(
 }
 
 /// Moves experts from the fullest to the emptiest worker while that lowers the fullest one.
-fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, bytes_of: &dyn Fn(ExpertOrd) -> u64) {
+fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, bytes_of: &dyn Fn(ExpertId) -> u64) {
     loop {
         let fullest =
             loads.iter().max_by(|(_, a), (_, b)| a.fill_with(0).total_cmp(&b.fill_with(0))).map(|(id, _)| id.clone());
@@ -159,8 +148,8 @@ fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, by
 mod tests {
     use super::*;
 
-    fn experts(count: u32) -> Vec<ExpertOrd> {
-        (0..count).map(|e| (0, e)).collect()
+    fn experts(count: u32) -> Vec<ExpertId> {
+        (0..count).map(|e| ExpertId::new(0, e)).collect()
     }
 
     fn worker(name: &str, memory: u64) -> WorkerSlot {
@@ -188,7 +177,7 @@ mod tests {
         assert_eq!(counts(&plan), BTreeMap::from([("big".into(), 6), ("small".into(), 3)]));
         let crowded = super::plan(&experts(5), &|_| 10, &[worker("a", 20), worker("b", 20)], &Placement::new());
         assert_eq!(crowded.placement.len(), 4);
-        assert_eq!(crowded.unplaced, vec![(0, 4)]);
+        assert_eq!(crowded.unplaced, vec![ExpertId::new(0, 4)]);
     }
 
     #[test]
@@ -211,7 +200,7 @@ mod tests {
     #[test]
     fn a_large_shared_expert_counts_by_its_bytes() {
         // Expert 4 is a shared expert four times the size of the others.
-        let bytes_of = |expert: ExpertOrd| if expert.1 == 4 { 40 } else { 10 };
+        let bytes_of = |expert: ExpertId| if expert.expert == 4 { 40 } else { 10 };
         let plan = plan(&experts(5), &bytes_of, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
         let bytes = |name: &str| {
             plan.placement.iter().filter(|(_, owner)| owner.0 == name).map(|(e, _)| bytes_of(*e)).sum::<u64>()
@@ -223,8 +212,8 @@ mod tests {
     fn resident_experts_are_adopted_after_a_coordinator_restart() {
         let mut a = worker("a", 1000);
         let mut b = worker("b", 1000);
-        a.resident = [(0, 1), (0, 3)].into();
-        b.resident = [(0, 0), (0, 2)].into();
+        a.resident = [ExpertId::new(0, 1), ExpertId::new(0, 3)].into();
+        b.resident = [ExpertId::new(0, 0), ExpertId::new(0, 2)].into();
         let plan = plan(&experts(4), &|_| 10, &[a, b], &Placement::new());
         let owners: Vec<_> = plan.placement.values().map(|owner| owner.0.as_str()).collect();
         assert_eq!(owners, ["b", "a", "b", "a"]);

@@ -40,7 +40,7 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
             endpoint: request.endpoint,
             device: request.device,
             memory_bytes: request.memory_bytes,
-            loaded_experts: request.loaded_experts,
+            loaded_experts: request.loaded_experts.into_iter().map(Into::into).collect(),
         };
         let (worker_id, interval) = self.cluster.register(registration)?;
         Ok(Response::new(v1::RegisterWorkerResponse {

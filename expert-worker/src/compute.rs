@@ -13,30 +13,35 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchyard_experts::Expert;
-use switchyard_proto::v1::{Dtype, ExpertKey};
+use switchyard_model::ExpertId;
+use switchyard_proto::wire::WireDtype;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::scheduler::{Batch, Command, QueuedRows, RowsOut, Scheduler, Work};
 
-pub fn tch_kind(dtype: Dtype) -> Kind {
+pub fn tch_kind(dtype: WireDtype) -> Kind {
     match dtype {
-        Dtype::F16 => Kind::Half,
-        Dtype::Bf16 => Kind::BFloat16,
-        Dtype::F32 | Dtype::Unspecified => Kind::Float,
+        WireDtype::F16 => Kind::Half,
+        WireDtype::Bf16 => Kind::BFloat16,
+        WireDtype::F32 => Kind::Float,
     }
 }
 
 /// Starts the compute thread; it returns once [`Scheduler::stop`] was called and the queues drained.
-pub fn spawn(scheduler: Arc<Scheduler>, device: Device, metrics: WorkerMetrics) -> std::io::Result<JoinHandle<()>> {
-    let threads = tch::get_num_threads();
+pub fn spawn(
+    scheduler: Arc<Scheduler>,
+    device: Device,
+    threads: i32,
+    metrics: WorkerMetrics,
+) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("switchyard-compute".into()).spawn(move || {
         // The BLAS thread count is per thread: set on `main` only, this thread's matrix products
         // would use every core.
         tch::set_num_threads(threads);
         let _no_grad = tch::no_grad_guard();
-        let mut experts: HashMap<ExpertKey, Expert> = HashMap::new();
+        let mut experts: HashMap<ExpertId, Expert> = HashMap::new();
         loop {
             match scheduler.next_work() {
                 Work::Batch(batch) => run_batch(&experts, batch, device, &metrics),
@@ -80,7 +85,7 @@ fn expert_width(expert: &Expert) -> usize {
     expert.d_model() as usize
 }
 
-fn run_batch(experts: &HashMap<ExpertKey, Expert>, batch: Batch, device: Device, metrics: &WorkerMetrics) {
+fn run_batch(experts: &HashMap<ExpertId, Expert>, batch: Batch, device: Device, metrics: &WorkerMetrics) {
     let Some(expert) = experts.get(&batch.expert) else {
         for (entry, _) in batch.entries {
             let _ = entry.reply.send(Err(WorkerError::Unavailable(format!("{} was unloaded", batch.expert))));

@@ -20,7 +20,8 @@ use tokio::net::TcpListener;
 
 pub use config::Args;
 pub use error::WorkerError;
-pub use worker::{ExpertWorker, WorkerOptions};
+pub use service::ExpertWorkerService;
+pub use worker::{ExpertWorker, QueueLimits, WorkerOptions};
 
 /// Serves a worker on `grpc` and `metrics` until `shutdown` resolves, then drains its queues.
 pub async fn run(
@@ -36,6 +37,7 @@ pub async fn run(
     let metrics = if args.per_expert_metrics { metrics.with_per_expert_series() } else { metrics };
     let options = WorkerOptions {
         device,
+        torch_threads: args.torch_threads.max(1) as i32,
         batching: scheduler::BatchingConfig { batch_wait: args.batch_wait(), max_batch_tokens: args.max_batch_tokens },
         default_queue_limit_tokens: args.queue_limit_tokens,
         identity_experts: args.identity_experts,

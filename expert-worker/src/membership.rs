@@ -54,7 +54,7 @@ async fn register(
             endpoint: membership.endpoint.clone(),
             device: membership.device.clone(),
             memory_bytes: membership.memory_bytes,
-            loaded_experts: worker.resident_experts(),
+            loaded_experts: worker.resident_experts().into_iter().map(Into::into).collect(),
         };
         match client.register_worker(request).await {
             Ok(response) => {

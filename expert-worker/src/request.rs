@@ -3,8 +3,9 @@
 //! its `d_model`) happen at admission, in [`crate::scheduler`].
 
 use bytes::Bytes;
-use switchyard_proto::v1::{self, Dtype, ExpertKey};
-use switchyard_proto::wire;
+use switchyard_model::ExpertId;
+use switchyard_proto::v1;
+use switchyard_proto::wire::WireDtype;
 
 use crate::error::WorkerError;
 
@@ -13,8 +14,8 @@ use crate::error::WorkerError;
 pub struct ExpertRowsIn {
     /// Position in the request's `batches`, for error messages.
     pub index: usize,
-    pub expert: ExpertKey,
-    pub dtype: Dtype,
+    pub expert: ExpertId,
+    pub dtype: WireDtype,
     pub tokens: usize,
     pub width: usize,
     pub data: Bytes,
@@ -32,7 +33,7 @@ pub struct ForwardBatch {
     pub request_id: u64,
     pub parts: Vec<ExpertRowsIn>,
     /// The dtype answers are encoded in; `None` answers each part in its own dtype.
-    pub output_dtype: Option<Dtype>,
+    pub output_dtype: Option<WireDtype>,
 }
 
 impl ForwardBatch {
@@ -41,16 +42,13 @@ impl ForwardBatch {
     }
 }
 
-fn parse_dtype(value: i32, field: &str) -> Result<Dtype, WorkerError> {
-    match Dtype::try_from(value) {
-        Ok(dtype) if dtype != Dtype::Unspecified => Ok(dtype),
-        _ => Err(WorkerError::invalid(field, format!("unsupported dtype {value} (expected f32, f16 or bf16)"))),
-    }
+fn parse_dtype(value: i32, field: &str) -> Result<WireDtype, WorkerError> {
+    WireDtype::try_from(value).map_err(|error| WorkerError::invalid(field, error.to_string()))
 }
 
 fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, WorkerError> {
     let field = format!("batches[{index}]");
-    let expert = part.expert.ok_or_else(|| WorkerError::invalid(format!("{field}.expert"), "missing"))?;
+    let expert = ExpertId::from(part.expert.ok_or_else(|| WorkerError::invalid(format!("{field}.expert"), "missing"))?);
     let rows = part.rows.ok_or_else(|| WorkerError::invalid(format!("{field}.rows"), "missing"))?;
     let dtype = parse_dtype(rows.dtype, &format!("{field}.rows.dtype"))?;
     let [tokens, width] = rows.shape[..] else {
@@ -59,7 +57,7 @@ fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, Worker
             format!("expected [tokens, d_model], got {:?}", rows.shape),
         ));
     };
-    let element_size = wire::element_size(dtype).unwrap_or(4) as u64;
+    let element_size = dtype.element_size() as u64;
     let expected_bytes = tokens.checked_mul(width).and_then(|n| n.checked_mul(element_size));
     if expected_bytes != Some(rows.data.len() as u64) {
         return Err(WorkerError::invalid(
@@ -67,7 +65,7 @@ fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, Worker
             format!(
                 "shape {:?} of {} needs {} bytes, got {}",
                 rows.shape,
-                wire::dtype_name(dtype),
+                dtype,
                 expected_bytes.map_or("more than u64".to_owned(), |n| n.to_string()),
                 rows.data.len()
             ),
@@ -102,7 +100,7 @@ mod tests {
         v1::ForwardRequest {
             request_id: 1,
             batches: vec![v1::ExpertRows {
-                expert: Some(ExpertKey::new(0, 1)),
+                expert: Some(v1::ExpertKey::new(0, 1)),
                 rows: Some(v1::WireTensor { dtype, shape, data: Bytes::from(vec![0u8; bytes]) }),
             }],
             output_dtype: 0,
@@ -115,14 +113,14 @@ mod tests {
 
     #[test]
     fn accepts_a_well_formed_batch() {
-        let batch = ForwardBatch::try_from(request(Dtype::Bf16 as i32, vec![3, 8], 48)).expect("valid");
+        let batch = ForwardBatch::try_from(request(v1::Dtype::Bf16 as i32, vec![3, 8], 48)).expect("valid");
         assert_eq!(batch.total_tokens(), 3);
-        assert_eq!((batch.parts[0].width, batch.parts[0].dtype), (8, Dtype::Bf16));
+        assert_eq!((batch.parts[0].width, batch.parts[0].dtype), (8, WireDtype::Bf16));
     }
 
     #[test]
     fn rejections_name_the_field() {
-        assert!(rejection(request(0, vec![1, 4], 16)).starts_with("batches[0].rows.dtype: unsupported dtype 0"));
+        assert!(rejection(request(0, vec![1, 4], 16)).starts_with("batches[0].rows.dtype: dtype 0 is unspecified"));
         assert!(rejection(request(9, vec![1, 4], 16)).starts_with("batches[0].rows.dtype"));
         assert!(rejection(request(1, vec![16], 16)).starts_with("batches[0].rows.shape: expected [tokens, d_model]"));
         assert_eq!(

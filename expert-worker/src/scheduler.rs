@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchyard_experts::Expert;
-use switchyard_proto::v1::{Dtype, ExpertKey};
+use switchyard_model::ExpertId;
+use switchyard_proto::wire::WireDtype;
 use tokio::sync::oneshot;
 
 use crate::error::WorkerError;
@@ -33,8 +34,8 @@ pub struct BatchingConfig {
 /// One request's rows for one expert, waiting in that expert's queue.
 #[derive(Debug)]
 pub struct QueuedRows {
-    pub dtype: Dtype,
-    pub output_dtype: Dtype,
+    pub dtype: WireDtype,
+    pub output_dtype: WireDtype,
     pub tokens: usize,
     pub data: Bytes,
     pub enqueued_at: Instant,
@@ -44,7 +45,7 @@ pub struct QueuedRows {
 /// The answer for one [`QueuedRows`].
 #[derive(Debug)]
 pub struct RowsOut {
-    pub dtype: Dtype,
+    pub dtype: WireDtype,
     pub tokens: usize,
     pub data: Bytes,
     pub queue_wait: Duration,
@@ -87,7 +88,7 @@ impl ExpertQueue {
 /// Rows of one expert taken together for one forward.
 #[derive(Debug)]
 pub struct Batch {
-    pub expert: ExpertKey,
+    pub expert: ExpertId,
     pub d_model: usize,
     pub entries: Vec<(QueuedRows, Duration)>,
 }
@@ -102,9 +103,9 @@ impl Batch {
 #[derive(Debug)]
 pub enum Command {
     /// Make these experts resident and open their queues, each with its token limit.
-    Install { experts: Vec<(ExpertKey, Expert, usize)>, done: oneshot::Sender<()> },
+    Install { experts: Vec<(ExpertId, Expert, usize)>, done: oneshot::Sender<()> },
     /// Close these queues, serve what they hold, then free the experts.
-    Remove { experts: Vec<ExpertKey>, done: oneshot::Sender<Vec<ExpertKey>> },
+    Remove { experts: Vec<ExpertId>, done: oneshot::Sender<Vec<ExpertId>> },
 }
 
 /// What the compute thread does next.
@@ -126,7 +127,7 @@ pub enum Decision {
 
 /// Picks the expert whose oldest rows waited longest; runs it when its wait bound passed or it holds
 /// a full batch; takes whole requests, oldest first, up to `max_batch_tokens` (at least one).
-pub fn next_batch(queues: &mut HashMap<ExpertKey, ExpertQueue>, now: Instant, config: BatchingConfig) -> Decision {
+pub fn next_batch(queues: &mut HashMap<ExpertId, ExpertQueue>, now: Instant, config: BatchingConfig) -> Decision {
     for queue in queues.values_mut() {
         queue.drop_abandoned();
     }
@@ -160,7 +161,7 @@ pub fn next_batch(queues: &mut HashMap<ExpertKey, ExpertQueue>, now: Instant, co
 
 #[derive(Debug, Default)]
 struct SchedulerState {
-    queues: HashMap<ExpertKey, ExpertQueue>,
+    queues: HashMap<ExpertId, ExpertQueue>,
     commands: VecDeque<Command>,
     stopping: bool,
 }
@@ -168,7 +169,7 @@ struct SchedulerState {
 /// A snapshot of one queue.
 #[derive(Debug, Clone)]
 pub struct QueueSnapshot {
-    pub expert: ExpertKey,
+    pub expert: ExpertId,
     pub d_model: usize,
     pub queued_tokens: usize,
     pub limit_tokens: usize,
@@ -203,7 +204,7 @@ impl Scheduler {
         if state.stopping {
             return Err(WorkerError::Unavailable("the worker is shutting down".into()));
         }
-        let mut requested: HashMap<ExpertKey, usize> = HashMap::new();
+        let mut requested: HashMap<ExpertId, usize> = HashMap::new();
         for part in &batch.parts {
             let Some(queue) = state.queues.get(&part.expert) else {
                 return Err(WorkerError::invalid(
@@ -277,7 +278,7 @@ impl Scheduler {
     }
 
     /// Opens (or resizes) the queue of a newly resident expert. Called by the compute thread.
-    pub fn open_queue(&self, expert: ExpertKey, d_model: usize, limit_tokens: usize) {
+    pub fn open_queue(&self, expert: ExpertId, d_model: usize, limit_tokens: usize) {
         let mut state = self.lock();
         let queue = state.queues.entry(expert).or_insert_with(|| ExpertQueue::new(d_model, limit_tokens));
         queue.d_model = d_model;
@@ -285,7 +286,7 @@ impl Scheduler {
     }
 
     /// Closes a queue to new requests and hands back the rows it still holds.
-    pub fn close_queue(&self, expert: &ExpertKey) -> Option<Vec<QueuedRows>> {
+    pub fn close_queue(&self, expert: &ExpertId) -> Option<Vec<QueuedRows>> {
         let queue = self.lock().queues.remove(expert)?;
         Some(queue.entries.into())
     }
@@ -351,8 +352,8 @@ mod tests {
     fn rows(index: usize, expert: u32, tokens: usize, width: usize) -> ExpertRowsIn {
         ExpertRowsIn {
             index,
-            expert: ExpertKey::new(0, expert),
-            dtype: Dtype::F32,
+            expert: ExpertId::new(0, expert),
+            dtype: WireDtype::F32,
             tokens,
             width,
             data: Bytes::from(vec![0u8; tokens * width * 4]),
@@ -366,7 +367,7 @@ mod tests {
     fn scheduler_with(limits: &[(u32, usize)]) -> Scheduler {
         let scheduler = Scheduler::new(CONFIG);
         for (expert, limit) in limits {
-            scheduler.open_queue(ExpertKey::new(0, *expert), 4, *limit);
+            scheduler.open_queue(ExpertId::new(0, *expert), 4, *limit);
         }
         scheduler
     }
@@ -380,7 +381,7 @@ mod tests {
             error,
             WorkerError::QueueFull {
                 field: "batches[1]".into(),
-                expert: ExpertKey::new(0, 1),
+                expert: ExpertId::new(0, 1),
                 queued: 3,
                 limit: 4,
                 requested: 2
@@ -415,15 +416,15 @@ mod tests {
         let _a = scheduler.admit(request(vec![rows(0, 0, 2, 4)])).expect("fits");
         let _b = scheduler.admit(request(vec![rows(0, 1, 1, 4), rows(1, 0, 3, 4)])).expect("fits");
         let mut state = scheduler.lock();
-        let start = state.queues[&ExpertKey::new(0, 0)].entries[0].enqueued_at;
+        let start = state.queues[&ExpertId::new(0, 0)].entries[0].enqueued_at;
         assert!(
             matches!(next_batch(&mut state.queues, start, CONFIG), Decision::WaitUntil(due) if due == start + CONFIG.batch_wait)
         );
         let Decision::Run(batch) = next_batch(&mut state.queues, start + CONFIG.batch_wait, CONFIG) else {
             panic!("due after the wait bound");
         };
-        assert_eq!((batch.expert, batch.tokens(), batch.entries.len()), (ExpertKey::new(0, 0), 5, 2));
-        assert_eq!(state.queues[&ExpertKey::new(0, 0)].queued_tokens, 0);
+        assert_eq!((batch.expert, batch.tokens(), batch.entries.len()), (ExpertId::new(0, 0), 5, 2));
+        assert_eq!(state.queues[&ExpertId::new(0, 0)].queued_tokens, 0);
     }
 
     #[test]
@@ -438,7 +439,7 @@ mod tests {
             panic!("10 queued tokens >= max_batch_tokens 8 runs without waiting");
         };
         assert_eq!(batch.tokens(), 7, "5 + 2 fit in 8, the 3-token request waits");
-        assert_eq!(state.queues[&ExpertKey::new(0, 0)].queued_tokens, 3);
+        assert_eq!(state.queues[&ExpertId::new(0, 0)].queued_tokens, 3);
     }
 
     #[test]

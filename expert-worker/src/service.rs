@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use switchyard_model::ModelSpec;
+use switchyard_model::{ExpertId, ModelSpec};
 use switchyard_proto::v1::{self, expert_worker_server};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -37,7 +37,9 @@ impl ExpertWorkerService {
             .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
     }
 
-    async fn forward_one(&self, request: v1::ForwardRequest) -> Result<v1::ForwardResponse, WorkerError> {
+    /// One forward request, decoded and validated, run, encoded: what `Forward` serves, callable
+    /// without a network (the reference layer's in-process transport).
+    pub async fn forward_message(&self, request: v1::ForwardRequest) -> Result<v1::ForwardResponse, WorkerError> {
         let received_unix_nanos = switchyard_common::clock::unix_nanos();
         let layer = request.batches.first().and_then(|part| part.expert).map(|key| key.layer);
         let span = tracing::debug_span!("forward", request_id = request.request_id, layer, worker = %self.name);
@@ -65,9 +67,9 @@ fn encode_outcome(outcome: ForwardOutcome) -> v1::ForwardResponse {
             .outputs
             .into_iter()
             .map(|rows| v1::ExpertOutput {
-                expert: Some(rows.expert),
+                expert: Some(rows.expert.into()),
                 rows: Some(v1::WireTensor {
-                    dtype: rows.dtype as i32,
+                    dtype: rows.dtype.to_proto() as i32,
                     shape: vec![rows.tokens as u64, rows.width as u64],
                     data: rows.data,
                 }),
@@ -104,7 +106,7 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
         let request_id = with_request_id(&request, request.get_ref().request_id);
         let mut message = request.into_inner();
         message.request_id = request_id;
-        Ok(Response::new(self.forward_one(message).await?))
+        Ok(Response::new(self.forward_message(message).await?))
     }
 
     type ForwardStreamStream = ForwardResponseStream;
@@ -131,7 +133,7 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
                 let answers = answers.clone();
                 tokio::spawn(async move {
                     let request_id = message.request_id;
-                    let answer = service.forward_one(message).await.unwrap_or_else(|error| v1::ForwardResponse {
+                    let answer = service.forward_message(message).await.unwrap_or_else(|error| v1::ForwardResponse {
                         request_id,
                         error: Some(v1::RequestError { code: error.code() as i32, message: error.to_string() }),
                         ..Default::default()
@@ -153,7 +155,9 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
         let limit =
             QueueLimits { routed: limit(request.queue_limit_tokens), shared: limit(request.shared_queue_limit_tokens) };
         let span = tracing::info_span!("load_experts", worker = %self.name, experts = request.experts.len());
-        let loaded = self.worker.load_experts(spec, request.experts, limit).instrument(span).await?;
+        let experts = request.experts.into_iter().map(ExpertId::from).collect();
+        let loaded = self.worker.load_experts(spec, experts, limit).instrument(span).await?;
+        let loaded = loaded.into_iter().map(Into::into).collect();
         Ok(Response::new(v1::LoadExpertsResponse { loaded, resident_bytes: self.worker.resident_bytes() }))
     }
 
@@ -161,8 +165,9 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
         &self,
         request: Request<v1::UnloadExpertsRequest>,
     ) -> Result<Response<v1::UnloadExpertsResponse>, Status> {
-        let unloaded = self.worker.unload_experts(request.into_inner().experts).await?;
-        Ok(Response::new(v1::UnloadExpertsResponse { unloaded }))
+        let experts = request.into_inner().experts.into_iter().map(ExpertId::from).collect();
+        let unloaded = self.worker.unload_experts(experts).await?;
+        Ok(Response::new(v1::UnloadExpertsResponse { unloaded: unloaded.into_iter().map(Into::into).collect() }))
     }
 
     async fn get_stats(&self, _request: Request<v1::GetStatsRequest>) -> Result<Response<v1::WorkerStats>, Status> {
@@ -171,7 +176,7 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
             .queues()
             .into_iter()
             .map(|queue| v1::ExpertStats {
-                expert: Some(queue.expert),
+                expert: Some(queue.expert.into()),
                 queued_tokens: queue.queued_tokens as u64,
                 queue_limit_tokens: queue.limit_tokens as u32,
                 admitted_tokens: queue.counters.admitted_tokens,

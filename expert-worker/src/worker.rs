@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchyard_experts::Expert;
+use switchyard_model::ExpertId;
 use switchyard_model::ModelSpec;
 use switchyard_model::checkpoint::Checkpoint;
-use switchyard_proto::v1::{Dtype, ExpertKey};
+use switchyard_proto::wire::WireDtype;
 use tch::Device;
 use tokio::sync::oneshot;
 
@@ -24,6 +25,8 @@ use crate::scheduler::{BatchingConfig, Command, QueueSnapshot, Scheduler};
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     pub device: Device,
+    /// libtorch intra-op threads of the compute thread (BLAS's count is per thread).
+    pub torch_threads: i32,
     pub batching: BatchingConfig,
     /// Queue limit of experts loaded without one (the coordinator normally sends the capacity).
     pub default_queue_limit_tokens: usize,
@@ -36,10 +39,10 @@ pub struct WorkerOptions {
 /// the tensor and the file.
 fn build_experts(
     spec: &ModelSpec,
-    keys: Vec<ExpertKey>,
+    keys: Vec<ExpertId>,
     device: Device,
     identity: bool,
-) -> Result<Vec<(ExpertKey, Expert)>, WorkerError> {
+) -> Result<Vec<(ExpertId, Expert)>, WorkerError> {
     let _no_grad = tch::no_grad_guard();
     if identity {
         return Ok(keys.into_iter().map(|key| (key, Expert::identity(spec.d_model as usize, device))).collect());
@@ -74,8 +77,8 @@ pub struct QueueLimits {
 /// One expert's answer to one request.
 #[derive(Debug)]
 pub struct ExpertRowsOut {
-    pub expert: ExpertKey,
-    pub dtype: Dtype,
+    pub expert: ExpertId,
+    pub dtype: WireDtype,
     pub tokens: usize,
     pub width: usize,
     pub data: Bytes,
@@ -97,7 +100,7 @@ pub struct ExpertWorker {
     scheduler: Arc<Scheduler>,
     options: WorkerOptions,
     /// The spec each resident expert was built from: a load with another spec rebuilds it.
-    resident: Mutex<HashMap<ExpertKey, ModelSpec>>,
+    resident: Mutex<HashMap<ExpertId, ModelSpec>>,
     metrics: WorkerMetrics,
     compute_thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -106,7 +109,7 @@ impl ExpertWorker {
     /// Starts the compute thread. Call from inside a tokio runtime.
     pub fn start(options: WorkerOptions, metrics: WorkerMetrics) -> std::io::Result<Arc<Self>> {
         let scheduler = Arc::new(Scheduler::new(options.batching));
-        let thread = compute::spawn(scheduler.clone(), options.device, metrics.clone())?;
+        let thread = compute::spawn(scheduler.clone(), options.device, options.torch_threads, metrics.clone())?;
         Ok(Arc::new(Self {
             scheduler,
             options,
@@ -120,7 +123,7 @@ impl ExpertWorker {
         self.options.device
     }
 
-    fn resident(&self) -> std::sync::MutexGuard<'_, HashMap<ExpertKey, ModelSpec>> {
+    fn resident(&self) -> std::sync::MutexGuard<'_, HashMap<ExpertId, ModelSpec>> {
         self.resident.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -130,7 +133,7 @@ impl ExpertWorker {
         self.metrics.requests.inc();
         let request_id = batch.request_id;
         let tokens = batch.total_tokens() as u64;
-        let shapes: Vec<(ExpertKey, usize, usize)> =
+        let shapes: Vec<(ExpertId, usize, usize)> =
             batch.parts.iter().map(|part| (part.expert, part.tokens, part.width)).collect();
         let admitted = self.scheduler.admit(batch);
         if admitted.is_ok() || matches!(admitted, Err(WorkerError::QueueFull { .. })) {
@@ -174,9 +177,9 @@ impl ExpertWorker {
     pub async fn load_experts(
         &self,
         spec: ModelSpec,
-        experts: Vec<ExpertKey>,
+        experts: Vec<ExpertId>,
         limits: QueueLimits,
-    ) -> Result<Vec<ExpertKey>, WorkerError> {
+    ) -> Result<Vec<ExpertId>, WorkerError> {
         if let Some(outside) = experts.iter().find(|key| !spec.contains(key)) {
             return Err(WorkerError::invalid(
                 "experts",
@@ -188,11 +191,11 @@ impl ExpertWorker {
             ));
         }
         let default_limit = self.options.default_queue_limit_tokens;
-        let limit_of = |key: &ExpertKey| {
+        let limit_of = |key: &ExpertId| {
             let shared = if spec.is_shared(key.expert) { limits.shared } else { None };
             shared.or(limits.routed).unwrap_or(default_limit)
         };
-        let to_build: Vec<ExpertKey> = {
+        let to_build: Vec<ExpertId> = {
             let resident = self.resident();
             experts.iter().filter(|key| resident.get(key) != Some(&spec)).copied().collect()
         };
@@ -205,7 +208,7 @@ impl ExpertWorker {
                 expert: experts.first().copied().unwrap_or_default(),
                 reason: error.to_string(),
             })??;
-        let built_keys: Vec<ExpertKey> = built.iter().map(|(key, _)| *key).collect();
+        let built_keys: Vec<ExpertId> = built.iter().map(|(key, _)| *key).collect();
         let built = built.into_iter().map(|(key, expert)| (key, expert, limit_of(&key))).collect();
         let (done, installed) = oneshot::channel();
         self.scheduler.submit(Command::Install { experts: built, done });
@@ -224,7 +227,7 @@ impl ExpertWorker {
     }
 
     /// Closes the queues of `experts`, serves what they still hold, and frees them.
-    pub async fn unload_experts(&self, experts: Vec<ExpertKey>) -> Result<Vec<ExpertKey>, WorkerError> {
+    pub async fn unload_experts(&self, experts: Vec<ExpertId>) -> Result<Vec<ExpertId>, WorkerError> {
         let (done, removed) = oneshot::channel();
         self.scheduler.submit(Command::Remove { experts, done });
         let removed = removed.await.map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))?;
@@ -236,7 +239,7 @@ impl ExpertWorker {
         Ok(removed)
     }
 
-    pub fn resident_experts(&self) -> Vec<ExpertKey> {
+    pub fn resident_experts(&self) -> Vec<ExpertId> {
         let mut keys: Vec<_> = self.resident().keys().copied().collect();
         keys.sort_by_key(|key| (key.layer, key.expert));
         keys

@@ -8,9 +8,11 @@ use switchyard_expert_worker::scheduler::BatchingConfig;
 use switchyard_expert_worker::worker::QueueLimits;
 use switchyard_expert_worker::{Args, ExpertWorker, WorkerError, WorkerOptions};
 use switchyard_experts::Expert;
+use switchyard_model::ExpertId;
 use switchyard_model::ModelSpec;
-use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
+use switchyard_proto::v1::{self, expert_worker_client::ExpertWorkerClient};
 use switchyard_proto::wire;
+use switchyard_proto::wire::WireDtype;
 use tonic::Code;
 
 fn tiny_model() -> ModelSpec {
@@ -21,10 +23,10 @@ fn rows(count: usize, width: usize, salt: f32) -> Vec<f32> {
     (0..count * width).map(|i| (i as f32 * 0.37 + salt).sin()).collect()
 }
 
-fn part(index: usize, expert: u32, values: &[f32], width: usize, dtype: Dtype) -> ExpertRowsIn {
+fn part(index: usize, expert: u32, values: &[f32], width: usize, dtype: WireDtype) -> ExpertRowsIn {
     ExpertRowsIn {
         index,
-        expert: ExpertKey::new(0, expert),
+        expert: ExpertId::new(0, expert),
         dtype,
         tokens: values.len() / width,
         width,
@@ -34,6 +36,7 @@ fn part(index: usize, expert: u32, values: &[f32], width: usize, dtype: Dtype) -
 
 async fn started(batch_wait: Duration, limit: usize) -> std::sync::Arc<ExpertWorker> {
     let options = WorkerOptions {
+        torch_threads: 1,
         device: tch::Device::Cpu,
         batching: BatchingConfig { batch_wait, max_batch_tokens: 1024 },
         default_queue_limit_tokens: limit,
@@ -41,7 +44,7 @@ async fn started(batch_wait: Duration, limit: usize) -> std::sync::Arc<ExpertWor
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     worker
-        .load_experts(tiny_model(), (0..4).map(|e| ExpertKey::new(0, e)).collect(), QueueLimits::default())
+        .load_experts(tiny_model(), (0..4).map(|e| ExpertId::new(0, e)).collect(), QueueLimits::default())
         .await
         .expect("load");
     worker
@@ -60,7 +63,7 @@ async fn outputs_equal_the_expert_computed_directly() {
     let (x1, x3) = (rows(5, 16, 0.1), rows(3, 16, 0.9));
     let batch = ForwardBatch {
         request_id: 1,
-        parts: vec![part(0, 1, &x1, 16, Dtype::F32), part(1, 3, &x3, 16, Dtype::F32)],
+        parts: vec![part(0, 1, &x1, 16, WireDtype::F32), part(1, 3, &x3, 16, WireDtype::F32)],
         output_dtype: None,
     };
     let outcome = worker.forward(batch).await.expect("forward");
@@ -68,7 +71,7 @@ async fn outputs_equal_the_expert_computed_directly() {
     for (output, (expert, input)) in outcome.outputs.iter().zip([(1, &x1), (3, &x3)]) {
         let want = Expert::synthetic(&spec, 0, expert, tch::Device::Cpu).forward_f32(input);
         let have = wire::decode_f32(&output.data, output.dtype);
-        assert_eq!((output.expert, output.tokens), (ExpertKey::new(0, expert), input.len() / 16));
+        assert_eq!((output.expert, output.tokens), (ExpertId::new(0, expert), input.len() / 16));
         assert!(relative_error(&want, &have) < 1e-6, "expert {expert}");
     }
     worker.shutdown().await;
@@ -78,13 +81,16 @@ async fn outputs_equal_the_expert_computed_directly() {
 async fn bf16_rows_come_back_in_the_asked_dtype() {
     let worker = started(Duration::ZERO, 1024).await;
     let x = rows(4, 16, 0.3);
-    let batch =
-        ForwardBatch { request_id: 2, parts: vec![part(0, 0, &x, 16, Dtype::Bf16)], output_dtype: Some(Dtype::F32) };
+    let batch = ForwardBatch {
+        request_id: 2,
+        parts: vec![part(0, 0, &x, 16, WireDtype::Bf16)],
+        output_dtype: Some(WireDtype::F32),
+    };
     let outcome = worker.forward(batch).await.expect("forward");
-    assert_eq!(outcome.outputs[0].dtype, Dtype::F32);
+    assert_eq!(outcome.outputs[0].dtype, WireDtype::F32);
     assert_eq!(outcome.outputs[0].data.len(), 4 * 16 * 4);
     let want = Expert::synthetic(&tiny_model(), 0, 0, tch::Device::Cpu).forward_f32(&x);
-    let have = wire::decode_f32(&outcome.outputs[0].data, Dtype::F32);
+    let have = wire::decode_f32(&outcome.outputs[0].data, WireDtype::F32);
     assert!(relative_error(&want, &have) < 2e-2, "bf16 input keeps about 3 significant digits");
     worker.shutdown().await;
 }
@@ -94,15 +100,15 @@ async fn concurrent_requests_of_one_expert_merge_into_one_forward() {
     // A generous wait bound so both requests are queued before the batcher runs.
     let worker = started(Duration::from_millis(300), 1024).await;
     let (a, b) = (rows(3, 16, 0.2), rows(6, 16, 0.7));
-    let first = ForwardBatch { request_id: 1, parts: vec![part(0, 2, &a, 16, Dtype::F32)], output_dtype: None };
-    let second = ForwardBatch { request_id: 2, parts: vec![part(0, 2, &b, 16, Dtype::F32)], output_dtype: None };
+    let first = ForwardBatch { request_id: 1, parts: vec![part(0, 2, &a, 16, WireDtype::F32)], output_dtype: None };
+    let second = ForwardBatch { request_id: 2, parts: vec![part(0, 2, &b, 16, WireDtype::F32)], output_dtype: None };
     let (first, second) = tokio::join!(worker.forward(first), worker.forward(second));
     let (first, second) = (first.expect("first"), second.expect("second"));
     assert_eq!(first.outputs[0].batch_tokens, 9, "one forward of 3 + 6 rows");
     assert_eq!(second.outputs[0].batch_tokens, 9);
     let expert = Expert::synthetic(&tiny_model(), 0, 2, tch::Device::Cpu);
     for (outcome, input) in [(&first, &a), (&second, &b)] {
-        let have = wire::decode_f32(&outcome.outputs[0].data, Dtype::F32);
+        let have = wire::decode_f32(&outcome.outputs[0].data, WireDtype::F32);
         assert!(relative_error(&expert.forward_f32(input), &have) < 1e-6, "rows split back to their request");
     }
     worker.shutdown().await;
@@ -112,11 +118,12 @@ async fn concurrent_requests_of_one_expert_merge_into_one_forward() {
 async fn queue_limit_refuses_and_unloading_closes_the_queue() {
     let worker = started(Duration::ZERO, 4).await;
     let x = rows(5, 16, 0.5);
-    let batch = ForwardBatch { request_id: 3, parts: vec![part(0, 1, &x, 16, Dtype::F32)], output_dtype: None };
+    let batch = ForwardBatch { request_id: 3, parts: vec![part(0, 1, &x, 16, WireDtype::F32)], output_dtype: None };
     let error = worker.forward(batch).await.unwrap_err();
     assert!(matches!(error, WorkerError::QueueFull { requested: 5, limit: 4, .. }), "{error}");
-    assert_eq!(worker.unload_experts(vec![ExpertKey::new(0, 1)]).await.expect("unload"), vec![ExpertKey::new(0, 1)]);
-    let batch = ForwardBatch { request_id: 4, parts: vec![part(0, 1, &x[..16], 16, Dtype::F32)], output_dtype: None };
+    assert_eq!(worker.unload_experts(vec![ExpertId::new(0, 1)]).await.expect("unload"), vec![ExpertId::new(0, 1)]);
+    let batch =
+        ForwardBatch { request_id: 4, parts: vec![part(0, 1, &x[..16], 16, WireDtype::F32)], output_dtype: None };
     assert!(worker.forward(batch).await.unwrap_err().to_string().contains("not served by this worker"));
     worker.shutdown().await;
 }
@@ -134,7 +141,7 @@ async fn grpc_worker(limit: u32) -> (ExpertWorkerClient<tonic::transport::Channe
     }));
     let channel = switchyard_common::transport::channel(&format!("http://{address}")).expect("channel");
     let mut client = ExpertWorkerClient::new(channel);
-    let experts = (0..4).map(|e| ExpertKey::new(0, e)).collect();
+    let experts = (0..4).map(|e| v1::ExpertKey::new(0, e)).collect();
     let load = v1::LoadExpertsRequest {
         model: Some(tiny_model().to_proto()),
         experts,
@@ -154,7 +161,7 @@ fn wire_request(expert: u32, dtype: i32, shape: Vec<u64>, data: Bytes) -> v1::Fo
     v1::ForwardRequest {
         request_id: 9,
         batches: vec![v1::ExpertRows {
-            expert: Some(ExpertKey::new(0, expert)),
+            expert: Some(v1::ExpertKey::new(0, expert)),
             rows: Some(v1::WireTensor { dtype, shape, data }),
         }],
         output_dtype: 0,
@@ -164,10 +171,10 @@ fn wire_request(expert: u32, dtype: i32, shape: Vec<u64>, data: Bytes) -> v1::Fo
 #[tokio::test]
 async fn grpc_errors_name_the_field_and_the_worker_keeps_serving() {
     let (mut client, _stop) = grpc_worker(8).await;
-    let good = wire::encode_f32(&rows(2, 16, 0.4), Dtype::F32);
+    let good = wire::encode_f32(&rows(2, 16, 0.4), WireDtype::F32);
     let cases = [
         (
-            wire_request(0, 1, vec![2, 8], wire::encode_f32(&rows(2, 8, 0.1), Dtype::F32)),
+            wire_request(0, 1, vec![2, 8], wire::encode_f32(&rows(2, 8, 0.1), WireDtype::F32)),
             Code::InvalidArgument,
             "batches[0].rows.shape",
         ),
@@ -175,7 +182,7 @@ async fn grpc_errors_name_the_field_and_the_worker_keeps_serving() {
         (wire_request(7, 1, vec![2, 16], good.clone()), Code::InvalidArgument, "batches[0].expert"),
         (wire_request(0, 0, vec![2, 16], good.clone()), Code::InvalidArgument, "batches[0].rows.dtype"),
         (
-            wire_request(3, 1, vec![9, 16], wire::encode_f32(&rows(9, 16, 0.1), Dtype::F32)),
+            wire_request(3, 1, vec![9, 16], wire::encode_f32(&rows(9, 16, 0.1), WireDtype::F32)),
             Code::ResourceExhausted,
             "layer 0 expert 3",
         ),
@@ -188,14 +195,14 @@ async fn grpc_errors_name_the_field_and_the_worker_keeps_serving() {
     let answer = client.forward(wire_request(0, 1, vec![2, 16], good)).await.expect("still serving").into_inner();
     assert_eq!(answer.outputs[0].rows.as_ref().map(|rows| rows.shape.clone()), Some(vec![2, 16]));
     let stats = client.get_stats(v1::GetStatsRequest {}).await.expect("stats").into_inner();
-    let expert3 = stats.experts.iter().find(|e| e.expert == Some(ExpertKey::new(0, 3))).expect("expert 3");
+    let expert3 = stats.experts.iter().find(|e| e.expert == Some(v1::ExpertKey::new(0, 3))).expect("expert 3");
     assert_eq!((expert3.rejected_tokens, expert3.queue_limit_tokens), (9, 8));
 }
 
 #[tokio::test]
 async fn the_stream_answers_every_request_and_survives_a_failing_one() {
     let (mut client, _stop) = grpc_worker(64).await;
-    let good = || wire_request(1, 1, vec![2, 16], wire::encode_f32(&rows(2, 16, 0.4), Dtype::F32));
+    let good = || wire_request(1, 1, vec![2, 16], wire::encode_f32(&rows(2, 16, 0.4), WireDtype::F32));
     let mut requests: Vec<_> = (1..=3).map(|id| v1::ForwardRequest { request_id: id, ..good() }).collect();
     requests.push(v1::ForwardRequest { request_id: 4, ..wire_request(9, 1, vec![2, 16], Bytes::new()) });
     let mut answers = client.forward_stream(futures::stream::iter(requests)).await.expect("stream").into_inner();
@@ -226,6 +233,7 @@ async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
 
     let metrics = WorkerMetrics::new().with_per_expert_series();
     let options = WorkerOptions {
+        torch_threads: 1,
         device: tch::Device::Cpu,
         batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: 1024 },
         default_queue_limit_tokens: 6,
@@ -233,16 +241,16 @@ async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
     };
     let worker = ExpertWorker::start(options, metrics.clone()).expect("compute thread");
     worker
-        .load_experts(tiny_model(), (0..4).map(|e| ExpertKey::new(0, e)).collect(), QueueLimits::default())
+        .load_experts(tiny_model(), (0..4).map(|e| ExpertId::new(0, e)).collect(), QueueLimits::default())
         .await
         .expect("load");
     let (five, three, seven) = (rows(5, 16, 0.1), rows(3, 16, 0.2), rows(7, 16, 0.3));
     let batch = |parts| ForwardBatch { request_id: 1, parts, output_dtype: None };
     worker
-        .forward(batch(vec![part(0, 1, &five, 16, Dtype::F32), part(1, 3, &three, 16, Dtype::F32)]))
+        .forward(batch(vec![part(0, 1, &five, 16, WireDtype::F32), part(1, 3, &three, 16, WireDtype::F32)]))
         .await
         .expect("fits");
-    assert!(worker.forward(batch(vec![part(0, 1, &seven, 16, Dtype::F32)])).await.is_err(), "7 rows > limit 6");
+    assert!(worker.forward(batch(vec![part(0, 1, &seven, 16, WireDtype::F32)])).await.is_err(), "7 rows > limit 6");
     let text = render(&metrics);
     assert!(text.contains("switchyard_worker_expert_admitted_tokens_total{layer=\"0\",expert=\"1\"} 5"), "{text}");
     assert!(text.contains("switchyard_worker_expert_admitted_tokens_total{layer=\"0\",expert=\"3\"} 3"), "{text}");

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
 use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
-use switchyard_proto::wire;
-use switchyard_reference::{ReferenceLayer, relative_frobenius_error};
+use switchyard_proto::wire::{self, WireDtype};
+use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::{ClientOptions, MoeClient, RoutingOverrides};
 use tonic::Code;
 
@@ -15,11 +15,11 @@ async fn distributed_output_equals_the_in_process_reference() {
     let model = small_model(2.0);
     let cluster = TestCluster::start(model.clone(), 2, |_| {}).await;
     assert_eq!(cluster.table().workers().len(), 2, "experts are spread over both workers");
-    let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+    let reference = ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference");
     let hidden = hidden_states(64, 256, 7);
 
     let distributed = cluster.client.forward(0, &hidden).await.expect("distributed forward");
-    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).expect("reference forward");
+    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).await.expect("reference forward");
     let error = relative_frobenius_error(&distributed.hidden, &expected.hidden);
     assert!(error < 1e-5, "relative Frobenius error {error:e}");
     assert_eq!(distributed.routing, expected.routing);
@@ -43,11 +43,11 @@ async fn distributed_output_equals_the_in_process_reference() {
 async fn overflowed_tokens_are_dropped_alike_and_counted() {
     let model = small_model(0.5);
     let cluster = TestCluster::start(model.clone(), 2, |_| {}).await;
-    let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+    let reference = ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference");
     let hidden = hidden_states(64, 256, 8);
 
     let distributed = cluster.client.forward(0, &hidden).await.expect("distributed forward");
-    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).expect("reference forward");
+    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).await.expect("reference forward");
     assert_eq!(distributed.routing.capacity, 8, "ceil(2 * 64 / 8 * 0.5)");
     assert!(distributed.routing.dropped >= 64, "capacity 8 x 8 experts keeps at most 64 of 128 assignments");
     assert_eq!(distributed.routing.dropped, expected.routing.dropped);
@@ -127,7 +127,7 @@ fn rows_request(expert: u32, tokens: usize, width: usize) -> v1::ForwardRequest 
             rows: Some(v1::WireTensor {
                 dtype: Dtype::F32 as i32,
                 shape: vec![tokens as u64, width as u64],
-                data: wire::encode_f32(&hidden_states(tokens, width, 3), Dtype::F32),
+                data: wire::encode_f32(&hidden_states(tokens, width, 3), WireDtype::F32),
             }),
         }],
         output_dtype: 0,

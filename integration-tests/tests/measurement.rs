@@ -8,7 +8,7 @@ use std::time::Duration;
 use switchyard_common::children::ChildProcess;
 use switchyard_integration_tests::{TestCluster, binaries_dir, hidden_states, small_model};
 use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
-use switchyard_proto::wire;
+use switchyard_proto::wire::{self, WireDtype};
 use switchyard_router_client::CommLedger;
 
 #[tokio::test]
@@ -169,7 +169,7 @@ async fn the_clients_request_id_reaches_the_workers_spans() {
         rows: Some(v1::WireTensor {
             dtype: Dtype::F32 as i32,
             shape: vec![3, 256],
-            data: wire::encode_f32(&hidden_states(3, 256, 4), Dtype::F32),
+            data: wire::encode_f32(&hidden_states(3, 256, 4), WireDtype::F32),
         }),
     };
     // The id travels only in metadata, as MoeClient sends it.

@@ -3,7 +3,7 @@
 
 use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
 use switchyard_model::CapacityPolicy;
-use switchyard_reference::{ReferenceLayer, relative_frobenius_error};
+use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::capacity::OverflowPolicy;
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
 use switchyard_router_client::{ClientOptions, MoeClient, RoutingOverrides};
@@ -42,7 +42,7 @@ fn cases() -> Vec<Case> {
 async fn every_policy_matches_the_reference_where_capacity_overflows() {
     let model = small_model(1.0);
     let cluster = TestCluster::start(model.clone(), 2, |_| {}).await;
-    let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+    let reference = ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference");
     let hidden = hidden_states(64, 256, 21);
     for case in cases() {
         let overrides = RoutingOverrides {
@@ -56,7 +56,7 @@ async fn every_policy_matches_the_reference_where_capacity_overflows() {
             ClientOptions { routing: overrides, ..ClientOptions::default() },
         );
         let distributed = client.forward(0, &hidden).await.unwrap_or_else(|error| panic!("{}: {error}", case.name));
-        let expected = reference.forward(0, &hidden, &overrides).expect("reference");
+        let expected = reference.forward(0, &hidden, &overrides).await.expect("reference");
         let error = relative_frobenius_error(&distributed.hidden, &expected.hidden);
         assert!(error < 1e-5, "{}: relative Frobenius error {error:e}", case.name);
         assert_eq!(distributed.routing, expected.routing, "{}: same routing decisions", case.name);
@@ -76,7 +76,8 @@ async fn every_policy_matches_the_reference_where_capacity_overflows() {
             }
             (_, OverflowPolicy::Reroute) => {
                 let dropping = RoutingOverrides { overflow: Some(OverflowPolicy::Drop), ..overrides };
-                let dropped_without = reference.forward(0, &hidden, &dropping).expect("reference").routing.dropped;
+                let dropped_without =
+                    reference.forward(0, &hidden, &dropping).await.expect("reference").routing.dropped;
                 assert!(routing.rerouted > 0, "{}: overflow was re-routed", case.name);
                 assert!(
                     routing.dropped < dropped_without,
@@ -104,10 +105,10 @@ async fn a_gated_shared_expert_takes_every_token_and_adds_its_output() {
         ..small_model(2.0)
     };
     let cluster = TestCluster::start(model.clone(), 2, |_| {}).await;
-    let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+    let reference = ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference");
     let hidden = hidden_states(32, 256, 23);
     let distributed = cluster.client.forward(0, &hidden).await.expect("distributed forward");
-    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).expect("reference");
+    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).await.expect("reference");
     let error = relative_frobenius_error(&distributed.hidden, &expected.hidden);
     assert!(error < 1e-5, "relative Frobenius error {error:e}");
     assert_eq!(
@@ -119,8 +120,11 @@ async fn a_gated_shared_expert_takes_every_token_and_adds_its_output() {
     // Independently: the output less the routed-only output is sigmoid(x · w_gate) · shared(x).
     let routed_only =
         switchyard_model::ModelSpec { shared_experts: 0, shared_d_ff: 0, shared_expert_gate: false, ..model.clone() };
-    let without = ReferenceLayer::synthetic(&routed_only, &[0], tch::Device::Cpu)
+    let without = ReferenceLayer::start(&routed_only, &[0], ReferenceConfig::cpu())
+        .await
+        .expect("reference")
         .forward(0, &hidden, &RoutingOverrides::default())
+        .await
         .expect("routed-only reference");
     let shared = switchyard_experts::Expert::synthetic(&model, 0, 8, tch::Device::Cpu).forward_f32(&hidden);
     let gate = switchyard_model::synthetic::shared_gate_weights(model.seed, 0, 1, 256);

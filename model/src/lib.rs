@@ -6,6 +6,7 @@
 //! - [`router_spec`]: what a model's router computes (scores, groups, scaling, biases).
 //! - [`synthetic`]: seeded weights that are a pure function of `(seed, layer, expert)`.
 //! - [`checkpoint`]: checkpoints of every family by their public tensor names and `config.json`.
+//! - [`ids`]: `ExpertId`, `TableVersion`, `RequestId`: the identities domain code passes around.
 //! - [`mxfp4`]: dequantizing GPT-OSS's MXFP4 experts.
 //! - [`safetensors`]: reading single tensors of a (sharded) safetensors checkpoint by their offsets.
 //!
@@ -16,6 +17,7 @@ pub mod checkpoint;
 #[cfg(feature = "clap")]
 pub mod cli;
 pub mod family;
+pub mod ids;
 pub mod mxfp4;
 pub mod router_spec;
 pub mod safetensors;
@@ -24,5 +26,6 @@ pub mod synthetic;
 
 pub use capacity::{CapacityPolicy, expert_capacity};
 pub use family::Family;
+pub use ids::{ExpertId, RequestId, TableVersion};
 pub use router_spec::{GroupScore, RouterSpec, Scoring};
 pub use spec::{Activation, DEFAULT_CAPACITY_FACTOR, ModelSpec, SpecError};

@@ -4,6 +4,7 @@ use switchyard_proto::v1;
 
 use crate::capacity::CapacityPolicy;
 use crate::family::Family;
+use crate::ids::ExpertId;
 use crate::router_spec::RouterSpec;
 
 /// The expert feed-forward form.
@@ -226,14 +227,12 @@ impl ModelSpec {
     }
 
     /// Every `(layer, expert)` of the model, routed then shared, layer-major.
-    pub fn expert_keys(&self) -> impl Iterator<Item = v1::ExpertKey> + '_ {
+    pub fn expert_keys(&self) -> impl Iterator<Item = ExpertId> + '_ {
         let per_layer = self.experts_per_layer + self.shared_experts;
-        self.moe_layers
-            .iter()
-            .flat_map(move |layer| (0..per_layer).map(move |expert| v1::ExpertKey::new(*layer, expert)))
+        self.moe_layers.iter().flat_map(move |layer| (0..per_layer).map(move |expert| ExpertId::new(*layer, expert)))
     }
 
-    pub fn contains(&self, key: &v1::ExpertKey) -> bool {
+    pub fn contains(&self, key: &ExpertId) -> bool {
         self.layer_index(key.layer).is_some() && key.expert < self.experts_per_layer + self.shared_experts
     }
 
@@ -509,7 +508,7 @@ mod tests {
         assert_eq!(spec.layer_count(), 3);
         assert_eq!((spec.layer_index(2), spec.layer_index(3)), (Some(1), None));
         assert_eq!(spec.first_layer(), 1);
-        assert!(spec.contains(&v1::ExpertKey::new(5, 8)) && !spec.contains(&v1::ExpertKey::new(0, 0)));
+        assert!(spec.contains(&ExpertId::new(5, 8)) && !spec.contains(&ExpertId::new(0, 0)));
         let layers: Vec<u32> = spec.expert_keys().map(|key| key.layer).step_by(9).collect();
         assert_eq!(layers, [1, 2, 5]);
         assert_eq!(ModelSpec::default_synthetic().with_layers(3).moe_layers, [0, 1, 2]);
@@ -560,10 +559,10 @@ mod tests {
         assert_eq!(spec.expert_bytes(), 3 * 4 * 8 * 4);
         let keys: Vec<_> = spec.expert_keys().map(|k| (k.layer, k.expert)).collect();
         assert_eq!(keys, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);
-        assert!(!spec.contains(&v1::ExpertKey::new(0, 3)));
+        assert!(!spec.contains(&ExpertId::new(0, 3)));
         let shared = ModelSpec { shared_experts: 1, shared_d_ff: 16, ..spec };
         assert_eq!(shared.expert_keys().count(), 8);
-        assert!(shared.contains(&v1::ExpertKey::new(1, 3)) && shared.is_shared(3) && !shared.is_shared(2));
+        assert!(shared.contains(&ExpertId::new(1, 3)) && shared.is_shared(3) && !shared.is_shared(2));
         assert_eq!(shared.expert_bytes_of(3), 3 * 4 * 16 * 4);
         let missing_size = ModelSpec { shared_d_ff: 0, ..shared };
         assert!(ModelSpec::try_from(missing_size.to_proto()).unwrap_err().to_string().contains("shared_d_ff"));

@@ -2,8 +2,10 @@
 //! plus the conversions every crate needs to put f32 rows on the wire and read them back.
 //!
 //! - [`v1`]: the generated messages, clients and servers.
-//! - [`wire`]: dtype sizes, encoding of f32 rows into f32/f16/bf16 bytes and back.
+//! - [`wire`]: [`wire::WireDtype`], encoding of f32 rows into f32/f16/bf16 bytes and back.
+//! - [`status`]: errors with structured details (gRPC's richer error model) both ends decode.
 
+pub mod status;
 pub mod wire;
 
 #[allow(clippy::all, missing_docs)]

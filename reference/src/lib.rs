@@ -1,22 +1,27 @@
-//! The in-process reference layer: the same gate, routing and capacity as the distributed
-//! [`switchyard_router_client::MoeClient`], the
-//! same experts (rebuilt from the seed), no network. Tests compare the distributed output with it;
-//! benchmarks use it as the baseline that expert parallelism's overhead is measured against.
+//! The in-process reference layer: the client's own pipeline (gate, routing, capacity, dispatch,
+//! exchange, combine) over an [`in_process`] transport to one worker in this process that holds
+//! every expert. Nothing is computed twice in two ways: the reference differs from the distributed
+//! layer by the network only, so tests compare the two and benchmarks measure what the network and
+//! the processes cost.
+//!
+//! Calls run one at a time, as the baseline a single process would be: a load test against the
+//! reference measures one layer computing alone, not a batching server.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
+pub mod in_process;
 
-use switchyard_experts::Expert;
-use switchyard_model::ModelSpec;
-use switchyard_model::checkpoint::{Checkpoint, CheckpointError};
+use std::sync::Arc;
+use std::time::Duration;
 
-use switchyard_router_client::error::ClientError;
-use switchyard_router_client::gate::Gate;
-use switchyard_router_client::router::{
-    RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route,
-};
+use switchyard_expert_worker::metrics::WorkerMetrics;
+use switchyard_expert_worker::scheduler::BatchingConfig;
+use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, WorkerError, WorkerOptions};
+use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_router_client::router::RoutingSummary;
 use switchyard_router_client::timing::TimeBreakdown;
+use switchyard_router_client::{ClientError, ClientOptions, MoeClient, RoutingOverrides, RoutingTableView};
+use tokio::sync::{Mutex, watch};
+
+use crate::in_process::InProcessTransport;
 
 /// The answer of one reference call.
 #[derive(Debug, Clone)]
@@ -24,146 +29,100 @@ pub struct ReferenceOutput {
     pub hidden: Vec<f32>,
     pub router_logits: Vec<f32>,
     pub routing: RoutingSummary,
-    /// Gate, plan (capacity, grouping), encode (gathering rows), compute, combine; no network.
+    /// Gate, plan, encode, queue and compute, decode, combine; the network share is the in-process hop.
     pub timing: TimeBreakdown,
 }
 
-/// `Sync`: experts (tch tensors, `Send` only) sit behind a mutex, so calls compute one at a time,
-/// as one worker's compute thread does.
+/// Where and how the reference computes.
+#[derive(Debug, Clone, Copy)]
+pub struct ReferenceConfig {
+    pub device: tch::Device,
+    /// libtorch intra-op threads of its compute thread.
+    pub torch_threads: u32,
+    /// Identity experts (each returns its input): the counterpart of workers with
+    /// `--identity-experts`, for pure-communication measurements.
+    pub identity_experts: bool,
+}
+
+impl ReferenceConfig {
+    /// CPU, one thread, the model's experts.
+    pub fn cpu() -> Self {
+        Self { device: tch::Device::Cpu, torch_threads: 1, identity_experts: false }
+    }
+}
+
+/// The one worker's name in the reference's routing table.
+const IN_PROCESS: &str = "in-process";
+
+/// Why a reference layer could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ReferenceError {
+    #[error("starting the in-process worker: {0}")]
+    Start(#[from] std::io::Error),
+    #[error(transparent)]
+    Load(#[from] WorkerError),
+}
+
+/// `Sync`: share it between callers; their calls take turns.
 #[derive(Debug)]
 pub struct ReferenceLayer {
     model: ModelSpec,
-    gates: Vec<Gate>,
-    experts: Mutex<HashMap<(u32, u32), Expert>>,
-    /// libtorch threads of each forward, applied on the thread that runs it.
-    threads: Option<i32>,
+    client: MoeClient,
+    worker: Arc<ExpertWorker>,
+    /// Keeps the fixed routing table alive for the client.
+    _table: watch::Sender<Option<Arc<RoutingTableView>>>,
+    one_at_a_time: Mutex<()>,
 }
 
 impl ReferenceLayer {
-    /// Builds every expert of `layers` of a synthetic model on `device`.
-    pub fn synthetic(model: &ModelSpec, layers: &[u32], device: tch::Device) -> Self {
-        let _no_grad = tch::no_grad_guard();
-        let gates = model.moe_layers.iter().map(|layer| Gate::synthetic(model, *layer)).collect();
+    /// Loads every expert (routed and shared) of the MoE layers `layers` of `model`: seeded for a
+    /// synthetic model, read from its checkpoint otherwise, identities if `config` says so.
+    pub async fn start(model: &ModelSpec, layers: &[u32], config: ReferenceConfig) -> Result<Self, ReferenceError> {
+        let options = WorkerOptions {
+            device: config.device,
+            torch_threads: config.torch_threads.max(1) as i32,
+            // Every row of a call at once, without waiting for other calls' rows.
+            batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: usize::MAX },
+            default_queue_limit_tokens: usize::MAX,
+            identity_experts: config.identity_experts,
+        };
+        let worker = ExpertWorker::start(options, WorkerMetrics::new())?;
         let per_layer = model.experts_per_layer + model.shared_experts;
-        let experts = layers
-            .iter()
-            .flat_map(|layer| (0..per_layer).map(move |expert| (*layer, expert)))
-            .map(|(layer, expert)| ((layer, expert), Expert::synthetic(model, layer, expert, device)))
-            .collect();
-        Self { model: model.clone(), gates, experts: Mutex::new(experts), threads: None }
-    }
-
-    /// The layer of a synthetic model with identity experts (each returns its input): the in-process
-    /// counterpart of workers started with `--identity-experts`.
-    pub fn identity(model: &ModelSpec, layers: &[u32], device: tch::Device) -> Self {
-        let gates = model.moe_layers.iter().map(|layer| Gate::synthetic(model, *layer)).collect();
-        let per_layer = model.experts_per_layer + model.shared_experts;
-        let experts = layers
-            .iter()
-            .flat_map(|layer| (0..per_layer).map(move |expert| (*layer, expert)))
-            .map(|key| (key, Expert::identity(model.d_model as usize, device)))
-            .collect();
-        Self { model: model.clone(), gates, experts: Mutex::new(experts), threads: None }
-    }
-
-    /// Builds `layers` (the checkpoint's MoE layer numbers) of a checkpoint, every expert, routed
-    /// and shared, on `device`; routed with `model`, the checkpoint's spec with the operator's
-    /// capacity policy.
-    pub fn from_checkpoint(
-        checkpoint: &Checkpoint,
-        model: &ModelSpec,
-        layers: &[u32],
-        device: tch::Device,
-    ) -> Result<Self, CheckpointError> {
-        let _no_grad = tch::no_grad_guard();
-        let gates =
-            model.moe_layers.iter().map(|layer| Gate::from_checkpoint(checkpoint, *layer)).collect::<Result<_, _>>()?;
-        let mut experts = HashMap::new();
-        for layer in layers {
-            for expert in 0..model.experts_per_layer + model.shared_experts {
-                let weights = checkpoint.expert_weights(*layer, expert)?;
-                let (d_model, d_ff) = (model.d_model as usize, model.d_ff_of(expert) as usize);
-                experts
-                    .insert((*layer, expert), Expert::from_weights(&weights, model.activation, d_model, d_ff, device));
-            }
-        }
-        Ok(Self { model: model.clone(), gates, experts: Mutex::new(experts), threads: None })
-    }
-
-    /// The reference layer of `model`'s MoE layers `layers`: from its checkpoint, or seeded.
-    pub fn for_model(model: &ModelSpec, layers: &[u32], device: tch::Device) -> Result<Self, CheckpointError> {
-        match &model.checkpoint {
-            Some(dir) => Self::from_checkpoint(&Checkpoint::open(std::path::Path::new(dir))?, model, layers, device),
-            None => Ok(Self::synthetic(model, layers, device)),
-        }
+        let experts: Vec<ExpertId> =
+            layers.iter().flat_map(|layer| (0..per_layer).map(move |expert| ExpertId::new(*layer, expert))).collect();
+        worker.load_experts(model.clone(), experts, QueueLimits::default()).await?;
+        let table = RoutingTableView::single_worker(model.clone(), IN_PROCESS, u32::MAX);
+        let (sender, tables) = watch::channel(Some(Arc::new(table)));
+        let transport =
+            InProcessTransport::new([(Arc::from(IN_PROCESS), ExpertWorkerService::new(worker.clone(), IN_PROCESS))]);
+        let client = MoeClient::with_transport(tables, ClientOptions::default(), Arc::new(transport));
+        Ok(Self { model: model.clone(), client, worker, _table: sender, one_at_a_time: Mutex::new(()) })
     }
 
     pub fn model(&self) -> &ModelSpec {
         &self.model
     }
 
-    /// Computes with `threads` libtorch threads. The BLAS thread count is per OS thread, so it is
-    /// set on whichever thread runs each forward; without this a forward on a fresh thread uses
-    /// every core, whatever `tch::set_num_threads` said elsewhere.
-    pub fn with_threads(mut self, threads: u32) -> Self {
-        self.threads = Some(threads.max(1) as i32);
-        self
-    }
-
     /// Runs `hidden` through layer `layer`, routed as the model says with `overrides` applied.
-    pub fn forward(
+    pub async fn forward(
         &self,
         layer: u32,
         hidden: &[f32],
         overrides: &RoutingOverrides,
     ) -> Result<ReferenceOutput, ClientError> {
-        if let Some(threads) = self.threads {
-            tch::set_num_threads(threads);
-        }
-        let started = Instant::now();
-        let d_model = self.model.d_model as usize;
-        check_call(&self.model, layer, hidden)?;
-        let gate = self
-            .model
-            .layer_index(layer)
-            .map(|index| &self.gates[index])
-            .ok_or(ClientError::InvalidInput { field: "layer", reason: format!("{layer} is not a MoE layer") })?;
-        let config = config_for_call(&self.model, overrides);
-        config.check_tokens(hidden.len() / d_model)?;
-        let mut timing = TimeBreakdown::default();
-        let phase = Instant::now();
-        let (logits, routing) = gate_and_route(gate, hidden, config);
-        timing.gate = phase.elapsed();
-        let phase = Instant::now();
-        let routed = assign(gate, hidden, logits, routing, config);
-        timing.plan = phase.elapsed();
-        let experts = self.experts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut output = vec![0.0f32; hidden.len()];
-        let mut rows = Vec::new();
-        for group in &routed.groups {
-            let expert = experts.get(&(layer, group.expert)).ok_or(ClientError::InvalidInput {
-                field: "layer",
-                reason: format!("the reference layer holds no experts of layer {layer}"),
-            })?;
-            let phase = Instant::now();
-            rows.clear();
-            let group_rows = group.rows(d_model);
-            group.input_rows(hidden, d_model, 0..group_rows, &mut rows);
-            timing.encode += phase.elapsed();
-            let phase = Instant::now();
-            let expert_output = expert.forward_f32(&rows);
-            timing.compute += phase.elapsed();
-            let phase = Instant::now();
-            routed.combine_rows(group, 0..group_rows, &expert_output, d_model, &mut output);
-            timing.combine += phase.elapsed();
-        }
-        timing.wall = started.elapsed();
+        let _turn = self.one_at_a_time.lock().await;
+        let output = self.client.forward_with(layer, hidden, overrides).await?;
         Ok(ReferenceOutput {
-            hidden: output,
-            routing: RoutingSummary::from_routed(&routed),
-            router_logits: routed.logits,
-            timing,
+            hidden: output.hidden,
+            router_logits: output.router_logits,
+            routing: output.routing,
+            timing: output.timing,
         })
+    }
+
+    /// Stops the compute thread after what is queued.
+    pub async fn shutdown(&self) {
+        self.worker.shutdown().await;
     }
 }
 
@@ -179,10 +138,14 @@ pub fn relative_frobenius_error(actual: &[f32], expected: &[f32]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use switchyard_experts::Expert;
+    use switchyard_router_client::gate::Gate;
+    use switchyard_router_client::router::gate_and_route;
+
     use super::*;
 
-    #[test]
-    fn the_reference_sums_weighted_expert_outputs() {
+    #[tokio::test]
+    async fn the_reference_sums_weighted_expert_outputs() {
         let model = ModelSpec {
             d_model: 8,
             d_ff: 16,
@@ -191,9 +154,9 @@ mod tests {
             capacity: switchyard_model::CapacityPolicy::Dropless,
             ..ModelSpec::default_synthetic()
         };
-        let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+        let reference = ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference");
         let hidden: Vec<f32> = (0..3 * 8).map(|i| (i as f32 * 0.3).cos()).collect();
-        let output = reference.forward(0, &hidden, &RoutingOverrides::default()).expect("forward");
+        let output = reference.forward(0, &hidden, &RoutingOverrides::default()).await.expect("forward");
         assert_eq!(output.routing.dropped, 0);
         // Token 1 by hand: its two experts, each run alone, weighted.
         let config = switchyard_router_client::router::RoutingConfig::for_model(&model);
@@ -207,27 +170,22 @@ mod tests {
             }
         }
         assert!(relative_frobenius_error(&output.hidden[8..16], &expected) < 1e-6);
-        let error = reference.forward(3, &hidden, &RoutingOverrides::default()).unwrap_err().to_string();
+        let error = reference.forward(3, &hidden, &RoutingOverrides::default()).await.unwrap_err().to_string();
         assert_eq!(error, "layer: 3 is not a MoE layer of synthetic; its MoE layers are [0]");
-        assert!(
-            reference
-                .forward(0, &hidden[..5], &RoutingOverrides::default())
-                .unwrap_err()
-                .to_string()
-                .starts_with("hidden")
-        );
+        let error = reference.forward(0, &hidden[..5], &RoutingOverrides::default()).await.unwrap_err();
+        assert!(error.to_string().starts_with("hidden"), "{error}");
     }
 
-    #[test]
-    fn soft_moe_of_one_token_mixes_every_expert_by_its_slots_combine_mass() {
+    #[tokio::test]
+    async fn soft_moe_of_one_token_mixes_every_expert_by_its_slots_combine_mass() {
         let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
-        let reference = ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu);
+        let reference = ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference");
         let x: Vec<f32> = (0..8).map(|i| (i as f32 * 0.7).sin()).collect();
         let soft = RoutingOverrides {
             policy: Some(switchyard_router_client::routing::RoutingPolicy::SoftMoe { slots: 2 }),
             ..Default::default()
         };
-        let output = reference.forward(0, &x, &soft).expect("forward");
+        let output = reference.forward(0, &x, &soft).await.expect("forward");
         // One token: each slot's input is the token itself; C is a softmax over all 8 slot logits.
         let logits = Gate::synthetic(&model, 0).slot_logits(&x, 2);
         let max = logits.iter().copied().fold(f32::MIN, f32::max);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::safetensors::TensorFiles;
 use switchyard_model::{CapacityPolicy, Family, ModelSpec, expert_capacity};
-use switchyard_reference::{ReferenceLayer, ReferenceOutput, relative_frobenius_error};
+use switchyard_reference::{ReferenceConfig, ReferenceLayer, ReferenceOutput, relative_frobenius_error};
 use switchyard_router_client::RoutingOverrides;
 
 fn fixture(name: &str) -> PathBuf {
@@ -39,18 +39,19 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn load(name: &str) -> Self {
+    async fn load(name: &str) -> Self {
         let dir = fixture(name);
         let checkpoint = Checkpoint::open(&dir).unwrap_or_else(|error| panic!("{name}: {error}"));
         let spec = checkpoint.spec.clone();
-        let reference = ReferenceLayer::from_checkpoint(&checkpoint, &spec, &spec.moe_layers, tch::Device::Cpu)
+        let reference = ReferenceLayer::start(&spec, &spec.moe_layers, ReferenceConfig::cpu())
+            .await
             .unwrap_or_else(|error| panic!("{name}: {error}"));
         let expected = Expected::open(&dir, &spec);
         Self { name: name.to_owned(), spec, reference, expected }
     }
 
-    fn forward(&self, layer: u32, hidden: &[f32], overrides: &RoutingOverrides) -> ReferenceOutput {
-        self.reference.forward(layer, hidden, overrides).unwrap_or_else(|error| panic!("{}: {error}", self.name))
+    async fn forward(&self, layer: u32, hidden: &[f32], overrides: &RoutingOverrides) -> ReferenceOutput {
+        self.reference.forward(layer, hidden, overrides).await.unwrap_or_else(|error| panic!("{}: {error}", self.name))
     }
 }
 
@@ -92,17 +93,17 @@ impl Expected {
     }
 }
 
-#[test]
-fn every_family_matches_transformers_with_its_default_capacity_policy() {
+#[tokio::test]
+async fn every_family_matches_transformers_with_its_default_capacity_policy() {
     let mut families = Vec::new();
     for name in fixture_names() {
-        let fixture = Fixture::load(&name);
+        let fixture = Fixture::load(&name).await;
         let (spec, expected) = (&fixture.spec, &fixture.expected);
         families.push(spec.family);
         assert_eq!(spec.layer_count(), 2, "{name}: two MoE layers");
         let hidden = expected.hidden();
         for &layer in &spec.moe_layers {
-            let output = fixture.forward(layer, &hidden, &RoutingOverrides::default());
+            let output = fixture.forward(layer, &hidden, &RoutingOverrides::default()).await;
             let out_error = relative_frobenius_error(&output.hidden, &expected.out(layer));
             let logits_error = relative_frobenius_error(&output.router_logits, &expected.router_logits(layer));
             eprintln!("{name} layer {layer}: out error {out_error:.1e}, router_logits error {logits_error:.1e}");
@@ -130,8 +131,8 @@ fn every_family_matches_transformers_with_its_default_capacity_policy() {
     assert_eq!(families.len(), Family::CHECKPOINT_FAMILIES.len(), "a fixture for every served family: {families:?}");
 }
 
-#[test]
-fn the_families_are_read_as_their_configs_say() {
+#[tokio::test]
+async fn the_families_are_read_as_their_configs_say() {
     let spec = |name: &str| Checkpoint::open(&fixture(name)).expect("opens").spec;
     let names = fixture_names();
     let deepseek = spec("deepseek-v3-tiny");
@@ -163,23 +164,23 @@ fn the_families_are_read_as_their_configs_say() {
 
 /// Why dropless matters: the same Mixtral forward with a 1.25 capacity factor drops assignments
 /// and no longer equals transformers.
-#[test]
-fn a_capacity_factor_on_a_dropless_checkpoint_changes_the_model() {
-    let mixtral = Fixture::load("mixtral-tiny");
+#[tokio::test]
+async fn a_capacity_factor_on_a_dropless_checkpoint_changes_the_model() {
+    let mixtral = Fixture::load("mixtral-tiny").await;
     let capped = RoutingOverrides { capacity: Some(CapacityPolicy::Factor(1.25)), ..Default::default() };
-    let output = mixtral.forward(0, &mixtral.expected.hidden(), &capped);
+    let output = mixtral.forward(0, &mixtral.expected.hidden(), &capped).await;
     let error = relative_frobenius_error(&output.hidden, &mixtral.expected.out(0));
     assert!(output.routing.dropped > 0 && error > 1e-3, "dropped {}, error {error:e}", output.routing.dropped);
 }
 
 /// Switch Transformers drops the tokens past `expert_capacity` in token order within the
 /// sequence: a dropped token's block output is zero, exactly where transformers' is.
-#[test]
-fn switch_transformers_drops_exactly_the_tokens_transformers_drops() {
-    let switch = Fixture::load("switch-transformers-tiny");
+#[tokio::test]
+async fn switch_transformers_drops_exactly_the_tokens_transformers_drops() {
+    let switch = Fixture::load("switch-transformers-tiny").await;
     let expected = &switch.expected;
     for &layer in &switch.spec.moe_layers {
-        let output = switch.forward(layer, &expected.hidden(), &RoutingOverrides::default());
+        let output = switch.forward(layer, &expected.hidden(), &RoutingOverrides::default()).await;
         let dispatched = expected.read(&format!("layers.{layer}.dispatched"), expected.experts);
         let dropped_by_transformers: Vec<usize> = (0..expected.tokens)
             .filter(|t| dispatched[t * expected.experts..][..expected.experts].iter().all(|d| *d == 0.0))
@@ -196,9 +197,9 @@ fn switch_transformers_drops_exactly_the_tokens_transformers_drops() {
 /// A batch of sequences: Switch Transformers' capacity counts tokens within each sequence, so the
 /// same 32 tokens as two sequences of 16 drop other tokens than as one sequence; both equal
 /// transformers when the call says where the sequences are.
-#[test]
-fn switch_transformers_capacity_applies_to_each_sequence_of_a_batch() {
-    let switch = Fixture::load("switch-transformers-tiny");
+#[tokio::test]
+async fn switch_transformers_capacity_applies_to_each_sequence_of_a_batch() {
+    let switch = Fixture::load("switch-transformers-tiny").await;
     let expected = &switch.expected;
     let sequence = expected.tokens / 2;
     let batched = expected.files.read_f32("batched.hidden_states", &[2, sequence, expected.d_model]).expect("batch");
@@ -208,18 +209,18 @@ fn switch_transformers_capacity_applies_to_each_sequence_of_a_batch() {
         let read = |name: &str, width: usize| {
             expected.files.read_f32(&format!("layers.{layer}.batched.{name}"), &[2, sequence, width]).expect(name)
         };
-        let output = switch.forward(layer, &batched, &two_sequences);
+        let output = switch.forward(layer, &batched, &two_sequences).await;
         let error = relative_frobenius_error(&output.hidden, &read("out", expected.d_model));
         assert!(error < 1e-5, "layer {layer}: out relative error {error:e}");
         let dispatched: f32 = read("dispatched", expected.experts).iter().sum();
         assert_eq!(output.routing.dropped, expected.tokens - dispatched as usize, "layer {layer}");
-        let one_sequence = switch.forward(layer, &batched, &RoutingOverrides::default());
+        let one_sequence = switch.forward(layer, &batched, &RoutingOverrides::default()).await;
         assert!(
             one_sequence.routing.dropped > output.routing.dropped,
             "layer {layer}: 10 of 32 drops more than 10 of 16 twice"
         );
     }
     let ragged = RoutingOverrides { sequence_tokens: Some(5), ..Default::default() };
-    let error = switch.reference.forward(1, &batched, &ragged).unwrap_err().to_string();
+    let error = switch.reference.forward(1, &batched, &ragged).await.unwrap_err().to_string();
     assert_eq!(error, "hidden: 32 tokens are not a whole number of sequences of 5 tokens");
 }

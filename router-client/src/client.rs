@@ -1,5 +1,6 @@
-//! [`MoeClient`]: one MoE layer call, distributed. Gate and route here, send each worker its rows
-//! (all workers at once), combine the answers, and say where the time and bytes went.
+//! [`MoeClient`]: one MoE layer call, distributed, as plan → exchange → combine. Gate and route
+//! here and pack each worker's rows ([`crate::dispatch`]); send them all at once over the transport
+//! and combine each answer as it arrives ([`crate::exchange`]); say where the time and bytes went.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,29 +8,31 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use switchyard_proto::v1::{self, Dtype, expert_worker_client::ExpertWorkerClient};
-use switchyard_proto::wire;
-use tonic::transport::Channel;
+use switchyard_model::checkpoint::Checkpoint;
+use switchyard_model::{ExpertId, RequestId, TableVersion};
+use switchyard_proto::v1;
+use switchyard_proto::wire::WireDtype;
 use tracing::Instrument;
 
 use crate::codec::decode_rows;
 use crate::dispatch::{CallRows, PlannedRequest, by_worker, pack_requests};
 use crate::error::ClientError;
+use crate::exchange::{self, Outcome};
 use crate::gate::Gate;
-use crate::ledger::{RpcTiming, WorkerCall, response_compute};
+use crate::ledger::{WorkerCall, response_compute};
 use crate::metrics::ClientMetrics;
-use crate::router::{RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route};
+use crate::router::{
+    ExpertAssignments, Routed, RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route,
+};
 use crate::table::{RoutingTableView, TableReceiver};
 use crate::timing::{ByteCounts, GRPC_FRAME_PREFIX, TimeBreakdown};
-use switchyard_common::clock::unix_nanos;
-use switchyard_common::transport::WireCounters;
-use switchyard_model::checkpoint::Checkpoint;
+use crate::transport::{Answer, Endpoint, ExpertTransport, GrpcTransport};
 
 /// How this client calls layers.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// Element type of rows on the wire (both ways).
-    pub wire_dtype: Dtype,
+    pub wire_dtype: WireDtype,
     /// Deadline of one worker request.
     pub timeout: Duration,
     /// A worker's payload above this many bytes is split over several requests.
@@ -41,7 +44,7 @@ pub struct ClientOptions {
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
-            wire_dtype: Dtype::F32,
+            wire_dtype: WireDtype::F32,
             timeout: Duration::from_secs(30),
             split_request_bytes: switchyard_common::transport::SPLIT_REQUEST_BYTES,
             routing: RoutingOverrides::default(),
@@ -60,7 +63,7 @@ pub struct LayerOutput {
     pub timing: TimeBreakdown,
     pub bytes: ByteCounts,
     pub workers: Vec<WorkerCall>,
-    pub table_version: u64,
+    pub table_version: TableVersion,
 }
 
 /// Which gate: a layer of a synthetic model (by seed) or of a checkpoint.
@@ -71,28 +74,32 @@ struct GateKey {
     checkpoint: Option<String>,
 }
 
-/// A worker's gRPC client and the byte counters of its connection.
-type WorkerConnection = (ExpertWorkerClient<Channel>, Arc<WireCounters>);
-
 /// The distributed MoE layer. Cheap to share (`Arc`) between concurrent callers.
 #[derive(Debug)]
 pub struct MoeClient {
     tables: TableReceiver,
     options: ClientOptions,
-    workers: Mutex<HashMap<Arc<str>, WorkerConnection>>,
+    transport: Arc<dyn ExpertTransport>,
     metrics: ClientMetrics,
     gates: Mutex<HashMap<GateKey, Arc<Gate>>>,
     next_request_id: AtomicU64,
 }
 
 impl MoeClient {
+    /// A client reaching its workers over gRPC.
     pub fn new(tables: TableReceiver, options: ClientOptions) -> Self {
+        Self::with_transport(tables, options, Arc::new(GrpcTransport::default()))
+    }
+
+    /// A client reaching its workers over `transport` (in-process for the reference layer, scripted
+    /// in tests).
+    pub fn with_transport(tables: TableReceiver, options: ClientOptions, transport: Arc<dyn ExpertTransport>) -> Self {
         // Request ids unique across client processes: pid in the high bits.
         let first_id = (u64::from(std::process::id()) << 32) | 1;
         Self {
             tables,
             options,
-            workers: Mutex::new(HashMap::new()),
+            transport,
             metrics: ClientMetrics::default(),
             gates: Mutex::new(HashMap::new()),
             next_request_id: AtomicU64::new(first_id),
@@ -109,14 +116,8 @@ impl MoeClient {
     }
 
     /// Bytes each worker connection wrote and read on its socket so far: `(endpoint, sent, received)`.
-    pub fn wire_bytes(&self) -> Vec<(Arc<str>, u64, u64)> {
-        let workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut bytes: Vec<_> = workers
-            .iter()
-            .map(|(endpoint, (_, counters))| (endpoint.clone(), counters.sent(), counters.received()))
-            .collect();
-        bytes.sort();
-        bytes
+    pub fn wire_bytes(&self) -> Vec<(Endpoint, u64, u64)> {
+        self.transport.wire_bytes()
     }
 
     /// The table calls are routed with right now.
@@ -142,36 +143,73 @@ impl MoeClient {
         Ok(gate)
     }
 
-    fn worker(&self, endpoint: &Arc<str>, table_version: u64) -> Result<ExpertWorkerClient<Channel>, ClientError> {
-        let mut workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((client, _)) = workers.get(endpoint) {
-            return Ok(client.clone());
-        }
-        let counters = Arc::new(WireCounters::default());
-        let channel = switchyard_common::transport::counted_channel(endpoint, counters.clone()).map_err(|error| {
-            ClientError::BadTable { version: table_version, reason: format!("endpoint {endpoint}: {error}") }
-        })?;
-        let client = ExpertWorkerClient::new(channel)
-            .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
-        workers.insert(endpoint.clone(), (client.clone(), counters));
-        Ok(client)
-    }
-
     /// Runs `hidden` (`[tokens, d_model]`, row-major) through MoE layer `layer`.
     pub async fn forward(&self, layer: u32, hidden: &[f32]) -> Result<LayerOutput, ClientError> {
-        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::debug_span!("layer_forward", request_id, layer);
-        let output = self.forward_inner(request_id, layer, hidden).instrument(span).await;
+        self.forward_with(layer, hidden, &self.options.routing).await
+    }
+
+    /// [`MoeClient::forward`] with `routing` instead of this client's routing overrides.
+    pub async fn forward_with(
+        &self,
+        layer: u32,
+        hidden: &[f32],
+        routing: &RoutingOverrides,
+    ) -> Result<LayerOutput, ClientError> {
+        let request_id = RequestId(self.next_request_id.fetch_add(1, Ordering::Relaxed));
+        let span = tracing::debug_span!("layer_forward", request_id = request_id.0, layer);
+        let output = self.forward_inner(request_id, layer, hidden, routing).instrument(span).await;
         self.metrics.observe(&output);
         output
     }
 
-    async fn forward_inner(&self, request_id: u64, layer: u32, hidden: &[f32]) -> Result<LayerOutput, ClientError> {
+    async fn forward_inner(
+        &self,
+        request_id: RequestId,
+        layer: u32,
+        hidden: &[f32],
+        routing: &RoutingOverrides,
+    ) -> Result<LayerOutput, ClientError> {
         let started = Instant::now();
         let table = self
             .table()
             .ok_or(ClientError::NoTable { coordinator: "(not connected)".into(), waited: Duration::ZERO })?;
+        let mut timing = TimeBreakdown::default();
+        let plan = self.plan(request_id, &table, layer, hidden, routing, &mut timing)?;
+
+        let mut combine = Combine::new(&plan, hidden.len());
+        let exchanged = exchange::run(&*self.transport, &plan.requests, self.options.timeout, |index, answer| {
+            combine.answer(&plan, index, answer)
+        })
+        .await;
+        if let Err(failure) = exchanged {
+            let outcomes: Vec<String> = failure
+                .outcomes
+                .iter()
+                .map(|destination| {
+                    let state = match destination.outcome {
+                        Outcome::Answered => "answered",
+                        Outcome::Failed(_) => "failed",
+                        Outcome::Abandoned => "abandoned",
+                    };
+                    format!("{}: {state}", destination.endpoint)
+                })
+                .collect();
+            tracing::debug!(error = %failure.error, ?outcomes, "layer call failed");
+            return Err(failure.error);
+        }
+        Ok(combine.finish(plan, table.version, timing, started))
+    }
+
+    /// Gate, route, group by worker, pack: the requests of one call.
+    fn plan(
+        &self,
+        request_id: RequestId,
+        table: &RoutingTableView,
+        layer: u32,
+        hidden: &[f32],
+        routing: &RoutingOverrides,
+        timing: &mut TimeBreakdown,
+    ) -> Result<CallPlan, ClientError> {
         let model = &table.model;
         let d_model = model.d_model as usize;
         check_call(model, layer, hidden)?;
@@ -186,18 +224,17 @@ impl MoeClient {
                 ),
             });
         }
-        let config = config_for_call(model, &self.options.routing);
-        config.check_tokens(hidden.len() / d_model)?;
-        let mut timing = TimeBreakdown::default();
+        let config = config_for_call(model, routing);
+        config.check_tokens(tokens)?;
 
         let phase = Instant::now();
-        let gate = self.gate(&table, layer)?;
+        let gate = self.gate(table, layer)?;
         let (logits, routing) = gate_and_route(&gate, hidden, config);
         timing.gate = phase.elapsed();
 
         let phase = Instant::now();
         let routed = assign(&gate, hidden, logits, routing, config);
-        let workers = by_worker(layer, &routed.groups, &table)?;
+        let workers = by_worker(layer, &routed.groups, table)?;
         timing.plan = phase.elapsed();
 
         let call = CallRows {
@@ -227,131 +264,136 @@ impl MoeClient {
             worker_call.encode = phase.elapsed();
             timing.encode += worker_call.encode;
             requests.extend(packed.into_iter().map(|mut planned| {
-                planned.request.request_id = request_id;
+                planned.request.request_id = request_id.0;
                 planned
             }));
             worker_calls.push(worker_call);
         }
+        Ok(CallPlan { layer, d_model, routed, requests, worker_calls })
+    }
+}
 
-        let calls = requests.iter().map(|planned| self.call(planned, request_id, table.version));
-        let answers = futures::future::join_all(calls).await;
-        let mut responses = Vec::with_capacity(answers.len());
-        for answer in answers {
-            responses.push(answer?);
+/// One call's plan: the routing, the requests, and each worker's share so far.
+struct CallPlan {
+    layer: u32,
+    d_model: usize,
+    routed: Routed,
+    requests: Vec<PlannedRequest>,
+    worker_calls: Vec<WorkerCall>,
+}
+
+/// The combine step, fed one answer at a time as the exchange hands them over.
+struct Combine {
+    output: Vec<f32>,
+    scratch: Vec<f32>,
+    decode: Duration,
+    combine: Duration,
+    worker_calls: Vec<WorkerCall>,
+    /// Per answered request: (RPC time, the worker's handler time, its compute), for the straggler.
+    answered: Vec<(Duration, Duration, Duration)>,
+}
+
+impl Combine {
+    fn new(plan: &CallPlan, values: usize) -> Self {
+        Self {
+            output: vec![0.0; values],
+            scratch: Vec::new(),
+            decode: Duration::ZERO,
+            combine: Duration::ZERO,
+            worker_calls: plan.worker_calls.clone(),
+            answered: Vec::with_capacity(plan.requests.len()),
         }
+    }
 
+    /// Checks, decodes and adds the answer to request `index` into the output.
+    fn answer(&mut self, plan: &CallPlan, index: usize, answer: Answer) -> Result<(), ClientError> {
+        let planned = &plan.requests[index];
+        let Answer { response, timing: rpc } = answer;
+        let Some(worker_call) = self.worker_calls.iter_mut().find(|call| call.endpoint == planned.endpoint) else {
+            return Err(ClientError::BadResponse {
+                endpoint: planned.endpoint.to_string(),
+                reason: "unplanned".into(),
+            });
+        };
+        worker_call.record_answer(&response, &rpc);
+        if response.outputs.len() != planned.pieces.len() {
+            return Err(ClientError::BadResponse {
+                endpoint: planned.endpoint.to_string(),
+                reason: format!("{} outputs for {} expert batches", response.outputs.len(), planned.pieces.len()),
+            });
+        }
+        let worker = Duration::from_micros(response.worker_us).min(rpc.elapsed);
+        self.answered.push((rpc.elapsed, worker, response_compute(&response).min(worker)));
+        for (position, (piece, output)) in planned.pieces.iter().zip(&response.outputs).enumerate() {
+            let group: &ExpertAssignments = &plan.routed.groups[piece.group];
+            let rows = piece.end - piece.start;
+            let expert = ExpertId::new(plan.layer, group.expert);
+            let (dtype, payload) = check_output(&planned.endpoint, position, output, expert, rows, plan.d_model)?;
+            worker_call.bytes.payload_received += payload.data.len() as u64;
+
+            let phase = Instant::now();
+            decode_rows(&payload.data, dtype, &mut self.scratch);
+            let decode = phase.elapsed();
+            worker_call.decode += decode;
+            self.decode += decode;
+
+            let phase = Instant::now();
+            plan.routed.combine_rows(group, piece.start..piece.end, &self.scratch, plan.d_model, &mut self.output);
+            let combine = phase.elapsed();
+            worker_call.combine += combine;
+            self.combine += combine;
+        }
+        Ok(())
+    }
+
+    fn finish(self, plan: CallPlan, version: TableVersion, mut timing: TimeBreakdown, started: Instant) -> LayerOutput {
         // The straggler's RPC is the call's network + queue + compute time.
-        if let Some((response, rpc)) = responses.iter().max_by_key(|(_, rpc)| rpc.elapsed) {
-            let worker = Duration::from_micros(response.worker_us).min(rpc.elapsed);
-            let compute = response_compute(response).min(worker);
-            timing.network = rpc.elapsed - worker;
+        if let Some((rpc, worker, compute)) = self.answered.iter().max_by_key(|(rpc, _, _)| *rpc).copied() {
+            timing.network = rpc - worker;
             timing.compute = compute;
             timing.queue_wait = worker - compute;
         }
-
-        let mut output = vec![0.0f32; hidden.len()];
-        let mut scratch = Vec::new();
-        for (planned, (response, rpc)) in requests.iter().zip(&responses) {
-            let Some(worker_call) = worker_calls.iter_mut().find(|call| call.endpoint == planned.endpoint) else {
-                continue;
-            };
-            worker_call.record_answer(response, rpc);
-            if response.outputs.len() != planned.pieces.len() {
-                return Err(ClientError::BadResponse {
-                    endpoint: planned.endpoint.to_string(),
-                    reason: format!("{} outputs for {} expert batches", response.outputs.len(), planned.pieces.len()),
-                });
-            }
-            for (index, (piece, answer)) in planned.pieces.iter().zip(&response.outputs).enumerate() {
-                let group = &routed.groups[piece.group];
-                let rows = piece.end - piece.start;
-                let payload = check_output(&planned.endpoint, index, answer, layer, group.expert, rows, d_model)?;
-                worker_call.bytes.payload_received += payload.data.len() as u64;
-
-                let phase = Instant::now();
-                decode_rows(&payload.data, Dtype::try_from(payload.dtype).unwrap_or(Dtype::F32), &mut scratch);
-                let decode = phase.elapsed();
-                worker_call.decode += decode;
-                timing.decode += decode;
-
-                let phase = Instant::now();
-                routed.combine_rows(group, piece.start..piece.end, &scratch, d_model, &mut output);
-                let combine = phase.elapsed();
-                worker_call.combine += combine;
-                timing.combine += combine;
-            }
-        }
+        timing.decode = self.decode;
+        timing.combine = self.combine;
         let mut bytes = ByteCounts::default();
-        for worker_call in &worker_calls {
+        for worker_call in &self.worker_calls {
             bytes += worker_call.bytes;
         }
-
         timing.wall = started.elapsed();
-        let routing = RoutingSummary::from_routed(&routed);
-        Ok(LayerOutput {
-            hidden: output,
-            router_logits: routed.logits,
+        let routing = RoutingSummary::from_routed(&plan.routed);
+        LayerOutput {
+            hidden: self.output,
+            router_logits: plan.routed.logits,
             routing,
             timing,
             bytes,
-            workers: worker_calls,
-            table_version: table.version,
-        })
-    }
-
-    async fn call(
-        &self,
-        planned: &PlannedRequest,
-        request_id: u64,
-        table_version: u64,
-    ) -> Result<(v1::ForwardResponse, RpcTiming), ClientError> {
-        let mut client = self.worker(&planned.endpoint, table_version)?;
-        let mut request = tonic::Request::new(planned.request.clone());
-        request.set_timeout(self.options.timeout);
-        if let Ok(value) = request_id.to_string().parse() {
-            request.metadata_mut().insert("x-request-id", value);
-        }
-        let sent_unix_nanos = unix_nanos();
-        let started = Instant::now();
-        let answer = tokio::time::timeout(self.options.timeout, client.forward(request)).await;
-        let rpc = RpcTiming { elapsed: started.elapsed(), sent_unix_nanos, answered_unix_nanos: unix_nanos() };
-        match answer {
-            Ok(Ok(response)) => Ok((response.into_inner(), rpc)),
-            Ok(Err(status)) => Err(ClientError::Worker {
-                endpoint: planned.endpoint.to_string(),
-                code: status.code(),
-                message: status.message().to_owned(),
-            }),
-            Err(_) => Err(ClientError::Timeout { endpoint: planned.endpoint.to_string(), after: self.options.timeout }),
+            workers: self.worker_calls,
+            table_version: version,
         }
     }
 }
 
+/// The rows of answer `position`, if it answers `expert` with `[rows, d_model]` of a known dtype.
 fn check_output<'a>(
     endpoint: &str,
-    index: usize,
+    position: usize,
     answer: &'a v1::ExpertOutput,
-    layer: u32,
-    expert: u32,
+    expert: ExpertId,
     rows: usize,
     d_model: usize,
-) -> Result<&'a v1::WireTensor, ClientError> {
+) -> Result<(WireDtype, &'a v1::WireTensor), ClientError> {
     let bad = |reason: String| ClientError::BadResponse { endpoint: endpoint.to_owned(), reason };
-    if answer.expert != Some(v1::ExpertKey::new(layer, expert)) {
-        return Err(bad(format!(
-            "outputs[{index}].expert is {:?}, expected layer {layer} expert {expert}",
-            answer.expert
-        )));
+    if answer.expert.map(ExpertId::from) != Some(expert) {
+        return Err(bad(format!("outputs[{position}].expert is {:?}, expected {expert}", answer.expert)));
     }
-    let payload = answer.rows.as_ref().ok_or_else(|| bad(format!("outputs[{index}].rows is missing")))?;
-    let dtype = Dtype::try_from(payload.dtype).ok().filter(|dtype| *dtype != Dtype::Unspecified);
-    let expected = dtype.and_then(wire::element_size).map(|size| rows * d_model * size);
-    if payload.shape != [rows as u64, d_model as u64] || expected != Some(payload.data.len()) {
+    let payload = answer.rows.as_ref().ok_or_else(|| bad(format!("outputs[{position}].rows is missing")))?;
+    let dtype = WireDtype::try_from(payload.dtype).map_err(|error| bad(format!("outputs[{position}].rows.{error}")))?;
+    if payload.shape != [rows as u64, d_model as u64] || payload.data.len() != rows * d_model * dtype.element_size() {
         return Err(bad(format!(
-            "outputs[{index}].rows has shape {:?} and {} bytes, expected [{rows}, {d_model}]",
+            "outputs[{position}].rows has shape {:?} and {} bytes, expected [{rows}, {d_model}]",
             payload.shape,
             payload.data.len()
         )));
     }
-    Ok(payload)
+    Ok((dtype, payload))
 }

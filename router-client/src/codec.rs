@@ -3,13 +3,11 @@
 //! by the gate weights, into the output. One buffer per expert, never one per token.
 
 use bytes::{Bytes, BytesMut};
-use switchyard_proto::v1::Dtype;
-use switchyard_proto::wire;
+use switchyard_proto::wire::{self, WireDtype};
 
 /// The rows `tokens` of `hidden`, encoded as `dtype`, back to back.
-pub fn gather_rows(hidden: &[f32], d_model: usize, tokens: &[u32], dtype: Dtype) -> Bytes {
-    let element = wire::element_size(dtype).unwrap_or(4);
-    let mut payload = BytesMut::with_capacity(tokens.len() * d_model * element);
+pub fn gather_rows(hidden: &[f32], d_model: usize, tokens: &[u32], dtype: WireDtype) -> Bytes {
+    let mut payload = BytesMut::with_capacity(tokens.len() * d_model * dtype.element_size());
     for token in tokens {
         let start = *token as usize * d_model;
         wire::encode_f32_into(&hidden[start..start + d_model], dtype, &mut payload);
@@ -18,9 +16,8 @@ pub fn gather_rows(hidden: &[f32], d_model: usize, tokens: &[u32], dtype: Dtype)
 }
 
 /// Decodes `payload` into `scratch` (resized, reused across experts of one call).
-pub fn decode_rows(payload: &[u8], dtype: Dtype, scratch: &mut Vec<f32>) {
-    let element = wire::element_size(dtype).unwrap_or(4);
-    scratch.resize(payload.len() / element, 0.0);
+pub fn decode_rows(payload: &[u8], dtype: WireDtype, scratch: &mut Vec<f32>) {
+    scratch.resize(payload.len() / dtype.element_size(), 0.0);
     wire::decode_into_f32(payload, dtype, scratch);
 }
 
@@ -41,9 +38,9 @@ mod tests {
     #[test]
     fn gather_then_accumulate_scatters_back_with_weights() {
         let hidden = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let payload = gather_rows(&hidden, 2, &[2, 0], Dtype::F32);
+        let payload = gather_rows(&hidden, 2, &[2, 0], WireDtype::F32);
         let mut rows = Vec::new();
-        decode_rows(&payload, Dtype::F32, &mut rows);
+        decode_rows(&payload, WireDtype::F32, &mut rows);
         assert_eq!(rows, [5.0, 6.0, 1.0, 2.0]);
         let mut y = vec![0.0; 6];
         accumulate(&mut y, 2, &[2, 0], &[0.5, 2.0], &rows);

@@ -7,13 +7,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use switchyard_proto::v1::{self, Dtype, ExpertKey};
-use switchyard_proto::wire;
+use switchyard_model::ExpertId;
+use switchyard_proto::v1;
+use switchyard_proto::wire::{self, WireDtype};
 
 use crate::codec::gather_rows;
 use crate::error::ClientError;
 use crate::router::ExpertAssignments;
 use crate::table::RoutingTableView;
+use crate::transport::Endpoint;
 
 /// Rows `start..end` of group `group` (an index into the call's groups) placed in one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +28,7 @@ pub struct Piece {
 /// A request ready to send, with how to map its answer back.
 #[derive(Debug, Clone)]
 pub struct PlannedRequest {
-    pub endpoint: Arc<str>,
+    pub endpoint: Endpoint,
     pub request: v1::ForwardRequest,
     /// Aligned with `request.batches`.
     pub pieces: Vec<Piece>,
@@ -43,7 +45,7 @@ pub fn by_worker(
         let endpoint = table
             .endpoints(layer, group.expert)
             .first()
-            .ok_or(ClientError::Unplaced { version: table.version, expert: ExpertKey::new(layer, group.expert) })?;
+            .ok_or(ClientError::Unplaced { version: table.version, expert: ExpertId::new(layer, group.expert) })?;
         workers.entry(endpoint.clone()).or_default().push(index);
     }
     Ok(workers)
@@ -56,7 +58,7 @@ pub struct CallRows<'a> {
     /// The call's `[tokens, d_model]` input.
     pub hidden: &'a [f32],
     pub d_model: usize,
-    pub dtype: Dtype,
+    pub dtype: WireDtype,
     /// Most payload bytes in one request.
     pub split_bytes: usize,
 }
@@ -69,7 +71,7 @@ pub fn pack_requests(
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
     let CallRows { layer, hidden, d_model, dtype, split_bytes } = call;
-    let row_bytes = d_model * wire::element_size(dtype).unwrap_or(4);
+    let row_bytes = d_model * dtype.element_size();
     let rows_per_request = (split_bytes / row_bytes).max(1);
     let mut requests = Vec::new();
     let mut current = new_request(endpoint, dtype);
@@ -89,9 +91,9 @@ pub fn pack_requests(
                 None => gather_rows(hidden, d_model, &group.tokens[start..end], dtype),
             };
             current.request.batches.push(v1::ExpertRows {
-                expert: Some(ExpertKey::new(layer, group.expert)),
+                expert: Some(ExpertId::new(layer, group.expert).into()),
                 rows: Some(v1::WireTensor {
-                    dtype: dtype as i32,
+                    dtype: dtype.to_proto() as i32,
                     shape: vec![(end - start) as u64, d_model as u64],
                     data,
                 }),
@@ -107,10 +109,10 @@ pub fn pack_requests(
     requests
 }
 
-fn new_request(endpoint: &Arc<str>, dtype: Dtype) -> PlannedRequest {
+fn new_request(endpoint: &Arc<str>, dtype: WireDtype) -> PlannedRequest {
     PlannedRequest {
         endpoint: endpoint.clone(),
-        request: v1::ForwardRequest { request_id: 0, batches: Vec::new(), output_dtype: dtype as i32 },
+        request: v1::ForwardRequest { request_id: 0, batches: Vec::new(), output_dtype: dtype.to_proto() as i32 },
         pieces: Vec::new(),
     }
 }
@@ -128,7 +130,7 @@ mod tests {
         let groups = [group(0, 3), group(1, 2)];
         let hidden = vec![0.5; 3 * 4];
         let endpoint: Arc<str> = Arc::from("http://a");
-        let call = CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: Dtype::F32, split_bytes: 1 << 20 };
+        let call = CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: WireDtype::F32, split_bytes: 1 << 20 };
         let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].request.batches.len(), 2);
@@ -141,7 +143,7 @@ mod tests {
         let hidden = vec![0.5; 5 * 4];
         let endpoint: Arc<str> = Arc::from("http://a");
         // 16 bytes per row (4 x f32); 48 bytes per request = 3 rows.
-        let call = CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: Dtype::F32, split_bytes: 48 };
+        let call = CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: WireDtype::F32, split_bytes: 48 };
         let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
         let pieces: Vec<Vec<Piece>> = requests.iter().map(|r| r.pieces.clone()).collect();
         assert_eq!(

@@ -4,7 +4,8 @@
 //!
 //! One layer call ([`MoeClient::forward`]) is plan → exchange → combine:
 //! [`gate`] (logits) → [`routing`] (policy) → [`capacity`] (overflow) → [`router`] (groups by
-//! expert) → [`dispatch`] (groups by worker, packed into requests) → every worker at once →
+//! expert) → [`dispatch`] (groups by worker, packed into requests) → [`exchange`] (every worker
+//! at once over a [`transport`], answers handed over as they arrive, one outcome per worker) →
 //! [`codec`] (decode, weighted combine). [`table`] keeps the routing table current; [`timing`] and
 //! [`ledger`] say where the time and bytes went ([`metrics`] exports them).
 
@@ -13,6 +14,7 @@ pub mod client;
 pub mod codec;
 pub mod dispatch;
 pub mod error;
+pub mod exchange;
 pub mod gate;
 pub mod ledger;
 pub mod metrics;
@@ -21,6 +23,7 @@ pub mod routing;
 pub mod stats;
 pub mod table;
 pub mod timing;
+pub mod transport;
 
 pub use client::{ClientOptions, LayerOutput, MoeClient};
 pub use error::ClientError;
@@ -28,3 +31,4 @@ pub use ledger::{CommLedger, WorkerCall};
 pub use router::{RoutingConfig, RoutingOverrides, RoutingSummary};
 pub use table::{RoutingTableView, TableWatcher};
 pub use timing::{ByteCounts, TimeBreakdown};
+pub use transport::{Endpoint, ExpertTransport, GrpcTransport};

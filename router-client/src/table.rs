@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_model::ModelSpec;
+use switchyard_model::{ExpertId, ModelSpec, TableVersion};
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -16,7 +16,7 @@ use crate::error::ClientError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingTableView {
-    pub version: u64,
+    pub version: TableVersion,
     pub model: ModelSpec,
     /// `endpoints[layer_index * (experts + shared) + expert]`, where `layer_index` is the MoE layer's
     /// position among the model's MoE layers: the workers serving that expert (first is preferred).
@@ -27,6 +27,14 @@ pub struct RoutingTableView {
 }
 
 impl RoutingTableView {
+    /// A table that places every expert of `model` on one worker, `endpoint`: the in-process
+    /// reference layer's, whose one "worker" holds the whole model.
+    pub fn single_worker(model: ModelSpec, endpoint: &str, queue_limit_tokens: u32) -> Self {
+        let per_layer = (model.experts_per_layer + model.shared_experts) as usize;
+        let endpoints = vec![vec![Arc::from(endpoint)]; model.moe_layers.len() * per_layer];
+        Self { version: TableVersion(1), model, endpoints, queue_limit_tokens, max_batch_tokens: queue_limit_tokens }
+    }
+
     /// The workers serving `expert` of MoE layer `layer`; empty for a layer the model does not have.
     pub fn endpoints(&self, layer: u32, expert: u32) -> &[Arc<str>] {
         let per_layer = self.model.experts_per_layer + self.model.shared_experts;
@@ -54,12 +62,12 @@ impl TryFrom<v1::RoutingTable> for RoutingTableView {
     type Error = ClientError;
 
     fn try_from(table: v1::RoutingTable) -> Result<Self, Self::Error> {
-        let bad = |reason: String| ClientError::BadTable { version: table.version, reason };
+        let bad = |reason: String| ClientError::BadTable { version: TableVersion(table.version), reason };
         let model = ModelSpec::try_from(table.model.clone()).map_err(|error| bad(error.to_string()))?;
         let experts = (model.experts_per_layer + model.shared_experts) as usize;
         let mut endpoints = vec![Vec::new(); model.moe_layers.len() * experts];
         for (index, route) in table.routes.iter().enumerate() {
-            let expert = route.expert.ok_or_else(|| bad(format!("routes[{index}].expert is missing")))?;
+            let expert = ExpertId::from(route.expert.ok_or_else(|| bad(format!("routes[{index}].expert is missing")))?);
             let Some(layer_index) = model.layer_index(expert.layer).filter(|_| model.contains(&expert)) else {
                 return Err(bad(format!("routes[{index}].expert: {expert} is outside the model")));
             };
@@ -67,7 +75,7 @@ impl TryFrom<v1::RoutingTable> for RoutingTableView {
                 route.endpoints.iter().map(|endpoint| Arc::from(endpoint.as_str())).collect();
         }
         Ok(Self {
-            version: table.version,
+            version: TableVersion(table.version),
             model,
             endpoints,
             queue_limit_tokens: table.queue_limit_tokens,
@@ -135,7 +143,7 @@ async fn follow(
     coordinator: String,
 ) {
     loop {
-        let newer_than = sender.borrow().as_ref().map_or(0, |table| table.version);
+        let newer_than = sender.borrow().as_ref().map_or(0, |table| table.version.0);
         match client.watch_routing_table(v1::GetRoutingTableRequest { newer_than }).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
@@ -143,7 +151,7 @@ async fn follow(
                     match stream.message().await {
                         Ok(Some(table)) => match RoutingTableView::try_from(table) {
                             Ok(view) => {
-                                tracing::debug!(version = view.version, "routing table received");
+                                tracing::debug!(version = view.version.0, "routing table received");
                                 sender.send_replace(Some(Arc::new(view)));
                             }
                             Err(error) => {

@@ -13,6 +13,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::skew::{Inputs, Skew, gate_rows};
 use switchyard_model::ModelSpec;
+#[cfg(test)]
+use switchyard_reference::ReferenceConfig;
 use switchyard_reference::ReferenceLayer;
 use switchyard_router_client::client::MoeClient;
 use switchyard_router_client::error::ClientError;
@@ -106,12 +108,9 @@ impl Target {
                     workers: output.workers,
                 })
             }
+            // Its experts compute on its worker's thread, as the distributed layer's do on theirs.
             Target::Reference(reference) => {
-                let reference = reference.clone();
-                let output =
-                    tokio::task::spawn_blocking(move || reference.forward(layer, &hidden, &routing)).await.map_err(
-                        |error| ClientError::InvalidInput { field: "reference", reason: error.to_string() },
-                    )??;
+                let output = reference.forward(layer, &hidden, &routing).await?;
                 Ok(CallOutcome {
                     routing: output.routing,
                     timing: output.timing,
@@ -672,7 +671,7 @@ mod tests {
     #[tokio::test]
     async fn json_and_csv_carry_every_figure() {
         let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
-        let reference = Arc::new(ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu));
+        let reference = Arc::new(ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference"));
         let spec = LoadSpec {
             concurrency: 2,
             arrival: Arrival::Closed,
@@ -708,7 +707,7 @@ mod tests {
     #[tokio::test]
     async fn the_open_loop_sends_at_the_asked_rate() {
         let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
-        let reference = Arc::new(ReferenceLayer::synthetic(&model, &[0], tch::Device::Cpu));
+        let reference = Arc::new(ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference"));
         let spec = LoadSpec {
             concurrency: 1,
             arrival: Arrival::Open { rate: 200.0 },

@@ -8,6 +8,5 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
     switchyard_common::tracing_setup::init_tracing(cli.log_format);
-    tch::set_num_threads(cli.torch_threads as i32);
     cli::run(cli).await
 }

@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::PointResult;
-use super::plan::{ClusterShape, dtype_name};
+use super::plan::ClusterShape;
 use switchyard_router_client::timing::TimeBreakdown;
 
 pub type ChartResult = Result<(), Box<dyn std::error::Error>>;
@@ -35,7 +35,7 @@ impl From<&PointResult> for ChartPoint {
         Self {
             shape: result.point.shape,
             tokens: result.point.tokens,
-            wire: dtype_name(result.point.wire_dtype).to_owned(),
+            wire: result.point.wire_dtype.name().to_owned(),
             phase_shares: result.phase_shares(),
             overhead_ratio: result.overhead_ratio(),
             tokens_per_s: result.distributed.tokens_per_second(),

@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_model::{CapacityPolicy, ModelSpec};
-use switchyard_proto::v1::Dtype;
+use switchyard_proto::wire::WireDtype;
 
 use crate::loadtest::{self, Arrival, LoadReport, LoadSpec, Target};
 use crate::local_cluster::{LocalCluster, LocalClusterConfig, LocalClusterError};
 use crate::skew::{Inputs, Skew, gate_rows};
 use plan::{ClusterShape, Point};
-use switchyard_reference::{ReferenceLayer, relative_frobenius_error};
+use switchyard_reference::{ReferenceConfig, ReferenceError, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::client::{ClientOptions, MoeClient};
 use switchyard_router_client::error::ClientError;
 use switchyard_router_client::router::RoutingOverrides;
@@ -62,7 +62,9 @@ pub enum BenchError {
     #[error("wire baseline: {0}")]
     Wire(#[from] std::io::Error),
     #[error("model: {0}")]
-    Model(String),
+    Model(#[from] switchyard_model::SpecError),
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
 }
 
 /// One point, measured both ways.
@@ -286,7 +288,7 @@ fn model_of(shape: ClusterShape, settings: &BenchSettings, capacity: CapacityPol
         capacity,
         ..settings.model.clone()
     };
-    model.validate().map_err(|error| BenchError::Model(error.to_string()))
+    Ok(model.validate()?)
 }
 
 /// A running local cluster of one shape, with a routing-table watcher.
@@ -331,7 +333,7 @@ impl ShapeCluster {
         }
     }
 
-    fn client(&self, wire_dtype: Dtype) -> Arc<MoeClient> {
+    fn client(&self, wire_dtype: WireDtype) -> Arc<MoeClient> {
         let options = ClientOptions { wire_dtype, ..ClientOptions::default() };
         Arc::new(MoeClient::new(self.watcher.receiver(), options))
     }
@@ -397,7 +399,7 @@ async fn wire_error(client: &MoeClient, reference: &ReferenceLayer, tokens: usiz
         Inputs::generate(&Skew::Uniform, &gate, model.experts_per_layer as usize, tokens, model.d_model as usize, 7);
     let hidden = inputs.pick(0, Duration::ZERO);
     let distributed = client.forward(0, &hidden).await?;
-    let expected = reference.forward(0, &hidden, &RoutingOverrides::default())?;
+    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).await?;
     Ok(relative_frobenius_error(&distributed.hidden, &expected.hidden))
 }
 
@@ -456,12 +458,12 @@ async fn measure_shape(
 ) -> Result<Vec<PointResult>, BenchError> {
     // As many libtorch threads as all the workers have together.
     let threads = (shape.workers as u32 * settings.worker_torch_threads).max(1);
-    let reference = if settings.identity_experts {
-        ReferenceLayer::identity(&cluster.model, &[0], reference_device())
-    } else {
-        ReferenceLayer::synthetic(&cluster.model, &[0], reference_device())
+    let config = ReferenceConfig {
+        device: tch::Device::cuda_if_available(),
+        torch_threads: threads,
+        identity_experts: settings.identity_experts,
     };
-    let reference = Arc::new(reference.with_threads(threads));
+    let reference = Arc::new(ReferenceLayer::start(&cluster.model, &[0], config).await?);
     warm_up_every_expert(cluster, &reference, axes).await?;
     let mut results = Vec::new();
     for point in axes.points_of(shape) {
@@ -490,8 +492,8 @@ async fn measure_preset(
     shape: ClusterShape,
     settings: &BenchSettings,
 ) -> Result<PresetResult, BenchError> {
-    let point = Point { shape, tokens: preset.tokens(), wire_dtype: Dtype::Bf16 };
-    let client = cluster.client(Dtype::Bf16);
+    let point = Point { shape, tokens: preset.tokens(), wire_dtype: WireDtype::Bf16 };
+    let client = cluster.client(WireDtype::Bf16);
     let distributed = measure(Target::Distributed(client), settings, point.tokens, preset.name()).await?;
     // The baselines move what one dispatch request carried.
     let requests: u64 = distributed.ledger.pairs.values().map(|pair| pair.requests).sum();
@@ -509,10 +511,6 @@ async fn measure_preset(
 }
 
 /// The reference runs where the workers' experts would: CUDA when present.
-fn reference_device() -> tch::Device {
-    tch::Device::cuda_if_available()
-}
-
 /// FLOPs of one row through one expert: 2 per multiply-add, one `d_model × d_ff` product per matrix.
 pub fn flops_per_row(model: &ModelSpec, identity: bool) -> f64 {
     if identity {
@@ -526,7 +524,7 @@ fn point_line(result: &PointResult) -> String {
         "{}, {} tokens, {}: {:.2} ms distributed, {} in-process",
         result.point.shape,
         result.point.tokens,
-        plan::dtype_name(result.point.wire_dtype),
+        result.point.wire_dtype.name(),
         result.distributed_ms(),
         result.reference_ms().map_or("-".into(), |ms| format!("{ms:.2} ms")),
     )

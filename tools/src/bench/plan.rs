@@ -3,8 +3,7 @@
 //! vary one at a time around the first value of each list (or as a full grid with `--grid`), since
 //! every cluster shape costs a restart.
 
-use switchyard_proto::v1::Dtype;
-pub use switchyard_proto::wire::dtype_name;
+use switchyard_proto::wire::WireDtype;
 
 /// The shape of one cluster: what a restart changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -32,18 +31,18 @@ pub struct Point {
     pub shape: ClusterShape,
     pub tokens: usize,
     #[serde(serialize_with = "serialize_dtype")]
-    pub wire_dtype: Dtype,
+    pub wire_dtype: WireDtype,
 }
 
-fn serialize_dtype<S: serde::Serializer>(dtype: &Dtype, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(dtype_name(*dtype))
+fn serialize_dtype<S: serde::Serializer>(dtype: &WireDtype, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(dtype.name())
 }
 
 /// The lists a sweep draws from; the first value of each is the base.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Axes {
     pub tokens: Vec<usize>,
-    pub wire_dtypes: Vec<Dtype>,
+    pub wire_dtypes: Vec<WireDtype>,
     pub workers: Vec<usize>,
     pub experts: Vec<u32>,
     pub top_k: Vec<u32>,
@@ -103,7 +102,7 @@ mod tests {
     fn axes() -> Axes {
         Axes {
             tokens: vec![16, 256],
-            wire_dtypes: vec![Dtype::F32, Dtype::Bf16],
+            wire_dtypes: vec![WireDtype::F32, WireDtype::Bf16],
             workers: vec![2, 1, 4],
             experts: vec![8, 16],
             top_k: vec![2, 1, 16],

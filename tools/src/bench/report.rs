@@ -5,7 +5,6 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::charts::ChartPoint;
-use super::plan::dtype_name;
 use super::{BenchReport, PointResult, PresetResult, charts};
 use switchyard_router_client::ledger::CommLedger;
 use switchyard_router_client::timing::TimeBreakdown;
@@ -117,7 +116,7 @@ pub fn sweep_table(points: &[PointResult]) -> String {
             shape.d_model,
             shape.d_ff,
             result.point.tokens,
-            dtype_name(result.point.wire_dtype),
+            result.point.wire_dtype.name(),
             result.distributed_ms(),
             optional(result.reference_ms(), |ms| format!("{ms:.2}")),
             optional(result.overhead_ratio(), |ratio| format!("{ratio:.2}x")),

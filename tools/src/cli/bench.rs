@@ -5,12 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchyard_model::ModelSpec;
-use switchyard_model::spec::Activation;
-use switchyard_proto::v1::Dtype;
 use switchyard_tools::bench::plan::Axes;
 use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset};
 
-use super::load_args::{parse_dtype, parse_duration};
+use super::values::{ActivationArg, DtypeArg, parse_duration};
 
 /// The flags of `switchyard bench` (the command's help text is on `Command::Bench`).
 #[derive(Debug, clap::Args)]
@@ -19,17 +17,17 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_OUT", default_value = "bench-report")]
     pub out: PathBuf,
 
-    /// What to run: sweep, deepep (both DeepEP presets), deepep-normal, deepep-low-latency, all.
-    #[arg(long, env = "SWITCHYARD_BENCH_RUN", default_value = "all", value_parser = parse_run)]
+    /// What to run.
+    #[arg(long, env = "SWITCHYARD_BENCH_RUN", value_enum, default_value = "all")]
     pub run: RunWhat,
 
     /// Tokens per layer call.
     #[arg(long, env = "SWITCHYARD_BENCH_TOKENS", value_delimiter = ',', default_value = "1,16,64,256")]
     pub tokens: Vec<usize>,
 
-    /// Element types of rows on the wire: f32, f16, bf16.
-    #[arg(long, env = "SWITCHYARD_BENCH_WIRE_DTYPES", value_delimiter = ',', default_value = "f32,bf16", value_parser = parse_dtype)]
-    pub wire_dtypes: Vec<Dtype>,
+    /// Element types of rows on the wire.
+    #[arg(long, env = "SWITCHYARD_BENCH_WIRE_DTYPES", value_enum, value_delimiter = ',', default_value = "f32,bf16")]
+    pub wire_dtypes: Vec<DtypeArg>,
 
     /// Expert workers per cluster.
     #[arg(long, env = "SWITCHYARD_BENCH_WORKERS", value_delimiter = ',', default_value = "2,1,3")]
@@ -95,9 +93,9 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_CAPACITY_FACTOR", default_value_t = 1.25)]
     pub capacity_factor: f32,
 
-    /// Expert activation of the sweep's models: swiglu or gelu.
-    #[arg(long, env = "SWITCHYARD_BENCH_ACTIVATION", default_value = "swiglu", value_parser = parse_activation)]
-    pub activation: Activation,
+    /// Expert form of the sweep's models.
+    #[arg(long, env = "SWITCHYARD_BENCH_ACTIVATION", value_enum, default_value = "swiglu")]
+    pub activation: ActivationArg,
 
     /// Only redraw the SVG charts of the report folder --out from its report.json, then exit.
     #[arg(long, env = "SWITCHYARD_BENCH_REPLOT")]
@@ -108,24 +106,34 @@ pub struct BenchArgs {
     pub baseline_repeats: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunWhat {
-    sweep: bool,
-    presets: Vec<Preset>,
+/// What `switchyard bench` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunWhat {
+    /// The sweep, then both DeepEP presets.
+    All,
+    /// The sweep of cluster shapes x tokens per call x wire dtypes.
+    Sweep,
+    /// Both DeepEP presets.
+    Deepep,
+    /// DeepEP's normal setting: 4096 tokens, hidden 7168, top-8 of 256 experts.
+    DeepepNormal,
+    /// DeepEP's low-latency setting: 128 tokens.
+    DeepepLowLatency,
 }
 
-fn parse_run(text: &str) -> Result<RunWhat, String> {
-    let both = vec![Preset::DeepEpNormal, Preset::DeepEpLowLatency];
-    Ok(match text {
-        "all" => RunWhat { sweep: true, presets: both },
-        "sweep" => RunWhat { sweep: true, presets: Vec::new() },
-        "deepep" => RunWhat { sweep: false, presets: both },
-        "deepep-normal" => RunWhat { sweep: false, presets: vec![Preset::DeepEpNormal] },
-        "deepep-low-latency" => RunWhat { sweep: false, presets: vec![Preset::DeepEpLowLatency] },
-        other => {
-            return Err(format!("unknown run '{other}' (use all, sweep, deepep, deepep-normal or deepep-low-latency)"));
+impl RunWhat {
+    fn sweep(self) -> bool {
+        matches!(self, RunWhat::All | RunWhat::Sweep)
+    }
+
+    fn presets(self) -> Vec<Preset> {
+        match self {
+            RunWhat::All | RunWhat::Deepep => vec![Preset::DeepEpNormal, Preset::DeepEpLowLatency],
+            RunWhat::Sweep => Vec::new(),
+            RunWhat::DeepepNormal => vec![Preset::DeepEpNormal],
+            RunWhat::DeepepLowLatency => vec![Preset::DeepEpLowLatency],
         }
-    })
+    }
 }
 
 fn parse_dims(text: &str) -> Result<(u32, u32), String> {
@@ -136,10 +144,6 @@ fn parse_dims(text: &str) -> Result<(u32, u32), String> {
         (Some(d_model), Some(d_ff)) => Ok((d_model, d_ff)),
         _ => Err(format!("--dims {text}: both sizes must be positive integers")),
     }
-}
-
-fn parse_activation(text: &str) -> Result<Activation, String> {
-    text.parse()
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -173,7 +177,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         worker_torch_threads: args.worker_torch_threads,
         batch_wait_us: args.batch_wait_us,
         capacity_factor: args.capacity_factor,
-        model: ModelSpec { activation: args.activation, ..ModelSpec::default_synthetic() },
+        model: ModelSpec { activation: args.activation.into(), ..ModelSpec::default_synthetic() },
         baseline_repeats: args.baseline_repeats,
         coordinator_bin: dir.join("switchyard-coordinator"),
         worker_bin: dir.join("switchyard-worker"),
@@ -181,15 +185,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let plan = BenchPlan {
         axes: Axes {
             tokens: args.tokens.clone(),
-            wire_dtypes: args.wire_dtypes.clone(),
+            wire_dtypes: args.wire_dtypes.iter().copied().map(Into::into).collect(),
             workers: args.workers.clone(),
             experts: args.experts.clone(),
             top_k: args.top_k.clone(),
             dims: args.dims.clone(),
         },
         grid: args.grid,
-        sweep: args.run.sweep,
-        presets: args.run.presets.clone(),
+        sweep: args.run.sweep(),
+        presets: args.run.presets(),
         preset_workers: args.preset_workers,
         preset_calls: args.preset_calls,
         preset_time: args.preset_time,

@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use switchyard_model::{CapacityPolicy, ModelSpec};
-use switchyard_proto::v1::Dtype;
-use switchyard_router_client::capacity::OverflowPolicy;
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
 use switchyard_router_client::{RoutingOverrides, RoutingTableView};
 use switchyard_tools::loadtest::{self, Arrival, LoadReport, LoadSpec};
 use switchyard_tools::skew::Skew;
+
+use super::values::{self, DtypeArg, OverflowArg, PolicyName};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
@@ -20,7 +20,7 @@ pub struct LoadArgs {
     #[arg(long, env = "SWITCHYARD_LOAD_RATE")]
     pub rate: Option<f64>,
     /// Measured time, e.g. 10s, 500ms, 2m (after the warm-up).
-    #[arg(long, env = "SWITCHYARD_LOAD_DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "SWITCHYARD_LOAD_DURATION", default_value = "10s", value_parser = values::parse_duration)]
     pub duration: Duration,
     /// Stop after this many measured calls, if that comes before the duration.
     #[arg(long, env = "SWITCHYARD_LOAD_REQUESTS")]
@@ -32,7 +32,7 @@ pub struct LoadArgs {
     #[arg(long, env = "SWITCHYARD_LOAD_LAYER")]
     pub layer: Option<u32>,
     /// Unmeasured warm-up before the measured time.
-    #[arg(long, env = "SWITCHYARD_LOAD_WARMUP", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "SWITCHYARD_LOAD_WARMUP", default_value = "1s", value_parser = values::parse_duration)]
     pub warmup: Duration,
     /// Seed of the generated hidden states.
     #[arg(long, env = "SWITCHYARD_LOAD_SEED", default_value_t = 1)]
@@ -40,18 +40,15 @@ pub struct LoadArgs {
     /// Capacity factor of the calls (default: the model's).
     #[arg(long = "call-capacity-factor", env = "SWITCHYARD_LOAD_CAPACITY_FACTOR")]
     pub call_capacity_factor: Option<f32>,
-    /// Route with another policy than the model's own router (the default): top-k (softmax, top-k,
-    /// renormalised: Mixtral), top-k-softmax (no renormalisation: Qwen2-MoE, GShard), noisy-top-k,
-    /// dense, expert-choice, group-limited (DeepSeek-V3), soft-moe.
-    #[arg(long, env = "SWITCHYARD_POLICY", value_parser = parse_policy_name)]
+    /// Route with another policy than the model's own router (the default).
+    #[arg(long, env = "SWITCHYARD_POLICY", value_enum)]
     pub policy: Option<PolicyName>,
     /// Experts per token for the token-choice policies of --policy (default: the model's top-k).
     #[arg(long, env = "SWITCHYARD_ROUTE_TOP_K", requires = "policy")]
     pub route_top_k: Option<usize>,
-    /// What happens past an expert's capacity: drop, reroute (to the next choice with room) or
-    /// batch-prioritized (V-MoE: the least confident tokens are dropped).
-    #[arg(long, env = "SWITCHYARD_OVERFLOW", default_value = "drop", value_parser = parse_overflow)]
-    pub overflow: OverflowPolicy,
+    /// What happens past an expert's capacity.
+    #[arg(long, env = "SWITCHYARD_OVERFLOW", value_enum, default_value = "drop")]
+    pub overflow: OverflowArg,
     /// Seed of noisy top-k's noise (noise is off unless --policy noisy-top-k).
     #[arg(long, env = "SWITCHYARD_NOISE_SEED", default_value_t = 0)]
     pub noise_seed: u64,
@@ -77,9 +74,9 @@ pub struct LoadArgs {
     /// Also write every figure as CSV to this file (a header, then one row per report).
     #[arg(long, env = "SWITCHYARD_LOAD_CSV")]
     pub csv: Option<std::path::PathBuf>,
-    /// Element type of rows on the wire: f32, f16 or bf16.
-    #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "f32", value_parser = parse_dtype)]
-    pub wire_dtype: Dtype,
+    /// Element type of rows on the wire.
+    #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", value_enum, default_value = "f32")]
+    pub wire_dtype: DtypeArg,
 }
 
 impl LoadArgs {
@@ -124,7 +121,7 @@ impl LoadArgs {
         let (model_top_k, experts) = (model.top_k, model.experts_per_layer);
         let overrides = RoutingOverrides {
             policy: None,
-            overflow: Some(self.overflow),
+            overflow: Some(self.overflow.into()),
             capacity: self.call_capacity_factor.map(CapacityPolicy::Factor),
             sequence_tokens: None,
         };
@@ -207,69 +204,10 @@ pub fn parse_skew(text: &str) -> Result<SkewArg, String> {
         return Ok(SkewArg::Skew(Skew::Zipf { exponent }));
     }
     if let Some(period) = text.strip_prefix("rotating:") {
-        return Ok(SkewArg::Skew(Skew::Rotating { period: parse_duration(period)? }));
+        let period = values::parse_duration(period).map_err(|error| format!("--skew {text}: {error}"))?;
+        return Ok(SkewArg::Skew(Skew::Rotating { period }));
     }
     Err(format!("unknown skew '{text}' (use uniform, zipf:S, hot-worker or rotating:PERIOD)"))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PolicyName {
-    TopK,
-    TopKSoftmax,
-    NoisyTopK,
-    Dense,
-    ExpertChoice,
-    GroupLimited,
-    SoftMoe,
-}
-
-pub fn parse_policy_name(text: &str) -> Result<PolicyName, String> {
-    Ok(match text {
-        "top-k" => PolicyName::TopK,
-        "top-k-softmax" => PolicyName::TopKSoftmax,
-        "noisy-top-k" => PolicyName::NoisyTopK,
-        "dense" => PolicyName::Dense,
-        "expert-choice" => PolicyName::ExpertChoice,
-        "group-limited" => PolicyName::GroupLimited,
-        "soft-moe" => PolicyName::SoftMoe,
-        other => {
-            return Err(format!(
-                "unknown policy '{other}' (use top-k, top-k-softmax, noisy-top-k, dense, expert-choice, group-limited or soft-moe)"
-            ));
-        }
-    })
-}
-
-pub fn parse_overflow(text: &str) -> Result<OverflowPolicy, String> {
-    match text {
-        "drop" => Ok(OverflowPolicy::Drop),
-        "reroute" => Ok(OverflowPolicy::Reroute),
-        "batch-prioritized" => Ok(OverflowPolicy::BatchPrioritized),
-        other => Err(format!("unknown overflow policy '{other}' (use drop, reroute or batch-prioritized)")),
-    }
-}
-
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("'{text}' is not a duration like 10s, 500ms or 2m"))?;
-    let seconds = match unit {
-        "ms" => value / 1e3,
-        "s" | "" => value,
-        "m" => value * 60.0,
-        other => return Err(format!("unknown duration unit '{other}' (use ms, s or m)")),
-    };
-    Ok(Duration::from_secs_f64(seconds))
-}
-
-pub fn parse_dtype(text: &str) -> Result<Dtype, String> {
-    match text {
-        "f32" => Ok(Dtype::F32),
-        "f16" => Ok(Dtype::F16),
-        "bf16" => Ok(Dtype::Bf16),
-        other => Err(format!("unknown wire dtype '{other}' (use f32, f16 or bf16)")),
-    }
 }
 
 #[cfg(test)]
@@ -277,17 +215,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_and_dtypes_parse() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5h").unwrap_err().contains("'h'"));
-        assert_eq!(parse_dtype("bf16"), Ok(Dtype::Bf16));
+    fn skews_parse() {
         assert_eq!(parse_skew("zipf:1.5"), Ok(SkewArg::Skew(Skew::Zipf { exponent: 1.5 })));
         assert_eq!(parse_skew("rotating:2s"), Ok(SkewArg::Skew(Skew::Rotating { period: Duration::from_secs(2) })));
         assert_eq!(parse_skew("hot-worker"), Ok(SkewArg::HotWorker));
         assert!(parse_skew("zipf:x").unwrap_err().contains("zipf:S"));
-        assert!(parse_dtype("fp8").is_err());
     }
 }

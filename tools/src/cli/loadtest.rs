@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchyard_model::cli::ModelArgs;
-use switchyard_reference::ReferenceLayer;
+use switchyard_reference::{ReferenceConfig, ReferenceLayer};
 use switchyard_router_client::{ClientOptions, MoeClient, TableWatcher};
 use switchyard_tools::loadtest::{self, LoadSpec, Target};
 
@@ -53,7 +53,8 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
         let model = args.model.spec()?;
         eprintln!("building the in-process reference layer ({} experts)...", model.experts_per_layer);
         let layer = args.load.layer(&model);
-        let reference = ReferenceLayer::for_model(&model, &[layer], tch::Device::Cpu)?.with_threads(torch_threads);
+        let config = ReferenceConfig { torch_threads, ..ReferenceConfig::cpu() };
+        let reference = ReferenceLayer::start(&model, &[layer], config).await?;
         let name = format!("in-process reference ({torch_threads} torch threads)");
         let spec = LoadSpec {
             routing: args.load.routing(&model)?,
@@ -99,7 +100,7 @@ pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<
     let watcher = TableWatcher::start(coordinator)?;
     let table = watcher.wait_for(|table| table.is_complete(), Duration::from_secs(120)).await?;
     let routing = load.routing(&table.model)?;
-    let options = ClientOptions { wire_dtype: load.wire_dtype, routing, ..ClientOptions::default() };
+    let options = ClientOptions { wire_dtype: load.wire_dtype.into(), routing, ..ClientOptions::default() };
     let client = Arc::new(MoeClient::new(watcher.receiver(), options));
     Ok((client, watcher, table.workers().len()))
 }

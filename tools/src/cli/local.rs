@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchyard_model::cli::ModelArgs;
-use switchyard_reference::ReferenceLayer;
+use switchyard_reference::{ReferenceConfig, ReferenceLayer};
 use switchyard_tools::loadtest::{self, LoadSpec, Target};
 use switchyard_tools::local_cluster::{LocalCluster, LocalClusterConfig};
 
@@ -93,9 +93,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     if args.compare_reference {
         // A fair baseline: as many libtorch threads as all the workers had together.
         let threads = (args.workers as u32 * args.worker_torch_threads).max(1);
-        tch::set_num_threads(threads as i32);
         eprintln!("same load through the in-process reference layer ({threads} torch threads)...");
-        let reference = ReferenceLayer::for_model(&model, &[layer], tch::Device::Cpu)?.with_threads(threads);
+        let config = ReferenceConfig { torch_threads: threads, ..ReferenceConfig::cpu() };
+        let reference = ReferenceLayer::start(&model, &[layer], config).await?;
         let name = format!("in-process reference ({threads} torch threads)");
         let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?;
         print!("{}", baseline.render());

@@ -7,6 +7,7 @@ mod loadtest;
 mod local;
 mod model_info;
 mod status;
+mod values;
 
 use switchyard_common::tracing_setup::LogFormat;
 

@@ -1,0 +1,111 @@
+//! The client's exchange over the in-process transport, with real workers and no processes: a
+//! destination that refuses ends the call at once, typed, while another is still computing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_expert_worker::metrics::WorkerMetrics;
+use switchyard_expert_worker::scheduler::BatchingConfig;
+use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, WorkerOptions};
+use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_proto::v1;
+use switchyard_proto::wire::{self, WireDtype};
+use switchyard_reference::in_process::InProcessTransport;
+use switchyard_router_client::ClientError;
+use switchyard_router_client::dispatch::PlannedRequest;
+use switchyard_router_client::exchange::{self, Outcome};
+
+fn model() -> ModelSpec {
+    ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() }
+}
+
+/// A worker holding `expert` behind a queue of `limit` tokens, whose batcher waits `batch_wait` for
+/// more rows before computing.
+async fn worker(expert: u32, limit: usize, batch_wait: Duration) -> Arc<ExpertWorker> {
+    let options = WorkerOptions {
+        device: tch::Device::Cpu,
+        torch_threads: 1,
+        batching: BatchingConfig { batch_wait, max_batch_tokens: 1 << 20 },
+        default_queue_limit_tokens: limit,
+        identity_experts: false,
+    };
+    let worker = ExpertWorker::start(options, WorkerMetrics::new()).expect("compute thread");
+    worker.load_experts(model(), vec![ExpertId::new(0, expert)], QueueLimits::default()).await.expect("load");
+    worker
+}
+
+fn request(endpoint: &str, expert: u32, rows: usize) -> PlannedRequest {
+    let values: Vec<f32> = (0..rows * 8).map(|i| (i as f32 * 0.1).sin()).collect();
+    PlannedRequest {
+        endpoint: Arc::from(endpoint),
+        request: v1::ForwardRequest {
+            request_id: 7,
+            batches: vec![v1::ExpertRows {
+                expert: Some(v1::ExpertKey::new(0, expert)),
+                rows: Some(v1::WireTensor {
+                    dtype: v1::Dtype::F32 as i32,
+                    shape: vec![rows as u64, 8],
+                    data: wire::encode_f32(&values, WireDtype::F32),
+                }),
+            }],
+            output_dtype: 0,
+        },
+        pieces: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_ends_the_exchange_while_the_slow_worker_still_holds_its_rows() {
+    // "slow" would compute in an hour; "full" admits one token and is sent two.
+    let slow = worker(0, 1024, Duration::from_secs(3600)).await;
+    let full = worker(1, 1, Duration::ZERO).await;
+    let transport = InProcessTransport::new([
+        (Arc::from("slow"), ExpertWorkerService::new(slow.clone(), "slow")),
+        (Arc::from("full"), ExpertWorkerService::new(full.clone(), "full")),
+    ]);
+    let requests = [request("slow", 0, 3), request("full", 1, 2)];
+    let exchanged = exchange::run(&transport, &requests, Duration::from_secs(7200), |_, _| Ok(()));
+    // A guard against hanging for the slow worker's hour, not a measurement.
+    let failure = tokio::time::timeout(Duration::from_secs(60), exchanged)
+        .await
+        .expect("the exchange returned without waiting for the slow worker")
+        .unwrap_err();
+    assert_eq!(
+        failure.error,
+        ClientError::QueueFull {
+            endpoint: "full".into(),
+            expert: ExpertId::new(0, 1),
+            queued: 0,
+            limit: 1,
+            requested: 2
+        }
+    );
+    let outcomes: Vec<(&str, bool)> = failure
+        .outcomes
+        .iter()
+        .map(|destination| (&*destination.endpoint, matches!(destination.outcome, Outcome::Abandoned)))
+        .collect();
+    assert_eq!(outcomes, [("slow", true), ("full", false)]);
+    assert!(matches!(failure.outcomes[1].outcome, Outcome::Failed(ClientError::QueueFull { .. })));
+    slow.shutdown().await;
+    full.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_malformed_field_comes_back_as_a_bad_request_naming_it() {
+    let served = worker(2, 1024, Duration::ZERO).await;
+    let transport = InProcessTransport::new([(Arc::from("w"), ExpertWorkerService::new(served.clone(), "w"))]);
+    let mut truncated = request("w", 2, 2);
+    if let Some(rows) = truncated.request.batches[0].rows.as_mut() {
+        rows.data = rows.data.slice(..10);
+    }
+    let failure = exchange::run(&transport, &[truncated], Duration::from_secs(30), |_, _| Ok(())).await.unwrap_err();
+    match failure.error {
+        ClientError::BadRequest { endpoint, field, description } => {
+            assert_eq!((endpoint.as_str(), field.as_str()), ("w", "batches[0].rows.data"));
+            assert!(description.contains("needs 64 bytes, got 10"), "{description}");
+        }
+        other => panic!("expected a BadRequest, got {other:?}"),
+    }
+    served.shutdown().await;
+}

@@ -1,0 +1,117 @@
+//! The command line's enumerated values, as `clap::ValueEnum`s: `--help` lists each one's choices
+//! and clap refuses anything else with them named. Each maps onto the library type it selects.
+
+use switchyard_model::Activation;
+use switchyard_proto::wire::WireDtype;
+use switchyard_router_client::capacity::OverflowPolicy;
+
+/// A routing policy other than the model's own router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyName {
+    /// Softmax, top-k, renormalised (Mixtral).
+    TopK,
+    /// Softmax, top-k, weights as scored (Qwen2-MoE's norm_topk_prob false, GShard).
+    TopKSoftmax,
+    /// Noisy top-k gating, seeded (Shazeer et al. 2017).
+    NoisyTopK,
+    /// Every expert, softmax weights.
+    Dense,
+    /// Each expert picks its best tokens (Zhou et al. 2022).
+    ExpertChoice,
+    /// DeepSeek-V3: sigmoid scores, best groups, then top-k.
+    GroupLimited,
+    /// Soft MoE: experts process slot mixtures of the tokens (Puigcerver et al. 2023).
+    SoftMoe,
+}
+
+/// What happens past an expert's capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OverflowArg {
+    /// The assignment contributes nothing; the token keeps its residual path.
+    Drop,
+    /// To the token's next choice with room.
+    Reroute,
+    /// V-MoE: tokens admitted by their top gate weight, the least confident dropped.
+    BatchPrioritized,
+}
+
+impl From<OverflowArg> for OverflowPolicy {
+    fn from(overflow: OverflowArg) -> Self {
+        match overflow {
+            OverflowArg::Drop => OverflowPolicy::Drop,
+            OverflowArg::Reroute => OverflowPolicy::Reroute,
+            OverflowArg::BatchPrioritized => OverflowPolicy::BatchPrioritized,
+        }
+    }
+}
+
+/// The element type of rows on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DtypeArg> for WireDtype {
+    fn from(dtype: DtypeArg) -> Self {
+        match dtype {
+            DtypeArg::F32 => WireDtype::F32,
+            DtypeArg::F16 => WireDtype::F16,
+            DtypeArg::Bf16 => WireDtype::Bf16,
+        }
+    }
+}
+
+/// The expert form of a benchmark's synthetic models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ActivationArg {
+    /// Mixtral's w2(silu(w1 x) * w3 x).
+    Swiglu,
+    /// w2(gelu(w1 x)).
+    Gelu,
+    /// w2(relu(w1 x)).
+    Relu,
+    /// GPT-OSS's clamped SwiGLU (alpha 1.702, limit 7).
+    ClampedSwiglu,
+}
+
+impl From<ActivationArg> for Activation {
+    fn from(activation: ActivationArg) -> Self {
+        match activation {
+            ActivationArg::Swiglu => Activation::SwiGlu,
+            ActivationArg::Gelu => Activation::Gelu,
+            ActivationArg::Relu => Activation::Relu,
+            ActivationArg::ClampedSwiglu => Activation::GPT_OSS,
+        }
+    }
+}
+
+/// A duration like `10s`, `500ms`, `2m` or `1h 30m`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, humantime::DurationError> {
+    humantime::parse_duration(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::ValueEnum;
+
+    use super::*;
+
+    #[test]
+    fn names_are_the_documented_ones() {
+        assert_eq!(PolicyName::from_str("group-limited", false), Ok(PolicyName::GroupLimited));
+        assert_eq!(
+            OverflowPolicy::from(OverflowArg::from_str("batch-prioritized", false).unwrap()),
+            OverflowPolicy::BatchPrioritized
+        );
+        assert_eq!(WireDtype::from(DtypeArg::from_str("bf16", false).unwrap()), WireDtype::Bf16);
+        assert!(DtypeArg::from_str("fp8", false).is_err());
+        assert_eq!(Activation::from(ActivationArg::from_str("clamped-swiglu", false).unwrap()), Activation::GPT_OSS);
+        assert_eq!(parse_duration("250ms").ok(), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m").ok(), Some(Duration::from_secs(120)));
+        assert!(parse_duration("ten").is_err());
+    }
+}
