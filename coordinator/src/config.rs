@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use switchyard_common::tracing_setup::LogFormat;
-use switchyard_model::cli::ModelArgs;
+use switchyard_model::cli::{ModelArgs, ModelArgsError};
 
 use switchyard_model::{CapacityPolicy, ModelSpec};
 
@@ -59,16 +59,25 @@ pub struct Args {
     pub check_config: bool,
 }
 
+/// Flags that make no cluster; the message names the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Model(#[from] ModelArgsError),
+    #[error("--heartbeat-timeout-ms ({timeout}) must exceed --heartbeat-interval-ms ({interval})")]
+    HeartbeatTimeout { timeout: u64, interval: u64 },
+}
+
 impl TryFrom<&Args> for ClusterConfig {
-    type Error = String;
+    type Error = ConfigError;
 
     fn try_from(args: &Args) -> Result<Self, Self::Error> {
-        let model = args.model.spec().map_err(|error| error.to_string())?;
+        let model = args.model.spec()?;
         if args.heartbeat_timeout_ms <= args.heartbeat_interval_ms {
-            return Err(format!(
-                "--heartbeat-timeout-ms ({}) must exceed --heartbeat-interval-ms ({})",
-                args.heartbeat_timeout_ms, args.heartbeat_interval_ms
-            ));
+            return Err(ConfigError::HeartbeatTimeout {
+                timeout: args.heartbeat_timeout_ms,
+                interval: args.heartbeat_interval_ms,
+            });
         }
         Ok(ClusterConfig {
             queue_limit_tokens: queue_limit(&model, args.max_batch_tokens),
@@ -120,9 +129,9 @@ mod tests {
     #[test]
     fn bad_values_are_refused_with_the_flag_named() {
         let args = Args::try_parse_from(["switchyard-coordinator", "--top-k", "9"]).expect("parses");
-        assert!(ClusterConfig::try_from(&args).unwrap_err().contains("model.top_k"));
+        assert!(ClusterConfig::try_from(&args).unwrap_err().to_string().contains("model.top_k"));
         let args = Args::try_parse_from(["switchyard-coordinator", "--heartbeat-timeout-ms", "100"]).expect("parses");
-        assert!(ClusterConfig::try_from(&args).unwrap_err().contains("--heartbeat-timeout-ms"));
+        assert!(ClusterConfig::try_from(&args).unwrap_err().to_string().contains("--heartbeat-timeout-ms"));
         assert!(Args::try_parse_from(["switchyard-coordinator", "--activation", "tanh"]).is_err());
     }
 }

@@ -7,7 +7,7 @@ use switchyard_coordinator::cluster::ClusterConfig;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     switchyard_common::tracing_setup::init_tracing(args.log_format);
-    let config = ClusterConfig::try_from(&args).map_err(anyhow::Error::msg).context("invalid configuration")?;
+    let config = ClusterConfig::try_from(&args).context("invalid configuration")?;
     if args.check_config {
         println!("configuration ok: listen {} metrics {} {config:#?}", args.listen, args.metrics_listen);
         return Ok(());

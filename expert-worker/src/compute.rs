@@ -93,6 +93,12 @@ fn run_batch(experts: &HashMap<ExpertId, Expert>, batch: Batch, device: Device, 
         return;
     };
     let tokens = batch.tokens();
+    // One span per merged forward, linked to the span of every request whose rows it computes.
+    let span = tracing::debug_span!("expert_batch", expert = %batch.expert, tokens, requests = batch.entries.len());
+    for (entry, _) in &batch.entries {
+        span.follows_from(&entry.request_span);
+    }
+    let _entered = span.enter();
     let started = Instant::now();
     let outputs = catch_unwind(AssertUnwindSafe(|| forward_rows(expert, &batch, device)));
     let compute = started.elapsed();

@@ -83,10 +83,14 @@ pub struct Args {
 impl Args {
     /// Checks what clap cannot: endpoints are http(s) URIs with a host, sizes are positive. The
     /// error names the flag.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ConfigError> {
         for (flag, uri) in [("--advertise", &self.advertise), ("--coordinator", &self.coordinator)] {
             if let Some(uri) = uri {
-                check_endpoint(uri).map_err(|reason| format!("{flag} {uri}: {reason}"))?;
+                check_endpoint(uri).map_err(|reason| ConfigError::Endpoint {
+                    flag,
+                    uri: uri.clone(),
+                    reason: reason.to_owned(),
+                })?;
             }
         }
         for (flag, value) in [
@@ -95,7 +99,7 @@ impl Args {
             ("--queue-limit-tokens", self.queue_limit_tokens),
         ] {
             if value == 0 {
-                return Err(format!("{flag} must be at least 1"));
+                return Err(ConfigError::Zero { flag });
             }
         }
         Ok(())
@@ -122,13 +126,23 @@ impl Args {
     }
 }
 
-fn check_endpoint(uri: &str) -> Result<(), String> {
-    let parsed: tonic::transport::Uri = uri.parse().map_err(|error| format!("not a URI ({error})"))?;
+/// Flags that make no worker; the message names the flag.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("{flag} {uri}: {reason}")]
+    Endpoint { flag: &'static str, uri: String, reason: String },
+    #[error("{flag} must be at least 1")]
+    Zero { flag: &'static str },
+}
+
+/// Why `uri` is not a worker or coordinator endpoint, if it is not.
+fn check_endpoint(uri: &str) -> Result<(), &'static str> {
+    let parsed: tonic::transport::Uri = uri.parse().map_err(|_| "not a URI")?;
     if !matches!(parsed.scheme_str(), Some("http" | "https")) {
-        return Err("the scheme must be http or https".into());
+        return Err("the scheme must be http or https");
     }
     if parsed.host().is_none_or(str::is_empty) {
-        return Err("a host is missing".into());
+        return Err("a host is missing");
     }
     Ok(())
 }
@@ -176,6 +190,21 @@ mod tests {
             .expect("valid");
         assert_eq!(args.advertised_endpoint(bound), "http://w-0:1");
         assert!(Args::try_parse_from(["switchyard-worker", "--device", "tpu"]).is_err());
+    }
+
+    #[test]
+    fn checks_name_the_flag() {
+        let args = Args::try_parse_from(["switchyard-worker", "--coordinator", "ftp://coordinator"]).expect("parses");
+        assert_eq!(
+            args.check(),
+            Err(ConfigError::Endpoint {
+                flag: "--coordinator",
+                uri: "ftp://coordinator".into(),
+                reason: "the scheme must be http or https".into()
+            })
+        );
+        let args = Args::try_parse_from(["switchyard-worker", "--max-batch-tokens", "0"]).expect("parses");
+        assert_eq!(args.check().unwrap_err().to_string(), "--max-batch-tokens must be at least 1");
     }
 
     #[test]

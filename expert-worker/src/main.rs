@@ -5,7 +5,7 @@ use switchyard_expert_worker::Args;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    args.check().map_err(anyhow::Error::msg).context("invalid configuration")?;
+    args.check().context("invalid configuration")?;
     if args.check_config {
         println!("configuration ok: {args:#?}");
         return Ok(());

@@ -40,6 +40,8 @@ pub struct QueuedRows {
     pub data: Bytes,
     pub enqueued_at: Instant,
     pub reply: oneshot::Sender<Result<RowsOut, WorkerError>>,
+    /// The span of the request the rows came with: the batch they join follows from it.
+    pub request_span: tracing::Span,
 }
 
 /// The answer for one [`QueuedRows`].
@@ -200,6 +202,7 @@ impl Scheduler {
     /// Admits every part of `batch` or none of them.
     pub fn admit(&self, batch: ForwardBatch) -> Result<Admitted, WorkerError> {
         let now = Instant::now();
+        let request_span = tracing::Span::current();
         let mut state = self.lock();
         if state.stopping {
             return Err(WorkerError::Unavailable("the worker is shutting down".into()));
@@ -264,6 +267,7 @@ impl Scheduler {
                 data: part.data,
                 enqueued_at: now,
                 reply,
+                request_span: request_span.clone(),
             });
         }
         drop(state);

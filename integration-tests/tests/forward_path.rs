@@ -4,10 +4,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
+use switchyard_model::ExpertId;
 use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
 use switchyard_proto::wire::{self, WireDtype};
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
-use switchyard_router_client::{ClientOptions, MoeClient, RoutingOverrides};
+use switchyard_router_client::{ClientError, ClientOptions, MoeClient, RoutingOverrides};
 use tonic::Code;
 
 #[tokio::test]
@@ -146,7 +147,17 @@ async fn a_worker_refuses_over_capacity_and_malformed_batches_and_keeps_serving(
 
     let status = worker.forward(rows_request(3, 21, 256)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
-    assert!(status.message().contains("layer 0 expert 3"), "{}", status.message());
+    // The client reads the refusal from the status details, as data.
+    assert_eq!(
+        ClientError::from_status(&endpoint, &status),
+        ClientError::QueueFull {
+            endpoint: endpoint.clone(),
+            expert: ExpertId::new(0, 3),
+            queued: 0,
+            limit: 20,
+            requested: 21
+        }
+    );
 
     let mut wrong_width = rows_request(3, 2, 128);
     assert_eq!(worker.forward(wrong_width.clone()).await.unwrap_err().code(), Code::InvalidArgument);
@@ -162,7 +173,13 @@ async fn a_worker_refuses_over_capacity_and_malformed_batches_and_keeps_serving(
         rows.data = Bytes::from(vec![0u8; 10]);
     }
     let status = worker.forward(truncated).await.unwrap_err();
-    assert!(status.message().starts_with("batches[0].rows.data"), "{}", status.message());
+    match ClientError::from_status(&endpoint, &status) {
+        ClientError::BadRequest { field, description, .. } => {
+            assert_eq!(field, "batches[0].rows.data", "the field path comes from the BadRequest details");
+            assert!(description.contains("needs 2048 bytes, got 10"), "{description}");
+        }
+        other => panic!("expected a BadRequest, got {other:?}"),
+    }
     let not_here =
         (0..8).find(|e| cluster.table().endpoints(0, *e)[0].as_ref() != endpoint).expect("an expert elsewhere");
     let status = worker.forward(rows_request(not_here, 2, 256)).await.unwrap_err();

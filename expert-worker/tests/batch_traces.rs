@@ -1,0 +1,101 @@
+//! The compute step's span is linked (`follows_from`) to the span of every request merged into its
+//! batch, so a trace shows which requests one forward served. Its own test binary: it installs a
+//! global subscriber (the compute thread is not the test's thread).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchyard_expert_worker::request::{ExpertRowsIn, ForwardBatch};
+use switchyard_expert_worker::scheduler::BatchingConfig;
+use switchyard_expert_worker::{ExpertWorker, QueueLimits, WorkerOptions};
+use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_proto::wire::{self, WireDtype};
+use tracing::Instrument;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+/// Every span's name and `request_id`, and every follows-from link, by span id.
+#[derive(Debug, Default)]
+struct Recorded {
+    spans: HashMap<u64, (String, Option<u64>)>,
+    links: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Recorder(Arc<Mutex<Recorded>>);
+
+struct RequestId(Option<u64>);
+
+impl Visit for RequestId {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if field.name() == "request_id" {
+            self.0 = Some(value);
+        }
+    }
+
+    fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
+}
+
+impl<S: tracing::Subscriber> Layer<S> for Recorder {
+    fn on_new_span(&self, attributes: &Attributes<'_>, id: &Id, _: Context<'_, S>) {
+        let mut request_id = RequestId(None);
+        attributes.record(&mut request_id);
+        let name = attributes.metadata().name().to_owned();
+        self.0.lock().expect("lock").spans.insert(id.into_u64(), (name, request_id.0));
+    }
+
+    fn on_follows_from(&self, span: &Id, follows: &Id, _: Context<'_, S>) {
+        self.0.lock().expect("lock").links.push((span.into_u64(), follows.into_u64()));
+    }
+}
+
+#[tokio::test]
+async fn a_merged_batch_follows_from_every_request_it_serves() {
+    let recorder = Recorder::default();
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(recorder.clone()))
+        .expect("the only subscriber of this test binary");
+    // Long enough a wait that both requests' rows are queued before the batch runs.
+    let options = WorkerOptions {
+        device: tch::Device::Cpu,
+        torch_threads: 1,
+        batching: BatchingConfig { batch_wait: Duration::from_millis(300), max_batch_tokens: 1024 },
+        default_queue_limit_tokens: 1024,
+        identity_experts: false,
+    };
+    let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
+    let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 2, ..ModelSpec::default_synthetic() };
+    worker.load_experts(model, vec![ExpertId::new(0, 0)], QueueLimits::default()).await.expect("load");
+    let request = |id: u64| {
+        let values: Vec<f32> = (0..2 * 8).map(|i| (i as f32 + id as f32).cos()).collect();
+        let part = ExpertRowsIn {
+            index: 0,
+            expert: ExpertId::new(0, 0),
+            dtype: WireDtype::F32,
+            tokens: 2,
+            width: 8,
+            data: wire::encode_f32(&values, WireDtype::F32),
+        };
+        let batch = ForwardBatch { request_id: id, parts: vec![part], output_dtype: None };
+        let worker = worker.clone();
+        async move { worker.forward(batch).await }.instrument(tracing::info_span!("request", request_id = id))
+    };
+    let (first, second) = tokio::join!(request(1), request(2));
+    let (first, second) = (first.expect("first"), second.expect("second"));
+    assert_eq!((first.outputs[0].batch_tokens, second.outputs[0].batch_tokens), (4, 4), "one merged forward");
+
+    let recorded = recorder.0.lock().expect("lock");
+    let batches: Vec<u64> =
+        recorded.spans.iter().filter(|(_, (name, _))| name == "expert_batch").map(|(id, _)| *id).collect();
+    assert_eq!(batches.len(), 1, "one compute span for the merged batch");
+    let mut served: Vec<Option<u64>> = recorded
+        .links
+        .iter()
+        .filter(|(span, _)| *span == batches[0])
+        .map(|(_, follows)| recorded.spans.get(follows).and_then(|(_, request_id)| *request_id))
+        .collect();
+    served.sort();
+    assert_eq!(served, [Some(1), Some(2)], "linked to both requests' spans");
+    worker.shutdown().await;
+}
