@@ -85,6 +85,7 @@ async fn a_merged_batch_follows_from_every_request_it_serves() {
     let (first, second) = (first.expect("first"), second.expect("second"));
     assert_eq!((first.outputs[0].batch_tokens, second.outputs[0].batch_tokens), (4, 4), "one merged forward");
 
+    worker.shutdown().await;
     let recorded = recorder.0.lock().expect("lock");
     let batches: Vec<u64> =
         recorded.spans.iter().filter(|(_, (name, _))| name == "expert_batch").map(|(id, _)| *id).collect();
@@ -97,5 +98,4 @@ async fn a_merged_batch_follows_from_every_request_it_serves() {
         .collect();
     served.sort();
     assert_eq!(served, [Some(1), Some(2)], "linked to both requests' spans");
-    worker.shutdown().await;
 }
