@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use switchyard_proto::v1;
 
 use crate::timing::{ByteCounts, GRPC_FRAME_PREFIX};
@@ -122,15 +123,23 @@ impl PairTotals {
 }
 
 /// A pair's totals divided by its calls: whole bytes and microseconds per call.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct PairMeans {
+    #[serde(rename = "requests_per_call")]
     pub requests: f64,
+    #[serde(rename = "rows_per_call")]
     pub rows: f64,
+    #[serde(rename = "payload_bytes_sent_per_call")]
     pub payload_sent: u64,
+    #[serde(rename = "payload_bytes_received_per_call")]
     pub payload_received: u64,
+    #[serde(rename = "message_bytes_sent_per_call")]
     pub message_sent: u64,
+    #[serde(rename = "message_bytes_received_per_call")]
     pub message_received: u64,
+    #[serde(rename = "socket_bytes_sent_per_call")]
     pub socket_sent: u64,
+    #[serde(rename = "socket_bytes_received_per_call")]
     pub socket_received: u64,
     pub encode_us: f64,
     pub decode_us: f64,
@@ -141,7 +150,20 @@ pub struct PairMeans {
     pub queue_wait_us: f64,
     pub compute_us: f64,
     /// Mean lead over the next slowest worker, over the calls this one was the straggler.
+    #[serde(rename = "straggler_margin_mean_us")]
     pub straggler_margin_us: f64,
+}
+
+/// One (layer, worker) pair of a ledger, as reports show it: per-call means.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LedgerRow {
+    pub layer: u32,
+    pub worker: String,
+    pub calls: u64,
+    /// Calls that waited for this worker last.
+    pub straggler_calls: u64,
+    #[serde(flatten)]
+    pub means: PairMeans,
 }
 
 impl PairTotals {
@@ -208,72 +230,18 @@ impl CommLedger {
         pair.socket_received = received;
     }
 
-    /// Every pair as JSON: per-call means, microseconds and bytes.
-    pub fn to_json(&self) -> serde_json::Value {
-        let pairs: Vec<serde_json::Value> = self
-            .pairs
+    /// Every pair with its per-call means, in (layer, worker) order.
+    pub fn rows(&self) -> Vec<LedgerRow> {
+        self.pairs
             .iter()
-            .map(|((layer, endpoint), pair)| {
-                let mean = pair.per_call();
-                serde_json::json!({
-                    "layer": layer,
-                    "worker": endpoint,
-                    "calls": pair.calls,
-                    "requests_per_call": mean.requests,
-                    "rows_per_call": mean.rows,
-                    "payload_bytes_sent_per_call": mean.payload_sent,
-                    "payload_bytes_received_per_call": mean.payload_received,
-                    "message_bytes_sent_per_call": mean.message_sent,
-                    "message_bytes_received_per_call": mean.message_received,
-                    "socket_bytes_sent_per_call": mean.socket_sent,
-                    "socket_bytes_received_per_call": mean.socket_received,
-                    "encode_us": mean.encode_us,
-                    "decode_us": mean.decode_us,
-                    "combine_us": mean.combine_us,
-                    "rpc_us": mean.rpc_us,
-                    "dispatch_us": mean.dispatch_us,
-                    "combine_transfer_us": mean.combine_transfer_us,
-                    "queue_wait_us": mean.queue_wait_us,
-                    "compute_us": mean.compute_us,
-                    "straggler_calls": pair.straggler_calls,
-                    "straggler_margin_mean_us": mean.straggler_margin_us,
-                })
+            .map(|((layer, worker), pair)| LedgerRow {
+                layer: *layer,
+                worker: worker.clone(),
+                calls: pair.calls,
+                straggler_calls: pair.straggler_calls,
+                means: pair.per_call(),
             })
-            .collect();
-        serde_json::Value::Array(pairs)
-    }
-
-    /// The ledger as text lines, one per pair, per-call means.
-    pub fn render(&self) -> String {
-        let mut text = String::new();
-        for ((layer, endpoint), pair) in &self.pairs {
-            let mean = pair.per_call();
-            text.push_str(&format!(
-                "  layer {layer} → {endpoint}: {:.0} rows | sent {} B payload, {} B message, {} B socket | received {} B payload, {} B message, {} B socket\n",
-                mean.rows,
-                mean.payload_sent,
-                mean.message_sent,
-                mean.socket_sent,
-                mean.payload_received,
-                mean.message_received,
-                mean.socket_received,
-            ));
-            text.push_str(&format!(
-                "      µs/call: encode {:.0} | dispatch {:.0} | queue {:.0} | compute {:.0} | combine-transfer {:.0} | decode {:.0} | combine {:.0} | rpc {:.0} | straggler in {} of {} calls (by {:.0} µs)\n",
-                mean.encode_us,
-                mean.dispatch_us,
-                mean.queue_wait_us,
-                mean.compute_us,
-                mean.combine_transfer_us,
-                mean.decode_us,
-                mean.combine_us,
-                mean.rpc_us,
-                pair.straggler_calls,
-                pair.calls,
-                mean.straggler_margin_us,
-            ));
-        }
-        text
+            .collect()
     }
 
     /// Rows each worker computed, summed over layers.

@@ -5,12 +5,13 @@
 //! through the in-process reference layer with the same inputs and routing: the communication
 //! overhead is a ratio of two times measured minutes apart on one machine. The DeepEP presets
 //! measure dispatch and combine alone (identity experts, bf16 both ways) beside this machine's raw
-//! TCP and gRPC baselines ([`wire`]). [`report`] writes the Markdown, JSON and SVG charts.
+//! TCP and gRPC baselines ([`wire`]). [`summary`] holds the figures; [`crate::report`] renders them.
 
-pub mod charts;
 pub mod plan;
-pub mod report;
+pub mod summary;
 pub mod wire;
+
+pub use summary::{BenchSummary, PhaseShares, PointSummary, PresetSummary};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -144,34 +145,6 @@ impl PointResult {
             self.distributed.combine_transfer_total.as_secs_f64() * 1e6 / calls,
         )
     }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        let (payload, message, socket) = self.bytes_per_token();
-        let (dispatch_us, combine_us) = self.transfer_us();
-        let shares: serde_json::Map<String, serde_json::Value> = switchyard_router_client::TimeBreakdown::PHASES
-            .iter()
-            .zip(self.phase_shares())
-            .map(|(name, share)| (name.to_string(), serde_json::json!(share)))
-            .collect();
-        serde_json::json!({
-            "point": self.point,
-            "identity_experts": self.identity_experts,
-            "distributed_mean_ms": self.distributed_ms(),
-            "reference_mean_ms": self.reference_ms(),
-            "overhead_ratio": self.overhead_ratio(),
-            "payload_bytes_per_token": payload,
-            "message_bytes_per_token": message,
-            "socket_bytes_per_token": socket,
-            "phase_shares": shares,
-            "distributed_expert_gflops": self.distributed_gflops(),
-            "reference_expert_gflops": self.reference_gflops(),
-            "wire_error": self.wire_error,
-            "dispatch_transfer_us": dispatch_us,
-            "combine_transfer_us": combine_us,
-            "distributed": self.distributed.to_json(),
-            "reference": self.reference.as_ref().map(LoadReport::to_json),
-        })
-    }
 }
 
 /// A DeepEP setting: pure communication, bf16 both ways, beside the wire baselines.
@@ -204,22 +177,6 @@ impl PresetResult {
         let (dispatch, combine) = self.result.transfer_us();
         let us = |duration: Duration| duration.as_secs_f64() * 1e6;
         (us(mean.encode) + dispatch, combine + us(mean.decode) + us(mean.combine))
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        let [(dispatch_us, dispatch_gbps), (combine_us, combine_gbps)] = self.transfers();
-        let (dispatch_total_us, combine_total_us) = self.end_to_end_us();
-        serde_json::json!({
-            "preset": self.name,
-            "dispatch_transfer_us": dispatch_us,
-            "dispatch_gb_per_s": dispatch_gbps,
-            "combine_transfer_us": combine_us,
-            "combine_gb_per_s": combine_gbps,
-            "dispatch_with_encode_us": dispatch_total_us,
-            "combine_with_decode_and_sum_us": combine_total_us,
-            "baselines": self.baselines,
-            "result": self.result.to_json(),
-        })
     }
 }
 

@@ -6,7 +6,7 @@
 use switchyard_proto::wire::WireDtype;
 
 /// The shape of one cluster: what a restart changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ClusterShape {
     pub workers: usize,
     pub experts: u32,
@@ -26,16 +26,26 @@ impl std::fmt::Display for ClusterShape {
 }
 
 /// One measured point: a cluster shape, tokens per call and the wire dtype.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Point {
     pub shape: ClusterShape,
     pub tokens: usize,
-    #[serde(serialize_with = "serialize_dtype")]
+    #[serde(with = "dtype_name")]
     pub wire_dtype: WireDtype,
 }
 
-fn serialize_dtype<S: serde::Serializer>(dtype: &WireDtype, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(dtype.name())
+/// A wire dtype in reports: its name.
+mod dtype_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use switchyard_proto::wire::WireDtype;
+
+    pub fn serialize<S: Serializer>(dtype: &WireDtype, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(dtype.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<WireDtype, D::Error> {
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// The lists a sweep draws from; the first value of each is the base.

@@ -13,7 +13,7 @@ use switchyard_proto::v1::wire_echo_server::{WireEcho, WireEchoServer};
 use tonic::{Request, Response, Status};
 
 /// One transfer pattern at one message size: the mean over `repeats` after one unmeasured round.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WireFigure {
     pub bytes: u64,
     pub repeats: u32,
@@ -31,7 +31,7 @@ impl WireFigure {
 }
 
 /// The four baselines at one size.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WireBaselines {
     pub tcp_one_way: WireFigure,
     pub tcp_echo: WireFigure,

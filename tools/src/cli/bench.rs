@@ -7,6 +7,7 @@ use anyhow::Context;
 use switchyard_model::ModelSpec;
 use switchyard_tools::bench::plan::Axes;
 use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset};
+use switchyard_tools::report;
 
 use super::values::{ActivationArg, DtypeArg, parse_duration};
 
@@ -148,7 +149,7 @@ fn parse_dims(text: &str) -> Result<(u32, u32), String> {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.replot {
-        for path in bench::report::replot(&args.out)? {
+        for path in report::folder::replot(&args.out)? {
             eprintln!("wrote {}", path.display());
         }
         return Ok(());
@@ -219,8 +220,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|arg| if arg.contains(' ') { format!("'{arg}'") } else { arg })
         .collect::<Vec<_>>()
         .join(" ");
-    let written = bench::report::write(&report, &command, &args.out)?;
-    print!("{}", bench::report::render_markdown(&report, &command));
+    let summary = report.summary(&command);
+    let written = report::folder::write(&summary, &args.out)?;
+    print!("{}", report::markdown::bench_report(&summary));
     for path in written {
         eprintln!("wrote {}", path.display());
     }

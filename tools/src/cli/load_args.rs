@@ -5,7 +5,8 @@ use std::time::Duration;
 use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
 use switchyard_router_client::{RoutingOverrides, RoutingTableView};
-use switchyard_tools::loadtest::{self, Arrival, LoadReport, LoadSpec};
+use switchyard_tools::loadtest::{Arrival, LoadSpec, LoadSummary};
+use switchyard_tools::report;
 use switchyard_tools::skew::Skew;
 
 use super::values::{self, DtypeArg, OverflowArg, PolicyName};
@@ -102,16 +103,16 @@ impl LoadArgs {
         }
     }
 
-    /// Writes `reports` to the --json and --csv files, if asked.
-    pub fn write_reports(&self, reports: &[LoadReport]) -> anyhow::Result<()> {
+    /// Writes `summaries` to the --json and --csv files, if asked.
+    pub fn write_reports(&self, summaries: &[LoadSummary]) -> anyhow::Result<()> {
         use anyhow::Context;
         if let Some(path) = &self.json {
-            let json = serde_json::Value::Array(reports.iter().map(LoadReport::to_json).collect());
-            std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            std::fs::write(path, serde_json::to_string_pretty(summaries)? + "\n")
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         if let Some(path) = &self.csv {
-            std::fs::write(path, loadtest::to_csv(reports)).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(path, report::csv::load_reports(summaries))
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(())
     }

@@ -74,8 +74,9 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
         let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec(&table.model) };
         loadtest::run(Target::Distributed(client), spec, &format!("distributed ({workers} workers)")).await?
     };
-    print!("{}", report.render());
-    args.load.write_reports(std::slice::from_ref(&report))
+    let summary = report.summary();
+    print!("{}", switchyard_tools::report::text::load_report(&summary));
+    args.load.write_reports(std::slice::from_ref(&summary))
 }
 
 /// Serves `client`'s metrics on `address` until the returned sender is dropped.

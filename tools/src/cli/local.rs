@@ -87,7 +87,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             return Err(error.into());
         }
     };
-    print!("{}", report.render());
+    let report = report.summary();
+    print!("{}", switchyard_tools::report::text::load_report(&report));
     cluster.stop(Duration::from_secs(5)).await;
 
     if args.compare_reference {
@@ -97,8 +98,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         let config = ReferenceConfig { torch_threads: threads, ..ReferenceConfig::cpu() };
         let reference = ReferenceLayer::start(&model, &[layer], config).await?;
         let name = format!("in-process reference ({threads} torch threads)");
-        let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?;
-        print!("{}", baseline.render());
+        let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?.summary();
+        print!("{}", switchyard_tools::report::text::load_report(&baseline));
         return args.load.write_reports(&[report, baseline]);
     }
     args.load.write_reports(&[report])

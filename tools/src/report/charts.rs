@@ -8,65 +8,13 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::PointResult;
-use super::plan::ClusterShape;
+use crate::bench::PointSummary;
 use switchyard_router_client::timing::TimeBreakdown;
 
 pub type ChartResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Draws one chart of the points into an SVG file.
-pub type DrawChart = fn(&[ChartPoint], &Path) -> ChartResult;
-
-/// What the charts need of one point: built from a measured point, or read back from a report's
-/// JSON (`switchyard bench --replot`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChartPoint {
-    pub shape: ClusterShape,
-    pub tokens: usize,
-    pub wire: String,
-    /// Shares of the wall time in [`TimeBreakdown::PHASES`] order.
-    pub phase_shares: Vec<f64>,
-    pub overhead_ratio: Option<f64>,
-    pub tokens_per_s: f64,
-}
-
-impl From<&PointResult> for ChartPoint {
-    fn from(result: &PointResult) -> Self {
-        Self {
-            shape: result.point.shape,
-            tokens: result.point.tokens,
-            wire: result.point.wire_dtype.name().to_owned(),
-            phase_shares: result.phase_shares(),
-            overhead_ratio: result.overhead_ratio(),
-            tokens_per_s: result.distributed.tokens_per_second(),
-        }
-    }
-}
-
-impl ChartPoint {
-    /// One entry of report.json's `points`; `None` if a field is missing.
-    pub fn from_json(point: &serde_json::Value) -> Option<Self> {
-        let shape = &point["point"]["shape"];
-        let number = |value: &serde_json::Value| value.as_u64();
-        Some(Self {
-            shape: ClusterShape {
-                workers: number(&shape["workers"])? as usize,
-                experts: number(&shape["experts"])? as u32,
-                top_k: number(&shape["top_k"])? as u32,
-                d_model: number(&shape["d_model"])? as u32,
-                d_ff: number(&shape["d_ff"])? as u32,
-            },
-            tokens: number(&point["point"]["tokens"])? as usize,
-            wire: point["point"]["wire_dtype"].as_str()?.to_owned(),
-            phase_shares: TimeBreakdown::PHASES
-                .iter()
-                .map(|phase| point["phase_shares"][*phase].as_f64())
-                .collect::<Option<_>>()?,
-            overhead_ratio: point["overhead_ratio"].as_f64(),
-            tokens_per_s: point["distributed"]["tokens_per_s"].as_f64()?,
-        })
-    }
-}
+pub type DrawChart = fn(&[PointSummary], &Path) -> ChartResult;
 
 /// One color per phase of [`TimeBreakdown::PHASES`], and per line.
 const PALETTE: [RGBColor; 16] = [
@@ -89,16 +37,22 @@ const PALETTE: [RGBColor; 16] = [
 ];
 
 /// A short label of a point: what differs between points.
-pub fn point_label(result: &ChartPoint) -> String {
-    let shape = result.shape;
+pub fn point_label(result: &PointSummary) -> String {
+    let shape = result.point.shape;
     format!(
         "{}w {}e k{} {}x{} {}t {}",
-        shape.workers, shape.experts, shape.top_k, shape.d_model, shape.d_ff, result.tokens, result.wire
+        shape.workers,
+        shape.experts,
+        shape.top_k,
+        shape.d_model,
+        shape.d_ff,
+        result.point.tokens,
+        result.point.wire_dtype
     )
 }
 
 /// Horizontal bars, one per point (first at the top): each phase's share of the mean call time.
-pub fn breakdown(points: &[ChartPoint], path: &Path) -> ChartResult {
+pub fn breakdown(points: &[PointSummary], path: &Path) -> ChartResult {
     let rows = points.len().max(1);
     let height = 110 + 26 * rows as u32;
     let root = SVGBackend::new(path, (1100, height)).into_drawing_area();
@@ -121,7 +75,7 @@ pub fn breakdown(points: &[ChartPoint], path: &Path) -> ChartResult {
     for (phase_index, name) in TimeBreakdown::PHASES.iter().enumerate() {
         let color = PALETTE[phase_index % PALETTE.len()];
         let bars = points.iter().enumerate().map(|(index, result)| {
-            let shares = &result.phase_shares;
+            let shares = result.phase_shares.values();
             let start: f64 = shares[..phase_index].iter().sum::<f64>() * 100.0;
             let end = start + shares[phase_index] * 100.0;
             let row = row_of(index);
@@ -230,12 +184,12 @@ fn series_entry(series: &mut Vec<(String, Vec<(f64, f64)>)>, name: String) -> &m
 
 /// Overhead ratio (distributed ÷ in-process) against tokens per call: one line per cluster shape
 /// and wire dtype.
-pub fn overhead(points: &[ChartPoint], path: &Path) -> ChartResult {
+pub fn overhead(points: &[PointSummary], path: &Path) -> ChartResult {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for result in points {
         let Some(ratio) = result.overhead_ratio else { continue };
-        let name = format!("{}, {}", result.shape, result.wire);
-        series_entry(&mut series, name).push((result.tokens as f64, ratio));
+        let name = format!("{}, {}", result.point.shape, result.point.wire_dtype);
+        series_entry(&mut series, name).push((result.point.tokens as f64, ratio));
     }
     series.retain(|(_, points)| points.len() > 1);
     lines(path, "Distributed over in-process time per call", ("tokens per call", "overhead ratio (x)"), &series, true)
@@ -243,18 +197,18 @@ pub fn overhead(points: &[ChartPoint], path: &Path) -> ChartResult {
 
 /// Tokens per second against workers, for the points that differ from the base only in workers:
 /// one line per tokens-per-call and wire dtype.
-pub fn throughput_by_workers(points: &[ChartPoint], path: &Path) -> ChartResult {
-    let Some(base) = points.first().map(|result| result.shape) else { return Ok(()) };
+pub fn throughput_by_workers(points: &[PointSummary], path: &Path) -> ChartResult {
+    let Some(base) = points.first().map(|result| result.point.shape) else { return Ok(()) };
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for result in points {
-        let shape = result.shape;
+        let shape = result.point.shape;
         if (shape.experts, shape.top_k, shape.d_model, shape.d_ff)
             != (base.experts, base.top_k, base.d_model, base.d_ff)
         {
             continue;
         }
-        let name = format!("{} tokens/call, {}", result.tokens, result.wire);
-        series_entry(&mut series, name).push((shape.workers as f64, result.tokens_per_s));
+        let name = format!("{} tokens/call, {}", result.point.tokens, result.point.wire_dtype);
+        series_entry(&mut series, name).push((shape.workers as f64, result.distributed.tokens_per_s));
     }
     for (_, points) in &mut series {
         points.sort_by(|a, b| a.0.total_cmp(&b.0));

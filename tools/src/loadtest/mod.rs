@@ -1,7 +1,12 @@
 //! The load-test engine behind `switchyard loadtest` and `switchyard local --loadtest`: N concurrent
-//! callers in a closed loop against the distributed layer or the in-process reference, a warm-up
-//! that is not measured, and a report with throughput, latency percentiles (HDR histogram), errors
-//! by gRPC code, overflow, bytes and the mean time breakdown.
+//! callers in a closed loop (or an open loop on a Poisson schedule) against the distributed layer or
+//! the in-process reference, a warm-up that is not measured, and the tallies of a [`LoadReport`]:
+//! latency (HDR histograms), errors by gRPC code, overflow, bytes, the time breakdown and the
+//! ledger. [`summary`] turns them into figures; [`crate::report`] renders those.
+
+mod summary;
+
+pub use summary::{LoadSummary, PhaseFigures};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,165 +195,6 @@ impl LoadReport {
     pub fn mean_router_stats(&self) -> RouterStats {
         self.router_stats_total.mean_of(self.calls)
     }
-
-    /// Every scalar figure, in a fixed order (the CSV columns).
-    pub fn figures(&self) -> Vec<(String, serde_json::Value)> {
-        use serde_json::json;
-        let ms = |duration: Duration| json!(duration.as_secs_f64() * 1e3);
-        let calls = self.calls.max(1);
-        let (arrival, rate) = match self.arrival {
-            Arrival::Closed => ("closed", serde_json::Value::Null),
-            Arrival::Open { rate } => ("open", json!(rate)),
-        };
-        let stats = self.mean_router_stats();
-        let mean = self.mean_timing();
-        let mut figures = vec![
-            ("target".to_owned(), json!(self.target)),
-            ("arrival".to_owned(), json!(arrival)),
-            ("concurrency".to_owned(), json!(self.concurrency)),
-            ("rate_calls_per_s".to_owned(), rate),
-            ("tokens_per_call".to_owned(), json!(self.tokens_per_call)),
-            ("measured_s".to_owned(), json!(self.measured.as_secs_f64())),
-            ("calls".to_owned(), json!(self.calls)),
-            ("failed".to_owned(), json!(self.failed())),
-            ("tokens_per_s".to_owned(), json!(self.tokens_per_second())),
-            ("calls_per_s".to_owned(), json!(self.calls_per_second())),
-            ("latency_p50_ms".to_owned(), ms(self.latency_at(0.50))),
-            ("latency_p90_ms".to_owned(), ms(self.latency_at(0.90))),
-            ("latency_p99_ms".to_owned(), ms(self.latency_at(0.99))),
-            ("latency_p999_ms".to_owned(), ms(self.latency_at(0.999))),
-            ("latency_max_ms".to_owned(), ms(Duration::from_micros(self.latency.max()))),
-            ("assignments".to_owned(), json!(self.assignments)),
-            ("dropped".to_owned(), json!(self.dropped)),
-            ("dropped_fraction".to_owned(), json!(self.dropped as f64 / self.assignments.max(1) as f64)),
-            ("rerouted".to_owned(), json!(self.rerouted)),
-            ("imbalance".to_owned(), json!(stats.imbalance)),
-            ("switch_aux_loss".to_owned(), json!(stats.switch_aux_loss)),
-            ("importance_cv2".to_owned(), json!(stats.importance_cv2)),
-            ("z_loss".to_owned(), json!(stats.z_loss)),
-            ("message_bytes_sent_per_call".to_owned(), json!(self.bytes_total.message_sent / calls)),
-            ("payload_bytes_sent_per_call".to_owned(), json!(self.bytes_total.payload_sent / calls)),
-            ("message_bytes_received_per_call".to_owned(), json!(self.bytes_total.message_received / calls)),
-            ("payload_bytes_received_per_call".to_owned(), json!(self.bytes_total.payload_received / calls)),
-            ("wall_mean_ms".to_owned(), ms(mean.wall)),
-        ];
-        for ((name, phase_mean), histogram) in
-            TimeBreakdown::PHASES.iter().zip(mean.phases()).zip(&self.phase_histograms)
-        {
-            figures.push((format!("{name}_mean_ms"), ms(phase_mean)));
-            figures.push((format!("{name}_p99_ms"), ms(Duration::from_micros(histogram.value_at_quantile(0.99)))));
-        }
-        figures
-    }
-
-    /// Every figure as JSON, with the errors by code and the per-expert and per-worker loads.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut object: serde_json::Map<String, serde_json::Value> = self.figures().into_iter().collect();
-        object.insert("errors".into(), serde_json::json!(self.errors));
-        object.insert("first_error".into(), serde_json::json!(self.first_error));
-        object.insert("expert_load".into(), serde_json::json!(self.expert_load));
-        object.insert("worker_load".into(), serde_json::json!(self.ledger.rows_by_worker()));
-        object.insert("ledger".into(), self.ledger.to_json());
-        serde_json::Value::Object(object)
-    }
-
-    /// The human-readable summary.
-    pub fn render(&self) -> String {
-        let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
-        let mut text = String::new();
-        let calls = self.calls.max(1);
-        let load = match self.arrival {
-            Arrival::Closed => format!("closed loop, concurrency {}", self.concurrency),
-            Arrival::Open { rate } => format!("open loop, {rate} calls/s Poisson"),
-        };
-        text.push_str(&format!(
-            "{}: {} tokens/call, {load}, measured {:.1} s\n",
-            self.target,
-            self.tokens_per_call,
-            self.measured.as_secs_f64()
-        ));
-        text.push_str(&format!("  calls       {} ok, {} failed\n", self.calls, self.failed()));
-        for (code, count) in &self.errors {
-            text.push_str(&format!("    {code}: {count}\n"));
-        }
-        if let Some(error) = &self.first_error {
-            text.push_str(&format!("    first error: {error}\n"));
-        }
-        text.push_str(&format!(
-            "  throughput  {:.0} tokens/s ({:.1} calls/s)\n",
-            self.tokens_per_second(),
-            self.calls_per_second()
-        ));
-        text.push_str(&format!(
-            "  latency     p50 {}  p90 {}  p99 {}  max {}\n",
-            ms(self.latency_at(0.50)),
-            ms(self.latency_at(0.90)),
-            ms(self.latency_at(0.99)),
-            ms(Duration::from_micros(self.latency.max()))
-        ));
-        let dropped_share = 100.0 * self.dropped as f64 / self.assignments.max(1) as f64;
-        text.push_str(&format!(
-            "  overflow    {} of {} assignments dropped ({dropped_share:.2}%), {} re-routed\n",
-            self.dropped, self.assignments, self.rerouted
-        ));
-        let stats = self.mean_router_stats();
-        text.push_str(&format!(
-            "  router      imbalance {:.3} (max/mean load) | switch aux loss {:.5} | importance CV² {:.4} | z-loss {:.4}\n",
-            stats.imbalance, stats.switch_aux_loss, stats.importance_cv2, stats.z_loss
-        ));
-        if self.bytes_total.message_sent > 0 {
-            text.push_str(&format!(
-                "  bytes/call  sent {} B ({} B payload), received {} B ({} B payload)\n",
-                self.bytes_total.message_sent / calls,
-                self.bytes_total.payload_sent / calls,
-                self.bytes_total.message_received / calls,
-                self.bytes_total.payload_received / calls
-            ));
-        }
-        let mean = self.mean_timing();
-        let phases: Vec<String> = TimeBreakdown::PHASES
-            .iter()
-            .zip(mean.phases())
-            .map(|(name, time)| format!("{name} {}", ms(time)))
-            .collect();
-        text.push_str(&format!("  time/call   {} | wall {}\n", phases.join(" | "), ms(mean.wall)));
-        let p99: Vec<String> = TimeBreakdown::PHASES
-            .iter()
-            .zip(&self.phase_histograms)
-            .map(|(name, histogram)| format!("{name} {}", ms(Duration::from_micros(histogram.value_at_quantile(0.99)))))
-            .collect();
-        text.push_str(&format!("  p99/phase   {}\n", p99.join(" | ")));
-        if !self.expert_load.is_empty() {
-            let loads: Vec<String> = self.expert_load.iter().map(u64::to_string).collect();
-            text.push_str(&format!("  per expert  {} assignments\n", loads.join(" ")));
-        }
-        if !self.ledger.pairs.is_empty() {
-            text.push_str("  ledger      per (layer → worker), means per call:\n");
-            text.push_str(&self.ledger.render());
-        }
-        text
-    }
-}
-
-/// Reports as CSV: a header of [`LoadReport::figures`] names, then one row per report.
-pub fn to_csv(reports: &[LoadReport]) -> String {
-    let Some(first) = reports.first() else { return String::new() };
-    let header: Vec<String> = first.figures().into_iter().map(|(name, _)| name).collect();
-    let mut csv = header.join(",") + "\n";
-    for report in reports {
-        let cells: Vec<String> = report
-            .figures()
-            .into_iter()
-            .map(|(_, value)| match value {
-                serde_json::Value::String(text) => format!("\"{}\"", text.replace('"', "\"\"")),
-                serde_json::Value::Null => String::new(),
-                other => other.to_string(),
-            })
-            .collect();
-        csv.push_str(&cells.join(","));
-        csv.push('\n');
-    }
-    csv
 }
 
 /// Microseconds from 1 µs to 10 minutes, 3 significant digits.
@@ -687,7 +533,8 @@ mod tests {
         };
         let report = run(Target::Reference(reference), spec, "reference \"tiny\"").await.expect("load test");
         assert_eq!(report.calls, 20, "the request budget ends the test");
-        let json = report.to_json();
+        let summary = report.summary();
+        let json = serde_json::to_value(&summary).expect("a summary is JSON");
         assert_eq!(json["calls"], 20);
         assert_eq!(json["expert_load"].as_array().map(Vec::len), Some(4));
         assert_eq!(
@@ -695,7 +542,9 @@ mod tests {
             20 * 8 * 2 - report.dropped
         );
         assert!(json["compute_p99_ms"].as_f64().unwrap() > 0.0);
-        let csv = to_csv(&[report.clone(), report]);
+        let back: LoadSummary = serde_json::from_value(json).expect("and reads back");
+        assert_eq!(back, summary);
+        let csv = crate::report::csv::load_reports(&[summary.clone(), summary]);
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 3);
         let columns = lines[0].split(',').count();

@@ -1,0 +1,165 @@
+//! What a bench run found, as data: each point's and preset's figures computed once from the
+//! measurements, the whole written as `report.json` and read back from it (`--replot`), rendered by
+//! [`crate::report`] as Markdown and SVG.
+
+use serde::{Deserialize, Serialize};
+use switchyard_router_client::timing::TimeBreakdown;
+
+use super::plan::Point;
+use super::wire::WireBaselines;
+use super::{BenchReport, PointResult, PresetResult};
+use crate::loadtest::LoadSummary;
+
+/// A bench run's figures: `report.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchSummary {
+    pub command: String,
+    /// CPU, cores, CUDA: where the figures were measured.
+    pub machine: String,
+    pub settings: serde_json::Value,
+    pub points: Vec<PointSummary>,
+    pub presets: Vec<PresetSummary>,
+}
+
+/// One point's figures, distributed against in-process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PointSummary {
+    pub point: Point,
+    pub identity_experts: bool,
+    pub distributed_mean_ms: f64,
+    pub reference_mean_ms: Option<f64>,
+    /// Distributed mean call time over in-process mean call time.
+    pub overhead_ratio: Option<f64>,
+    /// Wire bytes per token, both directions: tensor payload, encoded messages, socket bytes.
+    pub payload_bytes_per_token: f64,
+    pub message_bytes_per_token: f64,
+    pub socket_bytes_per_token: f64,
+    /// Each phase's share of the mean wall time.
+    pub phase_shares: PhaseShares,
+    /// Expert GFLOP/s over expert compute time (none for identity experts).
+    pub distributed_expert_gflops: Option<f64>,
+    pub reference_expert_gflops: Option<f64>,
+    /// Relative Frobenius error of one distributed call against the reference's (same input).
+    pub wire_error: Option<f64>,
+    /// Mean per call of the slowest worker's dispatch and combine transfers, in microseconds.
+    pub dispatch_transfer_us: f64,
+    pub combine_transfer_us: f64,
+    pub distributed: LoadSummary,
+    pub reference: Option<LoadSummary>,
+}
+
+/// Shares of the mean wall time, per phase of [`TimeBreakdown::PHASES`].
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct PhaseShares {
+    pub gate: f64,
+    pub plan: f64,
+    pub encode: f64,
+    pub network: f64,
+    pub queue_wait: f64,
+    pub compute: f64,
+    pub decode: f64,
+    pub combine: f64,
+}
+
+impl PhaseShares {
+    /// In [`TimeBreakdown::PHASES`] order.
+    pub fn values(&self) -> [f64; 8] {
+        [self.gate, self.plan, self.encode, self.network, self.queue_wait, self.compute, self.decode, self.combine]
+    }
+
+    fn from_values([gate, plan, encode, network, queue_wait, compute, decode, combine]: [f64; 8]) -> Self {
+        Self { gate, plan, encode, network, queue_wait, compute, decode, combine }
+    }
+}
+
+/// A DeepEP setting's figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresetSummary {
+    pub preset: String,
+    pub dispatch_transfer_us: f64,
+    pub dispatch_gb_per_s: f64,
+    pub combine_transfer_us: f64,
+    pub combine_gb_per_s: f64,
+    /// The client's encode plus the dispatch transfer, as DeepEP's kernels count dispatch.
+    pub dispatch_with_encode_us: f64,
+    /// The combine transfer plus decode and weighted sum.
+    pub combine_with_decode_and_sum_us: f64,
+    pub baselines: WireBaselines,
+    pub result: PointSummary,
+}
+
+impl PointResult {
+    pub fn summary(&self) -> PointSummary {
+        let (payload, message, socket) = self.bytes_per_token();
+        let (dispatch_us, combine_us) = self.transfer_us();
+        let shares = self.phase_shares();
+        let mut values = [0.0; 8];
+        values.copy_from_slice(&shares[..TimeBreakdown::PHASES.len()]);
+        PointSummary {
+            point: self.point,
+            identity_experts: self.identity_experts,
+            distributed_mean_ms: self.distributed_ms(),
+            reference_mean_ms: self.reference_ms(),
+            overhead_ratio: self.overhead_ratio(),
+            payload_bytes_per_token: payload,
+            message_bytes_per_token: message,
+            socket_bytes_per_token: socket,
+            phase_shares: PhaseShares::from_values(values),
+            distributed_expert_gflops: self.distributed_gflops(),
+            reference_expert_gflops: self.reference_gflops(),
+            wire_error: self.wire_error,
+            dispatch_transfer_us: dispatch_us,
+            combine_transfer_us: combine_us,
+            distributed: self.distributed.summary(),
+            reference: self.reference.as_ref().map(|reference| reference.summary()),
+        }
+    }
+}
+
+impl PresetResult {
+    pub fn summary(&self) -> PresetSummary {
+        let [(dispatch_us, dispatch_gbps), (combine_us, combine_gbps)] = self.transfers();
+        let (dispatch_total_us, combine_total_us) = self.end_to_end_us();
+        PresetSummary {
+            preset: self.name.to_owned(),
+            dispatch_transfer_us: dispatch_us,
+            dispatch_gb_per_s: dispatch_gbps,
+            combine_transfer_us: combine_us,
+            combine_gb_per_s: combine_gbps,
+            dispatch_with_encode_us: dispatch_total_us,
+            combine_with_decode_and_sum_us: combine_total_us,
+            baselines: self.baselines,
+            result: self.result.summary(),
+        }
+    }
+}
+
+impl BenchReport {
+    /// The run's figures, with the `command` that produced them.
+    pub fn summary(&self, command: &str) -> BenchSummary {
+        BenchSummary {
+            command: command.to_owned(),
+            machine: self.machine.clone(),
+            settings: self.settings_summary.clone(),
+            points: self.points.iter().map(PointResult::summary).collect(),
+            presets: self.presets.iter().map(PresetResult::summary).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report this repository publishes (docs/bench/sweep) reads back as the types that wrote
+    /// it: `--replot` and the renderers work from files of earlier runs.
+    #[test]
+    fn the_published_report_reads_back() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench/sweep/report.json");
+        let text = std::fs::read_to_string(&path).expect("docs/bench/sweep/report.json");
+        let summary: BenchSummary = serde_json::from_str(&text).expect("it deserializes");
+        assert!(!summary.points.is_empty() && !summary.presets.is_empty());
+        let shares: f64 = summary.points[0].phase_shares.values().iter().sum();
+        assert!((0.8..=1.01).contains(&shares), "phase shares add up to the wall: {shares}");
+    }
+}

@@ -1,0 +1,160 @@
+//! Bench reports as Markdown: the sweep table, the DeepEP table and the ledgers.
+
+use std::fmt::Write as _;
+
+use switchyard_router_client::ledger::LedgerRow;
+use switchyard_router_client::timing::TimeBreakdown;
+
+use super::folder::CHARTS;
+use super::{LedgerCells, charts};
+use crate::bench::{BenchSummary, PointSummary, PresetSummary};
+
+fn optional(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
+    value.map_or_else(|| "–".to_owned(), format)
+}
+
+/// The sweep table: one row per point.
+pub fn sweep_table(points: &[PointSummary]) -> String {
+    let mut text = String::new();
+    let phases = TimeBreakdown::PHASES.join(" / ");
+    let _ = writeln!(
+        text,
+        "| workers | experts | top-k | d_model x d_ff | tokens | wire | distributed ms | in-process ms | overhead | tokens/s | B/token payload | B/token socket | % {phases} | expert GFLOP/s distributed / in-process | output error |"
+    );
+    let _ = writeln!(text, "|{}", " ---: |".repeat(15));
+    for point in points {
+        let shape = point.point.shape;
+        let shares: Vec<String> =
+            point.phase_shares.values().iter().map(|share| format!("{:.0}", share * 100.0)).collect();
+        let gflops = format!(
+            "{} / {}",
+            optional(point.distributed_expert_gflops, |g| format!("{g:.1}")),
+            optional(point.reference_expert_gflops, |g| format!("{g:.1}"))
+        );
+        let _ = writeln!(
+            text,
+            "| {} | {} | {} | {}x{} | {} | {} | {:.2} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            shape.workers,
+            shape.experts,
+            shape.top_k,
+            shape.d_model,
+            shape.d_ff,
+            point.point.tokens,
+            point.point.wire_dtype.name(),
+            point.distributed_mean_ms,
+            optional(point.reference_mean_ms, |ms| format!("{ms:.2}")),
+            optional(point.overhead_ratio, |ratio| format!("{ratio:.2}x")),
+            point.distributed.tokens_per_s,
+            point.payload_bytes_per_token,
+            point.socket_bytes_per_token,
+            shares.join(" / "),
+            gflops,
+            optional(point.wire_error, |error| format!("{error:.1e}")),
+        );
+    }
+    text
+}
+
+/// The DeepEP table: dispatch and combine beside the wire's limits.
+pub fn preset_table(presets: &[PresetSummary]) -> String {
+    let mut text = String::new();
+    text.push_str("| preset | tokens | workers | dispatch MB/call | dispatch µs | dispatch GB/s | combine µs | combine GB/s | dispatch incl. encode µs | combine incl. decode + sum µs | request MB | TCP one-way GB/s | TCP echo µs | gRPC one-way GB/s | gRPC echo µs |\n");
+    let _ = writeln!(text, "|{}", " ---: |".repeat(15));
+    for preset in presets {
+        let baselines = &preset.baselines;
+        let _ = writeln!(
+            text,
+            "| {} | {} | {} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0} |",
+            preset.preset,
+            preset.result.point.tokens,
+            preset.result.point.shape.workers,
+            preset.result.distributed.payload_bytes_sent_per_call as f64 / 1e6,
+            preset.dispatch_transfer_us,
+            preset.dispatch_gb_per_s,
+            preset.combine_transfer_us,
+            preset.combine_gb_per_s,
+            preset.dispatch_with_encode_us,
+            preset.combine_with_decode_and_sum_us,
+            baselines.grpc_echo.bytes as f64 / 1e6,
+            baselines.tcp_one_way.gb_per_s,
+            baselines.tcp_echo.mean_us,
+            baselines.grpc_one_way.gb_per_s,
+            baselines.grpc_echo.mean_us,
+        );
+    }
+    text
+}
+
+/// A ledger as a table: per (layer → worker), means per call (the whole RPC is left out: the
+/// columns before it add up to it).
+pub fn ledger_table(rows: &[LedgerRow]) -> String {
+    let mut text = String::from("| layer → worker | rows |");
+    for (kind, _, _) in LedgerCells::of(&LedgerRow::default()).bytes {
+        let _ = write!(text, " {kind} B sent / received |");
+    }
+    for (step, _) in &LedgerCells::of(&LedgerRow::default()).micros[..7] {
+        let _ = write!(text, " {step} µs |");
+    }
+    text.push_str(" straggler in |\n");
+    let _ = writeln!(text, "| --- |{}", " ---: |".repeat(12));
+    for cells in rows.iter().map(LedgerCells::of) {
+        let bytes: Vec<String> = cells.bytes.iter().map(|(_, sent, received)| format!("{sent} / {received}")).collect();
+        let micros: Vec<&str> = cells.micros[..7].iter().map(|(_, value)| value.as_str()).collect();
+        let _ = writeln!(
+            text,
+            "| {} | {} | {} | {} | {} |",
+            cells.pair.trim_start_matches("layer "),
+            cells.rows,
+            bytes.join(" | "),
+            micros.join(" | "),
+            cells.straggler
+        );
+    }
+    text
+}
+
+/// The whole report: `report.md`.
+pub fn bench_report(summary: &BenchSummary) -> String {
+    let mut text = String::from("# Switchyard bench report\n\n");
+    let _ = writeln!(text, "Command: `{}`\n\nMachine: {}\n", summary.command, summary.machine);
+    let _ = writeln!(text, "Settings: `{}`\n", summary.settings);
+    if !summary.points.is_empty() {
+        text.push_str("## Sweep\n\n");
+        text.push_str(
+            "Each point ran through a local cluster (distributed) and, in the same run, through the in-process \
+             reference layer on the same inputs. Overhead = distributed ÷ in-process mean time per call. \
+             Bytes per token count both directions. Phase shares are of the mean wall time (they add up to it). \
+             GFLOP/s is expert FLOPs over expert compute time. Output error is the relative Frobenius distance \
+             of one distributed call from the reference (it shows what the wire dtype costs).\n\n",
+        );
+        text.push_str(&sweep_table(&summary.points));
+        text.push('\n');
+        for (file, title) in CHARTS {
+            let _ = writeln!(text, "![{title}]({file})\n");
+        }
+        if let Some(base) = summary.points.first() {
+            let _ = writeln!(text, "### Ledger of the first point ({})\n", charts::point_label(base));
+            text.push_str(&ledger_table(&base.distributed.ledger));
+            text.push('\n');
+        }
+    }
+    if !summary.presets.is_empty() {
+        text.push_str("## DeepEP settings: dispatch and combine alone\n\n");
+        text.push_str(
+            "Identity experts (no compute, the same bytes back), hidden 7168, top-8 of 256 experts, bf16 both ways \
+             (DeepEP dispatches FP8 and combines BF16), capacity large enough that nothing drops. Dispatch is the \
+             slowest worker's request transfer per call (client send → worker handler), combine the way back \
+             (worker reply → client has the answer); GB/s is the call's payload in that direction over that time. \
+             The baselines move one request's payload over TCP and a plain gRPC echo on this machine's loopback, \
+             in the same run.\n\n",
+        );
+        text.push_str(&preset_table(&summary.presets));
+        text.push('\n');
+        for preset in &summary.presets {
+            let _ = writeln!(text, "### Ledger: {}\n", preset.preset);
+            text.push_str(&ledger_table(&preset.result.distributed.ledger));
+            text.push('\n');
+        }
+    }
+    text
+}
