@@ -135,8 +135,10 @@ fn run_batch(experts: &HashMap<ExpertId, Expert>, batch: Batch, device: Device, 
 /// One forward over every entry of `batch`; returns each entry's output bytes in its output dtype.
 fn forward_rows(expert: &Expert, batch: &Batch, device: Device) -> Vec<Bytes> {
     let d_model = batch.d_model as i64;
+    // Rows stay in their wire dtype until they are on the device; the expert converts them to the
+    // dtype it computes in there (a no-op when the two agree, as bf16 on the wire and in compute do).
     let to_tensor = |entry: &QueuedRows| {
-        Tensor::from_data_size(&entry.data, &[entry.tokens as i64, d_model], tch_kind(entry.dtype)).to_kind(Kind::Float)
+        Tensor::from_data_size(&entry.data, &[entry.tokens as i64, d_model], tch_kind(entry.dtype))
     };
     let input = match &batch.entries[..] {
         [(only, _)] => to_tensor(only),

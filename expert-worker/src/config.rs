@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use switchyard_common::tracing_setup::LogFormat;
 use switchyard_experts::DeviceChoice;
+use switchyard_model::WeightDtype;
 
 /// An expert worker: serves the MoE experts the coordinator assigns to it, with libtorch on CUDA
 /// when present (else CPU), behind one bounded queue per expert whose limit is the expert capacity.
@@ -37,6 +38,12 @@ pub struct Args {
     /// Where experts run: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
+
+    /// The dtype expert weights are resident in and computed in: bf16, f16 or f32. Default: the
+    /// checkpoint's own dtype (a bf16 checkpoint stays bf16, with no f32 copy); synthetic models
+    /// use bf16 on CUDA and f32 on CPU. Independent of the wire dtype clients send.
+    #[arg(long, env = "SWITCHYARD_DTYPE")]
+    pub dtype: Option<WeightDtype>,
 
     /// libtorch intra-op threads. Give each process its share of the cores: with two processes on
     /// two cores, 2 threads each can be 5-10x slower than 1.
@@ -190,6 +197,11 @@ mod tests {
             .expect("valid");
         assert_eq!(args.advertised_endpoint(bound), "http://w-0:1");
         assert!(Args::try_parse_from(["switchyard-worker", "--device", "tpu"]).is_err());
+        assert_eq!(args.dtype, None);
+        let args = Args::try_parse_from(["switchyard-worker", "--dtype", "bf16"]).expect("valid");
+        assert_eq!(args.dtype, Some(WeightDtype::Bf16));
+        let error = Args::try_parse_from(["switchyard-worker", "--dtype", "fp8"]).expect_err("unknown dtype");
+        assert!(error.to_string().contains("unknown dtype 'fp8'"), "{error}");
     }
 
     #[test]

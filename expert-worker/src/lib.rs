@@ -41,12 +41,14 @@ pub async fn run(
         batching: scheduler::BatchingConfig { batch_wait: args.batch_wait(), max_batch_tokens: args.max_batch_tokens },
         default_queue_limit_tokens: args.queue_limit_tokens,
         identity_experts: args.identity_experts,
+        dtype: args.dtype,
     };
     let worker = ExpertWorker::start(options, metrics.clone())?;
     let endpoint = args.advertised_endpoint(grpc_addr);
     let name = args.name.clone().unwrap_or_else(|| endpoint.clone());
     let device_name = switchyard_experts::device::device_name(device);
-    tracing::info!(%grpc_addr, %metrics_addr, %endpoint, device = %device_name, torch_threads = args.torch_threads, "worker listening");
+    let dtype = args.dtype.map_or_else(|| "default".to_owned(), |dtype| dtype.to_string());
+    tracing::info!(%grpc_addr, %metrics_addr, %endpoint, device = %device_name, %dtype, torch_threads = args.torch_threads, "worker listening");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchyard_experts::Expert;
+use switchyard_experts::device::default_compute_dtype;
 use switchyard_model::ExpertId;
-use switchyard_model::ModelSpec;
 use switchyard_model::checkpoint::Checkpoint;
+use switchyard_model::{ModelSpec, WeightDtype};
 use switchyard_proto::wire::WireDtype;
 use tch::Device;
 use tokio::sync::oneshot;
@@ -32,6 +33,9 @@ pub struct WorkerOptions {
     pub default_queue_limit_tokens: usize,
     /// Serve identity experts (input back, no compute) instead of the model's: pure communication.
     pub identity_experts: bool,
+    /// The dtype experts are resident in and compute in; `None`: a checkpoint's own dtype, and
+    /// [`default_compute_dtype`] of the device for synthetic models.
+    pub dtype: Option<WeightDtype>,
 }
 
 /// Builds `keys` of `spec` on `device`: from its checkpoint (reading only these experts' tensors)
@@ -41,6 +45,7 @@ fn build_experts(
     spec: &ModelSpec,
     keys: Vec<ExpertId>,
     device: Device,
+    dtype: Option<WeightDtype>,
     identity: bool,
 ) -> Result<Vec<(ExpertId, Expert)>, WorkerError> {
     let _no_grad = tch::no_grad_guard();
@@ -48,7 +53,11 @@ fn build_experts(
         return Ok(keys.into_iter().map(|key| (key, Expert::identity(spec.d_model as usize, device))).collect());
     }
     let Some(dir) = &spec.checkpoint else {
-        return Ok(keys.into_iter().map(|key| (key, Expert::synthetic(spec, key.layer, key.expert, device))).collect());
+        let dtype = dtype.unwrap_or_else(|| default_compute_dtype(device));
+        return Ok(keys
+            .into_iter()
+            .map(|key| (key, Expert::synthetic(spec, key.layer, key.expert, device, dtype)))
+            .collect());
     };
     let Some(first) = keys.first().copied() else {
         return Ok(Vec::new());
@@ -61,7 +70,7 @@ fn build_experts(
                 .expert_weights(key.layer, key.expert)
                 .map_err(|error| WorkerError::Load { expert: key, reason: error.to_string() })?;
             let (d_model, d_ff) = (spec.d_model as usize, spec.d_ff_of(key.expert) as usize);
-            Ok((key, Expert::from_weights(&weights, spec.activation, d_model, d_ff, device)))
+            Ok((key, Expert::from_weights(&weights, spec.activation, d_model, d_ff, device, dtype)))
         })
         .collect()
 }
@@ -95,12 +104,19 @@ pub struct ForwardOutcome {
     pub handler_time: Duration,
 }
 
+/// A resident expert's spec and the bytes its weights hold on the device.
+#[derive(Debug)]
+struct Resident {
+    spec: ModelSpec,
+    bytes: u64,
+}
+
 #[derive(Debug)]
 pub struct ExpertWorker {
     scheduler: Arc<Scheduler>,
     options: WorkerOptions,
-    /// The spec each resident expert was built from: a load with another spec rebuilds it.
-    resident: Mutex<HashMap<ExpertId, ModelSpec>>,
+    /// What each resident expert was built from: a load with another spec rebuilds it.
+    resident: Mutex<HashMap<ExpertId, Resident>>,
     metrics: WorkerMetrics,
     compute_thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -123,7 +139,7 @@ impl ExpertWorker {
         self.options.device
     }
 
-    fn resident(&self) -> std::sync::MutexGuard<'_, HashMap<ExpertId, ModelSpec>> {
+    fn resident(&self) -> std::sync::MutexGuard<'_, HashMap<ExpertId, Resident>> {
         self.resident.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -197,18 +213,20 @@ impl ExpertWorker {
         };
         let to_build: Vec<ExpertId> = {
             let resident = self.resident();
-            experts.iter().filter(|key| resident.get(key) != Some(&spec)).copied().collect()
+            experts.iter().filter(|key| resident.get(key).is_none_or(|built| built.spec != spec)).copied().collect()
         };
         let device = self.options.device;
         let build_spec = spec.clone();
-        let identity = self.options.identity_experts;
-        let built = tokio::task::spawn_blocking(move || build_experts(&build_spec, to_build, device, identity))
+        let (dtype, identity) = (self.options.dtype, self.options.identity_experts);
+        let built = tokio::task::spawn_blocking(move || build_experts(&build_spec, to_build, device, dtype, identity))
             .await
             .map_err(|error| WorkerError::Load {
                 expert: experts.first().copied().unwrap_or_default(),
                 reason: error.to_string(),
             })??;
         let built_keys: Vec<ExpertId> = built.iter().map(|(key, _)| *key).collect();
+        let built_bytes: HashMap<ExpertId, u64> =
+            built.iter().map(|(key, expert)| (*key, expert.resident_bytes())).collect();
         let built = built.into_iter().map(|(key, expert)| (key, expert, limit_of(&key))).collect();
         let (done, installed) = oneshot::channel();
         self.scheduler.submit(Command::Install { experts: built, done });
@@ -219,7 +237,8 @@ impl ExpertWorker {
         }
         let mut resident = self.resident();
         for key in &experts {
-            resident.insert(*key, spec.clone());
+            let bytes = built_bytes.get(key).copied().or_else(|| resident.get(key).map(|built| built.bytes));
+            resident.insert(*key, Resident { spec: spec.clone(), bytes: bytes.unwrap_or_default() });
         }
         self.metrics.resident_experts.set(resident.len() as i64);
         tracing::info!(built = built_keys.len(), experts = experts.len(), ?limits, "experts loaded");
@@ -245,8 +264,9 @@ impl ExpertWorker {
         keys
     }
 
+    /// Bytes the resident experts' weights hold on the device, in the dtype they are resident in.
     pub fn resident_bytes(&self) -> u64 {
-        self.resident().iter().map(|(key, spec)| spec.expert_bytes_of(key.expert)).sum()
+        self.resident().values().map(|built| built.bytes).sum()
     }
 
     pub fn queues(&self) -> Vec<QueueSnapshot> {

@@ -63,6 +63,7 @@ async fn a_merged_batch_follows_from_every_request_it_serves() {
         batching: BatchingConfig { batch_wait: Duration::from_millis(300), max_batch_tokens: 1024 },
         default_queue_limit_tokens: 1024,
         identity_experts: false,
+        dtype: None,
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 2, ..ModelSpec::default_synthetic() };

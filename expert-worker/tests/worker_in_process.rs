@@ -9,7 +9,7 @@ use switchyard_expert_worker::worker::QueueLimits;
 use switchyard_expert_worker::{Args, ExpertWorker, WorkerError, WorkerOptions};
 use switchyard_experts::Expert;
 use switchyard_model::ExpertId;
-use switchyard_model::ModelSpec;
+use switchyard_model::{ModelSpec, WeightDtype};
 use switchyard_proto::v1::{self, expert_worker_client::ExpertWorkerClient};
 use switchyard_proto::wire;
 use switchyard_proto::wire::WireDtype;
@@ -41,6 +41,7 @@ async fn started(batch_wait: Duration, limit: usize) -> std::sync::Arc<ExpertWor
         batching: BatchingConfig { batch_wait, max_batch_tokens: 1024 },
         default_queue_limit_tokens: limit,
         identity_experts: false,
+        dtype: None,
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     worker
@@ -69,7 +70,7 @@ async fn outputs_equal_the_expert_computed_directly() {
     let outcome = worker.forward(batch).await.expect("forward");
     assert_eq!(outcome.outputs.len(), 2);
     for (output, (expert, input)) in outcome.outputs.iter().zip([(1, &x1), (3, &x3)]) {
-        let want = Expert::synthetic(&spec, 0, expert, tch::Device::Cpu).forward_f32(input);
+        let want = Expert::synthetic(&spec, 0, expert, tch::Device::Cpu, WeightDtype::F32).forward_f32(input);
         let have = wire::decode_f32(&output.data, output.dtype);
         assert_eq!((output.expert, output.tokens), (ExpertId::new(0, expert), input.len() / 16));
         assert!(relative_error(&want, &have) < 1e-6, "expert {expert}");
@@ -89,7 +90,7 @@ async fn bf16_rows_come_back_in_the_asked_dtype() {
     let outcome = worker.forward(batch).await.expect("forward");
     assert_eq!(outcome.outputs[0].dtype, WireDtype::F32);
     assert_eq!(outcome.outputs[0].data.len(), 4 * 16 * 4);
-    let want = Expert::synthetic(&tiny_model(), 0, 0, tch::Device::Cpu).forward_f32(&x);
+    let want = Expert::synthetic(&tiny_model(), 0, 0, tch::Device::Cpu, WeightDtype::F32).forward_f32(&x);
     let have = wire::decode_f32(&outcome.outputs[0].data, WireDtype::F32);
     assert!(relative_error(&want, &have) < 2e-2, "bf16 input keeps about 3 significant digits");
     worker.shutdown().await;
@@ -106,7 +107,7 @@ async fn concurrent_requests_of_one_expert_merge_into_one_forward() {
     let (first, second) = (first.expect("first"), second.expect("second"));
     assert_eq!(first.outputs[0].batch_tokens, 9, "one forward of 3 + 6 rows");
     assert_eq!(second.outputs[0].batch_tokens, 9);
-    let expert = Expert::synthetic(&tiny_model(), 0, 2, tch::Device::Cpu);
+    let expert = Expert::synthetic(&tiny_model(), 0, 2, tch::Device::Cpu, WeightDtype::F32);
     for (outcome, input) in [(&first, &a), (&second, &b)] {
         let have = wire::decode_f32(&outcome.outputs[0].data, WireDtype::F32);
         assert!(relative_error(&expert.forward_f32(input), &have) < 1e-6, "rows split back to their request");
@@ -238,6 +239,7 @@ async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
         batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: 1024 },
         default_queue_limit_tokens: 6,
         identity_experts: false,
+        dtype: None,
     };
     let worker = ExpertWorker::start(options, metrics.clone()).expect("compute thread");
     worker

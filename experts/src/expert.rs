@@ -10,16 +10,26 @@ use tch::{Device, Kind, Tensor};
 
 use switchyard_model::checkpoint::ExpertWeights;
 use switchyard_model::synthetic::{self, WeightRole};
-use switchyard_model::{Activation, ModelSpec};
+use switchyard_model::{Activation, HostTensor, ModelSpec, WeightDtype};
 
-/// An expert's weights, resident on one device. `Send` but not `Sync` (like every tch tensor): it
-/// lives on the thread that computes with it.
+/// The tch kind of a weight dtype.
+pub fn kind_of(dtype: WeightDtype) -> Kind {
+    match dtype {
+        WeightDtype::F32 => Kind::Float,
+        WeightDtype::F16 => Kind::Half,
+        WeightDtype::Bf16 => Kind::BFloat16,
+    }
+}
+
+/// An expert's weights, resident on one device in one dtype, which is also the dtype it computes
+/// in. `Send` but not `Sync` (like every tch tensor): it lives on the thread that computes with it.
 #[derive(Debug)]
 pub struct Expert {
     /// `None` for an identity expert (pure-communication measurements: same bytes back, no compute).
     ffn: Option<Ffn>,
     d_model: i64,
     device: Device,
+    dtype: WeightDtype,
 }
 
 #[derive(Debug)]
@@ -38,12 +48,12 @@ struct Ffn {
 }
 
 impl Expert {
-    /// Builds expert `(layer, expert)` of `spec` from its seed, on `device`.
-    pub fn synthetic(spec: &ModelSpec, layer: u32, expert: u32, device: Device) -> Self {
+    /// Builds expert `(layer, expert)` of `spec` from its seed, on `device`, in `dtype`.
+    pub fn synthetic(spec: &ModelSpec, layer: u32, expert: u32, device: Device, dtype: WeightDtype) -> Self {
         let (d_model, d_ff) = (spec.d_model as usize, spec.d_ff_of(expert) as usize);
         let build = |role, rows, cols| {
             let values = synthetic::matrix(spec.seed, layer, expert, role, rows, cols);
-            Tensor::from_slice(&values).view([rows as i64, cols as i64]).to_device(device)
+            Tensor::from_slice(&values).view([rows as i64, cols as i64]).to_device(device).to_kind(kind_of(dtype))
         };
         let three_matrices = spec.activation.matrices() == 3;
         let biased = spec.expert_bias && !spec.is_shared(expert);
@@ -57,37 +67,47 @@ impl Expert {
             b2: biased.then(|| bias(WeightRole::B2, d_model)),
             b3: (biased && three_matrices).then(|| bias(WeightRole::B3, d_ff)),
         };
-        Self { ffn: Some(ffn), d_model: d_model as i64, device }
+        Self { ffn: Some(ffn), d_model: d_model as i64, device, dtype }
     }
 
     /// An expert that answers with its input: dispatch and combine measured alone, as DeepEP's
     /// benchmarks do.
     pub fn identity(d_model: usize, device: Device) -> Self {
-        Self { ffn: None, d_model: d_model as i64, device }
+        Self { ffn: None, d_model: d_model as i64, device, dtype: WeightDtype::F32 }
     }
 
-    /// Builds an expert of form `activation` from checkpoint weights (`nn.Linear` layout), on `device`.
+    /// Builds an expert of form `activation` from checkpoint weights (`nn.Linear` layout), on
+    /// `device`, in `dtype` (`None`: the dtype the checkpoint stores, with no conversion at all).
     pub fn from_weights(
         weights: &ExpertWeights,
         activation: Activation,
         d_model: usize,
         d_ff: usize,
         device: Device,
+        dtype: Option<WeightDtype>,
     ) -> Self {
-        let build = |values: &[f32], shape: &[i64]| Tensor::from_slice(values).view(shape).to_device(device);
+        let dtype = dtype.unwrap_or(weights.w1.dtype);
+        let build = |host: &HostTensor, shape: &[i64]| {
+            Tensor::from_data_size(&host.bytes, shape, kind_of(host.dtype)).to_device(device).to_kind(kind_of(dtype))
+        };
         let (d, f) = (d_model as i64, d_ff as i64);
         let biases = weights.biases.as_ref();
         let ffn = Ffn {
             activation,
             w1: build(&weights.w1, &[f, d]),
             w2: build(&weights.w2, &[d, f]),
-            w3: weights.w3.as_deref().map(|w3| build(w3, &[f, d])),
+            w3: weights.w3.as_ref().map(|w3| build(w3, &[f, d])),
             b1: biases.map(|b| build(&b.b1, &[f])),
             b2: biases.map(|b| build(&b.b2, &[d])),
-            b3: biases.and_then(|b| b.b3.as_deref()).map(|b3| build(b3, &[f])),
+            b3: biases.and_then(|b| b.b3.as_ref()).map(|b3| build(b3, &[f])),
         };
         debug_assert_eq!(ffn.w3.is_some(), activation.matrices() == 3, "{activation} with w3: {}", ffn.w3.is_some());
-        Self { ffn: Some(ffn), d_model: d_model as i64, device }
+        Self { ffn: Some(ffn), d_model: d_model as i64, device, dtype }
+    }
+
+    /// The dtype this expert's weights are resident in, and that it computes in.
+    pub fn dtype(&self) -> WeightDtype {
+        self.dtype
     }
 
     /// Bytes of weights this expert holds.
@@ -112,11 +132,14 @@ impl Expert {
         self.device
     }
 
-    /// `x [n, d_model]` (on this expert's device, f32) to `[n, d_model]`.
+    /// `x [n, d_model]` (on this expert's device, any float kind) to `[n, d_model]` in this expert's
+    /// dtype (an identity expert answers `x` itself).
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let Some(ffn) = &self.ffn else {
             return x.shallow_clone();
         };
+        let x = x.to_kind(kind_of(self.dtype));
+        let x = &x;
         tch::no_grad(|| {
             let gate = x.linear(&ffn.w1, ffn.b1.as_ref());
             let up = || ffn.w3.as_ref().map(|w3| x.linear(w3, ffn.b3.as_ref()));
@@ -138,7 +161,7 @@ impl Expert {
     /// Convenience for host-side callers: f32 rows in, f32 rows out.
     pub fn forward_f32(&self, rows: &[f32]) -> Vec<f32> {
         let tokens = rows.len() as i64 / self.d_model;
-        let input = Tensor::from_slice(rows).view([tokens, self.d_model]).to_device(self.device());
+        let input = Tensor::from_slice(rows).view([tokens, self.d_model]).to_device(self.device);
         let output = self.forward(&input).to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         let mut values = vec![0.0; rows.len()];
         output.copy_data(&mut values, rows.len());
@@ -158,7 +181,7 @@ mod tests {
     #[test]
     fn swiglu_matches_the_formula() {
         let spec = tiny_spec(Activation::SwiGlu);
-        let expert = Expert::synthetic(&spec, 0, 1, Device::Cpu);
+        let expert = Expert::synthetic(&spec, 0, 1, Device::Cpu, WeightDtype::F32);
         let x = [0.5f32, -1.0, 2.0, 0.25];
         let w1 = synthetic::matrix(3, 0, 1, WeightRole::W1, 6, 4);
         let w2 = synthetic::matrix(3, 0, 1, WeightRole::W2, 4, 6);
@@ -179,6 +202,22 @@ mod tests {
         assert_eq!(expert.resident_bytes(), spec.expert_bytes());
     }
 
+    /// bf16 weights stay bf16 on the device: half the bytes, and a forward that agrees with the f32
+    /// one to bf16's precision.
+    #[test]
+    fn a_bf16_expert_holds_half_the_bytes_and_agrees_with_f32_to_its_precision() {
+        let spec = ModelSpec { d_model: 64, d_ff: 128, seed: 5, ..ModelSpec::default_synthetic() };
+        let f32_expert = Expert::synthetic(&spec, 0, 2, Device::Cpu, WeightDtype::F32);
+        let bf16_expert = Expert::synthetic(&spec, 0, 2, Device::Cpu, WeightDtype::Bf16);
+        assert_eq!(bf16_expert.resident_bytes() * 2, f32_expert.resident_bytes());
+        let x: Vec<f32> = (0..4 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let (want, have) = (f32_expert.forward_f32(&x), bf16_expert.forward_f32(&x));
+        let diff: f32 = want.iter().zip(&have).map(|(a, b)| (a - b) * (a - b)).sum();
+        let norm: f32 = want.iter().map(|a| a * a).sum();
+        let error = (diff / norm).sqrt();
+        assert!(error > 0.0 && error < 2e-2, "bf16 relative error {error}");
+    }
+
     #[test]
     fn an_identity_expert_answers_with_its_input_and_holds_nothing() {
         let expert = Expert::identity(4, Device::Cpu);
@@ -192,17 +231,19 @@ mod tests {
     fn clamped_swiglu_matches_gpt_oss_formula() {
         let (alpha, limit) = (1.702f32, 0.5f32);
         let (d, f) = (3usize, 2usize);
+        let host = |values: &[f32], shape: &[usize]| HostTensor::from_f32(values, shape);
         let weights = ExpertWeights {
-            w1: vec![1.0, -0.5, 0.0, -1.0, 0.25, 2.0],
-            w2: vec![0.5, -1.0, 1.5, 0.25, -0.75, 1.0],
-            w3: Some(vec![-0.5, 1.0, 0.75, 2.0, -1.5, 0.5]),
+            w1: host(&[1.0, -0.5, 0.0, -1.0, 0.25, 2.0], &[f, d]),
+            w2: host(&[0.5, -1.0, 1.5, 0.25, -0.75, 1.0], &[d, f]),
+            w3: Some(host(&[-0.5, 1.0, 0.75, 2.0, -1.5, 0.5], &[f, d])),
             biases: Some(switchyard_model::checkpoint::ExpertBiases {
-                b1: vec![0.1, -0.2],
-                b2: vec![0.05, 0.0, -0.05],
-                b3: Some(vec![0.3, -0.1]),
+                b1: host(&[0.1, -0.2], &[f]),
+                b2: host(&[0.05, 0.0, -0.05], &[d]),
+                b3: Some(host(&[0.3, -0.1], &[f])),
             }),
         };
-        let expert = Expert::from_weights(&weights, Activation::ClampedSwiGlu { alpha, limit }, d, f, Device::Cpu);
+        let expert =
+            Expert::from_weights(&weights, Activation::ClampedSwiGlu { alpha, limit }, d, f, Device::Cpu, None);
         let x = [1.0f32, -2.0, 0.5];
         let linear = |w: &[f32], b: &[f32], input: &[f32], outputs: usize| -> Vec<f32> {
             (0..outputs)
@@ -210,8 +251,8 @@ mod tests {
                 .collect()
         };
         let biases = weights.biases.as_ref().unwrap();
-        let gate = linear(&weights.w1, &biases.b1, &x, f);
-        let up = linear(weights.w3.as_ref().unwrap(), biases.b3.as_ref().unwrap(), &x, f);
+        let gate = linear(&weights.w1.to_f32(), &biases.b1.to_f32(), &x, f);
+        let up = linear(&weights.w3.as_ref().unwrap().to_f32(), &biases.b3.as_ref().unwrap().to_f32(), &x, f);
         let hidden: Vec<f32> = gate
             .iter()
             .zip(&up)
@@ -221,7 +262,7 @@ mod tests {
                 (u + 1.0) * g / (1.0 + (-alpha * g).exp())
             })
             .collect();
-        let expected = linear(&weights.w2, &biases.b2, &hidden, d);
+        let expected = linear(&weights.w2.to_f32(), &biases.b2.to_f32(), &hidden, d);
         assert!(gate.iter().any(|g| *g > limit) && up.iter().any(|u| u.abs() > limit), "both clamps act");
         let got = expert.forward_f32(&x);
         for (want, have) in expected.iter().zip(&got) {
@@ -232,8 +273,13 @@ mod tests {
 
     #[test]
     fn relu_expert_zeroes_negative_pre_activations() {
-        let weights = ExpertWeights { w1: vec![1.0, -1.0], w2: vec![2.0, 3.0], w3: None, biases: None };
-        let expert = Expert::from_weights(&weights, Activation::Relu, 1, 2, Device::Cpu);
+        let weights = ExpertWeights {
+            w1: HostTensor::from_f32(&[1.0, -1.0], &[2, 1]),
+            w2: HostTensor::from_f32(&[2.0, 3.0], &[1, 2]),
+            w3: None,
+            biases: None,
+        };
+        let expert = Expert::from_weights(&weights, Activation::Relu, 1, 2, Device::Cpu, None);
         // x = 1.5: pre-activations [1.5, -1.5] -> [1.5, 0] -> 2 * 1.5.
         assert_eq!(expert.forward_f32(&[1.5]), [3.0]);
         assert_eq!(expert.forward_f32(&[-1.0]), [3.0], "pre-activations [-1, 1] -> [0, 1] -> 3 * 1");
@@ -242,7 +288,7 @@ mod tests {
     #[test]
     fn gelu_expert_has_two_matrices_and_keeps_shape() {
         let spec = tiny_spec(Activation::Gelu);
-        let expert = Expert::synthetic(&spec, 0, 0, Device::Cpu);
+        let expert = Expert::synthetic(&spec, 0, 0, Device::Cpu, WeightDtype::F32);
         assert_eq!(expert.resident_bytes(), 2 * 4 * 6 * 4);
         assert_eq!(expert.forward_f32(&[1.0; 8]).len(), 8);
     }

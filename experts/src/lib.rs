@@ -1,11 +1,12 @@
 //! Expert FFNs on libtorch (via tch), shared by the expert worker, which serves them, and the
 //! router client's in-process reference layer, which recomputes them without a network.
 //!
-//! - [`expert`]: one expert (SwiGLU or GELU) on a device, built from seeded synthetic weights.
-//! - [`device`]: choosing CUDA when present, else CPU.
+//! - [`expert`]: one expert (any [`switchyard_model::Activation`]) on a device, in one dtype, built
+//!   from a checkpoint or from seeded synthetic weights.
+//! - [`device`]: choosing CUDA when present, else CPU, and the compute dtype that suits it.
 
 pub mod device;
 pub mod expert;
 
 pub use device::{DeviceChoice, ParseDeviceError};
-pub use expert::Expert;
+pub use expert::{Expert, kind_of};

@@ -126,7 +126,9 @@ async fn a_gated_shared_expert_takes_every_token_and_adds_its_output() {
         .forward(0, &hidden, &RoutingOverrides::default())
         .await
         .expect("routed-only reference");
-    let shared = switchyard_experts::Expert::synthetic(&model, 0, 8, tch::Device::Cpu).forward_f32(&hidden);
+    let shared =
+        switchyard_experts::Expert::synthetic(&model, 0, 8, tch::Device::Cpu, switchyard_model::WeightDtype::F32)
+            .forward_f32(&hidden);
     let gate = switchyard_model::synthetic::shared_gate_weights(model.seed, 0, 1, 256);
     let mut contribution = vec![0.0f32; hidden.len()];
     for (token, (x, out)) in hidden.chunks_exact(256).zip(shared.chunks_exact(256)).enumerate() {

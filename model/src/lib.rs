@@ -1,6 +1,7 @@
 //! The model every process agrees on, without libtorch (the coordinator links none):
 //!
 //! - [`spec`]: the validated [`ModelSpec`] and its sizes.
+//! - [`dtype`]: weight element types, and weights as typed bytes (read as stored, never upcast).
 //! - [`family`]: the published architectures served, and the capacity policy each implies.
 //! - [`capacity`]: the capacity policies (dropless, factor, per-sequence) and the capacity rule.
 //! - [`router_spec`]: what a model's router computes (scores, groups, scaling, biases).
@@ -16,6 +17,7 @@ pub mod capacity;
 pub mod checkpoint;
 #[cfg(feature = "clap")]
 pub mod cli;
+pub mod dtype;
 pub mod family;
 pub mod ids;
 pub mod mxfp4;
@@ -25,6 +27,7 @@ pub mod spec;
 pub mod synthetic;
 
 pub use capacity::{CapacityPolicy, expert_capacity};
+pub use dtype::{HostTensor, WeightDtype};
 pub use family::Family;
 pub use ids::{ExpertId, RequestId, TableVersion};
 pub use router_spec::{GroupScore, RouterSpec, Scoring};

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
+use crate::dtype::{HostTensor, WeightDtype};
+
 #[derive(Debug, thiserror::Error)]
 pub enum TensorFileError {
     #[error("{file}: {source}")]
@@ -138,23 +140,28 @@ impl TensorFiles {
 
     /// Reads `tensor`, checks it has `expected_shape`, and converts it to f32 (row-major).
     pub fn read_f32(&self, tensor: &str, expected_shape: &[usize]) -> Result<Vec<f32>, TensorFileError> {
+        Ok(self.read(tensor, expected_shape)?.to_f32())
+    }
+
+    /// Reads `tensor` as it is stored, after checking it has `expected_shape`.
+    pub fn read(&self, tensor: &str, expected_shape: &[usize]) -> Result<HostTensor, TensorFileError> {
         let count = expected_shape.iter().product();
-        self.read_f32_elements(tensor, expected_shape, 0, count)
+        self.read_weights(tensor, expected_shape, 0, count, expected_shape.to_vec())
     }
 
     /// Reads slab `index` of `tensor` along its first dimension (e.g. one expert of a fused
-    /// `[experts, rows, cols]` tensor), after checking the whole tensor has `expected_shape`: only
-    /// that slab's bytes are read.
-    pub fn read_f32_slab(
+    /// `[experts, rows, cols]` tensor) as it is stored, after checking the whole tensor has
+    /// `expected_shape`: only that slab's bytes are read.
+    pub fn read_slab(
         &self,
         tensor: &str,
         expected_shape: &[usize],
         index: usize,
-    ) -> Result<Vec<f32>, TensorFileError> {
+    ) -> Result<HostTensor, TensorFileError> {
         let (&slabs, rest) = expected_shape.split_first().unwrap_or((&1, &[]));
         let slab: usize = rest.iter().product();
         debug_assert!(index < slabs, "slab {index} of {slabs}");
-        self.read_f32_elements(tensor, expected_shape, index * slab, slab)
+        self.read_weights(tensor, expected_shape, index * slab, slab, rest.to_vec())
     }
 
     /// Slab `index` of a `U8` tensor along its first dimension, as raw bytes (MXFP4 blocks and scales).
@@ -169,20 +176,18 @@ impl TensorFiles {
         Ok(bytes)
     }
 
-    /// Elements `first..first + count` of `tensor` (row-major), as f32.
-    fn read_f32_elements(
+    /// Elements `first..first + count` of a float `tensor`, as a [`HostTensor`] of `shape`.
+    fn read_weights(
         &self,
         tensor: &str,
         expected_shape: &[usize],
         first: usize,
         count: usize,
-    ) -> Result<Vec<f32>, TensorFileError> {
+        shape: Vec<usize>,
+    ) -> Result<HostTensor, TensorFileError> {
         let (dtype, bytes) = self.read_elements(tensor, expected_shape, first, count, &["F32", "F16", "BF16"])?;
-        Ok(match dtype {
-            "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            "F16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            _ => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        })
+        let dtype = WeightDtype::from_safetensors(dtype).expect("one of the float dtypes asked for");
+        Ok(HostTensor { dtype, shape, bytes })
     }
 
     /// The bytes of elements `first..first + count` of `tensor`, whose dtype must be one of
@@ -321,9 +326,9 @@ mod tests {
         let fused: Vec<f32> = (0..12).map(|i| i as f32).collect();
         write_f32(&dir.path().join(SINGLE_FILE), &[("fused", vec![3, 2, 2], &fused)]).unwrap();
         let files = TensorFiles::open(dir.path()).unwrap();
-        assert_eq!(files.read_f32_slab("fused", &[3, 2, 2], 1).unwrap(), [4.0, 5.0, 6.0, 7.0]);
-        assert_eq!(files.read_f32_slab("fused", &[3, 2, 2], 2).unwrap(), [8.0, 9.0, 10.0, 11.0]);
-        assert!(files.read_f32_slab("fused", &[3, 4], 0).unwrap_err().to_string().contains("expected [3, 4]"));
+        assert_eq!(files.read_slab("fused", &[3, 2, 2], 1).unwrap().to_f32(), [4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(files.read_slab("fused", &[3, 2, 2], 2).unwrap().to_f32(), [8.0, 9.0, 10.0, 11.0]);
+        assert!(files.read_slab("fused", &[3, 4], 0).unwrap_err().to_string().contains("expected [3, 4]"));
     }
 
     #[test]

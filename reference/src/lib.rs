@@ -15,7 +15,7 @@ use std::time::Duration;
 use switchyard_expert_worker::metrics::WorkerMetrics;
 use switchyard_expert_worker::scheduler::BatchingConfig;
 use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, WorkerError, WorkerOptions};
-use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_model::{ExpertId, ModelSpec, WeightDtype};
 use switchyard_router_client::router::RoutingSummary;
 use switchyard_router_client::timing::TimeBreakdown;
 use switchyard_router_client::{ClientError, ClientOptions, MoeClient, RoutingOverrides, RoutingTableView};
@@ -42,12 +42,20 @@ pub struct ReferenceConfig {
     /// Identity experts (each returns its input): the counterpart of workers with
     /// `--identity-experts`, for pure-communication measurements.
     pub identity_experts: bool,
+    /// The dtype experts are resident and compute in, as the workers' `--dtype`; `None`: the
+    /// checkpoint's own dtype, bf16 for synthetic models on CUDA and f32 on CPU.
+    pub dtype: Option<WeightDtype>,
 }
 
 impl ReferenceConfig {
-    /// CPU, one thread, the model's experts.
+    /// CPU, one thread, the model's experts in their own dtype.
     pub fn cpu() -> Self {
-        Self { device: tch::Device::Cpu, torch_threads: 1, identity_experts: false }
+        Self { device: tch::Device::Cpu, torch_threads: 1, identity_experts: false, dtype: None }
+    }
+
+    /// The same, computing in `dtype`.
+    pub fn with_dtype(self, dtype: WeightDtype) -> Self {
+        Self { dtype: Some(dtype), ..self }
     }
 }
 
@@ -85,6 +93,7 @@ impl ReferenceLayer {
             batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: usize::MAX },
             default_queue_limit_tokens: usize::MAX,
             identity_experts: config.identity_experts,
+            dtype: config.dtype,
         };
         let worker = ExpertWorker::start(options, WorkerMetrics::new())?;
         let per_layer = model.experts_per_layer + model.shared_experts;
@@ -164,7 +173,7 @@ mod tests {
         let row = &hidden[8..16];
         let mut expected = vec![0.0f32; 8];
         for (expert, weight) in routing.token_choices(1) {
-            let out = Expert::synthetic(&model, 0, *expert, tch::Device::Cpu).forward_f32(row);
+            let out = Expert::synthetic(&model, 0, *expert, tch::Device::Cpu, WeightDtype::F32).forward_f32(row);
             for (e, o) in expected.iter_mut().zip(out) {
                 *e += weight * o;
             }
@@ -194,7 +203,7 @@ mod tests {
         for expert in 0..4u32 {
             let mass: f32 =
                 logits[expert as usize * 2..expert as usize * 2 + 2].iter().map(|l| (l - max).exp() / total).sum();
-            let out = Expert::synthetic(&model, 0, expert, tch::Device::Cpu).forward_f32(&x);
+            let out = Expert::synthetic(&model, 0, expert, tch::Device::Cpu, WeightDtype::F32).forward_f32(&x);
             for (e, o) in expected.iter_mut().zip(out) {
                 *e += mass * o;
             }

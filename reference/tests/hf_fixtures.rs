@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::safetensors::TensorFiles;
-use switchyard_model::{CapacityPolicy, Family, ModelSpec, expert_capacity};
+use switchyard_model::{CapacityPolicy, Family, ModelSpec, WeightDtype, expert_capacity};
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, ReferenceOutput, relative_frobenius_error};
 use switchyard_router_client::RoutingOverrides;
 
@@ -39,11 +39,19 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// Computing in f32: transformers' outputs were computed in f32 from the stored values, which
+    /// bf16 and MXFP4 checkpoints hold exactly in f32, so every family agrees to f32 rounding.
     async fn load(name: &str) -> Self {
+        Self::load_in(name, Some(WeightDtype::F32)).await
+    }
+
+    /// Computing in `dtype` (`None`: the checkpoint's own).
+    async fn load_in(name: &str, dtype: Option<WeightDtype>) -> Self {
         let dir = fixture(name);
         let checkpoint = Checkpoint::open(&dir).unwrap_or_else(|error| panic!("{name}: {error}"));
         let spec = checkpoint.spec.clone();
-        let reference = ReferenceLayer::start(&spec, &spec.moe_layers, ReferenceConfig::cpu())
+        let config = ReferenceConfig { dtype, ..ReferenceConfig::cpu() };
+        let reference = ReferenceLayer::start(&spec, &spec.moe_layers, config)
             .await
             .unwrap_or_else(|error| panic!("{name}: {error}"));
         let expected = Expected::open(&dir, &spec);
@@ -129,6 +137,36 @@ async fn every_family_matches_transformers_with_its_default_capacity_policy() {
     families.sort_by_key(|family| family.model_type());
     families.dedup();
     assert_eq!(families.len(), Family::CHECKPOINT_FAMILIES.len(), "a fixture for every served family: {families:?}");
+}
+
+/// With no dtype given, a checkpoint computes in the dtype it stores: the bf16 ones (Mixtral and
+/// GPT-OSS as they ship, MXFP4 dequantized to bf16) agree with transformers' f32 outputs to bf16's
+/// precision, and no closer (they really computed in bf16); the f32 ones as closely as before.
+#[tokio::test]
+async fn every_checkpoint_computes_in_its_own_dtype_by_default() {
+    let mut bf16_checkpoints = Vec::new();
+    for name in fixture_names() {
+        let checkpoint = Checkpoint::open(&fixture(&name)).expect("opens");
+        let first_layer = checkpoint.spec.moe_layers[0];
+        let stored = checkpoint.expert_weights(first_layer, 0).expect("expert 0").w1.dtype;
+        let fixture = Fixture::load_in(&name, None).await;
+        let hidden = fixture.expected.hidden();
+        for &layer in &fixture.spec.moe_layers {
+            let output = fixture.forward(layer, &hidden, &RoutingOverrides::default()).await;
+            let error = relative_frobenius_error(&output.hidden, &fixture.expected.out(layer));
+            eprintln!("{name} layer {layer} in {stored}: out error {error:.1e}");
+            match stored {
+                WeightDtype::Bf16 => {
+                    assert!(error > 1e-5 && error < 2e-2, "{name} layer {layer}: bf16 error {error:e}")
+                }
+                _ => assert!(error < 1e-5, "{name} layer {layer}: {stored} error {error:e}"),
+            }
+        }
+        if stored == WeightDtype::Bf16 {
+            bf16_checkpoints.push(name);
+        }
+    }
+    assert_eq!(bf16_checkpoints, ["gpt-oss-mxfp4-tiny", "gpt-oss-tiny", "mixtral-bf16-tiny"]);
 }
 
 #[tokio::test]

@@ -28,6 +28,7 @@ async fn worker(expert: u32, limit: usize, batch_wait: Duration) -> Arc<ExpertWo
         batching: BatchingConfig { batch_wait, max_batch_tokens: 1 << 20 },
         default_queue_limit_tokens: limit,
         identity_experts: false,
+        dtype: None,
     };
     let worker = ExpertWorker::start(options, WorkerMetrics::new()).expect("compute thread");
     worker.load_experts(model(), vec![ExpertId::new(0, expert)], QueueLimits::default()).await.expect("load");

@@ -18,6 +18,7 @@ mod config;
 
 use std::path::{Path, PathBuf};
 
+use crate::dtype::{HostTensor, WeightDtype};
 use crate::family::Family;
 use crate::mxfp4;
 use crate::safetensors::{TensorFileError, TensorFiles};
@@ -35,28 +36,40 @@ pub enum CheckpointError {
     NoSuchExpert { expert: u32, dir: PathBuf, routed: u32, shared: u32 },
 }
 
-/// The weights of one expert, in `nn.Linear` layout (`[out_features, in_features]`).
+/// The weights of one expert, in `nn.Linear` layout (`[out_features, in_features]`), in the dtype
+/// the checkpoint stores them in.
 #[derive(Debug, Clone)]
 pub struct ExpertWeights {
     /// `[d_ff, d_model]`: the (gated) input projection (Mixtral w1, gate_proj, Switch wi).
-    pub w1: Vec<f32>,
+    pub w1: HostTensor,
     /// `[d_model, d_ff]`: the down projection (w2, down_proj, Switch wo).
-    pub w2: Vec<f32>,
+    pub w2: HostTensor,
     /// `[d_ff, d_model]`: the linear branch of the SwiGLU forms (w3, up_proj).
-    pub w3: Option<Vec<f32>>,
+    pub w3: Option<HostTensor>,
     /// The linear layers' biases, when the family has them (GPT-OSS).
     pub biases: Option<ExpertBiases>,
+}
+
+impl ExpertWeights {
+    /// Bytes of every tensor, as stored.
+    pub fn bytes(&self) -> usize {
+        let biases = self
+            .biases
+            .as_ref()
+            .map_or(0, |b| b.b1.bytes.len() + b.b2.bytes.len() + b.b3.as_ref().map_or(0, |b3| b3.bytes.len()));
+        self.w1.bytes.len() + self.w2.bytes.len() + self.w3.as_ref().map_or(0, |w3| w3.bytes.len()) + biases
+    }
 }
 
 /// Biases of an expert's linear layers.
 #[derive(Debug, Clone)]
 pub struct ExpertBiases {
     /// `[d_ff]`.
-    pub b1: Vec<f32>,
+    pub b1: HostTensor,
     /// `[d_model]`.
-    pub b2: Vec<f32>,
+    pub b2: HostTensor,
     /// `[d_ff]`, three-matrix forms only.
-    pub b3: Option<Vec<f32>>,
+    pub b3: Option<HostTensor>,
 }
 
 /// An opened checkpoint directory. Only `config.json` and the safetensors headers are read up front.
@@ -194,8 +207,8 @@ impl Checkpoint {
             Family::SwitchTransformers => {
                 let base = format!("{block}.experts.expert_{expert}");
                 Ok(ExpertWeights {
-                    w1: self.files.read_f32(&format!("{base}.wi.weight"), &[d_ff, d_model])?,
-                    w2: self.files.read_f32(&format!("{base}.wo.weight"), &[d_model, d_ff])?,
+                    w1: self.files.read(&format!("{base}.wi.weight"), &[d_ff, d_model])?,
+                    w2: self.files.read(&format!("{base}.wo.weight"), &[d_model, d_ff])?,
                     w3: None,
                     biases: None,
                 })
@@ -219,7 +232,7 @@ impl Checkpoint {
         d_model: usize,
         d_ff: usize,
     ) -> Result<ExpertWeights, CheckpointError> {
-        let read = |name: &str, shape: [usize; 2]| self.files.read_f32(&format!("{base}.{name}.weight"), &shape);
+        let read = |name: &str, shape: [usize; 2]| self.files.read(&format!("{base}.{name}.weight"), &shape);
         Ok(ExpertWeights {
             w1: read(gate, [d_ff, d_model])?,
             w2: read(down, [d_model, d_ff])?,
@@ -238,12 +251,11 @@ impl Checkpoint {
         d_ff: usize,
     ) -> Result<ExpertWeights, CheckpointError> {
         let experts = self.spec.experts_per_layer as usize;
-        let mut gate_up =
-            self.files.read_f32_slab(&format!("{block}.input_linear.weight"), &[experts, 2 * d_ff, d_model], expert)?;
-        let up = gate_up.split_off(d_ff * d_model);
-        let down =
-            self.files.read_f32_slab(&format!("{block}.output_linear.weight"), &[experts, d_model, d_ff], expert)?;
-        Ok(ExpertWeights { w1: gate_up, w2: down, w3: Some(up), biases: None })
+        let gate_up =
+            self.files.read_slab(&format!("{block}.input_linear.weight"), &[experts, 2 * d_ff, d_model], expert)?;
+        let (gate, up) = gate_up.split_rows(d_ff);
+        let down = self.files.read_slab(&format!("{block}.output_linear.weight"), &[experts, d_model, d_ff], expert)?;
+        Ok(ExpertWeights { w1: gate, w2: down, w3: Some(up), biases: None })
     }
 
     /// GPT-OSS: `x @ gate_up_proj[e] + bias` with `gate_up_proj [E, d, 2ff]` whose even columns are
@@ -259,9 +271,8 @@ impl Checkpoint {
     ) -> Result<ExpertWeights, CheckpointError> {
         let experts = self.spec.experts_per_layer as usize;
         let base = format!("{block}.experts");
-        let gate_up_bias =
-            self.files.read_f32_slab(&format!("{base}.gate_up_proj_bias"), &[experts, 2 * d_ff], expert)?;
-        let down_bias = self.files.read_f32_slab(&format!("{base}.down_proj_bias"), &[experts, d_model], expert)?;
+        let gate_up_bias = self.files.read_slab(&format!("{base}.gate_up_proj_bias"), &[experts, 2 * d_ff], expert)?;
+        let down_bias = self.files.read_slab(&format!("{base}.down_proj_bias"), &[experts, d_model], expert)?;
         // Both forms to `nn.Linear` layout: gate_up `[2ff, d]` (gate and up rows interleaved), down `[d, ff]`.
         let (gate_up, w2) = if self.mxfp4_experts {
             (
@@ -270,21 +281,18 @@ impl Checkpoint {
             )
         } else {
             let gate_up =
-                self.files.read_f32_slab(&format!("{base}.gate_up_proj"), &[experts, d_model, 2 * d_ff], expert)?;
-            let down = self.files.read_f32_slab(&format!("{base}.down_proj"), &[experts, d_ff, d_model], expert)?;
-            (transpose(&gate_up, d_model, 2 * d_ff), transpose(&down, d_ff, d_model))
-        };
-        let rows = |parity: usize| -> Vec<f32> {
-            gate_up.chunks_exact(d_model).skip(parity).step_by(2).flatten().copied().collect()
+                self.files.read_slab(&format!("{base}.gate_up_proj"), &[experts, d_model, 2 * d_ff], expert)?;
+            let down = self.files.read_slab(&format!("{base}.down_proj"), &[experts, d_ff, d_model], expert)?;
+            (gate_up.transposed(), down.transposed())
         };
         Ok(ExpertWeights {
-            w1: rows(0),
+            w1: gate_up.every_nth_row(0, 2),
             w2,
-            w3: Some(rows(1)),
+            w3: Some(gate_up.every_nth_row(1, 2)),
             biases: Some(ExpertBiases {
-                b1: gate_up_bias.iter().step_by(2).copied().collect(),
+                b1: gate_up_bias.every_nth_row(0, 2),
                 b2: down_bias,
-                b3: Some(gate_up_bias.iter().skip(1).step_by(2).copied().collect()),
+                b3: Some(gate_up_bias.every_nth_row(1, 2)),
             }),
         })
     }
@@ -292,7 +300,8 @@ impl Checkpoint {
 
 impl Checkpoint {
     /// Expert `expert` of the MXFP4 tensor pair `{name}_blocks` / `{name}_scales`, dequantized to a
-    /// `[rows, cols]` matrix (`nn.Linear` layout: `cols` is the input size).
+    /// `[rows, cols]` bf16 matrix (`nn.Linear` layout: `cols` is the input size). Every MXFP4 value
+    /// is exact in bf16: a 2-bit mantissa times a power of two.
     fn mxfp4_slab(
         &self,
         name: &str,
@@ -300,22 +309,14 @@ impl Checkpoint {
         rows: usize,
         cols: usize,
         expert: usize,
-    ) -> Result<Vec<f32>, CheckpointError> {
+    ) -> Result<HostTensor, CheckpointError> {
         let groups = cols.div_ceil(mxfp4::BLOCK);
         let blocks =
             self.files.read_u8_slab(&format!("{name}_blocks"), &[experts, rows, groups, mxfp4::BLOCK / 2], expert)?;
         let scales = self.files.read_u8_slab(&format!("{name}_scales"), &[experts, rows, groups], expert)?;
-        Ok(mxfp4::dequantize(&blocks, &scales, rows, groups * mxfp4::BLOCK))
+        let values = mxfp4::dequantize(&blocks, &scales, rows, groups * mxfp4::BLOCK);
+        Ok(HostTensor::from_f32(&values, &[rows, groups * mxfp4::BLOCK]).to_dtype(WeightDtype::Bf16))
     }
-}
-
-/// The `[cols, rows]` transpose of a row-major `[rows, cols]` matrix.
-fn transpose(matrix: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(matrix.len());
-    for col in 0..cols {
-        out.extend((0..rows).map(|row| matrix[row * cols + col]));
-    }
-    out
 }
 
 #[cfg(test)]
@@ -341,7 +342,7 @@ mod tests {
         assert_eq!(spec.moe_layers, [0, 2], "layer 1 is in mlp_only_layers");
         assert_eq!((spec.experts_per_layer, spec.d_ff, spec.shared_experts, spec.shared_d_ff), (4, 48, 1, 80));
         assert!(!spec.router.renormalize && spec.shared_expert_gate);
-        assert_eq!(qwen.expert_weights(2, 4).unwrap().w2.len(), 32 * 80, "expert 4 is the shared expert");
+        assert_eq!(qwen.expert_weights(2, 4).unwrap().w2.shape, [32, 80], "expert 4 is the shared expert");
         assert_eq!(qwen.gate_weights(0).unwrap().len(), 4 * 32);
         let switch = Checkpoint::open(&fixture("switch-transformers-tiny")).unwrap();
         assert_eq!(switch.spec.moe_layers, [1, 3]);
@@ -383,9 +384,9 @@ mod tests {
         let mxfp4 = Checkpoint::open(&fixture("gpt-oss-mxfp4-tiny")).unwrap();
         assert!(mxfp4.mxfp4_experts);
         let weights = mxfp4.expert_weights(1, 3).unwrap();
-        assert_eq!((weights.w1.len(), weights.w2.len()), (32 * 32, 32 * 32));
+        assert_eq!((weights.w1.len(), weights.w2.len(), weights.w1.dtype), (32 * 32, 32 * 32, WeightDtype::Bf16));
         let fp4 = [0.0f32, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
-        for value in weights.w1.iter().chain(&weights.w2) {
+        for value in weights.w1.to_f32().iter().chain(&weights.w2.to_f32()) {
             let (mantissa, _) = frexp(value.abs());
             assert!(*value == 0.0 || fp4.iter().any(|m| frexp(*m).0 == mantissa), "{value} is not an FP4 value x 2^k");
         }
@@ -410,6 +411,9 @@ mod tests {
         );
         let gpt_oss = Checkpoint::open(&fixture("gpt-oss-tiny")).unwrap();
         let weights = gpt_oss.expert_weights(0, 2).unwrap();
+        assert_eq!(weights.w1.dtype, WeightDtype::Bf16, "read as stored");
+        let stored = 2 * (32 * 2 * 24 + 2 * 24 + 24 * 32 + 32);
+        assert_eq!(weights.bytes(), stored, "the expert's slabs of the four fused tensors, nothing more");
         let biases = weights.biases.expect("GPT-OSS experts have biases");
         assert_eq!((biases.b1.len(), biases.b2.len(), weights.w2.len()), (24, 32, 32 * 24));
         assert!(gpt_oss.gate_bias(1).unwrap().is_some());

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_model::{CapacityPolicy, ModelSpec};
+use switchyard_model::{CapacityPolicy, ModelSpec, WeightDtype};
 use switchyard_proto::wire::WireDtype;
 
 use crate::loadtest::{self, Arrival, LoadReport, LoadSpec, Target};
@@ -44,6 +44,9 @@ pub struct BenchSettings {
     /// Workers answer with their input: no compute, the same bytes back.
     pub identity_experts: bool,
     pub worker_torch_threads: u32,
+    /// The dtype experts compute in, on the workers and in the reference alike; `None`: the
+    /// device's default (bf16 on CUDA, f32 on CPU).
+    pub compute_dtype: Option<WeightDtype>,
     pub batch_wait_us: u64,
     pub capacity_factor: f32,
     /// Model fields the sweep does not vary (activation, seed).
@@ -271,6 +274,9 @@ impl ShapeCluster {
         if settings.identity_experts {
             config.worker_args.push("--identity-experts".into());
         }
+        if let Some(dtype) = settings.compute_dtype {
+            config.worker_args.extend(["--dtype".into(), dtype.name().into()]);
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             config.log_filter = Some("warn".into());
         }
@@ -419,6 +425,7 @@ async fn measure_shape(
         device: tch::Device::cuda_if_available(),
         torch_threads: threads,
         identity_experts: settings.identity_experts,
+        dtype: settings.compute_dtype,
     };
     let reference = Arc::new(ReferenceLayer::start(&cluster.model, &[0], config).await?);
     warm_up_every_expert(cluster, &reference, axes).await?;

@@ -86,6 +86,11 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_WORKER_TORCH_THREADS", default_value_t = 1)]
     pub worker_torch_threads: u32,
 
+    /// The dtype experts hold their weights and compute in, on the workers and in the in-process
+    /// reference alike. Default: bf16 on CUDA, f32 on CPU.
+    #[arg(long, env = "SWITCHYARD_BENCH_DTYPE", value_enum)]
+    pub dtype: Option<DtypeArg>,
+
     /// Workers' batch wait bound in microseconds (0: a lone caller never waits for company).
     #[arg(long, env = "SWITCHYARD_BATCH_WAIT_US", default_value_t = 0)]
     pub batch_wait_us: u64,
@@ -176,6 +181,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         identity_experts: args.identity_experts,
         worker_torch_threads: args.worker_torch_threads,
+        compute_dtype: args.dtype.map(Into::into),
         batch_wait_us: args.batch_wait_us,
         capacity_factor: args.capacity_factor,
         model: ModelSpec { activation: args.activation.into(), ..ModelSpec::default_synthetic() },

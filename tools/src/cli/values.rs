@@ -1,7 +1,7 @@
 //! The command line's enumerated values, as `clap::ValueEnum`s: `--help` lists each one's choices
 //! and clap refuses anything else with them named. Each maps onto the library type it selects.
 
-use switchyard_model::Activation;
+use switchyard_model::{Activation, WeightDtype};
 use switchyard_proto::wire::WireDtype;
 use switchyard_router_client::capacity::OverflowPolicy;
 
@@ -45,7 +45,7 @@ impl From<OverflowArg> for OverflowPolicy {
     }
 }
 
-/// The element type of rows on the wire.
+/// An element type: of rows on the wire, or of expert weights and compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DtypeArg {
     F32,
@@ -59,6 +59,16 @@ impl From<DtypeArg> for WireDtype {
             DtypeArg::F32 => WireDtype::F32,
             DtypeArg::F16 => WireDtype::F16,
             DtypeArg::Bf16 => WireDtype::Bf16,
+        }
+    }
+}
+
+impl From<DtypeArg> for WeightDtype {
+    fn from(dtype: DtypeArg) -> Self {
+        match dtype {
+            DtypeArg::F32 => WeightDtype::F32,
+            DtypeArg::F16 => WeightDtype::F16,
+            DtypeArg::Bf16 => WeightDtype::Bf16,
         }
     }
 }
