@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_model::{ExpertId, ModelSpec, WeightDtype};
 use switchyard_proto::PROTOCOL_VERSION;
 use switchyard_proto::v1;
 use tokio::sync::{Notify, watch};
@@ -46,6 +46,8 @@ pub struct Registration {
     pub endpoint: String,
     pub device: String,
     pub memory_bytes: u64,
+    /// The dtype the worker was told to keep experts in (`--dtype`); `None`: the model's default.
+    pub dtype: Option<WeightDtype>,
     pub loaded_experts: Vec<ExpertId>,
 }
 
@@ -56,6 +58,8 @@ pub struct WorkerRecord {
     pub endpoint: String,
     pub device: String,
     pub memory_bytes: u64,
+    /// The dtype its experts are resident in, so what its memory holds.
+    pub resident_dtype: WeightDtype,
     /// Experts the worker holds (reported at registration, then what we told it to load).
     pub resident: BTreeSet<ExpertId>,
     pub last_heartbeat: Instant,
@@ -143,6 +147,10 @@ impl<C: WorkerControl> Cluster<C> {
                 id: id.clone(),
                 name: registration.name,
                 endpoint: registration.endpoint,
+                resident_dtype: self
+                    .config
+                    .model
+                    .resident_dtype(registration.dtype, registration.device.starts_with("cuda")),
                 device: registration.device,
                 memory_bytes: registration.memory_bytes,
                 resident,
@@ -207,7 +215,10 @@ impl<C: WorkerControl> Cluster<C> {
                     endpoint: worker.endpoint.clone(),
                     device: worker.device.clone(),
                     memory_bytes: worker.memory_bytes,
-                    assigned_bytes: experts.iter().map(|key| self.config.model.expert_bytes_of(key.expert)).sum(),
+                    assigned_bytes: experts
+                        .iter()
+                        .map(|key| self.config.model.expert_bytes_of(key.expert, worker.resident_dtype))
+                        .sum(),
                     experts: experts.into_iter().map(Into::into).collect(),
                     millis_since_heartbeat: now.duration_since(worker.last_heartbeat).as_millis() as u64,
                     queued_tokens: worker.queued_tokens,
@@ -286,13 +297,14 @@ impl<C: WorkerControl> Cluster<C> {
             .values()
             .map(|worker| WorkerSlot {
                 id: worker.id.clone(),
-                memory_bytes: worker.memory_bytes,
+                parameter_room: worker.memory_bytes / worker.resident_dtype.element_size() as u64,
                 resident: worker.resident.clone(),
             })
             .collect();
         let experts: Vec<ExpertId> = self.config.model.expert_keys().collect();
         let model = &self.config.model;
-        let plan = placement::plan(&experts, &|expert| model.expert_bytes_of(expert.expert), &slots, &state.placement);
+        let plan =
+            placement::plan(&experts, &|expert| model.expert_parameters_of(expert.expert), &slots, &state.placement);
         if plan.unplaced.len() != state.unplaced {
             state.unplaced = plan.unplaced.len();
             match (plan.unplaced.len(), slots.len()) {
@@ -492,6 +504,7 @@ mod tests {
             endpoint: endpoint.into(),
             device: "cpu".into(),
             memory_bytes: 1 << 30,
+            dtype: None,
             loaded_experts: Vec::new(),
         }
     }
@@ -518,6 +531,32 @@ mod tests {
         assert_eq!(control.loads.lock().expect("lock").len(), 2, "one LoadExperts per worker");
         cluster.reconcile_once().await;
         assert_eq!(cluster.table().version, 1, "nothing changed, nothing published");
+    }
+
+    /// Memory holds twice as many bf16 experts as f32 ones: a GPU worker (synthetic weights default
+    /// to bf16 there) or one given `--dtype bf16` takes all eight experts in memory for four f32 ones.
+    #[tokio::test]
+    async fn placement_counts_memory_in_the_dtype_each_worker_keeps_experts_in() {
+        let f32_expert = config(1).model.expert_bytes_of(0, WeightDtype::F32);
+        let room_for_four_f32_experts = |endpoint: &str, device: &str, dtype| Registration {
+            device: device.into(),
+            memory_bytes: 4 * f32_expert,
+            dtype,
+            ..registration(endpoint)
+        };
+        let placed_on_one_worker = |registration: Registration| async move {
+            let cluster = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+            cluster.register(registration).expect("register");
+            cluster.reconcile_once().await;
+            let status = cluster.status();
+            (status.workers[0].experts.len(), status.workers[0].assigned_bytes)
+        };
+        assert_eq!(placed_on_one_worker(room_for_four_f32_experts("cpu", "cpu", None)).await, (4, 4 * f32_expert));
+        assert_eq!(placed_on_one_worker(room_for_four_f32_experts("gpu", "cuda:0", None)).await, (8, 4 * f32_expert));
+        let told_bf16 = room_for_four_f32_experts("cpu-bf16", "cpu", Some(WeightDtype::Bf16));
+        assert_eq!(placed_on_one_worker(told_bf16).await.0, 8);
+        let told_f32 = room_for_four_f32_experts("gpu-f32", "cuda:0", Some(WeightDtype::F32));
+        assert_eq!(placed_on_one_worker(told_f32).await.0, 4);
     }
 
     #[tokio::test]

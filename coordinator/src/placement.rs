@@ -5,8 +5,10 @@
 //! place each unplaced expert, largest first, on the worker it is already resident on (a worker
 //! rejoining after a coordinator restart), else on the worker that would be least full; then move experts from the
 //! fullest worker to the emptiest while that lowers the fullest one (a worker that joined later).
-//! "Full" is assigned bytes over offered memory, so equal workers get equal counts and a worker
-//! with twice the memory gets twice the experts. No worker is ever given more than its memory.
+//! "Full" is assigned parameters over the parameters a worker has room for (its memory over the
+//! size of one element of the dtype it keeps experts in), so equal workers get equal counts, a
+//! worker with twice the memory or half the element size gets twice the experts, and no worker is
+//! ever given more than its memory holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,7 +28,8 @@ impl std::fmt::Display for WorkerId {
 #[derive(Debug, Clone)]
 pub struct WorkerSlot {
     pub id: WorkerId,
-    pub memory_bytes: u64,
+    /// Expert parameters the worker has memory for, in the dtype it keeps them resident in.
+    pub parameter_room: u64,
     /// Experts the worker reports as already loaded.
     pub resident: BTreeSet<ExpertId>,
 }
@@ -42,35 +45,35 @@ pub struct Plan {
 }
 
 struct Load {
-    bytes: u64,
-    memory: u64,
+    parameters: u64,
+    room: u64,
 }
 
 impl Load {
     fn fill_with(&self, extra: u64) -> f64 {
-        (self.bytes + extra) as f64 / self.memory.max(1) as f64
+        (self.parameters + extra) as f64 / self.room.max(1) as f64
     }
 
     fn fits(&self, extra: u64) -> bool {
-        self.bytes + extra <= self.memory
+        self.parameters + extra <= self.room
     }
 }
 
-/// `bytes_of` gives each expert's size (shared experts may differ from routed ones).
+/// `parameters_of` gives each expert's size (shared experts may differ from routed ones).
 pub fn plan(
     experts: &[ExpertId],
-    bytes_of: &dyn Fn(ExpertId) -> u64,
+    parameters_of: &dyn Fn(ExpertId) -> u64,
     workers: &[WorkerSlot],
     current: &Placement,
 ) -> Plan {
     let mut loads: BTreeMap<WorkerId, Load> =
-        workers.iter().map(|worker| (worker.id.clone(), Load { bytes: 0, memory: worker.memory_bytes })).collect();
+        workers.iter().map(|worker| (worker.id.clone(), Load { parameters: 0, room: worker.parameter_room })).collect();
     let mut placement = Placement::new();
     for expert in experts {
         if let Some(owner) = current.get(expert)
             && let Some(load) = loads.get_mut(owner)
         {
-            load.bytes += bytes_of(*expert);
+            load.parameters += parameters_of(*expert);
             placement.insert(*expert, owner.clone());
         }
     }
@@ -79,14 +82,14 @@ pub fn plan(
     let mut homeless: Vec<ExpertId> =
         experts.iter().filter(|expert| !placement.contains_key(expert)).copied().collect();
     // Largest first (LPT): a big shared expert placed last would land on an already loaded worker.
-    homeless.sort_by_key(|expert| std::cmp::Reverse(bytes_of(*expert)));
+    homeless.sort_by_key(|expert| std::cmp::Reverse(parameters_of(*expert)));
     for expert in &homeless {
-        let expert_bytes = bytes_of(*expert);
+        let expert_parameters = parameters_of(*expert);
         let least_full = loads
             .iter()
-            .filter(|(_, load)| load.fits(expert_bytes))
-            .min_by(|(_, a), (_, b)| a.fill_with(expert_bytes).total_cmp(&b.fill_with(expert_bytes)))
-            .map(|(id, load)| (id.clone(), load.fill_with(expert_bytes)));
+            .filter(|(_, load)| load.fits(expert_parameters))
+            .min_by(|(_, a), (_, b)| a.fill_with(expert_parameters).total_cmp(&b.fill_with(expert_parameters)))
+            .map(|(id, load)| (id.clone(), load.fill_with(expert_parameters)));
         let Some((least_full, least_fill)) = least_full else {
             unplaced.push(*expert);
             continue;
@@ -95,23 +98,24 @@ pub fn plan(
         let resident_on = workers.iter().find(|worker| {
             worker.resident.contains(expert)
                 && loads.get(&worker.id).is_some_and(|load| {
-                    load.fits(expert_bytes)
-                        && load.bytes + expert_bytes <= (least_fill * load.memory as f64) as u64 + expert_bytes
+                    load.fits(expert_parameters)
+                        && load.parameters + expert_parameters
+                            <= (least_fill * load.room as f64) as u64 + expert_parameters
                 })
         });
         let owner = resident_on.map_or(least_full, |worker| worker.id.clone());
         if let Some(load) = loads.get_mut(&owner) {
-            load.bytes += expert_bytes;
+            load.parameters += expert_parameters;
         }
         placement.insert(*expert, owner);
     }
 
-    rebalance(&mut placement, &mut loads, bytes_of);
+    rebalance(&mut placement, &mut loads, parameters_of);
     Plan { placement, unplaced }
 }
 
 /// Moves experts from the fullest to the emptiest worker while that lowers the fullest one.
-fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, bytes_of: &dyn Fn(ExpertId) -> u64) {
+fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, parameters_of: &dyn Fn(ExpertId) -> u64) {
     loop {
         let fullest =
             loads.iter().max_by(|(_, a), (_, b)| a.fill_with(0).total_cmp(&b.fill_with(0))).map(|(id, _)| id.clone());
@@ -127,19 +131,19 @@ fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, by
         let (from, to) = (&loads[&fullest], &loads[&emptiest]);
         let movable =
             placement.iter().rev().filter(|(_, owner)| **owner == fullest).map(|(expert, _)| *expert).find(|expert| {
-                let expert_bytes = bytes_of(*expert);
-                to.fits(expert_bytes) && to.fill_with(expert_bytes) < from.fill_with(0)
+                let expert_parameters = parameters_of(*expert);
+                to.fits(expert_parameters) && to.fill_with(expert_parameters) < from.fill_with(0)
             });
         let Some(expert) = movable else {
             return;
         };
-        let expert_bytes = bytes_of(expert);
+        let expert_parameters = parameters_of(expert);
         placement.insert(expert, emptiest.clone());
         if let Some(load) = loads.get_mut(&fullest) {
-            load.bytes -= expert_bytes;
+            load.parameters -= expert_parameters;
         }
         if let Some(load) = loads.get_mut(&emptiest) {
-            load.bytes += expert_bytes;
+            load.parameters += expert_parameters;
         }
     }
 }
@@ -153,7 +157,7 @@ mod tests {
     }
 
     fn worker(name: &str, memory: u64) -> WorkerSlot {
-        WorkerSlot { id: WorkerId(name.into()), memory_bytes: memory, resident: BTreeSet::new() }
+        WorkerSlot { id: WorkerId(name.into()), parameter_room: memory, resident: BTreeSet::new() }
     }
 
     fn counts(plan: &Plan) -> BTreeMap<String, usize> {
@@ -198,14 +202,14 @@ mod tests {
     }
 
     #[test]
-    fn a_large_shared_expert_counts_by_its_bytes() {
+    fn a_large_shared_expert_counts_by_its_size() {
         // Expert 4 is a shared expert four times the size of the others.
-        let bytes_of = |expert: ExpertId| if expert.expert == 4 { 40 } else { 10 };
-        let plan = plan(&experts(5), &bytes_of, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
-        let bytes = |name: &str| {
-            plan.placement.iter().filter(|(_, owner)| owner.0 == name).map(|(e, _)| bytes_of(*e)).sum::<u64>()
+        let parameters_of = |expert: ExpertId| if expert.expert == 4 { 40 } else { 10 };
+        let plan = plan(&experts(5), &parameters_of, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
+        let size = |name: &str| {
+            plan.placement.iter().filter(|(_, owner)| owner.0 == name).map(|(e, _)| parameters_of(*e)).sum::<u64>()
         };
-        assert_eq!((bytes("a"), bytes("b")), (40, 40), "the big expert alone balances four small ones");
+        assert_eq!((size("a"), size("b")), (40, 40), "the big expert alone balances four small ones");
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use switchyard_model::WeightDtype;
 use switchyard_proto::v1::{self, coordinator_server};
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
@@ -11,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, Registration};
 use crate::control::WorkerControl;
+use crate::error::CoordinatorError;
 
 #[derive(Debug)]
 pub struct CoordinatorService<C> {
@@ -40,6 +42,8 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
             endpoint: request.endpoint,
             device: request.device,
             memory_bytes: request.memory_bytes,
+            dtype: WeightDtype::from_proto(request.weight_dtype)
+                .map_err(|reason| CoordinatorError::InvalidArgument { field: "weight_dtype", reason })?,
             loaded_experts: request.loaded_experts.into_iter().map(Into::into).collect(),
         };
         let (worker_id, interval) = self.cluster.register(registration)?;

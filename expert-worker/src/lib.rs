@@ -62,6 +62,7 @@ pub async fn run(
             endpoint: endpoint.clone(),
             device: device_name.clone(),
             memory_bytes: args.offered_memory_bytes(),
+            dtype: args.dtype,
         };
         tokio::spawn(membership::run(worker.clone(), membership))
     });

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_model::WeightDtype;
 use switchyard_proto::PROTOCOL_VERSION;
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
 use tonic::Code;
@@ -21,6 +22,8 @@ pub struct Membership {
     pub endpoint: String,
     pub device: String,
     pub memory_bytes: u64,
+    /// `--dtype`, so the coordinator counts what the memory holds in the right element size.
+    pub dtype: Option<WeightDtype>,
 }
 
 const RETRY_DELAY: Duration = Duration::from_millis(500);
@@ -54,6 +57,7 @@ async fn register(
             endpoint: membership.endpoint.clone(),
             device: membership.device.clone(),
             memory_bytes: membership.memory_bytes,
+            weight_dtype: membership.dtype.map_or(v1::Dtype::Unspecified, WeightDtype::to_proto) as i32,
             loaded_experts: worker.resident_experts().into_iter().map(Into::into).collect(),
         };
         match client.register_worker(request).await {

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchyard_experts::Expert;
-use switchyard_experts::device::default_compute_dtype;
 use switchyard_model::ExpertId;
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::{ModelSpec, WeightDtype};
@@ -33,8 +32,8 @@ pub struct WorkerOptions {
     pub default_queue_limit_tokens: usize,
     /// Serve identity experts (input back, no compute) instead of the model's: pure communication.
     pub identity_experts: bool,
-    /// The dtype experts are resident in and compute in; `None`: a checkpoint's own dtype, and
-    /// [`default_compute_dtype`] of the device for synthetic models.
+    /// The dtype experts are resident in and compute in; `None`: [`ModelSpec::resident_dtype`]'s
+    /// default (the checkpoint's own; for synthetic weights bf16 on CUDA, f32 on CPU).
     pub dtype: Option<WeightDtype>,
 }
 
@@ -52,8 +51,8 @@ fn build_experts(
     if identity {
         return Ok(keys.into_iter().map(|key| (key, Expert::identity(spec.d_model as usize, device))).collect());
     }
+    let dtype = spec.resident_dtype(dtype, device.is_cuda());
     let Some(dir) = &spec.checkpoint else {
-        let dtype = dtype.unwrap_or_else(|| default_compute_dtype(device));
         return Ok(keys
             .into_iter()
             .map(|key| (key, Expert::synthetic(spec, key.layer, key.expert, device, dtype)))
@@ -70,7 +69,7 @@ fn build_experts(
                 .expert_weights(key.layer, key.expert)
                 .map_err(|error| WorkerError::Load { expert: key, reason: error.to_string() })?;
             let (d_model, d_ff) = (spec.d_model as usize, spec.d_ff_of(key.expert) as usize);
-            Ok((key, Expert::from_weights(&weights, spec.activation, d_model, d_ff, device, dtype)))
+            Ok((key, Expert::from_weights(&weights, spec.activation, d_model, d_ff, device, Some(dtype))))
         })
         .collect()
 }

@@ -1,6 +1,5 @@
 //! Where experts run: CUDA when present, else CPU, unless the operator says otherwise.
 
-use switchyard_model::WeightDtype;
 use tch::Device;
 
 /// The `--device` flag: `auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.
@@ -43,15 +42,6 @@ impl DeviceChoice {
     }
 }
 
-/// The dtype experts without a stored one (synthetic models) compute in on `device`: bf16 where the
-/// tensor cores are, f32 on a CPU, whose bf16 matrix products are several times slower than f32.
-pub fn default_compute_dtype(device: Device) -> WeightDtype {
-    match device {
-        Device::Cuda(_) => WeightDtype::Bf16,
-        _ => WeightDtype::F32,
-    }
-}
-
 /// The name a device is reported by: `cpu` or `cuda:N`.
 pub fn device_name(device: Device) -> String {
     match device {
@@ -72,7 +62,5 @@ mod tests {
         assert_eq!("cuda:3".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Cuda(3)));
         assert!("gpu".parse::<DeviceChoice>().unwrap_err().to_string().contains("'gpu'"));
         assert_eq!(device_name(DeviceChoice::Cpu.resolve()), "cpu");
-        assert_eq!(default_compute_dtype(Device::Cpu), WeightDtype::F32);
-        assert_eq!(default_compute_dtype(Device::Cuda(0)), WeightDtype::Bf16);
     }
 }

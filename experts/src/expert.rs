@@ -199,7 +199,7 @@ mod tests {
         for (want, have) in expected.iter().zip(&got) {
             assert!((want - have).abs() < 1e-6, "{expected:?} vs {got:?}");
         }
-        assert_eq!(expert.resident_bytes(), spec.expert_bytes());
+        assert_eq!(expert.resident_bytes(), spec.expert_bytes_of(1, WeightDtype::F32));
     }
 
     /// bf16 weights stay bf16 on the device: half the bytes, and a forward that agrees with the f32

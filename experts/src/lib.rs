@@ -3,10 +3,12 @@
 //!
 //! - [`expert`]: one expert (any [`switchyard_model::Activation`]) on a device, in one dtype, built
 //!   from a checkpoint or from seeded synthetic weights.
-//! - [`device`]: choosing CUDA when present, else CPU, and the compute dtype that suits it.
+//! - [`device`]: choosing CUDA when present, else CPU.
+//! - [`peak`]: the device's own matrix-product rate, the yardstick of expert compute.
 
 pub mod device;
 pub mod expert;
+pub mod peak;
 
 pub use device::{DeviceChoice, ParseDeviceError};
 pub use expert::{Expert, kind_of};

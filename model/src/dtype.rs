@@ -6,6 +6,7 @@
 //! size, so they never convert.
 
 use half::{bf16, f16};
+use switchyard_proto::v1;
 
 /// The element type of weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,6 +31,25 @@ impl WeightDtype {
             WeightDtype::F32 => "f32",
             WeightDtype::F16 => "f16",
             WeightDtype::Bf16 => "bf16",
+        }
+    }
+
+    pub fn to_proto(self) -> v1::Dtype {
+        match self {
+            WeightDtype::F32 => v1::Dtype::F32,
+            WeightDtype::F16 => v1::Dtype::F16,
+            WeightDtype::Bf16 => v1::Dtype::Bf16,
+        }
+    }
+
+    /// A wire dtype field: `None` when unspecified (the receiver's default applies).
+    pub fn from_proto(value: i32) -> Result<Option<Self>, String> {
+        match v1::Dtype::try_from(value) {
+            Ok(v1::Dtype::Unspecified) => Ok(None),
+            Ok(v1::Dtype::F32) => Ok(Some(WeightDtype::F32)),
+            Ok(v1::Dtype::F16) => Ok(Some(WeightDtype::F16)),
+            Ok(v1::Dtype::Bf16) => Ok(Some(WeightDtype::Bf16)),
+            Err(_) => Err(format!("unknown dtype {value}")),
         }
     }
 

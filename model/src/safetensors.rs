@@ -138,6 +138,17 @@ impl TensorFiles {
         Ok(self.locate(tensor)?.2.shape)
     }
 
+    /// The float dtype `tensor` is stored in, from its file's header.
+    pub fn dtype(&self, tensor: &str) -> Result<WeightDtype, TensorFileError> {
+        let (file, _, entry) = self.locate(tensor)?;
+        WeightDtype::from_safetensors(&entry.dtype).ok_or_else(|| TensorFileError::Dtype {
+            tensor: tensor.to_owned(),
+            file,
+            dtype: entry.dtype.clone(),
+            supported: "F32, F16, BF16".to_owned(),
+        })
+    }
+
     /// Reads `tensor`, checks it has `expected_shape`, and converts it to f32 (row-major).
     pub fn read_f32(&self, tensor: &str, expected_shape: &[usize]) -> Result<Vec<f32>, TensorFileError> {
         Ok(self.read(tensor, expected_shape)?.to_f32())

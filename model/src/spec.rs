@@ -3,6 +3,7 @@
 use switchyard_proto::v1;
 
 use crate::capacity::CapacityPolicy;
+use crate::dtype::WeightDtype;
 use crate::family::Family;
 use crate::ids::ExpertId;
 use crate::router_spec::RouterSpec;
@@ -97,6 +98,9 @@ pub struct ModelSpec {
     pub shared_expert_gate: bool,
     /// Where the weights come from: a checkpoint directory, or `None` for seeded synthetic weights.
     pub checkpoint: Option<String>,
+    /// The dtype the checkpoint stores its experts in (`None` for synthetic weights): the dtype
+    /// they are resident and compute in unless a worker is told otherwise.
+    pub stored_dtype: Option<WeightDtype>,
 }
 
 /// A model spec field that cannot be served; the message names the field.
@@ -134,6 +138,7 @@ impl ModelSpec {
             shared_d_ff: 0,
             shared_expert_gate: false,
             checkpoint: None,
+            stored_dtype: None,
         }
     }
 
@@ -196,14 +201,16 @@ impl ModelSpec {
         matrices * d_model * d_ff + biases
     }
 
-    /// Bytes of expert `expert`'s weights in f32.
-    pub fn expert_bytes_of(&self, expert: u32) -> u64 {
-        self.expert_parameters_of(expert) * 4
+    /// Bytes of expert `expert`'s weights in `dtype`.
+    pub fn expert_bytes_of(&self, expert: u32, dtype: WeightDtype) -> u64 {
+        self.expert_parameters_of(expert) * dtype.element_size() as u64
     }
 
-    /// Bytes one routed expert's weights take in f32.
-    pub fn expert_bytes(&self) -> u64 {
-        self.expert_bytes_of(0)
+    /// The dtype experts are resident and compute in: the one `requested` (a worker's `--dtype`),
+    /// else the checkpoint's own (a bf16 checkpoint is never upcast), else, for synthetic weights,
+    /// bf16 on a GPU and f32 on a CPU, whose bf16 matrix products are several times slower.
+    pub fn resident_dtype(&self, requested: Option<WeightDtype>, on_gpu: bool) -> WeightDtype {
+        requested.or(self.stored_dtype).unwrap_or(if on_gpu { WeightDtype::Bf16 } else { WeightDtype::F32 })
     }
 
     /// The most assignments one expert takes from a call of `tokens` tokens, `None` when dropless.
@@ -275,6 +282,7 @@ impl ModelSpec {
             shared_d_ff: self.shared_d_ff,
             shared_expert_gate: self.shared_expert_gate,
             checkpoint: self.checkpoint.clone().unwrap_or_default(),
+            stored_dtype: self.stored_dtype.map_or(v1::Dtype::Unspecified, WeightDtype::to_proto) as i32,
         }
     }
 
@@ -386,6 +394,8 @@ impl TryFrom<v1::ModelSpec> for ModelSpec {
                 reason: format!("{} numbers for {} layers", wire.moe_layers.len(), wire.layers),
             });
         };
+        let stored_dtype = WeightDtype::from_proto(wire.stored_dtype)
+            .map_err(|reason| SpecError::Invalid { field: "stored_dtype", reason })?;
         ModelSpec {
             name: wire.name,
             family,
@@ -403,6 +413,7 @@ impl TryFrom<v1::ModelSpec> for ModelSpec {
             shared_d_ff: wire.shared_d_ff,
             shared_expert_gate: wire.shared_expert_gate,
             checkpoint: (!wire.checkpoint.is_empty()).then_some(wire.checkpoint),
+            stored_dtype,
         }
         .validate()
     }
@@ -552,18 +563,34 @@ mod tests {
         assert_eq!(biased.moe_parameters().0, 4 * expert + 4 * 8 + 4);
     }
 
+    /// Asked-for dtype first, then the checkpoint's, then the device's; and it travels on the wire.
+    #[test]
+    fn the_resident_dtype_follows_the_flag_then_the_checkpoint_then_the_device() {
+        let synthetic = ModelSpec::default_synthetic();
+        assert_eq!(synthetic.resident_dtype(None, false), WeightDtype::F32);
+        assert_eq!(synthetic.resident_dtype(None, true), WeightDtype::Bf16);
+        let bf16_checkpoint = ModelSpec { stored_dtype: Some(WeightDtype::Bf16), ..synthetic.clone() };
+        assert_eq!(bf16_checkpoint.resident_dtype(None, false), WeightDtype::Bf16);
+        assert_eq!(bf16_checkpoint.resident_dtype(Some(WeightDtype::F32), true), WeightDtype::F32);
+        assert_eq!(ModelSpec::try_from(bf16_checkpoint.to_proto()), Ok(bf16_checkpoint.clone()));
+        let mut wire = bf16_checkpoint.to_proto();
+        wire.stored_dtype = 9;
+        assert_eq!(ModelSpec::try_from(wire).unwrap_err().to_string(), "model.stored_dtype: unknown dtype 9");
+    }
+
     #[test]
     fn sizes_and_keys() {
         let spec =
             ModelSpec { experts_per_layer: 3, d_model: 4, d_ff: 8, ..ModelSpec::default_synthetic() }.with_layers(2);
-        assert_eq!(spec.expert_bytes(), 3 * 4 * 8 * 4);
+        assert_eq!(spec.expert_bytes_of(0, WeightDtype::F32), 3 * 4 * 8 * 4);
+        assert_eq!(spec.expert_bytes_of(0, WeightDtype::Bf16), 3 * 4 * 8 * 2);
         let keys: Vec<_> = spec.expert_keys().map(|k| (k.layer, k.expert)).collect();
         assert_eq!(keys, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);
         assert!(!spec.contains(&ExpertId::new(0, 3)));
         let shared = ModelSpec { shared_experts: 1, shared_d_ff: 16, ..spec };
         assert_eq!(shared.expert_keys().count(), 8);
         assert!(shared.contains(&ExpertId::new(1, 3)) && shared.is_shared(3) && !shared.is_shared(2));
-        assert_eq!(shared.expert_bytes_of(3), 3 * 4 * 16 * 4);
+        assert_eq!(shared.expert_bytes_of(3, WeightDtype::F32), 3 * 4 * 16 * 4);
         let missing_size = ModelSpec { shared_d_ff: 0, ..shared };
         assert!(ModelSpec::try_from(missing_size.to_proto()).unwrap_err().to_string().contains("shared_d_ff"));
     }

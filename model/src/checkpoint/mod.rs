@@ -78,7 +78,7 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     pub family: Family,
     pub spec: ModelSpec,
-    /// The experts are MXFP4-quantized (GPT-OSS as published); dequantized to f32 at load.
+    /// The experts are MXFP4-quantized (GPT-OSS as published); dequantized to bf16 at load.
     pub mxfp4_experts: bool,
     files: TensorFiles,
 }
@@ -97,7 +97,27 @@ impl Checkpoint {
             .map_err(config_error)?
             .validate()
             .map_err(|error| config_error(error.to_string()))?;
-        Ok(Self { dir: dir.to_path_buf(), family, spec, mxfp4_experts, files: TensorFiles::open(dir)? })
+        let mut checkpoint =
+            Self { dir: dir.to_path_buf(), family, spec, mxfp4_experts, files: TensorFiles::open(dir)? };
+        checkpoint.spec.stored_dtype = Some(checkpoint.stored_expert_dtype()?);
+        Ok(checkpoint)
+    }
+
+    /// The dtype the routed experts are stored in, from a header (nothing is read); MXFP4 experts
+    /// are served dequantized to bf16, as transformers does.
+    fn stored_expert_dtype(&self) -> Result<WeightDtype, CheckpointError> {
+        if self.mxfp4_experts {
+            return Ok(WeightDtype::Bf16);
+        }
+        let block = self.block(self.spec.moe_layers[0]);
+        let down_projection = match self.family {
+            Family::Mixtral => format!("{block}.experts.0.w2.weight"),
+            Family::SwitchTransformers => format!("{block}.experts.expert_0.wo.weight"),
+            Family::GraniteMoe => format!("{block}.output_linear.weight"),
+            Family::GptOss => format!("{block}.experts.down_proj"),
+            _ => format!("{block}.experts.0.down_proj.weight"),
+        };
+        Ok(self.files.dtype(&down_projection)?)
     }
 
     /// The names of every tensor of the checkpoint.

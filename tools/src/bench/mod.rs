@@ -7,6 +7,7 @@
 //! measure dispatch and combine alone (identity experts, bf16 both ways) beside this machine's raw
 //! TCP and gRPC baselines ([`wire`]). [`summary`] holds the figures; [`crate::report`] renders them.
 
+pub mod peak;
 pub mod plan;
 pub mod summary;
 pub mod wire;
@@ -82,6 +83,9 @@ pub struct PointResult {
     pub reference: Option<LoadReport>,
     /// Relative Frobenius error of one distributed call's output against the reference's (same input).
     pub wire_error: Option<f64>,
+    /// The device's matmul peak at one worker's thread count, and at the reference's, in GFLOP/s.
+    pub worker_peak_gflops: Option<f64>,
+    pub reference_peak_gflops: Option<f64>,
 }
 
 impl PointResult {
@@ -138,6 +142,15 @@ impl PointResult {
         let reference = self.reference.as_ref()?;
         let compute = reference.timing_total.compute.as_secs_f64();
         (self.flops_per_row > 0.0 && compute > 0.0).then(|| Self::flops(reference, self.flops_per_row) / compute / 1e9)
+    }
+
+    /// Expert compute as a share of the device's matmul peak: the workers' and the reference's.
+    pub fn peak_shares(&self) -> (Option<f64>, Option<f64>) {
+        let share = |gflops: Option<f64>, peak: Option<f64>| Some(gflops? / peak.filter(|peak| *peak > 0.0)?);
+        (
+            share(self.distributed_gflops(), self.worker_peak_gflops),
+            share(self.reference_gflops(), self.reference_peak_gflops),
+        )
     }
 
     /// Mean per call of the slowest worker's dispatch and combine transfers, in microseconds.
@@ -236,6 +249,8 @@ pub struct BenchReport {
     pub presets: Vec<PresetResult>,
     /// CPU, cores, CUDA: where the figures were measured.
     pub machine: String,
+    /// The device's matmul peak in the experts' dtype, measured in this run.
+    pub device_peaks: Vec<peak::DevicePeak>,
 }
 
 fn model_of(shape: ClusterShape, settings: &BenchSettings, capacity: CapacityPolicy) -> Result<ModelSpec, BenchError> {
@@ -369,6 +384,20 @@ async fn wire_error(client: &MoeClient, reference: &ReferenceLayer, tokens: usiz
 /// Called after each point with (points done, points in all, the point's one-line summary).
 pub type Progress<'a> = &'a (dyn Fn(usize, usize, &str) + Sync);
 
+/// Counts measured points and reports each to the caller's [`Progress`].
+struct Tally<'a> {
+    done: usize,
+    total: usize,
+    progress: Progress<'a>,
+}
+
+impl Tally<'_> {
+    fn finished(&mut self, line: &str) {
+        self.done += 1;
+        (self.progress)(self.done, self.total, line);
+    }
+}
+
 /// Runs `plan`: the sweep, then the presets.
 pub async fn run(
     plan: &BenchPlan,
@@ -377,13 +406,22 @@ pub async fn run(
 ) -> Result<BenchReport, BenchError> {
     let shapes = if plan.sweep { plan.axes.shapes(plan.grid) } else { Vec::new() };
     let total = shapes.iter().map(|shape| plan.axes.points_of(*shape).len()).sum::<usize>() + plan.presets.len();
-    let mut done = 0;
+    let mut tally = Tally { done: 0, total, progress };
     let mut points = Vec::new();
     let max_tokens = plan.axes.tokens.iter().copied().max().unwrap_or(1);
+    let device_peaks = if shapes.is_empty() || settings.identity_experts {
+        Vec::new()
+    } else {
+        let device = tch::Device::cuda_if_available();
+        let dtype = settings.model.resident_dtype(settings.compute_dtype, device.is_cuda());
+        let mut threads = vec![settings.worker_torch_threads];
+        threads.extend(shapes.iter().map(|shape| reference_threads(*shape, settings)));
+        peak::measure(device, dtype, &threads).await
+    };
     for shape in shapes {
         let model = model_of(shape, settings, CapacityPolicy::Factor(settings.capacity_factor))?;
         let cluster = ShapeCluster::start(model.clone(), shape.workers, max_tokens, settings).await?;
-        let measured = measure_shape(&cluster, &plan.axes, shape, settings, &mut done, total, progress).await;
+        let measured = measure_shape(&cluster, &plan.axes, shape, settings, &device_peaks, &mut tally).await;
         cluster.stop().await;
         points.extend(measured?);
     }
@@ -403,11 +441,21 @@ pub async fn run(
         let measured = measure_preset(&cluster, *preset, shape, &identity).await;
         cluster.stop().await;
         let measured = measured?;
-        done += 1;
-        progress(done, total, &preset_line(&measured));
+        tally.finished(&preset_line(&measured));
         presets.push(measured);
     }
-    Ok(BenchReport { settings_summary: settings_json(settings, plan), points, presets, machine: machine_summary() })
+    Ok(BenchReport {
+        settings_summary: settings_json(settings, plan),
+        points,
+        presets,
+        machine: machine_summary(),
+        device_peaks,
+    })
+}
+
+/// The reference computes with as many libtorch threads as all the workers have together.
+fn reference_threads(shape: ClusterShape, settings: &BenchSettings) -> u32 {
+    (shape.workers as u32 * settings.worker_torch_threads).max(1)
 }
 
 async fn measure_shape(
@@ -415,12 +463,10 @@ async fn measure_shape(
     axes: &plan::Axes,
     shape: ClusterShape,
     settings: &BenchSettings,
-    done: &mut usize,
-    total: usize,
-    progress: Progress<'_>,
+    device_peaks: &[peak::DevicePeak],
+    tally: &mut Tally<'_>,
 ) -> Result<Vec<PointResult>, BenchError> {
-    // As many libtorch threads as all the workers have together.
-    let threads = (shape.workers as u32 * settings.worker_torch_threads).max(1);
+    let threads = reference_threads(shape, settings);
     let config = ReferenceConfig {
         device: tch::Device::cuda_if_available(),
         torch_threads: threads,
@@ -442,9 +488,10 @@ async fn measure_shape(
             distributed,
             reference: Some(in_process),
             wire_error: Some(error),
+            worker_peak_gflops: peak::for_threads(device_peaks, settings.worker_torch_threads),
+            reference_peak_gflops: peak::for_threads(device_peaks, threads),
         };
-        *done += 1;
-        progress(*done, total, &point_line(&result));
+        tally.finished(&point_line(&result));
         results.push(result);
     }
     Ok(results)
@@ -470,11 +517,12 @@ async fn measure_preset(
         distributed,
         reference: None,
         wire_error: None,
+        worker_peak_gflops: None,
+        reference_peak_gflops: None,
     };
     Ok(PresetResult { name: preset.name(), result, baselines })
 }
 
-/// The reference runs where the workers' experts would: CUDA when present.
 /// FLOPs of one row through one expert: 2 per multiply-add, one `d_model × d_ff` product per matrix.
 pub fn flops_per_row(model: &ModelSpec, identity: bool) -> f64 {
     if identity {
@@ -510,6 +558,7 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "concurrency": settings.concurrency,
         "identity_experts": settings.identity_experts,
         "worker_torch_threads": settings.worker_torch_threads,
+        "compute_dtype": settings.compute_dtype.map_or_else(|| "default".to_owned(), |dtype| dtype.to_string()),
         "batch_wait_us": settings.batch_wait_us,
         "capacity_factor": settings.capacity_factor,
         "activation": format!("{:?}", settings.model.activation),
@@ -532,6 +581,18 @@ fn machine_summary() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    let cuda = if tch::Cuda::is_available() { "CUDA available" } else { "no CUDA" };
+    let cuda = if tch::Cuda::is_available() {
+        format!("CUDA: {}", gpu_names().unwrap_or_else(|| format!("{} device(s)", tch::Cuda::device_count())))
+    } else {
+        "no CUDA".to_owned()
+    };
     format!("{cpu}, {cores} cores available, {cuda}")
+}
+
+/// The GPUs' names as `nvidia-smi` reports them, when it is there.
+fn gpu_names() -> Option<String> {
+    let output =
+        std::process::Command::new("nvidia-smi").args(["--query-gpu=name", "--format=csv,noheader"]).output().ok()?;
+    let names = String::from_utf8_lossy(&output.stdout).lines().map(str::trim).collect::<Vec<_>>().join(", ");
+    (output.status.success() && !names.is_empty()).then_some(names)
 }

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use switchyard_router_client::timing::TimeBreakdown;
 
+use super::peak::DevicePeak;
 use super::plan::Point;
 use super::wire::WireBaselines;
 use super::{BenchReport, PointResult, PresetResult};
@@ -16,6 +17,10 @@ pub struct BenchSummary {
     pub command: String,
     /// CPU, cores, CUDA: where the figures were measured.
     pub machine: String,
+    /// The device's matmul peak in the experts' dtype, measured in the same run (none in reports
+    /// written before it was measured).
+    #[serde(default)]
+    pub device_peaks: Vec<DevicePeak>,
     pub settings: serde_json::Value,
     pub points: Vec<PointSummary>,
     pub presets: Vec<PresetSummary>,
@@ -39,6 +44,11 @@ pub struct PointSummary {
     /// Expert GFLOP/s over expert compute time (none for identity experts).
     pub distributed_expert_gflops: Option<f64>,
     pub reference_expert_gflops: Option<f64>,
+    /// Those rates over the device's matmul peak at the same thread count, 0..1.
+    #[serde(default)]
+    pub distributed_peak_share: Option<f64>,
+    #[serde(default)]
+    pub reference_peak_share: Option<f64>,
     /// Relative Frobenius error of one distributed call against the reference's (same input).
     pub wire_error: Option<f64>,
     /// Mean per call of the slowest worker's dispatch and combine transfers, in microseconds.
@@ -93,6 +103,7 @@ impl PointResult {
         let (payload, message, socket) = self.bytes_per_token();
         let (dispatch_us, combine_us) = self.transfer_us();
         let shares = self.phase_shares();
+        let (distributed_peak_share, reference_peak_share) = self.peak_shares();
         let mut values = [0.0; 8];
         values.copy_from_slice(&shares[..TimeBreakdown::PHASES.len()]);
         PointSummary {
@@ -107,6 +118,8 @@ impl PointResult {
             phase_shares: PhaseShares::from_values(values),
             distributed_expert_gflops: self.distributed_gflops(),
             reference_expert_gflops: self.reference_gflops(),
+            distributed_peak_share,
+            reference_peak_share,
             wire_error: self.wire_error,
             dispatch_transfer_us: dispatch_us,
             combine_transfer_us: combine_us,
@@ -140,6 +153,7 @@ impl BenchReport {
         BenchSummary {
             command: command.to_owned(),
             machine: self.machine.clone(),
+            device_peaks: self.device_peaks.clone(),
             settings: self.settings_summary.clone(),
             points: self.points.iter().map(PointResult::summary).collect(),
             presets: self.presets.iter().map(PresetResult::summary).collect(),

@@ -1,5 +1,6 @@
 //! `switchyard model-info`.
 
+use switchyard_model::WeightDtype;
 use switchyard_model::cli::ModelArgs;
 
 #[derive(Debug, clap::Args)]
@@ -49,7 +50,20 @@ pub fn run(args: ModelInfoArgs) -> anyhow::Result<()> {
         human(active),
         100.0 * active as f64 / total.max(1) as f64
     );
-    println!("expert memory  {} in f32 (a routed expert: {})", bytes(total * 4), bytes(spec.expert_bytes()));
+    let in_dtype = |dtype: WeightDtype| {
+        let element = dtype.element_size() as u64;
+        format!("{} in {dtype} (a routed expert: {})", bytes(total * element), bytes(spec.expert_bytes_of(0, dtype)))
+    };
+    match spec.stored_dtype {
+        Some(stored) => {
+            println!("expert memory  {} as stored; workers keep that dtype unless --dtype", in_dtype(stored))
+        }
+        None => println!(
+            "expert memory  {} on a GPU, {} on a CPU (the workers' defaults)",
+            in_dtype(WeightDtype::Bf16),
+            in_dtype(WeightDtype::F32)
+        ),
+    }
     println!("(attention, embeddings, norms and dense layers are not counted: Switchyard serves the MoE layers)");
     Ok(())
 }

@@ -19,9 +19,9 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
     let phases = TimeBreakdown::PHASES.join(" / ");
     let _ = writeln!(
         text,
-        "| workers | experts | top-k | d_model x d_ff | tokens | wire | distributed ms | in-process ms | overhead | tokens/s | B/token payload | B/token socket | % {phases} | expert GFLOP/s distributed / in-process | output error |"
+        "| workers | experts | top-k | d_model x d_ff | tokens | wire | distributed ms | in-process ms | overhead | tokens/s | B/token payload | B/token socket | % {phases} | expert GFLOP/s distributed / in-process | % of matmul peak distributed / in-process | output error |"
     );
-    let _ = writeln!(text, "|{}", " ---: |".repeat(15));
+    let _ = writeln!(text, "|{}", " ---: |".repeat(16));
     for point in points {
         let shape = point.point.shape;
         let shares: Vec<String> =
@@ -31,9 +31,12 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
             optional(point.distributed_expert_gflops, |g| format!("{g:.1}")),
             optional(point.reference_expert_gflops, |g| format!("{g:.1}"))
         );
+        let percent = |share: Option<f64>| optional(share, |share| format!("{:.0}", share * 100.0));
+        let peak_shares =
+            format!("{} / {}", percent(point.distributed_peak_share), percent(point.reference_peak_share));
         let _ = writeln!(
             text,
-            "| {} | {} | {} | {}x{} | {} | {} | {:.2} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            "| {} | {} | {} | {}x{} | {} | {} | {:.2} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
             shape.workers,
             shape.experts,
             shape.top_k,
@@ -49,6 +52,7 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
             point.socket_bytes_per_token,
             shares.join(" / "),
             gflops,
+            peak_shares,
             optional(point.wire_error, |error| format!("{error:.1e}")),
         );
     }
@@ -59,7 +63,7 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
 pub fn preset_table(presets: &[PresetSummary]) -> String {
     let mut text = String::new();
     text.push_str("| preset | tokens | workers | dispatch MB/call | dispatch µs | dispatch GB/s | combine µs | combine GB/s | dispatch incl. encode µs | combine incl. decode + sum µs | request MB | TCP one-way GB/s | TCP echo µs | gRPC one-way GB/s | gRPC echo µs |\n");
-    let _ = writeln!(text, "|{}", " ---: |".repeat(15));
+    let _ = writeln!(text, "|{}", " ---: |".repeat(16));
     for preset in presets {
         let baselines = &preset.baselines;
         let _ = writeln!(
@@ -117,6 +121,13 @@ pub fn ledger_table(rows: &[LedgerRow]) -> String {
 pub fn bench_report(summary: &BenchSummary) -> String {
     let mut text = String::from("# Switchyard bench report\n\n");
     let _ = writeln!(text, "Command: `{}`\n\nMachine: {}\n", summary.command, summary.machine);
+    for peak in &summary.device_peaks {
+        let _ = writeln!(
+            text,
+            "Matmul peak, measured in this run: {} {} with {} thread(s), {}³: {:.1} GFLOP/s\n",
+            peak.device, peak.dtype, peak.threads, peak.size, peak.gflops
+        );
+    }
     let _ = writeln!(text, "Settings: `{}`\n", summary.settings);
     if !summary.points.is_empty() {
         text.push_str("## Sweep\n\n");
@@ -124,7 +135,9 @@ pub fn bench_report(summary: &BenchSummary) -> String {
             "Each point ran through a local cluster (distributed) and, in the same run, through the in-process \
              reference layer on the same inputs. Overhead = distributed ÷ in-process mean time per call. \
              Bytes per token count both directions. Phase shares are of the mean wall time (they add up to it). \
-             GFLOP/s is expert FLOPs over expert compute time. Output error is the relative Frobenius distance \
+             GFLOP/s is expert FLOPs over expert compute time, and % of matmul peak divides it by the \
+             device's square-matmul rate measured in this run in the experts' dtype (per worker: at one \
+             worker's thread count; in-process: at all workers' threads together). Output error is the relative Frobenius distance \
              of one distributed call from the reference (it shows what the wire dtype costs).\n\n",
         );
         text.push_str(&sweep_table(&summary.points));
