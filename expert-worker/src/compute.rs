@@ -1,9 +1,11 @@
 //! The compute thread: the only place this worker touches libtorch after start-up.
 //!
-//! One dedicated OS thread owns the resident experts (tch tensors are `Send`, not `Sync`), takes
-//! [`Work`] from the [`Scheduler`] in order, runs each merged batch as one forward under `no_grad`,
-//! splits the outputs back to the requests and answers each by its `oneshot`. The async runtime
-//! never waits on a tch call.
+//! One dedicated OS thread owns the resident experts (tch tensors are `Send`, not `Sync`) and takes
+//! [`Work`] from the [`Scheduler`] in order. A step holds one merged batch per expert with queued
+//! rows: one upload of all their rows, every expert's forward launched back to back under
+//! `no_grad` (a GPU runs them without the host waiting in between), one download of every answer
+//! into one host buffer that the answers slice without copying, each sent by its `oneshot`. The
+//! async runtime never waits on a tch call.
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -12,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use switchyard_experts::Expert;
+use switchyard_experts::{Expert, kind_of};
 use switchyard_model::ExpertId;
 use switchyard_proto::wire::WireDtype;
 use tch::{Device, Kind, Tensor};
@@ -20,6 +22,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::scheduler::{Batch, Command, QueuedRows, RowsOut, Scheduler, Work};
+use crate::staging::Staging;
 
 pub fn tch_kind(dtype: WireDtype) -> Kind {
     match dtype {
@@ -42,9 +45,10 @@ pub fn spawn(
         tch::set_num_threads(threads);
         let _no_grad = tch::no_grad_guard();
         let mut experts: HashMap<ExpertId, Expert> = HashMap::new();
+        let mut staging = Staging::new(device);
         loop {
             match scheduler.next_work() {
-                Work::Batch(batch) => run_batch(&experts, batch, device, &metrics),
+                Work::Step(batches) => run_step(&experts, batches, &mut staging, &metrics),
                 Work::Command(Command::Install { experts: loaded, done }) => {
                     for (key, expert, limit_tokens) in loaded {
                         let d_model = expert_width(&expert);
@@ -66,7 +70,7 @@ pub fn spawn(
                                     (entry, waited)
                                 })
                                 .collect();
-                            run_batch(&experts, Batch { expert: key, d_model, entries }, device, &metrics);
+                            run_step(&experts, vec![Batch { expert: key, d_model, entries }], &mut staging, &metrics);
                         }
                         if experts.remove(&key).is_some() {
                             removed.push(key);
@@ -85,101 +89,160 @@ fn expert_width(expert: &Expert) -> usize {
     expert.d_model() as usize
 }
 
-fn run_batch(experts: &HashMap<ExpertId, Expert>, batch: Batch, device: Device, metrics: &WorkerMetrics) {
-    let Some(expert) = experts.get(&batch.expert) else {
+/// Runs one step: every batch's rows go to the device in one upload, every expert's forward is
+/// launched back to back (on a GPU they queue without the host waiting between them), and every
+/// answer comes back in one download into one host buffer that the answers slice.
+fn run_step(experts: &HashMap<ExpertId, Expert>, batches: Vec<Batch>, staging: &mut Staging, metrics: &WorkerMetrics) {
+    let (batches, unloaded): (Vec<Batch>, Vec<Batch>) =
+        batches.into_iter().partition(|batch| experts.contains_key(&batch.expert));
+    for batch in unloaded {
         for (entry, _) in batch.entries {
             let _ = entry.reply.send(Err(WorkerError::Unavailable(format!("{} was unloaded", batch.expert))));
         }
-        return;
-    };
-    let tokens = batch.tokens();
-    // One span per merged forward, linked to the span of every request whose rows it computes.
-    let span = tracing::debug_span!("expert_batch", expert = %batch.expert, tokens, requests = batch.entries.len());
-    for (entry, _) in &batch.entries {
-        span.follows_from(&entry.request_span);
     }
-    let _entered = span.enter();
+    if batches.is_empty() {
+        return;
+    }
     let started = Instant::now();
-    let outputs = catch_unwind(AssertUnwindSafe(|| forward_rows(expert, &batch, device)));
-    let compute = started.elapsed();
-    metrics.observe_batch(tokens, compute);
-    match outputs {
-        Ok(outputs) => {
-            for ((entry, queue_wait), data) in batch.entries.into_iter().zip(outputs) {
-                metrics.observe_queue_wait(queue_wait);
-                let answer = RowsOut {
-                    dtype: entry.output_dtype,
-                    tokens: entry.tokens,
-                    data,
-                    queue_wait,
-                    compute,
-                    batch_tokens: tokens,
-                };
-                let _ = entry.reply.send(Ok(answer));
-            }
-        }
+    let outputs = catch_unwind(AssertUnwindSafe(|| compute_step(experts, &batches, staging)));
+    let elapsed = started.elapsed();
+    let answers = match outputs {
+        Ok(answers) => answers,
         Err(panic) => {
             let reason = panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
                 .unwrap_or_else(|| "unknown libtorch error".to_owned());
-            tracing::error!(expert = %batch.expert, %reason, "expert forward failed");
-            for (entry, _) in batch.entries {
+            let experts: Vec<String> = batches.iter().map(|batch| batch.expert.to_string()).collect();
+            tracing::error!(experts = %experts.join(", "), %reason, "expert step failed");
+            for (entry, _) in batches.into_iter().flat_map(|batch| batch.entries) {
                 let _ = entry.reply.send(Err(WorkerError::Compute(reason.clone())));
             }
+            return;
+        }
+    };
+    let shares = compute_shares(experts, &batches, elapsed);
+    for ((batch, answers), compute) in batches.into_iter().zip(answers).zip(shares) {
+        let tokens = batch.tokens();
+        metrics.observe_batch(tokens, compute);
+        for ((entry, queue_wait), data) in batch.entries.into_iter().zip(answers) {
+            metrics.observe_queue_wait(queue_wait);
+            let answer = RowsOut {
+                dtype: entry.output_dtype,
+                tokens: entry.tokens,
+                data,
+                queue_wait,
+                compute,
+                batch_tokens: tokens,
+            };
+            let _ = entry.reply.send(Ok(answer));
         }
     }
 }
 
-/// One forward over every entry of `batch`; returns each entry's output bytes in its output dtype.
-fn forward_rows(expert: &Expert, batch: &Batch, device: Device) -> Vec<Bytes> {
-    let d_model = batch.d_model as i64;
-    // Rows stay in their wire dtype until they are on the device; the expert converts them to the
-    // dtype it computes in there (a no-op when the two agree, as bf16 on the wire and in compute do).
-    let to_tensor = |entry: &QueuedRows| {
-        Tensor::from_data_size(&entry.data, &[entry.tokens as i64, d_model], tch_kind(entry.dtype))
-    };
-    let input = match &batch.entries[..] {
-        [(only, _)] => to_tensor(only),
-        entries => Tensor::cat(&entries.iter().map(|(entry, _)| to_tensor(entry)).collect::<Vec<_>>(), 0),
-    };
-    let output = expert.forward(&input.to_device(device)).to_device(Device::Cpu);
+/// Each batch's share of a step's time, by its multiply-adds (rows times the expert's weights; rows
+/// alone for identity experts): the kernels of one step run back to back and are not timed apart.
+fn compute_shares(experts: &HashMap<ExpertId, Expert>, batches: &[Batch], elapsed: Duration) -> Vec<Duration> {
+    let work: Vec<f64> = batches
+        .iter()
+        .map(|batch| {
+            let parameters = experts.get(&batch.expert).map_or(0, Expert::parameters).max(1);
+            batch.tokens() as f64 * parameters as f64
+        })
+        .collect();
+    let total: f64 = work.iter().sum();
+    work.iter().map(|work| elapsed.mul_f64(work / total.max(f64::MIN_POSITIVE))).collect()
+}
 
-    let first_dtype = batch.entries[0].0.output_dtype;
-    if batch.entries.iter().all(|(entry, _)| entry.output_dtype == first_dtype) {
-        // The common case: one conversion and one copy for the whole batch, then zero-copy slices.
-        let whole = tensor_bytes(&output.to_kind(tch_kind(first_dtype)));
-        let row_bytes = batch.d_model * whole.len() / (batch.tokens() * batch.d_model).max(1);
-        let mut offset = 0;
-        return batch
-            .entries
+/// The step's libtorch work; returns each batch's answers, entry by entry, in their output dtypes.
+fn compute_step(experts: &HashMap<ExpertId, Expert>, batches: &[Batch], staging: &mut Staging) -> Vec<Vec<Bytes>> {
+    // Runs: the consecutive entries of a batch that share a wire dtype, viewed in place as one tensor.
+    let runs: Vec<Vec<Vec<&QueuedRows>>> = batches
+        .iter()
+        .map(|batch| {
+            let mut runs: Vec<Vec<&QueuedRows>> = Vec::new();
+            for (entry, _) in &batch.entries {
+                match runs.last_mut() {
+                    Some(run) if run[0].dtype == entry.dtype => run.push(entry),
+                    _ => runs.push(vec![entry]),
+                }
+            }
+            runs
+        })
+        .collect();
+    let slices: Vec<Vec<&[u8]>> =
+        runs.iter().flatten().map(|run| run.iter().map(|entry| &entry.data[..]).collect()).collect();
+    let (staged, offsets) = staging.upload(&slices);
+    let mut offsets = offsets.into_iter();
+
+    let mut downloads = Vec::new();
+    let mut answer_sizes = Vec::with_capacity(batches.len());
+    for (batch, runs) in batches.iter().zip(&runs) {
+        let expert = &experts[&batch.expert];
+        let span = tracing::debug_span!("expert_batch", expert = %batch.expert, tokens = batch.tokens(), requests = batch.entries.len());
+        for (entry, _) in &batch.entries {
+            span.follows_from(&entry.request_span);
+        }
+        let _entered = span.enter();
+        let d_model = batch.d_model as i64;
+        let inputs: Vec<Tensor> = runs
             .iter()
-            .map(|(entry, _)| {
-                let slice = whole.slice(offset..offset + entry.tokens * row_bytes);
-                offset += entry.tokens * row_bytes;
-                slice
+            .map(|run| {
+                let (offset, bytes) = (offsets.next().expect("one offset per run"), run_bytes(run));
+                let rows = (bytes / (run[0].dtype.element_size() * batch.d_model)) as i64;
+                staged.narrow(0, offset as i64, bytes as i64).view_dtype(tch_kind(run[0].dtype)).view([rows, d_model])
             })
             .collect();
+        let input = match &inputs[..] {
+            [only] => only.shallow_clone(),
+            several => {
+                Tensor::cat(&several.iter().map(|run| run.to_kind(kind_of(expert.dtype()))).collect::<Vec<_>>(), 0)
+            }
+        };
+        let output = expert.forward(&input);
+        let sizes = answers_as_bytes(&output, batch, &mut downloads);
+        answer_sizes.push(sizes);
     }
-    let mut start = 0;
-    batch
-        .entries
-        .iter()
-        .map(|(entry, _)| {
-            let rows = output.narrow(0, start, entry.tokens as i64).to_kind(tch_kind(entry.output_dtype));
-            start += entry.tokens as i64;
-            tensor_bytes(&rows)
+    let host = Bytes::from(staging.download(&downloads));
+    let mut offset = 0;
+    answer_sizes
+        .into_iter()
+        .map(|sizes| {
+            sizes
+                .into_iter()
+                .map(|size| {
+                    let answer = host.slice(offset..offset + size);
+                    offset += size;
+                    answer
+                })
+                .collect()
         })
         .collect()
 }
 
-fn tensor_bytes(tensor: &Tensor) -> Bytes {
-    let tensor = tensor.contiguous();
-    let numel = tensor.numel();
-    let mut buffer = vec![0u8; numel * tensor.kind().elt_size_in_bytes()];
-    tensor.copy_data_u8(&mut buffer, numel);
-    Bytes::from(buffer)
+fn run_bytes(run: &[&QueuedRows]) -> usize {
+    run.iter().map(|entry| entry.data.len()).sum()
+}
+
+/// Queues `output`'s rows for download as flat `u8` tensors in each entry's output dtype (one
+/// conversion for the whole batch when they agree, as they almost always do); returns each entry's
+/// answer size in bytes.
+fn answers_as_bytes(output: &Tensor, batch: &Batch, downloads: &mut Vec<Tensor>) -> Vec<usize> {
+    let as_bytes =
+        |rows: &Tensor, dtype: WireDtype| rows.to_kind(tch_kind(dtype)).contiguous().view_dtype(Kind::Uint8).view([-1]);
+    let answer_size = |entry: &QueuedRows| entry.tokens * batch.d_model * entry.output_dtype.element_size();
+    let first_dtype = batch.entries[0].0.output_dtype;
+    if batch.entries.iter().all(|(entry, _)| entry.output_dtype == first_dtype) {
+        downloads.push(as_bytes(output, first_dtype));
+    } else {
+        let mut start = 0;
+        for (entry, _) in &batch.entries {
+            downloads.push(as_bytes(&output.narrow(0, start, entry.tokens as i64), entry.output_dtype));
+            start += entry.tokens as i64;
+        }
+    }
+    batch.entries.iter().map(|(entry, _)| answer_size(entry)).collect()
 }
 
 /// Seconds as microseconds for the wire.

@@ -1,7 +1,8 @@
 //! The Switchyard expert worker.
 //!
 //! Request path: [`service`] (gRPC adapter) → [`request`] (validation) → [`worker::ExpertWorker`]
-//! → [`scheduler`] (bounded per-expert queues, batch choice) → [`compute`] (the libtorch thread).
+//! → [`scheduler`] (bounded per-expert queues, step choice) → [`compute`] (the libtorch thread, with
+//! [`staging`] moving each step's rows to the device and its answers back).
 //! [`membership`] registers with the coordinator and heartbeats; [`metrics`] feeds `/metrics`.
 
 pub mod compute;
@@ -12,6 +13,7 @@ pub mod metrics;
 pub mod request;
 pub mod scheduler;
 pub mod service;
+pub mod staging;
 pub mod worker;
 
 use std::future::Future;

@@ -3,8 +3,9 @@
 //! TGI's queue shape, bounded: one [`ExpertQueue`] per served expert whose limit in tokens is the
 //! expert capacity, enforced across every client. Admission is all-or-nothing per request: a request
 //! whose rows would overflow any of its experts' queues is refused whole and queued work is not
-//! touched. The compute thread asks [`Scheduler::next_work`] for its next job; the decision itself,
-//! [`next_batch`], is a pure function of the queues and the clock, tested without threads.
+//! touched. The compute thread asks [`Scheduler::next_work`] for its next job: a step of every
+//! expert with queued rows, launched together. The decision itself, [`next_step`], is a pure
+//! function of the queues and the clock, tested without threads.
 //!
 //! The lock is a `std::sync::Mutex` held for microseconds (push, pop, counters), never across an
 //! await or a tensor operation.
@@ -114,41 +115,55 @@ pub enum Command {
 #[derive(Debug)]
 pub enum Work {
     Command(Command),
-    Batch(Batch),
+    /// One batch per expert, computed together.
+    Step(Vec<Batch>),
     Stop,
 }
 
-/// What [`next_batch`] decided.
+/// What [`next_step`] decided.
 #[derive(Debug)]
 pub enum Decision {
-    Run(Batch),
+    /// One batch per expert with queued rows, the expert whose rows waited longest first.
+    Run(Vec<Batch>),
     /// Nothing is due before this instant.
     WaitUntil(Instant),
     Idle,
 }
 
-/// Picks the expert whose oldest rows waited longest; runs it when its wait bound passed or it holds
-/// a full batch; takes whole requests, oldest first, up to `max_batch_tokens` (at least one).
-pub fn next_batch(queues: &mut HashMap<ExpertId, ExpertQueue>, now: Instant, config: BatchingConfig) -> Decision {
+/// A step is due when the expert whose oldest rows waited longest passed its wait bound or holds a
+/// full batch. Then every expert with queued rows joins the step (a request's rows for its top-k
+/// experts arrive together, and a GPU runs them back to back without waiting on the host between
+/// them), each taking whole requests, oldest first, up to `max_batch_tokens` (at least one).
+pub fn next_step(queues: &mut HashMap<ExpertId, ExpertQueue>, now: Instant, config: BatchingConfig) -> Decision {
     for queue in queues.values_mut() {
         queue.drop_abandoned();
     }
-    let oldest = queues
-        .iter()
-        .filter_map(|(key, queue)| queue.entries.front().map(|head| (*key, head.enqueued_at)))
-        .min_by_key(|(_, enqueued_at)| *enqueued_at);
-    let Some((expert, head_enqueued_at)) = oldest else {
+    let mut heads: Vec<(ExpertId, Instant)> =
+        queues.iter().filter_map(|(key, queue)| queue.entries.front().map(|head| (*key, head.enqueued_at))).collect();
+    heads.sort_by_key(|(key, enqueued_at)| (*enqueued_at, key.layer, key.expert));
+    let Some((oldest, head_enqueued_at)) = heads.first().copied() else {
         return Decision::Idle;
     };
-    let queue = queues.get_mut(&expert).expect("the oldest head belongs to a queue");
     let due = head_enqueued_at + config.batch_wait;
-    if now < due && queue.queued_tokens < config.max_batch_tokens {
+    if now < due && queues[&oldest].queued_tokens < config.max_batch_tokens {
         return Decision::WaitUntil(due);
     }
+    let batches = heads
+        .into_iter()
+        .map(|(expert, _)| {
+            let queue = queues.get_mut(&expert).expect("every head belongs to a queue");
+            take_batch(expert, queue, now, config.max_batch_tokens)
+        })
+        .collect();
+    Decision::Run(batches)
+}
+
+/// Whole requests from the front of `queue`, up to `max_batch_tokens` (at least one).
+fn take_batch(expert: ExpertId, queue: &mut ExpertQueue, now: Instant, max_batch_tokens: usize) -> Batch {
     let mut entries = Vec::new();
     let mut taken_tokens = 0;
     while let Some(head) = queue.entries.front() {
-        if taken_tokens > 0 && taken_tokens + head.tokens > config.max_batch_tokens {
+        if taken_tokens > 0 && taken_tokens + head.tokens > max_batch_tokens {
             break;
         }
         let entry = queue.entries.pop_front().expect("front exists");
@@ -158,7 +173,7 @@ pub fn next_batch(queues: &mut HashMap<ExpertId, ExpertQueue>, now: Instant, con
     }
     queue.queued_tokens -= taken_tokens;
     queue.counters.batches += 1;
-    Decision::Run(Batch { expert, d_model: queue.d_model, entries })
+    Batch { expert, d_model: queue.d_model, entries }
 }
 
 #[derive(Debug, Default)]
@@ -310,8 +325,8 @@ impl Scheduler {
             }
             let config =
                 if state.stopping { BatchingConfig { batch_wait: Duration::ZERO, ..self.config } } else { self.config };
-            match next_batch(&mut state.queues, Instant::now(), config) {
-                Decision::Run(batch) => return Work::Batch(batch),
+            match next_step(&mut state.queues, Instant::now(), config) {
+                Decision::Run(batches) => return Work::Step(batches),
                 Decision::Idle if state.stopping => return Work::Stop,
                 Decision::Idle => {
                     state = self.wake.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -422,13 +437,16 @@ mod tests {
         let mut state = scheduler.lock();
         let start = state.queues[&ExpertId::new(0, 0)].entries[0].enqueued_at;
         assert!(
-            matches!(next_batch(&mut state.queues, start, CONFIG), Decision::WaitUntil(due) if due == start + CONFIG.batch_wait)
+            matches!(next_step(&mut state.queues, start, CONFIG), Decision::WaitUntil(due) if due == start + CONFIG.batch_wait)
         );
-        let Decision::Run(batch) = next_batch(&mut state.queues, start + CONFIG.batch_wait, CONFIG) else {
+        let Decision::Run(batches) = next_step(&mut state.queues, start + CONFIG.batch_wait, CONFIG) else {
             panic!("due after the wait bound");
         };
-        assert_eq!((batch.expert, batch.tokens(), batch.entries.len()), (ExpertId::new(0, 0), 5, 2));
+        let merged = &batches[0];
+        assert_eq!((merged.expert, merged.tokens(), merged.entries.len()), (ExpertId::new(0, 0), 5, 2));
         assert_eq!(state.queues[&ExpertId::new(0, 0)].queued_tokens, 0);
+        let other = &batches[1];
+        assert_eq!((batches.len(), other.expert, other.tokens()), (2, ExpertId::new(0, 1), 1), "in the same step");
     }
 
     #[test]
@@ -439,10 +457,10 @@ mod tests {
             .map(|tokens| scheduler.admit(request(vec![rows(0, 0, tokens, 4)])).expect("fits"))
             .collect();
         let mut state = scheduler.lock();
-        let Decision::Run(batch) = next_batch(&mut state.queues, Instant::now(), CONFIG) else {
+        let Decision::Run(batches) = next_step(&mut state.queues, Instant::now(), CONFIG) else {
             panic!("10 queued tokens >= max_batch_tokens 8 runs without waiting");
         };
-        assert_eq!(batch.tokens(), 7, "5 + 2 fit in 8, the 3-token request waits");
+        assert_eq!(batches[0].tokens(), 7, "5 + 2 fit in 8, the 3-token request waits");
         assert_eq!(state.queues[&ExpertId::new(0, 0)].queued_tokens, 3);
     }
 
@@ -453,10 +471,10 @@ mod tests {
         let _kept = scheduler.admit(request(vec![rows(0, 0, 1, 4)])).expect("fits");
         drop(abandoned);
         let mut state = scheduler.lock();
-        let Decision::Run(batch) = next_batch(&mut state.queues, Instant::now() + CONFIG.batch_wait, CONFIG) else {
+        let Decision::Run(batches) = next_step(&mut state.queues, Instant::now() + CONFIG.batch_wait, CONFIG) else {
             panic!("due");
         };
-        assert_eq!(batch.tokens(), 1);
+        assert_eq!(batches[0].tokens(), 1);
     }
 
     #[test]
@@ -465,7 +483,7 @@ mod tests {
         let _kept = scheduler.admit(request(vec![rows(0, 0, 1, 4)])).expect("fits");
         scheduler.stop();
         assert!(matches!(scheduler.admit(request(vec![rows(0, 0, 1, 4)])), Err(WorkerError::Unavailable(_))));
-        assert!(matches!(scheduler.next_work(), Work::Batch(batch) if batch.tokens() == 1));
+        assert!(matches!(scheduler.next_work(), Work::Step(batches) if batches[0].tokens() == 1));
         assert!(matches!(scheduler.next_work(), Work::Stop));
     }
 }

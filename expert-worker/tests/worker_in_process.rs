@@ -115,6 +115,47 @@ async fn concurrent_requests_of_one_expert_merge_into_one_forward() {
     worker.shutdown().await;
 }
 
+/// Two requests queued together make one step: expert 1 merges f32 rows of one request with bf16
+/// rows of the other (two runs of one batch), experts 2 and 3 run beside it, answers come back in
+/// each request's asked dtype, and the step's time is shared out by each batch's rows.
+#[tokio::test]
+async fn one_step_serves_every_expert_with_mixed_dtypes() {
+    let worker = started(Duration::from_millis(300), 1024).await;
+    let spec = tiny_model();
+    let (a1, a3, b1, b2) = (rows(3, 16, 0.1), rows(4, 16, 0.4), rows(2, 16, 0.6), rows(5, 16, 0.8));
+    let first = ForwardBatch {
+        request_id: 1,
+        parts: vec![part(0, 1, &a1, 16, WireDtype::F32), part(1, 3, &a3, 16, WireDtype::Bf16)],
+        output_dtype: None,
+    };
+    let second = ForwardBatch {
+        request_id: 2,
+        parts: vec![part(0, 1, &b1, 16, WireDtype::Bf16), part(1, 2, &b2, 16, WireDtype::F32)],
+        output_dtype: Some(WireDtype::F16),
+    };
+    let (first, second) = tokio::join!(worker.forward(first), worker.forward(second));
+    let (first, second) = (first.expect("first"), second.expect("second"));
+    let answers = [
+        (&first.outputs[0], 1, &a1, WireDtype::F32, 3 + 2, 1e-6),
+        (&first.outputs[1], 3, &a3, WireDtype::Bf16, 4, 2e-2),
+        (&second.outputs[0], 1, &b1, WireDtype::F16, 3 + 2, 2e-2),
+        (&second.outputs[1], 2, &b2, WireDtype::F16, 5, 2e-3),
+    ];
+    for (output, expert, input, dtype, batch_tokens, tolerance) in answers {
+        let want = Expert::synthetic(&spec, 0, expert, tch::Device::Cpu, WeightDtype::F32).forward_f32(input);
+        let have = wire::decode_f32(&output.data, output.dtype);
+        assert_eq!((output.expert.expert, output.dtype, output.batch_tokens), (expert, dtype, batch_tokens));
+        assert!(relative_error(&want, &have) < tolerance, "expert {expert}: {}", relative_error(&want, &have));
+    }
+    // Equal experts: the step's time splits as their rows, 5 : 4 : 5.
+    let (expert_1, expert_3, expert_2) =
+        (first.outputs[0].compute, first.outputs[1].compute, second.outputs[1].compute);
+    assert!(expert_1 > Duration::ZERO && expert_1 == second.outputs[0].compute && expert_1 == expert_2);
+    let ratio = expert_1.as_secs_f64() / expert_3.as_secs_f64();
+    assert!((ratio - 1.25).abs() < 1e-3, "5 rows against 4 (to the nanosecond): {ratio}");
+    worker.shutdown().await;
+}
+
 #[tokio::test]
 async fn queue_limit_refuses_and_unloading_closes_the_queue() {
     let worker = started(Duration::ZERO, 4).await;

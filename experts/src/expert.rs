@@ -112,16 +112,19 @@ impl Expert {
 
     /// Bytes of weights this expert holds.
     pub fn resident_bytes(&self) -> u64 {
-        let bytes = |tensor: &Tensor| (tensor.numel() * tensor.kind().elt_size_in_bytes()) as u64;
-        let optional = |tensor: &Option<Tensor>| tensor.as_ref().map_or(0, bytes);
-        self.ffn.as_ref().map_or(0, |ffn| {
-            bytes(&ffn.w1)
-                + bytes(&ffn.w2)
-                + optional(&ffn.w3)
-                + optional(&ffn.b1)
-                + optional(&ffn.b2)
-                + optional(&ffn.b3)
-        })
+        self.parameters() * self.dtype.element_size() as u64
+    }
+
+    /// Weights (and biases) this expert holds; 0 for an identity expert.
+    pub fn parameters(&self) -> u64 {
+        let Some(ffn) = &self.ffn else {
+            return 0;
+        };
+        [Some(&ffn.w1), Some(&ffn.w2), ffn.w3.as_ref(), ffn.b1.as_ref(), ffn.b2.as_ref(), ffn.b3.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|tensor| tensor.numel() as u64)
+            .sum()
     }
 
     pub fn d_model(&self) -> i64 {

@@ -7,9 +7,11 @@
 //! - [`skew`]: seeded inputs that make experts hot.
 //! - [`bench`]: the sweep of cluster shapes, the DeepEP presets, the wire baselines, and their
 //!   figures, [`bench::BenchSummary`].
+//! - [`device_check`]: this machine's device against the CPU and transformers, and its matmul peak.
 //! - [`report`]: rendering the figures, one module per format (text, CSV, Markdown, SVG).
 
 pub mod bench;
+pub mod device_check;
 pub mod loadtest;
 pub mod local_cluster;
 pub mod report;

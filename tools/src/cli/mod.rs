@@ -1,6 +1,7 @@
 //! The `switchyard` command line: flags here, work in the library.
 
 mod bench;
+mod device_check;
 mod forward;
 mod load_args;
 mod loadtest;
@@ -54,6 +55,11 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Layers, experts, total and active parameters per token of a checkpoint or synthetic model.
     ModelInfo(model_info::ModelInfoArgs),
+    /// Check that the device (a GPU, or the CPU) computes what the CPU computes: the workers' own
+    /// compute path in f32, f16 and bf16 against f32 on the CPU and, with --fixtures, every
+    /// checkpoint fixture against transformers' outputs; and measure its bf16 and f32 matmul peak.
+    /// Exits non-zero when a check fails.
+    DeviceCheck(device_check::DeviceCheckArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -64,5 +70,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forward(args) => forward::run(args).await,
         Command::ModelInfo(args) => model_info::run(args),
         Command::Bench(args) => bench::run(args).await,
+        Command::DeviceCheck(args) => device_check::run(args).await,
     }
 }

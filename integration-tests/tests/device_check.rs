@@ -1,0 +1,52 @@
+//! The GPU checks as far as a CPU allows. `switchyard device-check --device cpu` runs the workers'
+//! compute path in f32, f16 and bf16 against f32 and every checkpoint fixture against
+//! transformers' outputs, as `scripts/gpu-check.sh` runs it on a GPU; and the script itself refuses
+//! plainly where there is no GPU.
+
+use std::path::Path;
+use std::process::Command;
+
+use switchyard_integration_tests::binaries_dir;
+
+fn repository() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+#[test]
+fn device_check_passes_on_the_cpu_with_every_fixture() {
+    let fixtures = repository().join("fixtures");
+    let result = Command::new(binaries_dir().join("switchyard"))
+        .args(["device-check", "--device", "cpu", "--fixtures"])
+        .arg(&fixtures)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("switchyard device-check runs");
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(result.status.success(), "{stdout}{}", String::from_utf8_lossy(&result.stderr));
+    let fixture_layers = 2 * std::fs::read_dir(&fixtures)
+        .expect("fixtures")
+        .filter(|entry| entry.as_ref().is_ok_and(|entry| entry.path().join("expected.safetensors").exists()))
+        .count();
+    // Three synthetic dtypes, every fixture layer in f32, the bf16 fixtures' layers in bf16 too.
+    let bf16_layers = stdout.lines().filter(|line| line.contains("bf16 on cpu vs transformers")).count();
+    assert_eq!(bf16_layers, 3 * 2, "{stdout}");
+    let checks = 3 + fixture_layers + bf16_layers;
+    assert!(stdout.contains(&format!("all {checks} checks passed on cpu")), "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    assert!(stdout.contains("matmul peak cpu bf16") && stdout.contains("matmul peak cpu f32"), "{stdout}");
+}
+
+#[test]
+fn gpu_check_says_plainly_that_it_needs_a_gpu() {
+    let report = tempfile::tempdir().expect("temp dir");
+    let result = Command::new("bash")
+        .arg(repository().join("scripts/gpu-check.sh"))
+        .arg(report.path().join("gpu"))
+        .env("SWITCHYARD_NVIDIA_SMI", "/nonexistent/nvidia-smi")
+        .output()
+        .expect("bash runs the script");
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no NVIDIA GPU here"), "{stderr}");
+    assert!(!report.path().join("gpu").exists(), "nothing written without a GPU");
+}

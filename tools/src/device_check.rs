@@ -1,0 +1,163 @@
+//! `switchyard device-check`: does this machine's device compute what the CPU computes? Each check
+//! runs the in-process reference layer (the workers' own compute path: staging, steps, experts)
+//! on the device and compares it, by relative Frobenius error, with a ground truth: the same layer
+//! in f32 on the CPU for a synthetic model, and transformers' recorded outputs for each checkpoint
+//! fixture. f32 must agree to f32 rounding, bf16 and f16 to their precision. The device's matmul
+//! peak in bf16 and f32 is measured alongside, so a report says how fast the device is, too.
+
+use std::path::{Path, PathBuf};
+
+use switchyard_experts::device::device_name;
+use switchyard_model::checkpoint::Checkpoint;
+use switchyard_model::safetensors::TensorFiles;
+use switchyard_model::{CapacityPolicy, ModelSpec, WeightDtype};
+use switchyard_reference::{ReferenceConfig, ReferenceError, ReferenceLayer, relative_frobenius_error};
+use switchyard_router_client::{ClientError, RoutingOverrides};
+use tch::Device;
+
+use crate::bench::peak::{self, DevicePeak};
+
+/// One comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    pub name: String,
+    pub error: f64,
+    pub tolerance: f64,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.error <= self.tolerance
+    }
+}
+
+/// What a device check found.
+#[derive(Debug, Clone)]
+pub struct DeviceReport {
+    pub device: String,
+    pub checks: Vec<Check>,
+    pub peaks: Vec<DevicePeak>,
+}
+
+impl DeviceReport {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(Check::passed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceCheckError {
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("fixture {dir}: {reason}")]
+    Fixture { dir: PathBuf, reason: String },
+}
+
+/// The tolerance of each compute dtype against an f32 ground truth: f32 rounding, or the relative
+/// precision of the narrower format (8 bits of mantissa for bf16, 11 for f16) over a layer.
+pub fn tolerance(dtype: WeightDtype) -> f64 {
+    match dtype {
+        WeightDtype::F32 => 1e-5,
+        WeightDtype::F16 => 5e-3,
+        WeightDtype::Bf16 => 2e-2,
+    }
+}
+
+/// Runs every check on `device`, with the checkpoint fixtures under `fixtures` (each a checkpoint
+/// directory with transformers' `expected.safetensors`) when given.
+pub async fn run(device: Device, fixtures: Option<&Path>) -> Result<DeviceReport, DeviceCheckError> {
+    let mut checks = synthetic_checks(device).await?;
+    if let Some(fixtures) = fixtures {
+        for dir in fixture_dirs(fixtures)? {
+            checks.extend(fixture_checks(device, &dir).await?);
+        }
+    }
+    let mut peaks = peak::measure(device, WeightDtype::Bf16, &[1]).await;
+    peaks.extend(peak::measure(device, WeightDtype::F32, &[1]).await);
+    Ok(DeviceReport { device: device_name(device), checks, peaks })
+}
+
+/// A synthetic Mixtral-like layer (8 experts, top-2, dropless) in every dtype on `device` against
+/// itself in f32 on the CPU.
+async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError> {
+    let model = ModelSpec {
+        name: "device-check".to_owned(),
+        d_model: 256,
+        d_ff: 512,
+        capacity: CapacityPolicy::Dropless,
+        ..ModelSpec::default_synthetic()
+    };
+    let hidden: Vec<f32> = (0..64 * 256).map(|i| ((i as f32) * 0.618).sin() * 1.5).collect();
+    let truth = forward(&model, &[0], ReferenceConfig::cpu().with_dtype(WeightDtype::F32), 0, &hidden).await?;
+    let mut checks = Vec::new();
+    for dtype in WeightDtype::ALL {
+        let config = ReferenceConfig { device, ..ReferenceConfig::cpu() }.with_dtype(dtype);
+        let output = forward(&model, &[0], config, 0, &hidden).await?;
+        checks.push(Check {
+            name: format!("synthetic 8 experts top-2, {dtype} on {} vs f32 on cpu", device_name(device)),
+            error: relative_frobenius_error(&output, &truth),
+            tolerance: tolerance(dtype),
+        });
+    }
+    Ok(checks)
+}
+
+/// Checkpoint `dir` on `device`, in f32 and in its own dtype, against transformers' outputs.
+async fn fixture_checks(device: Device, dir: &Path) -> Result<Vec<Check>, DeviceCheckError> {
+    let fixture_error = |reason: String| DeviceCheckError::Fixture { dir: dir.to_path_buf(), reason };
+    let checkpoint = Checkpoint::open(dir).map_err(|error| fixture_error(error.to_string()))?;
+    let spec = checkpoint.spec;
+    let expected = TensorFiles::open_file(&dir.join("expected.safetensors"));
+    let read = |name: &str| -> Result<Vec<f32>, DeviceCheckError> {
+        let shape = expected.shape(name).map_err(|error| fixture_error(error.to_string()))?;
+        expected.read_f32(name, &shape).map_err(|error| fixture_error(error.to_string()))
+    };
+    let hidden = read("hidden_states")?;
+    let stored = spec.resident_dtype(None, device.is_cuda());
+    let mut dtypes = vec![WeightDtype::F32];
+    if stored != WeightDtype::F32 {
+        dtypes.push(stored);
+    }
+    let mut checks = Vec::new();
+    for dtype in dtypes {
+        let config = ReferenceConfig { device, ..ReferenceConfig::cpu() }.with_dtype(dtype);
+        let reference = ReferenceLayer::start(&spec, &spec.moe_layers, config).await?;
+        for &layer in &spec.moe_layers {
+            let output = reference.forward(layer, &hidden, &RoutingOverrides::default()).await?;
+            checks.push(Check {
+                name: format!("{} layer {layer}, {dtype} on {} vs transformers", spec.name, device_name(device)),
+                error: relative_frobenius_error(&output.hidden, &read(&format!("layers.{layer}.out"))?),
+                tolerance: tolerance(dtype),
+            });
+        }
+        reference.shutdown().await;
+    }
+    Ok(checks)
+}
+
+async fn forward(
+    model: &ModelSpec,
+    layers: &[u32],
+    config: ReferenceConfig,
+    layer: u32,
+    hidden: &[f32],
+) -> Result<Vec<f32>, DeviceCheckError> {
+    let reference = ReferenceLayer::start(model, layers, config).await?;
+    let output = reference.forward(layer, hidden, &RoutingOverrides::default()).await;
+    reference.shutdown().await;
+    Ok(output?.hidden)
+}
+
+/// The checkpoint directories under `fixtures` that carry transformers' outputs, by name.
+fn fixture_dirs(fixtures: &Path) -> Result<Vec<PathBuf>, DeviceCheckError> {
+    let entries = std::fs::read_dir(fixtures)
+        .map_err(|error| DeviceCheckError::Fixture { dir: fixtures.to_path_buf(), reason: error.to_string() })?;
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|dir| dir.join("config.json").exists() && dir.join("expected.safetensors").exists())
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
