@@ -4,12 +4,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use switchyard_experts::DeviceChoice;
 use switchyard_model::cli::ModelArgs;
 use switchyard_reference::{ReferenceConfig, ReferenceLayer};
 use switchyard_router_client::{ClientOptions, MoeClient, TableWatcher};
 use switchyard_tools::loadtest::{self, LoadSpec, Target};
 
 use super::load_args::LoadArgs;
+use super::values::DtypeArg;
 
 #[derive(Debug, clap::Args)]
 pub struct LoadtestArgs {
@@ -20,6 +22,15 @@ pub struct LoadtestArgs {
     /// Drive the in-process reference layer instead of a cluster (the baseline; uses the model flags).
     #[arg(long)]
     pub reference: bool,
+
+    /// Where --reference computes: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+
+    /// The dtype --reference keeps experts in and computes in (as the workers' --dtype). Default:
+    /// the checkpoint's own; bf16 on a GPU and f32 on a CPU for synthetic models.
+    #[arg(long, env = "SWITCHYARD_DTYPE", value_enum)]
+    pub dtype: Option<DtypeArg>,
 
     #[command(flatten)]
     pub load: LoadArgs,
@@ -53,7 +64,12 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
         let model = args.model.spec()?;
         eprintln!("building the in-process reference layer ({} experts)...", model.experts_per_layer);
         let layer = args.load.layer(&model);
-        let config = ReferenceConfig { torch_threads, ..ReferenceConfig::cpu() };
+        let config = ReferenceConfig {
+            device: args.device.resolve(),
+            torch_threads,
+            dtype: args.dtype.map(Into::into),
+            ..ReferenceConfig::cpu()
+        };
         let reference = ReferenceLayer::start(&model, &[layer], config).await?;
         let name = format!("in-process reference ({torch_threads} torch threads)");
         let spec = LoadSpec {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use switchyard_model::WeightDtype;
 use switchyard_model::cli::ModelArgs;
 use switchyard_reference::{ReferenceConfig, ReferenceLayer};
 use switchyard_tools::loadtest::{self, LoadSpec, Target};
@@ -11,6 +12,7 @@ use switchyard_tools::local_cluster::{LocalCluster, LocalClusterConfig};
 
 use super::load_args::LoadArgs;
 use super::loadtest::connect;
+use super::values::DtypeArg;
 
 #[derive(Debug, clap::Args)]
 pub struct LocalArgs {
@@ -21,6 +23,11 @@ pub struct LocalArgs {
     /// libtorch threads per worker (give each process its share of the cores).
     #[arg(long, env = "SWITCHYARD_WORKER_TORCH_THREADS", default_value_t = 1)]
     pub worker_torch_threads: u32,
+
+    /// The dtype the workers (and the --compare-reference layer) keep experts in and compute in.
+    /// Default: the checkpoint's own; bf16 on a GPU and f32 on a CPU for synthetic models.
+    #[arg(long, env = "SWITCHYARD_DTYPE", value_enum)]
+    pub dtype: Option<DtypeArg>,
 
     /// Batch wait bound of the workers, in microseconds.
     #[arg(long, env = "SWITCHYARD_BATCH_WAIT_US", default_value_t = 100)]
@@ -48,6 +55,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let mut config = LocalClusterConfig::next_to(&me, model.clone(), args.workers);
     config.torch_threads = args.worker_torch_threads;
     config.worker_args = vec!["--batch-wait-us".into(), args.batch_wait_us.to_string()];
+    let dtype: Option<WeightDtype> = args.dtype.map(Into::into);
+    if let Some(dtype) = dtype {
+        config.worker_args.extend(["--dtype".into(), dtype.name().into()]);
+    }
     if std::env::var_os("RUST_LOG").is_none() {
         config.log_filter = Some("warn".into());
     }
@@ -95,7 +106,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         // A fair baseline: as many libtorch threads as all the workers had together.
         let threads = (args.workers as u32 * args.worker_torch_threads).max(1);
         eprintln!("same load through the in-process reference layer ({threads} torch threads)...");
-        let config = ReferenceConfig { torch_threads: threads, ..ReferenceConfig::cpu() };
+        // Where the workers computed: CUDA when present, in their dtype.
+        let device = tch::Device::cuda_if_available();
+        let config = ReferenceConfig { device, torch_threads: threads, dtype, ..ReferenceConfig::cpu() };
         let reference = ReferenceLayer::start(&model, &[layer], config).await?;
         let name = format!("in-process reference ({threads} torch threads)");
         let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?.summary();
