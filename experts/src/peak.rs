@@ -31,10 +31,17 @@ pub fn default_size(device: Device) -> i64 {
 /// thread (libtorch's thread count is per thread): one warm-up, then the best of `samples` timed
 /// batches, each long enough on a GPU that launch latency does not count.
 pub fn measure(device: Device, dtype: WeightDtype, threads: i32, size: i64, samples: usize) -> MatmulPeak {
+    let flops_per_second = measure_product(device, dtype, threads, [size, size, size], samples);
+    MatmulPeak { device, dtype, threads, size, flops_per_second }
+}
+
+/// FLOP/s of `[m, k] · [k, n]` products, measured as [`measure`] does: the yardstick for a product
+/// of one particular shape (a router's `x · W_gᵀ`, say), which may run below the square peak.
+pub fn measure_product(device: Device, dtype: WeightDtype, threads: i32, [m, k, n]: [i64; 3], samples: usize) -> f64 {
     tch::set_num_threads(threads);
     let _no_grad = tch::no_grad_guard();
     let options = (kind_of(dtype), device);
-    let (a, b) = (Tensor::randn([size, size], options), Tensor::randn([size, size], options));
+    let (a, b) = (Tensor::randn([m, k], options), Tensor::randn([k, n], options));
     let products_per_sample = if device.is_cuda() { 20 } else { 1 };
     let synchronize = || {
         if let Device::Cuda(index) = device {
@@ -52,8 +59,8 @@ pub fn measure(device: Device, dtype: WeightDtype, threads: i32, size: i64, samp
         synchronize();
         best = best.min(started.elapsed());
     }
-    let flops = 2.0 * (size as f64).powi(3) * products_per_sample as f64;
-    MatmulPeak { device, dtype, threads, size, flops_per_second: flops / best.as_secs_f64().max(1e-12) }
+    let flops = 2.0 * (m * k * n) as f64 * products_per_sample as f64;
+    flops / best.as_secs_f64().max(1e-12)
 }
 
 #[cfg(test)]

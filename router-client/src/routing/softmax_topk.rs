@@ -1,6 +1,6 @@
 //! Softmax top-k, with and without renormalisation of the k weights (dense is k = experts).
 
-use super::{Routing, ranked, softmax_into};
+use super::{Routing, softmax_into, top_ranked};
 
 pub fn route(logits: &[f32], experts: usize, k: usize, renormalize: bool) -> Routing {
     let tokens = logits.len() / experts;
@@ -11,8 +11,8 @@ pub fn route(logits: &[f32], experts: usize, k: usize, renormalize: bool) -> Rou
         let start = probabilities.len();
         softmax_into(row, &mut probabilities);
         let row_probabilities = &probabilities[start..];
-        ranked(row_probabilities, &mut order);
-        let kept = &order[..k];
+        top_ranked(row_probabilities, k, &mut order);
+        let kept = &order[..];
         let total: f32 = if renormalize { kept.iter().map(|e| row_probabilities[*e as usize]).sum() } else { 1.0 };
         choices.extend(kept.iter().map(|e| (*e, row_probabilities[*e as usize] / total)));
     }

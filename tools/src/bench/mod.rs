@@ -170,9 +170,20 @@ pub struct PresetResult {
     pub result: PointResult,
     /// Baselines at the size of one dispatch request.
     pub baselines: wire::WireBaselines,
+    /// FLOPs of the client's gate in one call (`2 · tokens · d_model · experts`).
+    pub gate_flops: f64,
+    /// tch's f32 GEMM on one CPU thread for the gate's own shape, measured in this run: the gate's
+    /// yardstick.
+    pub cpu_gemm_gflops: Option<f64>,
 }
 
 impl PresetResult {
+    /// The client's gate GFLOP/s over its mean time per call.
+    pub fn gate_gflops(&self) -> f64 {
+        let gate = self.result.distributed.mean_timing().gate.as_secs_f64();
+        self.gate_flops / gate.max(1e-12) / 1e9
+    }
+
     /// Dispatch and combine, each as (microseconds, GB/s): the slowest worker's transfer per call
     /// and the call's payload bytes in that direction over it.
     pub fn transfers(&self) -> [(f64, f64); 2] {
@@ -520,7 +531,14 @@ async fn measure_preset(
         worker_peak_gflops: None,
         reference_peak_gflops: None,
     };
-    Ok(PresetResult { name: preset.name(), result, baselines })
+    let gate_shape = [point.tokens as i64, i64::from(shape.d_model), i64::from(shape.experts)];
+    let gate_flops = 2.0 * gate_shape.iter().map(|size| *size as f64).product::<f64>();
+    let cpu_gemm_gflops = tokio::task::spawn_blocking(move || {
+        switchyard_experts::peak::measure_product(tch::Device::Cpu, WeightDtype::F32, 1, gate_shape, 5) / 1e9
+    })
+    .await
+    .ok();
+    Ok(PresetResult { name: preset.name(), result, baselines, gate_flops, cpu_gemm_gflops })
 }
 
 /// FLOPs of one row through one expert: 2 per multiply-add, one `d_model × d_ff` product per matrix.

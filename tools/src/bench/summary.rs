@@ -94,6 +94,12 @@ pub struct PresetSummary {
     pub dispatch_with_encode_us: f64,
     /// The combine transfer plus decode and weighted sum.
     pub combine_with_decode_and_sum_us: f64,
+    /// The client's gate (`x · W_gᵀ` and top-k) in GFLOP/s, and as a share of tch's f32 GEMM of the
+    /// same shape on one CPU thread, measured in the same run (none in reports written before).
+    #[serde(default)]
+    pub gate_gflops: f64,
+    #[serde(default)]
+    pub gate_share_of_gemm: Option<f64>,
     pub baselines: WireBaselines,
     pub result: PointSummary,
 }
@@ -141,6 +147,8 @@ impl PresetResult {
             combine_gb_per_s: combine_gbps,
             dispatch_with_encode_us: dispatch_total_us,
             combine_with_decode_and_sum_us: combine_total_us,
+            gate_gflops: self.gate_gflops(),
+            gate_share_of_gemm: self.cpu_gemm_gflops.map(|gemm| self.gate_gflops() / gemm.max(1e-12)),
             baselines: self.baselines,
             result: self.result.summary(),
         }
