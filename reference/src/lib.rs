@@ -18,7 +18,7 @@ use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, W
 use switchyard_model::{ExpertId, ModelSpec, WeightDtype};
 use switchyard_router_client::router::RoutingSummary;
 use switchyard_router_client::timing::TimeBreakdown;
-use switchyard_router_client::{ClientError, ClientOptions, MoeClient, RoutingOverrides, RoutingTableView};
+use switchyard_router_client::{ClientError, ClientOptions, Hidden, MoeClient, RoutingOverrides, RoutingTableView};
 use tokio::sync::{Mutex, watch};
 
 use crate::in_process::InProcessTransport;
@@ -116,7 +116,7 @@ impl ReferenceLayer {
     pub async fn forward(
         &self,
         layer: u32,
-        hidden: &[f32],
+        hidden: impl Into<Hidden>,
         overrides: &RoutingOverrides,
     ) -> Result<ReferenceOutput, ClientError> {
         let _turn = self.one_at_a_time.lock().await;

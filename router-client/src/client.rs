@@ -15,10 +15,12 @@ use switchyard_proto::wire::WireDtype;
 use tracing::Instrument;
 
 use crate::codec::decode_rows;
+use crate::cpu::CpuPool;
 use crate::dispatch::{CallRows, PlannedRequest, by_worker, pack_requests};
 use crate::error::ClientError;
 use crate::exchange::{self, Outcome};
 use crate::gate::Gate;
+use crate::hidden::Hidden;
 use crate::ledger::{WorkerCall, response_compute};
 use crate::metrics::ClientMetrics;
 use crate::router::{
@@ -39,6 +41,8 @@ pub struct ClientOptions {
     pub split_request_bytes: usize,
     /// Changes to the model's routing (policy, overflow, capacity factor).
     pub routing: RoutingOverrides,
+    /// Threads of the pool the client's CPU work (gate, packing, decode, combine) runs on.
+    pub cpu_threads: usize,
 }
 
 impl Default for ClientOptions {
@@ -48,6 +52,7 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(30),
             split_request_bytes: switchyard_common::transport::SPLIT_REQUEST_BYTES,
             routing: RoutingOverrides::default(),
+            cpu_threads: crate::cpu::default_threads(),
         }
     }
 }
@@ -81,7 +86,8 @@ pub struct MoeClient {
     options: ClientOptions,
     transport: Arc<dyn ExpertTransport>,
     metrics: ClientMetrics,
-    gates: Mutex<HashMap<GateKey, Arc<Gate>>>,
+    gates: Arc<Mutex<HashMap<GateKey, Arc<Gate>>>>,
+    cpu: CpuPool,
     next_request_id: AtomicU64,
 }
 
@@ -96,12 +102,15 @@ impl MoeClient {
     pub fn with_transport(tables: TableReceiver, options: ClientOptions, transport: Arc<dyn ExpertTransport>) -> Self {
         // Request ids unique across client processes: pid in the high bits.
         let first_id = (u64::from(std::process::id()) << 32) | 1;
+        // Fails only when the operating system cannot start a thread.
+        let cpu = CpuPool::new(options.cpu_threads).expect("the client's CPU threads start");
         Self {
             tables,
             options,
             transport,
             metrics: ClientMetrics::default(),
-            gates: Mutex::new(HashMap::new()),
+            gates: Arc::new(Mutex::new(HashMap::new())),
+            cpu,
             next_request_id: AtomicU64::new(first_id),
         }
     }
@@ -125,26 +134,8 @@ impl MoeClient {
         self.tables.borrow().clone()
     }
 
-    /// The gate of `layer`: seeded for a synthetic model, read once from a checkpoint otherwise.
-    fn gate(&self, table: &RoutingTableView, layer: u32) -> Result<Arc<Gate>, ClientError> {
-        let key = GateKey { layer, seed: table.model.seed, checkpoint: table.model.checkpoint.clone() };
-        let mut gates = self.gates.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(gate) = gates.get(&key) {
-            return Ok(gate.clone());
-        }
-        let gate = match &table.model.checkpoint {
-            None => Gate::synthetic(&table.model, layer),
-            Some(dir) => Checkpoint::open(std::path::Path::new(dir))
-                .and_then(|checkpoint| Gate::from_checkpoint(&checkpoint, layer))
-                .map_err(|error| ClientError::Checkpoint { reason: error.to_string() })?,
-        };
-        let gate = Arc::new(gate);
-        gates.insert(key, gate.clone());
-        Ok(gate)
-    }
-
     /// Runs `hidden` (`[tokens, d_model]`, row-major) through MoE layer `layer`.
-    pub async fn forward(&self, layer: u32, hidden: &[f32]) -> Result<LayerOutput, ClientError> {
+    pub async fn forward(&self, layer: u32, hidden: impl Into<Hidden>) -> Result<LayerOutput, ClientError> {
         self.forward_with(layer, hidden, &self.options.routing).await
     }
 
@@ -152,12 +143,12 @@ impl MoeClient {
     pub async fn forward_with(
         &self,
         layer: u32,
-        hidden: &[f32],
+        hidden: impl Into<Hidden>,
         routing: &RoutingOverrides,
     ) -> Result<LayerOutput, ClientError> {
         let request_id = RequestId(self.next_request_id.fetch_add(1, Ordering::Relaxed));
         let span = tracing::debug_span!("layer_forward", request_id = request_id.0, layer);
-        let output = self.forward_inner(request_id, layer, hidden, routing).instrument(span).await;
+        let output = self.forward_inner(request_id, layer, hidden.into(), routing).instrument(span).await;
         self.metrics.observe(&output);
         output
     }
@@ -166,19 +157,37 @@ impl MoeClient {
         &self,
         request_id: RequestId,
         layer: u32,
-        hidden: &[f32],
+        hidden: Hidden,
         routing: &RoutingOverrides,
     ) -> Result<LayerOutput, ClientError> {
         let started = Instant::now();
         let table = self
             .table()
             .ok_or(ClientError::NoTable { coordinator: "(not connected)".into(), waited: Duration::ZERO })?;
-        let mut timing = TimeBreakdown::default();
-        let plan = self.plan(request_id, &table, layer, hidden, routing, &mut timing)?;
+        let values = hidden.len();
+        let planning = Planning {
+            request_id,
+            table: table.clone(),
+            layer,
+            hidden,
+            routing: *routing,
+            gates: self.gates.clone(),
+            dtype: self.options.wire_dtype,
+            split_bytes: self.options.split_request_bytes,
+        };
+        let (plan, timing) = self.cpu.run(move || planning.plan()).await??;
+        let plan = Arc::new(plan);
 
-        let mut combine = Combine::new(&plan, hidden.len());
+        // Answers are checked here as they arrive (cheap; a bad one ends the call at once) and
+        // decoded and summed on the CPU pool, while later answers are still on the wire.
+        let sums = Arc::new(Mutex::new(Sums::new(values, plan.requests.len())));
+        let mut combine = Combine::new(&plan);
+        let mut summing = Vec::with_capacity(plan.requests.len());
         let exchanged = exchange::run(&*self.transport, &plan.requests, self.options.timeout, |index, answer| {
-            combine.answer(&plan, index, answer)
+            let response = combine.accept(&plan, index, answer)?;
+            let (plan, sums) = (plan.clone(), sums.clone());
+            summing.push(self.cpu.spawn(move || lock(&sums).add(&plan, index, &response)));
+            Ok(())
         })
         .await;
         if let Err(failure) = exchanged {
@@ -197,19 +206,54 @@ impl MoeClient {
             tracing::debug!(error = %failure.error, ?outcomes, "layer call failed");
             return Err(failure.error);
         }
-        Ok(combine.finish(plan, table.version, timing, started))
+        for job in summing {
+            job.await?;
+        }
+        let sums = std::mem::take(&mut *lock(&sums));
+        Ok(combine.finish(plan, sums, table.version, timing, started))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Everything planning a call needs, owned, so that it runs on the CPU pool.
+struct Planning {
+    request_id: RequestId,
+    table: Arc<RoutingTableView>,
+    layer: u32,
+    hidden: Hidden,
+    routing: RoutingOverrides,
+    gates: Arc<Mutex<HashMap<GateKey, Arc<Gate>>>>,
+    dtype: WireDtype,
+    split_bytes: usize,
+}
+
+impl Planning {
+    /// The gate of the layer: seeded for a synthetic model, read once from a checkpoint otherwise.
+    fn gate(&self) -> Result<Arc<Gate>, ClientError> {
+        let model = &self.table.model;
+        let key = GateKey { layer: self.layer, seed: model.seed, checkpoint: model.checkpoint.clone() };
+        let mut gates = lock(&self.gates);
+        if let Some(gate) = gates.get(&key) {
+            return Ok(gate.clone());
+        }
+        let gate = match &model.checkpoint {
+            None => Gate::synthetic(model, self.layer),
+            Some(dir) => Checkpoint::open(std::path::Path::new(dir))
+                .and_then(|checkpoint| Gate::from_checkpoint(&checkpoint, self.layer))
+                .map_err(|error| ClientError::Checkpoint { reason: error.to_string() })?,
+        };
+        let gate = Arc::new(gate);
+        gates.insert(key, gate.clone());
+        Ok(gate)
     }
 
-    /// Gate, route, group by worker, pack: the requests of one call.
-    fn plan(
-        &self,
-        request_id: RequestId,
-        table: &RoutingTableView,
-        layer: u32,
-        hidden: &[f32],
-        routing: &RoutingOverrides,
-        timing: &mut TimeBreakdown,
-    ) -> Result<CallPlan, ClientError> {
+    /// Gate, route, group by worker, pack: the requests of one call, and the time each step took.
+    fn plan(self) -> Result<(CallPlan, TimeBreakdown), ClientError> {
+        let mut timing = TimeBreakdown::default();
+        let (table, layer, hidden) = (&*self.table, self.layer, &*self.hidden);
         let model = &table.model;
         let d_model = model.d_model as usize;
         check_call(model, layer, hidden)?;
@@ -224,11 +268,11 @@ impl MoeClient {
                 ),
             });
         }
-        let config = config_for_call(model, routing);
+        let config = config_for_call(model, &self.routing);
         config.check_tokens(tokens)?;
 
         let phase = Instant::now();
-        let gate = self.gate(table, layer)?;
+        let gate = self.gate()?;
         let (logits, routing) = gate_and_route(&gate, hidden, config);
         timing.gate = phase.elapsed();
 
@@ -237,13 +281,7 @@ impl MoeClient {
         let workers = by_worker(layer, &routed.groups, table)?;
         timing.plan = phase.elapsed();
 
-        let call = CallRows {
-            layer,
-            hidden,
-            d_model,
-            dtype: self.options.wire_dtype,
-            split_bytes: self.options.split_request_bytes,
-        };
+        let call = CallRows { layer, hidden, d_model, dtype: self.dtype, split_bytes: self.split_bytes };
         let mut requests: Vec<PlannedRequest> = Vec::new();
         let mut worker_calls: Vec<WorkerCall> = Vec::with_capacity(workers.len());
         for (endpoint, groups) in &workers {
@@ -264,12 +302,12 @@ impl MoeClient {
             worker_call.encode = phase.elapsed();
             timing.encode += worker_call.encode;
             requests.extend(packed.into_iter().map(|mut planned| {
-                planned.request.request_id = request_id.0;
+                planned.request.request_id = self.request_id.0;
                 planned
             }));
             worker_calls.push(worker_call);
         }
-        Ok(CallPlan { layer, d_model, routed, requests, worker_calls })
+        Ok((CallPlan { layer, d_model, routed, requests, worker_calls }, timing))
     }
 }
 
@@ -282,31 +320,21 @@ struct CallPlan {
     worker_calls: Vec<WorkerCall>,
 }
 
-/// The combine step, fed one answer at a time as the exchange hands them over.
+/// The answers' bookkeeping, done as each arrives: checks, bytes, the straggler's times.
 struct Combine {
-    output: Vec<f32>,
-    scratch: Vec<f32>,
-    decode: Duration,
-    combine: Duration,
     worker_calls: Vec<WorkerCall>,
     /// Per answered request: (RPC time, the worker's handler time, its compute), for the straggler.
     answered: Vec<(Duration, Duration, Duration)>,
 }
 
 impl Combine {
-    fn new(plan: &CallPlan, values: usize) -> Self {
-        Self {
-            output: vec![0.0; values],
-            scratch: Vec::new(),
-            decode: Duration::ZERO,
-            combine: Duration::ZERO,
-            worker_calls: plan.worker_calls.clone(),
-            answered: Vec::with_capacity(plan.requests.len()),
-        }
+    fn new(plan: &CallPlan) -> Self {
+        Self { worker_calls: plan.worker_calls.clone(), answered: Vec::with_capacity(plan.requests.len()) }
     }
 
-    /// Checks, decodes and adds the answer to request `index` into the output.
-    fn answer(&mut self, plan: &CallPlan, index: usize, answer: Answer) -> Result<(), ClientError> {
+    /// Checks the answer to request `index` against what was asked, books it, and hands back the
+    /// response for [`Sums::add`].
+    fn accept(&mut self, plan: &CallPlan, index: usize, answer: Answer) -> Result<v1::ForwardResponse, ClientError> {
         let planned = &plan.requests[index];
         let Answer { response, timing: rpc } = answer;
         let Some(worker_call) = self.worker_calls.iter_mut().find(|call| call.endpoint == planned.endpoint) else {
@@ -326,50 +354,90 @@ impl Combine {
         self.answered.push((rpc.elapsed, worker, response_compute(&response).min(worker)));
         for (position, (piece, output)) in planned.pieces.iter().zip(&response.outputs).enumerate() {
             let group: &ExpertAssignments = &plan.routed.groups[piece.group];
-            let rows = piece.end - piece.start;
             let expert = ExpertId::new(plan.layer, group.expert);
-            let (dtype, payload) = check_output(&planned.endpoint, position, output, expert, rows, plan.d_model)?;
+            let (_, payload) =
+                check_output(&planned.endpoint, position, output, expert, piece.end - piece.start, plan.d_model)?;
             worker_call.bytes.payload_received += payload.data.len() as u64;
-
-            let phase = Instant::now();
-            decode_rows(&payload.data, dtype, &mut self.scratch);
-            let decode = phase.elapsed();
-            worker_call.decode += decode;
-            self.decode += decode;
-
-            let phase = Instant::now();
-            plan.routed.combine_rows(group, piece.start..piece.end, &self.scratch, plan.d_model, &mut self.output);
-            let combine = phase.elapsed();
-            worker_call.combine += combine;
-            self.combine += combine;
         }
-        Ok(())
+        Ok(response)
     }
 
-    fn finish(self, plan: CallPlan, version: TableVersion, mut timing: TimeBreakdown, started: Instant) -> LayerOutput {
+    fn finish(
+        mut self,
+        plan: Arc<CallPlan>,
+        sums: Sums,
+        version: TableVersion,
+        mut timing: TimeBreakdown,
+        started: Instant,
+    ) -> LayerOutput {
         // The straggler's RPC is the call's network + queue + compute time.
         if let Some((rpc, worker, compute)) = self.answered.iter().max_by_key(|(rpc, _, _)| *rpc).copied() {
             timing.network = rpc - worker;
             timing.compute = compute;
             timing.queue_wait = worker - compute;
         }
-        timing.decode = self.decode;
-        timing.combine = self.combine;
+        for (planned, (decode, combine)) in plan.requests.iter().zip(&sums.per_request) {
+            if let Some(worker_call) = self.worker_calls.iter_mut().find(|call| call.endpoint == planned.endpoint) {
+                worker_call.decode += *decode;
+                worker_call.combine += *combine;
+            }
+        }
+        timing.decode = sums.per_request.iter().map(|(decode, _)| *decode).sum();
+        timing.combine = sums.per_request.iter().map(|(_, combine)| *combine).sum();
         let mut bytes = ByteCounts::default();
         for worker_call in &self.worker_calls {
             bytes += worker_call.bytes;
         }
-        timing.wall = started.elapsed();
         let routing = RoutingSummary::from_routed(&plan.routed);
+        let router_logits = match Arc::try_unwrap(plan) {
+            Ok(plan) => plan.routed.logits,
+            Err(plan) => plan.routed.logits.clone(),
+        };
+        timing.wall = started.elapsed();
         LayerOutput {
-            hidden: self.output,
-            router_logits: plan.routed.logits,
+            hidden: sums.output,
+            router_logits,
             routing,
             timing,
             bytes,
             workers: self.worker_calls,
             table_version: version,
         }
+    }
+}
+
+/// The call's output, summed answer by answer on the CPU pool.
+#[derive(Debug, Default)]
+struct Sums {
+    output: Vec<f32>,
+    scratch: Vec<f32>,
+    /// Decode and combine time of each request's answer.
+    per_request: Vec<(Duration, Duration)>,
+}
+
+impl Sums {
+    fn new(values: usize, requests: usize) -> Self {
+        Self { output: vec![0.0; values], scratch: Vec::new(), per_request: vec![Default::default(); requests] }
+    }
+
+    /// Decodes the (checked) answer to request `index` and adds its weighted rows into the output.
+    fn add(&mut self, plan: &CallPlan, index: usize, response: &v1::ForwardResponse) {
+        let planned = &plan.requests[index];
+        let (mut decode, mut combine) = (Duration::ZERO, Duration::ZERO);
+        for (piece, output) in planned.pieces.iter().zip(&response.outputs) {
+            let group: &ExpertAssignments = &plan.routed.groups[piece.group];
+            let Some(payload) = &output.rows else { continue };
+            let Ok(dtype) = WireDtype::try_from(payload.dtype) else { continue };
+
+            let phase = Instant::now();
+            decode_rows(&payload.data, dtype, &mut self.scratch);
+            decode += phase.elapsed();
+
+            let phase = Instant::now();
+            plan.routed.combine_rows(group, piece.start..piece.end, &self.scratch, plan.d_model, &mut self.output);
+            combine += phase.elapsed();
+        }
+        self.per_request[index] = (decode, combine);
     }
 }
 

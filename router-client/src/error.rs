@@ -36,6 +36,9 @@ pub enum ClientError {
     Checkpoint { reason: String },
     #[error("worker {endpoint} sent a malformed answer: {reason}")]
     BadResponse { endpoint: String, reason: String },
+    /// The client itself failed (its CPU pool could not start, or its work panicked).
+    #[error("client: {reason}")]
+    Internal { reason: String },
 }
 
 impl ClientError {
@@ -71,7 +74,7 @@ impl ClientError {
             ClientError::QueueFull { .. } => tonic::Code::ResourceExhausted,
             ClientError::Worker { code, .. } => *code,
             ClientError::Timeout { .. } => tonic::Code::DeadlineExceeded,
-            ClientError::BadResponse { .. } => tonic::Code::Internal,
+            ClientError::BadResponse { .. } | ClientError::Internal { .. } => tonic::Code::Internal,
             ClientError::Checkpoint { .. } => tonic::Code::FailedPrecondition,
         }
     }

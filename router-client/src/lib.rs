@@ -6,16 +6,19 @@
 //! [`gate`] (logits) → [`routing`] (policy) → [`capacity`] (overflow) → [`router`] (groups by
 //! expert) → [`dispatch`] (groups by worker, packed into requests) → [`exchange`] (every worker
 //! at once over a [`transport`], answers handed over as they arrive, one outcome per worker) →
-//! [`codec`] (decode, weighted combine). [`table`] keeps the routing table current; [`timing`] and
+//! [`codec`] (decode, weighted combine). Every CPU step runs on the client's own pool ([`cpu`]),
+//! never on the async runtime's threads. [`table`] keeps the routing table current; [`timing`] and
 //! [`ledger`] say where the time and bytes went ([`metrics`] exports them).
 
 pub mod capacity;
 pub mod client;
 pub mod codec;
+pub mod cpu;
 pub mod dispatch;
 pub mod error;
 pub mod exchange;
 pub mod gate;
+pub mod hidden;
 pub mod ledger;
 pub mod metrics;
 pub mod router;
@@ -27,6 +30,7 @@ pub mod transport;
 
 pub use client::{ClientOptions, LayerOutput, MoeClient};
 pub use error::ClientError;
+pub use hidden::Hidden;
 pub use ledger::{CommLedger, WorkerCall};
 pub use router::{RoutingConfig, RoutingOverrides, RoutingSummary};
 pub use table::{RoutingTableView, TableWatcher};

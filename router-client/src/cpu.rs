@@ -1,0 +1,80 @@
+//! The client's CPU work (gate, routing, packing, decode, combine) runs on a small pool of its own
+//! threads, never on the async runtime's: a large call's hundreds of milliseconds of arithmetic
+//! would otherwise stall every other task of the process that embeds the client.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::error::ClientError;
+
+/// Threads of a client's pool unless its options say: the machine's cores, at most 8 (one call's
+/// work is a few large products and copies; more threads only wait).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from).clamp(1, 8)
+}
+
+#[derive(Debug, Clone)]
+pub struct CpuPool {
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl CpuPool {
+    pub fn new(threads: usize) -> Result<Self, ClientError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|index| format!("switchyard-client-cpu-{index}"))
+            .build()
+            .map_err(|error| ClientError::Internal { reason: format!("starting the CPU pool: {error}") })?;
+        Ok(Self { pool: Arc::new(pool) })
+    }
+
+    /// Runs `work` on the pool and waits for it without holding an async worker thread. A panic
+    /// in `work` comes back as an error; if the caller stops waiting, `work` still runs to its end
+    /// on data it owns.
+    pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ClientError> {
+        self.spawn(work).await
+    }
+
+    /// Starts `work` now; the returned future yields its result.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> impl Future<Output = Result<T, ClientError>> + Send + 'static {
+        let (done, result) = oneshot::channel();
+        self.pool.spawn(move || {
+            let _ = done.send(catch_unwind(AssertUnwindSafe(work)));
+        });
+        async move {
+            match result.await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(panic)) => {
+                    let reason = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_else(|| "a panic".to_owned());
+                    Err(ClientError::Internal { reason: format!("the client's CPU work failed: {reason}") })
+                }
+                Err(_) => Err(ClientError::Internal { reason: "the client's CPU pool dropped a job".to_owned() }),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn work_runs_off_the_runtime_and_a_panic_comes_back_as_an_error() {
+        let pool = CpuPool::new(1).expect("pool");
+        let caller = std::thread::current().id();
+        let worker = pool.run(|| std::thread::current().id()).await.expect("runs");
+        assert_ne!(worker, caller);
+        let error = pool.run(|| -> u32 { panic!("boom") }).await.unwrap_err();
+        assert_eq!(error.to_string(), "client: the client's CPU work failed: boom");
+        assert_eq!(pool.run(|| 7).await.expect("the pool survives"), 7);
+    }
+}
