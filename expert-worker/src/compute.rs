@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use switchyard_experts::{Expert, kind_of};
 use switchyard_model::ExpertId;
-use switchyard_proto::wire::WireDtype;
+use switchyard_proto::wire::{FP8_BLOCK, WireDtype};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::WorkerError;
@@ -24,12 +24,30 @@ use crate::metrics::WorkerMetrics;
 use crate::scheduler::{Batch, Command, QueuedRows, RowsOut, Scheduler, Work};
 use crate::staging::Staging;
 
+/// The tch kind of a dtype's values (FP8 rows also carry scales: [`wire_rows`]).
 pub fn tch_kind(dtype: WireDtype) -> Kind {
     match dtype {
         WireDtype::F16 => Kind::Half,
         WireDtype::Bf16 => Kind::BFloat16,
         WireDtype::F32 => Kind::Float,
+        WireDtype::Fp8E4m3 => Kind::Float8e4m3fn,
     }
+}
+
+/// `rows` wire rows of `dtype` and width `d_model` at byte `offset` of the staged `u8` tensor, as
+/// a `[rows, d_model]` tensor on its device: a view for f32, f16 and bf16; for FP8, the codes
+/// times their block scales (in f32), computed where the rows are.
+fn wire_rows(staged: &Tensor, offset: usize, dtype: WireDtype, rows: usize, d_model: usize) -> Tensor {
+    let (rows, width, row_bytes) = (rows as i64, d_model as i64, dtype.row_bytes(d_model) as i64);
+    let bytes = staged.narrow(0, offset as i64, rows * row_bytes);
+    if dtype != WireDtype::Fp8E4m3 {
+        return bytes.view_dtype(tch_kind(dtype)).view([rows, width]);
+    }
+    let bytes = bytes.view([rows, row_bytes]);
+    let values = bytes.narrow(1, 0, width).view_dtype(Kind::Float8e4m3fn).to_kind(Kind::Float);
+    let blocks = d_model.div_ceil(FP8_BLOCK) as i64;
+    let scales = bytes.narrow(1, width, 4 * blocks).contiguous().view_dtype(Kind::Float);
+    values * scales.repeat_interleave_self_int(FP8_BLOCK as i64, 1, None).narrow(1, 0, width)
 }
 
 /// Starts the compute thread; it returns once [`Scheduler::stop`] was called and the queues drained.
@@ -185,13 +203,12 @@ fn compute_step(experts: &HashMap<ExpertId, Expert>, batches: &[Batch], staging:
             span.follows_from(&entry.request_span);
         }
         let _entered = span.enter();
-        let d_model = batch.d_model as i64;
         let inputs: Vec<Tensor> = runs
             .iter()
             .map(|run| {
-                let (offset, bytes) = (offsets.next().expect("one offset per run"), run_bytes(run));
-                let rows = (bytes / (run[0].dtype.element_size() * batch.d_model)) as i64;
-                staged.narrow(0, offset as i64, bytes as i64).view_dtype(tch_kind(run[0].dtype)).view([rows, d_model])
+                let offset = offsets.next().expect("one offset per run");
+                let rows = run.iter().map(|entry| entry.tokens).sum();
+                wire_rows(&staged, offset, run[0].dtype, rows, batch.d_model)
             })
             .collect();
         let input = match &inputs[..] {
@@ -219,10 +236,6 @@ fn compute_step(experts: &HashMap<ExpertId, Expert>, batches: &[Batch], staging:
                 .collect()
         })
         .collect()
-}
-
-fn run_bytes(run: &[&QueuedRows]) -> usize {
-    run.iter().map(|entry| entry.data.len()).sum()
 }
 
 /// Queues `output`'s rows for download as flat `u8` tensors in each entry's output dtype (one

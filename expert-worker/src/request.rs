@@ -57,8 +57,8 @@ fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, Worker
             format!("expected [tokens, d_model], got {:?}", rows.shape),
         ));
     };
-    let element_size = dtype.element_size() as u64;
-    let expected_bytes = tokens.checked_mul(width).and_then(|n| n.checked_mul(element_size));
+    let row_bytes = usize::try_from(width).ok().map(|width| dtype.row_bytes(width) as u64);
+    let expected_bytes = row_bytes.and_then(|row_bytes| tokens.checked_mul(row_bytes));
     if expected_bytes != Some(rows.data.len() as u64) {
         return Err(WorkerError::invalid(
             format!("{field}.rows.data"),
@@ -80,7 +80,13 @@ impl TryFrom<v1::ForwardRequest> for ForwardBatch {
     fn try_from(request: v1::ForwardRequest) -> Result<Self, Self::Error> {
         let output_dtype = match request.output_dtype {
             0 => None,
-            value => Some(parse_dtype(value, "output_dtype")?),
+            value => match parse_dtype(value, "output_dtype")? {
+                dtype if dtype.answers() => Some(dtype),
+                dtype => {
+                    let reason = format!("{dtype} is a dispatch format; answers are f32, f16 or bf16");
+                    return Err(WorkerError::invalid("output_dtype", reason));
+                }
+            },
         };
         let parts = request
             .batches

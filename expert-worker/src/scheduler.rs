@@ -260,7 +260,7 @@ impl Scheduler {
         for part in batch.parts {
             let (reply, receiver) = oneshot::channel();
             receivers.push(receiver);
-            let output_dtype = batch.output_dtype.unwrap_or(part.dtype);
+            let output_dtype = batch.output_dtype.unwrap_or(part.dtype.answer_dtype());
             if part.tokens == 0 {
                 let _ = reply.send(Ok(RowsOut {
                     dtype: output_dtype,

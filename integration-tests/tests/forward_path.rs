@@ -259,3 +259,33 @@ async fn identity_experts_send_the_same_bytes_back_and_compute_nothing() {
     assert!(error < 1e-6, "identity experts return the rows: relative error {error:e}");
     assert_eq!(output.bytes.payload_sent, output.bytes.payload_received, "same bytes back");
 }
+
+/// FP8 dispatch (DeepEP's format): a 256-wide row travels as 256 bytes plus two f32 block scales,
+/// 264 bytes against bf16's 512; answers come back in bf16; the output stays within e4m3's
+/// precision of the f32 reference.
+#[tokio::test]
+async fn fp8_dispatch_sends_a_byte_per_value_and_stays_within_its_precision() {
+    let model = small_model(8.0);
+    let cluster = TestCluster::start(model.clone(), 2, |_| {}).await;
+    let reference = ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference");
+    let hidden = hidden_states(32, 256, 5);
+    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).await.expect("reference forward");
+    let forward = |wire_dtype| {
+        let options = ClientOptions { wire_dtype, ..ClientOptions::default() };
+        let client = MoeClient::new(cluster.watcher.receiver(), options);
+        let hidden = hidden.clone();
+        async move { client.forward(0, hidden).await.expect("forward") }
+    };
+    let (fp8, bf16) = (forward(WireDtype::Fp8E4m3).await, forward(WireDtype::Bf16).await);
+    let assignments = (32 * 2) as u64;
+    assert_eq!((fp8.routing.dropped, bf16.routing.dropped), (0, 0));
+    assert_eq!(fp8.bytes.payload_sent, assignments * (256 + 2 * 4));
+    assert_eq!(bf16.bytes.payload_sent, assignments * 256 * 2);
+    assert_eq!(fp8.bytes.payload_received, bf16.bytes.payload_received, "both answered in bf16");
+    let (fp8_error, bf16_error) = (
+        relative_frobenius_error(&fp8.hidden, &expected.hidden),
+        relative_frobenius_error(&bf16.hidden, &expected.hidden),
+    );
+    eprintln!("fp8 error {fp8_error:.2e}, bf16 error {bf16_error:.2e}");
+    assert!(fp8_error > bf16_error && fp8_error < 5e-2, "fp8 {fp8_error:e} against bf16 {bf16_error:e}");
+}

@@ -49,6 +49,7 @@ impl WeightDtype {
             Ok(v1::Dtype::F32) => Ok(Some(WeightDtype::F32)),
             Ok(v1::Dtype::F16) => Ok(Some(WeightDtype::F16)),
             Ok(v1::Dtype::Bf16) => Ok(Some(WeightDtype::Bf16)),
+            Ok(v1::Dtype::Fp8E4m3) => Err("fp8 is a wire format only; weights are f32, f16 or bf16".to_owned()),
             Err(_) => Err(format!("unknown dtype {value}")),
         }
     }

@@ -1,10 +1,17 @@
-//! Tensor payloads on the wire: row-major, little-endian bytes of one of three element types.
+//! Tensor payloads on the wire: `[rows, width]` row-major, little-endian, in one of four formats.
 //!
-//! The client holds activations in f32; it may send them as f16 or bf16 to halve the bytes, and
-//! the worker answers in the dtype the request asks for. These functions convert whole buffers at
-//! once (one allocation per tensor, never per token).
+//! The client holds activations in f32; it may send them as f16 or bf16 to halve the bytes, or as
+//! FP8 to quarter them (dispatch only, as DeepEP does), and the worker answers in the dtype the
+//! request asks for. These functions convert whole rows or tensors at once (one allocation per
+//! tensor, never per token).
+//!
+//! FP8 rows are DeepEP's dispatch format: each row's values as e4m3 (the OCP "fn" variant torch
+//! calls `float8_e4m3fn`: no infinities, largest finite 448), scaled per block of [`FP8_BLOCK`]
+//! values so that the block's largest magnitude maps to 448, followed by the row's block scales as
+//! f32. A row is self-contained, so rows can be gathered, split and concatenated as bytes.
 
 use bytes::{Bytes, BytesMut};
+use float8::F8E4M3;
 use half::{bf16, f16};
 
 use crate::v1::Dtype;
@@ -17,22 +24,50 @@ pub enum WireDtype {
     F32 = 1,
     F16 = 2,
     Bf16 = 3,
+    /// e4m3 with one f32 scale per [`FP8_BLOCK`] values of a row; requests only.
+    Fp8E4m3 = 4,
 }
+
+/// Values per FP8 scale (DeepEP's).
+pub const FP8_BLOCK: usize = 128;
+
+/// The largest finite e4m3fn value: a block's largest magnitude is scaled to it.
+const FP8_MAX: f32 = 448.0;
 
 /// A dtype field that names no element type; the value is what was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("dtype {0} is unspecified or unknown (expected f32, f16 or bf16)")]
+#[error("dtype {0} is unspecified or unknown (expected f32, f16, bf16 or fp8)")]
 pub struct UnknownDtype(pub i32);
 
 impl WireDtype {
-    pub const ALL: [WireDtype; 3] = [WireDtype::F32, WireDtype::F16, WireDtype::Bf16];
+    pub const ALL: [WireDtype; 4] = [WireDtype::F32, WireDtype::F16, WireDtype::Bf16, WireDtype::Fp8E4m3];
 
-    /// Bytes per element.
+    /// Bytes per value, not counting FP8's block scales (see [`WireDtype::row_bytes`]).
     pub fn element_size(self) -> usize {
         match self {
             WireDtype::F32 => 4,
             WireDtype::F16 | WireDtype::Bf16 => 2,
+            WireDtype::Fp8E4m3 => 1,
         }
+    }
+
+    /// Bytes of one row of `width` values, FP8's scales included.
+    pub fn row_bytes(self, width: usize) -> usize {
+        match self {
+            WireDtype::Fp8E4m3 => width + 4 * width.div_ceil(FP8_BLOCK),
+            dtype => width * dtype.element_size(),
+        }
+    }
+
+    /// Whether answers may be in this dtype: FP8 is a dispatch format only.
+    pub fn answers(self) -> bool {
+        self != WireDtype::Fp8E4m3
+    }
+
+    /// The dtype answers to rows of this dtype come back in: bf16 for FP8 (DeepEP's combine), the
+    /// same dtype otherwise.
+    pub fn answer_dtype(self) -> WireDtype {
+        if self.answers() { self } else { WireDtype::Bf16 }
     }
 
     /// The name used in flags, error messages and reports.
@@ -41,6 +76,7 @@ impl WireDtype {
             WireDtype::F32 => "f32",
             WireDtype::F16 => "f16",
             WireDtype::Bf16 => "bf16",
+            WireDtype::Fp8E4m3 => "fp8",
         }
     }
 
@@ -49,6 +85,7 @@ impl WireDtype {
             WireDtype::F32 => Dtype::F32,
             WireDtype::F16 => Dtype::F16,
             WireDtype::Bf16 => Dtype::Bf16,
+            WireDtype::Fp8E4m3 => Dtype::Fp8E4m3,
         }
     }
 }
@@ -66,7 +103,7 @@ impl std::str::FromStr for WireDtype {
         Self::ALL
             .into_iter()
             .find(|dtype| dtype.name() == name)
-            .ok_or_else(|| format!("unknown dtype '{name}' (expected f32, f16 or bf16)"))
+            .ok_or_else(|| format!("unknown dtype '{name}' (expected f32, f16, bf16 or fp8)"))
     }
 }
 
@@ -78,19 +115,20 @@ impl TryFrom<i32> for WireDtype {
             Ok(Dtype::F32) => Ok(WireDtype::F32),
             Ok(Dtype::F16) => Ok(WireDtype::F16),
             Ok(Dtype::Bf16) => Ok(WireDtype::Bf16),
+            Ok(Dtype::Fp8E4m3) => Ok(WireDtype::Fp8E4m3),
             _ => Err(UnknownDtype(value)),
         }
     }
 }
 
-/// Appends `values` to `out` encoded as `dtype`.
+/// Appends one row, `values`, to `out` encoded as `dtype`.
 ///
 /// The bytes are written into a slice grown once, not appended value by value: the per-value
 /// capacity checks of `BufMut::put_*` kept the loop from vectorising and made bf16 encoding the
 /// largest client cost of a 7168-wide dispatch.
-pub fn encode_f32_into(values: &[f32], dtype: WireDtype, out: &mut BytesMut) {
+pub fn encode_row_into(values: &[f32], dtype: WireDtype, out: &mut BytesMut) {
     let start = out.len();
-    out.resize(start + values.len() * dtype.element_size(), 0);
+    out.resize(start + dtype.row_bytes(values.len()), 0);
     let target = &mut out[start..];
     match dtype {
         WireDtype::F32 => {
@@ -108,19 +146,42 @@ pub fn encode_f32_into(values: &[f32], dtype: WireDtype, out: &mut BytesMut) {
                 chunk.copy_from_slice(&bf16::from_f32(*value).to_bits().to_le_bytes());
             }
         }
+        WireDtype::Fp8E4m3 => encode_fp8_row(values, target),
     }
 }
 
-/// Encodes `values` as `dtype` into a fresh buffer.
-pub fn encode_f32(values: &[f32], dtype: WireDtype) -> Bytes {
-    let mut out = BytesMut::with_capacity(values.len() * dtype.element_size());
-    encode_f32_into(values, dtype, &mut out);
+fn encode_fp8_row(values: &[f32], target: &mut [u8]) {
+    let (codes, scales) = target.split_at_mut(values.len());
+    let blocks = values.chunks(FP8_BLOCK).zip(codes.chunks_mut(FP8_BLOCK));
+    for ((block, block_codes), scale_bytes) in blocks.zip(scales.chunks_exact_mut(4)) {
+        let largest = block.iter().fold(0.0f32, |largest, value| largest.max(value.abs()));
+        let scale = if largest > 0.0 && largest.is_finite() { largest / FP8_MAX } else { 1.0 };
+        for (code, value) in block_codes.iter_mut().zip(block) {
+            *code = F8E4M3::from_f32(value / scale).to_bits();
+        }
+        scale_bytes.copy_from_slice(&scale.to_le_bytes());
+    }
+}
+
+/// Encodes `values`, rows of `width`, as `dtype` into a fresh buffer.
+pub fn encode_rows(values: &[f32], width: usize, dtype: WireDtype) -> Bytes {
+    let rows = values.len() / width.max(1);
+    let mut out = BytesMut::with_capacity(rows * dtype.row_bytes(width));
+    for row in values.chunks_exact(width.max(1)) {
+        encode_row_into(row, dtype, &mut out);
+    }
     out.freeze()
 }
 
-/// Decodes `bytes` of `dtype` into `out`, which must hold exactly `bytes.len() / element_size` values.
-pub fn decode_into_f32(bytes: &[u8], dtype: WireDtype, out: &mut [f32]) {
-    debug_assert_eq!(bytes.len(), out.len() * dtype.element_size());
+/// Encodes `values` as one row.
+pub fn encode_f32(values: &[f32], dtype: WireDtype) -> Bytes {
+    encode_rows(values, values.len(), dtype)
+}
+
+/// Decodes `bytes`, rows of `width` values in `dtype`, into `out`, which must hold exactly the
+/// values they encode.
+pub fn decode_rows_into(bytes: &[u8], width: usize, dtype: WireDtype, out: &mut [f32]) {
+    debug_assert_eq!(bytes.len() / dtype.row_bytes(width).max(1), out.len() / width.max(1));
     match dtype {
         WireDtype::F32 => {
             for (value, chunk) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -137,14 +198,34 @@ pub fn decode_into_f32(bytes: &[u8], dtype: WireDtype, out: &mut [f32]) {
                 *value = bf16::from_bits(u16::from_le_bytes([chunk[0], chunk[1]])).to_f32();
             }
         }
+        WireDtype::Fp8E4m3 => {
+            for (row, out_row) in bytes.chunks_exact(dtype.row_bytes(width)).zip(out.chunks_exact_mut(width)) {
+                let (codes, scales) = row.split_at(width);
+                let blocks = codes.chunks(FP8_BLOCK).zip(out_row.chunks_mut(FP8_BLOCK));
+                for ((block_codes, block), scale) in blocks.zip(scales.chunks_exact(4)) {
+                    let scale = f32::from_le_bytes([scale[0], scale[1], scale[2], scale[3]]);
+                    for (value, code) in block.iter_mut().zip(block_codes) {
+                        *value = F8E4M3::from_bits(*code).to_f32() * scale;
+                    }
+                }
+            }
+        }
     }
 }
 
-/// Decodes a whole tensor into a fresh f32 vector.
-pub fn decode_f32(bytes: &[u8], dtype: WireDtype) -> Vec<f32> {
-    let mut out = vec![0.0; bytes.len() / dtype.element_size()];
-    decode_into_f32(bytes, dtype, &mut out);
+/// Decodes rows of `width` into a fresh f32 vector.
+pub fn decode_rows(bytes: &[u8], width: usize, dtype: WireDtype) -> Vec<f32> {
+    let rows = bytes.len() / dtype.row_bytes(width).max(1);
+    let mut out = vec![0.0; rows * width];
+    decode_rows_into(bytes, width, dtype, &mut out);
     out
+}
+
+/// Decodes a tensor of an answer dtype (f32, f16, bf16: no row structure) into a fresh vector.
+pub fn decode_f32(bytes: &[u8], dtype: WireDtype) -> Vec<f32> {
+    debug_assert!(dtype.answers(), "FP8 rows need their width: decode_rows");
+    let values = bytes.len() / dtype.element_size();
+    decode_rows(bytes, values.max(1), dtype)
 }
 
 #[cfg(test)]
@@ -178,10 +259,49 @@ mod tests {
         assert_eq!(WireDtype::try_from(0), Err(UnknownDtype(0)));
         assert_eq!(
             WireDtype::try_from(9).unwrap_err().to_string(),
-            "dtype 9 is unspecified or unknown (expected f32, f16 or bf16)"
+            "dtype 9 is unspecified or unknown (expected f32, f16, bf16 or fp8)"
         );
         assert_eq!("bf16".parse::<WireDtype>(), Ok(WireDtype::Bf16));
         assert!(WireDtype::ALL.iter().all(|dtype| dtype.name().parse::<WireDtype>() == Ok(*dtype)));
+    }
+
+    /// DeepEP's format: one byte per value plus one f32 scale per 128 values of a row; each block's
+    /// largest magnitude is exact, the others within e4m3's 3 mantissa bits (a relative step of
+    /// 1/16 of the block's scale at most); rows are self-contained, so a width of 200 (two blocks,
+    /// one partial) gathers and splits as bytes.
+    #[test]
+    fn fp8_rows_carry_a_scale_per_block_and_round_trip_within_e4m3_precision() {
+        let width = 200;
+        let values: Vec<f32> =
+            (0..3 * width).map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i / width) as f32 * 100.0)).collect();
+        let bytes = encode_rows(&values, width, WireDtype::Fp8E4m3);
+        assert_eq!(WireDtype::Fp8E4m3.row_bytes(width), 200 + 2 * 4);
+        assert_eq!(bytes.len(), 3 * 208);
+        let decoded = decode_rows(&bytes, width, WireDtype::Fp8E4m3);
+        for (row, (original, back)) in values.chunks(width).zip(decoded.chunks(width)).enumerate() {
+            for (block, (original, back)) in original.chunks(FP8_BLOCK).zip(back.chunks(FP8_BLOCK)).enumerate() {
+                let largest = original.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                for (o, b) in original.iter().zip(back) {
+                    assert!((o - b).abs() <= largest / 16.0 + 1e-6, "row {row} block {block}: {o} -> {b}");
+                }
+                let at = original.iter().position(|v| v.abs() == largest).expect("a largest value");
+                assert!((original[at] - back[at]).abs() <= largest * 1e-6, "the block's largest value is exact");
+            }
+        }
+        let second_row = decode_rows(&bytes[208..416], width, WireDtype::Fp8E4m3);
+        assert_eq!(second_row, decoded[width..2 * width], "a row decodes on its own");
+        assert_eq!(WireDtype::Fp8E4m3.answer_dtype(), WireDtype::Bf16);
+        assert!(!WireDtype::Fp8E4m3.answers() && WireDtype::F16.answers());
+    }
+
+    /// The codes are torch's `float8_e4m3fn`: checked against values torch encodes them to.
+    #[test]
+    fn fp8_codes_are_torchs_e4m3fn() {
+        let row = [448.0f32, 1.0, -2.5, 0.3, 0.001953125];
+        let bytes = encode_rows(&row, row.len(), WireDtype::Fp8E4m3);
+        // torch.tensor([448, 1, -2.5, 0.3, 2**-9]).to(torch.float8_e4m3fn).view(torch.uint8)
+        assert_eq!(&bytes[..5], &[126, 56, 194, 42, 1]);
+        assert_eq!(&bytes[5..9], &1.0f32.to_le_bytes(), "the scale: the largest value is already 448");
     }
 
     #[test]

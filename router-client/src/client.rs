@@ -430,7 +430,7 @@ impl Sums {
             let Ok(dtype) = WireDtype::try_from(payload.dtype) else { continue };
 
             let phase = Instant::now();
-            decode_rows(&payload.data, dtype, &mut self.scratch);
+            decode_rows(&payload.data, plan.d_model, dtype, &mut self.scratch);
             decode += phase.elapsed();
 
             let phase = Instant::now();
@@ -455,8 +455,11 @@ fn check_output<'a>(
         return Err(bad(format!("outputs[{position}].expert is {:?}, expected {expert}", answer.expert)));
     }
     let payload = answer.rows.as_ref().ok_or_else(|| bad(format!("outputs[{position}].rows is missing")))?;
-    let dtype = WireDtype::try_from(payload.dtype).map_err(|error| bad(format!("outputs[{position}].rows.{error}")))?;
-    if payload.shape != [rows as u64, d_model as u64] || payload.data.len() != rows * d_model * dtype.element_size() {
+    let dtype = WireDtype::try_from(payload.dtype)
+        .ok()
+        .filter(|dtype| dtype.answers())
+        .ok_or_else(|| bad(format!("outputs[{position}].rows.dtype {} is no answer dtype", payload.dtype)))?;
+    if payload.shape != [rows as u64, d_model as u64] || payload.data.len() != rows * dtype.row_bytes(d_model) {
         return Err(bad(format!(
             "outputs[{position}].rows has shape {:?} and {} bytes, expected [{rows}, {d_model}]",
             payload.shape,

@@ -7,18 +7,18 @@ use switchyard_proto::wire::{self, WireDtype};
 
 /// The rows `tokens` of `hidden`, encoded as `dtype`, back to back.
 pub fn gather_rows(hidden: &[f32], d_model: usize, tokens: &[u32], dtype: WireDtype) -> Bytes {
-    let mut payload = BytesMut::with_capacity(tokens.len() * d_model * dtype.element_size());
+    let mut payload = BytesMut::with_capacity(tokens.len() * dtype.row_bytes(d_model));
     for token in tokens {
         let start = *token as usize * d_model;
-        wire::encode_f32_into(&hidden[start..start + d_model], dtype, &mut payload);
+        wire::encode_row_into(&hidden[start..start + d_model], dtype, &mut payload);
     }
     payload.freeze()
 }
 
-/// Decodes `payload` into `scratch` (resized, reused across experts of one call).
-pub fn decode_rows(payload: &[u8], dtype: WireDtype, scratch: &mut Vec<f32>) {
-    scratch.resize(payload.len() / dtype.element_size(), 0.0);
-    wire::decode_into_f32(payload, dtype, scratch);
+/// Decodes `payload`, rows of `d_model`, into `scratch` (resized, reused across experts of one call).
+pub fn decode_rows(payload: &[u8], d_model: usize, dtype: WireDtype, scratch: &mut Vec<f32>) {
+    scratch.resize(payload.len() / dtype.row_bytes(d_model).max(1) * d_model, 0.0);
+    wire::decode_rows_into(payload, d_model, dtype, scratch);
 }
 
 /// `y[token] += weight * row` for each row of `rows`.
@@ -40,7 +40,7 @@ mod tests {
         let hidden = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let payload = gather_rows(&hidden, 2, &[2, 0], WireDtype::F32);
         let mut rows = Vec::new();
-        decode_rows(&payload, WireDtype::F32, &mut rows);
+        decode_rows(&payload, 2, WireDtype::F32, &mut rows);
         assert_eq!(rows, [5.0, 6.0, 1.0, 2.0]);
         let mut y = vec![0.0; 6];
         accumulate(&mut y, 2, &[2, 0], &[0.5, 2.0], &rows);

@@ -71,7 +71,7 @@ pub fn pack_requests(
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
     let CallRows { layer, hidden, d_model, dtype, split_bytes } = call;
-    let row_bytes = d_model * dtype.element_size();
+    let row_bytes = dtype.row_bytes(d_model);
     let rows_per_request = (split_bytes / row_bytes).max(1);
     let mut requests = Vec::new();
     let mut current = new_request(endpoint, dtype);
@@ -87,7 +87,7 @@ pub fn pack_requests(
             }
             let end = group_rows.min(start + rows_per_request - current_rows);
             let data = match &group.slots {
-                Some(slots) => wire::encode_f32(&slots.inputs[start * d_model..end * d_model], dtype),
+                Some(slots) => wire::encode_rows(&slots.inputs[start * d_model..end * d_model], d_model, dtype),
                 None => gather_rows(hidden, d_model, &group.tokens[start..end], dtype),
             };
             current.request.batches.push(v1::ExpertRows {
@@ -112,7 +112,11 @@ pub fn pack_requests(
 fn new_request(endpoint: &Arc<str>, dtype: WireDtype) -> PlannedRequest {
     PlannedRequest {
         endpoint: endpoint.clone(),
-        request: v1::ForwardRequest { request_id: 0, batches: Vec::new(), output_dtype: dtype.to_proto() as i32 },
+        request: v1::ForwardRequest {
+            request_id: 0,
+            batches: Vec::new(),
+            output_dtype: dtype.answer_dtype().to_proto() as i32,
+        },
         pieces: Vec::new(),
     }
 }

@@ -9,7 +9,7 @@ use switchyard_tools::bench::plan::Axes;
 use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset};
 use switchyard_tools::report;
 
-use super::values::{ActivationArg, DtypeArg, parse_duration};
+use super::values::{ActivationArg, DtypeArg, WireDtypeArg, parse_duration};
 
 /// The flags of `switchyard bench` (the command's help text is on `Command::Bench`).
 #[derive(Debug, clap::Args)]
@@ -28,7 +28,7 @@ pub struct BenchArgs {
 
     /// Element types of rows on the wire.
     #[arg(long, env = "SWITCHYARD_BENCH_WIRE_DTYPES", value_enum, value_delimiter = ',', default_value = "f32,bf16")]
-    pub wire_dtypes: Vec<DtypeArg>,
+    pub wire_dtypes: Vec<WireDtypeArg>,
 
     /// Expert workers per cluster.
     #[arg(long, env = "SWITCHYARD_BENCH_WORKERS", value_delimiter = ',', default_value = "2,1,3")]

@@ -9,7 +9,7 @@ use switchyard_tools::loadtest::{Arrival, LoadSpec, LoadSummary};
 use switchyard_tools::report;
 use switchyard_tools::skew::Skew;
 
-use super::values::{self, DtypeArg, OverflowArg, PolicyName};
+use super::values::{self, OverflowArg, PolicyName, WireDtypeArg};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
@@ -77,7 +77,7 @@ pub struct LoadArgs {
     pub csv: Option<std::path::PathBuf>,
     /// Element type of rows on the wire.
     #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", value_enum, default_value = "f32")]
-    pub wire_dtype: DtypeArg,
+    pub wire_dtype: WireDtypeArg,
 }
 
 impl LoadArgs {

@@ -45,7 +45,7 @@ impl From<OverflowArg> for OverflowPolicy {
     }
 }
 
-/// An element type: of rows on the wire, or of expert weights and compute.
+/// The element type of expert weights and compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DtypeArg {
     F32,
@@ -53,12 +53,23 @@ pub enum DtypeArg {
     Bf16,
 }
 
-impl From<DtypeArg> for WireDtype {
-    fn from(dtype: DtypeArg) -> Self {
+/// The element type of rows on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WireDtypeArg {
+    F32,
+    F16,
+    Bf16,
+    /// e4m3 with one f32 scale per 128 values (DeepEP's dispatch format); answers come back bf16.
+    Fp8,
+}
+
+impl From<WireDtypeArg> for WireDtype {
+    fn from(dtype: WireDtypeArg) -> Self {
         match dtype {
-            DtypeArg::F32 => WireDtype::F32,
-            DtypeArg::F16 => WireDtype::F16,
-            DtypeArg::Bf16 => WireDtype::Bf16,
+            WireDtypeArg::F32 => WireDtype::F32,
+            WireDtypeArg::F16 => WireDtype::F16,
+            WireDtypeArg::Bf16 => WireDtype::Bf16,
+            WireDtypeArg::Fp8 => WireDtype::Fp8E4m3,
         }
     }
 }
@@ -117,8 +128,9 @@ mod tests {
             OverflowPolicy::from(OverflowArg::from_str("batch-prioritized", false).unwrap()),
             OverflowPolicy::BatchPrioritized
         );
-        assert_eq!(WireDtype::from(DtypeArg::from_str("bf16", false).unwrap()), WireDtype::Bf16);
-        assert!(DtypeArg::from_str("fp8", false).is_err());
+        assert_eq!(WireDtype::from(WireDtypeArg::from_str("bf16", false).unwrap()), WireDtype::Bf16);
+        assert_eq!(WireDtype::from(WireDtypeArg::from_str("fp8", false).unwrap()), WireDtype::Fp8E4m3);
+        assert!(DtypeArg::from_str("fp8", false).is_err(), "weights are never fp8");
         assert_eq!(Activation::from(ActivationArg::from_str("clamped-swiglu", false).unwrap()), Activation::GPT_OSS);
         assert_eq!(parse_duration("250ms").ok(), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m").ok(), Some(Duration::from_secs(120)));
