@@ -50,7 +50,7 @@ SCENARIOS = {
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}},
     "pdb": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "25%"}},
     "network-policy": {"networkPolicy": {"enabled": True}},
-    "gpu": {"gpu": {"enabled": True, "count": 2, "runtimeClassName": "nvidia"}},
+    "gpu": {"gpu": {"enabled": True, "count": 2, "runtimeClassName": "nvidia"}, "workers": {"dtype": "bf16"}},
     "checkpoint-pvc": {"model": {"checkpoint": {"enabled": True, "existingClaim": "models", "subPath": "mixtral"}}},
     "checkpoint-host-path": {"model": {"checkpoint": {"enabled": True, "hostPath": "/data/models"}}},
     "no-service-account": {"serviceAccount": {"create": False}},
@@ -204,6 +204,8 @@ class ChartTest(unittest.TestCase):
                 self.assertEqual(container["resources"]["limits"]["nvidia.com/gpu"], count)
                 self.assertEqual(container["resources"]["requests"]["nvidia.com/gpu"], count)
                 self.assertTrue(container["image"].endswith("-cuda"), container["image"])
+                dtype = SCENARIOS[name].get("workers", {}).get("dtype")
+                self.assertEqual(flag(container, "dtype"), dtype, "--dtype only when set")
                 coordinator = one(docs, "Deployment", "coordinator")["spec"]["template"]["spec"]["containers"][0]
                 self.assertNotIn("nvidia.com/gpu", json.dumps(coordinator["resources"]), "the coordinator needs none")
 
@@ -279,6 +281,7 @@ class ChartTest(unittest.TestCase):
             "workers.replica": {"workers": {"replica": 3}},
             "loadtest.duration": {"loadtest": {"duration": "ten seconds"}},
             "workers.device": {"workers": {"device": "tpu"}},
+            "workers.dtype": {"workers": {"dtype": "fp8"}},
             "model.capacityFactor": {"model": {"capacityFactor": 0}},
             "model.checkpoint": {"model": {"checkpoint": {"enabled": True}}},
             "image.pullPolicy": {"image": {"pullPolicy": "Sometimes"}},
