@@ -178,6 +178,12 @@ pub struct PresetResult {
 }
 
 impl PresetResult {
+    /// DeepEP's logical bytes of one call: every (token, expert) pair's row in bf16.
+    pub fn logical_bytes_per_call(&self) -> f64 {
+        let shape = self.result.point.shape;
+        (self.result.point.tokens * shape.top_k as usize * shape.d_model as usize * 2) as f64
+    }
+
     /// The client's gate GFLOP/s over its mean time per call.
     pub fn gate_gflops(&self) -> f64 {
         let gate = self.result.distributed.mean_timing().gate.as_secs_f64();

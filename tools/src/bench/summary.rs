@@ -100,6 +100,20 @@ pub struct PresetSummary {
     pub gate_gflops: f64,
     #[serde(default)]
     pub gate_share_of_gemm: Option<f64>,
+    /// DeepEP's convention: tokens x top-k x bytes per token (bf16), per call, in MB; and GB/s of
+    /// dispatch and combine counted in these bytes. Wire bytes (`dispatch_gb_per_s`) fall below
+    /// them when a token travels once per worker rather than once per expert.
+    #[serde(default)]
+    pub logical_mb_per_call: f64,
+    #[serde(default)]
+    pub logical_dispatch_gb_per_s: f64,
+    #[serde(default)]
+    pub logical_combine_gb_per_s: f64,
+    /// Dispatch and combine wire GB/s over raw TCP's one-connection GB/s of the same run.
+    #[serde(default)]
+    pub dispatch_share_of_tcp: f64,
+    #[serde(default)]
+    pub combine_share_of_tcp: f64,
     pub baselines: WireBaselines,
     pub result: PointSummary,
 }
@@ -149,6 +163,11 @@ impl PresetResult {
             combine_with_decode_and_sum_us: combine_total_us,
             gate_gflops: self.gate_gflops(),
             gate_share_of_gemm: self.cpu_gemm_gflops.map(|gemm| self.gate_gflops() / gemm.max(1e-12)),
+            logical_mb_per_call: self.logical_bytes_per_call() / 1e6,
+            logical_dispatch_gb_per_s: self.logical_bytes_per_call() / (dispatch_us * 1e-6).max(1e-12) / 1e9,
+            logical_combine_gb_per_s: self.logical_bytes_per_call() / (combine_us * 1e-6).max(1e-12) / 1e9,
+            dispatch_share_of_tcp: dispatch_gbps / self.baselines.tcp_one_way.gb_per_s.max(1e-12),
+            combine_share_of_tcp: combine_gbps / self.baselines.tcp_one_way.gb_per_s.max(1e-12),
             baselines: self.baselines,
             result: self.result.summary(),
         }

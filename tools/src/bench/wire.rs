@@ -1,9 +1,11 @@
 //! The limits of this machine's wire, measured in the same run as the expert dispatch: raw TCP on
-//! loopback and a plain gRPC echo of the same bytes, with the same transport settings. Each server
-//! runs on its own threads (its own Tokio runtime for gRPC), as a worker process would.
+//! loopback over one connection and over several at once, and a plain gRPC echo of the same bytes,
+//! with the same transport settings. Each server runs on its own threads (its own Tokio runtime for
+//! gRPC), as a worker process would.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,24 +32,100 @@ impl WireFigure {
     }
 }
 
-/// The four baselines at one size.
+/// The baselines at one size.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WireBaselines {
     pub tcp_one_way: WireFigure,
     pub tcp_echo: WireFigure,
     pub grpc_one_way: WireFigure,
     pub grpc_echo: WireFigure,
+    /// The same bytes split over [`WireBaselines::tcp_connections`] connections written at once
+    /// (none in reports written before it was measured).
+    #[serde(default)]
+    pub tcp_striped_one_way: Option<WireFigure>,
+    #[serde(default)]
+    pub tcp_connections: u32,
 }
 
-/// Measures all four baselines for messages of `bytes`.
+/// Connections of the striped TCP baseline: one per core, at least 2.
+pub fn striped_connections() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from).max(2)
+}
+
+/// Measures every baseline for messages of `bytes`.
 pub async fn measure(bytes: usize, repeats: u32) -> std::io::Result<WireBaselines> {
-    let (tcp_one_way, tcp_echo) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-        Ok((tcp(bytes, repeats, false)?, tcp(bytes, repeats, true)?))
+    let connections = striped_connections();
+    let (tcp_one_way, tcp_echo, tcp_striped) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        Ok((tcp(bytes, repeats, false)?, tcp(bytes, repeats, true)?, tcp_striped(bytes, repeats, connections)?))
     })
     .await
     .map_err(std::io::Error::other)??;
     let (grpc_one_way, grpc_echo) = grpc(bytes, repeats).await?;
-    Ok(WireBaselines { tcp_one_way, tcp_echo, grpc_one_way, grpc_echo })
+    Ok(WireBaselines {
+        tcp_one_way,
+        tcp_echo,
+        grpc_one_way,
+        grpc_echo,
+        tcp_striped_one_way: Some(tcp_striped),
+        tcp_connections: connections as u32,
+    })
+}
+
+/// `bytes` split over `connections` TCP connections on 127.0.0.1, each written by its own thread
+/// at the same moment and acknowledged with one byte; a transfer ends when every share is in.
+fn tcp_striped(bytes: usize, repeats: u32, connections: usize) -> std::io::Result<WireFigure> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?;
+    let share = bytes.div_ceil(connections);
+    // Connections complete into the listen backlog; accepting them afterwards pairs them up.
+    let client_sockets: Vec<TcpStream> =
+        (0..connections).map(|_| TcpStream::connect(address)).collect::<std::io::Result<_>>()?;
+    let servers: Vec<_> = (0..connections)
+        .map(|_| {
+            let (mut socket, _) = listener.accept()?;
+            Ok(std::thread::spawn(move || -> std::io::Result<()> {
+                let mut buffer = vec![0u8; share];
+                for _ in 0..=repeats {
+                    socket.read_exact(&mut buffer)?;
+                    socket.write_all(&[1])?;
+                }
+                Ok(())
+            }))
+        })
+        .collect::<std::io::Result<_>>()?;
+    let (start, done) = (Arc::new(Barrier::new(connections + 1)), Arc::new(Barrier::new(connections + 1)));
+    let clients: Vec<_> = client_sockets
+        .into_iter()
+        .map(|mut socket| {
+            socket.set_nodelay(true)?;
+            let (start, done) = (start.clone(), done.clone());
+            Ok(std::thread::spawn(move || -> std::io::Result<()> {
+                let payload = vec![0x5au8; share];
+                let mut acknowledgement = [0u8; 1];
+                for _ in 0..=repeats {
+                    start.wait();
+                    let sent = socket.write_all(&payload).and_then(|()| socket.read_exact(&mut acknowledgement));
+                    done.wait();
+                    sent?;
+                }
+                Ok(())
+            }))
+        })
+        .collect::<std::io::Result<_>>()?;
+    let mut times = Vec::with_capacity(repeats as usize);
+    for round in 0..=repeats {
+        let started = Instant::now();
+        start.wait();
+        done.wait();
+        if round > 0 {
+            times.push(started.elapsed());
+        }
+    }
+    for thread in clients.into_iter().chain(servers) {
+        thread.join().map_err(|_| std::io::Error::other("a striped TCP thread panicked"))??;
+    }
+    let sent = share * connections;
+    Ok(WireFigure::from_times(sent as u64, (sent + connections) as u64, &times))
 }
 
 /// Blocking TCP on 127.0.0.1: the client writes `bytes`; the server answers them back (`echo`) or
@@ -159,8 +237,11 @@ mod tests {
     #[tokio::test]
     async fn every_baseline_moves_its_bytes_and_reports_a_rate() {
         let baselines = measure(256 * 1024, 3).await.expect("loopback baselines");
-        for figure in [baselines.tcp_one_way, baselines.tcp_echo, baselines.grpc_one_way, baselines.grpc_echo] {
-            assert_eq!((figure.bytes, figure.repeats), (256 * 1024, 3));
+        let striped = baselines.tcp_striped_one_way.expect("striped TCP");
+        assert_eq!(baselines.tcp_connections as usize, striped_connections());
+        for figure in [baselines.tcp_one_way, baselines.tcp_echo, baselines.grpc_one_way, baselines.grpc_echo, striped]
+        {
+            assert_eq!((figure.bytes.div_ceil(1024), figure.repeats), (256, 3));
             assert!(figure.mean_us > 0.0 && figure.gb_per_s > 0.0, "{figure:?}");
         }
         // An echo moves twice the bytes of a one-way transfer.

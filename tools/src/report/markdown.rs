@@ -62,27 +62,36 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
 /// The DeepEP table: dispatch and combine beside the wire's limits.
 pub fn preset_table(presets: &[PresetSummary]) -> String {
     let mut text = String::new();
-    text.push_str("| preset | tokens | workers | dispatch MB/call | dispatch µs | dispatch GB/s | combine µs | combine GB/s | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape, 1 thread) | request MB | TCP one-way GB/s | TCP echo µs | gRPC one-way GB/s | gRPC echo µs |\n");
-    let _ = writeln!(text, "|{}", " ---: |".repeat(17));
+    text.push_str("| preset | tokens | workers | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape, 1 thread) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s | gRPC echo µs |\n");
+    let _ = writeln!(text, "|{}", " ---: |".repeat(19));
     for preset in presets {
         let baselines = &preset.baselines;
         let _ = writeln!(
             text,
-            "| {} | {} | {} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} ({}) | {:.1} | {:.2} | {:.0} | {:.2} | {:.0} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.0} | {:.1} ({}) | {:.1} | {:.2} | {} | {:.0} | {:.2} | {:.0} |",
             preset.preset,
             preset.result.point.tokens,
             preset.result.point.shape.workers,
+            preset.logical_mb_per_call,
             preset.result.distributed.payload_bytes_sent_per_call as f64 / 1e6,
             preset.dispatch_transfer_us,
+            preset.logical_dispatch_gb_per_s,
             preset.dispatch_gb_per_s,
+            preset.dispatch_share_of_tcp * 100.0,
             preset.combine_transfer_us,
+            preset.logical_combine_gb_per_s,
             preset.combine_gb_per_s,
+            preset.combine_share_of_tcp * 100.0,
             preset.dispatch_with_encode_us,
             preset.combine_with_decode_and_sum_us,
             preset.gate_gflops,
             optional(preset.gate_share_of_gemm, |share| format!("{:.0}%", share * 100.0)),
             baselines.grpc_echo.bytes as f64 / 1e6,
             baselines.tcp_one_way.gb_per_s,
+            baselines.tcp_striped_one_way.map_or_else(
+                || "–".to_owned(),
+                |striped| format!("{:.2} ({})", striped.gb_per_s, baselines.tcp_connections)
+            ),
             baselines.tcp_echo.mean_us,
             baselines.grpc_one_way.gb_per_s,
             baselines.grpc_echo.mean_us,
