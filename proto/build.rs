@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Tensor payloads decode as `bytes::Bytes`: a zero-copy slice of the received buffer.
         .bytes(".switchyard.v1.WireTensor.data")
         .bytes(".switchyard.v1.EchoMessage.payload")
+        .bytes(".switchyard.v1.TokenRows")
         .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! The Switchyard expert worker.
 //!
 //! Request path: [`service`] (gRPC adapter) → [`request`] (validation) → [`worker::ExpertWorker`]
-//! → [`scheduler`] (bounded per-expert queues, step choice) → [`compute`] (the libtorch thread, with
-//! [`staging`] moving each step's rows to the device and its answers back).
+//! → [`scheduler`] (bounded per-expert queues, step choice) → [`compute`] (the libtorch thread:
+//! [`step`] runs each step, [`staging`] moves its rows to the device and its answers back).
 //! [`membership`] registers with the coordinator and heartbeats; [`metrics`] feeds `/metrics`.
 
 pub mod compute;
@@ -14,6 +14,7 @@ pub mod request;
 pub mod scheduler;
 pub mod service;
 pub mod staging;
+pub mod step;
 pub mod worker;
 
 use std::future::Future;

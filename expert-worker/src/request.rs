@@ -2,6 +2,9 @@
 //! the field at fault. Checks that need the worker's state (is the expert served here, is the width
 //! its `d_model`) happen at admission, in [`crate::scheduler`].
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use switchyard_model::ExpertId;
 use switchyard_proto::v1;
@@ -9,21 +12,54 @@ use switchyard_proto::wire::WireDtype;
 
 use crate::error::WorkerError;
 
-/// The rows of one expert in one request: `[tokens, width]` of `dtype`, exactly sized.
+/// The rows of one expert in one request: `tokens` rows of `width` in `dtype`.
 #[derive(Debug, Clone)]
 pub struct ExpertRowsIn {
-    /// Position in the request's `batches`, for error messages.
+    /// Position in the request's `batches` (expert-major), or among its experts (token-major).
     pub index: usize,
     pub expert: ExpertId,
     pub dtype: WireDtype,
     pub tokens: usize,
     pub width: usize,
+    pub rows: RowsSource,
+}
+
+/// Where a part's rows are.
+#[derive(Debug, Clone)]
+pub enum RowsSource {
+    /// Its own `[tokens, width]` rows, answered as they are.
+    Own(Bytes),
+    /// Rows of a token-major request, whose gate-weighted outputs go into the request's sum.
+    Gathered(Gathered),
+}
+
+/// One expert's share of a token-major request.
+#[derive(Debug, Clone)]
+pub struct Gathered {
+    pub shared: Arc<SharedRows>,
+    /// The rows (tokens of the request) that chose this expert, ascending.
+    pub indices: Vec<i64>,
+    /// Their gate weights for this expert.
+    pub weights: Vec<f32>,
+}
+
+/// The rows of a token-major request, each token once; every expert part gathers from them.
+#[derive(Debug)]
+pub struct SharedRows {
     pub data: Bytes,
+    pub dtype: WireDtype,
+    pub tokens: usize,
+    pub width: usize,
+    /// Expert parts whose outputs make up the sum.
+    pub parts: usize,
 }
 
 impl ExpertRowsIn {
     pub fn field(&self) -> String {
-        format!("batches[{}]", self.index)
+        match self.rows {
+            RowsSource::Own(_) => format!("batches[{}]", self.index),
+            RowsSource::Gathered(_) => format!("tokens.experts ({})", self.expert),
+        }
     }
 }
 
@@ -34,6 +70,8 @@ pub struct ForwardBatch {
     pub parts: Vec<ExpertRowsIn>,
     /// The dtype answers are encoded in; `None` answers each part in its own dtype.
     pub output_dtype: Option<WireDtype>,
+    /// Set for a token-major request: its rows, summed per token into one answer.
+    pub token_major: Option<Arc<SharedRows>>,
 }
 
 impl ForwardBatch {
@@ -46,14 +84,87 @@ fn parse_dtype(value: i32, field: &str) -> Result<WireDtype, WorkerError> {
     WireDtype::try_from(value).map_err(|error| WorkerError::invalid(field, error.to_string()))
 }
 
+/// A checked `[tokens, width]` tensor.
+struct Tensor2 {
+    dtype: WireDtype,
+    tokens: usize,
+    width: usize,
+    data: Bytes,
+}
+
 fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, WorkerError> {
     let field = format!("batches[{index}]");
     let expert = ExpertId::from(part.expert.ok_or_else(|| WorkerError::invalid(format!("{field}.expert"), "missing"))?);
     let rows = part.rows.ok_or_else(|| WorkerError::invalid(format!("{field}.rows"), "missing"))?;
-    let dtype = parse_dtype(rows.dtype, &format!("{field}.rows.dtype"))?;
+    let Tensor2 { dtype, tokens, width, data } = parse_tensor(rows, &format!("{field}.rows"))?;
+    Ok(ExpertRowsIn { index, expert, dtype, tokens, width, rows: RowsSource::Own(data) })
+}
+
+/// A token-major request's parts: one per expert, in expert order, each with the rows that chose it.
+fn parse_token_rows(tokens: v1::TokenRows) -> Result<(Vec<ExpertRowsIn>, Arc<SharedRows>), WorkerError> {
+    let rows = tokens.rows.ok_or_else(|| WorkerError::invalid("tokens.rows", "missing"))?;
+    let Tensor2 { dtype, tokens: count, width, data } = parse_tensor(rows, "tokens.rows")?;
+    let words = |bytes: &Bytes, field: &str| -> Result<Vec<[u8; 4]>, WorkerError> {
+        if !bytes.len().is_multiple_of(4) {
+            return Err(WorkerError::invalid(
+                field,
+                format!("{} bytes is not a whole number of 4-byte values", bytes.len()),
+            ));
+        }
+        Ok(bytes.chunks_exact(4).map(|word| [word[0], word[1], word[2], word[3]]).collect())
+    };
+    let offsets: Vec<usize> =
+        words(&tokens.offsets, "tokens.offsets")?.into_iter().map(|word| u32::from_le_bytes(word) as usize).collect();
+    let experts: Vec<u32> = words(&tokens.experts, "tokens.experts")?.into_iter().map(u32::from_le_bytes).collect();
+    let weights: Vec<f32> = words(&tokens.weights, "tokens.weights")?.into_iter().map(f32::from_le_bytes).collect();
+    if offsets.len() != count + 1 {
+        return Err(WorkerError::invalid(
+            "tokens.offsets",
+            format!("{count} tokens need {} offsets, got {}", count + 1, offsets.len()),
+        ));
+    }
+    if offsets[0] != 0 || offsets.windows(2).any(|pair| pair[0] > pair[1]) || offsets[count] != experts.len() {
+        return Err(WorkerError::invalid(
+            "tokens.offsets",
+            format!("must rise from 0 to the {} expert choices", experts.len()),
+        ));
+    }
+    if weights.len() != experts.len() {
+        return Err(WorkerError::invalid(
+            "tokens.weights",
+            format!("{} weights for {} expert choices", weights.len(), experts.len()),
+        ));
+    }
+    let mut by_expert: BTreeMap<u32, (Vec<i64>, Vec<f32>)> = BTreeMap::new();
+    for token in 0..count {
+        for choice in offsets[token]..offsets[token + 1] {
+            let (indices, token_weights) = by_expert.entry(experts[choice]).or_default();
+            indices.push(token as i64);
+            token_weights.push(weights[choice]);
+        }
+    }
+    let shared = Arc::new(SharedRows { data, dtype, tokens: count, width, parts: by_expert.len() });
+    let parts = by_expert
+        .into_iter()
+        .enumerate()
+        .map(|(index, (expert, (indices, weights)))| ExpertRowsIn {
+            index,
+            expert: ExpertId::new(tokens.layer, expert),
+            dtype,
+            tokens: indices.len(),
+            width,
+            rows: RowsSource::Gathered(Gathered { shared: shared.clone(), indices, weights }),
+        })
+        .collect();
+    Ok((parts, shared))
+}
+
+/// Checks that `rows` is `[tokens, width]` of a known dtype with exactly the bytes that takes.
+fn parse_tensor(rows: v1::WireTensor, field: &str) -> Result<Tensor2, WorkerError> {
+    let dtype = parse_dtype(rows.dtype, &format!("{field}.dtype"))?;
     let [tokens, width] = rows.shape[..] else {
         return Err(WorkerError::invalid(
-            format!("{field}.rows.shape"),
+            format!("{field}.shape"),
             format!("expected [tokens, d_model], got {:?}", rows.shape),
         ));
     };
@@ -61,7 +172,7 @@ fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, Worker
     let expected_bytes = row_bytes.and_then(|row_bytes| tokens.checked_mul(row_bytes));
     if expected_bytes != Some(rows.data.len() as u64) {
         return Err(WorkerError::invalid(
-            format!("{field}.rows.data"),
+            format!("{field}.data"),
             format!(
                 "shape {:?} of {} needs {} bytes, got {}",
                 rows.shape,
@@ -71,7 +182,7 @@ fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, Worker
             ),
         ));
     }
-    Ok(ExpertRowsIn { index, expert, dtype, tokens: tokens as usize, width: width as usize, data: rows.data })
+    Ok(Tensor2 { dtype, tokens: tokens as usize, width: width as usize, data: rows.data })
 }
 
 impl TryFrom<v1::ForwardRequest> for ForwardBatch {
@@ -88,13 +199,20 @@ impl TryFrom<v1::ForwardRequest> for ForwardBatch {
                 }
             },
         };
+        if let Some(tokens) = request.tokens {
+            if !request.batches.is_empty() {
+                return Err(WorkerError::invalid("tokens", "a request carries batches or tokens, not both"));
+            }
+            let (parts, shared) = parse_token_rows(tokens)?;
+            return Ok(ForwardBatch { request_id: request.request_id, parts, output_dtype, token_major: Some(shared) });
+        }
         let parts = request
             .batches
             .into_iter()
             .enumerate()
             .map(|(index, part)| parse_rows(index, part))
             .collect::<Result<_, _>>()?;
-        Ok(ForwardBatch { request_id: request.request_id, parts, output_dtype })
+        Ok(ForwardBatch { request_id: request.request_id, parts, output_dtype, token_major: None })
     }
 }
 
@@ -110,6 +228,7 @@ mod tests {
                 rows: Some(v1::WireTensor { dtype, shape, data: Bytes::from(vec![0u8; bytes]) }),
             }],
             output_dtype: 0,
+            tokens: None,
         }
     }
 
@@ -140,5 +259,58 @@ mod tests {
         let mut bad_output = request(1, vec![1, 4], 16);
         bad_output.output_dtype = 7;
         assert!(rejection(bad_output).starts_with("output_dtype"));
+    }
+
+    fn token_request(offsets: &[u32], experts: &[u32], weights: &[f32]) -> v1::ForwardRequest {
+        let bytes = |words: Vec<[u8; 4]>| Bytes::from(words.concat());
+        v1::ForwardRequest {
+            tokens: Some(v1::TokenRows {
+                layer: 2,
+                rows: Some(v1::WireTensor { dtype: 1, shape: vec![2, 4], data: Bytes::from(vec![0u8; 32]) }),
+                offsets: bytes(offsets.iter().map(|o| o.to_le_bytes()).collect()),
+                experts: bytes(experts.iter().map(|e| e.to_le_bytes()).collect()),
+                weights: bytes(weights.iter().map(|w| w.to_le_bytes()).collect()),
+            }),
+            ..request(1, vec![1, 4], 16)
+        }
+    }
+
+    #[test]
+    fn a_token_major_request_becomes_one_gathering_part_per_expert() {
+        let mut valid = token_request(&[0, 2, 3], &[5, 1, 5], &[0.25, 0.75, 1.0]);
+        valid.batches.clear();
+        let batch = ForwardBatch::try_from(valid).expect("valid");
+        let shared = batch.token_major.as_ref().expect("token-major");
+        assert_eq!((shared.tokens, shared.width, shared.parts), (2, 4, 2));
+        let parts: Vec<_> = batch
+            .parts
+            .iter()
+            .map(|part| match &part.rows {
+                RowsSource::Gathered(g) => (part.expert, g.indices.clone(), g.weights.clone()),
+                RowsSource::Own(_) => panic!("token-major parts gather"),
+            })
+            .collect();
+        assert_eq!(
+            parts,
+            [(ExpertId::new(2, 1), vec![0], vec![0.75]), (ExpertId::new(2, 5), vec![0, 1], vec![0.25, 1.0])]
+        );
+        assert_eq!(batch.parts[1].field(), "tokens.experts (layer 2 expert 5)");
+    }
+
+    #[test]
+    fn token_major_rejections_name_the_field() {
+        let rejection = |offsets: &[u32], experts: &[u32], weights: &[f32]| {
+            let mut request = token_request(offsets, experts, weights);
+            request.batches.clear();
+            ForwardBatch::try_from(request).unwrap_err().to_string()
+        };
+        assert_eq!(rejection(&[0, 1], &[3], &[1.0]), "tokens.offsets: 2 tokens need 3 offsets, got 2");
+        assert_eq!(
+            rejection(&[0, 2, 1], &[3, 4], &[1.0, 1.0]),
+            "tokens.offsets: must rise from 0 to the 2 expert choices"
+        );
+        assert_eq!(rejection(&[0, 1, 2], &[3, 4], &[1.0]), "tokens.weights: 1 weights for 2 expert choices");
+        let both = ForwardBatch::try_from(token_request(&[0, 1, 1], &[3], &[1.0])).unwrap_err().to_string();
+        assert_eq!(both, "tokens: a request carries batches or tokens, not both");
     }
 }

@@ -21,7 +21,7 @@ use switchyard_proto::wire::WireDtype;
 use tokio::sync::oneshot;
 
 use crate::error::WorkerError;
-use crate::request::ForwardBatch;
+use crate::request::{ForwardBatch, RowsSource};
 
 /// How the batcher merges queued rows.
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +38,7 @@ pub struct QueuedRows {
     pub dtype: WireDtype,
     pub output_dtype: WireDtype,
     pub tokens: usize,
-    pub data: Bytes,
+    pub rows: RowsSource,
     pub enqueued_at: Instant,
     pub reply: oneshot::Sender<Result<RowsOut, WorkerError>>,
     /// The span of the request the rows came with: the batch they join follows from it.
@@ -50,7 +50,10 @@ pub struct QueuedRows {
 pub struct RowsOut {
     pub dtype: WireDtype,
     pub tokens: usize,
+    /// The rows' outputs; empty for a token-major part, whose outputs went into the sum.
     pub data: Bytes,
+    /// A token-major request's per-token sum, on the part that completed it.
+    pub combined: Option<Bytes>,
     pub queue_wait: Duration,
     pub compute: Duration,
     pub batch_tokens: usize,
@@ -266,6 +269,7 @@ impl Scheduler {
                     dtype: output_dtype,
                     tokens: 0,
                     data: Bytes::new(),
+                    combined: None,
                     queue_wait: Duration::ZERO,
                     compute: Duration::ZERO,
                     batch_tokens: 0,
@@ -279,7 +283,7 @@ impl Scheduler {
                 dtype: part.dtype,
                 output_dtype,
                 tokens: part.tokens,
-                data: part.data,
+                rows: part.rows,
                 enqueued_at: now,
                 reply,
                 request_span: request_span.clone(),
@@ -375,12 +379,12 @@ mod tests {
             dtype: WireDtype::F32,
             tokens,
             width,
-            data: Bytes::from(vec![0u8; tokens * width * 4]),
+            rows: RowsSource::Own(Bytes::from(vec![0u8; tokens * width * 4])),
         }
     }
 
     fn request(parts: Vec<ExpertRowsIn>) -> ForwardBatch {
-        ForwardBatch { request_id: 7, parts, output_dtype: None }
+        ForwardBatch { request_id: 7, parts, output_dtype: None, token_major: None }
     }
 
     fn scheduler_with(limits: &[(u32, usize)]) -> Scheduler {

@@ -41,7 +41,10 @@ impl ExpertWorkerService {
     /// without a network (the reference layer's in-process transport).
     pub async fn forward_message(&self, request: v1::ForwardRequest) -> Result<v1::ForwardResponse, WorkerError> {
         let received_unix_nanos = switchyard_common::clock::unix_nanos();
-        let layer = request.batches.first().and_then(|part| part.expert).map(|key| key.layer);
+        let layer = match &request.tokens {
+            Some(tokens) => Some(tokens.layer),
+            None => request.batches.first().and_then(|part| part.expert).map(|key| key.layer),
+        };
         let span = tracing::debug_span!("forward", request_id = request.request_id, layer, worker = %self.name);
         async {
             let batch = ForwardBatch::try_from(request)?;
@@ -61,14 +64,20 @@ impl ExpertWorkerService {
 }
 
 fn encode_outcome(outcome: ForwardOutcome) -> v1::ForwardResponse {
+    let token_major = outcome.combined.is_some();
     v1::ForwardResponse {
         request_id: outcome.request_id,
+        combined: outcome.combined.map(|combined| v1::WireTensor {
+            dtype: combined.dtype.to_proto() as i32,
+            shape: vec![combined.tokens as u64, combined.width as u64],
+            data: combined.data,
+        }),
         outputs: outcome
             .outputs
             .into_iter()
             .map(|rows| v1::ExpertOutput {
                 expert: Some(rows.expert.into()),
-                rows: Some(v1::WireTensor {
+                rows: (!token_major).then(|| v1::WireTensor {
                     dtype: rows.dtype.to_proto() as i32,
                     shape: vec![rows.tokens as u64, rows.width as u64],
                     data: rows.data,

@@ -99,8 +99,20 @@ pub struct ExpertRowsOut {
 #[derive(Debug)]
 pub struct ForwardOutcome {
     pub request_id: u64,
+    /// Per part: its rows' outputs (expert-major), or only its timing (token-major: empty data).
     pub outputs: Vec<ExpertRowsOut>,
+    /// A token-major request's answer: each token's gate-weighted sum over its experts here.
+    pub combined: Option<CombinedOut>,
     pub handler_time: Duration,
+}
+
+/// `[tokens, width]` of `dtype`.
+#[derive(Debug)]
+pub struct CombinedOut {
+    pub dtype: WireDtype,
+    pub tokens: usize,
+    pub width: usize,
+    pub data: Bytes,
 }
 
 /// A resident expert's spec and the bytes its weights hold on the device.
@@ -148,6 +160,7 @@ impl ExpertWorker {
         self.metrics.requests.inc();
         let request_id = batch.request_id;
         let tokens = batch.total_tokens() as u64;
+        let token_major = batch.token_major.as_ref().map(|shared| (shared.tokens, shared.width));
         let shapes: Vec<(ExpertId, usize, usize)> =
             batch.parts.iter().map(|part| (part.expert, part.tokens, part.width)).collect();
         let admitted = self.scheduler.admit(batch);
@@ -169,9 +182,13 @@ impl ExpertWorker {
         self.metrics.queued_tokens.set(self.scheduler.queued_tokens() as i64);
         let answers = futures::future::join_all(receivers).await;
         let mut outputs = Vec::with_capacity(answers.len());
+        let mut answers_combined = None;
         for ((expert, tokens, width), answer) in shapes.into_iter().zip(answers) {
             let rows = answer.map_err(|_| WorkerError::Unavailable("the compute thread stopped".into()))??;
             debug_assert_eq!(rows.tokens, tokens);
+            if let Some(combined) = rows.combined {
+                answers_combined = Some((rows.dtype, combined));
+            }
             outputs.push(ExpertRowsOut {
                 expert,
                 dtype: rows.dtype,
@@ -183,7 +200,15 @@ impl ExpertWorker {
                 batch_tokens: rows.batch_tokens,
             });
         }
-        Ok(ForwardOutcome { request_id, outputs, handler_time: started.elapsed() })
+        let combined = match token_major {
+            None => None,
+            Some((tokens, width)) => {
+                let finished = answers_combined
+                    .ok_or_else(|| WorkerError::Compute("a token-major request's sum never completed".to_owned()))?;
+                Some(CombinedOut { dtype: finished.0, tokens, width, data: finished.1 })
+            }
+        };
+        Ok(ForwardOutcome { request_id, outputs, combined, handler_time: started.elapsed() })
     }
 
     /// Makes `experts` of `spec` resident (building missing ones off the async runtime) and opens

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use switchyard_expert_worker::request::{ExpertRowsIn, ForwardBatch};
+use switchyard_expert_worker::request::{ExpertRowsIn, ForwardBatch, RowsSource};
 use switchyard_expert_worker::scheduler::BatchingConfig;
 use switchyard_expert_worker::{ExpertWorker, QueueLimits, WorkerOptions};
 use switchyard_model::{ExpertId, ModelSpec};
@@ -76,9 +76,9 @@ async fn a_merged_batch_follows_from_every_request_it_serves() {
             dtype: WireDtype::F32,
             tokens: 2,
             width: 8,
-            data: wire::encode_f32(&values, WireDtype::F32),
+            rows: RowsSource::Own(wire::encode_f32(&values, WireDtype::F32)),
         };
-        let batch = ForwardBatch { request_id: id, parts: vec![part], output_dtype: None };
+        let batch = ForwardBatch { request_id: id, parts: vec![part], output_dtype: None, token_major: None };
         let worker = worker.clone();
         async move { worker.forward(batch).await }.instrument(tracing::info_span!("request", request_id = id))
     };

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use switchyard_expert_worker::request::{ExpertRowsIn, ForwardBatch};
+use switchyard_expert_worker::request::{ExpertRowsIn, ForwardBatch, RowsSource};
 use switchyard_expert_worker::scheduler::BatchingConfig;
 use switchyard_expert_worker::worker::QueueLimits;
 use switchyard_expert_worker::{Args, ExpertWorker, WorkerError, WorkerOptions};
@@ -30,7 +30,7 @@ fn part(index: usize, expert: u32, values: &[f32], width: usize, dtype: WireDtyp
         dtype,
         tokens: values.len() / width,
         width,
-        data: wire::encode_f32(values, dtype),
+        rows: RowsSource::Own(wire::encode_rows(values, width, dtype)),
     }
 }
 
@@ -66,6 +66,7 @@ async fn outputs_equal_the_expert_computed_directly() {
         request_id: 1,
         parts: vec![part(0, 1, &x1, 16, WireDtype::F32), part(1, 3, &x3, 16, WireDtype::F32)],
         output_dtype: None,
+        token_major: None,
     };
     let outcome = worker.forward(batch).await.expect("forward");
     assert_eq!(outcome.outputs.len(), 2);
@@ -86,6 +87,7 @@ async fn bf16_rows_come_back_in_the_asked_dtype() {
         request_id: 2,
         parts: vec![part(0, 0, &x, 16, WireDtype::Bf16)],
         output_dtype: Some(WireDtype::F32),
+        token_major: None,
     };
     let outcome = worker.forward(batch).await.expect("forward");
     assert_eq!(outcome.outputs[0].dtype, WireDtype::F32);
@@ -101,8 +103,18 @@ async fn concurrent_requests_of_one_expert_merge_into_one_forward() {
     // A generous wait bound so both requests are queued before the batcher runs.
     let worker = started(Duration::from_millis(300), 1024).await;
     let (a, b) = (rows(3, 16, 0.2), rows(6, 16, 0.7));
-    let first = ForwardBatch { request_id: 1, parts: vec![part(0, 2, &a, 16, WireDtype::F32)], output_dtype: None };
-    let second = ForwardBatch { request_id: 2, parts: vec![part(0, 2, &b, 16, WireDtype::F32)], output_dtype: None };
+    let first = ForwardBatch {
+        request_id: 1,
+        parts: vec![part(0, 2, &a, 16, WireDtype::F32)],
+        output_dtype: None,
+        token_major: None,
+    };
+    let second = ForwardBatch {
+        request_id: 2,
+        parts: vec![part(0, 2, &b, 16, WireDtype::F32)],
+        output_dtype: None,
+        token_major: None,
+    };
     let (first, second) = tokio::join!(worker.forward(first), worker.forward(second));
     let (first, second) = (first.expect("first"), second.expect("second"));
     assert_eq!(first.outputs[0].batch_tokens, 9, "one forward of 3 + 6 rows");
@@ -127,11 +139,13 @@ async fn one_step_serves_every_expert_with_mixed_dtypes() {
         request_id: 1,
         parts: vec![part(0, 1, &a1, 16, WireDtype::F32), part(1, 3, &a3, 16, WireDtype::Bf16)],
         output_dtype: None,
+        token_major: None,
     };
     let second = ForwardBatch {
         request_id: 2,
         parts: vec![part(0, 1, &b1, 16, WireDtype::Bf16), part(1, 2, &b2, 16, WireDtype::F32)],
         output_dtype: Some(WireDtype::F16),
+        token_major: None,
     };
     let (first, second) = tokio::join!(worker.forward(first), worker.forward(second));
     let (first, second) = (first.expect("first"), second.expect("second"));
@@ -160,12 +174,21 @@ async fn one_step_serves_every_expert_with_mixed_dtypes() {
 async fn queue_limit_refuses_and_unloading_closes_the_queue() {
     let worker = started(Duration::ZERO, 4).await;
     let x = rows(5, 16, 0.5);
-    let batch = ForwardBatch { request_id: 3, parts: vec![part(0, 1, &x, 16, WireDtype::F32)], output_dtype: None };
+    let batch = ForwardBatch {
+        request_id: 3,
+        parts: vec![part(0, 1, &x, 16, WireDtype::F32)],
+        output_dtype: None,
+        token_major: None,
+    };
     let error = worker.forward(batch).await.unwrap_err();
     assert!(matches!(error, WorkerError::QueueFull { requested: 5, limit: 4, .. }), "{error}");
     assert_eq!(worker.unload_experts(vec![ExpertId::new(0, 1)]).await.expect("unload"), vec![ExpertId::new(0, 1)]);
-    let batch =
-        ForwardBatch { request_id: 4, parts: vec![part(0, 1, &x[..16], 16, WireDtype::F32)], output_dtype: None };
+    let batch = ForwardBatch {
+        request_id: 4,
+        parts: vec![part(0, 1, &x[..16], 16, WireDtype::F32)],
+        output_dtype: None,
+        token_major: None,
+    };
     assert!(worker.forward(batch).await.unwrap_err().to_string().contains("not served by this worker"));
     worker.shutdown().await;
 }
@@ -207,6 +230,7 @@ fn wire_request(expert: u32, dtype: i32, shape: Vec<u64>, data: Bytes) -> v1::Fo
             rows: Some(v1::WireTensor { dtype, shape, data }),
         }],
         output_dtype: 0,
+        tokens: None,
     }
 }
 
@@ -288,7 +312,7 @@ async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
         .await
         .expect("load");
     let (five, three, seven) = (rows(5, 16, 0.1), rows(3, 16, 0.2), rows(7, 16, 0.3));
-    let batch = |parts| ForwardBatch { request_id: 1, parts, output_dtype: None };
+    let batch = |parts| ForwardBatch { request_id: 1, parts, output_dtype: None, token_major: None };
     worker
         .forward(batch(vec![part(0, 1, &five, 16, WireDtype::F32), part(1, 3, &three, 16, WireDtype::F32)]))
         .await
@@ -298,5 +322,112 @@ async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
     assert!(text.contains("switchyard_worker_expert_admitted_tokens_total{layer=\"0\",expert=\"1\"} 5"), "{text}");
     assert!(text.contains("switchyard_worker_expert_admitted_tokens_total{layer=\"0\",expert=\"3\"} 3"), "{text}");
     assert!(text.contains("switchyard_worker_expert_rejected_tokens_total{layer=\"0\",expert=\"1\"} 7"), "{text}");
+    worker.shutdown().await;
+}
+
+/// A token-major request as the wire carries it: each token's row once, with the experts it chose
+/// and their weights, as little-endian CSR.
+fn token_major_request(
+    request_id: u64,
+    hidden: &[f32],
+    width: usize,
+    choices: &[&[(u32, f32)]],
+    dtype: WireDtype,
+) -> v1::ForwardRequest {
+    let mut offsets = vec![0u32];
+    let (mut experts, mut weights) = (Vec::new(), Vec::new());
+    for token in choices {
+        for (expert, weight) in *token {
+            experts.extend(expert.to_le_bytes());
+            weights.extend(weight.to_le_bytes());
+        }
+        offsets.push(offsets.last().copied().unwrap_or(0) + token.len() as u32);
+    }
+    v1::ForwardRequest {
+        request_id,
+        batches: Vec::new(),
+        output_dtype: v1::Dtype::F32 as i32,
+        tokens: Some(v1::TokenRows {
+            layer: 0,
+            rows: Some(v1::WireTensor {
+                dtype: dtype.to_proto() as i32,
+                shape: vec![choices.len() as u64, width as u64],
+                data: wire::encode_rows(hidden, width, dtype),
+            }),
+            offsets: offsets.iter().flat_map(|offset| offset.to_le_bytes()).collect::<Vec<u8>>().into(),
+            experts: experts.into(),
+            weights: weights.into(),
+        }),
+    }
+}
+
+/// One token-major request (a token with two experts here, one with none) merged into the same
+/// step as an expert-major request for one of its experts: the token-major answer is each token's
+/// weighted sum over its experts, the expert-major one its own rows, both as computed directly.
+#[tokio::test]
+async fn a_token_major_request_comes_back_as_one_weighted_sum_per_token() {
+    let worker = started(Duration::from_millis(300), 1024).await;
+    let spec = tiny_model();
+    let expert = |e: u32| Expert::synthetic(&spec, 0, e, tch::Device::Cpu, WeightDtype::F32);
+    let hidden = rows(5, 16, 0.2);
+    let choices: [&[(u32, f32)]; 5] = [&[(1, 0.6), (3, 0.4)], &[(3, 1.0)], &[], &[(0, 0.7), (1, 0.3)], &[(1, 0.5)]];
+    let token_major = ForwardBatch::try_from(token_major_request(1, &hidden, 16, &choices, WireDtype::F32))
+        .expect("a valid token-major request");
+    assert_eq!(
+        token_major.parts.iter().map(|part| (part.expert.expert, part.tokens)).collect::<Vec<_>>(),
+        [(0, 1), (1, 3), (3, 2)]
+    );
+    let own = rows(2, 16, 0.9);
+    let expert_major = ForwardBatch {
+        request_id: 2,
+        parts: vec![part(0, 1, &own, 16, WireDtype::F32)],
+        output_dtype: None,
+        token_major: None,
+    };
+    let (summed, direct) = tokio::join!(worker.forward(token_major), worker.forward(expert_major));
+    let (summed, direct) = (summed.expect("token-major"), direct.expect("expert-major"));
+
+    let combined = summed.combined.expect("one sum per token");
+    assert_eq!((combined.tokens, combined.width, combined.dtype), (5, 16, WireDtype::F32));
+    let have = wire::decode_f32(&combined.data, combined.dtype);
+    let mut want = vec![0.0f32; 5 * 16];
+    for (token, token_choices) in choices.iter().enumerate() {
+        for (e, weight) in *token_choices {
+            let out = expert(*e).forward_f32(&hidden[token * 16..(token + 1) * 16]);
+            for (sum, value) in want[token * 16..(token + 1) * 16].iter_mut().zip(out) {
+                *sum += weight * value;
+            }
+        }
+    }
+    assert!(relative_error(&want, &have) < 1e-6, "{}", relative_error(&want, &have));
+    assert!(have[2 * 16..3 * 16].iter().all(|value| *value == 0.0), "a token with no expert here sums to zero");
+    assert!(summed.outputs.iter().all(|output| output.data.is_empty() && output.compute > Duration::ZERO));
+    assert_eq!(summed.outputs[1].batch_tokens, 3 + 2, "expert 1 ran the token-major rows with the other request's");
+    let have = wire::decode_f32(&direct.outputs[0].data, WireDtype::F32);
+    assert!(relative_error(&expert(1).forward_f32(&own), &have) < 1e-6);
+    worker.shutdown().await;
+}
+
+/// FP8 token rows are dequantized where they are gathered, and the sum comes back in bf16.
+#[tokio::test]
+async fn token_major_rows_may_travel_as_fp8() {
+    let worker = started(Duration::ZERO, 1024).await;
+    let spec = tiny_model();
+    let hidden = rows(3, 16, 0.4);
+    let choices: [&[(u32, f32)]; 3] = [&[(2, 1.0)], &[(2, 0.5), (0, 0.5)], &[(0, 1.0)]];
+    let mut request = token_major_request(3, &hidden, 16, &choices, WireDtype::Fp8E4m3);
+    request.output_dtype = 0;
+    let outcome = worker.forward(ForwardBatch::try_from(request).expect("valid")).await.expect("forward");
+    let combined = outcome.combined.expect("sum");
+    assert_eq!(combined.dtype, WireDtype::Bf16, "FP8 requests are answered in bf16");
+    let have = wire::decode_f32(&combined.data, combined.dtype);
+    let expert = |e: u32, token: usize| {
+        Expert::synthetic(&spec, 0, e, tch::Device::Cpu, WeightDtype::F32).forward_f32(&hidden[token * 16..][..16])
+    };
+    let mut want = expert(2, 0);
+    want.extend(expert(2, 1).iter().zip(expert(0, 1)).map(|(a, b)| 0.5 * a + 0.5 * b));
+    want.extend(expert(0, 2));
+    let error = relative_error(&want, &have);
+    assert!(error > 1e-4 && error < 5e-2, "e4m3 rows, bf16 sums: {error}");
     worker.shutdown().await;
 }

@@ -132,6 +132,7 @@ fn rows_request(expert: u32, tokens: usize, width: usize) -> v1::ForwardRequest 
             }),
         }],
         output_dtype: 0,
+        tokens: None,
     }
 }
 

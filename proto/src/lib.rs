@@ -14,7 +14,7 @@ pub mod v1 {
 }
 
 /// Checked at registration and on every heartbeat; bump on any incompatible protocol change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 impl v1::ExpertKey {
     pub fn new(layer: u32, expert: u32) -> Self {

@@ -50,6 +50,7 @@ fn request(endpoint: &str, expert: u32, rows: usize) -> PlannedRequest {
                 }),
             }],
             output_dtype: 0,
+            tokens: None,
         },
         pieces: Vec::new(),
     }

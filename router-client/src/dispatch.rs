@@ -116,6 +116,7 @@ fn new_request(endpoint: &Arc<str>, dtype: WireDtype) -> PlannedRequest {
             request_id: 0,
             batches: Vec::new(),
             output_dtype: dtype.answer_dtype().to_proto() as i32,
+            tokens: None,
         },
         pieces: Vec::new(),
     }

@@ -1,0 +1,262 @@
+//! The libtorch work of one compute step: every batch's rows to the device in one upload, each
+//! expert's forward on its rows, every answer back in one download.
+//!
+//! A batch's entries come in two kinds. Expert-major entries carry their own rows and get their
+//! output rows back. Token-major entries ([`Gathered`]) select their rows from their request's
+//! shared rows (uploaded once per step however many experts use them) and add their gate-weighted
+//! outputs into the request's per-token sum, which stays on the device until its last expert has
+//! run, possibly steps later, and then comes back as that entry's `combined` answer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use switchyard_experts::{Expert, kind_of};
+use switchyard_model::ExpertId;
+use switchyard_proto::wire::{FP8_BLOCK, WireDtype};
+use tch::{Kind, Tensor};
+
+use crate::request::{Gathered, RowsSource, SharedRows};
+use crate::scheduler::{Batch, QueuedRows};
+use crate::staging::Staging;
+
+/// The tch kind of a dtype's values (FP8 rows also carry scales: [`wire_rows`]).
+pub fn tch_kind(dtype: WireDtype) -> Kind {
+    match dtype {
+        WireDtype::F16 => Kind::Half,
+        WireDtype::Bf16 => Kind::BFloat16,
+        WireDtype::F32 => Kind::Float,
+        WireDtype::Fp8E4m3 => Kind::Float8e4m3fn,
+    }
+}
+
+/// One entry's answer: its own output rows (empty for a token-major entry), and its request's
+/// per-token sum when this entry completed it.
+#[derive(Debug, Default)]
+pub struct EntryAnswer {
+    pub data: Bytes,
+    pub combined: Option<Bytes>,
+}
+
+/// The per-token sums of token-major requests in progress, on the device, by their shared rows.
+#[derive(Debug, Default)]
+pub struct Sums {
+    in_progress: HashMap<usize, Sum>,
+}
+
+#[derive(Debug)]
+struct Sum {
+    shared: Arc<SharedRows>,
+    /// `[tokens, width]` in f32.
+    total: Tensor,
+    /// Expert parts still to add.
+    remaining: usize,
+}
+
+fn key_of(shared: &Arc<SharedRows>) -> usize {
+    Arc::as_ptr(shared) as usize
+}
+
+impl Sums {
+    /// Forgets the sums no queued entry will add to any more (their request failed or was
+    /// abandoned): only this map still holds their rows.
+    pub fn forget_orphans(&mut self) {
+        self.in_progress.retain(|_, sum| Arc::strong_count(&sum.shared) > 1);
+    }
+
+    pub fn len(&self) -> usize {
+        self.in_progress.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.in_progress.is_empty()
+    }
+
+    /// Adds `weights · rows` at `indices` into the sum of `shared`; returns the finished sum when
+    /// this was its last part.
+    fn add(&mut self, gathered: &Gathered, rows: &Tensor) -> Option<Tensor> {
+        let key = key_of(&gathered.shared);
+        let sum = self.in_progress.entry(key).or_insert_with(|| Sum {
+            shared: gathered.shared.clone(),
+            total: Tensor::zeros(
+                [gathered.shared.tokens as i64, gathered.shared.width as i64],
+                (Kind::Float, rows.device()),
+            ),
+            remaining: gathered.shared.parts,
+        });
+        let device = rows.device();
+        let indices = Tensor::from_slice(&gathered.indices).to_device(device);
+        let weights = Tensor::from_slice(&gathered.weights).to_device(device).view([-1, 1]);
+        let _ = sum.total.index_add_(0, &indices, &(rows.to_kind(Kind::Float) * weights));
+        sum.remaining -= 1;
+        if sum.remaining > 0 {
+            return None;
+        }
+        self.in_progress.remove(&key).map(|sum| sum.total)
+    }
+}
+
+/// `rows` wire rows of `dtype` and width `d_model` at byte `offset` of the staged `u8` tensor, as
+/// a `[rows, d_model]` tensor on its device: a view for f32, f16 and bf16; for FP8, the codes
+/// times their block scales (in f32), computed where the rows are.
+fn wire_rows(staged: &Tensor, offset: usize, dtype: WireDtype, rows: usize, d_model: usize) -> Tensor {
+    let (rows, width, row_bytes) = (rows as i64, d_model as i64, dtype.row_bytes(d_model) as i64);
+    let bytes = staged.narrow(0, offset as i64, rows * row_bytes);
+    if dtype != WireDtype::Fp8E4m3 {
+        return bytes.view_dtype(tch_kind(dtype)).view([rows, width]);
+    }
+    let bytes = bytes.view([rows, row_bytes]);
+    let values = bytes.narrow(1, 0, width).view_dtype(Kind::Float8e4m3fn).to_kind(Kind::Float);
+    let blocks = d_model.div_ceil(FP8_BLOCK) as i64;
+    let scales = bytes.narrow(1, width, 4 * blocks).contiguous().view_dtype(Kind::Float);
+    values * scales.repeat_interleave_self_int(FP8_BLOCK as i64, 1, None).narrow(1, 0, width)
+}
+
+/// How one batch's input is laid out: runs of consecutive own-row entries of one wire dtype
+/// (viewed in place as one tensor), and token-major entries (selected from their shared rows).
+enum Piece<'a> {
+    Own { entries: Vec<&'a QueuedRows>, upload: usize },
+    Gathered { gathered: &'a Gathered },
+}
+
+/// The step's libtorch work; returns each batch's answers, entry by entry.
+pub fn compute_step(
+    experts: &HashMap<ExpertId, Expert>,
+    batches: &[Batch],
+    staging: &mut Staging,
+    sums: &mut Sums,
+) -> Vec<Vec<EntryAnswer>> {
+    let mut uploads: Vec<Vec<&[u8]>> = Vec::new();
+    let mut shared_uploads: HashMap<usize, (usize, &Arc<SharedRows>)> = HashMap::new();
+    let pieces: Vec<Vec<Piece>> = batches
+        .iter()
+        .map(|batch| {
+            let mut pieces: Vec<Piece> = Vec::new();
+            for (entry, _) in &batch.entries {
+                match &entry.rows {
+                    RowsSource::Own(data) => match pieces.last_mut() {
+                        Some(Piece::Own { entries, upload }) if entries[0].dtype == entry.dtype => {
+                            entries.push(entry);
+                            uploads[*upload].push(data);
+                        }
+                        _ => {
+                            pieces.push(Piece::Own { entries: vec![entry], upload: uploads.len() });
+                            uploads.push(vec![data]);
+                        }
+                    },
+                    RowsSource::Gathered(gathered) => {
+                        shared_uploads.entry(key_of(&gathered.shared)).or_insert_with(|| {
+                            uploads.push(vec![&gathered.shared.data]);
+                            (uploads.len() - 1, &gathered.shared)
+                        });
+                        pieces.push(Piece::Gathered { gathered });
+                    }
+                }
+            }
+            pieces
+        })
+        .collect();
+    let (staged, offsets) = staging.upload(&uploads);
+    let shared_rows: HashMap<usize, Tensor> = shared_uploads
+        .iter()
+        .map(|(key, (upload, shared))| {
+            (*key, wire_rows(&staged, offsets[*upload], shared.dtype, shared.tokens, shared.width))
+        })
+        .collect();
+
+    let mut downloads = Vec::new();
+    let mut sizes: Vec<Vec<(usize, Option<usize>)>> = Vec::with_capacity(batches.len());
+    for (batch, pieces) in batches.iter().zip(&pieces) {
+        let expert = &experts[&batch.expert];
+        let span = tracing::debug_span!("expert_batch", expert = %batch.expert, tokens = batch.tokens(), requests = batch.entries.len());
+        for (entry, _) in &batch.entries {
+            span.follows_from(&entry.request_span);
+        }
+        let _entered = span.enter();
+        let inputs: Vec<Tensor> = pieces
+            .iter()
+            .map(|piece| match piece {
+                Piece::Own { entries, upload } => {
+                    let rows = entries.iter().map(|entry| entry.tokens).sum();
+                    wire_rows(&staged, offsets[*upload], entries[0].dtype, rows, batch.d_model)
+                }
+                Piece::Gathered { gathered } => {
+                    let indices = Tensor::from_slice(&gathered.indices).to_device(staged.device());
+                    shared_rows[&key_of(&gathered.shared)].index_select(0, &indices)
+                }
+            })
+            .collect();
+        let input = match &inputs[..] {
+            [only] => only.shallow_clone(),
+            several => {
+                Tensor::cat(&several.iter().map(|piece| piece.to_kind(kind_of(expert.dtype()))).collect::<Vec<_>>(), 0)
+            }
+        };
+        let output = expert.forward(&input);
+        sizes.push(queue_answers(&output, batch, sums, &mut downloads));
+    }
+    let host = Bytes::from(staging.download(&downloads));
+    let mut offset = 0;
+    let mut take = |size: usize| {
+        let bytes = host.slice(offset..offset + size);
+        offset += size;
+        bytes
+    };
+    sizes
+        .into_iter()
+        .map(|sizes| {
+            sizes
+                .into_iter()
+                .map(|(data, combined)| EntryAnswer { data: take(data), combined: combined.map(&mut take) })
+                .collect()
+        })
+        .collect()
+}
+
+/// Queues `output`'s rows for download as flat `u8` tensors in each entry's output dtype (one
+/// conversion for the whole batch when every entry has its own rows and one output dtype, as is
+/// usual), adds token-major entries' rows into their sums, and queues each sum its entry finished.
+/// Returns each entry's (own answer, finished sum) sizes in bytes, in download order.
+fn queue_answers(
+    output: &Tensor,
+    batch: &Batch,
+    sums: &mut Sums,
+    downloads: &mut Vec<Tensor>,
+) -> Vec<(usize, Option<usize>)> {
+    let as_bytes =
+        |rows: &Tensor, dtype: WireDtype| rows.to_kind(tch_kind(dtype)).contiguous().view_dtype(Kind::Uint8).view([-1]);
+    let own_size = |entry: &QueuedRows| match entry.rows {
+        RowsSource::Own(_) => entry.tokens * batch.d_model * entry.output_dtype.element_size(),
+        RowsSource::Gathered(_) => 0,
+    };
+    let first_dtype = batch.entries[0].0.output_dtype;
+    let uniform = batch
+        .entries
+        .iter()
+        .all(|(entry, _)| entry.output_dtype == first_dtype && matches!(entry.rows, RowsSource::Own(_)));
+    if uniform {
+        downloads.push(as_bytes(output, first_dtype));
+        return batch.entries.iter().map(|(entry, _)| (own_size(entry), None)).collect();
+    }
+    let mut start = 0;
+    let mut sizes = Vec::with_capacity(batch.entries.len());
+    for (entry, _) in &batch.entries {
+        let rows = output.narrow(0, start, entry.tokens as i64);
+        start += entry.tokens as i64;
+        match &entry.rows {
+            RowsSource::Own(_) => {
+                downloads.push(as_bytes(&rows, entry.output_dtype));
+                sizes.push((own_size(entry), None));
+            }
+            RowsSource::Gathered(gathered) => {
+                let finished = sums.add(gathered, &rows).map(|total| {
+                    let shared = &gathered.shared;
+                    downloads.push(as_bytes(&total, entry.output_dtype));
+                    shared.tokens * shared.width * entry.output_dtype.element_size()
+                });
+                sizes.push((0, finished));
+            }
+        }
+    }
+    sizes
+}
