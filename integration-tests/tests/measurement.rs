@@ -37,7 +37,11 @@ async fn the_ledger_accounts_for_every_byte_and_the_client_metrics_count_them() 
     }
     let after = cluster.client.wire_bytes();
     assert_eq!(ledger.pairs.len(), 2, "one ledger row per worker");
-    assert_eq!(ledger.pairs.values().map(|pair| pair.rows).sum::<u64>(), kept_rows, "every kept row has a worker");
+    // Token-major: each token's row once per worker holding any of its kept experts.
+    let rows_sent = ledger.pairs.values().map(|pair| pair.rows).sum::<u64>();
+    assert!((CALLS * 128..=kept_rows).contains(&rows_sent), "{rows_sent} rows sent for {kept_rows} kept assignments");
+    assert!(rows_sent < kept_rows, "top-2 over 2 workers: some tokens chose two experts of one worker");
+    assert_eq!(payload_sent, rows_sent * 256 * 4, "each row sent is one f32 row of the payload");
     assert_eq!(ledger.pairs.values().map(|pair| pair.straggler_calls).sum::<u64>(), CALLS, "one straggler per call");
     for ((_, endpoint), pair) in &ledger.pairs {
         let (_, sent_before, received_before) =

@@ -6,7 +6,7 @@ use switchyard_model::CapacityPolicy;
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::capacity::OverflowPolicy;
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
-use switchyard_router_client::{ClientOptions, MoeClient, RoutingOverrides};
+use switchyard_router_client::{ClientOptions, DispatchLayout, MoeClient, RoutingOverrides};
 
 struct Case {
     name: &'static str,
@@ -111,11 +111,23 @@ async fn a_gated_shared_expert_takes_every_token_and_adds_its_output() {
     let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).await.expect("reference");
     let error = relative_frobenius_error(&distributed.hidden, &expected.hidden);
     assert!(error < 1e-5, "relative Frobenius error {error:e}");
-    assert_eq!(
-        distributed.bytes.payload_sent,
-        (32 * 2 + 32) * 256 * 4,
-        "routed rows plus every token for the shared expert"
+    // Token-major: each token once to the shared expert's worker (with its routed choices there),
+    // and once to the other worker if it chose an expert there.
+    let rows: usize = distributed.workers.iter().map(|worker| worker.rows).sum();
+    assert!((32..=64).contains(&rows), "{rows} rows for 32 tokens on 2 workers");
+    assert_eq!(distributed.bytes.payload_sent, rows as u64 * 256 * 4);
+    let expert_major = MoeClient::new(
+        cluster.watcher.receiver(),
+        ClientOptions { dispatch: DispatchLayout::ExpertMajor, ..ClientOptions::default() },
     );
+    let per_assignment = expert_major.forward(0, &hidden).await.expect("expert-major forward");
+    assert_eq!(
+        per_assignment.bytes.payload_sent,
+        (32 * 2 + 32) * 256 * 4,
+        "expert-major: routed rows plus every token for the shared expert"
+    );
+    let error = relative_frobenius_error(&per_assignment.hidden, &expected.hidden);
+    assert!(error < 1e-5, "expert-major: relative Frobenius error {error:e}");
 
     // Independently: the output less the routed-only output is sigmoid(x · w_gate) · shared(x).
     let routed_only =

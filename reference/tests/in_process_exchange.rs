@@ -53,6 +53,7 @@ fn request(endpoint: &str, expert: u32, rows: usize) -> PlannedRequest {
             tokens: None,
         },
         pieces: Vec::new(),
+        token_major: None,
     }
 }
 

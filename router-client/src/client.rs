@@ -14,9 +14,9 @@ use switchyard_proto::v1;
 use switchyard_proto::wire::WireDtype;
 use tracing::Instrument;
 
-use crate::codec::decode_rows;
+use crate::codec::{add_rows, decode_rows};
 use crate::cpu::CpuPool;
-use crate::dispatch::{CallRows, PlannedRequest, by_worker, pack_requests};
+use crate::dispatch::{CallRows, DispatchLayout, PlannedRequest, TokenPlan, by_worker, pack_requests, pack_token_rows};
 use crate::error::ClientError;
 use crate::exchange::{self, Outcome};
 use crate::gate::Gate;
@@ -43,6 +43,8 @@ pub struct ClientOptions {
     pub routing: RoutingOverrides,
     /// Threads of the pool the client's CPU work (gate, packing, decode, combine) runs on.
     pub cpu_threads: usize,
+    /// How rows travel: token-major (each token once per worker) unless asked otherwise.
+    pub dispatch: DispatchLayout,
 }
 
 impl Default for ClientOptions {
@@ -53,6 +55,7 @@ impl Default for ClientOptions {
             split_request_bytes: switchyard_common::transport::SPLIT_REQUEST_BYTES,
             routing: RoutingOverrides::default(),
             cpu_threads: crate::cpu::default_threads(),
+            dispatch: DispatchLayout::default(),
         }
     }
 }
@@ -174,6 +177,7 @@ impl MoeClient {
             gates: self.gates.clone(),
             dtype: self.options.wire_dtype,
             split_bytes: self.options.split_request_bytes,
+            dispatch: self.options.dispatch,
         };
         let (plan, timing) = self.cpu.run(move || planning.plan()).await??;
         let plan = Arc::new(plan);
@@ -206,11 +210,12 @@ impl MoeClient {
             tracing::debug!(error = %failure.error, ?outcomes, "layer call failed");
             return Err(failure.error);
         }
+        let last_answer = Instant::now();
         for job in summing {
             job.await?;
         }
         let sums = std::mem::take(&mut *lock(&sums));
-        Ok(combine.finish(plan, sums, table.version, timing, started))
+        Ok(combine.finish(plan, sums, table.version, timing, last_answer.elapsed(), started))
     }
 }
 
@@ -228,6 +233,7 @@ struct Planning {
     gates: Arc<Mutex<HashMap<GateKey, Arc<Gate>>>>,
     dtype: WireDtype,
     split_bytes: usize,
+    dispatch: DispatchLayout,
 }
 
 impl Planning {
@@ -286,17 +292,19 @@ impl Planning {
         let mut worker_calls: Vec<WorkerCall> = Vec::with_capacity(workers.len());
         for (endpoint, groups) in &workers {
             let phase = Instant::now();
-            let packed = pack_requests(endpoint, groups, &routed.groups, call);
+            // Soft MoE's slot inputs are not token rows: they travel expert-major.
+            let token_major = self.dispatch == DispatchLayout::TokenMajor
+                && groups.iter().all(|group| routed.groups[*group].slots.is_none());
+            let packed = if token_major {
+                pack_token_rows(endpoint, groups, &routed.groups, call)
+            } else {
+                pack_requests(endpoint, groups, &routed.groups, call)
+            };
             let mut worker_call = WorkerCall::new(endpoint.clone());
             for planned in &packed {
                 worker_call.requests += 1;
-                worker_call.rows += planned.pieces.iter().map(|piece| piece.end - piece.start).sum::<usize>();
-                worker_call.bytes.payload_sent += planned
-                    .request
-                    .batches
-                    .iter()
-                    .map(|b| b.rows.as_ref().map_or(0, |t| t.data.len() as u64))
-                    .sum::<u64>();
+                worker_call.rows += planned.rows();
+                worker_call.bytes.payload_sent += planned.payload_bytes();
                 worker_call.bytes.message_sent += planned.request.encoded_len() as u64 + GRPC_FRAME_PREFIX;
             }
             worker_call.encode = phase.elapsed();
@@ -336,6 +344,7 @@ impl Combine {
     /// response for [`Sums::add`].
     fn accept(&mut self, plan: &CallPlan, index: usize, answer: Answer) -> Result<v1::ForwardResponse, ClientError> {
         let planned = &plan.requests[index];
+        let (plan_layer, plan_d_model) = (plan.layer, plan.d_model);
         let Answer { response, timing: rpc } = answer;
         let Some(worker_call) = self.worker_calls.iter_mut().find(|call| call.endpoint == planned.endpoint) else {
             return Err(ClientError::BadResponse {
@@ -344,13 +353,19 @@ impl Combine {
             });
         };
         worker_call.record_answer(&response, &rpc);
+        let worker = Duration::from_micros(response.worker_us).min(rpc.elapsed);
+        if let Some(plan) = &planned.token_major {
+            let combined = check_token_major(&planned.endpoint, &response, plan, plan_layer, plan_d_model)?;
+            worker_call.bytes.payload_received += combined as u64;
+            self.answered.push((rpc.elapsed, worker, response_compute(&response).min(worker)));
+            return Ok(response);
+        }
         if response.outputs.len() != planned.pieces.len() {
             return Err(ClientError::BadResponse {
                 endpoint: planned.endpoint.to_string(),
                 reason: format!("{} outputs for {} expert batches", response.outputs.len(), planned.pieces.len()),
             });
         }
-        let worker = Duration::from_micros(response.worker_us).min(rpc.elapsed);
         self.answered.push((rpc.elapsed, worker, response_compute(&response).min(worker)));
         for (position, (piece, output)) in planned.pieces.iter().zip(&response.outputs).enumerate() {
             let group: &ExpertAssignments = &plan.routed.groups[piece.group];
@@ -368,6 +383,7 @@ impl Combine {
         sums: Sums,
         version: TableVersion,
         mut timing: TimeBreakdown,
+        summing_tail: Duration,
         started: Instant,
     ) -> LayerOutput {
         // The straggler's RPC is the call's network + queue + compute time.
@@ -382,8 +398,13 @@ impl Combine {
                 worker_call.combine += *combine;
             }
         }
-        timing.decode = sums.per_request.iter().map(|(decode, _)| *decode).sum();
-        timing.combine = sums.per_request.iter().map(|(_, combine)| *combine).sum();
+        // Answers are summed while later ones are still on the wire: only the summing left after
+        // the last answer is on the critical path, split in the proportion of the two phases.
+        let decode: Duration = sums.per_request.iter().map(|(decode, _)| *decode).sum();
+        let combine: Duration = sums.per_request.iter().map(|(_, combine)| *combine).sum();
+        let share = decode.as_secs_f64() / (decode + combine).as_secs_f64().max(f64::MIN_POSITIVE);
+        timing.decode = summing_tail.mul_f64(share);
+        timing.combine = summing_tail - timing.decode;
         let mut bytes = ByteCounts::default();
         for worker_call in &self.worker_calls {
             bytes += worker_call.bytes;
@@ -424,6 +445,17 @@ impl Sums {
     fn add(&mut self, plan: &CallPlan, index: usize, response: &v1::ForwardResponse) {
         let planned = &plan.requests[index];
         let (mut decode, mut combine) = (Duration::ZERO, Duration::ZERO);
+        if let (Some(tokens), Some(combined)) = (&planned.token_major, &response.combined) {
+            let Ok(dtype) = WireDtype::try_from(combined.dtype) else { return };
+            let phase = Instant::now();
+            decode_rows(&combined.data, plan.d_model, dtype, &mut self.scratch);
+            decode += phase.elapsed();
+            let phase = Instant::now();
+            add_rows(&mut self.output, plan.d_model, &tokens.tokens, &self.scratch);
+            combine += phase.elapsed();
+            self.per_request[index] = (decode, combine);
+            return;
+        }
         for (piece, output) in planned.pieces.iter().zip(&response.outputs) {
             let group: &ExpertAssignments = &plan.routed.groups[piece.group];
             let Some(payload) = &output.rows else { continue };
@@ -439,6 +471,41 @@ impl Sums {
         }
         self.per_request[index] = (decode, combine);
     }
+}
+
+/// Checks a token-major answer: one timing per planned expert, in order, and the per-token sum as
+/// `[tokens, d_model]` of an answer dtype; returns the sum's bytes.
+fn check_token_major(
+    endpoint: &str,
+    response: &v1::ForwardResponse,
+    plan: &TokenPlan,
+    layer: u32,
+    d_model: usize,
+) -> Result<usize, ClientError> {
+    let bad = |reason: String| ClientError::BadResponse { endpoint: endpoint.to_owned(), reason };
+    if response.outputs.len() != plan.experts.len() {
+        return Err(bad(format!("{} outputs for {} experts", response.outputs.len(), plan.experts.len())));
+    }
+    for (position, (output, expert)) in response.outputs.iter().zip(&plan.experts).enumerate() {
+        let expert = ExpertId::new(layer, *expert);
+        if output.expert.map(ExpertId::from) != Some(expert) {
+            return Err(bad(format!("outputs[{position}].expert is {:?}, expected {expert}", output.expert)));
+        }
+    }
+    let combined = response.combined.as_ref().ok_or_else(|| bad("combined is missing".to_owned()))?;
+    let dtype = WireDtype::try_from(combined.dtype)
+        .ok()
+        .filter(|dtype| dtype.answers())
+        .ok_or_else(|| bad(format!("combined.dtype {} is no answer dtype", combined.dtype)))?;
+    let rows = plan.tokens.len();
+    if combined.shape != [rows as u64, d_model as u64] || combined.data.len() != rows * dtype.row_bytes(d_model) {
+        return Err(bad(format!(
+            "combined has shape {:?} and {} bytes, expected [{rows}, {d_model}]",
+            combined.shape,
+            combined.data.len()
+        )));
+    }
+    Ok(combined.data.len())
 }
 
 /// The rows of answer `position`, if it answers `expert` with `[rows, d_model]` of a known dtype.

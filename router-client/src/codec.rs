@@ -31,6 +31,16 @@ pub fn accumulate(y: &mut [f32], d_model: usize, tokens: &[u32], weights: &[f32]
     }
 }
 
+/// `y[token] += row` for each row of `rows`: a worker's per-token sums, already weighted.
+pub fn add_rows(y: &mut [f32], d_model: usize, tokens: &[u32], rows: &[f32]) {
+    for (token, row) in tokens.iter().zip(rows.chunks_exact(d_model)) {
+        let start = *token as usize * d_model;
+        for (out, value) in y[start..start + d_model].iter_mut().zip(row) {
+            *out += value;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

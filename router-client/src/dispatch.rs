@@ -1,8 +1,12 @@
 //! The dispatch plan: the kept assignments grouped by worker, then packed into requests.
 //!
-//! One request per worker carries every expert that worker serves for this call. A worker whose
-//! payload exceeds `split_bytes` gets several requests (an expert's rows are cut by whole rows), so
-//! no batch is ever refused by a message size limit.
+//! Token-major by default (DeepEP's layout): each token travels once to each worker holding any
+//! of its experts, with the (expert, weight) pairs it chose there, and comes back as one
+//! gate-weighted sum, so top-k routing over few workers sends far fewer rows than assignments.
+//! Expert-major (one row per assignment, answered row by row) remains for Soft MoE, whose slot
+//! inputs are not token rows, and on request ([`DispatchLayout`]). A worker whose payload exceeds
+//! `split_bytes` gets several requests, cut by whole rows, so no batch is ever refused by a message
+//! size limit.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,13 +29,114 @@ pub struct Piece {
     pub end: usize,
 }
 
+/// How a call's rows travel to the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DispatchLayout {
+    /// Each token once per worker, answered as one weighted sum per token (not for Soft MoE).
+    #[default]
+    TokenMajor,
+    /// Each (token, expert) assignment's row, answered row by row.
+    ExpertMajor,
+}
+
 /// A request ready to send, with how to map its answer back.
 #[derive(Debug, Clone)]
 pub struct PlannedRequest {
     pub endpoint: Endpoint,
     pub request: v1::ForwardRequest,
-    /// Aligned with `request.batches`.
+    /// Expert-major: aligned with `request.batches`.
     pub pieces: Vec<Piece>,
+    /// Token-major: the call's tokens of the request's rows, and its experts in the order the
+    /// worker answers them (ascending).
+    pub token_major: Option<TokenPlan>,
+}
+
+/// A token-major request's rows and experts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenPlan {
+    pub tokens: Vec<u32>,
+    pub experts: Vec<u32>,
+}
+
+impl PlannedRequest {
+    /// Rows this request carries.
+    pub fn rows(&self) -> usize {
+        match &self.token_major {
+            Some(plan) => plan.tokens.len(),
+            None => self.pieces.iter().map(|piece| piece.end - piece.start).sum(),
+        }
+    }
+
+    /// Payload bytes this request carries.
+    pub fn payload_bytes(&self) -> u64 {
+        let tokens = self.request.tokens.as_ref().and_then(|tokens| tokens.rows.as_ref());
+        let batches = self.request.batches.iter().filter_map(|batch| batch.rows.as_ref());
+        tokens.into_iter().chain(batches).map(|rows| rows.data.len() as u64).sum()
+    }
+}
+
+/// Packs one worker's groups token-major: each token that chose any of them once, with its
+/// (expert, weight) pairs, in requests of at most `split_bytes` of rows (at least one token each).
+pub fn pack_token_rows(
+    endpoint: &Arc<str>,
+    group_indices: &[usize],
+    groups: &[ExpertAssignments],
+    call: CallRows<'_>,
+) -> Vec<PlannedRequest> {
+    let CallRows { layer, hidden, d_model, dtype, split_bytes } = call;
+    let mut choices: BTreeMap<u32, Vec<(u32, f32)>> = BTreeMap::new();
+    for &group_index in group_indices {
+        let group = &groups[group_index];
+        for (token, weight) in group.tokens.iter().zip(&group.weights) {
+            choices.entry(*token).or_default().push((group.expert, *weight));
+        }
+    }
+    let tokens_per_request = (split_bytes / dtype.row_bytes(d_model)).max(1);
+    let tokens: Vec<(u32, Vec<(u32, f32)>)> = choices.into_iter().collect();
+    tokens
+        .chunks(tokens_per_request)
+        .map(|chunk| {
+            let mut offsets = Vec::with_capacity(4 * (chunk.len() + 1));
+            let (mut experts, mut weights) = (Vec::new(), Vec::new());
+            let mut pairs = 0u32;
+            offsets.extend(pairs.to_le_bytes());
+            for (_, token_choices) in chunk {
+                for (expert, weight) in token_choices {
+                    experts.extend(expert.to_le_bytes());
+                    weights.extend(weight.to_le_bytes());
+                }
+                pairs += token_choices.len() as u32;
+                offsets.extend(pairs.to_le_bytes());
+            }
+            let token_ids: Vec<u32> = chunk.iter().map(|(token, _)| *token).collect();
+            let mut answered: Vec<u32> =
+                chunk.iter().flat_map(|(_, token_choices)| token_choices.iter().map(|(expert, _)| *expert)).collect();
+            answered.sort_unstable();
+            answered.dedup();
+            let request = v1::ForwardRequest {
+                request_id: 0,
+                batches: Vec::new(),
+                output_dtype: dtype.answer_dtype().to_proto() as i32,
+                tokens: Some(v1::TokenRows {
+                    layer,
+                    rows: Some(v1::WireTensor {
+                        dtype: dtype.to_proto() as i32,
+                        shape: vec![token_ids.len() as u64, d_model as u64],
+                        data: gather_rows(hidden, d_model, &token_ids, dtype),
+                    }),
+                    offsets: offsets.into(),
+                    experts: experts.into(),
+                    weights: weights.into(),
+                }),
+            };
+            PlannedRequest {
+                endpoint: endpoint.clone(),
+                request,
+                pieces: Vec::new(),
+                token_major: Some(TokenPlan { tokens: token_ids, experts: answered }),
+            }
+        })
+        .collect()
 }
 
 /// Groups `groups` by the worker serving each expert (its first endpoint).
@@ -119,6 +224,7 @@ fn new_request(endpoint: &Arc<str>, dtype: WireDtype) -> PlannedRequest {
             tokens: None,
         },
         pieces: Vec::new(),
+        token_major: None,
     }
 }
 
@@ -162,5 +268,43 @@ mod tests {
         assert!(requests.iter().all(|r| {
             r.request.batches.iter().map(|b| b.rows.as_ref().map_or(0, |t| t.data.len())).sum::<usize>() <= 48
         }));
+    }
+
+    fn le_u32(bytes: &[u8]) -> Vec<u32> {
+        bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    #[test]
+    fn token_major_sends_each_token_once_per_worker_with_its_choices_there() {
+        let groups = [
+            ExpertAssignments { expert: 0, tokens: vec![0, 1, 2], weights: vec![0.5, 0.25, 0.75], slots: None },
+            ExpertAssignments { expert: 3, tokens: vec![1, 2, 4], weights: vec![0.125, 0.0625, 1.0], slots: None },
+        ];
+        let hidden: Vec<f32> = (0..5 * 2).map(|value| value as f32).collect();
+        let endpoint: Arc<str> = Arc::from("http://a");
+        // 8 bytes per row (2 x f32); 16 bytes per request = 2 tokens.
+        let call = CallRows { layer: 7, hidden: &hidden, d_model: 2, dtype: WireDtype::F32, split_bytes: 16 };
+        let requests = pack_token_rows(&endpoint, &[0, 1], &groups, call);
+        let plans: Vec<TokenPlan> = requests.iter().filter_map(|r| r.token_major.clone()).collect();
+        assert_eq!(
+            plans,
+            [
+                TokenPlan { tokens: vec![0, 1], experts: vec![0, 3] },
+                TokenPlan { tokens: vec![2, 4], experts: vec![0, 3] }
+            ]
+        );
+        let rows: usize = requests.iter().map(PlannedRequest::rows).sum();
+        assert_eq!(rows, 4, "six assignments, four distinct tokens");
+        let first = requests[0].request.tokens.as_ref().expect("token rows");
+        assert_eq!(first.layer, 7);
+        assert_eq!(le_u32(&first.offsets), [0, 1, 3], "token 0 chose one expert here, token 1 two");
+        assert_eq!(le_u32(&first.experts), [0, 0, 3]);
+        let weights: Vec<f32> =
+            first.weights.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        assert_eq!(weights, [0.5, 0.25, 0.125]);
+        let data = &first.rows.as_ref().expect("rows").data;
+        let values: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        assert_eq!(values, [0.0, 1.0, 2.0, 3.0], "rows of tokens 0 and 1");
+        assert_eq!(requests[1].payload_bytes(), 16);
     }
 }

@@ -153,6 +153,7 @@ mod tests {
             endpoint: Arc::from(endpoint),
             request: v1::ForwardRequest { request_id: id, ..Default::default() },
             pieces: Vec::new(),
+            token_major: None,
         }
     }
 

@@ -29,6 +29,7 @@ pub mod timing;
 pub mod transport;
 
 pub use client::{ClientOptions, LayerOutput, MoeClient};
+pub use dispatch::DispatchLayout;
 pub use error::ClientError;
 pub use hidden::Hidden;
 pub use ledger::{CommLedger, WorkerCall};

@@ -4,6 +4,9 @@
 //! steps run one after another, and of the concurrent worker calls only the slowest one (the
 //! straggler) delays the answer. Its time splits into network (its RPC time less the worker's own
 //! handler time: transfer, framing, encode/decode in tonic), queue wait and expert compute.
+//! Answers are decoded and summed as they arrive, mostly while later ones are still on the wire;
+//! decode and combine count only what is left after the last answer (each worker's
+//! [`WorkerCall`](crate::ledger::WorkerCall) keeps its full decode and combine time).
 
 use std::ops::AddAssign;
 use std::time::Duration;
@@ -22,9 +25,9 @@ pub struct TimeBreakdown {
     pub queue_wait: Duration,
     /// Straggler worker expert compute.
     pub compute: Duration,
-    /// Turning answer payloads into f32 rows.
+    /// Turning answer payloads into f32 rows, after the last answer arrived.
     pub decode: Duration,
-    /// Weighted sum into the output.
+    /// Weighted sum into the output, after the last answer arrived.
     pub combine: Duration,
     /// The whole call, measured by the caller's clock.
     pub wall: Duration,

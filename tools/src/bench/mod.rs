@@ -26,6 +26,7 @@ use crate::local_cluster::{LocalCluster, LocalClusterConfig, LocalClusterError};
 use crate::skew::{Inputs, Skew, gate_rows};
 use plan::{ClusterShape, Point};
 use switchyard_reference::{ReferenceConfig, ReferenceError, ReferenceLayer, relative_frobenius_error};
+use switchyard_router_client::DispatchLayout;
 use switchyard_router_client::client::{ClientOptions, MoeClient};
 use switchyard_router_client::error::ClientError;
 use switchyard_router_client::router::RoutingOverrides;
@@ -50,6 +51,7 @@ pub struct BenchSettings {
     pub compute_dtype: Option<WeightDtype>,
     pub batch_wait_us: u64,
     pub capacity_factor: f32,
+    pub dispatch: DispatchLayout,
     /// Model fields the sweep does not vary (activation, seed).
     pub model: ModelSpec,
     /// Repeats of each wire baseline.
@@ -184,6 +186,13 @@ impl PresetResult {
         (self.result.point.tokens * shape.top_k as usize * shape.d_model as usize * 2) as f64
     }
 
+    /// Rows the client sent per token, over every measured call.
+    pub fn rows_per_token(&self) -> f64 {
+        let report = &self.result.distributed;
+        let rows: u64 = report.ledger.pairs.values().map(|pair| pair.rows).sum();
+        rows as f64 / (report.calls.max(1) as f64 * self.result.point.tokens.max(1) as f64)
+    }
+
     /// The client's gate GFLOP/s over its mean time per call.
     pub fn gate_gflops(&self) -> f64 {
         let gate = self.result.distributed.mean_timing().gate.as_secs_f64();
@@ -288,6 +297,7 @@ struct ShapeCluster {
     cluster: LocalCluster,
     watcher: TableWatcher,
     model: ModelSpec,
+    dispatch: DispatchLayout,
 }
 
 impl ShapeCluster {
@@ -320,7 +330,7 @@ impl ShapeCluster {
         }
         .await;
         match connected {
-            Ok(watcher) => Ok(Self { cluster, watcher, model }),
+            Ok(watcher) => Ok(Self { cluster, watcher, model, dispatch: settings.dispatch }),
             Err(error) => {
                 cluster.stop(Duration::from_secs(2)).await;
                 Err(error.into())
@@ -329,7 +339,7 @@ impl ShapeCluster {
     }
 
     fn client(&self, wire_dtype: WireDtype) -> Arc<MoeClient> {
-        let options = ClientOptions { wire_dtype, ..ClientOptions::default() };
+        let options = ClientOptions { wire_dtype, dispatch: self.dispatch, ..ClientOptions::default() };
         Arc::new(MoeClient::new(self.watcher.receiver(), options))
     }
 
@@ -585,6 +595,7 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "compute_dtype": settings.compute_dtype.map_or_else(|| "default".to_owned(), |dtype| dtype.to_string()),
         "batch_wait_us": settings.batch_wait_us,
         "capacity_factor": settings.capacity_factor,
+        "dispatch": format!("{:?}", settings.dispatch),
         "activation": format!("{:?}", settings.model.activation),
         "grid": plan.grid,
         "preset_workers": plan.preset_workers,

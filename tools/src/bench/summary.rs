@@ -105,6 +105,10 @@ pub struct PresetSummary {
     /// them when a token travels once per worker rather than once per expert.
     #[serde(default)]
     pub logical_mb_per_call: f64,
+    /// Rows sent per token: top-k when every assignment travels (expert-major), fewer when a
+    /// token travels once per worker (token-major).
+    #[serde(default)]
+    pub rows_per_token: f64,
     #[serde(default)]
     pub logical_dispatch_gb_per_s: f64,
     #[serde(default)]
@@ -164,6 +168,7 @@ impl PresetResult {
             gate_gflops: self.gate_gflops(),
             gate_share_of_gemm: self.cpu_gemm_gflops.map(|gemm| self.gate_gflops() / gemm.max(1e-12)),
             logical_mb_per_call: self.logical_bytes_per_call() / 1e6,
+            rows_per_token: self.rows_per_token(),
             logical_dispatch_gb_per_s: self.logical_bytes_per_call() / (dispatch_us * 1e-6).max(1e-12) / 1e9,
             logical_combine_gb_per_s: self.logical_bytes_per_call() / (combine_us * 1e-6).max(1e-12) / 1e9,
             dispatch_share_of_tcp: dispatch_gbps / self.baselines.tcp_one_way.gb_per_s.max(1e-12),

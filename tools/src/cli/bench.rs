@@ -9,7 +9,7 @@ use switchyard_tools::bench::plan::Axes;
 use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset};
 use switchyard_tools::report;
 
-use super::values::{ActivationArg, DtypeArg, WireDtypeArg, parse_duration};
+use super::values::{ActivationArg, DispatchArg, DtypeArg, WireDtypeArg, parse_duration};
 
 /// The flags of `switchyard bench` (the command's help text is on `Command::Bench`).
 #[derive(Debug, clap::Args)]
@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Element types of rows on the wire.
     #[arg(long, env = "SWITCHYARD_BENCH_WIRE_DTYPES", value_enum, value_delimiter = ',', default_value = "f32,bf16")]
     pub wire_dtypes: Vec<WireDtypeArg>,
+
+    /// How rows travel to the workers.
+    #[arg(long, env = "SWITCHYARD_BENCH_DISPATCH", value_enum, default_value = "token-major")]
+    pub dispatch: DispatchArg,
 
     /// Expert workers per cluster.
     #[arg(long, env = "SWITCHYARD_BENCH_WORKERS", value_delimiter = ',', default_value = "2,1,3")]
@@ -184,6 +188,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         compute_dtype: args.dtype.map(Into::into),
         batch_wait_us: args.batch_wait_us,
         capacity_factor: args.capacity_factor,
+        dispatch: args.dispatch.into(),
         model: ModelSpec { activation: args.activation.into(), ..ModelSpec::default_synthetic() },
         baseline_repeats: args.baseline_repeats,
         coordinator_bin: dir.join("switchyard-coordinator"),

@@ -9,7 +9,7 @@ use switchyard_tools::loadtest::{Arrival, LoadSpec, LoadSummary};
 use switchyard_tools::report;
 use switchyard_tools::skew::Skew;
 
-use super::values::{self, OverflowArg, PolicyName, WireDtypeArg};
+use super::values::{self, DispatchArg, OverflowArg, PolicyName, WireDtypeArg};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
@@ -78,6 +78,9 @@ pub struct LoadArgs {
     /// Element type of rows on the wire.
     #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", value_enum, default_value = "f32")]
     pub wire_dtype: WireDtypeArg,
+    /// How rows travel to the workers.
+    #[arg(long, env = "SWITCHYARD_DISPATCH", value_enum, default_value = "token-major")]
+    pub dispatch: DispatchArg,
 }
 
 impl LoadArgs {

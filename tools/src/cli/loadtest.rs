@@ -117,7 +117,12 @@ pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<
     let watcher = TableWatcher::start(coordinator)?;
     let table = watcher.wait_for(|table| table.is_complete(), Duration::from_secs(120)).await?;
     let routing = load.routing(&table.model)?;
-    let options = ClientOptions { wire_dtype: load.wire_dtype.into(), routing, ..ClientOptions::default() };
+    let options = ClientOptions {
+        wire_dtype: load.wire_dtype.into(),
+        dispatch: load.dispatch.into(),
+        routing,
+        ..ClientOptions::default()
+    };
     let client = Arc::new(MoeClient::new(watcher.receiver(), options));
     Ok((client, watcher, table.workers().len()))
 }

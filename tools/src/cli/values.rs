@@ -3,6 +3,7 @@
 
 use switchyard_model::{Activation, WeightDtype};
 use switchyard_proto::wire::WireDtype;
+use switchyard_router_client::DispatchLayout;
 use switchyard_router_client::capacity::OverflowPolicy;
 
 /// A routing policy other than the model's own router.
@@ -61,6 +62,25 @@ pub enum WireDtypeArg {
     Bf16,
     /// e4m3 with one f32 scale per 128 values (DeepEP's dispatch format); answers come back bf16.
     Fp8,
+}
+
+/// How rows travel to the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DispatchArg {
+    /// Each token once per worker with its (expert, weight) pairs there; the worker answers one
+    /// gate-weighted sum per token (DeepEP's layout). Soft MoE always travels expert-major.
+    TokenMajor,
+    /// One row per (token, expert) assignment, answered row by row.
+    ExpertMajor,
+}
+
+impl From<DispatchArg> for DispatchLayout {
+    fn from(dispatch: DispatchArg) -> Self {
+        match dispatch {
+            DispatchArg::TokenMajor => DispatchLayout::TokenMajor,
+            DispatchArg::ExpertMajor => DispatchLayout::ExpertMajor,
+        }
+    }
 }
 
 impl From<WireDtypeArg> for WireDtype {

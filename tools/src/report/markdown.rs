@@ -62,16 +62,18 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
 /// The DeepEP table: dispatch and combine beside the wire's limits.
 pub fn preset_table(presets: &[PresetSummary]) -> String {
     let mut text = String::new();
-    text.push_str("| preset | tokens | workers | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape, 1 thread) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s | gRPC echo µs |\n");
-    let _ = writeln!(text, "|{}", " ---: |".repeat(19));
+    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape, 1 thread) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s | gRPC echo µs |\n");
+    let _ = writeln!(text, "|{}", " ---: |".repeat(20));
     for preset in presets {
         let baselines = &preset.baselines;
         let _ = writeln!(
             text,
-            "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.0} | {:.1} ({}) | {:.1} | {:.2} | {} | {:.0} | {:.2} | {:.0} |",
+            "| {} | {} | {} | {:.2} ({}) | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.0} | {:.1} ({}) | {:.1} | {:.2} | {} | {:.0} | {:.2} | {:.0} |",
             preset.preset,
             preset.result.point.tokens,
             preset.result.point.shape.workers,
+            preset.rows_per_token,
+            preset.result.point.shape.top_k,
             preset.logical_mb_per_call,
             preset.result.distributed.payload_bytes_sent_per_call as f64 / 1e6,
             preset.dispatch_transfer_us,
