@@ -278,6 +278,8 @@ class ChartTest(unittest.TestCase):
             "coordinator.replicas": {"coordinator": {"replicas": 2}},
             "model.activation": {"model": {"activation": "tanh"}},
             "routing.wireDtype": {"routing": {"wireDtype": "f64"}},
+            "routing.dispatch": {"routing": {"dispatch": "token-once"}},
+            "routing.connectionsPerWorker": {"routing": {"connectionsPerWorker": 0}},
             "workers.replica": {"workers": {"replica": 3}},
             "loadtest.duration": {"loadtest": {"duration": "ten seconds"}},
             "workers.device": {"workers": {"device": "tpu"}},

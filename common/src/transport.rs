@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 /// HTTP/2 per-connection flow-control window.
 pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
-/// Largest HTTP/2 frame the server accepts.
+/// Largest HTTP/2 frame either end accepts: answers come back in frames as large as requests go.
 pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
 /// Largest gRPC message either side encodes or decodes. Clients split batches above
 /// [`SPLIT_REQUEST_BYTES`], so this is a safety limit, not the usual size.
@@ -41,6 +41,7 @@ pub fn channel(uri: &str) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(uri.to_owned())?
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -90,6 +91,7 @@ pub fn counted_channel(uri: &str, counters: Arc<WireCounters>) -> Result<Channel
     let endpoint = Endpoint::from_shared(uri.to_owned())?
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))

@@ -301,3 +301,30 @@ async fn fp8_dispatch_sends_a_byte_per_value_and_stays_within_its_precision() {
     eprintln!("fp8 error {fp8_error:.2e}, bf16 error {bf16_error:.2e}");
     assert!(fp8_error > bf16_error && fp8_error < 5e-2, "fp8 {fp8_error:e} against bf16 {bf16_error:e}");
 }
+
+/// A worker's payload of a mebibyte or more is spread over its connections, one request each, and
+/// the output is unchanged.
+#[tokio::test]
+async fn a_large_payload_is_striped_over_each_workers_connections() {
+    let model = small_model(2.0);
+    let cluster = TestCluster::start(model.clone(), 2, |_| {}).await;
+    let reference = ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference");
+    let hidden = hidden_states(2048, 256, 31);
+    let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).await.expect("reference forward");
+    let options = ClientOptions { connections_per_worker: 3, ..ClientOptions::default() };
+    let striped = MoeClient::new(cluster.watcher.receiver(), options);
+    let output = striped.forward(0, &hidden).await.expect("striped forward");
+    for worker in &output.workers {
+        assert!(worker.rows * 256 * 4 >= 1 << 20, "{} rows: at least 1 MiB to stripe", worker.rows);
+        assert_eq!(worker.requests, 3, "one request per connection to {}", worker.endpoint);
+    }
+    let error = relative_frobenius_error(&output.hidden, &expected.hidden);
+    assert!(error < 1e-5, "striped: relative Frobenius error {error:e}");
+    let wire = striped.wire_bytes();
+    assert_eq!(wire.len(), 2, "each worker's connections counted together");
+    for (endpoint, sent, _) in &wire {
+        let payload: u64 =
+            output.workers.iter().filter(|w| &w.endpoint == endpoint).map(|w| w.bytes.payload_sent).sum();
+        assert!(*sent > payload, "{endpoint}: {sent} bytes on the sockets for {payload} of payload");
+    }
+}

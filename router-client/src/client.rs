@@ -45,6 +45,9 @@ pub struct ClientOptions {
     pub cpu_threads: usize,
     /// How rows travel: token-major (each token once per worker) unless asked otherwise.
     pub dispatch: DispatchLayout,
+    /// HTTP/2 connections to each worker; a large payload is spread over them (one stream tops
+    /// out well below what the socket carries).
+    pub connections_per_worker: usize,
 }
 
 impl Default for ClientOptions {
@@ -56,6 +59,7 @@ impl Default for ClientOptions {
             routing: RoutingOverrides::default(),
             cpu_threads: crate::cpu::default_threads(),
             dispatch: DispatchLayout::default(),
+            connections_per_worker: crate::transport::default_connections(),
         }
     }
 }
@@ -97,7 +101,8 @@ pub struct MoeClient {
 impl MoeClient {
     /// A client reaching its workers over gRPC.
     pub fn new(tables: TableReceiver, options: ClientOptions) -> Self {
-        Self::with_transport(tables, options, Arc::new(GrpcTransport::default()))
+        let transport = Arc::new(GrpcTransport::new(options.connections_per_worker));
+        Self::with_transport(tables, options, transport)
     }
 
     /// A client reaching its workers over `transport` (in-process for the reference layer, scripted
@@ -177,6 +182,7 @@ impl MoeClient {
             gates: self.gates.clone(),
             dtype: self.options.wire_dtype,
             split_bytes: self.options.split_request_bytes,
+            stripes: self.transport.connections_per_worker(),
             dispatch: self.options.dispatch,
         };
         let (plan, timing) = self.cpu.run(move || planning.plan()).await??;
@@ -233,6 +239,7 @@ struct Planning {
     gates: Arc<Mutex<HashMap<GateKey, Arc<Gate>>>>,
     dtype: WireDtype,
     split_bytes: usize,
+    stripes: usize,
     dispatch: DispatchLayout,
 }
 
@@ -287,7 +294,14 @@ impl Planning {
         let workers = by_worker(layer, &routed.groups, table)?;
         timing.plan = phase.elapsed();
 
-        let call = CallRows { layer, hidden, d_model, dtype: self.dtype, split_bytes: self.split_bytes };
+        let call = CallRows {
+            layer,
+            hidden,
+            d_model,
+            dtype: self.dtype,
+            split_bytes: self.split_bytes,
+            stripes: self.stripes,
+        };
         let mut requests: Vec<PlannedRequest> = Vec::new();
         let mut worker_calls: Vec<WorkerCall> = Vec::with_capacity(workers.len());
         for (endpoint, groups) in &workers {

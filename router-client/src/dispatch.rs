@@ -76,14 +76,15 @@ impl PlannedRequest {
 }
 
 /// Packs one worker's groups token-major: each token that chose any of them once, with its
-/// (expert, weight) pairs, in requests of at most `split_bytes` of rows (at least one token each).
+/// (expert, weight) pairs, in requests of at most `split_bytes` of rows (at least one token each),
+/// spread over the stripes when large.
 pub fn pack_token_rows(
     endpoint: &Arc<str>,
     group_indices: &[usize],
     groups: &[ExpertAssignments],
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
-    let CallRows { layer, hidden, d_model, dtype, split_bytes } = call;
+    let CallRows { layer, hidden, d_model, dtype, .. } = call;
     let mut choices: BTreeMap<u32, Vec<(u32, f32)>> = BTreeMap::new();
     for &group_index in group_indices {
         let group = &groups[group_index];
@@ -91,8 +92,8 @@ pub fn pack_token_rows(
             choices.entry(*token).or_default().push((group.expert, *weight));
         }
     }
-    let tokens_per_request = (split_bytes / dtype.row_bytes(d_model)).max(1);
     let tokens: Vec<(u32, Vec<(u32, f32)>)> = choices.into_iter().collect();
+    let tokens_per_request = call.rows_per_request(tokens.len());
     tokens
         .chunks(tokens_per_request)
         .map(|chunk| {
@@ -166,18 +167,38 @@ pub struct CallRows<'a> {
     pub dtype: WireDtype,
     /// Most payload bytes in one request.
     pub split_bytes: usize,
+    /// Connections to each worker: a payload of at least [`STRIPE_MIN_BYTES`] is spread over as
+    /// many requests, so that every connection carries a share.
+    pub stripes: usize,
 }
 
-/// Packs one worker's groups into requests of at most `split_bytes` payload (at least one row each).
+/// Payloads to one worker below this travel as one request (one connection's worth).
+pub const STRIPE_MIN_BYTES: usize = 1 << 20;
+
+impl CallRows<'_> {
+    /// Rows per request for `rows` rows to one worker: at most `split_bytes` of them, and spread
+    /// over the stripes when the payload is large enough to gain from it.
+    fn rows_per_request(&self, rows: usize) -> usize {
+        let row_bytes = self.dtype.row_bytes(self.d_model);
+        let mut per_request = (self.split_bytes / row_bytes).max(1);
+        if self.stripes > 1 && rows * row_bytes >= STRIPE_MIN_BYTES {
+            per_request = per_request.min(rows.div_ceil(self.stripes));
+        }
+        per_request.max(1)
+    }
+}
+
+/// Packs one worker's groups into requests of at most `split_bytes` payload (at least one row
+/// each), spread over the stripes when large.
 pub fn pack_requests(
     endpoint: &Arc<str>,
     group_indices: &[usize],
     groups: &[ExpertAssignments],
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
-    let CallRows { layer, hidden, d_model, dtype, split_bytes } = call;
-    let row_bytes = dtype.row_bytes(d_model);
-    let rows_per_request = (split_bytes / row_bytes).max(1);
+    let CallRows { layer, hidden, d_model, dtype, .. } = call;
+    let rows = group_indices.iter().map(|&group| groups[group].rows(d_model)).sum();
+    let rows_per_request = call.rows_per_request(rows);
     let mut requests = Vec::new();
     let mut current = new_request(endpoint, dtype);
     let mut current_rows = 0;
@@ -241,7 +262,8 @@ mod tests {
         let groups = [group(0, 3), group(1, 2)];
         let hidden = vec![0.5; 3 * 4];
         let endpoint: Arc<str> = Arc::from("http://a");
-        let call = CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: WireDtype::F32, split_bytes: 1 << 20 };
+        let call =
+            CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: WireDtype::F32, split_bytes: 1 << 20, stripes: 1 };
         let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].request.batches.len(), 2);
@@ -254,7 +276,8 @@ mod tests {
         let hidden = vec![0.5; 5 * 4];
         let endpoint: Arc<str> = Arc::from("http://a");
         // 16 bytes per row (4 x f32); 48 bytes per request = 3 rows.
-        let call = CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: WireDtype::F32, split_bytes: 48 };
+        let call =
+            CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: WireDtype::F32, split_bytes: 48, stripes: 1 };
         let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
         let pieces: Vec<Vec<Piece>> = requests.iter().map(|r| r.pieces.clone()).collect();
         assert_eq!(
@@ -283,7 +306,8 @@ mod tests {
         let hidden: Vec<f32> = (0..5 * 2).map(|value| value as f32).collect();
         let endpoint: Arc<str> = Arc::from("http://a");
         // 8 bytes per row (2 x f32); 16 bytes per request = 2 tokens.
-        let call = CallRows { layer: 7, hidden: &hidden, d_model: 2, dtype: WireDtype::F32, split_bytes: 16 };
+        let call =
+            CallRows { layer: 7, hidden: &hidden, d_model: 2, dtype: WireDtype::F32, split_bytes: 16, stripes: 1 };
         let requests = pack_token_rows(&endpoint, &[0, 1], &groups, call);
         let plans: Vec<TokenPlan> = requests.iter().filter_map(|r| r.token_major.clone()).collect();
         assert_eq!(
@@ -306,5 +330,24 @@ mod tests {
         let values: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         assert_eq!(values, [0.0, 1.0, 2.0, 3.0], "rows of tokens 0 and 1");
         assert_eq!(requests[1].payload_bytes(), 16);
+    }
+
+    #[test]
+    fn a_payload_of_a_mebibyte_or_more_is_spread_over_the_stripes() {
+        let hidden = vec![0.0f32; 4];
+        // 1 KiB rows (256 x f32).
+        let call = CallRows {
+            layer: 0,
+            hidden: &hidden,
+            d_model: 256,
+            dtype: WireDtype::F32,
+            split_bytes: 64 << 20,
+            stripes: 3,
+        };
+        assert!(call.rows_per_request(1023) >= 1023, "below 1 MiB: one request");
+        assert_eq!(call.rows_per_request(1024), 342, "1 MiB over 3 connections");
+        assert!(CallRows { stripes: 1, ..call }.rows_per_request(4096) >= 4096, "one connection: one request");
+        let split = CallRows { split_bytes: 100 << 10, ..call };
+        assert_eq!(split.rows_per_request(4096), 100, "the split limit still holds");
     }
 }

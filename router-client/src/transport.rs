@@ -1,7 +1,7 @@
 //! The seam under the client: how one request reaches one worker and its answer comes back.
 //!
 //! [`ExpertTransport`] is what the exchange needs of a network; [`GrpcTransport`] is the real one
-//! (tonic, one HTTP/2 connection per worker, socket bytes counted). The reference layer plugs an
+//! (tonic, several HTTP/2 connections per worker taken in turn, socket bytes counted). The reference layer plugs an
 //! in-process transport into the same client, and tests plug scripted ones.
 
 use std::collections::HashMap;
@@ -42,34 +42,72 @@ pub trait ExpertTransport: Send + Sync + fmt::Debug {
         deadline: Duration,
     ) -> BoxFuture<'static, Result<Answer, ClientError>>;
 
-    /// Bytes each worker connection wrote and read on its socket so far: `(endpoint, sent, received)`.
+    /// Bytes each worker's connections wrote and read on their sockets so far: `(endpoint, sent,
+    /// received)`.
     fn wire_bytes(&self) -> Vec<(Endpoint, u64, u64)> {
         Vec::new()
     }
+
+    /// Connections each worker is reached over: the client spreads a large payload over as many
+    /// requests.
+    fn connections_per_worker(&self) -> usize {
+        1
+    }
 }
 
-/// A worker's gRPC client and the byte counters of its connection.
-type Connection = (ExpertWorkerClient<Channel>, Arc<WireCounters>);
+/// One connection per core, up to 8: on loopback each HTTP/2 connection is bound by the one core
+/// that encodes and frames it.
+pub fn default_connections() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from).clamp(1, 8)
+}
 
-/// gRPC to every worker, one lazily opened connection each.
-#[derive(Debug, Default)]
+/// A worker's connections (lazily opened, each with its own byte counters), taken in turn.
+#[derive(Debug)]
+struct Stripes {
+    clients: Vec<ExpertWorkerClient<Channel>>,
+    counters: Arc<WireCounters>,
+    next: usize,
+}
+
+/// gRPC to every worker over `connections` HTTP/2 connections each, requests taking them in turn.
+#[derive(Debug)]
 pub struct GrpcTransport {
-    connections: Mutex<HashMap<Endpoint, Connection>>,
+    connections: usize,
+    workers: Mutex<HashMap<Endpoint, Stripes>>,
+}
+
+impl Default for GrpcTransport {
+    fn default() -> Self {
+        Self::new(1)
+    }
 }
 
 impl GrpcTransport {
+    pub fn new(connections: usize) -> Self {
+        Self { connections: connections.max(1), workers: Mutex::new(HashMap::new()) }
+    }
+
     fn connection(&self, endpoint: &Endpoint) -> Result<ExpertWorkerClient<Channel>, ClientError> {
-        let mut connections = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((client, _)) = connections.get(endpoint) {
-            return Ok(client.clone());
+        let mut workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !workers.contains_key(endpoint) {
+            let counters = Arc::new(WireCounters::default());
+            let clients = (0..self.connections)
+                .map(|_| {
+                    let channel = switchyard_common::transport::counted_channel(endpoint, counters.clone())?;
+                    Ok(ExpertWorkerClient::new(channel)
+                        .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES))
+                })
+                .collect::<Result<_, tonic::transport::Error>>()
+                .map_err(|error| ClientError::BadEndpoint {
+                    endpoint: endpoint.to_string(),
+                    reason: error.to_string(),
+                })?;
+            workers.insert(endpoint.clone(), Stripes { clients, counters, next: 0 });
         }
-        let counters = Arc::new(WireCounters::default());
-        let channel = switchyard_common::transport::counted_channel(endpoint, counters.clone())
-            .map_err(|error| ClientError::BadEndpoint { endpoint: endpoint.to_string(), reason: error.to_string() })?;
-        let client = ExpertWorkerClient::new(channel)
-            .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
-        connections.insert(endpoint.clone(), (client.clone(), counters));
+        let stripes = workers.get_mut(endpoint).expect("inserted above");
+        let client = stripes.clients[stripes.next].clone();
+        stripes.next = (stripes.next + 1) % stripes.clients.len();
         Ok(client)
     }
 }
@@ -103,12 +141,16 @@ impl ExpertTransport for GrpcTransport {
     }
 
     fn wire_bytes(&self) -> Vec<(Endpoint, u64, u64)> {
-        let connections = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut bytes: Vec<_> = connections
+        let workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut bytes: Vec<_> = workers
             .iter()
-            .map(|(endpoint, (_, counters))| (endpoint.clone(), counters.sent(), counters.received()))
+            .map(|(endpoint, stripes)| (endpoint.clone(), stripes.counters.sent(), stripes.counters.received()))
             .collect();
         bytes.sort();
         bytes
+    }
+
+    fn connections_per_worker(&self) -> usize {
+        self.connections
     }
 }

@@ -52,6 +52,7 @@ pub struct BenchSettings {
     pub batch_wait_us: u64,
     pub capacity_factor: f32,
     pub dispatch: DispatchLayout,
+    pub connections_per_worker: usize,
     /// Model fields the sweep does not vary (activation, seed).
     pub model: ModelSpec,
     /// Repeats of each wire baseline.
@@ -298,6 +299,7 @@ struct ShapeCluster {
     watcher: TableWatcher,
     model: ModelSpec,
     dispatch: DispatchLayout,
+    connections_per_worker: usize,
 }
 
 impl ShapeCluster {
@@ -330,7 +332,13 @@ impl ShapeCluster {
         }
         .await;
         match connected {
-            Ok(watcher) => Ok(Self { cluster, watcher, model, dispatch: settings.dispatch }),
+            Ok(watcher) => Ok(Self {
+                cluster,
+                watcher,
+                model,
+                dispatch: settings.dispatch,
+                connections_per_worker: settings.connections_per_worker,
+            }),
             Err(error) => {
                 cluster.stop(Duration::from_secs(2)).await;
                 Err(error.into())
@@ -339,7 +347,12 @@ impl ShapeCluster {
     }
 
     fn client(&self, wire_dtype: WireDtype) -> Arc<MoeClient> {
-        let options = ClientOptions { wire_dtype, dispatch: self.dispatch, ..ClientOptions::default() };
+        let options = ClientOptions {
+            wire_dtype,
+            dispatch: self.dispatch,
+            connections_per_worker: self.connections_per_worker,
+            ..ClientOptions::default()
+        };
         Arc::new(MoeClient::new(self.watcher.receiver(), options))
     }
 
@@ -596,6 +609,7 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "batch_wait_us": settings.batch_wait_us,
         "capacity_factor": settings.capacity_factor,
         "dispatch": format!("{:?}", settings.dispatch),
+        "connections_per_worker": settings.connections_per_worker,
         "activation": format!("{:?}", settings.model.activation),
         "grid": plan.grid,
         "preset_workers": plan.preset_workers,

@@ -10,6 +10,7 @@ use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset};
 use switchyard_tools::report;
 
 use super::values::{ActivationArg, DispatchArg, DtypeArg, WireDtypeArg, parse_duration};
+use switchyard_router_client::transport::default_connections;
 
 /// The flags of `switchyard bench` (the command's help text is on `Command::Bench`).
 #[derive(Debug, clap::Args)]
@@ -33,6 +34,10 @@ pub struct BenchArgs {
     /// How rows travel to the workers.
     #[arg(long, env = "SWITCHYARD_BENCH_DISPATCH", value_enum, default_value = "token-major")]
     pub dispatch: DispatchArg,
+
+    /// HTTP/2 connections from the client to each worker (default: one per core, up to 8).
+    #[arg(long, env = "SWITCHYARD_BENCH_CONNECTIONS_PER_WORKER", default_value_t = default_connections(), value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub connections_per_worker: usize,
 
     /// Expert workers per cluster.
     #[arg(long, env = "SWITCHYARD_BENCH_WORKERS", value_delimiter = ',', default_value = "2,1,3")]
@@ -189,6 +194,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         batch_wait_us: args.batch_wait_us,
         capacity_factor: args.capacity_factor,
         dispatch: args.dispatch.into(),
+        connections_per_worker: args.connections_per_worker,
         model: ModelSpec { activation: args.activation.into(), ..ModelSpec::default_synthetic() },
         baseline_repeats: args.baseline_repeats,
         coordinator_bin: dir.join("switchyard-coordinator"),

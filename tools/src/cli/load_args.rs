@@ -10,6 +10,7 @@ use switchyard_tools::report;
 use switchyard_tools::skew::Skew;
 
 use super::values::{self, DispatchArg, OverflowArg, PolicyName, WireDtypeArg};
+use switchyard_router_client::transport::default_connections;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
@@ -81,6 +82,10 @@ pub struct LoadArgs {
     /// How rows travel to the workers.
     #[arg(long, env = "SWITCHYARD_DISPATCH", value_enum, default_value = "token-major")]
     pub dispatch: DispatchArg,
+    /// HTTP/2 connections to each worker; payloads of 1 MiB and more are spread over them
+    /// (default: one per core, up to 8).
+    #[arg(long, env = "SWITCHYARD_CONNECTIONS_PER_WORKER", default_value_t = default_connections(), value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub connections_per_worker: usize,
 }
 
 impl LoadArgs {

@@ -120,6 +120,7 @@ pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<
     let options = ClientOptions {
         wire_dtype: load.wire_dtype.into(),
         dispatch: load.dispatch.into(),
+        connections_per_worker: load.connections_per_worker,
         routing,
         ..ClientOptions::default()
     };
