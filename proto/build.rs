@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".switchyard.v1.WireTensor.data")
         .bytes(".switchyard.v1.EchoMessage.payload")
         .bytes(".switchyard.v1.TokenRows")
+        .codec_path("crate::codec::SizedCodec")
         .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

@@ -3,8 +3,10 @@
 //!
 //! - [`v1`]: the generated messages, clients and servers.
 //! - [`wire`]: [`wire::WireDtype`], encoding of f32 rows into f32/f16/bf16 bytes and back.
+//! - [`codec`]: the services' codec (prost's, encoding into a buffer reserved at the message's size).
 //! - [`status`]: errors with structured details (gRPC's richer error model) both ends decode.
 
+pub mod codec;
 pub mod status;
 pub mod wire;
 
