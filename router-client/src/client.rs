@@ -185,7 +185,10 @@ impl MoeClient {
             stripes: self.transport.connections_per_worker(),
             dispatch: self.options.dispatch,
         };
-        let (plan, timing) = self.cpu.run(move || planning.plan()).await??;
+        let handed_off = Instant::now();
+        let (plan, mut timing) = self.cpu.run(move || planning.plan()).await??;
+        // Waiting for a pool thread and for this task to be woken is part of planning's cost.
+        timing.plan += handed_off.elapsed().saturating_sub(timing.gate + timing.plan + timing.encode);
         let plan = Arc::new(plan);
 
         // Answers are checked here as they arrive (cheap; a bad one ends the call at once) and

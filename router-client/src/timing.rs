@@ -15,7 +15,7 @@ use std::time::Duration;
 pub struct TimeBreakdown {
     /// Gate logits and the routing policy.
     pub gate: Duration,
-    /// Capacity, grouping by expert and by worker.
+    /// Capacity, grouping by expert and by worker, and the hand-off to and from the CPU pool.
     pub plan: Duration,
     /// Gathering rows into wire payloads.
     pub encode: Duration,
