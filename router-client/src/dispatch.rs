@@ -85,33 +85,36 @@ pub fn pack_token_rows(
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
     let CallRows { layer, hidden, d_model, dtype, .. } = call;
-    let mut choices: BTreeMap<u32, Vec<(u32, f32)>> = BTreeMap::new();
-    for &group_index in group_indices {
-        let group = &groups[group_index];
-        for (token, weight) in group.tokens.iter().zip(&group.weights) {
-            choices.entry(*token).or_default().push((group.expert, *weight));
-        }
-    }
-    let tokens: Vec<(u32, Vec<(u32, f32)>)> = choices.into_iter().collect();
-    let tokens_per_request = call.rows_per_request(tokens.len());
-    tokens
+    // (token, expert, weight) of every kept assignment, by token; the sort is stable, so a token's
+    // experts stay in group order. One flat buffer: no allocation per token.
+    let mut choices: Vec<(u32, u32, f32)> = group_indices
+        .iter()
+        .flat_map(|&group_index| {
+            let group = &groups[group_index];
+            group.tokens.iter().zip(&group.weights).map(move |(token, weight)| (*token, group.expert, *weight))
+        })
+        .collect();
+    choices.sort_by_key(|(token, _, _)| *token);
+    let token_starts: Vec<usize> =
+        (0..choices.len()).filter(|&at| at == 0 || choices[at].0 != choices[at - 1].0).collect();
+    let tokens_per_request = call.rows_per_request(token_starts.len());
+    token_starts
         .chunks(tokens_per_request)
-        .map(|chunk| {
-            let mut offsets = Vec::with_capacity(4 * (chunk.len() + 1));
-            let (mut experts, mut weights) = (Vec::new(), Vec::new());
-            let mut pairs = 0u32;
-            offsets.extend(pairs.to_le_bytes());
-            for (_, token_choices) in chunk {
-                for (expert, weight) in token_choices {
-                    experts.extend(expert.to_le_bytes());
-                    weights.extend(weight.to_le_bytes());
-                }
-                pairs += token_choices.len() as u32;
-                offsets.extend(pairs.to_le_bytes());
+        .enumerate()
+        .map(|(chunk, starts)| {
+            let end = token_starts.get((chunk + 1) * tokens_per_request).copied().unwrap_or(choices.len());
+            let pairs = &choices[starts[0]..end];
+            let mut offsets = Vec::with_capacity(4 * (starts.len() + 1));
+            for start in starts.iter().chain(std::iter::once(&end)) {
+                offsets.extend(((start - starts[0]) as u32).to_le_bytes());
             }
-            let token_ids: Vec<u32> = chunk.iter().map(|(token, _)| *token).collect();
-            let mut answered: Vec<u32> =
-                chunk.iter().flat_map(|(_, token_choices)| token_choices.iter().map(|(expert, _)| *expert)).collect();
+            let (mut experts, mut weights) = (Vec::with_capacity(4 * pairs.len()), Vec::with_capacity(4 * pairs.len()));
+            for (_, expert, weight) in pairs {
+                experts.extend(expert.to_le_bytes());
+                weights.extend(weight.to_le_bytes());
+            }
+            let token_ids: Vec<u32> = starts.iter().map(|&start| choices[start].0).collect();
+            let mut answered: Vec<u32> = pairs.iter().map(|(_, expert, _)| *expert).collect();
             answered.sort_unstable();
             answered.dedup();
             let request = v1::ForwardRequest {
