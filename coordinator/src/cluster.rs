@@ -1,11 +1,12 @@
 //! [`Cluster`]: the coordinator's logic as a plain struct, tested without a network.
 //!
-//! Membership (register, heartbeat, expiry) updates the state under a short lock. One reconcile
-//! loop owns every change of placement, so changes never interleave: it plans
-//! ([`crate::placement::plan`]), tells workers to load their new experts (outside the lock), then
-//! publishes a new routing table version that only names experts already loaded, and finally
-//! unloads experts a worker no longer serves once a grace period has passed, so clients still on
-//! the previous table are not cut off.
+//! Membership (register, heartbeat, drain, expiry) updates the state under a short lock and runs
+//! on its own timer, so a worker's death is published even while another worker's load is stuck.
+//! Placement changes come from reconcile rounds: a round plans ([`crate::placement::plan`]) and
+//! orders the loads; each load runs as its own task and, when it completes, the table is
+//! republished. The table only names experts a worker holds: an expert on its way to a new holder
+//! stays routed to its old one (make-before-break), which unloads it once a grace period has passed
+//! so clients still on the previous table are not cut off.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,13 +20,14 @@ use tokio::sync::{Notify, watch};
 use crate::control::{ControlError, ExpertLoad, WorkerControl};
 use crate::error::CoordinatorError;
 use crate::metrics::{CoordinatorMetrics, OutcomeLabels, WorkerLabels};
-use crate::placement::{self, Placement, WorkerId, WorkerSlot};
+use crate::placement::{self, Goal, Placement, WorkerId, WorkerSlot, holders};
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     pub model: ModelSpec,
     pub heartbeat_interval: Duration,
-    /// A worker silent for this long is removed and its experts placed on the survivors.
+    /// A worker silent for this long is removed and its experts placed on the survivors. A worker
+    /// that misses one heartbeat is probed: one that refuses connections is removed at once.
     pub heartbeat_timeout: Duration,
     /// Workers to wait for before the first placement (so experts do not all land on the first).
     pub min_workers: usize,
@@ -36,6 +38,9 @@ pub struct ClusterConfig {
     pub max_batch_tokens: u32,
     /// How long a worker keeps serving an expert after the table moved it elsewhere.
     pub unload_grace: Duration,
+    /// Workers holding each expert (at most one copy per worker): with 2, a worker's death costs no
+    /// call, as clients retry on the other holder.
+    pub replicas: usize,
 }
 
 /// What a worker says about itself when it registers.
@@ -68,13 +73,22 @@ pub struct WorkerRecord {
     /// Consecutive failed loads, and when the next may be tried (doubling, up to a minute).
     pub load_failures: u32,
     pub retry_load_after: Option<Instant>,
+    /// A LoadExperts call to it is in flight: no second one is ordered meanwhile.
+    pub loading: bool,
+    /// A liveness probe to it is in flight.
+    pub probing: bool,
+    /// It is stopping: nothing is placed on it, and its experts move before it goes.
+    pub draining: bool,
 }
 
 #[derive(Debug, Default)]
 struct State {
     workers: BTreeMap<WorkerId, WorkerRecord>,
-    /// The placement of the published table.
-    placement: Placement,
+    /// The last plan: where experts should be.
+    target: Placement,
+    /// What the published table routes: the target's holders that hold the expert already, else
+    /// any live worker still holding it.
+    published: Placement,
     registrations: u64,
     placed_once: bool,
     /// (worker, expert) pairs the table no longer routes to that worker, and since when.
@@ -86,8 +100,9 @@ struct State {
 /// The longest wait before a worker whose loads keep failing is asked again.
 const MAX_LOAD_RETRY_DELAY: Duration = Duration::from_secs(60);
 
-/// One load to issue during a reconcile round.
-struct LoadOrder {
+/// One load to issue.
+#[derive(Debug)]
+pub struct LoadOrder {
     worker: WorkerId,
     endpoint: String,
     experts: BTreeSet<ExpertId>,
@@ -96,6 +111,9 @@ struct LoadOrder {
 #[derive(Debug)]
 pub struct Cluster<C> {
     config: ClusterConfig,
+    /// This coordinator instance's epoch (its start, unix milliseconds), carried by every table.
+    epoch: u64,
+    started: Instant,
     state: Mutex<State>,
     table: watch::Sender<Arc<v1::RoutingTable>>,
     wake: Notify,
@@ -105,19 +123,36 @@ pub struct Cluster<C> {
 
 impl<C: WorkerControl> Cluster<C> {
     pub fn new(config: ClusterConfig, control: C, metrics: CoordinatorMetrics) -> Arc<Self> {
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |since| since.as_millis() as u64);
         let empty = v1::RoutingTable {
             version: 0,
+            epoch,
             model: Some(config.model.to_proto()),
             routes: Vec::new(),
             queue_limit_tokens: config.queue_limit_tokens,
             max_batch_tokens: config.max_batch_tokens,
         };
         let (table, _) = watch::channel(Arc::new(empty));
-        Arc::new(Self { config, state: Mutex::new(State::default()), table, wake: Notify::new(), control, metrics })
+        Arc::new(Self {
+            config,
+            epoch,
+            started: Instant::now(),
+            state: Mutex::new(State::default()),
+            table,
+            wake: Notify::new(),
+            control,
+            metrics,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Adds a worker (replacing an earlier record with the same endpoint: a restarted worker).
@@ -159,9 +194,14 @@ impl<C: WorkerControl> Cluster<C> {
                 tokens_served: 0,
                 load_failures: 0,
                 retry_load_after: None,
+                loading: false,
+                probing: false,
+                draining: false,
             },
         );
         self.metrics.live_workers.set(state.workers.len() as i64);
+        // A restarted worker replaced its old record: routes to the old record go.
+        self.republish(&mut state);
         drop(state);
         self.wake.notify_one();
         Ok((id, self.config.heartbeat_interval))
@@ -174,9 +214,7 @@ impl<C: WorkerControl> Cluster<C> {
         queued_tokens: u64,
         tokens_served: u64,
     ) -> Result<u64, CoordinatorError> {
-        if protocol_version != PROTOCOL_VERSION {
-            return Err(CoordinatorError::ProtocolMismatch { worker: protocol_version, coordinator: PROTOCOL_VERSION });
-        }
+        check_protocol(protocol_version)?;
         let mut state = self.lock();
         let worker = state
             .workers
@@ -186,6 +224,23 @@ impl<C: WorkerControl> Cluster<C> {
         worker.queued_tokens = queued_tokens;
         worker.tokens_served = tokens_served;
         Ok(self.table.borrow().version)
+    }
+
+    /// A worker that is stopping: place nothing more on it and move its experts away first.
+    /// Returns how many experts the published table still routes to it, and the table's version.
+    pub fn drain(&self, protocol_version: u32, worker_id: &str) -> Result<(u32, u64), CoordinatorError> {
+        check_protocol(protocol_version)?;
+        let mut state = self.lock();
+        let id = WorkerId(worker_id.to_owned());
+        let worker = state.workers.get_mut(&id).ok_or_else(|| CoordinatorError::UnknownWorker(worker_id.to_owned()))?;
+        worker.last_heartbeat = Instant::now();
+        if !worker.draining {
+            worker.draining = true;
+            tracing::info!(worker_id = %id, endpoint = %worker.endpoint, "worker is draining; moving its experts");
+            self.wake.notify_one();
+        }
+        let routed = state.published.values().filter(|owners| owners.contains(&id)).count() as u32;
+        Ok((routed, self.table.borrow().version))
     }
 
     pub fn table(&self) -> Arc<v1::RoutingTable> {
@@ -204,9 +259,9 @@ impl<C: WorkerControl> Cluster<C> {
             .values()
             .map(|worker| {
                 let experts: Vec<_> = state
-                    .placement
+                    .published
                     .iter()
-                    .filter(|(_, owner)| **owner == worker.id)
+                    .filter(|(_, owners)| owners.contains(&worker.id))
                     .map(|(expert, _)| *expert)
                     .collect();
                 v1::WorkerStatus {
@@ -222,11 +277,17 @@ impl<C: WorkerControl> Cluster<C> {
                     experts: experts.into_iter().map(Into::into).collect(),
                     millis_since_heartbeat: now.duration_since(worker.last_heartbeat).as_millis() as u64,
                     queued_tokens: worker.queued_tokens,
+                    draining: worker.draining,
                 }
             })
             .collect();
-        let unplaced_experts =
-            self.config.model.expert_keys().filter(|key| !state.placement.contains_key(key)).map(Into::into).collect();
+        let unplaced_experts = self
+            .config
+            .model
+            .expert_keys()
+            .filter(|key| holders(&state.published, key).is_empty())
+            .map(Into::into)
+            .collect();
         v1::ClusterStatus {
             table_version: self.table.borrow().version,
             model: Some(self.config.model.to_proto()),
@@ -235,66 +296,124 @@ impl<C: WorkerControl> Cluster<C> {
         }
     }
 
-    /// Reconciles until `shutdown` resolves: on every registration, and every heartbeat interval.
+    /// Reconciles until `shutdown` resolves: on every registration, drain and finished load, and
+    /// every heartbeat interval; membership is watched meanwhile on its own timer.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let membership = tokio::spawn(self.clone().watch_membership());
         loop {
-            self.reconcile_once().await;
+            for order in self.plan_round() {
+                tokio::spawn(self.clone().load_owned(order));
+            }
+            let unloads = self.due_unloads();
+            if !unloads.is_empty() {
+                tokio::spawn(self.clone().unload_owned(unloads));
+            }
             tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => break,
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(self.config.heartbeat_interval) => {}
             }
         }
+        membership.abort();
     }
 
-    /// One round: expire silent workers, plan, load, publish, unload retired experts.
+    /// One round, waiting for its loads and unloads (what `run` does in tasks): for tests and tools.
     pub async fn reconcile_once(&self) {
-        let Some((plan, orders)) = self.plan_round() else {
-            return;
-        };
-        let loads = orders.iter().map(|order| {
-            let load = ExpertLoad {
-                model: &self.config.model,
-                experts: order.experts.iter().copied().collect(),
-                queue_limit_tokens: self.config.queue_limit_tokens,
-                shared_queue_limit_tokens: self.config.max_batch_tokens,
-            };
-            self.control.load(&order.endpoint, load)
-        });
-        let results = futures::future::join_all(loads).await;
-        let unloads = self.commit_round(plan, orders, results);
-        let unloads = unloads.into_iter().map(|(endpoint, experts)| async move {
-            if let Err(error) = self.control.unload(&endpoint, experts).await {
-                tracing::warn!(%endpoint, %error, "unloading retired experts failed");
-            }
-        });
-        futures::future::join_all(unloads).await;
+        let orders = self.plan_round();
+        futures::future::join_all(orders.into_iter().map(|order| self.load(order))).await;
+        self.unload(self.due_unloads()).await;
     }
 
-    fn plan_round(&self) -> Option<(Placement, Vec<LoadOrder>)> {
+    /// Expires silent workers and probes late ones, every half heartbeat interval, forever.
+    async fn watch_membership(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(self.config.heartbeat_interval / 2);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.check_membership();
+            for (id, endpoint) in self.late_workers() {
+                let cluster = self.clone();
+                tokio::spawn(async move { cluster.probe(id, endpoint).await });
+            }
+        }
+    }
+
+    /// Removes workers silent past the timeout and republishes without them.
+    pub fn check_membership(&self) {
         let mut state = self.lock();
+        if self.expire_silent(&mut state) {
+            self.republish(&mut state);
+            drop(state);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Workers that missed a heartbeat and are not being probed yet (each marked as probed).
+    fn late_workers(&self) -> Vec<(WorkerId, String)> {
+        let late_after = self.config.heartbeat_interval.mul_f64(1.5);
+        let now = Instant::now();
+        let mut state = self.lock();
+        state
+            .workers
+            .values_mut()
+            .filter(|worker| !worker.probing && now.duration_since(worker.last_heartbeat) > late_after)
+            .map(|worker| {
+                worker.probing = true;
+                (worker.id.clone(), worker.endpoint.clone())
+            })
+            .collect()
+    }
+
+    /// Asks a late worker whether it is there: one that refuses connections (a killed process) is
+    /// removed at once; one that does not answer in time (a stopped one) waits for the timeout.
+    pub async fn probe(&self, id: WorkerId, endpoint: String) {
+        let outcome = self.control.probe(&endpoint).await;
+        let mut state = self.lock();
+        if let Some(worker) = state.workers.get_mut(&id) {
+            worker.probing = false;
+        }
+        if let Err(ControlError::Unreachable { message, .. }) = outcome
+            && state.workers.remove(&id).is_some()
+        {
+            tracing::warn!(worker_id = %id, %endpoint, %message, "late worker is unreachable; removing it");
+            self.metrics.worker_expirations.inc();
+            self.metrics.live_workers.set(state.workers.len() as i64);
+            self.republish(&mut state);
+            drop(state);
+            self.wake.notify_one();
+        }
+    }
+
+    fn expire_silent(&self, state: &mut State) -> bool {
         let now = Instant::now();
         let timeout = self.config.heartbeat_timeout;
-        let expired: Vec<WorkerId> = state
-            .workers
-            .values()
-            .filter(|worker| now.duration_since(worker.last_heartbeat) > timeout)
-            .map(|worker| worker.id.clone())
-            .collect();
-        for id in expired {
-            if let Some(worker) = state.workers.remove(&id) {
+        let before = state.workers.len();
+        state.workers.retain(|id, worker| {
+            let alive = now.duration_since(worker.last_heartbeat) <= timeout;
+            if !alive {
                 tracing::warn!(worker_id = %id, endpoint = %worker.endpoint, "worker missed heartbeats; removing it");
                 self.metrics.worker_expirations.inc();
             }
-        }
+            alive
+        });
         self.metrics.live_workers.set(state.workers.len() as i64);
-        if !state.placed_once && state.workers.len() < self.config.min_workers {
-            return None;
+        state.workers.len() != before
+    }
+
+    /// Plans where experts go and returns the loads to order (each worker marked as loading).
+    fn plan_round(&self) -> Vec<LoadOrder> {
+        let mut state = self.lock();
+        if self.expire_silent(&mut state) {
+            self.republish(&mut state);
+        }
+        if !state.placed_once && (state.workers.len() < self.config.min_workers || self.awaiting_rejoins(&state)) {
+            return Vec::new();
         }
         let slots: Vec<WorkerSlot> = state
             .workers
             .values()
+            .filter(|worker| !worker.draining)
             .map(|worker| WorkerSlot {
                 id: worker.id.clone(),
                 parameter_room: worker.memory_bytes / worker.resident_dtype.element_size() as u64,
@@ -302,9 +421,12 @@ impl<C: WorkerControl> Cluster<C> {
             })
             .collect();
         let experts: Vec<ExpertId> = self.config.model.expert_keys().collect();
+        // The first plan adopts what workers already hold (a restarted coordinator): nothing moves.
+        let current = if state.placed_once { state.target.clone() } else { resident_placement(&state) };
         let model = &self.config.model;
-        let plan =
-            placement::plan(&experts, &|expert| model.expert_parameters_of(expert.expert), &slots, &state.placement);
+        let goal =
+            Goal { parameters_of: &|expert: ExpertId| model.expert_parameters_of(expert.expert), replicas: self.config.replicas };
+        let plan = placement::plan(&experts, goal, &slots, &current);
         if plan.unplaced.len() != state.unplaced {
             state.unplaced = plan.unplaced.len();
             match (plan.unplaced.len(), slots.len()) {
@@ -313,70 +435,111 @@ impl<C: WorkerControl> Cluster<C> {
                 (unplaced, workers) => tracing::warn!(unplaced, workers, "not enough worker memory for every expert"),
             }
         }
+        state.target = plan.placement;
+        state.placed_once = true;
+        let now = Instant::now();
+        let target = state.target.clone();
         let orders = state
             .workers
-            .values()
+            .values_mut()
             .filter_map(|worker| {
-                let assigned: BTreeSet<ExpertId> = plan
-                    .placement
+                let assigned: BTreeSet<ExpertId> = target
                     .iter()
-                    .filter(|(_, owner)| **owner == worker.id)
+                    .filter(|(_, owners)| owners.contains(&worker.id))
                     .map(|(expert, _)| *expert)
                     .collect();
                 let missing = assigned.difference(&worker.resident).next().is_some();
                 let backing_off = worker.retry_load_after.is_some_and(|after| now < after);
-                (missing && !backing_off).then(|| LoadOrder {
-                    worker: worker.id.clone(),
-                    endpoint: worker.endpoint.clone(),
-                    experts: assigned,
-                })
+                if !missing || backing_off || worker.loading {
+                    return None;
+                }
+                worker.loading = true;
+                Some(LoadOrder { worker: worker.id.clone(), endpoint: worker.endpoint.clone(), experts: assigned })
             })
             .collect();
-        Some((plan.placement, orders))
+        self.republish(&mut state);
+        orders
     }
 
-    /// Applies the outcome of a round's loads; returns the unloads that are due.
-    fn commit_round(
-        &self,
-        mut plan: Placement,
-        orders: Vec<LoadOrder>,
-        results: Vec<Result<(), ControlError>>,
-    ) -> Vec<(String, Vec<ExpertId>)> {
+    /// Before the first placement, while workers that hold experts are rejoining a restarted
+    /// coordinator: wait (up to the heartbeat timeout) for the holders of the rest, so that
+    /// nothing is loaded twice.
+    fn awaiting_rejoins(&self, state: &State) -> bool {
+        let held: BTreeSet<ExpertId> = state.workers.values().flat_map(|worker| worker.resident.iter().copied()).collect();
+        !held.is_empty()
+            && self.config.model.expert_keys().any(|expert| !held.contains(&expert))
+            && self.started.elapsed() < self.config.heartbeat_timeout
+    }
+
+    async fn load_owned(self: Arc<Self>, order: LoadOrder) {
+        self.load(order).await;
+    }
+
+    async fn unload_owned(self: Arc<Self>, unloads: Vec<(String, Vec<ExpertId>)>) {
+        self.unload(unloads).await;
+    }
+
+    async fn load(&self, order: LoadOrder) {
+        let load = ExpertLoad {
+            model: &self.config.model,
+            experts: order.experts.iter().copied().collect(),
+            queue_limit_tokens: self.config.queue_limit_tokens,
+            shared_queue_limit_tokens: self.config.max_batch_tokens,
+        };
+        let result = self.control.load(&order.endpoint, load).await;
+        self.finish_load(order, result);
+        self.wake.notify_one();
+    }
+
+    /// Applies the outcome of one load and republishes.
+    fn finish_load(&self, order: LoadOrder, result: Result<(), ControlError>) {
         let mut state = self.lock();
-        for (order, result) in orders.into_iter().zip(results) {
-            let outcome = if result.is_ok() { "ok" } else { "failed" };
-            self.metrics.load_orders.get_or_create(&OutcomeLabels { outcome }).inc();
-            match result {
-                Ok(()) => {
-                    if let Some(worker) = state.workers.get_mut(&order.worker) {
-                        let new = order.experts.iter().filter(|expert| !worker.resident.contains(expert)).count();
-                        self.metrics.experts_loaded.inc_by(new as u64);
-                        worker.resident.extend(order.experts.iter().copied());
-                        worker.load_failures = 0;
-                        worker.retry_load_after = None;
-                    }
-                }
-                Err(error) => {
-                    let mut retry_in = Duration::ZERO;
-                    if let Some(worker) = state.workers.get_mut(&order.worker) {
-                        worker.load_failures += 1;
-                        let doublings = worker.load_failures.min(10) - 1;
-                        retry_in = (self.config.heartbeat_interval * 2u32.pow(doublings)).min(MAX_LOAD_RETRY_DELAY);
-                        worker.retry_load_after = Some(Instant::now() + retry_in);
-                    }
-                    tracing::error!(worker_id = %order.worker, endpoint = %order.endpoint, %error, ?retry_in, "worker failed to load its experts");
-                }
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        self.metrics.load_orders.get_or_create(&OutcomeLabels { outcome }).inc();
+        let heartbeat_interval = self.config.heartbeat_interval;
+        let Some(worker) = state.workers.get_mut(&order.worker) else {
+            return;
+        };
+        worker.loading = false;
+        match result {
+            Ok(()) => {
+                let new = order.experts.iter().filter(|expert| !worker.resident.contains(expert)).count();
+                self.metrics.experts_loaded.inc_by(new as u64);
+                worker.resident.extend(order.experts.iter().copied());
+                worker.load_failures = 0;
+                worker.retry_load_after = None;
+            }
+            Err(error) => {
+                worker.load_failures += 1;
+                let doublings = worker.load_failures.min(10) - 1;
+                let retry_in = (heartbeat_interval * 2u32.pow(doublings)).min(MAX_LOAD_RETRY_DELAY);
+                worker.retry_load_after = Some(Instant::now() + retry_in);
+                tracing::error!(worker_id = %order.worker, endpoint = %order.endpoint, %error, ?retry_in, "worker failed to load its experts");
             }
         }
-        // The invariant, enforced here once: the table routes an expert only to a live worker that
-        // holds it (a load failed, was not tried while backing off, or the worker left meanwhile).
-        plan.retain(|expert, owner| state.workers.get(owner).is_some_and(|worker| worker.resident.contains(expert)));
-        if !state.placed_once || plan != state.placement {
-            state.placement = plan;
-            state.placed_once = true;
-            self.publish(&state);
+        self.republish(&mut state);
+    }
+
+    async fn unload(&self, unloads: Vec<(String, Vec<ExpertId>)>) {
+        let unloads = unloads.into_iter().map(|(endpoint, experts)| async move {
+            if let Err(error) = self.control.unload(&endpoint, experts).await {
+                tracing::warn!(%endpoint, %error, "unloading retired experts failed");
+            }
+        });
+        futures::future::join_all(unloads).await;
+    }
+
+    /// Recomputes what the table routes and publishes a new version when it changed. The invariant,
+    /// enforced here once: the table routes an expert only to live workers that hold it.
+    fn republish(&self, state: &mut State) {
+        if !state.placed_once {
+            return;
         }
-        self.due_unloads(&mut state)
+        let published = routable(state);
+        if published != state.published {
+            state.published = published;
+            self.publish(state);
+        }
     }
 
     fn publish(&self, state: &State) {
@@ -386,50 +549,63 @@ impl<C: WorkerControl> Cluster<C> {
             .expert_keys()
             .map(|key| v1::ExpertRoute {
                 expert: Some(key.into()),
-                endpoints: state
-                    .placement
-                    .get(&key)
-                    .and_then(|owner| state.workers.get(owner))
-                    .map(|worker| vec![worker.endpoint.clone()])
-                    .unwrap_or_default(),
+                endpoints: holders(&state.published, &key)
+                    .iter()
+                    .filter_map(|owner| state.workers.get(owner))
+                    .map(|worker| worker.endpoint.clone())
+                    .collect(),
             })
             .collect();
         let version = self.table.borrow().version + 1;
         let table = v1::RoutingTable {
             version,
+            epoch: self.epoch,
             model: Some(self.config.model.to_proto()),
             routes,
             queue_limit_tokens: self.config.queue_limit_tokens,
             max_batch_tokens: self.config.max_batch_tokens,
         };
-        tracing::info!(
-            version,
-            placed = state.placement.len(),
-            workers = state.workers.len(),
-            "routing table published"
-        );
+        let placed = state.published.values().filter(|owners| !owners.is_empty()).count();
+        tracing::info!(version, placed, workers = state.workers.len(), "routing table published");
         self.metrics.table_version.set(version as i64);
-        self.metrics.placed_experts.set(state.placement.len() as i64);
+        self.metrics.placed_experts.set(placed as i64);
         // Only live workers keep a series, so the label set stays bounded by the cluster size.
         self.metrics.worker_placed_experts.clear();
         for worker in state.workers.values() {
-            let placed = state.placement.values().filter(|owner| **owner == worker.id).count();
+            let routed = state.published.values().filter(|owners| owners.contains(&worker.id)).count();
             self.metrics
                 .worker_placed_experts
                 .get_or_create(&WorkerLabels { worker: worker.id.to_string() })
-                .set(placed as i64);
+                .set(routed as i64);
         }
         self.table.send_replace(Arc::new(table));
     }
 
-    fn due_unloads(&self, state: &mut State) -> Vec<(String, Vec<ExpertId>)> {
+    /// Experts workers hold that neither the plan nor the table gives them any more, once their
+    /// grace has passed: (endpoint, experts) to unload.
+    fn due_unloads(&self) -> Vec<(String, Vec<ExpertId>)> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if !state.placed_once {
+            // Before the first plan every held expert looks surplus: it is only not adopted yet.
+            return Vec::new();
+        }
         let now = Instant::now();
-        let placement = state.placement.clone();
         let mut still_retired = BTreeMap::new();
         let mut due: Vec<(String, Vec<ExpertId>)> = Vec::new();
         for worker in state.workers.values_mut() {
-            let surplus: Vec<ExpertId> =
-                worker.resident.iter().filter(|expert| placement.get(expert) != Some(&worker.id)).copied().collect();
+            if worker.loading {
+                continue;
+            }
+            let surplus: Vec<ExpertId> = worker
+                .resident
+                .iter()
+                .filter(|expert| {
+                    !holders(&state.target, expert).contains(&worker.id)
+                        && !holders(&state.published, expert).contains(&worker.id)
+                })
+                .copied()
+                .collect();
             let mut unload = Vec::new();
             for expert in surplus {
                 let since = state.retired.get(&(worker.id.clone(), expert)).copied().unwrap_or(now);
@@ -450,6 +626,48 @@ impl<C: WorkerControl> Cluster<C> {
     }
 }
 
+fn check_protocol(protocol_version: u32) -> Result<(), CoordinatorError> {
+    if protocol_version != PROTOCOL_VERSION {
+        return Err(CoordinatorError::ProtocolMismatch { worker: protocol_version, coordinator: PROTOCOL_VERSION });
+    }
+    Ok(())
+}
+
+/// Each expert's holders among the live workers that are not draining: what a restarted
+/// coordinator adopts.
+fn resident_placement(state: &State) -> Placement {
+    let mut placement = Placement::new();
+    for worker in state.workers.values().filter(|worker| !worker.draining) {
+        for expert in &worker.resident {
+            placement.entry(*expert).or_default().push(worker.id.clone());
+        }
+    }
+    placement
+}
+
+/// What the table may route: each expert's planned holders that hold it already, else (while it
+/// moves) the live workers still holding it, those not draining first.
+fn routable(state: &State) -> Placement {
+    let holds = |id: &WorkerId, expert: &ExpertId| state.workers.get(id).is_some_and(|worker| worker.resident.contains(expert));
+    let held = state.workers.values().flat_map(|worker| worker.resident.iter());
+    let experts: BTreeSet<&ExpertId> = state.target.keys().chain(held).collect();
+    let mut published = Placement::new();
+    for expert in experts {
+        let owners = holders(&state.target, expert);
+        let mut routed: Vec<WorkerId> = owners.iter().filter(|owner| holds(owner, expert)).cloned().collect();
+        if routed.is_empty() {
+            let mut fallback: Vec<&WorkerRecord> =
+                state.workers.values().filter(|worker| worker.resident.contains(expert)).collect();
+            fallback.sort_by_key(|worker| worker.draining);
+            routed = fallback.into_iter().map(|worker| worker.id.clone()).collect();
+        }
+        if !routed.is_empty() {
+            published.insert(*expert, routed);
+        }
+    }
+    published
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,17 +675,23 @@ mod tests {
     /// (endpoint, experts) of one recorded call.
     type Call = (String, Vec<ExpertId>);
 
-    /// Records every call; fails loads to the endpoints in `failing`.
+    /// Records every call; fails loads to the endpoints in `failing`, never finishes those to
+    /// `hanging`, and finds nothing listening at those in `gone`.
     #[derive(Debug, Default)]
     struct FakeControl {
         loads: Mutex<Vec<Call>>,
         unloads: Mutex<Vec<Call>>,
         failing: Mutex<BTreeSet<String>>,
+        hanging: Mutex<BTreeSet<String>>,
+        gone: Mutex<BTreeSet<String>>,
     }
 
     impl WorkerControl for Arc<FakeControl> {
         async fn load(&self, endpoint: &str, load: ExpertLoad<'_>) -> Result<(), ControlError> {
             self.loads.lock().expect("lock").push((endpoint.to_owned(), load.experts));
+            if self.hanging.lock().expect("lock").contains(endpoint) {
+                std::future::pending::<()>().await;
+            }
             if self.failing.lock().expect("lock").contains(endpoint) {
                 Err(ControlError::Refused {
                     endpoint: endpoint.to_owned(),
@@ -483,6 +707,14 @@ mod tests {
             self.unloads.lock().expect("lock").push((endpoint.to_owned(), experts));
             Ok(())
         }
+
+        async fn probe(&self, endpoint: &str) -> Result<(), ControlError> {
+            if self.gone.lock().expect("lock").contains(endpoint) {
+                Err(ControlError::Unreachable { endpoint: endpoint.to_owned(), message: "connection refused".into() })
+            } else {
+                Ok(())
+            }
+        }
     }
 
     fn config(min_workers: usize) -> ClusterConfig {
@@ -494,6 +726,7 @@ mod tests {
             queue_limit_tokens: 64,
             max_batch_tokens: 256,
             unload_grace: Duration::ZERO,
+            replicas: 1,
         }
     }
 
@@ -514,7 +747,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn waits_for_min_workers_then_places_and_publishes_version_1() {
+    async fn waits_for_min_workers_then_places_and_publishes_each_load_as_it_lands() {
         let control = Arc::new(FakeControl::default());
         let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
         cluster.register(registration("a")).expect("register");
@@ -523,14 +756,15 @@ mod tests {
         cluster.register(registration("b")).expect("register");
         cluster.reconcile_once().await;
         let table = cluster.table();
-        assert_eq!(table.version, 1);
+        assert_eq!(table.version, 2, "a version as each worker's load lands");
+        assert_eq!(table.epoch, cluster.epoch());
         assert_eq!(table.queue_limit_tokens, 64);
         let owners = endpoints_by_expert(&table);
         assert_eq!(owners.iter().filter(|owner| *owner == "a").count(), 4);
         assert_eq!(owners.iter().filter(|owner| *owner == "b").count(), 4);
         assert_eq!(control.loads.lock().expect("lock").len(), 2, "one LoadExperts per worker");
         cluster.reconcile_once().await;
-        assert_eq!(cluster.table().version, 1, "nothing changed, nothing published");
+        assert_eq!(cluster.table().version, 2, "nothing changed, nothing published");
     }
 
     /// Memory holds twice as many bf16 experts as f32 ones: a GPU worker (synthetic weights default
@@ -572,7 +806,7 @@ mod tests {
         }
         cluster.reconcile_once().await;
         let table = cluster.table();
-        assert_eq!(table.version, 2);
+        assert_eq!(table.version, 4, "b's routes dropped (3), then its experts loaded on a (4)");
         assert!(endpoints_by_expert(&table).iter().all(|owner| owner == "a"));
         let loads = control.loads.lock().expect("lock");
         assert_eq!(loads.last().map(|(endpoint, experts)| (endpoint.as_str(), experts.len())), Some(("a", 8)));
@@ -651,5 +885,153 @@ mod tests {
         let error = cluster.heartbeat(PROTOCOL_VERSION, "w404", 0, 0).unwrap_err();
         assert_eq!(error, CoordinatorError::UnknownWorker("w404".into()));
         assert_eq!(tonic::Status::from(error).code(), tonic::Code::NotFound);
+    }
+
+    fn config_with_replicas(replicas: usize) -> ClusterConfig {
+        ClusterConfig { replicas, ..config(1) }
+    }
+
+    #[tokio::test]
+    async fn replicas_put_each_expert_on_that_many_workers() {
+        let control = Arc::new(FakeControl::default());
+        let cluster = Cluster::new(config_with_replicas(2), control.clone(), CoordinatorMetrics::default());
+        for endpoint in ["a", "b", "c"] {
+            cluster.register(registration(endpoint)).expect("register");
+        }
+        cluster.reconcile_once().await;
+        let table = cluster.table();
+        for route in &table.routes {
+            assert_eq!(route.endpoints.len(), 2, "{route:?}");
+            assert_ne!(route.endpoints[0], route.endpoints[1]);
+        }
+        let per_worker: Vec<usize> = cluster.status().workers.iter().map(|worker| worker.experts.len()).collect();
+        assert!(per_worker.iter().all(|count| (5..=6).contains(count)), "16 replicas over 3 workers: {per_worker:?}");
+    }
+
+    /// Keeps `alive` heartbeating while `run` reconciles in the background, until `done` holds.
+    async fn heartbeat_until(
+        cluster: &Cluster<Arc<FakeControl>>,
+        alive: &[WorkerId],
+        within: Duration,
+        done: impl Fn(&v1::RoutingTable) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            for id in alive {
+                cluster.heartbeat(PROTOCOL_VERSION, &id.0, 0, 0).expect("alive");
+            }
+            if done(&cluster.table()) {
+                return started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("not done within {within:?}: {:?}", cluster.table());
+    }
+
+    fn stop_on(cluster: &Arc<Cluster<Arc<FakeControl>>>) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(cluster.clone().run(async move {
+            let _ = stopped.await;
+        }));
+        (stop, task)
+    }
+
+    /// A joiner whose LoadExperts never returns must not keep a dead worker in the table: expiry
+    /// runs on its own timer, and the dead worker's experts fall back to their other holder.
+    #[tokio::test]
+    async fn a_hung_load_does_not_keep_a_dead_worker_in_the_table() {
+        let control = Arc::new(FakeControl::default());
+        control.hanging.lock().expect("lock").insert("c".into());
+        let cluster = Cluster::new(config_with_replicas(2), control.clone(), CoordinatorMetrics::default());
+        let (a, _) = cluster.register(registration("a")).expect("register");
+        cluster.register(registration("b")).expect("register");
+        cluster.reconcile_once().await;
+        let (stop, task) = stop_on(&cluster);
+        let (c, _) = cluster.register(registration("c")).expect("register");
+        let routes_to = |endpoint: &'static str| move |table: &v1::RoutingTable| {
+            table.routes.iter().any(|route| route.endpoints.iter().any(|e| e == endpoint))
+        };
+        // c's load hangs: b stops heartbeating and is dropped within the timeout (200 ms) anyway.
+        let took = heartbeat_until(&cluster, &[a.clone(), c.clone()], Duration::from_secs(2), |table| {
+            !routes_to("b")(table)
+        })
+        .await;
+        assert!(took < Duration::from_millis(400), "b dropped after {took:?}");
+        assert!(endpoints_by_expert(&cluster.table()).iter().all(|owners| owners == "a"), "a holds every expert");
+        let _ = stop.send(());
+        task.await.expect("run stops");
+    }
+
+    /// A late worker that refuses connections is removed at once, not after the full timeout.
+    #[tokio::test]
+    async fn a_late_worker_that_refuses_connections_is_removed_without_waiting_for_the_timeout() {
+        let control = Arc::new(FakeControl::default());
+        let config = ClusterConfig { heartbeat_timeout: Duration::from_secs(30), ..config_with_replicas(2) };
+        let cluster = Cluster::new(config, control.clone(), CoordinatorMetrics::default());
+        let (a, _) = cluster.register(registration("a")).expect("register");
+        cluster.register(registration("b")).expect("register");
+        cluster.reconcile_once().await;
+        control.gone.lock().expect("lock").insert("b".into());
+        let (stop, task) = stop_on(&cluster);
+        let took = heartbeat_until(&cluster, &[a], Duration::from_secs(5), |table| {
+            table.routes.iter().all(|route| route.endpoints == ["a"])
+        })
+        .await;
+        assert!(took < Duration::from_millis(200), "b removed after {took:?}, timeout 30 s");
+        let _ = stop.send(());
+        task.await.expect("run stops");
+    }
+
+    #[tokio::test]
+    async fn a_draining_workers_experts_move_before_it_is_told_it_may_stop() {
+        let control = Arc::new(FakeControl::default());
+        let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
+        cluster.register(registration("a")).expect("register");
+        let (b, _) = cluster.register(registration("b")).expect("register");
+        cluster.reconcile_once().await;
+        let (routed, _) = cluster.drain(PROTOCOL_VERSION, &b.0).expect("drain");
+        assert_eq!(routed, 4, "b still serves its experts until a holds them");
+        assert!(cluster.status().workers.iter().any(|worker| worker.draining));
+        cluster.reconcile_once().await;
+        let (routed, version) = cluster.drain(PROTOCOL_VERSION, &b.0).expect("drain");
+        assert_eq!((routed, version), (0, cluster.table().version));
+        assert!(endpoints_by_expert(&cluster.table()).iter().all(|owners| owners == "a"));
+        assert_eq!(control.unloads.lock().expect("lock").len(), 1, "b's copies are unloaded after the grace");
+        assert!(cluster.drain(PROTOCOL_VERSION, "w404").is_err());
+    }
+
+    /// Workers rejoining a restarted coordinator keep what they hold: no expert is loaded again,
+    /// even when the first one to rejoin could take everything.
+    #[tokio::test]
+    async fn a_restarted_coordinator_adopts_what_rejoining_workers_hold() {
+        let control = Arc::new(FakeControl::default());
+        let cluster = Cluster::new(config(1), control.clone(), CoordinatorMetrics::default());
+        let holding = |endpoint: &str, experts: std::ops::Range<u32>| Registration {
+            loaded_experts: experts.map(|e| ExpertId::new(0, e)).collect(),
+            ..registration(endpoint)
+        };
+        cluster.register(holding("a", 0..4)).expect("register");
+        cluster.reconcile_once().await;
+        assert_eq!(cluster.table().version, 0, "waits for the holders of experts 4..8");
+        cluster.register(holding("b", 4..8)).expect("register");
+        cluster.reconcile_once().await;
+        let owners = endpoints_by_expert(&cluster.table());
+        assert_eq!(owners, ["a", "a", "a", "a", "b", "b", "b", "b"]);
+        assert!(control.loads.lock().expect("lock").is_empty(), "nothing loaded again");
+        assert!(control.unloads.lock().expect("lock").is_empty(), "nothing unloaded");
+    }
+
+    #[tokio::test]
+    async fn a_lone_rejoining_worker_gets_the_rest_once_the_wait_is_over() {
+        let control = Arc::new(FakeControl::default());
+        let cluster = Cluster::new(config(1), control.clone(), CoordinatorMetrics::default());
+        let holding = Registration { loaded_experts: vec![ExpertId::new(0, 0)], ..registration("a") };
+        let (a, _) = cluster.register(holding).expect("register");
+        cluster.reconcile_once().await;
+        assert!(control.loads.lock().expect("lock").is_empty());
+        tokio::time::sleep(config(1).heartbeat_timeout).await;
+        cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0).expect("alive");
+        cluster.reconcile_once().await;
+        assert!(endpoints_by_expert(&cluster.table()).iter().all(|owners| owners == "a"));
     }
 }

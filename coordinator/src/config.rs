@@ -37,6 +37,11 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_MIN_WORKERS", default_value_t = 1)]
     pub min_workers: usize,
 
+    /// Workers holding each expert. With 2 or more, clients spread calls over the holders and retry
+    /// on another when one fails, so losing a worker costs no call.
+    #[arg(long, env = "SWITCHYARD_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub replicas: u16,
+
     /// How often workers heartbeat, in milliseconds.
     #[arg(long, env = "SWITCHYARD_HEARTBEAT_INTERVAL_MS", default_value_t = 500)]
     pub heartbeat_interval_ms: u64,
@@ -87,6 +92,7 @@ impl TryFrom<&Args> for ClusterConfig {
             min_workers: args.min_workers.max(1),
             max_batch_tokens: args.max_batch_tokens.clamp(1, u32::MAX as usize) as u32,
             unload_grace: Duration::from_millis(args.unload_grace_ms),
+            replicas: usize::from(args.replicas),
         })
     }
 }

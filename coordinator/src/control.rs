@@ -13,6 +13,8 @@ use tonic::transport::Channel;
 /// How long one worker may take to build its experts.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 const UNLOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// A live worker answers a probe in microseconds; a stopped one never does.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What a worker is told to load: these experts of this model, behind queues of these limits.
 #[derive(Debug, Clone)]
@@ -33,11 +35,16 @@ pub enum ControlError {
     /// The worker answered with an error (a load that failed names the expert, tensor and file).
     #[error("worker {endpoint}: {code:?}: {message}")]
     Refused { endpoint: String, code: tonic::Code, message: String },
+    /// Nothing listens there (connection refused or reset): the process is gone.
+    #[error("worker {endpoint} is unreachable: {message}")]
+    Unreachable { endpoint: String, message: String },
 }
 
 pub trait WorkerControl: Send + Sync + 'static {
     fn load(&self, endpoint: &str, load: ExpertLoad<'_>) -> impl Future<Output = Result<(), ControlError>> + Send;
     fn unload(&self, endpoint: &str, experts: Vec<ExpertId>) -> impl Future<Output = Result<(), ControlError>> + Send;
+    /// Whether the worker answers at all; [`ControlError::Unreachable`] when nothing listens.
+    fn probe(&self, endpoint: &str) -> impl Future<Output = Result<(), ControlError>> + Send;
 }
 
 /// Calls each worker's LoadExperts / UnloadExperts, one cached channel per endpoint.
@@ -60,10 +67,11 @@ impl GrpcWorkerControl {
 }
 
 fn refused(endpoint: &str) -> impl Fn(tonic::Status) -> ControlError + '_ {
-    move |status| ControlError::Refused {
-        endpoint: endpoint.to_owned(),
-        code: status.code(),
-        message: status.message().to_owned(),
+    move |status| match status.code() {
+        tonic::Code::Unavailable => {
+            ControlError::Unreachable { endpoint: endpoint.to_owned(), message: status.message().to_owned() }
+        }
+        code => ControlError::Refused { endpoint: endpoint.to_owned(), code, message: status.message().to_owned() },
     }
 }
 
@@ -86,5 +94,12 @@ impl WorkerControl for GrpcWorkerControl {
         let mut request = tonic::Request::new(v1::UnloadExpertsRequest { experts });
         request.set_timeout(UNLOAD_TIMEOUT);
         client.unload_experts(request).await.map(|_| ()).map_err(refused(endpoint))
+    }
+
+    async fn probe(&self, endpoint: &str) -> Result<(), ControlError> {
+        let mut client = self.client(endpoint)?;
+        let mut request = tonic::Request::new(v1::GetStatsRequest {});
+        request.set_timeout(PROBE_TIMEOUT);
+        client.get_stats(request).await.map(|_| ()).map_err(refused(endpoint))
     }
 }

@@ -1,14 +1,17 @@
-//! Expert placement: which live worker holds each expert. A pure function of the experts, the live
+//! Expert placement: which live workers hold each expert. A pure function of the experts, the live
 //! workers (with their memory) and the current placement, so every policy decision is unit-tested.
 //!
-//! Policy: keep every expert where it is while its worker lives (moving an expert costs a load);
-//! place each unplaced expert, largest first, on the worker it is already resident on (a worker
-//! rejoining after a coordinator restart), else on the worker that would be least full; then move experts from the
-//! fullest worker to the emptiest while that lowers the fullest one (a worker that joined later).
-//! "Full" is assigned parameters over the parameters a worker has room for (its memory over the
-//! size of one element of the dtype it keeps experts in), so equal workers get equal counts, a
-//! worker with twice the memory or half the element size gets twice the experts, and no worker is
-//! ever given more than its memory holds.
+//! Policy: every expert gets `replicas` holders on distinct workers (fewer when there are fewer
+//! workers). An expert stays where it is while its worker lives (moving an expert costs a load).
+//! Missing replicas are placed, largest expert first, on a worker the expert is already resident on
+//! (a worker rejoining after a coordinator restart) unless that leaves it clearly more loaded, else
+//! on the least loaded worker it fits on; then replicas move from the most loaded worker to the
+//! least loaded one while that lowers the most loaded (a worker that joined later).
+//!
+//! "Load" is the expert parameters a worker serves: the compute every routed token costs (the
+//! load-aware policy of EPLB weighs it by observed traffic). Memory is a bound, never a reason: a
+//! worker offering the whole node takes its equal share, not every expert, and no worker is given
+//! more than its memory holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,8 +37,13 @@ pub struct WorkerSlot {
     pub resident: BTreeSet<ExpertId>,
 }
 
-/// Expert → the worker that serves it.
-pub type Placement = BTreeMap<ExpertId, WorkerId>;
+/// Expert → the workers that serve it, the preferred first.
+pub type Placement = BTreeMap<ExpertId, Vec<WorkerId>>;
+
+/// The workers `placement` names for `expert` (empty when none).
+pub fn holders<'a>(placement: &'a Placement, expert: &ExpertId) -> &'a [WorkerId] {
+    placement.get(expert).map_or(&[], Vec::as_slice)
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -44,106 +52,116 @@ pub struct Plan {
     pub unplaced: Vec<ExpertId>,
 }
 
+/// What a plan must satisfy beyond the workers' memory.
+#[derive(Clone, Copy)]
+pub struct Goal<'a> {
+    /// Each expert's size (shared experts may differ from routed ones).
+    pub parameters_of: &'a dyn Fn(ExpertId) -> u64,
+    /// Holders wanted per expert (at most one per worker).
+    pub replicas: usize,
+}
+
+#[derive(Debug)]
 struct Load {
     parameters: u64,
     room: u64,
 }
 
 impl Load {
-    fn fill_with(&self, extra: u64) -> f64 {
-        (self.parameters + extra) as f64 / self.room.max(1) as f64
-    }
-
     fn fits(&self, extra: u64) -> bool {
         self.parameters + extra <= self.room
     }
 }
 
-/// `parameters_of` gives each expert's size (shared experts may differ from routed ones).
-pub fn plan(
-    experts: &[ExpertId],
-    parameters_of: &dyn Fn(ExpertId) -> u64,
-    workers: &[WorkerSlot],
-    current: &Placement,
-) -> Plan {
+pub fn plan(experts: &[ExpertId], goal: Goal<'_>, workers: &[WorkerSlot], current: &Placement) -> Plan {
+    let parameters_of = goal.parameters_of;
+    let replicas = goal.replicas.clamp(1, workers.len().max(1));
     let mut loads: BTreeMap<WorkerId, Load> =
         workers.iter().map(|worker| (worker.id.clone(), Load { parameters: 0, room: worker.parameter_room })).collect();
     let mut placement = Placement::new();
     for expert in experts {
-        if let Some(owner) = current.get(expert)
-            && let Some(load) = loads.get_mut(owner)
-        {
-            load.parameters += parameters_of(*expert);
-            placement.insert(*expert, owner.clone());
+        for owner in holders(current, expert).iter().take(replicas) {
+            if let Some(load) = loads.get_mut(owner) {
+                load.parameters += parameters_of(*expert);
+                placement.entry(*expert).or_default().push(owner.clone());
+            }
         }
     }
 
     let mut unplaced = Vec::new();
-    let mut homeless: Vec<ExpertId> =
-        experts.iter().filter(|expert| !placement.contains_key(expert)).copied().collect();
+    let mut short: Vec<ExpertId> =
+        experts.iter().filter(|expert| holders(&placement, expert).len() < replicas).copied().collect();
     // Largest first (LPT): a big shared expert placed last would land on an already loaded worker.
-    homeless.sort_by_key(|expert| std::cmp::Reverse(parameters_of(*expert)));
-    for expert in &homeless {
-        let expert_parameters = parameters_of(*expert);
-        let least_full = loads
-            .iter()
-            .filter(|(_, load)| load.fits(expert_parameters))
-            .min_by(|(_, a), (_, b)| a.fill_with(expert_parameters).total_cmp(&b.fill_with(expert_parameters)))
-            .map(|(id, load)| (id.clone(), load.fill_with(expert_parameters)));
-        let Some((least_full, least_fill)) = least_full else {
-            unplaced.push(*expert);
-            continue;
-        };
-        // Prefer a worker that already holds the expert unless that leaves it clearly fuller.
-        let resident_on = workers.iter().find(|worker| {
-            worker.resident.contains(expert)
-                && loads.get(&worker.id).is_some_and(|load| {
-                    load.fits(expert_parameters)
-                        && load.parameters + expert_parameters
-                            <= (least_fill * load.room as f64) as u64 + expert_parameters
-                })
-        });
-        let owner = resident_on.map_or(least_full, |worker| worker.id.clone());
-        if let Some(load) = loads.get_mut(&owner) {
-            load.parameters += expert_parameters;
+    short.sort_by_key(|expert| std::cmp::Reverse(parameters_of(*expert)));
+    for expert in &short {
+        let size = parameters_of(*expert);
+        while holders(&placement, expert).len() < replicas {
+            let held = holders(&placement, expert).to_vec();
+            let candidates = || loads.iter().filter(|(id, load)| load.fits(size) && !held.contains(id));
+            // Least loaded; among equals the one with the most room left.
+            let Some((least_loaded, lightest)) = candidates()
+                .min_by_key(|(_, load)| (load.parameters, std::cmp::Reverse(load.room - load.parameters)))
+                .map(|(id, load)| (id.clone(), load.parameters))
+            else {
+                if held.is_empty() {
+                    unplaced.push(*expert);
+                }
+                break;
+            };
+            // A worker that already holds the expert keeps it unless that leaves it clearly more
+            // loaded than the least loaded one (by more than this expert).
+            let resident_on = workers.iter().find(|worker| {
+                worker.resident.contains(expert)
+                    && !held.contains(&worker.id)
+                    && loads.get(&worker.id).is_some_and(|load| load.fits(size) && load.parameters <= lightest + size)
+            });
+            let owner = resident_on.map_or(least_loaded, |worker| worker.id.clone());
+            if let Some(load) = loads.get_mut(&owner) {
+                load.parameters += size;
+            }
+            placement.entry(*expert).or_default().push(owner);
         }
-        placement.insert(*expert, owner);
     }
 
     rebalance(&mut placement, &mut loads, parameters_of);
     Plan { placement, unplaced }
 }
 
-/// Moves experts from the fullest to the emptiest worker while that lowers the fullest one.
+/// Moves replicas from the most to the least loaded worker while that lowers the most loaded one.
 fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, parameters_of: &dyn Fn(ExpertId) -> u64) {
     loop {
-        let fullest =
-            loads.iter().max_by(|(_, a), (_, b)| a.fill_with(0).total_cmp(&b.fill_with(0))).map(|(id, _)| id.clone());
-        let emptiest =
-            loads.iter().min_by(|(_, a), (_, b)| a.fill_with(0).total_cmp(&b.fill_with(0))).map(|(id, _)| id.clone());
-        let (Some(fullest), Some(emptiest)) = (fullest, emptiest) else {
+        let most = loads.iter().max_by_key(|(_, load)| load.parameters).map(|(id, _)| id.clone());
+        let least = loads.iter().min_by_key(|(_, load)| load.parameters).map(|(id, _)| id.clone());
+        let (Some(most), Some(least)) = (most, least) else {
             return;
         };
-        if fullest == emptiest {
+        if most == least {
             return;
         }
-        // The fullest worker's highest expert whose move helps: deterministic, keeps low experts stable.
-        let (from, to) = (&loads[&fullest], &loads[&emptiest]);
-        let movable =
-            placement.iter().rev().filter(|(_, owner)| **owner == fullest).map(|(expert, _)| *expert).find(|expert| {
-                let expert_parameters = parameters_of(*expert);
-                to.fits(expert_parameters) && to.fill_with(expert_parameters) < from.fill_with(0)
+        // The most loaded worker's highest expert whose move helps: deterministic, keeps low
+        // experts stable.
+        let (from, to) = (&loads[&most], &loads[&least]);
+        let movable = placement
+            .iter()
+            .rev()
+            .filter(|(_, owners)| owners.contains(&most) && !owners.contains(&least))
+            .map(|(expert, _)| *expert)
+            .find(|expert| {
+                let size = parameters_of(*expert);
+                to.fits(size) && to.parameters + size < from.parameters
             });
         let Some(expert) = movable else {
             return;
         };
-        let expert_parameters = parameters_of(expert);
-        placement.insert(expert, emptiest.clone());
-        if let Some(load) = loads.get_mut(&fullest) {
-            load.parameters -= expert_parameters;
+        let size = parameters_of(expert);
+        if let Some(owner) = placement.get_mut(&expert).and_then(|owners| owners.iter_mut().find(|id| **id == most)) {
+            *owner = least.clone();
         }
-        if let Some(load) = loads.get_mut(&emptiest) {
-            load.parameters += expert_parameters;
+        if let Some(load) = loads.get_mut(&most) {
+            load.parameters -= size;
+        }
+        if let Some(load) = loads.get_mut(&least) {
+            load.parameters += size;
         }
     }
 }
@@ -160,9 +178,15 @@ mod tests {
         WorkerSlot { id: WorkerId(name.into()), parameter_room: memory, resident: BTreeSet::new() }
     }
 
+    const TEN: &dyn Fn(ExpertId) -> u64 = &|_| 10;
+
+    fn goal(replicas: usize) -> Goal<'static> {
+        Goal { parameters_of: TEN, replicas }
+    }
+
     fn counts(plan: &Plan) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
-        for owner in plan.placement.values() {
+        for owner in plan.placement.values().flatten() {
             *counts.entry(owner.0.clone()).or_default() += 1;
         }
         counts
@@ -170,34 +194,43 @@ mod tests {
 
     #[test]
     fn equal_workers_get_equal_counts() {
-        let plan = plan(&experts(8), &|_| 10, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
+        let plan = plan(&experts(8), goal(1), &[worker("a", 1000), worker("b", 1000)], &Placement::new());
         assert_eq!(counts(&plan), BTreeMap::from([("a".into(), 4), ("b".into(), 4)]));
         assert!(plan.unplaced.is_empty());
     }
 
+    /// Memory bounds a worker's share but does not earn it one: the worker that offers the whole
+    /// node gets half the experts, not all of them.
     #[test]
-    fn memory_weights_the_share_and_is_never_exceeded() {
-        let plan = plan(&experts(9), &|_| 10, &[worker("big", 60), worker("small", 30)], &Placement::new());
-        assert_eq!(counts(&plan), BTreeMap::from([("big".into(), 6), ("small".into(), 3)]));
-        let crowded = super::plan(&experts(5), &|_| 10, &[worker("a", 20), worker("b", 20)], &Placement::new());
+    fn memory_is_a_bound_not_a_share() {
+        let plan = plan(&experts(8), goal(1), &[worker("node", 1 << 40), worker("small", 100)], &Placement::new());
+        assert_eq!(counts(&plan), BTreeMap::from([("node".into(), 4), ("small".into(), 4)]));
+        let tight = super::plan(&experts(9), goal(1), &[worker("big", 60), worker("small", 30)], &Placement::new());
+        assert_eq!(counts(&tight), BTreeMap::from([("big".into(), 6), ("small".into(), 3)]));
+        let crowded = super::plan(&experts(5), goal(1), &[worker("a", 20), worker("b", 20)], &Placement::new());
         assert_eq!(crowded.placement.len(), 4);
         assert_eq!(crowded.unplaced, vec![ExpertId::new(0, 4)]);
     }
 
     #[test]
     fn a_dead_workers_experts_move_to_the_survivor_and_the_rest_stay() {
-        let both = plan(&experts(8), &|_| 10, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
-        let survivor = plan(&experts(8), &|_| 10, &[worker("a", 1000)], &both.placement);
-        assert!(survivor.placement.values().all(|owner| owner.0 == "a"));
+        let both = plan(&experts(8), goal(1), &[worker("a", 1000), worker("b", 1000)], &Placement::new());
+        let survivor = plan(&experts(8), goal(1), &[worker("a", 1000)], &both.placement);
+        assert!(survivor.placement.values().flatten().all(|owner| owner.0 == "a"));
         assert_eq!(survivor.placement.len(), 8);
+        for (expert, owners) in &both.placement {
+            if owners[0].0 == "a" {
+                assert_eq!(survivor.placement[expert], owners.clone(), "{expert} stays");
+            }
+        }
     }
 
     #[test]
     fn a_late_joiner_takes_half_and_nothing_else_moves() {
-        let alone = plan(&experts(8), &|_| 10, &[worker("a", 1000)], &Placement::new());
-        let joined = plan(&experts(8), &|_| 10, &[worker("a", 1000), worker("b", 1000)], &alone.placement);
+        let alone = plan(&experts(8), goal(1), &[worker("a", 1000)], &Placement::new());
+        let joined = plan(&experts(8), goal(1), &[worker("a", 1000), worker("b", 1000)], &alone.placement);
         assert_eq!(counts(&joined), BTreeMap::from([("a".into(), 4), ("b".into(), 4)]));
-        let again = plan(&experts(8), &|_| 10, &[worker("a", 1000), worker("b", 1000)], &joined.placement);
+        let again = plan(&experts(8), goal(1), &[worker("a", 1000), worker("b", 1000)], &joined.placement);
         assert_eq!(again, joined, "a balanced placement is stable");
     }
 
@@ -205,9 +238,14 @@ mod tests {
     fn a_large_shared_expert_counts_by_its_size() {
         // Expert 4 is a shared expert four times the size of the others.
         let parameters_of = |expert: ExpertId| if expert.expert == 4 { 40 } else { 10 };
-        let plan = plan(&experts(5), &parameters_of, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
+        let goal = Goal { parameters_of: &parameters_of, replicas: 1 };
+        let plan = plan(&experts(5), goal, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
         let size = |name: &str| {
-            plan.placement.iter().filter(|(_, owner)| owner.0 == name).map(|(e, _)| parameters_of(*e)).sum::<u64>()
+            plan.placement
+                .iter()
+                .filter(|(_, owners)| owners[0].0 == name)
+                .map(|(e, _)| parameters_of(*e))
+                .sum::<u64>()
         };
         assert_eq!((size("a"), size("b")), (40, 40), "the big expert alone balances four small ones");
     }
@@ -218,8 +256,33 @@ mod tests {
         let mut b = worker("b", 1000);
         a.resident = [ExpertId::new(0, 1), ExpertId::new(0, 3)].into();
         b.resident = [ExpertId::new(0, 0), ExpertId::new(0, 2)].into();
-        let plan = plan(&experts(4), &|_| 10, &[a, b], &Placement::new());
-        let owners: Vec<_> = plan.placement.values().map(|owner| owner.0.as_str()).collect();
+        let plan = plan(&experts(4), goal(1), &[a, b], &Placement::new());
+        let owners: Vec<_> = plan.placement.values().map(|owners| owners[0].0.as_str()).collect();
         assert_eq!(owners, ["b", "a", "b", "a"]);
+    }
+
+    #[test]
+    fn replicas_live_on_distinct_workers_and_balance() {
+        let workers = [worker("a", 1000), worker("b", 1000), worker("c", 1000)];
+        let plan = plan(&experts(6), goal(2), &workers, &Placement::new());
+        for (expert, owners) in &plan.placement {
+            assert_eq!(owners.len(), 2, "{expert}");
+            assert_ne!(owners[0], owners[1], "{expert}: two replicas on one worker");
+        }
+        assert_eq!(counts(&plan), BTreeMap::from([("a".into(), 4), ("b".into(), 4), ("c".into(), 4)]));
+        let one_worker = super::plan(&experts(6), goal(2), &workers[..1], &Placement::new());
+        assert!(one_worker.placement.values().all(|owners| owners.len() == 1), "one replica per worker at most");
+    }
+
+    #[test]
+    fn a_lost_replica_is_replaced_and_the_survivor_keeps_its_copy() {
+        let workers = [worker("a", 1000), worker("b", 1000), worker("c", 1000)];
+        let before = plan(&experts(6), goal(2), &workers, &Placement::new());
+        let after = plan(&experts(6), goal(2), &[workers[0].clone(), workers[2].clone()], &before.placement);
+        for (expert, owners) in &after.placement {
+            assert_eq!(owners.len(), 2, "{expert}");
+            let kept: Vec<_> = before.placement[expert].iter().filter(|owner| owner.0 != "b").collect();
+            assert!(kept.iter().all(|owner| owners.contains(owner)), "{expert}: a surviving replica moved");
+        }
     }
 }

@@ -76,21 +76,31 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
 
     type WatchRoutingTableStream = TableStream;
 
-    /// The current table (if newer than asked), then every new version.
+    /// The current table (if newer than asked, or of another epoch), then every new version.
     async fn watch_routing_table(
         &self,
         request: Request<v1::GetRoutingTableRequest>,
     ) -> Result<Response<Self::WatchRoutingTableStream>, Status> {
-        let newer_than = request.into_inner().newer_than;
+        let request = request.into_inner();
+        let (newer_than, epoch) = (request.newer_than, request.epoch);
         let mut stopping = self.stopping.clone();
         let stopped = async move {
             let _ = stopping.wait_for(|stop| *stop).await;
         };
         let tables = WatchStream::new(self.cluster.subscribe())
-            .filter(move |table| std::future::ready(table.version > newer_than))
+            .filter(move |table| std::future::ready(table.epoch != epoch || table.version > newer_than))
             .map(|table| Ok(table.as_ref().clone()))
             .take_until(stopped);
         Ok(Response::new(Box::pin(tables)))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<v1::DrainWorkerRequest>,
+    ) -> Result<Response<v1::DrainWorkerResponse>, Status> {
+        let request = request.into_inner();
+        let (routed_experts, table_version) = self.cluster.drain(request.protocol_version, &request.worker_id)?;
+        Ok(Response::new(v1::DrainWorkerResponse { routed_experts, table_version }))
     }
 
     async fn get_cluster_status(
