@@ -424,8 +424,10 @@ impl<C: WorkerControl> Cluster<C> {
         // The first plan adopts what workers already hold (a restarted coordinator): nothing moves.
         let current = if state.placed_once { state.target.clone() } else { resident_placement(&state) };
         let model = &self.config.model;
-        let goal =
-            Goal { parameters_of: &|expert: ExpertId| model.expert_parameters_of(expert.expert), replicas: self.config.replicas };
+        let goal = Goal {
+            parameters_of: &|expert: ExpertId| model.expert_parameters_of(expert.expert),
+            replicas: self.config.replicas,
+        };
         let plan = placement::plan(&experts, goal, &slots, &current);
         if plan.unplaced.len() != state.unplaced {
             state.unplaced = plan.unplaced.len();
@@ -465,7 +467,8 @@ impl<C: WorkerControl> Cluster<C> {
     /// coordinator: wait (up to the heartbeat timeout) for the holders of the rest, so that
     /// nothing is loaded twice.
     fn awaiting_rejoins(&self, state: &State) -> bool {
-        let held: BTreeSet<ExpertId> = state.workers.values().flat_map(|worker| worker.resident.iter().copied()).collect();
+        let held: BTreeSet<ExpertId> =
+            state.workers.values().flat_map(|worker| worker.resident.iter().copied()).collect();
         !held.is_empty()
             && self.config.model.expert_keys().any(|expert| !held.contains(&expert))
             && self.started.elapsed() < self.config.heartbeat_timeout
@@ -648,7 +651,8 @@ fn resident_placement(state: &State) -> Placement {
 /// What the table may route: each expert's planned holders that hold it already, else (while it
 /// moves) the live workers still holding it, those not draining first.
 fn routable(state: &State) -> Placement {
-    let holds = |id: &WorkerId, expert: &ExpertId| state.workers.get(id).is_some_and(|worker| worker.resident.contains(expert));
+    let holds =
+        |id: &WorkerId, expert: &ExpertId| state.workers.get(id).is_some_and(|worker| worker.resident.contains(expert));
     let held = state.workers.values().flat_map(|worker| worker.resident.iter());
     let experts: BTreeSet<&ExpertId> = state.target.keys().chain(held).collect();
     let mut published = Placement::new();
@@ -928,7 +932,9 @@ mod tests {
         panic!("not done within {within:?}: {:?}", cluster.table());
     }
 
-    fn stop_on(cluster: &Arc<Cluster<Arc<FakeControl>>>) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    fn stop_on(
+        cluster: &Arc<Cluster<Arc<FakeControl>>>,
+    ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(cluster.clone().run(async move {
             let _ = stopped.await;
@@ -948,14 +954,15 @@ mod tests {
         cluster.reconcile_once().await;
         let (stop, task) = stop_on(&cluster);
         let (c, _) = cluster.register(registration("c")).expect("register");
-        let routes_to = |endpoint: &'static str| move |table: &v1::RoutingTable| {
-            table.routes.iter().any(|route| route.endpoints.iter().any(|e| e == endpoint))
+        let routes_to = |endpoint: &'static str| {
+            move |table: &v1::RoutingTable| {
+                table.routes.iter().any(|route| route.endpoints.iter().any(|e| e == endpoint))
+            }
         };
         // c's load hangs: b stops heartbeating and is dropped within the timeout (200 ms) anyway.
-        let took = heartbeat_until(&cluster, &[a.clone(), c.clone()], Duration::from_secs(2), |table| {
-            !routes_to("b")(table)
-        })
-        .await;
+        let took =
+            heartbeat_until(&cluster, &[a.clone(), c.clone()], Duration::from_secs(2), |table| !routes_to("b")(table))
+                .await;
         assert!(took < Duration::from_millis(400), "b dropped after {took:?}");
         assert!(endpoints_by_expert(&cluster.table()).iter().all(|owners| owners == "a"), "a holds every expert");
         let _ = stop.send(());

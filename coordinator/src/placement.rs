@@ -241,11 +241,7 @@ mod tests {
         let goal = Goal { parameters_of: &parameters_of, replicas: 1 };
         let plan = plan(&experts(5), goal, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
         let size = |name: &str| {
-            plan.placement
-                .iter()
-                .filter(|(_, owners)| owners[0].0 == name)
-                .map(|(e, _)| parameters_of(*e))
-                .sum::<u64>()
+            plan.placement.iter().filter(|(_, owners)| owners[0].0 == name).map(|(e, _)| parameters_of(*e)).sum::<u64>()
         };
         assert_eq!((size("a"), size("b")), (40, 40), "the big expert alone balances four small ones");
     }

@@ -14,6 +14,7 @@ use switchyard_reference::in_process::InProcessTransport;
 use switchyard_router_client::ClientError;
 use switchyard_router_client::dispatch::PlannedRequest;
 use switchyard_router_client::exchange::{self, Outcome};
+use switchyard_router_client::replicas::Replicas;
 
 fn model() -> ModelSpec {
     ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() }
@@ -67,7 +68,8 @@ async fn a_refusal_ends_the_exchange_while_the_slow_worker_still_holds_its_rows(
         (Arc::from("full"), ExpertWorkerService::new(full.clone(), "full")),
     ]);
     let requests = [request("slow", 0, 3), request("full", 1, 2)];
-    let exchanged = exchange::run(&transport, &requests, Duration::from_secs(7200), |_, _| Ok(()));
+    let exchanged =
+        exchange::run(&transport, &Replicas::default(), &requests, Duration::from_secs(7200), |_| false, |_, _| Ok(()));
     // A guard against hanging for the slow worker's hour, not a measurement.
     let failure = tokio::time::timeout(Duration::from_secs(60), exchanged)
         .await
@@ -102,7 +104,10 @@ async fn a_malformed_field_comes_back_as_a_bad_request_naming_it() {
     if let Some(rows) = truncated.request.batches[0].rows.as_mut() {
         rows.data = rows.data.slice(..10);
     }
-    let failure = exchange::run(&transport, &[truncated], Duration::from_secs(30), |_, _| Ok(())).await.unwrap_err();
+    let failure =
+        exchange::run(&transport, &Replicas::default(), &[truncated], Duration::from_secs(30), |_| true, |_, _| Ok(()))
+            .await
+            .unwrap_err();
     match failure.error {
         ClientError::BadRequest { endpoint, field, description } => {
             assert_eq!((endpoint.as_str(), field.as_str()), ("w", "batches[0].rows.data"));

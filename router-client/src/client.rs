@@ -2,7 +2,7 @@
 //! here and pack each worker's rows ([`crate::dispatch`]); send them all at once over the transport
 //! and combine each answer as it arrives ([`crate::exchange`]); say where the time and bytes went.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,13 +16,16 @@ use tracing::Instrument;
 
 use crate::codec::{add_rows, decode_rows};
 use crate::cpu::CpuPool;
-use crate::dispatch::{CallRows, DispatchLayout, PlannedRequest, TokenPlan, by_worker, pack_requests, pack_token_rows};
+use crate::dispatch::{
+    CallRows, DispatchLayout, PlannedRequest, TokenPlan, by_worker, pack_requests, pack_token_rows, reroute,
+};
 use crate::error::ClientError;
 use crate::exchange::{self, Outcome};
 use crate::gate::Gate;
 use crate::hidden::Hidden;
 use crate::ledger::{WorkerCall, response_compute};
 use crate::metrics::ClientMetrics;
+use crate::replicas::{Choice, Replicas};
 use crate::router::{
     ExpertAssignments, Routed, RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route,
 };
@@ -48,6 +51,10 @@ pub struct ClientOptions {
     /// HTTP/2 connections to each worker; a large payload is spread over them (one stream tops
     /// out well below what the socket carries).
     pub connections_per_worker: usize,
+    /// The longest one attempt at a worker may take before its rows go to another holder of their
+    /// experts; `None`: the whole deadline (`timeout`). Shorter lets a call route around a stalled
+    /// worker when experts are replicated.
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -60,6 +67,7 @@ impl Default for ClientOptions {
             cpu_threads: crate::cpu::default_threads(),
             dispatch: DispatchLayout::default(),
             connections_per_worker: crate::transport::default_connections(),
+            attempt_timeout: None,
         }
     }
 }
@@ -76,6 +84,8 @@ pub struct LayerOutput {
     pub bytes: ByteCounts,
     pub workers: Vec<WorkerCall>,
     pub table_version: TableVersion,
+    /// Requests sent again to another holder after their worker failed (0 in a healthy cluster).
+    pub retried_requests: usize,
 }
 
 /// Which gate: a layer of a synthetic model (by seed) or of a checkpoint.
@@ -95,6 +105,7 @@ pub struct MoeClient {
     metrics: ClientMetrics,
     gates: Arc<Mutex<HashMap<GateKey, Arc<Gate>>>>,
     cpu: CpuPool,
+    replicas: Replicas,
     next_request_id: AtomicU64,
 }
 
@@ -119,6 +130,7 @@ impl MoeClient {
             metrics: ClientMetrics::default(),
             gates: Arc::new(Mutex::new(HashMap::new())),
             cpu,
+            replicas: Replicas::default(),
             next_request_id: AtomicU64::new(first_id),
         }
     }
@@ -158,6 +170,11 @@ impl MoeClient {
         let span = tracing::debug_span!("layer_forward", request_id = request_id.0, layer);
         let output = self.forward_inner(request_id, layer, hidden.into(), routing).instrument(span).await;
         self.metrics.observe(&output);
+        if output.is_err() {
+            // A caller that retries failures at once must not starve the tasks that mend them
+            // (the table watcher) on a runtime with few threads.
+            tokio::task::yield_now().await;
+        }
         output
     }
 
@@ -169,7 +186,8 @@ impl MoeClient {
         routing: &RoutingOverrides,
     ) -> Result<LayerOutput, ClientError> {
         let started = Instant::now();
-        let table = self
+        let deadline = started + self.options.timeout;
+        let mut table = self
             .table()
             .ok_or(ClientError::NoTable { coordinator: "(not connected)".into(), waited: Duration::ZERO })?;
         let values = hidden.len();
@@ -184,47 +202,145 @@ impl MoeClient {
             split_bytes: self.options.split_request_bytes,
             stripes: self.transport.connections_per_worker(),
             dispatch: self.options.dispatch,
+            choice: self.replicas.choice(request_id.0, HashSet::new()),
         };
         let handed_off = Instant::now();
-        let (plan, mut timing) = self.cpu.run(move || planning.plan()).await??;
+        let (plan, first_round, mut timing) = self.cpu.run(move || planning.plan()).await??;
         // Waiting for a pool thread and for this task to be woken is part of planning's cost.
         timing.plan += handed_off.elapsed().saturating_sub(timing.gate + timing.plan + timing.encode);
         let plan = Arc::new(plan);
 
         // Answers are checked here as they arrive (cheap; a bad one ends the call at once) and
-        // decoded and summed on the CPU pool, while later answers are still on the wire.
-        let sums = Arc::new(Mutex::new(Sums::new(values, plan.requests.len())));
+        // decoded and summed on the CPU pool, while later answers are still on the wire. A worker
+        // that fails is given up at once and its rows go to another holder of their experts.
+        let sums = Arc::new(Mutex::new(Sums::new(values)));
         let mut combine = Combine::new(&plan);
-        let mut summing = Vec::with_capacity(plan.requests.len());
-        let exchanged = exchange::run(&*self.transport, &plan.requests, self.options.timeout, |index, answer| {
-            let response = combine.accept(&plan, index, answer)?;
-            let (plan, sums) = (plan.clone(), sums.clone());
-            summing.push(self.cpu.spawn(move || lock(&sums).add(&plan, index, &response)));
-            Ok(())
-        })
-        .await;
-        if let Err(failure) = exchanged {
-            let outcomes: Vec<String> = failure
-                .outcomes
-                .iter()
-                .map(|destination| {
-                    let state = match destination.outcome {
-                        Outcome::Answered => "answered",
-                        Outcome::Failed(_) => "failed",
-                        Outcome::Abandoned => "abandoned",
-                    };
-                    format!("{}: {state}", destination.endpoint)
-                })
-                .collect();
-            tracing::debug!(error = %failure.error, ?outcomes, "layer call failed");
-            return Err(failure.error);
+        let mut summing = Vec::new();
+        let mut round = Arc::new(first_round);
+        let mut excluded: HashSet<Endpoint> = HashSet::new();
+        let mut retried_requests = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = self.options.attempt_timeout.map_or(left, |attempt| attempt.min(left));
+            let exchanged = exchange::run(
+                &*self.transport,
+                &self.replicas,
+                &round,
+                attempt,
+                |error| Retry::of(error) != Retry::Never,
+                |index, answer| {
+                    let response = combine.accept(&plan, &round[index], answer)?;
+                    let (plan, round, sums) = (plan.clone(), round.clone(), sums.clone());
+                    summing.push(self.cpu.spawn(move || lock(&sums).add(&plan, &round[index], &response)));
+                    Ok(())
+                },
+            )
+            .await;
+            let finished = match exchanged {
+                Ok(finished) => finished,
+                Err(failure) => {
+                    let outcomes: Vec<String> = failure
+                        .outcomes
+                        .iter()
+                        .map(|destination| {
+                            let state = match destination.outcome {
+                                Outcome::Answered => "answered",
+                                Outcome::Failed(_) => "failed",
+                                Outcome::Abandoned => "abandoned",
+                            };
+                            format!("{}: {state}", destination.endpoint)
+                        })
+                        .collect();
+                    tracing::debug!(error = %failure.error, ?outcomes, "layer call failed");
+                    return Err(failure.error);
+                }
+            };
+            if finished.unanswered.is_empty() {
+                break;
+            }
+            let mut worst = Retry::OtherHolder;
+            let mut first_error = None;
+            for (endpoint, error) in finished.failures() {
+                tracing::debug!(%endpoint, %error, "worker failed; sending its rows to another holder");
+                excluded.insert(endpoint.clone());
+                self.replicas.suspect(endpoint);
+                worst = worst.max(Retry::of(error));
+                first_error.get_or_insert_with(|| error.clone());
+            }
+            let first_error = first_error.expect("unanswered requests come from a failed worker");
+            let failed: Vec<PlannedRequest> = finished.unanswered.iter().map(|&index| round[index].clone()).collect();
+            retried_requests += failed.len();
+            let failed = Arc::new(failed);
+            let requests = loop {
+                let choice = self.replicas.choice(request_id.0, excluded.clone());
+                let (plan, failed, rerouted_on) = (plan.clone(), failed.clone(), table.clone());
+                let rerouted = self
+                    .cpu
+                    .run(move || {
+                        let failed: Vec<&PlannedRequest> = failed.iter().collect();
+                        reroute(&failed, &plan.routed.groups, &rerouted_on, &choice, plan.call_rows())
+                    })
+                    .await?;
+                match rerouted {
+                    Ok(requests) => break requests,
+                    // No holder left: a worker that is gone comes back in a table that moves its
+                    // experts; wait for that within the deadline. A full queue or a stalled worker
+                    // with no other holder fails the call now, as it would have without replicas.
+                    Err(ClientError::Unplaced { .. }) if worst == Retry::OtherHolderOrNewTable => {
+                        table = self.newer_table(&table, deadline).await.ok_or_else(|| first_error.clone())?;
+                        excluded.clear();
+                    }
+                    Err(ClientError::Unplaced { .. }) => return Err(first_error),
+                    Err(error) => return Err(error),
+                }
+            };
+            combine.add_requests(&requests);
+            round = Arc::new(requests);
         }
         let last_answer = Instant::now();
         for job in summing {
             job.await?;
         }
         let sums = std::mem::take(&mut *lock(&sums));
-        Ok(combine.finish(plan, sums, table.version, timing, last_answer.elapsed(), started))
+        let mut output = combine.finish(plan, sums, table.version, timing, last_answer.elapsed(), started);
+        output.retried_requests = retried_requests;
+        Ok(output)
+    }
+
+    /// The first table that replaces `current`, if one comes before `deadline`.
+    async fn newer_table(&self, current: &RoutingTableView, deadline: Instant) -> Option<Arc<RoutingTableView>> {
+        let mut tables = self.tables.clone();
+        let newer = tables.wait_for(|table| table.as_deref().is_some_and(|table| table.supersedes(Some(current))));
+        let newer = tokio::time::timeout_at(deadline.into(), newer).await.ok()?.ok()?;
+        newer.clone()
+    }
+}
+
+/// What a worker's failure allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Retry {
+    /// The call fails: the request or the answer was wrong, and would be anywhere.
+    Never,
+    /// Another holder of the experts may take the rows (a full queue, a stalled worker).
+    OtherHolder,
+    /// The worker is gone: another holder, or the table that moves its experts elsewhere.
+    OtherHolderOrNewTable,
+}
+
+impl Retry {
+    fn of(error: &ClientError) -> Self {
+        match error {
+            ClientError::Worker { code, .. } => match code {
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Aborted => {
+                    Retry::OtherHolderOrNewTable
+                }
+                tonic::Code::ResourceExhausted | tonic::Code::DeadlineExceeded => Retry::OtherHolder,
+                _ => Retry::Never,
+            },
+            ClientError::BadEndpoint { .. } => Retry::OtherHolderOrNewTable,
+            ClientError::QueueFull { .. } | ClientError::Timeout { .. } => Retry::OtherHolder,
+            _ => Retry::Never,
+        }
     }
 }
 
@@ -244,6 +360,7 @@ struct Planning {
     split_bytes: usize,
     stripes: usize,
     dispatch: DispatchLayout,
+    choice: Choice,
 }
 
 impl Planning {
@@ -267,7 +384,7 @@ impl Planning {
     }
 
     /// Gate, route, group by worker, pack: the requests of one call, and the time each step took.
-    fn plan(self) -> Result<(CallPlan, TimeBreakdown), ClientError> {
+    fn plan(self) -> Result<(CallPlan, Vec<PlannedRequest>, TimeBreakdown), ClientError> {
         let mut timing = TimeBreakdown::default();
         let (table, layer, hidden) = (&*self.table, self.layer, &*self.hidden);
         let model = &table.model;
@@ -294,7 +411,7 @@ impl Planning {
 
         let phase = Instant::now();
         let routed = assign(&gate, hidden, logits, routing, config);
-        let workers = by_worker(layer, &routed.groups, table)?;
+        let workers = by_worker(layer, &routed.groups, table, &self.choice)?;
         timing.plan = phase.elapsed();
 
         let call = CallRows {
@@ -332,17 +449,43 @@ impl Planning {
             }));
             worker_calls.push(worker_call);
         }
-        Ok((CallPlan { layer, d_model, routed, requests, worker_calls }, timing))
+        let plan = CallPlan {
+            layer,
+            d_model,
+            routed,
+            hidden: self.hidden,
+            dtype: self.dtype,
+            split_bytes: self.split_bytes,
+            stripes: self.stripes,
+            worker_calls,
+        };
+        Ok((plan, requests, timing))
     }
 }
 
-/// One call's plan: the routing, the requests, and each worker's share so far.
+/// One call's plan: the routing, what packing more requests needs, and each worker's share so far.
 struct CallPlan {
     layer: u32,
     d_model: usize,
     routed: Routed,
-    requests: Vec<PlannedRequest>,
+    hidden: Hidden,
+    dtype: WireDtype,
+    split_bytes: usize,
+    stripes: usize,
     worker_calls: Vec<WorkerCall>,
+}
+
+impl CallPlan {
+    fn call_rows(&self) -> CallRows<'_> {
+        CallRows {
+            layer: self.layer,
+            hidden: &self.hidden,
+            d_model: self.d_model,
+            dtype: self.dtype,
+            split_bytes: self.split_bytes,
+            stripes: self.stripes,
+        }
+    }
 }
 
 /// The answers' bookkeeping, done as each arrives: checks, bytes, the straggler's times.
@@ -354,27 +497,47 @@ struct Combine {
 
 impl Combine {
     fn new(plan: &CallPlan) -> Self {
-        Self { worker_calls: plan.worker_calls.clone(), answered: Vec::with_capacity(plan.requests.len()) }
+        Self { worker_calls: plan.worker_calls.clone(), answered: Vec::new() }
     }
 
-    /// Checks the answer to request `index` against what was asked, books it, and hands back the
+    fn worker_call(&mut self, endpoint: &Endpoint) -> &mut WorkerCall {
+        match self.worker_calls.iter().position(|call| call.endpoint == *endpoint) {
+            Some(index) => &mut self.worker_calls[index],
+            None => {
+                self.worker_calls.push(WorkerCall::new(endpoint.clone()));
+                self.worker_calls.last_mut().expect("just pushed")
+            }
+        }
+    }
+
+    /// Books requests sent again, to other holders.
+    fn add_requests(&mut self, requests: &[PlannedRequest]) {
+        for planned in requests {
+            let worker_call = self.worker_call(&planned.endpoint);
+            worker_call.requests += 1;
+            worker_call.rows += planned.rows();
+            worker_call.bytes.payload_sent += planned.payload_bytes();
+            worker_call.bytes.message_sent += planned.request.encoded_len() as u64 + GRPC_FRAME_PREFIX;
+        }
+    }
+
+    /// Checks the answer to `planned` against what was asked, books it, and hands back the
     /// response for [`Sums::add`].
-    fn accept(&mut self, plan: &CallPlan, index: usize, answer: Answer) -> Result<v1::ForwardResponse, ClientError> {
-        let planned = &plan.requests[index];
+    fn accept(
+        &mut self,
+        plan: &CallPlan,
+        planned: &PlannedRequest,
+        answer: Answer,
+    ) -> Result<v1::ForwardResponse, ClientError> {
         let (plan_layer, plan_d_model) = (plan.layer, plan.d_model);
         let Answer { response, timing: rpc } = answer;
-        let Some(worker_call) = self.worker_calls.iter_mut().find(|call| call.endpoint == planned.endpoint) else {
-            return Err(ClientError::BadResponse {
-                endpoint: planned.endpoint.to_string(),
-                reason: "unplanned".into(),
-            });
-        };
-        worker_call.record_answer(&response, &rpc);
         let worker = Duration::from_micros(response.worker_us).min(rpc.elapsed);
+        self.answered.push((rpc.elapsed, worker, response_compute(&response).min(worker)));
+        let worker_call = self.worker_call(&planned.endpoint);
+        worker_call.record_answer(&response, &rpc);
         if let Some(plan) = &planned.token_major {
             let combined = check_token_major(&planned.endpoint, &response, plan, plan_layer, plan_d_model)?;
             worker_call.bytes.payload_received += combined as u64;
-            self.answered.push((rpc.elapsed, worker, response_compute(&response).min(worker)));
             return Ok(response);
         }
         if response.outputs.len() != planned.pieces.len() {
@@ -383,7 +546,6 @@ impl Combine {
                 reason: format!("{} outputs for {} expert batches", response.outputs.len(), planned.pieces.len()),
             });
         }
-        self.answered.push((rpc.elapsed, worker, response_compute(&response).min(worker)));
         for (position, (piece, output)) in planned.pieces.iter().zip(&response.outputs).enumerate() {
             let group: &ExpertAssignments = &plan.routed.groups[piece.group];
             let expert = ExpertId::new(plan.layer, group.expert);
@@ -409,16 +571,15 @@ impl Combine {
             timing.compute = compute;
             timing.queue_wait = worker - compute;
         }
-        for (planned, (decode, combine)) in plan.requests.iter().zip(&sums.per_request) {
-            if let Some(worker_call) = self.worker_calls.iter_mut().find(|call| call.endpoint == planned.endpoint) {
-                worker_call.decode += *decode;
-                worker_call.combine += *combine;
-            }
+        for (endpoint, decode, combine) in &sums.per_request {
+            let worker_call = self.worker_call(endpoint);
+            worker_call.decode += *decode;
+            worker_call.combine += *combine;
         }
         // Answers are summed while later ones are still on the wire: only the summing left after
         // the last answer is on the critical path, split in the proportion of the two phases.
-        let decode: Duration = sums.per_request.iter().map(|(decode, _)| *decode).sum();
-        let combine: Duration = sums.per_request.iter().map(|(_, combine)| *combine).sum();
+        let decode: Duration = sums.per_request.iter().map(|(_, decode, _)| *decode).sum();
+        let combine: Duration = sums.per_request.iter().map(|(_, _, combine)| *combine).sum();
         let share = decode.as_secs_f64() / (decode + combine).as_secs_f64().max(f64::MIN_POSITIVE);
         timing.decode = summing_tail.mul_f64(share);
         timing.combine = summing_tail - timing.decode;
@@ -440,6 +601,7 @@ impl Combine {
             bytes,
             workers: self.worker_calls,
             table_version: version,
+            retried_requests: 0,
         }
     }
 }
@@ -449,18 +611,17 @@ impl Combine {
 struct Sums {
     output: Vec<f32>,
     scratch: Vec<f32>,
-    /// Decode and combine time of each request's answer.
-    per_request: Vec<(Duration, Duration)>,
+    /// Decode and combine time of each answer, with its worker.
+    per_request: Vec<(Endpoint, Duration, Duration)>,
 }
 
 impl Sums {
-    fn new(values: usize, requests: usize) -> Self {
-        Self { output: vec![0.0; values], scratch: Vec::new(), per_request: vec![Default::default(); requests] }
+    fn new(values: usize) -> Self {
+        Self { output: vec![0.0; values], scratch: Vec::new(), per_request: Vec::new() }
     }
 
-    /// Decodes the (checked) answer to request `index` and adds its weighted rows into the output.
-    fn add(&mut self, plan: &CallPlan, index: usize, response: &v1::ForwardResponse) {
-        let planned = &plan.requests[index];
+    /// Decodes the (checked) answer to `planned` and adds its weighted rows into the output.
+    fn add(&mut self, plan: &CallPlan, planned: &PlannedRequest, response: &v1::ForwardResponse) {
         let (mut decode, mut combine) = (Duration::ZERO, Duration::ZERO);
         if let (Some(tokens), Some(combined)) = (&planned.token_major, &response.combined) {
             let Ok(dtype) = WireDtype::try_from(combined.dtype) else { return };
@@ -470,7 +631,7 @@ impl Sums {
             let phase = Instant::now();
             add_rows(&mut self.output, plan.d_model, &tokens.tokens, &self.scratch);
             combine += phase.elapsed();
-            self.per_request[index] = (decode, combine);
+            self.per_request.push((planned.endpoint.clone(), decode, combine));
             return;
         }
         for (piece, output) in planned.pieces.iter().zip(&response.outputs) {
@@ -486,7 +647,7 @@ impl Sums {
             plan.routed.combine_rows(group, piece.start..piece.end, &self.scratch, plan.d_model, &mut self.output);
             combine += phase.elapsed();
         }
-        self.per_request[index] = (decode, combine);
+        self.per_request.push((planned.endpoint.clone(), decode, combine));
     }
 }
 

@@ -17,6 +17,7 @@ use switchyard_proto::wire::{self, WireDtype};
 
 use crate::codec::gather_rows;
 use crate::error::ClientError;
+use crate::replicas::Choice;
 use crate::router::ExpertAssignments;
 use crate::table::RoutingTableView;
 use crate::transport::Endpoint;
@@ -84,16 +85,25 @@ pub fn pack_token_rows(
     groups: &[ExpertAssignments],
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
-    let CallRows { layer, hidden, d_model, dtype, .. } = call;
-    // (token, expert, weight) of every kept assignment, by token; the sort is stable, so a token's
-    // experts stay in group order. One flat buffer: no allocation per token.
-    let mut choices: Vec<(u32, u32, f32)> = group_indices
+    // (token, expert, weight) of every kept assignment; one flat buffer: no allocation per token.
+    let choices: Vec<(u32, u32, f32)> = group_indices
         .iter()
         .flat_map(|&group_index| {
             let group = &groups[group_index];
             group.tokens.iter().zip(&group.weights).map(move |(token, weight)| (*token, group.expert, *weight))
         })
         .collect();
+    pack_token_choices(endpoint, choices, call)
+}
+
+/// Packs (token, expert, weight) choices token-major, as [`pack_token_rows`] does.
+pub fn pack_token_choices(
+    endpoint: &Arc<str>,
+    mut choices: Vec<(u32, u32, f32)>,
+    call: CallRows<'_>,
+) -> Vec<PlannedRequest> {
+    let CallRows { layer, hidden, d_model, dtype, .. } = call;
+    // By token; the sort is stable, so a token's experts stay in group order.
     choices.sort_by_key(|(token, _, _)| *token);
     let token_starts: Vec<usize> =
         (0..choices.len()).filter(|&at| at == 0 || choices[at].0 != choices[at - 1].0).collect();
@@ -143,21 +153,76 @@ pub fn pack_token_rows(
         .collect()
 }
 
-/// Groups `groups` by the worker serving each expert (its first endpoint).
+/// Groups `groups` by the worker each expert is sent to: the holder `choice` picks.
 pub fn by_worker(
     layer: u32,
     groups: &[ExpertAssignments],
     table: &RoutingTableView,
+    choice: &Choice,
 ) -> Result<BTreeMap<Arc<str>, Vec<usize>>, ClientError> {
     let mut workers: BTreeMap<Arc<str>, Vec<usize>> = BTreeMap::new();
     for (index, group) in groups.iter().enumerate() {
-        let endpoint = table
-            .endpoints(layer, group.expert)
-            .first()
-            .ok_or(ClientError::Unplaced { version: table.version, expert: ExpertId::new(layer, group.expert) })?;
+        let endpoint = pick(layer, group.expert, table, choice)?;
         workers.entry(endpoint.clone()).or_default().push(index);
     }
     Ok(workers)
+}
+
+fn pick<'a>(
+    layer: u32,
+    expert: u32,
+    table: &'a RoutingTableView,
+    choice: &Choice,
+) -> Result<&'a Endpoint, ClientError> {
+    choice
+        .pick(table.endpoints(layer, expert))
+        .ok_or(ClientError::Unplaced { version: table.version, expert: ExpertId::new(layer, expert) })
+}
+
+/// The requests that carry again what `failed` carried, each part to a holder of its expert that
+/// `choice` allows: a token-major request's (token, expert) choices, an expert-major one's pieces.
+/// Fails [`ClientError::Unplaced`] when an expert has no holder left.
+pub fn reroute(
+    failed: &[&PlannedRequest],
+    groups: &[ExpertAssignments],
+    table: &RoutingTableView,
+    choice: &Choice,
+    call: CallRows<'_>,
+) -> Result<Vec<PlannedRequest>, ClientError> {
+    let group_of: BTreeMap<u32, usize> =
+        groups.iter().enumerate().map(|(index, group)| (group.expert, index)).collect();
+    let mut choices: BTreeMap<Arc<str>, Vec<(u32, u32, f32)>> = BTreeMap::new();
+    let mut pieces: BTreeMap<Arc<str>, Vec<Piece>> = BTreeMap::new();
+    for planned in failed {
+        match &planned.token_major {
+            Some(plan) => {
+                for expert in &plan.experts {
+                    let Some(group) = group_of.get(expert).map(|&index| &groups[index]) else { continue };
+                    let endpoint = pick(call.layer, *expert, table, choice)?;
+                    let sent = choices.entry(endpoint.clone()).or_default();
+                    for (token, weight) in group.tokens.iter().zip(&group.weights) {
+                        if plan.tokens.binary_search(token).is_ok() {
+                            sent.push((*token, *expert, *weight));
+                        }
+                    }
+                }
+            }
+            None => {
+                for piece in &planned.pieces {
+                    let endpoint = pick(call.layer, groups[piece.group].expert, table, choice)?;
+                    pieces.entry(endpoint.clone()).or_default().push(*piece);
+                }
+            }
+        }
+    }
+    let mut requests = Vec::new();
+    for (endpoint, choices) in choices {
+        requests.extend(pack_token_choices(&endpoint, choices, call));
+    }
+    for (endpoint, pieces) in pieces {
+        requests.extend(pack_pieces(&endpoint, &pieces, groups, call));
+    }
+    Ok(requests)
 }
 
 /// What every request of one layer call shares.
@@ -199,22 +264,33 @@ pub fn pack_requests(
     groups: &[ExpertAssignments],
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
+    let pieces: Vec<Piece> =
+        group_indices.iter().map(|&group| Piece { group, start: 0, end: groups[group].rows(call.d_model) }).collect();
+    pack_pieces(endpoint, &pieces, groups, call)
+}
+
+/// Packs row ranges of groups expert-major, as [`pack_requests`] does.
+pub fn pack_pieces(
+    endpoint: &Arc<str>,
+    pieces: &[Piece],
+    groups: &[ExpertAssignments],
+    call: CallRows<'_>,
+) -> Vec<PlannedRequest> {
     let CallRows { layer, hidden, d_model, dtype, .. } = call;
-    let rows = group_indices.iter().map(|&group| groups[group].rows(d_model)).sum();
+    let rows = pieces.iter().map(|piece| piece.end - piece.start).sum();
     let rows_per_request = call.rows_per_request(rows);
     let mut requests = Vec::new();
     let mut current = new_request(endpoint, dtype);
     let mut current_rows = 0;
-    for &group_index in group_indices {
-        let group = &groups[group_index];
-        let group_rows = group.rows(d_model);
-        let mut start = 0;
-        while start < group_rows {
+    for piece in pieces {
+        let group = &groups[piece.group];
+        let mut start = piece.start;
+        while start < piece.end {
             if current_rows == rows_per_request {
                 requests.push(std::mem::replace(&mut current, new_request(endpoint, dtype)));
                 current_rows = 0;
             }
-            let end = group_rows.min(start + rows_per_request - current_rows);
+            let end = piece.end.min(start + rows_per_request - current_rows);
             let data = match &group.slots {
                 Some(slots) => wire::encode_rows(&slots.inputs[start * d_model..end * d_model], d_model, dtype),
                 None => gather_rows(hidden, d_model, &group.tokens[start..end], dtype),
@@ -227,7 +303,7 @@ pub fn pack_requests(
                     data,
                 }),
             });
-            current.pieces.push(Piece { group: group_index, start, end });
+            current.pieces.push(Piece { group: piece.group, start, end });
             current_rows += end - start;
             start = end;
         }

@@ -1,14 +1,18 @@
-//! The all-to-all exchange of one layer call, as Quickwit's ingest router does it: every request in
-//! flight at once (`FuturesUnordered`), each with its own deadline; every answer handed to the
-//! caller as it arrives, so combining starts before the slowest worker answers; the first failure
-//! ends the call at once, abandoning what is still in flight; one typed outcome per destination.
+//! The all-to-all exchange of one round of a layer call, as Quickwit's ingest router does it: every
+//! request in flight at once (`FuturesUnordered`), each with its own deadline; every answer handed
+//! to the caller as it arrives, so combining starts before the slowest worker answers. A
+//! destination that fails with a retryable error is given up at once (its requests still in flight
+//! are abandoned, and handed back to be sent elsewhere) while the others carry on; any other
+//! failure ends the round at once. One typed outcome per destination.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::dispatch::PlannedRequest;
 use crate::error::ClientError;
+use crate::replicas::Replicas;
 use crate::transport::{Answer, Endpoint, ExpertTransport};
 
 /// What became of one destination's requests.
@@ -26,12 +30,31 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DestinationOutcome {
     pub endpoint: Endpoint,
-    /// Requests sent to it in this call.
+    /// Requests sent to it in this round.
     pub requests: usize,
     pub outcome: Outcome,
 }
 
-/// A call that failed at one destination, with what became of every destination.
+/// A round in which every destination either answered or failed in a way worth retrying.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Round {
+    pub outcomes: Vec<DestinationOutcome>,
+    /// Indices of the requests whose destination failed (retryably) before answering them.
+    pub unanswered: Vec<usize>,
+}
+
+impl Round {
+    /// The destinations that failed, and why.
+    pub fn failures(&self) -> impl Iterator<Item = (&Endpoint, &ClientError)> {
+        self.outcomes.iter().filter_map(|destination| match &destination.outcome {
+            Outcome::Failed(error) => Some((&destination.endpoint, error)),
+            _ => None,
+        })
+    }
+}
+
+/// A round that failed at one destination in a way no retry mends, with what became of every
+/// destination.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExchangeFailure {
     /// The first failure.
@@ -40,15 +63,18 @@ pub struct ExchangeFailure {
 }
 
 /// Sends every request of `requests` over `transport` at once, each with `deadline`, and hands each
-/// answer with its request's index to `on_answer` as it arrives. Returns the outcome of every
-/// destination, or at the first failure (a transport error, a timeout, or `on_answer` refusing the
-/// answer) returns that failure without waiting for the requests still in flight.
+/// answer with its request's index to `on_answer` as it arrives. A destination failing with an
+/// error `retryable` accepts is given up without waiting for its other requests; they are returned
+/// as unanswered. Any other failure (or `on_answer` refusing an answer) returns at once, without
+/// waiting for the requests still in flight. `replicas` counts each request while it is in flight.
 pub async fn run(
     transport: &dyn ExpertTransport,
+    replicas: &Replicas,
     requests: &[PlannedRequest],
     deadline: Duration,
+    retryable: impl Fn(&ClientError) -> bool,
     mut on_answer: impl FnMut(usize, Answer) -> Result<(), ClientError>,
-) -> Result<Vec<DestinationOutcome>, ExchangeFailure> {
+) -> Result<Round, ExchangeFailure> {
     let mut outcomes: Vec<DestinationOutcome> = Vec::new();
     let mut destination_of = Vec::with_capacity(requests.len());
     let mut pending_per_destination: Vec<usize> = Vec::new();
@@ -73,6 +99,7 @@ pub async fn run(
         .iter()
         .enumerate()
         .map(|(index, planned)| {
+            let counted = replicas.start(&planned.endpoint);
             let sent = transport.forward(&planned.endpoint, planned.request.clone(), deadline);
             let endpoint = planned.endpoint.clone();
             async move {
@@ -80,13 +107,42 @@ pub async fn run(
                     Ok(answer) => answer,
                     Err(_) => Err(ClientError::Timeout { endpoint: endpoint.to_string(), after: deadline }),
                 };
+                drop(counted);
                 (index, answer)
             }
         })
         .collect();
-    while let Some((index, answer)) = in_flight.next().await {
+    let mut resolved = vec![false; requests.len()];
+    let mut given_up: HashSet<usize> = HashSet::new();
+    let mut unanswered = Vec::new();
+    let mut open = requests.len();
+    while open > 0 {
+        let Some((index, answer)) = in_flight.next().await else { break };
         let destination = destination_of[index];
-        if let Err(error) = answer.and_then(|answer| on_answer(index, answer)) {
+        if given_up.contains(&destination) {
+            continue;
+        }
+        resolved[index] = true;
+        open -= 1;
+        let accepted = match answer {
+            Ok(answer) => on_answer(index, answer),
+            Err(error) if retryable(&error) => {
+                outcomes[destination].outcome = Outcome::Failed(error);
+                given_up.insert(destination);
+                for (other, _) in destination_of.iter().enumerate().filter(|(_, d)| **d == destination) {
+                    if other == index || !resolved[other] {
+                        unanswered.push(other);
+                    }
+                    if !resolved[other] {
+                        resolved[other] = true;
+                        open -= 1;
+                    }
+                }
+                continue;
+            }
+            Err(error) => Err(error),
+        };
+        if let Err(error) = accepted {
             outcomes[destination].outcome = Outcome::Failed(error.clone());
             return Err(ExchangeFailure { error, outcomes });
         }
@@ -95,7 +151,8 @@ pub async fn run(
             outcomes[destination].outcome = Outcome::Answered;
         }
     }
-    Ok(outcomes)
+    unanswered.sort_unstable();
+    Ok(Round { outcomes, unanswered })
 }
 
 #[cfg(test)]
@@ -107,6 +164,8 @@ mod tests {
 
     use super::*;
     use crate::ledger::RpcTiming;
+
+    const NEVER_RETRY: fn(&ClientError) -> bool = |_| false;
 
     /// A transport whose destinations answer after a fixed (virtual) delay, fail at once, or never.
     #[derive(Debug)]
@@ -180,7 +239,10 @@ mod tests {
         };
         let requests = [request("slow", 1), request("fast", 2), request("slow", 3)];
         let started = tokio::time::Instant::now();
-        let failure = run(&transport, &requests, Duration::from_secs(3600), |_, _| Ok(())).await.unwrap_err();
+        let failure =
+            run(&transport, &Replicas::default(), &requests, Duration::from_secs(3600), NEVER_RETRY, |_, _| Ok(()))
+                .await
+                .unwrap_err();
         assert_eq!(started.elapsed(), Duration::from_millis(5));
         assert!(matches!(failure.error, ClientError::Worker { ref endpoint, .. } if endpoint == "fast"));
         assert_eq!(state(&failure.outcomes), [("slow", 2, "abandoned"), ("fast", 1, "failed")]);
@@ -196,15 +258,17 @@ mod tests {
         };
         let requests = [request("a", 1), request("b", 2), request("b", 3)];
         let mut arrivals = Vec::new();
-        let outcomes = run(&transport, &requests, Duration::from_secs(1), |index, answer| {
-            arrivals.push((index, answer.response.request_id));
-            Ok(())
-        })
-        .await
-        .expect("every destination answers");
+        let outcomes =
+            run(&transport, &Replicas::default(), &requests, Duration::from_secs(1), NEVER_RETRY, |index, answer| {
+                arrivals.push((index, answer.response.request_id));
+                Ok(())
+            })
+            .await
+            .expect("every destination answers");
         assert_eq!(arrivals.len(), 3);
         assert_eq!(arrivals[2], (0, 1), "the slow destination's answer comes last");
-        assert_eq!(state(&outcomes), [("a", 1, "answered"), ("b", 2, "answered")]);
+        assert_eq!(state(&outcomes.outcomes), [("a", 1, "answered"), ("b", 2, "answered")]);
+        assert!(outcomes.unanswered.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -212,13 +276,69 @@ mod tests {
         let transport = Scripted {
             behaviours: vec![("late", Behaviour::Never), ("ok", Behaviour::AnswerAfter(Duration::from_millis(1)))],
         };
-        let failure =
-            run(&transport, &[request("late", 1)], Duration::from_millis(50), |_, _| Ok(())).await.unwrap_err();
+        let failure = run(
+            &transport,
+            &Replicas::default(),
+            &[request("late", 1)],
+            Duration::from_millis(50),
+            NEVER_RETRY,
+            |_, _| Ok(()),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(failure.error, ClientError::Timeout { endpoint: "late".into(), after: Duration::from_millis(50) });
         let refused = ClientError::BadResponse { endpoint: "ok".into(), reason: "outputs[0] is missing".into() };
-        let failure = run(&transport, &[request("ok", 1)], Duration::from_secs(1), |_, _| Err(refused.clone()))
-            .await
-            .unwrap_err();
+        let failure = run(
+            &transport,
+            &Replicas::default(),
+            &[request("ok", 1)],
+            Duration::from_secs(1),
+            |_| true,
+            |_, _| Err(refused.clone()),
+        )
+        .await
+        .unwrap_err();
         assert_eq!((failure.error, state(&failure.outcomes)), (refused, vec![("ok", 1, "failed")]));
+    }
+
+    /// A worker failing retryably is given up at once: its request still in flight comes back
+    /// unanswered with the failed one, and the other worker's answers are all taken.
+    #[tokio::test(start_paused = true)]
+    async fn a_retryable_failure_gives_up_that_worker_only_and_hands_back_its_requests() {
+        let transport = Scripted {
+            behaviours: vec![
+                ("down", Behaviour::FailAfter(Duration::from_millis(5))),
+                ("stalled", Behaviour::Never),
+                ("ok", Behaviour::AnswerAfter(Duration::from_millis(20))),
+            ],
+        };
+        let requests = [request("down", 1), request("ok", 2), request("down", 3), request("ok", 4)];
+        let mut answered = Vec::new();
+        let started = tokio::time::Instant::now();
+        let round = run(
+            &transport,
+            &Replicas::default(),
+            &requests,
+            Duration::from_secs(60),
+            |_| true,
+            |index, _| {
+                answered.push(index);
+                Ok(())
+            },
+        )
+        .await
+        .expect("a retryable failure does not fail the round");
+        assert_eq!(started.elapsed(), Duration::from_millis(20), "no wait for the failed worker's other request");
+        assert_eq!(round.unanswered, [0, 2]);
+        answered.sort_unstable();
+        assert_eq!(answered, [1, 3]);
+        assert_eq!(state(&round.outcomes), [("down", 2, "failed"), ("ok", 2, "answered")]);
+        assert_eq!(round.failures().map(|(endpoint, _)| &**endpoint).collect::<Vec<_>>(), ["down"]);
+        let stalled = [request("stalled", 5), request("ok", 6)];
+        let round =
+            run(&transport, &Replicas::default(), &stalled, Duration::from_millis(100), |_| true, |_, _| Ok(()))
+                .await
+                .expect("a timeout is retryable here");
+        assert_eq!(round.unanswered, [0], "the stalled worker's request comes back after the attempt's deadline");
     }
 }

@@ -21,6 +21,7 @@ pub mod gate;
 pub mod hidden;
 pub mod ledger;
 pub mod metrics;
+pub mod replicas;
 pub mod router;
 pub mod routing;
 pub mod stats;

@@ -17,6 +17,8 @@ use crate::error::ClientError;
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingTableView {
     pub version: TableVersion,
+    /// The coordinator instance that published it; versions restart with a restarted coordinator.
+    pub epoch: u64,
     pub model: ModelSpec,
     /// `endpoints[layer_index * (experts + shared) + expert]`, where `layer_index` is the MoE layer's
     /// position among the model's MoE layers: the workers serving that expert (first is preferred).
@@ -32,7 +34,14 @@ impl RoutingTableView {
     pub fn single_worker(model: ModelSpec, endpoint: &str, queue_limit_tokens: u32) -> Self {
         let per_layer = (model.experts_per_layer + model.shared_experts) as usize;
         let endpoints = vec![vec![Arc::from(endpoint)]; model.moe_layers.len() * per_layer];
-        Self { version: TableVersion(1), model, endpoints, queue_limit_tokens, max_batch_tokens: queue_limit_tokens }
+        Self {
+            version: TableVersion(1),
+            epoch: 0,
+            model,
+            endpoints,
+            queue_limit_tokens,
+            max_batch_tokens: queue_limit_tokens,
+        }
     }
 
     /// The workers serving `expert` of MoE layer `layer`; empty for a layer the model does not have.
@@ -47,6 +56,12 @@ impl RoutingTableView {
     /// True when every expert of every layer has a worker.
     pub fn is_complete(&self) -> bool {
         self.endpoints.iter().all(|endpoints| !endpoints.is_empty())
+    }
+
+    /// Whether this table should replace `current`: a newer version of the same coordinator, or
+    /// any version of another one (a restarted coordinator counts from 1 again).
+    pub fn supersedes(&self, current: Option<&RoutingTableView>) -> bool {
+        current.is_none_or(|current| self.epoch != current.epoch || self.version > current.version)
     }
 
     /// Every distinct worker endpoint in the table.
@@ -76,6 +91,7 @@ impl TryFrom<v1::RoutingTable> for RoutingTableView {
         }
         Ok(Self {
             version: TableVersion(table.version),
+            epoch: table.epoch,
             model,
             endpoints,
             queue_limit_tokens: table.queue_limit_tokens,
@@ -143,17 +159,18 @@ async fn follow(
     coordinator: String,
 ) {
     loop {
-        let newer_than = sender.borrow().as_ref().map_or(0, |table| table.version.0);
-        match client.watch_routing_table(v1::GetRoutingTableRequest { newer_than }).await {
+        let (newer_than, epoch) = sender.borrow().as_ref().map_or((0, 0), |table| (table.version.0, table.epoch));
+        match client.watch_routing_table(v1::GetRoutingTableRequest { newer_than, epoch }).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
                 loop {
                     match stream.message().await {
                         Ok(Some(table)) => match RoutingTableView::try_from(table) {
-                            Ok(view) => {
-                                tracing::debug!(version = view.version.0, "routing table received");
+                            Ok(view) if view.supersedes(sender.borrow().as_deref()) => {
+                                tracing::debug!(version = view.version.0, epoch = view.epoch, "routing table received");
                                 sender.send_replace(Some(Arc::new(view)));
                             }
+                            Ok(view) => tracing::debug!(version = view.version.0, "ignoring an older routing table"),
                             Err(error) => {
                                 tracing::error!(%error, "ignoring a malformed routing table")
                             }
@@ -182,6 +199,7 @@ mod tests {
         let model = ModelSpec { experts_per_layer: 2, ..ModelSpec::default_synthetic() };
         v1::RoutingTable {
             version: 3,
+            epoch: 1,
             model: Some(model.to_proto()),
             routes: vec![
                 v1::ExpertRoute { expert: Some(v1::ExpertKey::new(0, 1)), endpoints: vec!["http://b".into()] },
@@ -198,6 +216,7 @@ mod tests {
             ModelSpec { experts_per_layer: 1, moe_layers: vec![1, 3], top_k: 1, ..ModelSpec::default_synthetic() };
         let table = v1::RoutingTable {
             version: 1,
+            epoch: 1,
             model: Some(model.to_proto()),
             routes: vec![
                 v1::ExpertRoute { expert: Some(v1::ExpertKey::new(3, 0)), endpoints: vec!["http://b".into()] },
@@ -212,6 +231,20 @@ mod tests {
         let mut dense = table;
         dense.routes[0].expert = Some(v1::ExpertKey::new(2, 0));
         assert!(RoutingTableView::try_from(dense).unwrap_err().to_string().contains("layer 2 expert 0 is outside"));
+    }
+
+    #[test]
+    fn a_restarted_coordinators_first_table_replaces_a_later_version_of_the_old_one() {
+        let old =
+            RoutingTableView::try_from(v1::RoutingTable { epoch: 100, version: 7, ..wire_table() }).expect("valid");
+        let older =
+            RoutingTableView::try_from(v1::RoutingTable { epoch: 100, version: 6, ..wire_table() }).expect("valid");
+        let restarted =
+            RoutingTableView::try_from(v1::RoutingTable { epoch: 200, version: 1, ..wire_table() }).expect("valid");
+        assert!(old.supersedes(None));
+        assert!(!older.supersedes(Some(&old)), "an older version of the same coordinator");
+        assert!(!old.supersedes(Some(&old)), "the same version again");
+        assert!(restarted.supersedes(Some(&old)), "the new coordinator counts from 1");
     }
 
     #[test]

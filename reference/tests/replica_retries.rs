@@ -1,0 +1,171 @@
+//! A layer call routes around a failed worker, over real in-process workers: rows sent to a worker
+//! that is gone go to another holder of their experts, or wait for the table that moves them; the
+//! output still equals the reference. A full queue with no other holder fails at once, and a
+//! caller that retries failures in a loop never starves the task that brings the repaired table.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_expert_worker::metrics::WorkerMetrics;
+use switchyard_expert_worker::scheduler::BatchingConfig;
+use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, WorkerOptions};
+use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_proto::v1;
+use switchyard_reference::in_process::InProcessTransport;
+use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
+use switchyard_router_client::{
+    ClientError, ClientOptions, DispatchLayout, MoeClient, RoutingOverrides, RoutingTableView,
+};
+use tokio::sync::watch;
+
+fn model() -> ModelSpec {
+    ModelSpec { d_model: 16, d_ff: 32, seed: 11, ..ModelSpec::default_synthetic() }
+}
+
+fn hidden(tokens: usize) -> Vec<f32> {
+    (0..tokens * 16).map(|i| ((i as f32) * 0.37).sin()).collect()
+}
+
+/// A worker holding every expert of [`model`] behind queues of `limit` tokens.
+async fn worker(limit: usize) -> Arc<ExpertWorker> {
+    let options = WorkerOptions {
+        device: tch::Device::Cpu,
+        torch_threads: 1,
+        batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: 1 << 20 },
+        default_queue_limit_tokens: limit,
+        identity_experts: false,
+        dtype: None,
+    };
+    let worker = ExpertWorker::start(options, WorkerMetrics::new()).expect("compute thread");
+    let experts = (0..8).map(|expert| ExpertId::new(0, expert)).collect();
+    worker.load_experts(model(), experts, QueueLimits::default()).await.expect("load");
+    worker
+}
+
+/// A table of version `version` whose expert `e` is served by `holders(e)`.
+fn table(version: u64, holders: impl Fn(u32) -> Vec<&'static str>) -> Arc<RoutingTableView> {
+    let routes = (0..8)
+        .map(|expert| v1::ExpertRoute {
+            expert: Some(v1::ExpertKey::new(0, expert)),
+            endpoints: holders(expert).into_iter().map(String::from).collect(),
+        })
+        .collect();
+    let table = v1::RoutingTable {
+        version,
+        epoch: 1,
+        model: Some(model().to_proto()),
+        routes,
+        queue_limit_tokens: 1 << 20,
+        max_batch_tokens: 1 << 20,
+    };
+    Arc::new(RoutingTableView::try_from(table).expect("valid table"))
+}
+
+/// A client over in-process workers `a` and `b` (each holding every expert); "gone" is in the
+/// tables but not in this process, as a killed worker would be.
+async fn client(
+    first: Arc<RoutingTableView>,
+    options: ClientOptions,
+) -> (MoeClient, watch::Sender<Option<Arc<RoutingTableView>>>, Vec<Arc<ExpertWorker>>) {
+    let workers = vec![worker(1 << 20).await, worker(1 << 20).await];
+    let transport = InProcessTransport::new([
+        (Arc::from("a"), ExpertWorkerService::new(workers[0].clone(), "a")),
+        (Arc::from("b"), ExpertWorkerService::new(workers[1].clone(), "b")),
+    ]);
+    let (tables, receiver) = watch::channel(Some(first));
+    (MoeClient::with_transport(receiver, options, Arc::new(transport)), tables, workers)
+}
+
+async fn reference_output(tokens: usize) -> Vec<f32> {
+    let reference = ReferenceLayer::start(&model(), &[0], ReferenceConfig::cpu()).await.expect("reference");
+    let output = reference.forward(0, hidden(tokens), &RoutingOverrides::default()).await.expect("reference call");
+    reference.shutdown().await;
+    output.hidden
+}
+
+#[tokio::test]
+async fn rows_for_a_gone_worker_go_to_another_holder_and_the_output_is_exact() {
+    let expected = reference_output(64).await;
+    for dispatch in [DispatchLayout::TokenMajor, DispatchLayout::ExpertMajor] {
+        // Every expert has "gone" as one holder, and a or b as the other.
+        let replicated = table(1, |expert| vec!["gone", if expert % 2 == 0 { "a" } else { "b" }]);
+        let (client, _tables, workers) =
+            client(replicated, ClientOptions { dispatch, ..ClientOptions::default() }).await;
+        let mut retried = 0;
+        for _ in 0..4 {
+            let output = client.forward(0, hidden(64)).await.expect("the call routes around the gone worker");
+            let error = relative_frobenius_error(&output.hidden, &expected);
+            assert!(error < 1e-5, "{dispatch:?}: relative error {error:e}");
+            assert!(output.workers.iter().all(|call| &*call.endpoint != "gone" || call.rows == 0 || call.requests > 0));
+            retried += output.retried_requests;
+        }
+        // Ties between holders rotate by call: some calls tried "gone" first, and after a failure it
+        // is avoided, so at least one and at most a few requests were sent again.
+        assert!(retried >= 1, "{dispatch:?}: gone was never tried");
+        for worker in workers {
+            worker.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn rows_whose_only_holder_is_gone_wait_for_the_table_that_moves_them() {
+    let expected = reference_output(32).await;
+    let (client, tables, workers) = client(table(1, |_| vec!["gone"]), ClientOptions::default()).await;
+    let repaired = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tables.send_replace(Some(table(2, |_| vec!["a"])));
+        tables
+    });
+    let output = client.forward(0, hidden(32)).await.expect("the call waits for the repaired table");
+    assert!(relative_frobenius_error(&output.hidden, &expected) < 1e-5);
+    assert!(output.retried_requests >= 1);
+    assert_eq!(output.table_version.0, 2, "answered on the repaired table");
+    let _tables = repaired.await.expect("repair task");
+    for worker in workers {
+        worker.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_with_no_other_holder_fails_the_call_at_once() {
+    let tiny = worker(1).await;
+    let transport = InProcessTransport::new([(Arc::from("tiny"), ExpertWorkerService::new(tiny.clone(), "tiny"))]);
+    let (_tables, receiver) = watch::channel(Some(table(1, |_| vec!["tiny"])));
+    let options = ClientOptions { timeout: Duration::from_secs(3600), ..ClientOptions::default() };
+    let client = MoeClient::with_transport(receiver, options, Arc::new(transport));
+    // A guard against waiting out the hour-long deadline for a table, not a measurement.
+    let failed = tokio::time::timeout(Duration::from_secs(60), client.forward(0, hidden(64)))
+        .await
+        .expect("the call did not wait for another table");
+    assert!(matches!(failed, Err(ClientError::QueueFull { ref endpoint, .. }) if endpoint == "tiny"), "{failed:?}");
+    tiny.shutdown().await;
+}
+
+/// On a one-thread runtime, a caller retrying `NoTable` failures in a tight loop still lets the
+/// task that installs the table run: each failure yields.
+#[test]
+fn a_busy_retrying_caller_sees_the_table_when_it_comes() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let served = worker(1 << 20).await;
+        let transport = InProcessTransport::new([(Arc::from("a"), ExpertWorkerService::new(served.clone(), "a"))]);
+        let (tables, receiver) = watch::channel(None);
+        let client = MoeClient::with_transport(receiver, ClientOptions::default(), Arc::new(transport));
+        let installer = tokio::spawn(async move {
+            tables.send_replace(Some(table(1, |_| vec!["a"])));
+            tables
+        });
+        let mut failures = 0u64;
+        loop {
+            match client.forward(0, hidden(8)).await {
+                Ok(_) => break,
+                Err(ClientError::NoTable { .. }) if failures < 1_000_000 => failures += 1,
+                Err(error) => panic!("after {failures} failures: {error}"),
+            }
+        }
+        assert!(failures >= 1, "the first call ran before the installer");
+        let _tables = installer.await.expect("installer");
+        served.shutdown().await;
+    });
+}
