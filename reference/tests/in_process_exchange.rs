@@ -68,8 +68,9 @@ async fn a_refusal_ends_the_exchange_while_the_slow_worker_still_holds_its_rows(
         (Arc::from("full"), ExpertWorkerService::new(full.clone(), "full")),
     ]);
     let requests = [request("slow", 0, 3), request("full", 1, 2)];
+    let replicas = Replicas::default();
     let exchanged =
-        exchange::run(&transport, &Replicas::default(), &requests, Duration::from_secs(7200), |_| false, |_, _| Ok(()));
+        exchange::run(&transport, &replicas, &requests, Duration::from_secs(7200), |_| false, |_, _| Ok(()));
     // A guard against hanging for the slow worker's hour, not a measurement.
     let failure = tokio::time::timeout(Duration::from_secs(60), exchanged)
         .await
