@@ -105,10 +105,16 @@ async fn a_malformed_field_comes_back_as_a_bad_request_naming_it() {
     if let Some(rows) = truncated.request.batches[0].rows.as_mut() {
         rows.data = rows.data.slice(..10);
     }
-    let failure =
-        exchange::run(&transport, &Replicas::default(), &[truncated], Duration::from_secs(30), |_| true, |_, _| Ok(()))
-            .await
-            .unwrap_err();
+    let failure = exchange::run(
+        &transport,
+        &Replicas::default(),
+        &[truncated],
+        Duration::from_secs(30),
+        |_| false,
+        |_, _| Ok(()),
+    )
+    .await
+    .unwrap_err();
     match failure.error {
         ClientError::BadRequest { endpoint, field, description } => {
             assert_eq!((endpoint.as_str(), field.as_str()), ("w", "batches[0].rows.data"));
