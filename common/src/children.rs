@@ -87,15 +87,34 @@ impl ChildProcess {
         let _ = self.child.kill().await;
     }
 
+    /// SIGSTOP: the process is frozen, its sockets still open (a hung host, a long GC pause).
+    pub fn pause(&self) {
+        if let Some(pid) = self.child.id() {
+            send_signal(pid, Signal::Stop);
+        }
+    }
+
+    /// SIGCONT after [`ChildProcess::pause`].
+    pub fn resume(&self) {
+        if let Some(pid) = self.child.id() {
+            send_signal(pid, Signal::Continue);
+        }
+    }
+
+    /// SIGTERM, and waits up to `grace` for the process to exit; true if it did.
+    pub async fn terminate(&mut self, grace: Duration) -> bool {
+        if let Some(pid) = self.child.id() {
+            send_signal(pid, Signal::Terminate);
+            return tokio::time::timeout(grace, self.child.wait()).await.is_ok();
+        }
+        true
+    }
+
     /// SIGTERM, then SIGKILL if the child is still there after `grace`.
     pub async fn stop(&mut self, grace: Duration) {
-        if let Some(pid) = self.child.id() {
-            send_sigterm(pid);
-            if tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
-                return;
-            }
+        if !self.terminate(grace).await {
+            self.kill().await;
         }
-        self.kill().await;
     }
 }
 
@@ -116,14 +135,26 @@ fn die_with_parent(command: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_command: &mut Command) {}
 
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    Terminate,
+    Stop,
+    Continue,
+}
+
 #[cfg(unix)]
 #[allow(unsafe_code)]
-fn send_sigterm(pid: u32) {
+fn send_signal(pid: u32, signal: Signal) {
+    let signal = match signal {
+        Signal::Terminate => libc::SIGTERM,
+        Signal::Stop => libc::SIGSTOP,
+        Signal::Continue => libc::SIGCONT,
+    };
     // SAFETY: kill(2) on a pid we own; a stale pid is at worst an ESRCH error we ignore.
     unsafe {
-        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        libc::kill(pid as libc::pid_t, signal);
     }
 }
 
 #[cfg(not(unix))]
-fn send_sigterm(_pid: u32) {}
+fn send_signal(_pid: u32, _signal: Signal) {}

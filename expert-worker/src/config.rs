@@ -67,6 +67,16 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_WORKER_MEMORY_BYTES", default_value_t = 0)]
     pub memory_bytes: u64,
 
+    /// On SIGTERM, how long (milliseconds) to wait for the coordinator to move this worker's
+    /// experts to others before stopping anyway; keep it under Kubernetes' termination grace.
+    #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT_MS", default_value_t = 20_000)]
+    pub drain_timeout_ms: u64,
+
+    /// Once no route names this worker, how long (milliseconds) it keeps serving calls that were
+    /// planned on an earlier table, before it stops taking new ones.
+    #[arg(long, env = "SWITCHYARD_DRAIN_SETTLE_MS", default_value_t = 500)]
+    pub drain_settle_ms: u64,
+
     /// Serve identity experts (each answers with its input, no compute, no weights) to measure
     /// dispatch and combine alone, as DeepEP's benchmarks do.
     #[arg(long, env = "SWITCHYARD_IDENTITY_EXPERTS")]

@@ -58,6 +58,7 @@ pub async fn run(
         .set_serving::<switchyard_proto::v1::expert_worker_server::ExpertWorkerServer<service::ExpertWorkerService>>()
         .await;
 
+    let (registered, registration) = tokio::sync::watch::channel(None);
     let membership_task = args.coordinator.clone().map(|coordinator_uri| {
         let membership = membership::Membership {
             coordinator_uri,
@@ -67,8 +68,22 @@ pub async fn run(
             memory_bytes: args.offered_memory_bytes(),
             dtype: args.dtype,
         };
-        tokio::spawn(membership::run(worker.clone(), membership))
+        tokio::spawn(membership::run(worker.clone(), membership, registered))
     });
+    // SIGTERM (a rolling update, a scale-down) drains first: the coordinator moves the experts,
+    // clients stop routing here, then the server stops taking calls and finishes those it has.
+    let drain_policy = membership::DrainPolicy {
+        timeout: std::time::Duration::from_millis(args.drain_timeout_ms),
+        settle: std::time::Duration::from_millis(args.drain_settle_ms),
+    };
+    let coordinator_uri = args.coordinator.clone();
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(uri) = coordinator_uri {
+            tracing::info!("draining before stopping");
+            membership::drain(&uri, &registration, drain_policy).await;
+        }
+    };
 
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics_task = tokio::spawn(switchyard_common::metrics_http::serve(

@@ -1,6 +1,7 @@
 //! Joining the cluster: register with the coordinator, then heartbeat. A coordinator that answers a
 //! heartbeat with NOT_FOUND has lost its state (it restarted): the worker registers again, listing
 //! the experts it still holds. While the coordinator is unreachable the worker keeps serving.
+//! Leaving it: [`drain`] asks the coordinator to move this worker's experts away first.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use switchyard_model::WeightDtype;
 use switchyard_proto::PROTOCOL_VERSION;
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
+use tokio::sync::watch;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -28,8 +30,9 @@ pub struct Membership {
 
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 
-/// Registers and heartbeats until the task is aborted.
-pub async fn run(worker: Arc<ExpertWorker>, membership: Membership) {
+/// Registers and heartbeats until the task is aborted; `registered` holds the id the coordinator
+/// knows this worker by.
+pub async fn run(worker: Arc<ExpertWorker>, membership: Membership, registered: watch::Sender<Option<String>>) {
     let channel = match switchyard_common::transport::channel(&membership.coordinator_uri) {
         Ok(channel) => channel,
         Err(error) => {
@@ -40,6 +43,7 @@ pub async fn run(worker: Arc<ExpertWorker>, membership: Membership) {
     let mut client = CoordinatorClient::new(channel);
     loop {
         let (worker_id, interval) = register(&mut client, &worker, &membership).await;
+        registered.send_replace(Some(worker_id.clone()));
         heartbeat_until_forgotten(&mut client, &worker, &worker_id, interval).await;
         tracing::warn!(%worker_id, "coordinator forgot this worker; registering again");
     }
@@ -98,4 +102,59 @@ async fn heartbeat_until_forgotten(
             Err(status) => tracing::debug!(message = status.message(), "heartbeat failed; still serving"),
         }
     }
+}
+
+/// How a stopping worker leaves.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainPolicy {
+    /// The longest wait for the coordinator to move the experts away.
+    pub timeout: Duration,
+    /// Serving on after the last route went, for calls planned on an earlier table.
+    pub settle: Duration,
+}
+
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+/// Asks the coordinator to move this worker's experts elsewhere and waits until no route names
+/// it (or `policy.timeout` passes), then `policy.settle` more; the worker serves throughout.
+pub async fn drain(coordinator_uri: &str, registered: &watch::Receiver<Option<String>>, policy: DrainPolicy) {
+    let Some(worker_id) = registered.borrow().clone() else {
+        tracing::info!("never registered: nothing to drain");
+        return;
+    };
+    let mut client = match switchyard_common::transport::channel(coordinator_uri) {
+        Ok(channel) => CoordinatorClient::new(channel),
+        Err(error) => {
+            tracing::warn!(%error, "bad coordinator address; stopping without draining");
+            return;
+        }
+    };
+    let started = tokio::time::Instant::now();
+    loop {
+        let request = v1::DrainWorkerRequest { protocol_version: PROTOCOL_VERSION, worker_id: worker_id.clone() };
+        match client.drain_worker(request).await {
+            Ok(response) if response.get_ref().routed_experts == 0 => {
+                tracing::info!(%worker_id, table_version = response.get_ref().table_version, "no route names this worker any more");
+                break;
+            }
+            Ok(response) => {
+                tracing::debug!(routed = response.get_ref().routed_experts, "waiting for the experts to move")
+            }
+            Err(status) if status.code() == Code::NotFound => {
+                tracing::info!("the coordinator no longer knows this worker: nothing routes to it");
+                break;
+            }
+            Err(status) if status.code() == Code::Unavailable => {
+                tracing::info!(message = status.message(), "no coordinator to drain through; stopping");
+                return;
+            }
+            Err(status) => tracing::warn!(message = status.message(), "drain request failed; retrying"),
+        }
+        if started.elapsed() >= policy.timeout {
+            tracing::warn!(timeout = ?policy.timeout, "experts not moved in time; stopping anyway");
+            return;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    tokio::time::sleep(policy.settle).await;
 }

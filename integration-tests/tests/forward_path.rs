@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
+use switchyard_integration_tests::{TestCluster, hidden_states, http_get, small_model};
 use switchyard_model::ExpertId;
 use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
 use switchyard_proto::wire::{self, WireDtype};
@@ -225,17 +225,6 @@ async fn every_process_serves_health_and_metrics() {
     }
     let kept: u32 = output.routing.tokens_per_expert.iter().sum();
     assert_eq!(admitted, u64::from(kept), "workers admitted exactly the rows the client sent");
-}
-
-/// A minimal HTTP/1.0 GET, enough for /metrics.
-async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to /metrics");
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await.expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    assert!(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"), "{response}");
-    response
 }
 
 #[tokio::test]

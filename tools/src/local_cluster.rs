@@ -23,6 +23,8 @@ pub struct LocalClusterConfig {
     pub torch_threads: u32,
     /// More flags for every worker (e.g. `--batch-wait-us`).
     pub worker_args: Vec<String>,
+    /// More flags for the coordinator (e.g. `--replicas`).
+    pub coordinator_args: Vec<String>,
     /// `RUST_LOG` for the children; `None` passes ours through.
     pub log_filter: Option<String>,
 }
@@ -41,6 +43,7 @@ impl LocalClusterConfig {
             heartbeat_timeout: Duration::from_secs(3),
             torch_threads: 1,
             worker_args: Vec::new(),
+            coordinator_args: Vec::new(),
             log_filter: None,
         }
     }
@@ -77,31 +80,30 @@ impl LocalCluster {
                 return Err(LocalClusterError::MissingBinary(binary.display().to_string()));
             }
         }
-        let mut args = vec![
-            "--listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--metrics-listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--min-workers".to_owned(),
-            config.workers.to_string(),
-            "--max-batch-tokens".to_owned(),
-            config.max_batch_tokens.to_string(),
-            "--heartbeat-interval-ms".to_owned(),
-            config.heartbeat_interval.as_millis().to_string(),
-            "--heartbeat-timeout-ms".to_owned(),
-            config.heartbeat_timeout.as_millis().to_string(),
-        ];
-        args.extend(switchyard_model::cli::flags_for(&config.model));
-        let coordinator =
-            ChildProcess::spawn("coordinator", &config.coordinator_bin, &args, &config.envs(), READY_WITHIN).await?;
+        let coordinator = spawn_coordinator(&config, "127.0.0.1:0").await?;
         let mut cluster = Self { coordinator, workers: Vec::new(), config };
         for index in 0..cluster.config.workers {
-            cluster.add_worker(index).await?;
+            cluster.start_worker(index).await?;
         }
         Ok(cluster)
     }
 
-    async fn add_worker(&mut self, index: usize) -> Result<(), LocalClusterError> {
+    /// Starts one more worker (named after its position) and returns its index in `workers`.
+    pub async fn add_worker(&mut self) -> Result<usize, LocalClusterError> {
+        let index = self.workers.len();
+        self.start_worker(index).await?;
+        Ok(index)
+    }
+
+    /// Kills the coordinator (SIGKILL, as a crash) and starts a new one on the same address.
+    pub async fn restart_coordinator(&mut self) -> Result<(), LocalClusterError> {
+        self.coordinator.kill().await;
+        let address = self.coordinator.grpc.to_string();
+        self.coordinator = spawn_coordinator(&self.config, &address).await?;
+        Ok(())
+    }
+
+    async fn start_worker(&mut self, index: usize) -> Result<(), LocalClusterError> {
         let mut args = vec![
             "--listen".to_owned(),
             "127.0.0.1:0".to_owned(),
@@ -135,11 +137,32 @@ impl LocalCluster {
         &self.config.model
     }
 
-    /// SIGTERM to every child (workers first, so they drain), SIGKILL after `grace`.
+    /// SIGTERM to every child, SIGKILL after `grace`. The coordinator goes first: with the whole
+    /// cluster stopping there is nowhere to move experts to, so workers stop without draining.
     pub async fn stop(&mut self, grace: Duration) {
+        self.coordinator.stop(grace).await;
         for worker in &mut self.workers {
             worker.stop(grace).await;
         }
-        self.coordinator.stop(grace).await;
     }
+}
+
+async fn spawn_coordinator(config: &LocalClusterConfig, listen: &str) -> Result<ChildProcess, LocalClusterError> {
+    let mut args = vec![
+        "--listen".to_owned(),
+        listen.to_owned(),
+        "--metrics-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+        "--min-workers".to_owned(),
+        config.workers.to_string(),
+        "--max-batch-tokens".to_owned(),
+        config.max_batch_tokens.to_string(),
+        "--heartbeat-interval-ms".to_owned(),
+        config.heartbeat_interval.as_millis().to_string(),
+        "--heartbeat-timeout-ms".to_owned(),
+        config.heartbeat_timeout.as_millis().to_string(),
+    ];
+    args.extend(switchyard_model::cli::flags_for(&config.model));
+    args.extend(config.coordinator_args.iter().cloned());
+    Ok(ChildProcess::spawn("coordinator", &config.coordinator_bin, &args, &config.envs(), READY_WITHIN).await?)
 }
