@@ -231,6 +231,19 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(one(docs, "Service", "worker")["spec"]["clusterIP"], "None")
         self.assertEqual(workers["spec"]["serviceName"], one(docs, "Service", "worker")["metadata"]["name"])
 
+    def test_replicas_and_drain_reach_the_flags_and_the_grace_must_cover_the_drain(self):
+        docs = render_helm3(
+            {"coordinator": {"expertReplicas": 2}, "workers": {"drainTimeoutMs": 40000, "terminationGracePeriodSeconds": 50}}
+        )
+        coordinator = one(docs, "Deployment", "coordinator")["spec"]["template"]["spec"]["containers"][0]
+        self.assertEqual(flag(coordinator, "replicas"), "2")
+        workers = one(docs, "StatefulSet", "worker")["spec"]["template"]["spec"]
+        self.assertEqual(flag(workers["containers"][0], "drain-timeout-ms"), "40000")
+        self.assertEqual(workers["terminationGracePeriodSeconds"], 50)
+        with self.assertRaises(RenderError) as refused:
+            render_helm3({"workers": {"drainTimeoutMs": 40000}})
+        self.assertIn("workers.terminationGracePeriodSeconds must exceed workers.drainTimeoutMs", str(refused.exception))
+
     def test_a_checkpoint_keeps_its_own_capacity_policy_unless_asked(self):
         config = one(self.renders["checkpoint-pvc"], "ConfigMap")["data"]
         for key in ("SWITCHYARD_CAPACITY_FACTOR", "SWITCHYARD_DROPLESS", "SWITCHYARD_POLICY"):
