@@ -172,7 +172,9 @@ impl<C: WorkerControl> Cluster<C> {
         let mut state = self.lock();
         state.workers.retain(|_, worker| worker.endpoint != registration.endpoint);
         state.registrations += 1;
-        let id = WorkerId(format!("w{}", state.registrations));
+        // Unique across coordinator restarts: a worker heartbeating with the id an earlier
+        // coordinator gave it must be told to register again, not be taken for another worker.
+        let id = WorkerId(format!("w{}-{:x}", state.registrations, self.epoch));
         let resident =
             registration.loaded_experts.iter().filter(|key| self.config.model.contains(key)).copied().collect();
         tracing::info!(worker_id = %id, name = %registration.name, endpoint = %registration.endpoint, device = %registration.device, "worker registered");
@@ -877,6 +879,20 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(15)).await;
         cluster.reconcile_once().await;
         assert!(endpoints_by_expert(&cluster.table()).iter().all(|owner| !owner.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn worker_ids_of_an_earlier_coordinator_are_unknown_to_a_restarted_one() {
+        let first = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+        let (old_id, _) = first.register(registration("a")).expect("register");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let restarted = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+        let (new_id, _) = restarted.register(registration("b")).expect("register");
+        assert_ne!(old_id, new_id, "both are the first registration of their coordinator");
+        assert_eq!(
+            restarted.heartbeat(PROTOCOL_VERSION, &old_id.0, 0, 0),
+            Err(CoordinatorError::UnknownWorker(old_id.0))
+        );
     }
 
     #[test]
