@@ -17,6 +17,7 @@ use switchyard_proto::PROTOCOL_VERSION;
 use switchyard_proto::v1;
 use tokio::sync::{Notify, watch};
 
+use crate::balance::{Balance, Balancer, Eplb, Traffic};
 use crate::control::{ControlError, ExpertLoad, WorkerControl};
 use crate::error::CoordinatorError;
 use crate::metrics::{CoordinatorMetrics, OutcomeLabels, WorkerLabels};
@@ -41,6 +42,16 @@ pub struct ClusterConfig {
     /// Workers holding each expert (at most one copy per worker): with 2, a worker's death costs no
     /// call, as clients retry on the other holder.
     pub replicas: usize,
+    /// Load-aware placement from measured traffic; `None`: experts are balanced by size alone.
+    pub balancing: Option<Balancing>,
+}
+
+/// How often placement follows the measured traffic, and how many redundant replicas it may add.
+#[derive(Debug, Clone, Copy)]
+pub struct Balancing {
+    pub interval: Duration,
+    /// Extra replicas beyond `replicas` per expert, each given to the hottest expert (EPLB).
+    pub redundant: usize,
 }
 
 /// What a worker says about itself when it registers.
@@ -95,6 +106,8 @@ struct State {
     retired: BTreeMap<(WorkerId, ExpertId), Instant>,
     /// Unplaced experts at the last round, so the warning is logged on change, not every round.
     unplaced: usize,
+    /// The last load balance computed from traffic (EPLB), if balancing is on and traffic was seen.
+    balance: Option<Balance>,
 }
 
 /// The longest wait before a worker whose loads keep failing is asked again.
@@ -119,6 +132,8 @@ pub struct Cluster<C> {
     wake: Notify,
     control: C,
     metrics: CoordinatorMetrics,
+    traffic: Mutex<Traffic>,
+    balancer: Box<dyn Balancer>,
 }
 
 impl<C: WorkerControl> Cluster<C> {
@@ -135,7 +150,12 @@ impl<C: WorkerControl> Cluster<C> {
             max_batch_tokens: config.max_batch_tokens,
         };
         let (table, _) = watch::channel(Arc::new(empty));
+        let (window, redundant) = config
+            .balancing
+            .map_or((Duration::from_secs(60), 0), |balancing| (balancing.interval * 2, balancing.redundant));
         Arc::new(Self {
+            traffic: Mutex::new(Traffic::new(window)),
+            balancer: Box::new(Eplb { redundant }),
             config,
             epoch,
             started: Instant::now(),
@@ -209,23 +229,50 @@ impl<C: WorkerControl> Cluster<C> {
         Ok((id, self.config.heartbeat_interval))
     }
 
+    /// A worker is alive; `offered` is each of its experts' cumulative count of tokens offered.
     pub fn heartbeat(
         &self,
         protocol_version: u32,
         worker_id: &str,
         queued_tokens: u64,
         tokens_served: u64,
+        offered: &[(ExpertId, u64)],
     ) -> Result<u64, CoordinatorError> {
         check_protocol(protocol_version)?;
+        let id = WorkerId(worker_id.to_owned());
         let mut state = self.lock();
-        let worker = state
-            .workers
-            .get_mut(&WorkerId(worker_id.to_owned()))
-            .ok_or_else(|| CoordinatorError::UnknownWorker(worker_id.to_owned()))?;
+        let worker = state.workers.get_mut(&id).ok_or_else(|| CoordinatorError::UnknownWorker(worker_id.to_owned()))?;
         worker.last_heartbeat = Instant::now();
         worker.queued_tokens = queued_tokens;
         worker.tokens_served = tokens_served;
+        drop(state);
+        let mut traffic = self.traffic.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (expert, tokens) in offered {
+            traffic.record(&id, *expert, *tokens);
+        }
         Ok(self.table.borrow().version)
+    }
+
+    /// Folds the traffic measured so far into the balance the next plans follow (EPLB).
+    pub fn rebalance_by_traffic(&self) {
+        let rates = self.traffic.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).rates(Instant::now()).clone();
+        if rates.values().all(|rate| *rate <= 0.0) {
+            return;
+        }
+        let experts: Vec<ExpertId> = self.config.model.expert_keys().collect();
+        let mut state = self.lock();
+        let workers = state.workers.values().filter(|worker| !worker.draining).count();
+        let balance = self.balancer.balance(&rates, &experts, self.config.replicas, workers);
+        let imbalance = balance.imbalance(state.published.iter());
+        tracing::info!(
+            imbalance,
+            replicas = balance.replicas.values().sum::<usize>(),
+            "balancing placement by measured traffic"
+        );
+        self.metrics.load_imbalance.set(imbalance);
+        state.balance = Some(balance);
+        drop(state);
+        self.wake.notify_one();
     }
 
     /// A worker that is stopping: place nothing more on it and move its experts away first.
@@ -303,7 +350,14 @@ impl<C: WorkerControl> Cluster<C> {
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let membership = tokio::spawn(self.clone().watch_membership());
+        let mut balanced = Instant::now();
         loop {
+            if let Some(balancing) = self.config.balancing
+                && balanced.elapsed() >= balancing.interval
+            {
+                self.rebalance_by_traffic();
+                balanced = Instant::now();
+            }
             for order in self.plan_round() {
                 tokio::spawn(self.clone().load_owned(order));
             }
@@ -426,11 +480,25 @@ impl<C: WorkerControl> Cluster<C> {
         // The first plan adopts what workers already hold (a restarted coordinator): nothing moves.
         let current = if state.placed_once { state.target.clone() } else { resident_placement(&state) };
         let model = &self.config.model;
-        let goal = Goal {
-            parameters_of: &|expert: ExpertId| model.expert_parameters_of(expert.expert),
-            replicas: self.config.replicas,
+        let parameters_of = |expert: ExpertId| model.expert_parameters_of(expert.expert);
+        let base_replicas = |_: ExpertId| self.config.replicas;
+        let plan = match &state.balance {
+            None => placement::plan(&experts, Goal::by_size(&parameters_of, &base_replicas), &slots, &current),
+            Some(balance) => {
+                // What a replica costs its worker: the tokens per second it takes times the work
+                // each token costs (shared experts may be larger).
+                let load_of = |expert: ExpertId| {
+                    let rate = balance.per_replica_rate.get(&expert).copied().unwrap_or(0.0);
+                    (rate * parameters_of(expert) as f64) as u64
+                };
+                let replicas_of =
+                    |expert: ExpertId| balance.replicas.get(&expert).copied().unwrap_or(self.config.replicas);
+                let goal = Goal { parameters_of: &parameters_of, load_of: &load_of, replicas_of: &replicas_of };
+                let plan = placement::plan(&experts, goal, &slots, &current);
+                self.metrics.load_imbalance.set(balance.imbalance(plan.placement.iter()));
+                plan
+            }
         };
-        let plan = placement::plan(&experts, goal, &slots, &current);
         if plan.unplaced.len() != state.unplaced {
             state.unplaced = plan.unplaced.len();
             match (plan.unplaced.len(), slots.len()) {
@@ -733,6 +801,7 @@ mod tests {
             max_batch_tokens: 256,
             unload_grace: Duration::ZERO,
             replicas: 1,
+            balancing: None,
         }
     }
 
@@ -808,7 +877,7 @@ mod tests {
         cluster.reconcile_once().await;
         for _ in 0..30 {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0).expect("a is alive");
+            cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0, &[]).expect("a is alive");
         }
         cluster.reconcile_once().await;
         let table = cluster.table();
@@ -890,7 +959,7 @@ mod tests {
         let (new_id, _) = restarted.register(registration("b")).expect("register");
         assert_ne!(old_id, new_id, "both are the first registration of their coordinator");
         assert_eq!(
-            restarted.heartbeat(PROTOCOL_VERSION, &old_id.0, 0, 0),
+            restarted.heartbeat(PROTOCOL_VERSION, &old_id.0, 0, 0, &[]),
             Err(CoordinatorError::UnknownWorker(old_id.0))
         );
     }
@@ -902,7 +971,7 @@ mod tests {
         assert!(cluster.register(stale).unwrap_err().to_string().starts_with("protocol_version"));
         let empty = Registration { memory_bytes: 0, ..registration("a") };
         assert!(cluster.register(empty).unwrap_err().to_string().starts_with("memory_bytes"));
-        let error = cluster.heartbeat(PROTOCOL_VERSION, "w404", 0, 0).unwrap_err();
+        let error = cluster.heartbeat(PROTOCOL_VERSION, "w404", 0, 0, &[]).unwrap_err();
         assert_eq!(error, CoordinatorError::UnknownWorker("w404".into()));
         assert_eq!(tonic::Status::from(error).code(), tonic::Code::NotFound);
     }
@@ -938,7 +1007,7 @@ mod tests {
         let started = Instant::now();
         while started.elapsed() < within {
             for id in alive {
-                cluster.heartbeat(PROTOCOL_VERSION, &id.0, 0, 0).expect("alive");
+                cluster.heartbeat(PROTOCOL_VERSION, &id.0, 0, 0, &[]).expect("alive");
             }
             if done(&cluster.table()) {
                 return started.elapsed();
@@ -1053,8 +1122,39 @@ mod tests {
         cluster.reconcile_once().await;
         assert!(control.loads.lock().expect("lock").is_empty());
         tokio::time::sleep(config(1).heartbeat_timeout).await;
-        cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0).expect("alive");
+        cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0, &[]).expect("alive");
         cluster.reconcile_once().await;
         assert!(endpoints_by_expert(&cluster.table()).iter().all(|owners| owners == "a"));
+    }
+
+    /// EPLB end to end over the plain struct: the traffic workers report makes the hot expert's
+    /// route name two workers, and the measured imbalance is published as a metric.
+    #[tokio::test]
+    async fn measured_traffic_gives_the_hot_expert_a_redundant_replica() {
+        let config = ClusterConfig {
+            balancing: Some(Balancing { interval: Duration::from_millis(1), redundant: 1 }),
+            ..config(2)
+        };
+        let metrics = CoordinatorMetrics::default();
+        let cluster = Cluster::new(config, Arc::new(FakeControl::default()), metrics.clone());
+        let (a, _) = cluster.register(registration("a")).expect("register");
+        let (b, _) = cluster.register(registration("b")).expect("register");
+        cluster.reconcile_once().await;
+        assert!(cluster.table().routes.iter().all(|route| route.endpoints.len() == 1));
+        let hot = ExpertId::new(0, 0);
+        let owner_of_hot = if cluster.table().routes[0].endpoints == ["a"] { &a } else { &b };
+        let mut offered = vec![(hot, 0)];
+        offered.extend((1..4).map(|e| (ExpertId::new(0, e), 0)));
+        cluster.heartbeat(PROTOCOL_VERSION, &owner_of_hot.0, 0, 0, &offered).expect("alive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        offered = vec![(hot, 9_000)];
+        offered.extend((1..8).map(|e| (ExpertId::new(0, e), 100)));
+        cluster.heartbeat(PROTOCOL_VERSION, &owner_of_hot.0, 0, 0, &offered).expect("alive");
+        cluster.rebalance_by_traffic();
+        cluster.reconcile_once().await;
+        let table = cluster.table();
+        assert_eq!(table.routes[0].endpoints.len(), 2, "the hot expert on both workers: {:?}", table.routes[0]);
+        assert!(table.routes[1..].iter().all(|route| route.endpoints.len() == 1));
+        assert!(scrape(&metrics).contains("switchyard_coordinator_load_imbalance "), "{}", scrape(&metrics));
     }
 }

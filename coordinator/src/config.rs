@@ -8,7 +8,7 @@ use switchyard_model::cli::{ModelArgs, ModelArgsError};
 
 use switchyard_model::{CapacityPolicy, ModelSpec};
 
-use crate::cluster::ClusterConfig;
+use crate::cluster::{Balancing, ClusterConfig};
 
 /// The Switchyard coordinator: accepts expert workers, places the experts of a model across them,
 /// and publishes a versioned routing table that clients watch. It is off the data path: clients
@@ -41,6 +41,17 @@ pub struct Args {
     /// on another when one fails, so losing a worker costs no call.
     #[arg(long, env = "SWITCHYARD_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub replicas: u16,
+
+    /// Balance placement by measured traffic (EPLB) every this many milliseconds: hot experts get
+    /// the redundant replicas and each worker's share of the traffic is evened out, moving experts
+    /// make-before-break. 0: balance by expert size only.
+    #[arg(long, env = "SWITCHYARD_REBALANCE_INTERVAL_MS", default_value_t = 0)]
+    pub rebalance_interval_ms: u64,
+
+    /// Replicas beyond --replicas that load balancing may add, each to the expert with the most
+    /// traffic per replica.
+    #[arg(long, env = "SWITCHYARD_REDUNDANT_REPLICAS", default_value_t = 0)]
+    pub redundant_replicas: usize,
 
     /// How often workers heartbeat, in milliseconds.
     #[arg(long, env = "SWITCHYARD_HEARTBEAT_INTERVAL_MS", default_value_t = 500)]
@@ -93,6 +104,10 @@ impl TryFrom<&Args> for ClusterConfig {
             max_batch_tokens: args.max_batch_tokens.clamp(1, u32::MAX as usize) as u32,
             unload_grace: Duration::from_millis(args.unload_grace_ms),
             replicas: usize::from(args.replicas),
+            balancing: (args.rebalance_interval_ms > 0).then(|| Balancing {
+                interval: Duration::from_millis(args.rebalance_interval_ms),
+                redundant: args.redundant_replicas,
+            }),
         })
     }
 }

@@ -3,6 +3,7 @@
 //! [`service`] (gRPC adapter) → [`cluster::Cluster`] (membership and the reconcile loop) →
 //! [`placement`] (pure policy) and [`control`] (telling workers what to load). It never sees a token.
 
+pub mod balance;
 pub mod cluster;
 pub mod config;
 pub mod control;

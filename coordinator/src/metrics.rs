@@ -5,6 +5,8 @@ use std::sync::Arc;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -21,6 +23,8 @@ pub struct CoordinatorMetrics {
     pub experts_unloaded: Counter,
     /// Experts the published table routes to each worker: one series per live worker.
     pub worker_placed_experts: Family<WorkerLabels, Gauge>,
+    /// The busiest worker's measured load over the mean (1 is even), when balancing by traffic.
+    pub load_imbalance: Gauge<f64, AtomicU64>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,6 +48,11 @@ impl CoordinatorMetrics {
         sub.register("load_orders", "LoadExperts orders sent to workers, by outcome", self.load_orders.clone());
         sub.register("experts_loaded", "Experts loaded onto workers by placement", self.experts_loaded.clone());
         sub.register("experts_unloaded", "Experts unloaded after their grace period", self.experts_unloaded.clone());
+        sub.register(
+            "load_imbalance",
+            "The busiest worker's share of the measured expert traffic over the mean (1 is even)",
+            self.load_imbalance.clone(),
+        );
         sub.register(
             "worker_placed_experts",
             "Experts the published routing table routes to each worker",

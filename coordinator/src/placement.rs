@@ -8,10 +8,11 @@
 //! on the least loaded worker it fits on; then replicas move from the most loaded worker to the
 //! least loaded one while that lowers the most loaded (a worker that joined later).
 //!
-//! "Load" is the expert parameters a worker serves: the compute every routed token costs (the
-//! load-aware policy of EPLB weighs it by observed traffic). Memory is a bound, never a reason: a
-//! worker offering the whole node takes its equal share, not every expert, and no worker is given
-//! more than its memory holds.
+//! "Load" is what [`Goal::load_of`] says one replica of an expert costs: its parameters (the
+//! compute every routed token costs) until traffic is known, then its tokens per second times its
+//! parameters, shared among its replicas ([`crate::balance`], EPLB). Memory is a bound, never a
+//! reason: a worker offering the whole node takes its equal share, not every expert, and no worker
+//! is given more than its memory holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -57,14 +58,28 @@ pub struct Plan {
 pub struct Goal<'a> {
     /// Each expert's size (shared experts may differ from routed ones).
     pub parameters_of: &'a dyn Fn(ExpertId) -> u64,
+    /// What one replica of the expert costs the worker holding it.
+    pub load_of: &'a dyn Fn(ExpertId) -> u64,
     /// Holders wanted per expert (at most one per worker).
-    pub replicas: usize,
+    pub replicas_of: &'a dyn Fn(ExpertId) -> usize,
 }
+
+impl<'a> Goal<'a> {
+    /// Load by size and the same number of replicas for every expert: the goal before any traffic.
+    pub fn by_size(parameters_of: &'a dyn Fn(ExpertId) -> u64, replicas_of: &'a dyn Fn(ExpertId) -> usize) -> Self {
+        Self { parameters_of, load_of: parameters_of, replicas_of }
+    }
+}
+
+/// A move must lower the busier worker's load by this share of it: noise in measured traffic does
+/// not shuttle experts back and forth.
+const MIN_GAIN: f64 = 0.05;
 
 #[derive(Debug)]
 struct Load {
     parameters: u64,
     room: u64,
+    load: u64,
 }
 
 impl Load {
@@ -75,14 +90,17 @@ impl Load {
 
 pub fn plan(experts: &[ExpertId], goal: Goal<'_>, workers: &[WorkerSlot], current: &Placement) -> Plan {
     let parameters_of = goal.parameters_of;
-    let replicas = goal.replicas.clamp(1, workers.len().max(1));
-    let mut loads: BTreeMap<WorkerId, Load> =
-        workers.iter().map(|worker| (worker.id.clone(), Load { parameters: 0, room: worker.parameter_room })).collect();
+    let replicas_of = |expert: ExpertId| (goal.replicas_of)(expert).clamp(1, workers.len().max(1));
+    let mut loads: BTreeMap<WorkerId, Load> = workers
+        .iter()
+        .map(|worker| (worker.id.clone(), Load { parameters: 0, room: worker.parameter_room, load: 0 }))
+        .collect();
     let mut placement = Placement::new();
     for expert in experts {
-        for owner in holders(current, expert).iter().take(replicas) {
+        for owner in holders(current, expert).iter().take(replicas_of(*expert)) {
             if let Some(load) = loads.get_mut(owner) {
                 load.parameters += parameters_of(*expert);
+                load.load += (goal.load_of)(*expert);
                 placement.entry(*expert).or_default().push(owner.clone());
             }
         }
@@ -90,18 +108,19 @@ pub fn plan(experts: &[ExpertId], goal: Goal<'_>, workers: &[WorkerSlot], curren
 
     let mut unplaced = Vec::new();
     let mut short: Vec<ExpertId> =
-        experts.iter().filter(|expert| holders(&placement, expert).len() < replicas).copied().collect();
-    // Largest first (LPT): a big shared expert placed last would land on an already loaded worker.
-    short.sort_by_key(|expert| std::cmp::Reverse(parameters_of(*expert)));
+        experts.iter().filter(|expert| holders(&placement, expert).len() < replicas_of(**expert)).copied().collect();
+    // Heaviest first (LPT): a big expert placed last would land on an already loaded worker.
+    short.sort_by_key(|expert| std::cmp::Reverse(((goal.load_of)(*expert), parameters_of(*expert))));
     for expert in &short {
         let size = parameters_of(*expert);
-        while holders(&placement, expert).len() < replicas {
+        let weight = (goal.load_of)(*expert);
+        while holders(&placement, expert).len() < replicas_of(*expert) {
             let held = holders(&placement, expert).to_vec();
             let candidates = || loads.iter().filter(|(id, load)| load.fits(size) && !held.contains(id));
             // Least loaded; among equals the one with the most room left.
             let Some((least_loaded, lightest)) = candidates()
-                .min_by_key(|(_, load)| (load.parameters, std::cmp::Reverse(load.room - load.parameters)))
-                .map(|(id, load)| (id.clone(), load.parameters))
+                .min_by_key(|(_, load)| (load.load, std::cmp::Reverse(load.room - load.parameters)))
+                .map(|(id, load)| (id.clone(), load.load))
             else {
                 if held.is_empty() {
                     unplaced.push(*expert);
@@ -113,25 +132,27 @@ pub fn plan(experts: &[ExpertId], goal: Goal<'_>, workers: &[WorkerSlot], curren
             let resident_on = workers.iter().find(|worker| {
                 worker.resident.contains(expert)
                     && !held.contains(&worker.id)
-                    && loads.get(&worker.id).is_some_and(|load| load.fits(size) && load.parameters <= lightest + size)
+                    && loads.get(&worker.id).is_some_and(|load| load.fits(size) && load.load <= lightest + weight)
             });
             let owner = resident_on.map_or(least_loaded, |worker| worker.id.clone());
             if let Some(load) = loads.get_mut(&owner) {
                 load.parameters += size;
+                load.load += weight;
             }
             placement.entry(*expert).or_default().push(owner);
         }
     }
 
-    rebalance(&mut placement, &mut loads, parameters_of);
+    rebalance(&mut placement, &mut loads, goal);
     Plan { placement, unplaced }
 }
 
-/// Moves replicas from the most to the least loaded worker while that lowers the most loaded one.
-fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, parameters_of: &dyn Fn(ExpertId) -> u64) {
+/// Moves replicas from the most to the least loaded worker while that lowers the most loaded one
+/// by at least [`MIN_GAIN`] of its load.
+fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, goal: Goal<'_>) {
     loop {
-        let most = loads.iter().max_by_key(|(_, load)| load.parameters).map(|(id, _)| id.clone());
-        let least = loads.iter().min_by_key(|(_, load)| load.parameters).map(|(id, _)| id.clone());
+        let most = loads.iter().max_by_key(|(_, load)| load.load).map(|(id, _)| id.clone());
+        let least = loads.iter().min_by_key(|(_, load)| load.load).map(|(id, _)| id.clone());
         let (Some(most), Some(least)) = (most, least) else {
             return;
         };
@@ -147,21 +168,26 @@ fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, pa
             .filter(|(_, owners)| owners.contains(&most) && !owners.contains(&least))
             .map(|(expert, _)| *expert)
             .find(|expert| {
-                let size = parameters_of(*expert);
-                to.fits(size) && to.parameters + size < from.parameters
+                let weight = (goal.load_of)(*expert);
+                let busier_after = (from.load - weight).max(to.load + weight);
+                to.fits((goal.parameters_of)(*expert))
+                    && weight > 0
+                    && from.load.saturating_sub(busier_after) as f64 >= MIN_GAIN * from.load as f64
             });
         let Some(expert) = movable else {
             return;
         };
-        let size = parameters_of(expert);
+        let (size, weight) = ((goal.parameters_of)(expert), (goal.load_of)(expert));
         if let Some(owner) = placement.get_mut(&expert).and_then(|owners| owners.iter_mut().find(|id| **id == most)) {
             *owner = least.clone();
         }
         if let Some(load) = loads.get_mut(&most) {
             load.parameters -= size;
+            load.load -= weight;
         }
         if let Some(load) = loads.get_mut(&least) {
             load.parameters += size;
+            load.load += weight;
         }
     }
 }
@@ -179,9 +205,11 @@ mod tests {
     }
 
     const TEN: &dyn Fn(ExpertId) -> u64 = &|_| 10;
+    const ONE: &dyn Fn(ExpertId) -> usize = &|_| 1;
+    const TWO: &dyn Fn(ExpertId) -> usize = &|_| 2;
 
     fn goal(replicas: usize) -> Goal<'static> {
-        Goal { parameters_of: TEN, replicas }
+        Goal::by_size(TEN, if replicas == 1 { ONE } else { TWO })
     }
 
     fn counts(plan: &Plan) -> BTreeMap<String, usize> {
@@ -238,7 +266,7 @@ mod tests {
     fn a_large_shared_expert_counts_by_its_size() {
         // Expert 4 is a shared expert four times the size of the others.
         let parameters_of = |expert: ExpertId| if expert.expert == 4 { 40 } else { 10 };
-        let goal = Goal { parameters_of: &parameters_of, replicas: 1 };
+        let goal = Goal::by_size(&parameters_of, ONE);
         let plan = plan(&experts(5), goal, &[worker("a", 1000), worker("b", 1000)], &Placement::new());
         let size = |name: &str| {
             plan.placement.iter().filter(|(_, owners)| owners[0].0 == name).map(|(e, _)| parameters_of(*e)).sum::<u64>()
@@ -280,5 +308,34 @@ mod tests {
             let kept: Vec<_> = before.placement[expert].iter().filter(|owner| owner.0 != "b").collect();
             assert!(kept.iter().all(|owner| owners.contains(owner)), "{expert}: a surviving replica moved");
         }
+    }
+
+    /// EPLB's outcome: a hot expert with two replicas and the cold ones spread so that each
+    /// worker's share of the traffic is even, where by size alone the hot expert's worker would
+    /// carry most of it.
+    #[test]
+    fn measured_load_spreads_a_hot_expert_and_balances_the_rest() {
+        // Expert 0 takes 8 units of traffic, the seven others 1 each: 15 in all.
+        let traffic = |expert: ExpertId| if expert.expert == 0 { 8 } else { 1 };
+        let replicas = |expert: ExpertId| if expert.expert == 0 { 2 } else { 1 };
+        let per_replica = |expert: ExpertId| traffic(expert) * 10 / replicas(expert) as u64;
+        let measured = Goal { parameters_of: TEN, load_of: &per_replica, replicas_of: &replicas };
+        let workers = [worker("a", 1000), worker("b", 1000), worker("c", 1000)];
+        let by_size = plan(&experts(8), goal(1), &workers, &Placement::new());
+        let balanced = plan(&experts(8), measured, &workers, &by_size.placement);
+        assert_eq!(balanced.placement[&ExpertId::new(0, 0)].len(), 2, "the hot expert is on two workers");
+        let load_on = |plan: &Plan, name: &str| -> u64 {
+            plan.placement
+                .iter()
+                .filter(|(_, owners)| owners.iter().any(|owner| owner.0 == name))
+                .map(|(expert, owners)| traffic(*expert) * 10 / owners.len() as u64)
+                .sum()
+        };
+        let loads: Vec<u64> = ["a", "b", "c"].iter().map(|name| load_on(&balanced, name)).collect();
+        assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 10, "{loads:?}: within one cold expert");
+        let before: Vec<u64> = ["a", "b", "c"].iter().map(|name| load_on(&by_size, name)).collect();
+        assert!(before.iter().max() > loads.iter().max(), "{before:?} -> {loads:?}");
+        let again = plan(&experts(8), measured, &workers, &balanced.placement);
+        assert_eq!(again, balanced, "a balanced placement is stable");
     }
 }

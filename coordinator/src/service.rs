@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use switchyard_model::WeightDtype;
+use switchyard_model::{ExpertId, WeightDtype};
 use switchyard_proto::v1::{self, coordinator_server};
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
@@ -58,11 +58,20 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let request = request.into_inner();
+        let offered: Vec<(ExpertId, u64)> = request
+            .experts
+            .iter()
+            .filter_map(|traffic| {
+                let expert = ExpertId::from(traffic.expert?);
+                Some((expert, traffic.admitted_tokens + traffic.refused_tokens))
+            })
+            .collect();
         let table_version = self.cluster.heartbeat(
             request.protocol_version,
             &request.worker_id,
             request.queued_tokens,
             request.tokens_served,
+            &offered,
         )?;
         Ok(Response::new(v1::HeartbeatResponse { table_version }))
     }
