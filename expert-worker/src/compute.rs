@@ -91,8 +91,11 @@ fn run_step(
     sums: &mut Sums,
     metrics: &WorkerMetrics,
 ) {
-    let (batches, unloaded): (Vec<Batch>, Vec<Batch>) =
-        batches.into_iter().partition(|batch| experts.contains_key(&batch.expert));
+    // An expert unloaded with an empty queue leaves an empty batch: nothing to compute.
+    let (batches, unloaded): (Vec<Batch>, Vec<Batch>) = batches
+        .into_iter()
+        .filter(|batch| !batch.entries.is_empty())
+        .partition(|batch| experts.contains_key(&batch.expert));
     for batch in unloaded {
         for (entry, _) in batch.entries {
             let _ = entry.reply.send(Err(WorkerError::Unavailable(format!("{} was unloaded", batch.expert))));
