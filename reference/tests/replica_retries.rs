@@ -28,10 +28,15 @@ fn hidden(tokens: usize) -> Vec<f32> {
 
 /// A worker holding every expert of [`model`] behind queues of `limit` tokens.
 async fn worker(limit: usize) -> Arc<ExpertWorker> {
+    batching_worker(limit, Duration::ZERO).await
+}
+
+/// The same, whose batcher waits `batch_wait` for more rows before computing.
+async fn batching_worker(limit: usize, batch_wait: Duration) -> Arc<ExpertWorker> {
     let options = WorkerOptions {
         device: tch::Device::Cpu,
         torch_threads: 1,
-        batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: 1 << 20 },
+        batching: BatchingConfig { batch_wait, max_batch_tokens: 1 << 20 },
         default_queue_limit_tokens: limit,
         identity_experts: false,
         dtype: None,
@@ -138,6 +143,28 @@ async fn a_full_queue_with_no_other_holder_fails_the_call_at_once() {
     let failed = tokio::time::timeout(Duration::from_secs(60), client.forward(0, hidden(64)))
         .await
         .expect("the call did not wait for another table");
+    assert!(matches!(failed, Err(ClientError::QueueFull { ref endpoint, .. }) if endpoint == "tiny"), "{failed:?}");
+    tiny.shutdown().await;
+}
+
+/// A refusal with no other holder ends the call at once: it does not wait for a slow worker's
+/// half, whose requests are cancelled (and so never computed).
+#[tokio::test]
+async fn a_refusal_without_another_holder_does_not_wait_for_the_other_workers() {
+    let slow = batching_worker(1 << 20, Duration::from_secs(3600)).await;
+    let tiny = worker(1).await;
+    let transport = InProcessTransport::new([
+        (Arc::from("slow"), ExpertWorkerService::new(slow.clone(), "slow")),
+        (Arc::from("tiny"), ExpertWorkerService::new(tiny.clone(), "tiny")),
+    ]);
+    let split = table(1, |expert| vec![if expert % 2 == 0 { "slow" } else { "tiny" }]);
+    let (_tables, receiver) = watch::channel(Some(split));
+    let options = ClientOptions { timeout: Duration::from_secs(7200), ..ClientOptions::default() };
+    let client = MoeClient::with_transport(receiver, options, Arc::new(transport));
+    // A guard against waiting for the slow worker's hour, not a measurement.
+    let failed = tokio::time::timeout(Duration::from_secs(60), client.forward(0, hidden(64)))
+        .await
+        .expect("the call ended without waiting for the slow worker");
     assert!(matches!(failed, Err(ClientError::QueueFull { ref endpoint, .. }) if endpoint == "tiny"), "{failed:?}");
     tiny.shutdown().await;
 }

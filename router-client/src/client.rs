@@ -227,7 +227,7 @@ impl MoeClient {
                 &self.replicas,
                 &round,
                 attempt,
-                |error| Retry::of(error) != Retry::Never,
+                |error| Retry::of(error).worth_it(error, &table, layer),
                 |index, answer| {
                     let response = combine.accept(&plan, &round[index], answer)?;
                     let (plan, round, sums) = (plan.clone(), round.clone(), sums.clone());
@@ -328,6 +328,21 @@ enum Retry {
 }
 
 impl Retry {
+    /// Whether to give the failed worker up and send its rows elsewhere, rather than end the
+    /// call at once (which cancels its other requests at their workers before they compute):
+    /// always for a worker that is gone; for a full queue only when the expert has another
+    /// holder; for a stalled worker only when some expert is replicated.
+    fn worth_it(self, error: &ClientError, table: &RoutingTableView, layer: u32) -> bool {
+        match (self, error) {
+            (Retry::Never, _) => false,
+            (Retry::OtherHolderOrNewTable, _) => true,
+            (Retry::OtherHolder, ClientError::QueueFull { expert, .. }) => {
+                table.endpoints(layer, expert.expert).len() > 1
+            }
+            (Retry::OtherHolder, _) => table.has_replicas(),
+        }
+    }
+
     fn of(error: &ClientError) -> Self {
         match error {
             ClientError::Worker { code, .. } => match code {

@@ -64,6 +64,11 @@ impl RoutingTableView {
         current.is_none_or(|current| self.epoch != current.epoch || self.version > current.version)
     }
 
+    /// True when some expert has more than one holder.
+    pub fn has_replicas(&self) -> bool {
+        self.endpoints.iter().any(|endpoints| endpoints.len() > 1)
+    }
+
     /// Every distinct worker endpoint in the table.
     pub fn workers(&self) -> Vec<Arc<str>> {
         let mut workers: Vec<Arc<str>> = self.endpoints.iter().flatten().cloned().collect();
