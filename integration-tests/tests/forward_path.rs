@@ -103,17 +103,23 @@ async fn a_killed_worker_is_replaced_and_the_next_forward_matches() {
     let error = switchyard_reference::relative_frobenius_error(&after.hidden, &before.hidden);
     assert!(error < 1e-5, "same output as before the kill: relative error {error:e}");
 
-    let mut failed = 0;
+    // Calls that reached the dead worker wait for the table that moves its experts (within their
+    // deadline) and are answered there; one that cannot names the dead worker.
+    let (mut failed, mut retried) = (0, 0);
     for outcome in in_flight.await.expect("load task") {
-        let outcome = outcome.expect("no call hangs: each ends within its deadline");
-        if let Err(error) = outcome {
-            failed += 1;
-            let message = error.to_string();
-            assert!(message.contains(&format!("worker {dead}")), "the error names the dead worker: {message}");
+        match outcome.expect("no call hangs: each ends within its deadline") {
+            Ok(output) => retried += output.retried_requests,
+            Err(error) => {
+                failed += 1;
+                let message = error.to_string();
+                assert!(message.contains(&format!("worker {dead}")), "the error names the dead worker: {message}");
+            }
         }
     }
-    assert!(failed >= 1, "calls sent after the kill and before the new table fail");
-    eprintln!("experts re-placed {replaced_after:?} after the kill; {failed} of 20 calls in flight failed");
+    assert!(retried >= 1 || failed >= 1, "some call was in flight on the dead worker");
+    eprintln!(
+        "experts re-placed {replaced_after:?} after the kill; of 20 calls in flight {failed} failed, {retried} requests sent again"
+    );
 }
 
 #[tokio::test]
