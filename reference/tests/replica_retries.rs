@@ -14,7 +14,7 @@ use switchyard_proto::v1;
 use switchyard_reference::in_process::InProcessTransport;
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::{
-    ClientError, ClientOptions, DispatchLayout, MoeClient, RoutingOverrides, RoutingTableView,
+    ClientError, ClientOptions, DispatchLayout, MoeClient, RefusalPolicy, RoutingOverrides, RoutingTableView,
 };
 use tokio::sync::watch;
 
@@ -166,6 +166,48 @@ async fn a_refusal_without_another_holder_does_not_wait_for_the_other_workers() 
         .await
         .expect("the call ended without waiting for the slow worker");
     assert!(matches!(failed, Err(ClientError::QueueFull { ref endpoint, .. }) if endpoint == "tiny"), "{failed:?}");
+    tiny.shutdown().await;
+}
+
+/// With the overflow policy a full queue is the MoE meaning of a full expert: its assignments are
+/// refused, counted, and their tokens keep only the other experts' outputs; every other token's
+/// output is the reference's.
+#[tokio::test]
+async fn refused_assignments_overflow_when_the_policy_says_so() {
+    let reference = ReferenceLayer::start(&model(), &[0], ReferenceConfig::cpu()).await.expect("reference");
+    // Rows that spread over the experts (the smooth `hidden` rows favour a few).
+    let varied: Vec<f32> = (0..64 * 16).map(|i| ((i as f32 * 12.9898).sin() * 43758.545).fract() * 2.0).collect();
+    let expected = reference.forward(0, varied.clone(), &RoutingOverrides::default()).await.expect("reference call");
+    reference.shutdown().await;
+    let served = worker(1 << 20).await;
+    let tiny = worker(1).await;
+    let transport = InProcessTransport::new([
+        (Arc::from("a"), ExpertWorkerService::new(served.clone(), "a")),
+        (Arc::from("tiny"), ExpertWorkerService::new(tiny.clone(), "tiny")),
+    ]);
+    let (_tables, receiver) = watch::channel(Some(table(1, |expert| vec![if expert % 2 == 0 { "a" } else { "tiny" }])));
+    let options = ClientOptions { refusal: RefusalPolicy::Overflow, ..ClientOptions::default() };
+    let client = MoeClient::with_transport(receiver, options, Arc::new(transport));
+    let output = client.forward(0, varied).await.expect("refusals overflow instead of failing the call");
+
+    let odd_kept: u32 = expected.routing.tokens_per_expert.iter().skip(1).step_by(2).sum();
+    assert!(odd_kept > 0);
+    assert_eq!(output.routing.refused, odd_kept as usize, "every kept assignment to an odd expert was refused");
+    assert!(output.routing.tokens_per_expert.iter().skip(1).step_by(2).all(|kept| *kept == 0));
+    // Tokens whose top-2 are both even experts never touched the full worker: their rows match.
+    let mut clean = 0;
+    for (token, logits) in expected.router_logits.chunks_exact(8).enumerate() {
+        let mut order: Vec<usize> = (0..8).collect();
+        order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
+        if order[..2].iter().all(|expert| expert % 2 == 0) {
+            clean += 1;
+            let rows = token * 16..(token + 1) * 16;
+            let error = relative_frobenius_error(&output.hidden[rows.clone()], &expected.hidden[rows]);
+            assert!(error < 1e-5, "token {token}: {error:e}");
+        }
+    }
+    assert!(clean > 0, "some tokens chose only even experts");
+    served.shutdown().await;
     tiny.shutdown().await;
 }
 

@@ -55,6 +55,20 @@ pub struct ClientOptions {
     /// experts; `None`: the whole deadline (`timeout`). Shorter lets a call route around a stalled
     /// worker when experts are replicated.
     pub attempt_timeout: Option<Duration>,
+    /// What a full expert queue means when no other holder can take its rows.
+    pub refusal: RefusalPolicy,
+}
+
+/// What a worker's full expert queue means for a call when no other holder of the expert can take
+/// the rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RefusalPolicy {
+    /// The call fails with the worker's `QueueFull` (its other requests are cancelled).
+    #[default]
+    Fail,
+    /// The refused assignments overflow, as past an expert's capacity: those tokens keep only
+    /// their residual path for that expert, and the call's routing counts them as `refused`.
+    Overflow,
 }
 
 impl Default for ClientOptions {
@@ -68,6 +82,7 @@ impl Default for ClientOptions {
             dispatch: DispatchLayout::default(),
             connections_per_worker: crate::transport::default_connections(),
             attempt_timeout: None,
+            refusal: RefusalPolicy::Fail,
         }
     }
 }
@@ -219,6 +234,9 @@ impl MoeClient {
         let mut round = Arc::new(first_round);
         let mut excluded: HashSet<Endpoint> = HashSet::new();
         let mut retried_requests = 0;
+        let overflow = self.options.refusal == RefusalPolicy::Overflow;
+        // (expert, assignments) a full queue refused and the refusal policy let overflow.
+        let mut refused: Vec<(u32, usize)> = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = self.options.attempt_timeout.map_or(left, |attempt| attempt.min(left));
@@ -227,7 +245,10 @@ impl MoeClient {
                 &self.replicas,
                 &round,
                 attempt,
-                |error| Retry::of(error).worth_it(error, &table, layer),
+                |error| {
+                    Retry::of(error).worth_it(error, &table, layer)
+                        || (overflow && matches!(error, ClientError::QueueFull { .. }))
+                },
                 |index, answer| {
                     let response = combine.accept(&plan, &round[index], answer)?;
                     let (plan, round, sums) = (plan.clone(), round.clone(), sums.clone());
@@ -268,7 +289,22 @@ impl MoeClient {
                 first_error.get_or_insert_with(|| error.clone());
             }
             let first_error = first_error.expect("unanswered requests come from a failed worker");
-            let failed: Vec<PlannedRequest> = finished.unanswered.iter().map(|&index| round[index].clone()).collect();
+            let error_at =
+                |endpoint: &Endpoint| finished.failures().find(|(failed, _)| *failed == endpoint).map(|(_, e)| e);
+            let (overflowed, failed): (Vec<usize>, Vec<usize>) = finished.unanswered.iter().partition(|&&index| {
+                overflow
+                    && error_at(&round[index].endpoint).is_some_and(|error| {
+                        matches!(error, ClientError::QueueFull { .. })
+                            && !Retry::OtherHolder.worth_it(error, &table, layer)
+                    })
+            });
+            for index in overflowed {
+                refused.extend(assignments_of(&round[index], &plan.routed));
+            }
+            if failed.is_empty() {
+                break;
+            }
+            let failed: Vec<PlannedRequest> = failed.iter().map(|&index| round[index].clone()).collect();
             retried_requests += failed.len();
             let failed = Arc::new(failed);
             let requests = loop {
@@ -304,6 +340,12 @@ impl MoeClient {
         let sums = std::mem::take(&mut *lock(&sums));
         let mut output = combine.finish(plan, sums, table.version, timing, last_answer.elapsed(), started);
         output.retried_requests = retried_requests;
+        for (expert, count) in refused {
+            output.routing.refused += count;
+            if let Some(kept) = output.routing.tokens_per_expert.get_mut(expert as usize) {
+                *kept = kept.saturating_sub(count as u32);
+            }
+        }
         Ok(output)
     }
 
@@ -314,6 +356,18 @@ impl MoeClient {
         let newer = tokio::time::timeout_at(deadline.into(), newer).await.ok()?.ok()?;
         newer.clone()
     }
+}
+
+/// The (expert, assignments) `planned` carries.
+fn assignments_of(planned: &PlannedRequest, routed: &Routed) -> Vec<(u32, usize)> {
+    if let Some(tokens) = &planned.request.tokens {
+        let mut counts: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
+        for expert in tokens.experts.chunks_exact(4) {
+            *counts.entry(u32::from_le_bytes([expert[0], expert[1], expert[2], expert[3]])).or_default() += 1;
+        }
+        return counts.into_iter().collect();
+    }
+    planned.pieces.iter().map(|piece| (routed.groups[piece.group].expert, piece.end - piece.start)).collect()
 }
 
 /// What a worker's failure allows.

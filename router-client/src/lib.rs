@@ -29,7 +29,7 @@ pub mod table;
 pub mod timing;
 pub mod transport;
 
-pub use client::{ClientOptions, LayerOutput, MoeClient};
+pub use client::{ClientOptions, LayerOutput, MoeClient, RefusalPolicy};
 pub use dispatch::DispatchLayout;
 pub use error::ClientError;
 pub use hidden::Hidden;

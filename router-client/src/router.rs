@@ -160,6 +160,9 @@ pub struct RoutingSummary {
     pub dropped: usize,
     /// Assignments moved to a token's next choice by overflow re-routing.
     pub rerouted: usize,
+    /// Assignments a full expert queue refused and the client let overflow
+    /// ([`crate::client::RefusalPolicy::Overflow`]); not in `tokens_per_expert`.
+    pub refused: usize,
     pub capacity: usize,
     pub tokens_per_expert: Vec<u32>,
     pub stats: RouterStats,
@@ -172,6 +175,7 @@ impl RoutingSummary {
             assignments: routed.routing.choices.len(),
             dropped: routed.capacity.dropped,
             rerouted: routed.capacity.rerouted,
+            refused: 0,
             capacity: routed.capacity.capacity,
             tokens_per_expert: routed.capacity.tokens_per_expert.clone(),
             stats: routed.stats,

@@ -9,7 +9,7 @@ use switchyard_tools::loadtest::{Arrival, LoadSpec, LoadSummary};
 use switchyard_tools::report;
 use switchyard_tools::skew::Skew;
 
-use super::values::{self, DispatchArg, OverflowArg, PolicyName, WireDtypeArg};
+use super::values::{self, DispatchArg, OverflowArg, PolicyName, RefusalArg, WireDtypeArg};
 use switchyard_router_client::transport::default_connections;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -86,6 +86,16 @@ pub struct LoadArgs {
     /// (default: one per core, up to 8).
     #[arg(long, env = "SWITCHYARD_CONNECTIONS_PER_WORKER", default_value_t = default_connections(), value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub connections_per_worker: usize,
+    /// What a full expert queue means when no other worker holds the expert: fail the call, or
+    /// let the refused assignments overflow (those tokens keep their residual path, as past an
+    /// expert's capacity; counted in the report).
+    #[arg(long, env = "SWITCHYARD_ON_REFUSAL", value_enum, default_value = "fail")]
+    pub on_refusal: RefusalArg,
+    /// The longest one attempt at a worker may take before its rows go to another holder of their
+    /// experts (e.g. 500ms); unset: the whole call deadline. Routes around a stalled worker when
+    /// experts are replicated.
+    #[arg(long, env = "SWITCHYARD_ATTEMPT_TIMEOUT", value_parser = values::parse_duration)]
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl LoadArgs {

@@ -3,8 +3,8 @@
 
 use switchyard_model::{Activation, WeightDtype};
 use switchyard_proto::wire::WireDtype;
-use switchyard_router_client::DispatchLayout;
 use switchyard_router_client::capacity::OverflowPolicy;
+use switchyard_router_client::{DispatchLayout, RefusalPolicy};
 
 /// A routing policy other than the model's own router.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,6 +72,24 @@ pub enum DispatchArg {
     TokenMajor,
     /// One row per (token, expert) assignment, answered row by row.
     ExpertMajor,
+}
+
+/// What a full expert queue means when no other worker holds the expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RefusalArg {
+    /// The call fails with the worker's RESOURCE_EXHAUSTED, naming the expert.
+    Fail,
+    /// The refused assignments overflow: their tokens keep the residual path for that expert.
+    Overflow,
+}
+
+impl From<RefusalArg> for RefusalPolicy {
+    fn from(refusal: RefusalArg) -> Self {
+        match refusal {
+            RefusalArg::Fail => RefusalPolicy::Fail,
+            RefusalArg::Overflow => RefusalPolicy::Overflow,
+        }
+    }
 }
 
 impl From<DispatchArg> for DispatchLayout {

@@ -151,6 +151,8 @@ pub struct LoadReport {
     pub assignments: u64,
     pub dropped: u64,
     pub rerouted: u64,
+    /// Assignments full expert queues refused and the client let overflow (`--on-refusal overflow`).
+    pub refused: u64,
     /// Router statistics summed over calls (see [`LoadReport::mean_router_stats`]).
     pub router_stats_total: RouterStats,
     /// Latency in microseconds.
@@ -222,6 +224,7 @@ impl Shared {
                 report.assignments += outcome.routing.assignments as u64;
                 report.dropped += outcome.routing.dropped as u64;
                 report.rerouted += outcome.routing.rerouted as u64;
+                report.refused += outcome.routing.refused as u64;
                 report.router_stats_total += outcome.routing.stats;
                 report.timing_total += outcome.timing;
                 report.bytes_total += outcome.bytes;
@@ -274,6 +277,7 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         assignments: 0,
         dropped: 0,
         rerouted: 0,
+        refused: 0,
         router_stats_total: RouterStats::default(),
         latency: micros_histogram(),
         phase_histograms: TimeBreakdown::PHASES.iter().map(|_| micros_histogram()).collect(),

@@ -34,6 +34,9 @@ pub struct LoadSummary {
     pub dropped: u64,
     pub dropped_fraction: f64,
     pub rerouted: u64,
+    /// Assignments full expert queues refused, overflowed by the client (`--on-refusal overflow`).
+    #[serde(default)]
+    pub refused: u64,
     pub imbalance: f64,
     pub switch_aux_loss: f64,
     pub importance_cv2: f64,
@@ -154,6 +157,7 @@ impl LoadReport {
             dropped: self.dropped,
             dropped_fraction: self.dropped as f64 / self.assignments.max(1) as f64,
             rerouted: self.rerouted,
+            refused: self.refused,
             imbalance: f64::from(stats.imbalance),
             switch_aux_loss: f64::from(stats.switch_aux_loss),
             importance_cv2: f64::from(stats.importance_cv2),

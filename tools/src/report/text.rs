@@ -38,11 +38,12 @@ pub fn load_report(summary: &LoadSummary) -> String {
     );
     let _ = writeln!(
         text,
-        "  overflow    {} of {} assignments dropped ({:.2}%), {} re-routed",
+        "  overflow    {} of {} assignments dropped ({:.2}%), {} re-routed, {} refused by full queues",
         summary.dropped,
         summary.assignments,
         100.0 * summary.dropped_fraction,
-        summary.rerouted
+        summary.rerouted,
+        summary.refused
     );
     let _ = writeln!(
         text,
