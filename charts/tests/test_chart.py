@@ -233,10 +233,15 @@ class ChartTest(unittest.TestCase):
 
     def test_replicas_and_drain_reach_the_flags_and_the_grace_must_cover_the_drain(self):
         docs = render_helm3(
-            {"coordinator": {"expertReplicas": 2}, "workers": {"drainTimeoutMs": 40000, "terminationGracePeriodSeconds": 50}}
+            {
+                "coordinator": {"expertReplicas": 2, "rebalanceIntervalMs": 5000, "redundantReplicas": 4},
+                "workers": {"drainTimeoutMs": 40000, "terminationGracePeriodSeconds": 50},
+            }
         )
         coordinator = one(docs, "Deployment", "coordinator")["spec"]["template"]["spec"]["containers"][0]
         self.assertEqual(flag(coordinator, "replicas"), "2")
+        self.assertEqual(flag(coordinator, "rebalance-interval-ms"), "5000")
+        self.assertEqual(flag(coordinator, "redundant-replicas"), "4")
         workers = one(docs, "StatefulSet", "worker")["spec"]["template"]["spec"]
         self.assertEqual(flag(workers["containers"][0], "drain-timeout-ms"), "40000")
         self.assertEqual(workers["terminationGracePeriodSeconds"], 50)

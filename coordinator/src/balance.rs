@@ -89,8 +89,8 @@ impl Balance {
 
 /// The policy over measured rates.
 pub trait Balancer: Send + Sync + fmt::Debug {
-    /// `base` replicas per expert at least, and at most one per worker.
-    fn balance(&self, rates: &BTreeMap<ExpertId, f64>, experts: &[ExpertId], base: usize, workers: usize) -> Balance;
+    /// At least `base[expert]` replicas per expert (1 if absent), and at most one per worker.
+    fn balance(&self, rates: &BTreeMap<ExpertId, f64>, base: &BTreeMap<ExpertId, usize>, workers: usize) -> Balance;
 }
 
 /// EPLB: `redundant` extra replicas, each given in turn to the expert with the most traffic per
@@ -101,11 +101,11 @@ pub struct Eplb {
 }
 
 impl Balancer for Eplb {
-    fn balance(&self, rates: &BTreeMap<ExpertId, f64>, experts: &[ExpertId], base: usize, workers: usize) -> Balance {
+    fn balance(&self, rates: &BTreeMap<ExpertId, f64>, base: &BTreeMap<ExpertId, usize>, workers: usize) -> Balance {
         let most = workers.max(1);
-        let base = base.clamp(1, most);
         let rate = |expert: &ExpertId| rates.get(expert).copied().unwrap_or(0.0);
-        let mut replicas: BTreeMap<ExpertId, usize> = experts.iter().map(|expert| (*expert, base)).collect();
+        let mut replicas: BTreeMap<ExpertId, usize> =
+            base.iter().map(|(expert, count)| (*expert, (*count).clamp(1, most))).collect();
         for _ in 0..self.redundant {
             let hottest = replicas
                 .iter()
@@ -163,22 +163,23 @@ mod tests {
     fn eplb_gives_redundant_replicas_to_the_hottest_experts() {
         let rates: BTreeMap<ExpertId, f64> =
             [(expert(0), 800.0), (expert(1), 300.0), (expert(2), 100.0), (expert(3), 100.0)].into();
-        let experts: Vec<ExpertId> = (0..4).map(expert).collect();
-        let balance = Eplb { redundant: 3 }.balance(&rates, &experts, 1, 4);
+        let base = |count: usize| -> BTreeMap<ExpertId, usize> { (0..4).map(|e| (expert(e), count)).collect() };
+        let balance = Eplb { redundant: 3 }.balance(&rates, &base(1), 4);
         assert_eq!(balance.replicas[&expert(0)], 3, "800 → 400 → 267 per replica: the hottest twice");
         assert_eq!(balance.replicas[&expert(1)], 2);
         assert_eq!(balance.replicas[&expert(2)], 1);
         assert!((balance.per_replica_rate[&expert(0)] - 800.0 / 3.0).abs() < 1e-9);
-        let capped = Eplb { redundant: 10 }.balance(&rates, &experts, 1, 2);
+        let capped = Eplb { redundant: 10 }.balance(&rates, &base(1), 2);
         assert!(capped.replicas.values().all(|count| *count <= 2), "one replica per worker at most");
-        let idle = Eplb { redundant: 3 }.balance(&BTreeMap::new(), &experts, 2, 4);
+        let idle = Eplb { redundant: 3 }.balance(&BTreeMap::new(), &base(2), 4);
         assert!(idle.replicas.values().all(|count| *count == 2), "no traffic, no redundancy");
     }
 
     #[test]
     fn imbalance_is_the_busiest_worker_over_the_mean() {
         let rates: BTreeMap<ExpertId, f64> = [(expert(0), 300.0), (expert(1), 100.0)].into();
-        let balance = Eplb { redundant: 0 }.balance(&rates, &[expert(0), expert(1)], 1, 2);
+        let base: BTreeMap<ExpertId, usize> = [(expert(0), 1), (expert(1), 1)].into();
+        let balance = Eplb { redundant: 0 }.balance(&rates, &base, 2);
         let (a, b) = (WorkerId("a".into()), WorkerId("b".into()));
         let placement: BTreeMap<ExpertId, Vec<WorkerId>> = [(expert(0), vec![a.clone()]), (expert(1), vec![b])].into();
         assert!((balance.imbalance(placement.iter()) - 1.5).abs() < 1e-9);

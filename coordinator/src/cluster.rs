@@ -42,8 +42,17 @@ pub struct ClusterConfig {
     /// Workers holding each expert (at most one copy per worker): with 2, a worker's death costs no
     /// call, as clients retry on the other holder.
     pub replicas: usize,
+    /// Replicas of particular experts (by their index in every MoE layer), instead of `replicas`.
+    pub expert_replicas: BTreeMap<u32, usize>,
     /// Load-aware placement from measured traffic; `None`: experts are balanced by size alone.
     pub balancing: Option<Balancing>,
+}
+
+impl ClusterConfig {
+    /// Workers wanted for `expert`: its override, else `replicas`.
+    pub fn replicas_of(&self, expert: ExpertId) -> usize {
+        self.expert_replicas.get(&expert.expert).copied().unwrap_or(self.replicas)
+    }
 }
 
 /// How often placement follows the measured traffic, and how many redundant replicas it may add.
@@ -259,10 +268,11 @@ impl<C: WorkerControl> Cluster<C> {
         if rates.values().all(|rate| *rate <= 0.0) {
             return;
         }
-        let experts: Vec<ExpertId> = self.config.model.expert_keys().collect();
+        let base: BTreeMap<ExpertId, usize> =
+            self.config.model.expert_keys().map(|expert| (expert, self.config.replicas_of(expert))).collect();
         let mut state = self.lock();
         let workers = state.workers.values().filter(|worker| !worker.draining).count();
-        let balance = self.balancer.balance(&rates, &experts, self.config.replicas, workers);
+        let balance = self.balancer.balance(&rates, &base, workers);
         let imbalance = balance.imbalance(state.published.iter());
         tracing::info!(
             imbalance,
@@ -481,7 +491,7 @@ impl<C: WorkerControl> Cluster<C> {
         let current = if state.placed_once { state.target.clone() } else { resident_placement(&state) };
         let model = &self.config.model;
         let parameters_of = |expert: ExpertId| model.expert_parameters_of(expert.expert);
-        let base_replicas = |_: ExpertId| self.config.replicas;
+        let base_replicas = |expert: ExpertId| self.config.replicas_of(expert);
         let plan = match &state.balance {
             None => placement::plan(&experts, Goal::by_size(&parameters_of, &base_replicas), &slots, &current),
             Some(balance) => {
@@ -491,8 +501,9 @@ impl<C: WorkerControl> Cluster<C> {
                     let rate = balance.per_replica_rate.get(&expert).copied().unwrap_or(0.0);
                     (rate * parameters_of(expert) as f64) as u64
                 };
-                let replicas_of =
-                    |expert: ExpertId| balance.replicas.get(&expert).copied().unwrap_or(self.config.replicas);
+                let replicas_of = |expert: ExpertId| {
+                    balance.replicas.get(&expert).copied().unwrap_or(self.config.replicas_of(expert))
+                };
                 let goal = Goal { parameters_of: &parameters_of, load_of: &load_of, replicas_of: &replicas_of };
                 let plan = placement::plan(&experts, goal, &slots, &current);
                 self.metrics.load_imbalance.set(balance.imbalance(plan.placement.iter()));
@@ -801,6 +812,7 @@ mod tests {
             max_batch_tokens: 256,
             unload_grace: Duration::ZERO,
             replicas: 1,
+            expert_replicas: BTreeMap::new(),
             balancing: None,
         }
     }
@@ -978,6 +990,18 @@ mod tests {
 
     fn config_with_replicas(replicas: usize) -> ClusterConfig {
         ClusterConfig { replicas, ..config(1) }
+    }
+
+    #[tokio::test]
+    async fn an_expert_given_its_own_replica_count_gets_it() {
+        let config = ClusterConfig { expert_replicas: [(3, 3)].into(), ..config_with_replicas(1) };
+        let cluster = Cluster::new(config, Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+        for endpoint in ["a", "b", "c"] {
+            cluster.register(registration(endpoint)).expect("register");
+        }
+        cluster.reconcile_once().await;
+        let holders: Vec<usize> = cluster.table().routes.iter().map(|route| route.endpoints.len()).collect();
+        assert_eq!(holders, [1, 1, 1, 3, 1, 1, 1, 1]);
     }
 
     #[tokio::test]

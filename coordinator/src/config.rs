@@ -42,6 +42,11 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub replicas: u16,
 
+    /// Replicas of particular experts instead of --replicas, as EXPERT=COUNT pairs (e.g. 0=3,5=2 for
+    /// experts 0 and 5 of every MoE layer): known hot experts, or a shared expert every token uses.
+    #[arg(long, env = "SWITCHYARD_EXPERT_REPLICAS", value_delimiter = ',', value_parser = parse_expert_replicas)]
+    pub expert_replicas: Vec<(u32, usize)>,
+
     /// Balance placement by measured traffic (EPLB) every this many milliseconds: hot experts get
     /// the redundant replicas and each worker's share of the traffic is evened out, moving experts
     /// make-before-break. 0: balance by expert size only.
@@ -75,6 +80,16 @@ pub struct Args {
     pub check_config: bool,
 }
 
+/// `EXPERT=COUNT`, a count of at least 1.
+fn parse_expert_replicas(pair: &str) -> Result<(u32, usize), String> {
+    let (expert, count) = pair.split_once('=').ok_or_else(|| format!("'{pair}' is not EXPERT=COUNT"))?;
+    let expert = expert.trim().parse().map_err(|_| format!("'{expert}' is not an expert index"))?;
+    match count.trim().parse() {
+        Ok(count) if count >= 1 => Ok((expert, count)),
+        _ => Err(format!("'{count}' is not a replica count of at least 1")),
+    }
+}
+
 /// Flags that make no cluster; the message names the flag.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -82,6 +97,8 @@ pub enum ConfigError {
     Model(#[from] ModelArgsError),
     #[error("--heartbeat-timeout-ms ({timeout}) must exceed --heartbeat-interval-ms ({interval})")]
     HeartbeatTimeout { timeout: u64, interval: u64 },
+    #[error("--expert-replicas names expert {expert}, but the model's layers have {experts} experts")]
+    NoSuchExpert { expert: u32, experts: u32 },
 }
 
 impl TryFrom<&Args> for ClusterConfig {
@@ -95,6 +112,10 @@ impl TryFrom<&Args> for ClusterConfig {
                 interval: args.heartbeat_interval_ms,
             });
         }
+        let experts = model.experts_per_layer + model.shared_experts;
+        if let Some((expert, _)) = args.expert_replicas.iter().find(|(expert, _)| *expert >= experts) {
+            return Err(ConfigError::NoSuchExpert { expert: *expert, experts });
+        }
         Ok(ClusterConfig {
             queue_limit_tokens: queue_limit(&model, args.max_batch_tokens),
             model,
@@ -104,6 +125,7 @@ impl TryFrom<&Args> for ClusterConfig {
             max_batch_tokens: args.max_batch_tokens.clamp(1, u32::MAX as usize) as u32,
             unload_grace: Duration::from_millis(args.unload_grace_ms),
             replicas: usize::from(args.replicas),
+            expert_replicas: args.expert_replicas.iter().copied().collect(),
             balancing: (args.rebalance_interval_ms > 0).then(|| Balancing {
                 interval: Duration::from_millis(args.rebalance_interval_ms),
                 redundant: args.redundant_replicas,
@@ -154,5 +176,22 @@ mod tests {
         let args = Args::try_parse_from(["switchyard-coordinator", "--heartbeat-timeout-ms", "100"]).expect("parses");
         assert!(ClusterConfig::try_from(&args).unwrap_err().to_string().contains("--heartbeat-timeout-ms"));
         assert!(Args::try_parse_from(["switchyard-coordinator", "--activation", "tanh"]).is_err());
+        let error = Args::try_parse_from(["switchyard-coordinator", "--expert-replicas", "0=0"]).unwrap_err();
+        assert!(error.to_string().contains("--expert-replicas"), "{error}");
+        assert!(error.to_string().contains("at least 1"), "{error}");
+        let args = Args::try_parse_from([
+            "switchyard-coordinator",
+            "--expert-replicas",
+            "0=3,5=2",
+            "--expert-replicas",
+            "6=2",
+        ])
+        .expect("parses");
+        let config = ClusterConfig::try_from(&args).expect("valid");
+        assert_eq!(config.expert_replicas, [(0, 3), (5, 2), (6, 2)].into());
+        assert_eq!(config.replicas_of(switchyard_model::ExpertId::new(0, 5)), 2);
+        let args = Args::try_parse_from(["switchyard-coordinator", "--expert-replicas", "8=2"]).expect("parses");
+        let error = ClusterConfig::try_from(&args).unwrap_err().to_string();
+        assert_eq!(error, "--expert-replicas names expert 8, but the model's layers have 8 experts");
     }
 }
