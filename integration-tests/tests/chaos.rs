@@ -317,3 +317,43 @@ async fn a_worker_added_then_another_removed_under_load_fails_no_call() {
     assert_eq!(table.workers().len(), 2, "the joiner and the other original worker serve");
     assert!(table.is_complete());
 }
+
+/// A frozen worker is sent a `LoadExperts` that never returns (it is given a dead worker's
+/// experts); it must still leave the table within the heartbeat timeout, and the experts be
+/// served by the survivor, instead of the table waiting out the load's 300 s deadline.
+#[tokio::test]
+async fn a_hung_load_does_not_keep_a_dead_worker_in_the_table() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut cluster = cluster(2, 1, |_| {}).await;
+    let joiner = cluster.processes.add_worker().await.expect("a third worker starts");
+    let frozen = format!("http://{}", cluster.processes.workers[joiner].grpc);
+    cluster
+        .watcher
+        .wait_for(|table| table.workers().iter().any(|worker| **worker == *frozen), Duration::from_secs(20))
+        .await
+        .expect("the joiner takes a share");
+    cluster.processes.workers[joiner].pause();
+    let dead = format!("http://{}", cluster.processes.workers[1].grpc);
+    let frozen_at = Instant::now();
+    // The dead worker's experts are planned onto the least loaded workers, the frozen one among
+    // them: its load hangs.
+    cluster.processes.workers[1].kill().await;
+    let table = cluster
+        .watcher
+        .wait_for(
+            |table| {
+                table.is_complete() && !table.workers().iter().any(|worker| **worker == *dead || **worker == *frozen)
+            },
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("the dead and the frozen worker leave the table");
+    let took = frozen_at.elapsed();
+    eprintln!("dead and frozen workers out of a complete table {took:?} after the freeze");
+    assert!(
+        took < Duration::from_secs(5),
+        "the 2 s heartbeat timeout, then one load; not the load's deadline: {took:?}"
+    );
+    assert_eq!(table.workers().len(), 1);
+    cluster.processes.workers[joiner].resume();
+}
