@@ -31,12 +31,15 @@ impl Traffic {
         Self { window, last: HashMap::new(), pending: BTreeMap::new(), rates: BTreeMap::new(), since: Instant::now() }
     }
 
-    /// A worker's cumulative count of tokens offered to `expert`; a count lower than the last one
-    /// (a restarted worker) counts from zero.
-    pub fn record(&mut self, worker: &WorkerId, expert: ExpertId, offered: u64) {
-        let last = self.last.entry(worker.clone()).or_default().insert(expert, offered).unwrap_or(0);
-        let new = if offered >= last { offered - last } else { offered };
-        *self.pending.entry(expert).or_default() += new;
+    /// A worker's cumulative counts of tokens offered to each of its experts; a count lower than
+    /// the last one (a restarted worker) counts from zero.
+    pub fn record(&mut self, worker: &WorkerId, offered: &[(ExpertId, u64)]) {
+        let last_of_worker = self.last.entry(worker.clone()).or_default();
+        for (expert, offered) in offered {
+            let last = last_of_worker.insert(*expert, *offered).unwrap_or(0);
+            let new = if *offered >= last { offered - last } else { *offered };
+            *self.pending.entry(*expert).or_default() += new;
+        }
     }
 
     pub fn forget(&mut self, worker: &WorkerId) {
@@ -137,14 +140,13 @@ mod tests {
         let mut traffic = Traffic::new(Duration::from_millis(1));
         let worker = WorkerId("w".into());
         let start = traffic.since;
-        traffic.record(&worker, expert(0), 100);
-        traffic.record(&worker, expert(1), 10);
-        traffic.record(&worker, expert(0), 300);
+        traffic.record(&worker, &[(expert(0), 100), (expert(1), 10)]);
+        traffic.record(&worker, &[(expert(0), 300)]);
         let rates = traffic.rates(start + Duration::from_secs(2)).clone();
         // A window much shorter than the interval: the rate is the interval's.
         assert!((rates[&expert(0)] - 150.0).abs() < 1e-6, "{rates:?}");
         assert!((rates[&expert(1)] - 5.0).abs() < 1e-6, "{rates:?}");
-        traffic.record(&worker, expert(0), 20);
+        traffic.record(&worker, &[(expert(0), 20)]);
         let rates = traffic.rates(start + Duration::from_secs(4)).clone();
         assert!((rates[&expert(0)] - 10.0).abs() < 1e-6, "a restarted worker counts from zero: {rates:?}");
         assert!(rates[&expert(1)].abs() < 1e-6);
@@ -154,7 +156,7 @@ mod tests {
     fn a_long_window_smooths_a_burst() {
         let mut traffic = Traffic::new(Duration::from_secs(10));
         let start = traffic.since;
-        traffic.record(&WorkerId("w".into()), expert(0), 1000);
+        traffic.record(&WorkerId("w".into()), &[(expert(0), 1000)]);
         let rate = traffic.rates(start + Duration::from_secs(1))[&expert(0)];
         assert!(rate > 50.0 && rate < 200.0, "1000 tokens in 1 s seen through a 10 s window: {rate}");
     }

@@ -119,12 +119,14 @@ struct State {
     balance: Option<Balance>,
 }
 
+// Lock order: `state`, then `traffic`; never the other way round.
+
 /// The longest wait before a worker whose loads keep failing is asked again.
 const MAX_LOAD_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 /// One load to issue.
 #[derive(Debug)]
-pub struct LoadOrder {
+struct LoadOrder {
     worker: WorkerId,
     endpoint: String,
     experts: BTreeSet<ExpertId>,
@@ -180,6 +182,10 @@ impl<C: WorkerControl> Cluster<C> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn traffic(&self) -> MutexGuard<'_, Traffic> {
+        self.traffic.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -199,7 +205,13 @@ impl<C: WorkerControl> Cluster<C> {
             return Err(CoordinatorError::InvalidArgument { field: "memory_bytes", reason: "must be positive".into() });
         }
         let mut state = self.lock();
-        state.workers.retain(|_, worker| worker.endpoint != registration.endpoint);
+        state.workers.retain(|id, worker| {
+            let replaced = worker.endpoint == registration.endpoint;
+            if replaced {
+                self.traffic().forget(id);
+            }
+            !replaced
+        });
         state.registrations += 1;
         // Unique across coordinator restarts: a worker heartbeating with the id an earlier
         // coordinator gave it must be told to register again, not be taken for another worker.
@@ -255,16 +267,13 @@ impl<C: WorkerControl> Cluster<C> {
         worker.queued_tokens = queued_tokens;
         worker.tokens_served = tokens_served;
         drop(state);
-        let mut traffic = self.traffic.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (expert, tokens) in offered {
-            traffic.record(&id, *expert, *tokens);
-        }
+        self.traffic().record(&id, offered);
         Ok(self.table.borrow().version)
     }
 
     /// Folds the traffic measured so far into the balance the next plans follow (EPLB).
     pub fn rebalance_by_traffic(&self) {
-        let rates = self.traffic.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).rates(Instant::now()).clone();
+        let rates = self.traffic().rates(Instant::now()).clone();
         if rates.values().all(|rate| *rate <= 0.0) {
             return;
         }
@@ -444,6 +453,7 @@ impl<C: WorkerControl> Cluster<C> {
         {
             tracing::warn!(worker_id = %id, %endpoint, %message, "late worker is unreachable; removing it");
             self.metrics.worker_expirations.inc();
+            self.traffic().forget(&id);
             self.metrics.live_workers.set(state.workers.len() as i64);
             self.republish(&mut state);
             drop(state);
@@ -460,6 +470,7 @@ impl<C: WorkerControl> Cluster<C> {
             if !alive {
                 tracing::warn!(worker_id = %id, endpoint = %worker.endpoint, "worker missed heartbeats; removing it");
                 self.metrics.worker_expirations.inc();
+                self.traffic().forget(id);
             }
             alive
         });
@@ -521,9 +532,8 @@ impl<C: WorkerControl> Cluster<C> {
         state.target = plan.placement;
         state.placed_once = true;
         let now = Instant::now();
-        let target = state.target.clone();
-        let orders = state
-            .workers
+        let State { workers, target, .. } = &mut *state;
+        let orders = workers
             .values_mut()
             .filter_map(|worker| {
                 let assigned: BTreeSet<ExpertId> = target

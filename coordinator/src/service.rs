@@ -61,10 +61,7 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
         let offered: Vec<(ExpertId, u64)> = request
             .experts
             .iter()
-            .filter_map(|traffic| {
-                let expert = ExpertId::from(traffic.expert?);
-                Some((expert, traffic.admitted_tokens + traffic.refused_tokens))
-            })
+            .filter_map(|stats| Some((ExpertId::from(stats.expert?), stats.admitted_tokens + stats.rejected_tokens)))
             .collect();
         let table_version = self.cluster.heartbeat(
             request.protocol_version,

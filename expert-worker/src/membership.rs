@@ -95,15 +95,7 @@ async fn heartbeat_until_forgotten(
             worker_id: worker_id.to_owned(),
             queued_tokens: worker.queued_tokens() as u64,
             tokens_served: worker.tokens_served(),
-            experts: worker
-                .queues()
-                .into_iter()
-                .map(|queue| v1::ExpertTraffic {
-                    expert: Some(queue.expert.into()),
-                    admitted_tokens: queue.counters.admitted_tokens,
-                    refused_tokens: queue.counters.rejected_tokens,
-                })
-                .collect(),
+            experts: crate::service::expert_stats(worker),
         };
         match client.heartbeat(request).await {
             Ok(_) => {}

@@ -180,23 +180,26 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
     }
 
     async fn get_stats(&self, _request: Request<v1::GetStatsRequest>) -> Result<Response<v1::WorkerStats>, Status> {
-        let experts = self
-            .worker
-            .queues()
-            .into_iter()
-            .map(|queue| v1::ExpertStats {
-                expert: Some(queue.expert.into()),
-                queued_tokens: queue.queued_tokens as u64,
-                queue_limit_tokens: queue.limit_tokens as u32,
-                admitted_tokens: queue.counters.admitted_tokens,
-                rejected_tokens: queue.counters.rejected_tokens,
-                batches: queue.counters.batches,
-            })
-            .collect();
         Ok(Response::new(v1::WorkerStats {
             device: switchyard_experts::device::device_name(self.worker.device()),
-            experts,
+            experts: expert_stats(&self.worker),
             resident_bytes: self.worker.resident_bytes(),
         }))
     }
+}
+
+/// Each expert queue's figures, as stats answer them and heartbeats carry them.
+pub fn expert_stats(worker: &ExpertWorker) -> Vec<v1::ExpertStats> {
+    worker
+        .queues()
+        .into_iter()
+        .map(|queue| v1::ExpertStats {
+            expert: Some(queue.expert.into()),
+            queued_tokens: queue.queued_tokens as u64,
+            queue_limit_tokens: queue.limit_tokens as u32,
+            admitted_tokens: queue.counters.admitted_tokens,
+            rejected_tokens: queue.counters.rejected_tokens,
+            batches: queue.counters.batches,
+        })
+        .collect()
 }

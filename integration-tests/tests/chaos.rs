@@ -122,6 +122,14 @@ struct Summary {
     wrong: usize,
 }
 
+impl Summary {
+    /// Every call answered, and answered right.
+    fn assert_nothing_lost(&self) {
+        assert_eq!(self.wrong, 0, "outputs off the reference");
+        assert!(self.failures.is_empty(), "{} failed calls: {:?}", self.failures.len(), self.failures);
+    }
+}
+
 fn summarize(scenario: &str, calls: &[Call], event: Duration) -> Summary {
     let latencies = |from: Duration, to: Duration| -> Vec<Duration> {
         calls
@@ -192,8 +200,7 @@ async fn kill_9_of_a_worker_with_two_replicas_fails_no_call() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let calls = load.finish().await;
     let summary = summarize("kill -9 of 1 of 3 workers, 2 replicas", &calls, event);
-    assert_eq!(summary.wrong, 0);
-    assert!(summary.failures.is_empty(), "{:?}", summary.failures);
+    summary.assert_nothing_lost();
     assert!(calls.iter().any(|call| call.at > event + Duration::from_secs(3)), "the load went on after the kill");
 }
 
@@ -234,8 +241,7 @@ async fn sigterm_of_a_worker_drains_it_without_a_failed_call() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let calls = load.finish().await;
     let summary = summarize("SIGTERM of 1 of 2 workers (drain)", &calls, event);
-    assert_eq!(summary.wrong, 0);
-    assert!(summary.failures.is_empty(), "{:?}", summary.failures);
+    summary.assert_nothing_lost();
     assert!(!cluster.table().workers().iter().any(|worker| **worker == *stopped), "the table no longer names it");
 }
 
@@ -254,8 +260,7 @@ async fn sigstop_of_a_worker_for_5_s_with_replicas_fails_no_call_and_none_hangs(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls = load.finish().await;
     let summary = summarize("SIGSTOP 5 s of 1 of 3 workers, 2 replicas", &calls, event);
-    assert_eq!(summary.wrong, 0);
-    assert!(summary.failures.is_empty(), "{:?}", summary.failures);
+    summary.assert_nothing_lost();
     let slowest = calls.iter().map(|call| call.took).max().unwrap_or_default();
     assert!(slowest < ClientOptions::default().timeout, "a call hung for {slowest:?}");
 }
@@ -281,8 +286,7 @@ async fn a_coordinator_restart_fails_no_call_and_reloads_no_expert() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls = load.finish().await;
     let summary = summarize("coordinator kill -9 and restart", &calls, event);
-    assert_eq!(summary.wrong, 0);
-    assert!(summary.failures.is_empty(), "{:?}", summary.failures);
+    summary.assert_nothing_lost();
     assert_eq!(adopted.workers(), before.workers());
     for expert in 0..8 {
         assert_eq!(adopted.endpoints(0, expert), before.endpoints(0, expert), "expert {expert} moved");
@@ -311,8 +315,7 @@ async fn a_worker_added_then_another_removed_under_load_fails_no_call() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let calls = load.finish().await;
     let summary = summarize("a worker added, then one removed (SIGTERM)", &calls, event);
-    assert_eq!(summary.wrong, 0);
-    assert!(summary.failures.is_empty(), "{:?}", summary.failures);
+    summary.assert_nothing_lost();
     let table = cluster.table();
     assert_eq!(table.workers().len(), 2, "the joiner and the other original worker serve");
     assert!(table.is_complete());

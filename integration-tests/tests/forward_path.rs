@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use switchyard_integration_tests::{TestCluster, hidden_states, http_get, small_model};
+use switchyard_integration_tests::{TestCluster, hidden_states, http_get, metric_value, small_model};
 use switchyard_model::ExpertId;
 use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
 use switchyard_proto::wire::{self, WireDtype};
@@ -225,8 +225,8 @@ async fn every_process_serves_health_and_metrics() {
         assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
         let body = http_get(process.metrics, "/metrics").await;
         assert!(body.contains("# EOF"), "OpenMetrics text from {}", process.name);
-        if let Some(line) = body.lines().find(|line| line.starts_with("switchyard_worker_admitted_tokens_total ")) {
-            admitted += line.rsplit(' ').next().and_then(|value| value.parse::<u64>().ok()).expect("a counter value");
+        if let Some(value) = metric_value(&body, "switchyard_worker_admitted_tokens_total") {
+            admitted += value as u64;
         }
     }
     let kept: u32 = output.routing.tokens_per_expert.iter().sum();

@@ -4,9 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_expert_worker::metrics::WorkerMetrics;
-use switchyard_expert_worker::scheduler::BatchingConfig;
-use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, WorkerOptions};
+use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
 use switchyard_model::{ExpertId, ModelSpec};
 use switchyard_proto::v1;
 use switchyard_proto::wire::{self, WireDtype};
@@ -16,6 +14,8 @@ use switchyard_router_client::dispatch::PlannedRequest;
 use switchyard_router_client::exchange::{self, Outcome};
 use switchyard_router_client::replicas::Replicas;
 
+mod support;
+
 fn model() -> ModelSpec {
     ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() }
 }
@@ -23,17 +23,7 @@ fn model() -> ModelSpec {
 /// A worker holding `expert` behind a queue of `limit` tokens, whose batcher waits `batch_wait` for
 /// more rows before computing.
 async fn worker(expert: u32, limit: usize, batch_wait: Duration) -> Arc<ExpertWorker> {
-    let options = WorkerOptions {
-        device: tch::Device::Cpu,
-        torch_threads: 1,
-        batching: BatchingConfig { batch_wait, max_batch_tokens: 1 << 20 },
-        default_queue_limit_tokens: limit,
-        identity_experts: false,
-        dtype: None,
-    };
-    let worker = ExpertWorker::start(options, WorkerMetrics::new()).expect("compute thread");
-    worker.load_experts(model(), vec![ExpertId::new(0, expert)], QueueLimits::default()).await.expect("load");
-    worker
+    support::cpu_worker(model(), vec![ExpertId::new(0, expert)], limit, batch_wait).await
 }
 
 fn request(endpoint: &str, expert: u32, rows: usize) -> PlannedRequest {

@@ -6,9 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_expert_worker::metrics::WorkerMetrics;
-use switchyard_expert_worker::scheduler::BatchingConfig;
-use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, WorkerOptions};
+use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
 use switchyard_model::{ExpertId, ModelSpec};
 use switchyard_proto::v1;
 use switchyard_reference::in_process::InProcessTransport;
@@ -17,6 +15,8 @@ use switchyard_router_client::{
     ClientError, ClientOptions, DispatchLayout, MoeClient, RefusalPolicy, RoutingOverrides, RoutingTableView,
 };
 use tokio::sync::watch;
+
+mod support;
 
 fn model() -> ModelSpec {
     ModelSpec { d_model: 16, d_ff: 32, seed: 11, ..ModelSpec::default_synthetic() }
@@ -33,18 +33,7 @@ async fn worker(limit: usize) -> Arc<ExpertWorker> {
 
 /// The same, whose batcher waits `batch_wait` for more rows before computing.
 async fn batching_worker(limit: usize, batch_wait: Duration) -> Arc<ExpertWorker> {
-    let options = WorkerOptions {
-        device: tch::Device::Cpu,
-        torch_threads: 1,
-        batching: BatchingConfig { batch_wait, max_batch_tokens: 1 << 20 },
-        default_queue_limit_tokens: limit,
-        identity_experts: false,
-        dtype: None,
-    };
-    let worker = ExpertWorker::start(options, WorkerMetrics::new()).expect("compute thread");
-    let experts = (0..8).map(|expert| ExpertId::new(0, expert)).collect();
-    worker.load_experts(model(), experts, QueueLimits::default()).await.expect("load");
-    worker
+    support::cpu_worker(model(), (0..8).map(|expert| ExpertId::new(0, expert)).collect(), limit, batch_wait).await
 }
 
 /// A table of version `version` whose expert `e` is served by `holders(e)`.

@@ -24,6 +24,7 @@ use crate::exchange::{self, Outcome};
 use crate::gate::Gate;
 use crate::hidden::Hidden;
 use crate::ledger::{WorkerCall, response_compute};
+use crate::lock;
 use crate::metrics::ClientMetrics;
 use crate::replicas::{Choice, Replicas};
 use crate::router::{
@@ -68,6 +69,8 @@ pub enum RefusalPolicy {
     Fail,
     /// The refused assignments overflow, as past an expert's capacity: those tokens keep only
     /// their residual path for that expert, and the call's routing counts them as `refused`.
+    /// The worker that refused is given up for the call, so its other requests of the call
+    /// (stripes of a large payload) are not waited for and count as refused too.
     Overflow,
 }
 
@@ -411,10 +414,6 @@ impl Retry {
             _ => Retry::Never,
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Everything planning a call needs, owned, so that it runs on the CPU pool.

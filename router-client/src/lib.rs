@@ -38,3 +38,9 @@ pub use router::{RoutingConfig, RoutingOverrides, RoutingSummary};
 pub use table::{RoutingTableView, TableWatcher};
 pub use timing::{ByteCounts, TimeBreakdown};
 pub use transport::{Endpoint, ExpertTransport, GrpcTransport};
+
+/// The data behind `mutex`, also after a panic elsewhere poisoned it: what it guards (counters,
+/// sums being built) stays usable.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

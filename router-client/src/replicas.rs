@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::lock;
 use crate::transport::Endpoint;
 
 /// How long a worker that failed is avoided while another holder is there.
@@ -18,10 +19,6 @@ const SUSPECT_FOR: Duration = Duration::from_secs(2);
 pub struct Replicas {
     in_flight: Mutex<HashMap<Endpoint, usize>>,
     failed_at: Mutex<HashMap<Endpoint, Instant>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Replicas {
