@@ -14,7 +14,10 @@ use super::load_args::LoadArgs;
 use super::loadtest::connect;
 use super::values::DtypeArg;
 
+/// A later flag overrides an earlier one, so `scripts/run.sh` can give defaults that its own
+/// arguments replace (`scripts/run.sh --duration 20s`).
 #[derive(Debug, clap::Args)]
+#[command(args_override_self = true)]
 pub struct LocalArgs {
     /// Expert workers to start.
     #[arg(long, env = "SWITCHYARD_LOCAL_WORKERS", default_value_t = 2)]

@@ -73,3 +73,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DeviceCheck(args) => device_check::run(args).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// `scripts/run.sh` passes defaults before the caller's own flags; the caller's win.
+    #[test]
+    fn a_later_local_flag_overrides_the_default_given_before_it() {
+        let cli =
+            Cli::try_parse_from(["switchyard", "local", "--duration", "10s", "--tokens", "64", "--duration", "20s"])
+                .expect("a repeated flag is accepted");
+        let Command::Local(args) = cli.command else { panic!("the local command") };
+        assert_eq!(args.load.duration, std::time::Duration::from_secs(20));
+        assert_eq!(args.load.tokens, 64);
+    }
+}
