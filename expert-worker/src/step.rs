@@ -47,10 +47,22 @@ pub struct Sums {
 #[derive(Debug)]
 struct Sum {
     shared: Arc<SharedRows>,
-    /// `[tokens, width]` in f32.
-    total: Tensor,
+    /// `[tokens, width]` in f32: the parts of experts with weights, once one was added.
+    total: Option<Tensor>,
+    /// Per token, the summed gate weights of identity experts: their parts add up to
+    /// `weight · row`, so they are summed as weights and applied once, when the sum finishes,
+    /// instead of one gather and one scatter per expert.
+    identity_weights: Vec<f32>,
     /// Expert parts still to add.
     remaining: usize,
+}
+
+/// What one expert part adds into its request's sum.
+enum Part<'a> {
+    /// The expert's output rows, one per index of the part.
+    Rows(&'a Tensor),
+    /// An identity expert's: its input rows, so nothing to compute.
+    Identity,
 }
 
 fn key_of(shared: &Arc<SharedRows>) -> usize {
@@ -72,27 +84,50 @@ impl Sums {
         self.in_progress.is_empty()
     }
 
-    /// Adds `weights · rows` at `indices` into the sum of `shared`; returns the finished sum when
-    /// this was its last part.
-    fn add(&mut self, gathered: &Gathered, rows: &Tensor) -> Option<Tensor> {
+    /// Adds `weights · part` at `indices` into the sum of `shared`, whose rows this step holds as
+    /// `shared_rows`; returns the finished sum when this was its last part.
+    fn add(&mut self, gathered: &Gathered, part: Part, shared_rows: &Tensor) -> Option<Tensor> {
         let key = key_of(&gathered.shared);
         let sum = self.in_progress.entry(key).or_insert_with(|| Sum {
             shared: gathered.shared.clone(),
-            total: Tensor::zeros(
-                [gathered.shared.tokens as i64, gathered.shared.width as i64],
-                (Kind::Float, rows.device()),
-            ),
+            total: None,
+            identity_weights: Vec::new(),
             remaining: gathered.shared.parts,
         });
-        let device = rows.device();
-        let indices = Tensor::from_slice(&gathered.indices).to_device(device);
-        let weights = Tensor::from_slice(&gathered.weights).to_device(device).view([-1, 1]);
-        let _ = sum.total.index_add_(0, &indices, &(rows.to_kind(Kind::Float) * weights));
+        let device = shared_rows.device();
+        match part {
+            Part::Rows(rows) => {
+                let indices = Tensor::from_slice(&gathered.indices).to_device(device);
+                let weights = Tensor::from_slice(&gathered.weights).to_device(device).view([-1, 1]);
+                let total = sum.total.get_or_insert_with(|| {
+                    let shape = [gathered.shared.tokens as i64, gathered.shared.width as i64];
+                    Tensor::zeros(shape, (Kind::Float, device))
+                });
+                let _ = total.index_add_(0, &indices, &(rows.to_kind(Kind::Float) * weights));
+            }
+            Part::Identity => {
+                if sum.identity_weights.is_empty() {
+                    sum.identity_weights = vec![0.0; gathered.shared.tokens];
+                }
+                for (&token, &weight) in gathered.indices.iter().zip(&gathered.weights) {
+                    sum.identity_weights[token as usize] += weight;
+                }
+            }
+        }
         sum.remaining -= 1;
         if sum.remaining > 0 {
             return None;
         }
-        self.in_progress.remove(&key).map(|sum| sum.total)
+        let sum = self.in_progress.remove(&key)?;
+        if sum.identity_weights.is_empty() {
+            return sum.total;
+        }
+        let weights = Tensor::from_slice(&sum.identity_weights).to_device(device).view([-1, 1]);
+        let identity = shared_rows.to_kind(Kind::Float) * weights;
+        Some(match sum.total {
+            Some(total) => total + identity,
+            None => identity,
+        })
     }
 }
 
@@ -173,6 +208,11 @@ pub fn compute_step(
             span.follows_from(&entry.request_span);
         }
         let _entered = span.enter();
+        let only_gathered = pieces.iter().all(|piece| matches!(piece, Piece::Gathered { .. }));
+        if expert.is_identity() && only_gathered {
+            sizes.push(queue_answers(None, batch, sums, &shared_rows, &mut downloads));
+            continue;
+        }
         let inputs: Vec<Tensor> = pieces
             .iter()
             .map(|piece| match piece {
@@ -193,7 +233,7 @@ pub fn compute_step(
             }
         };
         let output = expert.forward(&input);
-        sizes.push(queue_answers(&output, batch, sums, &mut downloads));
+        sizes.push(queue_answers(Some(&output), batch, sums, &shared_rows, &mut downloads));
     }
     let host = Bytes::from(staging.download(&downloads));
     let mut offset = 0;
@@ -216,11 +256,14 @@ pub fn compute_step(
 /// Queues `output`'s rows for download as flat `u8` tensors in each entry's output dtype (one
 /// conversion for the whole batch when every entry has its own rows and one output dtype, as is
 /// usual), adds token-major entries' rows into their sums, and queues each sum its entry finished.
-/// Returns each entry's (own answer, finished sum) sizes in bytes, in download order.
+/// `output` is `None` for an identity expert's batch of token-major entries only: their parts are
+/// their input rows. Returns each entry's (own answer, finished sum) sizes in bytes, in download
+/// order.
 fn queue_answers(
-    output: &Tensor,
+    output: Option<&Tensor>,
     batch: &Batch,
     sums: &mut Sums,
+    shared_rows: &HashMap<usize, Tensor>,
     downloads: &mut Vec<Tensor>,
 ) -> Vec<(usize, Option<usize>)> {
     let as_bytes =
@@ -234,22 +277,24 @@ fn queue_answers(
         .entries
         .iter()
         .all(|(entry, _)| entry.output_dtype == first_dtype && matches!(entry.rows, RowsSource::Own(_)));
-    if uniform {
+    if let (true, Some(output)) = (uniform, output) {
         downloads.push(as_bytes(output, first_dtype));
         return batch.entries.iter().map(|(entry, _)| (own_size(entry), None)).collect();
     }
     let mut start = 0;
     let mut sizes = Vec::with_capacity(batch.entries.len());
     for (entry, _) in &batch.entries {
-        let rows = output.narrow(0, start, entry.tokens as i64);
+        let rows = output.map(|output| output.narrow(0, start, entry.tokens as i64));
         start += entry.tokens as i64;
-        match &entry.rows {
-            RowsSource::Own(_) => {
-                downloads.push(as_bytes(&rows, entry.output_dtype));
+        match (&entry.rows, &rows) {
+            (RowsSource::Own(_), Some(rows)) => {
+                downloads.push(as_bytes(rows, entry.output_dtype));
                 sizes.push((own_size(entry), None));
             }
-            RowsSource::Gathered(gathered) => {
-                let finished = sums.add(gathered, &rows).map(|total| {
+            (RowsSource::Own(_), None) => unreachable!("a batch with own rows is computed"),
+            (RowsSource::Gathered(gathered), rows) => {
+                let part = rows.as_ref().map_or(Part::Identity, Part::Rows);
+                let finished = sums.add(gathered, part, &shared_rows[&key_of(&gathered.shared)]).map(|total| {
                     let shared = &gathered.shared;
                     downloads.push(as_bytes(&total, entry.output_dtype));
                     shared.tokens * shared.width * entry.output_dtype.element_size()

@@ -35,12 +35,16 @@ fn part(index: usize, expert: u32, values: &[f32], width: usize, dtype: WireDtyp
 }
 
 async fn started(batch_wait: Duration, limit: usize) -> std::sync::Arc<ExpertWorker> {
+    started_with(batch_wait, limit, false).await
+}
+
+async fn started_with(batch_wait: Duration, limit: usize, identity_experts: bool) -> std::sync::Arc<ExpertWorker> {
     let options = WorkerOptions {
         torch_threads: 1,
         device: tch::Device::Cpu,
         batching: BatchingConfig { batch_wait, max_batch_tokens: 1024 },
         default_queue_limit_tokens: limit,
-        identity_experts: false,
+        identity_experts,
         dtype: None,
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
@@ -405,6 +409,40 @@ async fn a_token_major_request_comes_back_as_one_weighted_sum_per_token() {
     assert_eq!(summed.outputs[1].batch_tokens, 3 + 2, "expert 1 ran the token-major rows with the other request's");
     let have = wire::decode_f32(&direct.outputs[0].data, WireDtype::F32);
     assert!(relative_error(&expert(1).forward_f32(&own), &have) < 1e-6);
+    worker.shutdown().await;
+}
+
+/// Identity experts add their gate weights, not rows: each token comes back as its row times the
+/// weights it gave this worker's experts (not one: the client keeps the other workers' shares),
+/// also when another request's own rows share the step.
+#[tokio::test]
+async fn identity_experts_answer_each_token_scaled_by_its_weights_here() {
+    let worker = started_with(Duration::from_millis(300), 1024, true).await;
+    let hidden = rows(4, 16, 0.3);
+    let choices: [&[(u32, f32)]; 4] =
+        [&[(1, 0.25), (3, 0.5)], &[(3, 0.125), (0, 0.25)], &[], &[(0, 0.75), (1, 0.0625)]];
+    let token_major = ForwardBatch::try_from(token_major_request(4, &hidden, 16, &choices, WireDtype::F32))
+        .expect("a valid token-major request");
+    let own = rows(2, 16, 0.7);
+    let expert_major = ForwardBatch {
+        request_id: 5,
+        parts: vec![part(0, 1, &own, 16, WireDtype::F32)],
+        output_dtype: None,
+        token_major: None,
+    };
+    let (summed, direct) = tokio::join!(worker.forward(token_major), worker.forward(expert_major));
+    let combined = summed.expect("token-major").combined.expect("one sum per token");
+    let have = wire::decode_f32(&combined.data, combined.dtype);
+    let want: Vec<f32> = choices
+        .iter()
+        .zip(hidden.chunks(16))
+        .flat_map(|(token_choices, row)| {
+            let weight: f32 = token_choices.iter().map(|(_, weight)| weight).sum();
+            row.iter().map(move |value| weight * value)
+        })
+        .collect();
+    assert!(relative_error(&want, &have) < 1e-6, "{}", relative_error(&want, &have));
+    assert_eq!(wire::decode_f32(&direct.expect("expert-major").outputs[0].data, WireDtype::F32), own);
     worker.shutdown().await;
 }
 

@@ -131,6 +131,11 @@ impl Expert {
         self.d_model
     }
 
+    /// Whether this expert answers with its input ([`Expert::identity`]).
+    pub fn is_identity(&self) -> bool {
+        self.ffn.is_none()
+    }
+
     pub fn device(&self) -> Device {
         self.device
     }

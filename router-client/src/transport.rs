@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use switchyard_common::clock::unix_nanos;
 use switchyard_common::transport::WireCounters;
-use switchyard_proto::v1::{self, expert_worker_client::ExpertWorkerClient};
+use switchyard_proto::v1;
 use tonic::transport::Channel;
 
 use crate::error::ClientError;
@@ -61,10 +61,13 @@ pub fn default_connections() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from).clamp(1, 8)
 }
 
+/// The path of `ExpertWorker.Forward`.
+const FORWARD_PATH: &str = "/switchyard.v1.ExpertWorker/Forward";
+
 /// A worker's connections (lazily opened, each with its own byte counters), taken in turn.
 #[derive(Debug)]
 struct Stripes {
-    clients: Vec<ExpertWorkerClient<Channel>>,
+    clients: Vec<Channel>,
     counters: Arc<WireCounters>,
     next: usize,
 }
@@ -87,17 +90,12 @@ impl GrpcTransport {
         Self { connections: connections.max(1), workers: Mutex::new(HashMap::new()) }
     }
 
-    fn connection(&self, endpoint: &Endpoint) -> Result<ExpertWorkerClient<Channel>, ClientError> {
+    fn connection(&self, endpoint: &Endpoint) -> Result<Channel, ClientError> {
         let mut workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !workers.contains_key(endpoint) {
             let counters = Arc::new(WireCounters::default());
             let clients = (0..self.connections)
-                .map(|_| {
-                    let channel = switchyard_common::transport::counted_channel(endpoint, counters.clone())?;
-                    Ok(ExpertWorkerClient::new(channel)
-                        .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES))
-                })
+                .map(|_| switchyard_common::transport::counted_channel(endpoint, counters.clone()))
                 .collect::<Result<_, tonic::transport::Error>>()
                 .map_err(|error| ClientError::BadEndpoint {
                     endpoint: endpoint.to_string(),
@@ -131,10 +129,18 @@ impl ExpertTransport for GrpcTransport {
             }
             let sent_unix_nanos = unix_nanos();
             let started = Instant::now();
-            let answer = client.forward(request).await;
+            // The rows go to the socket as the `Bytes` they are: tonic's generated client would copy
+            // every payload into one buffer first.
+            let answer = switchyard_proto::zero_copy::unary(
+                &mut client,
+                FORWARD_PATH,
+                request,
+                switchyard_common::transport::MAX_MESSAGE_BYTES,
+            )
+            .await;
             let timing = RpcTiming { elapsed: started.elapsed(), sent_unix_nanos, answered_unix_nanos: unix_nanos() };
             match answer {
-                Ok(response) => Ok(Answer { response: response.into_inner(), timing }),
+                Ok(response) => Ok(Answer { response, timing }),
                 Err(status) => Err(ClientError::from_status(&endpoint, &status)),
             }
         })
