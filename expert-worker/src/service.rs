@@ -1,13 +1,20 @@
 //! The gRPC adapter: decode and validate, open the span, call [`ExpertWorker`], encode. No logic.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use switchyard_model::{ExpertId, ModelSpec};
 use switchyard_proto::v1::{self, expert_worker_server};
+use switchyard_proto::zero_copy;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body;
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -31,10 +38,12 @@ impl ExpertWorkerService {
         Self { worker, name: name.into() }
     }
 
-    pub fn into_server(self) -> expert_worker_server::ExpertWorkerServer<Self> {
-        expert_worker_server::ExpertWorkerServer::new(self)
+    /// The gRPC server of this service, `Forward` answering without copying its rows.
+    pub fn into_server(self) -> WorkerServer {
+        let generated = expert_worker_server::ExpertWorkerServer::new(self.clone())
             .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
+        WorkerServer { service: self, generated }
     }
 
     /// One forward request, decoded and validated, run, encoded: what `Forward` serves, callable
@@ -105,6 +114,40 @@ fn with_request_id<T>(request: &Request<T>, id_in_message: u64) -> u64 {
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse().ok())
         .unwrap_or(0)
+}
+
+/// `ExpertWorker`'s server: `Forward` goes through [`zero_copy::serve_unary`], so its answers'
+/// rows reach the socket as the `Bytes` the compute thread filled (tonic's generated server would
+/// copy them into one buffer first); every other method is the generated server's.
+#[derive(Debug, Clone)]
+pub struct WorkerServer {
+    service: ExpertWorkerService,
+    generated: expert_worker_server::ExpertWorkerServer<ExpertWorkerService>,
+}
+
+impl NamedService for WorkerServer {
+    const NAME: &'static str = <expert_worker_server::ExpertWorkerServer<ExpertWorkerService> as NamedService>::NAME;
+}
+
+impl Service<http::Request<Body>> for WorkerServer {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _context: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() != switchyard_proto::FORWARD_PATH {
+            return self.generated.call(request);
+        }
+        let service = self.service.clone();
+        Box::pin(async move {
+            let forward = |request| async move { expert_worker_server::ExpertWorker::forward(&service, request).await };
+            Ok(zero_copy::serve_unary(request, switchyard_common::transport::MAX_MESSAGE_BYTES, forward).await)
+        })
+    }
 }
 
 type ForwardResponseStream = Pin<Box<dyn Stream<Item = Result<v1::ForwardResponse, Status>> + Send>>;

@@ -8,6 +8,7 @@ use switchyard_model::ExpertId;
 use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
 use switchyard_proto::wire::{self, WireDtype};
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
+use switchyard_router_client::dispatch::STRIPE_MIN_BYTES;
 use switchyard_router_client::{ClientError, ClientOptions, DispatchLayout, MoeClient, RoutingOverrides};
 use tonic::Code;
 
@@ -297,20 +298,22 @@ async fn fp8_dispatch_sends_a_byte_per_value_and_stays_within_its_precision() {
     assert!(fp8_error > bf16_error && fp8_error < 5e-2, "fp8 {fp8_error:e} against bf16 {bf16_error:e}");
 }
 
-/// A worker's payload of a mebibyte or more is spread over its connections, one request each, and
-/// the output is unchanged.
+/// A worker's payload of three stripes' worth or more is spread over its connections, one request
+/// each, and the output is unchanged.
 #[tokio::test]
 async fn a_large_payload_is_striped_over_each_workers_connections() {
     let model = small_model(2.0);
-    let cluster = TestCluster::start(model.clone(), 2, |_| {}).await;
+    let tokens = 20_000;
+    let cluster = TestCluster::start(model.clone(), 2, |config| config.max_batch_tokens = tokens).await;
     let reference = ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference");
-    let hidden = hidden_states(2048, 256, 31);
+    let hidden = hidden_states(tokens, 256, 31);
     let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).await.expect("reference forward");
     let options = ClientOptions { connections_per_worker: 3, ..ClientOptions::default() };
     let striped = MoeClient::new(cluster.watcher.receiver(), options);
     let output = striped.forward(0, &hidden).await.expect("striped forward");
     for worker in &output.workers {
-        assert!(worker.rows * 256 * 4 >= 1 << 20, "{} rows: at least 1 MiB to stripe", worker.rows);
+        let payload = worker.rows * 256 * 4;
+        assert!(payload >= 3 * STRIPE_MIN_BYTES, "{} rows: three stripes' worth", worker.rows);
         assert_eq!(worker.requests, 3, "one request per connection to {}", worker.endpoint);
     }
     let error = relative_frobenius_error(&output.hidden, &expected.hidden);

@@ -17,6 +17,10 @@ pub mod v1 {
     tonic::include_proto!("switchyard.v1");
 }
 
+/// The HTTP/2 path of `ExpertWorker.Forward`, which both ends serve and call without tonic's
+/// generated code ([`zero_copy`]).
+pub const FORWARD_PATH: &str = "/switchyard.v1.ExpertWorker/Forward";
+
 /// Checked at registration and on every heartbeat; bump on any incompatible protocol change.
 pub const PROTOCOL_VERSION: u32 = 4;
 

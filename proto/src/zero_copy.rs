@@ -7,9 +7,11 @@
 //! taken as a slice of the caller's `Bytes` (prost hands `Bytes` fields to [`BufMut::put`], and
 //! `Bytes::copy_to_bytes` shares instead of copying). The chunks are the request's HTTP/2 body
 //! as they are; hyper writes them with vectored writes. The answer is decoded by tonic's own
-//! decoder, so status, trailers and limits behave as with a generated client.
+//! decoder, so status, trailers and limits behave as with a generated client. [`serve_unary`] is
+//! the server's half: a handler's answer goes out the same way.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -104,17 +106,18 @@ unsafe impl BufMut for ChunkWriter {
     }
 }
 
-/// An HTTP body of ready chunks.
+/// An HTTP body of ready chunks, and the trailers after them (a server's answer has some).
 #[derive(Debug)]
 struct ChunkBody {
     chunks: VecDeque<Bytes>,
     remaining: u64,
+    trailers: Option<http::HeaderMap>,
 }
 
 impl ChunkBody {
-    fn new(chunks: Vec<Bytes>) -> Self {
+    fn new(chunks: Vec<Bytes>, trailers: Option<http::HeaderMap>) -> Self {
         let remaining = chunks.iter().map(|chunk| chunk.len() as u64).sum();
-        Self { chunks: chunks.into(), remaining }
+        Self { chunks: chunks.into(), remaining, trailers }
     }
 }
 
@@ -126,15 +129,15 @@ impl http_body::Body for ChunkBody {
         mut self: Pin<&mut Self>,
         _context: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let chunk = self.chunks.pop_front();
-        if let Some(chunk) = &chunk {
+        if let Some(chunk) = self.chunks.pop_front() {
             self.remaining -= chunk.len() as u64;
+            return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
         }
-        Poll::Ready(chunk.map(|chunk| Ok(http_body::Frame::data(chunk))))
+        Poll::Ready(self.trailers.take().map(|trailers| Ok(http_body::Frame::trailers(trailers))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty()
+        self.chunks.is_empty() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -157,7 +160,7 @@ where
     A: Message + Default + Send + Sync + 'static,
 {
     let (metadata, _, message) = request.into_parts();
-    let body = tonic::body::Body::new(ChunkBody::new(encode_frame(&message)?));
+    let body = tonic::body::Body::new(ChunkBody::new(encode_frame(&message)?, None));
     let mut http_request = http::Request::new(body);
     *http_request.method_mut() = Method::POST;
     *http_request.uri_mut() = Uri::from_static(path);
@@ -181,6 +184,46 @@ where
     let answer = answers.message().await?.ok_or_else(|| Status::internal("the answer had no message"))?;
     answers.trailers().await?;
     Ok(answer)
+}
+
+/// Serves one unary call: decodes the request from `request` (at most `max_request_bytes`), runs
+/// `handler` on it, and answers with its message's payloads uncopied ([`encode_frame`])
+/// and `grpc-status: 0` in the trailers, or with its `Status` alone (a trailers-only answer).
+pub async fn serve_unary<Q, A, F, Fut>(
+    request: http::Request<tonic::body::Body>,
+    max_request_bytes: usize,
+    handler: F,
+) -> http::Response<tonic::body::Body>
+where
+    Q: Message + Default + Send + Sync + 'static,
+    A: Message,
+    F: FnOnce(tonic::Request<Q>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<A>, Status>>,
+{
+    let answer = async {
+        let (parts, body) = request.into_parts();
+        let decoder = tonic_prost::ProstCodec::<(), Q>::default().decoder();
+        let mut messages = Streaming::new_request(decoder, body, None, Some(max_request_bytes));
+        let message = messages.message().await?.ok_or_else(|| Status::internal("the request had no message"))?;
+        let request = tonic::Request::from_parts(
+            tonic::metadata::MetadataMap::from_headers(parts.headers),
+            parts.extensions,
+            message,
+        );
+        let (metadata, message, _) = handler(request).await?.into_parts();
+        Ok::<_, Status>((metadata, encode_frame(&message)?))
+    };
+    match answer.await {
+        Ok((metadata, chunks)) => {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            let mut response = http::Response::new(tonic::body::Body::new(ChunkBody::new(chunks, Some(trailers))));
+            *response.headers_mut() = metadata.into_headers();
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            response
+        }
+        Err(status) => status.into_http(),
+    }
 }
 
 #[cfg(test)]

@@ -61,9 +61,6 @@ pub fn default_connections() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from).clamp(1, 8)
 }
 
-/// The path of `ExpertWorker.Forward`.
-const FORWARD_PATH: &str = "/switchyard.v1.ExpertWorker/Forward";
-
 /// A worker's connections (lazily opened, each with its own byte counters), taken in turn.
 #[derive(Debug)]
 struct Stripes {
@@ -133,7 +130,7 @@ impl ExpertTransport for GrpcTransport {
             // every payload into one buffer first.
             let answer = switchyard_proto::zero_copy::unary(
                 &mut client,
-                FORWARD_PATH,
+                switchyard_proto::FORWARD_PATH,
                 request,
                 switchyard_common::transport::MAX_MESSAGE_BYTES,
             )

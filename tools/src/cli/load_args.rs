@@ -82,8 +82,8 @@ pub struct LoadArgs {
     /// How rows travel to the workers.
     #[arg(long, env = "SWITCHYARD_DISPATCH", value_enum, default_value = "token-major")]
     pub dispatch: DispatchArg,
-    /// HTTP/2 connections to each worker; payloads of 1 MiB and more are spread over them
-    /// (default: one per core, up to 8).
+    /// HTTP/2 connections to each worker; a large payload is spread over them in shares of at
+    /// least 4 MiB (default: one per core, up to 8).
     #[arg(long, env = "SWITCHYARD_CONNECTIONS_PER_WORKER", default_value_t = default_connections(), value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub connections_per_worker: usize,
     /// What a full expert queue means when no other worker holds the expert: fail the call, or
