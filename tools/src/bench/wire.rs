@@ -45,6 +45,10 @@ pub struct WireBaselines {
     pub tcp_striped_one_way: Option<WireFigure>,
     #[serde(default)]
     pub tcp_connections: u32,
+    /// The gRPC one-way transfer with the payload sent uncopied, as `Forward` sends rows
+    /// ([`switchyard_proto::zero_copy`]); beside `grpc_one_way` it is what the encode copy costs.
+    #[serde(default)]
+    pub grpc_one_way_uncopied: Option<WireFigure>,
 }
 
 /// Connections of the striped TCP baseline: one per core, at least 2.
@@ -60,7 +64,7 @@ pub async fn measure(bytes: usize, repeats: u32) -> std::io::Result<WireBaseline
     })
     .await
     .map_err(std::io::Error::other)??;
-    let (grpc_one_way, grpc_echo) = grpc(bytes, repeats).await?;
+    let (grpc_one_way, grpc_echo, grpc_one_way_uncopied) = grpc(bytes, repeats).await?;
     Ok(WireBaselines {
         tcp_one_way,
         tcp_echo,
@@ -68,6 +72,7 @@ pub async fn measure(bytes: usize, repeats: u32) -> std::io::Result<WireBaseline
         grpc_echo,
         tcp_striped_one_way: Some(tcp_striped),
         tcp_connections: connections as u32,
+        grpc_one_way_uncopied: Some(grpc_one_way_uncopied),
     })
 }
 
@@ -172,8 +177,13 @@ impl WireEcho for Echo {
     }
 }
 
-/// A gRPC echo server on its own runtime thread, and a client with the project's transport settings.
-async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFigure)> {
+/// The path of `WireEcho.Echo`, for the uncopied client.
+const ECHO_PATH: &str = "/switchyard.v1.WireEcho/Echo";
+
+/// A gRPC echo server on its own runtime thread, and a client with the project's transport
+/// settings: one-way and echo through tonic's generated client, then one-way with the payload sent
+/// uncopied.
+async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFigure, WireFigure)> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let address = listener.local_addr()?;
     listener.set_nonblocking(true)?;
@@ -198,7 +208,7 @@ async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFi
         Ok(())
     });
     let channel = switchyard_common::transport::channel(&format!("http://{address}")).map_err(std::io::Error::other)?;
-    let mut client = WireEchoClient::new(channel)
+    let mut client = WireEchoClient::new(channel.clone())
         .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
     let payload = Bytes::from(vec![0x5au8; bytes]);
@@ -225,9 +235,27 @@ async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFi
         let moved = if discard { bytes } else { 2 * bytes } as u64;
         figures.push(WireFigure::from_times(bytes as u64, moved, &times));
     }
+    let mut channel = channel;
+    let mut times = Vec::with_capacity(repeats as usize);
+    for round in 0..=repeats {
+        let started = Instant::now();
+        let request = tonic::Request::new(EchoMessage { payload: payload.clone(), discard: true });
+        let _: EchoMessage = switchyard_proto::zero_copy::unary(
+            &mut channel,
+            ECHO_PATH,
+            request,
+            switchyard_common::transport::MAX_MESSAGE_BYTES,
+        )
+        .await
+        .map_err(|status| std::io::Error::other(status.to_string()))?;
+        if round > 0 {
+            times.push(started.elapsed());
+        }
+    }
+    figures.push(WireFigure::from_times(bytes as u64, bytes as u64, &times));
     let _ = stop.send(());
     server.join().map_err(|_| std::io::Error::other("the gRPC echo server panicked"))??;
-    Ok((figures[0], figures[1]))
+    Ok((figures[0], figures[1], figures[2]))
 }
 
 #[cfg(test)]
@@ -238,8 +266,10 @@ mod tests {
     async fn every_baseline_moves_its_bytes_and_reports_a_rate() {
         let baselines = measure(256 * 1024, 3).await.expect("loopback baselines");
         let striped = baselines.tcp_striped_one_way.expect("striped TCP");
+        let uncopied = baselines.grpc_one_way_uncopied.expect("uncopied gRPC");
         assert_eq!(baselines.tcp_connections as usize, striped_connections());
-        for figure in [baselines.tcp_one_way, baselines.tcp_echo, baselines.grpc_one_way, baselines.grpc_echo, striped]
+        for figure in
+            [baselines.tcp_one_way, baselines.tcp_echo, baselines.grpc_one_way, baselines.grpc_echo, striped, uncopied]
         {
             assert_eq!((figure.bytes.div_ceil(1024), figure.repeats), (256, 3));
             assert!(figure.mean_us > 0.0 && figure.gb_per_s > 0.0, "{figure:?}");

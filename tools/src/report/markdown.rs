@@ -62,13 +62,13 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
 /// The DeepEP table: dispatch and combine beside the wire's limits.
 pub fn preset_table(presets: &[PresetSummary]) -> String {
     let mut text = String::new();
-    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape, 1 thread) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s | gRPC echo µs |\n");
+    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape, 1 thread) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s (payload copied / uncopied) | gRPC echo µs |\n");
     let _ = writeln!(text, "|{}", " ---: |".repeat(20));
     for preset in presets {
         let baselines = &preset.baselines;
         let _ = writeln!(
             text,
-            "| {} | {} | {} | {:.2} ({}) | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.0} | {:.1} ({}) | {:.1} | {:.2} | {} | {:.0} | {:.2} | {:.0} |",
+            "| {} | {} | {} | {:.2} ({}) | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.0} | {:.1} ({}) | {:.1} | {:.2} | {} | {:.0} | {:.2} / {} | {:.0} |",
             preset.preset,
             preset.result.point.tokens,
             preset.result.point.shape.workers,
@@ -96,6 +96,7 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
             ),
             baselines.tcp_echo.mean_us,
             baselines.grpc_one_way.gb_per_s,
+            optional(baselines.grpc_one_way_uncopied.map(|figure| figure.gb_per_s), |rate| format!("{rate:.2}")),
             baselines.grpc_echo.mean_us,
         );
     }
