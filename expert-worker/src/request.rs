@@ -229,6 +229,7 @@ mod tests {
             }],
             output_dtype: 0,
             tokens: None,
+            sequence: 0,
         }
     }
 

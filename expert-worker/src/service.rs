@@ -50,6 +50,7 @@ impl ExpertWorkerService {
     /// without a network (the reference layer's in-process transport).
     pub async fn forward_message(&self, request: v1::ForwardRequest) -> Result<v1::ForwardResponse, WorkerError> {
         let received_unix_nanos = switchyard_common::clock::unix_nanos();
+        let sequence = request.sequence;
         let layer = match &request.tokens {
             Some(tokens) => Some(tokens.layer),
             None => request.batches.first().and_then(|part| part.expert).map(|key| key.layer),
@@ -64,6 +65,7 @@ impl ExpertWorkerService {
             tracing::debug!(rows, handler_us = micros(outcome.handler_time), "forward answered");
             let mut response = encode_outcome(outcome);
             response.received_unix_nanos = received_unix_nanos;
+            response.sequence = sequence;
             response.replied_unix_nanos = switchyard_common::clock::unix_nanos();
             Ok(response)
         }
@@ -150,6 +152,9 @@ impl Service<http::Request<Body>> for WorkerServer {
     }
 }
 
+/// Requests of one `ForwardStream` admitted and not yet answered, at most.
+const STREAM_IN_FLIGHT: usize = 64;
+
 type ForwardResponseStream = Pin<Box<dyn Stream<Item = Result<v1::ForwardResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -170,10 +175,15 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
         request: Request<Streaming<v1::ForwardRequest>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
         let mut incoming = request.into_inner();
-        let (answers, receiver) = mpsc::channel(64);
+        let (answers, receiver) = mpsc::channel(STREAM_IN_FLIGHT);
+        // A request holds a permit until its answer is queued for the client: a client that stops
+        // reading stops the stream from taking more requests, instead of growing the worker.
+        let permits = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT));
         let service = self.clone();
         tokio::spawn(async move {
-            while let Some(message) = incoming.next().await {
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                let Some(message) = incoming.next().await else { break };
                 let message = match message {
                     Ok(message) => message,
                     Err(status) => {
@@ -184,13 +194,22 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
                 let service = service.clone();
                 let answers = answers.clone();
                 tokio::spawn(async move {
-                    let request_id = message.request_id;
-                    let answer = service.forward_message(message).await.unwrap_or_else(|error| v1::ForwardResponse {
-                        request_id,
-                        error: Some(v1::RequestError { code: error.code() as i32, message: error.to_string() }),
-                        ..Default::default()
+                    let (request_id, sequence) = (message.request_id, message.sequence);
+                    let answer = service.forward_message(message).await.unwrap_or_else(|error| {
+                        let status = Status::from(error);
+                        v1::ForwardResponse {
+                            request_id,
+                            sequence,
+                            error: Some(v1::RequestError {
+                                code: status.code() as i32,
+                                message: status.message().to_owned(),
+                                details: status.details().to_vec(),
+                            }),
+                            ..Default::default()
+                        }
                     });
                     let _ = answers.send(Ok(answer)).await;
+                    drop(permit);
                 });
             }
         });

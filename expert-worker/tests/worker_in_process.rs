@@ -235,6 +235,7 @@ fn wire_request(expert: u32, dtype: i32, shape: Vec<u64>, data: Bytes) -> v1::Fo
         }],
         output_dtype: 0,
         tokens: None,
+        sequence: 0,
     }
 }
 
@@ -362,6 +363,7 @@ fn token_major_request(
             experts: experts.into(),
             weights: weights.into(),
         }),
+        sequence: 0,
     }
 }
 

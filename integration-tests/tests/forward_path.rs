@@ -3,12 +3,14 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use switchyard_integration_tests::{TestCluster, hidden_states, http_get, metric_value, small_model};
 use switchyard_model::ExpertId;
 use switchyard_proto::v1::{self, Dtype, ExpertKey, expert_worker_client::ExpertWorkerClient};
 use switchyard_proto::wire::{self, WireDtype};
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
-use switchyard_router_client::dispatch::STRIPE_MIN_BYTES;
+use switchyard_router_client::dispatch::{CHUNK_BYTES, STRIPE_MIN_BYTES};
+use switchyard_router_client::transport::{Endpoint, ExpertTransport, GrpcTransport};
 use switchyard_router_client::{ClientError, ClientOptions, DispatchLayout, MoeClient, RoutingOverrides};
 use tonic::Code;
 
@@ -149,6 +151,7 @@ fn rows_request(expert: u32, tokens: usize, width: usize) -> v1::ForwardRequest 
         }],
         output_dtype: 0,
         tokens: None,
+        sequence: 0,
     }
 }
 
@@ -205,6 +208,34 @@ async fn a_worker_refuses_over_capacity_and_malformed_batches_and_keeps_serving(
 
     let answer = worker.forward(rows_request(3, 20, 256)).await.expect("a batch at the limit is served").into_inner();
     assert_eq!(answer.outputs[0].rows.as_ref().map(|rows| rows.shape.clone()), Some(vec![20, 256]));
+
+    // Chunks of one stream are answered one by one: a refused chunk comes back as the same
+    // QueueFull, read from the details its answer carries, and the others are served.
+    let transport = GrpcTransport::new(1);
+    let chunks: Vec<v1::ForwardRequest> = [(3, 2), (3, 21), (3, 4)]
+        .into_iter()
+        .enumerate()
+        .map(|(sequence, (expert, tokens))| v1::ForwardRequest {
+            sequence: sequence as u32,
+            ..rows_request(expert, tokens, 256)
+        })
+        .collect();
+    let endpoint_name: Endpoint = endpoint.as_str().into();
+    let mut answers: Vec<(usize, Result<_, ClientError>)> =
+        transport.forward_chunks(&endpoint_name, chunks, Duration::from_secs(10)).collect().await;
+    answers.sort_by_key(|(position, _)| *position);
+    let shapes: Vec<_> = answers
+        .iter()
+        .map(|(position, answer)| match answer {
+            Ok(answer) => (*position, answer.response.outputs[0].rows.as_ref().map(|rows| rows.shape[0])),
+            Err(error) => {
+                assert!(matches!(error, ClientError::QueueFull { limit: 20, requested: 21, .. }), "{error:?}");
+                (*position, None)
+            }
+        })
+        .collect();
+    assert_eq!(shapes, [(0, Some(2)), (1, None), (2, Some(4))]);
+
     let hidden = hidden_states(64, 256, 12);
     cluster.client.forward(0, &hidden).await.expect("the cluster still serves");
 }
@@ -298,8 +329,9 @@ async fn fp8_dispatch_sends_a_byte_per_value_and_stays_within_its_precision() {
     assert!(fp8_error > bf16_error && fp8_error < 5e-2, "fp8 {fp8_error:e} against bf16 {bf16_error:e}");
 }
 
-/// A worker's payload of three stripes' worth or more is spread over its connections, one request
-/// each, and the output is unchanged.
+/// A worker's payload of three stripes' worth or more is spread over its connections, each stripe
+/// one request, or (chunked) a stream of chunks the worker starts on as they arrive;
+/// the output is unchanged either way.
 #[tokio::test]
 async fn a_large_payload_is_striped_over_each_workers_connections() {
     let model = small_model(2.0);
@@ -308,16 +340,27 @@ async fn a_large_payload_is_striped_over_each_workers_connections() {
     let reference = ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference");
     let hidden = hidden_states(tokens, 256, 31);
     let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).await.expect("reference forward");
-    let options = ClientOptions { connections_per_worker: 3, ..ClientOptions::default() };
-    let striped = MoeClient::new(cluster.watcher.receiver(), options);
-    let output = striped.forward(0, &hidden).await.expect("striped forward");
-    for worker in &output.workers {
+    let whole = ClientOptions { connections_per_worker: 3, ..ClientOptions::default() };
+    let whole = MoeClient::new(cluster.watcher.receiver(), whole).forward(0, &hidden).await.expect("striped forward");
+    for worker in &whole.workers {
         let payload = worker.rows * 256 * 4;
         assert!(payload >= 3 * STRIPE_MIN_BYTES, "{} rows: three stripes' worth", worker.rows);
         assert_eq!(worker.requests, 3, "one request per connection to {}", worker.endpoint);
     }
-    let error = relative_frobenius_error(&output.hidden, &expected.hidden);
+    let error = relative_frobenius_error(&whole.hidden, &expected.hidden);
     assert!(error < 1e-5, "striped: relative Frobenius error {error:e}");
+
+    let options = ClientOptions { connections_per_worker: 3, chunked_dispatch: true, ..ClientOptions::default() };
+    let striped = MoeClient::new(cluster.watcher.receiver(), options);
+    let output = striped.forward(0, &hidden).await.expect("striped and chunked forward");
+    for worker in &output.workers {
+        let stripe = worker.rows.div_ceil(3) * 256 * 4;
+        let chunks = stripe.div_ceil(CHUNK_BYTES);
+        assert!(chunks > 1, "a stripe of {stripe} bytes is chunked");
+        assert_eq!(worker.requests, 3 * chunks, "{chunks} chunks on each connection to {}", worker.endpoint);
+    }
+    let error = relative_frobenius_error(&output.hidden, &expected.hidden);
+    assert!(error < 1e-5, "striped and chunked: relative Frobenius error {error:e}");
     let wire = striped.wire_bytes();
     assert_eq!(wire.len(), 2, "each worker's connections counted together");
     for (endpoint, sent, _) in &wire {

@@ -177,8 +177,13 @@ async fn the_clients_request_id_reaches_the_workers_spans() {
         }),
     };
     // The id travels only in metadata, as MoeClient sends it.
-    let mut request =
-        tonic::Request::new(v1::ForwardRequest { request_id: 0, batches: vec![rows], output_dtype: 0, tokens: None });
+    let mut request = tonic::Request::new(v1::ForwardRequest {
+        request_id: 0,
+        batches: vec![rows],
+        output_dtype: 0,
+        tokens: None,
+        sequence: 0,
+    });
     request.metadata_mut().insert("x-request-id", "4242".parse().expect("metadata value"));
     let answer = client.forward(request).await.expect("forward").into_inner();
     assert_eq!(answer.request_id, 4242, "the worker adopted the metadata id");

@@ -20,6 +20,8 @@ pub mod v1 {
 /// The HTTP/2 path of `ExpertWorker.Forward`, which both ends serve and call without tonic's
 /// generated code ([`zero_copy`]).
 pub const FORWARD_PATH: &str = "/switchyard.v1.ExpertWorker/Forward";
+/// The HTTP/2 path of `ExpertWorker.ForwardStream`, which clients call with [`zero_copy::streaming`].
+pub const FORWARD_STREAM_PATH: &str = "/switchyard.v1.ExpertWorker/ForwardStream";
 
 /// Checked at registration and on every heartbeat; bump on any incompatible protocol change.
 pub const PROTOCOL_VERSION: u32 = 4;

@@ -160,7 +160,48 @@ where
     A: Message + Default + Send + Sync + 'static,
 {
     let (metadata, _, message) = request.into_parts();
-    let body = tonic::body::Body::new(ChunkBody::new(encode_frame(&message)?, None));
+    let response = call(channel, path, metadata, encode_frame(&message)?).await?;
+    let status_code = response.status();
+    let decoder = tonic_prost::ProstCodec::<(), A>::default().decoder();
+    let mut answers = Streaming::new_response(decoder, response.into_body(), status_code, None, Some(max_answer_bytes));
+    let answer = answers.message().await?.ok_or_else(|| Status::internal("the answer had no message"))?;
+    answers.trailers().await?;
+    Ok(answer)
+}
+
+/// Calls the streaming method `path` with `messages` sent in order, each uncopied as in [`unary`];
+/// the worker reads each as its bytes complete. Returns the answers' stream once the server has
+/// answered with headers (a trailers-only failure is returned as the error).
+pub async fn streaming<Q, A>(
+    channel: &mut Channel,
+    path: &'static str,
+    request: tonic::Request<Vec<Q>>,
+    max_answer_bytes: usize,
+) -> Result<Streaming<A>, Status>
+where
+    Q: Message,
+    A: Message + Default + Send + Sync + 'static,
+{
+    let (metadata, _, messages) = request.into_parts();
+    let mut chunks = Vec::new();
+    for message in &messages {
+        chunks.extend(encode_frame(message)?);
+    }
+    let response = call(channel, path, metadata, chunks).await?;
+    let status_code = response.status();
+    let decoder = tonic_prost::ProstCodec::<(), A>::default().decoder();
+    Ok(Streaming::new_response(decoder, response.into_body(), status_code, None, Some(max_answer_bytes)))
+}
+
+/// Sends one call's body of ready `chunks`; the response once its headers are in, or its status
+/// when the server answered with headers alone.
+async fn call(
+    channel: &mut Channel,
+    path: &'static str,
+    metadata: tonic::metadata::MetadataMap,
+    chunks: Vec<Bytes>,
+) -> Result<http::Response<tonic::body::Body>, Status> {
+    let body = tonic::body::Body::new(ChunkBody::new(chunks, None));
     let mut http_request = http::Request::new(body);
     *http_request.method_mut() = Method::POST;
     *http_request.uri_mut() = Uri::from_static(path);
@@ -178,12 +219,7 @@ where
     {
         return Err(status);
     }
-    let status_code = response.status();
-    let decoder = tonic_prost::ProstCodec::<(), A>::default().decoder();
-    let mut answers = Streaming::new_response(decoder, response.into_body(), status_code, None, Some(max_answer_bytes));
-    let answer = answers.message().await?.ok_or_else(|| Status::internal("the answer had no message"))?;
-    answers.trailers().await?;
-    Ok(answer)
+    Ok(response)
 }
 
 /// Serves one unary call: decodes the request from `request` (at most `max_request_bytes`), runs

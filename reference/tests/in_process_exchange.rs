@@ -42,9 +42,11 @@ fn request(endpoint: &str, expert: u32, rows: usize) -> PlannedRequest {
             }],
             output_dtype: 0,
             tokens: None,
+            sequence: 0,
         },
         pieces: Vec::new(),
         token_major: None,
+        stream: 0,
     }
 }
 

@@ -50,6 +50,10 @@ pub struct PlannedRequest {
     /// Token-major: the call's tokens of the request's rows, and its experts in the order the
     /// worker answers them (ascending).
     pub token_major: Option<TokenPlan>,
+    /// Requests to one worker with the same stream go as chunks of one `ForwardStream`, in order
+    /// (their `sequence`), so the worker starts on the first while the rest arrive; different
+    /// streams go over different connections at once.
+    pub stream: usize,
 }
 
 /// A token-major request's rows and experts.
@@ -108,7 +112,7 @@ pub fn pack_token_choices(
     let token_starts: Vec<usize> =
         (0..choices.len()).filter(|&at| at == 0 || choices[at].0 != choices[at - 1].0).collect();
     let tokens_per_request = call.rows_per_request(token_starts.len());
-    token_starts
+    let mut requests: Vec<PlannedRequest> = token_starts
         .chunks(tokens_per_request)
         .enumerate()
         .map(|(chunk, starts)| {
@@ -142,15 +146,19 @@ pub fn pack_token_choices(
                     experts: experts.into(),
                     weights: weights.into(),
                 }),
+                sequence: 0,
             };
             PlannedRequest {
                 endpoint: endpoint.clone(),
                 request,
                 pieces: Vec::new(),
                 token_major: Some(TokenPlan { tokens: token_ids, experts: answered }),
+                stream: 0,
             }
         })
-        .collect()
+        .collect();
+    call.assign_streams(token_starts.len(), &mut requests);
+    requests
 }
 
 /// Groups `groups` by the worker each expert is sent to: the holder `choice` picks.
@@ -238,7 +246,14 @@ pub struct CallRows<'a> {
     /// Connections to each worker: a large payload is spread over up to as many requests, so that
     /// every connection carries a share of at least [`STRIPE_MIN_BYTES`].
     pub stripes: usize,
+    /// Whether a stripe above [`CHUNK_BYTES`] goes as a stream of chunks (else as one request).
+    pub chunked: bool,
 }
+
+/// A stripe larger than this goes as chunks of about this size on one stream ([`PlannedRequest::stream`]):
+/// the worker computes the first while the rest arrive, and its answers come back while later
+/// chunks are still on their way.
+pub const CHUNK_BYTES: usize = 4 << 20;
 
 /// The least payload a stripe carries. A smaller share gains less from its own connection than
 /// its request costs: DeepEP's low-latency preset (1.8 MB per worker) dispatched in 2.6 ms as one
@@ -252,11 +267,30 @@ impl CallRows<'_> {
     fn rows_per_request(&self, rows: usize) -> usize {
         let row_bytes = self.dtype.row_bytes(self.d_model);
         let mut per_request = (self.split_bytes / row_bytes).max(1);
-        let stripes = self.stripes.min(rows * row_bytes / STRIPE_MIN_BYTES);
+        let stripes = self.stripes_for(rows);
         if stripes > 1 {
             per_request = per_request.min(rows.div_ceil(stripes));
         }
+        if self.chunked && per_request * row_bytes > CHUNK_BYTES {
+            // Equal chunks of at most about `CHUNK_BYTES`, so that the stripes stay equal too.
+            per_request = per_request.div_ceil((per_request * row_bytes).div_ceil(CHUNK_BYTES));
+        }
         per_request.max(1)
+    }
+
+    /// Connections `rows` rows to one worker are spread over.
+    fn stripes_for(&self, rows: usize) -> usize {
+        self.stripes.min(rows * self.dtype.row_bytes(self.d_model) / STRIPE_MIN_BYTES).max(1)
+    }
+
+    /// Deals one worker's requests (of `rows` rows in all) to its stripes in turn, numbering each
+    /// stream's chunks in sending order.
+    fn assign_streams(&self, rows: usize, requests: &mut [PlannedRequest]) {
+        let stripes = self.stripes_for(rows);
+        for (index, planned) in requests.iter_mut().enumerate() {
+            planned.stream = index % stripes;
+            planned.request.sequence = (index / stripes) as u32;
+        }
     }
 }
 
@@ -315,6 +349,7 @@ pub fn pack_pieces(
     if !current.pieces.is_empty() {
         requests.push(current);
     }
+    call.assign_streams(rows, &mut requests);
     requests
 }
 
@@ -326,9 +361,11 @@ fn new_request(endpoint: &Arc<str>, dtype: WireDtype) -> PlannedRequest {
             batches: Vec::new(),
             output_dtype: dtype.answer_dtype().to_proto() as i32,
             tokens: None,
+            sequence: 0,
         },
         pieces: Vec::new(),
         token_major: None,
+        stream: 0,
     }
 }
 
@@ -345,8 +382,15 @@ mod tests {
         let groups = [group(0, 3), group(1, 2)];
         let hidden = vec![0.5; 3 * 4];
         let endpoint: Arc<str> = Arc::from("http://a");
-        let call =
-            CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: WireDtype::F32, split_bytes: 1 << 20, stripes: 1 };
+        let call = CallRows {
+            layer: 0,
+            hidden: &hidden,
+            d_model: 4,
+            dtype: WireDtype::F32,
+            split_bytes: 1 << 20,
+            stripes: 1,
+            chunked: false,
+        };
         let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].request.batches.len(), 2);
@@ -359,8 +403,15 @@ mod tests {
         let hidden = vec![0.5; 5 * 4];
         let endpoint: Arc<str> = Arc::from("http://a");
         // 16 bytes per row (4 x f32); 48 bytes per request = 3 rows.
-        let call =
-            CallRows { layer: 0, hidden: &hidden, d_model: 4, dtype: WireDtype::F32, split_bytes: 48, stripes: 1 };
+        let call = CallRows {
+            layer: 0,
+            hidden: &hidden,
+            d_model: 4,
+            dtype: WireDtype::F32,
+            split_bytes: 48,
+            stripes: 1,
+            chunked: false,
+        };
         let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
         let pieces: Vec<Vec<Piece>> = requests.iter().map(|r| r.pieces.clone()).collect();
         assert_eq!(
@@ -389,8 +440,15 @@ mod tests {
         let hidden: Vec<f32> = (0..5 * 2).map(|value| value as f32).collect();
         let endpoint: Arc<str> = Arc::from("http://a");
         // 8 bytes per row (2 x f32); 16 bytes per request = 2 tokens.
-        let call =
-            CallRows { layer: 7, hidden: &hidden, d_model: 2, dtype: WireDtype::F32, split_bytes: 16, stripes: 1 };
+        let call = CallRows {
+            layer: 7,
+            hidden: &hidden,
+            d_model: 2,
+            dtype: WireDtype::F32,
+            split_bytes: 16,
+            stripes: 1,
+            chunked: false,
+        };
         let requests = pack_token_rows(&endpoint, &[0, 1], &groups, call);
         let plans: Vec<TokenPlan> = requests.iter().filter_map(|r| r.token_major.clone()).collect();
         assert_eq!(
@@ -426,6 +484,7 @@ mod tests {
             dtype: WireDtype::F32,
             split_bytes: 64 << 20,
             stripes: 3,
+            chunked: false,
         };
         assert!(call.rows_per_request(8191) >= 8191, "below 8 MiB: one request");
         assert_eq!(call.rows_per_request(8192), 4096, "8 MiB: two shares of 4 MiB");
@@ -434,5 +493,34 @@ mod tests {
         assert!(CallRows { stripes: 1, ..call }.rows_per_request(16384) >= 16384, "one connection: one request");
         let split = CallRows { split_bytes: 100 << 10, ..call };
         assert_eq!(split.rows_per_request(16384), 100, "the split limit still holds");
+    }
+
+    #[test]
+    fn a_large_stripe_goes_as_numbered_chunks_of_one_stream() {
+        // 1 KiB rows (256 x f32): 20 MiB to one worker over 2 connections, in 4 MiB chunks.
+        let rows = 20 * 1024;
+        let hidden = vec![0.5f32; rows * 256];
+        let call = CallRows {
+            layer: 0,
+            hidden: &hidden,
+            d_model: 256,
+            dtype: WireDtype::F32,
+            split_bytes: 64 << 20,
+            stripes: 2,
+            chunked: true,
+        };
+        let choices: Vec<(u32, u32, f32)> = (0..rows as u32).map(|token| (token, token % 8, 1.0)).collect();
+        let requests = pack_token_choices(&Arc::from("w"), choices.clone(), call);
+        let layout: Vec<(usize, u32, usize)> =
+            requests.iter().map(|planned| (planned.stream, planned.request.sequence, planned.rows())).collect();
+        assert_eq!(
+            layout,
+            [(0, 0, 3414), (1, 0, 3414), (0, 1, 3414), (1, 1, 3414), (0, 2, 3414), (1, 2, 3410)],
+            "two streams taking the chunks in turn, each numbering its own"
+        );
+        let whole = pack_token_choices(&Arc::from("w"), choices, CallRows { chunked: false, ..call });
+        let layout: Vec<(usize, u32, usize)> =
+            whole.iter().map(|planned| (planned.stream, planned.request.sequence, planned.rows())).collect();
+        assert_eq!(layout, [(0, 0, 10240), (1, 0, 10240)], "unchunked: one request per stripe");
     }
 }

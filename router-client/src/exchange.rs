@@ -8,12 +8,12 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::StreamExt;
 
 use crate::dispatch::PlannedRequest;
 use crate::error::ClientError;
 use crate::replicas::Replicas;
-use crate::transport::{Answer, Endpoint, ExpertTransport};
+use crate::transport::{Answer, ChunkAnswers, Endpoint, ExpertTransport};
 
 /// What became of one destination's requests.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +62,8 @@ pub struct ExchangeFailure {
     pub outcomes: Vec<DestinationOutcome>,
 }
 
-/// Sends every request of `requests` over `transport` at once, each with `deadline`, and hands each
+/// Sends every request of `requests` over `transport` at once (the chunks of one stream in order,
+/// as one `forward_chunks`), each stream with `deadline`, and hands each
 /// answer with its request's index to `on_answer` as it arrives. A destination failing with an
 /// error `retryable` accepts is given up without waiting for its other requests; they are returned
 /// as unanswered. Any other failure (or `on_answer` refusing an answer) returns at once, without
@@ -95,29 +96,31 @@ pub async fn run(
         pending_per_destination[index] += 1;
         destination_of.push(index);
     }
-    let mut in_flight: FuturesUnordered<_> = requests
-        .iter()
-        .enumerate()
-        .map(|(index, planned)| {
-            let counted = replicas.start(&planned.endpoint);
-            let sent = transport.forward(&planned.endpoint, planned.request.clone(), deadline);
-            let endpoint = planned.endpoint.clone();
-            async move {
-                let answer = match tokio::time::timeout(deadline, sent).await {
-                    Ok(answer) => answer,
-                    Err(_) => Err(ClientError::Timeout { endpoint: endpoint.to_string(), after: deadline }),
-                };
-                drop(counted);
-                (index, answer)
-            }
-        })
-        .collect();
+    // Requests to one worker on one stream go together, in order (chunks of one payload).
+    let mut groups: Vec<(&Endpoint, usize, Vec<usize>)> = Vec::new();
+    for (index, planned) in requests.iter().enumerate() {
+        match groups
+            .iter_mut()
+            .find(|(endpoint, stream, _)| **endpoint == planned.endpoint && *stream == planned.stream)
+        {
+            Some((_, _, members)) => members.push(index),
+            None => groups.push((&planned.endpoint, planned.stream, vec![index])),
+        }
+    }
+    let mut counted: Vec<Option<_>> = requests.iter().map(|planned| Some(replicas.start(&planned.endpoint))).collect();
+    let mut in_flight = futures::stream::select_all(groups.into_iter().map(|(endpoint, _, members)| {
+        let chunks = members.iter().map(|&index| requests[index].request.clone()).collect();
+        let answers = transport.forward_chunks(endpoint, chunks, deadline);
+        within(deadline, endpoint.clone(), members.len(), answers)
+            .map(move |(position, answer)| (members[position], answer))
+    }));
     let mut resolved = vec![false; requests.len()];
     let mut given_up: HashSet<usize> = HashSet::new();
     let mut unanswered = Vec::new();
     let mut open = requests.len();
     while open > 0 {
         let Some((index, answer)) = in_flight.next().await else { break };
+        counted[index] = None;
         let destination = destination_of[index];
         if given_up.contains(&destination) {
             continue;
@@ -153,6 +156,34 @@ pub async fn run(
     }
     unanswered.sort_unstable();
     Ok(Round { outcomes, unanswered })
+}
+
+/// `answers` of `count` chunks, the first unanswered failing with a timeout once `deadline` has
+/// passed (the exchange then gives up or fails their destination).
+fn within(deadline: Duration, endpoint: Endpoint, count: usize, answers: ChunkAnswers) -> ChunkAnswers {
+    let expired = Box::pin(tokio::time::sleep(deadline));
+    let state = (answers, expired, vec![false; count], false);
+    futures::stream::unfold(state, move |(mut answers, mut expired, mut answered, ended)| {
+        let endpoint = endpoint.clone();
+        async move {
+            if ended {
+                return None;
+            }
+            tokio::select! {
+                next = answers.next() => {
+                    let (position, answer) = next?;
+                    answered[position] = true;
+                    Some(((position, answer), (answers, expired, answered, false)))
+                }
+                () = &mut expired => {
+                    let position = answered.iter().position(|done| !done)?;
+                    let timeout = ClientError::Timeout { endpoint: endpoint.to_string(), after: deadline };
+                    Some(((position, Err(timeout)), (answers, expired, answered, true)))
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 #[cfg(test)]
@@ -213,6 +244,7 @@ mod tests {
             request: v1::ForwardRequest { request_id: id, ..Default::default() },
             pieces: Vec::new(),
             token_major: None,
+            stream: 0,
         }
     }
 

@@ -4,12 +4,13 @@
 //! (tonic, several HTTP/2 connections per worker taken in turn, socket bytes counted). The reference layer plugs an
 //! in-process transport into the same client, and tests plug scripted ones.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::{BoxStream, FuturesUnordered, StreamExt};
 use switchyard_common::clock::unix_nanos;
 use switchyard_common::transport::WireCounters;
 use switchyard_proto::v1;
@@ -28,6 +29,9 @@ pub struct Answer {
     pub timing: RpcTiming,
 }
 
+/// The answers of [`ExpertTransport::forward_chunks`]: each with its request's position.
+pub type ChunkAnswers = BoxStream<'static, (usize, Result<Answer, ClientError>)>;
+
 /// Metadata key carrying the client's request id across the hop, for the worker's spans.
 pub const REQUEST_ID_METADATA: &str = "x-request-id";
 
@@ -41,6 +45,23 @@ pub trait ExpertTransport: Send + Sync + fmt::Debug {
         request: v1::ForwardRequest,
         deadline: Duration,
     ) -> BoxFuture<'static, Result<Answer, ClientError>>;
+
+    /// Sends `requests` to `endpoint` as the chunks of one stream, in order (their `sequence`s
+    /// numbering them); each answer comes with its request's position in `requests`, as it
+    /// arrives. By default each goes on its own.
+    fn forward_chunks(
+        &self,
+        endpoint: &Endpoint,
+        requests: Vec<v1::ForwardRequest>,
+        deadline: Duration,
+    ) -> ChunkAnswers {
+        requests
+            .into_iter()
+            .enumerate()
+            .map(|(position, request)| self.forward(endpoint, request, deadline).map(move |answer| (position, answer)))
+            .collect::<FuturesUnordered<_>>()
+            .boxed()
+    }
 
     /// Bytes each worker's connections wrote and read on their sockets so far: `(endpoint, sent,
     /// received)`.
@@ -107,6 +128,77 @@ impl GrpcTransport {
     }
 }
 
+/// A gRPC request carrying `message`, with its deadline and the call's request id as metadata.
+fn grpc_request<T>(message: T, request_id: u64, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    if let Ok(value) = request_id.to_string().parse() {
+        request.metadata_mut().insert(REQUEST_ID_METADATA, value);
+    }
+    request
+}
+
+/// When a stream of chunks was sent.
+#[derive(Debug, Clone, Copy)]
+struct StreamSent {
+    sent_unix_nanos: u64,
+    started: Instant,
+}
+
+/// A stream of chunks in flight: its answers, and the chunks still unanswered.
+struct StreamAnswers {
+    endpoint: Endpoint,
+    answers: tonic::Streaming<v1::ForwardResponse>,
+    pending: BTreeSet<usize>,
+    sent: StreamSent,
+}
+
+impl StreamAnswers {
+    /// Each chunk's answer (or the worker's refusal of it) with its position, as they arrive; a
+    /// failure of the stream itself is the first pending chunk's, and ends it.
+    fn into_stream(self) -> ChunkAnswers {
+        futures::stream::unfold(self, |mut state| async move {
+            let first_pending = *state.pending.first()?;
+            let broken = |error| (first_pending, Err(error));
+            let (position, answer) = match state.answers.message().await {
+                Ok(Some(response)) => state.answer(response),
+                Ok(None) => broken(ClientError::BadResponse {
+                    endpoint: state.endpoint.to_string(),
+                    reason: format!("the stream ended before answering chunk {first_pending}"),
+                }),
+                Err(status) => broken(ClientError::from_status(&state.endpoint, &status)),
+            };
+            // A chunk's own answer took it off `pending`; a failure charged to a chunk still
+            // pending is the stream's, and nothing more will come.
+            if state.pending.contains(&position) {
+                state.pending.clear();
+            }
+            Some(((position, answer), state))
+        })
+        .boxed()
+    }
+
+    fn answer(&mut self, response: v1::ForwardResponse) -> (usize, Result<Answer, ClientError>) {
+        let position = response.sequence as usize;
+        if !self.pending.remove(&position) {
+            let reason = format!("an answer to chunk {position}, which was not pending");
+            let first = self.pending.first().copied().unwrap_or(position);
+            return (first, Err(ClientError::BadResponse { endpoint: self.endpoint.to_string(), reason }));
+        }
+        if let Some(error) = &response.error {
+            let code = tonic::Code::from_i32(error.code);
+            let status = tonic::Status::with_details(code, error.message.clone(), error.details.clone().into());
+            return (position, Err(ClientError::from_status(&self.endpoint, &status)));
+        }
+        let timing = RpcTiming {
+            elapsed: self.sent.started.elapsed(),
+            sent_unix_nanos: self.sent.sent_unix_nanos,
+            answered_unix_nanos: unix_nanos(),
+        };
+        (position, Ok(Answer { response, timing }))
+    }
+}
+
 impl ExpertTransport for GrpcTransport {
     fn forward(
         &self,
@@ -119,11 +211,7 @@ impl ExpertTransport for GrpcTransport {
         Box::pin(async move {
             let mut client = connection?;
             let request_id = request.request_id;
-            let mut request = tonic::Request::new(request);
-            request.set_timeout(deadline);
-            if let Ok(value) = request_id.to_string().parse() {
-                request.metadata_mut().insert(REQUEST_ID_METADATA, value);
-            }
+            let request = grpc_request(request, request_id, deadline);
             let sent_unix_nanos = unix_nanos();
             let started = Instant::now();
             // The rows go to the socket as the `Bytes` they are: tonic's generated client would copy
@@ -141,6 +229,46 @@ impl ExpertTransport for GrpcTransport {
                 Err(status) => Err(ClientError::from_status(&endpoint, &status)),
             }
         })
+    }
+
+    fn forward_chunks(
+        &self,
+        endpoint: &Endpoint,
+        requests: Vec<v1::ForwardRequest>,
+        deadline: Duration,
+    ) -> ChunkAnswers {
+        if requests.len() < 2 {
+            return requests
+                .into_iter()
+                .map(|request| self.forward(endpoint, request, deadline).map(|answer| (0, answer)))
+                .collect::<FuturesUnordered<_>>()
+                .boxed();
+        }
+        let connection = self.connection(endpoint);
+        let endpoint = endpoint.clone();
+        let opened = async move {
+            let mut client = connection?;
+            let request_id = requests.first().map_or(0, |request| request.request_id);
+            let chunks = requests.len();
+            let request = grpc_request(requests, request_id, deadline);
+            let (sent_unix_nanos, started) = (unix_nanos(), Instant::now());
+            let answers = switchyard_proto::zero_copy::streaming(
+                &mut client,
+                switchyard_proto::FORWARD_STREAM_PATH,
+                request,
+                switchyard_common::transport::MAX_MESSAGE_BYTES,
+            )
+            .await
+            .map_err(|status| ClientError::from_status(&endpoint, &status))?;
+            let sent = StreamSent { sent_unix_nanos, started };
+            Ok::<_, ClientError>(StreamAnswers { endpoint, answers, pending: (0..chunks).collect(), sent })
+        };
+        futures::stream::once(opened)
+            .flat_map(|opened| match opened {
+                Ok(answers) => answers.into_stream(),
+                Err(error) => futures::stream::iter([(0, Err(error))]).boxed(),
+            })
+            .boxed()
     }
 
     fn wire_bytes(&self) -> Vec<(Endpoint, u64, u64)> {

@@ -53,6 +53,8 @@ pub struct BenchSettings {
     pub capacity_factor: f32,
     pub dispatch: DispatchLayout,
     pub connections_per_worker: usize,
+    /// Whether large payloads go as streams of chunks ([`ClientOptions::chunked_dispatch`]).
+    pub chunked_dispatch: bool,
     /// Model fields the sweep does not vary (activation, seed).
     pub model: ModelSpec,
     /// Repeats of each wire baseline.
@@ -300,6 +302,7 @@ struct ShapeCluster {
     model: ModelSpec,
     dispatch: DispatchLayout,
     connections_per_worker: usize,
+    chunked_dispatch: bool,
 }
 
 impl ShapeCluster {
@@ -338,6 +341,7 @@ impl ShapeCluster {
                 model,
                 dispatch: settings.dispatch,
                 connections_per_worker: settings.connections_per_worker,
+                chunked_dispatch: settings.chunked_dispatch,
             }),
             Err(error) => {
                 cluster.stop(Duration::from_secs(2)).await;
@@ -351,6 +355,7 @@ impl ShapeCluster {
             wire_dtype,
             dispatch: self.dispatch,
             connections_per_worker: self.connections_per_worker,
+            chunked_dispatch: self.chunked_dispatch,
             ..ClientOptions::default()
         };
         Arc::new(MoeClient::new(self.watcher.receiver(), options))
@@ -610,6 +615,7 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "capacity_factor": settings.capacity_factor,
         "dispatch": format!("{:?}", settings.dispatch),
         "connections_per_worker": settings.connections_per_worker,
+        "chunked_dispatch": settings.chunked_dispatch,
         "activation": format!("{:?}", settings.model.activation),
         "grid": plan.grid,
         "preset_workers": plan.preset_workers,

@@ -39,6 +39,11 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_CONNECTIONS_PER_WORKER", default_value_t = default_connections(), value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub connections_per_worker: usize,
 
+    /// Send a large payload to one worker as a stream of ~4 MiB chunks the worker computes on as
+    /// they arrive (default: each connection's share as one request, faster where cores are few)
+    #[arg(long, env = "SWITCHYARD_BENCH_CHUNKED_DISPATCH", default_value_t = false, action = clap::ArgAction::Set)]
+    pub chunked_dispatch: bool,
+
     /// Expert workers per cluster.
     #[arg(long, env = "SWITCHYARD_BENCH_WORKERS", value_delimiter = ',', default_value = "2,1,3")]
     pub workers: Vec<usize>,
@@ -195,6 +200,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         capacity_factor: args.capacity_factor,
         dispatch: args.dispatch.into(),
         connections_per_worker: args.connections_per_worker,
+        chunked_dispatch: args.chunked_dispatch,
         model: ModelSpec { activation: args.activation.into(), ..ModelSpec::default_synthetic() },
         baseline_repeats: args.baseline_repeats,
         coordinator_bin: dir.join("switchyard-coordinator"),

@@ -86,6 +86,10 @@ pub struct LoadArgs {
     /// least 4 MiB (default: one per core, up to 8).
     #[arg(long, env = "SWITCHYARD_CONNECTIONS_PER_WORKER", default_value_t = default_connections(), value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub connections_per_worker: usize,
+    /// Send a large payload to one worker as a stream of ~4 MiB chunks the worker computes on as
+    /// they arrive (default: each connection's share as one request, faster where cores are few).
+    #[arg(long, env = "SWITCHYARD_CHUNKED_DISPATCH", default_value_t = false, action = clap::ArgAction::Set)]
+    pub chunked_dispatch: bool,
     /// What a full expert queue means when no other worker holds the expert: fail the call, or
     /// let the refused assignments overflow (those tokens keep their residual path, as past an
     /// expert's capacity; counted in the report).

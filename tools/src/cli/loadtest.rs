@@ -121,6 +121,7 @@ pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<
         wire_dtype: load.wire_dtype.into(),
         dispatch: load.dispatch.into(),
         connections_per_worker: load.connections_per_worker,
+        chunked_dispatch: load.chunked_dispatch,
         refusal: load.on_refusal.into(),
         attempt_timeout: load.attempt_timeout,
         routing,
