@@ -45,6 +45,7 @@ pub async fn run(
         default_queue_limit_tokens: args.queue_limit_tokens,
         identity_experts: args.identity_experts,
         dtype: args.dtype,
+        memory_bytes: Some(args.offered_memory_bytes()),
     };
     let worker = ExpertWorker::start(options, metrics.clone())?;
     let endpoint = args.advertised_endpoint(grpc_addr);

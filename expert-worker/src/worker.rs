@@ -35,6 +35,9 @@ pub struct WorkerOptions {
     /// The dtype experts are resident in and compute in; `None`: [`ModelSpec::resident_dtype`]'s
     /// default (the checkpoint's own; for synthetic weights bf16 on CUDA, f32 on CPU).
     pub dtype: Option<WeightDtype>,
+    /// The most bytes of weights this worker holds; a load past it is refused before anything is
+    /// allocated. `None`: no bound (tests, the in-process reference).
+    pub memory_bytes: Option<u64>,
 }
 
 /// Builds `keys` of `spec` on `device`: from its checkpoint (reading only these experts' tensors)
@@ -214,6 +217,29 @@ impl ExpertWorker {
     /// Makes `experts` of `spec` resident (building missing ones off the async runtime) and opens
     /// their queues with `limits` (or the worker's default). Already resident experts of the same
     /// spec only get their limit updated.
+    /// Refuses to build `keys` of `spec` when their weights would not fit in what this worker
+    /// offers beside what it holds: one request must not make it allocate without bound.
+    fn check_memory(&self, spec: &ModelSpec, keys: &[ExpertId]) -> Result<(), WorkerError> {
+        let (Some(offered), false) = (self.options.memory_bytes, self.options.identity_experts) else {
+            return Ok(());
+        };
+        let dtype = spec.resident_dtype(self.options.dtype, self.options.device.is_cuda());
+        let needed: u64 = keys.iter().map(|key| spec.expert_bytes_of(key.expert, dtype)).sum();
+        let held = self.resident_bytes();
+        if held.saturating_add(needed) <= offered {
+            return Ok(());
+        }
+        Err(WorkerError::invalid(
+            "experts",
+            format!(
+                "{} experts of d_model {} and d_ff {} need {needed} bytes in {dtype}; this worker offers {offered} and holds {held}",
+                keys.len(),
+                spec.d_model,
+                spec.d_ff,
+            ),
+        ))
+    }
+
     pub async fn load_experts(
         &self,
         spec: ModelSpec,
@@ -239,6 +265,7 @@ impl ExpertWorker {
             let resident = self.resident();
             experts.iter().filter(|key| resident.get(key).is_none_or(|built| built.spec != spec)).copied().collect()
         };
+        self.check_memory(&spec, &to_build)?;
         let device = self.options.device;
         let build_spec = spec.clone();
         let (dtype, identity) = (self.options.dtype, self.options.identity_experts);

@@ -49,6 +49,7 @@ async fn resident_bytes_of(spec: &ModelSpec, dtype: Option<WeightDtype>) -> u64 
         default_queue_limit_tokens: 1024,
         identity_experts: false,
         dtype,
+        memory_bytes: None,
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     let every_expert: Vec<ExpertId> = spec

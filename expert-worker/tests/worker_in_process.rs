@@ -46,6 +46,7 @@ async fn started_with(batch_wait: Duration, limit: usize, identity_experts: bool
         default_queue_limit_tokens: limit,
         identity_experts,
         dtype: None,
+        memory_bytes: None,
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     worker
@@ -199,11 +200,19 @@ async fn queue_limit_refuses_and_unloading_closes_the_queue() {
 
 /// Starts the real gRPC server on 127.0.0.1:0 with experts loaded through its own RPC.
 async fn grpc_worker(limit: u32) -> (ExpertWorkerClient<tonic::transport::Channel>, tokio::sync::oneshot::Sender<()>) {
+    grpc_worker_with(limit, &[]).await
+}
+
+async fn grpc_worker_with(
+    limit: u32,
+    flags: &[&str],
+) -> (ExpertWorkerClient<tonic::transport::Channel>, tokio::sync::oneshot::Sender<()>) {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = grpc.local_addr().expect("address");
-    let args = <Args as clap::Parser>::try_parse_from(["switchyard-worker", "--device", "cpu", "--batch-wait-us", "0"])
-        .expect("args");
+    let command =
+        ["switchyard-worker", "--device", "cpu", "--batch-wait-us", "0"].into_iter().chain(flags.iter().copied());
+    let args = <Args as clap::Parser>::try_parse_from(command).expect("args");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(switchyard_expert_worker::run(grpc, metrics, args, async {
         let _ = stopped.await;
@@ -292,6 +301,32 @@ async fn the_stream_answers_every_request_and_survives_a_failing_one() {
     assert_eq!(seen, [1, 2, 3, 4]);
 }
 
+/// One `LoadExperts` cannot make a worker allocate without bound (a spec of d_model = d_ff = 2^20
+/// used to abort it asking for terabytes): sizes past the model limits fail validation, sizes
+/// within them but past the worker's memory are refused before anything is built, and the worker
+/// keeps serving.
+#[tokio::test]
+async fn oversized_models_are_refused_before_anything_is_allocated() {
+    let (mut client, _stop) = grpc_worker_with(8, &["--memory-bytes", "1073741824"]).await;
+    let load = |spec: ModelSpec| v1::LoadExpertsRequest {
+        model: Some(spec.to_proto()),
+        experts: vec![v1::ExpertKey::new(0, 0)],
+        queue_limit_tokens: 8,
+        shared_queue_limit_tokens: 0,
+    };
+    let huge = ModelSpec { d_model: 1 << 20, d_ff: 1 << 20, ..tiny_model() };
+    let status = client.load_experts(load(huge)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("model.d_model (1048576) is above the largest served"), "{}", status.message());
+    // 3 x 2^16 x 2^18 f32 weights: 192 GiB, within the limits, far past the 1 GiB offered.
+    let within_limits = ModelSpec { d_model: 1 << 16, d_ff: 1 << 18, ..tiny_model() };
+    let status = client.load_experts(load(within_limits)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("this worker offers 1073741824"), "{}", status.message());
+    let stats = client.get_stats(v1::GetStatsRequest {}).await.expect("still serving").into_inner();
+    assert_eq!(stats.resident_bytes, (4 * 16 * 32 * 3 * 4) as u64, "only the tiny model's 4 experts are held");
+}
+
 #[tokio::test]
 async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
     use switchyard_expert_worker::metrics::{WorkerMetrics, registry_with};
@@ -310,6 +345,7 @@ async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
         default_queue_limit_tokens: 6,
         identity_experts: false,
         dtype: None,
+        memory_bytes: None,
     };
     let worker = ExpertWorker::start(options, metrics.clone()).expect("compute thread");
     worker

@@ -64,6 +64,16 @@ pub struct TensorFiles {
     headers: Mutex<HashMap<PathBuf, Arc<Header>>>,
 }
 
+/// `file` if it names a file in the checkpoint's own directory: one plain component, no `..`, no
+/// absolute path (an index may otherwise point the reader at any file on the machine).
+fn shard_name(file: &str) -> Option<&str> {
+    let mut components = Path::new(file).components();
+    match (components.next(), components.next()) {
+        (Some(std::path::Component::Normal(_)), None) => Some(file),
+        _ => None,
+    }
+}
+
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
 /// Refuse absurd header lengths before allocating them.
@@ -73,11 +83,19 @@ impl TensorFiles {
     pub fn open(dir: &Path) -> Result<Self, TensorFileError> {
         let index_path = dir.join(INDEX_FILE);
         let weight_map = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|source| TensorFileError::Io { file: index_path.clone(), source })?;
-            let index: Index = serde_json::from_str(&text)
-                .map_err(|error| TensorFileError::Header { file: index_path.clone(), reason: error.to_string() })?;
-            index.weight_map.into_iter().map(|(tensor, file)| (tensor, dir.join(file))).collect()
+            let io = |source| TensorFileError::Io { file: index_path.clone(), source };
+            let mut text = String::new();
+            open_regular(&index_path).and_then(|mut file| file.read_to_string(&mut text)).map_err(io)?;
+            let malformed = |reason: String| TensorFileError::Header { file: index_path.clone(), reason };
+            let index: Index = serde_json::from_str(&text).map_err(|error| malformed(error.to_string()))?;
+            index
+                .weight_map
+                .into_iter()
+                .map(|(tensor, file)| match shard_name(&file) {
+                    Some(name) => Ok((tensor, dir.join(name))),
+                    None => Err(malformed(format!("{tensor}: shard {file:?} is not a file name in this directory"))),
+                })
+                .collect::<Result<_, _>>()?
         } else {
             HashMap::new()
         };
@@ -254,17 +272,47 @@ impl TensorFiles {
         let start = header.data_start + begin + first as u64 * element_size;
         let mut bytes = vec![0u8; count * element_size as usize];
         let io = |source| TensorFileError::Io { file: file.clone(), source };
-        let mut handle = File::open(&file).map_err(io)?;
+        let mut handle = open_regular(&file).map_err(io)?;
         handle.seek(SeekFrom::Start(start)).map_err(io)?;
         handle.read_exact(&mut bytes).map_err(io)?;
         Ok((dtype, bytes))
     }
 }
 
+/// Opens `path` for reading if it is a regular file: a FIFO or a device named as a checkpoint file
+/// would block the reader (and with it a worker's load or the coordinator's start) forever.
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    let metadata = std::fs::metadata(path)?;
+    if !metadata.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    File::open(path)
+}
+
+/// Checks that no two tensors' byte ranges overlap (and that each range ascends): one file's
+/// weights read twice under two names would be a malformed, or hostile, checkpoint.
+fn check_ranges(tensors: &HashMap<String, TensorEntry>) -> Result<(), String> {
+    let mut ranges: Vec<(&str, u64, u64)> =
+        tensors.iter().map(|(name, entry)| (name.as_str(), entry.data_offsets[0], entry.data_offsets[1])).collect();
+    ranges.sort_unstable_by_key(|(_, begin, end)| (*begin, *end));
+    for (name, begin, end) in &ranges {
+        if begin > end {
+            return Err(format!("{name}: data_offsets {begin}..{end} run backwards"));
+        }
+    }
+    for pair in ranges.windows(2) {
+        let ((first, _, first_end), (second, second_begin, _)) = (pair[0], pair[1]);
+        if second_begin < first_end {
+            return Err(format!("{second} (from byte {second_begin}) overlaps {first} (to byte {first_end})"));
+        }
+    }
+    Ok(())
+}
+
 fn read_header(file: &Path) -> Result<Header, TensorFileError> {
     let io = |source| TensorFileError::Io { file: file.to_path_buf(), source };
     let malformed = |reason: String| TensorFileError::Header { file: file.to_path_buf(), reason };
-    let mut handle = File::open(file).map_err(io)?;
+    let mut handle = open_regular(file).map_err(io)?;
     let file_size = handle.metadata().map_err(io)?.len();
     let mut length = [0u8; 8];
     handle.read_exact(&mut length).map_err(|_| malformed(format!("{file_size} bytes is too short for a header")))?;
@@ -285,6 +333,7 @@ fn read_header(file: &Path) -> Result<Header, TensorFileError> {
                 .map_err(|error| malformed(format!("{name}: {error}")))
         })
         .collect::<Result<_, _>>()?;
+    check_ranges(&tensors).map_err(malformed)?;
     Ok(Header { tensors, data_start: 8 + length, file_size })
 }
 
@@ -372,5 +421,63 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         let error = TensorFiles::open(dir.path()).unwrap().read_f32("q", &[2]).unwrap_err().to_string();
         assert!(error.contains("has dtype I8"), "{error}");
+    }
+
+    /// A raw file of `header` and `data` bytes.
+    fn raw_file(path: &Path, header: &str, data: &[u8]) {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// Hostile headers are errors that name the file, never reads of the wrong bytes or panics:
+    /// offsets near 2^64 (which used to wrap and read the header as weights), a shape whose element
+    /// count wraps, overlapping tensors, ranges that run backwards.
+    #[test]
+    fn hostile_offsets_and_shapes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SINGLE_FILE);
+        let read = |tensor: &str, shape: &[usize]| TensorFiles::open_file(&path).read_f32(tensor, shape);
+        let near_max = u64::MAX - 4;
+        raw_file(
+            &path,
+            &format!(r#"{{"w":{{"dtype":"F32","shape":[1],"data_offsets":[{near_max},{}]}}}}"#, u64::MAX),
+            &[0; 4],
+        );
+        let error = read("w", &[1]).unwrap_err().to_string();
+        assert!(error.contains("truncated"), "{error}");
+
+        let huge = 1u64 << 31;
+        raw_file(&path, &format!(r#"{{"w":{{"dtype":"F32","shape":[{huge},{huge}],"data_offsets":[0,0]}}}}"#), &[]);
+        let error = read("w", &[huge as usize, huge as usize]).unwrap_err().to_string();
+        assert!(error.contains("do not hold"), "{error}");
+
+        let overlapping = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        raw_file(&path, overlapping, &[0; 12]);
+        let error = read("a", &[2]).unwrap_err().to_string();
+        assert!(error.contains("b (from byte 4) overlaps a (to byte 8)"), "{error}");
+
+        raw_file(&path, r#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[8,4]}}"#, &[0; 8]);
+        assert!(read("a", &[0]).unwrap_err().to_string().contains("run backwards"));
+    }
+
+    /// An index may name only files of its own directory, and only regular files are read: a
+    /// FIFO would block the reader forever.
+    #[test]
+    fn an_index_cannot_leave_its_directory_and_fifos_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        for shard in ["../other/model.safetensors", "/etc/passwd", "a/../../b"] {
+            let index = format!(r#"{{"weight_map": {{"x": "{shard}"}}}}"#);
+            std::fs::write(dir.path().join(INDEX_FILE), index).unwrap();
+            let error = TensorFiles::open(dir.path()).unwrap_err().to_string();
+            assert!(error.contains("is not a file name in this directory"), "{shard}: {error}");
+        }
+        std::fs::remove_file(dir.path().join(INDEX_FILE)).unwrap();
+        let fifo = dir.path().join(SINGLE_FILE);
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        assert!(made.success());
+        let error = TensorFiles::open(dir.path()).unwrap().read_f32("x", &[1]).unwrap_err().to_string();
+        assert!(error.contains("not a regular file"), "{error}");
     }
 }

@@ -116,6 +116,23 @@ pub enum SpecError {
     Activation(i32),
     #[error("model.{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("model.{field} ({value}) is above the largest served, {max}")]
+    TooLarge { field: &'static str, value: f64, max: f64 },
+}
+
+/// The largest sizes a served model may have: well above every published MoE (DeepSeek-V3:
+/// d_model 7168, 256 routed experts and 61 layers; Mixtral: d_ff 14336; Qwen3: 128 experts), and
+/// small enough that no product of them overflows. A spec comes from the network (`LoadExperts`)
+/// and from files: without bounds one message asked a worker for terabytes and aborted it.
+pub mod limits {
+    pub const D_MODEL: u32 = 1 << 16;
+    pub const D_FF: u32 = 1 << 18;
+    pub const EXPERTS_PER_LAYER: u32 = 1 << 12;
+    pub const SHARED_EXPERTS: u32 = 64;
+    /// The highest layer index (and so the most MoE layers).
+    pub const LAYER_INDEX: u32 = 1 << 10;
+    pub const CAPACITY_FACTOR: f32 = 1024.0;
+    pub const EXPERT_CAPACITY: u32 = 1 << 24;
 }
 
 impl ModelSpec {
@@ -286,8 +303,8 @@ impl ModelSpec {
         }
     }
 
-    /// The spec, if every size is positive, top-k fits the experts, the router's groups divide them
-    /// and the MoE layers ascend.
+    /// The spec, if every size is positive and within [`limits`], top-k fits the experts, the
+    /// router's groups divide them and the MoE layers ascend.
     pub fn validate(self) -> Result<Self, SpecError> {
         let sizes = [
             ("layers", self.layer_count()),
@@ -300,6 +317,30 @@ impl ModelSpec {
             if value == 0 {
                 return Err(SpecError::NotPositive { field, value: 0.0 });
             }
+        }
+        let bounds = [
+            ("experts_per_layer", self.experts_per_layer, limits::EXPERTS_PER_LAYER),
+            ("d_model", self.d_model, limits::D_MODEL),
+            ("d_ff", self.d_ff, limits::D_FF),
+            ("shared_experts", self.shared_experts, limits::SHARED_EXPERTS),
+            ("shared_d_ff", self.shared_d_ff, limits::D_FF),
+            ("moe_layers", self.moe_layers.iter().copied().max().unwrap_or(0), limits::LAYER_INDEX),
+        ];
+        for (field, value, max) in bounds {
+            if value > max {
+                return Err(SpecError::TooLarge { field, value: f64::from(value), max: f64::from(max) });
+            }
+        }
+        match self.capacity {
+            CapacityPolicy::Factor(factor) if factor > limits::CAPACITY_FACTOR => {
+                let (value, max) = (f64::from(factor), f64::from(limits::CAPACITY_FACTOR));
+                return Err(SpecError::TooLarge { field: "capacity_factor", value, max });
+            }
+            CapacityPolicy::PerSequence(capacity) if capacity > limits::EXPERT_CAPACITY => {
+                let (value, max) = (f64::from(capacity), f64::from(limits::EXPERT_CAPACITY));
+                return Err(SpecError::TooLarge { field: "expert_capacity", value, max });
+            }
+            _ => {}
         }
         if self.moe_layers.windows(2).any(|pair| pair[0] >= pair[1]) {
             let reason = format!("{} must ascend without repeats", self.describe_layers());
@@ -523,6 +564,30 @@ mod tests {
         let layers: Vec<u32> = spec.expert_keys().map(|key| key.layer).step_by(9).collect();
         assert_eq!(layers, [1, 2, 5]);
         assert_eq!(ModelSpec::default_synthetic().with_layers(3).moe_layers, [0, 1, 2]);
+    }
+
+    #[test]
+    fn sizes_past_the_limits_are_refused_naming_the_field() {
+        let base = ModelSpec::default_synthetic;
+        let cases = [
+            (ModelSpec { d_model: 1 << 20, d_ff: 1 << 20, ..base() }, "model.d_model (1048576)"),
+            (ModelSpec { d_ff: u32::MAX, ..base() }, "model.d_ff (4294967295)"),
+            (ModelSpec { experts_per_layer: 1_000_000_000, ..base() }, "model.experts_per_layer (1000000000)"),
+            (ModelSpec { moe_layers: vec![0, u32::MAX], ..base() }, "model.moe_layers (4294967295)"),
+            (ModelSpec { capacity: CapacityPolicy::Factor(1e9), ..base() }, "model.capacity_factor (1000000000)"),
+            (ModelSpec { shared_experts: 1000, shared_d_ff: 64, ..base() }, "model.shared_experts (1000)"),
+        ];
+        for (spec, message) in cases {
+            let error = spec.validate().unwrap_err();
+            assert!(matches!(error, SpecError::TooLarge { .. }), "{error}");
+            assert!(error.to_string().starts_with(message), "{error}");
+        }
+        let infinite = ModelSpec { capacity: CapacityPolicy::Factor(f32::INFINITY), ..base() }.validate();
+        assert!(matches!(infinite, Err(SpecError::TooLarge { field: "capacity_factor", .. })));
+        let nan = ModelSpec { capacity: CapacityPolicy::Factor(f32::NAN), ..base() }.validate();
+        assert!(matches!(nan, Err(SpecError::NotPositive { field: "capacity_factor", .. })));
+        let largest = ModelSpec { d_model: limits::D_MODEL, d_ff: limits::D_FF, ..base() };
+        assert!(largest.validate().is_ok(), "the limits themselves are served");
     }
 
     #[test]

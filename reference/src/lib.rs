@@ -94,6 +94,7 @@ impl ReferenceLayer {
             default_queue_limit_tokens: usize::MAX,
             identity_experts: config.identity_experts,
             dtype: config.dtype,
+            memory_bytes: None,
         };
         let worker = ExpertWorker::start(options, WorkerMetrics::new())?;
         let per_layer = model.experts_per_layer + model.shared_experts;

@@ -87,7 +87,10 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
         let file = dir.join("config.json");
         let config_error = |reason: String| CheckpointError::Config { file: file.clone(), reason };
-        let text = std::fs::read_to_string(&file).map_err(|error| config_error(error.to_string()))?;
+        let mut text = String::new();
+        crate::safetensors::open_regular(&file)
+            .and_then(|mut opened| std::io::Read::read_to_string(&mut opened, &mut text))
+            .map_err(|error| config_error(error.to_string()))?;
         let config = config::HfConfig::parse(&text).map_err(config_error)?;
         let family = config.family().map_err(config_error)?;
         let mxfp4_experts = config.mxfp4_experts(family).map_err(config_error)?;

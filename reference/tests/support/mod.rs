@@ -23,6 +23,7 @@ pub async fn cpu_worker(
         default_queue_limit_tokens: limit,
         identity_experts: false,
         dtype: None,
+        memory_bytes: None,
     };
     let worker = ExpertWorker::start(options, WorkerMetrics::new()).expect("compute thread");
     worker.load_experts(model, experts, QueueLimits::default()).await.expect("load");
