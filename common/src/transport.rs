@@ -4,6 +4,7 @@
 //! multi-megabyte tensor batches and refuse large ones outright: measured on this project's machine,
 //! a 4 MiB echo took ~6 ms at default windows and ~2.7 ms with the windows below.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,22 +51,121 @@ pub fn channel(uri: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_lazy())
 }
 
-/// The connections accepted on `listener`, each with `TCP_NODELAY` set.
+/// What one listener admits: connections held at once, and how long a new one may stay silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections past this many are closed as they are accepted, so that idle or hostile
+    /// sockets cannot use up the process's file descriptors and lock every client out.
+    pub max_connections: usize,
+    /// A connection that sends nothing (not even HTTP/2's preface) for this long is closed:
+    /// hyper alone waits on it forever.
+    pub first_bytes_within: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self { max_connections: 512, first_bytes_within: Duration::from_secs(10) }
+    }
+}
+
+/// The connections accepted on `listener` within [`ConnectionLimits::default`], each with
+/// `TCP_NODELAY` set.
 ///
 /// `Server::tcp_nodelay` only applies to listeners tonic binds itself; servers here are handed
 /// pre-bound listeners (port 0, tests, `switchyard local`), and without this every small answer
 /// waits for Nagle's algorithm and the peer's delayed ACK: ~40 ms per call.
 pub fn incoming(
     listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+) -> impl tokio_stream::Stream<Item = std::io::Result<GuardedConnection>> {
+    incoming_with(listener, ConnectionLimits::default())
+}
+
+/// [`incoming`] within `limits`.
+pub fn incoming_with(
+    listener: tokio::net::TcpListener,
+    limits: ConnectionLimits,
+) -> impl tokio_stream::Stream<Item = std::io::Result<GuardedConnection>> {
     use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
-        accepted.inspect(|stream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::warn!(%error, "could not set TCP_NODELAY");
-            }
-        })
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(move |accepted| {
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(error) => return Some(Err(error)),
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = ?stream.peer_addr().ok(), limit = limits.max_connections, "connection refused: too many open");
+            return None;
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::warn!(%error, "could not set TCP_NODELAY");
+        }
+        let silence = Box::pin(tokio::time::sleep(limits.first_bytes_within));
+        Some(Ok(GuardedConnection { inner: stream, _slot: slot, silence: Some(silence) }))
     })
+}
+
+/// An accepted connection holding its slot under [`ConnectionLimits::max_connections`], and closed
+/// if its first bytes do not come in time.
+#[derive(Debug)]
+pub struct GuardedConnection {
+    inner: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Until the first bytes are read.
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tonic::transport::server::Connected for GuardedConnection {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for GuardedConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if polled.is_ready() && buf.filled().len() > before {
+            self.silence = None;
+        } else if let (Poll::Pending, Some(silence)) = (&polled, self.silence.as_mut())
+            && silence.as_mut().poll(cx).is_ready()
+        {
+            let error = std::io::Error::new(std::io::ErrorKind::TimedOut, "no bytes from a new connection in time");
+            return Poll::Ready(Err(error));
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for GuardedConnection {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buffers: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, buffers)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Bytes a client's connections wrote and read on their TCP sockets: the tensors after protobuf,

@@ -201,6 +201,11 @@ impl<C: WorkerControl> Cluster<C> {
         if registration.endpoint.is_empty() {
             return Err(CoordinatorError::InvalidArgument { field: "endpoint", reason: "must not be empty".into() });
         }
+        for (field, text) in
+            [("name", &registration.name), ("endpoint", &registration.endpoint), ("device", &registration.device)]
+        {
+            check_label(field, text)?;
+        }
         if registration.memory_bytes == 0 {
             return Err(CoordinatorError::InvalidArgument { field: "memory_bytes", reason: "must be positive".into() });
         }
@@ -763,6 +768,22 @@ fn routable(state: &State) -> Placement {
     published
 }
 
+/// Longest name, endpoint or device a worker may register with.
+const MAX_LABEL_CHARS: usize = 256;
+
+/// A worker's self-description goes into logs, status and metrics labels: a newline or an escape
+/// sequence in it could forge log lines or repaint a terminal.
+fn check_label(field: &'static str, text: &str) -> Result<(), CoordinatorError> {
+    let invalid = |reason: String| Err(CoordinatorError::InvalidArgument { field, reason });
+    if text.chars().count() > MAX_LABEL_CHARS {
+        return invalid(format!("longer than {MAX_LABEL_CHARS} characters"));
+    }
+    if let Some(control) = text.chars().find(|c| c.is_control()) {
+        return invalid(format!("contains the control character {:?}", control));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -993,6 +1014,13 @@ mod tests {
         assert!(cluster.register(stale).unwrap_err().to_string().starts_with("protocol_version"));
         let empty = Registration { memory_bytes: 0, ..registration("a") };
         assert!(cluster.register(empty).unwrap_err().to_string().starts_with("memory_bytes"));
+        let forged = Registration { name: "w1\n2026-12-01 INFO worker removed".into(), ..registration("a") };
+        assert!(cluster.register(forged).unwrap_err().to_string().starts_with("name: contains the control character"));
+        let painted = Registration { device: "\u{1b}[31mcuda".into(), ..registration("a") };
+        assert!(cluster.register(painted).unwrap_err().to_string().starts_with("device: contains the control"));
+        let long = Registration { endpoint: format!("http://{}", "a".repeat(300)), ..registration("a") };
+        assert!(cluster.register(long).unwrap_err().to_string().starts_with("endpoint: longer than 256"));
+        assert!(cluster.status().workers.is_empty(), "none of them registered");
         let error = cluster.heartbeat(PROTOCOL_VERSION, "w404", 0, 0, &[]).unwrap_err();
         assert_eq!(error, CoordinatorError::UnknownWorker("w404".into()));
         assert_eq!(tonic::Status::from(error).code(), tonic::Code::NotFound);

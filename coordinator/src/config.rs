@@ -17,11 +17,12 @@ use crate::cluster::{Balancing, ClusterConfig};
 #[command(name = "switchyard-coordinator", version)]
 pub struct Args {
     /// Address the gRPC server binds (port 0 picks a free port; see the SWITCHYARD_READY line).
-    #[arg(long, env = "SWITCHYARD_COORDINATOR_LISTEN", default_value = "0.0.0.0:50051")]
+    /// Loopback unless an address is given: other hosts reach it only when asked (`0.0.0.0:…`).
+    #[arg(long, env = "SWITCHYARD_COORDINATOR_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
-    /// Address the Prometheus /metrics endpoint binds.
-    #[arg(long, env = "SWITCHYARD_COORDINATOR_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    /// Address the Prometheus /metrics endpoint binds (loopback unless an address is given).
+    #[arg(long, env = "SWITCHYARD_COORDINATOR_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
     pub metrics_listen: SocketAddr,
 
     #[command(flatten)]

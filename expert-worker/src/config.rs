@@ -14,11 +14,12 @@ use switchyard_model::WeightDtype;
 #[command(name = "switchyard-worker", version)]
 pub struct Args {
     /// Address the gRPC server binds (port 0 picks a free port; see the SWITCHYARD_READY line).
-    #[arg(long, env = "SWITCHYARD_WORKER_LISTEN", default_value = "0.0.0.0:50061")]
+    /// Loopback unless an address is given: other hosts reach it only when asked (`0.0.0.0:…`).
+    #[arg(long, env = "SWITCHYARD_WORKER_LISTEN", default_value = "127.0.0.1:50061")]
     pub listen: SocketAddr,
 
-    /// Address the Prometheus /metrics endpoint binds.
-    #[arg(long, env = "SWITCHYARD_WORKER_METRICS_LISTEN", default_value = "0.0.0.0:9091")]
+    /// Address the Prometheus /metrics endpoint binds (loopback unless an address is given).
+    #[arg(long, env = "SWITCHYARD_WORKER_METRICS_LISTEN", default_value = "127.0.0.1:9091")]
     pub metrics_listen: SocketAddr,
 
     /// Endpoint the coordinator and clients dial, e.g. http://worker-0.workers:50061.
