@@ -1026,6 +1026,54 @@ mod tests {
         assert_eq!(tonic::Status::from(error).code(), tonic::Code::NotFound);
     }
 
+    /// Fuzz target: any registration and heartbeat a network peer can send is taken or refused
+    /// with a named field, never a panic, and only well-formed workers are listed.
+    mod hostile_membership {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn expert_loads() -> impl Strategy<Value = Vec<(u32, u32, u64)>> {
+            prop::collection::vec((0u32..2048, 0u32..5000, any::<u64>()), 0..12)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_registration_and_heartbeat_is_taken_or_refused(
+                name in ".{0,300}",
+                endpoint in ".{0,300}",
+                device in ".{0,40}",
+                memory_bytes in any::<u64>(),
+                protocol in prop_oneof![Just(PROTOCOL_VERSION), any::<u32>()],
+                loaded in expert_loads(),
+                heartbeat_id in prop_oneof![Just(None), ".{0,24}".prop_map(Some)],
+                queued in any::<u64>(),
+            ) {
+                let cluster = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+                let registration = Registration {
+                    protocol_version: protocol,
+                    name,
+                    endpoint,
+                    device,
+                    memory_bytes,
+                    dtype: None,
+                    loaded_experts: loaded.iter().map(|(layer, expert, _)| ExpertId::new(*layer, *expert)).collect(),
+                };
+                let registered = cluster.register(registration).ok().map(|(id, _)| id);
+                let offered: Vec<(ExpertId, u64)> =
+                    loaded.iter().map(|(layer, expert, tokens)| (ExpertId::new(*layer, *expert), *tokens)).collect();
+                let id = heartbeat_id.or_else(|| registered.as_ref().map(|id| id.0.clone())).unwrap_or_default();
+                let beat = cluster.heartbeat(protocol, &id, queued, queued, &offered);
+                prop_assert!(beat.is_ok() == (registered.as_ref().is_some_and(|known| known.0 == id) && protocol == PROTOCOL_VERSION));
+                for worker in cluster.status().workers {
+                    prop_assert!(!worker.name.chars().any(char::is_control) && !worker.endpoint.is_empty());
+                }
+            }
+        }
+    }
+
     fn config_with_replicas(replicas: usize) -> ClusterConfig {
         ClusterConfig { replicas, ..config(1) }
     }

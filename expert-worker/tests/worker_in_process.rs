@@ -199,14 +199,15 @@ async fn queue_limit_refuses_and_unloading_closes_the_queue() {
 }
 
 /// Starts the real gRPC server on 127.0.0.1:0 with experts loaded through its own RPC.
-async fn grpc_worker(limit: u32) -> (ExpertWorkerClient<tonic::transport::Channel>, tokio::sync::oneshot::Sender<()>) {
-    grpc_worker_with(limit, &[]).await
+type GrpcWorker = (ExpertWorkerClient<tonic::transport::Channel>, tokio::sync::oneshot::Sender<()>);
+
+async fn grpc_worker(limit: u32) -> GrpcWorker {
+    grpc_worker_with(limit, &[]).await.0
 }
 
-async fn grpc_worker_with(
-    limit: u32,
-    flags: &[&str],
-) -> (ExpertWorkerClient<tonic::transport::Channel>, tokio::sync::oneshot::Sender<()>) {
+/// A worker's gRPC server on 127.0.0.1:0 with `flags`, its experts loaded; the client, the stop
+/// signal and the server's URI.
+async fn grpc_worker_with(limit: u32, flags: &[&str]) -> (GrpcWorker, String) {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = grpc.local_addr().expect("address");
@@ -217,7 +218,8 @@ async fn grpc_worker_with(
     tokio::spawn(switchyard_expert_worker::run(grpc, metrics, args, async {
         let _ = stopped.await;
     }));
-    let channel = switchyard_common::transport::channel(&format!("http://{address}")).expect("channel");
+    let uri = format!("http://{address}");
+    let channel = switchyard_common::transport::channel(&uri).expect("channel");
     let mut client = ExpertWorkerClient::new(channel);
     let experts = (0..4).map(|e| v1::ExpertKey::new(0, e)).collect();
     let load = v1::LoadExpertsRequest {
@@ -232,7 +234,7 @@ async fn grpc_worker_with(
         assert!(attempts < 50, "worker never answered: {status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    (client, stop)
+    ((client, stop), uri)
 }
 
 fn wire_request(expert: u32, dtype: i32, shape: Vec<u64>, data: Bytes) -> v1::ForwardRequest {
@@ -301,13 +303,68 @@ async fn the_stream_answers_every_request_and_survives_a_failing_one() {
     assert_eq!(seen, [1, 2, 3, 4]);
 }
 
+/// A client that sends a `ForwardStream` and never reads its answers stops the worker taking more
+/// of its requests once its receive window is full, instead of growing the worker by a task and an
+/// answer per request (RSS went from 115 to 3,124 MiB that way); the worker keeps serving others.
+#[tokio::test]
+async fn a_stream_whose_answers_are_never_read_stops_taking_requests() {
+    let (mut client, _stop) = grpc_worker(1 << 20).await;
+    let mut reader = client.clone();
+    // 64 rows x 16 f32: 4 KiB each way, so the client's 16 MiB stream window holds ~4,000 answers.
+    let request = wire_request(1, 1, vec![64, 16], wire::encode_f32(&rows(64, 16, 0.2), WireDtype::F32));
+    let sent = 20_000u64;
+    let requests =
+        futures::stream::iter((0..sent).map(move |id| v1::ForwardRequest { request_id: id, ..request.clone() }));
+    let _unread = client.forward_stream(requests).await.expect("stream");
+    let admitted = || async {
+        let stats = reader.clone().get_stats(v1::GetStatsRequest {}).await.expect("still serving").into_inner();
+        stats.experts.iter().map(|expert| expert.admitted_tokens).sum::<u64>() / 64
+    };
+    let mut settled = admitted().await;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = admitted().await;
+        if now == settled && now > 0 {
+            break;
+        }
+        settled = now;
+    }
+    let window_answers = (switchyard_common::transport::STREAM_WINDOW_BYTES as u64).div_ceil(4096);
+    assert!(settled > 0, "the stream was served at first");
+    assert!(settled < window_answers + 1024, "{settled} of {sent} requests taken with nobody reading");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(admitted().await, settled, "and no more after it stalled");
+    reader.get_stats(v1::GetStatsRequest {}).await.expect("other callers are served");
+}
+
+/// A `Forward` body that is not a `ForwardRequest` is the caller's fault: INVALID_ARGUMENT, not
+/// INTERNAL, and the worker keeps serving.
+#[tokio::test]
+async fn an_undecodable_forward_is_an_invalid_argument() {
+    let ((mut client, _stop), uri) = grpc_worker_with(8, &[]).await;
+    let mut channel = switchyard_common::transport::channel(&uri).expect("channel");
+    // An EchoMessage's field 1 is bytes where a ForwardRequest's is a varint: prost refuses it.
+    let garbage = v1::EchoMessage { payload: Bytes::from_static(b"not a request"), discard: false };
+    let status = switchyard_proto::zero_copy::unary::<_, v1::ForwardResponse>(
+        &mut channel,
+        switchyard_proto::FORWARD_PATH,
+        tonic::Request::new(garbage),
+        1 << 20,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("the request is not a valid message"), "{}", status.message());
+    client.get_stats(v1::GetStatsRequest {}).await.expect("still serving");
+}
+
 /// One `LoadExperts` cannot make a worker allocate without bound (a spec of d_model = d_ff = 2^20
 /// used to abort it asking for terabytes): sizes past the model limits fail validation, sizes
 /// within them but past the worker's memory are refused before anything is built, and the worker
 /// keeps serving.
 #[tokio::test]
 async fn oversized_models_are_refused_before_anything_is_allocated() {
-    let (mut client, _stop) = grpc_worker_with(8, &["--memory-bytes", "1073741824"]).await;
+    let ((mut client, _stop), _) = grpc_worker_with(8, &["--memory-bytes", "1073741824"]).await;
     let load = |spec: ModelSpec| v1::LoadExpertsRequest {
         model: Some(spec.to_proto()),
         experts: vec![v1::ExpertKey::new(0, 0)],

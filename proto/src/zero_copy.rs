@@ -240,7 +240,11 @@ where
         let (parts, body) = request.into_parts();
         let decoder = tonic_prost::ProstCodec::<(), Q>::default().decoder();
         let mut messages = Streaming::new_request(decoder, body, None, Some(max_request_bytes));
-        let message = messages.message().await?.ok_or_else(|| Status::internal("the request had no message"))?;
+        let message = messages
+            .message()
+            .await
+            .map_err(unreadable)?
+            .ok_or_else(|| Status::invalid_argument("the request had no message"))?;
         let request = tonic::Request::from_parts(
             tonic::metadata::MetadataMap::from_headers(parts.headers),
             parts.extensions,
@@ -259,6 +263,17 @@ where
             response
         }
         Err(status) => status.into_http(),
+    }
+}
+
+/// gRPC's codes for a request that cannot be read, where tonic's differ: a malformed message is the
+/// caller's INVALID_ARGUMENT (tonic: INTERNAL), one over the size limit RESOURCE_EXHAUSTED (tonic:
+/// OUT_OF_RANGE).
+fn unreadable(status: Status) -> Status {
+    match status.code() {
+        Code::Internal => Status::invalid_argument(format!("the request is not a valid message: {}", status.message())),
+        Code::OutOfRange => Status::resource_exhausted(status.message().to_owned()),
+        _ => status,
     }
 }
 
