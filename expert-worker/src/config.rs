@@ -64,6 +64,12 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_QUEUE_LIMIT_TOKENS", default_value_t = 4096)]
     pub queue_limit_tokens: usize,
 
+    /// Directory every checkpoint named by LoadExperts must lie under, symlinks followed. Without
+    /// it the worker serves synthetic models only and refuses every checkpoint path: the path
+    /// comes from the network.
+    #[arg(long, env = "SWITCHYARD_MODEL_ROOT")]
+    pub model_root: Option<std::path::PathBuf>,
+
     /// Memory offered to expert weights, in bytes; 0 reads MemAvailable from /proc/meminfo.
     #[arg(long, env = "SWITCHYARD_WORKER_MEMORY_BYTES", default_value_t = 0)]
     pub memory_bytes: u64,

@@ -46,6 +46,7 @@ pub async fn run(
         identity_experts: args.identity_experts,
         dtype: args.dtype,
         memory_bytes: Some(args.offered_memory_bytes()),
+        checkpoints: args.model_root.clone().map_or(worker::CheckpointAccess::Nowhere, worker::CheckpointAccess::Under),
     };
     let worker = ExpertWorker::start(options, metrics.clone())?;
     let endpoint = args.advertised_endpoint(grpc_addr);

@@ -38,6 +38,40 @@ pub struct WorkerOptions {
     /// The most bytes of weights this worker holds; a load past it is refused before anything is
     /// allocated. `None`: no bound (tests, the in-process reference).
     pub memory_bytes: Option<u64>,
+    /// Which checkpoint directories a load may name.
+    pub checkpoints: CheckpointAccess,
+}
+
+/// Which checkpoint directories a `LoadExperts` may make this worker read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointAccess {
+    /// Any: the caller is this process (the in-process reference, tests).
+    Anywhere,
+    /// Only directories under this one, symlinks followed (`--model-root`).
+    Under(std::path::PathBuf),
+    /// None: a served worker without `--model-root` serves synthetic models only.
+    Nowhere,
+}
+
+impl CheckpointAccess {
+    /// Refuses `dir` unless this access allows it; the message names the field and the rule, not
+    /// what is on disk.
+    fn check(&self, dir: &str) -> Result<(), WorkerError> {
+        let refuse = |reason: String| Err(WorkerError::invalid("model.checkpoint", reason));
+        match self {
+            CheckpointAccess::Anywhere => Ok(()),
+            CheckpointAccess::Nowhere => {
+                refuse("this worker reads checkpoints only under --model-root, which is not set".to_owned())
+            }
+            CheckpointAccess::Under(root) => {
+                let inside = std::fs::canonicalize(dir)
+                    .ok()
+                    .zip(std::fs::canonicalize(root).ok())
+                    .is_some_and(|(dir, root)| dir.starts_with(root));
+                if inside { Ok(()) } else { refuse(format!("{dir} is not a directory under --model-root")) }
+            }
+        }
+    }
 }
 
 /// Builds `keys` of `spec` on `device`: from its checkpoint (reading only these experts' tensors)
@@ -265,6 +299,9 @@ impl ExpertWorker {
             let resident = self.resident();
             experts.iter().filter(|key| resident.get(key).is_none_or(|built| built.spec != spec)).copied().collect()
         };
+        if let Some(dir) = &spec.checkpoint {
+            self.options.checkpoints.check(dir)?;
+        }
         self.check_memory(&spec, &to_build)?;
         let device = self.options.device;
         let build_spec = spec.clone();

@@ -65,6 +65,7 @@ async fn a_merged_batch_follows_from_every_request_it_serves() {
         identity_experts: false,
         dtype: None,
         memory_bytes: None,
+        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 2, ..ModelSpec::default_synthetic() };

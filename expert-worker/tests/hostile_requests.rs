@@ -101,6 +101,7 @@ fn served() -> Served {
         identity_experts: false,
         dtype: None,
         memory_bytes: Some(1 << 30),
+        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     let experts = (0..4).map(|expert| ExpertId::new(0, expert)).collect();

@@ -50,6 +50,7 @@ async fn resident_bytes_of(spec: &ModelSpec, dtype: Option<WeightDtype>) -> u64 
         identity_experts: false,
         dtype,
         memory_bytes: None,
+        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     let every_expert: Vec<ExpertId> = spec

@@ -47,6 +47,7 @@ async fn started_with(batch_wait: Duration, limit: usize, identity_experts: bool
         identity_experts,
         dtype: None,
         memory_bytes: None,
+        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     worker
@@ -337,6 +338,49 @@ async fn a_stream_whose_answers_are_never_read_stops_taking_requests() {
     reader.get_stats(v1::GetStatsRequest {}).await.expect("other callers are served");
 }
 
+/// A checkpoint path comes from the network: a served worker reads only under `--model-root`
+/// (symlinks followed, so a link inside pointing out is refused), and without it none at all.
+#[tokio::test]
+async fn checkpoints_are_read_only_under_the_model_root() {
+    use switchyard_expert_worker::worker::CheckpointAccess;
+    let scratch = std::env::temp_dir().join(format!("switchyard-model-root-{}", std::process::id()));
+    let (root, outside) = (scratch.join("root"), scratch.join("outside"));
+    std::fs::create_dir_all(root.join("inside")).expect("dirs");
+    std::fs::create_dir_all(&outside).expect("dirs");
+    std::os::unix::fs::symlink(&outside, root.join("escape")).expect("symlink");
+    let load = |checkpoints: CheckpointAccess, dir: std::path::PathBuf| async move {
+        let options = WorkerOptions {
+            torch_threads: 1,
+            device: tch::Device::Cpu,
+            batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: 64 },
+            default_queue_limit_tokens: 64,
+            identity_experts: false,
+            dtype: None,
+            memory_bytes: None,
+            checkpoints,
+        };
+        let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
+        let spec = ModelSpec { checkpoint: Some(dir.display().to_string()), ..tiny_model() };
+        let loaded = worker.load_experts(spec, vec![ExpertId::new(0, 0)], QueueLimits::default()).await;
+        worker.shutdown().await;
+        loaded.map(|_| ()).unwrap_err().to_string()
+    };
+    let under = || CheckpointAccess::Under(root.clone());
+    for refused in [root.join("escape"), root.join("inside/../../"), "/etc".into()] {
+        let error = load(under(), refused.clone()).await;
+        assert!(
+            error.starts_with("model.checkpoint: ") && error.ends_with("is not a directory under --model-root"),
+            "{refused:?}: {error}"
+        );
+    }
+    let error = load(CheckpointAccess::Nowhere, root.join("inside")).await;
+    assert!(error.contains("only under --model-root, which is not set"), "{error}");
+    // Inside the root the load goes ahead (and fails on the empty directory, as a load).
+    let error = load(under(), root.join("inside")).await;
+    assert!(!error.starts_with("model.checkpoint"), "{error}");
+    std::fs::remove_dir_all(&scratch).expect("clean up");
+}
+
 /// A `Forward` body that is not a `ForwardRequest` is the caller's fault: INVALID_ARGUMENT, not
 /// INTERNAL, and the worker keeps serving.
 #[tokio::test]
@@ -403,6 +447,7 @@ async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
         identity_experts: false,
         dtype: None,
         memory_bytes: None,
+        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
     };
     let worker = ExpertWorker::start(options, metrics.clone()).expect("compute thread");
     worker

@@ -95,6 +95,7 @@ impl ReferenceLayer {
             identity_experts: config.identity_experts,
             dtype: config.dtype,
             memory_bytes: None,
+            checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
         };
         let worker = ExpertWorker::start(options, WorkerMetrics::new())?;
         let per_layer = model.experts_per_layer + model.shared_experts;

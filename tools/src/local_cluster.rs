@@ -116,6 +116,10 @@ impl LocalCluster {
             "--torch-threads".to_owned(),
             self.config.torch_threads.to_string(),
         ];
+        if let Some(checkpoint) = &self.config.model.checkpoint {
+            // The workers read the served checkpoint, and nothing else a LoadExperts could name.
+            args.extend(["--model-root".to_owned(), checkpoint.clone()]);
+        }
         args.extend(self.config.worker_args.iter().cloned());
         let worker = ChildProcess::spawn(
             &format!("worker-{index}"),

@@ -24,6 +24,7 @@ pub async fn cpu_worker(
         identity_experts: false,
         dtype: None,
         memory_bytes: None,
+        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
     };
     let worker = ExpertWorker::start(options, WorkerMetrics::new()).expect("compute thread");
     worker.load_experts(model, experts, QueueLimits::default()).await.expect("load");
