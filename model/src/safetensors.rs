@@ -87,7 +87,7 @@ impl TensorFiles {
             let mut text = String::new();
             open_regular(&index_path).and_then(|mut file| file.read_to_string(&mut text)).map_err(io)?;
             let malformed = |reason: String| TensorFileError::Header { file: index_path.clone(), reason };
-            let index: Index = serde_json::from_str(&text).map_err(|error| malformed(error.to_string()))?;
+            let index: Index = serde_json::from_str(&text).map_err(|error| malformed(json_error(&error)))?;
             index
                 .weight_map
                 .into_iter()
@@ -289,6 +289,21 @@ pub fn open_regular(path: &Path) -> std::io::Result<File> {
     File::open(path)
 }
 
+/// Where a JSON document went wrong, without its text: serde's messages quote the values they
+/// refused, and the file may not be a checkpoint at all (`/etc/passwd` named as one).
+pub fn json_error(error: &serde_json::Error) -> String {
+    let kind = match error.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "not the expected fields and types",
+        serde_json::error::Category::Eof => "cut short",
+    };
+    if error.line() == 0 {
+        return kind.to_owned();
+    }
+    format!("{kind} (line {}, column {})", error.line(), error.column())
+}
+
 /// Checks that no two tensors' byte ranges overlap (and that each range ascends): one file's
 /// weights read twice under two names would be a malformed, or hostile, checkpoint.
 fn check_ranges(tensors: &HashMap<String, TensorEntry>) -> Result<(), String> {
@@ -315,22 +330,23 @@ fn read_header(file: &Path) -> Result<Header, TensorFileError> {
     let mut handle = open_regular(file).map_err(io)?;
     let file_size = handle.metadata().map_err(io)?.len();
     let mut length = [0u8; 8];
-    handle.read_exact(&mut length).map_err(|_| malformed(format!("{file_size} bytes is too short for a header")))?;
+    handle.read_exact(&mut length).map_err(|_| malformed("too short for a header".to_owned()))?;
     let length = u64::from_le_bytes(length);
     if length > MAX_HEADER_BYTES || 8 + length > file_size {
-        return Err(malformed(format!("header length {length} does not fit a {file_size}-byte file")));
+        // Neither the bytes read nor the file's size: a file that is not a checkpoint stays unread.
+        return Err(malformed("its first 8 bytes are not the length of a header that fits the file".to_owned()));
     }
     let mut json = vec![0u8; length as usize];
     handle.read_exact(&mut json).map_err(io)?;
     let mut entries: HashMap<String, serde_json::Value> =
-        serde_json::from_slice(&json).map_err(|error| malformed(error.to_string()))?;
+        serde_json::from_slice(&json).map_err(|error| malformed(json_error(&error)))?;
     entries.remove("__metadata__");
     let tensors = entries
         .into_iter()
         .map(|(name, value)| {
             serde_json::from_value::<TensorEntry>(value)
                 .map(|entry| (name.clone(), entry))
-                .map_err(|error| malformed(format!("{name}: {error}")))
+                .map_err(|error| malformed(format!("{name}: {}", json_error(&error))))
         })
         .collect::<Result<_, _>>()?;
     check_ranges(&tensors).map_err(malformed)?;
@@ -452,6 +468,15 @@ mod tests {
         raw_file(&path, &format!(r#"{{"w":{{"dtype":"F32","shape":[{huge},{huge}],"data_offsets":[0,0]}}}}"#), &[]);
         let error = read("w", &[huge as usize, huge as usize]).unwrap_err().to_string();
         assert!(error.contains("do not hold"), "{error}");
+
+        // A file that is not a checkpoint: nothing of its content or size is echoed.
+        std::fs::write(&path, "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+        let error = read("w", &[1]).unwrap_err().to_string();
+        assert!(error.ends_with("its first 8 bytes are not the length of a header that fits the file"), "{error}");
+        assert!(!error.contains("root:") && !error.contains("-byte"), "{error}");
+        raw_file(&path, r#"{"w":{"dtype":"secret-value","shape":"also secret","data_offsets":[0,4]}}"#, &[0; 4]);
+        let error = read("w", &[1]).unwrap_err().to_string();
+        assert!(error.contains("w: not the expected fields and types") && !error.contains("secret"), "{error}");
 
         let overlapping = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
         raw_file(&path, overlapping, &[0; 12]);

@@ -16,7 +16,7 @@ pub(crate) struct HfConfig {
 
 impl HfConfig {
     pub(crate) fn parse(text: &str) -> Result<Self, String> {
-        match serde_json::from_str(text).map_err(|error| error.to_string())? {
+        match serde_json::from_str(text).map_err(|error| crate::safetensors::json_error(&error))? {
             Value::Object(fields) => Ok(Self { fields }),
             _ => Err("expected a JSON object".to_owned()),
         }
