@@ -70,6 +70,12 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_MODEL_ROOT")]
     pub model_root: Option<std::path::PathBuf>,
 
+    /// Request bytes received at once across every connection: past it, reading waits (HTTP/2
+    /// flow control holds the senders), and a single larger request is refused. Clients split
+    /// their requests at 64 MiB.
+    #[arg(long, env = "SWITCHYARD_WORKER_MAX_RECEIVING_BYTES", default_value_t = 1 << 30)]
+    pub max_receiving_bytes: u64,
+
     /// Memory offered to expert weights, in bytes; 0 reads MemAvailable from /proc/meminfo.
     #[arg(long, env = "SWITCHYARD_WORKER_MEMORY_BYTES", default_value_t = 0)]
     pub memory_bytes: u64,

@@ -1,6 +1,6 @@
 //! The Switchyard expert worker.
 //!
-//! Request path: [`service`] (gRPC adapter) → [`request`] (validation) → [`worker::ExpertWorker`]
+//! Request path: [`service`] (gRPC adapter, receiving within [`intake`]'s budget) → [`request`] (validation) → [`worker::ExpertWorker`]
 //! → [`scheduler`] (bounded per-expert queues, step choice) → [`compute`] (the libtorch thread:
 //! [`step`] runs each step, [`staging`] moves its rows to the device and its answers back).
 //! [`membership`] registers with the coordinator and heartbeats; [`metrics`] feeds `/metrics`.
@@ -8,6 +8,7 @@
 pub mod compute;
 pub mod config;
 pub mod error;
+pub mod intake;
 pub mod membership;
 pub mod metrics;
 pub mod request;
@@ -99,7 +100,10 @@ pub async fn run(
     switchyard_common::ready::announce(grpc_addr, metrics_addr);
     let served = switchyard_common::transport::server()
         .add_service(health_service)
-        .add_service(service::ExpertWorkerService::new(worker.clone(), name).into_server())
+        .add_service(
+            service::ExpertWorkerService::new(worker.clone(), name)
+                .into_server(intake::Intake::new(args.max_receiving_bytes)),
+        )
         .serve_with_incoming_shutdown(switchyard_common::transport::incoming(grpc), shutdown)
         .await;
     if let Some(task) = membership_task {

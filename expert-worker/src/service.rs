@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::compute::micros;
 use crate::error::WorkerError;
+use crate::intake::{Intake, Share};
 use crate::request::ForwardBatch;
 use crate::worker::{ExpertWorker, ForwardOutcome, QueueLimits};
 
@@ -38,12 +39,13 @@ impl ExpertWorkerService {
         Self { worker, name: name.into() }
     }
 
-    /// The gRPC server of this service, `Forward` answering without copying its rows.
-    pub fn into_server(self) -> WorkerServer {
+    /// The gRPC server of this service, `Forward` answering without copying its rows and receiving
+    /// within `intake`.
+    pub fn into_server(self, intake: Intake) -> WorkerServer {
         let generated = expert_worker_server::ExpertWorkerServer::new(self.clone())
             .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
-        WorkerServer { service: self, generated }
+        WorkerServer { service: self, generated, intake }
     }
 
     /// One forward request, decoded and validated, run, encoded: what `Forward` serves, callable
@@ -125,6 +127,7 @@ fn with_request_id<T>(request: &Request<T>, id_in_message: u64) -> u64 {
 pub struct WorkerServer {
     service: ExpertWorkerService,
     generated: expert_worker_server::ExpertWorkerServer<ExpertWorkerService>,
+    intake: Intake,
 }
 
 impl NamedService for WorkerServer {
@@ -145,9 +148,15 @@ impl Service<http::Request<Body>> for WorkerServer {
             return self.generated.call(request);
         }
         let service = self.service.clone();
+        let share = Share::default();
+        let request = request.map(|body| Body::new(self.intake.meter(body, share.clone())));
         Box::pin(async move {
             let forward = |request| async move { expert_worker_server::ExpertWorker::forward(&service, request).await };
-            Ok(zero_copy::serve_unary(request, switchyard_common::transport::MAX_MESSAGE_BYTES, forward).await)
+            let answer =
+                zero_copy::serve_unary(request, switchyard_common::transport::MAX_MESSAGE_BYTES, forward).await;
+            // The request's rows were held until it was answered.
+            drop(share);
+            Ok(answer)
         })
     }
 }

@@ -381,6 +381,21 @@ async fn checkpoints_are_read_only_under_the_model_root() {
     std::fs::remove_dir_all(&scratch).expect("clean up");
 }
 
+/// A request larger than all the bytes a worker receives at once is refused before it is read
+/// (RESOURCE_EXHAUSTED naming the flag); smaller ones are served.
+#[tokio::test]
+async fn a_request_past_the_receiving_budget_is_refused_before_it_is_read() {
+    let ((mut client, _stop), _) = grpc_worker_with(1024, &["--max-receiving-bytes", "16384"]).await;
+    let large = wire_request(1, 1, vec![512, 16], wire::encode_f32(&rows(512, 16, 0.1), WireDtype::F32));
+    let status = client.forward(large).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--max-receiving-bytes"), "{}", status.message());
+    let small = wire_request(1, 1, vec![8, 16], wire::encode_f32(&rows(8, 16, 0.1), WireDtype::F32));
+    for _ in 0..3 {
+        client.forward(small.clone()).await.expect("a small request is served, and its share returned");
+    }
+}
+
 /// A `Forward` body that is not a `ForwardRequest` is the caller's fault: INVALID_ARGUMENT, not
 /// INTERNAL, and the worker keeps serving.
 #[tokio::test]
