@@ -50,9 +50,9 @@ pub struct PlannedRequest {
     /// Token-major: the call's tokens of the request's rows, and its experts in the order the
     /// worker answers them (ascending).
     pub token_major: Option<TokenPlan>,
-    /// Requests to one worker with the same stream go as chunks of one `ForwardStream`, in order
-    /// (their `sequence`), so the worker starts on the first while the rest arrive; different
-    /// streams go over different connections at once.
+    /// Requests to one worker with the same stream go as chunks of one `ForwardStream`, in order,
+    /// so the worker starts on the first while the rest arrive; different streams go over
+    /// different connections at once.
     pub stream: usize,
 }
 
@@ -283,13 +283,11 @@ impl CallRows<'_> {
         self.stripes.min(rows * self.dtype.row_bytes(self.d_model) / STRIPE_MIN_BYTES).max(1)
     }
 
-    /// Deals one worker's requests (of `rows` rows in all) to its stripes in turn, numbering each
-    /// stream's chunks in sending order.
+    /// Deals one worker's requests (of `rows` rows in all) to its stripes in turn.
     fn assign_streams(&self, rows: usize, requests: &mut [PlannedRequest]) {
         let stripes = self.stripes_for(rows);
         for (index, planned) in requests.iter_mut().enumerate() {
             planned.stream = index % stripes;
-            planned.request.sequence = (index / stripes) as u32;
         }
     }
 }
@@ -496,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn a_large_stripe_goes_as_numbered_chunks_of_one_stream() {
+    fn a_large_stripe_goes_as_equal_chunks_of_one_stream() {
         // 1 KiB rows (256 x f32): 20 MiB to one worker over 2 connections, in 4 MiB chunks.
         let rows = 20 * 1024;
         let hidden = vec![0.5f32; rows * 256];
@@ -511,16 +509,14 @@ mod tests {
         };
         let choices: Vec<(u32, u32, f32)> = (0..rows as u32).map(|token| (token, token % 8, 1.0)).collect();
         let requests = pack_token_choices(&Arc::from("w"), choices.clone(), call);
-        let layout: Vec<(usize, u32, usize)> =
-            requests.iter().map(|planned| (planned.stream, planned.request.sequence, planned.rows())).collect();
+        let layout: Vec<(usize, usize)> = requests.iter().map(|planned| (planned.stream, planned.rows())).collect();
         assert_eq!(
             layout,
-            [(0, 0, 3414), (1, 0, 3414), (0, 1, 3414), (1, 1, 3414), (0, 2, 3414), (1, 2, 3410)],
-            "two streams taking the chunks in turn, each numbering its own"
+            [(0, 3414), (1, 3414), (0, 3414), (1, 3414), (0, 3414), (1, 3410)],
+            "two streams taking equal chunks in turn"
         );
         let whole = pack_token_choices(&Arc::from("w"), choices, CallRows { chunked: false, ..call });
-        let layout: Vec<(usize, u32, usize)> =
-            whole.iter().map(|planned| (planned.stream, planned.request.sequence, planned.rows())).collect();
-        assert_eq!(layout, [(0, 0, 10240), (1, 0, 10240)], "unchunked: one request per stripe");
+        let layout: Vec<(usize, usize)> = whole.iter().map(|planned| (planned.stream, planned.rows())).collect();
+        assert_eq!(layout, [(0, 10240), (1, 10240)], "unchunked: one request per stripe");
     }
 }

@@ -46,9 +46,8 @@ pub trait ExpertTransport: Send + Sync + fmt::Debug {
         deadline: Duration,
     ) -> BoxFuture<'static, Result<Answer, ClientError>>;
 
-    /// Sends `requests` to `endpoint` as the chunks of one stream, in order (their `sequence`s
-    /// numbering them); each answer comes with its request's position in `requests`, as it
-    /// arrives. By default each goes on its own.
+    /// Sends `requests` to `endpoint` as the chunks of one stream, in order; each answer comes
+    /// with its request's position in `requests`, as it arrives. By default each goes on its own.
     fn forward_chunks(
         &self,
         endpoint: &Endpoint,
@@ -243,6 +242,11 @@ impl ExpertTransport for GrpcTransport {
                 .map(|request| self.forward(endpoint, request, deadline).map(|answer| (0, answer)))
                 .collect::<FuturesUnordered<_>>()
                 .boxed();
+        }
+        let mut requests = requests;
+        // The stream answers in completion order: each chunk carries its position back.
+        for (position, request) in requests.iter_mut().enumerate() {
+            request.sequence = position as u32;
         }
         let connection = self.connection(endpoint);
         let endpoint = endpoint.clone();
