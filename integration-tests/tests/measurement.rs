@@ -81,7 +81,7 @@ async fn switchyard_bench_writes_a_report_folder() {
     let out = tempfile::tempdir().expect("temp dir");
     let status = tokio::process::Command::new(binaries_dir().join("switchyard"))
         .args(["bench", "--run", "sweep", "--tokens", "8,32", "--wire-dtypes", "f32,bf16", "--workers", "2,1"])
-        .args(["--experts", "4", "--top-k", "2", "--dims", "64x128", "--calls", "4", "--warmup-calls", "1"])
+        .args(["--experts", "4", "--top-k", "2", "--dims", "64x128", "--calls", "8", "--warmup-calls", "1"])
         .arg("--out")
         .arg(out.path())
         .env("RUST_LOG", "warn")
@@ -102,7 +102,9 @@ async fn switchyard_bench_writes_a_report_folder() {
     for point in points {
         let shares: f64 = point["phase_shares"].as_object().expect("shares").values().filter_map(|v| v.as_f64()).sum();
         // Sub-millisecond calls leave scheduling gaps between phases; the 5% bound is tested on
-        // realistic calls in forward_path.rs. Here: the shares are fractions of the wall and cover most of it.
+        // realistic calls in forward_path.rs. Here: the shares are fractions of the wall and cover
+        // most of it (0.91–0.98 alone; 8 calls per point so that one call delayed by the tests
+        // running beside it does not decide the mean: with 4, one point once covered 0.749).
         assert!((0.75..=1.0001).contains(&shares), "phases add up to the wall time: {shares}");
         assert!(point["overhead_ratio"].as_f64().is_some_and(|ratio| ratio > 0.0), "{point}");
         let (payload, socket) =
