@@ -159,17 +159,13 @@ where
     Q: Message,
     A: Message + Default + Send + Sync + 'static,
 {
-    let (metadata, _, message) = request.into_parts();
-    let response = call(channel, path, metadata, encode_frame(&message)?).await?;
-    let status_code = response.status();
-    let decoder = tonic_prost::ProstCodec::<(), A>::default().decoder();
-    let mut answers = Streaming::new_response(decoder, response.into_body(), status_code, None, Some(max_answer_bytes));
+    let mut answers = streaming(channel, path, request.map(|message| vec![message]), max_answer_bytes).await?;
     let answer = answers.message().await?.ok_or_else(|| Status::internal("the answer had no message"))?;
     answers.trailers().await?;
     Ok(answer)
 }
 
-/// Calls the streaming method `path` with `messages` sent in order, each uncopied as in [`unary`];
+/// Calls method `path` with `messages` sent in order on one stream, each uncopied ([`encode_frame`]);
 /// the worker reads each as its bytes complete. Returns the answers' stream once the server has
 /// answered with headers (a trailers-only failure is returned as the error).
 pub async fn streaming<Q, A>(

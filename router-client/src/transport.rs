@@ -32,6 +32,22 @@ pub struct Answer {
 /// The answers of [`ExpertTransport::forward_chunks`]: each with its request's position.
 pub type ChunkAnswers = BoxStream<'static, (usize, Result<Answer, ClientError>)>;
 
+/// Each of `requests` on its own through `transport.forward`, answers with their positions as
+/// they arrive: [`ExpertTransport::forward_chunks`] where a transport has no streams, or one chunk.
+fn forward_each<T: ExpertTransport + ?Sized>(
+    transport: &T,
+    endpoint: &Endpoint,
+    requests: Vec<v1::ForwardRequest>,
+    deadline: Duration,
+) -> ChunkAnswers {
+    requests
+        .into_iter()
+        .enumerate()
+        .map(|(position, request)| transport.forward(endpoint, request, deadline).map(move |answer| (position, answer)))
+        .collect::<FuturesUnordered<_>>()
+        .boxed()
+}
+
 /// Metadata key carrying the client's request id across the hop, for the worker's spans.
 pub const REQUEST_ID_METADATA: &str = "x-request-id";
 
@@ -54,12 +70,7 @@ pub trait ExpertTransport: Send + Sync + fmt::Debug {
         requests: Vec<v1::ForwardRequest>,
         deadline: Duration,
     ) -> ChunkAnswers {
-        requests
-            .into_iter()
-            .enumerate()
-            .map(|(position, request)| self.forward(endpoint, request, deadline).map(move |answer| (position, answer)))
-            .collect::<FuturesUnordered<_>>()
-            .boxed()
+        forward_each(self, endpoint, requests, deadline)
     }
 
     /// Bytes each worker's connections wrote and read on their sockets so far: `(endpoint, sent,
@@ -237,11 +248,7 @@ impl ExpertTransport for GrpcTransport {
         deadline: Duration,
     ) -> ChunkAnswers {
         if requests.len() < 2 {
-            return requests
-                .into_iter()
-                .map(|request| self.forward(endpoint, request, deadline).map(|answer| (0, answer)))
-                .collect::<FuturesUnordered<_>>()
-                .boxed();
+            return forward_each(self, endpoint, requests, deadline);
         }
         let mut requests = requests;
         // The stream answers in completion order: each chunk carries its position back.
