@@ -84,7 +84,9 @@ async fn measure(balancing: bool) -> Measured {
     .await;
     let gate = gate_rows(&model, 0).expect("gate");
     let inputs = Arc::new(Inputs::generate(&Skew::Zipf { exponent: 1.2 }, &gate, 8, TOKENS, 256, 5));
-    let client = Arc::new(MoeClient::new(cluster.watcher.receiver(), ClientOptions::default()));
+    // Placement is what is measured: the client sends every call, however much a worker refuses.
+    let options = ClientOptions { throttle_ratio: None, ..ClientOptions::default() };
+    let client = Arc::new(MoeClient::new(cluster.watcher.receiver(), options));
     // Warm-up: with balancing, long enough for traffic to be measured and the hot experts copied.
     load(client.clone(), inputs.clone(), Duration::from_secs(3)).await;
     if balancing {

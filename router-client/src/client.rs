@@ -2,7 +2,7 @@
 //! here and pack each worker's rows ([`crate::dispatch`]); send them all at once over the transport
 //! and combine each answer as it arrives ([`crate::exchange`]); say where the time and bytes went.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use crate::dispatch::{
     CallRows, DispatchLayout, PlannedRequest, TokenPlan, by_worker, pack_requests, pack_token_rows, reroute,
 };
 use crate::error::ClientError;
-use crate::exchange::{self, Outcome};
+use crate::exchange::{self, DestinationOutcome, Outcome};
 use crate::gate::Gate;
 use crate::hidden::Hidden;
 use crate::ledger::{WorkerCall, response_compute};
@@ -31,6 +31,7 @@ use crate::router::{
     ExpertAssignments, Routed, RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route,
 };
 use crate::table::{RoutingTableView, TableReceiver};
+use crate::throttle::{Throttle, Verdict};
 use crate::timing::{ByteCounts, GRPC_FRAME_PREFIX, TimeBreakdown};
 use crate::transport::{Answer, Endpoint, ExpertTransport, GrpcTransport};
 
@@ -64,6 +65,10 @@ pub struct ClientOptions {
     pub attempt_timeout: Option<Duration>,
     /// What a full expert queue means when no other holder can take its rows.
     pub refusal: RefusalPolicy,
+    /// Adaptive throttling ([`crate::throttle`]): requests a worker may be sent per request it
+    /// accepted over the last 10 s before the client refuses calls to it itself (they fail with
+    /// [`ClientError::Throttled`], or with [`RefusalPolicy::Overflow`] overflow). `None`: never.
+    pub throttle_ratio: Option<f64>,
 }
 
 /// What a worker's full expert queue means for a call when no other holder of the expert can take
@@ -80,6 +85,10 @@ pub enum RefusalPolicy {
     Overflow,
 }
 
+/// The Google SRE book's suggested `K`: a worker is sent twice what it accepts, so the client sees
+/// at once when it has room again.
+pub const DEFAULT_THROTTLE_RATIO: f64 = 2.0;
+
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
@@ -93,6 +102,7 @@ impl Default for ClientOptions {
             chunked_dispatch: false,
             attempt_timeout: None,
             refusal: RefusalPolicy::Fail,
+            throttle_ratio: Some(DEFAULT_THROTTLE_RATIO),
         }
     }
 }
@@ -131,6 +141,7 @@ pub struct MoeClient {
     gates: Arc<Mutex<HashMap<GateKey, Arc<Gate>>>>,
     cpu: CpuPool,
     replicas: Replicas,
+    throttle: Option<Arc<Throttle>>,
     next_request_id: AtomicU64,
 }
 
@@ -148,6 +159,7 @@ impl MoeClient {
         let first_id = (u64::from(std::process::id()) << 32) | 1;
         // Fails only when the operating system cannot start a thread.
         let cpu = CpuPool::new(options.cpu_threads).expect("the client's CPU threads start");
+        let throttle = options.throttle_ratio.map(|ratio| Arc::new(Throttle::new(ratio)));
         Self {
             tables,
             options,
@@ -156,6 +168,7 @@ impl MoeClient {
             gates: Arc::new(Mutex::new(HashMap::new())),
             cpu,
             replicas: Replicas::default(),
+            throttle,
             next_request_id: AtomicU64::new(first_id),
         }
     }
@@ -229,6 +242,8 @@ impl MoeClient {
             chunked: self.options.chunked_dispatch,
             dispatch: self.options.dispatch,
             choice: self.replicas.choice(request_id.0, HashSet::new()),
+            throttle: self.throttle.clone(),
+            refusal: self.options.refusal,
         };
         let handed_off = Instant::now();
         let (plan, first_round, mut timing) = self.cpu.run(move || planning.plan()).await??;
@@ -246,8 +261,9 @@ impl MoeClient {
         let mut excluded: HashSet<Endpoint> = HashSet::new();
         let mut retried_requests = 0;
         let overflow = self.options.refusal == RefusalPolicy::Overflow;
-        // (expert, assignments) a full queue refused and the refusal policy let overflow.
-        let mut refused: Vec<(u32, usize)> = Vec::new();
+        // (expert, assignments) a full queue refused, or throttling held back, and the refusal
+        // policy let overflow.
+        let mut refused: Vec<(u32, usize)> = plan.throttled.clone();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = self.options.attempt_timeout.map_or(left, |attempt| attempt.min(left));
@@ -268,6 +284,10 @@ impl MoeClient {
                 },
             )
             .await;
+            self.count_verdicts(match &exchanged {
+                Ok(finished) => &finished.outcomes,
+                Err(failure) => &failure.outcomes,
+            });
             let finished = match exchanged {
                 Ok(finished) => finished,
                 Err(failure) => {
@@ -360,6 +380,20 @@ impl MoeClient {
         Ok(output)
     }
 
+    /// Tells throttling which workers answered and which refused for want of room; a worker
+    /// abandoned or failed otherwise says nothing about its load.
+    fn count_verdicts(&self, outcomes: &[DestinationOutcome]) {
+        let Some(throttle) = &self.throttle else { return };
+        for destination in outcomes {
+            let verdict = match &destination.outcome {
+                Outcome::Answered => Verdict::Accepted,
+                Outcome::Failed(error) if error.code() == tonic::Code::ResourceExhausted => Verdict::Refused,
+                Outcome::Failed(_) | Outcome::Abandoned => continue,
+            };
+            throttle.record(&destination.endpoint, verdict);
+        }
+    }
+
     /// The first table that replaces `current`, if one comes before `deadline`.
     async fn newer_table(&self, current: &RoutingTableView, deadline: Instant) -> Option<Arc<RoutingTableView>> {
         let mut tables = self.tables.clone();
@@ -438,6 +472,8 @@ struct Planning {
     chunked: bool,
     dispatch: DispatchLayout,
     choice: Choice,
+    throttle: Option<Arc<Throttle>>,
+    refusal: RefusalPolicy,
 }
 
 impl Planning {
@@ -488,7 +524,8 @@ impl Planning {
 
         let phase = Instant::now();
         let routed = assign(&gate, hidden, logits, routing, config);
-        let workers = by_worker(layer, &routed.groups, table, &self.choice)?;
+        let mut workers = by_worker(layer, &routed.groups, table, &self.choice)?;
+        let throttled = self.hold_back_throttled(&mut workers, &routed.groups, d_model)?;
         timing.plan = phase.elapsed();
 
         let call = CallRows {
@@ -537,8 +574,40 @@ impl Planning {
             stripes: self.stripes,
             chunked: self.chunked,
             worker_calls,
+            throttled,
         };
         Ok((plan, requests, timing))
+    }
+
+    /// Asks throttling about each worker the call would send to. One it holds back fails the call
+    /// ([`ClientError::Throttled`]) before anything is packed; with [`RefusalPolicy::Overflow`]
+    /// its assignments overflow instead, returned as (expert, assignments).
+    fn hold_back_throttled(
+        &self,
+        workers: &mut BTreeMap<Endpoint, Vec<usize>>,
+        groups: &[ExpertAssignments],
+        d_model: usize,
+    ) -> Result<Vec<(u32, usize)>, ClientError> {
+        let Some(throttle) = &self.throttle else { return Ok(Vec::new()) };
+        let mut overflowed = Vec::new();
+        let mut held_back = Vec::new();
+        for endpoint in workers.keys() {
+            let Err(throttled) = throttle.admit(endpoint) else { continue };
+            if self.refusal == RefusalPolicy::Fail {
+                return Err(ClientError::Throttled {
+                    endpoint: endpoint.to_string(),
+                    requests: throttled.requests,
+                    accepts: throttled.accepts,
+                });
+            }
+            held_back.push(endpoint.clone());
+        }
+        for endpoint in held_back {
+            for group in workers.remove(&endpoint).unwrap_or_default() {
+                overflowed.push((groups[group].expert, groups[group].rows(d_model)));
+            }
+        }
+        Ok(overflowed)
     }
 }
 
@@ -553,6 +622,8 @@ struct CallPlan {
     stripes: usize,
     chunked: bool,
     worker_calls: Vec<WorkerCall>,
+    /// (expert, assignments) overflowed because throttling held their worker back.
+    throttled: Vec<(u32, usize)>,
 }
 
 impl CallPlan {

@@ -25,6 +25,13 @@ pub enum ClientError {
         "worker {endpoint}: expert queue full for {expert}: {queued} of {limit} tokens queued, {requested} more asked"
     )]
     QueueFull { endpoint: String, expert: ExpertId, queued: u64, limit: u64, requested: u64 },
+    /// The client refused the call itself, sending nothing: `endpoint` accepted too few of the
+    /// requests it was sent lately (adaptive throttling, [`crate::throttle`]).
+    #[error(
+        "worker {endpoint} accepted {accepts} of the last {requests} requests it was sent (full expert queues): \
+         the client refused this call itself rather than send it (adaptive throttling)"
+    )]
+    Throttled { endpoint: String, requests: u64, accepts: u64 },
     /// The worker found a field of the request malformed (`INVALID_ARGUMENT`); `field` is its path.
     #[error("worker {endpoint}: {field}: {description}")]
     BadRequest { endpoint: String, field: String, description: String },
@@ -71,7 +78,7 @@ impl ClientError {
             ClientError::NoTable { .. } | ClientError::Unplaced { .. } | ClientError::BadEndpoint { .. } => {
                 tonic::Code::Unavailable
             }
-            ClientError::QueueFull { .. } => tonic::Code::ResourceExhausted,
+            ClientError::QueueFull { .. } | ClientError::Throttled { .. } => tonic::Code::ResourceExhausted,
             ClientError::Worker { code, .. } => *code,
             ClientError::Timeout { .. } => tonic::Code::DeadlineExceeded,
             ClientError::BadResponse { .. } | ClientError::Internal { .. } => tonic::Code::Internal,

@@ -7,7 +7,9 @@
 //! expert) → [`dispatch`] (groups by worker, packed into requests) → [`exchange`] (every worker
 //! at once over a [`transport`], answers handed over as they arrive, one outcome per worker) →
 //! [`codec`] (decode, weighted combine). Every CPU step runs on the client's own pool ([`cpu`]),
-//! never on the async runtime's threads. [`table`] keeps the routing table current; [`timing`] and
+//! never on the async runtime's threads. [`replicas`] picks each expert's holder; [`throttle`]
+//! refuses calls to a worker that refuses most of what it is sent, before they cost anything.
+//! [`table`] keeps the routing table current; [`timing`] and
 //! [`ledger`] say where the time and bytes went ([`metrics`] exports them).
 
 pub mod capacity;
@@ -26,6 +28,7 @@ pub mod router;
 pub mod routing;
 pub mod stats;
 pub mod table;
+pub mod throttle;
 pub mod timing;
 pub mod transport;
 

@@ -37,6 +37,7 @@ pub struct CodeLabels {
 pub struct ClientMetrics {
     calls: Counter,
     failures: Family<CodeLabels, Counter>,
+    throttled: Counter,
     wall_seconds: Histogram,
     phase_seconds: Family<PhaseLabels, Histogram>,
     bytes: Family<BytesLabels, Counter>,
@@ -53,6 +54,7 @@ impl Default for ClientMetrics {
         Self {
             calls: Counter::default(),
             failures: Family::default(),
+            throttled: Counter::default(),
             wall_seconds: seconds_histogram(),
             phase_seconds: Family::new_with_constructor(seconds_histogram),
             bytes: Family::default(),
@@ -68,6 +70,9 @@ impl ClientMetrics {
             Ok(output) => output,
             Err(error) => {
                 self.failures.get_or_create(&CodeLabels { code: format!("{:?}", error.code()) }).inc();
+                if matches!(error, ClientError::Throttled { .. }) {
+                    self.throttled.inc();
+                }
                 return;
             }
         };
@@ -93,6 +98,11 @@ impl ClientMetrics {
         let sub = registry.sub_registry_with_prefix("switchyard_client");
         sub.register("layer_calls", "Layer calls answered", self.calls.clone());
         sub.register("layer_call_failures", "Layer calls that failed, by gRPC code", self.failures.clone());
+        sub.register(
+            "throttled_calls",
+            "Layer calls the client refused itself, sending nothing, because a worker refused most of what it was sent",
+            self.throttled.clone(),
+        );
         sub.register("tokens", "Tokens sent through layer calls", self.tokens.clone());
         sub.register(
             "layer_call_seconds",

@@ -10,6 +10,7 @@ use switchyard_tools::report;
 use switchyard_tools::skew::Skew;
 
 use super::values::{self, DispatchArg, OverflowArg, PolicyName, RefusalArg, WireDtypeArg};
+use switchyard_router_client::client::DEFAULT_THROTTLE_RATIO;
 use switchyard_router_client::transport::default_connections;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -95,6 +96,11 @@ pub struct LoadArgs {
     /// expert's capacity; counted in the report).
     #[arg(long, env = "SWITCHYARD_ON_REFUSAL", value_enum, default_value = "fail")]
     pub on_refusal: RefusalArg,
+    /// Adaptive throttling: requests a worker may be sent per request it accepted over the last
+    /// 10 s; past that the client refuses calls to it itself (RESOURCE_EXHAUSTED, "throttled"),
+    /// sending nothing, so an overloaded cluster spends its cores on calls that succeed. 0: off.
+    #[arg(long, env = "SWITCHYARD_THROTTLE_RATIO", default_value_t = DEFAULT_THROTTLE_RATIO, value_parser = values::parse_throttle_ratio)]
+    pub throttle_ratio: f64,
     /// The longest one attempt at a worker may take before its rows go to another holder of their
     /// experts (e.g. 500ms); unset: the whole call deadline. Routes around a stalled worker when
     /// experts are replicated.
@@ -103,6 +109,11 @@ pub struct LoadArgs {
 }
 
 impl LoadArgs {
+    /// `--throttle-ratio` as the client takes it.
+    pub fn throttle(&self) -> Option<f64> {
+        (self.throttle_ratio > 0.0).then_some(self.throttle_ratio)
+    }
+
     /// The MoE layer the calls go to: `--layer`, or the model's first MoE layer.
     pub fn layer(&self, model: &ModelSpec) -> u32 {
         self.layer.unwrap_or_else(|| model.first_layer())

@@ -124,6 +124,7 @@ pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<
         chunked_dispatch: load.chunked_dispatch,
         refusal: load.on_refusal.into(),
         attempt_timeout: load.attempt_timeout,
+        throttle_ratio: load.throttle(),
         routing,
         ..ClientOptions::default()
     };

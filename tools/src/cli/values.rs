@@ -151,6 +151,19 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, humantime::Dura
     humantime::parse_duration(text)
 }
 
+/// `--throttle-ratio`: 0 (off), or at least 1 (below 1 a worker accepting every request would
+/// still be throttled).
+pub fn parse_throttle_ratio(text: &str) -> Result<f64, String> {
+    let ratio: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
+    if ratio == 0.0 || (1.0..=1e6).contains(&ratio) {
+        Ok(ratio)
+    } else {
+        Err(format!(
+            "{ratio} is neither 0 (off) nor between 1 and 1e6: below 1 a worker accepting everything is throttled"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -158,6 +171,16 @@ mod tests {
     use clap::ValueEnum;
 
     use super::*;
+
+    #[test]
+    fn throttle_ratios_below_one_are_refused() {
+        assert_eq!(parse_throttle_ratio("0"), Ok(0.0));
+        assert_eq!(parse_throttle_ratio("2"), Ok(2.0));
+        assert_eq!(parse_throttle_ratio("1.5"), Ok(1.5));
+        assert!(parse_throttle_ratio("0.5").unwrap_err().contains("below 1"));
+        assert!(parse_throttle_ratio("NaN").is_err());
+        assert!(parse_throttle_ratio("two").unwrap_err().contains("not a number"));
+    }
 
     #[test]
     fn names_are_the_documented_ones() {

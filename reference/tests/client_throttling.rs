@@ -1,0 +1,113 @@
+//! Adaptive throttling over real in-process workers: once a worker has refused most of what it was
+//! sent, the client refuses calls to it itself and sends it nothing, failing them as `Throttled`
+//! or, with the overflow policy, letting their assignments overflow exactly as the worker's
+//! refusal would have.
+
+use std::sync::Arc;
+
+use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
+use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_proto::v1;
+use switchyard_reference::in_process::InProcessTransport;
+use switchyard_router_client::{ClientError, ClientOptions, MoeClient, RefusalPolicy, RoutingTableView};
+use tokio::sync::watch;
+
+mod support;
+
+const CALLS: usize = 200;
+
+fn model() -> ModelSpec {
+    ModelSpec { d_model: 16, d_ff: 32, seed: 11, ..ModelSpec::default_synthetic() }
+}
+
+/// Rows that spread over every expert.
+fn varied(tokens: usize) -> Vec<f32> {
+    (0..tokens * 16).map(|i| ((i as f32 * 12.9898).sin() * 43758.545).fract() * 2.0).collect()
+}
+
+async fn worker(limit: usize) -> Arc<ExpertWorker> {
+    let experts = (0..8).map(|expert| ExpertId::new(0, expert)).collect();
+    support::cpu_worker(model(), experts, limit, std::time::Duration::ZERO).await
+}
+
+/// A client whose even experts are on a worker with room and odd ones on "tiny", whose one-token
+/// queues refuse every call.
+async fn start(options: ClientOptions) -> (MoeClient, [Arc<ExpertWorker>; 2]) {
+    let (served, tiny) = (worker(1 << 20).await, worker(1).await);
+    let transport = InProcessTransport::new([
+        (Arc::from("a"), ExpertWorkerService::new(served.clone(), "a")),
+        (Arc::from("tiny"), ExpertWorkerService::new(tiny.clone(), "tiny")),
+    ]);
+    let routes = (0..8)
+        .map(|expert| v1::ExpertRoute {
+            expert: Some(v1::ExpertKey::new(0, expert)),
+            endpoints: vec![if expert % 2 == 0 { "a" } else { "tiny" }.to_owned()],
+        })
+        .collect();
+    let table = v1::RoutingTable {
+        version: 1,
+        epoch: 1,
+        model: Some(model().to_proto()),
+        routes,
+        queue_limit_tokens: 1 << 20,
+        max_batch_tokens: 1 << 20,
+    };
+    let table = Arc::new(RoutingTableView::try_from(table).expect("valid table"));
+    let (_tables, receiver) = watch::channel(Some(table));
+    (MoeClient::with_transport(receiver, options, Arc::new(transport)), [served, tiny])
+}
+
+#[tokio::test]
+async fn a_worker_refusing_everything_is_soon_sent_nothing() {
+    let (client, workers) = start(ClientOptions::default()).await;
+    let (mut refused_by_worker, mut refused_by_client) = (0, 0);
+    for _ in 0..CALLS {
+        match client.forward(0, varied(64)).await {
+            Err(ClientError::QueueFull { endpoint, .. }) if endpoint == "tiny" => refused_by_worker += 1,
+            Err(ClientError::Throttled { endpoint, requests, accepts }) if endpoint == "tiny" => {
+                assert_eq!(accepts, 0);
+                assert!(requests >= 16, "throttled after {requests} requests");
+                refused_by_client += 1;
+            }
+            other => panic!("every call touches the full worker: {other:?}"),
+        }
+    }
+    // The first 16 refusals are needed to learn; after them the worker sees about one call in
+    // `requests + 1`, so a few dozen at most.
+    assert!((16..=40).contains(&refused_by_worker), "the worker refused {refused_by_worker} of {CALLS} calls");
+    assert_eq!(refused_by_client, CALLS - refused_by_worker);
+
+    let unthrottled = ClientOptions { throttle_ratio: None, ..ClientOptions::default() };
+    let (unthrottled, others) = start(unthrottled).await;
+    for _ in 0..CALLS {
+        let error = unthrottled.forward(0, varied(64)).await.expect_err("the worker is full");
+        assert!(matches!(error, ClientError::QueueFull { .. }), "without throttling every call is sent: {error:?}");
+    }
+    for worker in workers.iter().chain(&others) {
+        worker.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn with_the_overflow_policy_held_back_rows_overflow_as_refused_ones_do() {
+    let options = ClientOptions { refusal: RefusalPolicy::Overflow, ..ClientOptions::default() };
+    let (client, workers) = start(options).await;
+    let mut outputs = Vec::with_capacity(CALLS);
+    for _ in 0..CALLS {
+        outputs.push(client.forward(0, varied(64)).await.expect("refusals overflow instead of failing the call"));
+    }
+    let sent_to_tiny =
+        outputs.iter().filter(|output| output.workers.iter().any(|call| &*call.endpoint == "tiny")).count();
+    assert!((16..=40).contains(&sent_to_tiny), "{sent_to_tiny} of {CALLS} calls were sent to the full worker");
+    let first = &outputs[0];
+    assert!(first.routing.refused > 0);
+    for output in &outputs {
+        // Held back or refused by the worker: the same assignments overflow, the same output.
+        assert_eq!(output.routing.refused, first.routing.refused);
+        assert_eq!(output.routing.tokens_per_expert, first.routing.tokens_per_expert);
+        assert_eq!(output.hidden, first.hidden);
+    }
+    for worker in &workers {
+        worker.shutdown().await;
+    }
+}
