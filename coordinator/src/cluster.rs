@@ -74,6 +74,8 @@ pub struct Registration {
     /// The dtype the worker was told to keep experts in (`--dtype`); `None`: the model's default.
     pub dtype: Option<WeightDtype>,
     pub loaded_experts: Vec<ExpertId>,
+    /// Matrix-multiply rate in GFLOP/s; 0: unknown.
+    pub compute_gflops: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +85,8 @@ pub struct WorkerRecord {
     pub endpoint: String,
     pub device: String,
     pub memory_bytes: u64,
+    /// Its matrix-multiply rate (GFLOP/s; 0: unknown): placement's weight for it.
+    pub compute_gflops: f64,
     /// The dtype its experts are resident in, so what its memory holds.
     pub resident_dtype: WeightDtype,
     /// Experts the worker holds (reported at registration, then what we told it to load).
@@ -123,6 +127,8 @@ struct State {
 
 /// The longest wait before a worker whose loads keep failing is asked again.
 const MAX_LOAD_RETRY_DELAY: Duration = Duration::from_secs(60);
+/// A registered compute rate above this (10 PFLOP/s) is a mistake or a lie.
+const MAX_COMPUTE_GFLOPS: f64 = 1e7;
 
 /// One load to issue.
 #[derive(Debug)]
@@ -209,6 +215,17 @@ impl<C: WorkerControl> Cluster<C> {
         if registration.memory_bytes == 0 {
             return Err(CoordinatorError::InvalidArgument { field: "memory_bytes", reason: "must be positive".into() });
         }
+        if !(registration.compute_gflops.is_finite()
+            && (0.0..=MAX_COMPUTE_GFLOPS).contains(&registration.compute_gflops))
+        {
+            return Err(CoordinatorError::InvalidArgument {
+                field: "compute_gflops",
+                reason: format!(
+                    "{} is not a rate between 0 (unknown) and {MAX_COMPUTE_GFLOPS:e}",
+                    registration.compute_gflops
+                ),
+            });
+        }
         let mut state = self.lock();
         state.workers.retain(|id, worker| {
             let replaced = worker.endpoint == registration.endpoint;
@@ -236,6 +253,7 @@ impl<C: WorkerControl> Cluster<C> {
                     .resident_dtype(registration.dtype, registration.device.starts_with("cuda")),
                 device: registration.device,
                 memory_bytes: registration.memory_bytes,
+                compute_gflops: registration.compute_gflops,
                 resident,
                 last_heartbeat: Instant::now(),
                 queued_tokens: 0,
@@ -351,6 +369,7 @@ impl<C: WorkerControl> Cluster<C> {
                     millis_since_heartbeat: now.duration_since(worker.last_heartbeat).as_millis() as u64,
                     queued_tokens: worker.queued_tokens,
                     draining: worker.draining,
+                    compute_gflops: worker.compute_gflops,
                 }
             })
             .collect();
@@ -499,6 +518,7 @@ impl<C: WorkerControl> Cluster<C> {
             .map(|worker| WorkerSlot {
                 id: worker.id.clone(),
                 parameter_room: worker.memory_bytes / worker.resident_dtype.element_size() as u64,
+                compute: worker.compute_gflops,
                 resident: worker.resident.clone(),
             })
             .collect();
@@ -857,6 +877,7 @@ mod tests {
             memory_bytes: 1 << 30,
             dtype: None,
             loaded_experts: Vec::new(),
+            compute_gflops: 0.0,
         }
     }
 
@@ -1020,6 +1041,11 @@ mod tests {
         assert!(cluster.register(painted).unwrap_err().to_string().starts_with("device: contains the control"));
         let long = Registration { endpoint: format!("http://{}", "a".repeat(300)), ..registration("a") };
         assert!(cluster.register(long).unwrap_err().to_string().starts_with("endpoint: longer than 256"));
+        for compute_gflops in [f64::NAN, f64::INFINITY, -1.0, 1e300] {
+            let inflated = Registration { compute_gflops, ..registration("a") };
+            let error = cluster.register(inflated).unwrap_err().to_string();
+            assert!(error.starts_with("compute_gflops: "), "{error}");
+        }
         assert!(cluster.status().workers.is_empty(), "none of them registered");
         let error = cluster.heartbeat(PROTOCOL_VERSION, "w404", 0, 0, &[]).unwrap_err();
         assert_eq!(error, CoordinatorError::UnknownWorker("w404".into()));
@@ -1046,6 +1072,7 @@ mod tests {
                 endpoint in ".{0,300}",
                 device in ".{0,40}",
                 memory_bytes in any::<u64>(),
+                compute_gflops in prop_oneof![Just(0.0), 0.0..1e6, any::<f64>()],
                 protocol in prop_oneof![Just(PROTOCOL_VERSION), any::<u32>()],
                 loaded in expert_loads(),
                 heartbeat_id in prop_oneof![Just(None), ".{0,24}".prop_map(Some)],
@@ -1060,6 +1087,7 @@ mod tests {
                     memory_bytes,
                     dtype: None,
                     loaded_experts: loaded.iter().map(|(layer, expert, _)| ExpertId::new(*layer, *expert)).collect(),
+                    compute_gflops,
                 };
                 let registered = cluster.register(registration).ok().map(|(id, _)| id);
                 let offered: Vec<(ExpertId, u64)> =

@@ -10,9 +10,11 @@
 //!
 //! "Load" is what [`Goal::load_of`] says one replica of an expert costs: its parameters (the
 //! compute every routed token costs) until traffic is known, then its tokens per second times its
-//! parameters, shared among its replicas ([`crate::balance`], EPLB). Memory is a bound, never a
-//! reason: a worker offering the whole node takes its equal share, not every expert, and no worker
-//! is given more than its memory holds.
+//! parameters, shared among its replicas ([`crate::balance`], EPLB). Workers are compared by how
+//! long their load keeps them busy: load over their compute rate ([`WorkerSlot::compute`]), so a
+//! worker twice as fast is given twice the load. Memory is a bound, never a reason: a worker
+//! offering the whole node takes its share, not every expert, and no worker is given more than
+//! its memory holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,6 +36,9 @@ pub struct WorkerSlot {
     pub id: WorkerId,
     /// Expert parameters the worker has memory for, in the dtype it keeps them resident in.
     pub parameter_room: u64,
+    /// Its compute rate (any unit, the same for every worker; GFLOP/s from registration); 0:
+    /// unknown, counted as the mean of the workers that said.
+    pub compute: f64,
     /// Experts the worker reports as already loaded.
     pub resident: BTreeSet<ExpertId>,
 }
@@ -80,12 +85,30 @@ struct Load {
     parameters: u64,
     room: u64,
     load: u64,
+    /// Compute relative to the mean worker.
+    speed: f64,
 }
 
 impl Load {
     fn fits(&self, extra: u64) -> bool {
         self.parameters + extra <= self.room
     }
+
+    /// How long its load and `extra` keep it busy, in the mean worker's time.
+    fn busy_with(&self, extra: u64) -> f64 {
+        (self.load + extra) as f64 / self.speed
+    }
+}
+
+/// Each worker's compute relative to the mean of those that reported one; a worker that did not
+/// (or all, when none did) counts as the mean.
+fn relative_speeds(workers: &[WorkerSlot]) -> Vec<f64> {
+    let known: Vec<f64> = workers.iter().map(|worker| worker.compute).filter(|compute| *compute > 0.0).collect();
+    if known.is_empty() {
+        return vec![1.0; workers.len()];
+    }
+    let mean = known.iter().sum::<f64>() / known.len() as f64;
+    workers.iter().map(|worker| if worker.compute > 0.0 { worker.compute / mean } else { 1.0 }).collect()
 }
 
 pub fn plan(experts: &[ExpertId], goal: Goal<'_>, workers: &[WorkerSlot], current: &Placement) -> Plan {
@@ -93,7 +116,8 @@ pub fn plan(experts: &[ExpertId], goal: Goal<'_>, workers: &[WorkerSlot], curren
     let replicas_of = |expert: ExpertId| (goal.replicas_of)(expert).clamp(1, workers.len().max(1));
     let mut loads: BTreeMap<WorkerId, Load> = workers
         .iter()
-        .map(|worker| (worker.id.clone(), Load { parameters: 0, room: worker.parameter_room, load: 0 }))
+        .zip(relative_speeds(workers))
+        .map(|(worker, speed)| (worker.id.clone(), Load { parameters: 0, room: worker.parameter_room, load: 0, speed }))
         .collect();
     let mut placement = Placement::new();
     for expert in experts {
@@ -117,22 +141,26 @@ pub fn plan(experts: &[ExpertId], goal: Goal<'_>, workers: &[WorkerSlot], curren
         while holders(&placement, expert).len() < replicas_of(*expert) {
             let held = holders(&placement, expert).to_vec();
             let candidates = || loads.iter().filter(|(id, load)| load.fits(size) && !held.contains(id));
-            // Least loaded; among equals the one with the most room left.
+            // The one least busy once it has the expert; among equals the one with the most room.
             let Some((least_loaded, lightest)) = candidates()
-                .min_by_key(|(_, load)| (load.load, std::cmp::Reverse(load.room - load.parameters)))
-                .map(|(id, load)| (id.clone(), load.load))
+                .min_by(|(_, a), (_, b)| {
+                    a.busy_with(weight)
+                        .total_cmp(&b.busy_with(weight))
+                        .then((b.room - b.parameters).cmp(&(a.room - a.parameters)))
+                })
+                .map(|(id, load)| (id.clone(), load.busy_with(weight) + weight as f64 / load.speed))
             else {
                 if held.is_empty() {
                     unplaced.push(*expert);
                 }
                 break;
             };
-            // A worker that already holds the expert keeps it unless that leaves it clearly more
-            // loaded than the least loaded one (by more than this expert).
+            // A worker that already holds the expert keeps it unless that leaves it clearly busier
+            // than the least busy one (by more than this expert).
             let resident_on = workers.iter().find(|worker| {
                 worker.resident.contains(expert)
                     && !held.contains(&worker.id)
-                    && loads.get(&worker.id).is_some_and(|load| load.fits(size) && load.load <= lightest + weight)
+                    && loads.get(&worker.id).is_some_and(|load| load.fits(size) && load.busy_with(weight) <= lightest)
             });
             let owner = resident_on.map_or(least_loaded, |worker| worker.id.clone());
             if let Some(load) = loads.get_mut(&owner) {
@@ -147,12 +175,13 @@ pub fn plan(experts: &[ExpertId], goal: Goal<'_>, workers: &[WorkerSlot], curren
     Plan { placement, unplaced }
 }
 
-/// Moves replicas from the most to the least loaded worker while that lowers the most loaded one
-/// by at least [`MIN_GAIN`] of its load.
+/// Moves replicas from the busiest to the least busy worker while that lowers the busiest one's
+/// time by at least [`MIN_GAIN`] of it.
 fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, goal: Goal<'_>) {
+    let by_busy = |(_, a): &(&WorkerId, &Load), (_, b): &(&WorkerId, &Load)| a.busy_with(0).total_cmp(&b.busy_with(0));
     loop {
-        let most = loads.iter().max_by_key(|(_, load)| load.load).map(|(id, _)| id.clone());
-        let least = loads.iter().min_by_key(|(_, load)| load.load).map(|(id, _)| id.clone());
+        let most = loads.iter().max_by(by_busy).map(|(id, _)| id.clone());
+        let least = loads.iter().min_by(by_busy).map(|(id, _)| id.clone());
         let (Some(most), Some(least)) = (most, least) else {
             return;
         };
@@ -169,10 +198,9 @@ fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, go
             .map(|(expert, _)| *expert)
             .find(|expert| {
                 let weight = (goal.load_of)(*expert);
-                let busier_after = (from.load - weight).max(to.load + weight);
-                to.fits((goal.parameters_of)(*expert))
-                    && weight > 0
-                    && from.load.saturating_sub(busier_after) as f64 >= MIN_GAIN * from.load as f64
+                let busy = from.busy_with(0);
+                let busier_after = ((from.load - weight) as f64 / from.speed).max(to.busy_with(weight));
+                to.fits((goal.parameters_of)(*expert)) && weight > 0 && busy - busier_after >= MIN_GAIN * busy
             });
         let Some(expert) = movable else {
             return;
@@ -201,7 +229,11 @@ mod tests {
     }
 
     fn worker(name: &str, memory: u64) -> WorkerSlot {
-        WorkerSlot { id: WorkerId(name.into()), parameter_room: memory, resident: BTreeSet::new() }
+        WorkerSlot { id: WorkerId(name.into()), parameter_room: memory, compute: 0.0, resident: BTreeSet::new() }
+    }
+
+    fn computing(name: &str, compute: f64) -> WorkerSlot {
+        WorkerSlot { compute, ..worker(name, 1000) }
     }
 
     const TEN: &dyn Fn(ExpertId) -> u64 = &|_| 10;
@@ -238,6 +270,25 @@ mod tests {
         let crowded = super::plan(&experts(5), goal(1), &[worker("a", 20), worker("b", 20)], &Placement::new());
         assert_eq!(crowded.placement.len(), 4);
         assert_eq!(crowded.unplaced, vec![ExpertId::new(0, 4)]);
+    }
+
+    /// Load follows compute: a worker twice as fast serves twice the experts, also when it joins
+    /// later; one that did not say counts as the mean of those that did.
+    #[test]
+    fn a_faster_worker_takes_a_larger_share() {
+        let workers = [computing("fast", 200.0), computing("slow", 100.0)];
+        let plan = plan(&experts(9), goal(1), &workers, &Placement::new());
+        assert_eq!(counts(&plan), BTreeMap::from([("fast".into(), 6), ("slow".into(), 3)]));
+        let alone = super::plan(&experts(9), goal(1), &workers[1..], &Placement::new());
+        let joined = super::plan(&experts(9), goal(1), &workers, &alone.placement);
+        assert_eq!(counts(&joined), BTreeMap::from([("fast".into(), 6), ("slow".into(), 3)]), "moved to the joiner");
+        let unsaid = [computing("unknown", 0.0), computing("said", 100.0)];
+        let even = super::plan(&experts(8), goal(1), &unsaid, &Placement::new());
+        assert_eq!(counts(&even), BTreeMap::from([("said".into(), 4), ("unknown".into(), 4)]));
+        // Memory still bounds the fast worker.
+        let tight = [WorkerSlot { parameter_room: 40, ..computing("fast", 1000.0) }, computing("slow", 100.0)];
+        let bounded = super::plan(&experts(9), goal(1), &tight, &Placement::new());
+        assert_eq!(counts(&bounded), BTreeMap::from([("fast".into(), 4), ("slow".into(), 5)]));
     }
 
     #[test]

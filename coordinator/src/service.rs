@@ -45,6 +45,7 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
             dtype: WeightDtype::from_proto(request.weight_dtype)
                 .map_err(|reason| CoordinatorError::InvalidArgument { field: "weight_dtype", reason })?,
             loaded_experts: request.loaded_experts.into_iter().map(Into::into).collect(),
+            compute_gflops: request.compute_gflops,
         };
         let (worker_id, interval) = self.cluster.register(registration)?;
         Ok(Response::new(v1::RegisterWorkerResponse {

@@ -76,6 +76,12 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_WORKER_MAX_RECEIVING_BYTES", default_value_t = 1 << 30)]
     pub max_receiving_bytes: u64,
 
+    /// This worker's matrix-multiply rate in GFLOP/s, which the coordinator places load in
+    /// proportion to (a worker twice as fast is given twice the expected traffic); 0: measured
+    /// at start in the experts' dtype (~0.2 s on a CPU).
+    #[arg(long, env = "SWITCHYARD_WORKER_COMPUTE_GFLOPS", default_value_t = 0.0, value_parser = parse_rate)]
+    pub compute_gflops: f64,
+
     /// Memory offered to expert weights, in bytes; 0 reads MemAvailable from /proc/meminfo.
     #[arg(long, env = "SWITCHYARD_WORKER_MEMORY_BYTES", default_value_t = 0)]
     pub memory_bytes: u64,
@@ -153,6 +159,14 @@ impl Args {
             return self.memory_bytes;
         }
         available_memory_bytes().unwrap_or(8 << 30)
+    }
+}
+
+/// A finite, non-negative rate.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 0.0 => Ok(rate),
+        _ => Err(format!("{text:?} is not a finite number of GFLOP/s (0: measure)")),
     }
 }
 

@@ -61,6 +61,7 @@ pub async fn run(
         .set_serving::<switchyard_proto::v1::expert_worker_server::ExpertWorkerServer<service::ExpertWorkerService>>()
         .await;
 
+    let compute_gflops = compute_rate(&args, device).await;
     let (registered, registration) = tokio::sync::watch::channel(None);
     let membership_task = args.coordinator.clone().map(|coordinator_uri| {
         let membership = membership::Membership {
@@ -70,6 +71,7 @@ pub async fn run(
             device: device_name.clone(),
             memory_bytes: args.offered_memory_bytes(),
             dtype: args.dtype,
+            compute_gflops,
         };
         tokio::spawn(membership::run(worker.clone(), membership, registered))
     });
@@ -113,4 +115,24 @@ pub async fn run(
     let _ = stop_metrics.send(());
     let _ = metrics_task.await;
     served.map_err(std::io::Error::other)
+}
+
+/// `--compute-gflops`, else this device's matrix-multiply rate in the experts' dtype (f32 on a
+/// CPU, bf16 on a GPU, unless `--dtype` says), measured off the async runtime's threads. 0 when
+/// the measurement could not run: the coordinator then counts the worker as average.
+async fn compute_rate(args: &Args, device: tch::Device) -> f64 {
+    if args.compute_gflops > 0.0 {
+        return args.compute_gflops;
+    }
+    let dtype = args.dtype.unwrap_or(if device.is_cuda() {
+        switchyard_model::WeightDtype::Bf16
+    } else {
+        switchyard_model::WeightDtype::F32
+    });
+    let threads = args.torch_threads.max(1) as i32;
+    // Smaller than the bench's yardstick: only the ratio between workers matters here.
+    let size = if device.is_cuda() { 4096 } else { 1024 };
+    let measured =
+        tokio::task::spawn_blocking(move || switchyard_experts::peak::measure(device, dtype, threads, size, 2)).await;
+    measured.map_or(0.0, |peak| peak.flops_per_second / 1e9)
 }

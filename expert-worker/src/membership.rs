@@ -26,6 +26,8 @@ pub struct Membership {
     pub memory_bytes: u64,
     /// `--dtype`, so the coordinator counts what the memory holds in the right element size.
     pub dtype: Option<WeightDtype>,
+    /// Matrix-multiply rate in GFLOP/s, for placement to weigh this worker's share by.
+    pub compute_gflops: f64,
 }
 
 const RETRY_DELAY: Duration = Duration::from_millis(500);
@@ -63,6 +65,7 @@ async fn register(
             memory_bytes: membership.memory_bytes,
             weight_dtype: membership.dtype.map_or(v1::Dtype::Unspecified, WeightDtype::to_proto) as i32,
             loaded_experts: worker.resident_experts().into_iter().map(Into::into).collect(),
+            compute_gflops: membership.compute_gflops,
         };
         match client.register_worker(request).await {
             Ok(response) => {

@@ -308,6 +308,7 @@ async fn a_truncated_checkpoint_keeps_its_experts_out_of_the_table() {
     let status = coordinator.get_cluster_status(v1::GetClusterStatusRequest {}).await.expect("status").into_inner();
     let table = coordinator.get_routing_table(v1::GetRoutingTableRequest::default()).await.expect("table").into_inner();
     assert_eq!(status.workers.len(), 1, "the worker registered");
+    assert!(status.workers[0].compute_gflops > 0.0, "the worker measured its matmul rate, for placement to weigh");
     assert!(status.workers[0].experts.is_empty(), "a failed load is not published: {:?}", status.workers[0].experts);
     assert_eq!(status.unplaced_experts.len(), 8, "both layers' 4 experts wait unplaced");
     assert!(table.routes.iter().all(|route| route.endpoints.is_empty()), "no half-loaded worker in the table");

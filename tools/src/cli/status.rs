@@ -25,10 +25,11 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     for worker in &status.workers {
         let experts: Vec<String> = worker.experts.iter().map(|key| format!("{}/{}", key.layer, key.expert)).collect();
         println!(
-            "{} {} ({}) {} experts [{}], {} MiB of {} MiB, heartbeat {} ms ago, {} tokens queued",
+            "{} {} ({}, {:.0} GFLOP/s) {} experts [{}], {} MiB of {} MiB, heartbeat {} ms ago, {} tokens queued",
             worker.worker_id,
             worker.endpoint,
             worker.device,
+            worker.compute_gflops,
             worker.experts.len(),
             experts.join(" "),
             worker.assigned_bytes >> 20,

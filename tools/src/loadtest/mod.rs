@@ -143,6 +143,9 @@ pub struct LoadReport {
     pub arrival: Arrival,
     pub tokens_per_call: usize,
     pub measured: Duration,
+    /// From the window's start until its last call ended: past `measured` when calls started in
+    /// the window were still out at its end (an overloaded cluster).
+    pub elapsed: Duration,
     pub calls: u64,
     /// Failed calls by gRPC code name.
     pub errors: BTreeMap<String, u64>,
@@ -172,12 +175,15 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// Over the real time the window's calls took ([`LoadReport::elapsed`]), so an overloaded
+    /// run does not claim the answers that came after its window.
     pub fn tokens_per_second(&self) -> f64 {
-        self.tokens as f64 / self.measured.as_secs_f64().max(1e-9)
+        self.tokens as f64 / self.elapsed.max(self.measured).as_secs_f64().max(1e-9)
     }
 
+    /// Successful calls per second, over the real time the window's calls took.
     pub fn calls_per_second(&self) -> f64 {
-        self.calls as f64 / self.measured.as_secs_f64().max(1e-9)
+        self.calls as f64 / self.elapsed.max(self.measured).as_secs_f64().max(1e-9)
     }
 
     pub fn latency_at(&self, quantile: f64) -> Duration {
@@ -270,6 +276,7 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         arrival: spec.arrival,
         tokens_per_call: spec.tokens_per_call,
         measured: Duration::ZERO,
+        elapsed: Duration::ZERO,
         calls: 0,
         errors: BTreeMap::new(),
         first_error: None,
@@ -369,7 +376,9 @@ async fn finish(
         Vec::new()
     };
     let mut report = shared.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
-    report.measured = Instant::now().min(window.deadline).saturating_duration_since(window.measure_from);
+    let now = Instant::now();
+    report.measured = now.min(window.deadline).saturating_duration_since(window.measure_from);
+    report.elapsed = now.saturating_duration_since(window.measure_from);
     for (endpoint, sent, received) in wire_at_end {
         let (sent_before, received_before) = wire_at_start
             .iter()

@@ -21,6 +21,9 @@ pub struct LoadSummary {
     pub rate_calls_per_s: Option<f64>,
     pub tokens_per_call: usize,
     pub measured_s: f64,
+    /// Until the window's last call ended; rates are over this.
+    #[serde(default)]
+    pub elapsed_s: f64,
     pub calls: u64,
     pub failed: u64,
     pub tokens_per_s: f64,
@@ -144,6 +147,7 @@ impl LoadReport {
             rate_calls_per_s: rate,
             tokens_per_call: self.tokens_per_call,
             measured_s: self.measured.as_secs_f64(),
+            elapsed_s: self.elapsed.as_secs_f64(),
             calls: self.calls,
             failed: self.failed(),
             tokens_per_s: self.tokens_per_second(),

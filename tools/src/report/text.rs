@@ -15,11 +15,15 @@ pub fn load_report(summary: &LoadSummary) -> String {
         None => format!("closed loop, concurrency {}", summary.concurrency),
         Some(rate) => format!("open loop, {rate} calls/s Poisson"),
     };
-    let _ = writeln!(
+    let _ = write!(
         text,
         "{}: {} tokens/call, {load}, measured {:.1} s",
         summary.target, summary.tokens_per_call, summary.measured_s
     );
+    if summary.elapsed_s > summary.measured_s * 1.01 {
+        let _ = write!(text, " (its calls ended {:.1} s after it began; rates are over that)", summary.elapsed_s);
+    }
+    text.push('\n');
     let _ = writeln!(text, "  calls       {} ok, {} failed", summary.calls, summary.failed);
     for (code, count) in &summary.errors {
         let _ = writeln!(text, "    {code}: {count}");
