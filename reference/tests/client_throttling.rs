@@ -1,7 +1,7 @@
 //! Adaptive throttling over real in-process workers: once a worker has refused most of what it was
 //! sent, the client refuses calls to it itself and sends it nothing, failing them as `Throttled`
-//! or, with the overflow policy, letting their assignments overflow exactly as the worker's
-//! refusal would have.
+//! or, with the overflow and next-best policies, letting their assignments overflow or move
+//! exactly as the worker's refusal would have.
 
 use std::sync::Arc;
 
@@ -90,7 +90,18 @@ async fn a_worker_refusing_everything_is_soon_sent_nothing() {
 
 #[tokio::test]
 async fn with_the_overflow_policy_held_back_rows_overflow_as_refused_ones_do() {
-    let options = ClientOptions { refusal: RefusalPolicy::Overflow, ..ClientOptions::default() };
+    held_back_rows_go_where_refused_ones_do(RefusalPolicy::Overflow).await;
+}
+
+#[tokio::test]
+async fn with_the_next_best_policy_held_back_rows_move_as_refused_ones_do() {
+    held_back_rows_go_where_refused_ones_do(RefusalPolicy::NextBest).await;
+}
+
+/// Held back by the client or refused by the worker, the same choices overflow (or move): every
+/// call's output is the same.
+async fn held_back_rows_go_where_refused_ones_do(policy: RefusalPolicy) {
+    let options = ClientOptions { refusal: policy, ..ClientOptions::default() };
     let (client, workers) = start(options).await;
     let mut outputs = Vec::with_capacity(CALLS);
     for _ in 0..CALLS {
@@ -100,10 +111,12 @@ async fn with_the_overflow_policy_held_back_rows_overflow_as_refused_ones_do() {
         outputs.iter().filter(|output| output.workers.iter().any(|call| &*call.endpoint == "tiny")).count();
     assert!((16..=40).contains(&sent_to_tiny), "{sent_to_tiny} of {CALLS} calls were sent to the full worker");
     let first = &outputs[0];
-    assert!(first.routing.refused > 0);
+    match policy {
+        RefusalPolicy::NextBest => assert!(first.routing.rerouted > 0 && first.routing.refused == 0),
+        _ => assert!(first.routing.refused > 0 && first.routing.rerouted == 0),
+    }
     for output in &outputs {
-        // Held back or refused by the worker: the same assignments overflow, the same output.
-        assert_eq!(output.routing.refused, first.routing.refused);
+        assert_eq!((output.routing.refused, output.routing.rerouted), (first.routing.refused, first.routing.rerouted));
         assert_eq!(output.routing.tokens_per_expert, first.routing.tokens_per_expert);
         assert_eq!(output.hidden, first.hidden);
     }

@@ -119,7 +119,7 @@ pub fn apply_capacity_in_groups(
 
 /// The token's best expert with room that it does not use yet. Its weight is its router
 /// probability scaled as the overflowed choice's was (so renormalised policies stay renormalised).
-fn reroute(
+pub(crate) fn reroute(
     routing: &Routing,
     token: u32,
     full_expert: u32,

@@ -17,7 +17,8 @@ use tracing::Instrument;
 use crate::codec::{add_rows, decode_rows};
 use crate::cpu::CpuPool;
 use crate::dispatch::{
-    CallRows, DispatchLayout, PlannedRequest, TokenPlan, by_worker, pack_requests, pack_token_rows, reroute,
+    CallRows, DispatchLayout, PlannedRequest, TokenPlan, by_worker, carried_choices, pack_requests, pack_token_choices,
+    pack_token_rows, reroute,
 };
 use crate::error::ClientError;
 use crate::exchange::{self, DestinationOutcome, Outcome};
@@ -26,6 +27,7 @@ use crate::hidden::Hidden;
 use crate::ledger::{WorkerCall, response_compute};
 use crate::lock;
 use crate::metrics::ClientMetrics;
+use crate::refusal::{TokenExperts, move_to_next_best};
 use crate::replicas::{Choice, Replicas};
 use crate::router::{
     ExpertAssignments, Routed, RoutingOverrides, RoutingSummary, assign, check_call, config_for_call, gate_and_route,
@@ -83,6 +85,12 @@ pub enum RefusalPolicy {
     /// The worker that refused is given up for the call, so its other requests of the call
     /// (stripes of a large payload) are not waited for and count as refused too.
     Overflow,
+    /// Each refused (token, expert) choice goes to the token's most probable expert it does not
+    /// use yet, on a worker that has not refused in this call, weighted as the capacity's
+    /// re-route policy weights a moved choice ([`crate::refusal`]); counted in the call's
+    /// routing as `rerouted`. A choice with no such expert overflows (`refused`). Soft MoE's slot
+    /// rows are no token's choices: they overflow.
+    NextBest,
 }
 
 /// The Google SRE book's suggested `K`: a worker is sent twice what it accepts, so the client sees
@@ -260,7 +268,9 @@ impl MoeClient {
         let mut round = Arc::new(first_round);
         let mut excluded: HashSet<Endpoint> = HashSet::new();
         let mut retried_requests = 0;
-        let overflow = self.options.refusal == RefusalPolicy::Overflow;
+        // A full queue with no other holder is not the call's end under these policies.
+        let refusals_tolerated = self.options.refusal != RefusalPolicy::Fail;
+        let mut moves: Vec<(u32, u32)> = plan.moves.clone();
         // (expert, assignments) a full queue refused, or throttling held back, and the refusal
         // policy let overflow.
         let mut refused: Vec<(u32, usize)> = plan.throttled.clone();
@@ -274,7 +284,7 @@ impl MoeClient {
                 attempt,
                 |error| {
                     Retry::of(error).worth_it(error, &table, layer)
-                        || (overflow && matches!(error, ClientError::QueueFull { .. }))
+                        || (refusals_tolerated && matches!(error, ClientError::QueueFull { .. }))
                 },
                 |index, answer| {
                     let response = combine.accept(&plan, &round[index], answer)?;
@@ -322,47 +332,66 @@ impl MoeClient {
             let first_error = first_error.expect("unanswered requests come from a failed worker");
             let error_at =
                 |endpoint: &Endpoint| finished.failures().find(|(failed, _)| *failed == endpoint).map(|(_, e)| e);
-            let (overflowed, failed): (Vec<usize>, Vec<usize>) = finished.unanswered.iter().partition(|&&index| {
-                overflow
+            let (refused_here, failed): (Vec<usize>, Vec<usize>) = finished.unanswered.iter().partition(|&&index| {
+                refusals_tolerated
                     && error_at(&round[index].endpoint).is_some_and(|error| {
                         matches!(error, ClientError::QueueFull { .. })
                             && !Retry::OtherHolder.worth_it(error, &table, layer)
                     })
             });
-            for index in overflowed {
-                refused.extend(assignments_of(&round[index], &plan.routed));
+            let mut next_round = Vec::new();
+            if self.options.refusal == RefusalPolicy::NextBest && !refused_here.is_empty() {
+                let refused_requests: Vec<PlannedRequest> =
+                    refused_here.iter().map(|&index| round[index].clone()).collect();
+                let choice = self.replicas.choice(request_id.0, excluded.clone());
+                let (plan, moved_on) = (plan.clone(), table.clone());
+                let moved = self.cpu.run(move || plan.move_refused(&refused_requests, &moved_on, &choice)).await?;
+                moves.extend(moved.moves);
+                refused.extend(moved.overflowed);
+                next_round.extend(moved.requests);
+            } else {
+                for index in refused_here {
+                    refused.extend(assignments_of(&round[index], &plan.routed));
+                }
             }
-            if failed.is_empty() {
+            if !failed.is_empty() {
+                let failed: Vec<PlannedRequest> = failed.iter().map(|&index| round[index].clone()).collect();
+                retried_requests += failed.len();
+                let failed = Arc::new(failed);
+                let requests = loop {
+                    let choice = self.replicas.choice(request_id.0, excluded.clone());
+                    let (plan, failed, rerouted_on) = (plan.clone(), failed.clone(), table.clone());
+                    let rerouted = self
+                        .cpu
+                        .run(move || {
+                            let failed: Vec<&PlannedRequest> = failed.iter().collect();
+                            reroute(&failed, &plan.routed.groups, &rerouted_on, &choice, plan.call_rows())
+                        })
+                        .await?;
+                    match rerouted {
+                        Ok(requests) => break requests,
+                        // No holder left: a worker that is gone comes back in a table that moves
+                        // its experts; wait for that within the deadline. A full queue or a
+                        // stalled worker with no other holder fails the call now, as it would
+                        // have without replicas.
+                        Err(ClientError::Unplaced { .. }) if worst == Retry::OtherHolderOrNewTable => {
+                            table = self.newer_table(&table, deadline).await.ok_or_else(|| first_error.clone())?;
+                            excluded.clear();
+                        }
+                        Err(ClientError::Unplaced { .. }) => return Err(first_error),
+                        Err(error) => return Err(error),
+                    }
+                };
+                next_round.extend(requests);
+            }
+            if next_round.is_empty() {
                 break;
             }
-            let failed: Vec<PlannedRequest> = failed.iter().map(|&index| round[index].clone()).collect();
-            retried_requests += failed.len();
-            let failed = Arc::new(failed);
-            let requests = loop {
-                let choice = self.replicas.choice(request_id.0, excluded.clone());
-                let (plan, failed, rerouted_on) = (plan.clone(), failed.clone(), table.clone());
-                let rerouted = self
-                    .cpu
-                    .run(move || {
-                        let failed: Vec<&PlannedRequest> = failed.iter().collect();
-                        reroute(&failed, &plan.routed.groups, &rerouted_on, &choice, plan.call_rows())
-                    })
-                    .await?;
-                match rerouted {
-                    Ok(requests) => break requests,
-                    // No holder left: a worker that is gone comes back in a table that moves its
-                    // experts; wait for that within the deadline. A full queue or a stalled worker
-                    // with no other holder fails the call now, as it would have without replicas.
-                    Err(ClientError::Unplaced { .. }) if worst == Retry::OtherHolderOrNewTable => {
-                        table = self.newer_table(&table, deadline).await.ok_or_else(|| first_error.clone())?;
-                        excluded.clear();
-                    }
-                    Err(ClientError::Unplaced { .. }) => return Err(first_error),
-                    Err(error) => return Err(error),
-                }
-            };
-            combine.add_requests(&requests);
-            round = Arc::new(requests);
+            for planned in &mut next_round {
+                planned.request.request_id = request_id.0;
+            }
+            combine.add_requests(&next_round);
+            round = Arc::new(next_round);
         }
         let last_answer = Instant::now();
         for job in summing {
@@ -371,10 +400,20 @@ impl MoeClient {
         let sums = std::mem::take(&mut *lock(&sums));
         let mut output = combine.finish(plan, sums, table.version, timing, last_answer.elapsed(), started);
         output.retried_requests = retried_requests;
+        let kept = &mut output.routing.tokens_per_expert;
         for (expert, count) in refused {
             output.routing.refused += count;
-            if let Some(kept) = output.routing.tokens_per_expert.get_mut(expert as usize) {
+            if let Some(kept) = kept.get_mut(expert as usize) {
                 *kept = kept.saturating_sub(count as u32);
+            }
+        }
+        for (from, to) in moves {
+            output.routing.rerouted += 1;
+            if let Some(kept) = kept.get_mut(from as usize) {
+                *kept = kept.saturating_sub(1);
+            }
+            if let Some(kept) = kept.get_mut(to as usize) {
+                *kept += 1;
             }
         }
         Ok(output)
@@ -400,6 +439,23 @@ impl MoeClient {
         let newer = tables.wait_for(|table| table.as_deref().is_some_and(|table| table.supersedes(Some(current))));
         let newer = tokio::time::timeout_at(deadline.into(), newer).await.ok()?.ok()?;
         newer.clone()
+    }
+}
+
+/// Books `requests` in their workers' calls.
+fn book_requests(worker_calls: &mut Vec<WorkerCall>, requests: &[PlannedRequest]) {
+    for planned in requests {
+        let worker_call = match worker_calls.iter().position(|call| call.endpoint == planned.endpoint) {
+            Some(index) => &mut worker_calls[index],
+            None => {
+                worker_calls.push(WorkerCall::new(planned.endpoint.clone()));
+                worker_calls.last_mut().expect("just pushed")
+            }
+        };
+        worker_call.requests += 1;
+        worker_call.rows += planned.rows();
+        worker_call.bytes.payload_sent += planned.payload_bytes();
+        worker_call.bytes.message_sent += planned.request.encoded_len() as u64 + GRPC_FRAME_PREFIX;
     }
 }
 
@@ -525,7 +581,7 @@ impl Planning {
         let phase = Instant::now();
         let routed = assign(&gate, hidden, logits, routing, config);
         let mut workers = by_worker(layer, &routed.groups, table, &self.choice)?;
-        let throttled = self.hold_back_throttled(&mut workers, &routed.groups, d_model)?;
+        let held_back = self.hold_back_throttled(&mut workers)?;
         timing.plan = phase.elapsed();
 
         let call = CallRows {
@@ -564,7 +620,7 @@ impl Planning {
             }));
             worker_calls.push(worker_call);
         }
-        let plan = CallPlan {
+        let mut plan = CallPlan {
             layer,
             d_model,
             routed,
@@ -574,22 +630,28 @@ impl Planning {
             stripes: self.stripes,
             chunked: self.chunked,
             worker_calls,
-            throttled,
+            throttled: Vec::new(),
+            moves: Vec::new(),
+            used: Mutex::new(TokenExperts::default()),
         };
+        if !held_back.is_empty() {
+            let phase = Instant::now();
+            let moved = plan.place_held_back(&held_back, &workers, table, &self.choice, self.refusal);
+            book_requests(&mut plan.worker_calls, &moved);
+            requests.extend(moved.into_iter().map(|mut planned| {
+                planned.request.request_id = self.request_id.0;
+                planned
+            }));
+            timing.encode += phase.elapsed();
+        }
         Ok((plan, requests, timing))
     }
 
     /// Asks throttling about each worker the call would send to. One it holds back fails the call
-    /// ([`ClientError::Throttled`]) before anything is packed; with [`RefusalPolicy::Overflow`]
-    /// its assignments overflow instead, returned as (expert, assignments).
-    fn hold_back_throttled(
-        &self,
-        workers: &mut BTreeMap<Endpoint, Vec<usize>>,
-        groups: &[ExpertAssignments],
-        d_model: usize,
-    ) -> Result<Vec<(u32, usize)>, ClientError> {
+    /// ([`ClientError::Throttled`]) before anything is packed; under the other refusal policies
+    /// its groups are taken out of `workers` and returned, to be treated as refused.
+    fn hold_back_throttled(&self, workers: &mut BTreeMap<Endpoint, Vec<usize>>) -> Result<Vec<usize>, ClientError> {
         let Some(throttle) = &self.throttle else { return Ok(Vec::new()) };
-        let mut overflowed = Vec::new();
         let mut held_back = Vec::new();
         for endpoint in workers.keys() {
             let Err(throttled) = throttle.admit(endpoint) else { continue };
@@ -602,12 +664,7 @@ impl Planning {
             }
             held_back.push(endpoint.clone());
         }
-        for endpoint in held_back {
-            for group in workers.remove(&endpoint).unwrap_or_default() {
-                overflowed.push((groups[group].expert, groups[group].rows(d_model)));
-            }
-        }
-        Ok(overflowed)
+        Ok(held_back.iter().flat_map(|endpoint| workers.remove(endpoint).unwrap_or_default()).collect())
     }
 }
 
@@ -624,9 +681,90 @@ struct CallPlan {
     worker_calls: Vec<WorkerCall>,
     /// (expert, assignments) overflowed because throttling held their worker back.
     throttled: Vec<(u32, usize)>,
+    /// (from, to) expert of each choice moved to its next best because throttling held its
+    /// worker back ([`RefusalPolicy::NextBest`]).
+    moves: Vec<(u32, u32)>,
+    /// The experts each token uses, as choices move to their next best.
+    used: Mutex<TokenExperts>,
+}
+
+/// Requests carrying refused choices to their tokens' next-best experts, and what moved.
+struct NextBestRound {
+    requests: Vec<PlannedRequest>,
+    moves: Vec<(u32, u32)>,
+    overflowed: Vec<(u32, usize)>,
 }
 
 impl CallPlan {
+    /// The groups throttling held back: overflowed, or under [`RefusalPolicy::NextBest`] moved
+    /// to their tokens' next-best experts on the workers the call sends to anyway. Returns the
+    /// requests to add.
+    fn place_held_back(
+        &mut self,
+        held_back: &[usize],
+        sending_to: &BTreeMap<Endpoint, Vec<usize>>,
+        table: &RoutingTableView,
+        choice: &Choice,
+        policy: RefusalPolicy,
+    ) -> Vec<PlannedRequest> {
+        let mut carried = Vec::new();
+        for &index in held_back {
+            let group = &self.routed.groups[index];
+            if policy == RefusalPolicy::NextBest && group.slots.is_none() {
+                carried.extend(
+                    group.tokens.iter().zip(&group.weights).map(|(token, weight)| (*token, group.expert, *weight)),
+                );
+            } else {
+                self.throttled.push((group.expert, group.rows(self.d_model)));
+            }
+        }
+        if carried.is_empty() {
+            return Vec::new();
+        }
+        let holder = |expert: u32| {
+            let holders: Vec<Endpoint> = table
+                .endpoints(self.layer, expert)
+                .iter()
+                .filter(|holder| sending_to.contains_key(*holder))
+                .cloned()
+                .collect();
+            choice.pick(&holders).cloned()
+        };
+        let used = self.used.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let moved = move_to_next_best(&carried, &self.routed.routing, used, holder);
+        self.throttled.extend(moved.overflowed);
+        self.moves = moved.moves;
+        let call = self.call_rows();
+        moved
+            .by_endpoint
+            .into_iter()
+            .flat_map(|(endpoint, choices)| pack_token_choices(&endpoint, choices, call))
+            .collect()
+    }
+
+    /// Requests carrying `refused`'s choices to their tokens' next-best experts, each on a holder
+    /// `choice` allows (the workers that refused in this call are excluded).
+    fn move_refused(&self, refused: &[PlannedRequest], table: &RoutingTableView, choice: &Choice) -> NextBestRound {
+        let mut overflowed = Vec::new();
+        let mut carried = Vec::new();
+        for planned in refused {
+            match carried_choices(planned, &self.routed.groups) {
+                Some(choices) => carried.extend(choices),
+                None => overflowed.extend(assignments_of(planned, &self.routed)),
+            }
+        }
+        let holder = |expert: u32| choice.pick(table.endpoints(self.layer, expert)).cloned();
+        let moved = move_to_next_best(&carried, &self.routed.routing, &mut lock(&self.used), holder);
+        overflowed.extend(moved.overflowed);
+        let call = self.call_rows();
+        let requests = moved
+            .by_endpoint
+            .into_iter()
+            .flat_map(|(endpoint, choices)| pack_token_choices(&endpoint, choices, call))
+            .collect();
+        NextBestRound { requests, moves: moved.moves, overflowed }
+    }
+
     fn call_rows(&self) -> CallRows<'_> {
         CallRows {
             layer: self.layer,
@@ -664,13 +802,7 @@ impl Combine {
 
     /// Books requests sent again, to other holders.
     fn add_requests(&mut self, requests: &[PlannedRequest]) {
-        for planned in requests {
-            let worker_call = self.worker_call(&planned.endpoint);
-            worker_call.requests += 1;
-            worker_call.rows += planned.rows();
-            worker_call.bytes.payload_sent += planned.payload_bytes();
-            worker_call.bytes.message_sent += planned.request.encoded_len() as u64 + GRPC_FRAME_PREFIX;
-        }
+        book_requests(&mut self.worker_calls, requests);
     }
 
     /// Checks the answer to `planned` against what was asked, books it, and hands back the

@@ -197,22 +197,14 @@ pub fn reroute(
     choice: &Choice,
     call: CallRows<'_>,
 ) -> Result<Vec<PlannedRequest>, ClientError> {
-    let group_of: BTreeMap<u32, usize> =
-        groups.iter().enumerate().map(|(index, group)| (group.expert, index)).collect();
     let mut choices: BTreeMap<Arc<str>, Vec<(u32, u32, f32)>> = BTreeMap::new();
     let mut pieces: BTreeMap<Arc<str>, Vec<Piece>> = BTreeMap::new();
     for planned in failed {
         match &planned.token_major {
-            Some(plan) => {
-                for expert in &plan.experts {
-                    let Some(group) = group_of.get(expert).map(|&index| &groups[index]) else { continue };
-                    let endpoint = pick(call.layer, *expert, table, choice)?;
-                    let sent = choices.entry(endpoint.clone()).or_default();
-                    for (token, weight) in group.tokens.iter().zip(&group.weights) {
-                        if plan.tokens.binary_search(token).is_ok() {
-                            sent.push((*token, *expert, *weight));
-                        }
-                    }
+            Some(_) => {
+                for carried in carried_choices(planned, groups).unwrap_or_default() {
+                    let endpoint = pick(call.layer, carried.1, table, choice)?;
+                    choices.entry(endpoint.clone()).or_default().push(carried);
                 }
             }
             None => {
@@ -231,6 +223,35 @@ pub fn reroute(
         requests.extend(pack_pieces(&endpoint, &pieces, groups, call));
     }
     Ok(requests)
+}
+
+/// The (token, expert, weight) choices `planned` carries: a token-major request's, or an
+/// expert-major one's pieces as the token rows they are. `None` for Soft MoE's slot rows, which
+/// are no token's.
+pub fn carried_choices(planned: &PlannedRequest, groups: &[ExpertAssignments]) -> Option<Vec<(u32, u32, f32)>> {
+    let mut carried = Vec::new();
+    match &planned.token_major {
+        Some(plan) => {
+            for group in groups.iter().filter(|group| plan.experts.binary_search(&group.expert).is_ok()) {
+                for (token, weight) in group.tokens.iter().zip(&group.weights) {
+                    if plan.tokens.binary_search(token).is_ok() {
+                        carried.push((*token, group.expert, *weight));
+                    }
+                }
+            }
+        }
+        None => {
+            for piece in &planned.pieces {
+                let group = &groups[piece.group];
+                if group.slots.is_some() {
+                    return None;
+                }
+                let rows = group.tokens[piece.start..piece.end].iter().zip(&group.weights[piece.start..piece.end]);
+                carried.extend(rows.map(|(token, weight)| (*token, group.expert, *weight)));
+            }
+        }
+    }
+    Some(carried)
 }
 
 /// What every request of one layer call shares.

@@ -23,6 +23,7 @@ pub mod gate;
 pub mod hidden;
 pub mod ledger;
 pub mod metrics;
+pub mod refusal;
 pub mod replicas;
 pub mod router;
 pub mod routing;

@@ -91,9 +91,10 @@ pub struct LoadArgs {
     /// they arrive (default: each connection's share as one request, faster where cores are few).
     #[arg(long, env = "SWITCHYARD_CHUNKED_DISPATCH", default_value_t = false, action = clap::ArgAction::Set)]
     pub chunked_dispatch: bool,
-    /// What a full expert queue means when no other worker holds the expert: fail the call, or
-    /// let the refused assignments overflow (those tokens keep their residual path, as past an
-    /// expert's capacity; counted in the report).
+    /// What a full expert queue means when no other worker holds the expert: fail the call; let
+    /// the refused assignments overflow (those tokens keep their residual path, as past an
+    /// expert's capacity; counted in the report); or send each to its token's next-best expert
+    /// on a worker with room (counted as re-routed).
     #[arg(long, env = "SWITCHYARD_ON_REFUSAL", value_enum, default_value = "fail")]
     pub on_refusal: RefusalArg,
     /// Adaptive throttling: requests a worker may be sent per request it accepted over the last

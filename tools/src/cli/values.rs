@@ -81,6 +81,9 @@ pub enum RefusalArg {
     Fail,
     /// The refused assignments overflow: their tokens keep the residual path for that expert.
     Overflow,
+    /// Each refused assignment goes to its token's next most probable expert on a worker that
+    /// has not refused (weighted as `--overflow reroute` weights it); overflows if none has room.
+    NextBest,
 }
 
 impl From<RefusalArg> for RefusalPolicy {
@@ -88,6 +91,7 @@ impl From<RefusalArg> for RefusalPolicy {
         match refusal {
             RefusalArg::Fail => RefusalPolicy::Fail,
             RefusalArg::Overflow => RefusalPolicy::Overflow,
+            RefusalArg::NextBest => RefusalPolicy::NextBest,
         }
     }
 }
