@@ -82,7 +82,9 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_WORKER_COMPUTE_GFLOPS", default_value_t = 0.0, value_parser = parse_rate)]
     pub compute_gflops: f64,
 
-    /// Memory offered to expert weights, in bytes; 0 reads MemAvailable from /proc/meminfo.
+    /// Memory offered to expert weights, in bytes. 0: on a GPU, nine tenths of what the driver
+    /// reports free on it at start (the rest is for activations and the caching allocator); on a
+    /// CPU, MemAvailable from /proc/meminfo.
     #[arg(long, env = "SWITCHYARD_WORKER_MEMORY_BYTES", default_value_t = 0)]
     pub memory_bytes: u64,
 
@@ -154,9 +156,18 @@ impl Args {
         format!("http://{host}:{}", bound.port())
     }
 
-    pub fn offered_memory_bytes(&self) -> u64 {
+    /// `--memory-bytes`, else what the device has (see the flag).
+    pub fn offered_memory_bytes(&self, device: tch::Device) -> u64 {
         if self.memory_bytes > 0 {
             return self.memory_bytes;
+        }
+        if let tch::Device::Cuda(index) = device {
+            match switchyard_experts::device::gpu_free_memory(index) {
+                Ok(free) => return free / 10 * 9,
+                Err(error) => {
+                    tracing::warn!(%error, "GPU memory unknown: offering host memory instead (set --memory-bytes)")
+                }
+            }
         }
         available_memory_bytes().unwrap_or(8 << 30)
     }
@@ -229,7 +240,7 @@ mod tests {
         let args = Args::try_parse_from(["switchyard-worker"]).expect("defaults are valid");
         let bound: SocketAddr = "0.0.0.0:43210".parse().expect("address");
         assert_eq!(args.advertised_endpoint(bound), "http://127.0.0.1:43210");
-        assert!(args.offered_memory_bytes() > 0);
+        assert!(args.offered_memory_bytes(tch::Device::Cpu) > 0);
         let args = Args::try_parse_from(["switchyard-worker", "--advertise", "http://w-0:1", "--device", "cpu"])
             .expect("valid");
         assert_eq!(args.advertised_endpoint(bound), "http://w-0:1");
@@ -263,7 +274,8 @@ mod tests {
         assert_eq!(cgroup_limit("8589934592\n"), Some(8 << 30), "a v2 or v1 limit");
         assert_eq!(cgroup_limit("max\n"), None, "v2 without a limit");
         assert_eq!(cgroup_limit("9223372036854771712\n"), None, "v1 without a limit");
-        let offered = Args::try_parse_from(["switchyard-worker"]).expect("defaults").offered_memory_bytes();
+        let offered =
+            Args::try_parse_from(["switchyard-worker"]).expect("defaults").offered_memory_bytes(tch::Device::Cpu);
         let node = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| mem_available(&m));
         assert!(node.is_none_or(|node| offered <= node), "never more than the node has");
     }

@@ -39,6 +39,7 @@ pub async fn run(
     let device = args.device.resolve();
     let metrics = metrics::WorkerMetrics::new();
     let metrics = if args.per_expert_metrics { metrics.with_per_expert_series() } else { metrics };
+    let memory_bytes = args.offered_memory_bytes(device);
     let options = WorkerOptions {
         device,
         torch_threads: args.torch_threads.max(1) as i32,
@@ -46,7 +47,7 @@ pub async fn run(
         default_queue_limit_tokens: args.queue_limit_tokens,
         identity_experts: args.identity_experts,
         dtype: args.dtype,
-        memory_bytes: Some(args.offered_memory_bytes()),
+        memory_bytes: Some(memory_bytes),
         checkpoints: args.model_root.clone().map_or(worker::CheckpointAccess::Nowhere, worker::CheckpointAccess::Under),
     };
     let worker = ExpertWorker::start(options, metrics.clone())?;
@@ -54,14 +55,14 @@ pub async fn run(
     let name = args.name.clone().unwrap_or_else(|| endpoint.clone());
     let device_name = switchyard_experts::device::device_name(device);
     let dtype = args.dtype.map_or_else(|| "default".to_owned(), |dtype| dtype.to_string());
-    tracing::info!(%grpc_addr, %metrics_addr, %endpoint, device = %device_name, %dtype, torch_threads = args.torch_threads, "worker listening");
+    let compute_gflops = compute_rate(&args, device).await;
+    tracing::info!(%grpc_addr, %metrics_addr, %endpoint, device = %device_name, %dtype, torch_threads = args.torch_threads, offered_memory_mib = memory_bytes >> 20, compute_gflops, "worker listening");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<switchyard_proto::v1::expert_worker_server::ExpertWorkerServer<service::ExpertWorkerService>>()
         .await;
 
-    let compute_gflops = compute_rate(&args, device).await;
     let (registered, registration) = tokio::sync::watch::channel(None);
     let membership_task = args.coordinator.clone().map(|coordinator_uri| {
         let membership = membership::Membership {
@@ -69,7 +70,7 @@ pub async fn run(
             name: name.clone(),
             endpoint: endpoint.clone(),
             device: device_name.clone(),
-            memory_bytes: args.offered_memory_bytes(),
+            memory_bytes,
             dtype: args.dtype,
             compute_gflops,
         };

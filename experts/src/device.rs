@@ -50,9 +50,72 @@ pub fn device_name(device: Device) -> String {
     }
 }
 
+/// Why a GPU's memory could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuMemoryError {
+    /// No NVIDIA driver library here, or the driver refused.
+    #[error("NVML: {0}")]
+    Nvml(#[from] nvml_wrapper::error::NvmlError),
+    #[error("cuda:{index} is not among CUDA_VISIBLE_DEVICES={visible}")]
+    NotVisible { index: usize, visible: String },
+}
+
+/// Bytes free on the GPU behind `cuda:index`, as the driver's NVML reports them (loaded at run
+/// time: a machine without the NVIDIA driver has none).
+pub fn gpu_free_memory(index: usize) -> Result<u64, GpuMemoryError> {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let nvml = nvml_wrapper::Nvml::init()?;
+    let device = match nvml_device(index, visible.as_deref())? {
+        NvmlDevice::Index(index) => nvml.device_by_index(index)?,
+        NvmlDevice::Uuid(uuid) => nvml.device_by_uuid(uuid)?,
+    };
+    Ok(device.memory_info()?.free)
+}
+
+/// How NVML names a CUDA device.
+#[derive(Debug, PartialEq)]
+enum NvmlDevice<'a> {
+    Index(u32),
+    Uuid(&'a str),
+}
+
+/// `CUDA_VISIBLE_DEVICES` renumbers devices for CUDA but not for NVML: `cuda:index` is its
+/// `index`-th entry (an NVML index, or a `GPU-…`/`MIG-…` UUID) when it is set.
+fn nvml_device(index: usize, visible: Option<&str>) -> Result<NvmlDevice<'_>, GpuMemoryError> {
+    let Some(visible) = visible.filter(|visible| !visible.trim().is_empty()) else {
+        return Ok(NvmlDevice::Index(index as u32));
+    };
+    let entry = visible
+        .split(',')
+        .map(str::trim)
+        .nth(index)
+        .ok_or_else(|| GpuMemoryError::NotVisible { index, visible: visible.to_owned() })?;
+    Ok(entry.parse().map_or(NvmlDevice::Uuid(entry), NvmlDevice::Index))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuda_indices_follow_cuda_visible_devices_into_nvml() {
+        assert_eq!(nvml_device(1, None).ok(), Some(NvmlDevice::Index(1)));
+        assert_eq!(nvml_device(0, Some("")).ok(), Some(NvmlDevice::Index(0)));
+        assert_eq!(nvml_device(1, Some("2, 3")).ok(), Some(NvmlDevice::Index(3)));
+        assert_eq!(nvml_device(0, Some("GPU-8a1b,GPU-77")).ok(), Some(NvmlDevice::Uuid("GPU-8a1b")));
+        let error = nvml_device(2, Some("0,1")).unwrap_err().to_string();
+        assert_eq!(error, "cuda:2 is not among CUDA_VISIBLE_DEVICES=0,1");
+    }
+
+    /// Without an NVIDIA driver (CI, the development machine) reading fails with an error, never
+    /// a panic or a made-up figure.
+    #[test]
+    fn without_a_driver_gpu_memory_is_an_error() {
+        if std::path::Path::new("/proc/driver/nvidia").exists() {
+            return;
+        }
+        assert!(matches!(gpu_free_memory(0), Err(GpuMemoryError::Nvml(_))));
+    }
 
     #[test]
     fn parses_every_form() {
