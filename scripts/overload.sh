@@ -65,14 +65,21 @@ python3 - "$out" "$capacity" "$rate" <<'PY'
 import json, sys
 out, capacity, rate = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 summary = json.load(open(f"{out}/open.json"))[0]
+closed = json.load(open(f"{out}/capacity.json"))[0]
 wall, goodput = summary["elapsed_s"], summary["calls_per_s"]
+# Under --on-refusal overflow or next-best calls succeed with refused assignments left out: the
+# work done is the assignments computed (moved ones included), against the closed loop's.
+computed = (summary["assignments"] - summary["refused"]) / wall
+capacity_assignments = closed["assignments"] / max(closed["calls"], 1) * capacity
 samples = [line.split() for line in open(f"{out}/rss.txt") if line.strip()]
 after_10s = [s for s in samples if int(s[0]) >= 10]  # the open loop's first 10 s include its warm-up
 lines = [
     f"capacity (closed loop, 4 callers): {capacity:.2f} calls/s",
     f"open loop at {rate:.2f} calls/s: {summary['calls']} ok, {summary['failed']} failed {summary['errors']} in {wall:.1f} s",
     f"goodput: {goodput:.2f} calls/s = {100 * goodput / capacity:.0f}% of capacity",
-    f"refused assignments overflowed: {summary['refused']} of {summary['assignments']}",
+    f"assignments computed: {computed:.0f}/s = {100 * computed / capacity_assignments:.0f}% of capacity's "
+    f"{capacity_assignments:.0f}/s ({summary['refused']} of {summary['assignments']} refused and overflowed, "
+    f"{summary['rerouted']} moved to a next-best expert)",
 ]
 if len(after_10s) > 1:
     times = [int(s[0]) for s in after_10s]

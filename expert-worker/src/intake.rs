@@ -1,12 +1,15 @@
 //! A bound on request bytes being received at once, across every connection.
 //!
 //! A request's bytes are buffered whole before they can be validated, so without a bound eight
-//! invalid 500 MB requests held 3.4 GB of a worker at once. Each `Forward` body here takes a share
-//! of [`Intake`]'s budget, as many KiB as its gRPC length prefix announces, before more of it is
-//! read: while the budget is spent, reading waits, and HTTP/2 flow control holds the sender. A
-//! message larger than the whole budget is refused at once. The share is held until the request
-//! is answered, since its rows stay in memory until then.
+//! invalid 500 MB requests held 3.4 GB of a worker at once. Each gRPC message of a `Forward` or
+//! `ForwardStream` body here takes a share of [`Intake`]'s budget, as many KiB as its length
+//! prefix announces, before its bytes are read: while the budget is spent, reading waits, and
+//! HTTP/2 flow control holds the sender. A message larger than the whole budget is refused at
+//! once. The shares are held until the messages are answered, since their rows stay in memory
+//! until then: a unary request's with the request ([`Share`] dropped), a stream's one at a time as
+//! its answers go out ([`Share::release_oldest`]).
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
@@ -20,6 +23,9 @@ use tonic::Status;
 /// Budget units: KiB, so that a `u32` count of permits covers any message size allowed.
 const UNIT: u64 = 1024;
 
+/// The gRPC message prefix: a compression flag and a big-endian `u32` length.
+const PREFIX: usize = 5;
+
 /// The budget of request bytes a worker receives at once.
 #[derive(Debug, Clone)]
 pub struct Intake {
@@ -27,9 +33,22 @@ pub struct Intake {
     units: u32,
 }
 
-/// A request's share of the budget, held while it is served.
+/// The shares of one request body's messages, held while they are served.
 #[derive(Debug, Default, Clone)]
-pub struct Share(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+pub struct Share(Arc<Mutex<VecDeque<OwnedSemaphorePermit>>>);
+
+impl Share {
+    /// Gives back the share of the body's oldest message still held: a stream's message was
+    /// answered. Messages of one stream are about the same size (equal chunks), so which one's
+    /// share goes back matters little; every share goes back when the last holder drops.
+    pub fn release_oldest(&self) {
+        self.permits().pop_front();
+    }
+
+    fn permits(&self) -> std::sync::MutexGuard<'_, VecDeque<OwnedSemaphorePermit>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
 
 impl Intake {
     pub fn new(bytes: u64) -> Self {
@@ -42,30 +61,57 @@ impl Intake {
         self.budget.available_permits() as u64 * UNIT
     }
 
-    /// `body`, reading past its gRPC length prefix only once that many bytes of the budget are
-    /// taken; the share goes into `share`.
+    /// `body`, reading each message's bytes past its gRPC length prefix only once that many bytes
+    /// of the budget are taken; the shares go into `share`.
     pub fn meter<B>(&self, body: B, share: Share) -> Metered<B> {
-        Metered { body, intake: self.clone(), share, state: State::Prefix(Vec::new()), pending: None }
+        Metered {
+            body,
+            intake: self.clone(),
+            share,
+            state: State::Prefix(Vec::with_capacity(PREFIX)),
+            unread: VecDeque::new(),
+            trailers: None,
+        }
     }
 }
 
-/// A body that waits for its share of the [`Intake`] budget.
+/// A body whose messages each wait for their share of the [`Intake`] budget.
 pub struct Metered<B> {
     body: B,
     intake: Intake,
     share: Share,
     state: State,
-    /// A frame read before the share was taken.
-    pending: Option<Frame<Bytes>>,
+    /// Data read from the body and not yet handed on: a frame may hold several messages, or the
+    /// end of one and the start of the next.
+    unread: VecDeque<Bytes>,
+    /// Trailers read while data was still unread.
+    trailers: Option<Frame<Bytes>>,
 }
 
 enum State {
-    /// The gRPC prefix's bytes read so far.
+    /// The prefix's bytes read so far.
     Prefix(Vec<u8>),
-    /// Waiting for the share.
-    Waiting(BoxFuture<'static, Result<OwnedSemaphorePermit, tokio::sync::AcquireError>>),
-    /// The share is held: the rest passes through.
-    Admitted,
+    /// Waiting for the share of a message of this many bytes.
+    Waiting(BoxFuture<'static, Result<OwnedSemaphorePermit, tokio::sync::AcquireError>>, u64),
+    /// The message's share is held; this many of its bytes are still to come.
+    Message(u64),
+}
+
+impl<B> Metered<B> {
+    /// What to do once a prefix is whole: wait for the message's share, or refuse it.
+    fn admit(&mut self, prefix: &[u8]) -> Result<(), Status> {
+        let length = u64::from(u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]));
+        let units = length.div_ceil(UNIT).max(1);
+        if units > u64::from(self.intake.units) {
+            let budget = u64::from(self.intake.units) * UNIT;
+            return Err(Status::resource_exhausted(format!(
+                "a {length}-byte request is larger than the {budget} bytes this worker receives at once (--max-receiving-bytes)"
+            )));
+        }
+        let acquire = self.intake.budget.clone().acquire_many_owned(units as u32);
+        self.state = State::Waiting(Box::pin(acquire), length);
+        Ok(())
+    }
 }
 
 impl<B> Body for Metered<B>
@@ -78,51 +124,65 @@ where
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         loop {
             let this = &mut *self;
-            match &mut this.state {
-                State::Admitted => {
-                    if let Some(frame) = this.pending.take() {
-                        return Poll::Ready(Some(Ok(frame)));
-                    }
-                    return Pin::new(&mut this.body).poll_frame(cx);
+            if let State::Waiting(acquire, length) = &mut this.state {
+                let permit =
+                    ready!(acquire.as_mut().poll(cx)).map_err(|_| Status::unavailable("the worker is stopping"))?;
+                this.share.permits().push_back(permit);
+                this.state = State::Message(*length);
+                continue;
+            }
+            let Some(mut data) = this.unread.pop_front() else {
+                if let Some(trailers) = this.trailers.take() {
+                    return Poll::Ready(Some(Ok(trailers)));
                 }
-                State::Waiting(acquire) => {
-                    let permit =
-                        ready!(acquire.as_mut().poll(cx)).map_err(|_| Status::unavailable("the worker is stopping"))?;
-                    *this.share.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(permit);
-                    this.state = State::Admitted;
+                match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                    None => return Poll::Ready(None),
+                    Some(Err(status)) => return Poll::Ready(Some(Err(status))),
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => this.unread.push_back(data),
+                        Err(trailers) => this.trailers = Some(trailers),
+                    },
                 }
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            // Hand on the bytes of the part the state is in (a prefix, or the message's share),
+            // keeping the rest for the next turn.
+            let part = match &mut this.state {
                 State::Prefix(prefix) => {
-                    let Some(frame) = ready!(Pin::new(&mut this.body).poll_frame(cx)) else {
-                        this.state = State::Admitted;
-                        continue;
-                    };
-                    let frame = frame?;
-                    if let Some(data) = frame.data_ref() {
-                        let wanted = 5usize.saturating_sub(prefix.len()).min(data.len());
-                        prefix.extend_from_slice(&data.chunk()[..wanted]);
+                    let wanted = (PREFIX - prefix.len()).min(data.len());
+                    let part = data.split_to(wanted);
+                    prefix.extend_from_slice(part.chunk());
+                    if prefix.len() == PREFIX {
+                        let prefix = std::mem::take(prefix);
+                        this.admit(&prefix)?;
                     }
-                    this.pending = Some(frame);
-                    if prefix.len() < 5 {
-                        // A prefix split over frames: hand this frame on and read the next.
-                        return Poll::Ready(this.pending.take().map(Ok));
-                    }
-                    let length = u64::from(u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]));
-                    let units = length.div_ceil(UNIT).max(1);
-                    if units > u64::from(this.intake.units) {
-                        let budget = u64::from(this.intake.units) * UNIT;
-                        return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-                            "a {length}-byte request is larger than the {budget} bytes this worker receives at once (--max-receiving-bytes)"
-                        )))));
-                    }
-                    let acquire = this.intake.budget.clone().acquire_many_owned(units as u32);
-                    this.state = State::Waiting(Box::pin(acquire));
+                    part
                 }
+                State::Message(remaining) => {
+                    let taken = (*remaining).min(data.len() as u64);
+                    *remaining -= taken;
+                    let part = data.split_to(taken as usize);
+                    if *remaining == 0 {
+                        this.state = State::Prefix(Vec::with_capacity(PREFIX));
+                    }
+                    part
+                }
+                State::Waiting(..) => unreachable!("handled above"),
+            };
+            if !data.is_empty() {
+                this.unread.push_front(data);
+            }
+            if !part.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(part))));
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending.is_none() && matches!(self.state, State::Admitted) && self.body.is_end_stream()
+        self.unread.is_empty() && self.trailers.is_none() && self.body.is_end_stream()
     }
 }
 
@@ -169,7 +229,43 @@ mod tests {
         assert!(waiting.is_err(), "4 KiB more must wait while 6 of 8 are held");
         drop(first);
         drop(big);
-        assert_eq!(read_all(&mut second).await.expect("admitted once the first is answered"), 5 + 4 * 1024);
+        // Its prefix was read before it waited.
+        assert_eq!(read_all(&mut second).await.expect("admitted once the first is answered"), 4 * 1024);
+    }
+
+    /// Messages of a stream, several to a frame or split across frames, each take their own
+    /// share before their bytes are handed on; answering one gives its share back.
+    #[tokio::test]
+    async fn messages_of_a_stream_each_wait_for_their_share() {
+        let intake = Intake::new(8 * 1024);
+        let share = Share::default();
+        let mut sent = Vec::new();
+        for (length, fill) in [(3 * 1024u32, 1u8), (3 * 1024, 2), (3 * 1024, 3)] {
+            sent.push(0u8);
+            sent.extend(length.to_be_bytes());
+            sent.extend(std::iter::repeat_n(fill, length as usize));
+        }
+        // One frame with the first message and the second's prefix cut after 2 bytes, then the rest.
+        let cut = 5 + 3 * 1024 + 2;
+        let frames = Frames(vec![Bytes::copy_from_slice(&sent[..cut]), Bytes::copy_from_slice(&sent[cut..])].into());
+        let mut body = intake.meter(frames, share.clone());
+        let mut received = Vec::new();
+        let read_until_stalled = |body: &mut Metered<Frames>, received: &mut Vec<u8>| {
+            let waker = futures::task::noop_waker();
+            let mut context = Context::from_waker(&waker);
+            while let Poll::Ready(Some(frame)) = Pin::new(&mut *body).poll_frame(&mut context) {
+                received.extend_from_slice(frame.expect("data").data_ref().expect("data"));
+            }
+        };
+        read_until_stalled(&mut body, &mut received);
+        assert_eq!(received.len(), 2 * (5 + 3 * 1024) + 5, "two messages and the third's prefix, then a wait");
+        assert_eq!(intake.available_bytes(), 0, "the third waits, holding what is left (tokio's fair queue)");
+        share.release_oldest();
+        read_until_stalled(&mut body, &mut received);
+        assert_eq!(received, sent, "every byte, in order, once the first was answered");
+        assert_eq!(intake.available_bytes(), 2 * 1024, "the second and third are held");
+        drop((body, share));
+        assert_eq!(intake.available_bytes(), 8 * 1024);
     }
 
     #[tokio::test]

@@ -144,11 +144,17 @@ impl Service<http::Request<Body>> for WorkerServer {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let share = Share::default();
+        if request.uri().path() == switchyard_proto::FORWARD_STREAM_PATH {
+            // The handler gives each message's share back as it answers it.
+            let mut request = request.map(|body| Body::new(self.intake.meter(body, share.clone())));
+            request.extensions_mut().insert(share);
+            return self.generated.call(request);
+        }
         if request.uri().path() != switchyard_proto::FORWARD_PATH {
             return self.generated.call(request);
         }
         let service = self.service.clone();
-        let share = Share::default();
         let request = request.map(|body| Body::new(self.intake.meter(body, share.clone())));
         Box::pin(async move {
             let forward = |request| async move { expert_worker_server::ExpertWorker::forward(&service, request).await };
@@ -183,6 +189,9 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
         &self,
         request: Request<Streaming<v1::ForwardRequest>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        // Each message's share of the receiving budget (`WorkerServer`), given back as it is
+        // answered; none when the service is called without the server (tests).
+        let shares = request.extensions().get::<Share>().cloned().unwrap_or_default();
         let mut incoming = request.into_inner();
         let (answers, receiver) = mpsc::channel(STREAM_IN_FLIGHT);
         // A request holds a permit until its answer is queued for the client: a client that stops
@@ -200,8 +209,7 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
                         break;
                     }
                 };
-                let service = service.clone();
-                let answers = answers.clone();
+                let (service, answers, shares) = (service.clone(), answers.clone(), shares.clone());
                 tokio::spawn(async move {
                     let (request_id, sequence) = (message.request_id, message.sequence);
                     let answer = service.forward_message(message).await.unwrap_or_else(|error| {
@@ -218,6 +226,7 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
                         }
                     });
                     let _ = answers.send(Ok(answer)).await;
+                    shares.release_oldest();
                     drop(permit);
                 });
             }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use switchyard_expert_worker::request::{ExpertRowsIn, ForwardBatch, RowsSource};
 use switchyard_expert_worker::scheduler::BatchingConfig;
 use switchyard_expert_worker::worker::QueueLimits;
@@ -382,18 +383,37 @@ async fn checkpoints_are_read_only_under_the_model_root() {
 }
 
 /// A request larger than all the bytes a worker receives at once is refused before it is read
-/// (RESOURCE_EXHAUSTED naming the flag); smaller ones are served.
+/// (RESOURCE_EXHAUSTED naming the flag), whether it comes alone or on a stream; smaller ones are
+/// served.
 #[tokio::test]
 async fn a_request_past_the_receiving_budget_is_refused_before_it_is_read() {
     let ((mut client, _stop), _) = grpc_worker_with(1024, &["--max-receiving-bytes", "16384"]).await;
     let large = wire_request(1, 1, vec![512, 16], wire::encode_f32(&rows(512, 16, 0.1), WireDtype::F32));
-    let status = client.forward(large).await.unwrap_err();
+    let status = client.forward(large.clone()).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("--max-receiving-bytes"), "{}", status.message());
     let small = wire_request(1, 1, vec![8, 16], wire::encode_f32(&rows(8, 16, 0.1), WireDtype::F32));
     for _ in 0..3 {
         client.forward(small.clone()).await.expect("a small request is served, and its share returned");
     }
+
+    // A stream's messages are under the same budget, each taking its share before it is read and
+    // giving it back when answered: 40 messages of 2 KiB (five times the budget in all) are served.
+    let chunk = wire_request(1, 1, vec![32, 16], wire::encode_f32(&rows(32, 16, 0.1), WireDtype::F32));
+    let chunks = (0..40u32).map(move |sequence| v1::ForwardRequest { sequence, ..chunk.clone() });
+    let answers = client.forward_stream(futures::stream::iter(chunks)).await.expect("stream").into_inner().collect();
+    // A guard against a stream stalled for shares never given back, not a measurement.
+    let answers: Vec<_> = tokio::time::timeout(Duration::from_secs(60), answers).await.expect("every share came back");
+    assert_eq!(answers.len(), 40);
+    for answer in answers {
+        let answer = answer.expect("served");
+        assert_eq!(answer.error, None, "chunk {}", answer.sequence);
+    }
+    // One message larger than the budget ends its stream with the same refusal.
+    let mut refused = client.forward_stream(futures::stream::iter([large])).await.expect("stream").into_inner();
+    let status = refused.next().await.expect("an answer").unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--max-receiving-bytes"), "{}", status.message());
 }
 
 /// A `Forward` body that is not a `ForwardRequest` is the caller's fault: INVALID_ARGUMENT, not
