@@ -13,5 +13,6 @@ pub mod clock;
 pub mod metrics_http;
 pub mod ready;
 pub mod shutdown;
+pub mod tls;
 pub mod tracing_setup;
 pub mod transport;

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint, Server};
 
+use crate::tls::{ClientTls, ServerTls, TlsConnection};
+
 /// HTTP/2 per-stream flow-control window.
 pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 /// HTTP/2 per-connection flow-control window.
@@ -104,6 +106,50 @@ pub fn incoming_with(
     })
 }
 
+/// [`incoming_with`] over mutual TLS: each connection's handshake runs on its own task (a slow
+/// or silent one delays no other) within `limits.first_bytes_within`; one that fails (no client
+/// certificate, another CA) is logged and closed. Each connection carries its peer's
+/// [`crate::tls::PeerIdentity`] into every request's extensions.
+pub fn incoming_tls(
+    listener: tokio::net::TcpListener,
+    limits: ConnectionLimits,
+    tls: ServerTls,
+) -> impl tokio_stream::Stream<Item = std::io::Result<TlsConnection<tokio_rustls::server::TlsStream<GuardedConnection>>>>
+{
+    use tokio_stream::StreamExt;
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut accepted = std::pin::pin!(incoming_with(listener, limits));
+        loop {
+            let connection = tokio::select! {
+                _ = sender.closed() => return,
+                connection = accepted.next() => connection,
+            };
+            let Some(connection) = connection else { return };
+            let connection = match connection {
+                Ok(connection) => connection,
+                Err(error) => {
+                    if sender.send(Err(error)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let (sender, tls) = (sender.clone(), tls.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(limits.first_bytes_within, tls.accept(connection)).await {
+                    Ok(Ok(connection)) => {
+                        let _ = sender.send(Ok(connection)).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%error, "TLS handshake refused"),
+                    Err(_) => tracing::debug!("TLS handshake not finished in time"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
 /// An accepted connection holding its slot under [`ConnectionLimits::max_connections`], and closed
 /// if its first bytes do not come in time.
 #[derive(Debug)]
@@ -188,6 +234,30 @@ impl WireCounters {
 
 /// [`channel`], with every byte its connections write and read counted in `counters`.
 pub fn counted_channel(uri: &str, counters: Arc<WireCounters>) -> Result<Channel, tonic::transport::Error> {
+    dial(uri, Some(counters), None)
+}
+
+/// [`channel`], over mutual TLS when `tls` is given: the server's certificate must name the
+/// URI's host.
+pub fn secure_channel(uri: &str, tls: Option<&ClientTls>) -> Result<Channel, tonic::transport::Error> {
+    match tls {
+        None => channel(uri),
+        Some(tls) => dial(uri, None, Some(tls.clone())),
+    }
+}
+
+/// What a channel's connector hands tonic: a TCP stream, counted or not, under TLS or not.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A lazily connected channel whose connections count their bytes in `counters` and run TLS
+/// with `tls`, as asked.
+fn dial(
+    uri: &str,
+    counters: Option<Arc<WireCounters>>,
+    tls: Option<ClientTls>,
+) -> Result<Channel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(uri.to_owned())?
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
@@ -197,15 +267,27 @@ pub fn counted_channel(uri: &str, counters: Arc<WireCounters>) -> Result<Channel
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
     let connector = tower::service_fn(move |uri: tonic::transport::Uri| {
-        let counters = counters.clone();
+        let (counters, tls) = (counters.clone(), tls.clone());
         async move {
             let host = uri.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']').to_owned();
-            let port = uri.port_u16().unwrap_or(80);
+            let port = uri.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port)))
                 .await
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {uri}")))??;
             stream.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(CountingStream { inner: stream, counters }))
+            let stream: Box<dyn Io> = match counters {
+                Some(counters) => Box::new(CountingStream { inner: stream, counters }),
+                None => Box::new(stream),
+            };
+            let stream: Box<dyn Io> = match tls {
+                Some(tls) => {
+                    Box::new(tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(&host, stream)).await.map_err(
+                        |_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("TLS handshake with {uri}")),
+                    )??)
+                }
+                None => stream,
+            };
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     });
     Ok(endpoint.connect_with_connector_lazy(connector))

@@ -1,6 +1,7 @@
 //! The `switchyard` command line: flags here, work in the library.
 
 mod bench;
+mod certs;
 mod device_check;
 mod forward;
 mod load_args;
@@ -60,6 +61,10 @@ pub enum Command {
     /// checkpoint fixture against transformers' outputs; and measure its bf16 and f32 matmul peak.
     /// Exits non-zero when a check fails.
     DeviceCheck(device_check::DeviceCheckArgs),
+    /// Write a development CA and a certificate per role (coordinator, worker, client) for mutual
+    /// TLS; each names its role in a `spiffe://switchyard/<role>` URI. For production, issue the
+    /// same from your own CA (cert-manager, Vault).
+    Certs(certs::CertsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -71,6 +76,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ModelInfo(args) => model_info::run(args),
         Command::Bench(args) => bench::run(args).await,
         Command::DeviceCheck(args) => device_check::run(args).await,
+        Command::Certs(args) => certs::run(args),
     }
 }
 

@@ -1,0 +1,405 @@
+//! Mutual TLS between the processes, and who is calling.
+//!
+//! Every process holds one certificate, signed by the cluster's CA, whose subject alternative
+//! names include a URI naming its role (`spiffe://switchyard/coordinator`, `…/worker`,
+//! `…/client`): both ends of a connection present theirs and check the other's against the CA
+//! (rustls, ring). [`ServerTls`] and [`ClientTls`] re-read their PEM files when they change
+//! (Kubernetes updates a mounted Secret in place), keeping the last good configuration if the new
+//! files do not load. A server's accepted connections carry the peer's [`PeerIdentity`]
+//! ([`TlsConnection`]), which [`authorize`] checks against the roles a method allows.
+//! [`write_dev_certs`] makes a development CA and a certificate per role.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A process's part in the cluster, as its certificate names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Coordinator,
+    Worker,
+    Client,
+}
+
+/// The scheme and authority of the role URIs.
+const ROLE_URI_PREFIX: &str = "spiffe://switchyard/";
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Coordinator, Role::Worker, Role::Client];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Worker => "worker",
+            Role::Client => "client",
+        }
+    }
+
+    /// The subject alternative name URI that gives a certificate this role.
+    pub fn uri(self) -> String {
+        format!("{ROLE_URI_PREFIX}{}", self.name())
+    }
+
+    fn from_uri(uri: &str) -> Option<Role> {
+        let name = uri.strip_prefix(ROLE_URI_PREFIX)?;
+        Role::ALL.into_iter().find(|role| role.name() == name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    #[error("making certificates: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+    TlsError::File { path: path.to_owned(), reason: reason.to_string() }
+}
+
+/// One identity's PEM files and the CA it trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Its certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA certificates that sign its peers.
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    fn chain(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let chain: Vec<_> = CertificateDer::pem_file_iter(&self.cert)
+            .map_err(|error| file_error(&self.cert, error))?
+            .collect::<Result<_, _>>()
+            .map_err(|error| file_error(&self.cert, error))?;
+        if chain.is_empty() {
+            return Err(file_error(&self.cert, "holds no certificate"));
+        }
+        Ok(chain)
+    }
+
+    fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        PrivateKeyDer::from_pem_file(&self.key).map_err(|error| file_error(&self.key, error))
+    }
+
+    fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for certificate in CertificateDer::pem_file_iter(&self.ca).map_err(|error| file_error(&self.ca, error))? {
+            let certificate = certificate.map_err(|error| file_error(&self.ca, error))?;
+            roots.add(certificate).map_err(|error| file_error(&self.ca, error))?;
+        }
+        if roots.is_empty() {
+            return Err(file_error(&self.ca, "holds no CA certificate"));
+        }
+        Ok(Arc::new(roots))
+    }
+
+    /// When each file last changed: a new stamp means reloading.
+    fn stamp(&self) -> Option<[SystemTime; 3]> {
+        let modified = |path: &Path| std::fs::metadata(path).and_then(|metadata| metadata.modified()).ok();
+        Some([modified(&self.cert)?, modified(&self.key)?, modified(&self.ca)?])
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// gRPC runs over HTTP/2 only.
+fn alpn() -> Vec<Vec<u8>> {
+    vec![b"h2".to_vec()]
+}
+
+fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(files.roots()?, provider())
+        .build()
+        .map_err(|error| TlsError::Config(error.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|error| TlsError::Config(error.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(files.chain()?, files.key()?)
+        .map_err(|error| TlsError::Config(error.to_string()))?;
+    config.alpn_protocols = alpn();
+    Ok(Arc::new(config))
+}
+
+fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|error| TlsError::Config(error.to_string()))?
+        .with_root_certificates(files.roots()?)
+        .with_client_auth_cert(files.chain()?, files.key()?)
+        .map_err(|error| TlsError::Config(error.to_string()))?;
+    config.alpn_protocols = alpn();
+    Ok(Arc::new(config))
+}
+
+/// A configuration built from files, built again when they change.
+#[derive(Debug)]
+struct Reloading<C> {
+    files: TlsFiles,
+    build: fn(&TlsFiles) -> Result<Arc<C>, TlsError>,
+    current: Mutex<(Option<[SystemTime; 3]>, Arc<C>)>,
+}
+
+impl<C> Reloading<C> {
+    fn load(files: TlsFiles, build: fn(&TlsFiles) -> Result<Arc<C>, TlsError>) -> Result<Self, TlsError> {
+        let stamp = files.stamp();
+        let config = build(&files)?;
+        Ok(Self { files, build, current: Mutex::new((stamp, config)) })
+    }
+
+    /// The configuration for a new connection: rebuilt first if a file changed since; the last
+    /// good one if the new files do not load (a Secret half-updated, say).
+    fn get(&self) -> Arc<C> {
+        let mut current = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let stamp = self.files.stamp();
+        if stamp.is_some() && stamp != current.0 {
+            match (self.build)(&self.files) {
+                Ok(config) => {
+                    tracing::info!(cert = %self.files.cert.display(), "TLS certificates reloaded");
+                    *current = (stamp, config);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "TLS certificates changed but do not load; keeping the previous ones")
+                }
+            }
+        }
+        current.1.clone()
+    }
+}
+
+/// A server's TLS: it presents its certificate and requires one from every client.
+#[derive(Debug, Clone)]
+pub struct ServerTls(Arc<Reloading<ServerConfig>>);
+
+impl ServerTls {
+    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        Ok(Self(Arc::new(Reloading::load(files, server_config)?)))
+    }
+
+    /// Completes the handshake on an accepted `stream`: the connection and who is at its other end.
+    pub async fn accept<IO>(&self, stream: IO) -> std::io::Result<TlsConnection<tokio_rustls::server::TlsStream<IO>>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let stream = tokio_rustls::TlsAcceptor::from(self.0.get()).accept(stream).await?;
+        let identity = PeerIdentity::of(stream.get_ref().1.peer_certificates());
+        Ok(TlsConnection { inner: stream, identity })
+    }
+}
+
+/// A client's TLS: it presents its certificate and checks the server's.
+#[derive(Debug, Clone)]
+pub struct ClientTls(Arc<Reloading<ClientConfig>>);
+
+impl ClientTls {
+    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        Ok(Self(Arc::new(Reloading::load(files, client_config)?)))
+    }
+
+    /// Completes the handshake with the server `host` (a DNS name or an IP address, which its
+    /// certificate must name) on a connected `stream`.
+    pub async fn connect<IO>(&self, host: &str, stream: IO) -> std::io::Result<tokio_rustls::client::TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host}: {error}")))?;
+        tokio_rustls::TlsConnector::from(self.0.get()).connect(name, stream).await
+    }
+}
+
+/// Who is at the other end of a connection, as its (CA-checked) certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The roles its certificate's URIs name.
+    pub roles: Vec<Role>,
+    /// Its leaf certificate (DER): what a worker id registered over this connection is bound to.
+    pub certificate: Vec<u8>,
+}
+
+impl PeerIdentity {
+    fn of(certificates: Option<&[CertificateDer<'_>]>) -> Self {
+        let Some(leaf) = certificates.and_then(<[_]>::first) else {
+            return Self { roles: Vec::new(), certificate: Vec::new() };
+        };
+        Self { roles: roles_of(leaf), certificate: leaf.to_vec() }
+    }
+}
+
+fn roles_of(certificate: &[u8]) -> Vec<Role> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(certificate) else { return Vec::new() };
+    let Ok(Some(names)) = parsed.subject_alternative_name() else { return Vec::new() };
+    names
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Role::from_uri(uri),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A server's side of a TLS connection, with the peer's identity for every request on it.
+#[derive(Debug)]
+pub struct TlsConnection<IO> {
+    inner: IO,
+    identity: PeerIdentity,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> tonic::transport::server::Connected for TlsConnection<IO> {
+    type ConnectInfo = PeerIdentity;
+
+    fn connect_info(&self) -> PeerIdentity {
+        self.identity.clone()
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for TlsConnection<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for TlsConnection<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buffers: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, buffers)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The caller's identity if its certificate names one of `allowed`: `UNAUTHENTICATED` for a
+/// connection without one (not TLS), `PERMISSION_DENIED` naming the roles that may call.
+pub fn authorize(extensions: &tonic::Extensions, allowed: &[Role]) -> Result<PeerIdentity, tonic::Status> {
+    let Some(identity) = extensions.get::<PeerIdentity>().cloned() else {
+        return Err(tonic::Status::unauthenticated("this server takes calls over mutual TLS only"));
+    };
+    if identity.roles.iter().any(|role| allowed.contains(role)) {
+        return Ok(identity);
+    }
+    let allowed: Vec<&str> = allowed.iter().map(|role| role.name()).collect();
+    let held: Vec<&str> = identity.roles.iter().map(|role| role.name()).collect();
+    Err(tonic::Status::permission_denied(format!(
+        "only the {} role may call this; the caller's certificate names {}",
+        allowed.join(" or "),
+        if held.is_empty() { "no role".to_owned() } else { held.join(", ") }
+    )))
+}
+
+/// The file names [`write_dev_certs`] writes in its folder.
+pub fn dev_files(dir: &Path, role: Role) -> TlsFiles {
+    TlsFiles {
+        cert: dir.join(format!("{}.pem", role.name())),
+        key: dir.join(format!("{}-key.pem", role.name())),
+        ca: dir.join("ca.pem"),
+    }
+}
+
+/// Writes a development CA (`ca.pem`, `ca-key.pem`) and, for each role, a certificate it signs
+/// (`<role>.pem`, `<role>-key.pem`) naming the role and valid for `hosts` (DNS names or IP
+/// addresses the servers are dialled by). Keys are written readable by their owner only.
+pub fn write_dev_certs(dir: &Path, hosts: &[String]) -> Result<(), TlsError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+    std::fs::create_dir_all(dir).map_err(|error| file_error(dir, error))?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name.push(DnType::CommonName, "switchyard development CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    write(&dir.join("ca.pem"), &ca.pem(), false)?;
+    write(&dir.join("ca-key.pem"), &ca.key().serialize_pem(), true)?;
+    for role in Role::ALL {
+        let mut params = CertificateParams::new(hosts.to_vec())?;
+        params.distinguished_name.push(DnType::CommonName, format!("switchyard {}", role.name()));
+        let uri = role.uri().try_into().map_err(|_| TlsError::Config(format!("{} is no IA5 string", role.uri())))?;
+        params.subject_alt_names.push(SanType::URI(uri));
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate()?;
+        let certificate = params.signed_by(&key, &*ca)?;
+        let files = dev_files(dir, role);
+        write(&files.cert, &(certificate.pem() + &ca.pem()), false)?;
+        write(&files.key, &key.serialize_pem(), true)?;
+    }
+    Ok(())
+}
+
+fn write(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true).mode(if secret { 0o600 } else { 0o644 });
+    let mut file = options.open(path).map_err(|error| file_error(path, error))?;
+    file.write_all(contents.as_bytes()).map_err(|error| file_error(path, error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_uris_round_trip_and_others_name_no_role() {
+        for role in Role::ALL {
+            assert_eq!(Role::from_uri(&role.uri()), Some(role));
+        }
+        assert_eq!(Role::from_uri("spiffe://switchyard/admin"), None);
+        assert_eq!(Role::from_uri("spiffe://elsewhere/worker"), None);
+    }
+
+    #[test]
+    fn dev_certificates_name_their_role() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_dev_certs(dir.path(), &["localhost".into(), "127.0.0.1".into()]).expect("certificates");
+        for role in Role::ALL {
+            let files = dev_files(dir.path(), role);
+            let chain = files.chain().expect("chain");
+            assert_eq!(chain.len(), 2, "leaf, then the CA");
+            assert_eq!(roles_of(&chain[0]), [role]);
+            assert!(ServerTls::load(files.clone()).is_ok() && ClientTls::load(files).is_ok());
+        }
+        let key_mode = std::fs::metadata(dev_files(dir.path(), Role::Worker).key).expect("key").permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777, 0o600);
+        let missing = TlsFiles { ca: dir.path().join("nope.pem"), ..dev_files(dir.path(), Role::Client) };
+        let error = ServerTls::load(missing).unwrap_err().to_string();
+        assert!(error.contains("nope.pem"), "{error}");
+    }
+}
