@@ -307,6 +307,105 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for TlsConnection<IO> {
     }
 }
 
+/// `--tls-cert`, `--tls-key`, `--tls-ca`: all three (mutual TLS on every connection the process
+/// serves and opens) or none (plaintext).
+#[cfg(feature = "clap")]
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// This process's certificate chain (PEM, leaf first), naming its role in a
+    /// spiffe://switchyard/<role> URI (`switchyard certs` writes a development set). With
+    /// --tls-key and --tls-ca, every connection it serves or opens is mutual TLS, and each call is
+    /// checked against the caller's role. Re-read when the files change.
+    #[arg(long, global = true, env = "SWITCHYARD_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, global = true, env = "SWITCHYARD_TLS_KEY", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) that sign this cluster's processes: peers whose certificates
+    /// they do not sign are refused in the handshake.
+    #[arg(long, global = true, env = "SWITCHYARD_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+#[cfg(feature = "clap")]
+impl TlsArgs {
+    /// The files, when TLS is asked for.
+    pub fn files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles { cert: self.tls_cert.clone()?, key: self.tls_key.clone()?, ca: self.tls_ca.clone()? })
+    }
+
+    /// The flags that give a child process `files`.
+    pub fn flags(files: &TlsFiles) -> Vec<String> {
+        let flag = |name: &str, path: &Path| [name.to_owned(), path.display().to_string()];
+        [flag("--tls-cert", &files.cert), flag("--tls-key", &files.key), flag("--tls-ca", &files.ca)].concat()
+    }
+}
+
+/// The identity this process presents on the connections it opens.
+static OUTGOING: std::sync::OnceLock<ClientTls> = std::sync::OnceLock::new();
+
+/// Makes `tls` the identity this process presents on every connection it opens
+/// ([`crate::transport::channel`], [`crate::transport::counted_channel`]): a process has one role
+/// in the cluster, so its clients (to the coordinator, to workers) need not each be told. Set it
+/// once, before the first connection; `false` if it was set already.
+pub fn use_for_outgoing(tls: ClientTls) -> bool {
+    OUTGOING.set(tls).is_ok()
+}
+
+/// The identity set by [`use_for_outgoing`], if any.
+pub fn outgoing() -> Option<&'static ClientTls> {
+    OUTGOING.get()
+}
+
+/// Which roles may call a method, by its gRPC path (`/package.Service/Method`).
+pub type RolePolicy = fn(&str) -> &'static [Role];
+
+/// A server layer that answers every call whose caller's certificate names none of the roles
+/// the policy allows for its method with `PERMISSION_DENIED` (`UNAUTHENTICATED` without a
+/// certificate), before the method sees it. Used only on servers that run TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct RoleGuardLayer(pub RolePolicy);
+
+impl<S> tower::Layer<S> for RoleGuardLayer {
+    type Service = RoleGuard<S>;
+
+    fn layer(&self, inner: S) -> RoleGuard<S> {
+        RoleGuard { inner, policy: self.0 }
+    }
+}
+
+/// See [`RoleGuardLayer`].
+#[derive(Debug, Clone)]
+pub struct RoleGuard<S> {
+    inner: S,
+    policy: RolePolicy,
+}
+
+impl<S, B> tower::Service<tonic::codegen::http::Request<B>> for RoleGuard<S>
+where
+    S: tower::Service<tonic::codegen::http::Request<B>, Response = tonic::codegen::http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        S::Future,
+        std::future::Ready<Result<tonic::codegen::http::Response<tonic::body::Body>, S::Error>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+        let allowed = (self.policy)(request.uri().path());
+        match authorize(request.extensions(), allowed) {
+            Ok(_) => futures::future::Either::Left(self.inner.call(request)),
+            Err(status) => futures::future::Either::Right(std::future::ready(Ok(status.into_http()))),
+        }
+    }
+}
+
 /// The caller's identity if its certificate names one of `allowed`: `UNAUTHENTICATED` for a
 /// connection without one (not TLS), `PERMISSION_DENIED` naming the roles that may call.
 pub fn authorize(extensions: &tonic::Extensions, allowed: &[Role]) -> Result<PeerIdentity, tonic::Status> {

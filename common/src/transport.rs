@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint, Server};
 
-use crate::tls::{ClientTls, ServerTls, TlsConnection};
+use crate::tls::{ClientTls, RoleGuardLayer, RolePolicy, ServerTls, TlsConnection};
 
 /// HTTP/2 per-stream flow-control window.
 pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
@@ -39,8 +39,12 @@ pub fn server() -> Server {
 }
 
 /// A lazily connected channel to `uri` with the same windows, and a connect timeout so a dead peer
-/// is an error, not a hang.
+/// is an error, not a hang; over mutual TLS when the process has an identity
+/// ([`crate::tls::use_for_outgoing`]), whatever the URI's scheme.
 pub fn channel(uri: &str) -> Result<Channel, tonic::transport::Error> {
+    if let Some(tls) = crate::tls::outgoing() {
+        return dial(uri, None, Some(tls.clone()));
+    }
     Ok(Endpoint::from_shared(uri.to_owned())?
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
@@ -51,6 +55,26 @@ pub fn channel(uri: &str) -> Result<Channel, tonic::transport::Error> {
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
         .connect_lazy())
+}
+
+/// Serves `routes` on `listener` until `shutdown`: over mutual TLS, each call checked against the
+/// role policy before its method sees it, when `tls` is given; plaintext otherwise.
+pub async fn serve(
+    routes: tonic::service::Routes,
+    listener: tokio::net::TcpListener,
+    tls: Option<(ServerTls, RolePolicy)>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    match tls {
+        Some((tls, policy)) => {
+            server()
+                .layer(RoleGuardLayer(policy))
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming_tls(listener, ConnectionLimits::default(), tls), shutdown)
+                .await
+        }
+        None => server().add_routes(routes).serve_with_incoming_shutdown(incoming(listener), shutdown).await,
+    }
 }
 
 /// What one listener admits: connections held at once, and how long a new one may stay silent.
@@ -232,18 +256,16 @@ impl WireCounters {
     }
 }
 
-/// [`channel`], with every byte its connections write and read counted in `counters`.
+/// [`channel`], with every byte its connections write and read counted in `counters` (TLS
+/// records included, when the process has an identity).
 pub fn counted_channel(uri: &str, counters: Arc<WireCounters>) -> Result<Channel, tonic::transport::Error> {
-    dial(uri, Some(counters), None)
+    dial(uri, Some(counters), crate::tls::outgoing().cloned())
 }
 
-/// [`channel`], over mutual TLS when `tls` is given: the server's certificate must name the
-/// URI's host.
+/// A channel presenting `tls` (not the process's identity; plaintext for `None`): the server's
+/// certificate must name the URI's host.
 pub fn secure_channel(uri: &str, tls: Option<&ClientTls>) -> Result<Channel, tonic::transport::Error> {
-    match tls {
-        None => channel(uri),
-        Some(tls) => dial(uri, None, Some(tls.clone())),
-    }
+    dial(uri, None, tls.cloned())
 }
 
 /// What a channel's connector hands tonic: a TCP stream, counted or not, under TLS or not.

@@ -28,6 +28,9 @@ pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
 
+    #[command(flatten)]
+    pub tls: switchyard_common::tls::TlsArgs,
+
     /// Largest batch (tokens per layer call) a client sends; each expert queue admits that batch's
     /// expert capacity, ceil(top_k * tokens / experts * capacity_factor), across all clients, or the
     /// whole batch when the model is dropless or has a per-sequence expert capacity.

@@ -14,6 +14,7 @@ pub mod service;
 
 use std::future::Future;
 
+use switchyard_common::tls::{Role, RolePolicy, ServerTls};
 use tokio::net::TcpListener;
 
 pub use config::Args;
@@ -21,11 +22,23 @@ pub use config::Args;
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::control::GrpcWorkerControl;
 
-/// Serves the coordinator on `grpc` and `metrics_listener` until `shutdown` resolves.
+/// Which roles may call each coordinator method under mutual TLS: workers join, beat and drain;
+/// clients (and tools) read the table and the status; any member may ask its health.
+pub fn allowed_roles(path: &str) -> &'static [Role] {
+    match path.rsplit('/').next() {
+        _ if path.starts_with("/grpc.health.") => &Role::ALL,
+        Some("RegisterWorker" | "Heartbeat" | "DrainWorker") => &[Role::Worker],
+        _ => &[Role::Client],
+    }
+}
+
+/// Serves the coordinator on `grpc` and `metrics_listener` until `shutdown` resolves; over mutual
+/// TLS when `tls` is given, each call checked against [`allowed_roles`].
 pub async fn run(
     grpc: TcpListener,
     metrics_listener: TcpListener,
     config: ClusterConfig,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grpc_addr = grpc.local_addr()?;
@@ -59,11 +72,9 @@ pub async fn run(
         shutdown.await;
         let _ = stop_streams.send(true);
     };
-    let served = switchyard_common::transport::server()
-        .add_service(health_service)
-        .add_service(service)
-        .serve_with_incoming_shutdown(switchyard_common::transport::incoming(grpc), shutdown)
-        .await;
+    let routes = tonic::service::Routes::new(health_service).add_service(service);
+    let tls = tls.map(|tls| (tls, allowed_roles as RolePolicy));
+    let served = switchyard_common::transport::serve(routes, grpc, tls, shutdown).await;
     let _ = stop.send(true);
     let _ = reconcile.await;
     let _ = metrics_task.await;

@@ -16,6 +16,13 @@ async fn main() -> anyhow::Result<()> {
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("binding {}", args.metrics_listen))?;
-    switchyard_coordinator::run(grpc, metrics, config, switchyard_common::shutdown::signal()).await?;
+    let tls = match args.tls.files() {
+        Some(files) => {
+            switchyard_common::tls::use_for_outgoing(switchyard_common::tls::ClientTls::load(files.clone())?);
+            Some(switchyard_common::tls::ServerTls::load(files)?)
+        }
+        None => None,
+    };
+    switchyard_coordinator::run(grpc, metrics, config, tls, switchyard_common::shutdown::signal()).await?;
     Ok(())
 }

@@ -108,6 +108,9 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_PER_EXPERT_METRICS")]
     pub per_expert_metrics: bool,
 
+    #[command(flatten)]
+    pub tls: switchyard_common::tls::TlsArgs,
+
     /// Log line format.
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

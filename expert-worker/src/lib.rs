@@ -20,6 +20,7 @@ pub mod worker;
 
 use std::future::Future;
 
+use switchyard_common::tls::{ClientTls, Role, RolePolicy, ServerTls};
 use tokio::net::TcpListener;
 
 pub use config::Args;
@@ -27,13 +28,34 @@ pub use error::WorkerError;
 pub use service::ExpertWorkerService;
 pub use worker::{ExpertWorker, QueueLimits, WorkerOptions};
 
-/// Serves a worker on `grpc` and `metrics` until `shutdown` resolves, then drains its queues.
+/// Which roles may call each worker method under mutual TLS: clients send rows, the coordinator
+/// loads and unloads experts; both may read its stats, any member its health.
+pub fn allowed_roles(path: &str) -> &'static [Role] {
+    match path.rsplit('/').next() {
+        _ if path.starts_with("/grpc.health.") => &Role::ALL,
+        Some("LoadExperts" | "UnloadExperts") => &[Role::Coordinator],
+        Some("GetStats") => &[Role::Client, Role::Coordinator],
+        _ => &[Role::Client],
+    }
+}
+
+/// Serves a worker on `grpc` and `metrics` until `shutdown` resolves, then drains its queues;
+/// over mutual TLS when `args` name certificates, each call checked against [`allowed_roles`].
 pub async fn run(
     grpc: TcpListener,
     metrics_listener: TcpListener,
     args: Args,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), std::io::Error> {
+    let tls = match args.tls.files() {
+        Some(files) => {
+            let server = ServerTls::load(files.clone()).map_err(std::io::Error::other)?;
+            // The worker dials the coordinator as itself.
+            switchyard_common::tls::use_for_outgoing(ClientTls::load(files).map_err(std::io::Error::other)?);
+            Some((server, allowed_roles as RolePolicy))
+        }
+        None => None,
+    };
     let grpc_addr = grpc.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
     let device = args.device.resolve();
@@ -101,14 +123,11 @@ pub async fn run(
     ));
 
     switchyard_common::ready::announce(grpc_addr, metrics_addr);
-    let served = switchyard_common::transport::server()
-        .add_service(health_service)
-        .add_service(
-            service::ExpertWorkerService::new(worker.clone(), name)
-                .into_server(intake::Intake::new(args.max_receiving_bytes)),
-        )
-        .serve_with_incoming_shutdown(switchyard_common::transport::incoming(grpc), shutdown)
-        .await;
+    let routes = tonic::service::Routes::new(health_service).add_service(
+        service::ExpertWorkerService::new(worker.clone(), name)
+            .into_server(intake::Intake::new(args.max_receiving_bytes)),
+    );
+    let served = switchyard_common::transport::serve(routes, grpc, tls, shutdown).await;
     if let Some(task) = membership_task {
         task.abort();
     }

@@ -40,6 +40,11 @@ pub struct LocalArgs {
     #[arg(long)]
     pub loadtest: bool,
 
+    /// Run every connection over mutual TLS, with a development CA and a certificate per role
+    /// written to a fresh folder (printed) for the coordinator, the workers and this process.
+    #[arg(long, env = "SWITCHYARD_LOCAL_TLS")]
+    pub tls: bool,
+
     /// With --loadtest: then run the same load through the in-process reference layer, for comparison
     /// (with as many libtorch threads as all workers had together).
     #[arg(long, requires = "loadtest")]
@@ -64,6 +69,15 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     }
     if std::env::var_os("RUST_LOG").is_none() {
         config.log_filter = Some("warn".into());
+    }
+    if args.tls {
+        use switchyard_common::tls::{self, ClientTls, Role, TlsArgs};
+        let dir = std::env::temp_dir().join(format!("switchyard-local-certs-{}", std::process::id()));
+        tls::write_dev_certs(&dir, &["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        config.coordinator_args.extend(TlsArgs::flags(&tls::dev_files(&dir, Role::Coordinator)));
+        config.worker_args.extend(TlsArgs::flags(&tls::dev_files(&dir, Role::Worker)));
+        tls::use_for_outgoing(ClientTls::load(tls::dev_files(&dir, Role::Client))?);
+        eprintln!("mutual TLS on every connection; certificates in {}", dir.display());
     }
     eprintln!("starting a coordinator and {} workers on 127.0.0.1 (model {})...", args.workers, model.summary());
     let mut cluster = LocalCluster::start(config).await?;

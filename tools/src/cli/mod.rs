@@ -30,6 +30,11 @@ pub struct Cli {
     /// libtorch intra-op threads of this process (the reference layer's experts).
     #[arg(long, global = true, env = "SWITCHYARD_TORCH_THREADS", default_value_t = 1)]
     pub torch_threads: u32,
+
+    /// The identity this process presents to a cluster that runs mutual TLS (a client-role
+    /// certificate for `loadtest`, `status`, `forward`).
+    #[command(flatten)]
+    pub tls: switchyard_common::tls::TlsArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -68,6 +73,14 @@ pub enum Command {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(files) = cli.tls.files() {
+        if matches!(&cli.command, Command::Local(local) if local.tls) {
+            anyhow::bail!(
+                "switchyard local --tls makes its own certificates; --tls-cert, --tls-key and --tls-ca are not for it"
+            );
+        }
+        switchyard_common::tls::use_for_outgoing(switchyard_common::tls::ClientTls::load(files)?);
+    }
     match cli.command {
         Command::Local(args) => local::run(args).await,
         Command::Loadtest(args) => loadtest::run(args, cli.torch_threads).await,
