@@ -76,6 +76,9 @@ pub struct Registration {
     pub loaded_experts: Vec<ExpertId>,
     /// Matrix-multiply rate in GFLOP/s; 0: unknown.
     pub compute_gflops: f64,
+    /// The certificate (DER) it registered over, under mutual TLS: its heartbeats and drain must
+    /// come over the same one.
+    pub identity: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +90,8 @@ pub struct WorkerRecord {
     pub memory_bytes: u64,
     /// Its matrix-multiply rate (GFLOP/s; 0: unknown): placement's weight for it.
     pub compute_gflops: f64,
+    /// The certificate it registered over, if the coordinator runs TLS.
+    pub identity: Option<Vec<u8>>,
     /// The dtype its experts are resident in, so what its memory holds.
     pub resident_dtype: WeightDtype,
     /// Experts the worker holds (reported at registration, then what we told it to load).
@@ -254,6 +259,7 @@ impl<C: WorkerControl> Cluster<C> {
                 device: registration.device,
                 memory_bytes: registration.memory_bytes,
                 compute_gflops: registration.compute_gflops,
+                identity: registration.identity,
                 resident,
                 last_heartbeat: Instant::now(),
                 queued_tokens: 0,
@@ -271,6 +277,18 @@ impl<C: WorkerControl> Cluster<C> {
         drop(state);
         self.wake.notify_one();
         Ok((id, self.config.heartbeat_interval))
+    }
+
+    /// Whether `caller` (a certificate, under mutual TLS) may speak for `worker_id`: the one that
+    /// registered it. An unknown id is left to the call itself to refuse.
+    pub fn check_owner(&self, worker_id: &str, caller: Option<&[u8]>) -> Result<(), CoordinatorError> {
+        let state = self.lock();
+        match state.workers.get(&WorkerId(worker_id.to_owned())) {
+            Some(worker) if worker.identity.is_some() && worker.identity.as_deref() != caller => {
+                Err(CoordinatorError::NotOwner(worker_id.to_owned()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A worker is alive; `offered` is each of its experts' cumulative count of tokens offered.
@@ -878,6 +896,7 @@ mod tests {
             dtype: None,
             loaded_experts: Vec::new(),
             compute_gflops: 0.0,
+            identity: None,
         }
     }
 
@@ -1047,6 +1066,14 @@ mod tests {
             assert!(error.starts_with("compute_gflops: "), "{error}");
         }
         assert!(cluster.status().workers.is_empty(), "none of them registered");
+        // Under mutual TLS a worker id is bound to the certificate that registered it.
+        let (id, _) =
+            cluster.register(Registration { identity: Some(vec![1]), ..registration("a") }).expect("register");
+        assert_eq!(cluster.check_owner(&id.0, Some(&[1])), Ok(()));
+        let stolen = cluster.check_owner(&id.0, Some(&[2])).unwrap_err();
+        assert_eq!(stolen.to_string(), format!("worker_id: worker '{id}' was registered over another certificate"));
+        assert_eq!(tonic::Status::from(stolen).code(), tonic::Code::PermissionDenied);
+        assert!(cluster.check_owner(&id.0, None).is_err(), "nor without a certificate");
         let error = cluster.heartbeat(PROTOCOL_VERSION, "w404", 0, 0, &[]).unwrap_err();
         assert_eq!(error, CoordinatorError::UnknownWorker("w404".into()));
         assert_eq!(tonic::Status::from(error).code(), tonic::Code::NotFound);
@@ -1088,6 +1115,7 @@ mod tests {
                     dtype: None,
                     loaded_experts: loaded.iter().map(|(layer, expert, _)| ExpertId::new(*layer, *expert)).collect(),
                     compute_gflops,
+                    identity: None,
                 };
                 let registered = cluster.register(registration).ok().map(|(id, _)| id);
                 let offered: Vec<(ExpertId, u64)> =

@@ -10,6 +10,10 @@ pub enum CoordinatorError {
     UnknownWorker(String),
     #[error("{field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
+    /// A heartbeat or drain for a worker id from another certificate than the one that
+    /// registered it.
+    #[error("worker_id: worker '{0}' was registered over another certificate")]
+    NotOwner(String),
 }
 
 impl From<CoordinatorError> for Status {
@@ -18,6 +22,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::ProtocolMismatch { .. } => Code::FailedPrecondition,
             CoordinatorError::UnknownWorker(_) => Code::NotFound,
             CoordinatorError::InvalidArgument { .. } => Code::InvalidArgument,
+            CoordinatorError::NotOwner(_) => Code::PermissionDenied,
         };
         Status::new(code, error.to_string())
     }

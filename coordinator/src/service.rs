@@ -35,6 +35,7 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
         &self,
         request: Request<v1::RegisterWorkerRequest>,
     ) -> Result<Response<v1::RegisterWorkerResponse>, Status> {
+        let identity = caller(&request).map(<[u8]>::to_vec);
         let request = request.into_inner();
         let registration = Registration {
             protocol_version: request.protocol_version,
@@ -46,6 +47,7 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
                 .map_err(|reason| CoordinatorError::InvalidArgument { field: "weight_dtype", reason })?,
             loaded_experts: request.loaded_experts.into_iter().map(Into::into).collect(),
             compute_gflops: request.compute_gflops,
+            identity,
         };
         let (worker_id, interval) = self.cluster.register(registration)?;
         Ok(Response::new(v1::RegisterWorkerResponse {
@@ -58,6 +60,7 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        self.cluster.check_owner(&request.get_ref().worker_id, caller(&request))?;
         let request = request.into_inner();
         let offered: Vec<(ExpertId, u64)> = request
             .experts
@@ -105,6 +108,7 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
         &self,
         request: Request<v1::DrainWorkerRequest>,
     ) -> Result<Response<v1::DrainWorkerResponse>, Status> {
+        self.cluster.check_owner(&request.get_ref().worker_id, caller(&request))?;
         let request = request.into_inner();
         let (routed_experts, table_version) = self.cluster.drain(request.protocol_version, &request.worker_id)?;
         Ok(Response::new(v1::DrainWorkerResponse { routed_experts, table_version }))
@@ -116,4 +120,9 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
     ) -> Result<Response<v1::ClusterStatus>, Status> {
         Ok(Response::new(self.cluster.status()))
     }
+}
+
+/// The certificate a call came over, when the server runs mutual TLS.
+fn caller<T>(request: &Request<T>) -> Option<&[u8]> {
+    request.extensions().get::<switchyard_common::tls::PeerIdentity>().map(|identity| identity.certificate.as_slice())
 }
