@@ -56,6 +56,10 @@ SCENARIOS = {
     "no-service-account": {"serviceAccount": {"create": False}},
     "identity-experts": {"workers": {"identityExperts": True, "perExpertMetrics": True, "replicas": 4}},
     "dropless": {"model": {"dropless": True}, "routing": {"policy": "group-limited"}, "loadtest": {"enabled": True}},
+    "tls": {
+        "tls": {"enabled": True, "coordinatorSecret": "coordinator-tls", "workerSecret": "worker-tls", "clientSecret": "client-tls"},
+        "loadtest": {"enabled": True},
+    },
     "everything": {
         "loadtest": {"enabled": True},
         "metrics": {"serviceMonitor": {"enabled": True}},
@@ -267,6 +271,34 @@ class ChartTest(unittest.TestCase):
                 with self.subTest(component=component, probe=probe):
                     self.assertEqual(container[probe]["grpc"], {"port": port})
                     self.assertNotIn("httpGet", container[probe])
+
+    def test_tls_gives_each_role_its_secret_and_probes_healthz(self):
+        docs = self.renders["tls"]
+        expected = {"coordinator": "coordinator-tls", "worker": "worker-tls", "loadtest": "client-tls"}
+        for doc, pod, container in containers(docs):
+            component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
+            with self.subTest(component=component):
+                volumes = {volume["name"]: volume for volume in pod["volumes"]}
+                self.assertEqual(volumes["tls"]["secret"]["secretName"], expected[component])
+                mount = next(mount for mount in container["volumeMounts"] if mount["name"] == "tls")
+                self.assertEqual((mount["mountPath"], mount["readOnly"]), ("/etc/switchyard/tls", True))
+                env = {item["name"]: item.get("value") for item in container["env"]}
+                self.assertEqual(env["SWITCHYARD_TLS_CERT"], "/etc/switchyard/tls/tls.crt")
+                self.assertEqual(env["SWITCHYARD_TLS_KEY"], "/etc/switchyard/tls/tls.key")
+                self.assertEqual(env["SWITCHYARD_TLS_CA"], "/etc/switchyard/tls/ca.crt")
+                # The kubelet's gRPC probe cannot speak TLS: the metrics port's /healthz instead.
+                for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
+                    if probe in container:
+                        self.assertEqual(container[probe]["httpGet"], {"path": "/healthz", "port": "metrics"})
+                        self.assertNotIn("grpc", container[probe])
+        for name, docs in self.renders.items():
+            if name != "tls":
+                for doc, pod, container in containers(docs):
+                    with self.subTest(scenario=name, plaintext=doc["metadata"]["name"]):
+                        self.assertFalse(any(item["name"].startswith("SWITCHYARD_TLS") for item in container.get("env", [])))
+        with self.assertRaises(RenderError) as raised:
+            render_helm3({"tls": {"enabled": True, "workerSecret": "worker-tls"}})
+        self.assertIn("coordinatorSecret", str(raised.exception))
 
     def test_every_container_runs_locked_down(self):
         for name, docs in self.renders.items():

@@ -6,13 +6,16 @@ use axum::{Router, extract::State, http::header, response::IntoResponse, routing
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-/// Serves `GET /metrics` from `registry` on `listener` until `shutdown` resolves.
+/// Serves `GET /metrics` from `registry`, and `GET /healthz` (200 while the process runs: the
+/// probe a kubelet can use when gRPC runs over mutual TLS, which its gRPC probe cannot speak), on
+/// `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new().route("/metrics", get(render)).with_state(registry);
+    let app =
+        Router::new().route("/metrics", get(render)).route("/healthz", get(|| async { "ok\n" })).with_state(registry);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 

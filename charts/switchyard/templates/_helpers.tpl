@@ -119,3 +119,47 @@ app.kubernetes.io/component: {{ .component }}
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end }}
+
+{{/* Mutual TLS: the flags' environment, pointing at the mounted Secret of the pod's role. */}}
+{{- define "switchyard.tlsEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: SWITCHYARD_TLS_CERT
+  value: {{ printf "%s/tls.crt" .Values.tls.mountPath | quote }}
+- name: SWITCHYARD_TLS_KEY
+  value: {{ printf "%s/tls.key" .Values.tls.mountPath | quote }}
+- name: SWITCHYARD_TLS_CA
+  value: {{ printf "%s/ca.crt" .Values.tls.mountPath | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "switchyard.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The role's Secret as a volume; call with (dict "root" $ "secret" <its name>). Kubernetes
+     swaps the files in place when the Secret changes, and the processes re-read them. */}}
+{{- define "switchyard.tlsVolume" -}}
+{{- if .root.Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .secret }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{/* What a probe checks: the gRPC health service, or under TLS (which the kubelet's gRPC probe
+     cannot speak) the metrics server's /healthz. Call with (dict "root" $ "port" <gRPC port>). */}}
+{{- define "switchyard.probeAction" -}}
+{{- if .root.Values.tls.enabled }}
+httpGet:
+  path: /healthz
+  port: metrics
+{{- else }}
+grpc:
+  port: {{ .port }}
+{{- end }}
+{{- end }}

@@ -73,7 +73,9 @@ pub enum Command {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Some(files) = cli.tls.files() {
+    // `loadtest --check-config` only checks the flags: the certificates' files need not be there.
+    let checking = matches!(&cli.command, Command::Loadtest(loadtest) if loadtest.check_config);
+    if let Some(files) = cli.tls.files().filter(|_| !checking) {
         if matches!(&cli.command, Command::Local(local) if local.tls) {
             anyhow::bail!(
                 "switchyard local --tls makes its own certificates; --tls-cert, --tls-key and --tls-ca are not for it"
