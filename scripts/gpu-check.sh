@@ -42,7 +42,7 @@ export SWITCHYARD_DEVICE=cuda
 
 # What a CUDA worker offers placement: nine tenths of the GPU's free memory (NVML), not host RAM,
 # and its measured bf16 matmul rate.
-timeout 30 "$bin/switchyard-worker" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --log-format json 2>&1 |
+timeout 30 "$bin/switchyard-worker" --insecure --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --log-format json 2>&1 |
     grep -m1 '"worker listening"' | tee "$report/worker-offer.json" || true
 nvidia-smi --query-gpu=memory.free,memory.total --format=csv >>"$report/worker-offer.json" 2>/dev/null || true
 "$bin/switchyard" device-check --device cuda --fixtures fixtures 2>"$report/device-check.log" | tee "$report/device-check.txt"

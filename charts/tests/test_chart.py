@@ -286,6 +286,7 @@ class ChartTest(unittest.TestCase):
                 self.assertEqual(env["SWITCHYARD_TLS_CERT"], "/etc/switchyard/tls/tls.crt")
                 self.assertEqual(env["SWITCHYARD_TLS_KEY"], "/etc/switchyard/tls/tls.key")
                 self.assertEqual(env["SWITCHYARD_TLS_CA"], "/etc/switchyard/tls/ca.crt")
+                self.assertIsNone(flag(container, "insecure"))
                 # The kubelet's gRPC probe cannot speak TLS: the metrics port's /healthz instead.
                 for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
                     if probe in container:
@@ -296,6 +297,8 @@ class ChartTest(unittest.TestCase):
                 for doc, pod, container in containers(docs):
                     with self.subTest(scenario=name, plaintext=doc["metadata"]["name"]):
                         self.assertFalse(any(item["name"].startswith("SWITCHYARD_TLS") for item in container.get("env", [])))
+                        if container["command"][0] != "switchyard":
+                            self.assertTrue(flag(container, "insecure"), "plaintext only when asked for")
         with self.assertRaises(RenderError) as raised:
             render_helm3({"tls": {"enabled": True, "workerSecret": "worker-tls"}})
         self.assertIn("coordinatorSecret", str(raised.exception))

@@ -325,6 +325,10 @@ pub struct TlsArgs {
     /// they do not sign are refused in the handshake.
     #[arg(long, global = true, env = "SWITCHYARD_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
     pub tls_ca: Option<PathBuf>,
+    /// Serve plaintext, without TLS or any check of who calls: anyone who reaches the port can
+    /// load, unload or register. A server refuses to start with neither this nor the TLS flags.
+    #[arg(long, global = true, env = "SWITCHYARD_INSECURE", conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    pub insecure: bool,
 }
 
 #[cfg(feature = "clap")]
@@ -332,6 +336,20 @@ impl TlsArgs {
     /// The files, when TLS is asked for.
     pub fn files(&self) -> Option<TlsFiles> {
         Some(TlsFiles { cert: self.tls_cert.clone()?, key: self.tls_key.clone()?, ca: self.tls_ca.clone()? })
+    }
+
+    /// What a server runs: TLS with these files, or plaintext when `--insecure` says so; neither
+    /// is an error naming both choices.
+    pub fn server_mode(&self) -> Result<Option<TlsFiles>, TlsError> {
+        match (self.files(), self.insecure) {
+            (Some(files), _) => Ok(Some(files)),
+            (None, true) => Ok(None),
+            (None, false) => Err(TlsError::Config(
+                "no --tls-cert, --tls-key and --tls-ca (SWITCHYARD_TLS_*): give them (`switchyard certs` writes a \
+                 development set), or --insecure to serve plaintext to anyone who can reach the port"
+                    .to_owned(),
+            )),
+        }
     }
 
     /// The flags that give a child process `files`.

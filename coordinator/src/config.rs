@@ -155,6 +155,21 @@ mod tests {
     use super::*;
     use clap::Parser;
 
+    /// Plaintext must be asked for: neither certificates nor --insecure is an error naming both,
+    /// and the two together do not parse.
+    #[test]
+    fn serving_needs_certificates_or_an_explicit_insecure() {
+        let parse = |extra: &[&str]| Args::try_parse_from(["switchyard-coordinator"].iter().chain(extra));
+        let error = parse(&[]).expect("parses").tls.server_mode().unwrap_err().to_string();
+        assert!(error.contains("--tls-cert") && error.contains("--insecure"), "{error}");
+        assert_eq!(parse(&["--insecure"]).expect("parses").tls.server_mode().expect("plaintext"), None);
+        let tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-ca", "ca.pem"];
+        let files = parse(&tls).expect("parses").tls.server_mode().expect("TLS").expect("files");
+        assert_eq!(files.ca, std::path::PathBuf::from("ca.pem"));
+        assert!(parse(&[&tls[..], &["--insecure"]].concat()).is_err(), "both at once");
+        assert!(parse(&["--tls-cert", "c.pem"]).is_err(), "a certificate without its key and CA");
+    }
+
     #[test]
     fn defaults_give_the_default_synthetic_model_and_its_capacity() {
         let args = Args::try_parse_from(["switchyard-coordinator"]).expect("defaults parse");

@@ -8,6 +8,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     switchyard_common::tracing_setup::init_tracing(args.log_format);
     let config = ClusterConfig::try_from(&args).context("invalid configuration")?;
+    let tls_files = args.tls.server_mode().context("invalid configuration")?;
     if args.check_config {
         println!("configuration ok: listen {} metrics {} {config:#?}", args.listen, args.metrics_listen);
         return Ok(());
@@ -16,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("binding {}", args.metrics_listen))?;
-    let tls = match args.tls.files() {
+    let tls = match tls_files {
         Some(files) => {
             switchyard_common::tls::use_for_outgoing(switchyard_common::tls::ClientTls::load(files.clone())?);
             Some(switchyard_common::tls::ServerTls::load(files)?)

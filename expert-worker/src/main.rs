@@ -6,6 +6,7 @@ use switchyard_expert_worker::Args;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.check().context("invalid configuration")?;
+    args.tls.server_mode().context("invalid configuration")?;
     if args.check_config {
         println!("configuration ok: {args:#?}");
         return Ok(());

@@ -148,6 +148,7 @@ async fn the_clients_request_id_reaches_the_workers_spans() {
         "--metrics-listen=127.0.0.1:0",
         "--name=traced-worker",
         "--log-format=json",
+        "--insecure",
     ]
     .map(String::from)
     .to_vec();

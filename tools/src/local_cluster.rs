@@ -121,6 +121,7 @@ impl LocalCluster {
             args.extend(["--model-root".to_owned(), checkpoint.clone()]);
         }
         args.extend(self.config.worker_args.iter().cloned());
+        plaintext_unless_tls(&mut args);
         let worker = ChildProcess::spawn(
             &format!("worker-{index}"),
             &self.config.worker_bin,
@@ -151,6 +152,14 @@ impl LocalCluster {
     }
 }
 
+/// A local cluster on loopback serves plaintext unless it was given certificates: say so, as
+/// the servers require.
+fn plaintext_unless_tls(args: &mut Vec<String>) {
+    if !args.iter().any(|arg| arg == "--tls-cert") {
+        args.push("--insecure".to_owned());
+    }
+}
+
 async fn spawn_coordinator(config: &LocalClusterConfig, listen: &str) -> Result<ChildProcess, LocalClusterError> {
     let mut args = vec![
         "--listen".to_owned(),
@@ -168,5 +177,6 @@ async fn spawn_coordinator(config: &LocalClusterConfig, listen: &str) -> Result<
     ];
     args.extend(switchyard_model::cli::flags_for(&config.model));
     args.extend(config.coordinator_args.iter().cloned());
+    plaintext_unless_tls(&mut args);
     Ok(ChildProcess::spawn("coordinator", &config.coordinator_bin, &args, &config.envs(), READY_WITHIN).await?)
 }
