@@ -451,10 +451,27 @@ pub fn dev_files(dir: &Path, role: Role) -> TlsFiles {
     }
 }
 
+/// The files of the worker certificate [`write_dev_certs`] writes for `name`.
+pub fn named_worker_files(dir: &Path, name: &str) -> TlsFiles {
+    TlsFiles { cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}-key.pem")), ca: dir.join("ca.pem") }
+}
+
 /// Writes a development CA (`ca.pem`, `ca-key.pem`) and, for each role, a certificate it signs
 /// (`<role>.pem`, `<role>-key.pem`) naming the role and valid for `hosts` (DNS names or IP
-/// addresses the servers are dialled by). Keys are written readable by their owner only.
-pub fn write_dev_certs(dir: &Path, hosts: &[String]) -> Result<(), TlsError> {
+/// addresses the servers are dialled by); then a worker certificate of its own for each of
+/// `workers` (`<name>.pem`, `<name>-key.pem`), so that each worker's id is bound to its own
+/// certificate rather than the role's. Keys are written readable by their owner only.
+pub fn write_dev_certs(dir: &Path, hosts: &[String], workers: &[String]) -> Result<(), TlsError> {
+    if let Some(bad) = workers.iter().find(|name| {
+        name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            || name.as_str() == "ca"
+            || Role::ALL.iter().any(|role| role.name() == name.as_str())
+    }) {
+        return Err(TlsError::Config(format!(
+            "worker name {bad:?}: lowercase letters, digits and '-' only, and not a role's or the CA's file name"
+        )));
+    }
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
     std::fs::create_dir_all(dir).map_err(|error| file_error(dir, error))?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -464,16 +481,17 @@ pub fn write_dev_certs(dir: &Path, hosts: &[String]) -> Result<(), TlsError> {
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
     write(&dir.join("ca.pem"), &ca.pem(), false)?;
     write(&dir.join("ca-key.pem"), &ca.key().serialize_pem(), true)?;
-    for role in Role::ALL {
+    let named = workers.iter().map(|name| (Role::Worker, name.as_str(), named_worker_files(dir, name)));
+    let roles = Role::ALL.into_iter().map(|role| (role, role.name(), dev_files(dir, role)));
+    for (role, name, files) in roles.chain(named) {
         let mut params = CertificateParams::new(hosts.to_vec())?;
-        params.distinguished_name.push(DnType::CommonName, format!("switchyard {}", role.name()));
+        params.distinguished_name.push(DnType::CommonName, format!("switchyard {} {name}", role.name()));
         let uri = role.uri().try_into().map_err(|_| TlsError::Config(format!("{} is no IA5 string", role.uri())))?;
         params.subject_alt_names.push(SanType::URI(uri));
         params.extended_key_usages =
             vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate()?;
         let certificate = params.signed_by(&key, &*ca)?;
-        let files = dev_files(dir, role);
         write(&files.cert, &(certificate.pem() + &ca.pem()), false)?;
         write(&files.key, &key.serialize_pem(), true)?;
     }
@@ -505,7 +523,12 @@ mod tests {
     #[test]
     fn dev_certificates_name_their_role() {
         let dir = tempfile::tempdir().expect("temp dir");
-        write_dev_certs(dir.path(), &["localhost".into(), "127.0.0.1".into()]).expect("certificates");
+        write_dev_certs(dir.path(), &["localhost".into(), "127.0.0.1".into()], &["w-0".into()]).expect("certificates");
+        let own = named_worker_files(dir.path(), "w-0").chain().expect("a worker's own certificate");
+        assert_eq!(roles_of(&own[0]), [Role::Worker]);
+        assert_ne!(own[0], dev_files(dir.path(), Role::Worker).chain().expect("the role's")[0]);
+        assert!(write_dev_certs(dir.path(), &[], &["../etc".into()]).is_err(), "names stay in the folder");
+        assert!(write_dev_certs(dir.path(), &[], &["client".into()]).is_err(), "nor replace a role's files");
         for role in Role::ALL {
             let files = dev_files(dir.path(), role);
             let chain = files.chain().expect("chain");

@@ -47,9 +47,9 @@ fn client(dir: &std::path::Path, role: Role) -> ClientTls {
 #[tokio::test]
 async fn only_the_allowed_role_of_the_clusters_ca_is_served() {
     let dir = tempfile::tempdir().expect("temp dir");
-    tls::write_dev_certs(dir.path(), &hosts()).expect("certificates");
+    tls::write_dev_certs(dir.path(), &hosts(), &[]).expect("certificates");
     let other = tempfile::tempdir().expect("temp dir");
-    tls::write_dev_certs(other.path(), &hosts()).expect("another CA's certificates");
+    tls::write_dev_certs(other.path(), &hosts(), &[]).expect("another CA's certificates");
     let uri = serve(ServerTls::load(tls::dev_files(dir.path(), Role::Coordinator)).expect("server")).await;
 
     assert_eq!(check(&uri, Some(&client(dir.path(), Role::Worker))).await.expect("a worker"), ServingStatus::Serving);
@@ -69,7 +69,7 @@ async fn only_the_allowed_role_of_the_clusters_ca_is_served() {
 #[tokio::test]
 async fn new_certificate_files_are_taken_without_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
-    tls::write_dev_certs(dir.path(), &hosts()).expect("certificates");
+    tls::write_dev_certs(dir.path(), &hosts(), &[]).expect("certificates");
     // A client keeping the first certificates (its own files, which do not change).
     let kept = tempfile::tempdir().expect("temp dir");
     for file in ["worker.pem", "worker-key.pem", "ca.pem"] {
@@ -81,7 +81,7 @@ async fn new_certificate_files_are_taken_without_a_restart() {
 
     // A new CA and certificates in the same files (a rotation).
     tokio::time::sleep(Duration::from_millis(20)).await;
-    tls::write_dev_certs(dir.path(), &hosts()).expect("rotated certificates");
+    tls::write_dev_certs(dir.path(), &hosts(), &[]).expect("rotated certificates");
     let after = client(dir.path(), Role::Worker);
     assert_eq!(check(&uri, Some(&after)).await.expect("rotated"), ServingStatus::Serving);
     let stale = check(&uri, Some(&before)).await.unwrap_err();

@@ -29,7 +29,8 @@ fn assert_denied<T: std::fmt::Debug>(answer: Result<T, tonic::Status>, code: Cod
 #[tokio::test]
 async fn only_members_in_their_roles_are_served() {
     let certs = tempfile::tempdir().expect("temp dir");
-    tls::write_dev_certs(certs.path(), &["localhost".into(), "127.0.0.1".into()]).expect("certificates");
+    tls::write_dev_certs(certs.path(), &["localhost".into(), "127.0.0.1".into()], &["intruder".into()])
+        .expect("certificates");
     // This test process is the cluster's client.
     assert!(tls::use_for_outgoing(identity(certs.path(), Role::Client)));
     let model = small_model(2.0);
@@ -83,6 +84,25 @@ async fn only_members_in_their_roles_are_served() {
     let beat =
         v1::HeartbeatRequest { protocol_version: PROTOCOL_VERSION, worker_id: "w1".into(), ..Default::default() };
     assert_denied(coordinator_as_client.heartbeat(beat).await, Code::PermissionDenied, only_worker);
+    // Another worker-role certificate cannot speak for a registered worker's id.
+    let status = coordinator_as_client.get_cluster_status(v1::GetClusterStatusRequest {}).await.expect("status");
+    let worker_id = status.into_inner().workers[0].worker_id.clone();
+    let intruder = ClientTls::load(tls::named_worker_files(certs.path(), "intruder")).expect("certificates");
+    let mut coordinator_as_intruder =
+        CoordinatorClient::new(transport::secure_channel(&coordinator_uri, Some(&intruder)).expect("channel"));
+    let beat =
+        v1::HeartbeatRequest { protocol_version: PROTOCOL_VERSION, worker_id: worker_id.clone(), ..Default::default() };
+    assert_denied(
+        coordinator_as_intruder.heartbeat(beat).await,
+        Code::PermissionDenied,
+        "registered over another certificate",
+    );
+    let drain = v1::DrainWorkerRequest { protocol_version: PROTOCOL_VERSION, worker_id };
+    assert_denied(
+        coordinator_as_intruder.drain_worker(drain).await,
+        Code::PermissionDenied,
+        "registered over another certificate",
+    );
     // The table is the clients' to read.
     let table = coordinator_as_client.get_routing_table(v1::GetRoutingTableRequest::default()).await;
     assert_eq!(table.expect("a client reads the table").into_inner().version, version.0);
@@ -93,7 +113,7 @@ async fn only_members_in_their_roles_are_served() {
         .await;
     assert!(plaintext.is_err(), "a plaintext caller is not served");
     let strangers = tempfile::tempdir().expect("temp dir");
-    tls::write_dev_certs(strangers.path(), &["127.0.0.1".into()]).expect("another CA");
+    tls::write_dev_certs(strangers.path(), &["127.0.0.1".into()], &[]).expect("another CA");
     let stranger = transport::secure_channel(&worker_uri, Some(&identity(strangers.path(), Role::Coordinator)));
     let stranger = ExpertWorkerClient::new(stranger.expect("channel")).get_stats(v1::GetStatsRequest {}).await;
     assert_eq!(stranger.expect_err("another CA").code(), Code::Unavailable);

@@ -73,7 +73,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     if args.tls {
         use switchyard_common::tls::{self, ClientTls, Role, TlsArgs};
         let dir = std::env::temp_dir().join(format!("switchyard-local-certs-{}", std::process::id()));
-        tls::write_dev_certs(&dir, &["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        tls::write_dev_certs(&dir, &["localhost".to_owned(), "127.0.0.1".to_owned()], &[])?;
         config.coordinator_args.extend(TlsArgs::flags(&tls::dev_files(&dir, Role::Coordinator)));
         config.worker_args.extend(TlsArgs::flags(&tls::dev_files(&dir, Role::Worker)));
         tls::use_for_outgoing(ClientTls::load(tls::dev_files(&dir, Role::Client))?);
