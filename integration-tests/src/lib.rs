@@ -3,6 +3,10 @@
 //! test fails, and dies with the test process even if that is SIGKILLed.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`, which `scripts/test.sh` does).
+//!
+//! With `SWITCHYARD_TEST_TLS=1` every [`TestCluster`] runs on mutual TLS, with a development CA
+//! made once per test process, which is the clusters' client: how a suite is run with TLS on,
+//! e.g. `SWITCHYARD_TEST_TLS=1 cargo test --release -p switchyard-integration-tests --test chaos`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +56,13 @@ impl TestCluster {
         config.heartbeat_timeout = Duration::from_secs(2);
         config.worker_args = vec!["--batch-wait-us".into(), "0".into()];
         tune(&mut config);
+        if let Some(certs) = test_tls()
+            && !config.coordinator_args.iter().any(|arg| arg == "--tls-cert")
+        {
+            use switchyard_common::tls::{Role, TlsArgs, dev_files};
+            config.coordinator_args.extend(TlsArgs::flags(&dev_files(certs, Role::Coordinator)));
+            config.worker_args.extend(TlsArgs::flags(&dev_files(certs, Role::Worker)));
+        }
         let processes = LocalCluster::start(config).await.expect("cluster processes start");
         let watcher = TableWatcher::start(&processes.coordinator_uri()).expect("watcher");
         watcher.wait_for(RoutingTableView::is_complete, Duration::from_secs(60)).await.expect("every expert placed");
@@ -62,6 +73,22 @@ impl TestCluster {
     pub fn table(&self) -> Arc<RoutingTableView> {
         self.watcher.current().expect("a table was received")
     }
+}
+
+/// The development certificates every cluster of this process runs on, when
+/// `SWITCHYARD_TEST_TLS=1`; this process then presents the client's on every connection.
+fn test_tls() -> Option<&'static std::path::Path> {
+    use switchyard_common::tls::{self, ClientTls, Role};
+    static CERTS: std::sync::OnceLock<Option<tempfile::TempDir>> = std::sync::OnceLock::new();
+    let certs = CERTS.get_or_init(|| {
+        std::env::var_os("SWITCHYARD_TEST_TLS").filter(|value| value == "1")?;
+        let dir = tempfile::tempdir().expect("a folder for the test certificates");
+        tls::write_dev_certs(dir.path(), &["localhost".to_owned(), "127.0.0.1".to_owned()], &[])
+            .expect("test certificates");
+        tls::use_for_outgoing(ClientTls::load(tls::dev_files(dir.path(), Role::Client)).expect("client certificate"));
+        Some(dir)
+    });
+    certs.as_ref().map(tempfile::TempDir::path)
 }
 
 /// A minimal HTTP/1.0 GET, enough for /metrics.
