@@ -87,6 +87,14 @@ impl ChildProcess {
         let _ = self.child.kill().await;
     }
 
+    /// Its resident memory in bytes (Linux: `VmRSS` of /proc/<pid>/status); `None` once it exited.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
+        let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     /// SIGSTOP: the process is frozen, its sockets still open (a hung host, a long GC pause).
     pub fn pause(&self) {
         if let Some(pid) = self.child.id() {

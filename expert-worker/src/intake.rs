@@ -5,7 +5,12 @@
 //! `ForwardStream` body here takes a share of [`Intake`]'s budget, as many KiB as its length
 //! prefix announces, before its bytes are read: while the budget is spent, reading waits, and
 //! HTTP/2 flow control holds the sender. A message larger than the whole budget is refused at
-//! once. The shares are held until the messages are answered, since their rows stay in memory
+//! once. A message waits at most [`SHARE_WAIT`] for its share, then is refused
+//! (RESOURCE_EXHAUSTED): the bytes of requests waiting on one HTTP/2 connection sit unread in its
+//! flow-control window, and enough of them would starve the admitted request on the same
+//! connection of window to finish in, so that nothing could ever be answered (eight 48 MiB
+//! requests on one connection with a 64 MiB budget hung that way). The shares are held until the
+//! messages are answered, since their rows stay in memory
 //! until then: a unary request's with the request ([`Share`] dropped), a stream's one at a time as
 //! its answers go out ([`Share::release_oldest`]).
 
@@ -22,6 +27,9 @@ use tonic::Status;
 
 /// Budget units: KiB, so that a `u32` count of permits covers any message size allowed.
 const UNIT: u64 = 1024;
+
+/// The longest a message waits for its share before it is refused.
+pub const SHARE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The gRPC message prefix: a compression flag and a big-endian `u32` length.
 const PREFIX: usize = 5;
@@ -92,7 +100,7 @@ enum State {
     /// The prefix's bytes read so far.
     Prefix(Vec<u8>),
     /// Waiting for the share of a message of this many bytes.
-    Waiting(BoxFuture<'static, Result<OwnedSemaphorePermit, tokio::sync::AcquireError>>, u64),
+    Waiting(BoxFuture<'static, Result<OwnedSemaphorePermit, Status>>, u64),
     /// The message's share is held; this many of its bytes are still to come.
     Message(u64),
 }
@@ -108,7 +116,16 @@ impl<B> Metered<B> {
                 "a {length}-byte request is larger than the {budget} bytes this worker receives at once (--max-receiving-bytes)"
             )));
         }
-        let acquire = self.intake.budget.clone().acquire_many_owned(units as u32);
+        let budget = self.intake.budget.clone();
+        let acquire = async move {
+            match tokio::time::timeout(SHARE_WAIT, budget.acquire_many_owned(units as u32)).await {
+                Ok(Ok(permit)) => Ok(permit),
+                Ok(Err(_)) => Err(Status::unavailable("the worker is stopping")),
+                Err(_) => Err(Status::resource_exhausted(format!(
+                    "a {length}-byte request waited {SHARE_WAIT:?} for room: the worker is receiving as many request bytes as it takes at once (--max-receiving-bytes)"
+                ))),
+            }
+        };
         self.state = State::Waiting(Box::pin(acquire), length);
         Ok(())
     }
@@ -125,8 +142,7 @@ where
         loop {
             let this = &mut *self;
             if let State::Waiting(acquire, length) = &mut this.state {
-                let permit =
-                    ready!(acquire.as_mut().poll(cx)).map_err(|_| Status::unavailable("the worker is stopping"))?;
+                let permit = ready!(acquire.as_mut().poll(cx))?;
                 this.share.permits().push_back(permit);
                 this.state = State::Message(*length);
                 continue;
@@ -266,6 +282,21 @@ mod tests {
         assert_eq!(intake.available_bytes(), 2 * 1024, "the second and third are held");
         drop((body, share));
         assert_eq!(intake.available_bytes(), 8 * 1024);
+    }
+
+    /// A message never waits without end: the bytes of waiting requests hold their connection's
+    /// flow-control window, which the admitted one may need to finish.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_that_cannot_get_its_share_in_time_is_refused() {
+        let intake = Intake::new(8 * 1024);
+        let mut held = intake.meter(message(6 * 1024), Share::default());
+        read_all(&mut held).await.expect("fits");
+        let started = tokio::time::Instant::now();
+        let status = read_all(&mut intake.meter(message(4 * 1024), Share::default())).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("waited 1s for room"), "{}", status.message());
+        assert_eq!(started.elapsed(), SHARE_WAIT);
+        assert_eq!(intake.available_bytes(), 2 * 1024, "a refused message holds nothing");
     }
 
     #[tokio::test]
