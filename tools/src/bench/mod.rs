@@ -380,6 +380,7 @@ fn load_spec(concurrency: usize, duration: Duration, tokens: usize, requests: u6
         routing: RoutingOverrides::default(),
         progress: false,
         skew: Skew::Uniform,
+        max_in_flight: crate::loadtest::DEFAULT_MAX_IN_FLIGHT,
     }
 }
 

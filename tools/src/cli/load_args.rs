@@ -5,7 +5,7 @@ use std::time::Duration;
 use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
 use switchyard_router_client::{RoutingOverrides, RoutingTableView};
-use switchyard_tools::loadtest::{Arrival, LoadSpec, LoadSummary};
+use switchyard_tools::loadtest::{Arrival, DEFAULT_MAX_IN_FLIGHT, LoadSpec, LoadSummary, RunInfo, Thresholds};
 use switchyard_tools::report;
 use switchyard_tools::skew::Skew;
 
@@ -72,6 +72,25 @@ pub struct LoadArgs {
     #[arg(long, env = "SWITCHYARD_LOAD_SKEW", default_value = "uniform", value_parser = parse_skew)]
     pub skew: SkewArg,
     /// Also write every figure as JSON to this file (an array: one object per report).
+    /// Open loop (--rate): calls in flight at most; arrivals past it are dropped and counted (the
+    /// report's "dropped arrivals"), so an overloaded cluster cannot grow the load tester.
+    #[arg(long, env = "SWITCHYARD_LOAD_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
+
+    /// Deadline of every call's requests to the workers (e.g. 5s): an open loop's calls still out
+    /// when its window ends are answered or failed within it.
+    #[arg(long, env = "SWITCHYARD_LOAD_TIMEOUT", default_value = "30s", value_parser = values::parse_duration)]
+    pub timeout: Duration,
+
+    /// Exit non-zero when more than this fraction of measured calls failed (e.g. 0.01). A run in
+    /// which every call failed always exits non-zero.
+    #[arg(long, env = "SWITCHYARD_LOAD_MAX_ERROR_RATE")]
+    pub max_error_rate: Option<f64>,
+
+    /// Exit non-zero when the measured p99 latency is above this (e.g. 250ms).
+    #[arg(long, env = "SWITCHYARD_LOAD_MAX_P99", value_parser = values::parse_duration)]
+    pub max_p99: Option<Duration>,
+
     #[arg(long, env = "SWITCHYARD_LOAD_JSON")]
     pub json: Option<std::path::PathBuf>,
     /// Also write every figure as CSV to this file (a header, then one row per report).
@@ -134,11 +153,37 @@ impl LoadArgs {
             routing: RoutingOverrides::default(),
             progress: true,
             skew: Skew::Uniform,
+            max_in_flight: self.max_in_flight,
         }
     }
 
+    /// What the run must meet to exit zero.
+    pub fn thresholds(&self) -> Thresholds {
+        Thresholds { max_error_rate: self.max_error_rate, max_p99: self.max_p99 }
+    }
+
+    /// Records how the run was made in `summaries`, writes them to the --json and --csv files if
+    /// asked, then fails if the first (the cluster's) crossed a threshold or failed every call.
+    pub fn finish(&self, mut summaries: Vec<LoadSummary>, model: &ModelSpec) -> anyhow::Result<()> {
+        let run = RunInfo {
+            command_line: std::env::args().collect(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            input_seed: self.input_seed,
+            model: model.summary(),
+        };
+        for summary in &mut summaries {
+            summary.run = run.clone();
+        }
+        self.write_reports(&summaries)?;
+        let crossed = summaries.first().map(|summary| summary.crossed(self.thresholds())).unwrap_or_default();
+        if !crossed.is_empty() {
+            anyhow::bail!("the load test failed: {}", crossed.join("; "));
+        }
+        Ok(())
+    }
+
     /// Writes `summaries` to the --json and --csv files, if asked.
-    pub fn write_reports(&self, summaries: &[LoadSummary]) -> anyhow::Result<()> {
+    fn write_reports(&self, summaries: &[LoadSummary]) -> anyhow::Result<()> {
         use anyhow::Context;
         if let Some(path) = &self.json {
             std::fs::write(path, serde_json::to_string_pretty(summaries)? + "\n")

@@ -60,7 +60,7 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
         println!("configuration ok: {:#?}\n{routing:#?}", args.load.spec(&model));
         return Ok(());
     }
-    let report = if args.reference {
+    let (report, model) = if args.reference {
         let model = args.model.spec()?;
         eprintln!("building the in-process reference layer ({} experts)...", model.experts_per_layer);
         let layer = args.load.layer(&model);
@@ -77,7 +77,7 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
             skew: args.load.skew.resolve(None, layer)?,
             ..args.load.spec(&model)
         };
-        loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?
+        (loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?, model)
     } else {
         let coordinator = args.coordinator.context("--coordinator is required")?;
         let (client, _watcher, workers) = connect(&coordinator, &args.load).await?;
@@ -88,11 +88,12 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
         let table = client.table().context("no routing table")?;
         let skew = args.load.skew.resolve(Some(&table), args.load.layer(&table.model))?;
         let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec(&table.model) };
-        loadtest::run(Target::Distributed(client), spec, &format!("distributed ({workers} workers)")).await?
+        let name = format!("distributed ({workers} workers)");
+        (loadtest::run(Target::Distributed(client), spec, &name).await?, table.model.clone())
     };
     let summary = report.summary();
     print!("{}", switchyard_tools::report::text::load_report(&summary));
-    args.load.write_reports(std::slice::from_ref(&summary))
+    args.load.finish(vec![summary], &model)
 }
 
 /// Serves `client`'s metrics on `address` until the returned sender is dropped.
@@ -124,6 +125,7 @@ pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<
         chunked_dispatch: load.chunked_dispatch,
         refusal: load.on_refusal.into(),
         attempt_timeout: load.attempt_timeout,
+        timeout: load.timeout,
         throttle_ratio: load.throttle(),
         routing,
         ..ClientOptions::default()

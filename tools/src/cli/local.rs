@@ -130,7 +130,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         let name = format!("in-process reference ({threads} torch threads)");
         let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?.summary();
         print!("{}", switchyard_tools::report::text::load_report(&baseline));
-        return args.load.write_reports(&[report, baseline]);
+        return args.load.finish(vec![report, baseline], &model);
     }
-    args.load.write_reports(&[report])
+    args.load.finish(vec![report], &model)
 }

@@ -6,7 +6,7 @@
 
 mod summary;
 
-pub use summary::{LoadSummary, PhaseFigures};
+pub use summary::{LoadSummary, PhaseFigures, RunInfo, Thresholds};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +48,13 @@ pub struct LoadSpec {
     pub progress: bool,
     /// Which experts the generated inputs make hot.
     pub skew: Skew,
+    /// Open loop: calls in flight at most; an arrival past it is dropped and counted, not queued
+    /// (the load tester itself must not grow without bound when the cluster falls behind).
+    pub max_in_flight: usize,
 }
+
+/// Open loop's default cap on calls in flight.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 /// How calls are started.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -147,6 +153,8 @@ pub struct LoadReport {
     /// the window were still out at its end (an overloaded cluster).
     pub elapsed: Duration,
     pub calls: u64,
+    /// Open loop: measured arrivals not started because `max_in_flight` calls were out.
+    pub dropped_arrivals: u64,
     /// Failed calls by gRPC code name.
     pub errors: BTreeMap<String, u64>,
     pub first_error: Option<String>,
@@ -278,6 +286,7 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         measured: Duration::ZERO,
         elapsed: Duration::ZERO,
         calls: 0,
+        dropped_arrivals: 0,
         errors: BTreeMap::new(),
         first_error: None,
         tokens: 0,
@@ -453,6 +462,13 @@ async fn run_open_loop(
             break;
         }
         tokio::time::sleep_until(scheduled.into()).await;
+        while calls.try_join_next().is_some() {}
+        if calls.len() >= spec.max_in_flight.max(1) {
+            if measured {
+                shared.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).dropped_arrivals += 1;
+            }
+            continue;
+        }
         let (target, shared, hidden) = (target.clone(), shared.clone(), inputs.pick(index, offset));
         let (layer, routing) = (spec.layer, spec.routing);
         calls.spawn(async move {
@@ -461,8 +477,6 @@ async fn run_open_loop(
                 shared.record(layer, outcome, scheduled.elapsed());
             }
         });
-        // Reap finished calls as we go so the set stays small.
-        while calls.try_join_next().is_some() {}
     }
     while calls.join_next().await.is_some() {}
 }
@@ -543,6 +557,7 @@ mod tests {
             routing: RoutingOverrides::default(),
             progress: true,
             skew: Skew::Zipf { exponent: 1.2 },
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         };
         let report = run(Target::Reference(reference), spec, "reference \"tiny\"").await.expect("load test");
         assert_eq!(report.calls, 20, "the request budget ends the test");
@@ -582,12 +597,22 @@ mod tests {
             routing: RoutingOverrides::default(),
             progress: false,
             skew: Skew::Uniform,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         };
-        let report = run(Target::Reference(reference), spec, "reference").await.expect("load test");
+        let report = run(Target::Reference(reference.clone()), spec.clone(), "reference").await.expect("load test");
         // The schedule itself holds exactly this many arrivals in the window.
         let scheduled = poisson_arrivals(200.0, 5).take_while(|at| *at < Duration::from_secs(2)).count() as u64;
         assert_eq!(report.calls + report.failed(), scheduled, "every scheduled call was sent and counted");
         assert!((320..=480).contains(&scheduled), "{scheduled} arrivals for 400 expected");
         assert!(report.latency.max() < 1_000_000, "tiny calls answer well within a second");
+        assert_eq!(report.dropped_arrivals, 0);
+
+        // One call in flight at most, arrivals far faster than calls answer: the rest are
+        // dropped and counted, never queued.
+        let capped = LoadSpec { arrival: Arrival::Open { rate: 20_000.0 }, max_in_flight: 1, ..spec };
+        let report = run(Target::Reference(reference), capped, "reference").await.expect("load test");
+        let scheduled = poisson_arrivals(20_000.0, 5).take_while(|at| *at < Duration::from_secs(2)).count() as u64;
+        assert!(report.dropped_arrivals > 0, "{} calls, none dropped", report.calls);
+        assert_eq!(report.calls + report.failed() + report.dropped_arrivals, scheduled, "every arrival counted once");
     }
 }

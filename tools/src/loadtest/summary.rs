@@ -33,6 +33,17 @@ pub struct LoadSummary {
     pub latency_p99_ms: f64,
     pub latency_p999_ms: f64,
     pub latency_max_ms: f64,
+    #[serde(default)]
+    pub latency_p95_ms: f64,
+    #[serde(default)]
+    pub latency_min_ms: f64,
+    #[serde(default)]
+    pub latency_mean_ms: f64,
+    #[serde(default)]
+    pub latency_stddev_ms: f64,
+    /// Open loop: arrivals not started because `--max-in-flight` calls were out.
+    #[serde(default)]
+    pub dropped_arrivals: u64,
     pub assignments: u64,
     pub dropped: u64,
     pub dropped_fraction: f64,
@@ -59,6 +70,50 @@ pub struct LoadSummary {
     /// Rows each worker computed.
     pub worker_load: BTreeMap<String, u64>,
     pub ledger: Vec<LedgerRow>,
+    /// How the run was made: filled in by whoever ran it (the `switchyard` command records its
+    /// command line, version, input seed and model).
+    #[serde(default)]
+    pub run: RunInfo,
+}
+
+/// What a report needs to be reproduced.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub command_line: Vec<String>,
+    pub version: String,
+    pub input_seed: u64,
+    pub model: String,
+}
+
+/// What a load test must meet to pass (`--max-error-rate`, `--max-p99`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Thresholds {
+    /// Failed calls over all measured calls, at most.
+    pub max_error_rate: Option<f64>,
+    pub max_p99: Option<Duration>,
+}
+
+impl LoadSummary {
+    /// Each threshold this run crossed, said in words; a run in which every call failed always
+    /// fails (there is nothing to measure).
+    pub fn crossed(&self, thresholds: Thresholds) -> Vec<String> {
+        let mut crossed = Vec::new();
+        let total = self.calls + self.failed;
+        if self.calls == 0 && self.failed > 0 {
+            crossed.push(format!("every call failed ({} of {total})", self.failed));
+        }
+        let error_rate = self.failed as f64 / total.max(1) as f64;
+        if let Some(limit) = thresholds.max_error_rate.filter(|limit| error_rate > *limit) {
+            crossed.push(format!(
+                "error rate {error_rate:.4} ({} of {total} calls) above --max-error-rate {limit}",
+                self.failed
+            ));
+        }
+        if let Some(limit) = thresholds.max_p99.filter(|limit| self.calls > 0 && self.latency_p99_ms > ms(*limit)) {
+            crossed.push(format!("p99 {:.3} ms above --max-p99 {:.3} ms", self.latency_p99_ms, ms(limit)));
+        }
+        crossed
+    }
 }
 
 /// Mean and p99 of each phase of [`TimeBreakdown::PHASES`], in milliseconds per call.
@@ -157,6 +212,11 @@ impl LoadReport {
             latency_p99_ms: latency(0.99),
             latency_p999_ms: latency(0.999),
             latency_max_ms: ms(Duration::from_micros(self.latency.max())),
+            latency_p95_ms: latency(0.95),
+            latency_min_ms: if self.calls == 0 { 0.0 } else { ms(Duration::from_micros(self.latency.min())) },
+            latency_mean_ms: self.latency.mean() / 1e3,
+            latency_stddev_ms: self.latency.stdev() / 1e3,
+            dropped_arrivals: self.dropped_arrivals,
             assignments: self.assignments,
             dropped: self.dropped,
             dropped_fraction: self.dropped as f64 / self.assignments.max(1) as f64,
@@ -177,6 +237,43 @@ impl LoadReport {
             expert_load: self.expert_load.clone(),
             worker_load: self.ledger.rows_by_worker(),
             ledger: self.ledger.rows(),
+            run: RunInfo::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(calls: u64, failed: u64, p99_ms: f64) -> LoadSummary {
+        let mut json = serde_json::json!({
+            "target": "t", "arrival": "closed", "concurrency": 1, "rate_calls_per_s": null, "tokens_per_call": 1,
+            "measured_s": 1.0, "calls": calls, "failed": failed, "tokens_per_s": 0.0, "calls_per_s": 0.0,
+            "latency_p50_ms": 1.0, "latency_p90_ms": 1.0, "latency_p99_ms": p99_ms, "latency_p999_ms": p99_ms,
+            "latency_max_ms": p99_ms, "assignments": 0, "dropped": 0, "dropped_fraction": 0.0, "rerouted": 0,
+            "imbalance": 1.0, "switch_aux_loss": 0.0, "importance_cv2": 0.0, "z_loss": 0.0,
+            "message_bytes_sent_per_call": 0, "payload_bytes_sent_per_call": 0, "message_bytes_received_per_call": 0,
+            "payload_bytes_received_per_call": 0, "wall_mean_ms": 1.0, "errors": {}, "first_error": null,
+            "expert_load": [], "worker_load": {}, "ledger": []
+        });
+        let phases = serde_json::to_value(PhaseFigures::default()).expect("phases");
+        if let (Some(object), Some(phases)) = (json.as_object_mut(), phases.as_object()) {
+            object.extend(phases.clone());
+        }
+        serde_json::from_value(json).expect("a summary (older JSON without the newer fields reads too)")
+    }
+
+    #[test]
+    fn thresholds_fail_the_run_and_say_why() {
+        let none = Thresholds::default();
+        assert!(summary(100, 0, 5.0).crossed(none).is_empty());
+        assert_eq!(summary(0, 7, 0.0).crossed(none), ["every call failed (7 of 7)"]);
+        let strict = Thresholds { max_error_rate: Some(0.01), max_p99: Some(Duration::from_millis(4)) };
+        let crossed = summary(98, 2, 5.0).crossed(strict);
+        assert_eq!(crossed.len(), 2, "{crossed:?}");
+        assert!(crossed[0].starts_with("error rate 0.0200 (2 of 100 calls) above --max-error-rate 0.01"));
+        assert_eq!(crossed[1], "p99 5.000 ms above --max-p99 4.000 ms");
+        assert!(summary(1000, 1, 3.0).crossed(strict).is_empty(), "0.1% errors and a 3 ms p99 pass");
     }
 }

@@ -24,7 +24,11 @@ pub fn load_report(summary: &LoadSummary) -> String {
         let _ = write!(text, " (its calls ended {:.1} s after it began; rates are over that)", summary.elapsed_s);
     }
     text.push('\n');
-    let _ = writeln!(text, "  calls       {} ok, {} failed", summary.calls, summary.failed);
+    let _ = write!(text, "  calls       {} ok, {} failed", summary.calls, summary.failed);
+    if summary.dropped_arrivals > 0 {
+        let _ = write!(text, ", {} arrivals dropped (--max-in-flight calls were out)", summary.dropped_arrivals);
+    }
+    text.push('\n');
     for (code, count) in &summary.errors {
         let _ = writeln!(text, "    {code}: {count}");
     }
@@ -34,11 +38,15 @@ pub fn load_report(summary: &LoadSummary) -> String {
     let _ = writeln!(text, "  throughput  {:.0} tokens/s ({:.1} calls/s)", summary.tokens_per_s, summary.calls_per_s);
     let _ = writeln!(
         text,
-        "  latency     p50 {}  p90 {}  p99 {}  max {}",
+        "  latency     p50 {}  p90 {}  p95 {}  p99 {}  max {}  (min {}, mean {}, stddev {})",
         ms(summary.latency_p50_ms),
         ms(summary.latency_p90_ms),
+        ms(summary.latency_p95_ms),
         ms(summary.latency_p99_ms),
-        ms(summary.latency_max_ms)
+        ms(summary.latency_max_ms),
+        ms(summary.latency_min_ms),
+        ms(summary.latency_mean_ms),
+        ms(summary.latency_stddev_ms)
     );
     let _ = writeln!(
         text,
