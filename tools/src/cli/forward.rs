@@ -11,7 +11,7 @@ use switchyard_router_client::{ClientOptions, MoeClient, RoutingTableView, Table
 #[derive(Debug, clap::Args)]
 pub struct ForwardArgs {
     /// Coordinator of the cluster, e.g. http://127.0.0.1:50051.
-    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
+    #[arg(long, env = "SWITCHYARD_COORDINATOR", value_parser = super::values::parse_endpoint)]
     pub coordinator: String,
     /// The checkpoint the cluster should be serving; the call is refused if it serves another.
     #[arg(long, env = "SWITCHYARD_CHECKPOINT")]

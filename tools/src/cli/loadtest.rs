@@ -15,8 +15,8 @@ use super::values::DtypeArg;
 
 #[derive(Debug, clap::Args)]
 pub struct LoadtestArgs {
-    /// Coordinator of the cluster to drive, e.g. http://127.0.0.1:50051.
-    #[arg(long, env = "SWITCHYARD_COORDINATOR", required_unless_present = "reference")]
+    /// Coordinator of the cluster to drive, e.g. http://127.0.0.1:50051 (or 127.0.0.1:50051).
+    #[arg(long, env = "SWITCHYARD_COORDINATOR", required_unless_present = "reference", value_parser = super::values::parse_endpoint)]
     pub coordinator: Option<String>,
 
     /// Drive the in-process reference layer instead of a cluster (the baseline; uses the model flags).
@@ -115,6 +115,19 @@ async fn serve_metrics(
 /// A client following `coordinator`'s routing table, once every expert is placed. The client keeps
 /// following new tables while the returned watcher lives.
 pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<MoeClient>, TableWatcher, usize)> {
+    // An address nobody answers on fails now, naming it, rather than after the wait for a table.
+    let channel = switchyard_common::transport::channel(coordinator)?;
+    let mut probe = switchyard_proto::v1::coordinator_client::CoordinatorClient::new(channel);
+    let reached = tokio::time::timeout(
+        Duration::from_secs(5),
+        probe.get_routing_table(switchyard_proto::v1::GetRoutingTableRequest::default()),
+    )
+    .await;
+    match reached {
+        Ok(Ok(_)) => {}
+        Ok(Err(status)) => anyhow::bail!("cannot reach the coordinator at {coordinator}: {}", status.message()),
+        Err(_) => anyhow::bail!("the coordinator at {coordinator} did not answer within 5 s"),
+    }
     let watcher = TableWatcher::start(coordinator)?;
     let table = watcher.wait_for(|table| table.is_complete(), Duration::from_secs(120)).await?;
     let routing = load.routing(&table.model)?;

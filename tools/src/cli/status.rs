@@ -7,7 +7,7 @@ use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// Coordinator to ask, e.g. http://127.0.0.1:50051.
-    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
+    #[arg(long, env = "SWITCHYARD_COORDINATOR", value_parser = super::values::parse_endpoint)]
     pub coordinator: String,
 }
 

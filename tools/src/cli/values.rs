@@ -155,6 +155,21 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, humantime::Dura
     humantime::parse_duration(text)
 }
 
+/// A gRPC server address: `host:port` is taken as `http://host:port`; http and https URIs as
+/// given; anything else is refused saying what is expected.
+pub fn parse_endpoint(text: &str) -> Result<String, String> {
+    let uri = if text.contains("://") { text.to_owned() } else { format!("http://{text}") };
+    let parsed: tonic::transport::Uri = uri.parse().map_err(|error| format!("{text:?} is not an address ({error})"))?;
+    match parsed.scheme_str() {
+        Some("http" | "https") => {}
+        other => return Err(format!("{text:?}: scheme {other:?} (expected http://host:port or host:port)")),
+    }
+    if parsed.host().is_none_or(str::is_empty) || parsed.port_u16().is_none() {
+        return Err(format!("{text:?} has no host and port (expected e.g. http://127.0.0.1:50051)"));
+    }
+    Ok(uri)
+}
+
 /// `--throttle-ratio`: 0 (off), or at least 1 (below 1 a worker accepting every request would
 /// still be throttled).
 pub fn parse_throttle_ratio(text: &str) -> Result<f64, String> {
@@ -175,6 +190,15 @@ mod tests {
     use clap::ValueEnum;
 
     use super::*;
+
+    #[test]
+    fn addresses_without_a_scheme_are_taken_and_others_refused_clearly() {
+        assert_eq!(parse_endpoint("127.0.0.1:50051").as_deref(), Ok("http://127.0.0.1:50051"));
+        assert_eq!(parse_endpoint("https://coordinator:443").as_deref(), Ok("https://coordinator:443"));
+        assert!(parse_endpoint("ftp://host:21").unwrap_err().contains("expected http://host:port"));
+        assert!(parse_endpoint("coordinator").unwrap_err().contains("no host and port"));
+        assert!(parse_endpoint("http://[::1").unwrap_err().contains("is not an address"));
+    }
 
     #[test]
     fn throttle_ratios_below_one_are_refused() {
