@@ -7,6 +7,49 @@
 //! - [`children`]: child processes that die with their parent, for `switchyard local` and tests.
 //! - [`clock`]: Unix-epoch timestamps for times measured across processes.
 //! - [`ready`]: the line a process prints once it listens, so a parent can find its ports.
+//! - [`tls`]: mutual TLS, the roles certificates name, and the check of each call's role.
+
+/// `tokio::io::AsyncWrite` for a connection wrapper that writes straight to its `inner` stream
+/// (what it adds is on the read side, or in what it carries).
+macro_rules! write_to_inner {
+    (impl $([$($generics:tt)*])? for $wrapper:ty) => {
+        impl $(<$($generics)*>)? tokio::io::AsyncWrite for $wrapper {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                data: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+            }
+
+            fn poll_write_vectored(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buffers: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, buffers)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.inner.is_write_vectored()
+            }
+
+            fn poll_flush(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+            }
+        }
+    };
+}
 
 pub mod children;
 pub mod clock;

@@ -281,31 +281,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for TlsConnection<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for TlsConnection<IO> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buffers: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, buffers)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+write_to_inner!(impl [IO: AsyncWrite + Unpin] for TlsConnection<IO>);
 
 /// `--tls-cert`, `--tls-key`, `--tls-ca`: all three (mutual TLS on every connection the process
 /// serves and opens) or none (plaintext).

@@ -42,19 +42,7 @@ pub fn server() -> Server {
 /// is an error, not a hang; over mutual TLS when the process has an identity
 /// ([`crate::tls::use_for_outgoing`]), whatever the URI's scheme.
 pub fn channel(uri: &str) -> Result<Channel, tonic::transport::Error> {
-    if let Some(tls) = crate::tls::outgoing() {
-        return dial(uri, None, Some(tls.clone()));
-    }
-    Ok(Endpoint::from_shared(uri.to_owned())?
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .max_frame_size(MAX_FRAME_BYTES)
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+    dial(uri, None, crate::tls::outgoing().cloned())
 }
 
 /// Serves `routes` on `listener` until `shutdown`: over mutual TLS, each call checked against the
@@ -212,31 +200,7 @@ impl tokio::io::AsyncRead for GuardedConnection {
     }
 }
 
-impl tokio::io::AsyncWrite for GuardedConnection {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buffers: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, buffers)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+write_to_inner!(impl for GuardedConnection);
 
 /// Bytes a client's connections wrote and read on their TCP sockets: the tensors after protobuf,
 /// gRPC and HTTP/2 framing (TLS would be counted too), before TCP/IP headers.

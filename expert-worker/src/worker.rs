@@ -42,6 +42,25 @@ pub struct WorkerOptions {
     pub checkpoints: CheckpointAccess,
 }
 
+impl WorkerOptions {
+    /// A worker serving the process that starts it (the in-process reference layer, tests) on
+    /// `device`: one libtorch thread; every row at once (no batch wait, no bound on a batch or a
+    /// queue); the model's dtype; no memory bound; any checkpoint (the caller is this process).
+    /// Fields are public: change what a use needs.
+    pub fn in_process(device: Device) -> Self {
+        Self {
+            device,
+            torch_threads: 1,
+            batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: usize::MAX },
+            default_queue_limit_tokens: usize::MAX,
+            identity_experts: false,
+            dtype: None,
+            memory_bytes: None,
+            checkpoints: CheckpointAccess::Anywhere,
+        }
+    }
+}
+
 /// Which checkpoint directories a `LoadExperts` may make this worker read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckpointAccess {

@@ -58,14 +58,9 @@ async fn a_merged_batch_follows_from_every_request_it_serves() {
         .expect("the only subscriber of this test binary");
     // Long enough a wait that both requests' rows are queued before the batch runs.
     let options = WorkerOptions {
-        device: tch::Device::Cpu,
-        torch_threads: 1,
         batching: BatchingConfig { batch_wait: Duration::from_millis(300), max_batch_tokens: 1024 },
         default_queue_limit_tokens: 1024,
-        identity_experts: false,
-        dtype: None,
-        memory_bytes: None,
-        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
+        ..WorkerOptions::in_process(tch::Device::Cpu)
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 2, ..ModelSpec::default_synthetic() };

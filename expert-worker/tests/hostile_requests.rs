@@ -94,14 +94,10 @@ struct Served {
 fn served() -> Served {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let options = WorkerOptions {
-        torch_threads: 1,
-        device: tch::Device::Cpu,
         batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: 64 },
         default_queue_limit_tokens: 64,
-        identity_experts: false,
-        dtype: None,
         memory_bytes: Some(1 << 30),
-        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
+        ..WorkerOptions::in_process(tch::Device::Cpu)
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     let experts = (0..4).map(|expert| ExpertId::new(0, expert)).collect();

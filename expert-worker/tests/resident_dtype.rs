@@ -43,14 +43,10 @@ fn stored_expert_tensors(dir: &Path) -> (u64, Vec<String>) {
 
 async fn resident_bytes_of(spec: &ModelSpec, dtype: Option<WeightDtype>) -> u64 {
     let options = WorkerOptions {
-        device: tch::Device::Cpu,
-        torch_threads: 1,
         batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: 1024 },
         default_queue_limit_tokens: 1024,
-        identity_experts: false,
         dtype,
-        memory_bytes: None,
-        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
+        ..WorkerOptions::in_process(tch::Device::Cpu)
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     let every_expert: Vec<ExpertId> = spec

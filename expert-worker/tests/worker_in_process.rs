@@ -41,14 +41,10 @@ async fn started(batch_wait: Duration, limit: usize) -> std::sync::Arc<ExpertWor
 
 async fn started_with(batch_wait: Duration, limit: usize, identity_experts: bool) -> std::sync::Arc<ExpertWorker> {
     let options = WorkerOptions {
-        torch_threads: 1,
-        device: tch::Device::Cpu,
         batching: BatchingConfig { batch_wait, max_batch_tokens: 1024 },
         default_queue_limit_tokens: limit,
         identity_experts,
-        dtype: None,
-        memory_bytes: None,
-        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
+        ..WorkerOptions::in_process(tch::Device::Cpu)
     };
     let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
     worker
@@ -351,14 +347,10 @@ async fn checkpoints_are_read_only_under_the_model_root() {
     std::os::unix::fs::symlink(&outside, root.join("escape")).expect("symlink");
     let load = |checkpoints: CheckpointAccess, dir: std::path::PathBuf| async move {
         let options = WorkerOptions {
-            torch_threads: 1,
-            device: tch::Device::Cpu,
             batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: 64 },
             default_queue_limit_tokens: 64,
-            identity_experts: false,
-            dtype: None,
-            memory_bytes: None,
             checkpoints,
+            ..WorkerOptions::in_process(tch::Device::Cpu)
         };
         let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
         let spec = ModelSpec { checkpoint: Some(dir.display().to_string()), ..tiny_model() };
@@ -475,14 +467,9 @@ async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
 
     let metrics = WorkerMetrics::new().with_per_expert_series();
     let options = WorkerOptions {
-        torch_threads: 1,
-        device: tch::Device::Cpu,
         batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: 1024 },
         default_queue_limit_tokens: 6,
-        identity_experts: false,
-        dtype: None,
-        memory_bytes: None,
-        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
+        ..WorkerOptions::in_process(tch::Device::Cpu)
     };
     let worker = ExpertWorker::start(options, metrics.clone()).expect("compute thread");
     worker

@@ -10,10 +10,8 @@
 pub mod in_process;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use switchyard_expert_worker::metrics::WorkerMetrics;
-use switchyard_expert_worker::scheduler::BatchingConfig;
 use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, WorkerError, WorkerOptions};
 use switchyard_model::{ExpertId, ModelSpec, WeightDtype};
 use switchyard_router_client::router::RoutingSummary;
@@ -86,16 +84,12 @@ impl ReferenceLayer {
     /// Loads every expert (routed and shared) of the MoE layers `layers` of `model`: seeded for a
     /// synthetic model, read from its checkpoint otherwise, identities if `config` says so.
     pub async fn start(model: &ModelSpec, layers: &[u32], config: ReferenceConfig) -> Result<Self, ReferenceError> {
+        // Every row of a call at once, without waiting for other calls' rows.
         let options = WorkerOptions {
-            device: config.device,
             torch_threads: config.torch_threads.max(1) as i32,
-            // Every row of a call at once, without waiting for other calls' rows.
-            batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: usize::MAX },
-            default_queue_limit_tokens: usize::MAX,
             identity_experts: config.identity_experts,
             dtype: config.dtype,
-            memory_bytes: None,
-            checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
+            ..WorkerOptions::in_process(config.device)
         };
         let worker = ExpertWorker::start(options, WorkerMetrics::new())?;
         let per_layer = model.experts_per_layer + model.shared_experts;

@@ -5,11 +5,9 @@
 
 use std::sync::Arc;
 
-use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
-use switchyard_model::{ExpertId, ModelSpec};
-use switchyard_proto::v1;
-use switchyard_reference::in_process::InProcessTransport;
-use switchyard_router_client::{ClientError, ClientOptions, MoeClient, RefusalPolicy, RoutingTableView};
+use switchyard_expert_worker::ExpertWorker;
+use switchyard_model::ModelSpec;
+use switchyard_router_client::{ClientError, ClientOptions, MoeClient, RefusalPolicy};
 use tokio::sync::watch;
 
 mod support;
@@ -25,36 +23,12 @@ fn varied(tokens: usize) -> Vec<f32> {
     (0..tokens * 16).map(|i| ((i as f32 * 12.9898).sin() * 43758.545).fract() * 2.0).collect()
 }
 
-async fn worker(limit: usize) -> Arc<ExpertWorker> {
-    let experts = (0..8).map(|expert| ExpertId::new(0, expert)).collect();
-    support::cpu_worker(model(), experts, limit, std::time::Duration::ZERO).await
-}
-
 /// A client whose even experts are on a worker with room and odd ones on "tiny", whose one-token
 /// queues refuse every call.
 async fn start(options: ClientOptions) -> (MoeClient, [Arc<ExpertWorker>; 2]) {
-    let (served, tiny) = (worker(1 << 20).await, worker(1).await);
-    let transport = InProcessTransport::new([
-        (Arc::from("a"), ExpertWorkerService::new(served.clone(), "a")),
-        (Arc::from("tiny"), ExpertWorkerService::new(tiny.clone(), "tiny")),
-    ]);
-    let routes = (0..8)
-        .map(|expert| v1::ExpertRoute {
-            expert: Some(v1::ExpertKey::new(0, expert)),
-            endpoints: vec![if expert % 2 == 0 { "a" } else { "tiny" }.to_owned()],
-        })
-        .collect();
-    let table = v1::RoutingTable {
-        version: 1,
-        epoch: 1,
-        model: Some(model().to_proto()),
-        routes,
-        queue_limit_tokens: 1 << 20,
-        max_batch_tokens: 1 << 20,
-    };
-    let table = Arc::new(RoutingTableView::try_from(table).expect("valid table"));
+    let (transport, table, workers) = support::roomy_and_full(&model()).await;
     let (_tables, receiver) = watch::channel(Some(table));
-    (MoeClient::with_transport(receiver, options, Arc::new(transport)), [served, tiny])
+    (MoeClient::with_transport(receiver, options, transport), workers)
 }
 
 #[tokio::test]

@@ -6,15 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
-use switchyard_model::{CapacityPolicy, ExpertId, ModelSpec};
+use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_proto::v1;
 use switchyard_proto::wire::{self, WireDtype};
 use switchyard_reference::in_process::InProcessTransport;
 use switchyard_reference::relative_frobenius_error;
-use switchyard_router_client::{
-    ClientOptions, DispatchLayout, ExpertTransport, MoeClient, RefusalPolicy, RoutingTableView,
-};
+use switchyard_router_client::{ClientOptions, DispatchLayout, ExpertTransport, MoeClient, RefusalPolicy};
 use tokio::sync::watch;
 
 mod support;
@@ -29,11 +26,6 @@ fn model() -> ModelSpec {
 /// Rows that spread over every expert.
 fn varied() -> Vec<f32> {
     (0..TOKENS * D_MODEL).map(|i| ((i as f32 * 12.9898).sin() * 43758.545).fract() * 2.0).collect()
-}
-
-async fn worker(limit: usize) -> Arc<ExpertWorker> {
-    let experts = (0..8).map(|expert| ExpertId::new(0, expert)).collect();
-    support::cpu_worker(model(), experts, limit, Duration::ZERO).await
 }
 
 /// Every token's row through `expert`, as the roomy worker computes it.
@@ -87,26 +79,8 @@ fn expected_row(logits: &[f32], outputs: &[Vec<f32>], token: usize) -> Vec<f32> 
 }
 
 async fn check(dispatch: DispatchLayout) {
-    let (served, tiny) = (worker(1 << 20).await, worker(1).await);
-    let transport = Arc::new(InProcessTransport::new([
-        (Arc::from("a"), ExpertWorkerService::new(served.clone(), "a")),
-        (Arc::from("tiny"), ExpertWorkerService::new(tiny.clone(), "tiny")),
-    ]));
-    let routes = (0..8)
-        .map(|expert| v1::ExpertRoute {
-            expert: Some(v1::ExpertKey::new(0, expert)),
-            endpoints: vec![if expert % 2 == 0 { "a" } else { "tiny" }.to_owned()],
-        })
-        .collect();
-    let table = v1::RoutingTable {
-        version: 1,
-        epoch: 1,
-        model: Some(model().to_proto()),
-        routes,
-        queue_limit_tokens: 1 << 20,
-        max_batch_tokens: 1 << 20,
-    };
-    let (_tables, receiver) = watch::channel(Some(Arc::new(RoutingTableView::try_from(table).expect("valid table"))));
+    let (transport, table, [served, tiny]) = support::roomy_and_full(&model()).await;
+    let (_tables, receiver) = watch::channel(Some(table));
     let options =
         ClientOptions { refusal: RefusalPolicy::NextBest, dispatch, throttle_ratio: None, ..ClientOptions::default() };
     let client = MoeClient::with_transport(receiver, options, transport.clone());

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
 use switchyard_model::{ExpertId, ModelSpec};
-use switchyard_proto::v1;
 use switchyard_reference::in_process::InProcessTransport;
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::{
@@ -38,21 +37,7 @@ async fn batching_worker(limit: usize, batch_wait: Duration) -> Arc<ExpertWorker
 
 /// A table of version `version` whose expert `e` is served by `holders(e)`.
 fn table(version: u64, holders: impl Fn(u32) -> Vec<&'static str>) -> Arc<RoutingTableView> {
-    let routes = (0..8)
-        .map(|expert| v1::ExpertRoute {
-            expert: Some(v1::ExpertKey::new(0, expert)),
-            endpoints: holders(expert).into_iter().map(String::from).collect(),
-        })
-        .collect();
-    let table = v1::RoutingTable {
-        version,
-        epoch: 1,
-        model: Some(model().to_proto()),
-        routes,
-        queue_limit_tokens: 1 << 20,
-        max_batch_tokens: 1 << 20,
-    };
-    Arc::new(RoutingTableView::try_from(table).expect("valid table"))
+    support::table(&model(), version, holders)
 }
 
 /// A client over in-process workers `a` and `b` (each holding every expert); "gone" is in the
@@ -168,15 +153,10 @@ async fn refused_assignments_overflow_when_the_policy_says_so() {
     let varied: Vec<f32> = (0..64 * 16).map(|i| ((i as f32 * 12.9898).sin() * 43758.545).fract() * 2.0).collect();
     let expected = reference.forward(0, varied.clone(), &RoutingOverrides::default()).await.expect("reference call");
     reference.shutdown().await;
-    let served = worker(1 << 20).await;
-    let tiny = worker(1).await;
-    let transport = InProcessTransport::new([
-        (Arc::from("a"), ExpertWorkerService::new(served.clone(), "a")),
-        (Arc::from("tiny"), ExpertWorkerService::new(tiny.clone(), "tiny")),
-    ]);
-    let (_tables, receiver) = watch::channel(Some(table(1, |expert| vec![if expert % 2 == 0 { "a" } else { "tiny" }])));
+    let (transport, even_odd, [served, tiny]) = support::roomy_and_full(&model()).await;
+    let (_tables, receiver) = watch::channel(Some(even_odd));
     let options = ClientOptions { refusal: RefusalPolicy::Overflow, ..ClientOptions::default() };
-    let client = MoeClient::with_transport(receiver, options, Arc::new(transport));
+    let client = MoeClient::with_transport(receiver, options, transport);
     let output = client.forward(0, varied).await.expect("refusals overflow instead of failing the call");
 
     let odd_kept: u32 = expected.routing.tokens_per_expert.iter().skip(1).step_by(2).sum();

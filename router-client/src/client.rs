@@ -445,17 +445,22 @@ impl MoeClient {
 /// Books `requests` in their workers' calls.
 fn book_requests(worker_calls: &mut Vec<WorkerCall>, requests: &[PlannedRequest]) {
     for planned in requests {
-        let worker_call = match worker_calls.iter().position(|call| call.endpoint == planned.endpoint) {
-            Some(index) => &mut worker_calls[index],
-            None => {
-                worker_calls.push(WorkerCall::new(planned.endpoint.clone()));
-                worker_calls.last_mut().expect("just pushed")
-            }
-        };
+        let worker_call = worker_call_of(worker_calls, &planned.endpoint);
         worker_call.requests += 1;
         worker_call.rows += planned.rows();
         worker_call.bytes.payload_sent += planned.payload_bytes();
         worker_call.bytes.message_sent += planned.request.encoded_len() as u64 + GRPC_FRAME_PREFIX;
+    }
+}
+
+/// `endpoint`'s call among `worker_calls`, added if it has none yet.
+fn worker_call_of<'a>(worker_calls: &'a mut Vec<WorkerCall>, endpoint: &Endpoint) -> &'a mut WorkerCall {
+    match worker_calls.iter().position(|call| call.endpoint == *endpoint) {
+        Some(index) => &mut worker_calls[index],
+        None => {
+            worker_calls.push(WorkerCall::new(endpoint.clone()));
+            worker_calls.last_mut().expect("just pushed")
+        }
     }
 }
 
@@ -605,20 +610,11 @@ impl Planning {
             } else {
                 pack_requests(endpoint, groups, &routed.groups, call)
             };
-            let mut worker_call = WorkerCall::new(endpoint.clone());
-            for planned in &packed {
-                worker_call.requests += 1;
-                worker_call.rows += planned.rows();
-                worker_call.bytes.payload_sent += planned.payload_bytes();
-                worker_call.bytes.message_sent += planned.request.encoded_len() as u64 + GRPC_FRAME_PREFIX;
-            }
-            worker_call.encode = phase.elapsed();
-            timing.encode += worker_call.encode;
-            requests.extend(packed.into_iter().map(|mut planned| {
-                planned.request.request_id = self.request_id.0;
-                planned
-            }));
-            worker_calls.push(worker_call);
+            book_requests(&mut worker_calls, &packed);
+            let encode = phase.elapsed();
+            worker_call_of(&mut worker_calls, endpoint).encode = encode;
+            timing.encode += encode;
+            requests.extend(packed);
         }
         let mut plan = CallPlan {
             layer,
@@ -638,11 +634,11 @@ impl Planning {
             let phase = Instant::now();
             let moved = plan.place_held_back(&held_back, &workers, table, &self.choice, self.refusal);
             book_requests(&mut plan.worker_calls, &moved);
-            requests.extend(moved.into_iter().map(|mut planned| {
-                planned.request.request_id = self.request_id.0;
-                planned
-            }));
+            requests.extend(moved);
             timing.encode += phase.elapsed();
+        }
+        for planned in &mut requests {
+            planned.request.request_id = self.request_id.0;
         }
         Ok((plan, requests, timing))
     }
@@ -791,13 +787,7 @@ impl Combine {
     }
 
     fn worker_call(&mut self, endpoint: &Endpoint) -> &mut WorkerCall {
-        match self.worker_calls.iter().position(|call| call.endpoint == *endpoint) {
-            Some(index) => &mut self.worker_calls[index],
-            None => {
-                self.worker_calls.push(WorkerCall::new(endpoint.clone()));
-                self.worker_calls.last_mut().expect("just pushed")
-            }
-        }
+        worker_call_of(&mut self.worker_calls, endpoint)
     }
 
     /// Books requests sent again, to other holders.

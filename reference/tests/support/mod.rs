@@ -1,12 +1,17 @@
-//! What the in-process tests share: a real worker on the CPU.
+//! What the in-process tests share: real workers on the CPU, and routing tables over them.
+// Each test binary uses part of it.
+#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_expert_worker::metrics::WorkerMetrics;
 use switchyard_expert_worker::scheduler::BatchingConfig;
-use switchyard_expert_worker::{ExpertWorker, QueueLimits, WorkerOptions};
+use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, WorkerOptions};
 use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_proto::v1;
+use switchyard_reference::in_process::InProcessTransport;
+use switchyard_router_client::RoutingTableView;
 
 /// A one-thread CPU worker holding `experts` of `model`, each behind a queue of `limit` tokens,
 /// whose batcher waits `batch_wait` for more rows before computing.
@@ -17,16 +22,47 @@ pub async fn cpu_worker(
     batch_wait: Duration,
 ) -> Arc<ExpertWorker> {
     let options = WorkerOptions {
-        device: tch::Device::Cpu,
-        torch_threads: 1,
         batching: BatchingConfig { batch_wait, max_batch_tokens: 1 << 20 },
         default_queue_limit_tokens: limit,
-        identity_experts: false,
-        dtype: None,
-        memory_bytes: None,
-        checkpoints: switchyard_expert_worker::worker::CheckpointAccess::Anywhere,
+        ..WorkerOptions::in_process(tch::Device::Cpu)
     };
     let worker = ExpertWorker::start(options, WorkerMetrics::new()).expect("compute thread");
     worker.load_experts(model, experts, QueueLimits::default()).await.expect("load");
     worker
+}
+
+/// A routing table of `model`'s layer 0 (8 experts) at `version`, whose expert `e` is served by
+/// `holders(e)`.
+pub fn table(model: &ModelSpec, version: u64, holders: impl Fn(u32) -> Vec<&'static str>) -> Arc<RoutingTableView> {
+    let routes = (0..8)
+        .map(|expert| v1::ExpertRoute {
+            expert: Some(v1::ExpertKey::new(0, expert)),
+            endpoints: holders(expert).into_iter().map(String::from).collect(),
+        })
+        .collect();
+    let table = v1::RoutingTable {
+        version,
+        epoch: 1,
+        model: Some(model.to_proto()),
+        routes,
+        queue_limit_tokens: 1 << 20,
+        max_batch_tokens: 1 << 20,
+    };
+    Arc::new(RoutingTableView::try_from(table).expect("valid table"))
+}
+
+/// Two in-process workers holding every expert of `model`: "a" with room and "tiny", whose
+/// one-token queues refuse every call; and a table routing even experts to "a", odd ones to "tiny".
+pub async fn roomy_and_full(
+    model: &ModelSpec,
+) -> (Arc<InProcessTransport>, Arc<RoutingTableView>, [Arc<ExpertWorker>; 2]) {
+    let every_expert = || (0..8).map(|expert| ExpertId::new(0, expert)).collect();
+    let served = cpu_worker(model.clone(), every_expert(), 1 << 20, Duration::ZERO).await;
+    let tiny = cpu_worker(model.clone(), every_expert(), 1, Duration::ZERO).await;
+    let transport = InProcessTransport::new([
+        (Arc::from("a"), ExpertWorkerService::new(served.clone(), "a")),
+        (Arc::from("tiny"), ExpertWorkerService::new(tiny.clone(), "tiny")),
+    ]);
+    let even_odd = table(model, 1, |expert| vec![if expert % 2 == 0 { "a" } else { "tiny" }]);
+    (Arc::new(transport), even_odd, [served, tiny])
 }
