@@ -31,7 +31,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && if [ "$VARIANT" = "cuda" ]; then export SWITCHYARD_LINK_CUDA=1; fi \
  && scripts/setup.sh \
  && mkdir -p /out/bin \
- && cp target/release/switchyard target/release/switchyard-coordinator target/release/switchyard-worker /out/bin/ \
+ && cp target/release/switchyard target/release/switchyard-torch target/release/switchyard-coordinator target/release/switchyard-worker /out/bin/ \
  && SITE="$(ls -d /src/.venv/lib/python3*/site-packages)" \
  && mkdir -p "/out$SITE/torch" && cp -a "$SITE/torch/lib" "/out$SITE/torch/" \
  # PyPI's torch wheel needs its CUDA libraries even on CPU (libtorch.so names libtorch_cuda.so); the
@@ -50,7 +50,7 @@ RUN apt-get update -qq \
 COPY --from=build /out/src /src
 COPY --from=build /out/bin/ /usr/local/bin/
 # Fails the build if a shared library is missing.
-RUN switchyard-worker --check-config >/dev/null && switchyard --version
+RUN switchyard-worker --check-config >/dev/null && switchyard-torch --version
 USER 65532:65532
 EXPOSE 50051 50061 9090 9091
 # The chart (and `docker run`) name the binary: switchyard-coordinator, switchyard-worker or switchyard.

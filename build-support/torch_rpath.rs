@@ -15,8 +15,11 @@ fn main() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{torch_lib}");
+    // switchyard-loadtest links libtorch in its tests only (the reference layer as a target, on the
+    // CPU); its `switchyard` binary must load none, so never libtorch_cuda past --as-needed.
+    let loads_no_libtorch = std::env::var("CARGO_PKG_NAME").is_ok_and(|name| name == "switchyard-loadtest");
     let link_cuda = std::env::var("SWITCHYARD_LINK_CUDA").is_ok_and(|value| value == "1");
-    if link_cuda && std::path::Path::new(&torch_lib).join("libtorch_cuda.so").exists() {
+    if link_cuda && !loads_no_libtorch && std::path::Path::new(&torch_lib).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-L{torch_lib},-ltorch_cuda,--as-needed");
     }
 }

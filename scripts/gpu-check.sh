@@ -23,7 +23,7 @@ if ! gpus=$("$nvidia_smi" --query-gpu=name --format=csv,noheader 2>/dev/null) ||
     echo "gpu-check: the CPU test suite is scripts/test.sh." >&2
     exit 2
 fi
-for binary in switchyard switchyard-coordinator switchyard-worker; do
+for binary in switchyard switchyard-torch switchyard-coordinator switchyard-worker; do
     [ -x "$bin/$binary" ] || { echo "gpu-check: $bin/$binary is missing (build with: SWITCHYARD_LINK_CUDA=1 cargo build --release)" >&2; exit 1; }
 done
 torch_lib=$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') || {

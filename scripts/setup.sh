@@ -23,10 +23,11 @@ if torch_ok; then
 else
   step "installing torch==$SWITCHYARD_TORCH_VERSION into $SWITCHYARD_VENV (first time only: a few GB)"
   python3 -m venv "$SWITCHYARD_VENV"
-  "$SWITCHYARD_VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$SWITCHYARD_TORCH_VERSION" numpy
+  # Not --quiet: pip's "Collecting"/"Downloading" lines are the progress of a download of GBs.
+  "$SWITCHYARD_VENV/bin/pip" install --disable-pip-version-check --progress-bar on "torch==$SWITCHYARD_TORCH_VERSION" numpy
   torch_ok || { echo "torch $SWITCHYARD_TORCH_VERSION did not import from $SWITCHYARD_VENV" >&2; exit 1; }
 fi
 source "$SWITCHYARD_ROOT/scripts/env.sh"
 
-step "building (cargo build --release --workspace --bins)"
-cargo build --release --workspace --bins --quiet
+step "building (cargo build --release --workspace --bins; the first build takes minutes: each crate is listed as it compiles)"
+cargo build --release --workspace --bins

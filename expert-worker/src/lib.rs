@@ -21,6 +21,7 @@ pub mod worker;
 use std::future::Future;
 
 use switchyard_common::tls::{ClientTls, Role, RolePolicy, ServerTls};
+use switchyard_experts::ResolveDevice;
 use tokio::net::TcpListener;
 
 pub use config::Args;

@@ -1,39 +1,17 @@
 //! Where experts run: CUDA when present, else CPU, unless the operator says otherwise.
 
+pub use switchyard_model::device::{DeviceChoice, ParseDeviceError};
 use tch::Device;
 
-/// The `--device` flag: `auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("unknown device '{0}' (expected auto, cpu, cuda or cuda:N)")]
-pub struct ParseDeviceError(String);
-
-impl std::str::FromStr for DeviceChoice {
-    type Err = ParseDeviceError;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "auto" => Ok(DeviceChoice::Auto),
-            "cpu" => Ok(DeviceChoice::Cpu),
-            "cuda" => Ok(DeviceChoice::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|index| index.parse().ok())
-                .map(DeviceChoice::Cuda)
-                .ok_or_else(|| ParseDeviceError(other.to_owned())),
-        }
-    }
-}
-
-impl DeviceChoice {
+/// Resolving a [`DeviceChoice`] needs libtorch (is CUDA there?), so it lives here, beside the
+/// experts, while the choice itself is parsed where no libtorch is linked.
+pub trait ResolveDevice {
     /// The tch device this choice resolves to on this machine.
-    pub fn resolve(self) -> Device {
+    fn resolve(self) -> Device;
+}
+
+impl ResolveDevice for DeviceChoice {
+    fn resolve(self) -> Device {
         match self {
             DeviceChoice::Auto => Device::cuda_if_available(),
             DeviceChoice::Cpu => Device::Cpu,
@@ -118,12 +96,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_every_form() {
-        assert_eq!("auto".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Auto));
-        assert_eq!("cpu".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Cpu));
-        assert_eq!("cuda".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Cuda(0)));
-        assert_eq!("cuda:3".parse::<DeviceChoice>().ok(), Some(DeviceChoice::Cuda(3)));
-        assert!("gpu".parse::<DeviceChoice>().unwrap_err().to_string().contains("'gpu'"));
+    fn a_cpu_choice_resolves_to_the_cpu() {
         assert_eq!(device_name(DeviceChoice::Cpu.resolve()), "cpu");
     }
 }

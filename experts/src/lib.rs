@@ -10,5 +10,5 @@ pub mod device;
 pub mod expert;
 pub mod peak;
 
-pub use device::{DeviceChoice, ParseDeviceError};
+pub use device::{DeviceChoice, ParseDeviceError, ResolveDevice};
 pub use expert::{Expert, kind_of};

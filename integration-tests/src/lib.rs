@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
+use switchyard_loadtest::local_cluster::{LocalCluster, LocalClusterConfig};
 use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_router_client::{ClientOptions, MoeClient, RoutingTableView, TableWatcher};
-use switchyard_tools::local_cluster::{LocalCluster, LocalClusterConfig};
 
 /// The directory holding the workspace binaries of the profile these tests were built with.
 pub fn binaries_dir() -> PathBuf {

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_integration_tests::{TestCluster, hidden_states, http_get, metric_value, small_model};
+use switchyard_loadtest::local_cluster::LocalClusterConfig;
 use switchyard_model::ModelSpec;
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::{ClientOptions, MoeClient, RoutingOverrides};
-use switchyard_tools::local_cluster::LocalClusterConfig;
 use tokio::sync::watch;
 
 const CALLERS: usize = 4;

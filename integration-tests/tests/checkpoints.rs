@@ -9,13 +9,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use switchyard_integration_tests::{TestCluster, binaries_dir};
+use switchyard_loadtest::local_cluster::{LocalCluster, LocalClusterConfig};
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::safetensors::{TensorFiles, write_f32};
 use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
 use switchyard_reference::relative_frobenius_error;
 use switchyard_router_client::{ClientError, RoutingOverrides};
-use switchyard_tools::local_cluster::{LocalCluster, LocalClusterConfig};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name).canonicalize().expect("fixture exists")

@@ -40,3 +40,35 @@ fn the_coordinator_links_no_libtorch() {
     assert!(dependencies.contains("switchyard-model"), "the tree was read: {dependencies:?}");
     assert!(!dependencies.contains("torch-sys") && !dependencies.contains("tch"));
 }
+
+/// `switchyard` answers `--version`, `status` and the other client commands without loading
+/// libtorch (its package links none); the commands that compute with it are handed to
+/// `switchyard-torch`.
+#[test]
+fn the_switchyard_command_links_no_libtorch_and_hands_libtorch_work_on() {
+    let dependencies = runtime_dependencies("switchyard-loadtest");
+    assert!(dependencies.contains("switchyard-router-client"), "the tree was read: {dependencies:?}");
+    for forbidden in ["tch", "torch-sys", "switchyard-experts", "switchyard-reference", "switchyard-tools"] {
+        assert!(!dependencies.contains(forbidden), "switchyard-loadtest links {forbidden}");
+    }
+    let binaries = switchyard_integration_tests::binaries_dir();
+    // No library path to find libtorch by: a binary that needed it would not start.
+    let run = |binary: &str, args: &[&str]| {
+        Command::new(binaries.join(binary))
+            .args(args)
+            .env_remove("LD_LIBRARY_PATH")
+            .env_remove("LD_PRELOAD")
+            .output()
+            .expect("the binary runs")
+    };
+    let version = run("switchyard", &["--version"]);
+    assert!(version.status.success(), "{}", String::from_utf8_lossy(&version.stderr));
+    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), format!("switchyard {}", env!("CARGO_PKG_VERSION")));
+    // A libtorch command reaches switchyard-torch, whose own flags answer (a bad one is named).
+    let bench = run("switchyard", &["bench", "--no-such-flag"]);
+    assert!(!bench.status.success());
+    let said = String::from_utf8_lossy(&bench.stderr);
+    assert!(said.contains("--no-such-flag"), "{said}");
+    let help = run("switchyard", &["device-check", "--help"]);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--fixtures"), "switchyard-torch's help");
+}

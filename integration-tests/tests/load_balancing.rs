@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_integration_tests::{TestCluster, http_get, metric_value, small_model};
+use switchyard_loadtest::skew::{Inputs, Skew, gate_rows};
 use switchyard_router_client::{ClientOptions, MoeClient};
-use switchyard_tools::skew::{Inputs, Skew, gate_rows};
 
 const CALLERS: usize = 4;
 const TOKENS: usize = 64;

@@ -17,6 +17,7 @@ pub mod capacity;
 pub mod checkpoint;
 #[cfg(feature = "clap")]
 pub mod cli;
+pub mod device;
 pub mod dtype;
 pub mod family;
 pub mod ids;

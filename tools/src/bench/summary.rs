@@ -9,7 +9,7 @@ use super::peak::DevicePeak;
 use super::plan::Point;
 use super::wire::WireBaselines;
 use super::{BenchReport, PointResult, PresetResult};
-use crate::loadtest::LoadSummary;
+use switchyard_loadtest::loadtest::LoadSummary;
 
 /// A bench run's figures: `report.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

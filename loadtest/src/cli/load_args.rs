@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
+use switchyard_loadtest::loadtest::{Arrival, DEFAULT_MAX_IN_FLIGHT, LoadSpec, LoadSummary, RunInfo, Thresholds};
+use switchyard_loadtest::report;
+use switchyard_loadtest::skew::Skew;
 use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
 use switchyard_router_client::{RoutingOverrides, RoutingTableView};
-use switchyard_tools::loadtest::{Arrival, DEFAULT_MAX_IN_FLIGHT, LoadSpec, LoadSummary, RunInfo, Thresholds};
-use switchyard_tools::report;
-use switchyard_tools::skew::Skew;
 
 use super::values::{self, DispatchArg, OverflowArg, PolicyName, RefusalArg, WireDtypeArg};
 use switchyard_router_client::client::DEFAULT_THROTTLE_RATIO;

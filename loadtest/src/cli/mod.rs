@@ -1,15 +1,14 @@
-//! The `switchyard` command line: flags here, work in the library.
+//! The `switchyard` command line: flags here, work in the libraries. Compiled into `switchyard`
+//! (this package) and `switchyard-torch` (switchyard-tools), each with its own `crate::libtorch`.
 
-mod bench;
 mod certs;
-mod device_check;
 mod forward;
-mod load_args;
-mod loadtest;
-mod local;
+pub(crate) mod load_args;
+pub(crate) mod loadtest;
+pub(crate) mod local;
 mod model_info;
 mod status;
-mod values;
+pub(crate) mod values;
 
 use switchyard_common::tracing_setup::LogFormat;
 
@@ -58,21 +57,43 @@ pub enum Command {
     /// point, distributed and through the in-process reference layer with as many libtorch threads
     /// as its workers have together. The DeepEP presets (--run deepep) use identity experts and bf16
     /// both ways and measure raw TCP and a plain gRPC echo of the same bytes in the same run.
-    Bench(bench::BenchArgs),
+    Bench(crate::libtorch::BenchArgs),
     /// Layers, experts, total and active parameters per token of a checkpoint or synthetic model.
     ModelInfo(model_info::ModelInfoArgs),
     /// Check that the device (a GPU, or the CPU) computes what the CPU computes: the workers' own
     /// compute path in f32, f16 and bf16 against f32 on the CPU and, with --fixtures, every
     /// checkpoint fixture against transformers' outputs; and measure its bf16 and f32 matmul peak.
     /// Exits non-zero when a check fails.
-    DeviceCheck(device_check::DeviceCheckArgs),
+    DeviceCheck(crate::libtorch::DeviceCheckArgs),
     /// Write a development CA and a certificate per role (coordinator, worker, client) for mutual
     /// TLS; each names its role in a `spiffe://switchyard/<role>` URI. For production, issue the
     /// same from your own CA (cert-manager, Vault).
     Certs(certs::CertsArgs),
 }
 
+/// Runs the command. Those that compute with libtorch in this process go to [`crate::libtorch`]:
+/// in `switchyard`, which links no libtorch and so starts in milliseconds, that hands them to
+/// `switchyard-torch`; in `switchyard-torch` it runs them.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    present_tls_identity(&cli)?;
+    match cli.command {
+        Command::Local(args) if args.compare_reference => crate::libtorch::local_compared(args).await,
+        Command::Local(args) => local::run(args).await,
+        Command::Loadtest(args) if args.reference && !args.check_config => {
+            crate::libtorch::loadtest_reference(args, cli.torch_threads).await
+        }
+        Command::Loadtest(args) => loadtest::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::Forward(args) => forward::run(args).await,
+        Command::ModelInfo(args) => model_info::run(args),
+        Command::Bench(args) => crate::libtorch::bench(args).await,
+        Command::DeviceCheck(args) => crate::libtorch::device_check(args).await,
+        Command::Certs(args) => certs::run(args),
+    }
+}
+
+/// Loads the `--tls-*` identity this process presents on its outgoing connections.
+fn present_tls_identity(cli: &Cli) -> anyhow::Result<()> {
     // `loadtest --check-config` only checks the flags: the certificates' files need not be there.
     let checking = matches!(&cli.command, Command::Loadtest(loadtest) if loadtest.check_config);
     if let Some(files) = cli.tls.files().filter(|_| !checking) {
@@ -83,16 +104,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         switchyard_common::tls::use_for_outgoing(switchyard_common::tls::ClientTls::load(files)?);
     }
-    match cli.command {
-        Command::Local(args) => local::run(args).await,
-        Command::Loadtest(args) => loadtest::run(args, cli.torch_threads).await,
-        Command::Status(args) => status::run(args).await,
-        Command::Forward(args) => forward::run(args).await,
-        Command::ModelInfo(args) => model_info::run(args),
-        Command::Bench(args) => bench::run(args).await,
-        Command::DeviceCheck(args) => device_check::run(args).await,
-        Command::Certs(args) => certs::run(args),
-    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -13,14 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 
 use crate::skew::{Inputs, Skew, gate_rows};
 use switchyard_model::ModelSpec;
-#[cfg(test)]
-use switchyard_reference::ReferenceConfig;
-use switchyard_reference::ReferenceLayer;
 use switchyard_router_client::client::MoeClient;
 use switchyard_router_client::error::ClientError;
 use switchyard_router_client::ledger::{CommLedger, WorkerCall};
@@ -83,7 +81,21 @@ pub fn poisson_arrivals(rate: f64, seed: u64) -> impl Iterator<Item = Duration> 
 #[derive(Debug, Clone)]
 pub enum Target {
     Distributed(Arc<MoeClient>),
-    Reference(Arc<ReferenceLayer>),
+    Reference(Arc<dyn InProcessLayer>),
+}
+
+/// A layer computed in this process: the reference layer. The engine reaches it only through this
+/// trait, so a binary that drives clusters alone never links libtorch (see `switchyard-torch`).
+pub trait InProcessLayer: Send + Sync + std::fmt::Debug {
+    fn model(&self) -> &ModelSpec;
+
+    /// Runs `hidden` through `layer` with `routing` applied; its routing and time breakdown.
+    fn forward<'a>(
+        &'a self,
+        layer: u32,
+        hidden: &'a Arc<Vec<f32>>,
+        routing: &'a RoutingOverrides,
+    ) -> BoxFuture<'a, Result<(RoutingSummary, TimeBreakdown), ClientError>>;
 }
 
 impl Target {
@@ -121,13 +133,8 @@ impl Target {
             }
             // Its experts compute on its worker's thread, as the distributed layer's do on theirs.
             Target::Reference(reference) => {
-                let output = reference.forward(layer, &hidden, &routing).await?;
-                Ok(CallOutcome {
-                    routing: output.routing,
-                    timing: output.timing,
-                    bytes: ByteCounts::default(),
-                    workers: Vec::new(),
-                })
+                let (routing, timing) = reference.forward(layer, &hidden, &routing).await?;
+                Ok(CallOutcome { routing, timing, bytes: ByteCounts::default(), workers: Vec::new() })
             }
         }
     }
@@ -483,7 +490,35 @@ async fn run_open_loop(
 
 #[cfg(test)]
 mod tests {
+    use switchyard_reference::{ReferenceConfig, ReferenceLayer};
+
     use super::*;
+
+    /// The reference layer as an in-process target, as `switchyard-tools` wraps it.
+    #[derive(Debug)]
+    struct Reference(ReferenceLayer);
+
+    impl InProcessLayer for Reference {
+        fn model(&self) -> &ModelSpec {
+            self.0.model()
+        }
+
+        fn forward<'a>(
+            &'a self,
+            layer: u32,
+            hidden: &'a Arc<Vec<f32>>,
+            routing: &'a RoutingOverrides,
+        ) -> BoxFuture<'a, Result<(RoutingSummary, TimeBreakdown), ClientError>> {
+            Box::pin(async move {
+                let output = self.0.forward(layer, hidden, routing).await?;
+                Ok((output.routing, output.timing))
+            })
+        }
+    }
+
+    async fn reference(model: &ModelSpec) -> Arc<Reference> {
+        Arc::new(Reference(ReferenceLayer::start(model, &[0], ReferenceConfig::cpu()).await.expect("reference")))
+    }
 
     #[test]
     fn poisson_arrivals_have_the_asked_rate_and_exponential_gaps() {
@@ -544,7 +579,7 @@ mod tests {
     #[tokio::test]
     async fn json_and_csv_carry_every_figure() {
         let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
-        let reference = Arc::new(ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference"));
+        let reference = reference(&model).await;
         let spec = LoadSpec {
             concurrency: 2,
             arrival: Arrival::Closed,
@@ -584,7 +619,7 @@ mod tests {
     #[tokio::test]
     async fn the_open_loop_sends_at_the_asked_rate() {
         let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
-        let reference = Arc::new(ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference"));
+        let reference = reference(&model).await;
         let spec = LoadSpec {
             concurrency: 1,
             arrival: Arrival::Open { rate: 200.0 },

@@ -1,14 +1,12 @@
 //! `switchyard local`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use switchyard_model::WeightDtype;
+use switchyard_loadtest::loadtest::{self, LoadSpec, LoadSummary, Target};
+use switchyard_loadtest::local_cluster::{LocalCluster, LocalClusterConfig};
 use switchyard_model::cli::ModelArgs;
-use switchyard_reference::{ReferenceConfig, ReferenceLayer};
-use switchyard_tools::loadtest::{self, LoadSpec, Target};
-use switchyard_tools::local_cluster::{LocalCluster, LocalClusterConfig};
+use switchyard_model::{ModelSpec, WeightDtype};
 
 use super::load_args::LoadArgs;
 use super::loadtest::connect;
@@ -57,7 +55,25 @@ pub struct LocalArgs {
     pub model: ModelArgs,
 }
 
+/// Starts the cluster and, without `--loadtest`, serves until Ctrl-C. With it, runs the load test,
+/// prints its report and checks its thresholds.
 pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
+    match load_test_cluster(&args).await? {
+        Some(ClusterRun { report, model, .. }) => args.load.finish(vec![report], &model),
+        None => Ok(()),
+    }
+}
+
+/// What the cluster's load test measured, and what to run a baseline with.
+pub(crate) struct ClusterRun {
+    pub report: LoadSummary,
+    #[allow(dead_code, reason = "only switchyard-torch runs a baseline with it")]
+    pub spec: LoadSpec,
+    pub model: ModelSpec,
+}
+
+/// The cluster's part of `local`: `None` when it served until Ctrl-C instead of a load test.
+pub(crate) async fn load_test_cluster(args: &LocalArgs) -> anyhow::Result<Option<ClusterRun>> {
     let model = args.model.spec()?;
     let me = std::env::current_exe().context("locating the switchyard binary")?;
     let mut config = LocalClusterConfig::next_to(&me, model.clone(), args.workers);
@@ -92,7 +108,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         eprintln!("press Ctrl-C to stop");
         switchyard_common::shutdown::signal().await;
         cluster.stop(Duration::from_secs(5)).await;
-        return Ok(());
+        return Ok(None);
     }
 
     eprintln!(
@@ -116,21 +132,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         }
     };
     let report = report.summary();
-    print!("{}", switchyard_tools::report::text::load_report(&report));
+    print!("{}", switchyard_loadtest::report::text::load_report(&report));
     cluster.stop(Duration::from_secs(5)).await;
 
-    if args.compare_reference {
-        // A fair baseline: as many libtorch threads as all the workers had together.
-        let threads = (args.workers as u32 * args.worker_torch_threads).max(1);
-        eprintln!("same load through the in-process reference layer ({threads} torch threads)...");
-        // Where the workers computed: CUDA when present, in their dtype.
-        let device = tch::Device::cuda_if_available();
-        let config = ReferenceConfig { device, torch_threads: threads, dtype, ..ReferenceConfig::cpu() };
-        let reference = ReferenceLayer::start(&model, &[layer], config).await?;
-        let name = format!("in-process reference ({threads} torch threads)");
-        let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?.summary();
-        print!("{}", switchyard_tools::report::text::load_report(&baseline));
-        return args.load.finish(vec![report, baseline], &model);
-    }
-    args.load.finish(vec![report], &model)
+    Ok(Some(ClusterRun { report, spec, model }))
 }

@@ -4,11 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use switchyard_experts::DeviceChoice;
+use switchyard_loadtest::loadtest::{self, LoadSpec, Target};
+use switchyard_model::ModelSpec;
 use switchyard_model::cli::ModelArgs;
-use switchyard_reference::{ReferenceConfig, ReferenceLayer};
+use switchyard_model::device::DeviceChoice;
 use switchyard_router_client::{ClientOptions, MoeClient, TableWatcher};
-use switchyard_tools::loadtest::{self, LoadSpec, Target};
 
 use super::load_args::LoadArgs;
 use super::values::DtypeArg;
@@ -50,7 +50,8 @@ pub struct LoadtestArgs {
     pub check_config: bool,
 }
 
-pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
+/// `--check-config`, or a load test of the cluster at `--coordinator`.
+pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     if args.check_config {
         let model = args.model.spec()?;
         let routing = args.load.routing(&model)?;
@@ -60,40 +61,28 @@ pub async fn run(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
         println!("configuration ok: {:#?}\n{routing:#?}", args.load.spec(&model));
         return Ok(());
     }
-    let (report, model) = if args.reference {
-        let model = args.model.spec()?;
-        eprintln!("building the in-process reference layer ({} experts)...", model.experts_per_layer);
-        let layer = args.load.layer(&model);
-        let config = ReferenceConfig {
-            device: args.device.resolve(),
-            torch_threads,
-            dtype: args.dtype.map(Into::into),
-            ..ReferenceConfig::cpu()
-        };
-        let reference = ReferenceLayer::start(&model, &[layer], config).await?;
-        let name = format!("in-process reference ({torch_threads} torch threads)");
-        let spec = LoadSpec {
-            routing: args.load.routing(&model)?,
-            skew: args.load.skew.resolve(None, layer)?,
-            ..args.load.spec(&model)
-        };
-        (loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?, model)
-    } else {
-        let coordinator = args.coordinator.context("--coordinator is required")?;
-        let (client, _watcher, workers) = connect(&coordinator, &args.load).await?;
-        let _metrics = match args.metrics_listen {
-            Some(address) => Some(serve_metrics(&client, address).await?),
-            None => None,
-        };
-        let table = client.table().context("no routing table")?;
-        let skew = args.load.skew.resolve(Some(&table), args.load.layer(&table.model))?;
-        let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec(&table.model) };
-        let name = format!("distributed ({workers} workers)");
-        (loadtest::run(Target::Distributed(client), spec, &name).await?, table.model.clone())
+    let coordinator = args.coordinator.as_deref().context("--coordinator is required")?;
+    let (client, _watcher, workers) = connect(coordinator, &args.load).await?;
+    let _metrics = match args.metrics_listen {
+        Some(address) => Some(serve_metrics(&client, address).await?),
+        None => None,
     };
+    let table = client.table().context("no routing table")?;
+    let skew = args.load.skew.resolve(Some(&table), args.load.layer(&table.model))?;
+    let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec(&table.model) };
+    let name = format!("distributed ({workers} workers)");
+    let report = loadtest::run(Target::Distributed(client), spec, &name).await?;
+    report_and_finish(&args, report, &table.model)
+}
+
+pub(crate) fn report_and_finish(
+    args: &LoadtestArgs,
+    report: loadtest::LoadReport,
+    model: &ModelSpec,
+) -> anyhow::Result<()> {
     let summary = report.summary();
-    print!("{}", switchyard_tools::report::text::load_report(&summary));
-    args.load.finish(vec![summary], &model)
+    print!("{}", switchyard_loadtest::report::text::load_report(&summary));
+    args.load.finish(vec![summary], model)
 }
 
 /// Serves `client`'s metrics on `address` until the returned sender is dropped.

@@ -9,7 +9,7 @@ use switchyard_tools::bench::plan::Axes;
 use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset};
 use switchyard_tools::report;
 
-use super::values::{ActivationArg, DispatchArg, DtypeArg, WireDtypeArg, parse_duration};
+use crate::cli::values::{ActivationArg, DispatchArg, DtypeArg, WireDtypeArg, parse_duration};
 use switchyard_router_client::transport::default_connections;
 
 /// The flags of `switchyard bench` (the command's help text is on `Command::Bench`).

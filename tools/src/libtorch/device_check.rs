@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use switchyard_experts::DeviceChoice;
+use switchyard_experts::{DeviceChoice, ResolveDevice};
 use switchyard_tools::device_check;
 
 #[derive(Debug, clap::Args)]
