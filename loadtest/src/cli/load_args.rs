@@ -22,6 +22,12 @@ pub struct LoadArgs {
     /// pace; latency counts from each call's scheduled start. Without it: closed loop.
     #[arg(long, env = "SWITCHYARD_LOAD_RATE")]
     pub rate: Option<f64>,
+    /// Open loop ramping through stages instead of one rate, e.g. 10s:50,30s:200,10s:0: the rate
+    /// moves linearly from the previous stage's target (0 at first) to each stage's target, in
+    /// calls per second, over its duration (k6's stages). The stages are the whole measured run:
+    /// --duration and --warmup do not apply.
+    #[arg(long, env = "SWITCHYARD_LOAD_STAGES", value_parser = values::parse_stages, conflicts_with = "rate")]
+    pub stages: Option<values::StagesArg>,
     /// Measured time, e.g. 10s, 500ms, 2m (after the warm-up).
     #[arg(long, env = "SWITCHYARD_LOAD_DURATION", default_value = "10s", value_parser = values::parse_duration)]
     pub duration: Duration,
@@ -134,6 +140,17 @@ impl LoadArgs {
         (self.throttle_ratio > 0.0).then_some(self.throttle_ratio)
     }
 
+    /// What the run measures, for its opening line.
+    pub fn window(&self) -> String {
+        match &self.stages {
+            Some(stages) => format!(
+                "ramping through {} calls/s, no warm-up",
+                switchyard_loadtest::loadtest::describe_stages(&stages.0)
+            ),
+            None => format!("{} s measured after {} s warm-up", self.duration.as_secs_f64(), self.warmup.as_secs_f64()),
+        }
+    }
+
     /// The MoE layer the calls go to: `--layer`, or the model's first MoE layer.
     pub fn layer(&self, model: &ModelSpec) -> u32 {
         self.layer.unwrap_or_else(|| model.first_layer())
@@ -143,7 +160,11 @@ impl LoadArgs {
     pub fn spec(&self, model: &ModelSpec) -> LoadSpec {
         LoadSpec {
             concurrency: self.concurrency,
-            arrival: self.rate.map_or(Arrival::Closed, |rate| Arrival::Open { rate }),
+            arrival: match (&self.stages, self.rate) {
+                (Some(stages), _) => Arrival::Ramp { stages: stages.0.clone() },
+                (None, Some(rate)) => Arrival::Open { rate },
+                (None, None) => Arrival::Closed,
+            },
             duration: self.duration,
             requests: self.requests,
             tokens_per_call: self.tokens,

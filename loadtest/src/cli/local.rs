@@ -111,11 +111,7 @@ pub(crate) async fn load_test_cluster(args: &LocalArgs) -> anyhow::Result<Option
         return Ok(None);
     }
 
-    eprintln!(
-        "load test: {} s measured after {} s warm-up...",
-        args.load.duration.as_secs_f64(),
-        args.load.warmup.as_secs_f64()
-    );
+    eprintln!("load test: {}...", args.load.window());
     let layer = args.load.layer(&model);
     let skew = args.load.skew.resolve(client.table().as_deref(), layer)?;
     let spec = LoadSpec { routing: client.options().routing, skew, ..args.load.spec(&model) };

@@ -1,6 +1,8 @@
 //! The command line's enumerated values, as `clap::ValueEnum`s: `--help` lists each one's choices
 //! and clap refuses anything else with them named. Each maps onto the library type it selects.
+//! Then the parsers of structured values (durations, stages, addresses).
 
+use switchyard_loadtest::loadtest::Stage;
 use switchyard_model::{Activation, WeightDtype};
 use switchyard_proto::wire::WireDtype;
 use switchyard_router_client::capacity::OverflowPolicy;
@@ -155,6 +157,29 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, humantime::Dura
     humantime::parse_duration(text)
 }
 
+/// `--stages`: `DURATION:RATE` pairs, comma-separated, e.g. `10s:50,30s:200,10s:0`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StagesArg(pub std::sync::Arc<[Stage]>);
+
+pub fn parse_stages(text: &str) -> Result<StagesArg, String> {
+    let stage = |item: &str| -> Result<Stage, String> {
+        let (duration, target) =
+            item.split_once(':').ok_or_else(|| format!("stage {item:?}: expected DURATION:RATE, e.g. 30s:200"))?;
+        let duration =
+            humantime::parse_duration(duration.trim()).map_err(|error| format!("stage {item:?}: {error}"))?;
+        let target: f64 = target.trim().parse().map_err(|_| format!("stage {item:?}: the rate is not a number"))?;
+        if duration.is_zero() || !target.is_finite() || target < 0.0 {
+            return Err(format!("stage {item:?}: the duration must be positive and the rate finite and not negative"));
+        }
+        Ok(Stage { duration, target })
+    };
+    let stages = text.split(',').map(stage).collect::<Result<Vec<_>, _>>()?;
+    if stages.iter().all(|stage| stage.target == 0.0) {
+        return Err(format!("{text:?}: every stage's rate is 0: nothing would be sent"));
+    }
+    Ok(StagesArg(stages.into()))
+}
+
 /// A gRPC server address: `host:port` is taken as `http://host:port`; http and https URIs as
 /// given; anything else is refused saying what is expected.
 pub fn parse_endpoint(text: &str) -> Result<String, String> {
@@ -186,6 +211,27 @@ pub fn parse_throttle_ratio(text: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    #[test]
+    fn stages_parse_with_each_error_named() {
+        let stages = super::parse_stages("10s:50, 1m:200.5,500ms:0").expect("stages");
+        let parsed: Vec<(Duration, f64)> = stages.0.iter().map(|stage| (stage.duration, stage.target)).collect();
+        assert_eq!(
+            parsed,
+            [(Duration::from_secs(10), 50.0), (Duration::from_secs(60), 200.5), (Duration::from_millis(500), 0.0)]
+        );
+        for (text, said) in [
+            ("10s", "expected DURATION:RATE"),
+            ("ten:5", "stage \"ten:5\""),
+            ("10s:fast", "not a number"),
+            ("0s:5", "must be positive"),
+            ("5s:-1", "not negative"),
+            ("5s:0,1s:0", "nothing would be sent"),
+        ] {
+            let error = super::parse_stages(text).expect_err(text);
+            assert!(error.contains(said), "{text}: {error}");
+        }
+    }
 
     use clap::ValueEnum;
 

@@ -6,7 +6,7 @@
 
 mod summary;
 
-pub use summary::{LoadSummary, PhaseFigures, RunInfo, Thresholds};
+pub use summary::{LoadSummary, PhaseFigures, RunInfo, Thresholds, describe_stages};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,7 +55,7 @@ pub struct LoadSpec {
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 /// How calls are started.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub enum Arrival {
     /// `concurrency` callers, each starting its next call when the last one answered.
     #[default]
@@ -64,6 +64,58 @@ pub enum Arrival {
     /// answered; latency counts from the scheduled start, so queueing is not hidden (no coordinated
     /// omission).
     Open { rate: f64 },
+    /// As `Open`, at a rate that ramps through `stages` (k6's stages): it moves linearly from the
+    /// previous stage's target (0 before the first) to each stage's target over its duration. The
+    /// stages are the whole measured run: no warm-up.
+    Ramp { stages: Arc<[Stage]> },
+}
+
+/// One stage of a ramp: the arrival rate reaches `target` calls per second at its end.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stage {
+    pub duration: Duration,
+    pub target: f64,
+}
+
+/// The arrival rate `at` into `stages` (0 past the last).
+pub fn ramp_rate(stages: &[Stage], at: Duration) -> f64 {
+    let mut from = 0.0;
+    let mut start = Duration::ZERO;
+    for stage in stages {
+        let end = start + stage.duration;
+        if at < end {
+            let progress = (at - start).as_secs_f64() / stage.duration.as_secs_f64().max(1e-9);
+            return from + (stage.target - from) * progress;
+        }
+        (from, start) = (stage.target, end);
+    }
+    0.0
+}
+
+/// Calls the stages offer in all (the integral of their rate).
+pub fn ramp_calls(stages: &[Stage]) -> f64 {
+    let mut from = 0.0;
+    let mut calls = 0.0;
+    for stage in stages {
+        calls += (from + stage.target) / 2.0 * stage.duration.as_secs_f64();
+        from = stage.target;
+    }
+    calls
+}
+
+/// Offsets of a seeded Poisson process whose rate follows `stages`: arrivals at the stages' peak
+/// rate, each kept with probability rate(t)/peak (thinning; Lewis and Shedler).
+pub fn ramp_arrivals(stages: &[Stage], seed: u64) -> impl Iterator<Item = Duration> + use<> {
+    let stages: Vec<Stage> = stages.to_vec();
+    let peak = stages.iter().map(|stage| stage.target).fold(0.0, f64::max);
+    let end: Duration = stages.iter().map(|stage| stage.duration).sum();
+    let mut keep = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f_7a3e_u64);
+    (peak > 0.0)
+        .then(|| poisson_arrivals(peak, seed))
+        .into_iter()
+        .flatten()
+        .take_while(move |at| *at < end)
+        .filter(move |at| keep.random_range(0.0..peak) < ramp_rate(&stages, *at))
 }
 
 /// Offsets from the start of a Poisson process of `rate` events per second (exponential gaps).
@@ -288,7 +340,7 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
     let report = LoadReport {
         target: name.to_owned(),
         concurrency: spec.concurrency,
-        arrival: spec.arrival,
+        arrival: spec.arrival.clone(),
         tokens_per_call: spec.tokens_per_call,
         measured: Duration::ZERO,
         elapsed: Duration::ZERO,
@@ -313,8 +365,13 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
     };
     let shared = Arc::new(Shared { report: Mutex::new(report), claimed: AtomicU64::new(0) });
     let started = Instant::now();
-    let measure_from = started + spec.warmup;
-    let deadline = measure_from + spec.duration;
+    // A ramp's stages are its whole run, measured from the start.
+    let (warmup, duration) = match &spec.arrival {
+        Arrival::Ramp { stages } => (Duration::ZERO, stages.iter().map(|stage| stage.duration).sum()),
+        Arrival::Closed | Arrival::Open { .. } => (spec.warmup, spec.duration),
+    };
+    let measure_from = started + warmup;
+    let deadline = measure_from + duration;
     let progress = spec.progress.then(|| {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         (stop, tokio::spawn(show_progress(shared.clone(), measure_from, deadline, stopped)))
@@ -334,8 +391,13 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         })
     };
     let window = Window { target: &target, layer: spec.layer, measure_from, deadline, wire_at_start };
-    if let Arrival::Open { rate } = spec.arrival {
-        run_open_loop(&target, &spec, &shared, inputs_for(spec.seed), rate, started, measure_from, deadline).await;
+    let schedule: Option<Box<dyn Iterator<Item = Duration> + Send>> = match &spec.arrival {
+        Arrival::Closed => None,
+        Arrival::Open { rate } => Some(Box::new(poisson_arrivals(*rate, spec.seed))),
+        Arrival::Ramp { stages } => Some(Box::new(ramp_arrivals(stages, spec.seed))),
+    };
+    if let Some(schedule) = schedule {
+        run_open_loop(&target, &spec, &shared, inputs_for(spec.seed), schedule, started, measure_from, deadline).await;
         return Ok(finish(&shared, window, progress).await);
     }
     let callers = (0..spec.concurrency.max(1)).map(|caller| {
@@ -446,26 +508,31 @@ async fn show_progress(
     }
 }
 
-/// Starts calls on a Poisson schedule until `deadline`, each measured from its scheduled start.
+/// Starts calls at `schedule`'s offsets from `started` until `deadline`, each measured from its
+/// scheduled start.
 #[allow(clippy::too_many_arguments)]
 async fn run_open_loop(
     target: &Target,
     spec: &LoadSpec,
     shared: &Arc<Shared>,
     inputs: Inputs,
-    rate: f64,
+    schedule: impl Iterator<Item = Duration>,
     started: Instant,
     measure_from: Instant,
     deadline: Instant,
 ) {
     let mut calls = tokio::task::JoinSet::new();
-    for (index, offset) in poisson_arrivals(rate, spec.seed).enumerate() {
+    // The offered window lasts until the deadline even when its last arrival comes earlier (a
+    // ramp down to 0), unless the request budget ends the test first.
+    let mut window_ends = Some(deadline);
+    for (index, offset) in schedule.enumerate() {
         let scheduled = started + offset;
         if scheduled >= deadline {
             break;
         }
         let measured = scheduled >= measure_from;
         if measured && !shared.claim(spec.requests) {
+            window_ends = None;
             break;
         }
         tokio::time::sleep_until(scheduled.into()).await;
@@ -484,6 +551,9 @@ async fn run_open_loop(
                 shared.record(layer, outcome, scheduled.elapsed());
             }
         });
+    }
+    if let Some(deadline) = window_ends {
+        tokio::time::sleep_until(deadline.into()).await;
     }
     while calls.join_next().await.is_some() {}
 }
@@ -518,6 +588,67 @@ mod tests {
 
     async fn reference(model: &ModelSpec) -> Arc<Reference> {
         Arc::new(Reference(ReferenceLayer::start(model, &[0], ReferenceConfig::cpu()).await.expect("reference")))
+    }
+
+    #[test]
+    fn a_ramp_offers_its_stages_rates_in_turn() {
+        let stages = [
+            Stage { duration: Duration::from_secs(10), target: 1_000.0 },
+            Stage { duration: Duration::from_secs(10), target: 1_000.0 },
+            Stage { duration: Duration::from_secs(5), target: 0.0 },
+        ];
+        assert_eq!(ramp_rate(&stages, Duration::from_secs(5)), 500.0);
+        assert_eq!(ramp_rate(&stages, Duration::from_secs(15)), 1_000.0);
+        assert_eq!(ramp_rate(&stages, Duration::from_millis(23_500)), 300.0);
+        assert_eq!(ramp_rate(&stages, Duration::from_secs(30)), 0.0);
+        assert_eq!(ramp_calls(&stages), 5_000.0 + 10_000.0 + 2_500.0);
+        let offsets: Vec<Duration> = ramp_arrivals(&stages, 9).collect();
+        let within = |from: u64, to: u64| {
+            offsets.iter().filter(|at| (Duration::from_secs(from)..Duration::from_secs(to)).contains(*at)).count()
+                as f64
+        };
+        // Poisson counts: within five standard deviations of each stage's expected calls.
+        for (count, expected) in [(within(0, 10), 5_000.0), (within(10, 20), 10_000.0), (within(20, 25), 2_500.0)] {
+            assert!((count - expected).abs() < 5.0 * f64::sqrt(expected), "{count} arrivals for {expected}");
+        }
+        // Rising: the first ramp's second half gets about three times its first half's calls.
+        let (first, second) = (within(0, 5), within(5, 10));
+        assert!((2.6..3.4).contains(&(second / first)), "{first} then {second}");
+        assert!(offsets.windows(2).all(|pair| pair[0] <= pair[1]) && offsets.last() < Some(&Duration::from_secs(25)));
+        assert_eq!(offsets[..10], ramp_arrivals(&stages, 9).take(10).collect::<Vec<_>>()[..], "seeded");
+    }
+
+    #[tokio::test]
+    async fn a_ramp_is_the_whole_run_and_every_arrival_is_counted() {
+        let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
+        let stages: Arc<[Stage]> = vec![
+            Stage { duration: Duration::from_millis(500), target: 200.0 },
+            Stage { duration: Duration::from_millis(500), target: 0.0 },
+        ]
+        .into();
+        let spec = LoadSpec {
+            concurrency: 1,
+            arrival: Arrival::Ramp { stages: stages.clone() },
+            // A ramp's stages replace both.
+            duration: Duration::from_secs(60),
+            warmup: Duration::from_secs(60),
+            requests: None,
+            tokens_per_call: 4,
+            layer: 0,
+            seed: 2,
+            routing: RoutingOverrides::default(),
+            progress: false,
+            skew: Skew::Uniform,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        };
+        let report = run(Target::Reference(reference(&model).await), spec, "reference").await.expect("load test");
+        let scheduled = ramp_arrivals(&stages, 2).count() as u64;
+        assert!((50..=150).contains(&scheduled), "{scheduled} arrivals for 100 expected");
+        assert_eq!(report.calls + report.failed() + report.dropped_arrivals, scheduled, "every arrival counted once");
+        assert_eq!(report.measured, Duration::from_secs(1), "the stages' whole span, not 60 s");
+        let summary = report.summary();
+        assert_eq!(summary.arrival, "ramp 500ms:200,500ms:0");
+        assert_eq!(summary.rate_calls_per_s, Some(100.0), "the mean offered rate");
     }
 
     #[test]

@@ -14,10 +14,10 @@ use super::{Arrival, LoadReport};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadSummary {
     pub target: String,
-    /// `closed` or `open`.
+    /// `closed`, `open`, or `ramp` and its stages (`ramp 10s:100,30s:500`).
     pub arrival: String,
     pub concurrency: usize,
-    /// The open loop's Poisson rate.
+    /// The open loop's Poisson rate (a ramp's mean offered rate).
     pub rate_calls_per_s: Option<f64>,
     pub tokens_per_call: usize,
     pub measured_s: f64,
@@ -183,9 +183,14 @@ impl LoadReport {
     /// Every figure of this report, computed once.
     pub fn summary(&self) -> LoadSummary {
         let calls = self.calls.max(1);
-        let (arrival, rate) = match self.arrival {
-            Arrival::Closed => ("closed", None),
-            Arrival::Open { rate } => ("open", Some(rate)),
+        let (arrival, rate) = match &self.arrival {
+            Arrival::Closed => ("closed".to_owned(), None),
+            Arrival::Open { rate } => ("open".to_owned(), Some(*rate)),
+            Arrival::Ramp { stages } => {
+                let total: Duration = stages.iter().map(|stage| stage.duration).sum();
+                let mean = super::ramp_calls(stages) / total.as_secs_f64().max(1e-9);
+                (format!("ramp {}", describe_stages(stages)), Some(mean))
+            }
         };
         let stats = self.mean_router_stats();
         let mean = self.mean_timing();
@@ -197,7 +202,7 @@ impl LoadReport {
         }
         LoadSummary {
             target: self.target.clone(),
-            arrival: arrival.to_owned(),
+            arrival,
             concurrency: self.concurrency,
             rate_calls_per_s: rate,
             tokens_per_call: self.tokens_per_call,
@@ -276,4 +281,10 @@ mod tests {
         assert_eq!(crossed[1], "p99 5.000 ms above --max-p99 4.000 ms");
         assert!(summary(1000, 1, 3.0).crossed(strict).is_empty(), "0.1% errors and a 3 ms p99 pass");
     }
+}
+
+/// `10s:100,30s:500`, as `--stages` takes them.
+pub fn describe_stages(stages: &[super::Stage]) -> String {
+    let stage = |stage: &super::Stage| format!("{}:{}", humantime::format_duration(stage.duration), stage.target);
+    stages.iter().map(stage).collect::<Vec<_>>().join(",")
 }

@@ -11,9 +11,12 @@ use crate::loadtest::LoadSummary;
 pub fn load_report(summary: &LoadSummary) -> String {
     let ms = |value: f64| format!("{value:.3} ms");
     let mut text = String::new();
-    let load = match summary.rate_calls_per_s {
-        None => format!("closed loop, concurrency {}", summary.concurrency),
-        Some(rate) => format!("open loop, {rate} calls/s Poisson"),
+    let load = match (summary.rate_calls_per_s, summary.arrival.strip_prefix("ramp ")) {
+        (None, _) => format!("closed loop, concurrency {}", summary.concurrency),
+        (Some(rate), Some(stages)) => {
+            format!("open loop ramping through {stages} calls/s ({rate:.1} calls/s on average)")
+        }
+        (Some(rate), None) => format!("open loop, {rate} calls/s Poisson"),
     };
     let _ = write!(
         text,
