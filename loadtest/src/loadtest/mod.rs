@@ -109,7 +109,7 @@ pub fn ramp_arrivals(stages: &[Stage], seed: u64) -> impl Iterator<Item = Durati
     let stages: Vec<Stage> = stages.to_vec();
     let peak = stages.iter().map(|stage| stage.target).fold(0.0, f64::max);
     let end: Duration = stages.iter().map(|stage| stage.duration).sum();
-    let mut keep = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f_7a3e_u64);
+    let mut keep = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f7a_3e00_u64);
     (peak > 0.0)
         .then(|| poisson_arrivals(peak, seed))
         .into_iter()

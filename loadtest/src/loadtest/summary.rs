@@ -247,6 +247,12 @@ impl LoadReport {
     }
 }
 
+/// `10s:100,30s:500`, as `--stages` takes them.
+pub fn describe_stages(stages: &[super::Stage]) -> String {
+    let stage = |stage: &super::Stage| format!("{}:{}", humantime::format_duration(stage.duration), stage.target);
+    stages.iter().map(stage).collect::<Vec<_>>().join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,10 +287,4 @@ mod tests {
         assert_eq!(crossed[1], "p99 5.000 ms above --max-p99 4.000 ms");
         assert!(summary(1000, 1, 3.0).crossed(strict).is_empty(), "0.1% errors and a 3 ms p99 pass");
     }
-}
-
-/// `10s:100,30s:500`, as `--stages` takes them.
-pub fn describe_stages(stages: &[super::Stage]) -> String {
-    let stage = |stage: &super::Stage| format!("{}:{}", humantime::format_duration(stage.duration), stage.target);
-    stages.iter().map(stage).collect::<Vec<_>>().join(",")
 }
