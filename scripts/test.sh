@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this): set-up, format and lint checks, then
-# unit, in-process and integration tests (which start real processes on 127.0.0.1), then the Helm
-# chart's tests (real Helm 3 and Helm 4 engines, strict Kubernetes schemas, the binaries' flags).
+# unit, in-process and integration tests (which start real processes on 127.0.0.1; promtool checks
+# every process's /metrics), then the Helm chart's tests (real Helm 3 and Helm 4 engines, strict
+# Kubernetes schemas, the binaries' flags).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$SWITCHYARD_ROOT/scripts/setup.sh"
@@ -12,9 +13,10 @@ echo "==> cargo fmt --check" >&2
 cargo fmt --all --check
 echo "==> cargo clippy -D warnings" >&2
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+# The validators (Helm, schemas, promtool) before the tests: the metrics test runs promtool.
+"$SWITCHYARD_ROOT/scripts/setup-chart-tools.sh"
 echo "==> cargo test" >&2
 # Release profile: shares the build the set-up made, and the integration tests run its binaries.
 cargo test --release --workspace
 echo "==> Helm chart: lint, render, strict schema validation, chart tests" >&2
-"$SWITCHYARD_ROOT/scripts/setup-chart-tools.sh"
 "$SWITCHYARD_VENV/bin/python" -m unittest discover --start-directory charts/tests --verbose

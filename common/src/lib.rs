@@ -53,7 +53,10 @@ macro_rules! write_to_inner {
 
 pub mod children;
 pub mod clock;
+pub mod grpc_metrics;
 pub mod metrics_http;
+pub mod metrics_text;
+pub mod process_metrics;
 pub mod ready;
 pub mod shutdown;
 pub mod tls;

@@ -1,10 +1,14 @@
-//! The Prometheus `/metrics` endpoint every process serves, in the OpenMetrics text format.
+//! The Prometheus `/metrics` endpoint every process serves: Prometheus' classic text format, or
+//! OpenMetrics for a scraper that asks for it (Prometheus does).
 
 use std::sync::Arc;
 
-use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use axum::http::{HeaderMap, header};
+use axum::{Router, extract::State, response::IntoResponse, routing::get};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+use crate::metrics_text;
 
 /// Serves `GET /metrics` from `registry`, and `GET /healthz` (200 while the process runs: the
 /// probe a kubelet can use when gRPC runs over mutual TLS, which its gRPC probe cannot speak), on
@@ -19,10 +23,22 @@ pub async fn serve(
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
-async fn render(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
-    let mut body = String::new();
-    if let Err(error) = prometheus_client::encoding::text::encode(&mut body, &registry) {
+async fn render(State(registry): State<Arc<Registry>>, headers: HeaderMap) -> impl IntoResponse {
+    let mut openmetrics = String::new();
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut openmetrics, &registry) {
         tracing::error!(%error, "metrics encoding failed");
     }
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+    if asks_for_openmetrics(&headers) {
+        ([(header::CONTENT_TYPE, metrics_text::OPENMETRICS_CONTENT_TYPE)], openmetrics)
+    } else {
+        ([(header::CONTENT_TYPE, metrics_text::CONTENT_TYPE)], metrics_text::from_openmetrics(&openmetrics))
+    }
+}
+
+fn asks_for_openmetrics(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|accept| accept.to_str().ok())
+        .any(|accept| accept.contains("application/openmetrics-text"))
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint, Server};
 
+use crate::grpc_metrics::{GrpcMetricsLayer, GrpcServerMetrics};
 use crate::tls::{ClientTls, RoleGuardLayer, RolePolicy, ServerTls, TlsConnection};
 
 /// HTTP/2 per-stream flow-control window.
@@ -45,23 +46,27 @@ pub fn channel(uri: &str) -> Result<Channel, tonic::transport::Error> {
     dial(uri, None, crate::tls::outgoing().cloned())
 }
 
-/// Serves `routes` on `listener` until `shutdown`: over mutual TLS, each call checked against the
-/// role policy before its method sees it, when `tls` is given; plaintext otherwise.
+/// Serves `routes` on `listener` until `shutdown`, each call counted in `metrics`: over mutual
+/// TLS, each call checked against the role policy before its method sees it, when `tls` is given;
+/// plaintext otherwise.
 pub async fn serve(
     routes: tonic::service::Routes,
     listener: tokio::net::TcpListener,
     tls: Option<(ServerTls, RolePolicy)>,
+    metrics: GrpcServerMetrics,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    // Outermost, so that calls the role guard refuses are counted too.
+    let mut server = server().layer(GrpcMetricsLayer(metrics));
     match tls {
         Some((tls, policy)) => {
-            server()
+            server
                 .layer(RoleGuardLayer(policy))
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming_tls(listener, ConnectionLimits::default(), tls), shutdown)
                 .await
         }
-        None => server().add_routes(routes).serve_with_incoming_shutdown(incoming(listener), shutdown).await,
+        None => server.add_routes(routes).serve_with_incoming_shutdown(incoming(listener), shutdown).await,
     }
 }
 

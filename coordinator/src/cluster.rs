@@ -976,7 +976,7 @@ mod tests {
     /// The metrics as Prometheus text.
     fn scrape(metrics: &CoordinatorMetrics) -> String {
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &metrics.registry()).expect("encode");
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry(&Default::default())).expect("encode");
         text
     }
 

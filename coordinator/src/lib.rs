@@ -14,6 +14,7 @@ pub mod service;
 
 use std::future::Future;
 
+use switchyard_common::grpc_metrics::GrpcServerMetrics;
 use switchyard_common::tls::{Role, RolePolicy, ServerTls};
 use tokio::net::TcpListener;
 
@@ -44,7 +45,8 @@ pub async fn run(
     let grpc_addr = grpc.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
     let metrics = metrics::CoordinatorMetrics::default();
-    let registry = metrics.registry();
+    let grpc_metrics = GrpcServerMetrics::default();
+    let registry = metrics.registry(&grpc_metrics);
     tracing::info!(%grpc_addr, %metrics_addr, model = ?config.model, queue_limit_tokens = config.queue_limit_tokens, "coordinator listening");
     let cluster = Cluster::new(config, GrpcWorkerControl::default(), metrics);
 
@@ -74,7 +76,7 @@ pub async fn run(
     };
     let routes = tonic::service::Routes::new(health_service).add_service(service);
     let tls = tls.map(|tls| (tls, allowed_roles as RolePolicy));
-    let served = switchyard_common::transport::serve(routes, grpc, tls, shutdown).await;
+    let served = switchyard_common::transport::serve(routes, grpc, tls, grpc_metrics, shutdown).await;
     let _ = stop.send(true);
     let _ = reconcile.await;
     let _ = metrics_task.await;

@@ -6,6 +6,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use std::sync::atomic::AtomicU64;
+use switchyard_common::grpc_metrics::GrpcServerMetrics;
 
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -38,8 +39,11 @@ pub struct WorkerLabels {
 }
 
 impl CoordinatorMetrics {
-    pub fn registry(&self) -> Arc<Registry> {
+    /// Every series the coordinator serves: its own, its gRPC server's (`grpc`), the process's.
+    pub fn registry(&self, grpc: &GrpcServerMetrics) -> Arc<Registry> {
         let mut registry = Registry::default();
+        grpc.register(&mut registry);
+        switchyard_common::process_metrics::register(&mut registry, "coordinator");
         let sub = registry.sub_registry_with_prefix("switchyard_coordinator");
         sub.register("live_workers", "Workers whose heartbeats are current", self.live_workers.clone());
         sub.register("table_version", "Version of the published routing table", self.table_version.clone());

@@ -20,6 +20,7 @@ pub mod worker;
 
 use std::future::Future;
 
+use switchyard_common::grpc_metrics::GrpcServerMetrics;
 use switchyard_common::tls::{ClientTls, Role, RolePolicy, ServerTls};
 use switchyard_experts::ResolveDevice;
 use tokio::net::TcpListener;
@@ -115,9 +116,10 @@ pub async fn run(
     };
 
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let grpc_metrics = GrpcServerMetrics::default();
     let metrics_task = tokio::spawn(switchyard_common::metrics_http::serve(
         metrics_listener,
-        metrics::registry_with(&metrics),
+        metrics::registry_with(&metrics, &grpc_metrics),
         async {
             let _ = metrics_stopped.await;
         },
@@ -128,7 +130,7 @@ pub async fn run(
         service::ExpertWorkerService::new(worker.clone(), name)
             .into_server(intake::Intake::new(args.max_receiving_bytes)),
     );
-    let served = switchyard_common::transport::serve(routes, grpc, tls, shutdown).await;
+    let served = switchyard_common::transport::serve(routes, grpc, tls, grpc_metrics, shutdown).await;
     if let Some(task) = membership_task {
         task.abort();
     }

@@ -11,6 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use switchyard_common::grpc_metrics::GrpcServerMetrics;
 
 /// Cheap to clone: every field is a handle to shared atomics.
 #[derive(Debug, Clone)]
@@ -113,9 +114,11 @@ impl Default for WorkerMetrics {
     }
 }
 
-/// A registry holding `metrics`.
-pub fn registry_with(metrics: &WorkerMetrics) -> Arc<Registry> {
+/// A registry holding `metrics`, the gRPC server's (`grpc`) and the process's.
+pub fn registry_with(metrics: &WorkerMetrics, grpc: &GrpcServerMetrics) -> Arc<Registry> {
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    grpc.register(&mut registry);
+    switchyard_common::process_metrics::register(&mut registry, "worker");
     Arc::new(registry)
 }

@@ -460,7 +460,8 @@ async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
     use switchyard_expert_worker::metrics::{WorkerMetrics, registry_with};
     let render = |metrics: &WorkerMetrics| {
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry_with(metrics)).expect("encode");
+        prometheus_client::encoding::text::encode(&mut text, &registry_with(metrics, &Default::default()))
+            .expect("encode");
         text
     };
     assert!(!render(&WorkerMetrics::new()).contains("expert_admitted_tokens"), "off by default");

@@ -256,7 +256,7 @@ async fn every_process_serves_health_and_metrics() {
             .into_inner();
         assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
         let body = http_get(process.metrics, "/metrics").await;
-        assert!(body.contains("# EOF"), "OpenMetrics text from {}", process.name);
+        assert!(body.contains("text/plain; version=0.0.4"), "Prometheus text from {}", process.name);
         if let Some(value) = metric_value(&body, "switchyard_worker_admitted_tokens_total") {
             admitted += value as u64;
         }

@@ -94,6 +94,7 @@ async fn serve_metrics(
     eprintln!("client metrics on http://{}/metrics", listener.local_addr()?);
     let mut registry = prometheus_client::registry::Registry::default();
     client.metrics().register(&mut registry);
+    switchyard_common::process_metrics::register(&mut registry, "client");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(switchyard_common::metrics_http::serve(listener, Arc::new(registry), async {
         let _ = stopped.await;

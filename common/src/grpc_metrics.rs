@@ -1,0 +1,226 @@
+//! Per-method gRPC server metrics, as a tower layer on every server: calls started, calls handled
+//! by status code, and handling time, under the names and labels of go-grpc-prometheus
+//! (`grpc_server_started_total`, `grpc_server_handled_total`, `grpc_server_handling_seconds`), so
+//! the dashboards and alerts written for those work unchanged.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body::{Body, Frame, SizeHint};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use tonic::codegen::http::{HeaderMap, Request, Response};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    grpc_service: String,
+    grpc_method: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    grpc_service: String,
+    grpc_method: String,
+    grpc_code: &'static str,
+}
+
+/// The server's per-method series; cheap to clone (the families are shared).
+#[derive(Debug, Clone)]
+pub struct GrpcServerMetrics {
+    started: Family<MethodLabels, Counter>,
+    handled: Family<HandledLabels, Counter>,
+    handling: Family<MethodLabels, Histogram>,
+}
+
+impl Default for GrpcServerMetrics {
+    fn default() -> Self {
+        Self {
+            started: Family::default(),
+            handled: Family::default(),
+            // 100 µs to ~52 s.
+            handling: Family::new_with_constructor(|| Histogram::new(exponential_buckets(1e-4, 2.0, 20))),
+        }
+    }
+}
+
+impl GrpcServerMetrics {
+    /// Registers the series at `registry`'s root (the names carry no component prefix).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("grpc_server_started", "RPCs started on the server", self.started.clone());
+        registry.register(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code (Canceled: the client went away first)",
+            self.handled.clone(),
+        );
+        registry.register_with_unit(
+            "grpc_server_handling",
+            "Time from a call's arrival until its last byte or status was sent",
+            Unit::Seconds,
+            self.handling.clone(),
+        );
+    }
+}
+
+/// Counts each call through the layered service in [`GrpcServerMetrics`].
+#[derive(Debug, Clone)]
+pub struct GrpcMetricsLayer(pub GrpcServerMetrics);
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> GrpcMetricsService<S> {
+        GrpcMetricsService { inner, metrics: self.0.clone() }
+    }
+}
+
+/// See [`GrpcMetricsLayer`].
+#[derive(Debug, Clone)]
+pub struct GrpcMetricsService<S> {
+    inner: S,
+    metrics: GrpcServerMetrics,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<Request<B>> for GrpcMetricsService<S>
+where
+    S: tower::Service<Request<B>, Response = Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let labels = method_labels(request.uri().path());
+        self.metrics.started.get_or_create(&labels).inc();
+        let mut call = CallRecord { metrics: self.metrics.clone(), labels, began: Instant::now(), code: None };
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            match response.await {
+                Ok(response) => {
+                    // A trailers-only answer (every error tonic returns) carries its status in
+                    // the headers; any other in the trailers at the body's end.
+                    call.code = grpc_code(response.headers());
+                    Ok(response.map(|body| tonic::body::Body::new(RecordedBody { inner: body, call: Some(call) })))
+                }
+                Err(error) => {
+                    call.code.replace("Internal");
+                    Err(error)
+                }
+            }
+        })
+    }
+}
+
+fn method_labels(path: &str) -> MethodLabels {
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+    MethodLabels { grpc_service: service.to_owned(), grpc_method: method.to_owned() }
+}
+
+fn grpc_code(headers: &HeaderMap) -> Option<&'static str> {
+    let code = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(code_name(tonic::Code::from_i32(code)))
+}
+
+/// The code as go-grpc-prometheus labels it (Go's `codes.Code.String()`).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// One call's tally, written once, when its answer is done (or dropped: the client went away).
+struct CallRecord {
+    metrics: GrpcServerMetrics,
+    labels: MethodLabels,
+    began: Instant,
+    code: Option<&'static str>,
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        let handled = HandledLabels {
+            grpc_service: self.labels.grpc_service.clone(),
+            grpc_method: self.labels.grpc_method.clone(),
+            grpc_code: self.code.unwrap_or("Canceled"),
+        };
+        self.metrics.handled.get_or_create(&handled).inc();
+        self.metrics.handling.get_or_create(&self.labels).observe(self.began.elapsed().as_secs_f64());
+    }
+}
+
+/// The answer's body, passed through; its trailers' status completes the call's record.
+struct RecordedBody {
+    inner: tonic::body::Body,
+    call: Option<CallRecord>,
+}
+
+impl Body for RecordedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(call) = self.call.as_mut()
+                {
+                    call.code = grpc_code(trailers).or(call.code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(call) = self.call.as_mut() {
+                    call.code = Some("Internal");
+                }
+                self.call.take();
+            }
+            Poll::Ready(None) => {
+                // The answer is complete: a stream that ended without a status is Unknown.
+                if let Some(call) = self.call.as_mut() {
+                    call.code.get_or_insert("Unknown");
+                }
+                self.call.take();
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
