@@ -12,6 +12,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// As the `--log-format` flag and `SWITCHYARD_LOG_FORMAT` name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// Installs the global subscriber. Call once, first thing in `main`.
 pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

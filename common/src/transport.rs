@@ -112,7 +112,7 @@ pub fn incoming_with(
             Err(error) => return Some(Err(error)),
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(peer = ?stream.peer_addr().ok(), limit = limits.max_connections, "connection refused: too many open");
+            tracing::warn!(peer = %stream.peer_addr().map_or_else(|_| "unknown".to_owned(), |peer| peer.to_string()), limit = limits.max_connections, "connection refused: too many open");
             return None;
         };
         if let Err(error) = stream.set_nodelay(true) {

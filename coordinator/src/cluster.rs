@@ -651,7 +651,7 @@ impl<C: WorkerControl> Cluster<C> {
                 let doublings = worker.load_failures.min(10) - 1;
                 let retry_in = (heartbeat_interval * 2u32.pow(doublings)).min(MAX_LOAD_RETRY_DELAY);
                 worker.retry_load_after = Some(Instant::now() + retry_in);
-                tracing::error!(worker_id = %order.worker, endpoint = %order.endpoint, %error, ?retry_in, "worker failed to load its experts");
+                tracing::error!(worker_id = %order.worker, endpoint = %order.endpoint, %error, retry_in_ms = retry_in.as_millis() as u64, "worker failed to load its experts");
             }
         }
         self.republish(&mut state);

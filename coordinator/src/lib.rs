@@ -47,7 +47,7 @@ pub async fn run(
     let metrics = metrics::CoordinatorMetrics::default();
     let grpc_metrics = GrpcServerMetrics::default();
     let registry = metrics.registry(&grpc_metrics);
-    tracing::info!(%grpc_addr, %metrics_addr, model = ?config.model, queue_limit_tokens = config.queue_limit_tokens, "coordinator listening");
+    tracing::info!(%grpc_addr, %metrics_addr, model = %config.model.name, moe_layers = config.model.moe_layers.len(), experts_per_layer = config.model.experts_per_layer, d_model = config.model.d_model, d_ff = config.model.d_ff, top_k = config.model.top_k, queue_limit_tokens = config.queue_limit_tokens, "coordinator listening");
     let cluster = Cluster::new(config, GrpcWorkerControl::default(), metrics);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

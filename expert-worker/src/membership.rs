@@ -71,7 +71,7 @@ async fn register(
             Ok(response) => {
                 let response = response.into_inner();
                 let interval = Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(50)));
-                tracing::info!(worker_id = %response.worker_id, ?interval, "registered with the coordinator");
+                tracing::info!(worker_id = %response.worker_id, interval_ms = interval.as_millis() as u64, "registered with the coordinator");
                 return (response.worker_id, interval);
             }
             Err(status) if status.code() == Code::FailedPrecondition => {
@@ -155,7 +155,10 @@ pub async fn drain(coordinator_uri: &str, registered: &watch::Receiver<Option<St
             Err(status) => tracing::warn!(message = status.message(), "drain request failed; retrying"),
         }
         if started.elapsed() >= policy.timeout {
-            tracing::warn!(timeout = ?policy.timeout, "experts not moved in time; stopping anyway");
+            tracing::warn!(
+                timeout_ms = policy.timeout.as_millis() as u64,
+                "experts not moved in time; stopping anyway"
+            );
             return;
         }
         tokio::time::sleep(DRAIN_POLL).await;

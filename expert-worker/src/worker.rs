@@ -348,7 +348,13 @@ impl ExpertWorker {
             resident.insert(*key, Resident { spec: spec.clone(), bytes: bytes.unwrap_or_default() });
         }
         self.metrics.resident_experts.set(resident.len() as i64);
-        tracing::info!(built = built_keys.len(), experts = experts.len(), ?limits, "experts loaded");
+        tracing::info!(
+            built = built_keys.len(),
+            experts = experts.len(),
+            routed_limit = limits.routed,
+            shared_limit = limits.shared,
+            "experts loaded"
+        );
         Ok(experts)
     }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use switchyard_common::children::{ChildError, ChildProcess};
+use switchyard_common::tracing_setup::LogFormat;
 use switchyard_model::ModelSpec;
 
 /// What to start.
@@ -27,6 +28,9 @@ pub struct LocalClusterConfig {
     pub coordinator_args: Vec<String>,
     /// `RUST_LOG` for the children; `None` passes ours through.
     pub log_filter: Option<String>,
+    /// How the children write their log lines (`SWITCHYARD_LOG_FORMAT`): as this process does,
+    /// so that JSON logs are not mixed with text ones.
+    pub log_format: LogFormat,
 }
 
 impl LocalClusterConfig {
@@ -45,13 +49,15 @@ impl LocalClusterConfig {
             worker_args: Vec::new(),
             coordinator_args: Vec::new(),
             log_filter: None,
+            log_format: LogFormat::Text,
         }
     }
 }
 
 impl LocalClusterConfig {
     fn envs(&self) -> Vec<(String, String)> {
-        self.log_filter.iter().map(|filter| ("RUST_LOG".to_owned(), filter.clone())).collect()
+        let filter = self.log_filter.iter().map(|filter| ("RUST_LOG".to_owned(), filter.clone()));
+        filter.chain([("SWITCHYARD_LOG_FORMAT".to_owned(), self.log_format.name().to_owned())]).collect()
     }
 }
 
@@ -179,4 +185,22 @@ async fn spawn_coordinator(config: &LocalClusterConfig, listen: &str) -> Result<
     args.extend(config.coordinator_args.iter().cloned());
     plaintext_unless_tls(&mut args);
     Ok(ChildProcess::spawn("coordinator", &config.coordinator_bin, &args, &config.envs(), READY_WITHIN).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_write_their_logs_as_this_process_does() {
+        let mut config = LocalClusterConfig::next_to(Path::new("/bin/switchyard"), ModelSpec::default_synthetic(), 1);
+        assert_eq!(config.envs(), [("SWITCHYARD_LOG_FORMAT".to_owned(), "text".to_owned())]);
+        config.log_format = LogFormat::Json;
+        config.log_filter = Some("warn".into());
+        let envs = config.envs();
+        assert_eq!(
+            envs,
+            [("RUST_LOG".to_owned(), "warn".to_owned()), ("SWITCHYARD_LOG_FORMAT".to_owned(), "json".to_owned())]
+        );
+    }
 }

@@ -77,8 +77,8 @@ pub enum Command {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     present_tls_identity(&cli)?;
     match cli.command {
-        Command::Local(args) if args.compare_reference => crate::libtorch::local_compared(args).await,
-        Command::Local(args) => local::run(args).await,
+        Command::Local(args) if args.compare_reference => crate::libtorch::local_compared(args, cli.log_format).await,
+        Command::Local(args) => local::run(args, cli.log_format).await,
         Command::Loadtest(args) if args.reference && !args.check_config => {
             crate::libtorch::loadtest_reference(args, cli.torch_threads).await
         }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use switchyard_common::tracing_setup::LogFormat;
 use switchyard_experts::ResolveDevice;
 use switchyard_loadtest::loadtest::{self, LoadSpec};
 use switchyard_reference::{ReferenceConfig, ReferenceLayer};
@@ -35,8 +36,8 @@ pub async fn loadtest_reference(args: LoadtestArgs, torch_threads: u32) -> anyho
 
 /// `local --loadtest --compare-reference`: the cluster's load test, then the same load through the
 /// in-process reference layer.
-pub async fn local_compared(args: LocalArgs) -> anyhow::Result<()> {
-    let Some(ClusterRun { report, spec, model }) = load_test_cluster(&args).await? else {
+pub async fn local_compared(args: LocalArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    let Some(ClusterRun { report, spec, model }) = load_test_cluster(&args, log_format).await? else {
         return Ok(());
     };
     // A fair baseline: as many libtorch threads as all the workers had together.
