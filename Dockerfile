@@ -4,24 +4,30 @@
 #   docker build -t ghcr.io/switchyard/switchyard:0.1.0-cuda --build-arg VARIANT=cuda .  # gpu.enabled
 #
 # These are the chart's default image and its GPU variant (charts/switchyard/values.yaml: image).
+# scripts/container-loadtest.sh builds the same runtime stage with podman from this machine's build
+# (--build-arg BINARIES=prebuilt) on a base made from Debian packages, and load-tests it.
 #
 # The build stage runs the same set-up as the README (scripts/setup.sh: protoc, torch 2.11.0 from
-# PyPI into a venv, release build). The runtime stage holds the binaries and libtorch's shared
-# libraries from that same torch wheel, at the path the binaries' rpath names.
+# PyPI into a venv, release build); scripts/dist.sh then stages the binaries without debug info and
+# only the shared libraries they load (ldd's closure: libtorch_cpu, libc10, torch's libgomp, ...),
+# not the wheel's 3.8 GB of CUDA libraries the CPU binaries never open. The runtime stage holds
+# those and nothing else; no shell form needs bash, so podman (OCI format) and Docker build it alike.
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
+# Where the binaries come from: build (compiled in the build stage) or prebuilt (target/dist, as
+# scripts/dist.sh stages a build made outside).
+ARG BINARIES=build
 
 FROM ${RUST_IMAGE} AS build
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # cpu or cuda. cuda links libtorch_cuda past --as-needed, so CUDA is really used when present.
 ARG VARIANT=cpu
-# An extra pip index for torch, e.g. a CPU-only wheel index for a smaller CPU image (default: PyPI's
-# wheel, which carries CUDA libraries and also runs on CPU).
+# An extra pip index for torch, e.g. a CPU-only wheel index (default: PyPI's wheel, which carries
+# CUDA libraries and also runs on CPU; only those the binaries load reach the image).
 ARG TORCH_INDEX_URL=""
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      protobuf-compiler python3 python3-venv python3-pip \
+      protobuf-compiler python3 python3-venv python3-pip binutils \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -30,27 +36,21 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     if [ -n "$TORCH_INDEX_URL" ]; then export PIP_INDEX_URL="$TORCH_INDEX_URL"; fi \
  && if [ "$VARIANT" = "cuda" ]; then export SWITCHYARD_LINK_CUDA=1; fi \
  && scripts/setup.sh \
- && mkdir -p /out/bin \
- && cp target/release/switchyard target/release/switchyard-torch target/release/switchyard-coordinator target/release/switchyard-worker /out/bin/ \
- && SITE="$(ls -d /src/.venv/lib/python3*/site-packages)" \
- && mkdir -p "/out$SITE/torch" && cp -a "$SITE/torch/lib" "/out$SITE/torch/" \
- # PyPI's torch wheel needs its CUDA libraries even on CPU (libtorch.so names libtorch_cuda.so); the
- # wheel finds them by $ORIGIN-relative paths, so they keep their place beside torch/.
- && if [ -d "$SITE/nvidia" ]; then \
-      find "$SITE/nvidia" -type d -name lib | while read -r lib; do mkdir -p "/out$lib" && cp -a "$lib/." "/out$lib/"; done; \
-    fi
+ && scripts/dist.sh /out "$VARIANT"
+
+FROM scratch AS prebuilt
+COPY target/dist/ /out/
+
+# hadolint ignore=DL3006
+FROM ${BINARIES} AS binaries
+
 FROM ${RUNTIME_IMAGE}
 ARG VARIANT=cpu
-RUN apt-get update -qq \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libgomp1 ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --gid 65532 switchyard \
- && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin switchyard
-# libtorch (and CUDA's libraries) at the very paths the binaries' rpath and the wheel's $ORIGIN name.
-COPY --from=build /out/src /src
-COPY --from=build /out/bin/ /usr/local/bin/
+COPY --from=binaries /out/bin/ /usr/local/bin/
+COPY --from=binaries /out/lib/ /usr/local/lib/switchyard/
+ENV LD_LIBRARY_PATH=/usr/local/lib/switchyard
 # Fails the build if a shared library is missing.
-RUN switchyard-worker --check-config >/dev/null && switchyard-torch --version
+RUN switchyard-worker --insecure --check-config >/dev/null && switchyard-torch --version && switchyard --version
 USER 65532:65532
 EXPOSE 50051 50061 9090 9091
 # The chart (and `docker run`) name the binary: switchyard-coordinator, switchyard-worker or switchyard.

@@ -406,8 +406,11 @@ class ChartTest(unittest.TestCase):
         image = f"{values['image']['repository']}:{chart['appVersion']}"
         self.assertIn(f"docker build -t {image} .", dockerfile)
         self.assertIn(f"docker build -t {image}-cuda --build-arg VARIANT=cuda .", dockerfile)
+        self.assertIn("scripts/dist.sh /out", dockerfile, "the image holds what scripts/dist.sh stages")
+        dist = (ROOT / "scripts" / "dist.sh").read_text()
+        staged = re.search(r"^binaries=\((.*)\)$", dist, re.MULTILINE).group(1).split()
         for _, _, container in containers(self.renders["everything"]):
-            self.assertIn(f"target/release/{container['command'][0]}", dockerfile, "the image holds every binary")
+            self.assertIn(container["command"][0], staged, "the image holds every binary")
         result = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True, cwd=ROOT)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
