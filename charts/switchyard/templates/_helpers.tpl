@@ -63,11 +63,19 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* The image, with the -cuda variant when GPUs are enabled. */}}
 {{- define "switchyard.image" -}}
+{{- $repository := .Values.image.repository }}
+{{- with .Values.image.registry }}
+{{- $repository = printf "%s/%s" . $repository }}
+{{- end }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
+{{- else }}
 {{- $tag := default .Chart.AppVersion .Values.image.tag }}
 {{- if .Values.gpu.enabled }}
 {{- $tag = printf "%s-cuda" $tag }}
 {{- end }}
-{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- printf "%s:%s" $repository $tag }}
+{{- end }}
 {{- end }}
 
 {{/* The coordinator's in-cluster gRPC address. */}}
@@ -163,3 +171,16 @@ grpc:
   port: {{ .port }}
 {{- end }}
 {{- end }}
+
+{{/* The three probes of a component: the probe action with the chart's timings, each overridable
+     from <component>.probes. Call with (dict "root" $ "port" <gRPC port> "defaults" <timings>
+     "probes" <component>.probes). */}}
+{{- define "switchyard.probes" -}}
+{{- $action := include "switchyard.probeAction" (dict "root" .root "port" .port) | fromYaml }}
+{{- range $name := list "startup" "readiness" "liveness" }}
+{{ $name }}Probe:
+  {{- $timings := merge (deepCopy (default dict (get $.probes $name))) (get $.defaults $name) }}
+  {{- toYaml (merge (deepCopy $action) $timings) | nindent 2 }}
+{{- end }}
+{{- end }}
+
