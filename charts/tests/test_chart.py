@@ -81,7 +81,10 @@ SCENARIOS = {
             "preStopSleepSeconds": 7,
             "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6, "targetQueuedTokens": 512},
         },
-        "metrics": {"prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}, "for": "10m"}},
+        "metrics": {
+            "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}, "for": "10m"},
+            "grafanaDashboard": {"enabled": True},
+        },
     },
     "everything": {
         "loadtest": {"enabled": True},
@@ -98,7 +101,7 @@ SCENARIOS = {
 # Values whose whole object is one row of the README's table.
 DOCUMENTED_AS_A_WHOLE = {
     "coordinator.resources", "workers.resources", "loadtest.resources", "podSecurityContext", "securityContext",
-    "networkPolicy.clientPodSelector",
+    "networkPolicy.clientPodSelector", "metrics.grafanaDashboard.labels",
 }
 
 
@@ -359,6 +362,29 @@ class ChartTest(unittest.TestCase):
             result = subprocess.run([str(PROMTOOL), "check", "rules", file.name], capture_output=True, text=True)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("SUCCESS: 4 rules found", result.stdout)
+
+    def test_the_dashboard_is_grafana_json_whose_queries_promtool_accepts(self):
+        configmap = [doc for doc in by_kind(self.renders["extras"], "ConfigMap") if doc["metadata"]["name"].endswith("-dashboard")]
+        self.assertEqual(len(configmap), 1)
+        self.assertEqual(configmap[0]["metadata"]["labels"]["grafana_dashboard"], "1")
+        dashboard = json.loads(configmap[0]["data"]["switchyard.json"])
+        self.assertEqual(dashboard["uid"], "switchyard")
+        exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+        self.assertGreaterEqual(len(dashboard["panels"]), 8)
+        for metric in ["grpc_server_handled_total", "switchyard_worker_queued_tokens", "process_resident_memory_bytes"]:
+            self.assertTrue(any(metric in expr for expr in exprs), metric)
+        # Grafana's variables as a query would see them, then every query through promtool.
+        rules = [
+            {"record": f"dashboard:query{index}", "expr": expr.replace("$__rate_interval", "5m").replace("$namespace", NAMESPACE)}
+            for index, expr in enumerate(exprs)
+        ]
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+            yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, file)
+            file.flush()
+            result = subprocess.run([str(PROMTOOL), "check", "rules", file.name], capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        default = [doc["metadata"]["name"] for doc in by_kind(self.renders["everything"], "ConfigMap")]
+        self.assertFalse([name for name in default if name.endswith("-dashboard")], "off by default")
 
     def test_the_grace_period_covers_the_pre_stop_wait_and_the_drain(self):
         values = {"workers": {"terminationGracePeriodSeconds": 25, "drainTimeoutMs": 20000, "preStopSleepSeconds": 5}}
