@@ -57,7 +57,7 @@ impl ExpertWorkerService {
             Some(tokens) => Some(tokens.layer),
             None => request.batches.first().and_then(|part| part.expert).map(|key| key.layer),
         };
-        let span = tracing::debug_span!("forward", request_id = request.request_id, layer, worker = %self.name);
+        let span = tracing::info_span!("forward", request_id = request.request_id, layer, worker = %self.name);
         async {
             let batch = ForwardBatch::try_from(request)?;
             let rows = batch.total_tokens();

@@ -213,7 +213,7 @@ impl MoeClient {
         routing: &RoutingOverrides,
     ) -> Result<LayerOutput, ClientError> {
         let request_id = RequestId(self.next_request_id.fetch_add(1, Ordering::Relaxed));
-        let span = tracing::debug_span!("layer_forward", request_id = request_id.0, layer);
+        let span = tracing::info_span!("layer_forward", request_id = request_id.0, layer);
         let output = self.forward_inner(request_id, layer, hidden.into(), routing).instrument(span).await;
         self.metrics.observe(&output);
         if output.is_err() {
