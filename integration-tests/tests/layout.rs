@@ -69,6 +69,8 @@ fn the_switchyard_command_links_no_libtorch_and_hands_libtorch_work_on() {
     assert!(!bench.status.success());
     let said = String::from_utf8_lossy(&bench.stderr);
     assert!(said.contains("--no-such-flag"), "{said}");
-    let help = run("switchyard", &["device-check", "--help"]);
-    assert!(String::from_utf8_lossy(&help.stdout).contains("--fixtures"), "switchyard-torch's help");
+    for asked in [&["device-check", "--help"][..], &["help", "device-check"][..]] {
+        let help = run("switchyard", asked);
+        assert!(String::from_utf8_lossy(&help.stdout).contains("--fixtures"), "switchyard-torch's help for {asked:?}");
+    }
 }

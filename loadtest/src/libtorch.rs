@@ -37,8 +37,13 @@ pub async fn local_compared(_: LocalArgs, _: LogFormat) -> anyhow::Result<()> {
     Err(run_in_switchyard_torch())
 }
 
+/// Whether `command` is one whose flags only switchyard-torch parses.
+pub fn parses(command: &str) -> bool {
+    matches!(command, "bench" | "device-check")
+}
+
 /// Replaces this process with `switchyard-torch` and the same arguments; returns only on failure.
-fn run_in_switchyard_torch() -> anyhow::Error {
+pub fn run_in_switchyard_torch() -> anyhow::Error {
     let companion = match std::env::current_exe() {
         Ok(me) => me.with_file_name("switchyard-torch"),
         Err(error) => return anyhow::anyhow!("locating the switchyard binary: {error}"),

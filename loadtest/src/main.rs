@@ -11,6 +11,11 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `switchyard help bench`: the help of a command switchyard-torch parses is its to give.
+    let mut words = std::env::args().skip(1);
+    if words.next().as_deref() == Some("help") && words.next().is_some_and(|word| libtorch::parses(&word)) {
+        return Err(libtorch::run_in_switchyard_torch());
+    }
     let cli = cli::Cli::parse();
     switchyard_common::tracing_setup::init_tracing(cli.log_format);
     cli::run(cli).await
