@@ -11,12 +11,15 @@ pub mod in_process;
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use switchyard_expert_worker::metrics::WorkerMetrics;
 use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, WorkerError, WorkerOptions};
 use switchyard_model::{ExpertId, ModelSpec, WeightDtype};
 use switchyard_router_client::router::RoutingSummary;
 use switchyard_router_client::timing::TimeBreakdown;
-use switchyard_router_client::{ClientError, ClientOptions, Hidden, MoeClient, RoutingOverrides, RoutingTableView};
+use switchyard_router_client::{
+    ClientError, ClientOptions, Hidden, InProcessLayer, MoeClient, RoutingOverrides, RoutingTableView,
+};
 use tokio::sync::{Mutex, watch};
 
 use crate::in_process::InProcessTransport;
@@ -128,6 +131,24 @@ impl ReferenceLayer {
     /// Stops the compute thread after what is queued.
     pub async fn shutdown(&self) {
         self.worker.shutdown().await;
+    }
+}
+
+impl InProcessLayer for ReferenceLayer {
+    fn model(&self) -> &ModelSpec {
+        &self.model
+    }
+
+    fn forward_rows<'a>(
+        &'a self,
+        layer: u32,
+        hidden: &'a Arc<Vec<f32>>,
+        routing: &'a RoutingOverrides,
+    ) -> BoxFuture<'a, Result<(RoutingSummary, TimeBreakdown), ClientError>> {
+        Box::pin(async move {
+            let output = self.forward(layer, hidden, routing).await?;
+            Ok((output.routing, output.timing))
+        })
     }
 }
 

@@ -1,6 +1,7 @@
 //! The Switchyard client library: what a model-serving process links to run MoE layers whose
 //! experts live on other processes. No command-line, plotting or libtorch code: the `switchyard`
-//! tool lives in `tools/`, the in-process reference layer in `reference/`.
+//! command lives in `loadtest/` and `tools/`, the in-process reference layer in `reference/`
+//! ([`layer::InProcessLayer`] is how the load tester drives it).
 //!
 //! One layer call ([`MoeClient::forward`]) is plan → exchange → combine:
 //! [`gate`] (logits) → [`routing`] (policy) → [`capacity`] (overflow) → [`router`] (groups by
@@ -21,6 +22,7 @@ pub mod error;
 pub mod exchange;
 pub mod gate;
 pub mod hidden;
+pub mod layer;
 pub mod ledger;
 pub mod metrics;
 pub mod refusal;
@@ -37,6 +39,7 @@ pub use client::{ClientOptions, LayerOutput, MoeClient, RefusalPolicy};
 pub use dispatch::DispatchLayout;
 pub use error::ClientError;
 pub use hidden::Hidden;
+pub use layer::InProcessLayer;
 pub use ledger::{CommLedger, WorkerCall};
 pub use router::{RoutingConfig, RoutingOverrides, RoutingSummary};
 pub use table::{RoutingTableView, TableWatcher};

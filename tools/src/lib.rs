@@ -5,10 +5,8 @@
 //! - [`bench`]: the sweep of cluster shapes, the DeepEP presets, the wire baselines, and their
 //!   figures, [`bench::BenchSummary`].
 //! - [`device_check`]: this machine's device against the CPU and transformers, and its matmul peak.
-//! - [`reference_target`]: the in-process reference layer as a load-test target.
 //! - [`report`]: rendering the figures, one module per format (text, CSV, Markdown, SVG).
 
 pub mod bench;
 pub mod device_check;
-pub mod reference_target;
 pub mod report;

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 
@@ -21,6 +20,7 @@ use crate::skew::{Inputs, Skew, gate_rows};
 use switchyard_model::ModelSpec;
 use switchyard_router_client::client::MoeClient;
 use switchyard_router_client::error::ClientError;
+pub use switchyard_router_client::layer::InProcessLayer;
 use switchyard_router_client::ledger::{CommLedger, WorkerCall};
 use switchyard_router_client::router::{RoutingOverrides, RoutingSummary};
 use switchyard_router_client::stats::RouterStats;
@@ -136,20 +136,6 @@ pub enum Target {
     Reference(Arc<dyn InProcessLayer>),
 }
 
-/// A layer computed in this process: the reference layer. The engine reaches it only through this
-/// trait, so a binary that drives clusters alone never links libtorch (see `switchyard-torch`).
-pub trait InProcessLayer: Send + Sync + std::fmt::Debug {
-    fn model(&self) -> &ModelSpec;
-
-    /// Runs `hidden` through `layer` with `routing` applied; its routing and time breakdown.
-    fn forward<'a>(
-        &'a self,
-        layer: u32,
-        hidden: &'a Arc<Vec<f32>>,
-        routing: &'a RoutingOverrides,
-    ) -> BoxFuture<'a, Result<(RoutingSummary, TimeBreakdown), ClientError>>;
-}
-
 impl Target {
     /// Socket bytes so far per worker endpoint: `(endpoint, sent, received)`.
     fn wire_bytes(&self) -> Vec<(Arc<str>, u64, u64)> {
@@ -185,7 +171,7 @@ impl Target {
             }
             // Its experts compute on its worker's thread, as the distributed layer's do on theirs.
             Target::Reference(reference) => {
-                let (routing, timing) = reference.forward(layer, &hidden, &routing).await?;
+                let (routing, timing) = reference.forward_rows(layer, &hidden, &routing).await?;
                 Ok(CallOutcome { routing, timing, bytes: ByteCounts::default(), workers: Vec::new() })
             }
         }
@@ -564,30 +550,8 @@ mod tests {
 
     use super::*;
 
-    /// The reference layer as an in-process target, as `switchyard-tools` wraps it.
-    #[derive(Debug)]
-    struct Reference(ReferenceLayer);
-
-    impl InProcessLayer for Reference {
-        fn model(&self) -> &ModelSpec {
-            self.0.model()
-        }
-
-        fn forward<'a>(
-            &'a self,
-            layer: u32,
-            hidden: &'a Arc<Vec<f32>>,
-            routing: &'a RoutingOverrides,
-        ) -> BoxFuture<'a, Result<(RoutingSummary, TimeBreakdown), ClientError>> {
-            Box::pin(async move {
-                let output = self.0.forward(layer, hidden, routing).await?;
-                Ok((output.routing, output.timing))
-            })
-        }
-    }
-
-    async fn reference(model: &ModelSpec) -> Arc<Reference> {
-        Arc::new(Reference(ReferenceLayer::start(model, &[0], ReferenceConfig::cpu()).await.expect("reference")))
+    async fn reference(model: &ModelSpec) -> Arc<ReferenceLayer> {
+        Arc::new(ReferenceLayer::start(model, &[0], ReferenceConfig::cpu()).await.expect("reference"))
     }
 
     #[test]

@@ -21,7 +21,6 @@ use std::time::Duration;
 use switchyard_model::{CapacityPolicy, ModelSpec, WeightDtype};
 use switchyard_proto::wire::WireDtype;
 
-use crate::reference_target::reference_target;
 use plan::{ClusterShape, Point};
 use switchyard_loadtest::loadtest::{self, Arrival, LoadReport, LoadSpec, Target};
 use switchyard_loadtest::local_cluster::{LocalCluster, LocalClusterConfig, LocalClusterError};
@@ -412,7 +411,7 @@ async fn warm_up_every_expert(
     for dtype in &axes.wire_dtypes {
         loadtest::run(Target::Distributed(cluster.client(*dtype)), spec.clone(), "warm-up").await?;
     }
-    loadtest::run(reference_target(reference.clone()), spec, "warm-up").await?;
+    loadtest::run(Target::Reference(reference.clone()), spec, "warm-up").await?;
     Ok(())
 }
 
@@ -527,7 +526,7 @@ async fn measure_shape(
         let client = cluster.client(point.wire_dtype);
         let error = wire_error(&client, &reference, point.tokens).await?;
         let distributed = measure(Target::Distributed(client), settings, point.tokens, "distributed").await?;
-        let in_process = measure(reference_target(reference.clone()), settings, point.tokens, "in-process").await?;
+        let in_process = measure(Target::Reference(reference.clone()), settings, point.tokens, "in-process").await?;
         let result = PointResult {
             point,
             identity_experts: settings.identity_experts,

@@ -5,9 +5,8 @@ use std::sync::Arc;
 
 use switchyard_common::tracing_setup::LogFormat;
 use switchyard_experts::ResolveDevice;
-use switchyard_loadtest::loadtest::{self, LoadSpec};
+use switchyard_loadtest::loadtest::{self, LoadSpec, Target};
 use switchyard_reference::{ReferenceConfig, ReferenceLayer};
-use switchyard_tools::reference_target::reference_target;
 
 use crate::cli::loadtest::{LoadtestArgs, report_and_finish};
 use crate::cli::local::{ClusterRun, LocalArgs, load_test_cluster};
@@ -30,7 +29,7 @@ pub async fn loadtest_reference(args: LoadtestArgs, torch_threads: u32) -> anyho
         skew: args.load.skew.resolve(None, layer)?,
         ..args.load.spec(&model)
     };
-    let report = loadtest::run(reference_target(Arc::new(reference)), spec, &name).await?;
+    let report = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?;
     report_and_finish(&args, report, &model)
 }
 
@@ -49,7 +48,7 @@ pub async fn local_compared(args: LocalArgs, log_format: LogFormat) -> anyhow::R
     let config = ReferenceConfig { device, torch_threads: threads, dtype, ..ReferenceConfig::cpu() };
     let reference = ReferenceLayer::start(&model, &[spec.layer], config).await?;
     let name = format!("in-process reference ({threads} torch threads)");
-    let baseline = loadtest::run(reference_target(Arc::new(reference)), spec, &name).await?.summary();
+    let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?.summary();
     print!("{}", switchyard_loadtest::report::text::load_report(&baseline));
     args.load.finish(vec![report, baseline], &model)
 }
