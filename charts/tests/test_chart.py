@@ -85,6 +85,7 @@ SCENARIOS = {
             "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}, "for": "10m"},
             "grafanaDashboard": {"enabled": True},
         },
+        "otlp": {"endpoint": "http://otel-collector.observability:4317"},
     },
     "everything": {
         "loadtest": {"enabled": True},
@@ -289,13 +290,17 @@ class ChartTest(unittest.TestCase):
             render_helm3({"model": {"dropless": True, "capacityFactor": 1.25}})
         self.assertIn("model.dropless and model.capacityFactor exclude each other", str(raised.exception))
 
-    def test_probes_use_the_grpc_health_service(self):
+    def test_probes_use_the_grpc_health_service_and_worker_readiness_means_experts_loaded(self):
         docs = self.renders["everything"]
         for kind, component, port in [("Deployment", "coordinator", 50051), ("StatefulSet", "worker", 50061)]:
             container = one(docs, kind, component)["spec"]["template"]["spec"]["containers"][0]
             for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
                 with self.subTest(component=component, probe=probe):
-                    self.assertEqual(container[probe]["grpc"], {"port": port})
+                    expected = {"port": port}
+                    if component == "worker" and probe == "readinessProbe":
+                        # The named service says SERVING once the experts placed on it are loaded.
+                        expected["service"] = "switchyard.v1.ExpertWorker"
+                    self.assertEqual(container[probe]["grpc"], expected)
                     self.assertNotIn("httpGet", container[probe])
 
     def test_pod_extras_reach_both_components(self):
@@ -318,6 +323,17 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(default["lifecycle"]["preStop"]["exec"]["command"], ["sleep", "5"])
         without = one(render_helm3({"workers": {"preStopSleepSeconds": 0}}), "StatefulSet", "worker")
         self.assertNotIn("lifecycle", without["spec"]["template"]["spec"]["containers"][0])
+
+    def test_spans_are_exported_only_when_a_collector_is_named(self):
+        def config(docs):
+            [found] = [doc for doc in by_kind(docs, "ConfigMap") if doc["metadata"]["name"].endswith("-config")]
+            return found["data"]
+
+        self.assertEqual(config(self.renders["extras"])["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://otel-collector.observability:4317")
+        for name, docs in self.renders.items():
+            if name != "extras":
+                with self.subTest(scenario=name):
+                    self.assertNotIn("OTEL_EXPORTER_OTLP_ENDPOINT", config(docs))
 
     def test_probe_timings_override_the_charts_one_by_one(self):
         coordinator = one(self.renders["extras"], "Deployment", "coordinator")["spec"]["template"]["spec"]["containers"][0]
@@ -409,10 +425,13 @@ class ChartTest(unittest.TestCase):
                 self.assertEqual(env["SWITCHYARD_TLS_KEY"], "/etc/switchyard/tls/tls.key")
                 self.assertEqual(env["SWITCHYARD_TLS_CA"], "/etc/switchyard/tls/ca.crt")
                 self.assertIsNone(flag(container, "insecure"))
-                # The kubelet's gRPC probe cannot speak TLS: the metrics port's /healthz instead.
+                # The kubelet's gRPC probe cannot speak TLS: the metrics port's /healthz instead,
+                # and a worker's /readyz for readiness.
                 for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
                     if probe in container:
-                        self.assertEqual(container[probe]["httpGet"], {"path": "/healthz", "port": "metrics"})
+                        ready = component == "worker" and probe == "readinessProbe"
+                        path = "/readyz" if ready else "/healthz"
+                        self.assertEqual(container[probe]["httpGet"], {"path": path, "port": "metrics"})
                         self.assertNotIn("grpc", container[probe])
         for name, docs in self.renders.items():
             if name != "tls":
@@ -470,6 +489,7 @@ class ChartTest(unittest.TestCase):
             "workers.autoscaling.minReplicas": {"workers": {"autoscaling": {"minReplicas": 0}}},
             "workers.preStopSleepSeconds": {"workers": {"preStopSleepSeconds": -1}},
             "metrics.prometheusRule.refusedTokensRatio": {"metrics": {"prometheusRule": {"refusedTokensRatio": 2}}},
+            "otlp.endpoint": {"otlp": {"endpoint": "otel-collector:4317"}},
         }
         for field, values in bad.items():
             with self.subTest(field=field):

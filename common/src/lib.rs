@@ -1,11 +1,13 @@
 //! Process plumbing shared by `switchyard-coordinator`, `switchyard-worker` and `switchyard`:
 //!
-//! - [`tracing_setup`]: one `init_tracing(format)` for every binary (text or JSON, `RUST_LOG`).
+//! - [`tracing_setup`]: one `init_tracing` for every binary (text or JSON, `RUST_LOG`, OTLP export).
+//! - [`otlp`]: span export over OTLP/gRPC and the trace context carried in gRPC metadata.
 //! - [`metrics_http`]: the Prometheus `/metrics` endpoint.
 //! - [`transport`]: HTTP/2 windows, frame and message size limits, set alike on servers and clients.
 //! - [`shutdown`]: Ctrl-C / SIGTERM as a future.
 //! - [`children`]: child processes that die with their parent, for `switchyard local` and tests.
 //! - [`clock`]: Unix-epoch timestamps for times measured across processes.
+//! - [`readiness`]: ready for traffic or not, as the named gRPC health service and `/readyz` say.
 //! - [`ready`]: the line a process prints once it listens, so a parent can find its ports.
 //! - [`tls`]: mutual TLS, the roles certificates name, and the check of each call's role.
 
@@ -56,7 +58,9 @@ pub mod clock;
 pub mod grpc_metrics;
 pub mod metrics_http;
 pub mod metrics_text;
+pub mod otlp;
 pub mod process_metrics;
+pub mod readiness;
 pub mod ready;
 pub mod shutdown;
 pub mod tls;

@@ -110,6 +110,16 @@ pub struct WorkerRecord {
     pub draining: bool,
 }
 
+/// What a heartbeat tells the worker back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    pub table_version: u64,
+    /// Whether the experts were placed yet.
+    pub placed: bool,
+    /// Experts placed on the worker that it does not hold yet.
+    pub experts_to_load: usize,
+}
+
 #[derive(Debug, Default)]
 struct State {
     workers: BTreeMap<WorkerId, WorkerRecord>,
@@ -299,17 +309,21 @@ impl<C: WorkerControl> Cluster<C> {
         queued_tokens: u64,
         tokens_served: u64,
         offered: &[(ExpertId, u64)],
-    ) -> Result<u64, CoordinatorError> {
+    ) -> Result<HeartbeatReply, CoordinatorError> {
         check_protocol(protocol_version)?;
         let id = WorkerId(worker_id.to_owned());
         let mut state = self.lock();
-        let worker = state.workers.get_mut(&id).ok_or_else(|| CoordinatorError::UnknownWorker(worker_id.to_owned()))?;
+        let State { workers, target, placed_once, .. } = &mut *state;
+        let worker = workers.get_mut(&id).ok_or_else(|| CoordinatorError::UnknownWorker(worker_id.to_owned()))?;
         worker.last_heartbeat = Instant::now();
         worker.queued_tokens = queued_tokens;
         worker.tokens_served = tokens_served;
+        let experts_to_load =
+            target.iter().filter(|(expert, owners)| owners.contains(&id) && !worker.resident.contains(expert)).count();
+        let placed = *placed_once;
         drop(state);
         self.traffic().record(&id, offered);
-        Ok(self.table.borrow().version)
+        Ok(HeartbeatReply { table_version: self.table.borrow().version, placed, experts_to_load })
     }
 
     /// Folds the traffic measured so far into the balance the next plans follow (EPLB).
@@ -949,6 +963,32 @@ mod tests {
         assert_eq!(placed_on_one_worker(told_bf16).await.0, 8);
         let told_f32 = room_for_four_f32_experts("gpu-f32", "cuda:0", Some(WeightDtype::F32));
         assert_eq!(placed_on_one_worker(told_f32).await.0, 4);
+    }
+
+    #[tokio::test]
+    async fn heartbeats_tell_a_worker_whether_its_experts_are_placed_and_loaded() {
+        let cluster = Cluster::new(config(2), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+        let (a, _) = cluster.register(registration("a")).expect("register");
+        let beat = |id: &WorkerId| cluster.heartbeat(PROTOCOL_VERSION, &id.0, 0, 0, &[]).expect("alive");
+        assert!(cluster.plan_round().is_empty());
+        assert_eq!(
+            beat(&a),
+            HeartbeatReply { table_version: beat(&a).table_version, placed: false, experts_to_load: 0 }
+        );
+
+        let (b, _) = cluster.register(registration("b")).expect("register");
+        let orders = cluster.plan_round();
+        assert_eq!(orders.len(), 2, "both workers get experts to load");
+        let placed_on_a = orders.iter().find(|order| order.worker == a).expect("a's order").experts.len();
+        assert!(placed_on_a > 0);
+        assert_eq!((beat(&a).placed, beat(&a).experts_to_load), (true, placed_on_a), "placed, not loaded yet");
+
+        for order in orders {
+            cluster.finish_load(order, Ok(()));
+        }
+        for worker in [&a, &b] {
+            assert_eq!((beat(worker).placed, beat(worker).experts_to_load), (true, 0), "its experts are loaded");
+        }
     }
 
     #[tokio::test]

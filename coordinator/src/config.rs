@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use switchyard_common::tracing_setup::LogFormat;
+use switchyard_common::tracing_setup::TracingArgs;
 use switchyard_model::cli::{ModelArgs, ModelArgsError};
 
 use switchyard_model::{CapacityPolicy, ModelSpec};
@@ -74,9 +74,8 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_UNLOAD_GRACE_MS", default_value_t = 5000)]
     pub unload_grace_ms: u64,
 
-    /// Log line format.
-    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub tracing: TracingArgs,
 
     /// Check the flags and environment, print the configuration they make and exit without
     /// binding a port (used by the Helm chart's tests; exit status 2 names a bad flag).

@@ -15,6 +15,7 @@ pub mod service;
 use std::future::Future;
 
 use switchyard_common::grpc_metrics::GrpcServerMetrics;
+use switchyard_common::readiness::Readiness;
 use switchyard_common::tls::{Role, RolePolicy, ServerTls};
 use tokio::net::TcpListener;
 
@@ -62,8 +63,12 @@ pub async fn run(
         let _ = stopped.wait_for(|stop| *stop).await;
     };
     let reconcile = tokio::spawn(cluster.clone().run(wait_stop(stopped.clone())));
-    let metrics_task =
-        tokio::spawn(switchyard_common::metrics_http::serve(metrics_listener, registry, wait_stop(stopped.clone())));
+    let metrics_task = tokio::spawn(switchyard_common::metrics_http::serve(
+        metrics_listener,
+        registry,
+        Readiness::ready(),
+        wait_stop(stopped.clone()),
+    ));
 
     switchyard_common::ready::announce(grpc_addr, metrics_addr);
     let service = switchyard_proto::v1::coordinator_server::CoordinatorServer::new(service::CoordinatorService::new(

@@ -6,7 +6,7 @@ use switchyard_coordinator::cluster::ClusterConfig;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    switchyard_common::tracing_setup::init_tracing(args.log_format);
+    let _spans = switchyard_common::tracing_setup::init_tracing(&args.tracing, "switchyard-coordinator")?;
     let config = ClusterConfig::try_from(&args).context("invalid configuration")?;
     let tls_files = args.tls.server_mode().context("invalid configuration")?;
     if args.check_config {

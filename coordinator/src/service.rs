@@ -67,14 +67,18 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
             .iter()
             .filter_map(|stats| Some((ExpertId::from(stats.expert?), stats.admitted_tokens + stats.rejected_tokens)))
             .collect();
-        let table_version = self.cluster.heartbeat(
+        let reply = self.cluster.heartbeat(
             request.protocol_version,
             &request.worker_id,
             request.queued_tokens,
             request.tokens_served,
             &offered,
         )?;
-        Ok(Response::new(v1::HeartbeatResponse { table_version }))
+        Ok(Response::new(v1::HeartbeatResponse {
+            table_version: reply.table_version,
+            placed: reply.placed,
+            experts_to_load: reply.experts_to_load as u32,
+        }))
     }
 
     async fn get_routing_table(

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use switchyard_common::tracing_setup::LogFormat;
+use switchyard_common::tracing_setup::TracingArgs;
 use switchyard_experts::DeviceChoice;
 use switchyard_model::WeightDtype;
 
@@ -111,9 +111,8 @@ pub struct Args {
     #[command(flatten)]
     pub tls: switchyard_common::tls::TlsArgs,
 
-    /// Log line format.
-    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub tracing: TracingArgs,
 
     /// Check the flags and environment, print the configuration they make and exit without
     /// binding a port or loading libtorch's device (used by the Helm chart's tests).

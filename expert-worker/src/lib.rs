@@ -21,6 +21,7 @@ pub mod worker;
 use std::future::Future;
 
 use switchyard_common::grpc_metrics::GrpcServerMetrics;
+use switchyard_common::readiness::Readiness;
 use switchyard_common::tls::{ClientTls, Role, RolePolicy, ServerTls};
 use switchyard_experts::ResolveDevice;
 use tokio::net::TcpListener;
@@ -82,10 +83,16 @@ pub async fn run(
     let compute_gflops = compute_rate(&args, device).await;
     tracing::info!(%grpc_addr, %metrics_addr, %endpoint, device = %device_name, %dtype, torch_threads = args.torch_threads, offered_memory_mib = memory_bytes >> 20, compute_gflops, "worker listening");
 
+    // Ready (the named health service, `/readyz`) once the experts the coordinator placed here are
+    // loaded; the unnamed service, for liveness, serves throughout.
+    let readiness = match args.coordinator {
+        Some(_) => Readiness::not_ready("not registered with the coordinator yet"),
+        None => Readiness::ready(),
+    };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<switchyard_proto::v1::expert_worker_server::ExpertWorkerServer<service::ExpertWorkerService>>()
-        .await;
+    tokio::spawn(
+        readiness.clone().report_to(health_reporter, <service::WorkerServer as tonic::server::NamedService>::NAME),
+    );
 
     let (registered, registration) = tokio::sync::watch::channel(None);
     let membership_task = args.coordinator.clone().map(|coordinator_uri| {
@@ -98,7 +105,7 @@ pub async fn run(
             dtype: args.dtype,
             compute_gflops,
         };
-        tokio::spawn(membership::run(worker.clone(), membership, registered))
+        tokio::spawn(membership::run(worker.clone(), membership, registered, readiness.clone()))
     });
     // SIGTERM (a rolling update, a scale-down) drains first: the coordinator moves the experts,
     // clients stop routing here, then the server stops taking calls and finishes those it has.
@@ -107,8 +114,10 @@ pub async fn run(
         settle: std::time::Duration::from_millis(args.drain_settle_ms),
     };
     let coordinator_uri = args.coordinator.clone();
+    let stopping = readiness.clone();
     let shutdown = async move {
         shutdown.await;
+        stopping.stopping("draining before stopping");
         if let Some(uri) = coordinator_uri {
             tracing::info!("draining before stopping");
             membership::drain(&uri, &registration, drain_policy).await;
@@ -120,6 +129,7 @@ pub async fn run(
     let metrics_task = tokio::spawn(switchyard_common::metrics_http::serve(
         metrics_listener,
         metrics::registry_with(&metrics, &grpc_metrics),
+        readiness,
         async {
             let _ = metrics_stopped.await;
         },

@@ -11,7 +11,7 @@ async fn main() -> anyhow::Result<()> {
         println!("configuration ok: {args:#?}");
         return Ok(());
     }
-    switchyard_common::tracing_setup::init_tracing(args.log_format);
+    let _spans = switchyard_common::tracing_setup::init_tracing(&args.tracing, "switchyard-worker")?;
     tch::set_num_threads(args.torch_threads as i32);
     let grpc = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen)

@@ -14,6 +14,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::worker::ExpertWorker;
+use switchyard_common::readiness::Readiness;
 
 /// How this worker presents itself to the coordinator.
 #[derive(Debug, Clone)]
@@ -33,8 +34,13 @@ pub struct Membership {
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// Registers and heartbeats until the task is aborted; `registered` holds the id the coordinator
-/// knows this worker by.
-pub async fn run(worker: Arc<ExpertWorker>, membership: Membership, registered: watch::Sender<Option<String>>) {
+/// knows this worker by, `readiness` whether the experts it placed here are loaded.
+pub async fn run(
+    worker: Arc<ExpertWorker>,
+    membership: Membership,
+    registered: watch::Sender<Option<String>>,
+    readiness: Readiness,
+) {
     let channel = match switchyard_common::transport::channel(&membership.coordinator_uri) {
         Ok(channel) => channel,
         Err(error) => {
@@ -46,8 +52,10 @@ pub async fn run(worker: Arc<ExpertWorker>, membership: Membership, registered: 
     loop {
         let (worker_id, interval) = register(&mut client, &worker, &membership).await;
         registered.send_replace(Some(worker_id.clone()));
-        heartbeat_until_forgotten(&mut client, &worker, &worker_id, interval).await;
+        readiness.set_not_ready("registered; waiting for the coordinator to place experts");
+        heartbeat_until_forgotten(&mut client, &worker, &worker_id, interval, &readiness).await;
         tracing::warn!(%worker_id, "coordinator forgot this worker; registering again");
+        readiness.set_not_ready("registering with the coordinator again");
     }
 }
 
@@ -88,6 +96,7 @@ async fn heartbeat_until_forgotten(
     worker: &ExpertWorker,
     worker_id: &str,
     interval: Duration,
+    readiness: &Readiness,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -101,10 +110,19 @@ async fn heartbeat_until_forgotten(
             experts: crate::service::expert_stats(worker),
         };
         match client.heartbeat(request).await {
-            Ok(_) => {}
+            Ok(reply) => follow_placement(readiness, reply.get_ref()),
             Err(status) if status.code() == Code::NotFound => return,
             Err(status) => tracing::debug!(message = status.message(), "heartbeat failed; still serving"),
         }
+    }
+}
+
+/// Ready once the coordinator placed experts and this worker holds every one placed on it.
+fn follow_placement(readiness: &Readiness, reply: &v1::HeartbeatResponse) {
+    match (reply.placed, reply.experts_to_load) {
+        (false, _) => readiness.set_not_ready("waiting for the coordinator's first placement (--min-workers)"),
+        (true, 0) => readiness.set_ready(),
+        (true, missing) => readiness.set_not_ready(format!("{missing} experts placed here are still loading")),
     }
 }
 

@@ -41,6 +41,8 @@ pub struct QueuedRows {
     pub rows: RowsSource,
     pub enqueued_at: Instant,
     pub reply: oneshot::Sender<Result<RowsOut, WorkerError>>,
+    /// The client's id of the request the rows came with, for the compute step's span.
+    pub request_id: u64,
     /// The span of the request the rows came with: the batch they join follows from it.
     pub request_span: tracing::Span,
 }
@@ -102,6 +104,26 @@ pub struct Batch {
 impl Batch {
     pub fn tokens(&self) -> usize {
         self.entries.iter().map(|(entry, _)| entry.tokens).sum()
+    }
+
+    /// The ids of the requests whose rows this batch merges, comma-separated when shown.
+    pub fn request_ids(&self) -> RequestIds<'_> {
+        RequestIds(&self.entries)
+    }
+}
+
+/// [`Batch::request_ids`]: written only when a span records it.
+pub struct RequestIds<'a>(&'a [(QueuedRows, Duration)]);
+
+impl std::fmt::Display for RequestIds<'_> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (position, (entry, _)) in self.0.iter().enumerate() {
+            if position > 0 {
+                formatter.write_str(",")?;
+            }
+            write!(formatter, "{}", entry.request_id)?;
+        }
+        Ok(())
     }
 }
 
@@ -286,6 +308,7 @@ impl Scheduler {
                 rows: part.rows,
                 enqueued_at: now,
                 reply,
+                request_id: batch.request_id,
                 request_span: request_span.clone(),
             });
         }

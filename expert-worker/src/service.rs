@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
+use switchyard_common::otlp::RemoteParent;
 use switchyard_model::{ExpertId, ModelSpec};
 use switchyard_proto::v1::{self, expert_worker_server};
 use switchyard_proto::zero_copy;
@@ -49,8 +50,13 @@ impl ExpertWorkerService {
     }
 
     /// One forward request, decoded and validated, run, encoded: what `Forward` serves, callable
-    /// without a network (the reference layer's in-process transport).
-    pub async fn forward_message(&self, request: v1::ForwardRequest) -> Result<v1::ForwardResponse, WorkerError> {
+    /// without a network (the reference layer's in-process transport). Its span joins `caller`'s
+    /// trace.
+    pub async fn forward_message(
+        &self,
+        request: v1::ForwardRequest,
+        caller: &RemoteParent,
+    ) -> Result<v1::ForwardResponse, WorkerError> {
         let received_unix_nanos = switchyard_common::clock::unix_nanos();
         let sequence = request.sequence;
         let layer = match &request.tokens {
@@ -58,6 +64,7 @@ impl ExpertWorkerService {
             None => request.batches.first().and_then(|part| part.expert).map(|key| key.layer),
         };
         let span = tracing::info_span!("forward", request_id = request.request_id, layer, worker = %self.name);
+        caller.adopt(&span);
         async {
             let batch = ForwardBatch::try_from(request)?;
             let rows = batch.total_tokens();
@@ -176,9 +183,10 @@ type ForwardResponseStream = Pin<Box<dyn Stream<Item = Result<v1::ForwardRespons
 impl expert_worker_server::ExpertWorker for ExpertWorkerService {
     async fn forward(&self, request: Request<v1::ForwardRequest>) -> Result<Response<v1::ForwardResponse>, Status> {
         let request_id = with_request_id(&request, request.get_ref().request_id);
+        let caller = RemoteParent::from_metadata(request.metadata());
         let mut message = request.into_inner();
         message.request_id = request_id;
-        Ok(Response::new(self.forward_message(message).await?))
+        Ok(Response::new(self.forward_message(message, &caller).await?))
     }
 
     type ForwardStreamStream = ForwardResponseStream;
@@ -192,6 +200,8 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
         // Each message's share of the receiving budget (`WorkerServer`), given back as it is
         // answered; none when the service is called without the server (tests).
         let shares = request.extensions().get::<Share>().cloned().unwrap_or_default();
+        // The stream's chunks are one call's: they join the trace that opened it.
+        let caller = RemoteParent::from_metadata(request.metadata());
         let mut incoming = request.into_inner();
         let (answers, receiver) = mpsc::channel(STREAM_IN_FLIGHT);
         // A request holds a permit until its answer is queued for the client: a client that stops
@@ -209,10 +219,11 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
                         break;
                     }
                 };
-                let (service, answers, shares) = (service.clone(), answers.clone(), shares.clone());
+                let (service, answers, shares, caller) =
+                    (service.clone(), answers.clone(), shares.clone(), caller.clone());
                 tokio::spawn(async move {
                     let (request_id, sequence) = (message.request_id, message.sequence);
-                    let answer = service.forward_message(message).await.unwrap_or_else(|error| {
+                    let answer = service.forward_message(message, &caller).await.unwrap_or_else(|error| {
                         let status = Status::from(error);
                         v1::ForwardResponse {
                             request_id,

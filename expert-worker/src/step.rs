@@ -203,8 +203,17 @@ pub fn compute_step(
     let mut sizes: Vec<Vec<(usize, Option<usize>)>> = Vec::with_capacity(batches.len());
     for (batch, pieces) in batches.iter().zip(&pieces) {
         let expert = &experts[&batch.expert];
-        let span = tracing::debug_span!("expert_batch", expert = %batch.expert, tokens = batch.tokens(), requests = batch.entries.len());
-        for (entry, _) in &batch.entries {
+        // The compute step is a child of its first request's span (one trace from the client to
+        // the expert) and follows from the others it merged.
+        let first = batch.entries.first().map(|(entry, _)| &entry.request_span);
+        let span = tracing::info_span!(
+            parent: first.and_then(tracing::Span::id),
+            "expert_batch",
+            expert = %batch.expert,
+            tokens = batch.tokens(),
+            request_ids = %batch.request_ids(),
+        );
+        for (entry, _) in batch.entries.iter().skip(1) {
             span.follows_from(&entry.request_span);
         }
         let _entered = span.enter();

@@ -1,6 +1,7 @@
-//! The compute step's span is linked (`follows_from`) to the span of every request merged into its
-//! batch, so a trace shows which requests one forward served. Its own test binary: it installs a
-//! global subscriber (the compute thread is not the test's thread).
+//! The compute step's span is a child of the first request merged into its batch and linked
+//! (`follows_from`) to the others', and names every one's request id, so a trace shows which
+//! requests one forward served. Its own test binary: it installs a global subscriber (the compute
+//! thread is not the test's thread).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,34 +17,48 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 
-/// Every span's name and `request_id`, and every follows-from link, by span id.
+/// Every span's name, `request_id` and `request_ids`, its explicit parent, and every follows-from
+/// link, by span id.
 #[derive(Debug, Default)]
 struct Recorded {
-    spans: HashMap<u64, (String, Option<u64>)>,
+    spans: HashMap<u64, (String, Fields)>,
+    parents: HashMap<u64, u64>,
     links: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
 struct Recorder(Arc<Mutex<Recorded>>);
 
-struct RequestId(Option<u64>);
+#[derive(Debug, Default)]
+struct Fields {
+    request_id: Option<u64>,
+    request_ids: Option<String>,
+}
 
-impl Visit for RequestId {
+impl Visit for Fields {
     fn record_u64(&mut self, field: &Field, value: u64) {
         if field.name() == "request_id" {
-            self.0 = Some(value);
+            self.request_id = Some(value);
         }
     }
 
-    fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "request_ids" {
+            self.request_ids = Some(format!("{value:?}"));
+        }
+    }
 }
 
 impl<S: tracing::Subscriber> Layer<S> for Recorder {
     fn on_new_span(&self, attributes: &Attributes<'_>, id: &Id, _: Context<'_, S>) {
-        let mut request_id = RequestId(None);
-        attributes.record(&mut request_id);
+        let mut fields = Fields::default();
+        attributes.record(&mut fields);
         let name = attributes.metadata().name().to_owned();
-        self.0.lock().expect("lock").spans.insert(id.into_u64(), (name, request_id.0));
+        let mut recorded = self.0.lock().expect("lock");
+        recorded.spans.insert(id.into_u64(), (name, fields));
+        if let Some(parent) = attributes.parent() {
+            recorded.parents.insert(id.into_u64(), parent.into_u64());
+        }
     }
 
     fn on_follows_from(&self, span: &Id, follows: &Id, _: Context<'_, S>) {
@@ -88,12 +103,14 @@ async fn a_merged_batch_follows_from_every_request_it_serves() {
     let batches: Vec<u64> =
         recorded.spans.iter().filter(|(_, (name, _))| name == "expert_batch").map(|(id, _)| *id).collect();
     assert_eq!(batches.len(), 1, "one compute span for the merged batch");
-    let mut served: Vec<Option<u64>> = recorded
-        .links
-        .iter()
-        .filter(|(span, _)| *span == batches[0])
-        .map(|(_, follows)| recorded.spans.get(follows).and_then(|(_, request_id)| *request_id))
-        .collect();
+    let request_of = |span: &u64| recorded.spans.get(span).and_then(|(_, fields)| fields.request_id);
+    let parent = recorded.parents.get(&batches[0]).expect("the batch's span has a parent");
+    let linked = recorded.links.iter().filter(|(span, _)| *span == batches[0]).map(|(_, follows)| follows);
+    let mut served: Vec<Option<u64>> = std::iter::once(parent).chain(linked).map(request_of).collect();
     served.sort();
-    assert_eq!(served, [Some(1), Some(2)], "linked to both requests' spans");
+    assert_eq!(served, [Some(1), Some(2)], "a child of one request's span, linked to the other's");
+    let named = recorded.spans[&batches[0]].1.request_ids.clone().expect("request_ids recorded");
+    let mut named: Vec<&str> = named.split(',').collect();
+    named.sort();
+    assert_eq!(named, ["1", "2"], "the batch names both request ids");
 }

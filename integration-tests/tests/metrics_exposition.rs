@@ -63,7 +63,12 @@ async fn every_endpoint_passes_promtool_with_process_build_and_per_rpc_series() 
     switchyard_common::process_metrics::register(&mut registry, "client");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let client_metrics = listener.local_addr().expect("address");
-    tokio::spawn(switchyard_common::metrics_http::serve(listener, Arc::new(registry), std::future::pending()));
+    tokio::spawn(switchyard_common::metrics_http::serve(
+        listener,
+        Arc::new(registry),
+        switchyard_common::readiness::Readiness::ready(),
+        std::future::pending(),
+    ));
 
     let endpoints = [
         ("coordinator", cluster.processes.coordinator.metrics),
@@ -110,4 +115,65 @@ async fn every_endpoint_passes_promtool_with_process_build_and_per_rpc_series() 
         "grpc_server_handling_seconds_count{grpc_service=\"switchyard.v1.Coordinator\",grpc_method=\"RegisterWorker\"}",
     );
     assert_eq!(timed, Some(2.0), "both registrations timed:\n{coordinator}");
+}
+
+/// `GET path`: the status code and the body.
+async fn get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to the metrics port");
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("headers, then the body");
+    let code = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("a status code");
+    (code, body.to_owned())
+}
+
+/// The worker's readiness as its probes see it: the named health service, `/readyz`, and the
+/// unnamed service (liveness), which must say SERVING throughout.
+async fn worker_probes(worker: &switchyard_common::children::ChildProcess) -> (i32, (u16, String), i32) {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = switchyard_common::transport::channel(&worker.grpc_uri()).expect("channel");
+    let mut health = HealthClient::new(channel);
+    let mut status = async |service: &str| {
+        let request = HealthCheckRequest { service: service.into() };
+        health.check(request).await.expect("health check").into_inner().status
+    };
+    let named = status("switchyard.v1.ExpertWorker").await;
+    let unnamed = status("").await;
+    (named, get(worker.metrics, "/readyz").await, unnamed)
+}
+
+#[tokio::test]
+async fn a_worker_is_ready_once_its_placed_experts_are_loaded_and_live_throughout() {
+    use switchyard_loadtest::local_cluster::{LocalCluster, LocalClusterConfig};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let (serving, not_serving) = (ServingStatus::Serving as i32, ServingStatus::NotServing as i32);
+
+    let binaries = switchyard_integration_tests::binaries_dir();
+    let mut config = LocalClusterConfig::next_to(&binaries.join("switchyard"), small_model(2.0), 1);
+    config.heartbeat_interval = std::time::Duration::from_millis(100);
+    config.min_workers = 2;
+    let mut cluster = LocalCluster::start(config).await.expect("a coordinator and one worker");
+
+    // One of the two workers the coordinator waits for: nothing placed, so not ready, yet alive.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (named, (code, reason), unnamed) = worker_probes(&cluster.workers[0]).await;
+    assert_eq!((named, code, unnamed), (not_serving, 503, serving), "{reason}");
+    assert!(reason.contains("first placement"), "{reason}");
+
+    cluster.add_worker().await.expect("the second worker");
+    for worker in &cluster.workers {
+        let mut probes = worker_probes(worker).await;
+        for _ in 0..100 {
+            if probes.0 == serving {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            probes = worker_probes(worker).await;
+        }
+        let (named, (code, body), unnamed) = probes;
+        assert_eq!((named, code, unnamed), (serving, 200, serving), "placed and loaded: {body}");
+    }
+    let status = switchyard_integration_tests::http_get(cluster.coordinator.metrics, "/readyz").await;
+    assert!(status.ends_with("ready\n"), "the coordinator is ready once it serves: {status}");
 }

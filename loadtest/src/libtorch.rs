@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 
-use switchyard_common::tracing_setup::LogFormat;
+use switchyard_common::tracing_setup::TracingArgs;
 
 use crate::cli::loadtest::LoadtestArgs;
 use crate::cli::local::LocalArgs;
@@ -33,7 +33,7 @@ pub async fn loadtest_reference(_: LoadtestArgs, _torch_threads: u32) -> anyhow:
     Err(run_in_switchyard_torch())
 }
 
-pub async fn local_compared(_: LocalArgs, _: LogFormat) -> anyhow::Result<()> {
+pub async fn local_compared(_: LocalArgs, _: &TracingArgs) -> anyhow::Result<()> {
     Err(run_in_switchyard_torch())
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use switchyard_common::children::{ChildError, ChildProcess};
-use switchyard_common::tracing_setup::LogFormat;
+use switchyard_common::tracing_setup::TracingArgs;
 use switchyard_model::ModelSpec;
 
 /// What to start.
@@ -15,6 +15,9 @@ pub struct LocalClusterConfig {
     pub coordinator_bin: PathBuf,
     pub worker_bin: PathBuf,
     pub workers: usize,
+    /// Workers the coordinator waits for before it places experts (`--min-workers`): all of them
+    /// unless told otherwise.
+    pub min_workers: usize,
     pub model: ModelSpec,
     /// Tokens per call the cluster is sized for: the expert queue limit is this batch's capacity.
     pub max_batch_tokens: usize,
@@ -28,9 +31,10 @@ pub struct LocalClusterConfig {
     pub coordinator_args: Vec<String>,
     /// `RUST_LOG` for the children; `None` passes ours through.
     pub log_filter: Option<String>,
-    /// How the children write their log lines (`SWITCHYARD_LOG_FORMAT`): as this process does,
-    /// so that JSON logs are not mixed with text ones.
-    pub log_format: LogFormat,
+    /// How the children write their log lines (`SWITCHYARD_LOG_FORMAT`) and where they export
+    /// their spans (`OTEL_EXPORTER_OTLP_ENDPOINT`): as this process does, so that JSON logs are
+    /// not mixed with text ones and a call's trace has every process's spans.
+    pub tracing: TracingArgs,
 }
 
 impl LocalClusterConfig {
@@ -41,6 +45,7 @@ impl LocalClusterConfig {
             coordinator_bin: dir.join("switchyard-coordinator"),
             worker_bin: dir.join("switchyard-worker"),
             workers,
+            min_workers: workers,
             model,
             max_batch_tokens: 8192,
             heartbeat_interval: Duration::from_millis(500),
@@ -49,7 +54,7 @@ impl LocalClusterConfig {
             worker_args: Vec::new(),
             coordinator_args: Vec::new(),
             log_filter: None,
-            log_format: LogFormat::Text,
+            tracing: TracingArgs::default(),
         }
     }
 }
@@ -57,7 +62,7 @@ impl LocalClusterConfig {
 impl LocalClusterConfig {
     fn envs(&self) -> Vec<(String, String)> {
         let filter = self.log_filter.iter().map(|filter| ("RUST_LOG".to_owned(), filter.clone()));
-        filter.chain([("SWITCHYARD_LOG_FORMAT".to_owned(), self.log_format.name().to_owned())]).collect()
+        filter.chain(self.tracing.child_env()).collect()
     }
 }
 
@@ -173,7 +178,7 @@ async fn spawn_coordinator(config: &LocalClusterConfig, listen: &str) -> Result<
         "--metrics-listen".to_owned(),
         "127.0.0.1:0".to_owned(),
         "--min-workers".to_owned(),
-        config.workers.to_string(),
+        config.min_workers.to_string(),
         "--max-batch-tokens".to_owned(),
         config.max_batch_tokens.to_string(),
         "--heartbeat-interval-ms".to_owned(),
@@ -190,17 +195,23 @@ async fn spawn_coordinator(config: &LocalClusterConfig, listen: &str) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_common::tracing_setup::LogFormat;
 
     #[test]
     fn children_write_their_logs_as_this_process_does() {
         let mut config = LocalClusterConfig::next_to(Path::new("/bin/switchyard"), ModelSpec::default_synthetic(), 1);
         assert_eq!(config.envs(), [("SWITCHYARD_LOG_FORMAT".to_owned(), "text".to_owned())]);
-        config.log_format = LogFormat::Json;
+        config.tracing.log_format = LogFormat::Json;
+        config.tracing.otlp_endpoint = Some("http://collector:4317".into());
         config.log_filter = Some("warn".into());
         let envs = config.envs();
         assert_eq!(
             envs,
-            [("RUST_LOG".to_owned(), "warn".to_owned()), ("SWITCHYARD_LOG_FORMAT".to_owned(), "json".to_owned())]
+            [
+                ("RUST_LOG".to_owned(), "warn".to_owned()),
+                ("SWITCHYARD_LOG_FORMAT".to_owned(), "json".to_owned()),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), "http://collector:4317".to_owned())
+            ]
         );
     }
 }

@@ -17,6 +17,6 @@ async fn main() -> anyhow::Result<()> {
         return Err(libtorch::run_in_switchyard_torch());
     }
     let cli = cli::Cli::parse();
-    switchyard_common::tracing_setup::init_tracing(cli.log_format);
+    let _spans = switchyard_common::tracing_setup::init_tracing(&cli.tracing, "switchyard")?;
     cli::run(cli).await
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use switchyard_common::clock::unix_nanos;
+use switchyard_common::otlp::RemoteParent;
 use switchyard_expert_worker::ExpertWorkerService;
 use switchyard_proto::v1;
 use switchyard_router_client::ClientError;
@@ -42,7 +43,7 @@ impl ExpertTransport for InProcessTransport {
             })?;
             let sent_unix_nanos = unix_nanos();
             let started = Instant::now();
-            let answered = service.forward_message(request).await;
+            let answered = service.forward_message(request, &RemoteParent::default()).await;
             let timing = RpcTiming { elapsed: started.elapsed(), sent_unix_nanos, answered_unix_nanos: unix_nanos() };
             match answered {
                 Ok(response) => Ok(Answer { response, timing }),

@@ -138,13 +138,15 @@ impl GrpcTransport {
     }
 }
 
-/// A gRPC request carrying `message`, with its deadline and the call's request id as metadata.
-fn grpc_request<T>(message: T, request_id: u64, deadline: Duration) -> tonic::Request<T> {
+/// A gRPC request carrying `message`, with its deadline, the call's request id and the trace
+/// context of `span` (the call's) as metadata.
+fn grpc_request<T>(message: T, request_id: u64, deadline: Duration, span: &tracing::Span) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(deadline);
     if let Ok(value) = request_id.to_string().parse() {
         request.metadata_mut().insert(REQUEST_ID_METADATA, value);
     }
+    switchyard_common::otlp::inject(span, request.metadata_mut());
     request
 }
 
@@ -218,10 +220,11 @@ impl ExpertTransport for GrpcTransport {
     ) -> BoxFuture<'static, Result<Answer, ClientError>> {
         let connection = self.connection(endpoint);
         let endpoint = endpoint.clone();
+        let call = tracing::Span::current();
         Box::pin(async move {
             let mut client = connection?;
             let request_id = request.request_id;
-            let request = grpc_request(request, request_id, deadline);
+            let request = grpc_request(request, request_id, deadline, &call);
             let sent_unix_nanos = unix_nanos();
             let started = Instant::now();
             // The rows go to the socket as the `Bytes` they are: tonic's generated client would copy
@@ -257,11 +260,12 @@ impl ExpertTransport for GrpcTransport {
         }
         let connection = self.connection(endpoint);
         let endpoint = endpoint.clone();
+        let call = tracing::Span::current();
         let opened = async move {
             let mut client = connection?;
             let request_id = requests.first().map_or(0, |request| request.request_id);
             let chunks = requests.len();
-            let request = grpc_request(requests, request_id, deadline);
+            let request = grpc_request(requests, request_id, deadline, &call);
             let (sent_unix_nanos, started) = (unix_nanos(), Instant::now());
             let answers = switchyard_proto::zero_copy::streaming(
                 &mut client,

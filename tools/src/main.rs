@@ -12,6 +12,6 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
-    switchyard_common::tracing_setup::init_tracing(cli.log_format);
+    let _spans = switchyard_common::tracing_setup::init_tracing(&cli.tracing, "switchyard")?;
     cli::run(cli).await
 }

@@ -160,27 +160,34 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/* What a probe checks: the gRPC health service, or under TLS (which the kubelet's gRPC probe
-     cannot speak) the metrics server's /healthz. Call with (dict "root" $ "port" <gRPC port>). */}}
+     cannot speak) the metrics server's /healthz. With a "readyService", the readiness that
+     service reports instead (/readyz under TLS). Call with (dict "root" $ "port" <gRPC port>
+     ["readyService" <name>]). */}}
 {{- define "switchyard.probeAction" -}}
 {{- if .root.Values.tls.enabled }}
 httpGet:
-  path: /healthz
+  path: {{ ternary "/readyz" "/healthz" (not (empty .readyService)) }}
   port: metrics
 {{- else }}
 grpc:
   port: {{ .port }}
+  {{- with .readyService }}
+  service: {{ . }}
+  {{- end }}
 {{- end }}
 {{- end }}
 
 {{/* The three probes of a component: the probe action with the chart's timings, each overridable
      from <component>.probes. Call with (dict "root" $ "port" <gRPC port> "defaults" <timings>
-     "probes" <component>.probes). */}}
+     "probes" <component>.probes ["readyService" <gRPC health service of readiness>]); startup and
+     liveness ask the unnamed service (the process is up), readiness the named one if given. */}}
 {{- define "switchyard.probes" -}}
-{{- $action := include "switchyard.probeAction" (dict "root" .root "port" .port) | fromYaml }}
 {{- range $name := list "startup" "readiness" "liveness" }}
+{{- $service := ternary ($.readyService | default "") "" (eq $name "readiness") }}
+{{- $action := include "switchyard.probeAction" (dict "root" $.root "port" $.port "readyService" $service) | fromYaml }}
 {{ $name }}Probe:
   {{- $timings := merge (deepCopy (default dict (get $.probes $name))) (get $.defaults $name) }}
-  {{- toYaml (merge (deepCopy $action) $timings) | nindent 2 }}
+  {{- toYaml (merge $action $timings) | nindent 2 }}
 {{- end }}
 {{- end }}
 

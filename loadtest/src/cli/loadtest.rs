@@ -96,7 +96,8 @@ async fn serve_metrics(
     client.metrics().register(&mut registry);
     switchyard_common::process_metrics::register(&mut registry, "client");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(switchyard_common::metrics_http::serve(listener, Arc::new(registry), async {
+    let readiness = switchyard_common::readiness::Readiness::ready();
+    tokio::spawn(switchyard_common::metrics_http::serve(listener, Arc::new(registry), readiness, async {
         let _ = stopped.await;
     }));
     Ok(stop)

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use switchyard_common::tracing_setup::LogFormat;
+use switchyard_common::tracing_setup::TracingArgs;
 use switchyard_loadtest::loadtest::{self, LoadSpec, LoadSummary, Target};
 use switchyard_loadtest::local_cluster::{LocalCluster, LocalClusterConfig};
 use switchyard_model::cli::ModelArgs;
@@ -58,8 +58,8 @@ pub struct LocalArgs {
 
 /// Starts the cluster and, without `--loadtest`, serves until Ctrl-C. With it, runs the load test,
 /// prints its report and checks its thresholds.
-pub async fn run(args: LocalArgs, log_format: LogFormat) -> anyhow::Result<()> {
-    match load_test_cluster(&args, log_format).await? {
+pub async fn run(args: LocalArgs, tracing: &TracingArgs) -> anyhow::Result<()> {
+    match load_test_cluster(&args, tracing).await? {
         Some(ClusterRun { report, model, .. }) => args.load.finish(vec![report], &model),
         None => Ok(()),
     }
@@ -74,12 +74,12 @@ pub(crate) struct ClusterRun {
 }
 
 /// The cluster's part of `local`: `None` when it served until Ctrl-C instead of a load test.
-pub(crate) async fn load_test_cluster(args: &LocalArgs, log_format: LogFormat) -> anyhow::Result<Option<ClusterRun>> {
+pub(crate) async fn load_test_cluster(args: &LocalArgs, tracing: &TracingArgs) -> anyhow::Result<Option<ClusterRun>> {
     let model = args.model.spec()?;
     let me = std::env::current_exe().context("locating the switchyard binary")?;
     let mut config = LocalClusterConfig::next_to(&me, model.clone(), args.workers);
     config.torch_threads = args.worker_torch_threads;
-    config.log_format = log_format;
+    config.tracing = tracing.clone();
     config.worker_args = vec!["--batch-wait-us".into(), args.batch_wait_us.to_string()];
     let dtype: Option<WeightDtype> = args.dtype.map(Into::into);
     if let Some(dtype) = dtype {

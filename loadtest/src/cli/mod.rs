@@ -10,7 +10,7 @@ mod model_info;
 mod status;
 pub(crate) mod values;
 
-use switchyard_common::tracing_setup::LogFormat;
+use switchyard_common::tracing_setup::TracingArgs;
 
 /// Switchyard: a distributed expert-parallel runtime for Mixture-of-Experts layers.
 ///
@@ -22,9 +22,8 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 
-    /// Log line format (logs go to stderr; reports to stdout).
-    #[arg(long, global = true, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub tracing: TracingArgs,
 
     /// libtorch intra-op threads of this process (the reference layer's experts).
     #[arg(long, global = true, env = "SWITCHYARD_TORCH_THREADS", default_value_t = 1)]
@@ -77,8 +76,8 @@ pub enum Command {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     present_tls_identity(&cli)?;
     match cli.command {
-        Command::Local(args) if args.compare_reference => crate::libtorch::local_compared(args, cli.log_format).await,
-        Command::Local(args) => local::run(args, cli.log_format).await,
+        Command::Local(args) if args.compare_reference => crate::libtorch::local_compared(args, &cli.tracing).await,
+        Command::Local(args) => local::run(args, &cli.tracing).await,
         Command::Loadtest(args) if args.reference && !args.check_config => {
             crate::libtorch::loadtest_reference(args, cli.torch_threads).await
         }

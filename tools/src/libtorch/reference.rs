@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use switchyard_common::tracing_setup::LogFormat;
+use switchyard_common::tracing_setup::TracingArgs;
 use switchyard_experts::ResolveDevice;
 use switchyard_loadtest::loadtest::{self, LoadSpec, Target};
 use switchyard_reference::{ReferenceConfig, ReferenceLayer};
@@ -35,8 +35,8 @@ pub async fn loadtest_reference(args: LoadtestArgs, torch_threads: u32) -> anyho
 
 /// `local --loadtest --compare-reference`: the cluster's load test, then the same load through the
 /// in-process reference layer.
-pub async fn local_compared(args: LocalArgs, log_format: LogFormat) -> anyhow::Result<()> {
-    let Some(ClusterRun { report, spec, model }) = load_test_cluster(&args, log_format).await? else {
+pub async fn local_compared(args: LocalArgs, tracing: &TracingArgs) -> anyhow::Result<()> {
+    let Some(ClusterRun { report, spec, model }) = load_test_cluster(&args, tracing).await? else {
         return Ok(());
     };
     // A fair baseline: as many libtorch threads as all the workers had together.
