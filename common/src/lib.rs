@@ -5,6 +5,7 @@
 //! - [`metrics_http`]: the Prometheus `/metrics` endpoint.
 //! - [`transport`]: HTTP/2 windows, frame and message size limits, set alike on servers and clients.
 //! - [`shutdown`]: Ctrl-C / SIGTERM as a future.
+//! - [`backoff`]: the waits before dialling a peer again (exponential, jittered).
 //! - [`children`]: child processes that die with their parent, for `switchyard local` and tests.
 //! - [`clock`]: Unix-epoch timestamps for times measured across processes.
 //! - [`readiness`]: ready for traffic or not, as the named gRPC health service and `/readyz` say.
@@ -53,6 +54,7 @@ macro_rules! write_to_inner {
     };
 }
 
+pub mod backoff;
 pub mod children;
 pub mod clock;
 pub mod grpc_metrics;

@@ -36,6 +36,16 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Spans go to `export.endpoint` in batches (`OTEL_BSP_*` tune them). Call within a Tokio runtime:
 /// the gRPC channel's connection task runs on it.
 pub(crate) fn tracer_provider(export: &OtlpExport) -> Result<SdkTracerProvider, OtlpError> {
+    // The collector is a local agent or an in-cluster service: plaintext gRPC, as OTLP's default
+    // port 4317 serves it. Without the scheme the exporter would assume https.
+    if !export.endpoint.starts_with("http://") {
+        return Err(OtlpError::Exporter {
+            endpoint: export.endpoint.clone(),
+            reason:
+                "--otlp-endpoint must be http://HOST:PORT (OTLP/gRPC in plaintext, e.g. http://otel-collector:4317)"
+                    .into(),
+        });
+    }
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(export.endpoint.clone())
@@ -116,6 +126,15 @@ impl Extractor for MetadataExtractor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_without_http_is_refused_by_name() {
+        for endpoint in ["otel-collector:4317", "https://otel-collector:4317"] {
+            let export = OtlpExport { endpoint: endpoint.into(), service_name: "test" };
+            let error = tracer_provider(&export).expect_err(endpoint).to_string();
+            assert!(error.contains(endpoint) && error.contains("http://HOST:PORT"), "{error}");
+        }
+    }
 
     #[test]
     fn a_trace_context_crosses_the_metadata_and_nothing_is_sent_without_one() {

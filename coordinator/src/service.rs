@@ -101,8 +101,12 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
         let stopped = async move {
             let _ = stopping.wait_for(|stop| *stop).await;
         };
+        // Version 0 is the placeholder before the first placement: a client that holds a restarted
+        // coordinator's predecessor's table keeps routing by it until the new one places experts.
         let tables = WatchStream::new(self.cluster.subscribe())
-            .filter(move |table| std::future::ready(table.epoch != epoch || table.version > newer_than))
+            .filter(move |table| {
+                std::future::ready(table.version > 0 && (table.epoch != epoch || table.version > newer_than))
+            })
             .map(|table| Ok(table.as_ref().clone()))
             .take_until(stopped);
         Ok(Response::new(Box::pin(tables)))

@@ -31,7 +31,9 @@ pub struct Membership {
     pub compute_gflops: f64,
 }
 
-const RETRY_DELAY: Duration = Duration::from_millis(500);
+/// Waits between registration attempts: the first, and the longest before jitter.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MOST: Duration = Duration::from_secs(2);
 
 /// Registers and heartbeats until the task is aborted; `registered` holds the id the coordinator
 /// knows this worker by, `readiness` whether the experts it placed here are loaded.
@@ -64,6 +66,7 @@ async fn register(
     worker: &ExpertWorker,
     membership: &Membership,
 ) -> (String, Duration) {
+    let mut waits = switchyard_common::backoff::reconnect(RETRY_FIRST, RETRY_MOST);
     loop {
         let request = v1::RegisterWorkerRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -87,7 +90,7 @@ async fn register(
             }
             Err(status) => tracing::warn!(message = status.message(), "coordinator unreachable; retrying"),
         }
-        tokio::time::sleep(RETRY_DELAY).await;
+        tokio::time::sleep(waits.next().unwrap_or(RETRY_MOST)).await;
     }
 }
 

@@ -55,11 +55,11 @@ impl WeightDtype {
     }
 
     /// The dtype a safetensors header names (`F32`, `F16`, `BF16`).
-    pub fn from_safetensors(name: &str) -> Option<Self> {
-        match name {
-            "F32" => Some(WeightDtype::F32),
-            "F16" => Some(WeightDtype::F16),
-            "BF16" => Some(WeightDtype::Bf16),
+    pub fn from_safetensors(dtype: safetensors::Dtype) -> Option<Self> {
+        match dtype {
+            safetensors::Dtype::F32 => Some(WeightDtype::F32),
+            safetensors::Dtype::F16 => Some(WeightDtype::F16),
+            safetensors::Dtype::BF16 => Some(WeightDtype::Bf16),
             _ => None,
         }
     }
@@ -208,7 +208,7 @@ mod tests {
 
     #[test]
     fn names_and_widening() {
-        assert_eq!(WeightDtype::from_safetensors("BF16"), Some(WeightDtype::Bf16));
+        assert_eq!(WeightDtype::from_safetensors(safetensors::Dtype::BF16), Some(WeightDtype::Bf16));
         assert_eq!("f16".parse::<WeightDtype>(), Ok(WeightDtype::F16));
         let narrowed = HostTensor::from_f32(&[1.0 / 3.0], &[1]).to_dtype(WeightDtype::Bf16);
         assert_eq!(narrowed.bytes.len(), 2);

@@ -4,8 +4,9 @@
 //! name to its dtype, shape and byte range, then the data. [`TensorFiles`] reads each file's header
 //! once and then seeks to exactly the bytes of the tensors asked for, so a worker holding 4 of 64
 //! experts reads 4/64 of the weights. Sharded checkpoints are found through
-//! `model.safetensors.index.json` (`weight_map`: tensor name → file). Every error names the tensor
-//! and the file.
+//! `model.safetensors.index.json` (`weight_map`: tensor name → file). Headers are checked by the
+//! `safetensors` crate's own rules (each tensor's bytes follow the previous one's, and hold its shape
+//! in its dtype). Every error names the tensor and the file.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,6 +14,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use safetensors::SafeTensorError;
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use serde::Deserialize;
 
 use crate::dtype::{HostTensor, WeightDtype};
@@ -33,16 +36,9 @@ pub enum TensorFileError {
     Truncated { tensor: String, file: PathBuf, needed: u64, size: u64 },
 }
 
-#[derive(Debug, Clone, Deserialize)]
-struct TensorEntry {
-    dtype: String,
-    shape: Vec<usize>,
-    data_offsets: [u64; 2],
-}
-
 #[derive(Debug)]
 struct Header {
-    tensors: HashMap<String, TensorEntry>,
+    tensors: Metadata,
     data_start: u64,
     file_size: u64,
 }
@@ -130,10 +126,10 @@ impl TensorFiles {
     }
 
     /// The file holding `tensor`, its header, and its entry there.
-    fn locate(&self, tensor: &str) -> Result<(PathBuf, Arc<Header>, TensorEntry), TensorFileError> {
+    fn locate(&self, tensor: &str) -> Result<(PathBuf, Arc<Header>, TensorInfo), TensorFileError> {
         let file = self.file_of(tensor)?;
         let header = self.header(&file)?;
-        let entry = header.tensors.get(tensor).cloned().ok_or_else(|| TensorFileError::Missing {
+        let entry = header.tensors.info(tensor).cloned().ok_or_else(|| TensorFileError::Missing {
             tensor: tensor.to_owned(),
             looked_in: file.display().to_string(),
         })?;
@@ -143,7 +139,7 @@ impl TensorFiles {
     /// Every tensor's name: the index's, or the single file's header's.
     pub fn names(&self) -> Result<Vec<String>, TensorFileError> {
         let mut names: Vec<String> = if self.weight_map.is_empty() {
-            self.header(&self.single_file)?.tensors.keys().cloned().collect()
+            self.header(&self.single_file)?.tensors.tensors().into_keys().collect()
         } else {
             self.weight_map.keys().cloned().collect()
         };
@@ -159,10 +155,10 @@ impl TensorFiles {
     /// The float dtype `tensor` is stored in, from its file's header.
     pub fn dtype(&self, tensor: &str) -> Result<WeightDtype, TensorFileError> {
         let (file, _, entry) = self.locate(tensor)?;
-        WeightDtype::from_safetensors(&entry.dtype).ok_or_else(|| TensorFileError::Dtype {
+        WeightDtype::from_safetensors(entry.dtype).ok_or_else(|| TensorFileError::Dtype {
             tensor: tensor.to_owned(),
             file,
-            dtype: entry.dtype.clone(),
+            dtype: entry.dtype.to_string(),
             supported: "F32, F16, BF16".to_owned(),
         })
     }
@@ -201,7 +197,7 @@ impl TensorFiles {
         index: usize,
     ) -> Result<Vec<u8>, TensorFileError> {
         let slab: usize = expected_shape.iter().skip(1).product();
-        let (_, bytes) = self.read_elements(tensor, expected_shape, index * slab, slab, &["U8"])?;
+        let (_, bytes) = self.read_elements(tensor, expected_shape, index * slab, slab, &[Dtype::U8])?;
         Ok(bytes)
     }
 
@@ -214,7 +210,8 @@ impl TensorFiles {
         count: usize,
         shape: Vec<usize>,
     ) -> Result<HostTensor, TensorFileError> {
-        let (dtype, bytes) = self.read_elements(tensor, expected_shape, first, count, &["F32", "F16", "BF16"])?;
+        let (dtype, bytes) =
+            self.read_elements(tensor, expected_shape, first, count, &[Dtype::F32, Dtype::F16, Dtype::BF16])?;
         let dtype = WeightDtype::from_safetensors(dtype).expect("one of the float dtypes asked for");
         Ok(HostTensor { dtype, shape, bytes })
     }
@@ -227,8 +224,8 @@ impl TensorFiles {
         expected_shape: &[usize],
         first: usize,
         count: usize,
-        dtypes: &[&'static str],
-    ) -> Result<(&'static str, Vec<u8>), TensorFileError> {
+        dtypes: &[Dtype],
+    ) -> Result<(Dtype, Vec<u8>), TensorFileError> {
         let (file, header, entry) = self.locate(tensor)?;
         if entry.shape != expected_shape {
             return Err(TensorFileError::Shape {
@@ -242,24 +239,13 @@ impl TensorFiles {
             return Err(TensorFileError::Dtype {
                 tensor: tensor.to_owned(),
                 file,
-                dtype: entry.dtype.clone(),
-                supported: dtypes.join(", "),
+                dtype: entry.dtype.to_string(),
+                supported: dtypes.iter().map(Dtype::to_string).collect::<Vec<_>>().join(", "),
             });
         };
-        let element_size: u64 = match dtype {
-            "F32" => 4,
-            "F16" | "BF16" => 2,
-            _ => 1,
-        };
-        let [begin, end] = entry.data_offsets;
-        let total = entry.shape.iter().try_fold(1u64, |product, dim| product.checked_mul(*dim as u64));
-        let malformed = |reason: String| TensorFileError::Header { file: file.clone(), reason };
-        if total.and_then(|total| total.checked_mul(element_size)) != end.checked_sub(begin) {
-            return Err(malformed(format!(
-                "{tensor}: data_offsets {begin}..{end} do not hold {:?} {} values",
-                entry.shape, entry.dtype
-            )));
-        }
+        // Whole bytes: the header check refused a tensor whose elements do not fill them.
+        let element_size = (dtype.bitsize() / 8) as u64;
+        let (begin, end) = (entry.data_offsets.0 as u64, entry.data_offsets.1 as u64);
         let needed = header.data_start.checked_add(end);
         if needed.is_none_or(|needed| needed > header.file_size) {
             return Err(TensorFileError::Truncated {
@@ -304,24 +290,26 @@ pub fn json_error(error: &serde_json::Error) -> String {
     format!("{kind} (line {}, column {})", error.line(), error.column())
 }
 
-/// Checks that no two tensors' byte ranges overlap (and that each range ascends): one file's
-/// weights read twice under two names would be a malformed, or hostile, checkpoint.
-fn check_ranges(tensors: &HashMap<String, TensorEntry>) -> Result<(), String> {
-    let mut ranges: Vec<(&str, u64, u64)> =
-        tensors.iter().map(|(name, entry)| (name.as_str(), entry.data_offsets[0], entry.data_offsets[1])).collect();
-    ranges.sort_unstable_by_key(|(_, begin, end)| (*begin, *end));
-    for (name, begin, end) in &ranges {
-        if begin > end {
-            return Err(format!("{name}: data_offsets {begin}..{end} run backwards"));
-        }
+/// The safetensors crate's check of a header's tensors (in offset order, each starting where the
+/// previous ended and holding its shape in its dtype), its refusal said with the tensor's name:
+/// one file's weights read twice under two names would be a malformed, or hostile, checkpoint.
+fn checked(mut tensors: Vec<(String, TensorInfo)>) -> Result<Metadata, String> {
+    // The crate names no tensor whose bytes do not match its shape: find that one first.
+    let holds = |info: &TensorInfo| {
+        let bits = info.shape.iter().try_fold(info.dtype.bitsize(), |product, dim| product.checked_mul(*dim));
+        bits.filter(|bits| bits % 8 == 0).map(|bits| bits / 8) == info.data_offsets.1.checked_sub(info.data_offsets.0)
+    };
+    if let Some((name, info)) = tensors.iter().find(|(_, info)| !holds(info)) {
+        let ((begin, end), shape, dtype) = (info.data_offsets, &info.shape, info.dtype);
+        return Err(format!("{name}: data_offsets {begin}..{end} do not hold {shape:?} {dtype} values"));
     }
-    for pair in ranges.windows(2) {
-        let ((first, _, first_end), (second, second_begin, _)) = (pair[0], pair[1]);
-        if second_begin < first_end {
-            return Err(format!("{second} (from byte {second_begin}) overlaps {first} (to byte {first_end})"));
+    tensors.sort_unstable_by_key(|(_, info)| info.data_offsets);
+    Metadata::new(None, tensors).map_err(|error| match error {
+        SafeTensorError::InvalidOffset(name) => {
+            format!("{name}: data_offsets do not start where the tensor before ends (overlapping or apart)")
         }
-    }
-    Ok(())
+        other => other.to_string(),
+    })
 }
 
 fn read_header(file: &Path) -> Result<Header, TensorFileError> {
@@ -344,13 +332,12 @@ fn read_header(file: &Path) -> Result<Header, TensorFileError> {
     let tensors = entries
         .into_iter()
         .map(|(name, value)| {
-            serde_json::from_value::<TensorEntry>(value)
+            serde_json::from_value::<TensorInfo>(value)
                 .map(|entry| (name.clone(), entry))
                 .map_err(|error| malformed(format!("{name}: {}", json_error(&error))))
         })
         .collect::<Result<_, _>>()?;
-    check_ranges(&tensors).map_err(malformed)?;
-    Ok(Header { tensors, data_start: 8 + length, file_size })
+    Ok(Header { tensors: checked(tensors).map_err(malformed)?, data_start: 8 + length, file_size })
 }
 
 /// Writes `tensors` (name, shape, f32 values) as one F32 safetensors file: for tests and tools.
@@ -462,7 +449,7 @@ mod tests {
             &[0; 4],
         );
         let error = read("w", &[1]).unwrap_err().to_string();
-        assert!(error.contains("truncated"), "{error}");
+        assert!(error.contains("w: data_offsets do not start where"), "{error}");
 
         let huge = 1u64 << 31;
         raw_file(&path, &format!(r#"{{"w":{{"dtype":"F32","shape":[{huge},{huge}],"data_offsets":[0,0]}}}}"#), &[]);
@@ -481,10 +468,12 @@ mod tests {
         let overlapping = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
         raw_file(&path, overlapping, &[0; 12]);
         let error = read("a", &[2]).unwrap_err().to_string();
-        assert!(error.contains("b (from byte 4) overlaps a (to byte 8)"), "{error}");
+        assert!(error.contains("b: data_offsets do not start where the tensor before ends"), "{error}");
 
         raw_file(&path, r#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[8,4]}}"#, &[0; 8]);
-        assert!(read("a", &[0]).unwrap_err().to_string().contains("run backwards"));
+        assert!(read("a", &[0]).unwrap_err().to_string().contains("a: data_offsets 8..4 do not hold [0] F32 values"));
+        raw_file(&path, r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]);
+        assert!(read("a", &[3]).unwrap_err().to_string().contains("a: data_offsets 0..8 do not hold [3] F32 values"));
     }
 
     /// An index may name only files of its own directory, and only regular files are read: a

@@ -116,7 +116,9 @@ pub struct TableWatcher {
     task: JoinHandle<()>,
 }
 
-const RECONNECT_DELAY: Duration = Duration::from_millis(250);
+/// Waits between attempts to reach the coordinator: the first, and the longest before jitter.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MOST: Duration = Duration::from_secs(1);
 
 impl TableWatcher {
     /// Starts following `coordinator` (e.g. `http://127.0.0.1:50051`).
@@ -163,10 +165,13 @@ async fn follow(
     sender: watch::Sender<Option<Arc<RoutingTableView>>>,
     coordinator: String,
 ) {
+    let mut waits = switchyard_common::backoff::reconnect(RECONNECT_FIRST, RECONNECT_MOST);
     loop {
         let (newer_than, epoch) = sender.borrow().as_ref().map_or((0, 0), |table| (table.version.0, table.epoch));
         match client.watch_routing_table(v1::GetRoutingTableRequest { newer_than, epoch }).await {
             Ok(stream) => {
+                // Reached: a later loss starts from the shortest wait again.
+                waits = switchyard_common::backoff::reconnect(RECONNECT_FIRST, RECONNECT_MOST);
                 let mut stream = stream.into_inner();
                 loop {
                     match stream.message().await {
@@ -192,7 +197,7 @@ async fn follow(
                 tracing::debug!(%coordinator, message = status.message(), "coordinator unreachable; keeping the last table")
             }
         }
-        tokio::time::sleep(RECONNECT_DELAY).await;
+        tokio::time::sleep(waits.next().unwrap_or(RECONNECT_MOST)).await;
     }
 }
 
