@@ -42,6 +42,19 @@ impl ChildProcess {
         envs: &[(String, String)],
         ready_within: Duration,
     ) -> Result<Self, ChildError> {
+        Self::spawn_in(None, name, program, args, envs, ready_within).await
+    }
+
+    /// [`ChildProcess::spawn`] in the network namespace whose file is `namespace` (e.g.
+    /// `/run/netns/NAME`), when given: the child's sockets are that namespace's.
+    pub async fn spawn_in(
+        namespace: Option<&Path>,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        envs: &[(String, String)],
+        ready_within: Duration,
+    ) -> Result<Self, ChildError> {
         let display = program.display().to_string();
         let mut command = Command::new(program);
         command
@@ -52,7 +65,14 @@ impl ChildProcess {
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
         die_with_parent(&mut command);
-        let mut child = command.spawn().map_err(|source| ChildError::Spawn { program: display.clone(), source })?;
+        let spawn_error = |source| ChildError::Spawn { program: display.clone(), source };
+        // Open until the child has exec'd (close-on-exec): `setns` takes its descriptor.
+        let namespace = namespace.map(std::fs::File::open).transpose().map_err(spawn_error)?;
+        if let Some(namespace) = &namespace {
+            enter_namespace(&mut command, namespace);
+        }
+        let mut child = command.spawn().map_err(spawn_error)?;
+        drop(namespace);
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
         let announced = tokio::time::timeout(ready_within, async {
@@ -142,6 +162,25 @@ fn die_with_parent(command: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_command: &mut Command) {}
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn enter_namespace(command: &mut Command, namespace: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let descriptor = namespace.as_raw_fd();
+    // SAFETY: setns is async-signal-safe; the descriptor stays open until the child has exec'd.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(descriptor, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn enter_namespace(_command: &mut Command, _namespace: &std::fs::File) {}
 
 #[derive(Debug, Clone, Copy)]
 enum Signal {

@@ -10,4 +10,5 @@
 pub mod loadtest;
 pub mod local_cluster;
 pub mod report;
+pub mod shaped_network;
 pub mod skew;

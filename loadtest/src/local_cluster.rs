@@ -1,6 +1,8 @@
 //! A coordinator and N expert workers as child processes on 127.0.0.1, each on a port it picked
-//! itself (port 0) and announced. Used by `switchyard local` and by the integration tests. Every
-//! child dies with this handle (drop) and with this process (even on SIGKILL).
+//! itself (port 0) and announced; or, with [`Hosts::Namespaces`], each in its own network
+//! namespace with its own address, the workers' links shaped to a rate ([`ShapedNetwork`]). Used
+//! by `switchyard local`, `switchyard bench` and the integration tests. Every child dies with this
+//! handle (drop) and with this process (even on SIGKILL); the namespaces go with the handle.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +10,19 @@ use std::time::Duration;
 use switchyard_common::children::{ChildError, ChildProcess};
 use switchyard_common::tracing_setup::TracingArgs;
 use switchyard_model::ModelSpec;
+
+use crate::shaped_network::{Host, LinkRate, NetworkError, ShapedNetwork};
+
+/// Where the cluster's processes live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Hosts {
+    /// Every process on 127.0.0.1 in this namespace.
+    #[default]
+    Loopback,
+    /// The coordinator and each worker in a network namespace of its own, reached over a bridge;
+    /// each worker's link shaped to `worker_link` in both directions when given. Needs CAP_NET_ADMIN.
+    Namespaces { worker_link: Option<LinkRate> },
+}
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -29,6 +44,8 @@ pub struct LocalClusterConfig {
     pub worker_args: Vec<String>,
     /// More flags for the coordinator (e.g. `--replicas`).
     pub coordinator_args: Vec<String>,
+    /// Loopback, or namespaces joined by (shaped) links.
+    pub hosts: Hosts,
     /// `RUST_LOG` for the children; `None` passes ours through.
     pub log_filter: Option<String>,
     /// How the children write their log lines (`SWITCHYARD_LOG_FORMAT`) and where they export
@@ -53,6 +70,7 @@ impl LocalClusterConfig {
             torch_threads: 1,
             worker_args: Vec::new(),
             coordinator_args: Vec::new(),
+            hosts: Hosts::Loopback,
             log_filter: None,
             tracing: TracingArgs::default(),
         }
@@ -72,6 +90,10 @@ pub enum LocalClusterError {
     MissingBinary(String),
     #[error(transparent)]
     Child(#[from] ChildError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error("mutual TLS on namespaced hosts is not supported yet (the development certificates name 127.0.0.1 only)")]
+    TlsOnNamespaces,
 }
 
 #[derive(Debug)]
@@ -79,6 +101,11 @@ pub struct LocalCluster {
     pub coordinator: ChildProcess,
     pub workers: Vec<ChildProcess>,
     config: LocalClusterConfig,
+    /// The coordinator's host and each worker's, on namespaced hosts.
+    coordinator_host: Option<Host>,
+    worker_hosts: Vec<Host>,
+    /// Last: dropped after the processes in its namespaces.
+    network: Option<ShapedNetwork>,
 }
 
 const READY_WITHIN: Duration = Duration::from_secs(60);
@@ -91,12 +118,38 @@ impl LocalCluster {
                 return Err(LocalClusterError::MissingBinary(binary.display().to_string()));
             }
         }
-        let coordinator = spawn_coordinator(&config, "127.0.0.1:0").await?;
-        let mut cluster = Self { coordinator, workers: Vec::new(), config };
+        let (network, coordinator_host) = match config.hosts {
+            Hosts::Loopback => (None, None),
+            Hosts::Namespaces { .. } => {
+                if config.coordinator_args.iter().chain(&config.worker_args).any(|arg| arg == "--tls-cert") {
+                    return Err(LocalClusterError::TlsOnNamespaces);
+                }
+                let (network, host) = blocking(|| {
+                    let mut network = ShapedNetwork::create()?;
+                    let host = network.add_host("coordinator", None)?;
+                    Ok::<_, NetworkError>((network, host))
+                })
+                .await?;
+                (Some(network), Some(host))
+            }
+        };
+        let coordinator = spawn_coordinator(&config, coordinator_host.as_ref(), None).await?;
+        let mut cluster =
+            Self { coordinator, workers: Vec::new(), config, coordinator_host, worker_hosts: Vec::new(), network };
         for index in 0..cluster.config.workers {
             cluster.start_worker(index).await?;
         }
         Ok(cluster)
+    }
+
+    /// The namespaces and links, on namespaced hosts.
+    pub fn network(&self) -> Option<&ShapedNetwork> {
+        self.network.as_ref()
+    }
+
+    /// Each worker's host (namespace, address, link rate), in `workers`' order, on namespaced hosts.
+    pub fn worker_hosts(&self) -> &[Host] {
+        &self.worker_hosts
     }
 
     /// Starts one more worker (named after its position) and returns its index in `workers`.
@@ -109,17 +162,35 @@ impl LocalCluster {
     /// Kills the coordinator (SIGKILL, as a crash) and starts a new one on the same address.
     pub async fn restart_coordinator(&mut self) -> Result<(), LocalClusterError> {
         self.coordinator.kill().await;
-        let address = self.coordinator.grpc.to_string();
-        self.coordinator = spawn_coordinator(&self.config, &address).await?;
+        let address = self.coordinator.grpc;
+        self.coordinator = spawn_coordinator(&self.config, self.coordinator_host.as_ref(), Some(address)).await?;
         Ok(())
     }
 
     async fn start_worker(&mut self, index: usize) -> Result<(), LocalClusterError> {
+        let host = match (self.config.hosts, self.network.take()) {
+            (Hosts::Namespaces { worker_link }, Some(mut network)) => {
+                let (network, host) = blocking(move || {
+                    let host = network.add_host(&format!("w{index}"), worker_link);
+                    (network, host)
+                })
+                .await;
+                self.network = Some(network);
+                let host = host?;
+                self.worker_hosts.push(host.clone());
+                Some(host)
+            }
+            (_, network) => {
+                self.network = network;
+                None
+            }
+        };
+        let listen = listen_address(host.as_ref());
         let mut args = vec![
             "--listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
+            listen.clone(),
             "--metrics-listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
+            listen,
             "--coordinator".to_owned(),
             self.coordinator.grpc_uri(),
             "--name".to_owned(),
@@ -133,7 +204,8 @@ impl LocalCluster {
         }
         args.extend(self.config.worker_args.iter().cloned());
         plaintext_unless_tls(&mut args);
-        let worker = ChildProcess::spawn(
+        let worker = ChildProcess::spawn_in(
+            host.as_ref().map(|host| host.namespace.as_path()),
             &format!("worker-{index}"),
             &self.config.worker_bin,
             &args,
@@ -171,12 +243,32 @@ fn plaintext_unless_tls(args: &mut Vec<String>) {
     }
 }
 
-async fn spawn_coordinator(config: &LocalClusterConfig, listen: &str) -> Result<ChildProcess, LocalClusterError> {
+/// Runs blocking work (`ip`, `tc`) off the async runtime's threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work).await.expect("network set-up does not panic")
+}
+
+/// Port 0 on the host's address, or on loopback.
+fn listen_address(host: Option<&Host>) -> String {
+    match host {
+        Some(host) => format!("{}:0", host.address),
+        None => "127.0.0.1:0".to_owned(),
+    }
+}
+
+/// The coordinator, on `host` if given, on `grpc` if given (a restart keeps its address).
+async fn spawn_coordinator(
+    config: &LocalClusterConfig,
+    host: Option<&Host>,
+    grpc: Option<std::net::SocketAddr>,
+) -> Result<ChildProcess, LocalClusterError> {
+    let metrics = listen_address(host);
+    let listen = grpc.map_or_else(|| metrics.clone(), |grpc| grpc.to_string());
     let mut args = vec![
         "--listen".to_owned(),
-        listen.to_owned(),
+        listen,
         "--metrics-listen".to_owned(),
-        "127.0.0.1:0".to_owned(),
+        metrics,
         "--min-workers".to_owned(),
         config.min_workers.to_string(),
         "--max-batch-tokens".to_owned(),
@@ -189,7 +281,9 @@ async fn spawn_coordinator(config: &LocalClusterConfig, listen: &str) -> Result<
     args.extend(switchyard_model::cli::flags_for(&config.model));
     args.extend(config.coordinator_args.iter().cloned());
     plaintext_unless_tls(&mut args);
-    Ok(ChildProcess::spawn("coordinator", &config.coordinator_bin, &args, &config.envs(), READY_WITHIN).await?)
+    let namespace = host.map(|host| host.namespace.as_path());
+    Ok(ChildProcess::spawn_in(namespace, "coordinator", &config.coordinator_bin, &args, &config.envs(), READY_WITHIN)
+        .await?)
 }
 
 #[cfg(test)]

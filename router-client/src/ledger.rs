@@ -47,10 +47,41 @@ pub struct WorkerCall {
     pub dispatch: Duration,
     /// Answer transfer: worker reply → client has it (slowest request).
     pub combine_transfer: Duration,
+    /// Every request's transfer together: the first sent → the last in the worker's handler. What
+    /// a link's rate bounds when one worker's requests share its link.
+    pub dispatch_span: Duration,
+    /// Every answer's transfer together: the worker's first reply → the client has the last one.
+    pub combine_span: Duration,
+    /// The ends of those spans, as Unix nanoseconds (0: none yet).
+    spans: TransferEnds,
     /// Handler time not spent computing (queue wait, batching), slowest request.
     pub queue_wait: Duration,
     /// Expert compute of this worker's batches, summed.
     pub compute: Duration,
+}
+
+/// The earliest start and latest end of a worker's request and answer transfers in one call.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct TransferEnds {
+    first_sent: u64,
+    last_received: u64,
+    first_replied: u64,
+    last_answered: u64,
+}
+
+impl TransferEnds {
+    fn widen(&mut self, sent: u64, received: u64, replied: u64, answered: u64) -> (Duration, Duration) {
+        let earliest = |current: u64, new: u64| if current == 0 { new } else { current.min(new) };
+        self.first_sent = earliest(self.first_sent, sent);
+        self.last_received = self.last_received.max(received);
+        self.first_replied = earliest(self.first_replied, replied);
+        self.last_answered = self.last_answered.max(answered);
+        let span = |from: u64, to: u64| match (from, to) {
+            (0, _) | (_, 0) => Duration::ZERO,
+            (from, to) => Duration::from_nanos(to.saturating_sub(from)),
+        };
+        (span(self.first_sent, self.last_received), span(self.first_replied, self.last_answered))
+    }
 }
 
 impl WorkerCall {
@@ -70,6 +101,17 @@ impl WorkerCall {
         };
         self.dispatch = self.dispatch.max(gap(rpc.sent_unix_nanos, response.received_unix_nanos));
         self.combine_transfer = self.combine_transfer.max(gap(response.replied_unix_nanos, rpc.answered_unix_nanos));
+        if [rpc.sent_unix_nanos, response.received_unix_nanos, response.replied_unix_nanos, rpc.answered_unix_nanos]
+            .iter()
+            .all(|stamp| *stamp != 0)
+        {
+            (self.dispatch_span, self.combine_span) = self.spans.widen(
+                rpc.sent_unix_nanos,
+                response.received_unix_nanos,
+                response.replied_unix_nanos,
+                rpc.answered_unix_nanos,
+            );
+        }
         let compute = response_compute(response);
         self.queue_wait = self.queue_wait.max(Duration::from_micros(response.worker_us).saturating_sub(compute));
         self.compute += compute;

@@ -5,7 +5,8 @@ use std::time::Duration;
 use anyhow::Context;
 use switchyard_common::tracing_setup::TracingArgs;
 use switchyard_loadtest::loadtest::{self, LoadSpec, LoadSummary, Target};
-use switchyard_loadtest::local_cluster::{LocalCluster, LocalClusterConfig};
+use switchyard_loadtest::local_cluster::{Hosts, LocalCluster, LocalClusterConfig};
+use switchyard_loadtest::shaped_network::LinkRate;
 use switchyard_model::cli::ModelArgs;
 use switchyard_model::{ModelSpec, WeightDtype};
 
@@ -41,8 +42,15 @@ pub struct LocalArgs {
 
     /// Run every connection over mutual TLS, with a development CA and a certificate per role
     /// written to a fresh folder (printed) for the coordinator, the workers and this process.
-    #[arg(long, env = "SWITCHYARD_LOCAL_TLS")]
+    #[arg(long, env = "SWITCHYARD_LOCAL_TLS", conflicts_with = "link_rate")]
     pub tls: bool,
+
+    /// Put the coordinator and each worker on a host of its own (a Linux network namespace with
+    /// its own address), each worker behind a link of this rate in each direction (tbf on a veth
+    /// pair), e.g. 1gbit, 10gbit, 25gbit; this process is the client on another. Needs
+    /// CAP_NET_ADMIN (root); everything is removed when the command ends, Ctrl-C included.
+    #[arg(long, env = "SWITCHYARD_LOCAL_LINK_RATE")]
+    pub link_rate: Option<LinkRate>,
 
     /// With --loadtest: then run the same load through the in-process reference layer, for comparison
     /// (with as many libtorch threads as all workers had together).
@@ -73,13 +81,30 @@ pub(crate) struct ClusterRun {
     pub model: ModelSpec,
 }
 
-/// The cluster's part of `local`: `None` when it served until Ctrl-C instead of a load test.
+/// The cluster's part of `local`: `None` when it served until Ctrl-C instead of a load test. Ctrl-C
+/// at any point ends it through the destructors: the processes killed, the namespaces removed.
 pub(crate) async fn load_test_cluster(args: &LocalArgs, tracing: &TracingArgs) -> anyhow::Result<Option<ClusterRun>> {
+    tokio::select! {
+        run = run_cluster(args, tracing) => run,
+        () = switchyard_common::shutdown::signal() => {
+            eprintln!("stopping the cluster");
+            if args.loadtest {
+                anyhow::bail!("interrupted before the load test finished");
+            }
+            Ok(None)
+        }
+    }
+}
+
+async fn run_cluster(args: &LocalArgs, tracing: &TracingArgs) -> anyhow::Result<Option<ClusterRun>> {
     let model = args.model.spec()?;
     let me = std::env::current_exe().context("locating the switchyard binary")?;
     let mut config = LocalClusterConfig::next_to(&me, model.clone(), args.workers);
     config.torch_threads = args.worker_torch_threads;
     config.tracing = tracing.clone();
+    if let Some(rate) = args.link_rate {
+        config.hosts = Hosts::Namespaces { worker_link: Some(rate) };
+    }
     config.worker_args = vec!["--batch-wait-us".into(), args.batch_wait_us.to_string()];
     let dtype: Option<WeightDtype> = args.dtype.map(Into::into);
     if let Some(dtype) = dtype {
@@ -97,7 +122,11 @@ pub(crate) async fn load_test_cluster(args: &LocalArgs, tracing: &TracingArgs) -
         tls::use_for_outgoing(ClientTls::load(tls::dev_files(&dir, Role::Client))?);
         eprintln!("mutual TLS on every connection; certificates in {}", dir.display());
     }
-    eprintln!("starting a coordinator and {} workers on 127.0.0.1 (model {})...", args.workers, model.summary());
+    let hosts = match args.link_rate {
+        Some(rate) => format!("each on a host of its own, workers behind {rate} links"),
+        None => "on 127.0.0.1".to_owned(),
+    };
+    eprintln!("starting a coordinator and {} workers {hosts} (model {})...", args.workers, model.summary());
     let mut cluster = LocalCluster::start(config).await?;
     let (client, _watcher, workers) = connect(&cluster.coordinator_uri(), &args.load).await?;
     eprintln!("cluster ready: coordinator {} with {workers} workers", cluster.coordinator_uri());
@@ -108,9 +137,8 @@ pub(crate) async fn load_test_cluster(args: &LocalArgs, tracing: &TracingArgs) -
     if !args.loadtest {
         println!("coordinator {}", cluster.coordinator_uri());
         eprintln!("press Ctrl-C to stop");
-        switchyard_common::shutdown::signal().await;
-        cluster.stop(Duration::from_secs(5)).await;
-        return Ok(None);
+        // Ctrl-C ends the caller's wait, which drops the cluster.
+        return Ok(std::future::pending().await);
     }
 
     eprintln!("load test: {}...", args.load.window());

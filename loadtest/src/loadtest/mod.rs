@@ -225,6 +225,11 @@ pub struct LoadReport {
     pub dispatch_total: Duration,
     /// Per call, the slowest worker's answer transfer (worker reply → client), summed over calls.
     pub combine_transfer_total: Duration,
+    /// Per call, the longest of the workers' whole request transfers (first sent → last received)
+    /// and answer transfers (first reply → last answer in), summed over calls: what a link's rate
+    /// bounds.
+    pub dispatch_span_total: Duration,
+    pub combine_span_total: Duration,
 }
 
 impl LoadReport {
@@ -302,6 +307,10 @@ impl Shared {
                 report.dispatch_total += outcome.workers.iter().map(|call| call.dispatch).max().unwrap_or_default();
                 report.combine_transfer_total +=
                     outcome.workers.iter().map(|call| call.combine_transfer).max().unwrap_or_default();
+                report.dispatch_span_total +=
+                    outcome.workers.iter().map(|call| call.dispatch_span).max().unwrap_or_default();
+                report.combine_span_total +=
+                    outcome.workers.iter().map(|call| call.combine_span).max().unwrap_or_default();
             }
             Err(error) => {
                 *report.errors.entry(format!("{:?}", error.code())).or_default() += 1;
@@ -348,6 +357,8 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         ledger: CommLedger::default(),
         dispatch_total: Duration::ZERO,
         combine_transfer_total: Duration::ZERO,
+        dispatch_span_total: Duration::ZERO,
+        combine_span_total: Duration::ZERO,
     };
     let shared = Arc::new(Shared { report: Mutex::new(report), claimed: AtomicU64::new(0) });
     let started = Instant::now();

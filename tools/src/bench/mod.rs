@@ -23,7 +23,8 @@ use switchyard_proto::wire::WireDtype;
 
 use plan::{ClusterShape, Point};
 use switchyard_loadtest::loadtest::{self, Arrival, LoadReport, LoadSpec, Target};
-use switchyard_loadtest::local_cluster::{LocalCluster, LocalClusterConfig, LocalClusterError};
+use switchyard_loadtest::local_cluster::{Hosts, LocalCluster, LocalClusterConfig, LocalClusterError};
+use switchyard_loadtest::shaped_network::LinkRate;
 use switchyard_loadtest::skew::{Inputs, Skew, gate_rows};
 use switchyard_reference::{ReferenceConfig, ReferenceError, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::DispatchLayout;
@@ -61,6 +62,8 @@ pub struct BenchSettings {
     pub baseline_repeats: u32,
     pub coordinator_bin: PathBuf,
     pub worker_bin: PathBuf,
+    /// Loopback, or each worker on a host of its own behind a shaped link.
+    pub hosts: Hosts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +161,16 @@ impl PointResult {
         )
     }
 
+    /// Mean per call of the longest whole transfer of one worker's requests and of its answers (all
+    /// its requests together, as its link carries them), in microseconds.
+    pub fn transfer_span_us(&self) -> (f64, f64) {
+        let calls = self.distributed.calls.max(1) as f64;
+        (
+            self.distributed.dispatch_span_total.as_secs_f64() * 1e6 / calls,
+            self.distributed.combine_span_total.as_secs_f64() * 1e6 / calls,
+        )
+    }
+
     /// Mean per call of the slowest worker's dispatch and combine transfers, in microseconds.
     pub fn transfer_us(&self) -> (f64, f64) {
         let calls = self.distributed.calls.max(1) as f64;
@@ -175,6 +188,10 @@ pub struct PresetResult {
     pub result: PointResult,
     /// Baselines at the size of one dispatch request.
     pub baselines: wire::WireBaselines,
+    /// The rate of each worker's link, when the workers sat behind shaped links, and raw TCP one
+    /// way over one of those links with one request's bytes.
+    pub link: Option<LinkRate>,
+    pub link_tcp: Option<wire::WireFigure>,
     /// FLOPs of the client's gate in one call (`2 · tokens · d_model · experts`).
     pub gate_flops: f64,
     /// tch's f32 GEMM on one CPU thread for the gate's own shape, measured in this run: the gate's
@@ -213,6 +230,20 @@ impl PresetResult {
             (dispatch_us, rate(report.bytes_total.payload_sent, dispatch_us)),
             (combine_us, rate(report.bytes_total.payload_received, combine_us)),
         ]
+    }
+
+    /// The least time dispatch and combine can take on the links, in microseconds per call: the
+    /// busiest worker's socket bytes each way per call over the link rate (TCP, IP and Ethernet
+    /// headers come on top, so ~95% of the rate is the most a transfer reaches).
+    pub fn link_floor_us(&self) -> Option<(f64, f64)> {
+        let link = self.link?;
+        let report = &self.result.distributed;
+        let calls = report.calls.max(1) as f64;
+        let busiest = |bytes: fn(&switchyard_router_client::ledger::PairTotals) -> u64| {
+            report.ledger.pairs.values().map(bytes).max().unwrap_or(0) as f64 / calls
+        };
+        let floor_us = |bytes: f64| link.floor_seconds(bytes) * 1e6;
+        Some((floor_us(busiest(|pair| pair.socket_sent)), floor_us(busiest(|pair| pair.socket_received))))
     }
 
     /// The client's whole dispatch (encode + transfer) and combine (transfer + decode + weighted sum),
@@ -268,6 +299,8 @@ pub struct BenchPlan {
     /// ~470 MB each way: seconds, not milliseconds, on one CPU host).
     pub preset_calls: u64,
     pub preset_time: Duration,
+    /// Run the presets once per rate, the workers behind links of that rate; empty: on loopback.
+    pub link_rates: Vec<LinkRate>,
 }
 
 /// Everything a bench run measured.
@@ -317,6 +350,7 @@ impl ShapeCluster {
         config.worker_bin = settings.worker_bin.clone();
         config.max_batch_tokens = max_tokens;
         config.torch_threads = settings.worker_torch_threads;
+        config.hosts = settings.hosts;
         config.worker_args = vec!["--batch-wait-us".into(), settings.batch_wait_us.to_string()];
         if settings.identity_experts {
             config.worker_args.push("--identity-experts".into());
@@ -451,7 +485,12 @@ pub async fn run(
     progress: Progress<'_>,
 ) -> Result<BenchReport, BenchError> {
     let shapes = if plan.sweep { plan.axes.shapes(plan.grid) } else { Vec::new() };
-    let total = shapes.iter().map(|shape| plan.axes.points_of(*shape).len()).sum::<usize>() + plan.presets.len();
+    let links: Vec<Option<LinkRate>> = match &plan.link_rates[..] {
+        [] => vec![None],
+        rates => rates.iter().copied().map(Some).collect(),
+    };
+    let total =
+        shapes.iter().map(|shape| plan.axes.points_of(*shape).len()).sum::<usize>() + plan.presets.len() * links.len();
     let mut tally = Tally { done: 0, total, progress };
     let mut points = Vec::new();
     let max_tokens = plan.axes.tokens.iter().copied().max().unwrap_or(1);
@@ -472,23 +511,26 @@ pub async fn run(
         points.extend(measured?);
     }
     let mut presets = Vec::new();
-    for preset in &plan.presets {
-        let shape = preset.shape(plan.preset_workers);
-        let identity = BenchSettings {
-            identity_experts: true,
-            calls: plan.preset_calls,
-            point_time: plan.preset_time,
-            warmup_calls: settings.warmup_calls.min(1),
-            ..settings.clone()
-        };
-        // DeepEP never drops.
-        let model = model_of(shape, &identity, CapacityPolicy::Dropless)?;
-        let cluster = ShapeCluster::start(model.clone(), shape.workers, preset.tokens(), &identity).await?;
-        let measured = measure_preset(&cluster, *preset, shape, &identity).await;
-        cluster.stop().await;
-        let measured = measured?;
-        tally.finished(&preset_line(&measured));
-        presets.push(measured);
+    for link in links {
+        for preset in &plan.presets {
+            let shape = preset.shape(plan.preset_workers);
+            let identity = BenchSettings {
+                identity_experts: true,
+                calls: plan.preset_calls,
+                point_time: plan.preset_time,
+                warmup_calls: settings.warmup_calls.min(1),
+                hosts: link.map_or(settings.hosts, |rate| Hosts::Namespaces { worker_link: Some(rate) }),
+                ..settings.clone()
+            };
+            // DeepEP never drops.
+            let model = model_of(shape, &identity, CapacityPolicy::Dropless)?;
+            let cluster = ShapeCluster::start(model.clone(), shape.workers, preset.tokens(), &identity).await?;
+            let measured = measure_preset(&cluster, *preset, shape, &identity, link).await;
+            cluster.stop().await;
+            let measured = measured?;
+            tally.finished(&preset_line(&measured));
+            presets.push(measured);
+        }
     }
     Ok(BenchReport {
         settings_summary: settings_json(settings, plan),
@@ -548,6 +590,7 @@ async fn measure_preset(
     preset: Preset,
     shape: ClusterShape,
     settings: &BenchSettings,
+    link: Option<LinkRate>,
 ) -> Result<PresetResult, BenchError> {
     let point = Point { shape, tokens: preset.tokens(), wire_dtype: WireDtype::Bf16 };
     let client = cluster.client(WireDtype::Bf16);
@@ -556,6 +599,10 @@ async fn measure_preset(
     let requests: u64 = distributed.ledger.pairs.values().map(|pair| pair.requests).sum();
     let request_bytes = distributed.bytes_total.payload_sent / requests.max(1);
     let baselines = wire::measure(request_bytes.max(1) as usize, settings.baseline_repeats).await?;
+    let link_tcp = match cluster.cluster.worker_hosts().first() {
+        Some(host) if link.is_some() => Some(wire::tcp_over_link(host, request_bytes.max(1) as usize, 3).await?),
+        _ => None,
+    };
     let result = PointResult {
         point,
         identity_experts: true,
@@ -573,7 +620,7 @@ async fn measure_preset(
     })
     .await
     .ok();
-    Ok(PresetResult { name: preset.name(), result, baselines, gate_flops, cpu_gemm_gflops })
+    Ok(PresetResult { name: preset.name(), result, baselines, link, link_tcp, gate_flops, cpu_gemm_gflops })
 }
 
 /// FLOPs of one row through one expert: 2 per multiply-add, one `d_model × d_ff` product per matrix.
@@ -597,8 +644,17 @@ fn point_line(result: &PointResult) -> String {
 
 fn preset_line(preset: &PresetResult) -> String {
     let [(dispatch_us, dispatch_gbps), (combine_us, combine_gbps)] = preset.transfers();
+    let (dispatch_span, combine_span) = preset.result.transfer_span_us();
+    let link = match (preset.link, preset.link_floor_us()) {
+        (Some(rate), Some((dispatch_floor, combine_floor))) => format!(
+            " on {rate} links: whole transfers {:.2}x and {:.2}x the link's floor",
+            dispatch_span / dispatch_floor.max(1e-9),
+            combine_span / combine_floor.max(1e-9)
+        ),
+        _ => String::new(),
+    };
     format!(
-        "{}: dispatch {dispatch_us:.0} µs ({dispatch_gbps:.2} GB/s), combine {combine_us:.0} µs ({combine_gbps:.2} GB/s)",
+        "{}: dispatch {dispatch_us:.0} µs ({dispatch_gbps:.2} GB/s), combine {combine_us:.0} µs ({combine_gbps:.2} GB/s){link}",
         preset.name
     )
 }
@@ -622,6 +678,7 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "preset_workers": plan.preset_workers,
         "preset_calls": plan.preset_calls,
         "preset_time_s": plan.preset_time.as_secs_f64(),
+        "link_rates": plan.link_rates.iter().map(LinkRate::to_string).collect::<Vec<_>>(),
     })
 }
 

@@ -7,7 +7,7 @@ use switchyard_router_client::timing::TimeBreakdown;
 
 use super::peak::DevicePeak;
 use super::plan::Point;
-use super::wire::WireBaselines;
+use super::wire::{WireBaselines, WireFigure};
 use super::{BenchReport, PointResult, PresetResult};
 use switchyard_loadtest::loadtest::LoadSummary;
 
@@ -119,7 +119,37 @@ pub struct PresetSummary {
     #[serde(default)]
     pub combine_share_of_tcp: f64,
     pub baselines: WireBaselines,
+    /// Each worker's link rate (e.g. `10gbit`) when the workers sat behind shaped links, and the
+    /// least time dispatch and combine could take on them: the busiest link's socket bytes per call
+    /// over the rate, in microseconds (none on loopback, and in reports written before).
+    #[serde(default)]
+    pub link_rate: Option<String>,
+    #[serde(default)]
+    pub dispatch_floor_us: Option<f64>,
+    #[serde(default)]
+    pub combine_floor_us: Option<f64>,
+    /// The longest whole transfer of one worker's requests, and of its answers, per call (all its
+    /// requests together, as its link carries them), in microseconds.
+    /// Raw TCP one way over one worker's link with one request's bytes (none on loopback).
+    #[serde(default)]
+    pub link_tcp: Option<WireFigure>,
+    #[serde(default)]
+    pub dispatch_span_us: f64,
+    #[serde(default)]
+    pub combine_span_us: f64,
     pub result: PointSummary,
+}
+
+impl PresetSummary {
+    /// The whole dispatch and combine transfers over the link's floor (1 is the wire's limit; 1.25
+    /// is 80% of it).
+    pub fn floor_ratios(&self) -> Option<(f64, f64)> {
+        let ratio = |time: f64, floor: Option<f64>| Some(time / floor.filter(|floor| *floor > 0.0)?);
+        Some((
+            ratio(self.dispatch_span_us, self.dispatch_floor_us)?,
+            ratio(self.combine_span_us, self.combine_floor_us)?,
+        ))
+    }
 }
 
 impl PointResult {
@@ -157,6 +187,7 @@ impl PresetResult {
     pub fn summary(&self) -> PresetSummary {
         let [(dispatch_us, dispatch_gbps), (combine_us, combine_gbps)] = self.transfers();
         let (dispatch_total_us, combine_total_us) = self.end_to_end_us();
+        let floors = self.link_floor_us();
         PresetSummary {
             preset: self.name.to_owned(),
             dispatch_transfer_us: dispatch_us,
@@ -174,6 +205,12 @@ impl PresetResult {
             dispatch_share_of_tcp: dispatch_gbps / self.baselines.tcp_one_way.gb_per_s.max(1e-12),
             combine_share_of_tcp: combine_gbps / self.baselines.tcp_one_way.gb_per_s.max(1e-12),
             baselines: self.baselines,
+            link_rate: self.link.map(|rate| rate.to_string()),
+            dispatch_floor_us: floors.map(|(dispatch, _)| dispatch),
+            combine_floor_us: floors.map(|(_, combine)| combine),
+            link_tcp: self.link_tcp,
+            dispatch_span_us: self.result.transfer_span_us().0,
+            combine_span_us: self.result.transfer_span_us().1,
             result: self.result.summary(),
         }
     }

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use switchyard_proto::v1::EchoMessage;
 use switchyard_proto::v1::wire_echo_client::WireEchoClient;
 use switchyard_proto::v1::wire_echo_server::{WireEcho, WireEchoServer};
+use switchyard_loadtest::shaped_network::Host;
 use tonic::{Request, Response, Status};
 
 /// One transfer pattern at one message size: the mean over `repeats` after one unmeasured round.
@@ -136,10 +137,36 @@ fn tcp_striped(bytes: usize, repeats: u32, connections: usize) -> std::io::Resul
 /// Blocking TCP on 127.0.0.1: the client writes `bytes`; the server answers them back (`echo`) or
 /// with one byte.
 fn tcp(bytes: usize, repeats: u32, echo: bool) -> std::io::Result<WireFigure> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let address = listener.local_addr()?;
+    tcp_to(|| TcpListener::bind("127.0.0.1:0"), bytes, repeats, echo)
+}
+
+/// Raw TCP one way over `host`'s shaped link: the server on a thread in the host's namespace,
+/// this thread the client. What the link carries at best, beside the rate.
+pub async fn tcp_over_link(host: &Host, bytes: usize, repeats: u32) -> std::io::Result<WireFigure> {
+    let host = host.clone();
+    let listen = move || {
+        host.enter_on_this_thread()?;
+        TcpListener::bind((host.address, 0))
+    };
+    tokio::task::spawn_blocking(move || tcp_to(listen, bytes, repeats, false))
+        .await
+        .map_err(|_| std::io::Error::other("the link baseline panicked"))?
+}
+
+/// [`tcp`] to a server listening where `listen` (run on the server's thread) binds.
+fn tcp_to(
+    listen: impl FnOnce() -> std::io::Result<TcpListener> + Send + 'static,
+    bytes: usize,
+    repeats: u32,
+    echo: bool,
+) -> std::io::Result<WireFigure> {
+    let (bound, address) = std::sync::mpsc::channel();
     let answer_bytes = if echo { bytes } else { 1 };
     let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let listener = listen().inspect_err(|error| {
+            let _ = bound.send(Err(std::io::Error::new(error.kind(), error.to_string())));
+        })?;
+        let _ = bound.send(listener.local_addr());
         let (mut socket, _) = listener.accept()?;
         socket.set_nodelay(true)?;
         let mut buffer = vec![0u8; bytes];
@@ -149,6 +176,7 @@ fn tcp(bytes: usize, repeats: u32, echo: bool) -> std::io::Result<WireFigure> {
         }
         Ok(())
     });
+    let address = address.recv().map_err(|_| std::io::Error::other("the TCP server thread ended"))??;
     let mut socket = TcpStream::connect(address)?;
     socket.set_nodelay(true)?;
     let payload = vec![0x5au8; bytes];

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use switchyard_loadtest::local_cluster::Hosts;
+use switchyard_loadtest::shaped_network::LinkRate;
 use switchyard_model::ModelSpec;
 use switchyard_tools::bench::plan::Axes;
 use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset};
@@ -87,6 +89,13 @@ pub struct BenchArgs {
     /// Workers of the DeepEP presets.
     #[arg(long, env = "SWITCHYARD_BENCH_PRESET_WORKERS", default_value_t = 2)]
     pub preset_workers: usize,
+
+    /// Run the DeepEP presets with each worker on a host of its own (a network namespace) behind a
+    /// link of this rate in each direction (tbf on a veth pair), the client in this namespace; one
+    /// run per rate, e.g. 1gbit,10gbit,25gbit. The report puts dispatch and combine beside the
+    /// link's floor. Needs CAP_NET_ADMIN (root). Default: every process on loopback.
+    #[arg(long, env = "SWITCHYARD_BENCH_LINK_RATE", value_delimiter = ',')]
+    pub link_rate: Vec<LinkRate>,
 
     /// Measured calls of each DeepEP preset (after one warm-up call).
     #[arg(long, env = "SWITCHYARD_BENCH_PRESET_CALLS", default_value_t = 5)]
@@ -205,6 +214,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         baseline_repeats: args.baseline_repeats,
         coordinator_bin: dir.join("switchyard-coordinator"),
         worker_bin: dir.join("switchyard-worker"),
+        hosts: Hosts::Loopback,
     };
     let plan = BenchPlan {
         axes: Axes {
@@ -221,6 +231,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         preset_workers: args.preset_workers,
         preset_calls: args.preset_calls,
         preset_time: args.preset_time,
+        link_rates: args.link_rate.clone(),
     };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(

@@ -103,6 +103,49 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
     text
 }
 
+/// The presets on shaped links: dispatch and combine beside each link's floor.
+pub fn link_table(presets: &[PresetSummary]) -> String {
+    let mut text = String::from(
+        "| link | preset | workers | dispatch µs (whole) | floor µs | ratio | Gbit/s on the busiest link (% of rate) | combine µs (whole) | floor µs | ratio | Gbit/s on the busiest link (% of rate) | raw TCP one way on one link, one request's bytes: Gbit/s (% of rate) |\n",
+    );
+    let _ = writeln!(text, "|{}", " ---: |".repeat(12));
+    for preset in presets {
+        let (Some(link), Some(dispatch_floor), Some(combine_floor), Some((dispatch_ratio, combine_ratio))) =
+            (&preset.link_rate, preset.dispatch_floor_us, preset.combine_floor_us, preset.floor_ratios())
+        else {
+            continue;
+        };
+        let rate: Option<f64> = link
+            .parse::<switchyard_loadtest::shaped_network::LinkRate>()
+            .ok()
+            .map(|rate| rate.bits_per_second() as f64);
+        // The floor is bytes over the rate: the achieved rate is the floor's share of the time.
+        let achieved = |ratio: f64| match rate {
+            Some(rate) => format!("{:.2} ({:.0}%)", rate / ratio / 1e9, 100.0 / ratio),
+            None => "–".to_owned(),
+        };
+        let _ = writeln!(
+            text,
+            "| {link} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.0} | {:.0} | {:.2} | {} | {} |",
+            preset.preset,
+            preset.result.point.shape.workers,
+            preset.dispatch_span_us,
+            dispatch_floor,
+            dispatch_ratio,
+            achieved(dispatch_ratio),
+            preset.combine_span_us,
+            combine_floor,
+            combine_ratio,
+            achieved(combine_ratio),
+            match (preset.link_tcp, rate) {
+                (Some(tcp), Some(rate)) => format!("{:.2} ({:.0}%)", tcp.gb_per_s * 8.0, tcp.gb_per_s * 8e9 / rate * 100.0),
+                _ => "–".to_owned(),
+            },
+        );
+    }
+    text
+}
+
 /// A ledger as a table: per (layer → worker), means per call (the whole RPC is left out: the
 /// columns before it add up to it).
 pub fn ledger_table(rows: &[LedgerRow]) -> String {
@@ -177,6 +220,19 @@ pub fn bench_report(summary: &BenchSummary) -> String {
         );
         text.push_str(&preset_table(&summary.presets));
         text.push('\n');
+        if summary.presets.iter().any(|preset| preset.link_rate.is_some()) {
+            text.push_str("### On shaped links\n\n");
+            text.push_str(
+                "Each worker on a host of its own (a network namespace) behind a veth link shaped by tbf to the rate \
+                 in each direction, the client in another; the floor is the busiest link's socket bytes per call over \
+                 the rate (TCP/IP/Ethernet headers come on top: ~95% of the rate is the most a transfer reaches). \
+                 Dispatch here is the whole transfer of one worker's requests (the first sent → the last in its \
+                 handler) and combine of its answers (its first reply → the client has the last), the longest \
+                 worker's per call. A ratio of 1.25 is 80% of the line rate.\n\n",
+            );
+            text.push_str(&link_table(&summary.presets));
+            text.push('\n');
+        }
         for preset in &summary.presets {
             let _ = writeln!(text, "### Ledger: {}\n", preset.preset);
             text.push_str(&ledger_table(&preset.result.distributed.ledger));
