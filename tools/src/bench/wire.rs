@@ -9,10 +9,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use switchyard_loadtest::shaped_network::Host;
 use switchyard_proto::v1::EchoMessage;
 use switchyard_proto::v1::wire_echo_client::WireEchoClient;
 use switchyard_proto::v1::wire_echo_server::{WireEcho, WireEchoServer};
-use switchyard_loadtest::shaped_network::Host;
 use tonic::{Request, Response, Status};
 
 /// One transfer pattern at one message size: the mean over `repeats` after one unmeasured round.

@@ -8,7 +8,8 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::bench::PointSummary;
+use crate::bench::{PointSummary, PresetSummary};
+use switchyard_loadtest::shaped_network::LinkRate;
 use switchyard_router_client::timing::TimeBreakdown;
 
 pub type ChartResult = Result<(), Box<dyn std::error::Error>>;
@@ -180,6 +181,30 @@ fn series_entry(series: &mut Vec<(String, Vec<(f64, f64)>)>, name: String) -> &m
         }
     };
     &mut series[index].1
+}
+
+/// Dispatch's and combine's GB/s on the busiest link against the link's rate, one line each per
+/// DeepEP preset, beside the line rate itself.
+pub fn link_rates(presets: &[PresetSummary], path: &Path) -> ChartResult {
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for preset in presets {
+        let (Some(rate), Some((dispatch, combine))) =
+            (preset.link_rate.as_deref().and_then(|rate| rate.parse::<LinkRate>().ok()), preset.floor_ratios())
+        else {
+            continue;
+        };
+        let gbit = rate.bits_per_second() as f64 / 1e9;
+        let line_gb_per_s = rate.bytes_per_second() / 1e9;
+        series_entry(&mut series, "line rate".to_owned()).push((gbit, line_gb_per_s));
+        series_entry(&mut series, format!("{} dispatch", preset.preset)).push((gbit, line_gb_per_s / dispatch));
+        series_entry(&mut series, format!("{} combine", preset.preset)).push((gbit, line_gb_per_s / combine));
+    }
+    for (_, points) in &mut series {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        points.dedup_by(|a, b| a.0 == b.0);
+    }
+    series.retain(|(_, points)| points.len() > 1);
+    lines(path, "Transfer GB/s on the busiest link against its rate", ("link Gbit/s", "GB/s"), &series, true)
 }
 
 /// Overhead ratio (distributed ÷ in-process) against tokens per call: one line per cluster shape

@@ -1,10 +1,11 @@
 //! The bench report folder: `report.md` (the tables), `report.json` (every figure, every point's
-//! full load report and ledger), and three SVG charts; `--replot` redraws the charts from the JSON.
+//! full load report and ledger), three SVG charts of the sweep and one of the presets on shaped
+//! links; `--replot` redraws the charts from the JSON.
 
 use std::path::{Path, PathBuf};
 
 use super::{charts, markdown};
-use crate::bench::{BenchSummary, PointSummary};
+use crate::bench::BenchSummary;
 
 /// The charts a report folder holds.
 pub const CHARTS: [(&str, &str); 3] = [
@@ -23,6 +24,9 @@ pub enum ReportError {
     Chart { path: PathBuf, reason: String },
 }
 
+/// The chart of the presets on shaped links, when there were any.
+pub const LINK_CHART: (&str, &str) = ("links.svg", "Dispatch and combine GB/s against link rate");
+
 /// Writes the folder `dir` (created if needed); returns the files written.
 pub fn write(summary: &BenchSummary, dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
     let io = |path: &Path| {
@@ -39,20 +43,29 @@ pub fn write(summary: &BenchSummary, dir: &Path) -> Result<Vec<PathBuf>, ReportE
         .map_err(|error| ReportError::Json { path: json.clone(), reason: error.to_string() })?;
     std::fs::write(&json, text + "\n").map_err(io(&json))?;
     written.push(json);
-    written.extend(draw_charts(&summary.points, dir)?);
+    written.extend(draw_charts(summary, dir)?);
     Ok(written)
 }
 
-/// Draws the charts of `points` into `dir`; none without points.
-fn draw_charts(points: &[PointSummary], dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
-    if points.is_empty() {
-        return Ok(Vec::new());
-    }
-    let draws: [charts::DrawChart; 3] = [charts::breakdown, charts::overhead, charts::throughput_by_workers];
+/// Draws the charts of `summary` into `dir`: the sweep's when it has points, the links' when a
+/// preset ran on shaped links.
+fn draw_charts(summary: &BenchSummary, dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
+    let chart_error = |path: &Path| {
+        let path = path.to_owned();
+        move |error: Box<dyn std::error::Error>| ReportError::Chart { path, reason: error.to_string() }
+    };
     let mut written = Vec::new();
-    for ((file, _), draw) in CHARTS.iter().zip(draws) {
-        let path = dir.join(file);
-        draw(points, &path).map_err(|error| ReportError::Chart { path: path.clone(), reason: error.to_string() })?;
+    if !summary.points.is_empty() {
+        let draws: [charts::DrawChart; 3] = [charts::breakdown, charts::overhead, charts::throughput_by_workers];
+        for ((file, _), draw) in CHARTS.iter().zip(draws) {
+            let path = dir.join(file);
+            draw(&summary.points, &path).map_err(chart_error(&path))?;
+            written.push(path);
+        }
+    }
+    if summary.presets.iter().any(|preset| preset.link_rate.is_some()) {
+        let path = dir.join(LINK_CHART.0);
+        charts::link_rates(&summary.presets, &path).map_err(chart_error(&path))?;
         written.push(path);
     }
     Ok(written)
@@ -64,5 +77,5 @@ pub fn replot(dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
     let text = std::fs::read_to_string(&path).map_err(|source| ReportError::Io { path: path.clone(), source })?;
     let summary: BenchSummary = serde_json::from_str(&text)
         .map_err(|error| ReportError::Json { path: path.clone(), reason: error.to_string() })?;
-    draw_charts(&summary.points, dir)
+    draw_charts(&summary, dir)
 }

@@ -138,7 +138,8 @@ pub fn link_table(presets: &[PresetSummary]) -> String {
             combine_ratio,
             achieved(combine_ratio),
             match (preset.link_tcp, rate) {
-                (Some(tcp), Some(rate)) => format!("{:.2} ({:.0}%)", tcp.gb_per_s * 8.0, tcp.gb_per_s * 8e9 / rate * 100.0),
+                (Some(tcp), Some(rate)) =>
+                    format!("{:.2} ({:.0}%)", tcp.gb_per_s * 8.0, tcp.gb_per_s * 8e9 / rate * 100.0),
                 _ => "–".to_owned(),
             },
         );
@@ -231,7 +232,8 @@ pub fn bench_report(summary: &BenchSummary) -> String {
                  worker's per call. A ratio of 1.25 is 80% of the line rate.\n\n",
             );
             text.push_str(&link_table(&summary.presets));
-            text.push('\n');
+            let (file, title) = super::folder::LINK_CHART;
+            let _ = writeln!(text, "\n![{title}]({file})\n");
         }
         for preset in &summary.presets {
             let _ = writeln!(text, "### Ledger: {}\n", preset.preset);
