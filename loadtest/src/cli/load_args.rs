@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use switchyard_loadtest::loadtest::{Arrival, DEFAULT_MAX_IN_FLIGHT, LoadSpec, LoadSummary, RunInfo, Thresholds};
+use switchyard_loadtest::loadtest::{
+    Arrival, AttentionStandIn, DEFAULT_MAX_IN_FLIGHT, LoadSpec, LoadSummary, ModelStep, RunInfo, Thresholds,
+};
 use switchyard_loadtest::report;
 use switchyard_loadtest::skew::Skew;
 use switchyard_model::{CapacityPolicy, ModelSpec};
@@ -37,9 +39,20 @@ pub struct LoadArgs {
     /// Tokens per layer call.
     #[arg(long, env = "SWITCHYARD_LOAD_TOKENS", default_value_t = 64)]
     pub tokens: usize,
-    /// MoE layer the calls go to, numbered as the checkpoint numbers it (default: the first MoE layer).
-    #[arg(long, env = "SWITCHYARD_LOAD_LAYER")]
-    pub layer: Option<u32>,
+    /// MoE layer the calls go to, numbered as the checkpoint numbers it (default: the first MoE
+    /// layer); `all`, or a list (e.g. 1,3,5), makes each call a whole-model step through those MoE
+    /// layers in order, reported per step and split into communication, expert compute and client
+    /// compute.
+    #[arg(long, env = "SWITCHYARD_LOAD_LAYER", value_parser = values::parse_layer)]
+    pub layer: Option<values::LayerArg>,
+    /// In a whole-model step: the client waits this long before each MoE layer, standing in for an
+    /// attention block computed elsewhere (e.g. 200us).
+    #[arg(long, env = "SWITCHYARD_LOAD_ATTENTION_WAIT", value_parser = values::parse_duration, conflicts_with = "attention_gemm")]
+    pub attention_wait: Option<Duration>,
+    /// In a whole-model step: the client computes a [tokens, d_model] x [d_model, WIDTH] f32 GEMM
+    /// before each MoE layer, standing in for the attention block's projections (e.g. 4 x d_model).
+    #[arg(long, env = "SWITCHYARD_LOAD_ATTENTION_GEMM")]
+    pub attention_gemm: Option<usize>,
     /// Unmeasured warm-up before the measured time.
     #[arg(long, env = "SWITCHYARD_LOAD_WARMUP", default_value = "1s", value_parser = values::parse_duration)]
     pub warmup: Duration,
@@ -151,9 +164,30 @@ impl LoadArgs {
         }
     }
 
-    /// The MoE layer the calls go to: `--layer`, or the model's first MoE layer.
+    /// The MoE layer the calls go to (a step's first): `--layer`, or the model's first MoE layer.
     pub fn layer(&self, model: &ModelSpec) -> u32 {
-        self.layer.unwrap_or_else(|| model.first_layer())
+        match &self.layer {
+            Some(values::LayerArg::One(layer)) => *layer,
+            Some(values::LayerArg::List(layers)) => layers.first().copied().unwrap_or_else(|| model.first_layer()),
+            Some(values::LayerArg::All) | None => model.first_layer(),
+        }
+    }
+
+    /// The whole-model step each call runs, when `--layer` names several layers or `all`, or an
+    /// attention stand-in is asked for (a step of one layer then).
+    pub fn step(&self, model: &ModelSpec) -> Option<ModelStep> {
+        let attention = match (self.attention_wait, self.attention_gemm) {
+            (Some(wait), _) => AttentionStandIn::Wait(wait),
+            (None, Some(width)) => AttentionStandIn::Gemm { width },
+            (None, None) => AttentionStandIn::None,
+        };
+        let layers = match &self.layer {
+            Some(values::LayerArg::All) => model.moe_layers.clone(),
+            Some(values::LayerArg::List(layers)) => layers.clone(),
+            _ if attention != AttentionStandIn::None => vec![self.layer(model)],
+            Some(values::LayerArg::One(_)) | None => return None,
+        };
+        Some(ModelStep { layers, attention })
     }
 
     /// The load on `model`, without routing (see [`LoadArgs::routing`]).
@@ -169,6 +203,7 @@ impl LoadArgs {
             requests: self.requests,
             tokens_per_call: self.tokens,
             layer: self.layer(model),
+            step: self.step(model),
             warmup: self.warmup,
             seed: self.input_seed,
             routing: RoutingOverrides::default(),

@@ -180,6 +180,30 @@ pub fn parse_stages(text: &str) -> Result<StagesArg, String> {
     Ok(StagesArg(stages.into()))
 }
 
+/// `--layer`: one MoE layer, `all` of the model's in order (a whole-model step), or a list.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerArg {
+    One(u32),
+    All,
+    List(Vec<u32>),
+}
+
+pub fn parse_layer(text: &str) -> Result<LayerArg, String> {
+    if text.trim().eq_ignore_ascii_case("all") {
+        return Ok(LayerArg::All);
+    }
+    let layers = text
+        .split(',')
+        .map(|layer| {
+            layer.trim().parse::<u32>().map_err(|_| format!("{layer:?}: expected a layer number, a list, or all"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    match &layers[..] {
+        [one] => Ok(LayerArg::One(*one)),
+        _ => Ok(LayerArg::List(layers)),
+    }
+}
+
 /// A gRPC server address: `host:port` is taken as `http://host:port`; http and https URIs as
 /// given; anything else is refused saying what is expected.
 pub fn parse_endpoint(text: &str) -> Result<String, String> {
@@ -211,6 +235,16 @@ pub fn parse_throttle_ratio(text: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    #[test]
+    fn layers_parse_as_one_a_list_or_all() {
+        use super::{LayerArg, parse_layer};
+        assert_eq!(parse_layer("3"), Ok(LayerArg::One(3)));
+        assert_eq!(parse_layer("All"), Ok(LayerArg::All));
+        assert_eq!(parse_layer("1, 3,5"), Ok(LayerArg::List(vec![1, 3, 5])));
+        let refused = parse_layer("1,x").expect_err("not a layer");
+        assert!(refused.contains("\"x\"") && refused.contains("all"), "{refused}");
+    }
 
     #[test]
     fn stages_parse_with_each_error_named() {

@@ -4,9 +4,13 @@
 //! latency (HDR histograms), errors by gRPC code, overflow, bytes, the time breakdown and the
 //! ledger. [`summary`] turns them into figures; [`crate::report`] renders those.
 
+mod step;
 mod summary;
 
+pub use step::{AttentionStandIn, ModelStep, StepSplit};
 pub use summary::{LoadSummary, PhaseFigures, RunInfo, Thresholds, describe_stages};
+
+use step::PreparedStandIn;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +41,10 @@ pub struct LoadSpec {
     /// Most measured calls in total.
     pub requests: Option<u64>,
     pub tokens_per_call: usize,
+    /// The MoE layer each call runs through (the first of a step's: its gate shapes the inputs).
     pub layer: u32,
+    /// Each call a whole-model step through these layers instead of `layer` alone.
+    pub step: Option<ModelStep>,
     pub warmup: Duration,
     /// Seed of the generated hidden states.
     pub seed: u64,
@@ -152,7 +159,30 @@ impl Target {
         }
     }
 
+    /// One call of `plan`: its layers in order, the stand-in before each, outcomes merged.
     async fn call(
+        &self,
+        plan: &CallPlan,
+        hidden: Arc<Vec<f32>>,
+        routing: RoutingOverrides,
+    ) -> Result<CallOutcome, ClientError> {
+        let mut merged: Option<CallOutcome> = None;
+        for &layer in &plan.layers {
+            let attention = plan.stand_in.run(&hidden).await;
+            let mut outcome = self.call_layer(layer, hidden.clone(), routing).await?;
+            outcome.attention = attention;
+            match &mut merged {
+                None => merged = Some(outcome),
+                Some(step) => step.add_layer(outcome),
+            }
+        }
+        let mut outcome =
+            merged.ok_or(ClientError::InvalidInput { field: "layers", reason: "no layer to call".into() })?;
+        outcome.routing.stats = outcome.routing.stats.mean_of(plan.layers.len() as u64);
+        Ok(outcome)
+    }
+
+    async fn call_layer(
         &self,
         layer: u32,
         hidden: Arc<Vec<f32>>,
@@ -166,14 +196,36 @@ impl Target {
                     routing: output.routing,
                     timing: output.timing,
                     bytes: output.bytes,
-                    workers: output.workers,
+                    workers: vec![(layer, output.workers)],
+                    attention: Duration::ZERO,
                 })
             }
             // Its experts compute on its worker's thread, as the distributed layer's do on theirs.
             Target::Reference(reference) => {
                 let (routing, timing) = reference.forward_rows(layer, &hidden, &routing).await?;
-                Ok(CallOutcome { routing, timing, bytes: ByteCounts::default(), workers: Vec::new() })
+                Ok(CallOutcome {
+                    routing,
+                    timing,
+                    bytes: ByteCounts::default(),
+                    workers: Vec::new(),
+                    attention: Duration::ZERO,
+                })
             }
+        }
+    }
+}
+
+/// The layers each call runs through, and what stands in for attention before each.
+struct CallPlan {
+    layers: Vec<u32>,
+    stand_in: PreparedStandIn,
+}
+
+impl CallPlan {
+    fn of(spec: &LoadSpec, d_model: usize) -> Self {
+        match &spec.step {
+            Some(step) => Self { layers: step.layers.clone(), stand_in: PreparedStandIn::new(step.attention, d_model) },
+            None => Self { layers: vec![spec.layer], stand_in: PreparedStandIn::None },
         }
     }
 }
@@ -182,8 +234,32 @@ struct CallOutcome {
     routing: RoutingSummary,
     timing: TimeBreakdown,
     bytes: ByteCounts,
-    /// Each worker's share of this call.
-    workers: Vec<WorkerCall>,
+    /// Each layer's workers' shares of this call.
+    workers: Vec<(u32, Vec<WorkerCall>)>,
+    /// The attention stand-ins' time.
+    attention: Duration,
+}
+
+impl CallOutcome {
+    /// Folds the next layer of a step in: the same tokens, every other count and time added.
+    fn add_layer(&mut self, layer: CallOutcome) {
+        let routing = &mut self.routing;
+        routing.assignments += layer.routing.assignments;
+        routing.dropped += layer.routing.dropped;
+        routing.rerouted += layer.routing.rerouted;
+        routing.refused += layer.routing.refused;
+        routing.stats += layer.routing.stats;
+        if routing.tokens_per_expert.len() < layer.routing.tokens_per_expert.len() {
+            routing.tokens_per_expert.resize(layer.routing.tokens_per_expert.len(), 0);
+        }
+        for (total, load) in routing.tokens_per_expert.iter_mut().zip(&layer.routing.tokens_per_expert) {
+            *total += load;
+        }
+        self.timing += layer.timing;
+        self.bytes += layer.bytes;
+        self.workers.extend(layer.workers);
+        self.attention += layer.attention;
+    }
 }
 
 /// Everything a load test measured.
@@ -230,6 +306,10 @@ pub struct LoadReport {
     /// bounds.
     pub dispatch_span_total: Duration,
     pub combine_span_total: Duration,
+    /// MoE layers each call ran through (1, or a whole-model step's), and the attention stand-ins'
+    /// time summed over calls.
+    pub layers_per_call: usize,
+    pub attention_total: Duration,
 }
 
 impl LoadReport {
@@ -279,7 +359,7 @@ struct Shared {
 
 impl Shared {
     /// Counts one measured call that took `latency`.
-    fn record(&self, layer: u32, outcome: Result<CallOutcome, ClientError>, latency: Duration) {
+    fn record(&self, outcome: Result<CallOutcome, ClientError>, latency: Duration) {
         let mut report = self.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match outcome {
             Ok(outcome) => {
@@ -303,14 +383,18 @@ impl Shared {
                 for (total, load) in report.expert_load.iter_mut().zip(loads) {
                     *total += u64::from(*load);
                 }
-                report.ledger.record(layer, &outcome.workers);
-                report.dispatch_total += outcome.workers.iter().map(|call| call.dispatch).max().unwrap_or_default();
-                report.combine_transfer_total +=
-                    outcome.workers.iter().map(|call| call.combine_transfer).max().unwrap_or_default();
-                report.dispatch_span_total +=
-                    outcome.workers.iter().map(|call| call.dispatch_span).max().unwrap_or_default();
-                report.combine_span_total +=
-                    outcome.workers.iter().map(|call| call.combine_span).max().unwrap_or_default();
+                report.attention_total += outcome.attention;
+                // A step's layers run one after the other: its transfers add up, each the slowest
+                // worker's of its layer.
+                for (layer, workers) in &outcome.workers {
+                    report.ledger.record(*layer, workers);
+                    let slowest =
+                        |time: fn(&WorkerCall) -> Duration| workers.iter().map(time).max().unwrap_or_default();
+                    report.dispatch_total += slowest(|call| call.dispatch);
+                    report.combine_transfer_total += slowest(|call| call.combine_transfer);
+                    report.dispatch_span_total += slowest(|call| call.dispatch_span);
+                    report.combine_span_total += slowest(|call| call.combine_span);
+                }
             }
             Err(error) => {
                 *report.errors.entry(format!("{:?}", error.code())).or_default() += 1;
@@ -332,6 +416,7 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
     let gate = gate_rows(&model, spec.layer)?;
     let (experts, d_model) = (model.experts_per_layer as usize, model.d_model as usize);
     let inputs_for = |seed: u64| Inputs::generate(&spec.skew, &gate, experts, spec.tokens_per_call, d_model, seed);
+    let plan = Arc::new(CallPlan::of(&spec, d_model));
     let report = LoadReport {
         target: name.to_owned(),
         concurrency: spec.concurrency,
@@ -359,6 +444,8 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         combine_transfer_total: Duration::ZERO,
         dispatch_span_total: Duration::ZERO,
         combine_span_total: Duration::ZERO,
+        layers_per_call: spec.step.as_ref().map_or(1, |step| step.layers.len()),
+        attention_total: Duration::ZERO,
     };
     let shared = Arc::new(Shared { report: Mutex::new(report), claimed: AtomicU64::new(0) });
     let started = Instant::now();
@@ -394,11 +481,12 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         Arrival::Ramp { stages } => Some(Box::new(ramp_arrivals(stages, spec.seed))),
     };
     if let Some(schedule) = schedule {
-        run_open_loop(&target, &spec, &shared, inputs_for(spec.seed), schedule, started, measure_from, deadline).await;
+        let inputs = inputs_for(spec.seed);
+        run_open_loop(&target, &spec, &plan, &shared, inputs, schedule, started, measure_from, deadline).await;
         return Ok(finish(&shared, window, progress).await);
     }
     let callers = (0..spec.concurrency.max(1)).map(|caller| {
-        let (target, spec, shared) = (target.clone(), spec.clone(), shared.clone());
+        let (target, spec, shared, plan) = (target.clone(), spec.clone(), shared.clone(), plan.clone());
         let inputs = inputs_for(spec.seed.wrapping_add(caller as u64));
         tokio::spawn(async move {
             let mut call_index = 0usize;
@@ -413,11 +501,11 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
                 }
                 let hidden = inputs.pick(call_index, call_started.duration_since(started));
                 call_index += 1;
-                let outcome = target.call(spec.layer, hidden, spec.routing).await;
+                let outcome = target.call(&plan, hidden, spec.routing).await;
                 if !measured {
                     continue;
                 }
-                shared.record(spec.layer, outcome, call_started.elapsed());
+                shared.record(outcome, call_started.elapsed());
             }
         })
     });
@@ -511,6 +599,7 @@ async fn show_progress(
 async fn run_open_loop(
     target: &Target,
     spec: &LoadSpec,
+    plan: &Arc<CallPlan>,
     shared: &Arc<Shared>,
     inputs: Inputs,
     schedule: impl Iterator<Item = Duration>,
@@ -541,11 +630,11 @@ async fn run_open_loop(
             continue;
         }
         let (target, shared, hidden) = (target.clone(), shared.clone(), inputs.pick(index, offset));
-        let (layer, routing) = (spec.layer, spec.routing);
+        let (plan, routing) = (plan.clone(), spec.routing);
         calls.spawn(async move {
-            let outcome = target.call(layer, hidden, routing).await;
+            let outcome = target.call(&plan, hidden, routing).await;
             if measured {
-                shared.record(layer, outcome, scheduled.elapsed());
+                shared.record(outcome, scheduled.elapsed());
             }
         });
     }
@@ -610,6 +699,7 @@ mod tests {
             requests: None,
             tokens_per_call: 4,
             layer: 0,
+            step: None,
             seed: 2,
             routing: RoutingOverrides::default(),
             progress: false,
@@ -624,6 +714,51 @@ mod tests {
         let summary = report.summary();
         assert_eq!(summary.arrival, "ramp 500ms:200,500ms:0");
         assert_eq!(summary.rate_calls_per_s, Some(100.0), "the mean offered rate");
+    }
+
+    #[tokio::test]
+    async fn a_whole_model_step_runs_every_layer_in_order_with_the_stand_in_before_each() {
+        let model = ModelSpec {
+            d_model: 8,
+            d_ff: 16,
+            experts_per_layer: 4,
+            moe_layers: vec![0, 1, 2],
+            ..ModelSpec::default_synthetic()
+        };
+        let layers =
+            Arc::new(ReferenceLayer::start(&model, &[0, 1, 2], ReferenceConfig::cpu()).await.expect("reference"));
+        let wait = Duration::from_millis(2);
+        let spec = LoadSpec {
+            concurrency: 1,
+            arrival: Arrival::Closed,
+            duration: Duration::from_secs(30),
+            warmup: Duration::ZERO,
+            requests: Some(5),
+            tokens_per_call: 4,
+            layer: 0,
+            step: Some(ModelStep { layers: vec![0, 1, 2], attention: AttentionStandIn::Wait(wait) }),
+            seed: 3,
+            routing: RoutingOverrides::default(),
+            progress: false,
+            skew: Skew::Uniform,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        };
+        let report = run(Target::Reference(layers.clone()), spec.clone(), "steps").await.expect("load test");
+        assert_eq!((report.calls, report.layers_per_call), (5, 3));
+        assert_eq!(report.tokens, 5 * 4, "a step's tokens are counted once");
+        assert_eq!(report.assignments, 5 * 4 * u64::from(model.top_k) * 3, "every layer routed them");
+        assert!(report.attention_total >= wait * 3 * 5, "{:?}", report.attention_total);
+        let step = report.summary().step.expect("a step split");
+        assert_eq!(step.layers, 3);
+        assert!(step.attention_ms >= 6.0 && step.client_compute_ms >= step.attention_ms, "{step:?}");
+        let parts = step.communication_ms + step.expert_compute_ms + step.client_compute_ms;
+        assert!(parts <= step.step_ms * 1.001, "the parts fit in the step: {step:?}");
+        assert!(report.latency.mean() / 1e3 >= step.attention_ms, "a step's latency covers its stand-ins");
+
+        let one_layer = LoadSpec { step: None, ..spec };
+        let report = run(Target::Reference(layers), one_layer, "one layer").await.expect("load test");
+        assert_eq!((report.layers_per_call, report.summary().step), (1, None));
+        assert_eq!(report.assignments, 5 * 4 * u64::from(model.top_k));
     }
 
     #[test]
@@ -693,6 +828,7 @@ mod tests {
             requests: Some(20),
             tokens_per_call: 8,
             layer: 0,
+            step: None,
             warmup: Duration::ZERO,
             seed: 1,
             routing: RoutingOverrides::default(),
@@ -733,6 +869,7 @@ mod tests {
             requests: None,
             tokens_per_call: 4,
             layer: 0,
+            step: None,
             warmup: Duration::ZERO,
             seed: 5,
             routing: RoutingOverrides::default(),

@@ -62,6 +62,10 @@ pub struct LoadSummary {
     pub wall_mean_ms: f64,
     #[serde(flatten)]
     pub phases: PhaseFigures,
+    /// Whole-model steps: the mean step split into communication, expert and client compute
+    /// (none for single-layer calls, and in reports written before).
+    #[serde(default)]
+    pub step: Option<super::StepSplit>,
     /// Failed calls by gRPC code.
     pub errors: BTreeMap<String, u64>,
     pub first_error: Option<String>,
@@ -237,6 +241,13 @@ impl LoadReport {
             payload_bytes_received_per_call: self.bytes_total.payload_received / calls,
             wall_mean_ms: ms(mean.wall),
             phases: PhaseFigures::from_means_and_p99s(means, p99s),
+            step: (self.layers_per_call > 1 || !self.attention_total.is_zero()).then(|| {
+                super::StepSplit::of(
+                    self.layers_per_call,
+                    &mean,
+                    self.attention_total / calls.min(u64::from(u32::MAX)) as u32,
+                )
+            }),
             errors: self.errors.iter().map(|(code, count)| (code.clone(), *count)).collect(),
             first_error: self.first_error.clone(),
             expert_load: self.expert_load.clone(),

@@ -80,6 +80,22 @@ pub fn load_report(summary: &LoadSummary) -> String {
     let _ = writeln!(text, "  time/call   {} | wall {}", means.join(" | "), ms(summary.wall_mean_ms));
     let p99s: Vec<String> = phases.iter().map(|(name, _, p99)| format!("{name} {}", ms(*p99))).collect();
     let _ = writeln!(text, "  p99/phase   {}", p99s.join(" | "));
+    if let Some(step) = &summary.step {
+        let share = |part: f64| 100.0 * part / step.step_ms.max(1e-12);
+        let _ = writeln!(
+            text,
+            "  step        {} MoE layers, mean {}: communication {} ({:.0}%) | expert compute {} ({:.0}%) | client compute {} ({:.0}%, attention stand-in {})",
+            step.layers,
+            ms(step.step_ms),
+            ms(step.communication_ms),
+            share(step.communication_ms),
+            ms(step.expert_compute_ms),
+            share(step.expert_compute_ms),
+            ms(step.client_compute_ms),
+            share(step.client_compute_ms),
+            ms(step.attention_ms),
+        );
+    }
     if !summary.expert_load.is_empty() {
         let loads: Vec<String> = summary.expert_load.iter().map(u64::to_string).collect();
         let _ = writeln!(text, "  per expert  {} assignments", loads.join(" "));

@@ -409,6 +409,7 @@ fn load_spec(concurrency: usize, duration: Duration, tokens: usize, requests: u6
         requests: Some(requests),
         tokens_per_call: tokens,
         layer: 0,
+        step: None,
         warmup: Duration::ZERO,
         seed,
         routing: RoutingOverrides::default(),

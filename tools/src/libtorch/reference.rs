@@ -22,7 +22,8 @@ pub async fn loadtest_reference(args: LoadtestArgs, torch_threads: u32) -> anyho
         dtype: args.dtype.map(Into::into),
         ..ReferenceConfig::cpu()
     };
-    let reference = ReferenceLayer::start(&model, &[layer], config).await?;
+    let layers = args.load.step(&model).map_or_else(|| vec![layer], |step| step.layers);
+    let reference = ReferenceLayer::start(&model, &layers, config).await?;
     let name = format!("in-process reference ({torch_threads} torch threads)");
     let spec = LoadSpec {
         routing: args.load.routing(&model)?,
@@ -46,7 +47,8 @@ pub async fn local_compared(args: LocalArgs, tracing: &TracingArgs) -> anyhow::R
     let device = tch::Device::cuda_if_available();
     let dtype = args.dtype.map(Into::into);
     let config = ReferenceConfig { device, torch_threads: threads, dtype, ..ReferenceConfig::cpu() };
-    let reference = ReferenceLayer::start(&model, &[spec.layer], config).await?;
+    let layers = spec.step.as_ref().map_or_else(|| vec![spec.layer], |step| step.layers.clone());
+    let reference = ReferenceLayer::start(&model, &layers, config).await?;
     let name = format!("in-process reference ({threads} torch threads)");
     let baseline = loadtest::run(Target::Reference(Arc::new(reference)), spec, &name).await?.summary();
     print!("{}", switchyard_loadtest::report::text::load_report(&baseline));
