@@ -136,6 +136,41 @@ async fn switchyard_bench_writes_a_report_folder() {
 }
 
 #[tokio::test]
+async fn switchyard_bench_measures_a_whole_model_step_both_ways_and_splits_it() {
+    let out = tempfile::tempdir().expect("temp dir");
+    let status = tokio::process::Command::new(binaries_dir().join("switchyard"))
+        .args(["bench", "--run", "step", "--step-layers", "4", "--step-tokens", "8", "--attention-gemm", "256"])
+        .args(["--workers", "2", "--experts", "4", "--top-k", "2", "--dims", "64x128", "--calls", "6"])
+        .args(["--warmup-calls", "1", "--out"])
+        .arg(out.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .expect("switchyard bench runs");
+    assert!(status.success(), "switchyard bench exited with {status}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).expect("report.json"))
+            .expect("valid JSON");
+    let [step] = json["steps"].as_array().expect("steps").as_slice() else { panic!("one step: {json}") };
+    assert_eq!((step["layers"].as_u64(), step["tokens"].as_u64()), (Some(4), Some(8)));
+    assert!(step["link_rate"].is_null(), "on loopback");
+    for target in ["distributed", "reference"] {
+        let split = &step[target];
+        let figure = |name: &str| split[name].as_f64().unwrap_or_else(|| panic!("{target} {name}: {split}"));
+        assert_eq!(split["layers"].as_u64(), Some(4), "{target}");
+        assert!(figure("attention_ms") > 0.0 && figure("client_compute_ms") >= figure("attention_ms"), "{target}");
+        let parts = figure("communication_ms") + figure("expert_compute_ms") + figure("client_compute_ms");
+        assert!(parts <= figure("step_ms") * 1.001 && parts > 0.5 * figure("step_ms"), "{target}: {split}");
+    }
+    let communication = |target: &str| step[target]["communication_ms"].as_f64().expect("communication");
+    assert!(communication("reference") < communication("distributed"), "in-process: no wire to cross");
+    let markdown = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    assert!(markdown.contains("## Whole-model steps") && markdown.contains("| loopback | 2 workers"), "{markdown}");
+}
+
+#[tokio::test]
 async fn the_clients_request_id_reaches_the_workers_spans() {
     let log = tempfile::NamedTempFile::new().expect("log file");
     let worker_bin = binaries_dir().join("switchyard-worker");

@@ -12,7 +12,7 @@ pub mod plan;
 pub mod summary;
 pub mod wire;
 
-pub use summary::{BenchSummary, PhaseShares, PointSummary, PresetSummary};
+pub use summary::{BenchSummary, PhaseShares, PointSummary, PresetSummary, StepSummary};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use switchyard_model::{CapacityPolicy, ModelSpec, WeightDtype};
 use switchyard_proto::wire::WireDtype;
 
 use plan::{ClusterShape, Point};
-use switchyard_loadtest::loadtest::{self, Arrival, LoadReport, LoadSpec, Target};
+use switchyard_loadtest::loadtest::{self, Arrival, AttentionStandIn, LoadReport, LoadSpec, ModelStep, Target};
 use switchyard_loadtest::local_cluster::{Hosts, LocalCluster, LocalClusterConfig, LocalClusterError};
 use switchyard_loadtest::shaped_network::LinkRate;
 use switchyard_loadtest::skew::{Inputs, Skew, gate_rows};
@@ -286,6 +286,25 @@ impl Preset {
     }
 }
 
+/// A whole-model step: a synthetic model of `layers` MoE layers of the sweep's first shape, each
+/// call `tokens` through all of them in order with `attention` before each.
+#[derive(Debug, Clone, Copy)]
+pub struct StepPlan {
+    pub layers: u32,
+    pub tokens: usize,
+    pub attention: AttentionStandIn,
+}
+
+/// A whole-model step measured both ways, on loopback or on links of one rate.
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    pub shape: ClusterShape,
+    pub plan: StepPlan,
+    pub link: Option<LinkRate>,
+    pub distributed: LoadReport,
+    pub reference: LoadReport,
+}
+
 /// What `run` measures.
 #[derive(Debug, Clone)]
 pub struct BenchPlan {
@@ -299,8 +318,11 @@ pub struct BenchPlan {
     /// ~470 MB each way: seconds, not milliseconds, on one CPU host).
     pub preset_calls: u64,
     pub preset_time: Duration,
-    /// Run the presets once per rate, the workers behind links of that rate; empty: on loopback.
+    /// Run the presets (and the step) once per rate, the workers behind links of that rate;
+    /// empty: on loopback.
     pub link_rates: Vec<LinkRate>,
+    /// A whole-model step to measure, if any.
+    pub step: Option<StepPlan>,
 }
 
 /// Everything a bench run measured.
@@ -309,6 +331,7 @@ pub struct BenchReport {
     pub settings_summary: serde_json::Value,
     pub points: Vec<PointResult>,
     pub presets: Vec<PresetResult>,
+    pub steps: Vec<StepResult>,
     /// CPU, cores, CUDA: where the figures were measured.
     pub machine: String,
     /// The device's matmul peak in the experts' dtype, measured in this run.
@@ -490,8 +513,8 @@ pub async fn run(
         [] => vec![None],
         rates => rates.iter().copied().map(Some).collect(),
     };
-    let total =
-        shapes.iter().map(|shape| plan.axes.points_of(*shape).len()).sum::<usize>() + plan.presets.len() * links.len();
+    let total = shapes.iter().map(|shape| plan.axes.points_of(*shape).len()).sum::<usize>()
+        + (plan.presets.len() + usize::from(plan.step.is_some())) * links.len();
     let mut tally = Tally { done: 0, total, progress };
     let mut points = Vec::new();
     let max_tokens = plan.axes.tokens.iter().copied().max().unwrap_or(1);
@@ -512,7 +535,7 @@ pub async fn run(
         points.extend(measured?);
     }
     let mut presets = Vec::new();
-    for link in links {
+    for &link in &links {
         for preset in &plan.presets {
             let shape = preset.shape(plan.preset_workers);
             let identity = BenchSettings {
@@ -533,10 +556,30 @@ pub async fn run(
             presets.push(measured);
         }
     }
+    let mut steps = Vec::new();
+    if let Some(step) = plan.step {
+        let shape = plan.axes.shapes(false)[0];
+        for &link in &links {
+            let settings = BenchSettings {
+                hosts: link.map_or(settings.hosts, |rate| Hosts::Namespaces { worker_link: Some(rate) }),
+                ..settings.clone()
+            };
+            let mut model = model_of(shape, &settings, CapacityPolicy::Factor(settings.capacity_factor))?;
+            model.moe_layers = (0..step.layers).collect();
+            let model = model.validate()?;
+            let cluster = ShapeCluster::start(model, shape.workers, step.tokens, &settings).await?;
+            let measured = measure_step(&cluster, step, shape, &settings, link, &plan.axes).await;
+            cluster.stop().await;
+            let measured = measured?;
+            tally.finished(&step_line(&measured));
+            steps.push(measured);
+        }
+    }
     Ok(BenchReport {
         settings_summary: settings_json(settings, plan),
         points,
         presets,
+        steps,
         machine: machine_summary(),
         device_peaks,
     })
@@ -624,6 +667,51 @@ async fn measure_preset(
     Ok(PresetResult { name: preset.name(), result, baselines, link, link_tcp, gate_flops, cpu_gemm_gflops })
 }
 
+async fn measure_step(
+    cluster: &ShapeCluster,
+    plan: StepPlan,
+    shape: ClusterShape,
+    settings: &BenchSettings,
+    link: Option<LinkRate>,
+    axes: &plan::Axes,
+) -> Result<StepResult, BenchError> {
+    let layers: Vec<u32> = cluster.model.moe_layers.clone();
+    let config = ReferenceConfig {
+        device: tch::Device::cuda_if_available(),
+        torch_threads: reference_threads(shape, settings),
+        identity_experts: settings.identity_experts,
+        dtype: settings.compute_dtype,
+    };
+    let reference = Arc::new(ReferenceLayer::start(&cluster.model, &layers, config).await?);
+    let step = ModelStep { layers, attention: plan.attention };
+    let spec = |requests: u64, seed: u64| LoadSpec {
+        step: Some(step.clone()),
+        ..load_spec(settings.concurrency, settings.point_time, plan.tokens, requests, seed)
+    };
+    let wire_dtype = axes.wire_dtypes.first().copied().unwrap_or(WireDtype::F32);
+    let client = cluster.client(wire_dtype);
+    // Every expert of every layer runs once before anything is measured.
+    for target in [Target::Distributed(client.clone()), Target::Reference(reference.clone())] {
+        loadtest::run(target, spec(settings.warmup_calls.max(2), 2), "warm-up").await?;
+    }
+    let distributed = loadtest::run(Target::Distributed(client), spec(settings.calls, 1), "distributed").await?;
+    let in_process = loadtest::run(Target::Reference(reference), spec(settings.calls, 1), "in-process").await?;
+    Ok(StepResult { shape, plan, link, distributed, reference: in_process })
+}
+
+fn step_line(step: &StepResult) -> String {
+    let summary = step.summary();
+    format!(
+        "step of {} layers, {} tokens{}: {:.2} ms distributed ({:.0}% communication), {:.2} ms in-process",
+        summary.layers,
+        summary.tokens,
+        summary.link_rate.as_ref().map_or_else(String::new, |rate| format!(" on {rate} links")),
+        summary.distributed.step_ms,
+        100.0 * summary.distributed.communication_ms / summary.distributed.step_ms.max(1e-12),
+        summary.reference.step_ms,
+    )
+}
+
 /// FLOPs of one row through one expert: 2 per multiply-add, one `d_model × d_ff` product per matrix.
 pub fn flops_per_row(model: &ModelSpec, identity: bool) -> f64 {
     if identity {
@@ -680,6 +768,11 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "preset_calls": plan.preset_calls,
         "preset_time_s": plan.preset_time.as_secs_f64(),
         "link_rates": plan.link_rates.iter().map(LinkRate::to_string).collect::<Vec<_>>(),
+        "step": plan.step.map(|step| serde_json::json!({
+            "layers": step.layers,
+            "tokens": step.tokens,
+            "attention": step.attention.describe(),
+        })),
     })
 }
 

@@ -9,7 +9,7 @@ use super::peak::DevicePeak;
 use super::plan::Point;
 use super::wire::{WireBaselines, WireFigure};
 use super::{BenchReport, PointResult, PresetResult};
-use switchyard_loadtest::loadtest::LoadSummary;
+use switchyard_loadtest::loadtest::{LoadReport, LoadSummary, StepSplit};
 
 /// A bench run's figures: `report.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +24,39 @@ pub struct BenchSummary {
     pub settings: serde_json::Value,
     pub points: Vec<PointSummary>,
     pub presets: Vec<PresetSummary>,
+    /// Whole-model steps (none in reports written before).
+    #[serde(default)]
+    pub steps: Vec<StepSummary>,
+}
+
+/// A whole-model step, distributed against in-process, each split into communication, expert
+/// compute and client compute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepSummary {
+    pub shape: super::plan::ClusterShape,
+    pub layers: usize,
+    pub tokens: usize,
+    pub attention: String,
+    pub link_rate: Option<String>,
+    pub distributed: StepSplit,
+    pub reference: StepSplit,
+    pub distributed_p99_ms: f64,
+}
+
+impl super::StepResult {
+    pub fn summary(&self) -> StepSummary {
+        let split = |report: &LoadReport| report.summary().step.unwrap_or_default();
+        StepSummary {
+            shape: self.shape,
+            layers: self.plan.layers as usize,
+            tokens: self.plan.tokens,
+            attention: self.plan.attention.describe(),
+            link_rate: self.link.map(|rate| rate.to_string()),
+            distributed: split(&self.distributed),
+            reference: split(&self.reference),
+            distributed_p99_ms: self.distributed.summary().latency_p99_ms,
+        }
+    }
 }
 
 /// One point's figures, distributed against in-process.
@@ -226,6 +259,7 @@ impl BenchReport {
             settings: self.settings_summary.clone(),
             points: self.points.iter().map(PointResult::summary).collect(),
             presets: self.presets.iter().map(PresetResult::summary).collect(),
+            steps: self.steps.iter().map(super::StepResult::summary).collect(),
         }
     }
 }

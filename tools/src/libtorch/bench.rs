@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use switchyard_loadtest::loadtest::AttentionStandIn;
 use switchyard_loadtest::local_cluster::Hosts;
 use switchyard_loadtest::shaped_network::LinkRate;
 use switchyard_model::ModelSpec;
 use switchyard_tools::bench::plan::Axes;
-use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset};
+use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset, StepPlan};
 use switchyard_tools::report;
 
 use crate::cli::values::{ActivationArg, DispatchArg, DtypeArg, WireDtypeArg, parse_duration};
@@ -97,6 +98,24 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_LINK_RATE", value_delimiter = ',')]
     pub link_rate: Vec<LinkRate>,
 
+    /// MoE layers of the model of `--run step`.
+    #[arg(long, env = "SWITCHYARD_BENCH_STEP_LAYERS", default_value_t = 32)]
+    pub step_layers: u32,
+
+    /// Tokens per step of `--run step` (a decode step's batch).
+    #[arg(long, env = "SWITCHYARD_BENCH_STEP_TOKENS", default_value_t = 8)]
+    pub step_tokens: usize,
+
+    /// In `--run step`: the client waits this long before each MoE layer, standing in for
+    /// attention computed elsewhere (e.g. 200us).
+    #[arg(long, env = "SWITCHYARD_BENCH_ATTENTION_WAIT", value_parser = parse_duration, conflicts_with = "attention_gemm")]
+    pub attention_wait: Option<Duration>,
+
+    /// In `--run step`: the client computes [tokens, d_model] x [d_model, WIDTH] in f32 before each
+    /// MoE layer, standing in for the attention block's projections.
+    #[arg(long, env = "SWITCHYARD_BENCH_ATTENTION_GEMM")]
+    pub attention_gemm: Option<usize>,
+
     /// Measured calls of each DeepEP preset (after one warm-up call).
     #[arg(long, env = "SWITCHYARD_BENCH_PRESET_CALLS", default_value_t = 5)]
     pub preset_calls: u64,
@@ -148,6 +167,10 @@ pub enum RunWhat {
     DeepepNormal,
     /// DeepEP's low-latency setting: 128 tokens.
     DeepepLowLatency,
+    /// A whole-model step: --step-layers MoE layers of the first cluster shape (--workers,
+    /// --experts, --top-k, --dims), --step-tokens through all of them per call, distributed and
+    /// in-process, split into communication, expert compute and client compute.
+    Step,
 }
 
 impl RunWhat {
@@ -158,7 +181,7 @@ impl RunWhat {
     fn presets(self) -> Vec<Preset> {
         match self {
             RunWhat::All | RunWhat::Deepep => vec![Preset::DeepEpNormal, Preset::DeepEpLowLatency],
-            RunWhat::Sweep => Vec::new(),
+            RunWhat::Sweep | RunWhat::Step => Vec::new(),
             RunWhat::DeepepNormal => vec![Preset::DeepEpNormal],
             RunWhat::DeepepLowLatency => vec![Preset::DeepEpLowLatency],
         }
@@ -232,6 +255,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         preset_calls: args.preset_calls,
         preset_time: args.preset_time,
         link_rates: args.link_rate.clone(),
+        step: (args.run == RunWhat::Step).then_some(StepPlan {
+            layers: args.step_layers,
+            tokens: args.step_tokens,
+            attention: match (args.attention_wait, args.attention_gemm) {
+                (Some(wait), _) => AttentionStandIn::Wait(wait),
+                (None, Some(width)) => AttentionStandIn::Gemm { width },
+                (None, None) => AttentionStandIn::None,
+            },
+        }),
     };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(

@@ -7,7 +7,7 @@ use switchyard_router_client::timing::TimeBreakdown;
 
 use super::folder::CHARTS;
 use super::{LedgerCells, charts};
-use crate::bench::{BenchSummary, PointSummary, PresetSummary};
+use crate::bench::{BenchSummary, PointSummary, PresetSummary, StepSummary};
 
 fn optional(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
     value.map_or_else(|| "–".to_owned(), format)
@@ -98,6 +98,38 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
             baselines.grpc_one_way.gb_per_s,
             optional(baselines.grpc_one_way_uncopied.map(|figure| figure.gb_per_s), |rate| format!("{rate:.2}")),
             baselines.grpc_echo.mean_us,
+        );
+    }
+    text
+}
+
+/// Whole-model steps: the mean step of each, split three ways, distributed and in-process.
+pub fn step_table(steps: &[StepSummary]) -> String {
+    let mut text = String::from(
+        "| link | cluster | MoE layers | tokens | attention stand-in | step ms (p99) | communication ms | expert compute ms | client compute ms (stand-in) | in-process step ms | overhead |\n",
+    );
+    let _ = writeln!(text, "|{}", " ---: |".repeat(11));
+    for step in steps {
+        let (distributed, reference) = (&step.distributed, &step.reference);
+        let share = |part: f64| 100.0 * part / distributed.step_ms.max(1e-12);
+        let _ = writeln!(
+            text,
+            "| {} | {} | {} | {} | {} | {:.2} ({:.2}) | {:.2} ({:.0}%) | {:.2} ({:.0}%) | {:.2} ({:.2}) | {:.2} | {:.2}x |",
+            step.link_rate.as_deref().unwrap_or("loopback"),
+            step.shape,
+            step.layers,
+            step.tokens,
+            step.attention,
+            distributed.step_ms,
+            step.distributed_p99_ms,
+            distributed.communication_ms,
+            share(distributed.communication_ms),
+            distributed.expert_compute_ms,
+            share(distributed.expert_compute_ms),
+            distributed.client_compute_ms,
+            distributed.attention_ms,
+            reference.step_ms,
+            distributed.step_ms / reference.step_ms.max(1e-12),
         );
     }
     text
@@ -240,6 +272,17 @@ pub fn bench_report(summary: &BenchSummary) -> String {
             text.push_str(&ledger_table(&preset.result.distributed.ledger));
             text.push('\n');
         }
+    }
+    if !summary.steps.is_empty() {
+        text.push_str("## Whole-model steps\n\n");
+        text.push_str(
+            "Each call runs its tokens through every MoE layer in order, the attention stand-in before each; the \
+             mean step splits into communication (RPC time not spent in the workers), expert compute (compute, \
+             queue wait, batching) and client compute (gate, planning, encode, decode, combine, the stand-in). \
+             The in-process reference runs the same steps with as many libtorch threads as all workers together.\n\n",
+        );
+        text.push_str(&step_table(&summary.steps));
+        text.push('\n');
     }
     text
 }
