@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard_model::fuzzing::{mutated, random_bytes};
 
 use proptest::prelude::*;
 use prost::Message;
@@ -63,27 +64,9 @@ fn seeds() -> [Vec<u8>; 2] {
     [token_major.encode_to_vec(), expert_major.encode_to_vec()]
 }
 
-/// `seed` with up to eight edits: a byte changed, a byte inserted, or the rest cut off.
-fn mutated(seed: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
-    let len = seed.len().max(1);
-    prop::collection::vec((0..len, any::<u8>(), 0u8..4), 1..8).prop_map(move |edits| {
-        let mut bytes = seed.clone();
-        for (at, value, kind) in edits {
-            let at = at.min(bytes.len());
-            match kind {
-                0 | 1 if at < bytes.len() => bytes[at] ^= value | 1,
-                2 => bytes.insert(at, value),
-                3 => bytes.truncate(at),
-                _ => {}
-            }
-        }
-        bytes
-    })
-}
-
 fn hostile() -> impl Strategy<Value = Vec<u8>> {
     let [token_major, expert_major] = seeds();
-    prop_oneof![2 => mutated(token_major), 2 => mutated(expert_major), 1 => prop::collection::vec(any::<u8>(), 0..512)]
+    prop_oneof![2 => mutated(token_major), 2 => mutated(expert_major), 1 => random_bytes()]
 }
 
 struct Served {

@@ -20,6 +20,8 @@ pub mod cli;
 pub mod device;
 pub mod dtype;
 pub mod family;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod ids;
 pub mod mxfp4;
 pub mod router_spec;

@@ -8,30 +8,13 @@ use std::path::Path;
 use proptest::prelude::*;
 use prost::Message;
 use switchyard_model::checkpoint::Checkpoint;
+use switchyard_model::fuzzing::{mutated, random_bytes};
 use switchyard_model::safetensors::{TensorFiles, write_f32};
 use switchyard_model::spec::limits;
 use switchyard_model::{ModelSpec, WeightDtype};
 
-/// `seed` with up to eight edits: a byte overwritten, a byte inserted, or the rest cut off.
-fn mutated(seed: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
-    let len = seed.len().max(1);
-    prop::collection::vec((0..len, any::<u8>(), 0u8..4), 1..8).prop_map(move |edits| {
-        let mut bytes = seed.clone();
-        for (at, value, kind) in edits {
-            let at = at.min(bytes.len());
-            match kind {
-                0 | 1 if at < bytes.len() => bytes[at] ^= value | 1,
-                2 => bytes.insert(at, value),
-                3 => bytes.truncate(at),
-                _ => {}
-            }
-        }
-        bytes
-    })
-}
-
 fn hostile(seed: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![4 => mutated(seed), 1 => prop::collection::vec(any::<u8>(), 0..512)]
+    prop_oneof![4 => mutated(seed), 1 => random_bytes()]
 }
 
 fn spec_seed() -> Vec<u8> {
