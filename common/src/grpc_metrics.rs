@@ -224,3 +224,77 @@ impl Body for RecordedBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::BodyExt;
+    use tower::{Layer, Service, ServiceExt};
+
+    use super::*;
+
+    /// The count of `grpc_server_handled_total` for `method` and `code`, as Prometheus would read it.
+    fn handled(metrics: &GrpcServerMetrics, method: &str, code: &str) -> f64 {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        let series = format!(
+            "grpc_server_handled_total{{grpc_service=\"test.Service\",grpc_method=\"{method}\",grpc_code=\"{code}\"}} "
+        );
+        text.lines().find_map(|line| line.strip_prefix(&series)?.parse().ok()).unwrap_or(0.0)
+    }
+
+    fn request(method: &str) -> Request<()> {
+        Request::builder().uri(format!("/test.Service/{method}")).body(()).expect("request")
+    }
+
+    /// An answer whose status comes in the trailers after one frame of data.
+    fn answered_in_trailers(code: i32) -> Response<tonic::body::Body> {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", code.to_string().parse().expect("ascii"));
+        let frames = futures::stream::iter([
+            Ok::<_, tonic::Status>(Frame::data(bytes::Bytes::from_static(b"rows"))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        Response::new(tonic::body::Body::new(http_body_util::StreamBody::new(frames)))
+    }
+
+    #[tokio::test]
+    async fn every_way_a_call_ends_is_counted_under_its_code() {
+        let metrics = GrpcServerMetrics::default();
+        let inner = tower::service_fn(|request: Request<()>| async move {
+            match request.uri().path() {
+                "/test.Service/Refused" => {
+                    let status = tonic::Status::resource_exhausted("queue full");
+                    Ok::<_, Infallible>(status.into_http())
+                }
+                "/test.Service/Slow" => std::future::pending().await,
+                _ => Ok(answered_in_trailers(0)),
+            }
+        });
+        let mut service = GrpcMetricsLayer(metrics.clone()).layer(inner);
+
+        // An answer read to its end: the trailers' status.
+        let answer = service.ready().await.expect("ready").call(request("Forward")).await.expect("answer");
+        answer.into_body().collect().await.expect("the whole body");
+        assert_eq!(handled(&metrics, "Forward", "OK"), 1.0);
+
+        // A refusal: trailers-only, its status in the headers.
+        let refused = service.ready().await.expect("ready").call(request("Refused")).await.expect("answer");
+        drop(refused);
+        assert_eq!(handled(&metrics, "Refused", "ResourceExhausted"), 1.0);
+
+        // The client went away before the answer, or in the middle of its body.
+        let pending = service.ready().await.expect("ready").call(request("Slow"));
+        drop(pending);
+        assert_eq!(handled(&metrics, "Slow", "Canceled"), 1.0);
+        let answer = service.ready().await.expect("ready").call(request("Stream")).await.expect("answer");
+        let mut body = answer.into_body();
+        body.frame().await.expect("a frame").expect("data");
+        drop(body);
+        assert_eq!(handled(&metrics, "Stream", "Canceled"), 1.0, "no status reached the client");
+        assert_eq!(handled(&metrics, "Stream", "OK"), 0.0);
+    }
+}
