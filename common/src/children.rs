@@ -170,17 +170,24 @@ fn enter_namespace(command: &mut Command, namespace: &std::fs::File) {
     let descriptor = namespace.as_raw_fd();
     // SAFETY: setns is async-signal-safe; the descriptor stays open until the child has exec'd.
     unsafe {
-        command.pre_exec(move || {
-            if libc::setns(descriptor, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        command.pre_exec(move || enter_network_namespace(descriptor));
     }
 }
 
 #[cfg(not(target_os = "linux"))]
 fn enter_namespace(_command: &mut Command, _namespace: &std::fs::File) {}
+
+/// Moves the calling thread (only it) into the network namespace open as `descriptor` (a file
+/// under `/run/netns`): the sockets it opens from then on are that namespace's.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn enter_network_namespace(descriptor: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: setns reads nothing of ours and changes only the calling thread's namespace.
+    if unsafe { libc::setns(descriptor, libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Signal {

@@ -76,12 +76,12 @@ async fn the_ledger_accounts_for_every_byte_and_the_client_metrics_count_them() 
     assert!(requests >= 2 * CALLS);
 }
 
-#[tokio::test]
-async fn switchyard_bench_writes_a_report_folder() {
+/// `switchyard bench ARGS --out` a fresh folder, which must succeed: the folder and its report.json.
+async fn bench(args: &[&str]) -> (tempfile::TempDir, serde_json::Value) {
     let out = tempfile::tempdir().expect("temp dir");
     let status = tokio::process::Command::new(binaries_dir().join("switchyard"))
-        .args(["bench", "--run", "sweep", "--tokens", "8,32", "--wire-dtypes", "f32,bf16", "--workers", "2,1"])
-        .args(["--experts", "4", "--top-k", "2", "--dims", "64x128", "--calls", "8", "--warmup-calls", "1"])
+        .arg("bench")
+        .args(args)
         .arg("--out")
         .arg(out.path())
         .env("RUST_LOG", "warn")
@@ -90,13 +90,38 @@ async fn switchyard_bench_writes_a_report_folder() {
         .status()
         .await
         .expect("switchyard bench runs");
-    assert!(status.success(), "switchyard bench exited with {status}");
+    assert!(status.success(), "switchyard bench {args:?} exited with {status}");
+    let json = serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).expect("report.json"))
+        .expect("valid JSON");
+    (out, json)
+}
+
+#[tokio::test]
+async fn switchyard_bench_writes_a_report_folder() {
+    let (out, json) = bench(&[
+        "--run",
+        "sweep",
+        "--tokens",
+        "8,32",
+        "--wire-dtypes",
+        "f32,bf16",
+        "--workers",
+        "2,1",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--dims",
+        "64x128",
+        "--calls",
+        "8",
+        "--warmup-calls",
+        "1",
+    ])
+    .await;
     for file in ["report.md", "report.json", "breakdown.svg", "overhead.svg", "workers.svg"] {
         assert!(out.path().join(file).is_file(), "{file} written");
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).expect("report.json"))
-            .expect("valid JSON");
     let points = json["points"].as_array().expect("points");
     assert_eq!(points.len(), 2 * 2 * 2, "2 cluster shapes x 2 token counts x 2 dtypes");
     for point in points {
@@ -137,22 +162,29 @@ async fn switchyard_bench_writes_a_report_folder() {
 
 #[tokio::test]
 async fn switchyard_bench_measures_a_whole_model_step_both_ways_and_splits_it() {
-    let out = tempfile::tempdir().expect("temp dir");
-    let status = tokio::process::Command::new(binaries_dir().join("switchyard"))
-        .args(["bench", "--run", "step", "--step-layers", "4", "--step-tokens", "8", "--attention-gemm", "256"])
-        .args(["--workers", "2", "--experts", "4", "--top-k", "2", "--dims", "64x128", "--calls", "6"])
-        .args(["--warmup-calls", "1", "--out"])
-        .arg(out.path())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .status()
-        .await
-        .expect("switchyard bench runs");
-    assert!(status.success(), "switchyard bench exited with {status}");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).expect("report.json"))
-            .expect("valid JSON");
+    let (out, json) = bench(&[
+        "--run",
+        "step",
+        "--step-layers",
+        "4",
+        "--step-tokens",
+        "8",
+        "--attention-gemm",
+        "256",
+        "--workers",
+        "2",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--dims",
+        "64x128",
+        "--calls",
+        "6",
+        "--warmup-calls",
+        "1",
+    ])
+    .await;
     let [step] = json["steps"].as_array().expect("steps").as_slice() else { panic!("one step: {json}") };
     assert_eq!((step["layers"].as_u64(), step["tokens"].as_u64()), (Some(4), Some(8)));
     assert!(step["link_rate"].is_null(), "on loopback");

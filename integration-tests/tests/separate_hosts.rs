@@ -24,6 +24,15 @@ fn namespaces_of(pid: u32) -> Vec<String> {
     listed(&["ip", "netns", "list"]).lines().filter(|line| line.starts_with(&prefix)).map(str::to_owned).collect()
 }
 
+/// True, after saying why, when namespaces cannot be made here: the test then passes untested.
+fn refused_here() -> bool {
+    let refused = namespaces_refused();
+    if let Some(reason) = &refused {
+        eprintln!("skipped: network namespaces are not permitted here ({reason})");
+    }
+    refused.is_some()
+}
+
 /// Why namespaces cannot be made here, if they cannot.
 fn namespaces_refused() -> Option<String> {
     if std::env::var_os("SWITCHYARD_TEST_TLS").is_some_and(|value| value == "1") {
@@ -40,8 +49,7 @@ fn listed(command: &[&str]) -> String {
 #[tokio::test]
 async fn a_cluster_on_separate_hosts_serves_the_reference_and_heals_a_dead_worker() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    if let Some(reason) = namespaces_refused() {
-        eprintln!("skipped: network namespaces are not permitted here ({reason})");
+    if refused_here() {
         return;
     }
     let model = small_model(2.0);
@@ -108,8 +116,7 @@ async fn a_cluster_on_separate_hosts_serves_the_reference_and_heals_a_dead_worke
 #[tokio::test]
 async fn a_cluster_that_fails_to_start_removes_its_namespaces() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    if let Some(reason) = namespaces_refused() {
-        eprintln!("skipped: network namespaces are not permitted here ({reason})");
+    if refused_here() {
         return;
     }
     let binaries = switchyard_integration_tests::binaries_dir();
@@ -125,8 +132,7 @@ async fn a_cluster_that_fails_to_start_removes_its_namespaces() {
 #[tokio::test]
 async fn ctrl_c_of_switchyard_local_removes_its_namespaces() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    if let Some(reason) = namespaces_refused() {
-        eprintln!("skipped: network namespaces are not permitted here ({reason})");
+    if refused_here() {
         return;
     }
     let switchyard = switchyard_integration_tests::binaries_dir().join("switchyard");
@@ -154,8 +160,7 @@ async fn ctrl_c_of_switchyard_local_removes_its_namespaces() {
 #[test]
 fn a_network_whose_process_died_is_removed_by_the_next_one() {
     let _turn = ONE_AT_A_TIME.blocking_lock();
-    if let Some(reason) = namespaces_refused() {
-        eprintln!("skipped: network namespaces are not permitted here ({reason})");
+    if refused_here() {
         return;
     }
     // A child process makes a network and is killed before it can remove it.

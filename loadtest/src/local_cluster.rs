@@ -167,23 +167,25 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// A host of its own for worker `index`, behind a link of `rate`.
+    async fn add_worker_host(&mut self, index: usize, rate: Option<LinkRate>) -> Result<Host, LocalClusterError> {
+        let mut network = self.network.take().expect("a cluster on namespaced hosts has its network");
+        // `ip` and `tc` block: off the runtime's threads, the network handed there and back.
+        let (network, host) = blocking(move || {
+            let host = network.add_host(&format!("w{index}"), rate);
+            (network, host)
+        })
+        .await;
+        self.network = Some(network);
+        let host = host?;
+        self.worker_hosts.push(host.clone());
+        Ok(host)
+    }
+
     async fn start_worker(&mut self, index: usize) -> Result<(), LocalClusterError> {
-        let host = match (self.config.hosts, self.network.take()) {
-            (Hosts::Namespaces { worker_link }, Some(mut network)) => {
-                let (network, host) = blocking(move || {
-                    let host = network.add_host(&format!("w{index}"), worker_link);
-                    (network, host)
-                })
-                .await;
-                self.network = Some(network);
-                let host = host?;
-                self.worker_hosts.push(host.clone());
-                Some(host)
-            }
-            (_, network) => {
-                self.network = network;
-                None
-            }
+        let host = match self.config.hosts {
+            Hosts::Namespaces { worker_link } => Some(self.add_worker_host(index, worker_link).await?),
+            Hosts::Loopback => None,
         };
         let listen = listen_address(host.as_ref());
         let mut args = vec![

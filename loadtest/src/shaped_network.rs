@@ -125,19 +125,10 @@ impl Host {
     /// Moves the calling thread (only it) into this host's namespace: the sockets it opens from
     /// then on are the host's, e.g. a sink to measure raw TCP over the host's link.
     pub fn enter_on_this_thread(&self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
         let namespace = std::fs::File::open(&self.namespace)?;
-        enter(&namespace)
+        switchyard_common::children::enter_network_namespace(namespace.as_raw_fd())
     }
-}
-
-#[allow(unsafe_code)]
-fn enter(namespace: &std::fs::File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: setns takes an open descriptor and changes only the calling thread's namespace.
-    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// The namespaces, links and shapers of one network; all removed on drop.

@@ -47,12 +47,8 @@ pub struct WorkerCall {
     pub dispatch: Duration,
     /// Answer transfer: worker reply → client has it (slowest request).
     pub combine_transfer: Duration,
-    /// Every request's transfer together: the first sent → the last in the worker's handler. What
-    /// a link's rate bounds when one worker's requests share its link.
-    pub dispatch_span: Duration,
-    /// Every answer's transfer together: the worker's first reply → the client has the last one.
-    pub combine_span: Duration,
-    /// The ends of those spans, as Unix nanoseconds (0: none yet).
+    /// The ends of all its requests' and answers' transfers together (see
+    /// [`WorkerCall::dispatch_span`]), as Unix nanoseconds (0: none yet).
     spans: TransferEnds,
     /// Handler time not spent computing (queue wait, batching), slowest request.
     pub queue_wait: Duration,
@@ -70,17 +66,20 @@ struct TransferEnds {
 }
 
 impl TransferEnds {
-    fn widen(&mut self, sent: u64, received: u64, replied: u64, answered: u64) -> (Duration, Duration) {
+    fn widen(&mut self, sent: u64, received: u64, replied: u64, answered: u64) {
         let earliest = |current: u64, new: u64| if current == 0 { new } else { current.min(new) };
         self.first_sent = earliest(self.first_sent, sent);
         self.last_received = self.last_received.max(received);
         self.first_replied = earliest(self.first_replied, replied);
         self.last_answered = self.last_answered.max(answered);
-        let span = |from: u64, to: u64| match (from, to) {
-            (0, _) | (_, 0) => Duration::ZERO,
-            (from, to) => Duration::from_nanos(to.saturating_sub(from)),
-        };
-        (span(self.first_sent, self.last_received), span(self.first_replied, self.last_answered))
+    }
+}
+
+/// The time from one Unix-nanosecond stamp to another; zero when either is missing (0).
+fn gap(from: u64, to: u64) -> Duration {
+    match (from, to) {
+        (0, _) | (_, 0) => Duration::ZERO,
+        (from, to) => Duration::from_nanos(to.saturating_sub(from)),
     }
 }
 
@@ -89,23 +88,30 @@ impl WorkerCall {
         Self { endpoint, ..Self::default() }
     }
 
+    /// Every request's transfer together: the first sent → the last in the worker's handler. What
+    /// a link's rate bounds when one worker's requests share its link.
+    pub fn dispatch_span(&self) -> Duration {
+        gap(self.spans.first_sent, self.spans.last_received)
+    }
+
+    /// Every answer's transfer together: the worker's first reply → the client has the last one.
+    pub fn combine_span(&self) -> Duration {
+        gap(self.spans.first_replied, self.spans.last_answered)
+    }
+
     /// Adds one answered request of this worker.
     pub fn record_answer(&mut self, response: &v1::ForwardResponse, rpc: &RpcTiming) {
         use prost::Message;
         self.bytes.message_received += response.encoded_len() as u64 + GRPC_FRAME_PREFIX;
         self.rpc = self.rpc.max(rpc.elapsed);
         self.worker = self.worker.max(Duration::from_micros(response.worker_us));
-        let gap = |from: u64, to: u64| match (from, to) {
-            (0, _) | (_, 0) => Duration::ZERO,
-            (from, to) => Duration::from_nanos(to.saturating_sub(from)),
-        };
         self.dispatch = self.dispatch.max(gap(rpc.sent_unix_nanos, response.received_unix_nanos));
         self.combine_transfer = self.combine_transfer.max(gap(response.replied_unix_nanos, rpc.answered_unix_nanos));
         if [rpc.sent_unix_nanos, response.received_unix_nanos, response.replied_unix_nanos, rpc.answered_unix_nanos]
             .iter()
             .all(|stamp| *stamp != 0)
         {
-            (self.dispatch_span, self.combine_span) = self.spans.widen(
+            self.spans.widen(
                 rpc.sent_unix_nanos,
                 response.received_unix_nanos,
                 response.replied_unix_nanos,

@@ -392,8 +392,8 @@ impl Shared {
                         |time: fn(&WorkerCall) -> Duration| workers.iter().map(time).max().unwrap_or_default();
                     report.dispatch_total += slowest(|call| call.dispatch);
                     report.combine_transfer_total += slowest(|call| call.combine_transfer);
-                    report.dispatch_span_total += slowest(|call| call.dispatch_span);
-                    report.combine_span_total += slowest(|call| call.combine_span);
+                    report.dispatch_span_total += slowest(WorkerCall::dispatch_span);
+                    report.combine_span_total += slowest(WorkerCall::combine_span);
                 }
             }
             Err(error) => {
