@@ -3,11 +3,13 @@
 //!
 //! - [`v1`]: the generated messages, clients and servers.
 //! - [`wire`]: [`wire::WireDtype`], encoding of f32 rows into f32/f16/bf16 bytes and back.
+//! - [`fp8`]: e4m3fn codes of whole blocks, vectorised.
 //! - [`codec`]: the services' codec (prost's, encoding into a buffer reserved at the message's size).
 //! - [`status`]: errors with structured details (gRPC's richer error model) both ends decode.
 //! - [`zero_copy`]: unary calls whose tensor payloads reach the socket without a copy.
 
 pub mod codec;
+pub mod fp8;
 pub mod status;
 pub mod wire;
 pub mod zero_copy;

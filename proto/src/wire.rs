@@ -11,7 +11,6 @@
 //! f32. A row is self-contained, so rows can be gathered, split and concatenated as bytes.
 
 use bytes::{Bytes, BytesMut};
-use float8::F8E4M3;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
@@ -30,10 +29,7 @@ pub enum WireDtype {
 }
 
 /// Values per FP8 scale (DeepEP's).
-pub const FP8_BLOCK: usize = 128;
-
-/// The largest finite e4m3fn value: a block's largest magnitude is scaled to it.
-const FP8_MAX: f32 = 448.0;
+pub const FP8_BLOCK: usize = crate::fp8::BLOCK;
 
 /// A dtype field that names no element type; the value is what was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -55,7 +51,7 @@ impl WireDtype {
     /// Bytes of one row of `width` values, FP8's scales included.
     pub fn row_bytes(self, width: usize) -> usize {
         match self {
-            WireDtype::Fp8E4m3 => width + 4 * width.div_ceil(FP8_BLOCK),
+            WireDtype::Fp8E4m3 => crate::fp8::row_bytes(width),
             dtype => width * dtype.element_size(),
         }
     }
@@ -153,20 +149,7 @@ pub fn encode_row_into(values: &[f32], dtype: WireDtype, out: &mut BytesMut) {
                 }
             }
         },
-        WireDtype::Fp8E4m3 => encode_fp8_row(values, target),
-    }
-}
-
-fn encode_fp8_row(values: &[f32], target: &mut [u8]) {
-    let (codes, scales) = target.split_at_mut(values.len());
-    let blocks = values.chunks(FP8_BLOCK).zip(codes.chunks_mut(FP8_BLOCK));
-    for ((block, block_codes), scale_bytes) in blocks.zip(scales.chunks_exact_mut(4)) {
-        let largest = block.iter().fold(0.0f32, |largest, value| largest.max(value.abs()));
-        let scale = if largest > 0.0 && largest.is_finite() { largest / FP8_MAX } else { 1.0 };
-        for (code, value) in block_codes.iter_mut().zip(block) {
-            *code = F8E4M3::from_f32(value / scale).to_bits();
-        }
-        scale_bytes.copy_from_slice(&scale.to_le_bytes());
+        WireDtype::Fp8E4m3 => crate::fp8::encode_row(values, target),
     }
 }
 
@@ -226,14 +209,7 @@ pub fn decode_rows_into(bytes: &[u8], width: usize, dtype: WireDtype, out: &mut 
         },
         WireDtype::Fp8E4m3 => {
             for (row, out_row) in bytes.chunks_exact(dtype.row_bytes(width)).zip(out.chunks_exact_mut(width)) {
-                let (codes, scales) = row.split_at(width);
-                let blocks = codes.chunks(FP8_BLOCK).zip(out_row.chunks_mut(FP8_BLOCK));
-                for ((block_codes, block), scale) in blocks.zip(scales.chunks_exact(4)) {
-                    let scale = f32::from_le_bytes([scale[0], scale[1], scale[2], scale[3]]);
-                    for (value, code) in block.iter_mut().zip(block_codes) {
-                        *value = F8E4M3::from_bits(*code).to_f32() * scale;
-                    }
-                }
+                crate::fp8::decode_row(row, out_row);
             }
         }
     }
