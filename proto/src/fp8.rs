@@ -54,27 +54,10 @@ pub const fn row_bytes(width: usize) -> usize {
     width + 4 * width.div_ceil(BLOCK)
 }
 
+crate::simd::widest! {
 /// Encodes one row into `target` ([`row_bytes`] long): each block's codes scaled so that its
-/// largest finite magnitude is [`MAX`], then the blocks' scales. With AVX2 where the CPU has it
-/// (twice the lanes of the SSE2 every x86-64 has).
-pub fn encode_row(values: &[f32], target: &mut [u8]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above.
-        #[allow(unsafe_code)]
-        unsafe {
-            encode_row_avx2(values, target)
-        };
-        return;
-    }
-    encode_row_portable(values, target);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn encode_row_avx2(values: &[f32], target: &mut [u8]) {
-    encode_row_portable(values, target);
-}
+/// largest finite magnitude is [`MAX`], then the blocks' scales.
+pub fn encode_row(values: &[f32], target: &mut [u8]) => encode_row_portable }
 
 #[inline(always)]
 fn encode_row_portable(values: &[f32], target: &mut [u8]) {

@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod fp8;
+mod simd;
 pub mod status;
 pub mod wire;
 pub mod zero_copy;
