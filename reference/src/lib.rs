@@ -18,7 +18,7 @@ use switchyard_model::{ExpertId, ModelSpec, WeightDtype};
 use switchyard_router_client::router::RoutingSummary;
 use switchyard_router_client::timing::TimeBreakdown;
 use switchyard_router_client::{
-    ClientError, ClientOptions, Hidden, InProcessLayer, MoeClient, RoutingOverrides, RoutingTableView,
+    ClientError, ClientOptions, Hidden, InProcessLayer, InProcessOutput, MoeClient, RoutingOverrides, RoutingTableView,
 };
 use tokio::sync::{Mutex, watch};
 
@@ -144,10 +144,10 @@ impl InProcessLayer for ReferenceLayer {
         layer: u32,
         hidden: &'a Arc<Vec<f32>>,
         routing: &'a RoutingOverrides,
-    ) -> BoxFuture<'a, Result<(RoutingSummary, TimeBreakdown), ClientError>> {
+    ) -> BoxFuture<'a, Result<InProcessOutput, ClientError>> {
         Box::pin(async move {
             let output = self.forward(layer, hidden, routing).await?;
-            Ok((output.routing, output.timing))
+            Ok(InProcessOutput { hidden: output.hidden, routing: output.routing, timing: output.timing })
         })
     }
 }

@@ -14,11 +14,20 @@ use crate::timing::TimeBreakdown;
 pub trait InProcessLayer: Send + Sync + std::fmt::Debug {
     fn model(&self) -> &ModelSpec;
 
-    /// Runs `hidden` through `layer` with `routing` applied; its routing and time breakdown.
+    /// Runs `hidden` through `layer` with `routing` applied.
     fn forward_rows<'a>(
         &'a self,
         layer: u32,
         hidden: &'a Arc<Vec<f32>>,
         routing: &'a RoutingOverrides,
-    ) -> BoxFuture<'a, Result<(RoutingSummary, TimeBreakdown), ClientError>>;
+    ) -> BoxFuture<'a, Result<InProcessOutput, ClientError>>;
+}
+
+/// One in-process layer call's result.
+#[derive(Debug, Clone)]
+pub struct InProcessOutput {
+    /// `[tokens, d_model]`: the layer's output.
+    pub hidden: Vec<f32>,
+    pub routing: RoutingSummary,
+    pub timing: TimeBreakdown,
 }

@@ -129,6 +129,25 @@ pub fn response_compute(response: &v1::ForwardResponse) -> Duration {
     Duration::from_micros(response.outputs.iter().filter_map(|output| output.timing.map(|t| t.compute_us)).sum())
 }
 
+/// Splits `total` over `shares` in proportion to their weights (equally when every weight is 0),
+/// in whole bytes that add up to `total`: the last share takes the rounding.
+fn apportion<'a>(total: u64, shares: impl Iterator<Item = (u64, &'a mut u64)>) {
+    let shares: Vec<(u64, &mut u64)> = shares.collect();
+    let weight_total: u64 = shares.iter().map(|(weight, _)| weight).sum();
+    let count = shares.len() as u64;
+    let mut given = 0;
+    for (index, (weight, out)) in shares.into_iter().enumerate() {
+        *out = if index as u64 + 1 == count {
+            total - given
+        } else if weight_total == 0 {
+            total / count
+        } else {
+            (u128::from(total) * u128::from(weight) / u128::from(weight_total)) as u64
+        };
+        given += *out;
+    }
+}
+
 /// Sums of one (layer, worker) pair over many calls.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PairTotals {
@@ -271,11 +290,25 @@ impl CommLedger {
         }
     }
 
-    /// Sets the socket byte counts (deltas over the measured window) of the pair (`layer`, `endpoint`).
-    pub fn set_socket_bytes(&mut self, layer: u32, endpoint: &str, sent: u64, received: u64) {
-        let pair = self.pairs.entry((layer, endpoint.to_owned())).or_default();
-        pair.socket_sent = sent;
-        pair.socket_received = received;
+    /// Sets the socket byte counts of `endpoint`'s connections (deltas over the measured window).
+    /// The counters are per connection, not per layer: a worker that served several layers (a
+    /// whole-model step) has them split over its pairs in proportion to each pair's encoded
+    /// message bytes, so framing is shared out as the messages that caused it; with one layer
+    /// (or none recorded: `fallback_layer`) the pair gets them whole.
+    pub fn set_socket_bytes(&mut self, fallback_layer: u32, endpoint: &str, sent: u64, received: u64) {
+        let mut pairs: Vec<&mut PairTotals> =
+            self.pairs.iter_mut().filter(|((_, worker), _)| worker == endpoint).map(|(_, pair)| pair).collect();
+        if pairs.len() <= 1 {
+            let pair = match pairs.pop() {
+                Some(pair) => pair,
+                None => self.pairs.entry((fallback_layer, endpoint.to_owned())).or_default(),
+            };
+            pair.socket_sent = sent;
+            pair.socket_received = received;
+            return;
+        }
+        apportion(sent, pairs.iter_mut().map(|pair| (pair.bytes.message_sent, &mut pair.socket_sent)));
+        apportion(received, pairs.iter_mut().map(|pair| (pair.bytes.message_received, &mut pair.socket_received)));
     }
 
     /// Every pair with its per-call means, in (layer, worker) order.
@@ -329,5 +362,28 @@ mod tests {
         assert_eq!((b.straggler_calls, b.straggler_margin), (1, Duration::from_millis(2)));
         assert_eq!(c.straggler_calls, 0);
         assert_eq!((a.calls, a.rows, a.rpc, a.dispatch), (2, 8, Duration::from_millis(15), Duration::from_millis(2)));
+    }
+
+    #[test]
+    fn a_workers_socket_bytes_are_shared_over_its_layers_by_message_bytes() {
+        let mut ledger = CommLedger::default();
+        let with_messages = |sent: u64, received: u64| WorkerCall {
+            bytes: ByteCounts { message_sent: sent, message_received: received, ..ByteCounts::default() },
+            ..call("a", 1, 1)
+        };
+        ledger.record(0, &[with_messages(300, 100)]);
+        ledger.record(1, &[with_messages(100, 100)]);
+        ledger.record(1, &[call("b", 1, 1)]);
+        ledger.set_socket_bytes(0, "a", 1001, 500);
+        ledger.set_socket_bytes(0, "b", 70, 30);
+        ledger.set_socket_bytes(0, "unseen", 5, 6);
+        let socket = |layer: u32, worker: &str| {
+            let pair = &ledger.pairs[&(layer, worker.to_owned())];
+            (pair.socket_sent, pair.socket_received)
+        };
+        assert_eq!(socket(0, "a"), (750, 250), "three quarters of what a sent, half of what it received");
+        assert_eq!(socket(1, "a"), (251, 250), "the rest, rounding included");
+        assert_eq!(socket(1, "b"), (70, 30), "a worker of one layer has them whole");
+        assert_eq!(socket(0, "unseen"), (5, 6), "a worker with no calls: the fallback layer");
     }
 }

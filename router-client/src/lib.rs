@@ -39,7 +39,7 @@ pub use client::{ClientOptions, LayerOutput, MoeClient, RefusalPolicy};
 pub use dispatch::DispatchLayout;
 pub use error::ClientError;
 pub use hidden::Hidden;
-pub use layer::InProcessLayer;
+pub use layer::{InProcessLayer, InProcessOutput};
 pub use ledger::{CommLedger, WorkerCall};
 pub use router::{RoutingConfig, RoutingOverrides, RoutingSummary};
 pub use table::{RoutingTableView, TableWatcher};

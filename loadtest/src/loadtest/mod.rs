@@ -10,7 +10,7 @@ mod summary;
 pub use step::{AttentionStandIn, ModelStep, StepSplit};
 pub use summary::{LoadSummary, PhaseFigures, RunInfo, Thresholds, describe_stages};
 
-use step::PreparedStandIn;
+use step::{PreparedStandIn, ResidualStream};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -167,10 +167,29 @@ impl Target {
         routing: RoutingOverrides,
     ) -> Result<CallOutcome, ClientError> {
         let mut merged: Option<CallOutcome> = None;
-        for &layer in &plan.layers {
-            let attention = plan.stand_in.run(&hidden).await;
-            let mut outcome = self.call_layer(layer, hidden.clone(), routing).await?;
+        let mut input = hidden;
+        let mut stream: Option<ResidualStream> = None;
+        for (position, &layer) in plan.layers.iter().enumerate() {
+            let attention = plan.stand_in.run(&input).await;
+            let (mut outcome, output) = self.call_layer(layer, input.clone(), routing).await?;
             outcome.attention = attention;
+            if position + 1 < plan.layers.len() {
+                // The client adds the layer's output to the residual stream before the next layer:
+                // its time is the combine's.
+                let started = Instant::now();
+                let residual = stream.take().unwrap_or_else(|| ResidualStream::new(&input, plan.d_model));
+                let (residual, next) = tokio::task::spawn_blocking(move || {
+                    let mut residual = residual;
+                    let next = residual.advance(&output);
+                    (residual, next)
+                })
+                .await
+                .map_err(|error| ClientError::Internal { reason: format!("the residual stream's task: {error}") })?;
+                (stream, input) = (Some(residual), Arc::new(next));
+                let added = started.elapsed();
+                outcome.timing.combine += added;
+                outcome.timing.wall += added;
+            }
             match &mut merged {
                 None => merged = Some(outcome),
                 Some(step) => step.add_layer(outcome),
@@ -187,29 +206,31 @@ impl Target {
         layer: u32,
         hidden: Arc<Vec<f32>>,
         routing: RoutingOverrides,
-    ) -> Result<CallOutcome, ClientError> {
+    ) -> Result<(CallOutcome, Vec<f32>), ClientError> {
         match self {
             // The distributed client carries its overrides in its options.
             Target::Distributed(client) => {
                 let output = client.forward(layer, &hidden).await?;
-                Ok(CallOutcome {
+                let outcome = CallOutcome {
                     routing: output.routing,
                     timing: output.timing,
                     bytes: output.bytes,
                     workers: vec![(layer, output.workers)],
                     attention: Duration::ZERO,
-                })
+                };
+                Ok((outcome, output.hidden))
             }
             // Its experts compute on its worker's thread, as the distributed layer's do on theirs.
             Target::Reference(reference) => {
-                let (routing, timing) = reference.forward_rows(layer, &hidden, &routing).await?;
-                Ok(CallOutcome {
-                    routing,
-                    timing,
+                let output = reference.forward_rows(layer, &hidden, &routing).await?;
+                let outcome = CallOutcome {
+                    routing: output.routing,
+                    timing: output.timing,
                     bytes: ByteCounts::default(),
                     workers: Vec::new(),
                     attention: Duration::ZERO,
-                })
+                };
+                Ok((outcome, output.hidden))
             }
         }
     }
@@ -219,14 +240,16 @@ impl Target {
 struct CallPlan {
     layers: Vec<u32>,
     stand_in: PreparedStandIn,
+    d_model: usize,
 }
 
 impl CallPlan {
     fn of(spec: &LoadSpec, d_model: usize) -> Self {
-        match &spec.step {
-            Some(step) => Self { layers: step.layers.clone(), stand_in: PreparedStandIn::new(step.attention, d_model) },
-            None => Self { layers: vec![spec.layer], stand_in: PreparedStandIn::None },
-        }
+        let (layers, stand_in) = match &spec.step {
+            Some(step) => (step.layers.clone(), PreparedStandIn::new(step.attention, d_model)),
+            None => (vec![spec.layer], PreparedStandIn::None),
+        };
+        Self { layers, stand_in, d_model }
     }
 }
 
@@ -716,6 +739,35 @@ mod tests {
         assert_eq!(summary.rate_calls_per_s, Some(100.0), "the mean offered rate");
     }
 
+    /// One layer call: (layer, input, output).
+    type RecordedCall = (u32, Vec<f32>, Vec<f32>);
+
+    /// A reference layer that keeps every call.
+    #[derive(Debug)]
+    struct Recording {
+        inner: Arc<ReferenceLayer>,
+        calls: std::sync::Mutex<Vec<RecordedCall>>,
+    }
+
+    impl InProcessLayer for Recording {
+        fn model(&self) -> &ModelSpec {
+            self.inner.model()
+        }
+
+        fn forward_rows<'a>(
+            &'a self,
+            layer: u32,
+            hidden: &'a Arc<Vec<f32>>,
+            routing: &'a RoutingOverrides,
+        ) -> futures::future::BoxFuture<'a, Result<switchyard_router_client::InProcessOutput, ClientError>> {
+            Box::pin(async move {
+                let output = self.inner.forward_rows(layer, hidden, routing).await?;
+                self.calls.lock().expect("calls").push((layer, hidden.to_vec(), output.hidden.clone()));
+                Ok(output)
+            })
+        }
+    }
+
     #[tokio::test]
     async fn a_whole_model_step_runs_every_layer_in_order_with_the_stand_in_before_each() {
         let model = ModelSpec {
@@ -754,6 +806,18 @@ mod tests {
         let parts = step.communication_ms + step.expert_compute_ms + step.client_compute_ms;
         assert!(parts <= step.step_ms * 1.001, "the parts fit in the step: {step:?}");
         assert!(report.latency.mean() / 1e3 >= step.attention_ms, "a step's latency covers its stand-ins");
+
+        // Each layer's input is the residual stream of the ones before it, not the step's input.
+        let recording = Arc::new(Recording { inner: layers.clone(), calls: std::sync::Mutex::default() });
+        let one_step = LoadSpec { requests: Some(1), ..spec.clone() };
+        run(Target::Reference(recording.clone()), one_step, "one step").await.expect("load test");
+        let calls = recording.calls.lock().expect("calls").clone();
+        assert_eq!(calls.iter().map(|(layer, _, _)| *layer).collect::<Vec<_>>(), [0, 1, 2]);
+        let mut stream = ResidualStream::new(&calls[0].1, model.d_model as usize);
+        for (before, after) in calls.iter().zip(&calls[1..]) {
+            assert_ne!(after.1, before.1, "layer {} got a new input", after.0);
+            assert_eq!(after.1, stream.advance(&before.2), "layer {}'s input: the stream after {}", after.0, before.0);
+        }
 
         let one_layer = LoadSpec { step: None, ..spec };
         let report = run(Target::Reference(layers), one_layer, "one layer").await.expect("load test");

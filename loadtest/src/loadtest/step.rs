@@ -1,6 +1,7 @@
 //! Whole-model steps: one call runs the same tokens through every MoE layer of the model in
 //! order, each after a stand-in for the attention block before it, as a serving system's decode
-//! (or prefill) step does. Its time then splits into what expert parallelism costs
+//! (or prefill) step does; each layer's input is the residual stream the layers before it wrote
+//! ([`ResidualStream`]), so every layer routes what a model would hand it. Its time then splits into what expert parallelism costs
 //! (communication), what the experts cost (compute, queueing), and what the client itself spends
 //! (gate, encode, decode, combine, the stand-in): the time per output token a serving system sees.
 
@@ -90,6 +91,43 @@ impl PreparedStandIn {
     }
 }
 
+/// The residual stream of a whole-model step. Each layer's output is added to it, and the next
+/// layer's input is the stream normalised per row to the RMS that row had in the step's first
+/// input: a pre-norm transformer's RMSNorm before its MoE block (its learned gain aside), keeping
+/// the gate's logits at the scale the load test's inputs were generated for.
+pub(crate) struct ResidualStream {
+    stream: Vec<f32>,
+    d_model: usize,
+    row_rms: Vec<f32>,
+}
+
+impl ResidualStream {
+    /// Starts from the step's first input (`[tokens, d_model]`, row-major).
+    pub(crate) fn new(first_input: &[f32], d_model: usize) -> Self {
+        let d_model = d_model.max(1);
+        let row_rms = first_input.chunks_exact(d_model).map(rms).collect();
+        Self { stream: first_input.to_vec(), d_model, row_rms }
+    }
+
+    /// Adds a layer's `output` to the stream; the next layer's input.
+    pub(crate) fn advance(&mut self, output: &[f32]) -> Vec<f32> {
+        for (value, added) in self.stream.iter_mut().zip(output) {
+            *value += added;
+        }
+        let mut next = self.stream.clone();
+        for (row, target) in next.chunks_exact_mut(self.d_model).zip(&self.row_rms) {
+            let current = rms(row);
+            let gain = if current > 0.0 { target / current } else { 0.0 };
+            row.iter_mut().for_each(|value| *value *= gain);
+        }
+        next
+    }
+}
+
+fn rms(row: &[f32]) -> f32 {
+    (row.iter().map(|value| value * value).sum::<f32>() / row.len().max(1) as f32).sqrt()
+}
+
 /// One step's (or the mean step's) time, split three ways.
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct StepSplit {
@@ -124,6 +162,23 @@ impl StepSplit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_residual_stream_adds_each_output_and_feeds_rows_at_their_first_rms() {
+        let first = [3.0f32, 4.0, 0.0, 1.0, 1.0, 1.0];
+        let mut stream = ResidualStream::new(&first, 3);
+        let next = stream.advance(&[3.0, 4.0, 0.0, 1.0, -1.0, 0.0]);
+        // Row 0: [6, 8, 0] (RMS 10/√3) back to the first RMS 5/√3: [3, 4, 0]; row 1: [2, 0, 1]
+        // (RMS √(5/3)) to RMS 1.
+        let expected = [3.0, 4.0, 0.0, 2.0 / (5.0f32 / 3.0).sqrt(), 0.0, 1.0 / (5.0f32 / 3.0).sqrt()];
+        for (value, expected) in next.iter().zip(expected) {
+            assert!((value - expected).abs() < 1e-6, "{next:?}");
+        }
+        let again = stream.advance(&[0.0, 0.0, 6.0, 0.0, 0.0, 0.0]);
+        // Row 0 is now [6, 8, 6], RMS √(136/3), scaled to 5/√3.
+        assert!((again[2] - 30.0 / 136f32.sqrt()).abs() < 1e-5, "the stream keeps adding: {again:?}");
+        assert_eq!(ResidualStream::new(&[0.0; 3], 3).advance(&[0.0; 3]), vec![0.0; 3], "a zero row stays zero");
+    }
 
     #[tokio::test]
     async fn stand_ins_take_their_time_and_a_gemm_computes() {
