@@ -448,30 +448,78 @@ pub fn write_dev_certs(dir: &Path, hosts: &[String], workers: &[String]) -> Resu
             "worker name {bad:?}: lowercase letters, digits and '-' only, and not a role's or the CA's file name"
         )));
     }
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
     std::fs::create_dir_all(dir).map_err(|error| file_error(dir, error))?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name.push(DnType::CommonName, "switchyard development CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let key = rcgen::KeyPair::generate()?;
+    let ca = dev_ca_params()?.self_signed(&key)?;
+    let issuer = rcgen::Issuer::new(dev_ca_params()?, key);
     write(&dir.join("ca.pem"), &ca.pem(), false)?;
-    write(&dir.join("ca-key.pem"), &ca.key().serialize_pem(), true)?;
+    write(&dir.join("ca-key.pem"), &issuer.key().serialize_pem(), true)?;
     let named = workers.iter().map(|name| (Role::Worker, name.as_str(), named_worker_files(dir, name)));
     let roles = Role::ALL.into_iter().map(|role| (role, role.name(), dev_files(dir, role)));
     for (role, name, files) in roles.chain(named) {
-        let mut params = CertificateParams::new(hosts.to_vec())?;
-        params.distinguished_name.push(DnType::CommonName, format!("switchyard {} {name}", role.name()));
-        let uri = role.uri().try_into().map_err(|_| TlsError::Config(format!("{} is no IA5 string", role.uri())))?;
-        params.subject_alt_names.push(SanType::URI(uri));
-        params.extended_key_usages =
-            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate()?;
-        let certificate = params.signed_by(&key, &*ca)?;
-        write(&files.cert, &(certificate.pem() + &ca.pem()), false)?;
-        write(&files.key, &key.serialize_pem(), true)?;
+        issue(&issuer, &ca.pem(), role, name, hosts, &files)?;
     }
     Ok(())
+}
+
+/// Writes a certificate for one process into `out` (`<name>.pem`, `<name>-key.pem`), signed by
+/// the development CA [`write_dev_certs`] wrote into `ca_dir`, naming `role` and valid for
+/// `hosts`: a server's certificate must name the address it is dialled by, which for hosts made
+/// at start (network namespaces) is known only then.
+pub fn write_host_certificate(
+    ca_dir: &Path,
+    role: Role,
+    name: &str,
+    hosts: &[String],
+    out: &Path,
+) -> Result<TlsFiles, TlsError> {
+    let read = |file: &str| {
+        let path = ca_dir.join(file);
+        std::fs::read_to_string(&path).map_err(|error| file_error(&path, error))
+    };
+    let (ca_pem, ca_key) = (read("ca.pem")?, read("ca-key.pem")?);
+    let issuer = rcgen::Issuer::new(dev_ca_params()?, rcgen::KeyPair::from_pem(&ca_key)?);
+    std::fs::create_dir_all(out).map_err(|error| file_error(out, error))?;
+    let files = TlsFiles {
+        cert: out.join(format!("{name}.pem")),
+        key: out.join(format!("{name}-key.pem")),
+        ca: ca_dir.join("ca.pem"),
+    };
+    issue(&issuer, &ca_pem, role, name, hosts, &files)?;
+    Ok(files)
+}
+
+/// The development CA's parameters: the same every time, so that its key alone signs more
+/// certificates later ([`write_host_certificate`]) that chain to the certificate written first.
+fn dev_ca_params() -> Result<rcgen::CertificateParams, TlsError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, "switchyard development CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+/// Signs a certificate for `role` valid for `hosts` and writes it (followed by the CA's, `ca_pem`)
+/// and its key to `files`.
+fn issue(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    ca_pem: &str,
+    role: Role,
+    name: &str,
+    hosts: &[String],
+    files: &TlsFiles,
+) -> Result<(), TlsError> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, SanType};
+    let mut params = CertificateParams::new(hosts.to_vec())?;
+    params.distinguished_name.push(DnType::CommonName, format!("switchyard {} {name}", role.name()));
+    let uri = role.uri().try_into().map_err(|_| TlsError::Config(format!("{} is no IA5 string", role.uri())))?;
+    params.subject_alt_names.push(SanType::URI(uri));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let certificate = params.signed_by(&key, issuer)?;
+    write(&files.cert, &(certificate.pem() + ca_pem), false)?;
+    write(&files.key, &key.serialize_pem(), true)
 }
 
 fn write(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {

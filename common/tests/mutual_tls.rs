@@ -91,3 +91,26 @@ async fn new_certificate_files_are_taken_without_a_restart() {
     std::fs::write(tls::dev_files(dir.path(), Role::Coordinator).cert, "not a certificate").expect("break");
     assert!(check(&uri, Some(&after)).await.is_ok(), "still the rotated certificates");
 }
+
+/// A certificate signed later by the development CA's key chains to the CA written first, and a
+/// server's names the addresses it was issued for, no others.
+#[tokio::test]
+async fn a_host_certificate_chains_to_the_development_ca_and_names_its_address() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    tls::write_dev_certs(dir.path(), &hosts(), &[]).expect("certificates");
+    let worker = client(dir.path(), Role::Worker);
+    let issued = |hosts: &[&str], out: &str| {
+        let hosts: Vec<String> = hosts.iter().map(|host| (*host).to_owned()).collect();
+        let files =
+            tls::write_host_certificate(dir.path(), Role::Coordinator, "coordinator", &hosts, &dir.path().join(out))
+                .expect("a host certificate");
+        assert_eq!(files.ca, dir.path().join("ca.pem"));
+        ServerTls::load(files).expect("server")
+    };
+
+    let here = serve(issued(&["127.0.0.1"], "here")).await;
+    assert_eq!(check(&here, Some(&worker)).await.expect("the CA's chain"), ServingStatus::Serving);
+    let elsewhere = serve(issued(&["198.18.0.2"], "elsewhere")).await;
+    let refused = check(&elsewhere, Some(&worker)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "127.0.0.1 is not a name of that certificate: {refused:?}");
+}

@@ -59,9 +59,7 @@ impl TestCluster {
         if let Some(certs) = test_tls()
             && !config.coordinator_args.iter().any(|arg| arg == "--tls-cert")
         {
-            use switchyard_common::tls::{Role, TlsArgs, dev_files};
-            config.coordinator_args.extend(TlsArgs::flags(&dev_files(certs, Role::Coordinator)));
-            config.worker_args.extend(TlsArgs::flags(&dev_files(certs, Role::Worker)));
+            config.dev_tls = Some(certs.to_path_buf());
         }
         let processes = LocalCluster::start(config).await.expect("cluster processes start");
         let watcher = TableWatcher::start(&processes.coordinator_uri()).expect("watcher");

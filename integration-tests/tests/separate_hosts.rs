@@ -35,9 +35,6 @@ fn refused_here() -> bool {
 
 /// Why namespaces cannot be made here, if they cannot.
 fn namespaces_refused() -> Option<String> {
-    if std::env::var_os("SWITCHYARD_TEST_TLS").is_some_and(|value| value == "1") {
-        return Some("SWITCHYARD_TEST_TLS=1: the development certificates name 127.0.0.1 only".into());
-    }
     ShapedNetwork::create().err().map(|error| error.to_string())
 }
 

@@ -5,9 +5,11 @@
 //! handle (drop) and with this process (even on SIGKILL); the namespaces go with the handle.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use switchyard_common::children::{ChildError, ChildProcess};
+use switchyard_common::tls::{self, Role, TlsArgs, TlsError};
 use switchyard_common::tracing_setup::TracingArgs;
 use switchyard_model::ModelSpec;
 
@@ -52,6 +54,11 @@ pub struct LocalClusterConfig {
     /// their spans (`OTEL_EXPORTER_OTLP_ENDPOINT`): as this process does, so that JSON logs are
     /// not mixed with text ones and a call's trace has every process's spans.
     pub tracing: TracingArgs,
+    /// A development CA's folder ([`tls::write_dev_certs`]): every process then serves and dials
+    /// mutual TLS with a certificate of its own that the CA's key signs at its start, naming its
+    /// role and the address it listens on (on namespaced hosts known only then). `None`:
+    /// plaintext, unless the args carry certificates.
+    pub dev_tls: Option<PathBuf>,
 }
 
 impl LocalClusterConfig {
@@ -73,6 +80,7 @@ impl LocalClusterConfig {
             hosts: Hosts::Loopback,
             log_filter: None,
             tracing: TracingArgs::default(),
+            dev_tls: None,
         }
     }
 }
@@ -84,6 +92,34 @@ impl LocalClusterConfig {
     }
 }
 
+/// Where a cluster's processes' certificates go: a folder of its own in the CA's, since clusters
+/// of one process may share a CA and run at once.
+fn certificates_folder(config: &LocalClusterConfig) -> Option<PathBuf> {
+    static CLUSTERS: AtomicU64 = AtomicU64::new(0);
+    let cluster = CLUSTERS.fetch_add(1, Ordering::Relaxed);
+    config.dev_tls.as_ref().map(|ca| ca.join(format!("hosts-{}-{cluster}", std::process::id())))
+}
+
+/// The TLS flags of the process `name` in `role` on `host` (loopback when `None`): a certificate
+/// in `folder` from [`LocalClusterConfig::dev_tls`]'s CA, or plaintext (`--insecure`) when the
+/// cluster has none and `args` carry no certificates either.
+fn tls_flags(
+    config: &LocalClusterConfig,
+    folder: Option<&Path>,
+    (role, name): (Role, &str),
+    host: Option<&Host>,
+    args: &[String],
+) -> Result<Vec<String>, TlsError> {
+    let (Some(ca), Some(folder)) = (&config.dev_tls, folder) else {
+        let given = args.iter().any(|arg| arg == "--tls-cert");
+        return Ok(if given { Vec::new() } else { vec!["--insecure".to_owned()] });
+    };
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    names.extend(host.map(|host| host.address.to_string()));
+    let files = tls::write_host_certificate(ca, role, name, &names, folder)?;
+    Ok(TlsArgs::flags(&files))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LocalClusterError {
     #[error("{0} not found: build the workspace first (cargo build --release --workspace --bins)")]
@@ -92,8 +128,12 @@ pub enum LocalClusterError {
     Child(#[from] ChildError),
     #[error(transparent)]
     Network(#[from] NetworkError),
-    #[error("mutual TLS on namespaced hosts is not supported yet (the development certificates name 127.0.0.1 only)")]
+    #[error(
+        "certificates given to processes on namespaced hosts would have to name addresses chosen at start: give the cluster a development CA instead (switchyard local --tls)"
+    )]
     TlsOnNamespaces,
+    #[error("certificates: {0}")]
+    Tls(#[from] TlsError),
 }
 
 #[derive(Debug)]
@@ -104,6 +144,8 @@ pub struct LocalCluster {
     /// The coordinator's host and each worker's, on namespaced hosts.
     coordinator_host: Option<Host>,
     worker_hosts: Vec<Host>,
+    /// This cluster's processes' certificates, with a development CA.
+    certificates: Option<PathBuf>,
     /// Last: dropped after the processes in its namespaces.
     network: Option<ShapedNetwork>,
 }
@@ -133,9 +175,17 @@ impl LocalCluster {
                 (Some(network), Some(host))
             }
         };
-        let coordinator = spawn_coordinator(&config, coordinator_host.as_ref(), None).await?;
-        let mut cluster =
-            Self { coordinator, workers: Vec::new(), config, coordinator_host, worker_hosts: Vec::new(), network };
+        let certificates = certificates_folder(&config);
+        let coordinator = spawn_coordinator(&config, certificates.as_deref(), coordinator_host.as_ref(), None).await?;
+        let mut cluster = Self {
+            coordinator,
+            workers: Vec::new(),
+            config,
+            coordinator_host,
+            worker_hosts: Vec::new(),
+            certificates,
+            network,
+        };
         for index in 0..cluster.config.workers {
             cluster.start_worker(index).await?;
         }
@@ -163,7 +213,13 @@ impl LocalCluster {
     pub async fn restart_coordinator(&mut self) -> Result<(), LocalClusterError> {
         self.coordinator.kill().await;
         let address = self.coordinator.grpc;
-        self.coordinator = spawn_coordinator(&self.config, self.coordinator_host.as_ref(), Some(address)).await?;
+        self.coordinator = spawn_coordinator(
+            &self.config,
+            self.certificates.as_deref(),
+            self.coordinator_host.as_ref(),
+            Some(address),
+        )
+        .await?;
         Ok(())
     }
 
@@ -205,10 +261,17 @@ impl LocalCluster {
             args.extend(["--model-root".to_owned(), checkpoint.clone()]);
         }
         args.extend(self.config.worker_args.iter().cloned());
-        plaintext_unless_tls(&mut args);
+        let name = format!("worker-{index}");
+        args.extend(tls_flags(
+            &self.config,
+            self.certificates.as_deref(),
+            (Role::Worker, &name),
+            host.as_ref(),
+            &args,
+        )?);
         let worker = ChildProcess::spawn_in(
             host.as_ref().map(|host| host.namespace.as_path()),
-            &format!("worker-{index}"),
+            &name,
             &self.config.worker_bin,
             &args,
             &self.config.envs(),
@@ -237,14 +300,6 @@ impl LocalCluster {
     }
 }
 
-/// A local cluster on loopback serves plaintext unless it was given certificates: say so, as
-/// the servers require.
-fn plaintext_unless_tls(args: &mut Vec<String>) {
-    if !args.iter().any(|arg| arg == "--tls-cert") {
-        args.push("--insecure".to_owned());
-    }
-}
-
 /// Runs blocking work (`ip`, `tc`) off the async runtime's threads.
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(work).await.expect("network set-up does not panic")
@@ -261,6 +316,7 @@ fn listen_address(host: Option<&Host>) -> String {
 /// The coordinator, on `host` if given, on `grpc` if given (a restart keeps its address).
 async fn spawn_coordinator(
     config: &LocalClusterConfig,
+    certificates: Option<&Path>,
     host: Option<&Host>,
     grpc: Option<std::net::SocketAddr>,
 ) -> Result<ChildProcess, LocalClusterError> {
@@ -282,7 +338,7 @@ async fn spawn_coordinator(
     ];
     args.extend(switchyard_model::cli::flags_for(&config.model));
     args.extend(config.coordinator_args.iter().cloned());
-    plaintext_unless_tls(&mut args);
+    args.extend(tls_flags(config, certificates, (Role::Coordinator, "coordinator"), host, &args)?);
     let namespace = host.map(|host| host.namespace.as_path());
     Ok(ChildProcess::spawn_in(namespace, "coordinator", &config.coordinator_bin, &args, &config.envs(), READY_WITHIN)
         .await?)

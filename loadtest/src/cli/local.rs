@@ -40,9 +40,10 @@ pub struct LocalArgs {
     #[arg(long)]
     pub loadtest: bool,
 
-    /// Run every connection over mutual TLS, with a development CA and a certificate per role
-    /// written to a fresh folder (printed) for the coordinator, the workers and this process.
-    #[arg(long, env = "SWITCHYARD_LOCAL_TLS", conflicts_with = "link_rate")]
+    /// Run every connection over mutual TLS: a development CA written to a fresh folder (printed),
+    /// a certificate for this process, and one for each coordinator and worker signed as it
+    /// starts, naming its role and the address it listens on (its own host's with --link-rate).
+    #[arg(long, env = "SWITCHYARD_LOCAL_TLS")]
     pub tls: bool,
 
     /// Put the coordinator and each worker on a host of its own (a Linux network namespace with
@@ -114,11 +115,11 @@ async fn run_cluster(args: &LocalArgs, tracing: &TracingArgs) -> anyhow::Result<
         config.log_filter = Some("warn".into());
     }
     if args.tls {
-        use switchyard_common::tls::{self, ClientTls, Role, TlsArgs};
+        use switchyard_common::tls::{self, ClientTls, Role};
         let dir = std::env::temp_dir().join(format!("switchyard-local-certs-{}", std::process::id()));
         tls::write_dev_certs(&dir, &["localhost".to_owned(), "127.0.0.1".to_owned()], &[])?;
-        config.coordinator_args.extend(TlsArgs::flags(&tls::dev_files(&dir, Role::Coordinator)));
-        config.worker_args.extend(TlsArgs::flags(&tls::dev_files(&dir, Role::Worker)));
+        // Each process gets a certificate of its own from this CA, naming the host it runs on.
+        config.dev_tls = Some(dir.clone());
         tls::use_for_outgoing(ClientTls::load(tls::dev_files(&dir, Role::Client))?);
         eprintln!("mutual TLS on every connection; certificates in {}", dir.display());
     }
