@@ -101,6 +101,11 @@ fn present_tls_identity(cli: &Cli) -> anyhow::Result<()> {
                 "switchyard local --tls makes its own certificates; --tls-cert, --tls-key and --tls-ca are not for it"
             );
         }
+        if matches!(&cli.command, Command::Bench(_)) {
+            anyhow::bail!(
+                "switchyard bench runs clusters of its own: --tls gives them (and it) certificates from a development CA; --tls-cert, --tls-key and --tls-ca are not for it"
+            );
+        }
         switchyard_common::tls::use_for_outgoing(switchyard_common::tls::ClientTls::load(files)?);
     }
     Ok(())

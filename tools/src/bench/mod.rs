@@ -64,6 +64,8 @@ pub struct BenchSettings {
     pub worker_bin: PathBuf,
     /// Loopback, or each worker on a host of its own behind a shaped link.
     pub hosts: Hosts,
+    /// A development CA: the clusters run on mutual TLS ([`LocalClusterConfig::dev_tls`]).
+    pub dev_tls: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -374,6 +376,7 @@ impl ShapeCluster {
         config.max_batch_tokens = max_tokens;
         config.torch_threads = settings.worker_torch_threads;
         config.hosts = settings.hosts;
+        config.dev_tls = settings.dev_tls.clone();
         config.worker_args = vec!["--batch-wait-us".into(), settings.batch_wait_us.to_string()];
         if settings.identity_experts {
             config.worker_args.push("--identity-experts".into());
@@ -768,6 +771,7 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "preset_calls": plan.preset_calls,
         "preset_time_s": plan.preset_time.as_secs_f64(),
         "link_rates": plan.link_rates.iter().map(LinkRate::to_string).collect::<Vec<_>>(),
+        "mutual_tls": settings.dev_tls.is_some(),
         "step": plan.step.map(|step| serde_json::json!({
             "layers": step.layers,
             "tokens": step.tokens,

@@ -235,7 +235,9 @@ async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFi
         runtime.shutdown_background();
         Ok(())
     });
-    let channel = switchyard_common::transport::channel(&format!("http://{address}")).map_err(std::io::Error::other)?;
+    // Plaintext whatever identity this process presents elsewhere: the machine's limits.
+    let channel = switchyard_common::transport::secure_channel(&format!("http://{address}"), None)
+        .map_err(std::io::Error::other)?;
     let mut client = WireEchoClient::new(channel.clone())
         .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);

@@ -145,6 +145,12 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_ACTIVATION", value_enum, default_value = "swiglu")]
     pub activation: ActivationArg,
 
+    /// Run every connection of the measured clusters over mutual TLS, with a development CA
+    /// written to a fresh folder and a certificate per process, as `switchyard local --tls` does
+    /// (the wire baselines stay plaintext: they are the machine's limits).
+    #[arg(long, env = "SWITCHYARD_BENCH_TLS")]
+    pub tls: bool,
+
     /// Only redraw the SVG charts of the report folder --out from its report.json, then exit.
     #[arg(long, env = "SWITCHYARD_BENCH_REPLOT")]
     pub replot: bool,
@@ -198,6 +204,17 @@ fn parse_dims(text: &str) -> Result<(u32, u32), String> {
     }
 }
 
+/// A development CA in a fresh folder, and this process's client certificate from it presented on
+/// every connection it opens: the clusters' processes get theirs from the CA as they start.
+fn development_tls() -> anyhow::Result<std::path::PathBuf> {
+    use switchyard_common::tls::{self, ClientTls, Role};
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-certs-{}", std::process::id()));
+    tls::write_dev_certs(&dir, &["localhost".to_owned(), "127.0.0.1".to_owned()], &[])?;
+    tls::use_for_outgoing(ClientTls::load(tls::dev_files(&dir, Role::Client))?);
+    eprintln!("mutual TLS on every connection of the clusters; certificates in {}", dir.display());
+    Ok(dir)
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.replot {
         for path in report::folder::replot(&args.out)? {
@@ -238,6 +255,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         coordinator_bin: dir.join("switchyard-coordinator"),
         worker_bin: dir.join("switchyard-worker"),
         hosts: Hosts::Loopback,
+        dev_tls: args.tls.then(development_tls).transpose()?,
     };
     let plan = BenchPlan {
         axes: Axes {
