@@ -160,6 +160,50 @@ async fn switchyard_bench_writes_a_report_folder() {
     assert!(chart.starts_with("<svg") && chart.contains("2w 4e k2 64x128 32t bf16"), "labelled bars");
 }
 
+/// `--tls`: the clusters run on mutual TLS (this process dials nothing else), each process with a
+/// certificate the development CA issued it, and the answers still equal the reference's.
+#[tokio::test]
+async fn switchyard_bench_tls_runs_its_clusters_on_certificates_of_their_own() {
+    let out = tempfile::tempdir().expect("temp dir");
+    let small = ["--run", "sweep", "--tokens", "8", "--wire-dtypes", "f32", "--workers", "1", "--experts", "4"];
+    let output = tokio::process::Command::new(binaries_dir().join("switchyard"))
+        .arg("bench")
+        .args(small)
+        .args(["--top-k", "2", "--dims", "64x128", "--calls", "3", "--warmup-calls", "1", "--tls", "--out"])
+        .arg(out.path())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("switchyard bench runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "switchyard bench --tls: {stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).expect("report.json"))
+            .expect("valid JSON");
+    assert_eq!(json["settings"]["mutual_tls"], true);
+    let error = json["points"][0]["wire_error"].as_f64().expect("a measured point");
+    assert!(error < 1e-5, "through TLS: {error}");
+    let certs = stderr
+        .lines()
+        .find_map(|line| line.split("certificates in ").nth(1))
+        .map(std::path::PathBuf::from)
+        .expect("the certificates' folder is named");
+    let issued: Vec<String> = std::fs::read_dir(&certs)
+        .expect("the CA's folder")
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("hosts-"))
+        .flat_map(|hosts| {
+            std::fs::read_dir(hosts.path()).expect("a cluster's certificates").filter_map(|entry| entry.ok())
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    for process in ["coordinator.pem", "worker-0.pem"] {
+        assert!(issued.iter().any(|file| file == process), "{process} issued: {issued:?}");
+    }
+    let _ = std::fs::remove_dir_all(certs);
+}
+
 #[tokio::test]
 async fn switchyard_bench_measures_a_whole_model_step_both_ways_and_splits_it() {
     let (out, json) = bench(&[
