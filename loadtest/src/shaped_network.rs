@@ -110,6 +110,20 @@ impl fmt::Display for LinkRate {
     }
 }
 
+/// As its text (`10gbit`), so that reports read as they are written.
+impl serde::Serialize for LinkRate {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LinkRate {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// One host of the network: its namespace and address.
 #[derive(Debug, Clone)]
 pub struct Host {

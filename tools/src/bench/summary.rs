@@ -10,6 +10,7 @@ use super::plan::Point;
 use super::wire::{WireBaselines, WireFigure};
 use super::{BenchReport, PointResult, PresetResult};
 use switchyard_loadtest::loadtest::{LoadReport, LoadSummary, StepSplit};
+use switchyard_loadtest::shaped_network::LinkRate;
 
 /// A bench run's figures: `report.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,7 +38,7 @@ pub struct StepSummary {
     pub layers: usize,
     pub tokens: usize,
     pub attention: String,
-    pub link_rate: Option<String>,
+    pub link_rate: Option<LinkRate>,
     pub distributed: StepSplit,
     pub reference: StepSplit,
     pub distributed_p99_ms: f64,
@@ -51,7 +52,7 @@ impl super::StepResult {
             layers: self.plan.layers as usize,
             tokens: self.plan.tokens,
             attention: self.plan.attention.describe(),
-            link_rate: self.link.map(|rate| rate.to_string()),
+            link_rate: self.link,
             distributed: split(&self.distributed),
             reference: split(&self.reference),
             distributed_p99_ms: self.distributed.summary().latency_p99_ms,
@@ -156,7 +157,7 @@ pub struct PresetSummary {
     /// least time dispatch and combine could take on them: the busiest link's socket bytes per call
     /// over the rate, in microseconds (none on loopback, and in reports written before).
     #[serde(default)]
-    pub link_rate: Option<String>,
+    pub link_rate: Option<LinkRate>,
     #[serde(default)]
     pub dispatch_floor_us: Option<f64>,
     #[serde(default)]
@@ -238,7 +239,7 @@ impl PresetResult {
             dispatch_share_of_tcp: dispatch_gbps / self.baselines.tcp_one_way.gb_per_s.max(1e-12),
             combine_share_of_tcp: combine_gbps / self.baselines.tcp_one_way.gb_per_s.max(1e-12),
             baselines: self.baselines,
-            link_rate: self.link.map(|rate| rate.to_string()),
+            link_rate: self.link,
             dispatch_floor_us: floors.map(|(dispatch, _)| dispatch),
             combine_floor_us: floors.map(|(_, combine)| combine),
             link_tcp: self.link_tcp,

@@ -9,7 +9,6 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::bench::{PointSummary, PresetSummary};
-use switchyard_loadtest::shaped_network::LinkRate;
 use switchyard_router_client::timing::TimeBreakdown;
 
 pub type ChartResult = Result<(), Box<dyn std::error::Error>>;
@@ -188,9 +187,7 @@ fn series_entry(series: &mut Vec<(String, Vec<(f64, f64)>)>, name: String) -> &m
 pub fn link_rates(presets: &[PresetSummary], path: &Path) -> ChartResult {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for preset in presets {
-        let (Some(rate), Some((dispatch, combine))) =
-            (preset.link_rate.as_deref().and_then(|rate| rate.parse::<LinkRate>().ok()), preset.floor_ratios())
-        else {
+        let (Some(rate), Some((dispatch, combine))) = (preset.link_rate, preset.floor_ratios()) else {
             continue;
         };
         let gbit = rate.bits_per_second() as f64 / 1e9;

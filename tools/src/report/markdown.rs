@@ -115,7 +115,7 @@ pub fn step_table(steps: &[StepSummary]) -> String {
         let _ = writeln!(
             text,
             "| {} | {} | {} | {} | {} | {:.2} ({:.2}) | {:.2} ({:.0}%) | {:.2} ({:.0}%) | {:.2} ({:.2}) | {:.2} | {:.2}x |",
-            step.link_rate.as_deref().unwrap_or("loopback"),
+            step.link_rate.map_or_else(|| "loopback".to_owned(), |rate| rate.to_string()),
             step.shape,
             step.layers,
             step.tokens,
@@ -147,15 +147,9 @@ pub fn link_table(presets: &[PresetSummary]) -> String {
         else {
             continue;
         };
-        let rate: Option<f64> = link
-            .parse::<switchyard_loadtest::shaped_network::LinkRate>()
-            .ok()
-            .map(|rate| rate.bits_per_second() as f64);
+        let rate = link.bits_per_second() as f64;
         // The floor is bytes over the rate: the achieved rate is the floor's share of the time.
-        let achieved = |ratio: f64| match rate {
-            Some(rate) => format!("{:.2} ({:.0}%)", rate / ratio / 1e9, 100.0 / ratio),
-            None => "–".to_owned(),
-        };
+        let achieved = |ratio: f64| format!("{:.2} ({:.0}%)", rate / ratio / 1e9, 100.0 / ratio);
         let _ = writeln!(
             text,
             "| {link} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.0} | {:.0} | {:.2} | {} | {} |",
@@ -169,11 +163,10 @@ pub fn link_table(presets: &[PresetSummary]) -> String {
             combine_floor,
             combine_ratio,
             achieved(combine_ratio),
-            match (preset.link_tcp, rate) {
-                (Some(tcp), Some(rate)) =>
-                    format!("{:.2} ({:.0}%)", tcp.gb_per_s * 8.0, tcp.gb_per_s * 8e9 / rate * 100.0),
-                _ => "–".to_owned(),
-            },
+            preset.link_tcp.map_or_else(
+                || "–".to_owned(),
+                |tcp| format!("{:.2} ({:.0}%)", tcp.gb_per_s * 8.0, tcp.gb_per_s * 8e9 / rate * 100.0)
+            ),
         );
     }
     text
