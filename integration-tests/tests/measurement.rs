@@ -160,6 +160,36 @@ async fn switchyard_bench_writes_a_report_folder() {
     assert!(chart.starts_with("<svg") && chart.contains("2w 4e k2 64x128 32t bf16"), "labelled bars");
 }
 
+/// DeepEP's low-latency preset, measured in rounds with the single-connection TCP baseline between
+/// them: every call counted once across the rounds, tokens sent once per worker holding any of
+/// their experts, and the ratios over the interleaved baseline.
+#[tokio::test]
+async fn switchyard_bench_measures_a_deepep_preset_in_rounds_beside_tcp() {
+    let (_out, json) = bench(&["--run", "deepep-low-latency", "--preset-calls", "7", "--baseline-repeats", "3"]).await;
+    let preset = &json["presets"][0];
+    assert_eq!(preset["preset"], "deepep-low-latency");
+    let distributed = &preset["result"]["distributed"];
+    assert_eq!(
+        (distributed["calls"].as_u64(), distributed["failed"].as_u64()),
+        (Some(7), Some(0)),
+        "7 calls in 5 rounds"
+    );
+    let tcp = &preset["baselines"]["tcp_one_way"];
+    assert_eq!(tcp["repeats"], 5, "one TCP transfer after each of the 5 rounds");
+    let rows_per_token = preset["rows_per_token"].as_f64().expect("rows per token");
+    assert!((1.5..=2.0).contains(&rows_per_token), "top-8 of 256 over 2 workers: {rows_per_token} copies");
+    let (logical, wire) =
+        (preset["logical_dispatch_gb_per_s"].as_f64().unwrap(), preset["dispatch_gb_per_s"].as_f64().unwrap());
+    assert!((logical / wire - 8.0 / rows_per_token).abs() < 0.01, "logical counts 8 copies: {logical} vs {wire}");
+    let share = preset["dispatch_share_of_tcp"].as_f64().expect("share");
+    assert!((share - wire / tcp["gb_per_s"].as_f64().unwrap()).abs() < 1e-9 && share > 0.0, "{share}");
+    let (payload, socket) = (
+        preset["result"]["payload_bytes_per_token"].as_f64().unwrap(),
+        preset["result"]["socket_bytes_per_token"].as_f64().unwrap(),
+    );
+    assert!(socket > payload && socket < payload * 1.05, "the rounds' socket bytes add up: {socket} for {payload}");
+}
+
 /// `--tls`: the clusters run on mutual TLS (this process dials nothing else), each process with a
 /// certificate the development CA issued it, and the answers still equal the reference's.
 #[tokio::test]

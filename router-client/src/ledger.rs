@@ -173,6 +173,25 @@ pub struct PairTotals {
 }
 
 impl PairTotals {
+    fn absorb(&mut self, later: &PairTotals) {
+        self.calls += later.calls;
+        self.requests += later.requests;
+        self.rows += later.rows;
+        self.bytes += later.bytes;
+        self.socket_sent += later.socket_sent;
+        self.socket_received += later.socket_received;
+        self.encode += later.encode;
+        self.decode += later.decode;
+        self.combine += later.combine;
+        self.rpc += later.rpc;
+        self.dispatch += later.dispatch;
+        self.combine_transfer += later.combine_transfer;
+        self.queue_wait += later.queue_wait;
+        self.compute += later.compute;
+        self.straggler_calls += later.straggler_calls;
+        self.straggler_margin += later.straggler_margin;
+    }
+
     fn add(&mut self, call: &WorkerCall) {
         self.calls += 1;
         self.requests += call.requests as u64;
@@ -266,6 +285,13 @@ pub struct CommLedger {
 }
 
 impl CommLedger {
+    /// Adds another ledger's sums (a later window of the same calls' kind), pair by pair.
+    pub fn absorb(&mut self, later: CommLedger) {
+        for (key, pair) in later.pairs {
+            self.pairs.entry(key).or_default().absorb(&pair);
+        }
+    }
+
     /// Adds one layer call's worker shares, and marks its straggler.
     pub fn record(&mut self, layer: u32, calls: &[WorkerCall]) {
         for call in calls {
@@ -362,6 +388,23 @@ mod tests {
         assert_eq!((b.straggler_calls, b.straggler_margin), (1, Duration::from_millis(2)));
         assert_eq!(c.straggler_calls, 0);
         assert_eq!((a.calls, a.rows, a.rpc, a.dispatch), (2, 8, Duration::from_millis(15), Duration::from_millis(2)));
+    }
+
+    #[test]
+    fn a_ledger_absorbs_a_later_one_pair_by_pair() {
+        let mut first = CommLedger::default();
+        first.record(0, &[call("a", 10, 4), call("b", 4, 2)]);
+        first.set_socket_bytes(0, "a", 100, 50);
+        let mut later = CommLedger::default();
+        later.record(0, &[call("a", 3, 4), call("b", 9, 2)]);
+        later.record(1, &[call("c", 1, 1)]);
+        later.set_socket_bytes(0, "a", 30, 20);
+        first.absorb(later);
+        let a = &first.pairs[&(0, "a".to_owned())];
+        assert_eq!((a.calls, a.rows, a.rpc, a.straggler_calls), (2, 8, Duration::from_millis(13), 1));
+        assert_eq!((a.socket_sent, a.socket_received), (130, 70));
+        assert_eq!(first.pairs[&(0, "b".to_owned())].straggler_calls, 1);
+        assert_eq!(first.pairs[&(1, "c".to_owned())].calls, 1, "a pair only the later one had");
     }
 
     #[test]

@@ -336,6 +336,46 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// Adds the calls of `later`, a run of the same load against the same target measured after
+    /// this one: a measurement taken in rounds (with something else measured between them) reads
+    /// as one.
+    pub fn absorb(&mut self, later: LoadReport) {
+        self.measured += later.measured;
+        self.elapsed += later.elapsed;
+        self.calls += later.calls;
+        self.dropped_arrivals += later.dropped_arrivals;
+        for (code, count) in later.errors {
+            *self.errors.entry(code).or_default() += count;
+        }
+        if self.first_error.is_none() {
+            self.first_error = later.first_error;
+        }
+        self.tokens += later.tokens;
+        self.assignments += later.assignments;
+        self.dropped += later.dropped;
+        self.rerouted += later.rerouted;
+        self.refused += later.refused;
+        self.router_stats_total += later.router_stats_total;
+        let _ = self.latency.add(&later.latency);
+        for (histogram, more) in self.phase_histograms.iter_mut().zip(&later.phase_histograms) {
+            let _ = histogram.add(more);
+        }
+        if self.expert_load.len() < later.expert_load.len() {
+            self.expert_load.resize(later.expert_load.len(), 0);
+        }
+        for (total, load) in self.expert_load.iter_mut().zip(&later.expert_load) {
+            *total += load;
+        }
+        self.timing_total += later.timing_total;
+        self.bytes_total += later.bytes_total;
+        self.ledger.absorb(later.ledger);
+        self.dispatch_total += later.dispatch_total;
+        self.combine_transfer_total += later.combine_transfer_total;
+        self.dispatch_span_total += later.dispatch_span_total;
+        self.combine_span_total += later.combine_span_total;
+        self.attention_total += later.attention_total;
+    }
+
     /// Over the real time the window's calls took ([`LoadReport::elapsed`]), so an overloaded
     /// run does not claim the answers that came after its window.
     pub fn tokens_per_second(&self) -> f64 {
@@ -879,6 +919,41 @@ mod tests {
         // Durations are clamped into the histogram's range rather than dropped.
         assert_eq!(micros(Duration::ZERO), 1);
         assert_eq!(micros(Duration::from_secs(3600)), 600_000_000);
+    }
+
+    /// A measurement in rounds reads as one: counts, histograms, phases and loads add up.
+    #[tokio::test]
+    async fn a_report_absorbs_a_later_rounds_calls() {
+        let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
+        let target = Target::Reference(reference(&model).await);
+        let spec = |requests: u64, seed: u64| LoadSpec {
+            concurrency: 1,
+            arrival: Arrival::Closed,
+            duration: Duration::from_secs(10),
+            requests: Some(requests),
+            tokens_per_call: 8,
+            layer: 0,
+            step: None,
+            warmup: Duration::ZERO,
+            seed,
+            routing: RoutingOverrides::default(),
+            progress: false,
+            skew: Skew::Uniform,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        };
+        let mut first = run(target.clone(), spec(3, 1), "rounds").await.expect("load test");
+        let second = run(target, spec(5, 2), "rounds").await.expect("load test");
+        let (first_wall, second_wall) = (first.timing_total.wall, second.timing_total.wall);
+        let (first_load, second_load) = (first.expert_load.clone(), second.expert_load.clone());
+        let measured = first.measured + second.measured;
+        first.absorb(second);
+        assert_eq!((first.calls, first.tokens, first.latency.len()), (8, 64, 8));
+        assert!(first.phase_histograms.iter().all(|histogram| histogram.len() == 8));
+        assert_eq!(first.timing_total.wall, first_wall + second_wall);
+        assert_eq!(first.measured, measured);
+        let loads: Vec<u64> = first_load.iter().zip(&second_load).map(|(a, b)| a + b).collect();
+        assert_eq!(first.expert_load, loads);
+        assert_eq!(first.expert_load.iter().sum::<u64>(), first.assignments - first.dropped);
     }
 
     #[tokio::test]

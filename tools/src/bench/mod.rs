@@ -183,6 +183,9 @@ impl PointResult {
     }
 }
 
+/// Rounds a preset's calls are measured in, each followed by a share of the TCP baseline.
+const PRESET_ROUNDS: u64 = 5;
+
 /// A DeepEP setting: pure communication, bf16 both ways, beside the wire baselines.
 #[derive(Debug, Clone)]
 pub struct PresetResult {
@@ -641,11 +644,38 @@ async fn measure_preset(
 ) -> Result<PresetResult, BenchError> {
     let point = Point { shape, tokens: preset.tokens(), wire_dtype: WireDtype::Bf16 };
     let client = cluster.client(WireDtype::Bf16);
-    let distributed = measure(Target::Distributed(client), settings, point.tokens, preset.name()).await?;
-    // The baselines move what one dispatch request carried.
-    let requests: u64 = distributed.ledger.pairs.values().map(|pair| pair.requests).sum();
-    let request_bytes = distributed.bytes_total.payload_sent / requests.max(1);
-    let baselines = wire::measure(request_bytes.max(1) as usize, settings.baseline_repeats).await?;
+    // This machine's loopback swings several-fold within seconds: the calls go in rounds, each
+    // followed by its share of the single-connection TCP baseline, so that the ratio of the two
+    // compares transfers made under the same conditions.
+    let rounds = settings.calls.clamp(1, PRESET_ROUNDS);
+    let mut distributed: Option<LoadReport> = None;
+    let mut tcp_times = Vec::new();
+    let mut request_bytes = 1;
+    for round in 0..rounds {
+        let calls = settings.calls / rounds + u64::from(round < settings.calls % rounds);
+        let round_settings = BenchSettings {
+            calls,
+            warmup_calls: if round == 0 { settings.warmup_calls } else { 0 },
+            ..settings.clone()
+        };
+        let report = measure(Target::Distributed(client.clone()), &round_settings, point.tokens, preset.name()).await?;
+        let total = match &mut distributed {
+            Some(total) => {
+                total.absorb(report);
+                total
+            }
+            None => distributed.insert(report),
+        };
+        // The baselines move what one dispatch request carried.
+        let requests: u64 = total.ledger.pairs.values().map(|pair| pair.requests).sum();
+        request_bytes = (total.bytes_total.payload_sent / requests.max(1)).max(1) as usize;
+        tcp_times
+            .extend(wire::tcp_one_way_times(request_bytes, settings.baseline_repeats.div_ceil(rounds as u32)).await?);
+    }
+    let distributed = distributed.expect("at least one round");
+    let mut baselines = wire::measure(request_bytes, settings.baseline_repeats).await?;
+    baselines.tcp_one_way = wire::WireFigure::one_way(request_bytes as u64, &tcp_times);
+    let request_bytes = request_bytes as u64;
     let link_tcp = match cluster.cluster.worker_hosts().first() {
         Some(host) if link.is_some() => Some(wire::tcp_over_link(host, request_bytes.max(1) as usize, 3).await?),
         _ => None,

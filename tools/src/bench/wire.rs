@@ -27,6 +27,11 @@ pub struct WireFigure {
 }
 
 impl WireFigure {
+    /// A one-way transfer's figure from its times (the acknowledgement's byte counted).
+    pub fn one_way(bytes: u64, times: &[Duration]) -> Self {
+        Self::from_times(bytes, bytes + 1, times)
+    }
+
     fn from_times(bytes: u64, moved: u64, times: &[Duration]) -> Self {
         let mean = times.iter().sum::<Duration>().as_secs_f64() / times.len().max(1) as f64;
         Self { bytes, repeats: times.len() as u32, mean_us: mean * 1e6, gb_per_s: moved as f64 / mean.max(1e-12) / 1e9 }
@@ -137,7 +142,18 @@ fn tcp_striped(bytes: usize, repeats: u32, connections: usize) -> std::io::Resul
 /// Blocking TCP on 127.0.0.1: the client writes `bytes`; the server answers them back (`echo`) or
 /// with one byte.
 fn tcp(bytes: usize, repeats: u32, echo: bool) -> std::io::Result<WireFigure> {
-    tcp_to(|| TcpListener::bind("127.0.0.1:0"), bytes, repeats, echo)
+    let times = tcp_times(|| TcpListener::bind("127.0.0.1:0"), bytes, repeats, echo)?;
+    let answer = if echo { bytes } else { 1 };
+    Ok(WireFigure::from_times(bytes as u64, (bytes + answer) as u64, &times))
+}
+
+/// The times of `repeats` one-way transfers of `bytes` over one TCP connection on 127.0.0.1 (a
+/// fresh one, after one unmeasured transfer), on a blocking thread: a share of a baseline measured
+/// in rounds ([`WireFigure::one_way`] of them all).
+pub async fn tcp_one_way_times(bytes: usize, repeats: u32) -> std::io::Result<Vec<Duration>> {
+    tokio::task::spawn_blocking(move || tcp_times(|| TcpListener::bind("127.0.0.1:0"), bytes, repeats, false))
+        .await
+        .map_err(|_| std::io::Error::other("the TCP baseline panicked"))?
 }
 
 /// Raw TCP one way over `host`'s shaped link: the server on a thread in the host's namespace,
@@ -148,18 +164,20 @@ pub async fn tcp_over_link(host: &Host, bytes: usize, repeats: u32) -> std::io::
         host.enter_on_this_thread()?;
         TcpListener::bind((host.address, 0))
     };
-    tokio::task::spawn_blocking(move || tcp_to(listen, bytes, repeats, false))
+    let times = tokio::task::spawn_blocking(move || tcp_times(listen, bytes, repeats, false))
         .await
-        .map_err(|_| std::io::Error::other("the link baseline panicked"))?
+        .map_err(|_| std::io::Error::other("the link baseline panicked"))??;
+    Ok(WireFigure::one_way(bytes as u64, &times))
 }
 
-/// [`tcp`] to a server listening where `listen` (run on the server's thread) binds.
-fn tcp_to(
+/// The times of [`tcp`]'s transfers to a server listening where `listen` (run on the server's
+/// thread) binds.
+fn tcp_times(
     listen: impl FnOnce() -> std::io::Result<TcpListener> + Send + 'static,
     bytes: usize,
     repeats: u32,
     echo: bool,
-) -> std::io::Result<WireFigure> {
+) -> std::io::Result<Vec<Duration>> {
     let (bound, address) = std::sync::mpsc::channel();
     let answer_bytes = if echo { bytes } else { 1 };
     let server = std::thread::spawn(move || -> std::io::Result<()> {
@@ -191,7 +209,7 @@ fn tcp_to(
         }
     }
     server.join().map_err(|_| std::io::Error::other("the TCP echo server panicked"))??;
-    Ok(WireFigure::from_times(bytes as u64, (bytes + answer_bytes) as u64, &times))
+    Ok(times)
 }
 
 struct Echo;

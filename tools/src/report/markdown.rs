@@ -242,7 +242,9 @@ pub fn bench_report(summary: &BenchSummary) -> String {
              slowest worker's request transfer per call (client send → worker handler), combine the way back \
              (worker reply → client has the answer); GB/s is the call's payload in that direction over that time. \
              The baselines move one request's payload over TCP and a plain gRPC echo on this machine's loopback, \
-             in the same run.\n\n",
+             in the same run; the single-connection TCP figure the percentages divide by is measured between \
+             the preset's calls (in 5 rounds, each after a fifth of the calls), because this machine's loopback \
+             swings several-fold within seconds.\n\n",
         );
         text.push_str(&preset_table(&summary.presets));
         text.push('\n');
