@@ -92,32 +92,46 @@ impl LocalClusterConfig {
     }
 }
 
-/// Where a cluster's processes' certificates go: a folder of its own in the CA's, since clusters
-/// of one process may share a CA and run at once.
-fn certificates_folder(config: &LocalClusterConfig) -> Option<PathBuf> {
-    static CLUSTERS: AtomicU64 = AtomicU64::new(0);
-    let cluster = CLUSTERS.fetch_add(1, Ordering::Relaxed);
-    config.dev_tls.as_ref().map(|ca| ca.join(format!("hosts-{}-{cluster}", std::process::id())))
+/// A development CA, and the folder in it where one cluster's processes get their certificates.
+#[derive(Debug)]
+struct Certificates {
+    ca: PathBuf,
+    folder: PathBuf,
 }
 
-/// The TLS flags of the process `name` in `role` on `host` (loopback when `None`): a certificate
-/// in `folder` from [`LocalClusterConfig::dev_tls`]'s CA, or plaintext (`--insecure`) when the
-/// cluster has none and `args` carry no certificates either.
+impl Certificates {
+    /// For `config`'s CA, a folder of this cluster's own: clusters of one process may share a CA
+    /// and run at once.
+    fn of(config: &LocalClusterConfig) -> Option<Self> {
+        static CLUSTERS: AtomicU64 = AtomicU64::new(0);
+        let ca = config.dev_tls.clone()?;
+        let folder = ca.join(format!("hosts-{}-{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed)));
+        Some(Self { ca, folder })
+    }
+
+    /// The flags of the process `name` in `role` on `host` (loopback when `None`): a certificate
+    /// naming its role and the addresses it is dialled by.
+    fn flags(&self, (role, name): (Role, &str), host: Option<&Host>) -> Result<Vec<String>, TlsError> {
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        names.extend(host.map(|host| host.address.to_string()));
+        let files = tls::write_host_certificate(&self.ca, role, name, &names, &self.folder)?;
+        Ok(TlsArgs::flags(&files))
+    }
+}
+
+/// The TLS flags of a process: a certificate of its own when the cluster has a CA, none when
+/// `args` carry certificates, else plaintext (`--insecure`, as the servers require it be said).
 fn tls_flags(
-    config: &LocalClusterConfig,
-    folder: Option<&Path>,
-    (role, name): (Role, &str),
+    certificates: Option<&Certificates>,
+    process: (Role, &str),
     host: Option<&Host>,
     args: &[String],
 ) -> Result<Vec<String>, TlsError> {
-    let (Some(ca), Some(folder)) = (&config.dev_tls, folder) else {
-        let given = args.iter().any(|arg| arg == "--tls-cert");
-        return Ok(if given { Vec::new() } else { vec!["--insecure".to_owned()] });
-    };
-    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-    names.extend(host.map(|host| host.address.to_string()));
-    let files = tls::write_host_certificate(ca, role, name, &names, folder)?;
-    Ok(TlsArgs::flags(&files))
+    match certificates {
+        Some(certificates) => certificates.flags(process, host),
+        None if args.iter().any(|arg| arg == "--tls-cert") => Ok(Vec::new()),
+        None => Ok(vec!["--insecure".to_owned()]),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +159,7 @@ pub struct LocalCluster {
     coordinator_host: Option<Host>,
     worker_hosts: Vec<Host>,
     /// This cluster's processes' certificates, with a development CA.
-    certificates: Option<PathBuf>,
+    certificates: Option<Certificates>,
     /// Last: dropped after the processes in its namespaces.
     network: Option<ShapedNetwork>,
 }
@@ -175,8 +189,8 @@ impl LocalCluster {
                 (Some(network), Some(host))
             }
         };
-        let certificates = certificates_folder(&config);
-        let coordinator = spawn_coordinator(&config, certificates.as_deref(), coordinator_host.as_ref(), None).await?;
+        let certificates = Certificates::of(&config);
+        let coordinator = spawn_coordinator(&config, certificates.as_ref(), coordinator_host.as_ref(), None).await?;
         let mut cluster = Self {
             coordinator,
             workers: Vec::new(),
@@ -213,13 +227,9 @@ impl LocalCluster {
     pub async fn restart_coordinator(&mut self) -> Result<(), LocalClusterError> {
         self.coordinator.kill().await;
         let address = self.coordinator.grpc;
-        self.coordinator = spawn_coordinator(
-            &self.config,
-            self.certificates.as_deref(),
-            self.coordinator_host.as_ref(),
-            Some(address),
-        )
-        .await?;
+        self.coordinator =
+            spawn_coordinator(&self.config, self.certificates.as_ref(), self.coordinator_host.as_ref(), Some(address))
+                .await?;
         Ok(())
     }
 
@@ -262,13 +272,7 @@ impl LocalCluster {
         }
         args.extend(self.config.worker_args.iter().cloned());
         let name = format!("worker-{index}");
-        args.extend(tls_flags(
-            &self.config,
-            self.certificates.as_deref(),
-            (Role::Worker, &name),
-            host.as_ref(),
-            &args,
-        )?);
+        args.extend(tls_flags(self.certificates.as_ref(), (Role::Worker, &name), host.as_ref(), &args)?);
         let worker = ChildProcess::spawn_in(
             host.as_ref().map(|host| host.namespace.as_path()),
             &name,
@@ -316,7 +320,7 @@ fn listen_address(host: Option<&Host>) -> String {
 /// The coordinator, on `host` if given, on `grpc` if given (a restart keeps its address).
 async fn spawn_coordinator(
     config: &LocalClusterConfig,
-    certificates: Option<&Path>,
+    certificates: Option<&Certificates>,
     host: Option<&Host>,
     grpc: Option<std::net::SocketAddr>,
 ) -> Result<ChildProcess, LocalClusterError> {
@@ -338,7 +342,7 @@ async fn spawn_coordinator(
     ];
     args.extend(switchyard_model::cli::flags_for(&config.model));
     args.extend(config.coordinator_args.iter().cloned());
-    args.extend(tls_flags(config, certificates, (Role::Coordinator, "coordinator"), host, &args)?);
+    args.extend(tls_flags(certificates, (Role::Coordinator, "coordinator"), host, &args)?);
     let namespace = host.map(|host| host.namespace.as_path());
     Ok(ChildProcess::spawn_in(namespace, "coordinator", &config.coordinator_bin, &args, &config.envs(), READY_WITHIN)
         .await?)
