@@ -5,7 +5,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -53,7 +53,7 @@ impl GrpcServerMetrics {
         registry.register("grpc_server_started", "RPCs started on the server", self.started.clone());
         registry.register(
             "grpc_server_handled",
-            "RPCs completed on the server, by status code (Canceled: the client went away first)",
+            "RPCs completed on the server, by status code (Canceled: the client went away first; DeadlineExceeded: its grpc-timeout passed)",
             self.handled.clone(),
         );
         registry.register_with_unit(
@@ -102,7 +102,9 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let labels = method_labels(request.uri().path());
         self.metrics.started.get_or_create(&labels).inc();
-        let mut call = CallRecord { metrics: self.metrics.clone(), labels, began: Instant::now(), code: None };
+        let began = Instant::now();
+        let deadline = grpc_timeout(request.headers()).and_then(|timeout| began.checked_add(timeout));
+        let mut call = CallRecord { metrics: self.metrics.clone(), labels, began, deadline, code: None };
         let response = self.inner.call(request);
         Box::pin(async move {
             match response.await {
@@ -124,6 +126,25 @@ where
 fn method_labels(path: &str) -> MethodLabels {
     let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
     MethodLabels { grpc_service: service.to_owned(), grpc_method: method.to_owned() }
+}
+
+/// The call's `grpc-timeout` (gRPC's format: at most 8 digits and a unit, H M S m u n).
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 fn grpc_code(headers: &HeaderMap) -> Option<&'static str> {
@@ -155,20 +176,31 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// One call's tally, written once, when its answer is done (or dropped: the client went away).
+/// The resolution of Tokio's timer, which tonic's timeout layer runs on.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
+/// One call's tally, written once, when its answer is done (or dropped: the client went away, or
+/// its deadline passed).
 struct CallRecord {
     metrics: GrpcServerMetrics,
     labels: MethodLabels,
     began: Instant,
+    /// From the call's `grpc-timeout`: tonic's own timeout layer, outside every layer a server
+    /// adds, drops a call whose deadline passed (and answers CANCELLED); the count says why.
+    deadline: Option<Instant>,
     code: Option<&'static str>,
 }
 
 impl Drop for CallRecord {
     fn drop(&mut self) {
+        // Tonic's timer started a moment before this layer saw the call and fires on the runtime
+        // timer's millisecond ticks: a call dropped within one of its deadline is past it.
+        let past_deadline = self.deadline.is_some_and(|deadline| Instant::now() + TIMER_TICK >= deadline);
+        let unanswered = if past_deadline { "DeadlineExceeded" } else { "Canceled" };
         let handled = HandledLabels {
             grpc_service: self.labels.grpc_service.clone(),
             grpc_method: self.labels.grpc_method.clone(),
-            grpc_code: self.code.unwrap_or("Canceled"),
+            grpc_code: self.code.unwrap_or(unanswered),
         };
         self.metrics.handled.get_or_create(&handled).inc();
         self.metrics.handling.get_or_create(&self.labels).observe(self.began.elapsed().as_secs_f64());
@@ -296,5 +328,36 @@ mod tests {
         drop(body);
         assert_eq!(handled(&metrics, "Stream", "Canceled"), 1.0, "no status reached the client");
         assert_eq!(handled(&metrics, "Stream", "OK"), 0.0);
+
+        // Dropped once its grpc-timeout has passed (what tonic's timeout layer does): past its
+        // deadline, not cancelled; dropped before it: cancelled.
+        let timed = || {
+            let mut timed = request("Slow");
+            timed.headers_mut().insert("grpc-timeout", "5m".parse().expect("ascii"));
+            timed
+        };
+        let pending = service.ready().await.expect("ready").call(timed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(pending);
+        assert_eq!(handled(&metrics, "Slow", "DeadlineExceeded"), 1.0);
+        let pending = service.ready().await.expect("ready").call(timed());
+        drop(pending);
+        assert_eq!(handled(&metrics, "Slow", "Canceled"), 2.0);
+    }
+
+    #[test]
+    fn grpc_timeouts_read_as_the_spec_writes_them() {
+        let timeout = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("grpc-timeout", value.parse().expect("ascii"));
+            grpc_timeout(&headers)
+        };
+        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
     }
 }

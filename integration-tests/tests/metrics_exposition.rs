@@ -177,3 +177,49 @@ async fn a_worker_is_ready_once_its_placed_experts_are_loaded_and_live_throughou
     let status = switchyard_integration_tests::http_get(cluster.coordinator.metrics, "/readyz").await;
     assert!(status.ends_with("ready\n"), "the coordinator is ready once it serves: {status}");
 }
+
+/// A call whose `grpc-timeout` passes: tonic's timeout layer (the client's, which starts first,
+/// or the worker's) answers CANCELLED "Timeout expired", which the client reads as
+/// DEADLINE_EXCEEDED. The worker counts the call as not answered: DeadlineExceeded when its own
+/// timer ended it, Canceled when the client's reset came first (which of the two is a race; the
+/// labelling itself is tested in `common::grpc_metrics`).
+#[tokio::test]
+async fn a_call_past_its_deadline_is_deadline_exceeded_to_the_client() {
+    use switchyard_proto::v1::{self, Dtype, expert_worker_client::ExpertWorkerClient};
+    use switchyard_proto::wire::{self, WireDtype};
+    let cluster = TestCluster::start(small_model(2.0), 1, |_| {}).await;
+    let worker = &cluster.processes.workers[0];
+    let (tokens, width) = (2048, 256);
+    let forward = v1::ForwardRequest {
+        request_id: 9,
+        batches: vec![v1::ExpertRows {
+            expert: Some(v1::ExpertKey::new(0, 0)),
+            rows: Some(v1::WireTensor {
+                dtype: Dtype::F32 as i32,
+                shape: vec![tokens as u64, width as u64],
+                data: wire::encode_f32(&hidden_states(tokens, width, 4), WireDtype::F32),
+            }),
+        }],
+        ..Default::default()
+    };
+    let mut request = tonic::Request::new(forward);
+    request.set_timeout(std::time::Duration::from_millis(1));
+    let channel = switchyard_common::transport::channel(&worker.grpc_uri()).expect("channel");
+    let status = ExpertWorkerClient::new(channel)
+        .max_encoding_message_size(64 << 20)
+        .forward(request)
+        .await
+        .expect_err("the deadline passes while the worker computes");
+    let error = switchyard_router_client::ClientError::from_status(&worker.grpc_uri(), &status);
+    assert_eq!(error.code(), tonic::Code::DeadlineExceeded, "{status:?} read as {error}");
+
+    let (_, text) = scrape(worker.metrics, None).await;
+    let series = |code: &str| {
+        let name = format!(
+            "grpc_server_handled_total{{grpc_service=\"switchyard.v1.ExpertWorker\",grpc_method=\"Forward\",grpc_code=\"{code}\"}}"
+        );
+        metric_value(&text, &name).unwrap_or(0.0)
+    };
+    assert_eq!(series("DeadlineExceeded") + series("Canceled"), 1.0, "{text}");
+    assert_eq!(series("OK"), 0.0);
+}

@@ -66,6 +66,12 @@ impl ClientError {
         {
             return ClientError::BadRequest { endpoint, field, description };
         }
+        // tonic's timeout layer, outside every layer of the worker's own, answers a call whose
+        // grpc-timeout passed with CANCELLED; gRPC's code for it is DEADLINE_EXCEEDED.
+        if status.code() == tonic::Code::Cancelled && status.message() == tonic::TimeoutExpired(()).to_string() {
+            let message = format!("the call's deadline passed at the worker ({})", status.message());
+            return ClientError::Worker { endpoint, code: tonic::Code::DeadlineExceeded, message };
+        }
         ClientError::Worker { endpoint, code: status.code(), message: status.message().to_owned() }
     }
 
@@ -116,6 +122,10 @@ mod tests {
                 description: "needs 32 bytes, got 30".into()
             }
         );
+        let late = ClientError::from_status("http://w", &tonic::Status::cancelled("Timeout expired"));
+        assert_eq!(late.code(), tonic::Code::DeadlineExceeded, "tonic's server-side timeout: {late}");
+        let cancelled = ClientError::from_status("http://w", &tonic::Status::cancelled("the client went away"));
+        assert_eq!(cancelled.code(), tonic::Code::Cancelled);
         let plain = ClientError::from_status("http://w", &tonic::Status::unavailable("gone"));
         assert_eq!(plain.code(), tonic::Code::Unavailable);
     }
