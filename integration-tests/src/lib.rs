@@ -104,3 +104,22 @@ pub async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// The calls an anonymous caller used against a cluster (the security issue's attacks), which a
+/// mutual-TLS cluster refuses by role and a plaintext one takes.
+pub mod attacks {
+    use switchyard_proto::PROTOCOL_VERSION;
+    use switchyard_proto::v1;
+
+    /// (d), (e): a fake worker, unreachable, claiming 2⁶² bytes of memory.
+    pub fn fake_worker_registration() -> v1::RegisterWorkerRequest {
+        v1::RegisterWorkerRequest {
+            protocol_version: PROTOCOL_VERSION,
+            name: "fake".into(),
+            endpoint: "http://127.0.0.1:9".into(),
+            device: "cpu".into(),
+            memory_bytes: 1 << 62,
+            ..Default::default()
+        }
+    }
+}

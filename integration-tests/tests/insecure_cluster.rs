@@ -5,9 +5,8 @@
 //! cluster only on a network you trust.
 
 use switchyard_common::transport;
-use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
+use switchyard_integration_tests::{TestCluster, attacks, hidden_states, small_model};
 use switchyard_model::ModelSpec;
-use switchyard_proto::PROTOCOL_VERSION;
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient, expert_worker_client::ExpertWorkerClient};
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::RoutingOverrides;
@@ -48,15 +47,7 @@ async fn an_insecure_cluster_takes_from_anyone_what_a_tls_cluster_refuses() {
     // (d), (e) A fake worker registers, claiming 2⁶² bytes: taken and listed.
     let coordinator_uri = cluster.processes.coordinator_uri();
     let mut anonymous = CoordinatorClient::new(transport::channel(&coordinator_uri).expect("channel"));
-    let fake = v1::RegisterWorkerRequest {
-        protocol_version: PROTOCOL_VERSION,
-        name: "fake".into(),
-        endpoint: "http://127.0.0.1:9".into(),
-        device: "cpu".into(),
-        memory_bytes: 1 << 62,
-        ..Default::default()
-    };
-    anonymous.register_worker(fake).await.expect("an anonymous registration is taken");
+    anonymous.register_worker(attacks::fake_worker_registration()).await.expect("an anonymous registration is taken");
     let status = anonymous.get_cluster_status(v1::GetClusterStatusRequest {}).await.expect("status").into_inner();
     assert!(status.workers.iter().any(|worker| worker.name == "fake"), "the fake worker is a member");
 

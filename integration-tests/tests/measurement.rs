@@ -76,6 +76,9 @@ async fn the_ledger_accounts_for_every_byte_and_the_client_metrics_count_them() 
     assert!(requests >= 2 * CALLS);
 }
 
+/// The cluster shape the bench tests measure: small enough for a few seconds a run.
+const SMALL_SHAPE: [&str; 6] = ["--experts", "4", "--top-k", "2", "--dims", "64x128"];
+
 /// `switchyard bench ARGS --out` a fresh folder, which must succeed: the folder and its report.json.
 async fn bench(args: &[&str]) -> (tempfile::TempDir, serde_json::Value) {
     let out = tempfile::tempdir().expect("temp dir");
@@ -98,27 +101,8 @@ async fn bench(args: &[&str]) -> (tempfile::TempDir, serde_json::Value) {
 
 #[tokio::test]
 async fn switchyard_bench_writes_a_report_folder() {
-    let (out, json) = bench(&[
-        "--run",
-        "sweep",
-        "--tokens",
-        "8,32",
-        "--wire-dtypes",
-        "f32,bf16",
-        "--workers",
-        "2,1",
-        "--experts",
-        "4",
-        "--top-k",
-        "2",
-        "--dims",
-        "64x128",
-        "--calls",
-        "8",
-        "--warmup-calls",
-        "1",
-    ])
-    .await;
+    let sweep = ["--run", "sweep", "--tokens", "8,32", "--wire-dtypes", "f32,bf16", "--workers", "2,1"];
+    let (out, json) = bench(&[&sweep[..], &SMALL_SHAPE, &["--calls", "8", "--warmup-calls", "1"]].concat()).await;
     for file in ["report.md", "report.json", "breakdown.svg", "overhead.svg", "workers.svg"] {
         assert!(out.path().join(file).is_file(), "{file} written");
     }
@@ -195,11 +179,12 @@ async fn switchyard_bench_measures_a_deepep_preset_in_rounds_beside_tcp() {
 #[tokio::test]
 async fn switchyard_bench_tls_runs_its_clusters_on_certificates_of_their_own() {
     let out = tempfile::tempdir().expect("temp dir");
-    let small = ["--run", "sweep", "--tokens", "8", "--wire-dtypes", "f32", "--workers", "1", "--experts", "4"];
+    let sweep = ["--run", "sweep", "--tokens", "8", "--wire-dtypes", "f32", "--workers", "1"];
     let output = tokio::process::Command::new(binaries_dir().join("switchyard"))
         .arg("bench")
-        .args(small)
-        .args(["--top-k", "2", "--dims", "64x128", "--calls", "3", "--warmup-calls", "1", "--tls", "--out"])
+        .args(sweep)
+        .args(SMALL_SHAPE)
+        .args(["--calls", "3", "--warmup-calls", "1", "--tls", "--out"])
         .arg(out.path())
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
@@ -236,28 +221,15 @@ async fn switchyard_bench_tls_runs_its_clusters_on_certificates_of_their_own() {
 
 #[tokio::test]
 async fn switchyard_bench_measures_a_whole_model_step_both_ways_and_splits_it() {
-    let (out, json) = bench(&[
-        "--run",
-        "step",
-        "--step-layers",
-        "4",
-        "--step-tokens",
-        "8",
-        "--attention-gemm",
-        "256",
-        "--workers",
-        "2",
-        "--experts",
-        "4",
-        "--top-k",
-        "2",
-        "--dims",
-        "64x128",
-        "--calls",
-        "6",
-        "--warmup-calls",
-        "1",
-    ])
+    let (out, json) = bench(
+        &[
+            &["--run", "step", "--step-layers", "4", "--step-tokens", "8", "--attention-gemm", "256", "--workers", "2"]
+                [..],
+            &SMALL_SHAPE,
+            &["--calls", "6", "--warmup-calls", "1"],
+        ]
+        .concat(),
+    )
     .await;
     let [step] = json["steps"].as_array().expect("steps").as_slice() else { panic!("one step: {json}") };
     assert_eq!((step["layers"].as_u64(), step["tokens"].as_u64()), (Some(4), Some(8)));

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use switchyard_common::tls::{self, ClientTls, Role, TlsArgs};
 use switchyard_common::transport;
-use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
+use switchyard_integration_tests::{TestCluster, attacks, hidden_states, small_model};
 use switchyard_model::ModelSpec;
 use switchyard_proto::PROTOCOL_VERSION;
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient, expert_worker_client::ExpertWorkerClient};
@@ -71,16 +71,12 @@ async fn only_members_in_their_roles_are_served() {
     let unload = v1::UnloadExpertsRequest { experts: vec![v1::ExpertKey::new(0, 0)] };
     assert_denied(worker_as_client.unload_experts(unload).await, Code::PermissionDenied, only_coordinator);
     // (d), (e) a fake worker registering; (f) heartbeats keeping a dead worker's id alive.
-    let fake = v1::RegisterWorkerRequest {
-        protocol_version: PROTOCOL_VERSION,
-        name: "fake".into(),
-        endpoint: "http://127.0.0.1:9".into(),
-        device: "cpu".into(),
-        memory_bytes: 1 << 62,
-        ..Default::default()
-    };
     let only_worker = "only the worker role may call this; the caller's certificate names client";
-    assert_denied(coordinator_as_client.register_worker(fake).await, Code::PermissionDenied, only_worker);
+    assert_denied(
+        coordinator_as_client.register_worker(attacks::fake_worker_registration()).await,
+        Code::PermissionDenied,
+        only_worker,
+    );
     let beat =
         v1::HeartbeatRequest { protocol_version: PROTOCOL_VERSION, worker_id: "w1".into(), ..Default::default() };
     assert_denied(coordinator_as_client.heartbeat(beat).await, Code::PermissionDenied, only_worker);

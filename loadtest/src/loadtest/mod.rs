@@ -61,6 +61,38 @@ pub struct LoadSpec {
 /// Open loop's default cap on calls in flight.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
+impl LoadSpec {
+    /// `requests` calls of `tokens` to layer 0 by `concurrency` closed-loop callers, for at most
+    /// `duration`, without a warm-up, progress line or skew: a measurement's plain load.
+    pub fn closed_loop(concurrency: usize, duration: Duration, tokens: usize, requests: u64, seed: u64) -> Self {
+        Self {
+            concurrency: concurrency.max(1),
+            arrival: Arrival::Closed,
+            duration,
+            requests: Some(requests),
+            tokens_per_call: tokens,
+            layer: 0,
+            step: None,
+            warmup: Duration::ZERO,
+            seed,
+            routing: RoutingOverrides::default(),
+            progress: false,
+            skew: Skew::Uniform,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+/// Adds `loads` (per expert) into `totals` element by element, growing `totals` to fit.
+fn add_loads<T: Copy + Into<u64>>(totals: &mut Vec<u64>, loads: &[T]) {
+    if totals.len() < loads.len() {
+        totals.resize(loads.len(), 0);
+    }
+    for (total, load) in totals.iter_mut().zip(loads) {
+        *total += (*load).into();
+    }
+}
+
 /// How calls are started.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum Arrival {
@@ -360,12 +392,7 @@ impl LoadReport {
         for (histogram, more) in self.phase_histograms.iter_mut().zip(&later.phase_histograms) {
             let _ = histogram.add(more);
         }
-        if self.expert_load.len() < later.expert_load.len() {
-            self.expert_load.resize(later.expert_load.len(), 0);
-        }
-        for (total, load) in self.expert_load.iter_mut().zip(&later.expert_load) {
-            *total += load;
-        }
+        add_loads(&mut self.expert_load, &later.expert_load);
         self.timing_total += later.timing_total;
         self.bytes_total += later.bytes_total;
         self.ledger.absorb(later.ledger);
@@ -439,13 +466,7 @@ impl Shared {
                 for (histogram, phase) in report.phase_histograms.iter_mut().zip(outcome.timing.phases()) {
                     let _ = histogram.record(micros(phase));
                 }
-                let loads = &outcome.routing.tokens_per_expert;
-                if report.expert_load.len() < loads.len() {
-                    report.expert_load.resize(loads.len(), 0);
-                }
-                for (total, load) in report.expert_load.iter_mut().zip(loads) {
-                    *total += u64::from(*load);
-                }
+                add_loads(&mut report.expert_load, &outcome.routing.tokens_per_expert);
                 report.attention_total += outcome.attention;
                 // A step's layers run one after the other: its transfers add up, each the slowest
                 // worker's of its layer.
@@ -926,21 +947,7 @@ mod tests {
     async fn a_report_absorbs_a_later_rounds_calls() {
         let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
         let target = Target::Reference(reference(&model).await);
-        let spec = |requests: u64, seed: u64| LoadSpec {
-            concurrency: 1,
-            arrival: Arrival::Closed,
-            duration: Duration::from_secs(10),
-            requests: Some(requests),
-            tokens_per_call: 8,
-            layer: 0,
-            step: None,
-            warmup: Duration::ZERO,
-            seed,
-            routing: RoutingOverrides::default(),
-            progress: false,
-            skew: Skew::Uniform,
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-        };
+        let spec = |requests: u64, seed: u64| LoadSpec::closed_loop(1, Duration::from_secs(10), 8, requests, seed);
         let mut first = run(target.clone(), spec(3, 1), "rounds").await.expect("load test");
         let second = run(target, spec(5, 2), "rounds").await.expect("load test");
         let (first_wall, second_wall) = (first.timing_total.wall, second.timing_total.wall);

@@ -22,7 +22,7 @@ use switchyard_model::{CapacityPolicy, ModelSpec, WeightDtype};
 use switchyard_proto::wire::WireDtype;
 
 use plan::{ClusterShape, Point};
-use switchyard_loadtest::loadtest::{self, Arrival, AttentionStandIn, LoadReport, LoadSpec, ModelStep, Target};
+use switchyard_loadtest::loadtest::{self, AttentionStandIn, LoadReport, LoadSpec, ModelStep, Target};
 use switchyard_loadtest::local_cluster::{Hosts, LocalCluster, LocalClusterConfig, LocalClusterError};
 use switchyard_loadtest::shaped_network::LinkRate;
 use switchyard_loadtest::skew::{Inputs, Skew, gate_rows};
@@ -429,25 +429,6 @@ impl ShapeCluster {
     }
 }
 
-/// `requests` calls of `tokens` by `concurrency` closed-loop callers, for at most `duration`.
-fn load_spec(concurrency: usize, duration: Duration, tokens: usize, requests: u64, seed: u64) -> LoadSpec {
-    LoadSpec {
-        concurrency: concurrency.max(1),
-        arrival: Arrival::Closed,
-        duration,
-        requests: Some(requests),
-        tokens_per_call: tokens,
-        layer: 0,
-        step: None,
-        warmup: Duration::ZERO,
-        seed,
-        routing: RoutingOverrides::default(),
-        progress: false,
-        skew: Skew::Uniform,
-        max_in_flight: switchyard_loadtest::loadtest::DEFAULT_MAX_IN_FLIGHT,
-    }
-}
-
 /// Warm-up calls, then the measured ones (so the socket counters cover exactly the measured calls).
 async fn measure(
     target: Target,
@@ -456,10 +437,10 @@ async fn measure(
     name: &str,
 ) -> Result<LoadReport, BenchError> {
     if settings.warmup_calls > 0 {
-        let spec = load_spec(settings.concurrency, settings.point_time, tokens, settings.warmup_calls, 1);
+        let spec = LoadSpec::closed_loop(settings.concurrency, settings.point_time, tokens, settings.warmup_calls, 1);
         loadtest::run(target.clone(), spec, "warm-up").await?;
     }
-    let spec = load_spec(settings.concurrency, settings.point_time, tokens, settings.calls, 1);
+    let spec = LoadSpec::closed_loop(settings.concurrency, settings.point_time, tokens, settings.calls, 1);
     Ok(loadtest::run(target, spec, name).await?)
 }
 
@@ -471,7 +452,7 @@ async fn warm_up_every_expert(
     axes: &plan::Axes,
 ) -> Result<(), BenchError> {
     let tokens = axes.tokens.iter().copied().max().unwrap_or(1);
-    let spec = load_spec(1, Duration::from_secs(60), tokens, 3, 2);
+    let spec = LoadSpec::closed_loop(1, Duration::from_secs(60), tokens, 3, 2);
     for dtype in &axes.wire_dtypes {
         loadtest::run(Target::Distributed(cluster.client(*dtype)), spec.clone(), "warm-up").await?;
     }
@@ -719,7 +700,7 @@ async fn measure_step(
     let step = ModelStep { layers, attention: plan.attention };
     let spec = |requests: u64, seed: u64| LoadSpec {
         step: Some(step.clone()),
-        ..load_spec(settings.concurrency, settings.point_time, plan.tokens, requests, seed)
+        ..LoadSpec::closed_loop(settings.concurrency, settings.point_time, plan.tokens, requests, seed)
     };
     let wire_dtype = axes.wire_dtypes.first().copied().unwrap_or(WireDtype::F32);
     let client = cluster.client(wire_dtype);
