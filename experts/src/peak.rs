@@ -21,18 +21,46 @@ pub struct MatmulPeak {
 }
 
 /// A size that runs at the device's rate without taking long: 8192 on a GPU (~1.4 ms a product
-/// in bf16 on an H200), 2048 on a CPU (~0.1 s in f32 on one core; 1024 reads 10-20% lower and
-/// varies more from run to run).
+/// in bf16 on an H200), 2048 on a CPU (~0.1-0.2 s in f32 on one core; 1024 reads 10-20% lower and
+/// varies more from run to run), or less where the CPU's path for the dtype is slow (see [`measure`]).
 pub fn default_size(device: Device) -> i64 {
     if device.is_cuda() { 8192 } else { 2048 }
 }
 
+/// The smallest square a CPU peak is measured on, and how long one product of the chosen size may
+/// take: libtorch's bf16 and f16 products fall back to a scalar loop on a CPU without bf16
+/// instructions (~0.3 GFLOP/s here, a minute for one 2048³ product), where f32 runs at its peak.
+const SMALLEST_CPU_SIZE: i64 = 256;
+const CPU_PRODUCT_BUDGET: Duration = Duration::from_millis(500);
+
 /// Measures `size`³ products in `dtype` on `device` with `threads` intra-op threads, on the calling
 /// thread (libtorch's thread count is per thread): one warm-up, then the best of `samples` timed
-/// batches, each long enough on a GPU that launch latency does not count.
+/// batches, each long enough on a GPU that launch latency does not count. On a CPU, `size` is the
+/// largest side: a dtype whose products are slow there is measured on the largest square (from
+/// 256, doubling) whose product fits [`CPU_PRODUCT_BUDGET`], so a slow path still gets a figure
+/// in seconds. The peak names the size it used.
 pub fn measure(device: Device, dtype: WeightDtype, threads: i32, size: i64, samples: usize) -> MatmulPeak {
+    let size = if device.is_cuda() { size } else { affordable_cpu_size(dtype, threads, size) };
     let flops_per_second = measure_product(device, dtype, threads, [size, size, size], samples);
     MatmulPeak { device, dtype, threads, size, flops_per_second }
+}
+
+/// Doubles the side from [`SMALLEST_CPU_SIZE`] up to `largest` while the next product, 8x the
+/// work of the one just timed, is projected to fit [`CPU_PRODUCT_BUDGET`].
+fn affordable_cpu_size(dtype: WeightDtype, threads: i32, largest: i64) -> i64 {
+    tch::set_num_threads(threads);
+    let _no_grad = tch::no_grad_guard();
+    let mut size = SMALLEST_CPU_SIZE.min(largest);
+    while size * 2 <= largest {
+        let square = Tensor::randn([size, size], (kind_of(dtype), Device::Cpu));
+        let started = Instant::now();
+        let _product = square.matmul(&square);
+        if started.elapsed() * 8 > CPU_PRODUCT_BUDGET {
+            break;
+        }
+        size *= 2;
+    }
+    size
 }
 
 /// FLOP/s of `[m, k] · [k, n]` products, measured as [`measure`] does: the yardstick for a product
@@ -74,5 +102,16 @@ mod tests {
         let peak = measure(Device::Cpu, WeightDtype::F32, 1, 128, 3);
         assert_eq!((peak.size, peak.threads, peak.dtype), (128, 1, WeightDtype::F32));
         assert!(peak.flops_per_second > 1e6 && peak.flops_per_second < 1e12, "{peak:?}");
+    }
+
+    /// f32 products on a CPU are fast enough for the largest side asked for; the side never
+    /// exceeds it, and a slow dtype still gets a positive rate, measured on a side it can afford.
+    #[test]
+    fn a_cpu_peak_uses_the_largest_side_its_dtype_affords() {
+        let f32_peak = measure(Device::Cpu, WeightDtype::F32, 1, 512, 1);
+        assert_eq!(f32_peak.size, 512, "{f32_peak:?}");
+        let bf16_peak = measure(Device::Cpu, WeightDtype::Bf16, 1, 2048, 1);
+        assert!((SMALLEST_CPU_SIZE..=2048).contains(&bf16_peak.size), "{bf16_peak:?}");
+        assert!(bf16_peak.flops_per_second > 1e6, "{bf16_peak:?}");
     }
 }
