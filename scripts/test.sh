@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this): set-up, format and lint checks, then
 # unit, in-process and integration tests (which start real processes on 127.0.0.1; promtool checks
-# every process's /metrics), then the Helm chart's tests (real Helm 3 and Helm 4 engines, strict
-# Kubernetes schemas, the binaries' flags).
+# every process's /metrics), the fuzz targets for a bounded time (scripts/fuzz.sh), then the Helm
+# chart's tests (real Helm 3 and Helm 4 engines, strict Kubernetes schemas, the binaries' flags).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$SWITCHYARD_ROOT/scripts/setup.sh"
@@ -18,5 +18,7 @@ cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 echo "==> cargo test" >&2
 # Release profile: shares the build the set-up made, and the integration tests run its binaries.
 cargo test --release --workspace
+echo "==> fuzz targets (libFuzzer, bounded time each)" >&2
+"$SWITCHYARD_ROOT/scripts/fuzz.sh"
 echo "==> Helm chart: lint, render, strict schema validation, chart tests" >&2
 "$SWITCHYARD_VENV/bin/python" -m unittest discover --start-directory charts/tests --verbose

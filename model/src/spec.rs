@@ -425,6 +425,15 @@ impl TryFrom<v1::ModelSpec> for ModelSpec {
                 });
             }
         };
+        // Bounded before the numbers are made: a wire `layers` of 2^32-1 would ask for 16 GiB here.
+        let most_layers = limits::LAYER_INDEX + 1;
+        if wire.layers > most_layers {
+            return Err(SpecError::TooLarge {
+                field: "layers",
+                value: f64::from(wire.layers),
+                max: f64::from(most_layers),
+            });
+        }
         let moe_layers = if wire.moe_layers.is_empty() {
             (0..wire.layers).collect()
         } else if wire.moe_layers.len() == wire.layers as usize {
@@ -588,6 +597,22 @@ mod tests {
         assert!(matches!(nan, Err(SpecError::NotPositive { field: "capacity_factor", .. })));
         let largest = ModelSpec { d_model: limits::D_MODEL, d_ff: limits::D_FF, ..base() };
         assert!(largest.validate().is_ok(), "the limits themselves are served");
+    }
+
+    /// Found by the `model_spec` fuzz target: 2^32-1 layers on the wire made the layer numbers
+    /// before any bound was checked (16 GiB, the process killed).
+    #[test]
+    fn a_wire_layer_count_past_the_limit_is_refused_before_numbering_them() {
+        let wire =
+            v1::ModelSpec { layers: u32::MAX, moe_layers: Vec::new(), ..ModelSpec::default_synthetic().to_proto() };
+        let error = ModelSpec::try_from(wire).unwrap_err();
+        assert_eq!(error.to_string(), "model.layers (4294967295) is above the largest served, 1025");
+        let most = v1::ModelSpec {
+            layers: limits::LAYER_INDEX + 1,
+            moe_layers: Vec::new(),
+            ..ModelSpec::default_synthetic().to_proto()
+        };
+        assert_eq!(ModelSpec::try_from(most).expect("the most layers").layer_count(), limits::LAYER_INDEX + 1);
     }
 
     #[test]

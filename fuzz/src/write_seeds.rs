@@ -1,0 +1,69 @@
+//! Writes each fuzz target's seed corpus (`fuzz/corpus/<target>/`): valid inputs the fuzzer starts
+//! from. `cargo run --release --features seeds --bin write-seeds` in `fuzz/`; the seeds are committed.
+
+use std::path::Path;
+
+use prost::Message;
+use switchyard_model::ModelSpec;
+use switchyard_proto::PROTOCOL_VERSION;
+use switchyard_proto::v1;
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    std::fs::create_dir_all(&dir).expect("the corpus folder");
+    std::fs::write(dir.join(name), bytes).expect("a seed");
+}
+
+fn main() {
+    for (name, spec) in [
+        ("synthetic", ModelSpec { d_model: 64, d_ff: 128, experts_per_layer: 8, ..ModelSpec::default_synthetic() }),
+        ("three-layers", ModelSpec::default_synthetic().with_layers(3)),
+    ] {
+        write("model_spec", name, &spec.to_proto().encode_to_vec());
+    }
+
+    let scratch = std::env::temp_dir().join(format!("switchyard-seeds-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("a scratch folder");
+    let file = scratch.join("seed.safetensors");
+    let values = [0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0];
+    switchyard_model::safetensors::write_f32(&file, &[("w", vec![2, 3], &values), ("b", vec![3], &values[..3])])
+        .expect("the seed file");
+    write("safetensors_file", "two-tensors", &std::fs::read(&file).expect("the seed file"));
+    std::fs::remove_dir_all(&scratch).expect("remove the scratch folder");
+
+    let index = r#"{"metadata":{"total_size":36},"weight_map":{"w":"model-00001-of-00001.safetensors","b":"model-00001-of-00001.safetensors"}}"#;
+    write("safetensors_index", "one-shard", index.as_bytes());
+
+    for entry in std::fs::read_dir(switchyard_fuzz::fixtures()).expect("the fixtures") {
+        let config = entry.expect("an entry").path().join("config.json");
+        if let Ok(bytes) = std::fs::read(&config) {
+            let family = config.parent().and_then(Path::file_name).expect("a fixture name");
+            write("config_json", &family.to_string_lossy(), &bytes);
+        }
+    }
+
+    let registration = v1::RegisterWorkerRequest {
+        protocol_version: PROTOCOL_VERSION,
+        name: "worker-a".into(),
+        endpoint: "http://127.0.0.1:50051".into(),
+        device: "cpu".into(),
+        memory_bytes: 1 << 30,
+        loaded_experts: vec![v1::ExpertKey { layer: 0, expert: 1 }],
+        compute_gflops: 50.0,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    // The target sends this heartbeat with the id the registration was given.
+    let heartbeat = v1::HeartbeatRequest {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: "registered".into(),
+        queued_tokens: 3,
+        tokens_served: 7,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut input = u16::try_from(registration.len()).expect("a short registration").to_le_bytes().to_vec();
+    input.extend(registration);
+    input.extend(heartbeat);
+    write("coordinator_membership", "register-then-beat", &input);
+}
