@@ -58,6 +58,7 @@ pub mod backoff;
 pub mod children;
 pub mod clock;
 pub mod grpc_metrics;
+pub mod heap_trim;
 pub mod metrics_http;
 pub mod metrics_text;
 pub mod otlp;

@@ -13,6 +13,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let _spans = switchyard_common::tracing_setup::init_tracing(&args.tracing, "switchyard-worker")?;
     tch::set_num_threads(args.torch_threads as i32);
+    switchyard_common::heap_trim::spawn_heap_trimmer(std::time::Duration::from_millis(args.heap_trim_interval_ms))
+        .context("starting the heap trimmer")?;
     let grpc = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
