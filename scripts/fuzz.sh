@@ -10,11 +10,15 @@ seconds="${SWITCHYARD_FUZZ_SECONDS:-20}"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
 cd "$SWITCHYARD_ROOT/fuzz"
 cargo fuzz build --sanitizer none
+# The targets write the files under test into a scratch folder of the temporary one: this run's own.
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+export TMPDIR="$scratch"
 for source in fuzz_targets/*.rs; do
     target="$(basename "$source" .rs)"
     found="$SWITCHYARD_ROOT/target/fuzz-corpus/$target"
     mkdir -p "$found"
-    log="$(mktemp)"
+    log="$scratch/$target.log"
     if ! cargo fuzz run --sanitizer none "$target" "$found" "corpus/$target" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
         grep -v '^#' "$log" >&2
@@ -25,5 +29,4 @@ for source in fuzz_targets/*.rs; do
     per_second="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")"
     coverage="$(grep -o 'cov: [0-9]*' "$log" | tail -1)"
     echo "fuzz $target: $runs inputs in ${seconds} s ($per_second/s), $coverage, no crash"
-    rm -f "$log"
 done
