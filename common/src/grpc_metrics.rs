@@ -5,7 +5,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,6 +14,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tonic::codegen::http::{HeaderMap, Request, Response};
+
+use crate::deadline::{TIMER_TICK, grpc_timeout};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
@@ -128,25 +130,6 @@ fn method_labels(path: &str) -> MethodLabels {
     MethodLabels { grpc_service: service.to_owned(), grpc_method: method.to_owned() }
 }
 
-/// The call's `grpc-timeout` (gRPC's format: at most 8 digits and a unit, H M S m u n).
-fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
-        return None;
-    }
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
-}
-
 fn grpc_code(headers: &HeaderMap) -> Option<&'static str> {
     let code = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
     Some(code_name(tonic::Code::from_i32(code)))
@@ -176,17 +159,14 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// The resolution of Tokio's timer, which tonic's timeout layer runs on.
-const TIMER_TICK: Duration = Duration::from_millis(1);
-
 /// One call's tally, written once, when its answer is done (or dropped: the client went away, or
 /// its deadline passed).
 struct CallRecord {
     metrics: GrpcServerMetrics,
     labels: MethodLabels,
     began: Instant,
-    /// From the call's `grpc-timeout`: tonic's own timeout layer, outside every layer a server
-    /// adds, drops a call whose deadline passed (and answers CANCELLED); the count says why.
+    /// From the call's `grpc-timeout`: a call dropped past it was ended by a deadline (tonic's
+    /// timeout layer's, should it fire before [`crate::deadline::DeadlineLayer`] answers).
     deadline: Option<Instant>,
     code: Option<&'static str>,
 }
@@ -194,7 +174,7 @@ struct CallRecord {
 impl Drop for CallRecord {
     fn drop(&mut self) {
         // Tonic's timer started a moment before this layer saw the call and fires on the runtime
-        // timer's millisecond ticks: a call dropped within one of its deadline is past it.
+        // timer's millisecond ticks: a call dropped within one tick of its deadline is past it.
         let past_deadline = self.deadline.is_some_and(|deadline| Instant::now() + TIMER_TICK >= deadline);
         let unanswered = if past_deadline { "DeadlineExceeded" } else { "Canceled" };
         let handled = HandledLabels {
@@ -337,27 +317,11 @@ mod tests {
             timed
         };
         let pending = service.ready().await.expect("ready").call(timed());
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         drop(pending);
         assert_eq!(handled(&metrics, "Slow", "DeadlineExceeded"), 1.0);
         let pending = service.ready().await.expect("ready").call(timed());
         drop(pending);
         assert_eq!(handled(&metrics, "Slow", "Canceled"), 2.0);
-    }
-
-    #[test]
-    fn grpc_timeouts_read_as_the_spec_writes_them() {
-        let timeout = |value: &str| {
-            let mut headers = HeaderMap::new();
-            headers.insert("grpc-timeout", value.parse().expect("ascii"));
-            grpc_timeout(&headers)
-        };
-        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(timeout("3S"), Some(Duration::from_secs(3)));
-        assert_eq!(timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
-        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
-            assert_eq!(timeout(bad), None, "{bad:?}");
-        }
     }
 }

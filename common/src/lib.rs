@@ -57,6 +57,7 @@ macro_rules! write_to_inner {
 pub mod backoff;
 pub mod children;
 pub mod clock;
+pub mod deadline;
 pub mod grpc_metrics;
 pub mod heap_trim;
 pub mod metrics_http;

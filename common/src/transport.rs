@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint, Server};
 
+use crate::deadline::DeadlineLayer;
 use crate::grpc_metrics::{GrpcMetricsLayer, GrpcServerMetrics};
 use crate::tls::{ClientTls, RoleGuardLayer, RolePolicy, ServerTls, TlsConnection};
 
@@ -56,8 +57,9 @@ pub async fn serve(
     metrics: GrpcServerMetrics,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    // Outermost, so that calls the role guard refuses are counted too.
-    let mut server = server().layer(GrpcMetricsLayer(metrics));
+    // Metrics outermost, so that calls the role guard refuses and calls past their deadline are
+    // counted too, with the code they were answered.
+    let mut server = server().layer(GrpcMetricsLayer(metrics)).layer(DeadlineLayer);
     match tls {
         Some((tls, policy)) => {
             server

@@ -178,12 +178,11 @@ async fn a_worker_is_ready_once_its_placed_experts_are_loaded_and_live_throughou
     assert!(status.ends_with("ready\n"), "the coordinator is ready once it serves: {status}");
 }
 
-/// A call whose `grpc-timeout` passes: tonic's timeout layer (the client's, which starts first,
-/// or the worker's) answers CANCELLED "Timeout expired", which the client reads as
-/// DEADLINE_EXCEEDED. The worker counts a call it saw as not answered: DeadlineExceeded when its
-/// own timer ended it, Canceled when the client's reset came first (which of the two, and whether
-/// the request got there at all, is a race; the labelling itself is tested in
-/// `common::grpc_metrics`).
+/// A call whose `grpc-timeout` passes on the client's own timer: tonic's timeout layer there
+/// answers CANCELLED "Timeout expired", which the client reads as DEADLINE_EXCEEDED. The worker
+/// counts a call it saw as past its deadline, or cancelled when the client's reset came first
+/// (which of the two, and whether the request got there at all, is a race; the labelling itself is
+/// tested in `common::grpc_metrics`, the worker's own answer below).
 #[tokio::test]
 async fn a_call_past_its_deadline_is_deadline_exceeded_to_the_client() {
     use switchyard_proto::v1::{self, Dtype, expert_worker_client::ExpertWorkerClient};
@@ -230,4 +229,47 @@ async fn a_call_past_its_deadline_is_deadline_exceeded_to_the_client() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("a Forward the worker saw was counted as neither past its deadline nor cancelled: {text}");
+}
+
+/// A deadline only the worker keeps (the `grpc-timeout` header sent over a plain HTTP/2 client:
+/// tonic's channel would end the call on its own timer first): the worker answers
+/// DEADLINE_EXCEEDED on the wire, naming the deadline, where tonic's own timeout layer would
+/// answer CANCELLED, and counts it so.
+#[tokio::test]
+async fn the_worker_answers_a_passed_deadline_with_deadline_exceeded() {
+    use switchyard_proto::v1::{self, Dtype, expert_worker_client::ExpertWorkerClient};
+    use switchyard_proto::wire::{self, WireDtype};
+    let cluster = TestCluster::start(small_model(2.0), 1, |_| {}).await;
+    let worker = &cluster.processes.workers[0];
+    let (tokens, width) = (64, 256);
+    let forward = v1::ForwardRequest {
+        request_id: 10,
+        batches: vec![v1::ExpertRows {
+            expert: Some(v1::ExpertKey::new(0, 0)),
+            rows: Some(v1::WireTensor {
+                dtype: Dtype::F32 as i32,
+                shape: vec![tokens as u64, width as u64],
+                data: wire::encode_f32(&hidden_states(tokens, width, 4), WireDtype::F32),
+            }),
+        }],
+        ..Default::default()
+    };
+    // 1 ms, less the layer's tick: the deadline has passed once the call waits on the compute.
+    let mut request = tonic::Request::new(forward);
+    request.metadata_mut().insert("grpc-timeout", "1m".parse().expect("ascii"));
+    let http2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<tonic::body::Body>();
+    let origin = worker.grpc_uri().parse().expect("the worker's URI");
+    let status =
+        ExpertWorkerClient::with_origin(http2, origin).forward(request).await.expect_err("the deadline passes");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("grpc-timeout 1ms"), "{status:?}");
+
+    let labels = "grpc_service=\"switchyard.v1.ExpertWorker\",grpc_method=\"Forward\"";
+    let text = scrape(worker.metrics, None).await.1;
+    let handled =
+        |code: &str| metric_value(&text, &format!("grpc_server_handled_total{{{labels},grpc_code=\"{code}\"}}"));
+    assert_eq!(handled("DeadlineExceeded"), Some(1.0), "{text}");
+    assert_eq!(handled("Canceled"), None, "{text}");
 }
