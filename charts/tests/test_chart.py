@@ -534,7 +534,7 @@ class ChartTest(unittest.TestCase):
         self.assertIn("--queue-limit", result.stderr)
 
     def test_notes_say_how_to_reach_the_cluster_and_run_a_load_test(self):
-        for name, values in [("default", {}), ("loadtest", {"loadtest": {"enabled": True}})]:
+        for name, values in [("default", {}), ("loadtest", {"loadtest": {"enabled": True}}), ("tls", SCENARIOS["tls"])]:
             chart = helm_python.Chart.load(str(CHART))
             try:
                 rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
@@ -544,10 +544,12 @@ class ChartTest(unittest.TestCase):
             with self.subTest(scenario=name):
                 self.assertIn(f"http://{RELEASE}-switchyard-coordinator.{NAMESPACE}.svc:50051", notes)
                 self.assertIn("switchyard status --coordinator", notes)
-                if name == "loadtest":
-                    self.assertIn(f"logs -f job/{RELEASE}-switchyard-loadtest-1", notes)
-                else:
+                if name == "default":
                     self.assertIn("switchyard loadtest --coordinator", notes)
+                else:
+                    self.assertIn(f"logs -f job/{RELEASE}-switchyard-loadtest-1", notes)
+                # A cluster without TLS serves anyone who reaches it, and the notes say so.
+                self.assertEqual("Plaintext: tls.enabled is false" in notes, name != "tls", notes)
 
     def test_the_default_image_is_the_one_the_dockerfile_builds(self):
         dockerfile = (ROOT / "Dockerfile").read_text()
