@@ -3,12 +3,16 @@
 
 #![no_main]
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
 use libfuzzer_sys::fuzz_target;
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::spec::limits;
 
 fuzz_target!(|bytes: &[u8]| {
-    let dir = switchyard_fuzz::checkpoint_beside("config", "mixtral-tiny", "config.json");
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| switchyard_fuzz::checkpoint_beside("config", "mixtral-tiny", "config.json"));
     std::fs::write(dir.join("config.json"), bytes).expect("write the config under test");
     match Checkpoint::open(dir) {
         Ok(checkpoint) => {

@@ -178,20 +178,13 @@ async fn a_worker_is_ready_once_its_placed_experts_are_loaded_and_live_throughou
     assert!(status.ends_with("ready\n"), "the coordinator is ready once it serves: {status}");
 }
 
-/// A call whose `grpc-timeout` passes on the client's own timer: tonic's timeout layer there
-/// answers CANCELLED "Timeout expired", which the client reads as DEADLINE_EXCEEDED. The worker
-/// counts a call it saw as past its deadline, or cancelled when the client's reset came first
-/// (which of the two, and whether the request got there at all, is a race; the labelling itself is
-/// tested in `common::grpc_metrics`, the worker's own answer below).
-#[tokio::test]
-async fn a_call_past_its_deadline_is_deadline_exceeded_to_the_client() {
-    use switchyard_proto::v1::{self, Dtype, expert_worker_client::ExpertWorkerClient};
+/// A `Forward` of `tokens` f32 rows of the small model's width for expert 0 of layer 0.
+fn expert_zero_forward(request_id: u64, tokens: usize) -> switchyard_proto::v1::ForwardRequest {
+    use switchyard_proto::v1::{self, Dtype};
     use switchyard_proto::wire::{self, WireDtype};
-    let cluster = TestCluster::start(small_model(2.0), 1, |_| {}).await;
-    let worker = &cluster.processes.workers[0];
-    let (tokens, width) = (2048, 256);
-    let forward = v1::ForwardRequest {
-        request_id: 9,
+    let width = small_model(2.0).d_model as usize;
+    v1::ForwardRequest {
+        request_id,
         batches: vec![v1::ExpertRows {
             expert: Some(v1::ExpertKey::new(0, 0)),
             rows: Some(v1::WireTensor {
@@ -201,8 +194,20 @@ async fn a_call_past_its_deadline_is_deadline_exceeded_to_the_client() {
             }),
         }],
         ..Default::default()
-    };
-    let mut request = tonic::Request::new(forward);
+    }
+}
+
+/// A call whose `grpc-timeout` passes on the client's own timer: tonic's timeout layer there
+/// answers CANCELLED "Timeout expired", which the client reads as DEADLINE_EXCEEDED. The worker
+/// counts a call it saw as past its deadline, or cancelled when the client's reset came first
+/// (which of the two, and whether the request got there at all, is a race; the labelling itself is
+/// tested in `common::grpc_metrics`, the worker's own answer below).
+#[tokio::test]
+async fn a_call_past_its_deadline_is_deadline_exceeded_to_the_client() {
+    use switchyard_proto::v1::expert_worker_client::ExpertWorkerClient;
+    let cluster = TestCluster::start(small_model(2.0), 1, |_| {}).await;
+    let worker = &cluster.processes.workers[0];
+    let mut request = tonic::Request::new(expert_zero_forward(9, 2048));
     request.set_timeout(std::time::Duration::from_millis(1));
     let channel = switchyard_common::transport::channel(&worker.grpc_uri()).expect("channel");
     let status = ExpertWorkerClient::new(channel)
@@ -237,25 +242,11 @@ async fn a_call_past_its_deadline_is_deadline_exceeded_to_the_client() {
 /// answer CANCELLED, and counts it so.
 #[tokio::test]
 async fn the_worker_answers_a_passed_deadline_with_deadline_exceeded() {
-    use switchyard_proto::v1::{self, Dtype, expert_worker_client::ExpertWorkerClient};
-    use switchyard_proto::wire::{self, WireDtype};
+    use switchyard_proto::v1::expert_worker_client::ExpertWorkerClient;
     let cluster = TestCluster::start(small_model(2.0), 1, |_| {}).await;
     let worker = &cluster.processes.workers[0];
-    let (tokens, width) = (64, 256);
-    let forward = v1::ForwardRequest {
-        request_id: 10,
-        batches: vec![v1::ExpertRows {
-            expert: Some(v1::ExpertKey::new(0, 0)),
-            rows: Some(v1::WireTensor {
-                dtype: Dtype::F32 as i32,
-                shape: vec![tokens as u64, width as u64],
-                data: wire::encode_f32(&hidden_states(tokens, width, 4), WireDtype::F32),
-            }),
-        }],
-        ..Default::default()
-    };
     // 1 ms, less the layer's tick: the deadline has passed once the call waits on the compute.
-    let mut request = tonic::Request::new(forward);
+    let mut request = tonic::Request::new(expert_zero_forward(10, 64));
     request.metadata_mut().insert("grpc-timeout", "1m".parse().expect("ascii"));
     let http2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)

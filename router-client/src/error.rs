@@ -66,10 +66,11 @@ impl ClientError {
         {
             return ClientError::BadRequest { endpoint, field, description };
         }
-        // tonic's timeout layer, outside every layer of the worker's own, answers a call whose
-        // grpc-timeout passed with CANCELLED; gRPC's code for it is DEADLINE_EXCEEDED.
+        // tonic's timeout layer (this channel's own, which starts first, or a server's without
+        // Switchyard's deadline layer) ends a call whose grpc-timeout passed with CANCELLED;
+        // gRPC's code for it is DEADLINE_EXCEEDED.
         if status.code() == tonic::Code::Cancelled && status.message() == tonic::TimeoutExpired(()).to_string() {
-            let message = format!("the call's deadline passed at the worker ({})", status.message());
+            let message = format!("the call's deadline passed ({})", status.message());
             return ClientError::Worker { endpoint, code: tonic::Code::DeadlineExceeded, message };
         }
         ClientError::Worker { endpoint, code: status.code(), message: status.message().to_owned() }
