@@ -126,7 +126,13 @@ async fn switchyard_bench_writes_a_report_folder() {
             other => panic!("unexpected dtype {other:?}"),
         }
         assert!(point["distributed"]["ledger"].as_array().is_some_and(|pairs| !pairs.is_empty()));
+        // Measured in rounds that take turns: every call of both targets counted once.
+        assert_eq!(point["distributed"]["calls"], 8, "{point}");
+        assert_eq!(point["reference"]["calls"], 8, "{point}");
+        assert!(point["tcp_round_trip_us"].as_f64().is_some_and(|us| us > 0.0), "the network floor: {point}");
     }
+    let wake = &json["thread_wake"];
+    assert!(wake["p50_us"].as_f64().is_some_and(|p50| p50 > 0.0 && p50 <= wake["p90_us"].as_f64().unwrap()), "{wake}");
     // bf16 halves the tensor bytes of the same point.
     let payload_of = |dtype: &str| {
         points
@@ -140,6 +146,7 @@ async fn switchyard_bench_writes_a_report_folder() {
     assert!((payload_of("f32") / payload_of("bf16") - 2.0).abs() < 0.01);
     let markdown = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
     assert!(markdown.contains("| 2 | 4 | 2 | 64x128 | 32 | bf16 |"), "{markdown}");
+    assert!(markdown.contains("Thread wake round trip"), "{markdown}");
     let chart = std::fs::read_to_string(out.path().join("breakdown.svg")).expect("breakdown.svg");
     assert!(chart.starts_with("<svg") && chart.contains("2w 4e k2 64x128 32t bf16"), "labelled bars");
 }

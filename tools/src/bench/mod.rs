@@ -10,6 +10,7 @@
 pub mod peak;
 pub mod plan;
 pub mod summary;
+pub mod wake;
 pub mod wire;
 
 pub use summary::{BenchSummary, PhaseShares, PointSummary, PresetSummary, StepSummary};
@@ -91,6 +92,9 @@ pub struct PointResult {
     pub flops_per_row: f64,
     pub distributed: LoadReport,
     pub reference: Option<LoadReport>,
+    /// A raw TCP echo of one request's message bytes on this machine, measured in the same rounds
+    /// as the calls: the floor of the network phase.
+    pub tcp_round_trip: Option<wire::WireFigure>,
     /// Relative Frobenius error of one distributed call's output against the reference's (same input).
     pub wire_error: Option<f64>,
     /// The device's matmul peak at one worker's thread count, and at the reference's, in GFLOP/s.
@@ -183,8 +187,12 @@ impl PointResult {
     }
 }
 
-/// Rounds a preset's calls are measured in, each followed by a share of the TCP baseline.
-const PRESET_ROUNDS: u64 = 5;
+/// Round trips of the thread wake measurement: about half a second where a wake costs 100 µs.
+const WAKE_ROUND_TRIPS: u32 = 2000;
+
+/// Rounds a point's or preset's calls are measured in: this machine's loopback and scheduler swing
+/// several-fold within seconds, so what is compared (distributed, in-process, raw TCP) takes turns.
+const MEASURE_ROUNDS: u64 = 5;
 
 /// A DeepEP setting: pure communication, bf16 both ways, beside the wire baselines.
 #[derive(Debug, Clone)]
@@ -339,6 +347,8 @@ pub struct BenchReport {
     pub steps: Vec<StepResult>,
     /// CPU, cores, CUDA: where the figures were measured.
     pub machine: String,
+    /// How long a thread takes to wake another here, measured at the start of this run.
+    pub thread_wake: Option<wake::WakeFigure>,
     /// The device's matmul peak in the experts' dtype, measured in this run.
     pub device_peaks: Vec<peak::DevicePeak>,
 }
@@ -444,6 +454,60 @@ async fn measure(
     Ok(loadtest::run(target, spec, name).await?)
 }
 
+/// One point's calls through both targets and the TCP echo of one request's bytes, taking turns.
+struct Alternated {
+    distributed: LoadReport,
+    in_process: LoadReport,
+    tcp_round_trip: wire::WireFigure,
+}
+
+/// Measures a point in [`MEASURE_ROUNDS`] rounds, each a share of the distributed calls, the same
+/// share through the in-process layer, then a share of the TCP echo, so that the overhead ratio
+/// and the network floor compare calls made under the same conditions. `point_time` bounds the
+/// whole, spread over the rounds.
+async fn measure_alternating(
+    client: Arc<MoeClient>,
+    reference: &Arc<ReferenceLayer>,
+    settings: &BenchSettings,
+    tokens: usize,
+) -> Result<Alternated, BenchError> {
+    let rounds = settings.calls.clamp(1, MEASURE_ROUNDS);
+    let (mut distributed, mut in_process): (Option<LoadReport>, Option<LoadReport>) = (None, None);
+    let mut tcp_times = Vec::new();
+    let mut request_bytes = 1;
+    for round in 0..rounds {
+        let round_settings = BenchSettings {
+            calls: settings.calls / rounds + u64::from(round < settings.calls % rounds),
+            warmup_calls: if round == 0 { settings.warmup_calls } else { 0 },
+            point_time: settings.point_time / rounds as u32,
+            ..settings.clone()
+        };
+        let report = measure(Target::Distributed(client.clone()), &round_settings, tokens, "distributed").await?;
+        let total = absorb(&mut distributed, report);
+        let requests: u64 = total.ledger.pairs.values().map(|pair| pair.requests).sum();
+        request_bytes = (total.bytes_total.message_sent / requests.max(1)).max(1) as usize;
+        let report = measure(Target::Reference(reference.clone()), &round_settings, tokens, "in-process").await?;
+        absorb(&mut in_process, report);
+        tcp_times.extend(wire::tcp_echo_times(request_bytes, settings.baseline_repeats.div_ceil(rounds as u32)).await?);
+    }
+    Ok(Alternated {
+        distributed: distributed.expect("at least one round"),
+        in_process: in_process.expect("at least one round"),
+        tcp_round_trip: wire::WireFigure::echo(request_bytes as u64, &tcp_times),
+    })
+}
+
+/// Adds one round's report to the total so far.
+fn absorb(total: &mut Option<LoadReport>, round: LoadReport) -> &LoadReport {
+    match total {
+        Some(total) => {
+            total.absorb(round);
+            total
+        }
+        None => total.insert(round),
+    }
+}
+
 /// A few calls of the largest batch through both targets, so every expert has run (libtorch's first
 /// forward of each is slow) before anything is measured.
 async fn warm_up_every_expert(
@@ -503,6 +567,8 @@ pub async fn run(
     let total = shapes.iter().map(|shape| plan.axes.points_of(*shape).len()).sum::<usize>()
         + (plan.presets.len() + usize::from(plan.step.is_some())) * links.len();
     let mut tally = Tally { done: 0, total, progress };
+    // Measured first, while nothing else of the run keeps the cores awake.
+    let thread_wake = tokio::task::spawn_blocking(|| wake::measure(WAKE_ROUND_TRIPS)).await.ok();
     let mut points = Vec::new();
     let max_tokens = plan.axes.tokens.iter().copied().max().unwrap_or(1);
     let device_peaks = if shapes.is_empty() || settings.identity_experts {
@@ -568,6 +634,7 @@ pub async fn run(
         presets,
         steps,
         machine: machine_summary(),
+        thread_wake,
         device_peaks,
     })
 }
@@ -598,14 +665,14 @@ async fn measure_shape(
     for point in axes.points_of(shape) {
         let client = cluster.client(point.wire_dtype);
         let error = wire_error(&client, &reference, point.tokens).await?;
-        let distributed = measure(Target::Distributed(client), settings, point.tokens, "distributed").await?;
-        let in_process = measure(Target::Reference(reference.clone()), settings, point.tokens, "in-process").await?;
+        let measured = measure_alternating(client, &reference, settings, point.tokens).await?;
         let result = PointResult {
             point,
             identity_experts: settings.identity_experts,
             flops_per_row: flops_per_row(&cluster.model, settings.identity_experts),
-            distributed,
-            reference: Some(in_process),
+            distributed: measured.distributed,
+            reference: Some(measured.in_process),
+            tcp_round_trip: Some(measured.tcp_round_trip),
             wire_error: Some(error),
             worker_peak_gflops: peak::for_threads(device_peaks, settings.worker_torch_threads),
             reference_peak_gflops: peak::for_threads(device_peaks, threads),
@@ -628,7 +695,7 @@ async fn measure_preset(
     // This machine's loopback swings several-fold within seconds: the calls go in rounds, each
     // followed by its share of the single-connection TCP baseline, so that the ratio of the two
     // compares transfers made under the same conditions.
-    let rounds = settings.calls.clamp(1, PRESET_ROUNDS);
+    let rounds = settings.calls.clamp(1, MEASURE_ROUNDS);
     let mut distributed: Option<LoadReport> = None;
     let mut tcp_times = Vec::new();
     let mut request_bytes = 1;
@@ -640,13 +707,7 @@ async fn measure_preset(
             ..settings.clone()
         };
         let report = measure(Target::Distributed(client.clone()), &round_settings, point.tokens, preset.name()).await?;
-        let total = match &mut distributed {
-            Some(total) => {
-                total.absorb(report);
-                total
-            }
-            None => distributed.insert(report),
-        };
+        let total = absorb(&mut distributed, report);
         // The baselines move what one dispatch request carried.
         let requests: u64 = total.ledger.pairs.values().map(|pair| pair.requests).sum();
         request_bytes = (total.bytes_total.payload_sent / requests.max(1)).max(1) as usize;
@@ -667,6 +728,7 @@ async fn measure_preset(
         flops_per_row: 0.0,
         distributed,
         reference: None,
+        tcp_round_trip: Some(baselines.tcp_echo),
         wire_error: None,
         worker_peak_gflops: None,
         reference_peak_gflops: None,
@@ -808,7 +870,13 @@ fn machine_summary() -> String {
     } else {
         "no CUDA".to_owned()
     };
-    format!("{cpu}, {cores} cores available, {cuda}")
+    // KVM guests' cpuidle-haltpoll: at 0 an idle core halts at once and every wake of a thread on
+    // it waits for the host (a condvar round trip ~10x slower than with polling, on the machine
+    // this was written on).
+    let halt_polling = std::fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        .map(|nanos| format!(", guest halt polling {} ns", nanos.trim()))
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores available, {cuda}{halt_polling}")
 }
 
 /// The GPUs' names as `nvidia-smi` reports them, when it is there.

@@ -18,6 +18,10 @@ pub struct BenchSummary {
     pub command: String,
     /// CPU, cores, CUDA: where the figures were measured.
     pub machine: String,
+    /// How long a thread takes to wake another on that machine (none in reports written before it
+    /// was measured).
+    #[serde(default)]
+    pub thread_wake: Option<super::wake::WakeFigure>,
     /// The device's matmul peak in the experts' dtype, measured in the same run (none in reports
     /// written before it was measured).
     #[serde(default)]
@@ -88,6 +92,10 @@ pub struct PointSummary {
     /// Mean per call of the slowest worker's dispatch and combine transfers, in microseconds.
     pub dispatch_transfer_us: f64,
     pub combine_transfer_us: f64,
+    /// Mean time of a raw TCP echo of one request's message bytes, measured in turns with the calls
+    /// (none in reports written before): what the network phase costs at least on this machine.
+    #[serde(default)]
+    pub tcp_round_trip_us: Option<f64>,
     pub distributed: LoadSummary,
     pub reference: Option<LoadSummary>,
 }
@@ -211,6 +219,7 @@ impl PointResult {
             wire_error: self.wire_error,
             dispatch_transfer_us: dispatch_us,
             combine_transfer_us: combine_us,
+            tcp_round_trip_us: self.tcp_round_trip.map(|echo| echo.mean_us),
             distributed: self.distributed.summary(),
             reference: self.reference.as_ref().map(|reference| reference.summary()),
         }
@@ -256,6 +265,7 @@ impl BenchReport {
         BenchSummary {
             command: command.to_owned(),
             machine: self.machine.clone(),
+            thread_wake: self.thread_wake,
             device_peaks: self.device_peaks.clone(),
             settings: self.settings_summary.clone(),
             points: self.points.iter().map(PointResult::summary).collect(),

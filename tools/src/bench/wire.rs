@@ -32,6 +32,11 @@ impl WireFigure {
         Self::from_times(bytes, bytes + 1, times)
     }
 
+    /// An echo's figure from its times: the bytes went and came back.
+    pub fn echo(bytes: u64, times: &[Duration]) -> Self {
+        Self::from_times(bytes, 2 * bytes, times)
+    }
+
     fn from_times(bytes: u64, moved: u64, times: &[Duration]) -> Self {
         let mean = times.iter().sum::<Duration>().as_secs_f64() / times.len().max(1) as f64;
         Self { bytes, repeats: times.len() as u32, mean_us: mean * 1e6, gb_per_s: moved as f64 / mean.max(1e-12) / 1e9 }
@@ -151,7 +156,16 @@ fn tcp(bytes: usize, repeats: u32, echo: bool) -> std::io::Result<WireFigure> {
 /// fresh one, after one unmeasured transfer), on a blocking thread: a share of a baseline measured
 /// in rounds ([`WireFigure::one_way`] of them all).
 pub async fn tcp_one_way_times(bytes: usize, repeats: u32) -> std::io::Result<Vec<Duration>> {
-    tokio::task::spawn_blocking(move || tcp_times(|| TcpListener::bind("127.0.0.1:0"), bytes, repeats, false))
+    loopback_times(bytes, repeats, false).await
+}
+
+/// The times of `repeats` echoes of `bytes` (there and back), as [`tcp_one_way_times`].
+pub async fn tcp_echo_times(bytes: usize, repeats: u32) -> std::io::Result<Vec<Duration>> {
+    loopback_times(bytes, repeats, true).await
+}
+
+async fn loopback_times(bytes: usize, repeats: u32, echo: bool) -> std::io::Result<Vec<Duration>> {
+    tokio::task::spawn_blocking(move || tcp_times(|| TcpListener::bind("127.0.0.1:0"), bytes, repeats, echo))
         .await
         .map_err(|_| std::io::Error::other("the TCP baseline panicked"))?
 }

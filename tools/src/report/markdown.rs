@@ -19,9 +19,9 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
     let phases = TimeBreakdown::PHASES.join(" / ");
     let _ = writeln!(
         text,
-        "| workers | experts | top-k | d_model x d_ff | tokens | wire | distributed ms | in-process ms | overhead | tokens/s | B/token payload | B/token socket | % {phases} | expert GFLOP/s distributed / in-process | % of matmul peak distributed / in-process | output error |"
+        "| workers | experts | top-k | d_model x d_ff | tokens | wire | distributed ms | in-process ms | overhead | network ms (raw TCP echo) | tokens/s | B/token payload | B/token socket | % {phases} | expert GFLOP/s distributed / in-process | % of matmul peak distributed / in-process | output error |"
     );
-    let _ = writeln!(text, "|{}", " ---: |".repeat(16));
+    let _ = writeln!(text, "|{}", " ---: |".repeat(17));
     for point in points {
         let shape = point.point.shape;
         let shares: Vec<String> =
@@ -36,7 +36,7 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
             format!("{} / {}", percent(point.distributed_peak_share), percent(point.reference_peak_share));
         let _ = writeln!(
             text,
-            "| {} | {} | {} | {}x{} | {} | {} | {:.2} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {}x{} | {} | {} | {:.2} | {} | {} | {:.2} ({}) | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
             shape.workers,
             shape.experts,
             shape.top_k,
@@ -47,6 +47,8 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
             point.distributed_mean_ms,
             optional(point.reference_mean_ms, |ms| format!("{ms:.2}")),
             optional(point.overhead_ratio, |ratio| format!("{ratio:.2}x")),
+            point.distributed.phases.network_mean_ms,
+            optional(point.tcp_round_trip_us, |us| format!("{:.2}", us / 1e3)),
             point.distributed.tokens_per_s,
             point.payload_bytes_per_token,
             point.socket_bytes_per_token,
@@ -204,6 +206,15 @@ pub fn ledger_table(rows: &[LedgerRow]) -> String {
 pub fn bench_report(summary: &BenchSummary) -> String {
     let mut text = String::from("# Switchyard bench report\n\n");
     let _ = writeln!(text, "Command: `{}`\n\nMachine: {}\n", summary.command, summary.machine);
+    if let Some(wake) = summary.thread_wake {
+        let _ = writeln!(
+            text,
+            "Thread wake round trip, measured at the start of this run (a condvar ping-pong between two \
+             threads, {} round trips): p50 {:.0} µs, p90 {:.0} µs. Every hop of a call between threads or \
+             processes costs about half of it when the core it wakes was idle: the floor of small calls.\n",
+            wake.round_trips, wake.p50_us, wake.p90_us
+        );
+    }
     for peak in &summary.device_peaks {
         let _ = writeln!(
             text,
@@ -216,7 +227,10 @@ pub fn bench_report(summary: &BenchSummary) -> String {
         text.push_str("## Sweep\n\n");
         text.push_str(
             "Each point ran through a local cluster (distributed) and, in the same run, through the in-process \
-             reference layer on the same inputs. Overhead = distributed ÷ in-process mean time per call. \
+             reference layer on the same inputs, the two taking turns in five rounds so that both meet the \
+             machine in the same moods. Overhead = distributed ÷ in-process mean time per call. The network \
+             phase (mean per call, the straggler's) stands beside a raw TCP echo of one request's bytes \
+             between two threads, measured in the same rounds: the least a round trip costs here. \
              Bytes per token count both directions. Phase shares are of the mean wall time (they add up to it). \
              GFLOP/s is expert FLOPs over expert compute time, and % of matmul peak divides it by the \
              device's square-matmul rate measured in this run in the experts' dtype (per worker: at one \
