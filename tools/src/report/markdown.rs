@@ -227,8 +227,8 @@ pub fn bench_report(summary: &BenchSummary) -> String {
         text.push_str("## Sweep\n\n");
         text.push_str(
             "Each point ran through a local cluster (distributed) and, in the same run, through the in-process \
-             reference layer on the same inputs, the two taking turns in five rounds so that both meet the \
-             machine in the same moods. Overhead = distributed ÷ in-process mean time per call. The network \
+             reference layer on the same inputs, the two taking turns in five rounds so that both run under the \
+             same conditions of the machine. Overhead = distributed ÷ in-process mean time per call. The network \
              phase (mean per call, the straggler's) stands beside a raw TCP echo of one request's bytes \
              between two threads, measured in the same rounds: the least a round trip costs here. \
              Bytes per token count both directions. Phase shares are of the mean wall time (they add up to it). \
