@@ -1,9 +1,13 @@
 //! The client's CPU work (gate, routing, packing, decode, combine) runs on a small pool of its own
 //! threads, never on the async runtime's: a large call's hundreds of milliseconds of arithmetic
 //! would otherwise stall every other task of the process that embeds the client.
+//!
+//! Idle threads block on the job queue at once. A work-stealing pool (rayon) spins and yields for a
+//! while after each job instead: with a few jobs per call, that kept two threads busy between calls
+//! and delayed the threads the call was waiting for (the runtime's, a local worker's) whenever cores
+//! are few.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
@@ -15,19 +19,29 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from).clamp(1, 8)
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The pool's threads end once every clone of it is dropped and the jobs queued before are done.
 #[derive(Debug, Clone)]
 pub struct CpuPool {
-    pool: Arc<rayon::ThreadPool>,
+    jobs: crossbeam_channel::Sender<Job>,
 }
 
 impl CpuPool {
     pub fn new(threads: usize) -> Result<Self, ClientError> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .thread_name(|index| format!("switchyard-client-cpu-{index}"))
-            .build()
-            .map_err(|error| ClientError::Internal { reason: format!("starting the CPU pool: {error}") })?;
-        Ok(Self { pool: Arc::new(pool) })
+        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+        for index in 0..threads.max(1) {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("switchyard-client-cpu-{index}"))
+                .spawn(move || {
+                    for job in queue {
+                        job();
+                    }
+                })
+                .map_err(|error| ClientError::Internal { reason: format!("starting the CPU pool: {error}") })?;
+        }
+        Ok(Self { jobs })
     }
 
     /// Runs `work` on the pool and waits for it without holding an async worker thread. A panic
@@ -43,9 +57,10 @@ impl CpuPool {
         work: impl FnOnce() -> T + Send + 'static,
     ) -> impl Future<Output = Result<T, ClientError>> + Send + 'static {
         let (done, result) = oneshot::channel();
-        self.pool.spawn(move || {
+        // The pool's threads live as long as a sender does, and this is one: the send cannot fail.
+        let _ = self.jobs.send(Box::new(move || {
             let _ = done.send(catch_unwind(AssertUnwindSafe(work)));
-        });
+        }));
         async move {
             match result.await {
                 Ok(Ok(value)) => Ok(value),
