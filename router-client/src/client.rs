@@ -254,7 +254,7 @@ impl MoeClient {
             refusal: self.options.refusal,
         };
         let handed_off = Instant::now();
-        let (plan, first_round, mut timing) = self.cpu.run(move || planning.plan()).await??;
+        let (plan, first_round, mut timing) = self.cpu.run_sized(planning.work(), move || planning.plan()).await??;
         // Waiting for a pool thread and for this task to be woken is part of planning's cost.
         timing.plan += handed_off.elapsed().saturating_sub(timing.gate + timing.plan + timing.encode);
         let plan = Arc::new(plan);
@@ -289,7 +289,8 @@ impl MoeClient {
                 |index, answer| {
                     let response = combine.accept(&plan, &round[index], answer)?;
                     let (plan, round, sums) = (plan.clone(), round.clone(), sums.clone());
-                    summing.push(self.cpu.spawn(move || lock(&sums).add(&plan, &round[index], &response)));
+                    let work = answer_bytes(&response);
+                    summing.push(self.cpu.spawn_sized(work, move || lock(&sums).add(&plan, &round[index], &response)));
                     Ok(())
                 },
             )
@@ -537,6 +538,13 @@ struct Planning {
     refusal: RefusalPolicy,
 }
 
+/// An answer's tensor bytes: the work of decoding and summing it, in [`CpuPool::run_sized`]'s
+/// units (a byte counted as a value errs toward the pool).
+fn answer_bytes(response: &v1::ForwardResponse) -> usize {
+    let rows = response.outputs.iter().filter_map(|output| output.rows.as_ref());
+    response.combined.iter().chain(rows).map(|tensor| tensor.data.len()).sum()
+}
+
 impl Planning {
     /// The gate of the layer: seeded for a synthetic model, read once from a checkpoint otherwise.
     fn gate(&self) -> Result<Arc<Gate>, ClientError> {
@@ -555,6 +563,19 @@ impl Planning {
         let gate = Arc::new(gate);
         gates.insert(key, gate.clone());
         Ok(gate)
+    }
+
+    /// About how much CPU work [`Planning::plan`] is, in [`CpuPool::run_sized`]'s units: the gate's
+    /// multiply-adds over 8 and every value packed. Unbounded until the layer's gate is in memory
+    /// (a checkpoint's is read from disk by the first call).
+    fn work(&self) -> usize {
+        let model = &self.table.model;
+        let key = GateKey { layer: self.layer, seed: model.seed, checkpoint: model.checkpoint.clone() };
+        if !lock(&self.gates).contains_key(&key) {
+            return usize::MAX;
+        }
+        let experts = (model.experts_per_layer + model.shared_experts) as usize;
+        self.hidden.len().saturating_mul(1 + experts / 8)
     }
 
     /// Gate, route, group by worker, pack: the requests of one call, and the time each step took.
