@@ -51,7 +51,9 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_TORCH_THREADS", default_value_t = 1)]
     pub torch_threads: u32,
 
-    /// How long the oldest queued rows of an expert wait for rows of other requests to merge with.
+    /// How long the oldest queued rows of an expert may wait for rows of other requests to merge
+    /// with, while other requests are on their way in (a request counts from its headers to its
+    /// admission). With none on the way a step starts at once: a lone caller never waits.
     #[arg(long, env = "SWITCHYARD_BATCH_WAIT_US", default_value_t = 100)]
     pub batch_wait_us: u64,
 

@@ -5,13 +5,14 @@
 //! whose rows would overflow any of its experts' queues is refused whole and queued work is not
 //! touched. The compute thread asks [`Scheduler::next_work`] for its next job: a step of every
 //! expert with queued rows, launched together. The decision itself, [`next_step`], is a pure
-//! function of the queues and the clock, tested without threads.
+//! function of the queues, the clock and whether a request is on its way in ([`Arrival`]), tested
+//! without threads.
 //!
 //! The lock is a `std::sync::Mutex` held for microseconds (push, pop, counters), never across an
 //! await or a tensor operation.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,7 +27,8 @@ use crate::request::{ForwardBatch, RowsSource};
 /// How the batcher merges queued rows.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchingConfig {
-    /// How long the oldest queued rows may wait for more rows of the same expert to join them.
+    /// How long the oldest queued rows may wait for more rows of the same expert to join them,
+    /// while a request is on its way in.
     pub batch_wait: Duration,
     /// Most rows in one forward; rows of one request are never split across forwards.
     pub max_batch_tokens: usize,
@@ -156,10 +158,17 @@ pub enum Decision {
 }
 
 /// A step is due when the expert whose oldest rows waited longest passed its wait bound or holds a
-/// full batch. Then every expert with queued rows joins the step (a request's rows for its top-k
-/// experts arrive together, and a GPU runs them back to back without waiting on the host between
-/// them), each taking whole requests, oldest first, up to `max_batch_tokens` (at least one).
-pub fn next_step(queues: &mut HashMap<ExpertId, ExpertQueue>, now: Instant, config: BatchingConfig) -> Decision {
+/// full batch, or at once when no request is `arriving` (waiting could merge nothing that is on its
+/// way: a lone caller never pays the bound). Then every expert with queued rows joins the step (a
+/// request's rows for its top-k experts arrive together, and a GPU runs them back to back without
+/// waiting on the host between them), each taking whole requests, oldest first, up to
+/// `max_batch_tokens` (at least one).
+pub fn next_step(
+    queues: &mut HashMap<ExpertId, ExpertQueue>,
+    now: Instant,
+    config: BatchingConfig,
+    arriving: bool,
+) -> Decision {
     for queue in queues.values_mut() {
         queue.drop_abandoned();
     }
@@ -170,7 +179,7 @@ pub fn next_step(queues: &mut HashMap<ExpertId, ExpertQueue>, now: Instant, conf
         return Decision::Idle;
     };
     let due = head_enqueued_at + config.batch_wait;
-    if now < due && queues[&oldest].queued_tokens < config.max_batch_tokens {
+    if arriving && now < due && queues[&oldest].queued_tokens < config.max_batch_tokens {
         return Decision::WaitUntil(due);
     }
     let batches = heads
@@ -206,6 +215,28 @@ struct SchedulerState {
     queues: HashMap<ExpertId, ExpertQueue>,
     commands: VecDeque<Command>,
     stopping: bool,
+    /// Requests announced and not yet admitted ([`Arrival`]).
+    arriving: usize,
+}
+
+/// A request on its way in: announced when its headers arrive, gone once its rows are admitted or
+/// it fails before that. While any is on its way, queued rows wait for it up to the batch wait
+/// bound; with none, a step starts at once.
+#[derive(Debug)]
+#[must_use = "the request counts as arriving until this is dropped"]
+pub struct Arrival(Arc<Scheduler>);
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.arriving -= 1;
+        let none_left = state.arriving == 0;
+        drop(state);
+        if none_left {
+            // Rows waiting for this request can go now.
+            self.0.wake.notify_one();
+        }
+    }
 }
 
 /// A snapshot of one queue.
@@ -317,6 +348,12 @@ impl Scheduler {
         Ok(receivers)
     }
 
+    /// Counts a request as on its way in until the returned [`Arrival`] is dropped.
+    pub fn announce(self: &Arc<Self>) -> Arrival {
+        self.lock().arriving += 1;
+        Arrival(self.clone())
+    }
+
     /// Queues `command` for the compute thread.
     pub fn submit(&self, command: Command) {
         self.lock().commands.push_back(command);
@@ -352,7 +389,8 @@ impl Scheduler {
             }
             let config =
                 if state.stopping { BatchingConfig { batch_wait: Duration::ZERO, ..self.config } } else { self.config };
-            match next_step(&mut state.queues, Instant::now(), config) {
+            let arriving = state.arriving > 0;
+            match next_step(&mut state.queues, Instant::now(), config, arriving) {
                 Decision::Run(batches) => return Work::Step(batches),
                 Decision::Idle if state.stopping => return Work::Stop,
                 Decision::Idle => {
@@ -464,9 +502,9 @@ mod tests {
         let mut state = scheduler.lock();
         let start = state.queues[&ExpertId::new(0, 0)].entries[0].enqueued_at;
         assert!(
-            matches!(next_step(&mut state.queues, start, CONFIG), Decision::WaitUntil(due) if due == start + CONFIG.batch_wait)
+            matches!(next_step(&mut state.queues, start, CONFIG, true), Decision::WaitUntil(due) if due == start + CONFIG.batch_wait)
         );
-        let Decision::Run(batches) = next_step(&mut state.queues, start + CONFIG.batch_wait, CONFIG) else {
+        let Decision::Run(batches) = next_step(&mut state.queues, start + CONFIG.batch_wait, CONFIG, true) else {
             panic!("due after the wait bound");
         };
         let merged = &batches[0];
@@ -477,6 +515,36 @@ mod tests {
     }
 
     #[test]
+    fn with_no_request_on_its_way_queued_rows_run_at_once() {
+        let scheduler = scheduler_with(&[(0, 100)]);
+        let _a = scheduler.admit(request(vec![rows(0, 0, 2, 4)])).expect("fits");
+        let mut state = scheduler.lock();
+        let start = state.queues[&ExpertId::new(0, 0)].entries[0].enqueued_at;
+        let Decision::Run(batches) = next_step(&mut state.queues, start, CONFIG, false) else {
+            panic!("nothing arriving to wait for");
+        };
+        assert_eq!(batches[0].tokens(), 2);
+    }
+
+    #[test]
+    fn rows_wait_while_a_request_arrives_and_go_when_it_is_admitted() {
+        let scheduler = Arc::new(Scheduler::new(BatchingConfig { batch_wait: Duration::from_secs(60), ..CONFIG }));
+        scheduler.open_queue(ExpertId::new(0, 0), 4, 100);
+        let second = scheduler.announce();
+        let _first = scheduler.admit(request(vec![rows(0, 0, 2, 4)])).expect("fits");
+        let compute = {
+            let scheduler = scheduler.clone();
+            std::thread::spawn(move || scheduler.next_work())
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!compute.is_finished(), "the first request's rows wait for the one arriving");
+        let _second = scheduler.admit(request(vec![rows(0, 0, 3, 4)])).expect("fits");
+        drop(second);
+        let Ok(Work::Step(batches)) = compute.join() else { panic!("a step, long before the minute's bound") };
+        assert_eq!((batches[0].tokens(), batches[0].entries.len()), (5, 2), "both requests in one forward");
+    }
+
+    #[test]
     fn a_full_batch_runs_at_once_and_never_splits_a_request() {
         let scheduler = scheduler_with(&[(0, 100)]);
         let _receivers: Vec<_> = [5, 2, 3]
@@ -484,7 +552,7 @@ mod tests {
             .map(|tokens| scheduler.admit(request(vec![rows(0, 0, tokens, 4)])).expect("fits"))
             .collect();
         let mut state = scheduler.lock();
-        let Decision::Run(batches) = next_step(&mut state.queues, Instant::now(), CONFIG) else {
+        let Decision::Run(batches) = next_step(&mut state.queues, Instant::now(), CONFIG, true) else {
             panic!("10 queued tokens >= max_batch_tokens 8 runs without waiting");
         };
         assert_eq!(batches[0].tokens(), 7, "5 + 2 fit in 8, the 3-token request waits");
@@ -498,7 +566,8 @@ mod tests {
         let _kept = scheduler.admit(request(vec![rows(0, 0, 1, 4)])).expect("fits");
         drop(abandoned);
         let mut state = scheduler.lock();
-        let Decision::Run(batches) = next_step(&mut state.queues, Instant::now() + CONFIG.batch_wait, CONFIG) else {
+        let Decision::Run(batches) = next_step(&mut state.queues, Instant::now() + CONFIG.batch_wait, CONFIG, true)
+        else {
             panic!("due");
         };
         assert_eq!(batches[0].tokens(), 1);

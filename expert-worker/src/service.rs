@@ -23,6 +23,7 @@ use crate::compute::micros;
 use crate::error::WorkerError;
 use crate::intake::{Intake, Share};
 use crate::request::ForwardBatch;
+use crate::scheduler::Arrival;
 use crate::worker::{ExpertWorker, ForwardOutcome, QueueLimits};
 
 /// Metadata key carrying the client's request id across the hop, for tracing.
@@ -56,6 +57,7 @@ impl ExpertWorkerService {
         &self,
         request: v1::ForwardRequest,
         caller: &RemoteParent,
+        arrival: Option<Arrival>,
     ) -> Result<v1::ForwardResponse, WorkerError> {
         let received_unix_nanos = switchyard_common::clock::unix_nanos();
         let sequence = request.sequence;
@@ -68,7 +70,7 @@ impl ExpertWorkerService {
         async {
             let batch = ForwardBatch::try_from(request)?;
             let rows = batch.total_tokens();
-            let outcome = self.worker.forward(batch).await.inspect_err(|error| {
+            let outcome = self.worker.forward_arrived(batch, arrival).await.inspect_err(|error| {
                 tracing::debug!(%error, "forward refused");
             })?;
             tracing::debug!(rows, handler_us = micros(outcome.handler_time), "forward answered");
@@ -162,9 +164,11 @@ impl Service<http::Request<Body>> for WorkerServer {
             return self.generated.call(request);
         }
         let service = self.service.clone();
+        // From its headers on, rows queued before it wait for this request (up to the batch wait).
+        let arrival = service.worker.announce();
         let request = request.map(|body| Body::new(self.intake.meter(body, share.clone())));
         Box::pin(async move {
-            let forward = |request| async move { expert_worker_server::ExpertWorker::forward(&service, request).await };
+            let forward = |request| async move { service.forward_request(request, Some(arrival)).await };
             let answer =
                 zero_copy::serve_unary(request, switchyard_common::transport::MAX_MESSAGE_BYTES, forward).await;
             // The request's rows were held until it was answered.
@@ -179,14 +183,25 @@ const STREAM_IN_FLIGHT: usize = 64;
 
 type ForwardResponseStream = Pin<Box<dyn Stream<Item = Result<v1::ForwardResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl expert_worker_server::ExpertWorker for ExpertWorkerService {
-    async fn forward(&self, request: Request<v1::ForwardRequest>) -> Result<Response<v1::ForwardResponse>, Status> {
+impl ExpertWorkerService {
+    /// `Forward`, for a request announced as `arrival` when it was (by [`WorkerServer`]).
+    async fn forward_request(
+        &self,
+        request: Request<v1::ForwardRequest>,
+        arrival: Option<Arrival>,
+    ) -> Result<Response<v1::ForwardResponse>, Status> {
         let request_id = with_request_id(&request, request.get_ref().request_id);
         let caller = RemoteParent::from_metadata(request.metadata());
         let mut message = request.into_inner();
         message.request_id = request_id;
-        Ok(Response::new(self.forward_message(message, &caller).await?))
+        Ok(Response::new(self.forward_message(message, &caller, arrival).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl expert_worker_server::ExpertWorker for ExpertWorkerService {
+    async fn forward(&self, request: Request<v1::ForwardRequest>) -> Result<Response<v1::ForwardResponse>, Status> {
+        self.forward_request(request, None).await
     }
 
     type ForwardStreamStream = ForwardResponseStream;
@@ -223,7 +238,7 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
                     (service.clone(), answers.clone(), shares.clone(), caller.clone());
                 tokio::spawn(async move {
                     let (request_id, sequence) = (message.request_id, message.sequence);
-                    let answer = service.forward_message(message, &caller).await.unwrap_or_else(|error| {
+                    let answer = service.forward_message(message, &caller, None).await.unwrap_or_else(|error| {
                         let status = Status::from(error);
                         v1::ForwardResponse {
                             request_id,

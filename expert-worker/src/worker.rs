@@ -19,7 +19,7 @@ use crate::compute;
 use crate::error::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::request::ForwardBatch;
-use crate::scheduler::{BatchingConfig, Command, QueueSnapshot, Scheduler};
+use crate::scheduler::{Arrival, BatchingConfig, Command, QueueSnapshot, Scheduler};
 
 /// What a worker is started with.
 #[derive(Debug, Clone)]
@@ -212,6 +212,21 @@ impl ExpertWorker {
 
     /// Runs every part of `batch` through its expert; refused whole if any queue is full.
     pub async fn forward(&self, batch: ForwardBatch) -> Result<ForwardOutcome, WorkerError> {
+        self.forward_arrived(batch, None).await
+    }
+
+    /// Counts a request as on its way in (queued rows wait for it, up to the batch wait bound)
+    /// until the returned [`Arrival`] is dropped or handed to [`ExpertWorker::forward_arrived`].
+    pub fn announce(&self) -> Arrival {
+        self.scheduler.announce()
+    }
+
+    /// [`ExpertWorker::forward`] of a request announced as `arrival`, which ends at its admission.
+    pub async fn forward_arrived(
+        &self,
+        batch: ForwardBatch,
+        arrival: Option<Arrival>,
+    ) -> Result<ForwardOutcome, WorkerError> {
         let started = Instant::now();
         self.metrics.requests.inc();
         let request_id = batch.request_id;
@@ -220,6 +235,7 @@ impl ExpertWorker {
         let shapes: Vec<(ExpertId, usize, usize)> =
             batch.parts.iter().map(|part| (part.expert, part.tokens, part.width)).collect();
         let admitted = self.scheduler.admit(batch);
+        drop(arrival);
         if admitted.is_ok() || matches!(admitted, Err(WorkerError::QueueFull { .. })) {
             for (expert, rows, _) in &shapes {
                 self.metrics.observe_expert(expert.layer, expert.expert, *rows as u64, admitted.is_ok());

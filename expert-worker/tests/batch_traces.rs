@@ -71,7 +71,7 @@ async fn a_merged_batch_follows_from_every_request_it_serves() {
     let recorder = Recorder::default();
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(recorder.clone()))
         .expect("the only subscriber of this test binary");
-    // Long enough a wait that both requests' rows are queued before the batch runs.
+    // Long enough a wait that the first request's rows wait for the second's, announced with it.
     let options = WorkerOptions {
         batching: BatchingConfig { batch_wait: Duration::from_millis(300), max_batch_tokens: 1024 },
         default_queue_limit_tokens: 1024,
@@ -92,7 +92,10 @@ async fn a_merged_batch_follows_from_every_request_it_serves() {
         };
         let batch = ForwardBatch { request_id: id, parts: vec![part], output_dtype: None, token_major: None };
         let worker = worker.clone();
-        async move { worker.forward(batch).await }.instrument(tracing::info_span!("request", request_id = id))
+        // Announced now, as a request on the wire is from its headers: rows queued first wait for it.
+        let arriving = worker.announce();
+        async move { worker.forward_arrived(batch, Some(arriving)).await }
+            .instrument(tracing::info_span!("request", request_id = id))
     };
     let (first, second) = tokio::join!(request(1), request(2));
     let (first, second) = (first.expect("first"), second.expect("second"));

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use switchyard_expert_worker::request::{ExpertRowsIn, ForwardBatch, RowsSource};
 use switchyard_expert_worker::scheduler::BatchingConfig;
-use switchyard_expert_worker::worker::QueueLimits;
+use switchyard_expert_worker::worker::{ForwardOutcome, QueueLimits};
 use switchyard_expert_worker::{Args, ExpertWorker, WorkerError, WorkerOptions};
 use switchyard_experts::Expert;
 use switchyard_model::ExpertId;
@@ -33,6 +33,20 @@ fn part(index: usize, expert: u32, values: &[f32], width: usize, dtype: WireDtyp
         width,
         rows: RowsSource::Own(wire::encode_rows(values, width, dtype)),
     }
+}
+
+/// Both requests announced before either is admitted, as two requests on the wire at once are:
+/// the first one's rows wait for the second's (up to the batch wait bound).
+async fn forward_together(
+    worker: &ExpertWorker,
+    first: ForwardBatch,
+    second: ForwardBatch,
+) -> (Result<ForwardOutcome, WorkerError>, Result<ForwardOutcome, WorkerError>) {
+    let (first_arriving, second_arriving) = (worker.announce(), worker.announce());
+    tokio::join!(
+        worker.forward_arrived(first, Some(first_arriving)),
+        worker.forward_arrived(second, Some(second_arriving))
+    )
 }
 
 async fn started(batch_wait: Duration, limit: usize) -> std::sync::Arc<ExpertWorker> {
@@ -103,7 +117,7 @@ async fn bf16_rows_come_back_in_the_asked_dtype() {
 
 #[tokio::test]
 async fn concurrent_requests_of_one_expert_merge_into_one_forward() {
-    // A generous wait bound so both requests are queued before the batcher runs.
+    // A generous wait bound: the step starts as soon as the second request is in, not after it.
     let worker = started(Duration::from_millis(300), 1024).await;
     let (a, b) = (rows(3, 16, 0.2), rows(6, 16, 0.7));
     let first = ForwardBatch {
@@ -118,7 +132,7 @@ async fn concurrent_requests_of_one_expert_merge_into_one_forward() {
         output_dtype: None,
         token_major: None,
     };
-    let (first, second) = tokio::join!(worker.forward(first), worker.forward(second));
+    let (first, second) = forward_together(&worker, first, second).await;
     let (first, second) = (first.expect("first"), second.expect("second"));
     assert_eq!(first.outputs[0].batch_tokens, 9, "one forward of 3 + 6 rows");
     assert_eq!(second.outputs[0].batch_tokens, 9);
@@ -150,7 +164,7 @@ async fn one_step_serves_every_expert_with_mixed_dtypes() {
         output_dtype: Some(WireDtype::F16),
         token_major: None,
     };
-    let (first, second) = tokio::join!(worker.forward(first), worker.forward(second));
+    let (first, second) = forward_together(&worker, first, second).await;
     let (first, second) = (first.expect("first"), second.expect("second"));
     let answers = [
         (&first.outputs[0], 1, &a1, WireDtype::F32, 3 + 2, 1e-6),
@@ -209,8 +223,8 @@ async fn grpc_worker_with(limit: u32, flags: &[&str]) -> (GrpcWorker, String) {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = grpc.local_addr().expect("address");
-    let command =
-        ["switchyard-worker", "--device", "cpu", "--batch-wait-us", "0"].into_iter().chain(flags.iter().copied());
+    let batch_wait: &[&str] = if flags.contains(&"--batch-wait-us") { &[] } else { &["--batch-wait-us", "0"] };
+    let command = ["switchyard-worker", "--device", "cpu"].iter().chain(batch_wait).chain(flags).copied();
     let args = <Args as clap::Parser>::try_parse_from(command).expect("args");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(switchyard_expert_worker::run(grpc, metrics, args, async {
@@ -277,6 +291,22 @@ async fn grpc_errors_name_the_field_and_the_worker_keeps_serving() {
     let stats = client.get_stats(v1::GetStatsRequest {}).await.expect("stats").into_inner();
     let expert3 = stats.experts.iter().find(|e| e.expert == Some(v1::ExpertKey::new(0, 3))).expect("expert 3");
     assert_eq!((expert3.rejected_tokens, expert3.queue_limit_tokens), (9, 8));
+}
+
+/// The server announces a request from its headers and lets it go at its admission: with nothing
+/// else on its way, a lone request's step starts at once, however long the batch wait bound.
+#[tokio::test]
+async fn a_lone_request_does_not_wait_for_the_batch_bound() {
+    let ten_minutes = "600000000";
+    let ((mut client, _stop), _) = grpc_worker_with(64, &["--batch-wait-us", ten_minutes]).await;
+    let request = wire_request(1, 1, vec![2, 16], wire::encode_f32(&rows(2, 16, 0.4), WireDtype::F32));
+    let answer = tokio::time::timeout(Duration::from_secs(60), client.forward(request))
+        .await
+        .expect("answered long before the ten-minute bound")
+        .expect("forward")
+        .into_inner();
+    let queue_wait_us = answer.outputs[0].timing.as_ref().expect("timing").queue_wait_us;
+    assert!(queue_wait_us < 60_000_000, "queued {queue_wait_us} µs");
 }
 
 #[tokio::test]
@@ -551,7 +581,7 @@ async fn a_token_major_request_comes_back_as_one_weighted_sum_per_token() {
         output_dtype: None,
         token_major: None,
     };
-    let (summed, direct) = tokio::join!(worker.forward(token_major), worker.forward(expert_major));
+    let (summed, direct) = forward_together(&worker, token_major, expert_major).await;
     let (summed, direct) = (summed.expect("token-major"), direct.expect("expert-major"));
 
     let combined = summed.combined.expect("one sum per token");
@@ -593,7 +623,7 @@ async fn identity_experts_answer_each_token_scaled_by_its_weights_here() {
         output_dtype: None,
         token_major: None,
     };
-    let (summed, direct) = tokio::join!(worker.forward(token_major), worker.forward(expert_major));
+    let (summed, direct) = forward_together(&worker, token_major, expert_major).await;
     let combined = summed.expect("token-major").combined.expect("one sum per token");
     let have = wire::decode_f32(&combined.data, combined.dtype);
     let want: Vec<f32> = choices

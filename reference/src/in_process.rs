@@ -43,7 +43,7 @@ impl ExpertTransport for InProcessTransport {
             })?;
             let sent_unix_nanos = unix_nanos();
             let started = Instant::now();
-            let answered = service.forward_message(request, &RemoteParent::default()).await;
+            let answered = service.forward_message(request, &RemoteParent::default(), None).await;
             let timing = RpcTiming { elapsed: started.elapsed(), sent_unix_nanos, answered_unix_nanos: unix_nanos() };
             match answered {
                 Ok(response) => Ok(Answer { response, timing }),

@@ -32,7 +32,8 @@ pub struct LocalArgs {
     #[arg(long, env = "SWITCHYARD_DTYPE", value_enum)]
     pub dtype: Option<DtypeArg>,
 
-    /// Batch wait bound of the workers, in microseconds.
+    /// Batch wait bound of the workers, in microseconds: how long queued rows may wait for
+    /// requests still on their way in (none on the way: no wait).
     #[arg(long, env = "SWITCHYARD_BATCH_WAIT_US", default_value_t = 100)]
     pub batch_wait_us: u64,
 

@@ -133,7 +133,8 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_DTYPE", value_enum)]
     pub dtype: Option<DtypeArg>,
 
-    /// Workers' batch wait bound in microseconds (0: a lone caller never waits for company).
+    /// Workers' batch wait bound in microseconds (a step waits only while another request is on
+    /// its way in; 0: never).
     #[arg(long, env = "SWITCHYARD_BATCH_WAIT_US", default_value_t = 0)]
     pub batch_wait_us: u64,
 
