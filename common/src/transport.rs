@@ -21,8 +21,11 @@ use crate::tls::{ClientTls, RoleGuardLayer, RolePolicy, ServerTls, TlsConnection
 pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 /// HTTP/2 per-connection flow-control window.
 pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
-/// Largest HTTP/2 frame either end accepts: answers come back in frames as large as requests go.
-pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
+/// Largest HTTP/2 frame either end accepts, HTTP/2's own limit: a tensor payload of up to 16 MiB
+/// (within the stream window) arrives as one DATA frame, which the receiver decodes in place
+/// (`switchyard_proto::zero_copy`); one spread over several frames has to be copied together.
+/// Answers come back in frames as large as requests go.
+pub const MAX_FRAME_BYTES: u32 = (1 << 24) - 1;
 /// Largest gRPC message either side encodes or decodes. Clients split batches above
 /// [`SPLIT_REQUEST_BYTES`], so this is a safety limit, not the usual size.
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;

@@ -233,14 +233,8 @@ where
     Fut: Future<Output = Result<tonic::Response<A>, Status>>,
 {
     let answer = async {
-        let (parts, body) = request.into_parts();
-        let decoder = tonic_prost::ProstCodec::<(), Q>::default().decoder();
-        let mut messages = Streaming::new_request(decoder, body, None, Some(max_request_bytes));
-        let message = messages
-            .message()
-            .await
-            .map_err(unreadable)?
-            .ok_or_else(|| Status::invalid_argument("the request had no message"))?;
+        let (parts, mut body) = request.into_parts();
+        let message = read_message(&mut body, max_request_bytes).await?;
         let request = tonic::Request::from_parts(
             tonic::metadata::MetadataMap::from_headers(parts.headers),
             parts.extensions,
@@ -262,14 +256,119 @@ where
     }
 }
 
-/// gRPC's codes for a request that cannot be read, where tonic's differ: a malformed message is the
-/// caller's INVALID_ARGUMENT (tonic: INTERNAL), one over the size limit RESOURCE_EXHAUSTED (tonic:
-/// OUT_OF_RANGE).
-fn unreadable(status: Status) -> Status {
-    match status.code() {
-        Code::Internal => Status::invalid_argument(format!("the request is not a valid message: {}", status.message())),
-        Code::OutOfRange => Status::resource_exhausted(status.message().to_owned()),
-        _ => status,
+/// Reads the one message of a unary request's `body` (at most `max_bytes`) and decodes it from the
+/// HTTP/2 DATA frames as they came: a `bytes` field that arrived within one frame (a payload its
+/// sender wrote as one chunk, up to the frame size) is a slice of that frame. Tonic's decoder
+/// copies every frame into one buffer first, a copy of every row a worker receives. A malformed
+/// message is the caller's INVALID_ARGUMENT, one over the limit RESOURCE_EXHAUSTED (tonic answers
+/// INTERNAL and OUT_OF_RANGE); a failing body (the worker's receiving budget) keeps its own status.
+async fn read_message<Q: Message + Default>(body: &mut tonic::body::Body, max_bytes: usize) -> Result<Q, Status> {
+    let mut frames = Frames::default();
+    let mut length = None;
+    loop {
+        if length.is_none() && frames.remaining() >= GRPC_PREFIX_BYTES {
+            let mut prefix = [0u8; GRPC_PREFIX_BYTES];
+            frames.peek(&mut prefix);
+            if prefix[0] != 0 {
+                return Err(Status::unimplemented("compressed messages are not accepted: send them uncompressed"));
+            }
+            let declared = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+            if declared > max_bytes {
+                return Err(Status::resource_exhausted(format!(
+                    "the request's message is {declared} bytes, over the limit of {max_bytes}"
+                )));
+            }
+            length = Some(declared);
+        }
+        if let Some(length) = length
+            && frames.remaining() >= GRPC_PREFIX_BYTES + length
+        {
+            frames.advance(GRPC_PREFIX_BYTES);
+            return Q::decode(frames.take(length))
+                .map_err(|error| Status::invalid_argument(format!("the request is not a valid message: {error}")));
+        }
+        match std::future::poll_fn(|context| http_body::Body::poll_frame(Pin::new(&mut *body), context)).await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    frames.push(data);
+                }
+            }
+            Some(Err(status)) => return Err(status),
+            None if frames.remaining() == 0 => return Err(Status::invalid_argument("the request had no message")),
+            None => return Err(Status::invalid_argument("the request is not a valid message: it ends inside itself")),
+        }
+    }
+}
+
+/// Received DATA frames read as one buffer; [`Buf::copy_to_bytes`] shares a range that lies within
+/// one frame instead of copying it.
+#[derive(Debug, Default)]
+struct Frames {
+    chunks: VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl Frames {
+    fn push(&mut self, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.remaining += chunk.len();
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    /// Copies the first `into.len()` bytes without consuming them.
+    fn peek(&self, into: &mut [u8]) {
+        let mut filled = 0;
+        for chunk in &self.chunks {
+            let take = (into.len() - filled).min(chunk.len());
+            into[filled..filled + take].copy_from_slice(&chunk[..take]);
+            filled += take;
+            if filled == into.len() {
+                break;
+            }
+        }
+    }
+}
+
+impl Buf for Frames {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |chunk| chunk.as_ref())
+    }
+
+    fn advance(&mut self, mut count: usize) {
+        assert!(count <= self.remaining, "advance past the end of the frames");
+        self.remaining -= count;
+        while count > 0 {
+            let front = self.chunks.front_mut().expect("counted");
+            if count < front.len() {
+                front.advance(count);
+                return;
+            }
+            count -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    fn copy_to_bytes(&mut self, length: usize) -> Bytes {
+        match self.chunks.front_mut() {
+            Some(front) if front.len() >= length => {
+                let shared = front.split_to(length);
+                if front.is_empty() {
+                    self.chunks.pop_front();
+                }
+                self.remaining -= length;
+                shared
+            }
+            _ => {
+                let mut copied = BytesMut::with_capacity(length);
+                copied.put((&mut *self).take(length));
+                copied.freeze()
+            }
+        }
     }
 }
 
@@ -306,6 +405,64 @@ mod tests {
         let shared: Vec<&Bytes> = chunks.iter().filter(|chunk| chunk.len() == payload.len()).collect();
         assert_eq!(shared.len(), 1, "the payload is one chunk of its own");
         assert_eq!(shared[0].as_ptr(), payload.as_ptr(), "and the same memory, not a copy");
+    }
+
+    /// What `serve_unary` reads from a request whose body came as `frames`.
+    fn read(frames: Vec<Bytes>, max_bytes: usize) -> Result<v1::ForwardRequest, Status> {
+        let mut body = tonic::body::Body::new(ChunkBody::new(frames, None));
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(read_message(&mut body, max_bytes))
+    }
+
+    fn rows_request(payload: Bytes) -> v1::ForwardRequest {
+        v1::ForwardRequest {
+            request_id: 7,
+            tokens: Some(v1::TokenRows { layer: 1, rows: Some(tensor(payload)), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_payload_that_arrived_in_one_frame_is_decoded_without_a_copy() {
+        let payload = Bytes::from((0..64 * 1024).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+        let message = rows_request(payload.clone());
+        // The frames as the sender's chunks became them: the payload one frame of its own.
+        let frames = encode_frame(&message).expect("encodes");
+        let decoded = read(frames, 1 << 20).expect("decodes");
+        assert_eq!(decoded, message);
+        let rows = &decoded.tokens.as_ref().and_then(|tokens| tokens.rows.as_ref()).expect("rows").data;
+        assert_eq!(rows.as_ptr(), payload.as_ptr(), "the received frame's memory, not a copy");
+    }
+
+    #[test]
+    fn a_message_cut_into_any_frames_decodes_the_same() {
+        let payload = Bytes::from((0..10_000).map(|i| (i % 241) as u8).collect::<Vec<_>>());
+        let message = rows_request(payload);
+        let whole: Vec<u8> = encode_frame(&message).expect("encodes").iter().flat_map(|chunk| chunk.to_vec()).collect();
+        for size in [1, 3, 5, 7, 4096, whole.len()] {
+            let frames = whole.chunks(size).map(Bytes::copy_from_slice).collect();
+            assert_eq!(read(frames, 1 << 20).expect("decodes"), message, "frames of {size} bytes");
+        }
+    }
+
+    #[test]
+    fn unreadable_requests_are_refused_with_the_callers_codes() {
+        let whole: Vec<u8> = encode_frame(&rows_request(Bytes::from(vec![1; 100]))).expect("encodes").concat();
+        let code = |frames: Vec<Bytes>, max_bytes: usize| read(frames, max_bytes).unwrap_err();
+        let empty = code(Vec::new(), 1 << 20);
+        assert_eq!((empty.code(), empty.message()), (Code::InvalidArgument, "the request had no message"));
+        let cut = code(vec![Bytes::copy_from_slice(&whole[..whole.len() - 1])], 1 << 20);
+        assert_eq!(cut.code(), Code::InvalidArgument, "{cut:?}");
+        assert!(cut.message().starts_with("the request is not a valid message"), "{cut:?}");
+        let large = code(vec![Bytes::copy_from_slice(&whole[..GRPC_PREFIX_BYTES])], 10);
+        assert_eq!(large.code(), Code::ResourceExhausted, "refused from its prefix alone: {large:?}");
+        let mut compressed = whole.clone();
+        compressed[0] = 1;
+        assert_eq!(code(vec![Bytes::from(compressed)], 1 << 20).code(), Code::Unimplemented);
+        let mut garbage = whole[..GRPC_PREFIX_BYTES].to_vec();
+        garbage[1..].copy_from_slice(&3u32.to_be_bytes());
+        garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
+        assert_eq!(code(vec![Bytes::from(garbage)], 1 << 20).code(), Code::InvalidArgument);
     }
 
     #[test]
