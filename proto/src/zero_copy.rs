@@ -8,7 +8,8 @@
 //! `Bytes::copy_to_bytes` shares instead of copying). The chunks are the request's HTTP/2 body
 //! as they are; hyper writes them with vectored writes. The answer is decoded by tonic's own
 //! decoder, so status, trailers and limits behave as with a generated client. [`serve_unary`] is
-//! the server's half: a handler's answer goes out the same way.
+//! the server's half: a handler's answer goes out the same way, and the request is decoded from
+//! its DATA frames in place, its large fields slices of the frames they arrived in.
 
 use std::collections::VecDeque;
 use std::future::Future;
