@@ -5,10 +5,10 @@
 //! DEADLINE_EXCEEDED naming the deadline, and drops the handler's future as tonic's would.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::time::Instant;
 use tonic::codegen::http::{HeaderMap, Request, Response};
 
@@ -53,8 +53,6 @@ pub struct DeadlineService<S> {
     inner: S,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 impl<S, B> tower::Service<Request<B>> for DeadlineService<S>
 where
     S: tower::Service<Request<B>, Response = Response<tonic::body::Body>>,
@@ -62,7 +60,7 @@ where
 {
     type Response = Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)

@@ -547,9 +547,14 @@ fn answer_bytes(response: &v1::ForwardResponse) -> usize {
 
 impl Planning {
     /// The gate of the layer: seeded for a synthetic model, read once from a checkpoint otherwise.
+    fn gate_key(&self) -> GateKey {
+        let model = &self.table.model;
+        GateKey { layer: self.layer, seed: model.seed, checkpoint: model.checkpoint.clone() }
+    }
+
     fn gate(&self) -> Result<Arc<Gate>, ClientError> {
         let model = &self.table.model;
-        let key = GateKey { layer: self.layer, seed: model.seed, checkpoint: model.checkpoint.clone() };
+        let key = self.gate_key();
         let mut gates = lock(&self.gates);
         if let Some(gate) = gates.get(&key) {
             return Ok(gate.clone());
@@ -570,8 +575,7 @@ impl Planning {
     /// (a checkpoint's is read from disk by the first call).
     fn work(&self) -> usize {
         let model = &self.table.model;
-        let key = GateKey { layer: self.layer, seed: model.seed, checkpoint: model.checkpoint.clone() };
-        if !lock(&self.gates).contains_key(&key) {
+        if !lock(&self.gates).contains_key(&self.gate_key()) {
             return usize::MAX;
         }
         let experts = (model.experts_per_layer + model.shared_experts) as usize;

@@ -476,12 +476,8 @@ async fn measure_alternating(
     let mut tcp_times = Vec::new();
     let mut request_bytes = 1;
     for round in 0..rounds {
-        let round_settings = BenchSettings {
-            calls: settings.calls / rounds + u64::from(round < settings.calls % rounds),
-            warmup_calls: if round == 0 { settings.warmup_calls } else { 0 },
-            point_time: settings.point_time / rounds as u32,
-            ..settings.clone()
-        };
+        let round_settings =
+            BenchSettings { point_time: settings.point_time / rounds as u32, ..round_of(settings, round, rounds) };
         let report = measure(Target::Distributed(client.clone()), &round_settings, tokens, "distributed").await?;
         let total = absorb(&mut distributed, report);
         let requests: u64 = total.ledger.pairs.values().map(|pair| pair.requests).sum();
@@ -495,6 +491,15 @@ async fn measure_alternating(
         in_process: in_process.expect("at least one round"),
         tcp_round_trip: wire::WireFigure::echo(request_bytes as u64, &tcp_times),
     })
+}
+
+/// `settings` for round `round` of `rounds`: its share of the calls, the warm-up in the first.
+fn round_of(settings: &BenchSettings, round: u64, rounds: u64) -> BenchSettings {
+    BenchSettings {
+        calls: settings.calls / rounds + u64::from(round < settings.calls % rounds),
+        warmup_calls: if round == 0 { settings.warmup_calls } else { 0 },
+        ..settings.clone()
+    }
 }
 
 /// Adds one round's report to the total so far.
@@ -700,12 +705,7 @@ async fn measure_preset(
     let mut tcp_times = Vec::new();
     let mut request_bytes = 1;
     for round in 0..rounds {
-        let calls = settings.calls / rounds + u64::from(round < settings.calls % rounds);
-        let round_settings = BenchSettings {
-            calls,
-            warmup_calls: if round == 0 { settings.warmup_calls } else { 0 },
-            ..settings.clone()
-        };
+        let round_settings = round_of(settings, round, rounds);
         let report = measure(Target::Distributed(client.clone()), &round_settings, point.tokens, preset.name()).await?;
         let total = absorb(&mut distributed, report);
         // The baselines move what one dispatch request carried.

@@ -148,8 +148,7 @@ fn tcp_striped(bytes: usize, repeats: u32, connections: usize) -> std::io::Resul
 /// with one byte.
 fn tcp(bytes: usize, repeats: u32, echo: bool) -> std::io::Result<WireFigure> {
     let times = tcp_times(|| TcpListener::bind("127.0.0.1:0"), bytes, repeats, echo)?;
-    let answer = if echo { bytes } else { 1 };
-    Ok(WireFigure::from_times(bytes as u64, (bytes + answer) as u64, &times))
+    Ok(if echo { WireFigure::echo(bytes as u64, &times) } else { WireFigure::one_way(bytes as u64, &times) })
 }
 
 /// The times of `repeats` one-way transfers of `bytes` over one TCP connection on 127.0.0.1 (a
