@@ -74,7 +74,7 @@ pub struct Args {
 
     /// Request bytes received at once across every connection: past it, reading waits (HTTP/2
     /// flow control holds the senders), and a single larger request is refused. Clients split
-    /// their requests at 64 MiB.
+    /// their requests at 15 MiB.
     #[arg(long, env = "SWITCHYARD_WORKER_MAX_RECEIVING_BYTES", default_value_t = 1 << 30)]
     pub max_receiving_bytes: u64,
 

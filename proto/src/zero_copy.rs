@@ -1,4 +1,5 @@
-//! Unary gRPC calls whose large `bytes` fields go to the socket as the [`Bytes`] they are.
+//! Unary gRPC calls whose large `bytes` fields go to the socket as the [`Bytes`] they are, and
+//! come out of it as slices of the frames they arrived in.
 //!
 //! Tonic's client encodes every message into one contiguous buffer, so each tensor payload was
 //! copied once more on its way out (a fresh multi-megabyte buffer per request, page faults
@@ -6,21 +7,24 @@
 //! small fields into a small buffer, and every `bytes` field of at least [`SHARED_FIELD_BYTES`] is
 //! taken as a slice of the caller's `Bytes` (prost hands `Bytes` fields to [`BufMut::put`], and
 //! `Bytes::copy_to_bytes` shares instead of copying). The chunks are the request's HTTP/2 body
-//! as they are; hyper writes them with vectored writes. The answer is decoded by tonic's own
-//! decoder, so status, trailers and limits behave as with a generated client. [`serve_unary`] is
-//! the server's half: a handler's answer goes out the same way, and the request is decoded from
-//! its DATA frames in place, its large fields slices of the frames they arrived in.
+//! as they are; hyper writes them with vectored writes. [`serve_unary`] is the server's half: a
+//! handler's answer goes out the same way.
+//!
+//! Tonic's decoders copy every received DATA frame into one buffer before decoding, a copy of every
+//! row a worker receives and of every answer a client does. Both halves here decode from the frames
+//! as they came instead ([`Frames`]): a `bytes` field that arrived within one frame (a payload its
+//! sender wrote as one chunk, up to HTTP/2's frame size) is a slice of that frame.
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::buf::UninitSlice;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
-use tonic::codec::{Codec, Streaming};
-use tonic::codegen::http::{self, HeaderValue, Method, Uri, header};
+use tonic::codegen::http::{self, HeaderValue, Method, StatusCode, Uri, header};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tower::{Service, ServiceExt};
@@ -158,26 +162,29 @@ pub async fn unary<Q, A>(
 ) -> Result<A, Status>
 where
     Q: Message,
-    A: Message + Default + Send + Sync + 'static,
+    A: Message + Default,
 {
     let mut answers = streaming(channel, path, request.map(|message| vec![message]), max_answer_bytes).await?;
     let answer = answers.message().await?.ok_or_else(|| Status::internal("the answer had no message"))?;
-    answers.trailers().await?;
+    if answers.message().await?.is_some() {
+        return Err(Status::internal("a unary call was answered with more than one message"));
+    }
     Ok(answer)
 }
 
 /// Calls method `path` with `messages` sent in order on one stream, each uncopied ([`encode_frame`]);
-/// the worker reads each as its bytes complete. Returns the answers' stream once the server has
-/// answered with headers (a trailers-only failure is returned as the error).
+/// the worker reads each as its bytes complete. Returns the answers once the server has answered
+/// with headers (a trailers-only failure, or an HTTP error without a gRPC status, is returned as
+/// the error); each answer is at most `max_answer_bytes`.
 pub async fn streaming<Q, A>(
     channel: &mut Channel,
     path: &'static str,
     request: tonic::Request<Vec<Q>>,
     max_answer_bytes: usize,
-) -> Result<Streaming<A>, Status>
+) -> Result<Answers<A>, Status>
 where
     Q: Message,
-    A: Message + Default + Send + Sync + 'static,
+    A: Message + Default,
 {
     let (metadata, _, messages) = request.into_parts();
     let mut chunks = Vec::new();
@@ -185,9 +192,85 @@ where
         chunks.extend(encode_frame(message)?);
     }
     let response = call(channel, path, metadata, chunks).await?;
-    let status_code = response.status();
-    let decoder = tonic_prost::ProstCodec::<(), A>::default().decoder();
-    Ok(Streaming::new_response(decoder, response.into_body(), status_code, None, Some(max_answer_bytes)))
+    Ok(Answers {
+        body: response.into_body(),
+        messages: MessageReader::new(max_answer_bytes, Reader::Client),
+        ended: false,
+        answers: PhantomData,
+    })
+}
+
+/// A call's answers, each decoded from the response's DATA frames as they came (see the module
+/// doc), then the call's status from its trailers.
+#[derive(Debug)]
+pub struct Answers<A> {
+    body: tonic::body::Body,
+    messages: MessageReader,
+    /// The body has ended (trailers, its end, or an error): nothing more will come.
+    ended: bool,
+    answers: PhantomData<fn() -> A>,
+}
+
+impl<A: Message + Default> Answers<A> {
+    /// The next answer; `None` once the call ended with status OK; the call's status when it ended
+    /// otherwise (the trailers' `grpc-status`, or the transport's failure).
+    pub async fn message(&mut self) -> Result<Option<A>, Status> {
+        loop {
+            if let Some(answer) = self.messages.next()? {
+                return Ok(Some(answer));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            let frame = std::future::poll_fn(|context| http_body::Body::poll_frame(Pin::new(&mut self.body), context));
+            match frame.await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.messages.push(data),
+                    Err(frame) => {
+                        self.ended = true;
+                        self.end(frame.into_trailers().ok().as_ref())?;
+                    }
+                },
+                Some(Err(status)) => {
+                    self.ended = true;
+                    return Err(status);
+                }
+                None => {
+                    self.ended = true;
+                    self.end(None)?;
+                }
+            }
+        }
+    }
+
+    /// The call's status at the end of its body: a message left unfinished is a broken answer;
+    /// trailers without `grpc-status` end a call well, as tonic takes them.
+    fn end(&self, trailers: Option<&http::HeaderMap>) -> Result<(), Status> {
+        if self.messages.is_partway() {
+            return Err(Status::internal("the answer ended inside a message"));
+        }
+        match trailers.and_then(Status::from_header_map) {
+            Some(status) if status.code() != Code::Ok => Err(status),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// gRPC's code for an HTTP answer without `grpc-status` (gRPC's HTTP-to-gRPC status mapping, as
+/// tonic applies it).
+fn status_of_http(http_status: StatusCode) -> Status {
+    let code = match http_status {
+        StatusCode::BAD_REQUEST => Code::Internal,
+        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        StatusCode::FORBIDDEN => Code::PermissionDenied,
+        StatusCode::NOT_FOUND => Code::Unimplemented,
+        StatusCode::TOO_MANY_REQUESTS
+        | StatusCode::BAD_GATEWAY
+        | StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::GATEWAY_TIMEOUT => Code::Unavailable,
+        _ => Code::Unknown,
+    };
+    Status::new(code, format!("grpc-status header missing, mapped from HTTP status code {}", http_status.as_u16()))
 }
 
 /// Sends one call's body of ready `chunks`; the response once its headers are in, or its status
@@ -215,6 +298,9 @@ async fn call(
         && status.code() != Code::Ok
     {
         return Err(status);
+    }
+    if response.status() != StatusCode::OK {
+        return Err(status_of_http(response.status()));
     }
     Ok(response)
 }
@@ -257,46 +343,114 @@ where
     }
 }
 
-/// Reads the one message of a unary request's `body` (at most `max_bytes`) and decodes it from the
-/// HTTP/2 DATA frames as they came: a `bytes` field that arrived within one frame (a payload its
-/// sender wrote as one chunk, up to the frame size) is a slice of that frame. Tonic's decoder
-/// copies every frame into one buffer first, a copy of every row a worker receives. A malformed
-/// message is the caller's INVALID_ARGUMENT, one over the limit RESOURCE_EXHAUSTED (tonic answers
-/// INTERNAL and OUT_OF_RANGE); a failing body (the worker's receiving budget) keeps its own status.
+/// Reads the one message of a unary request's `body` (at most `max_bytes`), decoded from its DATA
+/// frames in place ([`MessageReader`]). A failing body (the worker's receiving budget) keeps its
+/// own status.
 async fn read_message<Q: Message + Default>(body: &mut tonic::body::Body, max_bytes: usize) -> Result<Q, Status> {
-    let mut frames = Frames::default();
-    let mut length = None;
+    let mut messages = MessageReader::new(max_bytes, Reader::Server);
     loop {
-        if length.is_none() && frames.remaining() >= GRPC_PREFIX_BYTES {
-            let mut prefix = [0u8; GRPC_PREFIX_BYTES];
-            frames.peek(&mut prefix);
-            if prefix[0] != 0 {
-                return Err(Status::unimplemented("compressed messages are not accepted: send them uncompressed"));
-            }
-            let declared = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-            if declared > max_bytes {
-                return Err(Status::resource_exhausted(format!(
-                    "the request's message is {declared} bytes, over the limit of {max_bytes}"
-                )));
-            }
-            length = Some(declared);
-        }
-        if let Some(length) = length
-            && frames.remaining() >= GRPC_PREFIX_BYTES + length
-        {
-            frames.advance(GRPC_PREFIX_BYTES);
-            return Q::decode(frames.take(length))
-                .map_err(|error| Status::invalid_argument(format!("the request is not a valid message: {error}")));
+        if let Some(message) = messages.next()? {
+            return Ok(message);
         }
         match std::future::poll_fn(|context| http_body::Body::poll_frame(Pin::new(&mut *body), context)).await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
-                    frames.push(data);
+                    messages.push(data);
                 }
             }
             Some(Err(status)) => return Err(status),
-            None if frames.remaining() == 0 => return Err(Status::invalid_argument("the request had no message")),
-            None => return Err(Status::invalid_argument("the request is not a valid message: it ends inside itself")),
+            None if messages.is_partway() => {
+                return Err(Status::invalid_argument("the request is not a valid message: it ends inside itself"));
+            }
+            None => return Err(Status::invalid_argument("the request had no message")),
+        }
+    }
+}
+
+/// Which end reads a message, which decides whose fault an unreadable one is: a server refuses
+/// the caller's request (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED, where tonic answers
+/// INTERNAL and OUT_OF_RANGE); a client reports a bad answer with tonic's codes (INTERNAL,
+/// OUT_OF_RANGE), so that callers classify it as they would one tonic decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    Server,
+    Client,
+}
+
+impl Reader {
+    fn compressed(self) -> Status {
+        match self {
+            Reader::Server => Status::unimplemented("compressed messages are not accepted: send them uncompressed"),
+            Reader::Client => Status::internal("the answer is compressed, which was not asked for"),
+        }
+    }
+
+    fn too_large(self, declared: usize, max_bytes: usize) -> Status {
+        match self {
+            Reader::Server => Status::resource_exhausted(format!(
+                "the request's message is {declared} bytes, over the limit of {max_bytes}"
+            )),
+            Reader::Client => {
+                Status::out_of_range(format!("the answer's message is {declared} bytes, over the limit of {max_bytes}"))
+            }
+        }
+    }
+
+    fn malformed(self, error: prost::DecodeError) -> Status {
+        match self {
+            Reader::Server => Status::invalid_argument(format!("the request is not a valid message: {error}")),
+            Reader::Client => Status::internal(format!("the answer is not a valid message: {error}")),
+        }
+    }
+}
+
+/// Length-prefixed gRPC messages read from DATA frames as they arrive, each decoded once its bytes
+/// are in, its large fields slices of the frames ([`Frames`]).
+#[derive(Debug)]
+struct MessageReader {
+    frames: Frames,
+    /// The length the next message's prefix declared, once its prefix is in.
+    length: Option<usize>,
+    max_bytes: usize,
+    reader: Reader,
+}
+
+impl MessageReader {
+    fn new(max_bytes: usize, reader: Reader) -> Self {
+        Self { frames: Frames::default(), length: None, max_bytes, reader }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        self.frames.push(data);
+    }
+
+    /// Whether part of a message has arrived but not all of it.
+    fn is_partway(&self) -> bool {
+        self.frames.remaining() > 0
+    }
+
+    /// The next message if all its bytes are in; refuses one that is compressed, over the limit
+    /// (from its prefix alone, before its bytes arrive) or malformed.
+    fn next<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
+        if self.length.is_none() && self.frames.remaining() >= GRPC_PREFIX_BYTES {
+            let mut prefix = [0u8; GRPC_PREFIX_BYTES];
+            self.frames.peek(&mut prefix);
+            if prefix[0] != 0 {
+                return Err(self.reader.compressed());
+            }
+            let declared = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+            if declared > self.max_bytes {
+                return Err(self.reader.too_large(declared, self.max_bytes));
+            }
+            self.length = Some(declared);
+        }
+        match self.length {
+            Some(length) if self.frames.remaining() >= GRPC_PREFIX_BYTES + length => {
+                self.length = None;
+                self.frames.advance(GRPC_PREFIX_BYTES);
+                M::decode((&mut self.frames).take(length)).map(Some).map_err(|error| self.reader.malformed(error))
+            }
+            _ => Ok(None),
         }
     }
 }
@@ -464,6 +618,118 @@ mod tests {
         garbage[1..].copy_from_slice(&3u32.to_be_bytes());
         garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
         assert_eq!(code(vec![Bytes::from(garbage)], 1 << 20).code(), Code::InvalidArgument);
+    }
+
+    /// Every answer (and then the end) a client reads from a response body of `frames` and
+    /// `trailers`.
+    fn answers(
+        frames: Vec<Bytes>,
+        trailers: Option<http::HeaderMap>,
+    ) -> Vec<Result<Option<v1::ForwardResponse>, Status>> {
+        let mut answers = Answers::<v1::ForwardResponse> {
+            body: tonic::body::Body::new(ChunkBody::new(frames, trailers)),
+            messages: MessageReader::new(1 << 20, Reader::Client),
+            ended: false,
+            answers: PhantomData,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(async {
+            let mut read = Vec::new();
+            loop {
+                let answer = answers.message().await;
+                let last = !matches!(answer, Ok(Some(_)));
+                read.push(answer);
+                if last {
+                    return read;
+                }
+            }
+        })
+    }
+
+    fn combined_answer(sequence: u32, payload: Bytes) -> v1::ForwardResponse {
+        v1::ForwardResponse { sequence, combined: Some(tensor(payload)), ..Default::default() }
+    }
+
+    fn trailers(status: &'static str) -> Option<http::HeaderMap> {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static(status));
+        trailers.insert("grpc-message", HeaderValue::from_static("worker%20stopped"));
+        Some(trailers)
+    }
+
+    #[test]
+    fn a_client_reads_answers_in_place_then_the_trailers_status() {
+        let payloads: Vec<Bytes> =
+            (0..2u8).map(|seed| Bytes::from((0..32 * 1024).map(|i| (i as u8) ^ seed).collect::<Vec<_>>())).collect();
+        let sent: Vec<v1::ForwardResponse> =
+            payloads.iter().enumerate().map(|(i, payload)| combined_answer(i as u32, payload.clone())).collect();
+        let frames: Vec<Bytes> = sent.iter().flat_map(|answer| encode_frame(answer).expect("encodes")).collect();
+
+        let read = answers(frames.clone(), trailers("0"));
+        assert_eq!(read.len(), 3, "two answers, then the end");
+        for ((answer, expected), payload) in read.iter().zip(&sent).zip(&payloads) {
+            let answer = answer.as_ref().expect("read").as_ref().expect("an answer");
+            assert_eq!(answer, expected);
+            let data = &answer.combined.as_ref().expect("combined").data;
+            assert_eq!(data.as_ptr(), payload.as_ptr(), "the frame's memory, not a copy");
+        }
+        assert!(matches!(read[2], Ok(None)), "status 0 ends the call well");
+
+        let failed = answers(frames, trailers("14"));
+        assert_eq!(failed.len(), 3);
+        let status = failed[2].as_ref().unwrap_err();
+        assert_eq!((status.code(), status.message()), (Code::Unavailable, "worker stopped"));
+    }
+
+    #[test]
+    fn answers_cut_into_any_frames_read_the_same() {
+        let sent: Vec<v1::ForwardResponse> =
+            (0..3).map(|i| combined_answer(i, Bytes::from(vec![i as u8 + 1; 5000]))).collect();
+        let whole: Vec<u8> = sent.iter().flat_map(|answer| encode_frame(answer).expect("encodes").concat()).collect();
+        for size in [1, 6, 4999, whole.len()] {
+            let frames = whole.chunks(size).map(Bytes::copy_from_slice).collect();
+            let read: Vec<v1::ForwardResponse> =
+                answers(frames, None).into_iter().map_while(|answer| answer.expect("reads")).collect();
+            assert_eq!(read, sent, "frames of {size} bytes");
+        }
+    }
+
+    #[test]
+    fn unreadable_answers_fail_with_tonics_codes() {
+        let whole = encode_frame(&combined_answer(0, Bytes::from(vec![3; 100]))).expect("encodes").concat();
+        let last = |frames: Vec<Bytes>| answers(frames, trailers("0")).pop().expect("an end").unwrap_err();
+        let cut = last(vec![Bytes::copy_from_slice(&whole[..whole.len() - 1])]);
+        assert_eq!((cut.code(), cut.message()), (Code::Internal, "the answer ended inside a message"));
+        let mut large = whole[..GRPC_PREFIX_BYTES].to_vec();
+        large[1..].copy_from_slice(&(2u32 << 20).to_be_bytes());
+        assert_eq!(last(vec![Bytes::from(large)]).code(), Code::OutOfRange, "refused from its prefix alone");
+        let mut compressed = whole.clone();
+        compressed[0] = 1;
+        assert_eq!(last(vec![Bytes::from(compressed)]).code(), Code::Internal);
+        let mut garbage = whole[..GRPC_PREFIX_BYTES].to_vec();
+        garbage[1..].copy_from_slice(&3u32.to_be_bytes());
+        garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
+        let malformed = last(vec![Bytes::from(garbage)]);
+        assert_eq!(malformed.code(), Code::Internal);
+        assert!(malformed.message().starts_with("the answer is not a valid message"), "{malformed:?}");
+    }
+
+    #[test]
+    fn an_http_error_without_a_grpc_status_maps_as_grpc_does() {
+        let codes = [
+            (StatusCode::BAD_REQUEST, Code::Internal),
+            (StatusCode::UNAUTHORIZED, Code::Unauthenticated),
+            (StatusCode::FORBIDDEN, Code::PermissionDenied),
+            (StatusCode::NOT_FOUND, Code::Unimplemented),
+            (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+            (StatusCode::BAD_GATEWAY, Code::Unavailable),
+            (StatusCode::IM_A_TEAPOT, Code::Unknown),
+        ];
+        for (http_status, code) in codes {
+            let status = status_of_http(http_status);
+            assert_eq!(status.code(), code, "{http_status}");
+            assert!(status.message().ends_with(http_status.as_str()), "{status:?}");
+        }
     }
 
     #[test]

@@ -160,7 +160,7 @@ struct StreamSent {
 /// A stream of chunks in flight: its answers, and the chunks still unanswered.
 struct StreamAnswers {
     endpoint: Endpoint,
-    answers: tonic::Streaming<v1::ForwardResponse>,
+    answers: switchyard_proto::zero_copy::Answers<v1::ForwardResponse>,
     pending: BTreeSet<usize>,
     sent: StreamSent,
 }
