@@ -32,7 +32,7 @@ pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 /// Clients split a worker's batch into several requests above this many payload bytes: a request's
 /// rows then fit one HTTP/2 frame (and the stream's window) with room for the rest of its message,
 /// so the worker decodes them in place instead of copying them together from several frames, and
-/// the client the answer (as large as the rows in bf16 and f32) likewise.
+/// the client its answer likewise.
 pub const SPLIT_REQUEST_BYTES: usize = 15 * 1024 * 1024;
 const _: () = assert!(
     SPLIT_REQUEST_BYTES < MAX_FRAME_BYTES as usize && SPLIT_REQUEST_BYTES < STREAM_WINDOW_BYTES as usize,
