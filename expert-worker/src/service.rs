@@ -108,6 +108,7 @@ fn encode_outcome(outcome: ForwardOutcome) -> v1::ForwardResponse {
                     queue_wait_us: micros(rows.queue_wait),
                     compute_us: micros(rows.compute),
                     batch_tokens: rows.batch_tokens as u32,
+                    tokens: rows.tokens as u32,
                 }),
             })
             .collect(),

@@ -305,8 +305,9 @@ async fn a_lone_request_does_not_wait_for_the_batch_bound() {
         .expect("answered long before the ten-minute bound")
         .expect("forward")
         .into_inner();
-    let queue_wait_us = answer.outputs[0].timing.as_ref().expect("timing").queue_wait_us;
-    assert!(queue_wait_us < 60_000_000, "queued {queue_wait_us} µs");
+    let timing = answer.outputs[0].timing.expect("timing");
+    assert!(timing.queue_wait_us < 60_000_000, "queued {} µs", timing.queue_wait_us);
+    assert_eq!((timing.tokens, timing.batch_tokens), (2, 2), "its 2 rows, alone in their batch");
 }
 
 #[tokio::test]

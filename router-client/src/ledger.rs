@@ -52,7 +52,8 @@ pub struct WorkerCall {
     spans: TransferEnds,
     /// Handler time not spent computing (queue wait, batching), slowest request.
     pub queue_wait: Duration,
-    /// Expert compute of this worker's batches, summed.
+    /// Expert compute of this worker's batches, summed: each batch's time in proportion to this
+    /// call's rows in it.
     pub compute: Duration,
 }
 
@@ -118,15 +119,29 @@ impl WorkerCall {
                 rpc.answered_unix_nanos,
             );
         }
-        let compute = response_compute(response);
-        self.queue_wait = self.queue_wait.max(Duration::from_micros(response.worker_us).saturating_sub(compute));
-        self.compute += compute;
+        let waited_for = response_compute(response);
+        self.queue_wait = self.queue_wait.max(Duration::from_micros(response.worker_us).saturating_sub(waited_for));
+        self.compute += response_compute_share(response);
     }
 }
 
-/// The expert compute of one answer: the sum over its expert batches.
+/// The expert compute one answer waited for: the time of every expert batch its rows were in.
 pub fn response_compute(response: &v1::ForwardResponse) -> Duration {
     Duration::from_micros(response.outputs.iter().filter_map(|output| output.timing.map(|t| t.compute_us)).sum())
+}
+
+/// The expert compute one answer accounts for: each of its batches' time in proportion to its rows
+/// there, so that requests merged into the same batches (a split payload's, or other callers') add
+/// up to the batches' time instead of each counting all of it.
+pub fn response_compute_share(response: &v1::ForwardResponse) -> Duration {
+    let share = |timing: v1::ExpertTiming| {
+        let whole = Duration::from_micros(timing.compute_us);
+        if timing.tokens == 0 || timing.batch_tokens == 0 {
+            return whole;
+        }
+        whole.mul_f64(f64::from(timing.tokens.min(timing.batch_tokens)) / f64::from(timing.batch_tokens))
+    };
+    response.outputs.iter().filter_map(|output| output.timing).map(share).sum()
 }
 
 /// Splits `total` over `shares` in proportion to their weights (equally when every weight is 0),
@@ -374,6 +389,29 @@ mod tests {
             dispatch: Duration::from_millis(1),
             ..WorkerCall::default()
         }
+    }
+
+    /// Two requests of one worker whose rows were merged into the same expert batch: each waited
+    /// for the whole batch, and together they account for it once.
+    #[test]
+    fn requests_merged_into_one_batch_share_its_compute() {
+        let answer = |tokens: u32| v1::ForwardResponse {
+            outputs: vec![v1::ExpertOutput {
+                timing: Some(v1::ExpertTiming { queue_wait_us: 0, compute_us: 9000, batch_tokens: 12, tokens }),
+                ..Default::default()
+            }],
+            worker_us: 10_000,
+            ..Default::default()
+        };
+        let rpc = RpcTiming { elapsed: Duration::from_millis(12), sent_unix_nanos: 0, answered_unix_nanos: 0 };
+        let mut call = WorkerCall::default();
+        call.record_answer(&answer(4), &rpc);
+        call.record_answer(&answer(8), &rpc);
+        assert_eq!(call.compute, Duration::from_millis(9), "3 ms and 6 ms of the 9 ms batch");
+        assert_eq!(call.queue_wait, Duration::from_millis(1), "each waited for the whole batch");
+        assert_eq!(response_compute(&answer(4)), Duration::from_millis(9));
+        let from_an_older_worker = answer(0);
+        assert_eq!(response_compute_share(&from_an_older_worker), Duration::from_millis(9), "no rows sent: all of it");
     }
 
     #[test]
