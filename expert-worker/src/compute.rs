@@ -83,7 +83,7 @@ fn expert_width(expert: &Expert) -> usize {
 
 /// Runs one step: every batch's rows go to the device in one upload, every expert's forward is
 /// launched back to back (on a GPU they queue without the host waiting between them), and every
-/// answer comes back in one download into one host buffer that the answers slice.
+/// answer comes back in one download (see [`Staging::download`]).
 fn run_step(
     experts: &HashMap<ExpertId, Expert>,
     batches: Vec<Batch>,

@@ -244,13 +244,8 @@ pub fn compute_step(
         let output = expert.forward(&input);
         sizes.push(queue_answers(Some(&output), batch, sums, &shared_rows, &mut downloads));
     }
-    let host = Bytes::from(staging.download(&downloads));
-    let mut offset = 0;
-    let mut take = |size: usize| {
-        let bytes = host.slice(offset..offset + size);
-        offset += size;
-        bytes
-    };
+    let mut host = staging.download(&downloads);
+    let mut take = |size: usize| host.take(size);
     sizes
         .into_iter()
         .map(|sizes| {
