@@ -20,7 +20,7 @@ use crate::request::{Gathered, RowsSource, SharedRows};
 use crate::scheduler::{Batch, QueuedRows};
 use crate::staging::Staging;
 
-/// The tch kind of a dtype's values (FP8 rows also carry scales: [`wire_rows`]).
+/// The tch kind of a dtype's values (FP8 rows also carry scales, which `wire_rows` applies).
 pub fn tch_kind(dtype: WireDtype) -> Kind {
     match dtype {
         WireDtype::F16 => Kind::Half,

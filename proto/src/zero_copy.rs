@@ -12,7 +12,7 @@
 //!
 //! Tonic's decoders copy every received DATA frame into one buffer before decoding, a copy of every
 //! row a worker receives and of every answer a client does. Both halves here decode from the frames
-//! as they came instead ([`Frames`]): a `bytes` field that arrived within one frame (a payload its
+//! as they came instead (`Frames`): a `bytes` field that arrived within one frame (a payload its
 //! sender wrote as one chunk, up to HTTP/2's frame size) is a slice of that frame.
 
 use std::collections::VecDeque;
