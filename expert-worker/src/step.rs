@@ -103,7 +103,7 @@ impl Sums {
                     let shape = [gathered.shared.tokens as i64, gathered.shared.width as i64];
                     Tensor::zeros(shape, (Kind::Float, device))
                 });
-                let _ = total.index_add_(0, &indices, &(rows.to_kind(Kind::Float) * weights));
+                let _ = total.index_add_(0, &indices, &weighted_f32(rows, &weights));
             }
             Part::Identity => {
                 if sum.identity_weights.is_empty() {
@@ -123,12 +123,24 @@ impl Sums {
             return sum.total;
         }
         let weights = Tensor::from_slice(&sum.identity_weights).to_device(device).view([-1, 1]);
-        let identity = shared_rows.to_kind(Kind::Float) * weights;
+        let identity = weighted_f32(shared_rows, &weights);
         Some(match sum.total {
             Some(total) => total + identity,
             None => identity,
         })
     }
+}
+
+/// `rows · weights` (a weight per row) in f32, as one new tensor: rows of another dtype are
+/// converted into it and scaled in place, rather than converted into one tensor and multiplied
+/// into a second (a full-size temporary less per token-major sum).
+fn weighted_f32(rows: &Tensor, weights: &Tensor) -> Tensor {
+    if rows.kind() == Kind::Float {
+        return rows * weights;
+    }
+    let mut scaled = rows.to_kind(Kind::Float);
+    scaled *= weights;
+    scaled
 }
 
 /// `rows` wire rows of `dtype` and width `d_model` at byte `offset` of the staged `u8` tensor, as
