@@ -222,8 +222,7 @@ impl<A: Message + Default> Answers<A> {
             if self.ended {
                 return Ok(None);
             }
-            let frame = std::future::poll_fn(|context| http_body::Body::poll_frame(Pin::new(&mut self.body), context));
-            match frame.await {
+            match next_frame(&mut self.body).await {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => self.messages.push(data),
                     Err(frame) => {
@@ -254,6 +253,11 @@ impl<A: Message + Default> Answers<A> {
             _ => Ok(()),
         }
     }
+}
+
+/// The next frame of `body` (data or trailers), or `None` at its end.
+async fn next_frame(body: &mut tonic::body::Body) -> Option<Result<http_body::Frame<Bytes>, Status>> {
+    std::future::poll_fn(|context| http_body::Body::poll_frame(Pin::new(&mut *body), context)).await
 }
 
 /// gRPC's code for an HTTP answer without `grpc-status` (gRPC's HTTP-to-gRPC status mapping, as
@@ -352,7 +356,7 @@ async fn read_message<Q: Message + Default>(body: &mut tonic::body::Body, max_by
         if let Some(message) = messages.next()? {
             return Ok(message);
         }
-        match std::future::poll_fn(|context| http_body::Body::poll_frame(Pin::new(&mut *body), context)).await {
+        match next_frame(body).await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     messages.push(data);

@@ -546,12 +546,13 @@ fn answer_bytes(response: &v1::ForwardResponse) -> usize {
 }
 
 impl Planning {
-    /// The gate of the layer: seeded for a synthetic model, read once from a checkpoint otherwise.
+    /// What identifies the layer's gate among those already in memory.
     fn gate_key(&self) -> GateKey {
         let model = &self.table.model;
         GateKey { layer: self.layer, seed: model.seed, checkpoint: model.checkpoint.clone() }
     }
 
+    /// The gate of the layer: seeded for a synthetic model, read once from a checkpoint otherwise.
     fn gate(&self) -> Result<Arc<Gate>, ClientError> {
         let model = &self.table.model;
         let key = self.gate_key();
