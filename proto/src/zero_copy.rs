@@ -164,12 +164,7 @@ where
     Q: Message,
     A: Message + Default,
 {
-    let mut answers = streaming(channel, path, request.map(|message| vec![message]), max_answer_bytes).await?;
-    let answer = answers.message().await?.ok_or_else(|| Status::internal("the answer had no message"))?;
-    if answers.message().await?.is_some() {
-        return Err(Status::internal("a unary call was answered with more than one message"));
-    }
-    Ok(answer)
+    streaming(channel, path, request.map(|message| vec![message]), max_answer_bytes).await?.single().await
 }
 
 /// Calls method `path` with `messages` sent in order on one stream, each uncopied ([`encode_frame`]);
@@ -240,6 +235,16 @@ impl<A: Message + Default> Answers<A> {
                 }
             }
         }
+    }
+
+    /// The one answer of a unary call, once its status says OK: none, or a second, is a broken
+    /// answer (INTERNAL).
+    pub async fn single(mut self) -> Result<A, Status> {
+        let answer = self.message().await?.ok_or_else(|| Status::internal("the answer had no message"))?;
+        if self.message().await?.is_some() {
+            return Err(Status::internal("a unary call was answered with more than one message"));
+        }
+        Ok(answer)
     }
 
     /// The call's status at the end of its body: a message left unfinished is a broken answer;
@@ -569,8 +574,7 @@ mod tests {
     /// What `serve_unary` reads from a request whose body came as `frames`.
     fn read(frames: Vec<Bytes>, max_bytes: usize) -> Result<v1::ForwardRequest, Status> {
         let mut body = tonic::body::Body::new(ChunkBody::new(frames, None));
-        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-        runtime.block_on(read_message(&mut body, max_bytes))
+        block_on(read_message(&mut body, max_bytes))
     }
 
     fn rows_request(payload: Bytes) -> v1::ForwardRequest {
@@ -630,14 +634,8 @@ mod tests {
         frames: Vec<Bytes>,
         trailers: Option<http::HeaderMap>,
     ) -> Vec<Result<Option<v1::ForwardResponse>, Status>> {
-        let mut answers = Answers::<v1::ForwardResponse> {
-            body: tonic::body::Body::new(ChunkBody::new(frames, trailers)),
-            messages: MessageReader::new(1 << 20, Reader::Client),
-            ended: false,
-            answers: PhantomData,
-        };
-        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-        runtime.block_on(async {
+        let mut answers = response_of(frames, trailers);
+        block_on(async {
             let mut read = Vec::new();
             loop {
                 let answer = answers.message().await;
@@ -648,6 +646,20 @@ mod tests {
                 }
             }
         })
+    }
+
+    /// A call's answers as a client reads them from a response body of `frames` and `trailers`.
+    fn response_of(frames: Vec<Bytes>, trailers: Option<http::HeaderMap>) -> Answers<v1::ForwardResponse> {
+        Answers {
+            body: tonic::body::Body::new(ChunkBody::new(frames, trailers)),
+            messages: MessageReader::new(1 << 20, Reader::Client),
+            ended: false,
+            answers: PhantomData,
+        }
+    }
+
+    fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(future)
     }
 
     fn combined_answer(sequence: u32, payload: Bytes) -> v1::ForwardResponse {
@@ -716,6 +728,29 @@ mod tests {
         let malformed = last(vec![Bytes::from(garbage)]);
         assert_eq!(malformed.code(), Code::Internal);
         assert!(malformed.message().starts_with("the answer is not a valid message"), "{malformed:?}");
+    }
+
+    #[test]
+    fn a_unary_call_takes_exactly_one_answer_then_its_status() {
+        let frames = |count: u32| -> Vec<Bytes> {
+            (0..count)
+                .flat_map(|i| encode_frame(&combined_answer(i, Bytes::from(vec![7; 64]))).expect("encodes"))
+                .collect()
+        };
+        let single = |count, status| block_on(response_of(frames(count), trailers(status)).single());
+
+        assert_eq!(single(1, "0").expect("one answer").combined, combined_answer(0, Bytes::from(vec![7; 64])).combined);
+        let twice = single(2, "0").unwrap_err();
+        assert_eq!(
+            (twice.code(), twice.message()),
+            (Code::Internal, "a unary call was answered with more than one message")
+        );
+        let none = single(0, "0").unwrap_err();
+        assert_eq!((none.code(), none.message()), (Code::Internal, "the answer had no message"));
+        for count in [0, 1] {
+            let failed = single(count, "14").unwrap_err();
+            assert_eq!((failed.code(), failed.message()), (Code::Unavailable, "worker stopped"), "{count} answers");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! here and pack each worker's rows ([`crate::dispatch`]); send them all at once over the transport
 //! and combine each answer as it arrives ([`crate::exchange`]); say where the time and bytes went.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use crate::dispatch::{
 use crate::error::ClientError;
 use crate::exchange::{self, DestinationOutcome, Outcome};
 use crate::gate::Gate;
+use crate::gate_cache::LoadOnce;
 use crate::hidden::Hidden;
 use crate::ledger::{WorkerCall, response_compute};
 use crate::lock;
@@ -146,7 +147,7 @@ pub struct MoeClient {
     options: ClientOptions,
     transport: Arc<dyn ExpertTransport>,
     metrics: ClientMetrics,
-    gates: Arc<Mutex<HashMap<GateKey, Arc<Gate>>>>,
+    gates: Arc<LoadOnce<GateKey, Gate>>,
     cpu: CpuPool,
     replicas: Replicas,
     throttle: Option<Arc<Throttle>>,
@@ -173,7 +174,7 @@ impl MoeClient {
             options,
             transport,
             metrics: ClientMetrics::default(),
-            gates: Arc::new(Mutex::new(HashMap::new())),
+            gates: Arc::default(),
             cpu,
             replicas: Replicas::default(),
             throttle,
@@ -527,7 +528,7 @@ struct Planning {
     layer: u32,
     hidden: Hidden,
     routing: RoutingOverrides,
-    gates: Arc<Mutex<HashMap<GateKey, Arc<Gate>>>>,
+    gates: Arc<LoadOnce<GateKey, Gate>>,
     dtype: WireDtype,
     split_bytes: usize,
     stripes: usize,
@@ -552,23 +553,16 @@ impl Planning {
         GateKey { layer: self.layer, seed: model.seed, checkpoint: model.checkpoint.clone() }
     }
 
-    /// The gate of the layer: seeded for a synthetic model, read once from a checkpoint otherwise.
+    /// The gate of the layer: seeded for a synthetic model, read once from a checkpoint otherwise
+    /// (the first call of a layer reads it; other layers' calls meanwhile do not wait for it).
     fn gate(&self) -> Result<Arc<Gate>, ClientError> {
         let model = &self.table.model;
-        let key = self.gate_key();
-        let mut gates = lock(&self.gates);
-        if let Some(gate) = gates.get(&key) {
-            return Ok(gate.clone());
-        }
-        let gate = match &model.checkpoint {
-            None => Gate::synthetic(model, self.layer),
+        self.gates.get_or_load(&self.gate_key(), || match &model.checkpoint {
+            None => Ok(Gate::synthetic(model, self.layer)),
             Some(dir) => Checkpoint::open(std::path::Path::new(dir))
                 .and_then(|checkpoint| Gate::from_checkpoint(&checkpoint, self.layer))
-                .map_err(|error| ClientError::Checkpoint { reason: error.to_string() })?,
-        };
-        let gate = Arc::new(gate);
-        gates.insert(key, gate.clone());
-        Ok(gate)
+                .map_err(|error| ClientError::Checkpoint { reason: error.to_string() }),
+        })
     }
 
     /// About how much CPU work [`Planning::plan`] is, in [`CpuPool::run_sized`]'s units: the gate's
@@ -576,7 +570,7 @@ impl Planning {
     /// (a checkpoint's is read from disk by the first call).
     fn work(&self) -> usize {
         let model = &self.table.model;
-        if !lock(&self.gates).contains_key(&self.gate_key()) {
+        if !self.gates.is_loaded(&self.gate_key()) {
             return usize::MAX;
         }
         let experts = (model.experts_per_layer + model.shared_experts) as usize;

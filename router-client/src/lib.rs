@@ -21,6 +21,7 @@ pub mod dispatch;
 pub mod error;
 pub mod exchange;
 pub mod gate;
+mod gate_cache;
 pub mod hidden;
 pub mod layer;
 pub mod ledger;
