@@ -36,7 +36,7 @@ pub fn spawn(
         let _no_grad = tch::no_grad_guard();
         let mut experts: HashMap<ExpertId, Expert> = HashMap::new();
         let mut staging = Staging::new(device);
-        let mut sums = Sums::default();
+        let mut sums = Sums::new(device);
         loop {
             match scheduler.next_work() {
                 Work::Step(batches) => run_step(&experts, batches, &mut staging, &mut sums, &metrics),

@@ -8,6 +8,7 @@
 pub mod compute;
 pub mod config;
 pub mod error;
+pub mod identity_sum;
 pub mod intake;
 pub mod membership;
 pub mod metrics;

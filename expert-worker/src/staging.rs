@@ -28,6 +28,10 @@ impl Staging {
         Self { device, upload: None, download: None, upload_in_flight: false }
     }
 
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     /// Packs each run's slices back to back, each run at an [`ALIGN`]ed offset, in one host
     /// buffer, and returns it on the device (`[bytes]` of `u8`) with each run's offset.
     pub fn upload(&mut self, runs: &[Vec<&[u8]>]) -> (Tensor, Vec<usize>) {

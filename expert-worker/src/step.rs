@@ -14,8 +14,9 @@ use bytes::Bytes;
 use switchyard_experts::{Expert, kind_of};
 use switchyard_model::ExpertId;
 use switchyard_proto::wire::{FP8_BLOCK, WireDtype};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use crate::identity_sum;
 use crate::request::{Gathered, RowsSource, SharedRows};
 use crate::scheduler::{Batch, QueuedRows};
 use crate::staging::Staging;
@@ -39,8 +40,9 @@ pub struct EntryAnswer {
 }
 
 /// The per-token sums of token-major requests in progress, on the device, by their shared rows.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Sums {
+    device: Device,
     in_progress: HashMap<usize, Sum>,
 }
 
@@ -51,10 +53,25 @@ struct Sum {
     total: Option<Tensor>,
     /// Per token, the summed gate weights of identity experts: their parts add up to
     /// `weight · row`, so they are summed as weights and applied once, when the sum finishes,
-    /// instead of one gather and one scatter per expert.
+    /// instead of one gather and one scatter per expert (on a CPU, from the request's own bytes:
+    /// `identity_sum`).
     identity_weights: Vec<f32>,
     /// Expert parts still to add.
     remaining: usize,
+}
+
+/// A request's sum once its last part is in: on the device (the download converts it to the
+/// answer's dtype), or already the answer's bytes (identity experts' parts only, on a CPU).
+enum Finished {
+    OnDevice(Tensor),
+    Answer(Bytes),
+}
+
+/// Where an entry's finished sum is once the step's downloads are in.
+enum SumAnswer {
+    /// The next download, of this many bytes.
+    Downloaded(usize),
+    Ready(Bytes),
 }
 
 /// What one expert part adds into its request's sum.
@@ -70,6 +87,10 @@ fn key_of(shared: &Arc<SharedRows>) -> usize {
 }
 
 impl Sums {
+    pub fn new(device: Device) -> Self {
+        Self { device, in_progress: HashMap::new() }
+    }
+
     /// Forgets the sums no queued entry will add to any more (their request failed or was
     /// abandoned): only this map still holds their rows.
     pub fn forget_orphans(&mut self) {
@@ -85,8 +106,16 @@ impl Sums {
     }
 
     /// Adds `weights · part` at `indices` into the sum of `shared`, whose rows this step holds as
-    /// `shared_rows`; returns the finished sum when this was its last part.
-    fn add(&mut self, gathered: &Gathered, part: Part, shared_rows: &Tensor) -> Option<Tensor> {
+    /// `shared_rows` (on a CPU, not uploaded for identity experts: their parts are read from the
+    /// request's bytes); returns the finished sum when this was its last part, as an answer of
+    /// `answer_dtype` where it is made on the host.
+    fn add(
+        &mut self,
+        gathered: &Gathered,
+        part: Part,
+        shared_rows: Option<&Tensor>,
+        answer_dtype: WireDtype,
+    ) -> Option<Finished> {
         let key = key_of(&gathered.shared);
         let sum = self.in_progress.entry(key).or_insert_with(|| Sum {
             shared: gathered.shared.clone(),
@@ -94,7 +123,7 @@ impl Sums {
             identity_weights: Vec::new(),
             remaining: gathered.shared.parts,
         });
-        let device = shared_rows.device();
+        let device = self.device;
         match part {
             Part::Rows(rows) => {
                 let indices = Tensor::from_slice(&gathered.indices).to_device(device);
@@ -120,14 +149,24 @@ impl Sums {
         }
         let sum = self.in_progress.remove(&key)?;
         if sum.identity_weights.is_empty() {
-            return sum.total;
+            return sum.total.map(Finished::OnDevice);
         }
-        let weights = Tensor::from_slice(&sum.identity_weights).to_device(device).view([-1, 1]);
-        let identity = weighted_f32(shared_rows, &weights);
-        Some(match sum.total {
+        let (shared, weights) = (&sum.shared, &sum.identity_weights);
+        if device == Device::Cpu {
+            return Some(match sum.total {
+                None => Finished::Answer(identity_sum::weighted_answer(shared, weights, answer_dtype)),
+                Some(total) => {
+                    let values = Tensor::from_slice(&identity_sum::weighted_values(shared, weights));
+                    Finished::OnDevice(total + values.view([shared.tokens as i64, shared.width as i64]))
+                }
+            });
+        }
+        let rows = shared_rows.expect("a device's token-major rows are uploaded");
+        let identity = weighted_f32(rows, &Tensor::from_slice(weights).to_device(device).view([-1, 1]));
+        Some(Finished::OnDevice(match sum.total {
             Some(total) => total + identity,
             None => identity,
-        })
+        }))
     }
 }
 
@@ -178,6 +217,9 @@ pub fn compute_step(
     let pieces: Vec<Vec<Piece>> = batches
         .iter()
         .map(|batch| {
+            // On a CPU, the parts of an identity expert's batch of token-major entries only are
+            // summed from the requests' bytes (`Sums::add`), not from uploaded rows.
+            let uploads_shared = staging.device() != Device::Cpu || !identity_parts_only(experts, batch);
             let mut pieces: Vec<Piece> = Vec::new();
             for (entry, _) in &batch.entries {
                 match &entry.rows {
@@ -192,10 +234,12 @@ pub fn compute_step(
                         }
                     },
                     RowsSource::Gathered(gathered) => {
-                        shared_uploads.entry(key_of(&gathered.shared)).or_insert_with(|| {
-                            uploads.push(vec![&gathered.shared.data]);
-                            (uploads.len() - 1, &gathered.shared)
-                        });
+                        if uploads_shared {
+                            shared_uploads.entry(key_of(&gathered.shared)).or_insert_with(|| {
+                                uploads.push(vec![&gathered.shared.data]);
+                                (uploads.len() - 1, &gathered.shared)
+                            });
+                        }
                         pieces.push(Piece::Gathered { gathered });
                     }
                 }
@@ -212,7 +256,7 @@ pub fn compute_step(
         .collect();
 
     let mut downloads = Vec::new();
-    let mut sizes: Vec<Vec<(usize, Option<usize>)>> = Vec::with_capacity(batches.len());
+    let mut sizes: Vec<Vec<(usize, Option<SumAnswer>)>> = Vec::with_capacity(batches.len());
     for (batch, pieces) in batches.iter().zip(&pieces) {
         let expert = &experts[&batch.expert];
         // The compute step is a child of its first request's span (one trace from the client to
@@ -229,8 +273,7 @@ pub fn compute_step(
             span.follows_from(&entry.request_span);
         }
         let _entered = span.enter();
-        let only_gathered = pieces.iter().all(|piece| matches!(piece, Piece::Gathered { .. }));
-        if expert.is_identity() && only_gathered {
+        if identity_parts_only(experts, batch) {
             sizes.push(queue_answers(None, batch, sums, &shared_rows, &mut downloads));
             continue;
         }
@@ -263,10 +306,23 @@ pub fn compute_step(
         .map(|sizes| {
             sizes
                 .into_iter()
-                .map(|(data, combined)| EntryAnswer { data: take(data), combined: combined.map(&mut take) })
+                .map(|(data, combined)| EntryAnswer {
+                    data: take(data),
+                    combined: combined.map(|sum| match sum {
+                        SumAnswer::Downloaded(size) => take(size),
+                        SumAnswer::Ready(answer) => answer,
+                    }),
+                })
                 .collect()
         })
         .collect()
+}
+
+/// Whether `batch` is an identity expert's with token-major entries only: nothing to compute, each
+/// entry's part is its rows.
+fn identity_parts_only(experts: &HashMap<ExpertId, Expert>, batch: &Batch) -> bool {
+    experts[&batch.expert].is_identity()
+        && batch.entries.iter().all(|(entry, _)| matches!(entry.rows, RowsSource::Gathered(_)))
 }
 
 /// Queues `output`'s rows for download as flat `u8` tensors in each entry's output dtype (one
@@ -281,7 +337,7 @@ fn queue_answers(
     sums: &mut Sums,
     shared_rows: &HashMap<usize, Tensor>,
     downloads: &mut Vec<Tensor>,
-) -> Vec<(usize, Option<usize>)> {
+) -> Vec<(usize, Option<SumAnswer>)> {
     let as_bytes =
         |rows: &Tensor, dtype: WireDtype| rows.to_kind(tch_kind(dtype)).contiguous().view_dtype(Kind::Uint8).view([-1]);
     let own_size = |entry: &QueuedRows| match entry.rows {
@@ -310,14 +366,114 @@ fn queue_answers(
             (RowsSource::Own(_), None) => unreachable!("a batch with own rows is computed"),
             (RowsSource::Gathered(gathered), rows) => {
                 let part = rows.as_ref().map_or(Part::Identity, Part::Rows);
-                let finished = sums.add(gathered, part, &shared_rows[&key_of(&gathered.shared)]).map(|total| {
-                    let shared = &gathered.shared;
-                    downloads.push(as_bytes(&total, entry.output_dtype));
-                    shared.tokens * shared.width * entry.output_dtype.element_size()
+                let shared_rows = shared_rows.get(&key_of(&gathered.shared));
+                let finished = sums.add(gathered, part, shared_rows, entry.output_dtype).map(|sum| match sum {
+                    Finished::Answer(answer) => SumAnswer::Ready(answer),
+                    Finished::OnDevice(total) => {
+                        downloads.push(as_bytes(&total, entry.output_dtype));
+                        let shared = &gathered.shared;
+                        SumAnswer::Downloaded(shared.tokens * shared.width * entry.output_dtype.element_size())
+                    }
                 });
                 sizes.push((0, finished));
             }
         }
     }
     sizes
+}
+
+#[cfg(test)]
+mod tests {
+    use switchyard_proto::wire::encode_rows;
+
+    use super::*;
+
+    const WIDTH: usize = 136;
+
+    /// Values over many binades, with ties and near-ties of every dtype's rounding among them.
+    fn spread_values(tokens: usize) -> Vec<f32> {
+        (0..tokens * WIDTH)
+            .map(|i| {
+                let mantissa = (i as u32).wrapping_mul(2_654_435_761) >> 9;
+                let exponent = 120 + (i % 14) as u32;
+                let sign = ((i % 3 == 0) as u32) << 31;
+                f32::from_bits(sign | (exponent << 23) | mantissa)
+            })
+            .collect()
+    }
+
+    /// `values` as the rows of a token-major request, their bytes at an odd address when
+    /// `misaligned` (as a field inside a received frame may be).
+    fn shared_rows(values: &[f32], dtype: WireDtype, misaligned: bool, parts: usize) -> Arc<SharedRows> {
+        let encoded = encode_rows(values, WIDTH, dtype);
+        let data = match misaligned {
+            false => encoded,
+            true => Bytes::from([&[0u8][..], &encoded].concat()).slice(1..),
+        };
+        Arc::new(SharedRows { data, dtype, tokens: values.len() / WIDTH, width: WIDTH, parts })
+    }
+
+    fn bytes_of(tensor: &Tensor) -> Vec<u8> {
+        Vec::<u8>::try_from(tensor.contiguous().view_dtype(Kind::Uint8).view([-1])).expect("bytes")
+    }
+
+    /// libtorch's way: the rows viewed (FP8: dequantized) on the device, scaled in f32.
+    fn torch_weighted(shared: &SharedRows, weights: &[f32]) -> Tensor {
+        let staged = Tensor::from_slice(&shared.data[..]);
+        let rows = wire_rows(&staged, 0, shared.dtype, shared.tokens, shared.width);
+        weighted_f32(&rows, &Tensor::from_slice(weights).view([-1, 1]))
+    }
+
+    fn finish(sums: &mut Sums, gathered: &Gathered, part: Part, answer: WireDtype) -> Option<Finished> {
+        sums.add(gathered, part, None, answer)
+    }
+
+    #[test]
+    fn identity_sums_made_from_the_request_bytes_equal_libtorchs_bit_for_bit() {
+        let values = spread_values(5);
+        let dtypes = [WireDtype::F32, WireDtype::F16, WireDtype::Bf16, WireDtype::Fp8E4m3];
+        for (dtype, misaligned) in dtypes.into_iter().flat_map(|dtype| [(dtype, false), (dtype, true)]) {
+            let shared = shared_rows(&values, dtype, misaligned, 2);
+            let first = Gathered { shared: shared.clone(), indices: vec![0, 1, 3], weights: vec![0.3, 1.7, -0.01] };
+            let second = Gathered { shared: shared.clone(), indices: vec![1, 4], weights: vec![0.45, 2.5e-3] };
+            let summed = [0.3, 1.7 + 0.45, 0.0, -0.01, 2.5e-3];
+            let want = torch_weighted(&shared, &summed);
+            for answer in [WireDtype::F32, WireDtype::F16, WireDtype::Bf16] {
+                let mut sums = Sums::new(Device::Cpu);
+                assert!(finish(&mut sums, &first, Part::Identity, answer).is_none(), "one part of two");
+                let Some(Finished::Answer(have)) = finish(&mut sums, &second, Part::Identity, answer) else {
+                    panic!("identity parts on a CPU finish as the answer's bytes");
+                };
+                assert_eq!(
+                    &have[..],
+                    bytes_of(&want.to_kind(tch_kind(answer))),
+                    "{dtype} rows ({misaligned}), {answer}"
+                );
+                assert!(sums.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn a_sum_of_computed_and_identity_parts_adds_both() {
+        let values = spread_values(4);
+        let shared = shared_rows(&values, WireDtype::Bf16, true, 2);
+        let computed = Gathered { shared: shared.clone(), indices: vec![0, 2], weights: vec![0.5, 0.25] };
+        let identity = Gathered { shared: shared.clone(), indices: vec![2, 3], weights: vec![0.125, 0.75] };
+        let outputs = Tensor::from_slice(&spread_values(2)).view([2, WIDTH as i64]) * 3.0;
+
+        let mut sums = Sums::new(Device::Cpu);
+        assert!(finish(&mut sums, &computed, Part::Rows(&outputs), WireDtype::F32).is_none());
+        let Some(Finished::OnDevice(have)) = finish(&mut sums, &identity, Part::Identity, WireDtype::F32) else {
+            panic!("a sum with computed parts finishes on the device");
+        };
+        let mut want = Tensor::zeros([4, WIDTH as i64], (Kind::Float, Device::Cpu));
+        let _ = want.index_add_(
+            0,
+            &Tensor::from_slice(&[0i64, 2]),
+            &(&outputs * Tensor::from_slice(&[0.5f32, 0.25]).view([-1, 1])),
+        );
+        let want = want + torch_weighted(&shared, &[0.0, 0.0, 0.125, 0.75]);
+        assert_eq!(bytes_of(&have), bytes_of(&want));
+    }
 }
