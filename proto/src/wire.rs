@@ -11,8 +11,8 @@
 //! f32. A row is self-contained, so rows can be gathered, split and concatenated as bytes.
 
 use bytes::{Bytes, BytesMut};
-use half::slice::HalfFloatSliceExt;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::v1::Dtype;
 

@@ -245,6 +245,7 @@ impl MoeClient {
             hidden,
             routing: *routing,
             gates: self.gates.clone(),
+            cpu_threads: self.options.cpu_threads,
             dtype: self.options.wire_dtype,
             split_bytes: self.options.split_request_bytes,
             stripes: self.transport.connections_per_worker(),
@@ -529,6 +530,8 @@ struct Planning {
     hidden: Hidden,
     routing: RoutingOverrides,
     gates: Arc<LoadOnce<GateKey, Gate>>,
+    /// The client's CPU threads, which a large call's gate may use at once.
+    cpu_threads: usize,
     dtype: WireDtype,
     split_bytes: usize,
     stripes: usize,
@@ -558,9 +561,10 @@ impl Planning {
     fn gate(&self) -> Result<Arc<Gate>, ClientError> {
         let model = &self.table.model;
         self.gates.get_or_load(&self.gate_key(), || match &model.checkpoint {
-            None => Ok(Gate::synthetic(model, self.layer)),
+            None => Ok(Gate::synthetic(model, self.layer).with_threads(self.cpu_threads)),
             Some(dir) => Checkpoint::open(std::path::Path::new(dir))
                 .and_then(|checkpoint| Gate::from_checkpoint(&checkpoint, self.layer))
+                .map(|gate| gate.with_threads(self.cpu_threads))
                 .map_err(|error| ClientError::Checkpoint { reason: error.to_string() }),
         })
     }

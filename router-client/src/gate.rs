@@ -30,6 +30,8 @@ pub struct Gate {
     soft_slots: OnceLock<(usize, Vec<f32>)>,
     /// Shared experts' sigmoid gates `[shared_experts, d_model]`, when the model gates them.
     shared_gate: Option<Vec<f32>>,
+    /// Threads a large product may use ([`project_into`]).
+    threads: usize,
 }
 
 impl Gate {
@@ -59,7 +61,14 @@ impl Gate {
             synthetic: None,
             soft_slots: OnceLock::new(),
             shared_gate: None,
+            threads: 1,
         }
+    }
+
+    /// Lets products of many rows use up to `threads` threads (the calling one among them).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
     }
 
     /// The router of `layer` of a checkpoint, with its biases and its shared-expert gate if it has them.
@@ -95,14 +104,14 @@ impl Gate {
             &rebuilt
         };
         let mut logits = Vec::new();
-        project_into(weights, self.d_model, hidden, &mut logits);
+        project_into(weights, self.d_model, hidden, &mut logits, self.threads);
         logits
     }
 
     /// `x · W_noiseᵀ`, when this gate has noise weights.
     pub fn noise_logits(&self, hidden: &[f32]) -> Option<Vec<f32>> {
         let mut logits = Vec::new();
-        project_into(self.noise_weights.as_ref()?, self.d_model, hidden, &mut logits);
+        project_into(self.noise_weights.as_ref()?, self.d_model, hidden, &mut logits, self.threads);
         Some(logits)
     }
 
@@ -113,7 +122,7 @@ impl Gate {
             return vec![1.0; hidden.len() / self.d_model * shared_experts];
         };
         let mut logits = Vec::new();
-        project_into(gate, self.d_model, hidden, &mut logits);
+        project_into(gate, self.d_model, hidden, &mut logits, self.threads);
         logits.iter().map(|logit| 1.0 / (1.0 + (-logit).exp())).collect()
     }
 
@@ -129,7 +138,7 @@ impl Gate {
     /// Writes the router's raw logits `x · W_gᵀ (+ bias)` of every row of `hidden`
     /// (`[tokens, d_model]`) into `logits`.
     pub fn logits_into(&self, hidden: &[f32], logits: &mut Vec<f32>) {
-        project_into(&self.weights, self.d_model, hidden, logits);
+        project_into(&self.weights, self.d_model, hidden, logits, self.threads);
         if let Some(bias) = &self.logit_bias {
             for row in logits.chunks_exact_mut(self.experts) {
                 for (logit, bias) in row.iter_mut().zip(bias) {
@@ -146,18 +155,55 @@ impl Gate {
     }
 }
 
+/// Products of at least this many multiply-adds are split over threads: ~2 ms of one core's
+/// work, against the ~50-100 µs that starting and joining a thread costs on a small VM.
+const SPLIT_MULTIPLY_ADDS: usize = 1 << 26;
+
 /// `out = hidden · weightsᵀ` for row-major `hidden [tokens, d_model]` and `weights [rows, d_model]`:
 /// one GEMM (matrixmultiply's packed, cache-blocked kernels, ~90–130 GFLOP/s on one core here, where
-/// dot products token by token reached 6–10 at DeepEP's 256 x 7168 router).
-fn project_into(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut Vec<f32>) {
+/// dot products token by token reached 6–10 at DeepEP's 256 x 7168 router). A large product's
+/// tokens are split over up to `threads` threads, scoped to this call (its own and started ones):
+/// each output value is the same sum in the same order however the tokens are split.
+fn project_into(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut Vec<f32>, threads: usize) {
     let rows = weights.len() / d_model;
     let tokens = hidden.len() / d_model;
     out.clear();
     out.resize(tokens * rows, 0.0);
+    let (hidden, out) = (&hidden[..tokens * d_model], &mut out[..]);
+    let threads = product_threads(tokens, rows, d_model, threads);
+    if threads == 1 {
+        return product(weights, d_model, hidden, out);
+    }
+    let per_thread = tokens.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut parts = hidden.chunks(per_thread * d_model).zip(out.chunks_mut(per_thread * rows));
+        let own = parts.next();
+        for (hidden, out) in parts {
+            // A failure here is the system's (out of threads): the panic fails the call, through
+            // the CPU pool, as `ClientError::Internal`.
+            std::thread::Builder::new()
+                .name("switchyard-client-gate".into())
+                .spawn_scoped(scope, || product(weights, d_model, hidden, out))
+                .expect("a thread for a share of the gate starts");
+        }
+        if let Some((hidden, out)) = own {
+            product(weights, d_model, hidden, out);
+        }
+    });
+}
+
+/// Threads worth using, at most `threads`, for a `[tokens, d_model] · [d_model, rows]` product.
+pub fn product_threads(tokens: usize, rows: usize, d_model: usize, threads: usize) -> usize {
+    let worth = (tokens * rows * d_model / SPLIT_MULTIPLY_ADDS).max(1);
+    threads.min(worth).min(tokens).max(1)
+}
+
+fn product(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut [f32]) {
+    let (rows, tokens) = (weights.len() / d_model, hidden.len() / d_model);
     let shape_error = "shapes follow from the slice lengths";
-    let hidden = ArrayView2::from_shape((tokens, d_model), &hidden[..tokens * d_model]).expect(shape_error);
+    let hidden = ArrayView2::from_shape((tokens, d_model), hidden).expect(shape_error);
     let weights = ArrayView2::from_shape((rows, d_model), weights).expect(shape_error);
-    let mut product = ArrayViewMut2::from_shape((tokens, rows), &mut out[..]).expect(shape_error);
+    let mut product = ArrayViewMut2::from_shape((tokens, rows), out).expect(shape_error);
     general_mat_mul(1.0, &hidden, &weights.t(), 0.0, &mut product);
 }
 
@@ -191,5 +237,23 @@ mod tests {
                 assert!((have - want).abs() <= 1e-5 * want.abs().max(1.0), "token {t} expert {e}: {have} vs {want}");
             }
         }
+    }
+
+    #[test]
+    fn a_large_product_splits_its_tokens_over_threads_and_sums_the_same() {
+        assert_eq!(product_threads(128, 256, 7168, 8), 3, "DeepEP's low-latency router: ~235 M multiply-adds");
+        assert_eq!(product_threads(4096, 256, 7168, 8), 8);
+        assert_eq!(product_threads(1, 256, 7168, 8), 1, "one token is not split");
+        assert_eq!(product_threads(4096, 8, 512, 8), 1, "a small router is not worth a thread");
+
+        let (tokens, experts, d_model) = (1001, 67, 3001);
+        let value = |i: usize| ((i * 7919) % 1009) as f32 / 500.0 - 1.0;
+        let hidden: Vec<f32> = (0..tokens * d_model).map(value).collect();
+        let gate = Gate::from_weights((0..experts * d_model).map(|i| value(i + 13)).collect(), experts, d_model);
+        assert_eq!(product_threads(tokens, experts, d_model, 8), 2);
+        let alone = gate.clone().logits(&hidden);
+        let split = gate.with_threads(8).logits(&hidden);
+        let bits = |values: &[f32]| values.iter().map(|value| value.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&split), bits(&alone));
     }
 }

@@ -28,11 +28,11 @@ use switchyard_loadtest::local_cluster::{Hosts, LocalCluster, LocalClusterConfig
 use switchyard_loadtest::shaped_network::LinkRate;
 use switchyard_loadtest::skew::{Inputs, Skew, gate_rows};
 use switchyard_reference::{ReferenceConfig, ReferenceError, ReferenceLayer, relative_frobenius_error};
-use switchyard_router_client::DispatchLayout;
 use switchyard_router_client::client::{ClientOptions, MoeClient};
 use switchyard_router_client::error::ClientError;
 use switchyard_router_client::router::RoutingOverrides;
 use switchyard_router_client::table::TableWatcher;
+use switchyard_router_client::{DispatchLayout, cpu, gate};
 
 /// How each point is measured.
 #[derive(Debug, Clone)]
@@ -207,8 +207,10 @@ pub struct PresetResult {
     pub link_tcp: Option<wire::WireFigure>,
     /// FLOPs of the client's gate in one call (`2 · tokens · d_model · experts`).
     pub gate_flops: f64,
-    /// tch's f32 GEMM on one CPU thread for the gate's own shape, measured in this run: the gate's
-    /// yardstick.
+    /// The threads the client's gate used (its CPU threads, as many as the product is worth).
+    pub gate_threads: usize,
+    /// tch's f32 GEMM on as many CPU threads for the gate's own shape, measured in this run: the
+    /// gate's yardstick.
     pub cpu_gemm_gflops: Option<f64>,
 }
 
@@ -735,12 +737,29 @@ async fn measure_preset(
     };
     let gate_shape = [point.tokens as i64, i64::from(shape.d_model), i64::from(shape.experts)];
     let gate_flops = 2.0 * gate_shape.iter().map(|size| *size as f64).product::<f64>();
+    let [tokens, d_model, experts] = gate_shape.map(|size| size as usize);
+    let gate_threads = gate::product_threads(tokens, experts, d_model, cpu::default_threads());
     let cpu_gemm_gflops = tokio::task::spawn_blocking(move || {
-        switchyard_experts::peak::measure_product(tch::Device::Cpu, WeightDtype::F32, 1, gate_shape, 5) / 1e9
+        switchyard_experts::peak::measure_product(
+            tch::Device::Cpu,
+            WeightDtype::F32,
+            gate_threads as i32,
+            gate_shape,
+            5,
+        ) / 1e9
     })
     .await
     .ok();
-    Ok(PresetResult { name: preset.name(), result, baselines, link, link_tcp, gate_flops, cpu_gemm_gflops })
+    Ok(PresetResult {
+        name: preset.name(),
+        result,
+        baselines,
+        link,
+        link_tcp,
+        gate_flops,
+        gate_threads,
+        cpu_gemm_gflops,
+    })
 }
 
 async fn measure_step(

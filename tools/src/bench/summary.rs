@@ -137,11 +137,15 @@ pub struct PresetSummary {
     /// The combine transfer plus decode and weighted sum.
     pub combine_with_decode_and_sum_us: f64,
     /// The client's gate (`x · W_gᵀ` and top-k) in GFLOP/s, and as a share of tch's f32 GEMM of the
-    /// same shape on one CPU thread, measured in the same run (none in reports written before).
+    /// same shape on as many CPU threads as the gate used, measured in the same run (none in
+    /// reports written before).
     #[serde(default)]
     pub gate_gflops: f64,
     #[serde(default)]
     pub gate_share_of_gemm: Option<f64>,
+    /// Threads of the gate and of its yardstick (1 in reports written before).
+    #[serde(default = "one_thread")]
+    pub gate_threads: usize,
     /// DeepEP's convention: tokens x top-k x bytes per token (bf16), per call, in MB; and GB/s of
     /// dispatch and combine counted in these bytes. Wire bytes (`dispatch_gb_per_s`) fall below
     /// them when a token travels once per worker rather than once per expert.
@@ -241,6 +245,7 @@ impl PresetResult {
             combine_with_decode_and_sum_us: combine_total_us,
             gate_gflops: self.gate_gflops(),
             gate_share_of_gemm: self.cpu_gemm_gflops.map(|gemm| self.gate_gflops() / gemm.max(1e-12)),
+            gate_threads: self.gate_threads,
             logical_mb_per_call: self.logical_bytes_per_call() / 1e6,
             rows_per_token: self.rows_per_token(),
             logical_dispatch_gb_per_s: self.logical_bytes_per_call() / (dispatch_us * 1e-6).max(1e-12) / 1e9,
@@ -273,6 +278,10 @@ impl BenchReport {
             steps: self.steps.iter().map(super::StepResult::summary).collect(),
         }
     }
+}
+
+fn one_thread() -> usize {
+    1
 }
 
 #[cfg(test)]

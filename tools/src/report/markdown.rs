@@ -64,13 +64,13 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
 /// The DeepEP table: dispatch and combine beside the wire's limits.
 pub fn preset_table(presets: &[PresetSummary]) -> String {
     let mut text = String::new();
-    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape, 1 thread) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s (payload copied / uncopied) | gRPC echo µs |\n");
+    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape and threads), threads | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s (payload copied / uncopied) | gRPC echo µs |\n");
     let _ = writeln!(text, "|{}", " ---: |".repeat(20));
     for preset in presets {
         let baselines = &preset.baselines;
         let _ = writeln!(
             text,
-            "| {} | {} | {} | {:.2} ({}) | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.0} | {:.1} ({}) | {:.1} | {:.2} | {} | {:.0} | {:.2} / {} | {:.0} |",
+            "| {} | {} | {} | {:.2} ({}) | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.0} | {:.1} ({}), {} | {:.1} | {:.2} | {} | {:.0} | {:.2} / {} | {:.0} |",
             preset.preset,
             preset.result.point.tokens,
             preset.result.point.shape.workers,
@@ -90,6 +90,7 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
             preset.combine_with_decode_and_sum_us,
             preset.gate_gflops,
             optional(preset.gate_share_of_gemm, |share| format!("{:.0}%", share * 100.0)),
+            preset.gate_threads,
             baselines.grpc_echo.bytes as f64 / 1e6,
             baselines.tcp_one_way.gb_per_s,
             baselines.tcp_striped_one_way.map_or_else(
