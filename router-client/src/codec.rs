@@ -2,17 +2,30 @@
 //! rows one expert needs into one contiguous payload; decode an expert's answer and add it, scaled
 //! by the gate weights, into the output. One buffer per expert, never one per token.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use switchyard_proto::wire::{self, WireDtype};
 
-/// The rows `tokens` of `hidden`, encoded as `dtype`, back to back.
-pub fn gather_rows(hidden: &[f32], d_model: usize, tokens: &[u32], dtype: WireDtype) -> Bytes {
-    let mut payload = BytesMut::with_capacity(tokens.len() * dtype.row_bytes(d_model));
-    for token in tokens {
-        let start = *token as usize * d_model;
-        wire::encode_row_into(&hidden[start..start + d_model], dtype, &mut payload);
-    }
-    payload.freeze()
+use crate::cpu::on_scoped_threads;
+
+/// Payloads of at least this many bytes per thread are encoded by several threads at once.
+const SPLIT_PAYLOAD_BYTES: usize = 4 << 20;
+
+/// The rows `tokens` of `hidden`, encoded as `dtype`, back to back; a large payload encoded by up
+/// to `threads` threads at once, each its share of the rows.
+pub fn gather_rows(hidden: &[f32], d_model: usize, tokens: &[u32], dtype: WireDtype, threads: usize) -> Bytes {
+    let row_bytes = dtype.row_bytes(d_model).max(1);
+    // Zeroed by the allocator: a large payload is fresh pages, which the encode's writes map.
+    let mut payload = vec![0u8; tokens.len() * row_bytes];
+    let encode = |(tokens, payload): (&[u32], &mut [u8])| {
+        for (token, target) in tokens.iter().zip(payload.chunks_exact_mut(row_bytes)) {
+            let start = *token as usize * d_model;
+            wire::encode_row_to(&hidden[start..start + d_model], dtype, target);
+        }
+    };
+    let threads = threads.min(payload.len() / SPLIT_PAYLOAD_BYTES).min(tokens.len()).max(1);
+    let per_thread = tokens.len().div_ceil(threads).max(1);
+    on_scoped_threads(tokens.chunks(per_thread).zip(payload.chunks_mut(per_thread * row_bytes)), encode);
+    Bytes::from(payload)
 }
 
 /// Decodes `payload`, rows of `d_model`, into `scratch` (resized, reused across experts of one call).
@@ -48,12 +61,24 @@ mod tests {
     #[test]
     fn gather_then_accumulate_scatters_back_with_weights() {
         let hidden = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let payload = gather_rows(&hidden, 2, &[2, 0], WireDtype::F32);
+        let payload = gather_rows(&hidden, 2, &[2, 0], WireDtype::F32, 1);
         let mut rows = Vec::new();
         decode_rows(&payload, 2, WireDtype::F32, &mut rows);
         assert_eq!(rows, [5.0, 6.0, 1.0, 2.0]);
         let mut y = vec![0.0; 6];
         accumulate(&mut y, 2, &[2, 0], &[0.5, 2.0], &rows);
         assert_eq!(y, [2.0, 4.0, 0.0, 0.0, 2.5, 3.0]);
+    }
+
+    #[test]
+    fn a_large_payload_encoded_by_several_threads_is_the_same_bytes() {
+        let (rows, d_model) = (4099, 2048);
+        let hidden: Vec<f32> = (0..rows * d_model).map(|i| ((i * 7919) % 4001) as f32 / 1000.0 - 2.0).collect();
+        let tokens: Vec<u32> = (0..rows as u32).rev().step_by(2).chain((0..rows as u32).step_by(3)).collect();
+        for dtype in [WireDtype::F32, WireDtype::Bf16] {
+            let alone = gather_rows(&hidden, d_model, &tokens, dtype, 1);
+            assert!(alone.len() >= 2 * SPLIT_PAYLOAD_BYTES, "{dtype}: large enough to split");
+            assert_eq!(gather_rows(&hidden, d_model, &tokens, dtype, 3), alone, "{dtype}");
+        }
     }
 }

@@ -106,7 +106,7 @@ pub fn pack_token_choices(
     mut choices: Vec<(u32, u32, f32)>,
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
-    let CallRows { layer, hidden, d_model, dtype, .. } = call;
+    let CallRows { layer, hidden, d_model, dtype, threads, .. } = call;
     // By token; the sort is stable, so a token's experts stay in group order.
     choices.sort_by_key(|(token, _, _)| *token);
     let token_starts: Vec<usize> =
@@ -140,7 +140,7 @@ pub fn pack_token_choices(
                     rows: Some(v1::WireTensor {
                         dtype: dtype.to_proto() as i32,
                         shape: vec![token_ids.len() as u64, d_model as u64],
-                        data: gather_rows(hidden, d_model, &token_ids, dtype),
+                        data: gather_rows(hidden, d_model, &token_ids, dtype, threads),
                     }),
                     offsets: offsets.into(),
                     experts: experts.into(),
@@ -269,6 +269,8 @@ pub struct CallRows<'a> {
     pub stripes: usize,
     /// Whether a stripe above [`CHUNK_BYTES`] goes as a stream of chunks (else as one request).
     pub chunked: bool,
+    /// Threads a large payload's encode may use at once (the client's CPU threads).
+    pub threads: usize,
 }
 
 /// A stripe larger than this goes as chunks of about this size on one stream ([`PlannedRequest::stream`]):
@@ -333,7 +335,7 @@ pub fn pack_pieces(
     groups: &[ExpertAssignments],
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
-    let CallRows { layer, hidden, d_model, dtype, .. } = call;
+    let CallRows { layer, hidden, d_model, dtype, threads, .. } = call;
     let rows = pieces.iter().map(|piece| piece.end - piece.start).sum();
     let rows_per_request = call.rows_per_request(rows);
     let mut requests = Vec::new();
@@ -350,7 +352,7 @@ pub fn pack_pieces(
             let end = piece.end.min(start + rows_per_request - current_rows);
             let data = match &group.slots {
                 Some(slots) => wire::encode_rows(&slots.inputs[start * d_model..end * d_model], d_model, dtype),
-                None => gather_rows(hidden, d_model, &group.tokens[start..end], dtype),
+                None => gather_rows(hidden, d_model, &group.tokens[start..end], dtype, threads),
             };
             current.request.batches.push(v1::ExpertRows {
                 expert: Some(ExpertId::new(layer, group.expert).into()),
@@ -409,6 +411,7 @@ mod tests {
             split_bytes: 1 << 20,
             stripes: 1,
             chunked: false,
+            threads: 1,
         };
         let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
         assert_eq!(requests.len(), 1);
@@ -430,6 +433,7 @@ mod tests {
             split_bytes: 48,
             stripes: 1,
             chunked: false,
+            threads: 1,
         };
         let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
         let pieces: Vec<Vec<Piece>> = requests.iter().map(|r| r.pieces.clone()).collect();
@@ -467,6 +471,7 @@ mod tests {
             split_bytes: 16,
             stripes: 1,
             chunked: false,
+            threads: 1,
         };
         let requests = pack_token_rows(&endpoint, &[0, 1], &groups, call);
         let plans: Vec<TokenPlan> = requests.iter().filter_map(|r| r.token_major.clone()).collect();
@@ -504,6 +509,7 @@ mod tests {
             split_bytes: 64 << 20,
             stripes: 3,
             chunked: false,
+            threads: 1,
         };
         assert!(call.rows_per_request(8191) >= 8191, "below 8 MiB: one request");
         assert_eq!(call.rows_per_request(8192), 4096, "8 MiB: two shares of 4 MiB");
@@ -527,6 +533,7 @@ mod tests {
             split_bytes: 64 << 20,
             stripes: 2,
             chunked: true,
+            threads: 2,
         };
         let choices: Vec<(u32, u32, f32)> = (0..rows as u32).map(|token| (token, token % 8, 1.0)).collect();
         let requests = pack_token_choices(&Arc::from("w"), choices.clone(), call);

@@ -12,6 +12,8 @@ use switchyard_model::ModelSpec;
 use switchyard_model::checkpoint::{Checkpoint, CheckpointError};
 use switchyard_model::synthetic;
 
+use crate::cpu::on_scoped_threads;
+
 #[derive(Debug, Clone)]
 pub struct Gate {
     experts: usize,
@@ -175,21 +177,8 @@ fn project_into(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut Vec<f
         return product(weights, d_model, hidden, out);
     }
     let per_thread = tokens.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let mut parts = hidden.chunks(per_thread * d_model).zip(out.chunks_mut(per_thread * rows));
-        let own = parts.next();
-        for (hidden, out) in parts {
-            // A failure here is the system's (out of threads): the panic fails the call, through
-            // the CPU pool, as `ClientError::Internal`.
-            std::thread::Builder::new()
-                .name("switchyard-client-gate".into())
-                .spawn_scoped(scope, || product(weights, d_model, hidden, out))
-                .expect("a thread for a share of the gate starts");
-        }
-        if let Some((hidden, out)) = own {
-            product(weights, d_model, hidden, out);
-        }
-    });
+    let parts = hidden.chunks(per_thread * d_model).zip(out.chunks_mut(per_thread * rows));
+    on_scoped_threads(parts, |(hidden, out)| product(weights, d_model, hidden, out));
 }
 
 /// Threads worth using, at most `threads`, for a `[tokens, d_model] · [d_model, rows]` product.
