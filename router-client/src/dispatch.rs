@@ -267,7 +267,8 @@ pub struct CallRows<'a> {
     /// Connections to each worker: a large payload is spread over up to as many requests, so that
     /// every connection carries a share of at least [`STRIPE_MIN_BYTES`].
     pub stripes: usize,
-    /// Whether a stripe above [`CHUNK_BYTES`] goes as a stream of chunks (else as one request).
+    /// Whether a stripe above [`CHUNK_BYTES`] goes as a stream of chunks (else each of its requests
+    /// is a call of its own).
     pub chunked: bool,
     /// Threads a large payload's encode may use at once (the client's CPU threads).
     pub threads: usize,
@@ -550,5 +551,26 @@ mod tests {
         let whole = pack_token_choices(&Arc::from("w"), choices, CallRows { chunked: false, ..call });
         let layout: Vec<(usize, usize)> = whole.iter().map(|planned| (planned.stream, planned.rows())).collect();
         assert_eq!(layout, [(0, 10240), (1, 10240)], "unchunked: one request per stripe");
+    }
+
+    #[test]
+    fn unchunked_requests_beyond_the_stripes_are_each_a_call_of_their_own() {
+        // 1 KiB rows: 20 MiB to one worker over 2 connections, at most 5 MiB a request.
+        let rows = 20 * 1024;
+        let hidden = vec![0.5f32; rows * 256];
+        let call = CallRows {
+            layer: 0,
+            hidden: &hidden,
+            d_model: 256,
+            dtype: WireDtype::F32,
+            split_bytes: 5 << 20,
+            stripes: 2,
+            chunked: false,
+            threads: 1,
+        };
+        let choices: Vec<(u32, u32, f32)> = (0..rows as u32).map(|token| (token, token % 8, 1.0)).collect();
+        let requests = pack_token_choices(&Arc::from("w"), choices, call);
+        let layout: Vec<(usize, usize)> = requests.iter().map(|planned| (planned.stream, planned.rows())).collect();
+        assert_eq!(layout, [(0, 5120), (1, 5120), (2, 5120), (3, 5120)], "four unary calls, not two streams of two");
     }
 }

@@ -32,7 +32,7 @@ use switchyard_router_client::client::{ClientOptions, MoeClient};
 use switchyard_router_client::error::ClientError;
 use switchyard_router_client::router::RoutingOverrides;
 use switchyard_router_client::table::TableWatcher;
-use switchyard_router_client::{DispatchLayout, cpu, gate};
+use switchyard_router_client::{DispatchLayout, gate};
 
 /// How each point is measured.
 #[derive(Debug, Clone)]
@@ -738,7 +738,7 @@ async fn measure_preset(
     let gate_shape = [point.tokens as i64, i64::from(shape.d_model), i64::from(shape.experts)];
     let gate_flops = 2.0 * gate_shape.iter().map(|size| *size as f64).product::<f64>();
     let [tokens, d_model, experts] = gate_shape.map(|size| size as usize);
-    let gate_threads = gate::product_threads(tokens, experts, d_model, cpu::default_threads());
+    let gate_threads = gate::product_threads(tokens, experts, d_model, client.options().cpu_threads);
     let cpu_gemm_gflops = tokio::task::spawn_blocking(move || {
         switchyard_experts::peak::measure_product(
             tch::Device::Cpu,
