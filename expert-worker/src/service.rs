@@ -130,9 +130,10 @@ fn with_request_id<T>(request: &Request<T>, id_in_message: u64) -> u64 {
         .unwrap_or(0)
 }
 
-/// `ExpertWorker`'s server: `Forward` goes through [`zero_copy::serve_unary`], so its answers'
-/// rows reach the socket as the `Bytes` the compute thread filled (tonic's generated server would
-/// copy them into one buffer first); every other method is the generated server's.
+/// `ExpertWorker`'s server: `Forward` and `ForwardStream` go through [`zero_copy`]'s server, so
+/// their requests' rows are slices of the frames they came in and their answers' rows reach the
+/// socket as the `Bytes` the compute thread filled (tonic's generated server would copy each into
+/// one buffer first); every other method is the generated server's.
 #[derive(Debug, Clone)]
 pub struct WorkerServer {
     service: ExpertWorkerService,
@@ -156,10 +157,16 @@ impl Service<http::Request<Body>> for WorkerServer {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let share = Share::default();
         if request.uri().path() == switchyard_proto::FORWARD_STREAM_PATH {
-            // The handler gives each message's share back as it answers it.
-            let mut request = request.map(|body| Body::new(self.intake.meter(body, share.clone())));
-            request.extensions_mut().insert(share);
-            return self.generated.call(request);
+            let service = self.service.clone();
+            let request = request.map(|body| Body::new(self.intake.meter(body, share.clone())));
+            return Box::pin(async move {
+                // Each message's share goes back as it is answered.
+                let answer_each = |request: Request<zero_copy::Requests<v1::ForwardRequest>>| async move {
+                    Ok(Response::new(service.answer_each(request, share)))
+                };
+                Ok(zero_copy::serve_streaming(request, switchyard_common::transport::MAX_MESSAGE_BYTES, answer_each)
+                    .await)
+            });
         }
         if request.uri().path() != switchyard_proto::FORWARD_PATH {
             return self.generated.call(request);
@@ -197,25 +204,15 @@ impl ExpertWorkerService {
         message.request_id = request_id;
         Ok(Response::new(self.forward_message(message, &caller, arrival).await?))
     }
-}
 
-#[tonic::async_trait]
-impl expert_worker_server::ExpertWorker for ExpertWorkerService {
-    async fn forward(&self, request: Request<v1::ForwardRequest>) -> Result<Response<v1::ForwardResponse>, Status> {
-        self.forward_request(request, None).await
-    }
-
-    type ForwardStreamStream = ForwardResponseStream;
-
-    /// Each request on the stream runs concurrently; answers come back as they finish, failures as
-    /// an `error` on that answer so the stream lives on.
-    async fn forward_stream(
-        &self,
-        request: Request<Streaming<v1::ForwardRequest>>,
-    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
-        // Each message's share of the receiving budget (`WorkerServer`), given back as it is
-        // answered; none when the service is called without the server (tests).
-        let shares = request.extensions().get::<Share>().cloned().unwrap_or_default();
+    /// `ForwardStream`'s answers: each request of `request`'s stream runs concurrently and is
+    /// answered as it finishes, a failure as an `error` on that answer so the stream lives on; each
+    /// answer gives back one message's share of the receiving budget (`shares`, from
+    /// [`WorkerServer`]).
+    fn answer_each<S>(&self, request: Request<S>, shares: Share) -> ForwardResponseStream
+    where
+        S: Stream<Item = Result<v1::ForwardRequest, Status>> + Send + Unpin + 'static,
+    {
         // The stream's chunks are one call's: they join the trace that opened it.
         let caller = RemoteParent::from_metadata(request.metadata());
         let mut incoming = request.into_inner();
@@ -258,7 +255,24 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
                 });
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        Box::pin(ReceiverStream::new(receiver))
+    }
+}
+
+#[tonic::async_trait]
+impl expert_worker_server::ExpertWorker for ExpertWorkerService {
+    async fn forward(&self, request: Request<v1::ForwardRequest>) -> Result<Response<v1::ForwardResponse>, Status> {
+        self.forward_request(request, None).await
+    }
+
+    type ForwardStreamStream = ForwardResponseStream;
+
+    /// Each request on the stream runs concurrently ([`ExpertWorkerService::answer_each`]).
+    async fn forward_stream(
+        &self,
+        request: Request<Streaming<v1::ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        Ok(Response::new(self.answer_each(request, Share::default())))
     }
 
     async fn load_experts(

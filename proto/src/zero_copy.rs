@@ -1,5 +1,5 @@
-//! Unary gRPC calls whose large `bytes` fields go to the socket as the [`Bytes`] they are, and
-//! come out of it as slices of the frames they arrived in.
+//! gRPC calls, unary and streaming, whose large `bytes` fields go to the socket as the [`Bytes`]
+//! they are, and come out of it as slices of the frames they arrived in.
 //!
 //! Tonic's client encodes every message into one contiguous buffer, so each tensor payload was
 //! copied once more on its way out (a fresh multi-megabyte buffer per request, page faults
@@ -7,8 +7,8 @@
 //! small fields into a small buffer, and every `bytes` field of at least [`SHARED_FIELD_BYTES`] is
 //! taken as a slice of the caller's `Bytes` (prost hands `Bytes` fields to [`BufMut::put`], and
 //! `Bytes::copy_to_bytes` shares instead of copying). The chunks are the request's HTTP/2 body
-//! as they are; hyper writes them with vectored writes. [`serve_unary`] is the server's half: a
-//! handler's answer goes out the same way.
+//! as they are; hyper writes them with vectored writes. [`serve_unary`] and [`serve_streaming`]
+//! are the server's half: a handler's answers go out the same way.
 //!
 //! Tonic's decoders copy every received DATA frame into one buffer before decoding, a copy of every
 //! row a worker receives and of every answer a client does. Both halves here decode from the frames
@@ -16,7 +16,6 @@
 //! sender wrote as one chunk, up to HTTP/2's frame size) is a slice of that frame.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -28,6 +27,9 @@ use tonic::codegen::http::{self, HeaderValue, Method, StatusCode, Uri, header};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tower::{Service, ServiceExt};
+
+mod server;
+pub use server::{serve_streaming, serve_unary};
 
 /// `bytes` fields at least this long are shared, not copied: below it a slice costs more than the
 /// copy.
@@ -187,37 +189,60 @@ where
         chunks.extend(encode_frame(message)?);
     }
     let response = call(channel, path, metadata, chunks).await?;
-    Ok(Answers {
-        body: response.into_body(),
-        messages: MessageReader::new(max_answer_bytes, Reader::Client),
-        ended: false,
-        answers: PhantomData,
-    })
+    Ok(Answers::new(response.into_body(), max_answer_bytes, Reader::Client))
 }
 
-/// A call's answers, each decoded from the response's DATA frames as they came (see the module
-/// doc), then the call's status from its trailers.
+/// A call's answers, as its client reads them.
+pub type Answers<A> = Messages<A>;
+
+/// A streaming call's requests, as its server reads them ([`server::serve_streaming`]).
+pub type Requests<Q> = Messages<Q>;
+
+/// The messages of one side of a call, each decoded from its body's DATA frames as they came (see
+/// the module doc); an answer stream ends with the call's status from its trailers.
 #[derive(Debug)]
-pub struct Answers<A> {
+pub struct Messages<M> {
     body: tonic::body::Body,
     messages: MessageReader,
     /// The body has ended (trailers, its end, or an error): nothing more will come.
     ended: bool,
-    answers: PhantomData<fn() -> A>,
+    /// A message could not be read: the stream ends after that error.
+    failed: bool,
+    kind: PhantomData<fn() -> M>,
 }
 
-impl<A: Message + Default> Answers<A> {
-    /// The next answer; `None` once the call ended with status OK; the call's status when it ended
-    /// otherwise (the trailers' `grpc-status`, or the transport's failure).
-    pub async fn message(&mut self) -> Result<Option<A>, Status> {
+impl<M: Message + Default> Messages<M> {
+    fn new(body: tonic::body::Body, max_bytes: usize, reader: Reader) -> Self {
+        Self { body, messages: MessageReader::new(max_bytes, reader), ended: false, failed: false, kind: PhantomData }
+    }
+
+    /// The next message; `None` once the body ended well (for answers: with status OK); the
+    /// call's status when it ended otherwise (the trailers' `grpc-status`, or the transport's
+    /// failure), then `None`.
+    pub async fn message(&mut self) -> Result<Option<M>, Status> {
+        std::future::poll_fn(|context| self.poll_message(context)).await
+    }
+
+    fn poll_message(&mut self, context: &mut Context<'_>) -> Poll<Result<Option<M>, Status>> {
+        if self.failed {
+            return Poll::Ready(Ok(None));
+        }
+        let next = self.read_message(context);
+        if let Poll::Ready(Err(_)) = next {
+            self.failed = true;
+        }
+        next
+    }
+
+    fn read_message(&mut self, context: &mut Context<'_>) -> Poll<Result<Option<M>, Status>> {
         loop {
-            if let Some(answer) = self.messages.next()? {
-                return Ok(Some(answer));
+            if let Some(message) = self.messages.next()? {
+                return Poll::Ready(Ok(Some(message)));
             }
             if self.ended {
-                return Ok(None);
+                return Poll::Ready(Ok(None));
             }
-            match next_frame(&mut self.body).await {
+            match std::task::ready!(http_body::Body::poll_frame(Pin::new(&mut self.body), context)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => self.messages.push(data),
                     Err(frame) => {
@@ -227,7 +252,7 @@ impl<A: Message + Default> Answers<A> {
                 },
                 Some(Err(status)) => {
                     self.ended = true;
-                    return Err(status);
+                    return Poll::Ready(Err(status));
                 }
                 None => {
                     self.ended = true;
@@ -239,7 +264,7 @@ impl<A: Message + Default> Answers<A> {
 
     /// The one answer of a unary call, once its status says OK: none, or a second, is a broken
     /// answer (INTERNAL).
-    pub async fn single(mut self) -> Result<A, Status> {
+    pub async fn single(mut self) -> Result<M, Status> {
         let answer = self.message().await?.ok_or_else(|| Status::internal("the answer had no message"))?;
         if self.message().await?.is_some() {
             return Err(Status::internal("a unary call was answered with more than one message"));
@@ -247,11 +272,11 @@ impl<A: Message + Default> Answers<A> {
         Ok(answer)
     }
 
-    /// The call's status at the end of its body: a message left unfinished is a broken answer;
+    /// The call's status at the end of its body: a message left unfinished is a broken one;
     /// trailers without `grpc-status` end a call well, as tonic takes them.
     fn end(&self, trailers: Option<&http::HeaderMap>) -> Result<(), Status> {
         if self.messages.is_partway() {
-            return Err(Status::internal("the answer ended inside a message"));
+            return Err(self.messages.reader.ended_inside());
         }
         match trailers.and_then(Status::from_header_map) {
             Some(status) if status.code() != Code::Ok => Err(status),
@@ -260,9 +285,12 @@ impl<A: Message + Default> Answers<A> {
     }
 }
 
-/// The next frame of `body` (data or trailers), or `None` at its end.
-async fn next_frame(body: &mut tonic::body::Body) -> Option<Result<http_body::Frame<Bytes>, Status>> {
-    std::future::poll_fn(|context| http_body::Body::poll_frame(Pin::new(&mut *body), context)).await
+impl<M: Message + Default> futures_core::Stream for Messages<M> {
+    type Item = Result<M, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_message(context).map(Result::transpose)
+    }
 }
 
 /// gRPC's code for an HTTP answer without `grpc-status` (gRPC's HTTP-to-gRPC status mapping, as
@@ -314,68 +342,6 @@ async fn call(
     Ok(response)
 }
 
-/// Serves one unary call: decodes the request from `request` (at most `max_request_bytes`), runs
-/// `handler` on it, and answers with its message's payloads uncopied ([`encode_frame`])
-/// and `grpc-status: 0` in the trailers, or with its `Status` alone (a trailers-only answer).
-pub async fn serve_unary<Q, A, F, Fut>(
-    request: http::Request<tonic::body::Body>,
-    max_request_bytes: usize,
-    handler: F,
-) -> http::Response<tonic::body::Body>
-where
-    Q: Message + Default + Send + Sync + 'static,
-    A: Message,
-    F: FnOnce(tonic::Request<Q>) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<A>, Status>>,
-{
-    let answer = async {
-        let (parts, mut body) = request.into_parts();
-        let message = read_message(&mut body, max_request_bytes).await?;
-        let request = tonic::Request::from_parts(
-            tonic::metadata::MetadataMap::from_headers(parts.headers),
-            parts.extensions,
-            message,
-        );
-        let (metadata, message, _) = handler(request).await?.into_parts();
-        Ok::<_, Status>((metadata, encode_frame(&message)?))
-    };
-    match answer.await {
-        Ok((metadata, chunks)) => {
-            let mut trailers = http::HeaderMap::new();
-            trailers.insert("grpc-status", HeaderValue::from_static("0"));
-            let mut response = http::Response::new(tonic::body::Body::new(ChunkBody::new(chunks, Some(trailers))));
-            *response.headers_mut() = metadata.into_headers();
-            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            response
-        }
-        Err(status) => status.into_http(),
-    }
-}
-
-/// Reads the one message of a unary request's `body` (at most `max_bytes`), decoded from its DATA
-/// frames in place ([`MessageReader`]). A failing body (the worker's receiving budget) keeps its
-/// own status.
-async fn read_message<Q: Message + Default>(body: &mut tonic::body::Body, max_bytes: usize) -> Result<Q, Status> {
-    let mut messages = MessageReader::new(max_bytes, Reader::Server);
-    loop {
-        if let Some(message) = messages.next()? {
-            return Ok(message);
-        }
-        match next_frame(body).await {
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    messages.push(data);
-                }
-            }
-            Some(Err(status)) => return Err(status),
-            None if messages.is_partway() => {
-                return Err(Status::invalid_argument("the request is not a valid message: it ends inside itself"));
-            }
-            None => return Err(Status::invalid_argument("the request had no message")),
-        }
-    }
-}
-
 /// Which end reads a message, which decides whose fault an unreadable one is: a server refuses
 /// the caller's request (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED, where tonic answers
 /// INTERNAL and OUT_OF_RANGE); a client reports a bad answer with tonic's codes (INTERNAL,
@@ -402,6 +368,13 @@ impl Reader {
             Reader::Client => {
                 Status::out_of_range(format!("the answer's message is {declared} bytes, over the limit of {max_bytes}"))
             }
+        }
+    }
+
+    fn ended_inside(self) -> Status {
+        match self {
+            Reader::Server => Status::invalid_argument("the request is not a valid message: it ends inside itself"),
+            Reader::Client => Status::internal("the answer ended inside a message"),
         }
     }
 
@@ -571,63 +544,6 @@ mod tests {
         assert_eq!(shared[0].as_ptr(), payload.as_ptr(), "and the same memory, not a copy");
     }
 
-    /// What `serve_unary` reads from a request whose body came as `frames`.
-    fn read(frames: Vec<Bytes>, max_bytes: usize) -> Result<v1::ForwardRequest, Status> {
-        let mut body = tonic::body::Body::new(ChunkBody::new(frames, None));
-        block_on(read_message(&mut body, max_bytes))
-    }
-
-    fn rows_request(payload: Bytes) -> v1::ForwardRequest {
-        v1::ForwardRequest {
-            request_id: 7,
-            tokens: Some(v1::TokenRows { layer: 1, rows: Some(tensor(payload)), ..Default::default() }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_payload_that_arrived_in_one_frame_is_decoded_without_a_copy() {
-        let payload = Bytes::from((0..64 * 1024).map(|i| (i % 251) as u8).collect::<Vec<_>>());
-        let message = rows_request(payload.clone());
-        // The frames as the sender's chunks became them: the payload one frame of its own.
-        let frames = encode_frame(&message).expect("encodes");
-        let decoded = read(frames, 1 << 20).expect("decodes");
-        assert_eq!(decoded, message);
-        let rows = &decoded.tokens.as_ref().and_then(|tokens| tokens.rows.as_ref()).expect("rows").data;
-        assert_eq!(rows.as_ptr(), payload.as_ptr(), "the received frame's memory, not a copy");
-    }
-
-    #[test]
-    fn a_message_cut_into_any_frames_decodes_the_same() {
-        let payload = Bytes::from((0..10_000).map(|i| (i % 241) as u8).collect::<Vec<_>>());
-        let message = rows_request(payload);
-        let whole: Vec<u8> = encode_frame(&message).expect("encodes").iter().flat_map(|chunk| chunk.to_vec()).collect();
-        for size in [1, 3, 5, 7, 4096, whole.len()] {
-            let frames = whole.chunks(size).map(Bytes::copy_from_slice).collect();
-            assert_eq!(read(frames, 1 << 20).expect("decodes"), message, "frames of {size} bytes");
-        }
-    }
-
-    #[test]
-    fn unreadable_requests_are_refused_with_the_callers_codes() {
-        let whole: Vec<u8> = encode_frame(&rows_request(Bytes::from(vec![1; 100]))).expect("encodes").concat();
-        let code = |frames: Vec<Bytes>, max_bytes: usize| read(frames, max_bytes).unwrap_err();
-        let empty = code(Vec::new(), 1 << 20);
-        assert_eq!((empty.code(), empty.message()), (Code::InvalidArgument, "the request had no message"));
-        let cut = code(vec![Bytes::copy_from_slice(&whole[..whole.len() - 1])], 1 << 20);
-        assert_eq!(cut.code(), Code::InvalidArgument, "{cut:?}");
-        assert!(cut.message().starts_with("the request is not a valid message"), "{cut:?}");
-        let large = code(vec![Bytes::copy_from_slice(&whole[..GRPC_PREFIX_BYTES])], 10);
-        assert_eq!(large.code(), Code::ResourceExhausted, "refused from its prefix alone: {large:?}");
-        let mut compressed = whole.clone();
-        compressed[0] = 1;
-        assert_eq!(code(vec![Bytes::from(compressed)], 1 << 20).code(), Code::Unimplemented);
-        let mut garbage = whole[..GRPC_PREFIX_BYTES].to_vec();
-        garbage[1..].copy_from_slice(&3u32.to_be_bytes());
-        garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
-        assert_eq!(code(vec![Bytes::from(garbage)], 1 << 20).code(), Code::InvalidArgument);
-    }
-
     /// Every answer (and then the end) a client reads from a response body of `frames` and
     /// `trailers`.
     fn answers(
@@ -650,12 +566,7 @@ mod tests {
 
     /// A call's answers as a client reads them from a response body of `frames` and `trailers`.
     fn response_of(frames: Vec<Bytes>, trailers: Option<http::HeaderMap>) -> Answers<v1::ForwardResponse> {
-        Answers {
-            body: tonic::body::Body::new(ChunkBody::new(frames, trailers)),
-            messages: MessageReader::new(1 << 20, Reader::Client),
-            ended: false,
-            answers: PhantomData,
-        }
+        Answers::new(tonic::body::Body::new(ChunkBody::new(frames, trailers)), 1 << 20, Reader::Client)
     }
 
     fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {

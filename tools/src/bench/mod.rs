@@ -205,6 +205,9 @@ pub struct PresetResult {
     /// way over one of those links with one request's bytes.
     pub link: Option<LinkRate>,
     pub link_tcp: Option<wire::WireFigure>,
+    /// Raw TCP one way over every worker's link at once, each with the busiest worker's bytes
+    /// of a call: what this client's machine moves to all its workers together at best.
+    pub links_tcp_at_once: Option<wire::WireFigure>,
     /// FLOPs of the client's gate in one call (`2 · tokens · d_model · experts`).
     pub gate_flops: f64,
     /// The threads the client's gate used (its CPU threads, as many as the product is worth).
@@ -720,9 +723,24 @@ async fn measure_preset(
     let mut baselines = wire::measure(request_bytes, settings.baseline_repeats).await?;
     baselines.tcp_one_way = wire::WireFigure::one_way(request_bytes as u64, &tcp_times);
     let request_bytes = request_bytes as u64;
-    let link_tcp = match cluster.cluster.worker_hosts().first() {
-        Some(host) if link.is_some() => Some(wire::tcp_over_link(host, request_bytes.max(1) as usize, 3).await?),
-        _ => None,
+    let hosts = cluster.cluster.worker_hosts();
+    let (link_tcp, links_tcp_at_once) = match hosts.first() {
+        Some(host) if link.is_some() => {
+            // The busiest worker's bytes per call, on every link at once: the same load as a dispatch.
+            let worker_bytes = distributed
+                .ledger
+                .pairs
+                .values()
+                .map(|pair| pair.bytes.payload_sent / pair.calls.max(1))
+                .max()
+                .unwrap_or(request_bytes)
+                .max(1) as usize;
+            (
+                Some(wire::tcp_over_link(host, request_bytes.max(1) as usize, 3).await?),
+                Some(wire::tcp_over_links_at_once(hosts, worker_bytes, 3).await?),
+            )
+        }
+        _ => (None, None),
     };
     let result = PointResult {
         point,
@@ -756,6 +774,7 @@ async fn measure_preset(
         baselines,
         link,
         link_tcp,
+        links_tcp_at_once,
         gate_flops,
         gate_threads,
         cpu_gemm_gflops,

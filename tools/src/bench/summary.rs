@@ -179,6 +179,10 @@ pub struct PresetSummary {
     /// Raw TCP one way over one worker's link with one request's bytes (none on loopback).
     #[serde(default)]
     pub link_tcp: Option<WireFigure>,
+    /// Raw TCP one way over every worker's link at once, each with the busiest worker's bytes of
+    /// a call (none on loopback and in reports written before it was measured).
+    #[serde(default)]
+    pub links_tcp_at_once: Option<WireFigure>,
     #[serde(default)]
     pub dispatch_span_us: f64,
     #[serde(default)]
@@ -257,6 +261,7 @@ impl PresetResult {
             dispatch_floor_us: floors.map(|(dispatch, _)| dispatch),
             combine_floor_us: floors.map(|(_, combine)| combine),
             link_tcp: self.link_tcp,
+            links_tcp_at_once: self.links_tcp_at_once,
             dispatch_span_us: self.result.transfer_span_us().0,
             combine_span_us: self.result.transfer_span_us().1,
             result: self.result.summary(),

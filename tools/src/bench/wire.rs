@@ -90,25 +90,43 @@ pub async fn measure(bytes: usize, repeats: u32) -> std::io::Result<WireBaseline
 /// `bytes` split over `connections` TCP connections on 127.0.0.1, each written by its own thread
 /// at the same moment and acknowledged with one byte; a transfer ends when every share is in.
 fn tcp_striped(bytes: usize, repeats: u32, connections: usize) -> std::io::Result<WireFigure> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let address = listener.local_addr()?;
     let share = bytes.div_ceil(connections);
-    // Connections complete into the listen backlog; accepting them afterwards pairs them up.
-    let client_sockets: Vec<TcpStream> =
-        (0..connections).map(|_| TcpStream::connect(address)).collect::<std::io::Result<_>>()?;
-    let servers: Vec<_> = (0..connections)
-        .map(|_| {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let times = tcp_at_once(&[listener], connections, share, repeats)?;
+    let sent = share * connections;
+    Ok(WireFigure::from_times(sent as u64, (sent + connections) as u64, &times))
+}
+
+/// The times of transfers of `share` bytes over `connections_each` connections to each of
+/// `listeners`, every connection written by its own thread at the same moment and acknowledged
+/// with one byte; a transfer ends when every share is in.
+fn tcp_at_once(
+    listeners: &[TcpListener],
+    connections_each: usize,
+    share: usize,
+    repeats: u32,
+) -> std::io::Result<Vec<Duration>> {
+    let connections = listeners.len() * connections_each;
+    let mut client_sockets = Vec::with_capacity(connections);
+    let mut servers = Vec::with_capacity(connections);
+    for listener in listeners {
+        let address = listener.local_addr()?;
+        // Connections complete into the listen backlog; accepting them afterwards pairs them up.
+        for _ in 0..connections_each {
+            client_sockets.push(TcpStream::connect(address)?);
+        }
+        for _ in 0..connections_each {
             let (mut socket, _) = listener.accept()?;
-            Ok(std::thread::spawn(move || -> std::io::Result<()> {
+            servers.push(std::thread::spawn(move || -> std::io::Result<()> {
                 let mut buffer = vec![0u8; share];
                 for _ in 0..=repeats {
                     socket.read_exact(&mut buffer)?;
                     socket.write_all(&[1])?;
                 }
                 Ok(())
-            }))
-        })
-        .collect::<std::io::Result<_>>()?;
+            }));
+        }
+    }
     let (start, done) = (Arc::new(Barrier::new(connections + 1)), Arc::new(Barrier::new(connections + 1)));
     let clients: Vec<_> = client_sockets
         .into_iter()
@@ -138,10 +156,9 @@ fn tcp_striped(bytes: usize, repeats: u32, connections: usize) -> std::io::Resul
         }
     }
     for thread in clients.into_iter().chain(servers) {
-        thread.join().map_err(|_| std::io::Error::other("a striped TCP thread panicked"))??;
+        thread.join().map_err(|_| std::io::Error::other("a TCP baseline thread panicked"))??;
     }
-    let sent = share * connections;
-    Ok(WireFigure::from_times(sent as u64, (sent + connections) as u64, &times))
+    Ok(times)
 }
 
 /// Blocking TCP on 127.0.0.1: the client writes `bytes`; the server answers them back (`echo`) or
@@ -180,6 +197,31 @@ pub async fn tcp_over_link(host: &Host, bytes: usize, repeats: u32) -> std::io::
     let times = tokio::task::spawn_blocking(move || tcp_times(listen, bytes, repeats, false))
         .await
         .map_err(|_| std::io::Error::other("the link baseline panicked"))??;
+    Ok(WireFigure::one_way(bytes as u64, &times))
+}
+
+/// Raw TCP one way over every host's shaped link at once, `bytes` on each (one connection per
+/// link, written together each round): the figure of one link while all carry their share, what
+/// this machine's client moves to all its workers together at best.
+pub async fn tcp_over_links_at_once(hosts: &[Host], bytes: usize, repeats: u32) -> std::io::Result<WireFigure> {
+    let hosts = hosts.to_vec();
+    let times = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        // A listening socket stays in the namespace it was made in, whichever thread accepts.
+        let listeners = hosts
+            .into_iter()
+            .map(|host| {
+                std::thread::spawn(move || {
+                    host.enter_on_this_thread()?;
+                    TcpListener::bind((host.address, 0))
+                })
+                .join()
+                .map_err(|_| std::io::Error::other("binding in a host's namespace panicked"))?
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        tcp_at_once(&listeners, 1, bytes, repeats)
+    })
+    .await
+    .map_err(|_| std::io::Error::other("the links baseline panicked"))??;
     Ok(WireFigure::one_way(bytes as u64, &times))
 }
 

@@ -7,6 +7,7 @@ use switchyard_router_client::timing::TimeBreakdown;
 
 use super::folder::CHARTS;
 use super::{LedgerCells, charts};
+use crate::bench::wire::WireFigure;
 use crate::bench::{BenchSummary, PointSummary, PresetSummary, StepSummary};
 
 fn optional(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
@@ -141,9 +142,9 @@ pub fn step_table(steps: &[StepSummary]) -> String {
 /// The presets on shaped links: dispatch and combine beside each link's floor.
 pub fn link_table(presets: &[PresetSummary]) -> String {
     let mut text = String::from(
-        "| link | preset | workers | dispatch µs (whole) | floor µs | ratio | Gbit/s on the busiest link (% of rate) | combine µs (whole) | floor µs | ratio | Gbit/s on the busiest link (% of rate) | raw TCP one way on one link, one request's bytes: Gbit/s (% of rate) |\n",
+        "| link | preset | workers | dispatch µs (whole) | floor µs | ratio | Gbit/s on the busiest link (% of rate) | combine µs (whole) | floor µs | ratio | Gbit/s on the busiest link (% of rate) | raw TCP one way on one link, one request's bytes: Gbit/s (% of rate) | raw TCP one way on every link at once, a worker's bytes: Gbit/s per link (% of rate) |\n",
     );
-    let _ = writeln!(text, "|{}", " ---: |".repeat(12));
+    let _ = writeln!(text, "|{}", " ---: |".repeat(13));
     for preset in presets {
         let (Some(link), Some(dispatch_floor), Some(combine_floor), Some((dispatch_ratio, combine_ratio))) =
             (&preset.link_rate, preset.dispatch_floor_us, preset.combine_floor_us, preset.floor_ratios())
@@ -153,9 +154,15 @@ pub fn link_table(presets: &[PresetSummary]) -> String {
         let rate = link.bits_per_second() as f64;
         // The floor is bytes over the rate: the achieved rate is the floor's share of the time.
         let achieved = |ratio: f64| format!("{:.2} ({:.0}%)", rate / ratio / 1e9, 100.0 / ratio);
+        let tcp_share = |tcp: Option<WireFigure>| {
+            tcp.map_or_else(
+                || "–".to_owned(),
+                |tcp| format!("{:.2} ({:.0}%)", tcp.gb_per_s * 8.0, tcp.gb_per_s * 8e9 / rate * 100.0),
+            )
+        };
         let _ = writeln!(
             text,
-            "| {link} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.0} | {:.0} | {:.2} | {} | {} |",
+            "| {link} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.0} | {:.0} | {:.2} | {} | {} | {} |",
             preset.preset,
             preset.result.point.shape.workers,
             preset.dispatch_span_us,
@@ -166,10 +173,8 @@ pub fn link_table(presets: &[PresetSummary]) -> String {
             combine_floor,
             combine_ratio,
             achieved(combine_ratio),
-            preset.link_tcp.map_or_else(
-                || "–".to_owned(),
-                |tcp| format!("{:.2} ({:.0}%)", tcp.gb_per_s * 8.0, tcp.gb_per_s * 8e9 / rate * 100.0)
-            ),
+            tcp_share(preset.link_tcp),
+            tcp_share(preset.links_tcp_at_once),
         );
     }
     text
