@@ -7,6 +7,7 @@
 //! measure dispatch and combine alone (identity experts, bf16 both ways) beside this machine's raw
 //! TCP and gRPC baselines ([`wire`]). [`summary`] holds the figures; [`crate::report`] renders them.
 
+pub mod cpu_time;
 pub mod peak;
 pub mod plan;
 pub mod summary;
@@ -208,6 +209,8 @@ pub struct PresetResult {
     /// Raw TCP one way over every worker's link at once, each with the busiest worker's bytes
     /// of a call: what this client's machine moves to all its workers together at best.
     pub links_tcp_at_once: Option<wire::WireFigure>,
+    /// How busy every core of this machine was while the calls ran (the baselines' time left out).
+    pub cpu: Option<cpu_time::CpuShares>,
     /// FLOPs of the client's gate in one call (`2 · tokens · d_model · experts`).
     pub gate_flops: f64,
     /// The threads the client's gate used (its CPU threads, as many as the product is worth).
@@ -709,9 +712,12 @@ async fn measure_preset(
     let mut distributed: Option<LoadReport> = None;
     let mut tcp_times = Vec::new();
     let mut request_bytes = 1;
+    let mut cpu = cpu_time::CpuUsage::default();
     for round in 0..rounds {
         let round_settings = round_of(settings, round, rounds);
+        let before = cpu_time::CpuTimes::now();
         let report = measure(Target::Distributed(client.clone()), &round_settings, point.tokens, preset.name()).await?;
+        cpu.add(before, cpu_time::CpuTimes::now());
         let total = absorb(&mut distributed, report);
         // The baselines move what one dispatch request carried.
         let requests: u64 = total.ledger.pairs.values().map(|pair| pair.requests).sum();
@@ -775,6 +781,7 @@ async fn measure_preset(
         link,
         link_tcp,
         links_tcp_at_once,
+        cpu: cpu.shares(),
         gate_flops,
         gate_threads,
         cpu_gemm_gflops,

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use switchyard_router_client::timing::TimeBreakdown;
 
+use super::cpu_time::CpuShares;
 use super::peak::DevicePeak;
 use super::plan::Point;
 use super::wire::{WireBaselines, WireFigure};
@@ -183,6 +184,9 @@ pub struct PresetSummary {
     /// a call (none on loopback and in reports written before it was measured).
     #[serde(default)]
     pub links_tcp_at_once: Option<WireFigure>,
+    /// How busy every core of the machine was while the calls ran (none before it was measured).
+    #[serde(default)]
+    pub cpu: Option<CpuShares>,
     #[serde(default)]
     pub dispatch_span_us: f64,
     #[serde(default)]
@@ -262,6 +266,7 @@ impl PresetResult {
             combine_floor_us: floors.map(|(_, combine)| combine),
             link_tcp: self.link_tcp,
             links_tcp_at_once: self.links_tcp_at_once,
+            cpu: self.cpu,
             dispatch_span_us: self.result.transfer_span_us().0,
             combine_span_us: self.result.transfer_span_us().1,
             result: self.result.summary(),

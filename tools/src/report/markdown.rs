@@ -7,6 +7,7 @@ use switchyard_router_client::timing::TimeBreakdown;
 
 use super::folder::CHARTS;
 use super::{LedgerCells, charts};
+use crate::bench::cpu_time::CpuShares;
 use crate::bench::wire::WireFigure;
 use crate::bench::{BenchSummary, PointSummary, PresetSummary, StepSummary};
 
@@ -65,13 +66,13 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
 /// The DeepEP table: dispatch and combine beside the wire's limits.
 pub fn preset_table(presets: &[PresetSummary]) -> String {
     let mut text = String::new();
-    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape and threads), threads | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s (payload copied / uncopied) | gRPC echo µs |\n");
-    let _ = writeln!(text, "|{}", " ---: |".repeat(20));
+    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape and threads), threads | cores busy during the calls (stolen) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s (payload copied / uncopied) | gRPC echo µs |\n");
+    let _ = writeln!(text, "|{}", " ---: |".repeat(21));
     for preset in presets {
         let baselines = &preset.baselines;
         let _ = writeln!(
             text,
-            "| {} | {} | {} | {:.2} ({}) | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.0} | {:.1} ({}), {} | {:.1} | {:.2} | {} | {:.0} | {:.2} / {} | {:.0} |",
+            "| {} | {} | {} | {:.2} ({}) | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.0} | {:.1} ({}), {} | {} | {:.1} | {:.2} | {} | {:.0} | {:.2} / {} | {:.0} |",
             preset.preset,
             preset.result.point.tokens,
             preset.result.point.shape.workers,
@@ -92,6 +93,7 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
             preset.gate_gflops,
             optional(preset.gate_share_of_gemm, |share| format!("{:.0}%", share * 100.0)),
             preset.gate_threads,
+            cpu_busy(preset.cpu),
             baselines.grpc_echo.bytes as f64 / 1e6,
             baselines.tcp_one_way.gb_per_s,
             baselines.tcp_striped_one_way.map_or_else(
@@ -105,6 +107,11 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
         );
     }
     text
+}
+
+/// The cores' busy share while the calls ran, with the hypervisor's share beside it.
+fn cpu_busy(cpu: Option<CpuShares>) -> String {
+    cpu.map_or_else(|| "–".to_owned(), |cpu| format!("{:.0}% ({:.0}%)", cpu.busy * 100.0, cpu.stolen * 100.0))
 }
 
 /// Whole-model steps: the mean step of each, split three ways, distributed and in-process.
@@ -142,9 +149,9 @@ pub fn step_table(steps: &[StepSummary]) -> String {
 /// The presets on shaped links: dispatch and combine beside each link's floor.
 pub fn link_table(presets: &[PresetSummary]) -> String {
     let mut text = String::from(
-        "| link | preset | workers | dispatch µs (whole) | floor µs | ratio | Gbit/s on the busiest link (% of rate) | combine µs (whole) | floor µs | ratio | Gbit/s on the busiest link (% of rate) | raw TCP one way on one link, one request's bytes: Gbit/s (% of rate) | raw TCP one way on every link at once, a worker's bytes: Gbit/s per link (% of rate) |\n",
+        "| link | preset | workers | dispatch µs (whole) | floor µs | ratio | Gbit/s on the busiest link (% of rate) | combine µs (whole) | floor µs | ratio | Gbit/s on the busiest link (% of rate) | raw TCP one way on one link, one request's bytes: Gbit/s (% of rate) | raw TCP one way on every link at once, a worker's bytes: Gbit/s per link (% of rate) | cores busy during the calls (stolen) |\n",
     );
-    let _ = writeln!(text, "|{}", " ---: |".repeat(13));
+    let _ = writeln!(text, "|{}", " ---: |".repeat(14));
     for preset in presets {
         let (Some(link), Some(dispatch_floor), Some(combine_floor), Some((dispatch_ratio, combine_ratio))) =
             (&preset.link_rate, preset.dispatch_floor_us, preset.combine_floor_us, preset.floor_ratios())
@@ -162,7 +169,7 @@ pub fn link_table(presets: &[PresetSummary]) -> String {
         };
         let _ = writeln!(
             text,
-            "| {link} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.0} | {:.0} | {:.2} | {} | {} | {} |",
+            "| {link} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.0} | {:.0} | {:.2} | {} | {} | {} | {} |",
             preset.preset,
             preset.result.point.shape.workers,
             preset.dispatch_span_us,
@@ -175,6 +182,7 @@ pub fn link_table(presets: &[PresetSummary]) -> String {
             achieved(combine_ratio),
             tcp_share(preset.link_tcp),
             tcp_share(preset.links_tcp_at_once),
+            cpu_busy(preset.cpu),
         );
     }
     text
@@ -264,7 +272,9 @@ pub fn bench_report(summary: &BenchSummary) -> String {
              The baselines move one request's payload over TCP and a plain gRPC echo on this machine's loopback, \
              in the same run; the single-connection TCP figure the percentages divide by is measured between \
              the preset's calls (in 5 rounds, each after a fifth of the calls), because this machine's loopback \
-             swings several-fold within seconds.\n\n",
+             swings several-fold within seconds. Cores busy: the share of every core's time the kernel counted \
+             busy while the preset's calls ran (the hypervisor's stolen share in brackets): near 100%, the \
+             machine's cores, not its wire, set the pace.\n\n",
         );
         text.push_str(&preset_table(&summary.presets));
         text.push('\n');
@@ -276,7 +286,9 @@ pub fn bench_report(summary: &BenchSummary) -> String {
                  the rate (TCP/IP/Ethernet headers come on top: ~95% of the rate is the most a transfer reaches). \
                  Dispatch here is the whole transfer of one worker's requests (the first sent → the last in its \
                  handler) and combine of its answers (its first reply → the client has the last), the longest \
-                 worker's per call. A ratio of 1.25 is 80% of the line rate.\n\n",
+                 worker's per call. A ratio of 1.25 is 80% of the line rate. Raw TCP on every link at once is the \
+                 most this client's machine moves to all its workers together, with no gate, encode or expert beside \
+                 it.\n\n",
             );
             text.push_str(&link_table(&summary.presets));
             let (file, title) = super::folder::LINK_CHART;
