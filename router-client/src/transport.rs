@@ -13,6 +13,7 @@ use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{BoxStream, FuturesUnordered, StreamExt};
 use switchyard_common::clock::unix_nanos;
 use switchyard_common::transport::WireCounters;
+use switchyard_proto::rows_last::RowsLast;
 use switchyard_proto::v1;
 use tonic::transport::Channel;
 
@@ -224,7 +225,8 @@ impl ExpertTransport for GrpcTransport {
         Box::pin(async move {
             let mut client = connection?;
             let request_id = request.request_id;
-            let request = grpc_request(request, request_id, deadline, &call);
+            // The rows end the message, so the worker has all of it once they are in.
+            let request = grpc_request(RowsLast(request), request_id, deadline, &call);
             let sent_unix_nanos = unix_nanos();
             let started = Instant::now();
             // The rows go to the socket as the `Bytes` they are: tonic's generated client would copy
@@ -265,7 +267,8 @@ impl ExpertTransport for GrpcTransport {
             let mut client = connection?;
             let request_id = requests.first().map_or(0, |request| request.request_id);
             let chunks = requests.len();
-            let request = grpc_request(requests, request_id, deadline, &call);
+            let chunks_rows_last = requests.into_iter().map(RowsLast).collect();
+            let request = grpc_request(chunks_rows_last, request_id, deadline, &call);
             let (sent_unix_nanos, started) = (unix_nanos(), Instant::now());
             let answers = switchyard_proto::zero_copy::streaming(
                 &mut client,
