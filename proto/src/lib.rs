@@ -10,7 +10,7 @@
 
 pub mod codec;
 pub mod fp8;
-pub mod rows_last;
+pub mod payload_last;
 mod simd;
 pub mod status;
 pub mod wire;

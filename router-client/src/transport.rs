@@ -13,7 +13,7 @@ use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{BoxStream, FuturesUnordered, StreamExt};
 use switchyard_common::clock::unix_nanos;
 use switchyard_common::transport::WireCounters;
-use switchyard_proto::rows_last::RowsLast;
+use switchyard_proto::payload_last::RowsLast;
 use switchyard_proto::v1;
 use tonic::transport::Channel;
 

@@ -1,23 +1,25 @@
-//! A `ForwardRequest` encoded with its token rows' bytes at the very end of the message.
+//! Forward messages encoded with their payload's bytes at the very end of the message.
 //!
 //! prost writes fields in their numbers' order, so a token-major request's small fields after its
 //! rows (`offsets`, `experts`, `weights`: a few KiB) followed the multi-megabyte payload as a chunk
-//! of their own ([`crate::zero_copy::encode_frame`]). HTTP/2 sent that tail only once the payload
-//! had left the stream's send buffer and the body's task had run again, and the worker cannot
-//! decode the request before the tail is in: a trace of DeepEP's low-latency preset showed each
-//! request complete ~0.4 ms after its payload, with both cores busy. Protobuf parsers accept fields
-//! in any order (the encoding guide's rule), so the rows go last instead: the same bytes and the
-//! same length, reordered, and the request is whole when its payload is.
+//! of their own ([`crate::zero_copy::encode_frame`]), and so does a streamed answer's `sequence`
+//! after its `combined` sum. HTTP/2 sent that tail only once the payload had left the stream's send
+//! buffer and the body's task had run again, and the reader cannot decode the message before the
+//! tail is in: a trace of DeepEP's low-latency preset showed each request complete ~0.4 ms after
+//! its payload, with both cores busy. Protobuf parsers accept fields in any order (the encoding
+//! guide's rule), so the payload goes last instead: the same bytes and the same length, reordered,
+//! and the message is whole when its payload is.
 
 use bytes::{Buf, BufMut};
 use prost::encoding::{DecodeContext, WireType, encode_key, encode_varint, message};
 use prost::{DecodeError, Message};
 
-use crate::v1::ForwardRequest;
+use crate::v1::{ForwardRequest, ForwardResponse};
 
-/// `ForwardRequest.tokens` and `TokenRows.rows` (`expert_worker.proto`).
+/// `ForwardRequest.tokens`, `TokenRows.rows` and `ForwardResponse.combined` (`expert_worker.proto`).
 const TOKENS_FIELD: u32 = 4;
 const ROWS_FIELD: u32 = 2;
+const COMBINED_FIELD: u32 = 7;
 
 /// A request that encodes with `tokens` last and, within it, `rows` last; it decodes as the plain
 /// message does.
@@ -40,6 +42,40 @@ impl Message for RowsLast {
         if let Some(rows) = &tokens.rows {
             message::encode(ROWS_FIELD, rows, buf);
         }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        context: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        self.0.merge_field(tag, wire_type, buf, context)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.encoded_len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// An answer that encodes with `combined` last; it decodes as the plain message does.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CombinedLast(pub ForwardResponse);
+
+impl Message for CombinedLast {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        let Some(combined) = &self.0.combined else {
+            self.0.encode_raw(buf);
+            return;
+        };
+        // Clones share the payloads (`Bytes`): only the small fields' containers are copied.
+        ForwardResponse { combined: None, ..self.0.clone() }.encode_raw(buf);
+        message::encode(COMBINED_FIELD, combined, buf);
     }
 
     fn merge_field(
@@ -120,5 +156,25 @@ mod tests {
         assert_eq!(RowsLast(without_tokens.clone()).encode_to_vec(), without_tokens.encode_to_vec());
         let reordered = RowsLast(message.clone()).encode_to_vec();
         assert_eq!(ForwardRequest::decode(reordered.as_slice()).expect("decodes"), message);
+    }
+
+    #[test]
+    fn a_streamed_answer_ends_with_its_sum() {
+        let payload = Bytes::from(vec![6u8; 64 * 1024]);
+        let answer = ForwardResponse {
+            request_id: 3,
+            worker_us: 120,
+            sequence: 5,
+            combined: Some(v1::WireTensor { dtype: 3, shape: vec![4, 8192], data: payload.clone() }),
+            ..Default::default()
+        };
+        let reordered = CombinedLast(answer.clone()).encode_to_vec();
+        assert_eq!(reordered.len(), answer.encoded_len());
+        assert_eq!(ForwardResponse::decode(reordered.as_slice()).expect("decodes"), answer);
+        let chunks = encode_frame(&CombinedLast(answer.clone())).expect("encodes");
+        let last = chunks.last().expect("chunks");
+        assert_eq!((last.as_ptr(), last.len()), (payload.as_ptr(), payload.len()), "nothing after the sum");
+        let without = ForwardResponse { combined: None, ..answer };
+        assert_eq!(CombinedLast(without.clone()).encode_to_vec(), without.encode_to_vec());
     }
 }
