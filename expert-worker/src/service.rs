@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use switchyard_common::otlp::RemoteParent;
 use switchyard_model::{ExpertId, ModelSpec};
-use switchyard_proto::payload_last::CombinedLast;
+use switchyard_proto::payload_last::PayloadLast;
 use switchyard_proto::v1::{self, expert_worker_server};
 use switchyard_proto::zero_copy;
 use tokio::sync::mpsc;
@@ -164,7 +164,7 @@ impl Service<http::Request<Body>> for WorkerServer {
                 // Each message's share goes back as it is answered.
                 let answer_each = |request: Request<zero_copy::Requests<v1::ForwardRequest>>| async move {
                     // Each answer's sum ends its message: the client has it once the sum is in.
-                    let answers = service.answer_each(request, share).map(|answer| answer.map(CombinedLast));
+                    let answers = service.answer_each(request, share).map(|answer| answer.map(PayloadLast));
                     Ok(Response::new(answers))
                 };
                 Ok(zero_copy::serve_streaming(request, switchyard_common::transport::MAX_MESSAGE_BYTES, answer_each)

@@ -21,19 +21,25 @@ const TOKENS_FIELD: u32 = 4;
 const ROWS_FIELD: u32 = 2;
 const COMBINED_FIELD: u32 = 7;
 
-/// A request that encodes with `tokens` last and, within it, `rows` last; it decodes as the plain
-/// message does.
+/// A message that encodes with its payload last and decodes as the plain message does:
+/// `PayloadLast(request)` sends a `ForwardRequest` with `tokens` last and `rows` last within it,
+/// `PayloadLast(answer)` a `ForwardResponse` with `combined` last.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct RowsLast(pub ForwardRequest);
+pub struct PayloadLast<M>(pub M);
 
-impl Message for RowsLast {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        let Some(tokens) = &self.0.tokens else {
-            self.0.encode_raw(buf);
+/// How a message writes its fields with its payload last.
+pub trait PayloadOrder: Message {
+    fn encode_payload_last(&self, buf: &mut impl BufMut);
+}
+
+impl PayloadOrder for ForwardRequest {
+    fn encode_payload_last(&self, buf: &mut impl BufMut) {
+        let Some(tokens) = &self.tokens else {
+            self.encode_raw(buf);
             return;
         };
         // Clones share the payloads (`Bytes`): only the small fields' containers are copied.
-        ForwardRequest { tokens: None, ..self.0.clone() }.encode_raw(buf);
+        ForwardRequest { tokens: None, ..self.clone() }.encode_raw(buf);
         let rest = crate::v1::TokenRows { rows: None, ..tokens.clone() };
         let rows_length = tokens.rows.as_ref().map_or(0, |rows| message::encoded_len(ROWS_FIELD, rows));
         encode_key(TOKENS_FIELD, WireType::LengthDelimited, buf);
@@ -43,39 +49,22 @@ impl Message for RowsLast {
             message::encode(ROWS_FIELD, rows, buf);
         }
     }
+}
 
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        context: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        self.0.merge_field(tag, wire_type, buf, context)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.0.encoded_len()
-    }
-
-    fn clear(&mut self) {
-        self.0.clear();
+impl PayloadOrder for ForwardResponse {
+    fn encode_payload_last(&self, buf: &mut impl BufMut) {
+        let Some(combined) = &self.combined else {
+            self.encode_raw(buf);
+            return;
+        };
+        ForwardResponse { combined: None, ..self.clone() }.encode_raw(buf);
+        message::encode(COMBINED_FIELD, combined, buf);
     }
 }
 
-/// An answer that encodes with `combined` last; it decodes as the plain message does.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CombinedLast(pub ForwardResponse);
-
-impl Message for CombinedLast {
+impl<M: PayloadOrder> Message for PayloadLast<M> {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        let Some(combined) = &self.0.combined else {
-            self.0.encode_raw(buf);
-            return;
-        };
-        // Clones share the payloads (`Bytes`): only the small fields' containers are copied.
-        ForwardResponse { combined: None, ..self.0.clone() }.encode_raw(buf);
-        message::encode(COMBINED_FIELD, combined, buf);
+        self.0.encode_payload_last(buf);
     }
 
     fn merge_field(
@@ -125,18 +114,21 @@ mod tests {
     fn the_reordered_message_is_the_same_message_of_the_same_length() {
         for sequence in [0, 7] {
             let message = token_major(Bytes::from((0..64 * 1024).map(|i| i as u8).collect::<Vec<_>>()), sequence);
-            let reordered = RowsLast(message.clone()).encode_to_vec();
+            let reordered = PayloadLast(message.clone()).encode_to_vec();
             assert_eq!(reordered.len(), message.encoded_len());
             assert_ne!(reordered, message.encode_to_vec(), "the fields moved");
             assert_eq!(ForwardRequest::decode(reordered.as_slice()).expect("decodes"), message);
-            assert_eq!(RowsLast::decode(reordered.as_slice()).expect("decodes"), RowsLast(message));
+            assert_eq!(
+                PayloadLast::<ForwardRequest>::decode(reordered.as_slice()).expect("decodes"),
+                PayloadLast(message)
+            );
         }
     }
 
     #[test]
     fn the_frame_ends_with_the_payload_itself() {
         let payload = Bytes::from(vec![5u8; 64 * 1024]);
-        let chunks = encode_frame(&RowsLast(token_major(payload.clone(), 1))).expect("encodes");
+        let chunks = encode_frame(&PayloadLast(token_major(payload.clone(), 1))).expect("encodes");
         let last = chunks.last().expect("chunks");
         assert_eq!((last.as_ptr(), last.len()), (payload.as_ptr(), payload.len()), "nothing after the rows");
         // With prost's order the small fields trail it.
@@ -153,8 +145,8 @@ mod tests {
             ..Default::default()
         };
         let without_tokens = ForwardRequest { tokens: None, ..message.clone() };
-        assert_eq!(RowsLast(without_tokens.clone()).encode_to_vec(), without_tokens.encode_to_vec());
-        let reordered = RowsLast(message.clone()).encode_to_vec();
+        assert_eq!(PayloadLast(without_tokens.clone()).encode_to_vec(), without_tokens.encode_to_vec());
+        let reordered = PayloadLast(message.clone()).encode_to_vec();
         assert_eq!(ForwardRequest::decode(reordered.as_slice()).expect("decodes"), message);
     }
 
@@ -168,13 +160,13 @@ mod tests {
             combined: Some(v1::WireTensor { dtype: 3, shape: vec![4, 8192], data: payload.clone() }),
             ..Default::default()
         };
-        let reordered = CombinedLast(answer.clone()).encode_to_vec();
+        let reordered = PayloadLast(answer.clone()).encode_to_vec();
         assert_eq!(reordered.len(), answer.encoded_len());
         assert_eq!(ForwardResponse::decode(reordered.as_slice()).expect("decodes"), answer);
-        let chunks = encode_frame(&CombinedLast(answer.clone())).expect("encodes");
+        let chunks = encode_frame(&PayloadLast(answer.clone())).expect("encodes");
         let last = chunks.last().expect("chunks");
         assert_eq!((last.as_ptr(), last.len()), (payload.as_ptr(), payload.len()), "nothing after the sum");
         let without = ForwardResponse { combined: None, ..answer };
-        assert_eq!(CombinedLast(without.clone()).encode_to_vec(), without.encode_to_vec());
+        assert_eq!(PayloadLast(without.clone()).encode_to_vec(), without.encode_to_vec());
     }
 }

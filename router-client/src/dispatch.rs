@@ -525,9 +525,9 @@ mod tests {
         assert_eq!(split.rows_per_request(16384), 100, "the split limit still holds");
     }
 
-    #[test]
-    fn a_large_stripe_goes_as_equal_chunks_of_one_stream() {
-        // 1 KiB rows (256 x f32): 20 MiB to one worker over 2 connections, in 4 MiB chunks.
+    /// How 20 MiB of 1 KiB rows (256 x f32) to one worker over 2 connections is packed: each
+    /// request's stream and rows.
+    fn layout_of_twenty_mib(split_bytes: usize, chunked: bool, threads: usize) -> Vec<(usize, usize)> {
         let rows = 20 * 1024;
         let hidden = vec![0.5f32; rows * 256];
         let call = CallRows {
@@ -535,42 +535,38 @@ mod tests {
             hidden: &hidden,
             d_model: 256,
             dtype: WireDtype::F32,
-            split_bytes: 64 << 20,
+            split_bytes,
             stripes: 2,
-            chunked: true,
-            threads: 2,
+            chunked,
+            threads,
         };
         let choices: Vec<(u32, u32, f32)> = (0..rows as u32).map(|token| (token, token % 8, 1.0)).collect();
-        let requests = pack_token_choices(&Arc::from("w"), choices.clone(), call);
-        let layout: Vec<(usize, usize)> = requests.iter().map(|planned| (planned.stream, planned.rows())).collect();
+        let requests = pack_token_choices(&Arc::from("w"), choices, call);
+        requests.iter().map(|planned| (planned.stream, planned.rows())).collect()
+    }
+
+    #[test]
+    fn a_large_stripe_goes_as_equal_chunks_of_one_stream() {
+        // In 4 MiB chunks.
         assert_eq!(
-            layout,
+            layout_of_twenty_mib(64 << 20, true, 2),
             [(0, 3414), (1, 3414), (0, 3414), (1, 3414), (0, 3414), (1, 3410)],
             "two streams taking equal chunks in turn"
         );
-        let whole = pack_token_choices(&Arc::from("w"), choices, CallRows { chunked: false, ..call });
-        let layout: Vec<(usize, usize)> = whole.iter().map(|planned| (planned.stream, planned.rows())).collect();
-        assert_eq!(layout, [(0, 10240), (1, 10240)], "unchunked: one request per stripe");
+        assert_eq!(
+            layout_of_twenty_mib(64 << 20, false, 2),
+            [(0, 10240), (1, 10240)],
+            "unchunked: one request per stripe"
+        );
     }
 
     #[test]
     fn unchunked_requests_beyond_the_stripes_are_each_a_call_of_their_own() {
-        // 1 KiB rows: 20 MiB to one worker over 2 connections, at most 5 MiB a request.
-        let rows = 20 * 1024;
-        let hidden = vec![0.5f32; rows * 256];
-        let call = CallRows {
-            layer: 0,
-            hidden: &hidden,
-            d_model: 256,
-            dtype: WireDtype::F32,
-            split_bytes: 5 << 20,
-            stripes: 2,
-            chunked: false,
-            threads: 1,
-        };
-        let choices: Vec<(u32, u32, f32)> = (0..rows as u32).map(|token| (token, token % 8, 1.0)).collect();
-        let requests = pack_token_choices(&Arc::from("w"), choices, call);
-        let layout: Vec<(usize, usize)> = requests.iter().map(|planned| (planned.stream, planned.rows())).collect();
-        assert_eq!(layout, [(0, 5120), (1, 5120), (2, 5120), (3, 5120)], "four unary calls, not two streams of two");
+        // At most 5 MiB a request.
+        assert_eq!(
+            layout_of_twenty_mib(5 << 20, false, 1),
+            [(0, 5120), (1, 5120), (2, 5120), (3, 5120)],
+            "four unary calls, not two streams of two"
+        );
     }
 }

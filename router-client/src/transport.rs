@@ -13,7 +13,7 @@ use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{BoxStream, FuturesUnordered, StreamExt};
 use switchyard_common::clock::unix_nanos;
 use switchyard_common::transport::WireCounters;
-use switchyard_proto::payload_last::RowsLast;
+use switchyard_proto::payload_last::PayloadLast;
 use switchyard_proto::v1;
 use tonic::transport::Channel;
 
@@ -226,7 +226,7 @@ impl ExpertTransport for GrpcTransport {
             let mut client = connection?;
             let request_id = request.request_id;
             // The rows end the message, so the worker has all of it once they are in.
-            let request = grpc_request(RowsLast(request), request_id, deadline, &call);
+            let request = grpc_request(PayloadLast(request), request_id, deadline, &call);
             let sent_unix_nanos = unix_nanos();
             let started = Instant::now();
             // The rows go to the socket as the `Bytes` they are: tonic's generated client would copy
@@ -267,7 +267,7 @@ impl ExpertTransport for GrpcTransport {
             let mut client = connection?;
             let request_id = requests.first().map_or(0, |request| request.request_id);
             let chunks = requests.len();
-            let chunks_rows_last = requests.into_iter().map(RowsLast).collect();
+            let chunks_rows_last = requests.into_iter().map(PayloadLast).collect();
             let request = grpc_request(chunks_rows_last, request_id, deadline, &call);
             let (sent_unix_nanos, started) = (unix_nanos(), Instant::now());
             let answers = switchyard_proto::zero_copy::streaming(
