@@ -11,6 +11,7 @@
 //! - [`readiness`]: ready for traffic or not, as the named gRPC health service and `/readyz` say.
 //! - [`ready`]: the line a process prints once it listens, so a parent can find its ports.
 //! - [`tls`]: mutual TLS, the roles certificates name, and the check of each call's role.
+//! - [`huge_pages`]: large per-call buffers backed by transparent huge pages.
 
 /// `tokio::io::AsyncWrite` for a connection wrapper that writes straight to its `inner` stream
 /// (what it adds is on the read side, or in what it carries).
@@ -60,6 +61,7 @@ pub mod clock;
 pub mod deadline;
 pub mod grpc_metrics;
 pub mod heap_trim;
+pub mod huge_pages;
 pub mod metrics_http;
 pub mod metrics_text;
 pub mod otlp;

@@ -98,3 +98,28 @@ async fn held_back_rows_go_where_refused_ones_do(policy: RefusalPolicy) {
         worker.shutdown().await;
     }
 }
+
+/// A call none of whose assignments is computed (held back by the client, whose only holder has
+/// refused everything, and let overflow) still returns the call's output: all zeros, each token
+/// keeping only its residual path.
+#[tokio::test]
+async fn a_call_whose_every_assignment_overflows_returns_zeros() {
+    let (transport, _, workers) = support::roomy_and_full(&model()).await;
+    let (_tables, receiver) = watch::channel(Some(support::table(&model(), 1, |_| vec!["tiny"])));
+    let options = ClientOptions { refusal: RefusalPolicy::Overflow, ..ClientOptions::default() };
+    let client = MoeClient::with_transport(receiver, options, transport);
+    let mut held_back = 0;
+    for _ in 0..60 {
+        let output = client.forward(0, varied(64)).await.expect("refusals overflow instead of failing the call");
+        // Past capacity or refused: none computed.
+        if output.routing.refused + output.routing.dropped == 2 * 64 {
+            held_back += 1;
+            assert_eq!(output.hidden.len(), 64 * 16);
+            assert!(output.hidden.iter().all(|value| *value == 0.0));
+        }
+    }
+    assert!(held_back >= 20, "{held_back} of 60 calls had every assignment overflow");
+    for worker in &workers {
+        worker.shutdown().await;
+    }
+}

@@ -400,7 +400,17 @@ impl MoeClient {
         for job in summing {
             job.await?;
         }
-        let sums = std::mem::take(&mut *lock(&sums));
+        let mut sums = std::mem::take(&mut *lock(&sums));
+        if sums.output.len() != values {
+            // No answer was summed (every assignment dropped or refused): all zeros, on the pool.
+            sums = self
+                .cpu
+                .run_sized(values, move || {
+                    sums.output();
+                    sums
+                })
+                .await?;
+        }
         let mut output = combine.finish(plan, sums, table.version, timing, last_answer.elapsed(), started);
         output.retried_requests = retried_requests;
         let kept = &mut output.routing.tokens_per_expert;
@@ -915,6 +925,9 @@ const COMBINE_BLOCK_ROWS: usize = 8;
 /// The call's output, summed answer by answer on the CPU pool.
 #[derive(Debug, Default)]
 struct Sums {
+    /// The output's length; `output` is allocated and zeroed by whichever of the pool's jobs
+    /// reaches it first ([`Sums::output`]).
+    values: usize,
     output: Vec<f32>,
     /// Decoded rows of the answer being added (a block of a token-major one).
     scratch: Vec<f32>,
@@ -924,18 +937,23 @@ struct Sums {
 
 impl Sums {
     fn new(values: usize) -> Self {
-        // Zeroed by writing, not `vec![0.0; n]`'s calloc: a large output's pages would be mapped
-        // to the shared zero page by the first `+=`'s read, then copied on its write, and each of
-        // those copies flushes the page from every other core's TLB (an IPI per 4 KiB: on
-        // DeepEP-normal 12% of the client process's samples went to these copies, 5% to the
-        // flushes).
-        let mut output = Vec::with_capacity(values);
-        output.resize(values, 0.0);
-        Self { output, scratch: Vec::new(), per_request: Vec::new() }
+        Self { values, output: Vec::new(), scratch: Vec::new(), per_request: Vec::new() }
+    }
+
+    /// The output, zeroed on first use: by the first answer's job on the CPU pool, once the
+    /// requests are out (zeroed beside them, it slowed the dispatch of the 2-core machine it was
+    /// measured on), and for a large output in huge pages (DeepEP-normal's 117 MB took ~70 ms of
+    /// a tokio thread when zeroed before the exchange, mostly faulting 4 KiB pages in).
+    fn output(&mut self) -> &mut Vec<f32> {
+        if self.output.len() != self.values {
+            self.output = switchyard_common::huge_pages::zeroed_f32s(self.values);
+        }
+        &mut self.output
     }
 
     /// Decodes the (checked) answer to `planned` and adds its weighted rows into the output.
     fn add(&mut self, plan: &CallPlan, planned: &PlannedRequest, response: &v1::ForwardResponse) {
+        self.output();
         let (mut decode, mut combine) = (Duration::ZERO, Duration::ZERO);
         if let (Some(tokens), Some(combined)) = (&planned.token_major, &response.combined) {
             let Ok(dtype) = WireDtype::try_from(combined.dtype) else { return };
