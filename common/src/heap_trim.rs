@@ -53,6 +53,7 @@ mod tests {
     /// still held stay resident until a trim returns them.
     #[test]
     fn trimming_returns_freed_heap_pages() {
+        let _alone = crate::RESIDENT_MEMORY_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let blocks: Vec<Vec<u8>> = (0..256).map(|i| vec![i as u8 | 1; 64 * 1024]).collect();
         let held: Vec<Vec<u8>> = blocks.iter().step_by(64).cloned().collect();
         drop(blocks);

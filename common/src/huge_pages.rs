@@ -69,6 +69,7 @@ mod tests {
 
     #[test]
     fn zeroed_f32s_holds_zeros_at_every_size() {
+        let _alone = crate::RESIDENT_MEMORY_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for len in [0, 1, 4096, ADVISED_FROM_BYTES / 4 + 3] {
             let values = zeroed_f32s(len);
             assert_eq!(values.len(), len);
@@ -80,6 +81,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_large_buffer_is_backed_by_huge_pages_where_the_kernel_offers_them() {
+        let _alone = crate::RESIDENT_MEMORY_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
         if !(mode.contains("[madvise]") || mode.contains("[always]")) {
             eprintln!("skipped: transparent huge pages are off here ({})", mode.trim());

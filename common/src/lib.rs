@@ -72,3 +72,8 @@ pub mod shutdown;
 pub mod tls;
 pub mod tracing_setup;
 pub mod transport;
+
+/// Held by the tests that allocate or measure this process's resident memory, which would
+/// otherwise see each other's megabytes come and go.
+#[cfg(test)]
+static RESIDENT_MEMORY_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
