@@ -1,28 +1,91 @@
-//! Freed heap memory given back to the system on a timer (glibc's `malloc_trim`).
+//! Freed heap memory given back to the system once it has sat unused (glibc's `malloc_trim`).
 //!
 //! A worker's steps allocate transient tensors of megabytes and free them at once. glibc raises
 //! its mmap threshold as such blocks are freed, after which they come from the heap, whose free
 //! pages it returns only now and then: under a steady overload a worker's RSS swings by a third
-//! with nothing more held. Trimming every quarter second returns those pages (`madvise` on every
-//! free run of the heaps, not only their tops) while the steps in between reuse the heap as before;
-//! a fixed 1 MiB mmap threshold also held RSS, at ~12% of a CPU worker's capacity, every block
-//! faulted in afresh (docs/bench/resilience).
+//! with nothing more held. `malloc_trim` returns those pages (`madvise` on every free run of the
+//! heaps, not only their tops), but a trim on a plain timer also returns the buffers the next call
+//! takes again: DeepEP-normal's 15 MiB requests were faulted in afresh on every call, ~15% of its
+//! dispatch (docs/bench/resilience). So the trimmer samples how much free memory the heaps keep
+//! resident, and trims only when some of it stayed unused for a whole interval: memory a steady
+//! workload reuses dips at least once per interval and stays.
 
 use std::time::Duration;
 
-/// Starts a thread that trims the heaps every `interval`, for the rest of the process; nothing
-/// with a zero interval or where the C library is not glibc.
+/// Samples of the heaps' resident free memory per interval.
+const SAMPLES_PER_INTERVAL: u32 = 16;
+
+/// Less than this left unused through an interval is not worth a trim.
+const WORTH_TRIMMING: u64 = 4 << 20;
+
+/// Starts a thread that, every `interval`, returns the heaps' free pages to the system if some of
+/// them stayed resident and unused all through it; nothing with a zero interval or where the C
+/// library is not glibc.
 pub fn spawn_heap_trimmer(interval: Duration) -> std::io::Result<()> {
     if interval.is_zero() || !cfg!(all(target_os = "linux", target_env = "gnu")) {
         return Ok(());
     }
     std::thread::Builder::new().name("switchyard-heap-trim".into()).spawn(move || {
+        let mut unused = UnusedFree::new(resident_not_in_use());
         loop {
-            std::thread::sleep(interval);
-            trim();
+            std::thread::sleep(interval / SAMPLES_PER_INTERVAL);
+            let Some(resident) = resident_not_in_use() else { continue };
+            if unused.observe(resident) {
+                trim();
+                unused = UnusedFree::new(resident_not_in_use());
+            }
         }
     })?;
     Ok(())
+}
+
+/// The least resident free heap memory over each interval's samples, against what was resident and
+/// not in use right after the last trim (the process's code, stacks and other mappings, which no
+/// trim returns).
+#[derive(Debug, Clone, Copy)]
+struct UnusedFree {
+    after_trim: u64,
+    least: u64,
+    samples: u32,
+}
+
+impl UnusedFree {
+    fn new(after_trim: Option<u64>) -> Self {
+        Self { after_trim: after_trim.unwrap_or(0), least: u64::MAX, samples: 0 }
+    }
+
+    /// Takes one sample of resident bytes not in use by the heaps; at an interval's end, whether
+    /// enough stayed unused all through it to trim.
+    fn observe(&mut self, resident_not_in_use: u64) -> bool {
+        self.after_trim = self.after_trim.min(resident_not_in_use);
+        self.least = self.least.min(resident_not_in_use - self.after_trim);
+        self.samples += 1;
+        if self.samples < SAMPLES_PER_INTERVAL {
+            return false;
+        }
+        let worth = self.least >= WORTH_TRIMMING;
+        self.least = u64::MAX;
+        self.samples = 0;
+        worth
+    }
+}
+
+/// The process's resident bytes less those the heaps hand out (in use, or mapped on their own):
+/// its free heap pages, plus what no trim returns.
+#[allow(unsafe_code)]
+fn resident_not_in_use() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        // SAFETY: mallinfo2 only reads the allocator's counters, taking each arena's lock itself.
+        let heaps = unsafe { libc::mallinfo2() };
+        Some((pages * 4096).saturating_sub((heaps.uordblks + heaps.hblkhd) as u64))
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
 }
 
 /// Returns the free pages of every heap to the system; whether any were.
@@ -49,6 +112,46 @@ mod tests {
         pages * 4096
     }
 
+    const MIB: u64 = 1 << 20;
+
+    fn interval(unused: &mut UnusedFree, samples: impl IntoIterator<Item = u64>) -> Vec<bool> {
+        samples.into_iter().map(|sample| unused.observe(sample)).collect()
+    }
+
+    #[test]
+    fn memory_reused_within_every_interval_is_kept() {
+        let mut unused = UnusedFree::new(Some(100 * MIB));
+        for _ in 0..10 {
+            // 120 MiB free between calls, taken again once per interval.
+            let samples = (0..SAMPLES_PER_INTERVAL).map(|sample| if sample == 5 { 101 * MIB } else { 220 * MIB });
+            assert!(interval(&mut unused, samples).iter().all(|trim| !trim));
+        }
+    }
+
+    #[test]
+    fn memory_unused_through_an_interval_is_trimmed_at_its_end() {
+        let mut unused = UnusedFree::new(Some(100 * MIB));
+        let samples = (0..SAMPLES_PER_INTERVAL).map(|sample| if sample == 5 { 110 * MIB } else { 220 * MIB });
+        let trims = interval(&mut unused, samples);
+        assert_eq!(trims.iter().filter(|trim| **trim).count(), 1);
+        assert!(trims[SAMPLES_PER_INTERVAL as usize - 1], "decided once the interval is over");
+    }
+
+    #[test]
+    fn a_little_unused_memory_is_not_worth_a_trim() {
+        let mut unused = UnusedFree::new(Some(100 * MIB));
+        let samples = (0..SAMPLES_PER_INTERVAL).map(|_| 100 * MIB + WORTH_TRIMMING - 1);
+        assert!(interval(&mut unused, samples).iter().all(|trim| !trim));
+    }
+
+    /// What no trim returns can shrink (a mapping released); unused memory is counted above it.
+    #[test]
+    fn the_untrimmable_baseline_follows_the_process_down() {
+        let mut unused = UnusedFree::new(Some(100 * MIB));
+        let samples = (0..SAMPLES_PER_INTERVAL).map(|sample| if sample == 0 { 60 * MIB } else { 62 * MIB });
+        assert!(interval(&mut unused, samples).iter().all(|trim| !trim), "2 MiB above the new baseline");
+    }
+
     /// 16 MiB freed in 64 KiB blocks (below the mmap threshold: heap memory) under a few blocks
     /// still held stay resident until a trim returns them.
     #[test]
@@ -56,11 +159,16 @@ mod tests {
         let _alone = crate::RESIDENT_MEMORY_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let blocks: Vec<Vec<u8>> = (0..256).map(|i| vec![i as u8 | 1; 64 * 1024]).collect();
         let held: Vec<Vec<u8>> = blocks.iter().step_by(64).cloned().collect();
+        let in_use = resident_not_in_use().expect("statm and mallinfo2");
         drop(blocks);
+        let freed = resident_not_in_use().expect("statm and mallinfo2");
+        assert!(freed >= in_use + (8 << 20), "freeing 16 MiB left {} MiB more resident unused", (freed - in_use) >> 20);
         let before = resident_bytes();
         assert!(trim(), "the freed blocks are free pages in the heap");
         let returned = before.saturating_sub(resident_bytes());
         assert!(returned >= 8 << 20, "{returned} bytes returned of the 16 MiB freed");
+        let trimmed = resident_not_in_use().expect("statm and mallinfo2");
+        assert!(trimmed + (8 << 20) <= freed, "the trim left {} MiB resident unused", trimmed >> 20);
         assert!(held.iter().all(|block| block.len() == 64 * 1024));
     }
 }

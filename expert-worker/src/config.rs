@@ -100,10 +100,11 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_DRAIN_SETTLE_MS", default_value_t = 500)]
     pub drain_settle_ms: u64,
 
-    /// How often (milliseconds) freed heap memory is given back to the system (glibc's
-    /// malloc_trim): without it a worker under overload grows by a third in swings, holding memory
-    /// its steps freed. 0: never, leaving it to the allocator.
-    #[arg(long, env = "SWITCHYARD_HEAP_TRIM_INTERVAL_MS", default_value_t = 250)]
+    /// Freed heap memory that stays resident and unused this long (milliseconds) is given back to
+    /// the system (glibc's malloc_trim): without it a worker under overload grows by a third in
+    /// swings, holding memory its steps freed; memory reused within the interval (the next
+    /// call's buffers) stays. 0: never, leaving it to the allocator.
+    #[arg(long, env = "SWITCHYARD_HEAP_TRIM_INTERVAL_MS", default_value_t = 1000)]
     pub heap_trim_interval_ms: u64,
 
     /// Serve identity experts (each answers with its input, no compute, no weights) to measure
