@@ -76,16 +76,22 @@ impl UnusedFree {
 fn resident_not_in_use() -> Option<u64> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        let resident = resident_bytes()?;
         // SAFETY: mallinfo2 only reads the allocator's counters, taking each arena's lock itself.
         let heaps = unsafe { libc::mallinfo2() };
-        Some((pages * 4096).saturating_sub((heaps.uordblks + heaps.hblkhd) as u64))
+        Some(resident.saturating_sub((heaps.uordblks + heaps.hblkhd) as u64))
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         None
     }
+}
+
+/// This process's resident bytes (`/proc/self/statm`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn resident_bytes() -> Option<u64> {
+    let statm = procfs::process::Process::myself().ok()?.statm().ok()?;
+    Some(statm.resident * procfs::page_size())
 }
 
 /// Returns the free pages of every heap to the system; whether any were.
@@ -105,12 +111,6 @@ pub fn trim() -> bool {
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::*;
-
-    fn resident_bytes() -> u64 {
-        let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
-        let pages: u64 = statm.split_whitespace().nth(1).and_then(|field| field.parse().ok()).expect("resident pages");
-        pages * 4096
-    }
 
     const MIB: u64 = 1 << 20;
 
@@ -163,9 +163,9 @@ mod tests {
         drop(blocks);
         let freed = resident_not_in_use().expect("statm and mallinfo2");
         assert!(freed >= in_use + (8 << 20), "freeing 16 MiB left {} MiB more resident unused", (freed - in_use) >> 20);
-        let before = resident_bytes();
+        let before = resident_bytes().expect("/proc/self/statm");
         assert!(trim(), "the freed blocks are free pages in the heap");
-        let returned = before.saturating_sub(resident_bytes());
+        let returned = before.saturating_sub(resident_bytes().expect("/proc/self/statm"));
         assert!(returned >= 8 << 20, "{returned} bytes returned of the 16 MiB freed");
         let trimmed = resident_not_in_use().expect("statm and mallinfo2");
         assert!(trimmed + (8 << 20) <= freed, "the trim left {} MiB resident unused", trimmed >> 20);

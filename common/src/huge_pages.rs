@@ -30,7 +30,7 @@ pub fn zeroed_f32s(len: usize) -> Vec<f32> {
 
 /// Advises the whole huge pages inside `region` (nothing below [`ADVISED_FROM_BYTES`]). Returns
 /// whether the kernel took the advice; refusing it is harmless, so callers may ignore the result.
-pub fn advise<T>(region: &mut [MaybeUninit<T>]) -> bool {
+fn advise<T>(region: &mut [MaybeUninit<T>]) -> bool {
     let bytes = std::mem::size_of_val(region);
     if bytes < ADVISED_FROM_BYTES {
         return false;
