@@ -267,7 +267,8 @@ fn tcp_times(
     Ok(times)
 }
 
-struct Echo;
+/// The gRPC echo the baselines call: the payload back, or nothing when asked to discard it.
+pub struct Echo;
 
 #[tonic::async_trait]
 impl WireEcho for Echo {
