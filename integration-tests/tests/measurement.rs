@@ -129,7 +129,9 @@ async fn switchyard_bench_writes_a_report_folder() {
         // Measured in rounds that take turns: every call of both targets counted once.
         assert_eq!(point["distributed"]["calls"], 8, "{point}");
         assert_eq!(point["reference"]["calls"], 8, "{point}");
-        assert!(point["tcp_round_trip_us"].as_f64().is_some_and(|us| us > 0.0), "the network floor: {point}");
+        let tcp = point["tcp_round_trip_us"].as_f64().expect("the network floor");
+        let grpc = point["grpc_round_trip_us"].as_f64().expect("a plain gRPC echo of the same bytes");
+        assert!(tcp > 0.0 && grpc > tcp, "tonic and h2 add to a raw round trip: {tcp} vs {grpc} µs");
     }
     let wake = &json["thread_wake"];
     assert!(wake["p50_us"].as_f64().is_some_and(|p50| p50 > 0.0 && p50 <= wake["p90_us"].as_f64().unwrap()), "{wake}");

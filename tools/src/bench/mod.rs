@@ -96,6 +96,8 @@ pub struct PointResult {
     /// A raw TCP echo of one request's message bytes on this machine, measured in the same rounds
     /// as the calls: the floor of the network phase.
     pub tcp_round_trip: Option<wire::WireFigure>,
+    /// A plain gRPC echo of the same bytes, in the same rounds: what tonic and h2 alone cost.
+    pub grpc_round_trip: Option<wire::WireFigure>,
     /// Relative Frobenius error of one distributed call's output against the reference's (same input).
     pub wire_error: Option<f64>,
     /// The device's matmul peak at one worker's thread count, and at the reference's, in GFLOP/s.
@@ -463,16 +465,18 @@ async fn measure(
     Ok(loadtest::run(target, spec, name).await?)
 }
 
-/// One point's calls through both targets and the TCP echo of one request's bytes, taking turns.
+/// One point's calls through both targets and the TCP and gRPC echoes of one request's bytes,
+/// taking turns.
 struct Alternated {
     distributed: LoadReport,
     in_process: LoadReport,
     tcp_round_trip: wire::WireFigure,
+    grpc_round_trip: wire::WireFigure,
 }
 
 /// Measures a point in [`MEASURE_ROUNDS`] rounds, each a share of the distributed calls, the same
-/// share through the in-process layer, then a share of the TCP echo, so that the overhead ratio
-/// and the network floor compare calls made under the same conditions. `point_time` bounds the
+/// share through the in-process layer, then a share of the TCP and gRPC echoes, so that the
+/// overhead ratio and the network floors compare calls made under the same conditions. `point_time` bounds the
 /// whole, spread over the rounds.
 async fn measure_alternating(
     client: Arc<MoeClient>,
@@ -482,7 +486,7 @@ async fn measure_alternating(
 ) -> Result<Alternated, BenchError> {
     let rounds = settings.calls.clamp(1, MEASURE_ROUNDS);
     let (mut distributed, mut in_process): (Option<LoadReport>, Option<LoadReport>) = (None, None);
-    let mut tcp_times = Vec::new();
+    let (mut tcp_times, mut grpc_times) = (Vec::new(), Vec::new());
     let mut request_bytes = 1;
     for round in 0..rounds {
         let round_settings =
@@ -493,12 +497,15 @@ async fn measure_alternating(
         request_bytes = (total.bytes_total.message_sent / requests.max(1)).max(1) as usize;
         let report = measure(Target::Reference(reference.clone()), &round_settings, tokens, "in-process").await?;
         absorb(&mut in_process, report);
-        tcp_times.extend(wire::tcp_echo_times(request_bytes, settings.baseline_repeats.div_ceil(rounds as u32)).await?);
+        let repeats = settings.baseline_repeats.div_ceil(rounds as u32);
+        tcp_times.extend(wire::tcp_echo_times(request_bytes, repeats).await?);
+        grpc_times.extend(wire::grpc_echo_times(request_bytes, repeats).await?);
     }
     Ok(Alternated {
         distributed: distributed.expect("at least one round"),
         in_process: in_process.expect("at least one round"),
         tcp_round_trip: wire::WireFigure::echo(request_bytes as u64, &tcp_times),
+        grpc_round_trip: wire::WireFigure::echo(request_bytes as u64, &grpc_times),
     })
 }
 
@@ -687,6 +694,7 @@ async fn measure_shape(
             distributed: measured.distributed,
             reference: Some(measured.in_process),
             tcp_round_trip: Some(measured.tcp_round_trip),
+            grpc_round_trip: Some(measured.grpc_round_trip),
             wire_error: Some(error),
             worker_peak_gflops: peak::for_threads(device_peaks, settings.worker_torch_threads),
             reference_peak_gflops: peak::for_threads(device_peaks, threads),
@@ -756,6 +764,7 @@ async fn measure_preset(
         distributed,
         reference: None,
         tcp_round_trip: Some(baselines.tcp_echo),
+        grpc_round_trip: Some(baselines.grpc_echo),
         wire_error: None,
         worker_peak_gflops: None,
         reference_peak_gflops: None,

@@ -97,6 +97,10 @@ pub struct PointSummary {
     /// (none in reports written before): what the network phase costs at least on this machine.
     #[serde(default)]
     pub tcp_round_trip_us: Option<f64>,
+    /// Mean time of a plain gRPC echo of the same bytes, measured in the same turns (none in
+    /// reports written before): what tonic and h2 alone cost per round trip here.
+    #[serde(default)]
+    pub grpc_round_trip_us: Option<f64>,
     pub distributed: LoadSummary,
     pub reference: Option<LoadSummary>,
 }
@@ -232,6 +236,7 @@ impl PointResult {
             dispatch_transfer_us: dispatch_us,
             combine_transfer_us: combine_us,
             tcp_round_trip_us: self.tcp_round_trip.map(|echo| echo.mean_us),
+            grpc_round_trip_us: self.grpc_round_trip.map(|echo| echo.mean_us),
             distributed: self.distributed.summary(),
             reference: self.reference.as_ref().map(|reference| reference.summary()),
         }

@@ -282,65 +282,124 @@ impl WireEcho for Echo {
 /// The path of `WireEcho.Echo`, for the uncopied client.
 const ECHO_PATH: &str = "/switchyard.v1.WireEcho/Echo";
 
+/// A gRPC echo server with the project's transport settings on a runtime thread of its own, as
+/// a worker process serves; stopped (not gracefully) when dropped.
+struct EchoServer {
+    address: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl EchoServer {
+    fn start() -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let address = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || -> std::io::Result<()> {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+            let listener = {
+                let _entered = runtime.enter();
+                tokio::net::TcpListener::from_std(listener)?
+            };
+            let service = WireEchoServer::new(Echo)
+                .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
+            runtime.spawn(
+                switchyard_common::transport::server()
+                    .add_service(service)
+                    .serve_with_incoming(switchyard_common::transport::incoming(listener)),
+            );
+            let _ = runtime.block_on(stopped);
+            // Not graceful: a graceful stop would wait for the client's connection to time out.
+            runtime.shutdown_background();
+            Ok(())
+        });
+        Ok(Self { address, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// A channel to this server, plaintext whatever identity this process presents elsewhere:
+    /// the machine's limits.
+    fn channel(&self) -> std::io::Result<tonic::transport::Channel> {
+        switchyard_common::transport::secure_channel(&format!("http://{}", self.address), None)
+            .map_err(std::io::Error::other)
+    }
+
+    fn stop(mut self) -> std::io::Result<()> {
+        self.stop_thread()
+    }
+
+    fn stop_thread(&mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(thread) => thread.join().map_err(|_| std::io::Error::other("the gRPC echo server panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.stop_thread();
+    }
+}
+
+/// The times of `repeats` calls of tonic's generated echo client, after one unmeasured call: with
+/// the payload back, or (`discard`) only an empty answer.
+async fn echo_calls(
+    channel: tonic::transport::Channel,
+    bytes: usize,
+    repeats: u32,
+    discard: bool,
+) -> std::io::Result<Vec<Duration>> {
+    let mut client = WireEchoClient::new(channel)
+        .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
+    let payload = Bytes::from(vec![0x5au8; bytes]);
+    let mut times = Vec::with_capacity(repeats as usize);
+    for round in 0..=repeats {
+        let started = Instant::now();
+        let answer = client
+            .echo(EchoMessage { payload: payload.clone(), discard })
+            .await
+            .map_err(|status| std::io::Error::other(status.to_string()))?;
+        if round > 0 {
+            times.push(started.elapsed());
+        }
+        let expected = if discard { 0 } else { bytes };
+        if answer.get_ref().payload.len() != expected {
+            return Err(std::io::Error::other(format!(
+                "the gRPC echo answered {} bytes for {expected}",
+                answer.get_ref().payload.len()
+            )));
+        }
+    }
+    Ok(times)
+}
+
+/// The times of `repeats` plain gRPC echoes of `bytes` (after one unmeasured) to a server of their
+/// own: what a round trip of that size costs through tonic and h2 on this machine before any
+/// Switchyard code runs.
+pub async fn grpc_echo_times(bytes: usize, repeats: u32) -> std::io::Result<Vec<Duration>> {
+    let server = EchoServer::start()?;
+    let times = echo_calls(server.channel()?, bytes, repeats, false).await?;
+    server.stop()?;
+    Ok(times)
+}
+
 /// A gRPC echo server on its own runtime thread, and a client with the project's transport
 /// settings: one-way and echo through tonic's generated client, then one-way with the payload sent
 /// uncopied.
 async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFigure, WireFigure)> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let address = listener.local_addr()?;
-    listener.set_nonblocking(true)?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-        let listener = {
-            let _entered = runtime.enter();
-            tokio::net::TcpListener::from_std(listener)?
-        };
-        let service = WireEchoServer::new(Echo)
-            .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
-        runtime.spawn(
-            switchyard_common::transport::server()
-                .add_service(service)
-                .serve_with_incoming(switchyard_common::transport::incoming(listener)),
-        );
-        let _ = runtime.block_on(stopped);
-        // Not graceful: a graceful stop would wait for the client's connection to time out.
-        runtime.shutdown_background();
-        Ok(())
-    });
-    // Plaintext whatever identity this process presents elsewhere: the machine's limits.
-    let channel = switchyard_common::transport::secure_channel(&format!("http://{address}"), None)
-        .map_err(std::io::Error::other)?;
-    let mut client = WireEchoClient::new(channel.clone())
-        .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
-    let payload = Bytes::from(vec![0x5au8; bytes]);
-    let mut figures = Vec::new();
-    for discard in [true, false] {
-        let mut times = Vec::with_capacity(repeats as usize);
-        for round in 0..=repeats {
-            let started = Instant::now();
-            let answer = client
-                .echo(EchoMessage { payload: payload.clone(), discard })
-                .await
-                .map_err(|status| std::io::Error::other(status.to_string()))?;
-            if round > 0 {
-                times.push(started.elapsed());
-            }
-            let expected = if discard { 0 } else { bytes };
-            if answer.get_ref().payload.len() != expected {
-                return Err(std::io::Error::other(format!(
-                    "the gRPC echo answered {} bytes for {expected}",
-                    answer.get_ref().payload.len()
-                )));
-            }
-        }
-        let moved = if discard { bytes } else { 2 * bytes } as u64;
-        figures.push(WireFigure::from_times(bytes as u64, moved, &times));
-    }
+    let server = EchoServer::start()?;
+    let channel = server.channel()?;
+    let one_way = echo_calls(channel.clone(), bytes, repeats, true).await?;
+    let echo = echo_calls(channel.clone(), bytes, repeats, false).await?;
     let mut channel = channel;
-    let mut times = Vec::with_capacity(repeats as usize);
+    let payload = Bytes::from(vec![0x5au8; bytes]);
+    let mut uncopied = Vec::with_capacity(repeats as usize);
     for round in 0..=repeats {
         let started = Instant::now();
         let request = tonic::Request::new(EchoMessage { payload: payload.clone(), discard: true });
@@ -353,18 +412,28 @@ async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFi
         .await
         .map_err(|status| std::io::Error::other(status.to_string()))?;
         if round > 0 {
-            times.push(started.elapsed());
+            uncopied.push(started.elapsed());
         }
     }
-    figures.push(WireFigure::from_times(bytes as u64, bytes as u64, &times));
-    let _ = stop.send(());
-    server.join().map_err(|_| std::io::Error::other("the gRPC echo server panicked"))??;
-    Ok((figures[0], figures[1], figures[2]))
+    server.stop()?;
+    let bytes_moved = bytes as u64;
+    Ok((
+        WireFigure::from_times(bytes_moved, bytes_moved, &one_way),
+        WireFigure::echo(bytes_moved, &echo),
+        WireFigure::from_times(bytes_moved, bytes_moved, &uncopied),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_grpc_echo_is_timed_once_per_repeat() {
+        let times = grpc_echo_times(4096, 5).await.expect("gRPC echoes");
+        assert_eq!(times.len(), 5, "the unmeasured first call is left out");
+        assert!(times.iter().all(|time| !time.is_zero()), "{times:?}");
+    }
 
     #[tokio::test]
     async fn every_baseline_moves_its_bytes_and_reports_a_rate() {

@@ -15,13 +15,19 @@ fn optional(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
     value.map_or_else(|| "–".to_owned(), format)
 }
 
+/// A point's echo round trips in milliseconds, `raw TCP / gRPC` (a dash for one not measured).
+fn round_trips(tcp_us: Option<f64>, grpc_us: Option<f64>) -> String {
+    let milliseconds = |us: f64| format!("{:.2}", us / 1e3);
+    format!("{} / {}", optional(tcp_us, milliseconds), optional(grpc_us, milliseconds))
+}
+
 /// The sweep table: one row per point.
 pub fn sweep_table(points: &[PointSummary]) -> String {
     let mut text = String::new();
     let phases = TimeBreakdown::PHASES.join(" / ");
     let _ = writeln!(
         text,
-        "| workers | experts | top-k | d_model x d_ff | tokens | wire | distributed ms | in-process ms | overhead | network ms (raw TCP echo) | tokens/s | B/token payload | B/token socket | % {phases} | expert GFLOP/s distributed / in-process | % of matmul peak distributed / in-process | output error |"
+        "| workers | experts | top-k | d_model x d_ff | tokens | wire | distributed ms | in-process ms | overhead | network ms (raw TCP echo / gRPC echo) | tokens/s | B/token payload | B/token socket | % {phases} | expert GFLOP/s distributed / in-process | % of matmul peak distributed / in-process | output error |"
     );
     let _ = writeln!(text, "|{}", " ---: |".repeat(17));
     for point in points {
@@ -50,7 +56,7 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
             optional(point.reference_mean_ms, |ms| format!("{ms:.2}")),
             optional(point.overhead_ratio, |ratio| format!("{ratio:.2}x")),
             point.distributed.phases.network_mean_ms,
-            optional(point.tcp_round_trip_us, |us| format!("{:.2}", us / 1e3)),
+            round_trips(point.tcp_round_trip_us, point.grpc_round_trip_us),
             point.distributed.tokens_per_s,
             point.payload_bytes_per_token,
             point.socket_bytes_per_token,
@@ -244,7 +250,9 @@ pub fn bench_report(summary: &BenchSummary) -> String {
              reference layer on the same inputs, the two taking turns in five rounds so that both run under the \
              same conditions of the machine. Overhead = distributed ÷ in-process mean time per call. The network \
              phase (mean per call, the straggler's) stands beside a raw TCP echo of one request's bytes \
-             between two threads, measured in the same rounds: the least a round trip costs here. \
+             between two threads, the least a round trip costs here, and a plain gRPC echo of the same bytes \
+             (tonic's generated client and server, the same transport settings), what tonic and h2 alone cost, \
+             both measured in the same rounds. \
              Bytes per token count both directions. Phase shares are of the mean wall time (they add up to it). \
              GFLOP/s is expert FLOPs over expert compute time, and % of matmul peak divides it by the \
              device's square-matmul rate measured in this run in the experts' dtype (per worker: at one \
