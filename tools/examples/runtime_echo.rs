@@ -12,6 +12,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
+use switchyard_common::transport::MAX_MESSAGE_BYTES;
 use switchyard_proto::v1::EchoMessage;
 use switchyard_proto::v1::wire_echo_client::WireEchoClient;
 use switchyard_proto::v1::wire_echo_server::WireEchoServer;
@@ -51,7 +52,11 @@ fn main() -> std::io::Result<()> {
     std::thread::spawn(move || {
         server_runtime.block_on(
             switchyard_common::transport::server()
-                .add_service(WireEchoServer::new(Echo))
+                .add_service(
+                    WireEchoServer::new(Echo)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                )
                 .serve_with_incoming(switchyard_common::transport::incoming(listener)),
         )
     });
@@ -59,7 +64,9 @@ fn main() -> std::io::Result<()> {
     let mut times = runtime(&client_kind)?.block_on(async move {
         let channel = switchyard_common::transport::secure_channel(&format!("http://{address}"), None)
             .map_err(std::io::Error::other)?;
-        let mut client = WireEchoClient::new(channel);
+        let mut client = WireEchoClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let payload = Bytes::from(vec![0x5au8; bytes]);
         let mut times = Vec::with_capacity(repeats);
         for call in 0..WARMUP_CALLS + repeats {
