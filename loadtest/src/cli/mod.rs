@@ -54,8 +54,10 @@ pub enum Command {
     /// --top-k, --dims) is the base; each axis varies alone around it (--grid: every combination),
     /// each shape on a fresh local cluster, and every cluster runs every --tokens x --wire-dtypes
     /// point, distributed and through the in-process reference layer with as many libtorch threads
-    /// as its workers have together. The DeepEP presets (--run deepep) use identity experts and bf16
-    /// both ways and measure raw TCP and a plain gRPC echo of the same bytes in the same run.
+    /// as its workers have together, taking turns with a raw TCP echo and a plain gRPC echo of one
+    /// request's bytes (the network phase's floor, and what tonic and h2 alone cost). The DeepEP
+    /// presets (--run deepep) use identity experts and bf16 both ways and measure raw TCP and a
+    /// plain gRPC echo of the same bytes in the same run.
     Bench(crate::libtorch::BenchArgs),
     /// Layers, experts, total and active parameters per token of a checkpoint or synthetic model.
     ModelInfo(model_info::ModelInfoArgs),
