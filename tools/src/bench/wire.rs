@@ -268,7 +268,7 @@ fn tcp_times(
 }
 
 /// The gRPC echo the baselines call: the payload back, or nothing when asked to discard it.
-pub struct Echo;
+struct Echo;
 
 #[tonic::async_trait]
 impl WireEcho for Echo {
@@ -284,20 +284,26 @@ const ECHO_PATH: &str = "/switchyard.v1.WireEcho/Echo";
 
 /// A gRPC echo server with the project's transport settings on a runtime thread of its own, as
 /// a worker process serves; stopped (not gracefully) when dropped.
-struct EchoServer {
+pub struct EchoServer {
     address: std::net::SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
 impl EchoServer {
-    fn start() -> std::io::Result<Self> {
+    /// On a runtime of one worker thread, as the bench's baselines run it.
+    pub fn start() -> std::io::Result<Self> {
+        Self::start_on(tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?)
+    }
+
+    /// On `runtime`, whichever flavor it is: its thread blocks on the server's stop.
+    pub fn start_on(runtime: tokio::runtime::Runtime) -> std::io::Result<Self> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let address = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // The runtime is dropped on its own thread, never inside the caller's async context.
         let thread = std::thread::spawn(move || -> std::io::Result<()> {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
             let listener = {
                 let _entered = runtime.enter();
                 tokio::net::TcpListener::from_std(listener)?
@@ -320,12 +326,12 @@ impl EchoServer {
 
     /// A channel to this server, plaintext whatever identity this process presents elsewhere:
     /// the machine's limits.
-    fn channel(&self) -> std::io::Result<tonic::transport::Channel> {
+    pub fn channel(&self) -> std::io::Result<tonic::transport::Channel> {
         switchyard_common::transport::secure_channel(&format!("http://{}", self.address), None)
             .map_err(std::io::Error::other)
     }
 
-    fn stop(mut self) -> std::io::Result<()> {
+    pub fn stop(mut self) -> std::io::Result<()> {
         self.stop_thread()
     }
 
@@ -348,7 +354,7 @@ impl Drop for EchoServer {
 
 /// The times of `repeats` calls of tonic's generated echo client, after one unmeasured call: with
 /// the payload back, or (`discard`) only an empty answer.
-async fn echo_calls(
+pub async fn echo_calls(
     channel: tonic::transport::Channel,
     bytes: usize,
     repeats: u32,
