@@ -60,6 +60,7 @@ pub mod children;
 pub mod clock;
 pub mod deadline;
 pub mod grpc_metrics;
+pub mod h2_channel;
 pub mod heap_trim;
 pub mod huge_pages;
 pub mod metrics_http;

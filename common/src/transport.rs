@@ -11,10 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tonic::codegen::http;
 use tonic::transport::{Channel, Endpoint, Server};
 
 use crate::deadline::DeadlineLayer;
 use crate::grpc_metrics::{GrpcMetricsLayer, GrpcServerMetrics};
+pub use crate::h2_channel::{Connector, H2Channel, InvalidOrigin};
 use crate::tls::{ClientTls, RoleGuardLayer, RolePolicy, ServerTls, TlsConnection};
 
 /// HTTP/2 per-stream flow-control window.
@@ -249,8 +251,8 @@ pub fn secure_channel(uri: &str, tls: Option<&ClientTls>) -> Result<Channel, ton
     dial(uri, None, tls.cloned())
 }
 
-/// What a channel's connector hands tonic: a TCP stream, counted or not, under TLS or not.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+/// What a channel's connector hands HTTP/2: a TCP stream, counted or not, under TLS or not.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
 
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
 
@@ -271,29 +273,58 @@ fn dial(
         .keep_alive_while_idle(true);
     let connector = tower::service_fn(move |uri: tonic::transport::Uri| {
         let (counters, tls) = (counters.clone(), tls.clone());
-        async move {
-            let host = uri.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']').to_owned();
-            let port = uri.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port)))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {uri}")))??;
-            stream.set_nodelay(true)?;
-            let stream: Box<dyn Io> = match counters {
-                Some(counters) => Box::new(CountingStream { inner: stream, counters }),
-                None => Box::new(stream),
-            };
-            let stream: Box<dyn Io> = match tls {
-                Some(tls) => {
-                    Box::new(tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(&host, stream)).await.map_err(
-                        |_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("TLS handshake with {uri}")),
-                    )??)
-                }
-                None => stream,
-            };
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-        }
+        async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(open(&uri, counters, tls).await?)) }
     });
     Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// An [`H2Channel`] to `uri` (the data path's calls), whose connections count their bytes in
+/// `counters`; over mutual TLS when the process has an identity, as [`channel`].
+pub fn counted_h2_channel(uri: &str, counters: Arc<WireCounters>) -> Result<H2Channel, InvalidOrigin> {
+    dial_h2(uri, Some(counters), crate::tls::outgoing().cloned())
+}
+
+/// An [`H2Channel`] presenting `tls` (plaintext for `None`), as [`secure_channel`].
+pub fn secure_h2_channel(uri: &str, tls: Option<&ClientTls>) -> Result<H2Channel, InvalidOrigin> {
+    dial_h2(uri, None, tls.cloned())
+}
+
+fn dial_h2(uri: &str, counters: Option<Arc<WireCounters>>, tls: Option<ClientTls>) -> Result<H2Channel, InvalidOrigin> {
+    let target: tonic::transport::Uri = uri.parse().map_err(|error: http::uri::InvalidUri| {
+        InvalidOrigin::Malformed { uri: uri.to_owned(), reason: error.to_string() }
+    })?;
+    let connector: Connector = Arc::new(move || {
+        let (target, counters, tls) = (target.clone(), counters.clone(), tls.clone());
+        Box::pin(async move { open(&target, counters, tls).await })
+    });
+    H2Channel::new(uri, connector)
+}
+
+/// A TCP connection to `uri`'s host and port within [`CONNECT_TIMEOUT`], `TCP_NODELAY` set, its
+/// bytes counted in `counters` and under `tls` when given.
+async fn open(
+    uri: &tonic::transport::Uri,
+    counters: Option<Arc<WireCounters>>,
+    tls: Option<ClientTls>,
+) -> std::io::Result<Box<dyn Io>> {
+    let host = uri.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']').to_owned();
+    let port = uri.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port)))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {uri}")))??;
+    stream.set_nodelay(true)?;
+    let stream: Box<dyn Io> = match counters {
+        Some(counters) => Box::new(CountingStream { inner: stream, counters }),
+        None => Box::new(stream),
+    };
+    Ok(match tls {
+        Some(tls) => {
+            Box::new(tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(&host, stream)).await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("TLS handshake with {uri}"))
+            })??)
+        }
+        None => stream,
+    })
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

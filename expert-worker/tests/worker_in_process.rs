@@ -444,10 +444,10 @@ async fn a_request_past_the_receiving_budget_is_refused_before_it_is_read() {
 #[tokio::test]
 async fn an_undecodable_forward_is_an_invalid_argument() {
     let ((mut client, _stop), uri) = grpc_worker_with(8, &[]).await;
-    let mut channel = switchyard_common::transport::channel(&uri).expect("channel");
+    let mut channel = switchyard_common::transport::secure_h2_channel(&uri, None).expect("channel");
     // An EchoMessage's field 1 is bytes where a ForwardRequest's is a varint: prost refuses it.
     let garbage = v1::EchoMessage { payload: Bytes::from_static(b"not a request"), discard: false };
-    let status = switchyard_proto::zero_copy::unary::<_, v1::ForwardResponse>(
+    let status = switchyard_proto::zero_copy::unary::<_, _, v1::ForwardResponse>(
         &mut channel,
         switchyard_proto::FORWARD_PATH,
         tonic::Request::new(garbage),

@@ -152,17 +152,37 @@ impl http_body::Body for ChunkBody {
     }
 }
 
+/// What carries one call: sends its request (headers, and a body of chunks ready to go) and returns
+/// the response once its headers are in. Tonic's [`Channel`] is one; `switchyard_common`'s
+/// `H2Channel` another, which hands the body to HTTP/2 with its headers (tonic's client passes it
+/// through two more tasks first, a wake each on a small call).
+pub trait CallChannel: Send {
+    fn send(
+        &mut self,
+        request: http::Request<Vec<Bytes>>,
+    ) -> impl Future<Output = Result<http::Response<tonic::body::Body>, Status>> + Send;
+}
+
+impl CallChannel for Channel {
+    async fn send(&mut self, request: http::Request<Vec<Bytes>>) -> Result<http::Response<tonic::body::Body>, Status> {
+        let request = request.map(|chunks| tonic::body::Body::new(ChunkBody::new(chunks, None)));
+        let ready = self.ready().await.map_err(|error| Status::from_error(error.into()))?;
+        ready.call(request).await.map_err(|error| Status::from_error(error.into()))
+    }
+}
+
 /// Calls the unary method `path` (`/package.Service/Method`) on `channel` with `request`, sending
 /// its payloads without a copy ([`encode_frame`]); the request's metadata (a `grpc-timeout` set by
 /// [`tonic::Request::set_timeout`] included) goes as headers. `max_answer_bytes` bounds the answer
 /// as `max_decoding_message_size` does.
-pub async fn unary<Q, A>(
-    channel: &mut Channel,
+pub async fn unary<C, Q, A>(
+    channel: &mut C,
     path: &'static str,
     request: tonic::Request<Q>,
     max_answer_bytes: usize,
 ) -> Result<A, Status>
 where
+    C: CallChannel,
     Q: Message,
     A: Message + Default,
 {
@@ -173,13 +193,14 @@ where
 /// the worker reads each as its bytes complete. Returns the answers once the server has answered
 /// with headers (a trailers-only failure, or an HTTP error without a gRPC status, is returned as
 /// the error); each answer is at most `max_answer_bytes`.
-pub async fn streaming<Q, A>(
-    channel: &mut Channel,
+pub async fn streaming<C, Q, A>(
+    channel: &mut C,
     path: &'static str,
     request: tonic::Request<Vec<Q>>,
     max_answer_bytes: usize,
 ) -> Result<Answers<A>, Status>
 where
+    C: CallChannel,
     Q: Message,
     A: Message + Default,
 {
@@ -313,13 +334,12 @@ fn status_of_http(http_status: StatusCode) -> Status {
 /// Sends one call's body of ready `chunks`; the response once its headers are in, or its status
 /// when the server answered with headers alone.
 async fn call(
-    channel: &mut Channel,
+    channel: &mut impl CallChannel,
     path: &'static str,
     metadata: tonic::metadata::MetadataMap,
     chunks: Vec<Bytes>,
 ) -> Result<http::Response<tonic::body::Body>, Status> {
-    let body = tonic::body::Body::new(ChunkBody::new(chunks, None));
-    let mut http_request = http::Request::new(body);
+    let mut http_request = http::Request::new(chunks);
     *http_request.method_mut() = Method::POST;
     *http_request.uri_mut() = Uri::from_static(path);
     *http_request.version_mut() = http::Version::HTTP_2;
@@ -328,8 +348,7 @@ async fn call(
     headers.insert(header::TE, HeaderValue::from_static("trailers"));
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
 
-    let response = channel.ready().await.map_err(|error| Status::from_error(error.into()))?;
-    let response = response.call(http_request).await.map_err(|error| Status::from_error(error.into()))?;
+    let response = channel.send(http_request).await?;
     // A failure before any message comes as headers alone ("trailers-only").
     if let Some(status) = Status::from_header_map(response.headers())
         && status.code() != Code::Ok

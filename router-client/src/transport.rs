@@ -1,7 +1,8 @@
 //! The seam under the client: how one request reaches one worker and its answer comes back.
 //!
 //! [`ExpertTransport`] is what the exchange needs of a network; [`GrpcTransport`] is the real one
-//! (tonic, several HTTP/2 connections per worker taken in turn, socket bytes counted). The reference layer plugs an
+//! (gRPC over HTTP/2 connections the client drives itself, `H2Channel`, several per worker taken
+//! in turn, socket bytes counted). The reference layer plugs an
 //! in-process transport into the same client, and tests plug scripted ones.
 
 use std::collections::{BTreeSet, HashMap};
@@ -12,10 +13,9 @@ use std::time::{Duration, Instant};
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{BoxStream, FuturesUnordered, StreamExt};
 use switchyard_common::clock::unix_nanos;
-use switchyard_common::transport::WireCounters;
+use switchyard_common::transport::{H2Channel, WireCounters};
 use switchyard_proto::payload_last::PayloadLast;
 use switchyard_proto::v1;
-use tonic::transport::Channel;
 
 use crate::error::ClientError;
 use crate::ledger::RpcTiming;
@@ -96,7 +96,7 @@ pub fn default_connections() -> usize {
 /// A worker's connections (lazily opened, each with its own byte counters), taken in turn.
 #[derive(Debug)]
 struct Stripes {
-    clients: Vec<Channel>,
+    clients: Vec<H2Channel>,
     counters: Arc<WireCounters>,
     next: usize,
 }
@@ -119,13 +119,13 @@ impl GrpcTransport {
         Self { connections: connections.max(1), workers: Mutex::new(HashMap::new()) }
     }
 
-    fn connection(&self, endpoint: &Endpoint) -> Result<Channel, ClientError> {
+    fn connection(&self, endpoint: &Endpoint) -> Result<H2Channel, ClientError> {
         let mut workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !workers.contains_key(endpoint) {
             let counters = Arc::new(WireCounters::default());
             let clients = (0..self.connections)
-                .map(|_| switchyard_common::transport::counted_channel(endpoint, counters.clone()))
-                .collect::<Result<_, tonic::transport::Error>>()
+                .map(|_| switchyard_common::transport::counted_h2_channel(endpoint, counters.clone()))
+                .collect::<Result<_, _>>()
                 .map_err(|error| ClientError::BadEndpoint {
                     endpoint: endpoint.to_string(),
                     reason: error.to_string(),

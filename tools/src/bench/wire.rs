@@ -9,10 +9,12 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use switchyard_common::transport::H2Channel;
 use switchyard_loadtest::shaped_network::Host;
 use switchyard_proto::v1::EchoMessage;
 use switchyard_proto::v1::wire_echo_client::WireEchoClient;
 use switchyard_proto::v1::wire_echo_server::{WireEcho, WireEchoServer};
+use switchyard_proto::zero_copy::CallChannel;
 use tonic::{Request, Response, Status};
 
 /// One transfer pattern at one message size: the mean over `repeats` after one unmeasured round.
@@ -56,8 +58,9 @@ pub struct WireBaselines {
     pub tcp_striped_one_way: Option<WireFigure>,
     #[serde(default)]
     pub tcp_connections: u32,
-    /// The gRPC one-way transfer with the payload sent uncopied, as `Forward` sends rows
-    /// ([`switchyard_proto::zero_copy`]); beside `grpc_one_way` it is what the encode copy costs.
+    /// The gRPC one-way transfer as `Forward` sends rows: uncopied ([`switchyard_proto::zero_copy`])
+    /// on the data path's own HTTP/2 channel ([`H2Channel`]); beside `grpc_one_way` (tonic's
+    /// client and channel) it is what the encode copy and tonic's hand-offs cost.
     #[serde(default)]
     pub grpc_one_way_uncopied: Option<WireFigure>,
 }
@@ -331,6 +334,12 @@ impl EchoServer {
             .map_err(std::io::Error::other)
     }
 
+    /// The data path's channel to this server ([`H2Channel`]), plaintext.
+    pub fn h2_channel(&self) -> std::io::Result<H2Channel> {
+        switchyard_common::transport::secure_h2_channel(&format!("http://{}", self.address), None)
+            .map_err(std::io::Error::other)
+    }
+
     pub fn stop(mut self) -> std::io::Result<()> {
         self.stop_thread()
     }
@@ -395,22 +404,22 @@ pub async fn grpc_echo_times(bytes: usize, repeats: u32) -> std::io::Result<Vec<
     Ok(times)
 }
 
-/// A gRPC echo server on its own runtime thread, and a client with the project's transport
-/// settings: one-way and echo through tonic's generated client, then one-way with the payload sent
-/// uncopied.
-async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFigure, WireFigure)> {
-    let server = EchoServer::start()?;
-    let channel = server.channel()?;
-    let one_way = echo_calls(channel.clone(), bytes, repeats, true).await?;
-    let echo = echo_calls(channel.clone(), bytes, repeats, false).await?;
-    let mut channel = channel;
+/// The times of `repeats` echoes on `channel` as Forward calls go (the payload sent uncopied,
+/// `zero_copy::unary`), after one unmeasured: with the payload back, or (`discard`) only an empty
+/// answer.
+pub async fn uncopied_echo_calls(
+    channel: &mut impl CallChannel,
+    bytes: usize,
+    repeats: u32,
+    discard: bool,
+) -> std::io::Result<Vec<Duration>> {
     let payload = Bytes::from(vec![0x5au8; bytes]);
-    let mut uncopied = Vec::with_capacity(repeats as usize);
+    let mut times = Vec::with_capacity(repeats as usize);
     for round in 0..=repeats {
         let started = Instant::now();
-        let request = tonic::Request::new(EchoMessage { payload: payload.clone(), discard: true });
-        let _: EchoMessage = switchyard_proto::zero_copy::unary(
-            &mut channel,
+        let request = tonic::Request::new(EchoMessage { payload: payload.clone(), discard });
+        let answer: EchoMessage = switchyard_proto::zero_copy::unary(
+            channel,
             ECHO_PATH,
             request,
             switchyard_common::transport::MAX_MESSAGE_BYTES,
@@ -418,9 +427,28 @@ async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFi
         .await
         .map_err(|status| std::io::Error::other(status.to_string()))?;
         if round > 0 {
-            uncopied.push(started.elapsed());
+            times.push(started.elapsed());
+        }
+        let expected = if discard { 0 } else { bytes };
+        if answer.payload.len() != expected {
+            return Err(std::io::Error::other(format!(
+                "the uncopied gRPC echo answered {} bytes for {expected}",
+                answer.payload.len()
+            )));
         }
     }
+    Ok(times)
+}
+
+/// A gRPC echo server on its own runtime thread, and a client with the project's transport
+/// settings: one-way and echo through tonic's generated client, then one-way as Forward requests
+/// go (uncopied, on the data path's [`H2Channel`]).
+async fn grpc(bytes: usize, repeats: u32) -> std::io::Result<(WireFigure, WireFigure, WireFigure)> {
+    let server = EchoServer::start()?;
+    let channel = server.channel()?;
+    let one_way = echo_calls(channel.clone(), bytes, repeats, true).await?;
+    let echo = echo_calls(channel, bytes, repeats, false).await?;
+    let uncopied = uncopied_echo_calls(&mut server.h2_channel()?, bytes, repeats, true).await?;
     server.stop()?;
     let bytes_moved = bytes as u64;
     Ok((

@@ -72,7 +72,7 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
 /// The DeepEP table: dispatch and combine beside the wire's limits.
 pub fn preset_table(presets: &[PresetSummary]) -> String {
     let mut text = String::new();
-    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape and threads), threads | cores busy during the calls (stolen) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s (payload copied / uncopied) | gRPC echo µs |\n");
+    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape and threads), threads | cores busy during the calls (stolen) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s (tonic's client / as Forward goes: uncopied, own HTTP/2) | gRPC echo µs |\n");
     let _ = writeln!(text, "|{}", " ---: |".repeat(21));
     for preset in presets {
         let baselines = &preset.baselines;
