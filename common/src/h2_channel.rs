@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -53,8 +53,15 @@ struct Shared {
     connector: Connector,
     /// The open connection, if any.
     live: Mutex<Option<Live>>,
-    /// Held while connecting, so that calls arriving meanwhile wait for that connection.
-    connecting: tokio::sync::Mutex<()>,
+    /// Held while connecting, so that calls arriving meanwhile wait for that connection; holds
+    /// the last attempt's failure.
+    connecting: tokio::sync::Mutex<Option<Failure>>,
+}
+
+/// A connect attempt that failed, and when.
+struct Failure {
+    at: Instant,
+    message: String,
 }
 
 #[derive(Clone)]
@@ -96,7 +103,7 @@ impl H2Channel {
                 origin: (scheme, authority),
                 connector,
                 live: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(()),
+                connecting: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -106,19 +113,32 @@ impl H2Channel {
         live.as_ref().filter(|live| !live.closed.load(Ordering::Acquire)).cloned()
     }
 
-    /// The open connection, or a new one.
+    /// The open connection, or a new one. Calls that waited for an attempt that failed get its
+    /// failure: a peer that is down costs them one connect timeout, not one each in turn.
     async fn connection(&self) -> Result<Live, Status> {
         if let Some(live) = self.open() {
             return Ok(live);
         }
-        let _connecting = self.shared.connecting.lock().await;
+        let waiting_since = Instant::now();
+        let mut last_failure = self.shared.connecting.lock().await;
         // Another call may have connected while this one waited.
         if let Some(live) = self.open() {
             return Ok(live);
         }
-        let live = self.connect().await?;
-        *self.shared.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(live.clone());
-        Ok(live)
+        if let Some(failure) = last_failure.as_ref().filter(|failure| failure.at >= waiting_since) {
+            return Err(Status::unavailable(failure.message.clone()));
+        }
+        match self.connect().await {
+            Ok(live) => {
+                *last_failure = None;
+                *self.shared.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(live.clone());
+                Ok(live)
+            }
+            Err(status) => {
+                *last_failure = Some(Failure { at: Instant::now(), message: status.message().to_owned() });
+                Err(status)
+            }
+        }
     }
 
     async fn connect(&self) -> Result<Live, Status> {

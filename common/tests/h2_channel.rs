@@ -128,3 +128,32 @@ async fn mutual_tls_is_spoken_with_the_given_certificates() {
     let plaintext = check(&mut transport::secure_h2_channel(&uri, None).expect("channel"), "").await.unwrap_err();
     assert_eq!(plaintext.code(), Code::Unavailable, "{plaintext:?}");
 }
+
+/// Calls waiting on a connect that fails get its failure: one attempt, not one per call in turn
+/// (each up to the connect timeout against a peer that does not answer).
+#[tokio::test]
+async fn calls_waiting_on_a_failed_connect_share_its_failure() {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let connector: transport::Connector = Arc::new(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))
+        })
+    });
+    let channel = H2Channel::new("http://192.0.2.1:9", connector).expect("channel");
+    let calls = (0..8).map(|_| {
+        let mut channel = channel.clone();
+        async move { check(&mut channel, "").await }
+    });
+    for failed in futures::future::join_all(calls).await {
+        let status = failed.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "connecting to http://192.0.2.1:9: no answer");
+    }
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+    // A later call tries again.
+    assert!(check(&mut channel.clone(), "").await.is_err());
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+}
