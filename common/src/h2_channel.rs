@@ -28,9 +28,19 @@ use tonic::codegen::http::{self, Uri, uri};
 use crate::transport::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES};
 
 /// How often an open connection is pinged, and how long its pong may take before the connection
-/// counts as dead (tonic's channels here use the same).
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// counts as dead and is closed, failing its calls (a peer host that vanished sends no reset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    /// What tonic's channels here use.
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(10), timeout: Duration::from_secs(5) }
+    }
+}
 
 /// A connected byte stream, plaintext or TLS.
 pub type Io = Box<dyn crate::transport::Io>;
@@ -51,6 +61,7 @@ struct Shared {
     /// `scheme://authority`, for messages.
     peer: Arc<str>,
     connector: Connector,
+    keepalive: Keepalive,
     /// The open connection, if any.
     live: Mutex<Option<Live>>,
     /// Held while connecting, so that calls arriving meanwhile wait for that connection; holds
@@ -88,8 +99,8 @@ pub enum InvalidOrigin {
 
 impl H2Channel {
     /// A channel to `uri` (`http://host:port`, or `https://` where `connector` runs TLS), whose
-    /// connections `connector` opens.
-    pub fn new(uri: &str, connector: Connector) -> Result<Self, InvalidOrigin> {
+    /// connections `connector` opens and `keepalive` checks.
+    pub fn new(uri: &str, connector: Connector, keepalive: Keepalive) -> Result<Self, InvalidOrigin> {
         let parsed: Uri = uri.parse().map_err(|error: uri::InvalidUri| InvalidOrigin::Malformed {
             uri: uri.to_owned(),
             reason: error.to_string(),
@@ -102,6 +113,7 @@ impl H2Channel {
                 peer: format!("{scheme}://{authority}").into(),
                 origin: (scheme, authority),
                 connector,
+                keepalive,
                 live: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(None),
             }),
@@ -154,29 +166,34 @@ impl H2Channel {
             .await
             .map_err(|error| unavailable(&error))?;
         let closed = Arc::new(AtomicBool::new(false));
-        tokio::spawn(drive(connection, closed.clone(), peer.clone()));
+        tokio::spawn(drive(connection, self.shared.keepalive, closed.clone(), peer.clone()));
         Ok(Live { sender, closed })
     }
 }
 
 /// Runs a connection until it ends or stops answering pings, then marks it closed.
-async fn drive(mut connection: h2::client::Connection<Io, Bytes>, closed: Arc<AtomicBool>, peer: Arc<str>) {
+async fn drive(
+    mut connection: h2::client::Connection<Io, Bytes>,
+    keepalive: Keepalive,
+    closed: Arc<AtomicBool>,
+    peer: Arc<str>,
+) {
     let mut pings = connection.ping_pong();
     let mut connection = std::pin::pin!(connection);
     let ended = loop {
         tokio::select! {
             ended = &mut connection => break ended,
-            () = tokio::time::sleep(KEEPALIVE_INTERVAL) => {}
+            () = tokio::time::sleep(keepalive.interval) => {}
         }
         let Some(pings) = pings.as_mut() else { continue };
-        let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque()));
+        let pong = tokio::time::timeout(keepalive.timeout, pings.ping(h2::Ping::opaque()));
         tokio::select! {
             ended = &mut connection => break ended,
             answered = pong => match answered {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => break Err(error),
                 Err(_) => {
-                    tracing::debug!(%peer, "HTTP/2 connection closed: no answer to a keepalive ping within {KEEPALIVE_TIMEOUT:?}");
+                    tracing::debug!(%peer, "HTTP/2 connection closed: no answer to a keepalive ping within {:?}", keepalive.timeout);
                     break Ok(());
                 }
             },

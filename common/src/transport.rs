@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 
 use crate::deadline::DeadlineLayer;
 use crate::grpc_metrics::{GrpcMetricsLayer, GrpcServerMetrics};
-pub use crate::h2_channel::{Connector, H2Channel, InvalidOrigin};
+pub use crate::h2_channel::{Connector, H2Channel, InvalidOrigin, Keepalive};
 use crate::tls::{ClientTls, RoleGuardLayer, RolePolicy, ServerTls, TlsConnection};
 
 /// HTTP/2 per-stream flow-control window.
@@ -297,7 +297,7 @@ fn dial_h2(uri: &str, counters: Option<Arc<WireCounters>>, tls: Option<ClientTls
         let (target, counters, tls) = (target.clone(), counters.clone(), tls.clone());
         Box::pin(async move { open(&target, counters, tls).await })
     });
-    H2Channel::new(uri, connector)
+    H2Channel::new(uri, connector, Keepalive::default())
 }
 
 /// A TCP connection to `uri`'s host and port within [`CONNECT_TIMEOUT`], `TCP_NODELAY` set, its

@@ -1,14 +1,15 @@
 //! The data path's HTTP/2 channel against tonic's own server, over real sockets: answers and
 //! refusals come back as tonic's client would give them, concurrent calls share one connection
 //! whose bytes are counted, a peer that is gone is UNAVAILABLE, a restarted one is reached again,
-//! and mutual TLS works as on tonic's channels.
+//! a silent one is found dead by keepalive, and mutual TLS works as on tonic's channels.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 use switchyard_common::tls::{self, ClientTls, Role, ServerTls};
-use switchyard_common::transport::{self, ConnectionLimits, H2Channel, WireCounters};
+use switchyard_common::transport::{self, ConnectionLimits, H2Channel, Keepalive, WireCounters};
 use switchyard_proto::zero_copy;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
@@ -138,11 +139,11 @@ async fn calls_waiting_on_a_failed_connect_share_its_failure() {
     let connector: transport::Connector = Arc::new(move || {
         counted.fetch_add(1, Ordering::SeqCst);
         Box::pin(async {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))
         })
     });
-    let channel = H2Channel::new("http://192.0.2.1:9", connector).expect("channel");
+    let channel = H2Channel::new("http://192.0.2.1:9", connector, Keepalive::default()).expect("channel");
     let calls = (0..8).map(|_| {
         let mut channel = channel.clone();
         async move { check(&mut channel, "").await }
@@ -156,4 +157,43 @@ async fn calls_waiting_on_a_failed_connect_share_its_failure() {
     // A later call tries again.
     assert!(check(&mut channel.clone(), "").await.is_err());
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
+}
+
+/// A peer that takes the connection and then says nothing (a host gone without a reset): the
+/// unanswered keepalive ping closes the connection, its call fails UNAVAILABLE instead of waiting
+/// forever, and the next call connects again.
+#[tokio::test]
+async fn a_silent_peer_is_found_dead_by_keepalive() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            // Read nothing, answer nothing: kept open, silent.
+            held.push(socket);
+        }
+    });
+    let target = address;
+    let connector: transport::Connector = Arc::new(move || {
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(target).await?;
+            Ok(Box::new(stream) as switchyard_common::h2_channel::Io)
+        })
+    });
+    let keepalive = Keepalive { interval: Duration::from_millis(100), timeout: Duration::from_millis(100) };
+    let mut channel = H2Channel::new(&format!("http://{address}"), connector, keepalive).expect("channel");
+
+    let started = std::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(10), check(&mut channel, ""))
+        .await
+        .expect("keepalive ends the call long before this")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(started.elapsed() >= keepalive.interval, "ended by the ping, not before: {:?}", started.elapsed());
+    let again = tokio::time::timeout(Duration::from_secs(10), check(&mut channel, "")).await;
+    assert!(again.expect("the next call ends the same way").is_err(), "the peer is still silent");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "the next call connected again");
 }
