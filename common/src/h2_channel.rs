@@ -36,7 +36,7 @@ pub struct Keepalive {
 }
 
 impl Default for Keepalive {
-    /// What tonic's channels here use.
+    /// What every channel here uses, tonic's too.
     fn default() -> Self {
         Self { interval: Duration::from_secs(10), timeout: Duration::from_secs(5) }
     }
@@ -45,8 +45,8 @@ impl Default for Keepalive {
 /// A connected byte stream, plaintext or TLS.
 pub type Io = Box<dyn crate::transport::Io>;
 
-/// Opens a new connection to the channel's peer (TCP, counters, TLS).
-pub type Connector = Arc<dyn Fn() -> BoxFuture<'static, std::io::Result<Io>> + Send + Sync>;
+/// Opens a new connection to the channel's peer, named by its authority (TCP, counters, TLS).
+pub type Connector = Arc<dyn Fn(&uri::Authority) -> BoxFuture<'static, std::io::Result<Io>> + Send + Sync>;
 
 /// One HTTP/2 connection to one server, opened when first needed and again once it closed.
 /// Clones share the connection.
@@ -156,7 +156,7 @@ impl H2Channel {
     async fn connect(&self) -> Result<Live, Status> {
         let peer = &self.shared.peer;
         let unavailable = |error: &dyn std::fmt::Display| Status::unavailable(format!("connecting to {peer}: {error}"));
-        let io = (self.shared.connector)().await.map_err(|error| unavailable(&error))?;
+        let io = (self.shared.connector)(&self.shared.origin.1).await.map_err(|error| unavailable(&error))?;
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)

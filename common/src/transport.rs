@@ -48,15 +48,15 @@ pub fn server() -> Server {
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .http2_keepalive_interval(Some(Keepalive::default().interval))
+        .http2_keepalive_timeout(Some(Keepalive::default().timeout))
 }
 
 /// A lazily connected channel to `uri` with the same windows, and a connect timeout so a dead peer
 /// is an error, not a hang; over mutual TLS when the process has an identity
 /// ([`crate::tls::use_for_outgoing`]), whatever the URI's scheme.
 pub fn channel(uri: &str) -> Result<Channel, tonic::transport::Error> {
-    dial(uri, None, crate::tls::outgoing().cloned())
+    dial(uri, crate::tls::outgoing().cloned())
 }
 
 /// Serves `routes` on `listener` until `shutdown`, each call counted in `metrics`: over mutual
@@ -239,16 +239,10 @@ impl WireCounters {
     }
 }
 
-/// [`channel`], with every byte its connections write and read counted in `counters` (TLS
-/// records included, when the process has an identity).
-pub fn counted_channel(uri: &str, counters: Arc<WireCounters>) -> Result<Channel, tonic::transport::Error> {
-    dial(uri, Some(counters), crate::tls::outgoing().cloned())
-}
-
 /// A channel presenting `tls` (not the process's identity; plaintext for `None`): the server's
 /// certificate must name the URI's host.
 pub fn secure_channel(uri: &str, tls: Option<&ClientTls>) -> Result<Channel, tonic::transport::Error> {
-    dial(uri, None, tls.cloned())
+    dial(uri, tls.cloned())
 }
 
 /// What a channel's connector hands HTTP/2: a TCP stream, counted or not, under TLS or not.
@@ -256,24 +250,25 @@ pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'sta
 
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// A lazily connected channel whose connections count their bytes in `counters` and run TLS
-/// with `tls`, as asked.
-fn dial(
-    uri: &str,
-    counters: Option<Arc<WireCounters>>,
-    tls: Option<ClientTls>,
-) -> Result<Channel, tonic::transport::Error> {
+/// A lazily connected channel whose connections run TLS with `tls`, as asked.
+fn dial(uri: &str, tls: Option<ClientTls>) -> Result<Channel, tonic::transport::Error> {
+    let keepalive = Keepalive::default();
     let endpoint = Endpoint::from_shared(uri.to_owned())?
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(keepalive.interval)
+        .keep_alive_timeout(keepalive.timeout)
         .keep_alive_while_idle(true);
     let connector = tower::service_fn(move |uri: tonic::transport::Uri| {
-        let (counters, tls) = (counters.clone(), tls.clone());
-        async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(open(&uri, counters, tls).await?)) }
+        let tls = tls.clone();
+        async move {
+            let authority = uri.authority().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri} names no host and port"))
+            })?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(open(authority, None, tls).await?))
+        }
     });
     Ok(endpoint.connect_with_connector_lazy(connector))
 }
@@ -290,28 +285,26 @@ pub fn secure_h2_channel(uri: &str, tls: Option<&ClientTls>) -> Result<H2Channel
 }
 
 fn dial_h2(uri: &str, counters: Option<Arc<WireCounters>>, tls: Option<ClientTls>) -> Result<H2Channel, InvalidOrigin> {
-    let target: tonic::transport::Uri = uri.parse().map_err(|error: http::uri::InvalidUri| {
-        InvalidOrigin::Malformed { uri: uri.to_owned(), reason: error.to_string() }
-    })?;
-    let connector: Connector = Arc::new(move || {
-        let (target, counters, tls) = (target.clone(), counters.clone(), tls.clone());
-        Box::pin(async move { open(&target, counters, tls).await })
+    let connector: Connector = Arc::new(move |authority: &http::uri::Authority| {
+        let (authority, counters, tls) = (authority.clone(), counters.clone(), tls.clone());
+        Box::pin(async move { open(&authority, counters, tls).await })
     });
     H2Channel::new(uri, connector, Keepalive::default())
 }
 
-/// A TCP connection to `uri`'s host and port within [`CONNECT_TIMEOUT`], `TCP_NODELAY` set, its
-/// bytes counted in `counters` and under `tls` when given.
+/// A TCP connection to `authority` (host and port) within [`CONNECT_TIMEOUT`], `TCP_NODELAY` set,
+/// its bytes counted in `counters` and under `tls` when given.
 async fn open(
-    uri: &tonic::transport::Uri,
+    authority: &http::uri::Authority,
     counters: Option<Arc<WireCounters>>,
     tls: Option<ClientTls>,
 ) -> std::io::Result<Box<dyn Io>> {
-    let host = uri.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']').to_owned();
-    let port = uri.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port)))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {uri}")))??;
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+    let port = authority.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
+    let stream =
+        tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port)))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {authority}")))??;
     stream.set_nodelay(true)?;
     let stream: Box<dyn Io> = match counters {
         Some(counters) => Box::new(CountingStream { inner: stream, counters }),
@@ -320,7 +313,7 @@ async fn open(
     Ok(match tls {
         Some(tls) => {
             Box::new(tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(&host, stream)).await.map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("TLS handshake with {uri}"))
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("TLS handshake with {authority}"))
             })??)
         }
         None => stream,

@@ -136,7 +136,7 @@ async fn mutual_tls_is_spoken_with_the_given_certificates() {
 async fn calls_waiting_on_a_failed_connect_share_its_failure() {
     let attempts = Arc::new(AtomicUsize::new(0));
     let counted = attempts.clone();
-    let connector: transport::Connector = Arc::new(move || {
+    let connector: transport::Connector = Arc::new(move |_: &_| {
         counted.fetch_add(1, Ordering::SeqCst);
         Box::pin(async {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -176,10 +176,9 @@ async fn a_silent_peer_is_found_dead_by_keepalive() {
             held.push(socket);
         }
     });
-    let target = address;
-    let connector: transport::Connector = Arc::new(move || {
+    let connector: transport::Connector = Arc::new(move |_: &_| {
         Box::pin(async move {
-            let stream = tokio::net::TcpStream::connect(target).await?;
+            let stream = tokio::net::TcpStream::connect(address).await?;
             Ok(Box::new(stream) as switchyard_common::h2_channel::Io)
         })
     });

@@ -8,17 +8,15 @@
 
 use std::time::Duration;
 
+use switchyard_tools::bench::spread::Spread;
 use switchyard_tools::bench::wire::{EchoServer, echo_calls, uncopied_echo_calls};
 
 /// Unmeasured calls before the timed ones: connection set-up and the first windows.
 const WARMUP_CALLS: u32 = 100;
 
-fn describe(mut times: Vec<Duration>) -> String {
-    times.sort();
-    let micros = |time: &Duration| time.as_secs_f64() * 1e6;
-    let mean = times.iter().map(micros).sum::<f64>() / times.len() as f64;
-    let quantile = |q: f64| micros(&times[((times.len() - 1) as f64 * q) as usize]);
-    format!("p50 {:.1} µs, p90 {:.1}, mean {mean:.1}", quantile(0.5), quantile(0.9))
+fn describe(times: &[Duration]) -> String {
+    let spread = Spread::of(times);
+    format!("p50 {:.1} µs, p90 {:.1}, mean {:.1}", spread.p50_us, spread.p90_us, spread.mean_us)
 }
 
 fn main() -> std::io::Result<()> {
@@ -39,8 +37,8 @@ fn main() -> std::io::Result<()> {
             let own = uncopied_echo_calls(&mut h2_channel, bytes, repeats, false).await?;
             println!(
                 "round {round}, {bytes} B echo: tonic's channel {} | H2Channel {}",
-                describe(tonic),
-                describe(own)
+                describe(&tonic),
+                describe(&own)
             );
         }
         Ok::<_, std::io::Error>(())

@@ -5,10 +5,12 @@
 //! h2 holds a client stream's DATA until the connection task has written its HEADERS, so every
 //! request passes connection task → body task → connection task before its bytes leave; on a
 //! multi-thread runtime those hand-offs can land on another worker thread and each costs a wake.
+//! (The data path's own channel, `H2Channel`, avoids them: `examples/channel_echo.rs`.)
 //!
 //! `cargo run --release -p switchyard-tools --example runtime_echo -- CLIENT SERVER [BYTES] [REPEATS]`
 //! where CLIENT and SERVER are `current` or a worker count (default 4096 bytes, 3000 repeats).
 
+use switchyard_tools::bench::spread::Spread;
 use switchyard_tools::bench::wire::{EchoServer, echo_calls};
 
 /// Unmeasured calls before the timed ones: connection set-up and the first windows.
@@ -34,25 +36,18 @@ fn main() -> std::io::Result<()> {
     let repeats: u32 = arguments.next().and_then(|value| value.parse().ok()).unwrap_or(3000);
 
     let server = EchoServer::start_on(runtime(&server_kind)?)?;
-    let mut times: Vec<f64> = runtime(&client_kind)?
-        .block_on(async {
-            // A channel starts its background task on the runtime it is made in.
-            let channel = server.channel()?;
-            // Connection set-up and the first windows stay out of the timed calls.
-            echo_calls(channel.clone(), bytes, WARMUP_CALLS, false).await?;
-            echo_calls(channel, bytes, repeats, false).await
-        })?
-        .iter()
-        .map(|time| time.as_secs_f64() * 1e6)
-        .collect();
+    let times = runtime(&client_kind)?.block_on(async {
+        // A channel starts its background task on the runtime it is made in.
+        let channel = server.channel()?;
+        // Connection set-up and the first windows stay out of the timed calls.
+        echo_calls(channel.clone(), bytes, WARMUP_CALLS, false).await?;
+        echo_calls(channel, bytes, repeats, false).await
+    })?;
     server.stop()?;
-    times.sort_by(f64::total_cmp);
-    let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let quantile = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+    let spread = Spread::of(&times);
     println!(
-        "{bytes} B echo, client {client_kind}, server {server_kind}: mean {mean:.1} µs, p50 {:.1}, p90 {:.1} ({repeats} calls)",
-        quantile(0.5),
-        quantile(0.9)
+        "{bytes} B echo, client {client_kind}, server {server_kind}: mean {:.1} µs, p50 {:.1}, p90 {:.1} ({repeats} calls)",
+        spread.mean_us, spread.p50_us, spread.p90_us
     );
     Ok(())
 }

@@ -10,6 +10,7 @@
 pub mod cpu_time;
 pub mod peak;
 pub mod plan;
+pub mod spread;
 pub mod summary;
 pub mod wake;
 pub mod wire;

@@ -4,9 +4,11 @@
 //! guest halt polling), this, more than the wire, sets the floor of a small call.
 
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+
+use super::spread::Spread;
 
 /// Round trips of a wake-up between two threads (two wakes each), measured once per run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -46,12 +48,8 @@ pub fn measure(round_trips: u32) -> WakeFigure {
     }
     drop(guard);
     let _ = echo.join();
-    times.sort_unstable();
-    let quantile = |q: f64| {
-        let index = ((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1));
-        times.get(index).copied().unwrap_or(Duration::ZERO).as_secs_f64() * 1e6
-    };
-    WakeFigure { round_trips, p50_us: quantile(0.5), p90_us: quantile(0.9) }
+    let spread = Spread::of(&times);
+    WakeFigure { round_trips, p50_us: spread.p50_us, p90_us: spread.p90_us }
 }
 
 #[cfg(test)]

@@ -372,23 +372,57 @@ pub async fn echo_calls(
     let mut client = WireEchoClient::new(channel)
         .max_decoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(switchyard_common::transport::MAX_MESSAGE_BYTES);
+    timed_echoes("the gRPC echo", bytes, repeats, discard, async |message| {
+        Ok(client.echo(message).await?.into_inner().payload.len())
+    })
+    .await
+}
+
+/// The times of `repeats` echoes on `channel` as Forward calls go (the payload sent uncopied,
+/// `zero_copy::unary`), after one unmeasured: with the payload back, or (`discard`) only an empty
+/// answer.
+pub async fn uncopied_echo_calls(
+    channel: &mut impl CallChannel,
+    bytes: usize,
+    repeats: u32,
+    discard: bool,
+) -> std::io::Result<Vec<Duration>> {
+    timed_echoes("the uncopied gRPC echo", bytes, repeats, discard, async |message| {
+        let request = tonic::Request::new(message);
+        let answer: EchoMessage = switchyard_proto::zero_copy::unary(
+            channel,
+            ECHO_PATH,
+            request,
+            switchyard_common::transport::MAX_MESSAGE_BYTES,
+        )
+        .await?;
+        Ok(answer.payload.len())
+    })
+    .await
+}
+
+/// Times `repeats` calls of `echo` (after one unmeasured), each sending `bytes` with `discard` and
+/// answering the length of the payload it got back, which must be all of it (none if discarded).
+async fn timed_echoes(
+    name: &str,
+    bytes: usize,
+    repeats: u32,
+    discard: bool,
+    mut echo: impl AsyncFnMut(EchoMessage) -> Result<usize, Status>,
+) -> std::io::Result<Vec<Duration>> {
     let payload = Bytes::from(vec![0x5au8; bytes]);
+    let expected = if discard { 0 } else { bytes };
     let mut times = Vec::with_capacity(repeats as usize);
     for round in 0..=repeats {
         let started = Instant::now();
-        let answer = client
-            .echo(EchoMessage { payload: payload.clone(), discard })
+        let answered = echo(EchoMessage { payload: payload.clone(), discard })
             .await
             .map_err(|status| std::io::Error::other(status.to_string()))?;
         if round > 0 {
             times.push(started.elapsed());
         }
-        let expected = if discard { 0 } else { bytes };
-        if answer.get_ref().payload.len() != expected {
-            return Err(std::io::Error::other(format!(
-                "the gRPC echo answered {} bytes for {expected}",
-                answer.get_ref().payload.len()
-            )));
+        if answered != expected {
+            return Err(std::io::Error::other(format!("{name} answered {answered} bytes for {expected}")));
         }
     }
     Ok(times)
@@ -401,42 +435,6 @@ pub async fn grpc_echo_times(bytes: usize, repeats: u32) -> std::io::Result<Vec<
     let server = EchoServer::start()?;
     let times = echo_calls(server.channel()?, bytes, repeats, false).await?;
     server.stop()?;
-    Ok(times)
-}
-
-/// The times of `repeats` echoes on `channel` as Forward calls go (the payload sent uncopied,
-/// `zero_copy::unary`), after one unmeasured: with the payload back, or (`discard`) only an empty
-/// answer.
-pub async fn uncopied_echo_calls(
-    channel: &mut impl CallChannel,
-    bytes: usize,
-    repeats: u32,
-    discard: bool,
-) -> std::io::Result<Vec<Duration>> {
-    let payload = Bytes::from(vec![0x5au8; bytes]);
-    let mut times = Vec::with_capacity(repeats as usize);
-    for round in 0..=repeats {
-        let started = Instant::now();
-        let request = tonic::Request::new(EchoMessage { payload: payload.clone(), discard });
-        let answer: EchoMessage = switchyard_proto::zero_copy::unary(
-            channel,
-            ECHO_PATH,
-            request,
-            switchyard_common::transport::MAX_MESSAGE_BYTES,
-        )
-        .await
-        .map_err(|status| std::io::Error::other(status.to_string()))?;
-        if round > 0 {
-            times.push(started.elapsed());
-        }
-        let expected = if discard { 0 } else { bytes };
-        if answer.payload.len() != expected {
-            return Err(std::io::Error::other(format!(
-                "the uncopied gRPC echo answered {} bytes for {expected}",
-                answer.payload.len()
-            )));
-        }
-    }
     Ok(times)
 }
 
