@@ -27,6 +27,7 @@ pub fn spawn(
     scheduler: Arc<Scheduler>,
     device: Device,
     threads: i32,
+    step_hold: Duration,
     metrics: WorkerMetrics,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("switchyard-compute".into()).spawn(move || {
@@ -39,7 +40,7 @@ pub fn spawn(
         let mut sums = Sums::new(device);
         loop {
             match scheduler.next_work() {
-                Work::Step(batches) => run_step(&experts, batches, &mut staging, &mut sums, &metrics),
+                Work::Step(batches) => run_step(&experts, batches, &mut staging, &mut sums, step_hold, &metrics),
                 Work::Command(Command::Install { experts: loaded, done }) => {
                     for (key, expert, limit_tokens) in loaded {
                         let d_model = expert_width(&expert);
@@ -62,7 +63,7 @@ pub fn spawn(
                                 })
                                 .collect();
                             let batch = Batch { expert: key, d_model, entries };
-                            run_step(&experts, vec![batch], &mut staging, &mut sums, &metrics);
+                            run_step(&experts, vec![batch], &mut staging, &mut sums, step_hold, &metrics);
                         }
                         if experts.remove(&key).is_some() {
                             removed.push(key);
@@ -77,6 +78,13 @@ pub fn spawn(
     })
 }
 
+/// Keeps this thread busy until `deadline`, as a step that computes that long would.
+fn hold_until(deadline: Instant) {
+    while Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+}
+
 fn expert_width(expert: &Expert) -> usize {
     expert.d_model() as usize
 }
@@ -89,6 +97,7 @@ fn run_step(
     batches: Vec<Batch>,
     staging: &mut Staging,
     sums: &mut Sums,
+    hold: Duration,
     metrics: &WorkerMetrics,
 ) {
     // An expert unloaded with an empty queue leaves an empty batch: nothing to compute.
@@ -107,6 +116,7 @@ fn run_step(
     let started = Instant::now();
     let outputs = catch_unwind(AssertUnwindSafe(|| compute_step(experts, &batches, staging, sums)));
     sums.forget_orphans();
+    hold_until(started + hold);
     let elapsed = started.elapsed();
     let answers = match outputs {
         Ok(answers) => answers,

@@ -112,6 +112,13 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_IDENTITY_EXPERTS")]
     pub identity_experts: bool,
 
+    /// With --identity-experts: each step keeps the compute thread busy this long (microseconds;
+    /// spinning, touching no memory), standing in for expert compute without its memory traffic.
+    /// It shows what a step's length costs the rest of a call (threads and cores that idle
+    /// through it and must be woken after) apart from what computing costs.
+    #[arg(long, env = "SWITCHYARD_IDENTITY_HOLD_US", default_value_t = 0, requires = "identity_experts")]
+    pub identity_hold_us: u64,
+
     /// Also export per-expert Prometheus series (admitted and refused tokens per layer and expert).
     /// Off by default: a large model makes thousands of series.
     #[arg(long, env = "SWITCHYARD_PER_EXPERT_METRICS")]
@@ -276,6 +283,16 @@ mod tests {
         );
         let args = Args::try_parse_from(["switchyard-worker", "--max-batch-tokens", "0"]).expect("parses");
         assert_eq!(args.check().unwrap_err().to_string(), "--max-batch-tokens must be at least 1");
+    }
+
+    #[test]
+    fn a_step_hold_is_for_identity_experts_only() {
+        let error = Args::try_parse_from(["switchyard-worker", "--identity-hold-us", "2000"]).expect_err("no identity");
+        assert_eq!(error.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(error.to_string().contains("--identity-experts"), "{error}");
+        let args = Args::try_parse_from(["switchyard-worker", "--identity-experts", "--identity-hold-us", "2000"])
+            .expect("with identity experts");
+        assert_eq!(args.identity_hold_us, 2000);
     }
 
     #[test]

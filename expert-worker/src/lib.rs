@@ -72,6 +72,7 @@ pub async fn run(
         batching: scheduler::BatchingConfig { batch_wait: args.batch_wait(), max_batch_tokens: args.max_batch_tokens },
         default_queue_limit_tokens: args.queue_limit_tokens,
         identity_experts: args.identity_experts,
+        step_hold: std::time::Duration::from_micros(args.identity_hold_us),
         dtype: args.dtype,
         memory_bytes: Some(memory_bytes),
         checkpoints: args.model_root.clone().map_or(worker::CheckpointAccess::Nowhere, worker::CheckpointAccess::Under),

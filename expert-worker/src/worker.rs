@@ -32,6 +32,9 @@ pub struct WorkerOptions {
     pub default_queue_limit_tokens: usize,
     /// Serve identity experts (input back, no compute) instead of the model's: pure communication.
     pub identity_experts: bool,
+    /// How long each step holds the compute thread at least (spinning): with identity experts, a
+    /// stand-in for compute time without compute (`--identity-hold-us`).
+    pub step_hold: Duration,
     /// The dtype experts are resident in and compute in; `None`: [`ModelSpec::resident_dtype`]'s
     /// default (the checkpoint's own; for synthetic weights bf16 on CUDA, f32 on CPU).
     pub dtype: Option<WeightDtype>,
@@ -54,6 +57,7 @@ impl WorkerOptions {
             batching: BatchingConfig { batch_wait: Duration::ZERO, max_batch_tokens: usize::MAX },
             default_queue_limit_tokens: usize::MAX,
             identity_experts: false,
+            step_hold: Duration::ZERO,
             dtype: None,
             memory_bytes: None,
             checkpoints: CheckpointAccess::Anywhere,
@@ -192,7 +196,13 @@ impl ExpertWorker {
     /// Starts the compute thread. Call from inside a tokio runtime.
     pub fn start(options: WorkerOptions, metrics: WorkerMetrics) -> std::io::Result<Arc<Self>> {
         let scheduler = Arc::new(Scheduler::new(options.batching));
-        let thread = compute::spawn(scheduler.clone(), options.device, options.torch_threads, metrics.clone())?;
+        let thread = compute::spawn(
+            scheduler.clone(),
+            options.device,
+            options.torch_threads,
+            options.step_hold,
+            metrics.clone(),
+        )?;
         Ok(Arc::new(Self {
             scheduler,
             options,

@@ -640,6 +640,34 @@ async fn identity_experts_answer_each_token_scaled_by_its_weights_here() {
     worker.shutdown().await;
 }
 
+/// A step hold keeps the compute thread on each step at least that long, and the answer is still
+/// the identity's.
+#[tokio::test]
+async fn identity_steps_last_at_least_their_hold() {
+    let hold = Duration::from_millis(30);
+    let options =
+        WorkerOptions { identity_experts: true, step_hold: hold, ..WorkerOptions::in_process(tch::Device::Cpu) };
+    let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
+    worker
+        .load_experts(tiny_model(), (0..4).map(|e| ExpertId::new(0, e)).collect(), QueueLimits::default())
+        .await
+        .expect("load");
+    let own = rows(2, 16, 0.7);
+    let batch = ForwardBatch {
+        request_id: 9,
+        parts: vec![part(0, 1, &own, 16, WireDtype::F32)],
+        output_dtype: None,
+        token_major: None,
+    };
+    let started = std::time::Instant::now();
+    let outcome = worker.forward(batch).await.expect("forward");
+    assert!(started.elapsed() >= hold, "answered after {:?}", started.elapsed());
+    let output = &outcome.outputs[0];
+    assert!(output.compute >= hold, "the step's compute time counts the hold: {:?}", output.compute);
+    assert_eq!(wire::decode_f32(&output.data, WireDtype::F32), own);
+    worker.shutdown().await;
+}
+
 /// FP8 token rows are dequantized where they are gathered, and the sum comes back in bf16.
 #[tokio::test]
 async fn token_major_rows_may_travel_as_fp8() {

@@ -43,6 +43,8 @@ pub struct ReferenceConfig {
     /// Identity experts (each returns its input): the counterpart of workers with
     /// `--identity-experts`, for pure-communication measurements.
     pub identity_experts: bool,
+    /// How long each step holds the compute thread at least, as the workers' `--identity-hold-us`.
+    pub step_hold: std::time::Duration,
     /// The dtype experts are resident and compute in, as the workers' `--dtype`; `None`: the
     /// checkpoint's own dtype, bf16 for synthetic models on CUDA and f32 on CPU.
     pub dtype: Option<WeightDtype>,
@@ -51,7 +53,13 @@ pub struct ReferenceConfig {
 impl ReferenceConfig {
     /// CPU, one thread, the model's experts in their own dtype.
     pub fn cpu() -> Self {
-        Self { device: tch::Device::Cpu, torch_threads: 1, identity_experts: false, dtype: None }
+        Self {
+            device: tch::Device::Cpu,
+            torch_threads: 1,
+            identity_experts: false,
+            step_hold: std::time::Duration::ZERO,
+            dtype: None,
+        }
     }
 
     /// The same, computing in `dtype`.
@@ -91,6 +99,7 @@ impl ReferenceLayer {
         let options = WorkerOptions {
             torch_threads: config.torch_threads.max(1) as i32,
             identity_experts: config.identity_experts,
+            step_hold: config.step_hold,
             dtype: config.dtype,
             ..WorkerOptions::in_process(config.device)
         };

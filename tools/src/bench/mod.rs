@@ -49,6 +49,9 @@ pub struct BenchSettings {
     pub concurrency: usize,
     /// Workers answer with their input: no compute, the same bytes back.
     pub identity_experts: bool,
+    /// With identity experts, how long each step holds the compute thread (workers' and the
+    /// reference's alike): a stand-in for compute time without compute.
+    pub identity_hold: Duration,
     pub worker_torch_threads: u32,
     /// The dtype experts compute in, on the workers and in the reference alike; `None`: the
     /// device's default (bf16 on CUDA, f32 on CPU).
@@ -405,6 +408,11 @@ impl ShapeCluster {
         config.worker_args = vec!["--batch-wait-us".into(), settings.batch_wait_us.to_string()];
         if settings.identity_experts {
             config.worker_args.push("--identity-experts".into());
+            if !settings.identity_hold.is_zero() {
+                config
+                    .worker_args
+                    .extend(["--identity-hold-us".into(), settings.identity_hold.as_micros().to_string()]);
+            }
         }
         if let Some(dtype) = settings.compute_dtype {
             config.worker_args.extend(["--dtype".into(), dtype.name().into()]);
@@ -615,6 +623,8 @@ pub async fn run(
             let shape = preset.shape(plan.preset_workers);
             let identity = BenchSettings {
                 identity_experts: true,
+                // The presets measure the transfers alone.
+                identity_hold: Duration::ZERO,
                 calls: plan.preset_calls,
                 point_time: plan.preset_time,
                 warmup_calls: settings.warmup_calls.min(1),
@@ -679,6 +689,7 @@ async fn measure_shape(
         device: tch::Device::cuda_if_available(),
         torch_threads: threads,
         identity_experts: settings.identity_experts,
+        step_hold: settings.identity_hold,
         dtype: settings.compute_dtype,
     };
     let reference = Arc::new(ReferenceLayer::start(&cluster.model, &[0], config).await?);
@@ -812,6 +823,7 @@ async fn measure_step(
         device: tch::Device::cuda_if_available(),
         torch_threads: reference_threads(shape, settings),
         identity_experts: settings.identity_experts,
+        step_hold: settings.identity_hold,
         dtype: settings.compute_dtype,
     };
     let reference = Arc::new(ReferenceLayer::start(&cluster.model, &layers, config).await?);
@@ -887,6 +899,7 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "point_time_s": settings.point_time.as_secs_f64(),
         "concurrency": settings.concurrency,
         "identity_experts": settings.identity_experts,
+        "identity_hold_us": settings.identity_hold.as_micros() as u64,
         "worker_torch_threads": settings.worker_torch_threads,
         "compute_dtype": settings.compute_dtype.map_or_else(|| "default".to_owned(), |dtype| dtype.to_string()),
         "batch_wait_us": settings.batch_wait_us,

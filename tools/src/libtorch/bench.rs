@@ -87,6 +87,14 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_IDENTITY_EXPERTS")]
     pub identity_experts: bool,
 
+    /// With --identity-experts, in the sweep: each worker step (and the in-process reference's)
+    /// keeps its compute thread busy this long (microseconds, spinning), standing in for expert
+    /// compute without its memory traffic. Set it to a real step's compute time to see what the
+    /// step's length alone costs the network phase (threads and cores that idled through it and
+    /// must be woken after).
+    #[arg(long, env = "SWITCHYARD_BENCH_IDENTITY_HOLD_US", default_value_t = 0, requires = "identity_experts")]
+    pub identity_hold_us: u64,
+
     /// Workers of the DeepEP presets.
     #[arg(long, env = "SWITCHYARD_BENCH_PRESET_WORKERS", default_value_t = 2)]
     pub preset_workers: usize,
@@ -244,6 +252,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         point_time: args.point_time,
         concurrency: args.concurrency,
         identity_experts: args.identity_experts,
+        identity_hold: Duration::from_micros(args.identity_hold_us),
         worker_torch_threads: args.worker_torch_threads,
         compute_dtype: args.dtype.map(Into::into),
         batch_wait_us: args.batch_wait_us,
@@ -312,4 +321,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Bench {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    #[test]
+    fn a_step_hold_comes_with_identity_experts() {
+        let error = Bench::try_parse_from(["bench", "--identity-hold-us", "2000"]).expect_err("no identity experts");
+        assert_eq!(error.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let bench = Bench::try_parse_from(["bench", "--identity-experts", "--identity-hold-us", "2000"])
+            .expect("with identity experts");
+        assert_eq!(bench.args.identity_hold_us, 2000);
+    }
 }
