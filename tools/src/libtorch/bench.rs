@@ -87,9 +87,10 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_IDENTITY_EXPERTS")]
     pub identity_experts: bool,
 
-    /// With --identity-experts, in the sweep: each worker step (and the in-process reference's)
-    /// keeps its compute thread busy this long (microseconds, spinning), standing in for expert
-    /// compute without its memory traffic. Set it to a real step's compute time to see what the
+    /// With --identity-experts, in the sweep and the model step (not the DeepEP presets, which
+    /// time the transfers alone): each worker step, and the in-process reference's, keeps its
+    /// compute thread busy this long (microseconds, spinning), standing in for expert compute
+    /// without its memory traffic. Set it to a real step's compute time to see what the
     /// step's length alone costs the network phase (threads and cores that idled through it and
     /// must be woken after).
     #[arg(long, env = "SWITCHYARD_BENCH_IDENTITY_HOLD_US", default_value_t = 0, requires = "identity_experts")]
