@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use switchyard_expert_worker::metrics::WorkerMetrics;
 use switchyard_expert_worker::request::{ExpertRowsIn, ForwardBatch, RowsSource};
 use switchyard_expert_worker::scheduler::BatchingConfig;
 use switchyard_expert_worker::worker::{ForwardOutcome, QueueLimits};
@@ -60,7 +61,12 @@ async fn started_with(batch_wait: Duration, limit: usize, identity_experts: bool
         identity_experts,
         ..WorkerOptions::in_process(tch::Device::Cpu)
     };
-    let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
+    started_from(options, WorkerMetrics::new()).await
+}
+
+/// A worker started with `options`, the tiny model's four experts of layer 0 loaded.
+async fn started_from(options: WorkerOptions, metrics: WorkerMetrics) -> std::sync::Arc<ExpertWorker> {
+    let worker = ExpertWorker::start(options, metrics).expect("compute thread");
     worker
         .load_experts(tiny_model(), (0..4).map(|e| ExpertId::new(0, e)).collect(), QueueLimits::default())
         .await
@@ -488,7 +494,7 @@ async fn oversized_models_are_refused_before_anything_is_allocated() {
 
 #[tokio::test]
 async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
-    use switchyard_expert_worker::metrics::{WorkerMetrics, registry_with};
+    use switchyard_expert_worker::metrics::registry_with;
     let render = |metrics: &WorkerMetrics| {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry_with(metrics, &Default::default()))
@@ -503,11 +509,7 @@ async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
         default_queue_limit_tokens: 6,
         ..WorkerOptions::in_process(tch::Device::Cpu)
     };
-    let worker = ExpertWorker::start(options, metrics.clone()).expect("compute thread");
-    worker
-        .load_experts(tiny_model(), (0..4).map(|e| ExpertId::new(0, e)).collect(), QueueLimits::default())
-        .await
-        .expect("load");
+    let worker = started_from(options, metrics.clone()).await;
     let (five, three, seven) = (rows(5, 16, 0.1), rows(3, 16, 0.2), rows(7, 16, 0.3));
     let batch = |parts| ForwardBatch { request_id: 1, parts, output_dtype: None, token_major: None };
     worker
@@ -647,11 +649,7 @@ async fn identity_steps_last_at_least_their_hold() {
     let hold = Duration::from_millis(30);
     let options =
         WorkerOptions { identity_experts: true, step_hold: hold, ..WorkerOptions::in_process(tch::Device::Cpu) };
-    let worker = ExpertWorker::start(options, Default::default()).expect("compute thread");
-    worker
-        .load_experts(tiny_model(), (0..4).map(|e| ExpertId::new(0, e)).collect(), QueueLimits::default())
-        .await
-        .expect("load");
+    let worker = started_from(options, WorkerMetrics::new()).await;
     let own = rows(2, 16, 0.7);
     let batch = ForwardBatch {
         request_id: 9,
