@@ -1,9 +1,9 @@
 //! Freed heap memory given back to the system once it has sat unused (glibc's `malloc_trim`).
 //!
-//! A worker's steps allocate transient tensors of megabytes and free them at once. glibc raises
-//! its mmap threshold as such blocks are freed, after which they come from the heap, whose free
-//! pages it returns only now and then: under a steady overload a worker's RSS swings by a third
-//! with nothing more held. `malloc_trim` returns those pages (`madvise` on every free run of the
+//! A worker's steps allocate transient tensors of megabytes and free them at once. They come from
+//! the heap (glibc raises its mmap threshold as such blocks are freed; [`crate::freed_buffers`]
+//! fixes it at its largest), whose free pages glibc returns only now and then, or, as the binaries
+//! set it, never: under a steady overload a worker's RSS swings by a third with nothing more held. `malloc_trim` returns those pages (`madvise` on every free run of the
 //! heaps, not only their tops), but a trim on a plain timer also returns the buffers the next call
 //! takes again: DeepEP-normal's 15 MiB requests were faulted in afresh on every call, ~15% of its
 //! dispatch (docs/bench/resilience). So the trimmer samples how much free memory the heaps keep

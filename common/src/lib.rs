@@ -12,6 +12,7 @@
 //! - [`ready`]: the line a process prints once it listens, so a parent can find its ports.
 //! - [`tls`]: mutual TLS, the roles certificates name, and the check of each call's role.
 //! - [`huge_pages`]: large per-call buffers backed by transparent huge pages.
+//! - [`freed_buffers`]: glibc's allocator set to keep a call's freed buffers for the next call.
 
 /// `tokio::io::AsyncWrite` for a connection wrapper that writes straight to its `inner` stream
 /// (what it adds is on the read side, or in what it carries).
@@ -59,6 +60,7 @@ pub mod backoff;
 pub mod children;
 pub mod clock;
 pub mod deadline;
+pub mod freed_buffers;
 pub mod grpc_metrics;
 pub mod h2_channel;
 pub mod heap_trim;

@@ -2,8 +2,13 @@ use anyhow::Context;
 use clap::Parser;
 use switchyard_expert_worker::Args;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime's threads: glibc settles its arenas at a second thread's first allocation.
+    let freed_buffers = switchyard_common::freed_buffers::keep_freed_buffers();
+    tokio::runtime::Runtime::new()?.block_on(run(freed_buffers))
+}
+
+async fn run(freed_buffers: switchyard_common::freed_buffers::FreedBuffers) -> anyhow::Result<()> {
     let args = Args::parse();
     args.check().context("invalid configuration")?;
     args.tls.server_mode().context("invalid configuration")?;
@@ -12,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let _spans = switchyard_common::tracing_setup::init_tracing(&args.tracing, "switchyard-worker")?;
+    freed_buffers.log();
     tch::set_num_threads(args.torch_threads as i32);
     switchyard_common::heap_trim::spawn_heap_trimmer(std::time::Duration::from_millis(args.heap_trim_interval_ms))
         .context("starting the heap trimmer")?;

@@ -9,8 +9,13 @@ mod libtorch;
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime's threads: glibc settles its arenas at a second thread's first allocation.
+    let freed_buffers = switchyard_common::freed_buffers::keep_freed_buffers();
+    tokio::runtime::Runtime::new()?.block_on(run(freed_buffers))
+}
+
+async fn run(freed_buffers: switchyard_common::freed_buffers::FreedBuffers) -> anyhow::Result<()> {
     // `switchyard help bench`: the help of a command switchyard-torch parses is its to give.
     let mut words = std::env::args().skip(1);
     if words.next().as_deref() == Some("help") && words.next().is_some_and(|word| libtorch::parses(&word)) {
@@ -18,5 +23,6 @@ async fn main() -> anyhow::Result<()> {
     }
     let cli = cli::Cli::parse();
     let _spans = switchyard_common::tracing_setup::init_tracing(&cli.tracing, "switchyard")?;
+    freed_buffers.log();
     cli::run(cli).await
 }

@@ -1,0 +1,57 @@
+//! Its own test binary, without libtest's harness: the allocator's settings are the whole
+//! process's and, as in the binaries, made before any other thread starts (glibc fixes how many
+//! arenas it makes at a second thread's first allocation, and libtest runs each test on a thread).
+
+fn main() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    glibc::a_buffer_freed_by_one_call_is_resident_for_the_next();
+    println!("test a_buffer_freed_by_one_call_is_resident_for_the_next ... ok");
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod glibc {
+    use switchyard_common::freed_buffers::{FreedBuffers, keep_freed_buffers};
+
+    const BUFFER_BYTES: usize = 16 << 20;
+
+    /// Minor page faults taken by this thread so far.
+    #[allow(unsafe_code)]
+    fn thread_minor_faults() -> i64 {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes the calling thread's counters into the buffer it is given.
+        assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) }, 0);
+        // SAFETY: getrusage succeeded, so it filled the struct (which was zeroed before).
+        unsafe { usage.assume_init() }.ru_minflt
+    }
+
+    /// Faults taken to fill a new buffer of [`BUFFER_BYTES`] on a thread of its own, as a call's
+    /// buffers are filled on a tokio worker or a CPU pool's thread.
+    fn faults_filling_a_buffer_on_a_new_thread() -> i64 {
+        std::thread::spawn(|| {
+            let before = thread_minor_faults();
+            let buffer = vec![1u8; BUFFER_BYTES];
+            let faults = thread_minor_faults() - before;
+            assert_eq!(buffer.iter().map(|byte| *byte as usize).sum::<usize>(), BUFFER_BYTES);
+            faults
+        })
+        .join()
+        .expect("the filling thread")
+    }
+
+    /// Without the settings every buffer here is faulted in afresh: 4096 faults each.
+    pub fn a_buffer_freed_by_one_call_is_resident_for_the_next() {
+        if std::env::var("GLIBC_TUNABLES").is_ok_and(|tunables| tunables.contains("glibc.malloc.")) {
+            assert_eq!(keep_freed_buffers(), FreedBuffers::LeftToTunables);
+            eprintln!("skipped: GLIBC_TUNABLES sets the allocator, and keep_freed_buffers leaves it so");
+            return;
+        }
+        assert_eq!(keep_freed_buffers(), FreedBuffers::Kept);
+        let pages = (BUFFER_BYTES / 4096) as i64;
+        let first = faults_filling_a_buffer_on_a_new_thread();
+        assert!(first >= pages / 2, "the first buffer is new memory: {first} faults for {pages} pages");
+        for call in 1..4 {
+            let faults = faults_filling_a_buffer_on_a_new_thread();
+            assert!(faults < pages / 16, "call {call}: {faults} faults for {pages} pages freed by the call before");
+        }
+    }
+}
