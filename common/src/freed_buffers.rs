@@ -22,8 +22,9 @@
 pub enum FreedBuffers {
     /// One arena, the largest fixed mmap threshold, no automatic trim.
     Kept,
-    /// `GLIBC_TUNABLES` sets glibc's allocator: the operator's settings stand.
-    LeftToTunables,
+    /// The environment sets glibc's allocator (`GLIBC_TUNABLES` naming `glibc.malloc.`, or a
+    /// `MALLOC_*` variable such as `MALLOC_ARENA_MAX`): the operator's settings stand.
+    LeftToEnvironment,
     /// glibc refused a setting (named); the allocator is as it was given.
     Refused(&'static str),
     /// Not glibc: nothing to set.
@@ -53,8 +54,8 @@ const MMAP_THRESHOLD_BYTES: i32 = 32 << 20;
 pub fn keep_freed_buffers() -> FreedBuffers {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        if std::env::var("GLIBC_TUNABLES").is_ok_and(|tunables| tunables.contains("glibc.malloc.")) {
-            return FreedBuffers::LeftToTunables;
+        if allocator_set_by_environment() {
+            return FreedBuffers::LeftToEnvironment;
         }
         let settings = [
             (libc::M_ARENA_MAX, 1, "M_ARENA_MAX"),
@@ -74,4 +75,10 @@ pub fn keep_freed_buffers() -> FreedBuffers {
     {
         FreedBuffers::NotGlibc
     }
+}
+
+/// Whether the environment configures glibc's allocator itself.
+pub fn allocator_set_by_environment() -> bool {
+    std::env::var("GLIBC_TUNABLES").is_ok_and(|tunables| tunables.contains("glibc.malloc."))
+        || std::env::vars_os().any(|(name, _)| name.to_str().is_some_and(|name| name.starts_with("MALLOC_")))
 }
