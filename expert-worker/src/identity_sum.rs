@@ -16,10 +16,15 @@ use crate::request::SharedRows;
 /// `weights[t] · row t` of `rows`, encoded as `dtype`.
 pub fn weighted_answer(rows: &SharedRows, weights: &[f32], dtype: WireDtype) -> Bytes {
     let row_bytes = dtype.row_bytes(rows.width);
-    // Zeroed by the system, not by a pass of ours: a fresh allocation this large is mapped pages.
-    let mut answer = vec![0u8; rows.tokens * row_bytes];
-    each_weighted_row(rows, weights, |token, row| {
-        encode_row_to(row, dtype, &mut answer[token * row_bytes..][..row_bytes]);
+    // Not `vec![0; len]`: reused heap memory (`switchyard_common::freed_buffers`) would be zeroed
+    // in a pass of its own over megabytes, then written again. Each row is zeroed just before it
+    // is encoded over, in cache.
+    let mut answer = Vec::with_capacity(rows.tokens * row_bytes);
+    let zeros = vec![0u8; row_bytes];
+    each_weighted_row(rows, weights, |row| {
+        let start = answer.len();
+        answer.extend_from_slice(&zeros);
+        encode_row_to(row, dtype, &mut answer[start..]);
     });
     Bytes::from(answer)
 }
@@ -27,18 +32,18 @@ pub fn weighted_answer(rows: &SharedRows, weights: &[f32], dtype: WireDtype) -> 
 /// `weights[t] · row t` of `rows` in f32, `[tokens, width]` row-major.
 pub fn weighted_values(rows: &SharedRows, weights: &[f32]) -> Vec<f32> {
     let mut values = Vec::with_capacity(rows.tokens * rows.width);
-    each_weighted_row(rows, weights, |_, row| values.extend_from_slice(row));
+    each_weighted_row(rows, weights, |row| values.extend_from_slice(row));
     values
 }
 
 /// Hands `visit` each token's row of `rows` times its weight, through one reused row of f32.
-fn each_weighted_row(rows: &SharedRows, weights: &[f32], mut visit: impl FnMut(usize, &[f32])) {
+fn each_weighted_row(rows: &SharedRows, weights: &[f32], mut visit: impl FnMut(&[f32])) {
     debug_assert_eq!(weights.len(), rows.tokens);
     let mut row = vec![0.0; rows.width];
     let row_bytes = rows.dtype.row_bytes(rows.width).max(1);
-    for (token, (bytes, weight)) in rows.data.chunks_exact(row_bytes).zip(weights).enumerate() {
+    for (bytes, weight) in rows.data.chunks_exact(row_bytes).zip(weights) {
         decode_rows_into(bytes, rows.width, rows.dtype, &mut row);
         row.iter_mut().for_each(|value| *value *= weight);
-        visit(token, &row);
+        visit(&row);
     }
 }

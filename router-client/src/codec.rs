@@ -2,6 +2,8 @@
 //! rows one expert needs into one contiguous payload; decode an expert's answer and add it, scaled
 //! by the gate weights, into the output. One buffer per expert, never one per token.
 
+use std::mem::MaybeUninit;
+
 use bytes::Bytes;
 use switchyard_proto::wire::{self, WireDtype};
 
@@ -12,19 +14,28 @@ const SPLIT_PAYLOAD_BYTES: usize = 4 << 20;
 
 /// The rows `tokens` of `hidden`, encoded as `dtype`, back to back; a large payload encoded by up
 /// to `threads` threads at once, each its share of the rows.
+#[allow(unsafe_code)]
 pub fn gather_rows(hidden: &[f32], d_model: usize, tokens: &[u32], dtype: WireDtype, threads: usize) -> Bytes {
     let row_bytes = dtype.row_bytes(d_model).max(1);
-    // Zeroed by the allocator: a large payload is fresh pages, which the encode's writes map.
-    let mut payload = vec![0u8; tokens.len() * row_bytes];
-    let encode = |(tokens, payload): (&[u32], &mut [u8])| {
-        for (token, target) in tokens.iter().zip(payload.chunks_exact_mut(row_bytes)) {
+    let len = tokens.len() * row_bytes;
+    // Not `vec![0; len]`: reused heap memory (`switchyard_common::freed_buffers`) would be zeroed
+    // in a pass of its own over megabytes, then written again. Each row is zeroed just before it
+    // is encoded over, in cache.
+    let mut payload: Vec<u8> = Vec::with_capacity(len);
+    let encode = |(tokens, rows): (&[u32], &mut [MaybeUninit<u8>])| {
+        let zeros = vec![0u8; row_bytes];
+        for (token, target) in tokens.iter().zip(rows.chunks_exact_mut(row_bytes)) {
             let start = *token as usize * d_model;
-            wire::encode_row_to(&hidden[start..start + d_model], dtype, target);
+            wire::encode_row_to(&hidden[start..start + d_model], dtype, target.write_copy_of_slice(&zeros));
         }
     };
-    let threads = threads.min(payload.len() / SPLIT_PAYLOAD_BYTES).min(tokens.len()).max(1);
+    let threads = threads.min(len / SPLIT_PAYLOAD_BYTES).min(tokens.len()).max(1);
     let per_thread = tokens.len().div_ceil(threads).max(1);
-    on_scoped_threads(tokens.chunks(per_thread).zip(payload.chunks_mut(per_thread * row_bytes)), encode);
+    let rows = payload.spare_capacity_mut()[..len].chunks_mut(per_thread * row_bytes);
+    on_scoped_threads(tokens.chunks(per_thread).zip(rows), encode);
+    // SAFETY: the capacity is `len`, and the threads above wrote each of its bytes: row by row,
+    // `tokens.len()` rows of `row_bytes`, each through `write_copy_of_slice` before its encode.
+    unsafe { payload.set_len(len) };
     Bytes::from(payload)
 }
 
