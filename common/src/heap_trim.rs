@@ -3,12 +3,15 @@
 //! A worker's steps allocate transient tensors of megabytes and free them at once. They come from
 //! the heap (glibc raises its mmap threshold as such blocks are freed; [`crate::freed_buffers`]
 //! fixes it at its largest), whose free pages glibc returns only now and then, or, as the binaries
-//! set it, never: under a steady overload a worker's RSS swings by a third with nothing more held. `malloc_trim` returns those pages (`madvise` on every free run of the
-//! heaps, not only their tops), but a trim on a plain timer also returns the buffers the next call
-//! takes again: DeepEP-normal's 15 MiB requests were faulted in afresh on every call, ~15% of its
-//! dispatch (docs/bench/resilience). So the trimmer samples how much free memory the heaps keep
+//! set it, never: under a steady overload a worker's RSS swings by a third with nothing more held.
+//! `malloc_trim` returns those pages (`madvise` on every free run of the heaps, not only their
+//! tops), but a trim on a plain timer also returns the buffers the next call takes again:
+//! DeepEP-normal's 15 MiB requests were faulted in afresh on every call, ~15% of its dispatch
+//! (docs/bench/resilience). So the trimmer samples how much free memory the heaps keep
 //! resident, and trims only when some of it stayed unused for a whole interval: memory a steady
-//! workload reuses dips at least once per interval and stays.
+//! workload reuses dips at least once per interval and stays. A trim returns every free page, the
+//! reused ones too, so it also waits until what sat unused is at least what the interval reused:
+//! a trim then saves more than it makes the next calls fault in again.
 
 use std::time::Duration;
 
@@ -39,32 +42,39 @@ pub fn spawn_heap_trimmer(interval: Duration) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The least resident free heap memory over each interval's samples, against what was resident and
-/// not in use right after the last trim (the process's code, stacks and other mappings, which no
-/// trim returns).
+/// The least and the most resident free heap memory over each interval's samples, against what
+/// was resident and not in use right after the last trim (the process's code, stacks and other
+/// mappings, which no trim returns).
 #[derive(Debug, Clone, Copy)]
 struct UnusedFree {
     after_trim: u64,
     least: u64,
+    most: u64,
     samples: u32,
 }
 
 impl UnusedFree {
     fn new(after_trim: Option<u64>) -> Self {
-        Self { after_trim: after_trim.unwrap_or(0), least: u64::MAX, samples: 0 }
+        Self { after_trim: after_trim.unwrap_or(0), least: u64::MAX, most: 0, samples: 0 }
     }
 
     /// Takes one sample of resident bytes not in use by the heaps; at an interval's end, whether
-    /// enough stayed unused all through it to trim.
+    /// enough stayed unused all through it to trim: at least [`WORTH_TRIMMING`], and at least
+    /// what the interval took from the free memory at its busiest (the least against the most),
+    /// which the trim would make the next calls fault in again.
     fn observe(&mut self, resident_not_in_use: u64) -> bool {
         self.after_trim = self.after_trim.min(resident_not_in_use);
-        self.least = self.least.min(resident_not_in_use - self.after_trim);
+        let free = resident_not_in_use - self.after_trim;
+        self.least = self.least.min(free);
+        self.most = self.most.max(free);
         self.samples += 1;
         if self.samples < SAMPLES_PER_INTERVAL {
             return false;
         }
-        let worth = self.least >= WORTH_TRIMMING;
+        let reused = self.most - self.least;
+        let worth = self.least >= WORTH_TRIMMING.max(reused);
         self.least = u64::MAX;
+        self.most = 0;
         self.samples = 0;
         worth
     }
@@ -131,10 +141,25 @@ mod tests {
     #[test]
     fn memory_unused_through_an_interval_is_trimmed_at_its_end() {
         let mut unused = UnusedFree::new(Some(100 * MIB));
-        let samples = (0..SAMPLES_PER_INTERVAL).map(|sample| if sample == 5 { 110 * MIB } else { 220 * MIB });
+        // 120 MiB free, of which a call took 20 MiB: 100 MiB sat unused.
+        let samples = (0..SAMPLES_PER_INTERVAL).map(|sample| if sample == 5 { 200 * MIB } else { 220 * MIB });
         let trims = interval(&mut unused, samples);
         assert_eq!(trims.iter().filter(|trim| **trim).count(), 1);
         assert!(trims[SAMPLES_PER_INTERVAL as usize - 1], "decided once the interval is over");
+    }
+
+    /// A trim returns the reused pages too: 10 MiB left unused is not worth faulting in the 110 MiB
+    /// the interval's calls took again.
+    #[test]
+    fn memory_mostly_reused_is_kept_though_some_sat_unused() {
+        let mut unused = UnusedFree::new(Some(100 * MIB));
+        for _ in 0..3 {
+            let samples = (0..SAMPLES_PER_INTERVAL).map(|sample| if sample == 5 { 110 * MIB } else { 220 * MIB });
+            assert!(interval(&mut unused, samples).iter().all(|trim| !trim));
+        }
+        // Once the unused part outgrows what the calls take, it goes.
+        let samples = (0..SAMPLES_PER_INTERVAL).map(|sample| if sample == 5 { 220 * MIB } else { 330 * MIB });
+        assert!(interval(&mut unused, samples)[SAMPLES_PER_INTERVAL as usize - 1]);
     }
 
     #[test]
