@@ -100,10 +100,12 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_DRAIN_SETTLE_MS", default_value_t = 500)]
     pub drain_settle_ms: u64,
 
-    /// Freed heap memory that stays resident and unused this long (milliseconds) is given back to
-    /// the system (glibc's malloc_trim): without it a worker under overload grows by a third in
-    /// swings, holding memory its steps freed; memory reused within the interval (the next
-    /// call's buffers) stays. 0: never, leaving it to the allocator.
+    /// Freed heap memory that stays resident and unused this long (milliseconds), once more of it
+    /// sat unused than the interval's calls reused, is given back to the system (glibc's
+    /// malloc_trim): without it a worker under overload grows by a third in swings, holding memory
+    /// its steps freed; memory reused within the interval (the next call's buffers) stays. 0:
+    /// never (the worker sets glibc to keep freed memory, so its RSS then keeps its peak, unless
+    /// MALLOC_* or GLIBC_TUNABLES set the allocator).
     #[arg(long, env = "SWITCHYARD_HEAP_TRIM_INTERVAL_MS", default_value_t = 1000)]
     pub heap_trim_interval_ms: u64,
 
