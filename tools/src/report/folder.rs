@@ -17,7 +17,9 @@ pub const CHARTS: [(&str, &str); 3] = [
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("writing {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("reading {path}: {source} (--replot redraws the charts of a folder an earlier `bench --out` wrote)")]
+    Read { path: PathBuf, source: std::io::Error },
     #[error("reading {path}: {reason}")]
     Json { path: PathBuf, reason: String },
     #[error("drawing {path}: {reason}")]
@@ -31,7 +33,7 @@ pub const LINK_CHART: (&str, &str) = ("links.svg", "Dispatch and combine GB/s ag
 pub fn write(summary: &BenchSummary, dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
     let io = |path: &Path| {
         let path = path.to_owned();
-        move |source| ReportError::Io { path, source }
+        move |source| ReportError::Write { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut written = Vec::new();
@@ -74,8 +76,21 @@ fn draw_charts(summary: &BenchSummary, dir: &Path) -> Result<Vec<PathBuf>, Repor
 /// Redraws the charts of the report folder `dir` from its report.json.
 pub fn replot(dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
     let path = dir.join("report.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| ReportError::Io { path: path.clone(), source })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| ReportError::Read { path: path.clone(), source })?;
     let summary: BenchSummary = serde_json::from_str(&text)
         .map_err(|error| ReportError::Json { path: path.clone(), reason: error.to_string() })?;
     draw_charts(&summary, dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replotting_a_folder_without_its_report_says_what_it_could_not_read() {
+        let dir = std::env::temp_dir().join(format!("switchyard-replot-{}", std::process::id()));
+        let message = replot(&dir).expect_err("no report.json there").to_string();
+        assert!(message.starts_with(&format!("reading {}", dir.join("report.json").display())), "{message}");
+        assert!(message.contains("bench --out"), "{message}");
+    }
 }
