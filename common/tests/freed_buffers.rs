@@ -38,7 +38,7 @@ mod glibc {
         .expect("the filling thread")
     }
 
-    /// Without the settings every buffer here is faulted in afresh: 4096 faults each.
+    /// Without the settings every buffer here is faulted in afresh, as many faults as the first.
     pub fn a_buffer_freed_by_one_call_is_resident_for_the_next() {
         if allocator_set_by_environment() {
             assert_eq!(keep_freed_buffers(), FreedBuffers::LeftToEnvironment);
@@ -46,12 +46,12 @@ mod glibc {
             return;
         }
         assert_eq!(keep_freed_buffers(), FreedBuffers::Kept);
-        let pages = (BUFFER_BYTES / 4096) as i64;
+        // 4096 faults for the new memory, or 8 where the kernel backs the heap with huge pages.
         let first = faults_filling_a_buffer_on_a_new_thread();
-        assert!(first >= pages / 2, "the first buffer is new memory: {first} faults for {pages} pages");
+        assert!(first > 0, "the first buffer is new memory");
         for call in 1..4 {
             let faults = faults_filling_a_buffer_on_a_new_thread();
-            assert!(faults < pages / 16, "call {call}: {faults} faults for {pages} pages freed by the call before");
+            assert!(faults * 8 < first, "call {call}: {faults} faults where the first buffer took {first}");
         }
     }
 }
