@@ -70,10 +70,14 @@ async fn hostile_load_leaves_a_worker_within_its_memory_bounds() {
     assert!(codes.contains(&Code::InvalidArgument), "some were read and found invalid: {codes:?}");
     let grown = peak.saturating_sub(baseline);
     // The budget; the bytes of waiting requests in the connection's HTTP/2 window, which the
-    // sender may fill before they are read; and the decoding of the message being read (its
-    // buffer and its rows). All eight at once would be 384 MiB before any decoding.
+    // sender may fill before they are read; the decoding of the message being read (its buffer
+    // and its rows); and the frames of the message read before it, freed but kept resident for
+    // the next reads (the worker keeps freed buffers, `switchyard_common::freed_buffers`, until
+    // they are reused or its trimmer returns them: 239 MiB was seen once under the full suite,
+    // 176-208 MiB alone with either allocator setting). All eight at once would be 384 MiB before
+    // any decoding.
     let window = u64::from(switchyard_common::transport::CONNECTION_WINDOW_BYTES);
-    let bound = BUDGET + window + 2 * 48 * MIB;
+    let bound = BUDGET + window + 2 * 48 * MIB + 48 * MIB;
     assert!(grown < bound, "8 invalid 48 MiB requests grew the worker by {} MiB (bound {})", grown / MIB, bound / MIB);
     eprintln!("8 x 48 MiB invalid requests: worker RSS {} -> {} MiB at most", baseline / MIB, peak / MIB);
 
