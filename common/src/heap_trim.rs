@@ -128,12 +128,18 @@ mod tests {
         samples.into_iter().map(|sample| unused.observe(sample)).collect()
     }
 
+    /// An interval's samples: `rest` bytes resident and not in use, except `dip` at one sample
+    /// (a call taking the difference).
+    fn one_dip(dip: u64, rest: u64) -> impl Iterator<Item = u64> {
+        (0..SAMPLES_PER_INTERVAL).map(move |sample| if sample == 5 { dip } else { rest })
+    }
+
     #[test]
     fn memory_reused_within_every_interval_is_kept() {
         let mut unused = UnusedFree::new(Some(100 * MIB));
         for _ in 0..10 {
             // 120 MiB free between calls, taken again once per interval.
-            let samples = (0..SAMPLES_PER_INTERVAL).map(|sample| if sample == 5 { 101 * MIB } else { 220 * MIB });
+            let samples = one_dip(101 * MIB, 220 * MIB);
             assert!(interval(&mut unused, samples).iter().all(|trim| !trim));
         }
     }
@@ -142,7 +148,7 @@ mod tests {
     fn memory_unused_through_an_interval_is_trimmed_at_its_end() {
         let mut unused = UnusedFree::new(Some(100 * MIB));
         // 120 MiB free, of which a call took 20 MiB: 100 MiB sat unused.
-        let samples = (0..SAMPLES_PER_INTERVAL).map(|sample| if sample == 5 { 200 * MIB } else { 220 * MIB });
+        let samples = one_dip(200 * MIB, 220 * MIB);
         let trims = interval(&mut unused, samples);
         assert_eq!(trims.iter().filter(|trim| **trim).count(), 1);
         assert!(trims[SAMPLES_PER_INTERVAL as usize - 1], "decided once the interval is over");
@@ -154,11 +160,11 @@ mod tests {
     fn memory_mostly_reused_is_kept_though_some_sat_unused() {
         let mut unused = UnusedFree::new(Some(100 * MIB));
         for _ in 0..3 {
-            let samples = (0..SAMPLES_PER_INTERVAL).map(|sample| if sample == 5 { 110 * MIB } else { 220 * MIB });
+            let samples = one_dip(110 * MIB, 220 * MIB);
             assert!(interval(&mut unused, samples).iter().all(|trim| !trim));
         }
         // Once the unused part outgrows what the calls take, it goes.
-        let samples = (0..SAMPLES_PER_INTERVAL).map(|sample| if sample == 5 { 220 * MIB } else { 330 * MIB });
+        let samples = one_dip(220 * MIB, 330 * MIB);
         assert!(interval(&mut unused, samples)[SAMPLES_PER_INTERVAL as usize - 1]);
     }
 

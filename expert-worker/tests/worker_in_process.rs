@@ -36,6 +36,11 @@ fn part(index: usize, expert: u32, values: &[f32], width: usize, dtype: WireDtyp
     }
 }
 
+/// An expert-major request of `parts`, answered in each part's own dtype.
+fn expert_major(request_id: u64, parts: Vec<ExpertRowsIn>) -> ForwardBatch {
+    ForwardBatch { request_id, parts, output_dtype: None, token_major: None }
+}
+
 /// Both requests announced before either is admitted, as two requests on the wire at once are:
 /// the first one's rows wait for the second's (up to the batch wait bound).
 async fn forward_together(
@@ -85,12 +90,7 @@ async fn outputs_equal_the_expert_computed_directly() {
     let worker = started(Duration::ZERO, 1024).await;
     let spec = tiny_model();
     let (x1, x3) = (rows(5, 16, 0.1), rows(3, 16, 0.9));
-    let batch = ForwardBatch {
-        request_id: 1,
-        parts: vec![part(0, 1, &x1, 16, WireDtype::F32), part(1, 3, &x3, 16, WireDtype::F32)],
-        output_dtype: None,
-        token_major: None,
-    };
+    let batch = expert_major(1, vec![part(0, 1, &x1, 16, WireDtype::F32), part(1, 3, &x3, 16, WireDtype::F32)]);
     let outcome = worker.forward(batch).await.expect("forward");
     assert_eq!(outcome.outputs.len(), 2);
     for (output, (expert, input)) in outcome.outputs.iter().zip([(1, &x1), (3, &x3)]) {
@@ -126,18 +126,8 @@ async fn concurrent_requests_of_one_expert_merge_into_one_forward() {
     // A generous wait bound: the step starts as soon as the second request is in, not after it.
     let worker = started(Duration::from_millis(300), 1024).await;
     let (a, b) = (rows(3, 16, 0.2), rows(6, 16, 0.7));
-    let first = ForwardBatch {
-        request_id: 1,
-        parts: vec![part(0, 2, &a, 16, WireDtype::F32)],
-        output_dtype: None,
-        token_major: None,
-    };
-    let second = ForwardBatch {
-        request_id: 2,
-        parts: vec![part(0, 2, &b, 16, WireDtype::F32)],
-        output_dtype: None,
-        token_major: None,
-    };
+    let first = expert_major(1, vec![part(0, 2, &a, 16, WireDtype::F32)]);
+    let second = expert_major(2, vec![part(0, 2, &b, 16, WireDtype::F32)]);
     let (first, second) = forward_together(&worker, first, second).await;
     let (first, second) = (first.expect("first"), second.expect("second"));
     assert_eq!(first.outputs[0].batch_tokens, 9, "one forward of 3 + 6 rows");
@@ -158,12 +148,7 @@ async fn one_step_serves_every_expert_with_mixed_dtypes() {
     let worker = started(Duration::from_millis(300), 1024).await;
     let spec = tiny_model();
     let (a1, a3, b1, b2) = (rows(3, 16, 0.1), rows(4, 16, 0.4), rows(2, 16, 0.6), rows(5, 16, 0.8));
-    let first = ForwardBatch {
-        request_id: 1,
-        parts: vec![part(0, 1, &a1, 16, WireDtype::F32), part(1, 3, &a3, 16, WireDtype::Bf16)],
-        output_dtype: None,
-        token_major: None,
-    };
+    let first = expert_major(1, vec![part(0, 1, &a1, 16, WireDtype::F32), part(1, 3, &a3, 16, WireDtype::Bf16)]);
     let second = ForwardBatch {
         request_id: 2,
         parts: vec![part(0, 1, &b1, 16, WireDtype::Bf16), part(1, 2, &b2, 16, WireDtype::F32)],
@@ -197,21 +182,11 @@ async fn one_step_serves_every_expert_with_mixed_dtypes() {
 async fn queue_limit_refuses_and_unloading_closes_the_queue() {
     let worker = started(Duration::ZERO, 4).await;
     let x = rows(5, 16, 0.5);
-    let batch = ForwardBatch {
-        request_id: 3,
-        parts: vec![part(0, 1, &x, 16, WireDtype::F32)],
-        output_dtype: None,
-        token_major: None,
-    };
+    let batch = expert_major(3, vec![part(0, 1, &x, 16, WireDtype::F32)]);
     let error = worker.forward(batch).await.unwrap_err();
     assert!(matches!(error, WorkerError::QueueFull { requested: 5, limit: 4, .. }), "{error}");
     assert_eq!(worker.unload_experts(vec![ExpertId::new(0, 1)]).await.expect("unload"), vec![ExpertId::new(0, 1)]);
-    let batch = ForwardBatch {
-        request_id: 4,
-        parts: vec![part(0, 1, &x[..16], 16, WireDtype::F32)],
-        output_dtype: None,
-        token_major: None,
-    };
+    let batch = expert_major(4, vec![part(0, 1, &x[..16], 16, WireDtype::F32)]);
     assert!(worker.forward(batch).await.unwrap_err().to_string().contains("not served by this worker"));
     worker.shutdown().await;
 }
@@ -511,7 +486,7 @@ async fn per_expert_series_count_admitted_and_refused_rows_only_when_asked() {
     };
     let worker = started_from(options, metrics.clone()).await;
     let (five, three, seven) = (rows(5, 16, 0.1), rows(3, 16, 0.2), rows(7, 16, 0.3));
-    let batch = |parts| ForwardBatch { request_id: 1, parts, output_dtype: None, token_major: None };
+    let batch = |parts| expert_major(1, parts);
     worker
         .forward(batch(vec![part(0, 1, &five, 16, WireDtype::F32), part(1, 3, &three, 16, WireDtype::F32)]))
         .await
@@ -578,12 +553,7 @@ async fn a_token_major_request_comes_back_as_one_weighted_sum_per_token() {
         [(0, 1), (1, 3), (3, 2)]
     );
     let own = rows(2, 16, 0.9);
-    let expert_major = ForwardBatch {
-        request_id: 2,
-        parts: vec![part(0, 1, &own, 16, WireDtype::F32)],
-        output_dtype: None,
-        token_major: None,
-    };
+    let expert_major = expert_major(2, vec![part(0, 1, &own, 16, WireDtype::F32)]);
     let (summed, direct) = forward_together(&worker, token_major, expert_major).await;
     let (summed, direct) = (summed.expect("token-major"), direct.expect("expert-major"));
 
@@ -620,12 +590,7 @@ async fn identity_experts_answer_each_token_scaled_by_its_weights_here() {
     let token_major = ForwardBatch::try_from(token_major_request(4, &hidden, 16, &choices, WireDtype::F32))
         .expect("a valid token-major request");
     let own = rows(2, 16, 0.7);
-    let expert_major = ForwardBatch {
-        request_id: 5,
-        parts: vec![part(0, 1, &own, 16, WireDtype::F32)],
-        output_dtype: None,
-        token_major: None,
-    };
+    let expert_major = expert_major(5, vec![part(0, 1, &own, 16, WireDtype::F32)]);
     let (summed, direct) = forward_together(&worker, token_major, expert_major).await;
     let combined = summed.expect("token-major").combined.expect("one sum per token");
     let have = wire::decode_f32(&combined.data, combined.dtype);
@@ -651,12 +616,7 @@ async fn identity_steps_last_at_least_their_hold() {
         WorkerOptions { identity_experts: true, step_hold: hold, ..WorkerOptions::in_process(tch::Device::Cpu) };
     let worker = started_from(options, WorkerMetrics::new()).await;
     let own = rows(2, 16, 0.7);
-    let batch = ForwardBatch {
-        request_id: 9,
-        parts: vec![part(0, 1, &own, 16, WireDtype::F32)],
-        output_dtype: None,
-        token_major: None,
-    };
+    let batch = expert_major(9, vec![part(0, 1, &own, 16, WireDtype::F32)]);
     let started = std::time::Instant::now();
     let outcome = worker.forward(batch).await.expect("forward");
     assert!(started.elapsed() >= hold, "answered after {:?}", started.elapsed());
