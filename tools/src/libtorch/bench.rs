@@ -129,6 +129,14 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_PRESET_CALLS", default_value_t = 5)]
     pub preset_calls: u64,
 
+    /// Let the DeepEP presets' workers start on each request of a call as it arrives (a striped
+    /// payload's first requests computed while the rest are on the wire), with --batch-wait-us as
+    /// in the sweep. Default: each worker computes once the call's whole dispatch is in, so dispatch
+    /// and combine are timed each alone, as DeepEP's tests time its kernels; on a machine short of
+    /// cores, overlapped transfers share them with the stand-in compute.
+    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_OVERLAP")]
+    pub preset_overlap: bool,
+
     /// Most measured time of each DeepEP preset.
     #[arg(long, env = "SWITCHYARD_BENCH_PRESET_TIME", default_value = "180s", value_parser = parse_duration)]
     pub preset_time: Duration,
@@ -225,13 +233,8 @@ fn development_tls() -> anyhow::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.replot {
-        for path in report::folder::replot(&args.out)? {
-            eprintln!("wrote {}", path.display());
-        }
-        return Ok(());
-    }
+/// What `args` asks to measure, and how; refused with the flag at fault.
+fn settings_and_plan(args: &BenchArgs) -> anyhow::Result<(BenchSettings, BenchPlan)> {
     for (flag, empty) in [
         ("--tokens", args.tokens.is_empty()),
         ("--wire-dtypes", args.wire_dtypes.is_empty()),
@@ -283,6 +286,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         preset_workers: args.preset_workers,
         preset_calls: args.preset_calls,
         preset_time: args.preset_time,
+        preset_overlap: args.preset_overlap,
         link_rates: args.link_rate.clone(),
         step: (args.run == RunWhat::Step).then_some(StepPlan {
             layers: args.step_layers,
@@ -294,6 +298,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             },
         }),
     };
+    Ok((settings, plan))
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.replot {
+        for path in report::folder::replot(&args.out)? {
+            eprintln!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
+    let (settings, plan) = settings_and_plan(&args)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} points, {elapsed_precise} {msg}")
@@ -343,5 +358,17 @@ mod tests {
         let bench = Bench::try_parse_from(["bench", "--identity-experts", "--identity-hold-us", "2000"])
             .expect("with identity experts");
         assert_eq!(bench.args.identity_hold_us, 2000);
+    }
+
+    #[test]
+    fn the_presets_workers_wait_for_a_calls_whole_dispatch_unless_told_to_overlap() {
+        let preset_wait = |flags: &[&str]| {
+            let bench = Bench::try_parse_from(["bench", "--run", "deepep"].iter().chain(flags)).expect("flags parse");
+            let (settings, plan) = settings_and_plan(&bench.args).expect("a plan");
+            assert_eq!(settings.batch_wait_us, 7, "the sweep keeps --batch-wait-us");
+            bench::preset_settings(&settings, &plan, None).batch_wait_us
+        };
+        assert_eq!(preset_wait(&["--batch-wait-us", "7"]), bench::WHOLE_DISPATCH_WAIT.as_micros() as u64);
+        assert_eq!(preset_wait(&["--batch-wait-us", "7", "--preset-overlap"]), 7);
     }
 }
