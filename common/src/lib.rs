@@ -65,7 +65,6 @@ pub mod grpc_metrics;
 pub mod h2_channel;
 pub mod heap_trim;
 pub mod huge_pages;
-pub mod message_buf;
 pub mod metrics_http;
 pub mod metrics_text;
 pub mod otlp;

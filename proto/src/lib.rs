@@ -8,6 +8,7 @@
 //! - [`status`]: errors with structured details (gRPC's richer error model) both ends decode.
 //! - [`zero_copy`]: unary calls whose tensor payloads reach the socket without a copy.
 
+pub mod chunked_buf;
 pub mod codec;
 pub mod fp8;
 pub mod payload_last;

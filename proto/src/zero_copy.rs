@@ -12,7 +12,7 @@
 //!
 //! Tonic's decoders copy every received DATA frame into one buffer before decoding, a copy of every
 //! row a worker receives and of every answer a client does. Both halves here decode from the frames
-//! as they came instead (`Frames`): a `bytes` field that arrived within one frame (a payload its
+//! as they came instead (`ChunkedBuf`): a `bytes` field that arrived within one frame (a payload its
 //! sender wrote as one chunk, up to HTTP/2's frame size) is a slice of that frame.
 
 use std::collections::VecDeque;
@@ -27,6 +27,8 @@ use tonic::codegen::http::{self, HeaderValue, Method, StatusCode, Uri, header};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tower::{Service, ServiceExt};
+
+use crate::chunked_buf::ChunkedBuf;
 
 mod server;
 pub use server::{serve_streaming, serve_unary};
@@ -406,10 +408,10 @@ impl Reader {
 }
 
 /// Length-prefixed gRPC messages read from DATA frames as they arrive, each decoded once its bytes
-/// are in, its large fields slices of the frames ([`Frames`]).
+/// are in, its large fields slices of the frames ([`ChunkedBuf`]).
 #[derive(Debug)]
 struct MessageReader {
-    frames: Frames,
+    frames: ChunkedBuf,
     /// The length the next message's prefix declared, once its prefix is in.
     length: Option<usize>,
     max_bytes: usize,
@@ -418,7 +420,7 @@ struct MessageReader {
 
 impl MessageReader {
     fn new(max_bytes: usize, reader: Reader) -> Self {
-        Self { frames: Frames::default(), length: None, max_bytes, reader }
+        Self { frames: ChunkedBuf::default(), length: None, max_bytes, reader }
     }
 
     fn push(&mut self, data: Bytes) {
@@ -452,78 +454,6 @@ impl MessageReader {
                 M::decode((&mut self.frames).take(length)).map(Some).map_err(|error| self.reader.malformed(error))
             }
             _ => Ok(None),
-        }
-    }
-}
-
-/// Received DATA frames read as one buffer; [`Buf::copy_to_bytes`] shares a range that lies within
-/// one frame instead of copying it.
-#[derive(Debug, Default)]
-struct Frames {
-    chunks: VecDeque<Bytes>,
-    remaining: usize,
-}
-
-impl Frames {
-    fn push(&mut self, chunk: Bytes) {
-        if !chunk.is_empty() {
-            self.remaining += chunk.len();
-            self.chunks.push_back(chunk);
-        }
-    }
-
-    /// Copies the first `into.len()` bytes without consuming them.
-    fn peek(&self, into: &mut [u8]) {
-        let mut filled = 0;
-        for chunk in &self.chunks {
-            let take = (into.len() - filled).min(chunk.len());
-            into[filled..filled + take].copy_from_slice(&chunk[..take]);
-            filled += take;
-            if filled == into.len() {
-                break;
-            }
-        }
-    }
-}
-
-impl Buf for Frames {
-    fn remaining(&self) -> usize {
-        self.remaining
-    }
-
-    fn chunk(&self) -> &[u8] {
-        self.chunks.front().map_or(&[], |chunk| chunk.as_ref())
-    }
-
-    fn advance(&mut self, mut count: usize) {
-        assert!(count <= self.remaining, "advance past the end of the frames");
-        self.remaining -= count;
-        while count > 0 {
-            let front = self.chunks.front_mut().expect("counted");
-            if count < front.len() {
-                front.advance(count);
-                return;
-            }
-            count -= front.len();
-            self.chunks.pop_front();
-        }
-    }
-
-    fn copy_to_bytes(&mut self, length: usize) -> Bytes {
-        match self.chunks.front_mut() {
-            Some(front) if front.len() >= length => {
-                let shared = front.split_to(length);
-                if front.is_empty() {
-                    self.chunks.pop_front();
-                }
-                self.remaining -= length;
-                shared
-            }
-            _ => {
-                let mut copied = BytesMut::with_capacity(length);
-                copied.put((&mut *self).take(length));
-                copied.freeze()
-            }
         }
     }
 }

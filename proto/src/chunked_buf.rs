@@ -1,36 +1,59 @@
-//! A message's chunks (its small fields and its uncopied rows) as one [`Buf`], so that HTTP/2
-//! sends them as one DATA frame: h2 writes a frame's head and its payload's chunks in one vectored
-//! write, where chunks sent as frames of their own left in a write each, and on one host each
-//! write wakes the receiver (a request's small fields woke the worker to read a few KiB, then its
-//! rows a second time).
+//! Chunks of bytes read as one [`Buf`], none of them copied: the DATA frames a message arrived in
+//! (decoded in place, [`Buf::copy_to_bytes`] sharing a range that lies within one frame), and a
+//! message's chunks on their way out (its small fields and its uncopied rows), which HTTP/2 then
+//! sends as one DATA frame, its head and every chunk in one vectored write; chunks sent as frames
+//! of their own left in a write each, and on one host each write woke the receiver.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Chunks read in order, none of them empty.
 #[derive(Debug, Default)]
-pub struct MessageBuf {
+pub struct ChunkedBuf {
     chunks: VecDeque<Bytes>,
     remaining: usize,
 }
 
-impl MessageBuf {
-    pub fn new(chunks: impl IntoIterator<Item = Bytes>) -> Self {
-        let chunks: VecDeque<Bytes> = chunks.into_iter().filter(|chunk| !chunk.is_empty()).collect();
-        let remaining = chunks.iter().map(Bytes::len).sum();
-        Self { chunks, remaining }
+impl ChunkedBuf {
+    /// Appends `chunk` after the bytes already held.
+    pub fn push(&mut self, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.remaining += chunk.len();
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    /// Copies the first `into.len()` bytes without consuming them.
+    pub fn peek(&self, into: &mut [u8]) {
+        let mut filled = 0;
+        for chunk in &self.chunks {
+            let take = (into.len() - filled).min(chunk.len());
+            into[filled..filled + take].copy_from_slice(&chunk[..take]);
+            filled += take;
+            if filled == into.len() {
+                break;
+            }
+        }
     }
 }
 
-impl Buf for MessageBuf {
+impl FromIterator<Bytes> for ChunkedBuf {
+    fn from_iter<I: IntoIterator<Item = Bytes>>(chunks: I) -> Self {
+        let mut buf = Self::default();
+        chunks.into_iter().for_each(|chunk| buf.push(chunk));
+        buf
+    }
+}
+
+impl Buf for ChunkedBuf {
     fn remaining(&self) -> usize {
         self.remaining
     }
 
     fn chunk(&self) -> &[u8] {
-        self.chunks.front().map_or(&[], |chunk| chunk)
+        self.chunks.front().map_or(&[], |chunk| chunk.as_ref())
     }
 
     fn advance(&mut self, mut count: usize) {
@@ -58,17 +81,17 @@ impl Buf for MessageBuf {
 
     fn copy_to_bytes(&mut self, length: usize) -> Bytes {
         match self.chunks.front_mut() {
-            // The common case (h2 splitting a frame inside a chunk): a slice, not a copy.
-            Some(front) if length <= front.len() => {
-                let taken = front.split_to(length);
+            // Within one chunk: a slice of it, not a copy.
+            Some(front) if front.len() >= length => {
+                let shared = front.split_to(length);
                 if front.is_empty() {
                     self.chunks.pop_front();
                 }
                 self.remaining -= length;
-                taken
+                shared
             }
             _ => {
-                let mut copied = bytes::BytesMut::with_capacity(length);
+                let mut copied = BytesMut::with_capacity(length);
                 copied.put((&mut *self).take(length));
                 copied.freeze()
             }
@@ -80,8 +103,8 @@ impl Buf for MessageBuf {
 mod tests {
     use super::*;
 
-    fn message() -> MessageBuf {
-        MessageBuf::new([Bytes::from_static(b"head"), Bytes::new(), Bytes::from_static(b"rows of a message")])
+    fn message() -> ChunkedBuf {
+        [Bytes::from_static(b"head"), Bytes::new(), Bytes::from_static(b"rows of a message")].into_iter().collect()
     }
 
     #[test]
@@ -101,6 +124,9 @@ mod tests {
     #[test]
     fn a_copy_across_chunks_takes_from_each() {
         let mut buf = message();
+        let mut peeked = [0u8; 7];
+        buf.peek(&mut peeked);
+        assert_eq!(&peeked, b"headrow");
         assert_eq!(buf.copy_to_bytes(7), Bytes::from_static(b"headrow"));
         assert_eq!(buf.remaining(), 14);
         assert_eq!(buf.chunk(), b"s of a message");
