@@ -11,7 +11,7 @@ use tokio::io::AsyncBufReadExt;
 
 use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
 use switchyard_loadtest::local_cluster::{Hosts, LocalCluster, LocalClusterConfig};
-use switchyard_loadtest::shaped_network::ShapedNetwork;
+use switchyard_loadtest::shaped_network::{CongestionControl, ShapedNetwork};
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::{RoutingOverrides, RoutingTableView};
 
@@ -35,7 +35,7 @@ fn refused_here() -> bool {
 
 /// Why namespaces cannot be made here, if they cannot.
 fn namespaces_refused() -> Option<String> {
-    ShapedNetwork::create().err().map(|error| error.to_string())
+    ShapedNetwork::create(CongestionControl::default()).err().map(|error| error.to_string())
 }
 
 fn listed(command: &[&str]) -> String {
@@ -51,8 +51,9 @@ async fn a_cluster_on_separate_hosts_serves_the_reference_and_heals_a_dead_worke
     }
     let model = small_model(2.0);
     let link = "1gbit".parse().expect("a rate");
+    // Reno: no machine's default, so connections running it ran the network's choice.
     let mut cluster = TestCluster::start(model.clone(), 3, |config| {
-        config.hosts = Hosts::Namespaces { worker_link: Some(link) };
+        config.hosts = Hosts::Namespaces { worker_link: Some(link), congestion: CongestionControl::Reno };
     })
     .await;
     let network = cluster.processes.network().expect("namespaced hosts");
@@ -85,6 +86,18 @@ async fn a_cluster_on_separate_hosts_serves_the_reference_and_heals_a_dead_worke
     let error = relative_frobenius_error(&distributed.hidden, &expected.hidden);
     assert!(error < 1e-5, "relative Frobenius error {error:e}");
     assert_eq!(distributed.workers.len(), 3, "one request to each host");
+    // Both ends of every connection to a worker run the network's congestion control.
+    for host in &hosts {
+        let namespace = host.namespace.file_name().expect("a namespace's name").to_string_lossy().into_owned();
+        let dst = format!("dst {}", host.address);
+        let client_side = listed(&["ss", "-tin", "state", "established", &dst]);
+        let worker_side = listed(&["ip", "netns", "exec", &namespace, "ss", "-tin", "state", "established"]);
+        for (side, sockets) in [("client", client_side), ("worker", worker_side)] {
+            let infos: Vec<&str> = sockets.lines().filter(|line| line.contains("rto:")).collect();
+            assert!(!infos.is_empty(), "{side} side of {}: no connection\n{sockets}", host.name);
+            assert!(infos.iter().all(|info| info.contains(" reno ")), "{side} side of {}:\n{sockets}", host.name);
+        }
+    }
 
     // A worker's host dies: the coordinator re-places its experts on the other two.
     let dead = format!("http://{}", cluster.processes.workers[0].grpc);
@@ -118,7 +131,10 @@ async fn a_cluster_that_fails_to_start_removes_its_namespaces() {
     }
     let binaries = switchyard_integration_tests::binaries_dir();
     let mut config = LocalClusterConfig::next_to(&binaries.join("switchyard"), small_model(2.0), 2);
-    config.hosts = Hosts::Namespaces { worker_link: Some("1gbit".parse().expect("rate")) };
+    config.hosts = Hosts::Namespaces {
+        worker_link: Some("1gbit".parse().expect("rate")),
+        congestion: CongestionControl::default(),
+    };
     // The workers refuse their flags: the start fails with the switch and the coordinator up.
     config.worker_args = vec!["--batch-wait-us".into(), "soon".into()];
     let error = LocalCluster::start(config).await.expect_err("a worker refuses its flags");
@@ -176,14 +192,14 @@ fn a_network_whose_process_died_is_removed_by_the_next_one() {
     child.wait().expect("reaped");
     assert!(made, "the child made its switch and one host");
     assert_eq!(namespaces_of(pid).len(), 2, "a killed process leaves its namespaces");
-    drop(ShapedNetwork::create().expect("a new network"));
+    drop(ShapedNetwork::create(CongestionControl::default()).expect("a new network"));
     assert_eq!(namespaces_of(pid), Vec::<String>::new(), "the next network removed the dead one's");
 }
 
 #[test]
 #[ignore = "run by a_network_whose_process_died_is_removed_by_the_next_one, which kills it"]
 fn make_a_network_and_hang() {
-    let mut network = ShapedNetwork::create().expect("a network");
+    let mut network = ShapedNetwork::create(CongestionControl::default()).expect("a network");
     network.add_host("w0", Some("1gbit".parse().expect("rate"))).expect("a host");
     std::thread::sleep(Duration::from_secs(60));
 }

@@ -9,7 +9,7 @@ use switchyard_common::tls::{self, ClientTls, Role};
 use switchyard_common::transport;
 use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
 use switchyard_loadtest::local_cluster::Hosts;
-use switchyard_loadtest::shaped_network::ShapedNetwork;
+use switchyard_loadtest::shaped_network::{CongestionControl, ShapedNetwork};
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::RoutingOverrides;
 use tonic_health::pb::HealthCheckRequest;
@@ -17,7 +17,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 #[tokio::test]
 async fn a_cluster_on_separate_hosts_runs_on_mutual_tls_with_a_certificate_per_host() {
-    if let Some(reason) = ShapedNetwork::create().err() {
+    if let Some(reason) = ShapedNetwork::create(CongestionControl::default()).err() {
         eprintln!("skipped: network namespaces are not permitted here ({reason})");
         return;
     }
@@ -28,7 +28,7 @@ async fn a_cluster_on_separate_hosts_runs_on_mutual_tls_with_a_certificate_per_h
 
     let model = small_model(2.0);
     let cluster = TestCluster::start(model.clone(), 2, |config| {
-        config.hosts = Hosts::Namespaces { worker_link: None };
+        config.hosts = Hosts::Namespaces { worker_link: None, congestion: CongestionControl::default() };
         config.dev_tls = Some(certs.path().to_path_buf());
     })
     .await;

@@ -13,7 +13,7 @@ use switchyard_common::tls::{self, Role, TlsArgs, TlsError};
 use switchyard_common::tracing_setup::TracingArgs;
 use switchyard_model::ModelSpec;
 
-use crate::shaped_network::{Host, LinkRate, NetworkError, ShapedNetwork};
+use crate::shaped_network::{CongestionControl, Host, LinkRate, NetworkError, ShapedNetwork};
 
 /// Where the cluster's processes live.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -22,8 +22,9 @@ pub enum Hosts {
     #[default]
     Loopback,
     /// The coordinator and each worker in a network namespace of its own, reached over a bridge;
-    /// each worker's link shaped to `worker_link` in both directions when given. Needs CAP_NET_ADMIN.
-    Namespaces { worker_link: Option<LinkRate> },
+    /// each worker's link shaped to `worker_link` in both directions when given, every host's TCP
+    /// (this process's towards them included) running `congestion`. Needs CAP_NET_ADMIN.
+    Namespaces { worker_link: Option<LinkRate>, congestion: CongestionControl },
 }
 
 /// What to start.
@@ -176,12 +177,12 @@ impl LocalCluster {
         }
         let (network, coordinator_host) = match config.hosts {
             Hosts::Loopback => (None, None),
-            Hosts::Namespaces { .. } => {
+            Hosts::Namespaces { congestion, .. } => {
                 if config.coordinator_args.iter().chain(&config.worker_args).any(|arg| arg == "--tls-cert") {
                     return Err(LocalClusterError::TlsOnNamespaces);
                 }
-                let (network, host) = blocking(|| {
-                    let mut network = ShapedNetwork::create()?;
+                let (network, host) = blocking(move || {
+                    let mut network = ShapedNetwork::create(congestion)?;
                     let host = network.add_host("coordinator", None)?;
                     Ok::<_, NetworkError>((network, host))
                 })
@@ -250,7 +251,7 @@ impl LocalCluster {
 
     async fn start_worker(&mut self, index: usize) -> Result<(), LocalClusterError> {
         let host = match self.config.hosts {
-            Hosts::Namespaces { worker_link } => Some(self.add_worker_host(index, worker_link).await?),
+            Hosts::Namespaces { worker_link, .. } => Some(self.add_worker_host(index, worker_link).await?),
             Hosts::Loopback => None,
         };
         let listen = listen_address(host.as_ref());

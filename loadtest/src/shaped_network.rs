@@ -12,6 +12,10 @@
 //!                                  └─ br0 ─ w1 ═tbf═ veth ═tbf═ eth0 198.18.N.4
 //! ```
 //!
+//! Every host's TCP towards the others runs one congestion control ([`CongestionControl`], a
+//! `congctl` on its route to the network), CUBIC unless told otherwise, whatever this machine's own
+//! default is: the network stands for a cluster's hosts, not for this one.
+//!
 //! Addresses come from 198.18.0.0/15, the range set aside for benchmarks (RFC 2544). Everything is
 //! made with iproute2's `ip` and `tc`, needs CAP_NET_ADMIN, and is removed when the
 //! [`ShapedNetwork`] is dropped; namespaces left by a process that was killed are removed by the next
@@ -41,6 +45,10 @@ pub enum NetworkError {
     Command { command: String, said: String },
     #[error("no free /24 left in 198.18.0.0/15 for another shaped network")]
     NoSubnet,
+    #[error(
+        "TCP congestion control {name} is not available on this machine (it has: {available}); `{command}` said: {said}"
+    )]
+    CongestionUnavailable { name: CongestionControl, available: String, command: String, said: String },
 }
 
 /// A link rate in bits per second, as `tc` writes them: `1gbit`, `25gbit`, `500mbit`.
@@ -124,6 +132,58 @@ impl<'de> serde::Deserialize<'de> for LinkRate {
     }
 }
 
+/// The TCP congestion control of a network's hosts towards each other.
+///
+/// CUBIC by default: the kernel's own default, what a cluster's hosts run unless tuned. This
+/// project's 2-core machine runs BBR, whose paced sending (a timer per burst, starved while the
+/// emulated hosts share two cores) left 10 Gbit/s links idle between bursts: DeepEP low-latency
+/// with 2 workers reached 69-77% of the line rate in dispatch under BBR, 81-87% under CUBIC
+/// (`switchyard bench --run deepep-low-latency --link-rate 10gbit`, alternated runs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CongestionControl {
+    #[default]
+    Cubic,
+    Bbr,
+    Dctcp,
+    Reno,
+    /// Whatever this machine's default is (`net.ipv4.tcp_congestion_control`).
+    Machine,
+}
+
+impl CongestionControl {
+    /// The kernel's name of it; `None` for the machine's default.
+    pub fn kernel_name(self) -> Option<&'static str> {
+        match self {
+            Self::Cubic => Some("cubic"),
+            Self::Bbr => Some("bbr"),
+            Self::Dctcp => Some("dctcp"),
+            Self::Reno => Some("reno"),
+            Self::Machine => None,
+        }
+    }
+}
+
+impl FromStr for CongestionControl {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "cubic" => Ok(Self::Cubic),
+            "bbr" => Ok(Self::Bbr),
+            "dctcp" => Ok(Self::Dctcp),
+            "reno" => Ok(Self::Reno),
+            "machine" => Ok(Self::Machine),
+            _ => Err(format!("{text:?}: expected cubic, bbr, dctcp, reno or machine (this machine's default)")),
+        }
+    }
+}
+
+impl fmt::Display for CongestionControl {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.kernel_name().unwrap_or("machine"))
+    }
+}
+
 /// One host of the network: its namespace and address.
 #[derive(Debug, Clone)]
 pub struct Host {
@@ -149,15 +209,17 @@ impl Host {
 #[derive(Debug)]
 pub struct ShapedNetwork {
     tag: String,
+    congestion: CongestionControl,
     subnet: [u8; 3],
     client_address: Ipv4Addr,
     hosts: Vec<Host>,
 }
 
 impl ShapedNetwork {
-    /// The switch and the client's link; hosts come with [`ShapedNetwork::add_host`]. Blocking: it
-    /// runs `ip` and `tc`.
-    pub fn create() -> Result<Self, NetworkError> {
+    /// The switch and the client's link; hosts come with [`ShapedNetwork::add_host`]; every host's
+    /// TCP (this process's towards the network included) runs `congestion`. Blocking: it runs `ip`
+    /// and `tc`.
+    pub fn create(congestion: CongestionControl) -> Result<Self, NetworkError> {
         remove_stale();
         static NETWORKS: AtomicU32 = AtomicU32::new(0);
         let count = NETWORKS.fetch_add(1, Ordering::Relaxed);
@@ -165,7 +227,8 @@ impl ShapedNetwork {
         let switch = format!("{tag}-switch");
         run(&["ip", "netns", "add", &switch])?;
         // From here the drop removes whatever was made, also when a later step fails.
-        let mut network = Self { tag, subnet: [198, 18, 0], client_address: Ipv4Addr::UNSPECIFIED, hosts: Vec::new() };
+        let mut network =
+            Self { tag, congestion, subnet: [198, 18, 0], client_address: Ipv4Addr::UNSPECIFIED, hosts: Vec::new() };
         network.subnet = free_subnet(count)?;
         network.client_address = network.address_of(1);
         let client_link = network.client_link();
@@ -181,6 +244,7 @@ impl ShapedNetwork {
         ] {
             run(&command)?;
         }
+        network.set_congestion(None, &client_link, network.client_address)?;
         Ok(network)
     }
 
@@ -210,6 +274,7 @@ impl ShapedNetwork {
         ] {
             run(&command)?;
         }
+        self.set_congestion(Some(&namespace), "eth0", address)?;
         if let Some(rate) = rate {
             // Egress of each end: the host's side shapes what it sends, the switch's port what it gets.
             shape(&namespace, "eth0", rate)?;
@@ -241,6 +306,29 @@ impl ShapedNetwork {
 
     fn switch(&self) -> String {
         format!("{}-switch", self.tag)
+    }
+
+    /// The network's congestion control on the route to its subnet from `address` on `device` (in
+    /// `namespace`; `None`: this process's): the route the kernel made for the address, with
+    /// `congctl`. Connections opened and accepted over it take it.
+    fn set_congestion(&self, namespace: Option<&str>, device: &str, address: Ipv4Addr) -> Result<(), NetworkError> {
+        let Some(name) = self.congestion.kernel_name() else { return Ok(()) };
+        let [a, b, c] = self.subnet;
+        let (subnet, source) = (format!("{a}.{b}.{c}.0/24"), address.to_string());
+        let mut command = vec!["ip"];
+        command.extend(namespace.map(|namespace| ["-n", namespace]).into_iter().flatten());
+        command.extend(["route", "replace", &subnet, "dev", device, "proto", "kernel", "scope", "link"]);
+        command.extend(["src", &source, "congctl", name]);
+        run(&command).map_err(|error| match error {
+            NetworkError::Command { command, said } => NetworkError::CongestionUnavailable {
+                name: self.congestion,
+                available: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                    .map_or_else(|_| "unknown".to_owned(), |names| names.trim().to_owned()),
+                command,
+                said,
+            },
+            other => other,
+        })
     }
 
     fn address_of(&self, host: u8) -> Ipv4Addr {
@@ -338,6 +426,19 @@ mod tests {
         assert_eq!("2.5gbit".parse::<LinkRate>().map(|rate| rate.to_string()), Ok("2500mbit".into()));
         let link = "25gbit".parse::<LinkRate>().expect("rate");
         assert!((link.floor_seconds(3.125e9) - 1.0).abs() < 1e-12, "25 Gbit/s moves 3.125 GB in a second");
+    }
+
+    #[test]
+    fn congestion_controls_parse_by_kernel_name_and_refuse_the_rest_by_name() {
+        assert_eq!("cubic".parse(), Ok(CongestionControl::Cubic));
+        assert_eq!(" BBR".parse(), Ok(CongestionControl::Bbr));
+        assert_eq!("machine".parse::<CongestionControl>().map(CongestionControl::kernel_name), Ok(None));
+        assert_eq!(CongestionControl::default().to_string(), "cubic");
+        for name in ["cubic", "bbr", "dctcp", "reno", "machine"] {
+            assert_eq!(name.parse::<CongestionControl>().map(|parsed| parsed.to_string()), Ok(name.to_owned()));
+        }
+        let refused = "vegas".parse::<CongestionControl>().unwrap_err();
+        assert!(refused.contains("vegas") && refused.contains("cubic"), "{refused}");
     }
 
     #[test]

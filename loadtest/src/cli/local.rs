@@ -6,7 +6,7 @@ use anyhow::Context;
 use switchyard_common::tracing_setup::TracingArgs;
 use switchyard_loadtest::loadtest::{self, LoadSpec, LoadSummary, Target};
 use switchyard_loadtest::local_cluster::{Hosts, LocalCluster, LocalClusterConfig};
-use switchyard_loadtest::shaped_network::LinkRate;
+use switchyard_loadtest::shaped_network::{CongestionControl, LinkRate};
 use switchyard_model::cli::ModelArgs;
 use switchyard_model::{ModelSpec, WeightDtype};
 
@@ -53,6 +53,12 @@ pub struct LocalArgs {
     /// CAP_NET_ADMIN (root); everything is removed when the command ends, Ctrl-C included.
     #[arg(long, env = "SWITCHYARD_LOCAL_LINK_RATE")]
     pub link_rate: Option<LinkRate>,
+
+    /// With --link-rate: the TCP congestion control of every host of the cluster, this process's
+    /// connections to them included: cubic (the kernel's default, what a cluster's hosts run unless
+    /// tuned), bbr, dctcp, reno, or machine (this machine's own default).
+    #[arg(long, env = "SWITCHYARD_LOCAL_LINK_CONGESTION", default_value_t, requires = "link_rate")]
+    pub link_congestion: CongestionControl,
 
     /// With --loadtest: then run the same load through the in-process reference layer, for comparison
     /// (with as many libtorch threads as all workers had together).
@@ -105,7 +111,7 @@ async fn run_cluster(args: &LocalArgs, tracing: &TracingArgs) -> anyhow::Result<
     config.torch_threads = args.worker_torch_threads;
     config.tracing = tracing.clone();
     if let Some(rate) = args.link_rate {
-        config.hosts = Hosts::Namespaces { worker_link: Some(rate) };
+        config.hosts = Hosts::Namespaces { worker_link: Some(rate), congestion: args.link_congestion };
     }
     config.worker_args = vec!["--batch-wait-us".into(), args.batch_wait_us.to_string()];
     let dtype: Option<WeightDtype> = args.dtype.map(Into::into);
@@ -125,7 +131,12 @@ async fn run_cluster(args: &LocalArgs, tracing: &TracingArgs) -> anyhow::Result<
         eprintln!("mutual TLS on every connection; certificates in {}", dir.display());
     }
     let hosts = match args.link_rate {
-        Some(rate) => format!("each on a host of its own, workers behind {rate} links"),
+        Some(rate) => {
+            format!(
+                "each on a host of its own, workers behind {rate} links, TCP congestion control {}",
+                args.link_congestion
+            )
+        }
         None => "on 127.0.0.1".to_owned(),
     };
     eprintln!("starting a coordinator and {} workers {hosts} (model {})...", args.workers, model.summary());

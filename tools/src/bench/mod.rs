@@ -27,7 +27,7 @@ use switchyard_proto::wire::WireDtype;
 use plan::{ClusterShape, Point};
 use switchyard_loadtest::loadtest::{self, AttentionStandIn, LoadReport, LoadSpec, ModelStep, Target};
 use switchyard_loadtest::local_cluster::{Hosts, LocalCluster, LocalClusterConfig, LocalClusterError};
-use switchyard_loadtest::shaped_network::LinkRate;
+use switchyard_loadtest::shaped_network::{CongestionControl, LinkRate};
 use switchyard_loadtest::skew::{Inputs, Skew, gate_rows};
 use switchyard_reference::{ReferenceConfig, ReferenceError, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::client::{ClientOptions, MoeClient};
@@ -362,8 +362,18 @@ pub struct BenchPlan {
     /// Run the presets (and the step) once per rate, the workers behind links of that rate;
     /// empty: on loopback.
     pub link_rates: Vec<LinkRate>,
+    /// Every host's TCP congestion control on the links.
+    pub link_congestion: CongestionControl,
     /// A whole-model step to measure, if any.
     pub step: Option<StepPlan>,
+}
+
+impl BenchPlan {
+    /// Where a run on `link` puts the cluster: each worker behind a link of that rate, every host
+    /// running the plan's congestion control; without a link, `otherwise`.
+    fn hosts_behind(&self, link: Option<LinkRate>, otherwise: Hosts) -> Hosts {
+        link.map_or(otherwise, |rate| Hosts::Namespaces { worker_link: Some(rate), congestion: self.link_congestion })
+    }
 }
 
 /// Everything a bench run measured.
@@ -649,10 +659,7 @@ pub async fn run(
     if let Some(step) = plan.step {
         let shape = plan.axes.shapes(false)[0];
         for &link in &links {
-            let settings = BenchSettings {
-                hosts: link.map_or(settings.hosts, |rate| Hosts::Namespaces { worker_link: Some(rate) }),
-                ..settings.clone()
-            };
+            let settings = BenchSettings { hosts: plan.hosts_behind(link, settings.hosts), ..settings.clone() };
             let mut model = model_of(shape, &settings, CapacityPolicy::Factor(settings.capacity_factor))?;
             model.moe_layers = (0..step.layers).collect();
             let model = model.validate()?;
@@ -690,7 +697,7 @@ pub fn preset_settings(settings: &BenchSettings, plan: &BenchPlan, link: Option<
         calls: plan.preset_calls,
         point_time: plan.preset_time,
         warmup_calls: settings.warmup_calls.min(1),
-        hosts: link.map_or(settings.hosts, |rate| Hosts::Namespaces { worker_link: Some(rate) }),
+        hosts: plan.hosts_behind(link, settings.hosts),
         ..settings.clone()
     }
 }
@@ -938,6 +945,7 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "preset_time_s": plan.preset_time.as_secs_f64(),
         "preset_overlap": plan.preset_overlap,
         "link_rates": plan.link_rates.iter().map(LinkRate::to_string).collect::<Vec<_>>(),
+        "link_congestion": plan.link_congestion.to_string(),
         "mutual_tls": settings.dev_tls.is_some(),
         "step": plan.step.map(|step| serde_json::json!({
             "layers": step.layers,

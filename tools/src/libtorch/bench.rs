@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use switchyard_loadtest::loadtest::AttentionStandIn;
 use switchyard_loadtest::local_cluster::Hosts;
-use switchyard_loadtest::shaped_network::LinkRate;
+use switchyard_loadtest::shaped_network::{CongestionControl, LinkRate};
 use switchyard_model::ModelSpec;
 use switchyard_tools::bench::plan::Axes;
 use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset, StepPlan};
@@ -106,6 +106,12 @@ pub struct BenchArgs {
     /// link's floor. Needs CAP_NET_ADMIN (root). Default: every process on loopback.
     #[arg(long, env = "SWITCHYARD_BENCH_LINK_RATE", value_delimiter = ',')]
     pub link_rate: Vec<LinkRate>,
+
+    /// With --link-rate: the TCP congestion control of every host, the client's connections to the
+    /// workers included: cubic (the kernel's default, what a cluster's hosts run unless tuned),
+    /// bbr, dctcp, reno, or machine (this machine's own default). Named in the report.
+    #[arg(long, env = "SWITCHYARD_BENCH_LINK_CONGESTION", default_value_t)]
+    pub link_congestion: CongestionControl,
 
     /// MoE layers of the model of `--run step`.
     #[arg(long, env = "SWITCHYARD_BENCH_STEP_LAYERS", default_value_t = 32)]
@@ -288,6 +294,7 @@ fn settings_and_plan(args: &BenchArgs) -> anyhow::Result<(BenchSettings, BenchPl
         preset_time: args.preset_time,
         preset_overlap: args.preset_overlap,
         link_rates: args.link_rate.clone(),
+        link_congestion: args.link_congestion,
         step: (args.run == RunWhat::Step).then_some(StepPlan {
             layers: args.step_layers,
             tokens: args.step_tokens,

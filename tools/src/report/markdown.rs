@@ -299,9 +299,18 @@ pub fn bench_report(summary: &BenchSummary) -> String {
         text.push('\n');
         if summary.presets.iter().any(|preset| preset.link_rate.is_some()) {
             text.push_str("### On shaped links\n\n");
-            text.push_str(
+            // Reports written before the setting existed ran this machine's own.
+            let congestion = match summary.settings["link_congestion"].as_str() {
+                Some(name) if name != "machine" => format!("TCP congestion control {name} on every host"),
+                _ => "the measuring machine's default TCP congestion control on every host".to_owned(),
+            };
+            let _ = write!(
+                text,
                 "Each worker on a host of its own (a network namespace) behind a veth link shaped by tbf to the rate \
-                 in each direction, the client in another; the floor is the busiest link's socket bytes per call over \
+                 in each direction, the client in another, {congestion}. "
+            );
+            text.push_str(
+                "The floor is the busiest link's socket bytes per call over \
                  the rate (TCP/IP/Ethernet headers come on top: ~95% of the rate is the most a transfer reaches). \
                  Dispatch here is the whole transfer of one worker's requests (the first sent → the last in its \
                  handler) and combine of its answers (its first reply → the client has the last), the longest \
@@ -338,8 +347,24 @@ mod tests {
     use super::*;
 
     fn published_report() -> BenchSummary {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench/sweep/report.json");
-        serde_json::from_str(&std::fs::read_to_string(path).expect("docs/bench/sweep/report.json")).expect("a report")
+        published("sweep")
+    }
+
+    fn published(folder: &str) -> BenchSummary {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../docs/bench/{folder}/report.json"));
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("a published report.json")).expect("a report")
+    }
+
+    #[test]
+    fn the_links_paragraph_names_the_hosts_congestion_control() {
+        let mut summary = published("links");
+        summary.settings["link_congestion"] = serde_json::Value::from("dctcp");
+        let named = bench_report(&summary);
+        assert!(named.contains("TCP congestion control dctcp on every host"), "{named}");
+        summary.settings["link_congestion"] = serde_json::Value::from("machine");
+        assert!(bench_report(&summary).contains("the measuring machine's default TCP congestion control"));
+        summary.settings.as_object_mut().expect("settings").remove("link_congestion");
+        assert!(bench_report(&summary).contains("the measuring machine's default TCP congestion control"));
     }
 
     #[test]
