@@ -2,6 +2,14 @@
 //! start coordinators and workers with [`ChildProcess::spawn`]. A child is killed when its handle is
 //! dropped (a test that fails, a Ctrl-C) and, through `PR_SET_PDEATHSIG`, when the parent dies
 //! without running destructors (SIGKILL).
+//!
+//! Each child runs in a session of its own, as a separate service or machine would: where the
+//! kernel schedules by session (autogroup, on by default), each process gets its fair share of the
+//! cores instead of each thread, so the threads of one process (a client writing two workers'
+//! dispatches) do not crowd out another woken by its bytes. On this project's 2-core machine,
+//! DeepEP low-latency with 2 workers behind 10 Gbit/s links: dispatch 85% of the line rate in three
+//! runs against 81-83% with every process in one session. A terminal's Ctrl-C reaches only the
+//! parent, which stops its children itself.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -65,6 +73,7 @@ impl ChildProcess {
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
         die_with_parent(&mut command);
+        own_session(&mut command);
         let spawn_error = |source| ChildError::Spawn { program: display.clone(), source };
         // Open until the child has exec'd (close-on-exec): `setns` takes its descriptor.
         let namespace = namespace.map(std::fs::File::open).transpose().map_err(spawn_error)?;
@@ -163,6 +172,23 @@ fn die_with_parent(command: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_command: &mut Command) {}
 
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn own_session(command: &mut Command) {
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(unix))]
+fn own_session(_command: &mut Command) {}
+
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn enter_namespace(command: &mut Command, namespace: &std::fs::File) {
@@ -212,3 +238,25 @@ fn send_signal(pid: u32, signal: Signal) {
 
 #[cfg(not(unix))]
 fn send_signal(_pid: u32, _signal: Signal) {}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    #[allow(unsafe_code)]
+    async fn a_child_leads_a_session_of_its_own() {
+        let announce =
+            format!("echo {} grpc=127.0.0.1:1 metrics=127.0.0.1:2; exec sleep 30", crate::ready::READY_PREFIX);
+        let args = ["-c".to_owned(), announce];
+        let mut child = ChildProcess::spawn("sh", Path::new("/bin/sh"), &args, &[], Duration::from_secs(10))
+            .await
+            .expect("a shell that announces itself");
+        let pid = child.child.id().expect("running") as libc::pid_t;
+        // SAFETY: getsid only reads the kernel's view of a process.
+        let (childs, ours) = unsafe { (libc::getsid(pid), libc::getsid(0)) };
+        child.kill().await;
+        assert_eq!(childs, pid, "the child leads its session");
+        assert_ne!(childs, ours);
+    }
+}
