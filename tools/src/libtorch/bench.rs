@@ -378,4 +378,18 @@ mod tests {
         assert_eq!(preset_wait(&["--batch-wait-us", "7"]), bench::WHOLE_DISPATCH_WAIT.as_micros() as u64);
         assert_eq!(preset_wait(&["--batch-wait-us", "7", "--preset-overlap"]), 7);
     }
+
+    #[test]
+    fn the_warm_up_takes_every_connection_to_a_worker_once() {
+        let warmup = |flags: &[&str]| {
+            let bench = Bench::try_parse_from(["bench", "--run", "deepep"].iter().chain(flags)).expect("flags parse");
+            let (settings, plan) = settings_and_plan(&bench.args).expect("a plan");
+            (bench::warmup_calls(&settings), bench::warmup_calls(&bench::preset_settings(&settings, &plan, None)))
+        };
+        // The presets make one warm-up call of their own, the sweep its --warmup-calls.
+        assert_eq!(warmup(&["--connections-per-worker", "4", "--warmup-calls", "3"]), (4, 4));
+        assert_eq!(warmup(&["--connections-per-worker", "2", "--warmup-calls", "3"]), (3, 2));
+        assert_eq!(warmup(&["--connections-per-worker", "1", "--warmup-calls", "3"]), (3, 1));
+        assert_eq!(warmup(&["--connections-per-worker", "4", "--warmup-calls", "0"]), (0, 0));
+    }
 }
