@@ -131,8 +131,10 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_ATTENTION_GEMM")]
     pub attention_gemm: Option<usize>,
 
-    /// Measured calls of each DeepEP preset (after one warm-up call).
-    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_CALLS", default_value_t = 5)]
+    /// Measured calls of each DeepEP preset (after a warm-up call on each connection to a worker).
+    /// Five were too few to average out this machine's loopback (DeepEP-normal's combine 52-110% of
+    /// TCP from run to run).
+    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_CALLS", default_value_t = 20)]
     pub preset_calls: u64,
 
     /// Let the DeepEP presets' workers start on each request of a call as it arrives (a striped
