@@ -224,7 +224,7 @@ pub struct PresetResult {
     /// Raw TCP one way over every worker's link at once, each with the busiest worker's bytes
     /// of a call: what this client's machine moves to all its workers together at best.
     pub links_tcp_at_once: Option<wire::WireFigure>,
-    /// How busy every core of this machine was while the calls ran, the warm-up call included and
+    /// How busy every core of this machine was while the calls ran, the warm-up calls included and
     /// the baselines' time left out.
     pub cpu: Option<cpu_time::CpuShares>,
     /// FLOPs of the client's gate in one call (`2 · tokens · d_model · experts`).

@@ -292,7 +292,7 @@ pub fn bench_report(summary: &BenchSummary) -> String {
              in the same run; the single-connection TCP figure the percentages divide by is measured between \
              the preset's calls (in 5 rounds, each after a fifth of the calls), because this machine's loopback \
              swings several-fold within seconds. Cores busy: the share of every core's time the kernel counted \
-             busy while the preset's calls ran, its warm-up call included (the hypervisor's stolen share in \
+             busy while the preset's calls ran, its warm-up calls included (the hypervisor's stolen share in \
              brackets): near 100%, the machine's cores, not its wire, set the pace.\n\n",
         );
         text.push_str(&preset_table(&summary.presets));
