@@ -8,8 +8,8 @@
 //! cores instead of each thread, so the threads of one process (a client writing two workers'
 //! dispatches) do not crowd out another woken by its bytes. On this project's 2-core machine,
 //! DeepEP low-latency with 2 workers behind 10 Gbit/s links: dispatch 79-90% of the line rate
-//! (mean 86%, eight runs) against 76-88% (mean 83%) with every process in one session. A terminal's Ctrl-C reaches only the
-//! parent, which stops its children itself.
+//! (mean 86%, eight runs) against 76-88% (mean 83%) with every process in one session. A
+//! terminal's Ctrl-C reaches only the parent, which stops its children itself.
 
 use std::net::SocketAddr;
 use std::path::Path;

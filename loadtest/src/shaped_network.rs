@@ -320,13 +320,16 @@ impl ShapedNetwork {
         command.extend(["route", "replace", &subnet, "dev", device, "proto", "kernel", "scope", "link"]);
         command.extend(["src", &source, "congctl", name]);
         run(&command).map_err(|error| match error {
-            NetworkError::Command { command, said } => NetworkError::CongestionUnavailable {
-                name: self.congestion,
-                available: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
-                    .map_or_else(|_| "unknown".to_owned(), |names| names.trim().to_owned()),
-                command,
-                said,
-            },
+            // iproute2: "Error: Unknown tcp congestion algorithm."; any other failure is the route's.
+            NetworkError::Command { command, said } if said.to_ascii_lowercase().contains("congestion") => {
+                NetworkError::CongestionUnavailable {
+                    name: self.congestion,
+                    available: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                        .map_or_else(|_| "unknown".to_owned(), |names| names.trim().to_owned()),
+                    command,
+                    said,
+                }
+            }
             other => other,
         })
     }
