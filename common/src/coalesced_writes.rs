@@ -98,18 +98,23 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
         buffers: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let total: usize = buffers.iter().map(|buffer| buffer.len()).sum();
-        if !self.flush_deferred && self.held.len() + total <= HOLD_LIMIT {
+        if self.held.len() + total <= HOLD_LIMIT {
             for buffer in buffers {
                 self.held.extend_from_slice(buffer);
             }
+            // A flush already waited: these go now, in one write with what was held (a full
+            // socket keeps them for the next call, its readiness waking this task).
+            if self.flush_deferred
+                && let Poll::Ready(Err(error)) = self.poll_write_held(cx, &[])
+            {
+                return Poll::Ready(Err(error));
+            }
             return Poll::Ready(Ok(total));
         }
+        // Too many to hold: what is held goes first, with as much of these as the socket takes.
         let sent_along = ready!(self.poll_write_held(cx, buffers))?;
-        if sent_along > 0 || total == 0 {
+        if sent_along > 0 {
             return Poll::Ready(Ok(sent_along));
-        }
-        if self.held.len() + total <= HOLD_LIMIT {
-            return self.poll_write_vectored(cx, buffers);
         }
         Pin::new(&mut self.inner).poll_write_vectored(cx, buffers)
     }
@@ -281,6 +286,116 @@ mod tests {
         connection.write_all(b"goaway").await.unwrap();
         connection.shutdown().await.unwrap();
         assert_eq!(socket.writes().concat_bytes(), b"goaway");
+    }
+
+    /// A socket end that records the size and bytes of every write it is asked for.
+    struct RecordingSocket {
+        inner: tokio::io::DuplexStream,
+        writes: Recorded,
+    }
+
+    impl AsyncRead for RecordingSocket {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for RecordingSocket {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+            let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+            if let Poll::Ready(Ok(written)) = polled {
+                self.writes.0.lock().unwrap().push((vec![written], data[..written].to_vec()));
+            }
+            polled
+        }
+
+        /// As a TCP socket does, all the slices at once (a duplex stream would take only the first).
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buffers: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let joined: Vec<u8> = buffers.iter().flat_map(|buffer| buffer.iter().copied()).collect();
+            self.poll_write(cx, &joined)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// The (type, flags, stream) of each whole HTTP/2 frame in `bytes`, which start at a frame.
+    fn frames(bytes: &[u8]) -> Vec<(u8, u8, u32)> {
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at + 9 <= bytes.len() {
+            let length = u32::from_be_bytes([0, bytes[at], bytes[at + 1], bytes[at + 2]]) as usize;
+            let stream = u32::from_be_bytes([bytes[at + 5], bytes[at + 6], bytes[at + 7], bytes[at + 8]]) & 0x7fff_ffff;
+            frames.push((bytes[at + 3], bytes[at + 4], stream));
+            at += 9 + length;
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn an_http2_answer_leaves_with_its_trailers_in_one_write() {
+        use tonic::codegen::http;
+        const DATA: u8 = 0;
+        const HEADERS: u8 = 1;
+        const END_STREAM: u8 = 1;
+
+        let (server_end, client_end) = tokio::io::duplex(1 << 20);
+        let writes = Recorded::default();
+        let socket = CoalescedWrites::new(RecordingSocket { inner: server_end, writes: writes.clone() });
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(socket).await.unwrap();
+            let (_request, mut respond) = connection.accept().await.unwrap().unwrap();
+            // A unary gRPC answer as hyper sends one: headers, a message of 2 KiB, trailers.
+            let mut body = respond.send_response(http::Response::new(()), false).unwrap();
+            body.send_data(bytes::Bytes::from(vec![7u8; 2048]), false).unwrap();
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            body.send_trailers(trailers).unwrap();
+            while connection.accept().await.is_some() {}
+        });
+        let (client, connection) = h2::client::handshake(client_end).await.unwrap();
+        tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let (answer, _) =
+            client.send_request(http::Request::post("http://worker/Forward").body(()).unwrap(), true).unwrap();
+        let mut body = answer.await.unwrap().into_body();
+        let mut received = 0;
+        while let Some(data) = body.data().await {
+            received += data.unwrap().len();
+        }
+        let trailers = body.trailers().await.unwrap().expect("trailers");
+        assert_eq!((received, trailers["grpc-status"].as_bytes()), (2048, &b"0"[..]));
+
+        let answer_writes: Vec<Vec<(u8, u8, u32)>> = writes
+            .writes()
+            .into_iter()
+            .map(|(_, bytes)| frames(&bytes))
+            .filter(|frames| frames.iter().any(|&(kind, _, stream)| kind == DATA && stream == 1))
+            .collect();
+        assert_eq!(answer_writes.len(), 1, "the message went in one write: {answer_writes:?}");
+        assert!(
+            answer_writes[0].contains(&(HEADERS, 0x4 | END_STREAM, 1)),
+            "the trailers went with the message: {answer_writes:?}"
+        );
+        drop(client);
+        server.abort();
     }
 
     trait ConcatBytes {
