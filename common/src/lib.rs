@@ -59,7 +59,6 @@ macro_rules! write_to_inner {
 pub mod backoff;
 pub mod children;
 pub mod clock;
-pub mod coalesced_writes;
 pub mod deadline;
 pub mod freed_buffers;
 pub mod grpc_metrics;

@@ -14,7 +14,6 @@ use std::time::Duration;
 use tonic::codegen::http;
 use tonic::transport::{Channel, Endpoint, Server};
 
-use crate::coalesced_writes::CoalescedWrites;
 use crate::deadline::DeadlineLayer;
 use crate::grpc_metrics::{GrpcMetricsLayer, GrpcServerMetrics};
 pub use crate::h2_channel::{Connector, H2Channel, InvalidOrigin, Keepalive};
@@ -134,7 +133,7 @@ pub fn incoming_with(
             tracing::warn!(%error, "could not set TCP_NODELAY");
         }
         let silence = Box::pin(tokio::time::sleep(limits.first_bytes_within));
-        Some(Ok(GuardedConnection { inner: CoalescedWrites::new(stream), _slot: slot, silence: Some(silence) }))
+        Some(Ok(GuardedConnection { inner: stream, _slot: slot, silence: Some(silence) }))
     })
 }
 
@@ -182,11 +181,11 @@ pub fn incoming_tls(
     tokio_stream::wrappers::ReceiverStream::new(receiver)
 }
 
-/// An accepted connection holding its slot under [`ConnectionLimits::max_connections`], closed if
-/// its first bytes do not come in time, its small writes sent together ([`CoalescedWrites`]).
+/// An accepted connection holding its slot under [`ConnectionLimits::max_connections`], and closed
+/// if its first bytes do not come in time.
 #[derive(Debug)]
 pub struct GuardedConnection {
-    inner: CoalescedWrites<tokio::net::TcpStream>,
+    inner: tokio::net::TcpStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
     /// Until the first bytes are read.
     silence: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -196,7 +195,7 @@ impl tonic::transport::server::Connected for GuardedConnection {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.get_ref().connect_info()
+        self.inner.connect_info()
     }
 }
 
