@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::buf::UninitSlice;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -188,7 +188,49 @@ where
     Q: Message,
     A: Message + Default,
 {
-    streaming(channel, path, request.map(|message| vec![message]), max_answer_bytes).await?.single().await
+    unary_answer_first(channel, path, request, max_answer_bytes).await?.checked().await
+}
+
+/// [`unary`], returning the answer as soon as its bytes are in: the status that follows it is
+/// left to check ([`FirstAnswer`]).
+pub async fn unary_answer_first<C, Q, A>(
+    channel: &mut C,
+    path: &'static str,
+    request: tonic::Request<Q>,
+    max_answer_bytes: usize,
+) -> Result<FirstAnswer<A>, Status>
+where
+    C: CallChannel,
+    Q: Message,
+    A: Message + Default,
+{
+    streaming(channel, path, request.map(|message| vec![message]), max_answer_bytes).await?.answer_first().await
+}
+
+/// A unary call's answer, taken once its last byte was in.
+///
+/// HTTP/2 servers write the status (the trailers) after the message, and often in a write of its
+/// own (h2 sends a DATA frame of over 256 bytes from the caller's buffer and flushes it before it
+/// encodes the trailers): a caller that waits for the status waits for that second write and the
+/// reader's second wake, tens of microseconds on a small call. A server that answers only once it
+/// has succeeded, with the whole message encoded before any of it is sent (the worker's `Forward`),
+/// never follows a message with a failure, so its caller may use the answer at once and check the
+/// status after ([`Messages::finish`] on `rest`).
+#[derive(Debug)]
+pub struct FirstAnswer<M> {
+    pub answer: M,
+    /// The rest of the body, when the status had not come with the answer.
+    pub rest: Option<Messages<M>>,
+}
+
+impl<M: Message + Default> FirstAnswer<M> {
+    /// The answer once the status is in and OK, as a unary call takes it.
+    pub async fn checked(self) -> Result<M, Status> {
+        if let Some(rest) = self.rest {
+            rest.finish().await?;
+        }
+        Ok(self.answer)
+    }
 }
 
 /// Calls method `path` with `messages` sent in order on one stream, each uncopied ([`encode_frame`]);
@@ -287,12 +329,30 @@ impl<M: Message + Default> Messages<M> {
 
     /// The one answer of a unary call, once its status says OK: none, or a second, is a broken
     /// answer (INTERNAL).
-    pub async fn single(mut self) -> Result<M, Status> {
+    pub async fn single(self) -> Result<M, Status> {
+        self.answer_first().await?.checked().await
+    }
+
+    /// The one answer of a unary call once it is whole; the status too when it came with it (then
+    /// checked as [`Messages::single`] does), else the rest of the body to check later.
+    pub async fn answer_first(mut self) -> Result<FirstAnswer<M>, Status> {
         let answer = self.message().await?.ok_or_else(|| Status::internal("the answer had no message"))?;
-        if self.message().await?.is_some() {
-            return Err(Status::internal("a unary call was answered with more than one message"));
+        // Whatever the frames read so far hold, without waiting for more.
+        match self.poll_message(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(None)) => Ok(FirstAnswer { answer, rest: None }),
+            Poll::Ready(Ok(Some(_))) => Err(more_than_one_answer()),
+            Poll::Ready(Err(status)) => Err(status),
+            Poll::Pending => Ok(FirstAnswer { answer, rest: Some(self) }),
         }
-        Ok(answer)
+    }
+
+    /// The rest of a unary call's body after its answer: OK once it ends with status OK; a second
+    /// message is a broken answer (INTERNAL).
+    pub async fn finish(mut self) -> Result<(), Status> {
+        match self.message().await? {
+            None => Ok(()),
+            Some(_) => Err(more_than_one_answer()),
+        }
     }
 
     /// The call's status at the end of its body: a message left unfinished is a broken one;
@@ -314,6 +374,10 @@ impl<M: Message + Default> futures_core::Stream for Messages<M> {
     fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_message(context).map(Result::transpose)
     }
+}
+
+fn more_than_one_answer() -> Status {
+    Status::internal("a unary call was answered with more than one message")
 }
 
 /// gRPC's code for an HTTP answer without `grpc-status` (gRPC's HTTP-to-gRPC status mapping, as
@@ -611,6 +675,56 @@ mod tests {
             let failed = single(count, "14").unwrap_err();
             assert_eq!((failed.code(), failed.message()), (Code::Unavailable, "worker stopped"), "{count} answers");
         }
+    }
+
+    /// A response body whose frames come as the test sends them.
+    struct FramesAsSent(futures::channel::mpsc::UnboundedReceiver<http_body::Frame<Bytes>>);
+
+    impl http_body::Body for FramesAsSent {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            context: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+            futures::StreamExt::poll_next_unpin(&mut self.0, context).map(|frame| frame.map(Ok))
+        }
+    }
+
+    #[test]
+    fn an_answer_is_taken_before_its_status_and_the_status_checked_after() {
+        let payload = Bytes::from(vec![7; 64]);
+        let answer_frames = || encode_frame(&combined_answer(3, payload.clone())).expect("encodes");
+        let sent_answer = |after: Vec<http_body::Frame<Bytes>>| {
+            let (sender, frames) = futures::channel::mpsc::unbounded();
+            for chunk in answer_frames() {
+                sender.unbounded_send(http_body::Frame::data(chunk)).expect("open");
+            }
+            let answers: Answers<v1::ForwardResponse> =
+                Answers::new(tonic::body::Body::new(FramesAsSent(frames)), 1 << 20, Reader::Client);
+            let first = block_on(answers.answer_first()).expect("the answer, without its status");
+            assert_eq!(first.answer.sequence, 3);
+            let rest = first.rest.expect("the status is still to come");
+            for frame in after {
+                sender.unbounded_send(frame).expect("open");
+            }
+            drop(sender);
+            block_on(rest.finish())
+        };
+        let status = |code: &'static str| http_body::Frame::trailers(trailers(code).expect("trailers"));
+
+        sent_answer(vec![status("0")]).expect("status OK");
+        let failed = sent_answer(vec![status("14")]).unwrap_err();
+        assert_eq!((failed.code(), failed.message()), (Code::Unavailable, "worker stopped"));
+        let second = answer_frames().into_iter().map(http_body::Frame::data).chain([status("0")]).collect();
+        assert_eq!(sent_answer(second).unwrap_err().code(), Code::Internal);
+
+        // A status in the same read as the answer is checked with it.
+        let together = block_on(response_of(answer_frames(), trailers("14")).answer_first()).unwrap_err();
+        assert_eq!(together.code(), Code::Unavailable);
+        let ended = block_on(response_of(answer_frames(), trailers("0")).answer_first()).expect("answered");
+        assert!(ended.rest.is_none(), "nothing left to check");
     }
 
     #[test]

@@ -16,6 +16,8 @@ use switchyard_common::clock::unix_nanos;
 use switchyard_common::transport::{H2Channel, WireCounters};
 use switchyard_proto::payload_last::PayloadLast;
 use switchyard_proto::v1;
+use switchyard_proto::zero_copy::FirstAnswer;
+use tracing::Instrument;
 
 use crate::error::ClientError;
 use crate::ledger::RpcTiming;
@@ -151,6 +153,23 @@ fn grpc_request<T>(message: T, request_id: u64, deadline: Duration, span: &traci
     request
 }
 
+/// Reads the status that follows a `Forward` answer already used ([`FirstAnswer`]: a worker sends
+/// its answer only once it has succeeded, whole, then status OK), so the stream ends in order rather
+/// than by a reset; a worker that breaks that contract is logged.
+async fn check_status_after_answer(
+    rest: switchyard_proto::zero_copy::Answers<v1::ForwardResponse>,
+    endpoint: Endpoint,
+    deadline: Duration,
+) {
+    match tokio::time::timeout(deadline, rest.finish()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(status)) => {
+            tracing::warn!(%endpoint, %status, "a worker followed a Forward answer with a failure; the answer was used")
+        }
+        Err(_) => tracing::warn!(%endpoint, ?deadline, "a worker sent no status after its Forward answer"),
+    }
+}
+
 /// When a stream of chunks was sent.
 #[derive(Debug, Clone, Copy)]
 struct StreamSent {
@@ -231,7 +250,7 @@ impl ExpertTransport for GrpcTransport {
             let started = Instant::now();
             // The rows go to the socket as the `Bytes` they are: tonic's generated client would copy
             // every payload into one buffer first.
-            let answer = switchyard_proto::zero_copy::unary(
+            let answer = switchyard_proto::zero_copy::unary_answer_first(
                 &mut client,
                 switchyard_proto::FORWARD_PATH,
                 request,
@@ -240,7 +259,12 @@ impl ExpertTransport for GrpcTransport {
             .await;
             let timing = RpcTiming { elapsed: started.elapsed(), sent_unix_nanos, answered_unix_nanos: unix_nanos() };
             match answer {
-                Ok(response) => Ok(Answer { response, timing }),
+                Ok(FirstAnswer { answer, rest }) => {
+                    if let Some(rest) = rest {
+                        tokio::spawn(check_status_after_answer(rest, endpoint, deadline).instrument(call));
+                    }
+                    Ok(Answer { response: answer, timing })
+                }
                 Err(status) => Err(ClientError::from_status(&endpoint, &status)),
             }
         })
