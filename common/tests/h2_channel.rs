@@ -1,7 +1,8 @@
 //! The data path's HTTP/2 channel against tonic's own server, over real sockets: answers and
 //! refusals come back as tonic's client would give them, concurrent calls share one connection
 //! whose bytes are counted, a peer that is gone is UNAVAILABLE, a restarted one is reached again,
-//! a silent one is found dead by keepalive, and mutual TLS works as on tonic's channels.
+//! a silent one is found dead by keepalive, mutual TLS works as on tonic's channels, and an answer
+//! is used before its status comes (`zero_copy::unary_answer_first`; the server here is h2's own).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -195,4 +196,77 @@ async fn a_silent_peer_is_found_dead_by_keepalive() {
     let again = tokio::time::timeout(Duration::from_secs(10), check(&mut channel, "")).await;
     assert!(again.expect("the next call ends the same way").is_err(), "the peer is still silent");
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "the next call connected again");
+}
+
+/// A server that answers each call's message at once and its status only when `release` says
+/// which: what h2 does when it writes a worker's trailers after its answer.
+fn serve_status_later(listener: tokio::net::TcpListener, release: tokio::sync::mpsc::UnboundedReceiver<&'static str>) {
+    let release = Arc::new(tokio::sync::Mutex::new(release));
+    tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.expect("accept");
+        let mut connection = h2::server::handshake(socket).await.expect("handshake");
+        // Accepting drives the connection (its writes too) while each stream waits on its own.
+        while let Some(accepted) = connection.accept().await {
+            let (_request, mut respond) = accepted.expect("a stream");
+            let release = release.clone();
+            tokio::spawn(async move {
+                let answer = HealthCheckResponse { status: ServingStatus::Serving as i32 };
+                let message: bytes::Bytes = zero_copy::encode_frame(&answer).expect("encodes").concat().into();
+                let response = tonic::codegen::http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .expect("a response");
+                let mut body = respond.send_response(response, false).expect("headers sent");
+                body.send_data(message, false).expect("message sent");
+                let code = release.lock().await.recv().await.expect("a status to send");
+                let mut trailers = tonic::codegen::http::HeaderMap::new();
+                trailers.insert("grpc-status", tonic::codegen::http::HeaderValue::from_static(code));
+                body.send_trailers(trailers).expect("status sent");
+            });
+        }
+    });
+}
+
+/// `Forward`'s caller uses an answer once its last byte is in: the status is still held back by
+/// the server when the answer is returned, and is read (and checked) afterwards.
+#[tokio::test]
+async fn an_answer_is_returned_before_its_status_which_is_checked_after() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let uri = format!("http://{}", listener.local_addr().expect("address"));
+    let (release, released) = tokio::sync::mpsc::unbounded_channel();
+    serve_status_later(listener, released);
+    let mut channel = transport::counted_h2_channel(&uri, Arc::new(WireCounters::default())).expect("channel");
+    let request = || tonic::Request::new(HealthCheckRequest { service: String::new() });
+
+    for (code, expected) in [("0", Code::Ok), ("14", Code::Unavailable)] {
+        let answered = tokio::time::timeout(
+            Duration::from_secs(10),
+            zero_copy::unary_answer_first::<_, _, HealthCheckResponse>(
+                &mut channel,
+                CHECK_PATH,
+                request(),
+                transport::MAX_MESSAGE_BYTES,
+            ),
+        )
+        .await
+        .expect("answered while the server holds the status back")
+        .expect("an answer");
+        assert_eq!(answered.answer.status(), ServingStatus::Serving);
+        let rest = answered.rest.expect("the status has not come yet");
+        release.send(code).expect("the server is up");
+        let status = tokio::time::timeout(Duration::from_secs(10), rest.finish()).await.expect("the status comes");
+        assert_eq!(status.err().map_or(Code::Ok, |status| status.code()), expected, "status {code}");
+    }
+
+    // A plain unary call waits for the status.
+    let mut waiting = channel.clone();
+    let call = tokio::spawn(async move {
+        zero_copy::unary::<_, _, HealthCheckResponse>(&mut waiting, CHECK_PATH, request(), transport::MAX_MESSAGE_BYTES)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!call.is_finished(), "a unary call is not done before its status");
+    release.send("0").expect("the server is up");
+    let answer = tokio::time::timeout(Duration::from_secs(10), call).await.expect("done").expect("joins");
+    assert_eq!(answer.expect("an answer").status(), ServingStatus::Serving);
 }
