@@ -153,20 +153,31 @@ fn grpc_request<T>(message: T, request_id: u64, deadline: Duration, span: &traci
     request
 }
 
-/// Reads the status that follows a `Forward` answer already used ([`FirstAnswer`]: a worker sends
-/// its answer only once it has succeeded, whole, then status OK), so the stream ends in order rather
-/// than by a reset; a worker that breaks that contract is logged.
-async fn check_status_after_answer(
-    rest: switchyard_proto::zero_copy::Answers<v1::ForwardResponse>,
+/// Reads what follows the last answer a call expects, its status, after the answers were used (a
+/// worker sends each answer only once it has succeeded, whole, and ends with status OK:
+/// [`FirstAnswer`]), so that the stream ends in order rather than by a reset the worker would count
+/// as a cancelled call; a worker that breaks that contract is logged.
+async fn read_status_after_answers(
+    mut rest: switchyard_proto::zero_copy::Answers<v1::ForwardResponse>,
     endpoint: Endpoint,
     deadline: Duration,
 ) {
-    match tokio::time::timeout(deadline, rest.finish()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(status)) => {
-            tracing::warn!(%endpoint, %status, "a worker followed a Forward answer with a failure; the answer was used")
+    let rest_of_body = async {
+        let mut unexpected = 0;
+        while rest.message().await?.is_some() {
+            unexpected += 1;
         }
-        Err(_) => tracing::warn!(%endpoint, ?deadline, "a worker sent no status after its Forward answer"),
+        Ok::<_, tonic::Status>(unexpected)
+    };
+    match tokio::time::timeout(deadline, rest_of_body).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(unexpected)) => {
+            tracing::warn!(%endpoint, unexpected, "a worker answered more than the call asked; the extra answers were ignored")
+        }
+        Ok(Err(status)) => {
+            tracing::warn!(%endpoint, %status, "a worker followed its answers with a failure; the answers were used")
+        }
+        Err(_) => tracing::warn!(%endpoint, ?deadline, "a worker sent no status after its answers"),
     }
 }
 
@@ -180,9 +191,11 @@ struct StreamSent {
 /// A stream of chunks in flight: its answers, and the chunks still unanswered.
 struct StreamAnswers {
     endpoint: Endpoint,
-    answers: switchyard_proto::zero_copy::Answers<v1::ForwardResponse>,
+    /// Taken once every chunk is answered, to read the stream's status after.
+    answers: Option<switchyard_proto::zero_copy::Answers<v1::ForwardResponse>>,
     pending: BTreeSet<usize>,
     sent: StreamSent,
+    deadline: Duration,
 }
 
 impl StreamAnswers {
@@ -192,7 +205,8 @@ impl StreamAnswers {
         futures::stream::unfold(self, |mut state| async move {
             let first_pending = *state.pending.first()?;
             let broken = |error| (first_pending, Err(error));
-            let (position, answer) = match state.answers.message().await {
+            let answers = state.answers.as_mut()?;
+            let (position, answer) = match answers.message().await {
                 Ok(Some(response)) => state.answer(response),
                 Ok(None) => broken(ClientError::BadResponse {
                     endpoint: state.endpoint.to_string(),
@@ -204,6 +218,12 @@ impl StreamAnswers {
             // pending is the stream's, and nothing more will come.
             if state.pending.contains(&position) {
                 state.pending.clear();
+            }
+            if state.pending.is_empty()
+                && let Some(rest) = state.answers.take()
+            {
+                let endpoint = state.endpoint.clone();
+                tokio::spawn(read_status_after_answers(rest, endpoint, state.deadline).in_current_span());
             }
             Some(((position, answer), state))
         })
@@ -261,7 +281,7 @@ impl ExpertTransport for GrpcTransport {
             match answer {
                 Ok(FirstAnswer { answer, rest }) => {
                     if let Some(rest) = rest {
-                        tokio::spawn(check_status_after_answer(rest, endpoint, deadline).instrument(call));
+                        tokio::spawn(read_status_after_answers(rest, endpoint, deadline).instrument(call));
                     }
                     Ok(Answer { response: answer, timing })
                 }
@@ -303,7 +323,13 @@ impl ExpertTransport for GrpcTransport {
             .await
             .map_err(|status| ClientError::from_status(&endpoint, &status))?;
             let sent = StreamSent { sent_unix_nanos, started };
-            Ok::<_, ClientError>(StreamAnswers { endpoint, answers, pending: (0..chunks).collect(), sent })
+            Ok::<_, ClientError>(StreamAnswers {
+                endpoint,
+                answers: Some(answers),
+                pending: (0..chunks).collect(),
+                sent,
+                deadline,
+            })
         };
         futures::stream::once(opened)
             .flat_map(|opened| match opened {
