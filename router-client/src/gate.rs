@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use switchyard_model::ModelSpec;
 use switchyard_model::checkpoint::{Checkpoint, CheckpointError};
@@ -176,23 +176,44 @@ fn project_into(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut Vec<f
     if threads == 1 {
         return product(weights, d_model, hidden, out);
     }
-    let per_thread = tokens.div_ceil(threads);
-    let parts = hidden.chunks(per_thread * d_model).zip(out.chunks_mut(per_thread * rows));
-    on_scoped_threads(parts, |(hidden, out)| product(weights, d_model, hidden, out));
+    // Each thread's GEMM packs both of its operands first. Split by tokens, every thread packs all
+    // the weights; split by the weights' rows, every thread packs all the tokens: split the side
+    // that leaves less to pack (few tokens, as in a low-latency call: the weights).
+    if tokens >= rows {
+        let per_thread = tokens.div_ceil(threads);
+        let parts = hidden.chunks(per_thread * d_model).zip(out.chunks_mut(per_thread * rows));
+        return on_scoped_threads(parts, |(hidden, out)| product(weights, d_model, hidden, out));
+    }
+    let per_thread = rows.div_ceil(threads);
+    let hidden = ArrayView2::from_shape((tokens, d_model), hidden).expect(SHAPE_ERROR);
+    let mut columns = Vec::with_capacity(threads);
+    let mut rest = ArrayViewMut2::from_shape((tokens, rows), out).expect(SHAPE_ERROR);
+    while rest.ncols() > per_thread {
+        let (part, later) = rest.split_at(Axis(1), per_thread);
+        columns.push(part);
+        rest = later;
+    }
+    columns.push(rest);
+    let parts = weights.chunks(per_thread * d_model).zip(columns);
+    on_scoped_threads(parts, |(weights, mut out)| {
+        let weights = ArrayView2::from_shape((weights.len() / d_model, d_model), weights).expect(SHAPE_ERROR);
+        general_mat_mul(1.0, &hidden, &weights.t(), 0.0, &mut out);
+    });
 }
+
+const SHAPE_ERROR: &str = "shapes follow from the slice lengths";
 
 /// Threads worth using, at most `threads`, for a `[tokens, d_model] · [d_model, rows]` product.
 pub fn product_threads(tokens: usize, rows: usize, d_model: usize, threads: usize) -> usize {
     let worth = (tokens * rows * d_model / SPLIT_MULTIPLY_ADDS).max(1);
-    threads.min(worth).min(tokens).max(1)
+    threads.min(worth).min(tokens.max(rows)).max(1)
 }
 
 fn product(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut [f32]) {
     let (rows, tokens) = (weights.len() / d_model, hidden.len() / d_model);
-    let shape_error = "shapes follow from the slice lengths";
-    let hidden = ArrayView2::from_shape((tokens, d_model), hidden).expect(shape_error);
-    let weights = ArrayView2::from_shape((rows, d_model), weights).expect(shape_error);
-    let mut product = ArrayViewMut2::from_shape((tokens, rows), out).expect(shape_error);
+    let hidden = ArrayView2::from_shape((tokens, d_model), hidden).expect(SHAPE_ERROR);
+    let weights = ArrayView2::from_shape((rows, d_model), weights).expect(SHAPE_ERROR);
+    let mut product = ArrayViewMut2::from_shape((tokens, rows), out).expect(SHAPE_ERROR);
     general_mat_mul(1.0, &hidden, &weights.t(), 0.0, &mut product);
 }
 
@@ -244,5 +265,25 @@ mod tests {
         let split = gate.with_threads(8).logits(&hidden);
         let bits = |values: &[f32]| values.iter().map(|value| value.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&split), bits(&alone));
+    }
+
+    #[test]
+    fn fewer_tokens_than_experts_split_the_experts_over_threads_and_sum_the_same() {
+        let (tokens, experts, d_model) = (67, 1001, 3001);
+        assert_eq!(product_threads(tokens, experts, d_model, 8), 2);
+        let value = |i: usize| ((i * 7919) % 1009) as f32 / 500.0 - 1.0;
+        let hidden: Vec<f32> = (0..tokens * d_model).map(value).collect();
+        let weights: Vec<f32> = (0..experts * d_model).map(|i| value(i + 13)).collect();
+        let gate = Gate::from_weights(weights.clone(), experts, d_model);
+        let alone = gate.clone().logits(&hidden);
+        let split = gate.with_threads(8).logits(&hidden);
+        let bits = |values: &[f32]| values.iter().map(|value| value.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&split), bits(&alone));
+        let (t, e) = (tokens - 1, experts - 1);
+        let want = dot(&hidden[t * d_model..], &weights[e * d_model..]);
+        assert!(
+            (split[t * experts + e] - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "the last logit is the last dot product"
+        );
     }
 }
