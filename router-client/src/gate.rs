@@ -195,10 +195,7 @@ fn project_into(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut Vec<f
     }
     columns.push(rest);
     let parts = weights.chunks(per_thread * d_model).zip(columns);
-    on_scoped_threads(parts, |(weights, mut out)| {
-        let weights = ArrayView2::from_shape((weights.len() / d_model, d_model), weights).expect(SHAPE_ERROR);
-        general_mat_mul(1.0, &hidden, &weights.t(), 0.0, &mut out);
-    });
+    on_scoped_threads(parts, |(weights, mut out)| product_of_views(&hidden, weights, d_model, &mut out));
 }
 
 const SHAPE_ERROR: &str = "shapes follow from the slice lengths";
@@ -212,9 +209,14 @@ pub fn product_threads(tokens: usize, rows: usize, d_model: usize, threads: usiz
 fn product(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut [f32]) {
     let (rows, tokens) = (weights.len() / d_model, hidden.len() / d_model);
     let hidden = ArrayView2::from_shape((tokens, d_model), hidden).expect(SHAPE_ERROR);
-    let weights = ArrayView2::from_shape((rows, d_model), weights).expect(SHAPE_ERROR);
-    let mut product = ArrayViewMut2::from_shape((tokens, rows), out).expect(SHAPE_ERROR);
-    general_mat_mul(1.0, &hidden, &weights.t(), 0.0, &mut product);
+    let mut out = ArrayViewMut2::from_shape((tokens, rows), out).expect(SHAPE_ERROR);
+    product_of_views(&hidden, weights, d_model, &mut out);
+}
+
+/// `out = hidden · weightsᵀ`, `weights` being whole rows of `d_model`; `out` may be a column block.
+fn product_of_views(hidden: &ArrayView2<f32>, weights: &[f32], d_model: usize, out: &mut ArrayViewMut2<f32>) {
+    let weights = ArrayView2::from_shape((weights.len() / d_model, d_model), weights).expect(SHAPE_ERROR);
+    general_mat_mul(1.0, hidden, &weights.t(), 0.0, out);
 }
 
 #[cfg(test)]
