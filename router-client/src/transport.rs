@@ -17,7 +17,6 @@ use switchyard_common::transport::{H2Channel, WireCounters};
 use switchyard_proto::payload_last::PayloadLast;
 use switchyard_proto::v1;
 use switchyard_proto::zero_copy::FirstAnswer;
-use tracing::Instrument;
 
 use crate::error::ClientError;
 use crate::ledger::RpcTiming;
@@ -156,10 +155,12 @@ fn grpc_request<T>(message: T, request_id: u64, deadline: Duration, span: &traci
 /// Reads what follows the last answer a call expects, its status, after the answers were used (a
 /// worker sends each answer only once it has succeeded, whole, and ends with status OK:
 /// [`FirstAnswer`]), so that the stream ends in order rather than by a reset the worker would count
-/// as a cancelled call; a worker that breaks that contract is logged.
+/// as a cancelled call; a worker that breaks that contract is logged. It holds no span of the call:
+/// the call's spans end, and are exported, when the call does.
 async fn read_status_after_answers(
     mut rest: switchyard_proto::zero_copy::Answers<v1::ForwardResponse>,
     endpoint: Endpoint,
+    request_id: u64,
     deadline: Duration,
 ) {
     let rest_of_body = async {
@@ -172,12 +173,12 @@ async fn read_status_after_answers(
     match tokio::time::timeout(deadline, rest_of_body).await {
         Ok(Ok(0)) => {}
         Ok(Ok(unexpected)) => {
-            tracing::warn!(%endpoint, unexpected, "a worker answered more than the call asked; the extra answers were ignored")
+            tracing::warn!(%endpoint, request_id, unexpected, "a worker answered more than the call asked; the extra answers were ignored")
         }
         Ok(Err(status)) => {
-            tracing::warn!(%endpoint, %status, "a worker followed its answers with a failure; the answers were used")
+            tracing::warn!(%endpoint, request_id, %status, "a worker followed its answers with a failure; the answers were used")
         }
-        Err(_) => tracing::warn!(%endpoint, ?deadline, "a worker sent no status after its answers"),
+        Err(_) => tracing::warn!(%endpoint, request_id, ?deadline, "a worker sent no status after its answers"),
     }
 }
 
@@ -195,6 +196,7 @@ struct StreamAnswers {
     answers: Option<switchyard_proto::zero_copy::Answers<v1::ForwardResponse>>,
     pending: BTreeSet<usize>,
     sent: StreamSent,
+    request_id: u64,
     deadline: Duration,
 }
 
@@ -223,7 +225,7 @@ impl StreamAnswers {
                 && let Some(rest) = state.answers.take()
             {
                 let endpoint = state.endpoint.clone();
-                tokio::spawn(read_status_after_answers(rest, endpoint, state.deadline).in_current_span());
+                tokio::spawn(read_status_after_answers(rest, endpoint, state.request_id, state.deadline));
             }
             Some(((position, answer), state))
         })
@@ -281,7 +283,7 @@ impl ExpertTransport for GrpcTransport {
             match answer {
                 Ok(FirstAnswer { answer, rest }) => {
                     if let Some(rest) = rest {
-                        tokio::spawn(read_status_after_answers(rest, endpoint, deadline).instrument(call));
+                        tokio::spawn(read_status_after_answers(rest, endpoint, request_id, deadline));
                     }
                     Ok(Answer { response: answer, timing })
                 }
@@ -328,6 +330,7 @@ impl ExpertTransport for GrpcTransport {
                 answers: Some(answers),
                 pending: (0..chunks).collect(),
                 sent,
+                request_id,
                 deadline,
             })
         };
