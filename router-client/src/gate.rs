@@ -164,8 +164,9 @@ const SPLIT_MULTIPLY_ADDS: usize = 1 << 26;
 /// `out = hidden · weightsᵀ` for row-major `hidden [tokens, d_model]` and `weights [rows, d_model]`:
 /// one GEMM (matrixmultiply's packed, cache-blocked kernels, ~90–130 GFLOP/s on one core here, where
 /// dot products token by token reached 6–10 at DeepEP's 256 x 7168 router). A large product's
-/// tokens are split over up to `threads` threads, scoped to this call (its own and started ones):
-/// each output value is the same sum in the same order however the tokens are split.
+/// tokens, or its rows when they are more, are split over up to `threads` threads, scoped to this
+/// call (its own and started ones): each output value is the same sum in the same order however
+/// the product is split.
 fn project_into(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut Vec<f32>, threads: usize) {
     let rows = weights.len() / d_model;
     let tokens = hidden.len() / d_model;
@@ -223,6 +224,15 @@ fn product_of_views(hidden: &ArrayView2<f32>, weights: &[f32], d_model: usize, o
 mod tests {
     use super::*;
 
+    /// Values in [-1, 1) that vary with `i` without a short period.
+    fn spread(i: usize) -> f32 {
+        ((i * 7919) % 1009) as f32 / 500.0 - 1.0
+    }
+
+    fn bits(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|value| value.to_bits()).collect()
+    }
+
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum::<f64>() as f32
     }
@@ -259,13 +269,11 @@ mod tests {
         assert_eq!(product_threads(4096, 8, 512, 8), 1, "a small router is not worth a thread");
 
         let (tokens, experts, d_model) = (1001, 67, 3001);
-        let value = |i: usize| ((i * 7919) % 1009) as f32 / 500.0 - 1.0;
-        let hidden: Vec<f32> = (0..tokens * d_model).map(value).collect();
-        let gate = Gate::from_weights((0..experts * d_model).map(|i| value(i + 13)).collect(), experts, d_model);
+        let hidden: Vec<f32> = (0..tokens * d_model).map(spread).collect();
+        let gate = Gate::from_weights((0..experts * d_model).map(|i| spread(i + 13)).collect(), experts, d_model);
         assert_eq!(product_threads(tokens, experts, d_model, 8), 2);
         let alone = gate.clone().logits(&hidden);
         let split = gate.with_threads(8).logits(&hidden);
-        let bits = |values: &[f32]| values.iter().map(|value| value.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&split), bits(&alone));
     }
 
@@ -273,13 +281,11 @@ mod tests {
     fn fewer_tokens_than_experts_split_the_experts_over_threads_and_sum_the_same() {
         let (tokens, experts, d_model) = (67, 1001, 3001);
         assert_eq!(product_threads(tokens, experts, d_model, 8), 2);
-        let value = |i: usize| ((i * 7919) % 1009) as f32 / 500.0 - 1.0;
-        let hidden: Vec<f32> = (0..tokens * d_model).map(value).collect();
-        let weights: Vec<f32> = (0..experts * d_model).map(|i| value(i + 13)).collect();
+        let hidden: Vec<f32> = (0..tokens * d_model).map(spread).collect();
+        let weights: Vec<f32> = (0..experts * d_model).map(|i| spread(i + 13)).collect();
         let gate = Gate::from_weights(weights.clone(), experts, d_model);
         let alone = gate.clone().logits(&hidden);
         let split = gate.with_threads(8).logits(&hidden);
-        let bits = |values: &[f32]| values.iter().map(|value| value.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&split), bits(&alone));
         let (t, e) = (tokens - 1, experts - 1);
         let want = dot(&hidden[t * d_model..], &weights[e * d_model..]);
