@@ -158,7 +158,7 @@ async fn switchyard_bench_writes_a_report_folder() {
 /// their experts, and the ratios over the interleaved baseline.
 #[tokio::test]
 async fn switchyard_bench_measures_a_deepep_preset_in_rounds_beside_tcp() {
-    let (_out, json) = bench(&["--run", "deepep-low-latency", "--preset-calls", "7", "--baseline-repeats", "3"]).await;
+    let (out, json) = bench(&["--run", "deepep-low-latency", "--preset-calls", "7", "--baseline-repeats", "3"]).await;
     let preset = &json["presets"][0];
     assert_eq!(preset["preset"], "deepep-low-latency");
     let distributed = &preset["result"]["distributed"];
@@ -176,6 +176,17 @@ async fn switchyard_bench_measures_a_deepep_preset_in_rounds_beside_tcp() {
     assert!((logical / wire - 8.0 / rows_per_token).abs() < 0.01, "logical counts 8 copies: {logical} vs {wire}");
     let share = preset["dispatch_share_of_tcp"].as_f64().expect("share");
     assert!((share - wire / tcp["gb_per_s"].as_f64().unwrap()).abs() < 1e-9 && share > 0.0, "{share}");
+    // The fan-out baseline: the busiest worker's bytes to each of 2 receivers at once, after each round.
+    let fan_out = &preset["tcp_to_every_worker"];
+    assert_eq!(fan_out["repeats"], 5, "one fan-out after each of the 5 rounds: {fan_out}");
+    let per_call = distributed["payload_bytes_sent_per_call"].as_f64().expect("payload per call");
+    let fanned = fan_out["bytes"].as_f64().expect("fan-out bytes");
+    assert!(fanned >= per_call && fanned < per_call * 1.1, "2 x the busiest worker's bytes: {fanned} for {per_call}");
+    let share_of_fan_out = preset["dispatch_share_of_tcp_to_every_worker"].as_f64().expect("share of the fan-out");
+    assert!((share_of_fan_out - wire / fan_out["gb_per_s"].as_f64().unwrap()).abs() < 1e-9, "{share_of_fan_out}");
+    let markdown = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    let percentages = format!("({:.0}%; {:.0}%)", share * 100.0, share_of_fan_out * 100.0);
+    assert!(markdown.contains("TCP to every worker at once GB/s") && markdown.contains(&percentages), "{markdown}");
     let (payload, socket) = (
         preset["result"]["payload_bytes_per_token"].as_f64().unwrap(),
         preset["result"]["socket_bytes_per_token"].as_f64().unwrap(),

@@ -224,6 +224,10 @@ pub struct PresetResult {
     /// Raw TCP one way over every worker's link at once, each with the busiest worker's bytes
     /// of a call: what this client's machine moves to all its workers together at best.
     pub links_tcp_at_once: Option<wire::WireFigure>,
+    /// On loopback, raw TCP to every worker at once, each connection carrying the busiest worker's
+    /// bytes of a call, measured between the calls as the one-connection figure is: the same
+    /// fan-out as a dispatch, with the TCP stack alone sharing the machine's cores.
+    pub tcp_to_every_worker: Option<wire::WireFigure>,
     /// How busy every core of this machine was while the calls ran, the warm-up calls included and
     /// the baselines' time left out.
     pub cpu: Option<cpu_time::CpuShares>,
@@ -776,7 +780,9 @@ async fn measure_preset(
     let rounds = settings.calls.clamp(1, MEASURE_ROUNDS);
     let mut distributed: Option<LoadReport> = None;
     let mut tcp_times = Vec::new();
+    let mut fan_out_times = Vec::new();
     let mut request_bytes = 1;
+    let mut worker_bytes = 1;
     let mut cpu = cpu_time::CpuUsage::default();
     for round in 0..rounds {
         let round_settings = round_of(settings, round, rounds);
@@ -787,8 +793,12 @@ async fn measure_preset(
         // The baselines move what one dispatch request carried.
         let requests: u64 = total.ledger.pairs.values().map(|pair| pair.requests).sum();
         request_bytes = (total.bytes_total.payload_sent / requests.max(1)).max(1) as usize;
-        tcp_times
-            .extend(wire::tcp_one_way_times(request_bytes, settings.baseline_repeats.div_ceil(rounds as u32)).await?);
+        let repeats = settings.baseline_repeats.div_ceil(rounds as u32);
+        tcp_times.extend(wire::tcp_one_way_times(request_bytes, repeats).await?);
+        worker_bytes = busiest_worker_bytes(total).unwrap_or(request_bytes);
+        if link.is_none() {
+            fan_out_times.extend(wire::tcp_to_every_receiver_times(shape.workers, worker_bytes, repeats).await?);
+        }
     }
     let distributed = distributed.expect("at least one round");
     let mut baselines = wire::measure(request_bytes, settings.baseline_repeats).await?;
@@ -796,23 +806,15 @@ async fn measure_preset(
     let request_bytes = request_bytes as u64;
     let hosts = cluster.cluster.worker_hosts();
     let (link_tcp, links_tcp_at_once) = match hosts.first() {
-        Some(host) if link.is_some() => {
-            // The busiest worker's bytes per call, on every link at once: the same load as a dispatch.
-            let worker_bytes = distributed
-                .ledger
-                .pairs
-                .values()
-                .map(|pair| pair.bytes.payload_sent / pair.calls.max(1))
-                .max()
-                .unwrap_or(request_bytes)
-                .max(1) as usize;
-            (
-                Some(wire::tcp_over_link(host, request_bytes.max(1) as usize, 3).await?),
-                Some(wire::tcp_over_links_at_once(hosts, worker_bytes, 3).await?),
-            )
-        }
+        // The busiest worker's bytes per call, on every link at once: the same load as a dispatch.
+        Some(host) if link.is_some() => (
+            Some(wire::tcp_over_link(host, request_bytes.max(1) as usize, 3).await?),
+            Some(wire::tcp_over_links_at_once(hosts, worker_bytes, 3).await?),
+        ),
         _ => (None, None),
     };
+    let tcp_to_every_worker = (!fan_out_times.is_empty())
+        .then(|| wire::WireFigure::to_every_receiver(worker_bytes as u64, shape.workers as u64, &fan_out_times));
     let result = PointResult {
         point,
         identity_experts: true,
@@ -847,11 +849,18 @@ async fn measure_preset(
         link,
         link_tcp,
         links_tcp_at_once,
+        tcp_to_every_worker,
         cpu: cpu.shares(),
         gate_flops,
         gate_threads,
         cpu_gemm_gflops,
     })
+}
+
+/// The most payload bytes one worker was sent per call in `report`.
+fn busiest_worker_bytes(report: &LoadReport) -> Option<usize> {
+    let busiest = report.ledger.pairs.values().map(|pair| pair.bytes.payload_sent / pair.calls.max(1)).max()?;
+    Some(busiest.max(1) as usize)
 }
 
 async fn measure_step(
@@ -920,19 +929,30 @@ fn point_line(result: &PointResult) -> String {
 }
 
 fn preset_line(preset: &PresetResult) -> String {
-    let [(dispatch_us, dispatch_gbps), (combine_us, combine_gbps)] = preset.transfers();
-    let (dispatch_span, combine_span) = preset.result.transfer_span_us();
-    let link = match (preset.link, preset.link_floor_us()) {
-        (Some(rate), Some((dispatch_floor, combine_floor))) => format!(
-            " on {rate} links: whole transfers {:.2}x and {:.2}x the link's floor",
-            dispatch_span / dispatch_floor.max(1e-9),
-            combine_span / combine_floor.max(1e-9)
+    let summary = preset.summary();
+    let beside = |share_of_one: f64, share_of_every: Option<f64>| match share_of_every {
+        Some(every) => format!(
+            ": {:.0}% of TCP on one connection, {:.0}% of TCP to every worker at once",
+            share_of_one * 100.0,
+            every * 100.0
         ),
+        None => String::new(),
+    };
+    let link = match (summary.link_rate, summary.floor_ratios()) {
+        (Some(rate), Some((dispatch, combine))) => {
+            format!(" on {rate} links: whole transfers {dispatch:.2}x and {combine:.2}x the link's floor")
+        }
         _ => String::new(),
     };
     format!(
-        "{}: dispatch {dispatch_us:.0} µs ({dispatch_gbps:.2} GB/s), combine {combine_us:.0} µs ({combine_gbps:.2} GB/s){link}",
-        preset.name
+        "{}: dispatch {:.0} µs ({:.2} GB/s{}), combine {:.0} µs ({:.2} GB/s{}){link}",
+        preset.name,
+        summary.dispatch_transfer_us,
+        summary.dispatch_gb_per_s,
+        beside(summary.dispatch_share_of_tcp, summary.dispatch_share_of_tcp_to_every_worker),
+        summary.combine_transfer_us,
+        summary.combine_gb_per_s,
+        beside(summary.combine_share_of_tcp, summary.combine_share_of_tcp_to_every_worker),
     )
 }
 

@@ -169,6 +169,15 @@ pub struct PresetSummary {
     pub dispatch_share_of_tcp: f64,
     #[serde(default)]
     pub combine_share_of_tcp: f64,
+    /// On loopback, raw TCP to every worker at once with the busiest worker's bytes of a call
+    /// each (the dispatch's fan-out, the TCP stack alone), and dispatch and combine wire GB/s over
+    /// its GB/s (none on links, and in reports written before it was measured).
+    #[serde(default)]
+    pub tcp_to_every_worker: Option<WireFigure>,
+    #[serde(default)]
+    pub dispatch_share_of_tcp_to_every_worker: Option<f64>,
+    #[serde(default)]
+    pub combine_share_of_tcp_to_every_worker: Option<f64>,
     pub baselines: WireBaselines,
     /// Each worker's link rate (e.g. `10gbit`) when the workers sat behind shaped links, and the
     /// least time dispatch and combine could take on them: the busiest link's socket bytes per call
@@ -265,6 +274,13 @@ impl PresetResult {
             logical_combine_gb_per_s: self.logical_bytes_per_call() / (combine_us * 1e-6).max(1e-12) / 1e9,
             dispatch_share_of_tcp: dispatch_gbps / self.baselines.tcp_one_way.gb_per_s.max(1e-12),
             combine_share_of_tcp: combine_gbps / self.baselines.tcp_one_way.gb_per_s.max(1e-12),
+            tcp_to_every_worker: self.tcp_to_every_worker,
+            dispatch_share_of_tcp_to_every_worker: self
+                .tcp_to_every_worker
+                .map(|tcp| dispatch_gbps / tcp.gb_per_s.max(1e-12)),
+            combine_share_of_tcp_to_every_worker: self
+                .tcp_to_every_worker
+                .map(|tcp| combine_gbps / tcp.gb_per_s.max(1e-12)),
             baselines: self.baselines,
             link_rate: self.link,
             dispatch_floor_us: floors.map(|(dispatch, _)| dispatch),

@@ -39,6 +39,11 @@ impl WireFigure {
         Self::from_times(bytes, 2 * bytes, times)
     }
 
+    /// The figure of transfers of `bytes` to each of `receivers` at once: all of them counted.
+    pub fn to_every_receiver(bytes: u64, receivers: u64, times: &[Duration]) -> Self {
+        Self::from_times(bytes * receivers, (bytes + 1) * receivers, times)
+    }
+
     fn from_times(bytes: u64, moved: u64, times: &[Duration]) -> Self {
         let mean = times.iter().sum::<Duration>().as_secs_f64() / times.len().max(1) as f64;
         Self { bytes, repeats: times.len() as u32, mean_us: mean * 1e6, gb_per_s: moved as f64 / mean.max(1e-12) / 1e9 }
@@ -226,6 +231,24 @@ pub async fn tcp_over_links_at_once(hosts: &[Host], bytes: usize, repeats: u32) 
     .await
     .map_err(|_| std::io::Error::other("the links baseline panicked"))??;
     Ok(WireFigure::one_way(bytes as u64, &times))
+}
+
+/// The times of raw TCP transfers on 127.0.0.1 to `receivers` servers at once, `bytes` to each
+/// over a connection of its own, every connection written by its own thread at the same moment
+/// (after one unmeasured round): a call's dispatch to that many workers with the TCP stack alone,
+/// its senders and receivers sharing this machine's cores as the client and workers do.
+pub async fn tcp_to_every_receiver_times(
+    receivers: usize,
+    bytes: usize,
+    repeats: u32,
+) -> std::io::Result<Vec<Duration>> {
+    tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let listeners =
+            (0..receivers.max(1)).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
+        tcp_at_once(&listeners, 1, bytes, repeats)
+    })
+    .await
+    .map_err(|_| std::io::Error::other("the fan-out baseline panicked"))?
 }
 
 /// The times of [`tcp`]'s transfers to a server listening where `listen` (run on the server's

@@ -72,13 +72,17 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
 /// The DeepEP table: dispatch and combine beside the wire's limits.
 pub fn preset_table(presets: &[PresetSummary]) -> String {
     let mut text = String::new();
-    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP) | combine µs | combine GB/s logical / wire (% of TCP) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape and threads), threads | cores busy during the calls (stolen) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP echo µs | gRPC one-way GB/s (tonic's client / as Forward goes: uncopied, own HTTP/2) | gRPC echo µs |\n");
-    let _ = writeln!(text, "|{}", " ---: |".repeat(21));
+    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP; of TCP to every worker) | combine µs | combine GB/s logical / wire (% of TCP; of TCP to every worker) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape and threads), threads | cores busy during the calls (stolen) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP to every worker at once GB/s | TCP echo µs | gRPC one-way GB/s (tonic's client / as Forward goes: uncopied, own HTTP/2) | gRPC echo µs |\n");
+    let _ = writeln!(text, "|{}", " ---: |".repeat(22));
     for preset in presets {
         let baselines = &preset.baselines;
+        let share = |one: f64, every: Option<f64>| {
+            let every = every.map_or_else(String::new, |every| format!("; {:.0}%", every * 100.0));
+            format!("{:.0}%{every}", one * 100.0)
+        };
         let _ = writeln!(
             text,
-            "| {} | {} | {} | {:.2} ({}) | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.2} / {:.2} ({:.0}%) | {:.0} | {:.0} | {:.1} ({}), {} | {} | {:.1} | {:.2} | {} | {:.0} | {:.2} / {} | {:.0} |",
+            "| {} | {} | {} | {:.2} ({}) | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({}) | {:.0} | {:.2} / {:.2} ({}) | {:.0} | {:.0} | {:.1} ({}), {} | {} | {:.1} | {:.2} | {} | {} | {:.0} | {:.2} / {} | {:.0} |",
             preset.preset,
             preset.result.point.tokens,
             preset.result.point.shape.workers,
@@ -89,11 +93,11 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
             preset.dispatch_transfer_us,
             preset.logical_dispatch_gb_per_s,
             preset.dispatch_gb_per_s,
-            preset.dispatch_share_of_tcp * 100.0,
+            share(preset.dispatch_share_of_tcp, preset.dispatch_share_of_tcp_to_every_worker),
             preset.combine_transfer_us,
             preset.logical_combine_gb_per_s,
             preset.combine_gb_per_s,
-            preset.combine_share_of_tcp * 100.0,
+            share(preset.combine_share_of_tcp, preset.combine_share_of_tcp_to_every_worker),
             preset.dispatch_with_encode_us,
             preset.combine_with_decode_and_sum_us,
             preset.gate_gflops,
@@ -106,6 +110,7 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
                 || "–".to_owned(),
                 |striped| format!("{:.2} ({})", striped.gb_per_s, baselines.tcp_connections)
             ),
+            optional(preset.tcp_to_every_worker.map(|tcp| tcp.gb_per_s), |rate| format!("{rate:.2}")),
             baselines.tcp_echo.mean_us,
             baselines.grpc_one_way.gb_per_s,
             optional(baselines.grpc_one_way_uncopied.map(|figure| figure.gb_per_s), |rate| format!("{rate:.2}")),
@@ -291,7 +296,10 @@ pub fn bench_report(summary: &BenchSummary) -> String {
              The baselines move one request's payload over TCP and a plain gRPC echo on this machine's loopback, \
              in the same run; the single-connection TCP figure the percentages divide by is measured between \
              the preset's calls (in 5 rounds, each after a fifth of the calls), because this machine's loopback \
-             swings several-fold within seconds. Cores busy: the share of every core's time the kernel counted \
+             swings several-fold within seconds. After each round, too, raw TCP moves the busiest worker's \
+             bytes of a call to as many receivers as there are workers, each over its connection of its own, \
+             all written at once by threads of one process: the dispatch's fan-out with the TCP stack alone \
+             (the second percentage divides by it). Cores busy: the share of every core's time the kernel counted \
              busy while the preset's calls ran, its warm-up calls included (the hypervisor's stolen share in \
              brackets): near 100%, the machine's cores, not its wire, set the pace.\n\n",
         );
