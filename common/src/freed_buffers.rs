@@ -9,7 +9,10 @@
 //! loopback moves a MiB in 0.25 ms. `switchyard bench --run deepep --preset-calls 10` took 1.6-1.8
 //! million faults with glibc's defaults and 0.7-0.8 million with the settings below (most of them
 //! the processes' start and the bench's inputs), and DeepEP-normal's dispatch went from 36-47% to
-//! 50-53% of single-connection TCP, its combine from 53-63% to 59-81% (runs alternated).
+//! 50-53% of single-connection TCP, its combine from 53-63% to 59-81% (runs alternated). A block
+//! glibc maps on its own also starts 16 bytes into a page, where the kernel's copy of received
+//! bytes runs 2-3x slower on that VM than at other offsets (`tools/examples/receive_alignment.rs`);
+//! on the heap a block starts wherever the heap is.
 //!
 //! The settings: one arena (the data path's allocations are few and large; glibc's per-thread
 //! caches still serve small ones without the arena's lock), a fixed mmap threshold at glibc's
