@@ -56,8 +56,9 @@ pub enum Command {
     /// point, distributed and through the in-process reference layer with as many libtorch threads
     /// as its workers have together, taking turns with a raw TCP echo and a plain gRPC echo of one
     /// request's bytes (the network phase's floor, and what tonic and h2 alone cost). The DeepEP
-    /// presets (--run deepep) use identity experts and bf16 both ways and measure raw TCP and a
-    /// plain gRPC echo of the same bytes in the same run.
+    /// presets (--run deepep) use identity experts and bf16 both ways and measure, in the same run,
+    /// raw TCP and a plain gRPC echo of the same bytes, and raw TCP to every worker at once (the
+    /// dispatch's fan-out with the TCP stack alone).
     Bench(crate::libtorch::BenchArgs),
     /// Layers, experts, total and active parameters per token of a checkpoint or synthetic model.
     ModelInfo(model_info::ModelInfoArgs),
