@@ -100,19 +100,46 @@ pub async fn measure(bytes: usize, repeats: u32) -> std::io::Result<WireBaseline
 fn tcp_striped(bytes: usize, repeats: u32, connections: usize) -> std::io::Result<WireFigure> {
     let share = bytes.div_ceil(connections);
     let listener = TcpListener::bind("127.0.0.1:0")?;
-    let times = tcp_at_once(&[listener], connections, share, repeats)?;
+    let times = tcp_at_once(&[listener], connections, share, repeats, ReceiveBuffer::Allocated)?;
     let sent = share * connections;
     Ok(WireFigure::from_times(sent as u64, (sent + connections) as u64, &times))
 }
 
+/// Where a raw TCP baseline's receivers put the bytes they read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiveBuffer {
+    /// A vector from the allocator, wherever it lands: what the bench measures.
+    Allocated,
+    /// A buffer starting this many bytes into a page (`examples/receive_alignment.rs`).
+    AtPageOffset(usize),
+}
+
+const PAGE_BYTES: usize = 4096;
+
+impl ReceiveBuffer {
+    /// Storage for a buffer of `len` bytes, and where in it the buffer starts.
+    fn storage(self, len: usize) -> (Vec<u8>, usize) {
+        match self {
+            Self::Allocated => (vec![0u8; len], 0),
+            Self::AtPageOffset(offset) => {
+                let offset = offset % PAGE_BYTES;
+                let storage = vec![1u8; len + offset + PAGE_BYTES];
+                let address = storage.as_ptr() as usize;
+                (storage, address.next_multiple_of(PAGE_BYTES) - address + offset)
+            }
+        }
+    }
+}
+
 /// The times of transfers of `share` bytes over `connections_each` connections to each of
 /// `listeners`, every connection written by its own thread at the same moment and acknowledged
-/// with one byte; a transfer ends when every share is in.
+/// with one byte, each receiver reading into `buffer`; a transfer ends when every share is in.
 fn tcp_at_once(
     listeners: &[TcpListener],
     connections_each: usize,
     share: usize,
     repeats: u32,
+    buffer: ReceiveBuffer,
 ) -> std::io::Result<Vec<Duration>> {
     let connections = listeners.len() * connections_each;
     let mut client_sockets = Vec::with_capacity(connections);
@@ -126,9 +153,10 @@ fn tcp_at_once(
         for _ in 0..connections_each {
             let (mut socket, _) = listener.accept()?;
             servers.push(std::thread::spawn(move || -> std::io::Result<()> {
-                let mut buffer = vec![0u8; share];
+                let (mut storage, start) = buffer.storage(share);
+                let buffer = &mut storage[start..start + share];
                 for _ in 0..=repeats {
-                    socket.read_exact(&mut buffer)?;
+                    socket.read_exact(buffer)?;
                     socket.write_all(&[1])?;
                 }
                 Ok(())
@@ -226,7 +254,7 @@ pub async fn tcp_over_links_at_once(hosts: &[Host], bytes: usize, repeats: u32) 
                 .map_err(|_| std::io::Error::other("binding in a host's namespace panicked"))?
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        tcp_at_once(&listeners, 1, bytes, repeats)
+        tcp_at_once(&listeners, 1, bytes, repeats, ReceiveBuffer::Allocated)
     })
     .await
     .map_err(|_| std::io::Error::other("the links baseline panicked"))??;
@@ -242,13 +270,21 @@ pub async fn tcp_to_every_receiver_times(
     bytes: usize,
     repeats: u32,
 ) -> std::io::Result<Vec<Duration>> {
-    tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-        let listeners =
-            (0..receivers.max(1)).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
-        tcp_at_once(&listeners, 1, bytes, repeats)
-    })
-    .await
-    .map_err(|_| std::io::Error::other("the fan-out baseline panicked"))?
+    tokio::task::spawn_blocking(move || tcp_to_every_receiver(receivers, bytes, repeats, ReceiveBuffer::Allocated))
+        .await
+        .map_err(|_| std::io::Error::other("the fan-out baseline panicked"))?
+}
+
+/// [`tcp_to_every_receiver_times`] on this thread, each receiver reading into `buffer`.
+pub fn tcp_to_every_receiver(
+    receivers: usize,
+    bytes: usize,
+    repeats: u32,
+    buffer: ReceiveBuffer,
+) -> std::io::Result<Vec<Duration>> {
+    let listeners =
+        (0..receivers.max(1)).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
+    tcp_at_once(&listeners, 1, bytes, repeats, buffer)
 }
 
 /// The times of [`tcp`]'s transfers to a server listening where `listen` (run on the server's
@@ -505,5 +541,23 @@ mod tests {
         // An echo moves twice the bytes of a one-way transfer.
         let implied = |figure: WireFigure| figure.gb_per_s * figure.mean_us;
         assert!((implied(baselines.tcp_echo) / implied(baselines.tcp_one_way) - 2.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn a_receive_buffer_starts_where_it_is_asked_to_in_its_page() {
+        for (asked, expected) in [(0, 0), (16, 16), (2048, 2048), (PAGE_BYTES + 64, 64)] {
+            let (storage, start) = ReceiveBuffer::AtPageOffset(asked).storage(1000);
+            assert_eq!((storage.as_ptr() as usize + start) % PAGE_BYTES, expected, "asked {asked}");
+            assert!(start + 1000 <= storage.len(), "the buffer fits its storage");
+        }
+        let (storage, start) = ReceiveBuffer::Allocated.storage(1000);
+        assert_eq!((storage.len(), start), (1000, 0));
+    }
+
+    #[test]
+    fn every_receiver_gets_its_bytes_in_each_measured_round() {
+        let times = tcp_to_every_receiver(3, 10_000, 4, ReceiveBuffer::AtPageOffset(16)).expect("loopback transfers");
+        assert_eq!(times.len(), 4, "one time per measured round, the unmeasured one left out");
+        assert!(times.iter().all(|time| !time.is_zero()));
     }
 }
