@@ -184,7 +184,14 @@ async fn switchyard_bench_measures_a_deepep_preset_in_rounds_beside_tcp() {
     assert!(fanned >= per_call && fanned < per_call * 1.1, "2 x the busiest worker's bytes: {fanned} for {per_call}");
     let share_of_fan_out = preset["dispatch_share_of_tcp_to_every_worker"].as_f64().expect("share of the fan-out");
     assert!((share_of_fan_out - wire / fan_out["gb_per_s"].as_f64().unwrap()).abs() < 1e-9, "{share_of_fan_out}");
+    // How the calls' dispatch spread: a median and a 90th percentile, in order.
+    let (p50, p90) = (
+        preset["dispatch_quantiles_us"]["p50"].as_f64().expect("dispatch p50"),
+        preset["dispatch_quantiles_us"]["p90"].as_f64().expect("dispatch p90"),
+    );
+    assert!(p50 > 0.0 && p50 <= p90, "dispatch p50 {p50} µs, p90 {p90} µs");
     let markdown = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    assert!(markdown.contains(&format!("({p50:.0} / {p90:.0})")), "{markdown}");
     let percentages = format!("({:.0}%; {:.0}%)", share * 100.0, share_of_fan_out * 100.0);
     assert!(markdown.contains("TCP to every worker at once GB/s") && markdown.contains(&percentages), "{markdown}");
     let (payload, socket) = (

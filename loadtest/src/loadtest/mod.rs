@@ -356,6 +356,10 @@ pub struct LoadReport {
     pub dispatch_total: Duration,
     /// Per call, the slowest worker's answer transfer (worker reply → client), summed over calls.
     pub combine_transfer_total: Duration,
+    /// The same two transfers call by call, in microseconds (calls that reached a worker): how
+    /// they spread around the means the totals give.
+    pub dispatch_histogram: Histogram<u64>,
+    pub combine_transfer_histogram: Histogram<u64>,
     /// Per call, the longest of the workers' whole request transfers (first sent → last received)
     /// and answer transfers (first reply → last answer in), summed over calls: what a link's rate
     /// bounds.
@@ -398,6 +402,8 @@ impl LoadReport {
         self.ledger.absorb(later.ledger);
         self.dispatch_total += later.dispatch_total;
         self.combine_transfer_total += later.combine_transfer_total;
+        let _ = self.dispatch_histogram.add(&later.dispatch_histogram);
+        let _ = self.combine_transfer_histogram.add(&later.combine_transfer_histogram);
         self.dispatch_span_total += later.dispatch_span_total;
         self.combine_span_total += later.combine_span_total;
         self.attention_total += later.attention_total;
@@ -470,14 +476,21 @@ impl Shared {
                 report.attention_total += outcome.attention;
                 // A step's layers run one after the other: its transfers add up, each the slowest
                 // worker's of its layer.
+                let (mut dispatch, mut combine_transfer) = (Duration::ZERO, Duration::ZERO);
                 for (layer, workers) in &outcome.workers {
                     report.ledger.record(*layer, workers);
                     let slowest =
                         |time: fn(&WorkerCall) -> Duration| workers.iter().map(time).max().unwrap_or_default();
-                    report.dispatch_total += slowest(|call| call.dispatch);
-                    report.combine_transfer_total += slowest(|call| call.combine_transfer);
+                    dispatch += slowest(|call| call.dispatch);
+                    combine_transfer += slowest(|call| call.combine_transfer);
                     report.dispatch_span_total += slowest(WorkerCall::dispatch_span);
                     report.combine_span_total += slowest(WorkerCall::combine_span);
+                }
+                report.dispatch_total += dispatch;
+                report.combine_transfer_total += combine_transfer;
+                if outcome.workers.iter().any(|(_, workers)| !workers.is_empty()) {
+                    let _ = report.dispatch_histogram.record(micros(dispatch));
+                    let _ = report.combine_transfer_histogram.record(micros(combine_transfer));
                 }
             }
             Err(error) => {
@@ -526,6 +539,8 @@ pub async fn run(target: Target, spec: LoadSpec, name: &str) -> Result<LoadRepor
         ledger: CommLedger::default(),
         dispatch_total: Duration::ZERO,
         combine_transfer_total: Duration::ZERO,
+        dispatch_histogram: micros_histogram(),
+        combine_transfer_histogram: micros_histogram(),
         dispatch_span_total: Duration::ZERO,
         combine_span_total: Duration::ZERO,
         layers_per_call: spec.step.as_ref().map_or(1, |step| step.layers.len()),
@@ -953,7 +968,11 @@ mod tests {
         let (first_wall, second_wall) = (first.timing_total.wall, second.timing_total.wall);
         let (first_load, second_load) = (first.expert_load.clone(), second.expert_load.clone());
         let measured = first.measured + second.measured;
+        let transfers =
+            |report: &LoadReport| (report.dispatch_histogram.len(), report.combine_transfer_histogram.len());
+        let (first_transfers, second_transfers) = (transfers(&first), transfers(&second));
         first.absorb(second);
+        assert_eq!(transfers(&first), (first_transfers.0 + second_transfers.0, first_transfers.1 + second_transfers.1));
         assert_eq!((first.calls, first.tokens, first.latency.len()), (8, 64, 8));
         assert!(first.phase_histograms.iter().all(|histogram| histogram.len() == 8));
         assert_eq!(first.timing_total.wall, first_wall + second_wall);

@@ -15,7 +15,7 @@ pub mod summary;
 pub mod wake;
 pub mod wire;
 
-pub use summary::{BenchSummary, PhaseShares, PointSummary, PresetSummary, StepSummary};
+pub use summary::{BenchSummary, PhaseShares, PointSummary, PresetSummary, Quantiles, StepSummary};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -182,6 +182,13 @@ impl PointResult {
             self.distributed.dispatch_span_total.as_secs_f64() * 1e6 / calls,
             self.distributed.combine_span_total.as_secs_f64() * 1e6 / calls,
         )
+    }
+
+    /// The `quantile` of the calls' dispatch and combine transfers (each the slowest worker's), in
+    /// microseconds.
+    pub fn transfer_quantile_us(&self, quantile: f64) -> (f64, f64) {
+        let at = |histogram: &hdrhistogram::Histogram<u64>| histogram.value_at_quantile(quantile) as f64;
+        (at(&self.distributed.dispatch_histogram), at(&self.distributed.combine_transfer_histogram))
     }
 
     /// Mean per call of the slowest worker's dispatch and combine transfers, in microseconds.

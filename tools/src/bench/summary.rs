@@ -129,6 +129,13 @@ impl PhaseShares {
     }
 }
 
+/// The median and 90th percentile of a set of times, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Quantiles {
+    pub p50: f64,
+    pub p90: f64,
+}
+
 /// A DeepEP setting's figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PresetSummary {
@@ -141,6 +148,12 @@ pub struct PresetSummary {
     pub dispatch_with_encode_us: f64,
     /// The combine transfer plus decode and weighted sum.
     pub combine_with_decode_and_sum_us: f64,
+    /// The median and 90th percentile over the calls of the dispatch and combine transfers (none
+    /// in reports written before they were kept).
+    #[serde(default)]
+    pub dispatch_quantiles_us: Option<Quantiles>,
+    #[serde(default)]
+    pub combine_quantiles_us: Option<Quantiles>,
     /// The client's gate (`x · W_gᵀ` and top-k) in GFLOP/s, and as a share of tch's f32 GEMM of the
     /// same shape on as many CPU threads as the gate used, measured in the same run (none in
     /// reports written before).
@@ -257,6 +270,7 @@ impl PresetResult {
         let [(dispatch_us, dispatch_gbps), (combine_us, combine_gbps)] = self.transfers();
         let (dispatch_total_us, combine_total_us) = self.end_to_end_us();
         let floors = self.link_floor_us();
+        let (p50, p90) = (self.result.transfer_quantile_us(0.5), self.result.transfer_quantile_us(0.9));
         PresetSummary {
             preset: self.name.to_owned(),
             dispatch_transfer_us: dispatch_us,
@@ -265,6 +279,8 @@ impl PresetResult {
             combine_gb_per_s: combine_gbps,
             dispatch_with_encode_us: dispatch_total_us,
             combine_with_decode_and_sum_us: combine_total_us,
+            dispatch_quantiles_us: Some(Quantiles { p50: p50.0, p90: p90.0 }),
+            combine_quantiles_us: Some(Quantiles { p50: p50.1, p90: p90.1 }),
             gate_gflops: self.gate_gflops(),
             gate_share_of_gemm: self.cpu_gemm_gflops.map(|gemm| self.gate_gflops() / gemm.max(1e-12)),
             gate_threads: self.gate_threads,

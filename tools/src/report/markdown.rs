@@ -9,7 +9,7 @@ use super::folder::CHARTS;
 use super::{LedgerCells, charts};
 use crate::bench::cpu_time::CpuShares;
 use crate::bench::wire::WireFigure;
-use crate::bench::{BenchSummary, PointSummary, PresetSummary, StepSummary};
+use crate::bench::{BenchSummary, PointSummary, PresetSummary, Quantiles, StepSummary};
 
 fn optional(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
     value.map_or_else(|| "–".to_owned(), format)
@@ -72,7 +72,7 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
 /// The DeepEP table: dispatch and combine beside the wire's limits.
 pub fn preset_table(presets: &[PresetSummary]) -> String {
     let mut text = String::new();
-    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs | dispatch GB/s logical / wire (% of TCP; of TCP to every worker) | combine µs | combine GB/s logical / wire (% of TCP; of TCP to every worker) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape and threads), threads | cores busy during the calls (stolen) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP to every worker at once GB/s | TCP echo µs | gRPC one-way GB/s (tonic's client / as Forward goes: uncopied, own HTTP/2) | gRPC echo µs |\n");
+    text.push_str("| preset | tokens | workers | rows/token (top-k) | logical MB/call | wire MB/call | dispatch µs: mean (p50 / p90 of the calls) | dispatch GB/s logical / wire (% of TCP; of TCP to every worker) | combine µs: mean (p50 / p90) | combine GB/s logical / wire (% of TCP; of TCP to every worker) | dispatch incl. encode µs | combine incl. decode + sum µs | gate GFLOP/s (% of tch f32 GEMM, same shape and threads), threads | cores busy during the calls (stolen) | request MB | TCP one-way GB/s | TCP N connections GB/s | TCP to every worker at once GB/s | TCP echo µs | gRPC one-way GB/s (tonic's client / as Forward goes: uncopied, own HTTP/2) | gRPC echo µs |\n");
     let _ = writeln!(text, "|{}", " ---: |".repeat(22));
     for preset in presets {
         let baselines = &preset.baselines;
@@ -82,7 +82,7 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
         };
         let _ = writeln!(
             text,
-            "| {} | {} | {} | {:.2} ({}) | {:.1} | {:.1} | {:.0} | {:.2} / {:.2} ({}) | {:.0} | {:.2} / {:.2} ({}) | {:.0} | {:.0} | {:.1} ({}), {} | {} | {:.1} | {:.2} | {} | {} | {:.0} | {:.2} / {} | {:.0} |",
+            "| {} | {} | {} | {:.2} ({}) | {:.1} | {:.1} | {:.0}{} | {:.2} / {:.2} ({}) | {:.0}{} | {:.2} / {:.2} ({}) | {:.0} | {:.0} | {:.1} ({}), {} | {} | {:.1} | {:.2} | {} | {} | {:.0} | {:.2} / {} | {:.0} |",
             preset.preset,
             preset.result.point.tokens,
             preset.result.point.shape.workers,
@@ -91,10 +91,12 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
             preset.logical_mb_per_call,
             preset.result.distributed.payload_bytes_sent_per_call as f64 / 1e6,
             preset.dispatch_transfer_us,
+            quantiles(preset.dispatch_quantiles_us),
             preset.logical_dispatch_gb_per_s,
             preset.dispatch_gb_per_s,
             share(preset.dispatch_share_of_tcp, preset.dispatch_share_of_tcp_to_every_worker),
             preset.combine_transfer_us,
+            quantiles(preset.combine_quantiles_us),
             preset.logical_combine_gb_per_s,
             preset.combine_gb_per_s,
             share(preset.combine_share_of_tcp, preset.combine_share_of_tcp_to_every_worker),
@@ -118,6 +120,11 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
         );
     }
     text
+}
+
+/// ` (p50 / p90)` of a transfer's calls, or nothing where a report predates them.
+fn quantiles(quantiles: Option<Quantiles>) -> String {
+    quantiles.map_or_else(String::new, |quantiles| format!(" ({:.0} / {:.0})", quantiles.p50, quantiles.p90))
 }
 
 /// The cores' busy share while the calls ran, with the hypervisor's share beside it.
