@@ -153,8 +153,10 @@ pub async fn run(
 }
 
 /// `--compute-gflops`, else this device's matrix-multiply rate in the experts' dtype (f32 on a
-/// CPU, bf16 on a GPU, unless `--dtype` says), measured off the async runtime's threads. 0 when
-/// the measurement could not run: the coordinator then counts the worker as average.
+/// CPU, bf16 on a GPU, unless `--dtype` says), measured off the async runtime's threads; on a CPU
+/// by the CPU time the products took, so that a machine busy at the worker's start does not read
+/// as a slow one. 0 when the measurement could not run: the coordinator then counts the worker as
+/// average.
 async fn compute_rate(args: &Args, device: tch::Device) -> f64 {
     if args.compute_gflops > 0.0 {
         return args.compute_gflops;
@@ -167,7 +169,9 @@ async fn compute_rate(args: &Args, device: tch::Device) -> f64 {
     let threads = args.torch_threads.max(1) as i32;
     // Smaller than the bench's yardstick: only the ratio between workers matters here.
     let size = if device.is_cuda() { 4096 } else { 1024 };
-    let measured =
-        tokio::task::spawn_blocking(move || switchyard_experts::peak::measure(device, dtype, threads, size, 2)).await;
+    let measured = tokio::task::spawn_blocking(move || {
+        switchyard_experts::peak::measure_capability(device, dtype, threads, size, 2)
+    })
+    .await;
     measured.map_or(0.0, |peak| peak.flops_per_second / 1e9)
 }
