@@ -46,10 +46,10 @@ pub fn measure(device: Device, dtype: WeightDtype, threads: i32, size: i64, samp
 /// What the device can do whatever else runs beside it: [`measure`]'s rate, but on a CPU each
 /// product is timed by the CPU time this process was given while it ran (its `threads` threads
 /// computing all of it, the process otherwise idle, as a worker is when it starts), not by the
-/// wall clock. A worker that starts on a machine whose cores are
-/// busy (its neighbours serving a load) otherwise reads several times slower than it is, and is
-/// given that much less work for good: a joining worker measured at 2.6 GFLOP/s beside two at 77
-/// while a load ran was given no expert at all. On a GPU it is [`measure`].
+/// wall clock. A worker that starts on a machine whose cores are busy (its neighbours serving a
+/// load) otherwise reads several times slower than it is, and is given that much less work for
+/// good: a joining worker measured at 2.6 GFLOP/s beside two at 77 while a load ran was given no
+/// expert at all. On a GPU it is [`measure`].
 pub fn measure_capability(device: Device, dtype: WeightDtype, threads: i32, size: i64, samples: usize) -> MatmulPeak {
     let clock = if device.is_cuda() { Clock::Wall } else { Clock::ProcessCpu { threads } };
     measure_by(clock, device, dtype, threads, size, samples)
