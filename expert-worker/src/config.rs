@@ -81,7 +81,8 @@ pub struct Args {
     /// This worker's matrix-multiply rate in GFLOP/s, which the coordinator places load in
     /// proportion to (a worker twice as fast is given twice the expected traffic); 0: measured
     /// at start in the experts' dtype (~0.2 s on a CPU, timed by the CPU time it took, so a
-    /// machine busy at the time does not read as a slow one).
+    /// machine busy at the time does not read as a slow one; a CPU quota below --torch-threads
+    /// cores, such as a Kubernetes limit, is not seen: set the rate here then).
     #[arg(long, env = "SWITCHYARD_WORKER_COMPUTE_GFLOPS", default_value_t = 0.0, value_parser = parse_rate)]
     pub compute_gflops: f64,
 
