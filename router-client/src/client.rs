@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use prost::Message;
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::{ExpertId, RequestId, TableVersion};
@@ -234,7 +236,7 @@ impl MoeClient {
     ) -> Result<LayerOutput, ClientError> {
         let started = Instant::now();
         let deadline = started + self.options.timeout;
-        let mut table = self
+        let table = self
             .table()
             .ok_or(ClientError::NoTable { coordinator: "(not connected)".into(), waited: Duration::ZERO })?;
         let values = hidden.len();
@@ -261,175 +263,169 @@ impl MoeClient {
         timing.plan += handed_off.elapsed().saturating_sub(timing.gate + timing.plan + timing.encode);
         let plan = Arc::new(plan);
 
-        // Answers are checked here as they arrive (cheap; a bad one ends the call at once) and
-        // decoded and summed on the CPU pool, while later answers are still on the wire. A worker
-        // that fails is given up at once and its rows go to another holder of their experts.
-        let sums = Arc::new(Mutex::new(Sums::new(values)));
-        let mut combine = Combine::new(&plan);
-        let mut summing = Vec::new();
+        let mut collecting = Collecting::new(&plan, values);
+        let mut rounds = Rounds {
+            request_id,
+            layer,
+            deadline,
+            table,
+            excluded: HashSet::new(),
+            retried_requests: 0,
+            moves: plan.moves.clone(),
+            refused: plan.throttled.clone(),
+        };
         let mut round = Arc::new(first_round);
-        let mut excluded: HashSet<Endpoint> = HashSet::new();
-        let mut retried_requests = 0;
-        // A full queue with no other holder is not the call's end under these policies.
-        let refusals_tolerated = self.options.refusal != RefusalPolicy::Fail;
-        let mut moves: Vec<(u32, u32)> = plan.moves.clone();
-        // (expert, assignments) a full queue refused, or throttling held back, and the refusal
-        // policy let overflow.
-        let mut refused: Vec<(u32, usize)> = plan.throttled.clone();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let attempt = self.options.attempt_timeout.map_or(left, |attempt| attempt.min(left));
-            let exchanged = exchange::run(
-                &*self.transport,
-                &self.replicas,
-                &round,
-                attempt,
-                |error| {
-                    Retry::of(error).worth_it(error, &table, layer)
-                        || (refusals_tolerated && matches!(error, ClientError::QueueFull { .. }))
-                },
-                |index, answer| {
-                    let response = combine.accept(&plan, &round[index], answer)?;
-                    let (plan, round, sums) = (plan.clone(), round.clone(), sums.clone());
-                    let work = answer_bytes(&response);
-                    summing.push(self.cpu.spawn_sized(work, move || lock(&sums).add(&plan, &round[index], &response)));
-                    Ok(())
-                },
-            )
-            .await;
-            self.count_verdicts(match &exchanged {
-                Ok(finished) => &finished.outcomes,
-                Err(failure) => &failure.outcomes,
-            });
-            let finished = match exchanged {
-                Ok(finished) => finished,
-                Err(failure) => {
-                    let outcomes: Vec<String> = failure
-                        .outcomes
-                        .iter()
-                        .map(|destination| {
-                            let state = match destination.outcome {
-                                Outcome::Answered => "answered",
-                                Outcome::Failed(_) => "failed",
-                                Outcome::Abandoned => "abandoned",
-                            };
-                            format!("{}: {state}", destination.endpoint)
-                        })
-                        .collect();
-                    tracing::debug!(error = %failure.error, ?outcomes, "layer call failed");
-                    return Err(failure.error);
-                }
-            };
+            let finished = self.exchange_round(&plan, &round, &rounds, &mut collecting).await?;
             if finished.unanswered.is_empty() {
                 break;
             }
-            let mut worst = Retry::OtherHolder;
-            let mut first_error = None;
-            for (endpoint, error) in finished.failures() {
-                tracing::debug!(%endpoint, %error, "worker failed; sending its rows to another holder");
-                excluded.insert(endpoint.clone());
-                self.replicas.suspect(endpoint);
-                worst = worst.max(Retry::of(error));
-                first_error.get_or_insert_with(|| error.clone());
-            }
-            let first_error = first_error.expect("unanswered requests come from a failed worker");
-            let error_at =
-                |endpoint: &Endpoint| finished.failures().find(|(failed, _)| *failed == endpoint).map(|(_, e)| e);
-            let (refused_here, failed): (Vec<usize>, Vec<usize>) = finished.unanswered.iter().partition(|&&index| {
-                refusals_tolerated
-                    && error_at(&round[index].endpoint).is_some_and(|error| {
-                        matches!(error, ClientError::QueueFull { .. })
-                            && !Retry::OtherHolder.worth_it(error, &table, layer)
-                    })
-            });
-            let mut next_round = Vec::new();
-            if self.options.refusal == RefusalPolicy::NextBest && !refused_here.is_empty() {
-                let refused_requests: Vec<PlannedRequest> =
-                    refused_here.iter().map(|&index| round[index].clone()).collect();
-                let choice = self.replicas.choice(request_id.0, excluded.clone());
-                let (plan, moved_on) = (plan.clone(), table.clone());
-                let moved = self.cpu.run(move || plan.move_refused(&refused_requests, &moved_on, &choice)).await?;
-                moves.extend(moved.moves);
-                refused.extend(moved.overflowed);
-                next_round.extend(moved.requests);
-            } else {
-                for index in refused_here {
-                    refused.extend(assignments_of(&round[index], &plan.routed));
-                }
-            }
-            if !failed.is_empty() {
-                let failed: Vec<PlannedRequest> = failed.iter().map(|&index| round[index].clone()).collect();
-                retried_requests += failed.len();
-                let failed = Arc::new(failed);
-                let requests = loop {
-                    let choice = self.replicas.choice(request_id.0, excluded.clone());
-                    let (plan, failed, rerouted_on) = (plan.clone(), failed.clone(), table.clone());
-                    let rerouted = self
-                        .cpu
-                        .run(move || {
-                            let failed: Vec<&PlannedRequest> = failed.iter().collect();
-                            reroute(&failed, &plan.routed.groups, &rerouted_on, &choice, plan.call_rows())
-                        })
-                        .await?;
-                    match rerouted {
-                        Ok(requests) => break requests,
-                        // No holder left: a worker that is gone comes back in a table that moves
-                        // its experts; wait for that within the deadline. A full queue or a
-                        // stalled worker with no other holder fails the call now, as it would
-                        // have without replicas.
-                        Err(ClientError::Unplaced { .. }) if worst == Retry::OtherHolderOrNewTable => {
-                            table = self.newer_table(&table, deadline).await.ok_or_else(|| first_error.clone())?;
-                            excluded.clear();
-                        }
-                        Err(ClientError::Unplaced { .. }) => return Err(first_error),
-                        Err(error) => return Err(error),
-                    }
-                };
-                next_round.extend(requests);
-            }
+            let next_round = self.next_round(&plan, &round, &finished, &mut rounds).await?;
             if next_round.is_empty() {
                 break;
             }
-            for planned in &mut next_round {
-                planned.request.request_id = request_id.0;
-            }
-            combine.add_requests(&next_round);
+            collecting.combine.add_requests(&next_round);
             round = Arc::new(next_round);
         }
         let last_answer = Instant::now();
-        for job in summing {
-            job.await?;
-        }
-        let mut sums = std::mem::take(&mut *lock(&sums));
-        if sums.output.len() != values {
-            // No answer was summed (every assignment dropped or refused): all zeros, on the pool.
-            sums = self
-                .cpu
-                .run_sized(values, move || {
-                    sums.output();
-                    sums
-                })
-                .await?;
-        }
-        let mut output = combine.finish(plan, sums, table.version, timing, last_answer.elapsed(), started);
-        output.retried_requests = retried_requests;
-        let kept = &mut output.routing.tokens_per_expert;
-        for (expert, count) in refused {
-            output.routing.refused += count;
-            if let Some(kept) = kept.get_mut(expert as usize) {
-                *kept = kept.saturating_sub(count as u32);
-            }
-        }
-        for (from, to) in moves {
-            output.routing.rerouted += 1;
-            if let Some(kept) = kept.get_mut(from as usize) {
-                *kept = kept.saturating_sub(1);
-            }
-            if let Some(kept) = kept.get_mut(to as usize) {
-                *kept += 1;
-            }
-        }
+        let (combine, sums) = collecting.summed(&self.cpu, values).await?;
+        let mut output = combine.finish(plan, sums, rounds.table.version, timing, last_answer.elapsed(), started);
+        output.retried_requests = rounds.retried_requests;
+        rounds.settle(&mut output.routing);
         Ok(output)
+    }
+
+    /// Sends every request of `round` at once and collects each answer as it arrives. A worker
+    /// failing in a way worth retrying is given up (its requests come back as unanswered); any
+    /// other failure ends the call.
+    async fn exchange_round(
+        &self,
+        plan: &Arc<CallPlan>,
+        round: &Arc<Vec<PlannedRequest>>,
+        rounds: &Rounds,
+        collecting: &mut Collecting,
+    ) -> Result<exchange::Round, ClientError> {
+        let left = rounds.deadline.saturating_duration_since(Instant::now());
+        let attempt = self.options.attempt_timeout.map_or(left, |attempt| attempt.min(left));
+        // A full queue with no other holder is not the call's end under these policies.
+        let refusals_tolerated = self.options.refusal != RefusalPolicy::Fail;
+        let exchanged = exchange::run(
+            &*self.transport,
+            &self.replicas,
+            round,
+            attempt,
+            |error| {
+                Retry::of(error).worth_it(error, &rounds.table, rounds.layer)
+                    || (refusals_tolerated && matches!(error, ClientError::QueueFull { .. }))
+            },
+            |index, answer| collecting.accept(&self.cpu, plan, round, index, answer),
+        )
+        .await;
+        self.count_verdicts(match &exchanged {
+            Ok(finished) => &finished.outcomes,
+            Err(failure) => &failure.outcomes,
+        });
+        exchanged.map_err(|failure| {
+            let outcomes: Vec<String> = failure
+                .outcomes
+                .iter()
+                .map(|destination| {
+                    let state = match destination.outcome {
+                        Outcome::Answered => "answered",
+                        Outcome::Failed(_) => "failed",
+                        Outcome::Abandoned => "abandoned",
+                    };
+                    format!("{}: {state}", destination.endpoint)
+                })
+                .collect();
+            tracing::debug!(error = %failure.error, ?outcomes, "layer call failed");
+            failure.error
+        })
+    }
+
+    /// The requests of the round after `finished`: what its failed workers left unanswered, sent
+    /// to other holders of their experts (waiting, within the deadline, for a table that moves the
+    /// experts of a worker that is gone); rows a full queue refused are moved to the next best
+    /// expert or overflow, as the refusal policy says. Empty when nothing is left to send.
+    async fn next_round(
+        &self,
+        plan: &Arc<CallPlan>,
+        round: &[PlannedRequest],
+        finished: &exchange::Round,
+        rounds: &mut Rounds,
+    ) -> Result<Vec<PlannedRequest>, ClientError> {
+        let mut worst = Retry::OtherHolder;
+        let mut first_error = None;
+        for (endpoint, error) in finished.failures() {
+            tracing::debug!(%endpoint, %error, "worker failed; sending its rows to another holder");
+            rounds.excluded.insert(endpoint.clone());
+            self.replicas.suspect(endpoint);
+            worst = worst.max(Retry::of(error));
+            first_error.get_or_insert_with(|| error.clone());
+        }
+        let first_error = first_error.expect("unanswered requests come from a failed worker");
+        let error_at =
+            |endpoint: &Endpoint| finished.failures().find(|(failed, _)| *failed == endpoint).map(|(_, e)| e);
+        let refusals_tolerated = self.options.refusal != RefusalPolicy::Fail;
+        let (refused_here, failed): (Vec<usize>, Vec<usize>) = finished.unanswered.iter().partition(|&&index| {
+            refusals_tolerated
+                && error_at(&round[index].endpoint).is_some_and(|error| {
+                    matches!(error, ClientError::QueueFull { .. })
+                        && !Retry::OtherHolder.worth_it(error, &rounds.table, rounds.layer)
+                })
+        });
+        let mut next_round = Vec::new();
+        if self.options.refusal == RefusalPolicy::NextBest && !refused_here.is_empty() {
+            let refused_requests: Vec<PlannedRequest> =
+                refused_here.iter().map(|&index| round[index].clone()).collect();
+            let choice = self.replicas.choice(rounds.request_id.0, rounds.excluded.clone());
+            let (plan, moved_on) = (plan.clone(), rounds.table.clone());
+            let moved = self.cpu.run(move || plan.move_refused(&refused_requests, &moved_on, &choice)).await?;
+            rounds.moves.extend(moved.moves);
+            rounds.refused.extend(moved.overflowed);
+            next_round.extend(moved.requests);
+        } else {
+            for index in refused_here {
+                rounds.refused.extend(assignments_of(&round[index], &plan.routed));
+            }
+        }
+        if !failed.is_empty() {
+            let failed: Vec<PlannedRequest> = failed.iter().map(|&index| round[index].clone()).collect();
+            rounds.retried_requests += failed.len();
+            let failed = Arc::new(failed);
+            let requests = loop {
+                let choice = self.replicas.choice(rounds.request_id.0, rounds.excluded.clone());
+                let (plan, failed, rerouted_on) = (plan.clone(), failed.clone(), rounds.table.clone());
+                let rerouted = self
+                    .cpu
+                    .run(move || {
+                        let failed: Vec<&PlannedRequest> = failed.iter().collect();
+                        reroute(&failed, &plan.routed.groups, &rerouted_on, &choice, plan.call_rows())
+                    })
+                    .await?;
+                match rerouted {
+                    Ok(requests) => break requests,
+                    // No holder left: a worker that is gone comes back in a table that moves
+                    // its experts; wait for that within the deadline. A full queue or a
+                    // stalled worker with no other holder fails the call now, as it would
+                    // have without replicas.
+                    Err(ClientError::Unplaced { .. }) if worst == Retry::OtherHolderOrNewTable => {
+                        rounds.table = self
+                            .newer_table(&rounds.table, rounds.deadline)
+                            .await
+                            .ok_or_else(|| first_error.clone())?;
+                        rounds.excluded.clear();
+                    }
+                    Err(ClientError::Unplaced { .. }) => return Err(first_error),
+                    Err(error) => return Err(error),
+                }
+            };
+            next_round.extend(requests);
+        }
+        for planned in &mut next_round {
+            planned.request.request_id = rounds.request_id.0;
+        }
+        Ok(next_round)
     }
 
     /// Tells throttling which workers answered and which refused for want of room; a worker
@@ -809,6 +805,95 @@ impl CallPlan {
             chunked: self.chunked,
             threads: self.cpu_threads,
         }
+    }
+}
+
+/// A call's rounds: the first sends the plan's requests, each later one what failed workers left
+/// unanswered, to other holders. What they change besides the answers is kept here.
+struct Rounds {
+    request_id: RequestId,
+    layer: u32,
+    deadline: Instant,
+    /// The table the call routes by: a newer one once a worker is gone and its experts moved.
+    table: Arc<RoutingTableView>,
+    /// Workers given up on in this call.
+    excluded: HashSet<Endpoint>,
+    retried_requests: usize,
+    /// (from, to) experts of the assignments a full queue refused and the next-best policy moved.
+    moves: Vec<(u32, u32)>,
+    /// (expert, assignments) a full queue refused, or throttling held back, and the refusal
+    /// policy let overflow.
+    refused: Vec<(u32, usize)>,
+}
+
+impl Rounds {
+    /// Counts the refused assignments as such and the moved ones at the experts that took them.
+    fn settle(self, routing: &mut RoutingSummary) {
+        let kept = &mut routing.tokens_per_expert;
+        for (expert, count) in self.refused {
+            routing.refused += count;
+            if let Some(kept) = kept.get_mut(expert as usize) {
+                *kept = kept.saturating_sub(count as u32);
+            }
+        }
+        for (from, to) in self.moves {
+            routing.rerouted += 1;
+            if let Some(kept) = kept.get_mut(from as usize) {
+                *kept = kept.saturating_sub(1);
+            }
+            if let Some(kept) = kept.get_mut(to as usize) {
+                *kept += 1;
+            }
+        }
+    }
+}
+
+/// Where a call's answers go: each checked and booked on the async task as it arrives (a bad one
+/// ends the call at once), then decoded and summed on the CPU pool while later answers are still
+/// on the wire.
+struct Collecting {
+    combine: Combine,
+    sums: Arc<Mutex<Sums>>,
+    summing: Vec<BoxFuture<'static, Result<(), ClientError>>>,
+}
+
+impl Collecting {
+    fn new(plan: &CallPlan, values: usize) -> Self {
+        Self { combine: Combine::new(plan), sums: Arc::new(Mutex::new(Sums::new(values))), summing: Vec::new() }
+    }
+
+    /// Checks `answer` to `round[index]` and starts summing it on `cpu`.
+    fn accept(
+        &mut self,
+        cpu: &CpuPool,
+        plan: &Arc<CallPlan>,
+        round: &Arc<Vec<PlannedRequest>>,
+        index: usize,
+        answer: Answer,
+    ) -> Result<(), ClientError> {
+        let response = self.combine.accept(plan, &round[index], answer)?;
+        let (plan, round, sums) = (plan.clone(), round.clone(), self.sums.clone());
+        let work = answer_bytes(&response);
+        self.summing.push(cpu.spawn_sized(work, move || lock(&sums).add(&plan, &round[index], &response)).boxed());
+        Ok(())
+    }
+
+    /// The bookkeeping and the output of `values` once every answer is summed (all zeros, made
+    /// on the pool, when no answer came: every assignment dropped or refused).
+    async fn summed(self, cpu: &CpuPool, values: usize) -> Result<(Combine, Sums), ClientError> {
+        for job in self.summing {
+            job.await?;
+        }
+        let mut sums = std::mem::take(&mut *lock(&self.sums));
+        if sums.output.len() != values {
+            sums = cpu
+                .run_sized(values, move || {
+                    sums.output();
+                    sums
+                })
+                .await?;
+        }
+        Ok((self.combine, sums))
     }
 }
 
