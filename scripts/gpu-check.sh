@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: the CUDA checks (`switchyard device-check`: the workers' compute
 # path on the GPU in f32, f16 and bf16 against the CPU and against transformers' outputs for every
-# checkpoint fixture), a plain PyTorch bf16 MoE layer as the baseline, and a short bench of
-# Mixtral-size experts. Everything lands in REPORT_DIR. About 3-5 minutes on an H200.
+# checkpoint fixture), a plain PyTorch bf16 MoE layer as the baseline, a short bench of
+# Mixtral-size experts, and the DeepEP presets on this machine's cores. Everything lands in
+# REPORT_DIR. About 4-6 minutes on an H200.
 #
 #   scripts/gpu-check.sh REPORT_DIR [BIN_DIR]
 #
@@ -54,4 +55,11 @@ nvidia-smi --query-gpu=memory.free,memory.total --format=csv >>"$report/worker-o
     --tokens 1,1024,4096 --wire-dtypes bf16 --dtype bf16 --calls 10 --warmup-calls 3 --point-time 20s \
     --capacity-factor 4 --out "$report/bench" 2>"$report/bench.log"
 
-echo "gpu-check: done; see $report/device-check.txt, $report/torch-baseline.json and $report/bench/report.md"
+# The data plane on a machine with many cores: the DeepEP presets' dispatch and combine beside one
+# raw TCP connection and raw TCP to every worker at once, all measured in the same run, each
+# worker reached over one connection per core (up to 8). Identity experts on the CPU: the
+# transfers alone, with no GPU work between them.
+SWITCHYARD_DEVICE=cpu "$bin/switchyard" bench --run deepep --preset-workers 2 --preset-calls 20 \
+    --out "$report/deepep" 2>"$report/deepep.log"
+
+echo "gpu-check: done; see $report/device-check.txt, $report/torch-baseline.json, $report/bench/report.md and $report/deepep/report.md"
