@@ -259,43 +259,13 @@ pub fn compute_step(
     let mut sizes: Vec<Vec<(usize, Option<SumAnswer>)>> = Vec::with_capacity(batches.len());
     for (batch, pieces) in batches.iter().zip(&pieces) {
         let expert = &experts[&batch.expert];
-        // The compute step is a child of its first request's span (one trace from the client to
-        // the expert) and follows from the others it merged.
-        let first = batch.entries.first().map(|(entry, _)| &entry.request_span);
-        let span = tracing::info_span!(
-            parent: first.and_then(tracing::Span::id),
-            "expert_batch",
-            expert = %batch.expert,
-            tokens = batch.tokens(),
-            request_ids = %batch.request_ids(),
-        );
-        for (entry, _) in batch.entries.iter().skip(1) {
-            span.follows_from(&entry.request_span);
-        }
-        let _entered = span.enter();
+        let _entered = batch_span(batch).entered();
         if identity_parts_only(experts, batch) {
             sizes.push(queue_answers(None, batch, sums, &shared_rows, &mut downloads));
             continue;
         }
-        let inputs: Vec<Tensor> = pieces
-            .iter()
-            .map(|piece| match piece {
-                Piece::Own { entries, upload } => {
-                    let rows = entries.iter().map(|entry| entry.tokens).sum();
-                    wire_rows(&staged, offsets[*upload], entries[0].dtype, rows, batch.d_model)
-                }
-                Piece::Gathered { gathered } => {
-                    let indices = Tensor::from_slice(&gathered.indices).to_device(staged.device());
-                    shared_rows[&key_of(&gathered.shared)].index_select(0, &indices)
-                }
-            })
-            .collect();
-        let input = match &inputs[..] {
-            [only] => only.shallow_clone(),
-            several => {
-                Tensor::cat(&several.iter().map(|piece| piece.to_kind(kind_of(expert.dtype()))).collect::<Vec<_>>(), 0)
-            }
-        };
+        let input =
+            batch_input(pieces, batch, expert, &Staged { rows: &staged, offsets: &offsets, shared: &shared_rows });
         let output = expert.forward(&input);
         sizes.push(queue_answers(Some(&output), batch, sums, &shared_rows, &mut downloads));
     }
@@ -316,6 +286,55 @@ pub fn compute_step(
                 .collect()
         })
         .collect()
+}
+
+/// A step's uploaded rows: the staged tensor, where each upload starts in it, and the token-major
+/// requests' shared rows viewed in it (by [`key_of`]).
+struct Staged<'a> {
+    rows: &'a Tensor,
+    offsets: &'a [usize],
+    shared: &'a HashMap<usize, Tensor>,
+}
+
+/// The span of one expert's batch: a child of its first request's span (one trace from the client
+/// to the expert) that follows from the others it merged.
+fn batch_span(batch: &Batch) -> tracing::Span {
+    let first = batch.entries.first().map(|(entry, _)| &entry.request_span);
+    let span = tracing::info_span!(
+        parent: first.and_then(tracing::Span::id),
+        "expert_batch",
+        expert = %batch.expert,
+        tokens = batch.tokens(),
+        request_ids = %batch.request_ids(),
+    );
+    for (entry, _) in batch.entries.iter().skip(1) {
+        span.follows_from(&entry.request_span);
+    }
+    span
+}
+
+/// One batch's input rows on the device: its pieces viewed in the upload (own rows) or selected
+/// from their request's shared rows (token-major), joined in the expert's dtype when several.
+fn batch_input(pieces: &[Piece], batch: &Batch, expert: &Expert, staged: &Staged) -> Tensor {
+    let inputs: Vec<Tensor> = pieces
+        .iter()
+        .map(|piece| match piece {
+            Piece::Own { entries, upload } => {
+                let rows = entries.iter().map(|entry| entry.tokens).sum();
+                wire_rows(staged.rows, staged.offsets[*upload], entries[0].dtype, rows, batch.d_model)
+            }
+            Piece::Gathered { gathered } => {
+                let indices = Tensor::from_slice(&gathered.indices).to_device(staged.rows.device());
+                staged.shared[&key_of(&gathered.shared)].index_select(0, &indices)
+            }
+        })
+        .collect();
+    match &inputs[..] {
+        [only] => only.shallow_clone(),
+        several => {
+            Tensor::cat(&several.iter().map(|piece| piece.to_kind(kind_of(expert.dtype()))).collect::<Vec<_>>(), 0)
+        }
+    }
 }
 
 /// Whether `batch` is an identity expert's with token-major entries only: nothing to compute, each
