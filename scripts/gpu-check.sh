@@ -3,7 +3,7 @@
 # path on the GPU in f32, f16 and bf16 against the CPU and against transformers' outputs for every
 # checkpoint fixture), a plain PyTorch bf16 MoE layer as the baseline, a short bench of
 # Mixtral-size experts, and the DeepEP presets on this machine's cores. Everything lands in
-# REPORT_DIR. About 4-6 minutes on an H200.
+# REPORT_DIR. About 3-5 minutes on an H200 (the presets took 16 s on a 2-core machine).
 #
 #   scripts/gpu-check.sh REPORT_DIR [BIN_DIR]
 #
