@@ -13,7 +13,7 @@
 //! (default 1826048 bytes, DeepEP low-latency's request to one of 2 workers; 2 receivers; 40 repeats).
 
 use switchyard_tools::bench::spread::Spread;
-use switchyard_tools::bench::wire::{ReceiveBuffer, tcp_to_every_receiver};
+use switchyard_tools::bench::wire::{Before, ReceiveBuffer, tcp_to_every_receiver};
 
 /// Offsets into a page tried, each twice, in turn.
 const OFFSETS: [usize; 5] = [0, 16, 64, 1024, 2048];
@@ -26,7 +26,13 @@ fn main() -> std::io::Result<()> {
     println!("{bytes} bytes to each of {receivers} receivers at once, {repeats} repeats per row");
     for turn in 0..2 {
         for offset in OFFSETS {
-            let times = tcp_to_every_receiver(receivers, bytes, repeats, ReceiveBuffer::AtPageOffset(offset))?;
+            let times = tcp_to_every_receiver(
+                receivers,
+                bytes,
+                repeats,
+                ReceiveBuffer::AtPageOffset(offset),
+                Before::PreviousRound,
+            )?;
             let spread = Spread::of(&times);
             let gb_per_s = (bytes * receivers) as f64 / (spread.mean_us * 1e-6).max(1e-12) / 1e9;
             println!(

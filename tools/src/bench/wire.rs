@@ -100,7 +100,7 @@ pub async fn measure(bytes: usize, repeats: u32) -> std::io::Result<WireBaseline
 fn tcp_striped(bytes: usize, repeats: u32, connections: usize) -> std::io::Result<WireFigure> {
     let share = bytes.div_ceil(connections);
     let listener = TcpListener::bind("127.0.0.1:0")?;
-    let times = tcp_at_once(&[listener], connections, share, repeats, ReceiveBuffer::Allocated)?;
+    let times = tcp_at_once(&[listener], connections, share, repeats, ReceiveBuffer::Allocated, Before::PreviousRound)?;
     let sent = share * connections;
     Ok(WireFigure::from_times(sent as u64, (sent + connections) as u64, &times))
 }
@@ -131,6 +131,44 @@ impl ReceiveBuffer {
     }
 }
 
+/// What each round of a raw TCP baseline follows (`examples/busy_before_transfer.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Before {
+    /// The previous round, at once: what the bench measures, a machine that has just been moving
+    /// these bytes.
+    PreviousRound,
+    /// Every core kept busy this long, spinning without memory traffic, as a layer call's gate
+    /// keeps the client's cores before its dispatch.
+    BusyCores(Duration),
+    /// Nothing to do for this long.
+    Idle(Duration),
+}
+
+impl Before {
+    /// Lets this pass on this thread, the round's senders and receivers waiting.
+    fn pass(self) {
+        match self {
+            Self::PreviousRound => {}
+            Self::Idle(time) => std::thread::sleep(time),
+            Self::BusyCores(time) => {
+                let until = Instant::now() + time;
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                std::thread::scope(|scope| {
+                    for _ in 0..cores {
+                        scope.spawn(|| {
+                            let mut state = 1u64;
+                            while Instant::now() < until {
+                                state =
+                                    std::hint::black_box(state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+                            }
+                        });
+                    }
+                });
+            }
+        }
+    }
+}
+
 /// The times of transfers of `share` bytes over `connections_each` connections to each of
 /// `listeners`, every connection written by its own thread at the same moment and acknowledged
 /// with one byte, each receiver reading into `buffer`; a transfer ends when every share is in.
@@ -140,6 +178,7 @@ fn tcp_at_once(
     share: usize,
     repeats: u32,
     buffer: ReceiveBuffer,
+    before: Before,
 ) -> std::io::Result<Vec<Duration>> {
     let connections = listeners.len() * connections_each;
     let mut client_sockets = Vec::with_capacity(connections);
@@ -184,6 +223,7 @@ fn tcp_at_once(
         .collect::<std::io::Result<_>>()?;
     let mut times = Vec::with_capacity(repeats as usize);
     for round in 0..=repeats {
+        before.pass();
         let started = Instant::now();
         start.wait();
         done.wait();
@@ -254,7 +294,7 @@ pub async fn tcp_over_links_at_once(hosts: &[Host], bytes: usize, repeats: u32) 
                 .map_err(|_| std::io::Error::other("binding in a host's namespace panicked"))?
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        tcp_at_once(&listeners, 1, bytes, repeats, ReceiveBuffer::Allocated)
+        tcp_at_once(&listeners, 1, bytes, repeats, ReceiveBuffer::Allocated, Before::PreviousRound)
     })
     .await
     .map_err(|_| std::io::Error::other("the links baseline panicked"))??;
@@ -270,21 +310,25 @@ pub async fn tcp_to_every_receiver_times(
     bytes: usize,
     repeats: u32,
 ) -> std::io::Result<Vec<Duration>> {
-    tokio::task::spawn_blocking(move || tcp_to_every_receiver(receivers, bytes, repeats, ReceiveBuffer::Allocated))
-        .await
-        .map_err(|_| std::io::Error::other("the fan-out baseline panicked"))?
+    tokio::task::spawn_blocking(move || {
+        tcp_to_every_receiver(receivers, bytes, repeats, ReceiveBuffer::Allocated, Before::PreviousRound)
+    })
+    .await
+    .map_err(|_| std::io::Error::other("the fan-out baseline panicked"))?
 }
 
-/// [`tcp_to_every_receiver_times`] on this thread, each receiver reading into `buffer`.
+/// [`tcp_to_every_receiver_times`] on this thread, each receiver reading into `buffer`, each round
+/// after `before`.
 pub fn tcp_to_every_receiver(
     receivers: usize,
     bytes: usize,
     repeats: u32,
     buffer: ReceiveBuffer,
+    before: Before,
 ) -> std::io::Result<Vec<Duration>> {
     let listeners =
         (0..receivers.max(1)).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
-    tcp_at_once(&listeners, 1, bytes, repeats, buffer)
+    tcp_at_once(&listeners, 1, bytes, repeats, buffer, before)
 }
 
 /// The times of [`tcp`]'s transfers to a server listening where `listen` (run on the server's
@@ -556,7 +600,8 @@ mod tests {
 
     #[test]
     fn every_receiver_gets_its_bytes_in_each_measured_round() {
-        let times = tcp_to_every_receiver(3, 10_000, 4, ReceiveBuffer::AtPageOffset(16)).expect("loopback transfers");
+        let times = tcp_to_every_receiver(3, 10_000, 4, ReceiveBuffer::AtPageOffset(16), Before::PreviousRound)
+            .expect("loopback transfers");
         assert_eq!(times.len(), 4, "one time per measured round, the unmeasured one left out");
         assert!(times.iter().all(|time| !time.is_zero()));
     }
