@@ -184,6 +184,18 @@ async fn switchyard_bench_measures_a_deepep_preset_in_rounds_beside_tcp() {
     assert!(fanned >= per_call && fanned < per_call * 1.1, "2 x the busiest worker's bytes: {fanned} for {per_call}");
     let share_of_fan_out = preset["dispatch_share_of_tcp_to_every_worker"].as_f64().expect("share of the fan-out");
     assert!((share_of_fan_out - wire / fan_out["gb_per_s"].as_f64().unwrap()).abs() < 1e-9, "{share_of_fan_out}");
+    // The same fan-out again after each round, each transfer right after the cores were busy as
+    // long as that round's gate.
+    let after_gate = &preset["tcp_to_every_worker_after_gate"];
+    let busy_us = after_gate["busy_us"].as_f64().expect("how long the cores were busy");
+    assert!(busy_us > 0.0, "{after_gate}");
+    assert_eq!(
+        (&after_gate["figure"]["repeats"], &after_gate["figure"]["bytes"]),
+        (&fan_out["repeats"], &fan_out["bytes"])
+    );
+    let share_after_gate = preset["dispatch_share_of_tcp_to_every_worker_after_gate"].as_f64().expect("share");
+    let after_gate_rate = after_gate["figure"]["gb_per_s"].as_f64().expect("GB/s");
+    assert!((share_after_gate - wire / after_gate_rate).abs() < 1e-9, "{share_after_gate}");
     // How the calls' dispatch spread: a median and a 90th percentile, in order.
     let (p50, p90) = (
         preset["dispatch_quantiles_us"]["p50"].as_f64().expect("dispatch p50"),
@@ -194,6 +206,11 @@ async fn switchyard_bench_measures_a_deepep_preset_in_rounds_beside_tcp() {
     assert!(markdown.contains(&format!("({p50:.0} / {p90:.0})")), "{markdown}");
     let percentages = format!("({:.0}%; {:.0}%)", share * 100.0, share_of_fan_out * 100.0);
     assert!(markdown.contains("TCP to every worker at once GB/s") && markdown.contains(&percentages), "{markdown}");
+    let after_gate_line = format!(
+        "kept busy for {:.1} ms (the calls' mean gate, spun in its place), {after_gate_rate:.2} GB/s",
+        busy_us / 1e3
+    );
+    assert!(markdown.contains(&after_gate_line), "{markdown}");
     let (payload, socket) = (
         preset["result"]["payload_bytes_per_token"].as_f64().unwrap(),
         preset["result"]["socket_bytes_per_token"].as_f64().unwrap(),

@@ -58,7 +58,8 @@ pub enum Command {
     /// request's bytes (the network phase's floor, and what tonic and h2 alone cost). The DeepEP
     /// presets (--run deepep) use identity experts and bf16 both ways and measure, in the same run,
     /// raw TCP and a plain gRPC echo of the same bytes, and raw TCP to every worker at once (the
-    /// dispatch's fan-out with the TCP stack alone).
+    /// dispatch's fan-out with the TCP stack alone), round after round and again right after every
+    /// core was kept busy as long as the calls' gate (the state a dispatch finds the machine in).
     Bench(crate::libtorch::BenchArgs),
     /// Layers, experts, total and active parameters per token of a checkpoint or synthetic model.
     ModelInfo(model_info::ModelInfoArgs),

@@ -235,6 +235,10 @@ pub struct PresetResult {
     /// bytes of a call, measured between the calls as the one-connection figure is: the same
     /// fan-out as a dispatch, with the TCP stack alone sharing the machine's cores.
     pub tcp_to_every_worker: Option<wire::WireFigure>,
+    /// The same, each round right after every core was kept busy (spinning) as long as the round's
+    /// calls' mean gate: the state a call's dispatch finds this machine in, its cores just busy
+    /// with the gate and the workers idle through it.
+    pub tcp_to_every_worker_after_gate: Option<wire::AfterBusyCores>,
     /// How busy every core of this machine was while the calls ran, the warm-up calls included and
     /// the baselines' time left out.
     pub cpu: Option<cpu_time::CpuShares>,
@@ -788,6 +792,7 @@ async fn measure_preset(
     let mut distributed: Option<LoadReport> = None;
     let mut tcp_times = Vec::new();
     let mut fan_out_times = Vec::new();
+    let (mut after_gate_times, mut gate_total) = (Vec::new(), Duration::ZERO);
     let mut request_bytes = 1;
     let mut worker_bytes = 1;
     let mut cpu = cpu_time::CpuUsage::default();
@@ -796,6 +801,7 @@ async fn measure_preset(
         let before = cpu_time::CpuTimes::now();
         let report = measure(Target::Distributed(client.clone()), &round_settings, point.tokens, preset.name()).await?;
         cpu.add(before, cpu_time::CpuTimes::now());
+        let gate = report.mean_timing().gate;
         let total = absorb(&mut distributed, report);
         // The baselines move what one dispatch request carried.
         let requests: u64 = total.ledger.pairs.values().map(|pair| pair.requests).sum();
@@ -804,7 +810,11 @@ async fn measure_preset(
         tcp_times.extend(wire::tcp_one_way_times(request_bytes, repeats).await?);
         worker_bytes = busiest_worker_bytes(total).unwrap_or(request_bytes);
         if link.is_none() {
-            fan_out_times.extend(wire::tcp_to_every_receiver_times(shape.workers, worker_bytes, repeats).await?);
+            let fan_out = |before| wire::tcp_to_every_receiver_times(shape.workers, worker_bytes, repeats, before);
+            fan_out_times.extend(fan_out(wire::Before::PreviousRound).await?);
+            // A dispatch follows its call's gate, which kept the client's cores busy.
+            after_gate_times.extend(fan_out(wire::Before::BusyCores(gate)).await?);
+            gate_total += gate;
         }
     }
     let distributed = distributed.expect("at least one round");
@@ -820,8 +830,13 @@ async fn measure_preset(
         ),
         _ => (None, None),
     };
-    let tcp_to_every_worker = (!fan_out_times.is_empty())
-        .then(|| wire::WireFigure::to_every_receiver(worker_bytes as u64, shape.workers as u64, &fan_out_times));
+    let to_every_worker = |times: &[Duration]| {
+        (!times.is_empty())
+            .then(|| wire::WireFigure::to_every_receiver(worker_bytes as u64, shape.workers as u64, times))
+    };
+    let tcp_to_every_worker = to_every_worker(&fan_out_times);
+    let tcp_to_every_worker_after_gate = to_every_worker(&after_gate_times)
+        .map(|figure| wire::AfterBusyCores { busy_us: gate_total.as_secs_f64() * 1e6 / rounds as f64, figure });
     let result = PointResult {
         point,
         identity_experts: true,
@@ -857,6 +872,7 @@ async fn measure_preset(
         link_tcp,
         links_tcp_at_once,
         tcp_to_every_worker,
+        tcp_to_every_worker_after_gate,
         cpu: cpu.shares(),
         gate_flops,
         gate_threads,
@@ -945,6 +961,15 @@ fn preset_line(preset: &PresetResult) -> String {
         ),
         None => String::new(),
     };
+    let after_gate =
+        match (summary.tcp_to_every_worker_after_gate, summary.dispatch_share_of_tcp_to_every_worker_after_gate) {
+            (Some(after), Some(share)) => format!(
+                ", {:.0}% of it right after every core was busy as long as the gate ({:.1} ms)",
+                share * 100.0,
+                after.busy_us / 1e3
+            ),
+            _ => String::new(),
+        };
     let link = match (summary.link_rate, summary.floor_ratios()) {
         (Some(rate), Some((dispatch, combine))) => {
             format!(" on {rate} links: whole transfers {dispatch:.2}x and {combine:.2}x the link's floor")
@@ -956,7 +981,7 @@ fn preset_line(preset: &PresetResult) -> String {
         preset.name,
         summary.dispatch_transfer_us,
         summary.dispatch_gb_per_s,
-        beside(summary.dispatch_share_of_tcp, summary.dispatch_share_of_tcp_to_every_worker),
+        beside(summary.dispatch_share_of_tcp, summary.dispatch_share_of_tcp_to_every_worker) + &after_gate,
         summary.combine_transfer_us,
         summary.combine_gb_per_s,
         beside(summary.combine_share_of_tcp, summary.combine_share_of_tcp_to_every_worker),

@@ -8,7 +8,7 @@ use switchyard_router_client::timing::TimeBreakdown;
 use super::cpu_time::CpuShares;
 use super::peak::DevicePeak;
 use super::plan::Point;
-use super::wire::{WireBaselines, WireFigure};
+use super::wire::{AfterBusyCores, WireBaselines, WireFigure};
 use super::{BenchReport, PointResult, PresetResult};
 use switchyard_loadtest::loadtest::{LoadReport, LoadSummary, StepSplit};
 use switchyard_loadtest::shaped_network::LinkRate;
@@ -191,6 +191,13 @@ pub struct PresetSummary {
     pub dispatch_share_of_tcp_to_every_worker: Option<f64>,
     #[serde(default)]
     pub combine_share_of_tcp_to_every_worker: Option<f64>,
+    /// The same fan-out with every round right after every core was kept busy as long as the calls'
+    /// mean gate (the state a dispatch finds the machine in), and dispatch wire GB/s over its GB/s
+    /// (none on links, and in reports written before it was measured).
+    #[serde(default)]
+    pub tcp_to_every_worker_after_gate: Option<AfterBusyCores>,
+    #[serde(default)]
+    pub dispatch_share_of_tcp_to_every_worker_after_gate: Option<f64>,
     pub baselines: WireBaselines,
     /// Each worker's link rate (e.g. `10gbit`) when the workers sat behind shaped links, and the
     /// least time dispatch and combine could take on them: the busiest link's socket bytes per call
@@ -297,6 +304,10 @@ impl PresetResult {
             combine_share_of_tcp_to_every_worker: self
                 .tcp_to_every_worker
                 .map(|tcp| combine_gbps / tcp.gb_per_s.max(1e-12)),
+            tcp_to_every_worker_after_gate: self.tcp_to_every_worker_after_gate,
+            dispatch_share_of_tcp_to_every_worker_after_gate: self
+                .tcp_to_every_worker_after_gate
+                .map(|tcp| dispatch_gbps / tcp.figure.gb_per_s.max(1e-12)),
             baselines: self.baselines,
             link_rate: self.link,
             dispatch_floor_us: floors.map(|(dispatch, _)| dispatch),

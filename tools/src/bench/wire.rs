@@ -169,6 +169,13 @@ impl Before {
     }
 }
 
+/// A raw TCP figure whose every round came right after every core was kept busy this long.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AfterBusyCores {
+    pub busy_us: f64,
+    pub figure: WireFigure,
+}
+
 /// The times of transfers of `share` bytes over `connections_each` connections to each of
 /// `listeners`, every connection written by its own thread at the same moment and acknowledged
 /// with one byte, each receiver reading into `buffer`; a transfer ends when every share is in.
@@ -303,15 +310,17 @@ pub async fn tcp_over_links_at_once(hosts: &[Host], bytes: usize, repeats: u32) 
 
 /// The times of raw TCP transfers on 127.0.0.1 to `receivers` servers at once, `bytes` to each
 /// over a connection of its own, every connection written by its own thread at the same moment
-/// (after one unmeasured round): a call's dispatch to that many workers with the TCP stack alone,
-/// its senders and receivers sharing this machine's cores as the client and workers do.
+/// (after one unmeasured round), each round after `before`: a call's dispatch to that many workers
+/// with the TCP stack alone, its senders and receivers sharing this machine's cores as the client
+/// and workers do.
 pub async fn tcp_to_every_receiver_times(
     receivers: usize,
     bytes: usize,
     repeats: u32,
+    before: Before,
 ) -> std::io::Result<Vec<Duration>> {
     tokio::task::spawn_blocking(move || {
-        tcp_to_every_receiver(receivers, bytes, repeats, ReceiveBuffer::Allocated, Before::PreviousRound)
+        tcp_to_every_receiver(receivers, bytes, repeats, ReceiveBuffer::Allocated, before)
     })
     .await
     .map_err(|_| std::io::Error::other("the fan-out baseline panicked"))?
@@ -596,6 +605,26 @@ mod tests {
         }
         let (storage, start) = ReceiveBuffer::Allocated.storage(1000);
         assert_eq!((storage.len(), start), (1000, 0));
+    }
+
+    #[test]
+    fn busy_cores_spin_for_the_time_asked_where_idle_ones_sleep() {
+        let process_cpu = || {
+            let time = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+            Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
+        };
+        let pass = |before: Before| {
+            let (started, cpu) = (Instant::now(), process_cpu());
+            before.pass();
+            (started.elapsed(), process_cpu() - cpu)
+        };
+        let time = Duration::from_millis(40);
+        let (wall, cpu) = pass(Before::BusyCores(time));
+        assert!(wall >= time && cpu >= time / 2, "busy for {time:?}: {wall:?} passed, {cpu:?} of CPU used");
+        let (wall, _) = pass(Before::Idle(time));
+        assert!(wall >= time, "idle for {time:?}: {wall:?} passed");
+        let (wall, _) = pass(Before::PreviousRound);
+        assert!(wall < time, "nothing to wait for: {wall:?}");
     }
 
     #[test]

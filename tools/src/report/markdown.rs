@@ -122,6 +122,37 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
     text
 }
 
+/// Each preset's fan-out baseline again, in the state a dispatch finds the machine in: right after
+/// its cores were busy as long as a call's gate. Nothing where no preset measured it.
+fn after_gate_lines(presets: &[PresetSummary]) -> String {
+    let mut text = String::new();
+    for preset in presets {
+        let (Some(after), Some(share), Some(warm)) = (
+            preset.tcp_to_every_worker_after_gate,
+            preset.dispatch_share_of_tcp_to_every_worker_after_gate,
+            preset.tcp_to_every_worker,
+        ) else {
+            continue;
+        };
+        let _ = writeln!(
+            text,
+            "- {}: raw TCP to every worker at once, each round right after every core was kept busy for \
+             {:.1} ms (the calls' mean gate, spun in its place), {:.2} GB/s ({:.2} right after the previous \
+             round); the dispatch, {:.2} GB/s, is {:.0}% of it.",
+            preset.preset,
+            after.busy_us / 1e3,
+            after.figure.gb_per_s,
+            warm.gb_per_s,
+            preset.dispatch_gb_per_s,
+            share * 100.0,
+        );
+    }
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    text
+}
+
 /// ` (p50 / p90)` of a transfer's calls, or nothing where a report predates them.
 fn quantiles(quantiles: Option<Quantiles>) -> String {
     quantiles.map_or_else(String::new, |quantiles| format!(" ({:.0} / {:.0})", quantiles.p50, quantiles.p90))
@@ -306,12 +337,15 @@ pub fn bench_report(summary: &BenchSummary) -> String {
              swings several-fold within seconds. After each round, too, raw TCP moves the busiest worker's \
              bytes of a call to as many receivers as there are workers, each over its connection of its own, \
              all written at once by threads of one process: the dispatch's fan-out with the TCP stack alone \
-             (the second percentage divides by it). Cores busy: the share of every core's time the kernel counted \
+             (the second percentage divides by it), and then the same again, each round right after every \
+             core was kept busy as long as the calls' gate, as a dispatch finds the machine (the lines under \
+             the table). Cores busy: the share of every core's time the kernel counted \
              busy while the preset's calls ran, its warm-up calls included (the hypervisor's stolen share in \
              brackets): near 100%, the machine's cores, not its wire, set the pace.\n\n",
         );
         text.push_str(&preset_table(&summary.presets));
         text.push('\n');
+        text.push_str(&after_gate_lines(&summary.presets));
         if summary.presets.iter().any(|preset| preset.link_rate.is_some()) {
             text.push_str("### On shaped links\n\n");
             // Reports written before the setting existed ran this machine's own.
