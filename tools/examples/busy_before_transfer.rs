@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use switchyard_tools::bench::spread::Spread;
-use switchyard_tools::bench::wire::{Before, ReceiveBuffer, tcp_to_every_receiver};
+use switchyard_tools::bench::wire::{Before, ReceiveBuffer, WireFigure, tcp_to_every_receiver};
 
 /// Buffers 64 bytes into a page, where the kernel's copy is fast on the machine this was written
 /// on (`examples/receive_alignment.rs`), so that the order of rounds is all that changes.
@@ -33,11 +33,12 @@ fn main() -> std::io::Result<()> {
         for (order, before) in orders {
             for receivers in [1, receivers] {
                 let times = tcp_to_every_receiver(receivers, bytes, repeats, RECEIVE_BUFFER, before)?;
-                let spread = Spread::of(&times);
-                let gb_per_s = (bytes * receivers) as f64 / (spread.mean_us * 1e-6).max(1e-12) / 1e9;
+                let figure = WireFigure::to_every_receiver(bytes as u64, receivers as u64, &times);
                 println!(
-                    "turn {turn}, {receivers} receiver(s), {order:<31}: mean {:>6.0} µs, p50 {:>6.0} µs, {gb_per_s:.2} GB/s",
-                    spread.mean_us, spread.p50_us,
+                    "turn {turn}, {receivers} receiver(s), {order:<31}: mean {:>6.0} µs, p50 {:>6.0} µs, {:.2} GB/s",
+                    figure.mean_us,
+                    Spread::of(&times).p50_us,
+                    figure.gb_per_s,
                 );
             }
         }

@@ -13,7 +13,7 @@
 //! (default 1826048 bytes, DeepEP low-latency's request to one of 2 workers; 2 receivers; 40 repeats).
 
 use switchyard_tools::bench::spread::Spread;
-use switchyard_tools::bench::wire::{Before, ReceiveBuffer, tcp_to_every_receiver};
+use switchyard_tools::bench::wire::{Before, ReceiveBuffer, WireFigure, tcp_to_every_receiver};
 
 /// Offsets into a page tried, each twice, in turn.
 const OFFSETS: [usize; 5] = [0, 16, 64, 1024, 2048];
@@ -33,11 +33,12 @@ fn main() -> std::io::Result<()> {
                 ReceiveBuffer::AtPageOffset(offset),
                 Before::PreviousRound,
             )?;
-            let spread = Spread::of(&times);
-            let gb_per_s = (bytes * receivers) as f64 / (spread.mean_us * 1e-6).max(1e-12) / 1e9;
+            let figure = WireFigure::to_every_receiver(bytes as u64, receivers as u64, &times);
             println!(
-                "turn {turn}, receive buffer {offset:>4} bytes into a page: mean {:>6.0} µs, p50 {:>6.0} µs, {gb_per_s:.2} GB/s",
-                spread.mean_us, spread.p50_us,
+                "turn {turn}, receive buffer {offset:>4} bytes into a page: mean {:>6.0} µs, p50 {:>6.0} µs, {:.2} GB/s",
+                figure.mean_us,
+                Spread::of(&times).p50_us,
+                figure.gb_per_s,
             );
         }
     }
