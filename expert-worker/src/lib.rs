@@ -51,33 +51,14 @@ pub async fn run(
     args: Args,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), std::io::Error> {
-    let tls = match args.tls.files() {
-        Some(files) => {
-            let server = ServerTls::load(files.clone()).map_err(std::io::Error::other)?;
-            // The worker dials the coordinator as itself.
-            switchyard_common::tls::use_for_outgoing(ClientTls::load(files).map_err(std::io::Error::other)?);
-            Some((server, allowed_roles as RolePolicy))
-        }
-        None => None,
-    };
+    let tls = mutual_tls(&args)?;
     let grpc_addr = grpc.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
     let device = args.device.resolve();
     let metrics = metrics::WorkerMetrics::new();
     let metrics = if args.per_expert_metrics { metrics.with_per_expert_series() } else { metrics };
     let memory_bytes = args.offered_memory_bytes(device);
-    let options = WorkerOptions {
-        device,
-        torch_threads: args.torch_threads.max(1) as i32,
-        batching: scheduler::BatchingConfig { batch_wait: args.batch_wait(), max_batch_tokens: args.max_batch_tokens },
-        default_queue_limit_tokens: args.queue_limit_tokens,
-        identity_experts: args.identity_experts,
-        step_hold: std::time::Duration::from_micros(args.identity_hold_us),
-        dtype: args.dtype,
-        memory_bytes: Some(memory_bytes),
-        checkpoints: args.model_root.clone().map_or(worker::CheckpointAccess::Nowhere, worker::CheckpointAccess::Under),
-    };
-    let worker = ExpertWorker::start(options, metrics.clone())?;
+    let worker = ExpertWorker::start(worker_options(&args, device, memory_bytes), metrics.clone())?;
     let endpoint = args.advertised_endpoint(grpc_addr);
     let name = args.name.clone().unwrap_or_else(|| endpoint.clone());
     let device_name = switchyard_experts::device::device_name(device);
@@ -150,6 +131,31 @@ pub async fn run(
     let _ = stop_metrics.send(());
     let _ = metrics_task.await;
     served.map_err(std::io::Error::other)
+}
+
+/// This worker's server certificates and the roles each call may come from, when `args` name
+/// certificates; it then also dials the coordinator as itself.
+fn mutual_tls(args: &Args) -> Result<Option<(ServerTls, RolePolicy)>, std::io::Error> {
+    let Some(files) = args.tls.files() else { return Ok(None) };
+    let server = ServerTls::load(files.clone()).map_err(std::io::Error::other)?;
+    switchyard_common::tls::use_for_outgoing(ClientTls::load(files).map_err(std::io::Error::other)?);
+    Ok(Some((server, allowed_roles as RolePolicy)))
+}
+
+/// What the flags make of the worker itself: its device and threads, batching, queues, experts'
+/// dtype, the memory it offers and where it may read checkpoints.
+fn worker_options(args: &Args, device: tch::Device, memory_bytes: u64) -> WorkerOptions {
+    WorkerOptions {
+        device,
+        torch_threads: args.torch_threads.max(1) as i32,
+        batching: scheduler::BatchingConfig { batch_wait: args.batch_wait(), max_batch_tokens: args.max_batch_tokens },
+        default_queue_limit_tokens: args.queue_limit_tokens,
+        identity_experts: args.identity_experts,
+        step_hold: std::time::Duration::from_micros(args.identity_hold_us),
+        dtype: args.dtype,
+        memory_bytes: Some(memory_bytes),
+        checkpoints: args.model_root.clone().map_or(worker::CheckpointAccess::Nowhere, worker::CheckpointAccess::Under),
+    }
 }
 
 /// `--compute-gflops`, else this device's matrix-multiply rate in the experts' dtype (f32 on a
