@@ -314,68 +314,7 @@ pub fn bench_report(summary: &BenchSummary) -> String {
         }
     }
     if !summary.presets.is_empty() {
-        text.push_str("## DeepEP settings: dispatch and combine alone\n\n");
-        text.push_str(
-            "Identity experts (no compute, the same bytes back), hidden 7168, top-8 of 256 experts, bf16 both ways \
-             (DeepEP dispatches FP8 and combines BF16), capacity large enough that nothing drops. ",
-        );
-        // Reports written before the setting existed overlapped.
-        text.push_str(if summary.settings["preset_overlap"].as_bool() == Some(false) {
-            "Each worker computes once a call's whole dispatch is in, as DeepEP's normal kernels do (dispatch, then \
-             experts, then combine), so dispatch and combine are timed each alone, as DeepEP's tests time them. "
-        } else {
-            "Each worker starts on every request of a call as it arrives (`--preset-overlap`): on a machine short of \
-             cores, the transfers still running share them with the stand-in compute. "
-        });
-        text.push_str(
-            "Dispatch is the \
-             slowest worker's request transfer per call (client send → worker handler), combine the way back \
-             (worker reply → client has the answer); GB/s is the call's payload in that direction over that time. \
-             The baselines move one request's payload over TCP and a plain gRPC echo on this machine's loopback, \
-             in the same run; the single-connection TCP figure the percentages divide by is measured between \
-             the preset's calls (in 5 rounds, each after a fifth of the calls), because this machine's loopback \
-             swings several-fold within seconds. After each round, too, raw TCP moves the busiest worker's \
-             bytes of a call to as many receivers as there are workers, each over its connection of its own, \
-             all written at once by threads of one process: the dispatch's fan-out with the TCP stack alone \
-             (the second percentage divides by it), and then the same again, each round right after every \
-             core was kept busy as long as the calls' gate, as a dispatch finds the machine (the lines under \
-             the table). Cores busy: the share of every core's time the kernel counted \
-             busy while the preset's calls ran, its warm-up calls included (the hypervisor's stolen share in \
-             brackets): near 100%, the machine's cores, not its wire, set the pace.\n\n",
-        );
-        text.push_str(&preset_table(&summary.presets));
-        text.push('\n');
-        text.push_str(&after_gate_lines(&summary.presets));
-        if summary.presets.iter().any(|preset| preset.link_rate.is_some()) {
-            text.push_str("### On shaped links\n\n");
-            // Reports written before the setting existed ran this machine's own.
-            let congestion = match summary.settings["link_congestion"].as_str() {
-                Some(name) if name != "machine" => format!("TCP congestion control {name} on every host"),
-                _ => "the measuring machine's default TCP congestion control on every host".to_owned(),
-            };
-            let _ = write!(
-                text,
-                "Each worker on a host of its own (a network namespace) behind a veth link shaped by tbf to the rate \
-                 in each direction, the client in another, {congestion}. "
-            );
-            text.push_str(
-                "The floor is the busiest link's socket bytes per call over \
-                 the rate (TCP/IP/Ethernet headers come on top: ~95% of the rate is the most a transfer reaches). \
-                 Dispatch here is the whole transfer of one worker's requests (the first sent → the last in its \
-                 handler) and combine of its answers (its first reply → the client has the last), the longest \
-                 worker's per call. A ratio of 1.25 is 80% of the line rate. Raw TCP on every link at once is the \
-                 most this client's machine moves to all its workers together, with no gate, encode or expert beside \
-                 it.\n\n",
-            );
-            text.push_str(&link_table(&summary.presets));
-            let (file, title) = super::folder::LINK_CHART;
-            let _ = writeln!(text, "\n![{title}]({file})\n");
-        }
-        for preset in &summary.presets {
-            let _ = writeln!(text, "### Ledger: {}\n", preset.preset);
-            text.push_str(&ledger_table(&preset.result.distributed.ledger));
-            text.push('\n');
-        }
+        text.push_str(&presets_section(summary));
     }
     if !summary.steps.is_empty() {
         text.push_str("## Whole-model steps\n\n");
@@ -386,6 +325,74 @@ pub fn bench_report(summary: &BenchSummary) -> String {
              The in-process reference runs the same steps with as many libtorch threads as all workers together.\n\n",
         );
         text.push_str(&step_table(&summary.steps));
+        text.push('\n');
+    }
+    text
+}
+
+/// The DeepEP presets: what they are, their table, the fan-out after the gate, links and ledgers.
+fn presets_section(summary: &BenchSummary) -> String {
+    let mut text = String::new();
+    text.push_str("## DeepEP settings: dispatch and combine alone\n\n");
+    text.push_str(
+        "Identity experts (no compute, the same bytes back), hidden 7168, top-8 of 256 experts, bf16 both ways \
+         (DeepEP dispatches FP8 and combines BF16), capacity large enough that nothing drops. ",
+    );
+    // Reports written before the setting existed overlapped.
+    text.push_str(if summary.settings["preset_overlap"].as_bool() == Some(false) {
+        "Each worker computes once a call's whole dispatch is in, as DeepEP's normal kernels do (dispatch, then \
+         experts, then combine), so dispatch and combine are timed each alone, as DeepEP's tests time them. "
+    } else {
+        "Each worker starts on every request of a call as it arrives (`--preset-overlap`): on a machine short of \
+         cores, the transfers still running share them with the stand-in compute. "
+    });
+    text.push_str(
+        "Dispatch is the \
+         slowest worker's request transfer per call (client send → worker handler), combine the way back \
+         (worker reply → client has the answer); GB/s is the call's payload in that direction over that time. \
+         The baselines move one request's payload over TCP and a plain gRPC echo on this machine's loopback, \
+         in the same run; the single-connection TCP figure the percentages divide by is measured between \
+         the preset's calls (in 5 rounds, each after a fifth of the calls), because this machine's loopback \
+         swings several-fold within seconds. After each round, too, raw TCP moves the busiest worker's \
+         bytes of a call to as many receivers as there are workers, each over its connection of its own, \
+         all written at once by threads of one process: the dispatch's fan-out with the TCP stack alone \
+         (the second percentage divides by it), and then the same again, each round right after every \
+         core was kept busy as long as the calls' gate, as a dispatch finds the machine (the lines under \
+         the table). Cores busy: the share of every core's time the kernel counted \
+         busy while the preset's calls ran, its warm-up calls included (the hypervisor's stolen share in \
+         brackets): near 100%, the machine's cores, not its wire, set the pace.\n\n",
+    );
+    text.push_str(&preset_table(&summary.presets));
+    text.push('\n');
+    text.push_str(&after_gate_lines(&summary.presets));
+    if summary.presets.iter().any(|preset| preset.link_rate.is_some()) {
+        text.push_str("### On shaped links\n\n");
+        // Reports written before the setting existed ran this machine's own.
+        let congestion = match summary.settings["link_congestion"].as_str() {
+            Some(name) if name != "machine" => format!("TCP congestion control {name} on every host"),
+            _ => "the measuring machine's default TCP congestion control on every host".to_owned(),
+        };
+        let _ = write!(
+            text,
+            "Each worker on a host of its own (a network namespace) behind a veth link shaped by tbf to the rate \
+             in each direction, the client in another, {congestion}. "
+        );
+        text.push_str(
+            "The floor is the busiest link's socket bytes per call over \
+             the rate (TCP/IP/Ethernet headers come on top: ~95% of the rate is the most a transfer reaches). \
+             Dispatch here is the whole transfer of one worker's requests (the first sent → the last in its \
+             handler) and combine of its answers (its first reply → the client has the last), the longest \
+             worker's per call. A ratio of 1.25 is 80% of the line rate. Raw TCP on every link at once is the \
+             most this client's machine moves to all its workers together, with no gate, encode or expert beside \
+             it.\n\n",
+        );
+        text.push_str(&link_table(&summary.presets));
+        let (file, title) = super::folder::LINK_CHART;
+        let _ = writeln!(text, "\n![{title}]({file})\n");
+    }
+    for preset in &summary.presets {
+        let _ = writeln!(text, "### Ledger: {}\n", preset.preset);
+        text.push_str(&ledger_table(&preset.result.distributed.ledger));
         text.push('\n');
     }
     text
