@@ -84,7 +84,8 @@ impl Clock {
     }
 }
 
-fn process_cpu_time() -> Duration {
+/// The CPU time this process has been given so far, all its threads together.
+pub fn process_cpu_time() -> Duration {
     let time = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
     Duration::new(time.tv_sec.max(0) as u64, time.tv_nsec.clamp(0, 999_999_999) as u32)
 }

@@ -609,14 +609,11 @@ mod tests {
 
     #[test]
     fn busy_cores_spin_for_the_time_asked_where_idle_ones_sleep() {
-        let process_cpu = || {
-            let time = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
-            Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
-        };
+        use switchyard_experts::peak::process_cpu_time;
         let pass = |before: Before| {
-            let (started, cpu) = (Instant::now(), process_cpu());
+            let (started, cpu) = (Instant::now(), process_cpu_time());
             before.pass();
-            (started.elapsed(), process_cpu() - cpu)
+            (started.elapsed(), process_cpu_time() - cpu)
         };
         let time = Duration::from_millis(40);
         let (wall, cpu) = pass(Before::BusyCores(time));
