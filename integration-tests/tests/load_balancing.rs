@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use switchyard_integration_tests::{TestCluster, http_get, metric_value, small_model};
 use switchyard_loadtest::skew::{Inputs, Skew, gate_rows};
-use switchyard_router_client::{ClientOptions, MoeClient};
+use switchyard_router_client::{ClientOptions, MoeClient, RefusalPolicy};
 
 const CALLERS: usize = 4;
 const TOKENS: usize = 64;
@@ -91,8 +91,10 @@ async fn measure(balancing: bool) -> Measured {
     .await;
     let gate = gate_rows(&model, 0).expect("gate");
     let inputs = Arc::new(Inputs::generate(&Skew::Zipf { exponent: 1.2 }, &gate, 8, TOKENS, 256, 5));
-    // Placement is what is measured: the client sends every call, however much a worker refuses.
-    let options = ClientOptions { throttle_ratio: None, ..ClientOptions::default() };
+    // Placement is what is measured: the client sends every call, however much a worker refuses,
+    // and a refusal overflows rather than failing the call (which would cancel its requests to
+    // the other workers, so that what they were offered would follow the timing).
+    let options = ClientOptions { throttle_ratio: None, refusal: RefusalPolicy::Overflow, ..ClientOptions::default() };
     let client = Arc::new(MoeClient::new(cluster.watcher.receiver(), options));
     // Warm-up: with balancing, long enough for traffic to be measured and the hot experts copied.
     load(client.clone(), inputs.clone(), Duration::from_secs(3)).await;

@@ -180,6 +180,68 @@ async fn refused_assignments_overflow_when_the_policy_says_so() {
     tiny.shutdown().await;
 }
 
+/// A full queue is one expert's, on a worker that answered: its rows go to another holder for
+/// that call only, and the next call still sends the worker its share.
+#[tokio::test]
+async fn a_refusal_moves_rows_for_its_call_only() {
+    let reference = ReferenceLayer::start(&model(), &[0], ReferenceConfig::cpu()).await.expect("reference");
+    let expected_64 = reference.forward(0, hidden(64), &RoutingOverrides::default()).await.expect("reference call");
+    let expected_1 = reference.forward(0, hidden(1), &RoutingOverrides::default()).await.expect("reference call");
+    reference.shutdown().await;
+    let (small, roomy) = (worker(4).await, worker(1 << 20).await);
+    let transport = InProcessTransport::new([
+        (Arc::from("small"), ExpertWorkerService::new(small.clone(), "small")),
+        (Arc::from("roomy"), ExpertWorkerService::new(roomy.clone(), "roomy")),
+    ]);
+    let (_tables, receiver) = watch::channel(Some(table(1, |_| vec!["small", "roomy"])));
+    let client = MoeClient::with_transport(receiver, ClientOptions::default(), Arc::new(transport));
+    let refused = client.forward(0, hidden(64)).await.expect("the refused rows go to the roomy holder");
+    assert!(refused.retried_requests > 0, "64 tokens overflow 4-token queues");
+    assert!(relative_frobenius_error(&refused.hidden, &expected_64.hidden) < 1e-5);
+    // One token, two experts: one on each holder, the small one included.
+    let next = client.forward(0, hidden(1)).await.expect("one token fits");
+    let rows_to = |endpoint: &str| {
+        next.workers.iter().filter(|call| &*call.endpoint == endpoint).map(|call| call.rows).sum::<usize>()
+    };
+    assert_eq!((rows_to("small"), rows_to("roomy")), (1, 1), "{:?}", next.workers);
+    assert!(relative_frobenius_error(&next.hidden, &expected_1.hidden) < 1e-5);
+    small.shutdown().await;
+    roomy.shutdown().await;
+}
+
+/// Rows every holder of their experts refused: the call's end under the fail policy; under the
+/// overflow policy they overflow, as a refusal with one holder does.
+#[tokio::test]
+async fn rows_every_holder_refused_follow_the_refusal_policy() {
+    let expected = ReferenceLayer::start(&model(), &[0], ReferenceConfig::cpu()).await.expect("reference");
+    let kept: u32 = expected
+        .forward(0, hidden(64), &RoutingOverrides::default())
+        .await
+        .expect("reference call")
+        .routing
+        .tokens_per_expert
+        .iter()
+        .sum();
+    expected.shutdown().await;
+    let (full_a, full_b) = (worker(1).await, worker(1).await);
+    let transport = Arc::new(InProcessTransport::new([
+        (Arc::from("a"), ExpertWorkerService::new(full_a.clone(), "a")),
+        (Arc::from("b"), ExpertWorkerService::new(full_b.clone(), "b")),
+    ]));
+    let (_tables, receiver) = watch::channel(Some(table(1, |_| vec!["a", "b"])));
+    let failing = MoeClient::with_transport(receiver.clone(), ClientOptions::default(), transport.clone());
+    let failed = failing.forward(0, hidden(64)).await;
+    assert!(matches!(failed, Err(ClientError::QueueFull { .. })), "{failed:?}");
+
+    let options = ClientOptions { refusal: RefusalPolicy::Overflow, ..ClientOptions::default() };
+    let overflowing = MoeClient::with_transport(receiver, options, transport);
+    let output = overflowing.forward(0, hidden(64)).await.expect("refusals overflow instead of failing the call");
+    assert_eq!(output.routing.refused, kept as usize, "every kept assignment was refused by both holders");
+    assert!(output.hidden.iter().all(|value| *value == 0.0), "no expert output is left to any token");
+    full_a.shutdown().await;
+    full_b.shutdown().await;
+}
+
 /// On a one-thread runtime, a caller retrying `NoTable` failures in a tight loop still lets the
 /// task that installs the table run: each failure yields.
 #[test]

@@ -359,7 +359,12 @@ impl MoeClient {
         for (endpoint, error) in finished.failures() {
             tracing::debug!(%endpoint, %error, "worker failed; sending its rows to another holder");
             rounds.excluded.insert(endpoint.clone());
-            self.replicas.suspect(endpoint);
+            // A full queue is one expert's, on a worker that answered: later calls still use the
+            // worker (the fewest-in-flight pick and the throttle pace it); one that failed or
+            // stalled is avoided for a while.
+            if !matches!(error, ClientError::QueueFull { .. }) {
+                self.replicas.suspect(endpoint);
+            }
             worst = worst.max(Retry::of(error));
             first_error.get_or_insert_with(|| error.clone());
         }
@@ -367,20 +372,25 @@ impl MoeClient {
         let error_at =
             |endpoint: &Endpoint| finished.failures().find(|(failed, _)| *failed == endpoint).map(|(_, e)| e);
         let refusals_tolerated = self.options.refusal != RefusalPolicy::Fail;
+        // A refused request goes to other holders only when each of its experts has one this call
+        // has not given up on; else the refusal policy takes all its rows, as with one holder.
+        let another_holder_for_each = |planned: &PlannedRequest| {
+            assignments_of(planned, &plan.routed).iter().all(|(expert, _)| {
+                rounds.table.endpoints(rounds.layer, *expert).iter().any(|holder| !rounds.excluded.contains(holder))
+            })
+        };
         let (refused_here, failed): (Vec<usize>, Vec<usize>) = finished.unanswered.iter().partition(|&&index| {
             refusals_tolerated
-                && error_at(&round[index].endpoint).is_some_and(|error| {
-                    matches!(error, ClientError::QueueFull { .. })
-                        && !Retry::OtherHolder.worth_it(error, &rounds.table, rounds.layer)
-                })
+                && error_at(&round[index].endpoint).is_some_and(|error| matches!(error, ClientError::QueueFull { .. }))
+                && !another_holder_for_each(&round[index])
         });
         let mut next_round = Vec::new();
         if self.options.refusal == RefusalPolicy::NextBest && !refused_here.is_empty() {
             let refused_requests: Vec<PlannedRequest> =
                 refused_here.iter().map(|&index| round[index].clone()).collect();
-            let choice = self.replicas.choice(rounds.request_id.0, rounds.excluded.clone());
+            let mut choice = self.replicas.choice(rounds.request_id.0, rounds.excluded.clone());
             let (plan, moved_on) = (plan.clone(), rounds.table.clone());
-            let moved = self.cpu.run(move || plan.move_refused(&refused_requests, &moved_on, &choice)).await?;
+            let moved = self.cpu.run(move || plan.move_refused(&refused_requests, &moved_on, &mut choice)).await?;
             rounds.moves.extend(moved.moves);
             rounds.refused.extend(moved.overflowed);
             next_round.extend(moved.requests);
@@ -394,13 +404,13 @@ impl MoeClient {
             rounds.retried_requests += failed.len();
             let failed = Arc::new(failed);
             let requests = loop {
-                let choice = self.replicas.choice(rounds.request_id.0, rounds.excluded.clone());
+                let mut choice = self.replicas.choice(rounds.request_id.0, rounds.excluded.clone());
                 let (plan, failed, rerouted_on) = (plan.clone(), failed.clone(), rounds.table.clone());
                 let rerouted = self
                     .cpu
                     .run(move || {
                         let failed: Vec<&PlannedRequest> = failed.iter().collect();
-                        reroute(&failed, &plan.routed.groups, &rerouted_on, &choice, plan.call_rows())
+                        reroute(&failed, &plan.routed.groups, &rerouted_on, &mut choice, plan.call_rows())
                     })
                     .await?;
                 match rerouted {
@@ -588,7 +598,7 @@ impl Planning {
     }
 
     /// Gate, route, group by worker, pack: the requests of one call, and the time each step took.
-    fn plan(self) -> Result<(CallPlan, Vec<PlannedRequest>, TimeBreakdown), ClientError> {
+    fn plan(mut self) -> Result<(CallPlan, Vec<PlannedRequest>, TimeBreakdown), ClientError> {
         let mut timing = TimeBreakdown::default();
         let (table, layer, hidden) = (&*self.table, self.layer, &*self.hidden);
         let model = &table.model;
@@ -615,7 +625,7 @@ impl Planning {
 
         let phase = Instant::now();
         let routed = assign(&gate, hidden, logits, routing, config);
-        let mut workers = by_worker(layer, &routed.groups, table, &self.choice)?;
+        let mut workers = by_worker(layer, &routed.groups, table, &mut self.choice)?;
         let held_back = self.hold_back_throttled(&mut workers)?;
         timing.plan = phase.elapsed();
 
@@ -664,7 +674,7 @@ impl Planning {
         };
         if !held_back.is_empty() {
             let phase = Instant::now();
-            let moved = plan.place_held_back(&held_back, &workers, table, &self.choice, self.refusal);
+            let moved = plan.place_held_back(&held_back, &workers, table, &mut self.choice, self.refusal);
             book_requests(&mut plan.worker_calls, &moved);
             requests.extend(moved);
             timing.encode += phase.elapsed();
@@ -733,7 +743,7 @@ impl CallPlan {
         held_back: &[usize],
         sending_to: &BTreeMap<Endpoint, Vec<usize>>,
         table: &RoutingTableView,
-        choice: &Choice,
+        choice: &mut Choice,
         policy: RefusalPolicy,
     ) -> Vec<PlannedRequest> {
         let mut carried = Vec::new();
@@ -750,17 +760,12 @@ impl CallPlan {
         if carried.is_empty() {
             return Vec::new();
         }
-        let holder = |expert: u32| {
-            let holders: Vec<Endpoint> = table
-                .endpoints(self.layer, expert)
-                .iter()
-                .filter(|holder| sending_to.contains_key(*holder))
-                .cloned()
-                .collect();
-            choice.pick(&holders).cloned()
+        let holders_of = |expert: u32| {
+            let holders = table.endpoints(self.layer, expert).iter();
+            holders.filter(|holder| sending_to.contains_key(*holder)).cloned().collect()
         };
         let used = self.used.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let moved = move_to_next_best(&carried, &self.routed.routing, used, holder);
+        let moved = move_to_next_best(&carried, &self.routed.routing, used, choice, holders_of);
         self.throttled.extend(moved.overflowed);
         self.moves = moved.moves;
         let call = self.call_rows();
@@ -773,7 +778,7 @@ impl CallPlan {
 
     /// Requests carrying `refused`'s choices to their tokens' next-best experts, each on a holder
     /// `choice` allows (the workers that refused in this call are excluded).
-    fn move_refused(&self, refused: &[PlannedRequest], table: &RoutingTableView, choice: &Choice) -> NextBestRound {
+    fn move_refused(&self, refused: &[PlannedRequest], table: &RoutingTableView, choice: &mut Choice) -> NextBestRound {
         let mut overflowed = Vec::new();
         let mut carried = Vec::new();
         for planned in refused {
@@ -782,8 +787,8 @@ impl CallPlan {
                 None => overflowed.extend(assignments_of(planned, &self.routed)),
             }
         }
-        let holder = |expert: u32| choice.pick(table.endpoints(self.layer, expert)).cloned();
-        let moved = move_to_next_best(&carried, &self.routed.routing, &mut lock(&self.used), holder);
+        let holders_of = |expert: u32| table.endpoints(self.layer, expert).to_vec();
+        let moved = move_to_next_best(&carried, &self.routed.routing, &mut lock(&self.used), choice, holders_of);
         overflowed.extend(moved.overflowed);
         let call = self.call_rows();
         let requests = moved

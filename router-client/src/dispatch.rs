@@ -72,6 +72,14 @@ impl PlannedRequest {
         }
     }
 
+    /// (token, expert) assignments this request carries: the expert rows its worker computes.
+    pub fn assignments(&self) -> usize {
+        match &self.request.tokens {
+            Some(tokens) => tokens.experts.len() / size_of::<u32>(),
+            None => self.rows(),
+        }
+    }
+
     /// Payload bytes this request carries.
     pub fn payload_bytes(&self) -> u64 {
         let tokens = self.request.tokens.as_ref().and_then(|tokens| tokens.rows.as_ref());
@@ -161,17 +169,29 @@ pub fn pack_token_choices(
     requests
 }
 
-/// Groups `groups` by the worker each expert is sent to: the holder `choice` picks.
+/// Groups `groups` by the worker each expert is sent to: the holder `choice` picks. Experts with
+/// one holder go first, then the replicated ones, largest first, each to the holder least busy by
+/// then: a worker that must take its own experts' rows is not also handed the shared ones.
 pub fn by_worker(
     layer: u32,
     groups: &[ExpertAssignments],
     table: &RoutingTableView,
-    choice: &Choice,
+    choice: &mut Choice,
 ) -> Result<BTreeMap<Arc<str>, Vec<usize>>, ClientError> {
+    let d_model = table.model.d_model as usize;
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_by_key(|&index| {
+        let group = &groups[index];
+        (table.endpoints(layer, group.expert).len() > 1, std::cmp::Reverse(group.rows(d_model)))
+    });
     let mut workers: BTreeMap<Arc<str>, Vec<usize>> = BTreeMap::new();
-    for (index, group) in groups.iter().enumerate() {
-        let endpoint = pick(layer, group.expert, table, choice)?;
+    for index in order {
+        let group = &groups[index];
+        let endpoint = pick(layer, group.expert, group.rows(d_model), table, choice)?;
         workers.entry(endpoint.clone()).or_default().push(index);
+    }
+    for indices in workers.values_mut() {
+        indices.sort_unstable();
     }
     Ok(workers)
 }
@@ -179,11 +199,12 @@ pub fn by_worker(
 fn pick<'a>(
     layer: u32,
     expert: u32,
+    assignments: usize,
     table: &'a RoutingTableView,
-    choice: &Choice,
+    choice: &mut Choice,
 ) -> Result<&'a Endpoint, ClientError> {
     choice
-        .pick(table.endpoints(layer, expert))
+        .pick(table.endpoints(layer, expert), assignments)
         .ok_or(ClientError::Unplaced { version: table.version, expert: ExpertId::new(layer, expert) })
 }
 
@@ -194,7 +215,7 @@ pub fn reroute(
     failed: &[&PlannedRequest],
     groups: &[ExpertAssignments],
     table: &RoutingTableView,
-    choice: &Choice,
+    choice: &mut Choice,
     call: CallRows<'_>,
 ) -> Result<Vec<PlannedRequest>, ClientError> {
     let mut choices: BTreeMap<Arc<str>, Vec<(u32, u32, f32)>> = BTreeMap::new();
@@ -203,13 +224,14 @@ pub fn reroute(
         match &planned.token_major {
             Some(_) => {
                 for carried in carried_choices(planned, groups).unwrap_or_default() {
-                    let endpoint = pick(call.layer, carried.1, table, choice)?;
+                    let endpoint = pick(call.layer, carried.1, 1, table, choice)?;
                     choices.entry(endpoint.clone()).or_default().push(carried);
                 }
             }
             None => {
                 for piece in &planned.pieces {
-                    let endpoint = pick(call.layer, groups[piece.group].expert, table, choice)?;
+                    let endpoint =
+                        pick(call.layer, groups[piece.group].expert, piece.end - piece.start, table, choice)?;
                     pieces.entry(endpoint.clone()).or_default().push(*piece);
                 }
             }
@@ -453,6 +475,52 @@ mod tests {
         assert!(requests.iter().all(|r| {
             r.request.batches.iter().map(|b| b.rows.as_ref().map_or(0, |t| t.data.len())).sum::<usize>() <= 48
         }));
+    }
+
+    /// A table of the synthetic model whose expert `e` is held by `holders(e)`.
+    fn table(holders: impl Fn(u32) -> Vec<&'static str>) -> RoutingTableView {
+        let model = switchyard_model::ModelSpec::default_synthetic();
+        let routes = (0..model.experts_per_layer)
+            .map(|expert| v1::ExpertRoute {
+                expert: Some(v1::ExpertKey::new(0, expert)),
+                endpoints: holders(expert).into_iter().map(String::from).collect(),
+            })
+            .collect();
+        let table = v1::RoutingTable {
+            version: 1,
+            epoch: 1,
+            model: Some(model.to_proto()),
+            routes,
+            queue_limit_tokens: 64,
+            max_batch_tokens: 64,
+        };
+        RoutingTableView::try_from(table).expect("valid table")
+    }
+
+    /// Which worker each expert's group went to.
+    fn placed(workers: &BTreeMap<Arc<str>, Vec<usize>>, groups: &[ExpertAssignments]) -> BTreeMap<u32, String> {
+        let placed = workers.iter().flat_map(|(endpoint, indices)| indices.iter().map(move |&i| (i, endpoint)));
+        placed.map(|(index, endpoint)| (groups[index].expert, endpoint.to_string())).collect()
+    }
+
+    #[test]
+    fn replicated_experts_go_where_the_call_has_sent_least() {
+        let replicas = crate::replicas::Replicas::default();
+        // Experts 0 and 1 on both, 2 only on a, the rest on b: a takes 2's rows whatever the salt,
+        // so 1, the larger replicated one, goes to b, and then 0 back to a.
+        let table = table(|expert| match expert {
+            0 | 1 => vec!["a", "b"],
+            2 => vec!["a"],
+            _ => vec!["b"],
+        });
+        let groups = [group(0, 3), group(1, 6), group(2, 4)];
+        for salt in 0..4 {
+            let mut choice = replicas.choice(salt, Default::default());
+            let workers = by_worker(0, &groups, &table, &mut choice).expect("placed");
+            let expected = BTreeMap::from([(0, "a".into()), (1, "b".into()), (2, "a".into())]);
+            assert_eq!(placed(&workers, &groups), expected, "salt {salt}");
+            assert!(workers.values().all(|indices| indices.is_sorted()), "groups stay in expert order: {workers:?}");
+        }
     }
 
     fn le_u32(bytes: &[u8]) -> Vec<u32> {

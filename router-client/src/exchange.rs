@@ -107,7 +107,8 @@ pub async fn run(
             None => groups.push((&planned.endpoint, planned.stream, vec![index])),
         }
     }
-    let mut counted: Vec<Option<_>> = requests.iter().map(|planned| Some(replicas.start(&planned.endpoint))).collect();
+    let mut counted: Vec<Option<_>> =
+        requests.iter().map(|planned| Some(replicas.start(&planned.endpoint, planned.assignments()))).collect();
     let mut in_flight = futures::stream::select_all(groups.into_iter().map(|(endpoint, _, members)| {
         let chunks = members.iter().map(|&index| requests[index].request.clone()).collect();
         let answers = transport.forward_chunks(endpoint, chunks, deadline);

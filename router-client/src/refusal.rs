@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::capacity::reroute;
+use crate::replicas::Choice;
 use crate::routing::Routing;
 use crate::transport::Endpoint;
 
@@ -35,13 +36,14 @@ pub struct Moved {
     pub overflowed: Vec<(u32, usize)>,
 }
 
-/// Moves each refused (token, expert, weight) choice to the token's next-best expert that
-/// `holder_with_room` finds a worker for.
+/// Moves each refused (token, expert, weight) choice to the token's next-best expert among those
+/// `holders_of` names a worker for that `choice` allows, on the worker `choice` picks.
 pub fn move_to_next_best(
     refused: &[(u32, u32, f32)],
     routing: &Routing,
     used: &mut TokenExperts,
-    holder_with_room: impl Fn(u32) -> Option<Endpoint>,
+    choice: &mut Choice,
+    holders_of: impl Fn(u32) -> Vec<Endpoint>,
 ) -> Moved {
     let mut moved = Moved::default();
     let mut overflowed: BTreeMap<u32, usize> = BTreeMap::new();
@@ -59,13 +61,13 @@ pub fn move_to_next_best(
             token_experts.push(expert);
         }
         let next = (expert < routing.experts as u32)
-            .then(|| reroute(routing, token, expert, weight, token_experts, |e| holder_with_room(e).is_some()))
+            .then(|| reroute(routing, token, expert, weight, token_experts, |e| choice.allows(&holders_of(e))))
             .flatten();
         let Some(next) = next else {
             *overflowed.entry(expert).or_default() += 1;
             continue;
         };
-        let Some(endpoint) = holder_with_room(next.expert) else { continue };
+        let Some(endpoint) = choice.pick(&holders_of(next.expert), 1).cloned() else { continue };
         token_experts.push(next.expert);
         moved.moves.push((expert, next.expert));
         moved.by_endpoint.entry(endpoint).or_default().push((token, next.expert, next.weight));
@@ -76,7 +78,14 @@ pub fn move_to_next_best(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
+    use crate::replicas::Replicas;
+
+    fn any_holder() -> Choice {
+        Replicas::default().choice(0, HashSet::new())
+    }
 
     /// Two tokens over four experts, top-2: token 0 prefers 0 > 1 > 2 > 3, token 1 prefers 3 > 2 > 1 > 0.
     fn routing() -> Routing {
@@ -92,23 +101,26 @@ mod tests {
 
     #[test]
     fn a_refused_choice_goes_to_the_next_best_expert_with_room_at_its_weight() {
-        let room = |expert: u32| (expert != 3).then(|| Endpoint::from(format!("w{}", expert % 2)));
+        let room = |expert: u32| {
+            if expert == 3 { Vec::new() } else { vec![Endpoint::from(format!("w{}", expert % 2))] }
+        };
         let mut used = TokenExperts::default();
-        let moved = move_to_next_best(&[(0, 1, 0.3)], &routing(), &mut used, room);
+        let moved = move_to_next_best(&[(0, 1, 0.3)], &routing(), &mut used, &mut any_holder(), room);
         assert_eq!(moved.moves, [(1, 2)], "expert 0 is the token's own: its next best is 2");
         assert_eq!(moved.by_endpoint[&Endpoint::from("w0")], [(0, 2, 0.2)], "0.2 scaled as 0.3 was (by 1)");
         // Refused again there: nothing left with room (3 is full, 0..2 used).
-        let again = move_to_next_best(&[(0, 2, 0.2)], &routing(), &mut used, room);
+        let again = move_to_next_best(&[(0, 2, 0.2)], &routing(), &mut used, &mut any_holder(), room);
         assert_eq!((again.moves.len(), again.overflowed.clone()), (0, vec![(2, 1)]));
     }
 
     #[test]
     fn weights_keep_the_routers_scaling_and_shared_experts_overflow() {
-        let everywhere = |_| Some(Endpoint::from("w"));
+        let everywhere = |_| vec![Endpoint::from("w")];
         let mut used = TokenExperts::default();
         // Renormalised top-2 weights: 0.3 / 0.7 of token 1's expert 2 → scale 0.3/0.7 / 0.3.
         let scaled = 0.3 / 0.7;
-        let moved = move_to_next_best(&[(1, 2, scaled), (1, 4, 1.0)], &routing(), &mut used, everywhere);
+        let moved =
+            move_to_next_best(&[(1, 2, scaled), (1, 4, 1.0)], &routing(), &mut used, &mut any_holder(), everywhere);
         let (token, expert, weight) = moved.by_endpoint[&Endpoint::from("w")][0];
         assert_eq!((token, expert), (1, 1));
         assert!((weight - 0.2 * scaled / 0.3).abs() < 1e-6, "{weight}");

@@ -1,9 +1,14 @@
 //! Which holder of an expert a call uses, and which holders to keep away from.
 //!
-//! [`Replicas`] lives as long as the client: it counts each worker's requests in flight and
-//! remembers workers that failed lately. [`Choice`] is its snapshot for planning one call: per
-//! expert the least busy holder (ties broken by the call, so equal workers share the calls), never
-//! one this call already failed on, and one that failed lately only when no other holds the expert.
+//! [`Replicas`] lives as long as the client: it counts the (token, expert) assignments each worker
+//! has in flight and remembers workers that failed lately. [`Choice`] is its snapshot for planning
+//! one call: per expert the least busy holder, counting what the call itself has given each worker
+//! so far (ties broken by the call, so equal workers share the calls), never one this call already
+//! failed on, and one that failed lately only when no other holds the expert.
+//!
+//! Busy is counted in assignments, not requests: nearly every call sends a request to each worker
+//! that holds an expert alone, so a worker holding only replicas would otherwise look the least
+//! busy to every call and be given every replicated expert's rows.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -22,10 +27,10 @@ pub struct Replicas {
 }
 
 impl Replicas {
-    /// Counts a request to `endpoint` in flight until the guard drops.
-    pub fn start(&self, endpoint: &Endpoint) -> InFlight<'_> {
-        *lock(&self.in_flight).entry(endpoint.clone()).or_default() += 1;
-        InFlight { replicas: self, endpoint: endpoint.clone() }
+    /// Counts a request of `assignments` to `endpoint` in flight until the guard drops.
+    pub fn start(&self, endpoint: &Endpoint, assignments: usize) -> InFlight<'_> {
+        *lock(&self.in_flight).entry(endpoint.clone()).or_default() += assignments;
+        InFlight { replicas: self, endpoint: endpoint.clone(), assignments }
     }
 
     /// `endpoint` failed: other holders are preferred for a while.
@@ -52,12 +57,13 @@ impl Replicas {
 pub struct InFlight<'a> {
     replicas: &'a Replicas,
     endpoint: Endpoint,
+    assignments: usize,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if let Some(count) = lock(&self.replicas.in_flight).get_mut(&self.endpoint) {
-            *count = count.saturating_sub(1);
+            *count = count.saturating_sub(self.assignments);
         }
     }
 }
@@ -72,12 +78,17 @@ pub struct Choice {
 }
 
 impl Choice {
-    /// The holder to send to: not excluded; not suspect unless all the others are; then the
-    /// fewest requests in flight; among equals the one the call's salt points at. `None`: every
-    /// holder is excluded (or there is none).
-    pub fn pick<'a>(&self, holders: &'a [Endpoint]) -> Option<&'a Endpoint> {
+    /// Whether any of `holders` may be picked (not all are excluded).
+    pub fn allows(&self, holders: &[Endpoint]) -> bool {
+        holders.iter().any(|endpoint| !self.excluded.contains(endpoint))
+    }
+
+    /// The holder to send `assignments` to: not excluded; not suspect unless all the others are;
+    /// then the fewest assignments in flight, this call's picks so far included; among equals the
+    /// one the call's salt points at. `None`: every holder is excluded (or there is none).
+    pub fn pick<'a>(&mut self, holders: &'a [Endpoint], assignments: usize) -> Option<&'a Endpoint> {
         let count = holders.len().max(1);
-        holders
+        let picked = holders
             .iter()
             .enumerate()
             .filter(|(_, endpoint)| !self.excluded.contains(*endpoint))
@@ -85,7 +96,9 @@ impl Choice {
                 let rotated = (index + count - (self.salt as usize % count)) % count;
                 (self.suspects.contains(*endpoint), self.in_flight.get(*endpoint).copied().unwrap_or(0), rotated)
             })
-            .map(|(_, endpoint)| endpoint)
+            .map(|(_, endpoint)| endpoint)?;
+        *self.in_flight.entry(picked.clone()).or_default() += assignments;
+        Some(picked)
     }
 }
 
@@ -99,17 +112,33 @@ mod tests {
         names.iter().map(|name| Arc::from(*name)).collect()
     }
 
+    fn pick(replicas: &Replicas, salt: u64, excluded: HashSet<Endpoint>, holders: &[Endpoint]) -> Option<String> {
+        replicas.choice(salt, excluded).pick(holders, 1).map(|endpoint| endpoint.to_string())
+    }
+
     #[test]
     fn the_least_busy_holder_is_picked_and_equals_take_turns_by_call() {
         let replicas = Replicas::default();
         let holders = endpoints(&["a", "b"]);
-        let picks: HashSet<&str> =
-            (0..4).map(|salt| &**replicas.choice(salt, HashSet::new()).pick(&holders).expect("a holder")).collect();
-        assert_eq!(picks, HashSet::from(["a", "b"]), "idle equals share the calls");
-        let _busy = replicas.start(&holders[0]);
+        let picks: HashSet<String> =
+            (0..4).map(|salt| pick(&replicas, salt, HashSet::new(), &holders).expect("a holder")).collect();
+        assert_eq!(picks, HashSet::from(["a".into(), "b".into()]), "idle equals share the calls");
+        let _heavy = replicas.start(&holders[0], 5);
+        let _light = replicas.start(&holders[1], 3);
         for salt in 0..4 {
-            assert_eq!(&**replicas.choice(salt, HashSet::new()).pick(&holders).expect("a holder"), "b");
+            assert_eq!(pick(&replicas, salt, HashSet::new(), &holders).as_deref(), Some("b"), "fewer assignments");
         }
+    }
+
+    #[test]
+    fn a_call_counts_what_it_gave_each_holder_before() {
+        let replicas = Replicas::default();
+        let holders = endpoints(&["a", "b"]);
+        let _other_call = replicas.start(&holders[1], 6);
+        let mut choice = replicas.choice(0, HashSet::new());
+        let picks: Vec<&str> =
+            [4, 4, 4, 4].iter().map(|rows| &**choice.pick(&holders, *rows).expect("a holder")).collect();
+        assert_eq!(picks, ["a", "a", "b", "a"], "a's 4 + 4 passes the 6 b has in flight; then b's 6 + 4 passes a's 8");
     }
 
     #[test]
@@ -117,12 +146,12 @@ mod tests {
         let replicas = Replicas::default();
         let holders = endpoints(&["a", "b"]);
         replicas.suspect(&holders[1]);
-        let _busy = replicas.start(&holders[0]);
-        assert_eq!(&**replicas.choice(1, HashSet::new()).pick(&holders).expect("a holder"), "a", "busy beats failed");
-        assert_eq!(&**replicas.choice(1, HashSet::new()).pick(&holders[1..]).expect("the only holder"), "b");
+        let _busy = replicas.start(&holders[0], 1);
+        assert_eq!(pick(&replicas, 1, HashSet::new(), &holders).as_deref(), Some("a"), "busy beats failed");
+        assert_eq!(pick(&replicas, 1, HashSet::new(), &holders[1..]).as_deref(), Some("b"), "the only holder");
         let excluded = HashSet::from([holders[0].clone()]);
-        assert_eq!(&**replicas.choice(0, excluded.clone()).pick(&holders).expect("a holder"), "b");
-        assert_eq!(replicas.choice(0, excluded).pick(&holders[..1]), None);
+        assert_eq!(pick(&replicas, 0, excluded.clone(), &holders).as_deref(), Some("b"));
+        assert_eq!(pick(&replicas, 0, excluded, &holders[..1]), None);
     }
 
     #[test]
@@ -130,11 +159,11 @@ mod tests {
         let replicas = Replicas::default();
         let holders = endpoints(&["a", "b"]);
         {
-            let _first = replicas.start(&holders[0]);
-            let _second = replicas.start(&holders[0]);
+            let _first = replicas.start(&holders[0], 3);
+            let _second = replicas.start(&holders[0], 2);
         }
-        let picks: HashSet<&str> =
-            (0..4).map(|salt| &**replicas.choice(salt, HashSet::new()).pick(&holders).expect("a holder")).collect();
+        let picks: HashSet<String> =
+            (0..4).map(|salt| pick(&replicas, salt, HashSet::new(), &holders).expect("a holder")).collect();
         assert_eq!(picks.len(), 2);
     }
 }
