@@ -19,8 +19,8 @@ use tracing::Instrument;
 use crate::codec::{add_rows, decode_rows};
 use crate::cpu::CpuPool;
 use crate::dispatch::{
-    CallRows, DispatchLayout, PlannedRequest, TokenPlan, by_worker, carried_choices, pack_requests, pack_token_choices,
-    pack_token_rows, reroute,
+    CallRows, DispatchLayout, Piece, PlannedRequest, TokenPlan, by_worker, carried_choices, le_words, pack_pieces,
+    pack_token_choices, pack_token_rows, reroute,
 };
 use crate::error::ClientError;
 use crate::exchange::{self, DestinationOutcome, Outcome};
@@ -487,8 +487,8 @@ fn worker_call_of<'a>(worker_calls: &'a mut Vec<WorkerCall>, endpoint: &Endpoint
 fn assignments_of(planned: &PlannedRequest, routed: &Routed) -> Vec<(u32, usize)> {
     if let Some(tokens) = &planned.request.tokens {
         let mut counts: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
-        for expert in tokens.experts.chunks_exact(4) {
-            *counts.entry(u32::from_le_bytes([expert[0], expert[1], expert[2], expert[3]])).or_default() += 1;
+        for expert in le_words(&tokens.experts).map(u32::from_le_bytes) {
+            *counts.entry(expert).or_default() += 1;
         }
         return counts.into_iter().collect();
     }
@@ -641,15 +641,15 @@ impl Planning {
         };
         let mut requests: Vec<PlannedRequest> = Vec::new();
         let mut worker_calls: Vec<WorkerCall> = Vec::with_capacity(workers.len());
-        for (endpoint, groups) in &workers {
+        for (endpoint, pieces) in &workers {
             let phase = Instant::now();
             // Soft MoE's slot inputs are not token rows: they travel expert-major.
             let token_major = self.dispatch == DispatchLayout::TokenMajor
-                && groups.iter().all(|group| routed.groups[*group].slots.is_none());
+                && pieces.iter().all(|piece| routed.groups[piece.group].slots.is_none());
             let packed = if token_major {
-                pack_token_rows(endpoint, groups, &routed.groups, call)
+                pack_token_rows(endpoint, pieces, &routed.groups, call)
             } else {
-                pack_requests(endpoint, groups, &routed.groups, call)
+                pack_pieces(endpoint, pieces, &routed.groups, call)
             };
             book_requests(&mut worker_calls, &packed);
             let encode = phase.elapsed();
@@ -688,7 +688,7 @@ impl Planning {
     /// Asks throttling about each worker the call would send to. One it holds back fails the call
     /// ([`ClientError::Throttled`]) before anything is packed; under the other refusal policies
     /// its groups are taken out of `workers` and returned, to be treated as refused.
-    fn hold_back_throttled(&self, workers: &mut BTreeMap<Endpoint, Vec<usize>>) -> Result<Vec<usize>, ClientError> {
+    fn hold_back_throttled(&self, workers: &mut BTreeMap<Endpoint, Vec<Piece>>) -> Result<Vec<Piece>, ClientError> {
         let Some(throttle) = &self.throttle else { return Ok(Vec::new()) };
         let mut held_back = Vec::new();
         for endpoint in workers.keys() {
@@ -735,26 +735,25 @@ struct NextBestRound {
 }
 
 impl CallPlan {
-    /// The groups throttling held back: overflowed, or under [`RefusalPolicy::NextBest`] moved
+    /// The pieces throttling held back: overflowed, or under [`RefusalPolicy::NextBest`] moved
     /// to their tokens' next-best experts on the workers the call sends to anyway. Returns the
     /// requests to add.
     fn place_held_back(
         &mut self,
-        held_back: &[usize],
-        sending_to: &BTreeMap<Endpoint, Vec<usize>>,
+        held_back: &[Piece],
+        sending_to: &BTreeMap<Endpoint, Vec<Piece>>,
         table: &RoutingTableView,
         choice: &mut Choice,
         policy: RefusalPolicy,
     ) -> Vec<PlannedRequest> {
         let mut carried = Vec::new();
-        for &index in held_back {
-            let group = &self.routed.groups[index];
+        for piece in held_back {
+            let group = &self.routed.groups[piece.group];
             if policy == RefusalPolicy::NextBest && group.slots.is_none() {
-                carried.extend(
-                    group.tokens.iter().zip(&group.weights).map(|(token, weight)| (*token, group.expert, *weight)),
-                );
+                let rows = group.tokens[piece.start..piece.end].iter().zip(&group.weights[piece.start..piece.end]);
+                carried.extend(rows.map(|(token, weight)| (*token, group.expert, *weight)));
             } else {
-                self.throttled.push((group.expert, group.rows(self.d_model)));
+                self.throttled.push((group.expert, piece.end - piece.start));
             }
         }
         if carried.is_empty() {

@@ -93,16 +93,17 @@ impl PlannedRequest {
 /// spread over the stripes when large.
 pub fn pack_token_rows(
     endpoint: &Arc<str>,
-    group_indices: &[usize],
+    pieces: &[Piece],
     groups: &[ExpertAssignments],
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
     // (token, expert, weight) of every kept assignment; one flat buffer: no allocation per token.
-    let choices: Vec<(u32, u32, f32)> = group_indices
+    let choices: Vec<(u32, u32, f32)> = pieces
         .iter()
-        .flat_map(|&group_index| {
-            let group = &groups[group_index];
-            group.tokens.iter().zip(&group.weights).map(move |(token, weight)| (*token, group.expert, *weight))
+        .flat_map(|piece| {
+            let group = &groups[piece.group];
+            let rows = group.tokens[piece.start..piece.end].iter().zip(&group.weights[piece.start..piece.end]);
+            rows.map(move |(token, weight)| (*token, group.expert, *weight))
         })
         .collect();
     pack_token_choices(endpoint, choices, call)
@@ -169,31 +170,52 @@ pub fn pack_token_choices(
     requests
 }
 
-/// Groups `groups` by the worker each expert is sent to: the holder `choice` picks. Experts with
-/// one holder go first, then the replicated ones, largest first, each to the holder least busy by
-/// then: a worker that must take its own experts' rows is not also handed the shared ones.
+/// Groups `groups` by the worker each expert's rows are sent to: each expert's rows are spread
+/// over its holders as [`Choice::spread`] says (Soft MoE's slot rows go whole to one). Experts with
+/// one holder go first, then the replicated ones, largest first, each spread over its holders by
+/// how much they have by then: a worker that must take its own experts' rows is given less of the
+/// shared ones. Each worker's pieces are in group order.
 pub fn by_worker(
     layer: u32,
     groups: &[ExpertAssignments],
     table: &RoutingTableView,
     choice: &mut Choice,
-) -> Result<BTreeMap<Arc<str>, Vec<usize>>, ClientError> {
+) -> Result<BTreeMap<Arc<str>, Vec<Piece>>, ClientError> {
     let d_model = table.model.d_model as usize;
     let mut order: Vec<usize> = (0..groups.len()).collect();
     order.sort_by_key(|&index| {
         let group = &groups[index];
         (table.endpoints(layer, group.expert).len() > 1, std::cmp::Reverse(group.rows(d_model)))
     });
-    let mut workers: BTreeMap<Arc<str>, Vec<usize>> = BTreeMap::new();
+    let mut workers: BTreeMap<Arc<str>, Vec<Piece>> = BTreeMap::new();
     for index in order {
         let group = &groups[index];
-        let endpoint = pick(layer, group.expert, group.rows(d_model), table, choice)?;
-        workers.entry(endpoint.clone()).or_default().push(index);
+        let rows = group.rows(d_model);
+        if group.slots.is_some() {
+            let endpoint = pick(layer, group.expert, rows, table, choice)?;
+            workers.entry(endpoint.clone()).or_default().push(Piece { group: index, start: 0, end: rows });
+            continue;
+        }
+        let holders = table.endpoints(layer, group.expert);
+        let shares = choice.spread(holders, rows);
+        if shares.is_empty() {
+            return Err(unplaced(table, layer, group.expert));
+        }
+        let mut start = 0;
+        for (holder, share) in shares {
+            let piece = Piece { group: index, start, end: start + share };
+            workers.entry(holders[holder].clone()).or_default().push(piece);
+            start += share;
+        }
     }
-    for indices in workers.values_mut() {
-        indices.sort_unstable();
+    for pieces in workers.values_mut() {
+        pieces.sort_unstable_by_key(|piece| (piece.group, piece.start));
     }
     Ok(workers)
+}
+
+fn unplaced(table: &RoutingTableView, layer: u32, expert: u32) -> ClientError {
+    ClientError::Unplaced { version: table.version, expert: ExpertId::new(layer, expert) }
 }
 
 fn pick<'a>(
@@ -203,9 +225,7 @@ fn pick<'a>(
     table: &'a RoutingTableView,
     choice: &mut Choice,
 ) -> Result<&'a Endpoint, ClientError> {
-    choice
-        .pick(table.endpoints(layer, expert), assignments)
-        .ok_or(ClientError::Unplaced { version: table.version, expert: ExpertId::new(layer, expert) })
+    choice.pick(table.endpoints(layer, expert), assignments).ok_or_else(|| unplaced(table, layer, expert))
 }
 
 /// The requests that carry again what `failed` carried, each part to a holder of its expert that
@@ -247,6 +267,11 @@ pub fn reroute(
     Ok(requests)
 }
 
+/// The little-endian 4-byte words of `bytes`: a token-major request's offsets, experts, weights.
+pub fn le_words(bytes: &[u8]) -> impl Iterator<Item = [u8; 4]> + '_ {
+    bytes.chunks_exact(4).map(|word| [word[0], word[1], word[2], word[3]])
+}
+
 /// The (token, expert, weight) choices `planned` carries: a token-major request's, or an
 /// expert-major one's pieces as the token rows they are. `None` for Soft MoE's slot rows, which
 /// are no token's.
@@ -254,11 +279,14 @@ pub fn carried_choices(planned: &PlannedRequest, groups: &[ExpertAssignments]) -
     let mut carried = Vec::new();
     match &planned.token_major {
         Some(plan) => {
-            for group in groups.iter().filter(|group| plan.experts.binary_search(&group.expert).is_ok()) {
-                for (token, weight) in group.tokens.iter().zip(&group.weights) {
-                    if plan.tokens.binary_search(token).is_ok() {
-                        carried.push((*token, group.expert, *weight));
-                    }
+            // Read from the request itself: an expert's rows may be spread over several workers.
+            let rows = planned.request.tokens.as_ref()?;
+            let offsets: Vec<u32> = le_words(&rows.offsets).map(u32::from_le_bytes).collect();
+            let experts: Vec<u32> = le_words(&rows.experts).map(u32::from_le_bytes).collect();
+            let weights: Vec<f32> = le_words(&rows.weights).map(f32::from_le_bytes).collect();
+            for (position, token) in plan.tokens.iter().enumerate() {
+                for at in offsets[position] as usize..offsets[position + 1] as usize {
+                    carried.push((*token, experts[at], weights[at]));
                 }
             }
         }
@@ -342,20 +370,8 @@ impl CallRows<'_> {
     }
 }
 
-/// Packs one worker's groups into requests of at most `split_bytes` payload (at least one row
-/// each), spread over the stripes when large.
-pub fn pack_requests(
-    endpoint: &Arc<str>,
-    group_indices: &[usize],
-    groups: &[ExpertAssignments],
-    call: CallRows<'_>,
-) -> Vec<PlannedRequest> {
-    let pieces: Vec<Piece> =
-        group_indices.iter().map(|&group| Piece { group, start: 0, end: groups[group].rows(call.d_model) }).collect();
-    pack_pieces(endpoint, &pieces, groups, call)
-}
-
-/// Packs row ranges of groups expert-major, as [`pack_requests`] does.
+/// Packs one worker's pieces of groups expert-major, in requests of at most `split_bytes` payload
+/// (at least one row each), spread over the stripes when large.
 pub fn pack_pieces(
     endpoint: &Arc<str>,
     pieces: &[Piece],
@@ -425,6 +441,11 @@ mod tests {
         ExpertAssignments { expert, tokens: (0..tokens as u32).collect(), weights: vec![1.0; tokens], slots: None }
     }
 
+    /// Every row of each of `groups`.
+    fn whole(groups: &[ExpertAssignments]) -> Vec<Piece> {
+        groups.iter().enumerate().map(|(group, rows)| Piece { group, start: 0, end: rows.tokens.len() }).collect()
+    }
+
     #[test]
     fn small_payloads_travel_in_one_request_per_worker() {
         let groups = [group(0, 3), group(1, 2)];
@@ -440,7 +461,7 @@ mod tests {
             chunked: false,
             threads: 1,
         };
-        let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
+        let requests = pack_pieces(&endpoint, &whole(&groups), &groups, call);
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].request.batches.len(), 2);
         assert_eq!(requests[0].request.batches[0].rows.as_ref().map(|r| r.data.len()), Some(3 * 4 * 4));
@@ -462,7 +483,7 @@ mod tests {
             chunked: false,
             threads: 1,
         };
-        let requests = pack_requests(&endpoint, &[0, 1], &groups, call);
+        let requests = pack_pieces(&endpoint, &whole(&groups), &groups, call);
         let pieces: Vec<Vec<Piece>> = requests.iter().map(|r| r.pieces.clone()).collect();
         assert_eq!(
             pieces,
@@ -497,17 +518,11 @@ mod tests {
         RoutingTableView::try_from(table).expect("valid table")
     }
 
-    /// Which worker each expert's group went to.
-    fn placed(workers: &BTreeMap<Arc<str>, Vec<usize>>, groups: &[ExpertAssignments]) -> BTreeMap<u32, String> {
-        let placed = workers.iter().flat_map(|(endpoint, indices)| indices.iter().map(move |&i| (i, endpoint)));
-        placed.map(|(index, endpoint)| (groups[index].expert, endpoint.to_string())).collect()
-    }
-
     #[test]
-    fn replicated_experts_go_where_the_call_has_sent_least() {
+    fn replicated_experts_even_out_what_the_call_sends_each_holder() {
         let replicas = crate::replicas::Replicas::default();
-        // Experts 0 and 1 on both, 2 only on a, the rest on b: a takes 2's rows whatever the salt,
-        // so 1, the larger replicated one, goes to b, and then 0 back to a.
+        // Experts 0 and 1 on both, 2 only on a, the rest on b: a takes 2's 4 rows whatever the
+        // salt, so the 9 replicated rows go 4 to b first, then 5 shared.
         let table = table(|expert| match expert {
             0 | 1 => vec!["a", "b"],
             2 => vec!["a"],
@@ -517,14 +532,30 @@ mod tests {
         for salt in 0..4 {
             let mut choice = replicas.choice(salt, Default::default());
             let workers = by_worker(0, &groups, &table, &mut choice).expect("placed");
-            let expected = BTreeMap::from([(0, "a".into()), (1, "b".into()), (2, "a".into())]);
-            assert_eq!(placed(&workers, &groups), expected, "salt {salt}");
-            assert!(workers.values().all(|indices| indices.is_sorted()), "groups stay in expert order: {workers:?}");
+            let rows_to = |worker: &str| workers[worker].iter().map(|piece| piece.end - piece.start).sum::<usize>();
+            assert!(rows_to("a").abs_diff(rows_to("b")) <= 1, "salt {salt}: {workers:?}");
+            assert!(workers["b"].iter().all(|piece| piece.group != 2));
+            for pieces in workers.values() {
+                assert!(pieces.is_sorted_by_key(|piece| (piece.group, piece.start)), "in group order: {pieces:?}");
+            }
+            for (index, group) in groups.iter().enumerate() {
+                let mut covered: Vec<(usize, usize)> = workers
+                    .values()
+                    .flatten()
+                    .filter(|piece| piece.group == index)
+                    .map(|piece| (piece.start, piece.end))
+                    .collect();
+                covered.sort_unstable();
+                let contiguous = covered.windows(2).all(|pair| pair[0].1 == pair[1].0);
+                assert!(
+                    contiguous && covered[0].0 == 0 && covered.last().map(|last| last.1) == Some(group.tokens.len())
+                );
+            }
         }
     }
 
     fn le_u32(bytes: &[u8]) -> Vec<u32> {
-        bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        le_words(bytes).map(u32::from_le_bytes).collect()
     }
 
     #[test]
@@ -546,7 +577,7 @@ mod tests {
             chunked: false,
             threads: 1,
         };
-        let requests = pack_token_rows(&endpoint, &[0, 1], &groups, call);
+        let requests = pack_token_rows(&endpoint, &whole(&groups), &groups, call);
         let plans: Vec<TokenPlan> = requests.iter().filter_map(|r| r.token_major.clone()).collect();
         assert_eq!(
             plans,
@@ -561,11 +592,10 @@ mod tests {
         assert_eq!(first.layer, 7);
         assert_eq!(le_u32(&first.offsets), [0, 1, 3], "token 0 chose one expert here, token 1 two");
         assert_eq!(le_u32(&first.experts), [0, 0, 3]);
-        let weights: Vec<f32> =
-            first.weights.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let weights: Vec<f32> = le_words(&first.weights).map(f32::from_le_bytes).collect();
         assert_eq!(weights, [0.5, 0.25, 0.125]);
         let data = &first.rows.as_ref().expect("rows").data;
-        let values: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let values: Vec<f32> = le_words(data).map(f32::from_le_bytes).collect();
         assert_eq!(values, [0.0, 1.0, 2.0, 3.0], "rows of tokens 0 and 1");
         assert_eq!(requests[1].payload_bytes(), 16);
     }

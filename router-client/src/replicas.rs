@@ -83,22 +83,71 @@ impl Choice {
         holders.iter().any(|endpoint| !self.excluded.contains(endpoint))
     }
 
-    /// The holder to send `assignments` to: not excluded; not suspect unless all the others are;
-    /// then the fewest assignments in flight, this call's picks so far included; among equals the
-    /// one the call's salt points at. `None`: every holder is excluded (or there is none).
+    /// Where a holder stands for this call: `None` if excluded, else (suspect, assignments in
+    /// flight with this call's own, position after the call's salt rotated the list).
+    fn rank(&self, holders: &[Endpoint], index: usize) -> Option<(bool, usize, usize)> {
+        let endpoint = &holders[index];
+        if self.excluded.contains(endpoint) {
+            return None;
+        }
+        let count = holders.len();
+        let rotated = (index + count - (self.salt as usize % count)) % count;
+        Some((self.suspects.contains(endpoint), self.in_flight.get(endpoint).copied().unwrap_or(0), rotated))
+    }
+
+    /// The holder to send `assignments` to, all of them: not excluded; not suspect unless all the
+    /// others are; then the fewest assignments in flight, this call's picks so far included; among
+    /// equals the one the call's salt points at. `None`: every holder is excluded (or there is
+    /// none).
     pub fn pick<'a>(&mut self, holders: &'a [Endpoint], assignments: usize) -> Option<&'a Endpoint> {
-        let count = holders.len().max(1);
-        let picked = holders
-            .iter()
-            .enumerate()
-            .filter(|(_, endpoint)| !self.excluded.contains(*endpoint))
-            .min_by_key(|(index, endpoint)| {
-                let rotated = (index + count - (self.salt as usize % count)) % count;
-                (self.suspects.contains(*endpoint), self.in_flight.get(*endpoint).copied().unwrap_or(0), rotated)
-            })
-            .map(|(_, endpoint)| endpoint)?;
+        let best = (0..holders.len()).filter_map(|index| Some((self.rank(holders, index)?, index))).min()?;
+        let picked = &holders[best.1];
         *self.in_flight.entry(picked.clone()).or_default() += assignments;
         Some(picked)
+    }
+
+    /// Splits `rows` of one expert among `holders` as water fills vessels: each row goes to the
+    /// holder with the fewest assignments in flight (this call's included), so that the call
+    /// leaves them as even as its rows allow; among equals the salt decides. Excluded holders take
+    /// none, suspect ones only when all the others are. Returns (holder index, rows) in holder
+    /// order, only those given rows; empty when every holder is excluded.
+    pub fn spread(&mut self, holders: &[Endpoint], rows: usize) -> Vec<(usize, usize)> {
+        let ranked: Vec<((bool, usize, usize), usize)> =
+            (0..holders.len()).filter_map(|index| Some((self.rank(holders, index)?, index))).collect();
+        let Some(healthiest) = ranked.iter().map(|((suspect, ..), _)| *suspect).min() else {
+            return Vec::new();
+        };
+        // (in flight, rotated position, index) of the holders that may take rows, least busy first.
+        let mut vessels: Vec<(usize, usize, usize)> = ranked
+            .into_iter()
+            .filter(|((suspect, ..), _)| *suspect == healthiest)
+            .map(|((_, in_flight, rotated), index)| (in_flight, rotated, index))
+            .collect();
+        vessels.sort_unstable();
+        // Fill the least busy up to the next one's level while the rows last, then share the rest.
+        let (mut filled, mut left) = (1, rows);
+        while filled < vessels.len() {
+            let step = (vessels[filled].0 - vessels[filled - 1].0) * filled;
+            if step > left {
+                break;
+            }
+            left -= step;
+            filled += 1;
+        }
+        let level = vessels[filled - 1].0 + left / filled;
+        let mut shares: Vec<(usize, usize)> = vessels[..filled]
+            .iter()
+            .enumerate()
+            .map(|(position, (in_flight, _, index))| {
+                (*index, level - in_flight + usize::from(position < left % filled))
+            })
+            .filter(|(_, share)| *share > 0)
+            .collect();
+        for (index, share) in &shares {
+            *self.in_flight.entry(holders[*index].clone()).or_default() += share;
+        }
+        shares.sort_unstable();
+        shares
     }
 }
 
@@ -139,6 +188,40 @@ mod tests {
         let picks: Vec<&str> =
             [4, 4, 4, 4].iter().map(|rows| &**choice.pick(&holders, *rows).expect("a holder")).collect();
         assert_eq!(picks, ["a", "a", "b", "a"], "a's 4 + 4 passes the 6 b has in flight; then b's 6 + 4 passes a's 8");
+    }
+
+    #[test]
+    fn rows_fill_the_least_busy_holders_up_to_the_next_ones_level() {
+        let replicas = Replicas::default();
+        let holders = endpoints(&["a", "b", "c"]);
+        assert_eq!(replicas.choice(0, HashSet::new()).spread(&holders, 9), [(0, 3), (1, 3), (2, 3)], "idle: even");
+        let _b = replicas.start(&holders[1], 4);
+        let _c = replicas.start(&holders[2], 10);
+        let mut choice = replicas.choice(0, HashSet::new());
+        assert_eq!(choice.spread(&holders, 8), [(0, 6), (1, 2)], "a to b's 4, then both to 6, short of c's 10");
+        assert_eq!(choice.spread(&holders, 8), [(0, 4), (1, 4)], "the call's own rows count: a and b up to c's 10");
+        assert_eq!(choice.spread(&holders, 3), [(0, 1), (1, 1), (2, 1)]);
+    }
+
+    #[test]
+    fn a_remainder_goes_where_the_salt_points() {
+        let replicas = Replicas::default();
+        let holders = endpoints(&["a", "b"]);
+        assert_eq!(replicas.choice(0, HashSet::new()).spread(&holders, 3), [(0, 2), (1, 1)]);
+        assert_eq!(replicas.choice(1, HashSet::new()).spread(&holders, 3), [(0, 1), (1, 2)]);
+        assert_eq!(replicas.choice(1, HashSet::new()).spread(&holders, 1), [(1, 1)]);
+    }
+
+    #[test]
+    fn rows_avoid_excluded_holders_and_suspects_while_others_are_there() {
+        let replicas = Replicas::default();
+        let holders = endpoints(&["a", "b", "c"]);
+        replicas.suspect(&holders[1]);
+        let _busy = replicas.start(&holders[2], 100);
+        let excluded = HashSet::from([holders[0].clone()]);
+        assert_eq!(replicas.choice(0, excluded.clone()).spread(&holders, 5), [(2, 5)], "busy beats failed");
+        assert_eq!(replicas.choice(0, excluded.clone()).spread(&holders[..2], 5), [(1, 5)], "a suspect beats none");
+        assert!(replicas.choice(0, excluded).spread(&holders[..1], 5).is_empty());
     }
 
     #[test]
