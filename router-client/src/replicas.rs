@@ -2,13 +2,17 @@
 //!
 //! [`Replicas`] lives as long as the client: it counts the (token, expert) assignments each worker
 //! has in flight and remembers workers that failed lately. [`Choice`] is its snapshot for planning
-//! one call: per expert the least busy holder, counting what the call itself has given each worker
-//! so far (ties broken by the call, so equal workers share the calls), never one this call already
-//! failed on, and one that failed lately only when no other holds the expert.
+//! one call: an expert's rows are spread over its holders, each row to the least busy one,
+//! counting what the call itself has given each worker so far (ties broken by the call, so equal
+//! workers share the calls); never to one this call already failed on, and to one that failed
+//! lately only when no other holds the expert.
 //!
 //! Busy is counted in assignments, not requests: nearly every call sends a request to each worker
 //! that holds an expert alone, so a worker holding only replicas would otherwise look the least
-//! busy to every call and be given every replicated expert's rows.
+//! busy to every call and be given every replicated expert's rows. And rows are spread, not whole
+//! experts sent to one holder, because the coordinator's plan (EPLB) counts on each replica
+//! taking an even share: whole experts made the hot one land on whichever holder had the fewest
+//! rows of its own, 2.2x its co-holders' share.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
