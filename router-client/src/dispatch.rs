@@ -191,12 +191,13 @@ pub fn by_worker(
     for index in order {
         let group = &groups[index];
         let rows = group.rows(d_model);
-        if group.slots.is_some() {
+        let holders = table.endpoints(layer, group.expert);
+        // One holder (most experts, and every one without replicas) needs no spreading.
+        if group.slots.is_some() || holders.len() == 1 {
             let endpoint = pick(layer, group.expert, rows, table, choice)?;
             workers.entry(endpoint.clone()).or_default().push(Piece { group: index, start: 0, end: rows });
             continue;
         }
-        let holders = table.endpoints(layer, group.expert);
         let shares = choice.spread(holders, rows);
         if shares.is_empty() {
             return Err(unplaced(table, layer, group.expert));
