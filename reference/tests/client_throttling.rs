@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use switchyard_expert_worker::ExpertWorker;
 use switchyard_model::ModelSpec;
-use switchyard_router_client::{ClientError, ClientOptions, MoeClient, RefusalPolicy};
+use switchyard_router_client::{ClientError, ClientOptions, LayerOutput, MoeClient, RefusalPolicy};
 use tokio::sync::watch;
 
 mod support;
@@ -93,6 +93,33 @@ async fn held_back_rows_go_where_refused_ones_do(policy: RefusalPolicy) {
         assert_eq!((output.routing.refused, output.routing.rerouted), (first.routing.refused, first.routing.rerouted));
         assert_eq!(output.routing.tokens_per_expert, first.routing.tokens_per_expert);
         assert_eq!(output.hidden, first.hidden);
+    }
+    for worker in &workers {
+        worker.shutdown().await;
+    }
+}
+
+/// With every expert on both workers, the rows throttling holds back from the full one go to the
+/// other holder before anything is sent: no call fails, every output equals the first, and the
+/// full worker is soon sent nothing.
+#[tokio::test]
+async fn held_back_rows_of_replicated_experts_go_to_another_holder() {
+    let (transport, _, workers) = support::roomy_and_full(&model()).await;
+    let (_tables, receiver) = watch::channel(Some(support::table(&model(), 1, |_| vec!["tiny", "a"])));
+    let client = MoeClient::with_transport(receiver, ClientOptions::default(), transport);
+    let mut outputs = Vec::with_capacity(CALLS);
+    for _ in 0..CALLS {
+        outputs.push(client.forward(0, varied(64)).await.expect("the other holder takes the rows"));
+    }
+    let sent_to_tiny = |outputs: &[LayerOutput]| {
+        outputs.iter().filter(|output| output.workers.iter().any(|call| &*call.endpoint == "tiny")).count()
+    };
+    assert!(sent_to_tiny(&outputs[..16]) == 16, "while throttling learns, the full worker gets its share");
+    let late = sent_to_tiny(&outputs[CALLS / 2..]);
+    assert!(late <= 10, "{late} of the last {} calls were sent to the full worker", CALLS / 2);
+    for output in &outputs {
+        assert_eq!((output.routing.refused, output.routing.rerouted), (0, 0));
+        assert_eq!(output.hidden, outputs[0].hidden);
     }
     for worker in &workers {
         worker.shutdown().await;

@@ -19,8 +19,8 @@ use tracing::Instrument;
 use crate::codec::{add_rows, decode_rows};
 use crate::cpu::CpuPool;
 use crate::dispatch::{
-    CallRows, DispatchLayout, Piece, PlannedRequest, TokenPlan, by_worker, carried_choices, le_words, pack_pieces,
-    pack_token_choices, pack_token_rows, reroute,
+    CallRows, DispatchLayout, Piece, PlannedRequest, TokenPlan, by_worker, carried_choices, in_group_order, le_words,
+    pack_pieces, pack_token_choices, pack_token_rows, place, reroute,
 };
 use crate::error::ClientError;
 use crate::exchange::{self, DestinationOutcome, Outcome};
@@ -71,8 +71,9 @@ pub struct ClientOptions {
     /// What a full expert queue means when no other holder can take its rows.
     pub refusal: RefusalPolicy,
     /// Adaptive throttling ([`crate::throttle`]): requests a worker may be sent per request it
-    /// accepted over the last 10 s before the client refuses calls to it itself (they fail with
-    /// [`ClientError::Throttled`], or with [`RefusalPolicy::Overflow`] overflow). `None`: never.
+    /// accepted over the last 10 s before the client stops sending to it: its rows go to other
+    /// holders of their experts, and rows with none fail the call with [`ClientError::Throttled`]
+    /// (or, under the other refusal policies, overflow or move). `None`: never.
     pub throttle_ratio: Option<f64>,
 }
 
@@ -626,7 +627,18 @@ impl Planning {
         let phase = Instant::now();
         let routed = assign(&gate, hidden, logits, routing, config);
         let mut workers = by_worker(layer, &routed.groups, table, &mut self.choice)?;
-        let held_back = self.hold_back_throttled(&mut workers)?;
+        let held_back = match &self.throttle {
+            Some(throttle) => hold_back_throttled(
+                throttle,
+                self.refusal,
+                &routed.groups,
+                table,
+                layer,
+                &mut self.choice,
+                &mut workers,
+            )?,
+            None => Vec::new(),
+        };
         timing.plan = phase.elapsed();
 
         let call = CallRows {
@@ -684,25 +696,46 @@ impl Planning {
         }
         Ok((plan, requests, timing))
     }
+}
 
-    /// Asks throttling about each worker the call would send to. One it holds back fails the call
-    /// ([`ClientError::Throttled`]) before anything is packed; under the other refusal policies
-    /// its groups are taken out of `workers` and returned, to be treated as refused.
-    fn hold_back_throttled(&self, workers: &mut BTreeMap<Endpoint, Vec<Piece>>) -> Result<Vec<Piece>, ClientError> {
-        let Some(throttle) = &self.throttle else { return Ok(Vec::new()) };
-        let mut held_back = Vec::new();
-        for endpoint in workers.keys() {
-            let Err(throttled) = throttle.admit(endpoint) else { continue };
-            if self.refusal == RefusalPolicy::Fail {
-                return Err(ClientError::Throttled {
-                    endpoint: endpoint.to_string(),
-                    requests: throttled.requests,
-                    accepts: throttled.accepts,
-                });
+/// Asks throttling about each worker the call would send to. The rows of one it holds back go to
+/// other holders of their experts, each asked in turn; rows left with no holder it admits fail
+/// the call ([`ClientError::Throttled`]) before anything is packed, or under the other refusal
+/// policies are returned, to be treated as refused.
+fn hold_back_throttled(
+    throttle: &Throttle,
+    policy: RefusalPolicy,
+    groups: &[ExpertAssignments],
+    table: &RoutingTableView,
+    layer: u32,
+    choice: &mut Choice,
+    workers: &mut BTreeMap<Endpoint, Vec<Piece>>,
+) -> Result<Vec<Piece>, ClientError> {
+    let mut asked: HashSet<Endpoint> = HashSet::new();
+    let mut first_refusal = None;
+    let mut held_back = Vec::new();
+    while let Some(endpoint) = workers.keys().find(|endpoint| !asked.contains(*endpoint)).cloned() {
+        asked.insert(endpoint.clone());
+        let Err(throttled) = throttle.admit(&endpoint) else { continue };
+        first_refusal.get_or_insert_with(|| ClientError::Throttled {
+            endpoint: endpoint.to_string(),
+            requests: throttled.requests,
+            accepts: throttled.accepts,
+        });
+        choice.excluded.insert(endpoint.clone());
+        for piece in workers.remove(&endpoint).unwrap_or_default() {
+            if !place(piece, groups, table, layer, choice, workers) {
+                held_back.push(piece);
             }
-            held_back.push(endpoint.clone());
         }
-        Ok(held_back.iter().flat_map(|endpoint| workers.remove(endpoint).unwrap_or_default()).collect())
+    }
+    match first_refusal {
+        Some(refusal) if policy == RefusalPolicy::Fail && !held_back.is_empty() => Err(refusal),
+        Some(_) => {
+            in_group_order(workers);
+            Ok(held_back)
+        }
+        None => Ok(held_back),
     }
 }
 

@@ -189,30 +189,50 @@ pub fn by_worker(
     });
     let mut workers: BTreeMap<Arc<str>, Vec<Piece>> = BTreeMap::new();
     for index in order {
-        let group = &groups[index];
-        let rows = group.rows(d_model);
-        let holders = table.endpoints(layer, group.expert);
-        // One holder (most experts, and every one without replicas) needs no spreading.
-        if group.slots.is_some() || holders.len() == 1 {
-            let endpoint = pick(layer, group.expert, rows, table, choice)?;
-            workers.entry(endpoint.clone()).or_default().push(Piece { group: index, start: 0, end: rows });
-            continue;
-        }
-        let shares = choice.spread(holders, rows);
-        if shares.is_empty() {
-            return Err(unplaced(table, layer, group.expert));
-        }
-        let mut start = 0;
-        for (holder, share) in shares {
-            let piece = Piece { group: index, start, end: start + share };
-            workers.entry(holders[holder].clone()).or_default().push(piece);
-            start += share;
+        let whole = Piece { group: index, start: 0, end: groups[index].rows(d_model) };
+        if !place(whole, groups, table, layer, choice, &mut workers) {
+            return Err(unplaced(table, layer, groups[index].expert));
         }
     }
+    in_group_order(&mut workers);
+    Ok(workers)
+}
+
+/// Adds `piece` to `workers`: spread over the holders of its expert that `choice` allows, as
+/// [`Choice::spread`] says, or whole to one when the expert has one holder or the rows are Soft
+/// MoE's slots. False when `choice` allows none of them.
+pub fn place(
+    piece: Piece,
+    groups: &[ExpertAssignments],
+    table: &RoutingTableView,
+    layer: u32,
+    choice: &mut Choice,
+    workers: &mut BTreeMap<Arc<str>, Vec<Piece>>,
+) -> bool {
+    let group = &groups[piece.group];
+    let holders = table.endpoints(layer, group.expert);
+    let rows = piece.end - piece.start;
+    // One holder (most experts, and every one without replicas) needs no spreading.
+    if group.slots.is_some() || holders.len() == 1 {
+        let Some(endpoint) = choice.pick(holders, rows) else { return false };
+        workers.entry(endpoint.clone()).or_default().push(piece);
+        return true;
+    }
+    let shares = choice.spread(holders, rows);
+    let mut start = piece.start;
+    for (holder, share) in &shares {
+        let part = Piece { group: piece.group, start, end: start + share };
+        workers.entry(holders[*holder].clone()).or_default().push(part);
+        start += share;
+    }
+    !shares.is_empty()
+}
+
+/// Sorts each worker's pieces by group and row, the order packing keeps.
+pub fn in_group_order(workers: &mut BTreeMap<Arc<str>, Vec<Piece>>) {
     for pieces in workers.values_mut() {
         pieces.sort_unstable_by_key(|piece| (piece.group, piece.start));
     }
-    Ok(workers)
 }
 
 fn unplaced(table: &RoutingTableView, layer: u32, expert: u32) -> ClientError {

@@ -136,8 +136,9 @@ pub struct LoadArgs {
     #[arg(long, env = "SWITCHYARD_ON_REFUSAL", value_enum, default_value = "fail")]
     pub on_refusal: RefusalArg,
     /// Adaptive throttling: requests a worker may be sent per request it accepted over the last
-    /// 10 s; past that the client refuses calls to it itself (RESOURCE_EXHAUSTED, "throttled"),
-    /// sending nothing, so an overloaded cluster spends its cores on calls that succeed. 0: off.
+    /// 10 s; past that the client sends its rows to other holders of their experts (replicas),
+    /// or refuses the call itself (RESOURCE_EXHAUSTED, "throttled"), sending nothing, so an
+    /// overloaded cluster spends its cores on calls that succeed. 0: off.
     #[arg(long, env = "SWITCHYARD_THROTTLE_RATIO", default_value_t = DEFAULT_THROTTLE_RATIO, value_parser = values::parse_throttle_ratio)]
     pub throttle_ratio: f64,
     /// The longest one attempt at a worker may take before its rows go to another holder of their
