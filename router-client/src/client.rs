@@ -711,31 +711,47 @@ fn hold_back_throttled(
     choice: &mut Choice,
     workers: &mut BTreeMap<Endpoint, Vec<Piece>>,
 ) -> Result<Vec<Piece>, ClientError> {
-    let mut asked: HashSet<Endpoint> = HashSet::new();
     let mut first_refusal = None;
+    let mut throttled: Vec<Endpoint> = Vec::new();
+    let mut ask = |endpoint: &Endpoint, throttled: &mut Vec<Endpoint>| {
+        if let Err(refused) = throttle.admit(endpoint) {
+            first_refusal.get_or_insert_with(|| ClientError::Throttled {
+                endpoint: endpoint.to_string(),
+                requests: refused.requests,
+                accepts: refused.accepts,
+            });
+            throttled.push(endpoint.clone());
+        }
+    };
+    for endpoint in workers.keys() {
+        ask(endpoint, &mut throttled);
+    }
+    if throttled.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Each worker is asked once (a refusal counts): those the moved rows reach are asked then.
+    let mut asked: HashSet<Endpoint> = workers.keys().cloned().collect();
     let mut held_back = Vec::new();
-    while let Some(endpoint) = workers.keys().find(|endpoint| !asked.contains(*endpoint)).cloned() {
-        asked.insert(endpoint.clone());
-        let Err(throttled) = throttle.admit(&endpoint) else { continue };
-        first_refusal.get_or_insert_with(|| ClientError::Throttled {
-            endpoint: endpoint.to_string(),
-            requests: throttled.requests,
-            accepts: throttled.accepts,
-        });
-        choice.excluded.insert(endpoint.clone());
-        for piece in workers.remove(&endpoint).unwrap_or_default() {
-            if !place(piece, groups, table, layer, choice, workers) {
-                held_back.push(piece);
+    while !throttled.is_empty() {
+        choice.excluded.extend(throttled.iter().cloned());
+        for endpoint in std::mem::take(&mut throttled) {
+            for piece in workers.remove(&endpoint).unwrap_or_default() {
+                if !place(piece, groups, table, layer, choice, workers) {
+                    held_back.push(piece);
+                }
+            }
+        }
+        for endpoint in workers.keys() {
+            if !asked.contains(endpoint) {
+                asked.insert(endpoint.clone());
+                ask(endpoint, &mut throttled);
             }
         }
     }
+    in_group_order(workers);
     match first_refusal {
         Some(refusal) if policy == RefusalPolicy::Fail && !held_back.is_empty() => Err(refusal),
-        Some(_) => {
-            in_group_order(workers);
-            Ok(held_back)
-        }
-        None => Ok(held_back),
+        _ => Ok(held_back),
     }
 }
 
