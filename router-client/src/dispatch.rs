@@ -249,8 +249,9 @@ fn pick<'a>(
     choice.pick(table.endpoints(layer, expert), assignments).ok_or_else(|| unplaced(table, layer, expert))
 }
 
-/// The requests that carry again what `failed` carried, each part to a holder of its expert that
-/// `choice` allows: a token-major request's (token, expert) choices, an expert-major one's pieces.
+/// The requests that carry again what `failed` carried, to the holders of its experts that
+/// `choice` allows: a token-major request's (token, expert) choices one by one, an expert-major
+/// one's pieces spread as [`place`] spreads them.
 /// Fails [`ClientError::Unplaced`] when an expert has no holder left.
 pub fn reroute(
     failed: &[&PlannedRequest],
@@ -271,9 +272,9 @@ pub fn reroute(
             }
             None => {
                 for piece in &planned.pieces {
-                    let endpoint =
-                        pick(call.layer, groups[piece.group].expert, piece.end - piece.start, table, choice)?;
-                    pieces.entry(endpoint.clone()).or_default().push(*piece);
+                    if !place(*piece, groups, table, call.layer, choice, &mut pieces) {
+                        return Err(unplaced(table, call.layer, groups[piece.group].expert));
+                    }
                 }
             }
         }
@@ -282,6 +283,7 @@ pub fn reroute(
     for (endpoint, choices) in choices {
         requests.extend(pack_token_choices(&endpoint, choices, call));
     }
+    in_group_order(&mut pieces);
     for (endpoint, pieces) in pieces {
         requests.extend(pack_pieces(&endpoint, &pieces, groups, call));
     }
