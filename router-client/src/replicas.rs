@@ -116,14 +116,12 @@ impl Choice {
     /// none, suspect ones only when all the others are. Returns (holder index, rows) in holder
     /// order, only those given rows; empty when every holder is excluded.
     pub fn spread(&mut self, holders: &[Endpoint], rows: usize) -> Vec<(usize, usize)> {
-        let ranked: Vec<((bool, usize, usize), usize)> =
-            (0..holders.len()).filter_map(|index| Some((self.rank(holders, index)?, index))).collect();
-        let Some(healthiest) = ranked.iter().map(|((suspect, ..), _)| *suspect).min() else {
+        let ranked = || (0..holders.len()).filter_map(|index| Some((self.rank(holders, index)?, index)));
+        let Some(healthiest) = ranked().map(|((suspect, ..), _)| suspect).min() else {
             return Vec::new();
         };
         // (in flight, rotated position, index) of the holders that may take rows, least busy first.
-        let mut vessels: Vec<(usize, usize, usize)> = ranked
-            .into_iter()
+        let mut vessels: Vec<(usize, usize, usize)> = ranked()
             .filter(|((suspect, ..), _)| *suspect == healthiest)
             .map(|((_, in_flight, rotated), index)| (in_flight, rotated, index))
             .collect();
