@@ -361,8 +361,8 @@ impl MoeClient {
             tracing::debug!(%endpoint, %error, "worker failed; sending its rows to another holder");
             rounds.excluded.insert(endpoint.clone());
             // A full queue is one expert's, on a worker that answered: later calls still use the
-            // worker (the fewest-in-flight pick and the throttle pace it); one that failed or
-            // stalled is avoided for a while.
+            // worker (spreading by assignments in flight and the throttle pace it); one that
+            // failed or stalled is avoided for a while.
             if !matches!(error, ClientError::QueueFull { .. }) {
                 self.replicas.suspect(endpoint);
             }
