@@ -464,6 +464,20 @@ mod tests {
         ExpertAssignments { expert, tokens: (0..tokens as u32).collect(), weights: vec![1.0; tokens], slots: None }
     }
 
+    /// A call of f32 rows `d_model` wide over one connection, at most `split_bytes` per request.
+    fn f32_call(hidden: &[f32], d_model: usize, split_bytes: usize) -> CallRows<'_> {
+        CallRows {
+            layer: 0,
+            hidden,
+            d_model,
+            dtype: WireDtype::F32,
+            split_bytes,
+            stripes: 1,
+            chunked: false,
+            threads: 1,
+        }
+    }
+
     /// Every row of each of `groups`.
     fn whole(groups: &[ExpertAssignments]) -> Vec<Piece> {
         groups.iter().enumerate().map(|(group, rows)| Piece { group, start: 0, end: rows.tokens.len() }).collect()
@@ -474,17 +488,7 @@ mod tests {
         let groups = [group(0, 3), group(1, 2)];
         let hidden = vec![0.5; 3 * 4];
         let endpoint: Arc<str> = Arc::from("http://a");
-        let call = CallRows {
-            layer: 0,
-            hidden: &hidden,
-            d_model: 4,
-            dtype: WireDtype::F32,
-            split_bytes: 1 << 20,
-            stripes: 1,
-            chunked: false,
-            threads: 1,
-        };
-        let requests = pack_pieces(&endpoint, &whole(&groups), &groups, call);
+        let requests = pack_pieces(&endpoint, &whole(&groups), &groups, f32_call(&hidden, 4, 1 << 20));
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].request.batches.len(), 2);
         assert_eq!(requests[0].request.batches[0].rows.as_ref().map(|r| r.data.len()), Some(3 * 4 * 4));
@@ -496,17 +500,7 @@ mod tests {
         let hidden = vec![0.5; 5 * 4];
         let endpoint: Arc<str> = Arc::from("http://a");
         // 16 bytes per row (4 x f32); 48 bytes per request = 3 rows.
-        let call = CallRows {
-            layer: 0,
-            hidden: &hidden,
-            d_model: 4,
-            dtype: WireDtype::F32,
-            split_bytes: 48,
-            stripes: 1,
-            chunked: false,
-            threads: 1,
-        };
-        let requests = pack_pieces(&endpoint, &whole(&groups), &groups, call);
+        let requests = pack_pieces(&endpoint, &whole(&groups), &groups, f32_call(&hidden, 4, 48));
         let pieces: Vec<Vec<Piece>> = requests.iter().map(|r| r.pieces.clone()).collect();
         assert_eq!(
             pieces,
@@ -590,16 +584,7 @@ mod tests {
         let hidden: Vec<f32> = (0..5 * 2).map(|value| value as f32).collect();
         let endpoint: Arc<str> = Arc::from("http://a");
         // 8 bytes per row (2 x f32); 16 bytes per request = 2 tokens.
-        let call = CallRows {
-            layer: 7,
-            hidden: &hidden,
-            d_model: 2,
-            dtype: WireDtype::F32,
-            split_bytes: 16,
-            stripes: 1,
-            chunked: false,
-            threads: 1,
-        };
+        let call = CallRows { layer: 7, ..f32_call(&hidden, 2, 16) };
         let requests = pack_token_rows(&endpoint, &whole(&groups), &groups, call);
         let plans: Vec<TokenPlan> = requests.iter().filter_map(|r| r.token_major.clone()).collect();
         assert_eq!(
@@ -627,16 +612,7 @@ mod tests {
     fn a_large_payload_is_spread_over_the_stripes_in_shares_of_at_least_four_mebibytes() {
         let hidden = vec![0.0f32; 4];
         // 1 KiB rows (256 x f32).
-        let call = CallRows {
-            layer: 0,
-            hidden: &hidden,
-            d_model: 256,
-            dtype: WireDtype::F32,
-            split_bytes: 64 << 20,
-            stripes: 3,
-            chunked: false,
-            threads: 1,
-        };
+        let call = CallRows { stripes: 3, ..f32_call(&hidden, 256, 64 << 20) };
         assert!(call.rows_per_request(8191) >= 8191, "below 8 MiB: one request");
         assert_eq!(call.rows_per_request(8192), 4096, "8 MiB: two shares of 4 MiB");
         assert_eq!(call.rows_per_request(3 * 4096), 4096, "12 MiB: three");
@@ -651,16 +627,7 @@ mod tests {
     fn layout_of_twenty_mib(split_bytes: usize, chunked: bool, threads: usize) -> Vec<(usize, usize)> {
         let rows = 20 * 1024;
         let hidden = vec![0.5f32; rows * 256];
-        let call = CallRows {
-            layer: 0,
-            hidden: &hidden,
-            d_model: 256,
-            dtype: WireDtype::F32,
-            split_bytes,
-            stripes: 2,
-            chunked,
-            threads,
-        };
+        let call = CallRows { stripes: 2, chunked, threads, ..f32_call(&hidden, 256, split_bytes) };
         let choices: Vec<(u32, u32, f32)> = (0..rows as u32).map(|token| (token, token % 8, 1.0)).collect();
         let requests = pack_token_choices(&Arc::from("w"), choices, call);
         requests.iter().map(|planned| (planned.stream, planned.rows())).collect()
