@@ -11,8 +11,24 @@ use switchyard_proto::status;
 pub enum ClientError {
     #[error("{field}: {reason}")]
     InvalidInput { field: &'static str, reason: String },
-    #[error("no routing table received from the coordinator at {coordinator} within {waited:?}")]
+    #[error(
+        "no routing table received from the coordinator at {coordinator} within {waited:?} (a coordinator \
+         publishes its first once its --min-workers workers have registered)"
+    )]
     NoTable { coordinator: String, waited: Duration },
+    /// Tables came, but none was what the caller waited for (say, one placing every expert).
+    #[error(
+        "no routing table from the coordinator at {coordinator} was ready within {waited:?}: the latest, version \
+         {version}, places {placed} of {experts} experts on {workers} worker(s)"
+    )]
+    TableNotReady {
+        coordinator: String,
+        waited: Duration,
+        version: TableVersion,
+        placed: usize,
+        experts: usize,
+        workers: usize,
+    },
     #[error("routing table version {version} has no worker for {expert}")]
     Unplaced { version: TableVersion, expert: ExpertId },
     #[error("routing table version {version} is malformed: {reason}")]
@@ -82,9 +98,10 @@ impl ClientError {
             ClientError::InvalidInput { .. } | ClientError::BadTable { .. } | ClientError::BadRequest { .. } => {
                 tonic::Code::InvalidArgument
             }
-            ClientError::NoTable { .. } | ClientError::Unplaced { .. } | ClientError::BadEndpoint { .. } => {
-                tonic::Code::Unavailable
-            }
+            ClientError::NoTable { .. }
+            | ClientError::TableNotReady { .. }
+            | ClientError::Unplaced { .. }
+            | ClientError::BadEndpoint { .. } => tonic::Code::Unavailable,
             ClientError::QueueFull { .. } | ClientError::Throttled { .. } => tonic::Code::ResourceExhausted,
             ClientError::Worker { code, .. } => *code,
             ClientError::Timeout { .. } => tonic::Code::DeadlineExceeded,

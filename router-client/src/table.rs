@@ -58,6 +58,11 @@ impl RoutingTableView {
         self.endpoints.iter().all(|endpoints| !endpoints.is_empty())
     }
 
+    /// Experts (routed and shared, of every MoE layer) that have a worker, and how many there are.
+    pub fn placed(&self) -> (usize, usize) {
+        (self.endpoints.iter().filter(|endpoints| !endpoints.is_empty()).count(), self.endpoints.len())
+    }
+
     /// Whether this table should replace `current`: a newer version of the same coordinator, or
     /// any version of another one (a restarted coordinator counts from 1 again).
     pub fn supersedes(&self, current: Option<&RoutingTableView>) -> bool {
@@ -149,7 +154,20 @@ impl TableWatcher {
             tokio::time::timeout(within, receiver.wait_for(|table| table.as_deref().is_some_and(&ready))).await;
         match waited {
             Ok(Ok(table)) => Ok(table.clone().expect("checked by wait_for")),
-            _ => Err(ClientError::NoTable { coordinator: self.coordinator.clone(), waited: within }),
+            _ => Err(self.not_ready(within)),
+        }
+    }
+
+    /// Why a wait of `waited` for a table ended without one: none came, or the latest (described).
+    fn not_ready(&self, waited: Duration) -> ClientError {
+        let coordinator = self.coordinator.clone();
+        match self.current() {
+            None => ClientError::NoTable { coordinator, waited },
+            Some(latest) => {
+                let (placed, experts) = latest.placed();
+                let workers = latest.workers().len();
+                ClientError::TableNotReady { coordinator, waited, version: latest.version, placed, experts, workers }
+            }
         }
     }
 }
@@ -274,5 +292,30 @@ mod tests {
         let mut partial = wire_table();
         partial.routes[1].endpoints.clear();
         assert!(!RoutingTableView::try_from(partial).expect("valid").is_complete());
+    }
+
+    /// A watcher of no coordinator whose latest table is `latest`.
+    fn watcher_holding(latest: Option<v1::RoutingTable>) -> TableWatcher {
+        let latest = latest.map(|table| Arc::new(RoutingTableView::try_from(table).expect("valid")));
+        let (_sender, receiver) = watch::channel(latest);
+        TableWatcher { coordinator: "http://c".into(), receiver, task: tokio::spawn(async {}) }
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_ends_without_a_ready_table_says_what_the_latest_placed() {
+        let within = Duration::from_millis(10);
+        let none = watcher_holding(None).wait_for(RoutingTableView::is_complete, within).await.unwrap_err();
+        assert_eq!(none, ClientError::NoTable { coordinator: "http://c".into(), waited: within });
+
+        let mut partial = wire_table();
+        partial.routes[1].endpoints.clear();
+        let error = watcher_holding(Some(partial)).wait_for(RoutingTableView::is_complete, within).await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "no routing table from the coordinator at http://c was ready within 10ms: the latest, version 3, places 1 \
+             of 2 experts on 1 worker(s)"
+        );
+        let complete = watcher_holding(Some(wire_table())).wait_for(RoutingTableView::is_complete, within).await;
+        assert_eq!(complete.expect("ready at once").placed(), (2, 2));
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use switchyard_model::CapacityPolicy;
 use switchyard_model::safetensors::{TensorFiles, write_f32};
-use switchyard_router_client::{ClientOptions, MoeClient, RoutingTableView, TableWatcher};
+use switchyard_router_client::{ClientOptions, MoeClient, TableWatcher};
 
 #[derive(Debug, clap::Args)]
 pub struct ForwardArgs {
@@ -36,11 +36,18 @@ pub struct ForwardArgs {
     /// Run the call without capacity, whatever the model's policy.
     #[arg(long)]
     pub dropless: bool,
+    /// How long to wait for the coordinator to place every expert before giving up.
+    #[arg(long, env = "SWITCHYARD_PLACEMENT_TIMEOUT", default_value = "2m", value_parser = super::values::parse_duration)]
+    pub placement_timeout: Duration,
 }
 
 pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
+    // The input is read before the cluster is asked anything: a wrong path fails at once.
+    let input = TensorFiles::open_file(&args.input);
+    let shape = input.shape("hidden_states").with_context(|| format!("reading {}", args.input.display()))?;
+    super::coordinator::reach(&args.coordinator).await?;
     let watcher = TableWatcher::start(&args.coordinator)?;
-    let table = watcher.wait_for(RoutingTableView::is_complete, Duration::from_secs(60)).await?;
+    let table = super::coordinator::wait_for_placement(&watcher, args.placement_timeout).await?;
     if let Some(expected) = &args.checkpoint {
         let expected = expected.canonicalize().with_context(|| format!("--checkpoint {}", expected.display()))?;
         let served = table.model.checkpoint.as_deref().map(|dir| Path::new(dir).canonicalize().ok());
@@ -52,8 +59,6 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         );
     }
     let d_model = table.model.d_model as usize;
-    let input = TensorFiles::open_file(&args.input);
-    let shape = input.shape("hidden_states").with_context(|| format!("reading {}", args.input.display()))?;
     anyhow::ensure!(
         matches!(shape.len(), 2 | 3) && shape.last() == Some(&d_model) && !shape.contains(&0),
         "hidden_states in {} has shape {shape:?}, expected [tokens, {d_model}] or [sequences, tokens, {d_model}]",

@@ -146,6 +146,10 @@ pub struct LoadArgs {
     /// experts are replicated.
     #[arg(long, env = "SWITCHYARD_ATTEMPT_TIMEOUT", value_parser = values::parse_duration)]
     pub attempt_timeout: Option<Duration>,
+    /// How long to wait for the coordinator to place every expert (workers registering and
+    /// loading their experts) before giving up; the wait says how far placement has got.
+    #[arg(long, env = "SWITCHYARD_PLACEMENT_TIMEOUT", default_value = "2m", value_parser = values::parse_duration)]
+    pub placement_timeout: Duration,
 }
 
 impl LoadArgs {

@@ -1,7 +1,6 @@
 //! `switchyard loadtest`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use switchyard_loadtest::loadtest::{self, LoadSpec, Target};
@@ -106,21 +105,9 @@ async fn serve_metrics(
 /// A client following `coordinator`'s routing table, once every expert is placed. The client keeps
 /// following new tables while the returned watcher lives.
 pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<MoeClient>, TableWatcher, usize)> {
-    // An address nobody answers on fails now, naming it, rather than after the wait for a table.
-    let channel = switchyard_common::transport::channel(coordinator)?;
-    let mut probe = switchyard_proto::v1::coordinator_client::CoordinatorClient::new(channel);
-    let reached = tokio::time::timeout(
-        Duration::from_secs(5),
-        probe.get_routing_table(switchyard_proto::v1::GetRoutingTableRequest::default()),
-    )
-    .await;
-    match reached {
-        Ok(Ok(_)) => {}
-        Ok(Err(status)) => anyhow::bail!("cannot reach the coordinator at {coordinator}: {}", status.message()),
-        Err(_) => anyhow::bail!("the coordinator at {coordinator} did not answer within 5 s"),
-    }
+    super::coordinator::reach(coordinator).await?;
     let watcher = TableWatcher::start(coordinator)?;
-    let table = watcher.wait_for(|table| table.is_complete(), Duration::from_secs(120)).await?;
+    let table = super::coordinator::wait_for_placement(&watcher, load.placement_timeout).await?;
     let routing = load.routing(&table.model)?;
     let options = ClientOptions {
         wire_dtype: load.wire_dtype.into(),

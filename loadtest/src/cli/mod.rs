@@ -2,6 +2,7 @@
 //! (this package) and `switchyard-torch` (switchyard-tools), each with its own `crate::libtorch`.
 
 mod certs;
+mod coordinator;
 mod forward;
 pub(crate) mod load_args;
 pub(crate) mod loadtest;

@@ -1,8 +1,7 @@
 //! `switchyard status`.
 
-use anyhow::Context;
 use switchyard_model::ModelSpec;
-use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
+use switchyard_proto::v1;
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -12,11 +11,11 @@ pub struct StatusArgs {
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let channel = switchyard_common::transport::channel(&args.coordinator)?;
-    let status = CoordinatorClient::new(channel)
+    let status = super::coordinator::reach(&args.coordinator)
+        .await?
         .get_cluster_status(v1::GetClusterStatusRequest {})
         .await
-        .with_context(|| format!("asking {} for its status", args.coordinator))?
+        .map_err(|status| anyhow::anyhow!("asking {} for its status: {}", args.coordinator, status.message()))?
         .into_inner();
     println!("routing table version {}", status.table_version);
     if let Some(model) = status.model.clone().and_then(|model| ModelSpec::try_from(model).ok()) {
