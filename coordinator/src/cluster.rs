@@ -507,7 +507,7 @@ impl<C: WorkerControl> Cluster<C> {
         if let Err(ControlError::Unreachable { message, .. }) = outcome
             && state.workers.remove(&id).is_some()
         {
-            tracing::warn!(worker_id = %id, %endpoint, %message, "late worker is unreachable; removing it");
+            tracing::warn!(worker_id = %id, %endpoint, error = %message, "late worker is unreachable; removing it");
             self.metrics.worker_expirations.inc();
             self.traffic().forget(&id);
             self.metrics.live_workers.set(state.workers.len() as i64);

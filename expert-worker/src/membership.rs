@@ -85,12 +85,18 @@ async fn register(
                 tracing::info!(worker_id = %response.worker_id, interval_ms = interval.as_millis() as u64, "registered with the coordinator");
                 return (response.worker_id, interval);
             }
-            Err(status) if status.code() == Code::FailedPrecondition => {
-                tracing::error!(message = status.message(), "coordinator refused registration; retrying");
+            Err(status) => {
+                let (coordinator, error) = (&membership.coordinator_uri, status.message());
+                let wait = waits.next().unwrap_or(RETRY_MOST);
+                let retry_in_ms = wait.as_millis() as u64;
+                if status.code() == Code::FailedPrecondition {
+                    tracing::error!(%coordinator, error, retry_in_ms, "coordinator refused registration; retrying");
+                } else {
+                    tracing::warn!(%coordinator, error, retry_in_ms, "coordinator unreachable; retrying");
+                }
+                tokio::time::sleep(wait).await;
             }
-            Err(status) => tracing::warn!(message = status.message(), "coordinator unreachable; retrying"),
         }
-        tokio::time::sleep(waits.next().unwrap_or(RETRY_MOST)).await;
     }
 }
 
@@ -103,6 +109,8 @@ async fn heartbeat_until_forgotten(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Said once when heartbeats start failing and once when they are answered again, not each tick.
+    let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
         ticker.tick().await;
         let request = v1::HeartbeatRequest {
@@ -113,9 +121,21 @@ async fn heartbeat_until_forgotten(
             experts: crate::service::expert_stats(worker),
         };
         match client.heartbeat(request).await {
-            Ok(reply) => follow_placement(readiness, reply.get_ref()),
+            Ok(reply) => {
+                if let Some(since) = failing_since.take() {
+                    let failed_for_ms = since.elapsed().as_millis() as u64;
+                    tracing::info!(%worker_id, failed_for_ms, "the coordinator answers heartbeats again");
+                }
+                follow_placement(readiness, reply.get_ref());
+            }
             Err(status) if status.code() == Code::NotFound => return,
-            Err(status) => tracing::debug!(message = status.message(), "heartbeat failed; still serving"),
+            Err(status) if failing_since.is_some() => {
+                tracing::debug!(error = status.message(), "heartbeat failed; still serving")
+            }
+            Err(status) => {
+                failing_since = Some(tokio::time::Instant::now());
+                tracing::warn!(%worker_id, error = status.message(), "heartbeats to the coordinator fail; serving on the last placement meanwhile");
+            }
         }
     }
 }
@@ -170,10 +190,10 @@ pub async fn drain(coordinator_uri: &str, registered: &watch::Receiver<Option<St
                 break;
             }
             Err(status) if status.code() == Code::Unavailable => {
-                tracing::info!(message = status.message(), "no coordinator to drain through; stopping");
+                tracing::info!(error = status.message(), "no coordinator to drain through; stopping");
                 return;
             }
-            Err(status) => tracing::warn!(message = status.message(), "drain request failed; retrying"),
+            Err(status) => tracing::warn!(error = status.message(), "drain request failed; retrying"),
         }
         if started.elapsed() >= policy.timeout {
             tracing::warn!(

@@ -1,6 +1,7 @@
-//! What the `switchyard` commands that drive a running cluster say when it is not there yet: a
-//! wrong input or an address nobody answers on fails at once, naming it, and a wait for placement
-//! says what it waits for and, when it gives up, why.
+//! What the processes say when the cluster they join is not there yet. The `switchyard` commands
+//! that drive a running cluster: a wrong input or an address nobody answers on fails at once,
+//! naming it, and a wait for placement says what it waits for and, when it gives up, why. A
+//! worker: each retry names the coordinator and the error, as fields of one structured line.
 
 use std::path::Path;
 use std::process::Output;
@@ -89,4 +90,36 @@ async fn a_wait_for_placement_says_what_it_waits_for_and_why_it_gave_up() {
         "{stderr}"
     );
     assert!(stderr.contains("--min-workers"), "it says when the first table comes: {stderr}");
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_reach_its_coordinator_says_which_and_why_in_one_json_line() {
+    use tokio::io::AsyncBufReadExt;
+    let coordinator = unanswered_address();
+    let mut worker = tokio::process::Command::new(binaries_dir().join("switchyard-worker"))
+        .args(["--log-format", "json", "--insecure", "--coordinator", &coordinator])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--compute-gflops", "10"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the worker starts");
+    let mut lines = tokio::io::BufReader::new(worker.stderr.take().expect("stderr")).lines();
+    let retrying = tokio::time::timeout(GIVES_UP_WITHIN, async {
+        while let Some(line) = lines.next_line().await.expect("stderr readable") {
+            // A field named `message` would be a second "message" key: JSON readers keep one.
+            assert_eq!(line.matches("\"message\":").count(), 1, "one message per line: {line}");
+            let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+            if event["fields"]["message"] == "coordinator unreachable; retrying" {
+                return event;
+            }
+        }
+        panic!("the worker stopped before it retried");
+    })
+    .await
+    .expect("the worker retries its registration");
+    assert_eq!(retrying["fields"]["coordinator"], coordinator.as_str(), "{retrying}");
+    assert!(retrying["fields"]["error"].as_str().is_some_and(|error| error.contains("refused")), "{retrying}");
+    assert!(retrying["fields"]["retry_in_ms"].as_u64().is_some(), "{retrying}");
 }

@@ -205,14 +205,14 @@ async fn follow(
                         },
                         Ok(None) => break,
                         Err(status) => {
-                            tracing::debug!(message = status.message(), "routing table stream broke");
+                            tracing::debug!(error = status.message(), "routing table stream broke");
                             break;
                         }
                     }
                 }
             }
             Err(status) => {
-                tracing::debug!(%coordinator, message = status.message(), "coordinator unreachable; keeping the last table")
+                tracing::debug!(%coordinator, error = status.message(), "coordinator unreachable; keeping the last table")
             }
         }
         tokio::time::sleep(waits.next().unwrap_or(RECONNECT_MOST)).await;
