@@ -19,8 +19,8 @@ use super::values::DtypeArg;
 #[derive(Debug, clap::Args)]
 #[command(args_override_self = true)]
 pub struct LocalArgs {
-    /// Expert workers to start.
-    #[arg(long, env = "SWITCHYARD_LOCAL_WORKERS", default_value_t = 2)]
+    /// Expert workers to start (at least one: the coordinator places experts only on workers).
+    #[arg(long, env = "SWITCHYARD_LOCAL_WORKERS", default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub workers: usize,
 
     /// libtorch threads per worker (give each process its share of the cores).

@@ -132,4 +132,15 @@ mod tests {
         assert_eq!(args.load.duration, std::time::Duration::from_secs(20));
         assert_eq!(args.load.tokens, 64);
     }
+
+    #[test]
+    fn a_local_cluster_without_workers_is_refused_before_anything_starts() {
+        let error = Cli::try_parse_from(["switchyard", "local", "--workers", "0"]).expect_err("no worker");
+        assert!(error.to_string().contains("'0' for '--workers <WORKERS>'"), "{error}");
+        let Command::Local(args) = Cli::try_parse_from(["switchyard", "local", "--workers", "1"]).expect("one").command
+        else {
+            panic!("the local command")
+        };
+        assert_eq!(args.workers, 1);
+    }
 }
