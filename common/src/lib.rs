@@ -60,6 +60,7 @@ pub mod backoff;
 pub mod children;
 pub mod clock;
 pub mod deadline;
+pub mod flags;
 pub mod freed_buffers;
 pub mod grpc_metrics;
 pub mod h2_channel;

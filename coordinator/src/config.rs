@@ -154,6 +154,12 @@ mod tests {
     use super::*;
     use clap::Parser;
 
+    #[test]
+    fn every_flag_has_an_environment_fallback() {
+        let missing = switchyard_common::flags::without_env(&<Args as clap::CommandFactory>::command());
+        assert!(missing.is_empty(), "flags without an env fallback: {missing:#?}");
+    }
+
     /// Plaintext must be asked for: neither certificates nor --insecure is an error naming both,
     /// and the two together do not parse.
     #[test]

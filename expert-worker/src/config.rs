@@ -258,6 +258,12 @@ mod tests {
     use clap::Parser;
 
     #[test]
+    fn every_flag_has_an_environment_fallback() {
+        let missing = switchyard_common::flags::without_env(&<Args as clap::CommandFactory>::command());
+        assert!(missing.is_empty(), "flags without an env fallback: {missing:#?}");
+    }
+
+    #[test]
     fn defaults_parse_and_the_endpoint_follows_the_bound_port() {
         let args = Args::try_parse_from(["switchyard-worker"]).expect("defaults are valid");
         let bound: SocketAddr = "0.0.0.0:43210".parse().expect("address");

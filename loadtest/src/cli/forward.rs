@@ -18,23 +18,23 @@ pub struct ForwardArgs {
     pub checkpoint: Option<PathBuf>,
     /// MoE layer to run, numbered as the checkpoint numbers it (model.layers.{L}; Switch
     /// Transformers' encoder.block.{B}); a dense layer is refused. Default: the first MoE layer.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_FORWARD_LAYER")]
     pub layer: Option<u32>,
     /// safetensors file holding `hidden_states` [tokens, d_model], or [sequences, tokens, d_model]
     /// for a batch of equal-length sequences (a per-sequence capacity, as Switch Transformers',
     /// then applies to each), in F32, F16 or BF16.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_FORWARD_INPUT")]
     pub input: PathBuf,
     /// safetensors file to write: `out` (the MoE block's output, shaped as the input) and
     /// `router_logits` [..., experts] (the router's raw output, as transformers' router module
     /// returns it: with GPT-OSS's bias, before DeepSeek-V3's sigmoid and correction bias), F32.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_FORWARD_OUTPUT")]
     pub output: PathBuf,
     /// Give the call a capacity factor (default: the model's capacity policy).
-    #[arg(long, conflicts_with = "dropless")]
+    #[arg(long, env = "SWITCHYARD_FORWARD_CAPACITY_FACTOR", conflicts_with = "dropless")]
     pub capacity_factor: Option<f32>,
     /// Run the call without capacity, whatever the model's policy.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_FORWARD_DROPLESS")]
     pub dropless: bool,
     /// How long to wait for the coordinator to place every expert before giving up.
     #[arg(long, env = "SWITCHYARD_PLACEMENT_TIMEOUT", default_value = "2m", value_parser = super::values::parse_duration)]

@@ -19,7 +19,7 @@ pub struct LoadtestArgs {
     pub coordinator: Option<String>,
 
     /// Drive the in-process reference layer instead of a cluster (the baseline; uses the model flags).
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_LOADTEST_REFERENCE")]
     pub reference: bool,
 
     /// Where --reference computes: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.

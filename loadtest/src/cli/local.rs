@@ -38,7 +38,7 @@ pub struct LocalArgs {
     pub batch_wait_us: u64,
 
     /// Run a load test against the cluster, print its report, stop the cluster and exit.
-    #[arg(long)]
+    #[arg(long, env = "SWITCHYARD_LOCAL_LOADTEST")]
     pub loadtest: bool,
 
     /// Run every connection over mutual TLS: a development CA written to a fresh folder (printed),
@@ -62,7 +62,7 @@ pub struct LocalArgs {
 
     /// With --loadtest: then run the same load through the in-process reference layer, for comparison
     /// (with as many libtorch threads as all workers had together).
-    #[arg(long, requires = "loadtest")]
+    #[arg(long, env = "SWITCHYARD_LOCAL_COMPARE_REFERENCE", requires = "loadtest")]
     pub compare_reference: bool,
 
     #[command(flatten)]

@@ -134,6 +134,12 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_has_an_environment_fallback() {
+        let missing = switchyard_common::flags::without_env(&<Cli as clap::CommandFactory>::command());
+        assert!(missing.is_empty(), "flags without an env fallback: {missing:#?}");
+    }
+
+    #[test]
     fn a_local_cluster_without_workers_is_refused_before_anything_starts() {
         let error = Cli::try_parse_from(["switchyard", "local", "--workers", "0"]).expect_err("no worker");
         assert!(error.to_string().contains("'0' for '--workers <WORKERS>'"), "{error}");
