@@ -60,6 +60,7 @@ pub mod backoff;
 pub mod children;
 pub mod clock;
 pub mod deadline;
+#[cfg(feature = "clap")]
 pub mod flags;
 pub mod freed_buffers;
 pub mod grpc_metrics;
