@@ -617,7 +617,7 @@ impl Planning {
             });
         }
         let config = config_for_call(model, &self.routing);
-        config.check_tokens(tokens)?;
+        config.check_call(tokens)?;
 
         let phase = Instant::now();
         let gate = self.gate()?;

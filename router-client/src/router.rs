@@ -98,8 +98,19 @@ impl RoutingConfig {
         }
     }
 
-    /// Checks that a call of `tokens` tokens is a whole number of this config's sequences.
-    pub fn check_tokens(&self, tokens: usize) -> Result<(), ClientError> {
+    /// Checks the call's capacity, and that its `tokens` tokens are a whole number of this
+    /// config's sequences.
+    pub fn check_call(&self, tokens: usize) -> Result<(), ClientError> {
+        match self.capacity {
+            CapacityPolicy::Factor(factor) if !(factor > 0.0 && factor.is_finite()) => {
+                let reason = format!("{factor} is not a positive, finite capacity factor");
+                return Err(ClientError::InvalidInput { field: "capacity_factor", reason });
+            }
+            CapacityPolicy::PerSequence(0) => {
+                return Err(ClientError::InvalidInput { field: "expert_capacity", reason: "must be positive".into() });
+            }
+            _ => {}
+        }
         match self.sequence_tokens {
             Some(0) => Err(ClientError::InvalidInput { field: "sequence_tokens", reason: "must be positive".into() }),
             Some(sequence) if !tokens.is_multiple_of(sequence) => Err(ClientError::InvalidInput {
@@ -351,5 +362,25 @@ mod tests {
         assert_eq!((routed.groups[0].expert, routed.groups[0].tokens.clone()), (0, vec![0, 2]));
         assert_eq!((routed.groups[1].expert, routed.groups[1].tokens.clone()), (1, vec![1]));
         assert_eq!(routed.groups[0].weights, [1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_call_with_no_room_or_no_number_for_a_capacity_is_refused_naming_it() {
+        let config = |capacity| RoutingConfig {
+            policy: RoutingPolicy::TopK { k: 1, renormalize: true },
+            overflow: OverflowPolicy::Drop,
+            capacity,
+            sequence_tokens: None,
+            shared_experts: 0,
+        };
+        for factor in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            let error = config(CapacityPolicy::Factor(factor)).check_call(8).expect_err("refused");
+            assert!(matches!(error, ClientError::InvalidInput { field: "capacity_factor", .. }), "{factor}: {error}");
+        }
+        let error = config(CapacityPolicy::PerSequence(0)).check_call(8).expect_err("refused");
+        assert_eq!(error.to_string(), "expert_capacity: must be positive");
+        for fine in [CapacityPolicy::Factor(1.25), CapacityPolicy::PerSequence(4), CapacityPolicy::Dropless] {
+            assert_eq!(config(fine).check_call(8), Ok(()), "{fine}");
+        }
     }
 }

@@ -31,13 +31,13 @@ pub struct ForwardArgs {
     #[arg(long, env = "SWITCHYARD_FORWARD_OUTPUT")]
     pub output: PathBuf,
     /// Give the call a capacity factor (default: the model's capacity policy).
-    #[arg(long, env = "SWITCHYARD_FORWARD_CAPACITY_FACTOR", conflicts_with = "dropless")]
+    #[arg(long, env = "SWITCHYARD_FORWARD_CAPACITY_FACTOR", conflicts_with = "dropless", value_parser = super::values::parse_positive::<f32>)]
     pub capacity_factor: Option<f32>,
     /// Run the call without capacity, whatever the model's policy.
     #[arg(long, env = "SWITCHYARD_FORWARD_DROPLESS")]
     pub dropless: bool,
     /// How long to wait for the coordinator to place every expert before giving up.
-    #[arg(long, env = "SWITCHYARD_PLACEMENT_TIMEOUT", default_value = "2m", value_parser = super::values::parse_duration)]
+    #[arg(long, env = "SWITCHYARD_PLACEMENT_TIMEOUT", default_value = "2m", value_parser = super::values::parse_positive_duration)]
     pub placement_timeout: Duration,
 }
 

@@ -18,11 +18,11 @@ use switchyard_router_client::transport::default_connections;
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
     /// Concurrent callers, each in a closed loop (the next call starts when the last one answered).
-    #[arg(long, env = "SWITCHYARD_LOAD_CONCURRENCY", default_value_t = 4)]
+    #[arg(long, env = "SWITCHYARD_LOAD_CONCURRENCY", default_value_t = 4, value_parser = values::parse_count::<usize>)]
     pub concurrency: usize,
     /// Open loop: start calls at this many per second (Poisson arrivals), whatever the answers'
     /// pace; latency counts from each call's scheduled start. Without it: closed loop.
-    #[arg(long, env = "SWITCHYARD_LOAD_RATE")]
+    #[arg(long, env = "SWITCHYARD_LOAD_RATE", value_parser = values::parse_positive::<f64>)]
     pub rate: Option<f64>,
     /// Open loop ramping through stages instead of one rate, e.g. 10s:50,30s:200,10s:0: the rate
     /// moves linearly from the previous stage's target (0 at first) to each stage's target, in
@@ -31,13 +31,13 @@ pub struct LoadArgs {
     #[arg(long, env = "SWITCHYARD_LOAD_STAGES", value_parser = values::parse_stages, conflicts_with = "rate")]
     pub stages: Option<values::StagesArg>,
     /// Measured time, e.g. 10s, 500ms, 2m (after the warm-up).
-    #[arg(long, env = "SWITCHYARD_LOAD_DURATION", default_value = "10s", value_parser = values::parse_duration)]
+    #[arg(long, env = "SWITCHYARD_LOAD_DURATION", default_value = "10s", value_parser = values::parse_positive_duration)]
     pub duration: Duration,
     /// Stop after this many measured calls, if that comes before the duration.
-    #[arg(long, env = "SWITCHYARD_LOAD_REQUESTS")]
+    #[arg(long, env = "SWITCHYARD_LOAD_REQUESTS", value_parser = values::parse_count::<u64>)]
     pub requests: Option<u64>,
     /// Tokens per layer call.
-    #[arg(long, env = "SWITCHYARD_LOAD_TOKENS", default_value_t = 64)]
+    #[arg(long, env = "SWITCHYARD_LOAD_TOKENS", default_value_t = 64, value_parser = values::parse_count::<usize>)]
     pub tokens: usize,
     /// MoE layer the calls go to, numbered as the checkpoint numbers it (default: the first MoE
     /// layer); `all`, or a list (e.g. 1,3,5), makes each call a whole-model step through those MoE
@@ -51,7 +51,7 @@ pub struct LoadArgs {
     pub attention_wait: Option<Duration>,
     /// In a whole-model step: the client computes a [tokens, d_model] x [d_model, WIDTH] f32 GEMM
     /// before each MoE layer, standing in for the attention block's projections (e.g. 4 x d_model).
-    #[arg(long, env = "SWITCHYARD_LOAD_ATTENTION_GEMM")]
+    #[arg(long, env = "SWITCHYARD_LOAD_ATTENTION_GEMM", value_parser = values::parse_count::<usize>)]
     pub attention_gemm: Option<usize>,
     /// Unmeasured warm-up before the measured time.
     #[arg(long, env = "SWITCHYARD_LOAD_WARMUP", default_value = "1s", value_parser = values::parse_duration)]
@@ -60,7 +60,7 @@ pub struct LoadArgs {
     #[arg(long, env = "SWITCHYARD_LOAD_SEED", default_value_t = 1)]
     pub input_seed: u64,
     /// Capacity factor of the calls (default: the model's).
-    #[arg(long = "call-capacity-factor", env = "SWITCHYARD_LOAD_CAPACITY_FACTOR")]
+    #[arg(long = "call-capacity-factor", env = "SWITCHYARD_LOAD_CAPACITY_FACTOR", value_parser = values::parse_positive::<f32>)]
     pub call_capacity_factor: Option<f32>,
     /// Route with another policy than the model's own router (the default).
     #[arg(long, env = "SWITCHYARD_POLICY", value_enum)]
@@ -83,7 +83,7 @@ pub struct LoadArgs {
     #[arg(long, env = "SWITCHYARD_SOFT_SLOTS", default_value_t = 1)]
     pub slots: usize,
     /// group-limited: routed_scaling_factor.
-    #[arg(long, env = "SWITCHYARD_ROUTED_SCALING", default_value_t = 1.0)]
+    #[arg(long, env = "SWITCHYARD_ROUTED_SCALING", default_value_t = 1.0, value_parser = values::parse_positive::<f32>)]
     pub routed_scaling: f32,
     /// Hot experts: uniform, zipf:S (expert e gets tokens ∝ 1/(e+1)^S), hot-worker (every token
     /// to the first worker's experts; a cluster only) or rotating:PERIOD (one hot expert, the next
@@ -93,17 +93,17 @@ pub struct LoadArgs {
     /// Also write every figure as JSON to this file (an array: one object per report).
     /// Open loop (--rate): calls in flight at most; arrivals past it are dropped and counted (the
     /// report's "dropped arrivals"), so an overloaded cluster cannot grow the load tester.
-    #[arg(long, env = "SWITCHYARD_LOAD_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
+    #[arg(long, env = "SWITCHYARD_LOAD_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT, value_parser = values::parse_count::<usize>)]
     pub max_in_flight: usize,
 
     /// Deadline of every call's requests to the workers (e.g. 5s): an open loop's calls still out
     /// when its window ends are answered or failed within it.
-    #[arg(long, env = "SWITCHYARD_LOAD_TIMEOUT", default_value = "30s", value_parser = values::parse_duration)]
+    #[arg(long, env = "SWITCHYARD_LOAD_TIMEOUT", default_value = "30s", value_parser = values::parse_positive_duration)]
     pub timeout: Duration,
 
     /// Exit non-zero when more than this fraction of measured calls failed (e.g. 0.01). A run in
     /// which every call failed always exits non-zero.
-    #[arg(long, env = "SWITCHYARD_LOAD_MAX_ERROR_RATE")]
+    #[arg(long, env = "SWITCHYARD_LOAD_MAX_ERROR_RATE", value_parser = values::parse_fraction)]
     pub max_error_rate: Option<f64>,
 
     /// Exit non-zero when the measured p99 latency is above this (e.g. 250ms).
@@ -148,7 +148,7 @@ pub struct LoadArgs {
     pub attempt_timeout: Option<Duration>,
     /// How long to wait for the coordinator to place every expert (workers registering and
     /// loading their experts) before giving up; the wait says how far placement has got.
-    #[arg(long, env = "SWITCHYARD_PLACEMENT_TIMEOUT", default_value = "2m", value_parser = values::parse_duration)]
+    #[arg(long, env = "SWITCHYARD_PLACEMENT_TIMEOUT", default_value = "2m", value_parser = values::parse_positive_duration)]
     pub placement_timeout: Duration,
 }
 

@@ -20,11 +20,11 @@ use super::values::DtypeArg;
 #[command(args_override_self = true)]
 pub struct LocalArgs {
     /// Expert workers to start (at least one: the coordinator places experts only on workers).
-    #[arg(long, env = "SWITCHYARD_LOCAL_WORKERS", default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, env = "SWITCHYARD_LOCAL_WORKERS", default_value_t = 2, value_parser = super::values::parse_count::<usize>)]
     pub workers: usize,
 
     /// libtorch threads per worker (give each process its share of the cores).
-    #[arg(long, env = "SWITCHYARD_WORKER_TORCH_THREADS", default_value_t = 1)]
+    #[arg(long, env = "SWITCHYARD_WORKER_TORCH_THREADS", default_value_t = 1, value_parser = super::values::parse_count::<u32>)]
     pub worker_torch_threads: u32,
 
     /// The dtype the workers (and the --compare-reference layer) keep experts in and compute in.

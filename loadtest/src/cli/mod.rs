@@ -27,7 +27,7 @@ pub struct Cli {
     pub tracing: TracingArgs,
 
     /// libtorch intra-op threads of this process (the reference layer's experts).
-    #[arg(long, global = true, env = "SWITCHYARD_TORCH_THREADS", default_value_t = 1)]
+    #[arg(long, global = true, env = "SWITCHYARD_TORCH_THREADS", default_value_t = 1, value_parser = values::parse_count::<u32>)]
     pub torch_threads: u32,
 
     /// The identity this process presents to a cluster that runs mutual TLS (a client-role

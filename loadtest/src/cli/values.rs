@@ -157,6 +157,34 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, humantime::Dura
     humantime::parse_duration(text)
 }
 
+/// A duration above zero (a deadline, a measured window).
+pub fn parse_positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    let duration = parse_duration(text).map_err(|error| error.to_string())?;
+    if duration.is_zero() { Err(format!("{text:?} is no time at all: give a positive duration")) } else { Ok(duration) }
+}
+
+/// A count of at least one (callers, tokens, workers, threads).
+pub fn parse_count<T: TryFrom<u64>>(text: &str) -> Result<T, String> {
+    let count: u64 = text.trim().parse().map_err(|_| format!("{text:?} is not a whole number"))?;
+    if count == 0 {
+        return Err("0: give at least 1".to_owned());
+    }
+    T::try_from(count).map_err(|_| format!("{count} is too large"))
+}
+
+/// A positive, finite number (a call rate, a capacity factor, a scaling factor).
+pub fn parse_positive<T: std::str::FromStr + Into<f64> + Copy>(text: &str) -> Result<T, String> {
+    let value: T = text.trim().parse().map_err(|_| format!("{text:?} is not a number"))?;
+    let wide: f64 = value.into();
+    if wide > 0.0 && wide.is_finite() { Ok(value) } else { Err(format!("{text} is not a positive, finite number")) }
+}
+
+/// A fraction of calls, from 0 to 1.
+pub fn parse_fraction(text: &str) -> Result<f64, String> {
+    let fraction: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.0..=1.0).contains(&fraction) { Ok(fraction) } else { Err(format!("{text} is not a fraction from 0 to 1")) }
+}
+
 /// `--stages`: `DURATION:RATE` pairs, comma-separated, e.g. `10s:50,30s:200,10s:0`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StagesArg(pub std::sync::Arc<[Stage]>);
@@ -235,6 +263,25 @@ pub fn parse_throttle_ratio(text: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    #[test]
+    fn numbers_out_of_their_range_are_refused_naming_the_value() {
+        use super::{parse_count, parse_fraction, parse_positive, parse_positive_duration};
+        assert_eq!(parse_count::<usize>("4"), Ok(4));
+        assert_eq!(parse_count::<u32>("0"), Err("0: give at least 1".to_owned()));
+        assert_eq!(parse_count::<u32>("5000000000"), Err("5000000000 is too large".to_owned()));
+        assert!(parse_count::<usize>("-1").is_err() && parse_count::<usize>("two").is_err());
+        assert_eq!(parse_positive::<f64>("200"), Ok(200.0));
+        assert_eq!(parse_positive::<f32>("1.25"), Ok(1.25));
+        for bad in ["0", "-3", "nan", "inf"] {
+            assert_eq!(parse_positive::<f64>(bad), Err(format!("{bad} is not a positive, finite number")));
+        }
+        assert_eq!(parse_positive::<f32>("many"), Err("\"many\" is not a number".to_owned()));
+        assert_eq!(parse_fraction("0.01"), Ok(0.01));
+        assert!(parse_fraction("-1").is_err() && parse_fraction("1.5").is_err());
+        assert_eq!(parse_positive_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_positive_duration("0s").expect_err("no time").contains("positive"));
+    }
 
     #[test]
     fn layers_parse_as_one_a_list_or_all() {

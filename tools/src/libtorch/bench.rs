@@ -12,7 +12,9 @@ use switchyard_tools::bench::plan::Axes;
 use switchyard_tools::bench::{self, BenchPlan, BenchSettings, Preset, StepPlan};
 use switchyard_tools::report;
 
-use crate::cli::values::{ActivationArg, DispatchArg, DtypeArg, WireDtypeArg, parse_duration};
+use crate::cli::values::{
+    ActivationArg, DispatchArg, DtypeArg, WireDtypeArg, parse_count, parse_duration, parse_positive_duration,
+};
 use switchyard_router_client::transport::default_connections;
 
 /// The flags of `switchyard bench` (the command's help text is on `Command::Bench`).
@@ -68,7 +70,7 @@ pub struct BenchArgs {
     pub grid: bool,
 
     /// Measured calls per point and target (fewer if --point-time runs out first).
-    #[arg(long, env = "SWITCHYARD_BENCH_CALLS", default_value_t = 20)]
+    #[arg(long, env = "SWITCHYARD_BENCH_CALLS", default_value_t = 20, value_parser = parse_count::<u64>)]
     pub calls: u64,
 
     /// Unmeasured calls before each point's measured ones.
@@ -76,11 +78,11 @@ pub struct BenchArgs {
     pub warmup_calls: u64,
 
     /// Most measured time per point and target.
-    #[arg(long, env = "SWITCHYARD_BENCH_POINT_TIME", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, env = "SWITCHYARD_BENCH_POINT_TIME", default_value = "3s", value_parser = parse_positive_duration)]
     pub point_time: Duration,
 
     /// Concurrent callers (1 keeps each call's ledger exact).
-    #[arg(long, env = "SWITCHYARD_BENCH_CONCURRENCY", default_value_t = 1)]
+    #[arg(long, env = "SWITCHYARD_BENCH_CONCURRENCY", default_value_t = 1, value_parser = parse_count::<usize>)]
     pub concurrency: usize,
 
     /// Sweep with identity experts too (pure communication); the presets always use them.
@@ -118,7 +120,7 @@ pub struct BenchArgs {
     pub step_layers: u32,
 
     /// Tokens per step of `--run step` (a decode step's batch).
-    #[arg(long, env = "SWITCHYARD_BENCH_STEP_TOKENS", default_value_t = 8)]
+    #[arg(long, env = "SWITCHYARD_BENCH_STEP_TOKENS", default_value_t = 8, value_parser = parse_count::<usize>)]
     pub step_tokens: usize,
 
     /// In `--run step`: the client waits this long before each MoE layer, standing in for
@@ -134,7 +136,7 @@ pub struct BenchArgs {
     /// Measured calls of each DeepEP preset (after a warm-up call on each connection to a worker).
     /// Five were too few to average out this machine's loopback (DeepEP-normal's combine 52-110% of
     /// TCP from run to run).
-    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_CALLS", default_value_t = 20)]
+    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_CALLS", default_value_t = 20, value_parser = parse_count::<u64>)]
     pub preset_calls: u64,
 
     /// Let the DeepEP presets' workers start on each request of a call as it arrives (a striped
@@ -146,11 +148,11 @@ pub struct BenchArgs {
     pub preset_overlap: bool,
 
     /// Most measured time of each DeepEP preset.
-    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_TIME", default_value = "180s", value_parser = parse_duration)]
+    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_TIME", default_value = "180s", value_parser = parse_positive_duration)]
     pub preset_time: Duration,
 
     /// libtorch threads per worker; the in-process reference gets workers x this many.
-    #[arg(long, env = "SWITCHYARD_WORKER_TORCH_THREADS", default_value_t = 1)]
+    #[arg(long, env = "SWITCHYARD_WORKER_TORCH_THREADS", default_value_t = 1, value_parser = parse_count::<u32>)]
     pub worker_torch_threads: u32,
 
     /// The dtype experts hold their weights and compute in, on the workers and in the in-process
@@ -182,7 +184,7 @@ pub struct BenchArgs {
     pub replot: bool,
 
     /// Repeats of each TCP and gRPC baseline.
-    #[arg(long, env = "SWITCHYARD_BENCH_BASELINE_REPEATS", default_value_t = 10)]
+    #[arg(long, env = "SWITCHYARD_BENCH_BASELINE_REPEATS", default_value_t = 10, value_parser = parse_count::<u32>)]
     pub baseline_repeats: u32,
 }
 
@@ -255,7 +257,6 @@ fn settings_and_plan(args: &BenchArgs) -> anyhow::Result<(BenchSettings, BenchPl
     }
     anyhow::ensure!(args.tokens.iter().all(|t| *t > 0), "--tokens must be positive");
     anyhow::ensure!(args.workers.iter().all(|w| *w > 0) && args.preset_workers > 0, "workers must be positive");
-    anyhow::ensure!(args.calls > 0, "--calls must be positive");
     let me = std::env::current_exe().context("locating the switchyard binary")?;
     let dir = me.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
     let settings = BenchSettings {
