@@ -34,11 +34,13 @@ pub struct Args {
     /// Largest batch (tokens per layer call) a client sends; each expert queue admits that batch's
     /// expert capacity, ceil(top_k * tokens / experts * capacity_factor), across all clients, or the
     /// whole batch when the model is dropless or has a per-sequence expert capacity.
-    #[arg(long, env = "SWITCHYARD_MAX_BATCH_TOKENS", default_value_t = 8192)]
+    #[arg(long, env = "SWITCHYARD_MAX_BATCH_TOKENS", default_value_t = 8192,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=u64::from(u32::MAX)))]
     pub max_batch_tokens: usize,
 
     /// Workers to wait for before placing experts the first time.
-    #[arg(long, env = "SWITCHYARD_MIN_WORKERS", default_value_t = 1)]
+    #[arg(long, env = "SWITCHYARD_MIN_WORKERS", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub min_workers: usize,
 
     /// Workers holding each expert. With 2 or more, clients spread calls over the holders and retry
@@ -62,8 +64,8 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_REDUNDANT_REPLICAS", default_value_t = 0)]
     pub redundant_replicas: usize,
 
-    /// How often workers heartbeat, in milliseconds.
-    #[arg(long, env = "SWITCHYARD_HEARTBEAT_INTERVAL_MS", default_value_t = 500)]
+    /// How often workers heartbeat, in milliseconds (at least 50).
+    #[arg(long, env = "SWITCHYARD_HEARTBEAT_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..))]
     pub heartbeat_interval_ms: u64,
 
     /// A worker silent this long (milliseconds) is removed and its experts placed on the survivors.
@@ -124,8 +126,8 @@ impl TryFrom<&Args> for ClusterConfig {
             model,
             heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
-            min_workers: args.min_workers.max(1),
-            max_batch_tokens: args.max_batch_tokens.clamp(1, u32::MAX as usize) as u32,
+            min_workers: args.min_workers,
+            max_batch_tokens: args.max_batch_tokens as u32,
             unload_grace: Duration::from_millis(args.unload_grace_ms),
             replicas: usize::from(args.replicas),
             expert_replicas: args.expert_replicas.iter().copied().collect(),
@@ -200,6 +202,10 @@ mod tests {
         let args = Args::try_parse_from(["switchyard-coordinator", "--heartbeat-timeout-ms", "100"]).expect("parses");
         assert!(ClusterConfig::try_from(&args).unwrap_err().to_string().contains("--heartbeat-timeout-ms"));
         assert!(Args::try_parse_from(["switchyard-coordinator", "--activation", "tanh"]).is_err());
+        for (flag, value) in [("--max-batch-tokens", "0"), ("--min-workers", "0"), ("--heartbeat-interval-ms", "49")] {
+            let error = Args::try_parse_from(["switchyard-coordinator", flag, value]).expect_err("out of range");
+            assert!(error.to_string().contains(&format!("'{value}' for '{flag}")), "{error}");
+        }
         let error = Args::try_parse_from(["switchyard-coordinator", "--expert-replicas", "0=0"]).unwrap_err();
         assert!(error.to_string().contains("--expert-replicas"), "{error}");
         assert!(error.to_string().contains("at least 1"), "{error}");

@@ -157,6 +157,7 @@ impl Args {
             ("--torch-threads", self.torch_threads as usize),
             ("--max-batch-tokens", self.max_batch_tokens),
             ("--queue-limit-tokens", self.queue_limit_tokens),
+            ("--max-receiving-bytes", usize::try_from(self.max_receiving_bytes).unwrap_or(usize::MAX)),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { flag });
@@ -293,6 +294,8 @@ mod tests {
         );
         let args = Args::try_parse_from(["switchyard-worker", "--max-batch-tokens", "0"]).expect("parses");
         assert_eq!(args.check().unwrap_err().to_string(), "--max-batch-tokens must be at least 1");
+        let args = Args::try_parse_from(["switchyard-worker", "--max-receiving-bytes", "0"]).expect("parses");
+        assert_eq!(args.check().unwrap_err().to_string(), "--max-receiving-bytes must be at least 1");
     }
 
     #[test]

@@ -333,7 +333,8 @@ async fn spawn_coordinator(
         "--metrics-listen".to_owned(),
         metrics,
         "--min-workers".to_owned(),
-        config.min_workers.to_string(),
+        // A cluster started without workers (they join later) places on the first to register.
+        config.min_workers.max(1).to_string(),
         "--max-batch-tokens".to_owned(),
         config.max_batch_tokens.to_string(),
         "--heartbeat-interval-ms".to_owned(),
