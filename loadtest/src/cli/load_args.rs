@@ -243,6 +243,25 @@ impl LoadArgs {
         Ok(())
     }
 
+    /// Fails before any call when a --json or --csv file could not be written once the run is
+    /// over (a missing folder, no permission), rather than after a long run; a file that was not
+    /// there is not left behind.
+    pub fn check_report_paths(&self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        for path in self.json.iter().chain(&self.csv) {
+            let existed = path.exists();
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .with_context(|| format!("{} could not be written", path.display()))?;
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `summaries` to the --json and --csv files, if asked.
     fn write_reports(&self, summaries: &[LoadSummary]) -> anyhow::Result<()> {
         use anyhow::Context;

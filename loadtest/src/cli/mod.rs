@@ -80,6 +80,11 @@ pub enum Command {
 /// `switchyard-torch`; in `switchyard-torch` it runs them.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     present_tls_identity(&cli)?;
+    match &cli.command {
+        Command::Local(args) => args.load.check_report_paths()?,
+        Command::Loadtest(args) if !args.check_config => args.load.check_report_paths()?,
+        _ => {}
+    }
     match cli.command {
         Command::Local(args) if args.compare_reference => crate::libtorch::local_compared(args, &cli.tracing).await,
         Command::Local(args) => local::run(args, &cli.tracing).await,
@@ -137,6 +142,27 @@ mod tests {
     fn every_flag_has_an_environment_fallback() {
         let missing = switchyard_common::flags::without_env(&<Cli as clap::CommandFactory>::command());
         assert!(missing.is_empty(), "flags without an env fallback: {missing:#?}");
+    }
+
+    #[test]
+    fn report_files_that_could_not_be_written_are_refused_before_the_run() {
+        let dir = std::env::temp_dir().join(format!("switchyard-report-paths-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a folder");
+        let parse = |flag: &str, path: &std::path::Path| {
+            let cli = Cli::try_parse_from(["switchyard", "local", flag, &path.display().to_string()]).expect("parses");
+            let Command::Local(args) = cli.command else { panic!("the local command") };
+            args.load
+        };
+        let missing_folder = dir.join("missing").join("out.json");
+        let error = parse("--json", &missing_folder).check_report_paths().expect_err("no such folder");
+        assert!(error.to_string().contains(&format!("{} could not be written", missing_folder.display())), "{error}");
+        let fresh = dir.join("out.csv");
+        parse("--csv", &fresh).check_report_paths().expect("a file can be made there");
+        assert!(!fresh.exists(), "the check leaves no file behind");
+        std::fs::write(&fresh, "kept").expect("written");
+        parse("--csv", &fresh).check_report_paths().expect("an existing file is writable");
+        assert_eq!(std::fs::read_to_string(&fresh).expect("read"), "kept", "and is left as it was");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
