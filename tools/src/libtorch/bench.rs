@@ -319,6 +319,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let (settings, plan) = settings_and_plan(&args)?;
+    report::folder::prepare(&args.out)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} points, {elapsed_precise} {msg}")

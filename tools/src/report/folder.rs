@@ -29,21 +29,32 @@ pub enum ReportError {
 /// The chart of the presets on shaped links, when there were any.
 pub const LINK_CHART: (&str, &str) = ("links.svg", "Dispatch and combine GB/s against link rate");
 
+/// What a failed write of `path` is reported as.
+fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> ReportError {
+    let path = path.to_owned();
+    move |source| ReportError::Write { path, source }
+}
+
+/// Makes `dir` (if needed) and checks that files can be written in it: called before a bench
+/// runs, so that a folder that cannot take the report fails at once, not after the run.
+pub fn prepare(dir: &Path) -> Result<(), ReportError> {
+    std::fs::create_dir_all(dir).map_err(write_error(dir))?;
+    let probe = dir.join(".switchyard-write-check");
+    std::fs::write(&probe, b"").map_err(write_error(&probe))?;
+    std::fs::remove_file(&probe).map_err(write_error(&probe))
+}
+
 /// Writes the folder `dir` (created if needed); returns the files written.
 pub fn write(summary: &BenchSummary, dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| ReportError::Write { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::create_dir_all(dir).map_err(write_error(dir))?;
     let mut written = Vec::new();
     let report = dir.join("report.md");
-    std::fs::write(&report, markdown::bench_report(summary)).map_err(io(&report))?;
+    std::fs::write(&report, markdown::bench_report(summary)).map_err(write_error(&report))?;
     written.push(report);
     let json = dir.join("report.json");
     let text = serde_json::to_string_pretty(summary)
         .map_err(|error| ReportError::Json { path: json.clone(), reason: error.to_string() })?;
-    std::fs::write(&json, text + "\n").map_err(io(&json))?;
+    std::fs::write(&json, text + "\n").map_err(write_error(&json))?;
     written.push(json);
     written.extend(draw_charts(summary, dir)?);
     Ok(written)
@@ -92,5 +103,19 @@ mod tests {
         let message = replot(&dir).expect_err("no report.json there").to_string();
         assert!(message.starts_with(&format!("reading {}", dir.join("report.json").display())), "{message}");
         assert!(message.contains("bench --out"), "{message}");
+    }
+
+    #[test]
+    fn a_report_folder_is_made_and_checked_before_the_run() {
+        let base = std::env::temp_dir().join(format!("switchyard-prepare-{}", std::process::id()));
+        let nested = base.join("a").join("b");
+        prepare(&nested).expect("made");
+        assert!(nested.is_dir());
+        assert_eq!(std::fs::read_dir(&nested).expect("listed").count(), 0, "the check leaves nothing behind");
+        let file = base.join("a-file");
+        std::fs::write(&file, "").expect("written");
+        let error = prepare(&file).expect_err("a file is no folder").to_string();
+        assert!(error.contains(&file.display().to_string()), "{error}");
+        let _ = std::fs::remove_dir_all(&base);
     }
 }
