@@ -361,10 +361,13 @@ pub fn parse_skew(text: &str) -> Result<SkewArg, String> {
     }
     if let Some(exponent) = text.strip_prefix("zipf:") {
         let exponent: f64 = exponent.parse().map_err(|_| format!("--skew {text}: zipf:S needs a number S"))?;
+        if !(exponent >= 0.0 && exponent.is_finite()) {
+            return Err(format!("--skew {text}: zipf:S needs a finite S of at least 0 (0: uniform)"));
+        }
         return Ok(SkewArg::Skew(Skew::Zipf { exponent }));
     }
     if let Some(period) = text.strip_prefix("rotating:") {
-        let period = values::parse_duration(period).map_err(|error| format!("--skew {text}: {error}"))?;
+        let period = values::parse_positive_duration(period).map_err(|error| format!("--skew {text}: {error}"))?;
         return Ok(SkewArg::Skew(Skew::Rotating { period }));
     }
     Err(format!("unknown skew '{text}' (use uniform, zipf:S, hot-worker or rotating:PERIOD)"))
@@ -380,5 +383,9 @@ mod tests {
         assert_eq!(parse_skew("rotating:2s"), Ok(SkewArg::Skew(Skew::Rotating { period: Duration::from_secs(2) })));
         assert_eq!(parse_skew("hot-worker"), Ok(SkewArg::HotWorker));
         assert!(parse_skew("zipf:x").unwrap_err().contains("zipf:S"));
+        for bad in ["zipf:nan", "zipf:-1", "zipf:inf"] {
+            assert!(parse_skew(bad).unwrap_err().contains("finite S of at least 0"), "{bad}");
+        }
+        assert!(parse_skew("rotating:0s").unwrap_err().contains("positive duration"));
     }
 }
