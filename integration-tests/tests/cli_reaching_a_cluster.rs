@@ -1,6 +1,7 @@
 //! What the processes say when the cluster they join is not there yet. The `switchyard` commands
-//! that drive a running cluster: a wrong input or an address nobody answers on fails at once,
-//! naming it, and a wait for placement says what it waits for and, when it gives up, why. A
+//! that drive a running cluster: a wrong input, an address nobody answers on or a load larger than
+//! the cluster takes fails at once, naming it, and a wait for placement says what it waits for and,
+//! when it gives up, why. A
 //! worker: each retry names the coordinator and the error, as fields of one structured line.
 
 use std::path::Path;
@@ -90,6 +91,21 @@ async fn a_wait_for_placement_says_what_it_waits_for_and_why_it_gave_up() {
         "{stderr}"
     );
     assert!(stderr.contains("--min-workers"), "it says when the first table comes: {stderr}");
+}
+
+#[tokio::test]
+async fn a_load_larger_than_the_clusters_largest_batch_is_refused_before_it_starts() {
+    let mut config = LocalClusterConfig::next_to(&binaries_dir().join("switchyard"), small_model(2.0), 1);
+    config.max_batch_tokens = 64;
+    let cluster = LocalCluster::start(config).await.expect("the cluster starts");
+    let coordinator = cluster.coordinator_uri();
+    let stderr = failing(&["loadtest", "--coordinator", &coordinator, "--tokens", "65", "--duration", "1s"]).await;
+    assert!(
+        stderr.contains(
+            "--tokens 65: the cluster takes at most 64 tokens per call (the coordinator's --max-batch-tokens)"
+        ),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

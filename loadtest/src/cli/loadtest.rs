@@ -108,6 +108,14 @@ pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<
     super::coordinator::reach(coordinator).await?;
     let watcher = TableWatcher::start(coordinator)?;
     let table = super::coordinator::wait_for_placement(&watcher, load.placement_timeout).await?;
+    // Refused here, before the calls' inputs are made (as large as the batches), rather than by
+    // every call.
+    let largest = table.max_batch_tokens as usize;
+    anyhow::ensure!(
+        largest == 0 || load.tokens <= largest,
+        "--tokens {}: the cluster takes at most {largest} tokens per call (the coordinator's --max-batch-tokens)",
+        load.tokens
+    );
     let routing = load.routing(&table.model)?;
     let options = ClientOptions {
         wire_dtype: load.wire_dtype.into(),
