@@ -178,6 +178,22 @@ impl LoadArgs {
         }
     }
 
+    /// Fails when `--layer` names a layer that is not one of `model`'s MoE layers, before any call
+    /// (each would fail otherwise).
+    pub fn check_layers(&self, model: &ModelSpec) -> anyhow::Result<()> {
+        let layers = self.step(model).map_or_else(|| vec![self.layer(model)], |step| step.layers);
+        match layers.iter().find(|layer| model.layer_index(**layer).is_none()) {
+            Some(layer) => {
+                anyhow::bail!(
+                    "--layer {layer}: not a MoE layer of {}, whose MoE layers are {}",
+                    model.name,
+                    model.describe_layers()
+                )
+            }
+            None => Ok(()),
+        }
+    }
+
     /// The whole-model step each call runs, when `--layer` names several layers or `all`, or an
     /// attention stand-in is asked for (a step of one layer then).
     pub fn step(&self, model: &ModelSpec) -> Option<ModelStep> {
@@ -376,6 +392,26 @@ pub fn parse_skew(text: &str) -> Result<SkewArg, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_layer_the_model_does_not_have_is_refused_naming_it() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            load: LoadArgs,
+        }
+        let model = ModelSpec { moe_layers: vec![1, 3], ..ModelSpec::default_synthetic() };
+        let check =
+            |layer: &str| Flags::try_parse_from(["flags", "--layer", layer]).expect("parses").load.check_layers(&model);
+        for fine in ["1", "3", "all", "3,1"] {
+            assert!(check(fine).is_ok(), "{fine}");
+        }
+        for (bad, named) in [("2", 2), ("1,5", 5)] {
+            let error = check(bad).expect_err("refused").to_string();
+            assert!(error.starts_with(&format!("--layer {named}: not a MoE layer of")), "{error}");
+        }
+    }
 
     #[test]
     fn skews_parse() {

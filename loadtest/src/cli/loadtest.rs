@@ -116,6 +116,7 @@ pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<
         "--tokens {}: the cluster takes at most {largest} tokens per call (the coordinator's --max-batch-tokens)",
         load.tokens
     );
+    load.check_layers(&table.model)?;
     let routing = load.routing(&table.model)?;
     let options = ClientOptions {
         wire_dtype: load.wire_dtype.into(),

@@ -14,6 +14,7 @@ use crate::cli::local::{ClusterRun, LocalArgs, load_test_cluster};
 /// `loadtest --reference`: the load through the in-process reference layer.
 pub async fn loadtest_reference(args: LoadtestArgs, torch_threads: u32) -> anyhow::Result<()> {
     let model = args.model.spec()?;
+    args.load.check_layers(&model)?;
     eprintln!("building the in-process reference layer ({} experts)...", model.experts_per_layer);
     let layer = args.load.layer(&model);
     let config = ReferenceConfig {
