@@ -131,7 +131,9 @@ async fn switchyard_bench_writes_a_report_folder() {
         assert_eq!(point["reference"]["calls"], 8, "{point}");
         let tcp = point["tcp_round_trip_us"].as_f64().expect("the network floor");
         let grpc = point["grpc_round_trip_us"].as_f64().expect("a plain gRPC echo of the same bytes");
-        assert!(tcp > 0.0 && grpc > tcp, "tonic and h2 add to a raw round trip: {tcp} vs {grpc} µs");
+        // Both measured; which is faster is the machine's to say (on a loaded one a raw echo's mean
+        // has come out above the gRPC echo's), not a property of the report.
+        assert!(tcp > 0.0 && tcp.is_finite() && grpc > 0.0 && grpc.is_finite(), "{tcp} and {grpc} µs");
     }
     let wake = &json["thread_wake"];
     assert!(wake["p50_us"].as_f64().is_some_and(|p50| p50 > 0.0 && p50 <= wake["p90_us"].as_f64().unwrap()), "{wake}");
