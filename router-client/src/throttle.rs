@@ -9,7 +9,7 @@
 //! `max(0, (requests − ratio · accepts) / (requests + 1))`. At `ratio` 2 a worker is still sent
 //! twice what it accepts, so the client finds out at once when it has room again; the calls a
 //! client refuses itself cost nothing anywhere. Where the worker's experts have other holders, a
-//! refused call's rows for it go to them instead (`client.rs`'s `hold_back_throttled`).
+//! refused call's rows for it go to them instead (`client/plan.rs`'s `hold_back_throttled`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -1,0 +1,318 @@
+//! A call's answers: each checked against what was asked and booked on the async task as it
+//! arrives ([`Combine`]), then decoded and added into the output on the CPU pool ([`Sums`]) while
+//! later answers are still on the wire ([`Collecting`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use switchyard_model::{ExpertId, TableVersion};
+use switchyard_proto::v1;
+use switchyard_proto::wire::WireDtype;
+
+use super::LayerOutput;
+use super::plan::{CallPlan, book_requests, worker_call_of};
+use crate::codec::{add_rows, decode_rows};
+use crate::cpu::CpuPool;
+use crate::dispatch::{PlannedRequest, TokenPlan};
+use crate::error::ClientError;
+use crate::ledger::{WorkerCall, response_compute};
+use crate::lock;
+use crate::router::{ExpertAssignments, RoutingSummary};
+use crate::timing::{ByteCounts, TimeBreakdown};
+use crate::transport::{Answer, Endpoint};
+
+/// Where a call's answers go: each checked and booked on the async task as it arrives (a bad one
+/// ends the call at once), then decoded and summed on the CPU pool while later answers are still
+/// on the wire.
+pub(super) struct Collecting {
+    pub(super) combine: Combine,
+    sums: Arc<Mutex<Sums>>,
+    summing: Vec<BoxFuture<'static, Result<(), ClientError>>>,
+}
+
+impl Collecting {
+    pub(super) fn new(plan: &CallPlan, values: usize) -> Self {
+        Self { combine: Combine::new(plan), sums: Arc::new(Mutex::new(Sums::new(values))), summing: Vec::new() }
+    }
+
+    /// Checks `answer` to `round[index]` and starts summing it on `cpu`.
+    pub(super) fn accept(
+        &mut self,
+        cpu: &CpuPool,
+        plan: &Arc<CallPlan>,
+        round: &Arc<Vec<PlannedRequest>>,
+        index: usize,
+        answer: Answer,
+    ) -> Result<(), ClientError> {
+        let response = self.combine.accept(plan, &round[index], answer)?;
+        let (plan, round, sums) = (plan.clone(), round.clone(), self.sums.clone());
+        let work = answer_bytes(&response);
+        self.summing.push(cpu.spawn_sized(work, move || lock(&sums).add(&plan, &round[index], &response)).boxed());
+        Ok(())
+    }
+
+    /// The bookkeeping and the output of `values` once every answer is summed (all zeros, made
+    /// on the pool, when no answer came: every assignment dropped or refused).
+    pub(super) async fn summed(self, cpu: &CpuPool, values: usize) -> Result<(Combine, Sums), ClientError> {
+        for job in self.summing {
+            job.await?;
+        }
+        let mut sums = std::mem::take(&mut *lock(&self.sums));
+        if sums.output.len() != values {
+            sums = cpu
+                .run_sized(values, move || {
+                    sums.output();
+                    sums
+                })
+                .await?;
+        }
+        Ok((self.combine, sums))
+    }
+}
+
+/// The answers' bookkeeping, done as each arrives: checks, bytes, the straggler's times.
+pub(super) struct Combine {
+    worker_calls: Vec<WorkerCall>,
+    /// Per answered request: (RPC time, the worker's handler time, its compute), for the straggler.
+    answered: Vec<(Duration, Duration, Duration)>,
+}
+
+impl Combine {
+    pub(super) fn new(plan: &CallPlan) -> Self {
+        Self { worker_calls: plan.worker_calls.clone(), answered: Vec::new() }
+    }
+
+    fn worker_call(&mut self, endpoint: &Endpoint) -> &mut WorkerCall {
+        worker_call_of(&mut self.worker_calls, endpoint)
+    }
+
+    /// Books requests sent again, to other holders.
+    pub(super) fn add_requests(&mut self, requests: &[PlannedRequest]) {
+        book_requests(&mut self.worker_calls, requests);
+    }
+
+    /// Checks the answer to `planned` against what was asked, books it, and hands back the
+    /// response for [`Sums::add`].
+    pub(super) fn accept(
+        &mut self,
+        plan: &CallPlan,
+        planned: &PlannedRequest,
+        answer: Answer,
+    ) -> Result<v1::ForwardResponse, ClientError> {
+        let (plan_layer, plan_d_model) = (plan.layer, plan.d_model);
+        let Answer { response, timing: rpc } = answer;
+        let worker = Duration::from_micros(response.worker_us).min(rpc.elapsed);
+        self.answered.push((rpc.elapsed, worker, response_compute(&response).min(worker)));
+        let worker_call = self.worker_call(&planned.endpoint);
+        worker_call.record_answer(&response, &rpc);
+        if let Some(plan) = &planned.token_major {
+            let combined = check_token_major(&planned.endpoint, &response, plan, plan_layer, plan_d_model)?;
+            worker_call.bytes.payload_received += combined as u64;
+            return Ok(response);
+        }
+        if response.outputs.len() != planned.pieces.len() {
+            return Err(ClientError::BadResponse {
+                endpoint: planned.endpoint.to_string(),
+                reason: format!("{} outputs for {} expert batches", response.outputs.len(), planned.pieces.len()),
+            });
+        }
+        for (position, (piece, output)) in planned.pieces.iter().zip(&response.outputs).enumerate() {
+            let group: &ExpertAssignments = &plan.routed.groups[piece.group];
+            let expert = ExpertId::new(plan.layer, group.expert);
+            let (_, payload) =
+                check_output(&planned.endpoint, position, output, expert, piece.end - piece.start, plan.d_model)?;
+            worker_call.bytes.payload_received += payload.data.len() as u64;
+        }
+        Ok(response)
+    }
+
+    pub(super) fn finish(
+        mut self,
+        plan: Arc<CallPlan>,
+        sums: Sums,
+        version: TableVersion,
+        mut timing: TimeBreakdown,
+        summing_tail: Duration,
+        started: Instant,
+    ) -> LayerOutput {
+        // The straggler's RPC is the call's network + queue + compute time.
+        if let Some((rpc, worker, compute)) = self.answered.iter().max_by_key(|(rpc, _, _)| *rpc).copied() {
+            timing.network = rpc - worker;
+            timing.compute = compute;
+            timing.queue_wait = worker - compute;
+        }
+        for (endpoint, decode, combine) in &sums.per_request {
+            let worker_call = self.worker_call(endpoint);
+            worker_call.decode += *decode;
+            worker_call.combine += *combine;
+        }
+        // Answers are summed while later ones are still on the wire: only the summing left after
+        // the last answer is on the critical path, split in the proportion of the two phases.
+        let decode: Duration = sums.per_request.iter().map(|(_, decode, _)| *decode).sum();
+        let combine: Duration = sums.per_request.iter().map(|(_, _, combine)| *combine).sum();
+        let share = decode.as_secs_f64() / (decode + combine).as_secs_f64().max(f64::MIN_POSITIVE);
+        timing.decode = summing_tail.mul_f64(share);
+        timing.combine = summing_tail - timing.decode;
+        let mut bytes = ByteCounts::default();
+        for worker_call in &self.worker_calls {
+            bytes += worker_call.bytes;
+        }
+        let routing = RoutingSummary::from_routed(&plan.routed);
+        let router_logits = match Arc::try_unwrap(plan) {
+            Ok(plan) => plan.routed.logits,
+            Err(plan) => plan.routed.logits.clone(),
+        };
+        timing.wall = started.elapsed();
+        LayerOutput {
+            hidden: sums.output,
+            router_logits,
+            routing,
+            timing,
+            bytes,
+            workers: self.worker_calls,
+            table_version: version,
+            retried_requests: 0,
+        }
+    }
+}
+
+/// An answer's tensor bytes: the work of decoding and summing it, in [`CpuPool::run_sized`]'s
+/// units (a byte counted as a value errs toward the pool).
+fn answer_bytes(response: &v1::ForwardResponse) -> usize {
+    let rows = response.outputs.iter().filter_map(|output| output.rows.as_ref());
+    response.combined.iter().chain(rows).map(|tensor| tensor.data.len()).sum()
+}
+
+/// Rows of a token-major answer decoded at a time before they are added: a block small enough to
+/// stay in cache between the two passes (224 KiB of f32 at DeepEP's 7168 values).
+const COMBINE_BLOCK_ROWS: usize = 8;
+
+/// The call's output, summed answer by answer on the CPU pool.
+#[derive(Debug, Default)]
+pub(super) struct Sums {
+    /// The output's length; `output` is allocated and zeroed by whichever of the pool's jobs
+    /// reaches it first ([`Sums::output`]).
+    values: usize,
+    output: Vec<f32>,
+    /// Decoded rows of the answer being added (a block of a token-major one).
+    scratch: Vec<f32>,
+    /// Decode and combine time of each answer, with its worker.
+    per_request: Vec<(Endpoint, Duration, Duration)>,
+}
+
+impl Sums {
+    fn new(values: usize) -> Self {
+        Self { values, output: Vec::new(), scratch: Vec::new(), per_request: Vec::new() }
+    }
+
+    /// The output, zeroed on first use: by the first answer's job on the CPU pool, once the
+    /// requests are out (zeroed beside them, it slowed the dispatch of the 2-core machine it was
+    /// measured on), and for a large output in huge pages (DeepEP-normal's 117 MB took ~70 ms of
+    /// a tokio thread when zeroed before the exchange, mostly faulting 4 KiB pages in).
+    fn output(&mut self) -> &mut Vec<f32> {
+        if self.output.len() != self.values {
+            self.output = switchyard_common::huge_pages::zeroed_f32s(self.values);
+        }
+        &mut self.output
+    }
+
+    /// Decodes the (checked) answer to `planned` and adds its weighted rows into the output.
+    fn add(&mut self, plan: &CallPlan, planned: &PlannedRequest, response: &v1::ForwardResponse) {
+        self.output();
+        let (mut decode, mut combine) = (Duration::ZERO, Duration::ZERO);
+        if let (Some(tokens), Some(combined)) = (&planned.token_major, &response.combined) {
+            let Ok(dtype) = WireDtype::try_from(combined.dtype) else { return };
+            let block_bytes = COMBINE_BLOCK_ROWS * dtype.row_bytes(plan.d_model);
+            let blocks = tokens.tokens.chunks(COMBINE_BLOCK_ROWS).zip(combined.data.chunks(block_bytes.max(1)));
+            for (block_tokens, block) in blocks {
+                let phase = Instant::now();
+                decode_rows(block, plan.d_model, dtype, &mut self.scratch);
+                let decoded = Instant::now();
+                add_rows(&mut self.output, plan.d_model, block_tokens, &self.scratch);
+                decode += decoded - phase;
+                combine += decoded.elapsed();
+            }
+            self.per_request.push((planned.endpoint.clone(), decode, combine));
+            return;
+        }
+        for (piece, output) in planned.pieces.iter().zip(&response.outputs) {
+            let group: &ExpertAssignments = &plan.routed.groups[piece.group];
+            let Some(payload) = &output.rows else { continue };
+            let Ok(dtype) = WireDtype::try_from(payload.dtype) else { continue };
+
+            let phase = Instant::now();
+            decode_rows(&payload.data, plan.d_model, dtype, &mut self.scratch);
+            decode += phase.elapsed();
+
+            let phase = Instant::now();
+            plan.routed.combine_rows(group, piece.start..piece.end, &self.scratch, plan.d_model, &mut self.output);
+            combine += phase.elapsed();
+        }
+        self.per_request.push((planned.endpoint.clone(), decode, combine));
+    }
+}
+
+/// Checks a token-major answer: one timing per planned expert, in order, and the per-token sum as
+/// `[tokens, d_model]` of an answer dtype; returns the sum's bytes.
+fn check_token_major(
+    endpoint: &str,
+    response: &v1::ForwardResponse,
+    plan: &TokenPlan,
+    layer: u32,
+    d_model: usize,
+) -> Result<usize, ClientError> {
+    let bad = |reason: String| ClientError::BadResponse { endpoint: endpoint.to_owned(), reason };
+    if response.outputs.len() != plan.experts.len() {
+        return Err(bad(format!("{} outputs for {} experts", response.outputs.len(), plan.experts.len())));
+    }
+    for (position, (output, expert)) in response.outputs.iter().zip(&plan.experts).enumerate() {
+        let expert = ExpertId::new(layer, *expert);
+        if output.expert.map(ExpertId::from) != Some(expert) {
+            return Err(bad(format!("outputs[{position}].expert is {:?}, expected {expert}", output.expert)));
+        }
+    }
+    let combined = response.combined.as_ref().ok_or_else(|| bad("combined is missing".to_owned()))?;
+    let dtype = WireDtype::try_from(combined.dtype)
+        .ok()
+        .filter(|dtype| dtype.answers())
+        .ok_or_else(|| bad(format!("combined.dtype {} is no answer dtype", combined.dtype)))?;
+    let rows = plan.tokens.len();
+    if combined.shape != [rows as u64, d_model as u64] || combined.data.len() != rows * dtype.row_bytes(d_model) {
+        return Err(bad(format!(
+            "combined has shape {:?} and {} bytes, expected [{rows}, {d_model}]",
+            combined.shape,
+            combined.data.len()
+        )));
+    }
+    Ok(combined.data.len())
+}
+
+/// The rows of answer `position`, if it answers `expert` with `[rows, d_model]` of a known dtype.
+fn check_output<'a>(
+    endpoint: &str,
+    position: usize,
+    answer: &'a v1::ExpertOutput,
+    expert: ExpertId,
+    rows: usize,
+    d_model: usize,
+) -> Result<(WireDtype, &'a v1::WireTensor), ClientError> {
+    let bad = |reason: String| ClientError::BadResponse { endpoint: endpoint.to_owned(), reason };
+    if answer.expert.map(ExpertId::from) != Some(expert) {
+        return Err(bad(format!("outputs[{position}].expert is {:?}, expected {expert}", answer.expert)));
+    }
+    let payload = answer.rows.as_ref().ok_or_else(|| bad(format!("outputs[{position}].rows is missing")))?;
+    let dtype = WireDtype::try_from(payload.dtype)
+        .ok()
+        .filter(|dtype| dtype.answers())
+        .ok_or_else(|| bad(format!("outputs[{position}].rows.dtype {} is no answer dtype", payload.dtype)))?;
+    if payload.shape != [rows as u64, d_model as u64] || payload.data.len() != rows * dtype.row_bytes(d_model) {
+        return Err(bad(format!(
+            "outputs[{position}].rows has shape {:?} and {} bytes, expected [{rows}, {d_model}]",
+            payload.shape,
+            payload.data.len()
+        )));
+    }
+    Ok((dtype, payload))
+}
