@@ -1,8 +1,14 @@
 //! Which points a sweep measures. Tokens per call and wire dtype are properties of a call, so each
 //! cluster runs all of their combinations; the cluster axes (workers, experts, top-k, model size)
 //! vary one at a time around the first value of each list (or as a full grid with `--grid`), since
-//! every cluster shape costs a restart.
+//! every cluster shape costs a restart. The DeepEP presets and the whole-model step are the run's
+//! other parts ([`BenchPlan`]).
 
+use std::time::Duration;
+
+use switchyard_loadtest::loadtest::AttentionStandIn;
+use switchyard_loadtest::local_cluster::Hosts;
+use switchyard_loadtest::shaped_network::{CongestionControl, LinkRate};
 use switchyard_proto::wire::WireDtype;
 
 /// The shape of one cluster: what a restart changes.
@@ -102,6 +108,79 @@ impl Axes {
             .iter()
             .flat_map(|&tokens| self.wire_dtypes.iter().map(move |&wire_dtype| Point { shape, tokens, wire_dtype }))
             .collect()
+    }
+}
+
+/// DeepEP's published settings: hidden 7168, top-8 of 256 experts (DeepSeek-V3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// 4096 tokens per call (the normal, throughput-oriented kernels).
+    DeepEpNormal,
+    /// 128 tokens per call (the low-latency decoding kernels).
+    DeepEpLowLatency,
+}
+
+impl Preset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::DeepEpNormal => "deepep-normal",
+            Preset::DeepEpLowLatency => "deepep-low-latency",
+        }
+    }
+
+    pub fn tokens(self) -> usize {
+        match self {
+            Preset::DeepEpNormal => 4096,
+            Preset::DeepEpLowLatency => 128,
+        }
+    }
+
+    /// The cluster: identity experts need no real d_ff; capacity never drops (DeepEP does not).
+    pub fn shape(self, workers: usize) -> ClusterShape {
+        ClusterShape { workers, experts: 256, top_k: 8, d_model: 7168, d_ff: 64 }
+    }
+}
+
+/// A whole-model step: a synthetic model of `layers` MoE layers of the sweep's first shape, each
+/// call `tokens` through all of them in order with `attention` before each.
+#[derive(Debug, Clone, Copy)]
+pub struct StepPlan {
+    pub layers: u32,
+    pub tokens: usize,
+    pub attention: AttentionStandIn,
+}
+
+/// What `run` measures.
+#[derive(Debug, Clone)]
+pub struct BenchPlan {
+    pub axes: Axes,
+    pub grid: bool,
+    /// Skip the sweep (presets only).
+    pub sweep: bool,
+    pub presets: Vec<Preset>,
+    pub preset_workers: usize,
+    /// Measured calls of each preset, and the most time they may take (a DeepEP-normal call moves
+    /// ~470 MB each way: seconds, not milliseconds, on one CPU host).
+    pub preset_calls: u64,
+    pub preset_time: Duration,
+    /// Whether the presets' workers start on each request of a call as it arrives, the rest of the
+    /// dispatch still on the wire; otherwise each waits for its whole dispatch
+    /// ([`super::WHOLE_DISPATCH_WAIT`]).
+    pub preset_overlap: bool,
+    /// Run the presets (and the step) once per rate, the workers behind links of that rate;
+    /// empty: on loopback.
+    pub link_rates: Vec<LinkRate>,
+    /// Every host's TCP congestion control on the links.
+    pub link_congestion: CongestionControl,
+    /// A whole-model step to measure, if any.
+    pub step: Option<StepPlan>,
+}
+
+impl BenchPlan {
+    /// Where a run on `link` puts the cluster: each worker behind a link of that rate, every host
+    /// running the plan's congestion control; without a link, `otherwise`.
+    pub(super) fn hosts_behind(&self, link: Option<LinkRate>, otherwise: Hosts) -> Hosts {
+        link.map_or(otherwise, |rate| Hosts::Namespaces { worker_link: Some(rate), congestion: self.link_congestion })
     }
 }
 

@@ -1,0 +1,35 @@
+//! Where the figures were measured: the CPU, its cores, the GPUs, the guest's halt polling.
+
+/// CPU model and core count, for the report's header.
+pub(super) fn machine_summary() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|name| name.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let cuda = if tch::Cuda::is_available() {
+        format!("CUDA: {}", gpu_names().unwrap_or_else(|| format!("{} device(s)", tch::Cuda::device_count())))
+    } else {
+        "no CUDA".to_owned()
+    };
+    // KVM guests' cpuidle-haltpoll: at 0 an idle core halts at once and every wake of a thread on
+    // it waits for the host (a condvar round trip ~10x slower than with polling, on the machine
+    // this was written on).
+    let halt_polling = std::fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        .map(|nanos| format!(", guest halt polling {} ns", nanos.trim()))
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores available, {cuda}{halt_polling}")
+}
+
+/// The GPUs' names as `nvidia-smi` reports them, when it is there.
+fn gpu_names() -> Option<String> {
+    let output =
+        std::process::Command::new("nvidia-smi").args(["--query-gpu=name", "--format=csv,noheader"]).output().ok()?;
+    let names = String::from_utf8_lossy(&output.stdout).lines().map(str::trim).collect::<Vec<_>>().join(", ");
+    (output.status.success() && !names.is_empty()).then_some(names)
+}
