@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it (.ci/run calls this): set-up, format and lint checks, then
-# unit, in-process and integration tests (which start real processes on 127.0.0.1; promtool checks
-# every process's /metrics), the fuzz targets for a bounded time (scripts/fuzz.sh), then the Helm
-# chart's tests (real Helm 3 and Helm 4 engines, strict Kubernetes schemas, the binaries' flags).
+# The whole test suite, as CI runs it (.ci/run calls this): set-up, format, lint and API-doc checks,
+# then unit, in-process and integration tests (which start real processes on 127.0.0.1; promtool
+# checks every process's /metrics), the fuzz targets for a bounded time (scripts/fuzz.sh), then the
+# Helm chart's tests (real Helm 3 and Helm 4 engines, strict Kubernetes schemas, the binaries' flags).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$SWITCHYARD_ROOT/scripts/setup.sh"
@@ -13,6 +13,8 @@ echo "==> cargo fmt --check" >&2
 cargo fmt --all --check
 echo "==> cargo clippy -D warnings" >&2
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+echo "==> cargo doc -D warnings (broken intra-doc links, links to private items)" >&2
+RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps --workspace --quiet
 # The validators (Helm, schemas, promtool) before the tests: the metrics test runs promtool.
 "$SWITCHYARD_ROOT/scripts/setup-chart-tools.sh"
 echo "==> cargo test" >&2

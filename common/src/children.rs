@@ -116,7 +116,7 @@ impl ChildProcess {
         let _ = self.child.kill().await;
     }
 
-    /// Its resident memory in bytes (Linux: `VmRSS` of /proc/<pid>/status); `None` once it exited.
+    /// Its resident memory in bytes (Linux: `VmRSS` of `/proc/PID/status`); `None` once it exited.
     pub fn rss_bytes(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
         let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;

@@ -289,7 +289,7 @@ write_to_inner!(impl [IO: AsyncWrite + Unpin] for TlsConnection<IO>);
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TlsArgs {
     /// This process's certificate chain (PEM, leaf first), naming its role in a
-    /// spiffe://switchyard/<role> URI (`switchyard certs` writes a development set). With
+    /// `spiffe://switchyard/ROLE` URI (`switchyard certs` writes a development set). With
     /// --tls-key and --tls-ca, every connection it serves or opens is mutual TLS, and each call is
     /// checked against the caller's role. Re-read when the files change.
     #[arg(long, global = true, env = "SWITCHYARD_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
@@ -339,7 +339,7 @@ impl TlsArgs {
 static OUTGOING: std::sync::OnceLock<ClientTls> = std::sync::OnceLock::new();
 
 /// Makes `tls` the identity this process presents on every connection it opens
-/// ([`crate::transport::channel`], [`crate::transport::counted_channel`]): a process has one role
+/// ([`crate::transport::channel`], [`crate::transport::counted_h2_channel`]): a process has one role
 /// in the cluster, so its clients (to the coordinator, to workers) need not each be told. Set it
 /// once, before the first connection; `false` if it was set already.
 pub fn use_for_outgoing(tls: ClientTls) -> bool {

@@ -22,8 +22,8 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_WORKER_METRICS_LISTEN", default_value = "127.0.0.1:9091")]
     pub metrics_listen: SocketAddr,
 
-    /// Endpoint the coordinator and clients dial, e.g. http://worker-0.workers:50061.
-    /// Default: http://<listen address>:<bound port>, with 127.0.0.1 for an unspecified address.
+    /// Endpoint the coordinator and clients dial, e.g. `http://worker-0.workers:50061`.
+    /// Default: `http://LISTEN_ADDRESS:BOUND_PORT`, with 127.0.0.1 for an unspecified address.
     #[arg(long, env = "SWITCHYARD_WORKER_ADVERTISE")]
     pub advertise: Option<String>,
 

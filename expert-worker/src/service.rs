@@ -270,7 +270,7 @@ impl expert_worker_server::ExpertWorker for ExpertWorkerService {
 
     type ForwardStreamStream = ForwardResponseStream;
 
-    /// Each request on the stream runs concurrently ([`ExpertWorkerService::answer_each`]).
+    /// Each request on the stream runs concurrently (`ExpertWorkerService::answer_each`).
     async fn forward_stream(
         &self,
         request: Request<Streaming<v1::ForwardRequest>>,

@@ -37,7 +37,7 @@ const CPU_PRODUCT_BUDGET: Duration = Duration::from_millis(500);
 /// thread (libtorch's thread count is per thread): one warm-up, then the best of `samples` timed
 /// batches, each long enough on a GPU that launch latency does not count. On a CPU, `size` is the
 /// largest side: a dtype whose products are slow there is measured on the largest square (from
-/// 256, doubling) whose product fits [`CPU_PRODUCT_BUDGET`], so a slow path still gets a figure
+/// 256, doubling) whose product fits `CPU_PRODUCT_BUDGET`, so a slow path still gets a figure
 /// in seconds. The peak names the size it used.
 pub fn measure(device: Device, dtype: WeightDtype, threads: i32, size: i64, samples: usize) -> MatmulPeak {
     measure_by(Clock::Wall, device, dtype, threads, size, samples)

@@ -7,7 +7,7 @@ use switchyard_common::tls::{self, Role};
 
 #[derive(Debug, clap::Args)]
 pub struct CertsArgs {
-    /// Folder to write into: ca.pem and ca-key.pem, then <role>.pem and <role>-key.pem for the
+    /// Folder to write into: ca.pem and ca-key.pem, then ROLE.pem and ROLE-key.pem for the
     /// coordinator, worker and client roles (keys readable by their owner only).
     #[arg(long, env = "SWITCHYARD_CERTS_OUT", default_value = "certs")]
     pub out: PathBuf,
@@ -17,7 +17,7 @@ pub struct CertsArgs {
     #[arg(long, env = "SWITCHYARD_CERTS_HOSTS", value_delimiter = ',', default_value = "localhost,127.0.0.1")]
     pub hosts: Vec<String>,
 
-    /// Also a worker certificate of its own for each of these names (<name>.pem, <name>-key.pem;
+    /// Also a worker certificate of its own for each of these names (NAME.pem, NAME-key.pem;
     /// comma-separated): the coordinator binds each worker id to the certificate that registered
     /// it, so with one certificate per worker no worker can heartbeat or drain another's id.
     #[arg(long, env = "SWITCHYARD_CERTS_WORKERS", value_delimiter = ',')]

@@ -2,7 +2,7 @@
 //! callers in a closed loop (or an open loop on a Poisson schedule) against the distributed layer or
 //! the in-process reference, a warm-up that is not measured, and the tallies of a [`LoadReport`]:
 //! latency (HDR histograms), errors by gRPC code, overflow, bytes, the time breakdown and the
-//! ledger. [`summary`] turns them into figures; [`crate::report`] renders those.
+//! ledger. `summary` turns them into figures; [`crate::report`] renders those.
 
 mod step;
 mod summary;

@@ -1,6 +1,6 @@
 //! Real checkpoints: safetensors directories (sharded or not, F32, F16 or BF16) of every family
 //! Switchyard serves, read by their public tensor names, with sizes, layers, router and expert form
-//! from `config.json` ([`config`]).
+//! from `config.json` (`config`).
 //!
 //! | family | MoE block of layer L | router | experts |
 //! | --- | --- | --- | --- |
