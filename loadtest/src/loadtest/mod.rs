@@ -2,33 +2,33 @@
 //! callers in a closed loop (or an open loop on a Poisson schedule) against the distributed layer or
 //! the in-process reference, a warm-up that is not measured, and the tallies of a [`LoadReport`]:
 //! latency (HDR histograms), errors by gRPC code, overflow, bytes, the time breakdown and the
-//! ledger. `summary` turns them into figures; [`crate::report`] renders those.
+//! ledger. `arrival` says when calls start, `target` what one call is, `report` tallies them;
+//! `summary` turns them into figures; [`crate::report`] renders those.
 
+mod arrival;
+mod progress;
+mod report;
 mod step;
 mod summary;
+mod target;
 
+pub use arrival::{Arrival, Stage, poisson_arrivals, ramp_arrivals, ramp_calls, ramp_rate};
+pub use report::LoadReport;
 pub use step::{AttentionStandIn, ModelStep, StepSplit};
 pub use summary::{LoadSummary, PhaseFigures, RunInfo, Thresholds, describe_stages};
+pub use switchyard_router_client::layer::InProcessLayer;
+pub use target::Target;
 
-use step::{PreparedStandIn, ResidualStream};
-
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
-use rand::{Rng, SeedableRng};
-
-use crate::skew::{Inputs, Skew, gate_rows};
-use switchyard_model::ModelSpec;
-use switchyard_router_client::client::MoeClient;
 use switchyard_router_client::error::ClientError;
-pub use switchyard_router_client::layer::InProcessLayer;
-use switchyard_router_client::ledger::{CommLedger, WorkerCall};
-use switchyard_router_client::router::{RoutingOverrides, RoutingSummary};
-use switchyard_router_client::stats::RouterStats;
-use switchyard_router_client::timing::{ByteCounts, TimeBreakdown};
+use switchyard_router_client::router::RoutingOverrides;
+
+use self::progress::show_progress;
+use self::target::{CallOutcome, CallPlan};
+use crate::skew::{Inputs, Skew, gate_rows};
 
 /// What load to apply.
 #[derive(Debug, Clone)]
@@ -83,407 +83,6 @@ impl LoadSpec {
     }
 }
 
-/// Adds `loads` (per expert) into `totals` element by element, growing `totals` to fit.
-fn add_loads<T: Copy + Into<u64>>(totals: &mut Vec<u64>, loads: &[T]) {
-    if totals.len() < loads.len() {
-        totals.resize(loads.len(), 0);
-    }
-    for (total, load) in totals.iter_mut().zip(loads) {
-        *total += (*load).into();
-    }
-}
-
-/// How calls are started.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub enum Arrival {
-    /// `concurrency` callers, each starting its next call when the last one answered.
-    #[default]
-    Closed,
-    /// Calls start on a seeded Poisson schedule at `rate` per second, whether or not earlier ones
-    /// answered; latency counts from the scheduled start, so queueing is not hidden (no coordinated
-    /// omission).
-    Open { rate: f64 },
-    /// As `Open`, at a rate that ramps through `stages` (k6's stages): it moves linearly from the
-    /// previous stage's target (0 before the first) to each stage's target over its duration. The
-    /// stages are the whole measured run: no warm-up.
-    Ramp { stages: Arc<[Stage]> },
-}
-
-/// One stage of a ramp: the arrival rate reaches `target` calls per second at its end.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Stage {
-    pub duration: Duration,
-    pub target: f64,
-}
-
-/// The arrival rate `at` into `stages` (0 past the last).
-pub fn ramp_rate(stages: &[Stage], at: Duration) -> f64 {
-    let mut from = 0.0;
-    let mut start = Duration::ZERO;
-    for stage in stages {
-        let end = start + stage.duration;
-        if at < end {
-            let progress = (at - start).as_secs_f64() / stage.duration.as_secs_f64().max(1e-9);
-            return from + (stage.target - from) * progress;
-        }
-        (from, start) = (stage.target, end);
-    }
-    0.0
-}
-
-/// Calls the stages offer in all (the integral of their rate).
-pub fn ramp_calls(stages: &[Stage]) -> f64 {
-    let mut from = 0.0;
-    let mut calls = 0.0;
-    for stage in stages {
-        calls += (from + stage.target) / 2.0 * stage.duration.as_secs_f64();
-        from = stage.target;
-    }
-    calls
-}
-
-/// Offsets of a seeded Poisson process whose rate follows `stages`: arrivals at the stages' peak
-/// rate, each kept with probability rate(t)/peak (thinning; Lewis and Shedler).
-pub fn ramp_arrivals(stages: &[Stage], seed: u64) -> impl Iterator<Item = Duration> + use<> {
-    let stages: Vec<Stage> = stages.to_vec();
-    let peak = stages.iter().map(|stage| stage.target).fold(0.0, f64::max);
-    let end: Duration = stages.iter().map(|stage| stage.duration).sum();
-    let mut keep = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f7a_3e00_u64);
-    (peak > 0.0)
-        .then(|| poisson_arrivals(peak, seed))
-        .into_iter()
-        .flatten()
-        .take_while(move |at| *at < end)
-        .filter(move |at| keep.random_range(0.0..peak) < ramp_rate(&stages, *at))
-}
-
-/// Offsets from the start of a Poisson process of `rate` events per second (exponential gaps).
-pub fn poisson_arrivals(rate: f64, seed: u64) -> impl Iterator<Item = Duration> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut at = 0.0f64;
-    std::iter::from_fn(move || {
-        let uniform: f64 = rng.random_range(f64::EPSILON..1.0);
-        at += -uniform.ln() / rate;
-        Some(Duration::from_secs_f64(at))
-    })
-}
-
-/// Where calls go.
-#[derive(Debug, Clone)]
-pub enum Target {
-    Distributed(Arc<MoeClient>),
-    Reference(Arc<dyn InProcessLayer>),
-}
-
-impl Target {
-    /// Socket bytes so far per worker endpoint: `(endpoint, sent, received)`.
-    fn wire_bytes(&self) -> Vec<(Arc<str>, u64, u64)> {
-        match self {
-            Target::Distributed(client) => client.wire_bytes(),
-            Target::Reference(_) => Vec::new(),
-        }
-    }
-
-    fn model(&self) -> Option<ModelSpec> {
-        match self {
-            Target::Distributed(client) => client.table().map(|table| table.model.clone()),
-            Target::Reference(reference) => Some(reference.model().clone()),
-        }
-    }
-
-    /// One call of `plan`: its layers in order, the stand-in before each, outcomes merged.
-    async fn call(
-        &self,
-        plan: &CallPlan,
-        hidden: Arc<Vec<f32>>,
-        routing: RoutingOverrides,
-    ) -> Result<CallOutcome, ClientError> {
-        let mut merged: Option<CallOutcome> = None;
-        let mut input = hidden;
-        let mut stream: Option<ResidualStream> = None;
-        for (position, &layer) in plan.layers.iter().enumerate() {
-            let attention = plan.stand_in.run(&input).await;
-            let (mut outcome, output) = self.call_layer(layer, input.clone(), routing).await?;
-            outcome.attention = attention;
-            if position + 1 < plan.layers.len() {
-                // The client adds the layer's output to the residual stream before the next layer:
-                // its time is the combine's.
-                let started = Instant::now();
-                let residual = stream.take().unwrap_or_else(|| ResidualStream::new(&input, plan.d_model));
-                let (residual, next) = tokio::task::spawn_blocking(move || {
-                    let mut residual = residual;
-                    let next = residual.advance(&output);
-                    (residual, next)
-                })
-                .await
-                .map_err(|error| ClientError::Internal { reason: format!("the residual stream's task: {error}") })?;
-                (stream, input) = (Some(residual), Arc::new(next));
-                let added = started.elapsed();
-                outcome.timing.combine += added;
-                outcome.timing.wall += added;
-            }
-            match &mut merged {
-                None => merged = Some(outcome),
-                Some(step) => step.add_layer(outcome),
-            }
-        }
-        let mut outcome =
-            merged.ok_or(ClientError::InvalidInput { field: "layers", reason: "no layer to call".into() })?;
-        outcome.routing.stats = outcome.routing.stats.mean_of(plan.layers.len() as u64);
-        Ok(outcome)
-    }
-
-    async fn call_layer(
-        &self,
-        layer: u32,
-        hidden: Arc<Vec<f32>>,
-        routing: RoutingOverrides,
-    ) -> Result<(CallOutcome, Vec<f32>), ClientError> {
-        match self {
-            // The distributed client carries its overrides in its options.
-            Target::Distributed(client) => {
-                let output = client.forward(layer, &hidden).await?;
-                let outcome = CallOutcome {
-                    routing: output.routing,
-                    timing: output.timing,
-                    bytes: output.bytes,
-                    workers: vec![(layer, output.workers)],
-                    attention: Duration::ZERO,
-                };
-                Ok((outcome, output.hidden))
-            }
-            // Its experts compute on its worker's thread, as the distributed layer's do on theirs.
-            Target::Reference(reference) => {
-                let output = reference.forward_rows(layer, &hidden, &routing).await?;
-                let outcome = CallOutcome {
-                    routing: output.routing,
-                    timing: output.timing,
-                    bytes: ByteCounts::default(),
-                    workers: Vec::new(),
-                    attention: Duration::ZERO,
-                };
-                Ok((outcome, output.hidden))
-            }
-        }
-    }
-}
-
-/// The layers each call runs through, and what stands in for attention before each.
-struct CallPlan {
-    layers: Vec<u32>,
-    stand_in: PreparedStandIn,
-    d_model: usize,
-}
-
-impl CallPlan {
-    fn of(spec: &LoadSpec, d_model: usize) -> Self {
-        let (layers, stand_in) = match &spec.step {
-            Some(step) => (step.layers.clone(), PreparedStandIn::new(step.attention, d_model)),
-            None => (vec![spec.layer], PreparedStandIn::None),
-        };
-        Self { layers, stand_in, d_model }
-    }
-}
-
-struct CallOutcome {
-    routing: RoutingSummary,
-    timing: TimeBreakdown,
-    bytes: ByteCounts,
-    /// Each layer's workers' shares of this call.
-    workers: Vec<(u32, Vec<WorkerCall>)>,
-    /// The attention stand-ins' time.
-    attention: Duration,
-}
-
-impl CallOutcome {
-    /// Folds the next layer of a step in: the same tokens, every other count and time added.
-    fn add_layer(&mut self, layer: CallOutcome) {
-        let routing = &mut self.routing;
-        routing.assignments += layer.routing.assignments;
-        routing.dropped += layer.routing.dropped;
-        routing.rerouted += layer.routing.rerouted;
-        routing.refused += layer.routing.refused;
-        routing.stats += layer.routing.stats;
-        if routing.tokens_per_expert.len() < layer.routing.tokens_per_expert.len() {
-            routing.tokens_per_expert.resize(layer.routing.tokens_per_expert.len(), 0);
-        }
-        for (total, load) in routing.tokens_per_expert.iter_mut().zip(&layer.routing.tokens_per_expert) {
-            *total += load;
-        }
-        self.timing += layer.timing;
-        self.bytes += layer.bytes;
-        self.workers.extend(layer.workers);
-        self.attention += layer.attention;
-    }
-}
-
-/// Everything a load test measured.
-#[derive(Debug, Clone)]
-pub struct LoadReport {
-    pub target: String,
-    pub concurrency: usize,
-    pub arrival: Arrival,
-    pub tokens_per_call: usize,
-    pub measured: Duration,
-    /// From the window's start until its last call ended: past `measured` when calls started in
-    /// the window were still out at its end (an overloaded cluster).
-    pub elapsed: Duration,
-    pub calls: u64,
-    /// Open loop: measured arrivals not started because `max_in_flight` calls were out.
-    pub dropped_arrivals: u64,
-    /// Failed calls by gRPC code name.
-    pub errors: BTreeMap<String, u64>,
-    pub first_error: Option<String>,
-    pub tokens: u64,
-    pub assignments: u64,
-    pub dropped: u64,
-    pub rerouted: u64,
-    /// Assignments full expert queues refused and the client let overflow (`--on-refusal overflow`).
-    pub refused: u64,
-    /// Router statistics summed over calls (see [`LoadReport::mean_router_stats`]).
-    pub router_stats_total: RouterStats,
-    /// Latency in microseconds.
-    pub latency: Histogram<u64>,
-    /// Per phase of [`TimeBreakdown::PHASES`], microseconds per call.
-    pub phase_histograms: Vec<Histogram<u64>>,
-    /// Kept assignments per expert, summed over calls.
-    pub expert_load: Vec<u64>,
-    pub timing_total: TimeBreakdown,
-    pub bytes_total: ByteCounts,
-    /// Per (layer, worker): bytes, encode/decode, dispatch, queue, compute, the straggler view.
-    pub ledger: CommLedger,
-    /// Per call, the slowest worker's request transfer (client → worker handler), summed over calls.
-    pub dispatch_total: Duration,
-    /// Per call, the slowest worker's answer transfer (worker reply → client), summed over calls.
-    pub combine_transfer_total: Duration,
-    /// The same two transfers call by call, in microseconds (calls that reached a worker): how
-    /// they spread around the means the totals give.
-    pub dispatch_histogram: Histogram<u64>,
-    pub combine_transfer_histogram: Histogram<u64>,
-    /// Per call, the longest of the workers' whole request transfers (first sent → last received)
-    /// and answer transfers (first reply → last answer in), summed over calls: what a link's rate
-    /// bounds.
-    pub dispatch_span_total: Duration,
-    pub combine_span_total: Duration,
-    /// MoE layers each call ran through (1, or a whole-model step's), and the attention stand-ins'
-    /// time summed over calls.
-    pub layers_per_call: usize,
-    pub attention_total: Duration,
-}
-
-impl LoadReport {
-    /// A report of no calls yet, of `spec`'s load, labelled `name`.
-    fn empty(name: &str, spec: &LoadSpec) -> Self {
-        LoadReport {
-            target: name.to_owned(),
-            concurrency: spec.concurrency,
-            arrival: spec.arrival.clone(),
-            tokens_per_call: spec.tokens_per_call,
-            measured: Duration::ZERO,
-            elapsed: Duration::ZERO,
-            calls: 0,
-            dropped_arrivals: 0,
-            errors: BTreeMap::new(),
-            first_error: None,
-            tokens: 0,
-            assignments: 0,
-            dropped: 0,
-            rerouted: 0,
-            refused: 0,
-            router_stats_total: RouterStats::default(),
-            latency: micros_histogram(),
-            phase_histograms: TimeBreakdown::PHASES.iter().map(|_| micros_histogram()).collect(),
-            expert_load: Vec::new(),
-            timing_total: TimeBreakdown::default(),
-            bytes_total: ByteCounts::default(),
-            ledger: CommLedger::default(),
-            dispatch_total: Duration::ZERO,
-            combine_transfer_total: Duration::ZERO,
-            dispatch_histogram: micros_histogram(),
-            combine_transfer_histogram: micros_histogram(),
-            dispatch_span_total: Duration::ZERO,
-            combine_span_total: Duration::ZERO,
-            layers_per_call: spec.step.as_ref().map_or(1, |step| step.layers.len()),
-            attention_total: Duration::ZERO,
-        }
-    }
-
-    /// Adds the calls of `later`, a run of the same load against the same target measured after
-    /// this one: a measurement taken in rounds (with something else measured between them) reads
-    /// as one.
-    pub fn absorb(&mut self, later: LoadReport) {
-        self.measured += later.measured;
-        self.elapsed += later.elapsed;
-        self.calls += later.calls;
-        self.dropped_arrivals += later.dropped_arrivals;
-        for (code, count) in later.errors {
-            *self.errors.entry(code).or_default() += count;
-        }
-        if self.first_error.is_none() {
-            self.first_error = later.first_error;
-        }
-        self.tokens += later.tokens;
-        self.assignments += later.assignments;
-        self.dropped += later.dropped;
-        self.rerouted += later.rerouted;
-        self.refused += later.refused;
-        self.router_stats_total += later.router_stats_total;
-        let _ = self.latency.add(&later.latency);
-        for (histogram, more) in self.phase_histograms.iter_mut().zip(&later.phase_histograms) {
-            let _ = histogram.add(more);
-        }
-        add_loads(&mut self.expert_load, &later.expert_load);
-        self.timing_total += later.timing_total;
-        self.bytes_total += later.bytes_total;
-        self.ledger.absorb(later.ledger);
-        self.dispatch_total += later.dispatch_total;
-        self.combine_transfer_total += later.combine_transfer_total;
-        let _ = self.dispatch_histogram.add(&later.dispatch_histogram);
-        let _ = self.combine_transfer_histogram.add(&later.combine_transfer_histogram);
-        self.dispatch_span_total += later.dispatch_span_total;
-        self.combine_span_total += later.combine_span_total;
-        self.attention_total += later.attention_total;
-    }
-
-    /// Over the real time the window's calls took ([`LoadReport::elapsed`]), so an overloaded
-    /// run does not claim the answers that came after its window.
-    pub fn tokens_per_second(&self) -> f64 {
-        self.tokens as f64 / self.elapsed.max(self.measured).as_secs_f64().max(1e-9)
-    }
-
-    /// Successful calls per second, over the real time the window's calls took.
-    pub fn calls_per_second(&self) -> f64 {
-        self.calls as f64 / self.elapsed.max(self.measured).as_secs_f64().max(1e-9)
-    }
-
-    pub fn latency_at(&self, quantile: f64) -> Duration {
-        Duration::from_micros(self.latency.value_at_quantile(quantile))
-    }
-
-    pub fn failed(&self) -> u64 {
-        self.errors.values().sum()
-    }
-
-    /// Mean time breakdown of a successful call.
-    pub fn mean_timing(&self) -> TimeBreakdown {
-        self.timing_total.mean_of(self.calls)
-    }
-
-    /// Router statistics averaged over successful calls.
-    pub fn mean_router_stats(&self) -> RouterStats {
-        self.router_stats_total.mean_of(self.calls)
-    }
-}
-
-/// Microseconds from 1 µs to 10 minutes, 3 significant digits.
-fn micros_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
-}
-
-fn micros(duration: Duration) -> u64 {
-    duration.as_micros().clamp(1, 600_000_000) as u64
-}
-
 struct Shared {
     report: Mutex<LoadReport>,
     claimed: AtomicU64,
@@ -492,48 +91,7 @@ struct Shared {
 impl Shared {
     /// Counts one measured call that took `latency`.
     fn record(&self, outcome: Result<CallOutcome, ClientError>, latency: Duration) {
-        let mut report = self.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match outcome {
-            Ok(outcome) => {
-                report.calls += 1;
-                report.tokens += outcome.routing.tokens as u64;
-                report.assignments += outcome.routing.assignments as u64;
-                report.dropped += outcome.routing.dropped as u64;
-                report.rerouted += outcome.routing.rerouted as u64;
-                report.refused += outcome.routing.refused as u64;
-                report.router_stats_total += outcome.routing.stats;
-                report.timing_total += outcome.timing;
-                report.bytes_total += outcome.bytes;
-                let _ = report.latency.record(micros(latency));
-                for (histogram, phase) in report.phase_histograms.iter_mut().zip(outcome.timing.phases()) {
-                    let _ = histogram.record(micros(phase));
-                }
-                add_loads(&mut report.expert_load, &outcome.routing.tokens_per_expert);
-                report.attention_total += outcome.attention;
-                // A step's layers run one after the other: its transfers add up, each the slowest
-                // worker's of its layer.
-                let (mut dispatch, mut combine_transfer) = (Duration::ZERO, Duration::ZERO);
-                for (layer, workers) in &outcome.workers {
-                    report.ledger.record(*layer, workers);
-                    let slowest =
-                        |time: fn(&WorkerCall) -> Duration| workers.iter().map(time).max().unwrap_or_default();
-                    dispatch += slowest(|call| call.dispatch);
-                    combine_transfer += slowest(|call| call.combine_transfer);
-                    report.dispatch_span_total += slowest(WorkerCall::dispatch_span);
-                    report.combine_span_total += slowest(WorkerCall::combine_span);
-                }
-                report.dispatch_total += dispatch;
-                report.combine_transfer_total += combine_transfer;
-                if outcome.workers.iter().any(|(_, workers)| !workers.is_empty()) {
-                    let _ = report.dispatch_histogram.record(micros(dispatch));
-                    let _ = report.combine_transfer_histogram.record(micros(combine_transfer));
-                }
-            }
-            Err(error) => {
-                *report.errors.entry(format!("{:?}", error.code())).or_default() += 1;
-                report.first_error.get_or_insert_with(|| error.to_string());
-            }
-        }
+        self.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).record(outcome, latency);
     }
 
     /// True while the request budget (if any) allows one more measured call.
@@ -656,47 +214,6 @@ async fn finish(
     report
 }
 
-/// Redraws one status line four times a second: phase, calls, current throughput and p99.
-async fn show_progress(
-    shared: Arc<Shared>,
-    measure_from: Instant,
-    deadline: Instant,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) {
-    let bar = indicatif::ProgressBar::new(deadline.saturating_duration_since(measure_from).as_millis() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let mut ticker = tokio::time::interval(Duration::from_millis(250));
-    let mut last = (Instant::now(), 0u64);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = &mut stop => {
-                bar.finish_and_clear();
-                return;
-            }
-        }
-        let now = Instant::now();
-        let (tokens, calls, failed, p99) = {
-            let report = shared.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            (report.tokens, report.calls, report.failed(), report.latency_at(0.99))
-        };
-        let rate = (tokens - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-3);
-        last = (now, tokens);
-        if now < measure_from {
-            bar.set_message("warming up");
-            continue;
-        }
-        bar.set_position(now.saturating_duration_since(measure_from).as_millis() as u64);
-        bar.set_message(format!(
-            "{calls} calls, {failed} failed, {rate:.0} tokens/s now, p99 {:.1} ms",
-            p99.as_secs_f64() * 1e3
-        ));
-    }
-}
-
 /// Starts calls at `schedule`'s offsets from `started` until `deadline`, each measured from its
 /// scheduled start.
 #[allow(clippy::too_many_arguments)]
@@ -750,8 +267,15 @@ async fn run_open_loop(
 
 #[cfg(test)]
 mod tests {
+    use hdrhistogram::Histogram;
+    use switchyard_model::ModelSpec;
     use switchyard_reference::{ReferenceConfig, ReferenceLayer};
+    use switchyard_router_client::ledger::WorkerCall;
+    use switchyard_router_client::router::RoutingSummary;
+    use switchyard_router_client::timing::{ByteCounts, TimeBreakdown};
 
+    use super::report::{micros, micros_histogram};
+    use super::step::ResidualStream;
     use super::*;
 
     async fn reference(model: &ModelSpec) -> Arc<ReferenceLayer> {
