@@ -1,0 +1,521 @@
+use switchyard_proto::PROTOCOL_VERSION;
+
+use super::*;
+use crate::control::{ControlError, ExpertLoad};
+use crate::error::CoordinatorError;
+
+/// (endpoint, experts) of one recorded call.
+type Call = (String, Vec<ExpertId>);
+
+/// Records every call; fails loads to the endpoints in `failing`, never finishes those to
+/// `hanging`, and finds nothing listening at those in `gone`.
+#[derive(Debug, Default)]
+struct FakeControl {
+    loads: Mutex<Vec<Call>>,
+    unloads: Mutex<Vec<Call>>,
+    failing: Mutex<BTreeSet<String>>,
+    hanging: Mutex<BTreeSet<String>>,
+    gone: Mutex<BTreeSet<String>>,
+}
+
+impl WorkerControl for Arc<FakeControl> {
+    async fn load(&self, endpoint: &str, load: ExpertLoad<'_>) -> Result<(), ControlError> {
+        self.loads.lock().expect("lock").push((endpoint.to_owned(), load.experts));
+        if self.hanging.lock().expect("lock").contains(endpoint) {
+            std::future::pending::<()>().await;
+        }
+        if self.failing.lock().expect("lock").contains(endpoint) {
+            Err(ControlError::Refused {
+                endpoint: endpoint.to_owned(),
+                code: tonic::Code::FailedPrecondition,
+                message: "out of memory".into(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn unload(&self, endpoint: &str, experts: Vec<ExpertId>) -> Result<(), ControlError> {
+        self.unloads.lock().expect("lock").push((endpoint.to_owned(), experts));
+        Ok(())
+    }
+
+    async fn probe(&self, endpoint: &str) -> Result<(), ControlError> {
+        if self.gone.lock().expect("lock").contains(endpoint) {
+            Err(ControlError::Unreachable { endpoint: endpoint.to_owned(), message: "connection refused".into() })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn config(min_workers: usize) -> ClusterConfig {
+    ClusterConfig {
+        model: ModelSpec { d_model: 8, d_ff: 16, ..ModelSpec::default_synthetic() },
+        heartbeat_interval: Duration::from_millis(10),
+        heartbeat_timeout: Duration::from_millis(200),
+        min_workers,
+        queue_limit_tokens: 64,
+        max_batch_tokens: 256,
+        unload_grace: Duration::ZERO,
+        replicas: 1,
+        expert_replicas: BTreeMap::new(),
+        balancing: None,
+    }
+}
+
+fn registration(endpoint: &str) -> Registration {
+    Registration {
+        protocol_version: PROTOCOL_VERSION,
+        name: endpoint.into(),
+        endpoint: endpoint.into(),
+        device: "cpu".into(),
+        memory_bytes: 1 << 30,
+        dtype: None,
+        loaded_experts: Vec::new(),
+        compute_gflops: 0.0,
+        identity: None,
+    }
+}
+
+fn endpoints_by_expert(table: &v1::RoutingTable) -> Vec<String> {
+    table.routes.iter().map(|route| route.endpoints.join(",")).collect()
+}
+
+#[tokio::test]
+async fn waits_for_min_workers_then_places_and_publishes_each_load_as_it_lands() {
+    let control = Arc::new(FakeControl::default());
+    let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
+    cluster.register(registration("a")).expect("register");
+    cluster.reconcile_once().await;
+    assert_eq!(cluster.table().version, 0, "one of two workers: nothing placed yet");
+    cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    let table = cluster.table();
+    assert_eq!(table.version, 2, "a version as each worker's load lands");
+    assert_eq!(table.epoch, cluster.epoch());
+    assert_eq!(table.queue_limit_tokens, 64);
+    let owners = endpoints_by_expert(&table);
+    assert_eq!(owners.iter().filter(|owner| *owner == "a").count(), 4);
+    assert_eq!(owners.iter().filter(|owner| *owner == "b").count(), 4);
+    assert_eq!(control.loads.lock().expect("lock").len(), 2, "one LoadExperts per worker");
+    cluster.reconcile_once().await;
+    assert_eq!(cluster.table().version, 2, "nothing changed, nothing published");
+}
+
+/// Memory holds twice as many bf16 experts as f32 ones: a GPU worker (synthetic weights default
+/// to bf16 there) or one given `--dtype bf16` takes all eight experts in memory for four f32 ones.
+#[tokio::test]
+async fn placement_counts_memory_in_the_dtype_each_worker_keeps_experts_in() {
+    let f32_expert = config(1).model.expert_bytes_of(0, WeightDtype::F32);
+    let room_for_four_f32_experts = |endpoint: &str, device: &str, dtype| Registration {
+        device: device.into(),
+        memory_bytes: 4 * f32_expert,
+        dtype,
+        ..registration(endpoint)
+    };
+    let placed_on_one_worker = |registration: Registration| async move {
+        let cluster = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+        cluster.register(registration).expect("register");
+        cluster.reconcile_once().await;
+        let status = cluster.status();
+        (status.workers[0].experts.len(), status.workers[0].assigned_bytes)
+    };
+    assert_eq!(placed_on_one_worker(room_for_four_f32_experts("cpu", "cpu", None)).await, (4, 4 * f32_expert));
+    assert_eq!(placed_on_one_worker(room_for_four_f32_experts("gpu", "cuda:0", None)).await, (8, 4 * f32_expert));
+    let told_bf16 = room_for_four_f32_experts("cpu-bf16", "cpu", Some(WeightDtype::Bf16));
+    assert_eq!(placed_on_one_worker(told_bf16).await.0, 8);
+    let told_f32 = room_for_four_f32_experts("gpu-f32", "cuda:0", Some(WeightDtype::F32));
+    assert_eq!(placed_on_one_worker(told_f32).await.0, 4);
+}
+
+#[tokio::test]
+async fn heartbeats_tell_a_worker_whether_its_experts_are_placed_and_loaded() {
+    let cluster = Cluster::new(config(2), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+    let (a, _) = cluster.register(registration("a")).expect("register");
+    let beat = |id: &WorkerId| cluster.heartbeat(PROTOCOL_VERSION, &id.0, 0, 0, &[]).expect("alive");
+    assert!(cluster.plan_round().is_empty());
+    assert_eq!(beat(&a), HeartbeatReply { table_version: beat(&a).table_version, placed: false, experts_to_load: 0 });
+
+    let (b, _) = cluster.register(registration("b")).expect("register");
+    let orders = cluster.plan_round();
+    assert_eq!(orders.len(), 2, "both workers get experts to load");
+    let placed_on_a = orders.iter().find(|order| order.worker == a).expect("a's order").experts.len();
+    assert!(placed_on_a > 0);
+    assert_eq!((beat(&a).placed, beat(&a).experts_to_load), (true, placed_on_a), "placed, not loaded yet");
+
+    for order in orders {
+        cluster.finish_load(order, Ok(()));
+    }
+    for worker in [&a, &b] {
+        assert_eq!((beat(worker).placed, beat(worker).experts_to_load), (true, 0), "its experts are loaded");
+    }
+}
+
+#[tokio::test]
+async fn a_silent_worker_is_removed_and_its_experts_move_to_the_survivor() {
+    let control = Arc::new(FakeControl::default());
+    let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
+    let (a, _) = cluster.register(registration("a")).expect("register");
+    cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0, &[]).expect("a is alive");
+    }
+    cluster.reconcile_once().await;
+    let table = cluster.table();
+    assert_eq!(table.version, 4, "b's routes dropped (3), then its experts loaded on a (4)");
+    assert!(endpoints_by_expert(&table).iter().all(|owner| owner == "a"));
+    let loads = control.loads.lock().expect("lock");
+    assert_eq!(loads.last().map(|(endpoint, experts)| (endpoint.as_str(), experts.len())), Some(("a", 8)));
+    let status = cluster.status();
+    assert_eq!(status.workers.len(), 1);
+    assert!(status.unplaced_experts.is_empty());
+}
+
+/// The metrics as Prometheus text.
+fn scrape(metrics: &CoordinatorMetrics) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics.registry(&Default::default())).expect("encode");
+    text
+}
+
+#[tokio::test]
+async fn experts_moved_to_a_joiner_are_published_before_the_old_owner_unloads_them() {
+    let control = Arc::new(FakeControl::default());
+    let metrics = CoordinatorMetrics::default();
+    let cluster = Cluster::new(config(1), control.clone(), metrics.clone());
+    cluster.register(registration("a")).expect("register");
+    cluster.reconcile_once().await;
+    assert!(endpoints_by_expert(&cluster.table()).iter().all(|owner| owner == "a"));
+    cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    let owners = endpoints_by_expert(&cluster.table());
+    assert_eq!(owners.iter().filter(|owner| *owner == "b").count(), 4);
+    let unloads = control.unloads.lock().expect("lock");
+    assert_eq!(unloads.len(), 1);
+    assert_eq!(unloads[0].0, "a");
+    assert_eq!(unloads[0].1, (4..8).map(|e| ExpertId::new(0, e)).collect::<Vec<_>>());
+    let text = scrape(&metrics);
+    for line in [
+        "switchyard_coordinator_experts_loaded_total 12",
+        "switchyard_coordinator_experts_unloaded_total 4",
+        "switchyard_coordinator_load_orders_total{outcome=\"ok\"} 2",
+        "switchyard_coordinator_placed_experts 8",
+        "switchyard_coordinator_table_version 2",
+    ] {
+        assert!(text.lines().any(|metric| metric == line), "{line} in\n{text}");
+    }
+    let per_worker: Vec<&str> =
+        text.lines().filter(|line| line.starts_with("switchyard_coordinator_worker_placed_experts{")).collect();
+    assert_eq!(per_worker.len(), 2, "{per_worker:?}");
+    assert!(per_worker.iter().all(|line| line.ends_with(" 4")), "{per_worker:?}");
+}
+
+#[tokio::test]
+async fn a_failed_load_is_not_published_and_is_retried() {
+    let control = Arc::new(FakeControl::default());
+    control.failing.lock().expect("lock").insert("b".into());
+    let metrics = CoordinatorMetrics::default();
+    let cluster = Cluster::new(config(2), control.clone(), metrics.clone());
+    cluster.register(registration("a")).expect("register");
+    cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    let owners = endpoints_by_expert(&cluster.table());
+    assert!(owners.iter().all(|owner| owner == "a" || owner.is_empty()));
+    assert!(owners.iter().any(String::is_empty), "b's share waits unpublished");
+    assert!(scrape(&metrics).contains("switchyard_coordinator_load_orders_total{outcome=\"failed\"} 1\n"));
+    control.failing.lock().expect("lock").clear();
+    cluster.reconcile_once().await;
+    assert_eq!(control.loads.lock().expect("lock").len(), 2, "b is backing off: not asked again at once");
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    cluster.reconcile_once().await;
+    assert!(endpoints_by_expert(&cluster.table()).iter().all(|owner| !owner.is_empty()));
+}
+
+#[tokio::test]
+async fn worker_ids_of_an_earlier_coordinator_are_unknown_to_a_restarted_one() {
+    let first = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+    let (old_id, _) = first.register(registration("a")).expect("register");
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let restarted = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+    let (new_id, _) = restarted.register(registration("b")).expect("register");
+    assert_ne!(old_id, new_id, "both are the first registration of their coordinator");
+    assert_eq!(
+        restarted.heartbeat(PROTOCOL_VERSION, &old_id.0, 0, 0, &[]),
+        Err(CoordinatorError::UnknownWorker(old_id.0))
+    );
+}
+
+#[test]
+fn registration_and_heartbeat_errors_name_the_field() {
+    let cluster = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+    let stale = Registration { protocol_version: 99, ..registration("a") };
+    assert!(cluster.register(stale).unwrap_err().to_string().starts_with("protocol_version"));
+    let empty = Registration { memory_bytes: 0, ..registration("a") };
+    assert!(cluster.register(empty).unwrap_err().to_string().starts_with("memory_bytes"));
+    let forged = Registration { name: "w1\n2026-12-01 INFO worker removed".into(), ..registration("a") };
+    assert!(cluster.register(forged).unwrap_err().to_string().starts_with("name: contains the control character"));
+    let painted = Registration { device: "\u{1b}[31mcuda".into(), ..registration("a") };
+    assert!(cluster.register(painted).unwrap_err().to_string().starts_with("device: contains the control"));
+    let long = Registration { endpoint: format!("http://{}", "a".repeat(300)), ..registration("a") };
+    assert!(cluster.register(long).unwrap_err().to_string().starts_with("endpoint: longer than 256"));
+    for compute_gflops in [f64::NAN, f64::INFINITY, -1.0, 1e300] {
+        let inflated = Registration { compute_gflops, ..registration("a") };
+        let error = cluster.register(inflated).unwrap_err().to_string();
+        assert!(error.starts_with("compute_gflops: "), "{error}");
+    }
+    assert!(cluster.status().workers.is_empty(), "none of them registered");
+    // Under mutual TLS a worker id is bound to the certificate that registered it.
+    let (id, _) = cluster.register(Registration { identity: Some(vec![1]), ..registration("a") }).expect("register");
+    assert_eq!(cluster.check_owner(&id.0, Some(&[1])), Ok(()));
+    let stolen = cluster.check_owner(&id.0, Some(&[2])).unwrap_err();
+    assert_eq!(stolen.to_string(), format!("worker_id: worker '{id}' was registered over another certificate"));
+    assert_eq!(tonic::Status::from(stolen).code(), tonic::Code::PermissionDenied);
+    assert!(cluster.check_owner(&id.0, None).is_err(), "nor without a certificate");
+    let error = cluster.heartbeat(PROTOCOL_VERSION, "w404", 0, 0, &[]).unwrap_err();
+    assert_eq!(error, CoordinatorError::UnknownWorker("w404".into()));
+    assert_eq!(tonic::Status::from(error).code(), tonic::Code::NotFound);
+}
+
+/// Fuzz target: any registration and heartbeat a network peer can send is taken or refused
+/// with a named field, never a panic, and only well-formed workers are listed.
+mod hostile_membership {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn expert_loads() -> impl Strategy<Value = Vec<(u32, u32, u64)>> {
+        prop::collection::vec((0u32..2048, 0u32..5000, any::<u64>()), 0..12)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_registration_and_heartbeat_is_taken_or_refused(
+            name in ".{0,300}",
+            endpoint in ".{0,300}",
+            device in ".{0,40}",
+            memory_bytes in any::<u64>(),
+            compute_gflops in prop_oneof![Just(0.0), 0.0..1e6, any::<f64>()],
+            protocol in prop_oneof![Just(PROTOCOL_VERSION), any::<u32>()],
+            loaded in expert_loads(),
+            heartbeat_id in prop_oneof![Just(None), ".{0,24}".prop_map(Some)],
+            queued in any::<u64>(),
+        ) {
+            let cluster = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+            let registration = Registration {
+                protocol_version: protocol,
+                name,
+                endpoint,
+                device,
+                memory_bytes,
+                dtype: None,
+                loaded_experts: loaded.iter().map(|(layer, expert, _)| ExpertId::new(*layer, *expert)).collect(),
+                compute_gflops,
+                identity: None,
+            };
+            let registered = cluster.register(registration).ok().map(|(id, _)| id);
+            let offered: Vec<(ExpertId, u64)> =
+                loaded.iter().map(|(layer, expert, tokens)| (ExpertId::new(*layer, *expert), *tokens)).collect();
+            let id = heartbeat_id.or_else(|| registered.as_ref().map(|id| id.0.clone())).unwrap_or_default();
+            let beat = cluster.heartbeat(protocol, &id, queued, queued, &offered);
+            prop_assert!(beat.is_ok() == (registered.as_ref().is_some_and(|known| known.0 == id) && protocol == PROTOCOL_VERSION));
+            for worker in cluster.status().workers {
+                prop_assert!(!worker.name.chars().any(char::is_control) && !worker.endpoint.is_empty());
+            }
+        }
+    }
+}
+
+fn config_with_replicas(replicas: usize) -> ClusterConfig {
+    ClusterConfig { replicas, ..config(1) }
+}
+
+#[tokio::test]
+async fn an_expert_given_its_own_replica_count_gets_it() {
+    let config = ClusterConfig { expert_replicas: [(3, 3)].into(), ..config_with_replicas(1) };
+    let cluster = Cluster::new(config, Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+    for endpoint in ["a", "b", "c"] {
+        cluster.register(registration(endpoint)).expect("register");
+    }
+    cluster.reconcile_once().await;
+    let holders: Vec<usize> = cluster.table().routes.iter().map(|route| route.endpoints.len()).collect();
+    assert_eq!(holders, [1, 1, 1, 3, 1, 1, 1, 1]);
+}
+
+#[tokio::test]
+async fn replicas_put_each_expert_on_that_many_workers() {
+    let control = Arc::new(FakeControl::default());
+    let cluster = Cluster::new(config_with_replicas(2), control.clone(), CoordinatorMetrics::default());
+    for endpoint in ["a", "b", "c"] {
+        cluster.register(registration(endpoint)).expect("register");
+    }
+    cluster.reconcile_once().await;
+    let table = cluster.table();
+    for route in &table.routes {
+        assert_eq!(route.endpoints.len(), 2, "{route:?}");
+        assert_ne!(route.endpoints[0], route.endpoints[1]);
+    }
+    let per_worker: Vec<usize> = cluster.status().workers.iter().map(|worker| worker.experts.len()).collect();
+    assert!(per_worker.iter().all(|count| (5..=6).contains(count)), "16 replicas over 3 workers: {per_worker:?}");
+}
+
+/// Keeps `alive` heartbeating while `run` reconciles in the background, until `done` holds.
+async fn heartbeat_until(
+    cluster: &Cluster<Arc<FakeControl>>,
+    alive: &[WorkerId],
+    within: Duration,
+    done: impl Fn(&v1::RoutingTable) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        for id in alive {
+            cluster.heartbeat(PROTOCOL_VERSION, &id.0, 0, 0, &[]).expect("alive");
+        }
+        if done(&cluster.table()) {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("not done within {within:?}: {:?}", cluster.table());
+}
+
+fn stop_on(
+    cluster: &Arc<Cluster<Arc<FakeControl>>>,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(cluster.clone().run(async move {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+/// A joiner whose LoadExperts never returns must not keep a dead worker in the table: expiry
+/// runs on its own timer, and the dead worker's experts fall back to their other holder.
+#[tokio::test]
+async fn a_hung_load_does_not_keep_a_dead_worker_in_the_table() {
+    let control = Arc::new(FakeControl::default());
+    control.hanging.lock().expect("lock").insert("c".into());
+    let cluster = Cluster::new(config_with_replicas(2), control.clone(), CoordinatorMetrics::default());
+    let (a, _) = cluster.register(registration("a")).expect("register");
+    cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    let (stop, task) = stop_on(&cluster);
+    let (c, _) = cluster.register(registration("c")).expect("register");
+    let routes_to = |endpoint: &'static str| {
+        move |table: &v1::RoutingTable| table.routes.iter().any(|route| route.endpoints.iter().any(|e| e == endpoint))
+    };
+    // c's load hangs: b stops heartbeating and is dropped within the timeout (200 ms) anyway.
+    let took =
+        heartbeat_until(&cluster, &[a.clone(), c.clone()], Duration::from_secs(2), |table| !routes_to("b")(table))
+            .await;
+    assert!(took < Duration::from_millis(400), "b dropped after {took:?}");
+    assert!(endpoints_by_expert(&cluster.table()).iter().all(|owners| owners == "a"), "a holds every expert");
+    let _ = stop.send(());
+    task.await.expect("run stops");
+}
+
+/// A late worker that refuses connections is removed at once, not after the full timeout.
+#[tokio::test]
+async fn a_late_worker_that_refuses_connections_is_removed_without_waiting_for_the_timeout() {
+    let control = Arc::new(FakeControl::default());
+    let config = ClusterConfig { heartbeat_timeout: Duration::from_secs(30), ..config_with_replicas(2) };
+    let cluster = Cluster::new(config, control.clone(), CoordinatorMetrics::default());
+    let (a, _) = cluster.register(registration("a")).expect("register");
+    cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    control.gone.lock().expect("lock").insert("b".into());
+    let (stop, task) = stop_on(&cluster);
+    let took = heartbeat_until(&cluster, &[a], Duration::from_secs(5), |table| {
+        table.routes.iter().all(|route| route.endpoints == ["a"])
+    })
+    .await;
+    assert!(took < Duration::from_millis(200), "b removed after {took:?}, timeout 30 s");
+    let _ = stop.send(());
+    task.await.expect("run stops");
+}
+
+#[tokio::test]
+async fn a_draining_workers_experts_move_before_it_is_told_it_may_stop() {
+    let control = Arc::new(FakeControl::default());
+    let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
+    cluster.register(registration("a")).expect("register");
+    let (b, _) = cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    let (routed, _) = cluster.drain(PROTOCOL_VERSION, &b.0).expect("drain");
+    assert_eq!(routed, 4, "b still serves its experts until a holds them");
+    assert!(cluster.status().workers.iter().any(|worker| worker.draining));
+    cluster.reconcile_once().await;
+    let (routed, version) = cluster.drain(PROTOCOL_VERSION, &b.0).expect("drain");
+    assert_eq!((routed, version), (0, cluster.table().version));
+    assert!(endpoints_by_expert(&cluster.table()).iter().all(|owners| owners == "a"));
+    assert_eq!(control.unloads.lock().expect("lock").len(), 1, "b's copies are unloaded after the grace");
+    assert!(cluster.drain(PROTOCOL_VERSION, "w404").is_err());
+}
+
+/// Workers rejoining a restarted coordinator keep what they hold: no expert is loaded again,
+/// even when the first one to rejoin could take everything.
+#[tokio::test]
+async fn a_restarted_coordinator_adopts_what_rejoining_workers_hold() {
+    let control = Arc::new(FakeControl::default());
+    let cluster = Cluster::new(config(1), control.clone(), CoordinatorMetrics::default());
+    let holding = |endpoint: &str, experts: std::ops::Range<u32>| Registration {
+        loaded_experts: experts.map(|e| ExpertId::new(0, e)).collect(),
+        ..registration(endpoint)
+    };
+    cluster.register(holding("a", 0..4)).expect("register");
+    cluster.reconcile_once().await;
+    assert_eq!(cluster.table().version, 0, "waits for the holders of experts 4..8");
+    cluster.register(holding("b", 4..8)).expect("register");
+    cluster.reconcile_once().await;
+    let owners = endpoints_by_expert(&cluster.table());
+    assert_eq!(owners, ["a", "a", "a", "a", "b", "b", "b", "b"]);
+    assert!(control.loads.lock().expect("lock").is_empty(), "nothing loaded again");
+    assert!(control.unloads.lock().expect("lock").is_empty(), "nothing unloaded");
+}
+
+#[tokio::test]
+async fn a_lone_rejoining_worker_gets_the_rest_once_the_wait_is_over() {
+    let control = Arc::new(FakeControl::default());
+    let cluster = Cluster::new(config(1), control.clone(), CoordinatorMetrics::default());
+    let holding = Registration { loaded_experts: vec![ExpertId::new(0, 0)], ..registration("a") };
+    let (a, _) = cluster.register(holding).expect("register");
+    cluster.reconcile_once().await;
+    assert!(control.loads.lock().expect("lock").is_empty());
+    tokio::time::sleep(config(1).heartbeat_timeout).await;
+    cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0, &[]).expect("alive");
+    cluster.reconcile_once().await;
+    assert!(endpoints_by_expert(&cluster.table()).iter().all(|owners| owners == "a"));
+}
+
+/// EPLB end to end over the plain struct: the traffic workers report makes the hot expert's
+/// route name two workers, and the measured imbalance is published as a metric.
+#[tokio::test]
+async fn measured_traffic_gives_the_hot_expert_a_redundant_replica() {
+    let config =
+        ClusterConfig { balancing: Some(Balancing { interval: Duration::from_millis(1), redundant: 1 }), ..config(2) };
+    let metrics = CoordinatorMetrics::default();
+    let cluster = Cluster::new(config, Arc::new(FakeControl::default()), metrics.clone());
+    let (a, _) = cluster.register(registration("a")).expect("register");
+    let (b, _) = cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    assert!(cluster.table().routes.iter().all(|route| route.endpoints.len() == 1));
+    let hot = ExpertId::new(0, 0);
+    let owner_of_hot = if cluster.table().routes[0].endpoints == ["a"] { &a } else { &b };
+    let mut offered = vec![(hot, 0)];
+    offered.extend((1..4).map(|e| (ExpertId::new(0, e), 0)));
+    cluster.heartbeat(PROTOCOL_VERSION, &owner_of_hot.0, 0, 0, &offered).expect("alive");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    offered = vec![(hot, 9_000)];
+    offered.extend((1..8).map(|e| (ExpertId::new(0, e), 100)));
+    cluster.heartbeat(PROTOCOL_VERSION, &owner_of_hot.0, 0, 0, &offered).expect("alive");
+    cluster.rebalance_by_traffic();
+    cluster.reconcile_once().await;
+    let table = cluster.table();
+    assert_eq!(table.routes[0].endpoints.len(), 2, "the hot expert on both workers: {:?}", table.routes[0]);
+    assert!(table.routes[1..].iter().all(|route| route.endpoints.len() == 1));
+    assert!(scrape(&metrics).contains("switchyard_coordinator_load_imbalance "), "{}", scrape(&metrics));
+}
