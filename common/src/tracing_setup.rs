@@ -1,5 +1,6 @@
-//! Tracing for every binary: logs on stderr, filtered by `RUST_LOG` (default `info`), and the same
-//! spans exported over OTLP when a collector is named ([`crate::otlp`]).
+//! Tracing for every binary: logs on stderr, filtered by `RUST_LOG` (by default [`SERVER_LOGS`] or
+//! [`COMMAND_LOGS`]), and the same spans exported over OTLP when a collector is named
+//! ([`crate::otlp`]).
 
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
@@ -79,11 +80,23 @@ impl Drop for TracingGuard {
     }
 }
 
-/// Installs the global subscriber: `args`' log format, and OTLP export when it names a collector
-/// (`service_name` names this process there). Call once, first thing in `main`, within the Tokio
-/// runtime; keep the guard until the end.
-pub fn init_tracing(args: &TracingArgs, service_name: &'static str) -> Result<TracingGuard, OtlpError> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// What a server (coordinator, worker) logs unless `RUST_LOG` says otherwise.
+pub const SERVER_LOGS: &str = "info";
+
+/// What a command (`switchyard`, `switchyard-torch`) logs unless `RUST_LOG` says otherwise: its
+/// output is its report, so the worker code it may run in-process (the reference layer) says only
+/// what goes wrong, not each step a worker process logs for its operator.
+pub const COMMAND_LOGS: &str = "info,switchyard_expert_worker=warn";
+
+/// Installs the global subscriber: `args`' log format, `default_filter` unless `RUST_LOG` is set,
+/// and OTLP export when `args` names a collector (`service_name` names this process there). Call
+/// once, first thing in `main`, within the Tokio runtime; keep the guard until the end.
+pub fn init_tracing(
+    args: &TracingArgs,
+    service_name: &'static str,
+    default_filter: &str,
+) -> Result<TracingGuard, OtlpError> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match args.log_format {
         LogFormat::Text => logs.with_target(false).boxed(),
@@ -97,4 +110,52 @@ pub fn init_tracing(args: &TracingArgs, service_name: &'static str) -> Result<Tr
     let spans = provider.as_ref().map(crate::otlp::layer);
     tracing_subscriber::registry().with(filter).with(logs).with(spans).init();
     Ok(TracingGuard { provider })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Log lines written, shared with the subscriber that writes them.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lines").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What one event of each target leaves under `filter`.
+    fn logged_under(filter: &str) -> String {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new(filter))
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "switchyard_expert_worker::worker", "experts loaded");
+            tracing::warn!(target: "switchyard_expert_worker::worker", "a load failed");
+            tracing::info!(target: "switchyard_loadtest::cli", "a command's own line");
+        });
+        String::from_utf8(lines.0.lock().expect("lines").clone()).expect("UTF-8")
+    }
+
+    #[test]
+    fn a_commands_report_is_not_interleaved_with_the_steps_of_the_worker_code_it_runs() {
+        let command = logged_under(COMMAND_LOGS);
+        assert!(!command.contains("experts loaded"), "{command}");
+        assert!(command.contains("a load failed") && command.contains("a command's own line"), "{command}");
+        let server = logged_under(SERVER_LOGS);
+        assert!(server.contains("experts loaded"), "a worker process says it to its operator: {server}");
+    }
 }

@@ -1,12 +1,13 @@
 use anyhow::Context;
 use clap::Parser;
+use switchyard_common::tracing_setup;
 use switchyard_coordinator::Args;
 use switchyard_coordinator::cluster::ClusterConfig;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _spans = switchyard_common::tracing_setup::init_tracing(&args.tracing, "switchyard-coordinator")?;
+    let _spans = tracing_setup::init_tracing(&args.tracing, "switchyard-coordinator", tracing_setup::SERVER_LOGS)?;
     let config = ClusterConfig::try_from(&args).context("invalid configuration")?;
     let tls_files = args.tls.server_mode().context("invalid configuration")?;
     if args.check_config {

@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
+use switchyard_common::tracing_setup;
 use switchyard_expert_worker::Args;
 
 fn main() -> anyhow::Result<()> {
@@ -16,7 +17,7 @@ async fn run(freed_buffers: switchyard_common::freed_buffers::FreedBuffers) -> a
         println!("configuration ok: {args:#?}");
         return Ok(());
     }
-    let _spans = switchyard_common::tracing_setup::init_tracing(&args.tracing, "switchyard-worker")?;
+    let _spans = tracing_setup::init_tracing(&args.tracing, "switchyard-worker", tracing_setup::SERVER_LOGS)?;
     freed_buffers.log();
     tch::set_num_threads(args.torch_threads as i32);
     switchyard_common::heap_trim::spawn_heap_trimmer(std::time::Duration::from_millis(args.heap_trim_interval_ms))

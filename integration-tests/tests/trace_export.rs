@@ -11,7 +11,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use switchyard_common::tracing_setup::{LogFormat, TracingArgs};
+use switchyard_common::tracing_setup::{self, LogFormat, TracingArgs};
 use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
 
 /// A span as received, with the `service.name` of the process that sent it.
@@ -88,7 +88,8 @@ async fn one_forward_is_one_trace_from_the_client_through_the_worker_to_the_comp
     tokio::spawn(server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
 
     let tracing = TracingArgs { log_format: LogFormat::Text, otlp_endpoint: Some(endpoint) };
-    let spans = switchyard_common::tracing_setup::init_tracing(&tracing, "switchyard-client").expect("exporter");
+    let spans =
+        tracing_setup::init_tracing(&tracing, "switchyard-client", tracing_setup::SERVER_LOGS).expect("exporter");
     let mut cluster = TestCluster::start(small_model(8.0), 1, |config| {
         config.tracing = tracing.clone();
         // The only worker: no other to hand its experts to before it stops.

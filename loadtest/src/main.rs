@@ -8,6 +8,7 @@ mod cli;
 mod libtorch;
 
 use clap::Parser;
+use switchyard_common::tracing_setup;
 
 fn main() -> anyhow::Result<()> {
     // Before the runtime's threads: glibc settles its arenas at a second thread's first allocation.
@@ -22,7 +23,7 @@ async fn run(freed_buffers: switchyard_common::freed_buffers::FreedBuffers) -> a
         return Err(libtorch::run_in_switchyard_torch());
     }
     let cli = cli::Cli::parse();
-    let _spans = switchyard_common::tracing_setup::init_tracing(&cli.tracing, "switchyard")?;
+    let _spans = tracing_setup::init_tracing(&cli.tracing, "switchyard", tracing_setup::COMMAND_LOGS)?;
     freed_buffers.log();
     cli::run(cli).await
 }

@@ -184,12 +184,16 @@ impl ModelSpec {
         format!("{:?}", self.moe_layers)
     }
 
-    /// One line for status output: family, name, layers, experts, sizes, top-k, capacity policy.
+    /// One line for status output: family, name (once, where the name is the family's, as a
+    /// synthetic model's is by default), layers, experts, sizes, top-k, capacity policy.
     pub fn summary(&self) -> String {
+        let name = if self.name == self.family.to_string() {
+            self.name.clone()
+        } else {
+            format!("{} {}", self.family, self.name)
+        };
         format!(
-            "{} {}: MoE layers {} x {} experts, d_model {}, d_ff {}, top-{}, {}",
-            self.family,
-            self.name,
+            "{name}: MoE layers {} x {} experts, d_model {}, d_ff {}, top-{}, {}",
             self.describe_layers(),
             self.experts_per_layer,
             self.d_model,
@@ -481,6 +485,14 @@ impl TryFrom<Option<v1::ModelSpec>> for ModelSpec {
 mod tests {
     use super::*;
     use crate::router_spec::{GroupScore, Scoring};
+
+    #[test]
+    fn a_summary_names_the_model_once_where_its_name_is_its_family() {
+        let synthetic = ModelSpec::default_synthetic();
+        assert!(synthetic.summary().starts_with("synthetic: MoE layers [0] x 8 experts"), "{}", synthetic.summary());
+        let named = ModelSpec { name: "toy-moe".into(), ..ModelSpec::default_synthetic() };
+        assert!(named.summary().starts_with("synthetic toy-moe: MoE layers"), "{}", named.summary());
+    }
 
     /// A DeepSeek-V3-like spec: numbered layers, sigmoid group-limited router, dropless.
     fn deepseek_like() -> ModelSpec {
