@@ -92,6 +92,12 @@ impl ClientError {
         ClientError::Worker { endpoint, code: status.code(), message: status.message().to_owned() }
     }
 
+    /// Whether an expert's queue was full: the worker answered, and may take the rows later or
+    /// another holder may take them now.
+    pub fn is_queue_full(&self) -> bool {
+        matches!(self, ClientError::QueueFull { .. })
+    }
+
     /// The gRPC code this failure is reported under in load-test summaries.
     pub fn code(&self) -> tonic::Code {
         match self {

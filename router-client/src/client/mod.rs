@@ -303,7 +303,7 @@ impl MoeClient {
             attempt,
             |error| {
                 Retry::of(error).worth_it(error, &rounds.table, rounds.layer)
-                    || (refusals_tolerated && matches!(error, ClientError::QueueFull { .. }))
+                    || (refusals_tolerated && error.is_queue_full())
             },
             |index, answer| collecting.accept(&self.cpu, plan, round, index, answer),
         )
@@ -349,7 +349,7 @@ impl MoeClient {
             // A full queue is one expert's, on a worker that answered: later calls still use the
             // worker (spreading by assignments in flight and the throttle pace it); one that
             // failed or stalled is avoided for a while.
-            if !matches!(error, ClientError::QueueFull { .. }) {
+            if !error.is_queue_full() {
                 self.replicas.suspect(endpoint);
             }
             worst = worst.max(Retry::of(error));
@@ -368,7 +368,7 @@ impl MoeClient {
         };
         let (refused_here, failed): (Vec<usize>, Vec<usize>) = finished.unanswered.iter().partition(|&&index| {
             refusals_tolerated
-                && error_at(&round[index].endpoint).is_some_and(|error| matches!(error, ClientError::QueueFull { .. }))
+                && error_at(&round[index].endpoint).is_some_and(ClientError::is_queue_full)
                 && !another_holder_for_each(&round[index])
         });
         let mut next_round = Vec::new();
