@@ -263,21 +263,7 @@ pub(super) async fn measure_preset(
         worker_peak_gflops: None,
         reference_peak_gflops: None,
     };
-    let gate_shape = [point.tokens as i64, i64::from(shape.d_model), i64::from(shape.experts)];
-    let gate_flops = 2.0 * gate_shape.iter().map(|size| *size as f64).product::<f64>();
-    let [tokens, d_model, experts] = gate_shape.map(|size| size as usize);
-    let gate_threads = gate::product_threads(tokens, experts, d_model, client.options().cpu_threads);
-    let cpu_gemm_gflops = tokio::task::spawn_blocking(move || {
-        switchyard_experts::peak::measure_product(
-            tch::Device::Cpu,
-            WeightDtype::F32,
-            gate_threads as i32,
-            gate_shape,
-            5,
-        ) / 1e9
-    })
-    .await
-    .ok();
+    let gate = GateYardstick::measure(point, client.options().cpu_threads).await;
     Ok(PresetResult {
         name: preset.name(),
         result,
@@ -288,10 +274,37 @@ pub(super) async fn measure_preset(
         tcp_to_every_worker,
         tcp_to_every_worker_after_gate,
         cpu: cpu.shares(),
-        gate_flops,
-        gate_threads,
-        cpu_gemm_gflops,
+        gate_flops: gate.flops,
+        gate_threads: gate.threads,
+        cpu_gemm_gflops: gate.cpu_gemm_gflops,
     })
+}
+
+/// The client's gate in one call of a point, and what it is measured against.
+struct GateYardstick {
+    /// `2 · tokens · d_model · experts`.
+    flops: f64,
+    /// The threads the client's gate uses for this product (its CPU threads, as many as the
+    /// product is worth).
+    threads: usize,
+    /// tch's f32 GEMM of the gate's own shape on as many CPU threads, measured now.
+    cpu_gemm_gflops: Option<f64>,
+}
+
+impl GateYardstick {
+    async fn measure(point: Point, cpu_threads: usize) -> Self {
+        let shape = [point.tokens as i64, i64::from(point.shape.d_model), i64::from(point.shape.experts)];
+        let flops = 2.0 * shape.iter().map(|size| *size as f64).product::<f64>();
+        let [tokens, d_model, experts] = shape.map(|size| size as usize);
+        let threads = gate::product_threads(tokens, experts, d_model, cpu_threads);
+        let cpu_gemm_gflops = tokio::task::spawn_blocking(move || {
+            switchyard_experts::peak::measure_product(tch::Device::Cpu, WeightDtype::F32, threads as i32, shape, 5)
+                / 1e9
+        })
+        .await
+        .ok();
+        Self { flops, threads, cpu_gemm_gflops }
+    }
 }
 
 /// The most payload bytes one worker was sent per call in `report`.
