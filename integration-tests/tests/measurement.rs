@@ -218,6 +218,11 @@ async fn switchyard_bench_measures_a_deepep_preset_in_rounds_beside_tcp() {
         preset["result"]["socket_bytes_per_token"].as_f64().unwrap(),
     );
     assert!(socket > payload && socket < payload * 1.05, "the rounds' socket bytes add up: {socket} for {payload}");
+    // The client's gate beside its yardstick, tch's GEMM of the same shape on as many threads.
+    let gate_gflops = preset["gate_gflops"].as_f64().expect("gate GFLOP/s");
+    let share_of_gemm = preset["gate_share_of_gemm"].as_f64().expect("the yardstick was measured");
+    assert!(gate_gflops > 0.0 && share_of_gemm > 0.0, "{gate_gflops} GFLOP/s, {share_of_gemm} of the GEMM");
+    assert!(preset["gate_threads"].as_u64().is_some_and(|threads| threads >= 1), "{preset}");
 }
 
 /// `--tls`: the clusters run on mutual TLS (this process dials nothing else), each process with a
