@@ -341,6 +341,37 @@ impl MoeClient {
         finished: &exchange::Round,
         rounds: &mut Rounds,
     ) -> Result<Vec<PlannedRequest>, ClientError> {
+        let (worst, first_error) = self.give_up_failed(finished, rounds);
+        let error_at =
+            |endpoint: &Endpoint| finished.failures().find(|(failed, _)| *failed == endpoint).map(|(_, e)| e);
+        let refusals_tolerated = self.options.refusal != RefusalPolicy::Fail;
+        // A refused request goes to other holders only when each of its experts has one this call
+        // has not given up on; else the refusal policy takes all its rows, as with one holder.
+        let another_holder_for_each = |planned: &PlannedRequest| {
+            assignments_of(planned, &plan.routed).iter().all(|(expert, _)| {
+                rounds.table.endpoints(rounds.layer, *expert).iter().any(|holder| !rounds.excluded.contains(holder))
+            })
+        };
+        let (refused, failed): (Vec<&PlannedRequest>, Vec<&PlannedRequest>) =
+            finished.unanswered.iter().map(|&index| &round[index]).partition(|planned| {
+                refusals_tolerated
+                    && error_at(&planned.endpoint).is_some_and(ClientError::is_queue_full)
+                    && !another_holder_for_each(planned)
+            });
+        let mut next_round = self.settle_refused(plan, &refused, rounds).await?;
+        if !failed.is_empty() {
+            next_round.extend(self.send_elsewhere(plan, &failed, worst, first_error, rounds).await?);
+        }
+        for planned in &mut next_round {
+            planned.request.request_id = rounds.request_id.0;
+        }
+        Ok(next_round)
+    }
+
+    /// Gives up each worker that failed in `finished` for the rest of the call (and one that did
+    /// worse than refuse for want of room, for a while); returns what the worst failure allows and
+    /// the first error, which the call ends with if nothing else can take the rows.
+    fn give_up_failed(&self, finished: &exchange::Round, rounds: &mut Rounds) -> (Retry, ClientError) {
         let mut worst = Retry::OtherHolder;
         let mut first_error = None;
         for (endpoint, error) in finished.failures() {
@@ -355,74 +386,68 @@ impl MoeClient {
             worst = worst.max(Retry::of(error));
             first_error.get_or_insert_with(|| error.clone());
         }
-        let first_error = first_error.expect("unanswered requests come from a failed worker");
-        let error_at =
-            |endpoint: &Endpoint| finished.failures().find(|(failed, _)| *failed == endpoint).map(|(_, e)| e);
-        let refusals_tolerated = self.options.refusal != RefusalPolicy::Fail;
-        // A refused request goes to other holders only when each of its experts has one this call
-        // has not given up on; else the refusal policy takes all its rows, as with one holder.
-        let another_holder_for_each = |planned: &PlannedRequest| {
-            assignments_of(planned, &plan.routed).iter().all(|(expert, _)| {
-                rounds.table.endpoints(rounds.layer, *expert).iter().any(|holder| !rounds.excluded.contains(holder))
-            })
-        };
-        let (refused_here, failed): (Vec<usize>, Vec<usize>) = finished.unanswered.iter().partition(|&&index| {
-            refusals_tolerated
-                && error_at(&round[index].endpoint).is_some_and(ClientError::is_queue_full)
-                && !another_holder_for_each(&round[index])
-        });
-        let mut next_round = Vec::new();
-        if self.options.refusal == RefusalPolicy::NextBest && !refused_here.is_empty() {
-            let refused_requests: Vec<PlannedRequest> =
-                refused_here.iter().map(|&index| round[index].clone()).collect();
+        (worst, first_error.expect("unanswered requests come from a failed worker"))
+    }
+
+    /// What the refusal policy makes of `refused`, requests a full queue refused with no other
+    /// holder to take them: under [`RefusalPolicy::NextBest`], the requests carrying their choices
+    /// to their tokens' next-best experts; otherwise none, their assignments counted as refused.
+    async fn settle_refused(
+        &self,
+        plan: &Arc<CallPlan>,
+        refused: &[&PlannedRequest],
+        rounds: &mut Rounds,
+    ) -> Result<Vec<PlannedRequest>, ClientError> {
+        if self.options.refusal != RefusalPolicy::NextBest || refused.is_empty() {
+            for planned in refused {
+                rounds.refused.extend(assignments_of(planned, &plan.routed));
+            }
+            return Ok(Vec::new());
+        }
+        let refused: Vec<PlannedRequest> = refused.iter().map(|planned| (*planned).clone()).collect();
+        let mut choice = self.replicas.choice(rounds.request_id.0, rounds.excluded.clone());
+        let (plan, moved_on) = (plan.clone(), rounds.table.clone());
+        let moved = self.cpu.run(move || plan.move_refused(&refused, &moved_on, &mut choice)).await?;
+        rounds.moves.extend(moved.moves);
+        rounds.refused.extend(moved.overflowed);
+        Ok(moved.requests)
+    }
+
+    /// Requests carrying `failed`'s rows to other holders of their experts. With no holder left,
+    /// a worker that is gone (`worst` allows a new table) comes back in a table that moves its
+    /// experts, waited for within the deadline; a full queue or a stalled worker with no other
+    /// holder ends the call with `first_error`, as it would have without replicas.
+    async fn send_elsewhere(
+        &self,
+        plan: &Arc<CallPlan>,
+        failed: &[&PlannedRequest],
+        worst: Retry,
+        first_error: ClientError,
+        rounds: &mut Rounds,
+    ) -> Result<Vec<PlannedRequest>, ClientError> {
+        rounds.retried_requests += failed.len();
+        let failed: Arc<Vec<PlannedRequest>> = Arc::new(failed.iter().map(|planned| (*planned).clone()).collect());
+        loop {
             let mut choice = self.replicas.choice(rounds.request_id.0, rounds.excluded.clone());
-            let (plan, moved_on) = (plan.clone(), rounds.table.clone());
-            let moved = self.cpu.run(move || plan.move_refused(&refused_requests, &moved_on, &mut choice)).await?;
-            rounds.moves.extend(moved.moves);
-            rounds.refused.extend(moved.overflowed);
-            next_round.extend(moved.requests);
-        } else {
-            for index in refused_here {
-                rounds.refused.extend(assignments_of(&round[index], &plan.routed));
+            let (plan, failed, rerouted_on) = (plan.clone(), failed.clone(), rounds.table.clone());
+            let rerouted = self
+                .cpu
+                .run(move || {
+                    let failed: Vec<&PlannedRequest> = failed.iter().collect();
+                    reroute(&failed, &plan.routed.groups, &rerouted_on, &mut choice, plan.call_rows())
+                })
+                .await?;
+            match rerouted {
+                Ok(requests) => return Ok(requests),
+                Err(ClientError::Unplaced { .. }) if worst == Retry::OtherHolderOrNewTable => {
+                    rounds.table =
+                        self.newer_table(&rounds.table, rounds.deadline).await.ok_or_else(|| first_error.clone())?;
+                    rounds.excluded.clear();
+                }
+                Err(ClientError::Unplaced { .. }) => return Err(first_error),
+                Err(error) => return Err(error),
             }
         }
-        if !failed.is_empty() {
-            let failed: Vec<PlannedRequest> = failed.iter().map(|&index| round[index].clone()).collect();
-            rounds.retried_requests += failed.len();
-            let failed = Arc::new(failed);
-            let requests = loop {
-                let mut choice = self.replicas.choice(rounds.request_id.0, rounds.excluded.clone());
-                let (plan, failed, rerouted_on) = (plan.clone(), failed.clone(), rounds.table.clone());
-                let rerouted = self
-                    .cpu
-                    .run(move || {
-                        let failed: Vec<&PlannedRequest> = failed.iter().collect();
-                        reroute(&failed, &plan.routed.groups, &rerouted_on, &mut choice, plan.call_rows())
-                    })
-                    .await?;
-                match rerouted {
-                    Ok(requests) => break requests,
-                    // No holder left: a worker that is gone comes back in a table that moves
-                    // its experts; wait for that within the deadline. A full queue or a
-                    // stalled worker with no other holder fails the call now, as it would
-                    // have without replicas.
-                    Err(ClientError::Unplaced { .. }) if worst == Retry::OtherHolderOrNewTable => {
-                        rounds.table = self
-                            .newer_table(&rounds.table, rounds.deadline)
-                            .await
-                            .ok_or_else(|| first_error.clone())?;
-                        rounds.excluded.clear();
-                    }
-                    Err(ClientError::Unplaced { .. }) => return Err(first_error),
-                    Err(error) => return Err(error),
-                }
-            };
-            next_round.extend(requests);
-        }
-        for planned in &mut next_round {
-            planned.request.request_id = rounds.request_id.0;
-        }
-        Ok(next_round)
     }
 
     /// Tells throttling which workers answered and which refused for want of room; a worker
