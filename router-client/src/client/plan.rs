@@ -132,16 +132,7 @@ impl Planning {
         let d_model = model.d_model as usize;
         check_call(model, layer, hidden)?;
         let tokens = hidden.len() / d_model;
-        if table.max_batch_tokens > 0 && tokens > table.max_batch_tokens as usize {
-            return Err(ClientError::InvalidInput {
-                field: "hidden",
-                reason: format!(
-                    "{tokens} tokens exceed the cluster's largest batch, {} tokens (the coordinator's --max-batch-tokens): \
-                     the expert queues are sized for it",
-                    table.max_batch_tokens
-                ),
-            });
-        }
+        check_largest_batch(table, tokens)?;
         let config = config_for_call(model, &self.routing);
         config.check_call(tokens)?;
 
@@ -177,24 +168,8 @@ impl Planning {
             chunked: self.chunked,
             threads: self.cpu_threads,
         };
-        let mut requests: Vec<PlannedRequest> = Vec::new();
-        let mut worker_calls: Vec<WorkerCall> = Vec::with_capacity(workers.len());
-        for (endpoint, pieces) in &workers {
-            let phase = Instant::now();
-            // Soft MoE's slot inputs are not token rows: they travel expert-major.
-            let token_major = self.dispatch == DispatchLayout::TokenMajor
-                && pieces.iter().all(|piece| routed.groups[piece.group].slots.is_none());
-            let packed = if token_major {
-                pack_token_rows(endpoint, pieces, &routed.groups, call)
-            } else {
-                pack_pieces(endpoint, pieces, &routed.groups, call)
-            };
-            book_requests(&mut worker_calls, &packed);
-            let encode = phase.elapsed();
-            worker_call_of(&mut worker_calls, endpoint).encode = encode;
-            timing.encode += encode;
-            requests.extend(packed);
-        }
+        let (mut requests, worker_calls) = pack_by_worker(&workers, &routed.groups, self.dispatch, call);
+        timing.encode = worker_calls.iter().map(|worker_call| worker_call.encode).sum();
         let mut plan = CallPlan {
             layer,
             d_model,
@@ -222,6 +197,49 @@ impl Planning {
         }
         Ok((plan, requests, timing))
     }
+}
+
+/// Refuses a call of more tokens than the cluster's largest batch, which the expert queues are
+/// sized for.
+fn check_largest_batch(table: &RoutingTableView, tokens: usize) -> Result<(), ClientError> {
+    if table.max_batch_tokens > 0 && tokens > table.max_batch_tokens as usize {
+        return Err(ClientError::InvalidInput {
+            field: "hidden",
+            reason: format!(
+                "{tokens} tokens exceed the cluster's largest batch, {} tokens (the coordinator's --max-batch-tokens): \
+                 the expert queues are sized for it",
+                table.max_batch_tokens
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Each worker's pieces packed into its requests, token-major unless `dispatch` says otherwise
+/// (Soft MoE's slot inputs are not token rows: they always travel expert-major), and booked in
+/// their workers' calls with the time each worker's packing took.
+fn pack_by_worker(
+    workers: &BTreeMap<Endpoint, Vec<Piece>>,
+    groups: &[ExpertAssignments],
+    dispatch: DispatchLayout,
+    call: CallRows<'_>,
+) -> (Vec<PlannedRequest>, Vec<WorkerCall>) {
+    let mut requests: Vec<PlannedRequest> = Vec::new();
+    let mut worker_calls: Vec<WorkerCall> = Vec::with_capacity(workers.len());
+    for (endpoint, pieces) in workers {
+        let phase = Instant::now();
+        let token_major =
+            dispatch == DispatchLayout::TokenMajor && pieces.iter().all(|piece| groups[piece.group].slots.is_none());
+        let packed = if token_major {
+            pack_token_rows(endpoint, pieces, groups, call)
+        } else {
+            pack_pieces(endpoint, pieces, groups, call)
+        };
+        book_requests(&mut worker_calls, &packed);
+        worker_call_of(&mut worker_calls, endpoint).encode = phase.elapsed();
+        requests.extend(packed);
+    }
+    (requests, worker_calls)
 }
 
 /// Asks throttling about each worker the call would send to. The rows of one it holds back go to
