@@ -76,40 +76,10 @@ pub async fn run(
     retryable: impl Fn(&ClientError) -> bool,
     mut on_answer: impl FnMut(usize, Answer) -> Result<(), ClientError>,
 ) -> Result<Round, ExchangeFailure> {
-    let mut outcomes: Vec<DestinationOutcome> = Vec::new();
-    let mut destination_of = Vec::with_capacity(requests.len());
-    let mut pending_per_destination: Vec<usize> = Vec::new();
-    for planned in requests {
-        let index = match outcomes.iter().position(|outcome| outcome.endpoint == planned.endpoint) {
-            Some(index) => index,
-            None => {
-                outcomes.push(DestinationOutcome {
-                    endpoint: planned.endpoint.clone(),
-                    requests: 0,
-                    outcome: Outcome::Abandoned,
-                });
-                pending_per_destination.push(0);
-                outcomes.len() - 1
-            }
-        };
-        outcomes[index].requests += 1;
-        pending_per_destination[index] += 1;
-        destination_of.push(index);
-    }
-    // Requests to one worker on one stream go together, in order (chunks of one payload).
-    let mut groups: Vec<(&Endpoint, usize, Vec<usize>)> = Vec::new();
-    for (index, planned) in requests.iter().enumerate() {
-        match groups
-            .iter_mut()
-            .find(|(endpoint, stream, _)| **endpoint == planned.endpoint && *stream == planned.stream)
-        {
-            Some((_, _, members)) => members.push(index),
-            None => groups.push((&planned.endpoint, planned.stream, vec![index])),
-        }
-    }
+    let (mut outcomes, destination_of, mut pending_per_destination) = destinations(requests);
     let mut counted: Vec<Option<_>> =
         requests.iter().map(|planned| Some(replicas.start(&planned.endpoint, planned.assignments()))).collect();
-    let mut in_flight = futures::stream::select_all(groups.into_iter().map(|(endpoint, _, members)| {
+    let mut in_flight = futures::stream::select_all(streams(requests).into_iter().map(|(endpoint, members)| {
         let chunks = members.iter().map(|&index| requests[index].request.clone()).collect();
         let answers = transport.forward_chunks(endpoint, chunks, deadline);
         within(deadline, endpoint.clone(), members.len(), answers)
@@ -157,6 +127,48 @@ pub async fn run(
     }
     unanswered.sort_unstable();
     Ok(Round { outcomes, unanswered })
+}
+
+/// One outcome per destination worker (abandoned until it answers or fails), each request's
+/// destination, and how many requests each destination has.
+fn destinations(requests: &[PlannedRequest]) -> (Vec<DestinationOutcome>, Vec<usize>, Vec<usize>) {
+    let mut outcomes: Vec<DestinationOutcome> = Vec::new();
+    let mut destination_of = Vec::with_capacity(requests.len());
+    let mut requests_per_destination: Vec<usize> = Vec::new();
+    for planned in requests {
+        let index = match outcomes.iter().position(|outcome| outcome.endpoint == planned.endpoint) {
+            Some(index) => index,
+            None => {
+                outcomes.push(DestinationOutcome {
+                    endpoint: planned.endpoint.clone(),
+                    requests: 0,
+                    outcome: Outcome::Abandoned,
+                });
+                requests_per_destination.push(0);
+                outcomes.len() - 1
+            }
+        };
+        outcomes[index].requests += 1;
+        requests_per_destination[index] += 1;
+        destination_of.push(index);
+    }
+    (outcomes, destination_of, requests_per_destination)
+}
+
+/// The requests of each (worker, stream), by index and in order: the chunks of one payload go
+/// together on one stream.
+fn streams(requests: &[PlannedRequest]) -> Vec<(&Endpoint, Vec<usize>)> {
+    let mut streams: Vec<(&Endpoint, usize, Vec<usize>)> = Vec::new();
+    for (index, planned) in requests.iter().enumerate() {
+        match streams
+            .iter_mut()
+            .find(|(endpoint, stream, _)| **endpoint == planned.endpoint && *stream == planned.stream)
+        {
+            Some((_, _, members)) => members.push(index),
+            None => streams.push((&planned.endpoint, planned.stream, vec![index])),
+        }
+    }
+    streams.into_iter().map(|(endpoint, _, members)| (endpoint, members)).collect()
 }
 
 /// `answers` of `count` chunks, the first unanswered failing with a timeout once `deadline` has
