@@ -1,14 +1,14 @@
 //! What the processes say when the cluster they join is not there yet. The `switchyard` commands
 //! that drive a running cluster: a wrong input, an address nobody answers on or a load larger than
 //! the cluster takes fails at once, naming it, and a wait for placement says what it waits for and,
-//! when it gives up, why. A
+//! when it gives up, why; against a running one, `status` lists the model and each worker. A
 //! worker: each retry names the coordinator and the error, as fields of one structured line.
 
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use switchyard_integration_tests::{binaries_dir, small_model};
+use switchyard_integration_tests::{TestCluster, binaries_dir, small_model};
 use switchyard_loadtest::local_cluster::{LocalCluster, LocalClusterConfig};
 
 /// Longer than any of these commands takes to fail, far shorter than the placement wait (2 min)
@@ -73,6 +73,26 @@ async fn every_command_names_a_coordinator_nobody_answers_on() {
         let stderr = failing(args).await;
         assert!(stderr.contains(&format!("cannot reach the coordinator at {coordinator}")), "{args:?}: {stderr}");
     }
+}
+
+#[tokio::test]
+async fn status_lists_the_model_and_each_worker_with_its_experts() {
+    let model = small_model(2.0);
+    let cluster = TestCluster::start(model.clone(), 1, |_| {}).await;
+    let coordinator = cluster.processes.coordinator_uri();
+    let run = tokio::process::Command::new(binaries_dir().join("switchyard"))
+        .args(["status", "--coordinator", &coordinator])
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(GIVES_UP_WITHIN, run).await.expect("status answers").expect("switchyard runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.starts_with("routing table version "), "{stdout}");
+    assert!(stdout.contains(&format!("model {}", model.summary())), "{stdout}");
+    let workers: Vec<&str> = stdout.lines().filter(|line| line.contains(" experts [")).collect();
+    assert_eq!(workers.len(), 1, "{stdout}");
+    assert!(workers[0].contains(&format!(" {} experts [0/0 ", model.experts_per_layer)), "{stdout}");
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Reaching a cluster's coordinator from the command line: an address nobody answers on fails at
 //! once, naming it, and a wait for every expert to be placed says what it waits for.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,13 +17,30 @@ const QUIET_WAIT: Duration = Duration::from_secs(2);
 
 /// A client of `coordinator`, once it has answered a request.
 pub async fn reach(coordinator: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let mut client = CoordinatorClient::new(switchyard_common::transport::channel(coordinator)?);
-    let answered =
-        tokio::time::timeout(FIRST_ANSWER_WITHIN, client.get_routing_table(v1::GetRoutingTableRequest::default()))
-            .await;
-    match answered {
-        Ok(Ok(_)) => Ok(client),
-        Ok(Err(status)) => anyhow::bail!("cannot reach the coordinator at {coordinator}: {}", status.message()),
+    let mut client = client_of(coordinator)?;
+    first_answer(coordinator, client.get_routing_table(v1::GetRoutingTableRequest::default())).await?;
+    Ok(client)
+}
+
+/// A client of `coordinator`; it dials on its first request.
+pub fn client_of(coordinator: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
+    Ok(CoordinatorClient::new(switchyard_common::transport::channel(coordinator)?))
+}
+
+/// The answer to a first request to `coordinator`, or why none came: nobody answering at the
+/// address, a refusal (named by its code), or no answer within [`FIRST_ANSWER_WITHIN`].
+pub async fn first_answer<T>(
+    coordinator: &str,
+    request: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(FIRST_ANSWER_WITHIN, request).await {
+        Ok(Ok(answer)) => Ok(answer.into_inner()),
+        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+            anyhow::bail!("cannot reach the coordinator at {coordinator}: {}", status.message())
+        }
+        Ok(Err(status)) => {
+            anyhow::bail!("the coordinator at {coordinator} refused: {:?}: {}", status.code(), status.message())
+        }
         Err(_) => anyhow::bail!("the coordinator at {coordinator} did not answer within {FIRST_ANSWER_WITHIN:?}"),
     }
 }

@@ -3,6 +3,8 @@
 use switchyard_model::ModelSpec;
 use switchyard_proto::v1;
 
+use super::coordinator;
+
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// Coordinator to ask, e.g. http://127.0.0.1:50051.
@@ -11,12 +13,9 @@ pub struct StatusArgs {
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let status = super::coordinator::reach(&args.coordinator)
-        .await?
-        .get_cluster_status(v1::GetClusterStatusRequest {})
-        .await
-        .map_err(|status| anyhow::anyhow!("asking {} for its status: {}", args.coordinator, status.message()))?
-        .into_inner();
+    let mut client = coordinator::client_of(&args.coordinator)?;
+    let status =
+        coordinator::first_answer(&args.coordinator, client.get_cluster_status(v1::GetClusterStatusRequest {})).await?;
     println!("routing table version {}", status.table_version);
     if let Some(model) = status.model.clone().and_then(|model| ModelSpec::try_from(model).ok()) {
         println!("model {}", model.summary());
