@@ -29,7 +29,7 @@ pub struct BenchArgs {
     pub run: RunWhat,
 
     /// Tokens per layer call.
-    #[arg(long, env = "SWITCHYARD_BENCH_TOKENS", value_delimiter = ',', default_value = "1,16,64,256")]
+    #[arg(long, env = "SWITCHYARD_BENCH_TOKENS", value_delimiter = ',', default_value = "1,16,64,256", value_parser = parse_count::<usize>)]
     pub tokens: Vec<usize>,
 
     /// Element types of rows on the wire.
@@ -50,15 +50,15 @@ pub struct BenchArgs {
     pub chunked_dispatch: bool,
 
     /// Expert workers per cluster.
-    #[arg(long, env = "SWITCHYARD_BENCH_WORKERS", value_delimiter = ',', default_value = "2,1,3")]
+    #[arg(long, env = "SWITCHYARD_BENCH_WORKERS", value_delimiter = ',', default_value = "2,1,3", value_parser = parse_count::<usize>)]
     pub workers: Vec<usize>,
 
     /// Routed experts per layer.
-    #[arg(long, env = "SWITCHYARD_BENCH_EXPERTS", value_delimiter = ',', default_value = "8,16")]
+    #[arg(long, env = "SWITCHYARD_BENCH_EXPERTS", value_delimiter = ',', default_value = "8,16", value_parser = parse_count::<u32>)]
     pub experts: Vec<u32>,
 
     /// Experts per token.
-    #[arg(long, env = "SWITCHYARD_BENCH_TOP_K", value_delimiter = ',', default_value = "2,1,4")]
+    #[arg(long, env = "SWITCHYARD_BENCH_TOP_K", value_delimiter = ',', default_value = "2,1,4", value_parser = parse_count::<u32>)]
     pub top_k: Vec<u32>,
 
     /// Model sizes as d_modelxd_ff.
@@ -99,7 +99,7 @@ pub struct BenchArgs {
     pub identity_hold_us: u64,
 
     /// Workers of the DeepEP presets.
-    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_WORKERS", default_value_t = 2)]
+    #[arg(long, env = "SWITCHYARD_BENCH_PRESET_WORKERS", default_value_t = 2, value_parser = parse_count::<usize>)]
     pub preset_workers: usize,
 
     /// Run the DeepEP presets with each worker on a host of its own (a network namespace) behind a
@@ -116,7 +116,7 @@ pub struct BenchArgs {
     pub link_congestion: CongestionControl,
 
     /// MoE layers of the model of `--run step`.
-    #[arg(long, env = "SWITCHYARD_BENCH_STEP_LAYERS", default_value_t = 32)]
+    #[arg(long, env = "SWITCHYARD_BENCH_STEP_LAYERS", default_value_t = 32, value_parser = parse_count::<u32>)]
     pub step_layers: u32,
 
     /// Tokens per step of `--run step` (a decode step's batch).
@@ -255,8 +255,6 @@ fn settings_and_plan(args: &BenchArgs) -> anyhow::Result<(BenchSettings, BenchPl
     ] {
         anyhow::ensure!(!empty, "{flag} needs at least one value");
     }
-    anyhow::ensure!(args.tokens.iter().all(|t| *t > 0), "--tokens must be positive");
-    anyhow::ensure!(args.workers.iter().all(|w| *w > 0) && args.preset_workers > 0, "workers must be positive");
     let me = std::env::current_exe().context("locating the switchyard binary")?;
     let dir = me.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
     let settings = BenchSettings {
@@ -360,6 +358,19 @@ mod tests {
     struct Bench {
         #[command(flatten)]
         args: BenchArgs,
+    }
+
+    #[test]
+    fn a_zero_in_a_count_list_is_refused_naming_the_flag() {
+        for flag in ["--tokens", "--workers", "--experts", "--top-k"] {
+            let error = Bench::try_parse_from(["bench", flag, "4,0"]).expect_err("0 is refused").to_string();
+            assert!(error.contains(&format!("'0' for '{flag}")) && error.contains("give at least 1"), "{error}");
+        }
+        for flag in ["--preset-workers", "--step-layers"] {
+            assert!(Bench::try_parse_from(["bench", flag, "0"]).is_err(), "{flag} 0");
+        }
+        let bench = Bench::try_parse_from(["bench", "--tokens", "1,16"]).expect("positive");
+        assert_eq!(bench.args.tokens, [1, 16]);
     }
 
     #[test]
