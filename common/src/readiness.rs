@@ -56,6 +56,11 @@ impl Readiness {
         self.shared.not_ready_because.send_replace(Some(reason));
     }
 
+    /// Whether [`Readiness::stopping`] was called: the process is on its way out.
+    pub fn is_stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
+    }
+
     fn update(&self, reason: Option<String>) {
         self.shared.not_ready_because.send_if_modified(|current| {
             if self.shared.stopping.load(Ordering::SeqCst) || *current == reason {
@@ -129,7 +134,9 @@ mod tests {
         readiness.set_ready();
         settled(Wire::Serving).await;
         assert_eq!(readiness.not_ready_because(), None);
+        assert!(!readiness.is_stopping());
         readiness.stopping("draining");
+        assert!(readiness.is_stopping());
         settled(Wire::NotServing).await;
         readiness.set_ready();
         assert_eq!(readiness.not_ready_because().as_deref(), Some("draining"), "a stopping process stays not ready");

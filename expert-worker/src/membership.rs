@@ -129,7 +129,9 @@ async fn heartbeat_until_forgotten(
                 follow_placement(readiness, reply.get_ref());
             }
             Err(status) if status.code() == Code::NotFound => return,
-            Err(status) if failing_since.is_some() => {
+            // Once stopping, a coordinator that is gone too (a whole cluster taken down) is no
+            // news for the operator.
+            Err(status) if failing_since.is_some() || readiness.is_stopping() => {
                 tracing::debug!(error = status.message(), "heartbeat failed; still serving")
             }
             Err(status) => {

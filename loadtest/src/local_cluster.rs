@@ -297,11 +297,11 @@ impl LocalCluster {
 
     /// SIGTERM to every child, SIGKILL after `grace`. The coordinator goes first: with the whole
     /// cluster stopping there is nowhere to move experts to, so workers stop without draining.
+    /// Then every worker at once: one told only after another had stopped would meanwhile warn
+    /// that its heartbeats fail, though the whole cluster is going.
     pub async fn stop(&mut self, grace: Duration) {
         self.coordinator.stop(grace).await;
-        for worker in &mut self.workers {
-            worker.stop(grace).await;
-        }
+        futures::future::join_all(self.workers.iter_mut().map(|worker| worker.stop(grace))).await;
     }
 }
 
