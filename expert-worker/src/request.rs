@@ -168,8 +168,12 @@ fn parse_tensor(rows: v1::WireTensor, field: &str) -> Result<Tensor2, WorkerErro
             format!("expected [tokens, d_model], got {:?}", rows.shape),
         ));
     };
-    let row_bytes = usize::try_from(width).ok().map(|width| dtype.row_bytes(width) as u64);
-    let expected_bytes = row_bytes.and_then(|row_bytes| tokens.checked_mul(row_bytes));
+    if width == 0 {
+        // Rows of no values take no bytes, so any token count would match the data.
+        return Err(WorkerError::invalid(format!("{field}.shape"), format!("rows of 0 values in {:?}", rows.shape)));
+    }
+    let row_bytes = usize::try_from(width).ok().and_then(|width| dtype.checked_row_bytes(width));
+    let expected_bytes = row_bytes.and_then(|row_bytes| tokens.checked_mul(row_bytes as u64));
     if expected_bytes != Some(rows.data.len() as u64) {
         return Err(WorkerError::invalid(
             format!("{field}.data"),
@@ -254,6 +258,8 @@ mod tests {
             "batches[0].rows.data: shape [2, 4] of f32 needs 32 bytes, got 30"
         );
         assert!(rejection(request(1, vec![u64::MAX, 4], 0)).contains("more than u64"));
+        assert!(rejection(request(1, vec![1, 1 << 62], 0)).contains("more than u64"));
+        assert_eq!(rejection(request(1, vec![5, 0], 0)), "batches[0].rows.shape: rows of 0 values in [5, 0]");
         let mut missing = request(1, vec![1, 4], 16);
         missing.batches[0].expert = None;
         assert_eq!(rejection(missing), "batches[0].expert: missing");
@@ -313,5 +319,13 @@ mod tests {
         assert_eq!(rejection(&[0, 1, 2], &[3, 4], &[1.0]), "tokens.weights: 1 weights for 2 expert choices");
         let both = ForwardBatch::try_from(token_request(&[0, 1, 1], &[3], &[1.0])).unwrap_err().to_string();
         assert_eq!(both, "tokens: a request carries batches or tokens, not both");
+        let mut endless = token_request(&[], &[], &[]);
+        endless.batches.clear();
+        endless.tokens.as_mut().unwrap().rows =
+            Some(v1::WireTensor { dtype: 1, shape: vec![u64::MAX, 0], data: Bytes::new() });
+        assert_eq!(
+            ForwardBatch::try_from(endless).unwrap_err().to_string(),
+            format!("tokens.rows.shape: rows of 0 values in [{}, 0]", u64::MAX)
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! Fuzz target for the worker's request path: `Forward` bodies (valid requests of both layouts with
 //! a few bytes changed, inserted or cut, and random bytes) are decoded, validated and, when
 //! accepted, run by a worker. Every one must end as an answer or a named refusal, never a panic,
-//! and the worker must keep serving. Runs in the test command; `PROPTEST_CASES` scales it.
+//! and the worker must keep serving. Well-formed requests whose shapes, counts and lists disagree
+//! (counts at the edges where arithmetic on them overflows) must be refused, or accepted only where
+//! their bytes bear them out. Runs in the test command; `PROPTEST_CASES` scales it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use switchyard_model::fuzzing::{mutated, random_bytes};
 
 use proptest::prelude::*;
 use prost::Message;
-use switchyard_expert_worker::request::ForwardBatch;
+use switchyard_expert_worker::request::{ForwardBatch, RowsSource};
 use switchyard_expert_worker::scheduler::BatchingConfig;
 use switchyard_expert_worker::worker::QueueLimits;
 use switchyard_expert_worker::{ExpertWorker, WorkerOptions};
@@ -69,6 +71,84 @@ fn hostile() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![2 => mutated(token_major), 2 => mutated(expert_major), 1 => random_bytes()]
 }
 
+/// A count from the wire: small, or at an edge where arithmetic on it overflows.
+fn wire_count() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(0), 1..40u64, Just(WIDTH as u64), Just(u64::MAX), Just(1 << 62), Just(1 << 63), Just(1 << 32)]
+}
+
+fn wire_tensor() -> impl Strategy<Value = v1::WireTensor> {
+    let bytes = prop_oneof![Just(0), 1..200usize];
+    (0..6i32, proptest::collection::vec(wire_count(), 0..4), bytes).prop_map(|(dtype, shape, bytes)| v1::WireTensor {
+        dtype,
+        shape,
+        data: vec![0u8; bytes].into(),
+    })
+}
+
+/// Little-endian words, mostly small: offsets that may rise, experts the worker may serve.
+fn wire_words() -> impl Strategy<Value = bytes::Bytes> {
+    let word = prop_oneof![0..6u32, Just(u32::MAX)];
+    prop_oneof![Just(Vec::new()), proptest::collection::vec(word, 1..12)]
+        .prop_map(|words| words.iter().flat_map(|word| word.to_le_bytes()).collect::<Vec<u8>>().into())
+}
+
+/// Well-formed protobuf whose shapes, counts and lists disagree with each other and with the bytes
+/// they describe: what byte mutations of a valid request rarely reach (a varint of 2^62).
+fn inconsistent() -> impl Strategy<Value = v1::ForwardRequest> {
+    let part = (proptest::option::weighted(0.9, wire_tensor()), 0..5u32)
+        .prop_map(|(rows, expert)| v1::ExpertRows { expert: Some(v1::ExpertKey::new(0, expert)), rows });
+    let tokens =
+        (wire_tensor(), wire_words(), wire_words(), wire_words()).prop_map(|(rows, offsets, experts, weights)| {
+            v1::TokenRows { layer: 0, rows: Some(rows), offsets, experts, weights }
+        });
+    (proptest::collection::vec(part, 0..3), proptest::option::of(tokens), 0..6i32).prop_map(
+        |(batches, tokens, output_dtype)| v1::ForwardRequest {
+            request_id: 3,
+            batches: if tokens.is_some() { Vec::new() } else { batches },
+            tokens,
+            output_dtype,
+            sequence: 0,
+        },
+    )
+}
+
+/// What an accepted batch claims matches its bytes: no count the worker computes from it overflows.
+fn check_counts(batch: &ForwardBatch) -> Result<(), TestCaseError> {
+    let mut tokens = 0usize;
+    for part in &batch.parts {
+        prop_assert!(part.width > 0);
+        match &part.rows {
+            RowsSource::Own(data) => prop_assert_eq!(data.len(), part.tokens * part.dtype.row_bytes(part.width)),
+            RowsSource::Gathered(gathered) => {
+                let shared = &gathered.shared;
+                prop_assert_eq!(shared.data.len(), shared.tokens * shared.dtype.row_bytes(shared.width));
+                prop_assert_eq!((gathered.indices.len(), gathered.weights.len()), (part.tokens, part.tokens));
+                prop_assert!(gathered.indices.windows(2).all(|pair| pair[0] < pair[1]));
+                prop_assert!(gathered.indices.iter().all(|index| (*index as usize) < shared.tokens));
+            }
+        }
+        tokens = tokens.checked_add(part.tokens).expect("an accepted batch's rows are counted in a usize");
+    }
+    prop_assert_eq!(batch.total_tokens(), tokens);
+    Ok(())
+}
+
+/// Runs an accepted batch: every admitted row is answered, or the whole batch is refused by name.
+fn answer_or_refuse(batch: ForwardBatch) -> Result<(), TestCaseError> {
+    thread_local! { static SERVED: Served = served(); }
+    let rows = batch.total_tokens();
+    SERVED.with(|served| {
+        match served.runtime.block_on(served.worker.forward(batch)) {
+            Ok(outcome) => {
+                let answered: usize = outcome.outputs.iter().map(|output| output.tokens).sum();
+                prop_assert_eq!(answered, rows, "every admitted row is answered");
+            }
+            Err(error) => prop_assert!(!error.to_string().is_empty()),
+        }
+        Ok(())
+    })
+}
+
 struct Served {
     runtime: tokio::runtime::Runtime,
     worker: Arc<ExpertWorker>,
@@ -93,19 +173,15 @@ proptest! {
 
     #[test]
     fn hostile_forward_bodies_are_answered_or_refused(bytes in hostile()) {
-        thread_local! { static SERVED: Served = served(); }
         let Ok(request) = v1::ForwardRequest::decode(bytes.as_slice()) else { return Ok(()) };
         let Ok(batch) = ForwardBatch::try_from(request) else { return Ok(()) };
-        let rows = batch.total_tokens();
-        SERVED.with(|served| {
-            match served.runtime.block_on(served.worker.forward(batch)) {
-                Ok(outcome) => {
-                    let answered: usize = outcome.outputs.iter().map(|output| output.tokens).sum();
-                    prop_assert_eq!(answered, rows, "every admitted row is answered");
-                }
-                Err(error) => prop_assert!(!error.to_string().is_empty()),
-            }
-            Ok(())
-        })?;
+        answer_or_refuse(batch)?;
+    }
+
+    #[test]
+    fn inconsistent_shapes_and_counts_are_refused_or_match_their_bytes(request in inconsistent()) {
+        let Ok(batch) = ForwardBatch::try_from(request) else { return Ok(()) };
+        check_counts(&batch)?;
+        answer_or_refuse(batch)?;
     }
 }

@@ -66,4 +66,31 @@ fn main() {
     input.extend(registration);
     input.extend(heartbeat);
     write("coordinator_membership", "register-then-beat", &input);
+
+    let rows = |tokens: u64| v1::WireTensor {
+        dtype: v1::Dtype::Bf16 as i32,
+        shape: vec![tokens, 64],
+        data: (0..tokens * 128).map(|byte| byte as u8).collect::<Vec<u8>>().into(),
+    };
+    let words = |values: &[u32]| values.iter().flat_map(|value| value.to_le_bytes()).collect::<Vec<u8>>().into();
+    let request = v1::ForwardRequest {
+        request_id: 7,
+        tokens: Some(v1::TokenRows {
+            layer: 0,
+            rows: Some(rows(2)),
+            offsets: words(&[0, 2, 3]),
+            experts: words(&[1, 5, 1]),
+            weights: [0.25f32, 0.75, 1.0].iter().flat_map(|weight| weight.to_le_bytes()).collect::<Vec<u8>>().into(),
+        }),
+        ..Default::default()
+    };
+    let answer = v1::ForwardResponse { request_id: 7, combined: Some(rows(2)), ..Default::default() };
+    // Three frames cut inside the small fields and across the rows, then the rest.
+    for (name, message) in
+        [("token-rows-request", request.encode_to_vec()), ("combined-answer", answer.encode_to_vec())]
+    {
+        let mut input = vec![3, 9, 40, 200];
+        input.extend(message);
+        write("forward_frames", name, &input);
+    }
 }

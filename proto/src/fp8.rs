@@ -51,7 +51,15 @@ pub const BLOCK: usize = 128;
 
 /// Bytes of one row of `width` values: the codes, then one f32 scale per block.
 pub const fn row_bytes(width: usize) -> usize {
-    width + 4 * width.div_ceil(BLOCK)
+    match checked_row_bytes(width) {
+        Some(bytes) => bytes,
+        None => panic!("an FP8 row's bytes overflow usize"),
+    }
+}
+
+/// [`row_bytes`] of a width read off the wire: `None` where the count overflows.
+pub const fn checked_row_bytes(width: usize) -> Option<usize> {
+    width.checked_add(4 * width.div_ceil(BLOCK))
 }
 
 crate::simd::widest! {

@@ -56,6 +56,14 @@ impl WireDtype {
         }
     }
 
+    /// [`WireDtype::row_bytes`] of a width read off the wire: `None` where the count overflows.
+    pub fn checked_row_bytes(self, width: usize) -> Option<usize> {
+        match self {
+            WireDtype::Fp8E4m3 => crate::fp8::checked_row_bytes(width),
+            dtype => width.checked_mul(dtype.element_size()),
+        }
+    }
+
     /// Whether answers may be in this dtype: FP8 is a dispatch format only.
     pub fn answers(self) -> bool {
         self != WireDtype::Fp8E4m3
@@ -307,6 +315,16 @@ mod tests {
         );
         assert_eq!("bf16".parse::<WireDtype>(), Ok(WireDtype::Bf16));
         assert!(WireDtype::ALL.iter().all(|dtype| dtype.name().parse::<WireDtype>() == Ok(*dtype)));
+    }
+
+    /// A width read off the wire may be anything: its row's bytes are counted without wrapping.
+    #[test]
+    fn a_row_too_wide_to_count_has_no_byte_count() {
+        assert_eq!(WireDtype::Fp8E4m3.checked_row_bytes(200), Some(WireDtype::Fp8E4m3.row_bytes(200)));
+        assert_eq!(WireDtype::Bf16.checked_row_bytes(200), Some(400));
+        assert_eq!(WireDtype::F32.checked_row_bytes(1 << 62), None, "4 << 62 wraps to 0");
+        assert_eq!(WireDtype::F16.checked_row_bytes(usize::MAX / 2 + 1), None);
+        assert_eq!(WireDtype::Fp8E4m3.checked_row_bytes(usize::MAX), None);
     }
 
     /// DeepEP's format: one byte per value plus one f32 scale per 128 values of a row; each block's
