@@ -125,9 +125,11 @@ impl WorkerCall {
     }
 }
 
-/// The expert compute one answer waited for: the time of every expert batch its rows were in.
+/// The expert compute one answer waited for: the time of every expert batch its rows were in
+/// (saturating: the figures are the worker's, and need not add up).
 pub fn response_compute(response: &v1::ForwardResponse) -> Duration {
-    Duration::from_micros(response.outputs.iter().filter_map(|output| output.timing.map(|t| t.compute_us)).sum())
+    let micros = response.outputs.iter().filter_map(|output| output.timing.map(|t| t.compute_us));
+    Duration::from_micros(micros.fold(0, u64::saturating_add))
 }
 
 /// The expert compute one answer accounts for: each of its batches' time in proportion to its rows
@@ -141,7 +143,7 @@ pub fn response_compute_share(response: &v1::ForwardResponse) -> Duration {
         }
         whole.mul_f64(f64::from(timing.tokens.min(timing.batch_tokens)) / f64::from(timing.batch_tokens))
     };
-    response.outputs.iter().filter_map(|output| output.timing).map(share).sum()
+    response.outputs.iter().filter_map(|output| output.timing).map(share).fold(Duration::ZERO, Duration::saturating_add)
 }
 
 /// Splits `total` over `shares` in proportion to their weights (equally when every weight is 0),
@@ -412,6 +414,10 @@ mod tests {
         assert_eq!(response_compute(&answer(4)), Duration::from_millis(9));
         let from_an_older_worker = answer(0);
         assert_eq!(response_compute_share(&from_an_older_worker), Duration::from_millis(9), "no rows sent: all of it");
+        let mut absurd = answer(0);
+        absurd.outputs = vec![absurd.outputs[0].clone(); 3];
+        absurd.outputs.iter_mut().for_each(|output| output.timing.as_mut().unwrap().compute_us = u64::MAX);
+        assert_eq!(response_compute(&absurd), Duration::from_micros(u64::MAX), "a worker's figures saturate");
     }
 
     #[test]
