@@ -139,6 +139,14 @@ fn parse_token_rows(tokens: v1::TokenRows) -> Result<(Vec<ExpertRowsIn>, Arc<Sha
     for token in 0..count {
         for choice in offsets[token]..offsets[token + 1] {
             let (indices, token_weights) = by_expert.entry(experts[choice]).or_default();
+            if indices.last() == Some(&(token as i64)) {
+                // A router picks distinct experts; a repeat would also count the row twice against
+                // the expert's capacity.
+                return Err(WorkerError::invalid(
+                    "tokens.experts",
+                    format!("token {token} chooses expert {} more than once", experts[choice]),
+                ));
+            }
             indices.push(token as i64);
             token_weights.push(weights[choice]);
         }
@@ -317,6 +325,10 @@ mod tests {
             "tokens.offsets: must rise from 0 to the 2 expert choices"
         );
         assert_eq!(rejection(&[0, 1, 2], &[3, 4], &[1.0]), "tokens.weights: 1 weights for 2 expert choices");
+        assert_eq!(
+            rejection(&[0, 1, 3], &[3, 4, 4], &[1.0, 0.5, 0.5]),
+            "tokens.experts: token 1 chooses expert 4 more than once"
+        );
         let both = ForwardBatch::try_from(token_request(&[0, 1, 1], &[3], &[1.0])).unwrap_err().to_string();
         assert_eq!(both, "tokens: a request carries batches or tokens, not both");
         let mut endless = token_request(&[], &[], &[]);

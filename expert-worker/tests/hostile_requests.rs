@@ -77,11 +77,15 @@ fn wire_count() -> impl Strategy<Value = u64> {
 }
 
 fn wire_tensor() -> impl Strategy<Value = v1::WireTensor> {
-    let bytes = prop_oneof![Just(0), 1..200usize];
-    (0..6i32, proptest::collection::vec(wire_count(), 0..4), bytes).prop_map(|(dtype, shape, bytes)| v1::WireTensor {
-        dtype,
-        shape,
-        data: vec![0u8; bytes].into(),
+    let bytes = prop_oneof![Just(None), Just(Some(0)), (1..200usize).prop_map(Some)];
+    (0..6i32, proptest::collection::vec(wire_count(), 0..4), bytes).prop_map(|(dtype, shape, bytes)| {
+        let fitting = || {
+            let row_bytes =
+                WireDtype::try_from(dtype).ok()?.checked_row_bytes(usize::try_from(*shape.get(1)?).ok()?)?;
+            Some(usize::try_from(shape[0]).ok()?.checked_mul(row_bytes)?).filter(|bytes| *bytes < 4096)
+        };
+        let bytes = bytes.or_else(fitting).unwrap_or(0);
+        v1::WireTensor { dtype, shape, data: vec![0u8; bytes].into() }
     })
 }
 
@@ -110,6 +114,38 @@ fn inconsistent() -> impl Strategy<Value = v1::ForwardRequest> {
             sequence: 0,
         },
     )
+}
+
+/// Token-major requests whose lists agree with each other and with their rows, as a client builds
+/// them, but whose choices may repeat an expert for a token or name one the worker does not serve,
+/// and whose rows may not be the worker's width.
+fn chosen() -> impl Strategy<Value = v1::ForwardRequest> {
+    let choices = proptest::collection::vec(proptest::collection::vec(0..6u32, 0..4), 0..5);
+    let width = prop_oneof![3 => Just(WIDTH), 1 => 1..12usize];
+    (choices, width, proptest::sample::select(WireDtype::ALL.to_vec())).prop_map(|(choices, width, dtype)| {
+        let mut offsets = vec![0u32];
+        for token in &choices {
+            offsets.push(offsets[offsets.len() - 1] + token.len() as u32);
+        }
+        let experts = choices.concat();
+        let weights = vec![0.5f32; experts.len()];
+        let rows = v1::WireTensor {
+            dtype: dtype.to_proto() as i32,
+            shape: vec![choices.len() as u64, width as u64],
+            data: vec![0u8; choices.len() * dtype.row_bytes(width)].into(),
+        };
+        v1::ForwardRequest {
+            request_id: 4,
+            tokens: Some(v1::TokenRows {
+                layer: 0,
+                rows: Some(rows),
+                offsets: words(&offsets, u32::to_le_bytes),
+                experts: words(&experts, u32::to_le_bytes),
+                weights: words(&weights, f32::to_le_bytes),
+            }),
+            ..Default::default()
+        }
+    })
 }
 
 /// What an accepted batch claims matches its bytes: no count the worker computes from it overflows.
@@ -179,7 +215,9 @@ proptest! {
     }
 
     #[test]
-    fn inconsistent_shapes_and_counts_are_refused_or_match_their_bytes(request in inconsistent()) {
+    fn inconsistent_shapes_and_counts_are_refused_or_match_their_bytes(
+        request in prop_oneof![inconsistent(), chosen()]
+    ) {
         let Ok(batch) = ForwardBatch::try_from(request) else { return Ok(()) };
         check_counts(&batch)?;
         answer_or_refuse(batch)?;
