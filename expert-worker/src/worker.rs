@@ -1,7 +1,7 @@
 //! [`ExpertWorker`]: the worker's logic as a plain struct with no tonic types, so it is tested
 //! without a network. The gRPC service in [`crate::service`] is a thin adapter over it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -322,9 +322,13 @@ impl ExpertWorker {
     pub async fn load_experts(
         &self,
         spec: ModelSpec,
-        experts: Vec<ExpertId>,
+        mut experts: Vec<ExpertId>,
         limits: QueueLimits,
     ) -> Result<Vec<ExpertId>, WorkerError> {
+        // A key listed twice is one expert: built twice, it was counted twice against the memory
+        // offered and held twice while loading.
+        let mut listed = HashSet::with_capacity(experts.len());
+        experts.retain(|key| listed.insert(*key));
         if let Some(outside) = experts.iter().find(|key| !spec.contains(key)) {
             return Err(WorkerError::invalid(
                 "experts",

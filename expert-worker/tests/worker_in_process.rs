@@ -191,6 +191,22 @@ async fn queue_limit_refuses_and_unloading_closes_the_queue() {
     worker.shutdown().await;
 }
 
+/// An expert listed twice in one load is built, counted against the memory offered and answered
+/// once: with room for exactly one more expert, a load naming it three times fits.
+#[tokio::test]
+async fn an_expert_listed_twice_is_loaded_once() {
+    let expert_bytes = tiny_model().expert_bytes_of(0, WeightDtype::F32);
+    let options = WorkerOptions { memory_bytes: Some(5 * expert_bytes), ..WorkerOptions::in_process(tch::Device::Cpu) };
+    let worker = started_from(options, WorkerMetrics::new()).await;
+    let other_layer = ModelSpec { moe_layers: vec![0, 1], ..tiny_model() };
+    let again = vec![ExpertId::new(1, 2), ExpertId::new(1, 2), ExpertId::new(1, 2)];
+    let loaded = worker.load_experts(other_layer, again, QueueLimits::default()).await.expect("one expert fits");
+    assert_eq!(loaded, [ExpertId::new(1, 2)]);
+    assert_eq!(worker.resident_bytes(), 5 * expert_bytes);
+    assert_eq!(worker.resident_experts().len(), 5);
+    worker.shutdown().await;
+}
+
 /// Starts the real gRPC server on 127.0.0.1:0 with experts loaded through its own RPC.
 type GrpcWorker = (ExpertWorkerClient<tonic::transport::Channel>, tokio::sync::oneshot::Sender<()>);
 
