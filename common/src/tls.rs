@@ -433,9 +433,9 @@ pub fn named_worker_files(dir: &Path, name: &str) -> TlsFiles {
 }
 
 /// Writes a development CA (`ca.pem`, `ca-key.pem`) and, for each role, a certificate it signs
-/// (`<role>.pem`, `<role>-key.pem`) naming the role and valid for `hosts` (DNS names or IP
+/// (`ROLE.pem`, `ROLE-key.pem`) naming the role and valid for `hosts` (DNS names or IP
 /// addresses the servers are dialled by); then a worker certificate of its own for each of
-/// `workers` (`<name>.pem`, `<name>-key.pem`), so that each worker's id is bound to its own
+/// `workers` (`NAME.pem`, `NAME-key.pem`), so that each worker's id is bound to its own
 /// certificate rather than the role's. Keys are written readable by their owner only.
 pub fn write_dev_certs(dir: &Path, hosts: &[String], workers: &[String]) -> Result<(), TlsError> {
     if let Some(bad) = workers.iter().find(|name| {

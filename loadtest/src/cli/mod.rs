@@ -70,7 +70,7 @@ pub enum Command {
     /// Exits non-zero when a check fails.
     DeviceCheck(crate::libtorch::DeviceCheckArgs),
     /// Write a development CA and a certificate per role (coordinator, worker, client) for mutual
-    /// TLS; each names its role in a `spiffe://switchyard/<role>` URI. For production, issue the
+    /// TLS; each names its role in a `spiffe://switchyard/ROLE` URI. For production, issue the
     /// same from your own CA (cert-manager, Vault).
     Certs(certs::CertsArgs),
 }
