@@ -70,6 +70,7 @@ pub mod huge_pages;
 pub mod metrics_http;
 pub mod metrics_text;
 pub mod otlp;
+pub mod panic;
 pub mod process_metrics;
 pub mod readiness;
 pub mod ready;

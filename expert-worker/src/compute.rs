@@ -121,11 +121,7 @@ fn run_step(
     let answers = match outputs {
         Ok(answers) => answers,
         Err(panic) => {
-            let reason = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_else(|| "unknown libtorch error".to_owned());
+            let reason = switchyard_common::panic::message(&*panic, "unknown libtorch error");
             let experts: Vec<String> = batches.iter().map(|batch| batch.expert.to_string()).collect();
             tracing::error!(experts = %experts.join(", "), %reason, "expert step failed");
             for (entry, _) in batches.into_iter().flat_map(|batch| batch.entries) {

@@ -21,6 +21,9 @@ pub enum WorkerError {
     /// libtorch failed during a forward.
     #[error("expert forward failed: {0}")]
     Compute(String),
+    /// Handling the request panicked: a bug of the worker's, which goes on serving other requests.
+    #[error("the worker panicked handling the request: {0}")]
+    Panicked(String),
 }
 
 impl WorkerError {
@@ -34,7 +37,7 @@ impl WorkerError {
             WorkerError::QueueFull { .. } => Code::ResourceExhausted,
             WorkerError::Unavailable(_) => Code::Unavailable,
             WorkerError::Load { .. } => Code::FailedPrecondition,
-            WorkerError::Compute(_) => Code::Internal,
+            WorkerError::Compute(_) | WorkerError::Panicked(_) => Code::Internal,
         }
     }
 }
@@ -56,6 +59,7 @@ impl From<WorkerError> for Status {
             WorkerError::Unavailable(_) => status::with_reason(Code::Unavailable, "WORKER_UNAVAILABLE", message),
             WorkerError::Load { .. } => status::with_reason(Code::FailedPrecondition, "EXPERT_LOAD_FAILED", message),
             WorkerError::Compute(_) => status::with_reason(Code::Internal, "EXPERT_COMPUTE_FAILED", message),
+            WorkerError::Panicked(_) => status::with_reason(Code::Internal, "WORKER_PANICKED", message),
         }
     }
 }

@@ -1,12 +1,13 @@
 //! The gRPC adapter: decode and validate, open the span, call [`ExpertWorker`], encode. No logic.
 
 use std::convert::Infallible;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use switchyard_common::otlp::RemoteParent;
 use switchyard_model::{ExpertId, ModelSpec};
 use switchyard_proto::payload_last::PayloadLast;
@@ -68,7 +69,7 @@ impl ExpertWorkerService {
         };
         let span = tracing::info_span!("forward", request_id = request.request_id, layer, worker = %self.name);
         caller.adopt(&span);
-        async {
+        panic_as_error(async {
             let batch = ForwardBatch::try_from(request)?;
             let rows = batch.total_tokens();
             let outcome = self.worker.forward_arrived(batch, arrival).await.inspect_err(|error| {
@@ -80,10 +81,22 @@ impl ExpertWorkerService {
             response.sequence = sequence;
             response.replied_unix_nanos = switchyard_common::clock::unix_nanos();
             Ok(response)
-        }
+        })
         .instrument(span)
         .await
     }
+}
+
+/// Runs one request's handling, a panic in it (a bug) becoming an error that says so: the caller
+/// gets INTERNAL with the panic's message, not a reset stream that its client could take for a
+/// network failure and send to the next holder, and the worker logs it. Unwinding drops what the
+/// request held as cancelling it would, so the worker's state stays whole.
+async fn panic_as_error<T>(handling: impl Future<Output = Result<T, WorkerError>>) -> Result<T, WorkerError> {
+    AssertUnwindSafe(handling).catch_unwind().await.unwrap_or_else(|panic| {
+        let reason = switchyard_common::panic::message(&*panic, "a panic");
+        tracing::error!(%reason, "handling a forward request panicked");
+        Err(WorkerError::Panicked(reason))
+    })
 }
 
 fn encode_outcome(outcome: ForwardOutcome) -> v1::ForwardResponse {
@@ -326,4 +339,22 @@ pub fn expert_stats(worker: &ExpertWorker) -> Vec<v1::ExpertStats> {
             batches: queue.counters.batches,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_handling_a_request_is_an_internal_error_that_names_it() {
+        assert_eq!(panic_as_error(async { Ok::<_, WorkerError>(7) }).await, Ok(7));
+        let no_offsets: Vec<usize> = Vec::new();
+        let panicked = panic_as_error(async { Ok::<_, WorkerError>(no_offsets[std::hint::black_box(0)]) })
+            .await
+            .expect_err("indexing an empty list panics");
+        assert!(matches!(&panicked, WorkerError::Panicked(reason) if reason.contains("index out of bounds")));
+        let status = Status::from(panicked);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(status.message().starts_with("the worker panicked handling the request: index out of bounds"));
+    }
 }

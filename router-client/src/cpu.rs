@@ -124,11 +124,7 @@ pub fn on_scoped_threads<T: Send>(parts: impl IntoIterator<Item = T>, work: impl
 /// A job's outcome, its panic as an error.
 fn caught<T>(outcome: std::thread::Result<T>) -> Result<T, ClientError> {
     outcome.map_err(|panic| {
-        let reason = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-            .unwrap_or_else(|| "a panic".to_owned());
+        let reason = switchyard_common::panic::message(&*panic, "a panic");
         ClientError::Internal { reason: format!("the client's CPU work failed: {reason}") }
     })
 }
