@@ -1,0 +1,209 @@
+//! A worker's answers, changed on their way back (a buggy worker, or one of another version): every
+//! layer call still ends, with an output of the call's shape or an error that names what was wrong,
+//! never a panic or a hang. A call that ends with an output got it exact, unless the change could
+//! pass for a true answer (flipped payload bits); a change to what the client only books (timings,
+//! stamps, the handler's time) never fails it. The answers start as real ones, from an in-process
+//! worker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use proptest::prelude::*;
+use prost::Message;
+use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
+use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_proto::v1;
+use switchyard_reference::in_process::InProcessTransport;
+use switchyard_router_client::transport::{Answer, Endpoint, ExpertTransport};
+use switchyard_router_client::{ClientError, ClientOptions, DispatchLayout, MoeClient};
+use tokio::sync::watch;
+
+mod support;
+
+const TOKENS: usize = 8;
+
+fn model() -> ModelSpec {
+    ModelSpec { d_model: 16, d_ff: 32, seed: 11, ..ModelSpec::default_synthetic() }
+}
+
+fn hidden() -> Vec<f32> {
+    (0..TOKENS * 16).map(|i| ((i as f32) * 0.37).sin()).collect()
+}
+
+/// How every answer of a call is changed.
+#[derive(Debug, Clone)]
+enum Tamper {
+    /// Only what the client books: every timing, stamp and the handler's time set to this.
+    Bookkeeping(u64),
+    CombinedShape(Vec<u64>),
+    CombinedDtype(i32),
+    CombinedLength(usize),
+    CombinedMissing,
+    /// Only the first this many outputs kept.
+    OutputsKept(usize),
+    FirstOutputExpert(u32),
+    /// Rows of this shape on every output, as an expert-major answer carries them.
+    OutputRows(Vec<u64>),
+    /// The encoded answer with these bytes flipped (positions modulo its length), decoded again.
+    Flipped(Vec<(usize, u8)>),
+}
+
+impl Tamper {
+    fn apply(&self, response: &mut v1::ForwardResponse) -> Result<(), String> {
+        match self {
+            Tamper::Bookkeeping(value) => {
+                response.worker_us = *value;
+                response.received_unix_nanos = *value;
+                response.replied_unix_nanos = *value;
+                for timing in response.outputs.iter_mut().filter_map(|output| output.timing.as_mut()) {
+                    *timing = v1::ExpertTiming {
+                        queue_wait_us: *value,
+                        compute_us: *value,
+                        batch_tokens: *value as u32,
+                        tokens: *value as u32,
+                    };
+                }
+            }
+            Tamper::CombinedShape(shape) => response.combined.iter_mut().for_each(|c| c.shape = shape.clone()),
+            Tamper::CombinedDtype(dtype) => response.combined.iter_mut().for_each(|c| c.dtype = *dtype),
+            Tamper::CombinedLength(length) => response.combined.iter_mut().for_each(|combined| {
+                let mut data = combined.data.to_vec();
+                data.resize(*length, 0);
+                combined.data = data.into();
+            }),
+            Tamper::CombinedMissing => response.combined = None,
+            Tamper::OutputsKept(kept) => response.outputs.truncate(*kept),
+            Tamper::FirstOutputExpert(expert) => {
+                if let Some(key) = response.outputs.first_mut().and_then(|output| output.expert.as_mut()) {
+                    key.expert = *expert;
+                }
+            }
+            Tamper::OutputRows(shape) => {
+                let rows =
+                    v1::WireTensor { dtype: v1::Dtype::F32 as i32, shape: shape.clone(), data: vec![0; 64].into() };
+                response.outputs.iter_mut().for_each(|output| output.rows = Some(rows.clone()));
+            }
+            Tamper::Flipped(flips) => {
+                let mut bytes = response.encode_to_vec();
+                if !bytes.is_empty() {
+                    let length = bytes.len();
+                    flips.iter().for_each(|(position, mask)| bytes[position % length] ^= mask);
+                }
+                *response = v1::ForwardResponse::decode(bytes.as_slice()).map_err(|error| error.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Tamper {
+    /// Whether the client may take the changed answer for a true one: where the change keeps its
+    /// shapes and lengths (rows of the right size, a dtype of the same width, flipped payload bits),
+    /// nothing tells them apart. Any other change is refused, or leaves what the client reads alone.
+    fn may_pass_for_true(&self) -> bool {
+        matches!(self, Tamper::Flipped(_) | Tamper::OutputRows(_) | Tamper::CombinedDtype(_))
+    }
+}
+
+fn tamper() -> impl Strategy<Value = Tamper> {
+    let dim = prop_oneof![Just(0u64), 1..40u64, Just(u64::MAX), Just(1 << 62)];
+    prop_oneof![
+        prop_oneof![Just(0u64), Just(1), Just(u64::MAX), any::<u64>()].prop_map(Tamper::Bookkeeping),
+        proptest::collection::vec(dim.clone(), 0..4).prop_map(Tamper::CombinedShape),
+        (0..6i32).prop_map(Tamper::CombinedDtype),
+        prop_oneof![Just(0usize), 1..1024usize].prop_map(Tamper::CombinedLength),
+        Just(Tamper::CombinedMissing),
+        (0..3usize).prop_map(Tamper::OutputsKept),
+        prop_oneof![0..8u32, Just(u32::MAX)].prop_map(Tamper::FirstOutputExpert),
+        proptest::collection::vec(dim, 0..4).prop_map(Tamper::OutputRows),
+        proptest::collection::vec((any::<usize>(), 1..=255u8), 1..4).prop_map(Tamper::Flipped),
+    ]
+}
+
+/// The in-process transport, every answer changed by `tamper` (one that no longer decodes fails
+/// as the gRPC transport's decoder would fail it).
+#[derive(Debug)]
+struct Tampering {
+    inner: Arc<InProcessTransport>,
+    tamper: Tamper,
+}
+
+impl ExpertTransport for Tampering {
+    fn forward(
+        &self,
+        endpoint: &Endpoint,
+        request: v1::ForwardRequest,
+        deadline: Duration,
+    ) -> BoxFuture<'static, Result<Answer, ClientError>> {
+        let answered = self.inner.forward(endpoint, request, deadline);
+        let (tamper, endpoint) = (self.tamper.clone(), endpoint.to_string());
+        Box::pin(async move {
+            let mut answer = answered.await?;
+            tamper.apply(&mut answer.response).map_err(|reason| ClientError::BadResponse { endpoint, reason })?;
+            Ok(answer)
+        })
+    }
+}
+
+/// One worker holding every expert, and the output an untouched call of each layout gets from it.
+struct Served {
+    runtime: tokio::runtime::Runtime,
+    transport: Arc<InProcessTransport>,
+    _worker: Arc<ExpertWorker>,
+    exact: [Vec<f32>; 2],
+}
+
+const LAYOUTS: [DispatchLayout; 2] = [DispatchLayout::TokenMajor, DispatchLayout::ExpertMajor];
+
+fn served() -> Served {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let every_expert = (0..8).map(|expert| ExpertId::new(0, expert)).collect();
+    let worker = runtime.block_on(support::cpu_worker(model(), every_expert, 1 << 20, Duration::ZERO));
+    let transport =
+        Arc::new(InProcessTransport::new([(Arc::from("a"), ExpertWorkerService::new(worker.clone(), "a"))]));
+    let exact = LAYOUTS.map(|dispatch| {
+        let untouched = Tampering { inner: transport.clone(), tamper: Tamper::OutputsKept(usize::MAX) };
+        let output = runtime.block_on(call(untouched, dispatch)).expect("an untouched call");
+        output.expect("an untouched call succeeds")
+    });
+    Served { runtime, transport, _worker: worker, exact }
+}
+
+/// One layer call through `transport`: its output, its error, or `None` if it did not end in time.
+async fn call(transport: Tampering, dispatch: DispatchLayout) -> Option<Result<Vec<f32>, ClientError>> {
+    let table = support::table(&model(), 1, |_| vec!["a"]);
+    let (_tables, receiver) = watch::channel(Some(table));
+    let options =
+        ClientOptions { dispatch, cpu_threads: 1, timeout: Duration::from_secs(5), ..ClientOptions::default() };
+    let client = MoeClient::with_transport(receiver, options, Arc::new(transport));
+    let called = tokio::time::timeout(Duration::from_secs(20), client.forward(0, hidden())).await.ok()?;
+    Some(called.map(|output| output.hidden))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_changed_answer_ends_the_call_with_an_output_or_a_named_error(tamper in tamper(), layout in 0..2usize) {
+        thread_local! { static SERVED: Served = served(); }
+        SERVED.with(|served| {
+            let transport = Tampering { inner: served.transport.clone(), tamper: tamper.clone() };
+            let ended = served.runtime.block_on(call(transport, LAYOUTS[layout]));
+            let Some(result) = ended else { return Err(TestCaseError::fail("the call did not end")) };
+            match result {
+                Ok(output) => {
+                    prop_assert_eq!(output.len(), TOKENS * 16);
+                    if !tamper.may_pass_for_true() {
+                        prop_assert_eq!(&output, &served.exact[layout], "a changed answer was taken");
+                    }
+                }
+                Err(error) => {
+                    prop_assert!(!matches!(tamper, Tamper::Bookkeeping(_)), "bookkeeping failed the call: {}", error);
+                    prop_assert!(!error.to_string().is_empty());
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
