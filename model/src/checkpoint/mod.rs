@@ -28,12 +28,44 @@ use crate::spec::ModelSpec;
 pub enum CheckpointError {
     #[error("{file}: {reason}")]
     Config { file: PathBuf, reason: String },
+    /// The directory has no `config.json`: a mistyped path, or the folder above the checkpoints.
+    #[error("{dir} is not a checkpoint directory: {reason}")]
+    NotACheckpoint { dir: PathBuf, reason: String },
     #[error(transparent)]
     Tensor(#[from] TensorFileError),
     #[error("layer {layer} of {family} checkpoint {dir} is not a MoE layer; its MoE layers are {moe_layers}")]
     NotMoeLayer { layer: u32, family: Family, dir: PathBuf, moe_layers: String },
     #[error("expert {expert} is not in {dir}: it has {routed} routed and {shared} shared experts per layer")]
     NoSuchExpert { expert: u32, dir: PathBuf, routed: u32, shared: u32 },
+}
+
+/// Names at most this many of the checkpoints a directory holds, in its error.
+const CHECKPOINTS_NAMED: usize = 8;
+
+/// Why `dir`, which has no `config.json`, is not a checkpoint; if it holds checkpoints, which.
+fn not_a_checkpoint(dir: &Path) -> CheckpointError {
+    let reason = match std::fs::read_dir(dir) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => "it does not exist".to_owned(),
+        Err(error) => error.to_string(),
+        Ok(entries) => {
+            let mut held: Vec<String> = entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.path().join("config.json").is_file())
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect();
+            held.sort();
+            match held.len() {
+                0 => "it has no config.json (a checkpoint directory holds config.json and the *.safetensors files)"
+                    .to_owned(),
+                count if count > CHECKPOINTS_NAMED => format!(
+                    "it has no config.json, but {count} directories in it do: {}, …",
+                    held[..CHECKPOINTS_NAMED].join(", ")
+                ),
+                _ => format!("it has no config.json, but these directories in it do: {}", held.join(", ")),
+            }
+        }
+    };
+    CheckpointError::NotACheckpoint { dir: dir.to_path_buf(), reason }
 }
 
 /// The weights of one expert, in `nn.Linear` layout (`[out_features, in_features]`), in the dtype
@@ -86,6 +118,9 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
         let file = dir.join("config.json");
+        if !file.exists() {
+            return Err(not_a_checkpoint(dir));
+        }
         let config_error = |reason: String| CheckpointError::Config { file: file.clone(), reason };
         let mut text = String::new();
         crate::safetensors::open_regular(&file)
@@ -471,5 +506,44 @@ mod tests {
         .unwrap();
         let error = Checkpoint::open(dir.path()).unwrap_err().to_string();
         assert!(error.contains("config.json") && error.contains("model_type \"llama\""), "{error}");
+    }
+
+    /// A path that is no checkpoint says why, and where it is the folder above checkpoints, names
+    /// them.
+    #[test]
+    fn a_directory_without_config_json_is_named_with_the_checkpoints_it_holds() {
+        let above = Checkpoint::open(&fixture("")).unwrap_err().to_string();
+        assert!(
+            above.contains("is not a checkpoint directory: it has no config.json, but ")
+                && above.contains(" directories in it do: deepseek-v2-lite-tiny, deepseek-v3-tiny, "),
+            "{above}"
+        );
+        let missing = Checkpoint::open(&fixture("no-such-model")).unwrap_err().to_string();
+        assert!(missing.ends_with("no-such-model is not a checkpoint directory: it does not exist"), "{missing}");
+        let empty = tempfile::tempdir().unwrap();
+        let error = Checkpoint::open(empty.path()).unwrap_err().to_string();
+        assert!(
+            error.ends_with(
+                "it has no config.json (a checkpoint directory holds config.json and the *.safetensors files)"
+            ),
+            "{error}"
+        );
+        let add_checkpoints = |indices: std::ops::Range<usize>| {
+            for index in indices {
+                std::fs::create_dir(empty.path().join(format!("model-{index}"))).unwrap();
+                std::fs::write(empty.path().join(format!("model-{index}/config.json")), "{}").unwrap();
+            }
+        };
+        add_checkpoints(0..2);
+        let two = Checkpoint::open(empty.path()).unwrap_err().to_string();
+        assert!(two.ends_with("it has no config.json, but these directories in it do: model-0, model-1"), "{two}");
+        add_checkpoints(2..10);
+        let many = Checkpoint::open(empty.path()).unwrap_err().to_string();
+        assert!(
+            many.ends_with(
+                "but 10 directories in it do: model-0, model-1, model-2, model-3, model-4, model-5, model-6, model-7, …"
+            ),
+            "{many}"
+        );
     }
 }
