@@ -90,7 +90,8 @@ impl ExpertWorkerService {
 /// Runs one request's handling, a panic in it (a bug) becoming an error that says so: the caller
 /// gets INTERNAL with the panic's message, not a reset stream that its client could take for a
 /// network failure and send to the next holder, and the worker logs it. Unwinding drops what the
-/// request held as cancelling it would, so the worker's state stays whole.
+/// request held, as a cancelled request does, and the worker's locks are taken even once
+/// poisoned, so it goes on serving.
 async fn panic_as_error<T>(handling: impl Future<Output = Result<T, WorkerError>>) -> Result<T, WorkerError> {
     AssertUnwindSafe(handling).catch_unwind().await.unwrap_or_else(|panic| {
         let reason = switchyard_common::panic::message(&*panic, "a panic");
