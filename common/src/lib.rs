@@ -13,7 +13,7 @@
 //! - [`tls`]: mutual TLS, the roles certificates name, and the check of each call's role.
 //! - [`huge_pages`]: large per-call buffers backed by transparent huge pages.
 //! - [`freed_buffers`]: glibc's allocator set to keep a call's freed buffers for the next call.
-//! - [`panic`](mod@panic): what a caught panic said, for the error that reports it.
+//! - [`panic`](mod@panic): what a caught panic said, and the server layer that answers a call whose handler panicked.
 
 /// `tokio::io::AsyncWrite` for a connection wrapper that writes straight to its `inner` stream
 /// (what it adds is on the read side, or in what it carries).

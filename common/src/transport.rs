@@ -17,6 +17,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use crate::deadline::DeadlineLayer;
 use crate::grpc_metrics::{GrpcMetricsLayer, GrpcServerMetrics};
 pub use crate::h2_channel::{Connector, H2Channel, InvalidOrigin, Keepalive};
+use crate::panic::PanicLayer;
 use crate::tls::{ClientTls, RoleGuardLayer, RolePolicy, ServerTls, TlsConnection};
 
 /// HTTP/2 per-stream flow-control window.
@@ -69,9 +70,9 @@ pub async fn serve(
     metrics: GrpcServerMetrics,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    // Metrics outermost, so that calls the role guard refuses and calls past their deadline are
-    // counted too, with the code they were answered.
-    let mut server = server().layer(GrpcMetricsLayer(metrics)).layer(DeadlineLayer);
+    // Metrics outermost, so that calls the role guard refuses, calls past their deadline and calls
+    // whose handler panicked are counted too, with the code they were answered.
+    let mut server = server().layer(GrpcMetricsLayer(metrics)).layer(PanicLayer).layer(DeadlineLayer);
     match tls {
         Some((tls, policy)) => {
             server
