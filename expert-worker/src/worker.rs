@@ -241,7 +241,10 @@ impl ExpertWorker {
         self.metrics.requests.inc();
         let request_id = batch.request_id;
         let tokens = batch.total_tokens() as u64;
-        let token_major = batch.token_major.as_ref().map(|shared| (shared.tokens, shared.width));
+        let token_major = batch.token_major.as_ref().map(|shared| {
+            let dtype = batch.output_dtype.unwrap_or(shared.dtype.answer_dtype());
+            (shared.tokens, shared.width, dtype)
+        });
         let shapes: Vec<(ExpertId, usize, usize)> =
             batch.parts.iter().map(|part| (part.expert, part.tokens, part.width)).collect();
         let admitted = self.scheduler.admit(batch);
@@ -284,7 +287,12 @@ impl ExpertWorker {
         }
         let combined = match token_major {
             None => None,
-            Some((tokens, width)) => {
+            // Tokens that chose none of this worker's experts sum to zero, whose bytes are zero
+            // in every answer dtype; no part, no compute.
+            Some((tokens, width, dtype)) if outputs.is_empty() => {
+                Some(CombinedOut { dtype, tokens, width, data: Bytes::from(vec![0; tokens * dtype.row_bytes(width)]) })
+            }
+            Some((tokens, width, _)) => {
                 let finished = answers_combined
                     .ok_or_else(|| WorkerError::Compute("a token-major request's sum never completed".to_owned()))?;
                 Some(CombinedOut { dtype: finished.0, tokens, width, data: finished.1 })

@@ -594,6 +594,23 @@ async fn a_token_major_request_comes_back_as_one_weighted_sum_per_token() {
     worker.shutdown().await;
 }
 
+/// A token-major request none of whose tokens chose an expert (or with no tokens at all) is
+/// answered at once: each token's sum is zero, in the dtype asked for.
+#[tokio::test]
+async fn a_token_major_request_choosing_no_expert_sums_to_zero() {
+    let worker = started(Duration::from_millis(300), 1024).await;
+    for tokens in [0, 3] {
+        let choices = vec![&[][..]; tokens];
+        let hidden = rows(tokens, 16, 0.4);
+        let request = token_major_request(6, &hidden, 16, &choices, WireDtype::Bf16);
+        let answered = worker.forward(ForwardBatch::try_from(request).expect("valid")).await;
+        let combined = answered.expect("answered").combined.expect("one sum per token");
+        assert_eq!((combined.tokens, combined.width, combined.dtype), (tokens, 16, WireDtype::F32));
+        assert_eq!(wire::decode_f32(&combined.data, combined.dtype), vec![0.0; tokens * 16]);
+    }
+    worker.shutdown().await;
+}
+
 /// Identity experts add their gate weights, not rows: each token comes back as its row times the
 /// weights it gave this worker's experts (not one: the client keeps the other workers' shares),
 /// also when another request's own rows share the step.
