@@ -156,7 +156,8 @@ async fn calls_waiting_on_a_failed_connect_share_its_failure() {
     }
     assert_eq!(attempts.load(Ordering::SeqCst), 1);
     // A later call tries again.
-    assert!(check(&mut channel.clone(), "").await.is_err());
+    let again = check(&mut channel.clone(), "").await.expect_err("still nobody answers");
+    assert_eq!(again.code(), Code::Unavailable);
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
 }
 

@@ -453,7 +453,7 @@ async fn a_draining_workers_experts_move_before_it_is_told_it_may_stop() {
     assert_eq!((routed, version), (0, cluster.table().version));
     assert!(endpoints_by_expert(&cluster.table()).iter().all(|owners| owners == "a"));
     assert_eq!(control.unloads.lock().expect("lock").len(), 1, "b's copies are unloaded after the grace");
-    assert!(cluster.drain(PROTOCOL_VERSION, "w404").is_err());
+    assert_eq!(cluster.drain(PROTOCOL_VERSION, "w404"), Err(CoordinatorError::UnknownWorker("w404".into())));
 }
 
 /// Workers rejoining a restarted coordinator keep what they hold: no expert is loaded again,
