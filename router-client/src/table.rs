@@ -91,13 +91,18 @@ impl TryFrom<v1::RoutingTable> for RoutingTableView {
         let model = ModelSpec::try_from(table.model.clone()).map_err(|error| bad(error.to_string()))?;
         let experts = (model.experts_per_layer + model.shared_experts) as usize;
         let mut endpoints = vec![Vec::new(); model.moe_layers.len() * experts];
+        let mut routed_by: Vec<Option<usize>> = vec![None; endpoints.len()];
         for (index, route) in table.routes.iter().enumerate() {
             let expert = ExpertId::from(route.expert.ok_or_else(|| bad(format!("routes[{index}].expert is missing")))?);
             let Some(layer_index) = model.layer_index(expert.layer).filter(|_| model.contains(&expert)) else {
                 return Err(bad(format!("routes[{index}].expert: {expert} is outside the model")));
             };
-            endpoints[layer_index * experts + expert.expert as usize] =
-                route.endpoints.iter().map(|endpoint| Arc::from(endpoint.as_str())).collect();
+            let slot = layer_index * experts + expert.expert as usize;
+            // Which of two routes holds would be a guess: the coordinator lists each expert once.
+            if let Some(first) = routed_by[slot].replace(index) {
+                return Err(bad(format!("routes[{index}].expert: {expert} is routed already by routes[{first}]")));
+            }
+            endpoints[slot] = route.endpoints.iter().map(|endpoint| Arc::from(endpoint.as_str())).collect();
         }
         Ok(Self {
             version: TableVersion(table.version),
@@ -292,6 +297,13 @@ mod tests {
         let mut partial = wire_table();
         partial.routes[1].endpoints.clear();
         assert!(!RoutingTableView::try_from(partial).expect("valid").is_complete());
+        let mut twice = wire_table();
+        twice.routes[1].expert = Some(v1::ExpertKey::new(0, 1));
+        let error = RoutingTableView::try_from(twice).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "routing table version 3 is malformed: routes[1].expert: layer 0 expert 1 is routed already by routes[0]"
+        );
     }
 
     /// A watcher of no coordinator whose latest table is `latest`.
