@@ -144,15 +144,19 @@ impl ExpertTransport for Tampering {
     }
 }
 
-/// One worker holding every expert, and the output an untouched call of each layout gets from it.
+/// One worker holding every expert, and the output an untouched call of each sending gets from it.
 struct Served {
     runtime: tokio::runtime::Runtime,
     transport: Arc<InProcessTransport>,
     _worker: Arc<ExpertWorker>,
-    exact: [Vec<f32>; 2],
+    exact: [Vec<f32>; 3],
 }
 
-const LAYOUTS: [DispatchLayout; 2] = [DispatchLayout::TokenMajor, DispatchLayout::ExpertMajor];
+/// How a call goes to the worker: each layout as one request, and token-major split into requests
+/// of a few rows each (this many payload bytes at most), sent as the chunks of one stream, whose
+/// answers the client takes one by one.
+const SENDINGS: [(DispatchLayout, Option<usize>); 3] =
+    [(DispatchLayout::TokenMajor, None), (DispatchLayout::ExpertMajor, None), (DispatchLayout::TokenMajor, Some(128))];
 
 fn served() -> Served {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -160,39 +164,49 @@ fn served() -> Served {
     let worker = runtime.block_on(support::cpu_worker(model(), every_expert, 1 << 20, Duration::ZERO));
     let transport =
         Arc::new(InProcessTransport::new([(Arc::from("a"), ExpertWorkerService::new(worker.clone(), "a"))]));
-    let exact = LAYOUTS.map(|dispatch| {
-        let output = runtime.block_on(call(transport.clone(), dispatch)).expect("an untouched call ends");
+    let exact = SENDINGS.map(|sending| {
+        let output = runtime.block_on(call(transport.clone(), sending)).expect("an untouched call ends");
         output.expect("an untouched call succeeds")
     });
     Served { runtime, transport, _worker: worker, exact }
 }
 
 /// One layer call through `transport`: its output, its error, or `None` if it did not end in time.
-async fn call(transport: Arc<dyn ExpertTransport>, dispatch: DispatchLayout) -> Option<Result<Vec<f32>, ClientError>> {
+async fn call(
+    transport: Arc<dyn ExpertTransport>,
+    (dispatch, split): (DispatchLayout, Option<usize>),
+) -> Option<Result<Vec<f32>, ClientError>> {
     let table = support::table(&model(), 1, |_| vec!["a"]);
     let (_tables, receiver) = watch::channel(Some(table));
-    let options =
-        ClientOptions { dispatch, cpu_threads: 1, timeout: Duration::from_secs(5), ..ClientOptions::default() };
+    let defaults = ClientOptions::default();
+    let options = ClientOptions {
+        dispatch,
+        split_request_bytes: split.unwrap_or(defaults.split_request_bytes),
+        chunked_dispatch: split.is_some(),
+        cpu_threads: 1,
+        timeout: Duration::from_secs(5),
+        ..defaults
+    };
     let client = MoeClient::with_transport(receiver, options, transport);
     let called = tokio::time::timeout(Duration::from_secs(20), client.forward(0, hidden())).await.ok()?;
     Some(called.map(|output| output.hidden))
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2048, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn a_changed_answer_ends_the_call_with_an_output_or_a_named_error(tamper in tamper(), layout in 0..2usize) {
+    fn a_changed_answer_ends_the_call_with_an_output_or_a_named_error(tamper in tamper(), sending in 0..3usize) {
         thread_local! { static SERVED: Served = served(); }
         SERVED.with(|served| {
             let transport = Arc::new(Tampering { inner: served.transport.clone(), tamper: tamper.clone() });
-            let ended = served.runtime.block_on(call(transport, LAYOUTS[layout]));
+            let ended = served.runtime.block_on(call(transport, SENDINGS[sending]));
             let Some(result) = ended else { return Err(TestCaseError::fail("the call did not end")) };
             match result {
                 Ok(output) => {
                     prop_assert_eq!(output.len(), TOKENS * 16);
                     if !tamper.may_pass_for_true() {
-                        prop_assert_eq!(&output, &served.exact[layout], "a changed answer was taken");
+                        prop_assert_eq!(&output, &served.exact[sending], "a changed answer was taken");
                     }
                 }
                 Err(error) => {
