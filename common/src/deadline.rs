@@ -5,12 +5,13 @@
 //! DEADLINE_EXCEEDED naming the deadline, and drops the handler's future as tonic's would.
 
 use std::future::Future;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use tokio::time::Instant;
-use tonic::codegen::http::{HeaderMap, Request, Response};
+use tonic::codegen::http::{HeaderMap, Request};
+
+use crate::around_call::{Answered, AroundCall};
 
 /// The resolution of Tokio's timer, which tonic's timeout layer runs on: a timer set one tick
 /// earlier fires first.
@@ -37,39 +38,17 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 
 /// Answers DEADLINE_EXCEEDED for a call whose `grpc-timeout` passes before its answer.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct DeadlineLayer;
+pub struct AnswerDeadlines;
 
-impl<S> tower::Layer<S> for DeadlineLayer {
-    type Service = DeadlineService<S>;
-
-    fn layer(&self, inner: S) -> DeadlineService<S> {
-        DeadlineService { inner }
-    }
-}
-
-/// See [`DeadlineLayer`].
-#[derive(Debug, Clone)]
-pub struct DeadlineService<S> {
-    inner: S,
-}
-
-impl<S, B> tower::Service<Request<B>> for DeadlineService<S>
-where
-    S: tower::Service<Request<B>, Response = Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+impl AroundCall for AnswerDeadlines {
+    fn around<B, E: 'static>(
+        &self,
+        request: Request<B>,
+        handle: impl FnOnce(Request<B>) -> Answered<E>,
+    ) -> Answered<E> {
         let timeout = grpc_timeout(request.headers());
-        let answer = self.inner.call(request);
-        let Some(timeout) = timeout else { return Box::pin(answer) };
+        let answer = handle(request);
+        let Some(timeout) = timeout else { return answer };
         let deadline = Instant::now() + timeout.saturating_sub(TIMER_TICK);
         let expired = move || {
             let message = format!("the call's deadline (grpc-timeout {timeout:?}) passed before its answer");
@@ -100,6 +79,7 @@ mod tests {
     use tower::{Layer, Service, ServiceExt};
 
     use super::*;
+    use crate::around_call::{Answer, CallLayer};
 
     fn request(timeout: Option<&str>) -> Request<()> {
         let mut request = Request::builder().uri("/test.Service/Call").body(()).expect("request");
@@ -109,7 +89,7 @@ mod tests {
         request
     }
 
-    fn status_of(response: &Response<tonic::body::Body>) -> Option<(String, String)> {
+    fn status_of(response: &Answer) -> Option<(String, String)> {
         let header = |name: &str| response.headers().get(name).map(|value| value.to_str().expect("ascii").to_owned());
         Some((header("grpc-status")?, header("grpc-message").unwrap_or_default()))
     }
@@ -124,7 +104,7 @@ mod tests {
             }
             Ok::<_, Infallible>(tonic::Status::ok("answered").into_http())
         });
-        let mut service = DeadlineLayer.layer(inner);
+        let mut service = CallLayer(AnswerDeadlines).layer(inner);
 
         let mut slow = request(Some("20m"));
         slow.headers_mut().insert("x-slow", "1".parse().expect("ascii"));

@@ -7,15 +7,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use futures::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
-use tonic::codegen::http::{HeaderMap, Request, Response};
+use tonic::codegen::http::{HeaderMap, Request};
 
+use crate::around_call::{Answered, AroundCall};
 use crate::deadline::{TIMER_TICK, grpc_timeout};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,45 +68,22 @@ impl GrpcServerMetrics {
     }
 }
 
-/// Counts each call through the layered service in [`GrpcServerMetrics`].
+/// Counts each call in [`GrpcServerMetrics`].
 #[derive(Debug, Clone)]
-pub struct GrpcMetricsLayer(pub GrpcServerMetrics);
+pub struct RecordCalls(pub GrpcServerMetrics);
 
-impl<S> tower::Layer<S> for GrpcMetricsLayer {
-    type Service = GrpcMetricsService<S>;
-
-    fn layer(&self, inner: S) -> GrpcMetricsService<S> {
-        GrpcMetricsService { inner, metrics: self.0.clone() }
-    }
-}
-
-/// See [`GrpcMetricsLayer`].
-#[derive(Debug, Clone)]
-pub struct GrpcMetricsService<S> {
-    inner: S,
-    metrics: GrpcServerMetrics,
-}
-
-impl<S, B> tower::Service<Request<B>> for GrpcMetricsService<S>
-where
-    S: tower::Service<Request<B>, Response = Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+impl AroundCall for RecordCalls {
+    fn around<B, E: 'static>(
+        &self,
+        request: Request<B>,
+        handle: impl FnOnce(Request<B>) -> Answered<E>,
+    ) -> Answered<E> {
         let labels = method_labels(request.uri().path());
-        self.metrics.started.get_or_create(&labels).inc();
+        self.0.started.get_or_create(&labels).inc();
         let began = Instant::now();
         let deadline = grpc_timeout(request.headers()).and_then(|timeout| began.checked_add(timeout));
-        let mut call = CallRecord { metrics: self.metrics.clone(), labels, began, deadline, code: None };
-        let response = self.inner.call(request);
+        let mut call = CallRecord { metrics: self.0.clone(), labels, began, deadline, code: None };
+        let response = handle(request);
         Box::pin(async move {
             match response.await {
                 Ok(response) => {
@@ -165,7 +142,7 @@ struct CallRecord {
     labels: MethodLabels,
     began: Instant,
     /// From the call's `grpc-timeout`: a call dropped past it was ended by a deadline (tonic's
-    /// timeout layer's, should it fire before [`crate::deadline::DeadlineLayer`] answers).
+    /// timeout layer's, should it fire before [`crate::deadline::AnswerDeadlines`] answers).
     deadline: Option<Instant>,
     code: Option<&'static str>,
 }
@@ -244,6 +221,7 @@ mod tests {
     use tower::{Layer, Service, ServiceExt};
 
     use super::*;
+    use crate::around_call::{Answer, CallLayer};
 
     /// The count of `grpc_server_handled_total` for `method` and `code`, as Prometheus would read it.
     fn handled(metrics: &GrpcServerMetrics, method: &str, code: &str) -> f64 {
@@ -262,14 +240,14 @@ mod tests {
     }
 
     /// An answer whose status comes in the trailers after one frame of data.
-    fn answered_in_trailers(code: i32) -> Response<tonic::body::Body> {
+    fn answered_in_trailers(code: i32) -> Answer {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", code.to_string().parse().expect("ascii"));
         let frames = futures::stream::iter([
             Ok::<_, tonic::Status>(Frame::data(bytes::Bytes::from_static(b"rows"))),
             Ok(Frame::trailers(trailers)),
         ]);
-        Response::new(tonic::body::Body::new(http_body_util::StreamBody::new(frames)))
+        Answer::new(tonic::body::Body::new(http_body_util::StreamBody::new(frames)))
     }
 
     #[tokio::test]
@@ -285,7 +263,7 @@ mod tests {
                 _ => Ok(answered_in_trailers(0)),
             }
         });
-        let mut service = GrpcMetricsLayer(metrics.clone()).layer(inner);
+        let mut service = CallLayer(RecordCalls(metrics.clone())).layer(inner);
 
         // An answer read to its end: the trailers' status.
         let answer = service.ready().await.expect("ready").call(request("Forward")).await.expect("answer");

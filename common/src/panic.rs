@@ -4,11 +4,11 @@
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
-use std::task::{Context, Poll};
 
 use futures::FutureExt;
-use futures::future::BoxFuture;
-use tonic::codegen::http::{Request, Response};
+use tonic::codegen::http::Request;
+
+use crate::around_call::{Answered, AroundCall};
 
 /// The message of a panic's payload: `panic!`'s text (a `&str` or a `String`), else `otherwise`.
 pub fn message(payload: &(dyn Any + Send), otherwise: &str) -> String {
@@ -23,38 +23,16 @@ pub fn message(payload: &(dyn Any + Send), otherwise: &str) -> String {
 /// with the method. A streaming answer's later messages are outside it (their streams are polled by
 /// hyper); the worker's `ForwardStream` answers each request's panic itself.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct PanicLayer;
+pub struct AnswerPanics;
 
-impl<S> tower::Layer<S> for PanicLayer {
-    type Service = PanicService<S>;
-
-    fn layer(&self, inner: S) -> PanicService<S> {
-        PanicService { inner }
-    }
-}
-
-/// See [`PanicLayer`].
-#[derive(Debug, Clone)]
-pub struct PanicService<S> {
-    inner: S,
-}
-
-impl<S, B> tower::Service<Request<B>> for PanicService<S>
-where
-    S: tower::Service<Request<B>, Response = Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+impl AroundCall for AnswerPanics {
+    fn around<B, E: 'static>(
+        &self,
+        request: Request<B>,
+        handle: impl FnOnce(Request<B>) -> Answered<E>,
+    ) -> Answered<E> {
         let method = request.uri().path().to_owned();
-        let answer = self.inner.call(request);
+        let answer = handle(request);
         Box::pin(AssertUnwindSafe(answer).catch_unwind().map(move |answered| {
             answered.unwrap_or_else(|panic| {
                 let reason = message(&*panic, "a panic");
@@ -74,6 +52,7 @@ mod tests {
     use tower::{Layer, Service, ServiceExt};
 
     use super::*;
+    use crate::around_call::{Answer, CallLayer};
 
     #[test]
     fn a_panics_text_is_its_message_whether_formatted_or_not() {
@@ -96,9 +75,9 @@ mod tests {
             }
             Ok::<_, Infallible>(tonic::Status::ok("answered").into_http())
         });
-        let mut service = PanicLayer.layer(inner);
+        let mut service = CallLayer(AnswerPanics).layer(inner);
         let call = |path: &str| Request::builder().uri(path).body(()).expect("request");
-        let grpc_status = |response: &Response<tonic::body::Body>| {
+        let grpc_status = |response: &Answer| {
             let header =
                 |name: &str| response.headers().get(name).map(|value| value.to_str().expect("ascii").to_owned());
             (header("grpc-status").expect("a status"), header("grpc-message").unwrap_or_default())

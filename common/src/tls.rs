@@ -20,6 +20,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tonic::codegen::http::Request;
+
+use crate::around_call::{Answered, AroundCall};
 
 /// A process's part in the cluster, as its certificate names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -354,48 +357,22 @@ pub fn outgoing() -> Option<&'static ClientTls> {
 /// Which roles may call a method, by its gRPC path (`/package.Service/Method`).
 pub type RolePolicy = fn(&str) -> &'static [Role];
 
-/// A server layer that answers every call whose caller's certificate names none of the roles
-/// the policy allows for its method with `PERMISSION_DENIED` (`UNAUTHENTICATED` without a
-/// certificate), before the method sees it. Used only on servers that run TLS.
+/// Answers every call whose caller's certificate names none of the roles the policy allows for
+/// its method with `PERMISSION_DENIED` (`UNAUTHENTICATED` without a certificate), before the
+/// method sees it. Used only on servers that run TLS.
 #[derive(Debug, Clone, Copy)]
-pub struct RoleGuardLayer(pub RolePolicy);
+pub struct GuardRoles(pub RolePolicy);
 
-impl<S> tower::Layer<S> for RoleGuardLayer {
-    type Service = RoleGuard<S>;
-
-    fn layer(&self, inner: S) -> RoleGuard<S> {
-        RoleGuard { inner, policy: self.0 }
-    }
-}
-
-/// See [`RoleGuardLayer`].
-#[derive(Debug, Clone)]
-pub struct RoleGuard<S> {
-    inner: S,
-    policy: RolePolicy,
-}
-
-impl<S, B> tower::Service<tonic::codegen::http::Request<B>> for RoleGuard<S>
-where
-    S: tower::Service<tonic::codegen::http::Request<B>, Response = tonic::codegen::http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = futures::future::Either<
-        S::Future,
-        std::future::Ready<Result<tonic::codegen::http::Response<tonic::body::Body>, S::Error>>,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
-        let allowed = (self.policy)(request.uri().path());
+impl AroundCall for GuardRoles {
+    fn around<B, E: 'static>(
+        &self,
+        request: Request<B>,
+        handle: impl FnOnce(Request<B>) -> Answered<E>,
+    ) -> Answered<E> {
+        let allowed = (self.0)(request.uri().path());
         match authorize(request.extensions(), allowed) {
-            Ok(_) => futures::future::Either::Left(self.inner.call(request)),
-            Err(status) => futures::future::Either::Right(std::future::ready(Ok(status.into_http()))),
+            Ok(_) => handle(request),
+            Err(status) => Box::pin(async move { Ok(status.into_http()) }),
         }
     }
 }

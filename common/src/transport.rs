@@ -14,11 +14,12 @@ use std::time::Duration;
 use tonic::codegen::http;
 use tonic::transport::{Channel, Endpoint, Server};
 
-use crate::deadline::DeadlineLayer;
-use crate::grpc_metrics::{GrpcMetricsLayer, GrpcServerMetrics};
+use crate::around_call::CallLayer;
+use crate::deadline::AnswerDeadlines;
+use crate::grpc_metrics::{GrpcServerMetrics, RecordCalls};
 pub use crate::h2_channel::{Connector, H2Channel, InvalidOrigin, Keepalive};
-use crate::panic::PanicLayer;
-use crate::tls::{ClientTls, RoleGuardLayer, RolePolicy, ServerTls, TlsConnection};
+use crate::panic::AnswerPanics;
+use crate::tls::{ClientTls, GuardRoles, RolePolicy, ServerTls, TlsConnection};
 
 /// HTTP/2 per-stream flow-control window.
 pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
@@ -72,11 +73,14 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     // Metrics outermost, so that calls the role guard refuses, calls past their deadline and calls
     // whose handler panicked are counted too, with the code they were answered.
-    let mut server = server().layer(GrpcMetricsLayer(metrics)).layer(PanicLayer).layer(DeadlineLayer);
+    let mut server = server()
+        .layer(CallLayer(RecordCalls(metrics)))
+        .layer(CallLayer(AnswerPanics))
+        .layer(CallLayer(AnswerDeadlines));
     match tls {
         Some((tls, policy)) => {
             server
-                .layer(RoleGuardLayer(policy))
+                .layer(CallLayer(GuardRoles(policy)))
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming_tls(listener, ConnectionLimits::default(), tls), shutdown)
                 .await
