@@ -116,12 +116,13 @@ mod tests {
             let message = token_major(Bytes::from((0..64 * 1024).map(|i| i as u8).collect::<Vec<_>>()), sequence);
             let reordered = PayloadLast(message.clone()).encode_to_vec();
             assert_eq!(reordered.len(), message.encoded_len());
+            assert_eq!(PayloadLast(message.clone()).encoded_len(), reordered.len(), "what encoders reserve");
             assert_ne!(reordered, message.encode_to_vec(), "the fields moved");
             assert_eq!(ForwardRequest::decode(reordered.as_slice()).expect("decodes"), message);
-            assert_eq!(
-                PayloadLast::<ForwardRequest>::decode(reordered.as_slice()).expect("decodes"),
-                PayloadLast(message)
-            );
+            let mut decoded = PayloadLast::<ForwardRequest>::decode(reordered.as_slice()).expect("decodes");
+            assert_eq!(decoded, PayloadLast(message));
+            decoded.clear();
+            assert_eq!(decoded.0, ForwardRequest::default());
         }
     }
 

@@ -285,6 +285,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_dtype_keeps_its_name_and_its_proto_value() {
+        for dtype in WireDtype::ALL {
+            assert_eq!(WireDtype::try_from(dtype.to_proto() as i32), Ok(dtype));
+            assert_eq!(dtype.to_string(), dtype.name());
+            assert_eq!(dtype.name().parse::<WireDtype>(), Ok(dtype));
+        }
+        assert_eq!(WireDtype::try_from(0), Err(UnknownDtype(0)), "unspecified is no dtype");
+    }
+
+    #[test]
     fn f32_round_trip_is_exact() {
         let values = [0.0, -1.5, 3.25e-7, f32::MAX, -0.0];
         let bytes = encode_f32(&values, WireDtype::F32);
