@@ -223,6 +223,7 @@ mod tests {
         let outcome = keep_every_choice(&crowded);
         assert_eq!((outcome.dropped, outcome.kept.len()), (0, 6));
         assert_eq!(outcome.tokens_per_expert, [3, 3, 0]);
+        assert_eq!(outcome.capacity, 3, "no capacity applies: the batch is reported");
         assert_eq!(
             kept(&outcome),
             [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)],
@@ -236,5 +237,15 @@ mod tests {
         assert_eq!(kept(&outcome), [(1, 0), (2, 1), (1, 2)]);
         assert_eq!(outcome.kept[0].weight, 0.7);
         assert_eq!(outcome.dropped, 1, "token 0 is nobody's best");
+        assert_eq!(outcome.capacity, 1);
+    }
+
+    #[test]
+    fn reroute_never_fills_an_expert_past_its_capacity() {
+        // Three tokens, top-1, all to expert 0, expert 1 everyone's next best; capacity 1.
+        let all_to_zero = routing(vec![(0, 0.9); 3], 1, [0.9, 0.1].repeat(3));
+        let outcome = apply_capacity(&all_to_zero, 1, OverflowPolicy::Reroute);
+        assert_eq!(kept(&outcome), [(0, 0), (1, 1)], "token 2 finds expert 1 full too");
+        assert_eq!((outcome.tokens_per_expert.clone(), outcome.rerouted, outcome.dropped), (vec![1, 1], 1, 1));
     }
 }

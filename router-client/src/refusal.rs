@@ -114,6 +114,16 @@ mod tests {
     }
 
     #[test]
+    fn first_choices_move_before_second_ones_whatever_order_they_were_refused_in() {
+        let everywhere = |_| vec![Endpoint::from("w")];
+        let mut used = TokenExperts::default();
+        // Token 1's second choice (expert 2) refused before token 0's first (expert 0).
+        let refused = [(1, 2, 0.3), (0, 0, 0.4)];
+        let moved = move_to_next_best(&refused, &routing(), &mut used, &mut any_holder(), everywhere);
+        assert_eq!(moved.moves, [(0, 2), (2, 1)]);
+    }
+
+    #[test]
     fn weights_keep_the_routers_scaling_and_shared_experts_overflow() {
         let everywhere = |_| vec![Endpoint::from("w")];
         let mut used = TokenExperts::default();
