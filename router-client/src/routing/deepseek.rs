@@ -128,6 +128,17 @@ mod tests {
     }
 
     #[test]
+    fn each_token_keeps_the_experts_of_its_own_top_group() {
+        // 6 experts in 3 groups of 2: token 0's best pair is group 2 {4, 5}, token 1's group 1 {2, 3}.
+        let policy = GroupLimited::deepseek_v3(2, 3, 1);
+        let logits = [3.0f32, -3.0, 0.0, 0.0, 1.5, 1.5, 0.0, 0.0, 1.5, 1.5, 3.0, -3.0];
+        let routing = policy.route(&logits, 6, &[0.0; 6]);
+        assert_eq!(routing.tokens, 2);
+        let chosen: Vec<u32> = routing.choices.iter().map(|(expert, _)| *expert).collect();
+        assert_eq!(chosen, [4, 5, 2, 3]);
+    }
+
+    #[test]
     fn experts_outside_the_top_groups_lose_even_to_negative_biased_scores() {
         // A strongly negative bias makes every choice value negative: masking with 0 would let an
         // expert of a dropped group win; −∞ (as transformers masks) keeps the choice in the top group.

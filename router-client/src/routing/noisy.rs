@@ -80,4 +80,30 @@ mod tests {
         let changed = (0..20).any(|seed| route(&logits, &loud, 3, 1, seed).choices[0].0 != 0);
         assert!(changed, "noise with softplus(5) ~ 5 must sometimes beat a logit gap of 1");
     }
+
+    /// Shazeer et al.'s H(x)ᵢ = (x·W_g)ᵢ + StandardNormal() · Softplus((x·W_noise)ᵢ), token by token:
+    /// the probabilities reported are its softmax, the choices its top-k renormalised.
+    #[test]
+    fn each_tokens_noisy_logits_are_its_logits_plus_noise_scaled_by_softplus() {
+        let logits = [0.5f32, -1.0, 2.0, 1.0, 0.0, -0.5];
+        let noise_logits = [0.3f32, 1.2, -0.4, 2.0, -1.0, 0.7];
+        let routing = route(&logits, &noise_logits, 3, 2, 11);
+        assert_eq!((routing.tokens, routing.choices.len()), (2, 4));
+        for token in 0..2 {
+            let noisy: Vec<f32> = (0..3)
+                .map(|e| logits[token * 3 + e] + noise(11, token, e) * (1.0 + noise_logits[token * 3 + e].exp()).ln())
+                .collect();
+            let total: f32 = noisy.iter().map(|x| x.exp()).sum();
+            for (expert, value) in noisy.iter().enumerate() {
+                let reported = routing.probabilities[token * 3 + expert];
+                assert!((reported - value.exp() / total).abs() < 1e-6, "token {token} expert {expert}");
+            }
+            let mut order: Vec<usize> = (0..3).collect();
+            order.sort_by(|a, b| noisy[*b].total_cmp(&noisy[*a]));
+            let kept = noisy[order[0]].exp() + noisy[order[1]].exp();
+            let (first, weight) = routing.choices[token * 2];
+            assert_eq!(first as usize, order[0]);
+            assert!((weight - noisy[order[0]].exp() / kept).abs() < 1e-6);
+        }
+    }
 }

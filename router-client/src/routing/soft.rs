@@ -76,6 +76,30 @@ mod tests {
         }
     }
 
+    /// Puigcerver et al.: D = softmax over tokens (each slot's column), C = softmax over slots
+    /// (each token's row), of the same logits `[tokens, slots]`.
+    #[test]
+    fn dispatch_and_combine_are_the_papers_softmaxes_entry_by_entry() {
+        let logits = [0.1f32, 2.0, -1.0, 0.5, 0.3, 0.0];
+        let soft = weights(&logits, 3);
+        let at = |token: usize, slot: usize| logits[token * 2 + slot].exp();
+        for (token, slot) in (0..3).flat_map(|token| (0..2).map(move |slot| (token, slot))) {
+            let dispatch = at(token, slot) / (0..3).map(|other| at(other, slot)).sum::<f32>();
+            let combine = at(token, slot) / (0..2).map(|other| at(token, other)).sum::<f32>();
+            assert!((soft.dispatch[token * 2 + slot] - dispatch).abs() < 1e-6, "D[{token}, {slot}]");
+            assert!((soft.combine[token * 2 + slot] - combine).abs() < 1e-6, "C[{token}, {slot}]");
+        }
+    }
+
+    #[test]
+    fn each_slots_input_is_its_dispatch_column_times_the_tokens() {
+        // Two tokens, three slots, d_model 2: X̃[s] = Σ_t D[t, s] x_t.
+        let dispatch = [0.25f32, 1.0, 0.5, 0.75, 0.0, 0.5];
+        let hidden = [2.0f32, 4.0, 6.0, 8.0];
+        let inputs = slot_inputs(&dispatch, &hidden, 2);
+        assert_eq!(inputs, [0.25 * 2.0 + 0.75 * 6.0, 0.25 * 4.0 + 0.75 * 8.0, 2.0, 4.0, 4.0, 6.0]);
+    }
+
     #[test]
     fn slot_inputs_are_dispatch_weighted_sums_of_tokens() {
         // Two tokens, one slot: equal logits give the mean of the tokens.
