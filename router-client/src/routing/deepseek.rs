@@ -139,6 +139,13 @@ mod tests {
     }
 
     #[test]
+    fn a_group_of_one_expert_scores_that_expert() {
+        // 4 groups of 1, top-2 groups: the two best experts' groups remain, whatever TopTwoSum says.
+        let routing = GroupLimited::deepseek_v3(1, 4, 2).route(&[0.0, 1.0, 3.0, 2.0], 4, &[0.0; 4]);
+        assert_eq!(routing.choices[0].0, 2);
+    }
+
+    #[test]
     fn experts_outside_the_top_groups_lose_even_to_negative_biased_scores() {
         // A strongly negative bias makes every choice value negative: masking with 0 would let an
         // expert of a dropped group win; −∞ (as transformers masks) keeps the choice in the top group.

@@ -101,6 +101,15 @@ mod tests {
     }
 
     #[test]
+    fn a_tokens_probability_of_an_expert_is_the_combine_mass_of_its_slots() {
+        // Two tokens, two experts of two slots each: each token's row of C is [e0 s0, e0 s1, e1 s0, e1 s1].
+        let combine = [0.1f32, 0.2, 0.3, 0.4, 0.5, 0.25, 0.125, 0.125];
+        let routing = routing(&combine, 2, 2);
+        assert_eq!(routing.probabilities, [0.1 + 0.2, 0.3 + 0.4, 0.5 + 0.25, 0.125 + 0.125]);
+        assert!(routing.choices.is_empty());
+    }
+
+    #[test]
     fn slot_inputs_are_dispatch_weighted_sums_of_tokens() {
         // Two tokens, one slot: equal logits give the mean of the tokens.
         let inputs = slot_inputs(&[0.5, 0.5], &[2.0, 4.0, 6.0, 8.0], 2);
