@@ -1,9 +1,10 @@
 //! A worker's answers, changed on their way back (a buggy worker, or one of another version): every
 //! layer call still ends, with an output of the call's shape or an error that names what was wrong,
-//! never a panic or a hang. A call that ends with an output got it exact, unless the change could
-//! pass for a true answer (flipped payload bits); a change to what the client only books (timings,
-//! stamps, the handler's time) never fails it. The answers start as real ones, from an in-process
-//! worker.
+//! never a panic or a hang. A call that ends with an output got the true one (within the numerical
+//! contract, a relative error under 1e-5: a split call's requests may share the worker's steps
+//! differently from run to run), unless the change could pass for a true answer (flipped payload
+//! bits); a change to what the client only books (timings, stamps, the handler's time) never fails
+//! it. The answers start as real ones, from an in-process worker.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
 use switchyard_model::{ExpertId, ModelSpec};
 use switchyard_proto::v1;
 use switchyard_reference::in_process::InProcessTransport;
+use switchyard_reference::relative_frobenius_error;
 use switchyard_router_client::transport::{Answer, Endpoint, ExpertTransport};
 use switchyard_router_client::{ClientError, ClientOptions, DispatchLayout, MoeClient};
 use tokio::sync::watch;
@@ -205,8 +207,12 @@ proptest! {
             match result {
                 Ok(output) => {
                     prop_assert_eq!(output.len(), TOKENS * 16);
+                    // Within the numerical contract, not bit for bit: a split call's requests may
+                    // share the worker's steps differently from run to run, and a GEMM over more
+                    // rows rounds differently.
                     if !tamper.may_pass_for_true() {
-                        prop_assert_eq!(&output, &served.exact[sending], "a changed answer was taken");
+                        let error = relative_frobenius_error(&output, &served.exact[sending]);
+                        prop_assert!(error < 1e-5, "a changed answer was taken: relative error {:e}", error);
                     }
                 }
                 Err(error) => {
