@@ -12,8 +12,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use proptest::prelude::*;
 use prost::Message;
-use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
-use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_expert_worker::ExpertWorker;
+use switchyard_model::ModelSpec;
 use switchyard_proto::v1;
 use switchyard_reference::in_process::InProcessTransport;
 use switchyard_reference::relative_frobenius_error;
@@ -162,10 +162,7 @@ const SENDINGS: [(DispatchLayout, Option<usize>); 3] =
 
 fn served() -> Served {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let every_expert = (0..8).map(|expert| ExpertId::new(0, expert)).collect();
-    let worker = runtime.block_on(support::cpu_worker(model(), every_expert, 1 << 20, Duration::ZERO));
-    let transport =
-        Arc::new(InProcessTransport::new([(Arc::from("a"), ExpertWorkerService::new(worker.clone(), "a"))]));
+    let (transport, worker) = runtime.block_on(support::every_expert_on_a(&model()));
     let exact = SENDINGS.map(|sending| {
         let output = runtime.block_on(call(transport.clone(), sending)).expect("an untouched call ends");
         output.expect("an untouched call succeeds")

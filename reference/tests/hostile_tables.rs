@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
-use switchyard_model::{ExpertId, ModelSpec, TableVersion};
+use switchyard_expert_worker::ExpertWorker;
+use switchyard_model::{ModelSpec, TableVersion};
 use switchyard_proto::v1;
 use switchyard_reference::in_process::InProcessTransport;
 use switchyard_router_client::{ClientError, ClientOptions, MoeClient, RoutingTableView};
@@ -199,10 +199,7 @@ struct Served {
 
 fn served() -> Served {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let every_expert = (0..8).map(|expert| ExpertId::new(0, expert)).collect();
-    let worker = runtime.block_on(support::cpu_worker(model(), every_expert, 1 << 20, Duration::ZERO));
-    let transport =
-        Arc::new(InProcessTransport::new([(Arc::from("a"), ExpertWorkerService::new(worker.clone(), "a"))]));
+    let (transport, worker) = runtime.block_on(support::every_expert_on_a(&model()));
     let table = RoutingTableView::try_from(true_table()).expect("the true table");
     let exact = runtime
         .block_on(call(transport.clone(), table))

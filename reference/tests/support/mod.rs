@@ -31,6 +31,16 @@ pub async fn cpu_worker(
     worker
 }
 
+/// One in-process worker, "a", holding every expert of `model`'s layer 0 (8) with room for any
+/// call, and the transport that reaches it.
+pub async fn every_expert_on_a(model: &ModelSpec) -> (Arc<InProcessTransport>, Arc<ExpertWorker>) {
+    let every_expert = (0..8).map(|expert| ExpertId::new(0, expert)).collect();
+    let worker = cpu_worker(model.clone(), every_expert, 1 << 20, Duration::ZERO).await;
+    let transport =
+        Arc::new(InProcessTransport::new([(Arc::from("a"), ExpertWorkerService::new(worker.clone(), "a"))]));
+    (transport, worker)
+}
+
 /// A routing table of `model`'s layer 0 (8 experts) at `version`, whose expert `e` is served by
 /// `holders(e)`.
 pub fn table(model: &ModelSpec, version: u64, holders: impl Fn(u32) -> Vec<&'static str>) -> Arc<RoutingTableView> {
