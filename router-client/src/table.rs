@@ -266,6 +266,36 @@ mod tests {
         assert!(RoutingTableView::try_from(dense).unwrap_err().to_string().contains("layer 2 expert 0 is outside"));
     }
 
+    /// Two MoE layers of two routed experts and one shared: every (layer, expert) has its own
+    /// holders, the shared expert's after the routed ones; a second holder makes a replica.
+    #[test]
+    fn each_expert_of_each_layer_has_its_own_holders_shared_ones_included() {
+        let model = ModelSpec {
+            experts_per_layer: 2,
+            shared_experts: 1,
+            shared_d_ff: 64,
+            moe_layers: vec![0, 1],
+            ..ModelSpec::default_synthetic()
+        };
+        let keys: Vec<(u32, u32)> = (0..2).flat_map(|layer| (0..3).map(move |expert| (layer, expert))).collect();
+        let routes = keys
+            .iter()
+            .map(|(layer, expert)| v1::ExpertRoute {
+                expert: Some(v1::ExpertKey::new(*layer, *expert)),
+                endpoints: vec![format!("http://w{layer}{expert}")],
+            })
+            .collect();
+        let table = v1::RoutingTable { model: Some(model.to_proto()), routes, ..wire_table() };
+        let view = RoutingTableView::try_from(table.clone()).expect("valid");
+        for (layer, expert) in &keys {
+            assert_eq!(&*view.endpoints(*layer, *expert)[0], format!("http://w{layer}{expert}"));
+        }
+        assert!(!view.has_replicas());
+        let mut replicated = table;
+        replicated.routes[4].endpoints.push("http://w00".into());
+        assert!(RoutingTableView::try_from(replicated).expect("valid").has_replicas());
+    }
+
     #[test]
     fn a_restarted_coordinators_first_table_replaces_a_later_version_of_the_old_one() {
         let old =
