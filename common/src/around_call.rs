@@ -1,6 +1,6 @@
-//! The one shape of the server layers that act around each call (metrics, panics, deadlines):
-//! each says in [`AroundCall::around`] what it reads from a call and what it does with its answer,
-//! and [`CallLayer`] makes it a tower layer over any gRPC service.
+//! The one shape of the server layers that act around each call (metrics, panics, deadlines,
+//! roles): each says in [`AroundCall::around`] what it reads from a call and what it does with its
+//! answer, and [`CallLayer`] makes it a tower layer over any gRPC service.
 
 use std::task::{Context, Poll};
 

@@ -14,7 +14,7 @@
 //! - [`huge_pages`]: large per-call buffers backed by transparent huge pages.
 //! - [`freed_buffers`]: glibc's allocator set to keep a call's freed buffers for the next call.
 //! - [`panic`](mod@panic): what a caught panic said, and the server layer that answers a call whose handler panicked.
-//! - [`around_call`]: the one shape of the server layers around each call (metrics, panics, deadlines).
+//! - [`around_call`]: the one shape of the server layers around each call (metrics, panics, deadlines, TLS roles).
 
 /// `tokio::io::AsyncWrite` for a connection wrapper that writes straight to its `inner` stream
 /// (what it adds is on the read side, or in what it carries).
