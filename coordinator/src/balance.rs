@@ -152,6 +152,21 @@ mod tests {
         assert!(rates[&expert(1)].abs() < 1e-6);
     }
 
+    /// Worker ids are never reused, so what `forget` guards against is a coordinator that keeps
+    /// one map of counters per worker that ever registered.
+    #[test]
+    fn a_gone_workers_counters_are_dropped_and_its_traffic_stays_counted() {
+        let mut traffic = Traffic::new(Duration::from_millis(1));
+        let start = traffic.since;
+        let (gone, live) = (WorkerId("w1".into()), WorkerId("w2".into()));
+        traffic.record(&gone, &[(expert(0), 100)]);
+        traffic.record(&live, &[(expert(0), 50)]);
+        traffic.forget(&gone);
+        assert_eq!(traffic.last.keys().collect::<Vec<_>>(), [&live]);
+        let rates = traffic.rates(start + Duration::from_secs(1));
+        assert!((rates[&expert(0)] - 150.0).abs() < 1e-6, "{rates:?}");
+    }
+
     #[test]
     fn a_long_window_smooths_a_burst() {
         let mut traffic = Traffic::new(Duration::from_secs(10));
@@ -177,6 +192,17 @@ mod tests {
         assert!(idle.replicas.values().all(|count| *count == 2), "no traffic, no redundancy");
     }
 
+    /// The hotter expert takes the first extra replica, and then, at 400 per replica, yields the
+    /// next to the 500 of the expert that has one.
+    #[test]
+    fn eplb_weighs_each_expert_by_its_traffic_per_replica_not_its_total() {
+        let rates: BTreeMap<ExpertId, f64> = [(expert(0), 500.0), (expert(1), 800.0)].into();
+        let base: BTreeMap<ExpertId, usize> = [(expert(0), 1), (expert(1), 1)].into();
+        let balance = Eplb { redundant: 2 }.balance(&rates, &base, 4);
+        assert_eq!(balance.replicas, [(expert(0), 2), (expert(1), 2)].into());
+        assert_eq!(balance.per_replica_rate, [(expert(0), 250.0), (expert(1), 400.0)].into());
+    }
+
     #[test]
     fn imbalance_is_the_busiest_worker_over_the_mean() {
         let rates: BTreeMap<ExpertId, f64> = [(expert(0), 300.0), (expert(1), 100.0)].into();
@@ -185,5 +211,8 @@ mod tests {
         let (a, b) = (WorkerId("a".into()), WorkerId("b".into()));
         let placement: BTreeMap<ExpertId, Vec<WorkerId>> = [(expert(0), vec![a.clone()]), (expert(1), vec![b])].into();
         assert!((balance.imbalance(placement.iter()) - 1.5).abs() < 1e-9);
+        let idle = Eplb { redundant: 0 }.balance(&BTreeMap::new(), &base, 2);
+        assert_eq!(idle.imbalance(placement.iter()), 1.0, "no traffic is balanced, not 0 / 0");
+        assert_eq!(balance.imbalance(std::iter::empty()), 1.0, "nor are no workers");
     }
 }

@@ -76,9 +76,11 @@ impl<'a> Goal<'a> {
     }
 }
 
-/// A move must lower the busier worker's load by this share of it: noise in measured traffic does
-/// not shuttle experts back and forth.
-const MIN_GAIN: f64 = 0.05;
+/// Workers whose busy times differ by less than this share of the busier one's are balanced:
+/// noise in measured traffic does not shuttle experts back and forth. (A bound on each move's gain
+/// instead would never move an expert worth less than this share of a worker: with more than 20
+/// experts on one worker, a worker that joined later would get none.)
+const BALANCED_WITHIN: f64 = 0.05;
 
 #[derive(Debug)]
 struct Load {
@@ -175,8 +177,9 @@ pub fn plan(experts: &[ExpertId], goal: Goal<'_>, workers: &[WorkerSlot], curren
     Plan { placement, unplaced }
 }
 
-/// Moves replicas from the busiest to the least busy worker while that lowers the busiest one's
-/// time by at least [`MIN_GAIN`] of it.
+/// Moves replicas from the busiest to the least busy worker while the two are further apart than
+/// [`BALANCED_WITHIN`] and a move lowers the busiest one's time. Each move ends with both workers
+/// below the busiest one's time, so no placement comes back and the loop ends.
 fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, goal: Goal<'_>) {
     let by_busy = |(_, a): &(&WorkerId, &Load), (_, b): &(&WorkerId, &Load)| a.busy_with(0).total_cmp(&b.busy_with(0));
     loop {
@@ -191,6 +194,10 @@ fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, go
         // The most loaded worker's highest expert whose move helps: deterministic, keeps low
         // experts stable.
         let (from, to) = (&loads[&most], &loads[&least]);
+        let busy = from.busy_with(0);
+        if busy - to.busy_with(0) <= BALANCED_WITHIN * busy {
+            return;
+        }
         let movable = placement
             .iter()
             .rev()
@@ -198,9 +205,8 @@ fn rebalance(placement: &mut Placement, loads: &mut BTreeMap<WorkerId, Load>, go
             .map(|(expert, _)| *expert)
             .find(|expert| {
                 let weight = (goal.load_of)(*expert);
-                let busy = from.busy_with(0);
                 let busier_after = ((from.load - weight) as f64 / from.speed).max(to.busy_with(weight));
-                to.fits((goal.parameters_of)(*expert)) && weight > 0 && busy - busier_after >= MIN_GAIN * busy
+                to.fits((goal.parameters_of)(*expert)) && weight > 0 && busier_after < busy
             });
         let Some(expert) = movable else {
             return;
@@ -311,6 +317,76 @@ mod tests {
         assert_eq!(counts(&joined), BTreeMap::from([("a".into(), 4), ("b".into(), 4)]));
         let again = plan(&experts(8), goal(1), &[worker("a", 1000), worker("b", 1000)], &joined.placement);
         assert_eq!(again, joined, "a balanced placement is stable");
+    }
+
+    /// Each expert is a small share of a worker here (1 of 64, then 1 of 128): the joiner still
+    /// takes half, and two joiners a third each.
+    #[test]
+    fn a_late_joiner_takes_its_share_of_many_small_experts() {
+        let alone = plan(&experts(64), goal(1), &[worker("a", 1000)], &Placement::new());
+        let pair = [worker("a", 1000), worker("b", 1000)];
+        let joined = plan(&experts(64), goal(1), &pair, &alone.placement);
+        assert_eq!(counts(&joined), BTreeMap::from([("a".into(), 32), ("b".into(), 32)]));
+        assert_eq!(plan(&experts(64), goal(1), &pair, &joined.placement), joined, "stable once balanced");
+        let trio = [worker("a", 1000), worker("b", 1000), worker("c", 1000)];
+        let alone = plan(&experts(128), goal(1), &trio[..1], &Placement::new());
+        let counts_of_three = counts(&plan(&experts(128), goal(1), &trio, &alone.placement));
+        // 128 / 3 is 42.7; 44 against 42 is within 5% of the busiest, so balanced.
+        assert!(counts_of_three.values().all(|count| (42..=44).contains(count)), "{counts_of_three:?}");
+    }
+
+    /// Placement within 5% is left alone: measured traffic that wobbles does not move experts.
+    #[test]
+    fn workers_within_five_percent_of_each_other_keep_their_experts() {
+        let current: Placement = experts(41)
+            .into_iter()
+            .map(|e| (e, vec![WorkerId(if e.expert < 21 { "a" } else { "b" }.into())]))
+            .collect();
+        let workers = [worker("a", 1000), worker("b", 1000)];
+        let kept = plan(&experts(41), goal(1), &workers, &current);
+        assert_eq!(kept.placement, current, "21 against 20 experts");
+        let uneven: Placement = experts(41)
+            .into_iter()
+            .map(|e| (e, vec![WorkerId(if e.expert < 23 { "a" } else { "b" }.into())]))
+            .collect();
+        let evened = plan(&experts(41), goal(1), &workers, &uneven);
+        assert_eq!(counts(&evened), BTreeMap::from([("a".into(), 21), ("b".into(), 20)]), "23 against 18");
+    }
+
+    /// With no load to weigh (no traffic measured), the worker with the most memory free takes an
+    /// expert, whichever of the two it is, and nothing moves for nothing.
+    #[test]
+    fn among_equally_busy_workers_the_one_with_more_memory_free_takes_the_expert() {
+        let parameters_of = |expert: ExpertId| if expert.expert == 0 { 20 } else { 10 };
+        let idle: &dyn Fn(ExpertId) -> u64 = &|_| 0;
+        let goal = Goal { parameters_of: &parameters_of, load_of: idle, replicas_of: ONE };
+        let workers = [worker("a", 100), worker("b", 100)];
+        for (holder, other) in [("a", "b"), ("b", "a")] {
+            let current: Placement = [(ExpertId::new(0, 0), vec![WorkerId(holder.into())])].into();
+            let plan = plan(&experts(2), goal, &workers, &current);
+            assert_eq!(plan.placement[&ExpertId::new(0, 0)][0].0, holder, "stays");
+            assert_eq!(plan.placement[&ExpertId::new(0, 1)][0].0, other, "80 free on {holder}, 100 on {other}");
+        }
+    }
+
+    #[test]
+    fn a_resident_expert_is_not_kept_past_its_workers_memory() {
+        let mut a = worker("a", 20);
+        a.resident = [0, 1, 2].map(|e| ExpertId::new(0, e)).into();
+        let on_b: Placement = (3..7).map(|e| (ExpertId::new(0, e), vec![WorkerId("b".into())])).collect();
+        let plan = plan(&experts(7), goal(1), &[a, worker("b", 1000)], &on_b);
+        let holder = |e: u32| plan.placement[&ExpertId::new(0, e)][0].0.clone();
+        assert_eq!([holder(0), holder(1), holder(2)], ["a", "a", "b"], "a has room for two");
+    }
+
+    /// Speeds are relative to the mean of the workers that said theirs (200 here): the one that
+    /// did not counts as that mean.
+    #[test]
+    fn a_worker_that_did_not_say_its_speed_counts_as_the_mean_of_those_that_did() {
+        let workers = [computing("unknown", 0.0), computing("slow", 100.0), computing("fast", 300.0)];
+        assert_eq!(relative_speeds(&workers), [1.0, 0.5, 1.5]);
+        let plan = plan(&experts(12), goal(1), &workers, &Placement::new());
+        assert_eq!(counts(&plan), BTreeMap::from([("fast".into(), 6), ("slow".into(), 2), ("unknown".into(), 4)]));
     }
 
     #[test]
