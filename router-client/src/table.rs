@@ -294,6 +294,9 @@ mod tests {
         let mut replicated = table;
         replicated.routes[4].endpoints.push("http://w00".into());
         assert!(RoutingTableView::try_from(replicated).expect("valid").has_replicas());
+        let whole = RoutingTableView::single_worker(model, "http://one", 8);
+        assert_eq!(whole.placed(), (6, 6), "the shared experts of both layers too");
+        assert_eq!(&*whole.endpoints(1, 2)[0], "http://one");
     }
 
     #[test]
