@@ -199,6 +199,9 @@ mod tests {
         }
         assert_eq!(refusals(&throttle, &worker, 10, now), 0);
         throttle.record_at(&worker, Verdict::Refused, now);
-        assert_eq!(refusals(&throttle, &worker, 2, now), 1, "at the minimum, p = 16/17 refuses");
+        // At the minimum p = 16/17: owed 16/17 after the first call, past 1 after the second,
+        // which is refused and counted as a request.
+        assert_eq!(throttle.admit_at(&worker, now), Ok(()));
+        assert_eq!(throttle.admit_at(&worker, now), Err(Throttled { requests: 17, accepts: 0 }));
     }
 }

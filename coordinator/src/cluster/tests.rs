@@ -213,6 +213,24 @@ async fn experts_moved_to_a_joiner_are_published_before_the_old_owner_unloads_th
     assert!(per_worker.iter().all(|line| line.ends_with(" 4")), "{per_worker:?}");
 }
 
+/// A DeepSeek-sized layer (64 experts here): each expert is under 5% of the first worker's load,
+/// and the second worker that joins (a scale-out) still takes half of them.
+#[tokio::test]
+async fn a_joiner_takes_half_of_a_layer_of_many_small_experts() {
+    let control = Arc::new(FakeControl::default());
+    let mut config = config(1);
+    config.model.experts_per_layer = 64;
+    let cluster = Cluster::new(config, control.clone(), CoordinatorMetrics::default());
+    cluster.register(registration("a")).expect("register");
+    cluster.reconcile_once().await;
+    cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    let owners = endpoints_by_expert(&cluster.table());
+    assert_eq!(owners.iter().filter(|owner| *owner == "b").count(), 32, "{owners:?}");
+    let unloads = control.unloads.lock().expect("lock");
+    assert_eq!(unloads.iter().map(|(_, experts)| experts.len()).sum::<usize>(), 32, "a unloads what b took");
+}
+
 #[tokio::test]
 async fn a_failed_load_is_not_published_and_is_retried() {
     let control = Arc::new(FakeControl::default());
