@@ -492,6 +492,7 @@ mod tests {
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].request.batches.len(), 2);
         assert_eq!(requests[0].request.batches[0].rows.as_ref().map(|r| r.data.len()), Some(3 * 4 * 4));
+        assert_eq!((requests[0].rows(), requests[0].assignments()), (5, 5), "a row per assignment");
     }
 
     #[test]
@@ -513,6 +514,7 @@ mod tests {
         assert!(requests.iter().all(|r| {
             r.request.batches.iter().map(|b| b.rows.as_ref().map_or(0, |t| t.data.len())).sum::<usize>() <= 48
         }));
+        assert_eq!(requests.iter().map(PlannedRequest::rows).collect::<Vec<_>>(), [3, 3, 3]);
     }
 
     /// A table of the synthetic model whose expert `e` is held by `holders(e)`.
@@ -571,6 +573,21 @@ mod tests {
         }
     }
 
+    /// Experts held by one worker are placed first: the replicated expert's rows then even out
+    /// what each holder has (placed the other way round, a would end with 5 rows and b with 3).
+    #[test]
+    fn a_replicated_expert_fills_in_around_the_experts_only_one_worker_holds() {
+        let replicas = crate::replicas::Replicas::default();
+        let table = table(|expert| if expert == 0 { vec!["a", "b"] } else { vec!["a"] });
+        let groups = [group(0, 6), group(1, 2)];
+        for salt in 0..2 {
+            let mut choice = replicas.choice(salt, Default::default());
+            let workers = by_worker(0, &groups, &table, &mut choice).expect("placed");
+            let rows_to = |worker: &str| workers[worker].iter().map(|piece| piece.end - piece.start).sum::<usize>();
+            assert_eq!((rows_to("a"), rows_to("b")), (4, 4), "salt {salt}: {workers:?}");
+        }
+    }
+
     fn le_u32(bytes: &[u8]) -> Vec<u32> {
         le_words(bytes).map(u32::from_le_bytes).collect()
     }
@@ -594,8 +611,10 @@ mod tests {
                 TokenPlan { tokens: vec![2, 4], experts: vec![0, 3] }
             ]
         );
-        let rows: usize = requests.iter().map(PlannedRequest::rows).sum();
-        assert_eq!(rows, 4, "six assignments, four distinct tokens");
+        let rows: Vec<usize> = requests.iter().map(PlannedRequest::rows).collect();
+        assert_eq!(rows, [2, 2], "six assignments, four distinct tokens");
+        let assignments: Vec<usize> = requests.iter().map(PlannedRequest::assignments).collect();
+        assert_eq!(assignments, [3, 3], "(token, expert) pairs the worker computes: 1 + 2, then 2 + 1");
         let first = requests[0].request.tokens.as_ref().expect("token rows");
         assert_eq!(first.layer, 7);
         assert_eq!(le_u32(&first.offsets), [0, 1, 3], "token 0 chose one expert here, token 1 two");
@@ -620,6 +639,17 @@ mod tests {
         assert!(CallRows { stripes: 1, ..call }.rows_per_request(16384) >= 16384, "one connection: one request");
         let split = CallRows { split_bytes: 100 << 10, ..call };
         assert_eq!(split.rows_per_request(16384), 100, "the split limit still holds");
+    }
+
+    /// A piece from the middle of a group (what a failed request carried) stripes by its own
+    /// rows: 7000 of 1 KiB are under two stripes' worth, so they go as one request.
+    #[test]
+    fn a_piece_from_the_middle_of_a_group_stripes_by_its_own_rows() {
+        let hidden = vec![0.5f32; 21_000 * 256];
+        let call = CallRows { stripes: 8, ..f32_call(&hidden, 256, 64 << 20) };
+        let pieces = [Piece { group: 0, start: 14_000, end: 21_000 }];
+        let requests = pack_pieces(&Arc::from("w"), &pieces, &[group(0, 21_000)], call);
+        assert_eq!(requests.iter().map(PlannedRequest::rows).collect::<Vec<_>>(), [7000]);
     }
 
     /// How 20 MiB of 1 KiB rows (256 x f32) to one worker over 2 connections is packed: each
