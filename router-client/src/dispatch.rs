@@ -517,6 +517,25 @@ mod tests {
         assert_eq!(requests.iter().map(PlannedRequest::rows).collect::<Vec<_>>(), [3, 3, 3]);
     }
 
+    /// Soft MoE's slot rows split like token rows: the second request carries slots 3 and 4.
+    #[test]
+    fn slot_rows_split_by_whole_slots() {
+        let inputs: Vec<f32> = (0..5 * 4).map(|value| value as f32).collect();
+        let slots = ExpertAssignments {
+            expert: 2,
+            tokens: Vec::new(),
+            weights: Vec::new(),
+            slots: Some(crate::router::SlotRows { first_slot: 0, inputs }),
+        };
+        let groups = [slots];
+        // 16 bytes per row (4 x f32); 48 bytes per request = 3 slots.
+        let pieces = [Piece { group: 0, start: 0, end: 5 }];
+        let requests = pack_pieces(&Arc::from("w"), &pieces, &groups, f32_call(&[], 4, 48));
+        let data = requests[1].request.batches[0].rows.as_ref().expect("rows").data.clone();
+        let values: Vec<f32> = le_words(&data).map(f32::from_le_bytes).collect();
+        assert_eq!(values, (12..20).map(|value| value as f32).collect::<Vec<_>>());
+    }
+
     /// A table of the synthetic model whose expert `e` is held by `holders(e)`.
     fn table(holders: impl Fn(u32) -> Vec<&'static str>) -> RoutingTableView {
         let model = switchyard_model::ModelSpec::default_synthetic();
