@@ -165,7 +165,7 @@ impl<C: WorkerControl> Cluster<C> {
     }
 
     /// Workers that missed a heartbeat and are not being probed yet (each marked as probed).
-    fn late_workers(&self) -> Vec<(WorkerId, String)> {
+    pub(super) fn late_workers(&self) -> Vec<(WorkerId, String)> {
         let late_after = self.config.heartbeat_interval.mul_f64(1.5);
         let now = Instant::now();
         let mut state = self.lock();

@@ -155,7 +155,8 @@ async fn heartbeats_tell_a_worker_whether_its_experts_are_placed_and_loaded() {
 #[tokio::test]
 async fn a_silent_worker_is_removed_and_its_experts_move_to_the_survivor() {
     let control = Arc::new(FakeControl::default());
-    let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
+    let metrics = CoordinatorMetrics::default();
+    let cluster = Cluster::new(config(2), control.clone(), metrics.clone());
     let (a, _) = cluster.register(registration("a")).expect("register");
     cluster.register(registration("b")).expect("register");
     cluster.reconcile_once().await;
@@ -172,6 +173,8 @@ async fn a_silent_worker_is_removed_and_its_experts_move_to_the_survivor() {
     let status = cluster.status();
     assert_eq!(status.workers.len(), 1);
     assert!(status.unplaced_experts.is_empty());
+    let text = scrape(&metrics);
+    assert!(text.lines().any(|line| line == "switchyard_coordinator_worker_expirations_total 1"), "{text}");
 }
 
 /// The metrics as Prometheus text.
@@ -285,6 +288,8 @@ fn registration_and_heartbeat_errors_name_the_field() {
         assert!(error.starts_with("compute_gflops: "), "{error}");
     }
     assert!(cluster.status().workers.is_empty(), "none of them registered");
+    let longest = Registration { name: "é".repeat(256), ..registration("z") };
+    assert!(cluster.register(longest).is_ok(), "256 characters (512 bytes) is the limit, not past it");
     // Under mutual TLS a worker id is bound to the certificate that registered it.
     let (id, _) = cluster.register(Registration { identity: Some(vec![1]), ..registration("a") }).expect("register");
     assert_eq!(cluster.check_owner(&id.0, Some(&[1])), Ok(()));
@@ -434,6 +439,22 @@ async fn a_hung_load_does_not_keep_a_dead_worker_in_the_table() {
     assert!(endpoints_by_expert(&cluster.table()).iter().all(|owners| owners == "a"), "a holds every expert");
     let _ = stop.send(());
     task.await.expect("run stops");
+}
+
+/// Only a worker past one and a half heartbeat intervals is probed, and not again while its probe
+/// is out.
+#[tokio::test]
+async fn only_a_late_worker_is_probed_and_once_at_a_time() {
+    let mut config = config(1);
+    (config.heartbeat_interval, config.heartbeat_timeout) = (Duration::from_millis(100), Duration::from_secs(10));
+    let cluster = Cluster::new(config, Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+    let (on_time, _) = cluster.register(registration("a")).expect("register");
+    let (late, _) = cluster.register(registration("b")).expect("register");
+    assert!(cluster.late_workers().is_empty(), "both just registered");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.heartbeat(PROTOCOL_VERSION, &on_time.0, 0, 0, &[]).expect("a is alive");
+    assert_eq!(cluster.late_workers(), [(late, "b".to_owned())]);
+    assert!(cluster.late_workers().is_empty(), "b's probe is still out");
 }
 
 /// A late worker that refuses connections is removed at once, not after the full timeout.
