@@ -234,6 +234,29 @@ async fn a_joiner_takes_half_of_a_layer_of_many_small_experts() {
     assert_eq!(unloads.iter().map(|(_, experts)| experts.len()).sum::<usize>(), 32, "a unloads what b took");
 }
 
+/// Make-before-break: while the joiner is still loading the experts planned for it, the table
+/// routes them to their old holder, and neither worker is told to unload anything.
+#[tokio::test]
+async fn nothing_is_unloaded_while_the_new_holder_is_still_loading() {
+    let control = Arc::new(FakeControl::default());
+    let cluster = Cluster::new(config(1), control.clone(), CoordinatorMetrics::default());
+    cluster.register(registration("a")).expect("register");
+    cluster.reconcile_once().await;
+    let (b, _) = cluster.register(registration("b")).expect("register");
+    let orders = cluster.plan_round();
+    assert_eq!(orders.iter().map(|order| (&order.worker, order.experts.len())).collect::<Vec<_>>(), [(&b, 4)]);
+    assert!(endpoints_by_expert(&cluster.table()).iter().all(|owner| owner == "a"), "b holds nothing yet");
+    assert_eq!(cluster.due_unloads(), [], "a still serves what b is loading");
+    for order in orders {
+        cluster.finish_load(order, Ok(()));
+    }
+    let due = cluster.due_unloads();
+    assert_eq!(
+        due.iter().map(|(endpoint, experts)| (endpoint.as_str(), experts.len())).collect::<Vec<_>>(),
+        [("a", 4)]
+    );
+}
+
 #[tokio::test]
 async fn a_failed_load_is_not_published_and_is_retried() {
     let control = Arc::new(FakeControl::default());
