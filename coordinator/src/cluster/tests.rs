@@ -278,6 +278,58 @@ async fn a_failed_load_is_not_published_and_is_retried() {
     assert!(endpoints_by_expert(&cluster.table()).iter().all(|owner| !owner.is_empty()));
 }
 
+/// A shared expert four times a routed one's size costs four times as much per token: taking the
+/// same tokens as all eight routed experts together, it does four times their work, and its
+/// worker is given no routed expert beside it.
+#[tokio::test]
+async fn measured_traffic_weighs_each_token_by_the_size_of_the_expert_it_goes_to() {
+    let mut config =
+        ClusterConfig { balancing: Some(Balancing { interval: Duration::from_millis(1), redundant: 0 }), ..config(2) };
+    (config.model.shared_experts, config.model.shared_d_ff) = (1, 4 * config.model.d_ff);
+    let cluster = Cluster::new(config, Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+    let (a, _) = cluster.register(registration("a")).expect("register");
+    cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    let counts = |routed: u64, shared: u64| -> Vec<(ExpertId, u64)> {
+        (0..8).map(|e| (ExpertId::new(0, e), routed)).chain([(ExpertId::new(0, 8), shared)]).collect()
+    };
+    cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0, &counts(0, 0)).expect("alive");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0, &counts(1, 8)).expect("alive");
+    cluster.rebalance_by_traffic();
+    cluster.reconcile_once().await;
+    let owners = endpoints_by_expert(&cluster.table());
+    let shared_holder = &owners[8];
+    assert!(owners[..8].iter().all(|owner| owner != shared_holder), "{owners:?}");
+}
+
+/// Each failed load doubles the wait before the worker is asked again, from one heartbeat
+/// interval up to a minute.
+#[tokio::test]
+async fn a_worker_whose_loads_keep_failing_is_asked_again_ever_later() {
+    let mut config = config(2);
+    (config.heartbeat_interval, config.heartbeat_timeout) = (Duration::from_secs(1), Duration::from_secs(600));
+    let cluster = Cluster::new(config, Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+    cluster.register(registration("a")).expect("register");
+    let (b, _) = cluster.register(registration("b")).expect("register");
+    for (failures, wait_s) in [1, 2, 4, 8, 16, 32, 60, 60].into_iter().enumerate() {
+        let order = cluster.plan_round().into_iter().find(|order| order.worker == b).expect("b is asked");
+        let refused = ControlError::Refused {
+            endpoint: "b".into(),
+            code: tonic::Code::FailedPrecondition,
+            message: "out of memory".into(),
+        };
+        cluster.finish_load(order, Err(refused));
+        let mut state = cluster.lock();
+        let record = state.workers.get_mut(&b).expect("registered");
+        let wait = record.retry_load_after.expect("backing off").saturating_duration_since(Instant::now());
+        let expected = Duration::from_secs(wait_s);
+        assert!(wait <= expected && wait > expected - Duration::from_millis(500), "failure {}: {wait:?}", failures + 1);
+        // As if the wait were over.
+        record.retry_load_after = None;
+    }
+}
+
 #[tokio::test]
 async fn worker_ids_of_an_earlier_coordinator_are_unknown_to_a_restarted_one() {
     let first = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
