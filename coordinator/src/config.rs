@@ -223,5 +223,24 @@ mod tests {
         let args = Args::try_parse_from(["switchyard-coordinator", "--expert-replicas", "8=2"]).expect("parses");
         let error = ClusterConfig::try_from(&args).unwrap_err().to_string();
         assert_eq!(error, "--expert-replicas names expert 8, but the model's layers have 8 experts");
+        // A shared expert, which every token uses, is numbered after the routed ones.
+        let shared = |replicas: &str| {
+            let args = ["switchyard-coordinator", "--shared-experts", "1", "--expert-replicas", replicas];
+            ClusterConfig::try_from(&Args::try_parse_from(args).expect("parses"))
+        };
+        assert_eq!(shared("8=2").expect("the shared expert").expert_replicas, [(8, 2)].into());
+        assert!(shared("9=2").unwrap_err().to_string().ends_with("have 9 experts"));
+    }
+
+    #[test]
+    fn balancing_by_traffic_is_on_only_with_an_interval() {
+        let config = |extra: &[&str]| {
+            let args = Args::try_parse_from(["switchyard-coordinator"].iter().chain(extra)).expect("parses");
+            ClusterConfig::try_from(&args).expect("valid")
+        };
+        assert!(config(&[]).balancing.is_none(), "by size unless asked");
+        let balancing = config(&["--rebalance-interval-ms", "500", "--redundant-replicas", "2"]).balancing;
+        let Some(Balancing { interval, redundant }) = balancing else { panic!("balancing is on") };
+        assert_eq!((interval, redundant), (Duration::from_millis(500), 2));
     }
 }
