@@ -216,17 +216,24 @@ async fn experts_moved_to_a_joiner_are_published_before_the_old_owner_unloads_th
     assert!(per_worker.iter().all(|line| line.ends_with(" 4")), "{per_worker:?}");
 }
 
+/// A cluster of `config` whose experts were all placed on worker "a", which "b" has just joined
+/// (not placed yet): its control, itself, and b's id.
+async fn b_joins_a(config: ClusterConfig) -> (Arc<FakeControl>, Arc<Cluster<Arc<FakeControl>>>, WorkerId) {
+    let control = Arc::new(FakeControl::default());
+    let cluster = Cluster::new(config, control.clone(), CoordinatorMetrics::default());
+    cluster.register(registration("a")).expect("register");
+    cluster.reconcile_once().await;
+    let (b, _) = cluster.register(registration("b")).expect("register");
+    (control, cluster, b)
+}
+
 /// A DeepSeek-sized layer (64 experts here): each expert is under 5% of the first worker's load,
 /// and the second worker that joins (a scale-out) still takes half of them.
 #[tokio::test]
 async fn a_joiner_takes_half_of_a_layer_of_many_small_experts() {
-    let control = Arc::new(FakeControl::default());
     let mut config = config(1);
     config.model.experts_per_layer = 64;
-    let cluster = Cluster::new(config, control.clone(), CoordinatorMetrics::default());
-    cluster.register(registration("a")).expect("register");
-    cluster.reconcile_once().await;
-    cluster.register(registration("b")).expect("register");
+    let (control, cluster, _) = b_joins_a(config).await;
     cluster.reconcile_once().await;
     let owners = endpoints_by_expert(&cluster.table());
     assert_eq!(owners.iter().filter(|owner| *owner == "b").count(), 32, "{owners:?}");
@@ -238,11 +245,7 @@ async fn a_joiner_takes_half_of_a_layer_of_many_small_experts() {
 /// routes them to their old holder, and neither worker is told to unload anything.
 #[tokio::test]
 async fn nothing_is_unloaded_while_the_new_holder_is_still_loading() {
-    let control = Arc::new(FakeControl::default());
-    let cluster = Cluster::new(config(1), control.clone(), CoordinatorMetrics::default());
-    cluster.register(registration("a")).expect("register");
-    cluster.reconcile_once().await;
-    let (b, _) = cluster.register(registration("b")).expect("register");
+    let (_, cluster, b) = b_joins_a(config(1)).await;
     let orders = cluster.plan_round();
     assert_eq!(orders.iter().map(|order| (&order.worker, order.experts.len())).collect::<Vec<_>>(), [(&b, 4)]);
     assert!(endpoints_by_expert(&cluster.table()).iter().all(|owner| owner == "a"), "b holds nothing yet");
