@@ -203,6 +203,7 @@ fn within(deadline: Duration, endpoint: Endpoint, count: usize, answers: ChunkAn
 mod tests {
     use std::sync::Arc;
 
+    use futures::FutureExt;
     use futures::future::BoxFuture;
     use switchyard_proto::v1;
 
@@ -211,10 +212,27 @@ mod tests {
 
     const NEVER_RETRY: fn(&ClientError) -> bool = |_| false;
 
-    /// A transport whose destinations answer after a fixed (virtual) delay, fail at once, or never.
-    #[derive(Debug)]
+    /// A transport whose destinations answer after a fixed (virtual) delay, fail at once, or never
+    /// (a request id in `by_request` behaves its own way), and which records each stream's chunks.
+    #[derive(Debug, Default)]
     struct Scripted {
         behaviours: Vec<(&'static str, Behaviour)>,
+        by_request: Vec<(u64, Behaviour)>,
+        /// Each `forward_chunks` call: its endpoint and its requests' ids, in order.
+        streams: std::sync::Mutex<Vec<(String, Vec<u64>)>>,
+    }
+
+    impl Scripted {
+        fn new(behaviours: Vec<(&'static str, Behaviour)>) -> Self {
+            Self { behaviours, ..Self::default() }
+        }
+
+        fn behaviour(&self, endpoint: &Endpoint, request_id: u64) -> Option<Behaviour> {
+            let own = self.by_request.iter().find(|(id, _)| *id == request_id).map(|(_, behaviour)| *behaviour);
+            own.or_else(|| {
+                self.behaviours.iter().find(|(name, _)| **name == **endpoint).map(|(_, behaviour)| *behaviour)
+            })
+        }
     }
 
     #[derive(Debug, Clone, Copy)]
@@ -231,7 +249,7 @@ mod tests {
             request: v1::ForwardRequest,
             _deadline: Duration,
         ) -> BoxFuture<'static, Result<Answer, ClientError>> {
-            let behaviour = self.behaviours.iter().find(|(name, _)| **name == **endpoint).map(|(_, b)| *b);
+            let behaviour = self.behaviour(endpoint, request.request_id);
             let endpoint = endpoint.to_string();
             Box::pin(async move {
                 match behaviour {
@@ -248,6 +266,20 @@ mod tests {
                     Some(Behaviour::Never) | None => std::future::pending().await,
                 }
             })
+        }
+
+        fn forward_chunks(
+            &self,
+            endpoint: &Endpoint,
+            requests: Vec<v1::ForwardRequest>,
+            deadline: Duration,
+        ) -> ChunkAnswers {
+            let ids = requests.iter().map(|request| request.request_id).collect();
+            self.streams.lock().unwrap().push((endpoint.to_string(), ids));
+            let answers = requests.into_iter().enumerate().map(|(position, request)| {
+                self.forward(endpoint, request, deadline).map(move |answer| (position, answer))
+            });
+            answers.collect::<futures::stream::FuturesUnordered<_>>().boxed()
         }
     }
 
@@ -279,9 +311,8 @@ mod tests {
     /// (paused, so virtual and exact) shows the call took the failure's time, not the slow one's.
     #[tokio::test(start_paused = true)]
     async fn a_failure_ends_the_call_without_waiting_for_the_slow_destination() {
-        let transport = Scripted {
-            behaviours: vec![("fast", Behaviour::FailAfter(Duration::from_millis(5))), ("slow", Behaviour::Never)],
-        };
+        let transport =
+            Scripted::new(vec![("fast", Behaviour::FailAfter(Duration::from_millis(5))), ("slow", Behaviour::Never)]);
         let requests = [request("slow", 1), request("fast", 2), request("slow", 3)];
         let started = tokio::time::Instant::now();
         let failure =
@@ -295,12 +326,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn answers_are_handed_over_as_they_arrive_and_every_destination_answers() {
-        let transport = Scripted {
-            behaviours: vec![
-                ("a", Behaviour::AnswerAfter(Duration::from_millis(30))),
-                ("b", Behaviour::AnswerAfter(Duration::from_millis(10))),
-            ],
-        };
+        let transport = Scripted::new(vec![
+            ("a", Behaviour::AnswerAfter(Duration::from_millis(30))),
+            ("b", Behaviour::AnswerAfter(Duration::from_millis(10))),
+        ]);
         let requests = [request("a", 1), request("b", 2), request("b", 3)];
         let mut arrivals = Vec::new();
         let outcomes =
@@ -318,9 +347,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_destination_past_its_deadline_fails_by_name_and_a_refused_answer_fails_the_call() {
-        let transport = Scripted {
-            behaviours: vec![("late", Behaviour::Never), ("ok", Behaviour::AnswerAfter(Duration::from_millis(1)))],
-        };
+        let transport =
+            Scripted::new(vec![("late", Behaviour::Never), ("ok", Behaviour::AnswerAfter(Duration::from_millis(1)))]);
         let failure = run(
             &transport,
             &Replicas::default(),
@@ -350,13 +378,11 @@ mod tests {
     /// unanswered with the failed one, and the other worker's answers are all taken.
     #[tokio::test(start_paused = true)]
     async fn a_retryable_failure_gives_up_that_worker_only_and_hands_back_its_requests() {
-        let transport = Scripted {
-            behaviours: vec![
-                ("down", Behaviour::FailAfter(Duration::from_millis(5))),
-                ("stalled", Behaviour::Never),
-                ("ok", Behaviour::AnswerAfter(Duration::from_millis(20))),
-            ],
-        };
+        let transport = Scripted::new(vec![
+            ("down", Behaviour::FailAfter(Duration::from_millis(5))),
+            ("stalled", Behaviour::Never),
+            ("ok", Behaviour::AnswerAfter(Duration::from_millis(20))),
+        ]);
         let requests = [request("down", 1), request("ok", 2), request("down", 3), request("ok", 4)];
         let mut answered = Vec::new();
         let started = tokio::time::Instant::now();
@@ -385,5 +411,53 @@ mod tests {
                 .await
                 .expect("a timeout is retryable here");
         assert_eq!(round.unanswered, [0], "the stalled worker's request comes back after the attempt's deadline");
+    }
+
+    fn on_stream(endpoint: &str, id: u64, stream: usize) -> PlannedRequest {
+        PlannedRequest { stream, ..request(endpoint, id) }
+    }
+
+    /// Requests to one worker with the same stream number go as the chunks of one stream, in
+    /// order; another stream number, or another worker, is a stream of its own.
+    #[tokio::test(start_paused = true)]
+    async fn the_chunks_of_one_stream_go_together_and_other_streams_apart() {
+        let transport = Scripted::new(vec![
+            ("a", Behaviour::AnswerAfter(Duration::from_millis(1))),
+            ("b", Behaviour::AnswerAfter(Duration::from_millis(1))),
+        ]);
+        let requests = [on_stream("a", 1, 0), on_stream("a", 2, 1), on_stream("b", 3, 0), on_stream("a", 4, 0)];
+        let mut answered = Vec::new();
+        let round =
+            run(&transport, &Replicas::default(), &requests, Duration::from_secs(1), NEVER_RETRY, |index, _| {
+                answered.push(index);
+                Ok(())
+            })
+            .await
+            .expect("every stream answers");
+        let streams = transport.streams.lock().unwrap().clone();
+        let expected = [("a", vec![1, 4]), ("a", vec![2]), ("b", vec![3])];
+        assert_eq!(streams, expected.map(|(endpoint, ids)| (endpoint.to_string(), ids)));
+        answered.sort_unstable();
+        assert_eq!(answered, [0, 1, 2, 3], "each answer is handed over with its own request's index");
+        assert_eq!(state(&round.outcomes), [("a", 3, "answered"), ("b", 1, "answered")]);
+    }
+
+    /// Once a worker has failed retryably, its streams still in flight are not waited for: the
+    /// round ends when the other workers have answered, not at the stalled stream's deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_given_up_worker_s_other_streams_are_not_waited_for() {
+        let transport = Scripted {
+            behaviours: vec![("ok", Behaviour::AnswerAfter(Duration::from_millis(20)))],
+            by_request: vec![(1, Behaviour::FailAfter(Duration::from_millis(5))), (2, Behaviour::Never)],
+            ..Scripted::default()
+        };
+        let requests = [on_stream("down", 1, 0), on_stream("down", 2, 1), on_stream("ok", 3, 0)];
+        let started = tokio::time::Instant::now();
+        let round = run(&transport, &Replicas::default(), &requests, Duration::from_secs(60), |_| true, |_, _| Ok(()))
+            .await
+            .expect("a retryable failure does not fail the round");
+        assert_eq!(started.elapsed(), Duration::from_millis(20));
+        assert_eq!(round.unanswered, [0, 1]);
+        assert_eq!(state(&round.outcomes), [("down", 2, "failed"), ("ok", 1, "answered")]);
     }
 }
