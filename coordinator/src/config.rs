@@ -102,8 +102,20 @@ pub enum ConfigError {
     Model(#[from] ModelArgsError),
     #[error("--heartbeat-timeout-ms ({timeout}) must exceed --heartbeat-interval-ms ({interval})")]
     HeartbeatTimeout { timeout: u64, interval: u64 },
-    #[error("--expert-replicas names expert {expert}, but the model's layers have {experts} experts")]
-    NoSuchExpert { expert: u32, experts: u32 },
+    #[error("--expert-replicas names expert {expert}, but the model's layers have {}", numbering(*routed, *shared))]
+    NoSuchExpert { expert: u32, routed: u32, shared: u32 },
+}
+
+/// How a layer's experts are numbered: the routed ones first, then the shared ones.
+fn numbering(routed: u32, shared: u32) -> String {
+    let span = |first: u32, count: u32| match count {
+        1 => format!("{first}"),
+        _ => format!("{first} to {}", first + count - 1),
+    };
+    match shared {
+        0 => format!("{routed} experts ({})", span(0, routed)),
+        _ => format!("{routed} routed experts ({}) and {shared} shared ({})", span(0, routed), span(routed, shared)),
+    }
 }
 
 impl TryFrom<&Args> for ClusterConfig {
@@ -117,9 +129,9 @@ impl TryFrom<&Args> for ClusterConfig {
                 interval: args.heartbeat_interval_ms,
             });
         }
-        let experts = model.experts_per_layer + model.shared_experts;
-        if let Some((expert, _)) = args.expert_replicas.iter().find(|(expert, _)| *expert >= experts) {
-            return Err(ConfigError::NoSuchExpert { expert: *expert, experts });
+        let (routed, shared) = (model.experts_per_layer, model.shared_experts);
+        if let Some((expert, _)) = args.expert_replicas.iter().find(|(expert, _)| *expert >= routed + shared) {
+            return Err(ConfigError::NoSuchExpert { expert: *expert, routed, shared });
         }
         Ok(ClusterConfig {
             queue_limit_tokens: queue_limit(&model, args.max_batch_tokens),
@@ -222,14 +234,16 @@ mod tests {
         assert_eq!(config.replicas_of(switchyard_model::ExpertId::new(0, 5)), 2);
         let args = Args::try_parse_from(["switchyard-coordinator", "--expert-replicas", "8=2"]).expect("parses");
         let error = ClusterConfig::try_from(&args).unwrap_err().to_string();
-        assert_eq!(error, "--expert-replicas names expert 8, but the model's layers have 8 experts");
+        assert_eq!(error, "--expert-replicas names expert 8, but the model's layers have 8 experts (0 to 7)");
         // A shared expert, which every token uses, is numbered after the routed ones.
         let shared = |replicas: &str| {
             let args = ["switchyard-coordinator", "--shared-experts", "1", "--expert-replicas", replicas];
             ClusterConfig::try_from(&Args::try_parse_from(args).expect("parses"))
         };
         assert_eq!(shared("8=2").expect("the shared expert").expert_replicas, [(8, 2)].into());
-        assert!(shared("9=2").unwrap_err().to_string().ends_with("have 9 experts"));
+        let beyond = shared("9=2").unwrap_err().to_string();
+        assert!(beyond.ends_with("have 8 routed experts (0 to 7) and 1 shared (8)"), "{beyond}");
+        assert_eq!(numbering(64, 2), "64 routed experts (0 to 63) and 2 shared (64 to 65)");
     }
 
     #[test]
