@@ -94,3 +94,90 @@ impl Rounds {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use switchyard_model::{ExpertId, ModelSpec};
+    use switchyard_proto::v1;
+
+    use super::*;
+
+    fn worker(code: tonic::Code) -> ClientError {
+        ClientError::Worker { endpoint: "http://w".into(), code, message: "from the worker".into() }
+    }
+
+    fn queue_full(expert: u32) -> ClientError {
+        let expert = ExpertId::new(0, expert);
+        ClientError::QueueFull { endpoint: "http://w".into(), expert, queued: 8, limit: 8, requested: 1 }
+    }
+
+    #[test]
+    fn a_gone_worker_may_be_replaced_a_busy_one_only_by_another_holder_a_wrong_call_never() {
+        use tonic::Code;
+        for code in [Code::Unavailable, Code::Unknown, Code::Cancelled, Code::Aborted] {
+            assert_eq!(Retry::of(&worker(code)), Retry::OtherHolderOrNewTable, "{code:?}");
+        }
+        for code in [Code::ResourceExhausted, Code::DeadlineExceeded] {
+            assert_eq!(Retry::of(&worker(code)), Retry::OtherHolder, "{code:?}");
+        }
+        for code in [Code::InvalidArgument, Code::Internal, Code::FailedPrecondition, Code::NotFound] {
+            assert_eq!(Retry::of(&worker(code)), Retry::Never, "{code:?}");
+        }
+        let unreachable = ClientError::BadEndpoint { endpoint: "http://w".into(), reason: "no such host".into() };
+        assert_eq!(Retry::of(&unreachable), Retry::OtherHolderOrNewTable);
+        let late = ClientError::Timeout { endpoint: "http://w".into(), after: Duration::from_secs(1) };
+        assert_eq!((Retry::of(&queue_full(0)), Retry::of(&late)), (Retry::OtherHolder, Retry::OtherHolder));
+        let garbled = ClientError::BadResponse { endpoint: "http://w".into(), reason: "outputs[0] is missing".into() };
+        assert_eq!(Retry::of(&garbled), Retry::Never);
+    }
+
+    /// Expert 0 on workers a and b, expert 1 on a alone.
+    fn table(replicated: bool) -> RoutingTableView {
+        let model = ModelSpec { experts_per_layer: 2, ..ModelSpec::default_synthetic() };
+        let holders_of_0 =
+            if replicated { vec!["http://a".into(), "http://b".into()] } else { vec!["http://a".into()] };
+        let route = |expert, endpoints| v1::ExpertRoute { expert: Some(v1::ExpertKey::new(0, expert)), endpoints };
+        let table = v1::RoutingTable {
+            version: 1,
+            epoch: 1,
+            model: Some(model.to_proto()),
+            routes: vec![route(0, holders_of_0), route(1, vec!["http://a".into()])],
+            queue_limit_tokens: 8,
+            max_batch_tokens: 8,
+        };
+        RoutingTableView::try_from(table).expect("valid")
+    }
+
+    #[test]
+    fn a_full_queue_is_worth_retrying_only_where_its_expert_has_another_holder() {
+        let (replicated, single) = (table(true), table(false));
+        assert!(Retry::OtherHolder.worth_it(&queue_full(0), &replicated, 0));
+        assert!(!Retry::OtherHolder.worth_it(&queue_full(1), &replicated, 0), "expert 1 has one holder");
+        let late = ClientError::Timeout { endpoint: "http://a".into(), after: Duration::from_secs(1) };
+        assert!(Retry::OtherHolder.worth_it(&late, &replicated, 0), "some expert has another holder");
+        assert!(!Retry::OtherHolder.worth_it(&late, &single, 0));
+        let gone = worker(tonic::Code::Unavailable);
+        assert!(Retry::OtherHolderOrNewTable.worth_it(&gone, &single, 0), "the next table may move its experts");
+        assert!(!Retry::Never.worth_it(&gone, &replicated, 0));
+    }
+
+    #[test]
+    fn settling_counts_refusals_and_moves_at_the_experts_that_kept_them() {
+        let rounds = Rounds {
+            request_id: RequestId(1),
+            layer: 0,
+            deadline: Instant::now(),
+            table: Arc::new(table(true)),
+            excluded: HashSet::new(),
+            retried_requests: 0,
+            moves: vec![(0, 1), (0, 1), (1, 2)],
+            refused: vec![(2, 3), (0, 1), (9, 4)],
+        };
+        let mut routing = RoutingSummary { tokens_per_expert: vec![5, 2, 4], ..RoutingSummary::default() };
+        rounds.settle(&mut routing);
+        assert_eq!((routing.refused, routing.rerouted), (8, 3));
+        assert_eq!(routing.tokens_per_expert, [2, 3, 2], "expert 9 is past the layer and counted nowhere");
+    }
+}
