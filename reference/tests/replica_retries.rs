@@ -6,12 +6,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
 use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_proto::v1;
 use switchyard_reference::in_process::InProcessTransport;
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
+use switchyard_router_client::transport::Answer;
 use switchyard_router_client::{
-    ClientError, ClientOptions, DispatchLayout, MoeClient, RefusalPolicy, RoutingOverrides, RoutingTableView,
+    ClientError, ClientOptions, DispatchLayout, Endpoint, ExpertTransport, MoeClient, RefusalPolicy, RoutingOverrides,
+    RoutingTableView,
 };
 use tokio::sync::watch;
 
@@ -27,12 +31,28 @@ fn hidden(tokens: usize) -> Vec<f32> {
 
 /// A worker holding every expert of [`model`] behind queues of `limit` tokens.
 async fn worker(limit: usize) -> Arc<ExpertWorker> {
-    batching_worker(limit, Duration::ZERO).await
+    support::cpu_worker(model(), (0..8).map(|expert| ExpertId::new(0, expert)).collect(), limit, Duration::ZERO).await
 }
 
-/// The same, whose batcher waits `batch_wait` for more rows before computing.
-async fn batching_worker(limit: usize, batch_wait: Duration) -> Arc<ExpertWorker> {
-    support::cpu_worker(model(), (0..8).map(|expert| ExpertId::new(0, expert)).collect(), limit, batch_wait).await
+/// In-process workers, of which `stalled` takes every request and never answers.
+#[derive(Debug)]
+struct WithStalled {
+    workers: InProcessTransport,
+    stalled: &'static str,
+}
+
+impl ExpertTransport for WithStalled {
+    fn forward(
+        &self,
+        endpoint: &Endpoint,
+        request: v1::ForwardRequest,
+        deadline: Duration,
+    ) -> BoxFuture<'static, Result<Answer, ClientError>> {
+        match &**endpoint == self.stalled {
+            true => Box::pin(std::future::pending()),
+            false => self.workers.forward(endpoint, request, deadline),
+        }
+    }
 }
 
 /// A table of version `version` whose expert `e` is served by `holders(e)`.
@@ -121,24 +141,21 @@ async fn a_full_queue_with_no_other_holder_fails_the_call_at_once() {
     tiny.shutdown().await;
 }
 
-/// A refusal with no other holder ends the call at once: it does not wait for a slow worker's
+/// A refusal with no other holder ends the call at once: it does not wait for the other worker's
 /// half, whose requests are cancelled (and so never computed).
 #[tokio::test]
 async fn a_refusal_without_another_holder_does_not_wait_for_the_other_workers() {
-    let slow = batching_worker(1 << 20, Duration::from_secs(3600)).await;
     let tiny = worker(1).await;
-    let transport = InProcessTransport::new([
-        (Arc::from("slow"), ExpertWorkerService::new(slow.clone(), "slow")),
-        (Arc::from("tiny"), ExpertWorkerService::new(tiny.clone(), "tiny")),
-    ]);
-    let split = table(1, |expert| vec![if expert % 2 == 0 { "slow" } else { "tiny" }]);
+    let workers = InProcessTransport::new([(Arc::from("tiny"), ExpertWorkerService::new(tiny.clone(), "tiny"))]);
+    let transport = WithStalled { workers, stalled: "stalled" };
+    let split = table(1, |expert| vec![if expert % 2 == 0 { "stalled" } else { "tiny" }]);
     let (_tables, receiver) = watch::channel(Some(split));
     let options = ClientOptions { timeout: Duration::from_secs(7200), ..ClientOptions::default() };
     let client = MoeClient::with_transport(receiver, options, Arc::new(transport));
-    // A guard against waiting for the slow worker's hour, not a measurement.
+    // A guard against waiting for the stalled worker's two hours, not a measurement.
     let failed = tokio::time::timeout(Duration::from_secs(60), client.forward(0, hidden(64)))
         .await
-        .expect("the call ended without waiting for the slow worker");
+        .expect("the call ended without waiting for the stalled worker");
     assert!(matches!(failed, Err(ClientError::QueueFull { ref endpoint, .. }) if endpoint == "tiny"), "{failed:?}");
     tiny.shutdown().await;
 }
