@@ -160,6 +160,36 @@ async fn a_refusal_without_another_holder_does_not_wait_for_the_other_workers() 
     tiny.shutdown().await;
 }
 
+/// A stalled worker is given up when some expert has another holder; but rows whose experts it
+/// alone holds have nowhere else to go, and no new table is coming for a worker that is still
+/// registered: the call ends with the stall, at the attempt's timeout, not the call's deadline.
+#[tokio::test]
+async fn rows_only_a_stalled_worker_holds_end_the_call_at_the_attempt_timeout() {
+    let a = worker(1 << 20).await;
+    let workers = InProcessTransport::new([(Arc::from("a"), ExpertWorkerService::new(a.clone(), "a"))]);
+    let transport = WithStalled { workers, stalled: "stalled" };
+    let holders = table(1, |expert| match expert {
+        0 => vec!["a", "stalled"],
+        _ if expert % 2 == 0 => vec!["a"],
+        _ => vec!["stalled"],
+    });
+    let (_tables, receiver) = watch::channel(Some(holders));
+    let attempt = Duration::from_millis(200);
+    let options = ClientOptions {
+        timeout: Duration::from_secs(7200),
+        attempt_timeout: Some(attempt),
+        ..ClientOptions::default()
+    };
+    let client = MoeClient::with_transport(receiver, options, Arc::new(transport));
+    // A guard against waiting for a table until the two-hour deadline, not a measurement.
+    let failed = tokio::time::timeout(Duration::from_secs(60), client.forward(0, hidden(64)))
+        .await
+        .expect("the call ended without waiting for another table");
+    let expected = ClientError::Timeout { endpoint: "stalled".into(), after: attempt };
+    assert!(matches!(&failed, Err(error) if *error == expected), "{failed:?}");
+    a.shutdown().await;
+}
+
 /// With the overflow policy a full queue is the MoE meaning of a full expert: its assignments are
 /// refused, counted, and their tokens keep only the other experts' outputs; every other token's
 /// output is the reference's.
