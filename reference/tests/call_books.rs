@@ -1,0 +1,141 @@
+//! What a layer call books besides its output, over real in-process workers: each worker's
+//! requests, rows and bytes both ways, the straggler's time split into its phases, and request ids
+//! that no other client process uses.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
+use switchyard_model::{ExpertId, ModelSpec};
+use switchyard_proto::v1;
+use switchyard_reference::in_process::InProcessTransport;
+use switchyard_router_client::transport::Answer;
+use switchyard_router_client::{
+    ClientError, ClientOptions, DispatchLayout, Endpoint, ExpertTransport, LayerOutput, MoeClient,
+};
+use tokio::sync::watch;
+
+mod support;
+
+const D_MODEL: usize = 1024;
+
+fn model() -> ModelSpec {
+    ModelSpec { d_model: D_MODEL as u32, d_ff: 64, seed: 5, ..ModelSpec::default_synthetic() }
+}
+
+fn hidden(tokens: usize) -> Vec<f32> {
+    (0..tokens * D_MODEL).map(|i| ((i as f32) * 0.61).cos()).collect()
+}
+
+/// In-process workers whose requests' ids are kept.
+#[derive(Debug)]
+struct Recording {
+    workers: InProcessTransport,
+    request_ids: Mutex<Vec<u64>>,
+}
+
+impl ExpertTransport for Recording {
+    fn forward(
+        &self,
+        endpoint: &Endpoint,
+        request: v1::ForwardRequest,
+        deadline: Duration,
+    ) -> BoxFuture<'static, Result<Answer, ClientError>> {
+        self.request_ids.lock().unwrap().push(request.request_id);
+        self.workers.forward(endpoint, request, deadline)
+    }
+}
+
+/// Workers "a" (even experts) and "b" (odd ones), a client over them, and its transport.
+async fn client(dispatch: DispatchLayout) -> (MoeClient, Arc<Recording>, [Arc<ExpertWorker>; 2]) {
+    let worker = |parity: u32| {
+        let experts = (0..8).filter(|expert| expert % 2 == parity).map(|expert| ExpertId::new(0, expert)).collect();
+        support::cpu_worker(model(), experts, 1 << 20, Duration::ZERO)
+    };
+    let (a, b) = (worker(0).await, worker(1).await);
+    let workers = InProcessTransport::new([
+        (Arc::from("a"), ExpertWorkerService::new(a.clone(), "a")),
+        (Arc::from("b"), ExpertWorkerService::new(b.clone(), "b")),
+    ]);
+    let transport = Arc::new(Recording { workers, request_ids: Mutex::default() });
+    let table = support::table(&model(), 1, |expert| vec![if expert % 2 == 0 { "a" } else { "b" }]);
+    let (_tables, receiver) = watch::channel(Some(table));
+    let options = ClientOptions { dispatch, ..ClientOptions::default() };
+    (MoeClient::with_transport(receiver, options, transport.clone()), transport, [a, b])
+}
+
+/// Each worker was sent its rows and answered as many, f32 both ways (token-major: a row per token
+/// and its one weighted sum back; expert-major: a row per assignment and its expert's output), in
+/// messages a little larger than their payloads; the call's bytes are the workers' together.
+fn assert_bytes_balance(output: &LayerOutput, dispatch: DispatchLayout) {
+    let row_bytes = (D_MODEL * 4) as u64;
+    for call in &output.workers {
+        let (rows, bytes) = (call.rows as u64, call.bytes);
+        assert!(call.requests > 0 && rows > 0, "{dispatch:?}: {call:?}");
+        assert_eq!((bytes.payload_sent, bytes.payload_received), (rows * row_bytes, rows * row_bytes), "{call:?}");
+        assert!(bytes.message_sent > bytes.payload_sent, "{call:?}");
+        assert!(bytes.message_received > bytes.payload_received, "{call:?}");
+    }
+    let rows: usize = output.workers.iter().map(|call| call.rows).sum();
+    match dispatch {
+        DispatchLayout::TokenMajor => assert!(rows <= 2 * output.routing.tokens, "a token goes once to each worker"),
+        DispatchLayout::ExpertMajor => assert_eq!(rows, output.routing.tokens_per_expert.iter().sum::<u32>() as usize),
+    }
+    let sent: u64 = output.workers.iter().map(|call| call.bytes.payload_sent).sum();
+    let received: u64 = output.workers.iter().map(|call| call.bytes.payload_received).sum();
+    assert_eq!((output.bytes.payload_sent, output.bytes.payload_received), (sent, received));
+}
+
+/// The straggler's RPC is the call's network, queue and compute time; the summing left after the
+/// last answer is split between decode and combine as the answers' decode and combine times are.
+fn assert_times_add_up(output: &LayerOutput) {
+    let timing = output.timing;
+    let straggler = output.workers.iter().map(|call| call.rpc).max().expect("two workers");
+    assert_eq!(timing.network + timing.queue_wait + timing.compute, straggler, "{timing:?}");
+    let decode: Duration = output.workers.iter().map(|call| call.decode).sum();
+    let combine: Duration = output.workers.iter().map(|call| call.combine).sum();
+    let tail = timing.decode + timing.combine;
+    assert!(tail <= timing.wall, "{timing:?}");
+    if tail >= Duration::from_micros(20) {
+        let share = decode.as_secs_f64() / (decode + combine).as_secs_f64();
+        let booked = timing.decode.as_secs_f64() / tail.as_secs_f64();
+        assert!((booked - share).abs() < 0.01, "decode's share {booked} of the tail, {share} of the answers");
+    }
+}
+
+#[tokio::test]
+async fn each_worker_is_booked_its_rows_and_bytes_both_ways_and_the_straggler_s_time() {
+    for dispatch in [DispatchLayout::TokenMajor, DispatchLayout::ExpertMajor] {
+        let (client, _transport, workers) = client(dispatch).await;
+        let mut tails = 0;
+        for tokens in [256, 1024] {
+            let output = client.forward(0, hidden(tokens)).await.expect("both workers answer");
+            let endpoints: Vec<&str> = output.workers.iter().map(|call| &*call.endpoint).collect();
+            assert_eq!(endpoints, ["a", "b"]);
+            assert_bytes_balance(&output, dispatch);
+            assert_times_add_up(&output);
+            tails += usize::from(output.timing.decode + output.timing.combine >= Duration::from_micros(20));
+        }
+        assert!(tails > 0, "{dispatch:?}: some summing came after the last answer");
+        for worker in workers {
+            worker.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn request_ids_carry_the_process_id_in_their_high_bits() {
+    let (client, transport, workers) = client(DispatchLayout::TokenMajor).await;
+    for _ in 0..2 {
+        client.forward(0, hidden(8)).await.expect("both workers answer");
+    }
+    let ids = transport.request_ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), 4, "two calls, two workers each");
+    assert!(ids.iter().all(|id| id >> 32 == u64::from(std::process::id())), "{ids:x?}");
+    let calls: std::collections::BTreeSet<u64> = ids.iter().map(|id| id & 0xffff_ffff).collect();
+    assert_eq!(calls.len(), 2, "the requests of one call share its id, and calls differ: {ids:x?}");
+    for worker in workers {
+        worker.shutdown().await;
+    }
+}
