@@ -47,6 +47,8 @@ enum Tamper {
     FirstOutputExpert(u32),
     /// Rows of this shape on every output, as an expert-major answer carries them.
     OutputRows(Vec<u64>),
+    /// Every output's rows (expert-major) cut or padded to this many bytes, their shape kept.
+    OutputLength(usize),
     /// The encoded answer with these bytes flipped (positions modulo its length), decoded again.
     Flipped(Vec<(usize, u8)>),
 }
@@ -86,6 +88,13 @@ impl Tamper {
                     v1::WireTensor { dtype: v1::Dtype::F32 as i32, shape: shape.clone(), data: vec![0; 64].into() };
                 response.outputs.iter_mut().for_each(|output| output.rows = Some(rows.clone()));
             }
+            Tamper::OutputLength(length) => {
+                for rows in response.outputs.iter_mut().filter_map(|output| output.rows.as_mut()) {
+                    let mut data = rows.data.to_vec();
+                    data.resize(*length, 0);
+                    rows.data = data.into();
+                }
+            }
             Tamper::Flipped(flips) => {
                 let mut bytes = response.encode_to_vec();
                 if !bytes.is_empty() {
@@ -117,6 +126,7 @@ fn tamper() -> impl Strategy<Value = Tamper> {
         (0..3usize).prop_map(Tamper::OutputsKept),
         prop_oneof![0..8u32, Just(u32::MAX)].prop_map(Tamper::FirstOutputExpert),
         proptest::collection::vec(dim, 0..4).prop_map(Tamper::OutputRows),
+        prop_oneof![Just(0usize), 1..1024usize].prop_map(Tamper::OutputLength),
         proptest::collection::vec((any::<usize>(), 1..=255u8), 1..4).prop_map(Tamper::Flipped),
     ]
 }
