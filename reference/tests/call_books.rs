@@ -1,6 +1,6 @@
 //! What a layer call books besides its output, over real in-process workers: each worker's
 //! requests, rows and bytes both ways, the straggler's time split into its phases, and request ids
-//! that no other client process uses.
+//! that no other client process uses; a call past the cluster's largest batch refused unsent.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,8 +47,9 @@ impl ExpertTransport for Recording {
     }
 }
 
-/// Workers "a" (even experts) and "b" (odd ones), a client over them, and its transport.
-async fn client(dispatch: DispatchLayout) -> (MoeClient, Arc<Recording>, [Arc<ExpertWorker>; 2]) {
+/// Workers "a" (even experts) and "b" (odd ones), a client over them, and its transport; the
+/// cluster's largest batch is `largest_batch` tokens.
+async fn client(dispatch: DispatchLayout, largest_batch: u32) -> (MoeClient, Arc<Recording>, [Arc<ExpertWorker>; 2]) {
     let worker = |parity: u32| {
         let experts = (0..8).filter(|expert| expert % 2 == parity).map(|expert| ExpertId::new(0, expert)).collect();
         support::cpu_worker(model(), experts, 1 << 20, Duration::ZERO)
@@ -59,8 +60,9 @@ async fn client(dispatch: DispatchLayout) -> (MoeClient, Arc<Recording>, [Arc<Ex
         (Arc::from("b"), ExpertWorkerService::new(b.clone(), "b")),
     ]);
     let transport = Arc::new(Recording { workers, request_ids: Mutex::default() });
-    let table = support::table(&model(), 1, |expert| vec![if expert % 2 == 0 { "a" } else { "b" }]);
-    let (_tables, receiver) = watch::channel(Some(table));
+    let mut table = (*support::table(&model(), 1, |expert| vec![if expert % 2 == 0 { "a" } else { "b" }])).clone();
+    table.max_batch_tokens = largest_batch;
+    let (_tables, receiver) = watch::channel(Some(Arc::new(table)));
     let options = ClientOptions { dispatch, ..ClientOptions::default() };
     (MoeClient::with_transport(receiver, options, transport.clone()), transport, [a, b])
 }
@@ -107,7 +109,7 @@ fn assert_times_add_up(output: &LayerOutput) {
 #[tokio::test]
 async fn each_worker_is_booked_its_rows_and_bytes_both_ways_and_the_straggler_s_time() {
     for dispatch in [DispatchLayout::TokenMajor, DispatchLayout::ExpertMajor] {
-        let (client, _transport, workers) = client(dispatch).await;
+        let (client, _transport, workers) = client(dispatch, 1 << 20).await;
         let mut tails = 0;
         for tokens in [256, 1024] {
             let output = client.forward(0, hidden(tokens)).await.expect("both workers answer");
@@ -126,7 +128,7 @@ async fn each_worker_is_booked_its_rows_and_bytes_both_ways_and_the_straggler_s_
 
 #[tokio::test]
 async fn request_ids_carry_the_process_id_in_their_high_bits() {
-    let (client, transport, workers) = client(DispatchLayout::TokenMajor).await;
+    let (client, transport, workers) = client(DispatchLayout::TokenMajor, 1 << 20).await;
     for _ in 0..2 {
         client.forward(0, hidden(8)).await.expect("both workers answer");
     }
@@ -135,6 +137,25 @@ async fn request_ids_carry_the_process_id_in_their_high_bits() {
     assert!(ids.iter().all(|id| id >> 32 == u64::from(std::process::id())), "{ids:x?}");
     let calls: std::collections::BTreeSet<u64> = ids.iter().map(|id| id & 0xffff_ffff).collect();
     assert_eq!(calls.len(), 2, "the requests of one call share its id, and calls differ: {ids:x?}");
+    for worker in workers {
+        worker.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_call_past_the_cluster_s_largest_batch_is_refused_before_anything_is_sent() {
+    let (client, transport, workers) = client(DispatchLayout::TokenMajor, 32).await;
+    client.forward(0, hidden(32)).await.expect("the largest batch itself goes");
+    let sent = transport.request_ids.lock().unwrap().len();
+    let refused = client.forward(0, hidden(33)).await.unwrap_err();
+    match refused {
+        ClientError::InvalidInput { field, reason } => {
+            assert_eq!(field, "hidden");
+            assert!(reason.starts_with("33 tokens exceed the cluster's largest batch, 32 tokens"), "{reason}");
+        }
+        other => panic!("expected the hidden states refused, got {other:?}"),
+    }
+    assert_eq!(transport.request_ids.lock().unwrap().len(), sent, "nothing of the refused call was sent");
     for worker in workers {
         worker.shutdown().await;
     }
