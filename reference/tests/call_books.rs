@@ -35,6 +35,12 @@ struct Recording {
     request_ids: Mutex<Vec<u64>>,
 }
 
+impl Recording {
+    fn request_ids(&self) -> Vec<u64> {
+        self.request_ids.lock().expect("no test panicked holding it").clone()
+    }
+}
+
 impl ExpertTransport for Recording {
     fn forward(
         &self,
@@ -42,7 +48,7 @@ impl ExpertTransport for Recording {
         request: v1::ForwardRequest,
         deadline: Duration,
     ) -> BoxFuture<'static, Result<Answer, ClientError>> {
-        self.request_ids.lock().unwrap().push(request.request_id);
+        self.request_ids.lock().expect("no test panicked holding it").push(request.request_id);
         self.workers.forward(endpoint, request, deadline)
     }
 }
@@ -132,7 +138,7 @@ async fn request_ids_carry_the_process_id_in_their_high_bits() {
     for _ in 0..2 {
         client.forward(0, hidden(8)).await.expect("both workers answer");
     }
-    let ids = transport.request_ids.lock().unwrap().clone();
+    let ids = transport.request_ids();
     assert_eq!(ids.len(), 4, "two calls, two workers each");
     assert!(ids.iter().all(|id| id >> 32 == u64::from(std::process::id())), "{ids:x?}");
     let calls: std::collections::BTreeSet<u64> = ids.iter().map(|id| id & 0xffff_ffff).collect();
@@ -146,7 +152,7 @@ async fn request_ids_carry_the_process_id_in_their_high_bits() {
 async fn a_call_past_the_cluster_s_largest_batch_is_refused_before_anything_is_sent() {
     let (client, transport, workers) = client(DispatchLayout::TokenMajor, 32).await;
     client.forward(0, hidden(32)).await.expect("the largest batch itself goes");
-    let sent = transport.request_ids.lock().unwrap().len();
+    let sent = transport.request_ids().len();
     let refused = client.forward(0, hidden(33)).await.unwrap_err();
     match refused {
         ClientError::InvalidInput { field, reason } => {
@@ -155,7 +161,7 @@ async fn a_call_past_the_cluster_s_largest_batch_is_refused_before_anything_is_s
         }
         other => panic!("expected the hidden states refused, got {other:?}"),
     }
-    assert_eq!(transport.request_ids.lock().unwrap().len(), sent, "nothing of the refused call was sent");
+    assert_eq!(transport.request_ids().len(), sent, "nothing of the refused call was sent");
     for worker in workers {
         worker.shutdown().await;
     }
