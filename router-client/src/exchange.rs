@@ -203,7 +203,6 @@ fn within(deadline: Duration, endpoint: Endpoint, count: usize, answers: ChunkAn
 mod tests {
     use std::sync::Arc;
 
-    use futures::FutureExt;
     use futures::future::BoxFuture;
     use switchyard_proto::v1;
 
@@ -276,10 +275,7 @@ mod tests {
         ) -> ChunkAnswers {
             let ids = requests.iter().map(|request| request.request_id).collect();
             self.streams.lock().unwrap().push((endpoint.to_string(), ids));
-            let answers = requests.into_iter().enumerate().map(|(position, request)| {
-                self.forward(endpoint, request, deadline).map(move |answer| (position, answer))
-            });
-            answers.collect::<futures::stream::FuturesUnordered<_>>().boxed()
+            crate::transport::forward_each(self, endpoint, requests, deadline)
         }
     }
 

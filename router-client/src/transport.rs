@@ -36,7 +36,7 @@ pub type ChunkAnswers = BoxStream<'static, (usize, Result<Answer, ClientError>)>
 
 /// Each of `requests` on its own through `transport.forward`, answers with their positions as
 /// they arrive: [`ExpertTransport::forward_chunks`] where a transport has no streams, or one chunk.
-fn forward_each<T: ExpertTransport + ?Sized>(
+pub(crate) fn forward_each<T: ExpertTransport + ?Sized>(
     transport: &T,
     endpoint: &Endpoint,
     requests: Vec<v1::ForwardRequest>,
