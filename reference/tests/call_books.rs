@@ -2,18 +2,13 @@
 //! requests, rows and bytes both ways, the straggler's time split into its phases, and request ids
 //! that no other client process uses; a call past the cluster's largest batch refused unsent.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
 use switchyard_model::{ExpertId, ModelSpec};
-use switchyard_proto::v1;
 use switchyard_reference::in_process::InProcessTransport;
-use switchyard_router_client::transport::Answer;
-use switchyard_router_client::{
-    ClientError, ClientOptions, DispatchLayout, Endpoint, ExpertTransport, LayerOutput, MoeClient,
-};
+use switchyard_router_client::{ClientError, ClientOptions, DispatchLayout, LayerOutput, MoeClient};
 use tokio::sync::watch;
 
 mod support;
@@ -28,34 +23,12 @@ fn hidden(tokens: usize) -> Vec<f32> {
     (0..tokens * D_MODEL).map(|i| ((i as f32) * 0.61).cos()).collect()
 }
 
-/// In-process workers whose requests' ids are kept.
-#[derive(Debug)]
-struct Recording {
-    workers: InProcessTransport,
-    request_ids: Mutex<Vec<u64>>,
-}
-
-impl Recording {
-    fn request_ids(&self) -> Vec<u64> {
-        self.request_ids.lock().expect("no test panicked holding it").clone()
-    }
-}
-
-impl ExpertTransport for Recording {
-    fn forward(
-        &self,
-        endpoint: &Endpoint,
-        request: v1::ForwardRequest,
-        deadline: Duration,
-    ) -> BoxFuture<'static, Result<Answer, ClientError>> {
-        self.request_ids.lock().expect("no test panicked holding it").push(request.request_id);
-        self.workers.forward(endpoint, request, deadline)
-    }
-}
-
 /// Workers "a" (even experts) and "b" (odd ones), a client over them, and its transport; the
 /// cluster's largest batch is `largest_batch` tokens.
-async fn client(dispatch: DispatchLayout, largest_batch: u32) -> (MoeClient, Arc<Recording>, [Arc<ExpertWorker>; 2]) {
+async fn client(
+    dispatch: DispatchLayout,
+    largest_batch: u32,
+) -> (MoeClient, Arc<support::Observed>, [Arc<ExpertWorker>; 2]) {
     let worker = |parity: u32| {
         let experts = (0..8).filter(|expert| expert % 2 == parity).map(|expert| ExpertId::new(0, expert)).collect();
         support::cpu_worker(model(), experts, 1 << 20, Duration::ZERO)
@@ -65,7 +38,7 @@ async fn client(dispatch: DispatchLayout, largest_batch: u32) -> (MoeClient, Arc
         (Arc::from("a"), ExpertWorkerService::new(a.clone(), "a")),
         (Arc::from("b"), ExpertWorkerService::new(b.clone(), "b")),
     ]);
-    let transport = Arc::new(Recording { workers, request_ids: Mutex::default() });
+    let transport = Arc::new(support::Observed::new(workers, None));
     let mut table = (*support::table(&model(), 1, |expert| vec![if expert % 2 == 0 { "a" } else { "b" }])).clone();
     table.max_batch_tokens = largest_batch;
     let (_tables, receiver) = watch::channel(Some(Arc::new(table)));

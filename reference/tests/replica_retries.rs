@@ -6,16 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
 use switchyard_model::{ExpertId, ModelSpec};
-use switchyard_proto::v1;
 use switchyard_reference::in_process::InProcessTransport;
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
-use switchyard_router_client::transport::Answer;
 use switchyard_router_client::{
-    ClientError, ClientOptions, DispatchLayout, Endpoint, ExpertTransport, MoeClient, RefusalPolicy, RoutingOverrides,
-    RoutingTableView,
+    ClientError, ClientOptions, DispatchLayout, MoeClient, RefusalPolicy, RoutingOverrides, RoutingTableView,
 };
 use tokio::sync::watch;
 
@@ -32,27 +28,6 @@ fn hidden(tokens: usize) -> Vec<f32> {
 /// A worker holding every expert of [`model`] behind queues of `limit` tokens.
 async fn worker(limit: usize) -> Arc<ExpertWorker> {
     support::cpu_worker(model(), (0..8).map(|expert| ExpertId::new(0, expert)).collect(), limit, Duration::ZERO).await
-}
-
-/// In-process workers, of which `stalled` takes every request and never answers.
-#[derive(Debug)]
-struct WithStalled {
-    workers: InProcessTransport,
-    stalled: &'static str,
-}
-
-impl ExpertTransport for WithStalled {
-    fn forward(
-        &self,
-        endpoint: &Endpoint,
-        request: v1::ForwardRequest,
-        deadline: Duration,
-    ) -> BoxFuture<'static, Result<Answer, ClientError>> {
-        match &**endpoint == self.stalled {
-            true => Box::pin(std::future::pending()),
-            false => self.workers.forward(endpoint, request, deadline),
-        }
-    }
 }
 
 /// A table of version `version` whose expert `e` is served by `holders(e)`.
@@ -151,7 +126,7 @@ async fn a_full_queue_with_no_other_holder_fails_the_call_at_once() {
 async fn a_refusal_without_another_holder_does_not_wait_for_the_other_workers() {
     let tiny = worker(1).await;
     let workers = InProcessTransport::new([(Arc::from("tiny"), ExpertWorkerService::new(tiny.clone(), "tiny"))]);
-    let transport = WithStalled { workers, stalled: "stalled" };
+    let transport = support::Observed::new(workers, Some("stalled"));
     let split = table(1, |expert| vec![if expert % 2 == 0 { "stalled" } else { "tiny" }]);
     let (_tables, receiver) = watch::channel(Some(split));
     let options = ClientOptions { timeout: Duration::from_secs(7200), ..ClientOptions::default() };
@@ -171,7 +146,7 @@ async fn a_refusal_without_another_holder_does_not_wait_for_the_other_workers() 
 async fn rows_only_a_stalled_worker_holds_end_the_call_at_the_attempt_timeout() {
     let a = worker(1 << 20).await;
     let workers = InProcessTransport::new([(Arc::from("a"), ExpertWorkerService::new(a.clone(), "a"))]);
-    let transport = WithStalled { workers, stalled: "stalled" };
+    let transport = support::Observed::new(workers, Some("stalled"));
     let holders = table(1, |expert| match expert {
         0 => vec!["a", "stalled"],
         _ if expert % 2 == 0 => vec!["a"],

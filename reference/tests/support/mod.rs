@@ -1,9 +1,12 @@
-//! What the in-process tests share: real workers on the CPU, and routing tables over them.
+//! What the in-process tests share: real workers on the CPU, routing tables over them, and a
+//! transport to them that keeps request ids and can leave one worker stalled.
 // Each test binary uses part of it.
 #![allow(dead_code)]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use switchyard_expert_worker::metrics::WorkerMetrics;
 use switchyard_expert_worker::scheduler::BatchingConfig;
@@ -11,7 +14,8 @@ use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, W
 use switchyard_model::{ExpertId, ModelSpec};
 use switchyard_proto::v1;
 use switchyard_reference::in_process::InProcessTransport;
-use switchyard_router_client::RoutingTableView;
+use switchyard_router_client::transport::Answer;
+use switchyard_router_client::{ClientError, Endpoint, ExpertTransport, RoutingTableView};
 
 /// A one-thread CPU worker holding `experts` of `model`, each behind a queue of `limit` tokens,
 /// whose batcher waits `batch_wait` for more rows before computing.
@@ -75,4 +79,39 @@ pub async fn roomy_and_full(
     ]);
     let even_odd = table(model, 1, |expert| vec![if expert % 2 == 0 { "a" } else { "tiny" }]);
     (Arc::new(transport), even_odd, [served, tiny])
+}
+
+/// In-process workers as the client reaches them, watched: every request's id is kept, and
+/// `stalled` (if named) takes its requests and never answers, as a hung worker would.
+#[derive(Debug)]
+pub struct Observed {
+    workers: InProcessTransport,
+    stalled: Option<&'static str>,
+    request_ids: Mutex<Vec<u64>>,
+}
+
+impl Observed {
+    pub fn new(workers: InProcessTransport, stalled: Option<&'static str>) -> Self {
+        Self { workers, stalled, request_ids: Mutex::default() }
+    }
+
+    /// The ids of every request sent so far, in the order they were sent.
+    pub fn request_ids(&self) -> Vec<u64> {
+        self.request_ids.lock().expect("no test panicked holding it").clone()
+    }
+}
+
+impl ExpertTransport for Observed {
+    fn forward(
+        &self,
+        endpoint: &Endpoint,
+        request: v1::ForwardRequest,
+        deadline: Duration,
+    ) -> BoxFuture<'static, Result<Answer, ClientError>> {
+        self.request_ids.lock().expect("no test panicked holding it").push(request.request_id);
+        match self.stalled == Some(&**endpoint) {
+            true => Box::pin(std::future::pending()),
+            false => self.workers.forward(endpoint, request, deadline),
+        }
+    }
 }
