@@ -274,6 +274,9 @@ mod tests {
         let mut bad_output = request(1, vec![1, 4], 16);
         bad_output.output_dtype = 7;
         assert!(rejection(bad_output).starts_with("output_dtype"));
+        let mut fp8_answers = request(1, vec![1, 4], 16);
+        fp8_answers.output_dtype = v1::Dtype::Fp8E4m3 as i32;
+        assert_eq!(rejection(fp8_answers), "output_dtype: fp8 is a dispatch format; answers are f32, f16 or bf16");
     }
 
     fn token_request(offsets: &[u32], experts: &[u32], weights: &[f32]) -> v1::ForwardRequest {

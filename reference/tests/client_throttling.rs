@@ -4,10 +4,16 @@
 //! exactly as the worker's refusal would have.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures::future::BoxFuture;
 use switchyard_expert_worker::ExpertWorker;
 use switchyard_model::ModelSpec;
-use switchyard_router_client::{ClientError, ClientOptions, LayerOutput, MoeClient, RefusalPolicy};
+use switchyard_proto::v1;
+use switchyard_router_client::transport::Answer;
+use switchyard_router_client::{
+    ClientError, ClientOptions, Endpoint, ExpertTransport, LayerOutput, MoeClient, RefusalPolicy,
+};
 use tokio::sync::watch;
 
 mod support;
@@ -148,5 +154,39 @@ async fn a_call_whose_every_assignment_overflows_returns_zeros() {
     assert!(held_back >= 20, "{held_back} of 60 calls had every assignment overflow");
     for worker in &workers {
         worker.shutdown().await;
+    }
+}
+
+/// A worker that fails every request for a reason other than room.
+#[derive(Debug)]
+struct Broken;
+
+impl ExpertTransport for Broken {
+    fn forward(
+        &self,
+        endpoint: &Endpoint,
+        _request: v1::ForwardRequest,
+        _deadline: Duration,
+    ) -> BoxFuture<'static, Result<Answer, ClientError>> {
+        let error = ClientError::Worker {
+            endpoint: endpoint.to_string(),
+            code: tonic::Code::Internal,
+            message: "broken".into(),
+        };
+        Box::pin(std::future::ready(Err(error)))
+    }
+}
+
+/// Throttling counts only refusals for want of room: a worker failing otherwise says nothing of
+/// its load, so every call is still sent to it and fails with the worker's own error.
+#[tokio::test]
+async fn a_worker_failing_for_another_reason_is_never_throttled() {
+    let (_tables, receiver) = watch::channel(Some(support::table(&model(), 1, |_| vec!["broken"])));
+    let client = MoeClient::with_transport(receiver, ClientOptions::default(), Arc::new(Broken));
+    for call in 0..CALLS {
+        match client.forward(0, varied(64)).await {
+            Err(ClientError::Worker { code: tonic::Code::Internal, .. }) => {}
+            other => panic!("call {call} was not sent to the broken worker: {other:?}"),
+        }
     }
 }

@@ -457,10 +457,11 @@ fn new_request(endpoint: &Arc<str>, dtype: WireDtype) -> PlannedRequest {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn group(expert: u32, tokens: usize) -> ExpertAssignments {
+    /// Expert `expert`'s assignments of the call's first `tokens` tokens, each weighted 1.
+    pub(crate) fn group(expert: u32, tokens: usize) -> ExpertAssignments {
         ExpertAssignments { expert, tokens: (0..tokens as u32).collect(), weights: vec![1.0; tokens], slots: None }
     }
 
@@ -537,7 +538,7 @@ mod tests {
     }
 
     /// A table of the synthetic model whose expert `e` is held by `holders(e)`.
-    fn table(holders: impl Fn(u32) -> Vec<&'static str>) -> RoutingTableView {
+    pub(crate) fn table(holders: impl Fn(u32) -> Vec<&'static str>) -> RoutingTableView {
         let model = switchyard_model::ModelSpec::default_synthetic();
         let routes = (0..model.experts_per_layer)
             .map(|expert| v1::ExpertRoute {

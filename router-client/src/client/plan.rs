@@ -409,3 +409,90 @@ impl CallPlan {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::tests::{group, table};
+
+    /// A throttle that refuses the next call to each of `full`: twenty refusals each, and the one
+    /// call error diffusion lets through after them.
+    fn refusing(full: &[&str]) -> Throttle {
+        let throttle = Throttle::new(2.0);
+        for endpoint in full {
+            let endpoint: Endpoint = Arc::from(*endpoint);
+            for _ in 0..20 {
+                throttle.record(&endpoint, crate::throttle::Verdict::Refused);
+            }
+            assert!(throttle.admit(&endpoint).is_ok(), "the refusal owed is still below one");
+        }
+        throttle
+    }
+
+    fn rows_to(workers: &BTreeMap<Endpoint, Vec<Piece>>) -> Vec<(&str, usize)> {
+        workers.iter().map(|(endpoint, pieces)| (&**endpoint, pieces.iter().map(|p| p.end - p.start).sum())).collect()
+    }
+
+    /// Expert 0's rows, placed on a, move to its other holders when a is throttled; c, which only
+    /// the moved rows reach, is asked too and refuses, so they end on b.
+    #[test]
+    fn held_back_rows_pass_every_throttled_holder_they_reach() {
+        let table = table(|expert| if expert == 0 { vec!["a", "c", "b"] } else { vec!["b"] });
+        let groups = [group(0, 4)];
+        let mut workers = BTreeMap::from([(Endpoint::from("a"), vec![Piece { group: 0, start: 0, end: 4 }])]);
+        let held_back = hold_back_throttled(
+            &refusing(&["a", "c"]),
+            RefusalPolicy::Fail,
+            &groups,
+            &table,
+            0,
+            &mut Choice::default(),
+            &mut workers,
+        )
+        .expect("b takes the rows");
+        assert!(held_back.is_empty());
+        assert_eq!(rows_to(&workers), [("b", 4)]);
+    }
+
+    /// With every holder throttled the rows are held back: the call fails naming the first worker
+    /// refused, or under another policy the rows come back to be treated as refused.
+    #[test]
+    fn rows_no_holder_admits_fail_the_call_or_come_back() {
+        let table = table(|expert| if expert == 0 { vec!["a", "c"] } else { vec!["b"] });
+        let groups = [group(0, 4), group(1, 2)];
+        let placed = || {
+            BTreeMap::from([
+                (Endpoint::from("a"), vec![Piece { group: 0, start: 0, end: 4 }]),
+                (Endpoint::from("b"), vec![Piece { group: 1, start: 0, end: 2 }]),
+            ])
+        };
+        let mut workers = placed();
+        let throttle = refusing(&["a", "c"]);
+        let error = hold_back_throttled(
+            &throttle,
+            RefusalPolicy::Fail,
+            &groups,
+            &table,
+            0,
+            &mut Choice::default(),
+            &mut workers,
+        )
+        .expect_err("no holder of expert 0 admits the call");
+        assert!(matches!(&error, ClientError::Throttled { endpoint, accepts: 0, .. } if endpoint == "a"), "{error:?}");
+
+        let mut workers = placed();
+        let throttle = refusing(&["a", "c"]);
+        let held_back = hold_back_throttled(
+            &throttle,
+            RefusalPolicy::Overflow,
+            &groups,
+            &table,
+            0,
+            &mut Choice::default(),
+            &mut workers,
+        )
+        .expect("overflow");
+        assert_eq!(held_back, [Piece { group: 0, start: 0, end: 4 }]);
+        assert_eq!(rows_to(&workers), [("b", 2)]);
+    }
+}
