@@ -475,6 +475,16 @@ mod tests {
         assert_eq!(snapshot[0].queued_tokens, 6, "expert 0 untouched by the refused request");
         assert_eq!(snapshot[1].queued_tokens, 3);
         assert_eq!(snapshot[1].counters.rejected_tokens, 2);
+        assert_eq!(scheduler.queued_tokens(), 9);
+    }
+
+    #[test]
+    fn a_queue_fills_to_exactly_its_limit() {
+        let scheduler = scheduler_with(&[(0, 4)]);
+        let _kept = scheduler.admit(request(vec![rows(0, 0, 3, 4)])).expect("fits");
+        let _last = scheduler.admit(request(vec![rows(0, 0, 1, 4)])).expect("the limit's last token fits");
+        let error = scheduler.admit(request(vec![rows(0, 0, 1, 4)])).unwrap_err();
+        assert!(matches!(error, WorkerError::QueueFull { queued: 4, limit: 4, requested: 1, .. }), "{error:?}");
     }
 
     #[test]
@@ -544,6 +554,28 @@ mod tests {
         assert_eq!((batches[0].tokens(), batches[0].entries.len()), (5, 2), "both requests in one forward");
     }
 
+    /// A request that fails on its way in (dropped before admission) lets the rows waiting for it
+    /// go at once, not at the wait bound.
+    #[test]
+    fn rows_waiting_for_a_request_that_fails_on_its_way_go_at_once() {
+        let scheduler = Arc::new(Scheduler::new(BatchingConfig { batch_wait: Duration::from_secs(600), ..CONFIG }));
+        scheduler.open_queue(ExpertId::new(0, 0), 4, 100);
+        let failing = scheduler.announce();
+        let _first = scheduler.admit(request(vec![rows(0, 0, 2, 4)])).expect("fits");
+        let (work, next) = std::sync::mpsc::channel();
+        let compute = {
+            let scheduler = scheduler.clone();
+            std::thread::spawn(move || work.send(scheduler.next_work()))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!compute.is_finished(), "the first request's rows wait for the one arriving");
+        drop(failing);
+        let Ok(Work::Step(batches)) = next.recv_timeout(Duration::from_secs(60)) else {
+            panic!("a step once nothing is on its way, long before the ten minutes' bound")
+        };
+        assert_eq!(batches[0].tokens(), 2);
+    }
+
     #[test]
     fn a_full_batch_runs_at_once_and_never_splits_a_request() {
         let scheduler = scheduler_with(&[(0, 100)]);
@@ -559,6 +591,27 @@ mod tests {
         assert_eq!(state.queues[&ExpertId::new(0, 0)].queued_tokens, 3);
     }
 
+    /// Exactly `max_batch_tokens` queued is a full batch: it runs without waiting, in one forward;
+    /// a request larger than a batch runs alone rather than never.
+    #[test]
+    fn a_batch_fills_to_exactly_its_bound_and_a_larger_request_runs_alone() {
+        let scheduler = scheduler_with(&[(0, 100), (1, 100)]);
+        let _receivers: Vec<_> = [(0, 5), (0, 3), (1, 12), (1, 1)]
+            .into_iter()
+            .map(|(expert, tokens)| scheduler.admit(request(vec![rows(0, expert, tokens, 4)])).expect("fits"))
+            .collect();
+        let mut state = scheduler.lock();
+        let start = state.queues[&ExpertId::new(0, 0)].entries[0].enqueued_at;
+        let Decision::Run(batches) = next_step(&mut state.queues, start, CONFIG, true) else {
+            panic!("8 queued tokens of expert 0 are a full batch");
+        };
+        let taken: Vec<_> = batches.iter().map(|batch| (batch.expert.expert, batch.tokens())).collect();
+        assert_eq!(taken, [(0, 8), (1, 12)]);
+        drop(state);
+        let batches: Vec<_> = scheduler.snapshot().iter().map(|queue| queue.counters.batches).collect();
+        assert_eq!(batches, [1, 1]);
+    }
+
     #[test]
     fn abandoned_rows_are_dropped_before_compute() {
         let scheduler = scheduler_with(&[(0, 100)]);
@@ -571,6 +624,7 @@ mod tests {
             panic!("due");
         };
         assert_eq!(batches[0].tokens(), 1);
+        assert_eq!(state.queues[&ExpertId::new(0, 0)].queued_tokens, 0, "the abandoned rows' room is free again");
     }
 
     #[test]
@@ -581,5 +635,22 @@ mod tests {
         assert!(matches!(scheduler.admit(request(vec![rows(0, 0, 1, 4)])), Err(WorkerError::Unavailable(_))));
         assert!(matches!(scheduler.next_work(), Work::Step(batches) if batches[0].tokens() == 1));
         assert!(matches!(scheduler.next_work(), Work::Stop));
+    }
+
+    /// Stopping, queued rows no longer wait for a request on its way: it will be refused.
+    #[test]
+    fn a_stopping_scheduler_drains_without_waiting_for_arrivals() {
+        let scheduler = Arc::new(Scheduler::new(BatchingConfig { batch_wait: Duration::from_secs(600), ..CONFIG }));
+        scheduler.open_queue(ExpertId::new(0, 0), 4, 100);
+        let _arriving = scheduler.announce();
+        let _kept = scheduler.admit(request(vec![rows(0, 0, 1, 4)])).expect("fits");
+        scheduler.stop();
+        let (work, next) = std::sync::mpsc::channel();
+        std::thread::spawn(move || work.send(scheduler.next_work()));
+        let step = next.recv_timeout(Duration::from_secs(60));
+        assert!(
+            matches!(step, Ok(Work::Step(batches)) if batches[0].tokens() == 1),
+            "long before the ten minutes' bound"
+        );
     }
 }
