@@ -216,6 +216,10 @@ mod tests {
         fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
             Poll::Ready(self.0.pop_front().map(|data| Ok(Frame::data(data))))
         }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
     }
 
     fn message(length: u32) -> Frames {
@@ -306,5 +310,27 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().contains("larger than the 4096 bytes"), "{}", status.message());
         assert_eq!(intake.available_bytes(), 4 * 1024);
+        let mut whole = intake.meter(message(4 * 1024), Share::default());
+        assert_eq!(read_all(&mut whole).await.expect("the whole budget is not larger than it"), 5 + 4 * 1024);
+    }
+
+    /// The metered body ends when the body under it has and every byte it kept was handed on.
+    #[tokio::test]
+    async fn the_body_ends_once_every_byte_is_handed_on() {
+        let intake = Intake::new(8 * 1024);
+        let mut one_frame = vec![0u8];
+        one_frame.extend(1024u32.to_be_bytes());
+        one_frame.extend([7u8; 1024]);
+        let mut body = intake.meter(Frames(vec![Bytes::from(one_frame)].into()), Share::default());
+        assert!(!body.is_end_stream());
+        let waker = futures::task::noop_waker();
+        let mut context = Context::from_waker(&waker);
+        let Poll::Ready(Some(Ok(prefix))) = Pin::new(&mut body).poll_frame(&mut context) else {
+            panic!("the prefix is ready")
+        };
+        assert_eq!(prefix.data_ref().map(Bytes::len), Some(5));
+        assert!(!body.is_end_stream(), "the frame's other bytes are kept, still to be handed on");
+        assert_eq!(read_all(&mut body).await.expect("fits"), 1024);
+        assert!(body.is_end_stream());
     }
 }

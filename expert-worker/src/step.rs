@@ -473,6 +473,43 @@ mod tests {
         }
     }
 
+    /// Two requests' sums in progress at once each get only their own parts; a sum whose request
+    /// is gone (no queued part holds its rows) is forgotten, the other kept.
+    #[test]
+    fn sums_in_progress_stay_apart_and_those_of_gone_requests_are_forgotten() {
+        let values = spread_values(3);
+        let (first, second) =
+            (shared_rows(&values, WireDtype::F32, false, 2), shared_rows(&values, WireDtype::F32, false, 2));
+        let part = |shared: &Arc<SharedRows>, index: i64, weight: f32| Gathered {
+            shared: shared.clone(),
+            indices: vec![index],
+            weights: vec![weight],
+        };
+        let mut sums = Sums::new(Device::Cpu);
+        for (gathered, answer) in [(part(&first, 0, 1.0), WireDtype::F32), (part(&second, 1, 2.0), WireDtype::F32)] {
+            assert!(finish(&mut sums, &gathered, Part::Identity, answer).is_none());
+        }
+        let Some(Finished::Answer(have)) = finish(&mut sums, &part(&second, 2, 0.5), Part::Identity, WireDtype::F32)
+        else {
+            panic!("the second request's last part finishes its sum");
+        };
+        assert_eq!(&have[..], bytes_of(&torch_weighted(&second, &[0.0, 2.0, 0.5])), "none of the first's part");
+
+        let third = shared_rows(&values, WireDtype::F32, false, 2);
+        assert!(finish(&mut sums, &part(&third, 0, 1.0), Part::Identity, WireDtype::F32).is_none());
+        assert_eq!(sums.len(), 2);
+        drop(first);
+        sums.forget_orphans();
+        assert_eq!(sums.len(), 1, "the first request's sum is forgotten, the third's kept");
+        assert!(!sums.is_empty());
+        let Some(Finished::Answer(have)) = finish(&mut sums, &part(&third, 1, 1.0), Part::Identity, WireDtype::F32)
+        else {
+            panic!("the third request's sum is still there to finish");
+        };
+        assert_eq!(&have[..], bytes_of(&torch_weighted(&third, &[1.0, 1.0, 0.0])));
+        assert!(sums.is_empty());
+    }
+
     #[test]
     fn a_sum_of_computed_and_identity_parts_adds_both() {
         let values = spread_values(4);

@@ -122,4 +122,48 @@ mod tests {
         // loads [2, 0]: max 2 over mean 1.
         assert_eq!(stats.imbalance, 2.0);
     }
+
+    /// Top-2 of 3 experts with every figure worked by hand, and logits wider than the experts
+    /// (Soft MoE's slot logits): the z-loss takes each token's row whatever its width.
+    #[test]
+    fn hand_computed_top_2_with_wide_logits() {
+        let routing = Routing {
+            tokens: 2,
+            experts: 3,
+            top_k: 2,
+            choices: vec![(1, 0.6), (0, 0.3), (2, 0.5), (1, 0.4)],
+            probabilities: vec![0.3, 0.6, 0.1, 0.1, 0.4, 0.5],
+        };
+        let logits = [0.0, 0.0, 0.0, 0.0, 2.0f32.ln(), 0.0, 0.0, 2.0f32.ln()];
+        let capacity = CapacityOutcome { tokens_per_expert: vec![1, 2, 0], ..CapacityOutcome::default() };
+        let stats = router_stats(&logits, &routing, &capacity);
+        // f = [0, 0.5, 0.5] (first choices 1 and 2), P = [0.2, 0.5, 0.3]: 0.01 * 3 * 0.4.
+        assert!((stats.switch_aux_loss - 0.012).abs() < 1e-7, "{stats:?}");
+        // importance = [0.3, 1.0, 0.5]: mean 0.6, variance 0.26 / 3, over 0.36.
+        assert!((stats.importance_cv2 - 0.26 / 3.0 / 0.36).abs() < 1e-6, "{stats:?}");
+        // logsumexp = ln 4 and ln 6.
+        let expected_z = (4.0f32.ln().powi(2) + 6.0f32.ln().powi(2)) / 2.0;
+        assert!((stats.z_loss - expected_z).abs() < 1e-6, "{stats:?}");
+        // loads [1, 2, 0]: max 2 over mean 1.
+        assert_eq!(stats.imbalance, 2.0);
+
+        let nothing_kept = CapacityOutcome { tokens_per_expert: vec![0; 3], ..CapacityOutcome::default() };
+        assert_eq!(router_stats(&logits, &routing, &nothing_kept).imbalance, 0.0, "no load, no imbalance");
+        assert_eq!(cv_squared(&[0.0; 3]), 0.0);
+    }
+
+    #[test]
+    fn summed_calls_average_to_their_mean() {
+        let stats = |value: f32| RouterStats {
+            switch_aux_loss: value,
+            importance_cv2: 2.0 * value,
+            z_loss: 3.0 * value,
+            imbalance: 4.0 * value,
+        };
+        let mut total = stats(1.0);
+        total += stats(2.0);
+        assert_eq!(total, stats(3.0));
+        assert_eq!(total.mean_of(2), stats(1.5));
+        assert_eq!(total.mean_of(0), total, "no calls counts as one");
+    }
 }
