@@ -429,6 +429,17 @@ mod tests {
         throttle
     }
 
+    /// [`hold_back_throttled`] on layer 0 for a call of its own.
+    fn hold_back(
+        throttle: &Throttle,
+        policy: RefusalPolicy,
+        table: &RoutingTableView,
+        groups: &[ExpertAssignments],
+        workers: &mut BTreeMap<Endpoint, Vec<Piece>>,
+    ) -> Result<Vec<Piece>, ClientError> {
+        hold_back_throttled(throttle, policy, groups, table, 0, &mut Choice::default(), workers)
+    }
+
     fn rows_to(workers: &BTreeMap<Endpoint, Vec<Piece>>) -> Vec<(&str, usize)> {
         workers.iter().map(|(endpoint, pieces)| (&**endpoint, pieces.iter().map(|p| p.end - p.start).sum())).collect()
     }
@@ -440,16 +451,8 @@ mod tests {
         let table = table(|expert| if expert == 0 { vec!["a", "c", "b"] } else { vec!["b"] });
         let groups = [group(0, 4)];
         let mut workers = BTreeMap::from([(Endpoint::from("a"), vec![Piece { group: 0, start: 0, end: 4 }])]);
-        let held_back = hold_back_throttled(
-            &refusing(&["a", "c"]),
-            RefusalPolicy::Fail,
-            &groups,
-            &table,
-            0,
-            &mut Choice::default(),
-            &mut workers,
-        )
-        .expect("b takes the rows");
+        let held_back = hold_back(&refusing(&["a", "c"]), RefusalPolicy::Fail, &table, &groups, &mut workers)
+            .expect("b takes the rows");
         assert!(held_back.is_empty());
         assert_eq!(rows_to(&workers), [("b", 4)]);
     }
@@ -468,30 +471,13 @@ mod tests {
         };
         let mut workers = placed();
         let throttle = refusing(&["a", "c"]);
-        let error = hold_back_throttled(
-            &throttle,
-            RefusalPolicy::Fail,
-            &groups,
-            &table,
-            0,
-            &mut Choice::default(),
-            &mut workers,
-        )
-        .expect_err("no holder of expert 0 admits the call");
+        let error = hold_back(&throttle, RefusalPolicy::Fail, &table, &groups, &mut workers)
+            .expect_err("no holder of expert 0 admits the call");
         assert!(matches!(&error, ClientError::Throttled { endpoint, accepts: 0, .. } if endpoint == "a"), "{error:?}");
 
         let mut workers = placed();
         let throttle = refusing(&["a", "c"]);
-        let held_back = hold_back_throttled(
-            &throttle,
-            RefusalPolicy::Overflow,
-            &groups,
-            &table,
-            0,
-            &mut Choice::default(),
-            &mut workers,
-        )
-        .expect("overflow");
+        let held_back = hold_back(&throttle, RefusalPolicy::Overflow, &table, &groups, &mut workers).expect("overflow");
         assert_eq!(held_back, [Piece { group: 0, start: 0, end: 4 }]);
         assert_eq!(rows_to(&workers), [("b", 2)]);
     }
