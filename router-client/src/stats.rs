@@ -135,7 +135,7 @@ mod tests {
             probabilities: vec![0.3, 0.6, 0.1, 0.1, 0.4, 0.5],
         };
         let logits = [0.0, 0.0, 0.0, 0.0, 2.0f32.ln(), 0.0, 0.0, 2.0f32.ln()];
-        let capacity = CapacityOutcome { tokens_per_expert: vec![1, 2, 0], ..CapacityOutcome::default() };
+        let capacity = CapacityOutcome { tokens_per_expert: vec![1, 2, 1], ..CapacityOutcome::default() };
         let stats = router_stats(&logits, &routing, &capacity);
         // f = [0, 0.5, 0.5] (first choices 1 and 2), P = [0.2, 0.5, 0.3]: 0.01 * 3 * 0.4.
         assert!((stats.switch_aux_loss - 0.012).abs() < 1e-7, "{stats:?}");
@@ -144,12 +144,14 @@ mod tests {
         // logsumexp = ln 4 and ln 6.
         let expected_z = (4.0f32.ln().powi(2) + 6.0f32.ln().powi(2)) / 2.0;
         assert!((stats.z_loss - expected_z).abs() < 1e-6, "{stats:?}");
-        // loads [1, 2, 0]: max 2 over mean 1.
-        assert_eq!(stats.imbalance, 2.0);
+        // loads [1, 2, 1]: max 2 over mean 4/3.
+        assert!((stats.imbalance - 1.5).abs() < 1e-6, "{stats:?}");
 
         let nothing_kept = CapacityOutcome { tokens_per_expert: vec![0; 3], ..CapacityOutcome::default() };
         assert_eq!(router_stats(&logits, &routing, &nothing_kept).imbalance, 0.0, "no load, no imbalance");
         assert_eq!(cv_squared(&[0.0; 3]), 0.0);
+        let no_tokens = Routing { tokens: 0, choices: Vec::new(), probabilities: Vec::new(), ..routing };
+        assert_eq!(router_stats(&[], &no_tokens, &nothing_kept), RouterStats::default());
     }
 
     #[test]
