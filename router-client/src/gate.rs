@@ -243,6 +243,69 @@ mod tests {
         assert_eq!(gate.logits(&[3.0, 4.0, 0.5, -1.0]), [3.0, 8.0, 1.0, 0.5, -2.0, -1.5]);
     }
 
+    /// `hidden · weightsᵀ` one dot product at a time: `[tokens, rows]`.
+    fn naive_products(hidden: &[f32], weights: &[f32], d_model: usize) -> Vec<f32> {
+        hidden
+            .chunks_exact(d_model)
+            .flat_map(|token| weights.chunks_exact(d_model).map(move |row| dot(token, row)))
+            .collect()
+    }
+
+    fn assert_close(have: &[f32], want: &[f32], what: &str) {
+        assert_eq!(have.len(), want.len(), "{what}");
+        for (index, (have, want)) in have.iter().zip(want).enumerate() {
+            assert!((have - want).abs() <= 1e-5 * want.abs().max(1.0), "{what}[{index}]: {have} vs {want}");
+        }
+    }
+
+    /// Every product a synthetic gate makes is its seeded weights' dot products: the noise logits,
+    /// Soft MoE's slot logits (for a second slot count too), the shared experts' sigmoid gates.
+    #[test]
+    fn a_synthetic_gate_s_products_are_its_seeded_weights_dot_products() {
+        let spec = ModelSpec {
+            d_model: 12,
+            experts_per_layer: 4,
+            shared_experts: 2,
+            shared_expert_gate: true,
+            ..ModelSpec::default_synthetic()
+        };
+        let (layer, d_model, experts) = (1, 12, 4);
+        let hidden: Vec<f32> = (0..3 * d_model as usize).map(spread).collect();
+        let gate = Gate::synthetic(&spec, layer);
+        assert_eq!(gate.d_model(), 12);
+        assert_eq!(gate.correction_bias(), Some(&synthetic::gate_bias(spec.seed, layer, experts)[..]));
+        let noise = synthetic::gate_noise_weights(spec.seed, layer, experts, d_model);
+        let noise_logits = gate.noise_logits(&hidden).expect("a synthetic gate has noise weights");
+        assert_close(&noise_logits, &naive_products(&hidden, &noise, 12), "noise logits");
+        for slots in [2, 3] {
+            let phi = synthetic::soft_slot_weights(spec.seed, layer, experts, slots, d_model);
+            let want = naive_products(&hidden, &phi, 12);
+            assert_close(&gate.slot_logits(&hidden, slots as usize), &want, &format!("{slots} slots' logits"));
+        }
+        let shared = synthetic::shared_gate_weights(spec.seed, layer, 2, d_model);
+        let sigmoid: Vec<f32> =
+            naive_products(&hidden, &shared, 12).iter().map(|logit| 1.0 / (1.0 + (-logit).exp())).collect();
+        assert_close(&gate.shared_weights(&hidden, 2), &sigmoid, "shared experts' gates");
+
+        let ungated = Gate::synthetic(&ModelSpec { shared_expert_gate: false, ..spec.clone() }, layer);
+        assert_eq!(ungated.shared_weights(&hidden, 2), [1.0; 6], "ungated shared experts weigh 1");
+        let none_shared = Gate::synthetic(&ModelSpec { shared_experts: 0, ..spec }, layer);
+        assert_eq!(none_shared.shared_weights(&hidden, 1), [1.0; 3]);
+    }
+
+    /// A checkpoint's router (no slot parameters) gives each of expert e's slots its router row;
+    /// a learned logit bias is added to every token's logits.
+    #[test]
+    fn a_router_s_slots_use_its_expert_rows_and_its_bias_is_added() {
+        let weights = vec![1.0, 0.0, 0.0, 2.0, -1.0, 1.0];
+        let hidden = [3.0, 4.0, 0.5, -1.0];
+        let mut gate = Gate::from_weights(weights, 3, 2);
+        assert_eq!(gate.slot_logits(&hidden, 2), [3.0, 3.0, 8.0, 8.0, 1.0, 1.0, 0.5, 0.5, -2.0, -2.0, -1.5, -1.5]);
+        assert_eq!(gate.noise_logits(&hidden), None);
+        gate.logit_bias = Some(vec![0.5, -1.0, 2.0]);
+        assert_eq!(gate.logits(&hidden), [3.5, 7.0, 3.0, 1.0, -3.0, 0.5]);
+    }
+
     #[test]
     fn the_gemm_equals_the_token_by_token_dot_products() {
         // Odd sizes, no multiple of a SIMD width or a kernel block: 37 tokens, d_model 19, 5 experts.

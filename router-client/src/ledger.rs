@@ -420,6 +420,121 @@ mod tests {
         assert_eq!(response_compute(&absurd), Duration::from_micros(u64::MAX), "a worker's figures saturate");
     }
 
+    /// A worker's share of a call with every field its own value, scaled by `scale`.
+    fn full_call(scale: u32) -> WorkerCall {
+        let (n, us) = (u64::from(scale), |micros: u32| Duration::from_micros(u64::from(micros * scale)));
+        WorkerCall {
+            endpoint: Arc::from("a"),
+            requests: 2 * scale as usize,
+            rows: 3 * scale as usize,
+            bytes: ByteCounts {
+                payload_sent: 400 * n,
+                payload_received: 300 * n,
+                message_sent: 410 * n,
+                message_received: 310 * n,
+            },
+            encode: us(5),
+            decode: us(6),
+            combine: us(7),
+            rpc: us(100),
+            dispatch: us(20),
+            combine_transfer: us(30),
+            queue_wait: us(8),
+            compute: us(9),
+            ..WorkerCall::default()
+        }
+    }
+
+    /// Each field of a pair is the sum of its calls' (also once a later ledger is absorbed), and
+    /// its per-call mean that sum over the calls.
+    #[test]
+    fn every_field_of_a_pair_sums_over_its_calls_and_averages_per_call() {
+        let mut ledger = CommLedger::default();
+        ledger.record(0, &[full_call(1)]);
+        let mut later = CommLedger::default();
+        later.record(0, &[full_call(2)]);
+        later.record(0, &[full_call(3)]);
+        ledger.absorb(later);
+        let mut want = PairTotals {
+            calls: 3,
+            straggler_calls: 3,
+            straggler_margin: Duration::from_micros(600),
+            ..Default::default()
+        };
+        for scale in 1..=3 {
+            let call = full_call(scale);
+            want.requests += call.requests as u64;
+            want.rows += call.rows as u64;
+            want.bytes += call.bytes;
+            (want.encode, want.decode, want.combine) =
+                (want.encode + call.encode, want.decode + call.decode, want.combine + call.combine);
+            (want.rpc, want.dispatch) = (want.rpc + call.rpc, want.dispatch + call.dispatch);
+            want.combine_transfer += call.combine_transfer;
+            (want.queue_wait, want.compute) = (want.queue_wait + call.queue_wait, want.compute + call.compute);
+        }
+        let pair = &ledger.pairs[&(0, "a".to_owned())];
+        assert_eq!(pair, &want);
+        assert_eq!((pair.requests, pair.rows, pair.bytes.message_received), (12, 18, 1860));
+        assert_eq!(
+            pair.per_call(),
+            PairMeans {
+                requests: 4.0,
+                rows: 6.0,
+                payload_sent: 800,
+                payload_received: 600,
+                message_sent: 820,
+                message_received: 620,
+                socket_sent: 0,
+                socket_received: 0,
+                encode_us: 10.0,
+                decode_us: 12.0,
+                combine_us: 14.0,
+                rpc_us: 200.0,
+                dispatch_us: 40.0,
+                combine_transfer_us: 60.0,
+                queue_wait_us: 16.0,
+                compute_us: 18.0,
+                straggler_margin_us: 200.0,
+            }
+        );
+        let mut socket = ledger.clone();
+        socket.set_socket_bytes(0, "a", 3000, 1500);
+        let means = socket.rows()[0].means;
+        assert_eq!((means.socket_sent, means.socket_received), (1000, 500));
+        assert_eq!(PairTotals::default().per_call(), PairMeans::default(), "no calls: zeros, not a division by zero");
+    }
+
+    /// Each answer adds its encoded size; the dispatch and combine spans run from the earliest
+    /// start to the latest end over the worker's requests, leaving out an answer missing a stamp.
+    #[test]
+    fn answers_add_their_bytes_and_widen_the_transfer_spans() {
+        let stamps = |sent: u64, received: u64, replied: u64, answered: u64| {
+            let response = v1::ForwardResponse {
+                received_unix_nanos: received,
+                replied_unix_nanos: replied,
+                worker_us: 1,
+                ..Default::default()
+            };
+            let rpc =
+                RpcTiming { elapsed: Duration::from_micros(9), sent_unix_nanos: sent, answered_unix_nanos: answered };
+            (response, rpc)
+        };
+        let (mut call, mut messages) = (WorkerCall::default(), 0);
+        for (sent, received, replied, answered) in
+            [(1_000, 5_000, 9_000, 12_000), (2_000, 7_000, 8_000, 10_000), (0, 99_000, 99_500, 99_900)]
+        {
+            let (response, rpc) = stamps(sent, received, replied, answered);
+            call.record_answer(&response, &rpc);
+            messages += prost::Message::encoded_len(&response) as u64 + GRPC_FRAME_PREFIX;
+        }
+        assert_eq!(call.bytes.message_received, messages, "each answer adds its encoded size and gRPC's prefix");
+        assert_eq!(call.dispatch_span(), Duration::from_nanos(6_000), "1 µs sent → 7 µs received");
+        assert_eq!(call.combine_span(), Duration::from_nanos(4_000), "8 µs replied → 12 µs answered");
+        assert_eq!(call.dispatch, Duration::from_nanos(5_000), "the slowest request's own transfer");
+        assert_eq!(call.combine_transfer, Duration::from_nanos(3_000));
+        assert_eq!(WorkerCall::default().dispatch_span(), Duration::ZERO, "no answer, no span");
+    }
+
     #[test]
     fn the_straggler_is_the_slowest_worker_and_its_margin_is_over_the_runner_up() {
         let mut ledger = CommLedger::default();
@@ -472,5 +587,14 @@ mod tests {
         assert_eq!(socket(1, "a"), (251, 250), "the rest, rounding included");
         assert_eq!(socket(1, "b"), (70, 30), "a worker of one layer has them whole");
         assert_eq!(socket(0, "unseen"), (5, 6), "a worker with no calls: the fallback layer");
+        let rows: Vec<_> =
+            ledger.rows().into_iter().map(|row| (row.layer, row.worker, row.means.socket_sent)).collect();
+        assert_eq!(
+            rows,
+            [(0, "a".into(), 750), (0, "unseen".into(), 5), (1, "a".into(), 251), (1, "b".into(), 70)],
+            "a row per pair, in (layer, worker) order"
+        );
+        let by_worker = BTreeMap::from([("a".to_owned(), 2), ("b".to_owned(), 1), ("unseen".to_owned(), 0)]);
+        assert_eq!(ledger.rows_by_worker(), by_worker, "a's rows summed over its layers");
     }
 }
