@@ -362,6 +362,9 @@ mod tests {
         assert_eq!((routed.groups[0].expert, routed.groups[0].tokens.clone()), (0, vec![0, 2]));
         assert_eq!((routed.groups[1].expert, routed.groups[1].tokens.clone()), (1, vec![1]));
         assert_eq!(routed.groups[0].weights, [1.0, 1.0]);
+        let summary = RoutingSummary::from_routed(&routed);
+        assert_eq!((summary.tokens, summary.assignments, summary.capacity, summary.dropped), (3, 3, 2, 0));
+        assert_eq!((summary.tokens_per_expert, summary.stats), (vec![2, 1], routed.stats));
     }
 
     #[test]
@@ -382,5 +385,67 @@ mod tests {
         for fine in [CapacityPolicy::Factor(1.25), CapacityPolicy::PerSequence(4), CapacityPolicy::Dropless] {
             assert_eq!(config(fine).check_call(8), Ok(()), "{fine}");
         }
+        let sequences = |sequence_tokens| RoutingConfig { sequence_tokens, ..config(CapacityPolicy::Dropless) };
+        assert_eq!(
+            sequences(Some(0)).check_call(8).expect_err("refused").to_string(),
+            "sequence_tokens: must be positive"
+        );
+        assert_eq!(
+            sequences(Some(3)).check_call(8).expect_err("refused").to_string(),
+            "hidden: 8 tokens are not a whole number of sequences of 3 tokens"
+        );
+        assert_eq!(sequences(Some(4)).check_call(8), Ok(()));
+    }
+
+    #[test]
+    fn a_call_off_the_model_s_layers_or_widths_is_refused_naming_it() {
+        let model = ModelSpec { moe_layers: vec![1, 3], d_model: 4, ..ModelSpec::default_synthetic() };
+        let refusal =
+            |layer, values: usize| check_call(&model, layer, &vec![0.5; values]).expect_err("refused").to_string();
+        assert_eq!(refusal(2, 8), "layer: 2 is not a MoE layer of synthetic; its MoE layers are [1, 3]");
+        assert_eq!(refusal(1, 0), "hidden: 0 values is not a positive multiple of d_model 4");
+        assert_eq!(refusal(3, 6), "hidden: 6 values is not a positive multiple of d_model 4");
+        assert_eq!(check_call(&model, 3, &[0.5; 8]), Ok(()));
+    }
+
+    /// Token groups gather their tokens' rows and add `weight · row` back to them; Soft MoE's slot
+    /// groups hand on their slot inputs and add every token's combine weight of each slot.
+    #[test]
+    fn groups_gather_their_rows_and_combine_their_outputs() {
+        let hidden = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let tokens = ExpertAssignments { expert: 0, tokens: vec![0, 2], weights: vec![0.5, 2.0], slots: None };
+        assert_eq!(tokens.rows(2), 2);
+        let mut rows = Vec::new();
+        tokens.input_rows(&hidden, 2, 0..2, &mut rows);
+        tokens.input_rows(&hidden, 2, 1..2, &mut rows);
+        assert_eq!(rows, [1.0, 2.0, 5.0, 6.0, 5.0, 6.0]);
+
+        let slots = ExpertAssignments {
+            expert: 1,
+            tokens: Vec::new(),
+            weights: Vec::new(),
+            slots: Some(SlotRows { first_slot: 2, inputs: vec![7.0, 8.0, 9.0, 10.0] }),
+        };
+        assert_eq!(slots.rows(2), 2);
+        let mut slot_rows = Vec::new();
+        slots.input_rows(&hidden, 2, 1..2, &mut slot_rows);
+        assert_eq!(slot_rows, [9.0, 10.0]);
+
+        // Two tokens, two experts of two slots: C is [tokens, 4].
+        let routing = Routing { tokens: 2, experts: 2, top_k: 0, choices: Vec::new(), probabilities: Vec::new() };
+        let routed = Routed {
+            logits: Vec::new(),
+            routing,
+            capacity: CapacityOutcome::default(),
+            groups: Vec::new(),
+            stats: RouterStats::default(),
+            soft_combine: Some(vec![0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]),
+        };
+        let mut output = vec![1.0; 4];
+        routed.combine_rows(&slots, 1..2, &[1.0, 10.0], 2, &mut output);
+        assert_eq!(output, [1.5, 6.0, 2.0, 11.0], "each token's weight of expert 1's second slot (column 3)");
+        let mut output = vec![0.0; 6];
+        routed.combine_rows(&tokens, 0..2, &[1.0, 1.0, 2.0, 4.0], 2, &mut output);
+        assert_eq!(output, [0.5, 0.5, 0.0, 0.0, 4.0, 8.0]);
     }
 }
