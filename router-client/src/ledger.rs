@@ -582,6 +582,14 @@ mod tests {
         ledger.set_socket_bytes(0, "a", 1001, 500);
         ledger.set_socket_bytes(0, "b", 70, 30);
         ledger.set_socket_bytes(0, "unseen", 5, 6);
+        let mut silent = ledger.clone();
+        silent.record(0, &[call("z", 1, 1)]);
+        silent.record(1, &[call("z", 1, 1)]);
+        silent.set_socket_bytes(0, "z", 100, 9);
+        let z = |layer: u32| {
+            (silent.pairs[&(layer, "z".to_owned())].socket_sent, silent.pairs[&(layer, "z".to_owned())].socket_received)
+        };
+        assert_eq!((z(0), z(1)), ((50, 4), (50, 5)), "no message bytes to weigh by: equal shares");
         let socket = |layer: u32, worker: &str| {
             let pair = &ledger.pairs[&(layer, worker.to_owned())];
             (pair.socket_sent, pair.socket_received)

@@ -367,6 +367,41 @@ mod tests {
         assert_eq!((summary.tokens_per_expert, summary.stats), (vec![2, 1], routed.stats));
     }
 
+    /// Shared experts, numbered after the routed ones, take every token, each weighted by its own
+    /// column of the shared gates.
+    #[test]
+    fn shared_experts_follow_the_routed_ones_with_every_token() {
+        let spec = ModelSpec {
+            d_model: 4,
+            experts_per_layer: 3,
+            top_k: 1,
+            shared_experts: 2,
+            shared_expert_gate: true,
+            ..ModelSpec::default_synthetic()
+        };
+        let gate = Gate::synthetic(&spec, 0);
+        let hidden: Vec<f32> = (0..3 * 4).map(|i| (i as f32 * 0.37).sin()).collect();
+        let config = RoutingConfig { capacity: CapacityPolicy::Dropless, ..RoutingConfig::for_model(&spec) };
+        let (logits, routing) = gate_and_route(&gate, &hidden, config);
+        let routed = assign(&gate, &hidden, logits, routing, config);
+        let shared_weights = gate.shared_weights(&hidden, 2);
+        let shared: Vec<_> = routed.groups.iter().filter(|group| group.expert >= 3).collect();
+        assert_eq!(shared.len(), 2);
+        for (index, group) in shared.iter().enumerate() {
+            assert_eq!((group.expert, group.tokens.clone()), (3 + index as u32, vec![0, 1, 2]));
+            let column: Vec<f32> = (0..3).map(|token| shared_weights[token * 2 + index]).collect();
+            assert_eq!(group.weights, column, "shared expert {index}'s gates");
+        }
+        let routed_only = assign(
+            &gate,
+            &hidden,
+            routed.logits.clone(),
+            routed.routing.clone(),
+            RoutingConfig { shared_experts: 0, ..config },
+        );
+        assert!(routed_only.groups.iter().all(|group| group.expert < 3));
+    }
+
     #[test]
     fn a_call_with_no_room_or_no_number_for_a_capacity_is_refused_naming_it() {
         let config = |capacity| RoutingConfig {
@@ -429,7 +464,8 @@ mod tests {
         assert_eq!(slots.rows(2), 2);
         let mut slot_rows = Vec::new();
         slots.input_rows(&hidden, 2, 1..2, &mut slot_rows);
-        assert_eq!(slot_rows, [9.0, 10.0]);
+        slots.input_rows(&hidden, 2, 0..1, &mut slot_rows);
+        assert_eq!(slot_rows, [9.0, 10.0, 7.0, 8.0]);
 
         // Two tokens, two experts of two slots: C is [tokens, 4].
         let routing = Routing { tokens: 2, experts: 2, top_k: 0, choices: Vec::new(), probabilities: Vec::new() };

@@ -85,3 +85,34 @@ impl AddAssign for ByteCounts {
         self.message_received += other.message_received;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breakdown(micros: u64) -> TimeBreakdown {
+        let phase = |n: u64| Duration::from_micros(micros * n);
+        TimeBreakdown {
+            gate: phase(1),
+            plan: phase(2),
+            encode: phase(3),
+            network: phase(4),
+            queue_wait: phase(5),
+            compute: phase(6),
+            decode: phase(7),
+            combine: phase(8),
+            wall: phase(40),
+        }
+    }
+
+    #[test]
+    fn summed_calls_average_to_their_mean_phase_by_phase() {
+        let mut total = breakdown(10);
+        total += breakdown(20);
+        assert_eq!(total, breakdown(30));
+        assert_eq!(total.mean_of(3), breakdown(10));
+        assert_eq!(total.mean_of(0), total, "no calls counts as one");
+        let phases: Vec<u64> = total.phases().iter().map(|phase| phase.as_micros() as u64).collect();
+        assert_eq!(phases, [30, 60, 90, 120, 150, 180, 210, 240], "in the order of PHASES");
+    }
+}
