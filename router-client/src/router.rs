@@ -402,6 +402,55 @@ mod tests {
         assert!(routed_only.groups.iter().all(|group| group.expert < 3));
     }
 
+    /// Soft MoE: each expert's group holds its slots' inputs `Dᵀ X` (D the dispatch weights,
+    /// a softmax over tokens per slot), every slot counts as filled, and C is kept to combine.
+    #[test]
+    fn soft_moe_groups_hold_each_expert_s_slot_inputs() {
+        let spec = ModelSpec { d_model: 4, experts_per_layer: 2, ..ModelSpec::default_synthetic() };
+        let (tokens, slots, d_model) = (3, 2, 4);
+        let gate = Gate::synthetic(&spec, 0);
+        let hidden: Vec<f32> = (0..tokens * d_model).map(|i| (i as f32 * 0.61).cos()).collect();
+        let config = RoutingConfig { policy: RoutingPolicy::SoftMoe { slots }, ..RoutingConfig::for_model(&spec) };
+        let (logits, routing) = gate_and_route(&gate, &hidden, config);
+        assert_eq!(logits, gate.slot_logits(&hidden, slots));
+        let routed = assign(&gate, &hidden, logits.clone(), routing, config);
+        let weights = soft::weights(&logits, tokens);
+        assert_eq!(routed.soft_combine.as_deref(), Some(&weights.combine[..]));
+        assert_eq!((routed.capacity.capacity, routed.capacity.tokens_per_expert.clone()), (2, vec![2, 2]));
+        assert_eq!(routed.groups.len(), 2);
+        for (expert, group) in routed.groups.iter().enumerate() {
+            let rows = group.slots.as_ref().expect("slot rows");
+            assert_eq!((group.expert, rows.first_slot), (expert as u32, expert * slots));
+            for slot in 0..slots {
+                let column = expert * slots + slot;
+                for feature in 0..d_model {
+                    let want: f32 = (0..tokens)
+                        .map(|token| weights.dispatch[token * 2 * slots + column] * hidden[token * d_model + feature])
+                        .sum();
+                    let have = rows.inputs[slot * d_model + feature];
+                    assert!((have - want).abs() < 1e-6, "expert {expert} slot {slot} [{feature}]: {have} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// Expert choice: each expert takes its capacity's worth of tokens, a dropless model an even
+    /// share.
+    #[test]
+    fn under_expert_choice_each_expert_takes_its_capacity_of_tokens() {
+        let spec = ModelSpec { d_model: 4, experts_per_layer: 2, ..ModelSpec::default_synthetic() };
+        let gate = Gate::synthetic(&spec, 0);
+        let hidden: Vec<f32> = (0..6 * 4).map(|i| (i as f32 * 0.61).cos()).collect();
+        for (capacity, taken) in [(CapacityPolicy::Factor(0.5), 2), (CapacityPolicy::Dropless, 3)] {
+            let config =
+                RoutingConfig { policy: RoutingPolicy::ExpertChoice, capacity, ..RoutingConfig::for_model(&spec) };
+            let (logits, routing) = gate_and_route(&gate, &hidden, config);
+            let routed = assign(&gate, &hidden, logits, routing, config);
+            assert_eq!(routed.capacity.tokens_per_expert, [taken, taken], "{capacity}");
+            assert!(routed.groups.iter().all(|group| group.tokens.len() == taken as usize), "{capacity}");
+        }
+    }
+
     #[test]
     fn a_call_with_no_room_or_no_number_for_a_capacity_is_refused_naming_it() {
         let config = |capacity| RoutingConfig {
