@@ -435,12 +435,12 @@ mod tests {
     }
 
     /// Expert choice: each expert takes its capacity's worth of tokens, a dropless model an even
-    /// share.
+    /// share, even though every token would choose expert 0.
     #[test]
     fn under_expert_choice_each_expert_takes_its_capacity_of_tokens() {
         let spec = ModelSpec { d_model: 4, experts_per_layer: 2, ..ModelSpec::default_synthetic() };
-        let gate = Gate::synthetic(&spec, 0);
-        let hidden: Vec<f32> = (0..6 * 4).map(|i| (i as f32 * 0.61).cos()).collect();
+        let gate = Gate::from_weights(vec![1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0], 2, 4);
+        let hidden: Vec<f32> = (0..6 * 4).map(|i| if i % 4 == 0 { 1.0 + i as f32 } else { 0.0 }).collect();
         for (capacity, taken) in [(CapacityPolicy::Factor(0.5), 2), (CapacityPolicy::Dropless, 3)] {
             let config =
                 RoutingConfig { policy: RoutingPolicy::ExpertChoice, capacity, ..RoutingConfig::for_model(&spec) };
