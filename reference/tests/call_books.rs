@@ -90,15 +90,20 @@ async fn each_worker_is_booked_its_rows_and_bytes_both_ways_and_the_straggler_s_
     for dispatch in [DispatchLayout::TokenMajor, DispatchLayout::ExpertMajor] {
         let (client, _transport, workers) = client(dispatch, 1 << 20).await;
         let mut tails = 0;
-        for tokens in [256, 1024] {
+        // Where the async task notices the last answer late (a loaded machine), the pool may have
+        // summed it already and the call has no tail to split: more calls then, until one has.
+        for tokens in [256, 1024].into_iter().chain(std::iter::repeat_n(1024, 30)) {
             let output = client.forward(0, hidden(tokens)).await.expect("both workers answer");
             let endpoints: Vec<&str> = output.workers.iter().map(|call| &*call.endpoint).collect();
             assert_eq!(endpoints, ["a", "b"]);
             assert_bytes_balance(&output, dispatch);
             assert_times_add_up(&output);
             tails += usize::from(output.timing.decode + output.timing.combine >= Duration::from_micros(20));
+            if tails > 0 && tokens == 1024 {
+                break;
+            }
         }
-        assert!(tails > 0, "{dispatch:?}: some summing came after the last answer");
+        assert!(tails > 0, "{dispatch:?}: some summing came after the last answer in 32 calls");
         for worker in workers {
             worker.shutdown().await;
         }
