@@ -428,6 +428,8 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc;
+
     use super::*;
     use crate::request::ExpertRowsIn;
 
@@ -454,6 +456,17 @@ mod tests {
             scheduler.open_queue(ExpertId::new(0, *expert), 4, *limit);
         }
         scheduler
+    }
+
+    /// The compute thread's next work, asked on a thread of its own: the thread, and where the
+    /// work comes out (a test that waits on it bounds the wait, so a hang fails rather than stalls).
+    fn next_work_on_a_thread(scheduler: &Arc<Scheduler>) -> (std::thread::JoinHandle<()>, mpsc::Receiver<Work>) {
+        let (work, next) = mpsc::channel();
+        let scheduler = scheduler.clone();
+        let compute = std::thread::spawn(move || {
+            let _ = work.send(scheduler.next_work());
+        });
+        (compute, next)
     }
 
     #[test]
@@ -536,21 +549,28 @@ mod tests {
         assert_eq!(batches[0].tokens(), 2);
     }
 
-    #[test]
-    fn rows_wait_while_a_request_arrives_and_go_when_it_is_admitted() {
-        let scheduler = Arc::new(Scheduler::new(BatchingConfig { batch_wait: Duration::from_secs(60), ..CONFIG }));
+    /// Queued rows with a request on its way and a ten-minute wait bound: they wait while it is,
+    /// and the step comes as soon as it ends, admitted (`admitted_tokens`) or failed (`None`).
+    fn rows_waiting_for_an_arrival(admitted_tokens: Option<usize>) -> Vec<Batch> {
+        let scheduler = Arc::new(Scheduler::new(BatchingConfig { batch_wait: Duration::from_secs(600), ..CONFIG }));
         scheduler.open_queue(ExpertId::new(0, 0), 4, 100);
-        let second = scheduler.announce();
-        let _first = scheduler.admit(request(vec![rows(0, 0, 2, 4)])).expect("fits");
-        let compute = {
-            let scheduler = scheduler.clone();
-            std::thread::spawn(move || scheduler.next_work())
-        };
+        let arriving = scheduler.announce();
+        let first = scheduler.admit(request(vec![rows(0, 0, 2, 4)])).expect("fits");
+        let (compute, next) = next_work_on_a_thread(&scheduler);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!compute.is_finished(), "the first request's rows wait for the one arriving");
-        let _second = scheduler.admit(request(vec![rows(0, 0, 3, 4)])).expect("fits");
-        drop(second);
-        let Ok(Work::Step(batches)) = compute.join() else { panic!("a step, long before the minute's bound") };
+        let second = admitted_tokens.map(|tokens| scheduler.admit(request(vec![rows(0, 0, tokens, 4)])).expect("fits"));
+        drop(arriving);
+        let Ok(Work::Step(batches)) = next.recv_timeout(Duration::from_secs(60)) else {
+            panic!("a step once nothing is on its way, long before the ten minutes' bound")
+        };
+        drop((first, second));
+        batches
+    }
+
+    #[test]
+    fn rows_wait_while_a_request_arrives_and_go_when_it_is_admitted() {
+        let batches = rows_waiting_for_an_arrival(Some(3));
         assert_eq!((batches[0].tokens(), batches[0].entries.len()), (5, 2), "both requests in one forward");
     }
 
@@ -558,22 +578,7 @@ mod tests {
     /// go at once, not at the wait bound.
     #[test]
     fn rows_waiting_for_a_request_that_fails_on_its_way_go_at_once() {
-        let scheduler = Arc::new(Scheduler::new(BatchingConfig { batch_wait: Duration::from_secs(600), ..CONFIG }));
-        scheduler.open_queue(ExpertId::new(0, 0), 4, 100);
-        let failing = scheduler.announce();
-        let _first = scheduler.admit(request(vec![rows(0, 0, 2, 4)])).expect("fits");
-        let (work, next) = std::sync::mpsc::channel();
-        let compute = {
-            let scheduler = scheduler.clone();
-            std::thread::spawn(move || work.send(scheduler.next_work()))
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!compute.is_finished(), "the first request's rows wait for the one arriving");
-        drop(failing);
-        let Ok(Work::Step(batches)) = next.recv_timeout(Duration::from_secs(60)) else {
-            panic!("a step once nothing is on its way, long before the ten minutes' bound")
-        };
-        assert_eq!(batches[0].tokens(), 2);
+        assert_eq!(rows_waiting_for_an_arrival(None)[0].tokens(), 2);
     }
 
     #[test]
@@ -645,8 +650,7 @@ mod tests {
         let _arriving = scheduler.announce();
         let _kept = scheduler.admit(request(vec![rows(0, 0, 1, 4)])).expect("fits");
         scheduler.stop();
-        let (work, next) = std::sync::mpsc::channel();
-        std::thread::spawn(move || work.send(scheduler.next_work()));
+        let (_compute, next) = next_work_on_a_thread(&scheduler);
         let step = next.recv_timeout(Duration::from_secs(60));
         assert!(
             matches!(step, Ok(Work::Step(batches)) if batches[0].tokens() == 1),
