@@ -549,11 +549,18 @@ mod tests {
         assert_eq!(batches[0].tokens(), 2);
     }
 
+    /// Expert 0's queue of 100 tokens, whose rows wait ten minutes for more while a request is on
+    /// its way: long past any test, so that a step which comes shows something other than the bound.
+    fn patient_scheduler() -> Arc<Scheduler> {
+        let scheduler = Arc::new(Scheduler::new(BatchingConfig { batch_wait: Duration::from_secs(600), ..CONFIG }));
+        scheduler.open_queue(ExpertId::new(0, 0), 4, 100);
+        scheduler
+    }
+
     /// Queued rows with a request on its way and a ten-minute wait bound: they wait while it is,
     /// and the step comes as soon as it ends, admitted (`admitted_tokens`) or failed (`None`).
     fn rows_waiting_for_an_arrival(admitted_tokens: Option<usize>) -> Vec<Batch> {
-        let scheduler = Arc::new(Scheduler::new(BatchingConfig { batch_wait: Duration::from_secs(600), ..CONFIG }));
-        scheduler.open_queue(ExpertId::new(0, 0), 4, 100);
+        let scheduler = patient_scheduler();
         let arriving = scheduler.announce();
         let first = scheduler.admit(request(vec![rows(0, 0, 2, 4)])).expect("fits");
         let (compute, next) = next_work_on_a_thread(&scheduler);
@@ -645,8 +652,7 @@ mod tests {
     /// Stopping, queued rows no longer wait for a request on its way: it will be refused.
     #[test]
     fn a_stopping_scheduler_drains_without_waiting_for_arrivals() {
-        let scheduler = Arc::new(Scheduler::new(BatchingConfig { batch_wait: Duration::from_secs(600), ..CONFIG }));
-        scheduler.open_queue(ExpertId::new(0, 0), 4, 100);
+        let scheduler = patient_scheduler();
         let _arriving = scheduler.announce();
         let _kept = scheduler.admit(request(vec![rows(0, 0, 1, 4)])).expect("fits");
         scheduler.stop();

@@ -314,14 +314,7 @@ mod tests {
         let hidden: Vec<f32> = (0..tokens * d_model).map(value).collect();
         let weights: Vec<f32> = (0..experts * d_model).map(|i| value(i + 13)).collect();
         let gate = Gate::from_weights(weights.clone(), experts, d_model);
-        let logits = gate.logits(&hidden);
-        assert_eq!(logits.len(), tokens * experts);
-        for (t, token) in hidden.chunks_exact(d_model).enumerate() {
-            for (e, row) in weights.chunks_exact(d_model).enumerate() {
-                let (have, want) = (logits[t * experts + e], dot(token, row));
-                assert!((have - want).abs() <= 1e-5 * want.abs().max(1.0), "token {t} expert {e}: {have} vs {want}");
-            }
-        }
+        assert_close(&gate.logits(&hidden), &naive_products(&hidden, &weights, d_model), "logits [token, expert]");
     }
 
     #[test]
