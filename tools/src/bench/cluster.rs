@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_experts::device::device_name;
 use switchyard_loadtest::local_cluster::{LocalCluster, LocalClusterConfig};
 use switchyard_loadtest::shaped_network::Host;
 use switchyard_model::ModelSpec;
@@ -39,7 +40,12 @@ impl ShapeCluster {
         config.torch_threads = settings.worker_torch_threads;
         config.hosts = settings.hosts;
         config.dev_tls = settings.dev_tls.clone();
-        config.worker_args = vec!["--batch-wait-us".into(), settings.batch_wait_us.to_string()];
+        config.worker_args = vec![
+            "--batch-wait-us".into(),
+            settings.batch_wait_us.to_string(),
+            "--device".into(),
+            device_name(settings.device),
+        ];
         if settings.identity_experts {
             config.worker_args.push("--identity-experts".into());
             if !settings.identity_hold.is_zero() {

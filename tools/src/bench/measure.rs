@@ -159,7 +159,7 @@ pub(super) async fn measure_shape(
 ) -> Result<Vec<PointResult>, BenchError> {
     let threads = reference_threads(shape, settings);
     let config = ReferenceConfig {
-        device: tch::Device::cuda_if_available(),
+        device: settings.device,
         torch_threads: threads,
         identity_experts: settings.identity_experts,
         step_hold: settings.identity_hold,
@@ -323,7 +323,7 @@ pub(super) async fn measure_step(
 ) -> Result<StepResult, BenchError> {
     let layers: Vec<u32> = cluster.model.moe_layers.clone();
     let config = ReferenceConfig {
-        device: tch::Device::cuda_if_available(),
+        device: settings.device,
         torch_threads: reference_threads(shape, settings),
         identity_experts: settings.identity_experts,
         step_hold: settings.identity_hold,

@@ -31,6 +31,7 @@ pub use summary::{BenchSummary, PhaseShares, PointSummary, PresetSummary, Quanti
 use std::path::PathBuf;
 use std::time::Duration;
 
+use switchyard_experts::device::device_name;
 use switchyard_loadtest::local_cluster::{Hosts, LocalClusterError};
 use switchyard_loadtest::shaped_network::LinkRate;
 use switchyard_model::{CapacityPolicy, ModelSpec, WeightDtype};
@@ -61,6 +62,9 @@ pub struct BenchSettings {
     /// reference's alike): a stand-in for compute time without compute.
     pub identity_hold: Duration,
     pub worker_torch_threads: u32,
+    /// Where experts compute, on the workers (passed as their `--device`) and in the in-process
+    /// reference alike: the two sides of every comparison on the same device.
+    pub device: tch::Device,
     /// The dtype experts compute in, on the workers and in the reference alike; `None`: the
     /// device's default (bf16 on CUDA, f32 on CPU).
     pub compute_dtype: Option<WeightDtype>,
@@ -142,7 +146,7 @@ pub async fn run(
     let device_peaks = if shapes.is_empty() || settings.identity_experts {
         Vec::new()
     } else {
-        let device = tch::Device::cuda_if_available();
+        let device = settings.device;
         let dtype = settings.model.resident_dtype(settings.compute_dtype, device.is_cuda());
         let mut threads = vec![settings.worker_torch_threads];
         threads.extend(shapes.iter().map(|shape| reference_threads(*shape, settings)));
@@ -234,6 +238,7 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "identity_experts": settings.identity_experts,
         "identity_hold_us": settings.identity_hold.as_micros() as u64,
         "worker_torch_threads": settings.worker_torch_threads,
+        "device": device_name(settings.device),
         "compute_dtype": settings.compute_dtype.map_or_else(|| "default".to_owned(), |dtype| dtype.to_string()),
         "batch_wait_us": settings.batch_wait_us,
         "capacity_factor": settings.capacity_factor,

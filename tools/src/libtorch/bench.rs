@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use switchyard_experts::{DeviceChoice, ResolveDevice};
 use switchyard_loadtest::loadtest::AttentionStandIn;
 use switchyard_loadtest::local_cluster::Hosts;
 use switchyard_loadtest::shaped_network::{CongestionControl, LinkRate};
@@ -151,6 +152,11 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_PRESET_TIME", default_value = "180s", value_parser = parse_positive_duration)]
     pub preset_time: Duration,
 
+    /// Where experts compute: auto (CUDA if available, else CPU), cpu, cuda or cuda:N. The workers
+    /// the bench starts and its in-process reference both compute there.
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+
     /// libtorch threads per worker; the in-process reference gets workers x this many.
     #[arg(long, env = "SWITCHYARD_WORKER_TORCH_THREADS", default_value_t = 1, value_parser = parse_count::<u32>)]
     pub worker_torch_threads: u32,
@@ -265,6 +271,7 @@ fn settings_and_plan(args: &BenchArgs) -> anyhow::Result<(BenchSettings, BenchPl
         identity_experts: args.identity_experts,
         identity_hold: Duration::from_micros(args.identity_hold_us),
         worker_torch_threads: args.worker_torch_threads,
+        device: args.device.resolve(),
         compute_dtype: args.dtype.map(Into::into),
         batch_wait_us: args.batch_wait_us,
         capacity_factor: args.capacity_factor,
