@@ -5,6 +5,7 @@
 //! [`step`] runs each step, [`staging`] moves its rows to the device and its answers back).
 //! [`membership`] registers with the coordinator and heartbeats; [`metrics`] feeds `/metrics`.
 
+pub mod answer_buffers;
 pub mod compute;
 pub mod config;
 pub mod error;

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use switchyard_experts::{Expert, kind_of};
@@ -76,14 +77,53 @@ enum SumAnswer {
 
 /// What one expert part adds into its request's sum.
 enum Part<'a> {
-    /// The expert's output rows, one per index of the part.
-    Rows(&'a Tensor),
+    /// The expert's output rows, one per index of the part, and the part's indices and weights.
+    Rows(&'a Tensor, &'a GatherIndex),
     /// An identity expert's: its input rows, so nothing to compute.
     Identity,
 }
 
 fn key_of(shared: &Arc<SharedRows>) -> usize {
     Arc::as_ptr(shared) as usize
+}
+
+/// A token-major part's token indices and gate weights (`[rows, 1]`) where its rows are. On CUDA
+/// they are views of the step's upload, copied with it: made from host memory one by one, each
+/// copy would wait for every kernel queued before it, and the host could not queue an expert's
+/// kernels while the previous expert's run.
+#[derive(Debug)]
+pub(crate) struct GatherIndex {
+    indices: Tensor,
+    weights: Tensor,
+}
+
+impl GatherIndex {
+    /// Host tensors made from the part's own vectors.
+    fn on_host(gathered: &Gathered) -> Self {
+        Self {
+            indices: Tensor::from_slice(&gathered.indices),
+            weights: Tensor::from_slice(&gathered.weights).view([-1, 1]),
+        }
+    }
+
+    /// Views of the upload where [`GatherIndex::uploads`] put them, at `offsets[0]` and `offsets[1]`.
+    fn staged(staged: &Tensor, offsets: &[usize], gathered: &Gathered) -> Self {
+        let rows = gathered.indices.len() as i64;
+        let view = |offset: usize, bytes: i64, kind: Kind| staged.narrow(0, offset as i64, bytes).view_dtype(kind);
+        Self {
+            indices: view(offsets[0], rows * 8, Kind::Int64),
+            weights: view(offsets[1], rows * 4, Kind::Float).view([-1, 1]),
+        }
+    }
+
+    /// The two runs the upload carries for [`GatherIndex::staged`].
+    fn uploads(gathered: &Gathered) -> [Vec<&[u8]>; 2] {
+        [vec![bytemuck::cast_slice(&gathered.indices)], vec![bytemuck::cast_slice(&gathered.weights)]]
+    }
+}
+
+fn gathered_key(gathered: &Gathered) -> usize {
+    std::ptr::from_ref(gathered) as usize
 }
 
 impl Sums {
@@ -125,14 +165,12 @@ impl Sums {
         });
         let device = self.device;
         match part {
-            Part::Rows(rows) => {
-                let indices = Tensor::from_slice(&gathered.indices).to_device(device);
-                let weights = Tensor::from_slice(&gathered.weights).to_device(device).view([-1, 1]);
+            Part::Rows(rows, index) => {
                 let total = sum.total.get_or_insert_with(|| {
                     let shape = [gathered.shared.tokens as i64, gathered.shared.width as i64];
                     Tensor::zeros(shape, (Kind::Float, device))
                 });
-                let _ = total.index_add_(0, &indices, &weighted_f32(rows, &weights));
+                let _ = total.index_add_(0, &index.indices, &weighted_f32(rows, &index.weights));
             }
             Part::Identity => {
                 if sum.identity_weights.is_empty() {
@@ -201,8 +239,15 @@ fn wire_rows(staged: &Tensor, offset: usize, dtype: WireDtype, rows: usize, d_mo
 /// How one batch's input is laid out: runs of consecutive own-row entries of one wire dtype
 /// (viewed in place as one tensor), and token-major entries (selected from their shared rows).
 enum Piece<'a> {
-    Own { entries: Vec<&'a QueuedRows>, upload: usize },
-    Gathered { gathered: &'a Gathered },
+    Own {
+        entries: Vec<&'a QueuedRows>,
+        upload: usize,
+    },
+    /// `index_upload`: where the upload carries the part's indices and weights (on CUDA).
+    Gathered {
+        gathered: &'a Gathered,
+        index_upload: Option<usize>,
+    },
 }
 
 /// The step's libtorch work; returns each batch's answers, entry by entry.
@@ -240,20 +285,42 @@ pub fn compute_step(
                                 (uploads.len() - 1, &gathered.shared)
                             });
                         }
-                        pieces.push(Piece::Gathered { gathered });
+                        let index_upload =
+                            (staging.device().is_cuda() && !identity_parts_only(experts, batch)).then(|| {
+                                uploads.extend(GatherIndex::uploads(gathered));
+                                uploads.len() - 2
+                            });
+                        pieces.push(Piece::Gathered { gathered, index_upload });
                     }
                 }
             }
             pieces
         })
         .collect();
+    let started = Instant::now();
     let (staged, offsets) = staging.upload(&uploads);
+    let uploaded = Instant::now();
     let shared_rows: HashMap<usize, Tensor> = shared_uploads
         .iter()
         .map(|(key, (upload, shared))| {
             (*key, wire_rows(&staged, offsets[*upload], shared.dtype, shared.tokens, shared.width))
         })
         .collect();
+    let gather_indices: HashMap<usize, GatherIndex> = pieces
+        .iter()
+        .flatten()
+        .filter_map(|piece| match piece {
+            Piece::Gathered { gathered, index_upload } => {
+                let index = match index_upload {
+                    Some(upload) => GatherIndex::staged(&staged, &offsets[*upload..*upload + 2], gathered),
+                    None => GatherIndex::on_host(gathered),
+                };
+                Some((gathered_key(gathered), index))
+            }
+            Piece::Own { .. } => None,
+        })
+        .collect();
+    let staged_rows = Staged { rows: &staged, offsets: &offsets, shared: &shared_rows, indices: &gather_indices };
 
     let mut downloads = Vec::new();
     let mut sizes: Vec<Vec<(usize, Option<SumAnswer>)>> = Vec::with_capacity(batches.len());
@@ -261,15 +328,25 @@ pub fn compute_step(
         let expert = &experts[&batch.expert];
         let _entered = batch_span(batch).entered();
         if identity_parts_only(experts, batch) {
-            sizes.push(queue_answers(None, batch, sums, &shared_rows, &mut downloads));
+            sizes.push(queue_answers(None, batch, sums, &staged_rows, &mut downloads));
             continue;
         }
-        let input =
-            batch_input(pieces, batch, expert, &Staged { rows: &staged, offsets: &offsets, shared: &shared_rows });
+        let input = batch_input(pieces, batch, expert, &staged_rows);
         let output = expert.forward(&input);
-        sizes.push(queue_answers(Some(&output), batch, sums, &shared_rows, &mut downloads));
+        sizes.push(queue_answers(Some(&output), batch, sums, &staged_rows, &mut downloads));
     }
+    let launched = Instant::now();
     let mut host = staging.download(&downloads);
+    // Where a step's time goes, for whoever tunes a device: packing and queueing the upload, the
+    // experts' launches (on a GPU also every wait for the device between them), and the download
+    // (on a GPU: the kernels' tail, the copy and its landing in host memory).
+    tracing::debug!(
+        batches = batches.len(),
+        upload_us = (uploaded - started).as_micros() as u64,
+        kernels_us = (launched - uploaded).as_micros() as u64,
+        download_us = launched.elapsed().as_micros() as u64,
+        "step phases"
+    );
     let mut take = |size: usize| host.take(size);
     sizes
         .into_iter()
@@ -294,6 +371,8 @@ struct Staged<'a> {
     rows: &'a Tensor,
     offsets: &'a [usize],
     shared: &'a HashMap<usize, Tensor>,
+    /// Each token-major part's indices and weights, by [`gathered_key`].
+    indices: &'a HashMap<usize, GatherIndex>,
 }
 
 /// The span of one expert's batch: a child of its first request's span (one trace from the client
@@ -323,9 +402,9 @@ fn batch_input(pieces: &[Piece], batch: &Batch, expert: &Expert, staged: &Staged
                 let rows = entries.iter().map(|entry| entry.tokens).sum();
                 wire_rows(staged.rows, staged.offsets[*upload], entries[0].dtype, rows, batch.d_model)
             }
-            Piece::Gathered { gathered } => {
-                let indices = Tensor::from_slice(&gathered.indices).to_device(staged.rows.device());
-                staged.shared[&key_of(&gathered.shared)].index_select(0, &indices)
+            Piece::Gathered { gathered, .. } => {
+                let index = &staged.indices[&gathered_key(gathered)];
+                staged.shared[&key_of(&gathered.shared)].index_select(0, &index.indices)
             }
         })
         .collect();
@@ -354,7 +433,7 @@ fn queue_answers(
     output: Option<&Tensor>,
     batch: &Batch,
     sums: &mut Sums,
-    shared_rows: &HashMap<usize, Tensor>,
+    staged: &Staged,
     downloads: &mut Vec<Tensor>,
 ) -> Vec<(usize, Option<SumAnswer>)> {
     let as_bytes =
@@ -384,8 +463,11 @@ fn queue_answers(
             }
             (RowsSource::Own(_), None) => unreachable!("a batch with own rows is computed"),
             (RowsSource::Gathered(gathered), rows) => {
-                let part = rows.as_ref().map_or(Part::Identity, Part::Rows);
-                let shared_rows = shared_rows.get(&key_of(&gathered.shared));
+                let part = match rows {
+                    Some(rows) => Part::Rows(rows, &staged.indices[&gathered_key(gathered)]),
+                    None => Part::Identity,
+                };
+                let shared_rows = staged.shared.get(&key_of(&gathered.shared));
                 let finished = sums.add(gathered, part, shared_rows, entry.output_dtype).map(|sum| match sum {
                     Finished::Answer(answer) => SumAnswer::Ready(answer),
                     Finished::OnDevice(total) => {
@@ -510,6 +592,23 @@ mod tests {
         assert!(sums.is_empty());
     }
 
+    /// The views a CUDA step takes of its upload hold what the host tensors hold (shown here on a
+    /// CPU, where the same views of a host upload are taken).
+    #[test]
+    fn a_part_s_indices_and_weights_staged_with_the_rows_equal_its_own() {
+        let shared = shared_rows(&spread_values(6), WireDtype::Bf16, false, 1);
+        let gathered = Gathered { shared, indices: vec![5, 0, 3], weights: vec![0.25, -1.5, 3.0] };
+        let mut staging = Staging::new(Device::Cpu);
+        let [indices, weights] = GatherIndex::uploads(&gathered);
+        // An odd-sized run before them: each run still starts aligned for its element type.
+        let (staged, offsets) = staging.upload(&[vec![&[1u8; 3][..]], indices, weights]);
+        let (have, want) = (GatherIndex::staged(&staged, &offsets[1..], &gathered), GatherIndex::on_host(&gathered));
+        assert_eq!(Vec::<i64>::try_from(&have.indices).expect("i64"), [5, 0, 3]);
+        assert_eq!(have.weights.size(), [3, 1]);
+        assert_eq!(bytes_of(&have.weights), bytes_of(&want.weights));
+        assert_eq!(bytes_of(&have.indices), bytes_of(&want.indices));
+    }
+
     #[test]
     fn a_sum_of_computed_and_identity_parts_adds_both() {
         let values = spread_values(4);
@@ -519,7 +618,8 @@ mod tests {
         let outputs = Tensor::from_slice(&spread_values(2)).view([2, WIDTH as i64]) * 3.0;
 
         let mut sums = Sums::new(Device::Cpu);
-        assert!(finish(&mut sums, &computed, Part::Rows(&outputs), WireDtype::F32).is_none());
+        let index = GatherIndex::on_host(&computed);
+        assert!(finish(&mut sums, &computed, Part::Rows(&outputs, &index), WireDtype::F32).is_none());
         let Some(Finished::OnDevice(have)) = finish(&mut sums, &identity, Part::Identity, WireDtype::F32) else {
             panic!("a sum with computed parts finishes on the device");
         };
