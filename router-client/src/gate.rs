@@ -84,6 +84,11 @@ impl Gate {
         Ok(gate)
     }
 
+    /// Threads a product of many rows may use (see [`Gate::with_threads`]).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
     pub fn d_model(&self) -> usize {
         self.d_model
     }

@@ -11,7 +11,7 @@ use crate::capacity::{
 use crate::codec::accumulate;
 use crate::error::ClientError;
 use crate::gate::Gate;
-use crate::routing::{GateScores, GroupLimited, Routing, RoutingPolicy, route, soft};
+use crate::routing::{GateScores, GroupLimited, Routing, RoutingPolicy, route_on, soft};
 use crate::stats::{RouterStats, router_stats};
 
 /// What one expert computes in a call: rows of the input (one per kept assignment, in token
@@ -253,7 +253,7 @@ pub fn gate_and_route(gate: &Gate, hidden: &[f32], config: RoutingConfig) -> (Ve
         _ => None,
     };
     let scores = GateScores { logits: &logits, noise_logits: noise_logits.as_deref(), bias: gate.correction_bias() };
-    let routing = route(scores, gate.experts(), config.policy);
+    let routing = route_on(scores, gate.experts(), config.policy, gate.threads());
     (logits, routing)
 }
 

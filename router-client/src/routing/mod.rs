@@ -89,11 +89,19 @@ pub struct GateScores<'a> {
 /// [`crate::capacity::expert_choice`], and here behaves as top-1 so callers need no special case.
 /// Soft MoE is routed by [`soft`] from slot logits; here it behaves as dense.
 pub fn route(scores: GateScores<'_>, experts: usize, policy: RoutingPolicy) -> Routing {
+    route_on(scores, experts, policy, 1)
+}
+
+/// [`route`] with up to `threads` threads for the softmax policies (top-k, dense, expert choice's
+/// and Soft MoE's stand-ins), whose tokens are routed each alone; the others route on one.
+pub fn route_on(scores: GateScores<'_>, experts: usize, policy: RoutingPolicy, threads: usize) -> Routing {
     let logits = scores.logits;
     match policy {
-        RoutingPolicy::TopK { k, renormalize } => softmax_topk::route(logits, experts, k, renormalize),
-        RoutingPolicy::Dense | RoutingPolicy::SoftMoe { .. } => softmax_topk::route(logits, experts, experts, false),
-        RoutingPolicy::ExpertChoice => softmax_topk::route(logits, experts, 1, false),
+        RoutingPolicy::TopK { k, renormalize } => softmax_topk::route_on(logits, experts, k, renormalize, threads),
+        RoutingPolicy::Dense | RoutingPolicy::SoftMoe { .. } => {
+            softmax_topk::route_on(logits, experts, experts, false, threads)
+        }
+        RoutingPolicy::ExpertChoice => softmax_topk::route_on(logits, experts, 1, false, threads),
         RoutingPolicy::NoisyTopK { k, seed } => {
             let zeros;
             let noise_logits = match scores.noise_logits {
@@ -111,11 +119,19 @@ pub fn route(scores: GateScores<'_>, experts: usize, policy: RoutingPolicy) -> R
 
 /// Numerically stable softmax of `row`, appended to `out`.
 pub(crate) fn softmax_into(row: &[f32], out: &mut Vec<f32>) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let start = out.len();
-    out.extend(row.iter().map(|logit| (logit - max).exp()));
-    let sum: f32 = out[start..].iter().sum();
-    for value in &mut out[start..] {
+    out.resize(start + row.len(), 0.0);
+    softmax_to(row, &mut out[start..]);
+}
+
+/// Numerically stable softmax of `row`, written to `out` (as long as `row`).
+pub(crate) fn softmax_to(row: &[f32], out: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for (value, logit) in out.iter_mut().zip(row) {
+        *value = (logit - max).exp();
+    }
+    let sum: f32 = out.iter().sum();
+    for value in out {
         *value /= sum;
     }
 }
