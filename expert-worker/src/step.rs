@@ -90,7 +90,7 @@ fn key_of(shared: &Arc<SharedRows>) -> usize {
 /// A token-major part's token indices and gate weights (`[rows, 1]`) where its rows are. On CUDA
 /// they are views of the step's upload, copied with it: made from host memory one by one, each
 /// copy would wait for every kernel queued before it, and the host could not queue an expert's
-/// kernels while the previous expert's run.
+/// kernels while the previous expert's ran.
 #[derive(Debug)]
 pub(crate) struct GatherIndex {
     indices: Tensor,
@@ -306,9 +306,12 @@ pub fn compute_step(
             (*key, wire_rows(&staged, offsets[*upload], shared.dtype, shared.tokens, shared.width))
         })
         .collect();
-    let gather_indices: HashMap<usize, GatherIndex> = pieces
+    // Identity-only batches sum from the request's rows (a CPU) or their own weights: no index.
+    let gather_indices: HashMap<usize, GatherIndex> = batches
         .iter()
-        .flatten()
+        .zip(&pieces)
+        .filter(|(batch, _)| !identity_parts_only(experts, batch))
+        .flat_map(|(_, pieces)| pieces)
         .filter_map(|piece| match piece {
             Piece::Gathered { gathered, index_upload } => {
                 let index = match index_upload {
