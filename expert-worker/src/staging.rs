@@ -90,11 +90,7 @@ impl Staging {
         if part.numel() == 0 {
             return Bytes::new();
         }
-        let in_upload = self.upload.as_ref().is_some_and(|upload| {
-            let (start, end) = (upload.data_ptr() as usize, upload.data_ptr() as usize + upload.numel());
-            let at = part.data_ptr() as usize;
-            at < end && at + part.numel() > start
-        });
+        let in_upload = self.upload.as_ref().is_some_and(|upload| overlap(upload, &part));
         let owned = HostBytes::new(part);
         if in_upload { Bytes::copy_from_slice(owned.as_ref()) } else { Bytes::from_owner(owned) }
     }
@@ -105,6 +101,16 @@ impl Staging {
         }
         self.upload_in_flight = false;
     }
+}
+
+/// Whether two host tensors' bytes overlap.
+fn overlap(a: &Tensor, b: &Tensor) -> bool {
+    let bytes = |tensor: &Tensor| {
+        let start = tensor.data_ptr() as usize;
+        start..start + tensor.numel() * tensor.kind().elt_size_in_bytes()
+    };
+    let (a, b) = (bytes(a), bytes(b));
+    a.start < b.end && b.start < a.end
 }
 
 /// A step's answers on the host, handed out in download order.
@@ -235,6 +241,19 @@ mod tests {
     }
 
     #[test]
+    fn tensors_overlap_when_they_share_a_byte() {
+        let buffer = Tensor::zeros([64], (Kind::Uint8, Device::Cpu));
+        let part = |start: i64, len: i64| buffer.narrow(0, start, len);
+        assert!(overlap(&part(0, 16), &part(15, 8)) && overlap(&part(15, 8), &part(0, 16)), "one byte shared");
+        assert!(overlap(&part(0, 64), &part(20, 4)) && overlap(&part(20, 4), &part(0, 64)), "one inside the other");
+        assert!(!overlap(&part(0, 16), &part(16, 8)) && !overlap(&part(16, 8), &part(0, 16)), "adjacent");
+        let floats = Tensor::zeros([4], (Kind::Float, Device::Cpu));
+        let bytes = floats.view_dtype(Kind::Uint8);
+        assert!(overlap(&floats, &bytes.narrow(0, 15, 1)), "a float tensor's last byte is its");
+        assert!(!overlap(&floats.narrow(0, 0, 2), &bytes.narrow(0, 8, 8)), "two floats are 8 bytes");
+    }
+
+    #[test]
     fn a_parallel_pack_writes_what_one_thread_writes() {
         let rows: Vec<Vec<u8>> =
             (0..5u8).map(|run| (0..37).map(|i| run.wrapping_mul(41).wrapping_add(i)).collect()).collect();
@@ -246,11 +265,12 @@ mod tests {
         for (at, bytes) in &pieces {
             assert_eq!(&serial[*at..*at + bytes.len()], *bytes);
         }
-        for threads in [2, 3, 7] {
+        for threads in [0, 2, 3, 7] {
             let mut parallel = vec![0u8; 210];
             pack(&mut parallel, &pieces, threads);
-            assert_eq!(parallel, serial, "{threads} threads");
+            assert_eq!(parallel, serial, "{threads} threads (0: one)");
         }
+        pack(&mut [], &[], 4);
     }
 
     #[test]
