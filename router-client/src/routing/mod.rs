@@ -163,6 +163,23 @@ fn better_first(scores: &[f32], a: u32, b: u32) -> std::cmp::Ordering {
 mod tests {
     use super::*;
 
+    /// `switchyard local` prints the policy by these names.
+    #[test]
+    fn each_policy_has_its_name() {
+        let named = [
+            (RoutingPolicy::TopK { k: 2, renormalize: true }, "top-k (renormalised)"),
+            (RoutingPolicy::TopK { k: 2, renormalize: false }, "top-k (softmax weights)"),
+            (RoutingPolicy::NoisyTopK { k: 2, seed: 1 }, "noisy top-k"),
+            (RoutingPolicy::Dense, "dense"),
+            (RoutingPolicy::ExpertChoice, "expert choice"),
+            (RoutingPolicy::GroupLimited(GroupLimited::deepseek_v3(8, 8, 4)), "group-limited (DeepSeek-V3)"),
+            (RoutingPolicy::SoftMoe { slots: 1 }, "soft MoE"),
+        ];
+        for (policy, name) in named {
+            assert_eq!(policy.name(), name);
+        }
+    }
+
     #[test]
     fn the_top_k_selection_equals_the_head_of_the_full_ranking() {
         let scores: Vec<f32> = (0..256).map(|i| ((i * 7919 % 257) as f32 / 16.0).floor()).collect();

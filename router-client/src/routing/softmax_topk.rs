@@ -15,7 +15,7 @@ pub fn route_on(logits: &[f32], experts: usize, k: usize, renormalize: bool, thr
     let tokens = logits.len() / experts;
     let mut probabilities = vec![0.0; tokens * experts];
     let mut choices = vec![(0, 0.0); tokens * k];
-    let per_thread = tokens.div_ceil(threads.min(logits.len() / LOGITS_PER_THREAD).max(1)).max(1);
+    let per_thread = tokens.div_ceil(routing_threads(logits.len(), threads)).max(1);
     let parts = logits
         .chunks(per_thread * experts)
         .zip(probabilities.chunks_mut(per_thread * experts))
@@ -24,6 +24,11 @@ pub fn route_on(logits: &[f32], experts: usize, k: usize, renormalize: bool, thr
         route_into(logits, experts, k, renormalize, probabilities, choices);
     });
     Routing { tokens, experts, top_k: k, choices, probabilities }
+}
+
+/// Threads worth using, at most `threads`, to route `logits` logits.
+fn routing_threads(logits: usize, threads: usize) -> usize {
+    threads.min(logits / LOGITS_PER_THREAD).max(1)
 }
 
 /// Routes the tokens of `logits` into their rows of `probabilities` and `choices`.
@@ -80,6 +85,16 @@ mod tests {
                 assert_eq!(route_on(&logits, experts, k, renormalize, threads), one, "k {k}, {threads} threads");
             }
         }
+    }
+
+    #[test]
+    fn routing_goes_parallel_only_for_many_logits() {
+        assert_eq!(routing_threads(0, 8), 1);
+        assert_eq!(routing_threads(4096 * 8, 8), 1, "top-2 of 8 at 4096 tokens");
+        assert_eq!(routing_threads(2 * LOGITS_PER_THREAD - 1, 8), 1);
+        assert_eq!(routing_threads(2 * LOGITS_PER_THREAD, 8), 2);
+        assert_eq!(routing_threads(4096 * 256, 8), 8, "DeepEP-normal's router");
+        assert_eq!(routing_threads(4096 * 256, 3), 3);
     }
 
     #[test]
