@@ -107,6 +107,23 @@ mod tests {
         assert_eq!(QueueFull::from_status(&Status::resource_exhausted("plain")), None);
     }
 
+    /// Only an `ErrorInfo` of this reason in this domain is a queue refusal, however well its
+    /// metadata would parse.
+    #[test]
+    fn another_reason_or_domain_is_not_a_queue_refusal() {
+        let metadata = HashMap::from(
+            [("expert", "layer 0 expert 1"), ("queued", "4"), ("limit", "4"), ("requested", "1")]
+                .map(|(key, value)| (key.to_owned(), value.to_owned())),
+        );
+        let status = |reason: &str, domain: &str| {
+            let details = ErrorDetails::with_error_info(reason, domain, metadata.clone());
+            Status::with_error_details(Code::ResourceExhausted, "full", details)
+        };
+        assert!(QueueFull::from_status(&status(QUEUE_FULL, DOMAIN)).is_some(), "the metadata parses");
+        assert_eq!(QueueFull::from_status(&status("RATE_LIMITED", DOMAIN)), None);
+        assert_eq!(QueueFull::from_status(&status(QUEUE_FULL, "example.com")), None);
+    }
+
     #[test]
     fn a_bad_request_names_its_field_in_the_details() {
         let status = bad_request("batches[1].rows.shape", "expected [3, 8]", "batches[1].rows.shape: expected [3, 8]");
