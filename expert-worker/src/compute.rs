@@ -168,3 +168,59 @@ fn compute_shares(experts: &HashMap<ExpertId, Expert>, batches: &[Batch], elapse
 pub fn micros(duration: Duration) -> u64 {
     duration.as_micros().min(u128::from(u64::MAX)) as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use switchyard_model::{ModelSpec, WeightDtype};
+    use switchyard_proto::wire::WireDtype;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::request::RowsSource;
+    use crate::scheduler::QueuedRows;
+
+    fn queued(tokens: usize) -> (QueuedRows, Duration) {
+        let (reply, _) = oneshot::channel();
+        let rows = QueuedRows {
+            dtype: WireDtype::F32,
+            output_dtype: WireDtype::F32,
+            tokens,
+            rows: RowsSource::Own(Bytes::new()),
+            enqueued_at: Instant::now(),
+            reply,
+            request_id: 1,
+            request_span: tracing::Span::none(),
+        };
+        (rows, Duration::ZERO)
+    }
+
+    /// Three tokens through an expert and one through another three times its size did the same
+    /// multiply-adds, so they share the step's time evenly.
+    #[test]
+    fn a_step_s_time_is_shared_by_multiply_adds() {
+        let small = ModelSpec { d_model: 4, d_ff: 6, ..ModelSpec::default_synthetic() };
+        let large = ModelSpec { d_ff: 18, ..small.clone() };
+        let experts = HashMap::from([
+            (ExpertId::new(0, 0), Expert::synthetic(&small, 0, 0, Device::Cpu, WeightDtype::F32)),
+            (ExpertId::new(0, 1), Expert::synthetic(&large, 0, 1, Device::Cpu, WeightDtype::F32)),
+        ]);
+        assert_eq!(experts[&ExpertId::new(0, 1)].parameters(), 3 * experts[&ExpertId::new(0, 0)].parameters());
+        let batch = |expert: u32, tokens: &[usize]| Batch {
+            expert: ExpertId::new(0, expert),
+            d_model: 4,
+            entries: tokens.iter().map(|&tokens| queued(tokens)).collect(),
+        };
+        let step = Duration::from_millis(12);
+        let even = compute_shares(&experts, &[batch(0, &[1, 2]), batch(1, &[1])], step);
+        assert_eq!(even, [Duration::from_millis(6); 2]);
+        let by_tokens = compute_shares(&experts, &[batch(0, &[1]), batch(0, &[3])], step);
+        assert_eq!(by_tokens, [Duration::from_millis(3), Duration::from_millis(9)]);
+    }
+
+    #[test]
+    fn durations_go_on_the_wire_as_whole_microseconds() {
+        assert_eq!(micros(Duration::from_nanos(1_500_999)), 1500);
+        assert_eq!(micros(Duration::MAX), u64::MAX, "saturates");
+    }
+}
