@@ -77,6 +77,7 @@ pub mod panic;
 pub mod process_metrics;
 pub mod readiness;
 pub mod ready;
+pub mod scoped_threads;
 pub mod shutdown;
 pub mod tls;
 pub mod tracing_setup;

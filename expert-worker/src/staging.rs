@@ -9,6 +9,8 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use tch::{Device, Kind, Tensor};
 
+use switchyard_common::scoped_threads::on_scoped_threads;
+
 use crate::answer_buffers::{AnswerBuffers, host_buffer};
 
 /// Where each run of rows starts: any element type can be viewed there, and GPU kernels get the
@@ -18,6 +20,8 @@ pub const ALIGN: usize = 16;
 #[derive(Debug)]
 pub struct Staging {
     device: Device,
+    /// Cores this process may use, read once: the most threads an upload is packed by.
+    cores: usize,
     upload: Option<Tensor>,
     answers: AnswerBuffers,
     /// An upload was queued and no download has waited for it since: its host buffer may still be
@@ -27,7 +31,8 @@ pub struct Staging {
 
 impl Staging {
     pub fn new(device: Device) -> Self {
-        Self { device, upload: None, answers: AnswerBuffers::new(device), upload_in_flight: false }
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        Self { device, cores, upload: None, answers: AnswerBuffers::new(device), upload_in_flight: false }
     }
 
     pub fn device(&self) -> Device {
@@ -58,7 +63,7 @@ impl Staging {
                 })
             })
             .collect();
-        pack(writable(&mut *buffer, total), &pieces, pack_threads(total));
+        pack(writable(&mut *buffer, total), &pieces, pack_threads(total, self.cores));
         let staged = buffer.narrow(0, 0, total as i64);
         if !self.device.is_cuda() {
             return (staged, offsets);
@@ -161,13 +166,14 @@ impl AsRef<[u8]> for HostBytes {
 const PACK_BYTES_PER_THREAD: usize = 4 << 20;
 const MOST_PACK_THREADS: usize = 4;
 
-fn pack_threads(bytes: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    (bytes / PACK_BYTES_PER_THREAD).clamp(1, MOST_PACK_THREADS.min(cores))
+/// Threads worth packing `bytes` with, on `cores` cores.
+fn pack_threads(bytes: usize, cores: usize) -> usize {
+    (bytes / PACK_BYTES_PER_THREAD).clamp(1, MOST_PACK_THREADS.min(cores).max(1))
 }
 
 /// Copies each `(at, bytes)` piece into `buffer` at `at`, the buffer split into `threads`
-/// contiguous parts, each filled by a thread of its own with whatever pieces overlap it.
+/// contiguous parts, each filled by a thread (the calling one among them) with whatever pieces
+/// overlap it.
 fn pack(buffer: &mut [u8], pieces: &[(usize, &[u8])], threads: usize) {
     let fill = |part: &mut [u8], start: usize| {
         let end = start + part.len();
@@ -182,10 +188,8 @@ fn pack(buffer: &mut [u8], pieces: &[(usize, &[u8])], threads: usize) {
         return fill(buffer, 0);
     }
     let part_len = buffer.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (index, part) in buffer.chunks_mut(part_len).enumerate() {
-            scope.spawn(move || fill(part, index * part_len));
-        }
+    on_scoped_threads("switchyard-pack", buffer.chunks_mut(part_len).enumerate(), |(index, part)| {
+        fill(part, index * part_len);
     });
 }
 
@@ -275,11 +279,13 @@ mod tests {
 
     #[test]
     fn packing_goes_parallel_only_for_megabytes() {
-        assert_eq!(pack_threads(0), 1);
-        assert_eq!(pack_threads(PACK_BYTES_PER_THREAD * 2 - 1), 1);
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        assert_eq!(pack_threads(PACK_BYTES_PER_THREAD * 2), 2.min(cores));
-        assert_eq!(pack_threads(usize::MAX / 2), MOST_PACK_THREADS.min(cores));
+        assert_eq!(pack_threads(0, 16), 1);
+        assert_eq!(pack_threads(PACK_BYTES_PER_THREAD * 2 - 1, 16), 1);
+        assert_eq!(pack_threads(PACK_BYTES_PER_THREAD * 2, 16), 2);
+        assert_eq!(pack_threads(PACK_BYTES_PER_THREAD * 2, 1), 1, "one core");
+        assert_eq!(pack_threads(usize::MAX / 2, 16), MOST_PACK_THREADS);
+        assert_eq!(pack_threads(usize::MAX / 2, 3), 3);
+        assert_eq!(pack_threads(usize::MAX / 2, 0), 1);
     }
 
     #[test]

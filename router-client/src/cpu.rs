@@ -99,26 +99,11 @@ impl CpuPool {
 /// 2-core VM this was measured on, whose idle cores halt) and the caller's.
 pub const INLINE_WORK: usize = 1 << 15;
 
-/// Runs `work` on each of `parts` at once: the first on the calling thread, each other on a thread
-/// scoped to this call. For one large call's product or encode, split by the caller into at most
-/// the client's CPU threads parts, each far larger than starting a thread costs (~50-100 µs on a
-/// small VM). A thread that cannot start is the system's failure: the panic fails the call
-/// through the pool ([`ClientError::Internal`]).
+/// [`switchyard_common::scoped_threads::on_scoped_threads`] for one large call's product, routing
+/// or encode, split by the caller into at most the client's CPU threads parts. A thread that
+/// cannot start fails the call through the pool ([`ClientError::Internal`]).
 pub fn on_scoped_threads<T: Send>(parts: impl IntoIterator<Item = T>, work: impl Fn(T) + Sync) {
-    let work = &work;
-    std::thread::scope(|scope| {
-        let mut parts = parts.into_iter();
-        let own = parts.next();
-        for part in parts {
-            std::thread::Builder::new()
-                .name("switchyard-client-share".into())
-                .spawn_scoped(scope, move || work(part))
-                .expect("a thread for a share of the call's work starts");
-        }
-        if let Some(part) = own {
-            work(part);
-        }
-    });
+    switchyard_common::scoped_threads::on_scoped_threads("switchyard-client-share", parts, work);
 }
 
 /// A job's outcome, its panic as an error.
