@@ -1,27 +1,24 @@
 //! The router's linear layer: `logits = x · W_gᵀ (+ b)`, `[tokens, experts]`.
 //!
-//! Plain Rust, not libtorch: one GEMM per call (ndarray over matrixmultiply), which keeps the
-//! client's routing path free of tch and `Sync`.
+//! Plain Rust, not libtorch: one GEMM per call ([`Projection`]), which keeps the client's routing
+//! path free of tch and `Sync`.
 
 use std::sync::OnceLock;
-
-use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use switchyard_model::ModelSpec;
 use switchyard_model::checkpoint::{Checkpoint, CheckpointError};
 use switchyard_model::synthetic;
 
-use crate::cpu::on_scoped_threads;
+use crate::projection::Projection;
 
 #[derive(Debug, Clone)]
 pub struct Gate {
     experts: usize,
     d_model: usize,
-    /// `[experts, d_model]`, row-major.
-    weights: Vec<f32>,
+    /// `W_g [experts, d_model]`.
+    router: Projection,
     /// `W_noise [experts, d_model]` of noisy top-k gating.
-    noise_weights: Option<Vec<f32>>,
+    noise: Option<Projection>,
     /// The router's learned logit bias `[experts]` (GPT-OSS; Switch Transformers with `router_bias`).
     logit_bias: Option<Vec<f32>>,
     /// The score-correction bias `[experts]` of group-limited routing (DeepSeek-V3).
@@ -29,10 +26,10 @@ pub struct Gate {
     /// The synthetic model this gate came from, so Soft MoE slot parameters can be built on demand.
     synthetic: Option<(ModelSpec, u32)>,
     /// Soft MoE's `Φ [experts * slots, d_model]`, built for the first slot count asked.
-    soft_slots: OnceLock<(usize, Vec<f32>)>,
+    soft_slots: OnceLock<(usize, Projection)>,
     /// Shared experts' sigmoid gates `[shared_experts, d_model]`, when the model gates them.
-    shared_gate: Option<Vec<f32>>,
-    /// Threads a large product may use ([`project_into`]).
+    shared_gate: Option<Projection>,
+    /// Threads a large product may use ([`Projection::project_into`]).
     threads: usize,
 }
 
@@ -42,11 +39,13 @@ impl Gate {
         let (experts, d_model) = (spec.experts_per_layer, spec.d_model);
         let weights = synthetic::gate_weights(spec.seed, layer, experts, d_model);
         let mut gate = Self::from_weights(weights, experts as usize, d_model as usize);
-        gate.noise_weights = Some(synthetic::gate_noise_weights(spec.seed, layer, experts, d_model));
+        let noise = synthetic::gate_noise_weights(spec.seed, layer, experts, d_model);
+        gate.noise = Some(Projection::new(&noise, experts as usize, d_model as usize));
         gate.correction_bias = Some(synthetic::gate_bias(spec.seed, layer, experts));
         gate.synthetic = Some((spec.clone(), layer));
         if spec.shared_experts > 0 && spec.shared_expert_gate {
-            gate.shared_gate = Some(synthetic::shared_gate_weights(spec.seed, layer, spec.shared_experts, d_model));
+            let shared = synthetic::shared_gate_weights(spec.seed, layer, spec.shared_experts, d_model);
+            gate.shared_gate = Some(Projection::new(&shared, spec.shared_experts as usize, d_model as usize));
         }
         gate
     }
@@ -56,8 +55,8 @@ impl Gate {
         Self {
             experts,
             d_model,
-            weights,
-            noise_weights: None,
+            router: Projection::new(&weights, experts, d_model),
+            noise: None,
             logit_bias: None,
             correction_bias: None,
             synthetic: None,
@@ -80,7 +79,10 @@ impl Gate {
             Self::from_weights(checkpoint.gate_weights(layer)?, spec.experts_per_layer as usize, spec.d_model as usize);
         gate.logit_bias = checkpoint.gate_bias(layer)?;
         gate.correction_bias = checkpoint.correction_bias(layer)?;
-        gate.shared_gate = checkpoint.shared_gate_weights(layer)?;
+        let d_model = spec.d_model as usize;
+        gate.shared_gate = checkpoint
+            .shared_gate_weights(layer)?
+            .map(|weights| Projection::new(&weights, weights.len() / d_model.max(1), d_model));
         Ok(gate)
     }
 
@@ -98,27 +100,29 @@ impl Gate {
     pub fn slot_logits(&self, hidden: &[f32], slots: usize) -> Vec<f32> {
         let build = || match &self.synthetic {
             Some((spec, layer)) => {
-                synthetic::soft_slot_weights(spec.seed, *layer, spec.experts_per_layer, slots as u32, spec.d_model)
+                let phi =
+                    synthetic::soft_slot_weights(spec.seed, *layer, spec.experts_per_layer, slots as u32, spec.d_model);
+                Projection::new(&phi, self.experts * slots, self.d_model)
             }
-            None => self.weights.chunks_exact(self.d_model).flat_map(|row| row.repeat(slots)).collect(),
+            None => self.router.repeat_rows(slots),
         };
         let cached = self.soft_slots.get_or_init(|| (slots, build()));
         let rebuilt;
-        let weights = if cached.0 == slots {
+        let phi = if cached.0 == slots {
             &cached.1
         } else {
             rebuilt = build();
             &rebuilt
         };
         let mut logits = Vec::new();
-        project_into(weights, self.d_model, hidden, &mut logits, self.threads);
+        phi.project_into(hidden, &mut logits, self.threads);
         logits
     }
 
     /// `x · W_noiseᵀ`, when this gate has noise weights.
     pub fn noise_logits(&self, hidden: &[f32]) -> Option<Vec<f32>> {
         let mut logits = Vec::new();
-        project_into(self.noise_weights.as_ref()?, self.d_model, hidden, &mut logits, self.threads);
+        self.noise.as_ref()?.project_into(hidden, &mut logits, self.threads);
         Some(logits)
     }
 
@@ -129,7 +133,7 @@ impl Gate {
             return vec![1.0; hidden.len() / self.d_model * shared_experts];
         };
         let mut logits = Vec::new();
-        project_into(gate, self.d_model, hidden, &mut logits, self.threads);
+        gate.project_into(hidden, &mut logits, self.threads);
         logits.iter().map(|logit| 1.0 / (1.0 + (-logit).exp())).collect()
     }
 
@@ -145,7 +149,7 @@ impl Gate {
     /// Writes the router's raw logits `x · W_gᵀ (+ bias)` of every row of `hidden`
     /// (`[tokens, d_model]`) into `logits`.
     pub fn logits_into(&self, hidden: &[f32], logits: &mut Vec<f32>) {
-        project_into(&self.weights, self.d_model, hidden, logits, self.threads);
+        self.router.project_into(hidden, logits, self.threads);
         if let Some(bias) = &self.logit_bias {
             for row in logits.chunks_exact_mut(self.experts) {
                 for (logit, bias) in row.iter_mut().zip(bias) {
@@ -162,69 +166,6 @@ impl Gate {
     }
 }
 
-/// Products of at least this many multiply-adds are split over threads: ~2 ms of one core's
-/// work, against the ~50-100 µs that starting and joining a thread costs on a small VM.
-const SPLIT_MULTIPLY_ADDS: usize = 1 << 26;
-
-/// `out = hidden · weightsᵀ` for row-major `hidden [tokens, d_model]` and `weights [rows, d_model]`:
-/// one GEMM (matrixmultiply's packed, cache-blocked kernels, ~90–130 GFLOP/s on one core here, where
-/// dot products token by token reached 6–10 at DeepEP's 256 x 7168 router). A large product's
-/// tokens, or its rows when they are more, are split over up to `threads` threads, scoped to this
-/// call (its own and started ones): each output value is the same sum in the same order however
-/// the product is split.
-fn project_into(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut Vec<f32>, threads: usize) {
-    let rows = weights.len() / d_model;
-    let tokens = hidden.len() / d_model;
-    out.clear();
-    out.resize(tokens * rows, 0.0);
-    let (hidden, out) = (&hidden[..tokens * d_model], &mut out[..]);
-    let threads = product_threads(tokens, rows, d_model, threads);
-    if threads == 1 {
-        return product(weights, d_model, hidden, out);
-    }
-    // Each thread's GEMM packs both of its operands first. Split by tokens, every thread packs all
-    // the weights; split by the weights' rows, every thread packs all the tokens: split the side
-    // that leaves less to pack (few tokens, as in a low-latency call: the weights).
-    if tokens >= rows {
-        let per_thread = tokens.div_ceil(threads);
-        let parts = hidden.chunks(per_thread * d_model).zip(out.chunks_mut(per_thread * rows));
-        return on_scoped_threads(parts, |(hidden, out)| product(weights, d_model, hidden, out));
-    }
-    let per_thread = rows.div_ceil(threads);
-    let hidden = ArrayView2::from_shape((tokens, d_model), hidden).expect(SHAPE_ERROR);
-    let mut columns = Vec::with_capacity(threads);
-    let mut rest = ArrayViewMut2::from_shape((tokens, rows), out).expect(SHAPE_ERROR);
-    while rest.ncols() > per_thread {
-        let (part, later) = rest.split_at(Axis(1), per_thread);
-        columns.push(part);
-        rest = later;
-    }
-    columns.push(rest);
-    let parts = weights.chunks(per_thread * d_model).zip(columns);
-    on_scoped_threads(parts, |(weights, mut out)| product_of_views(&hidden, weights, d_model, &mut out));
-}
-
-const SHAPE_ERROR: &str = "shapes follow from the slice lengths";
-
-/// Threads worth using, at most `threads`, for a `[tokens, d_model] · [d_model, rows]` product.
-pub fn product_threads(tokens: usize, rows: usize, d_model: usize, threads: usize) -> usize {
-    let worth = (tokens * rows * d_model / SPLIT_MULTIPLY_ADDS).max(1);
-    threads.min(worth).min(tokens.max(rows)).max(1)
-}
-
-fn product(weights: &[f32], d_model: usize, hidden: &[f32], out: &mut [f32]) {
-    let (rows, tokens) = (weights.len() / d_model, hidden.len() / d_model);
-    let hidden = ArrayView2::from_shape((tokens, d_model), hidden).expect(SHAPE_ERROR);
-    let mut out = ArrayViewMut2::from_shape((tokens, rows), out).expect(SHAPE_ERROR);
-    product_of_views(&hidden, weights, d_model, &mut out);
-}
-
-/// `out = hidden · weightsᵀ`, `weights` being whole rows of `d_model`; `out` may be a column block.
-fn product_of_views(hidden: &ArrayView2<f32>, weights: &[f32], d_model: usize, out: &mut ArrayViewMut2<f32>) {
-    let weights = ArrayView2::from_shape((weights.len() / d_model, d_model), weights).expect(SHAPE_ERROR);
-    general_mat_mul(1.0, hidden, &weights.t(), 0.0, out);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,10 +173,6 @@ mod tests {
     /// Values in [-1, 1) that vary with `i` without a short period.
     fn spread(i: usize) -> f32 {
         ((i * 7919) % 1009) as f32 / 500.0 - 1.0
-    }
-
-    fn bits(values: &[f32]) -> Vec<u32> {
-        values.iter().map(|value| value.to_bits()).collect()
     }
 
     fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -309,50 +246,5 @@ mod tests {
         assert_eq!(gate.noise_logits(&hidden), None);
         gate.logit_bias = Some(vec![0.5, -1.0, 2.0]);
         assert_eq!(gate.logits(&hidden), [3.5, 7.0, 3.0, 1.0, -3.0, 0.5]);
-    }
-
-    #[test]
-    fn the_gemm_equals_the_token_by_token_dot_products() {
-        // Odd sizes, no multiple of a SIMD width or a kernel block: 37 tokens, d_model 19, 5 experts.
-        let (tokens, experts, d_model) = (37, 5, 19);
-        let value = |i: usize| ((i * 7919) % 101) as f32 / 50.0 - 1.0;
-        let hidden: Vec<f32> = (0..tokens * d_model).map(value).collect();
-        let weights: Vec<f32> = (0..experts * d_model).map(|i| value(i + 13)).collect();
-        let gate = Gate::from_weights(weights.clone(), experts, d_model);
-        assert_close(&gate.logits(&hidden), &naive_products(&hidden, &weights, d_model), "logits [token, expert]");
-    }
-
-    #[test]
-    fn a_large_product_splits_its_tokens_over_threads_and_sums_the_same() {
-        assert_eq!(product_threads(128, 256, 7168, 8), 3, "DeepEP's low-latency router: ~235 M multiply-adds");
-        assert_eq!(product_threads(4096, 256, 7168, 8), 8);
-        assert_eq!(product_threads(1, 256, 7168, 8), 1, "one token is not split");
-        assert_eq!(product_threads(4096, 8, 512, 8), 1, "a small router is not worth a thread");
-
-        let (tokens, experts, d_model) = (1001, 67, 3001);
-        let hidden: Vec<f32> = (0..tokens * d_model).map(spread).collect();
-        let gate = Gate::from_weights((0..experts * d_model).map(|i| spread(i + 13)).collect(), experts, d_model);
-        assert_eq!(product_threads(tokens, experts, d_model, 8), 2);
-        let alone = gate.clone().logits(&hidden);
-        let split = gate.with_threads(8).logits(&hidden);
-        assert_eq!(bits(&split), bits(&alone));
-    }
-
-    #[test]
-    fn fewer_tokens_than_experts_split_the_experts_over_threads_and_sum_the_same() {
-        let (tokens, experts, d_model) = (67, 1001, 3001);
-        assert_eq!(product_threads(tokens, experts, d_model, 8), 2);
-        let hidden: Vec<f32> = (0..tokens * d_model).map(spread).collect();
-        let weights: Vec<f32> = (0..experts * d_model).map(|i| spread(i + 13)).collect();
-        let gate = Gate::from_weights(weights.clone(), experts, d_model);
-        let alone = gate.clone().logits(&hidden);
-        let split = gate.with_threads(8).logits(&hidden);
-        assert_eq!(bits(&split), bits(&alone));
-        let (t, e) = (tokens - 1, experts - 1);
-        let want = dot(&hidden[t * d_model..], &weights[e * d_model..]);
-        assert!(
-            (split[t * experts + e] - want).abs() <= 1e-4 * want.abs().max(1.0),
-            "the last logit is the last dot product"
-        );
     }
 }

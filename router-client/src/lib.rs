@@ -26,6 +26,7 @@ pub mod hidden;
 pub mod layer;
 pub mod ledger;
 pub mod metrics;
+pub mod projection;
 pub mod refusal;
 pub mod replicas;
 pub mod router;

@@ -11,7 +11,7 @@ use switchyard_model::WeightDtype;
 use switchyard_proto::wire::WireDtype;
 use switchyard_reference::{ReferenceConfig, ReferenceLayer, relative_frobenius_error};
 use switchyard_router_client::client::MoeClient;
-use switchyard_router_client::gate;
+use switchyard_router_client::projection;
 use switchyard_router_client::router::RoutingOverrides;
 
 use super::cluster::ShapeCluster;
@@ -296,7 +296,7 @@ impl GateYardstick {
         let shape = [point.tokens as i64, i64::from(point.shape.d_model), i64::from(point.shape.experts)];
         let flops = 2.0 * shape.iter().map(|size| *size as f64).product::<f64>();
         let [tokens, d_model, experts] = shape.map(|size| size as usize);
-        let threads = gate::product_threads(tokens, experts, d_model, cpu_threads);
+        let threads = projection::product_threads(tokens, experts, d_model, cpu_threads);
         let cpu_gemm_gflops = tokio::task::spawn_blocking(move || {
             switchyard_experts::peak::measure_product(tch::Device::Cpu, WeightDtype::F32, threads as i32, shape, 5)
                 / 1e9
