@@ -49,9 +49,8 @@ impl Projection {
     }
 
     /// Writes `hidden · Wᵀ`, `[tokens, rows]`, for row-major `hidden [tokens, d_model]` into `out`.
-    /// A large product's tokens, or its rows when they are more, are split over up to `threads`
-    /// threads scoped to this call (its own among them), each value the same sum in the same
-    /// order however the product is split ([`product_threads`]).
+    /// A large product is split over up to `threads` threads scoped to this call (its own among
+    /// them), each value the same sum in the same order however the product is split ([`Split`]).
     pub fn project_into(&self, hidden: &[f32], out: &mut Vec<f32>, threads: usize) {
         let (rows, d_model) = (self.rows, self.d_model);
         let tokens = hidden.len().checked_div(d_model).unwrap_or(0);
@@ -60,19 +59,18 @@ impl Projection {
         let hidden = ArrayView2::from_shape((tokens, d_model), &hidden[..tokens * d_model]).expect(SHAPE_ERROR);
         let weights = ArrayView2::from_shape((d_model, rows), &self.transposed[..]).expect(SHAPE_ERROR);
         let mut out = ArrayViewMut2::from_shape((tokens, rows), &mut out[..]).expect(SHAPE_ERROR);
-        let threads = product_threads(tokens, rows, d_model, threads);
-        if threads == 1 {
-            return product(hidden, weights, out);
+        match Split::of(tokens, rows, d_model, threads) {
+            Split::Whole => product(hidden, weights, out),
+            Split::Tokens(per_part) => {
+                let parts = hidden.axis_chunks_iter(Axis(0), per_part).zip(out.axis_chunks_iter_mut(Axis(0), per_part));
+                on_scoped_threads(parts, |(hidden, out)| product(hidden, weights, out));
+            }
+            Split::Rows(per_part) => {
+                let parts =
+                    weights.axis_chunks_iter(Axis(1), per_part).zip(out.axis_chunks_iter_mut(Axis(1), per_part));
+                on_scoped_threads(parts, |(weights, out)| product(hidden, weights, out));
+            }
         }
-        // Split the longer side: each thread then reads all of the shorter one.
-        if tokens >= rows {
-            let per_thread = tokens.div_ceil(threads);
-            let parts = hidden.axis_chunks_iter(Axis(0), per_thread).zip(out.axis_chunks_iter_mut(Axis(0), per_thread));
-            return on_scoped_threads(parts, |(hidden, out)| product(hidden, weights, out));
-        }
-        let per_thread = rows.div_ceil(threads);
-        let parts = weights.axis_chunks_iter(Axis(1), per_thread).zip(out.axis_chunks_iter_mut(Axis(1), per_thread));
-        on_scoped_threads(parts, |(weights, out)| product(hidden, weights, out));
     }
 }
 
@@ -82,13 +80,44 @@ const SHAPE_ERROR: &str = "shapes follow from the slice lengths";
 /// work, against the ~50-100 µs that starting and joining a thread costs on a small VM.
 const SPLIT_MULTIPLY_ADDS: usize = 1 << 26;
 
-/// Threads worth using, at most `threads`, for a `[tokens, d_model] · [d_model, rows]` product:
-/// only as many as keep every part's sums in the whole product's order ([`SumOrder`]).
+/// How a `[tokens, d_model] · [d_model, rows]` product is shared among threads: its longer side
+/// in parts (each thread then reads all of the shorter one: with few tokens, as in a low-latency
+/// call, the tokens), one part per thread, the last one shorter.
+#[derive(Debug, PartialEq, Eq)]
+enum Split {
+    Whole,
+    /// Parts of this many tokens.
+    Tokens(usize),
+    /// Parts of this many rows.
+    Rows(usize),
+}
+
+impl Split {
+    /// As many parts as the product is worth, at most `threads`, and only as many as keep every
+    /// part's sums in the whole product's order ([`SumOrder`]).
+    fn of(tokens: usize, rows: usize, d_model: usize, threads: usize) -> Self {
+        let worth = (tokens * rows * d_model / SPLIT_MULTIPLY_ADDS).max(1);
+        let (long, short) = (tokens.max(rows), tokens.min(rows));
+        let most = threads.min(worth).min(long);
+        let Some(parts) = (2..=most).rev().find(|&parts| split_keeps_sum_order(long, short, parts)) else {
+            return Split::Whole;
+        };
+        let per_part = long.div_ceil(parts);
+        if tokens >= rows { Split::Tokens(per_part) } else { Split::Rows(per_part) }
+    }
+
+    fn parts(&self, tokens: usize, rows: usize) -> usize {
+        match *self {
+            Split::Whole => 1,
+            Split::Tokens(per_part) => tokens.div_ceil(per_part),
+            Split::Rows(per_part) => rows.div_ceil(per_part),
+        }
+    }
+}
+
+/// The threads a `[tokens, d_model] · [d_model, rows]` product uses when up to `threads` may.
 pub fn product_threads(tokens: usize, rows: usize, d_model: usize, threads: usize) -> usize {
-    let worth = (tokens * rows * d_model / SPLIT_MULTIPLY_ADDS).max(1);
-    let (long, short) = (tokens.max(rows), tokens.min(rows));
-    let most = threads.min(worth).min(long).max(1);
-    (2..=most).rev().find(|&parts| split_keeps_sum_order(long, short, parts)).unwrap_or(1)
+    Split::of(tokens, rows, d_model, threads).parts(tokens, rows)
 }
 
 /// How gemm orders the sum behind each value: it depends on the product's shape, so a part of a
@@ -129,13 +158,11 @@ fn product(hidden: ArrayView2<f32>, weights: ArrayView2<f32>, mut out: ArrayView
     let ((tokens, d_model), cols) = (hidden.dim(), weights.ncols());
     assert_eq!(weights.nrows(), d_model, "weights must be [d_model, cols]");
     assert_eq!(out.dim(), (tokens, cols), "out must be [tokens, cols]");
-    if tokens == 0 || cols == 0 {
-        return;
-    }
     let (out_strides, hidden_strides, weight_strides) = (out.strides(), hidden.strides(), weights.strides());
     let (out_rows, out_cols) = (out_strides[0], out_strides[1]);
     // SAFETY: each pointer comes with its view's strides and gemm is told the views' shapes, so it
-    // reads and writes only elements of those views; `out` is borrowed mutably here, so nothing else
+    // reads and writes only elements of those views (none when `tokens` or `cols` is 0: gemm
+    // returns before touching memory); `out` is borrowed mutably here, so nothing else
     // touches its elements meanwhile; `read_dst` is false, so out's previous values are not read.
     unsafe {
         gemm::gemm(
@@ -229,8 +256,18 @@ mod tests {
     }
 
     #[test]
+    fn a_product_splits_its_longer_side() {
+        assert_eq!(Split::of(128, 256, 7168, 8), Split::Rows(86), "DeepEP's low-latency router: ~235 M multiply-adds");
+        assert_eq!(Split::of(4096, 256, 7168, 8), Split::Tokens(512));
+        assert_eq!(Split::of(300, 300, 7168, 2), Split::Tokens(150));
+        assert_eq!(Split::of(300, 300, 7168, 1), Split::Whole);
+        assert_eq!(product_threads(128, 256, 7168, 8), 3);
+        assert_eq!(product_threads(10, 1000, 1 << 16, 4), 4, "1000 rows in parts of 250");
+        assert_eq!(product_threads(1000, 10, 1 << 16, 3), 3, "1000 tokens in parts of 334, the last 332");
+    }
+
+    #[test]
     fn a_product_is_split_only_into_parts_that_sum_in_its_order() {
-        assert_eq!(product_threads(128, 256, 7168, 8), 3, "DeepEP's low-latency router: ~235 M multiply-adds");
         assert_eq!(product_threads(4096, 256, 7168, 8), 8);
         assert_eq!(product_threads(4096, 8, 512, 8), 1, "a small router is not worth a thread");
         assert_eq!(product_threads(1, 256, 7168 * 1024, 8), 1, "one token is a matrix-vector product: not split");
@@ -241,6 +278,10 @@ mod tests {
         assert_eq!(product_threads(130, 60, 30_000, 8), 2);
         assert_eq!(product_threads(60, 130, 30_000, 3), 2);
         assert_eq!(product_threads(1000, 2, 1 << 20, 8), 8, "parts of 125 tokens stay blocked against 2 rows");
+        // 129 over 2 are 65 and 64: the last part counts too.
+        assert_eq!(product_threads(129, 60, 40_000, 8), 1);
+        // 194 over 3 are 65, 65 and 64; over 2, 97 each.
+        assert_eq!(product_threads(194, 60, 20_000, 3), 2);
     }
 
     #[test]
