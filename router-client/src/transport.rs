@@ -356,3 +356,141 @@ impl ExpertTransport for GrpcTransport {
         self.connections
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(address: &str) -> Endpoint {
+        address.into()
+    }
+
+    /// Which of a worker's connections its next request takes, after each of `requests` requests.
+    fn turns(transport: &GrpcTransport, worker: &Endpoint, requests: usize) -> Vec<usize> {
+        (0..requests)
+            .map(|_| {
+                transport.connection(worker).expect("a valid endpoint");
+                let workers = transport.workers.lock().expect("not poisoned");
+                workers[worker].next
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_worker_s_connections_are_taken_in_turn_and_opened_once() {
+        let transport = GrpcTransport::new(3);
+        assert_eq!(transport.connections_per_worker(), 3);
+        let (first, second) = (endpoint("http://127.0.0.1:1"), endpoint("http://127.0.0.1:2"));
+        assert_eq!(turns(&transport, &first, 5), [1, 2, 0, 1, 2]);
+        assert_eq!(turns(&transport, &second, 1), [1], "each worker has its own turn");
+        assert_eq!(turns(&transport, &first, 1), [0]);
+        let workers = transport.workers.lock().expect("not poisoned");
+        assert!(workers.values().all(|stripes| stripes.clients.len() == 3));
+    }
+
+    #[tokio::test]
+    async fn no_connections_means_one() {
+        let transport = GrpcTransport::new(0);
+        assert_eq!(transport.connections_per_worker(), 1);
+        let worker = endpoint("http://127.0.0.1:1");
+        assert_eq!(turns(&transport, &worker, 2), [0, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_bad_endpoint_is_named_in_the_error() {
+        let transport = GrpcTransport::default();
+        let error = transport.connection(&endpoint("not a uri")).expect_err("no origin");
+        assert!(matches!(&error, ClientError::BadEndpoint { endpoint, .. } if endpoint == "not a uri"), "{error:?}");
+        assert!(transport.wire_bytes().is_empty(), "a failed endpoint keeps no connections");
+    }
+
+    #[tokio::test]
+    async fn wire_bytes_are_listed_per_worker_in_endpoint_order() {
+        let transport = GrpcTransport::new(2);
+        let (late, early) = (endpoint("http://127.0.0.1:2"), endpoint("http://127.0.0.1:1"));
+        transport.connection(&late).expect("a valid endpoint");
+        transport.connection(&early).expect("a valid endpoint");
+        assert_eq!(transport.wire_bytes(), [(early, 0, 0), (late, 0, 0)], "no connection was opened yet");
+    }
+
+    /// A transport that overrides nothing it need not.
+    #[derive(Debug)]
+    struct Unstriped;
+
+    impl ExpertTransport for Unstriped {
+        fn forward(
+            &self,
+            endpoint: &Endpoint,
+            _request: v1::ForwardRequest,
+            _deadline: Duration,
+        ) -> BoxFuture<'static, Result<Answer, ClientError>> {
+            let error = ClientError::BadEndpoint { endpoint: endpoint.to_string(), reason: "scripted".into() };
+            futures::future::ready(Err(error)).boxed()
+        }
+    }
+
+    #[test]
+    fn a_transport_counts_no_bytes_and_one_connection_unless_it_says() {
+        assert!(Unstriped.wire_bytes().is_empty());
+        assert_eq!(Unstriped.connections_per_worker(), 1);
+    }
+
+    #[test]
+    fn the_default_is_a_connection_per_core_up_to_eight() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(default_connections(), cores.min(8));
+    }
+
+    fn stream(pending: impl IntoIterator<Item = usize>) -> StreamAnswers {
+        StreamAnswers {
+            endpoint: endpoint("http://127.0.0.1:1"),
+            answers: None,
+            pending: pending.into_iter().collect(),
+            sent: StreamSent { sent_unix_nanos: 1, started: Instant::now() },
+            request_id: 9,
+            deadline: Duration::from_secs(1),
+        }
+    }
+
+    fn answer_to(sequence: u32) -> v1::ForwardResponse {
+        v1::ForwardResponse { sequence, ..Default::default() }
+    }
+
+    #[test]
+    fn a_chunk_s_answer_is_taken_once_at_its_position() {
+        let mut stream = stream(0..3);
+        let (position, answer) = stream.answer(answer_to(1));
+        assert_eq!(position, 1);
+        let answer = answer.expect("chunk 1 was pending");
+        assert_eq!(answer.response.sequence, 1);
+        assert_eq!(answer.timing.sent_unix_nanos, 1);
+        assert_eq!(stream.pending.iter().copied().collect::<Vec<_>>(), [0, 2]);
+
+        let (position, again) = stream.answer(answer_to(1));
+        assert_eq!(position, 0, "an answer to no pending chunk fails the first pending one");
+        assert!(
+            matches!(&again, Err(ClientError::BadResponse { reason, .. }) if reason.contains("chunk 1, which was not pending")),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn a_chunk_s_refusal_is_its_worker_s_status() {
+        let mut stream = stream([4]);
+        let refusal = v1::ForwardResponse {
+            sequence: 4,
+            error: Some(v1::RequestError {
+                code: tonic::Code::Unavailable as i32,
+                message: "draining".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (position, answer) = stream.answer(refusal);
+        assert_eq!(position, 4);
+        let error = answer.expect_err("a refused chunk");
+        assert_eq!(error.code(), tonic::Code::Unavailable);
+        assert!(error.to_string().contains("draining"), "{error}");
+        assert!(stream.pending.is_empty());
+    }
+}
