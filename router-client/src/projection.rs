@@ -50,7 +50,7 @@ impl Projection {
 
     /// Writes `hidden · Wᵀ`, `[tokens, rows]`, for row-major `hidden [tokens, d_model]` into `out`.
     /// A large product is split over up to `threads` threads scoped to this call (its own among
-    /// them), each value the same sum in the same order however the product is split ([`Split`]).
+    /// them), each value the same sum in the same order however the product is split ([`product_threads`]).
     pub fn project_into(&self, hidden: &[f32], out: &mut Vec<f32>, threads: usize) {
         let (rows, d_model) = (self.rows, self.d_model);
         let tokens = hidden.len().checked_div(d_model).unwrap_or(0);
