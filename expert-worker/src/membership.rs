@@ -208,3 +208,271 @@ pub async fn drain(coordinator_uri: &str, registered: &watch::Receiver<Option<St
     }
     tokio::time::sleep(policy.settle).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::metrics::WorkerMetrics;
+    use crate::worker::WorkerOptions;
+
+    /// What the scripted coordinator answers, in order; past the script: registration succeeds,
+    /// heartbeats find the worker placed with everything loaded, drains find no route left.
+    #[derive(Default)]
+    struct Script {
+        registrations: VecDeque<Result<v1::RegisterWorkerResponse, tonic::Status>>,
+        heartbeats: VecDeque<Result<v1::HeartbeatResponse, tonic::Status>>,
+        drains: VecDeque<Result<v1::DrainWorkerResponse, tonic::Status>>,
+    }
+
+    /// A request the scripted coordinator was sent.
+    #[derive(Debug, PartialEq)]
+    enum Asked {
+        Register { name: String, endpoint: String },
+        Heartbeat { worker_id: String },
+        Drain { worker_id: String },
+    }
+
+    struct ScriptedCoordinator {
+        script: Mutex<Script>,
+        asked: mpsc::UnboundedSender<Asked>,
+    }
+
+    impl ScriptedCoordinator {
+        fn next<T>(
+            &self,
+            asked: Asked,
+            pick: impl FnOnce(&mut Script) -> Option<Result<T, tonic::Status>>,
+            or: T,
+        ) -> Result<tonic::Response<T>, tonic::Status> {
+            let _ = self.asked.send(asked);
+            let answer = pick(&mut self.script.lock().expect("not poisoned")).unwrap_or(Ok(or));
+            answer.map(tonic::Response::new)
+        }
+    }
+
+    type Tables = std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::RoutingTable, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl v1::coordinator_server::Coordinator for ScriptedCoordinator {
+        type WatchRoutingTableStream = Tables;
+
+        async fn register_worker(
+            &self,
+            request: tonic::Request<v1::RegisterWorkerRequest>,
+        ) -> Result<tonic::Response<v1::RegisterWorkerResponse>, tonic::Status> {
+            let request = request.into_inner();
+            let asked = Asked::Register { name: request.name, endpoint: request.endpoint };
+            let registered = v1::RegisterWorkerResponse { worker_id: "w-1".into(), heartbeat_interval_ms: 10 };
+            self.next(asked, |script| script.registrations.pop_front(), registered)
+        }
+
+        async fn heartbeat(
+            &self,
+            request: tonic::Request<v1::HeartbeatRequest>,
+        ) -> Result<tonic::Response<v1::HeartbeatResponse>, tonic::Status> {
+            let asked = Asked::Heartbeat { worker_id: request.into_inner().worker_id };
+            let placed = v1::HeartbeatResponse { placed: true, experts_to_load: 0, ..Default::default() };
+            self.next(asked, |script| script.heartbeats.pop_front(), placed)
+        }
+
+        async fn drain_worker(
+            &self,
+            request: tonic::Request<v1::DrainWorkerRequest>,
+        ) -> Result<tonic::Response<v1::DrainWorkerResponse>, tonic::Status> {
+            let asked = Asked::Drain { worker_id: request.into_inner().worker_id };
+            self.next(asked, |script| script.drains.pop_front(), v1::DrainWorkerResponse::default())
+        }
+
+        async fn watch_routing_table(
+            &self,
+            _: tonic::Request<v1::GetRoutingTableRequest>,
+        ) -> Result<tonic::Response<Tables>, tonic::Status> {
+            Err(tonic::Status::unimplemented("scripted coordinator"))
+        }
+
+        async fn get_routing_table(
+            &self,
+            _: tonic::Request<v1::GetRoutingTableRequest>,
+        ) -> Result<tonic::Response<v1::RoutingTable>, tonic::Status> {
+            Err(tonic::Status::unimplemented("scripted coordinator"))
+        }
+
+        async fn get_cluster_status(
+            &self,
+            _: tonic::Request<v1::GetClusterStatusRequest>,
+        ) -> Result<tonic::Response<v1::ClusterStatus>, tonic::Status> {
+            Err(tonic::Status::unimplemented("scripted coordinator"))
+        }
+    }
+
+    /// The scripted coordinator on a port of 127.0.0.1 until the test ends: its address, and what
+    /// it was asked, in order.
+    async fn serve(script: Script) -> (String, mpsc::UnboundedReceiver<Asked>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = format!("http://{}", listener.local_addr().expect("bound"));
+        let (asked, requests) = mpsc::unbounded_channel();
+        let coordinator = ScriptedCoordinator { script: Mutex::new(script), asked };
+        let server = switchyard_common::transport::server()
+            .add_service(v1::coordinator_server::CoordinatorServer::new(coordinator))
+            .serve_with_incoming(switchyard_common::transport::incoming(listener));
+        tokio::spawn(server);
+        (address, requests)
+    }
+
+    async fn next_asked(requests: &mut mpsc::UnboundedReceiver<Asked>) -> Asked {
+        tokio::time::timeout(Duration::from_secs(10), requests.recv())
+            .await
+            .expect("the worker asks in time")
+            .expect("the coordinator is serving")
+    }
+
+    fn membership(coordinator_uri: String) -> Membership {
+        Membership {
+            coordinator_uri,
+            name: "worker-a".into(),
+            endpoint: "http://127.0.0.1:1".into(),
+            device: "cpu".into(),
+            memory_bytes: 1 << 30,
+            dtype: None,
+            compute_gflops: 1.0,
+        }
+    }
+
+    fn heartbeat(placed: bool, experts_to_load: u32) -> v1::HeartbeatResponse {
+        v1::HeartbeatResponse { placed, experts_to_load, ..Default::default() }
+    }
+
+    #[test]
+    fn readiness_follows_the_coordinator_s_placement() {
+        let readiness = Readiness::not_ready("starting");
+        follow_placement(&readiness, &heartbeat(false, 0));
+        assert!(readiness.not_ready_because().is_some_and(|reason| reason.contains("first placement")));
+        follow_placement(&readiness, &heartbeat(true, 3));
+        assert_eq!(readiness.not_ready_because().as_deref(), Some("3 experts placed here are still loading"));
+        follow_placement(&readiness, &heartbeat(true, 0));
+        assert_eq!(readiness.not_ready_because(), None);
+    }
+
+    /// A refused registration is retried; a failed heartbeat is followed by the next one, and one
+    /// answered NOT_FOUND (a restarted coordinator) makes the worker register again; heartbeats
+    /// meanwhile keep readiness in step.
+    #[tokio::test]
+    async fn the_worker_registers_until_taken_and_again_once_forgotten() {
+        let script = Script {
+            registrations: [Err(tonic::Status::unavailable("starting"))].into(),
+            heartbeats: [
+                Ok(heartbeat(true, 2)),
+                Err(tonic::Status::unavailable("restarting")),
+                Err(tonic::Status::not_found("unknown worker w-1")),
+            ]
+            .into(),
+            ..Script::default()
+        };
+        let (coordinator, mut requests) = serve(script).await;
+        let worker = ExpertWorker::start(WorkerOptions::in_process(tch::Device::Cpu), WorkerMetrics::new())
+            .expect("the compute thread starts");
+        let (registered, mut registered_as) = watch::channel(None);
+        let readiness = Readiness::not_ready("starting");
+        let joined = tokio::spawn(run(worker.clone(), membership(coordinator), registered, readiness.clone()));
+
+        let register = Asked::Register { name: "worker-a".into(), endpoint: "http://127.0.0.1:1".into() };
+        let heartbeat = Asked::Heartbeat { worker_id: "w-1".into() };
+        assert_eq!(next_asked(&mut requests).await, register, "refused");
+        assert_eq!(next_asked(&mut requests).await, register, "retried");
+        registered_as.wait_for(Option::is_some).await.expect("the membership task runs");
+        assert_eq!(registered_as.borrow().as_deref(), Some("w-1"));
+        assert_eq!(next_asked(&mut requests).await, heartbeat);
+        assert_eq!(next_asked(&mut requests).await, heartbeat, "failed: serves on and beats again");
+        assert_eq!(next_asked(&mut requests).await, heartbeat, "answered NOT_FOUND");
+        assert_eq!(next_asked(&mut requests).await, register, "forgotten: registers again");
+        assert_eq!(next_asked(&mut requests).await, heartbeat);
+        let ready = async {
+            while readiness.not_ready_because().is_some() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), ready).await.expect("ready once every placed expert is held");
+        joined.abort();
+        worker.shutdown().await;
+    }
+
+    fn registered(worker_id: Option<&str>) -> watch::Receiver<Option<String>> {
+        watch::channel(worker_id.map(str::to_owned)).1
+    }
+
+    #[tokio::test]
+    async fn a_drain_waits_until_no_route_names_the_worker_then_settles() {
+        let routed = |experts| Ok(v1::DrainWorkerResponse { routed_experts: experts, ..Default::default() });
+        let script = Script { drains: [routed(3), routed(1)].into(), ..Script::default() };
+        let (coordinator, mut requests) = serve(script).await;
+        let settle = Duration::from_millis(300);
+        let policy = DrainPolicy { timeout: Duration::from_secs(30), settle };
+        let started = tokio::time::Instant::now();
+        drain(&coordinator, &registered(Some("w-1")), policy).await;
+        assert!(started.elapsed() >= settle, "serves on for the settle time after the last route went");
+        for _ in 0..3 {
+            assert_eq!(next_asked(&mut requests).await, Asked::Drain { worker_id: "w-1".into() });
+        }
+        assert!(requests.try_recv().is_err(), "no drain request after the routes went");
+    }
+
+    #[tokio::test]
+    async fn a_drain_the_coordinator_cannot_serve_ends_without_settling() {
+        let long = DrainPolicy { timeout: Duration::from_secs(30), settle: Duration::from_secs(30) };
+        let script = Script { drains: [Err(tonic::Status::unavailable("no leader"))].into(), ..Script::default() };
+        let (coordinator, mut requests) = serve(script).await;
+        tokio::time::timeout(Duration::from_secs(10), drain(&coordinator, &registered(Some("w-1")), long))
+            .await
+            .expect("no coordinator to drain through: stops at once");
+        assert_eq!(next_asked(&mut requests).await, Asked::Drain { worker_id: "w-1".into() });
+
+        let script = Script { drains: [Err(tonic::Status::not_found("unknown worker"))].into(), ..Script::default() };
+        let (coordinator, mut requests) = serve(script).await;
+        let short_settle = DrainPolicy { timeout: Duration::from_secs(30), settle: Duration::from_millis(200) };
+        let started = tokio::time::Instant::now();
+        drain(&coordinator, &registered(Some("w-1")), short_settle).await;
+        assert!(started.elapsed() >= short_settle.settle, "a forgotten worker is routed to no more, but settles");
+        assert_eq!(next_asked(&mut requests).await, Asked::Drain { worker_id: "w-1".into() });
+        assert!(requests.try_recv().is_err(), "asked once");
+
+        let (coordinator, mut requests) = serve(Script::default()).await;
+        tokio::time::timeout(Duration::from_secs(10), drain(&coordinator, &registered(None), long))
+            .await
+            .expect("never registered: nothing to drain");
+        assert!(requests.try_recv().is_err(), "nothing asked");
+    }
+
+    #[tokio::test]
+    async fn a_failed_drain_request_is_asked_again() {
+        let script = Script { drains: [Err(tonic::Status::internal("a bug"))].into(), ..Script::default() };
+        let (coordinator, mut requests) = serve(script).await;
+        let policy = DrainPolicy { timeout: Duration::from_secs(30), settle: Duration::ZERO };
+        tokio::time::timeout(Duration::from_secs(10), drain(&coordinator, &registered(Some("w-1")), policy))
+            .await
+            .expect("the second request finds no route left");
+        for _ in 0..2 {
+            assert_eq!(next_asked(&mut requests).await, Asked::Drain { worker_id: "w-1".into() });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_drain_that_takes_too_long_stops_without_settling() {
+        let routed = Ok(v1::DrainWorkerResponse { routed_experts: 2, ..Default::default() });
+        let script = Script { drains: std::iter::repeat_n(routed, 100).collect(), ..Script::default() };
+        let (coordinator, mut requests) = serve(script).await;
+        let policy = DrainPolicy { timeout: Duration::from_millis(450), settle: Duration::from_secs(30) };
+        tokio::time::timeout(Duration::from_secs(10), drain(&coordinator, &registered(Some("w-1")), policy))
+            .await
+            .expect("gives up after its timeout");
+        let mut asked = 0;
+        while requests.try_recv().is_ok() {
+            asked += 1;
+        }
+        assert!((2..=8).contains(&asked), "polled every {DRAIN_POLL:?} until the timeout: {asked} requests");
+    }
+}
