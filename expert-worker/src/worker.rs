@@ -441,3 +441,100 @@ impl ExpertWorker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{ExpertRowsIn, RowsSource};
+
+    const D_MODEL: usize = 8;
+
+    fn spec() -> ModelSpec {
+        ModelSpec { d_model: D_MODEL as u32, d_ff: 16, experts_per_layer: 2, ..ModelSpec::default_synthetic() }
+    }
+
+    fn expert(expert: u32) -> ExpertId {
+        ExpertId::new(0, expert)
+    }
+
+    /// A worker of identity experts whose every step keeps its compute thread busy for `hold`.
+    fn identity_worker(hold: Duration) -> Arc<ExpertWorker> {
+        let options =
+            WorkerOptions { identity_experts: true, step_hold: hold, ..WorkerOptions::in_process(Device::Cpu) };
+        ExpertWorker::start(options, WorkerMetrics::new()).expect("the compute thread starts")
+    }
+
+    /// `tokens` f32 rows of zeros for `expert`.
+    fn request(request_id: u64, expert: ExpertId, tokens: usize) -> ForwardBatch {
+        let rows = RowsSource::Own(Bytes::from(vec![0u8; tokens * D_MODEL * 4]));
+        let part = ExpertRowsIn { index: 0, expert, dtype: WireDtype::F32, tokens, width: D_MODEL, rows };
+        ForwardBatch { request_id, parts: vec![part], output_dtype: None, token_major: None }
+    }
+
+    fn limits(routed: usize) -> QueueLimits {
+        QueueLimits { routed: Some(routed), shared: None }
+    }
+
+    fn queue_limits(worker: &ExpertWorker) -> Vec<(u32, usize)> {
+        worker.queues().iter().map(|queue| (queue.expert.expert, queue.limit_tokens)).collect()
+    }
+
+    #[tokio::test]
+    async fn loading_resident_experts_again_only_sets_their_limits() {
+        let worker = identity_worker(Duration::ZERO);
+        worker.load_experts(spec(), vec![expert(0)], limits(4)).await.expect("loads");
+        assert_eq!(queue_limits(&worker), [(0, 4)]);
+        let loaded = worker.load_experts(spec(), vec![expert(0), expert(1), expert(1)], limits(9)).await;
+        assert_eq!(loaded.expect("loads"), [expert(0), expert(1)], "a key listed twice is one expert");
+        assert_eq!(queue_limits(&worker), [(0, 9), (1, 9)], "the resident expert takes the new limit too");
+        assert_eq!(worker.resident_experts(), [expert(0), expert(1)]);
+        worker.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn admitted_tokens_count_as_served_and_wait_queued_behind_a_step() {
+        let worker = identity_worker(Duration::from_millis(400));
+        worker.load_experts(spec(), vec![expert(0)], limits(100)).await.expect("loads");
+        let first = tokio::spawn({
+            let worker = worker.clone();
+            async move { worker.forward(request(1, expert(0), 3)).await }
+        });
+        // Wait until the first request's rows left the queue for the step that holds them.
+        let taken = async {
+            while worker.tokens_served() < 3 || worker.queues()[0].queued_tokens > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), taken).await.expect("the first step starts");
+        let second = tokio::spawn({
+            let worker = worker.clone();
+            async move { worker.forward(request(2, expert(0), 2)).await }
+        });
+        let queued = async {
+            while worker.tokens_served() < 5 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), queued).await.expect("the second request is admitted");
+        assert_eq!(worker.queued_tokens(), 2, "the second request waits for the step holding the first");
+        for answered in [first, second] {
+            answered.await.expect("the request task runs").expect("answered");
+        }
+        assert_eq!((worker.tokens_served(), worker.queued_tokens()), (5, 0));
+        worker.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_worker_shut_down_refuses_requests_and_its_compute_thread_ends() {
+        let worker = identity_worker(Duration::ZERO);
+        worker.load_experts(spec(), vec![expert(0)], limits(100)).await.expect("loads");
+        worker.forward(request(1, expert(0), 1)).await.expect("served before the shutdown");
+        worker.shutdown().await;
+        let refused = worker.forward(request(2, expert(0), 1)).await.expect_err("shutting down");
+        assert!(
+            matches!(&refused, WorkerError::Unavailable(reason) if reason.contains("shutting down")),
+            "{refused:?}"
+        );
+        assert!(worker.compute_thread.lock().expect("not poisoned").is_none(), "joined");
+    }
+}
