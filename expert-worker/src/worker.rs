@@ -493,7 +493,7 @@ mod tests {
 
     #[tokio::test]
     async fn admitted_tokens_count_as_served_and_wait_queued_behind_a_step() {
-        let worker = identity_worker(Duration::from_millis(400));
+        let worker = identity_worker(Duration::from_secs(1));
         worker.load_experts(spec(), vec![expert(0)], limits(100)).await.expect("loads");
         let first = tokio::spawn({
             let worker = worker.clone();
