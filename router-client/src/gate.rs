@@ -13,9 +13,7 @@ use crate::projection::Projection;
 
 #[derive(Debug, Clone)]
 pub struct Gate {
-    experts: usize,
-    d_model: usize,
-    /// `W_g [experts, d_model]`.
+    /// `W_g [experts, d_model]`: the gate's width and its experts are this matrix's.
     router: Projection,
     /// `W_noise [experts, d_model]` of noisy top-k gating.
     noise: Option<Projection>,
@@ -53,8 +51,6 @@ impl Gate {
     pub fn from_weights(weights: Vec<f32>, experts: usize, d_model: usize) -> Self {
         assert_eq!(weights.len(), experts * d_model, "gate weights must be [experts, d_model]");
         Self {
-            experts,
-            d_model,
             router: Projection::new(&weights, experts, d_model),
             noise: None,
             logit_bias: None,
@@ -92,7 +88,7 @@ impl Gate {
     }
 
     pub fn d_model(&self) -> usize {
-        self.d_model
+        self.router.d_model()
     }
 
     /// Soft MoE's slot logits `x · Φᵀ`, `[tokens, experts * slots]`. A synthetic gate has seeded slot
@@ -102,7 +98,7 @@ impl Gate {
             Some((spec, layer)) => {
                 let phi =
                     synthetic::soft_slot_weights(spec.seed, *layer, spec.experts_per_layer, slots as u32, spec.d_model);
-                Projection::new(&phi, self.experts * slots, self.d_model)
+                Projection::new(&phi, self.experts() * slots, self.d_model())
             }
             None => self.router.repeat_rows(slots),
         };
@@ -130,7 +126,7 @@ impl Gate {
     /// `sigmoid(x · w_gate)` when the model gates them, else 1.
     pub fn shared_weights(&self, hidden: &[f32], shared_experts: usize) -> Vec<f32> {
         let Some(gate) = &self.shared_gate else {
-            return vec![1.0; hidden.len() / self.d_model * shared_experts];
+            return vec![1.0; hidden.len() / self.d_model() * shared_experts];
         };
         let mut logits = Vec::new();
         gate.project_into(hidden, &mut logits, self.threads);
@@ -143,7 +139,7 @@ impl Gate {
     }
 
     pub fn experts(&self) -> usize {
-        self.experts
+        self.router.rows()
     }
 
     /// Writes the router's raw logits `x · W_gᵀ (+ bias)` of every row of `hidden`
@@ -151,7 +147,7 @@ impl Gate {
     pub fn logits_into(&self, hidden: &[f32], logits: &mut Vec<f32>) {
         self.router.project_into(hidden, logits, self.threads);
         if let Some(bias) = &self.logit_bias {
-            for row in logits.chunks_exact_mut(self.experts) {
+            for row in logits.chunks_exact_mut(self.experts()) {
                 for (logit, bias) in row.iter_mut().zip(bias) {
                     *logit += bias;
                 }

@@ -38,6 +38,10 @@ impl Projection {
         self.rows
     }
 
+    pub fn d_model(&self) -> usize {
+        self.d_model
+    }
+
     /// Each row of `W` `times` times in a row: `[rows * times, d_model]` (a router row per slot).
     pub fn repeat_rows(&self, times: usize) -> Self {
         let transposed = self
@@ -234,7 +238,7 @@ mod tests {
             let hidden: Vec<f32> = (0..tokens * d_model).map(spread).collect();
             let weights: Vec<f32> = (0..rows * d_model).map(|i| spread(i + 13)).collect();
             let projection = Projection::new(&weights, rows, d_model);
-            assert_eq!(projection.rows(), rows);
+            assert_eq!((projection.rows(), projection.d_model()), (rows, d_model));
             let want = naive_products(&hidden, &weights, d_model);
             assert_close(&project(&projection, &hidden, 1), &want, &format!("{tokens} x {rows} x {d_model}"));
         }
