@@ -35,13 +35,43 @@ pub struct Expert {
 #[derive(Debug)]
 struct Ffn {
     activation: Activation,
-    /// `[d_ff, d_model]`.
-    w1: Tensor,
+    /// `w1` (`[d_ff, d_model]`), with `w3` below it for the SwiGLU forms (`[2·d_ff, d_model]`):
+    /// both input projections in one product, whose wider output fills more of a GPU's cores
+    /// than two products of half its width when an expert has few rows.
+    w_in: Tensor,
     /// `[d_model, d_ff]`.
     w2: Tensor,
-    /// `[d_ff, d_model]`; the SwiGLU forms only.
-    w3: Option<Tensor>,
-    /// `[d_ff]`, `[d_model]`, `[d_ff]`: the biases of w1, w2 and w3, when the family has them.
+    /// The biases of `w_in` (`b1`, then `b3`) and of `w2`, when the family has them.
+    b_in: Option<Tensor>,
+    b2: Option<Tensor>,
+    d_ff: i64,
+}
+
+impl Ffn {
+    /// The FFN of `activation` from its matrices as `nn.Linear` keeps them, already on their device
+    /// in their dtype.
+    fn new(activation: Activation, w1: Tensor, w2: Tensor, w3: Option<Tensor>, biases: Biases) -> Self {
+        let Biases { b1, b2, b3 } = biases;
+        let d_ff = w1.size()[0];
+        let (w_in, b_in) = match w3 {
+            None => (w1, b1),
+            Some(w3) => {
+                let w_in = Tensor::cat(&[w1, w3], 0);
+                // A form with biases has both (GPT-OSS); one alone would be the other's zeros.
+                let zeros = || Tensor::zeros([d_ff], (w_in.kind(), w_in.device()));
+                let b_in = match (b1, b3) {
+                    (None, None) => None,
+                    (b1, b3) => Some(Tensor::cat(&[b1.unwrap_or_else(zeros), b3.unwrap_or_else(zeros)], 0)),
+                };
+                (w_in, b_in)
+            }
+        };
+        Self { activation, w_in, w2, b_in, b2, d_ff }
+    }
+}
+
+/// An FFN's optional biases: of `w1`, `w2` and `w3`.
+struct Biases {
     b1: Option<Tensor>,
     b2: Option<Tensor>,
     b3: Option<Tensor>,
@@ -58,15 +88,17 @@ impl Expert {
         let three_matrices = spec.activation.matrices() == 3;
         let biased = spec.expert_bias && !spec.is_shared(expert);
         let bias = |role, size: usize| build(role, 1, size).view([size as i64]);
-        let ffn = Ffn {
-            activation: spec.activation,
-            w1: build(WeightRole::W1, d_ff, d_model),
-            w2: build(WeightRole::W2, d_model, d_ff),
-            w3: three_matrices.then(|| build(WeightRole::W3, d_ff, d_model)),
-            b1: biased.then(|| bias(WeightRole::B1, d_ff)),
-            b2: biased.then(|| bias(WeightRole::B2, d_model)),
-            b3: (biased && three_matrices).then(|| bias(WeightRole::B3, d_ff)),
-        };
+        let ffn = Ffn::new(
+            spec.activation,
+            build(WeightRole::W1, d_ff, d_model),
+            build(WeightRole::W2, d_model, d_ff),
+            three_matrices.then(|| build(WeightRole::W3, d_ff, d_model)),
+            Biases {
+                b1: biased.then(|| bias(WeightRole::B1, d_ff)),
+                b2: biased.then(|| bias(WeightRole::B2, d_model)),
+                b3: (biased && three_matrices).then(|| bias(WeightRole::B3, d_ff)),
+            },
+        );
         Self { ffn: Some(ffn), d_model: d_model as i64, device, dtype }
     }
 
@@ -92,16 +124,23 @@ impl Expert {
         };
         let (d, f) = (d_model as i64, d_ff as i64);
         let biases = weights.biases.as_ref();
-        let ffn = Ffn {
+        debug_assert_eq!(
+            weights.w3.is_some(),
+            activation.matrices() == 3,
+            "{activation} with w3: {}",
+            weights.w3.is_some()
+        );
+        let ffn = Ffn::new(
             activation,
-            w1: build(&weights.w1, &[f, d]),
-            w2: build(&weights.w2, &[d, f]),
-            w3: weights.w3.as_ref().map(|w3| build(w3, &[f, d])),
-            b1: biases.map(|b| build(&b.b1, &[f])),
-            b2: biases.map(|b| build(&b.b2, &[d])),
-            b3: biases.and_then(|b| b.b3.as_ref()).map(|b3| build(b3, &[f])),
-        };
-        debug_assert_eq!(ffn.w3.is_some(), activation.matrices() == 3, "{activation} with w3: {}", ffn.w3.is_some());
+            build(&weights.w1, &[f, d]),
+            build(&weights.w2, &[d, f]),
+            weights.w3.as_ref().map(|w3| build(w3, &[f, d])),
+            Biases {
+                b1: biases.map(|b| build(&b.b1, &[f])),
+                b2: biases.map(|b| build(&b.b2, &[d])),
+                b3: biases.and_then(|b| b.b3.as_ref()).map(|b3| build(b3, &[f])),
+            },
+        );
         Self { ffn: Some(ffn), d_model: d_model as i64, device, dtype }
     }
 
@@ -120,7 +159,7 @@ impl Expert {
         let Some(ffn) = &self.ffn else {
             return 0;
         };
-        [Some(&ffn.w1), Some(&ffn.w2), ffn.w3.as_ref(), ffn.b1.as_ref(), ffn.b2.as_ref(), ffn.b3.as_ref()]
+        [Some(&ffn.w_in), Some(&ffn.w2), ffn.b_in.as_ref(), ffn.b2.as_ref()]
             .into_iter()
             .flatten()
             .map(|tensor| tensor.numel() as u64)
@@ -149,18 +188,22 @@ impl Expert {
         let x = x.to_kind(kind_of(self.dtype));
         let x = &x;
         tch::no_grad(|| {
-            let gate = x.linear(&ffn.w1, ffn.b1.as_ref());
-            let up = || ffn.w3.as_ref().map(|w3| x.linear(w3, ffn.b3.as_ref()));
-            let hidden = match (ffn.activation, up()) {
-                (Activation::SwiGlu, Some(up)) => gate.silu() * up,
-                (Activation::ClampedSwiGlu { alpha, limit }, Some(up)) => {
+            let projected = x.linear(&ffn.w_in, ffn.b_in.as_ref());
+            let gate_and_up = || (projected.narrow(-1, 0, ffn.d_ff), projected.narrow(-1, ffn.d_ff, ffn.d_ff));
+            let hidden = match ffn.activation {
+                Activation::SwiGlu => {
+                    let (gate, up) = gate_and_up();
+                    gate.silu() * up
+                }
+                Activation::ClampedSwiGlu { alpha, limit } => {
+                    let (gate, up) = gate_and_up();
                     let (alpha, limit) = (f64::from(alpha), f64::from(limit));
                     let gate = gate.clamp_max(limit);
                     let glu = &gate * (&gate * alpha).sigmoid();
                     (up.clamp(-limit, limit) + 1.0) * glu
                 }
-                (Activation::Relu, _) => gate.relu(),
-                _ => gate.gelu("none"),
+                Activation::Relu => projected.relu(),
+                Activation::Gelu => projected.gelu("none"),
             };
             hidden.linear(&ffn.w2, ffn.b2.as_ref())
         })
