@@ -14,29 +14,85 @@ const SPLIT_PAYLOAD_BYTES: usize = 4 << 20;
 
 /// The rows `tokens` of `hidden`, encoded as `dtype`, back to back; a large payload encoded by up
 /// to `threads` threads at once, each its share of the rows.
-#[allow(unsafe_code)]
 pub fn gather_rows(hidden: &[f32], d_model: usize, tokens: &[u32], dtype: WireDtype, threads: usize) -> Bytes {
+    gather_requests(hidden, d_model, &[tokens], dtype, threads).pop().unwrap_or_default()
+}
+
+/// [`gather_rows`] of each of `requests`, all of them encoded together by up to `threads` threads,
+/// each an equal share of all their rows: a worker's dispatch split into several requests (one
+/// per connection, each a few MB) is encoded at the pace of the threads, not of one.
+#[allow(unsafe_code)]
+pub fn gather_requests(
+    hidden: &[f32],
+    d_model: usize,
+    requests: &[&[u32]],
+    dtype: WireDtype,
+    threads: usize,
+) -> Vec<Bytes> {
     let row_bytes = dtype.row_bytes(d_model).max(1);
-    let len = tokens.len() * row_bytes;
     // Not `vec![0; len]`: reused heap memory (`switchyard_common::freed_buffers`) would be zeroed
     // in a pass of its own over megabytes, then written again. Each row is zeroed just before it
     // is encoded over, in cache.
-    let mut payload: Vec<u8> = Vec::with_capacity(len);
-    let encode = |(tokens, rows): (&[u32], &mut [MaybeUninit<u8>])| {
+    let mut payloads: Vec<Vec<u8>> =
+        requests.iter().map(|tokens| Vec::with_capacity(tokens.len() * row_bytes)).collect();
+    let total_rows: usize = requests.iter().map(|tokens| tokens.len()).sum();
+    let threads = threads.min(total_rows * row_bytes / SPLIT_PAYLOAD_BYTES).min(total_rows).max(1);
+    let shares = split_rows(
+        requests.iter().zip(&mut payloads).map(|(tokens, payload)| {
+            let rows = &mut payload.spare_capacity_mut()[..tokens.len() * row_bytes];
+            (*tokens, rows)
+        }),
+        row_bytes,
+        total_rows.div_ceil(threads),
+    );
+    on_scoped_threads(shares, |share| {
         let zeros = vec![0u8; row_bytes];
-        for (token, target) in tokens.iter().zip(rows.chunks_exact_mut(row_bytes)) {
-            let start = *token as usize * d_model;
-            wire::encode_row_to(&hidden[start..start + d_model], dtype, target.write_copy_of_slice(&zeros));
+        for (tokens, rows) in share {
+            for (token, target) in tokens.iter().zip(rows.chunks_exact_mut(row_bytes)) {
+                let start = *token as usize * d_model;
+                wire::encode_row_to(&hidden[start..start + d_model], dtype, target.write_copy_of_slice(&zeros));
+            }
         }
-    };
-    let threads = threads.min(len / SPLIT_PAYLOAD_BYTES).min(tokens.len()).max(1);
-    let per_thread = tokens.len().div_ceil(threads).max(1);
-    let rows = payload.spare_capacity_mut()[..len].chunks_mut(per_thread * row_bytes);
-    on_scoped_threads(tokens.chunks(per_thread).zip(rows), encode);
-    // SAFETY: the capacity is `len`, and the threads above wrote each of its bytes: row by row,
-    // `tokens.len()` rows of `row_bytes`, each through `write_copy_of_slice` before its encode.
-    unsafe { payload.set_len(len) };
-    Bytes::from(payload)
+    });
+    payloads
+        .into_iter()
+        .zip(requests)
+        .map(|(mut payload, tokens)| {
+            // SAFETY: the capacity is `tokens.len() * row_bytes`, and the shares above, which
+            // cover every row of every request once, wrote each of its bytes: row by row, each
+            // through `write_copy_of_slice` before its encode.
+            unsafe { payload.set_len(tokens.len() * row_bytes) };
+            Bytes::from(payload)
+        })
+        .collect()
+}
+
+/// Tokens and the payload bytes their rows are encoded into.
+type Run<'a> = (&'a [u32], &'a mut [MaybeUninit<u8>]);
+
+/// The runs of `requests`, in order, dealt into shares of `per_share` rows each (the last one
+/// shorter): a run that crosses a share's end is cut there.
+fn split_rows<'a>(
+    requests: impl IntoIterator<Item = Run<'a>>,
+    row_bytes: usize,
+    per_share: usize,
+) -> Vec<Vec<Run<'a>>> {
+    let mut shares = vec![Vec::new()];
+    let mut room = per_share;
+    for (mut tokens, mut rows) in requests {
+        while !tokens.is_empty() {
+            if room == 0 {
+                shares.push(Vec::new());
+                room = per_share;
+            }
+            let taken = room.min(tokens.len());
+            let (head_tokens, tail_tokens) = tokens.split_at(taken);
+            let (head_rows, tail_rows) = rows.split_at_mut(taken * row_bytes);
+            shares.last_mut().expect("one share at least").push((head_tokens, head_rows));
+            (tokens, rows, room) = (tail_tokens, tail_rows, room - taken);
+        }
+    }
+    shares
 }
 
 /// Decodes `payload`, rows of `d_model`, into `scratch` (resized, reused across experts of one call).
@@ -55,10 +111,11 @@ pub fn accumulate(y: &mut [f32], d_model: usize, tokens: &[u32], weights: &[f32]
     }
 }
 
-/// `y[token] += row` for each row of `rows`: a worker's per-token sums, already weighted.
-pub fn add_rows(y: &mut [f32], d_model: usize, tokens: &[u32], rows: &[f32]) {
+/// `y[token] += row` for each row of `rows`: a worker's per-token sums, already weighted. `y`
+/// starts at value `y_start` of the whole output (a thread's own range of it).
+pub fn add_rows_from(y: &mut [f32], y_start: usize, d_model: usize, tokens: &[u32], rows: &[f32]) {
     for (token, row) in tokens.iter().zip(rows.chunks_exact(d_model)) {
-        let start = *token as usize * d_model;
+        let start = *token as usize * d_model - y_start;
         for (out, value) in y[start..start + d_model].iter_mut().zip(row) {
             *out += value;
         }
@@ -91,5 +148,38 @@ mod tests {
             assert!(alone.len() >= 2 * SPLIT_PAYLOAD_BYTES, "{dtype}: large enough to split");
             assert_eq!(gather_rows(&hidden, d_model, &tokens, dtype, 3), alone, "{dtype}");
         }
+    }
+
+    /// A worker's dispatch in several requests, each too small to split alone, is encoded by
+    /// several threads together, into the same bytes each request has encoded alone.
+    #[test]
+    fn requests_encoded_together_are_each_the_bytes_encoded_alone() {
+        let (rows, d_model) = (3001, 2048);
+        let hidden: Vec<f32> = (0..rows * d_model).map(|i| ((i * 7919) % 4001) as f32 / 1000.0 - 2.0).collect();
+        let tokens: Vec<u32> = (0..rows as u32).rev().collect();
+        let requests: Vec<&[u32]> = vec![&tokens[..700], &tokens[700..1400], &[], &tokens[1400..]];
+        for dtype in [WireDtype::F32, WireDtype::Bf16] {
+            let together = gather_requests(&hidden, d_model, &requests, dtype, 4);
+            assert_eq!(together.len(), requests.len());
+            for (payload, request) in together.iter().zip(&requests) {
+                assert_eq!(*payload, gather_rows(&hidden, d_model, request, dtype, 1), "{dtype}");
+            }
+        }
+    }
+
+    /// Shares take whole runs while they fit and cut a run at a share's end; every row lands in
+    /// exactly one share, in order.
+    #[test]
+    fn rows_are_dealt_into_equal_shares_across_requests() {
+        let tokens: Vec<u32> = (0..10).collect();
+        let mut targets = [MaybeUninit::<u8>::uninit(); 10 * 2];
+        let (first, rest) = targets.split_at_mut(3 * 2);
+        let requests = vec![(&tokens[..3], first), (&tokens[3..], rest)];
+        let shares = split_rows(requests, 2, 4);
+        let runs: Vec<Vec<(Vec<u32>, usize)>> = shares
+            .iter()
+            .map(|share| share.iter().map(|(tokens, rows)| (tokens.to_vec(), rows.len())).collect())
+            .collect();
+        assert_eq!(runs, [vec![(vec![0, 1, 2], 6), (vec![3], 2)], vec![(vec![4, 5, 6, 7], 8)], vec![(vec![8, 9], 4)],]);
     }
 }

@@ -15,7 +15,7 @@ use switchyard_model::ExpertId;
 use switchyard_proto::v1;
 use switchyard_proto::wire::{self, WireDtype};
 
-use crate::codec::gather_rows;
+use crate::codec::{gather_requests, gather_rows};
 use crate::error::ClientError;
 use crate::replicas::Choice;
 use crate::router::ExpertAssignments;
@@ -121,11 +121,22 @@ pub fn pack_token_choices(
     let token_starts: Vec<usize> =
         (0..choices.len()).filter(|&at| at == 0 || choices[at].0 != choices[at - 1].0).collect();
     let tokens_per_request = call.rows_per_request(token_starts.len());
-    let mut requests: Vec<PlannedRequest> = token_starts
+    let chunks: Vec<(&[usize], usize)> = token_starts
         .chunks(tokens_per_request)
         .enumerate()
         .map(|(chunk, starts)| {
-            let end = token_starts.get((chunk + 1) * tokens_per_request).copied().unwrap_or(choices.len());
+            (starts, token_starts.get((chunk + 1) * tokens_per_request).copied().unwrap_or(choices.len()))
+        })
+        .collect();
+    let token_ids: Vec<Vec<u32>> =
+        chunks.iter().map(|(starts, _)| starts.iter().map(|&start| choices[start].0).collect()).collect();
+    let token_lists: Vec<&[u32]> = token_ids.iter().map(Vec::as_slice).collect();
+    let payloads = gather_requests(hidden, d_model, &token_lists, dtype, threads);
+    let mut requests: Vec<PlannedRequest> = chunks
+        .into_iter()
+        .zip(token_ids)
+        .zip(payloads)
+        .map(|(((starts, end), token_ids), payload)| {
             let pairs = &choices[starts[0]..end];
             let mut offsets = Vec::with_capacity(4 * (starts.len() + 1));
             for start in starts.iter().chain(std::iter::once(&end)) {
@@ -136,7 +147,6 @@ pub fn pack_token_choices(
                 experts.extend(expert.to_le_bytes());
                 weights.extend(weight.to_le_bytes());
             }
-            let token_ids: Vec<u32> = starts.iter().map(|&start| choices[start].0).collect();
             let mut answered: Vec<u32> = pairs.iter().map(|(_, expert, _)| *expert).collect();
             answered.sort_unstable();
             answered.dedup();
@@ -149,7 +159,7 @@ pub fn pack_token_choices(
                     rows: Some(v1::WireTensor {
                         dtype: dtype.to_proto() as i32,
                         shape: vec![token_ids.len() as u64, d_model as u64],
-                        data: gather_rows(hidden, d_model, &token_ids, dtype, threads),
+                        data: payload,
                     }),
                     offsets: offsets.into(),
                     experts: experts.into(),

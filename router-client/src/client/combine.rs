@@ -13,7 +13,7 @@ use switchyard_proto::wire::WireDtype;
 
 use super::LayerOutput;
 use super::plan::{CallPlan, book_requests, worker_call_of};
-use crate::codec::{add_rows, decode_rows};
+use crate::codec::{add_rows_from, decode_rows};
 use crate::cpu::CpuPool;
 use crate::dispatch::{PlannedRequest, TokenPlan};
 use crate::error::ClientError;
@@ -189,6 +189,80 @@ fn answer_bytes(response: &v1::ForwardResponse) -> usize {
 /// stay in cache between the two passes (224 KiB of f32 at DeepEP's 7168 values).
 const COMBINE_BLOCK_ROWS: usize = 8;
 
+/// A token-major answer of at least this many bytes per thread is summed by several threads at
+/// once, each into its own range of the output. Small enough to split one stripe's answer
+/// (DeepEP-normal over 8 connections: 7 MB each), as answers are summed one at a time.
+const SPLIT_SUM_BYTES: usize = 1 << 20;
+
+/// A token-major answer's rows (or a run of them): one weighted sum per token, for `tokens` in
+/// order.
+#[derive(Clone, Copy)]
+struct TokenRows<'a> {
+    d_model: usize,
+    dtype: WireDtype,
+    tokens: &'a [u32],
+    data: &'a [u8],
+}
+
+impl<'a> TokenRows<'a> {
+    /// Decodes the rows and adds each into `output`, whose first row is token `first_token`'s,
+    /// a block at a time; returns the time spent decoding and adding.
+    fn add_into(&self, output: &mut [f32], first_token: u32, scratch: &mut Vec<f32>) -> (Duration, Duration) {
+        let (mut decode, mut combine) = (Duration::ZERO, Duration::ZERO);
+        let block_bytes = COMBINE_BLOCK_ROWS * self.dtype.row_bytes(self.d_model);
+        let blocks = self.tokens.chunks(COMBINE_BLOCK_ROWS).zip(self.data.chunks(block_bytes.max(1)));
+        for (block_tokens, block) in blocks {
+            let phase = Instant::now();
+            decode_rows(block, self.d_model, self.dtype, scratch);
+            let decoded = Instant::now();
+            let start = first_token as usize * self.d_model;
+            add_rows_from(output, start, self.d_model, block_tokens, scratch);
+            decode += decoded - phase;
+            combine += decoded.elapsed();
+        }
+        (decode, combine)
+    }
+
+    /// The rows cut into up to `threads` runs of consecutive rows, each with the range of
+    /// `output` its tokens fall in (disjoint, since a token-major answer lists its tokens in
+    /// ascending order; `None` when it does not, or when one part would do).
+    fn parts<'o>(&self, output: &'o mut [f32], threads: usize) -> Option<Vec<(TokenRows<'a>, &'o mut [f32], u32)>> {
+        let ascending = self.tokens.windows(2).all(|pair| pair[0] < pair[1]);
+        if threads < 2 || !ascending {
+            return None;
+        }
+        let per_part = self.tokens.len().div_ceil(threads);
+        let row_bytes = self.dtype.row_bytes(self.d_model);
+        let mut parts = Vec::with_capacity(threads);
+        let (mut rest, mut rest_first) = (output, 0u32);
+        for (tokens, data) in self.tokens.chunks(per_part).zip(self.data.chunks(per_part * row_bytes)) {
+            let (first, last) = (tokens[0], tokens[tokens.len() - 1]);
+            let skipped = (first - rest_first) as usize * self.d_model;
+            let (own, after) = rest.split_at_mut((last - rest_first + 1) as usize * self.d_model);
+            parts.push((TokenRows { tokens, data, ..*self }, &mut own[skipped..], first));
+            (rest, rest_first) = (after, last + 1);
+        }
+        Some(parts)
+    }
+}
+
+/// Sums each part on a thread of its own; the wall time, split between decoding and adding in
+/// the proportion of the threads' own times.
+fn sum_in_parts(parts: Vec<(TokenRows<'_>, &mut [f32], u32)>) -> (Duration, Duration) {
+    let started = Instant::now();
+    let times = Mutex::new((Duration::ZERO, Duration::ZERO));
+    crate::cpu::on_scoped_threads(parts, |(rows, output, first_token)| {
+        let (decode, combine) = rows.add_into(output, first_token, &mut Vec::new());
+        let mut times = lock(&times);
+        times.0 += decode;
+        times.1 += combine;
+    });
+    let (decode, combine) = times.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let wall = started.elapsed();
+    let share = decode.as_secs_f64() / (decode + combine).as_secs_f64().max(f64::MIN_POSITIVE);
+    (wall.mul_f64(share), wall.saturating_sub(wall.mul_f64(share)))
+}
+
 /// The call's output, summed answer by answer on the CPU pool.
 #[derive(Debug, Default)]
 pub(super) struct Sums {
@@ -224,16 +298,12 @@ impl Sums {
         let (mut decode, mut combine) = (Duration::ZERO, Duration::ZERO);
         if let (Some(tokens), Some(combined)) = (&planned.token_major, &response.combined) {
             let Ok(dtype) = WireDtype::try_from(combined.dtype) else { return };
-            let block_bytes = COMBINE_BLOCK_ROWS * dtype.row_bytes(plan.d_model);
-            let blocks = tokens.tokens.chunks(COMBINE_BLOCK_ROWS).zip(combined.data.chunks(block_bytes.max(1)));
-            for (block_tokens, block) in blocks {
-                let phase = Instant::now();
-                decode_rows(block, plan.d_model, dtype, &mut self.scratch);
-                let decoded = Instant::now();
-                add_rows(&mut self.output, plan.d_model, block_tokens, &self.scratch);
-                decode += decoded - phase;
-                combine += decoded.elapsed();
-            }
+            let rows = TokenRows { d_model: plan.d_model, dtype, tokens: &tokens.tokens, data: &combined.data };
+            let threads = plan.cpu_threads.min(combined.data.len() / SPLIT_SUM_BYTES).max(1);
+            let (decode, combine) = match rows.parts(&mut self.output, threads) {
+                Some(parts) => sum_in_parts(parts),
+                None => rows.add_into(&mut self.output, 0, &mut self.scratch),
+            };
             self.per_request.push((planned.endpoint.clone(), decode, combine));
             return;
         }
@@ -315,4 +385,62 @@ fn check_output<'a>(
         )));
     }
     Ok((dtype, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use switchyard_proto::wire::encode_rows;
+
+    use super::*;
+
+    const D_MODEL: usize = 3;
+
+    /// Every other token of 0..2·`tokens`, each row `[token + 0.25, -token, 0.5]` as bf16.
+    fn answer(tokens: usize) -> (Vec<u32>, Bytes) {
+        let ids: Vec<u32> = (0..tokens as u32).map(|token| 2 * token + 1).collect();
+        let values: Vec<f32> = ids.iter().flat_map(|&token| [token as f32 + 0.25, -(token as f32), 0.5]).collect();
+        (ids, encode_rows(&values, D_MODEL, WireDtype::Bf16))
+    }
+
+    fn summed(rows: &TokenRows<'_>, threads: usize, outputs: usize) -> Vec<f32> {
+        let mut output: Vec<f32> = (0..outputs * D_MODEL).map(|value| value as f32 / 8.0).collect();
+        match rows.parts(&mut output, threads) {
+            Some(parts) => {
+                assert_eq!(parts.len(), threads.min(rows.tokens.len()));
+                sum_in_parts(parts);
+            }
+            None => {
+                rows.add_into(&mut output, 0, &mut Vec::new());
+            }
+        }
+        output
+    }
+
+    /// An answer summed by several threads, each into its own range of the output, leaves the
+    /// output equal bit for bit to the sum of one thread, the rows of tokens it lacks untouched.
+    #[test]
+    fn an_answer_summed_in_parts_equals_it_summed_alone() {
+        let (tokens, data) = answer(37);
+        let rows = TokenRows { d_model: D_MODEL, dtype: WireDtype::Bf16, tokens: &tokens, data: &data };
+        let alone = summed(&rows, 1, 80);
+        for threads in [2, 3, 8] {
+            assert_eq!(summed(&rows, threads, 80), alone, "{threads} threads");
+        }
+        assert_eq!(alone[..D_MODEL], [0.0, 0.125, 0.25], "token 0 is in no answer row");
+        assert_eq!(alone[D_MODEL..2 * D_MODEL], [0.375 + 1.25, 0.5 - 1.0, 0.625 + 0.5], "token 1's row added");
+        assert_eq!(alone[75 * D_MODEL..][..D_MODEL], [28.125, 28.25, 28.375], "past the last token: untouched");
+    }
+
+    /// Tokens out of order could share an output range between two threads: they are summed by one.
+    #[test]
+    fn tokens_out_of_order_are_summed_by_one_thread() {
+        let (mut tokens, data) = answer(8);
+        tokens.swap(2, 5);
+        let rows = TokenRows { d_model: D_MODEL, dtype: WireDtype::Bf16, tokens: &tokens, data: &data };
+        assert!(rows.parts(&mut vec![0.0; 20 * D_MODEL], 4).is_none());
+        let (ascending, _) = answer(8);
+        let rows = TokenRows { tokens: &ascending, ..rows };
+        assert!(rows.parts(&mut vec![0.0; 20 * D_MODEL], 1).is_none(), "one thread: no parts");
+    }
 }

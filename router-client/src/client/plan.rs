@@ -309,7 +309,7 @@ pub(super) struct CallPlan {
     split_bytes: usize,
     stripes: usize,
     chunked: bool,
-    cpu_threads: usize,
+    pub(super) cpu_threads: usize,
     pub(super) worker_calls: Vec<WorkerCall>,
     /// (expert, assignments) overflowed because throttling held their worker back.
     pub(super) throttled: Vec<(u32, usize)>,
