@@ -11,11 +11,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use switchyard_model::ExpertId;
 use switchyard_proto::v1;
 use switchyard_proto::wire::{self, WireDtype};
 
-use crate::codec::{gather_requests, gather_rows};
+use crate::codec::gather_requests;
 use crate::error::ClientError;
 use crate::replicas::Choice;
 use crate::router::ExpertAssignments;
@@ -417,6 +418,9 @@ pub fn pack_pieces(
     let mut requests = Vec::new();
     let mut current = new_request(endpoint, dtype);
     let mut current_rows = 0;
+    // The batches whose rows are gathered from `hidden`, as (request, batch, tokens): encoded all
+    // together once every request is laid out, over the call's threads.
+    let mut gathered: Vec<(usize, usize, &[u32])> = Vec::new();
     for piece in pieces {
         let group = &groups[piece.group];
         let mut start = piece.start;
@@ -428,7 +432,10 @@ pub fn pack_pieces(
             let end = piece.end.min(start + rows_per_request - current_rows);
             let data = match &group.slots {
                 Some(slots) => wire::encode_rows(&slots.inputs[start * d_model..end * d_model], d_model, dtype),
-                None => gather_rows(hidden, d_model, &group.tokens[start..end], dtype, threads),
+                None => {
+                    gathered.push((requests.len(), current.request.batches.len(), &group.tokens[start..end]));
+                    Bytes::new()
+                }
             };
             current.request.batches.push(v1::ExpertRows {
                 expert: Some(ExpertId::new(layer, group.expert).into()),
@@ -445,6 +452,13 @@ pub fn pack_pieces(
     }
     if !current.pieces.is_empty() {
         requests.push(current);
+    }
+    let token_lists: Vec<&[u32]> = gathered.iter().map(|(_, _, tokens)| *tokens).collect();
+    let payloads = gather_requests(hidden, d_model, &token_lists, dtype, threads);
+    for ((request, batch, _), payload) in gathered.into_iter().zip(payloads) {
+        if let Some(rows) = &mut requests[request].request.batches[batch].rows {
+            rows.data = payload;
+        }
     }
     call.assign_streams(rows, &mut requests);
     requests
@@ -691,6 +705,54 @@ pub(crate) mod tests {
         let choices: Vec<(u32, u32, f32)> = (0..rows as u32).map(|token| (token, token % 8, 1.0)).collect();
         let requests = pack_token_choices(&Arc::from("w"), choices, call);
         requests.iter().map(|planned| (planned.stream, planned.rows())).collect()
+    }
+
+    /// 12 MB of f32 rows (1 KiB each), row `t` holding `t` and its column: each row tells whose it is.
+    fn numbered_rows(rows: usize) -> Vec<f32> {
+        (0..rows * 256).map(|value| (value / 256) as f32 + (value % 256) as f32 / 256.0).collect()
+    }
+
+    fn rows_of(hidden: &[f32], tokens: &[u32]) -> Vec<f32> {
+        tokens.iter().flat_map(|&token| hidden[token as usize * 256..][..256].iter().copied()).collect()
+    }
+
+    fn decoded(rows: Option<&v1::WireTensor>) -> Vec<f32> {
+        rows.map_or_else(Vec::new, |rows| wire::decode_f32(&rows.data, WireDtype::F32))
+    }
+
+    /// The call's rows, gathered over several threads for all of a worker's requests together,
+    /// land each in its own batch: expert-major batches hold their pieces' tokens' rows.
+    #[test]
+    fn expert_major_batches_carry_their_own_tokens_rows() {
+        let rows = 12 * 1024;
+        let hidden = numbered_rows(rows);
+        let reversed = ExpertAssignments { tokens: (0..rows as u32).rev().step_by(3).collect(), ..group(1, 0) };
+        let groups = [group(0, rows), reversed];
+        let call = CallRows { threads: 4, ..f32_call(&hidden, 256, 1 << 20) };
+        let requests = pack_pieces(&Arc::from("w"), &whole(&groups), &groups, call);
+        assert!(requests.len() > 10, "{} requests", requests.len());
+        for planned in &requests {
+            for (piece, batch) in planned.pieces.iter().zip(&planned.request.batches) {
+                let tokens = &groups[piece.group].tokens[piece.start..piece.end];
+                assert_eq!(decoded(batch.rows.as_ref()), rows_of(&hidden, tokens));
+            }
+        }
+    }
+
+    /// Token-major requests hold their own tokens' rows, in their order.
+    #[test]
+    fn token_major_requests_carry_their_own_tokens_rows() {
+        let rows = 12 * 1024;
+        let hidden = numbered_rows(rows);
+        let choices: Vec<(u32, u32, f32)> = (0..rows as u32).map(|token| (token, token % 8, 1.0)).collect();
+        let call = CallRows { threads: 4, ..f32_call(&hidden, 256, 1 << 20) };
+        let requests = pack_token_choices(&Arc::from("w"), choices, call);
+        assert!(requests.len() > 10, "{} requests", requests.len());
+        for planned in &requests {
+            let tokens = &planned.token_major.as_ref().expect("token-major").tokens;
+            let sent = planned.request.tokens.as_ref().and_then(|rows| rows.rows.as_ref());
+            assert_eq!(decoded(sent), rows_of(&hidden, tokens));
+        }
     }
 
     #[test]
