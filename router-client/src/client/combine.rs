@@ -405,14 +405,12 @@ mod tests {
 
     fn summed(rows: &TokenRows<'_>, threads: usize, outputs: usize) -> Vec<f32> {
         let mut output: Vec<f32> = (0..outputs * D_MODEL).map(|value| value as f32 / 8.0).collect();
-        match rows.parts(&mut output, threads) {
-            Some(parts) => {
-                assert_eq!(parts.len(), threads.min(rows.tokens.len()));
-                sum_in_parts(parts);
-            }
-            None => {
-                rows.add_into(&mut output, 0, &mut Vec::new());
-            }
+        if threads == 1 {
+            rows.add_into(&mut output, 0, &mut Vec::new());
+        } else {
+            let parts = rows.parts(&mut output, threads).expect("ascending tokens split");
+            assert_eq!(parts.len(), threads.min(rows.tokens.len()));
+            sum_in_parts(parts);
         }
         output
     }
@@ -432,15 +430,20 @@ mod tests {
         assert_eq!(alone[75 * D_MODEL..][..D_MODEL], [28.125, 28.25, 28.375], "past the last token: untouched");
     }
 
-    /// Tokens out of order could share an output range between two threads: they are summed by one.
+    /// Tokens out of order or repeated could share an output range between two threads: they are
+    /// summed by one.
     #[test]
-    fn tokens_out_of_order_are_summed_by_one_thread() {
+    fn tokens_out_of_order_or_repeated_are_summed_by_one_thread() {
         let (mut tokens, data) = answer(8);
         tokens.swap(2, 5);
         let rows = TokenRows { d_model: D_MODEL, dtype: WireDtype::Bf16, tokens: &tokens, data: &data };
         assert!(rows.parts(&mut vec![0.0; 20 * D_MODEL], 4).is_none());
+        let repeated = [1, 3, 3, 5, 7, 9, 11, 13];
+        let rows = TokenRows { tokens: &repeated, ..rows };
+        assert!(rows.parts(&mut vec![0.0; 20 * D_MODEL], 4).is_none(), "a token twice");
         let (ascending, _) = answer(8);
         let rows = TokenRows { tokens: &ascending, ..rows };
         assert!(rows.parts(&mut vec![0.0; 20 * D_MODEL], 1).is_none(), "one thread: no parts");
+        assert!(rows.parts(&mut vec![0.0; 20 * D_MODEL], 2).is_some(), "two threads: two parts");
     }
 }
