@@ -677,6 +677,117 @@ mod tests {
         }
     }
 
+    /// A body of ready chunks counts down the bytes it has left and ends once its trailers are out.
+    #[test]
+    fn a_chunk_body_counts_down_its_bytes_and_ends_after_its_trailers() {
+        use http_body::Body;
+        let mut body = ChunkBody::new(vec![Bytes::from_static(b"abc"), Bytes::from_static(b"defgh")], trailers("0"));
+        let mut context = Context::from_waker(Waker::noop());
+        let mut next = |body: &mut ChunkBody| match Pin::new(body).poll_frame(&mut context) {
+            Poll::Ready(Some(Ok(frame))) => Some(frame),
+            Poll::Ready(None) => None,
+            Poll::Ready(Some(Err(never))) => match never {},
+            Poll::Pending => panic!("a body of ready chunks never waits"),
+        };
+        let exact = |body: &ChunkBody| (body.size_hint().exact(), body.is_end_stream());
+        assert_eq!(exact(&body), (Some(8), false));
+        assert_eq!(next(&mut body).and_then(|frame| frame.into_data().ok()), Some(Bytes::from_static(b"abc")));
+        assert_eq!(exact(&body), (Some(5), false));
+        assert_eq!(next(&mut body).and_then(|frame| frame.into_data().ok()).map(|data| data.len()), Some(5));
+        assert_eq!(exact(&body), (Some(0), false), "the trailers are still to go");
+        assert!(next(&mut body).is_some_and(|frame| frame.is_trailers()));
+        assert_eq!(exact(&body), (Some(0), true));
+        assert!(next(&mut body).is_none());
+    }
+
+    /// A channel that records the request it is given and answers with `response`.
+    struct Answering {
+        response: Option<http::Response<tonic::body::Body>>,
+        sent: Option<http::Request<Vec<Bytes>>>,
+    }
+
+    impl Answering {
+        fn with(status: StatusCode, headers: &[(&'static str, &'static str)], body: ChunkBody) -> Self {
+            let mut response = http::Response::new(tonic::body::Body::new(body));
+            *response.status_mut() = status;
+            for (name, value) in headers {
+                response.headers_mut().insert(*name, HeaderValue::from_static(value));
+            }
+            Self { response: Some(response), sent: None }
+        }
+    }
+
+    impl CallChannel for Answering {
+        async fn send(
+            &mut self,
+            request: http::Request<Vec<Bytes>>,
+        ) -> Result<http::Response<tonic::body::Body>, Status> {
+            self.sent = Some(request);
+            self.response.take().ok_or_else(|| Status::internal("asked twice"))
+        }
+    }
+
+    fn forward_request() -> v1::ForwardRequest {
+        v1::ForwardRequest { request_id: 9, sequence: 4, ..Default::default() }
+    }
+
+    /// A unary call sends its message as one gRPC frame with gRPC's headers to the method's path,
+    /// and returns the one answer once the status after it is OK.
+    #[test]
+    fn a_unary_call_sends_its_message_and_returns_the_answer() {
+        let answer = combined_answer(4, Bytes::from(vec![5; 300]));
+        let frames = encode_frame(&answer).expect("encodes");
+        let mut channel = Answering::with(StatusCode::OK, &[], ChunkBody::new(frames, trailers("0")));
+        let path = "/switchyard.v1.ExpertWorker/Forward";
+        let read: v1::ForwardResponse =
+            block_on(unary(&mut channel, path, tonic::Request::new(forward_request()), 1 << 20)).expect("answered");
+        assert_eq!(read, answer);
+        let sent = channel.sent.expect("a request was sent");
+        assert_eq!((sent.method(), sent.uri().path()), (&Method::POST, path));
+        assert_eq!(sent.headers()[header::CONTENT_TYPE], "application/grpc");
+        assert_eq!(sent.headers()[header::TE], "trailers");
+        assert_eq!(sent.body().concat(), encode_frame(&forward_request()).expect("encodes").concat());
+    }
+
+    /// A status in the response's headers alone is the call's error, and so is an HTTP error that
+    /// carries no gRPC status (mapped as tonic maps it); an OK status there is no error.
+    #[test]
+    fn a_failure_in_the_headers_is_the_calls_error() {
+        let call = |status, headers: &[(&'static str, &'static str)], body| {
+            let mut channel = Answering::with(status, headers, body);
+            block_on(unary::<_, _, v1::ForwardResponse>(
+                &mut channel,
+                "/switchyard.v1.ExpertWorker/Forward",
+                tonic::Request::new(forward_request()),
+                1 << 20,
+            ))
+        };
+        let empty = || ChunkBody::new(Vec::new(), None);
+        let refused =
+            call(StatusCode::OK, &[("grpc-status", "14"), ("grpc-message", "draining")], empty()).unwrap_err();
+        assert_eq!((refused.code(), refused.message()), (Code::Unavailable, "draining"));
+        let unavailable = call(StatusCode::SERVICE_UNAVAILABLE, &[], empty()).unwrap_err();
+        assert_eq!(unavailable.code(), Code::Unavailable);
+        assert!(unavailable.message().ends_with("HTTP status code 503"), "{unavailable:?}");
+        let answer = combined_answer(1, Bytes::from(vec![2; 8]));
+        let body = ChunkBody::new(encode_frame(&answer).expect("encodes"), trailers("0"));
+        assert_eq!(call(StatusCode::OK, &[("grpc-status", "0")], body).expect("an OK status is no error"), answer);
+    }
+
+    /// The answer size bound counts the message's own bytes: one of exactly the bound is read.
+    #[test]
+    fn an_answer_of_exactly_the_bound_is_read() {
+        let answer = combined_answer(2, Bytes::from(vec![1; 1000]));
+        let length = answer.encoded_len();
+        let read = |max_bytes| {
+            let frames = encode_frame(&answer).expect("encodes");
+            let body = tonic::body::Body::new(ChunkBody::new(frames, trailers("0")));
+            block_on(Answers::<v1::ForwardResponse>::new(body, max_bytes, Reader::Client).single())
+        };
+        assert_eq!(read(length).expect("at the bound"), answer);
+        assert_eq!(read(length - 1).unwrap_err().code(), Code::OutOfRange);
+    }
+
     /// A response body whose frames come as the test sends them.
     struct FramesAsSent(futures::channel::mpsc::UnboundedReceiver<http_body::Frame<Bytes>>);
 
