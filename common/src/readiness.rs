@@ -103,6 +103,21 @@ impl Readiness {
 mod tests {
     use super::*;
 
+    /// Readiness follows its setters, and once the process is stopping it stays not ready.
+    #[test]
+    fn readiness_follows_its_setters_until_the_process_stops() {
+        let readiness = Readiness::not_ready("loading");
+        assert_eq!(readiness.not_ready_because().as_deref(), Some("loading"));
+        readiness.set_ready();
+        assert_eq!(readiness.not_ready_because(), None);
+        readiness.set_not_ready("draining");
+        assert_eq!(readiness.not_ready_because().as_deref(), Some("draining"));
+        readiness.stopping("shutting down");
+        readiness.set_ready();
+        assert!(readiness.is_stopping());
+        assert_eq!(readiness.not_ready_because().as_deref(), Some("shutting down"), "stopping is for good");
+    }
+
     #[tokio::test]
     async fn the_health_service_follows_readiness_and_the_unnamed_one_stays_serving() {
         use tonic_health::pb::health_check_response::ServingStatus as Wire;
