@@ -152,9 +152,7 @@ impl Combine {
         // the last answer is on the critical path, split in the proportion of the two phases.
         let decode: Duration = sums.per_request.iter().map(|(_, decode, _)| *decode).sum();
         let combine: Duration = sums.per_request.iter().map(|(_, _, combine)| *combine).sum();
-        let share = decode.as_secs_f64() / (decode + combine).as_secs_f64().max(f64::MIN_POSITIVE);
-        timing.decode = summing_tail.mul_f64(share);
-        timing.combine = summing_tail - timing.decode;
+        (timing.decode, timing.combine) = in_proportion(summing_tail, decode, combine);
         let mut bytes = ByteCounts::default();
         for worker_call in &self.worker_calls {
             bytes += worker_call.bytes;
@@ -258,9 +256,14 @@ fn sum_in_parts(parts: Vec<(TokenRows<'_>, &mut [f32], u32)>) -> (Duration, Dura
         times.1 += combine;
     });
     let (decode, combine) = times.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let wall = started.elapsed();
+    in_proportion(started.elapsed(), decode, combine)
+}
+
+/// `wall` split between decoding and adding in the proportion of `decode` to `combine`.
+fn in_proportion(wall: Duration, decode: Duration, combine: Duration) -> (Duration, Duration) {
     let share = decode.as_secs_f64() / (decode + combine).as_secs_f64().max(f64::MIN_POSITIVE);
-    (wall.mul_f64(share), wall.saturating_sub(wall.mul_f64(share)))
+    let decode_share = wall.mul_f64(share);
+    (decode_share, wall.saturating_sub(decode_share))
 }
 
 /// The call's output, summed answer by answer on the CPU pool.
