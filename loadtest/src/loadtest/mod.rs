@@ -270,8 +270,9 @@ mod tests {
     use hdrhistogram::Histogram;
     use switchyard_model::ModelSpec;
     use switchyard_reference::{ReferenceConfig, ReferenceLayer};
-    use switchyard_router_client::ledger::WorkerCall;
+    use switchyard_router_client::ledger::{RpcTiming, WorkerCall};
     use switchyard_router_client::router::RoutingSummary;
+    use switchyard_router_client::stats::RouterStats;
     use switchyard_router_client::timing::{ByteCounts, TimeBreakdown};
 
     use super::report::{micros, micros_histogram};
@@ -293,6 +294,12 @@ mod tests {
         assert_eq!(ramp_rate(&stages, Duration::from_secs(15)), 1_000.0);
         assert_eq!(ramp_rate(&stages, Duration::from_millis(23_500)), 300.0);
         assert_eq!(ramp_rate(&stages, Duration::from_secs(30)), 0.0);
+        // A ramp that ends at its peak offers nothing from its last instant on: the run is over.
+        let rising = [Stage { duration: Duration::from_secs(10), target: 100.0 }];
+        assert!((ramp_rate(&rising, Duration::from_millis(9_990)) - 99.9).abs() < 1e-9);
+        assert_eq!(ramp_rate(&rising, Duration::from_secs(10)), 0.0);
+        let idle = [Stage { duration: Duration::from_secs(10), target: 0.0 }];
+        assert_eq!(ramp_arrivals(&idle, 9).count(), 0, "stages that offer no calls start none");
         assert_eq!(ramp_calls(&stages), 5_000.0 + 10_000.0 + 2_500.0);
         let offsets: Vec<Duration> = ramp_arrivals(&stages, 9).collect();
         let within = |from: u64, to: u64| {
@@ -527,6 +534,80 @@ mod tests {
         report.absorb(later.report.into_inner().expect("not poisoned"));
         assert_eq!((report.dispatch_histogram.len(), report.combine_transfer_histogram.len()), (3, 3));
         assert!(report.dispatch_histogram.equivalent(report.dispatch_histogram.min(), 50));
+    }
+
+    /// Every count of a call goes into its report, and a later round's into the first: calls,
+    /// failures by code (the first one kept), routing counts and statistics, dropped arrivals,
+    /// both clocks, the workers' whole transfers; the rates divide by the longer clock.
+    #[test]
+    fn rounds_add_up_every_count_and_the_rates_use_the_longer_clock() {
+        let spec = LoadSpec::closed_loop(1, Duration::from_secs(1), 8, 3, 1);
+        // One worker whose request was on the wire from 1 000 to 1 300 µs and its answer from 1 500
+        // to 1 600 µs (unix microseconds).
+        let answered = |offset_us: u64| {
+            let mut call = WorkerCall::new("a".into());
+            let at = |us: u64| (us + offset_us) * 1_000;
+            let response = switchyard_proto::v1::ForwardResponse {
+                received_unix_nanos: at(1_300),
+                replied_unix_nanos: at(1_500),
+                ..Default::default()
+            };
+            let rpc = RpcTiming { elapsed: Duration::ZERO, sent_unix_nanos: at(1_000), answered_unix_nanos: at(1_600) };
+            call.record_answer(&response, &rpc);
+            call
+        };
+        let routed = |dropped: usize, rerouted: usize, refused: usize, imbalance: f32| CallOutcome {
+            routing: RoutingSummary {
+                tokens: 8,
+                assignments: 16,
+                dropped,
+                rerouted,
+                refused,
+                tokens_per_expert: vec![5, 3],
+                stats: RouterStats { imbalance, ..RouterStats::default() },
+                ..RoutingSummary::default()
+            },
+            timing: TimeBreakdown::default(),
+            bytes: ByteCounts::default(),
+            workers: vec![(0, vec![answered(0)])],
+            attention: Duration::from_micros(30),
+        };
+        let timeout =
+            |endpoint: &str| ClientError::Timeout { endpoint: endpoint.into(), after: Duration::from_secs(1) };
+        let mut first = LoadReport::empty("rounds", &spec);
+        first.record(Ok(routed(1, 2, 3, 1.5)), Duration::from_millis(2));
+        first.record(Err(timeout("a")), Duration::from_millis(9));
+        (first.measured, first.elapsed, first.dropped_arrivals) = (Duration::from_secs(2), Duration::from_secs(3), 4);
+        let mut second = LoadReport::empty("rounds", &spec);
+        second.record(Ok(routed(10, 20, 30, 2.5)), Duration::from_millis(4));
+        second.record(Err(timeout("b")), Duration::from_millis(9));
+        second.record(Err(ClientError::Internal { reason: "a bug".into() }), Duration::from_millis(9));
+        (second.measured, second.elapsed, second.dropped_arrivals) =
+            (Duration::from_secs(5), Duration::from_secs(1), 6);
+        first.absorb(second);
+        assert_eq!((first.calls, first.failed(), first.dropped_arrivals), (2, 3, 10));
+        let by_code: Vec<(&str, u64)> = first.errors.iter().map(|(code, count)| (code.as_str(), *count)).collect();
+        assert_eq!(by_code, [("DeadlineExceeded", 2), ("Internal", 1)]);
+        assert!(first.first_error.as_deref().is_some_and(|error| error.contains("worker a did not answer")));
+        assert_eq!((first.tokens, first.assignments), (16, 32));
+        assert_eq!((first.dropped, first.rerouted, first.refused), (11, 22, 33));
+        assert_eq!(first.expert_load, [10, 6]);
+        assert_eq!(first.mean_router_stats().imbalance, 2.0);
+        assert_eq!(first.attention_total, Duration::from_micros(60));
+        assert_eq!(
+            (first.dispatch_span_total, first.combine_span_total),
+            (Duration::from_micros(600), Duration::from_micros(200))
+        );
+        assert_eq!((first.measured, first.elapsed), (Duration::from_secs(7), Duration::from_secs(4)));
+        assert!(
+            first.latency.equivalent(first.latency_at(1.0).as_micros() as u64, 4_000),
+            "failed calls have no latency"
+        );
+        // 16 tokens and 2 calls over the 7 s measured, which outlasted the 4 s the calls took ...
+        assert_eq!((first.tokens_per_second(), first.calls_per_second()), (16.0 / 7.0, 2.0 / 7.0));
+        // ... or over the time the window's calls took, where it outlasted the window.
+        first.elapsed = Duration::from_secs(8);
+        assert_eq!((first.tokens_per_second(), first.calls_per_second()), (2.0, 0.25));
     }
 
     /// A measurement in rounds reads as one: counts, histograms, phases and loads add up.

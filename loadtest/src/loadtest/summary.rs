@@ -297,5 +297,23 @@ mod tests {
         assert!(crossed[0].starts_with("error rate 0.0200 (2 of 100 calls) above --max-error-rate 0.01"));
         assert_eq!(crossed[1], "p99 5.000 ms above --max-p99 4.000 ms");
         assert!(summary(1000, 1, 3.0).crossed(strict).is_empty(), "0.1% errors and a 3 ms p99 pass");
+        assert!(summary(99, 1, 4.0).crossed(strict).is_empty(), "a run at its limits passes");
+        assert!(summary(0, 0, 0.0).crossed(none).is_empty(), "a run of no calls failed none");
+        let p99_only = Thresholds { max_p99: Some(Duration::from_millis(4)), ..none };
+        assert_eq!(summary(0, 5, 9.0).crossed(p99_only), ["every call failed (5 of 5)"], "no latency without calls");
+    }
+
+    #[test]
+    fn phase_rows_name_each_phase_with_its_mean_and_p99() {
+        let figures = PhaseFigures::from_means_and_p99s(
+            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+            [11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0],
+        );
+        let rows = figures.rows();
+        assert_eq!(rows.map(|(phase, _, _)| phase), TimeBreakdown::PHASES);
+        for (index, (_, mean, p99)) in rows.into_iter().enumerate() {
+            assert_eq!((mean, p99), (index as f64 + 1.0, index as f64 + 11.0));
+        }
+        assert_eq!((figures.network_mean_ms, figures.compute_p99_ms), (4.0, 16.0));
     }
 }
