@@ -594,10 +594,9 @@ mod tests {
         assert_eq!(first.expert_load, [10, 6]);
         assert_eq!(first.mean_router_stats().imbalance, 2.0);
         assert_eq!(first.attention_total, Duration::from_micros(60));
-        assert_eq!(
-            (first.dispatch_span_total, first.combine_span_total),
-            (Duration::from_micros(600), Duration::from_micros(200))
-        );
+        let (dispatch, combine) = (Duration::from_micros(600), Duration::from_micros(200));
+        assert_eq!((first.dispatch_total, first.combine_transfer_total), (dispatch, combine));
+        assert_eq!((first.dispatch_span_total, first.combine_span_total), (dispatch, combine));
         assert_eq!((first.measured, first.elapsed), (Duration::from_secs(7), Duration::from_secs(4)));
         assert!(
             first.latency.equivalent(first.latency_at(1.0).as_micros() as u64, 4_000),

@@ -303,6 +303,68 @@ mod tests {
         assert_eq!(summary(0, 5, 9.0).crossed(p99_only), ["every call failed (5 of 5)"], "no latency without calls");
     }
 
+    /// A report's figures: its totals per call, its latency in milliseconds, a ramp's mean offered
+    /// rate, and a step's split only for whole-model steps.
+    #[test]
+    fn a_reports_figures_are_its_totals_per_call() {
+        use std::sync::Arc;
+
+        use switchyard_router_client::router::RoutingSummary;
+        use switchyard_router_client::timing::ByteCounts;
+
+        use super::super::target::CallOutcome;
+        use super::super::{LoadSpec, Stage};
+
+        let stages: Arc<[Stage]> = Arc::new([
+            Stage { duration: Duration::from_secs(10), target: 100.0 },
+            Stage { duration: Duration::from_secs(10), target: 100.0 },
+        ]);
+        let spec =
+            LoadSpec { arrival: Arrival::Ramp { stages }, ..LoadSpec::closed_loop(1, Duration::from_secs(1), 8, 3, 1) };
+        let call = |dropped: usize, payload: u64| CallOutcome {
+            routing: RoutingSummary { tokens: 8, assignments: 16, dropped, ..RoutingSummary::default() },
+            timing: TimeBreakdown {
+                network: Duration::from_micros(payload),
+                wall: Duration::from_micros(2 * payload),
+                ..TimeBreakdown::default()
+            },
+            bytes: ByteCounts {
+                payload_sent: payload,
+                message_sent: 2 * payload,
+                payload_received: 4 * payload,
+                message_received: 3 * payload,
+            },
+            workers: Vec::new(),
+            attention: Duration::ZERO,
+        };
+        let mut report = LoadReport::empty("figures", &spec);
+        report.record(Ok(call(2, 1_000)), Duration::from_millis(2));
+        report.record(Ok(call(6, 3_000)), Duration::from_millis(4));
+        let figures = report.summary();
+        // 500 calls up the ramp and 1 000 at its top, over 20 s.
+        assert_eq!((figures.arrival.as_str(), figures.rate_calls_per_s), ("ramp 10s:100,10s:100", Some(75.0)));
+        assert_eq!(figures.dropped_fraction, 8.0 / 32.0);
+        let per_call = (
+            figures.payload_bytes_sent_per_call,
+            figures.message_bytes_sent_per_call,
+            figures.payload_bytes_received_per_call,
+            figures.message_bytes_received_per_call,
+        );
+        assert_eq!(per_call, (2_000, 4_000, 8_000, 6_000));
+        assert_eq!(
+            (figures.wall_mean_ms, figures.phases.network_mean_ms, figures.phases.gate_mean_ms),
+            (4.0, 2.0, 0.0)
+        );
+        let close = |value: f64, expected: f64| (value - expected).abs() < 0.01;
+        assert!(close(figures.latency_min_ms, 2.0) && close(figures.latency_max_ms, 4.0), "{figures:?}");
+        assert!(close(figures.latency_mean_ms, 3.0) && close(figures.latency_stddev_ms, 1.0), "{figures:?}");
+        assert!(figures.step.is_none(), "a single layer's calls are not steps");
+        report.layers_per_call = 2;
+        assert!(report.summary().step.is_some(), "calls through two layers are");
+        let none = LoadReport::empty("none", &spec).summary();
+        assert_eq!((none.latency_min_ms, none.calls, none.dropped_fraction), (0.0, 0, 0.0));
+    }
+
     #[test]
     fn phase_rows_name_each_phase_with_its_mean_and_p99() {
         let figures = PhaseFigures::from_means_and_p99s(
