@@ -312,13 +312,13 @@ async fn the_stream_answers_every_request_and_survives_a_failing_one() {
     let (mut client, _stop) = grpc_worker(64).await;
     let good = || wire_request(1, 1, vec![2, 16], wire::encode_f32(&rows(2, 16, 0.4), WireDtype::F32));
     let mut requests: Vec<_> = (1..=3).map(|id| v1::ForwardRequest { request_id: id, ..good() }).collect();
-    requests.push(v1::ForwardRequest { request_id: 4, ..wire_request(9, 1, vec![2, 16], Bytes::new()) });
+    requests.push(v1::ForwardRequest { request_id: 4, sequence: 5, ..wire_request(9, 1, vec![2, 16], Bytes::new()) });
     let mut answers = client.forward_stream(futures::stream::iter(requests)).await.expect("stream").into_inner();
     let mut seen = Vec::new();
     while let Some(answer) = answers.message().await.expect("stream message") {
         match answer.error {
             Some(error) => {
-                assert_eq!((answer.request_id, error.code), (4, Code::InvalidArgument as i32));
+                assert_eq!((answer.request_id, answer.sequence, error.code), (4, 5, Code::InvalidArgument as i32));
                 assert!(error.message.starts_with("batches[0]"));
             }
             None => assert_eq!(answer.outputs.len(), 1),
@@ -592,6 +592,39 @@ async fn a_token_major_request_comes_back_as_one_weighted_sum_per_token() {
     let have = wire::decode_f32(&direct.outputs[0].data, WireDtype::F32);
     assert!(relative_error(&expert(1).forward_f32(&own), &have) < 1e-6);
     worker.shutdown().await;
+}
+
+/// Over gRPC, a token-major answer is its sum per token and no rows per expert, with the worker's
+/// stamps and time, under the id the request's metadata gives when its message carries none.
+#[tokio::test]
+async fn a_token_major_answer_over_grpc_carries_its_sum_stamps_and_the_metadata_s_request_id() {
+    let (mut client, _stop) = grpc_worker(64).await;
+    let hidden = rows(3, 16, 0.4);
+    let choices: [&[(u32, f32)]; 3] = [&[(1, 0.6), (3, 0.4)], &[(3, 1.0)], &[(0, 0.5)]];
+    let mut request = tonic::Request::new(token_major_request(0, &hidden, 16, &choices, WireDtype::F32));
+    request.metadata_mut().insert("x-request-id", "77".parse().expect("metadata value"));
+    let answer = client.forward(request).await.expect("forward").into_inner();
+    assert_eq!(answer.request_id, 77);
+    let combined = answer.combined.expect("one sum per token");
+    assert_eq!((combined.dtype, combined.shape), (v1::Dtype::F32 as i32, vec![3, 16]));
+    let have = wire::decode_f32(&combined.data, WireDtype::F32);
+    let spec = tiny_model();
+    let expert = |e: u32| Expert::synthetic(&spec, 0, e, tch::Device::Cpu, WeightDtype::F32);
+    let mut want = vec![0.0f32; 3 * 16];
+    for (token, token_choices) in choices.iter().enumerate() {
+        for (e, weight) in *token_choices {
+            let out = expert(*e).forward_f32(&hidden[token * 16..(token + 1) * 16]);
+            for (sum, value) in want[token * 16..(token + 1) * 16].iter_mut().zip(out) {
+                *sum += weight * value;
+            }
+        }
+    }
+    assert!(relative_error(&want, &have) < 1e-6, "{}", relative_error(&want, &have));
+    let experts: Vec<u32> = answer.outputs.iter().filter_map(|output| output.expert.map(|key| key.expert)).collect();
+    assert_eq!(experts, [0, 1, 3]);
+    assert!(answer.outputs.iter().all(|output| output.rows.is_none()), "no rows per expert");
+    assert!(answer.worker_us > 0);
+    assert!(0 < answer.received_unix_nanos && answer.received_unix_nanos <= answer.replied_unix_nanos);
 }
 
 /// A token-major request none of whose tokens chose an expert (or with no tokens at all) is
