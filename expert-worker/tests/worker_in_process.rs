@@ -290,6 +290,22 @@ async fn grpc_errors_name_the_field_and_the_worker_keeps_serving() {
     assert_eq!((expert3.rejected_tokens, expert3.queue_limit_tokens), (9, 8));
 }
 
+/// A load without queue limits takes the worker's `--queue-limit-tokens`; unloading answers the
+/// experts it freed (not one it never held), which then leave the worker's stats.
+#[tokio::test]
+async fn a_load_without_limits_takes_the_worker_s_and_an_unload_names_what_it_freed() {
+    let (mut client, _stop) = grpc_worker(0).await;
+    let stats = client.get_stats(v1::GetStatsRequest {}).await.expect("stats").into_inner();
+    let limits: Vec<u32> = stats.experts.iter().map(|expert| expert.queue_limit_tokens).collect();
+    assert_eq!(limits, [4096; 4], "the worker's default limit");
+    let experts = vec![v1::ExpertKey::new(0, 3), v1::ExpertKey::new(0, 9)];
+    let unloaded = client.unload_experts(v1::UnloadExpertsRequest { experts }).await.expect("unload").into_inner();
+    assert_eq!(unloaded.unloaded, [v1::ExpertKey::new(0, 3)]);
+    let stats = client.get_stats(v1::GetStatsRequest {}).await.expect("stats").into_inner();
+    let resident: Vec<u32> = stats.experts.iter().filter_map(|expert| expert.expert.map(|key| key.expert)).collect();
+    assert_eq!(resident, [0, 1, 2]);
+}
+
 /// The server announces a request from its headers and lets it go at its admission: with nothing
 /// else on its way, a lone request's step starts at once, however long the batch wait bound.
 #[tokio::test]
