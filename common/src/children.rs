@@ -259,4 +259,73 @@ mod tests {
         assert_eq!(childs, pid, "the child leads its session");
         assert_ne!(childs, ours);
     }
+
+    /// A shell that runs `first`, announces itself, then waits (itself: no `exec`, so that it is
+    /// the same process from its announcement on).
+    async fn announcing(first: &str) -> ChildProcess {
+        let announce = format!(
+            "{first}; echo {} grpc=127.0.0.1:7 metrics=127.0.0.1:8; while :; do sleep 1; done",
+            crate::ready::READY_PREFIX
+        );
+        let args = ["-c".to_owned(), announce];
+        ChildProcess::spawn("sh", Path::new("/bin/sh"), &args, &[], Duration::from_secs(10))
+            .await
+            .expect("a shell that announces itself")
+    }
+
+    /// The state letter of `/proc/PID/stat` once it is one of `wanted` (within a few seconds).
+    async fn state_becomes(child: &ChildProcess, wanted: &[char]) -> char {
+        let pid = child.child.id().expect("running");
+        let mut state = '?';
+        for _ in 0..500 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The command name in parentheses may hold spaces: the state follows its `)`.
+            state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()).unwrap_or('?');
+            if wanted.contains(&state) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        state
+    }
+
+    #[tokio::test]
+    async fn a_child_is_announced_measured_paused_resumed_and_terminated() {
+        let mut child = announcing("true").await;
+        assert_eq!((child.grpc_uri(), child.metrics.port()), ("http://127.0.0.1:7".to_owned(), 8));
+        let rss = child.rss_bytes().expect("a running child's resident memory");
+        assert!(rss >= 64 * 1024 && rss.is_multiple_of(1024), "{rss} bytes");
+        child.pause();
+        assert_eq!(state_becomes(&child, &['T']).await, 'T', "stopped");
+        child.resume();
+        assert_eq!(state_becomes(&child, &['S']).await, 'S', "sleeping again");
+        assert!(child.terminate(Duration::from_secs(10)).await, "sleep ends on SIGTERM");
+        assert_eq!(child.rss_bytes(), None, "an exited child has no memory");
+    }
+
+    #[tokio::test]
+    async fn a_child_that_ignores_sigterm_is_killed_after_its_grace() {
+        let mut child = announcing("trap '' TERM").await;
+        assert!(!child.terminate(Duration::from_millis(200)).await, "SIGTERM is ignored");
+        assert!(child.rss_bytes().is_some(), "still running");
+        child.stop(Duration::from_millis(200)).await;
+        assert_eq!(child.rss_bytes(), None, "killed");
+        let mut killed = announcing("true").await;
+        killed.kill().await;
+        assert_eq!(killed.rss_bytes(), None);
+    }
+
+    #[tokio::test]
+    async fn a_child_that_never_announces_itself_fails_by_name() {
+        let spawn = |script: &str, within: Duration| {
+            let args = ["-c".to_owned(), script.to_owned()];
+            async move { ChildProcess::spawn("sh", Path::new("/bin/sh"), &args, &[], within).await }
+        };
+        let exited = spawn("exit 3", Duration::from_secs(10)).await.expect_err("exits without a readiness line");
+        assert_eq!(exited.to_string(), "/bin/sh exited before it was ready (exit status: 3)");
+        let silent = spawn("exec sleep 30", Duration::from_millis(200)).await.expect_err("never ready");
+        assert_eq!(silent.to_string(), "/bin/sh printed no readiness line within 200ms");
+        let missing = ChildProcess::spawn("x", Path::new("/nonexistent/x"), &[], &[], Duration::from_secs(1)).await;
+        assert!(missing.expect_err("no such program").to_string().starts_with("starting /nonexistent/x: "));
+    }
 }
