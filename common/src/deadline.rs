@@ -131,6 +131,8 @@ mod tests {
         assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
         assert_eq!(timeout("3S"), Some(Duration::from_secs(3)));
         assert_eq!(timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(timeout("750u"), Some(Duration::from_micros(750)));
         assert_eq!(timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
         for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
             assert_eq!(timeout(bad), None, "{bad:?}");
