@@ -300,5 +300,11 @@ mod tests {
         let pending = service.ready().await.expect("ready").call(timed());
         drop(pending);
         assert_eq!(handled(&metrics, "Slow", "Canceled"), 2.0);
+        // Dropped less than a timer tick before its deadline: tonic's timer, started a moment
+        // before this layer saw the call, has fired.
+        let pending = service.ready().await.expect("ready").call(timed());
+        std::thread::sleep(std::time::Duration::from_micros(4_200));
+        drop(pending);
+        assert_eq!(handled(&metrics, "Slow", "DeadlineExceeded"), 2.0);
     }
 }
