@@ -512,6 +512,43 @@ fn write(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
 mod tests {
     use super::*;
 
+    /// A "configuration" that is the certificate file's text, refused when it says so.
+    fn cert_text(files: &TlsFiles) -> Result<Arc<String>, TlsError> {
+        let text = std::fs::read_to_string(&files.cert).map_err(|error| TlsError::Config(error.to_string()))?;
+        if text == "refused" {
+            return Err(TlsError::Config("refused".into()));
+        }
+        Ok(Arc::new(text))
+    }
+
+    /// Certificates are built again only when a file changed, and a change that does not load
+    /// (or a file gone missing, as a Secret is while it is replaced) keeps the last good ones.
+    #[test]
+    fn certificates_reload_when_their_files_change_and_only_then() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = TlsFiles { cert: dir.path().join("cert"), key: dir.path().join("key"), ca: dir.path().join("ca") };
+        let write = |path: &Path, text: &str, seconds_later: u64| {
+            std::fs::write(path, text).expect("write");
+            let file = std::fs::File::options().write(true).open(path).expect("open");
+            file.set_modified(SystemTime::now() + std::time::Duration::from_secs(seconds_later)).expect("set mtime");
+        };
+        for path in [&files.cert, &files.key, &files.ca] {
+            write(path, "first", 0);
+        }
+        let reloading = Reloading::load(files.clone(), cert_text).expect("loads");
+        let first = reloading.get();
+        assert!(Arc::ptr_eq(&first, &reloading.get()), "unchanged files are not built again");
+        write(&files.cert, "second", 10);
+        assert_eq!(*reloading.get(), "second");
+        write(&files.cert, "refused", 20);
+        assert_eq!(*reloading.get(), "second", "the last good certificates stay");
+        write(&files.cert, "third", 30);
+        std::fs::remove_file(&files.key).expect("remove");
+        assert_eq!(*reloading.get(), "second", "nothing is built while a file is missing");
+        write(&files.key, "key", 40);
+        assert_eq!(*reloading.get(), "third");
+    }
+
     #[test]
     fn role_uris_round_trip_and_others_name_no_role() {
         for role in Role::ALL {
@@ -535,7 +572,10 @@ mod tests {
             let chain = files.chain().expect("chain");
             assert_eq!(chain.len(), 2, "leaf, then the CA");
             assert_eq!(roles_of(&chain[0]), [role]);
-            assert!(ServerTls::load(files.clone()).is_ok() && ClientTls::load(files).is_ok());
+            assert!(ServerTls::load(files.clone()).is_ok() && ClientTls::load(files.clone()).is_ok());
+            let h2 = [b"h2".to_vec()];
+            assert_eq!(server_config(&files).expect("server").alpn_protocols, h2, "gRPC is HTTP/2 only");
+            assert_eq!(client_config(&files).expect("client").alpn_protocols, h2);
         }
         let key_mode = std::fs::metadata(dev_files(dir.path(), Role::Worker).key).expect("key").permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777, 0o600);
