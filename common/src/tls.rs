@@ -549,6 +549,31 @@ mod tests {
         assert_eq!(*reloading.get(), "third");
     }
 
+    #[cfg(feature = "clap")]
+    #[test]
+    fn a_server_runs_tls_with_all_three_files_plaintext_when_told_and_refuses_neither() {
+        use clap::Parser;
+
+        #[derive(Parser)]
+        struct Command {
+            #[command(flatten)]
+            tls: TlsArgs,
+        }
+        let parse = |flags: &[&str]| Command::try_parse_from(["server"].iter().chain(flags)).map(|command| command.tls);
+        let neither = parse(&[]).expect("no flags parse").server_mode().expect_err("neither TLS nor --insecure");
+        assert!(neither.to_string().contains("--insecure") && neither.to_string().contains("--tls-cert"), "{neither}");
+        assert_eq!(parse(&["--insecure"]).expect("parses").server_mode().expect("plaintext"), None);
+        let flags = ["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-ca", "ca.pem"];
+        let files = parse(&flags).expect("parses").server_mode().expect("TLS").expect("its files");
+        assert_eq!(
+            (files.cert.to_str(), files.key.to_str(), files.ca.to_str()),
+            (Some("c.pem"), Some("k.pem"), Some("ca.pem"))
+        );
+        assert_eq!(TlsArgs::flags(&files), flags, "what a child process is given");
+        assert!(parse(&["--tls-cert", "c.pem"]).is_err(), "one file alone is refused");
+        assert!(parse(&["--insecure", "--tls-cert", "c.pem", "--tls-key", "k", "--tls-ca", "a"]).is_err());
+    }
+
     #[test]
     fn role_uris_round_trip_and_others_name_no_role() {
         for role in Role::ALL {
