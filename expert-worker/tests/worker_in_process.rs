@@ -568,6 +568,22 @@ fn token_major_request(
     }
 }
 
+/// Each token's sum of its chosen experts' outputs (the tiny model's, computed directly on the
+/// CPU), weighted by its gate weights.
+fn weighted_sums(hidden: &[f32], width: usize, choices: &[&[(u32, f32)]]) -> Vec<f32> {
+    let spec = tiny_model();
+    let mut sums = vec![0.0f32; choices.len() * width];
+    for ((row, sum), token_choices) in hidden.chunks_exact(width).zip(sums.chunks_exact_mut(width)).zip(choices) {
+        for (expert, weight) in *token_choices {
+            let out = Expert::synthetic(&spec, 0, *expert, tch::Device::Cpu, WeightDtype::F32).forward_f32(row);
+            for (total, value) in sum.iter_mut().zip(out) {
+                *total += weight * value;
+            }
+        }
+    }
+    sums
+}
+
 /// One token-major request (a token with two experts here, one with none) merged into the same
 /// step as an expert-major request for one of its experts: the token-major answer is each token's
 /// weighted sum over its experts, the expert-major one its own rows, both as computed directly.
@@ -592,15 +608,7 @@ async fn a_token_major_request_comes_back_as_one_weighted_sum_per_token() {
     let combined = summed.combined.expect("one sum per token");
     assert_eq!((combined.tokens, combined.width, combined.dtype), (5, 16, WireDtype::F32));
     let have = wire::decode_f32(&combined.data, combined.dtype);
-    let mut want = vec![0.0f32; 5 * 16];
-    for (token, token_choices) in choices.iter().enumerate() {
-        for (e, weight) in *token_choices {
-            let out = expert(*e).forward_f32(&hidden[token * 16..(token + 1) * 16]);
-            for (sum, value) in want[token * 16..(token + 1) * 16].iter_mut().zip(out) {
-                *sum += weight * value;
-            }
-        }
-    }
+    let want = weighted_sums(&hidden, 16, &choices);
     assert!(relative_error(&want, &have) < 1e-6, "{}", relative_error(&want, &have));
     assert!(have[2 * 16..3 * 16].iter().all(|value| *value == 0.0), "a token with no expert here sums to zero");
     assert!(summed.outputs.iter().all(|output| output.data.is_empty() && output.compute > Duration::ZERO));
@@ -624,17 +632,7 @@ async fn a_token_major_answer_over_grpc_carries_its_sum_stamps_and_the_metadata_
     let combined = answer.combined.expect("one sum per token");
     assert_eq!((combined.dtype, combined.shape), (v1::Dtype::F32 as i32, vec![3, 16]));
     let have = wire::decode_f32(&combined.data, WireDtype::F32);
-    let spec = tiny_model();
-    let expert = |e: u32| Expert::synthetic(&spec, 0, e, tch::Device::Cpu, WeightDtype::F32);
-    let mut want = vec![0.0f32; 3 * 16];
-    for (token, token_choices) in choices.iter().enumerate() {
-        for (e, weight) in *token_choices {
-            let out = expert(*e).forward_f32(&hidden[token * 16..(token + 1) * 16]);
-            for (sum, value) in want[token * 16..(token + 1) * 16].iter_mut().zip(out) {
-                *sum += weight * value;
-            }
-        }
-    }
+    let want = weighted_sums(&hidden, 16, &choices);
     assert!(relative_error(&want, &have) < 1e-6, "{}", relative_error(&want, &have));
     let experts: Vec<u32> = answer.outputs.iter().filter_map(|output| output.expert.map(|key| key.expert)).collect();
     assert_eq!(experts, [0, 1, 3]);
