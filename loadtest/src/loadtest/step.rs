@@ -78,17 +78,20 @@ impl PreparedStandIn {
             }
             PreparedStandIn::Gemm(weights) => {
                 let (weights, hidden) = (weights.clone(), hidden.clone());
-                let product = tokio::task::spawn_blocking(move || {
-                    let d_model = weights.nrows();
-                    let rows = ArrayView2::from_shape((hidden.len() / d_model.max(1), d_model), &hidden[..]);
-                    rows.map(|rows| rows.dot(&*weights).sum()).unwrap_or(0.0)
-                })
-                .await;
+                let product = tokio::task::spawn_blocking(move || product_sum(&hidden, &weights)).await;
                 std::hint::black_box(product.ok());
             }
         }
         started.elapsed()
     }
+}
+
+/// The sum of `hidden · weights` (`[tokens, d_model] × [d_model, width]`): the stand-in's GEMM,
+/// summed so that it is not optimised away.
+fn product_sum(hidden: &[f32], weights: &Array2<f32>) -> f32 {
+    let d_model = weights.nrows();
+    let rows = ArrayView2::from_shape((hidden.len() / d_model.max(1), d_model), hidden);
+    rows.map(|rows| rows.dot(weights).sum()).unwrap_or(0.0)
 }
 
 /// The residual stream of a whole-model step. Each layer's output is added to it, and the next
@@ -198,6 +201,17 @@ mod tests {
         let PreparedStandIn::Gemm(weights) = &gemm else { panic!("a GEMM stand-in") };
         assert_eq!(weights.dim(), (8, 32));
         assert!(gemm.run(&hidden).await > Duration::ZERO);
+        // 4 tokens of 0.5 through [8, 32] weights: each weight counts 4 x 0.5 times.
+        let want = 2.0 * weights.sum();
+        assert!(want.abs() > 0.01, "seeded weights that do not sum to about zero: {want}");
+        assert!((product_sum(&hidden, weights) - want).abs() < 1e-4 * want.abs().max(1.0));
+        let names = [
+            AttentionStandIn::None,
+            AttentionStandIn::Wait(Duration::from_micros(200)),
+            AttentionStandIn::Gemm { width: 32 },
+        ]
+        .map(|stand_in| stand_in.describe());
+        assert_eq!(names, ["none", "wait 200us", "f32 GEMM [tokens, d_model] x [d_model, 32]"]);
     }
 
     #[test]
