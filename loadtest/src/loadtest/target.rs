@@ -163,3 +163,49 @@ impl CallOutcome {
         self.attention += layer.attention;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use switchyard_router_client::stats::RouterStats;
+
+    use super::*;
+
+    fn layer(experts: Vec<u32>, counts: usize, worker: &str) -> CallOutcome {
+        CallOutcome {
+            routing: RoutingSummary {
+                tokens: 4,
+                assignments: 8,
+                dropped: counts,
+                rerouted: 2 * counts,
+                refused: 3 * counts,
+                tokens_per_expert: experts,
+                stats: RouterStats { imbalance: 1.5, ..RouterStats::default() },
+                ..RoutingSummary::default()
+            },
+            timing: TimeBreakdown { network: Duration::from_millis(counts as u64), ..TimeBreakdown::default() },
+            bytes: ByteCounts { payload_sent: 100 * counts as u64, ..ByteCounts::default() },
+            workers: vec![(counts as u32, vec![WorkerCall::new(worker.into())])],
+            attention: Duration::from_micros(10 * counts as u64),
+        }
+    }
+
+    /// A step's layers add up into one outcome: the same tokens, every count, time and byte
+    /// summed, loads per expert added position by position (a longer list extending it), each
+    /// layer's workers kept under its layer.
+    #[test]
+    fn a_steps_layers_fold_into_one_outcome() {
+        let mut step = layer(vec![1, 2], 1, "a");
+        step.add_layer(layer(vec![3, 4, 5], 2, "b"));
+        step.add_layer(layer(vec![1], 4, "a"));
+        let routing = &step.routing;
+        assert_eq!((routing.tokens, routing.assignments), (4, 24));
+        assert_eq!((routing.dropped, routing.rerouted, routing.refused), (7, 14, 21));
+        assert_eq!(routing.tokens_per_expert, [5, 6, 5]);
+        assert_eq!(routing.stats.imbalance, 4.5);
+        assert_eq!((step.timing.network, step.bytes.payload_sent), (Duration::from_millis(7), 700));
+        assert_eq!(step.attention, Duration::from_micros(70));
+        let layers: Vec<(u32, &str)> =
+            step.workers.iter().map(|(layer, workers)| (*layer, &*workers[0].endpoint)).collect();
+        assert_eq!(layers, [(1, "a"), (2, "b"), (4, "a")]);
+    }
+}
