@@ -299,7 +299,7 @@ mod tests {
         assert_eq!(state_becomes(&child, &['T']).await, 'T', "stopped");
         child.resume();
         assert_eq!(state_becomes(&child, &['S']).await, 'S', "sleeping again");
-        assert!(child.terminate(Duration::from_secs(10)).await, "sleep ends on SIGTERM");
+        assert!(child.terminate(Duration::from_secs(10)).await, "the shell ends on SIGTERM");
         assert_eq!(child.rss_bytes(), None, "an exited child has no memory");
     }
 
