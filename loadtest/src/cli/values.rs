@@ -265,6 +265,15 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn each_refusal_and_dispatch_choice_is_its_namesake() {
+        use super::{DispatchArg, DispatchLayout, RefusalArg, RefusalPolicy};
+        let refusals = [RefusalArg::Fail, RefusalArg::Overflow, RefusalArg::NextBest].map(RefusalPolicy::from);
+        assert_eq!(refusals, [RefusalPolicy::Fail, RefusalPolicy::Overflow, RefusalPolicy::NextBest]);
+        let layouts = [DispatchArg::TokenMajor, DispatchArg::ExpertMajor].map(DispatchLayout::from);
+        assert_eq!(layouts, [DispatchLayout::TokenMajor, DispatchLayout::ExpertMajor]);
+    }
+
+    #[test]
     fn numbers_out_of_their_range_are_refused_naming_the_value() {
         use super::{parse_count, parse_fraction, parse_positive, parse_positive_duration};
         assert_eq!(parse_count::<usize>("4"), Ok(4));
