@@ -544,9 +544,9 @@ mod tests {
         let spec = LoadSpec::closed_loop(1, Duration::from_secs(1), 8, 3, 1);
         // One worker whose request was on the wire from 1 000 to 1 300 µs and its answer from 1 500
         // to 1 600 µs (unix microseconds).
-        let answered = |offset_us: u64| {
+        let answered = || {
             let mut call = WorkerCall::new("a".into());
-            let at = |us: u64| (us + offset_us) * 1_000;
+            let at = |us: u64| us * 1_000;
             let response = switchyard_proto::v1::ForwardResponse {
                 received_unix_nanos: at(1_300),
                 replied_unix_nanos: at(1_500),
@@ -569,7 +569,7 @@ mod tests {
             },
             timing: TimeBreakdown::default(),
             bytes: ByteCounts::default(),
-            workers: vec![(0, vec![answered(0)])],
+            workers: vec![(0, vec![answered()])],
             attention: Duration::from_micros(30),
         };
         let timeout =
