@@ -279,6 +279,17 @@ mod tests {
         assert_eq!(args.dtype, Some(WeightDtype::Bf16));
         let error = Args::try_parse_from(["switchyard-worker", "--dtype", "fp8"]).expect_err("unknown dtype");
         assert!(error.to_string().contains("unknown dtype 'fp8'"), "{error}");
+        let flags =
+            ["switchyard-worker", "--batch-wait-us", "250", "--memory-bytes", "4096", "--compute-gflops", "1.5"];
+        let args = Args::try_parse_from(flags).expect("valid");
+        assert_eq!(args.batch_wait(), Duration::from_micros(250));
+        assert_eq!(args.offered_memory_bytes(tch::Device::Cpu), 4096, "--memory-bytes, not the machine's");
+        assert_eq!(args.compute_gflops, 1.5);
+        for rate in ["-1", "inf", "NaN", "fast"] {
+            let flag = format!("--compute-gflops={rate}");
+            let error = Args::try_parse_from(["switchyard-worker", flag.as_str()]).expect_err("not a rate");
+            assert!(error.to_string().contains(&format!("{rate:?} is not a finite number of GFLOP/s")), "{error}");
+        }
     }
 
     #[test]
