@@ -273,7 +273,6 @@ mod tests {
     use switchyard_router_client::ledger::{RpcTiming, WorkerCall};
     use switchyard_router_client::router::RoutingSummary;
     use switchyard_router_client::stats::RouterStats;
-    use switchyard_router_client::timing::{ByteCounts, TimeBreakdown};
 
     use super::report::{micros, micros_histogram};
     use super::step::ResidualStream;
@@ -505,13 +504,7 @@ mod tests {
             call.combine_transfer = Duration::from_micros(combine_us);
             call
         };
-        let call = |workers: Vec<(u32, Vec<WorkerCall>)>| CallOutcome {
-            routing: RoutingSummary::default(),
-            timing: TimeBreakdown::default(),
-            bytes: ByteCounts::default(),
-            workers,
-            attention: Duration::ZERO,
-        };
+        let call = |workers: Vec<(u32, Vec<WorkerCall>)>| CallOutcome { workers, ..CallOutcome::default() };
         // A step of two layers: 300 + 200 µs of dispatch, 40 + 90 µs of combine.
         let step = vec![(0, vec![worker("a", 100, 40), worker("b", 300, 10)]), (1, vec![worker("a", 200, 90)])];
         shared.record(Ok(call(step)), Duration::from_millis(2));
@@ -567,10 +560,9 @@ mod tests {
                 stats: RouterStats { imbalance, ..RouterStats::default() },
                 ..RoutingSummary::default()
             },
-            timing: TimeBreakdown::default(),
-            bytes: ByteCounts::default(),
             workers: vec![(0, vec![answered()])],
             attention: Duration::from_micros(30),
+            ..CallOutcome::default()
         };
         let timeout =
             |endpoint: &str| ClientError::Timeout { endpoint: endpoint.into(), after: Duration::from_secs(1) };

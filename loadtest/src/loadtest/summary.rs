@@ -334,8 +334,7 @@ mod tests {
                 payload_received: 4 * payload,
                 message_received: 3 * payload,
             },
-            workers: Vec::new(),
-            attention: Duration::ZERO,
+            ..CallOutcome::default()
         };
         let mut report = LoadReport::empty("figures", &spec);
         report.record(Ok(call(2, 1_000)), Duration::from_millis(2));

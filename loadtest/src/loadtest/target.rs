@@ -102,13 +102,7 @@ impl Target {
             // Its experts compute on its worker's thread, as the distributed layer's do on theirs.
             Target::Reference(reference) => {
                 let output = reference.forward_rows(layer, &hidden, &routing).await?;
-                let outcome = CallOutcome {
-                    routing: output.routing,
-                    timing: output.timing,
-                    bytes: ByteCounts::default(),
-                    workers: Vec::new(),
-                    attention: Duration::ZERO,
-                };
+                let outcome = CallOutcome { routing: output.routing, timing: output.timing, ..CallOutcome::default() };
                 Ok((outcome, output.hidden))
             }
         }
@@ -132,6 +126,7 @@ impl CallPlan {
     }
 }
 
+#[derive(Default)]
 pub(super) struct CallOutcome {
     pub(super) routing: RoutingSummary,
     pub(super) timing: TimeBreakdown,
