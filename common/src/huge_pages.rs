@@ -10,7 +10,7 @@
 use std::mem::MaybeUninit;
 
 /// The huge page size of x86-64 and of arm64 with 4 KiB base pages.
-const HUGE_PAGE: usize = 2 << 20;
+pub const HUGE_PAGE: usize = 2 << 20;
 
 /// Buffers from this size up get the advice: glibc maps them on their own at any setting of its
 /// mmap threshold (whose ceiling is 32 MiB on 64-bit), so advising them never splits the heap's
@@ -57,9 +57,52 @@ fn madvise_huge(_address: usize, _length: usize) -> bool {
     false
 }
 
+/// The kernel's transparent huge page mode, the word in brackets of
+/// `/sys/kernel/mm/transparent_hugepage/enabled`: `always` and `madvise` honour advice, `never`
+/// ignores it. `None` where the kernel does not say.
+pub fn kernel_mode() -> Option<String> {
+    let modes = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    chosen_mode(&modes).map(str::to_owned)
+}
+
+fn chosen_mode(modes: &str) -> Option<&str> {
+    let (_, chosen) = modes.split_once('[')?;
+    Some(chosen.split_once(']')?.0)
+}
+
+/// Bytes of huge pages (`AnonHugePages`) backing this process's mappings that overlap
+/// `[start, end)`: whether the kernel took the advice for a buffer, as tests and diagnostics see
+/// it. Zero where `/proc/self/smaps` cannot be read.
+pub fn huge_page_bytes_around(start: usize, end: usize) -> usize {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let mut overlapping = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let range = line.split_whitespace().next().and_then(|range| range.split_once('-'));
+        if let Some((low, high)) = range
+            && let (Ok(low), Ok(high)) = (usize::from_str_radix(low, 16), usize::from_str_radix(high, 16))
+        {
+            overlapping = low < end && start < high;
+        } else if overlapping && let Some(kib) = line.strip_prefix("AnonHugePages:") {
+            total += kib.trim().trim_end_matches("kB").trim().parse::<usize>().unwrap_or(0) * 1024;
+        }
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_s_mode_is_the_word_in_brackets() {
+        assert_eq!(chosen_mode("always [madvise] never\n"), Some("madvise"));
+        assert_eq!(chosen_mode("[always] madvise never"), Some("always"));
+        assert_eq!(chosen_mode("always madvise never"), None);
+        assert_eq!(chosen_mode("always [madvise"), None);
+    }
 
     #[test]
     fn a_small_buffer_is_not_advised() {
@@ -82,9 +125,9 @@ mod tests {
     #[test]
     fn a_large_buffer_is_backed_by_huge_pages_where_the_kernel_offers_them() {
         let _alone = crate::RESIDENT_MEMORY_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
-        if !(mode.contains("[madvise]") || mode.contains("[always]")) {
-            eprintln!("skipped: transparent huge pages are off here ({})", mode.trim());
+        let mode = kernel_mode();
+        if !matches!(mode.as_deref(), Some("always" | "madvise")) {
+            eprintln!("skipped: transparent huge pages are off here ({mode:?})");
             return;
         }
         let values = zeroed_f32s(ADVISED_FROM_BYTES / 4);
@@ -93,23 +136,5 @@ mod tests {
         // 15 or 16 whole huge pages lie inside; the kernel may fall back to small pages for a few
         // where it finds no free 2 MiB at once.
         assert!(huge >= 8 * HUGE_PAGE, "{huge} bytes of huge pages in a 32 MiB output");
-    }
-
-    /// `AnonHugePages` of the mappings of this process that overlap [start, end).
-    fn huge_page_bytes_around(start: usize, end: usize) -> usize {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("/proc/self/smaps");
-        let mut overlapping = false;
-        let mut total = 0;
-        for line in smaps.lines() {
-            let range = line.split_whitespace().next().and_then(|range| range.split_once('-'));
-            if let Some((low, high)) = range
-                && let (Ok(low), Ok(high)) = (usize::from_str_radix(low, 16), usize::from_str_radix(high, 16))
-            {
-                overlapping = low < end && start < high;
-            } else if overlapping && let Some(kib) = line.strip_prefix("AnonHugePages:") {
-                total += kib.trim().trim_end_matches("kB").trim().parse::<usize>().unwrap_or(0) * 1024;
-            }
-        }
-        total
     }
 }

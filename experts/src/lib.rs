@@ -4,10 +4,12 @@
 //! - [`expert`]: one expert (any [`switchyard_model::Activation`]) on a device, in one dtype, built
 //!   from a checkpoint or from seeded synthetic weights.
 //! - [`device`]: choosing CUDA when present, else CPU.
+//! - [`huge_pages`]: libtorch's large CPU tensors (the experts' weights) on transparent huge pages.
 //! - [`peak`]: the device's own matrix-product rate, the yardstick of expert compute.
 
 pub mod device;
 pub mod expert;
+pub mod huge_pages;
 pub mod peak;
 
 pub use device::{DeviceChoice, ParseDeviceError, ResolveDevice};
