@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use tch::{Device, Kind, Tensor};
 
-use switchyard_common::scoped_threads::on_scoped_threads;
+use switchyard_common::scoped_threads::{CHUNKS_PER_THREAD, in_turns};
 
 use crate::answer_buffers::{AnswerBuffers, host_buffer};
 
@@ -171,9 +171,9 @@ fn pack_threads(bytes: usize, cores: usize) -> usize {
     (bytes / PACK_BYTES_PER_THREAD).clamp(1, MOST_PACK_THREADS.min(cores).max(1))
 }
 
-/// Copies each `(at, bytes)` piece into `buffer` at `at`, the buffer split into `threads`
-/// contiguous parts, each filled by a thread (the calling one among them) with whatever pieces
-/// overlap it.
+/// Copies each `(at, bytes)` piece into `buffer` at `at`, the buffer cut into contiguous parts
+/// that `threads` threads (the calling one among them) take in turns, each filling its part with
+/// whatever pieces overlap it.
 fn pack(buffer: &mut [u8], pieces: &[(usize, &[u8])], threads: usize) {
     let fill = |part: &mut [u8], start: usize| {
         let end = start + part.len();
@@ -187,8 +187,8 @@ fn pack(buffer: &mut [u8], pieces: &[(usize, &[u8])], threads: usize) {
     if threads <= 1 || buffer.is_empty() {
         return fill(buffer, 0);
     }
-    let part_len = buffer.len().div_ceil(threads);
-    on_scoped_threads("switchyard-pack", buffer.chunks_mut(part_len).enumerate(), |(index, part)| {
+    let part_len = buffer.len().div_ceil(threads * CHUNKS_PER_THREAD);
+    in_turns("switchyard-pack", threads, buffer.chunks_mut(part_len).enumerate(), |(index, part)| {
         fill(part, index * part_len);
     });
 }

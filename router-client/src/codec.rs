@@ -7,7 +7,7 @@ use std::mem::MaybeUninit;
 use bytes::Bytes;
 use switchyard_proto::wire::{self, WireDtype};
 
-use crate::cpu::on_scoped_threads;
+use crate::cpu::{CHUNKS_PER_THREAD, in_turns};
 
 /// Payloads of at least this many bytes per thread are encoded by several threads at once.
 const SPLIT_PAYLOAD_BYTES: usize = 4 << 20;
@@ -18,8 +18,8 @@ pub fn gather_rows(hidden: &[f32], d_model: usize, tokens: &[u32], dtype: WireDt
     gather_requests(hidden, d_model, &[tokens], dtype, threads).pop().unwrap_or_default()
 }
 
-/// [`gather_rows`] of each of `requests`, all of them encoded together by up to `threads` threads,
-/// each an equal share of all their rows: a worker's dispatch split into several requests (one
+/// [`gather_rows`] of each of `requests`, all of them encoded together by up to `threads` threads
+/// taking shares of all their rows in turns: a worker's dispatch split into several requests (one
 /// per connection, each a few MB) is encoded at the pace of the threads, not of one.
 #[allow(unsafe_code)]
 pub fn gather_requests(
@@ -37,15 +37,16 @@ pub fn gather_requests(
         requests.iter().map(|tokens| Vec::with_capacity(tokens.len() * row_bytes)).collect();
     let total_rows: usize = requests.iter().map(|tokens| tokens.len()).sum();
     let threads = threads.min(total_rows * row_bytes / SPLIT_PAYLOAD_BYTES).min(total_rows).max(1);
+    let chunks = if threads > 1 { threads * CHUNKS_PER_THREAD } else { 1 };
     let shares = split_rows(
         requests.iter().zip(&mut payloads).map(|(tokens, payload)| {
             let rows = &mut payload.spare_capacity_mut()[..tokens.len() * row_bytes];
             (*tokens, rows)
         }),
         row_bytes,
-        total_rows.div_ceil(threads),
+        total_rows.div_ceil(chunks),
     );
-    on_scoped_threads(shares, |share| {
+    in_turns(threads, shares.into_iter(), |share| {
         let zeros = vec![0u8; row_bytes];
         for (tokens, rows) in share {
             for (token, target) in tokens.iter().zip(rows.chunks_exact_mut(row_bytes)) {

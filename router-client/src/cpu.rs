@@ -99,11 +99,13 @@ impl CpuPool {
 /// 2-core VM this was measured on, whose idle cores halt) and the caller's.
 pub const INLINE_WORK: usize = 1 << 15;
 
-/// [`switchyard_common::scoped_threads::on_scoped_threads`] for one large call's product, routing
-/// or encode, split by the caller into at most the client's CPU threads parts. A thread that
-/// cannot start fails the call through the pool ([`ClientError::Internal`]).
-pub fn on_scoped_threads<T: Send>(parts: impl IntoIterator<Item = T>, work: impl Fn(T) + Sync) {
-    switchyard_common::scoped_threads::on_scoped_threads("switchyard-client-share", parts, work);
+pub use switchyard_common::scoped_threads::CHUNKS_PER_THREAD;
+
+/// [`switchyard_common::scoped_threads::in_turns`] for one large call's product, routing, encode
+/// or sum, in chunks of at most [`CHUNKS_PER_THREAD`] per thread for up to the client's CPU
+/// threads. A thread that cannot start fails the call through the pool ([`ClientError::Internal`]).
+pub fn in_turns<T: Send>(threads: usize, chunks: impl Iterator<Item = T> + Send, work: impl Fn(T) + Sync) {
+    switchyard_common::scoped_threads::in_turns("switchyard-client-share", threads, chunks, work);
 }
 
 /// A job's outcome, its panic as an error.

@@ -10,7 +10,7 @@
 
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
-use crate::cpu::on_scoped_threads;
+use crate::cpu::{CHUNKS_PER_THREAD, in_turns};
 
 /// A weight matrix `W [rows, d_model]`, ready to multiply by tokens' hidden states.
 #[derive(Debug, Clone)]
@@ -65,14 +65,13 @@ impl Projection {
         let mut out = ArrayViewMut2::from_shape((tokens, rows), &mut out[..]).expect(SHAPE_ERROR);
         match Split::of(tokens, rows, d_model, threads) {
             Split::Whole => product(hidden, weights, out),
-            Split::Tokens(per_part) => {
-                let parts = hidden.axis_chunks_iter(Axis(0), per_part).zip(out.axis_chunks_iter_mut(Axis(0), per_part));
-                on_scoped_threads(parts, |(hidden, out)| product(hidden, weights, out));
+            Split::Tokens { chunk, threads } => {
+                let chunks = hidden.axis_chunks_iter(Axis(0), chunk).zip(out.axis_chunks_iter_mut(Axis(0), chunk));
+                in_turns(threads, chunks, |(hidden, out)| product(hidden, weights, out));
             }
-            Split::Rows(per_part) => {
-                let parts =
-                    weights.axis_chunks_iter(Axis(1), per_part).zip(out.axis_chunks_iter_mut(Axis(1), per_part));
-                on_scoped_threads(parts, |(weights, out)| product(hidden, weights, out));
+            Split::Rows { chunk, threads } => {
+                let chunks = weights.axis_chunks_iter(Axis(1), chunk).zip(out.axis_chunks_iter_mut(Axis(1), chunk));
+                in_turns(threads, chunks, |(weights, out)| product(hidden, weights, out));
             }
         }
     }
@@ -84,44 +83,62 @@ const SHAPE_ERROR: &str = "shapes follow from the slice lengths";
 /// work, against the ~50-100 µs that starting and joining a thread costs on a small VM.
 const SPLIT_MULTIPLY_ADDS: usize = 1 << 26;
 
+/// ... or whose longer side's values, the part each thread reads alone, are this many bytes or
+/// more. A router of few rows does few multiply-adds per value it reads, and streams the tokens'
+/// hidden states by at ~11 GB/s on one core of the development VM: Mixtral's 8-row router on 1024
+/// tokens (33.5 million multiply-adds, 16.8 MB of hidden states) took 1.53 ms on one thread,
+/// and on 4096 tokens 7.0 ms on one and 3.6 ms on two (`examples/gate_product.rs`).
+const SPLIT_READ_BYTES: usize = 4 << 20;
+
 /// How a `[tokens, d_model] · [d_model, rows]` product is shared among threads: its longer side
-/// in parts (each thread then reads all of the shorter one: with few tokens, as in a low-latency
-/// call, the tokens), one part per thread, the last one shorter.
+/// in chunks (each thread then reads all of the shorter one: with few tokens, as in a low-latency
+/// call, the tokens), the last one shorter, that the threads take in turns.
 #[derive(Debug, PartialEq, Eq)]
 enum Split {
     Whole,
-    /// Parts of this many tokens.
-    Tokens(usize),
-    /// Parts of this many rows.
-    Rows(usize),
+    /// Chunks of this many tokens, on this many threads.
+    Tokens {
+        chunk: usize,
+        threads: usize,
+    },
+    /// Chunks of this many rows, on this many threads.
+    Rows {
+        chunk: usize,
+        threads: usize,
+    },
 }
 
 impl Split {
-    /// As many parts as the product is worth, at most `threads`, and only as many as keep every
-    /// part's sums in the whole product's order ([`SumOrder`]).
+    /// As many threads as the product is worth by its multiply-adds or by the values each reads,
+    /// at most `threads`, and as many chunks, up to [`CHUNKS_PER_THREAD`] each, as keep every
+    /// chunk's sums in the whole product's order ([`SumOrder`]).
     fn of(tokens: usize, rows: usize, d_model: usize, threads: usize) -> Self {
-        let worth = (tokens * rows * d_model / SPLIT_MULTIPLY_ADDS).max(1);
         let (long, short) = (tokens.max(rows), tokens.min(rows));
+        let read_bytes = long * d_model * std::mem::size_of::<f32>();
+        let worth = (tokens * rows * d_model / SPLIT_MULTIPLY_ADDS).max(read_bytes / SPLIT_READ_BYTES).max(1);
         let most = threads.min(worth).min(long);
-        let Some(parts) = (2..=most).rev().find(|&parts| split_keeps_sum_order(long, short, parts)) else {
+        let Some(threads) = (2..=most).rev().find(|&parts| split_keeps_sum_order(long, short, parts)) else {
             return Split::Whole;
         };
-        let per_part = long.div_ceil(parts);
-        if tokens >= rows { Split::Tokens(per_part) } else { Split::Rows(per_part) }
+        let chunks = (threads..=threads * CHUNKS_PER_THREAD)
+            .rev()
+            .find(|&chunks| split_keeps_sum_order(long, short, chunks))
+            .unwrap_or(threads);
+        let chunk = long.div_ceil(chunks);
+        if tokens >= rows { Split::Tokens { chunk, threads } } else { Split::Rows { chunk, threads } }
     }
 
-    fn parts(&self, tokens: usize, rows: usize) -> usize {
+    fn threads(&self) -> usize {
         match *self {
             Split::Whole => 1,
-            Split::Tokens(per_part) => tokens.div_ceil(per_part),
-            Split::Rows(per_part) => rows.div_ceil(per_part),
+            Split::Tokens { threads, .. } | Split::Rows { threads, .. } => threads,
         }
     }
 }
 
 /// The threads a `[tokens, d_model] · [d_model, rows]` product uses when up to `threads` may.
 pub fn product_threads(tokens: usize, rows: usize, d_model: usize, threads: usize) -> usize {
-    Split::of(tokens, rows, d_model, threads).parts(tokens, rows)
+    Split::of(tokens, rows, d_model, threads).threads()
 }
 
 /// How gemm orders the sum behind each value: it depends on the product's shape, so a part of a
@@ -261,19 +278,39 @@ mod tests {
 
     #[test]
     fn a_product_splits_its_longer_side() {
-        assert_eq!(Split::of(128, 256, 7168, 8), Split::Rows(86), "DeepEP's low-latency router: ~235 M multiply-adds");
-        assert_eq!(Split::of(4096, 256, 7168, 8), Split::Tokens(512));
-        assert_eq!(Split::of(300, 300, 7168, 2), Split::Tokens(150));
+        assert_eq!(
+            Split::of(128, 256, 7168, 8),
+            Split::Rows { chunk: 22, threads: 3 },
+            "DeepEP's low-latency router: ~235 M multiply-adds, 12 chunks of rows"
+        );
+        assert_eq!(Split::of(4096, 256, 7168, 8), Split::Tokens { chunk: 128, threads: 8 });
+        assert_eq!(Split::of(300, 300, 7168, 2), Split::Tokens { chunk: 38, threads: 2 });
         assert_eq!(Split::of(300, 300, 7168, 1), Split::Whole);
         assert_eq!(product_threads(128, 256, 7168, 8), 3);
         assert_eq!(product_threads(10, 1000, 1 << 16, 4), 4, "1000 rows in parts of 250");
         assert_eq!(product_threads(1000, 10, 1 << 16, 3), 3, "1000 tokens in parts of 334, the last 332");
     }
 
+    /// A router of few rows does little arithmetic per value it reads: its tokens' values decide.
+    #[test]
+    fn a_narrow_router_splits_by_the_hidden_states_it_reads() {
+        // Mixtral: 33.5 million multiply-adds, under the arithmetic's threshold, over 16.8 MB.
+        assert_eq!(Split::of(1024, 8, 4096, 2), Split::Tokens { chunk: 128, threads: 2 });
+        // 16 chunks of 64 tokens would each sum as a small product: 13 of 79, the last of 76.
+        assert_eq!(Split::of(1024, 8, 4096, 16), Split::Tokens { chunk: 79, threads: 4 }, "16 MiB: 4 threads");
+        assert_eq!(Split::of(4096, 8, 4096, 16), Split::Tokens { chunk: 76, threads: 16 }, "64 MiB: 16 threads");
+        assert_eq!(Split::of(4096, 8, 4096, 4), Split::Tokens { chunk: 256, threads: 4 });
+        assert_eq!(Split::of(255, 8, 4096, 16), Split::Whole, "just under 4 MiB");
+        assert_eq!(Split::of(256, 8, 4096, 16), Split::Whole, "4 MiB: one part's worth");
+        assert_eq!(Split::of(512, 8, 4096, 16), Split::Tokens { chunk: 74, threads: 2 });
+        // Fewer tokens than rows: each part reads all the tokens, and its share of the rows.
+        assert_eq!(Split::of(8, 1024, 4096, 16), Split::Rows { chunk: 79, threads: 4 });
+    }
+
     #[test]
     fn a_product_is_split_only_into_parts_that_sum_in_its_order() {
         assert_eq!(product_threads(4096, 256, 7168, 8), 8);
-        assert_eq!(product_threads(4096, 8, 512, 8), 1, "a small router is not worth a thread");
+        assert_eq!(product_threads(1024, 8, 512, 8), 1, "a small router is not worth a thread");
         assert_eq!(product_threads(1, 256, 7168 * 1024, 8), 1, "one token is a matrix-vector product: not split");
         assert_eq!(product_threads(1 << 20, 1, 1024, 8), 1, "nor is one row");
         // 100 tokens over 2 threads would be two 50 x 60 products, summed with another block depth.
@@ -290,8 +327,9 @@ mod tests {
 
     #[test]
     fn a_split_product_sums_the_same_as_one_thread() {
-        // Tokens split (more tokens than rows), rows split (fewer), and parts just over 64 tokens.
-        for (tokens, rows, d_model) in [(1001, 67, 3001), (67, 1001, 3001), (130, 60, 30_000)] {
+        // Tokens split (more tokens than rows), rows split (fewer), chunks just over 64 tokens, and
+        // chunks of 38 tokens against 300 rows.
+        for (tokens, rows, d_model) in [(1001, 67, 3001), (67, 1001, 3001), (130, 60, 30_000), (300, 300, 1500)] {
             let hidden: Vec<f32> = (0..tokens * d_model).map(spread).collect();
             let weights: Vec<f32> = (0..rows * d_model).map(|i| spread(i + 13)).collect();
             assert_eq!(product_threads(tokens, rows, d_model, 8), 2, "{tokens} x {rows} x {d_model}");

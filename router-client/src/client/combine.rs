@@ -14,7 +14,7 @@ use switchyard_proto::wire::WireDtype;
 use super::LayerOutput;
 use super::plan::{CallPlan, book_requests, worker_call_of};
 use crate::codec::{add_rows_from, decode_rows};
-use crate::cpu::CpuPool;
+use crate::cpu::{CHUNKS_PER_THREAD, CpuPool};
 use crate::dispatch::{PlannedRequest, TokenPlan};
 use crate::error::ClientError;
 use crate::ledger::{WorkerCall, response_compute};
@@ -221,35 +221,36 @@ impl<'a> TokenRows<'a> {
         (decode, combine)
     }
 
-    /// The rows cut into up to `threads` runs of consecutive rows, each with the range of
-    /// `output` its tokens fall in (disjoint, since a token-major answer lists its tokens in
-    /// ascending order; `None` when it does not, or when one part would do).
-    fn parts<'o>(&self, output: &'o mut [f32], threads: usize) -> Option<Vec<(TokenRows<'a>, &'o mut [f32], u32)>> {
+    /// For `threads` threads to sum in turns: the rows cut into up to [`CHUNKS_PER_THREAD`] runs
+    /// of consecutive rows per thread, each with the range of `output` its tokens fall in
+    /// (disjoint, since a token-major answer lists its tokens in ascending order; `None` when it
+    /// does not, or when one thread would do).
+    fn runs<'o>(&self, output: &'o mut [f32], threads: usize) -> Option<Vec<(TokenRows<'a>, &'o mut [f32], u32)>> {
         let ascending = self.tokens.windows(2).all(|pair| pair[0] < pair[1]);
         if threads < 2 || !ascending {
             return None;
         }
-        let per_part = self.tokens.len().div_ceil(threads);
+        let per_run = self.tokens.len().div_ceil(threads * CHUNKS_PER_THREAD);
         let row_bytes = self.dtype.row_bytes(self.d_model);
-        let mut parts = Vec::with_capacity(threads);
+        let mut runs = Vec::with_capacity(threads * CHUNKS_PER_THREAD);
         let (mut rest, mut rest_first) = (output, 0u32);
-        for (tokens, data) in self.tokens.chunks(per_part).zip(self.data.chunks(per_part * row_bytes)) {
+        for (tokens, data) in self.tokens.chunks(per_run).zip(self.data.chunks(per_run * row_bytes)) {
             let (first, last) = (tokens[0], tokens[tokens.len() - 1]);
             let skipped = (first - rest_first) as usize * self.d_model;
             let (own, after) = rest.split_at_mut((last - rest_first + 1) as usize * self.d_model);
-            parts.push((TokenRows { tokens, data, ..*self }, &mut own[skipped..], first));
+            runs.push((TokenRows { tokens, data, ..*self }, &mut own[skipped..], first));
             (rest, rest_first) = (after, last + 1);
         }
-        Some(parts)
+        Some(runs)
     }
 }
 
-/// Sums each part on a thread of its own; the wall time, split between decoding and adding in
-/// the proportion of the threads' own times.
-fn sum_in_parts(parts: Vec<(TokenRows<'_>, &mut [f32], u32)>) -> (Duration, Duration) {
+/// Sums the runs on `threads` threads taking them in turns; the wall time, split between
+/// decoding and adding in the proportion of the threads' own times.
+fn sum_in_turns(threads: usize, runs: Vec<(TokenRows<'_>, &mut [f32], u32)>) -> (Duration, Duration) {
     let started = Instant::now();
     let times = Mutex::new((Duration::ZERO, Duration::ZERO));
-    crate::cpu::on_scoped_threads(parts, |(rows, output, first_token)| {
+    crate::cpu::in_turns(threads, runs.into_iter(), |(rows, output, first_token)| {
         let (decode, combine) = rows.add_into(output, first_token, &mut Vec::new());
         let mut times = lock(&times);
         times.0 += decode;
@@ -303,8 +304,8 @@ impl Sums {
             let Ok(dtype) = WireDtype::try_from(combined.dtype) else { return };
             let rows = TokenRows { d_model: plan.d_model, dtype, tokens: &tokens.tokens, data: &combined.data };
             let threads = plan.cpu_threads.min(combined.data.len() / SPLIT_SUM_BYTES).max(1);
-            let (decode, combine) = match rows.parts(&mut self.output, threads) {
-                Some(parts) => sum_in_parts(parts),
+            let (decode, combine) = match rows.runs(&mut self.output, threads) {
+                Some(runs) => sum_in_turns(threads, runs),
                 None => rows.add_into(&mut self.output, 0, &mut self.scratch),
             };
             self.per_request.push((planned.endpoint.clone(), decode, combine));
@@ -411,14 +412,14 @@ mod tests {
         if threads == 1 {
             rows.add_into(&mut output, 0, &mut Vec::new());
         } else {
-            let parts = rows.parts(&mut output, threads).expect("ascending tokens split");
-            assert_eq!(parts.len(), threads.min(rows.tokens.len()));
-            sum_in_parts(parts);
+            let runs = rows.runs(&mut output, threads).expect("ascending tokens split");
+            assert!(runs.len() > threads.min(rows.tokens.len()), "{} runs for {threads} threads", runs.len());
+            sum_in_turns(threads, runs);
         }
         output
     }
 
-    /// An answer summed by several threads, each into its own range of the output, leaves the
+    /// An answer summed by several threads, each run into its own range of the output, leaves the
     /// output equal bit for bit to the sum of one thread, the rows of tokens it lacks untouched.
     #[test]
     fn an_answer_summed_in_parts_equals_it_summed_alone() {
@@ -440,13 +441,13 @@ mod tests {
         let (mut tokens, data) = answer(8);
         tokens.swap(2, 5);
         let rows = TokenRows { d_model: D_MODEL, dtype: WireDtype::Bf16, tokens: &tokens, data: &data };
-        assert!(rows.parts(&mut vec![0.0; 20 * D_MODEL], 4).is_none());
+        assert!(rows.runs(&mut vec![0.0; 20 * D_MODEL], 4).is_none());
         let repeated = [1, 3, 3, 5, 7, 9, 11, 13];
         let rows = TokenRows { tokens: &repeated, ..rows };
-        assert!(rows.parts(&mut vec![0.0; 20 * D_MODEL], 4).is_none(), "a token twice");
+        assert!(rows.runs(&mut vec![0.0; 20 * D_MODEL], 4).is_none(), "a token twice");
         let (ascending, _) = answer(8);
         let rows = TokenRows { tokens: &ascending, ..rows };
-        assert!(rows.parts(&mut vec![0.0; 20 * D_MODEL], 1).is_none(), "one thread: no parts");
-        assert!(rows.parts(&mut vec![0.0; 20 * D_MODEL], 2).is_some(), "two threads: two parts");
+        assert!(rows.runs(&mut vec![0.0; 20 * D_MODEL], 1).is_none(), "one thread: no runs");
+        assert_eq!(rows.runs(&mut vec![0.0; 20 * D_MODEL], 2).map(|runs| runs.len()), Some(8), "two threads: 8 runs");
     }
 }

@@ -1,26 +1,29 @@
 //! Softmax top-k, with and without renormalisation of the k weights (dense is k = experts).
 
 use super::{Routing, softmax_to, top_ranked};
-use crate::cpu::on_scoped_threads;
+use crate::cpu::{CHUNKS_PER_THREAD, in_turns};
 
 /// Logits per thread below which routing stays on one: ~1 ms of softmax and top-k (512 tokens of
 /// 256 experts; top-2 of 8 routes 4096 tokens in ~0.3 ms, not worth a thread), against the
 /// ~50-100 µs a thread costs to start.
 const LOGITS_PER_THREAD: usize = 1 << 17;
 
-/// Softmax over each token's logits and its `k` best experts, its tokens split over up to `threads` threads (the calling one among them). Each
+/// Softmax over each token's logits and its `k` best experts, its tokens in chunks that up to
+/// `threads` threads (the calling one among them) take in turns. Each
 /// token is routed alone, so the outcome is the same however they are split. On a many-core host
 /// a serial routing was a third of DeepEP-normal's gate, whose GEMM runs on 8 threads.
 pub fn route_on(logits: &[f32], experts: usize, k: usize, renormalize: bool, threads: usize) -> Routing {
     let tokens = logits.len() / experts;
     let mut probabilities = vec![0.0; tokens * experts];
     let mut choices = vec![(0, 0.0); tokens * k];
-    let per_thread = tokens.div_ceil(routing_threads(logits.len(), threads)).max(1);
-    let parts = logits
-        .chunks(per_thread * experts)
-        .zip(probabilities.chunks_mut(per_thread * experts))
-        .zip(choices.chunks_mut((per_thread * k).max(1)));
-    on_scoped_threads(parts, |((logits, probabilities), choices)| {
+    let threads = routing_threads(logits.len(), threads);
+    let chunks = if threads > 1 { threads * CHUNKS_PER_THREAD } else { 1 };
+    let per_chunk = tokens.div_ceil(chunks).max(1);
+    let chunks = logits
+        .chunks(per_chunk * experts)
+        .zip(probabilities.chunks_mut(per_chunk * experts))
+        .zip(choices.chunks_mut((per_chunk * k).max(1)));
+    in_turns(threads, chunks, |((logits, probabilities), choices)| {
         route_into(logits, experts, k, renormalize, probabilities, choices);
     });
     Routing { tokens, experts, top_k: k, choices, probabilities }
