@@ -136,5 +136,26 @@ mod tests {
         // 15 or 16 whole huge pages lie inside; the kernel may fall back to small pages for a few
         // where it finds no free 2 MiB at once.
         assert!(huge >= 8 * HUGE_PAGE, "{huge} bytes of huge pages in a 32 MiB output");
+        assert_eq!(huge_page_bytes_around(0, 4096), 0, "nothing is mapped at address 0");
+    }
+
+    /// The advice is taken for a large buffer's whole huge pages, where the kernel offers them.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_kernel_takes_the_advice_for_a_large_buffer() {
+        if !matches!(kernel_mode().as_deref(), Some("always" | "madvise")) {
+            return;
+        }
+        let mut large: Vec<u8> = Vec::with_capacity(ADVISED_FROM_BYTES);
+        assert!(advise(large.spare_capacity_mut()));
+    }
+
+    /// Where the kernel has transparent huge pages at all, it names one of its three modes.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_kernel_names_its_mode_where_it_has_one() {
+        if std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
+            assert!(matches!(kernel_mode().as_deref(), Some("always" | "madvise" | "never")), "{:?}", kernel_mode());
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::mem::MaybeUninit;
 use bytes::Bytes;
 use switchyard_proto::wire::{self, WireDtype};
 
-use crate::cpu::{CHUNKS_PER_THREAD, in_turns};
+use crate::cpu::{chunks_for, in_turns};
 
 /// Payloads of at least this many bytes per thread are encoded by several threads at once.
 const SPLIT_PAYLOAD_BYTES: usize = 4 << 20;
@@ -36,15 +36,14 @@ pub fn gather_requests(
     let mut payloads: Vec<Vec<u8>> =
         requests.iter().map(|tokens| Vec::with_capacity(tokens.len() * row_bytes)).collect();
     let total_rows: usize = requests.iter().map(|tokens| tokens.len()).sum();
-    let threads = threads.min(total_rows * row_bytes / SPLIT_PAYLOAD_BYTES).min(total_rows).max(1);
-    let chunks = if threads > 1 { threads * CHUNKS_PER_THREAD } else { 1 };
+    let (threads, per_share) = encode_shares(total_rows, row_bytes, threads);
     let shares = split_rows(
         requests.iter().zip(&mut payloads).map(|(tokens, payload)| {
             let rows = &mut payload.spare_capacity_mut()[..tokens.len() * row_bytes];
             (*tokens, rows)
         }),
         row_bytes,
-        total_rows.div_ceil(chunks),
+        per_share,
     );
     in_turns(threads, shares.into_iter(), |share| {
         let zeros = vec![0u8; row_bytes];
@@ -66,6 +65,13 @@ pub fn gather_requests(
             Bytes::from(payload)
         })
         .collect()
+}
+
+/// The threads worth encoding `rows` rows of `row_bytes` bytes with, at most `threads`, and the
+/// rows of each share they take in turns ([`chunks_for`]).
+fn encode_shares(rows: usize, row_bytes: usize, threads: usize) -> (usize, usize) {
+    let threads = threads.min(rows * row_bytes / SPLIT_PAYLOAD_BYTES).min(rows).max(1);
+    (threads, rows.div_ceil(chunks_for(threads)))
 }
 
 /// Tokens and the payload bytes their rows are encoded into.
@@ -126,6 +132,19 @@ pub fn add_rows_from(y: &mut [f32], y_start: usize, d_model: usize, tokens: &[u3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// From 4 MiB of payload a thread, every thread taking 4 shares in turns; one thread takes all.
+    #[test]
+    fn a_payload_is_encoded_in_shares_of_megabytes() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(encode_shares(100, MIB, 1), (1, 100), "one thread: one share");
+        assert_eq!(encode_shares(100, MIB, 2), (2, 13), "8 shares of 100 rows");
+        assert_eq!(encode_shares(100, MIB, 8), (8, 4), "32 shares");
+        assert_eq!(encode_shares(8, MIB, 8), (2, 1), "8 MiB: 2 threads");
+        assert_eq!(encode_shares(3, MIB, 8), (1, 3), "3 MiB: not worth a second thread");
+        assert_eq!(encode_shares(1, 64 * MIB, 8), (1, 1), "one row is not split");
+        assert_eq!(encode_shares(0, MIB, 8), (1, 0));
+    }
 
     #[test]
     fn gather_then_accumulate_scatters_back_with_weights() {

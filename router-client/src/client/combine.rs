@@ -14,7 +14,7 @@ use switchyard_proto::wire::WireDtype;
 use super::LayerOutput;
 use super::plan::{CallPlan, book_requests, worker_call_of};
 use crate::codec::{add_rows_from, decode_rows};
-use crate::cpu::{CHUNKS_PER_THREAD, CpuPool};
+use crate::cpu::{CpuPool, chunks_for};
 use crate::dispatch::{PlannedRequest, TokenPlan};
 use crate::error::ClientError;
 use crate::ledger::{WorkerCall, response_compute};
@@ -221,8 +221,8 @@ impl<'a> TokenRows<'a> {
         (decode, combine)
     }
 
-    /// For `threads` threads to sum in turns: the rows cut into up to [`CHUNKS_PER_THREAD`] runs
-    /// of consecutive rows per thread, each with the range of `output` its tokens fall in
+    /// For `threads` threads to sum in turns: the rows cut into up to [`chunks_for`] runs of
+    /// consecutive rows, each with the range of `output` its tokens fall in
     /// (disjoint, since a token-major answer lists its tokens in ascending order; `None` when it
     /// does not, or when one thread would do).
     fn runs<'o>(&self, output: &'o mut [f32], threads: usize) -> Option<Vec<(TokenRows<'a>, &'o mut [f32], u32)>> {
@@ -230,9 +230,9 @@ impl<'a> TokenRows<'a> {
         if threads < 2 || !ascending {
             return None;
         }
-        let per_run = self.tokens.len().div_ceil(threads * CHUNKS_PER_THREAD);
+        let per_run = self.tokens.len().div_ceil(chunks_for(threads));
         let row_bytes = self.dtype.row_bytes(self.d_model);
-        let mut runs = Vec::with_capacity(threads * CHUNKS_PER_THREAD);
+        let mut runs = Vec::with_capacity(chunks_for(threads));
         let (mut rest, mut rest_first) = (output, 0u32);
         for (tokens, data) in self.tokens.chunks(per_run).zip(self.data.chunks(per_run * row_bytes)) {
             let (first, last) = (tokens[0], tokens[tokens.len() - 1]);

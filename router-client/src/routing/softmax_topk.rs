@@ -1,7 +1,7 @@
 //! Softmax top-k, with and without renormalisation of the k weights (dense is k = experts).
 
 use super::{Routing, softmax_to, top_ranked};
-use crate::cpu::{CHUNKS_PER_THREAD, in_turns};
+use crate::cpu::{chunks_for, in_turns};
 
 /// Logits per thread below which routing stays on one: ~1 ms of softmax and top-k (512 tokens of
 /// 256 experts; top-2 of 8 routes 4096 tokens in ~0.3 ms, not worth a thread), against the
@@ -17,8 +17,7 @@ pub fn route_on(logits: &[f32], experts: usize, k: usize, renormalize: bool, thr
     let mut probabilities = vec![0.0; tokens * experts];
     let mut choices = vec![(0, 0.0); tokens * k];
     let threads = routing_threads(logits.len(), threads);
-    let chunks = if threads > 1 { threads * CHUNKS_PER_THREAD } else { 1 };
-    let per_chunk = tokens.div_ceil(chunks).max(1);
+    let per_chunk = tokens.div_ceil(chunks_for(threads)).max(1);
     let chunks = logits
         .chunks(per_chunk * experts)
         .zip(probabilities.chunks_mut(per_chunk * experts))
