@@ -434,6 +434,21 @@ mod tests {
         assert_eq!(alone[75 * D_MODEL..][..D_MODEL], [28.125, 28.25, 28.375], "past the last token: untouched");
     }
 
+    /// An answer's work for the pool is its tensors' bytes: the token-major sum's and every
+    /// expert's rows.
+    #[test]
+    fn an_answer_s_work_counts_every_tensor_s_bytes() {
+        let tensor = |bytes: usize| v1::WireTensor { data: Bytes::from(vec![0u8; bytes]), ..Default::default() };
+        let output = |bytes: usize| v1::ExpertOutput { rows: Some(tensor(bytes)), ..Default::default() };
+        let response = v1::ForwardResponse {
+            combined: Some(tensor(10)),
+            outputs: vec![output(3), v1::ExpertOutput::default(), output(4)],
+            ..Default::default()
+        };
+        assert_eq!(answer_bytes(&response), 17);
+        assert_eq!(answer_bytes(&v1::ForwardResponse::default()), 0);
+    }
+
     /// Tokens out of order or repeated could share an output range between two threads: they are
     /// summed by one.
     #[test]
