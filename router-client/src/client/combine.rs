@@ -192,6 +192,11 @@ const COMBINE_BLOCK_ROWS: usize = 8;
 /// (DeepEP-normal over 8 connections: 7 MB each), as answers are summed one at a time.
 const SPLIT_SUM_BYTES: usize = 1 << 20;
 
+/// The threads worth summing a token-major answer of `bytes` bytes with, at most `threads`.
+fn sum_threads(bytes: usize, threads: usize) -> usize {
+    threads.min(bytes / SPLIT_SUM_BYTES).max(1)
+}
+
 /// A token-major answer's rows (or a run of them): one weighted sum per token, for `tokens` in
 /// order.
 #[derive(Clone, Copy)]
@@ -303,7 +308,7 @@ impl Sums {
         if let (Some(tokens), Some(combined)) = (&planned.token_major, &response.combined) {
             let Ok(dtype) = WireDtype::try_from(combined.dtype) else { return };
             let rows = TokenRows { d_model: plan.d_model, dtype, tokens: &tokens.tokens, data: &combined.data };
-            let threads = plan.cpu_threads.min(combined.data.len() / SPLIT_SUM_BYTES).max(1);
+            let threads = sum_threads(combined.data.len(), plan.cpu_threads);
             let (decode, combine) = match rows.runs(&mut self.output, threads) {
                 Some(runs) => sum_in_turns(threads, runs),
                 None => rows.add_into(&mut self.output, 0, &mut self.scratch),
@@ -432,6 +437,17 @@ mod tests {
         assert_eq!(alone[..D_MODEL], [0.0, 0.125, 0.25], "token 0 is in no answer row");
         assert_eq!(alone[D_MODEL..2 * D_MODEL], [0.375 + 1.25, 0.5 - 1.0, 0.625 + 0.5], "token 1's row added");
         assert_eq!(alone[75 * D_MODEL..][..D_MODEL], [28.125, 28.25, 28.375], "past the last token: untouched");
+    }
+
+    /// A thread per MiB of answer, up to the client's threads.
+    #[test]
+    fn an_answer_is_summed_by_a_thread_per_megabyte() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(sum_threads(0, 8), 1);
+        assert_eq!(sum_threads(2 * MIB - 1, 8), 1);
+        assert_eq!(sum_threads(2 * MIB, 8), 2);
+        assert_eq!(sum_threads(100 * MIB, 8), 8);
+        assert_eq!(sum_threads(100 * MIB, 1), 1);
     }
 
     /// An answer's work for the pool is its tensors' bytes: the token-major sum's and every
