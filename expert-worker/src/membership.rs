@@ -343,6 +343,40 @@ mod tests {
         }
     }
 
+    /// A worker joining the scripted coordinator: the membership task, the worker, what the
+    /// coordinator is asked, and the id the worker registered as.
+    struct Joining {
+        task: tokio::task::JoinHandle<()>,
+        worker: Arc<ExpertWorker>,
+        requests: mpsc::UnboundedReceiver<Asked>,
+        registered_as: watch::Receiver<Option<String>>,
+    }
+
+    async fn join(script: Script, readiness: Readiness) -> Joining {
+        let (coordinator, requests) = serve(script).await;
+        let worker = ExpertWorker::start(WorkerOptions::in_process(tch::Device::Cpu), WorkerMetrics::new())
+            .expect("the compute thread starts");
+        let (registered, registered_as) = watch::channel(None);
+        let task = tokio::spawn(run(worker.clone(), membership(coordinator), registered, readiness));
+        Joining { task, worker, requests, registered_as }
+    }
+
+    impl Joining {
+        async fn heartbeats(&mut self, count: usize) {
+            let mut heartbeats = 0;
+            while heartbeats < count {
+                if let Asked::Heartbeat { .. } = next_asked(&mut self.requests).await {
+                    heartbeats += 1;
+                }
+            }
+        }
+
+        async fn leave(self) {
+            self.task.abort();
+            self.worker.shutdown().await;
+        }
+    }
+
     fn heartbeat(placed: bool, experts_to_load: u32) -> v1::HeartbeatResponse {
         v1::HeartbeatResponse { placed, experts_to_load, ..Default::default() }
     }
@@ -373,32 +407,105 @@ mod tests {
             .into(),
             ..Script::default()
         };
-        let (coordinator, mut requests) = serve(script).await;
-        let worker = ExpertWorker::start(WorkerOptions::in_process(tch::Device::Cpu), WorkerMetrics::new())
-            .expect("the compute thread starts");
-        let (registered, mut registered_as) = watch::channel(None);
         let readiness = Readiness::not_ready("starting");
-        let joined = tokio::spawn(run(worker.clone(), membership(coordinator), registered, readiness.clone()));
+        let mut joining = join(script, readiness.clone()).await;
+        let (requests, registered_as) = (&mut joining.requests, &mut joining.registered_as);
 
         let register = Asked::Register { name: "worker-a".into(), endpoint: "http://127.0.0.1:1".into() };
         let heartbeat = Asked::Heartbeat { worker_id: "w-1".into() };
-        assert_eq!(next_asked(&mut requests).await, register, "refused");
-        assert_eq!(next_asked(&mut requests).await, register, "retried");
+        assert_eq!(next_asked(requests).await, register, "refused");
+        assert_eq!(next_asked(requests).await, register, "retried");
         registered_as.wait_for(Option::is_some).await.expect("the membership task runs");
         assert_eq!(registered_as.borrow().as_deref(), Some("w-1"));
-        assert_eq!(next_asked(&mut requests).await, heartbeat);
-        assert_eq!(next_asked(&mut requests).await, heartbeat, "failed: serves on and beats again");
-        assert_eq!(next_asked(&mut requests).await, heartbeat, "answered NOT_FOUND");
-        assert_eq!(next_asked(&mut requests).await, register, "forgotten: registers again");
-        assert_eq!(next_asked(&mut requests).await, heartbeat);
+        assert_eq!(next_asked(requests).await, heartbeat);
+        assert_eq!(next_asked(requests).await, heartbeat, "failed: serves on and beats again");
+        assert_eq!(next_asked(requests).await, heartbeat, "answered NOT_FOUND");
+        assert_eq!(next_asked(requests).await, register, "forgotten: registers again");
+        assert_eq!(next_asked(requests).await, heartbeat);
         let ready = async {
             while readiness.not_ready_because().is_some() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         };
         tokio::time::timeout(Duration::from_secs(10), ready).await.expect("ready once every placed expert is held");
-        joined.abort();
-        worker.shutdown().await;
+        joining.leave().await;
+    }
+
+    /// The level and message of every event logged on the test's thread (a current-thread
+    /// runtime polls the membership task there).
+    #[derive(Clone, Default)]
+    struct Logged(std::sync::Arc<Mutex<Vec<(tracing::Level, String)>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Logged {
+        fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            self.0.lock().expect("not poisoned").push((*event.metadata().level(), message.0));
+        }
+    }
+
+    impl Logged {
+        fn count(&self, level: tracing::Level, message: &str) -> usize {
+            let logged = self.0.lock().expect("not poisoned");
+            logged.iter().filter(|(at, said)| *at == level && said == message).count()
+        }
+    }
+
+    /// An operator reads a refused registration as an error and an unreachable coordinator as a
+    /// warning; heartbeats that keep failing are warned of once, then at debug level until one is
+    /// answered again, which is said once.
+    #[tokio::test]
+    async fn failing_registrations_and_heartbeats_are_said_once_at_their_level() {
+        use tracing::Level;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let logged = Logged::default();
+        let _logging = tracing::subscriber::set_default(tracing_subscriber::registry().with(logged.clone()));
+        let unavailable = || tonic::Status::unavailable("restarting");
+        let script = Script {
+            registrations: [Err(tonic::Status::failed_precondition("protocol 0")), Err(unavailable())].into(),
+            heartbeats: [Err(unavailable()), Err(unavailable()), Err(unavailable()), Ok(heartbeat(true, 0))].into(),
+            ..Script::default()
+        };
+        let mut joining = join(script, Readiness::not_ready("starting")).await;
+        joining.heartbeats(5).await;
+        joining.leave().await;
+
+        assert_eq!(logged.count(Level::ERROR, "coordinator refused registration; retrying"), 1);
+        assert_eq!(logged.count(Level::WARN, "coordinator unreachable; retrying"), 1);
+        let failing = "heartbeats to the coordinator fail; serving on the last placement meanwhile";
+        assert_eq!(logged.count(Level::WARN, failing), 1, "{:?}", logged.0.lock());
+        assert_eq!(logged.count(Level::DEBUG, "heartbeat failed; still serving"), 2);
+        assert_eq!(logged.count(Level::INFO, "the coordinator answers heartbeats again"), 1);
+    }
+
+    /// A stopping worker whose coordinator is gone too says so only at debug level.
+    #[tokio::test]
+    async fn a_stopping_worker_s_failing_heartbeats_are_not_warned_of() {
+        use tracing::Level;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let logged = Logged::default();
+        let _logging = tracing::subscriber::set_default(tracing_subscriber::registry().with(logged.clone()));
+        let unavailable = || Err(tonic::Status::unavailable("the cluster is going down"));
+        let script = Script { heartbeats: [unavailable(), unavailable()].into(), ..Script::default() };
+        let readiness = Readiness::not_ready("starting");
+        readiness.stopping("shutting down");
+        let mut joining = join(script, readiness).await;
+        joining.heartbeats(3).await;
+        joining.leave().await;
+
+        assert_eq!(logged.count(Level::DEBUG, "heartbeat failed; still serving"), 2);
+        let failing = "heartbeats to the coordinator fail; serving on the last placement meanwhile";
+        assert_eq!(logged.count(Level::WARN, failing), 0);
     }
 
     fn registered(worker_id: Option<&str>) -> watch::Receiver<Option<String>> {
