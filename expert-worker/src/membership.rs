@@ -453,6 +453,21 @@ mod tests {
     }
 
     impl Logged {
+        /// Captures what this thread logs while the guard lives. tracing caches each callsite's
+        /// interest process-wide, from the first thread that reaches it: another test's thread
+        /// without a subscriber would pin a callsite to "never" and its events would not arrive
+        /// here. A global registry that records nothing gives every thread a subscriber, and the
+        /// cache is rebuilt once this thread's is set.
+        fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+            use tracing_subscriber::layer::SubscriberExt;
+
+            let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+            let logged = Logged::default();
+            let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(logged.clone()));
+            tracing::callsite::rebuild_interest_cache();
+            (logged, guard)
+        }
+
         fn count(&self, level: tracing::Level, message: &str) -> usize {
             let logged = self.0.lock().expect("not poisoned");
             logged.iter().filter(|(at, said)| *at == level && said == message).count()
@@ -465,10 +480,8 @@ mod tests {
     #[tokio::test]
     async fn failing_registrations_and_heartbeats_are_said_once_at_their_level() {
         use tracing::Level;
-        use tracing_subscriber::layer::SubscriberExt;
 
-        let logged = Logged::default();
-        let _logging = tracing::subscriber::set_default(tracing_subscriber::registry().with(logged.clone()));
+        let (logged, _capturing) = Logged::capture();
         let unavailable = || tonic::Status::unavailable("restarting");
         let script = Script {
             registrations: [Err(tonic::Status::failed_precondition("protocol 0")), Err(unavailable())].into(),
@@ -491,10 +504,8 @@ mod tests {
     #[tokio::test]
     async fn a_stopping_worker_s_failing_heartbeats_are_not_warned_of() {
         use tracing::Level;
-        use tracing_subscriber::layer::SubscriberExt;
 
-        let logged = Logged::default();
-        let _logging = tracing::subscriber::set_default(tracing_subscriber::registry().with(logged.clone()));
+        let (logged, _capturing) = Logged::capture();
         let unavailable = || Err(tonic::Status::unavailable("the cluster is going down"));
         let script = Script { heartbeats: [unavailable(), unavailable()].into(), ..Script::default() };
         let readiness = Readiness::not_ready("starting");
