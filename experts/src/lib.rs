@@ -4,11 +4,13 @@
 //! - [`expert`]: one expert (any [`switchyard_model::Activation`]) on a device, in one dtype, built
 //!   from a checkpoint or from seeded synthetic weights.
 //! - [`device`]: choosing CUDA when present, else CPU.
-//! - [`huge_pages`]: libtorch's large CPU tensors (the experts' weights) on transparent huge pages.
+//! - [`huge_pages`]: libtorch's large CPU tensors (the experts' weights) on transparent huge pages;
+//!   [`host_memory`]: that and glibc's allocator set up first in a libtorch process's `main`.
 //! - [`peak`]: the device's own matrix-product rate, the yardstick of expert compute.
 
 pub mod device;
 pub mod expert;
+pub mod host_memory;
 pub mod huge_pages;
 pub mod peak;
 

@@ -9,23 +9,18 @@ mod libtorch;
 
 use clap::Parser;
 use switchyard_common::tracing_setup;
+use switchyard_experts::host_memory::HostMemory;
 
 fn main() -> anyhow::Result<()> {
-    // Before the runtime's threads: glibc settles its arenas at a second thread's first allocation.
-    let freed_buffers = switchyard_common::freed_buffers::keep_freed_buffers();
-    // SAFETY: no other thread runs yet, and libtorch has allocated nothing.
+    // SAFETY: first in `main`, before the runtime's threads and libtorch's first tensor.
     #[allow(unsafe_code)]
-    let huge_pages = unsafe { switchyard_experts::huge_pages::advise_huge_page_tensors() };
-    tokio::runtime::Runtime::new()?.block_on(run(freed_buffers, huge_pages))
+    let host_memory = unsafe { HostMemory::set_up() };
+    tokio::runtime::Runtime::new()?.block_on(run(host_memory))
 }
 
-async fn run(
-    freed_buffers: switchyard_common::freed_buffers::FreedBuffers,
-    huge_pages: switchyard_experts::huge_pages::HugePageTensors,
-) -> anyhow::Result<()> {
+async fn run(host_memory: HostMemory) -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
     let _spans = tracing_setup::init_tracing(&cli.tracing, "switchyard", tracing_setup::COMMAND_LOGS)?;
-    freed_buffers.log();
-    tracing::debug!(outcome = ?huge_pages, "libtorch's large CPU tensors on huge pages");
+    host_memory.log();
     cli::run(cli).await
 }
