@@ -70,6 +70,11 @@ fn chosen_mode(modes: &str) -> Option<&str> {
     Some(chosen.split_once(']')?.0)
 }
 
+/// Whether the kernel backs advised memory with huge pages (`always` or `madvise`).
+pub fn kernel_takes_advice() -> bool {
+    matches!(kernel_mode().as_deref(), Some("always" | "madvise"))
+}
+
 /// Bytes of huge pages (`AnonHugePages`) backing this process's mappings that overlap
 /// `[start, end)`: whether the kernel took the advice for a buffer, as tests and diagnostics see
 /// it. Zero where `/proc/self/smaps` cannot be read.
@@ -125,9 +130,8 @@ mod tests {
     #[test]
     fn a_large_buffer_is_backed_by_huge_pages_where_the_kernel_offers_them() {
         let _alone = crate::RESIDENT_MEMORY_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mode = kernel_mode();
-        if !matches!(mode.as_deref(), Some("always" | "madvise")) {
-            eprintln!("skipped: transparent huge pages are off here ({mode:?})");
+        if !kernel_takes_advice() {
+            eprintln!("skipped: transparent huge pages are off here ({:?})", kernel_mode());
             return;
         }
         let values = zeroed_f32s(ADVISED_FROM_BYTES / 4);
@@ -143,7 +147,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn the_kernel_takes_the_advice_for_a_large_buffer() {
-        if !matches!(kernel_mode().as_deref(), Some("always" | "madvise")) {
+        if !kernel_takes_advice() {
             return;
         }
         let mut large: Vec<u8> = Vec::with_capacity(ADVISED_FROM_BYTES);

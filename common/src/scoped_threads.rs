@@ -6,6 +6,12 @@
 /// alone 1.6-1.8 ms (`router-client/examples/gate_product.rs` and the bench).
 pub const CHUNKS_PER_THREAD: usize = 4;
 
+/// How many chunks work for `threads` threads is cut into: [`CHUNKS_PER_THREAD`] each for threads
+/// to take in turns ([`in_turns`]), one for a thread alone.
+pub fn chunks_for(threads: usize) -> usize {
+    if threads > 1 { threads * CHUNKS_PER_THREAD } else { 1 }
+}
+
 /// Runs `work` on every one of `chunks` on up to `threads` threads scoped to this call (the
 /// calling thread among them, the others named `name`), each taking the next chunk as soon as it
 /// is done with one. Where equal parts, one per thread, wait for the slowest thread, here a thread
@@ -72,6 +78,11 @@ mod tests {
         assert_eq!(chunks, (0..40).collect::<Vec<_>>());
         let by_helper = ran.iter().filter(|(_, helper)| *helper).count();
         assert!((1..=10).contains(&by_helper), "the held-up helper ran {by_helper} of 40 chunks");
+    }
+
+    #[test]
+    fn threads_take_four_chunks_each_and_a_thread_alone_one() {
+        assert_eq!([0, 1, 2, 8].map(chunks_for), [1, 1, 8, 32]);
     }
 
     #[test]

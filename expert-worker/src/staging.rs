@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use tch::{Device, Kind, Tensor};
 
-use switchyard_common::scoped_threads::{CHUNKS_PER_THREAD, in_turns};
+use switchyard_common::scoped_threads::{chunks_for, in_turns};
 
 use crate::answer_buffers::{AnswerBuffers, host_buffer};
 
@@ -187,7 +187,7 @@ fn pack(buffer: &mut [u8], pieces: &[(usize, &[u8])], threads: usize) {
     if threads <= 1 || buffer.is_empty() {
         return fill(buffer, 0);
     }
-    let part_len = buffer.len().div_ceil(threads * CHUNKS_PER_THREAD);
+    let part_len = buffer.len().div_ceil(chunks_for(threads));
     in_turns("switchyard-pack", threads, buffer.chunks_mut(part_len).enumerate(), |(index, part)| {
         fill(part, index * part_len);
     });

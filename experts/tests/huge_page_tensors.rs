@@ -1,7 +1,7 @@
 //! Its own test binary, without libtest's harness: libtorch reads the setting once, at its first
 //! CPU allocation, and it is made, as in the binaries, before any other thread starts.
 
-use switchyard_common::huge_pages::{HUGE_PAGE, huge_page_bytes_around, kernel_mode};
+use switchyard_common::huge_pages::{HUGE_PAGE, huge_page_bytes_around, kernel_mode, kernel_takes_advice};
 use switchyard_experts::huge_pages::{HugePageTensors, VARIABLE, advise_huge_page_tensors};
 
 fn main() {
@@ -23,7 +23,7 @@ fn a_large_tensor_is_backed_by_huge_pages_where_the_kernel_offers_them_on_advice
     }
     assert_eq!(outcome, HugePageTensors::Advised);
     let mode = kernel_mode();
-    if !matches!(mode.as_deref(), Some("always" | "madvise")) {
+    if !kernel_takes_advice() {
         eprintln!("skipped: transparent huge pages are off here ({mode:?})");
         return;
     }

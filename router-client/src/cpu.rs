@@ -99,13 +99,7 @@ impl CpuPool {
 /// 2-core VM this was measured on, whose idle cores halt) and the caller's.
 pub const INLINE_WORK: usize = 1 << 15;
 
-pub use switchyard_common::scoped_threads::CHUNKS_PER_THREAD;
-
-/// How many chunks work for `threads` threads is cut into: [`CHUNKS_PER_THREAD`] each for threads
-/// to take in turns ([`in_turns`]), one for a thread alone.
-pub fn chunks_for(threads: usize) -> usize {
-    if threads > 1 { threads * CHUNKS_PER_THREAD } else { 1 }
-}
+pub use switchyard_common::scoped_threads::{CHUNKS_PER_THREAD, chunks_for};
 
 /// [`switchyard_common::scoped_threads::in_turns`] for one large call's product, routing, encode
 /// or sum, in chunks of at most [`CHUNKS_PER_THREAD`] per thread for up to the client's CPU
@@ -125,11 +119,6 @@ fn caught<T>(outcome: std::thread::Result<T>) -> Result<T, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn threads_take_four_chunks_each_and_a_thread_alone_one() {
-        assert_eq!([0, 1, 2, 8].map(chunks_for), [1, 1, 8, 32]);
-    }
 
     #[tokio::test]
     async fn work_runs_off_the_runtime_and_a_panic_comes_back_as_an_error() {
