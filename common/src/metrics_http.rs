@@ -54,3 +54,70 @@ fn asks_for_openmetrics(headers: &HeaderMap) -> bool {
         .filter_map(|accept| accept.to_str().ok())
         .any(|accept| accept.contains("application/openmetrics-text"))
 }
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::metrics::counter::Counter;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// `GET path` over HTTP/1.1 with `accept`, as a scraper or a kubelet's probe asks: the status
+    /// line and headers, then the body.
+    async fn get(address: std::net::SocketAddr, path: &str, accept: &str) -> String {
+        let mut socket = tokio::net::TcpStream::connect(address).await.expect("connect");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: switchyard\r\nAccept: {accept}\r\nConnection: close\r\n\r\n");
+        socket.write_all(request.as_bytes()).await.expect("request");
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).await.expect("answer");
+        answer
+    }
+
+    #[tokio::test]
+    async fn metrics_come_in_the_format_asked_for_and_the_probes_say_how_the_process_is() {
+        let mut registry = Registry::default();
+        let calls = Counter::<u64>::default();
+        registry.register("calls", "Calls served", calls.clone());
+        calls.inc_by(3);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let readiness = Readiness::not_ready("loading experts");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serve(listener, Arc::new(registry), readiness.clone(), async {
+            let _ = stopped.await;
+        }));
+
+        let classic = get(address, "/metrics", "text/plain").await;
+        assert!(classic.starts_with("HTTP/1.1 200"), "{classic}");
+        assert!(classic.contains(metrics_text::CONTENT_TYPE) && classic.contains("\ncalls_total 3\n"), "{classic}");
+        assert!(!classic.contains("# EOF"), "the classic format has no OpenMetrics trailer: {classic}");
+        let openmetrics = get(address, "/metrics", "application/openmetrics-text;version=1.0.0,text/plain;q=0.5").await;
+        assert!(openmetrics.contains(metrics_text::OPENMETRICS_CONTENT_TYPE), "{openmetrics}");
+        assert!(openmetrics.contains("\ncalls_total 3\n") && openmetrics.contains("# EOF"), "{openmetrics}");
+
+        assert!(get(address, "/healthz", "*/*").await.starts_with("HTTP/1.1 200"));
+        let waiting = get(address, "/readyz", "*/*").await;
+        assert!(waiting.starts_with("HTTP/1.1 503") && waiting.ends_with("not ready: loading experts\n"), "{waiting}");
+        readiness.set_ready();
+        let ready = get(address, "/readyz", "*/*").await;
+        assert!(ready.starts_with("HTTP/1.1 200") && ready.ends_with("\r\n\r\nready\n"), "{ready}");
+
+        stop.send(()).expect("the server runs");
+        served.await.expect("the server's task").expect("served until shut down");
+    }
+
+    #[test]
+    fn only_an_accept_naming_openmetrics_gets_it() {
+        let headers = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(header::ACCEPT, value.parse().expect("a header value"));
+            }
+            headers
+        };
+        assert!(!asks_for_openmetrics(&headers(&[])));
+        assert!(!asks_for_openmetrics(&headers(&["text/plain;version=0.0.4", "*/*"])));
+        assert!(asks_for_openmetrics(&headers(&["text/plain", "application/openmetrics-text; version=1.0.0"])));
+    }
+}

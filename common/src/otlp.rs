@@ -159,4 +159,41 @@ mod tests {
         metadata.insert("traceparent", "00-not-a-trace".parse().expect("ascii"));
         assert!(RemoteParent::from_metadata(&metadata).0.is_none(), "a malformed traceparent is ignored");
     }
+
+    #[test]
+    fn a_span_that_adopts_its_caller_s_trace_passes_it_on_to_its_own_calls() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry().with(layer(&provider));
+        let mut incoming = MetadataMap::new();
+        incoming
+            .insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().expect("ascii"));
+        tracing::subscriber::with_default(subscriber, || {
+            let traceparent = |span: &tracing::Span| {
+                let mut outgoing = MetadataMap::new();
+                inject(span, &mut outgoing);
+                outgoing.get("traceparent").and_then(|value| value.to_str().ok()).map(str::to_owned)
+            };
+            let joined = tracing::info_span!("forward");
+            RemoteParent::from_metadata(&incoming).adopt(&joined);
+            let sent = traceparent(&joined).expect("a span in a trace sends its context");
+            assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "the caller's trace: {sent}");
+            assert!(!sent.contains("00f067aa0ba902b7"), "as its own span, the caller's child: {sent}");
+
+            let own = traceparent(&tracing::info_span!("forward")).expect("a trace of its own");
+            assert!(!own.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{own}");
+        });
+    }
+
+    #[test]
+    fn the_extractor_lists_the_text_keys_only() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("traceparent", "00-x".parse().expect("ascii"));
+        metadata.insert("tracestate", "a=b".parse().expect("ascii"));
+        metadata.insert_bin("context-bin", tonic::metadata::MetadataValue::from_bytes(b"\x01"));
+        let extractor = MetadataExtractor(&metadata);
+        let mut keys = extractor.keys();
+        keys.sort_unstable();
+        assert_eq!(keys, ["traceparent", "tracestate"]);
+    }
 }

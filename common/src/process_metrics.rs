@@ -71,14 +71,69 @@ impl Collector for ProcessCollector {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant, SystemTime};
+
     use super::*;
 
-    #[test]
-    fn the_process_and_its_build_are_described() {
+    fn sample(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    }
+
+    fn scrape() -> String {
         let mut registry = Registry::default();
         register(&mut registry, "test");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        text
+    }
+
+    /// This process's user and system CPU time so far, as the kernel's accounting has it.
+    #[allow(unsafe_code)]
+    fn cpu_seconds() -> f64 {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes the struct it is given, which lives through the call.
+        let usage = unsafe {
+            assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
+            usage.assume_init()
+        };
+        let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 * 1e-6;
+        seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    }
+
+    #[test]
+    fn cpu_time_counts_user_and_system_time_and_the_start_is_this_process_s() {
+        // Both kinds of CPU time, well above the 10 ms a clock tick counts: metadata calls are
+        // mostly the kernel's time, the sums the process's own.
+        let started = Instant::now();
+        let mut sum = 0u64;
+        while started.elapsed() < Duration::from_millis(300) {
+            for _ in 0..100 {
+                sum = sum.wrapping_add(std::fs::metadata("/").map_or(0, |meta| meta.len()));
+            }
+            for i in 0..20_000u64 {
+                sum = std::hint::black_box(sum.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        std::hint::black_box(sum);
+        let before = cpu_seconds();
+        let text = scrape();
+        let after = cpu_seconds();
+        let cpu = sample(&text, "process_cpu_seconds_total");
+        // /proc counts in clock ticks (10 ms here) what getrusage counts in microseconds.
+        assert!(before - 0.03 <= cpu && cpu <= after + 0.03, "{cpu} s of CPU, not within [{before}, {after}]");
+
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("after 1970").as_secs_f64();
+        let start = sample(&text, "process_start_time_seconds");
+        // The boot time /proc gives is whole seconds; a test binary runs for minutes at most.
+        assert!(now - 900.0 < start && start <= now + 2.0, "started at {start}, now {now}");
+    }
+
+    #[test]
+    fn the_process_and_its_build_are_described() {
+        let text = scrape();
         for sample in [
             "process_cpu_seconds_total ",
             "process_resident_memory_bytes ",
@@ -89,11 +144,7 @@ mod tests {
         ] {
             assert!(text.contains(sample), "{sample} missing from:\n{text}");
         }
-        let rss: f64 = text
-            .lines()
-            .find_map(|line| line.strip_prefix("process_resident_memory_bytes "))
-            .and_then(|value| value.parse().ok())
-            .expect("a resident size");
+        let rss = sample(&text, "process_resident_memory_bytes");
         assert!(rss > 1e6, "a test process holds more than 1 MB: {rss}");
         let version = env!("CARGO_PKG_VERSION");
         assert!(

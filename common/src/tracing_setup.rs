@@ -158,4 +158,25 @@ mod tests {
         let server = logged_under(SERVER_LOGS);
         assert!(server.contains("experts loaded"), "a worker process says it to its operator: {server}");
     }
+
+    #[test]
+    fn children_are_told_this_process_s_log_format_and_collector() {
+        let pair = |name: &str, value: &str| (name.to_owned(), value.to_owned());
+        assert_eq!(TracingArgs::default().child_env(), [pair("SWITCHYARD_LOG_FORMAT", "text")]);
+        let exporting =
+            TracingArgs { log_format: LogFormat::Json, otlp_endpoint: Some("http://collector:4317".into()) };
+        assert_eq!(
+            exporting.child_env(),
+            [pair("SWITCHYARD_LOG_FORMAT", "json"), pair("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")]
+        );
+    }
+
+    #[cfg(feature = "clap")]
+    #[test]
+    fn each_format_s_name_is_the_one_its_flag_takes() {
+        use clap::ValueEnum;
+        for format in [LogFormat::Text, LogFormat::Json] {
+            assert_eq!(LogFormat::from_str(format.name(), false), Ok(format));
+        }
+    }
 }

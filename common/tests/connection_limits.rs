@@ -1,21 +1,28 @@
 //! A listener's connection limits: silent sockets are closed, and past the cap new ones are turned
 //! away, so that neither locks real clients out.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
 use switchyard_common::transport::{ConnectionLimits, incoming_with};
 use tokio::io::AsyncReadExt;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-async fn serve(limits: ConnectionLimits) -> std::net::SocketAddr {
+/// A health server within `limits`, and how many connections it has accepted.
+async fn serve(limits: ConnectionLimits) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let incoming = incoming_with(listener, limits).inspect(move |_| {
+        counted.fetch_add(1, Ordering::SeqCst);
+    });
     let (_reporter, health) = tonic_health::server::health_reporter();
-    tokio::spawn(
-        tonic::transport::Server::builder().add_service(health).serve_with_incoming(incoming_with(listener, limits)),
-    );
-    address
+    tokio::spawn(tonic::transport::Server::builder().add_service(health).serve_with_incoming(incoming));
+    (address, accepted)
 }
 
 async fn healthy(address: std::net::SocketAddr) -> bool {
@@ -43,7 +50,7 @@ async fn closed_within(socket: &mut tokio::net::TcpStream, within: Duration) -> 
 #[tokio::test]
 async fn silent_connections_are_closed_and_past_the_cap_new_ones_are_turned_away() {
     let limits = ConnectionLimits { max_connections: 8, first_bytes_within: Duration::from_millis(300) };
-    let address = serve(limits).await;
+    let (address, _) = serve(limits).await;
     let mut silent = Vec::new();
     for _ in 0..8 {
         silent.push(tokio::net::TcpStream::connect(address).await.expect("connect"));
@@ -62,11 +69,14 @@ async fn silent_connections_are_closed_and_past_the_cap_new_ones_are_turned_away
 
 #[tokio::test]
 async fn a_busy_client_is_never_cut_by_the_silence_deadline() {
-    let address = serve(ConnectionLimits { max_connections: 8, first_bytes_within: Duration::from_millis(200) }).await;
+    let limits = ConnectionLimits { max_connections: 8, first_bytes_within: Duration::from_millis(200) };
+    let (address, accepted) = serve(limits).await;
     let channel = switchyard_common::transport::channel(&format!("http://{address}")).expect("channel");
     let mut client = HealthClient::new(channel);
     for _ in 0..5 {
         client.check(HealthCheckRequest { service: String::new() }).await.expect("served");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A connection cut and dialled again would serve the checks too: one connection did it all.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the client's connection was never cut");
 }

@@ -5,13 +5,14 @@
 //! is used before its status comes (`zero_copy::unary_answer_first`; the server here is h2's own).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
 use switchyard_common::tls::{self, ClientTls, Role, ServerTls};
 use switchyard_common::transport::{self, ConnectionLimits, H2Channel, Keepalive, WireCounters};
 use switchyard_proto::zero_copy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus};
@@ -73,6 +74,58 @@ async fn answers_and_refusals_come_back_as_tonics_client_gives_them() {
     let tonics = tonic_client.check(HealthCheckRequest { service: "no-such-service".to_owned() }).await.unwrap_err();
     assert_eq!((refused.code(), refused.message()), (tonics.code(), tonics.message()));
     assert_eq!(refused.code(), Code::NotFound);
+}
+
+/// Copies `from` to `to` until either ends, adding what passes into `count`.
+async fn pass(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, count: &AtomicU64) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    while let Ok(read @ 1..) = from.read(&mut buffer).await {
+        count.fetch_add(read as u64, Ordering::SeqCst);
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Relays one connection from `listener` to `server`, adding the bytes each way into the returned
+/// counters as they pass (client to server, server to client).
+fn relay(listener: tokio::net::TcpListener, server: std::net::SocketAddr) -> Arc<[AtomicU64; 2]> {
+    let relayed = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let counts = relayed.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.expect("the client connects");
+        let server = tokio::net::TcpStream::connect(server).await.expect("the server is up");
+        let ((client_reads, client_writes), (server_reads, server_writes)) = (client.into_split(), server.into_split());
+        tokio::join!(pass(client_reads, server_writes, &counts[0]), pass(server_reads, client_writes, &counts[1]));
+    });
+    relayed
+}
+
+#[tokio::test]
+async fn a_counted_channel_counts_every_byte_its_socket_carries_each_way() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = listener.local_addr().expect("address");
+    let (_stop, stopped) = tokio::sync::oneshot::channel();
+    let _server = serve(listener, stopped);
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let uri = format!("http://{}", front.local_addr().expect("address"));
+    let relayed = relay(front, server);
+
+    let counters = Arc::new(WireCounters::default());
+    let mut channel = transport::counted_h2_channel(&uri, counters.clone()).expect("channel");
+    for service in ["", "no-such-service", ""] {
+        let _ = check(&mut channel, service).await;
+    }
+    // Frames either side sends after an answer (settings acknowledgements) may still be on their
+    // way: the counts must meet, not merely grow.
+    let counted = || (counters.sent(), counters.received());
+    let passed = || (relayed[0].load(Ordering::SeqCst), relayed[1].load(Ordering::SeqCst));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while counted() != passed() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(counted(), passed(), "(sent, received) as the channel counted them and as they passed");
+    assert!(counted().0 > 100 && counted().1 > 100, "three calls' bytes: {counters:?}");
 }
 
 #[tokio::test]

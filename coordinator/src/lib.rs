@@ -87,3 +87,20 @@ pub async fn run(
     let _ = metrics_task.await;
     served.map_err(std::io::Error::other)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_method_is_served_to_its_roles_only() {
+        let roles = |method: &str| allowed_roles(&format!("/switchyard.v1.Coordinator/{method}"));
+        for method in ["RegisterWorker", "Heartbeat", "DrainWorker"] {
+            assert_eq!(roles(method), [Role::Worker], "{method}");
+        }
+        for method in ["GetRoutingTable", "WatchRoutingTable", "GetClusterStatus"] {
+            assert_eq!(roles(method), [Role::Client], "{method}");
+        }
+        assert_eq!(allowed_roles("/grpc.health.v1.Health/Check"), Role::ALL);
+    }
+}

@@ -182,3 +182,40 @@ async fn compute_rate(args: &Args, device: tch::Device) -> f64 {
     .await;
     measured.map_or(0.0, |peak| peak.flops_per_second / 1e9)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn each_method_is_served_to_its_roles_only() {
+        let roles = |method: &str| allowed_roles(&format!("/switchyard.v1.ExpertWorker/{method}"));
+        for method in ["Forward", "ForwardStream"] {
+            assert_eq!(roles(method), [Role::Client], "{method}");
+        }
+        for method in ["LoadExperts", "UnloadExperts"] {
+            assert_eq!(roles(method), [Role::Coordinator], "{method}");
+        }
+        assert_eq!(roles("GetStats"), [Role::Client, Role::Coordinator]);
+        assert_eq!(allowed_roles("/grpc.health.v1.Health/Check"), Role::ALL);
+        assert_eq!(allowed_roles("/grpc.health.v1.Health/Watch"), Role::ALL);
+        assert_eq!(
+            allowed_roles("/other.Service/LoadExperts"),
+            [Role::Coordinator],
+            "the method decides, not the service"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_compute_rate_is_the_flag_s_else_a_measured_gflops_figure() {
+        let mut args = Args::parse_from(["switchyard-worker"]);
+        args.compute_gflops = 7.5;
+        assert_eq!(compute_rate(&args, tch::Device::Cpu).await, 7.5);
+        args.compute_gflops = 0.0;
+        let measured = compute_rate(&args, tch::Device::Cpu).await;
+        // One CPU thread multiplies f32 at some GFLOP/s: not flop/s, not zero.
+        assert!((0.1..10_000.0).contains(&measured), "{measured} GFLOP/s");
+    }
+}
