@@ -364,13 +364,18 @@ fn shape(namespace: &str, device: &str, rate: LinkRate) -> Result<(), NetworkErr
 /// this process's and this network's own (two networks made at once start apart).
 fn free_subnet(network: u32) -> Result<[u8; 3], NetworkError> {
     let listed = output(&["ip", "-4", "-o", "addr", "show"])?;
-    let taken = |third: [u8; 3]| listed.contains(&format!(" {}.{}.{}.", third[0], third[1], third[2]));
     let start = std::process::id() as usize * 7 + network as usize * 37;
+    first_free_subnet(&listed, start).ok_or(NetworkError::NoSubnet)
+}
+
+/// The first of 198.18.0.0/15's 512 /24s, counted from the `start`-th (modulo 512) and wrapping
+/// around, that no address in `listed` (`ip -4 -o addr show`) is in.
+fn first_free_subnet(listed: &str, start: usize) -> Option<[u8; 3]> {
+    let taken = |third: [u8; 3]| listed.contains(&format!(" {}.{}.{}.", third[0], third[1], third[2]));
     (0..512)
         .map(|offset| (start + offset) % 512)
         .map(|index| [198, 18 + (index / 256) as u8, (index % 256) as u8])
         .find(|subnet| !taken(*subnet))
-        .ok_or(NetworkError::NoSubnet)
 }
 
 /// Removes the namespaces (and with them the links) of networks whose process is gone.
@@ -422,13 +427,24 @@ mod tests {
         assert_eq!(rate("25Gbit"), Ok(25_000_000_000));
         assert_eq!(rate("500mbit"), Ok(500_000_000));
         assert_eq!(rate("2.5gbit"), Ok(2_500_000_000));
-        for bad in ["10", "fast", "10gbyte", "0gbit", "5000gbit"] {
+        assert_eq!(rate("100kbit"), Ok(100_000));
+        assert_eq!(rate("40M"), Ok(40_000_000));
+        for bad in ["10", "fast", "10gbyte", "0gbit", "99kbit", "5000gbit"] {
             assert!(rate(bad).unwrap_err().contains(bad), "{bad}");
         }
         assert_eq!("10gbit".parse::<LinkRate>().map(|rate| rate.to_string()), Ok("10gbit".into()));
         assert_eq!("2.5gbit".parse::<LinkRate>().map(|rate| rate.to_string()), Ok("2500mbit".into()));
         let link = "25gbit".parse::<LinkRate>().expect("rate");
         assert!((link.floor_seconds(3.125e9) - 1.0).abs() < 1e-12, "25 Gbit/s moves 3.125 GB in a second");
+        assert!((link.floor_seconds(1e6) - 320e-6).abs() < 1e-15, "and 1 MB in 320 µs");
+    }
+
+    #[test]
+    fn the_token_bucket_holds_200_microseconds_of_the_rate_and_two_gso_segments_at_least() {
+        let burst = |text: &str| text.parse::<LinkRate>().expect("rate").burst_bytes();
+        assert_eq!(burst("10gbit"), 250_000);
+        assert_eq!(burst("100gbit"), 2_500_000);
+        assert_eq!(burst("1gbit"), 128 * 1024, "25 kB of the rate: the floor");
     }
 
     #[test]
@@ -442,6 +458,21 @@ mod tests {
         }
         let refused = "vegas".parse::<CongestionControl>().unwrap_err();
         assert!(refused.contains("vegas") && refused.contains("cubic"), "{refused}");
+    }
+
+    #[test]
+    fn a_subnet_is_one_no_address_here_is_in_counted_from_the_start_and_wrapping() {
+        let listed = "1: lo    inet 127.0.0.1/8 scope host lo\n\
+                      2: eth0    inet 198.18.1.4/24 brd 198.18.1.255 scope global eth0\n\
+                      3: sy1c    inet 198.19.255.1/24 scope global sy1c\n";
+        assert_eq!(first_free_subnet(listed, 0), Some([198, 18, 0]));
+        assert_eq!(first_free_subnet(listed, 1), Some([198, 18, 2]), "198.18.1.0/24 is taken");
+        assert_eq!(first_free_subnet(listed, 300), Some([198, 19, 44]));
+        assert_eq!(first_free_subnet(listed, 511), Some([198, 18, 0]), "198.19.255.0/24 is taken: wraps around");
+        assert_eq!(first_free_subnet(listed, 512 + 257), Some([198, 19, 1]), "the start counts modulo 512");
+        let everything: String =
+            (0..512).map(|index| format!("x: eth0 inet 198.{}.{}.1/24\n", 18 + index / 256, index % 256)).collect();
+        assert_eq!(first_free_subnet(&everything, 42), None);
     }
 
     #[test]

@@ -391,19 +391,30 @@ pub fn parse_skew(text: &str) -> Result<SkewArg, String> {
 
 #[cfg(test)]
 mod tests {
+    use switchyard_loadtest::loadtest::LoadReport;
+
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        load: LoadArgs,
+    }
+
+    /// The load flags `flags` give (defaults for the rest).
+    fn load_args(flags: &[&str]) -> LoadArgs {
+        use clap::Parser;
+        Flags::try_parse_from(std::iter::once("flags").chain(flags.iter().copied())).expect("flags parse").load
+    }
+
+    fn two_layers() -> ModelSpec {
+        ModelSpec { moe_layers: vec![1, 3], ..ModelSpec::default_synthetic() }
+    }
 
     #[test]
     fn a_layer_the_model_does_not_have_is_refused_naming_it() {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Flags {
-            #[command(flatten)]
-            load: LoadArgs,
-        }
-        let model = ModelSpec { moe_layers: vec![1, 3], ..ModelSpec::default_synthetic() };
-        let check =
-            |layer: &str| Flags::try_parse_from(["flags", "--layer", layer]).expect("parses").load.check_layers(&model);
+        let model = two_layers();
+        let check = |layer: &str| load_args(&["--layer", layer]).check_layers(&model);
         for fine in ["1", "3", "all", "3,1"] {
             assert!(check(fine).is_ok(), "{fine}");
         }
@@ -423,5 +434,110 @@ mod tests {
             assert!(parse_skew(bad).unwrap_err().contains("finite S of at least 0"), "{bad}");
         }
         assert!(parse_skew("rotating:0s").unwrap_err().contains("positive duration"));
+    }
+
+    #[test]
+    fn a_throttle_ratio_of_zero_turns_throttling_off() {
+        assert_eq!(load_args(&[]).throttle(), Some(DEFAULT_THROTTLE_RATIO));
+        assert_eq!(load_args(&["--throttle-ratio", "4"]).throttle(), Some(4.0));
+        assert_eq!(load_args(&["--throttle-ratio", "0"]).throttle(), None);
+    }
+
+    #[test]
+    fn the_opening_line_says_what_is_measured() {
+        assert_eq!(load_args(&["--duration", "3s", "--warmup", "500ms"]).window(), "3 s measured after 0.5 s warm-up");
+        assert_eq!(load_args(&["--stages", "2s:10,1s:20"]).window(), "ramping through 2s:10,1s:20 calls/s, no warm-up");
+    }
+
+    #[test]
+    fn several_layers_or_an_attention_stand_in_make_each_call_a_step() {
+        let model = two_layers();
+        assert_eq!(load_args(&[]).step(&model), None, "one layer, nothing else: a plain call");
+        assert_eq!(load_args(&["--layer", "3"]).step(&model), None);
+        let step = |flags: &[&str]| load_args(flags).step(&model).expect("a step");
+        let waiting = step(&["--attention-wait", "2ms"]);
+        assert_eq!(waiting.layers, [1], "the model's first MoE layer");
+        assert_eq!(waiting.attention, AttentionStandIn::Wait(Duration::from_millis(2)));
+        let computing = step(&["--layer", "3", "--attention-gemm", "256"]);
+        assert_eq!((computing.layers, computing.attention), (vec![3], AttentionStandIn::Gemm { width: 256 }));
+        let whole = step(&["--layer", "all"]);
+        assert_eq!((whole.layers, whole.attention), (vec![1, 3], AttentionStandIn::None));
+        assert_eq!(load_args(&["--layer", "all"]).spec(&model).step.map(|step| step.layers), Some(vec![1, 3]));
+    }
+
+    #[test]
+    fn a_run_that_crosses_a_threshold_fails_after_writing_its_reports() {
+        let folder = tempfile::tempdir().expect("a folder");
+        let (json, csv) = (folder.path().join("run.json"), folder.path().join("run.csv"));
+        let (json_flag, csv_flag) = (json.to_string_lossy().into_owned(), csv.to_string_lossy().into_owned());
+        let args =
+            load_args(&["--max-error-rate", "0.1", "--max-p99", "5ms", "--json", &json_flag, "--csv", &csv_flag]);
+        let limits = args.thresholds();
+        assert_eq!((limits.max_error_rate, limits.max_p99), (Some(0.1), Some(Duration::from_millis(5))));
+
+        let model = two_layers();
+        let mut report = LoadReport::empty("cluster", &args.spec(&model));
+        report.errors.insert("Unavailable".into(), 3);
+        let error = args.finish(vec![report.summary()], &model).expect_err("every call failed").to_string();
+        assert!(error.contains("every call failed (3 of 3)") && error.contains("--max-error-rate 0.1"), "{error}");
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON report")).expect("JSON");
+        assert_eq!(written[0]["failed"], 3);
+        assert_eq!(written[0]["run"]["input_seed"], 1, "how the run was made is recorded");
+        assert!(std::fs::read_to_string(&csv).expect("the CSV report").starts_with("target,"));
+
+        report.errors.clear();
+        report.calls = 10;
+        assert!(args.finish(vec![report.summary()], &model).is_ok(), "no failure, no latency above 5 ms");
+    }
+
+    #[test]
+    fn routing_flags_name_the_policy_and_its_settings() {
+        let model = ModelSpec { experts_per_layer: 8, top_k: 2, ..ModelSpec::default_synthetic() };
+        let routing = |flags: &[&str]| load_args(flags).routing(&model);
+        let plain = routing(&["--call-capacity-factor", "1.5"]).expect("the model's own router");
+        assert_eq!(plain.policy, None);
+        assert_eq!(plain.capacity, Some(CapacityPolicy::Factor(1.5)));
+        let policy = |flags: &[&str]| routing(flags).expect("a policy").policy.expect("named");
+        assert_eq!(policy(&["--policy", "top-k"]), RoutingPolicy::TopK { k: 2, renormalize: true });
+        assert_eq!(
+            policy(&["--policy", "top-k-softmax", "--route-top-k", "3"]),
+            RoutingPolicy::TopK { k: 3, renormalize: false }
+        );
+        assert_eq!(
+            policy(&["--policy", "noisy-top-k", "--noise-seed", "9"]),
+            RoutingPolicy::NoisyTopK { k: 2, seed: 9 }
+        );
+        let RoutingPolicy::GroupLimited(limited) = policy(&[
+            "--policy",
+            "group-limited",
+            "--expert-groups",
+            "4",
+            "--top-groups",
+            "2",
+            "--routed-scaling",
+            "2.5",
+        ]) else {
+            panic!("group-limited");
+        };
+        assert_eq!((limited.k, limited.groups, limited.top_groups, limited.scaling), (2, 4, 2, 2.5));
+        for (flags, named) in [
+            (&["--policy", "top-k", "--route-top-k", "9"][..], "--route-top-k 9"),
+            (&["--policy", "group-limited", "--expert-groups", "3"], "--expert-groups 3"),
+        ] {
+            let error = routing(flags).expect_err("refused").to_string();
+            assert!(error.starts_with(named), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_hot_worker_is_the_table_s_first_and_needs_a_table() {
+        let model = ModelSpec { experts_per_layer: 4, ..two_layers() };
+        let table = RoutingTableView::single_worker(model, "http://w0:50051", 64);
+        assert_eq!(SkewArg::HotWorker.resolve(Some(&table), 1).expect("resolved"), Skew::HotExperts(vec![0, 1, 2, 3]));
+        let refused = SkewArg::HotWorker.resolve(None, 1).expect_err("no table").to_string();
+        assert!(refused.contains("--skew hot-worker needs a cluster"), "{refused}");
+        let zipf = SkewArg::Skew(Skew::Zipf { exponent: 1.0 });
+        assert_eq!(zipf.resolve(None, 1).expect("as given"), Skew::Zipf { exponent: 1.0 });
     }
 }

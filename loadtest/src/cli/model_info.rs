@@ -83,3 +83,18 @@ fn human(count: u64) -> String {
         _ => format!("{:.2}B", count as f64 / 1e9),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_counts_read_in_the_unit_that_fits() {
+        assert_eq!(bytes(512 * 1024), "512.0 KiB");
+        assert_eq!(bytes(3 * 1_048_576 / 2), "1.5 MiB");
+        assert_eq!(bytes(94 * 1_073_741_824), "94.00 GiB");
+        assert_eq!(human(12_500), "12.5K");
+        assert_eq!(human(46_700_000), "46.7M");
+        assert_eq!(human(46_702_792_704), "46.70B");
+    }
+}

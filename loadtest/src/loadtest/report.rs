@@ -71,7 +71,7 @@ pub struct LoadReport {
 
 impl LoadReport {
     /// A report of no calls yet, of `spec`'s load, labelled `name`.
-    pub(super) fn empty(name: &str, spec: &LoadSpec) -> Self {
+    pub fn empty(name: &str, spec: &LoadSpec) -> Self {
         LoadReport {
             target: name.to_owned(),
             concurrency: spec.concurrency,
