@@ -372,4 +372,37 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn each_process_gets_a_certificate_of_its_own_the_one_given_or_says_it_is_plaintext() {
+        let worker = (Role::Worker, "worker-0");
+        assert_eq!(tls_flags(None, worker, None, &[]).expect("flags"), ["--insecure"]);
+        let given = ["--tls-cert".to_owned(), "/etc/switchyard/worker.pem".to_owned()];
+        assert_eq!(tls_flags(None, worker, None, &given).expect("flags"), Vec::<String>::new(), "its own flags stand");
+
+        let ca = tempfile::tempdir().expect("a folder");
+        tls::write_dev_certs(ca.path(), &["localhost".to_owned()], &[]).expect("a development CA");
+        let mut config = LocalClusterConfig::next_to(Path::new("/bin/switchyard"), ModelSpec::default_synthetic(), 1);
+        config.dev_tls = Some(ca.path().to_owned());
+        let (first, second) = (Certificates::of(&config).expect("a CA"), Certificates::of(&config).expect("a CA"));
+        assert_ne!(first.folder, second.folder, "two clusters of one process keep their certificates apart");
+        let host = Host {
+            name: "w0".to_owned(),
+            namespace: PathBuf::from("/run/netns/w0"),
+            address: std::net::Ipv4Addr::new(198, 18, 7, 3),
+            rate: None,
+        };
+        let flags = tls_flags(Some(&first), worker, Some(&host), &given).expect("flags");
+        let expected = [
+            ("--tls-cert", first.folder.join("worker-0.pem")),
+            ("--tls-key", first.folder.join("worker-0-key.pem")),
+            ("--tls-ca", ca.path().join("ca.pem")),
+        ];
+        let expected: Vec<String> =
+            expected.iter().flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()]).collect();
+        assert_eq!(flags, expected, "the CA's certificate for this process, over any given");
+        assert!(first.folder.join("worker-0.pem").exists());
+        assert_eq!(listen_address(Some(&host)), "198.18.7.3:0");
+        assert_eq!(listen_address(None), "127.0.0.1:0");
+    }
 }
