@@ -377,6 +377,8 @@ mod tests {
     fn each_process_gets_a_certificate_of_its_own_the_one_given_or_says_it_is_plaintext() {
         let worker = (Role::Worker, "worker-0");
         assert_eq!(tls_flags(None, worker, None, &[]).expect("flags"), ["--insecure"]);
+        let other = ["--max-batch-tokens".to_owned(), "8192".to_owned()];
+        assert_eq!(tls_flags(None, worker, None, &other).expect("flags"), ["--insecure"]);
         let given = ["--tls-cert".to_owned(), "/etc/switchyard/worker.pem".to_owned()];
         assert_eq!(tls_flags(None, worker, None, &given).expect("flags"), Vec::<String>::new(), "its own flags stand");
 
