@@ -148,6 +148,7 @@ mod tests {
     #[test]
     fn the_kernel_takes_the_advice_for_a_large_buffer() {
         if !kernel_takes_advice() {
+            eprintln!("skipped: transparent huge pages are off here ({:?})", kernel_mode());
             return;
         }
         let mut large: Vec<u8> = Vec::with_capacity(ADVISED_FROM_BYTES);

@@ -134,7 +134,7 @@ mod tests {
     #[test]
     fn the_process_and_its_build_are_described() {
         let text = scrape();
-        for sample in [
+        for line_start in [
             "process_cpu_seconds_total ",
             "process_resident_memory_bytes ",
             "process_open_fds ",
@@ -142,7 +142,7 @@ mod tests {
             "process_threads ",
             "process_start_time_seconds ",
         ] {
-            assert!(text.contains(sample), "{sample} missing from:\n{text}");
+            assert!(text.contains(line_start), "{line_start} missing from:\n{text}");
         }
         let rss = sample(&text, "process_resident_memory_bytes");
         assert!(rss > 1e6, "a test process holds more than 1 MB: {rss}");

@@ -474,6 +474,9 @@ mod tests {
         }
     }
 
+    /// The warning that heartbeats fail, as the membership task logs it.
+    const HEARTBEATS_FAILING: &str = "heartbeats to the coordinator fail; serving on the last placement meanwhile";
+
     /// An operator reads a refused registration as an error and an unreachable coordinator as a
     /// warning; heartbeats that keep failing are warned of once, then at debug level until one is
     /// answered again, which is said once.
@@ -494,8 +497,7 @@ mod tests {
 
         assert_eq!(logged.count(Level::ERROR, "coordinator refused registration; retrying"), 1);
         assert_eq!(logged.count(Level::WARN, "coordinator unreachable; retrying"), 1);
-        let failing = "heartbeats to the coordinator fail; serving on the last placement meanwhile";
-        assert_eq!(logged.count(Level::WARN, failing), 1, "{:?}", logged.0.lock());
+        assert_eq!(logged.count(Level::WARN, HEARTBEATS_FAILING), 1, "{:?}", logged.0.lock());
         assert_eq!(logged.count(Level::DEBUG, "heartbeat failed; still serving"), 2);
         assert_eq!(logged.count(Level::INFO, "the coordinator answers heartbeats again"), 1);
     }
@@ -515,8 +517,7 @@ mod tests {
         joining.leave().await;
 
         assert_eq!(logged.count(Level::DEBUG, "heartbeat failed; still serving"), 2);
-        let failing = "heartbeats to the coordinator fail; serving on the last placement meanwhile";
-        assert_eq!(logged.count(Level::WARN, failing), 0);
+        assert_eq!(logged.count(Level::WARN, HEARTBEATS_FAILING), 0);
     }
 
     fn registered(worker_id: Option<&str>) -> watch::Receiver<Option<String>> {
