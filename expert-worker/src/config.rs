@@ -234,6 +234,11 @@ fn available_memory_bytes() -> Option<u64> {
     let limit = read("/sys/fs/cgroup/memory.max")
         .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
         .and_then(|text| cgroup_limit(&text));
+    smaller_known(node, limit)
+}
+
+/// The smaller of the node's available memory and the container's limit, whichever are known.
+fn smaller_known(node: Option<u64>, limit: Option<u64>) -> Option<u64> {
     match (node, limit) {
         (Some(node), Some(limit)) => Some(node.min(limit)),
         (node, limit) => node.or(limit),
@@ -242,7 +247,12 @@ fn available_memory_bytes() -> Option<u64> {
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes.
 fn mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|line| line.starts_with("MemAvailable:"))?;
+    meminfo_bytes(meminfo, "MemAvailable:")
+}
+
+/// The `/proc/meminfo` line `field` (with its colon), in bytes.
+fn meminfo_bytes(meminfo: &str, field: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|line| line.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -326,9 +336,15 @@ mod tests {
         assert_eq!(cgroup_limit("8589934592\n"), Some(8 << 30), "a v2 or v1 limit");
         assert_eq!(cgroup_limit("max\n"), None, "v2 without a limit");
         assert_eq!(cgroup_limit("9223372036854771712\n"), None, "v1 without a limit");
+        assert_eq!(smaller_known(Some(20 << 30), Some(8 << 30)), Some(8 << 30), "the container's limit");
+        assert_eq!(smaller_known(Some(4 << 30), Some(8 << 30)), Some(4 << 30), "the node's available memory");
+        assert_eq!(smaller_known(Some(4 << 30), None), Some(4 << 30));
+        assert_eq!(smaller_known(None, Some(8 << 30)), Some(8 << 30));
+        assert_eq!(smaller_known(None, None), None);
+        // Against this machine: MemAvailable moves while sibling tests allocate, MemTotal does not.
         let offered =
             Args::try_parse_from(["switchyard-worker"]).expect("defaults").offered_memory_bytes(tch::Device::Cpu);
-        let node = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| mem_available(&m));
+        let node = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| meminfo_bytes(&m, "MemTotal:"));
         assert!(node.is_none_or(|node| offered <= node), "never more than the node has");
     }
 }
