@@ -6,7 +6,7 @@
 //! upload, forwards launched back to back under `no_grad`, one download); here each answer is sent
 //! by its `oneshot` with its share of the step's time. The async runtime never waits on a tch call.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -19,8 +19,9 @@ use tch::Device;
 use crate::error::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::scheduler::{Batch, Command, RowsOut, Scheduler, Work};
+use crate::stacks::Stacks;
 use crate::staging::Staging;
-use crate::step::{EntryAnswer, Sums, compute_step};
+use crate::step::{Computed, EntryAnswer, Sums, compute_step};
 
 /// Starts the compute thread; it returns once [`Scheduler::stop`] was called and the queues drained.
 pub fn spawn(
@@ -28,6 +29,7 @@ pub fn spawn(
     device: Device,
     threads: i32,
     step_hold: Duration,
+    grouped_experts: bool,
     metrics: WorkerMetrics,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("switchyard-compute".into()).spawn(move || {
@@ -36,21 +38,30 @@ pub fn spawn(
         tch::set_num_threads(threads);
         let _no_grad = tch::no_grad_guard();
         let mut experts: HashMap<ExpertId, Expert> = HashMap::new();
+        let mut stacks = Stacks::new(grouped_experts);
         let mut staging = Staging::new(device);
         let mut sums = Sums::new(device);
         loop {
             match scheduler.next_work() {
-                Work::Step(batches) => run_step(&experts, batches, &mut staging, &mut sums, step_hold, &metrics),
+                Work::Step(batches) => {
+                    run_step(&experts, &stacks, batches, &mut staging, &mut sums, step_hold, &metrics);
+                }
                 Work::Command(Command::Install { experts: loaded, done }) => {
+                    let mut layers = BTreeSet::new();
                     for (key, expert, limit_tokens) in loaded {
                         let d_model = expert_width(&expert);
                         experts.insert(key, expert);
                         scheduler.open_queue(key, d_model, limit_tokens);
+                        layers.insert(key.layer);
+                    }
+                    for layer in layers {
+                        stacks.restack(layer, &mut experts);
                     }
                     let _ = done.send(());
                 }
                 Work::Command(Command::Remove { experts: keys, done }) => {
                     let mut removed = Vec::new();
+                    let layers: BTreeSet<u32> = keys.iter().map(|key| key.layer).collect();
                     for key in keys {
                         if let Some(pending) = scheduler.close_queue(&key) {
                             let d_model = experts.get(&key).map_or(0, expert_width);
@@ -63,11 +74,14 @@ pub fn spawn(
                                 })
                                 .collect();
                             let batch = Batch { expert: key, d_model, entries };
-                            run_step(&experts, vec![batch], &mut staging, &mut sums, step_hold, &metrics);
+                            run_step(&experts, &stacks, vec![batch], &mut staging, &mut sums, step_hold, &metrics);
                         }
                         if experts.remove(&key).is_some() {
                             removed.push(key);
                         }
+                    }
+                    for layer in layers {
+                        stacks.restack(layer, &mut experts);
                     }
                     let _ = done.send(removed);
                 }
@@ -94,6 +108,7 @@ fn expert_width(expert: &Expert) -> usize {
 /// answer comes back in one download (see [`Staging::download`]).
 fn run_step(
     experts: &HashMap<ExpertId, Expert>,
+    stacks: &Stacks,
     batches: Vec<Batch>,
     staging: &mut Staging,
     sums: &mut Sums,
@@ -114,12 +129,15 @@ fn run_step(
         return;
     }
     let started = Instant::now();
-    let outputs = catch_unwind(AssertUnwindSafe(|| compute_step(experts, &batches, staging, sums)));
+    let outputs = catch_unwind(AssertUnwindSafe(|| compute_step(experts, stacks, &batches, staging, sums)));
     sums.forget_orphans();
     hold_until(started + hold);
     let elapsed = started.elapsed();
     let answers = match outputs {
-        Ok(answers) => answers,
+        Ok(Computed { answers, grouped_batches }) => {
+            metrics.grouped_batches.inc_by(grouped_batches as u64);
+            answers
+        }
         Err(panic) => {
             let reason = switchyard_common::panic::message(&*panic, "unknown libtorch error");
             let experts: Vec<String> = batches.iter().map(|batch| batch.expert.to_string()).collect();

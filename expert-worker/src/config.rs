@@ -123,6 +123,15 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_IDENTITY_HOLD_US", default_value_t = 0, requires = "identity_experts")]
     pub identity_hold_us: u64,
 
+    /// Keep each layer's experts of one shape (form, sizes, dtype; no biases) in stacked weight
+    /// tensors and compute all of a step's experts of a stack in one grouped product per matrix
+    /// (torch's `_grouped_mm`: one CUTLASS kernel over the experts on Hopper GPUs in bf16),
+    /// instead of one product per expert. Outputs are the same; whether it is faster depends on
+    /// the device (on a CPU libtorch loops over the experts itself: off there). Restacking a
+    /// layer on a load or an unload briefly holds its weights twice.
+    #[arg(long, env = "SWITCHYARD_GROUPED_EXPERTS")]
+    pub grouped_experts: bool,
+
     /// Also export per-expert Prometheus series (admitted and refused tokens per layer and expert).
     /// Off by default: a large model makes thousands of series.
     #[arg(long, env = "SWITCHYARD_PER_EXPERT_METRICS")]

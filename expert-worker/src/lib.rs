@@ -2,7 +2,8 @@
 //!
 //! Request path: [`service`] (gRPC adapter, receiving within [`intake`]'s budget) → [`request`] (validation) → [`worker::ExpertWorker`]
 //! → [`scheduler`] (bounded per-expert queues, step choice) → [`compute`] (the libtorch thread:
-//! [`step`] runs each step, [`staging`] moves its rows to the device and its answers back).
+//! [`step`] runs each step, [`staging`] moves its rows to the device and its answers back,
+//! [`stacks`] keeps experts stacked for grouped products).
 //! [`membership`] registers with the coordinator and heartbeats; [`metrics`] feeds `/metrics`.
 
 pub mod answer_buffers;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod request;
 pub mod scheduler;
 pub mod service;
+pub mod stacks;
 pub mod staging;
 pub mod step;
 pub mod worker;
@@ -153,6 +155,7 @@ fn worker_options(args: &Args, device: tch::Device, memory_bytes: u64) -> Worker
         default_queue_limit_tokens: args.queue_limit_tokens,
         identity_experts: args.identity_experts,
         step_hold: std::time::Duration::from_micros(args.identity_hold_us),
+        grouped_experts: args.grouped_experts,
         dtype: args.dtype,
         memory_bytes: Some(memory_bytes),
         checkpoints: args.model_root.clone().map_or(worker::CheckpointAccess::Nowhere, worker::CheckpointAccess::Under),

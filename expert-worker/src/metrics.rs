@@ -21,6 +21,8 @@ pub struct WorkerMetrics {
     pub requests: Counter,
     pub resident_experts: Gauge,
     pub queued_tokens: Gauge,
+    /// Expert batches computed in one grouped product with others of their stack.
+    pub grouped_batches: Counter,
     batch_tokens: Histogram,
     queue_wait_seconds: Histogram,
     compute_seconds: Histogram,
@@ -48,6 +50,7 @@ impl WorkerMetrics {
             requests: Counter::default(),
             resident_experts: Gauge::default(),
             queued_tokens: Gauge::default(),
+            grouped_batches: Counter::default(),
             batch_tokens: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             queue_wait_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
             compute_seconds: Histogram::new(exponential_buckets(1e-5, 2.0, 22)),
@@ -82,6 +85,11 @@ impl WorkerMetrics {
         registry.register("resident_experts", "Experts loaded on this worker", self.resident_experts.clone());
         registry.register("queued_tokens", "Token rows waiting in all expert queues", self.queued_tokens.clone());
         registry.register("batch_tokens", "Rows per merged expert forward", self.batch_tokens.clone());
+        registry.register(
+            "grouped_batches",
+            "Merged expert forwards computed in one grouped product with others of their stack (--grouped-experts)",
+            self.grouped_batches.clone(),
+        );
         registry.register("queue_wait_seconds", "Time rows waited in an expert queue", self.queue_wait_seconds.clone());
         registry.register("compute_seconds", "Time of one merged expert forward", self.compute_seconds.clone());
         if let Some(per_expert) = &self.per_expert {

@@ -6,8 +6,11 @@
 //! shared rows (uploaded once per step however many experts use them) and add their gate-weighted
 //! outputs into the request's per-token sum, which stays on the device until its last expert has
 //! run, possibly steps later, and then comes back as that entry's `combined` answer.
+//!
+//! With `--grouped-experts`, the batches of experts that share a stack ([`Stacks`]) are computed
+//! together: their rows joined in slot order, one grouped product per matrix.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,6 +23,7 @@ use tch::{Device, Kind, Tensor};
 use crate::identity_sum;
 use crate::request::{Gathered, RowsSource, SharedRows};
 use crate::scheduler::{Batch, QueuedRows};
+use crate::stacks::Stacks;
 use crate::staging::Staging;
 
 /// The tch kind of a dtype's values (FP8 rows also carry scales, which `wire_rows` applies).
@@ -250,13 +254,59 @@ enum Piece<'a> {
     },
 }
 
-/// The step's libtorch work; returns each batch's answers, entry by entry.
+/// Batches of experts in one stack, computed in one grouped product: their indices in the step,
+/// in slot order, and where each slot's rows end in the joined rows.
+struct GroupedBatches {
+    stack: usize,
+    batches: Vec<usize>,
+    ends: Vec<i32>,
+}
+
+/// The step's batches that share a stack with another of its batches, by stack.
+fn grouped_batches(stacks: &Stacks, batches: &[Batch]) -> Vec<GroupedBatches> {
+    let mut by_stack: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+    for (index, batch) in batches.iter().enumerate() {
+        if let Some((stack, slot)) = stacks.slot(&batch.expert) {
+            by_stack.entry(stack).or_default().push((slot, index));
+        }
+    }
+    by_stack
+        .into_iter()
+        .filter(|(_, members)| members.len() > 1)
+        .map(|(stack, mut members)| {
+            members.sort_unstable();
+            let mut rows = vec![0; stacks.stack(stack).len()];
+            for &(slot, index) in &members {
+                rows[slot] += batches[index].tokens();
+            }
+            let ends = rows
+                .iter()
+                .scan(0, |end, rows| {
+                    *end += rows;
+                    Some(i32::try_from(*end).expect("a step's rows are counted in i32"))
+                })
+                .collect();
+            GroupedBatches { stack, batches: members.into_iter().map(|(_, index)| index).collect(), ends }
+        })
+        .collect()
+}
+
+/// What a step computed: each batch's answers, entry by entry, and how many of its batches were
+/// computed in grouped products.
+pub struct Computed {
+    pub answers: Vec<Vec<EntryAnswer>>,
+    pub grouped_batches: usize,
+}
+
+/// The step's libtorch work.
 pub fn compute_step(
     experts: &HashMap<ExpertId, Expert>,
+    stacks: &Stacks,
     batches: &[Batch],
     staging: &mut Staging,
     sums: &mut Sums,
-) -> Vec<Vec<EntryAnswer>> {
+) -> Computed {
+    let grouped = grouped_batches(stacks, batches);
     let mut uploads: Vec<Vec<&[u8]>> = Vec::new();
     let mut shared_uploads: HashMap<usize, (usize, &Arc<SharedRows>)> = HashMap::new();
     let pieces: Vec<Vec<Piece>> = batches
@@ -297,6 +347,16 @@ pub fn compute_step(
             pieces
         })
         .collect();
+    // On CUDA the grouped products' row ends travel in the upload too (see `GatherIndex`).
+    let ends_uploads: Vec<Option<usize>> = grouped
+        .iter()
+        .map(|group| {
+            staging.device().is_cuda().then(|| {
+                uploads.push(vec![bytemuck::cast_slice(&group.ends)]);
+                uploads.len() - 1
+            })
+        })
+        .collect();
     let started = Instant::now();
     let (staged, offsets) = staging.upload(&uploads);
     let uploaded = Instant::now();
@@ -325,17 +385,42 @@ pub fn compute_step(
         .collect();
     let staged_rows = Staged { rows: &staged, offsets: &offsets, shared: &shared_rows, indices: &gather_indices };
 
+    let mut computed: Vec<Option<Tensor>> = batches.iter().map(|_| None).collect();
+    for (group, upload) in grouped.iter().zip(&ends_uploads) {
+        let stack = stacks.stack(group.stack);
+        let ends = match upload {
+            Some(upload) => {
+                staged.narrow(0, offsets[*upload] as i64, 4 * group.ends.len() as i64).view_dtype(Kind::Int)
+            }
+            None => Tensor::from_slice(&group.ends),
+        };
+        let kind = kind_of(stack.shape().dtype);
+        let inputs: Vec<Tensor> = group
+            .batches
+            .iter()
+            .map(|&index| {
+                let batch = &batches[index];
+                batch_input(&pieces[index], batch, &experts[&batch.expert], &staged_rows).to_kind(kind)
+            })
+            .collect();
+        let output = stack.forward(&Tensor::cat(&inputs, 0), &ends);
+        let mut start = 0;
+        for &index in &group.batches {
+            let rows = batches[index].tokens() as i64;
+            computed[index] = Some(output.narrow(0, start, rows));
+            start += rows;
+        }
+    }
     let mut downloads = Vec::new();
     let mut sizes: Vec<Vec<(usize, Option<SumAnswer>)>> = Vec::with_capacity(batches.len());
-    for (batch, pieces) in batches.iter().zip(&pieces) {
+    for ((batch, pieces), computed) in batches.iter().zip(&pieces).zip(computed) {
         let expert = &experts[&batch.expert];
         let _entered = batch_span(batch).entered();
         if identity_parts_only(experts, batch) {
             sizes.push(queue_answers(None, batch, sums, &staged_rows, &mut downloads));
             continue;
         }
-        let input = batch_input(pieces, batch, expert, &staged_rows);
-        let output = expert.forward(&input);
+        let output = computed.unwrap_or_else(|| expert.forward(&batch_input(pieces, batch, expert, &staged_rows)));
         sizes.push(queue_answers(Some(&output), batch, sums, &staged_rows, &mut downloads));
     }
     let launched = Instant::now();
@@ -343,15 +428,17 @@ pub fn compute_step(
     // Where a step's time goes, for whoever tunes a device: packing and queueing the upload, the
     // experts' launches (on a GPU also every wait for the device between them), and the download
     // (on a GPU: the kernels' tail, the copy and its landing in host memory).
+    let grouped_batches = grouped.iter().map(|group| group.batches.len()).sum();
     tracing::debug!(
         batches = batches.len(),
+        grouped_batches,
         upload_us = (uploaded - started).as_micros() as u64,
         kernels_us = (launched - uploaded).as_micros() as u64,
         download_us = launched.elapsed().as_micros() as u64,
         "step phases"
     );
     let mut take = |size: usize| host.take(size);
-    sizes
+    let answers = sizes
         .into_iter()
         .map(|sizes| {
             sizes
@@ -365,7 +452,8 @@ pub fn compute_step(
                 })
                 .collect()
         })
-        .collect()
+        .collect();
+    Computed { answers, grouped_batches }
 }
 
 /// A step's uploaded rows: the staged tensor, where each upload starts in it, and the token-major
@@ -530,6 +618,52 @@ mod tests {
 
     fn finish(sums: &mut Sums, gathered: &Gathered, part: Part, answer: WireDtype) -> Option<Finished> {
         sums.add(gathered, part, None, answer)
+    }
+
+    /// A batch of `expert` merging entries of `tokens` rows each (their rows are not read).
+    fn batch(expert: ExpertId, tokens: &[usize]) -> Batch {
+        let entry = |tokens: usize| {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let rows = QueuedRows {
+                dtype: WireDtype::F32,
+                output_dtype: WireDtype::F32,
+                tokens,
+                rows: RowsSource::Own(Bytes::new()),
+                enqueued_at: Instant::now(),
+                reply,
+                request_id: 1,
+                request_span: tracing::Span::none(),
+            };
+            (rows, std::time::Duration::ZERO)
+        };
+        Batch { expert, d_model: 16, entries: tokens.iter().map(|&tokens| entry(tokens)).collect() }
+    }
+
+    /// Layer 0's experts 0 and 2 have rows in the step: one grouped product, expert 0's rows first
+    /// (slot order, not the step's), each slot's end counting every entry's rows, the slots without
+    /// rows ending where the one before them does. Layer 1's stack has one batch: it computes alone.
+    #[test]
+    fn batches_of_one_stack_go_together_in_slot_order_with_their_row_ends() {
+        let spec =
+            switchyard_model::ModelSpec { d_model: 16, d_ff: 24, ..switchyard_model::ModelSpec::default_synthetic() };
+        let mut experts: HashMap<ExpertId, Expert> = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+            .into_iter()
+            .map(|(layer, expert)| {
+                let id = ExpertId::new(layer, expert);
+                (id, Expert::synthetic(&spec, layer, expert, Device::Cpu, switchyard_model::WeightDtype::F32))
+            })
+            .collect();
+        let mut stacks = Stacks::new(true);
+        stacks.restack(0, &mut experts);
+        stacks.restack(1, &mut experts);
+        let batches =
+            [batch(ExpertId::new(0, 2), &[1, 2]), batch(ExpertId::new(0, 0), &[4]), batch(ExpertId::new(1, 0), &[5])];
+        let grouped = grouped_batches(&stacks, &batches);
+        assert_eq!(grouped.len(), 1);
+        let group = &grouped[0];
+        assert_eq!(stacks.slot(&ExpertId::new(0, 0)).map(|(stack, _)| stack), Some(group.stack));
+        assert_eq!(group.batches, [1, 0]);
+        assert_eq!(group.ends, [4, 4, 7, 7]);
     }
 
     #[test]

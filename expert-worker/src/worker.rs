@@ -35,6 +35,8 @@ pub struct WorkerOptions {
     /// How long each step holds the compute thread at least (spinning): with identity experts, a
     /// stand-in for compute time without compute (`--identity-hold-us`).
     pub step_hold: Duration,
+    /// Compute the experts of a stack in one grouped product (`--grouped-experts`, [`crate::stacks`]).
+    pub grouped_experts: bool,
     /// The dtype experts are resident in and compute in; `None`: [`ModelSpec::resident_dtype`]'s
     /// default (the checkpoint's own; for synthetic weights bf16 on CUDA, f32 on CPU).
     pub dtype: Option<WeightDtype>,
@@ -58,6 +60,7 @@ impl WorkerOptions {
             default_queue_limit_tokens: usize::MAX,
             identity_experts: false,
             step_hold: Duration::ZERO,
+            grouped_experts: false,
             dtype: None,
             memory_bytes: None,
             checkpoints: CheckpointAccess::Anywhere,
@@ -201,6 +204,7 @@ impl ExpertWorker {
             options.device,
             options.torch_threads,
             options.step_hold,
+            options.grouped_experts,
             metrics.clone(),
         )?;
         Ok(Arc::new(Self {

@@ -729,3 +729,77 @@ async fn token_major_rows_may_travel_as_fp8() {
     assert!(error > 1e-4 && error < 5e-2, "e4m3 rows, bf16 sums: {error}");
     worker.shutdown().await;
 }
+
+/// Every answer's bytes of `outcomes`, in order.
+fn answer_bytes(outcomes: [&ForwardOutcome; 2]) -> Vec<Bytes> {
+    outcomes
+        .into_iter()
+        .flat_map(|outcome| {
+            let combined = outcome.combined.iter().map(|combined| combined.data.clone());
+            outcome.outputs.iter().map(|output| output.data.clone()).chain(combined)
+        })
+        .collect()
+}
+
+/// With `--grouped-experts` the tiny model's experts are one stack: an expert-major and a
+/// token-major request merged into one step come back bit for bit as from a worker computing
+/// expert after expert (on a CPU libtorch's grouped product loops over the experts' products
+/// itself), their three experts' batches counted as grouped; so again after an expert is
+/// unloaded and the layer restacked.
+#[tokio::test]
+async fn grouped_experts_answer_bit_for_bit_as_experts_computed_one_by_one() {
+    let start = |grouped_experts: bool| {
+        let options = WorkerOptions {
+            batching: BatchingConfig { batch_wait: Duration::from_millis(300), max_batch_tokens: 1024 },
+            default_queue_limit_tokens: 1024,
+            grouped_experts,
+            ..WorkerOptions::in_process(tch::Device::Cpu)
+        };
+        let metrics = WorkerMetrics::new();
+        async move { (started_from(options, metrics.clone()).await, metrics) }
+    };
+    let ((one_by_one, plain_metrics), (grouped, grouped_metrics)) = tokio::join!(start(false), start(true));
+    let hidden = rows(5, 16, 0.3);
+    let choices: [&[(u32, f32)]; 5] = [&[(1, 0.6), (3, 0.4)], &[(3, 1.0)], &[], &[(0, 0.7), (1, 0.3)], &[(1, 0.5)]];
+    let (a1, a3) = (rows(3, 16, 0.1), rows(4, 16, 0.4));
+    let requests = || {
+        let token_major = ForwardBatch::try_from(token_major_request(1, &hidden, 16, &choices, WireDtype::F32))
+            .expect("a valid token-major request");
+        let own = vec![part(0, 1, &a1, 16, WireDtype::F32), part(1, 3, &a3, 16, WireDtype::Bf16)];
+        (token_major, ForwardBatch { output_dtype: Some(WireDtype::F16), ..expert_major(2, own) })
+    };
+    let mut answers = Vec::new();
+    let mut sum = Bytes::new();
+    for worker in [&one_by_one, &grouped] {
+        let (token_major, expert_major) = requests();
+        let (summed, own) = forward_together(worker, token_major, expert_major).await;
+        let summed = summed.expect("token-major");
+        answers.push(answer_bytes([&summed, &own.expect("expert-major")]));
+        sum = summed.combined.expect("one sum per token").data;
+    }
+    assert_eq!(answers[0], answers[1]);
+    let want = weighted_sums(&hidden, 16, &choices);
+    let have = wire::decode_f32(&sum, WireDtype::F32);
+    assert!(relative_error(&want, &have) < 1e-6, "{}", relative_error(&want, &have));
+    assert_eq!((plain_metrics.grouped_batches.get(), grouped_metrics.grouped_batches.get()), (0, 3), "experts 0, 1, 3");
+
+    let unloaded = [ExpertId::new(0, 1)];
+    for worker in [&one_by_one, &grouped] {
+        assert_eq!(worker.unload_experts(unloaded.to_vec()).await.expect("unloaded"), unloaded);
+    }
+    let choices: [&[(u32, f32)]; 3] = [&[(0, 0.5), (3, 0.5)], &[(2, 1.0)], &[(2, 0.75), (3, 0.25)]];
+    let hidden = rows(3, 16, 0.7);
+    let mut sums = Vec::new();
+    for worker in [&one_by_one, &grouped] {
+        let request = ForwardBatch::try_from(token_major_request(3, &hidden, 16, &choices, WireDtype::F32))
+            .expect("a valid token-major request");
+        let outcome = worker.forward(request).await.expect("token-major");
+        sums.push(outcome.combined.expect("one sum per token").data);
+    }
+    assert_eq!(sums[0], sums[1]);
+    assert!(relative_error(&weighted_sums(&hidden, 16, &choices), &wire::decode_f32(&sums[1], WireDtype::F32)) < 1e-6);
+    assert_eq!(grouped_metrics.grouped_batches.get(), 3 + 3, "experts 0, 2, 3 of the restacked layer");
+    for worker in [one_by_one, grouped] {
+        worker.shutdown().await;
+    }
+}

@@ -28,9 +28,9 @@ pub fn device_name(device: Device) -> String {
     }
 }
 
-/// Why a GPU's memory could not be read.
+/// Why a GPU could not be queried.
 #[derive(Debug, thiserror::Error)]
-pub enum GpuMemoryError {
+pub enum GpuQueryError {
     /// No NVIDIA driver library here, or the driver refused.
     #[error("NVML: {0}")]
     Nvml(#[from] nvml_wrapper::error::NvmlError),
@@ -40,14 +40,29 @@ pub enum GpuMemoryError {
 
 /// Bytes free on the GPU behind `cuda:index`, as the driver's NVML reports them (loaded at run
 /// time: a machine without the NVIDIA driver has none).
-pub fn gpu_free_memory(index: usize) -> Result<u64, GpuMemoryError> {
+pub fn gpu_free_memory(index: usize) -> Result<u64, GpuQueryError> {
+    with_nvml_device(index, |device| Ok(device.memory_info()?.free))
+}
+
+/// The compute capability (major, minor) of the GPU behind `cuda:index`, as NVML reports it.
+pub fn gpu_compute_capability(index: usize) -> Result<(i32, i32), GpuQueryError> {
+    with_nvml_device(index, |device| {
+        let capability = device.cuda_compute_capability()?;
+        Ok((capability.major, capability.minor))
+    })
+}
+
+fn with_nvml_device<T>(
+    index: usize,
+    query: impl FnOnce(&nvml_wrapper::Device) -> Result<T, GpuQueryError>,
+) -> Result<T, GpuQueryError> {
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
     let nvml = nvml_wrapper::Nvml::init()?;
     let device = match nvml_device(index, visible.as_deref())? {
         NvmlDevice::Index(index) => nvml.device_by_index(index)?,
         NvmlDevice::Uuid(uuid) => nvml.device_by_uuid(uuid)?,
     };
-    Ok(device.memory_info()?.free)
+    query(&device)
 }
 
 /// How NVML names a CUDA device.
@@ -59,7 +74,7 @@ enum NvmlDevice<'a> {
 
 /// `CUDA_VISIBLE_DEVICES` renumbers devices for CUDA but not for NVML: `cuda:index` is its
 /// `index`-th entry (an NVML index, or a `GPU-…`/`MIG-…` UUID) when it is set.
-fn nvml_device(index: usize, visible: Option<&str>) -> Result<NvmlDevice<'_>, GpuMemoryError> {
+fn nvml_device(index: usize, visible: Option<&str>) -> Result<NvmlDevice<'_>, GpuQueryError> {
     let Some(visible) = visible.filter(|visible| !visible.trim().is_empty()) else {
         return Ok(NvmlDevice::Index(index as u32));
     };
@@ -67,7 +82,7 @@ fn nvml_device(index: usize, visible: Option<&str>) -> Result<NvmlDevice<'_>, Gp
         .split(',')
         .map(str::trim)
         .nth(index)
-        .ok_or_else(|| GpuMemoryError::NotVisible { index, visible: visible.to_owned() })?;
+        .ok_or_else(|| GpuQueryError::NotVisible { index, visible: visible.to_owned() })?;
     Ok(entry.parse().map_or(NvmlDevice::Uuid(entry), NvmlDevice::Index))
 }
 
@@ -92,7 +107,7 @@ mod tests {
         if std::path::Path::new("/proc/driver/nvidia").exists() {
             return;
         }
-        assert!(matches!(gpu_free_memory(0), Err(GpuMemoryError::Nvml(_))));
+        assert!(matches!(gpu_free_memory(0), Err(GpuQueryError::Nvml(_))));
     }
 
     #[test]

@@ -33,18 +33,18 @@ pub struct Expert {
 }
 
 #[derive(Debug)]
-struct Ffn {
-    activation: Activation,
+pub(crate) struct Ffn {
+    pub(crate) activation: Activation,
     /// `w1` (`[d_ff, d_model]`), with `w3` below it for the SwiGLU forms (`[2·d_ff, d_model]`):
     /// both input projections in one product, whose wider output fills more of a GPU's cores
     /// than two products of half its width when an expert has few rows.
-    w_in: Tensor,
+    pub(crate) w_in: Tensor,
     /// `[d_model, d_ff]`.
-    w2: Tensor,
+    pub(crate) w2: Tensor,
     /// The biases of `w_in` (`b1`, then `b3`) and of `w2`, when the family has them.
-    b_in: Option<Tensor>,
-    b2: Option<Tensor>,
-    d_ff: i64,
+    pub(crate) b_in: Option<Tensor>,
+    pub(crate) b2: Option<Tensor>,
+    pub(crate) d_ff: i64,
 }
 
 impl Ffn {
@@ -67,6 +67,27 @@ impl Ffn {
             }
         };
         Self { activation, w_in, w2, b_in, b2, d_ff }
+    }
+}
+
+/// The hidden activations of an FFN of form `activation` from its input projection: `projected` is
+/// `[rows, d_ff]`, or `[rows, 2·d_ff]` (gate, then up) for the SwiGLU forms.
+pub(crate) fn hidden(activation: Activation, projected: &Tensor, d_ff: i64) -> Tensor {
+    let gate_and_up = || (projected.narrow(-1, 0, d_ff), projected.narrow(-1, d_ff, d_ff));
+    match activation {
+        Activation::SwiGlu => {
+            let (gate, up) = gate_and_up();
+            gate.silu() * up
+        }
+        Activation::ClampedSwiGlu { alpha, limit } => {
+            let (gate, up) = gate_and_up();
+            let (alpha, limit) = (f64::from(alpha), f64::from(limit));
+            let gate = gate.clamp_max(limit);
+            let glu = &gate * (&gate * alpha).sigmoid();
+            (up.clamp(-limit, limit) + 1.0) * glu
+        }
+        Activation::Relu => projected.relu(),
+        Activation::Gelu => projected.gelu("none"),
     }
 }
 
@@ -170,6 +191,19 @@ impl Expert {
         self.d_model
     }
 
+    /// The FFN this expert computes; `None` for an identity expert.
+    pub(crate) fn computed(&self) -> Option<&Ffn> {
+        self.ffn.as_ref()
+    }
+
+    pub(crate) fn ffn(&self) -> &Ffn {
+        self.ffn.as_ref().expect("a computed expert")
+    }
+
+    pub(crate) fn ffn_mut(&mut self) -> &mut Ffn {
+        self.ffn.as_mut().expect("a computed expert")
+    }
+
     /// Whether this expert answers with its input ([`Expert::identity`]).
     pub fn is_identity(&self) -> bool {
         self.ffn.is_none()
@@ -186,26 +220,9 @@ impl Expert {
             return x.shallow_clone();
         };
         let x = x.to_kind(kind_of(self.dtype));
-        let x = &x;
         tch::no_grad(|| {
             let projected = x.linear(&ffn.w_in, ffn.b_in.as_ref());
-            let gate_and_up = || (projected.narrow(-1, 0, ffn.d_ff), projected.narrow(-1, ffn.d_ff, ffn.d_ff));
-            let hidden = match ffn.activation {
-                Activation::SwiGlu => {
-                    let (gate, up) = gate_and_up();
-                    gate.silu() * up
-                }
-                Activation::ClampedSwiGlu { alpha, limit } => {
-                    let (gate, up) = gate_and_up();
-                    let (alpha, limit) = (f64::from(alpha), f64::from(limit));
-                    let gate = gate.clamp_max(limit);
-                    let glu = &gate * (&gate * alpha).sigmoid();
-                    (up.clamp(-limit, limit) + 1.0) * glu
-                }
-                Activation::Relu => projected.relu(),
-                Activation::Gelu => projected.gelu("none"),
-            };
-            hidden.linear(&ffn.w2, ffn.b2.as_ref())
+            hidden(ffn.activation, &projected, ffn.d_ff).linear(&ffn.w2, ffn.b2.as_ref())
         })
     }
 

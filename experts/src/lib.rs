@@ -3,6 +3,7 @@
 //!
 //! - [`expert`]: one expert (any [`switchyard_model::Activation`]) on a device, in one dtype, built
 //!   from a checkpoint or from seeded synthetic weights.
+//! - [`stack`]: experts of one shape whose weights are stacked, computed in one grouped product.
 //! - [`device`]: choosing CUDA when present, else CPU.
 //! - [`huge_pages`]: libtorch's large CPU tensors (the experts' weights) on transparent huge pages;
 //!   [`host_memory`]: that and glibc's allocator set up first in a libtorch process's `main`.
@@ -13,6 +14,8 @@ pub mod expert;
 pub mod host_memory;
 pub mod huge_pages;
 pub mod peak;
+pub mod stack;
 
 pub use device::{DeviceChoice, ParseDeviceError, ResolveDevice};
 pub use expert::{Expert, kind_of};
+pub use stack::{ExpertStack, StackShape};

@@ -1,5 +1,5 @@
 //! The GPU checks as far as a CPU allows. `switchyard device-check --device cpu` runs the workers'
-//! compute path in f32, f16 and bf16 against f32 and every checkpoint fixture against
+//! compute path in f32, f16 and bf16 (and bf16 in grouped products) against f32 and every checkpoint fixture against
 //! transformers' outputs, as `scripts/gpu-check.sh` runs it on a GPU; and the script itself refuses
 //! plainly where there is no GPU.
 
@@ -27,10 +27,13 @@ fn device_check_passes_on_the_cpu_with_every_fixture() {
         .expect("fixtures")
         .filter(|entry| entry.as_ref().is_ok_and(|entry| entry.path().join("expected.safetensors").exists()))
         .count();
-    // Three synthetic dtypes, every fixture layer in f32, the bf16 fixtures' layers in bf16 too.
+    // Three synthetic dtypes and bf16 with grouped experts, every fixture layer in f32, the bf16
+    // fixtures' layers in bf16 too.
     let bf16_layers = stdout.lines().filter(|line| line.contains("bf16 on cpu vs transformers")).count();
     assert_eq!(bf16_layers, 3 * 2, "{stdout}");
-    let checks = 3 + fixture_layers + bf16_layers;
+    let grouped = stdout.lines().filter(|line| line.contains("grouped experts on cpu vs f32 on cpu")).count();
+    assert_eq!(grouped, 1, "{stdout}");
+    let checks = 3 + 1 + fixture_layers + bf16_layers;
     assert!(stdout.contains(&format!("all {checks} checks passed on cpu")), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
     assert!(stdout.contains("matmul peak cpu bf16") && stdout.contains("matmul peak cpu f32"), "{stdout}");

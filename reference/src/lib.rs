@@ -45,6 +45,8 @@ pub struct ReferenceConfig {
     pub identity_experts: bool,
     /// How long each step holds the compute thread at least, as the workers' `--identity-hold-us`.
     pub step_hold: std::time::Duration,
+    /// Each step's experts in one grouped product per matrix, as the workers' `--grouped-experts`.
+    pub grouped_experts: bool,
     /// The dtype experts are resident and compute in, as the workers' `--dtype`; `None`: the
     /// checkpoint's own dtype, bf16 for synthetic models on CUDA and f32 on CPU.
     pub dtype: Option<WeightDtype>,
@@ -58,6 +60,7 @@ impl ReferenceConfig {
             torch_threads: 1,
             identity_experts: false,
             step_hold: std::time::Duration::ZERO,
+            grouped_experts: false,
             dtype: None,
         }
     }
@@ -100,6 +103,7 @@ impl ReferenceLayer {
             torch_threads: config.torch_threads.max(1) as i32,
             identity_experts: config.identity_experts,
             step_hold: config.step_hold,
+            grouped_experts: config.grouped_experts,
             dtype: config.dtype,
             ..WorkerOptions::in_process(config.device)
         };

@@ -79,8 +79,8 @@ pub async fn run(device: Device, fixtures: Option<&Path>) -> Result<DeviceReport
     Ok(DeviceReport { device: device_name(device), checks, peaks })
 }
 
-/// A synthetic Mixtral-like layer (8 experts, top-2, dropless) in every dtype on `device` against
-/// itself in f32 on the CPU.
+/// A synthetic Mixtral-like layer (8 experts, top-2, dropless) in every dtype on `device`, and in
+/// bf16 with its experts in grouped products, against itself in f32 on the CPU.
 async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError> {
     let model = ModelSpec {
         name: "device-check".to_owned(),
@@ -92,11 +92,14 @@ async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError
     let hidden: Vec<f32> = (0..64 * 256).map(|i| ((i as f32) * 0.618).sin() * 1.5).collect();
     let truth = forward(&model, &[0], ReferenceConfig::cpu().with_dtype(WeightDtype::F32), 0, &hidden).await?;
     let mut checks = Vec::new();
-    for dtype in WeightDtype::ALL {
-        let config = ReferenceConfig { device, ..ReferenceConfig::cpu() }.with_dtype(dtype);
+    // Grouped products in bf16 only: on CUDA the other dtypes' experts compute one by one anyway.
+    let grouped = [(WeightDtype::Bf16, true)];
+    for (dtype, grouped_experts) in WeightDtype::ALL.into_iter().map(|dtype| (dtype, false)).chain(grouped) {
+        let config = ReferenceConfig { device, grouped_experts, ..ReferenceConfig::cpu() }.with_dtype(dtype);
         let output = forward(&model, &[0], config, 0, &hidden).await?;
+        let grouped = if grouped_experts { ", grouped experts" } else { "" };
         checks.push(Check {
-            name: format!("synthetic 8 experts top-2, {dtype} on {} vs f32 on cpu", device_name(device)),
+            name: format!("synthetic 8 experts top-2, {dtype}{grouped} on {} vs f32 on cpu", device_name(device)),
             error: relative_frobenius_error(&output, &truth),
             tolerance: tolerance(dtype),
         });

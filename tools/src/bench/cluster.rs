@@ -57,6 +57,9 @@ impl ShapeCluster {
         if let Some(dtype) = settings.compute_dtype {
             config.worker_args.extend(["--dtype".into(), dtype.name().into()]);
         }
+        if settings.grouped_experts {
+            config.worker_args.push("--grouped-experts".into());
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             config.log_filter = Some("warn".into());
         }

@@ -163,6 +163,7 @@ pub(super) async fn measure_shape(
         torch_threads: threads,
         identity_experts: settings.identity_experts,
         step_hold: settings.identity_hold,
+        grouped_experts: settings.grouped_experts,
         dtype: settings.compute_dtype,
     };
     let reference = Arc::new(ReferenceLayer::start(&cluster.model, &[0], config).await?);
@@ -327,6 +328,7 @@ pub(super) async fn measure_step(
         torch_threads: reference_threads(shape, settings),
         identity_experts: settings.identity_experts,
         step_hold: settings.identity_hold,
+        grouped_experts: settings.grouped_experts,
         dtype: settings.compute_dtype,
     };
     let reference = Arc::new(ReferenceLayer::start(&cluster.model, &layers, config).await?);

@@ -61,6 +61,8 @@ pub struct BenchSettings {
     /// With identity experts, how long each step holds the compute thread (workers' and the
     /// reference's alike): a stand-in for compute time without compute.
     pub identity_hold: Duration,
+    /// Each step's experts in one grouped product per matrix (workers' and the reference's alike).
+    pub grouped_experts: bool,
     pub worker_torch_threads: u32,
     /// Where experts compute, on the workers (passed as their `--device`) and in the in-process
     /// reference alike: the two sides of every comparison on the same device.
@@ -237,6 +239,7 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
         "concurrency": settings.concurrency,
         "identity_experts": settings.identity_experts,
         "identity_hold_us": settings.identity_hold.as_micros() as u64,
+        "grouped_experts": settings.grouped_experts,
         "worker_torch_threads": settings.worker_torch_threads,
         "device": device_name(settings.device),
         "compute_dtype": settings.compute_dtype.map_or_else(|| "default".to_owned(), |dtype| dtype.to_string()),

@@ -99,6 +99,11 @@ pub struct BenchArgs {
     #[arg(long, env = "SWITCHYARD_BENCH_IDENTITY_HOLD_US", default_value_t = 0, requires = "identity_experts")]
     pub identity_hold_us: u64,
 
+    /// Compute each step's experts in one grouped product per matrix, on the workers (their
+    /// `--grouped-experts`) and in the in-process reference alike.
+    #[arg(long, env = "SWITCHYARD_BENCH_GROUPED_EXPERTS")]
+    pub grouped_experts: bool,
+
     /// Workers of the DeepEP presets.
     #[arg(long, env = "SWITCHYARD_BENCH_PRESET_WORKERS", default_value_t = 2, value_parser = parse_count::<usize>)]
     pub preset_workers: usize,
@@ -270,6 +275,7 @@ fn settings_and_plan(args: &BenchArgs) -> anyhow::Result<(BenchSettings, BenchPl
         concurrency: args.concurrency,
         identity_experts: args.identity_experts,
         identity_hold: Duration::from_micros(args.identity_hold_us),
+        grouped_experts: args.grouped_experts,
         worker_torch_threads: args.worker_torch_threads,
         device: args.device.resolve(),
         compute_dtype: args.dtype.map(Into::into),
