@@ -2,8 +2,8 @@
 # On a machine with an NVIDIA GPU: the CUDA checks (`switchyard device-check`: the workers' compute
 # path on the GPU in f32, f16 and bf16 against the CPU and against transformers' outputs for every
 # checkpoint fixture), the DeepEP presets on this machine's cores, one token per call on the
-# 512x1024 model, a plain PyTorch bf16 MoE layer as the baseline and a short bench of Mixtral-size
-# experts. Everything lands in REPORT_DIR. About 3-5 minutes on an H200 (the presets took 16 s on a
+# 512x1024 model, a plain PyTorch bf16 MoE layer as the baseline (its experts also fused and
+# grouped) and a short bench of Mixtral-size experts, one by one and in grouped products. Everything lands in REPORT_DIR. About 3-5 minutes on an H200 (the presets took 16 s on a
 # 2-core machine).
 #
 #   scripts/gpu-check.sh REPORT_DIR [BIN_DIR]
@@ -16,7 +16,8 @@
 # Each step runs under its own time limit, and all of them within SWITCHYARD_GPU_CHECK_SECONDS
 # (default 600): a step that fails or runs out of time is reported and the next one still runs, so
 # one rented session of a GPU machine yields every figure that could be measured. The exit status
-# is non-zero when any step failed.
+# is non-zero when any step failed. SWITCHYARD_GPU_CHECK_STEPS picks steps by name (comma-separated:
+# offer, device-check, presets, one-token, torch-baseline, mixtral, mixtral-grouped; default all).
 set -uo pipefail
 
 report=${1:?usage: scripts/gpu-check.sh REPORT_DIR [BIN_DIR]}
@@ -53,6 +54,9 @@ failed=()
 # whole check's time; a failure or a timeout is recorded and the check goes on.
 run_step() {
     local name=$1 limit=$2 step=$3 left=$((deadline - SECONDS)) started=$SECONDS status=0
+    if [ -n "${SWITCHYARD_GPU_CHECK_STEPS:-}" ] && [[ ",$SWITCHYARD_GPU_CHECK_STEPS," != *",$4,"* ]]; then
+        return
+    fi
     ((limit > left)) && limit=$left
     if ((limit < 10)); then
         echo "gpu-check: $name skipped (the check's time is spent)"
@@ -126,16 +130,26 @@ mixtral_bench() {
     grep -E "^\| [0-9]+ \| 8 " "$report/bench/report.md"
 }
 
+# The same experts on 1 worker with each step's experts in one grouped product per matrix
+# (`--grouped-experts`; the in-process layer too): set beside the 1-worker rows above.
+mixtral_grouped() {
+    RUST_LOG=warn,switchyard_expert_worker::step=debug "$bin/switchyard" bench --run sweep --device cuda --grouped-experts \
+        --workers 1 --experts 8 --top-k 2 --dims 4096x14336 --tokens 1,1024,4096 --wire-dtypes bf16 --dtype bf16 --calls 10 --warmup-calls 3 --point-time 20s \
+        --capacity-factor 4 --out "$report/bench-grouped" 2>"$report/bench-grouped.log" >/dev/null || return
+    grep -E "^\| [0-9]+ \| 8 " "$report/bench-grouped/report.md"
+}
+
 export bin report nvidia_smi python
-run_step "worker offer" 40 worker_offer
-run_step "device-check" 150 device_check
-run_step "DeepEP presets" 150 deepep_presets
-run_step "one token per call" 90 one_token
-run_step "PyTorch baseline" 90 torch_baseline
-run_step "Mixtral-size bench" 300 mixtral_bench
+run_step "worker offer" 40 worker_offer offer
+run_step "device-check" 150 device_check device-check
+run_step "DeepEP presets" 150 deepep_presets presets
+run_step "one token per call" 90 one_token one-token
+run_step "PyTorch baseline" 90 torch_baseline torch-baseline
+run_step "Mixtral-size bench" 300 mixtral_bench mixtral
+run_step "Mixtral-size bench, grouped experts" 200 mixtral_grouped mixtral-grouped
 
 if ((${#failed[@]})); then
     printf 'gpu-check: failed: %s\n' "${failed[@]}" >&2
     exit 1
 fi
-echo "gpu-check: done; see $report/device-check.txt, $report/deepep/report.md, $report/one-token-*/report.md, $report/torch-baseline.json and $report/bench/report.md"
+echo "gpu-check: done; see $report/device-check.txt, $report/deepep/report.md, $report/one-token-*/report.md, $report/torch-baseline.json, $report/bench/report.md and $report/bench-grouped/report.md"

@@ -51,7 +51,10 @@ SCENARIOS = {
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}},
     "pdb": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "25%"}},
     "network-policy": {"networkPolicy": {"enabled": True}},
-    "gpu": {"gpu": {"enabled": True, "count": 2, "runtimeClassName": "nvidia"}, "workers": {"dtype": "bf16"}},
+    "gpu": {
+        "gpu": {"enabled": True, "count": 2, "runtimeClassName": "nvidia"},
+        "workers": {"dtype": "bf16", "groupedExperts": True},
+    },
     "checkpoint-pvc": {"model": {"checkpoint": {"enabled": True, "existingClaim": "models", "subPath": "mixtral"}}},
     "checkpoint-host-path": {"model": {"checkpoint": {"enabled": True, "hostPath": "/data/models"}}},
     "no-service-account": {"serviceAccount": {"create": False}},

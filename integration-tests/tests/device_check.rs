@@ -53,3 +53,45 @@ fn gpu_check_says_plainly_that_it_needs_a_gpu() {
     assert!(stderr.contains("no NVIDIA GPU here"), "{stderr}");
     assert!(!report.path().join("gpu").exists(), "nothing written without a GPU");
 }
+
+/// `SWITCHYARD_GPU_CHECK_STEPS` runs the steps it names and no other: here the grouped-experts
+/// bench alone, against stand-ins for `nvidia-smi` and the binaries that record how they were
+/// called.
+#[test]
+fn gpu_check_runs_only_the_steps_it_is_told() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let calls = dir.path().join("calls.log");
+    let stand_in = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n# libtorch_cuda.so linked\n{body}\n")).expect("stand-in written");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("executable");
+    };
+    stand_in("nvidia-smi", "echo 'NVIDIA Stand-in GPU'");
+    let record = format!(
+        r#"echo "$(basename "$0") $*" >> {calls}
+while [ $# -gt 0 ]; do [ "$1" = --out ] && mkdir -p "$2" && echo '| 1 | 8 | 2 |' > "$2/report.md"; shift; done"#,
+        calls = calls.display()
+    );
+    for binary in ["switchyard", "switchyard-torch", "switchyard-coordinator", "switchyard-worker"] {
+        stand_in(binary, &record);
+    }
+    let python = repository().join(".venv/bin/python");
+    let result = Command::new("bash")
+        .arg(repository().join("scripts/gpu-check.sh"))
+        .arg(dir.path().join("report"))
+        .arg(dir.path())
+        .env("SWITCHYARD_NVIDIA_SMI", dir.path().join("nvidia-smi"))
+        .env("SWITCHYARD_PYTHON", if python.exists() { python.as_os_str() } else { "python3".as_ref() })
+        .env("SWITCHYARD_GPU_CHECK_STEPS", "mixtral-grouped")
+        .output()
+        .expect("bash runs the script");
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(result.status.success(), "{stdout}{}", String::from_utf8_lossy(&result.stderr));
+    let calls = std::fs::read_to_string(&calls).expect("the bench was called");
+    let calls: Vec<&str> = calls.lines().collect();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0].starts_with("switchyard bench --run sweep --device cuda --grouped-experts"), "{calls:?}");
+    assert!(stdout.contains("Mixtral-size bench, grouped experts done"), "{stdout}");
+    assert!(!stdout.contains("device-check ("), "{stdout}");
+}
