@@ -166,7 +166,7 @@ mod tests {
             let mut stacked = experts(&spec, 4, dtype);
             let alone = experts(&spec, 4, dtype);
             let stack = ExpertStack::new(&mut stacked.iter_mut().collect::<Vec<_>>()).expect("stacked");
-            assert_eq!(stack.len(), 4);
+            assert_eq!((stack.len(), stack.is_empty()), (4, false));
             let counts = [3i32, 0, 5, 1];
             let input = rows(9, 16);
             let ends: Vec<i32> = counts
