@@ -44,7 +44,7 @@ impl Stacks {
         // The old stacks go first: their experts' views keep their storage until restacked.
         self.stacks.retain(|stack| stack.layer != layer);
         let mut members: Vec<(&ExpertId, &mut Expert)> =
-            experts.iter_mut().filter(|(id, expert)| id.layer == layer && expert.stack_shape().is_some()).collect();
+            experts.iter_mut().filter(|(id, _)| id.layer == layer).collect();
         members.sort_by_key(|(id, _)| **id);
         let capability = match members.first().map(|(_, expert)| expert.device()) {
             Some(tch::Device::Cuda(index)) => compute_capability(index),

@@ -385,32 +385,7 @@ pub fn compute_step(
         .collect();
     let staged_rows = Staged { rows: &staged, offsets: &offsets, shared: &shared_rows, indices: &gather_indices };
 
-    let mut computed: Vec<Option<Tensor>> = batches.iter().map(|_| None).collect();
-    for (group, upload) in grouped.iter().zip(&ends_uploads) {
-        let stack = stacks.stack(group.stack);
-        let ends = match upload {
-            Some(upload) => {
-                staged.narrow(0, offsets[*upload] as i64, 4 * group.ends.len() as i64).view_dtype(Kind::Int)
-            }
-            None => Tensor::from_slice(&group.ends),
-        };
-        let kind = kind_of(stack.shape().dtype);
-        let inputs: Vec<Tensor> = group
-            .batches
-            .iter()
-            .map(|&index| {
-                let batch = &batches[index];
-                batch_input(&pieces[index], batch, &experts[&batch.expert], &staged_rows).to_kind(kind)
-            })
-            .collect();
-        let output = stack.forward(&Tensor::cat(&inputs, 0), &ends);
-        let mut start = 0;
-        for &index in &group.batches {
-            let rows = batches[index].tokens() as i64;
-            computed[index] = Some(output.narrow(0, start, rows));
-            start += rows;
-        }
-    }
+    let computed = compute_grouped(&grouped, &ends_uploads, stacks, experts, batches, &pieces, &staged_rows);
     let mut downloads = Vec::new();
     let mut sizes: Vec<Vec<(usize, Option<SumAnswer>)>> = Vec::with_capacity(batches.len());
     for ((batch, pieces), computed) in batches.iter().zip(&pieces).zip(computed) {
@@ -454,6 +429,48 @@ pub fn compute_step(
         })
         .collect();
     Computed { answers, grouped_batches }
+}
+
+/// Each grouped batch's output rows (`None` for the others): per group, its batches' rows joined
+/// in slot order through the stack's grouped products, with the row ends where `ends_uploads` put
+/// them in the upload (on CUDA) or made on the host.
+fn compute_grouped(
+    grouped: &[GroupedBatches],
+    ends_uploads: &[Option<usize>],
+    stacks: &Stacks,
+    experts: &HashMap<ExpertId, Expert>,
+    batches: &[Batch],
+    pieces: &[Vec<Piece>],
+    staged: &Staged,
+) -> Vec<Option<Tensor>> {
+    let mut computed: Vec<Option<Tensor>> = batches.iter().map(|_| None).collect();
+    for (group, upload) in grouped.iter().zip(ends_uploads) {
+        let stack = stacks.stack(group.stack);
+        let _entered = tracing::info_span!("grouped_experts", batches = group.batches.len()).entered();
+        let ends = match upload {
+            Some(upload) => {
+                staged.rows.narrow(0, staged.offsets[*upload] as i64, 4 * group.ends.len() as i64).view_dtype(Kind::Int)
+            }
+            None => Tensor::from_slice(&group.ends),
+        };
+        let kind = kind_of(stack.shape().dtype);
+        let inputs: Vec<Tensor> = group
+            .batches
+            .iter()
+            .map(|&index| {
+                let batch = &batches[index];
+                batch_input(&pieces[index], batch, &experts[&batch.expert], staged).to_kind(kind)
+            })
+            .collect();
+        let output = stack.forward(&Tensor::cat(&inputs, 0), &ends);
+        let mut start = 0;
+        for &index in &group.batches {
+            let rows = batches[index].tokens() as i64;
+            computed[index] = Some(output.narrow(0, start, rows));
+            start += rows;
+        }
+    }
+    computed
 }
 
 /// A step's uploaded rows: the staged tensor, where each upload starts in it, and the token-major
