@@ -386,9 +386,13 @@ pub fn compute_step(
     let staged_rows = Staged { rows: &staged, offsets: &offsets, shared: &shared_rows, indices: &gather_indices };
 
     let computed = compute_grouped(&grouped, &ends_uploads, stacks, experts, batches, &pieces, &staged_rows);
+    let grouped_launched = Instant::now();
     let mut downloads = Vec::new();
     let mut sizes: Vec<Vec<(usize, Option<SumAnswer>)>> = Vec::with_capacity(batches.len());
+    // How long the host took over each batch's launches: on a GPU, where one waits for the device.
+    let mut batch_launches_us: Vec<u64> = Vec::with_capacity(batches.len());
     for ((batch, pieces), computed) in batches.iter().zip(&pieces).zip(computed) {
+        let batch_started = Instant::now();
         let expert = &experts[&batch.expert];
         let _entered = batch_span(batch).entered();
         if identity_parts_only(experts, batch) {
@@ -397,18 +401,22 @@ pub fn compute_step(
         }
         let output = computed.unwrap_or_else(|| expert.forward(&batch_input(pieces, batch, expert, &staged_rows)));
         sizes.push(queue_answers(Some(&output), batch, sums, &staged_rows, &mut downloads));
+        batch_launches_us.push(batch_started.elapsed().as_micros() as u64);
     }
     let launched = Instant::now();
     let mut host = staging.download(&downloads);
     // Where a step's time goes, for whoever tunes a device: packing and queueing the upload, the
-    // experts' launches (on a GPU also every wait for the device between them), and the download
-    // (on a GPU: the kernels' tail, the copy and its landing in host memory).
+    // experts' launches (on a GPU also every wait for the device between them: the grouped
+    // products', then each batch's in step order), and the download (on a GPU: the kernels' tail,
+    // the copy and its landing in host memory).
     let grouped_batches = grouped.iter().map(|group| group.batches.len()).sum();
     tracing::debug!(
         batches = batches.len(),
         grouped_batches,
         upload_us = (uploaded - started).as_micros() as u64,
         kernels_us = (launched - uploaded).as_micros() as u64,
+        grouped_us = (grouped_launched - uploaded).as_micros() as u64,
+        batch_launches_us = ?batch_launches_us,
         download_us = launched.elapsed().as_micros() as u64,
         "step phases"
     );
