@@ -189,29 +189,10 @@ pub fn micros(duration: Duration) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
     use switchyard_model::{ModelSpec, WeightDtype};
-    use switchyard_proto::wire::WireDtype;
-    use tokio::sync::oneshot;
 
     use super::*;
-    use crate::request::RowsSource;
     use crate::scheduler::QueuedRows;
-
-    fn queued(tokens: usize) -> (QueuedRows, Duration) {
-        let (reply, _) = oneshot::channel();
-        let rows = QueuedRows {
-            dtype: WireDtype::F32,
-            output_dtype: WireDtype::F32,
-            tokens,
-            rows: RowsSource::Own(Bytes::new()),
-            enqueued_at: Instant::now(),
-            reply,
-            request_id: 1,
-            request_span: tracing::Span::none(),
-        };
-        (rows, Duration::ZERO)
-    }
 
     /// Three tokens through an expert and one through another three times its size did the same
     /// multiply-adds, so they share the step's time evenly.
@@ -227,7 +208,7 @@ mod tests {
         let batch = |expert: u32, tokens: &[usize]| Batch {
             expert: ExpertId::new(0, expert),
             d_model: 4,
-            entries: tokens.iter().map(|&tokens| queued(tokens)).collect(),
+            entries: tokens.iter().map(|&tokens| QueuedRows::unread(tokens)).collect(),
         };
         let step = Duration::from_millis(12);
         let even = compute_shares(&experts, &[batch(0, &[1, 2]), batch(1, &[1])], step);

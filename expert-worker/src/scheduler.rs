@@ -49,6 +49,26 @@ pub struct QueuedRows {
     pub request_span: tracing::Span,
 }
 
+#[cfg(test)]
+impl QueuedRows {
+    /// `tokens` f32 rows of no request in particular (their bytes are not read), queued now, whose
+    /// answer no one awaits, as a step's tests need them.
+    pub(crate) fn unread(tokens: usize) -> (Self, std::time::Duration) {
+        let (reply, _) = oneshot::channel();
+        let rows = Self {
+            dtype: WireDtype::F32,
+            output_dtype: WireDtype::F32,
+            tokens,
+            rows: RowsSource::Own(Bytes::new()),
+            enqueued_at: Instant::now(),
+            reply,
+            request_id: 1,
+            request_span: tracing::Span::none(),
+        };
+        (rows, std::time::Duration::ZERO)
+    }
+}
+
 /// The answer for one [`QueuedRows`].
 #[derive(Debug)]
 pub struct RowsOut {

@@ -647,21 +647,7 @@ mod tests {
 
     /// A batch of `expert` merging entries of `tokens` rows each (their rows are not read).
     fn batch(expert: ExpertId, tokens: &[usize]) -> Batch {
-        let entry = |tokens: usize| {
-            let (reply, _) = tokio::sync::oneshot::channel();
-            let rows = QueuedRows {
-                dtype: WireDtype::F32,
-                output_dtype: WireDtype::F32,
-                tokens,
-                rows: RowsSource::Own(Bytes::new()),
-                enqueued_at: Instant::now(),
-                reply,
-                request_id: 1,
-                request_span: tracing::Span::none(),
-            };
-            (rows, std::time::Duration::ZERO)
-        };
-        Batch { expert, d_model: 16, entries: tokens.iter().map(|&tokens| entry(tokens)).collect() }
+        Batch { expert, d_model: 16, entries: tokens.iter().map(|&tokens| QueuedRows::unread(tokens)).collect() }
     }
 
     /// Layer 0's experts 0 and 2 have rows in the step: one grouped product, expert 0's rows first
