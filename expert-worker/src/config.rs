@@ -125,10 +125,12 @@ pub struct Args {
 
     /// Keep each layer's experts of one shape (form, sizes, dtype; no biases) in stacked weight
     /// tensors and compute all of a step's experts of a stack in one grouped product per matrix
-    /// (torch's `_grouped_mm`: one CUTLASS kernel over the experts on Hopper GPUs in bf16),
-    /// instead of one product per expert. Outputs are the same; whether it is faster depends on
-    /// the device (on a CPU libtorch loops over the experts itself: off there). Restacking a
-    /// layer on a load or an unload briefly holds its weights twice.
+    /// (torch's `_grouped_mm`: one CUTLASS kernel over the experts), instead of one product per
+    /// expert. Outputs are the same. It applies to bf16 experts on GPUs of compute capability 9.x
+    /// or 10.x (Hopper, Blackwell); f32 or f16 experts and other GPUs compute one by one anyway
+    /// (torch's fallback would wait for the device), and on a CPU libtorch loops over the experts
+    /// itself (no measurable gain). Restacking a layer on a load or an unload briefly holds its
+    /// weights twice.
     #[arg(long, env = "SWITCHYARD_GROUPED_EXPERTS")]
     pub grouped_experts: bool,
 
