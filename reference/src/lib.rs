@@ -89,6 +89,7 @@ pub struct ReferenceLayer {
     model: ModelSpec,
     client: MoeClient,
     worker: Arc<ExpertWorker>,
+    metrics: WorkerMetrics,
     /// Keeps the fixed routing table alive for the client.
     _table: watch::Sender<Option<Arc<RoutingTableView>>>,
     one_at_a_time: Mutex<()>,
@@ -107,7 +108,8 @@ impl ReferenceLayer {
             dtype: config.dtype,
             ..WorkerOptions::in_process(config.device)
         };
-        let worker = ExpertWorker::start(options, WorkerMetrics::new())?;
+        let metrics = WorkerMetrics::new();
+        let worker = ExpertWorker::start(options, metrics.clone())?;
         let per_layer = model.experts_per_layer + model.shared_experts;
         let experts: Vec<ExpertId> =
             layers.iter().flat_map(|layer| (0..per_layer).map(move |expert| ExpertId::new(*layer, expert))).collect();
@@ -117,11 +119,17 @@ impl ReferenceLayer {
         let transport =
             InProcessTransport::new([(Arc::from(IN_PROCESS), ExpertWorkerService::new(worker.clone(), IN_PROCESS))]);
         let client = MoeClient::with_transport(tables, ClientOptions::default(), Arc::new(transport));
-        Ok(Self { model: model.clone(), client, worker, _table: sender, one_at_a_time: Mutex::new(()) })
+        Ok(Self { model: model.clone(), client, worker, metrics, _table: sender, one_at_a_time: Mutex::new(()) })
     }
 
     pub fn model(&self) -> &ModelSpec {
         &self.model
+    }
+
+    /// Expert batches computed so far in grouped products (`ReferenceConfig::grouped_experts`
+    /// where the device runs them).
+    pub fn grouped_batches(&self) -> u64 {
+        self.metrics.grouped_batches.get()
     }
 
     /// Runs `hidden` through layer `layer`, routed as the model says with `overrides` applied.
