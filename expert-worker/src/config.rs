@@ -129,8 +129,8 @@ pub struct Args {
     /// expert. Outputs are the same. It applies to bf16 experts on GPUs of compute capability 9.x
     /// or 10.x (Hopper, Blackwell); f32 or f16 experts and other GPUs compute one by one anyway
     /// (torch's fallback would wait for the device), and on a CPU libtorch loops over the experts
-    /// itself (no measurable gain). Restacking a layer on a load or an unload briefly holds its
-    /// weights twice.
+    /// itself (no measurable gain). Restacking a layer on a load or an unload briefly holds one of its
+    /// matrices twice (the input projection: two thirds of a SwiGLU layer's weights).
     #[arg(long, env = "SWITCHYARD_GROUPED_EXPERTS")]
     pub grouped_experts: bool,
 

@@ -196,10 +196,6 @@ impl Expert {
         self.ffn.as_ref()
     }
 
-    pub(crate) fn ffn(&self) -> &Ffn {
-        self.ffn.as_ref().expect("a computed expert")
-    }
-
     pub(crate) fn ffn_mut(&mut self) -> &mut Ffn {
         self.ffn.as_mut().expect("a computed expert")
     }

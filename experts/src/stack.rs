@@ -8,7 +8,7 @@ use tch::{Kind, TchError, Tensor};
 
 use switchyard_model::{Activation, WeightDtype};
 
-use crate::expert::{Expert, hidden, kind_of};
+use crate::expert::{Expert, Ffn, hidden, kind_of};
 
 /// What experts must share to be stacked: the same form, sizes, dtype and device.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,32 +60,19 @@ pub struct ExpertStack {
 
 impl ExpertStack {
     /// Copies the weights of `experts` (all of one [`StackShape`], see [`Expert::stack_shape`])
-    /// into stacked tensors and makes each expert's own matrices views of its slot, which frees
-    /// what they held before. While it runs, the experts' weights are held twice; if the device
-    /// has no room for the stack, the error says so and every expert is left as it was.
+    /// into stacked tensors, one matrix after the other, and makes each expert's own matrices
+    /// views of its slot, which frees what they held before: while it runs, one matrix of the
+    /// experts' is held twice (the input projection, two thirds of a SwiGLU expert's weights). If
+    /// the device has no room for a stack, the error says so and every expert still computes
+    /// alone, its matrices where they were or in the stack made so far.
     ///
     /// # Panics
     /// If `experts` is empty or its experts do not share one aligned shape.
     pub fn new(experts: &mut [&mut Expert]) -> Result<Self, TchError> {
         let shape = experts[0].stack_shape().expect("a stackable expert");
         assert!(experts.iter().all(|expert| expert.stack_shape().as_ref() == Some(&shape)), "one shape");
-        let stacked = |matrix: fn(&Expert) -> &Tensor| -> Result<Tensor, TchError> {
-            let first = matrix(experts[0]);
-            let mut size = vec![experts.len() as i64];
-            size.extend(first.size());
-            let stack = Tensor::f_empty(size, (first.kind(), first.device()))?;
-            for (slot, expert) in experts.iter().enumerate() {
-                stack.f_get(slot as i64)?.f_copy_(matrix(expert))?;
-            }
-            Ok(stack)
-        };
-        let w_in = stacked(|expert| &expert.ffn().w_in)?;
-        let w2 = stacked(|expert| &expert.ffn().w2)?;
-        for (slot, expert) in experts.iter_mut().enumerate() {
-            let ffn = expert.ffn_mut();
-            ffn.w_in = w_in.get(slot as i64);
-            ffn.w2 = w2.get(slot as i64);
-        }
+        let w_in = restack(experts, |ffn| &mut ffn.w_in)?;
+        let w2 = restack(experts, |ffn| &mut ffn.w2)?;
         Ok(Self { w_in_t: w_in.transpose(-2, -1), w2_t: w2.transpose(-2, -1), shape })
     }
 
@@ -119,6 +106,22 @@ impl ExpertStack {
             )
         })
     }
+}
+
+/// One matrix of every expert copied into a stack (`[experts, rows, cols]`), each expert's matrix
+/// then replaced by a view of its slot.
+fn restack(experts: &mut [&mut Expert], matrix: fn(&mut Ffn) -> &mut Tensor) -> Result<Tensor, TchError> {
+    let first = matrix(experts[0].ffn_mut()).shallow_clone();
+    let mut size = vec![experts.len() as i64];
+    size.extend(first.size());
+    let stack = Tensor::f_empty(size, (first.kind(), first.device()))?;
+    for (slot, expert) in experts.iter_mut().enumerate() {
+        stack.f_get(slot as i64)?.f_copy_(matrix(expert.ffn_mut()))?;
+    }
+    for (slot, expert) in experts.iter_mut().enumerate() {
+        *matrix(expert.ffn_mut()) = stack.get(slot as i64);
+    }
+    Ok(stack)
 }
 
 impl Expert {
@@ -187,6 +190,19 @@ mod tests {
                 start += i64::from(*count);
             }
             assert_eq!(stacked[2].resident_bytes(), alone[2].resident_bytes());
+        }
+    }
+
+    /// The stack holds the weights once: each expert's matrices are views of its slot.
+    #[test]
+    fn each_expert_s_matrices_are_views_of_its_slot() {
+        let mut stacked = experts(&spec(), 3, WeightDtype::F32);
+        let stack = ExpertStack::new(&mut stacked.iter_mut().collect::<Vec<_>>()).expect("stacked");
+        for (slot, expert) in stacked.iter_mut().enumerate() {
+            let slot = slot as i64;
+            let ffn = expert.ffn_mut();
+            assert_eq!(ffn.w_in.data_ptr(), stack.w_in_t.get(slot).data_ptr(), "w_in of slot {slot}");
+            assert_eq!(ffn.w2.data_ptr(), stack.w2_t.get(slot).data_ptr(), "w2 of slot {slot}");
         }
     }
 
