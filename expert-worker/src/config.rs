@@ -123,7 +123,7 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_IDENTITY_HOLD_US", default_value_t = 0, requires = "identity_experts")]
     pub identity_hold_us: u64,
 
-    /// Keep each layer's experts of one shape (form, sizes, dtype; no biases) in stacked weight
+    /// Keep each layer's experts of one shape (form, sizes, dtype, biases or none) in stacked weight
     /// tensors and compute all of a step's experts of a stack in one grouped product per matrix
     /// (torch's `_grouped_mm`: one CUTLASS kernel over the experts), instead of one product per
     /// expert. Outputs are the same. It applies to bf16 experts on GPUs of compute capability 9.x

@@ -10,7 +10,8 @@ use switchyard_model::{Activation, WeightDtype};
 
 use crate::expert::{Expert, Ffn, hidden, kind_of};
 
-/// What experts must share to be stacked: the same form, sizes, dtype and device.
+/// What experts must share to be stacked: the same form, sizes, dtype and device, and biases or
+/// none.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StackShape {
     pub activation: Activation,
@@ -18,6 +19,7 @@ pub struct StackShape {
     pub d_ff: i64,
     pub dtype: WeightDtype,
     pub device: tch::Device,
+    pub biased: bool,
 }
 
 /// A grouped product reads each matrix's rows at a multiple of 16 bytes (CUTLASS's alignment).
@@ -55,6 +57,8 @@ pub struct ExpertStack {
     w_in_t: Tensor,
     /// `[experts, d_ff, d_model]`, likewise.
     w2_t: Tensor,
+    /// The stacked biases (`[experts, w_in rows]`, `[experts, d_model]`) of a biased stack.
+    biases: Option<(Tensor, Tensor)>,
     shape: StackShape,
 }
 
@@ -73,7 +77,14 @@ impl ExpertStack {
         assert!(experts.iter().all(|expert| expert.stack_shape().as_ref() == Some(&shape)), "one shape");
         let w_in = restack(experts, |ffn| &mut ffn.w_in)?;
         let w2 = restack(experts, |ffn| &mut ffn.w2)?;
-        Ok(Self { w_in_t: w_in.transpose(-2, -1), w2_t: w2.transpose(-2, -1), shape })
+        let biases = match shape.biased {
+            false => None,
+            true => Some((
+                restack(experts, |ffn| ffn.b_in.as_mut().expect("a biased expert"))?,
+                restack(experts, |ffn| ffn.b2.as_mut().expect("a biased expert"))?,
+            )),
+        };
+        Ok(Self { w_in_t: w_in.transpose(-2, -1), w2_t: w2.transpose(-2, -1), biases, shape })
     }
 
     /// Experts in the stack.
@@ -96,14 +107,20 @@ impl ExpertStack {
     pub fn forward(&self, rows: &Tensor, ends: &Tensor) -> Tensor {
         debug_assert_eq!((ends.kind(), ends.size()), (Kind::Int, vec![self.len() as i64]));
         let rows = rows.to_kind(kind_of(self.shape.dtype));
+        let (activation, d_ff) = (self.shape.activation, self.shape.d_ff);
         tch::no_grad(|| {
             let projected = rows.internal_grouped_mm(&self.w_in_t, Some(ends), None, None);
-            hidden(self.shape.activation, &projected, self.shape.d_ff).internal_grouped_mm(
-                &self.w2_t,
-                Some(ends),
-                None,
-                None,
-            )
+            let output_of = |hidden: Tensor| hidden.internal_grouped_mm(&self.w2_t, Some(ends), None, None);
+            let Some((b_in, b2)) = &self.biases else {
+                return output_of(hidden(activation, &projected, d_ff));
+            };
+            // A grouped product adds no bias: each row gets its slot's, repeated by the slots' row
+            // counts into as many rows as there are (known here, so the device is not waited for).
+            let zero = Tensor::zeros([1], (Kind::Int, ends.device()));
+            let counts = ends.diff(1, 0, Some(zero), None);
+            let of_rows = |bias: &Tensor| bias.repeat_interleave_self_tensor(&counts, 0, rows.size()[0]);
+            let projected = projected + of_rows(b_in);
+            output_of(hidden(activation, &projected, d_ff)) + of_rows(b2)
         })
     }
 }
@@ -126,8 +143,8 @@ fn restack(experts: &mut [&mut Expert], matrix: fn(&mut Ffn) -> &mut Tensor) -> 
 
 impl Expert {
     /// The shape this expert stacks with others of, or `None` when it computes alone: an
-    /// identity expert, one with biases (a grouped product adds none), or one whose rows the
-    /// grouped product cannot read (not a multiple of 16 bytes).
+    /// identity expert, one with a bias on one matrix only, or one whose rows the grouped product
+    /// cannot read (not a multiple of 16 bytes).
     pub fn stack_shape(&self) -> Option<StackShape> {
         let ffn = self.computed()?;
         let shape = StackShape {
@@ -136,8 +153,9 @@ impl Expert {
             d_ff: ffn.d_ff,
             dtype: self.dtype(),
             device: self.device(),
+            biased: ffn.b_in.is_some(),
         };
-        (ffn.b_in.is_none() && ffn.b2.is_none() && shape.aligned()).then_some(shape)
+        (ffn.b_in.is_some() == ffn.b2.is_some() && shape.aligned()).then_some(shape)
     }
 }
 
@@ -207,12 +225,10 @@ mod tests {
     }
 
     #[test]
-    fn identity_biased_or_unaligned_experts_compute_alone() {
+    fn identity_or_unaligned_experts_compute_alone() {
         let spec = spec();
         assert!(Expert::synthetic(&spec, 0, 0, Device::Cpu, WeightDtype::F32).stack_shape().is_some());
         assert!(Expert::identity(16, Device::Cpu).stack_shape().is_none());
-        let biased = ModelSpec { expert_bias: true, ..spec.clone() };
-        assert!(Expert::synthetic(&biased, 0, 0, Device::Cpu, WeightDtype::F32).stack_shape().is_none());
         // 6 bf16 values are 12 bytes a row; 8 f32 values 32.
         let narrow = ModelSpec { d_model: 6, d_ff: 8, ..spec.clone() };
         assert!(Expert::synthetic(&narrow, 0, 0, Device::Cpu, WeightDtype::Bf16).stack_shape().is_none());
@@ -222,9 +238,45 @@ mod tests {
         assert!(Expert::synthetic(&aligned, 0, 0, Device::Cpu, WeightDtype::Bf16).stack_shape().is_some());
     }
 
+    fn gpt_oss_like() -> ModelSpec {
+        let activation = Activation::ClampedSwiGlu { alpha: 1.702, limit: 0.5 };
+        ModelSpec { activation, expert_bias: true, ..spec() }
+    }
+
+    /// GPT-OSS's form: clamped SwiGLU with a bias on every matrix, which the stack adds per row by
+    /// slot after each grouped product: in f32 what each expert's own products with their biases
+    /// make, to f32's rounding (a bias added after a product, not within it).
+    #[test]
+    fn a_biased_stack_adds_each_slot_s_biases() {
+        let spec = gpt_oss_like();
+        let mut stacked = experts(&spec, 3, WeightDtype::F32);
+        let alone = experts(&spec, 3, WeightDtype::F32);
+        let shape = stacked[0].stack_shape().expect("biased experts stack");
+        assert!(shape.biased);
+        let stack = ExpertStack::new(&mut stacked.iter_mut().collect::<Vec<_>>()).expect("stacked");
+        let input = rows(6, 16) * 3.0;
+        let output = stack.forward(&input, &Tensor::from_slice(&[2i32, 2, 6]));
+        for (slot, start, count) in [(0, 0, 2), (2, 2, 4)] {
+            let want = alone[slot].forward(&input.narrow(0, start, count));
+            let error =
+                (output.narrow(0, start, count) - &want).norm().double_value(&[]) / want.norm().double_value(&[]);
+            assert!(error < 1e-6, "slot {slot}: {error:e}");
+        }
+        for (own, alone) in stacked.iter().zip(&alone) {
+            assert!(own.forward(&input).equal(&alone.forward(&input)), "an expert alone, on its views");
+        }
+    }
+
     #[test]
     fn grouped_products_run_on_a_cpu_and_in_bf16_on_hopper_and_blackwell_gpus() {
-        let on = |device, dtype| StackShape { activation: Activation::SwiGlu, d_model: 16, d_ff: 24, dtype, device };
+        let on = |device, dtype| StackShape {
+            activation: Activation::SwiGlu,
+            d_model: 16,
+            d_ff: 24,
+            dtype,
+            device,
+            biased: false,
+        };
         assert!(on(Device::Cpu, WeightDtype::F32).grouped_without_waiting(None));
         let cuda_bf16 = on(Device::Cuda(0), WeightDtype::Bf16);
         assert!(cuda_bf16.grouped_without_waiting(Some((9, 0))));
@@ -245,9 +297,12 @@ mod tests {
         let wider = Expert::synthetic(&wider, 0, 0, Device::Cpu, WeightDtype::F32).stack_shape();
         let gelu = ModelSpec { activation: Activation::Gelu, ..spec.clone() };
         let gelu = Expert::synthetic(&gelu, 0, 0, Device::Cpu, WeightDtype::F32).stack_shape();
+        let biased = ModelSpec { expert_bias: true, ..spec.clone() };
+        let biased = Expert::synthetic(&biased, 0, 0, Device::Cpu, WeightDtype::F32).stack_shape();
         assert_ne!(f32, bf16);
         assert_ne!(f32, wider);
         assert_ne!(f32, gelu);
+        assert_ne!(f32, biased);
         assert_eq!(f32, Expert::synthetic(&spec, 0, 3, Device::Cpu, WeightDtype::F32).stack_shape());
     }
 

@@ -1,6 +1,7 @@
 //! The GPU checks as far as a CPU allows. `switchyard device-check --device cpu` runs the workers'
-//! compute path in f32, f16 and bf16 (and bf16 in grouped products) against f32 and every checkpoint fixture against
-//! transformers' outputs, as `scripts/gpu-check.sh` runs it on a GPU; and the script itself refuses
+//! compute path in f32, f16 and bf16 (and bf16 in grouped products) against f32, and every
+//! checkpoint fixture (its experts one by one and in grouped products) against transformers'
+//! outputs, as `scripts/gpu-check.sh` runs it on a GPU; and the script itself refuses
 //! plainly where there is no GPU.
 
 use std::path::Path;
@@ -27,20 +28,22 @@ fn device_check_passes_on_the_cpu_with_every_fixture() {
         .expect("fixtures")
         .filter(|entry| entry.as_ref().is_ok_and(|entry| entry.path().join("expected.safetensors").exists()))
         .count();
-    // Three synthetic dtypes and bf16 with grouped experts, every fixture layer in f32, the bf16
-    // fixtures' layers in bf16 too.
+    // Three synthetic dtypes and bf16 with grouped experts; every fixture layer in f32, the bf16
+    // fixtures' layers in bf16 too, each one by one and with grouped experts.
     let bf16_layers = stdout.lines().filter(|line| line.contains("bf16 on cpu vs transformers")).count();
     assert_eq!(bf16_layers, 3 * 2, "{stdout}");
     let grouped: Vec<&str> = stdout.lines().filter(|line| line.contains("grouped experts (")).collect();
-    assert_eq!(grouped.len(), 1, "{stdout}");
-    let batches: u32 = grouped[0]
-        .split("grouped experts (")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|count| count.parse().ok())
-        .expect("how many batches were grouped");
-    assert!(batches >= 2, "a CPU computes the layer's experts in grouped products: {}", grouped[0]);
-    let checks = 3 + 1 + fixture_layers + bf16_layers;
+    assert_eq!(grouped.len(), 1 + fixture_layers + bf16_layers, "{stdout}");
+    for line in grouped {
+        let batches: u32 = line
+            .split("grouped experts (")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|count| count.parse().ok())
+            .expect("how many batches were grouped");
+        assert!(batches >= 2, "a CPU computes each layer's experts in grouped products: {line}");
+    }
+    let checks = 3 + 1 + 2 * (fixture_layers + bf16_layers);
     assert!(stdout.contains(&format!("all {checks} checks passed on cpu")), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
     assert!(stdout.contains("matmul peak cpu bf16") && stdout.contains("matmul peak cpu f32"), "{stdout}");

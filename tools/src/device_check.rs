@@ -98,13 +98,8 @@ async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError
         let config = ReferenceConfig { device, grouped_experts, ..ReferenceConfig::cpu() }.with_dtype(dtype);
         let reference = ReferenceLayer::start(&model, &[0], config).await?;
         let output = reference.forward(0, hidden.as_slice(), &RoutingOverrides::default()).await;
-        let grouped = reference.grouped_batches();
+        let grouped = grouped_label(grouped_experts, reference.grouped_batches());
         reference.shutdown().await;
-        // Where the device cannot run them without waiting, experts compute one by one: say so.
-        let grouped = match grouped_experts {
-            false => String::new(),
-            true => format!(", grouped experts ({grouped} batches grouped)"),
-        };
         checks.push(Check {
             name: format!("synthetic 8 experts top-2, {dtype}{grouped} on {} vs f32 on cpu", device_name(device)),
             error: relative_frobenius_error(&output?.hidden, &truth),
@@ -114,7 +109,8 @@ async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError
     Ok(checks)
 }
 
-/// Checkpoint `dir` on `device`, in f32 and in its own dtype, against transformers' outputs.
+/// Checkpoint `dir` on `device`, in f32 and in its own dtype, each with its experts one by one and
+/// in grouped products, against transformers' outputs.
 async fn fixture_checks(device: Device, dir: &Path) -> Result<Vec<Check>, DeviceCheckError> {
     let fixture_error = |reason: String| DeviceCheckError::Fixture { dir: dir.to_path_buf(), reason };
     let checkpoint = Checkpoint::open(dir).map_err(|error| fixture_error(error.to_string()))?;
@@ -131,13 +127,19 @@ async fn fixture_checks(device: Device, dir: &Path) -> Result<Vec<Check>, Device
         dtypes.push(stored);
     }
     let mut checks = Vec::new();
-    for dtype in dtypes {
-        let config = ReferenceConfig { device, ..ReferenceConfig::cpu() }.with_dtype(dtype);
+    for (dtype, grouped_experts) in dtypes.into_iter().flat_map(|dtype| [(dtype, false), (dtype, true)]) {
+        let config = ReferenceConfig { device, grouped_experts, ..ReferenceConfig::cpu() }.with_dtype(dtype);
         let reference = ReferenceLayer::start(&spec, &spec.moe_layers, config).await?;
         for &layer in &spec.moe_layers {
+            let before = reference.grouped_batches();
             let output = reference.forward(layer, &hidden, &RoutingOverrides::default()).await?;
+            let grouped = grouped_label(grouped_experts, reference.grouped_batches() - before);
             checks.push(Check {
-                name: format!("{} layer {layer}, {dtype} on {} vs transformers", spec.name, device_name(device)),
+                name: format!(
+                    "{} layer {layer}, {dtype}{grouped} on {} vs transformers",
+                    spec.name,
+                    device_name(device)
+                ),
                 error: relative_frobenius_error(&output.hidden, &read(&format!("layers.{layer}.out"))?),
                 tolerance: tolerance(dtype),
             });
@@ -145,6 +147,15 @@ async fn fixture_checks(device: Device, dir: &Path) -> Result<Vec<Check>, Device
         reference.shutdown().await;
     }
     Ok(checks)
+}
+
+/// How a check's name says its experts computed in grouped products, and how many batches did:
+/// where the device cannot run them without waiting, experts compute one by one (0).
+fn grouped_label(grouped_experts: bool, batches: u64) -> String {
+    match grouped_experts {
+        false => String::new(),
+        true => format!(", grouped experts ({batches} batches grouped)"),
+    }
 }
 
 async fn forward(
