@@ -29,6 +29,15 @@ impl Check {
     pub fn passed(&self) -> bool {
         self.error <= self.tolerance
     }
+
+    /// `output` against `truth`; a call that failed is a failed check that says why, so that one
+    /// configuration the device cannot compute does not hide the others' results.
+    fn of(name: String, output: Result<Vec<f32>, ClientError>, truth: &[f32], tolerance: f64) -> Self {
+        match output {
+            Ok(output) => Self { name, error: relative_frobenius_error(&output, truth), tolerance },
+            Err(error) => Self { name: format!("{name}: {error}"), error: f64::INFINITY, tolerance },
+        }
+    }
 }
 
 /// What a device check found.
@@ -100,11 +109,8 @@ async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError
         let output = reference.forward(0, hidden.as_slice(), &RoutingOverrides::default()).await;
         let grouped = grouped_label(grouped_experts, reference.grouped_batches());
         reference.shutdown().await;
-        checks.push(Check {
-            name: format!("synthetic 8 experts top-2, {dtype}{grouped} on {} vs f32 on cpu", device_name(device)),
-            error: relative_frobenius_error(&output?.hidden, &truth),
-            tolerance: tolerance(dtype),
-        });
+        let name = format!("synthetic 8 experts top-2, {dtype}{grouped} on {} vs f32 on cpu", device_name(device));
+        checks.push(Check::of(name, output.map(|output| output.hidden), &truth, tolerance(dtype)));
     }
     Ok(checks)
 }
@@ -131,18 +137,13 @@ async fn fixture_checks(device: Device, dir: &Path) -> Result<Vec<Check>, Device
         let config = ReferenceConfig { device, grouped_experts, ..ReferenceConfig::cpu() }.with_dtype(dtype);
         let reference = ReferenceLayer::start(&spec, &spec.moe_layers, config).await?;
         for &layer in &spec.moe_layers {
+            let expected = read(&format!("layers.{layer}.out"))?;
             let before = reference.grouped_batches();
-            let output = reference.forward(layer, &hidden, &RoutingOverrides::default()).await?;
+            let output = reference.forward(layer, &hidden, &RoutingOverrides::default()).await;
             let grouped = grouped_label(grouped_experts, reference.grouped_batches() - before);
-            checks.push(Check {
-                name: format!(
-                    "{} layer {layer}, {dtype}{grouped} on {} vs transformers",
-                    spec.name,
-                    device_name(device)
-                ),
-                error: relative_frobenius_error(&output.hidden, &read(&format!("layers.{layer}.out"))?),
-                tolerance: tolerance(dtype),
-            });
+            let name =
+                format!("{} layer {layer}, {dtype}{grouped} on {} vs transformers", spec.name, device_name(device));
+            checks.push(Check::of(name, output.map(|output| output.hidden), &expected, tolerance(dtype)));
         }
         reference.shutdown().await;
     }
@@ -181,4 +182,22 @@ fn fixture_dirs(fixtures: &Path) -> Result<Vec<PathBuf>, DeviceCheckError> {
         .collect();
     dirs.sort();
     Ok(dirs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_that_failed_is_a_failed_check_that_says_why() {
+        let truth = [1.0f32, -2.0, 3.0];
+        let close = Check::of("close".into(), Ok(vec![1.0, -2.0, 3.0 + 1e-6]), &truth, 1e-5);
+        assert!(close.passed() && close.error > 0.0, "{close:?}");
+        let far = Check::of("far".into(), Ok(vec![1.0, -2.0, 3.1]), &truth, 1e-5);
+        assert!(!far.passed(), "{far:?}");
+        let refused = ClientError::InvalidInput { field: "rows", reason: "a CUTLASS kernel refused".into() };
+        let failed = Check::of("grouped".into(), Err(refused), &truth, 2e-2);
+        assert!(!failed.passed());
+        assert_eq!(failed.name, "grouped: rows: a CUTLASS kernel refused");
+    }
 }
