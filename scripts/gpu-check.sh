@@ -141,7 +141,7 @@ mixtral_grouped() {
 
 export bin report nvidia_smi python
 run_step "worker offer" 40 worker_offer offer
-run_step "device-check" 150 device_check device-check
+run_step "device-check" 200 device_check device-check
 run_step "DeepEP presets" 150 deepep_presets presets
 run_step "one token per call" 90 one_token one-token
 run_step "PyTorch baseline" 90 torch_baseline torch-baseline
