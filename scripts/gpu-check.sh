@@ -120,26 +120,31 @@ torch_baseline() {
         --dtype bf16 --calls 20 --out "$report/torch-baseline.json"
 }
 
-# Mixtral-size experts on the GPU, whose report gives expert compute as a share of the bf16 matmul
-# peak measured in the same run; the workers log each step's phases (upload, kernels, download) in
-# bench.log.
+# Mixtral-size experts on the GPU into $report/OUT (FLAGS: the workers and what else differs),
+# whose report gives expert compute as a share of the bf16 matmul peak measured in the same run;
+# the workers log each step's phases (upload, kernels, download) in OUT.log.
+mixtral_sweep() {
+    local out=$1
+    shift
+    RUST_LOG=warn,switchyard_expert_worker::step=debug "$bin/switchyard" bench --run sweep --device cuda "$@" \
+        --experts 8 --top-k 2 --dims 4096x14336 --tokens 1,1024,4096 --wire-dtypes bf16 --dtype bf16 --calls 10 --warmup-calls 3 --point-time 20s \
+        --capacity-factor 4 --out "$report/$out" 2>"$report/$out.log" >/dev/null || return
+    grep -E "^\| [0-9]+ \| 8 " "$report/$out/report.md"
+}
+
 mixtral_bench() {
-    RUST_LOG=warn,switchyard_expert_worker::step=debug "$bin/switchyard" bench --run sweep --device cuda \
-        --workers 1,2 --experts 8 --top-k 2 --dims 4096x14336 --tokens 1,1024,4096 --wire-dtypes bf16 --dtype bf16 --calls 10 --warmup-calls 3 --point-time 20s \
-        --capacity-factor 4 --out "$report/bench" 2>"$report/bench.log" >/dev/null || return
-    grep -E "^\| [0-9]+ \| 8 " "$report/bench/report.md"
+    mixtral_sweep bench --workers 1,2
 }
 
 # The same experts on 1 worker with each step's experts in one grouped product per matrix
 # (`--grouped-experts`; the in-process layer too): set beside the 1-worker rows above.
 mixtral_grouped() {
-    RUST_LOG=warn,switchyard_expert_worker::step=debug "$bin/switchyard" bench --run sweep --device cuda --grouped-experts \
-        --workers 1 --experts 8 --top-k 2 --dims 4096x14336 --tokens 1,1024,4096 --wire-dtypes bf16 --dtype bf16 --calls 10 --warmup-calls 3 --point-time 20s \
-        --capacity-factor 4 --out "$report/bench-grouped" 2>"$report/bench-grouped.log" >/dev/null || return
-    grep -E "^\| [0-9]+ \| 8 " "$report/bench-grouped/report.md"
+    mixtral_sweep bench-grouped --grouped-experts --workers 1
 }
 
 export bin report nvidia_smi python
+# Each step runs in a shell of its own (run_step): the steps' shared helper goes with them.
+export -f mixtral_sweep
 run_step "worker offer" 40 worker_offer offer
 run_step "device-check" 200 device_check device-check
 run_step "DeepEP presets" 150 deepep_presets presets
