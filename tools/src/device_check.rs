@@ -99,18 +99,16 @@ async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError
         ..ModelSpec::default_synthetic()
     };
     let hidden: Vec<f32> = (0..64 * 256).map(|i| ((i as f32) * 0.618).sin() * 1.5).collect();
-    let truth = forward(&model, &[0], ReferenceConfig::cpu().with_dtype(WeightDtype::F32), 0, &hidden).await?;
+    let truth = forward(&model, ReferenceConfig::cpu().with_dtype(WeightDtype::F32), &hidden).await?.0?;
     let mut checks = Vec::new();
     // Grouped products in bf16 only: on CUDA the other dtypes' experts compute one by one anyway.
     let grouped = [(WeightDtype::Bf16, true)];
     for (dtype, grouped_experts) in WeightDtype::ALL.into_iter().map(|dtype| (dtype, false)).chain(grouped) {
         let config = ReferenceConfig { device, grouped_experts, ..ReferenceConfig::cpu() }.with_dtype(dtype);
-        let reference = ReferenceLayer::start(&model, &[0], config).await?;
-        let output = reference.forward(0, hidden.as_slice(), &RoutingOverrides::default()).await;
-        let grouped = grouped_label(grouped_experts, reference.grouped_batches());
-        reference.shutdown().await;
+        let (output, grouped) = forward(&model, config, &hidden).await?;
+        let grouped = grouped_label(grouped_experts, grouped);
         let name = format!("synthetic 8 experts top-2, {dtype}{grouped} on {} vs f32 on cpu", device_name(device));
-        checks.push(Check::of(name, output.map(|output| output.hidden), &truth, tolerance(dtype)));
+        checks.push(Check::of(name, output, &truth, tolerance(dtype)));
     }
     Ok(checks)
 }
@@ -159,17 +157,18 @@ fn grouped_label(grouped_experts: bool, batches: u64) -> String {
     }
 }
 
+/// Layer 0 of `model` once through a reference layer built with `config`: the call's output (its
+/// failure too) and how many expert batches it computed in grouped products.
 async fn forward(
     model: &ModelSpec,
-    layers: &[u32],
     config: ReferenceConfig,
-    layer: u32,
     hidden: &[f32],
-) -> Result<Vec<f32>, DeviceCheckError> {
-    let reference = ReferenceLayer::start(model, layers, config).await?;
-    let output = reference.forward(layer, hidden, &RoutingOverrides::default()).await;
+) -> Result<(Result<Vec<f32>, ClientError>, u64), DeviceCheckError> {
+    let reference = ReferenceLayer::start(model, &[0], config).await?;
+    let output = reference.forward(0, hidden, &RoutingOverrides::default()).await;
+    let grouped = reference.grouped_batches();
     reference.shutdown().await;
-    Ok(output?.hidden)
+    Ok((output.map(|output| output.hidden), grouped))
 }
 
 /// The checkpoint directories under `fixtures` that carry transformers' outputs, by name.
