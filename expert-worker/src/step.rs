@@ -254,6 +254,15 @@ enum Piece<'a> {
     },
 }
 
+impl Piece<'_> {
+    fn tokens(&self) -> usize {
+        match self {
+            Piece::Own { entries, .. } => entries.iter().map(|entry| entry.tokens).sum(),
+            Piece::Gathered { gathered, .. } => gathered.indices.len(),
+        }
+    }
+}
+
 /// Batches of experts in one stack, computed in one grouped product: their indices in the step,
 /// in slot order, and where each slot's rows end in the joined rows.
 struct GroupedBatches {
@@ -385,12 +394,14 @@ pub fn compute_step(
         .collect();
     let staged_rows = Staged { rows: &staged, offsets: &offsets, shared: &shared_rows, indices: &gather_indices };
 
-    let computed = compute_grouped(&grouped, &ends_uploads, stacks, experts, batches, &pieces, &staged_rows);
+    let computed = compute_grouped(&grouped, &ends_uploads, stacks, batches, &pieces, &staged_rows);
     let grouped_launched = Instant::now();
     let mut downloads = Vec::new();
     let mut sizes: Vec<Vec<(usize, Option<SumAnswer>)>> = Vec::with_capacity(batches.len());
     // How long the host took over each batch's launches: on a GPU, where one waits for the device.
-    let mut batch_launches_us: Vec<u64> = Vec::with_capacity(batches.len());
+    // Kept only for the debug event below.
+    let timing_batches = tracing::enabled!(tracing::Level::DEBUG);
+    let mut batch_launches_us: Vec<u64> = Vec::with_capacity(if timing_batches { batches.len() } else { 0 });
     for ((batch, pieces), computed) in batches.iter().zip(&pieces).zip(computed) {
         let batch_started = Instant::now();
         let expert = &experts[&batch.expert];
@@ -401,7 +412,9 @@ pub fn compute_step(
         }
         let output = computed.unwrap_or_else(|| expert.forward(&batch_input(pieces, batch, expert, &staged_rows)));
         sizes.push(queue_answers(Some(&output), batch, sums, &staged_rows, &mut downloads));
-        batch_launches_us.push(batch_started.elapsed().as_micros() as u64);
+        if timing_batches {
+            batch_launches_us.push(batch_started.elapsed().as_micros() as u64);
+        }
     }
     let launched = Instant::now();
     let mut host = staging.download(&downloads);
@@ -446,7 +459,6 @@ fn compute_grouped(
     grouped: &[GroupedBatches],
     ends_uploads: &[Option<usize>],
     stacks: &Stacks,
-    experts: &HashMap<ExpertId, Expert>,
     batches: &[Batch],
     pieces: &[Vec<Piece>],
     staged: &Staged,
@@ -461,16 +473,17 @@ fn compute_grouped(
             }
             None => Tensor::from_slice(&group.ends),
         };
-        let kind = kind_of(stack.shape().dtype);
-        let inputs: Vec<Tensor> = group
-            .batches
-            .iter()
-            .map(|&index| {
-                let batch = &batches[index];
-                batch_input(&pieces[index], batch, &experts[&batch.expert], staged).to_kind(kind)
-            })
-            .collect();
-        let output = stack.forward(&Tensor::cat(&inputs, 0), &ends);
+        let total_rows: usize = group.batches.iter().map(|&index| batches[index].tokens()).sum();
+        let d_model = batches[group.batches[0]].d_model;
+        let joined =
+            Tensor::empty([total_rows as i64, d_model as i64], (kind_of(stack.shape().dtype), staged.rows.device()));
+        let mut start = 0;
+        for &index in &group.batches {
+            let rows = batches[index].tokens() as i64;
+            write_batch_input(&pieces[index], &batches[index], staged, &joined.narrow(0, start, rows));
+            start += rows;
+        }
+        let output = stack.forward(&joined, &ends);
         let mut start = 0;
         for &index in &group.batches {
             let rows = batches[index].tokens() as i64;
@@ -508,26 +521,47 @@ fn batch_span(batch: &Batch) -> tracing::Span {
     span
 }
 
-/// One batch's input rows on the device: its pieces viewed in the upload (own rows) or selected
-/// from their request's shared rows (token-major), joined in the expert's dtype when several.
+/// One batch's input rows on the device: its piece viewed in the upload (own rows) or selected
+/// from its request's shared rows (token-major), or its pieces joined in the expert's dtype.
 fn batch_input(pieces: &[Piece], batch: &Batch, expert: &Expert, staged: &Staged) -> Tensor {
-    let inputs: Vec<Tensor> = pieces
-        .iter()
-        .map(|piece| match piece {
-            Piece::Own { entries, upload } => {
-                let rows = entries.iter().map(|entry| entry.tokens).sum();
-                wire_rows(staged.rows, staged.offsets[*upload], entries[0].dtype, rows, batch.d_model)
-            }
-            Piece::Gathered { gathered, .. } => {
+    if let [only] = pieces {
+        return piece_rows(only, batch, staged);
+    }
+    let joined =
+        Tensor::empty([batch.tokens() as i64, batch.d_model as i64], (kind_of(expert.dtype()), staged.rows.device()));
+    write_batch_input(pieces, batch, staged, &joined);
+    joined
+}
+
+/// Writes one batch's input rows into `into` (`[batch rows, d_model]`, in its own dtype): each
+/// token-major piece selected straight into its place where the dtypes agree, so joining the rows
+/// of several pieces or batches costs no copy beyond the selection.
+fn write_batch_input(pieces: &[Piece], batch: &Batch, staged: &Staged, into: &Tensor) {
+    let mut start = 0;
+    for piece in pieces {
+        let rows = piece.tokens() as i64;
+        let mut place = into.narrow(0, start, rows);
+        match piece {
+            Piece::Gathered { gathered, .. } if staged.shared[&key_of(&gathered.shared)].kind() == into.kind() => {
                 let index = &staged.indices[&gathered_key(gathered)];
-                staged.shared[&key_of(&gathered.shared)].index_select(0, &index.indices)
+                let _selected = staged.shared[&key_of(&gathered.shared)].index_select_out(&place, 0, &index.indices);
             }
-        })
-        .collect();
-    match &inputs[..] {
-        [only] => only.shallow_clone(),
-        several => {
-            Tensor::cat(&several.iter().map(|piece| piece.to_kind(kind_of(expert.dtype()))).collect::<Vec<_>>(), 0)
+            _ => place.copy_(&piece_rows(piece, batch, staged)),
+        }
+        start += rows;
+    }
+}
+
+/// One piece's rows on the device, in their wire dtype (FP8 dequantized): a view of the upload
+/// for own rows, a selection from the request's shared rows for a token-major part.
+fn piece_rows(piece: &Piece, batch: &Batch, staged: &Staged) -> Tensor {
+    match piece {
+        Piece::Own { entries, upload } => {
+            wire_rows(staged.rows, staged.offsets[*upload], entries[0].dtype, piece.tokens(), batch.d_model)
+        }
+        Piece::Gathered { gathered, .. } => {
+            let index = &staged.indices[&gathered_key(gathered)];
+            staged.shared[&key_of(&gathered.shared)].index_select(0, &index.indices)
         }
     }
 }
