@@ -78,6 +78,8 @@ pub mod process_metrics;
 pub mod readiness;
 pub mod ready;
 pub mod scoped_threads;
+#[cfg(feature = "scripted-coordinator")]
+pub mod scripted_coordinator;
 pub mod shutdown;
 pub mod tls;
 pub mod tracing_setup;

@@ -211,118 +211,12 @@ pub async fn drain(coordinator_uri: &str, registered: &watch::Receiver<Option<St
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-    use std::sync::Mutex;
-
+    use switchyard_common::scripted_coordinator::{Asked, Script, serve};
     use tokio::sync::mpsc;
 
     use super::*;
     use crate::metrics::WorkerMetrics;
     use crate::worker::WorkerOptions;
-
-    /// What the scripted coordinator answers, in order; past the script: registration succeeds,
-    /// heartbeats find the worker placed with everything loaded, drains find no route left.
-    #[derive(Default)]
-    struct Script {
-        registrations: VecDeque<Result<v1::RegisterWorkerResponse, tonic::Status>>,
-        heartbeats: VecDeque<Result<v1::HeartbeatResponse, tonic::Status>>,
-        drains: VecDeque<Result<v1::DrainWorkerResponse, tonic::Status>>,
-    }
-
-    /// A request the scripted coordinator was sent.
-    #[derive(Debug, PartialEq)]
-    enum Asked {
-        Register { name: String, endpoint: String },
-        Heartbeat { worker_id: String },
-        Drain { worker_id: String },
-    }
-
-    struct ScriptedCoordinator {
-        script: Mutex<Script>,
-        asked: mpsc::UnboundedSender<Asked>,
-    }
-
-    impl ScriptedCoordinator {
-        fn next<T>(
-            &self,
-            asked: Asked,
-            pick: impl FnOnce(&mut Script) -> Option<Result<T, tonic::Status>>,
-            or: T,
-        ) -> Result<tonic::Response<T>, tonic::Status> {
-            let _ = self.asked.send(asked);
-            let answer = pick(&mut self.script.lock().expect("not poisoned")).unwrap_or(Ok(or));
-            answer.map(tonic::Response::new)
-        }
-    }
-
-    type Tables = std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::RoutingTable, tonic::Status>> + Send>>;
-
-    #[tonic::async_trait]
-    impl v1::coordinator_server::Coordinator for ScriptedCoordinator {
-        type WatchRoutingTableStream = Tables;
-
-        async fn register_worker(
-            &self,
-            request: tonic::Request<v1::RegisterWorkerRequest>,
-        ) -> Result<tonic::Response<v1::RegisterWorkerResponse>, tonic::Status> {
-            let request = request.into_inner();
-            let asked = Asked::Register { name: request.name, endpoint: request.endpoint };
-            let registered = v1::RegisterWorkerResponse { worker_id: "w-1".into(), heartbeat_interval_ms: 10 };
-            self.next(asked, |script| script.registrations.pop_front(), registered)
-        }
-
-        async fn heartbeat(
-            &self,
-            request: tonic::Request<v1::HeartbeatRequest>,
-        ) -> Result<tonic::Response<v1::HeartbeatResponse>, tonic::Status> {
-            let asked = Asked::Heartbeat { worker_id: request.into_inner().worker_id };
-            let placed = v1::HeartbeatResponse { placed: true, experts_to_load: 0, ..Default::default() };
-            self.next(asked, |script| script.heartbeats.pop_front(), placed)
-        }
-
-        async fn drain_worker(
-            &self,
-            request: tonic::Request<v1::DrainWorkerRequest>,
-        ) -> Result<tonic::Response<v1::DrainWorkerResponse>, tonic::Status> {
-            let asked = Asked::Drain { worker_id: request.into_inner().worker_id };
-            self.next(asked, |script| script.drains.pop_front(), v1::DrainWorkerResponse::default())
-        }
-
-        async fn watch_routing_table(
-            &self,
-            _: tonic::Request<v1::GetRoutingTableRequest>,
-        ) -> Result<tonic::Response<Tables>, tonic::Status> {
-            Err(tonic::Status::unimplemented("scripted coordinator"))
-        }
-
-        async fn get_routing_table(
-            &self,
-            _: tonic::Request<v1::GetRoutingTableRequest>,
-        ) -> Result<tonic::Response<v1::RoutingTable>, tonic::Status> {
-            Err(tonic::Status::unimplemented("scripted coordinator"))
-        }
-
-        async fn get_cluster_status(
-            &self,
-            _: tonic::Request<v1::GetClusterStatusRequest>,
-        ) -> Result<tonic::Response<v1::ClusterStatus>, tonic::Status> {
-            Err(tonic::Status::unimplemented("scripted coordinator"))
-        }
-    }
-
-    /// The scripted coordinator on a port of 127.0.0.1 until the test ends: its address, and what
-    /// it was asked, in order.
-    async fn serve(script: Script) -> (String, mpsc::UnboundedReceiver<Asked>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = format!("http://{}", listener.local_addr().expect("bound"));
-        let (asked, requests) = mpsc::unbounded_channel();
-        let coordinator = ScriptedCoordinator { script: Mutex::new(script), asked };
-        let server = switchyard_common::transport::server()
-            .add_service(v1::coordinator_server::CoordinatorServer::new(coordinator))
-            .serve_with_incoming(switchyard_common::transport::incoming(listener));
-        tokio::spawn(server);
-        (address, requests)
-    }
 
     async fn next_asked(requests: &mut mpsc::UnboundedReceiver<Asked>) -> Asked {
         tokio::time::timeout(Duration::from_secs(10), requests.recv())
@@ -434,7 +328,7 @@ mod tests {
     /// The level and message of every event logged on the test's thread (a current-thread
     /// runtime polls the membership task there).
     #[derive(Clone, Default)]
-    struct Logged(std::sync::Arc<Mutex<Vec<(tracing::Level, String)>>>);
+    struct Logged(std::sync::Arc<std::sync::Mutex<Vec<(tracing::Level, String)>>>);
 
     impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Logged {
         fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {

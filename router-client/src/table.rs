@@ -226,6 +226,8 @@ async fn follow(
 
 #[cfg(test)]
 mod tests {
+    use switchyard_common::scripted_coordinator::{self, Asked, Script, Watch};
+
     use super::*;
 
     fn wire_table() -> v1::RoutingTable {
@@ -364,94 +366,6 @@ mod tests {
         assert_eq!(complete.expect("ready at once").placed(), (2, 2));
     }
 
-    /// How the scripted coordinator answers one `WatchRoutingTable` call: refused, or a stream of
-    /// these items that then ends (`open: false`) or stays open.
-    enum Session {
-        Refused,
-        Streams { items: Vec<Result<v1::RoutingTable, tonic::Status>>, open: bool },
-    }
-
-    /// A coordinator that answers each watch with the next scripted session (an open, empty
-    /// stream once they run out) and reports what each watch asked for: `(newer_than, epoch)`.
-    struct ScriptedCoordinator {
-        sessions: std::sync::Mutex<std::collections::VecDeque<Session>>,
-        asked: tokio::sync::mpsc::UnboundedSender<(u64, u64)>,
-    }
-
-    type Tables = std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::RoutingTable, tonic::Status>> + Send>>;
-
-    #[tonic::async_trait]
-    impl v1::coordinator_server::Coordinator for ScriptedCoordinator {
-        type WatchRoutingTableStream = Tables;
-
-        async fn watch_routing_table(
-            &self,
-            request: tonic::Request<v1::GetRoutingTableRequest>,
-        ) -> Result<tonic::Response<Tables>, tonic::Status> {
-            use futures::StreamExt;
-            let request = request.into_inner();
-            let _ = self.asked.send((request.newer_than, request.epoch));
-            let session = self.sessions.lock().expect("not poisoned").pop_front();
-            let (items, open) = match session {
-                Some(Session::Refused) => return Err(tonic::Status::unavailable("scripted refusal")),
-                Some(Session::Streams { items, open }) => (items, open),
-                None => (Vec::new(), true),
-            };
-            let items = futures::stream::iter(items);
-            let tables: Tables = if open { Box::pin(items.chain(futures::stream::pending())) } else { Box::pin(items) };
-            Ok(tonic::Response::new(tables))
-        }
-
-        async fn register_worker(
-            &self,
-            _: tonic::Request<v1::RegisterWorkerRequest>,
-        ) -> Result<tonic::Response<v1::RegisterWorkerResponse>, tonic::Status> {
-            Err(tonic::Status::unimplemented("scripted coordinator"))
-        }
-
-        async fn heartbeat(
-            &self,
-            _: tonic::Request<v1::HeartbeatRequest>,
-        ) -> Result<tonic::Response<v1::HeartbeatResponse>, tonic::Status> {
-            Err(tonic::Status::unimplemented("scripted coordinator"))
-        }
-
-        async fn get_routing_table(
-            &self,
-            _: tonic::Request<v1::GetRoutingTableRequest>,
-        ) -> Result<tonic::Response<v1::RoutingTable>, tonic::Status> {
-            Err(tonic::Status::unimplemented("scripted coordinator"))
-        }
-
-        async fn get_cluster_status(
-            &self,
-            _: tonic::Request<v1::GetClusterStatusRequest>,
-        ) -> Result<tonic::Response<v1::ClusterStatus>, tonic::Status> {
-            Err(tonic::Status::unimplemented("scripted coordinator"))
-        }
-
-        async fn drain_worker(
-            &self,
-            _: tonic::Request<v1::DrainWorkerRequest>,
-        ) -> Result<tonic::Response<v1::DrainWorkerResponse>, tonic::Status> {
-            Err(tonic::Status::unimplemented("scripted coordinator"))
-        }
-    }
-
-    /// The scripted coordinator serving `sessions` on a port of 127.0.0.1 until the test ends:
-    /// its address and what each watch asked for.
-    async fn serve_scripted(sessions: Vec<Session>) -> (String, tokio::sync::mpsc::UnboundedReceiver<(u64, u64)>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = format!("http://{}", listener.local_addr().expect("bound"));
-        let (asked, watches) = tokio::sync::mpsc::unbounded_channel();
-        let coordinator = ScriptedCoordinator { sessions: std::sync::Mutex::new(sessions.into()), asked };
-        let server = switchyard_common::transport::server()
-            .add_service(v1::coordinator_server::CoordinatorServer::new(coordinator))
-            .serve_with_incoming(switchyard_common::transport::incoming(listener));
-        tokio::spawn(server);
-        (address, watches)
-    }
-
     /// The watcher takes only newer tables (or a restarted coordinator's), ignores malformed ones,
     /// keeps the last table through a broken stream and a refused watch, asks again from the table
     /// it holds, and stops following once dropped.
@@ -460,8 +374,8 @@ mod tests {
         let table = |epoch, version| v1::RoutingTable { epoch, version, ..wire_table() };
         let mut malformed = table(1, 9);
         malformed.routes[0].expert = None;
-        let (coordinator, mut watches) = serve_scripted(vec![
-            Session::Streams {
+        let watches = [
+            Watch::Streams {
                 items: vec![
                     Ok(table(1, 3)),
                     Ok(table(1, 2)),
@@ -470,10 +384,11 @@ mod tests {
                 ],
                 open: false,
             },
-            Session::Refused,
-            Session::Streams { items: vec![Ok(table(2, 1))], open: true },
-        ])
-        .await;
+            Watch::Refused(tonic::Status::unavailable("scripted refusal")),
+            Watch::Streams { items: vec![Ok(table(2, 1))], open: true },
+        ];
+        let (coordinator, mut requests) =
+            scripted_coordinator::serve(Script { watches: watches.into(), ..Script::default() }).await;
 
         let watcher = TableWatcher::start(&coordinator).expect("a valid address");
         let restarted = watcher
@@ -482,8 +397,8 @@ mod tests {
             .expect("the restarted coordinator's table");
         assert_eq!(restarted.version, TableVersion(1));
         let mut asked = Vec::new();
-        while let Ok(watch) = watches.try_recv() {
-            asked.push(watch);
+        while let Ok(Asked::Watch { newer_than, epoch }) = requests.try_recv() {
+            asked.push((newer_than, epoch));
         }
         // Version 3 was held through the broken stream and the refusal: neither the older
         // version 2 nor the malformed version 9 replaced it.
