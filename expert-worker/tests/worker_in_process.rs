@@ -745,7 +745,7 @@ fn answer_bytes(outcomes: [&ForwardOutcome; 2]) -> Vec<Bytes> {
 /// token-major request merged into one step come back bit for bit as from a worker computing
 /// expert after expert (on a CPU libtorch's grouped product loops over the experts' products
 /// itself), their three experts' batches counted as grouped; so again after an expert is
-/// unloaded and the layer restacked.
+/// unloaded and the layer restacked, with f32 rows and with bf16 ones.
 #[tokio::test]
 async fn grouped_experts_answer_bit_for_bit_as_experts_computed_one_by_one() {
     let start = |grouped_experts: bool| {
@@ -789,16 +789,26 @@ async fn grouped_experts_answer_bit_for_bit_as_experts_computed_one_by_one() {
     }
     let choices: [&[(u32, f32)]; 3] = [&[(0, 0.5), (3, 0.5)], &[(2, 1.0)], &[(2, 0.75), (3, 0.25)]];
     let hidden = rows(3, 16, 0.7);
-    let mut sums = Vec::new();
-    for worker in [&one_by_one, &grouped] {
-        let request = ForwardBatch::try_from(token_major_request(3, &hidden, 16, &choices, WireDtype::F32))
-            .expect("a valid token-major request");
-        let outcome = worker.forward(request).await.expect("token-major");
-        sums.push(outcome.combined.expect("one sum per token").data);
-    }
-    assert_eq!(sums[0], sums[1]);
-    assert!(relative_error(&weighted_sums(&hidden, 16, &choices), &wire::decode_f32(&sums[1], WireDtype::F32)) < 1e-6);
+    let sums_of = |dtype: WireDtype| {
+        let (one_by_one, grouped, hidden) = (&one_by_one, &grouped, &hidden);
+        async move {
+            let mut sums = Vec::new();
+            for worker in [one_by_one, grouped] {
+                let request = ForwardBatch::try_from(token_major_request(3, hidden, 16, &choices, dtype))
+                    .expect("a valid token-major request");
+                let outcome = worker.forward(request).await.expect("token-major");
+                sums.push(outcome.combined.expect("one sum per token"));
+            }
+            assert_eq!(sums[0].data, sums[1].data, "{dtype:?} rows");
+            wire::decode_f32(&sums[1].data, sums[1].dtype)
+        }
+    };
+    let want = weighted_sums(&hidden, 16, &choices);
+    assert!(relative_error(&want, &sums_of(WireDtype::F32).await) < 1e-6);
     assert_eq!(grouped_metrics.grouped_batches.get(), 3 + 3, "experts 0, 2, 3 of the restacked layer");
+    // bf16 rows into f32 experts: converted where they are selected into the joined rows.
+    assert!(relative_error(&want, &sums_of(WireDtype::Bf16).await) < 1e-2);
+    assert_eq!(grouped_metrics.grouped_batches.get(), 3 + 3 + 3);
     for worker in [one_by_one, grouped] {
         worker.shutdown().await;
     }
