@@ -21,7 +21,8 @@ use crate::metrics::WorkerMetrics;
 use crate::scheduler::{Batch, Command, RowsOut, Scheduler, Work};
 use crate::stacks::Stacks;
 use crate::staging::Staging;
-use crate::step::{Computed, EntryAnswer, Sums, compute_step};
+use crate::step::{Computed, EntryAnswer, compute_step};
+use crate::sums::Sums;
 
 /// Starts the compute thread; it returns once [`Scheduler::stop`] was called and the queues drained.
 pub fn spawn(

@@ -20,6 +20,7 @@ pub mod service;
 pub mod stacks;
 pub mod staging;
 pub mod step;
+pub mod sums;
 pub mod worker;
 
 use std::future::Future;
