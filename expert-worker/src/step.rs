@@ -51,6 +51,7 @@ enum SumAnswer {
     Ready(Bytes),
 }
 
+/// The key of a token-major part's [`GatherIndex`] in the step: the part's own address.
 fn gathered_key(gathered: &Gathered) -> usize {
     std::ptr::from_ref(gathered) as usize
 }
