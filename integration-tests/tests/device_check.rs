@@ -1,5 +1,6 @@
 //! The GPU checks as far as a CPU allows. `switchyard device-check --device cpu` runs the workers'
-//! compute path in f32, f16 and bf16 (and bf16 in grouped products) against f32, and every
+//! compute path in f32, f16 and bf16 (and bf16 in grouped products) against f32, identity experts
+//! against their input, and every
 //! checkpoint fixture (its experts one by one and in grouped products) against transformers'
 //! outputs, as `scripts/gpu-check.sh` runs it on a GPU; and the script itself refuses
 //! plainly where there is no GPU.
@@ -28,7 +29,7 @@ fn device_check_passes_on_the_cpu_with_every_fixture() {
         .expect("fixtures")
         .filter(|entry| entry.as_ref().is_ok_and(|entry| entry.path().join("expected.safetensors").exists()))
         .count();
-    // Three synthetic dtypes and bf16 with grouped experts; every fixture layer in f32, the bf16
+    // Three synthetic dtypes, bf16 with grouped experts and identity experts; every fixture layer in f32, the bf16
     // fixtures' layers in bf16 too, each one by one and with grouped experts.
     let bf16_layers = stdout.lines().filter(|line| line.contains("bf16 on cpu vs transformers")).count();
     assert_eq!(bf16_layers, 3 * 2, "{stdout}");
@@ -43,7 +44,8 @@ fn device_check_passes_on_the_cpu_with_every_fixture() {
             .expect("how many batches were grouped");
         assert!(batches >= 2, "a CPU computes each layer's experts in grouped products: {line}");
     }
-    let checks = 3 + 1 + 2 * (fixture_layers + bf16_layers);
+    assert!(stdout.contains("synthetic 8 identity experts top-2 on cpu vs the input"), "{stdout}");
+    let checks = 3 + 1 + 1 + 2 * (fixture_layers + bf16_layers);
     assert!(stdout.contains(&format!("all {checks} checks passed on cpu")), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
     assert!(stdout.contains("matmul peak cpu bf16") && stdout.contains("matmul peak cpu f32"), "{stdout}");

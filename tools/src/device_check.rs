@@ -89,7 +89,8 @@ pub async fn run(device: Device, fixtures: Option<&Path>) -> Result<DeviceReport
 }
 
 /// A synthetic Mixtral-like layer (8 experts, top-2, dropless) in every dtype on `device`, and in
-/// bf16 with its experts in grouped products, against itself in f32 on the CPU.
+/// bf16 with its experts in grouped products, against itself in f32 on the CPU; and with identity
+/// experts (the DeepEP presets' stand-ins), whose output is its input.
 async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError> {
     let model = ModelSpec {
         name: "device-check".to_owned(),
@@ -110,6 +111,12 @@ async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError
         let name = format!("synthetic 8 experts top-2, {dtype}{grouped} on {} vs f32 on cpu", device_name(device));
         checks.push(Check::of(name, output, &truth, tolerance(dtype)));
     }
+    // Identity experts: each token's sum is its gate weights times its row (on a device made
+    // there, on a CPU from the request's bytes), and renormalised top-2 weights add up to 1.
+    let identity = ReferenceConfig { device, identity_experts: true, ..ReferenceConfig::cpu() };
+    let (output, _) = forward(&model, identity, &hidden).await?;
+    let name = format!("synthetic 8 identity experts top-2 on {} vs the input", device_name(device));
+    checks.push(Check::of(name, output, &hidden, tolerance(WeightDtype::F32)));
     Ok(checks)
 }
 
