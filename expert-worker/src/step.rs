@@ -336,6 +336,13 @@ struct Staged<'a> {
     indices: &'a HashMap<usize, GatherIndex>,
 }
 
+impl Staged<'_> {
+    /// A token-major part's request rows and its token indices into them, both on the device.
+    fn gathered(&self, gathered: &Gathered) -> (&Tensor, &Tensor) {
+        (&self.shared[&key_of(&gathered.shared)], &self.indices[&gathered_key(gathered)].indices)
+    }
+}
+
 /// The span of one expert's batch: a child of its first request's span (one trace from the client
 /// to the expert) that follows from the others it merged.
 fn batch_span(batch: &Batch) -> tracing::Span {
@@ -374,11 +381,15 @@ fn write_batch_input(pieces: &[Piece], batch: &Batch, staged: &Staged, into: &Te
         let rows = piece.tokens() as i64;
         let mut place = into.narrow(0, start, rows);
         match piece {
-            Piece::Gathered { gathered, .. } if staged.shared[&key_of(&gathered.shared)].kind() == into.kind() => {
-                let index = &staged.indices[&gathered_key(gathered)];
-                let _selected = staged.shared[&key_of(&gathered.shared)].index_select_out(&place, 0, &index.indices);
+            Piece::Gathered { gathered, .. } => {
+                let (shared, indices) = staged.gathered(gathered);
+                if shared.kind() == into.kind() {
+                    let _selected = shared.index_select_out(&place, 0, indices);
+                } else {
+                    place.copy_(&shared.index_select(0, indices));
+                }
             }
-            _ => place.copy_(&piece_rows(piece, batch, staged)),
+            Piece::Own { .. } => place.copy_(&piece_rows(piece, batch, staged)),
         }
         start += rows;
     }
@@ -392,8 +403,8 @@ fn piece_rows(piece: &Piece, batch: &Batch, staged: &Staged) -> Tensor {
             wire_rows(staged.rows, staged.offsets[*upload], entries[0].dtype, piece.tokens(), batch.d_model)
         }
         Piece::Gathered { gathered, .. } => {
-            let index = &staged.indices[&gathered_key(gathered)];
-            staged.shared[&key_of(&gathered.shared)].index_select(0, &index.indices)
+            let (shared, indices) = staged.gathered(gathered);
+            shared.index_select(0, indices)
         }
     }
 }
