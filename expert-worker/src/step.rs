@@ -11,6 +11,7 @@
 //! together: their rows joined in slot order, one grouped product per matrix.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -95,11 +96,11 @@ impl Piece<'_> {
     }
 }
 
-/// Batches of experts in one stack, computed in one grouped product: their indices in the step,
-/// in slot order, and where each slot's rows end in the joined rows.
+/// Batches of experts in one stack, computed in one grouped product: each batch's index in the
+/// step with its rows in the joined rows, in slot order, and where each slot's rows end.
 struct GroupedBatches {
     stack: usize,
-    batches: Vec<usize>,
+    batches: Vec<(usize, Range<i64>)>,
     ends: Vec<i32>,
 }
 
@@ -127,7 +128,15 @@ fn grouped_batches(stacks: &Stacks, batches: &[Batch]) -> Vec<GroupedBatches> {
                     Some(i32::try_from(*end).expect("a step's rows are counted in i32"))
                 })
                 .collect();
-            GroupedBatches { stack, batches: members.into_iter().map(|(_, index)| index).collect(), ends }
+            let batches = members
+                .into_iter()
+                .scan(0, |start, (_, index)| {
+                    let rows = *start..*start + batches[index].tokens() as i64;
+                    *start = rows.end;
+                    Some((index, rows))
+                })
+                .collect();
+            GroupedBatches { stack, batches, ends }
         })
         .collect()
 }
@@ -305,22 +314,16 @@ fn compute_grouped(
             }
             None => Tensor::from_slice(&group.ends),
         };
-        let total_rows: usize = group.batches.iter().map(|&index| batches[index].tokens()).sum();
-        let d_model = batches[group.batches[0]].d_model;
-        let joined =
-            Tensor::empty([total_rows as i64, d_model as i64], (kind_of(stack.shape().dtype), staged.rows.device()));
-        let mut start = 0;
-        for &index in &group.batches {
-            let rows = batches[index].tokens() as i64;
-            write_batch_input(&pieces[index], &batches[index], staged, &joined.narrow(0, start, rows));
-            start += rows;
+        let total_rows = group.batches.last().map_or(0, |(_, rows)| rows.end);
+        let d_model = batches[group.batches[0].0].d_model as i64;
+        let joined = Tensor::empty([total_rows, d_model], (kind_of(stack.shape().dtype), staged.rows.device()));
+        let narrow = |tensor: &Tensor, rows: &Range<i64>| tensor.narrow(0, rows.start, rows.end - rows.start);
+        for (index, rows) in &group.batches {
+            write_batch_input(&pieces[*index], &batches[*index], staged, &narrow(&joined, rows));
         }
         let output = stack.forward(&joined, &ends);
-        let mut start = 0;
-        for &index in &group.batches {
-            let rows = batches[index].tokens() as i64;
-            computed[index] = Some(output.narrow(0, start, rows));
-            start += rows;
+        for (index, rows) in &group.batches {
+            computed[*index] = Some(narrow(&output, rows));
         }
     }
     computed
@@ -508,7 +511,7 @@ mod tests {
         assert_eq!(grouped.len(), 1);
         let group = &grouped[0];
         assert_eq!(stacks.slot(&ExpertId::new(0, 0)).map(|(stack, _)| stack), Some(group.stack));
-        assert_eq!(group.batches, [1, 0]);
+        assert_eq!(group.batches, [(1, 0..4), (0, 4..7)], "each batch's rows in the joined rows");
         assert_eq!(group.ends, [4, 4, 7, 7]);
     }
 }
