@@ -104,19 +104,9 @@ fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, Worker
 fn parse_token_rows(tokens: v1::TokenRows) -> Result<(Vec<ExpertRowsIn>, Arc<SharedRows>), WorkerError> {
     let rows = tokens.rows.ok_or_else(|| WorkerError::invalid("tokens.rows", "missing"))?;
     let Tensor2 { dtype, tokens: count, width, data } = parse_tensor(rows, "tokens.rows")?;
-    let words = |bytes: &Bytes, field: &str| -> Result<Vec<[u8; 4]>, WorkerError> {
-        if !bytes.len().is_multiple_of(4) {
-            return Err(WorkerError::invalid(
-                field,
-                format!("{} bytes is not a whole number of 4-byte values", bytes.len()),
-            ));
-        }
-        Ok(bytes.chunks_exact(4).map(|word| [word[0], word[1], word[2], word[3]]).collect())
-    };
-    let offsets: Vec<usize> =
-        words(&tokens.offsets, "tokens.offsets")?.into_iter().map(|word| u32::from_le_bytes(word) as usize).collect();
-    let experts: Vec<u32> = words(&tokens.experts, "tokens.experts")?.into_iter().map(u32::from_le_bytes).collect();
-    let weights: Vec<f32> = words(&tokens.weights, "tokens.weights")?.into_iter().map(f32::from_le_bytes).collect();
+    let offsets = le_words(&tokens.offsets, "tokens.offsets", |word| u32::from_le_bytes(word) as usize)?;
+    let experts = le_words(&tokens.experts, "tokens.experts", u32::from_le_bytes)?;
+    let weights = le_words(&tokens.weights, "tokens.weights", f32::from_le_bytes)?;
     if offsets.len() != count + 1 {
         return Err(WorkerError::invalid(
             "tokens.offsets",
@@ -165,6 +155,17 @@ fn parse_token_rows(tokens: v1::TokenRows) -> Result<(Vec<ExpertRowsIn>, Arc<Sha
         })
         .collect();
     Ok((parts, shared))
+}
+
+/// `bytes` read as little-endian 4-byte values, each converted by `from`.
+fn le_words<T>(bytes: &Bytes, field: &str, from: impl Fn([u8; 4]) -> T) -> Result<Vec<T>, WorkerError> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(WorkerError::invalid(
+            field,
+            format!("{} bytes is not a whole number of 4-byte values", bytes.len()),
+        ));
+    }
+    Ok(bytes.chunks_exact(4).map(|word| from([word[0], word[1], word[2], word[3]])).collect())
 }
 
 /// Checks that `rows` is `[tokens, width]` of a known dtype with exactly the bytes that takes.
@@ -331,6 +332,13 @@ mod tests {
         assert_eq!(
             rejection(&[0, 1, 3], &[3, 4, 4], &[1.0, 0.5, 0.5]),
             "tokens.experts: token 1 chooses expert 4 more than once"
+        );
+        let mut ragged = token_request(&[0, 1, 2], &[3, 4], &[1.0, 1.0]);
+        ragged.batches.clear();
+        ragged.tokens.as_mut().unwrap().weights.truncate(7);
+        assert_eq!(
+            ForwardBatch::try_from(ragged).unwrap_err().to_string(),
+            "tokens.weights: 7 bytes is not a whole number of 4-byte values"
         );
         let both = ForwardBatch::try_from(token_request(&[0, 1, 1], &[3], &[1.0])).unwrap_err().to_string();
         assert_eq!(both, "tokens: a request carries batches or tokens, not both");
