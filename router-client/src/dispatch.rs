@@ -668,6 +668,9 @@ pub(crate) mod tests {
         let data = &first.rows.as_ref().expect("rows").data;
         let values: Vec<f32> = le_words(data).map(f32::from_le_bytes).collect();
         assert_eq!(values, [0.0, 1.0, 2.0, 3.0], "rows of tokens 0 and 1");
+        let second = requests[1].request.tokens.as_ref().expect("token rows");
+        assert_eq!(le_u32(&second.offsets), [0, 2, 3], "offsets count from the request's own first choice");
+        assert_eq!(le_u32(&second.experts), [0, 3, 3]);
         assert_eq!(requests[1].payload_bytes(), 16);
     }
 
@@ -778,5 +781,104 @@ pub(crate) mod tests {
             [(0, 5120), (1, 5120), (2, 5120), (3, 5120)],
             "four unary calls, not two streams of two"
         );
+    }
+
+    /// A token-major request to a that failed: its (token, expert, weight) choices go again, each
+    /// to the holder of its expert that is left, one request per holder, with the same rows and
+    /// weights; an expert that only a held cannot be carried anywhere.
+    #[test]
+    fn a_failed_token_major_request_is_carried_again_by_the_other_holders_of_its_experts() {
+        let replicas = crate::replicas::Replicas::default();
+        let holders = table(|expert| match expert {
+            0 => vec!["a", "b"],
+            1 => vec!["a", "c"],
+            _ => vec!["a"],
+        });
+        let groups = [
+            ExpertAssignments { expert: 0, tokens: vec![0, 2], weights: vec![0.5, 0.25], slots: None },
+            ExpertAssignments { expert: 1, tokens: vec![0, 1], weights: vec![0.5, 0.75], slots: None },
+        ];
+        let hidden: Vec<f32> = (0..3 * 2).map(|value| value as f32).collect();
+        let call = f32_call(&hidden, 2, 1 << 20);
+        let failed = pack_token_rows(&Arc::from("a"), &whole(&groups), &groups, call);
+        assert_eq!(failed.len(), 1);
+        let carried = carried_choices(&failed[0], &groups).expect("token rows");
+        assert_eq!(carried, [(0, 0, 0.5), (0, 1, 0.5), (1, 1, 0.75), (2, 0, 0.25)]);
+
+        let without_a = std::collections::HashSet::from([Endpoint::from("a")]);
+        let mut choice = replicas.choice(0, without_a.clone());
+        let again = reroute(&[&failed[0]], &groups, &holders, &mut choice, call).expect("b and c hold them");
+        let sent: Vec<_> = again
+            .iter()
+            .map(|planned| {
+                let rows = &planned.request.tokens.as_ref().expect("token-major").rows.as_ref().expect("rows").data;
+                let values = le_words(rows).map(f32::from_le_bytes).collect();
+                let plan = planned.token_major.clone().expect("token-major");
+                (&*planned.endpoint, plan, carried_choices(planned, &groups).expect("token rows"), values)
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            [
+                (
+                    "b",
+                    TokenPlan { tokens: vec![0, 2], experts: vec![0] },
+                    vec![(0, 0, 0.5), (2, 0, 0.25)],
+                    vec![0.0, 1.0, 4.0, 5.0]
+                ),
+                (
+                    "c",
+                    TokenPlan { tokens: vec![0, 1], experts: vec![1] },
+                    vec![(0, 1, 0.5), (1, 1, 0.75)],
+                    vec![0.0, 1.0, 2.0, 3.0]
+                ),
+            ]
+        );
+
+        let only_on_a = [ExpertAssignments { expert: 2, tokens: vec![1], weights: vec![1.0], slots: None }];
+        let failed = pack_token_rows(&Arc::from("a"), &whole(&only_on_a), &only_on_a, call);
+        let mut choice = replicas.choice(0, without_a);
+        let unplaced = reroute(&[&failed[0]], &only_on_a, &holders, &mut choice, call).unwrap_err();
+        assert!(
+            matches!(unplaced, ClientError::Unplaced { expert, .. } if expert == ExpertId::new(0, 2)),
+            "{unplaced:?}"
+        );
+    }
+
+    /// An expert-major request that failed: its pieces go again whole to the holders left, as the
+    /// same token rows; Soft MoE's slot rows are no token's choices.
+    #[test]
+    fn a_failed_expert_major_request_is_carried_again_as_its_pieces() {
+        let replicas = crate::replicas::Replicas::default();
+        let holders = table(|expert| if expert == 0 { vec!["a", "b"] } else { vec!["a"] });
+        let groups = [
+            ExpertAssignments { expert: 0, tokens: vec![1, 3, 4], weights: vec![0.5, 0.25, 1.0], slots: None },
+            ExpertAssignments { expert: 1, tokens: vec![2], weights: vec![1.0], slots: None },
+        ];
+        let hidden = vec![0.5f32; 5 * 2];
+        let call = f32_call(&hidden, 2, 1 << 20);
+        let failed = pack_pieces(&Arc::from("a"), &[Piece { group: 0, start: 1, end: 3 }], &groups, call);
+        assert_eq!(carried_choices(&failed[0], &groups), Some(vec![(3, 0, 0.25), (4, 0, 1.0)]));
+
+        let without_a = std::collections::HashSet::from([Endpoint::from("a")]);
+        let again = reroute(&[&failed[0]], &groups, &holders, &mut replicas.choice(0, without_a.clone()), call)
+            .expect("b holds expert 0");
+        let sent: Vec<(&str, Vec<Piece>)> =
+            again.iter().map(|planned| (&*planned.endpoint, planned.pieces.clone())).collect();
+        assert_eq!(sent, [("b", vec![Piece { group: 0, start: 1, end: 3 }])]);
+
+        let failed = pack_pieces(&Arc::from("a"), &whole(&groups[1..]), &groups[1..], call);
+        let unplaced = reroute(&[&failed[0]], &groups[1..], &holders, &mut replicas.choice(0, without_a), call);
+        assert!(matches!(unplaced, Err(ClientError::Unplaced { expert, .. }) if expert == ExpertId::new(0, 1)));
+
+        let inputs = vec![0.5f32; 2 * 2];
+        let slots = [ExpertAssignments {
+            expert: 0,
+            tokens: Vec::new(),
+            weights: Vec::new(),
+            slots: Some(crate::router::SlotRows { first_slot: 0, inputs }),
+        }];
+        let failed = pack_pieces(&Arc::from("a"), &[Piece { group: 0, start: 0, end: 2 }], &slots, call);
+        assert_eq!(carried_choices(&failed[0], &slots), None, "slot rows");
     }
 }
