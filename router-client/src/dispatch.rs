@@ -632,6 +632,28 @@ pub(crate) mod tests {
         }
     }
 
+    /// Soft MoE's slot rows are one expert's slots, mixed from every token: they go whole to one
+    /// holder of a replicated expert, never spread.
+    #[test]
+    fn slot_rows_of_a_replicated_expert_go_whole_to_one_holder() {
+        let replicas = crate::replicas::Replicas::default();
+        // The synthetic model's rows are 1024 wide: 4 slots.
+        let table = table(|_| vec!["a", "b"]);
+        let slots = ExpertAssignments {
+            expert: 0,
+            tokens: Vec::new(),
+            weights: Vec::new(),
+            slots: Some(crate::router::SlotRows { first_slot: 0, inputs: vec![0.5; 4 * 1024] }),
+        };
+        for salt in 0..2 {
+            let workers =
+                by_worker(0, std::slice::from_ref(&slots), &table, &mut replicas.choice(salt, Default::default()))
+                    .expect("placed");
+            let pieces: Vec<&Piece> = workers.values().flatten().collect();
+            assert_eq!(pieces, [&Piece { group: 0, start: 0, end: 4 }], "salt {salt}: {workers:?}");
+        }
+    }
+
     fn le_u32(bytes: &[u8]) -> Vec<u32> {
         le_words(bytes).map(u32::from_le_bytes).collect()
     }
