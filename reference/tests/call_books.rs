@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use support::MessageBytes;
 use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService};
 use switchyard_model::{ExpertId, ModelSpec};
 use switchyard_reference::in_process::InProcessTransport;
@@ -91,7 +92,7 @@ fn assert_times_add_up(output: &LayerOutput) -> bool {
 #[tokio::test]
 async fn each_worker_is_booked_its_rows_and_bytes_both_ways_and_the_straggler_s_time() {
     for dispatch in [DispatchLayout::TokenMajor, DispatchLayout::ExpertMajor] {
-        let (client, _transport, workers) = client(dispatch, 1 << 20).await;
+        let (client, transport, workers) = client(dispatch, 1 << 20).await;
         let mut tails = 0;
         // Where the async task notices the last answer late (a loaded machine), the pool may have
         // summed it already and the call has no tail to split: more calls then, until one has.
@@ -100,6 +101,15 @@ async fn each_worker_is_booked_its_rows_and_bytes_both_ways_and_the_straggler_s_
             let endpoints: Vec<&str> = output.workers.iter().map(|call| &*call.endpoint).collect();
             assert_eq!(endpoints, ["a", "b"]);
             assert_bytes_balance(&output, dispatch);
+            let carried = transport.take_message_bytes();
+            for call in &output.workers {
+                let booked = MessageBytes { sent: call.bytes.message_sent, answered: call.bytes.message_received };
+                assert_eq!(
+                    booked, carried[&call.endpoint],
+                    "{dispatch:?}: the messages {} was sent and answered",
+                    call.endpoint
+                );
+            }
             tails += usize::from(assert_times_add_up(&output));
             if tails > 0 && tokens == 1024 {
                 break;

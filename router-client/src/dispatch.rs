@@ -116,7 +116,7 @@ pub fn pack_token_choices(
     mut choices: Vec<(u32, u32, f32)>,
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
-    let CallRows { layer, hidden, d_model, dtype, threads, .. } = call;
+    let CallRows { request_id, layer, hidden, d_model, dtype, threads, .. } = call;
     // By token; the sort is stable, so a token's experts stay in group order.
     choices.sort_by_key(|(token, _, _)| *token);
     let token_starts: Vec<usize> =
@@ -152,7 +152,7 @@ pub fn pack_token_choices(
             answered.sort_unstable();
             answered.dedup();
             let request = v1::ForwardRequest {
-                request_id: 0,
+                request_id,
                 batches: Vec::new(),
                 output_dtype: dtype.answer_dtype().to_proto() as i32,
                 tokens: Some(v1::TokenRows {
@@ -341,6 +341,8 @@ pub fn carried_choices(planned: &PlannedRequest, groups: &[ExpertAssignments]) -
 /// What every request of one layer call shares.
 #[derive(Debug, Clone, Copy)]
 pub struct CallRows<'a> {
+    /// The call's id, which every request carries (and the booked bytes count).
+    pub request_id: u64,
     pub layer: u32,
     /// The call's `[tokens, d_model]` input.
     pub hidden: &'a [f32],
@@ -413,10 +415,11 @@ pub fn pack_pieces(
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
     let CallRows { layer, hidden, d_model, dtype, threads, .. } = call;
+    let empty_request = || new_request(endpoint, call.request_id, dtype);
     let rows = pieces.iter().map(|piece| piece.end - piece.start).sum();
     let rows_per_request = call.rows_per_request(rows);
     let mut requests = Vec::new();
-    let mut current = new_request(endpoint, dtype);
+    let mut current = empty_request();
     let mut current_rows = 0;
     // The batches whose rows are gathered from `hidden`, as (request, batch, tokens): encoded all
     // together once every request is laid out, over the call's threads.
@@ -426,7 +429,7 @@ pub fn pack_pieces(
         let mut start = piece.start;
         while start < piece.end {
             if current_rows == rows_per_request {
-                requests.push(std::mem::replace(&mut current, new_request(endpoint, dtype)));
+                requests.push(std::mem::replace(&mut current, empty_request()));
                 current_rows = 0;
             }
             let end = piece.end.min(start + rows_per_request - current_rows);
@@ -464,11 +467,11 @@ pub fn pack_pieces(
     requests
 }
 
-fn new_request(endpoint: &Arc<str>, dtype: WireDtype) -> PlannedRequest {
+fn new_request(endpoint: &Arc<str>, request_id: u64, dtype: WireDtype) -> PlannedRequest {
     PlannedRequest {
         endpoint: endpoint.clone(),
         request: v1::ForwardRequest {
-            request_id: 0,
+            request_id,
             batches: Vec::new(),
             output_dtype: dtype.answer_dtype().to_proto() as i32,
             tokens: None,
@@ -492,6 +495,7 @@ pub(crate) mod tests {
     /// A call of f32 rows `d_model` wide over one connection, at most `split_bytes` per request.
     fn f32_call(hidden: &[f32], d_model: usize, split_bytes: usize) -> CallRows<'_> {
         CallRows {
+            request_id: 1,
             layer: 0,
             hidden,
             d_model,
@@ -830,6 +834,7 @@ pub(crate) mod tests {
         let without_a = std::collections::HashSet::from([Endpoint::from("a")]);
         let mut choice = replicas.choice(0, without_a.clone());
         let again = reroute(&[&failed[0]], &groups, &holders, &mut choice, call).expect("b and c hold them");
+        assert!(again.iter().all(|planned| planned.request.request_id == call.request_id), "the call's id");
         let sent: Vec<_> = again
             .iter()
             .map(|planned| {

@@ -3,6 +3,7 @@
 // Each test binary uses part of it.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,23 +82,42 @@ pub async fn roomy_and_full(
     (Arc::new(transport), even_odd, [served, tiny])
 }
 
-/// In-process workers as the client reaches them, watched: every request's id is kept, and
-/// `stalled` (if named) takes its requests and never answers, as a hung worker would.
+/// In-process workers as the client reaches them, watched: every request's id is kept, and the
+/// gRPC message bytes each worker was sent and answered; `stalled` (if named) takes its requests
+/// and never answers, as a hung worker would.
 #[derive(Debug)]
 pub struct Observed {
     workers: InProcessTransport,
     stalled: Option<&'static str>,
     request_ids: Mutex<Vec<u64>>,
+    message_bytes: Arc<Mutex<HashMap<Endpoint, MessageBytes>>>,
+}
+
+/// gRPC message bytes one way and the other, each message with its 5-byte length prefix (a
+/// compression flag and a 4-byte length, gRPC's framing over HTTP/2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageBytes {
+    pub sent: u64,
+    pub answered: u64,
+}
+
+fn framed_len(message: &impl prost::Message) -> u64 {
+    message.encoded_len() as u64 + 5
 }
 
 impl Observed {
     pub fn new(workers: InProcessTransport, stalled: Option<&'static str>) -> Self {
-        Self { workers, stalled, request_ids: Mutex::default() }
+        Self { workers, stalled, request_ids: Mutex::default(), message_bytes: Arc::default() }
     }
 
     /// The ids of every request sent so far, in the order they were sent.
     pub fn request_ids(&self) -> Vec<u64> {
         self.request_ids.lock().expect("no test panicked holding it").clone()
+    }
+
+    /// Each worker's message bytes since the last time they were taken.
+    pub fn take_message_bytes(&self) -> HashMap<Endpoint, MessageBytes> {
+        std::mem::take(&mut *self.message_bytes.lock().expect("no test panicked holding it"))
     }
 }
 
@@ -109,9 +129,23 @@ impl ExpertTransport for Observed {
         deadline: Duration,
     ) -> BoxFuture<'static, Result<Answer, ClientError>> {
         self.request_ids.lock().expect("no test panicked holding it").push(request.request_id);
-        match self.stalled == Some(&**endpoint) {
-            true => Box::pin(std::future::pending()),
-            false => self.workers.forward(endpoint, request, deadline),
+        let message_bytes = self.message_bytes.clone();
+        let count = move |endpoint: &Endpoint, add: &dyn Fn(&mut MessageBytes)| {
+            add(message_bytes.lock().expect("no test panicked holding it").entry(endpoint.clone()).or_default());
+        };
+        let sent = framed_len(&request);
+        count(endpoint, &|bytes| bytes.sent += sent);
+        if self.stalled == Some(&**endpoint) {
+            return Box::pin(std::future::pending());
         }
+        let (answer, endpoint) = (self.workers.forward(endpoint, request, deadline), endpoint.clone());
+        Box::pin(async move {
+            let answer = answer.await;
+            if let Ok(answer) = &answer {
+                let answered = framed_len(&answer.response);
+                count(&endpoint, &|bytes| bytes.answered += answered);
+            }
+            answer
+        })
     }
 }

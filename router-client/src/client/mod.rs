@@ -362,9 +362,6 @@ impl MoeClient {
         if !failed.is_empty() {
             next_round.extend(self.send_elsewhere(plan, &failed, worst, first_error, rounds).await?);
         }
-        for planned in &mut next_round {
-            planned.request.request_id = rounds.request_id.0;
-        }
         Ok(next_round)
     }
 

@@ -159,6 +159,7 @@ impl Planning {
         timing.plan = phase.elapsed();
 
         let call = CallRows {
+            request_id: self.request_id.0,
             layer,
             hidden,
             d_model,
@@ -171,6 +172,7 @@ impl Planning {
         let (mut requests, worker_calls) = pack_by_worker(&workers, &routed.groups, self.dispatch, call);
         timing.encode = worker_calls.iter().map(|worker_call| worker_call.encode).sum();
         let mut plan = CallPlan {
+            request_id: self.request_id,
             layer,
             d_model,
             routed,
@@ -191,9 +193,6 @@ impl Planning {
             book_requests(&mut plan.worker_calls, &moved);
             requests.extend(moved);
             timing.encode += phase.elapsed();
-        }
-        for planned in &mut requests {
-            planned.request.request_id = self.request_id.0;
         }
         Ok((plan, requests, timing))
     }
@@ -301,6 +300,7 @@ fn hold_back_throttled(
 
 /// One call's plan: the routing, what packing more requests needs, and each worker's share so far.
 pub(super) struct CallPlan {
+    request_id: RequestId,
     pub(super) layer: u32,
     pub(super) d_model: usize,
     pub(super) routed: Routed,
@@ -398,6 +398,7 @@ impl CallPlan {
 
     pub(super) fn call_rows(&self) -> CallRows<'_> {
         CallRows {
+            request_id: self.request_id.0,
             layer: self.layer,
             hidden: &self.hidden,
             d_model: self.d_model,
