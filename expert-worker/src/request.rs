@@ -104,9 +104,9 @@ fn parse_rows(index: usize, part: v1::ExpertRows) -> Result<ExpertRowsIn, Worker
 fn parse_token_rows(tokens: v1::TokenRows) -> Result<(Vec<ExpertRowsIn>, Arc<SharedRows>), WorkerError> {
     let rows = tokens.rows.ok_or_else(|| WorkerError::invalid("tokens.rows", "missing"))?;
     let Tensor2 { dtype, tokens: count, width, data } = parse_tensor(rows, "tokens.rows")?;
-    let offsets = le_words(&tokens.offsets, "tokens.offsets", |word| u32::from_le_bytes(word) as usize)?;
-    let experts = le_words(&tokens.experts, "tokens.experts", u32::from_le_bytes)?;
-    let weights = le_words(&tokens.weights, "tokens.weights", f32::from_le_bytes)?;
+    let offsets = words_of(&tokens.offsets, "tokens.offsets", |word| u32::from_le_bytes(word) as usize)?;
+    let experts = words_of(&tokens.experts, "tokens.experts", u32::from_le_bytes)?;
+    let weights = words_of(&tokens.weights, "tokens.weights", f32::from_le_bytes)?;
     if offsets.len() != count + 1 {
         return Err(WorkerError::invalid(
             "tokens.offsets",
@@ -158,14 +158,14 @@ fn parse_token_rows(tokens: v1::TokenRows) -> Result<(Vec<ExpertRowsIn>, Arc<Sha
 }
 
 /// `bytes` read as little-endian 4-byte values, each converted by `from`.
-fn le_words<T>(bytes: &Bytes, field: &str, from: impl Fn([u8; 4]) -> T) -> Result<Vec<T>, WorkerError> {
+fn words_of<T>(bytes: &Bytes, field: &str, from: impl Fn([u8; 4]) -> T) -> Result<Vec<T>, WorkerError> {
     if !bytes.len().is_multiple_of(4) {
         return Err(WorkerError::invalid(
             field,
             format!("{} bytes is not a whole number of 4-byte values", bytes.len()),
         ));
     }
-    Ok(bytes.chunks_exact(4).map(|word| from([word[0], word[1], word[2], word[3]])).collect())
+    Ok(switchyard_proto::wire::le_words(bytes).map(from).collect())
 }
 
 /// Checks that `rows` is `[tokens, width]` of a known dtype with exactly the bytes that takes.

@@ -128,7 +128,7 @@ fn grouped_batches(stacks: &Stacks, batches: &[Batch]) -> Vec<GroupedBatches> {
                     Some(i32::try_from(*end).expect("a step's rows are counted in i32"))
                 })
                 .collect();
-            let batches = members
+            let batch_rows = members
                 .into_iter()
                 .scan(0, |start, (_, index)| {
                     let rows = *start..*start + batches[index].tokens() as i64;
@@ -136,7 +136,7 @@ fn grouped_batches(stacks: &Stacks, batches: &[Batch]) -> Vec<GroupedBatches> {
                     Some((index, rows))
                 })
                 .collect();
-            GroupedBatches { stack, batches, ends }
+            GroupedBatches { stack, batches: batch_rows, ends }
         })
         .collect()
 }
@@ -317,13 +317,12 @@ fn compute_grouped(
         let total_rows = group.batches.last().map_or(0, |(_, rows)| rows.end);
         let d_model = batches[group.batches[0].0].d_model as i64;
         let joined = Tensor::empty([total_rows, d_model], (kind_of(stack.shape().dtype), staged.rows.device()));
-        let narrow = |tensor: &Tensor, rows: &Range<i64>| tensor.narrow(0, rows.start, rows.end - rows.start);
         for (index, rows) in &group.batches {
-            write_batch_input(&pieces[*index], &batches[*index], staged, &narrow(&joined, rows));
+            write_batch_input(&pieces[*index], &batches[*index], staged, &joined.slice(0, rows.start, rows.end, 1));
         }
         let output = stack.forward(&joined, &ends);
         for (index, rows) in &group.batches {
-            computed[*index] = Some(narrow(&output, rows));
+            computed[*index] = Some(output.slice(0, rows.start, rows.end, 1));
         }
     }
     computed

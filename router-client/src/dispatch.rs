@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use switchyard_model::ExpertId;
 use switchyard_proto::v1;
-use switchyard_proto::wire::{self, WireDtype};
+use switchyard_proto::wire::{self, WireDtype, le_words};
 
 use crate::codec::gather_requests;
 use crate::error::ClientError;
@@ -299,11 +299,6 @@ pub fn reroute(
         requests.extend(pack_pieces(&endpoint, &pieces, groups, call));
     }
     Ok(requests)
-}
-
-/// The little-endian 4-byte words of `bytes`: a token-major request's offsets, experts, weights.
-pub fn le_words(bytes: &[u8]) -> impl Iterator<Item = [u8; 4]> + '_ {
-    bytes.chunks_exact(4).map(|word| [word[0], word[1], word[2], word[3]])
 }
 
 /// The (token, expert, weight) choices `planned` carries: a token-major request's, or an

@@ -105,6 +105,13 @@ fn framed_len(message: &impl prost::Message) -> u64 {
     message.encoded_len() as u64 + 5
 }
 
+fn count_message_bytes(counts: &Mutex<HashMap<Endpoint, MessageBytes>>, endpoint: &Endpoint, more: MessageBytes) {
+    let mut counts = counts.lock().expect("no test panicked holding it");
+    let bytes = counts.entry(endpoint.clone()).or_default();
+    bytes.sent += more.sent;
+    bytes.answered += more.answered;
+}
+
 impl Observed {
     pub fn new(workers: InProcessTransport, stalled: Option<&'static str>) -> Self {
         Self { workers, stalled, request_ids: Mutex::default(), message_bytes: Arc::default() }
@@ -129,21 +136,20 @@ impl ExpertTransport for Observed {
         deadline: Duration,
     ) -> BoxFuture<'static, Result<Answer, ClientError>> {
         self.request_ids.lock().expect("no test panicked holding it").push(request.request_id);
-        let message_bytes = self.message_bytes.clone();
-        let count = move |endpoint: &Endpoint, add: &dyn Fn(&mut MessageBytes)| {
-            add(message_bytes.lock().expect("no test panicked holding it").entry(endpoint.clone()).or_default());
-        };
-        let sent = framed_len(&request);
-        count(endpoint, &|bytes| bytes.sent += sent);
+        count_message_bytes(&self.message_bytes, endpoint, MessageBytes { sent: framed_len(&request), answered: 0 });
         if self.stalled == Some(&**endpoint) {
             return Box::pin(std::future::pending());
         }
-        let (answer, endpoint) = (self.workers.forward(endpoint, request, deadline), endpoint.clone());
+        let answer = self.workers.forward(endpoint, request, deadline);
+        let (counts, endpoint) = (self.message_bytes.clone(), endpoint.clone());
         Box::pin(async move {
             let answer = answer.await;
             if let Ok(answer) = &answer {
-                let answered = framed_len(&answer.response);
-                count(&endpoint, &|bytes| bytes.answered += answered);
+                count_message_bytes(
+                    &counts,
+                    &endpoint,
+                    MessageBytes { sent: 0, answered: framed_len(&answer.response) },
+                );
             }
             answer
         })

@@ -9,11 +9,11 @@ use std::time::Instant;
 use prost::Message;
 use switchyard_model::RequestId;
 use switchyard_model::checkpoint::Checkpoint;
-use switchyard_proto::wire::WireDtype;
+use switchyard_proto::wire::{WireDtype, le_words};
 
 use super::RefusalPolicy;
 use crate::dispatch::{
-    CallRows, DispatchLayout, Piece, PlannedRequest, by_worker, carried_choices, in_group_order, le_words, pack_pieces,
+    CallRows, DispatchLayout, Piece, PlannedRequest, by_worker, carried_choices, in_group_order, pack_pieces,
     pack_token_choices, pack_token_rows, place,
 };
 use crate::error::ClientError;
