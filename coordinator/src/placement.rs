@@ -426,6 +426,30 @@ mod tests {
         assert_eq!([holder(0), holder(1), holder(2)], ["a", "a", "b"], "a has room for two");
     }
 
+    /// A worker keeps an expert it already holds while that leaves it at most one expert's time
+    /// (on the least busy worker) busier than the least busy one would be with it, in each
+    /// worker's own speed: here expert 0 (load 10) is resident on "a" (speed 1, expert 1's load
+    /// already on it) and "b" (speed 0.5, load 5) is least busy at 30 with it, so "a" keeps it up
+    /// to 30 + 10 / 0.5 = 50. "c" (no room) only sets the mean speed and, being least busy with
+    /// nothing to take, keeps the rebalancing from moving anything after.
+    #[test]
+    fn a_resident_expert_stays_unless_its_worker_is_busier_by_more_than_the_expert() {
+        for (load_on_a, kept) in [(40, true), (50, false)] {
+            let load_of = move |expert: ExpertId| [10, load_on_a, 5][expert.expert as usize];
+            let goal = Goal { parameters_of: TEN, load_of: &load_of, replicas_of: ONE };
+            let mut a = computing("a", 200.0);
+            a.resident = [ExpertId::new(0, 0)].into();
+            let workers = [a, computing("b", 100.0), WorkerSlot { parameter_room: 0, ..computing("c", 300.0) }];
+            let current: Placement = [(1, "a"), (2, "b")]
+                .map(|(expert, owner)| (ExpertId::new(0, expert), vec![WorkerId(owner.into())]))
+                .into();
+            let plan = plan(&experts(3), goal, &workers, &current);
+            let expected = if kept { "a" } else { "b" };
+            assert_eq!(plan.placement[&ExpertId::new(0, 0)][0].0, expected, "with {load_on_a} on a");
+            assert_eq!(counts(&plan).values().sum::<usize>(), 3, "{:?}", plan.placement);
+        }
+    }
+
     /// Speeds are relative to the mean of the workers that said theirs (200 here): the one that
     /// did not counts as that mean.
     #[test]
