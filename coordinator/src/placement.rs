@@ -450,6 +450,27 @@ mod tests {
         }
     }
 
+    /// Rebalancing frees the memory of the expert it moves off a worker, and no more: "a" (95 of
+    /// load) gives expert 1 to the idle "c", then is the least busy and takes one of the busiest
+    /// "b"'s experts exactly when what "a" has left leaves room for it.
+    #[test]
+    fn a_worker_that_gave_an_expert_away_has_its_room_back_for_another() {
+        let load_of = |expert: ExpertId| [45, 50, 30, 30, 30][expert.expert as usize];
+        for (sizes, rooms, last_expert_on) in
+            [([10, 10, 10, 10, 10], [20, 30, 10], "a"), ([18, 2, 5, 5, 5], [20, 15, 2], "b")]
+        {
+            let parameters_of = move |expert: ExpertId| sizes[expert.expert as usize];
+            let goal = Goal { parameters_of: &parameters_of, load_of: &load_of, replicas_of: ONE };
+            let workers = [worker("a", rooms[0]), worker("b", rooms[1]), worker("c", rooms[2])];
+            let current: Placement = [(0, "a"), (1, "a"), (2, "b"), (3, "b"), (4, "b")]
+                .map(|(expert, owner)| (ExpertId::new(0, expert), vec![WorkerId(owner.into())]))
+                .into();
+            let plan = plan(&experts(5), goal, &workers, &current);
+            let owners: Vec<&str> = plan.placement.values().map(|owners| owners[0].0.as_str()).collect();
+            assert_eq!(owners, ["a", "c", "b", "b", last_expert_on], "sizes {sizes:?}, rooms {rooms:?}");
+        }
+    }
+
     /// Speeds are relative to the mean of the workers that said theirs (200 here): the one that
     /// did not counts as that mean.
     #[test]
