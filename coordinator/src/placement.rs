@@ -251,6 +251,11 @@ mod tests {
         Goal::by_size(TEN, if replicas == 1 { ONE } else { TWO })
     }
 
+    /// Each (expert of layer 0, worker) as that expert's one holder.
+    fn placed(owners: &[(u32, &str)]) -> Placement {
+        owners.iter().map(|(expert, owner)| (ExpertId::new(0, *expert), vec![WorkerId((*owner).into())])).collect()
+    }
+
     fn counts(plan: &Plan) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
         for owner in plan.placement.values().flatten() {
@@ -440,10 +445,7 @@ mod tests {
             let mut a = computing("a", 200.0);
             a.resident = [ExpertId::new(0, 0)].into();
             let workers = [a, computing("b", 100.0), WorkerSlot { parameter_room: 0, ..computing("c", 300.0) }];
-            let current: Placement = [(1, "a"), (2, "b")]
-                .map(|(expert, owner)| (ExpertId::new(0, expert), vec![WorkerId(owner.into())]))
-                .into();
-            let plan = plan(&experts(3), goal, &workers, &current);
+            let plan = plan(&experts(3), goal, &workers, &placed(&[(1, "a"), (2, "b")]));
             let expected = if kept { "a" } else { "b" };
             assert_eq!(plan.placement[&ExpertId::new(0, 0)][0].0, expected, "with {load_on_a} on a");
             assert_eq!(counts(&plan).values().sum::<usize>(), 3, "{:?}", plan.placement);
@@ -462,9 +464,7 @@ mod tests {
             let parameters_of = move |expert: ExpertId| sizes[expert.expert as usize];
             let goal = Goal { parameters_of: &parameters_of, load_of: &load_of, replicas_of: ONE };
             let workers = [worker("a", rooms[0]), worker("b", rooms[1]), worker("c", rooms[2])];
-            let current: Placement = [(0, "a"), (1, "a"), (2, "b"), (3, "b"), (4, "b")]
-                .map(|(expert, owner)| (ExpertId::new(0, expert), vec![WorkerId(owner.into())]))
-                .into();
+            let current = placed(&[(0, "a"), (1, "a"), (2, "b"), (3, "b"), (4, "b")]);
             let plan = plan(&experts(5), goal, &workers, &current);
             let owners: Vec<&str> = plan.placement.values().map(|owners| owners[0].0.as_str()).collect();
             assert_eq!(owners, ["a", "c", "b", "b", last_expert_on], "sizes {sizes:?}, rooms {rooms:?}");
