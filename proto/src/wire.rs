@@ -126,16 +126,16 @@ impl TryFrom<i32> for WireDtype {
     }
 }
 
-/// Appends one row, `values`, to `out` encoded as `dtype`.
-///
-/// The bytes are written into a slice grown once, not appended value by value: the per-value
-/// capacity checks of `BufMut::put_*` kept the loop from vectorising and made bf16 encoding the
 /// The little-endian 4-byte words of `bytes` (a token-major request's offsets, experts and
 /// weights); a ragged tail is not a word.
 pub fn le_words(bytes: &[u8]) -> impl Iterator<Item = [u8; 4]> + '_ {
     bytes.chunks_exact(4).map(|word| [word[0], word[1], word[2], word[3]])
 }
 
+/// Appends one row, `values`, to `out` encoded as `dtype`.
+///
+/// The bytes are written into a slice grown once, not appended value by value: the per-value
+/// capacity checks of `BufMut::put_*` kept the loop from vectorising and made bf16 encoding the
 /// largest client cost of a 7168-wide dispatch.
 pub fn encode_row_into(values: &[f32], dtype: WireDtype, out: &mut BytesMut) {
     let start = out.len();

@@ -409,8 +409,8 @@ pub fn pack_pieces(
     groups: &[ExpertAssignments],
     call: CallRows<'_>,
 ) -> Vec<PlannedRequest> {
-    let CallRows { layer, hidden, d_model, dtype, threads, .. } = call;
-    let empty_request = || new_request(endpoint, call.request_id, dtype);
+    let CallRows { request_id, layer, hidden, d_model, dtype, threads, .. } = call;
+    let empty_request = || new_request(endpoint, request_id, dtype);
     let rows = pieces.iter().map(|piece| piece.end - piece.start).sum();
     let rows_per_request = call.rows_per_request(rows);
     let mut requests = Vec::new();
