@@ -329,6 +329,20 @@ async fn fp8_dispatch_sends_a_byte_per_value_and_stays_within_its_precision() {
     assert!(fp8_error > bf16_error && fp8_error < 5e-2, "fp8 {fp8_error:e} against bf16 {bf16_error:e}");
 }
 
+/// How many `Forward` and `ForwardStream` calls each worker of `cluster` has seen.
+async fn forward_calls(cluster: &TestCluster) -> Vec<(u64, u64)> {
+    let mut calls = Vec::new();
+    for worker in &cluster.processes.workers {
+        let text = http_get(worker.metrics, "/metrics").await;
+        let started = |method: &str| {
+            let labels = format!("grpc_service=\"switchyard.v1.ExpertWorker\",grpc_method=\"{method}\"");
+            metric_value(&text, &format!("grpc_server_started_total{{{labels}}}")).unwrap_or(0.0) as u64
+        };
+        calls.push((started("Forward"), started("ForwardStream")));
+    }
+    calls
+}
+
 /// A worker's payload of three stripes' worth or more is spread over its connections, each stripe
 /// one request, or (chunked) a stream of chunks the worker starts on as they arrive;
 /// the output is unchanged either way.
@@ -341,7 +355,12 @@ async fn a_large_payload_is_striped_over_each_workers_connections() {
     let hidden = hidden_states(tokens, 256, 31);
     let expected = reference.forward(0, &hidden, &RoutingOverrides::default()).await.expect("reference forward");
     let whole = ClientOptions { connections_per_worker: 3, ..ClientOptions::default() };
+    let before = forward_calls(&cluster).await;
     let whole = MoeClient::new(cluster.watcher.receiver(), whole).forward(0, &hidden).await.expect("striped forward");
+    let after_whole = forward_calls(&cluster).await;
+    for (before, after) in before.iter().zip(&after_whole) {
+        assert_eq!((after.0 - before.0, after.1 - before.1), (3, 0), "one Forward per stripe, no stream");
+    }
     for worker in &whole.workers {
         let payload = worker.rows * 256 * 4;
         assert!(payload >= 3 * STRIPE_MIN_BYTES, "{} rows: three stripes' worth", worker.rows);
@@ -353,6 +372,9 @@ async fn a_large_payload_is_striped_over_each_workers_connections() {
     let options = ClientOptions { connections_per_worker: 3, chunked_dispatch: true, ..ClientOptions::default() };
     let striped = MoeClient::new(cluster.watcher.receiver(), options);
     let output = striped.forward(0, &hidden).await.expect("striped and chunked forward");
+    for (before, after) in after_whole.iter().zip(forward_calls(&cluster).await) {
+        assert_eq!((after.0 - before.0, after.1 - before.1), (0, 3), "each stripe's chunks on one stream");
+    }
     for worker in &output.workers {
         let stripe = worker.rows.div_ceil(3) * 256 * 4;
         let chunks = stripe.div_ceil(CHUNK_BYTES);

@@ -204,4 +204,16 @@ mod tests {
         assert_eq!(throttle.admit_at(&worker, now), Ok(()));
         assert_eq!(throttle.admit_at(&worker, now), Err(Throttled { requests: 17, accepts: 0 }));
     }
+
+    #[test]
+    fn a_refusal_is_due_once_the_owed_probability_reaches_one() {
+        let (throttle, worker, now) = (Throttle::new(2.0), Endpoint::from("w"), Instant::now());
+        // 17 requests, 4 accepted: p = (17 − 2·4) / 18 = 1/2 exactly, so two calls owe exactly one.
+        for round in 0..17 {
+            let verdict = if round < 4 { Verdict::Accepted } else { Verdict::Refused };
+            throttle.record_at(&worker, verdict, now);
+        }
+        assert_eq!(throttle.admit_at(&worker, now), Ok(()), "half a refusal owed");
+        assert_eq!(throttle.admit_at(&worker, now), Err(Throttled { requests: 18, accepts: 4 }), "one owed");
+    }
 }
