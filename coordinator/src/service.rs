@@ -7,7 +7,6 @@ use futures::{Stream, StreamExt};
 use switchyard_model::{ExpertId, WeightDtype};
 use switchyard_proto::v1::{self, coordinator_server};
 use tokio::sync::watch;
-use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, Registration};
@@ -62,17 +61,12 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         self.cluster.check_owner(&request.get_ref().worker_id, caller(&request))?;
         let request = request.into_inner();
-        let offered: Vec<(ExpertId, u64)> = request
-            .experts
-            .iter()
-            .filter_map(|stats| Some((ExpertId::from(stats.expert?), stats.admitted_tokens + stats.rejected_tokens)))
-            .collect();
         let reply = self.cluster.heartbeat(
             request.protocol_version,
             &request.worker_id,
             request.queued_tokens,
             request.tokens_served,
-            &offered,
+            &offered_tokens(&request.experts),
         )?;
         Ok(Response::new(v1::HeartbeatResponse {
             table_version: reply.table_version,
@@ -90,23 +84,19 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
 
     type WatchRoutingTableStream = TableStream;
 
-    /// The current table (if newer than asked, or of another epoch), then every new version.
+    /// [`Cluster::tables_after`] what the caller holds, until shutdown.
     async fn watch_routing_table(
         &self,
         request: Request<v1::GetRoutingTableRequest>,
     ) -> Result<Response<Self::WatchRoutingTableStream>, Status> {
         let request = request.into_inner();
-        let (newer_than, epoch) = (request.newer_than, request.epoch);
         let mut stopping = self.stopping.clone();
         let stopped = async move {
             let _ = stopping.wait_for(|stop| *stop).await;
         };
-        // Version 0 is the placeholder before the first placement: a client that holds a restarted
-        // coordinator's predecessor's table keeps routing by it until the new one places experts.
-        let tables = WatchStream::new(self.cluster.subscribe())
-            .filter(move |table| {
-                std::future::ready(table.version > 0 && (table.epoch != epoch || table.version > newer_than))
-            })
+        let tables = self
+            .cluster
+            .tables_after(request.newer_than, request.epoch)
             .map(|table| Ok(table.as_ref().clone()))
             .take_until(stopped);
         Ok(Response::new(Box::pin(tables)))
@@ -130,7 +120,34 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
     }
 }
 
+/// The tokens each expert of a heartbeat was offered: those it admitted and those it refused for
+/// want of room, the demand traffic balancing weighs (not only what fit).
+fn offered_tokens(experts: &[v1::ExpertStats]) -> Vec<(ExpertId, u64)> {
+    experts
+        .iter()
+        .filter_map(|stats| Some((ExpertId::from(stats.expert?), stats.admitted_tokens + stats.rejected_tokens)))
+        .collect()
+}
+
 /// The certificate a call came over, when the server runs mutual TLS.
 fn caller<T>(request: &Request<T>) -> Option<&[u8]> {
     request.extensions().get::<switchyard_common::tls::PeerIdentity>().map(|identity| identity.certificate.as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expert_was_offered_what_it_admitted_and_what_it_refused() {
+        let stats = |expert: Option<ExpertId>, admitted_tokens, rejected_tokens| v1::ExpertStats {
+            expert: expert.map(Into::into),
+            admitted_tokens,
+            rejected_tokens,
+            ..Default::default()
+        };
+        let experts =
+            [stats(Some(ExpertId::new(1, 3)), 5, 2), stats(None, 9, 9), stats(Some(ExpertId::new(1, 4)), 0, 6)];
+        assert_eq!(offered_tokens(&experts), [(ExpertId::new(1, 3), 7), (ExpertId::new(1, 4), 6)]);
+    }
 }

@@ -17,9 +17,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::{Stream, StreamExt};
 use switchyard_model::{ExpertId, ModelSpec, WeightDtype};
 use switchyard_proto::v1;
 use tokio::sync::{Notify, watch};
+use tokio_stream::wrappers::WatchStream;
 
 use crate::balance::{Balance, Balancer, Eplb, Traffic};
 use crate::control::WorkerControl;
@@ -205,8 +207,15 @@ impl<C: WorkerControl> Cluster<C> {
         self.table.borrow().clone()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<v1::RoutingTable>> {
-        self.table.subscribe()
+    /// The tables a watcher holding version `newer_than` of `epoch` has yet to see: the current one
+    /// if it is newer or another coordinator's (a restarted one counts from 1 again), then each new
+    /// version. Never version 0, the placeholder before the first placement: a client that holds a
+    /// restarted coordinator's predecessor's table keeps routing by it until the new one places
+    /// experts.
+    pub fn tables_after(&self, newer_than: u64, epoch: u64) -> impl Stream<Item = Arc<v1::RoutingTable>> + use<C> {
+        WatchStream::new(self.table.subscribe()).filter(move |table| {
+            std::future::ready(table.version > 0 && (table.epoch != epoch || table.version > newer_than))
+        })
     }
 
     pub fn status(&self) -> v1::ClusterStatus {

@@ -177,6 +177,60 @@ async fn a_silent_worker_is_removed_and_its_experts_move_to_the_survivor() {
     assert!(text.lines().any(|line| line == "switchyard_coordinator_worker_expirations_total 1"), "{text}");
 }
 
+/// The membership timer's check alone (no reconcile round) takes a silent worker out of the table,
+/// and publishes nothing while every worker is heard from.
+#[tokio::test]
+async fn the_membership_check_drops_a_silent_workers_routes_at_once() {
+    let control = Arc::new(FakeControl::default());
+    let cluster = Cluster::new(config(2), control.clone(), CoordinatorMetrics::default());
+    let (a, _) = cluster.register(registration("a")).expect("register");
+    cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    let loaded = cluster.table().version;
+    cluster.check_membership();
+    assert_eq!(cluster.table().version, loaded, "both heard from: nothing to publish");
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0, &[]).expect("a is alive");
+    }
+    cluster.check_membership();
+    let table = cluster.table();
+    assert_eq!(table.version, loaded + 1, "b's routes dropped");
+    let owners = endpoints_by_expert(&table);
+    assert_eq!((owners.iter().filter(|owner| *owner == "a").count(), owners.len()), (4, 8));
+    assert!(owners.iter().all(|owner| owner == "a" || owner.is_empty()), "{owners:?}");
+    assert_eq!(cluster.status().workers.len(), 1);
+}
+
+/// A table watcher is sent what it has not seen: nothing before the first placement, the current
+/// table if newer than its own or another coordinator's, then each new version.
+#[tokio::test]
+async fn a_watcher_is_sent_only_the_tables_it_has_not_seen() {
+    use futures::{FutureExt, StreamExt};
+    let cluster = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+    let epoch = cluster.epoch();
+    let sent_now = |newer_than: u64, epoch: u64| {
+        let mut tables = Box::pin(cluster.tables_after(newer_than, epoch));
+        tables.next().now_or_never().map(|table| table.map(|table| table.version))
+    };
+    assert_eq!(sent_now(0, epoch), None, "the placeholder before the first placement");
+    assert_eq!(sent_now(0, epoch + 1), None, "not even to another coordinator's watcher");
+    cluster.register(registration("a")).expect("register");
+    cluster.reconcile_once().await;
+    assert_eq!(cluster.table().version, 1);
+    assert_eq!(sent_now(0, epoch), Some(Some(1)), "newer than the watcher's");
+    assert_eq!(sent_now(1, epoch), None, "the watcher's own version");
+    assert_eq!(sent_now(7, epoch + 1), Some(Some(1)), "a restarted coordinator counts from 1 again");
+
+    let mut watching = Box::pin(cluster.tables_after(1, epoch));
+    assert!(watching.next().now_or_never().is_none());
+    cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    assert_eq!(cluster.table().version, 2, "the joiner's load landed");
+    let next = watching.next().now_or_never().flatten().map(|table| table.version);
+    assert_eq!(next, Some(2), "each new version");
+}
+
 /// The metrics as Prometheus text.
 fn scrape(metrics: &CoordinatorMetrics) -> String {
     let mut text = String::new();
