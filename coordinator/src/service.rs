@@ -136,7 +136,73 @@ fn caller<T>(request: &Request<T>) -> Option<&[u8]> {
 
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt;
+    use switchyard_common::tls::PeerIdentity;
+    use switchyard_proto::PROTOCOL_VERSION;
+    use switchyard_proto::v1::coordinator_server::Coordinator;
+
     use super::*;
+    use crate::cluster::tests::{FakeControl, config};
+    use crate::metrics::CoordinatorMetrics;
+
+    /// `message` as a call over a connection whose client presented `certificate`.
+    fn over<T>(message: T, certificate: &[u8]) -> Request<T> {
+        let mut request = Request::new(message);
+        request.extensions_mut().insert(PeerIdentity { roles: Vec::new(), certificate: certificate.to_vec() });
+        request
+    }
+
+    fn heartbeat(worker_id: &str) -> v1::HeartbeatRequest {
+        v1::HeartbeatRequest { protocol_version: PROTOCOL_VERSION, worker_id: worker_id.into(), ..Default::default() }
+    }
+
+    /// Each call reaches the cluster and answers what the cluster says; a worker id registered
+    /// over one certificate is refused to the holder of another.
+    #[tokio::test]
+    async fn every_call_answers_what_the_cluster_says() {
+        let cluster = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+        let (stop, stopping) = watch::channel(false);
+        let service = CoordinatorService::new(cluster.clone(), stopping);
+        let registration = v1::RegisterWorkerRequest {
+            protocol_version: PROTOCOL_VERSION,
+            name: "a".into(),
+            endpoint: "a".into(),
+            device: "cpu".into(),
+            memory_bytes: 1 << 30,
+            ..Default::default()
+        };
+        let registered = service.register_worker(over(registration, b"a's")).await.expect("registered").into_inner();
+        assert_eq!(registered.heartbeat_interval_ms, 10);
+        assert_eq!(cluster.status().workers.len(), 1);
+        cluster.reconcile_once().await;
+        let table = cluster.table();
+        assert_eq!(table.version, 1, "a's load landed");
+
+        let id = registered.worker_id.as_str();
+        let beat = service.heartbeat(over(heartbeat(id), b"a's")).await.expect("a's heartbeat").into_inner();
+        assert_eq!((beat.table_version, beat.placed, beat.experts_to_load), (1, true, 0));
+        let refused = service.heartbeat(over(heartbeat(id), b"b's")).await.expect_err("another certificate");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        let unknown = service.heartbeat(Request::new(heartbeat("nobody"))).await.expect_err("never registered");
+        assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+
+        let asked = v1::GetRoutingTableRequest::default();
+        let answered = service.get_routing_table(Request::new(asked)).await.expect("table").into_inner();
+        assert_eq!(answered, *table);
+        let status = service.get_cluster_status(Request::new(v1::GetClusterStatusRequest::default())).await;
+        assert_eq!(status.expect("status").into_inner(), cluster.status());
+
+        let mut watching = service.watch_routing_table(Request::new(asked)).await.expect("watch").into_inner();
+        let watched = watching.next().now_or_never().flatten().expect("the current table, at once").expect("a table");
+        assert_eq!(watched.version, 1);
+        let drain = v1::DrainWorkerRequest { protocol_version: PROTOCOL_VERSION, worker_id: id.into() };
+        let refused = service.drain_worker(over(drain.clone(), b"b's")).await.expect_err("another certificate");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        let drained = service.drain_worker(over(drain, b"a's")).await.expect("drained").into_inner();
+        assert_eq!((drained.routed_experts, drained.table_version), (8, 1), "no other worker to move them to");
+        stop.send_replace(true);
+        assert!(matches!(watching.next().now_or_never(), Some(None)), "a watch ends at shutdown, at once");
+    }
 
     #[test]
     fn an_expert_was_offered_what_it_admitted_and_what_it_refused() {

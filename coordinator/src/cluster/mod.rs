@@ -302,4 +302,4 @@ impl<C: WorkerControl> Cluster<C> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

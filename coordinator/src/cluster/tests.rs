@@ -10,7 +10,7 @@ type Call = (String, Vec<ExpertId>);
 /// Records every call; fails loads to the endpoints in `failing`, never finishes those to
 /// `hanging`, and finds nothing listening at those in `gone`.
 #[derive(Debug, Default)]
-struct FakeControl {
+pub(crate) struct FakeControl {
     loads: Mutex<Vec<Call>>,
     unloads: Mutex<Vec<Call>>,
     failing: Mutex<BTreeSet<String>>,
@@ -49,7 +49,7 @@ impl WorkerControl for Arc<FakeControl> {
     }
 }
 
-fn config(min_workers: usize) -> ClusterConfig {
+pub(crate) fn config(min_workers: usize) -> ClusterConfig {
     ClusterConfig {
         model: ModelSpec { d_model: 8, d_ff: 16, ..ModelSpec::default_synthetic() },
         heartbeat_interval: Duration::from_millis(10),
@@ -546,6 +546,37 @@ fn stop_on(
         let _ = stopped.await;
     }));
     (stop, task)
+}
+
+/// `run` does on its own what the tests above do round by round: it places every expert on the
+/// first worker, moves half to a joiner and, once the joiner holds them, unloads them from their
+/// old holder; and it returns at shutdown.
+#[tokio::test]
+async fn run_moves_experts_to_a_joiner_and_unloads_them_from_the_old_holder() {
+    let control = Arc::new(FakeControl::default());
+    let cluster = Cluster::new(config(1), control.clone(), CoordinatorMetrics::default());
+    let (stop, running) = stop_on(&cluster);
+    let (a, _) = cluster.register(registration("a")).expect("register");
+    let all_on_a = |table: &v1::RoutingTable| endpoints_by_expert(table).iter().all(|owner| owner == "a");
+    heartbeat_until(&cluster, std::slice::from_ref(&a), Duration::from_secs(10), |table| {
+        table.version > 0 && all_on_a(table)
+    })
+    .await;
+    let (b, _) = cluster.register(registration("b")).expect("register");
+    let unloaded = || control.unloads.lock().expect("lock").clone();
+    let started = Instant::now();
+    while unloaded().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "nothing unloaded: {:?}", cluster.table());
+        for id in [&a, &b] {
+            cluster.heartbeat(PROTOCOL_VERSION, &id.0, 0, 0, &[]).expect("alive");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(unloaded(), [("a".to_owned(), (4..8).map(|e| ExpertId::new(0, e)).collect::<Vec<_>>())]);
+    let owners = endpoints_by_expert(&cluster.table());
+    assert_eq!(owners.iter().filter(|owner| *owner == "b").count(), 4, "{owners:?}");
+    stop.send(()).expect("run is running");
+    tokio::time::timeout(Duration::from_secs(10), running).await.expect("run returns at shutdown").expect("no panic");
 }
 
 /// A joiner whose LoadExperts never returns must not keep a dead worker in the table: expiry
