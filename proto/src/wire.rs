@@ -291,6 +291,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn le_words_are_whole_four_byte_words_in_order() {
+        let bytes = [1, 0, 0, 0, 0xFF, 2, 0, 0x80, 9, 9];
+        let words: Vec<[u8; 4]> = le_words(&bytes).collect();
+        assert_eq!(words, [[1, 0, 0, 0], [0xFF, 2, 0, 0x80]], "the ragged tail is no word");
+        assert_eq!(words.iter().map(|word| u32::from_le_bytes(*word)).collect::<Vec<_>>(), [1, 0x8000_02FF]);
+    }
+
+    #[test]
     fn every_dtype_keeps_its_name_and_its_proto_value() {
         for dtype in WireDtype::ALL {
             assert_eq!(WireDtype::try_from(dtype.to_proto() as i32), Ok(dtype));
