@@ -287,6 +287,8 @@ mod tests {
         let expert = Expert::identity(4, Device::Cpu);
         assert_eq!(expert.forward_f32(&[1.0, -2.0, 3.5, 0.25]), [1.0, -2.0, 3.5, 0.25]);
         assert_eq!(expert.resident_bytes(), 0);
+        assert!(expert.is_identity());
+        assert!(!Expert::synthetic(&tiny_spec(Activation::SwiGlu), 0, 0, Device::Cpu, WeightDtype::F32).is_identity());
     }
 
     /// GPT-OSS's clamped SwiGLU with biases, written out by hand, against the tch forward: inputs

@@ -77,5 +77,8 @@ mod tests {
         assert_eq!(CapacityPolicy::Factor(1.25).capacity(512, 2, 8), Some(160));
         assert_eq!(CapacityPolicy::PerSequence(64).capacity(512, 1, 8), Some(64));
         assert!(CapacityPolicy::Dropless.to_string().starts_with("dropless"));
+        let dropless = [CapacityPolicy::Dropless, CapacityPolicy::Factor(1.25), CapacityPolicy::PerSequence(64)]
+            .map(CapacityPolicy::is_dropless);
+        assert_eq!(dropless, [true, false, false]);
     }
 }

@@ -202,13 +202,31 @@ mod tests {
         assert_eq!((odd.shape.clone(), odd.to_f32()), (vec![1, 2], vec![2.0, 5.0]));
         let (head, tail) = matrix().split_rows(1);
         assert_eq!((head.to_f32(), tail.to_f32()), (vec![1.0, 2.0, 3.0], vec![4.0, 5.0, 6.0]));
+        assert_eq!((head.shape, tail.shape), (vec![1, 3], vec![1, 3]));
+        let (head, tail) = bf16_matrix.transposed().split_rows(1);
+        assert_eq!((head.shape, tail.shape.clone()), (vec![1, 2], vec![2, 2]), "rows counted in bf16 bytes");
+        assert_eq!(tail.to_f32(), [2.0, 5.0, 3.0, 6.0]);
+        let (_, three_rows) = HostTensor::from_f32(&[0.5; 12], &[4, 3]).split_rows(1);
+        assert_eq!(three_rows.shape, [3, 3]);
+        let (whole, nothing) = matrix().split_rows(2);
+        assert_eq!((whole.len(), nothing.shape.clone(), nothing.is_empty()), (6, vec![0, 3], true));
+        assert!(!whole.is_empty());
         let vector = HostTensor::from_f32(&[1.0, 2.0, 3.0, 4.0], &[4]);
         assert_eq!(vector.every_nth_row(0, 2).to_f32(), [1.0, 3.0]);
     }
 
     #[test]
     fn names_and_widening() {
-        assert_eq!(WeightDtype::from_safetensors(safetensors::Dtype::BF16), Some(WeightDtype::Bf16));
+        for dtype in [WeightDtype::F32, WeightDtype::F16, WeightDtype::Bf16] {
+            let stored = match dtype {
+                WeightDtype::F32 => safetensors::Dtype::F32,
+                WeightDtype::F16 => safetensors::Dtype::F16,
+                WeightDtype::Bf16 => safetensors::Dtype::BF16,
+            };
+            assert_eq!(WeightDtype::from_safetensors(stored), Some(dtype));
+            assert_eq!(dtype.to_string().parse::<WeightDtype>(), Ok(dtype), "{dtype} names itself");
+        }
+        assert_eq!(WeightDtype::from_safetensors(safetensors::Dtype::I64), None, "no weights of integers");
         assert_eq!("f16".parse::<WeightDtype>(), Ok(WeightDtype::F16));
         let narrowed = HostTensor::from_f32(&[1.0 / 3.0], &[1]).to_dtype(WeightDtype::Bf16);
         assert_eq!(narrowed.bytes.len(), 2);

@@ -42,4 +42,23 @@ mod tests {
         let two_rows = dequantize(&[[0x43u8; 16], [0x43u8; 16]].concat(), &[127, 126], 2, 32);
         assert_eq!((two_rows[0], two_rows[1], two_rows[32], two_rows[33]), (1.5, 2.0, 0.75, 1.0));
     }
+
+    /// Every code against E2M1 worked out from its bits: sign, 2-bit exponent (bias 1), 1-bit
+    /// mantissa, subnormal at exponent 0.
+    #[test]
+    fn every_code_is_its_e2m1_value() {
+        let e2m1 = |code: u8| {
+            let (sign, exponent, mantissa) = (code >> 3, i32::from((code >> 1) & 3), f32::from(code & 1));
+            let magnitude =
+                if exponent == 0 { mantissa * 0.5 } else { (1.0 + mantissa / 2.0) * 2f32.powi(exponent - 1) };
+            if sign == 1 { -magnitude } else { magnitude }
+        };
+        let mut block = [0u8; 16];
+        for (pair, byte) in block.iter_mut().take(8).enumerate() {
+            *byte = (2 * pair as u8) | ((2 * pair as u8 + 1) << 4);
+        }
+        let values = dequantize(&block, &[127], 1, 32);
+        let expected: Vec<f32> = (0..16).map(e2m1).collect();
+        assert_eq!(values[..16], expected[..]);
+    }
 }

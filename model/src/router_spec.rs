@@ -133,3 +133,41 @@ impl RouterSpec {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_description_names_only_what_the_router_does() {
+        assert_eq!(RouterSpec::softmax_top_k(true).describe(2), "softmax scores, top-2, weights renormalised");
+        let grouped = RouterSpec {
+            scoring: Scoring::Sigmoid,
+            groups: 8,
+            top_groups: 4,
+            scaling: 2.5,
+            correction_bias: true,
+            ..RouterSpec::softmax_top_k(true)
+        };
+        assert_eq!(
+            grouped.describe(8),
+            "sigmoid scores, top-8 within the best 4 of 8 expert groups (a group scores sum of its two best \
+             scores), weights renormalised, scaled by 2.5, score-correction bias for selection"
+        );
+        let biased = RouterSpec { logit_bias: true, ..RouterSpec::softmax_top_k(false) };
+        assert_eq!(biased.describe(4), "softmax scores, top-4, weights as scored, logit bias");
+    }
+
+    #[test]
+    fn only_an_ungrouped_unscaled_softmax_is_plain_top_k() {
+        let plain = RouterSpec::softmax_top_k(false);
+        let routers = [
+            plain,
+            RouterSpec { renormalize: true, logit_bias: true, ..plain },
+            RouterSpec { scoring: Scoring::Sigmoid, ..plain },
+            RouterSpec { groups: 2, ..plain },
+            RouterSpec { scaling: 2.5, ..plain },
+        ];
+        assert_eq!(routers.map(|router| router.is_softmax_top_k()), [true, true, false, false, false]);
+    }
+}
