@@ -217,12 +217,12 @@ mod tests {
 
     #[test]
     fn names_and_widening() {
-        for dtype in [WeightDtype::F32, WeightDtype::F16, WeightDtype::Bf16] {
-            let stored = match dtype {
-                WeightDtype::F32 => safetensors::Dtype::F32,
-                WeightDtype::F16 => safetensors::Dtype::F16,
-                WeightDtype::Bf16 => safetensors::Dtype::BF16,
-            };
+        let stored = [
+            (WeightDtype::F32, safetensors::Dtype::F32),
+            (WeightDtype::F16, safetensors::Dtype::F16),
+            (WeightDtype::Bf16, safetensors::Dtype::BF16),
+        ];
+        for (dtype, stored) in stored {
             assert_eq!(WeightDtype::from_safetensors(stored), Some(dtype));
             assert_eq!(dtype.to_string().parse::<WeightDtype>(), Ok(dtype), "{dtype} names itself");
         }

@@ -160,10 +160,7 @@ async fn a_silent_worker_is_removed_and_its_experts_move_to_the_survivor() {
     let (a, _) = cluster.register(registration("a")).expect("register");
     cluster.register(registration("b")).expect("register");
     cluster.reconcile_once().await;
-    for _ in 0..30 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0, &[]).expect("a is alive");
-    }
+    outlive_the_timeout(&cluster, &a).await;
     cluster.reconcile_once().await;
     let table = cluster.table();
     assert_eq!(table.version, 4, "b's routes dropped (3), then its experts loaded on a (4)");
@@ -175,6 +172,15 @@ async fn a_silent_worker_is_removed_and_its_experts_move_to_the_survivor() {
     assert!(status.unplaced_experts.is_empty());
     let text = scrape(&metrics);
     assert!(text.lines().any(|line| line == "switchyard_coordinator_worker_expirations_total 1"), "{text}");
+}
+
+/// Heartbeats `alive` every 10 ms for 300 ms, past `config`'s 200 ms timeout: every other worker
+/// falls silent.
+async fn outlive_the_timeout(cluster: &Cluster<Arc<FakeControl>>, alive: &WorkerId) {
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        cluster.heartbeat(PROTOCOL_VERSION, &alive.0, 0, 0, &[]).expect("alive");
+    }
 }
 
 /// The membership timer's check alone (no reconcile round) takes a silent worker out of the table,
@@ -189,10 +195,7 @@ async fn the_membership_check_drops_a_silent_workers_routes_at_once() {
     let loaded = cluster.table().version;
     cluster.check_membership();
     assert_eq!(cluster.table().version, loaded, "both heard from: nothing to publish");
-    for _ in 0..30 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0, &[]).expect("a is alive");
-    }
+    outlive_the_timeout(&cluster, &a).await;
     cluster.check_membership();
     let table = cluster.table();
     assert_eq!(table.version, loaded + 1, "b's routes dropped");
@@ -564,14 +567,7 @@ async fn run_moves_experts_to_a_joiner_and_unloads_them_from_the_old_holder() {
     .await;
     let (b, _) = cluster.register(registration("b")).expect("register");
     let unloaded = || control.unloads.lock().expect("lock").clone();
-    let started = Instant::now();
-    while unloaded().is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(10), "nothing unloaded: {:?}", cluster.table());
-        for id in [&a, &b] {
-            cluster.heartbeat(PROTOCOL_VERSION, &id.0, 0, 0, &[]).expect("alive");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    heartbeat_until(&cluster, &[a, b], Duration::from_secs(10), |_| !unloaded().is_empty()).await;
     assert_eq!(unloaded(), [("a".to_owned(), (4..8).map(|e| ExpertId::new(0, e)).collect::<Vec<_>>())]);
     let owners = endpoints_by_expert(&cluster.table());
     assert_eq!(owners.iter().filter(|owner| *owner == "b").count(), 4, "{owners:?}");
