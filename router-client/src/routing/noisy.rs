@@ -6,18 +6,15 @@
 //! The noise is seeded and a pure function of `(seed, token, expert)`, so the distributed layer and
 //! the reference layer draw the same values.
 
+use switchyard_model::synthetic::mix64;
+
 use super::{Routing, ranked, softmax_into};
 
 /// The standard normal draw for `(seed, token, expert)` (Box-Muller over two hashed uniforms).
 pub fn noise(seed: u64, token: usize, expert: usize) -> f32 {
-    let mix = |mut z: u64| {
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let base = mix(seed ^ mix((token as u64) << 32 | expert as u64));
+    let base = mix64(seed ^ mix64((token as u64) << 32 | expert as u64));
     let uniform = |bits: u64| ((bits >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    let (u1, u2) = (uniform(mix(base ^ 0x1)), uniform(mix(base ^ 0x2)));
+    let (u1, u2) = (uniform(mix64(base ^ 0x1)), uniform(mix64(base ^ 0x2)));
     ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
 }
 
@@ -64,6 +61,33 @@ mod tests {
         let mean = draws.iter().sum::<f64>() / draws.len() as f64;
         let variance = draws.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / draws.len() as f64;
         assert!(mean.abs() < 0.03 && (variance - 1.0).abs() < 0.05, "mean {mean}, variance {variance}");
+    }
+
+    /// The draws of `(seed, token, expert)` as Python computes them from the same formula: a seeded
+    /// noisy-top-k routing stays the same across versions and can be rebuilt outside Switchyard.
+    #[test]
+    fn noise_is_the_published_formula() {
+        let pinned = [
+            ((0, 0, 0), 0.929_177_2),
+            ((3, 10, 2), -0.360_516_43),
+            ((1, 0, 255), -0.977_468_3),
+            ((0xdead_beef, 4095, 7), -0.061_883_64),
+        ];
+        for ((seed, token, expert), expected) in pinned {
+            let drawn = noise(seed, token, expert);
+            assert!((drawn - expected).abs() < 1e-6, "noise({seed}, {token}, {expert}) = {drawn}, not {expected}");
+        }
+    }
+
+    /// `log(1 + eˣ)`, finite however large the noise logit: past 88 `eˣ` overflows f32.
+    #[test]
+    fn softplus_stays_finite_for_large_inputs() {
+        assert!((softplus(0.0) - std::f32::consts::LN_2).abs() < 1e-7);
+        assert!((softplus(5.0) - 5.006_715).abs() < 1e-5);
+        assert!(softplus(-30.0) < 1e-12);
+        for large in [20.5, 100.0, 1e30] {
+            assert_eq!(softplus(large), large);
+        }
     }
 
     #[test]
