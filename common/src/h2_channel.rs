@@ -286,3 +286,167 @@ impl http_body::Body for Received {
         self.stream.is_end_stream()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::BodyExt;
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    /// A gRPC health server on a port of 127.0.0.1 until `stop` is sent; `task` ends once its
+    /// connections closed.
+    struct HealthServer {
+        address: SocketAddr,
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<()>,
+    }
+
+    async fn health_server() -> HealthServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = crate::transport::server().add_service(health).serve_with_incoming_shutdown(
+            crate::transport::incoming(listener),
+            async {
+                let _ = stopped.await;
+            },
+        );
+        let task = tokio::spawn(async move { server.await.expect("the health server runs") });
+        HealthServer { address, stop, task }
+    }
+
+    /// Dials whichever address it is pointed at (none: refused after 50 ms), counting its dials.
+    #[derive(Default)]
+    struct Dialer {
+        target: Mutex<Option<SocketAddr>>,
+        dials: AtomicUsize,
+    }
+
+    impl Dialer {
+        fn to(target: Option<SocketAddr>) -> Arc<Self> {
+            Arc::new(Self { target: Mutex::new(target), dials: AtomicUsize::new(0) })
+        }
+
+        fn point_at(&self, address: SocketAddr) {
+            *self.target.lock().unwrap() = Some(address);
+        }
+
+        fn dials(&self) -> usize {
+            self.dials.load(Ordering::SeqCst)
+        }
+
+        fn connector(self: &Arc<Self>) -> Connector {
+            let dialer = self.clone();
+            Arc::new(move |_authority: &uri::Authority| {
+                let dialer = dialer.clone();
+                Box::pin(async move {
+                    dialer.dials.fetch_add(1, Ordering::SeqCst);
+                    let target = *dialer.target.lock().unwrap();
+                    match target {
+                        Some(address) => Ok(Box::new(tokio::net::TcpStream::connect(address).await?) as Io),
+                        None => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "nobody listens"))
+                        }
+                    }
+                })
+            })
+        }
+    }
+
+    fn health_check() -> http::Request<Vec<Bytes>> {
+        http::Request::builder()
+            .method("POST")
+            .uri("/grpc.health.v1.Health/Check")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            // A gRPC frame: uncompressed, 0 bytes (HealthCheckRequest for the whole server).
+            .body(vec![Bytes::from_static(&[0, 0, 0, 0, 0])])
+            .unwrap()
+    }
+
+    /// The answer's bytes and its trailers.
+    async fn check(channel: &mut H2Channel) -> Result<(Bytes, Option<http::HeaderMap>), Status> {
+        let response = channel.send(health_check()).await?;
+        let collected = response.into_body().collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok((collected.to_bytes(), trailers))
+    }
+
+    #[tokio::test]
+    async fn calls_go_out_with_their_bodies_over_one_connection_and_read_answer_and_status() {
+        let server = health_server().await;
+        let dialer = Dialer::to(Some(server.address));
+        let mut channel =
+            H2Channel::new(&format!("http://{}", server.address), dialer.connector(), Keepalive::default()).unwrap();
+        for _ in 0..3 {
+            let (answer, trailers) = check(&mut channel).await.unwrap();
+            // Uncompressed, 2 bytes: HealthCheckResponse { status: SERVING (1) }.
+            assert_eq!(answer[..], [0, 0, 0, 0, 2, 0x08, 0x01]);
+            assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+        }
+        assert_eq!(dialer.dials(), 1, "the calls share the connection the first one opened");
+    }
+
+    #[tokio::test]
+    async fn calls_waiting_on_a_failed_connect_get_its_failure_and_a_later_call_dials_again() {
+        let dialer = Dialer::to(None);
+        let channel = H2Channel::new("http://127.0.0.1:9", dialer.connector(), Keepalive::default()).unwrap();
+        let calls = (0..3).map(|_| {
+            let mut channel = channel.clone();
+            async move { check(&mut channel).await }
+        });
+        for failed in futures::future::join_all(calls).await {
+            let status = failed.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert_eq!(status.message(), "connecting to http://127.0.0.1:9: nobody listens");
+        }
+        assert_eq!(dialer.dials(), 1, "a peer that is down costs the waiting calls one attempt, not one each");
+        let server = health_server().await;
+        dialer.point_at(server.address);
+        check(&mut channel.clone()).await.expect("a call after the failure dials again");
+        assert_eq!(dialer.dials(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_call_after_the_connection_closed_opens_another() {
+        let first = health_server().await;
+        let dialer = Dialer::to(Some(first.address));
+        let mut channel =
+            H2Channel::new(&format!("http://{}", first.address), dialer.connector(), Keepalive::default()).unwrap();
+        check(&mut channel).await.unwrap();
+        first.stop.send(()).unwrap();
+        first.task.await.unwrap();
+        let second = health_server().await;
+        dialer.point_at(second.address);
+        // The connection's end reaches its task a moment after the server closed it: a call in
+        // between fails UNAVAILABLE, and marks the connection closed itself.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(status) = check(&mut channel).await {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+            assert!(Instant::now() < deadline, "no call succeeded on a new connection: {status}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(dialer.dials(), 2);
+    }
+
+    #[test]
+    fn a_uri_must_name_host_and_port_and_a_bare_one_is_plaintext() {
+        let connector = Dialer::to(None).connector();
+        let error = H2Channel::new("/grpc.health.v1.Health", connector.clone(), Keepalive::default()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "\"/grpc.health.v1.Health\" names no host and port (expected http://HOST:PORT or https://HOST:PORT)"
+        );
+        let error = H2Channel::new("http://worker 1:50051", connector.clone(), Keepalive::default()).unwrap_err();
+        assert!(error.to_string().starts_with("\"http://worker 1:50051\" is not a URI: "), "{error}");
+        let bare = H2Channel::new("127.0.0.1:50051", connector, Keepalive::default()).unwrap();
+        assert_eq!(format!("{bare:?}"), "H2Channel { peer: \"http://127.0.0.1:50051\" }");
+    }
+}

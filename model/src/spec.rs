@@ -581,6 +581,8 @@ mod tests {
         assert_eq!(spec.layer_count(), 3);
         assert_eq!((spec.layer_index(2), spec.layer_index(3)), (Some(1), None));
         assert_eq!(spec.first_layer(), 1);
+        let later = ModelSpec { moe_layers: vec![3, 7], ..deepseek_like() };
+        assert_eq!((later.first_layer(), ModelSpec::default_synthetic().first_layer()), (3, 0));
         assert!(spec.contains(&ExpertId::new(5, 8)) && !spec.contains(&ExpertId::new(0, 0)));
         let layers: Vec<u32> = spec.expert_keys().map(|key| key.layer).step_by(9).collect();
         assert_eq!(layers, [1, 2, 5]);
@@ -609,6 +611,76 @@ mod tests {
         assert!(matches!(nan, Err(SpecError::NotPositive { field: "capacity_factor", .. })));
         let largest = ModelSpec { d_model: limits::D_MODEL, d_ff: limits::D_FF, ..base() };
         assert!(largest.validate().is_ok(), "the limits themselves are served");
+    }
+
+    /// Each rule of `validate` on both sides of its bound: the last value served, then the first
+    /// refused, naming its field.
+    #[test]
+    fn each_rule_holds_at_its_boundary() {
+        let base = ModelSpec::default_synthetic;
+        let grouped = |top_groups, top_k| ModelSpec {
+            top_k,
+            router: RouterSpec { groups: 4, top_groups, ..RouterSpec::softmax_top_k(true) },
+            ..base()
+        };
+        let router = |router: RouterSpec| ModelSpec { router, ..base() };
+        let clamped = |alpha, limit| ModelSpec { activation: Activation::ClampedSwiGlu { alpha, limit }, ..base() };
+        let served = [
+            ModelSpec { capacity: CapacityPolicy::Factor(limits::CAPACITY_FACTOR), ..base() },
+            ModelSpec { capacity: CapacityPolicy::Factor(1e-3), ..base() },
+            ModelSpec { capacity: CapacityPolicy::PerSequence(limits::EXPERT_CAPACITY), ..base() },
+            ModelSpec { capacity: CapacityPolicy::PerSequence(1), ..base() },
+            ModelSpec { top_k: 8, ..base() },
+            clamped(-1.0, 1e-3),
+            router(RouterSpec { scaling: 1e-3, ..RouterSpec::softmax_top_k(true) }),
+            grouped(4, 8),
+            // 8 experts in 4 groups of 2: the best 2 groups hold 4 experts.
+            grouped(2, 4),
+        ];
+        for spec in served {
+            assert!(spec.clone().validate().is_ok(), "{spec:?}");
+        }
+        let refused = [
+            (
+                ModelSpec { capacity: CapacityPolicy::Factor(limits::CAPACITY_FACTOR * 1.001), ..base() },
+                "capacity_factor",
+            ),
+            (ModelSpec { capacity: CapacityPolicy::Factor(0.0), ..base() }, "capacity_factor"),
+            (ModelSpec { capacity: CapacityPolicy::Factor(-1.0), ..base() }, "capacity_factor"),
+            (
+                ModelSpec { capacity: CapacityPolicy::PerSequence(limits::EXPERT_CAPACITY + 1), ..base() },
+                "expert_capacity",
+            ),
+            (ModelSpec { capacity: CapacityPolicy::PerSequence(0), ..base() }, "expert_capacity"),
+            (ModelSpec { top_k: 9, ..base() }, "top_k"),
+            (clamped(1.702, 0.0), "swiglu_limit"),
+            (clamped(f32::NAN, 7.0), "swiglu_limit"),
+            (clamped(1.702, f32::INFINITY), "swiglu_limit"),
+            (router(RouterSpec { scaling: 0.0, ..RouterSpec::softmax_top_k(true) }), "router"),
+            (router(RouterSpec { scaling: -1.0, ..RouterSpec::softmax_top_k(true) }), "router"),
+            (router(RouterSpec { scaling: f32::INFINITY, ..RouterSpec::softmax_top_k(true) }), "router"),
+            (grouped(0, 2), "router: top_groups 0 must be in 1..=4 (groups)"),
+            (grouped(5, 2), "router: top_groups 5 must be in 1..=4 (groups)"),
+            (grouped(2, 5), "router"),
+            (grouped(1, 3), "router"),
+        ];
+        for (spec, message) in refused {
+            let error = spec.clone().validate().expect_err(&format!("{spec:?}"));
+            assert!(error.to_string().starts_with(&format!("model.{message}")), "{error}");
+        }
+    }
+
+    #[test]
+    fn activations_read_back_from_their_names() {
+        for activation in [Activation::SwiGlu, Activation::Gelu, Activation::Relu] {
+            assert_eq!(activation.name().parse(), Ok(activation));
+            assert_eq!(activation.to_string(), activation.name());
+            let spec = ModelSpec { activation, ..ModelSpec::default_synthetic() };
+            assert_eq!(ModelSpec::try_from(spec.to_proto()), Ok(spec));
+        }
+        assert_eq!(Activation::GPT_OSS.name().parse(), Ok(Activation::GPT_OSS));
+        assert_eq!(Activation::GPT_OSS.to_string(), "clamped-swiglu (alpha 1.702, limit 7)");
+        assert!("silu".parse::<Activation>().unwrap_err().contains("unknown activation 'silu'"));
     }
 
     /// Found by the `model_spec` fuzz target: 2^32-1 layers on the wire made the layer numbers
@@ -660,6 +732,9 @@ mod tests {
             router: RouterSpec { logit_bias: true, ..RouterSpec::softmax_top_k(true) },
             ..ModelSpec::default_synthetic()
         };
+        // Two shared experts (DeepSeek-V2's `n_shared_experts` counts them): each in its own size.
+        let two_shared = ModelSpec { shared_experts: 2, shared_expert_gate: false, ..spec.clone() };
+        assert_eq!(two_shared.moe_parameters().0, 2 * (4 * 3 * 32 * 48 + 2 * 3 * 32 * 80 + 4 * 32));
         let expert = 3 * 8 * 6 + 2 * 6 + 8;
         assert_eq!(biased.expert_parameters_of(0), expert);
         assert_eq!(biased.moe_parameters().0, 4 * expert + 4 * 8 + 4);

@@ -297,6 +297,124 @@ mod tests {
         config.spec(family, "test".into(), "/ckpt".into())?.validate().map_err(|error| error.to_string())
     }
 
+    /// Each family's spec, every field from its own key: sizes that differ from each other and from
+    /// the synthetic defaults, so a field left at its default or read from another key shows.
+    #[test]
+    fn every_family_reads_each_field_from_its_own_key() {
+        let sizes = r#""hidden_size": 24, "num_experts_per_tok": 3"#;
+        let base = |family: Family, moe_layers: Vec<u32>| ModelSpec {
+            name: "test".into(),
+            family,
+            checkpoint: Some("/ckpt".into()),
+            capacity: CapacityPolicy::Dropless,
+            moe_layers,
+            experts_per_layer: 12,
+            d_model: 24,
+            d_ff: 20,
+            top_k: 3,
+            ..ModelSpec::default_synthetic()
+        };
+        let cases = [
+            (
+                format!(
+                    r#"{{"model_type": "mixtral", {sizes}, "num_hidden_layers": 2, "num_local_experts": 12, "intermediate_size": 20}}"#
+                ),
+                base(Family::Mixtral, vec![0, 1]),
+            ),
+            (
+                format!(
+                    r#"{{"model_type": "granitemoe", {sizes}, "num_hidden_layers": 2, "num_local_experts": 12, "intermediate_size": 20}}"#
+                ),
+                base(Family::GraniteMoe, vec![0, 1]),
+            ),
+            (
+                format!(
+                    r#"{{"model_type": "qwen2_moe", {sizes}, "num_hidden_layers": 2, "num_experts": 12, "moe_intermediate_size": 20, "intermediate_size": 99, "shared_expert_intermediate_size": 36}}"#
+                ),
+                ModelSpec {
+                    router: RouterSpec::softmax_top_k(false),
+                    shared_experts: 1,
+                    shared_d_ff: 36,
+                    shared_expert_gate: true,
+                    ..base(Family::Qwen2Moe, vec![0, 1])
+                },
+            ),
+            (
+                format!(
+                    r#"{{"model_type": "qwen3_moe", {sizes}, "num_hidden_layers": 2, "num_local_experts": 12, "moe_intermediate_size": 20, "intermediate_size": 99, "norm_topk_prob": true}}"#
+                ),
+                base(Family::Qwen3Moe, vec![0, 1]),
+            ),
+            (
+                format!(
+                    r#"{{"model_type": "olmoe", {sizes}, "num_hidden_layers": 2, "num_experts": 12, "intermediate_size": 20}}"#
+                ),
+                ModelSpec { router: RouterSpec::softmax_top_k(false), ..base(Family::Olmoe, vec![0, 1]) },
+            ),
+            (
+                format!(
+                    r#"{{"model_type": "deepseek_v2", {sizes}, "num_hidden_layers": 3, "n_routed_experts": 12, "moe_intermediate_size": 20, "intermediate_size": 99, "first_k_dense_replace": 1, "n_shared_experts": 2, "routed_scaling_factor": 1.5, "topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 2}}"#
+                ),
+                ModelSpec {
+                    router: RouterSpec {
+                        groups: 3,
+                        top_groups: 2,
+                        group_score: GroupScore::Max,
+                        scaling: 1.5,
+                        ..RouterSpec::softmax_top_k(false)
+                    },
+                    shared_experts: 1,
+                    shared_d_ff: 40,
+                    ..base(Family::DeepseekV2, vec![1, 2])
+                },
+            ),
+            (
+                format!(
+                    r#"{{"model_type": "deepseek_v3", {sizes}, "num_hidden_layers": 3, "n_routed_experts": 12, "moe_intermediate_size": 20, "intermediate_size": 99, "first_k_dense_replace": 2, "n_shared_experts": 0, "routed_scaling_factor": 1.5, "n_group": 4, "topk_group": 2, "norm_topk_prob": false}}"#
+                ),
+                ModelSpec {
+                    router: RouterSpec {
+                        scoring: Scoring::Sigmoid,
+                        renormalize: false,
+                        groups: 4,
+                        top_groups: 2,
+                        group_score: GroupScore::TopTwoSum,
+                        scaling: 1.5,
+                        logit_bias: false,
+                        correction_bias: true,
+                    },
+                    ..base(Family::DeepseekV3, vec![2])
+                },
+            ),
+            (
+                format!(
+                    r#"{{"model_type": "gpt_oss", {sizes}, "num_hidden_layers": 2, "num_local_experts": 12, "intermediate_size": 20, "swiglu_alpha": 1.5, "swiglu_limit": 5.0}}"#
+                ),
+                ModelSpec {
+                    activation: Activation::ClampedSwiGlu { alpha: 1.5, limit: 5.0 },
+                    expert_bias: true,
+                    router: RouterSpec { logit_bias: true, ..RouterSpec::softmax_top_k(true) },
+                    ..base(Family::GptOss, vec![0, 1])
+                },
+            ),
+            (
+                r#"{"model_type": "switch_transformers", "d_model": 24, "d_ff": 20, "num_layers": 4, "num_experts": 12,
+                    "encoder_sparse_step": 2, "dense_act_fn": "gelu", "router_bias": true, "expert_capacity": 7}"#
+                    .to_owned(),
+                ModelSpec {
+                    top_k: 1,
+                    activation: Activation::Gelu,
+                    router: RouterSpec { logit_bias: true, ..RouterSpec::softmax_top_k(false) },
+                    capacity: CapacityPolicy::PerSequence(7),
+                    ..base(Family::SwitchTransformers, vec![1, 3])
+                },
+            ),
+        ];
+        for (json, expected) in cases {
+            assert_eq!(spec_of(&json), Ok(expected), "{json}");
+        }
+    }
+
     #[test]
     fn qwen_layers_follow_the_sparse_step_and_the_dense_list() {
         let spec = spec_of(

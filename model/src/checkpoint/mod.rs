@@ -46,6 +46,9 @@ const CHECKPOINTS_NAMED: usize = 8;
 fn not_a_checkpoint(dir: &Path) -> CheckpointError {
     let reason = match std::fs::read_dir(dir) {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => "it does not exist".to_owned(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotADirectory => {
+            "it is a file: pass the directory that holds config.json and the *.safetensors files".to_owned()
+        }
         Err(error) => error.to_string(),
         Ok(entries) => {
             let mut held: Vec<String> = entries
@@ -407,6 +410,52 @@ mod tests {
         assert_eq!(switch.spec.capacity, crate::CapacityPolicy::PerSequence(10));
     }
 
+    /// Each accessor reads the tensors meant for it, and together they read every value under each
+    /// MoE block of every unquantized fixture: the router, its logit and correction biases, the
+    /// shared experts' gate and each routed and shared expert with its biases.
+    #[test]
+    fn the_accessors_read_every_value_of_each_moe_block() {
+        for entry in std::fs::read_dir(fixture("")).unwrap() {
+            let dir = entry.unwrap().path();
+            if !dir.join("config.json").exists() {
+                continue;
+            }
+            let checkpoint = Checkpoint::open(&dir).unwrap();
+            if checkpoint.mxfp4_experts {
+                continue;
+            }
+            let spec = &checkpoint.spec;
+            let (experts, d_model) = (spec.experts_per_layer as usize, spec.d_model as usize);
+            let names = checkpoint.tensor_names().unwrap();
+            let (mut stored, mut read) = (0, 0);
+            for &layer in &spec.moe_layers {
+                let prefix = format!("{}.", checkpoint.block(layer));
+                for tensor in names.iter().filter(|t| t.starts_with(&prefix)) {
+                    stored += checkpoint.tensor_shape(tensor).unwrap().iter().product::<usize>();
+                }
+                assert_eq!(checkpoint.gate_weights(layer).unwrap().len(), experts * d_model);
+                let gate_bias = checkpoint.gate_bias(layer).unwrap().map(|bias| bias.len());
+                assert_eq!(gate_bias, spec.router.logit_bias.then_some(experts), "{}", dir.display());
+                let correction = checkpoint.correction_bias(layer).unwrap().map(|bias| bias.len());
+                assert_eq!(correction, spec.router.correction_bias.then_some(experts), "{}", dir.display());
+                let shared_gate = checkpoint.shared_gate_weights(layer).unwrap().map(|gate| gate.len());
+                assert_eq!(shared_gate, spec.shared_expert_gate.then_some(d_model), "{}", dir.display());
+                read += experts * d_model + gate_bias.unwrap_or(0) + correction.unwrap_or(0) + shared_gate.unwrap_or(0);
+                for expert in 0..spec.experts_per_layer + spec.shared_experts {
+                    let weights = checkpoint.expert_weights(layer, expert).unwrap();
+                    let biases = weights.biases.iter().flat_map(|b| [Some(&b.b1), Some(&b.b2), b.b3.as_ref()]);
+                    read += [Some(&weights.w1), Some(&weights.w2), weights.w3.as_ref()]
+                        .into_iter()
+                        .chain(biases)
+                        .flatten()
+                        .map(|tensor| tensor.shape.iter().product::<usize>())
+                        .sum::<usize>();
+                }
+            }
+            assert_eq!(read, stored, "{}", dir.display());
+        }
+    }
+
     /// The spec's parameter count (what `switchyard model-info` prints) against the tensors the
     /// checkpoint actually holds under each MoE block (buffers such as DeepSeek-V3's correction bias
     /// are not parameters; an MXFP4 checkpoint holds bytes, not parameters, so it is not listed).
@@ -537,7 +586,20 @@ mod tests {
         add_checkpoints(0..2);
         let two = Checkpoint::open(empty.path()).unwrap_err().to_string();
         assert!(two.ends_with("it has no config.json, but these directories in it do: model-0, model-1"), "{two}");
-        add_checkpoints(2..10);
+        add_checkpoints(2..8);
+        let eight = Checkpoint::open(empty.path()).unwrap_err().to_string();
+        assert!(
+            eight.ends_with("in it do: model-0, model-1, model-2, model-3, model-4, model-5, model-6, model-7"),
+            "{eight}"
+        );
+        let file = empty.path().join("model-0/model.safetensors");
+        std::fs::write(&file, b"").unwrap();
+        let error = Checkpoint::open(&file).unwrap_err().to_string();
+        assert!(
+            error.ends_with("it is a file: pass the directory that holds config.json and the *.safetensors files"),
+            "{error}"
+        );
+        add_checkpoints(8..10);
         let many = Checkpoint::open(empty.path()).unwrap_err().to_string();
         assert!(
             many.ends_with(
