@@ -237,3 +237,162 @@ pub struct BenchReport {
     /// The device's matmul peak in the experts' dtype, measured in this run.
     pub device_peaks: Vec<peak::DevicePeak>,
 }
+
+#[cfg(test)]
+mod tests {
+    use switchyard_loadtest::loadtest::LoadSpec;
+    use switchyard_proto::wire::WireDtype;
+    use switchyard_router_client::ledger::PairTotals;
+    use switchyard_router_client::timing::{ByteCounts, TimeBreakdown};
+
+    use super::wire::{WireBaselines, WireFigure};
+
+    use super::*;
+
+    const CALLS: u64 = 4;
+    const TOKENS: usize = 10;
+
+    fn ms(millis: f64) -> Duration {
+        Duration::from_secs_f64(millis * 1e-3)
+    }
+
+    /// A report of `CALLS` calls whose totals are given (the rest left empty).
+    fn report(wall_ms: f64, compute_ms: f64, expert_load: Vec<u64>) -> LoadReport {
+        let spec = LoadSpec::closed_loop(1, Duration::from_secs(1), TOKENS, CALLS, 0);
+        LoadReport {
+            calls: CALLS,
+            tokens: CALLS * TOKENS as u64,
+            expert_load,
+            timing_total: TimeBreakdown { wall: ms(wall_ms), compute: ms(compute_ms), ..TimeBreakdown::default() },
+            ..LoadReport::empty("test", &spec)
+        }
+    }
+
+    fn pair(rows: u64, socket_sent: u64, socket_received: u64, compute_ms: f64) -> PairTotals {
+        PairTotals { rows, socket_sent, socket_received, compute: ms(compute_ms), ..PairTotals::default() }
+    }
+
+    /// 4 calls of 10 tokens to 2 workers; every figure below is worked out by hand from these totals.
+    fn point() -> PointResult {
+        let mut distributed = report(8.0, 2.4, vec![10, 30, 40]);
+        distributed.timing_total = TimeBreakdown {
+            gate: ms(0.8),
+            plan: ms(0.4),
+            encode: ms(0.4),
+            network: ms(2.0),
+            queue_wait: ms(0.4),
+            compute: ms(2.4),
+            decode: ms(0.2),
+            combine: ms(0.8),
+            wall: ms(8.0),
+        };
+        distributed.bytes_total =
+            ByteCounts { payload_sent: 4000, payload_received: 2000, message_sent: 4400, message_received: 2200 };
+        distributed.ledger.pairs.insert((0, "w1".into()), pair(50, 3000, 1000, 1.0));
+        distributed.ledger.pairs.insert((0, "w2".into()), pair(30, 2000, 1400, 3.0));
+        distributed.dispatch_total = ms(2.0);
+        distributed.combine_transfer_total = ms(1.0);
+        distributed.dispatch_span_total = ms(2.4);
+        distributed.combine_span_total = ms(1.2);
+        for micros in [100, 200, 300, 400] {
+            distributed.dispatch_histogram.record(micros).unwrap();
+            distributed.combine_transfer_histogram.record(micros / 2).unwrap();
+        }
+        PointResult {
+            point: Point {
+                shape: ClusterShape { workers: 2, experts: 8, top_k: 2, d_model: 4, d_ff: 8 },
+                tokens: TOKENS,
+                wire_dtype: WireDtype::F32,
+            },
+            identity_experts: false,
+            flops_per_row: 1e6,
+            distributed,
+            reference: Some(report(4.0, 2.0, vec![80])),
+            tcp_round_trip: None,
+            grpc_round_trip: None,
+            wire_error: None,
+            worker_peak_gflops: Some(40.0),
+            reference_peak_gflops: Some(160.0),
+        }
+    }
+
+    fn close(actual: f64, expected: f64) -> bool {
+        (actual - expected).abs() <= 1e-9 * expected.abs().max(1.0)
+    }
+
+    #[test]
+    fn a_points_figures_follow_from_its_totals() {
+        let point = point();
+        assert!(close(point.distributed_ms(), 2.0) && close(point.reference_ms().unwrap(), 1.0));
+        assert!(close(point.overhead_ratio().unwrap(), 2.0));
+        let (payload, message, socket) = point.bytes_per_token();
+        assert!(close(payload, 6000.0 / 40.0) && close(message, 6600.0 / 40.0) && close(socket, 7400.0 / 40.0));
+        let shares = point.phase_shares();
+        for (share, expected) in shares.iter().zip([0.1, 0.05, 0.05, 0.25, 0.05, 0.3, 0.025, 0.1]) {
+            assert!(close(*share, expected), "{shares:?}");
+        }
+        // 80 kept rows of 1 MFLOP: over the workers' 4 ms of compute, over the reference's 2 ms.
+        assert!(close(point.distributed_gflops().unwrap(), 20.0) && close(point.reference_gflops().unwrap(), 40.0));
+        let (worker_share, reference_share) = point.peak_shares();
+        assert!(close(worker_share.unwrap(), 0.5) && close(reference_share.unwrap(), 0.25));
+        let (dispatch, combine) = point.transfer_us();
+        assert!(close(dispatch, 500.0) && close(combine, 250.0));
+        let (dispatch_span, combine_span) = point.transfer_span_us();
+        assert!(close(dispatch_span, 600.0) && close(combine_span, 300.0));
+        assert_eq!(point.transfer_quantile_us(0.5), (200.0, 100.0));
+        assert_eq!(point.transfer_quantile_us(1.0), (400.0, 200.0));
+    }
+
+    #[test]
+    fn identity_experts_and_missing_peaks_give_no_rates() {
+        let identity = PointResult { flops_per_row: 0.0, worker_peak_gflops: None, ..point() };
+        assert_eq!((identity.distributed_gflops(), identity.reference_gflops()), (None, None));
+        let unmeasured = PointResult { worker_peak_gflops: Some(0.0), reference_peak_gflops: None, ..point() };
+        assert_eq!(unmeasured.peak_shares(), (None, None));
+        assert_eq!(PointResult { reference: None, ..point() }.overhead_ratio(), None);
+    }
+
+    #[test]
+    fn a_presets_figures_follow_from_its_totals() {
+        let figure = WireFigure { bytes: 1, repeats: 1, mean_us: 1.0, gb_per_s: 1.0 };
+        let preset = PresetResult {
+            name: "test",
+            result: point(),
+            baselines: WireBaselines {
+                tcp_one_way: figure,
+                tcp_echo: figure,
+                grpc_one_way: figure,
+                grpc_echo: figure,
+                tcp_striped_one_way: None,
+                tcp_connections: 0,
+                grpc_one_way_uncopied: None,
+            },
+            // 1 MB/s: a byte a microsecond.
+            link: Some(LinkRate::from_bits_per_second(8_000_000)),
+            link_tcp: None,
+            links_tcp_at_once: None,
+            tcp_to_every_worker: None,
+            tcp_to_every_worker_after_gate: None,
+            cpu: None,
+            gate_flops: 2e6,
+            gate_threads: 1,
+            cpu_gemm_gflops: None,
+        };
+        // DeepEP's count: 10 tokens x top-2 x 4 values x 2 bytes.
+        assert!(close(preset.logical_bytes_per_call(), 160.0));
+        assert!(close(preset.rows_per_token(), 80.0 / 40.0));
+        // 2 MFLOP in the mean gate's 0.2 ms.
+        assert!(close(preset.gate_gflops(), 10.0));
+        // 1000 bytes a call out in 500 µs, 500 back in 250 µs: 2 MB/s each way.
+        let [(dispatch_us, dispatch_rate), (combine_us, combine_rate)] = preset.transfers();
+        assert!(close(dispatch_us, 500.0) && close(dispatch_rate, 0.002), "{dispatch_rate}");
+        assert!(close(combine_us, 250.0) && close(combine_rate, 0.002), "{combine_rate}");
+        // The busiest worker's socket bytes a call: 3000 / 4 out, 1400 / 4 back.
+        let (dispatch_floor, combine_floor) = preset.link_floor_us().unwrap();
+        assert!(close(dispatch_floor, 750.0) && close(combine_floor, 350.0));
+        assert_eq!(PresetResult { link: None, ..preset.clone() }.link_floor_us(), None);
+        // Encode (0.1 ms) before the dispatch; decode (0.05 ms) and sum (0.2 ms) after the combine.
+        let (dispatch_end_to_end, combine_end_to_end) = preset.end_to_end_us();
+        assert!(close(dispatch_end_to_end, 600.0) && close(combine_end_to_end, 500.0));
+    }
+}
