@@ -307,7 +307,7 @@ mod tests {
             identity_experts: false,
             flops_per_row: 1e6,
             distributed,
-            reference: Some(report(4.0, 2.0, vec![80])),
+            reference: Some(report(2.0, 2.0, vec![80])),
             tcp_round_trip: None,
             grpc_round_trip: None,
             wire_error: None,
@@ -323,11 +323,12 @@ mod tests {
     #[test]
     fn a_points_figures_follow_from_its_totals() {
         let point = point();
-        assert!(close(point.distributed_ms(), 2.0) && close(point.reference_ms().unwrap(), 1.0));
-        assert!(close(point.overhead_ratio().unwrap(), 2.0));
+        assert!(close(point.distributed_ms(), 2.0) && close(point.reference_ms().unwrap(), 0.5));
+        assert!(close(point.overhead_ratio().unwrap(), 4.0));
         let (payload, message, socket) = point.bytes_per_token();
         assert!(close(payload, 6000.0 / 40.0) && close(message, 6600.0 / 40.0) && close(socket, 7400.0 / 40.0));
         let shares = point.phase_shares();
+        assert_eq!(shares.len(), TimeBreakdown::PHASES.len());
         for (share, expected) in shares.iter().zip([0.1, 0.05, 0.05, 0.25, 0.05, 0.3, 0.025, 0.1]) {
             assert!(close(*share, expected), "{shares:?}");
         }
