@@ -410,20 +410,25 @@ mod tests {
         assert_eq!(switch.spec.capacity, crate::CapacityPolicy::PerSequence(10));
     }
 
+    /// Every fixture checkpoint but the MXFP4 ones (which hold bytes, not values), opened.
+    fn unquantized_fixtures() -> impl Iterator<Item = (PathBuf, Checkpoint)> {
+        std::fs::read_dir(fixture(""))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|dir| dir.join("config.json").exists())
+            .map(|dir| {
+                let checkpoint = Checkpoint::open(&dir).unwrap();
+                (dir, checkpoint)
+            })
+            .filter(|(_, checkpoint)| !checkpoint.mxfp4_experts)
+    }
+
     /// Each accessor reads the tensors meant for it, and together they read every value under each
     /// MoE block of every unquantized fixture: the router, its logit and correction biases, the
     /// shared experts' gate and each routed and shared expert with its biases.
     #[test]
     fn the_accessors_read_every_value_of_each_moe_block() {
-        for entry in std::fs::read_dir(fixture("")).unwrap() {
-            let dir = entry.unwrap().path();
-            if !dir.join("config.json").exists() {
-                continue;
-            }
-            let checkpoint = Checkpoint::open(&dir).unwrap();
-            if checkpoint.mxfp4_experts {
-                continue;
-            }
+        for (dir, checkpoint) in unquantized_fixtures() {
             let spec = &checkpoint.spec;
             let (experts, d_model) = (spec.experts_per_layer as usize, spec.d_model as usize);
             let names = checkpoint.tensor_names().unwrap();
@@ -461,16 +466,8 @@ mod tests {
     /// are not parameters; an MXFP4 checkpoint holds bytes, not parameters, so it is not listed).
     #[test]
     fn moe_parameters_equal_the_tensors_of_the_moe_blocks() {
-        for entry in std::fs::read_dir(fixture("")).unwrap() {
-            let dir = entry.unwrap().path();
-            if !dir.join("config.json").exists() {
-                continue;
-            }
+        for (dir, checkpoint) in unquantized_fixtures() {
             let name = dir.display();
-            let checkpoint = Checkpoint::open(&dir).unwrap();
-            if checkpoint.mxfp4_experts {
-                continue;
-            }
             let names = checkpoint.tensor_names().unwrap();
             let mut counted = 0u64;
             for layer in &checkpoint.spec.moe_layers {
