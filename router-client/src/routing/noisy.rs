@@ -66,7 +66,7 @@ mod tests {
     /// The draws of `(seed, token, expert)` as Python computes them from the same formula: a seeded
     /// noisy-top-k routing stays the same across versions and can be rebuilt outside Switchyard.
     #[test]
-    fn noise_is_the_published_formula() {
+    fn noise_draws_stay_pinned_to_their_formula() {
         let pinned = [
             ((0, 0, 0), 0.929_177_2),
             ((3, 10, 2), -0.360_516_43),
