@@ -239,7 +239,7 @@ pub struct BenchReport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use switchyard_loadtest::loadtest::LoadSpec;
     use switchyard_proto::wire::WireDtype;
     use switchyard_router_client::ledger::PairTotals;
@@ -273,7 +273,7 @@ mod tests {
     }
 
     /// 4 calls of 10 tokens to 2 workers; every figure below is worked out by hand from these totals.
-    fn point() -> PointResult {
+    pub(crate) fn point() -> PointResult {
         let mut distributed = report(8.0, 2.4, vec![10, 30, 40]);
         distributed.timing_total = TimeBreakdown {
             gate: ms(0.8),
@@ -316,7 +316,7 @@ mod tests {
         }
     }
 
-    fn close(actual: f64, expected: f64) -> bool {
+    pub(crate) fn close(actual: f64, expected: f64) -> bool {
         (actual - expected).abs() <= 1e-9 * expected.abs().max(1.0)
     }
 
@@ -353,10 +353,10 @@ mod tests {
         assert_eq!(PointResult { reference: None, ..point() }.overhead_ratio(), None);
     }
 
-    #[test]
-    fn a_presets_figures_follow_from_its_totals() {
+    /// [`point`] as a DeepEP preset's, its baselines all 1 GB/s, on links of 1 MB/s.
+    pub(crate) fn preset() -> PresetResult {
         let figure = WireFigure { bytes: 1, repeats: 1, mean_us: 1.0, gb_per_s: 1.0 };
-        let preset = PresetResult {
+        PresetResult {
             name: "test",
             result: point(),
             baselines: WireBaselines {
@@ -378,7 +378,12 @@ mod tests {
             gate_flops: 2e6,
             gate_threads: 1,
             cpu_gemm_gflops: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_presets_figures_follow_from_its_totals() {
+        let preset = preset();
         // DeepEP's count: 10 tokens x top-2 x 4 values x 2 bytes.
         assert!(close(preset.logical_bytes_per_call(), 160.0));
         assert!(close(preset.rows_per_token(), 80.0 / 40.0));

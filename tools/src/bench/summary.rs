@@ -348,6 +348,37 @@ mod tests {
 
     /// The report this repository publishes (docs/bench/sweep) reads back as the types that wrote
     /// it: `--replot` and the renderers work from files of earlier runs.
+    /// The report's headline ratios divide a preset's rates by the same run's baselines: one TCP
+    /// connection, TCP to every worker at once (and right after the gate's busy cores), tch's GEMM.
+    #[test]
+    fn a_presets_shares_divide_its_rates_by_the_same_runs_baselines() {
+        use crate::bench::results::tests::{close, preset};
+        let mut preset = preset();
+        // The fixture's dispatch and combine both move 2 MB/s (0.002 GB/s), its gate 10 GFLOP/s.
+        preset.baselines.tcp_one_way.gb_per_s = 0.004;
+        let to_every_worker = WireFigure { bytes: 1, repeats: 1, mean_us: 1.0, gb_per_s: 0.008 };
+        preset.tcp_to_every_worker = Some(to_every_worker);
+        preset.tcp_to_every_worker_after_gate =
+            Some(AfterBusyCores { busy_us: 100.0, figure: WireFigure { gb_per_s: 0.001, ..to_every_worker } });
+        preset.cpu_gemm_gflops = Some(20.0);
+        let summary = preset.summary();
+        assert!(close(summary.dispatch_share_of_tcp, 0.5) && close(summary.combine_share_of_tcp, 0.5));
+        assert!(close(summary.dispatch_share_of_tcp_to_every_worker.unwrap(), 0.25));
+        assert!(close(summary.combine_share_of_tcp_to_every_worker.unwrap(), 0.25));
+        assert!(close(summary.dispatch_share_of_tcp_to_every_worker_after_gate.unwrap(), 2.0));
+        assert!(close(summary.gate_share_of_gemm.unwrap(), 0.5));
+        // DeepEP's 160 logical bytes a call, in 500 µs out and 250 µs back.
+        assert!(close(summary.logical_mb_per_call, 160e-6));
+        assert!(close(summary.logical_dispatch_gb_per_s, 0.00032) && close(summary.logical_combine_gb_per_s, 0.00064));
+        assert_eq!(summary.dispatch_quantiles_us, Some(Quantiles { p50: 200.0, p90: 400.0 }));
+        assert_eq!(summary.combine_quantiles_us, Some(Quantiles { p50: 100.0, p90: 200.0 }));
+        assert!(close(summary.dispatch_floor_us.unwrap(), 750.0) && close(summary.combine_floor_us.unwrap(), 350.0));
+        assert!(close(summary.dispatch_span_us, 600.0) && close(summary.combine_span_us, 300.0));
+        assert!(close(summary.result.overhead_ratio.unwrap(), 4.0));
+        let unmeasured = PresetResult { tcp_to_every_worker: None, cpu_gemm_gflops: None, ..preset }.summary();
+        assert_eq!((unmeasured.dispatch_share_of_tcp_to_every_worker, unmeasured.gate_share_of_gemm), (None, None));
+    }
+
     #[test]
     fn the_published_report_reads_back() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench/sweep/report.json");
