@@ -257,13 +257,13 @@ pub(crate) mod tests {
     }
 
     /// A report of `CALLS` calls whose totals are given (the rest left empty).
-    fn report(wall_ms: f64, compute_ms: f64, expert_load: Vec<u64>) -> LoadReport {
+    fn report(timing_total: TimeBreakdown, expert_load: Vec<u64>) -> LoadReport {
         let spec = LoadSpec::closed_loop(1, Duration::from_secs(1), TOKENS, CALLS, 0);
         LoadReport {
             calls: CALLS,
             tokens: CALLS * TOKENS as u64,
             expert_load,
-            timing_total: TimeBreakdown { wall: ms(wall_ms), compute: ms(compute_ms), ..TimeBreakdown::default() },
+            timing_total,
             ..LoadReport::empty("test", &spec)
         }
     }
@@ -274,8 +274,7 @@ pub(crate) mod tests {
 
     /// 4 calls of 10 tokens to 2 workers; every figure below is worked out by hand from these totals.
     pub(crate) fn point() -> PointResult {
-        let mut distributed = report(8.0, 2.4, vec![10, 30, 40]);
-        distributed.timing_total = TimeBreakdown {
+        let timing_total = TimeBreakdown {
             gate: ms(0.8),
             plan: ms(0.4),
             encode: ms(0.4),
@@ -286,6 +285,7 @@ pub(crate) mod tests {
             combine: ms(0.8),
             wall: ms(8.0),
         };
+        let mut distributed = report(timing_total, vec![10, 30, 40]);
         distributed.bytes_total =
             ByteCounts { payload_sent: 4000, payload_received: 2000, message_sent: 4400, message_received: 2200 };
         distributed.ledger.pairs.insert((0, "w1".into()), pair(50, 3000, 1000, 1.0));
@@ -307,7 +307,10 @@ pub(crate) mod tests {
             identity_experts: false,
             flops_per_row: 1e6,
             distributed,
-            reference: Some(report(2.0, 2.0, vec![80])),
+            reference: Some(report(
+                TimeBreakdown { wall: ms(2.0), compute: ms(2.0), ..TimeBreakdown::default() },
+                vec![80],
+            )),
             tcp_round_trip: None,
             grpc_round_trip: None,
             wire_error: None,
