@@ -10,6 +10,7 @@
 pub mod in_process;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::future::BoxFuture;
 use switchyard_expert_worker::metrics::WorkerMetrics;
@@ -93,6 +94,9 @@ pub struct ReferenceLayer {
     /// Keeps the fixed routing table alive for the client.
     _table: watch::Sender<Option<Arc<RoutingTableView>>>,
     one_at_a_time: Mutex<()>,
+    /// Set by [`ReferenceLayer::shutdown`]: the one worker would refuse every attempt of a later
+    /// call, and the client would retry it until its deadline, so such a call is refused at once.
+    shut_down: AtomicBool,
 }
 
 impl ReferenceLayer {
@@ -119,7 +123,15 @@ impl ReferenceLayer {
         let transport =
             InProcessTransport::new([(Arc::from(IN_PROCESS), ExpertWorkerService::new(worker.clone(), IN_PROCESS))]);
         let client = MoeClient::with_transport(tables, ClientOptions::default(), Arc::new(transport));
-        Ok(Self { model: model.clone(), client, worker, metrics, _table: sender, one_at_a_time: Mutex::new(()) })
+        Ok(Self {
+            model: model.clone(),
+            client,
+            worker,
+            metrics,
+            _table: sender,
+            one_at_a_time: Mutex::new(()),
+            shut_down: AtomicBool::new(false),
+        })
     }
 
     pub fn model(&self) -> &ModelSpec {
@@ -140,6 +152,13 @@ impl ReferenceLayer {
         overrides: &RoutingOverrides,
     ) -> Result<ReferenceOutput, ClientError> {
         let _turn = self.one_at_a_time.lock().await;
+        if self.shut_down.load(Ordering::Acquire) {
+            return Err(ClientError::Worker {
+                endpoint: IN_PROCESS.to_owned(),
+                code: tonic::Code::Unavailable,
+                message: "the reference layer is shut down".to_owned(),
+            });
+        }
         let output = self.client.forward_with(layer, hidden, overrides).await?;
         Ok(ReferenceOutput {
             hidden: output.hidden,
@@ -149,8 +168,9 @@ impl ReferenceLayer {
         })
     }
 
-    /// Stops the compute thread after what is queued.
+    /// Stops the compute thread after what is queued; later calls fail at once.
     pub async fn shutdown(&self) {
+        self.shut_down.store(true, Ordering::Release);
         self.worker.shutdown().await;
     }
 }
@@ -221,6 +241,94 @@ mod tests {
         assert_eq!(error, "layer: 3 is not a MoE layer of synthetic; its MoE layers are [0]");
         let error = reference.forward(0, &hidden[..5], &RoutingOverrides::default()).await.unwrap_err();
         assert!(error.to_string().starts_with("hidden"), "{error}");
+    }
+
+    fn small_dropless_model() -> ModelSpec {
+        ModelSpec {
+            d_model: 8,
+            d_ff: 16,
+            experts_per_layer: 4,
+            top_k: 2,
+            capacity: switchyard_model::CapacityPolicy::Dropless,
+            ..ModelSpec::default_synthetic()
+        }
+    }
+
+    fn hidden_of(tokens: usize) -> Vec<f32> {
+        (0..tokens * 8).map(|i| (i as f32 * 0.3).cos()).collect()
+    }
+
+    async fn forward_once(config: ReferenceConfig, hidden: &[f32]) -> (ReferenceLayer, ReferenceOutput) {
+        let reference = ReferenceLayer::start(&small_dropless_model(), &[0], config).await.expect("reference");
+        let output = reference.forward(0, hidden, &RoutingOverrides::default()).await.expect("forward");
+        (reference, output)
+    }
+
+    #[tokio::test]
+    async fn identity_experts_return_each_token_scaled_by_its_gate_weights() {
+        let hidden = hidden_of(3);
+        let config = ReferenceConfig { identity_experts: true, ..ReferenceConfig::cpu() };
+        let (_, output) = forward_once(config, &hidden).await;
+        let model = small_dropless_model();
+        let routing_config = switchyard_router_client::router::RoutingConfig::for_model(&model);
+        let (_, routing) = gate_and_route(&Gate::synthetic(&model, 0), &hidden, routing_config);
+        for token in 0..3 {
+            let weight: f32 = routing.token_choices(token).iter().map(|(_, weight)| weight).sum();
+            let expected: Vec<f32> = hidden[token * 8..(token + 1) * 8].iter().map(|x| x * weight).collect();
+            assert!(relative_frobenius_error(&output.hidden[token * 8..(token + 1) * 8], &expected) < 1e-6);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_step_hold_keeps_each_call_at_least_that_long() {
+        let hold = std::time::Duration::from_millis(40);
+        let config = ReferenceConfig { identity_experts: true, step_hold: hold, ..ReferenceConfig::cpu() };
+        let reference = ReferenceLayer::start(&small_dropless_model(), &[0], config).await.expect("reference");
+        let started = std::time::Instant::now();
+        reference.forward(0, hidden_of(1), &RoutingOverrides::default()).await.expect("forward");
+        assert!(started.elapsed() >= hold, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn experts_compute_in_the_configured_dtype() {
+        let hidden = hidden_of(4);
+        let (_, f32_output) = forward_once(ReferenceConfig::cpu(), &hidden).await;
+        let (_, bf16_output) = forward_once(ReferenceConfig::cpu().with_dtype(WeightDtype::Bf16), &hidden).await;
+        // bf16 keeps 8 bits of mantissa: an error of ~1e-3, never 0 and never 1e-1.
+        let error = relative_frobenius_error(&bf16_output.hidden, &f32_output.hidden);
+        assert!((1e-4..1e-2).contains(&error), "{error}");
+    }
+
+    #[tokio::test]
+    async fn grouped_experts_are_counted_and_answer_as_experts_one_by_one() {
+        let hidden = hidden_of(6);
+        let (plain, one_by_one) = forward_once(ReferenceConfig::cpu(), &hidden).await;
+        let grouped_config = ReferenceConfig { grouped_experts: true, ..ReferenceConfig::cpu() };
+        let (grouped, in_groups) = forward_once(grouped_config, &hidden).await;
+        let experts_chosen = in_groups.routing.tokens_per_expert.iter().filter(|tokens| **tokens > 0).count() as u64;
+        assert!(experts_chosen > 1, "{:?}", in_groups.routing.tokens_per_expert);
+        assert_eq!((plain.grouped_batches(), grouped.grouped_batches()), (0, experts_chosen));
+        assert!(relative_frobenius_error(&in_groups.hidden, &one_by_one.hidden) < 1e-6);
+    }
+
+    #[tokio::test]
+    async fn shutting_down_finishes_the_call_in_flight_and_refuses_later_ones() {
+        let hold = std::time::Duration::from_millis(200);
+        let config = ReferenceConfig { identity_experts: true, step_hold: hold, ..ReferenceConfig::cpu() };
+        let reference =
+            Arc::new(ReferenceLayer::start(&small_dropless_model(), &[0], config).await.expect("reference"));
+        let in_flight = tokio::spawn({
+            let reference = reference.clone();
+            async move { reference.forward(0, hidden_of(1), &RoutingOverrides::default()).await }
+        });
+        while reference.worker.tokens_served() == 0 && !in_flight.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        reference.shutdown().await;
+        let served = in_flight.await.expect("the call's task").expect("the call in flight is served");
+        assert_eq!(served.hidden.len(), 8);
+        let refused = reference.forward(0, hidden_of(1), &RoutingOverrides::default()).await.unwrap_err();
+        assert_eq!(refused.to_string(), "worker in-process: Unavailable: the reference layer is shut down");
     }
 
     #[tokio::test]
