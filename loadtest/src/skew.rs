@@ -169,4 +169,22 @@ mod tests {
         let later = first_choice_shares(&rotating, Duration::from_millis(3500), &model);
         assert!(at_start[0] > 0.8 && later[3] > 0.8, "{at_start:?} then {later:?}");
     }
+
+    #[test]
+    fn a_pulled_token_moves_pull_along_its_experts_unit_gate_row() {
+        let model = model();
+        let gate = gate_rows(&model, 0).expect("synthetic gate");
+        // The first batch draws the same values under both skews (a rotation's targets are not
+        // drawn), so they differ by the pull alone.
+        let plain = Inputs::generate(&Skew::Uniform, &gate, 8, 4, 64, 5).pick(0, Duration::ZERO);
+        let pulled = Inputs::generate(&Skew::Rotating { period: Duration::from_secs(1) }, &gate, 8, 4, 64, 5)
+            .pick(0, Duration::ZERO);
+        let row = &gate[..64];
+        let row_norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        for (pulled_token, plain_token) in pulled.chunks_exact(64).zip(plain.chunks_exact(64)) {
+            for ((after, before), direction) in pulled_token.iter().zip(plain_token).zip(row) {
+                assert!((after - before - PULL * direction / row_norm).abs() < 1e-5, "{after} - {before}");
+            }
+        }
+    }
 }
