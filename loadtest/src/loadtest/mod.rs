@@ -436,6 +436,37 @@ mod tests {
         assert_eq!(report.assignments, 5 * 4 * u64::from(model.top_k));
     }
 
+    async fn recording_reference() -> Arc<Recording> {
+        let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
+        Arc::new(Recording { inner: reference(&model).await, calls: std::sync::Mutex::default() })
+    }
+
+    #[tokio::test]
+    async fn warm_up_calls_are_made_but_not_counted() {
+        let recording = recording_reference().await;
+        let spec = LoadSpec {
+            warmup: Duration::from_millis(200),
+            ..LoadSpec::closed_loop(1, Duration::from_secs(30), 4, 5, 1)
+        };
+        let report = run(Target::Reference(recording.clone()), spec, "warmed up").await.expect("load test");
+        let made = recording.calls.lock().expect("calls").len() as u64;
+        assert_eq!(report.calls, 5, "the request budget counts measured calls");
+        assert!(made > report.calls, "{made} calls made, {} counted", report.calls);
+    }
+
+    #[tokio::test]
+    async fn a_closed_loop_caller_takes_its_batches_in_turn() {
+        let recording = recording_reference().await;
+        let spec = LoadSpec::closed_loop(1, Duration::from_secs(30), 4, 4, 1);
+        run(Target::Reference(recording.clone()), spec, "in turn").await.expect("load test");
+        let inputs: Vec<Vec<f32>> =
+            recording.calls.lock().expect("calls").iter().map(|(_, input, _)| input.clone()).collect();
+        assert_eq!(inputs.len(), 4);
+        for (index, input) in inputs.iter().enumerate() {
+            assert!(inputs[..index].iter().all(|earlier| earlier != input), "call {index} repeats a batch");
+        }
+    }
+
     #[test]
     fn poisson_arrivals_have_the_asked_rate_and_exponential_gaps() {
         let offsets: Vec<Duration> =
