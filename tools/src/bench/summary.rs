@@ -346,8 +346,6 @@ fn one_thread() -> usize {
 mod tests {
     use super::*;
 
-    /// The report this repository publishes (docs/bench/sweep) reads back as the types that wrote
-    /// it: `--replot` and the renderers work from files of earlier runs.
     /// The report's headline ratios divide a preset's rates by the same run's baselines: one TCP
     /// connection, TCP to every worker at once (and right after the gate's busy cores), tch's GEMM.
     #[test]
@@ -374,11 +372,15 @@ mod tests {
         assert_eq!(summary.combine_quantiles_us, Some(Quantiles { p50: 100.0, p90: 200.0 }));
         assert!(close(summary.dispatch_floor_us.unwrap(), 750.0) && close(summary.combine_floor_us.unwrap(), 350.0));
         assert!(close(summary.dispatch_span_us, 600.0) && close(summary.combine_span_us, 300.0));
+        let (dispatch_over_floor, combine_over_floor) = summary.floor_ratios().expect("a shaped link's floors");
+        assert!(close(dispatch_over_floor, 0.8) && close(combine_over_floor, 300.0 / 350.0));
         assert!(close(summary.result.overhead_ratio.unwrap(), 4.0));
         let unmeasured = PresetResult { tcp_to_every_worker: None, cpu_gemm_gflops: None, ..preset }.summary();
         assert_eq!((unmeasured.dispatch_share_of_tcp_to_every_worker, unmeasured.gate_share_of_gemm), (None, None));
     }
 
+    /// The report this repository publishes (docs/bench/sweep) reads back as the types that wrote
+    /// it: `--replot` and the renderers work from files of earlier runs.
     #[test]
     fn the_published_report_reads_back() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench/sweep/report.json");
