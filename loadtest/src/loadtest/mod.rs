@@ -683,6 +683,8 @@ mod tests {
             20 * 8 * 2 - report.dropped
         );
         assert!(json["compute_p99_ms"].as_f64().unwrap() > 0.0);
+        // A histogram counts at least 1 µs a call: the means show the calls' own times came through.
+        assert!(summary.wall_mean_ms > 0.0 && summary.phases.compute_mean_ms > 0.0, "{:?}", summary.phases);
         let back: LoadSummary = serde_json::from_value(json).expect("and reads back");
         assert_eq!(back, summary);
         let csv = crate::report::csv::load_reports(&[summary.clone(), summary]);
