@@ -597,6 +597,22 @@ mod tests {
     }
 
     #[test]
+    fn a_figure_counts_the_bytes_its_pattern_moves_over_the_mean_time() {
+        let micros = |values: &[u64]| values.iter().map(|us| Duration::from_micros(*us)).collect::<Vec<_>>();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+        // 1000 bytes and the 1-byte acknowledgement in 2 µs on average.
+        let one_way = WireFigure::one_way(1000, &micros(&[1, 3]));
+        assert_eq!((one_way.bytes, one_way.repeats), (1000, 2));
+        assert!(close(one_way.mean_us, 2.0) && close(one_way.gb_per_s, 1001.0 / 2e-6 / 1e9), "{one_way:?}");
+        let echo = WireFigure::echo(1000, &micros(&[4]));
+        assert!(close(echo.mean_us, 4.0) && close(echo.gb_per_s, 0.5), "{echo:?}");
+        // Three receivers of 1000 bytes each, each acknowledging with a byte.
+        let fan_out = WireFigure::to_every_receiver(1000, 3, &micros(&[2, 4, 6]));
+        assert_eq!((fan_out.bytes, fan_out.repeats), (3000, 3));
+        assert!(close(fan_out.mean_us, 4.0) && close(fan_out.gb_per_s, 3003.0 / 4e-6 / 1e9), "{fan_out:?}");
+    }
+
+    #[test]
     fn a_receive_buffer_starts_where_it_is_asked_to_in_its_page() {
         for (asked, expected) in [(0, 0), (16, 16), (2048, 2048), (PAGE_BYTES + 64, 64)] {
             let (storage, start) = ReceiveBuffer::AtPageOffset(asked).storage(1000);
