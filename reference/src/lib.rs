@@ -211,38 +211,6 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn the_reference_sums_weighted_expert_outputs() {
-        let model = ModelSpec {
-            d_model: 8,
-            d_ff: 16,
-            experts_per_layer: 4,
-            top_k: 2,
-            capacity: switchyard_model::CapacityPolicy::Dropless,
-            ..ModelSpec::default_synthetic()
-        };
-        let reference = ReferenceLayer::start(&model, &[0], ReferenceConfig::cpu()).await.expect("reference");
-        let hidden: Vec<f32> = (0..3 * 8).map(|i| (i as f32 * 0.3).cos()).collect();
-        let output = reference.forward(0, &hidden, &RoutingOverrides::default()).await.expect("forward");
-        assert_eq!(output.routing.dropped, 0);
-        // Token 1 by hand: its two experts, each run alone, weighted.
-        let config = switchyard_router_client::router::RoutingConfig::for_model(&model);
-        let (_, routing) = gate_and_route(&Gate::synthetic(&model, 0), &hidden, config);
-        let row = &hidden[8..16];
-        let mut expected = vec![0.0f32; 8];
-        for (expert, weight) in routing.token_choices(1) {
-            let out = Expert::synthetic(&model, 0, *expert, tch::Device::Cpu, WeightDtype::F32).forward_f32(row);
-            for (e, o) in expected.iter_mut().zip(out) {
-                *e += weight * o;
-            }
-        }
-        assert!(relative_frobenius_error(&output.hidden[8..16], &expected) < 1e-6);
-        let error = reference.forward(3, &hidden, &RoutingOverrides::default()).await.unwrap_err().to_string();
-        assert_eq!(error, "layer: 3 is not a MoE layer of synthetic; its MoE layers are [0]");
-        let error = reference.forward(0, &hidden[..5], &RoutingOverrides::default()).await.unwrap_err();
-        assert!(error.to_string().starts_with("hidden"), "{error}");
-    }
-
     fn small_dropless_model() -> ModelSpec {
         ModelSpec {
             d_model: 8,
@@ -262,6 +230,30 @@ mod tests {
         let reference = ReferenceLayer::start(&small_dropless_model(), &[0], config).await.expect("reference");
         let output = reference.forward(0, hidden, &RoutingOverrides::default()).await.expect("forward");
         (reference, output)
+    }
+
+    #[tokio::test]
+    async fn the_reference_sums_weighted_expert_outputs() {
+        let model = small_dropless_model();
+        let hidden = hidden_of(3);
+        let (reference, output) = forward_once(ReferenceConfig::cpu(), &hidden).await;
+        assert_eq!(output.routing.dropped, 0);
+        // Token 1 by hand: its two experts, each run alone, weighted.
+        let config = switchyard_router_client::router::RoutingConfig::for_model(&model);
+        let (_, routing) = gate_and_route(&Gate::synthetic(&model, 0), &hidden, config);
+        let row = &hidden[8..16];
+        let mut expected = vec![0.0f32; 8];
+        for (expert, weight) in routing.token_choices(1) {
+            let out = Expert::synthetic(&model, 0, *expert, tch::Device::Cpu, WeightDtype::F32).forward_f32(row);
+            for (e, o) in expected.iter_mut().zip(out) {
+                *e += weight * o;
+            }
+        }
+        assert!(relative_frobenius_error(&output.hidden[8..16], &expected) < 1e-6);
+        let error = reference.forward(3, &hidden, &RoutingOverrides::default()).await.unwrap_err().to_string();
+        assert_eq!(error, "layer: 3 is not a MoE layer of synthetic; its MoE layers are [0]");
+        let error = reference.forward(0, &hidden[..5], &RoutingOverrides::default()).await.unwrap_err();
+        assert!(error.to_string().starts_with("hidden"), "{error}");
     }
 
     #[tokio::test]
