@@ -74,10 +74,10 @@ mod tests {
     #[test]
     fn reads_the_summed_line_and_counts_shares_over_spans() {
         let at = |user: u64, idle: u64, steal: u64| {
-            CpuTimes::parse(&format!("cpu  {user} 0 10 {idle} 5 1 2 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\nintr 1\n"))
+            CpuTimes::parse(&format!("cpu  {user} 3 10 {idle} 5 1 2 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\nintr 1\n"))
         };
         let first = at(100, 1000, 0);
-        assert_eq!(first, Some(CpuTimes { busy: 113, stolen: 0, idle: 1005 }));
+        assert_eq!(first, Some(CpuTimes { busy: 116, stolen: 0, idle: 1005 }));
         let mut usage = CpuUsage::default();
         // 60 ticks busy, 20 stolen, 20 idle.
         usage.add(first, at(160, 1020, 20));
@@ -86,6 +86,13 @@ mod tests {
         // A span without readings adds nothing.
         usage.add(None, at(0, 0, 0));
         assert_eq!(usage.shares(), Some(shares));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn linux_gives_its_counters() {
+        let (before, after) = (CpuTimes::now().expect("/proc/stat"), CpuTimes::now().expect("/proc/stat"));
+        assert!(after.busy >= before.busy && after.idle >= before.idle && before.busy + before.idle > 0);
     }
 
     #[test]
