@@ -71,4 +71,20 @@ mod tests {
         assert_eq!(for_threads(&cpu, 3), None);
         assert_eq!(for_threads(&[peak("cuda:0", 1, 800_000.0)], 4), Some(800_000.0));
     }
+
+    #[test]
+    fn a_report_keeps_a_peak_in_gflops() {
+        let measured =
+            MatmulPeak { device: Device::Cpu, dtype: WeightDtype::F32, threads: 2, size: 512, flops_per_second: 2.5e9 };
+        assert_eq!(DevicePeak::from(measured), DevicePeak { size: 512, ..peak("cpu", 2, 2.5) });
+    }
+
+    #[tokio::test]
+    async fn each_thread_count_is_measured_once() {
+        let peaks = measure(Device::Cpu, WeightDtype::F32, &[1, 1]).await;
+        assert_eq!(peaks.len(), 1, "{peaks:?}");
+        let only = &peaks[0];
+        assert_eq!((only.device.as_str(), only.dtype.as_str(), only.threads), ("cpu", "f32", 1));
+        assert!(only.gflops > 0.0, "{only:?}");
+    }
 }

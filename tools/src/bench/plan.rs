@@ -195,7 +195,7 @@ mod tests {
             workers: vec![2, 1, 4],
             experts: vec![8, 16],
             top_k: vec![2, 1, 16],
-            dims: vec![(512, 1024)],
+            dims: vec![(512, 1024), (1024, 4096)],
         }
     }
 
@@ -211,15 +211,17 @@ mod tests {
                 ClusterShape { workers: 4, ..base },
                 ClusterShape { experts: 16, ..base },
                 ClusterShape { top_k: 1, ..base },
+                ClusterShape { d_model: 1024, d_ff: 4096, ..base },
             ],
             "top-k 16 > 8 experts is skipped; the base is not repeated"
         );
         assert_eq!(axes().points_of(base).len(), 4);
+        assert_eq!(base.to_string(), "2 workers, 8 experts, top-2, 512x1024");
     }
 
     #[test]
     fn a_grid_takes_every_valid_combination() {
-        // 3 workers x (8 experts x top-k {2, 1} + 16 experts x top-k {2, 1, 16}) = 3 x 5.
-        assert_eq!(axes().shapes(true).len(), 15);
+        // 3 workers x (8 experts x top-k {2, 1} + 16 experts x top-k {2, 1, 16}) x 2 sizes = 3 x 5 x 2.
+        assert_eq!(axes().shapes(true).len(), 30);
     }
 }
