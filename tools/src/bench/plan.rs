@@ -220,6 +220,37 @@ mod tests {
     }
 
     #[test]
+    fn the_presets_are_deepeps_published_settings() {
+        let settings = [Preset::DeepEpNormal, Preset::DeepEpLowLatency].map(|preset| (preset.name(), preset.tokens()));
+        assert_eq!(settings, [("deepep-normal", 4096), ("deepep-low-latency", 128)]);
+        let shape = Preset::DeepEpNormal.shape(4);
+        assert_eq!((shape.workers, shape.experts, shape.top_k, shape.d_model), (4, 256, 8, 7168));
+    }
+
+    #[test]
+    fn a_link_puts_each_worker_behind_it_in_a_namespace() {
+        let plan = BenchPlan {
+            axes: axes(),
+            grid: false,
+            sweep: false,
+            presets: vec![Preset::DeepEpLowLatency],
+            preset_workers: 2,
+            preset_calls: 10,
+            preset_time: Duration::from_secs(60),
+            preset_overlap: false,
+            link_rates: Vec::new(),
+            link_congestion: CongestionControl::Bbr,
+            step: None,
+        };
+        let rate = LinkRate::from_bits_per_second(10_000_000_000);
+        assert_eq!(plan.hosts_behind(None, Hosts::Loopback), Hosts::Loopback);
+        assert_eq!(
+            plan.hosts_behind(Some(rate), Hosts::Loopback),
+            Hosts::Namespaces { worker_link: Some(rate), congestion: CongestionControl::Bbr }
+        );
+    }
+
+    #[test]
     fn a_grid_takes_every_valid_combination() {
         // 3 workers x (8 experts x top-k {2, 1} + 16 experts x top-k {2, 1, 16}) x 2 sizes = 3 x 5 x 2.
         assert_eq!(axes().shapes(true).len(), 30);
