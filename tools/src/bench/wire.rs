@@ -585,15 +585,19 @@ mod tests {
         let striped = baselines.tcp_striped_one_way.expect("striped TCP");
         let uncopied = baselines.grpc_one_way_uncopied.expect("uncopied gRPC");
         assert_eq!(baselines.tcp_connections as usize, striped_connections());
+        assert!(striped_connections() >= 2, "striping takes two connections at least");
         for figure in
             [baselines.tcp_one_way, baselines.tcp_echo, baselines.grpc_one_way, baselines.grpc_echo, striped, uncopied]
         {
             assert_eq!((figure.bytes.div_ceil(1024), figure.repeats), (256, 3));
             assert!(figure.mean_us > 0.0 && figure.gb_per_s > 0.0, "{figure:?}");
         }
-        // An echo moves twice the bytes of a one-way transfer.
-        let implied = |figure: WireFigure| figure.gb_per_s * figure.mean_us;
+        // An echo moves twice the bytes of a one-way transfer; a striped one its shares and each
+        // connection's acknowledgement.
+        let implied = |figure: WireFigure| figure.gb_per_s * figure.mean_us * 1e3;
         assert!((implied(baselines.tcp_echo) / implied(baselines.tcp_one_way) - 2.0).abs() < 0.01);
+        let moved = striped.bytes as f64 + f64::from(baselines.tcp_connections);
+        assert!((implied(striped) / moved - 1.0).abs() < 1e-9, "{} bytes for {moved}", implied(striped));
     }
 
     #[test]
