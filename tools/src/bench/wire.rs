@@ -209,7 +209,9 @@ fn tcp_at_once(
             }));
         }
     }
-    let (start, done) = (Arc::new(Barrier::new(connections + 1)), Arc::new(Barrier::new(connections + 1)));
+    // Every sender and this thread meet at the start and the end of each round.
+    let parties = client_sockets.len() + 1;
+    let (start, done) = (Arc::new(Barrier::new(parties)), Arc::new(Barrier::new(parties)));
     let clients: Vec<_> = client_sockets
         .into_iter()
         .map(|mut socket| {
@@ -577,6 +579,17 @@ mod tests {
         let times = grpc_echo_times(4096, 5).await.expect("gRPC echoes");
         assert_eq!(times.len(), 5, "the unmeasured first call is left out");
         assert!(times.iter().all(|time| !time.is_zero()), "{times:?}");
+    }
+
+    #[tokio::test]
+    async fn each_baseline_measured_in_rounds_gives_one_time_per_repeat() {
+        let one_way = tcp_one_way_times(4096, 3).await.expect("one-way transfers");
+        let echo = tcp_echo_times(4096, 3).await.expect("echoes");
+        let fan_out = tcp_to_every_receiver_times(2, 4096, 3, Before::PreviousRound).await.expect("fan-out");
+        for times in [one_way, echo, fan_out] {
+            assert_eq!(times.len(), 3, "the unmeasured first transfer is left out");
+            assert!(times.iter().all(|time| !time.is_zero()), "{times:?}");
+        }
     }
 
     #[tokio::test]
