@@ -278,6 +278,11 @@ mod tests {
     use super::step::ResidualStream;
     use super::*;
 
+    /// A synthetic model small enough for a load test of a fraction of a second.
+    fn tiny_model() -> ModelSpec {
+        ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() }
+    }
+
     async fn reference(model: &ModelSpec) -> Arc<ReferenceLayer> {
         Arc::new(ReferenceLayer::start(model, &[0], ReferenceConfig::cpu()).await.expect("reference"))
     }
@@ -318,7 +323,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_ramp_is_the_whole_run_and_every_arrival_is_counted() {
-        let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
+        let model = tiny_model();
         let stages: Arc<[Stage]> = vec![
             Stage { duration: Duration::from_millis(500), target: 200.0 },
             Stage { duration: Duration::from_millis(500), target: 0.0 },
@@ -437,8 +442,7 @@ mod tests {
     }
 
     async fn recording_reference() -> Arc<Recording> {
-        let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
-        Arc::new(Recording { inner: reference(&model).await, calls: std::sync::Mutex::default() })
+        Arc::new(Recording { inner: reference(&tiny_model()).await, calls: std::sync::Mutex::default() })
     }
 
     #[tokio::test]
@@ -635,7 +639,7 @@ mod tests {
     /// A measurement in rounds reads as one: counts, histograms, phases and loads add up.
     #[tokio::test]
     async fn a_report_absorbs_a_later_rounds_calls() {
-        let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
+        let model = tiny_model();
         let target = Target::Reference(reference(&model).await);
         let spec = |requests: u64, seed: u64| LoadSpec::closed_loop(1, Duration::from_secs(10), 8, requests, seed);
         let mut first = run(target.clone(), spec(3, 1), "rounds").await.expect("load test");
@@ -655,7 +659,7 @@ mod tests {
 
     #[tokio::test]
     async fn json_and_csv_carry_every_figure() {
-        let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
+        let model = tiny_model();
         let reference = reference(&model).await;
         let spec = LoadSpec {
             concurrency: 2,
@@ -698,7 +702,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_open_loop_sends_at_the_asked_rate() {
-        let model = ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() };
+        let model = tiny_model();
         let reference = reference(&model).await;
         let spec = LoadSpec {
             concurrency: 1,

@@ -616,7 +616,7 @@ mod tests {
     #[test]
     fn a_figure_counts_the_bytes_its_pattern_moves_over_the_mean_time() {
         let micros = |values: &[u64]| values.iter().map(|us| Duration::from_micros(*us)).collect::<Vec<_>>();
-        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+        use crate::bench::results::tests::close;
         // 1000 bytes and the 1-byte acknowledgement in 2 µs on average.
         let one_way = WireFigure::one_way(1000, &micros(&[1, 3]));
         assert_eq!((one_way.bytes, one_way.repeats), (1000, 2));
