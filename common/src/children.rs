@@ -273,20 +273,63 @@ mod tests {
             .expect("a shell that announces itself")
     }
 
+    /// The state letter of process `pid` in `/proc/PID/stat`; `'?'` once it is gone.
+    fn state_of(pid: u32) -> char {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The command name in parentheses may hold spaces: the state follows its `)`.
+        stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()).unwrap_or('?')
+    }
+
     /// The state letter of `/proc/PID/stat` once it is one of `wanted` (within a few seconds).
     async fn state_becomes(child: &ChildProcess, wanted: &[char]) -> char {
         let pid = child.child.id().expect("running");
         let mut state = '?';
         for _ in 0..500 {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // The command name in parentheses may hold spaces: the state follows its `)`.
-            state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()).unwrap_or('?');
+            state = state_of(pid);
             if wanted.contains(&state) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         state
+    }
+
+    /// A parent killed outright runs no destructor: its children go with the thread that started
+    /// them all the same (here a thread that ends with its child's handle forgotten).
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_child_dies_with_the_thread_that_started_it() {
+        let pid = std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            let child = runtime.block_on(announcing("true"));
+            let pid = child.child.id().expect("running");
+            std::mem::forget(child);
+            pid
+        })
+        .join()
+        .expect("the starting thread");
+        let dead = ['Z', '?'];
+        let mut state = state_of(pid);
+        for _ in 0..500 {
+            if dead.contains(&state) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            state = state_of(pid);
+        }
+        if !dead.contains(&state) {
+            // SAFETY: kill(2) on the child this test started, still running.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        assert!(dead.contains(&state), "the child is still running (state {state}) after its parent thread ended");
+    }
+
+    #[test]
+    fn entering_a_network_namespace_refuses_a_file_that_is_none() {
+        use std::os::fd::AsRawFd;
+        let not_a_namespace = std::fs::File::open("/dev/null").expect("/dev/null");
+        let refused = enter_network_namespace(not_a_namespace.as_raw_fd()).expect_err("/dev/null is no namespace");
+        assert_eq!(refused.raw_os_error(), Some(libc::EINVAL), "{refused}");
     }
 
     #[tokio::test]

@@ -250,6 +250,24 @@ mod tests {
         Answer::new(tonic::body::Body::new(http_body_util::StreamBody::new(frames)))
     }
 
+    /// What an answer's body tells hyper before its frames (its length, that it is empty) passes
+    /// through the record.
+    #[tokio::test]
+    async fn an_answer_keeps_the_length_and_end_its_body_gave() {
+        let inner = tower::service_fn(|request: Request<()>| async move {
+            let body = match request.uri().path() {
+                "/test.Service/Empty" => tonic::body::Body::empty(),
+                _ => tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from_static(b"rows"))),
+            };
+            Ok::<_, Infallible>(Answer::new(body))
+        });
+        let mut service = CallLayer(RecordCalls(GrpcServerMetrics::default())).layer(inner);
+        let rows = service.ready().await.expect("ready").call(request("Rows")).await.expect("answer");
+        assert_eq!((rows.body().size_hint().exact(), rows.body().is_end_stream()), (Some(4), false));
+        let empty = service.ready().await.expect("ready").call(request("Empty")).await.expect("answer");
+        assert_eq!((empty.body().size_hint().exact(), empty.body().is_end_stream()), (Some(0), true));
+    }
+
     #[tokio::test]
     async fn every_way_a_call_ends_is_counted_under_its_code() {
         let metrics = GrpcServerMetrics::default();

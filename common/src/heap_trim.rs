@@ -183,6 +183,41 @@ mod tests {
         assert!(interval(&mut unused, samples).iter().all(|trim| !trim), "2 MiB above the new baseline");
     }
 
+    /// A block the allocator maps on its own (above glibc's largest mmap threshold, 32 MiB) is in
+    /// use like any other, not free heap memory.
+    #[test]
+    fn blocks_mapped_on_their_own_count_as_in_use() {
+        let _alone = crate::RESIDENT_MEMORY_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let before = resident_not_in_use().expect("statm and mallinfo2");
+        let block = vec![1u8; 64 << 20];
+        let during = resident_not_in_use().expect("statm and mallinfo2");
+        assert!(during.abs_diff(before) < 8 << 20, "{} MiB then {} MiB resident unused", before >> 20, during >> 20);
+        assert!(block.iter().step_by(4096).all(|byte| *byte == 1));
+    }
+
+    /// Threads of this process named as the trimmer's (`comm` keeps 15 bytes of the name).
+    fn trimmer_threads() -> usize {
+        let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
+        tasks
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim_end() == "switchyard-heap")
+            .count()
+    }
+
+    #[test]
+    fn the_trimmer_runs_on_a_thread_of_its_own_unless_its_interval_is_zero() {
+        spawn_heap_trimmer(Duration::ZERO).expect("nothing to start");
+        assert_eq!(trimmer_threads(), 0, "a zero interval starts no trimmer");
+        // An hour: this test's trimmer never trims while the other tests run.
+        spawn_heap_trimmer(Duration::from_secs(3600)).expect("a trimmer");
+        // The thread names itself once it runs.
+        let started = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            trimmer_threads() == 1
+        });
+        assert!(started, "{} trimmer threads", trimmer_threads());
+    }
+
     /// 16 MiB freed in 64 KiB blocks (below the mmap threshold: heap memory) under a few blocks
     /// still held stay resident until a trim returns them.
     #[test]

@@ -380,3 +380,47 @@ impl tokio::io::AsyncWrite for CountingStream {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+    use super::*;
+
+    /// A counted connection adds what each read brought, not what its buffer held before, and
+    /// what each write took.
+    #[tokio::test]
+    async fn a_counted_connection_counts_the_bytes_that_cross_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (client, server) =
+            tokio::join!(tokio::net::TcpStream::connect(listener.local_addr().expect("address")), listener.accept());
+        let (mut server, _) = server.expect("accept");
+        let counters = Arc::new(WireCounters::default());
+        let mut counted = CountingStream { inner: client.expect("connect"), counters: counters.clone() };
+        assert!(counted.is_write_vectored(), "h2 writes a message's uncopied chunks in one writev");
+
+        counted.write_all(b"request").await.expect("write");
+        let mut arrived = [0u8; 7];
+        tokio::io::AsyncReadExt::read_exact(&mut server, &mut arrived).await.expect("read");
+        server.write_all(b"answer").await.expect("write");
+        let mut storage = [0u8; 64];
+        let mut buffer = tokio::io::ReadBuf::new(&mut storage);
+        buffer.put_slice(b"held");
+        while buffer.filled().len() < b"held".len() + b"answer".len() {
+            std::future::poll_fn(|context| Pin::new(&mut counted).poll_read(context, &mut buffer)).await.expect("read");
+        }
+
+        assert_eq!(buffer.filled(), b"heldanswer");
+        assert_eq!((counters.sent(), counters.received()), (7, 6));
+        counted.shutdown().await.expect("shutdown");
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut server, &mut arrived));
+        assert_eq!(closed.await.expect("the peer sees the connection end").expect("read"), 0);
+    }
+
+    #[test]
+    fn a_channel_names_its_peer() {
+        let channel = secure_h2_channel("http://127.0.0.1:9", None).expect("a valid origin");
+        assert!(format!("{channel:?}").contains("127.0.0.1:9"), "{channel:?}");
+    }
+}
