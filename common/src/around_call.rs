@@ -59,3 +59,49 @@ where
         self.around.around(request, |request| Box::pin(self.inner.call(request)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use tower::{Layer, Service};
+
+    use super::*;
+
+    /// A service that is never ready (its queue full, say).
+    struct Busy;
+
+    impl Service<Request<()>> for Busy {
+        type Response = Answer;
+        type Error = Infallible;
+        type Future = Answered<Infallible>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Pending
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            unreachable!("never ready")
+        }
+    }
+
+    #[derive(Clone)]
+    struct PassThrough;
+
+    impl AroundCall for PassThrough {
+        fn around<B, E: 'static>(
+            &self,
+            request: Request<B>,
+            handle: impl FnOnce(Request<B>) -> Answered<E>,
+        ) -> Answered<E> {
+            handle(request)
+        }
+    }
+
+    #[test]
+    fn a_layer_is_ready_only_when_the_services_inside_are() {
+        let mut service = CallLayer(PassThrough).layer(Busy);
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        assert!(service.poll_ready(&mut context).is_pending());
+    }
+}

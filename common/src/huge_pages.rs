@@ -109,6 +109,14 @@ mod tests {
         assert_eq!(chosen_mode("always [madvise"), None);
     }
 
+    /// Advice the kernel refuses (an address inside a page) reads as not taken.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn refused_advice_is_not_taken() {
+        let buffer: Vec<u8> = Vec::with_capacity(2 * HUGE_PAGE);
+        assert!(!madvise_huge(buffer.as_ptr() as usize + 1, HUGE_PAGE));
+    }
+
     #[test]
     fn a_small_buffer_is_not_advised() {
         let mut small: Vec<f32> = Vec::with_capacity(1 << 20);
