@@ -9,7 +9,7 @@ use switchyard_loadtest::report;
 use switchyard_loadtest::skew::Skew;
 use switchyard_model::{CapacityPolicy, ModelSpec};
 use switchyard_router_client::routing::{GroupLimited, RoutingPolicy};
-use switchyard_router_client::{RoutingOverrides, RoutingTableView};
+use switchyard_router_client::{ClientOptions, RoutingOverrides, RoutingTableView};
 
 use super::values::{self, DispatchArg, OverflowArg, PolicyName, RefusalArg, WireDtypeArg};
 use switchyard_router_client::client::DEFAULT_THROTTLE_RATIO;
@@ -234,6 +234,22 @@ impl LoadArgs {
         }
     }
 
+    /// The client these flags ask for, routing as `routing` says.
+    pub fn client_options(&self, routing: RoutingOverrides) -> ClientOptions {
+        ClientOptions {
+            wire_dtype: self.wire_dtype.into(),
+            dispatch: self.dispatch.into(),
+            connections_per_worker: self.connections_per_worker,
+            chunked_dispatch: self.chunked_dispatch,
+            refusal: self.on_refusal.into(),
+            attempt_timeout: self.attempt_timeout,
+            timeout: self.timeout,
+            throttle_ratio: self.throttle(),
+            routing,
+            ..ClientOptions::default()
+        }
+    }
+
     /// What the run must meet to exit zero.
     pub fn thresholds(&self) -> Thresholds {
         Thresholds { max_error_rate: self.max_error_rate, max_p99: self.max_p99 }
@@ -392,6 +408,8 @@ pub fn parse_skew(text: &str) -> Result<SkewArg, String> {
 #[cfg(test)]
 mod tests {
     use switchyard_loadtest::loadtest::LoadReport;
+    use switchyard_proto::wire::WireDtype;
+    use switchyard_router_client::{DispatchLayout, RefusalPolicy};
 
     use super::*;
 
@@ -434,6 +452,41 @@ mod tests {
             assert!(parse_skew(bad).unwrap_err().contains("finite S of at least 0"), "{bad}");
         }
         assert!(parse_skew("rotating:0s").unwrap_err().contains("positive duration"));
+    }
+
+    /// Each client flag reaches the client (a flag dropped on the way would run the default
+    /// silently: an f32 wire for `--wire-dtype bf16`).
+    #[test]
+    fn the_client_flags_make_the_client_s_options() {
+        let load = load_args(&[
+            "--wire-dtype",
+            "bf16",
+            "--dispatch",
+            "expert-major",
+            "--connections-per-worker",
+            "3",
+            "--chunked-dispatch",
+            "true",
+            "--on-refusal",
+            "next-best",
+            "--attempt-timeout",
+            "500ms",
+            "--timeout",
+            "5s",
+            "--throttle-ratio",
+            "1.5",
+        ]);
+        let routing = RoutingOverrides { sequence_tokens: Some(16), ..RoutingOverrides::default() };
+        let options = load.client_options(routing);
+        assert_eq!(
+            (options.wire_dtype, options.dispatch, options.connections_per_worker, options.chunked_dispatch),
+            (WireDtype::Bf16, DispatchLayout::ExpertMajor, 3, true)
+        );
+        assert_eq!(
+            (options.refusal, options.attempt_timeout, options.timeout, options.throttle_ratio),
+            (RefusalPolicy::NextBest, Some(Duration::from_millis(500)), Duration::from_secs(5), Some(1.5))
+        );
+        assert_eq!(options.routing, routing);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use switchyard_loadtest::loadtest::{self, LoadSpec, Target};
 use switchyard_model::ModelSpec;
 use switchyard_model::cli::ModelArgs;
 use switchyard_model::device::DeviceChoice;
-use switchyard_router_client::{ClientOptions, MoeClient, TableWatcher};
+use switchyard_router_client::{MoeClient, TableWatcher};
 
 use super::load_args::LoadArgs;
 use super::values::DtypeArg;
@@ -117,19 +117,7 @@ pub async fn connect(coordinator: &str, load: &LoadArgs) -> anyhow::Result<(Arc<
         load.tokens
     );
     load.check_layers(&table.model)?;
-    let routing = load.routing(&table.model)?;
-    let options = ClientOptions {
-        wire_dtype: load.wire_dtype.into(),
-        dispatch: load.dispatch.into(),
-        connections_per_worker: load.connections_per_worker,
-        chunked_dispatch: load.chunked_dispatch,
-        refusal: load.on_refusal.into(),
-        attempt_timeout: load.attempt_timeout,
-        timeout: load.timeout,
-        throttle_ratio: load.throttle(),
-        routing,
-        ..ClientOptions::default()
-    };
+    let options = load.client_options(load.routing(&table.model)?);
     let client = Arc::new(MoeClient::new(watcher.receiver(), options));
     Ok((client, watcher, table.workers().len()))
 }
