@@ -83,3 +83,51 @@ pub(super) fn preset_line(preset: &PresetResult) -> String {
         beside(summary.combine_share_of_tcp, summary.combine_share_of_tcp_to_every_worker),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::bench::results::PresetResult;
+    use crate::bench::results::tests::{point, preset};
+    use crate::bench::wire::{AfterBusyCores, WireFigure};
+
+    #[test]
+    fn each_measured_thing_is_counted_and_reported_in_turn() {
+        let lines = Mutex::new(Vec::new());
+        let report =
+            |done: usize, total: usize, line: &str| lines.lock().unwrap().push(format!("{done}/{total} {line}"));
+        let mut tally = Tally::new(3, &report);
+        tally.finished("first");
+        tally.finished("second");
+        assert_eq!(lines.into_inner().unwrap(), ["1/3 first", "2/3 second"]);
+    }
+
+    /// A point's line gives both targets' means; a preset's its rates against every baseline the
+    /// run measured (the fixture's: TCP at 4 MB/s, to every worker at 8 MB/s, 1 MB/s after the
+    /// gate's busy cores, 100 µs of them) and its link's floors, and no more than it measured.
+    #[test]
+    fn a_line_says_what_was_measured_against_what() {
+        assert_eq!(
+            point_line(&point()),
+            "2 workers, 8 experts, top-2, 4x8, 10 tokens, f32: 2.00 ms distributed, 0.50 ms in-process"
+        );
+        let mut preset = preset();
+        preset.baselines.tcp_one_way.gb_per_s = 0.004;
+        let to_every_worker = WireFigure { bytes: 1, repeats: 1, mean_us: 1.0, gb_per_s: 0.008 };
+        preset.tcp_to_every_worker = Some(to_every_worker);
+        preset.tcp_to_every_worker_after_gate =
+            Some(AfterBusyCores { busy_us: 100.0, figure: WireFigure { gb_per_s: 0.001, ..to_every_worker } });
+        assert_eq!(
+            preset_line(&preset),
+            "test: dispatch 500 µs (0.00 GB/s: 50% of TCP on one connection, 25% of TCP to every worker at once, \
+             200% of it right after every core was busy as long as the gate (0.1 ms)), combine 250 µs (0.00 GB/s: 50% \
+             of TCP on one connection, 25% of TCP to every worker at once) on 8mbit links: whole transfers 0.80x and \
+             0.86x the link's floor"
+        );
+        let loopback_alone =
+            PresetResult { link: None, tcp_to_every_worker: None, tcp_to_every_worker_after_gate: None, ..preset };
+        assert_eq!(preset_line(&loopback_alone), "test: dispatch 500 µs (0.00 GB/s), combine 250 µs (0.00 GB/s)");
+    }
+}
