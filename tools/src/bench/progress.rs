@@ -90,8 +90,7 @@ mod tests {
 
     use super::*;
     use crate::bench::results::PresetResult;
-    use crate::bench::results::tests::{point, preset};
-    use crate::bench::wire::{AfterBusyCores, WireFigure};
+    use crate::bench::results::tests::{point, preset_beside_baselines};
 
     #[test]
     fn each_measured_thing_is_counted_and_reported_in_turn() {
@@ -105,20 +104,14 @@ mod tests {
     }
 
     /// A point's line gives both targets' means; a preset's its rates against every baseline the
-    /// run measured (the fixture's: TCP at 4 MB/s, to every worker at 8 MB/s, 1 MB/s after the
-    /// gate's busy cores, 100 µs of them) and its link's floors, and no more than it measured.
+    /// run measured and its link's floors, and no more than it measured.
     #[test]
     fn a_line_says_what_was_measured_against_what() {
         assert_eq!(
             point_line(&point()),
             "2 workers, 8 experts, top-2, 4x8, 10 tokens, f32: 2.00 ms distributed, 0.50 ms in-process"
         );
-        let mut preset = preset();
-        preset.baselines.tcp_one_way.gb_per_s = 0.004;
-        let to_every_worker = WireFigure { bytes: 1, repeats: 1, mean_us: 1.0, gb_per_s: 0.008 };
-        preset.tcp_to_every_worker = Some(to_every_worker);
-        preset.tcp_to_every_worker_after_gate =
-            Some(AfterBusyCores { busy_us: 100.0, figure: WireFigure { gb_per_s: 0.001, ..to_every_worker } });
+        let preset = preset_beside_baselines();
         assert_eq!(
             preset_line(&preset),
             "test: dispatch 500 µs (0.00 GB/s: 50% of TCP on one connection, 25% of TCP to every worker at once, \

@@ -245,7 +245,7 @@ pub(crate) mod tests {
     use switchyard_router_client::ledger::PairTotals;
     use switchyard_router_client::timing::{ByteCounts, TimeBreakdown};
 
-    use super::wire::{WireBaselines, WireFigure};
+    use super::wire::{AfterBusyCores, WireBaselines, WireFigure};
 
     use super::*;
 
@@ -382,6 +382,18 @@ pub(crate) mod tests {
             gate_threads: 1,
             cpu_gemm_gflops: None,
         }
+    }
+
+    /// [`preset`] beside baselines of its own: TCP on one connection at 4 MB/s, to every worker
+    /// at once at 8 MB/s, and at 1 MB/s right after the cores were busy 100 µs.
+    pub(crate) fn preset_beside_baselines() -> PresetResult {
+        let mut preset = preset();
+        preset.baselines.tcp_one_way.gb_per_s = 0.004;
+        let to_every_worker = WireFigure { bytes: 1, repeats: 1, mean_us: 1.0, gb_per_s: 0.008 };
+        preset.tcp_to_every_worker = Some(to_every_worker);
+        preset.tcp_to_every_worker_after_gate =
+            Some(AfterBusyCores { busy_us: 100.0, figure: WireFigure { gb_per_s: 0.001, ..to_every_worker } });
+        preset
     }
 
     #[test]

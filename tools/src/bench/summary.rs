@@ -350,15 +350,9 @@ mod tests {
     /// connection, TCP to every worker at once (and right after the gate's busy cores), tch's GEMM.
     #[test]
     fn a_presets_shares_divide_its_rates_by_the_same_runs_baselines() {
-        use crate::bench::results::tests::{close, preset};
-        let mut preset = preset();
+        use crate::bench::results::tests::{close, preset_beside_baselines};
         // The fixture's dispatch and combine both move 2 MB/s (0.002 GB/s), its gate 10 GFLOP/s.
-        preset.baselines.tcp_one_way.gb_per_s = 0.004;
-        let to_every_worker = WireFigure { bytes: 1, repeats: 1, mean_us: 1.0, gb_per_s: 0.008 };
-        preset.tcp_to_every_worker = Some(to_every_worker);
-        preset.tcp_to_every_worker_after_gate =
-            Some(AfterBusyCores { busy_us: 100.0, figure: WireFigure { gb_per_s: 0.001, ..to_every_worker } });
-        preset.cpu_gemm_gflops = Some(20.0);
+        let preset = PresetResult { cpu_gemm_gflops: Some(20.0), ..preset_beside_baselines() };
         let summary = preset.summary();
         assert!(close(summary.dispatch_share_of_tcp, 0.5) && close(summary.combine_share_of_tcp, 0.5));
         assert!(close(summary.dispatch_share_of_tcp_to_every_worker.unwrap(), 0.25));
