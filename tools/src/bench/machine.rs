@@ -33,3 +33,22 @@ fn gpu_names() -> Option<String> {
     let names = String::from_utf8_lossy(&output.stdout).lines().map(str::trim).collect::<Vec<_>>().join(", ");
     (output.status.success() && !names.is_empty()).then_some(names)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_names_the_cpu_its_cores_and_whether_cuda_is_there() {
+        let summary = machine_summary();
+        let cores = std::thread::available_parallelism().map_or(0, usize::from);
+        assert!(summary.contains(&format!(", {cores} cores available, ")), "{summary}");
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        if let Some((_, model)) =
+            cpuinfo.lines().find(|line| line.starts_with("model name")).and_then(|line| line.split_once(':'))
+        {
+            assert!(summary.starts_with(&format!("{}, ", model.trim())), "{summary}");
+        }
+        assert_eq!(summary.contains("no CUDA"), !tch::Cuda::is_available(), "{summary}");
+    }
+}
