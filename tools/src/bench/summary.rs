@@ -369,6 +369,12 @@ mod tests {
         let (dispatch_over_floor, combine_over_floor) = summary.floor_ratios().expect("a shaped link's floors");
         assert!(close(dispatch_over_floor, 0.8) && close(combine_over_floor, 300.0 / 350.0));
         assert!(close(summary.result.overhead_ratio.unwrap(), 4.0));
+        // The point's phases over its wall time, in the breakdown's order.
+        let shares = summary.result.phase_shares.values();
+        let expected = [0.1, 0.05, 0.05, 0.25, 0.05, 0.3, 0.025, 0.1];
+        assert!(shares.iter().zip(expected).all(|(share, expected)| close(*share, expected)), "{shares:?}");
+        let unshaped = PresetSummary { dispatch_floor_us: Some(0.0), ..summary.clone() };
+        assert_eq!(unshaped.floor_ratios(), None, "no floor, no ratio over it");
         let unmeasured = PresetResult { tcp_to_every_worker: None, cpu_gemm_gflops: None, ..preset }.summary();
         assert_eq!((unmeasured.dispatch_share_of_tcp_to_every_worker, unmeasured.gate_share_of_gemm), (None, None));
     }
