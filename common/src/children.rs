@@ -280,9 +280,8 @@ mod tests {
         stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()).unwrap_or('?')
     }
 
-    /// The state letter of `/proc/PID/stat` once it is one of `wanted` (within a few seconds).
-    async fn state_becomes(child: &ChildProcess, wanted: &[char]) -> char {
-        let pid = child.child.id().expect("running");
+    /// The state letter of process `pid` once it is one of `wanted` (within a few seconds).
+    async fn pid_state_becomes(pid: u32, wanted: &[char]) -> char {
         let mut state = '?';
         for _ in 0..500 {
             state = state_of(pid);
@@ -294,11 +293,16 @@ mod tests {
         state
     }
 
+    /// The state letter of `child` once it is one of `wanted` (within a few seconds).
+    async fn state_becomes(child: &ChildProcess, wanted: &[char]) -> char {
+        pid_state_becomes(child.child.id().expect("running"), wanted).await
+    }
+
     /// A parent killed outright runs no destructor: its children go with the thread that started
     /// them all the same (here a thread that ends with its child's handle forgotten).
-    #[test]
+    #[tokio::test]
     #[allow(unsafe_code)]
-    fn a_child_dies_with_the_thread_that_started_it() {
+    async fn a_child_dies_with_the_thread_that_started_it() {
         let pid = std::thread::spawn(|| {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
             let child = runtime.block_on(announcing("true"));
@@ -309,14 +313,7 @@ mod tests {
         .join()
         .expect("the starting thread");
         let dead = ['Z', '?'];
-        let mut state = state_of(pid);
-        for _ in 0..500 {
-            if dead.contains(&state) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-            state = state_of(pid);
-        }
+        let state = pid_state_becomes(pid, &dead).await;
         if !dead.contains(&state) {
             // SAFETY: kill(2) on the child this test started, still running.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };

@@ -272,6 +272,9 @@ pub(crate) mod tests {
         PairTotals { rows, socket_sent, socket_received, compute: ms(compute_ms), ..PairTotals::default() }
     }
 
+    /// [`point`]'s phases over its wall time, in the breakdown's order.
+    pub(crate) const POINT_PHASE_SHARES: [f64; 8] = [0.1, 0.05, 0.05, 0.25, 0.05, 0.3, 0.025, 0.1];
+
     /// 4 calls of 10 tokens to 2 workers; every figure below is worked out by hand from these totals.
     pub(crate) fn point() -> PointResult {
         let timing_total = TimeBreakdown {
@@ -332,7 +335,7 @@ pub(crate) mod tests {
         assert!(close(payload, 6000.0 / 40.0) && close(message, 6600.0 / 40.0) && close(socket, 7400.0 / 40.0));
         let shares = point.phase_shares();
         assert_eq!(shares.len(), TimeBreakdown::PHASES.len());
-        for (share, expected) in shares.iter().zip([0.1, 0.05, 0.05, 0.25, 0.05, 0.3, 0.025, 0.1]) {
+        for (share, expected) in shares.iter().zip(POINT_PHASE_SHARES) {
             assert!(close(*share, expected), "{shares:?}");
         }
         // 80 kept rows of 1 MFLOP: over the workers' 4 ms of compute, over the reference's 2 ms.

@@ -350,7 +350,7 @@ mod tests {
     /// connection, TCP to every worker at once (and right after the gate's busy cores), tch's GEMM.
     #[test]
     fn a_presets_shares_divide_its_rates_by_the_same_runs_baselines() {
-        use crate::bench::results::tests::{close, preset_beside_baselines};
+        use crate::bench::results::tests::{POINT_PHASE_SHARES, close, preset_beside_baselines};
         // The fixture's dispatch and combine both move 2 MB/s (0.002 GB/s), its gate 10 GFLOP/s.
         let preset = PresetResult { cpu_gemm_gflops: Some(20.0), ..preset_beside_baselines() };
         let summary = preset.summary();
@@ -369,10 +369,8 @@ mod tests {
         let (dispatch_over_floor, combine_over_floor) = summary.floor_ratios().expect("a shaped link's floors");
         assert!(close(dispatch_over_floor, 0.8) && close(combine_over_floor, 300.0 / 350.0));
         assert!(close(summary.result.overhead_ratio.unwrap(), 4.0));
-        // The point's phases over its wall time, in the breakdown's order.
         let shares = summary.result.phase_shares.values();
-        let expected = [0.1, 0.05, 0.05, 0.25, 0.05, 0.3, 0.025, 0.1];
-        assert!(shares.iter().zip(expected).all(|(share, expected)| close(*share, expected)), "{shares:?}");
+        assert!(shares.iter().zip(POINT_PHASE_SHARES).all(|(share, expected)| close(*share, expected)), "{shares:?}");
         let unshaped = PresetSummary { dispatch_floor_us: Some(0.0), ..summary.clone() };
         assert_eq!(unshaped.floor_ratios(), None, "no floor, no ratio over it");
         let unmeasured = PresetResult { tcp_to_every_worker: None, cpu_gemm_gflops: None, ..preset }.summary();
