@@ -347,3 +347,59 @@ pub(super) async fn measure_step(
     let in_process = loadtest::run(Target::Reference(reference), spec(settings.calls, 1), "in-process").await?;
     Ok(StepResult { shape, plan, link, distributed, reference: in_process })
 }
+
+#[cfg(test)]
+mod tests {
+    use switchyard_router_client::ledger::PairTotals;
+    use switchyard_router_client::timing::ByteCounts;
+
+    use super::*;
+    use crate::bench::results::tests::point;
+    use crate::bench::tests::settings;
+
+    #[test]
+    fn the_rounds_share_the_calls_and_only_the_first_warms_up() {
+        let settings = BenchSettings { calls: 12, warmup_calls: 3, ..settings() };
+        let rounds: Vec<BenchSettings> = (0..5).map(|round| round_of(&settings, round, 5)).collect();
+        assert_eq!(rounds.iter().map(|round| round.calls).collect::<Vec<_>>(), [3, 3, 2, 2, 2]);
+        assert_eq!(rounds.iter().map(|round| round.warmup_calls).collect::<Vec<_>>(), [3, 0, 0, 0, 0]);
+        assert!(rounds.iter().all(|round| round.point_time == settings.point_time), "measure_alternating splits it");
+        let settings = BenchSettings { calls: 10, ..settings };
+        let calls: Vec<u64> = (0..5).map(|round| round_of(&settings, round, 5).calls).collect();
+        assert_eq!(calls, [2; 5]);
+    }
+
+    #[test]
+    fn the_rounds_reports_add_up() {
+        let mut total = None;
+        assert_eq!(absorb(&mut total, point().distributed).calls, 4, "the first round is the total");
+        let summed = absorb(&mut total, point().distributed);
+        assert_eq!((summed.calls, summed.tokens), (8, 80));
+        assert_eq!(summed.bytes_total.payload_sent, 2 * point().distributed.bytes_total.payload_sent);
+    }
+
+    #[test]
+    fn the_reference_gets_every_workers_threads() {
+        let shape = point().point.shape;
+        let three_threads = BenchSettings { worker_torch_threads: 3, ..settings() };
+        assert_eq!(reference_threads(shape, &three_threads), 6);
+        assert_eq!(reference_threads(ClusterShape { workers: 1, ..shape }, &settings()), 1);
+    }
+
+    #[test]
+    fn the_fan_out_moves_the_busiest_workers_bytes_per_call() {
+        let mut report = point().distributed;
+        report.ledger.pairs.clear();
+        assert_eq!(busiest_worker_bytes(&report), None, "no worker was called");
+        let sent = |calls, payload_sent| PairTotals {
+            calls,
+            bytes: ByteCounts { payload_sent, ..ByteCounts::default() },
+            ..PairTotals::default()
+        };
+        report.ledger.pairs.insert((0, "w1".into()), sent(4, 4000));
+        report.ledger.pairs.insert((0, "w2".into()), sent(2, 3000));
+        assert_eq!(busiest_worker_bytes(&report), Some(1500), "3000 bytes over 2 calls beat 4000 over 4");
+        report.ledger.pairs.insert((0, "w3".into()), sent(0, 0));
+        assert_eq!(busiest_worker_bytes(&report), Some(1500), "a worker never called divides by nothing");
+    }
+}

@@ -133,14 +133,9 @@ pub async fn run(
     settings: &BenchSettings,
     progress: Progress<'_>,
 ) -> Result<BenchReport, BenchError> {
-    let shapes = if plan.sweep { plan.axes.shapes(plan.grid) } else { Vec::new() };
-    let links: Vec<Option<LinkRate>> = match &plan.link_rates[..] {
-        [] => vec![None],
-        rates => rates.iter().copied().map(Some).collect(),
-    };
-    let total = shapes.iter().map(|shape| plan.axes.points_of(*shape).len()).sum::<usize>()
-        + (plan.presets.len() + usize::from(plan.step.is_some())) * links.len();
-    let mut tally = Tally::new(total, progress);
+    let shapes = plan.swept_shapes();
+    let links = plan.links();
+    let mut tally = Tally::new(plan.measurements(), progress);
     // Measured first, while nothing else of the run keeps the cores awake.
     let thread_wake = tokio::task::spawn_blocking(|| wake::measure(WAKE_ROUND_TRIPS)).await.ok();
     let mut points = Vec::new();
@@ -263,4 +258,120 @@ fn settings_json(settings: &BenchSettings, plan: &BenchPlan) -> serde_json::Valu
             "attention": step.attention.describe(),
         })),
     })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use switchyard_loadtest::shaped_network::CongestionControl;
+    use switchyard_model::Activation;
+
+    use super::*;
+    use crate::bench::plan::tests::presets_plan;
+
+    /// `switchyard bench`'s defaults on a CPU machine.
+    pub(crate) fn settings() -> BenchSettings {
+        BenchSettings {
+            calls: 20,
+            warmup_calls: 3,
+            point_time: Duration::from_secs(3),
+            concurrency: 1,
+            identity_experts: false,
+            identity_hold: Duration::ZERO,
+            grouped_experts: false,
+            worker_torch_threads: 1,
+            device: tch::Device::Cpu,
+            compute_dtype: None,
+            batch_wait_us: 0,
+            capacity_factor: 1.25,
+            dispatch: DispatchLayout::TokenMajor,
+            connections_per_worker: 2,
+            chunked_dispatch: false,
+            model: ModelSpec::default_synthetic(),
+            baseline_repeats: 10,
+            coordinator_bin: "/opt/switchyard/switchyard-coordinator".into(),
+            worker_bin: "/opt/switchyard/switchyard-worker".into(),
+            hosts: Hosts::Loopback,
+            dev_tls: None,
+        }
+    }
+
+    const SHAPE: ClusterShape = ClusterShape { workers: 2, experts: 16, top_k: 4, d_model: 96, d_ff: 160 };
+
+    #[test]
+    fn a_shapes_model_is_the_shape_with_the_settings_activation() {
+        let settings = settings();
+        let settings =
+            BenchSettings { model: ModelSpec { activation: Activation::Gelu, ..settings.model.clone() }, ..settings };
+        let model = model_of(SHAPE, &settings, CapacityPolicy::Factor(1.5)).expect("a valid model");
+        assert_eq!(
+            (model.experts_per_layer, model.top_k, model.d_model, model.d_ff),
+            (SHAPE.experts, SHAPE.top_k, SHAPE.d_model, SHAPE.d_ff)
+        );
+        assert_eq!((model.moe_layers, model.capacity), (vec![0], CapacityPolicy::Factor(1.5)));
+        assert_eq!(model.activation, Activation::Gelu);
+
+        let too_many = ClusterShape { top_k: 17, ..SHAPE };
+        let error = model_of(too_many, &settings, CapacityPolicy::Dropless).expect_err("top-k above the experts");
+        assert!(matches!(error, BenchError::Model(_)), "{error}");
+    }
+
+    #[test]
+    fn the_presets_move_bytes_alone_with_the_plans_calls() {
+        let settings = BenchSettings {
+            identity_experts: true,
+            identity_hold: Duration::from_micros(500),
+            calls: 7,
+            warmup_calls: 4,
+            batch_wait_us: 7,
+            ..settings()
+        };
+        let plan = presets_plan();
+        let presets = preset_settings(&settings, &plan, None);
+        assert!(presets.identity_experts && presets.identity_hold.is_zero(), "{presets:?}");
+        assert_eq!((presets.calls, presets.point_time), (11, Duration::from_secs(9)));
+        assert_eq!(presets.warmup_calls, 1, "one warm-up call, then each connection once");
+        assert_eq!(presets.batch_wait_us, WHOLE_DISPATCH_WAIT.as_micros() as u64);
+        assert_eq!(presets.hosts, Hosts::Loopback);
+        let overlapped = BenchPlan { preset_overlap: true, ..presets_plan() };
+        assert_eq!(preset_settings(&settings, &overlapped, None).batch_wait_us, 7);
+
+        let link: LinkRate = "10gbit".parse().expect("a rate");
+        let behind_link = preset_settings(&settings, &plan, Some(link)).hosts;
+        let expected = Hosts::Namespaces { worker_link: Some(link), congestion: CongestionControl::Bbr };
+        assert_eq!(behind_link, expected);
+
+        let no_warm_up = BenchSettings { warmup_calls: 0, ..settings };
+        assert_eq!(preset_settings(&no_warm_up, &plan, None).warmup_calls, 0, "no warm-up when none is asked for");
+    }
+
+    #[test]
+    fn a_row_costs_two_flops_per_weight_it_meets() {
+        let model = model_of(SHAPE, &settings(), CapacityPolicy::Dropless).expect("a valid model");
+        assert_eq!(model.activation.matrices(), 3, "SwiGLU by default");
+        assert_eq!(flops_per_row(&model, false), 2.0 * 3.0 * 96.0 * 160.0);
+        assert_eq!(flops_per_row(&model, true), 0.0, "identity experts compute nothing");
+        let gelu = ModelSpec { activation: Activation::Gelu, ..model };
+        assert_eq!(flops_per_row(&gelu, false), 2.0 * 2.0 * 96.0 * 160.0);
+    }
+
+    #[test]
+    fn the_reports_settings_record_how_it_was_measured() {
+        let settings = BenchSettings {
+            calls: 7,
+            worker_torch_threads: 2,
+            grouped_experts: true,
+            connections_per_worker: 3,
+            ..settings()
+        };
+        let json = settings_json(&settings, &BenchPlan { preset_workers: 4, ..presets_plan() });
+        assert_eq!(json["calls_per_point"], 7);
+        assert_eq!(json["worker_torch_threads"], 2);
+        assert_eq!(json["grouped_experts"], true);
+        assert_eq!(json["connections_per_worker"], 3);
+        assert_eq!(json["preset_workers"], 4);
+        assert_eq!(json["link_congestion"], "bbr");
+        assert_eq!(json["device"], "cpu");
+        assert_eq!(json["mutual_tls"], false);
+        assert!(json["step"].is_null(), "no step in this run");
+    }
 }

@@ -177,6 +177,26 @@ pub struct BenchPlan {
 }
 
 impl BenchPlan {
+    /// The cluster shapes the sweep runs: none without a sweep.
+    pub(super) fn swept_shapes(&self) -> Vec<ClusterShape> {
+        if self.sweep { self.axes.shapes(self.grid) } else { Vec::new() }
+    }
+
+    /// The links the presets and the step run on, each in turn; `None`: loopback.
+    pub(super) fn links(&self) -> Vec<Option<LinkRate>> {
+        match &self.link_rates[..] {
+            [] => vec![None],
+            rates => rates.iter().copied().map(Some).collect(),
+        }
+    }
+
+    /// What the run measures, each counted once for its progress: every point of the sweep, then
+    /// every preset and the step on each link.
+    pub(super) fn measurements(&self) -> usize {
+        let points: usize = self.swept_shapes().iter().map(|shape| self.axes.points_of(*shape).len()).sum();
+        points + (self.presets.len() + usize::from(self.step.is_some())) * self.links().len()
+    }
+
     /// Where a run on `link` puts the cluster: each worker behind a link of that rate, every host
     /// running the plan's congestion control; without a link, `otherwise`.
     pub(super) fn hosts_behind(&self, link: Option<LinkRate>, otherwise: Hosts) -> Hosts {
@@ -185,10 +205,10 @@ impl BenchPlan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn axes() -> Axes {
+    pub(crate) fn axes() -> Axes {
         Axes {
             tokens: vec![16, 256],
             wire_dtypes: vec![WireDtype::F32, WireDtype::Bf16],
@@ -227,21 +247,26 @@ mod tests {
         assert_eq!((shape.workers, shape.experts, shape.top_k, shape.d_model), (4, 256, 8, 7168));
     }
 
-    #[test]
-    fn a_link_puts_each_worker_behind_it_in_a_namespace() {
-        let plan = BenchPlan {
+    /// The low-latency preset alone, on loopback.
+    pub(crate) fn presets_plan() -> BenchPlan {
+        BenchPlan {
             axes: axes(),
             grid: false,
             sweep: false,
             presets: vec![Preset::DeepEpLowLatency],
             preset_workers: 2,
-            preset_calls: 10,
-            preset_time: Duration::from_secs(60),
+            preset_calls: 11,
+            preset_time: Duration::from_secs(9),
             preset_overlap: false,
             link_rates: Vec::new(),
             link_congestion: CongestionControl::Bbr,
             step: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_link_puts_each_worker_behind_it_in_a_namespace() {
+        let plan = presets_plan();
         let rate = LinkRate::from_bits_per_second(10_000_000_000);
         assert_eq!(plan.hosts_behind(None, Hosts::Loopback), Hosts::Loopback);
         assert_eq!(
@@ -254,5 +279,26 @@ mod tests {
     fn a_grid_takes_every_valid_combination() {
         // 3 workers x (8 experts x top-k {2, 1} + 16 experts x top-k {2, 1, 16}) x 2 sizes = 3 x 5 x 2.
         assert_eq!(axes().shapes(true).len(), 30);
+    }
+
+    #[test]
+    fn the_progress_counts_each_point_then_each_preset_and_step_on_each_link() {
+        let presets = presets_plan();
+        assert_eq!((presets.swept_shapes(), presets.links()), (Vec::new(), vec![None]));
+        assert_eq!(presets.measurements(), 1);
+        let rates = [1, 10].map(|gbit| LinkRate::from_bits_per_second(gbit * 1_000_000_000));
+        let everything = BenchPlan {
+            sweep: true,
+            presets: vec![Preset::DeepEpNormal, Preset::DeepEpLowLatency],
+            link_rates: rates.to_vec(),
+            step: Some(StepPlan { layers: 2, tokens: 8, attention: AttentionStandIn::None }),
+            ..presets_plan()
+        };
+        assert_eq!(everything.swept_shapes(), axes().shapes(false));
+        assert_eq!(everything.links(), rates.map(Some));
+        // 6 shapes x 2 token counts x 2 dtypes, then (2 presets + the step) x 2 links.
+        assert_eq!(everything.measurements(), 6 * 2 * 2 + 3 * 2);
+        let grid = BenchPlan { grid: true, ..everything };
+        assert_eq!(grid.measurements(), 30 * 2 * 2 + 3 * 2);
     }
 }

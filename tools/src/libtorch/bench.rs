@@ -364,6 +364,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
+    use switchyard_model::{Activation, WeightDtype};
+    use switchyard_proto::wire::WireDtype;
+    use switchyard_router_client::DispatchLayout;
 
     use super::*;
 
@@ -371,6 +374,12 @@ mod tests {
     struct Bench {
         #[command(flatten)]
         args: BenchArgs,
+    }
+
+    /// What `switchyard bench` with `flags` would measure, and how.
+    fn settings_and_plan_of(flags: &[&str]) -> (BenchSettings, BenchPlan) {
+        let bench = Bench::try_parse_from(["bench"].iter().chain(flags)).expect("flags parse");
+        settings_and_plan(&bench.args).expect("a plan")
     }
 
     #[test]
@@ -398,8 +407,7 @@ mod tests {
     #[test]
     fn the_presets_workers_wait_for_a_calls_whole_dispatch_unless_told_to_overlap() {
         let preset_wait = |flags: &[&str]| {
-            let bench = Bench::try_parse_from(["bench", "--run", "deepep"].iter().chain(flags)).expect("flags parse");
-            let (settings, plan) = settings_and_plan(&bench.args).expect("a plan");
+            let (settings, plan) = settings_and_plan_of(&[&["--run", "deepep"], flags].concat());
             assert_eq!(settings.batch_wait_us, 7, "the sweep keeps --batch-wait-us");
             bench::preset_settings(&settings, &plan, None).batch_wait_us
         };
@@ -410,8 +418,7 @@ mod tests {
     #[test]
     fn the_warm_up_takes_every_connection_to_a_worker_once() {
         let warmup = |flags: &[&str]| {
-            let bench = Bench::try_parse_from(["bench", "--run", "deepep"].iter().chain(flags)).expect("flags parse");
-            let (settings, plan) = settings_and_plan(&bench.args).expect("a plan");
+            let (settings, plan) = settings_and_plan_of(&[&["--run", "deepep"], flags].concat());
             (bench::warmup_calls(&settings), bench::warmup_calls(&bench::preset_settings(&settings, &plan, None)))
         };
         // The presets make one warm-up call of their own, the sweep its --warmup-calls.
@@ -419,5 +426,101 @@ mod tests {
         assert_eq!(warmup(&["--connections-per-worker", "2", "--warmup-calls", "3"]), (3, 2));
         assert_eq!(warmup(&["--connections-per-worker", "1", "--warmup-calls", "3"]), (3, 1));
         assert_eq!(warmup(&["--connections-per-worker", "4", "--warmup-calls", "0"]), (0, 0));
+    }
+
+    #[test]
+    fn every_flag_reaches_what_the_bench_measures() {
+        let (settings, plan) = settings_and_plan_of(&[
+            "--run",
+            "step",
+            "--tokens",
+            "2,32",
+            "--wire-dtypes",
+            "fp8",
+            "--dispatch",
+            "expert-major",
+            "--connections-per-worker",
+            "3",
+            "--chunked-dispatch",
+            "true",
+            "--workers",
+            "4",
+            "--experts",
+            "32",
+            "--top-k",
+            "1",
+            "--dims",
+            "64x96",
+            "--grid",
+            "--calls",
+            "9",
+            "--warmup-calls",
+            "5",
+            "--point-time",
+            "4s",
+            "--concurrency",
+            "2",
+            "--identity-experts",
+            "--identity-hold-us",
+            "300",
+            "--grouped-experts",
+            "--preset-workers",
+            "3",
+            "--link-rate",
+            "1gbit",
+            "--link-congestion",
+            "bbr",
+            "--step-layers",
+            "6",
+            "--step-tokens",
+            "12",
+            "--attention-gemm",
+            "256",
+            "--preset-calls",
+            "4",
+            "--preset-overlap",
+            "--preset-time",
+            "30s",
+            "--worker-torch-threads",
+            "2",
+            "--dtype",
+            "bf16",
+            "--batch-wait-us",
+            "40",
+            "--capacity-factor",
+            "2.5",
+            "--activation",
+            "gelu",
+            "--baseline-repeats",
+            "6",
+        ]);
+        assert_eq!((settings.calls, settings.warmup_calls, settings.point_time), (9, 5, Duration::from_secs(4)));
+        assert_eq!((settings.concurrency, settings.identity_experts), (2, true));
+        assert_eq!((settings.identity_hold, settings.grouped_experts), (Duration::from_micros(300), true));
+        assert_eq!((settings.worker_torch_threads, settings.compute_dtype), (2, Some(WeightDtype::Bf16)));
+        assert_eq!((settings.batch_wait_us, settings.capacity_factor), (40, 2.5));
+        assert_eq!(settings.dispatch, DispatchLayout::ExpertMajor);
+        assert_eq!((settings.connections_per_worker, settings.chunked_dispatch), (3, true));
+        assert_eq!((settings.model.activation, settings.baseline_repeats), (Activation::Gelu, 6));
+        assert_eq!(
+            (settings.device, settings.hosts, settings.dev_tls.is_some()),
+            (tch::Device::Cpu, Hosts::Loopback, false)
+        );
+
+        let axes = &plan.axes;
+        assert_eq!((&axes.tokens[..], &axes.wire_dtypes[..]), (&[2, 32][..], &[WireDtype::Fp8E4m3][..]));
+        assert_eq!((&axes.workers[..], &axes.experts[..], &axes.top_k[..]), (&[4][..], &[32][..], &[1][..]));
+        assert_eq!(axes.dims, [(64, 96)]);
+        assert!(plan.grid && !plan.sweep && plan.presets.is_empty(), "--run step measures the step alone");
+        assert_eq!((plan.preset_workers, plan.preset_calls, plan.preset_time), (3, 4, Duration::from_secs(30)));
+        assert!(plan.preset_overlap);
+        assert_eq!(plan.link_rates, ["1gbit".parse::<LinkRate>().expect("a rate")]);
+        assert_eq!(plan.link_congestion, CongestionControl::Bbr);
+        let step = plan.step.expect("--run step plans a step");
+        assert_eq!((step.layers, step.tokens), (6, 12));
+        assert!(matches!(step.attention, AttentionStandIn::Gemm { width: 256 }), "{:?}", step.attention);
+        let (_, plan) = settings_and_plan_of(&["--run", "step", "--attention-wait", "2ms"]);
+        let attention = plan.step.expect("a step").attention;
+        assert!(matches!(attention, AttentionStandIn::Wait(wait) if wait == Duration::from_millis(2)), "{attention:?}");
     }
 }
