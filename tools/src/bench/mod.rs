@@ -16,7 +16,7 @@ mod measure;
 pub mod peak;
 pub mod plan;
 mod progress;
-mod results;
+pub(crate) mod results;
 pub mod spread;
 pub mod summary;
 pub mod wake;

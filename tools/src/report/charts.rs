@@ -16,6 +16,9 @@ pub type ChartResult = Result<(), Box<dyn std::error::Error>>;
 /// Draws one chart of the points into an SVG file.
 pub type DrawChart = fn(&[PointSummary], &Path) -> ChartResult;
 
+/// A line of a chart: its name and its (x, y) points.
+type Series = (String, Vec<(f64, f64)>);
+
 /// One color per phase of [`TimeBreakdown::PHASES`], and per line.
 const PALETTE: [RGBColor; 16] = [
     RGBColor(0x4e, 0x79, 0xa7),
@@ -98,13 +101,7 @@ pub fn breakdown(points: &[PointSummary], path: &Path) -> ChartResult {
 }
 
 /// A line chart of `series` (name, points), with a log-scaled x when `log_x`.
-fn lines(
-    path: &Path,
-    caption: &str,
-    (x_desc, y_desc): (&str, &str),
-    series: &[(String, Vec<(f64, f64)>)],
-    log_x: bool,
-) -> ChartResult {
+fn lines(path: &Path, caption: &str, (x_desc, y_desc): (&str, &str), series: &[Series], log_x: bool) -> ChartResult {
     // The right part of the canvas holds the legend, clear of the lines.
     let root = SVGBackend::new(path, (1200, 560)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -147,7 +144,7 @@ fn lines(
 
 fn draw_lines<'a, 'b: 'a, X>(
     chart: &mut ChartContext<'a, SVGBackend<'b>, Cartesian2d<X, RangedCoordf64>>,
-    series: &[(String, Vec<(f64, f64)>)],
+    series: &[Series],
     x_desc: &str,
     y_desc: &str,
 ) -> ChartResult
@@ -171,7 +168,7 @@ where
 }
 
 /// The points of series `name`, created empty on first use.
-fn series_entry(series: &mut Vec<(String, Vec<(f64, f64)>)>, name: String) -> &mut Vec<(f64, f64)> {
+fn series_entry(series: &mut Vec<Series>, name: String) -> &mut Vec<(f64, f64)> {
     let index = match series.iter().position(|(existing, _)| *existing == name) {
         Some(index) => index,
         None => {
@@ -185,7 +182,14 @@ fn series_entry(series: &mut Vec<(String, Vec<(f64, f64)>)>, name: String) -> &m
 /// Dispatch's and combine's GB/s on the busiest link against the link's rate, one line each per
 /// DeepEP preset, beside the line rate itself.
 pub fn link_rates(presets: &[PresetSummary], path: &Path) -> ChartResult {
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let series = link_rate_series(presets);
+    lines(path, "Transfer GB/s on the busiest link against its rate", ("link Gbit/s", "GB/s"), &series, true)
+}
+
+/// [`link_rates`]' lines: each over the rates a preset ran at (once each, ascending), the line
+/// rate first; a preset measured on one rate alone draws none.
+fn link_rate_series(presets: &[PresetSummary]) -> Vec<Series> {
+    let mut series: Vec<Series> = Vec::new();
     for preset in presets {
         let (Some(rate), Some((dispatch, combine))) = (preset.link_rate, preset.floor_ratios()) else {
             continue;
@@ -201,27 +205,39 @@ pub fn link_rates(presets: &[PresetSummary], path: &Path) -> ChartResult {
         points.dedup_by(|a, b| a.0 == b.0);
     }
     series.retain(|(_, points)| points.len() > 1);
-    lines(path, "Transfer GB/s on the busiest link against its rate", ("link Gbit/s", "GB/s"), &series, true)
+    series
 }
 
 /// Overhead ratio (distributed ÷ in-process) against tokens per call: one line per cluster shape
 /// and wire dtype.
 pub fn overhead(points: &[PointSummary], path: &Path) -> ChartResult {
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let series = overhead_series(points);
+    lines(path, "Distributed over in-process time per call", ("tokens per call", "overhead ratio (x)"), &series, true)
+}
+
+/// [`overhead`]'s lines, of the points measured both ways; a line of one point is left out.
+fn overhead_series(points: &[PointSummary]) -> Vec<Series> {
+    let mut series: Vec<Series> = Vec::new();
     for result in points {
         let Some(ratio) = result.overhead_ratio else { continue };
         let name = format!("{}, {}", result.point.shape, result.point.wire_dtype);
         series_entry(&mut series, name).push((result.point.tokens as f64, ratio));
     }
     series.retain(|(_, points)| points.len() > 1);
-    lines(path, "Distributed over in-process time per call", ("tokens per call", "overhead ratio (x)"), &series, true)
+    series
 }
 
 /// Tokens per second against workers, for the points that differ from the base only in workers:
 /// one line per tokens-per-call and wire dtype.
 pub fn throughput_by_workers(points: &[PointSummary], path: &Path) -> ChartResult {
-    let Some(base) = points.first().map(|result| result.point.shape) else { return Ok(()) };
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let Some(series) = throughput_series(points) else { return Ok(()) };
+    lines(path, "Throughput against expert workers (closed loop)", ("workers", "tokens/s"), &series, false)
+}
+
+/// [`throughput_by_workers`]' lines, by workers ascending; `None` without points (no base).
+fn throughput_series(points: &[PointSummary]) -> Option<Vec<Series>> {
+    let base = points.first()?.point.shape;
+    let mut series: Vec<Series> = Vec::new();
     for result in points {
         let shape = result.point.shape;
         if (shape.experts, shape.top_k, shape.d_model, shape.d_ff)
@@ -236,5 +252,105 @@ pub fn throughput_by_workers(points: &[PointSummary], path: &Path) -> ChartResul
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
     series.retain(|(_, points)| points.len() > 1);
-    lines(path, "Throughput against expert workers (closed loop)", ("workers", "tokens/s"), &series, false)
+    Some(series)
+}
+
+#[cfg(test)]
+mod tests {
+    use switchyard_loadtest::shaped_network::LinkRate;
+    use switchyard_proto::wire::WireDtype;
+
+    use super::*;
+    use crate::bench::plan::{ClusterShape, Point};
+    use crate::bench::results::tests::{close, point, preset};
+
+    /// The fixture point's summary, moved to `workers` and `experts`, `tokens` of `wire_dtype`.
+    fn at(workers: usize, experts: u32, tokens: usize, wire_dtype: WireDtype) -> PointSummary {
+        let mut summary = point().summary();
+        let shape = ClusterShape { workers, experts, ..summary.point.shape };
+        summary.point = Point { shape, tokens, wire_dtype };
+        summary
+    }
+
+    fn names(series: &[Series]) -> Vec<&str> {
+        series.iter().map(|(name, _)| name.as_str()).collect()
+    }
+
+    #[test]
+    fn the_overhead_chart_draws_a_line_per_shape_and_dtype_over_tokens() {
+        let with_ratio =
+            |workers, tokens, dtype, ratio| PointSummary { overhead_ratio: ratio, ..at(workers, 8, tokens, dtype) };
+        let points = [
+            with_ratio(2, 1, WireDtype::F32, Some(1.5)),
+            with_ratio(2, 1, WireDtype::Bf16, Some(1.4)),
+            with_ratio(2, 16, WireDtype::F32, Some(0.9)),
+            with_ratio(2, 16, WireDtype::Bf16, None),
+            with_ratio(1, 1, WireDtype::F32, Some(1.2)),
+        ];
+        let series = overhead_series(&points);
+        let shape = points[0].point.shape;
+        assert_eq!(names(&series), [format!("{shape}, f32")], "bf16 and 1 worker have one measured point each");
+        assert_eq!(series[0].1, [(1.0, 1.5), (16.0, 0.9)]);
+    }
+
+    #[test]
+    fn the_throughput_chart_varies_workers_alone_around_the_first_shape() {
+        let with_rate = |workers, experts, tokens, rate| {
+            let mut summary = at(workers, experts, tokens, WireDtype::F32);
+            summary.distributed.tokens_per_s = rate;
+            summary
+        };
+        let points = [
+            with_rate(2, 8, 16, 200.0),
+            with_rate(2, 8, 64, 500.0),
+            with_rate(3, 8, 16, 260.0),
+            with_rate(1, 8, 16, 120.0),
+            with_rate(1, 8, 64, 300.0),
+            with_rate(1, 16, 16, 999.0),
+        ];
+        let series = throughput_series(&points).expect("a base");
+        assert_eq!(names(&series), ["16 tokens/call, f32", "64 tokens/call, f32"]);
+        assert_eq!(series[0].1, [(1.0, 120.0), (2.0, 200.0), (3.0, 260.0)], "16 experts is another shape");
+        assert_eq!(series[1].1, [(1.0, 300.0), (2.0, 500.0)]);
+        assert!(throughput_series(&[]).is_none());
+    }
+
+    #[test]
+    fn the_link_chart_draws_each_presets_rates_beside_the_line_rate() {
+        let on = |name: &str, megabit: u64| {
+            let mut summary = preset().summary();
+            summary.preset = name.to_owned();
+            summary.link_rate = Some(LinkRate::from_bits_per_second(megabit * 1_000_000));
+            summary
+        };
+        let (dispatch, combine) = on("low-latency", 8).floor_ratios().expect("floors on a link");
+        let presets = [on("low-latency", 80), on("low-latency", 8), on("low-latency", 8), on("normal", 8)];
+        let series = link_rate_series(&presets);
+        assert_eq!(
+            names(&series),
+            ["line rate", "low-latency dispatch", "low-latency combine"],
+            "normal ran on one rate"
+        );
+        assert_eq!(series[0].1, [(0.008, 0.001), (0.08, 0.01)], "once a rate, ascending");
+        let [(_, slow), (_, fast)] = series[1].1[..] else { panic!("two rates: {series:?}") };
+        assert!(close(slow, 0.001 / dispatch) && close(fast, 0.01 / dispatch), "{series:?}");
+        assert!(close(series[2].1[1].1, 0.01 / combine), "{series:?}");
+        let on_loopback = PresetSummary { link_rate: None, ..on("loopback", 8) };
+        assert!(link_rate_series(&[on_loopback.clone(), on_loopback]).is_empty());
+    }
+
+    #[test]
+    fn a_chart_names_its_lines_or_says_why_it_has_none() {
+        let dir = tempfile::tempdir().expect("a folder");
+        let path = dir.path().join("overhead.svg");
+        let points = [at(2, 8, 1, WireDtype::F32), at(2, 8, 16, WireDtype::F32)];
+        overhead(&points, &path).expect("drawn");
+        let svg = std::fs::read_to_string(&path).expect("written");
+        assert!(svg.starts_with("<svg") && svg.contains(&format!("{}, f32", points[0].point.shape)), "{svg}");
+        assert!(!svg.contains("no series"), "{svg}");
+
+        overhead(&points[..1], &path).expect("drawn");
+        let svg = std::fs::read_to_string(&path).expect("written");
+        assert!(svg.contains("no series with two or more points in this run"), "{svg}");
+    }
 }
