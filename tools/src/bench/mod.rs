@@ -317,8 +317,9 @@ pub(crate) mod tests {
 
     #[test]
     fn the_presets_move_bytes_alone_with_the_plans_calls() {
+        // The sweep's settings: real experts, and a hold the presets must not keep.
         let settings = BenchSettings {
-            identity_experts: true,
+            identity_experts: false,
             identity_hold: Duration::from_micros(500),
             calls: 7,
             warmup_calls: 4,
