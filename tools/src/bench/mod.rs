@@ -300,14 +300,14 @@ pub(crate) mod tests {
     #[test]
     fn a_shapes_model_is_the_shape_with_the_settings_activation() {
         let settings = settings();
-        let settings =
-            BenchSettings { model: ModelSpec { activation: Activation::Gelu, ..settings.model.clone() }, ..settings };
+        let model = ModelSpec { activation: Activation::Gelu, moe_layers: vec![0, 1, 2], ..settings.model.clone() };
+        let settings = BenchSettings { model, ..settings };
         let model = model_of(SHAPE, &settings, CapacityPolicy::Factor(1.5)).expect("a valid model");
         assert_eq!(
             (model.experts_per_layer, model.top_k, model.d_model, model.d_ff),
             (SHAPE.experts, SHAPE.top_k, SHAPE.d_model, SHAPE.d_ff)
         );
-        assert_eq!((model.moe_layers, model.capacity), (vec![0], CapacityPolicy::Factor(1.5)));
+        assert_eq!((model.moe_layers, model.capacity), (vec![0], CapacityPolicy::Factor(1.5)), "one layer a point");
         assert_eq!(model.activation, Activation::Gelu);
 
         let too_many = ClusterShape { top_k: 17, ..SHAPE };
