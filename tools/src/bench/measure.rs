@@ -80,8 +80,7 @@ async fn measure_alternating(
             BenchSettings { point_time: settings.point_time / rounds as u32, ..round_of(settings, round, rounds) };
         let report = measure(Target::Distributed(client.clone()), &round_settings, tokens, "distributed").await?;
         let total = absorb(&mut distributed, report);
-        let requests: u64 = total.ledger.pairs.values().map(|pair| pair.requests).sum();
-        request_bytes = (total.bytes_total.message_sent / requests.max(1)).max(1) as usize;
+        request_bytes = per_request(total, total.bytes_total.message_sent);
         let report = measure(Target::Reference(reference.clone()), &round_settings, tokens, "in-process").await?;
         absorb(&mut in_process, report);
         let repeats = settings.baseline_repeats.div_ceil(rounds as u32);
@@ -219,8 +218,7 @@ pub(super) async fn measure_preset(
         let gate = report.mean_timing().gate;
         let total = absorb(&mut distributed, report);
         // The baselines move what one dispatch request carried.
-        let requests: u64 = total.ledger.pairs.values().map(|pair| pair.requests).sum();
-        request_bytes = (total.bytes_total.payload_sent / requests.max(1)).max(1) as usize;
+        request_bytes = per_request(total, total.bytes_total.payload_sent);
         let repeats = settings.baseline_repeats.div_ceil(rounds as u32);
         tcp_times.extend(wire::tcp_one_way_times(request_bytes, repeats).await?);
         worker_bytes = busiest_worker_bytes(total).unwrap_or(request_bytes);
@@ -306,6 +304,13 @@ impl GateYardstick {
         .ok();
         Self { flops, threads, cpu_gemm_gflops }
     }
+}
+
+/// `bytes` of `report`'s calls over the requests they made (at least 1): what a baseline moves
+/// to stand beside one request.
+fn per_request(report: &LoadReport, bytes: u64) -> usize {
+    let requests: u64 = report.ledger.pairs.values().map(|pair| pair.requests).sum();
+    (bytes / requests.max(1)).max(1) as usize
 }
 
 /// The most payload bytes one worker was sent per call in `report`.
@@ -401,5 +406,17 @@ mod tests {
         assert_eq!(busiest_worker_bytes(&report), Some(1500), "3000 bytes over 2 calls beat 4000 over 4");
         report.ledger.pairs.insert((0, "w3".into()), sent(0, 0));
         assert_eq!(busiest_worker_bytes(&report), Some(1500), "a worker never called divides by nothing");
+    }
+
+    #[test]
+    fn a_baseline_moves_one_requests_bytes() {
+        let mut report = point().distributed;
+        for (pair, requests) in report.ledger.pairs.values_mut().zip([3, 5]) {
+            pair.requests = requests;
+        }
+        assert_eq!(per_request(&report, 4000), 500, "4000 bytes over 8 requests");
+        assert_eq!(per_request(&report, 0), 1, "never an empty baseline");
+        report.ledger.pairs.clear();
+        assert_eq!(per_request(&report, 4000), 4000, "no request counted: the bytes as one");
     }
 }
