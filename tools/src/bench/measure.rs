@@ -419,4 +419,19 @@ mod tests {
         report.ledger.pairs.clear();
         assert_eq!(per_request(&report, 4000), 4000, "no request counted: the bytes as one");
     }
+
+    #[tokio::test]
+    async fn the_gates_yardstick_is_its_own_products_flops_and_gflops() {
+        let point = Point {
+            shape: ClusterShape { workers: 2, experts: 16, top_k: 2, d_model: 64, d_ff: 8 },
+            tokens: 32,
+            wire_dtype: WireDtype::Bf16,
+        };
+        let gate = GateYardstick::measure(point, 2).await;
+        assert_eq!(gate.flops, 2.0 * 32.0 * 64.0 * 16.0);
+        assert_eq!(gate.threads, projection::product_threads(32, 16, 64, 2));
+        // GFLOP/s: a core does between a hundredth and a few hundred of them, never 1e9 times that.
+        let gflops = gate.cpu_gemm_gflops.expect("tch's GEMM measured");
+        assert!((0.01..10_000.0).contains(&gflops), "{gflops} GFLOP/s");
+    }
 }
