@@ -519,6 +519,11 @@ mod tests {
         let step = plan.step.expect("--run step plans a step");
         assert_eq!((step.layers, step.tokens), (6, 12));
         assert!(matches!(step.attention, AttentionStandIn::Gemm { width: 256 }), "{:?}", step.attention);
+        let (_, all) = settings_and_plan_of(&[]);
+        assert!(all.sweep && all.step.is_none(), "the sweep by default");
+        assert_eq!(all.presets, [Preset::DeepEpNormal, Preset::DeepEpLowLatency], "then both presets");
+        let (_, one) = settings_and_plan_of(&["--run", "deepep-low-latency"]);
+        assert!(!one.sweep && one.presets == [Preset::DeepEpLowLatency], "{:?}", one.presets);
         let (_, plan) = settings_and_plan_of(&["--run", "step", "--attention-wait", "2ms"]);
         let attention = plan.step.expect("a step").attention;
         assert!(matches!(attention, AttentionStandIn::Wait(wait) if wait == Duration::from_millis(2)), "{attention:?}");

@@ -277,6 +277,11 @@ mod tests {
     }
 
     #[test]
+    fn a_points_label_names_what_differs_between_points() {
+        assert_eq!(point_label(&at(3, 16, 64, WireDtype::Bf16)), "3w 16e k2 4x8 64t bf16");
+    }
+
+    #[test]
     fn the_overhead_chart_draws_a_line_per_shape_and_dtype_over_tokens() {
         let with_ratio =
             |workers, tokens, dtype, ratio| PointSummary { overhead_ratio: ratio, ..at(workers, 8, tokens, dtype) };
@@ -307,9 +312,14 @@ mod tests {
             with_rate(1, 8, 16, 120.0),
             with_rate(1, 8, 64, 300.0),
             with_rate(1, 16, 16, 999.0),
+            with_rate(2, 8, 256, 900.0),
         ];
         let series = throughput_series(&points).expect("a base");
-        assert_eq!(names(&series), ["16 tokens/call, f32", "64 tokens/call, f32"]);
+        assert_eq!(
+            names(&series),
+            ["16 tokens/call, f32", "64 tokens/call, f32"],
+            "256 tokens on one worker count: no line"
+        );
         assert_eq!(series[0].1, [(1.0, 120.0), (2.0, 200.0), (3.0, 260.0)], "16 experts is another shape");
         assert_eq!(series[1].1, [(1.0, 300.0), (2.0, 500.0)]);
         assert!(throughput_series(&[]).is_none());
