@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
 # Installs what Switchyard needs on a fresh Debian machine and builds it. Idempotent: each step is
 # skipped when its result is already there, so running it again costs seconds.
+#
+# Usage: scripts/setup.sh [--with-tests]
+#   --with-tests  also build the tests and examples, in the same build as the binaries
+#                 (scripts/test.sh). The tests' dev-dependencies turn on features the binaries
+#                 alone leave off (tokio's test-util, ...), and cargo compiles every crate above
+#                 such a dependency once per feature set: built apart, the binaries and then the
+#                 tests would compile the whole tree twice.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$SWITCHYARD_ROOT"
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+targets=(--bins)
+case "${1:-}" in
+  "") ;;
+  --with-tests) targets=(--bins --tests --examples) ;;
+  *) echo "usage: scripts/setup.sh [--with-tests]" >&2; exit 2 ;;
+esac
 
 if ! command -v protoc >/dev/null 2>&1; then
   step "installing protobuf-compiler (protoc)"
@@ -29,5 +43,5 @@ else
 fi
 source "$SWITCHYARD_ROOT/scripts/env.sh"
 
-step "building (cargo build --release --workspace --bins; the first build takes minutes: each crate is listed as it compiles)"
-cargo build --release --workspace --bins
+step "building (cargo build --release --workspace ${targets[*]}; the first build takes minutes: each crate is listed as it compiles)"
+cargo build --release --workspace "${targets[@]}"

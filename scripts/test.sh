@@ -5,7 +5,8 @@
 # Helm chart's tests (real Helm 3 and Helm 4 engines, strict Kubernetes schemas, the binaries' flags).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-"$SWITCHYARD_ROOT/scripts/setup.sh"
+# The tests build with the binaries (see setup.sh): `cargo test` below then compiles nothing.
+"$SWITCHYARD_ROOT/scripts/setup.sh" --with-tests
 # Again: on a fresh clone the venv (and so the torch library path) exists only now.
 source "$SWITCHYARD_ROOT/scripts/env.sh"
 cd "$SWITCHYARD_ROOT"
