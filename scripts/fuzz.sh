@@ -29,6 +29,7 @@ export seconds scratch SWITCHYARD_ROOT
 
 targets=()
 for source in fuzz_targets/*.rs; do targets+=("$(basename "$source" .rs)"); done
+echo "fuzzing ${#targets[@]} targets for ${seconds} s each, ${jobs} at a time" >&2
 # A failed target is reported below, after every target has run.
 printf '%s\n' "${targets[@]}" | xargs -P "$jobs" -I{} bash -c 'fuzz_target "$1" || true' _ {}
 
