@@ -357,6 +357,11 @@ pub(crate) mod tests {
         let unmeasured = PointResult { worker_peak_gflops: Some(0.0), reference_peak_gflops: None, ..point() };
         assert_eq!(unmeasured.peak_shares(), (None, None));
         assert_eq!(PointResult { reference: None, ..point() }.overhead_ratio(), None);
+        // No compute time measured (every call failed, say): no rate, rather than infinitely many.
+        let mut uncomputed = point();
+        uncomputed.distributed.ledger.pairs.values_mut().for_each(|pair| pair.compute = Duration::ZERO);
+        uncomputed.reference.as_mut().unwrap().timing_total.compute = Duration::ZERO;
+        assert_eq!((uncomputed.distributed_gflops(), uncomputed.reference_gflops()), (None, None));
     }
 
     /// [`point`] as a DeepEP preset's, its baselines all 1 GB/s, on links of 1 MB/s.
