@@ -5,6 +5,10 @@
 # CUDA runtime libtorch_cpu names). The cuda variant adds every library of the wheel's nvidia
 # packages, some of which CUDA opens at run time (dlopen), where ldd cannot see them.
 #
+# The binaries are those the last release build left in target/release: after scripts/test.sh,
+# the tests' build (tokio's test-util and the test-support modules compiled in); run
+# scripts/setup.sh (or a `cargo build --release --bins` of your own) first to ship the binaries alone.
+#
 # Usage: scripts/dist.sh [OUT (default target/dist)] [cpu|cuda (default cpu)]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
