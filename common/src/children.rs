@@ -111,6 +111,11 @@ impl ChildProcess {
         format!("http://{}", self.grpc)
     }
 
+    /// Its process id; `None` once it has been waited for.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// SIGKILL, as a crash would: no drain, no goodbye.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;

@@ -291,6 +291,11 @@ impl LocalCluster {
         self.coordinator.grpc_uri()
     }
 
+    /// The process ids of the coordinator and the workers still running.
+    pub fn process_ids(&self) -> Vec<u32> {
+        std::iter::once(&self.coordinator).chain(&self.workers).filter_map(ChildProcess::pid).collect()
+    }
+
     pub fn model(&self) -> &ModelSpec {
         &self.config.model
     }

@@ -102,6 +102,11 @@ impl ShapeCluster {
         self.cluster.worker_hosts()
     }
 
+    /// The cluster's processes, the coordinator's and the workers'.
+    pub(super) fn process_ids(&self) -> Vec<u32> {
+        self.cluster.process_ids()
+    }
+
     pub(super) async fn stop(mut self) {
         self.cluster.stop(Duration::from_secs(5)).await;
     }

@@ -16,6 +16,7 @@ use switchyard_router_client::router::RoutingOverrides;
 
 use super::cluster::ShapeCluster;
 use super::plan::{Axes, ClusterShape, Point, Preset, StepPlan};
+use super::process_cpu::{CpuPerCall, CpuReading, CpuSpent};
 use super::progress::{Tally, point_line};
 use super::results::{PointResult, PresetResult, StepResult};
 use super::{BenchError, BenchSettings, cpu_time, flops_per_row, peak, wire};
@@ -24,12 +25,14 @@ use super::{BenchError, BenchSettings, cpu_time, flops_per_row, peak, wire};
 /// several-fold within seconds, so what is compared (distributed, in-process, raw TCP) takes turns.
 const MEASURE_ROUNDS: u64 = 5;
 
-/// Warm-up calls, then the measured ones (so the socket counters cover exactly the measured calls).
+/// Warm-up calls, then the measured ones (so the socket counters cover exactly the measured calls,
+/// and so does the CPU time of this process and `cpu`'s others added to its tally).
 async fn measure(
     target: Target,
     settings: &BenchSettings,
     tokens: usize,
     name: &str,
+    cpu: Option<(&[u32], &mut CpuSpent)>,
 ) -> Result<LoadReport, BenchError> {
     let warmup = warmup_calls(settings);
     if warmup > 0 {
@@ -37,7 +40,11 @@ async fn measure(
         loadtest::run(target.clone(), spec, "warm-up").await?;
     }
     let spec = LoadSpec::closed_loop(settings.concurrency, settings.point_time, tokens, settings.calls, 1);
-    Ok(loadtest::run(target, spec, name).await?)
+    let Some((processes, spent)) = cpu else { return Ok(loadtest::run(target, spec, name).await?) };
+    let before = CpuReading::before(processes);
+    let report = loadtest::run(target, spec, name).await?;
+    spent.add(before, CpuReading::after(processes));
+    Ok(report)
 }
 
 /// The warm-up's calls: the settings' own, but at least one per connection to a worker (a call of
@@ -59,39 +66,55 @@ struct Alternated {
     in_process: LoadReport,
     tcp_round_trip: wire::WireFigure,
     grpc_round_trip: wire::WireFigure,
+    cpu_per_call: Option<CpuPerCall>,
 }
 
 /// Measures a point in [`MEASURE_ROUNDS`] rounds, each a share of the distributed calls, the same
 /// share through the in-process layer, then a share of the TCP and gRPC echoes, so that the
 /// overhead ratio and the network floors compare calls made under the same conditions. `point_time` bounds the
-/// whole, spread over the rounds.
+/// whole, spread over the rounds. Both targets' calls are charged the CPU time of this process and
+/// of `cluster_processes`.
 async fn measure_alternating(
     client: Arc<MoeClient>,
     reference: &Arc<ReferenceLayer>,
+    cluster_processes: &[u32],
     settings: &BenchSettings,
     tokens: usize,
 ) -> Result<Alternated, BenchError> {
     let rounds = settings.calls.clamp(1, MEASURE_ROUNDS);
     let (mut distributed, mut in_process): (Option<LoadReport>, Option<LoadReport>) = (None, None);
+    let (mut distributed_cpu, mut in_process_cpu) = (CpuSpent::default(), CpuSpent::default());
     let (mut tcp_times, mut grpc_times) = (Vec::new(), Vec::new());
     let mut request_bytes = 1;
     for round in 0..rounds {
         let round_settings =
             BenchSettings { point_time: settings.point_time / rounds as u32, ..round_of(settings, round, rounds) };
-        let report = measure(Target::Distributed(client.clone()), &round_settings, tokens, "distributed").await?;
+        let target = Target::Distributed(client.clone());
+        let report =
+            measure(target, &round_settings, tokens, "distributed", Some((cluster_processes, &mut distributed_cpu)))
+                .await?;
         let total = absorb(&mut distributed, report);
         request_bytes = per_request(total, total.bytes_total.message_sent);
-        let report = measure(Target::Reference(reference.clone()), &round_settings, tokens, "in-process").await?;
+        let target = Target::Reference(reference.clone());
+        let report =
+            measure(target, &round_settings, tokens, "in-process", Some((cluster_processes, &mut in_process_cpu)))
+                .await?;
         absorb(&mut in_process, report);
         let repeats = settings.baseline_repeats.div_ceil(rounds as u32);
         tcp_times.extend(wire::tcp_echo_times(request_bytes, repeats).await?);
         grpc_times.extend(wire::grpc_echo_times(request_bytes, repeats).await?);
     }
+    let (distributed, in_process) = (distributed.expect("at least one round"), in_process.expect("at least one round"));
+    let cpu_per_call = distributed_cpu
+        .per_call_us(distributed.calls)
+        .zip(in_process_cpu.per_call_us(in_process.calls))
+        .map(|(distributed_us, in_process_us)| CpuPerCall { distributed_us, in_process_us });
     Ok(Alternated {
-        distributed: distributed.expect("at least one round"),
-        in_process: in_process.expect("at least one round"),
+        distributed,
+        in_process,
         tcp_round_trip: wire::WireFigure::echo(request_bytes as u64, &tcp_times),
         grpc_round_trip: wire::WireFigure::echo(request_bytes as u64, &grpc_times),
+        cpu_per_call,
     })
 }
 
@@ -171,7 +194,7 @@ pub(super) async fn measure_shape(
     for point in axes.points_of(shape) {
         let client = cluster.client(point.wire_dtype);
         let error = wire_error(&client, &reference, point.tokens).await?;
-        let measured = measure_alternating(client, &reference, settings, point.tokens).await?;
+        let measured = measure_alternating(client, &reference, &cluster.process_ids(), settings, point.tokens).await?;
         let result = PointResult {
             point,
             identity_experts: settings.identity_experts,
@@ -181,6 +204,7 @@ pub(super) async fn measure_shape(
             tcp_round_trip: Some(measured.tcp_round_trip),
             grpc_round_trip: Some(measured.grpc_round_trip),
             wire_error: Some(error),
+            cpu_per_call: measured.cpu_per_call,
             worker_peak_gflops: peak::for_threads(device_peaks, settings.worker_torch_threads),
             reference_peak_gflops: peak::for_threads(device_peaks, threads),
         };
@@ -213,7 +237,8 @@ pub(super) async fn measure_preset(
     for round in 0..rounds {
         let round_settings = round_of(settings, round, rounds);
         let before = cpu_time::CpuTimes::now();
-        let report = measure(Target::Distributed(client.clone()), &round_settings, point.tokens, preset.name()).await?;
+        let report =
+            measure(Target::Distributed(client.clone()), &round_settings, point.tokens, preset.name(), None).await?;
         cpu.add(before, cpu_time::CpuTimes::now());
         let gate = report.mean_timing().gate;
         let total = absorb(&mut distributed, report);
@@ -259,6 +284,7 @@ pub(super) async fn measure_preset(
         tcp_round_trip: Some(baselines.tcp_echo),
         grpc_round_trip: Some(baselines.grpc_echo),
         wire_error: None,
+        cpu_per_call: None,
         worker_peak_gflops: None,
         reference_peak_gflops: None,
     };

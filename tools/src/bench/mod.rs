@@ -15,6 +15,7 @@ mod machine;
 mod measure;
 pub mod peak;
 pub mod plan;
+pub mod process_cpu;
 mod progress;
 pub(crate) mod results;
 pub mod spread;

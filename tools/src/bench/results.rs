@@ -7,6 +7,7 @@ use switchyard_loadtest::loadtest::LoadReport;
 use switchyard_loadtest::shaped_network::LinkRate;
 
 use super::plan::{ClusterShape, Point, StepPlan};
+use super::process_cpu::CpuPerCall;
 use super::{cpu_time, peak, wake, wire};
 
 /// One point, measured both ways.
@@ -25,6 +26,9 @@ pub struct PointResult {
     pub grpc_round_trip: Option<wire::WireFigure>,
     /// Relative Frobenius error of one distributed call's output against the reference's (same input).
     pub wire_error: Option<f64>,
+    /// The CPU time of a call, distributed and in-process, over the bench's and the cluster's
+    /// processes.
+    pub cpu_per_call: Option<CpuPerCall>,
     /// The device's matmul peak at one worker's thread count, and at the reference's, in GFLOP/s.
     pub worker_peak_gflops: Option<f64>,
     pub reference_peak_gflops: Option<f64>,
@@ -317,6 +321,7 @@ pub(crate) mod tests {
             tcp_round_trip: None,
             grpc_round_trip: None,
             wire_error: None,
+            cpu_per_call: None,
             worker_peak_gflops: Some(40.0),
             reference_peak_gflops: Some(160.0),
         }

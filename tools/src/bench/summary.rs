@@ -8,6 +8,7 @@ use switchyard_router_client::timing::TimeBreakdown;
 use super::cpu_time::CpuShares;
 use super::peak::DevicePeak;
 use super::plan::Point;
+use super::process_cpu::CpuPerCall;
 use super::wire::{AfterBusyCores, WireBaselines, WireFigure};
 use super::{BenchReport, PointResult, PresetResult};
 use switchyard_loadtest::loadtest::{LoadReport, LoadSummary, StepSplit};
@@ -101,6 +102,10 @@ pub struct PointSummary {
     /// reports written before): what tonic and h2 alone cost per round trip here.
     #[serde(default)]
     pub grpc_round_trip_us: Option<f64>,
+    /// The CPU time of a call, distributed and in-process, over the bench's and the cluster's
+    /// processes (none in reports written before).
+    #[serde(default)]
+    pub cpu_per_call: Option<CpuPerCall>,
     pub distributed: LoadSummary,
     pub reference: Option<LoadSummary>,
 }
@@ -266,6 +271,7 @@ impl PointResult {
             combine_transfer_us: combine_us,
             tcp_round_trip_us: self.tcp_round_trip.map(|echo| echo.mean_us),
             grpc_round_trip_us: self.grpc_round_trip.map(|echo| echo.mean_us),
+            cpu_per_call: self.cpu_per_call,
             distributed: self.distributed.summary(),
             reference: self.reference.as_ref().map(|reference| reference.summary()),
         }
@@ -375,6 +381,15 @@ mod tests {
         assert_eq!(unshaped.floor_ratios(), None, "no floor, no ratio over it");
         let unmeasured = PresetResult { tcp_to_every_worker: None, cpu_gemm_gflops: None, ..preset }.summary();
         assert_eq!((unmeasured.dispatch_share_of_tcp_to_every_worker, unmeasured.gate_share_of_gemm), (None, None));
+    }
+
+    #[test]
+    fn a_points_cpu_per_call_goes_into_its_summary() {
+        use crate::bench::process_cpu::CpuPerCall;
+        use crate::bench::results::tests::point;
+        let cpu = CpuPerCall { distributed_us: 812.0, in_process_us: 604.0 };
+        assert_eq!(PointResult { cpu_per_call: Some(cpu), ..point() }.summary().cpu_per_call, Some(cpu));
+        assert_eq!(point().summary().cpu_per_call, None);
     }
 
     /// The report this repository publishes (docs/bench/sweep) reads back as the types that wrote

@@ -27,9 +27,9 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
     let phases = TimeBreakdown::PHASES.join(" / ");
     let _ = writeln!(
         text,
-        "| workers | experts | top-k | d_model x d_ff | tokens | wire | distributed ms | in-process ms | overhead | network ms (raw TCP echo / gRPC echo) | tokens/s | B/token payload | B/token socket | % {phases} | expert GFLOP/s distributed / in-process | % of matmul peak distributed / in-process | output error |"
+        "| workers | experts | top-k | d_model x d_ff | tokens | wire | distributed ms | in-process ms | overhead | network ms (raw TCP echo / gRPC echo) | CPU µs per call distributed / in-process | tokens/s | B/token payload | B/token socket | % {phases} | expert GFLOP/s distributed / in-process | % of matmul peak distributed / in-process | output error |"
     );
-    let _ = writeln!(text, "|{}", " ---: |".repeat(17));
+    let _ = writeln!(text, "|{}", " ---: |".repeat(18));
     for point in points {
         let shape = point.point.shape;
         let shares: Vec<String> =
@@ -44,7 +44,7 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
             format!("{} / {}", percent(point.distributed_peak_share), percent(point.reference_peak_share));
         let _ = writeln!(
             text,
-            "| {} | {} | {} | {}x{} | {} | {} | {:.2} | {} | {} | {:.2} ({}) | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {}x{} | {} | {} | {:.2} | {} | {} | {:.2} ({}) | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
             shape.workers,
             shape.experts,
             shape.top_k,
@@ -57,6 +57,9 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
             optional(point.overhead_ratio, |ratio| format!("{ratio:.2}x")),
             point.distributed.phases.network_mean_ms,
             round_trips(point.tcp_round_trip_us, point.grpc_round_trip_us),
+            point
+                .cpu_per_call
+                .map_or_else(|| "–".to_owned(), |cpu| format!("{:.0} / {:.0}", cpu.distributed_us, cpu.in_process_us)),
             point.distributed.tokens_per_s,
             point.payload_bytes_per_token,
             point.socket_bytes_per_token,
@@ -296,6 +299,10 @@ pub fn bench_report(summary: &BenchSummary) -> String {
              between two threads, the least a round trip costs here, and a plain gRPC echo of the same bytes \
              (tonic's generated client and server, the same transport settings), what tonic and h2 alone cost, \
              both measured in the same rounds. \
+             CPU per call is what the bench's process, the coordinator and the workers together spent on a \
+             CPU over the measured calls, per call (this process's CPU clock, the others' threads' scheduler \
+             statistics): beyond the wall time, what the sockets' system calls and the wakes of parked \
+             threads cost the machine. \
              Bytes per token count both directions. Phase shares are of the mean wall time (they add up to it). \
              GFLOP/s is expert FLOPs over expert compute time, and % of matmul peak divides it by the \
              device's square-matmul rate measured in this run in the experts' dtype (per worker: at one \
@@ -401,6 +408,7 @@ fn presets_section(summary: &BenchSummary) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::process_cpu::CpuPerCall;
 
     fn published_report() -> BenchSummary {
         published("sweep")
@@ -409,6 +417,20 @@ mod tests {
     fn published(folder: &str) -> BenchSummary {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../docs/bench/{folder}/report.json"));
         serde_json::from_str(&std::fs::read_to_string(&path).expect("a published report.json")).expect("a report")
+    }
+
+    #[test]
+    fn the_sweep_table_gives_each_points_cpu_per_call_where_it_was_measured() {
+        let mut summary = published_report();
+        let mut points = summary.points.drain(..1).collect::<Vec<_>>();
+        points[0].cpu_per_call = Some(CpuPerCall { distributed_us: 812.4, in_process_us: 603.6 });
+        let measured = sweep_table(&points);
+        let row = measured.lines().nth(2).expect("a row");
+        assert_eq!(row.split(" | ").nth(10), Some("812 / 604"), "{row}");
+        assert_eq!(measured.lines().next().map(|header| header.split(" | ").count()), Some(row.split(" | ").count()));
+        points[0].cpu_per_call = None;
+        let unmeasured = sweep_table(&points);
+        assert_eq!(unmeasured.lines().nth(2).and_then(|row| row.split(" | ").nth(10)), Some("–"));
     }
 
     #[test]
