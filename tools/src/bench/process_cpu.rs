@@ -23,7 +23,7 @@ pub struct CpuReading {
 
 impl CpuReading {
     /// Before a span: the others first, this process's clock last, so that reading the others'
-    /// threads (tens of files) is not counted in the span.
+    /// threads (a file each) is not counted in the span.
     pub fn before(others: &[u32]) -> Self {
         let others = on_cpu(others);
         Self { own: process_cpu_time(), others }
