@@ -63,7 +63,8 @@ pub struct CpuPerCall {
     pub in_process_us: f64,
 }
 
-/// CPU time over spans: each span's growth of [`on_cpu`], added up; none once a reading failed.
+/// CPU time over spans: each span's growth between two [`CpuReading`]s, added up; none once a reading
+/// failed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuSpent {
     total: Duration,
