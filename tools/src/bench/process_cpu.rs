@@ -56,7 +56,7 @@ fn on_cpu_nanos(schedstat: &str) -> Option<u64> {
 }
 
 /// The CPU time of a point's calls, per call, in microseconds: distributed and in-process, each
-/// over the same processes (the in-process calls' includes the idle cluster's, a few µs).
+/// over the same processes (the in-process calls' includes the idle cluster's heartbeats).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CpuPerCall {
     pub distributed_us: f64,
