@@ -37,8 +37,11 @@ pub(super) fn step_line(step: &StepResult) -> String {
 }
 
 pub(super) fn point_line(result: &PointResult) -> String {
+    let cpu = result.cpu_per_call.map_or_else(String::new, |cpu| {
+        format!(" (CPU a call: {:.2} ms and {:.2} ms)", cpu.distributed_us / 1e3, cpu.in_process_us / 1e3)
+    });
     format!(
-        "{}, {} tokens, {}: {:.2} ms distributed, {} in-process",
+        "{}, {} tokens, {}: {:.2} ms distributed, {} in-process{cpu}",
         result.point.shape,
         result.point.tokens,
         result.point.wire_dtype.name(),
@@ -89,6 +92,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::bench::process_cpu::CpuPerCall;
     use crate::bench::results::PresetResult;
     use crate::bench::results::tests::{point, preset_beside_baselines};
 
@@ -110,6 +114,12 @@ mod tests {
         assert_eq!(
             point_line(&point()),
             "2 workers, 8 experts, top-2, 4x8, 10 tokens, f32: 2.00 ms distributed, 0.50 ms in-process"
+        );
+        let cpu = CpuPerCall { distributed_us: 2480.0, in_process_us: 612.0 };
+        assert_eq!(
+            point_line(&PointResult { cpu_per_call: Some(cpu), ..point() }),
+            "2 workers, 8 experts, top-2, 4x8, 10 tokens, f32: 2.00 ms distributed, 0.50 ms in-process \
+             (CPU a call: 2.48 ms and 0.61 ms)"
         );
         let preset = preset_beside_baselines();
         assert_eq!(
