@@ -163,13 +163,14 @@ async fn switchyard_bench_writes_a_report_folder() {
         // Both measured; which is faster is the machine's to say (on a loaded one a raw echo's mean
         // has come out above the gRPC echo's), not a property of the report.
         assert!(tcp > 0.0 && tcp.is_finite() && grpc > 0.0 && grpc.is_finite(), "{tcp} and {grpc} µs");
-        // The CPU time a call costs, both ways: spent, and no more than every core's time over the
-        // call (a quarter more for the scheduler's clock against the wall clock).
+        // The CPU time a call costs, both ways: spent, and within every core's time over the call,
+        // twice over: a round's own work between its calls is charged to them too, and the
+        // scheduler's clock runs a little ahead of the wall clock. A unit or a doubled count is not.
         let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
         for (cpu, wall_ms) in [("distributed_us", "distributed_mean_ms"), ("in_process_us", "reference_mean_ms")] {
             let cpu_us = point["cpu_per_call"][cpu].as_f64().expect("the CPU time per call");
             let wall_us = point[wall_ms].as_f64().expect("the mean call") * 1e3;
-            assert!(cpu_us > 0.0 && cpu_us <= wall_us * cores * 1.25, "{cpu}: {cpu_us} µs in {wall_us} µs");
+            assert!(cpu_us > 0.0 && cpu_us <= wall_us * cores * 2.0, "{cpu}: {cpu_us} µs in {wall_us} µs");
         }
     }
     let wake = &json["thread_wake"];
