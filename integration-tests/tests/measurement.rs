@@ -164,8 +164,8 @@ async fn switchyard_bench_writes_a_report_folder() {
         // has come out above the gRPC echo's), not a property of the report.
         assert!(tcp > 0.0 && tcp.is_finite() && grpc > 0.0 && grpc.is_finite(), "{tcp} and {grpc} µs");
         // The CPU time a call costs, both ways: spent, and within every core's time over the call,
-        // twice over: a round's own work between its calls is charged to them too, and the
-        // scheduler's clock runs a little ahead of the wall clock. A unit or a doubled count is not.
+        // twice over (a round's own work between its calls is charged to them too, and the
+        // scheduler's clock runs a little ahead of the wall clock): a wrong unit would not be.
         let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
         for (cpu, wall_ms) in [("distributed_us", "distributed_mean_ms"), ("in_process_us", "reference_mean_ms")] {
             let cpu_us = point["cpu_per_call"][cpu].as_f64().expect("the CPU time per call");
