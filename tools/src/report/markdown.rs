@@ -11,7 +11,8 @@ use crate::bench::cpu_time::CpuShares;
 use crate::bench::wire::WireFigure;
 use crate::bench::{BenchSummary, PointSummary, PresetSummary, Quantiles, StepSummary};
 
-fn optional(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
+/// A measured value, formatted; a dash for one not measured.
+fn optional<T>(value: Option<T>, format: impl FnOnce(T) -> String) -> String {
     value.map_or_else(|| "–".to_owned(), format)
 }
 
@@ -57,9 +58,7 @@ pub fn sweep_table(points: &[PointSummary]) -> String {
             optional(point.overhead_ratio, |ratio| format!("{ratio:.2}x")),
             point.distributed.phases.network_mean_ms,
             round_trips(point.tcp_round_trip_us, point.grpc_round_trip_us),
-            point
-                .cpu_per_call
-                .map_or_else(|| "–".to_owned(), |cpu| format!("{:.0} / {:.0}", cpu.distributed_us, cpu.in_process_us)),
+            optional(point.cpu_per_call, |cpu| format!("{:.0} / {:.0}", cpu.distributed_us, cpu.in_process_us)),
             point.distributed.tokens_per_s,
             point.payload_bytes_per_token,
             point.socket_bytes_per_token,
@@ -111,10 +110,10 @@ pub fn preset_table(presets: &[PresetSummary]) -> String {
             cpu_busy(preset.cpu),
             baselines.grpc_echo.bytes as f64 / 1e6,
             baselines.tcp_one_way.gb_per_s,
-            baselines.tcp_striped_one_way.map_or_else(
-                || "–".to_owned(),
-                |striped| format!("{:.2} ({})", striped.gb_per_s, baselines.tcp_connections)
-            ),
+            optional(baselines.tcp_striped_one_way, |striped| format!(
+                "{:.2} ({})",
+                striped.gb_per_s, baselines.tcp_connections
+            )),
             optional(preset.tcp_to_every_worker.map(|tcp| tcp.gb_per_s), |rate| format!("{rate:.2}")),
             baselines.tcp_echo.mean_us,
             baselines.grpc_one_way.gb_per_s,
@@ -163,7 +162,7 @@ fn quantiles(quantiles: Option<Quantiles>) -> String {
 
 /// The cores' busy share while the calls ran, with the hypervisor's share beside it.
 fn cpu_busy(cpu: Option<CpuShares>) -> String {
-    cpu.map_or_else(|| "–".to_owned(), |cpu| format!("{:.0}% ({:.0}%)", cpu.busy * 100.0, cpu.stolen * 100.0))
+    optional(cpu, |cpu| format!("{:.0}% ({:.0}%)", cpu.busy * 100.0, cpu.stolen * 100.0))
 }
 
 /// Whole-model steps: the mean step of each, split three ways, distributed and in-process.
@@ -214,10 +213,7 @@ pub fn link_table(presets: &[PresetSummary]) -> String {
         // The floor is bytes over the rate: the achieved rate is the floor's share of the time.
         let achieved = |ratio: f64| format!("{:.2} ({:.0}%)", rate / ratio / 1e9, 100.0 / ratio);
         let tcp_share = |tcp: Option<WireFigure>| {
-            tcp.map_or_else(
-                || "–".to_owned(),
-                |tcp| format!("{:.2} ({:.0}%)", tcp.gb_per_s * 8.0, tcp.gb_per_s * 8e9 / rate * 100.0),
-            )
+            optional(tcp, |tcp| format!("{:.2} ({:.0}%)", tcp.gb_per_s * 8.0, tcp.gb_per_s * 8e9 / rate * 100.0))
         };
         let _ = writeln!(
             text,
