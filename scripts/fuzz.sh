@@ -4,14 +4,15 @@
 # coverage-guided from the committed seeds (fuzz/corpus/<target>) plus what earlier runs here
 # found (target/fuzz-corpus/<target>, kept between runs). A crash, a panic, a timeout or an
 # allocation past 2 GiB fails the run, with the input saved under fuzz/artifacts/<target>/ and the
-# command that replays it. cargo-fuzz's `--sanitizer none` builds on the stable toolchain.
+# command that replays it. cargo-fuzz's `--sanitizer none` builds on the stable toolchain; `--dev` is
+# fuzz/Cargo.toml's dev profile (-O1, overflow checks on).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 seconds="${SWITCHYARD_FUZZ_SECONDS:-20}"
 jobs="${SWITCHYARD_FUZZ_JOBS:-$(nproc)}"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
 cd "$SWITCHYARD_ROOT/fuzz"
-cargo fuzz build --sanitizer none
+cargo fuzz build --dev --sanitizer none
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 
@@ -20,7 +21,7 @@ trap 'rm -rf "$scratch"' EXIT
 fuzz_target() {
     local target="$1" found="$SWITCHYARD_ROOT/target/fuzz-corpus/$1"
     mkdir -p "$found" "$scratch/$target.tmp"
-    TMPDIR="$scratch/$target.tmp" cargo fuzz run --sanitizer none "$target" "$found" "corpus/$target" -- \
+    TMPDIR="$scratch/$target.tmp" cargo fuzz run --dev --sanitizer none "$target" "$found" "corpus/$target" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
         >"$scratch/$target.log" 2>&1 && touch "$scratch/$target.passed"
 }
