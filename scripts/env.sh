@@ -4,6 +4,7 @@ SWITCHYARD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export SWITCHYARD_ROOT
 export SWITCHYARD_VENV="${SWITCHYARD_VENV:-$SWITCHYARD_ROOT/.venv}"
 export SWITCHYARD_TORCH_VERSION="2.11.0"
+export SWITCHYARD_UV_VERSION="0.13.9"
 
 # torch-sys (tch 0.24) reads torch's headers and libraries from the Python install (LIBTORCH_USE_PYTORCH=1);
 # it runs `python` from PATH when VIRTUAL_ENV is set, so the venv goes first.
