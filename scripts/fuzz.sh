@@ -5,23 +5,15 @@
 # found (target/fuzz-corpus/<target>, kept between runs). A crash, a panic, a timeout or an
 # allocation past 2 GiB fails the run, with the input saved under fuzz/artifacts/<target>/ and the
 # command that replays it. cargo-fuzz's `--sanitizer none` builds on the stable toolchain; `--dev` is
-# fuzz/Cargo.toml's dev profile (overflow checks on).
-#
-# Usage: scripts/fuzz.sh [--build-only]
-#   --build-only  install cargo-fuzz if needed and build the targets, run none (scripts/test.sh
-#                 builds them in the background while the other checks run)
+# fuzz/Cargo.toml's dev profile (libFuzzer and the decoders at -O1, the rest at -O0; overflow checks
+# on).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 seconds="${SWITCHYARD_FUZZ_SECONDS:-20}"
 jobs="${SWITCHYARD_FUZZ_JOBS:-$(nproc)}"
-case "${1:-}" in
-  "" | --build-only) ;;
-  *) echo "usage: scripts/fuzz.sh [--build-only]" >&2; exit 2 ;;
-esac
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
 cd "$SWITCHYARD_ROOT/fuzz"
 cargo fuzz build --dev --sanitizer none
-[ "${1:-}" != --build-only ] || exit 0
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 
