@@ -6,10 +6,6 @@
 //! the client machine's CPU time. Advised as huge pages, the same first touch takes one fault per
 //! 2 MiB. The kernel decides (`/sys/kernel/mm/transparent_hugepage/enabled`: `always` or `madvise`
 //! honour the advice, `never` ignores it and the buffer behaves as before).
-//!
-//! Memory that lives long and is read whole again and again (an expert's weights) may already lie
-//! on small pages when it is written: pages an allocator had used before, or advice that came too
-//! late. [`collapse_onto_huge_pages`] moves it onto huge pages there and then.
 
 use std::mem::MaybeUninit;
 
@@ -46,46 +42,6 @@ fn advise<T>(region: &mut [MaybeUninit<T>]) -> bool {
         return false;
     }
     madvise_huge(first, end - first)
-}
-
-/// Moves the whole huge pages inside `[start, start + len)` onto huge pages now, whatever backed
-/// them before (`MADV_COLLAPSE`, Linux 6.1 and later): for memory that lives long and is read whole
-/// again and again, such as an expert's weights, which may lie in pages an allocator had used
-/// before, already backed by small ones. Returns whether the range holds a whole huge page and the
-/// kernel collapsed them all; refusing is harmless (an older kernel, huge pages off, no free 2 MiB
-/// at once), so callers may ignore the result.
-pub fn collapse_onto_huge_pages(start: usize, len: usize) -> bool {
-    let first = start.next_multiple_of(HUGE_PAGE);
-    let end = (start + len) / HUGE_PAGE * HUGE_PAGE;
-    end > first && collapse(first, end - first)
-}
-
-/// Whether this kernel collapses memory onto huge pages on request (tried once, on a scratch
-/// buffer of three huge pages).
-pub fn kernel_collapses() -> bool {
-    static COLLAPSES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *COLLAPSES.get_or_init(|| {
-        let scratch = vec![1u8; 3 * HUGE_PAGE];
-        collapse_onto_huge_pages(scratch.as_ptr() as usize, scratch.len())
-    })
-}
-
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn collapse(address: usize, length: usize) -> bool {
-    let address = address as *mut libc::c_void;
-    // SAFETY: advice on whole huge pages of a live allocation: MADV_HUGEPAGE makes them eligible
-    // where nothing advised them, MADV_COLLAPSE copies their small pages into huge ones under the
-    // kernel's locks; neither changes what any byte holds.
-    unsafe {
-        libc::madvise(address, length, libc::MADV_HUGEPAGE);
-        libc::madvise(address, length, libc::MADV_COLLAPSE) == 0
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn collapse(_address: usize, _length: usize) -> bool {
-    false
 }
 
 #[cfg(target_os = "linux")]
@@ -205,55 +161,6 @@ mod tests {
         }
         let mut large: Vec<u8> = Vec::with_capacity(ADVISED_FROM_BYTES);
         assert!(advise(large.spare_capacity_mut()));
-    }
-
-    /// Memory already written on small pages, in a mapping of its own between two guard pages, is
-    /// moved onto huge pages by a collapse of part of it, the huge pages wholly inside that part,
-    /// its bytes kept.
-    #[cfg(target_os = "linux")]
-    #[test]
-    #[allow(unsafe_code)]
-    fn written_memory_is_collapsed_onto_the_huge_pages_wholly_inside_the_range() {
-        if !kernel_takes_advice() {
-            eprintln!("skipped: transparent huge pages are off here ({:?})", kernel_mode());
-            return;
-        }
-        const PAGE: usize = 4096;
-        let mapped = 6 * HUGE_PAGE;
-        let none = std::ptr::null_mut();
-        // SAFETY: a fresh private anonymous mapping, unmapped below and used only through `region`.
-        let base = unsafe {
-            libc::mmap(none, mapped, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-        };
-        assert_ne!(base, libc::MAP_FAILED);
-        let start = (base as usize + PAGE).next_multiple_of(HUGE_PAGE);
-        let len = 4 * HUGE_PAGE;
-        // SAFETY: whole pages of the mapping above; the guards keep neighbouring mappings, and their
-        // huge pages, out of what smaps reports for the region.
-        unsafe {
-            assert_eq!(libc::mprotect((start - PAGE) as *mut libc::c_void, PAGE, libc::PROT_NONE), 0);
-            assert_eq!(libc::mprotect((start + len) as *mut libc::c_void, PAGE, libc::PROT_NONE), 0);
-            assert_eq!(libc::madvise(start as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE), 0);
-        }
-        // SAFETY: [start, start + len) is mapped readable and writable, and nothing else uses it.
-        let region = unsafe { std::slice::from_raw_parts_mut(start as *mut u8, len) };
-        for (index, byte) in region.iter_mut().enumerate() {
-            *byte = (index % 251) as u8;
-        }
-        assert_eq!(huge_page_bytes_around(start, start + len), 0, "written on small pages");
-
-        let collapsed = collapse_onto_huge_pages(start + 100, 3 * HUGE_PAGE);
-        assert!(!collapse_onto_huge_pages(start + 100, HUGE_PAGE), "2 MiB from inside a huge page hold none whole");
-        let huge = huge_page_bytes_around(start, start + len);
-        let kept = region.iter().enumerate().all(|(index, byte)| *byte == (index % 251) as u8);
-        // SAFETY: the mapping made above, no longer used.
-        unsafe { libc::munmap(base, mapped) };
-        if !collapsed {
-            eprintln!("skipped: this kernel does not collapse memory on request (MADV_COLLAPSE: Linux 6.1)");
-            return;
-        }
-        assert_eq!(huge, 2 * HUGE_PAGE, "the two huge pages wholly inside the range, and only those");
-        assert!(kept, "a collapse keeps every byte");
     }
 
     /// Where the kernel has transparent huge pages at all, it names one of its three modes.

@@ -11,8 +11,7 @@
 //! - [`readiness`]: ready for traffic or not, as the named gRPC health service and `/readyz` say.
 //! - [`ready`]: the line a process prints once it listens, so a parent can find its ports.
 //! - [`tls`]: mutual TLS, the roles certificates name, and the check of each call's role.
-//! - [`huge_pages`]: large per-call buffers backed by transparent huge pages, and long-lived memory
-//!   collapsed onto them.
+//! - [`huge_pages`]: large per-call buffers backed by transparent huge pages.
 //! - [`freed_buffers`]: glibc's allocator set to keep a call's freed buffers for the next call.
 //! - [`panic`](mod@panic): what a caught panic said, and the server layer that answers a call whose handler panicked.
 //! - [`around_call`]: the one shape of the server layers around each call (metrics, panics, deadlines, TLS roles).

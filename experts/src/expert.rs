@@ -8,8 +8,6 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::huge_pages::on_huge_pages;
-
 use switchyard_model::checkpoint::ExpertWeights;
 use switchyard_model::synthetic::{self, WeightRole};
 use switchyard_model::{Activation, HostTensor, ModelSpec, WeightDtype};
@@ -68,7 +66,7 @@ impl Ffn {
                 (w_in, b_in)
             }
         };
-        Self { activation, w_in: on_huge_pages(w_in), w2: on_huge_pages(w2), b_in, b2, d_ff }
+        Self { activation, w_in, w2, b_in, b2, d_ff }
     }
 }
 
@@ -241,30 +239,6 @@ mod tests {
 
     fn tiny_spec(activation: Activation) -> ModelSpec {
         ModelSpec { d_model: 4, d_ff: 6, activation, seed: 3, ..ModelSpec::default_synthetic() }
-    }
-
-    /// A CPU expert's weights of 2 MiB or more begin where a huge page does and lie on huge pages
-    /// once built, the 2 MiB weight (`w2` here, which would straddle two) among them, where the
-    /// kernel collapses memory on request.
-    #[test]
-    fn a_cpu_expert_s_large_weights_lie_on_huge_pages() {
-        use switchyard_common::huge_pages::{HUGE_PAGE, huge_page_bytes_around, kernel_collapses};
-        if !kernel_collapses() {
-            eprintln!("skipped: this kernel does not collapse memory on request");
-            return;
-        }
-        let spec = ModelSpec { d_model: 512, d_ff: 1024, ..ModelSpec::default_synthetic() };
-        let expert = Expert::synthetic(&spec, 0, 0, Device::Cpu, WeightDtype::F32);
-        let ffn = expert.computed().expect("a computed expert");
-        for (name, weights) in [("w_in", &ffn.w_in), ("w2", &ffn.w2)] {
-            let start = weights.data_ptr() as usize;
-            let bytes = weights.numel() * 4;
-            assert_eq!(start % HUGE_PAGE, 0, "{name} begins where a huge page does");
-            let huge = huge_page_bytes_around(start, start + bytes);
-            assert!(huge >= bytes, "{name}: {huge} bytes of huge pages around its {bytes} bytes");
-        }
-        let w2 = Tensor::from_slice(&synthetic::matrix(spec.seed, 0, 0, WeightRole::W2, 512, 1024)).view([512, 1024]);
-        assert!(ffn.w2.equal(&w2), "the copy holds the weights");
     }
 
     /// The SwiGLU formula written out by hand, element by element, against the tch forward.

@@ -9,7 +9,6 @@ use tch::{Kind, TchError, Tensor};
 use switchyard_model::{Activation, WeightDtype};
 
 use crate::expert::{Expert, Ffn, hidden, kind_of};
-use crate::huge_pages::{f_empty_weights, settle_on_huge_pages};
 
 /// What experts must share to be stacked: the same form, sizes, dtype and device, and biases or
 /// none.
@@ -132,11 +131,10 @@ fn restack(experts: &mut [&mut Expert], matrix: fn(&mut Ffn) -> &mut Tensor) -> 
     let first = matrix(experts[0].ffn_mut()).shallow_clone();
     let mut size = vec![experts.len() as i64];
     size.extend(first.size());
-    let stack = f_empty_weights(&size, first.kind(), first.device())?;
+    let stack = Tensor::f_empty(size, (first.kind(), first.device()))?;
     for (slot, expert) in experts.iter_mut().enumerate() {
         stack.f_get(slot as i64)?.f_copy_(matrix(expert.ffn_mut()))?;
     }
-    settle_on_huge_pages(&stack);
     for (slot, expert) in experts.iter_mut().enumerate() {
         *matrix(expert.ffn_mut()) = stack.get(slot as i64);
     }
@@ -224,33 +222,6 @@ mod tests {
             assert_eq!(ffn.w_in.data_ptr(), stack.w_in_t.get(slot).data_ptr(), "w_in of slot {slot}");
             assert_eq!(ffn.w2.data_ptr(), stack.w2_t.get(slot).data_ptr(), "w2 of slot {slot}");
         }
-    }
-
-    /// On a CPU a stack of 2 MiB or more begins where a huge page does and lies on huge pages, where
-    /// the kernel collapses memory on request.
-    #[test]
-    fn a_cpu_stack_of_2_mib_or_more_lies_on_huge_pages() {
-        use switchyard_common::huge_pages::{HUGE_PAGE, huge_page_bytes_around, kernel_collapses};
-        if !kernel_collapses() {
-            eprintln!("skipped: this kernel does not collapse memory on request");
-            return;
-        }
-        // Two experts' input projections are 4 MiB together, their output projections 2 MiB.
-        let spec = ModelSpec { d_model: 256, d_ff: 1024, ..spec() };
-        let mut stacked = experts(&spec, 2, WeightDtype::F32);
-        let alone = experts(&spec, 2, WeightDtype::F32);
-        let stack = ExpertStack::new(&mut stacked.iter_mut().collect::<Vec<_>>()).expect("stacked");
-        for (name, matrix, bytes) in [("w_in", &stack.w_in_t, 4 << 20), ("w2", &stack.w2_t, 2 << 20)] {
-            let start = matrix.data_ptr() as usize;
-            assert_eq!(start % HUGE_PAGE, 0, "{name} begins where a huge page does");
-            let huge = huge_page_bytes_around(start, start + bytes);
-            assert!(huge >= bytes, "{name}: {huge} bytes of huge pages around its {bytes} bytes");
-        }
-        let input = rows(3, 256);
-        let ends = Tensor::from_slice(&[2i32, 3]);
-        let want =
-            Tensor::cat(&[alone[0].forward(&input.narrow(0, 0, 2)), alone[1].forward(&input.narrow(0, 2, 1))], 0);
-        assert!(stack.forward(&input, &ends).equal(&want), "each slot's rows as its expert alone makes them");
     }
 
     #[test]
