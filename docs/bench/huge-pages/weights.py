@@ -38,7 +38,9 @@ def anon_huge_kib():
 
 
 def main():
-    d_model, d_ff, blocks, calls = (list(map(int, sys.argv[1:])) + [512, 1024, 40, 100][len(sys.argv) - 1:])[:4]
+    defaults = [512, 1024, 40, 100]
+    given = [int(argument) for argument in sys.argv[1:5]]
+    d_model, d_ff, blocks, calls = given + defaults[len(given):]
     torch.set_num_threads(1)
     experts = {}
     for huge in (True, False):
@@ -58,7 +60,8 @@ def main():
                 _ = (torch.nn.functional.silu(gate) * up) @ w2.T
         return (time.perf_counter() - start) / calls * 1e3
 
-    block(True), block(False)
+    block(True)  # warm-up, unmeasured
+    block(False)
     times = {True: [], False: []}
     for index in range(blocks):
         for huge in (True, False) if index % 2 else (False, True):
