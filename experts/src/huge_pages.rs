@@ -10,8 +10,8 @@
 //! pairs) the in-process layer's 1-token call on the 512x1024 model took 1.12-1.20 ms with it against
 //! 1.21-1.63 ms without, and on the 1024x4096 model 5.2-6.1 ms against 5.8-6.5 ms; but a later A/B
 //! within one process (`docs/bench/huge-pages/weights.py`, alternated blocks of calls) found the
-//! same time on either page size, so that difference was the VM's drift between runs. The advice
-//! costs nothing and stays, without a measured gain (`docs/bench/journal.md`).
+//! same time on either page size, so that difference was most likely the VM's drift between runs.
+//! The advice costs nothing and stays, without a measured gain (`docs/bench/journal.md`).
 
 /// The variable c10's CPU allocator reads.
 pub const VARIABLE: &str = "THP_MEM_ALLOC_ENABLE";
