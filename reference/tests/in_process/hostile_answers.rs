@@ -21,7 +21,7 @@ use switchyard_router_client::transport::{Answer, Endpoint, ExpertTransport};
 use switchyard_router_client::{ClientError, ClientOptions, DispatchLayout, MoeClient};
 use tokio::sync::watch;
 
-mod support;
+use crate::support;
 
 const TOKENS: usize = 8;
 

@@ -14,7 +14,7 @@ use switchyard_router_client::dispatch::PlannedRequest;
 use switchyard_router_client::exchange::{self, Outcome};
 use switchyard_router_client::replicas::Replicas;
 
-mod support;
+use crate::support;
 
 fn model() -> ModelSpec {
     ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() }
@@ -52,8 +52,11 @@ fn request(endpoint: &str, expert: u32, rows: usize) -> PlannedRequest {
 
 #[tokio::test]
 async fn a_refusal_ends_the_exchange_while_the_slow_worker_still_holds_its_rows() {
-    // "slow" would compute in an hour; "full" admits one token and is sent two.
+    // "slow" holds its rows for an hour, waiting to merge them with a request announced as on its
+    // way in that never comes (without one, its batcher computes at once, and the call could be
+    // answered before the refusal ends it); "full" admits one token and is sent two.
     let slow = worker(0, 1024, Duration::from_secs(3600)).await;
+    let _never_arrives = slow.announce();
     let full = worker(1, 1, Duration::ZERO).await;
     let transport = InProcessTransport::new([
         (Arc::from("slow"), ExpertWorkerService::new(slow.clone(), "slow")),

@@ -14,7 +14,7 @@ use switchyard_reference::relative_frobenius_error;
 use switchyard_router_client::{ClientOptions, DispatchLayout, ExpertTransport, MoeClient, RefusalPolicy};
 use tokio::sync::watch;
 
-mod support;
+use crate::support;
 
 const TOKENS: usize = 64;
 const D_MODEL: usize = 16;

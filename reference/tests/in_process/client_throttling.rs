@@ -16,7 +16,7 @@ use switchyard_router_client::{
 };
 use tokio::sync::watch;
 
-mod support;
+use crate::support;
 
 const CALLS: usize = 200;
 

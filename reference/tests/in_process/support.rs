@@ -1,7 +1,5 @@
 //! What the in-process tests share: real workers on the CPU, routing tables over them, and a
 //! transport to them that keeps request ids and can leave one worker stalled.
-// Each test binary uses part of it.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -12,7 +12,7 @@ use switchyard_reference::in_process::InProcessTransport;
 use switchyard_router_client::{ClientError, ClientOptions, DispatchLayout, LayerOutput, MoeClient};
 use tokio::sync::watch;
 
-mod support;
+use crate::support;
 
 const D_MODEL: usize = 1024;
 

@@ -15,7 +15,7 @@ use switchyard_router_client::{
 };
 use tokio::sync::watch;
 
-mod support;
+use crate::support;
 
 fn model() -> ModelSpec {
     ModelSpec { d_model: 16, d_ff: 32, seed: 11, ..ModelSpec::default_synthetic() }

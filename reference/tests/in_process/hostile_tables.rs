@@ -17,7 +17,7 @@ use switchyard_reference::in_process::InProcessTransport;
 use switchyard_router_client::{ClientError, ClientOptions, MoeClient, RoutingTableView};
 use tokio::sync::watch;
 
-mod support;
+use crate::support;
 
 const TOKENS: usize = 8;
 const WIDTH: usize = 16;
