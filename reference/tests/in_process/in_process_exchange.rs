@@ -20,8 +20,8 @@ fn model() -> ModelSpec {
     ModelSpec { d_model: 8, d_ff: 16, experts_per_layer: 4, ..ModelSpec::default_synthetic() }
 }
 
-/// A worker holding `expert` behind a queue of `limit` tokens, whose batcher waits `batch_wait` for
-/// more rows before computing.
+/// A worker holding `expert` behind a queue of `limit` tokens, whose batcher holds queued rows up to
+/// `batch_wait` while another request is on its way in.
 async fn worker(expert: u32, limit: usize, batch_wait: Duration) -> Arc<ExpertWorker> {
     support::cpu_worker(model(), vec![ExpertId::new(0, expert)], limit, batch_wait).await
 }

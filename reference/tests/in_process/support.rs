@@ -17,7 +17,7 @@ use switchyard_router_client::transport::Answer;
 use switchyard_router_client::{ClientError, Endpoint, ExpertTransport, RoutingTableView};
 
 /// A one-thread CPU worker holding `experts` of `model`, each behind a queue of `limit` tokens,
-/// whose batcher waits `batch_wait` for more rows before computing.
+/// whose batcher holds queued rows up to `batch_wait` while another request is on its way in.
 pub async fn cpu_worker(
     model: ModelSpec,
     experts: Vec<ExpertId>,
