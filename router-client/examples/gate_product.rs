@@ -3,7 +3,9 @@
 //! hidden states the previous ones did not leave in the caches (a call's hidden states come from
 //! the model's previous layer, not from this product).
 //!
-//!   cargo run --release -p switchyard-router-client --example gate_product [THREADS]
+//! ```text
+//! cargo run --release -p switchyard-router-client --example gate_product [THREADS]
+//! ```
 
 use std::time::{Duration, Instant};
 
