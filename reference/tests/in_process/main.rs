@@ -1,7 +1,7 @@
 //! The client's pipeline over real in-process workers, no processes: one test binary, one module
 //! per subject (as eight binaries, each with its own link and its own copy of the async stack's
-//! code, they took 48 s of a build's CPU; as one, 18 s). `runtime_responsiveness.rs` stays a binary of its
-//! own, so that no other test runs beside it while it times its ticker.
+//! code, they took 48 s of a build's CPU; as one, 18 s). `runtime_responsiveness.rs` stays a
+//! binary of its own, so that no other test runs beside it while it times its ticker.
 
 mod call_books;
 mod client_throttling;
