@@ -38,7 +38,9 @@ impl Traffic {
         for (expert, offered) in offered {
             let last = last_of_worker.insert(*expert, *offered).unwrap_or(0);
             let new = if *offered >= last { offered - last } else { *offered };
-            *self.pending.entry(*expert).or_default() += new;
+            // Counts come from the network: a hostile or broken worker's must not wrap the sum.
+            let pending = self.pending.entry(*expert).or_default();
+            *pending = pending.saturating_add(new);
         }
     }
 
@@ -150,6 +152,20 @@ mod tests {
         let rates = traffic.rates(start + Duration::from_secs(4)).clone();
         assert!((rates[&expert(0)] - 10.0).abs() < 1e-6, "a restarted worker counts from zero: {rates:?}");
         assert!(rates[&expert(1)].abs() < 1e-6);
+    }
+
+    /// Counters near `u64::MAX` (a worker's own, or a hostile peer's) saturate the tokens offered
+    /// rather than wrap them into a small rate.
+    #[test]
+    fn huge_counters_saturate_instead_of_wrapping() {
+        let mut traffic = Traffic::new(Duration::from_millis(1));
+        let start = traffic.since;
+        let (first, second) = (WorkerId("w1".into()), WorkerId("w2".into()));
+        traffic.record(&first, &[(expert(0), u64::MAX)]);
+        traffic.record(&second, &[(expert(0), u64::MAX)]);
+        traffic.record(&first, &[(expert(0), 5)]);
+        let rates = traffic.rates(start + Duration::from_secs(1));
+        assert_eq!(rates[&expert(0)], u64::MAX as f64, "{rates:?}");
     }
 
     /// Worker ids are never reused, so what `forget` guards against is a coordinator that keeps

@@ -125,7 +125,9 @@ impl<C: WorkerControl> coordinator_server::Coordinator for CoordinatorService<C>
 fn offered_tokens(experts: &[v1::ExpertStats]) -> Vec<(ExpertId, u64)> {
     experts
         .iter()
-        .filter_map(|stats| Some((ExpertId::from(stats.expert?), stats.admitted_tokens + stats.rejected_tokens)))
+        .filter_map(|stats| {
+            Some((ExpertId::from(stats.expert?), stats.admitted_tokens.saturating_add(stats.rejected_tokens)))
+        })
         .collect()
 }
 
@@ -215,5 +217,153 @@ mod tests {
         let experts =
             [stats(Some(ExpertId::new(1, 3)), 5, 2), stats(None, 9, 9), stats(Some(ExpertId::new(1, 4)), 0, 6)];
         assert_eq!(offered_tokens(&experts), [(ExpertId::new(1, 3), 7), (ExpertId::new(1, 4), 6)]);
+        // A peer's counters near the top saturate: wrapped, they would read as almost no traffic.
+        let huge = [stats(Some(ExpertId::new(0, 0)), u64::MAX, 1)];
+        assert_eq!(offered_tokens(&huge), [(ExpertId::new(0, 0), u64::MAX)]);
+    }
+
+    /// Any registration and heartbeat a network peer can send, as the service receives them
+    /// decoded (prost's decoding of the bytes is prost's to test): each is taken, or refused with
+    /// a status whose message begins with the field it names, never a panic, also in placement and
+    /// balancing over the figures it reported (this crate's arithmetic is overflow-checked in
+    /// every profile: `Cargo.toml`). A heartbeat is taken only from the id its registration was
+    /// given, at the current protocol; only well-formed workers are listed.
+    mod hostile_peers {
+        use std::time::Duration;
+
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::cluster::{Balancing, ClusterConfig};
+
+        const FIELDS: [&str; 8] = [
+            "protocol_version",
+            "name",
+            "endpoint",
+            "device",
+            "memory_bytes",
+            "weight_dtype",
+            "compute_gflops",
+            "worker_id",
+        ];
+
+        fn count() -> impl Strategy<Value = u64> {
+            prop_oneof![0u64..1000, Just(u64::MAX), any::<u64>()]
+        }
+
+        /// Keys of the test model's experts mostly, and any at all.
+        fn expert_key() -> impl Strategy<Value = v1::ExpertKey> {
+            prop_oneof![(0u32..2, 0u32..10), any::<(u32, u32)>()]
+                .prop_map(|(layer, expert)| v1::ExpertKey { layer, expert })
+        }
+
+        /// Mostly what a worker would send; else anything, over-long or with control characters.
+        fn label() -> impl Strategy<Value = String> {
+            prop_oneof![3 => "[a-z0-9:./-]{1,40}", 1 => ".{0,300}"]
+        }
+
+        fn registration() -> impl Strategy<Value = v1::RegisterWorkerRequest> {
+            (
+                prop_oneof![3 => Just(PROTOCOL_VERSION), 1 => any::<u32>()],
+                (label(), label(), label()),
+                prop_oneof![1 => Just(0), 3 => 1u64..1 << 40, 1 => Just(u64::MAX), 1 => any::<u64>()],
+                prop::collection::vec(expert_key(), 0..12),
+                prop_oneof![3 => 0i32..4, 1 => any::<i32>()],
+                prop_oneof![1 => Just(0.0), 3 => 0.0..1e6, 1 => Just(f64::MAX), 1 => any::<f64>()],
+            )
+                .prop_map(
+                    |(protocol_version, (name, endpoint, device), memory_bytes, loaded, dtype, gflops)| {
+                        v1::RegisterWorkerRequest {
+                            protocol_version,
+                            name,
+                            endpoint,
+                            device,
+                            memory_bytes,
+                            loaded_experts: loaded,
+                            weight_dtype: dtype,
+                            compute_gflops: gflops,
+                        }
+                    },
+                )
+        }
+
+        /// A heartbeat; its id `None` is filled in with the one the registration was given.
+        fn heartbeat() -> impl Strategy<Value = (Option<String>, v1::HeartbeatRequest)> {
+            let stats = (prop::option::of(expert_key()), count(), count(), count()).prop_map(
+                |(expert, queued_tokens, admitted_tokens, rejected_tokens)| v1::ExpertStats {
+                    expert,
+                    queued_tokens,
+                    admitted_tokens,
+                    rejected_tokens,
+                    ..Default::default()
+                },
+            );
+            (
+                prop_oneof![3 => Just(None), 1 => ".{0,24}".prop_map(Some)],
+                prop_oneof![3 => Just(PROTOCOL_VERSION), 1 => any::<u32>()],
+                count(),
+                count(),
+                prop::collection::vec(stats, 0..8),
+            )
+                .prop_map(|(worker_id, protocol_version, queued_tokens, tokens_served, experts)| {
+                    let request = v1::HeartbeatRequest {
+                        protocol_version,
+                        worker_id: worker_id.clone().unwrap_or_default(),
+                        queued_tokens,
+                        tokens_served,
+                        experts,
+                    };
+                    (worker_id, request)
+                })
+        }
+
+        fn refused_by_name(status: &Status) -> bool {
+            FIELDS.iter().any(|field| status.message().starts_with(&format!("{field}: ")))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_registration_and_heartbeat_is_taken_or_refused_by_name(
+                registration in registration(),
+                (heartbeat_id, mut heartbeat) in heartbeat(),
+                second_heartbeat in heartbeat(),
+            ) {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+                runtime.block_on(async {
+                    let balancing = Some(Balancing { interval: Duration::ZERO, redundant: 2 });
+                    let config = ClusterConfig { balancing, ..config(1) };
+                    let cluster = Cluster::new(config, Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+                    let (_stop, stopping) = watch::channel(false);
+                    let service = CoordinatorService::new(cluster.clone(), stopping);
+
+                    let registered = service.register_worker(Request::new(registration)).await.map(Response::into_inner);
+                    if let Err(status) = &registered {
+                        prop_assert!(refused_by_name(status), "{status:?}");
+                    }
+                    cluster.reconcile_once().await;
+                    if heartbeat_id.is_none() {
+                        heartbeat.worker_id = registered.as_ref().map(|answer| answer.worker_id.clone()).unwrap_or_default();
+                    }
+                    let known = registered.as_ref().is_ok_and(|answer| answer.worker_id == heartbeat.worker_id);
+                    let again = v1::HeartbeatRequest { worker_id: heartbeat.worker_id.clone(), ..second_heartbeat.1 };
+                    for beat in [heartbeat, again] {
+                        let taken = known && beat.protocol_version == PROTOCOL_VERSION;
+                        let answer = service.heartbeat(Request::new(beat)).await;
+                        prop_assert_eq!(answer.is_ok(), taken, "{:?}", answer);
+                        if let Err(status) = &answer {
+                            prop_assert!(refused_by_name(status), "{status:?}");
+                        }
+                        cluster.rebalance_by_traffic();
+                        cluster.reconcile_once().await;
+                    }
+                    for worker in cluster.status().workers {
+                        prop_assert!(!worker.name.chars().any(char::is_control) && !worker.endpoint.is_empty(), "{worker:?}");
+                    }
+                    Ok(())
+                })?;
+            }
+        }
     }
 }

@@ -5,7 +5,6 @@ use std::path::Path;
 
 use prost::Message;
 use switchyard_model::ModelSpec;
-use switchyard_proto::PROTOCOL_VERSION;
 use switchyard_proto::v1;
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
@@ -41,31 +40,6 @@ fn main() {
             write("config_json", &family.to_string_lossy(), &bytes);
         }
     }
-
-    let registration = v1::RegisterWorkerRequest {
-        protocol_version: PROTOCOL_VERSION,
-        name: "worker-a".into(),
-        endpoint: "http://127.0.0.1:50051".into(),
-        device: "cpu".into(),
-        memory_bytes: 1 << 30,
-        loaded_experts: vec![v1::ExpertKey { layer: 0, expert: 1 }],
-        compute_gflops: 50.0,
-        ..Default::default()
-    }
-    .encode_to_vec();
-    // The target sends this heartbeat with the id the registration was given.
-    let heartbeat = v1::HeartbeatRequest {
-        protocol_version: PROTOCOL_VERSION,
-        worker_id: "registered".into(),
-        queued_tokens: 3,
-        tokens_served: 7,
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let mut input = u16::try_from(registration.len()).expect("a short registration").to_le_bytes().to_vec();
-    input.extend(registration);
-    input.extend(heartbeat);
-    write("coordinator_membership", "register-then-beat", &input);
 
     let rows = |tokens: u64| v1::WireTensor {
         dtype: v1::Dtype::Bf16 as i32,

@@ -78,10 +78,13 @@ impl<C: WorkerControl> Cluster<C> {
             None => placement::plan(&experts, Goal::by_size(&parameters_of, &base_replicas), &slots, &current),
             Some(balance) => {
                 // What a replica costs its worker: the tokens per second it takes times the work
-                // each token costs (shared experts may be larger).
+                // each token costs (shared experts may be larger). The rates come from workers'
+                // counters, outside input: one replica's load is bounded so that a worker's sum
+                // over every expert (it holds one replica of each at most) cannot wrap.
+                let load_ceiling = u64::MAX / experts.len().max(1) as u64;
                 let load_of = |expert: ExpertId| {
                     let rate = balance.per_replica_rate.get(&expert).copied().unwrap_or(0.0);
-                    (rate * parameters_of(expert) as f64) as u64
+                    ((rate * parameters_of(expert) as f64) as u64).min(load_ceiling)
                 };
                 let replicas_of = |expert: ExpertId| {
                     balance.replicas.get(&expert).copied().unwrap_or(self.config.replicas_of(expert))

@@ -363,6 +363,27 @@ async fn measured_traffic_weighs_each_token_by_the_size_of_the_expert_it_goes_to
     assert!(owners[..8].iter().all(|owner| owner != shared_holder), "{owners:?}");
 }
 
+/// Counters near `u64::MAX` make rates of ~1.8e19 tokens a second, whose loads summed over a
+/// worker's experts would wrap (found by `service::tests::hostile_peers`, this crate's arithmetic
+/// being overflow-checked): each replica's load is bounded, and every expert is still placed.
+#[tokio::test]
+async fn counters_near_the_top_of_u64_still_place_every_expert() {
+    let config =
+        ClusterConfig { balancing: Some(Balancing { interval: Duration::from_millis(1), redundant: 1 }), ..config(2) };
+    let cluster = Cluster::new(config, Arc::new(FakeControl::default()), CoordinatorMetrics::default());
+    let (a, _) = cluster.register(registration("a")).expect("register");
+    cluster.register(registration("b")).expect("register");
+    cluster.reconcile_once().await;
+    let counts: Vec<(ExpertId, u64)> = (0..8).map(|e| (ExpertId::new(0, e), u64::MAX - u64::from(e))).collect();
+    cluster.heartbeat(PROTOCOL_VERSION, &a.0, 0, 0, &counts).expect("alive");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cluster.rebalance_by_traffic();
+    cluster.reconcile_once().await;
+    let status = cluster.status();
+    assert!(status.unplaced_experts.is_empty(), "{status:?}");
+    assert_eq!(endpoints_by_expert(&cluster.table()).len(), 8);
+}
+
 /// Each failed load doubles the wait before the worker is asked again, from one heartbeat
 /// interval up to a minute.
 #[tokio::test]
@@ -435,57 +456,6 @@ fn registration_and_heartbeat_errors_name_the_field() {
     let error = cluster.heartbeat(PROTOCOL_VERSION, "w404", 0, 0, &[]).unwrap_err();
     assert_eq!(error, CoordinatorError::UnknownWorker("w404".into()));
     assert_eq!(tonic::Status::from(error).code(), tonic::Code::NotFound);
-}
-
-/// Fuzz target: any registration and heartbeat a network peer can send is taken or refused
-/// with a named field, never a panic, and only well-formed workers are listed.
-mod hostile_membership {
-    use proptest::prelude::*;
-
-    use super::*;
-
-    fn expert_loads() -> impl Strategy<Value = Vec<(u32, u32, u64)>> {
-        prop::collection::vec((0u32..2048, 0u32..5000, any::<u64>()), 0..12)
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
-
-        #[test]
-        fn any_registration_and_heartbeat_is_taken_or_refused(
-            name in ".{0,300}",
-            endpoint in ".{0,300}",
-            device in ".{0,40}",
-            memory_bytes in any::<u64>(),
-            compute_gflops in prop_oneof![Just(0.0), 0.0..1e6, any::<f64>()],
-            protocol in prop_oneof![Just(PROTOCOL_VERSION), any::<u32>()],
-            loaded in expert_loads(),
-            heartbeat_id in prop_oneof![Just(None), ".{0,24}".prop_map(Some)],
-            queued in any::<u64>(),
-        ) {
-            let cluster = Cluster::new(config(1), Arc::new(FakeControl::default()), CoordinatorMetrics::default());
-            let registration = Registration {
-                protocol_version: protocol,
-                name,
-                endpoint,
-                device,
-                memory_bytes,
-                dtype: None,
-                loaded_experts: loaded.iter().map(|(layer, expert, _)| ExpertId::new(*layer, *expert)).collect(),
-                compute_gflops,
-                identity: None,
-            };
-            let registered = cluster.register(registration).ok().map(|(id, _)| id);
-            let offered: Vec<(ExpertId, u64)> =
-                loaded.iter().map(|(layer, expert, tokens)| (ExpertId::new(*layer, *expert), *tokens)).collect();
-            let id = heartbeat_id.or_else(|| registered.as_ref().map(|id| id.0.clone())).unwrap_or_default();
-            let beat = cluster.heartbeat(protocol, &id, queued, queued, &offered);
-            prop_assert!(beat.is_ok() == (registered.as_ref().is_some_and(|known| known.0 == id) && protocol == PROTOCOL_VERSION));
-            for worker in cluster.status().workers {
-                prop_assert!(!worker.name.chars().any(char::is_control) && !worker.endpoint.is_empty());
-            }
-        }
-    }
 }
 
 fn config_with_replicas(replicas: usize) -> ClusterConfig {
