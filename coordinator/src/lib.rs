@@ -81,16 +81,85 @@ pub async fn run(
     };
     let routes = tonic::service::Routes::new(health_service).add_service(service);
     let tls = tls.map(|tls| (tls, allowed_roles as RolePolicy));
-    let served = switchyard_common::transport::serve(routes, grpc, tls, grpc_metrics, shutdown).await;
+    let serving = switchyard_common::transport::serve(routes, grpc, tls, grpc_metrics, shutdown);
+    let serving = async { serving.await.map_err(std::io::Error::other) };
+    let served = serve_while_reconciling(serving, reconcile, || {
+        stop.send_replace(true);
+    })
+    .await;
     let _ = stop.send(true);
-    let _ = reconcile.await;
     let _ = metrics_task.await;
-    served.map_err(std::io::Error::other)
+    served
+}
+
+/// `serving` until it ends, then `stop` and the reconcile loop's end. The loop ends by itself
+/// only when shutdown has begun (`stop` sent); a loop that panics stops serving with an error that
+/// says so, and the process exits to be restarted (workers register again, keeping their experts)
+/// rather than serve a table nothing updates.
+async fn serve_while_reconciling(
+    serving: impl Future<Output = std::io::Result<()>>,
+    mut reconcile: tokio::task::JoinHandle<()>,
+    stop: impl FnOnce(),
+) -> std::io::Result<()> {
+    tokio::pin!(serving);
+    tokio::select! {
+        served = &mut serving => {
+            stop();
+            let _ = reconcile.await;
+            served
+        }
+        ended = &mut reconcile => match ended {
+            Err(error) if error.is_panic() => {
+                let reason = switchyard_common::panic::message(&*error.into_panic(), "a panic");
+                tracing::error!(%reason, "the reconcile loop panicked; stopping the coordinator");
+                Err(std::io::Error::other(format!("the reconcile loop panicked: {reason}")))
+            }
+            _ => serving.await,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_reconcile_loop_that_panics_stops_the_coordinator_with_its_reason() {
+        let reconcile = tokio::spawn(async { panic!("placement broke") });
+        let stopped = serve_while_reconciling(std::future::pending(), reconcile, || {});
+        let error = tokio::time::timeout(std::time::Duration::from_secs(60), stopped)
+            .await
+            .expect("serving stops without waiting for a shutdown")
+            .unwrap_err();
+        assert_eq!(error.to_string(), "the reconcile loop panicked: placement broke");
+    }
+
+    /// Serving ends first (its listener closed), or the loop does, having seen shutdown begin
+    /// while serving drains its calls: either way the coordinator ends as serving did.
+    #[tokio::test]
+    async fn a_shutdown_ends_serving_and_the_reconcile_loop_in_either_order() {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut loop_stopped = stopped.clone();
+        let reconcile = tokio::spawn(async move {
+            let _ = loop_stopped.wait_for(|stop| *stop).await;
+        });
+        let stop = move || {
+            stop.send_replace(true);
+        };
+        serve_while_reconciling(async { Ok(()) }, reconcile, stop).await.expect("served, then the loop stopped");
+        assert!(*stopped.borrow(), "the loop was told to stop");
+
+        let (draining, drained) = tokio::sync::oneshot::channel::<()>();
+        let reconcile = tokio::spawn(async move { drop(draining) });
+        let serving = async move {
+            let _ = drained.await;
+            // Still draining when the loop's end is seen.
+            tokio::task::yield_now().await;
+            Err(std::io::Error::other("the listener failed"))
+        };
+        let error = serve_while_reconciling(serving, reconcile, || {}).await.unwrap_err();
+        assert_eq!(error.to_string(), "the listener failed", "serving's own outcome");
+    }
 
     #[test]
     fn each_method_is_served_to_its_roles_only() {

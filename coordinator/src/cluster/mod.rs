@@ -265,10 +265,12 @@ impl<C: WorkerControl> Cluster<C> {
     }
 
     /// Reconciles until `shutdown` resolves: on every registration, drain and finished load, and
-    /// every heartbeat interval; membership is watched meanwhile on its own timer.
+    /// every heartbeat interval; membership is watched meanwhile on its own timer, in this task, so
+    /// that a panic in either ends both (and `crate::run` with them) rather than one alone.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let membership = tokio::spawn(self.clone().watch_membership());
+        let membership = self.clone().watch_membership();
+        tokio::pin!(membership);
         let mut balanced = Instant::now();
         loop {
             if let Some(balancing) = self.config.balancing
@@ -286,11 +288,11 @@ impl<C: WorkerControl> Cluster<C> {
             }
             tokio::select! {
                 () = &mut shutdown => break,
+                () = &mut membership => {}
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(self.config.heartbeat_interval) => {}
             }
         }
-        membership.abort();
     }
 
     /// One round, waiting for its loads and unloads (what `run` does in tasks): for tests and tools.
