@@ -222,12 +222,13 @@ mod tests {
         assert_eq!(offered_tokens(&huge), [(ExpertId::new(0, 0), u64::MAX)]);
     }
 
-    /// Any registration and heartbeat a network peer can send, as the service receives them
-    /// decoded (prost's decoding of the bytes is prost's to test): each is taken, or refused with
-    /// a status whose message begins with the field it names, never a panic, also in placement and
-    /// balancing over the figures it reported (this crate's arithmetic is overflow-checked in
-    /// every profile: `Cargo.toml`). A heartbeat is taken only from the id its registration was
-    /// given, at the current protocol; only well-formed workers are listed.
+    /// Any registration, heartbeats and drain a network peer can send, as the service receives
+    /// them decoded (prost's decoding of the bytes is prost's to test), over any certificate or
+    /// none: each is taken, or refused with a status whose message begins with the field it
+    /// names, never a panic, also in placement and balancing over the figures it reported (this
+    /// crate's arithmetic is overflow-checked in every profile: `Cargo.toml`). A heartbeat or a
+    /// drain is taken only for the id its registration was given, at the current protocol, over
+    /// the certificate it registered over if it had one; only well-formed workers are listed.
     mod hostile_peers {
         use std::time::Duration;
 
@@ -317,6 +318,18 @@ mod tests {
                 })
         }
 
+        /// The certificate a call comes over: none (no mutual TLS), or one of two.
+        fn certificate() -> impl Strategy<Value = Option<&'static [u8]>> {
+            prop_oneof![Just(None), Just(Some(&b"a's"[..])), Just(Some(&b"b's"[..]))]
+        }
+
+        fn from<T>(message: T, certificate: Option<&[u8]>) -> Request<T> {
+            match certificate {
+                Some(certificate) => over(message, certificate),
+                None => Request::new(message),
+            }
+        }
+
         fn refused_by_name(status: &Status) -> bool {
             FIELDS.iter().any(|field| status.message().starts_with(&format!("{field}: ")))
         }
@@ -325,10 +338,12 @@ mod tests {
             #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
 
             #[test]
-            fn any_registration_and_heartbeat_is_taken_or_refused_by_name(
-                registration in registration(),
+            fn any_registration_heartbeat_and_drain_is_taken_or_refused_by_name(
+                (registration, registered_over) in (registration(), certificate()),
                 (heartbeat_id, mut heartbeat) in heartbeat(),
                 second_heartbeat in heartbeat(),
+                callers in prop::collection::vec(certificate(), 3),
+                drain_protocol in prop_oneof![3 => Just(PROTOCOL_VERSION), 1 => any::<u32>()],
             ) {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
                 runtime.block_on(async {
@@ -338,7 +353,8 @@ mod tests {
                     let (_stop, stopping) = watch::channel(false);
                     let service = CoordinatorService::new(cluster.clone(), stopping);
 
-                    let registered = service.register_worker(Request::new(registration)).await.map(Response::into_inner);
+                    let registered =
+                        service.register_worker(from(registration, registered_over)).await.map(Response::into_inner);
                     if let Err(status) = &registered {
                         prop_assert!(refused_by_name(status), "{status:?}");
                     }
@@ -347,10 +363,13 @@ mod tests {
                         heartbeat.worker_id = registered.as_ref().map(|answer| answer.worker_id.clone()).unwrap_or_default();
                     }
                     let known = registered.as_ref().is_ok_and(|answer| answer.worker_id == heartbeat.worker_id);
-                    let again = v1::HeartbeatRequest { worker_id: heartbeat.worker_id.clone(), ..second_heartbeat.1 };
-                    for beat in [heartbeat, again] {
-                        let taken = known && beat.protocol_version == PROTOCOL_VERSION;
-                        let answer = service.heartbeat(Request::new(beat)).await;
+                    // Only the certificate a worker registered over may speak for it, if it had one.
+                    let owner = |caller: Option<&[u8]>| registered_over.is_none() || caller == registered_over;
+                    let worker_id = heartbeat.worker_id.clone();
+                    let again = v1::HeartbeatRequest { worker_id: worker_id.clone(), ..second_heartbeat.1 };
+                    for (beat, caller) in [heartbeat, again].into_iter().zip(callers.iter().copied()) {
+                        let taken = known && owner(caller) && beat.protocol_version == PROTOCOL_VERSION;
+                        let answer = service.heartbeat(from(beat, caller)).await;
                         prop_assert_eq!(answer.is_ok(), taken, "{:?}", answer);
                         if let Err(status) = &answer {
                             prop_assert!(refused_by_name(status), "{status:?}");
@@ -358,6 +377,14 @@ mod tests {
                         cluster.rebalance_by_traffic();
                         cluster.reconcile_once().await;
                     }
+                    let drain = v1::DrainWorkerRequest { protocol_version: drain_protocol, worker_id };
+                    let drained = service.drain_worker(from(drain, callers[2])).await;
+                    let taken = known && owner(callers[2]) && drain_protocol == PROTOCOL_VERSION;
+                    prop_assert_eq!(drained.is_ok(), taken, "{:?}", drained);
+                    if let Err(status) = &drained {
+                        prop_assert!(refused_by_name(status), "{status:?}");
+                    }
+                    cluster.reconcile_once().await;
                     for worker in cluster.status().workers {
                         prop_assert!(!worker.name.chars().any(char::is_control) && !worker.endpoint.is_empty(), "{worker:?}");
                     }
