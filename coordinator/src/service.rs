@@ -360,7 +360,8 @@ mod tests {
                     }
                     cluster.reconcile_once().await;
                     if heartbeat_id.is_none() {
-                        heartbeat.worker_id = registered.as_ref().map(|answer| answer.worker_id.clone()).unwrap_or_default();
+                        let given = registered.as_ref().map(|answer| answer.worker_id.clone());
+                        heartbeat.worker_id = given.unwrap_or_default();
                     }
                     let known = registered.as_ref().is_ok_and(|answer| answer.worker_id == heartbeat.worker_id);
                     // Only the certificate a worker registered over may speak for it, if it had one.
@@ -386,7 +387,8 @@ mod tests {
                     }
                     cluster.reconcile_once().await;
                     for worker in cluster.status().workers {
-                        prop_assert!(!worker.name.chars().any(char::is_control) && !worker.endpoint.is_empty(), "{worker:?}");
+                        let well_formed = !worker.name.chars().any(char::is_control) && !worker.endpoint.is_empty();
+                        prop_assert!(well_formed, "{worker:?}");
                     }
                     Ok(())
                 })?;
