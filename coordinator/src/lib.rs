@@ -87,7 +87,8 @@ pub async fn run(
         stop.send_replace(true);
     })
     .await;
-    let _ = stop.send(true);
+    // Sent already unless the loop panicked; `/metrics` stops on it either way.
+    stop.send_replace(true);
     let _ = metrics_task.await;
     served
 }
