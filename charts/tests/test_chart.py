@@ -246,7 +246,7 @@ class ChartTest(unittest.TestCase):
     def test_worker_count_and_queue_limits_reach_the_flags(self):
         values = {
             "workers": {"replicas": 5, "queueLimitTokens": 777, "maxBatchTokens": 2048, "torchThreads": 3},
-            "coordinator": {"minWorkers": 5, "maxBatchTokens": 4096},
+            "coordinator": {"minWorkers": 5, "maxWorkers": 40, "maxBatchTokens": 4096},
             "model": {"capacityFactor": 1.5},
         }
         docs = render_helm3(values)
@@ -258,6 +258,22 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(flag(worker, "torch-threads"), "3")
         coordinator = one(docs, "Deployment", "coordinator")["spec"]["template"]["spec"]["containers"][0]
         self.assertEqual(flag(coordinator, "min-workers"), "5")
+        self.assertEqual(flag(coordinator, "max-workers"), "40")
+        default = one(self.renders["everything"], "Deployment", "coordinator")["spec"]["template"]["spec"]
+        self.assertEqual(flag(default["containers"][0], "max-workers"), "1024")
+        # A cap below the workers the chart runs would leave some of them refused, forever unready.
+        more_than_five = [
+            {"workers": {"replicas": 6}},
+            {"workers": {"autoscaling": {"enabled": True, "maxReplicas": 6}}},
+            {"coordinator": {"minWorkers": 6}},
+        ]
+        for more in more_than_five:
+            with self.subTest(more=more):
+                capped = {**more, "coordinator": {"maxWorkers": 5, **more.get("coordinator", {})}}
+                with self.assertRaises(RenderError) as refused:
+                    render_helm3(capped)
+                self.assertIn("coordinator.maxWorkers must be at least coordinator.minWorkers", str(refused.exception))
+        render_helm3({"workers": {"replicas": 5}, "coordinator": {"maxWorkers": 5}})
         self.assertEqual(flag(coordinator, "max-batch-tokens"), "4096")
         config = one(docs, "ConfigMap")["data"]
         self.assertEqual(config["SWITCHYARD_CAPACITY_FACTOR"], "1.5")
@@ -473,6 +489,7 @@ class ChartTest(unittest.TestCase):
         bad = {
             "workers.replicas": {"workers": {"replicas": 0}},
             "coordinator.replicas": {"coordinator": {"replicas": 2}},
+            "coordinator.maxWorkers": {"coordinator": {"maxWorkers": 0}},
             "model.activation": {"model": {"activation": "tanh"}},
             "routing.wireDtype": {"routing": {"wireDtype": "f64"}},
             "routing.dispatch": {"routing": {"dispatch": "token-once"}},

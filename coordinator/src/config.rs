@@ -43,6 +43,13 @@ pub struct Args {
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub min_workers: usize,
 
+    /// Most workers registered at once: a registration beyond them is refused (RESOURCE_EXHAUSTED)
+    /// until one leaves, so a misconfigured autoscaler or a peer registering without end cannot
+    /// grow the coordinator's state, its reconcile rounds and every client's routing table.
+    #[arg(long, env = "SWITCHYARD_MAX_WORKERS", default_value_t = 1024,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_workers: usize,
+
     /// Workers holding each expert. With 2 or more, clients spread calls over the holders and retry
     /// on another when one fails, so losing a worker costs no call.
     #[arg(long, env = "SWITCHYARD_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
@@ -102,6 +109,8 @@ pub enum ConfigError {
     Model(#[from] ModelArgsError),
     #[error("--heartbeat-timeout-ms ({timeout}) must exceed --heartbeat-interval-ms ({interval})")]
     HeartbeatTimeout { timeout: u64, interval: u64 },
+    #[error("--max-workers ({max}) must be at least --min-workers ({min}): the first placement would never come")]
+    MaxWorkers { max: usize, min: usize },
     #[error("--expert-replicas names expert {expert}, but the model's layers have {}", numbering(*routed, *shared))]
     NoSuchExpert { expert: u32, routed: u32, shared: u32 },
 }
@@ -129,6 +138,9 @@ impl TryFrom<&Args> for ClusterConfig {
                 interval: args.heartbeat_interval_ms,
             });
         }
+        if args.max_workers < args.min_workers {
+            return Err(ConfigError::MaxWorkers { max: args.max_workers, min: args.min_workers });
+        }
         let (routed, shared) = (model.experts_per_layer, model.shared_experts);
         if let Some((expert, _)) = args.expert_replicas.iter().find(|(expert, _)| *expert >= routed + shared) {
             return Err(ConfigError::NoSuchExpert { expert: *expert, routed, shared });
@@ -139,6 +151,7 @@ impl TryFrom<&Args> for ClusterConfig {
             heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
             min_workers: args.min_workers,
+            max_workers: args.max_workers,
             max_batch_tokens: args.max_batch_tokens as u32,
             unload_grace: Duration::from_millis(args.unload_grace_ms),
             replicas: usize::from(args.replicas),
@@ -214,7 +227,16 @@ mod tests {
         let args = Args::try_parse_from(["switchyard-coordinator", "--heartbeat-timeout-ms", "100"]).expect("parses");
         assert!(ClusterConfig::try_from(&args).unwrap_err().to_string().contains("--heartbeat-timeout-ms"));
         assert!(Args::try_parse_from(["switchyard-coordinator", "--activation", "tanh"]).is_err());
-        for (flag, value) in [("--max-batch-tokens", "0"), ("--min-workers", "0"), ("--heartbeat-interval-ms", "49")] {
+        let args = Args::try_parse_from(["switchyard-coordinator", "--min-workers", "4", "--max-workers", "3"])
+            .expect("parses");
+        let error = ClusterConfig::try_from(&args).unwrap_err().to_string();
+        assert!(error.starts_with("--max-workers (3) must be at least --min-workers (4)"), "{error}");
+        for (flag, value) in [
+            ("--max-batch-tokens", "0"),
+            ("--min-workers", "0"),
+            ("--max-workers", "0"),
+            ("--heartbeat-interval-ms", "49"),
+        ] {
             let error = Args::try_parse_from(["switchyard-coordinator", flag, value]).expect_err("out of range");
             assert!(error.to_string().contains(&format!("'{value}' for '{flag}")), "{error}");
         }

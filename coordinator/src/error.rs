@@ -14,6 +14,11 @@ pub enum CoordinatorError {
     /// registered it.
     #[error("worker_id: worker '{0}' was registered over another certificate")]
     NotOwner(String),
+    /// A registration beyond `--max-workers`; taken once a registered worker leaves.
+    #[error(
+        "registration refused: {limit} workers are registered, the most this coordinator takes (its --max-workers); it is taken once one leaves"
+    )]
+    TooManyWorkers { limit: usize },
 }
 
 impl From<CoordinatorError> for Status {
@@ -23,6 +28,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::UnknownWorker(_) => Code::NotFound,
             CoordinatorError::InvalidArgument { .. } => Code::InvalidArgument,
             CoordinatorError::NotOwner(_) => Code::PermissionDenied,
+            CoordinatorError::TooManyWorkers { .. } => Code::ResourceExhausted,
         };
         Status::new(code, error.to_string())
     }

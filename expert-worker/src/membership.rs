@@ -89,10 +89,17 @@ async fn register(
                 let (coordinator, error) = (&membership.coordinator_uri, status.message());
                 let wait = waits.next().unwrap_or(RETRY_MOST);
                 let retry_in_ms = wait.as_millis() as u64;
-                if status.code() == Code::FailedPrecondition {
-                    tracing::error!(%coordinator, error, retry_in_ms, "coordinator refused registration; retrying");
-                } else {
-                    tracing::warn!(%coordinator, error, retry_in_ms, "coordinator unreachable; retrying");
+                match status.code() {
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                        tracing::warn!(%coordinator, error, retry_in_ms, "coordinator unreachable; retrying")
+                    }
+                    // Its --max-workers: taken once another worker leaves.
+                    Code::ResourceExhausted => {
+                        tracing::warn!(%coordinator, error, retry_in_ms, "coordinator has its most workers; retrying")
+                    }
+                    _ => {
+                        tracing::error!(%coordinator, error, retry_in_ms, "coordinator refused registration; retrying")
+                    }
                 }
                 tokio::time::sleep(wait).await;
             }

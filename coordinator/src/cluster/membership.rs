@@ -46,6 +46,9 @@ impl<C: WorkerControl> Cluster<C> {
             }
             !replaced
         });
+        if state.workers.len() >= self.config.max_workers {
+            return Err(CoordinatorError::TooManyWorkers { limit: self.config.max_workers });
+        }
         state.registrations += 1;
         // Unique across coordinator restarts: a worker heartbeating with the id an earlier
         // coordinator gave it must be told to register again, not be taken for another worker.

@@ -37,6 +37,8 @@ pub struct ClusterConfig {
     pub heartbeat_timeout: Duration,
     /// Workers to wait for before the first placement (so experts do not all land on the first).
     pub min_workers: usize,
+    /// Most workers registered at once; a registration beyond them is refused until one leaves.
+    pub max_workers: usize,
     /// Tokens one routed expert's queue admits: the expert capacity of the largest batch clients
     /// send (the largest batch itself when the model is dropless).
     pub queue_limit_tokens: u32,

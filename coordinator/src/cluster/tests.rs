@@ -55,6 +55,7 @@ pub(crate) fn config(min_workers: usize) -> ClusterConfig {
         heartbeat_interval: Duration::from_millis(10),
         heartbeat_timeout: Duration::from_millis(200),
         min_workers,
+        max_workers: 64,
         queue_limit_tokens: 64,
         max_batch_tokens: 256,
         unload_grace: Duration::ZERO,
@@ -456,6 +457,34 @@ fn registration_and_heartbeat_errors_name_the_field() {
     let error = cluster.heartbeat(PROTOCOL_VERSION, "w404", 0, 0, &[]).unwrap_err();
     assert_eq!(error, CoordinatorError::UnknownWorker("w404".into()));
     assert_eq!(tonic::Status::from(error).code(), tonic::Code::NotFound);
+}
+
+/// Past `max_workers` a registration is refused as exhausted, not as malformed; a restarted
+/// worker (the same endpoint) is still taken, and a newcomer once a registered worker is gone.
+#[tokio::test]
+async fn registrations_past_the_most_workers_wait_until_one_leaves() {
+    let cluster = Cluster::new(
+        ClusterConfig { max_workers: 2, ..config(1) },
+        Arc::new(FakeControl::default()),
+        CoordinatorMetrics::default(),
+    );
+    cluster.register(registration("a")).expect("the first");
+    cluster.register(registration("b")).expect("the second");
+    let refused = cluster.register(registration("c")).unwrap_err();
+    assert_eq!(refused, CoordinatorError::TooManyWorkers { limit: 2 });
+    assert!(refused.to_string().contains("2 workers are registered") && refused.to_string().contains("--max-workers"));
+    assert_eq!(tonic::Status::from(refused).code(), tonic::Code::ResourceExhausted);
+    let (a, _) = cluster.register(registration("a")).expect("a restarted worker takes its own place");
+    let endpoints = |cluster: &Cluster<Arc<FakeControl>>| {
+        let mut endpoints: Vec<_> = cluster.status().workers.into_iter().map(|worker| worker.endpoint).collect();
+        endpoints.sort();
+        endpoints
+    };
+    assert_eq!(endpoints(&cluster), ["a", "b"]);
+    outlive_the_timeout(&cluster, &a).await;
+    cluster.check_membership();
+    cluster.register(registration("c")).expect("b's place, once b is gone");
+    assert_eq!(endpoints(&cluster), ["a", "c"]);
 }
 
 fn config_with_replicas(replicas: usize) -> ClusterConfig {
