@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".switchyard.v1.EchoMessage.payload")
         .bytes(".switchyard.v1.TokenRows")
         .codec_path("crate::codec::SizedCodec")
+        // Clients are made over a channel the caller built (`XClient::new`), never `connect`ed here.
+        .build_transport(false)
         .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

@@ -24,9 +24,7 @@ use bytes::buf::UninitSlice;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 use tonic::codegen::http::{self, HeaderValue, Method, StatusCode, Uri, header};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
-use tower::{Service, ServiceExt};
 
 use crate::chunked_buf::ChunkedBuf;
 
@@ -155,22 +153,14 @@ impl http_body::Body for ChunkBody {
 }
 
 /// What carries one call: sends its request (headers, and a body of chunks ready to go) and returns
-/// the response once its headers are in. Tonic's [`Channel`] is one; `switchyard_common`'s
-/// `H2Channel` another, which hands the body to HTTP/2 with its headers (tonic's client passes it
-/// through two more tasks first, a wake each on a small call).
+/// the response once its headers are in: `switchyard_common`'s `H2Channel`, which hands the body to
+/// HTTP/2 with its headers (tonic's `Channel` would pass it through two more tasks first, a wake
+/// each on a small call).
 pub trait CallChannel: Send {
     fn send(
         &mut self,
         request: http::Request<Vec<Bytes>>,
     ) -> impl Future<Output = Result<http::Response<tonic::body::Body>, Status>> + Send;
-}
-
-impl CallChannel for Channel {
-    async fn send(&mut self, request: http::Request<Vec<Bytes>>) -> Result<http::Response<tonic::body::Body>, Status> {
-        let request = request.map(|chunks| tonic::body::Body::new(ChunkBody::new(chunks, None)));
-        let ready = self.ready().await.map_err(|error| Status::from_error(error.into()))?;
-        ready.call(request).await.map_err(|error| Status::from_error(error.into()))
-    }
 }
 
 /// Calls the unary method `path` (`/package.Service/Method`) on `channel` with `request`, sending
