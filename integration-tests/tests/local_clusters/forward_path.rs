@@ -270,16 +270,25 @@ async fn the_time_breakdown_adds_up_to_the_wall_time() {
     let cluster = TestCluster::start(small_model(2.0), 2, |_| {}).await;
     let hidden = hidden_states(256, 256, 14);
     cluster.client.forward(0, &hidden).await.expect("warm-up forward");
-    let (mut wall, mut phases) = (Duration::ZERO, Duration::ZERO);
-    for _ in 0..20 {
-        let output = cluster.client.forward(0, &hidden).await.expect("forward");
-        wall += output.timing.wall;
-        phases += output.timing.phases().iter().sum::<Duration>();
+    let mut covered = Vec::new();
+    for _ in 0..21 {
+        let timing = cluster.client.forward(0, &hidden).await.expect("forward").timing;
+        let phases = timing.phases().iter().sum::<Duration>();
+        assert!(phases <= timing.wall, "phases never exceed the wall time: {timing:?}");
+        covered.push(phases.as_secs_f64() / timing.wall.as_secs_f64());
     }
-    let unaccounted = wall.saturating_sub(phases).as_secs_f64() / wall.as_secs_f64();
-    eprintln!("phases cover {:.2}% of the wall time", 100.0 * (1.0 - unaccounted));
-    assert!(phases <= wall, "phases never exceed the wall time");
-    assert!(unaccounted < 0.05, "phases leave {:.2}% of the wall time unaccounted", 100.0 * unaccounted);
+    // What no phase counts is the hops between threads; the median call's, because a call whose
+    // thread a neighbouring test's process kept off its core leaves that wait unaccounted (one
+    // such call took the 20 calls' sum to 94.8% in a full test run, where alone it is 98.4-99.0%).
+    covered.sort_by(f64::total_cmp);
+    let median = covered[covered.len() / 2];
+    eprintln!(
+        "phases cover {:.2}% of the median call's wall time ({:.2}-{:.2}%)",
+        100.0 * median,
+        100.0 * covered[0],
+        100.0 * covered[covered.len() - 1]
+    );
+    assert!(median > 0.95, "phases leave {:.2}% of the median call's wall time unaccounted", 100.0 * (1.0 - median));
 }
 
 #[tokio::test]
