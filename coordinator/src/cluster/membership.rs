@@ -47,7 +47,9 @@ impl<C: WorkerControl> Cluster<C> {
             !replaced
         });
         if state.workers.len() >= self.config.max_workers {
-            return Err(CoordinatorError::TooManyWorkers { limit: self.config.max_workers });
+            let limit = self.config.max_workers;
+            tracing::warn!(name = %registration.name, endpoint = %registration.endpoint, limit, "registration refused: --max-workers reached");
+            return Err(CoordinatorError::TooManyWorkers { limit });
         }
         state.registrations += 1;
         // Unique across coordinator restarts: a worker heartbeating with the id an earlier
