@@ -17,3 +17,4 @@ mod load_test_command;
 mod measurement;
 mod metrics_exposition;
 mod routing_policies;
+mod worker_cap;
