@@ -385,7 +385,13 @@ class ChartTest(unittest.TestCase):
         rules = rule["spec"]["groups"][0]["rules"]
         self.assertEqual(
             [r["alert"] for r in rules],
-            ["SwitchyardExpertsUnplaced", "SwitchyardWorkersMissing", "SwitchyardTokensRefused", "SwitchyardForwardErrors"],
+            [
+                "SwitchyardExpertsUnplaced",
+                "SwitchyardWorkersMissing",
+                "SwitchyardTokensRefused",
+                "SwitchyardForwardErrors",
+                "SwitchyardWorkerRegistrationsRefused",
+            ],
         )
         for r in rules:
             self.assertIn(f'namespace="{NAMESPACE}"', r["expr"], r["alert"])
@@ -396,7 +402,7 @@ class ChartTest(unittest.TestCase):
             file.flush()
             result = subprocess.run([str(PROMTOOL), "check", "rules", file.name], capture_output=True, text=True)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("SUCCESS: 4 rules found", result.stdout)
+        self.assertIn("SUCCESS: 5 rules found", result.stdout)
 
     def test_the_dashboard_is_grafana_json_whose_queries_promtool_accepts(self):
         configmap = [doc for doc in by_kind(self.renders["extras"], "ConfigMap") if doc["metadata"]["name"].endswith("-dashboard")]

@@ -1,10 +1,11 @@
 //! `--max-workers` on real processes: a worker started past the cap (an autoscaler set beyond it)
-//! is refused, keeps retrying and stays unready, and takes over once a member dies.
+//! is refused, keeps retrying and stays unready (the refusals counted where the chart's alert
+//! looks), and takes over once a member dies.
 
 use std::time::Duration;
 
 use switchyard_common::transport;
-use switchyard_integration_tests::{TestCluster, hidden_states, small_model};
+use switchyard_integration_tests::{TestCluster, hidden_states, http_get, metric_value, small_model};
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -37,6 +38,13 @@ async fn a_worker_past_the_cap_waits_unready_and_takes_over_when_a_member_dies()
         .expect("health check")
         .into_inner();
     assert_eq!(health.status, ServingStatus::NotServing as i32, "the spare is not ready: it serves no expert");
+    // The series the chart's SwitchyardWorkerRegistrationsRefused alert watches.
+    let metrics = http_get(cluster.processes.coordinator.metrics, "/metrics").await;
+    let refused = metric_value(
+        &metrics,
+        r#"grpc_server_handled_total{grpc_service="switchyard.v1.Coordinator",grpc_method="RegisterWorker",grpc_code="ResourceExhausted"}"#,
+    );
+    assert!(refused.is_some_and(|count| count >= 1.0), "{refused:?}");
 
     cluster.processes.workers[0].kill().await;
     let table = cluster
