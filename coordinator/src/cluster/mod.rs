@@ -263,6 +263,7 @@ impl<C: WorkerControl> Cluster<C> {
             model: Some(self.config.model.to_proto()),
             workers,
             unplaced_experts,
+            max_workers: u32::try_from(self.config.max_workers).unwrap_or(u32::MAX),
         }
     }
 

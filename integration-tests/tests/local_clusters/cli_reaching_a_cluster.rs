@@ -90,6 +90,7 @@ async fn status_lists_the_model_and_each_worker_with_its_experts() {
     assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.starts_with("routing table version "), "{stdout}");
     assert!(stdout.contains(&format!("model {}", model.summary())), "{stdout}");
+    assert!(stdout.contains("\nworkers: 1 of at most 1024 (the coordinator's --max-workers)\n"), "{stdout}");
     let workers: Vec<&str> = stdout.lines().filter(|line| line.contains(" experts [")).collect();
     assert_eq!(workers.len(), 1, "{stdout}");
     assert!(workers[0].contains(&format!(" {} experts [0/0 ", model.experts_per_layer)), "{stdout}");

@@ -32,6 +32,7 @@ async fn a_worker_past_the_cap_waits_unready_and_takes_over_when_a_member_dies()
         .into_inner();
     let listed: Vec<_> = status.workers.iter().map(|worker| worker.endpoint.as_str()).collect();
     assert_eq!(listed, [member.as_str()], "the spare is refused while the member lives");
+    assert_eq!(status.max_workers, 1);
     let health = HealthClient::new(transport::channel(&spare_uri).expect("channel"))
         .check(HealthCheckRequest { service: "switchyard.v1.ExpertWorker".into() })
         .await

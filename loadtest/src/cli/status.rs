@@ -20,6 +20,10 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     if let Some(model) = status.model.clone().and_then(|model| ModelSpec::try_from(model).ok()) {
         println!("model {}", model.summary());
     }
+    match status.max_workers {
+        0 => println!("workers: {}", status.workers.len()),
+        most => println!("workers: {} of at most {most} (the coordinator's --max-workers)", status.workers.len()),
+    }
     for worker in &status.workers {
         let experts: Vec<String> = worker.experts.iter().map(|key| format!("{}/{}", key.layer, key.expert)).collect();
         println!(
