@@ -22,7 +22,8 @@ async fn a_worker_past_the_cap_waits_unready_and_takes_over_when_a_member_dies()
     let spare = cluster.processes.add_worker().await.expect("a second worker starts");
     let spare_uri = cluster.processes.workers[spare].grpc_uri();
 
-    // Long enough for the spare's first registration and a retry (200 ms, then 400 ms).
+    // Long enough for the spare's first registration (at once) and its first retry (200-400 ms
+    // later, with jitter: `switchyard_common::backoff::reconnect`).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let channel = transport::channel(&cluster.processes.coordinator_uri()).expect("channel");
     let status = CoordinatorClient::new(channel)
