@@ -1,5 +1,7 @@
-//! The coordinator's one error enum and its one mapping to gRPC status codes.
+//! The coordinator's one error enum and its one mapping to gRPC statuses, with gRPC's richer
+//! error details (`switchyard_proto::status`) so that a worker or a tool acts on them as data.
 
+use switchyard_proto::status;
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -23,13 +25,51 @@ pub enum CoordinatorError {
 
 impl From<CoordinatorError> for Status {
     fn from(error: CoordinatorError) -> Self {
-        let code = match &error {
-            CoordinatorError::ProtocolMismatch { .. } => Code::FailedPrecondition,
-            CoordinatorError::UnknownWorker(_) => Code::NotFound,
-            CoordinatorError::InvalidArgument { .. } => Code::InvalidArgument,
-            CoordinatorError::NotOwner(_) => Code::PermissionDenied,
-            CoordinatorError::TooManyWorkers { .. } => Code::ResourceExhausted,
-        };
-        Status::new(code, error.to_string())
+        let message = error.to_string();
+        match error {
+            CoordinatorError::ProtocolMismatch { .. } => {
+                status::with_reason(Code::FailedPrecondition, "PROTOCOL_MISMATCH", message)
+            }
+            CoordinatorError::UnknownWorker(_) => status::with_reason(Code::NotFound, "UNKNOWN_WORKER", message),
+            CoordinatorError::InvalidArgument { field, reason } => status::bad_request(field, &reason, message),
+            CoordinatorError::NotOwner(_) => status::with_reason(Code::PermissionDenied, "NOT_OWNER", message),
+            CoordinatorError::TooManyWorkers { limit } => {
+                status::WorkerLimit { limit: limit as u64 }.into_status(message)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_keeps_its_code_and_message_and_travels_with_details() {
+        let invalid = CoordinatorError::InvalidArgument { field: "endpoint", reason: "empty".into() };
+        let status = Status::from(invalid);
+        assert_eq!((status.code(), status.message()), (Code::InvalidArgument, "endpoint: empty"));
+        assert_eq!(status::field_violation(&status), Some(("endpoint".into(), "empty".into())));
+
+        let full = Status::from(CoordinatorError::TooManyWorkers { limit: 4 });
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        assert!(full.message().starts_with("registration refused: 4 workers are registered"), "{}", full.message());
+        assert_eq!(status::WorkerLimit::from_status(&full), Some(status::WorkerLimit { limit: 4 }));
+
+        let cases = [
+            (
+                CoordinatorError::ProtocolMismatch { worker: 1, coordinator: 2 },
+                Code::FailedPrecondition,
+                "PROTOCOL_MISMATCH",
+            ),
+            (CoordinatorError::UnknownWorker("w1".into()), Code::NotFound, "UNKNOWN_WORKER"),
+            (CoordinatorError::NotOwner("w1".into()), Code::PermissionDenied, "NOT_OWNER"),
+        ];
+        for (error, code, reason) in cases {
+            let message = error.to_string();
+            let status = Status::from(error);
+            assert_eq!((status.code(), status.message()), (code, message.as_str()));
+            assert_eq!(status::reason(&status).as_deref(), Some(reason));
+        }
     }
 }

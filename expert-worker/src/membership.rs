@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_model::WeightDtype;
-use switchyard_proto::PROTOCOL_VERSION;
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
+use switchyard_proto::{PROTOCOL_VERSION, status};
 use tokio::sync::watch;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -95,7 +95,8 @@ async fn register(
                     }
                     // Its --max-workers: taken once another worker leaves.
                     Code::ResourceExhausted => {
-                        tracing::warn!(%coordinator, error, retry_in_ms, "coordinator has its most workers; retrying")
+                        let limit = status::WorkerLimit::from_status(&status).map(|refusal| refusal.limit);
+                        tracing::warn!(%coordinator, error, limit, retry_in_ms, "coordinator has its most workers; retrying")
                     }
                     _ => {
                         tracing::error!(%coordinator, error, retry_in_ms, "coordinator refused registration; retrying")

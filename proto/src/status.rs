@@ -4,6 +4,7 @@
 //! | refusal | code | details |
 //! | --- | --- | --- |
 //! | a full expert queue | `RESOURCE_EXHAUSTED` | `ErrorInfo` (reason `QUEUE_FULL`, metadata `expert`, `queued`, `limit`, `requested`), `QuotaFailure`, `ResourceInfo` |
+//! | a registration past the coordinator's `--max-workers` | `RESOURCE_EXHAUSTED` | `ErrorInfo` (reason `WORKER_LIMIT`, metadata `limit`), `QuotaFailure` |
 //! | a malformed field | `INVALID_ARGUMENT` | `BadRequest` with the field's path |
 //! | anything else | its code | `ErrorInfo` with a reason |
 
@@ -19,6 +20,39 @@ pub const DOMAIN: &str = "switchyard.v1";
 
 /// `ErrorInfo.reason` of a full expert queue.
 pub const QUEUE_FULL: &str = "QUEUE_FULL";
+
+/// `ErrorInfo.reason` of a registration past the coordinator's `--max-workers`.
+pub const WORKER_LIMIT: &str = "WORKER_LIMIT";
+
+/// A registration refused because the coordinator has its most workers (`--max-workers`); it is
+/// taken once a registered worker leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerLimit {
+    /// The most workers the coordinator registers at once.
+    pub limit: u64,
+}
+
+impl WorkerLimit {
+    /// The `RESOURCE_EXHAUSTED` status carrying this refusal as details, with `message`.
+    pub fn into_status(self, message: impl Into<String>) -> Status {
+        let metadata = HashMap::from([("limit".to_owned(), self.limit.to_string())]);
+        let mut details = ErrorDetails::with_error_info(WORKER_LIMIT, DOMAIN, metadata);
+        details.add_quota_failure_violation(
+            "registered workers",
+            format!("{} workers registered, the coordinator's --max-workers", self.limit),
+        );
+        Status::with_error_details(Code::ResourceExhausted, message, details)
+    }
+
+    /// The refusal carried by `status`, if it is one.
+    pub fn from_status(status: &Status) -> Option<Self> {
+        let info = status.get_details_error_info()?;
+        if info.reason != WORKER_LIMIT || info.domain != DOMAIN {
+            return None;
+        }
+        Some(Self { limit: info.metadata.get("limit")?.parse().ok()? })
+    }
+}
 
 /// A full expert queue, as a worker refuses it: the expert capacity, shared by all clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +126,12 @@ pub fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Stat
     Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, DOMAIN, HashMap::new()))
 }
 
+/// The reason of `status`'s `ErrorInfo`, when it is one of Switchyard's.
+pub fn reason(status: &Status) -> Option<String> {
+    let info = status.get_details_error_info()?;
+    (info.domain == DOMAIN).then_some(info.reason)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +162,22 @@ mod tests {
         assert!(QueueFull::from_status(&status(QUEUE_FULL, DOMAIN)).is_some(), "the metadata parses");
         assert_eq!(QueueFull::from_status(&status("RATE_LIMITED", DOMAIN)), None);
         assert_eq!(QueueFull::from_status(&status(QUEUE_FULL, "example.com")), None);
+    }
+
+    #[test]
+    fn a_worker_limit_round_trips_as_details_and_is_no_queue_refusal() {
+        let status = WorkerLimit { limit: 3 }.into_status("registration refused");
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(WorkerLimit::from_status(&status), Some(WorkerLimit { limit: 3 }));
+        let quota = status.get_details_quota_failure().expect("a QuotaFailure too, for generic tools");
+        assert_eq!(quota.violations[0].subject, "registered workers");
+        assert_eq!(QueueFull::from_status(&status), None);
+        let queue = QueueFull { expert: v1::ExpertKey::new(0, 1), queued: 1, limit: 1, requested: 1 };
+        assert_eq!(WorkerLimit::from_status(&queue.into_status("full")), None);
+        assert_eq!(WorkerLimit::from_status(&Status::resource_exhausted("plain")), None);
+        assert_eq!(reason(&status).as_deref(), Some(WORKER_LIMIT));
+        assert_eq!(reason(&with_reason(Code::NotFound, "UNKNOWN_WORKER", "gone")).as_deref(), Some("UNKNOWN_WORKER"));
+        assert_eq!(reason(&Status::not_found("plain")), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use switchyard_common::transport;
 use switchyard_integration_tests::{TestCluster, hidden_states, http_get, metric_value, small_model};
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
+use switchyard_proto::{PROTOCOL_VERSION, status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -26,14 +27,25 @@ async fn a_worker_past_the_cap_waits_unready_and_takes_over_when_a_member_dies()
     // later, with jitter: `switchyard_common::backoff::reconnect`).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let channel = transport::channel(&cluster.processes.coordinator_uri()).expect("channel");
-    let status = CoordinatorClient::new(channel)
-        .get_cluster_status(v1::GetClusterStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let mut coordinator = CoordinatorClient::new(channel);
+    let status = coordinator.get_cluster_status(v1::GetClusterStatusRequest {}).await.expect("status").into_inner();
     let listed: Vec<_> = status.workers.iter().map(|worker| worker.endpoint.as_str()).collect();
     assert_eq!(listed, [member.as_str()], "the spare is refused while the member lives");
     assert_eq!(status.max_workers, 1);
+    // The refusal's details cross the wire as data: what a worker logs, and grpcurl shows.
+    let refusal = coordinator
+        .register_worker(v1::RegisterWorkerRequest {
+            protocol_version: PROTOCOL_VERSION,
+            name: "third".into(),
+            endpoint: "http://127.0.0.1:9".into(),
+            device: "cpu".into(),
+            memory_bytes: 1 << 30,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a third registration is refused too");
+    assert_eq!(refusal.code(), tonic::Code::ResourceExhausted, "{refusal:?}");
+    assert_eq!(status::WorkerLimit::from_status(&refusal), Some(status::WorkerLimit { limit: 1 }));
     let health = HealthClient::new(transport::channel(&spare_uri).expect("channel"))
         .check(HealthCheckRequest { service: "switchyard.v1.ExpertWorker".into() })
         .await
