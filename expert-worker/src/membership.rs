@@ -52,7 +52,7 @@ pub async fn run(
     };
     let mut client = CoordinatorClient::new(channel);
     loop {
-        let (worker_id, interval) = register(&mut client, &worker, &membership).await;
+        let (worker_id, interval) = register(&mut client, &worker, &membership, &readiness).await;
         registered.send_replace(Some(worker_id.clone()));
         readiness.set_not_ready("registered; waiting for the coordinator to place experts");
         heartbeat_until_forgotten(&mut client, &worker, &worker_id, interval, &readiness).await;
@@ -61,10 +61,13 @@ pub async fn run(
     }
 }
 
+/// Registers until the coordinator takes this worker; while it does not, `readiness` says why (what
+/// `/readyz` answers an operator).
 async fn register(
     client: &mut CoordinatorClient<Channel>,
     worker: &ExpertWorker,
     membership: &Membership,
+    readiness: &Readiness,
 ) -> (String, Duration) {
     let mut waits = switchyard_common::backoff::reconnect(RETRY_FIRST, RETRY_MOST);
     loop {
@@ -91,15 +94,25 @@ async fn register(
                 let retry_in_ms = wait.as_millis() as u64;
                 match status.code() {
                     Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                        tracing::warn!(%coordinator, error, retry_in_ms, "coordinator unreachable; retrying")
+                        tracing::warn!(%coordinator, error, retry_in_ms, "coordinator unreachable; retrying");
+                        readiness.set_not_ready(format!(
+                            "the coordinator at {coordinator} is unreachable ({error}); retrying"
+                        ));
                     }
                     // Its --max-workers: taken once another worker leaves.
                     Code::ResourceExhausted => {
                         let limit = status::WorkerLimit::from_status(&status).map(|refusal| refusal.limit);
-                        tracing::warn!(%coordinator, error, limit, retry_in_ms, "coordinator has its most workers; retrying")
+                        tracing::warn!(%coordinator, error, limit, retry_in_ms, "coordinator has its most workers; retrying");
+                        readiness.set_not_ready(match limit {
+                            Some(limit) => format!(
+                                "the coordinator has its most workers ({limit}, its --max-workers); registering once one leaves"
+                            ),
+                            None => format!("the coordinator has its most workers ({error}); retrying"),
+                        });
                     }
                     _ => {
-                        tracing::error!(%coordinator, error, retry_in_ms, "coordinator refused registration; retrying")
+                        tracing::error!(%coordinator, error, retry_in_ms, "coordinator refused registration; retrying");
+                        readiness.set_not_ready(format!("the coordinator refused registration: {error}; retrying"));
                     }
                 }
                 tokio::time::sleep(wait).await;
@@ -330,6 +343,43 @@ mod tests {
             }
         };
         tokio::time::timeout(Duration::from_secs(10), ready).await.expect("ready once every placed expert is held");
+        joining.leave().await;
+    }
+
+    /// While the coordinator will not take the worker, readiness (what `/readyz` answers) says
+    /// why: full, unreachable, or refused, each in turn.
+    #[tokio::test]
+    async fn readiness_says_why_the_coordinator_does_not_take_the_worker() {
+        let full = status::WorkerLimit { limit: 2 }.into_status("registration refused");
+        let script = Script {
+            registrations: [
+                Err(full),
+                Err(tonic::Status::unavailable("restarting")),
+                Err(tonic::Status::failed_precondition("protocol_version: worker speaks 0")),
+            ]
+            .into(),
+            ..Script::default()
+        };
+        let readiness = Readiness::not_ready("starting");
+        let joining = join(script, readiness.clone()).await;
+        let mut reasons: Vec<String> = Vec::new();
+        let registered = async {
+            while joining.registered_as.borrow().is_none() {
+                if let Some(reason) = readiness.not_ready_because()
+                    && reasons.last() != Some(&reason)
+                {
+                    reasons.push(reason);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), registered).await.expect("registered once the script ran out");
+        let said = |part: &str| reasons.iter().position(|reason| reason.contains(part));
+        let full = said("the coordinator has its most workers (2, its --max-workers)");
+        let unreachable = said("is unreachable (restarting)");
+        let refused = said("the coordinator refused registration: protocol_version: worker speaks 0");
+        assert!(full.is_some() && unreachable.is_some() && refused.is_some(), "{reasons:#?}");
+        assert!(full < unreachable && unreachable < refused, "in the order it was answered: {reasons:#?}");
         joining.leave().await;
     }
 

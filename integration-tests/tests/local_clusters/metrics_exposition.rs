@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use switchyard_integration_tests::{TestCluster, hidden_states, metric_value, small_model};
+use switchyard_integration_tests::{TestCluster, hidden_states, http_get_any, metric_value, small_model};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `GET /metrics` with `accept`; the content type and the body.
@@ -117,17 +117,6 @@ async fn every_endpoint_passes_promtool_with_process_build_and_per_rpc_series() 
     assert_eq!(timed, Some(2.0), "both registrations timed:\n{coordinator}");
 }
 
-/// `GET path`: the status code and the body.
-async fn get(address: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to the metrics port");
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await.expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("headers, then the body");
-    let code = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("a status code");
-    (code, body.to_owned())
-}
-
 /// The worker's readiness as its probes see it: the named health service, `/readyz`, and the
 /// unnamed service (liveness), which must say SERVING throughout.
 async fn worker_probes(worker: &switchyard_common::children::ChildProcess) -> (i32, (u16, String), i32) {
@@ -140,7 +129,7 @@ async fn worker_probes(worker: &switchyard_common::children::ChildProcess) -> (i
     };
     let named = status("switchyard.v1.ExpertWorker").await;
     let unnamed = status("").await;
-    (named, get(worker.metrics, "/readyz").await, unnamed)
+    (named, http_get_any(worker.metrics, "/readyz").await, unnamed)
 }
 
 #[tokio::test]

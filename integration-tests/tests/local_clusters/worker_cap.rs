@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use switchyard_common::transport;
-use switchyard_integration_tests::{TestCluster, hidden_states, http_get, metric_value, small_model};
+use switchyard_integration_tests::{TestCluster, hidden_states, http_get, http_get_any, metric_value, small_model};
 use switchyard_proto::v1::{self, coordinator_client::CoordinatorClient};
 use switchyard_proto::{PROTOCOL_VERSION, status};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -52,6 +52,10 @@ async fn a_worker_past_the_cap_waits_unready_and_takes_over_when_a_member_dies()
         .expect("health check")
         .into_inner();
     assert_eq!(health.status, ServingStatus::NotServing as i32, "the spare is not ready: it serves no expert");
+    let spare_metrics = cluster.processes.workers[spare].metrics;
+    let (code, why) = http_get_any(spare_metrics, "/readyz").await;
+    assert_eq!(code, 503, "{why}");
+    assert!(why.contains("the coordinator has its most workers (1, its --max-workers)"), "/readyz says why: {why}");
     // The series the chart's SwitchyardWorkerRegistrationsRefused alert watches.
     let metrics = http_get(cluster.processes.coordinator.metrics, "/metrics").await;
     let refused = metric_value(
