@@ -117,6 +117,44 @@ async fn every_endpoint_passes_promtool_with_process_build_and_per_rpc_series() 
     assert_eq!(timed, Some(2.0), "both registrations timed:\n{coordinator}");
 }
 
+/// The metric names an expression of the chart's alerts or dashboard queries (`switchyard_*`,
+/// `grpc_server_*`, `process_*`).
+fn queried_series(expressions: &str) -> std::collections::BTreeSet<String> {
+    expressions
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| ["switchyard_", "grpc_server_", "process_"].iter().any(|prefix| word.starts_with(prefix)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every series the chart's alerts and Grafana dashboard query is one the coordinator or a worker
+/// serves: a renamed metric would otherwise leave an alert that never fires and a panel without
+/// data, and nothing else would say so.
+#[tokio::test]
+async fn the_chart_s_alerts_and_dashboard_query_only_series_the_processes_serve() {
+    let cluster = TestCluster::start(small_model(2.0), 1, |_| {}).await;
+    cluster.client.forward(0, &hidden_states(16, 256, 1)).await.expect("forward");
+    let mut served = String::new();
+    for address in [cluster.processes.coordinator.metrics, cluster.processes.workers[0].metrics] {
+        served += &scrape(address, None).await.1;
+    }
+    let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/switchyard");
+    for file in ["templates/prometheusrule.yaml", "dashboards/switchyard.json"] {
+        let text = std::fs::read_to_string(chart.join(file)).expect("the chart's file");
+        let queried = queried_series(&text);
+        assert!(queried.len() >= 5, "{file}: {queried:?}");
+        let missing: Vec<_> = queried
+            .iter()
+            .filter(|name| {
+                !served
+                    .lines()
+                    .any(|line| line.strip_prefix(name.as_str()).is_some_and(|rest| rest.starts_with(['{', ' '])))
+            })
+            .collect();
+        assert!(missing.is_empty(), "{file} queries series no process serves: {missing:?}");
+    }
+}
+
 /// The worker's readiness as its probes see it: the named health service, `/readyz`, and the
 /// unnamed service (liveness), which must say SERVING throughout.
 async fn worker_probes(worker: &switchyard_common::children::ChildProcess) -> (i32, (u16, String), i32) {
