@@ -14,6 +14,8 @@ use prometheus_client::registry::Registry;
 #[derive(Debug, Clone, Default)]
 pub struct CoordinatorMetrics {
     pub live_workers: Gauge,
+    /// `--max-workers`: registrations past it are refused.
+    pub max_workers: Gauge,
     pub table_version: Gauge,
     pub placed_experts: Gauge,
     pub worker_expirations: Counter,
@@ -46,6 +48,11 @@ impl CoordinatorMetrics {
         switchyard_common::process_metrics::register(&mut registry, "coordinator");
         let sub = registry.sub_registry_with_prefix("switchyard_coordinator");
         sub.register("live_workers", "Workers whose heartbeats are current", self.live_workers.clone());
+        sub.register(
+            "max_workers",
+            "Most workers registered at once (--max-workers); registrations past it are refused",
+            self.max_workers.clone(),
+        );
         sub.register("table_version", "Version of the published routing table", self.table_version.clone());
         sub.register("placed_experts", "Experts the published table routes to a worker", self.placed_experts.clone());
         sub.register("worker_expirations", "Workers removed for missing heartbeats", self.worker_expirations.clone());

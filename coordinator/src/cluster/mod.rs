@@ -176,6 +176,7 @@ impl<C: WorkerControl> Cluster<C> {
             max_batch_tokens: config.max_batch_tokens,
         };
         let (table, _) = watch::channel(Arc::new(empty));
+        metrics.max_workers.set(i64::try_from(config.max_workers).unwrap_or(i64::MAX));
         let (window, redundant) = config
             .balancing
             .map_or((Duration::from_secs(60), 0), |balancing| (balancing.interval * 2, balancing.redundant));

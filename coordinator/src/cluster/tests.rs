@@ -463,11 +463,10 @@ fn registration_and_heartbeat_errors_name_the_field() {
 /// worker (the same endpoint) is still taken, and a newcomer once a registered worker is gone.
 #[tokio::test]
 async fn registrations_past_the_most_workers_wait_until_one_leaves() {
-    let cluster = Cluster::new(
-        ClusterConfig { max_workers: 2, ..config(1) },
-        Arc::new(FakeControl::default()),
-        CoordinatorMetrics::default(),
-    );
+    let metrics = CoordinatorMetrics::default();
+    let cluster =
+        Cluster::new(ClusterConfig { max_workers: 2, ..config(1) }, Arc::new(FakeControl::default()), metrics.clone());
+    assert_eq!(metrics.max_workers.get(), 2, "the cap, as a gauge");
     cluster.register(registration("a")).expect("the first");
     cluster.register(registration("b")).expect("the second");
     let refused = cluster.register(registration("c")).unwrap_err();

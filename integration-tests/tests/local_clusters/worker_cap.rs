@@ -63,6 +63,7 @@ async fn a_worker_past_the_cap_waits_unready_and_takes_over_when_a_member_dies()
         r#"grpc_server_handled_total{grpc_service="switchyard.v1.Coordinator",grpc_method="RegisterWorker",grpc_code="ResourceExhausted"}"#,
     );
     assert!(refused.is_some_and(|count| count >= 1.0), "{refused:?}");
+    assert_eq!(metric_value(&metrics, "switchyard_coordinator_max_workers"), Some(1.0), "the cap, for the dashboard");
 
     cluster.processes.workers[0].kill().await;
     let table = cluster
