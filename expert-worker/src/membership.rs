@@ -62,7 +62,8 @@ pub async fn run(
 }
 
 /// Registers until the coordinator takes this worker; while it does not, `readiness` says why (what
-/// `/readyz` answers an operator).
+/// `/readyz` answers an operator). Each new reason is logged at its level, a repeat of the last at
+/// debug: a long outage or a standing refusal is not a line every retry.
 async fn register(
     client: &mut CoordinatorClient<Channel>,
     worker: &ExpertWorker,
@@ -70,6 +71,8 @@ async fn register(
     readiness: &Readiness,
 ) -> (String, Duration) {
     let mut waits = switchyard_common::backoff::reconnect(RETRY_FIRST, RETRY_MOST);
+    let coordinator = &membership.coordinator_uri;
+    let (mut failed_attempts, mut last_reason) = (0u32, None::<String>);
     loop {
         let request = v1::RegisterWorkerRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -85,38 +88,70 @@ async fn register(
             Ok(response) => {
                 let response = response.into_inner();
                 let interval = Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(50)));
-                tracing::info!(worker_id = %response.worker_id, interval_ms = interval.as_millis() as u64, "registered with the coordinator");
+                tracing::info!(worker_id = %response.worker_id, interval_ms = interval.as_millis() as u64, failed_attempts, "registered with the coordinator");
                 return (response.worker_id, interval);
             }
             Err(status) => {
-                let (coordinator, error) = (&membership.coordinator_uri, status.message());
+                failed_attempts += 1;
                 let wait = waits.next().unwrap_or(RETRY_MOST);
-                let retry_in_ms = wait.as_millis() as u64;
-                match status.code() {
-                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                        tracing::warn!(%coordinator, error, retry_in_ms, "coordinator unreachable; retrying");
-                        readiness.set_not_ready(format!(
-                            "the coordinator at {coordinator} is unreachable ({error}); retrying"
-                        ));
-                    }
-                    // Its --max-workers: taken once another worker leaves.
-                    Code::ResourceExhausted => {
-                        let limit = status::WorkerLimit::from_status(&status).map(|refusal| refusal.limit);
-                        tracing::warn!(%coordinator, error, limit, retry_in_ms, "coordinator has its most workers; retrying");
-                        readiness.set_not_ready(match limit {
-                            Some(limit) => format!(
-                                "the coordinator has its most workers ({limit}, its --max-workers); registering once one leaves"
-                            ),
-                            None => format!("the coordinator has its most workers ({error}); retrying"),
-                        });
-                    }
-                    _ => {
-                        tracing::error!(%coordinator, error, retry_in_ms, "coordinator refused registration; retrying");
-                        readiness.set_not_ready(format!("the coordinator refused registration: {error}; retrying"));
+                let (error, retry_in_ms) = (status.message(), wait.as_millis() as u64);
+                let not_taken = NotTaken::of(&status);
+                let reason = not_taken.reason(coordinator, error);
+                if last_reason.as_ref() == Some(&reason) {
+                    tracing::debug!(%coordinator, error, retry_in_ms, failed_attempts, "registration failed again; retrying");
+                } else {
+                    match not_taken {
+                        NotTaken::Unreachable => {
+                            tracing::warn!(%coordinator, error, retry_in_ms, "coordinator unreachable; retrying")
+                        }
+                        NotTaken::Full { limit } => {
+                            tracing::warn!(%coordinator, error, limit, retry_in_ms, "coordinator has its most workers; retrying")
+                        }
+                        NotTaken::Refused => {
+                            tracing::error!(%coordinator, error, retry_in_ms, "coordinator refused registration; retrying")
+                        }
                     }
                 }
+                readiness.set_not_ready(reason.clone());
+                last_reason = Some(reason);
                 tokio::time::sleep(wait).await;
             }
+        }
+    }
+}
+
+/// Why the coordinator did not take a registration.
+enum NotTaken {
+    Unreachable,
+    /// At its --max-workers (`limit`, when the refusal carries it): taken once another worker leaves.
+    Full {
+        limit: Option<u64>,
+    },
+    Refused,
+}
+
+impl NotTaken {
+    fn of(status: &tonic::Status) -> Self {
+        match status.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => NotTaken::Unreachable,
+            Code::ResourceExhausted => {
+                NotTaken::Full { limit: status::WorkerLimit::from_status(status).map(|refusal| refusal.limit) }
+            }
+            _ => NotTaken::Refused,
+        }
+    }
+
+    /// What readiness says meanwhile.
+    fn reason(&self, coordinator: &str, error: &str) -> String {
+        match self {
+            NotTaken::Unreachable => format!("the coordinator at {coordinator} is unreachable ({error}); retrying"),
+            NotTaken::Full { limit: Some(limit) } => {
+                format!(
+                    "the coordinator has its most workers ({limit}, its --max-workers); registering once one leaves"
+                )
+            }
+            NotTaken::Full { limit: None } => format!("the coordinator has its most workers ({error}); retrying"),
+            NotTaken::Refused => format!("the coordinator refused registration: {error}; retrying"),
         }
     }
 }
@@ -429,8 +464,8 @@ mod tests {
     /// The warning that heartbeats fail, as the membership task logs it.
     const HEARTBEATS_FAILING: &str = "heartbeats to the coordinator fail; serving on the last placement meanwhile";
 
-    /// An operator reads a refused registration as an error and an unreachable coordinator as a
-    /// warning; heartbeats that keep failing are warned of once, then at debug level until one is
+    /// An operator reads a refused registration as an error (once while it stays the same) and an
+    /// unreachable coordinator as a warning; heartbeats that keep failing are warned of once, then at debug level until one is
     /// answered again, which is said once.
     #[tokio::test]
     async fn failing_registrations_and_heartbeats_are_said_once_at_their_level() {
@@ -439,7 +474,12 @@ mod tests {
         let (logged, _capturing) = Logged::capture();
         let unavailable = || tonic::Status::unavailable("restarting");
         let script = Script {
-            registrations: [Err(tonic::Status::failed_precondition("protocol 0")), Err(unavailable())].into(),
+            registrations: [
+                Err(tonic::Status::failed_precondition("protocol 0")),
+                Err(tonic::Status::failed_precondition("protocol 0")),
+                Err(unavailable()),
+            ]
+            .into(),
             heartbeats: [Err(unavailable()), Err(unavailable()), Err(unavailable()), Ok(heartbeat(true, 0))].into(),
             ..Script::default()
         };
@@ -448,6 +488,7 @@ mod tests {
         joining.leave().await;
 
         assert_eq!(logged.count(Level::ERROR, "coordinator refused registration; retrying"), 1);
+        assert_eq!(logged.count(Level::DEBUG, "registration failed again; retrying"), 1, "the same refusal again");
         assert_eq!(logged.count(Level::WARN, "coordinator unreachable; retrying"), 1);
         assert_eq!(logged.count(Level::WARN, HEARTBEATS_FAILING), 1, "{:?}", logged.0.lock());
         assert_eq!(logged.count(Level::DEBUG, "heartbeat failed; still serving"), 2);
