@@ -48,9 +48,19 @@ impl<C: WorkerControl> Cluster<C> {
         });
         if state.workers.len() >= self.config.max_workers {
             let limit = self.config.max_workers;
-            tracing::warn!(name = %registration.name, endpoint = %registration.endpoint, limit, "registration refused: --max-workers reached");
+            let (name, endpoint) = (&registration.name, &registration.endpoint);
+            if state.refused_at_the_cap.contains(endpoint) {
+                tracing::debug!(%name, %endpoint, limit, "registration refused again: --max-workers reached");
+            } else {
+                tracing::warn!(%name, %endpoint, limit, "registration refused: --max-workers reached");
+                if state.refused_at_the_cap.len() >= super::REMEMBERED_REFUSALS {
+                    state.refused_at_the_cap.clear();
+                }
+                state.refused_at_the_cap.insert(endpoint.clone());
+            }
             return Err(CoordinatorError::TooManyWorkers { limit });
         }
+        state.refused_at_the_cap.remove(&registration.endpoint);
         state.registrations += 1;
         // Unique across coordinator restarts: a worker heartbeating with the id an earlier
         // coordinator gave it must be told to register again, not be taken for another worker.

@@ -143,7 +143,14 @@ struct State {
     unplaced: usize,
     /// The last load balance computed from traffic (EPLB), if balancing is on and traffic was seen.
     balance: Option<Balance>,
+    /// Endpoints refused at `--max-workers` since they last registered, so that a worker retrying
+    /// is warned of once, not every retry; at most [`REMEMBERED_REFUSALS`] of them.
+    refused_at_the_cap: BTreeSet<String>,
 }
+
+/// The most endpoints refused at the cap that the coordinator remembers (then it forgets them all):
+/// a bound on what peers registering without end can make it hold.
+const REMEMBERED_REFUSALS: usize = 1024;
 
 // Lock order: `state`, then `traffic`; never the other way round.
 

@@ -486,6 +486,32 @@ async fn registrations_past_the_most_workers_wait_until_one_leaves() {
     assert_eq!(endpoints(&cluster), ["a", "c"]);
 }
 
+/// A worker retrying past the cap is warned of once: its endpoint is remembered until it
+/// registers, and no more endpoints than the bound are.
+#[tokio::test]
+async fn refusals_at_the_cap_are_remembered_per_endpoint_until_it_registers() {
+    let cluster = Cluster::new(
+        ClusterConfig { max_workers: 1, ..config(1) },
+        Arc::new(FakeControl::default()),
+        CoordinatorMetrics::default(),
+    );
+    let remembered = |cluster: &Cluster<Arc<FakeControl>>| cluster.lock().refused_at_the_cap.clone();
+    cluster.register(registration("a")).expect("the first");
+    for _ in 0..3 {
+        cluster.register(registration("b")).expect_err("b is past the cap");
+    }
+    assert_eq!(remembered(&cluster), ["b".to_owned()].into(), "once, however often it retries");
+    for index in 0..super::REMEMBERED_REFUSALS {
+        cluster.register(registration(&format!("spare-{index}"))).expect_err("past the cap");
+    }
+    assert!(remembered(&cluster).len() <= super::REMEMBERED_REFUSALS, "bounded");
+    cluster.register(registration("b")).expect_err("b again");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.check_membership();
+    cluster.register(registration("b")).expect("b takes a's place once a fell silent");
+    assert!(!remembered(&cluster).contains("b"), "forgotten once registered");
+}
+
 fn config_with_replicas(replicas: usize) -> ClusterConfig {
     ClusterConfig { replicas, ..config(1) }
 }
