@@ -70,6 +70,8 @@ pub mod grpc_metrics;
 pub mod h2_channel;
 pub mod heap_trim;
 pub mod huge_pages;
+#[cfg(any(test, feature = "log-capture"))]
+pub mod log_capture;
 pub mod metrics_http;
 pub mod metrics_text;
 pub mod otlp;

@@ -267,6 +267,7 @@ pub async fn drain(coordinator_uri: &str, registered: &watch::Receiver<Option<St
 
 #[cfg(test)]
 mod tests {
+    use switchyard_common::log_capture::Logged;
     use switchyard_common::scripted_coordinator::{Asked, Script, serve};
     use tokio::sync::mpsc;
 
@@ -418,49 +419,6 @@ mod tests {
         joining.leave().await;
     }
 
-    /// The level and message of every event logged on the test's thread (a current-thread
-    /// runtime polls the membership task there).
-    #[derive(Clone, Default)]
-    struct Logged(std::sync::Arc<std::sync::Mutex<Vec<(tracing::Level, String)>>>);
-
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Logged {
-        fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-            struct Message(String);
-            impl tracing::field::Visit for Message {
-                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                    if field.name() == "message" {
-                        self.0 = format!("{value:?}");
-                    }
-                }
-            }
-            let mut message = Message(String::new());
-            event.record(&mut message);
-            self.0.lock().expect("not poisoned").push((*event.metadata().level(), message.0));
-        }
-    }
-
-    impl Logged {
-        /// Captures what this thread logs while the guard lives. tracing caches each callsite's
-        /// interest process-wide, from the first thread that reaches it: another test's thread
-        /// without a subscriber would pin a callsite to "never" and its events would not arrive
-        /// here. A global registry that records nothing gives every thread a subscriber, and the
-        /// cache is rebuilt once this thread's is set.
-        fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
-            use tracing_subscriber::layer::SubscriberExt;
-
-            let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
-            let logged = Logged::default();
-            let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(logged.clone()));
-            tracing::callsite::rebuild_interest_cache();
-            (logged, guard)
-        }
-
-        fn count(&self, level: tracing::Level, message: &str) -> usize {
-            let logged = self.0.lock().expect("not poisoned");
-            logged.iter().filter(|(at, said)| *at == level && said == message).count()
-        }
-    }
-
     /// The warning that heartbeats fail, as the membership task logs it.
     const HEARTBEATS_FAILING: &str = "heartbeats to the coordinator fail; serving on the last placement meanwhile";
 
@@ -490,7 +448,7 @@ mod tests {
         assert_eq!(logged.count(Level::ERROR, "coordinator refused registration; retrying"), 1);
         assert_eq!(logged.count(Level::DEBUG, "registration failed again; retrying"), 1, "the same refusal again");
         assert_eq!(logged.count(Level::WARN, "coordinator unreachable; retrying"), 1);
-        assert_eq!(logged.count(Level::WARN, HEARTBEATS_FAILING), 1, "{:?}", logged.0.lock());
+        assert_eq!(logged.count(Level::WARN, HEARTBEATS_FAILING), 1, "{:?}", logged.all());
         assert_eq!(logged.count(Level::DEBUG, "heartbeat failed; still serving"), 2);
         assert_eq!(logged.count(Level::INFO, "the coordinator answers heartbeats again"), 1);
     }

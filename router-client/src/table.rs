@@ -183,16 +183,24 @@ impl Drop for TableWatcher {
     }
 }
 
+/// Follows the coordinator's table for as long as the watcher lives, reconnecting with backoff.
+/// Losing the coordinator is warned of once (the client routes on its last table meanwhile) and
+/// said again once it is reached, not at every retry.
 async fn follow(
     mut client: CoordinatorClient<tonic::transport::Channel>,
     sender: watch::Sender<Option<Arc<RoutingTableView>>>,
     coordinator: String,
 ) {
     let mut waits = switchyard_common::backoff::reconnect(RECONNECT_FIRST, RECONNECT_MOST);
+    let mut unreachable_since: Option<tokio::time::Instant> = None;
     loop {
         let (newer_than, epoch) = sender.borrow().as_ref().map_or((0, 0), |table| (table.version.0, table.epoch));
         match client.watch_routing_table(v1::GetRoutingTableRequest { newer_than, epoch }).await {
             Ok(stream) => {
+                if let Some(since) = unreachable_since.take() {
+                    let unreachable_ms = since.elapsed().as_millis() as u64;
+                    tracing::info!(%coordinator, unreachable_ms, "the coordinator is reached again; following its routing table");
+                }
                 // Reached: a later loss starts from the shortest wait again.
                 waits = switchyard_common::backoff::reconnect(RECONNECT_FIRST, RECONNECT_MOST);
                 let mut stream = stream.into_inner();
@@ -217,7 +225,14 @@ async fn follow(
                 }
             }
             Err(status) => {
-                tracing::debug!(%coordinator, error = status.message(), "coordinator unreachable; keeping the last table")
+                let error = status.message();
+                if unreachable_since.is_none() {
+                    unreachable_since = Some(tokio::time::Instant::now());
+                    let version = sender.borrow().as_ref().map(|table| table.version.0);
+                    tracing::warn!(%coordinator, error, version, "coordinator unreachable; routing on the last table meanwhile");
+                } else {
+                    tracing::debug!(%coordinator, error, "coordinator still unreachable")
+                }
             }
         }
         tokio::time::sleep(waits.next().unwrap_or(RECONNECT_MOST)).await;
@@ -364,6 +379,31 @@ mod tests {
         );
         let complete = watcher_holding(Some(wire_table())).wait_for(RoutingTableView::is_complete, within).await;
         assert_eq!(complete.expect("ready at once").placed(), (2, 2));
+    }
+
+    /// An operator reads a lost coordinator once: a warning when it is first unreachable, debug
+    /// while it stays so, and a line when it is reached again.
+    #[tokio::test]
+    async fn losing_the_coordinator_is_said_once_and_its_return_once() {
+        use switchyard_common::log_capture::Logged;
+        use tracing::Level;
+
+        let (logged, _capturing) = Logged::capture();
+        let refused = || Watch::Refused(tonic::Status::unavailable("scripted refusal"));
+        let watches = [refused(), refused(), Watch::Streams { items: vec![Ok(wire_table())], open: true }];
+        let (coordinator, _requests) =
+            scripted_coordinator::serve(Script { watches: watches.into(), ..Script::default() }).await;
+        let watcher = TableWatcher::start(&coordinator).expect("a valid address");
+        watcher.wait_for(|table| table.version == TableVersion(3), Duration::from_secs(10)).await.expect("the table");
+        let said = |level, message| logged.count(level, message);
+        assert_eq!(
+            said(Level::WARN, "coordinator unreachable; routing on the last table meanwhile"),
+            1,
+            "{:?}",
+            logged.all()
+        );
+        assert_eq!(said(Level::DEBUG, "coordinator still unreachable"), 1);
+        assert_eq!(said(Level::INFO, "the coordinator is reached again; following its routing table"), 1);
     }
 
     /// The watcher takes only newer tables (or a restarted coordinator's), ignores malformed ones,
