@@ -228,8 +228,12 @@ async fn follow(
                 let error = status.message();
                 if unreachable_since.is_none() {
                     unreachable_since = Some(tokio::time::Instant::now());
-                    let version = sender.borrow().as_ref().map(|table| table.version.0);
-                    tracing::warn!(%coordinator, error, version, "coordinator unreachable; routing on the last table meanwhile");
+                    match sender.borrow().as_ref().map(|table| table.version.0) {
+                        Some(version) => {
+                            tracing::warn!(%coordinator, error, version, "coordinator unreachable; routing on the last table meanwhile")
+                        }
+                        None => tracing::warn!(%coordinator, error, "coordinator unreachable; no routing table yet"),
+                    }
                 } else {
                     tracing::debug!(%coordinator, error, "coordinator still unreachable")
                 }
@@ -396,14 +400,14 @@ mod tests {
         let watcher = TableWatcher::start(&coordinator).expect("a valid address");
         watcher.wait_for(|table| table.version == TableVersion(3), Duration::from_secs(10)).await.expect("the table");
         let said = |level, message| logged.count(level, message);
-        assert_eq!(
-            said(Level::WARN, "coordinator unreachable; routing on the last table meanwhile"),
-            1,
-            "{:?}",
-            logged.all()
-        );
+        assert_eq!(said(Level::WARN, "coordinator unreachable; no routing table yet"), 1, "{:?}", logged.all());
         assert_eq!(said(Level::DEBUG, "coordinator still unreachable"), 1);
         assert_eq!(said(Level::INFO, "the coordinator is reached again; following its routing table"), 1);
+        assert_eq!(
+            said(Level::WARN, "coordinator unreachable; routing on the last table meanwhile"),
+            0,
+            "no table yet"
+        );
     }
 
     /// The watcher takes only newer tables (or a restarted coordinator's), ignores malformed ones,
@@ -411,6 +415,7 @@ mod tests {
     /// it holds, and stops following once dropped.
     #[tokio::test]
     async fn the_watcher_follows_newer_tables_across_broken_streams_until_dropped() {
+        let (logged, _capturing) = switchyard_common::log_capture::Logged::capture();
         let table = |epoch, version| v1::RoutingTable { epoch, version, ..wire_table() };
         let mut malformed = table(1, 9);
         malformed.routes[0].expert = None;
@@ -443,6 +448,8 @@ mod tests {
         // Version 3 was held through the broken stream and the refusal: neither the older
         // version 2 nor the malformed version 9 replaced it.
         assert_eq!(asked, [(0, 0), (3, 1), (3, 1)]);
+        let warned = logged.count(tracing::Level::WARN, "coordinator unreachable; routing on the last table meanwhile");
+        assert_eq!(warned, 1, "the refusal, with version 3 held: {:?}", logged.all());
 
         let mut receiver = watcher.receiver();
         receiver.borrow_and_update();
