@@ -423,8 +423,8 @@ mod tests {
     const HEARTBEATS_FAILING: &str = "heartbeats to the coordinator fail; serving on the last placement meanwhile";
 
     /// An operator reads a refused registration as an error (once while it stays the same) and an
-    /// unreachable coordinator as a warning; heartbeats that keep failing are warned of once, then at debug level until one is
-    /// answered again, which is said once.
+    /// unreachable coordinator as a warning; heartbeats that keep failing are warned of once, then
+    /// at debug level until one is answered again, which is said once.
     #[tokio::test]
     async fn failing_registrations_and_heartbeats_are_said_once_at_their_level() {
         use tracing::Level;

@@ -92,7 +92,7 @@ fn test_tls() -> Option<&'static std::path::Path> {
 /// A minimal HTTP/1.0 GET of a metrics port's `path` that must answer 200: the whole response,
 /// its headers (the exposition's content type) and its body.
 pub async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
-    let response = http_response(address, path).await;
+    let response = http_response_with(address, path, "").await;
     assert!(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
@@ -100,16 +100,19 @@ pub async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
 /// A minimal HTTP/1.0 GET of a metrics port's `path`, whatever it answers (`/readyz` says 503
 /// and why while not ready): the status code and the body.
 pub async fn http_get_any(address: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let response = http_response(address, path).await;
+    let response = http_response_with(address, path, "").await;
     let (head, body) = response.split_once("\r\n\r\n").expect("headers, then the body");
     let code = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("a status code");
     (code, body.to_owned())
 }
 
-async fn http_response(address: std::net::SocketAddr, path: &str) -> String {
+/// A minimal HTTP/1.0 GET of `path` with `headers` (each line ending in `\r\n`): the whole
+/// response, headers and body.
+pub async fn http_response_with(address: std::net::SocketAddr, path: &str, headers: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to the metrics port");
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await.expect("send");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n{headers}\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read");
     response

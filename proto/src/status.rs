@@ -46,11 +46,8 @@ impl WorkerLimit {
 
     /// The refusal carried by `status`, if it is one.
     pub fn from_status(status: &Status) -> Option<Self> {
-        let info = status.get_details_error_info()?;
-        if info.reason != WORKER_LIMIT || info.domain != DOMAIN {
-            return None;
-        }
-        Some(Self { limit: info.metadata.get("limit")?.parse().ok()? })
+        let metadata = metadata_of(status, WORKER_LIMIT)?;
+        Some(Self { limit: metadata.get("limit")?.parse().ok()? })
     }
 }
 
@@ -87,12 +84,9 @@ impl QueueFull {
 
     /// The refusal carried by `status`, if it is one.
     pub fn from_status(status: &Status) -> Option<Self> {
-        let info = status.get_details_error_info()?;
-        if info.reason != QUEUE_FULL || info.domain != DOMAIN {
-            return None;
-        }
-        let number = |key: &str| info.metadata.get(key)?.parse::<u64>().ok();
-        let expert = parse_expert(info.metadata.get("expert")?)?;
+        let metadata = metadata_of(status, QUEUE_FULL)?;
+        let number = |key: &str| metadata.get(key)?.parse::<u64>().ok();
+        let expert = parse_expert(metadata.get("expert")?)?;
         Some(Self { expert, queued: number("queued")?, limit: number("limit")?, requested: number("requested")? })
     }
 }
@@ -130,6 +124,12 @@ pub fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Stat
 pub fn reason(status: &Status) -> Option<String> {
     let info = status.get_details_error_info()?;
     (info.domain == DOMAIN).then_some(info.reason)
+}
+
+/// The metadata of `status`'s `ErrorInfo` when it is Switchyard's of `reason`.
+fn metadata_of(status: &Status, reason: &str) -> Option<HashMap<String, String>> {
+    let info = status.get_details_error_info()?;
+    (info.domain == DOMAIN && info.reason == reason).then_some(info.metadata)
 }
 
 #[cfg(test)]

@@ -5,17 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use switchyard_integration_tests::{TestCluster, hidden_states, http_get_any, metric_value, small_model};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use switchyard_integration_tests::{
+    TestCluster, hidden_states, http_get_any, http_response_with, metric_value, small_model,
+};
 
 /// `GET /metrics` with `accept`; the content type and the body.
 async fn scrape(address: SocketAddr, accept: Option<&str>) -> (String, String) {
-    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to /metrics");
     let accept = accept.map(|accept| format!("Accept: {accept}\r\n")).unwrap_or_default();
-    let request = format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n{accept}\r\n");
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
+    let response = http_response_with(address, "/metrics", &accept).await;
     let (head, body) = response.split_once("\r\n\r\n").expect("headers, then the body");
     assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
     let content_type = head
