@@ -20,7 +20,7 @@ use crate::error::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::scheduler::{Batch, Command, RowsOut, Scheduler, Work};
 use crate::stacks::Stacks;
-use crate::staging::Staging;
+use crate::staging::{Staging, Transfers};
 use crate::step::{Computed, EntryAnswer, compute_step};
 use crate::sums::Sums;
 
@@ -28,6 +28,7 @@ use crate::sums::Sums;
 pub fn spawn(
     scheduler: Arc<Scheduler>,
     device: Device,
+    transfers: Transfers,
     threads: i32,
     step_hold: Duration,
     grouped_experts: bool,
@@ -40,8 +41,8 @@ pub fn spawn(
         let _no_grad = tch::no_grad_guard();
         let mut experts: HashMap<ExpertId, Expert> = HashMap::new();
         let mut stacks = Stacks::new(grouped_experts);
-        let mut staging = Staging::new(device);
-        let mut sums = Sums::new(device);
+        let mut staging = Staging::new(device, transfers);
+        let mut sums = Sums::new(device, transfers);
         loop {
             match scheduler.next_work() {
                 Work::Step(batches) => {

@@ -160,6 +160,7 @@ fn worker_options(args: &Args, device: tch::Device, memory_bytes: u64) -> Worker
         dtype: args.dtype,
         memory_bytes: Some(memory_bytes),
         checkpoints: args.model_root.clone().map_or(worker::CheckpointAccess::Nowhere, worker::CheckpointAccess::Under),
+        copied_transfers_on_cpu: false,
     }
 }
 

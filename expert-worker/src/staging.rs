@@ -2,7 +2,8 @@
 //! steps. On CUDA they are pinned (page-locked): a copy runs at the bus's rate (on an H200 host,
 //! 55 GB/s against 15 from pageable memory) and the host→device copy is asynchronous, queued before
 //! the step's kernels on the same stream. On a CPU the "device" is host memory: rows are packed
-//! once and viewed in place, and answers are sent from the tensors that hold them.
+//! once and viewed in place, and answers are sent from the tensors that hold them, unless the
+//! worker is asked to move them as a GPU does ([`Transfers`]).
 
 use std::collections::VecDeque;
 
@@ -17,9 +18,29 @@ use crate::answer_buffers::{AnswerBuffers, host_buffer};
 /// 16-byte alignment their vector loads want.
 pub const ALIGN: usize = 16;
 
+/// How a step's rows reach its experts and their answers come back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transfers {
+    /// Rows viewed where they were packed, answers sent from the tensors that hold them: a CPU's.
+    InPlace,
+    /// Rows copied to the device in one upload (with token-major parts' indices and weights and
+    /// grouped products' row ends), every answer copied back in one download: a GPU's, whose
+    /// memory is its own. A CPU worker moves them so when asked, so that the bookkeeping of this
+    /// path is tested where no GPU is.
+    Copied,
+}
+
+impl Transfers {
+    /// A GPU's always copy; a CPU's copy when `copied_on_cpu`.
+    pub fn for_device(device: Device, copied_on_cpu: bool) -> Self {
+        if device.is_cuda() || copied_on_cpu { Self::Copied } else { Self::InPlace }
+    }
+}
+
 #[derive(Debug)]
 pub struct Staging {
     device: Device,
+    transfers: Transfers,
     /// Cores this process may use, read once: the most threads an upload is packed by.
     cores: usize,
     upload: Option<Tensor>,
@@ -30,13 +51,14 @@ pub struct Staging {
 }
 
 impl Staging {
-    pub fn new(device: Device) -> Self {
+    pub fn new(device: Device, transfers: Transfers) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        Self { device, cores, upload: None, answers: AnswerBuffers::new(device), upload_in_flight: false }
+        let answers = AnswerBuffers::new(device);
+        Self { device, transfers, cores, upload: None, answers, upload_in_flight: false }
     }
 
-    pub fn device(&self) -> Device {
-        self.device
+    pub fn transfers(&self) -> Transfers {
+        self.transfers
     }
 
     /// Packs each run's slices back to back, each run at an [`ALIGN`]ed offset, in one host
@@ -65,23 +87,28 @@ impl Staging {
             .collect();
         pack(writable(&mut *buffer, total), &pieces, pack_threads(total, self.cores));
         let staged = buffer.narrow(0, 0, total as i64);
-        if !self.device.is_cuda() {
+        if self.transfers == Transfers::InPlace {
             return (staged, offsets);
         }
         self.upload_in_flight = true;
-        (staged.to_device_(self.device, Kind::Uint8, true, false), offsets)
+        // A copy even where the device is the CPU: the step then reads memory of its own, as on a GPU.
+        (staged.to_device_(self.device, Kind::Uint8, true, true), offsets)
     }
 
-    /// Brings `parts` (flat `u8` tensors on the device) to the host: on CUDA back to back into one
-    /// pinned buffer the answers are then sent from (see [`AnswerBuffers`]), with one device→host
-    /// copy of them all, which waits for the step's kernels; on a
-    /// CPU each part is handed over as the bytes it is, without a copy, unless it is a view of the
-    /// upload buffer (an identity expert's answer), which the next step overwrites.
+    /// Brings `parts` (flat `u8` tensors on the device) to the host: copied, back to back into one
+    /// buffer (pinned on CUDA) the answers are then sent from (see [`AnswerBuffers`]), with one
+    /// device→host copy of them all, which waits for the step's kernels; in place, each part is
+    /// handed over as the bytes it is, without a copy, unless it is a view of the upload buffer
+    /// (an identity expert's answer), which the next step overwrites.
     pub fn download(&mut self, parts: &[Tensor]) -> HostAnswers {
-        if !self.device.is_cuda() {
+        if self.transfers == Transfers::InPlace {
             return HostAnswers { parts: parts.iter().map(|part| self.host_bytes(part)).collect() };
         }
         let total: usize = parts.iter().map(Tensor::numel).sum();
+        if total == 0 {
+            // Nothing finished this step (every sum waits for a later part): nothing to wait for yet.
+            return HostAnswers { parts: VecDeque::new() };
+        }
         let joined = Tensor::cat(parts, 0);
         let landing = self.answers.take(total);
         landing.tensor().narrow(0, 0, total as i64).copy_(&joined);
@@ -226,7 +253,7 @@ mod tests {
 
     #[test]
     fn runs_start_aligned_and_answers_come_back_in_order() {
-        let mut staging = Staging::new(Device::Cpu);
+        let mut staging = Staging::new(Device::Cpu, Transfers::InPlace);
         let (a, b, c) = ([1u8, 2, 3], [4u8; 5], [9u8; 20]);
         let (staged, offsets) = staging.upload(&[vec![&a[..], &b[..]], vec![&c[..]]]);
         assert_eq!(offsets, [0, ALIGN]);
@@ -290,7 +317,7 @@ mod tests {
 
     #[test]
     fn a_computed_answer_is_sent_from_its_own_memory() {
-        let mut staging = Staging::new(Device::Cpu);
+        let mut staging = Staging::new(Device::Cpu, Transfers::InPlace);
         let _ = staging.upload(&[vec![&[1u8; 64][..]]]);
         let computed = Tensor::from_slice(&[0.5f32, -2.0, 3.25]).view_dtype(Kind::Uint8);
         let at = computed.data_ptr() as usize;

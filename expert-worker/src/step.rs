@@ -19,12 +19,12 @@ use bytes::Bytes;
 use switchyard_experts::{Expert, kind_of};
 use switchyard_model::ExpertId;
 use switchyard_proto::wire::{FP8_BLOCK, WireDtype};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::request::{Gathered, RowsSource, SharedRows};
 use crate::scheduler::{Batch, QueuedRows};
 use crate::stacks::Stacks;
-use crate::staging::Staging;
+use crate::staging::{Staging, Transfers};
 use crate::sums::{Finished, GatherIndex, Part, Sums, key_of};
 
 /// The tch kind of a dtype's values (FP8 rows also carry scales, which `wire_rows` applies).
@@ -80,7 +80,7 @@ enum Piece<'a> {
         entries: Vec<&'a QueuedRows>,
         upload: usize,
     },
-    /// `index_upload`: where the upload carries the part's indices and weights (on CUDA).
+    /// `index_upload`: where the upload carries the part's indices and weights (copied transfers).
     Gathered {
         gathered: &'a Gathered,
         index_upload: Option<usize>,
@@ -157,14 +157,15 @@ pub fn compute_step(
     sums: &mut Sums,
 ) -> Computed {
     let grouped = grouped_batches(stacks, batches);
+    let copied = staging.transfers() == Transfers::Copied;
     let mut uploads: Vec<Vec<&[u8]>> = Vec::new();
     let mut shared_uploads: HashMap<usize, (usize, &Arc<SharedRows>)> = HashMap::new();
     let pieces: Vec<Vec<Piece>> = batches
         .iter()
         .map(|batch| {
-            // On a CPU, the parts of an identity expert's batch of token-major entries only are
+            // In place, the parts of an identity expert's batch of token-major entries only are
             // summed from the requests' bytes (`Sums::add`), not from uploaded rows.
-            let uploads_shared = staging.device() != Device::Cpu || !identity_parts_only(experts, batch);
+            let uploads_shared = copied || !identity_parts_only(experts, batch);
             let mut pieces: Vec<Piece> = Vec::new();
             for (entry, _) in &batch.entries {
                 match &entry.rows {
@@ -185,11 +186,10 @@ pub fn compute_step(
                                 (uploads.len() - 1, &gathered.shared)
                             });
                         }
-                        let index_upload =
-                            (staging.device().is_cuda() && !identity_parts_only(experts, batch)).then(|| {
-                                uploads.extend(GatherIndex::uploads(gathered));
-                                uploads.len() - 2
-                            });
+                        let index_upload = (copied && !identity_parts_only(experts, batch)).then(|| {
+                            uploads.extend(GatherIndex::uploads(gathered));
+                            uploads.len() - 2
+                        });
                         pieces.push(Piece::Gathered { gathered, index_upload });
                     }
                 }
@@ -197,11 +197,11 @@ pub fn compute_step(
             pieces
         })
         .collect();
-    // On CUDA the grouped products' row ends travel in the upload too (see `GatherIndex`).
+    // Copied, the grouped products' row ends travel in the upload too (see `GatherIndex`).
     let ends_uploads: Vec<Option<usize>> = grouped
         .iter()
         .map(|group| {
-            staging.device().is_cuda().then(|| {
+            copied.then(|| {
                 uploads.push(vec![bytemuck::cast_slice(&group.ends)]);
                 uploads.len() - 1
             })
@@ -295,7 +295,7 @@ pub fn compute_step(
 
 /// Each grouped batch's output rows (`None` for the others): per group, its batches' rows joined
 /// in slot order through the stack's grouped products, with the row ends where `ends_uploads` put
-/// them in the upload (on CUDA) or made on the host.
+/// them in the upload (copied transfers) or made on the host.
 fn compute_grouped(
     grouped: &[GroupedBatches],
     ends_uploads: &[Option<usize>],
@@ -480,6 +480,8 @@ fn queue_answers(
 
 #[cfg(test)]
 mod tests {
+    use tch::Device;
+
     use super::*;
 
     /// A batch of `expert` merging entries of `tokens` rows each (their rows are not read).

@@ -1,8 +1,8 @@
 //! The per-token sums of token-major requests in progress: each expert part's gate-weighted
 //! output rows added at its tokens into its request's f32 sum on the device, which stays there
 //! until the request's last part is in, possibly steps later, and then goes back as that request's
-//! `combined` answer. Identity experts' parts add only their gate weights (on a CPU the answer is
-//! then made from the request's own bytes: [`identity_sum`]).
+//! `combined` answer. Identity experts' parts add only their gate weights (with in-place transfers,
+//! a CPU's, the answer is then made from the request's own bytes: [`identity_sum`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,11 +13,13 @@ use tch::{Device, Kind, Tensor};
 
 use crate::identity_sum;
 use crate::request::{Gathered, SharedRows};
+use crate::staging::Transfers;
 
 /// The per-token sums of token-major requests in progress, on the device, by their shared rows.
 #[derive(Debug)]
 pub struct Sums {
     device: Device,
+    transfers: Transfers,
     in_progress: HashMap<usize, Sum>,
 }
 
@@ -28,7 +30,7 @@ struct Sum {
     total: Option<Tensor>,
     /// Per token, the summed gate weights of identity experts: their parts add up to
     /// `weight · row`, so they are summed as weights and applied once, when the sum finishes,
-    /// instead of one gather and one scatter per expert (on a CPU, from the request's own bytes:
+    /// instead of one gather and one scatter per expert (in place, from the request's own bytes:
     /// `identity_sum`).
     identity_weights: Vec<f32>,
     /// Expert parts still to add.
@@ -36,7 +38,7 @@ struct Sum {
 }
 
 /// A request's sum once its last part is in: on the device (the download converts it to the
-/// answer's dtype), or already the answer's bytes (identity experts' parts only, on a CPU).
+/// answer's dtype), or already the answer's bytes (identity experts' parts only, in place).
 pub(crate) enum Finished {
     OnDevice(Tensor),
     Answer(Bytes),
@@ -55,8 +57,8 @@ pub(crate) fn key_of(shared: &Arc<SharedRows>) -> usize {
     Arc::as_ptr(shared) as usize
 }
 
-/// A token-major part's token indices and gate weights (`[rows, 1]`) where its rows are. On CUDA
-/// they are views of the step's upload, copied with it: made from host memory one by one, each
+/// A token-major part's token indices and gate weights (`[rows, 1]`) where its rows are. Copied
+/// (on CUDA) they are views of the step's upload, copied with it: made from host memory one by one, each
 /// copy would wait for every kernel queued before it, and the host could not queue an expert's
 /// kernels while the previous expert's ran.
 #[derive(Debug)]
@@ -91,8 +93,8 @@ impl GatherIndex {
 }
 
 impl Sums {
-    pub fn new(device: Device) -> Self {
-        Self { device, in_progress: HashMap::new() }
+    pub fn new(device: Device, transfers: Transfers) -> Self {
+        Self { device, transfers, in_progress: HashMap::new() }
     }
 
     /// Forgets the sums no queued entry will add to any more (their request failed or was
@@ -110,7 +112,7 @@ impl Sums {
     }
 
     /// Adds `weights · part` at `indices` into the sum of `shared`, whose rows this step holds as
-    /// `shared_rows` (on a CPU, not uploaded for identity experts: their parts are read from the
+    /// `shared_rows` (in place, not uploaded for identity experts: their parts are read from the
     /// request's bytes); returns the finished sum when this was its last part, as an answer of
     /// `answer_dtype` where it is made on the host.
     pub(crate) fn add(
@@ -154,7 +156,7 @@ impl Sums {
             return sum.total.map(Finished::OnDevice);
         }
         let (shared, weights) = (&sum.shared, &sum.identity_weights);
-        if device == Device::Cpu {
+        if self.transfers == Transfers::InPlace {
             return Some(match sum.total {
                 None => Finished::Answer(identity_sum::weighted_answer(shared, weights, answer_dtype)),
                 Some(total) => {
@@ -163,7 +165,7 @@ impl Sums {
                 }
             });
         }
-        let rows = shared_rows.expect("a device's token-major rows are uploaded");
+        let rows = shared_rows.expect("copied transfers upload every token-major request's rows");
         let identity = weighted_f32(rows, &Tensor::from_slice(weights).to_device(device).view([-1, 1]));
         Some(Finished::OnDevice(match sum.total {
             Some(total) => total + identity,
@@ -243,7 +245,7 @@ mod tests {
             let summed = [0.3, 1.7 + 0.45, 0.0, -0.01, 2.5e-3];
             let want = torch_weighted(&shared, &summed);
             for answer in [WireDtype::F32, WireDtype::F16, WireDtype::Bf16] {
-                let mut sums = Sums::new(Device::Cpu);
+                let mut sums = Sums::new(Device::Cpu, Transfers::InPlace);
                 assert!(finish(&mut sums, &first, Part::Identity, answer).is_none(), "one part of two");
                 let Some(Finished::Answer(have)) = finish(&mut sums, &second, Part::Identity, answer) else {
                     panic!("identity parts on a CPU finish as the answer's bytes");
@@ -270,7 +272,7 @@ mod tests {
             indices: vec![index],
             weights: vec![weight],
         };
-        let mut sums = Sums::new(Device::Cpu);
+        let mut sums = Sums::new(Device::Cpu, Transfers::InPlace);
         for (gathered, answer) in [(part(&first, 0, 1.0), WireDtype::F32), (part(&second, 1, 2.0), WireDtype::F32)] {
             assert!(finish(&mut sums, &gathered, Part::Identity, answer).is_none());
         }
@@ -301,7 +303,7 @@ mod tests {
     fn a_part_s_indices_and_weights_staged_with_the_rows_equal_its_own() {
         let shared = shared_rows(&spread_values(6), WireDtype::Bf16, false, 1);
         let gathered = Gathered { shared, indices: vec![5, 0, 3], weights: vec![0.25, -1.5, 3.0] };
-        let mut staging = Staging::new(Device::Cpu);
+        let mut staging = Staging::new(Device::Cpu, Transfers::InPlace);
         let [indices, weights] = GatherIndex::uploads(&gathered);
         // An odd-sized run before them: each run still starts aligned for its element type.
         let (staged, offsets) = staging.upload(&[vec![&[1u8; 3][..]], indices, weights]);
@@ -320,7 +322,7 @@ mod tests {
         let identity = Gathered { shared: shared.clone(), indices: vec![2, 3], weights: vec![0.125, 0.75] };
         let outputs = Tensor::from_slice(&spread_values(2)).view([2, WIDTH as i64]) * 3.0;
 
-        let mut sums = Sums::new(Device::Cpu);
+        let mut sums = Sums::new(Device::Cpu, Transfers::InPlace);
         let index = GatherIndex::on_host(&computed);
         assert!(finish(&mut sums, &computed, Part::Rows(&outputs, &index), WireDtype::F32).is_none());
         let Some(Finished::OnDevice(have)) = finish(&mut sums, &identity, Part::Identity, WireDtype::F32) else {

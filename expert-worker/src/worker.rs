@@ -20,6 +20,7 @@ use crate::error::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::request::ForwardBatch;
 use crate::scheduler::{Arrival, BatchingConfig, Command, QueueSnapshot, Scheduler};
+use crate::staging::Transfers;
 
 /// What a worker is started with.
 #[derive(Debug, Clone)]
@@ -45,6 +46,11 @@ pub struct WorkerOptions {
     pub memory_bytes: Option<u64>,
     /// Which checkpoint directories a load may name.
     pub checkpoints: CheckpointAccess,
+    /// On a CPU, move each step's rows and answers as on a GPU (one upload carrying the rows,
+    /// token-major indices and weights and grouped row ends; one download of every answer) rather
+    /// than in place: the tests' way to run the GPU's bookkeeping where no GPU is. A GPU always
+    /// moves them so. See [`crate::staging::Transfers`].
+    pub copied_transfers_on_cpu: bool,
 }
 
 impl WorkerOptions {
@@ -64,6 +70,7 @@ impl WorkerOptions {
             dtype: None,
             memory_bytes: None,
             checkpoints: CheckpointAccess::Anywhere,
+            copied_transfers_on_cpu: false,
         }
     }
 }
@@ -202,6 +209,7 @@ impl ExpertWorker {
         let thread = compute::spawn(
             scheduler.clone(),
             options.device,
+            Transfers::for_device(options.device, options.copied_transfers_on_cpu),
             options.torch_threads,
             options.step_hold,
             options.grouped_experts,

@@ -741,6 +741,33 @@ fn answer_bytes(outcomes: [&ForwardOutcome; 2]) -> Vec<Bytes> {
         .collect()
 }
 
+/// A step's worth of mixed work: a token-major request (a token with two experts, one with none)
+/// and an expert-major one with f32 rows for expert 1 and bf16 rows for expert 3, answered in f16.
+struct MixedStep {
+    hidden: Vec<f32>,
+    choices: [&'static [(u32, f32)]; 5],
+    own: [Vec<f32>; 2],
+}
+
+impl MixedStep {
+    fn new() -> Self {
+        let choices: [&[(u32, f32)]; 5] = [&[(1, 0.6), (3, 0.4)], &[(3, 1.0)], &[], &[(0, 0.7), (1, 0.3)], &[(1, 0.5)]];
+        Self { hidden: rows(5, 16, 0.3), choices, own: [rows(3, 16, 0.1), rows(4, 16, 0.4)] }
+    }
+}
+
+/// [`MixedStep`]'s two requests through `worker` in one step: every answer's bytes, the
+/// expert-major request's rows first and the token-major request's sum last.
+async fn mixed_step(worker: &ExpertWorker) -> Vec<Bytes> {
+    let MixedStep { hidden, choices, own: [a1, a3] } = MixedStep::new();
+    let token_major = ForwardBatch::try_from(token_major_request(1, &hidden, 16, &choices, WireDtype::F32))
+        .expect("a valid token-major request");
+    let own = vec![part(0, 1, &a1, 16, WireDtype::F32), part(1, 3, &a3, 16, WireDtype::Bf16)];
+    let expert_major = ForwardBatch { output_dtype: Some(WireDtype::F16), ..expert_major(2, own) };
+    let (own, summed) = forward_together(worker, expert_major, token_major).await;
+    answer_bytes([&own.expect("expert-major"), &summed.expect("token-major")])
+}
+
 /// With `--grouped-experts` the tiny model's experts are one stack: an expert-major and a
 /// token-major request merged into one step come back bit for bit as from a worker computing
 /// expert after expert (on a CPU libtorch's grouped product loops over the experts' products
@@ -759,27 +786,14 @@ async fn grouped_experts_answer_bit_for_bit_as_experts_computed_one_by_one() {
         async move { (started_from(options, metrics.clone()).await, metrics) }
     };
     let ((one_by_one, plain_metrics), (grouped, grouped_metrics)) = tokio::join!(start(false), start(true));
-    let hidden = rows(5, 16, 0.3);
-    let choices: [&[(u32, f32)]; 5] = [&[(1, 0.6), (3, 0.4)], &[(3, 1.0)], &[], &[(0, 0.7), (1, 0.3)], &[(1, 0.5)]];
-    let (a1, a3) = (rows(3, 16, 0.1), rows(4, 16, 0.4));
-    let requests = || {
-        let token_major = ForwardBatch::try_from(token_major_request(1, &hidden, 16, &choices, WireDtype::F32))
-            .expect("a valid token-major request");
-        let own = vec![part(0, 1, &a1, 16, WireDtype::F32), part(1, 3, &a3, 16, WireDtype::Bf16)];
-        (token_major, ForwardBatch { output_dtype: Some(WireDtype::F16), ..expert_major(2, own) })
-    };
     let mut answers = Vec::new();
-    let mut sum = Bytes::new();
     for worker in [&one_by_one, &grouped] {
-        let (token_major, expert_major) = requests();
-        let (summed, own) = forward_together(worker, token_major, expert_major).await;
-        let summed = summed.expect("token-major");
-        answers.push(answer_bytes([&summed, &own.expect("expert-major")]));
-        sum = summed.combined.expect("one sum per token").data;
+        answers.push(mixed_step(worker).await);
     }
     assert_eq!(answers[0], answers[1]);
+    let MixedStep { hidden, choices, .. } = MixedStep::new();
     let want = weighted_sums(&hidden, 16, &choices);
-    let have = wire::decode_f32(&sum, WireDtype::F32);
+    let have = wire::decode_f32(answers[1].last().expect("the sum is the last answer"), WireDtype::F32);
     assert!(relative_error(&want, &have) < 1e-6, "{}", relative_error(&want, &have));
     assert_eq!((plain_metrics.grouped_batches.get(), grouped_metrics.grouped_batches.get()), (0, 3), "experts 0, 1, 3");
 
@@ -810,6 +824,88 @@ async fn grouped_experts_answer_bit_for_bit_as_experts_computed_one_by_one() {
     assert!(relative_error(&want, &sums_of(WireDtype::Bf16).await) < 1e-2);
     assert_eq!(grouped_metrics.grouped_batches.get(), 3 + 3 + 3);
     for worker in [one_by_one, grouped] {
+        worker.shutdown().await;
+    }
+}
+
+/// A worker that moves its steps' rows and answers as a GPU does (one upload carrying the rows,
+/// the token-major parts' indices and weights and the grouped products' row ends; one download of
+/// every answer) answers bit for bit as one that moves them in place: for experts computed one by
+/// one, grouped, and identity experts; for a step of mixed expert-major and token-major work, and
+/// for token-major rows in bf16 and FP8.
+#[tokio::test]
+async fn copied_transfers_answer_bit_for_bit_as_in_place() {
+    let hidden = rows(3, 16, 0.7);
+    let choices: [&[(u32, f32)]; 3] = [&[(0, 0.5), (3, 0.5)], &[(2, 1.0)], &[(2, 0.75), (1, 0.25)]];
+    for (grouped_experts, identity_experts) in [(false, false), (true, false), (false, true)] {
+        let start = |copied_transfers_on_cpu: bool| {
+            let options = WorkerOptions {
+                batching: BatchingConfig { batch_wait: Duration::from_millis(300), max_batch_tokens: 1024 },
+                default_queue_limit_tokens: 1024,
+                grouped_experts,
+                identity_experts,
+                copied_transfers_on_cpu,
+                ..WorkerOptions::in_process(tch::Device::Cpu)
+            };
+            started_from(options, WorkerMetrics::new())
+        };
+        let (in_place, copied) = tokio::join!(start(false), start(true));
+        let mut answers = Vec::new();
+        for worker in [&in_place, &copied] {
+            let mut bytes = mixed_step(worker).await;
+            for dtype in [WireDtype::Bf16, WireDtype::Fp8E4m3] {
+                let request = ForwardBatch::try_from(token_major_request(3, &hidden, 16, &choices, dtype))
+                    .expect("a valid token-major request");
+                bytes.push(worker.forward(request).await.expect("token-major").combined.expect("a sum").data);
+            }
+            answers.push(bytes);
+        }
+        let case = format!("grouped {grouped_experts}, identity {identity_experts}");
+        assert_eq!(answers[0].len(), 8, "{case}: 2 expert-major answers, 3 empty parts, 3 sums");
+        assert_eq!(answers[0], answers[1], "{case}");
+        for worker in [in_place, copied] {
+            worker.shutdown().await;
+        }
+    }
+}
+
+/// An expert unloaded while a token-major request's part for it waits in its queue computes that
+/// part in a step of its own, which finishes no sum (on a GPU: nothing to download); the request's
+/// other part finishes the sum in a later step, and the answer is the weighted sum over both
+/// experts, whether the worker moves its rows in place or copies them.
+#[tokio::test]
+async fn a_part_computed_apart_by_an_unload_still_joins_its_sum() {
+    let hidden = rows(3, 16, 0.5);
+    let choices: [&[(u32, f32)]; 3] = [&[(1, 0.75), (3, 0.25)], &[(1, 1.0)], &[(3, 0.5)]];
+    let want = weighted_sums(&hidden, 16, &choices);
+    for copied_transfers_on_cpu in [false, true] {
+        let options = WorkerOptions {
+            batching: BatchingConfig { batch_wait: Duration::from_secs(30), max_batch_tokens: 1024 },
+            default_queue_limit_tokens: 1024,
+            copied_transfers_on_cpu,
+            ..WorkerOptions::in_process(tch::Device::Cpu)
+        };
+        let worker = started_from(options, WorkerMetrics::new()).await;
+        // Another request announced and not yet in: the queued rows wait for it.
+        let on_its_way = worker.announce();
+        let request = ForwardBatch::try_from(token_major_request(7, &hidden, 16, &choices, WireDtype::F32))
+            .expect("a valid token-major request");
+        let answering = tokio::spawn({
+            let worker = worker.clone();
+            async move { worker.forward(request).await }
+        });
+        while worker.queued_tokens() < 4 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let unloaded = [ExpertId::new(0, 1)];
+        assert_eq!(worker.unload_experts(unloaded.to_vec()).await.expect("unloaded"), unloaded);
+        assert_eq!(worker.queued_tokens(), 2, "expert 3's part still waits");
+        drop(on_its_way);
+        let outcome = answering.await.expect("joined").expect("answered");
+        let combined = outcome.combined.expect("one sum per token");
+        let have = wire::decode_f32(&combined.data, combined.dtype);
+        let error = relative_error(&want, &have);
+        assert!(error < 1e-6, "copied {copied_transfers_on_cpu}: {error}");
         worker.shutdown().await;
     }
 }
