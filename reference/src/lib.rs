@@ -51,6 +51,9 @@ pub struct ReferenceConfig {
     /// The dtype experts are resident and compute in, as the workers' `--dtype`; `None`: the
     /// checkpoint's own dtype, bf16 for synthetic models on CUDA and f32 on CPU.
     pub dtype: Option<WeightDtype>,
+    /// On a CPU, each step's rows and answers moved as on a GPU: see
+    /// [`WorkerOptions::copied_transfers_on_cpu`].
+    pub copied_transfers_on_cpu: bool,
 }
 
 impl ReferenceConfig {
@@ -63,6 +66,7 @@ impl ReferenceConfig {
             step_hold: std::time::Duration::ZERO,
             grouped_experts: false,
             dtype: None,
+            copied_transfers_on_cpu: false,
         }
     }
 
@@ -110,6 +114,7 @@ impl ReferenceLayer {
             step_hold: config.step_hold,
             grouped_experts: config.grouped_experts,
             dtype: config.dtype,
+            copied_transfers_on_cpu: config.copied_transfers_on_cpu,
             ..WorkerOptions::in_process(config.device)
         };
         let metrics = WorkerMetrics::new();

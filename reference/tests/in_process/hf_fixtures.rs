@@ -47,10 +47,13 @@ impl Fixture {
 
     /// Computing in `dtype` (`None`: the checkpoint's own).
     async fn load_in(name: &str, dtype: Option<WeightDtype>) -> Self {
+        Self::load_with(name, ReferenceConfig { dtype, ..ReferenceConfig::cpu() }).await
+    }
+
+    async fn load_with(name: &str, config: ReferenceConfig) -> Self {
         let dir = fixture(name);
         let checkpoint = Checkpoint::open(&dir).unwrap_or_else(|error| panic!("{name}: {error}"));
         let spec = checkpoint.spec.clone();
-        let config = ReferenceConfig { dtype, ..ReferenceConfig::cpu() };
         let reference = ReferenceLayer::start(&spec, &spec.moe_layers, config)
             .await
             .unwrap_or_else(|error| panic!("{name}: {error}"));
@@ -137,6 +140,34 @@ async fn every_family_matches_transformers_with_its_default_capacity_policy() {
     families.sort_by_key(|family| family.model_type());
     families.dedup();
     assert_eq!(families.len(), Family::CHECKPOINT_FAMILIES.len(), "a fixture for every served family: {families:?}");
+}
+
+/// Each step's rows and answers moved as on a GPU (one upload with the token-major indices and
+/// weights, one download: `copied_transfers_on_cpu`), every family's layers come out bit for bit
+/// as moved in place, router logits and routing included, in f32 and in the checkpoint's own dtype.
+#[tokio::test]
+async fn every_family_computes_alike_when_its_rows_are_moved_as_on_a_gpu() {
+    for name in fixture_names() {
+        for dtype in [Some(WeightDtype::F32), None] {
+            let in_place = Fixture::load_in(&name, dtype).await;
+            let config = ReferenceConfig { dtype, copied_transfers_on_cpu: true, ..ReferenceConfig::cpu() };
+            let copied = Fixture::load_with(&name, config).await;
+            let hidden = in_place.expected.hidden();
+            for &layer in &in_place.spec.moe_layers {
+                let want = in_place.forward(layer, &hidden, &RoutingOverrides::default()).await;
+                let have = copied.forward(layer, &hidden, &RoutingOverrides::default()).await;
+                let case = format!("{name} layer {layer} in {dtype:?}");
+                assert!(want.hidden.iter().any(|value| *value != 0.0), "{case}: an output to compare");
+                assert_eq!(bits(&have.hidden), bits(&want.hidden), "{case}: out");
+                assert_eq!(bits(&have.router_logits), bits(&want.router_logits), "{case}: router logits");
+                assert_eq!(have.routing.tokens_per_expert, want.routing.tokens_per_expert, "{case}");
+            }
+        }
+    }
+}
+
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|value| value.to_bits()).collect()
 }
 
 /// With no dtype given, a checkpoint computes in the dtype it stores: the bf16 ones (Mixtral and
