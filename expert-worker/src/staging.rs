@@ -329,4 +329,47 @@ mod tests {
         let values: Vec<f32> = bytes.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         assert_eq!(values, [0.5, -2.0, 3.25], "held alive by the answer");
     }
+
+    #[test]
+    fn a_gpu_always_copies_and_a_cpu_when_asked() {
+        assert_eq!(Transfers::for_device(Device::Cuda(0), false), Transfers::Copied);
+        assert_eq!(Transfers::for_device(Device::Cuda(1), true), Transfers::Copied);
+        assert_eq!(Transfers::for_device(Device::Cpu, true), Transfers::Copied);
+        assert_eq!(Transfers::for_device(Device::Cpu, false), Transfers::InPlace);
+    }
+
+    /// Copied, a step's rows are memory of their own, as a device's are: the next upload, which
+    /// reuses the host buffer, leaves them as they were. In place they are that buffer.
+    #[test]
+    fn copied_rows_are_memory_of_their_own_and_rows_in_place_the_upload_buffer() {
+        for transfers in [Transfers::InPlace, Transfers::Copied] {
+            let mut staging = Staging::new(Device::Cpu, transfers);
+            let (first, _) = staging.upload(&[vec![&[7u8; 32][..]]]);
+            let in_buffer = staging.upload.as_ref().is_some_and(|buffer| overlap(buffer, &first));
+            let _next = staging.upload(&[vec![&[9u8; 32][..]]]);
+            let mut bytes = [0u8; 32];
+            first.copy_data_u8(&mut bytes, 32);
+            match transfers {
+                Transfers::InPlace => assert!(in_buffer && bytes == [9; 32], "a view of the reused buffer"),
+                Transfers::Copied => assert!(!in_buffer && bytes == [7; 32], "a copy the next step leaves alone"),
+            }
+        }
+    }
+
+    /// Copied, every answer of a step comes back in one buffer, in download order; a step that
+    /// finishes nothing downloads nothing.
+    #[test]
+    fn copied_answers_come_back_in_one_buffer_and_nothing_is_downloaded_for_nothing() {
+        let mut staging = Staging::new(Device::Cpu, Transfers::Copied);
+        let (staged, _) = staging.upload(&[vec![&[1u8, 2, 3, 4, 5, 6][..]]]);
+        let computed = Tensor::from_slice(&[8u8, 9]);
+        let mut answers = staging.download(&[staged.narrow(0, 1, 3), computed]);
+        let (first, second) = (answers.take(3), answers.take(2));
+        assert_eq!((&first[..], &second[..]), (&[2u8, 3, 4][..], &[8u8, 9][..]));
+        assert_eq!(first.as_ptr() as usize + 3, second.as_ptr() as usize, "one buffer, back to back");
+        let mut nothing = staging.download(&[]);
+        assert!(nothing.take(0).is_empty());
+        let mut empty = staging.download(&[Tensor::zeros([0], (Kind::Uint8, Device::Cpu))]);
+        assert!(empty.take(0).is_empty());
+    }
 }
