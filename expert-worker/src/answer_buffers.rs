@@ -1,7 +1,8 @@
-//! Host buffers a GPU step's answers are downloaded into and sent from. The answers of a step hold
-//! their buffer until the last of them is sent; it then goes back for a later step. A fresh buffer
-//! per step costs more than the copy itself: on an H200 host a 51 MB download into a fresh
-//! allocation took 28 ms of page faults and copying, against 1 ms for the device→host copy.
+//! Host buffers a GPU step's answers (or a CPU step's moved as on a GPU: `staging::Transfers`) are
+//! downloaded into and sent from. The answers of a step hold their buffer until the last of them is
+//! sent; it then goes back for a later step. A fresh buffer per step costs more than the copy itself:
+//! on an H200 host a 51 MB download into a fresh allocation took 28 ms of page faults and copying,
+//! against 1 ms for the device→host copy.
 
 use std::sync::{Arc, Mutex, PoisonError};
 

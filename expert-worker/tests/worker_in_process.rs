@@ -754,18 +754,18 @@ impl MixedStep {
         let choices: [&[(u32, f32)]; 5] = [&[(1, 0.6), (3, 0.4)], &[(3, 1.0)], &[], &[(0, 0.7), (1, 0.3)], &[(1, 0.5)]];
         Self { hidden: rows(5, 16, 0.3), choices, own: [rows(3, 16, 0.1), rows(4, 16, 0.4)] }
     }
-}
 
-/// [`MixedStep`]'s two requests through `worker` in one step: every answer's bytes, the
-/// expert-major request's rows first and the token-major request's sum last.
-async fn mixed_step(worker: &ExpertWorker) -> Vec<Bytes> {
-    let MixedStep { hidden, choices, own: [a1, a3] } = MixedStep::new();
-    let token_major = ForwardBatch::try_from(token_major_request(1, &hidden, 16, &choices, WireDtype::F32))
-        .expect("a valid token-major request");
-    let own = vec![part(0, 1, &a1, 16, WireDtype::F32), part(1, 3, &a3, 16, WireDtype::Bf16)];
-    let expert_major = ForwardBatch { output_dtype: Some(WireDtype::F16), ..expert_major(2, own) };
-    let (own, summed) = forward_together(worker, expert_major, token_major).await;
-    answer_bytes([&own.expect("expert-major"), &summed.expect("token-major")])
+    /// The two requests through `worker` in one step: every answer's bytes, the expert-major
+    /// request's rows first and the token-major request's sum last.
+    async fn through(&self, worker: &ExpertWorker) -> Vec<Bytes> {
+        let Self { hidden, choices, own: [a1, a3] } = self;
+        let token_major = ForwardBatch::try_from(token_major_request(1, hidden, 16, choices, WireDtype::F32))
+            .expect("a valid token-major request");
+        let own = vec![part(0, 1, a1, 16, WireDtype::F32), part(1, 3, a3, 16, WireDtype::Bf16)];
+        let expert_major = ForwardBatch { output_dtype: Some(WireDtype::F16), ..expert_major(2, own) };
+        let (own, summed) = forward_together(worker, expert_major, token_major).await;
+        answer_bytes([&own.expect("expert-major"), &summed.expect("token-major")])
+    }
 }
 
 /// With `--grouped-experts` the tiny model's experts are one stack: an expert-major and a
@@ -786,13 +786,13 @@ async fn grouped_experts_answer_bit_for_bit_as_experts_computed_one_by_one() {
         async move { (started_from(options, metrics.clone()).await, metrics) }
     };
     let ((one_by_one, plain_metrics), (grouped, grouped_metrics)) = tokio::join!(start(false), start(true));
+    let mixed = MixedStep::new();
     let mut answers = Vec::new();
     for worker in [&one_by_one, &grouped] {
-        answers.push(mixed_step(worker).await);
+        answers.push(mixed.through(worker).await);
     }
     assert_eq!(answers[0], answers[1]);
-    let MixedStep { hidden, choices, .. } = MixedStep::new();
-    let want = weighted_sums(&hidden, 16, &choices);
+    let want = weighted_sums(&mixed.hidden, 16, &mixed.choices);
     let have = wire::decode_f32(answers[1].last().expect("the sum is the last answer"), WireDtype::F32);
     assert!(relative_error(&want, &have) < 1e-6, "{}", relative_error(&want, &have));
     assert_eq!((plain_metrics.grouped_batches.get(), grouped_metrics.grouped_batches.get()), (0, 3), "experts 0, 1, 3");
@@ -852,7 +852,7 @@ async fn copied_transfers_answer_bit_for_bit_as_in_place() {
         let (in_place, copied) = tokio::join!(start(false), start(true));
         let mut answers = Vec::new();
         for worker in [&in_place, &copied] {
-            let mut bytes = mixed_step(worker).await;
+            let mut bytes = MixedStep::new().through(worker).await;
             for dtype in [WireDtype::Bf16, WireDtype::Fp8E4m3] {
                 let request = ForwardBatch::try_from(token_major_request(3, &hidden, 16, &choices, dtype))
                     .expect("a valid token-major request");
@@ -895,6 +895,7 @@ async fn a_part_computed_apart_by_an_unload_still_joins_its_sum() {
             async move { worker.forward(request).await }
         });
         while worker.queued_tokens() < 4 {
+            assert!(!answering.is_finished(), "the request ended before its rows were queued");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let unloaded = [ExpertId::new(0, 1)];
