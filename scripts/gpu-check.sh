@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: the CUDA checks (`switchyard device-check`: the workers' compute
-# path on the GPU in f32, f16 and bf16 against the CPU and against transformers' outputs for every
-# checkpoint fixture), the DeepEP presets on this machine's cores, one token per call on the
+# path on the GPU in f32, f16 and bf16, its rows sent in each wire dtype and layout and routed by
+# several policies, against the CPU, and against transformers' outputs for every checkpoint
+# fixture), the DeepEP presets on this machine's cores, one token per call on the
 # 512x1024 model, a plain PyTorch bf16 MoE layer as the baseline (its experts also fused and
 # grouped) and a short bench of Mixtral-size experts, one by one and in grouped products. Everything lands in REPORT_DIR. About 3-5 minutes on an H200 (the presets took 16 s on a
 # 2-core machine).

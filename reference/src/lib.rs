@@ -16,10 +16,12 @@ use futures::future::BoxFuture;
 use switchyard_expert_worker::metrics::WorkerMetrics;
 use switchyard_expert_worker::{ExpertWorker, ExpertWorkerService, QueueLimits, WorkerError, WorkerOptions};
 use switchyard_model::{ExpertId, ModelSpec, WeightDtype};
+use switchyard_proto::wire::WireDtype;
 use switchyard_router_client::router::RoutingSummary;
 use switchyard_router_client::timing::TimeBreakdown;
 use switchyard_router_client::{
-    ClientError, ClientOptions, Hidden, InProcessLayer, InProcessOutput, MoeClient, RoutingOverrides, RoutingTableView,
+    ByteCounts, ClientError, ClientOptions, DispatchLayout, Hidden, InProcessLayer, InProcessOutput, MoeClient,
+    RoutingOverrides, RoutingTableView,
 };
 use tokio::sync::{Mutex, watch};
 
@@ -33,6 +35,8 @@ pub struct ReferenceOutput {
     pub routing: RoutingSummary,
     /// Gate, plan, encode, queue and compute, decode, combine; the network share is the in-process hop.
     pub timing: TimeBreakdown,
+    /// What the in-process hop carried each way, in the config's wire dtype and layout.
+    pub bytes: ByteCounts,
 }
 
 /// Where and how the reference computes.
@@ -54,10 +58,15 @@ pub struct ReferenceConfig {
     /// On a CPU, each step's rows and answers moved as on a GPU: see
     /// [`WorkerOptions::copied_transfers_on_cpu`].
     pub copied_transfers_on_cpu: bool,
+    /// The rows' element type between the client and the worker, as the clients'
+    /// `--wire-dtype`: the worker converts them on its device.
+    pub wire_dtype: WireDtype,
+    /// How the rows travel to the worker, as the clients' `--dispatch`.
+    pub dispatch: DispatchLayout,
 }
 
 impl ReferenceConfig {
-    /// CPU, one thread, the model's experts in their own dtype.
+    /// CPU, one thread, the model's experts in their own dtype, f32 rows sent token-major.
     pub fn cpu() -> Self {
         Self {
             device: tch::Device::Cpu,
@@ -67,6 +76,8 @@ impl ReferenceConfig {
             grouped_experts: false,
             dtype: None,
             copied_transfers_on_cpu: false,
+            wire_dtype: WireDtype::F32,
+            dispatch: DispatchLayout::TokenMajor,
         }
     }
 
@@ -127,7 +138,9 @@ impl ReferenceLayer {
         let (sender, tables) = watch::channel(Some(Arc::new(table)));
         let transport =
             InProcessTransport::new([(Arc::from(IN_PROCESS), ExpertWorkerService::new(worker.clone(), IN_PROCESS))]);
-        let client = MoeClient::with_transport(tables, ClientOptions::default(), Arc::new(transport));
+        let options =
+            ClientOptions { wire_dtype: config.wire_dtype, dispatch: config.dispatch, ..ClientOptions::default() };
+        let client = MoeClient::with_transport(tables, options, Arc::new(transport));
         Ok(Self {
             model: model.clone(),
             client,
@@ -170,6 +183,7 @@ impl ReferenceLayer {
             router_logits: output.router_logits,
             routing: output.routing,
             timing: output.timing,
+            bytes: output.bytes,
         })
     }
 

@@ -11,8 +11,11 @@ use switchyard_experts::device::device_name;
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::safetensors::TensorFiles;
 use switchyard_model::{CapacityPolicy, ModelSpec, WeightDtype};
+use switchyard_proto::wire::WireDtype;
 use switchyard_reference::{ReferenceConfig, ReferenceError, ReferenceLayer, relative_frobenius_error};
-use switchyard_router_client::{ClientError, RoutingOverrides};
+use switchyard_router_client::capacity::OverflowPolicy;
+use switchyard_router_client::routing::RoutingPolicy;
+use switchyard_router_client::{ClientError, DispatchLayout, RoutingOverrides};
 use tch::Device;
 
 use crate::bench::peak::{self, DevicePeak};
@@ -74,10 +77,22 @@ pub fn tolerance(dtype: WeightDtype) -> f64 {
     }
 }
 
+/// The tolerance of rows sent in `wire` against f32 rows: as [`tolerance`] for the 16-bit types;
+/// e4m3's 3 mantissa bits with a scale per 128 values cost ~1e-2 over a layer.
+pub fn wire_tolerance(wire: WireDtype) -> f64 {
+    match wire {
+        WireDtype::F32 => tolerance(WeightDtype::F32),
+        WireDtype::F16 => tolerance(WeightDtype::F16),
+        WireDtype::Bf16 => tolerance(WeightDtype::Bf16),
+        WireDtype::Fp8E4m3 => 5e-2,
+    }
+}
+
 /// Runs every check on `device`, with the checkpoint fixtures under `fixtures` (each a checkpoint
 /// directory with transformers' `expected.safetensors`) when given.
 pub async fn run(device: Device, fixtures: Option<&Path>) -> Result<DeviceReport, DeviceCheckError> {
     let mut checks = synthetic_checks(device).await?;
+    checks.extend(wire_and_routing_checks(device).await?);
     if let Some(fixtures) = fixtures {
         for dir in fixture_dirs(fixtures)? {
             checks.extend(fixture_checks(device, &dir).await?);
@@ -88,25 +103,35 @@ pub async fn run(device: Device, fixtures: Option<&Path>) -> Result<DeviceReport
     Ok(DeviceReport { device: device_name(device), checks, peaks })
 }
 
-/// A synthetic Mixtral-like layer (8 experts, top-2, dropless) in every dtype on `device`, and in
-/// bf16 with its experts in grouped products, against itself in f32 on the CPU; and with identity
-/// experts (the DeepEP presets' stand-ins), whose output is its input.
-async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError> {
-    let model = ModelSpec {
+/// The synthetic checks' model: Mixtral-like (8 experts, top-2, dropless), small.
+fn synthetic_model() -> ModelSpec {
+    ModelSpec {
         name: "device-check".to_owned(),
         d_model: 256,
         d_ff: 512,
         capacity: CapacityPolicy::Dropless,
         ..ModelSpec::default_synthetic()
-    };
-    let hidden: Vec<f32> = (0..64 * 256).map(|i| ((i as f32) * 0.618).sin() * 1.5).collect();
-    let truth = forward(&model, ReferenceConfig::cpu().with_dtype(WeightDtype::F32), &hidden).await?.0?;
+    }
+}
+
+/// The synthetic checks' 64 tokens.
+fn synthetic_hidden() -> Vec<f32> {
+    (0..64 * 256).map(|i| ((i as f32) * 0.618).sin() * 1.5).collect()
+}
+
+/// The synthetic layer in every dtype on `device`, and in bf16 with its experts in grouped
+/// products, against itself in f32 on the CPU; and with identity experts (the DeepEP presets'
+/// stand-ins), whose output is its input.
+async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError> {
+    let (model, hidden) = (synthetic_model(), synthetic_hidden());
+    let overrides = RoutingOverrides::default();
+    let truth = forward(&model, ReferenceConfig::cpu().with_dtype(WeightDtype::F32), &hidden, &overrides).await?.0?;
     let mut checks = Vec::new();
     // Grouped products in bf16 only: on CUDA the other dtypes' experts compute one by one anyway.
     let grouped = [(WeightDtype::Bf16, true)];
     for (dtype, grouped_experts) in WeightDtype::ALL.into_iter().map(|dtype| (dtype, false)).chain(grouped) {
         let config = ReferenceConfig { device, grouped_experts, ..ReferenceConfig::cpu() }.with_dtype(dtype);
-        let (output, grouped) = forward(&model, config, &hidden).await?;
+        let (output, grouped) = forward(&model, config, &hidden, &overrides).await?;
         let grouped = grouped_label(grouped_experts, grouped);
         let name = format!("synthetic 8 experts top-2, {dtype}{grouped} on {} vs f32 on cpu", device_name(device));
         checks.push(Check::of(name, output, &truth, tolerance(dtype)));
@@ -114,9 +139,57 @@ async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError
     // Identity experts: each token's sum is its gate weights times its row (on a device made
     // there, on a CPU from the request's bytes), and renormalised top-2 weights add up to 1.
     let identity = ReferenceConfig { device, identity_experts: true, ..ReferenceConfig::cpu() };
-    let (output, _) = forward(&model, identity, &hidden).await?;
+    let (output, _) = forward(&model, identity, &hidden, &overrides).await?;
     let name = format!("synthetic 8 identity experts top-2 on {} vs the input", device_name(device));
     checks.push(Check::of(name, output, &hidden, tolerance(WeightDtype::F32)));
+    Ok(checks)
+}
+
+/// The synthetic layer in f32 on `device` with its rows reaching the worker otherwise than as f32
+/// token-major rows, against the same call in f32 on the CPU: sent in each narrower wire dtype
+/// (converted on the device, FP8's block scales too) and expert-major (answered row by row, not
+/// summed on the device); and routed by the policies whose rows differ most: every expert for
+/// every token, the experts' own picks, Soft MoE's slot inputs (expert-major), and top-2 at half
+/// the capacity it needs (the queues' limits drop rows).
+async fn wire_and_routing_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError> {
+    let (model, hidden) = (synthetic_model(), synthetic_hidden());
+    let on_device = ReferenceConfig { device, ..ReferenceConfig::cpu() }.with_dtype(WeightDtype::F32);
+    let on_cpu = ReferenceConfig::cpu().with_dtype(WeightDtype::F32);
+    let device = device_name(device);
+    let plain = RoutingOverrides::default();
+    let truth = forward(&model, on_cpu, &hidden, &plain).await?.0?;
+    let mut checks = Vec::new();
+    for wire_dtype in [WireDtype::F16, WireDtype::Bf16, WireDtype::Fp8E4m3] {
+        let (output, _) = forward(&model, ReferenceConfig { wire_dtype, ..on_device }, &hidden, &plain).await?;
+        let name = format!("synthetic 8 experts top-2, f32, {wire_dtype} rows on {device} vs f32 on cpu");
+        checks.push(Check::of(name, output, &truth, wire_tolerance(wire_dtype)));
+    }
+    let expert_major = ReferenceConfig { dispatch: DispatchLayout::ExpertMajor, ..on_device };
+    let (output, _) = forward(&model, expert_major, &hidden, &plain).await?;
+    let name = format!("synthetic 8 experts top-2, f32, expert-major on {device} vs f32 on cpu");
+    checks.push(Check::of(name, output, &truth, tolerance(WeightDtype::F32)));
+    let routings = [
+        (RoutingPolicy::Dense, CapacityPolicy::Dropless),
+        (RoutingPolicy::ExpertChoice, CapacityPolicy::Factor(1.0)),
+        (RoutingPolicy::SoftMoe { slots: 2 }, CapacityPolicy::Dropless),
+        (RoutingPolicy::TopK { k: 2, renormalize: true }, CapacityPolicy::Factor(0.5)),
+    ];
+    for (policy, capacity) in routings {
+        let overrides = RoutingOverrides {
+            policy: Some(policy),
+            overflow: Some(OverflowPolicy::Drop),
+            capacity: Some(capacity),
+            ..RoutingOverrides::default()
+        };
+        let truth = forward(&model, on_cpu, &hidden, &overrides).await?.0?;
+        let (output, _) = forward(&model, on_device, &hidden, &overrides).await?;
+        let capacity = match capacity {
+            CapacityPolicy::Factor(factor) => format!(" at capacity factor {factor}"),
+            _ => String::new(),
+        };
+        let name = format!("synthetic 8 experts, {}{capacity}, f32 on {device} vs the same on cpu", policy.name());
+        checks.push(Check::of(name, output, &truth, tolerance(WeightDtype::F32)));
+    }
     Ok(checks)
 }
 
@@ -164,15 +237,17 @@ fn grouped_label(grouped_experts: bool, batches: u64) -> String {
     }
 }
 
-/// Layer 0 of `model` once through a reference layer built with `config`: the call's output (its
-/// failure too) and how many expert batches it computed in grouped products.
+/// Layer 0 of `model` once through a reference layer built with `config`, routed as the model
+/// says with `overrides` applied: the call's output (its failure too) and how many expert batches
+/// it computed in grouped products.
 async fn forward(
     model: &ModelSpec,
     config: ReferenceConfig,
     hidden: &[f32],
+    overrides: &RoutingOverrides,
 ) -> Result<(Result<Vec<f32>, ClientError>, u64), DeviceCheckError> {
     let reference = ReferenceLayer::start(model, &[0], config).await?;
-    let output = reference.forward(0, hidden, &RoutingOverrides::default()).await;
+    let output = reference.forward(0, hidden, overrides).await;
     let grouped = reference.grouped_batches();
     reference.shutdown().await;
     Ok((output.map(|output| output.hidden), grouped))

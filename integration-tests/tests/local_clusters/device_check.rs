@@ -1,6 +1,7 @@
 //! The GPU checks as far as a CPU allows. `switchyard device-check --device cpu` runs the workers'
 //! compute path in f32, f16 and bf16 (and bf16 in grouped products) against f32, identity experts
-//! against their input, and every
+//! against their input, f16, bf16 and FP8 rows on the wire and expert-major rows against f32
+//! token-major ones, four routing policies against themselves, and every
 //! checkpoint fixture (its experts one by one and in grouped products) against transformers'
 //! outputs, as `scripts/gpu-check.sh` runs it on a GPU; and the script itself refuses
 //! plainly where there is no GPU.
@@ -45,7 +46,18 @@ fn device_check_passes_on_the_cpu_with_every_fixture() {
         assert!(batches >= 2, "a CPU computes each layer's experts in grouped products: {line}");
     }
     assert!(stdout.contains("synthetic 8 identity experts top-2 on cpu vs the input"), "{stdout}");
-    let checks = 3 + 1 + 1 + 2 * (fixture_layers + bf16_layers);
+    let rows_otherwise = ["f16 rows", "bf16 rows", "fp8 rows", "expert-major"]
+        .map(|rows| format!("synthetic 8 experts top-2, f32, {rows} on cpu vs f32 on cpu"));
+    let routed_otherwise =
+        ["dense", "expert choice at capacity factor 1", "soft MoE", "top-k (renormalised) at capacity factor 0.5"]
+            .map(|routing| format!("synthetic 8 experts, {routing}, f32 on cpu vs the same on cpu"));
+    for check in rows_otherwise.iter().chain(&routed_otherwise) {
+        assert!(
+            stdout.lines().any(|line| line.starts_with("ok") && line.ends_with(check.as_str())),
+            "{check}: {stdout}"
+        );
+    }
+    let checks = 3 + 1 + 1 + rows_otherwise.len() + routed_otherwise.len() + 2 * (fixture_layers + bf16_layers);
     assert!(stdout.contains(&format!("all {checks} checks passed on cpu")), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
     assert!(stdout.contains("matmul peak cpu bf16") && stdout.contains("matmul peak cpu f32"), "{stdout}");

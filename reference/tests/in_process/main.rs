@@ -9,6 +9,7 @@ mod hf_fixtures;
 mod hostile_answers;
 mod hostile_tables;
 mod in_process_exchange;
+mod reference_config;
 mod refusal_next_best;
 mod replica_retries;
 mod support;

@@ -187,7 +187,7 @@ pub(super) async fn measure_shape(
         step_hold: settings.identity_hold,
         grouped_experts: settings.grouped_experts,
         dtype: settings.compute_dtype,
-        copied_transfers_on_cpu: false,
+        ..ReferenceConfig::cpu()
     };
     let reference = Arc::new(ReferenceLayer::start(&cluster.model, &[0], config).await?);
     warm_up_every_expert(cluster, &reference, axes).await?;
@@ -362,7 +362,7 @@ pub(super) async fn measure_step(
         step_hold: settings.identity_hold,
         grouped_experts: settings.grouped_experts,
         dtype: settings.compute_dtype,
-        copied_transfers_on_cpu: false,
+        ..ReferenceConfig::cpu()
     };
     let reference = Arc::new(ReferenceLayer::start(&cluster.model, &layers, config).await?);
     let step = ModelStep { layers, attention: plan.attention };
