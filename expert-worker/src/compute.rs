@@ -136,8 +136,9 @@ fn run_step(
     hold_until(started + hold);
     let elapsed = started.elapsed();
     let answers = match outputs {
-        Ok(Computed { answers, grouped_batches }) => {
+        Ok(Computed { answers, grouped_batches, staged_bytes }) => {
             metrics.grouped_batches.inc_by(grouped_batches as u64);
+            metrics.staged_bytes.inc_by(staged_bytes as u64);
             answers
         }
         Err(panic) => {

@@ -23,6 +23,8 @@ pub struct WorkerMetrics {
     pub queued_tokens: Gauge,
     /// Expert batches computed in one grouped product with others of their stack.
     pub grouped_batches: Counter,
+    /// Bytes of the steps' uploads (on a GPU, what each step copies to the device).
+    pub staged_bytes: Counter,
     batch_tokens: Histogram,
     queue_wait_seconds: Histogram,
     compute_seconds: Histogram,
@@ -51,6 +53,7 @@ impl WorkerMetrics {
             resident_experts: Gauge::default(),
             queued_tokens: Gauge::default(),
             grouped_batches: Counter::default(),
+            staged_bytes: Counter::default(),
             batch_tokens: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             queue_wait_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 24)),
             compute_seconds: Histogram::new(exponential_buckets(1e-5, 2.0, 22)),
@@ -89,6 +92,13 @@ impl WorkerMetrics {
             "grouped_batches",
             "Merged expert forwards computed in one grouped product with others of their stack (--grouped-experts)",
             self.grouped_batches.clone(),
+        );
+        registry.register(
+            "staged_bytes",
+            "Bytes of the steps' uploads: token rows (a token-major request's once a step), and where a step copies \
+             them to its device also the token-major parts' indices and gate weights and the grouped products' row \
+             ends, each run aligned to 16 bytes",
+            self.staged_bytes.clone(),
         );
         registry.register("queue_wait_seconds", "Time rows waited in an expert queue", self.queue_wait_seconds.clone());
         registry.register("compute_seconds", "Time of one merged expert forward", self.compute_seconds.clone());

@@ -141,11 +141,12 @@ fn grouped_batches(stacks: &Stacks, batches: &[Batch]) -> Vec<GroupedBatches> {
         .collect()
 }
 
-/// What a step computed: each batch's answers, entry by entry, and how many of its batches were
-/// computed in grouped products.
+/// What a step computed: each batch's answers, entry by entry, how many of its batches were
+/// computed in grouped products, and how many bytes its upload held.
 pub struct Computed {
     pub answers: Vec<Vec<EntryAnswer>>,
     pub grouped_batches: usize,
+    pub staged_bytes: usize,
 }
 
 /// The step's libtorch work.
@@ -209,6 +210,7 @@ pub fn compute_step(
         .collect();
     let started = Instant::now();
     let (staged, offsets) = staging.upload(&uploads);
+    let staged_bytes = staged.numel();
     let uploaded = Instant::now();
     let shared_rows: HashMap<usize, Tensor> = shared_uploads
         .iter()
@@ -267,6 +269,7 @@ pub fn compute_step(
     tracing::debug!(
         batches = batches.len(),
         grouped_batches,
+        staged_bytes,
         upload_us = (uploaded - started).as_micros() as u64,
         kernels_us = (launched - uploaded).as_micros() as u64,
         grouped_us = (grouped_launched - uploaded).as_micros() as u64,
@@ -290,7 +293,7 @@ pub fn compute_step(
                 .collect()
         })
         .collect();
-    Computed { answers, grouped_batches }
+    Computed { answers, grouped_batches, staged_bytes }
 }
 
 /// Each grouped batch's output rows (`None` for the others): per group, its batches' rows joined

@@ -910,3 +910,63 @@ async fn a_part_computed_apart_by_an_unload_still_joins_its_sum() {
         worker.shutdown().await;
     }
 }
+
+/// What a step uploads: a token-major request's rows once, however many of its experts run, and
+/// where the rows are copied (as on a GPU) each part's token indices (8 bytes a row) and gate
+/// weights (4 bytes a row) too, each run aligned to 16 bytes; identity experts' rows, in place,
+/// are read from the request's bytes and not uploaded at all.
+#[tokio::test]
+async fn a_step_uploads_a_token_major_request_s_rows_once_and_copied_its_index_runs() {
+    let hidden = rows(3, 16, 0.3);
+    // Parts: expert 0 one row, expert 1 one, expert 2 two, expert 3 one.
+    let choices: [&[(u32, f32)]; 3] = [&[(0, 0.5), (3, 0.5)], &[(2, 1.0)], &[(2, 0.75), (1, 0.25)]];
+    let rows_bytes = 3 * 16 * 4;
+    let index_runs = |rows: usize| (rows * 8).next_multiple_of(16) + (rows * 4).next_multiple_of(16);
+    let parts_index_runs = index_runs(1) + index_runs(1) + index_runs(2) + index_runs(1);
+    for (identity_experts, copied_transfers_on_cpu, want) in [
+        (false, false, rows_bytes),
+        (false, true, rows_bytes + parts_index_runs),
+        (true, false, 0),
+        (true, true, rows_bytes),
+    ] {
+        let metrics = WorkerMetrics::new();
+        let options = WorkerOptions {
+            identity_experts,
+            copied_transfers_on_cpu,
+            default_queue_limit_tokens: 1024,
+            ..WorkerOptions::in_process(tch::Device::Cpu)
+        };
+        let worker = started_from(options, metrics.clone()).await;
+        let request = ForwardBatch::try_from(token_major_request(5, &hidden, 16, &choices, WireDtype::F32))
+            .expect("a valid token-major request");
+        let answer = worker.forward(request).await.expect("token-major");
+        assert!(answer.combined.is_some(), "one sum per token");
+        let case = format!("identity {identity_experts}, copied {copied_transfers_on_cpu}");
+        assert_eq!(metrics.staged_bytes.get(), want as u64, "{case}");
+        worker.shutdown().await;
+    }
+}
+
+/// Rows of one dtype that a step merges for an expert are packed as one run of its upload: two
+/// requests' FP8 rows (20 bytes each: 16 codes and a block scale) take 40 bytes, aligned to 48,
+/// where as two runs they would take 32 each.
+#[tokio::test]
+async fn rows_of_one_dtype_merged_into_a_step_are_uploaded_as_one_run() {
+    let metrics = WorkerMetrics::new();
+    let options = WorkerOptions {
+        batching: BatchingConfig { batch_wait: Duration::from_millis(300), max_batch_tokens: 1024 },
+        default_queue_limit_tokens: 1024,
+        ..WorkerOptions::in_process(tch::Device::Cpu)
+    };
+    let worker = started_from(options, metrics.clone()).await;
+    let fp8_row = |request_id: u64| ForwardBatch {
+        output_dtype: Some(WireDtype::Bf16),
+        ..expert_major(request_id, vec![part(0, 1, &rows(1, 16, request_id as f32), 16, WireDtype::Fp8E4m3)])
+    };
+    let (first, second) = forward_together(&worker, fp8_row(1), fp8_row(2)).await;
+    let batch_tokens =
+        |outcome: Result<ForwardOutcome, WorkerError>| outcome.expect("fp8 rows answered").outputs[0].batch_tokens;
+    assert_eq!((batch_tokens(first), batch_tokens(second)), (2, 2), "one batch of both requests' rows");
+    assert_eq!(metrics.staged_bytes.get(), 48);
+    worker.shutdown().await;
+}
