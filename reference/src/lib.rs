@@ -162,6 +162,12 @@ impl ReferenceLayer {
         self.metrics.grouped_batches.get()
     }
 
+    /// Bytes the worker's steps have uploaded so far (with `ReferenceConfig::copied_transfers_on_cpu`
+    /// or on a GPU, each token-major part's index and gate-weight runs besides the rows).
+    pub fn staged_bytes(&self) -> u64 {
+        self.metrics.staged_bytes.get()
+    }
+
     /// Runs `hidden` through layer `layer`, routed as the model says with `overrides` applied.
     pub async fn forward(
         &self,

@@ -162,6 +162,10 @@ async fn every_family_computes_alike_when_its_rows_are_moved_as_on_a_gpu() {
                 assert_eq!(bits(&have.router_logits), bits(&want.router_logits), "{case}: router logits");
                 assert_eq!(have.routing.tokens_per_expert, want.routing.tokens_per_expert, "{case}");
             }
+            // Copied, each token-major part's indices and gate weights travel in the upload too:
+            // the copying layer really took the GPU's path.
+            let (in_place, copied) = (in_place.reference.staged_bytes(), copied.reference.staged_bytes());
+            assert!(in_place > 0 && copied > in_place, "{name} in {dtype:?}: staged {copied} against {in_place}");
         }
     }
 }
