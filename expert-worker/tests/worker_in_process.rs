@@ -7,6 +7,7 @@ use futures::StreamExt;
 use switchyard_expert_worker::metrics::WorkerMetrics;
 use switchyard_expert_worker::request::{ExpertRowsIn, ForwardBatch, RowsSource};
 use switchyard_expert_worker::scheduler::BatchingConfig;
+use switchyard_expert_worker::staging::ALIGN;
 use switchyard_expert_worker::worker::{ForwardOutcome, QueueLimits};
 use switchyard_expert_worker::{Args, ExpertWorker, WorkerError, WorkerOptions};
 use switchyard_experts::Expert;
@@ -921,7 +922,7 @@ async fn a_step_uploads_a_token_major_request_s_rows_once_and_copied_its_index_r
     // Parts: expert 0 one row, expert 1 one, expert 2 two, expert 3 one.
     let choices: [&[(u32, f32)]; 3] = [&[(0, 0.5), (3, 0.5)], &[(2, 1.0)], &[(2, 0.75), (1, 0.25)]];
     let rows_bytes = 3 * 16 * 4;
-    let index_runs = |rows: usize| (rows * 8).next_multiple_of(16) + (rows * 4).next_multiple_of(16);
+    let index_runs = |rows: usize| (rows * 8).next_multiple_of(ALIGN) + (rows * 4).next_multiple_of(ALIGN);
     let parts_index_runs = index_runs(1) + index_runs(1) + index_runs(2) + index_runs(1);
     for (identity_experts, copied_transfers_on_cpu, want) in [
         (false, false, rows_bytes),
@@ -967,6 +968,8 @@ async fn rows_of_one_dtype_merged_into_a_step_are_uploaded_as_one_run() {
     let batch_tokens =
         |outcome: Result<ForwardOutcome, WorkerError>| outcome.expect("fp8 rows answered").outputs[0].batch_tokens;
     assert_eq!((batch_tokens(first), batch_tokens(second)), (2, 2), "one batch of both requests' rows");
-    assert_eq!(metrics.staged_bytes.get(), 48);
+    let one_run = (2 * WireDtype::Fp8E4m3.row_bytes(16)).next_multiple_of(ALIGN);
+    assert_eq!(one_run, 48);
+    assert_eq!(metrics.staged_bytes.get(), one_run as u64);
     worker.shutdown().await;
 }

@@ -93,8 +93,9 @@ pub fn wire_tolerance(wire: WireDtype) -> f64 {
 /// Runs every check on `device`, with the checkpoint fixtures under `fixtures` (each a checkpoint
 /// directory with transformers' `expected.safetensors`) when given.
 pub async fn run(device: Device, fixtures: Option<&Path>) -> Result<DeviceReport, DeviceCheckError> {
-    let mut checks = synthetic_checks(device).await?;
-    checks.extend(wire_and_routing_checks(device).await?);
+    let synthetic = Synthetic::new().await?;
+    let mut checks = synthetic_checks(device, &synthetic).await?;
+    checks.extend(wire_and_routing_checks(device, &synthetic).await?);
     if let Some(fixtures) = fixtures {
         for dir in fixture_dirs(fixtures)? {
             checks.extend(fixture_checks(device, &dir).await?);
@@ -105,45 +106,52 @@ pub async fn run(device: Device, fixtures: Option<&Path>) -> Result<DeviceReport
     Ok(DeviceReport { device: device_name(device), checks, peaks })
 }
 
-/// The synthetic checks' model: Mixtral-like (8 experts, top-2, dropless), small.
-fn synthetic_model() -> ModelSpec {
-    ModelSpec {
-        name: "device-check".to_owned(),
-        d_model: 256,
-        d_ff: 512,
-        capacity: CapacityPolicy::Dropless,
-        ..ModelSpec::default_synthetic()
-    }
+/// The synthetic checks' layer (Mixtral-like: 8 experts, top-2, dropless, small), their 64 tokens,
+/// and the ground truth most of them compare with: the layer in f32 on the CPU.
+struct Synthetic {
+    model: ModelSpec,
+    hidden: Vec<f32>,
+    truth: Vec<f32>,
 }
 
-/// The synthetic checks' 64 tokens.
-fn synthetic_hidden() -> Vec<f32> {
-    (0..64 * 256).map(|i| ((i as f32) * 0.618).sin() * 1.5).collect()
+impl Synthetic {
+    async fn new() -> Result<Self, DeviceCheckError> {
+        let model = ModelSpec {
+            name: "device-check".to_owned(),
+            d_model: 256,
+            d_ff: 512,
+            capacity: CapacityPolicy::Dropless,
+            ..ModelSpec::default_synthetic()
+        };
+        let hidden: Vec<f32> = (0..64 * 256).map(|i| ((i as f32) * 0.618).sin() * 1.5).collect();
+        let on_cpu = ReferenceConfig::cpu().with_dtype(WeightDtype::F32);
+        let truth = forward(&model, on_cpu, &hidden, &RoutingOverrides::default()).await?.0?;
+        Ok(Self { model, hidden, truth })
+    }
 }
 
 /// The synthetic layer in every dtype on `device`, and in bf16 with its experts in grouped
 /// products, against itself in f32 on the CPU; and with identity experts (the DeepEP presets'
 /// stand-ins), whose output is its input.
-async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError> {
-    let (model, hidden) = (synthetic_model(), synthetic_hidden());
+async fn synthetic_checks(device: Device, synthetic: &Synthetic) -> Result<Vec<Check>, DeviceCheckError> {
+    let Synthetic { model, hidden, truth } = synthetic;
     let overrides = RoutingOverrides::default();
-    let truth = forward(&model, ReferenceConfig::cpu().with_dtype(WeightDtype::F32), &hidden, &overrides).await?.0?;
     let mut checks = Vec::new();
     // Grouped products in bf16 only: on CUDA the other dtypes' experts compute one by one anyway.
     let grouped = [(WeightDtype::Bf16, true)];
     for (dtype, grouped_experts) in WeightDtype::ALL.into_iter().map(|dtype| (dtype, false)).chain(grouped) {
         let config = ReferenceConfig { device, grouped_experts, ..ReferenceConfig::cpu() }.with_dtype(dtype);
-        let (output, grouped) = forward(&model, config, &hidden, &overrides).await?;
+        let (output, grouped) = forward(model, config, hidden, &overrides).await?;
         let grouped = grouped_label(grouped_experts, grouped);
         let name = format!("synthetic 8 experts top-2, {dtype}{grouped} on {} vs f32 on cpu", device_name(device));
-        checks.push(Check::of(name, output, &truth, tolerance(dtype)));
+        checks.push(Check::of(name, output, truth, tolerance(dtype)));
     }
     // Identity experts: each token's sum is its gate weights times its row (on a device made
     // there, on a CPU from the request's bytes), and renormalised top-2 weights add up to 1.
     let identity = ReferenceConfig { device, identity_experts: true, ..ReferenceConfig::cpu() };
-    let (output, _) = forward(&model, identity, &hidden, &overrides).await?;
+    let (output, _) = forward(model, identity, hidden, &overrides).await?;
     let name = format!("synthetic 8 identity experts top-2 on {} vs the input", device_name(device));
-    checks.push(Check::of(name, output, &hidden, tolerance(WeightDtype::F32)));
+    checks.push(Check::of(name, output, hidden, tolerance(WeightDtype::F32)));
     Ok(checks)
 }
 
@@ -153,23 +161,22 @@ async fn synthetic_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError
 /// summed on the device); and routed by the policies whose rows differ most: every expert for
 /// every token, the experts' own picks, Soft MoE's slot inputs (expert-major), and top-2 at half
 /// the capacity it needs (the rows past it dropped).
-async fn wire_and_routing_checks(device: Device) -> Result<Vec<Check>, DeviceCheckError> {
-    let (model, hidden) = (synthetic_model(), synthetic_hidden());
+async fn wire_and_routing_checks(device: Device, synthetic: &Synthetic) -> Result<Vec<Check>, DeviceCheckError> {
+    let Synthetic { model, hidden, truth } = synthetic;
     let on_device = ReferenceConfig { device, ..ReferenceConfig::cpu() }.with_dtype(WeightDtype::F32);
     let on_cpu = ReferenceConfig::cpu().with_dtype(WeightDtype::F32);
     let device = device_name(device);
     let plain = RoutingOverrides::default();
-    let truth = forward(&model, on_cpu, &hidden, &plain).await?.0?;
     let mut checks = Vec::new();
     for wire_dtype in [WireDtype::F16, WireDtype::Bf16, WireDtype::Fp8E4m3] {
-        let (output, _) = forward(&model, ReferenceConfig { wire_dtype, ..on_device }, &hidden, &plain).await?;
+        let (output, _) = forward(model, ReferenceConfig { wire_dtype, ..on_device }, hidden, &plain).await?;
         let name = format!("synthetic 8 experts top-2, f32, {wire_dtype} rows on {device} vs f32 on cpu");
-        checks.push(Check::of(name, output, &truth, wire_tolerance(wire_dtype)));
+        checks.push(Check::of(name, output, truth, wire_tolerance(wire_dtype)));
     }
     let expert_major = ReferenceConfig { dispatch: DispatchLayout::ExpertMajor, ..on_device };
-    let (output, _) = forward(&model, expert_major, &hidden, &plain).await?;
+    let (output, _) = forward(model, expert_major, hidden, &plain).await?;
     let name = format!("synthetic 8 experts top-2, f32, expert-major on {device} vs f32 on cpu");
-    checks.push(Check::of(name, output, &truth, tolerance(WeightDtype::F32)));
+    checks.push(Check::of(name, output, truth, tolerance(WeightDtype::F32)));
     let routings = [
         (RoutingPolicy::Dense, CapacityPolicy::Dropless),
         (RoutingPolicy::ExpertChoice, CapacityPolicy::Factor(1.0)),
@@ -183,14 +190,14 @@ async fn wire_and_routing_checks(device: Device) -> Result<Vec<Check>, DeviceChe
             capacity: Some(capacity),
             ..RoutingOverrides::default()
         };
-        let truth = forward(&model, on_cpu, &hidden, &overrides).await?.0?;
-        let (output, _) = forward(&model, on_device, &hidden, &overrides).await?;
+        let routed_truth = forward(model, on_cpu, hidden, &overrides).await?.0?;
+        let (output, _) = forward(model, on_device, hidden, &overrides).await?;
         let capacity = match capacity {
             CapacityPolicy::Factor(factor) => format!(" at capacity factor {factor}"),
             _ => String::new(),
         };
         let name = format!("synthetic 8 experts, {}{capacity}, f32 on {device} vs the same on cpu", policy.name());
-        checks.push(Check::of(name, output, &truth, tolerance(WeightDtype::F32)));
+        checks.push(Check::of(name, output, &routed_truth, tolerance(WeightDtype::F32)));
     }
     Ok(checks)
 }
