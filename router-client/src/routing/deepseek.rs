@@ -184,4 +184,21 @@ mod tests {
         let chosen: Vec<u32> = routing.choices.iter().map(|(expert, _)| *expert).collect();
         assert_eq!(chosen, [0, 1], "by its best score group 0 wins; the sum of two would pick group 1");
     }
+
+    #[test]
+    fn renormalised_weights_of_vanishing_scores_keep_transformers_1e_20_guard() {
+        // Sigmoid scores near 1e-21: transformers divides by `sum + 1e-20`, so the weights stay
+        // finite and sum to far less than 1 rather than to 1 (or to a negative number).
+        let logits = [-48.0f32, -48.5, -60.0, -70.0];
+        let routing = GroupLimited::deepseek_v3(2, 1, 1).route(&logits, 4, &[]);
+        let (s0, s1) = (sigmoid(-48.0), sigmoid(-48.5));
+        let denominator = s0 + s1 + 1e-20;
+        let expected = [(0, s0 / denominator), (1, s1 / denominator)];
+        for ((expert, weight), (want_expert, want_weight)) in routing.choices.iter().zip(expected) {
+            assert_eq!(*expert, want_expert);
+            assert!((weight - want_weight).abs() <= 1e-6 * want_weight, "{:?} against {expected:?}", routing.choices);
+        }
+        let sum: f32 = routing.choices.iter().map(|(_, weight)| weight).sum();
+        assert!(sum > 0.1 && sum < 0.5, "the guard, not the scores, dominates the denominator: {sum}");
+    }
 }
