@@ -230,6 +230,31 @@ mod tests {
         assert_eq!(code(vec![Bytes::from(garbage)], 1 << 20).code(), Code::InvalidArgument);
     }
 
+    #[test]
+    fn an_answer_body_tells_hyper_it_has_ended_only_after_its_trailers() {
+        use http_body::Body;
+        let answer = rows_request(Bytes::from(vec![5; 1024]));
+        let answers = futures::stream::iter([Ok::<_, Status>(answer)]);
+        let mut body = AnswerBody { answers: Box::pin(answers), chunks: VecDeque::new(), ended: false };
+        let mut ends = Vec::new();
+        let mut trailers = None;
+        block_on(std::future::poll_fn(|context| {
+            while let Some(frame) = std::task::ready!(Pin::new(&mut body).poll_frame(context)) {
+                let frame = frame.expect("infallible");
+                if frame.is_trailers() {
+                    trailers = frame.into_trailers().ok();
+                }
+                ends.push(body.is_end_stream());
+            }
+            Poll::Ready(())
+        }));
+        assert!(ends.len() >= 2, "the answer's chunks, then the trailers: {ends:?}");
+        let (last, before) = ends.split_last().expect("frames");
+        assert!(*last, "ended once the trailers went");
+        assert!(before.iter().all(|ended| !ended), "not while chunks or trailers are left: {ends:?}");
+        assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+    }
+
     /// Every answer (then the end) a client reads from `response`.
     fn answers_of(response: http::Response<tonic::body::Body>) -> Vec<Result<Option<v1::ForwardRequest>, Status>> {
         let mut answers = super::super::Answers::new(response.into_body(), 1 << 20, Reader::Client);
