@@ -192,6 +192,20 @@ mod tests {
     }
 
     #[test]
+    fn counts_stay_for_the_whole_window_and_leave_when_it_has_passed() {
+        let (throttle, worker, start) = (Throttle::new(2.0), Endpoint::from("w"), Instant::now());
+        for _ in 0..100 {
+            throttle.record_at(&worker, Verdict::Refused, start);
+        }
+        // The window slides in steps: the start's bucket is emptied by the BUCKETS-th step, not
+        // one before (a ring any shorter would forget counts early).
+        let step = WINDOW / BUCKETS as u32;
+        let last_moment_in = start + WINDOW - step / 2;
+        assert!(refusals(&throttle, &worker, 10, last_moment_in) >= 9, "still in the window");
+        assert_eq!(refusals(&throttle, &worker, 10, start + WINDOW), 0, "the window has passed");
+    }
+
+    #[test]
     fn a_few_refusals_are_not_enough_to_throttle() {
         let (throttle, worker, now) = (Throttle::new(2.0), Endpoint::from("w"), Instant::now());
         for _ in 0..MIN_REQUESTS - 1 {
