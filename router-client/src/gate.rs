@@ -243,4 +243,49 @@ mod tests {
         gate.logit_bias = Some(vec![0.5, -1.0, 2.0]);
         assert_eq!(gate.logits(&hidden), [3.5, 7.0, 3.0, 1.0, -3.0, 0.5]);
     }
+
+    /// A checkpoint's router as the checkpoint holds it: logits are its `W_g` products plus its
+    /// logit bias (GPT-OSS), the score-correction bias is DeepSeek-V3's, and Qwen2-MoE's shared
+    /// expert is weighed by `sigmoid(x · w_gate)` of its `[1, d_model]` gate.
+    #[test]
+    fn a_checkpoint_s_gate_holds_its_router_biases_and_shared_expert_gate() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+        for name in ["qwen2-moe-tiny", "gpt-oss-tiny", "deepseek-v3-tiny"] {
+            let checkpoint = Checkpoint::open(&fixtures.join(name)).unwrap();
+            let (spec, layer) = (&checkpoint.spec, checkpoint.spec.moe_layers[0]);
+            let d_model = spec.d_model as usize;
+            let hidden: Vec<f32> = (0..3 * d_model).map(spread).collect();
+            let gate = Gate::from_checkpoint(&checkpoint, layer).unwrap();
+            let mut want = naive_products(&hidden, &checkpoint.gate_weights(layer).unwrap(), d_model);
+            let logit_bias = checkpoint.gate_bias(layer).unwrap();
+            assert_eq!(logit_bias.is_some(), name == "gpt-oss-tiny", "{name}: logit bias");
+            for (logit, bias) in want.iter_mut().zip(logit_bias.iter().flatten().cycle()) {
+                *logit += bias;
+            }
+            assert_close(&gate.logits(&hidden), &want, &format!("{name}: logits"));
+            let correction_bias = checkpoint.correction_bias(layer).unwrap();
+            assert_eq!(correction_bias.is_some(), name == "deepseek-v3-tiny", "{name}: correction bias");
+            assert_eq!(gate.correction_bias(), correction_bias.as_deref(), "{name}");
+            let shared = spec.shared_experts as usize;
+            let want = match checkpoint.shared_gate_weights(layer).unwrap() {
+                Some(weights) => naive_products(&hidden, &weights, d_model)
+                    .iter()
+                    .map(|logit| 1.0 / (1.0 + (-logit).exp()))
+                    .collect(),
+                None => vec![1.0; 3 * shared],
+            };
+            assert_eq!(want.len(), 3 * shared, "{name}: one gate per shared expert");
+            assert_eq!(spec.shared_expert_gate, name == "qwen2-moe-tiny", "{name}: shared expert gate");
+            assert_close(&gate.shared_weights(&hidden, shared), &want, &format!("{name}: shared experts' weights"));
+        }
+    }
+
+    /// Routing takes its thread count from the gate ([`Gate::threads`]): one unless raised, never 0.
+    #[test]
+    fn a_gate_s_threads_are_one_unless_raised_and_never_zero() {
+        let gate = Gate::from_weights(vec![1.0, 0.0], 1, 2);
+        assert_eq!(gate.threads(), 1);
+        assert_eq!(gate.clone().with_threads(3).threads(), 3);
+        assert_eq!(gate.with_threads(0).threads(), 1);
+    }
 }
