@@ -171,6 +171,11 @@ mod tests {
         ((i * 7919) % 1009) as f32 / 500.0 - 1.0
     }
 
+    /// The shared experts' gate, written out here rather than taken from the code under test.
+    fn sigmoid(logit: f32) -> f32 {
+        1.0 / (1.0 + (-logit).exp())
+    }
+
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum::<f64>() as f32
     }
@@ -221,9 +226,8 @@ mod tests {
             assert_close(&gate.slot_logits(&hidden, slots as usize), &want, &format!("{slots} slots' logits"));
         }
         let shared = synthetic::shared_gate_weights(spec.seed, layer, 2, d_model);
-        let sigmoid: Vec<f32> =
-            naive_products(&hidden, &shared, 12).iter().map(|logit| 1.0 / (1.0 + (-logit).exp())).collect();
-        assert_close(&gate.shared_weights(&hidden, 2), &sigmoid, "shared experts' gates");
+        let want: Vec<f32> = naive_products(&hidden, &shared, 12).into_iter().map(sigmoid).collect();
+        assert_close(&gate.shared_weights(&hidden, 2), &want, "shared experts' gates");
 
         let ungated = Gate::synthetic(&ModelSpec { shared_expert_gate: false, ..spec.clone() }, layer);
         assert_eq!(ungated.shared_weights(&hidden, 2), [1.0; 6], "ungated shared experts weigh 1");
@@ -268,10 +272,7 @@ mod tests {
             assert_eq!(gate.correction_bias(), correction_bias.as_deref(), "{name}");
             let shared = spec.shared_experts as usize;
             let want = match checkpoint.shared_gate_weights(layer).unwrap() {
-                Some(weights) => naive_products(&hidden, &weights, d_model)
-                    .iter()
-                    .map(|logit| 1.0 / (1.0 + (-logit).exp()))
-                    .collect(),
+                Some(weights) => naive_products(&hidden, &weights, d_model).into_iter().map(sigmoid).collect(),
                 None => vec![1.0; 3 * shared],
             };
             assert_eq!(want.len(), 3 * shared, "{name}: one gate per shared expert");
