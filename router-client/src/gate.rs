@@ -10,6 +10,7 @@ use switchyard_model::checkpoint::{Checkpoint, CheckpointError};
 use switchyard_model::synthetic;
 
 use crate::projection::Projection;
+use crate::routing::sigmoid;
 
 #[derive(Debug, Clone)]
 pub struct Gate {
@@ -130,7 +131,7 @@ impl Gate {
         };
         let mut logits = Vec::new();
         gate.project_into(hidden, &mut logits, self.threads);
-        logits.iter().map(|logit| 1.0 / (1.0 + (-logit).exp())).collect()
+        logits.into_iter().map(sigmoid).collect()
     }
 
     /// The score-correction bias of group-limited routing, when this gate has one.

@@ -12,7 +12,7 @@
 
 use switchyard_model::{GroupScore, Scoring};
 
-use super::{Routing, ranked, softmax_into};
+use super::{Routing, ranked, sigmoid, softmax_into};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GroupLimited {
@@ -53,7 +53,7 @@ impl GroupLimited {
         for row in logits.chunks_exact(experts) {
             let start = probabilities.len();
             match self.scoring {
-                Scoring::Sigmoid => probabilities.extend(row.iter().map(|logit| 1.0 / (1.0 + (-logit).exp()))),
+                Scoring::Sigmoid => probabilities.extend(row.iter().copied().map(sigmoid)),
                 Scoring::Softmax => softmax_into(row, &mut probabilities),
             }
             let scores = &probabilities[start..];

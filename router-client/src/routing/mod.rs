@@ -136,6 +136,11 @@ pub(crate) fn softmax_to(row: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The logistic function: DeepSeek-V3's expert scores and Qwen2-MoE's shared-expert gate.
+pub(crate) fn sigmoid(logit: f32) -> f32 {
+    1.0 / (1.0 + (-logit).exp())
+}
+
 /// Indices of `scores` ordered best first; ties go to the lower index, as `torch.topk` does on CPU.
 pub(crate) fn ranked(scores: &[f32], order: &mut Vec<u32>) {
     order.clear();
