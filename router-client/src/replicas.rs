@@ -39,12 +39,19 @@ impl Replicas {
 
     /// `endpoint` failed: other holders are preferred for a while.
     pub fn suspect(&self, endpoint: &Endpoint) {
-        lock(&self.failed_at).insert(endpoint.clone(), Instant::now());
+        self.suspect_at(endpoint, Instant::now());
     }
 
     /// The snapshot one call plans with; `excluded` are the workers this call already failed on.
     pub fn choice(&self, salt: u64, excluded: HashSet<Endpoint>) -> Choice {
-        let now = Instant::now();
+        self.choice_at(salt, excluded, Instant::now())
+    }
+
+    fn suspect_at(&self, endpoint: &Endpoint, now: Instant) {
+        lock(&self.failed_at).insert(endpoint.clone(), now);
+    }
+
+    fn choice_at(&self, salt: u64, excluded: HashSet<Endpoint>, now: Instant) -> Choice {
         let mut failed_at = lock(&self.failed_at);
         failed_at.retain(|_, at| now.duration_since(*at) < SUSPECT_FOR);
         Choice {
@@ -212,6 +219,15 @@ mod tests {
         assert_eq!(replicas.choice(0, HashSet::new()).spread(&holders, 3), [(0, 2), (1, 1)]);
         assert_eq!(replicas.choice(1, HashSet::new()).spread(&holders, 3), [(0, 1), (1, 2)]);
         assert_eq!(replicas.choice(1, HashSet::new()).spread(&holders, 1), [(1, 1)]);
+        // Three holders, where turning the other way (or wrapping) would point elsewhere.
+        let holders = endpoints(&["a", "b", "c"]);
+        for salt in 0..7 {
+            let pointed = salt as usize % 3;
+            let rows = replicas.choice(salt, HashSet::new()).spread(&holders, 1);
+            assert_eq!(rows, [(pointed, 1)], "salt {salt}");
+            let picked = pick(&replicas, salt, HashSet::new(), &holders);
+            assert_eq!(picked.as_deref(), Some(["a", "b", "c"][pointed]), "salt {salt}");
+        }
     }
 
     #[test]
@@ -237,6 +253,21 @@ mod tests {
         let excluded = HashSet::from([holders[0].clone()]);
         assert_eq!(pick(&replicas, 0, excluded.clone(), &holders).as_deref(), Some("b"));
         assert_eq!(pick(&replicas, 0, excluded, &holders[..1]), None);
+    }
+
+    /// A failure is held against a worker for [`SUSPECT_FOR`], then forgotten.
+    #[test]
+    fn a_failed_holder_is_suspect_for_its_while_and_no_longer() {
+        let replicas = Replicas::default();
+        let holders = endpoints(&["a", "b"]);
+        let failed = Instant::now();
+        replicas.suspect_at(&holders[0], failed);
+        let _busy = replicas.start(&holders[1], 1);
+        let rows_at = |since: Duration| replicas.choice_at(0, HashSet::new(), failed + since).spread(&holders, 4);
+        assert_eq!(rows_at(Duration::ZERO), [(1, 4)], "just failed: the busy holder takes every row");
+        assert_eq!(rows_at(SUSPECT_FOR - Duration::from_millis(1)), [(1, 4)], "still suspect");
+        assert_eq!(rows_at(SUSPECT_FOR), [(0, 3), (1, 1)], "forgiven: the idle holder takes its share");
+        assert_eq!(rows_at(Duration::ZERO), [(0, 3), (1, 1)], "and forgotten, not suspect again");
     }
 
     #[test]
