@@ -290,6 +290,21 @@ mod tests {
 
     use super::*;
 
+    /// 2-aligned bytes are converted where they lie, by half's vectorised slice conversions; only
+    /// bytes at an odd address take the slower path (the same values, so no round trip shows it).
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn aligned_bytes_are_viewed_as_halves_in_place_and_odd_ones_are_not() {
+        let mut words = [0u16; 6];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+        let start = bytes.as_ptr() as usize;
+        let viewed = halves::<f16>(&bytes[2..10]).map(|halves| (halves.as_ptr() as usize - start, halves.len()));
+        assert_eq!(viewed, Some((2, 4)), "the same bytes, as 4 halves");
+        assert!(halves::<f16>(&bytes[1..9]).is_none(), "an odd address");
+        assert_eq!(halves_mut::<u16>(&mut bytes[4..12]).map(|halves| halves.len()), Some(4));
+        assert!(halves_mut::<u16>(&mut bytes[3..11]).is_none(), "an odd address");
+    }
+
     #[test]
     fn le_words_are_whole_four_byte_words_in_order() {
         let bytes = [1, 0, 0, 0, 0xFF, 2, 0, 0x80, 9, 9];
