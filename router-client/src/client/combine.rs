@@ -465,6 +465,18 @@ mod tests {
         assert_eq!(answer_bytes(&v1::ForwardResponse::default()), 0);
     }
 
+    /// The summing after the last answer is booked to decode and combine in the proportion of the
+    /// answers' own decode and combine times; with neither measured, all of it to combine.
+    #[test]
+    fn a_tail_is_split_in_the_proportion_of_decode_to_combine() {
+        let ms = Duration::from_millis;
+        assert_eq!(in_proportion(ms(10), ms(1), ms(3)), (ms(10) / 4, ms(10) * 3 / 4));
+        assert_eq!(in_proportion(ms(10), ms(3), ms(1)), (ms(10) * 3 / 4, ms(10) / 4));
+        assert_eq!(in_proportion(ms(10), ms(2), Duration::ZERO), (ms(10), Duration::ZERO));
+        assert_eq!(in_proportion(ms(10), Duration::ZERO, Duration::ZERO), (Duration::ZERO, ms(10)));
+        assert_eq!(in_proportion(Duration::ZERO, ms(1), ms(1)), (Duration::ZERO, Duration::ZERO));
+    }
+
     /// Tokens out of order or repeated could share an output range between two threads: they are
     /// summed by one.
     #[test]
