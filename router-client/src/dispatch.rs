@@ -372,10 +372,9 @@ impl CallRows<'_> {
     fn rows_per_request(&self, rows: usize) -> usize {
         let row_bytes = self.dtype.row_bytes(self.d_model);
         let mut per_request = (self.split_bytes / row_bytes).max(1);
-        let stripes = self.stripes_for(rows);
-        if stripes > 1 {
-            per_request = per_request.min(rows.div_ceil(stripes));
-        }
+        // Each stripe's share: with one, all the rows, so that its chunks below are cut from
+        // them, not from the split limit.
+        per_request = per_request.min(rows.div_ceil(self.stripes_for(rows)));
         if self.chunked && per_request * row_bytes > CHUNK_BYTES {
             // Equal chunks of at most about `CHUNK_BYTES`, so that the stripes stay equal too.
             per_request = per_request.div_ceil((per_request * row_bytes).div_ceil(CHUNK_BYTES));
@@ -707,6 +706,19 @@ pub(crate) mod tests {
         assert!(CallRows { stripes: 1, ..call }.rows_per_request(16384) >= 16384, "one connection: one request");
         let split = CallRows { split_bytes: 100 << 10, ..call };
         assert_eq!(split.rows_per_request(16384), 100, "the split limit still holds");
+    }
+
+    /// A chunked stripe is cut into equal chunks of at most about 4 MiB, also when one connection
+    /// carries all of a worker's rows: 6 MiB go as two of 3 MiB, not as 4 MiB and the 2 MiB left.
+    #[test]
+    fn one_stripe_is_chunked_into_equal_chunks() {
+        let hidden = vec![0.0f32; 4];
+        // 1 KiB rows (256 x f32).
+        let call = CallRows { stripes: 1, chunked: true, ..f32_call(&hidden, 256, 64 << 20) };
+        assert_eq!(call.rows_per_request(6 * 1024), 3 * 1024);
+        assert_eq!(call.rows_per_request(9 * 1024), 3 * 1024, "9 MiB: three of 3 MiB");
+        assert_eq!(call.rows_per_request(4 * 1024), 4 * 1024, "4 MiB: one chunk");
+        assert_eq!(CallRows { chunked: false, ..call }.rows_per_request(6 * 1024), 6 * 1024, "unchunked: whole");
     }
 
     /// A piece from the middle of a group (what a failed request carried) stripes by its own
