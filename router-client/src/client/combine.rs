@@ -477,6 +477,28 @@ mod tests {
         assert_eq!(in_proportion(Duration::ZERO, ms(1), ms(1)), (Duration::ZERO, Duration::ZERO));
     }
 
+    /// The decode and add times an answer's summing books are its own: some of each, and together
+    /// no more than the summing took, whether one thread sums it or several in turns.
+    #[test]
+    fn an_answer_s_summing_books_its_decode_and_add_times() {
+        let (tokens, data) = answer(4096);
+        let rows = TokenRows { d_model: D_MODEL, dtype: WireDtype::Bf16, tokens: &tokens, data: &data };
+        for threads in [1, 3] {
+            let mut output = vec![0.0; 2 * tokens.len() * D_MODEL];
+            let started = Instant::now();
+            let (decode, combine) = match rows.runs(&mut output, threads) {
+                Some(runs) => sum_in_turns(threads, runs),
+                None => rows.add_into(&mut output, 0, &mut Vec::new()),
+            };
+            let wall = started.elapsed();
+            assert!(
+                decode > Duration::ZERO && combine > Duration::ZERO,
+                "{threads} threads: {decode:?} and {combine:?}"
+            );
+            assert!(decode + combine <= wall, "{threads} threads: {decode:?} + {combine:?} over the {wall:?} it took");
+        }
+    }
+
     /// Tokens out of order or repeated could share an output range between two threads: they are
     /// summed by one.
     #[test]
