@@ -226,6 +226,16 @@ impl<'a> TokenRows<'a> {
         (decode, combine)
     }
 
+    /// Adds the rows into `output`, whose first row is token 0's: in runs that up to `threads`
+    /// threads take in turns when the tokens allow it ([`TokenRows::runs`]), else on this thread;
+    /// returns the time spent decoding and adding.
+    fn sum_into(&self, output: &mut [f32], threads: usize, scratch: &mut Vec<f32>) -> (Duration, Duration) {
+        match self.runs(output, threads) {
+            Some(runs) => sum_in_turns(threads, runs),
+            None => self.add_into(output, 0, scratch),
+        }
+    }
+
     /// For `threads` threads to sum in turns: the rows cut into up to [`chunks_for`] runs of
     /// consecutive rows, each with the range of `output` its tokens fall in
     /// (disjoint, since a token-major answer lists its tokens in ascending order; `None` when it
@@ -309,10 +319,7 @@ impl Sums {
             let Ok(dtype) = WireDtype::try_from(combined.dtype) else { return };
             let rows = TokenRows { d_model: plan.d_model, dtype, tokens: &tokens.tokens, data: &combined.data };
             let threads = sum_threads(combined.data.len(), plan.cpu_threads);
-            let (decode, combine) = match rows.runs(&mut self.output, threads) {
-                Some(runs) => sum_in_turns(threads, runs),
-                None => rows.add_into(&mut self.output, 0, &mut self.scratch),
-            };
+            let (decode, combine) = rows.sum_into(&mut self.output, threads, &mut self.scratch);
             self.per_request.push((planned.endpoint.clone(), decode, combine));
             return;
         }
@@ -486,10 +493,7 @@ mod tests {
         for threads in [1, 3] {
             let mut output = vec![0.0; 2 * tokens.len() * D_MODEL];
             let started = Instant::now();
-            let (decode, combine) = match rows.runs(&mut output, threads) {
-                Some(runs) => sum_in_turns(threads, runs),
-                None => rows.add_into(&mut output, 0, &mut Vec::new()),
-            };
+            let (decode, combine) = rows.sum_into(&mut output, threads, &mut Vec::new());
             let wall = started.elapsed();
             assert!(
                 decode > Duration::ZERO && combine > Duration::ZERO,
